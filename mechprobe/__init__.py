@@ -12,8 +12,14 @@ Example:
 
 from __future__ import annotations
 
+from mechprobe.tasks import Task, TaskItem, list_tasks, load_task
+
 __version__ = "0.1.0"
 
 __all__: list[str] = [
+    "Task",
+    "TaskItem",
     "__version__",
+    "list_tasks",
+    "load_task",
 ]
