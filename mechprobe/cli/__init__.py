@@ -1,12 +1,18 @@
 """The ``mechprobe`` command line: ``mechprobe lens|relation|probe|erase``.
 
-The CLI only parses arguments and calls the public API; every analysis lives in its own module.
+The CLI only parses arguments and calls the public API. Each subcommand lives in its own module
+here (``lens.py``, ``relation.py``, ...) exposing ``add_parser(subparsers)``, which registers the
+subcommand and sets ``func`` to a callable taking the parsed arguments and returning an exit code.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections.abc import Sequence
+
+# One entry per subcommand module in this package.
+_COMMANDS: tuple[str, ...] = ()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -14,9 +20,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="mechprobe",
         description="Mechanistic interpretability on TransformerLens models.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    # --- subcommands: each registers itself with a small _add_<name>(sub) below ---
-    _ = sub
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMANDS:
+        importlib.import_module(f"mechprobe.cli.{name}").add_parser(sub)
     return parser
 
 
@@ -28,7 +34,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
