@@ -167,3 +167,23 @@ def test_run_chunks_equal_one_batch(tiny):
     assert torch.allclose(whole[site][mask], chunked[site][mask], atol=1e-4)
     with pytest.raises(KeyError, match="not captured"):
         whole[mp.Site("resid_mid", 0)]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_smollm2_padding_independent(smollm2, side):
+    prompts = [
+        "Q: What is the capital of Poland?\nA:",
+        "Hello",
+        "The Eiffel Tower is in the city of",
+    ]
+    o = torch.randn(576, generator=torch.Generator().manual_seed(0))
+    spec = {mp.Site("mlp_out", 20): mp.Add(o, 4.0, positions=-1)}
+    batched = mp.run(smollm2, prompts, spec, logit_positions=-1, padding_side=side)
+    plain = mp.run(smollm2, prompts, logit_positions=-1, padding_side=side)
+    for i, prompt in enumerate(prompts):
+        one = mp.run(smollm2, [prompt], spec, logit_positions=-1)
+        assert (batched.logits[i] - one.logits[0]).abs().max().item() <= 1e-4
+        with torch.no_grad():
+            reference = smollm2(smollm2.to_tokens(prompt))[0, -1]
+        assert (plain.logits[i, 0] - reference).abs().max().item() <= 1e-4

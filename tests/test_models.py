@@ -105,3 +105,16 @@ def test_smollm2_bridge_equals_hf_and_answers(smollm2):
     assert smollm2.cfg.n_layers == 30 and smollm2.cfg.d_model == 576
     assert smollm2.cfg.d_vocab == 49152
     assert smollm2.to_string(logits[0, -1].argmax()) == " Paris"
+
+
+@pytest.mark.integration
+def test_smollm2_cache_is_faithful_to_the_gguf(smollm2):
+    """The cached safetensors give the same logits as dequantising the GGUF directly."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = models._embedded_gguf("smollm2-135m")
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokens = smollm2.to_tokens("The quick brown fox jumps over")
+    with torch.no_grad():
+        diff = (direct(tokens).logits - smollm2(tokens)).abs().max().item()
+    assert diff <= 1e-4
