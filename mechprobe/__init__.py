@@ -12,14 +12,18 @@ Example:
 
 from __future__ import annotations
 
+from mechprobe.analogy import AnalogyResult, analogy, offset_accuracy
 from mechprobe.tasks import Task, TaskItem, list_tasks, load_task
 
 __version__ = "0.1.0"
 
 __all__: list[str] = [
+    "AnalogyResult",
     "Task",
     "TaskItem",
     "__version__",
+    "analogy",
     "list_tasks",
     "load_task",
+    "offset_accuracy",
 ]

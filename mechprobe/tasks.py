@@ -29,41 +29,28 @@ from __future__ import annotations
 
 import json
 import os
-import string
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import numpy as np
 
-Kind = Literal["abstractive", "extractive"]
-
-_KINDS = ("abstractive", "extractive")
-_REQUIRED = ("name", "kind", "template", "shots", "items")
-_OPTIONAL = ("separator", "description")
-_FORMAT_HELP = (
-    'A task file is one JSON object: {"name": str, "kind": "abstractive"|"extractive", '
-    '"template": "...{input}...", "shots": [[input, output(, argument)], ...], '
-    '"items": [[input, output(, argument)], ...], "separator": "\\n" (optional), '
-    '"description": str (optional)}.'
+from mechprobe._task_format import (
+    FORMAT_HELP,
+    KINDS,
+    OPTIONAL,
+    REQUIRED,
+    TaskItem,
+    check_str,
+    check_template,
+    item_to_list,
+    normalise_rows,
 )
 
-
-class TaskItem(NamedTuple):
-    """One example of a task: the input, the expected output and the argument (all without the
-    leading space; the argument defaults to the input).
-
-    Example:
-        >>> TaskItem("Poland", "Warsaw", "Poland").output
-        'Warsaw'
-    """
-
-    input: str
-    output: str
-    argument: str
+Kind = Literal["abstractive", "extractive"]
 
 
 @dataclass(frozen=True)
@@ -93,19 +80,19 @@ class Task:
     _prefix: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        _check_str("name", self.name)
+        check_str("name", self.name)
         if not self.name:
             raise ValueError("Task name is empty: give the task a short name, e.g. 'capitals'.")
-        if self.kind not in _KINDS:
+        if self.kind not in KINDS:
             raise ValueError(
                 f"Task {self.name!r}: kind {self.kind!r} is not allowed; use 'abstractive' (the "
                 "answer must be recalled) or 'extractive' (the answer is in the prompt)."
             )
-        _check_template(self.name, self.template)
-        _check_str(f"Task {self.name!r}: separator", self.separator)
-        _check_str(f"Task {self.name!r}: description", self.description)
-        shots = _normalise(self.name, "shots", self.shots)
-        items = _normalise(self.name, "items", self.items)
+        check_template(self.name, self.template)
+        check_str(f"Task {self.name!r}: separator", self.separator)
+        check_str(f"Task {self.name!r}: description", self.description)
+        shots = normalise_rows(self.name, "shots", self.shots)
+        items = normalise_rows(self.name, "items", self.items)
         if not items:
             raise ValueError(
                 f"Task {self.name!r} has no items: add at least one [input, output] pair to "
@@ -139,7 +126,7 @@ class Task:
             >>> load_task("capitals").with_shots(1).prompt("Poland")
             'Q: What is the capital of France?\\nA: Paris\\nQ: What is the capital of Poland?\\nA:'
         """
-        _check_str("prompt input", input)
+        check_str("prompt input", input)
         return self._prefix + self.template.format(input=input)
 
     def prompts(self) -> list[str]:
@@ -287,8 +274,8 @@ class Task:
             "description": self.description,
             "template": self.template,
             "separator": self.separator,
-            "shots": [_item_to_list(s) for s in self.shots],
-            "items": [_item_to_list(i) for i in self.items],
+            "shots": [item_to_list(s) for s in self.shots],
+            "items": [item_to_list(i) for i in self.items],
         }
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
@@ -321,19 +308,19 @@ class Task:
         """
         if not isinstance(data, Mapping):
             raise TypeError(
-                f"A task must be a JSON object, got {type(data).__name__}. {_FORMAT_HELP}"
+                f"A task must be a JSON object, got {type(data).__name__}. {FORMAT_HELP}"
             )
         label = data.get("name", "<unnamed>")
-        unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL))
+        unknown = sorted(set(data) - set(REQUIRED) - set(OPTIONAL))
         if unknown:
             raise ValueError(
                 f"Task {label!r} has unknown fields {unknown}; remove them (allowed: "
-                f"{', '.join(_REQUIRED + _OPTIONAL)})."
+                f"{', '.join(REQUIRED + OPTIONAL)})."
             )
-        missing = [k for k in _REQUIRED if k not in data]
+        missing = [k for k in REQUIRED if k not in data]
         if missing:
-            raise ValueError(f"Task {label!r} is missing fields {missing}. {_FORMAT_HELP}")
-        return cls(**{k: data[k] for k in _REQUIRED + _OPTIONAL if k in data})
+            raise ValueError(f"Task {label!r} is missing fields {missing}. {FORMAT_HELP}")
+        return cls(**{k: data[k] for k in REQUIRED + OPTIONAL if k in data})
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Task:
@@ -349,7 +336,7 @@ class Task:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}). {_FORMAT_HELP}") from err
+            raise ValueError(f"{path} is not valid JSON ({err}). {FORMAT_HELP}") from err
         return cls.from_dict(data)
 
 
@@ -384,82 +371,5 @@ def load_task(name_or_path: str | os.PathLike[str]) -> Task:
         return Task.from_json(path)
     raise ValueError(
         f"No built-in task or file named {text!r}. Built-in tasks: {', '.join(list_tasks())}; "
-        f"or pass the path of a JSON task file. {_FORMAT_HELP}"
+        f"or pass the path of a JSON task file. {FORMAT_HELP}"
     )
-
-
-# --- validation helpers ------------------------------------------------------------------------
-
-
-def _check_str(what: str, value: object) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"{what} must be a string, got {type(value).__name__} ({value!r}).")
-
-
-def _check_template(name: str, template: object) -> None:
-    _check_str(f"Task {name!r}: template", template)
-    assert isinstance(template, str)
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as err:
-        raise ValueError(
-            f"Task {name!r}: template {template!r} is not a valid format string ({err}); write "
-            "literal braces as '{{' and '}}'."
-        ) from err
-    fields = [(f, spec, conv) for _, f, spec, conv in parsed if f is not None]
-    if not any(f == "input" for f, _, _ in fields):
-        raise ValueError(
-            f"Task {name!r}: template {template!r} has no '{{input}}'; put '{{input}}' where "
-            "each item's input goes."
-        )
-    others = sorted({f"{{{f}}}" for f, spec, conv in fields if f != "input" or spec or conv})
-    if others:
-        raise ValueError(
-            f"Task {name!r}: template {template!r} has format fields {others}; only a plain "
-            "'{input}' is allowed (write literal braces as '{{' and '}}')."
-        )
-
-
-def _normalise(name: str, key: str, rows: object) -> tuple[TaskItem, ...]:
-    if isinstance(rows, (str, bytes)) or not isinstance(rows, Sequence):
-        raise TypeError(
-            f"Task {name!r}: {key} must be a list of [input, output] or [input, output, "
-            f"argument] lists, got {type(rows).__name__}."
-        )
-    out: list[TaskItem] = []
-    seen: dict[str, int] = {}
-    for index, row in enumerate(rows):
-        where = f"Task {name!r}: {key}[{index}]"
-        if isinstance(row, str) or not isinstance(row, Sequence) or len(row) not in (2, 3):
-            raise ValueError(
-                f"{where} = {row!r} must be a list of 2 strings [input, output] or 3 strings "
-                "[input, output, argument]."
-            )
-        for part, value in zip(("input", "output", "argument"), row, strict=False):
-            if not isinstance(value, str):
-                raise TypeError(
-                    f"{where}: the {part} {value!r} is a {type(value).__name__}; write it as a "
-                    "JSON string."
-                )
-            if not value.strip():
-                raise ValueError(f"{where}: the {part} is empty; give it some text.")
-            if part != "input" and value != value.strip():
-                raise ValueError(
-                    f"{where}: the {part} {value!r} has surrounding whitespace; store it without "
-                    "(the leading space is added by answers() and arguments())."
-                )
-        item = TaskItem(row[0], row[1], row[2] if len(row) == 3 else row[0])
-        if item.input in seen:
-            raise ValueError(
-                f"{where}: the input {item.input!r} repeats {key}[{seen[item.input]}]; keep "
-                "each input once."
-            )
-        seen[item.input] = index
-        out.append(item)
-    return tuple(out)
-
-
-def _item_to_list(item: TaskItem) -> list[str]:
-    if item.argument == item.input:
-        return [item.input, item.output]
-    return [item.input, item.output, item.argument]
