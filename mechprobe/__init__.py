@@ -7,23 +7,45 @@ Example:
     >>> import mechprobe as mp
     >>> model = mp.tiny_model()
     >>> model.cfg.n_layers
-    2
+    3
 """
 
 from __future__ import annotations
 
 from mechprobe.analogy import AnalogyResult, analogy, offset_accuracy
+from mechprobe.batching import Batch, tokenize, tokenize_with_targets
+from mechprobe.hooks import Ablate, Add, Capture, Intervention, Project, Replace, intervene
+from mechprobe.models import DEFAULT_MODEL, ModelLoadError, load_model, tiny_model
+from mechprobe.runner import RunResult, run
+from mechprobe.sites import Site
 from mechprobe.tasks import Task, TaskItem, list_tasks, load_task
 
 __version__ = "0.1.0"
 
 __all__: list[str] = [
+    "DEFAULT_MODEL",
+    "Ablate",
+    "Add",
     "AnalogyResult",
+    "Batch",
+    "Capture",
+    "Intervention",
+    "ModelLoadError",
+    "Project",
+    "Replace",
+    "RunResult",
+    "Site",
     "Task",
     "TaskItem",
     "__version__",
     "analogy",
+    "intervene",
     "list_tasks",
+    "load_model",
     "load_task",
     "offset_accuracy",
+    "run",
+    "tiny_model",
+    "tokenize",
+    "tokenize_with_targets",
 ]
