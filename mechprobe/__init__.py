@@ -15,7 +15,14 @@ from __future__ import annotations
 from mechprobe.analogy import AnalogyResult, analogy, offset_accuracy
 from mechprobe.batching import Batch, tokenize, tokenize_with_targets
 from mechprobe.hooks import Ablate, Add, Capture, Intervention, Project, Replace, intervene
+from mechprobe.leace import leace
 from mechprobe.models import DEFAULT_MODEL, ModelLoadError, load_model, tiny_model
+from mechprobe.projection import (
+    Projection,
+    dropout_projection,
+    identity_projection,
+    random_projection,
+)
 from mechprobe.runner import RunResult, run
 from mechprobe.sites import Site
 from mechprobe.tasks import Task, TaskItem, list_tasks, load_task
@@ -32,6 +39,7 @@ __all__: list[str] = [
     "Intervention",
     "ModelLoadError",
     "Project",
+    "Projection",
     "Replace",
     "RunResult",
     "Site",
@@ -39,11 +47,15 @@ __all__: list[str] = [
     "TaskItem",
     "__version__",
     "analogy",
+    "dropout_projection",
+    "identity_projection",
     "intervene",
+    "leace",
     "list_tasks",
     "load_model",
     "load_task",
     "offset_accuracy",
+    "random_projection",
     "run",
     "tiny_model",
     "tokenize",

@@ -1,0 +1,111 @@
+"""LEACE: invariants on planted data and agreement with concept-erasure's LeaceEraser."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from concept_erasure import LeaceEraser
+from sklearn.linear_model import LogisticRegression
+
+from mechprobe import leace
+from mechprobe.projection import Projection
+
+
+def _planted(n: int = 2000, d: int = 16, classes: int = 3, seed: int = 0):
+    """Correlated Gaussian features whose class shifts the mean along a few planted directions."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    mix = rng.normal(size=(d, d)) / np.sqrt(d) + np.eye(d)
+    shifts = rng.normal(size=(classes, d)) * 1.5
+    X = rng.normal(size=(n, d)) @ mix + shifts[y] + 3.0
+    return X, y
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+@pytest.mark.parametrize("shrinkage", [True, False])
+def test_matches_concept_erasure(classes: int, shrinkage: bool) -> None:
+    X, y = _planted(classes=classes, seed=classes)
+    ours = leace(X, y, shrinkage=shrinkage)
+    x_t = torch.from_numpy(X)
+    # concept-erasure's convention: one 0/1 column for two classes, one-hot otherwise.
+    z = torch.from_numpy(y).double()
+    if classes > 2:
+        z = torch.nn.functional.one_hot(torch.from_numpy(y), classes).double()
+    ref = LeaceEraser.fit(x_t, z, shrinkage=shrinkage, constrain_cov_trace=False)
+    torch.testing.assert_close(ours.apply(x_t), ref(x_t), rtol=0, atol=1e-10)
+    torch.testing.assert_close(ours.matrix, ref.P, rtol=0, atol=1e-10)
+    assert ours.n_removed == classes - 1
+
+
+def test_invariants_on_planted_data() -> None:
+    classes = 4
+    X, y = _planted(classes=classes)
+    p = leace(X, y)
+    Xe = p.apply(X)
+
+    # Idempotent, as a matrix and as a map.
+    P = p.matrix.numpy()
+    np.testing.assert_allclose(P @ P, P, atol=1e-10)
+    np.testing.assert_allclose(p.apply(Xe), Xe, atol=1e-10)
+    # Oblique, not orthogonal: the features are correlated, so P is not symmetric.
+    assert np.abs(P - P.T).max() > 1e-2
+
+    # Class means coincide and the overall mean stays where it was.
+    overall = Xe.mean(0)
+    np.testing.assert_allclose(overall, X.mean(0), atol=1e-10)
+    for k in range(classes):
+        np.testing.assert_allclose(Xe[y == k].mean(0), overall, atol=1e-9)
+
+    # The edit has rank <= classes - 1, and `removed`/`readout` reproduce I - P exactly.
+    assert np.linalg.matrix_rank(X - Xe, tol=1e-8) <= classes - 1
+    assert p.n_removed == classes - 1
+    np.testing.assert_allclose(p.removed @ p.removed.T, np.eye(p.n_removed), atol=1e-12)
+    assert p.readout is not None
+    np.testing.assert_allclose(
+        (p.removed.T @ p.readout).numpy(), np.eye(X.shape[1]) - P, atol=1e-12
+    )
+
+
+def test_logistic_regression_learns_nothing_after() -> None:
+    X, y = _planted(classes=2, seed=3)
+    before = LogisticRegression(max_iter=1000).fit(X, y).coef_
+    assert np.abs(before).max() > 0.1
+    Xe = leace(X, y).apply(X)
+    # With equal class means the optimum of the (convex) logistic loss is w = 0 exactly.
+    after = LogisticRegression(max_iter=1000, tol=0.0).fit(Xe, y).coef_
+    assert np.abs(after).max() < 1e-4  # lbfgs stopping precision, as concept-erasure tests
+
+
+def test_torch_float32_and_devices_follow_input() -> None:
+    X, y = _planted()
+    x32 = torch.from_numpy(X).float()
+    p = leace(x32, torch.from_numpy(y))
+    out = p.apply(x32.reshape(4, -1, X.shape[1]))
+    assert out.dtype == torch.float32 and out.shape == (4, X.shape[0] // 4, X.shape[1])
+    np.testing.assert_allclose(
+        out.reshape(-1, X.shape[1]).numpy(), p.apply(X.astype(np.float32)), atol=1e-5
+    )
+
+
+def test_string_labels_and_save_load(tmp_path) -> None:
+    X, y = _planted(classes=3)
+    names = np.array(["noun", "verb", "adj"])[y]
+    p = leace(X, names)
+    np.testing.assert_allclose(p.apply(X), leace(X, y).apply(X), atol=1e-12)
+    path = tmp_path / "leace.safetensors"
+    p.save(path)
+    q = Projection.load(path)
+    assert q.method == "leace" and q.mean is not None and q.readout is not None
+    assert torch.equal(q.matrix, p.matrix) and torch.equal(q.readout, p.readout)
+    np.testing.assert_array_equal(q.apply(X), p.apply(X))
+
+
+def test_bad_input() -> None:
+    X, y = _planted()
+    with pytest.raises(ValueError, match="rows but y has"):
+        leace(X, y[:-1])
+    with pytest.raises(ValueError, match="single class"):
+        leace(X, np.zeros(len(X), dtype=int))
+    with pytest.raises(ValueError, match="svd_tol"):
+        leace(X, y, svd_tol=0.0)
