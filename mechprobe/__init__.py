@@ -12,9 +12,12 @@ Example:
 
 from __future__ import annotations
 
+from mechprobe.activations import Activations, collect
 from mechprobe.analogy import AnalogyResult, analogy, offset_accuracy
 from mechprobe.batching import Batch, tokenize, tokenize_with_targets
+from mechprobe.datasets import ProbingDataset, pos_dataset
 from mechprobe.hooks import Ablate, Add, Capture, Intervention, Project, Replace, intervene
+from mechprobe.label_files import load_labels
 from mechprobe.leace import leace
 from mechprobe.models import DEFAULT_MODEL, ModelLoadError, load_model, tiny_model
 from mechprobe.projection import (
@@ -26,18 +29,21 @@ from mechprobe.projection import (
 from mechprobe.runner import RunResult, run
 from mechprobe.sites import Site
 from mechprobe.tasks import Task, TaskItem, list_tasks, load_task
+from mechprobe.templated import country_dataset, templated_dataset
 
 __version__ = "0.1.0"
 
 __all__: list[str] = [
     "DEFAULT_MODEL",
     "Ablate",
+    "Activations",
     "Add",
     "AnalogyResult",
     "Batch",
     "Capture",
     "Intervention",
     "ModelLoadError",
+    "ProbingDataset",
     "Project",
     "Projection",
     "Replace",
@@ -47,16 +53,21 @@ __all__: list[str] = [
     "TaskItem",
     "__version__",
     "analogy",
+    "collect",
+    "country_dataset",
     "dropout_projection",
     "identity_projection",
     "intervene",
     "leace",
     "list_tasks",
+    "load_labels",
     "load_model",
     "load_task",
     "offset_accuracy",
+    "pos_dataset",
     "random_projection",
     "run",
+    "templated_dataset",
     "tiny_model",
     "tokenize",
     "tokenize_with_targets",

@@ -1,0 +1,273 @@
+"""collect() -> Activations: equal to a manual run_with_cache gather, padding- and batch-independent,
+memory-mapped equal to in-memory, resumable, saved and loaded without pickle, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import hook_count
+
+import mechprobe as mp
+import mechprobe.activations as activations_module
+from mechprobe._selection import _word_last
+
+TEXTS = ["Hello there, world", "Hi", "A cat sat on the mat.", "one two three"]
+RESID = [f"blocks.{layer}.hook_resid_post" for layer in range(3)]
+
+
+def manual(model: Any, text: str, positions: list[int], hooks: list[str] = RESID) -> np.ndarray:
+    """[k, layers, d] from TransformerLens's own run_with_cache on the unpadded text."""
+    with torch.no_grad():
+        _, cache = model.run_with_cache(model.to_tokens(text))
+    return np.stack([cache[h][0, positions].float().numpy() for h in hooks], axis=1)
+
+
+def byte_word_last(text: str) -> list[int]:
+    """Tiny's tokenizer has one token per byte and BOS at 0: an ASCII word ending at character e
+    ends at position e."""
+    return [m_end for m_end in (m.end() for m in __import__("re").finditer(r"\S+", text))]
+
+
+@pytest.mark.parametrize("select", ["last", "all", "word_last", "marked"])
+def test_collect_equals_manual_gather(tiny: Any, select: str) -> None:
+    lengths = [len(t.encode()) + 1 for t in TEXTS]  # + BOS
+    wanted = {
+        "last": [[n - 1] for n in lengths],
+        "all": [list(range(1, n)) for n in lengths],
+        "word_last": [byte_word_last(t) for t in TEXTS],
+        "marked": [[0, 2], [1], [-1, 3, 5], [4]],
+    }[select]
+    rule: Any = wanted if select == "marked" else select
+    acts = mp.collect(tiny, TEXTS, "resid_post", select=rule, batch_size=3, progress=False)
+    expected = np.concatenate(
+        [
+            manual(tiny, t, [p % n for p in w])
+            for t, w, n in zip(TEXTS, wanted, lengths, strict=True)
+        ]
+    )
+    assert acts.values.shape == expected.shape == (len(expected), 3, 64)
+    np.testing.assert_allclose(acts.values, expected, rtol=1e-4, atol=1e-4)
+    assert acts.sites == tuple(RESID)
+    assert acts.text_index.tolist() == [i for i, w in enumerate(wanted) for _ in w]
+    flat = [p % n for w, n in zip(wanted, lengths, strict=True) for p in w]
+    assert acts.position.tolist() == flat
+
+
+def test_padding_and_batch_size_do_not_change_values(tiny: Any) -> None:
+    ref = mp.collect(tiny, TEXTS, "resid_post", select="all", batch_size=1, progress=False)
+    for side in ("right", "left"):
+        for size in (2, 4):
+            got = mp.collect(
+                tiny, TEXTS, "resid_post", select="all", batch_size=size, padding_side=side,
+                progress=False,
+            )  # fmt: skip
+            np.testing.assert_allclose(got.values, ref.values, rtol=1e-5, atol=1e-5)
+            assert got.position.tolist() == ref.position.tolist()
+
+
+def test_deterministic(tiny: Any) -> None:
+    a = mp.collect(tiny, TEXTS, "resid_post", select="all", progress=False)
+    b = mp.collect(tiny, TEXTS, "resid_post", select="all", progress=False)
+    assert np.array_equal(a.values, b.values)
+
+
+def test_memmap_equals_in_memory(tiny: Any, tmp_path: Path) -> None:
+    ram = mp.collect(tiny, TEXTS, "resid_post", select="all", batch_size=2, progress=False)
+    assert not isinstance(ram.values, np.memmap) and ram.metadata["path"] is None
+    disk = mp.collect(
+        tiny, TEXTS, "resid_post", select="all", batch_size=2, memory_budget=1, progress=False
+    )
+    assert isinstance(disk.values, np.memmap)
+    assert np.array_equal(np.asarray(disk.values), ram.values)
+    half = mp.collect(
+        tiny, TEXTS, "resid_post", select="all", batch_size=2, out_dir=tmp_path, dtype="float16",
+        progress=False,
+    )  # fmt: skip
+    assert half.values.dtype == np.float16 and Path(half.metadata["path"]) == tmp_path
+    assert np.array_equal(np.asarray(half.values), ram.values.astype(np.float16))
+
+
+def test_save_load_round_trip(tiny: Any, tmp_path: Path) -> None:
+    acts = mp.collect(
+        tiny, TEXTS, "resid_post", select="word_last", labels=["a", "b", "a", "b"],
+        groups=[["x", "y", "z"], ["w"], ["v"] * 6, ["u"] * 3], progress=False,
+    )  # fmt: skip
+    back = mp.Activations.load(acts.save(tmp_path))
+    assert isinstance(back.values, np.memmap)
+    assert np.array_equal(np.asarray(back.values), acts.values)
+    for name in ("labels", "groups", "text_index", "position", "token"):
+        assert np.array_equal(getattr(back, name), getattr(acts, name)), name
+    assert back.sites == acts.sites and back.metadata == acts.metadata
+    assert back.groups is not None and back.groups.tolist()[:4] == ["x", "y", "z", "w"]
+    assert not any(p.suffix == ".pkl" for p in tmp_path.iterdir())
+    np.testing.assert_array_equal(back.layer(-1), acts.values[:, 2])
+
+
+def test_word_last_on_a_hand_checked_sentence(tiny: Any) -> None:
+    # Bytes: BOS=0, "The"=1..3, " "=4, "cat-like"=5..12, " "=13, "dog's"=14..18, " "=19,
+    # "caf"=20..22, "é" is two bytes 23..24, "."=25.
+    text = "The cat-like dog's café."
+    acts = mp.collect(tiny, [text], "resid_post", select="word_last", progress=False)
+    assert acts.position.tolist() == [3, 12, 18, 25]
+    assert acts.token.tolist() == ["e", "e", "s", "."]
+    # With explicit word spans (e.g. a tagger's tokens: "dog" + "'s", "café" + ".").
+    spans = ((0, 3), (4, 7), (7, 8), (8, 12), (13, 16), (16, 18), (19, 23), (23, 24))
+    ds = mp.ProbingDataset(
+        "t", [text], [("D", "N", "P", "A", "N", "P", "N", "P")], "word", (spans,)
+    )
+    acts = mp.collect(tiny, ds, "resid_post", progress=False)
+    assert acts.position.tolist() == [3, 7, 8, 12, 16, 18, 24, 25]
+    assert acts.labels is not None and acts.labels.tolist() == list(ds.labels[0])
+    assert acts.groups is not None and acts.groups.tolist()[4:6] == ["dog", "'s"]
+
+
+def test_word_ending_inside_a_token_is_dropped() -> None:
+    # " cannot" as one token (chars 3..10) holds two words "can" and "not": neither word has a
+    # token of its own that ends where it ends, except "not".
+    offsets = [(0, 3), (3, 10), (10, 11)]
+    positions, dropped = _word_last([(0, 3), (4, 7), (7, 10), (10, 11)], offsets, bos=1)
+    assert positions == [1, None, 2, 3] and dropped == 1
+
+
+def test_labels_per_text_per_word_and_none(tiny: Any) -> None:
+    acts = mp.collect(
+        tiny, ["a b c", "d e"], "resid_post", select="word_last",
+        labels=[["x", None, "y"], "z"], progress=False,
+    )  # fmt: skip
+    assert acts.labels is not None and acts.labels.tolist() == ["x", "y", "z", "z"]
+    assert acts.position.tolist() == [1, 5, 1, 3]
+    ints = mp.collect(tiny, ["a", "b"], "resid_post", labels=[0, 1], progress=False)
+    assert ints.labels is not None and ints.labels.dtype == np.int64
+
+
+def test_task_input_labels_by_item(tiny: Any) -> None:
+    task = mp.load_task("capitals").subset([0, 1, 2]).with_shots(1)
+    acts = mp.collect(tiny, task, [mp.Site("resid_post", 1)], progress=False)
+    assert acts.labels is not None and acts.labels.tolist() == task.inputs()
+    np.testing.assert_allclose(
+        acts.values[0], manual(tiny, task.prompts()[0], [-1], ["blocks.1.hook_resid_post"])[0],
+        rtol=1e-4, atol=1e-4,
+    )  # fmt: skip
+
+
+def test_early_stop_leaves_no_hooks_and_model_unchanged(tiny: Any) -> None:
+    before = hook_count(tiny)
+    tokens = tiny.to_tokens("Hello")
+    with torch.no_grad():
+        logits = tiny(tokens)
+    mp.collect(tiny, TEXTS, [mp.Site("resid_post", 0)], progress=False)  # stops after block 0
+    assert hook_count(tiny) == before
+    with torch.no_grad():
+        assert torch.equal(tiny(tokens), logits)
+
+
+def test_resume_continues_an_interrupted_collection(
+    tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = mp.collect(tiny, TEXTS, "resid_post", select="all", batch_size=1, progress=False)
+    real = activations_module._run_chunk
+    calls: list[list[int]] = []
+
+    def failing(model: Any, plan: Any, rows: list[int], names: list[str]) -> np.ndarray:
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(rows)
+        return real(model, plan, rows, names)
+
+    monkeypatch.setattr(activations_module, "_run_chunk", failing)
+    kwargs: dict[str, Any] = {"select": "all", "batch_size": 1, "out_dir": tmp_path}
+    with pytest.raises(KeyboardInterrupt):
+        mp.collect(tiny, TEXTS, "resid_post", progress=False, **kwargs)
+    assert (tmp_path / "progress.json").is_file()
+    calls.clear()
+    monkeypatch.setattr(
+        activations_module, "_run_chunk", lambda *a: (calls.append(a[2]), real(*a))[1]
+    )
+    done = mp.collect(tiny, TEXTS, "resid_post", progress=False, **kwargs)
+    assert len(calls) == len(TEXTS) - 2  # only the chunks the first call did not write
+    assert np.array_equal(np.asarray(done.values), ref.values)
+    assert not (tmp_path / "progress.json").exists()
+    calls.clear()
+    again = mp.collect(tiny, TEXTS, "resid_post", progress=False, **kwargs)
+    assert calls == [] and np.array_equal(np.asarray(again.values), ref.values)
+    with pytest.raises(ValueError, match="different collection"):
+        mp.collect(tiny, TEXTS[:2], "resid_post", progress=False, **kwargs)
+
+
+def test_nan_activations_raise(tiny: Any) -> None:
+    broken = mp.tiny_model(seed=3)
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        mp.collect(broken, ["Hi"], "resid_post", progress=False)
+    values = np.ones((2, 1, 4), dtype=np.float32)
+    values[1, 0, 2] = np.nan
+    with pytest.raises(ValueError, match="row 1, layer slot 0"):
+        mp.Activations(values, None, None, np.zeros(2), np.zeros(2), np.array(["a", "b"]), ("s",))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"data": []}, ValueError, "No texts"),
+        ({"labels": ["a"]}, ValueError, "4 texts but 1 labels"),
+        ({"select": "word_last", "labels": [["a"], "b", "c", "d"]}, ValueError, "has 1 entries"),
+        ({"select": "every"}, ValueError, "select must be"),
+        ({"select": [[0], [1], [2]]}, ValueError, "3 position lists for 4 texts"),
+        ({"select": [[0], [9], [0], [0]]}, ValueError, "outside text 1"),
+        ({"labels": ["a", 1, "b", "c"]}, TypeError, "all strings or all ints"),
+        ({"sites": ["blocks.0.hook_resid_post", mp.Site("head", 0, head=0)]}, ValueError, "widths"),
+        ({"sites": ["blocks.0.hook_resid_post"] * 2}, ValueError, "repeat"),
+        ({"dtype": "float64"}, ValueError, "float32"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+    ],
+)
+def test_bad_input_raises_clear_errors(
+    tiny: Any, kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    args: dict[str, Any] = {"data": TEXTS, "sites": "resid_post", "progress": False} | kwargs
+    with pytest.raises(error, match=match):
+        mp.collect(tiny, **args)
+
+
+def test_activations_validate_their_fields() -> None:
+    values = np.zeros((2, 1, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="labels has shape"):
+        mp.Activations(
+            values, np.array(["a"]), None, np.zeros(2), np.zeros(2), np.array(["a", "b"]), ("s",)
+        )
+    with pytest.raises(ValueError, match="site names"):
+        mp.Activations(
+            values, None, None, np.zeros(2), np.zeros(2), np.array(["a", "b"]), ("s", "t")
+        )
+
+
+@pytest.mark.integration
+def test_smollm2_word_last_matches_incremental_decoding(smollm2: Any) -> None:
+    ds = mp.pos_dataset(min_count=1).subset([0, 100, 300])
+    acts = mp.collect(
+        smollm2, ds, [mp.Site("resid_post", 5), mp.Site("resid_post", 29)], progress=False
+    )
+    tok = smollm2.tokenizer
+    for i, text in enumerate(ds.texts):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        prefix = [len(tok.decode(ids[: t + 1])) for t in range(len(ids))]
+        assert words_ok(ds, i, prefix, acts)
+        rows = acts.text_index == i
+        expected = manual(
+            smollm2, text, acts.position[rows].tolist(),
+            ["blocks.5.hook_resid_post", "blocks.29.hook_resid_post"],
+        )  # fmt: skip
+        np.testing.assert_allclose(acts.values[rows], expected, rtol=1e-3, atol=1e-3)
+
+
+def words_ok(ds: mp.ProbingDataset, i: int, prefix: list[int], acts: mp.Activations) -> bool:
+    """Independently: a word ending at character e ends at the first token whose decoded prefix
+    reaches e (BOS adds 1); words whose end is not a prefix length end inside a token (dropped)."""
+    assert ds.words is not None
+    expected = [prefix.index(e) + 1 for _, e in ds.words[i] if e in prefix]
+    return acts.position[acts.text_index == i].tolist() == expected

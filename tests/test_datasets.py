@@ -1,0 +1,189 @@
+"""Probing datasets: the shipped POS data, templated sentences, task prompts, user label files."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mechprobe as mp
+from mechprobe.templated import _ATTRACTORS, _SUBJECTS, _TAG, _WORDS
+
+UPOS = {"ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN",
+        "PUNCT", "SCONJ", "SYM", "VERB", "X"}  # fmt: skip
+
+
+def _pos_records() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    path = resources.files("mechprobe").joinpath("data", "pos_sentences.jsonl")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
+
+
+def test_pos_data_file_is_what_the_tagger_wrote() -> None:
+    header, records = _pos_records()
+    assert header["model"] == "en_core_web_sm" and header["model_version"].startswith("3.8")
+    assert header["spacy_version"].startswith("3.8")
+    assert header["n_sentences"] == len(records) >= 800
+    assert header["n_tokens"] == sum(len(r["words"]) for r in records) >= 10_000
+    assert len({r["register"] for r in records}) >= 8
+    for rec in records:
+        assert len(rec["words"]) == len(rec["spaces"]) == len(rec["upos"]) == len(rec["tag"])
+        assert set(rec["upos"]) <= UPOS
+
+
+def test_pos_dataset_words_and_labels_line_up_with_the_file() -> None:
+    _, records = _pos_records()
+    ds = mp.pos_dataset(min_count=1)
+    assert len(ds) == len(records) and ds.level == "word" and ds.select == "word_last"
+    assert ds.n_examples == sum(len(r["words"]) for r in records)
+    assert ds.words is not None and ds.groups is not None
+    for text, spans, labels, groups, rec in zip(
+        ds.texts, ds.words, ds.labels, ds.groups, records, strict=True
+    ):
+        assert [text[a:b] for a, b in spans] == rec["words"]
+        assert list(labels) == rec["upos"]
+        assert list(groups) == [w.lower() for w in rec["words"]]
+    first = ds.texts[0]
+    assert first.startswith("The city council voted on Tuesday")
+    assert ds.labels[0][:4] == ("DET", "NOUN", "NOUN", "VERB")
+
+
+def test_pos_dataset_drops_rare_tags_and_samples() -> None:
+    full = mp.pos_dataset(min_count=1)
+    counts = full.counts()
+    rare = {tag for tag, n in counts.items() if n < 50}
+    assert rare, "expected some rare tags (e.g. INTJ) in the shipped data"
+    kept = mp.pos_dataset(min_count=50)
+    assert set(kept.classes) == set(counts) - rare
+    assert kept.n_examples == sum(n for n in counts.values() if n >= 50)
+    small = kept.sample(300, seed=1)
+    assert 250 <= small.n_examples <= 300
+    assert small.texts == kept.sample(300, seed=1).texts != kept.sample(300, seed=2).texts
+    assert len(small.to_frame()) == small.n_examples
+
+
+def test_templated_pos_labels_are_the_slot_tags() -> None:
+    ds = mp.templated_dataset("pos", n=200, seed=0)
+    assert ds.words is not None
+    inverse: dict[str, set[str]] = {}
+    for slot, words in _WORDS.items():
+        for w in words:
+            inverse.setdefault(w, set()).add(_TAG.get(slot, slot))
+    seen = set()
+    for text, spans, labels in zip(ds.texts, ds.words, ds.labels, strict=True):
+        for (a, b), label in zip(spans, labels, strict=True):
+            word = text[a:b]
+            expected = {"PUNCT"} if word == "." else inverse.get(word) or inverse[word.lower()]
+            assert label in expected, (word, label)
+            seen.add(label)
+    assert len(seen) >= 12
+    assert (
+        mp.templated_dataset("pos", n=50, seed=3).texts
+        == mp.templated_dataset("pos", n=50, seed=3).texts
+    )
+
+
+def test_templated_number_labels_follow_the_subject_not_the_attractor() -> None:
+    ds = mp.templated_dataset("number", n=400, seed=0)
+    plural = {p for _, p in _SUBJECTS}
+    plural_attr = {p for _, p in _ATTRACTORS}
+    combos = set()
+    for text, label, group in zip(ds.texts, ds.labels, ds.groups or (), strict=True):
+        words = text.split()
+        assert label == ("plural" if words[1] in plural else "singular")
+        assert words[1] in (group, dict(_SUBJECTS)[group])  # group: the subject's singular
+        combos.add((label, words[-1] in plural_attr))
+    assert len(combos) == 4  # the attractor's number varies independently of the label
+
+
+def test_country_dataset_prompts_ask_about_their_label() -> None:
+    ds = mp.country_dataset(n_countries=5, shots=(0, 2), seed=1)
+    assert len(ds) == 5 * 4 * 2  # countries x templates x shot counts
+    assert ds.level == "text" and set(ds.counts().values()) == {8}
+    for text, label in zip(ds.texts, ds.labels, strict=True):
+        assert label in text.splitlines()[-2]  # the question line of the last item
+    cap = mp.country_dataset(target="is_capital", n_countries=6, shots=(0, 1))
+    assert cap.counts() == {1: 12, 0: 12}
+    for text, label in zip(cap.texts, cap.labels, strict=True):
+        assert ("capital" in text) == (label == 1)
+
+
+def test_probing_dataset_validates() -> None:
+    with pytest.raises(ValueError, match="1 class"):
+        mp.ProbingDataset("t", ["a", "b"], ["x", "x"])
+    with pytest.raises(ValueError, match="2 texts but 1 labels"):
+        mp.ProbingDataset("t", ["a", "b"], ["x"])
+    with pytest.raises(ValueError, match="has 2 words but 1 labels"):
+        mp.ProbingDataset("t", ["a b", "c"], [("x",), ("y",)], "word")
+    with pytest.raises(ValueError, match="overlaps"):
+        mp.ProbingDataset("t", ["ab c"], [("x", "y")], "word", (((0, 2), (1, 3)),))
+    with pytest.raises(TypeError, match="mixes str and int"):
+        mp.ProbingDataset("t", ["a", "b"], ["x", 1])
+    with pytest.raises(ValueError, match="non-empty"):
+        mp.ProbingDataset("t", ["a", " "], ["x", "y"])
+    with pytest.raises(ValueError, match="no texts"):
+        mp.ProbingDataset("t", [], [])
+
+
+def test_load_labels_formats_and_round_trip(tmp_path: Path) -> None:
+    csv_text = tmp_path / "t.csv"
+    csv_text.write_text("text,label,group\nI ran,past,run\nI run,present,run\nShe sang,past,sing\n")
+    ds = mp.load_labels(csv_text)
+    assert ds.level == "text" and ds.labels == ("past", "present", "past")
+    assert ds.groups == ("run", "run", "sing")
+    csv_words = tmp_path / "w.csv"
+    csv_words.write_text("text,labels\nthe cat sat,DET NOUN VERB\na dog,DET NOUN\n")
+    words = mp.load_labels(csv_words)
+    assert words.level == "word" and words.labels[1] == ("DET", "NOUN")
+    js = tmp_path / "w.json"
+    js.write_text(json.dumps([
+        {"words": ["Hi", ",", "you"], "spaces": [False, True, False], "labels": ["INTJ", None, "PRON"]},
+        {"text": "go home", "labels": ["VERB", "NOUN"]},
+    ]))  # fmt: skip
+    loaded = mp.load_labels(js)
+    assert loaded.texts[0] == "Hi, you" and loaded.words is not None
+    assert loaded.words[0] == ((0, 2), (2, 3), (4, 7)) and loaded.n_examples == 4
+    back = mp.load_labels(loaded.to_json(tmp_path / "again.jsonl"))
+    assert (back.texts, back.labels, back.words, back.groups) == (
+        loaded.texts, loaded.labels, loaded.words, loaded.groups,
+    )  # fmt: skip
+    pos = mp.pos_dataset().subset(range(20))
+    again = mp.load_labels(pos.to_json(tmp_path / "pos.jsonl"))
+    assert (again.texts, again.labels, again.words, again.groups) == (
+        pos.texts, pos.labels, pos.words, pos.groups,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("content", "suffix", "match"),
+    [
+        ("text,label\na,x\nb,x\n", ".csv", "1 class"),
+        ("sentence,label\na,x\n", ".csv", "has columns"),
+        ("text,labels\na b,X\nc,Y\n", ".csv", "2 words but 1 labels"),
+        ('[{"text": "a", "label": "x"}, {"text": "b", "labels": ["y"]}]', ".json", "mix"),
+        ('{"text": "a"}', ".json", "list of JSON objects"),
+        ("[{", ".json", "not valid JSON"),
+        ('[{"label": "x"}]', ".json", "no 'text'"),
+        ("[]", ".json", "no records"),
+    ],
+)
+def test_load_labels_errors(tmp_path: Path, content: str, suffix: str, match: str) -> None:
+    path = tmp_path / f"labels{suffix}"
+    path.write_text(content)
+    with pytest.raises((ValueError, TypeError), match=match):
+        mp.load_labels(path)
+    with pytest.raises(FileNotFoundError, match="No label file"):
+        mp.load_labels(tmp_path / "missing.json")
+
+
+def test_collect_reads_dataset_labels_and_groups(tiny: Any) -> None:
+    ds = mp.templated_dataset("pos", n=6, seed=0)
+    acts = mp.collect(tiny, ds, "resid_post", progress=False)
+    assert acts.labels is not None and acts.groups is not None
+    assert acts.labels.tolist() == [label for row in ds.labels for label in row]
+    assert acts.groups.tolist() == [g for row in ds.groups or () for g in row]
+    with pytest.raises(ValueError, match="come from the ProbingDataset"):
+        mp.collect(tiny, ds, "resid_post", labels=["x"] * 6, progress=False)
