@@ -1,0 +1,181 @@
+"""The batched logistic solver against scikit-learn, autograd and its own invariants."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
+from mechprobe._logistic import LogisticFit, fit_logistic
+
+
+def _layers(n: int = 500, d: int = 12, k: int = 4, strengths=(0.3, 1.0, 2.5), seed: int = 0):
+    """``[layers, n, d]`` standardised features whose class signal grows with the layer."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=gen)
+    mixing = torch.randn(d, d, generator=gen) / d**0.5 + torch.eye(d)  # correlated features
+    X = torch.stack(
+        [
+            (s * torch.randn(k, d, generator=gen)[y] + torch.randn(n, d, generator=gen)) @ mixing
+            for s in strengths
+        ]
+    ).double()
+    X = (X - X.mean(1, keepdim=True)) / X.std(1, keepdim=True)
+    return X, y
+
+
+def _objective(X: torch.Tensor, y: torch.Tensor, W, b, l2: float, weights=None) -> torch.Tensor:
+    """The documented loss, written independently: weighted mean CE + l2/2 ||W||²."""
+    logits = X @ W + b
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    weights = torch.ones_like(ce) if weights is None else weights
+    return (weights * ce).sum() / weights.sum() + 0.5 * l2 * (W**2).sum()
+
+
+def test_matches_sklearn_per_layer_with_the_same_penalty() -> None:
+    X, y = _layers()
+    train, test = slice(0, 400), slice(400, None)
+    l2 = 1e-2
+    fit = fit_logistic(X[:, train], y[train], 4, l2=l2, tol=1e-9)
+    predicted = fit.predict(X[:, test])
+    for layer in range(X.shape[0]):
+        sk = LogisticRegression(C=1 / (l2 * 400), tol=1e-10, max_iter=10_000)
+        sk.fit(X[layer, train].numpy(), y[train].numpy())
+        np.testing.assert_allclose(fit.weight[layer].numpy(), sk.coef_.T, atol=1e-5)
+        np.testing.assert_allclose(fit.bias[layer].numpy(), sk.intercept_, atol=1e-5)
+        sk_pred = sk.predict(X[layer, test].numpy())
+        ours = predicted[layer].numpy()
+        assert (ours == sk_pred).mean() >= 0.99
+        y_test = y[test].numpy()
+        assert abs((ours == y_test).mean() - (sk_pred == y_test).mean()) <= 0.01
+    # the layers really differ: accuracy grows with the planted signal
+    accuracy = (predicted == y[test]).double().mean(1)
+    assert accuracy[0] < 0.6 < 0.9 < accuracy[2]
+
+
+def test_two_classes_map_to_sklearn_binary_with_twice_the_C() -> None:
+    X, y = _layers(k=2)
+    l2 = 1e-2
+    fit = fit_logistic(X, y, 2, l2=l2, tol=1e-10)
+    for layer in range(X.shape[0]):
+        sk = LogisticRegression(C=2 / (l2 * len(y)), tol=1e-12, max_iter=10_000)
+        sk.fit(X[layer].numpy(), y.numpy())
+        w = fit.weight[layer]
+        np.testing.assert_allclose((w[:, 1] - w[:, 0]).numpy(), sk.coef_[0], atol=1e-5)
+
+
+def test_gradient_of_the_documented_objective_vanishes() -> None:
+    X, y = _layers()
+    weights = torch.rand(len(y), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    fit = fit_logistic(X, y, 4, l2=3e-3, tol=1e-10, sample_weight=weights)
+    for layer in range(X.shape[0]):
+        W = fit.weight[layer].clone().requires_grad_()
+        b = fit.bias[layer].clone().requires_grad_()
+        loss = _objective(X[layer], y, W, b, 3e-3, weights)
+        gW, gb = torch.autograd.grad(loss, (W, b))
+        assert max(gW.abs().max().item(), gb.abs().max().item()) < 1e-9
+
+
+def test_layers_fitted_together_equal_layers_fitted_alone() -> None:
+    X, y = _layers()
+    together = fit_logistic(X, y, 4, tol=1e-10)
+    for layer in range(X.shape[0]):
+        alone = fit_logistic(X[layer : layer + 1], y, 4, tol=1e-10)
+        np.testing.assert_allclose(together.weight[layer], alone.weight[0], atol=1e-7)
+        np.testing.assert_allclose(together.bias[layer], alone.bias[0], atol=1e-7)
+
+
+def test_integer_sample_weights_equal_repeated_rows() -> None:
+    X, y = _layers(n=200)
+    counts = torch.randint(0, 4, (200,), generator=torch.Generator().manual_seed(2))
+    weighted = fit_logistic(X, y, 4, l2=1e-2, tol=1e-11, sample_weight=counts.double())
+    repeated = fit_logistic(
+        X.repeat_interleave(counts, dim=1), y.repeat_interleave(counts), 4, l2=1e-2, tol=1e-11
+    )
+    np.testing.assert_allclose(weighted.weight, repeated.weight, atol=1e-7)
+
+
+def test_penalised_optimum_has_zero_sum_weights_and_biases() -> None:
+    # Σ_k ∂loss/∂W_k = l2 Σ_k W_k at the optimum, and the CE part sums to zero over classes.
+    X, y = _layers()
+    fit = fit_logistic(X, y, 4, tol=1e-10)
+    assert fit.weight.sum(-1).abs().max() < 1e-8
+    assert fit.bias.sum(-1).abs().max() < 1e-8
+
+
+def test_float32_agrees_with_float64_and_keeps_its_dtype() -> None:
+    X, y = _layers(n=2000, d=40)
+    f64 = fit_logistic(X, y, 4, l2=1e-2, tol=1e-9)
+    f32 = fit_logistic(X.float(), y, 4, l2=1e-2, tol=1e-6)
+    assert f32.weight.dtype == torch.float32 and f64.weight.dtype == torch.float64
+    # weight error ≈ gradient error / l2: float32 reaches ~1e-6 in the gradient
+    np.testing.assert_allclose(f32.weight.double(), f64.weight, atol=5e-4)
+    assert (f32.predict(X.float()) == f64.predict(X)).double().mean() > 0.995
+
+
+def test_uncentred_features_are_handled_by_the_implicit_centring() -> None:
+    X, y = _layers()
+    shifted = X + 25.0  # a large common offset, as in raw residual streams
+    a = fit_logistic(X, y, 4, tol=1e-10)
+    b = fit_logistic(shifted, y, 4, tol=1e-10)
+    np.testing.assert_allclose(a.weight, b.weight, atol=1e-6)
+    np.testing.assert_allclose(a.logits(X), b.logits(shifted), atol=1e-5)
+
+
+def test_absent_classes_reduce_to_the_present_classes_problem() -> None:
+    X, y = _layers(k=3)
+    fit = fit_logistic(X, y * 2, 5, tol=1e-9)  # classes 0, 2, 4 occur; 1 and 3 never do
+    present = fit_logistic(X, y, 3, tol=1e-9)
+    np.testing.assert_allclose(fit.weight[..., [0, 2, 4]], present.weight, atol=1e-9)
+    assert fit.weight[..., [1, 3]].abs().max() == 0
+    assert (fit.bias[..., [1, 3]] < fit.bias[..., [0, 2, 4]].min() - 49).all()
+    assert not torch.isin(fit.predict(X), torch.tensor([1, 3])).any()
+
+
+def test_logits_and_predict_shapes_and_dtype_follow_x() -> None:
+    X, y = _layers()
+    fit = fit_logistic(X, y, 4)
+    assert isinstance(fit, LogisticFit)
+    assert fit.logits(X[:, :7].float()).shape == (3, 7, 4)
+    assert fit.logits(X[:, :7].float()).dtype == torch.float32
+    assert fit.predict(X).shape == (3, 500)
+    with pytest.raises(ValueError, match="same layers and features"):
+        fit.logits(X[:2])
+
+
+def test_warns_when_iterations_run_out() -> None:
+    X, y = _layers()
+    with pytest.warns(ConvergenceWarning, match="increase max_iter"):
+        fit_logistic(X, y, 4, max_iter=2, tol=1e-12)
+
+
+def test_converged_fit_does_not_warn() -> None:
+    X, y = _layers()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_logistic(X.float(), y, 4, tol=1e-7)  # float32 floor is reached quietly
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"X": torch.zeros(5, 3)}, r"\[layers, n, d\]"),
+        ({"X": torch.zeros(1, 5, 3, dtype=torch.long)}, "float tensor"),
+        ({"y": torch.zeros(4, dtype=torch.long)}, "one label per example"),
+        ({"y": torch.full((5,), 7)}, "encode labels"),
+        ({"y": torch.zeros(5)}, "integer class indices"),
+        ({"n_classes": 1}, "two classes"),
+        ({"l2": 0.0}, "l2 must be > 0"),
+        ({"sample_weight": -torch.ones(5)}, "non-negative"),
+        ({"X": torch.full((1, 5, 3), float("nan"))}, "NaN or inf"),
+    ],
+)
+def test_bad_input_raises_a_helpful_error(kwargs: dict, message: str) -> None:
+    args = {"X": torch.randn(1, 5, 3), "y": torch.tensor([0, 1, 0, 1, 1]), "n_classes": 2}
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=message):
+        fit_logistic(args.pop("X"), args.pop("y"), args.pop("n_classes"), **args)
