@@ -20,6 +20,7 @@ from mechprobe.hooks import Ablate, Add, Capture, Intervention, Project, Replace
 from mechprobe.label_files import load_labels
 from mechprobe.leace import leace
 from mechprobe.models import DEFAULT_MODEL, ModelLoadError, load_model, tiny_model
+from mechprobe.nullspace import inlp
 from mechprobe.projection import (
     Projection,
     dropout_projection,
@@ -57,6 +58,7 @@ __all__: list[str] = [
     "country_dataset",
     "dropout_projection",
     "identity_projection",
+    "inlp",
     "intervene",
     "leace",
     "list_tasks",

@@ -1,0 +1,313 @@
+"""INLP and the Projection it returns: algebra, erasure, controls, the reference loop, I/O, errors."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from matplotlib.figure import Figure
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+
+from mechprobe import (
+    Projection,
+    dropout_projection,
+    identity_projection,
+    inlp,
+    random_projection,
+)
+
+D = 24
+
+
+def _planted(n: int, seed: int, classes: int = 3, noise: float = 0.3):
+    """Labels decided by the angle in a planted 2-D plane ``U [D, 2]`` (plus label noise)."""
+    rng = np.random.default_rng(seed)
+    plane = np.linalg.qr(np.random.default_rng(123).normal(size=(D, 2)))[0]
+    X = rng.normal(size=(n, D))
+    angles = 2 * np.pi * np.arange(classes) / classes
+    prototypes = np.stack([np.cos(angles), np.sin(angles)], 1)  # [classes, 2]
+    scores = (X @ plane) @ prototypes.T + noise * rng.normal(size=(n, classes))
+    return X, scores.argmax(1), plane
+
+
+def _probe_accuracy(p: Projection | None, seed: int = 7) -> tuple[float, float]:
+    """A fresh scikit-learn probe trained and scored on new samples; (accuracy, majority)."""
+    X_fit, y_fit, _ = _planted(3000, seed)
+    X_eval, y_eval, _ = _planted(3000, seed + 1)
+    if p is not None:
+        X_fit, X_eval = p.apply(X_fit), p.apply(X_eval)
+    acc = LogisticRegression(max_iter=2000).fit(X_fit, y_fit).score(X_eval, y_eval)
+    return float(acc), float(np.bincount(y_eval).max() / len(y_eval))
+
+
+@pytest.fixture(scope="module")
+def planted() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return _planted(3000, seed=0)
+
+
+@pytest.fixture(scope="module")
+def erased(planted) -> Projection:
+    X, y, _ = planted
+    return inlp(X, y, 10, stop="majority", progress=False)
+
+
+def test_projection_algebra(erased: Projection) -> None:
+    P = erased.matrix.numpy()
+    np.testing.assert_allclose(P, P.T, atol=1e-12)
+    np.testing.assert_allclose(P @ P, P, atol=1e-12)
+    k = erased.n_removed
+    assert k > 0 and k == erased.ranks[-1]
+    assert np.linalg.matrix_rank(P, tol=1e-8) == D - k
+    B = erased.removed.numpy()
+    np.testing.assert_allclose(B @ B.T, np.eye(k), atol=1e-12)
+    np.testing.assert_allclose(P @ B.T, 0, atol=1e-12)
+    # A 3-class softmax probe has 2 usable directions per iteration.
+    assert erased.ranks == tuple(range(0, 2 * len(erased.ranks), 2))
+    assert len(erased.accuracies) == len(erased.ranks)
+
+
+def test_fresh_probe_falls_to_majority(erased: Projection) -> None:
+    before, majority = _probe_accuracy(None)
+    after, _ = _probe_accuracy(erased)
+    assert before > 0.8
+    assert abs(after - majority) <= 0.02, (after, majority)
+    # Its own held-out record tells the same story.
+    assert erased.accuracies[0] > 0.8
+    assert erased.majority_baseline is not None
+    assert erased.accuracies[-1] - erased.majority_baseline <= 0.02
+
+
+def test_random_and_dropout_controls_keep_the_concept(erased: Projection) -> None:
+    before, majority = _probe_accuracy(None)
+    for control in (
+        random_projection(D, erased.n_removed, seed=1),
+        dropout_projection(D, erased.n_removed, seed=1),
+    ):
+        assert control.n_removed == erased.n_removed
+        acc, _ = _probe_accuracy(control)
+        assert acc > majority + 0.3 and acc > before - 0.25, (control.method, acc, before)
+
+
+def test_planted_plane_is_removed(planted, erased: Projection) -> None:
+    _, _, plane = planted
+    # Cosines of the principal angles between the planted plane and span(removed).
+    cosines = np.linalg.svd(plane.T @ erased.removed.numpy().T, compute_uv=False)
+    assert cosines.min() > 0.99, cosines
+    # ...while a random subspace of the same rank is nowhere near it.
+    rand = random_projection(D, erased.n_removed, seed=0).removed.numpy()
+    assert np.linalg.svd(plane.T @ rand.T, compute_uv=False).min() < 0.9
+
+
+class _RecordingLR(LogisticRegression):
+    """LogisticRegression that remembers every coef_ it learns (clones share the list)."""
+
+    seen: ClassVar[list[np.ndarray]] = []
+
+    def fit(self, X, y, sample_weight=None):  # type: ignore[override]
+        super().fit(X, y, sample_weight)
+        _RecordingLR.seen.append(self.coef_.copy())
+        return self
+
+
+def test_every_learned_direction_is_annihilated(planted) -> None:
+    X, y, _ = planted
+    _RecordingLR.seen.clear()
+    p = inlp(X, y, 4, classifier=_RecordingLR(max_iter=1000), progress=False)
+    used = _RecordingLR.seen[:-1]  # the last fit only measures the final projection
+    assert len(used) == 4 == len(p.accuracies) - 1
+    P = p.matrix.numpy()
+    x = np.random.default_rng(0).normal(size=(50, D))
+    for W in used:
+        assert np.abs(W @ P @ x.T).max() < 1e-8 * np.abs(W).max() * np.abs(x).max()
+    # Autoregressive training: each classifier is orthogonal to the earlier ones, so P is also
+    # the product of the per-iteration nullspace projections (the reference's self-test).
+    product = np.eye(D)
+    for i, W in enumerate(used):
+        for V in used[:i]:
+            assert np.abs(W @ V.T).max() < 1e-6 * np.abs(W).max() * np.abs(V).max()
+        # Row space at a sane tolerance (scipy's orth keeps the 1e-17 null direction of these
+        # later, tiny-norm softmax weights).
+        basis = scipy.linalg.orth(W.T, rcond=1e-10)
+        product = (np.eye(D) - basis @ basis.T) @ product
+    np.testing.assert_allclose(product, P, atol=1e-6)
+
+
+def _reference_inlp(X, y, make_clf, num_classifiers: int, seed: int = 0):
+    """Elazar et al.'s get_debiasing_projection (amnesic_probing), written plainly.
+
+    Returns the held-out accuracies of each iteration's classifier plus one final probe on the
+    best projection, and the number of iterations in it.
+    """
+    idx = np.arange(len(y))
+    tr, te = train_test_split(idx, test_size=0.2, random_state=seed, stratify=y)
+    tr, te = np.sort(tr), np.sort(te)
+    X_train, y_train, X_dev, y_dev = X[tr], y[tr], X[te], y[te]
+    majority = np.bincount(y_dev).max() / len(y_dev)
+    d = X.shape[1]
+    rowspace_projections, accuracies = [], []
+    X_train_cp, X_dev_cp = X_train, X_dev
+    best = None
+    for i in range(num_classifiers):
+        clf = make_clf().fit(X_train_cp, y_train)
+        acc = clf.score(X_dev_cp, y_dev)
+        accuracies.append(acc)
+        w_basis = scipy.linalg.orth(np.atleast_2d(clf.coef_).T)
+        rowspace_projections.append(w_basis @ w_basis.T)
+        # Ben-Israel: N(w1) ∩ ... ∩ N(wn) = N(P_R(w1) + ... + P_R(wn)).
+        q = scipy.linalg.orth(np.sum(rowspace_projections, axis=0))
+        P = np.eye(d) - q @ q.T
+        X_train_cp, X_dev_cp = X_train @ P, X_dev @ P
+        if acc - majority <= 0.01 and best is None:
+            best = (P, i + 1)
+            break
+    if best is None:
+        best = (P, num_classifiers)
+    final = make_clf().fit(X_train @ best[0], y_train).score(X_dev @ best[0], y_dev)
+    return [*accuracies, final], best[1]
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+@pytest.mark.parametrize("ours", ["sklearn", "logistic"])
+def test_matches_reference_loop(ours: str, seed: int) -> None:
+    X, y, _ = _planted(3000, seed=seed, classes=2, noise=0.5)
+
+    def make_clf() -> LogisticRegression:
+        return LogisticRegression(max_iter=2000)
+
+    ref_acc, ref_iters = _reference_inlp(X, y, make_clf, 10, seed=0)
+    classifier = make_clf() if ours == "sklearn" else "logistic"
+    p = inlp(X, y, 10, classifier=classifier, stop="majority", progress=False)
+    assert len(p.accuracies) - 1 == ref_iters
+    # Same classifier: the same held-out predictions up to one example; torch's own logistic
+    # regression (same objective, other solver): within one point.
+    atol = 1.001 / 600 if ours == "sklearn" else 0.01
+    np.testing.assert_allclose(p.accuracies, ref_acc, rtol=0, atol=atol)
+    assert 1 < ref_iters < 10  # the comparison exercises the stopping rule
+
+
+def test_fixed_iterations_and_min_accuracy(planted) -> None:
+    X, y, _ = planted
+    p = inlp(X, y, 3, progress=False)
+    assert p.ranks == (0, 2, 4, 6) and p.n_removed == 6
+    # The first probe scores ~0.87: demanding 0.95 removes nothing.
+    q = inlp(X, y, 3, min_accuracy=0.95, progress=False)
+    assert q.n_removed == 0 and len(q.accuracies) == 1
+    # A threshold between the first and later accuracies keeps exactly the first iteration.
+    r = inlp(X, y, 5, min_accuracy=0.6, progress=False)
+    assert r.accuracies[0] > 0.6 > r.accuracies[1]
+    assert r.ranks == (0, 2)
+
+
+def test_by_class(planted) -> None:
+    X, y, _ = planted
+    main = (X[:, 0] > 0).astype(int)  # a main task unrelated to the planted plane
+    p = inlp(X, y, 6, by_class=True, main_labels=main, stop="majority", seed=3, progress=False)
+    assert p.accuracies[0] > 0.8
+    assert p.majority_baseline is not None
+    assert p.accuracies[-1] - p.majority_baseline < 0.05
+    with pytest.raises(ValueError, match="main_labels"):
+        inlp(X, y, 2, by_class=True, progress=False)
+
+
+def test_deterministic_and_torch_input(planted) -> None:
+    X, y, _ = planted
+    a = inlp(X, y, 2, progress=False)
+    b = inlp(torch.from_numpy(X), torch.from_numpy(y), 2, progress=False)
+    assert a.accuracies == b.accuracies
+    torch.testing.assert_close(a.matrix, b.matrix, rtol=0, atol=1e-12)
+
+
+def test_apply_numpy_and_torch_keep_dtype(erased: Projection) -> None:
+    P = erased.matrix.numpy()
+    x = np.random.default_rng(1).normal(size=(2, 3, D))
+    np.testing.assert_allclose(erased.apply(x), x @ P.T, atol=1e-12)
+    for dtype in (np.float32, np.float64):
+        assert erased.apply(x.astype(dtype)).dtype == dtype
+    for tdtype in (torch.float32, torch.float64, torch.bfloat16):
+        xt = torch.from_numpy(x).to(tdtype)
+        out = erased.apply(xt)
+        assert out.dtype == tdtype and out.shape == xt.shape
+        tol = 5e-2 if tdtype == torch.bfloat16 else 1e-5
+        np.testing.assert_allclose(out.double().numpy(), x @ P.T, atol=tol)
+    # Autograd passes through, as a hook inside a model needs.
+    xt = torch.from_numpy(x).requires_grad_(True)
+    erased.apply(xt).sum().backward()
+    assert xt.grad is not None
+
+
+def test_save_load_round_trip(tmp_path, erased: Projection) -> None:
+    path = tmp_path / "inlp.safetensors"
+    erased.save(path)
+    loaded = Projection.load(path)
+    assert torch.equal(loaded.matrix, erased.matrix)
+    assert torch.equal(loaded.removed, erased.removed)
+    assert loaded.accuracies == erased.accuracies and loaded.ranks == erased.ranks
+    assert loaded.majority_baseline == erased.majority_baseline
+    assert loaded.method == "inlp" and loaded.readout is None and loaded.mean is None
+    bad = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"matrix": torch.eye(2)}, str(bad))
+    with pytest.raises(ValueError, match="not a saved mechprobe Projection"):
+        Projection.load(bad)
+
+
+def test_frame_and_plot(erased: Projection) -> None:
+    frame = erased.to_frame()
+    assert frame["accuracy"].tolist() == list(erased.accuracies)
+    assert frame["n_removed"].tolist() == list(erased.ranks)
+    assert frame["iteration"].tolist() == list(range(len(erased.accuracies)))
+    fig = erased.plot()
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    assert list(ax.lines[0].get_ydata()) == list(erased.accuracies)
+    assert ax.lines[1].get_ydata()[0] == erased.majority_baseline
+    with pytest.raises(ValueError, match="no probe accuracies"):
+        identity_projection(3).plot()
+
+
+def test_controls() -> None:
+    r = random_projection(D, 5, seed=2)
+    B = r.removed.numpy()
+    np.testing.assert_allclose(B @ B.T, np.eye(5), atol=1e-12)
+    np.testing.assert_allclose(r.matrix.numpy(), np.eye(D) - B.T @ B, atol=1e-15)
+    assert torch.equal(random_projection(D, 5, seed=2).matrix, r.matrix)
+    assert not torch.allclose(random_projection(D, 5, seed=3).matrix, r.matrix)
+    dp = dropout_projection(D, 5, seed=2)
+    diag = torch.diagonal(dp.matrix)
+    assert int((diag == 0).sum()) == 5 and int((diag == 1).sum()) == D - 5
+    assert torch.equal(dp.matrix, torch.diag(diag))
+    ident = identity_projection(D)
+    assert ident.n_removed == 0 and torch.equal(ident.matrix, torch.eye(D, dtype=torch.float64))
+    with pytest.raises(ValueError, match="n_removed"):
+        random_projection(D, D + 1)
+
+
+def test_bad_input(planted, erased: Projection) -> None:
+    X, y, _ = planted
+    with pytest.raises(ValueError, match="rows but y has"):
+        inlp(X, y[:-1], progress=False)
+    with pytest.raises(ValueError, match="single class"):
+        inlp(X, np.ones(len(X)), progress=False)
+    X_nan = X.copy()
+    X_nan[3, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        inlp(X_nan, y, progress=False)
+    with pytest.raises(ValueError, match="2-D"):
+        inlp(X[None], y, progress=False)
+    with pytest.raises(ValueError, match="1-D"):
+        inlp(X, np.eye(3)[y], progress=False)
+    with pytest.raises(ValueError, match="classifier"):
+        inlp(X, y, classifier="svm", progress=False)
+    with pytest.raises(TypeError, match="fit"):
+        inlp(X, y, classifier=object(), progress=False)
+    with pytest.raises(ValueError, match="stop"):
+        inlp(X, y, stop="never", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"\[\.\.\., 24\]"):
+        erased.apply(np.ones((2, 5)))
+    with pytest.raises(TypeError, match="floating"):
+        erased.apply(torch.ones(2, D, dtype=torch.long))
