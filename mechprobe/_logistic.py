@@ -10,19 +10,22 @@ without weights) for three or more classes. With two classes scikit-learn fits o
 coefficient vector instead of two softmax columns; the two optima coincide with
 ``C = 2 / (l2 · n)`` (the softmax penalty on ``±w/2`` is half the binary one).
 
-The solver is a batched L-BFGS (one history and one step size per layer, so every layer converges
-as if fitted alone) on a preconditioned parametrisation ``W = L⁻ᵀ V`` where ``L Lᵀ = Σ/4 + l2 I``
-and ``Σ`` is the feature covariance (from at most 4096 rows). The preconditioner is a fixed bound
-on the softmax curvature (Böhning 1992), so L-BFGS needs tens of iterations instead of hundreds on
-correlated features; features are centred implicitly (folded into the bias), which costs nothing.
-Heavy products run in the dtype of ``X`` (float32 is about twice as fast as float64 and accurate
-to ~1e-5 in the gradient); the optimiser state is float64.
+The solver is a batched L-BFGS (``_lbfgs``: one history and one step size per layer, so every
+layer converges as if fitted alone) on a preconditioned parametrisation ``W = L⁻ᵀ V`` with
+``L Lᵀ = E[c_i (x_i - μ)(x_i - μ)ᵀ] + l2 I`` over at most 4096 evenly spaced rows, ``c_i`` the
+softmax curvature ``mean_k p_ik (1 - p_ik)``: the Hessian of the loss up to its class structure.
+It starts at uniform predictions and is re-fitted (at iterations 15 and 50) for layers whose
+predictions became confident, where the curvature collapses and ``l2`` dominates. L-BFGS then
+needs tens of iterations instead of hundreds on correlated features. Features are centred
+implicitly (folded into the bias), which costs no copy. Heavy products run in the dtype of ``X``
+(float32 is about twice as fast as float64 and reaches ~1e-6 in the gradient); the optimiser
+state is float64. A class with no examples gets zero weights and a bias 50 below the others (its
+optimum is ``b = -inf``).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,18 +33,12 @@ from jaxtyping import Float, Int
 from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor
 
+from ._lbfgs import batched_lbfgs
+
 _PRECONDITIONER_ROWS = 4096
-_HISTORY = 10
 # Iterations at which the preconditioner is re-fitted to the current curvature.
 _REFRESH_AT = (15, 50)
-_MAX_LINE_SEARCH = 20
 _ABSENT_GAP = 50.0
-_ARMIJO = 1e-4
-
-# fun(theta [b, p], problem indices [b]) -> (loss [b], grad [b, p], convergence measure [b]).
-_Fun = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
-# refresh(theta [b, p], problem indices [b]) -> (new theta [b, p], changed [b] bool).
-_Refresh = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -146,7 +143,7 @@ def _solve(
     theta = torch.zeros(n_layers, d * n_classes + n_classes, dtype=torch.float64, device=X.device)
     # Losses are accurate to about the rounding of X's dtype; the line search tolerates that much.
     eps = 10 * torch.finfo(X.dtype).eps
-    theta, n_iter, finished = _batched_lbfgs(
+    theta, n_iter, finished = batched_lbfgs(
         objective,
         theta,
         max_iter=max_iter,
@@ -265,132 +262,6 @@ def _preconditioner(sample: Tensor, mean: Tensor, curvature: Tensor, l2: float) 
     )
     eye = torch.eye(sample.shape[2], dtype=torch.float64, device=sample.device)
     return torch.linalg.cholesky(second.to(torch.float64) / sample.shape[1] + l2 * eye)
-
-
-def _batched_lbfgs(
-    fun: _Fun,
-    theta: Float[Tensor, "batch p"],
-    *,
-    max_iter: int,
-    tol: float,
-    first_step: float | None = None,
-    eps: float = 1e-6,
-    refresh: _Refresh | None = None,
-    refresh_at: tuple[int, ...] = (),
-) -> tuple[Tensor, int, Tensor]:
-    """Minimise ``batch`` independent objectives with per-problem L-BFGS histories and steps.
-
-    Backtracking line search accepts Armijo decrease, or (Hager & Zhang's approximate Wolfe test)
-    a loss within ``eps·|f|`` of the old one whose slope has not overshot; the second test keeps
-    float32 objectives converging when decreases fall below their rounding. A problem whose line
-    search fails stops where it is (at its floating-point floor).
-
-    Args:
-        fun: ``(theta [b, p], indices [b]) -> (loss, grad, convergence measure)`` in float64 for
-            the problems ``indices`` only (the still active ones).
-        theta: ``[B, p]`` start point.
-        max_iter: iterations at most.
-        tol: a problem stops when its convergence measure is ≤ ``tol``.
-        first_step: first step length along ``-grad``; ``None``: ``min(1, 1/||g||₁)``.
-        eps: relative loss tolerance of the approximate Wolfe test.
-        refresh: ``(theta [b, p], indices [b]) -> (theta, changed [b])``, called for the active
-            problems at the iterations ``refresh_at`` to change their parametrisation (e.g. a
-            new preconditioner); changed problems restart their L-BFGS memory.
-        refresh_at: iterations at which to call ``refresh``.
-
-    Returns:
-        ``(theta, iterations of the slowest problem, finished [B] bool)``; a problem is finished
-        when it reached ``tol`` or its floating-point floor, not when it ran out of iterations.
-    """
-    everything = torch.arange(len(theta), device=theta.device)
-    f, g, measure = fun(theta, everything)
-    active = measure > tol
-    s_hist: list[Tensor] = []
-    y_hist: list[Tensor] = []
-    rho_hist: list[Tensor] = []
-    gamma = torch.ones_like(f)
-    n_iter = 0
-    for it in range(max_iter):
-        if not bool(active.any()):
-            break
-        if refresh is not None and it in refresh_at:
-            idx = torch.nonzero(active).flatten()
-            new, changed = refresh(theta[idx], idx)
-            if bool(changed.any()):
-                idx = idx[changed]
-                theta[idx] = new[changed]
-                f[idx], g[idx], measure[idx] = fun(theta[idx], idx)
-                for rho in rho_hist:
-                    rho[idx] = 0.0  # curvature pairs from the old parametrisation no longer apply
-                gamma[idx] = 1.0
-                active &= measure > tol
-                if not bool(active.any()):
-                    break
-        n_iter = it + 1
-        direction = -_two_loop(g, s_hist, y_hist, rho_hist, gamma)
-        slope = (g * direction).sum(1)
-        # Curvature pairs are skipped when unsafe, so descent is expected; fall back if not.
-        direction = torch.where((slope >= 0)[:, None], -g, direction)
-        slope = (g * direction).sum(1)
-        if s_hist:
-            step = torch.ones_like(f)
-        elif first_step is not None:
-            step = torch.full_like(f, first_step)
-        else:
-            step = (1.0 / g.abs().sum(1).clamp_min(1e-12)).clamp(max=1.0)
-        pending = active.clone()
-        new_theta, new_f, new_g, new_measure = theta.clone(), f.clone(), g.clone(), measure.clone()
-        for _ in range(_MAX_LINE_SEARCH):
-            idx = torch.nonzero(pending).flatten()
-            cand = theta[idx] + step[idx, None] * direction[idx]
-            cf, cg, cm = fun(cand, idx)
-            f0, slope0 = f[idx], slope[idx]
-            armijo = cf <= f0 + _ARMIJO * step[idx] * slope0
-            cslope = (cg * direction[idx]).sum(1)
-            approx_wolfe = (cf <= f0 + eps * f0.abs()) & (cslope <= -(1 - 2 * _ARMIJO) * slope0)
-            ok = (armijo | approx_wolfe) & torch.isfinite(cf)
-            done = idx[ok]
-            new_theta[done], new_f[done], new_g[done], new_measure[done] = (
-                cand[ok],
-                cf[ok],
-                cg[ok],
-                cm[ok],
-            )
-            pending[done] = False
-            if not bool(pending.any()):
-                break
-            step[idx[~ok]] *= 0.5
-        s, yv = new_theta - theta, new_g - g
-        sy, yy = (s * yv).sum(1), (yv * yv).sum(1)
-        valid = sy > 1e-10 * torch.sqrt((s * s).sum(1) * yy)
-        s_hist.append(s)
-        y_hist.append(yv)
-        # rho = 0 turns a pair into a no-op for problems where it is unsafe or absent.
-        rho_hist.append(torch.where(valid, 1.0 / torch.where(valid, sy, 1.0), 0.0))
-        gamma = torch.where(valid, sy / torch.where(valid, yy, 1.0), gamma)
-        if len(s_hist) > _HISTORY:
-            del s_hist[0], y_hist[0], rho_hist[0]
-        theta, f, g, measure = new_theta, new_f, new_g, new_measure
-        # A failed line search means the loss is at its floating-point floor: stop that problem.
-        active = active & ~pending & (measure > tol)
-    return theta, n_iter, ~active
-
-
-def _two_loop(
-    g: Tensor, s_hist: list[Tensor], y_hist: list[Tensor], rho_hist: list[Tensor], gamma: Tensor
-) -> Tensor:
-    """L-BFGS two-loop recursion with per-problem scalars: approximates ``H⁻¹ g``."""
-    q = g.clone()
-    alphas = []
-    for s, yv, rho in zip(reversed(s_hist), reversed(y_hist), reversed(rho_hist), strict=True):
-        a = rho * (s * q).sum(1)
-        alphas.append(a)
-        q -= a[:, None] * yv
-    q *= gamma[:, None]
-    for s, yv, rho, a in zip(s_hist, y_hist, rho_hist, reversed(alphas), strict=True):
-        beta = rho * (yv * q).sum(1)
-        q += (a - beta)[:, None] * s
-    return q
 
 
 def _check_features(X: Tensor, n_layers: int, d: int) -> None:
