@@ -18,9 +18,11 @@ from mechprobe.batching import Batch, tokenize, tokenize_with_targets
 from mechprobe.datasets import ProbingDataset, pos_dataset
 from mechprobe.hooks import Ablate, Add, Capture, Intervention, Project, Replace, intervene
 from mechprobe.label_files import load_labels
+from mechprobe.layerwise import ProbeResult, probe_layers
 from mechprobe.leace import leace
 from mechprobe.models import DEFAULT_MODEL, ModelLoadError, load_model, tiny_model
 from mechprobe.nullspace import inlp
+from mechprobe.probes import LinearProbe, MLPProbe, control_labels
 from mechprobe.projection import (
     Projection,
     dropout_projection,
@@ -28,6 +30,7 @@ from mechprobe.projection import (
     random_projection,
 )
 from mechprobe.runner import RunResult, run
+from mechprobe.scalar_mix import CumulativeScores, ScalarMixProbe, cumulative_scores
 from mechprobe.sites import Site
 from mechprobe.tasks import Task, TaskItem, list_tasks, load_task
 from mechprobe.templated import country_dataset, templated_dataset
@@ -42,20 +45,27 @@ __all__: list[str] = [
     "AnalogyResult",
     "Batch",
     "Capture",
+    "CumulativeScores",
     "Intervention",
+    "LinearProbe",
+    "MLPProbe",
     "ModelLoadError",
+    "ProbeResult",
     "ProbingDataset",
     "Project",
     "Projection",
     "Replace",
     "RunResult",
+    "ScalarMixProbe",
     "Site",
     "Task",
     "TaskItem",
     "__version__",
     "analogy",
     "collect",
+    "control_labels",
     "country_dataset",
+    "cumulative_scores",
     "dropout_projection",
     "identity_projection",
     "inlp",
@@ -67,6 +77,7 @@ __all__: list[str] = [
     "load_task",
     "offset_accuracy",
     "pos_dataset",
+    "probe_layers",
     "random_projection",
     "run",
     "templated_dataset",

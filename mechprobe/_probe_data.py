@@ -1,0 +1,136 @@
+"""Input handling shared by the layer-wise probes: coercion, label encoding, splits, scaling."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from einops import rearrange
+from jaxtyping import Float
+from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
+from torch import Tensor
+
+
+def as_layers(
+    X: Any, y: Any = None, groups: Any = None
+) -> tuple[Float[Tensor, "n layers d"], np.ndarray, np.ndarray | None]:
+    """``(values [n, layers, d] float tensor, labels [n], groups [n] or None)`` from the inputs.
+
+    ``X`` is an array or tensor, or an object with ``.values`` (e.g. :class:`Activations`) whose
+    ``.labels`` and ``.groups`` fill in ``y`` and ``groups`` when those are not given.
+    """
+    if not isinstance(X, (np.ndarray, Tensor)) and hasattr(X, "values"):
+        y = getattr(X, "labels", None) if y is None else y
+        groups = getattr(X, "groups", None) if groups is None else groups
+        X = X.values
+    values = X.detach() if isinstance(X, Tensor) else torch.from_numpy(np.asarray(X))
+    if values.ndim != 3:
+        raise ValueError(
+            f"X must be [n, layers, d], got shape {tuple(values.shape)}; for a single layer use "
+            "X[:, None, :]."
+        )
+    if not values.is_floating_point():
+        raise TypeError(
+            f"X must hold floats, got {values.dtype}; convert it with X.astype('float32')."
+        )
+    if values.dtype not in (torch.float32, torch.float64):
+        values = values.float()  # half precision is too coarse for fitting
+    if not bool(torch.isfinite(torch.stack(torch.aminmax(values))).all()):
+        raise ValueError(
+            "X contains NaN or inf activations; drop those rows (e.g. X[np.isfinite(X).all((1, 2))])."
+        )
+    if y is None:
+        raise ValueError("no labels: pass y, or an object whose .labels holds one label per row.")
+    labels = np.asarray(y)
+    n = values.shape[0]
+    if labels.ndim != 1 or len(labels) != n:
+        raise ValueError(
+            f"y has shape {labels.shape} but X has {n} rows: pass one label per row of X."
+        )
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.ndim != 1 or len(groups) != n:
+            raise ValueError(
+                f"groups has shape {groups.shape} but X has {n} rows: pass one word type per row."
+            )
+    return values, labels, groups
+
+
+def encode_labels(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(classes, indices)``; fewer than two classes is an error."""
+    classes, idx = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(
+            f"y has only one class ({classes[0]!r} if any); a probe needs at least two classes."
+        )
+    return classes, idx.ravel()
+
+
+def splits(
+    y_idx: np.ndarray, *, test_size: float, n_folds: int | None, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified held-out split, or stratified k folds; plain shuffling if a class is too rare."""
+    counts = np.bincount(y_idx)
+    n = len(y_idx)
+    if n_folds is not None:
+        if n_folds < 2 or n_folds > n:
+            raise ValueError(f"n_folds must be in [2, {n}], got {n_folds}.")
+        stratify = counts.min() >= n_folds
+        if not stratify:
+            _warn_rare(counts, n_folds)
+        kind = StratifiedKFold if stratify else KFold
+        folds = kind(n_folds, shuffle=True, random_state=seed).split(np.zeros(n), y_idx)
+        return [(np.sort(tr), np.sort(te)) for tr, te in folds]
+    if not 0 < test_size < 1:
+        raise ValueError(f"test_size must be a fraction in (0, 1), got {test_size}.")
+    stratify = counts.min() >= 2
+    if not stratify:
+        _warn_rare(counts, 2)
+    train, test = train_test_split(
+        np.arange(n), test_size=test_size, random_state=seed, stratify=y_idx if stratify else None
+    )
+    return [(np.sort(train), np.sort(test))]
+
+
+def standardised(
+    X: Float[Tensor, "n layers d"],
+    train: np.ndarray,
+    test: np.ndarray | None = None,
+    *,
+    standardize: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """``(train [layers, n_train, d], test or None, mean [layers, d], scale [layers, d])``.
+
+    Statistics come from the training rows only (``standardize=False``: mean 0, scale 1); the
+    layer axis moves first so that every layer's rows are contiguous for the solvers.
+    """
+    by_layer = rearrange(X, "n l d -> l n d")  # a view; index_select writes contiguous rows
+    train_x = torch.index_select(by_layer, 1, torch.from_numpy(train).to(X.device))
+    test_x = None
+    if test is not None:
+        test_x = torch.index_select(by_layer, 1, torch.from_numpy(test).to(X.device))
+    if not standardize:
+        shape = (X.shape[1], X.shape[2])
+        zeros = torch.zeros(shape, dtype=torch.float64, device=X.device)
+        return train_x, test_x, zeros, torch.ones_like(zeros)
+    mean = train_x.mean(1, dtype=torch.float64)
+    std = ((train_x - mean[:, None].to(train_x.dtype)) ** 2).mean(1, dtype=torch.float64).sqrt()
+    # Constant features stay unscaled rather than dividing by ~0.
+    scale = torch.where(std > 1e-12 * mean.abs().clamp_min(1.0), std, torch.ones_like(std))
+    mean_x, scale_x = mean.to(train_x.dtype)[:, None], scale.to(train_x.dtype)[:, None]
+    train_x.sub_(mean_x).div_(scale_x)
+    if test_x is not None:
+        test_x.sub_(mean_x).div_(scale_x)
+    return train_x, test_x, mean, scale
+
+
+def _warn_rare(counts: np.ndarray, needed: int) -> None:
+    rare = np.flatnonzero(counts < needed).tolist()
+    warnings.warn(
+        f"classes {rare[:10]} have fewer than {needed} examples, so the split is not stratified; "
+        "drop rare classes for stratified splits.",
+        UserWarning,
+        stacklevel=3,
+    )
