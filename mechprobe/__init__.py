@@ -20,6 +20,7 @@ from mechprobe.hooks import Ablate, Add, Capture, Intervention, Project, Replace
 from mechprobe.label_files import load_labels
 from mechprobe.layerwise import ProbeResult, probe_layers
 from mechprobe.leace import leace
+from mechprobe.lens import LensResult, logit_lens
 from mechprobe.models import DEFAULT_MODEL, ModelLoadError, load_model, tiny_model
 from mechprobe.nullspace import inlp
 from mechprobe.probes import LinearProbe, MLPProbe, control_labels
@@ -47,6 +48,7 @@ __all__: list[str] = [
     "Capture",
     "CumulativeScores",
     "Intervention",
+    "LensResult",
     "LinearProbe",
     "MLPProbe",
     "ModelLoadError",
@@ -75,6 +77,7 @@ __all__: list[str] = [
     "load_labels",
     "load_model",
     "load_task",
+    "logit_lens",
     "offset_accuracy",
     "pos_dataset",
     "probe_layers",

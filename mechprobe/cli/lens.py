@@ -1,0 +1,166 @@
+"""``mechprobe lens``: the logit lens from the command line (table, heatmap, JSON).
+
+Example::
+
+    mechprobe lens "Q: What is the capital of Poland?\\nA:" --target " Warsaw" --target " Poland" \\
+        --positions all --plot lens.png --json lens.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Any
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+_HELP = """\
+Decode every layer's residual stream through the model's final norm and unembedding.
+
+Backslash escapes \\n, \\t and \\\\ in PROMPT and --target are interpreted, because a shell passes
+"\\n" inside quotes as two characters; --raw keeps them literal. Each --target is scored for every
+prompt; a target of several tokens is scored by teacher forcing (summed log-probability).
+"""
+
+
+def unescape(text: str) -> str:
+    r"""Interpret ``\n``, ``\t`` and ``\\`` the way a Python string literal would.
+
+    Example:
+        >>> unescape("Q: hi\\nA:") == "Q: hi\nA:"
+        True
+    """
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
+def _positions(text: str) -> Any:
+    if text == "all":
+        return "all"
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"positions must be 'all', an int or comma-separated ints (e.g. 0,-2,-1), not {text!r}"
+        ) from None
+    return values[0] if len(values) == 1 else values
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``mechprobe lens`` on the subparsers ``sub``."""
+    parser = sub.add_parser(
+        "lens",
+        help="logit lens: what each layer would predict",
+        description=_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt(s) to decode")
+    parser.add_argument(
+        "--target", action="append", default=[], help="continuation to score (repeatable)"
+    )
+    parser.add_argument(
+        "--sites",
+        default="resid_post",
+        help="comma-separated site kinds: resid_pre, resid_mid, resid_post, attn_out, mlp_out "
+        "(default: resid_post)",
+    )
+    parser.add_argument(
+        "--positions",
+        type=_positions,
+        default=-1,
+        help="'all', an int or comma-separated ints; -1 = last token (default)",
+    )
+    parser.add_argument("--top-k", type=int, default=10, help="tokens kept per cell (default 10)")
+    parser.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="model name for mechprobe.load_model (default smollm2-135m); 'tiny' is a random "
+        "3-layer test model, for checking the command without loading a real one",
+    )
+    parser.add_argument(
+        "--plot", metavar="PNG", help="write the first prompt's layer x position heatmap here"
+    )
+    parser.add_argument(
+        "--color", choices=("prob", "rank"), default="prob", help="heatmap colour (default prob)"
+    )
+    parser.add_argument("--trajectory", metavar="PNG", help="write the targets' rank trajectory")
+    parser.add_argument("--json", metavar="PATH", help="write the full result (.json or .npz)")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+    parser.add_argument("--raw", action="store_true", help="do not interpret backslash escapes")
+    parser.set_defaults(func=main)
+
+
+def _table(result: Any, prompt: int, site: str) -> str:
+    """Per layer at the prompt's last token: top-1, entropy, KL and each target's rank/log-prob."""
+    last = len(result.prompt_tokens[prompt]) - 1
+    cols = [k for k, p in enumerate(result.positions[prompt]) if p == last]
+    names = result.targets[prompt]
+    header = ["layer", "top-1", "p", "H", "KL"]
+    rows = [header + [h for n in names for h in (f"{n!r} rank", "logp")]]
+    for e in result.entries(site):
+        row = [str(result.layers[e])]
+        if cols:
+            k = cols[0]
+            row += [
+                repr(result.text(result.top_ids[prompt, e, k, 0]))[:18],
+                f"{result.top_probs[prompt, e, k, 0]:.3f}",
+                f"{result.entropy[prompt, e, k]:.2f}",
+                f"{result.kl_to_final[prompt, e, k]:.2f}",
+            ]
+        else:
+            row += ["(last token not decoded)", "", "", ""]
+        for t in range(len(names)):
+            row += [
+                str(result.target_rank[prompt, e, t]),
+                f"{result.target_logprob[prompt, e, t]:.2f}",
+            ]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(
+            c.ljust(w) if i == 1 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the lens on the parsed arguments; print a table; write the requested files."""
+    import mechprobe as mp
+
+    fix = (lambda s: s) if args.raw else unescape
+    prompts = [fix(p) for p in args.prompts]
+    targets = [fix(t) for t in args.target]
+    if args.trajectory and not targets:
+        print("mechprobe lens: error: --trajectory needs at least one --target", file=sys.stderr)
+        return 2
+    if args.json and not args.json.endswith((".json", ".npz")):
+        print("mechprobe lens: error: --json must name a .json or .npz file", file=sys.stderr)
+        return 2
+    try:
+        model = mp.tiny_model() if args.model == "tiny" else mp.load_model(args.model)
+        result = mp.logit_lens(
+            model,
+            prompts,
+            sites=[s.strip() for s in args.sites.split(",") if s.strip()],
+            positions=args.positions,
+            targets=[targets] * len(prompts) if targets else None,
+            top_k=args.top_k,
+            batch_size=args.batch_size,
+        )
+    except (ValueError, TypeError, mp.ModelLoadError) as err:
+        print(f"mechprobe lens: error: {err}", file=sys.stderr)
+        return 2
+    for b, prompt in enumerate(prompts):
+        for site in dict.fromkeys(result.sites):
+            print(f"\nprompt {b} ({site}, last token): {prompt!r}")
+            print(_table(result, b, site))
+    if args.json:
+        print(f"\nwrote {result.save(args.json)}")
+    if args.plot:
+        result.plot_heatmap(0, color=args.color).savefig(args.plot, dpi=150)
+        print(f"wrote {args.plot}")
+    if args.trajectory:
+        result.plot_trajectory(list(range(len(prompts)))).savefig(args.trajectory, dpi=150)
+        print(f"wrote {args.trajectory}")
+    return 0

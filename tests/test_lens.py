@@ -1,0 +1,316 @@
+"""The logit lens against independent computations: HF hidden states, the model's own logits."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import hook_count
+from matplotlib.figure import Figure
+
+import mechprobe as mp
+from mechprobe.cli import main as cli_main
+from mechprobe.cli.lens import unescape
+
+PROMPTS = ["The quick brown fox", "Hi", "A somewhat longer prompt, with commas"]
+
+
+def _ids(model, prompt: str, target: str = "") -> torch.Tensor:
+    """Token ids built by hand (BOS + prompt + target), independent of mechprobe's batching."""
+    tok = model.tokenizer
+    ids = [tok.bos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]
+    if target:
+        ids += tok(target, add_special_tokens=False)["input_ids"]
+    return torch.tensor([ids])
+
+
+def _hf_layer_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    """``[layers, seq, vocab]`` log-probs from HF's hidden states through its own norm + lm_head."""
+    hf = model.original_model
+    with torch.no_grad():
+        hidden = hf(ids, output_hidden_states=True).hidden_states
+        n = len(hidden) - 1
+        # hidden_states[i + 1] is block i's output; HF already applied the final norm to the last.
+        states = [hf.model.norm(hidden[i + 1]) if i < n - 1 else hidden[n] for i in range(n)]
+        return torch.stack([hf.lm_head(h)[0].log_softmax(-1) for h in states])
+
+
+def _full_logprobs(result: mp.LensResult, b: int, e: int, k: int, vocab: int) -> np.ndarray:
+    """Rebuild a full log-prob vector from a top_k = vocab result."""
+    out = np.full(vocab, np.nan)
+    out[result.top_ids[b, e, k]] = np.log(result.top_probs[b, e, k].astype(np.float64))
+    return out
+
+
+def test_every_layer_matches_hf_hidden_states_through_norm_and_lm_head(tiny):
+    vocab = tiny.cfg.d_vocab
+    result = mp.logit_lens(tiny, PROMPTS, positions="all", top_k=vocab)
+    assert result.layers == (0, 1, 2) and result.sites == ("resid_post",) * 3
+    for b, prompt in enumerate(PROMPTS):
+        ref = _hf_layer_logprobs(tiny, _ids(tiny, prompt)).double()
+        assert result.positions[b, : ref.shape[1]].tolist() == list(range(ref.shape[1]))
+        assert (result.positions[b, ref.shape[1] :] == -1).all()
+        for layer in range(3):
+            for k in range(ref.shape[1]):
+                ours = _full_logprobs(result, b, layer, k, vocab)
+                np.testing.assert_allclose(ours, ref[layer, k].numpy(), atol=1e-4, rtol=0)
+                p, lp, lp_final = ref[layer, k].exp(), ref[layer, k], ref[-1, k]
+                entropy = float(-(p * lp).sum())
+                kl = float((lp_final.exp() * (lp_final - lp)).sum())
+                assert result.entropy[b, layer, k] == pytest.approx(entropy, abs=1e-4)
+                assert result.kl_to_final[b, layer, k] == pytest.approx(kl, abs=1e-4)
+    assert np.abs(result.kl_to_final[:, -1][result.positions >= 0]).max() < 1e-4
+
+
+def test_last_layer_equals_model_log_softmax_logits(tiny):
+    vocab = tiny.cfg.d_vocab
+    result = mp.logit_lens(tiny, PROMPTS, positions=[0, -2, -1], top_k=vocab)
+    for b, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            logprobs = tiny(_ids(tiny, prompt))[0].log_softmax(-1)
+        for k, pos in enumerate(result.positions[b]):
+            ours = _full_logprobs(result, b, 2, k, vocab)
+            assert np.abs(ours - logprobs[pos].numpy()).max() <= 1e-4
+
+
+def test_component_writes_are_decoded_on_their_own(tiny):
+    sites = ["resid_pre", "attn_out", mp.Site("mlp_out", 1), "blocks.2.hook_resid_mid"]
+    result = mp.logit_lens(tiny, PROMPTS[:2], sites=sites, positions=-1, top_k=tiny.cfg.d_vocab)
+    assert result.sites == ("resid_pre",) * 3 + ("attn_out",) * 3 + ("mlp_out", "resid_mid")
+    assert result.layers == (0, 1, 2, 0, 1, 2, 1, 2)
+    hf = tiny.original_model
+    names = [
+        f"blocks.{layer}.hook_{kind}"
+        for kind, layer in zip(result.sites, result.layers, strict=True)
+    ]
+    captured = mp.run(tiny, PROMPTS[:2], capture=names, logit_positions=-1)
+    for e, name in enumerate(names):
+        for b in range(2):
+            x = captured[name][b, captured.batch.last_index[b]]
+            with torch.no_grad():
+                ref = hf.lm_head(hf.model.norm(x)).log_softmax(-1).double().numpy()
+            ours = _full_logprobs(result, b, e, 0, tiny.cfg.d_vocab)
+            np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_batched_with_padding_equals_one_prompt_at_a_time(tiny, side):
+    targets = [[" fox", "x"], [" there"], ["!", " ab"]]  # multi-token targets (byte tokenizer)
+    batched = mp.logit_lens(
+        tiny, PROMPTS, positions=[0, 1, -1], targets=targets, top_k=5, padding_side=side
+    )
+    for b, prompt in enumerate(PROMPTS):
+        one = mp.logit_lens(tiny, [prompt], positions=[0, 1, -1], targets=[targets[b]], top_k=5)
+        n_t = len(targets[b])
+        assert batched.positions[b].tolist() == one.positions[0].tolist()
+        assert np.array_equal(batched.top_ids[b], one.top_ids[0])
+        for name in ("top_probs", "entropy", "kl_to_final"):
+            np.testing.assert_allclose(getattr(batched, name)[b], getattr(one, name)[0], atol=1e-5)
+        for name in ("target_logprob", "target_prob", "position_prob"):
+            np.testing.assert_allclose(
+                getattr(batched, name)[b, ..., :n_t], getattr(one, name)[0], atol=1e-5
+            )
+        assert np.array_equal(batched.target_rank[b, :, :n_t], one.target_rank[0])
+    assert (batched.target_rank[1, :, 1] == -1).all()  # prompt 1 has one target only
+    assert np.isnan(batched.target_logprob[1, :, 1]).all()
+
+
+def test_all_positions_with_different_lengths_and_chunking_agree(tiny):
+    big = mp.logit_lens(tiny, PROMPTS, positions="all", targets=" ab", top_k=4)
+    small = mp.logit_lens(
+        tiny, PROMPTS, positions="all", targets=" ab", top_k=4, batch_size=2, chunk_size=7
+    )
+    for name in ("top_probs", "entropy", "kl_to_final", "target_logprob", "position_prob"):
+        np.testing.assert_allclose(getattr(big, name), getattr(small, name), atol=1e-5)
+    assert np.array_equal(big.top_ids, small.top_ids)
+    lengths = [len(t) for t in big.prompt_tokens]
+    assert [int((row >= 0).sum()) for row in big.positions] == lengths
+    assert big.positions.shape == (3, max(lengths))
+
+
+def test_multi_token_target_is_teacher_forced_not_truncated(tiny):
+    prompt, target = "Hello", " world!"
+    result = mp.logit_lens(tiny, prompt, targets=[target, " w"], top_k=3)
+    ids = _ids(tiny, prompt, target)
+    n_target = len(tiny.tokenizer(target, add_special_tokens=False)["input_ids"])
+    assert n_target > 1 and len(result.target_tokens[0][0]) == n_target
+    start = ids.shape[1] - n_target
+    with torch.no_grad():
+        logprobs = tiny(ids)[0].log_softmax(-1)
+    expected = sum(float(logprobs[start + j - 1, ids[0, start + j]]) for j in range(n_target))
+    assert result.target_logprob[0, -1, 0] == pytest.approx(expected, abs=1e-4)
+    # Every layer: the same sum from HF's hidden states (independent decoding).
+    ref = _hf_layer_logprobs(tiny, ids)
+    for layer in range(3):
+        want = sum(float(ref[layer, start + j - 1, ids[0, start + j]]) for j in range(n_target))
+        assert result.target_logprob[0, layer, 0] == pytest.approx(want, abs=1e-4)
+        first = float(ref[layer, start - 1, ids[0, start]])
+        assert result.target_prob[0, layer, 0] == pytest.approx(math.exp(first), abs=1e-5)
+        rank = int((ref[layer, start - 1] > ref[layer, start - 1, ids[0, start]]).sum())
+        assert result.target_rank[0, layer, 0] == rank
+    # " w" shares the first token with " world!" but not its continuation.
+    assert result.target_rank[0, :, 1].tolist() == result.target_rank[0, :, 0].tolist()
+    assert (result.target_logprob[0, :, 0] < result.target_logprob[0, :, 1] - 1e-3).all()
+
+
+def test_frame_is_tidy_and_consistent_with_the_arrays(tiny):
+    result = mp.logit_lens(tiny, PROMPTS[:2], positions="all", targets=[" a", " b"], top_k=3)
+    frame = result.to_frame()
+    required = ["prompt_index", "site", "layer", "position", "target", "rank", "prob", "logprob"]
+    assert set([*required, "entropy", "kl_to_final"]) <= set(frame.columns)
+    lengths = [len(t) for t in result.prompt_tokens]
+    assert len(frame) == 3 * sum(lengths)  # 3 layers x positions x 1 target
+    assert not frame.duplicated(["prompt_index", "layer", "position", "target"]).any()
+    last = frame["position"] == frame["prompt_index"].map(lambda b: lengths[b] - 1)
+    assert frame.loc[last, "logprob"].notna().all() and frame.loc[~last, "logprob"].isna().all()
+    row = frame[(frame.prompt_index == 1) & (frame.layer == 2) & last].iloc[0]
+    assert row["logprob"] == pytest.approx(result.target_logprob[1, 2, 0])
+    assert row["top1"] == result.text(result.top_ids[1, 2, lengths[1] - 1, 0])
+    assert row["token"] == result.prompt_tokens[1][-1]
+    top1_rows = frame[frame["rank"] == 0]
+    assert (top1_rows["prob"] == top1_rows["top1_prob"]).all()
+    untargeted = mp.logit_lens(tiny, "Hi").to_frame()
+    assert len(untargeted) == 3 and untargeted["target"].isna().all()
+    top = result.top_frame()
+    assert len(top) == 3 * sum(lengths) * 3
+    assert (top.groupby(["prompt_index", "layer", "position"])["prob"].diff().dropna() <= 0).all()
+    first = top[(top.k == 0) & (top.prompt_index == 1) & (top.layer == 2)]
+    assert (
+        first["token"].tolist()
+        == frame[(frame.prompt_index == 1) & (frame.layer == 2)]["top1"].tolist()
+    )
+
+
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_save_and_load_round_trip_without_pickle(tiny, tmp_path, suffix):
+    result = mp.logit_lens(
+        tiny, PROMPTS[:2], positions="all", targets=[[" a", " bc"], [" d"]], top_k=3
+    )
+    path = result.save(tmp_path / f"lens{suffix}")
+    if suffix == ".json":
+        json.loads(path.read_text())  # strict JSON: no NaN literals
+        assert "NaN" not in path.read_text()
+    loaded = mp.LensResult.load(path)
+    for name in ("positions", "top_ids", "top_probs", "position_rank", "target_logprob"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(result, name))
+        assert getattr(loaded, name).dtype == getattr(result, name).dtype
+    assert loaded.targets == result.targets and loaded.target_tokens == result.target_tokens
+    assert loaded.token_text == result.token_text and loaded.prompts == result.prompts
+    assert loaded.to_frame().equals(result.to_frame())
+    with pytest.raises(ValueError, match=r"\.json or \.npz"):
+        result.save(tmp_path / "lens.pkl")
+
+
+def test_bad_input_raises_clear_errors(tiny):
+    with pytest.raises(ValueError, match="resid_post"):
+        mp.logit_lens(tiny, "Hi", sites="resid_psot")
+    with pytest.raises(ValueError, match="attn_out"):
+        mp.logit_lens(tiny, "Hi", sites=[mp.Site("head", 0, head=1)])
+    with pytest.raises(ValueError, match="sites is empty"):
+        mp.logit_lens(tiny, "Hi", sites=[])
+    with pytest.raises(ValueError, match="prompt list is empty"):
+        mp.logit_lens(tiny, [])
+    with pytest.raises(ValueError, match="Target 0 of prompt 1 is empty"):
+        mp.logit_lens(tiny, ["Hi", "Ho"], targets=[" a", ""])
+    with pytest.raises(ValueError, match="2 prompts and 3 target"):
+        mp.logit_lens(tiny, ["Hi", "Ho"], targets=[" a", " b", " c"])
+    with pytest.raises(ValueError, match="outside prompt 1"):
+        mp.logit_lens(tiny, ["Hello", "Hi"], positions=[4])
+    with pytest.raises(ValueError, match="top_k"):
+        mp.logit_lens(tiny, "Hi", top_k=0)
+    with pytest.raises(ValueError, match="pass positions= to logit_lens"):
+        mp.logit_lens(tiny, "Hi", sites=[mp.Site("resid_post", 0, positions=-1)])
+    with pytest.raises(ValueError, match="out of range"):
+        mp.logit_lens(tiny, "Hi", sites=[mp.Site("resid_post", 7)])
+
+
+def test_the_lens_leaves_the_model_as_it_was(tiny):
+    # The lens ends each forward pass after the last block: no hook or state may survive that.
+    ids = _ids(tiny, PROMPTS[0])
+    with torch.no_grad():
+        logits_before = tiny(ids)
+    before = hook_count(tiny)
+    mp.logit_lens(tiny, PROMPTS, positions="all", targets=" ab")
+    assert hook_count(tiny) == before
+    with torch.no_grad():
+        assert torch.equal(tiny(ids), logits_before)
+    with pytest.raises(ValueError):
+        mp.logit_lens(tiny, PROMPTS, positions=[40])
+    assert hook_count(tiny) == before
+
+
+def test_figures(tiny):
+    result = mp.logit_lens(tiny, PROMPTS[:2], positions="all", targets=[[" a", " b"]] * 2)
+    fig = result.plot_heatmap(1)
+    assert isinstance(fig, Figure)
+    image = fig.axes[0].images[0].get_array()
+    assert image.shape == (3, len(result.prompt_tokens[1]))
+    np.testing.assert_allclose(image, result.top_probs[1, :, : image.shape[1], 0])
+    assert len(fig.axes[0].texts) == image.size  # one top-1 label per cell
+    rank_fig = result.plot(color="rank", target=" b")
+    assert rank_fig.axes[0].images[0].get_array()[0, 0] == result.position_rank[0, 0, 0, 1] + 1
+    traj = result.plot("trajectory", prompt=[0, 1], metric="rank")
+    assert len(traj.axes) == 2 and len(traj.axes[0].lines) == 2
+    np.testing.assert_allclose(traj.axes[1].lines[0].get_ydata(), result.target_rank[1, :, 0] + 1)
+    with pytest.raises(ValueError, match="no target"):
+        result.plot(color="rank", target=" zz")
+
+
+def test_cli_end_to_end_on_tiny(tmp_path, capsys):
+    png, out = tmp_path / "lens.png", tmp_path / "lens.json"
+    code = cli_main(
+        [
+            "lens",
+            "Q: hi\\nA:",
+            "--target",
+            " x",
+            "--target",
+            " yz",
+            "--positions",
+            "all",
+            "--plot",
+            str(png),
+            "--json",
+            str(out),
+            "--model",
+            "tiny",
+        ]
+    )
+    assert code == 0 and png.stat().st_size > 0
+    result = mp.LensResult.load(out)
+    assert result.prompts == ("Q: hi\nA:",)  # the escape was interpreted
+    assert result.targets == ((" x", " yz"),)
+    assert result.positions.shape == (1, len(result.prompt_tokens[0]))
+    printed = capsys.readouterr().out
+    assert "' x' rank" in printed and "' yz' rank" in printed
+    assert len([line for line in printed.splitlines() if line.strip()[:1].isdigit()]) == 3
+    assert cli_main(["lens", "Hi", "--sites", "resid_psot", "--model", "tiny"]) == 2
+    assert "resid_post" in capsys.readouterr().err
+    assert unescape(r"a\\nb\tc\nd") == "a\\nb\tc\nd"
+
+
+@pytest.mark.integration
+def test_smollm2_poland_answers_warsaw_and_last_layer_equals_logits(smollm2):
+    # Zero-shot, SmolLM2-135M answers " The" (Warsaw ranks 6th); with three demonstrations it
+    # answers " Warsaw" (the same prompt as demos/logit_lens.py).
+    prompt = mp.load_task("capitals").with_shots(3).prompt("Poland")
+    result = mp.logit_lens(smollm2, prompt, targets=[" Warsaw", " Poland"], top_k=50)
+    assert result.text(result.top_ids[0, -1, 0, 0]) == " Warsaw"
+    assert result.target_rank[0, -1, 0] == 0 and result.layers[-1] == 29
+    with torch.no_grad():
+        logprobs = smollm2(smollm2.to_tokens(prompt))[0, -1].log_softmax(-1)
+    ids = torch.as_tensor(result.top_ids[0, -1, 0])
+    ours = np.log(result.top_probs[0, -1, 0].astype(np.float64))
+    assert np.abs(ours - logprobs[ids].double().numpy()).max() <= 1e-4
+    for t, target in enumerate([" Warsaw", " Poland"]):
+        token_ids = smollm2.tokenizer(target, add_special_tokens=False)["input_ids"]
+        assert len(token_ids) == 1  # both are single tokens in SmolLM2's vocabulary
+        assert result.target_logprob[0, -1, t] == pytest.approx(
+            float(logprobs[token_ids[0]]), abs=1e-4
+        )
+    assert abs(result.kl_to_final[0, -1, 0]) < 1e-4
+    # The answer only surfaces in the last layers (see docs): not top-1 before layer 29.
+    assert (result.target_rank[0, :-1, 0] > 0).all()
