@@ -168,32 +168,41 @@ def _solve(
 class _Objective:
     """Loss and preconditioned gradient of a subset of the layers' problems.
 
-    Parameters per layer are ``theta = [V.flatten(), c]`` with ``W = L⁻ᵀ V`` and ``b = c - μ W``
-    (``μ`` the weighted feature mean), so the optimiser sees centred, whitened features without a
-    copy of ``X``. Products run layer by layer on views of ``X``: the optimiser only asks for the
-    layers still active, and slicing a batch would copy it.
+    Parameters per layer are ``theta = [V.flatten(), c]`` with ``W = M V`` (``M = L⁻ᵀ``, ``L`` the
+    preconditioner's Cholesky factor) and ``b = c - μ W`` (``μ`` the weighted feature mean), so
+    the optimiser sees centred, whitened features without a copy of ``X``. Products run layer by
+    layer on views of ``X``: the optimiser only asks for the layers still active, and slicing a
+    batch would copy it.
     """
 
-    def __init__(
-        self,
-        X: Tensor,
-        y: Tensor,
-        n_classes: int,
-        l2: float,
-        weights: Tensor,
-    ) -> None:
-        self.X, self.l2, self.n_classes = X, l2, n_classes
+    def __init__(self, X: Tensor, y: Tensor, n_classes: int, l2: float, weights: Tensor) -> None:
+        self.X, self.y, self.l2, self.n_classes = X, y, l2, n_classes
         self.w = weights / weights.sum()  # weighted mean loss, scikit-learn's scaling
         self.w_data = self.w.to(X.dtype)
         self.onehot = torch.nn.functional.one_hot(y, n_classes).to(X.dtype)
-        self.y = y
-        self.mean = torch.matmul(self.w_data, X).to(torch.float64)  # [L, d]
+        self.mean = torch.stack([self.w_data @ layer for layer in X]).double()  # [L, d]
         # Evenly spaced rows (a strided view, no copy) estimate the curvature for preconditioning.
         self.sample = X[:, :: max(1, X.shape[1] // _PRECONDITIONER_ROWS)]
         uniform = (n_classes - 1) / n_classes**2  # softmax curvature p(1 - p) at p = 1/K
         curvature = torch.full(self.sample.shape[:2], uniform, dtype=X.dtype, device=X.device)
         self.chol = _preconditioner(self.sample, self.mean, curvature, l2)
+        self.factor, self.factor_t = _inverses(self.chol)
         self.level = curvature.mean(1, dtype=torch.float64)  # mean curvature behind each factor
+
+    def parameters(self, W: Tensor, bias: Tensor, idx: Tensor) -> Tensor:
+        """``theta [b, p]`` of problems ``idx`` from ``W [b, d, K]`` and ``b [b, K]``."""
+        V = self.chol[idx].mT @ W
+        centred_bias = bias + torch.einsum("bd,bdk->bk", self.mean[idx], W)
+        return torch.cat([V.flatten(1), centred_bias], 1)
+
+    def weights(self, theta: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """``(W [b, d, K], bias [b, K])`` in float64 for the problems ``idx``."""
+        d, k = self.X.shape[2], self.n_classes
+        V = theta[:, : d * k].reshape(-1, d, k)
+        # Per problem on views: indexing the [L, d, d] factors would copy them every call.
+        W = torch.stack([self.factor[layer] @ v for layer, v in zip(idx.tolist(), V, strict=True)])
+        bias = theta[:, d * k :] - torch.einsum("bd,bdk->bk", self.mean[idx], W)
+        return W, bias
 
     def refresh(self, theta: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Re-fit the preconditioner of problems ``idx`` at ``theta``: ``(new theta, changed)``.
@@ -213,18 +222,9 @@ class _Objective:
             self.chol[new] = _preconditioner(
                 sample[stale], self.mean[new], curvature[stale], self.l2
             )
+            self.factor[new], self.factor_t[new] = _inverses(self.chol[new])
             self.level[new] = level[stale]
-        V = self.chol[idx].mT @ W
-        centred_bias = bias + torch.einsum("bd,bdk->bk", self.mean[idx], W)
-        return torch.cat([V.flatten(1), centred_bias], 1), stale
-
-    def weights(self, theta: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """``(W [B, d, K], b [B, K])`` in float64 for the problems ``idx``."""
-        d, k = self.X.shape[2], self.n_classes
-        V = theta[:, : d * k].reshape(-1, d, k)
-        W = torch.linalg.solve_triangular(self.chol[idx].mT, V, upper=True)
-        bias = theta[:, d * k :] - torch.einsum("bd,bdk->bk", self.mean[idx], W)
-        return W, bias
+        return self.parameters(W, bias, idx), stale
 
     def __call__(self, theta: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         X, f64 = self.X, torch.float64
@@ -234,17 +234,32 @@ class _Objective:
         layers = idx.tolist()
         Z = torch.stack([X[layer] @ W_rows[i].T for i, layer in enumerate(layers)])
         Z += bias.to(X.dtype)[:, None, :]
-        lse = torch.logsumexp(Z, -1)
-        nll = lse - Z.gather(-1, self.y.expand(len(layers), -1)[..., None])[..., 0]
+        # Softmax by hand: torch's (log_)softmax over a last axis of ~10 is ~4x slower on CPU.
+        Z -= Z.amax(-1, keepdim=True)
+        G = Z.exp()
+        total = G.sum(-1, keepdim=True)
+        nll = total[..., 0].log() - Z.gather(-1, self.y.expand(len(layers), -1)[..., None])[..., 0]
         loss = nll.to(f64) @ self.w + 0.5 * self.l2 * (W * W).sum((1, 2))
-        G = (torch.exp(Z - lse[..., None]) - self.onehot) * self.w_data[:, None]
+        G /= total
+        G -= self.onehot
+        G *= self.w_data[:, None]
         grad_bias = G.sum(1, dtype=f64)
         grad_rows = torch.stack([G[i].T @ X[layer] for i, layer in enumerate(layers)])
         grad_W = grad_rows.mT.to(f64) + self.l2 * W  # gradient in the (W, b) parametrisation
         measure = torch.maximum(grad_W.abs().amax((1, 2)), grad_bias.abs().amax(1))
         centred = grad_W - self.mean[idx][..., None] * grad_bias[:, None]
-        grad_V = torch.linalg.solve_triangular(self.chol[idx], centred, upper=False)
+        grad_V = torch.stack(
+            [self.factor_t[layer] @ c for layer, c in zip(layers, centred, strict=True)]
+        )
         return loss, torch.cat([grad_V.flatten(1), grad_bias], 1), measure
+
+
+def _inverses(chol: Tensor) -> tuple[Tensor, Tensor]:
+    """``(L⁻ᵀ, L⁻¹)`` per problem, both contiguous: products with them beat triangular solves, and
+    BLAS runs a transposed float64 view ~5x slower."""
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+    inverse = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+    return inverse.mT.contiguous(), inverse.contiguous()
 
 
 def _preconditioner(sample: Tensor, mean: Tensor, curvature: Tensor, l2: float) -> Tensor:

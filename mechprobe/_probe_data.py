@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from einops import rearrange
 from jaxtyping import Float
 from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 from torch import Tensor
@@ -103,27 +102,36 @@ def standardised(
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """``(train [layers, n_train, d], test or None, mean [layers, d], scale [layers, d])``.
 
-    Statistics come from the training rows only (``standardize=False``: mean 0, scale 1); the
-    layer axis moves first so that every layer's rows are contiguous for the solvers.
+    Statistics come from the training rows only (``standardize=False``: mean 0, scale 1). The
+    layer axis moves first, each layer's rows contiguous, because narrow products over a strided
+    layer run ~3x slower; gathering layer by layer does the row selection and the move in one pass.
     """
-    by_layer = rearrange(X, "n l d -> l n d")  # a view; index_select writes contiguous rows
-    train_x = torch.index_select(by_layer, 1, torch.from_numpy(train).to(X.device))
-    test_x = None
-    if test is not None:
-        test_x = torch.index_select(by_layer, 1, torch.from_numpy(test).to(X.device))
+    train_x = _gather(X, train)
+    test_x = None if test is None else _gather(X, test)
+    n_layers, n_train, d = train_x.shape
     if not standardize:
-        shape = (X.shape[1], X.shape[2])
-        zeros = torch.zeros(shape, dtype=torch.float64, device=X.device)
+        zeros = torch.zeros(n_layers, d, dtype=torch.float64, device=X.device)
         return train_x, test_x, zeros, torch.ones_like(zeros)
-    mean = train_x.mean(1, dtype=torch.float64)
-    std = ((train_x - mean[:, None].to(train_x.dtype)) ** 2).mean(1, dtype=torch.float64).sqrt()
-    # Constant features stay unscaled rather than dividing by ~0.
-    scale = torch.where(std > 1e-12 * mean.abs().clamp_min(1.0), std, torch.ones_like(std))
-    mean_x, scale_x = mean.to(train_x.dtype)[:, None], scale.to(train_x.dtype)[:, None]
-    train_x.sub_(mean_x).div_(scale_x)
+    mean = train_x.mean(1, keepdim=True)
+    train_x.sub_(mean)
+    # A norm reduces without the temporary a variance would allocate.
+    std = torch.linalg.vector_norm(train_x, dim=1, keepdim=True) / n_train**0.5
+    # Constant features (spread at rounding level) stay unscaled rather than dividing by ~0.
+    floor = 100 * torch.finfo(X.dtype).eps * mean.abs().clamp_min(1.0)
+    scale = torch.where(std > floor, std, torch.ones_like(std))
+    train_x.div_(scale)
     if test_x is not None:
-        test_x.sub_(mean_x).div_(scale_x)
-    return train_x, test_x, mean, scale
+        test_x.sub_(mean).div_(scale)
+    return train_x, test_x, mean[:, 0].double(), scale[:, 0].double()
+
+
+def _gather(X: Tensor, rows: np.ndarray) -> Tensor:
+    """``X[rows]`` as ``[layers, len(rows), d]``, contiguous."""
+    idx = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(X.device)
+    out = torch.empty(X.shape[1], len(idx), X.shape[2], dtype=X.dtype, device=X.device)
+    for layer in range(X.shape[1]):
+        torch.index_select(X[:, layer], 0, idx, out=out[layer])
+    return out
 
 
 def _warn_rare(counts: np.ndarray, needed: int) -> None:
