@@ -16,6 +16,12 @@ from mechprobe.activations import Activations, collect
 from mechprobe.analogy import AnalogyResult, analogy, offset_accuracy
 from mechprobe.batching import Batch, tokenize, tokenize_with_targets
 from mechprobe.datasets import ProbingDataset, pos_dataset
+from mechprobe.ffn_ablation import AblationResult, ffn_ablation
+from mechprobe.ffn_intervention import (
+    InterventionResult,
+    intervention_contexts,
+    ovector_intervention,
+)
 from mechprobe.hooks import Ablate, Add, Capture, Intervention, Project, Replace, intervene
 from mechprobe.label_files import load_labels
 from mechprobe.layerwise import ProbeResult, probe_layers
@@ -23,6 +29,8 @@ from mechprobe.leace import leace
 from mechprobe.lens import LensResult, logit_lens
 from mechprobe.models import DEFAULT_MODEL, ModelLoadError, load_model, tiny_model
 from mechprobe.nullspace import inlp
+from mechprobe.ovector import OVector, extract_ovector, random_ovector
+from mechprobe.ovector_sweep import SweepResult, ovector_sweep
 from mechprobe.probes import LinearProbe, MLPProbe, control_labels
 from mechprobe.projection import (
     Projection,
@@ -30,17 +38,21 @@ from mechprobe.projection import (
     identity_projection,
     random_projection,
 )
+from mechprobe.relational import RelationalResult, relational_analysis
 from mechprobe.runner import RunResult, run
 from mechprobe.scalar_mix import CumulativeScores, ScalarMixProbe, cumulative_scores
+from mechprobe.scoring import TaskScore, score_task
 from mechprobe.sites import Site
 from mechprobe.tasks import Task, TaskItem, list_tasks, load_task
 from mechprobe.templated import country_dataset, templated_dataset
+from mechprobe.trajectory import Stages, Trajectory, ffn_attribution, trajectory
 
 __version__ = "0.1.0"
 
 __all__: list[str] = [
     "DEFAULT_MODEL",
     "Ablate",
+    "AblationResult",
     "Activations",
     "Add",
     "AnalogyResult",
@@ -48,20 +60,27 @@ __all__: list[str] = [
     "Capture",
     "CumulativeScores",
     "Intervention",
+    "InterventionResult",
     "LensResult",
     "LinearProbe",
     "MLPProbe",
     "ModelLoadError",
+    "OVector",
     "ProbeResult",
     "ProbingDataset",
     "Project",
     "Projection",
+    "RelationalResult",
     "Replace",
     "RunResult",
     "ScalarMixProbe",
     "Site",
+    "Stages",
+    "SweepResult",
     "Task",
     "TaskItem",
+    "TaskScore",
+    "Trajectory",
     "__version__",
     "analogy",
     "collect",
@@ -69,9 +88,13 @@ __all__: list[str] = [
     "country_dataset",
     "cumulative_scores",
     "dropout_projection",
+    "extract_ovector",
+    "ffn_ablation",
+    "ffn_attribution",
     "identity_projection",
     "inlp",
     "intervene",
+    "intervention_contexts",
     "leace",
     "list_tasks",
     "load_labels",
@@ -79,12 +102,18 @@ __all__: list[str] = [
     "load_task",
     "logit_lens",
     "offset_accuracy",
+    "ovector_intervention",
+    "ovector_sweep",
     "pos_dataset",
     "probe_layers",
+    "random_ovector",
     "random_projection",
+    "relational_analysis",
     "run",
+    "score_task",
     "templated_dataset",
     "tiny_model",
     "tokenize",
     "tokenize_with_targets",
+    "trajectory",
 ]

@@ -1,0 +1,97 @@
+"""Top-down FFN ablation against manual hooks; the layer schedule; the mean over real tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mechprobe as mp
+from mechprobe.batching import tokenize
+from mechprobe.ffn_ablation import _intact_pass, _removed
+
+
+def test_schedule_of_sixths():
+    assert [len(r) for r in _removed(30, 6)] == [0, 5, 10, 15, 20, 25, 30]
+    assert _removed(30, 6)[1] == (25, 26, 27, 28, 29)
+    assert _removed(24, 6)[1] == (20, 21, 22, 23)
+    assert [len(r) for r in _removed(3, 6)] == [0, 1, 1, 2, 2, 3, 3]  # halves round up
+
+
+def _greedy_with_zeroed(model, prompts, layers):
+    def zero(act, hook):
+        return torch.zeros_like(act)
+
+    preds = []
+    for p in prompts:
+        with torch.no_grad():
+            logits = model.run_with_hooks(
+                model.to_tokens(p),
+                fwd_hooks=[(f"blocks.{layer}.hook_mlp_out", zero) for layer in layers],
+            )
+        preds.append(int(logits[0, -1].argmax()))
+    return np.array(preds)
+
+
+def test_accuracy_equals_manual_zero_ablation(tiny):
+    task = mp.load_task("capitals").with_shots(1).subset(3, seed=0)
+    res = mp.ffn_ablation(tiny, task, parts=3, batch_size=2)
+    assert res.removed == ((), (2,), (1, 2), (0, 1, 2))
+    first = np.array(
+        [tiny.tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in task.answers()]
+    )
+    for k, layers in enumerate(res.removed):
+        preds = _greedy_with_zeroed(tiny, task.prompts(), layers)
+        assert np.array_equal(res.predicted[0][k], preds)
+        assert res.accuracy[0, k] == pytest.approx(np.mean(preds == first))
+
+
+def test_mean_is_over_real_tokens_without_bos(tiny):
+    prompts = ["Hello there, friend", "Hi"]
+    batch = tokenize(tiny, prompts)  # right-padded: the pads must not enter the mean
+    _, means = _intact_pass(tiny, batch, True, batch_size=1)
+    rows = []
+    for p in prompts:
+        _, cache = tiny.run_with_cache(tiny.to_tokens(p))
+        rows.append(
+            torch.stack([cache[f"blocks.{layer}.hook_mlp_out"][0, 1:] for layer in range(3)])
+        )
+    want = torch.cat(rows, dim=1).mean(1)  # [layer, d], every token but BOS
+    assert means is not None and torch.allclose(means, want, atol=1e-5)
+
+
+def test_mean_ablation_uses_that_mean(tiny):
+    task = mp.load_task("capitals").with_shots(1).subset(3, seed=0)
+    res = mp.ffn_ablation(tiny, task, parts=1, method="mean")
+    _, means = _intact_pass(tiny, tokenize(tiny, task.prompts()), True, batch_size=None)
+    assert means is not None
+    preds = []
+    for p in task.prompts():
+        hooks = [
+            (
+                f"blocks.{layer}.hook_mlp_out",
+                lambda a, hook, layer=layer: means[layer].expand_as(a).clone(),
+            )
+            for layer in range(3)
+        ]
+        with torch.no_grad():
+            preds.append(
+                int(tiny.run_with_hooks(tiny.to_tokens(p), fwd_hooks=hooks)[0, -1].argmax())
+            )
+    assert np.array_equal(res.predicted[0][1], preds)
+
+
+def test_two_tasks_roundtrip_and_plot(tiny):
+    tasks = [mp.load_task(n).with_shots(1).subset(2) for n in ("capitals", "capitals_extractive")]
+    res = mp.ffn_ablation(tiny, tasks, parts=2)
+    assert res.tasks == ("capitals", "capitals_extractive")
+    assert res.kinds == ("abstractive", "extractive") and res.accuracy.shape == (2, 3)
+    back = mp.AblationResult.from_dict(res.to_dict())
+    assert np.array_equal(back.accuracy, res.accuracy)
+    assert all(np.array_equal(a, b) for a, b in zip(back.predicted, res.predicted, strict=True))
+    assert len(res.to_frame()) == 6 and list(res.fraction_removed) == [0.0, 2 / 3, 1.0]
+    assert res.plot().axes and res.plot(relative=True).axes
+    with pytest.raises(ValueError, match="method"):
+        mp.ffn_ablation(tiny, tasks, method="half")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="parts"):
+        mp.ffn_ablation(tiny, tasks, parts=0)

@@ -1,0 +1,60 @@
+"""o-vector extraction against a hand-written cache; save/load; the random control."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import mechprobe as mp
+
+PROMPTS = ["Q: What is the capital of Poland?\nA:", "Hi", "The capital of Chile is"]
+
+
+def test_extract_equals_mean_of_last_token_mlp_out(tiny):
+    o = mp.extract_ovector(tiny, PROMPTS, layer=1, batch_size=2)
+    rows = []
+    for prompt in PROMPTS:
+        _, cache = tiny.run_with_cache(tiny.to_tokens(prompt))
+        rows.append(cache["blocks.1.hook_mlp_out"][0, -1])
+    assert torch.allclose(o.vector, torch.stack(rows).mean(0), atol=1e-5)
+    assert o.n_prompts == 3 and o.layer == 1 and o.source == "prompts"
+    one = mp.extract_ovector(tiny, PROMPTS[0], layer=-2)  # one prompt; layer counts from the end
+    assert one.layer == 1 and torch.allclose(one.vector, rows[0], atol=1e-5)
+
+
+def test_extract_from_task_and_only_correct(tiny):
+    task = mp.load_task("capitals").with_shots(1).subset(3)
+    o = mp.extract_ovector(tiny, task, layer=0)
+    assert o.source == "capitals" and o.n_prompts == 3
+    with pytest.raises(ValueError, match="none of the 3 items"):
+        mp.extract_ovector(tiny, task, layer=0, only_correct=True)  # a random model
+    with pytest.raises(ValueError, match="needs a Task"):
+        mp.extract_ovector(tiny, PROMPTS, layer=0, only_correct=True)
+    with pytest.raises(ValueError, match="out of range"):
+        mp.extract_ovector(tiny, PROMPTS, layer=9)
+
+
+def test_save_load_roundtrip_without_pickle(tmp_path):
+    o = mp.OVector(torch.randn(16), layer=19, source="capitals", n_prompts=7, model="m",
+                   info={"items": ["Poland"]})  # fmt: skip
+    back = mp.OVector.load(o.save(tmp_path / "o.safetensors"))
+    assert torch.equal(back.vector, o.vector)
+    assert (back.layer, back.source, back.n_prompts, back.model, back.info) == (
+        19, "capitals", 7, "m", {"items": ["Poland"]}
+    )  # fmt: skip
+    save_file({"vector": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an o-vector file"):
+        mp.OVector.load(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="1-D"):
+        mp.OVector(torch.zeros(2, 3), layer=0, source="x", n_prompts=1)
+
+
+def test_random_control_has_same_norm_and_is_seeded():
+    o = mp.OVector(torch.randn(576) * 30, layer=5, source="capitals", n_prompts=4)
+    a, b, c = (mp.random_ovector(o, seed=s) for s in (0, 0, 1))
+    assert a.norm == pytest.approx(o.norm, rel=1e-5)
+    assert torch.equal(a.vector, b.vector) and not torch.equal(a.vector, c.vector)
+    assert a.layer == 5 and a.source == "random" and a.info["seed"] == 0
+    cos = torch.nn.functional.cosine_similarity(a.vector, o.vector, dim=0)
+    assert abs(float(cos)) < 0.2  # a random direction in 576 dimensions is nearly orthogonal

@@ -1,0 +1,131 @@
+"""The whole relational analysis: result.json keys, consistency with its building blocks, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import mechprobe as mp
+from mechprobe.cli import main as cli_main
+
+SHAPE = {
+    "layers",
+    "scale",
+    "top1_before",
+    "top1_after",
+    "mean_rank_before",
+    "mean_rank_after",
+    "no_effect_rate",
+}
+
+
+@pytest.fixture(scope="module")
+def result(tiny):
+    # Few items, a small other task and no contrast task keep the forward passes few.
+    return mp.relational_analysis(
+        tiny, "capitals", shots=1, n_items=6, layers=[1, 2], n_random=2, ablation=True,
+        other_task=mp.load_task("past_tense").subset(3), contrast_task=None,
+        sweep_ranges=[(1, 3), (2, 3)], sweep_scales=[1.0, 2.0], progress=False,
+    )  # fmt: skip
+
+
+def test_result_json_has_the_contract_keys(result):
+    data = result.to_json()
+    for key in ["task", "kind", "n_items", "accuracy", "argument_layer", "function_layer",
+                "saturation_layer", "intervention", "controls"]:  # fmt: skip
+        assert key in data
+    assert (data["task"], data["kind"], data["n_items"]) == ("capitals", "abstractive", 6)
+    assert set(data["intervention"]) >= SHAPE
+    assert {"random", "other_task", "intact"} <= set(data["controls"])
+    for control in data["controls"].values():
+        assert set(data["intervention"]) <= set(control)  # the same shape, plus extras
+        assert control["layers"] == [1, 2] and control["scale"] == 1.0
+    intact = data["controls"]["intact"]
+    assert intact["top1_after"] == intact["top1_before"] and intact["no_effect_rate"] == 1.0
+    json.dumps(data, allow_nan=False)  # strict JSON
+
+
+def test_controls_run_on_the_same_contexts_as_the_ovector(result):
+    inter = result.intervention
+    assert inter.conditions == ("intact", "ovector", "random_0", "random_1", "other_task")
+    assert inter.rank.shape[0] == 5  # one row per condition, the same contexts in each column
+    n = result.vectors_norms
+    assert n["random_0"] == pytest.approx(n["ovector"], rel=1e-5)
+    random = result.to_json()["controls"]["random"]
+    assert len(random["per_seed_top1_after"]) == 2
+    assert random["top1_after"] == pytest.approx(np.mean(random["per_seed_top1_after"]))
+    assert set(inter.groups) <= {"in_domain", "held_out"}
+
+
+def test_ovector_is_the_mean_mlp_out_of_its_prompts(tiny, result):
+    # The random model answers nothing, so the o-vector averages every fit item (and says so).
+    assert any("averages all fit items" in n for n in result.notes)
+    task = mp.load_task("capitals").with_shots(1).subset(6, seed=0)
+    fit = [task.prompt(item) for item in result.ovector.info["items"]]
+    manual = mp.extract_ovector(tiny, fit, layer=result.ovector.layer)
+    assert torch.allclose(result.ovector.vector, manual.vector, atol=1e-5)
+    # No function layer on a random model: o is read at the first edited layer.
+    assert result.stages.function_layer is None and result.ovector.layer == 1
+
+
+def test_ablation_and_sweep_are_included(result):
+    assert result.ablation is not None and result.ablation.tasks == ("capitals",)
+    assert [len(r) for r in result.ablation.removed] == [0, 1, 1, 2, 2, 3, 3]
+    assert result.sweep is not None and result.sweep.conditions == ("ovector", "random_0")
+    assert result.to_json()["sweep"]["best_scale"] in (1.0, 2.0)
+
+
+def test_save_load_roundtrip(result, tmp_path):
+    folder = result.save(tmp_path / "run")
+    for name in ["result.json", "ovector.safetensors", "report.md", "x_plot.png",
+                 "intervention.png", "ablation.png", "sweep.png"]:  # fmt: skip
+        assert (folder / name).is_file(), name
+    back = mp.RelationalResult.load(folder)
+    assert back.to_json() == result.to_json()
+    assert torch.equal(back.ovector.vector, result.ovector.vector)
+    report = (folder / "report.md").read_text()
+    assert "random, same norm (2 seeds)" in report and "intact model" in report
+    frame = result.to_frame()
+    assert set(frame["condition"]) == {"ovector", "random", "other_task", "intact"}
+    with pytest.raises(ValueError, match=r"no result\.json"):
+        mp.RelationalResult.load(tmp_path)
+
+
+def test_bad_arguments_name_the_fix(tiny):
+    with pytest.raises(ValueError, match="at most that many"):
+        mp.relational_analysis(tiny, "capitals", shots=9, progress=False)
+    with pytest.raises(ValueError, match="holdout"):
+        mp.relational_analysis(
+            tiny, "capitals", n_items=3, holdout=1.0, ablation=False, progress=False
+        )
+
+
+def test_cli_relation_on_the_tiny_model(tmp_path, capsys):
+    code = cli_main(["relation", "--task", "capitals", "--model", "tiny", "--out",
+                     str(tmp_path / "cli"), "--n-items", "4", "--shots", "1", "--layers", "1-2",
+                     "--n-random", "1", "--no-ablation", "--other-task", "none", "--quiet"])  # fmt: skip
+    assert code == 0
+    data = json.loads((tmp_path / "cli" / "result.json").read_text())
+    assert data["n_items"] == 4 and data["intervention"]["layers"] == [1, 2]
+    assert set(data["controls"]) == {"random", "intact"}
+    assert "o-vector (capitals" in capsys.readouterr().out
+    assert cli_main(["relation", "--task", "nope", "--model", "tiny", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.integration
+def test_smollm2_capitals_analysis(smollm2, tmp_path):
+    from tests.test_scoring import WELL_KNOWN
+
+    task = mp.load_task("capitals")
+    task = task.subset([task.inputs().index(c) for c in WELL_KNOWN[:16]])
+    res = mp.relational_analysis(smollm2, task, ablation=False, n_random=2, progress=False,
+                                 other_task=mp.load_task("past_tense").subset(8))  # fmt: skip
+    data = res.to_json()
+    assert data["accuracy"] >= 0.9 and data["function_layer"] is not None
+    assert data["intervention"]["layers"][0] == data["function_layer"]
+    assert data["intervention"]["n"] == data["controls"]["random"]["n"] > 0
+    assert data["controls"]["other_task"]["n"] == data["intervention"]["n"]
+    assert res.save(tmp_path / "smol").joinpath("result.json").is_file()
