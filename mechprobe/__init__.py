@@ -31,6 +31,7 @@ from mechprobe.models import DEFAULT_MODEL, ModelLoadError, load_model, tiny_mod
 from mechprobe.nullspace import inlp
 from mechprobe.ovector import OVector, extract_ovector, random_ovector
 from mechprobe.ovector_sweep import SweepResult, ovector_sweep
+from mechprobe.patching import PatchMetric, PatchResult, answer_prob, logit_diff, patch
 from mechprobe.probes import LinearProbe, MLPProbe, control_labels
 from mechprobe.projection import (
     Projection,
@@ -66,6 +67,8 @@ __all__: list[str] = [
     "MLPProbe",
     "ModelLoadError",
     "OVector",
+    "PatchMetric",
+    "PatchResult",
     "ProbeResult",
     "ProbingDataset",
     "Project",
@@ -83,6 +86,7 @@ __all__: list[str] = [
     "Trajectory",
     "__version__",
     "analogy",
+    "answer_prob",
     "collect",
     "control_labels",
     "country_dataset",
@@ -100,10 +104,12 @@ __all__: list[str] = [
     "load_labels",
     "load_model",
     "load_task",
+    "logit_diff",
     "logit_lens",
     "offset_accuracy",
     "ovector_intervention",
     "ovector_sweep",
+    "patch",
     "pos_dataset",
     "probe_layers",
     "random_ovector",

@@ -1,0 +1,93 @@
+"""Activation patching: batched cells against TransformerLens's one forward pass per cell."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pandas as pd
+import torch
+from transformer_lens import patching as tl_patching
+
+import mechprobe as mp
+
+SHOTS = (
+    "Q: What is the capital of Japan?\nA: Tokyo\n"
+    "Q: What is the capital of Chile?\nA: Santiago\n"
+    "Q: What is the capital of Kenya?\nA: Nairobi\n"
+)
+CLEAN = SHOTS + "Q: What is the capital of France?\nA:"
+CORRUPT = SHOTS + "Q: What is the capital of Poland?\nA:"
+
+
+ONE_SHOT_CLEAN = "Q: What is the capital of France?\nA:"
+ONE_SHOT_CORRUPT = "Q: What is the capital of Poland?\nA:"
+
+
+def _tl_seconds(ctx: Any, model: Any, clean: str, corrupt: str, n_cells: int) -> tuple[float, Any]:
+    """TransformerLens: clean run_with_cache + get_act_patch_mlp_out over ``n_cells`` layers at
+    the last position (one forward per cell). Returns (seconds, values)."""
+    clean_t, corrupt_t = model.to_tokens(clean), model.to_tokens(corrupt)
+    seq = clean_t.shape[1]
+    paris, warsaw = (
+        model.tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in (" Paris", " Warsaw")
+    )
+    index = pd.DataFrame({"layer": range(n_cells), "pos": [seq - 1] * n_cells})
+
+    def tl_metric(logits: torch.Tensor) -> torch.Tensor:
+        return logits[0, -1, paris] - logits[0, -1, warsaw]
+
+    def sweep() -> torch.Tensor:
+        with torch.no_grad():
+            cache = model.run_with_cache(clean_t)[1]
+            # TL asserts index_axis_names is None whenever an index_df is given.
+            return tl_patching.get_act_patch_mlp_out(
+                model, corrupt_t, cache, tl_metric, index_axis_names=None, index_df=index
+            )
+
+    return ctx.time(sweep, repeat=1), sweep()
+
+
+def run(ctx: Any) -> list[dict[str, Any]]:
+    model = ctx.model
+    n = model.cfg.n_layers
+    metric = mp.logit_diff(" Paris", " Warsaw")
+    seq = model.to_tokens(CLEAN).shape[1]
+
+    def ours() -> mp.PatchResult:
+        return mp.patch(model, CLEAN, CORRUPT, "mlp_out", -1, metric)
+
+    t_tl, theirs = _tl_seconds(ctx, model, CLEAN, CORRUPT, n)
+    t_ours = ctx.time(ours, repeat=5)
+    diff = float((theirs - torch.as_tensor(ours().values[:, 0])).abs().max())
+    rows = [
+        {
+            "benchmark": f"patch mlp_out, {n} layers x last position (France/Poland 3-shot, "
+            f"{seq} tokens)",
+            "ratio": t_tl / t_ours,
+            "baseline": "speed-up: TL (run_with_cache + get_act_patch_mlp_out) time / ours",
+            "target": ">= 10",
+            "detail": f"TL {t_tl:.2f} s, ours {t_ours:.3f} s; max |TL - ours| = {diff:.1e} "
+            f"(logit diffs up to {float(theirs.abs().max()):.1f})",
+        }
+    ]
+    # Every layer x every position of resid_pre (one-shot pair, to stay within minutes).
+    one_seq = model.to_tokens(ONE_SHOT_CLEAN).shape[1]
+    forward = ctx.forward_seconds([ONE_SHOT_CLEAN, ONE_SHOT_CORRUPT])
+    start = time.perf_counter()
+    grid = mp.patch(model, ONE_SHOT_CLEAN, ONE_SHOT_CORRUPT, "resid_pre", "all", metric)
+    t_grid = time.perf_counter() - start
+    t_tl_one, _ = _tl_seconds(ctx, model, ONE_SHOT_CLEAN, ONE_SHOT_CORRUPT, n)
+    tl_grid = t_tl_one / n * grid.values.size  # TL runs one forward per cell
+    rows.append(
+        {
+            "benchmark": f"patch resid_pre, {n} layers x all {one_seq} positions "
+            f"({grid.values.size} cells, one-shot pair)",
+            "ratio": t_grid / forward,
+            "baseline": "plain forward of the pair",
+            "target": f"< TL's ~{tl_grid / forward:.0f} (one forward per cell)",
+            "detail": f"ours {t_grid:.1f} s, forward {forward * 1000:.0f} ms; TL estimated from "
+            f"its {n}-cell sweep ({t_tl_one:.1f} s): {tl_grid:.0f} s, {tl_grid / t_grid:.1f}x ours",
+        }
+    )
+    return rows

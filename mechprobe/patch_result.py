@@ -1,0 +1,160 @@
+"""The result of activation patching: :class:`PatchResult` (values, baselines, frame, heatmap, JSON)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+__all__ = ["PatchResult"]
+
+
+@dataclass(frozen=True)
+class PatchResult:
+    """Metric after patching each cell (site x position), averaged over prompt pairs.
+
+    Attributes:
+        values: ``[sites, positions]`` metric after patching that one cell, mean over pairs.
+        per_pair: ``[pairs, sites, positions]`` the same per prompt pair.
+        normalised: ``[sites, positions]`` recovery ``(values - corrupt) / (clean - corrupt)``
+            computed on the pair means: 0 is the corrupt run's metric, 1 the clean run's (in both
+            directions: with noising, 1 means the patch changed nothing). NaN when the clean and
+            corrupt metrics coincide, where recovery is undefined.
+        clean: ``[pairs]`` the metric on the unpatched clean run.
+        corrupt: ``[pairs]`` the metric on the unpatched corrupt run.
+        sites: Row labels, e.g. ``"mlp_out@3"`` or ``"head@3, head 2"``.
+        kinds, layers, heads: Per row: site kind, layer, head (None except for head sites).
+        positions: The requested positions (negative ones count back from each prompt's last
+            token); ``position_labels`` are pair 0's tokens there (``clean/corrupt`` where they
+            differ).
+        metric: The metric's name. direction: ``"denoising"`` or ``"noising"``.
+    """
+
+    values: np.ndarray
+    per_pair: np.ndarray
+    normalised: np.ndarray
+    clean: np.ndarray
+    corrupt: np.ndarray
+    sites: tuple[str, ...]
+    kinds: tuple[str, ...]
+    layers: tuple[int, ...]
+    heads: tuple[int | None, ...]
+    positions: tuple[int, ...]
+    position_labels: tuple[str, ...]
+    metric: str
+    direction: str
+
+    @property
+    def clean_metric(self) -> float:
+        """The clean run's metric, mean over pairs."""
+        return float(np.mean(self.clean))
+
+    @property
+    def corrupt_metric(self) -> float:
+        """The corrupt run's metric, mean over pairs."""
+        return float(np.mean(self.corrupt))
+
+    @property
+    def kind(self) -> str:
+        """The site kind of every row, or ``"mixed"``."""
+        return self.kinds[0] if len(set(self.kinds)) == 1 else "mixed"
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per cell: site, kind, layer, head, position, token, value, normalised.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> model = mp.tiny_model()
+            >>> res = mp.patch(model, "ab", "ac", "mlp_out", -1, mp.logit_diff(1, 2))
+            >>> list(res.to_frame().columns)[:3]
+            ['site', 'kind', 'layer']
+        """
+        n_sites, n_pos = self.values.shape
+        return pd.DataFrame(
+            {
+                "site": np.repeat(self.sites, n_pos),
+                "kind": np.repeat(self.kinds, n_pos),
+                "layer": np.repeat(self.layers, n_pos),
+                "head": np.repeat(np.array(self.heads, dtype=object), n_pos),
+                "position": np.tile(self.positions, n_sites),
+                "token": np.tile(self.position_labels, n_sites),
+                "value": self.values.ravel(),
+                "normalised": self.normalised.ravel(),
+            }
+        )
+
+    def plot(self, *, normalised: bool = True) -> Figure:
+        """Heatmap of the normalised recovery (or the raw metric) over sites x positions.
+
+        Head sites at a single position are drawn as a layer x head grid. Falls back to the raw
+        metric when normalised recovery is undefined.
+        """
+        use_norm = normalised and not bool(np.isnan(self.normalised).all())
+        data = self.normalised if use_norm else self.values
+        ylabels, xlabels = list(self.sites), list(self.position_labels)
+        if self.kind == "head" and len(self.positions) == 1:
+            layers = sorted(set(self.layers))
+            n_heads = max(h or 0 for h in self.heads) + 1
+            grid = np.full((len(layers), n_heads), np.nan)
+            for value, layer, head in zip(data[:, 0], self.layers, self.heads, strict=True):
+                grid[layers.index(layer), head or 0] = value
+            data, ylabels, xlabels = (
+                grid,
+                [str(layer) for layer in layers],
+                list(map(str, range(n_heads))),
+            )
+        elif len(set(self.kinds)) == 1 and len(set(self.layers)) == len(self.layers):
+            ylabels = [str(layer) for layer in self.layers]
+        fig = Figure(
+            figsize=(max(4.0, 0.35 * len(xlabels) + 2), max(3.0, 0.25 * len(ylabels) + 1.5))
+        )
+        ax = fig.add_subplot()
+        finite = np.abs(data[np.isfinite(data)])
+        lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        image = ax.imshow(data, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set_xticks(range(len(xlabels)), labels=xlabels, rotation=90)
+        ax.set_yticks(range(len(ylabels)), labels=ylabels)
+        ax.set_xlabel("head" if len(xlabels) != len(self.positions) else "position")
+        ax.set_ylabel("layer" if ylabels != list(self.sites) else "site")
+        label = "normalised recovery" if use_norm else self.metric
+        fig.colorbar(image, ax=ax, label=label)
+        ax.set_title(f"{self.direction} patching of {self.kind}: {self.metric}")
+        fig.tight_layout()
+        return fig
+
+    def save(self, path: str | Path) -> None:
+        """Write the result as JSON (arrays as flat lists with their shape, NaN as null).
+
+        Example:
+            >>> import mechprobe as mp, tempfile, os
+            >>> res = mp.patch(mp.tiny_model(), "ab", "ac", "mlp_out", -1, mp.logit_diff(1, 2))
+            >>> path = os.path.join(tempfile.mkdtemp(), "patch.json")
+            >>> res.save(path)
+            >>> bool((mp.PatchResult.load(path).values == res.values).all())
+            True
+        """
+        data = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                value = [None if np.isnan(v) else float(v) for v in value.ravel()], value.shape
+            data[f.name] = value
+        Path(path).write_text(json.dumps(data))
+
+    @classmethod
+    def load(cls, path: str | Path) -> PatchResult:
+        """Read a result written by :meth:`save`."""
+        data: dict[str, Any] = json.loads(Path(path).read_text())
+        kwargs: dict[str, Any] = {}
+        for k, v in data.items():
+            if k in {"values", "per_pair", "normalised", "clean", "corrupt"}:
+                flat, shape = v
+                kwargs[k] = np.array(flat, dtype=float).reshape(shape)
+            else:
+                kwargs[k] = tuple(v) if isinstance(v, list) else v
+        return cls(**kwargs)

@@ -1,0 +1,312 @@
+"""Batched activation patching against one-cell-at-a-time hooks and TransformerLens's own patching."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib.figure import Figure
+from transformer_lens import patching as tl_patching
+
+import mechprobe as mp
+from mechprobe.patching import _packing_works
+from tests.conftest import hook_count
+
+# Byte-level tiny tokenizer: these differ in exactly one token (c/b), at position 3 (BOS first).
+CLEAN, CORRUPT = "A cat", "A bat"
+DIFF_POS = 3
+ANS, WRONG = 100, 101  # two arbitrary token ids: the metric is their logit difference
+METRIC = mp.logit_diff(ANS, WRONG)
+
+
+def _metric(logits: torch.Tensor) -> torch.Tensor:
+    return logits[:, -1, ANS] - logits[:, -1, WRONG]
+
+
+def _site_list(model, kind):
+    n = model.cfg.n_layers
+    if kind == "head":
+        return [
+            mp.Site("head", layer, head=h) for layer in range(n) for h in range(model.cfg.n_heads)
+        ]
+    return [mp.Site(kind, layer) for layer in range(n)]
+
+
+def _by_hand(model, run_tokens, source_tokens, sites, pairs, metric=_metric):
+    """One forward per cell with a plain TransformerLens hook (model.run_with_hooks).
+
+    ``pairs`` is a list of (source position, patched position) per result column.
+    """
+    with torch.no_grad():
+        _, cache = model.run_with_cache(source_tokens)
+        out = torch.zeros(len(sites), len(pairs))
+        for r, site in enumerate(sites):
+            for c, (ps, pb) in enumerate(pairs):
+
+                def hook(act, hook, site=site, ps=ps, pb=pb):
+                    act = act.clone()
+                    src = cache[site.hook_name]
+                    if site.head is None:
+                        act[:, pb] = src[:, ps]
+                    else:
+                        act[:, pb, site.head] = src[:, ps, site.head]
+                    return act
+
+                logits = model.run_with_hooks(run_tokens, fwd_hooks=[(site.hook_name, hook)])
+                out[r, c] = metric(logits)[0]
+    return out.numpy()
+
+
+@functools.lru_cache
+def _reference(model, kind):
+    """One-cell-at-a-time denoising values for CLEAN/CORRUPT (heads: two positions only)."""
+    seq = model.to_tokens(CLEAN).shape[1]
+    positions = [DIFF_POS, -1] if kind == "head" else list(range(seq))
+    cols = [(p % seq, p % seq) for p in positions]
+    clean, corrupt = model.to_tokens(CLEAN), model.to_tokens(CORRUPT)
+    return positions, _by_hand(model, corrupt, clean, _site_list(model, kind), cols)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize(
+    "kind", ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head"]
+)
+def test_batched_equals_one_cell_at_a_time(tiny, kind, packed):
+    positions, expected = _reference(tiny, kind)
+    spec = "all" if kind != "head" else positions
+    res = mp.patch(tiny, CLEAN, CORRUPT, kind, spec, METRIC, packed=packed, cells_per_batch=10)
+    assert res.values.shape == expected.shape
+    assert np.abs(expected).max() > 0.05  # the comparison is not between zeros
+    np.testing.assert_allclose(res.values, expected, atol=1e-5)
+    assert res.positions == tuple(positions)
+
+
+def test_noising_runs_clean_and_writes_corrupt(tiny):
+    res = mp.patch(tiny, CLEAN, CORRUPT, "mlp_out", [2, -1], METRIC, direction="noising")
+    seq = tiny.to_tokens(CLEAN).shape[1]
+    expected = _by_hand(
+        tiny,
+        tiny.to_tokens(CLEAN),
+        tiny.to_tokens(CORRUPT),
+        _site_list(tiny, "mlp_out"),
+        [(2, 2), (seq - 1, seq - 1)],
+    )
+    np.testing.assert_allclose(res.values, expected, atol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(res.clean, _metric(tiny(tiny.to_tokens(CLEAN))), atol=1e-5)
+        np.testing.assert_allclose(res.corrupt, _metric(tiny(tiny.to_tokens(CORRUPT))), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        ("mlp_out", tl_patching.get_act_patch_mlp_out),
+        ("resid_pre", tl_patching.get_act_patch_resid_pre),
+    ],
+)
+def test_equals_transformerlens_patching(tiny, ours, theirs):
+    clean, corrupt = tiny.to_tokens(CLEAN), tiny.to_tokens(CORRUPT)
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(clean)
+
+        def metric(logits):
+            return _metric(logits)[0]
+
+        grid = theirs(tiny, corrupt, cache, metric)  # every layer x position
+        seq = clean.shape[1]
+        index = pd.DataFrame(
+            {"layer": range(tiny.cfg.n_layers), "pos": [seq - 1] * tiny.cfg.n_layers}
+        )
+        # TL asserts index_axis_names is None whenever an index_df is passed.
+        last = theirs(tiny, corrupt, cache, metric, index_axis_names=None, index_df=index)
+    np.testing.assert_allclose(
+        mp.patch(tiny, clean, corrupt, ours, "all", METRIC).values, grid, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        mp.patch(tiny, clean, corrupt, ours, -1, METRIC).values[:, 0], last, atol=1e-4
+    )
+
+
+def test_clean_into_clean_changes_nothing(tiny):
+    with pytest.warns(UserWarning, match="normalised recovery is undefined"):
+        res = mp.patch(tiny, CLEAN, CLEAN, "resid_pre", "all", METRIC)
+    with torch.no_grad():
+        clean = float(_metric(tiny(tiny.to_tokens(CLEAN)))[0])
+    np.testing.assert_allclose(res.values, clean, atol=1e-5)
+    np.testing.assert_allclose(res.clean, res.corrupt, atol=1e-5)
+    assert np.isnan(res.normalised).all()
+    assert isinstance(res.plot(), Figure)  # falls back to the raw metric
+
+
+def test_exact_recovery_invariants(tiny):
+    # The prompts differ only at DIFF_POS: writing the clean residual there at layer 0 makes the
+    # whole input clean; at any other position it writes what is already there.
+    res = mp.patch(tiny, CLEAN, CORRUPT, mp.Site("resid_pre", 0), "all", METRIC)
+    others = [p for p in range(len(res.positions)) if p != DIFF_POS]
+    np.testing.assert_allclose(res.values[0, DIFF_POS], res.clean_metric, atol=1e-5)
+    np.testing.assert_allclose(res.normalised[0, DIFF_POS], 1.0, atol=1e-4)
+    np.testing.assert_allclose(res.values[0, others], res.corrupt_metric, atol=1e-5)
+    # The last block's output at the last position is all the logits there depend on.
+    last = mp.patch(tiny, CLEAN, CORRUPT, mp.Site("resid_post", -1), -1, METRIC)
+    np.testing.assert_allclose(last.normalised, 1.0, atol=1e-4)
+    assert "c/b" in res.position_labels[DIFF_POS]
+
+
+def test_several_pairs_average_and_keep_each(tiny):
+    clean, corrupt = [CLEAN, "A dog"], [CORRUPT, "A fog"]
+    metric = mp.logit_diff([ANS, 102], [WRONG, 103])
+    both = mp.patch(tiny, clean, corrupt, "attn_out", [-1, -3], metric, cells_per_batch=4)
+    for i in range(2):
+        one = mp.patch(
+            tiny,
+            clean[i],
+            corrupt[i],
+            "attn_out",
+            [-1, -3],
+            mp.logit_diff(metric.answer[i], metric.wrong[i]),
+        )
+        np.testing.assert_allclose(both.per_pair[i], one.values, atol=1e-5)
+        np.testing.assert_allclose(both.clean[i], one.clean[0], atol=1e-5)
+    np.testing.assert_allclose(both.values, both.per_pair.mean(0))
+    expected = (both.values - both.corrupt.mean()) / (both.clean.mean() - both.corrupt.mean())
+    np.testing.assert_allclose(both.normalised, expected)
+
+
+def test_different_lengths_with_positions_from_the_end(tiny):
+    clean, corrupt = "A cat", "A big bat"
+    res = mp.patch(tiny, clean, corrupt, "mlp_out", [-1, -2, 1], METRIC)
+    cs, xs = tiny.to_tokens(clean).shape[1], tiny.to_tokens(corrupt).shape[1]
+    pairs = [(cs - 1, xs - 1), (cs - 2, xs - 2), (1, 1)]
+    expected = _by_hand(
+        tiny, tiny.to_tokens(corrupt), tiny.to_tokens(clean), _site_list(tiny, "mlp_out"), pairs
+    )
+    np.testing.assert_allclose(res.values, expected, atol=1e-5)
+    with pytest.raises(ValueError, match=r"same token length.*positions=\[-3, -2, -1\]"):
+        mp.patch(tiny, clean, corrupt, "mlp_out", "all", METRIC)
+    with pytest.raises(ValueError, match="outside pair 0"):
+        mp.patch(tiny, clean, corrupt, "mlp_out", [30], METRIC)
+
+
+def test_chunking_and_packing_do_not_change_results(tiny):
+    runs = [
+        mp.patch(tiny, CLEAN, CORRUPT, "head", [1, -1], METRIC, cells_per_batch=n, packed=packed)
+        for n, packed in [(1, True), (7, True), (1000, True), (5, False)]
+    ]
+    for other in runs[1:]:
+        np.testing.assert_allclose(other.values, runs[0].values, atol=1e-5)
+    assert _packing_works(tiny)
+
+
+def test_tokens_and_callable_metrics(tiny):
+    tokens = torch.cat([tiny.to_tokens(CLEAN), tiny.to_tokens(CORRUPT)])
+    ref = mp.patch(tiny, CLEAN, CORRUPT, "mlp_out", -1, METRIC)
+    by_ids = mp.patch(
+        tiny, tokens[0], tokens[1], "mlp_out", -1, lambda lg: lg[:, ANS] - lg[:, WRONG]
+    )
+    with_pair = mp.patch(
+        tiny,
+        tokens[:1],
+        tokens[1:],
+        "mlp_out",
+        -1,
+        lambda lg, pair: lg[:, ANS] - lg[:, WRONG] + pair,
+    )
+    np.testing.assert_allclose(by_ids.values, ref.values, atol=1e-6)
+    np.testing.assert_allclose(with_pair.values, ref.values, atol=1e-6)
+    prob = mp.patch(tiny, CLEAN, CORRUPT, "mlp_out", -1, mp.answer_prob(ANS))
+    with torch.no_grad():
+        expected = tiny(tiny.to_tokens(CLEAN))[0, -1].softmax(-1)[ANS]
+    np.testing.assert_allclose(prob.clean, [float(expected)], rtol=1e-5)
+    assert ((prob.values > 0) & (prob.values < 1)).all()
+
+
+def test_no_hooks_left_after_an_exception_in_the_metric(tiny):
+    before = hook_count(tiny)
+
+    def bad(logits):
+        raise RuntimeError("metric failed")
+
+    with pytest.raises(RuntimeError, match="metric failed"):
+        mp.patch(tiny, CLEAN, CORRUPT, "resid_pre", "all", bad)
+    with pytest.raises(ValueError, match="one value per row"):
+        mp.patch(tiny, CLEAN, CORRUPT, "resid_pre", "all", lambda lg: lg.sum())
+    assert hook_count(tiny) == before
+    with torch.no_grad():
+        assert torch.equal(tiny(tiny.to_tokens(CLEAN)), tiny(tiny.to_tokens(CLEAN)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"metric": mp.logit_diff("cat", "dog")}, "single-token answer"),
+        ({"metric": mp.logit_diff([1, 2, 3], 4)}, "3 entries for 1 prompt pairs"),
+        ({"sites": "blocks.0.attn.hook_q"}, "not a patchable site"),
+        ({"sites": [mp.Site("mlp_out", 0, positions=-1)]}, "pass positions= to patch"),
+        ({"sites": "mlp_out", "positions": "last"}, "same token length|'all'"),
+        ({"cells_per_batch": 0}, "positive int"),
+        ({"direction": "forward"}, "denoising"),
+        ({"corrupt": [CORRUPT, CORRUPT]}, "one corrupt prompt per clean"),
+        ({"metric": "logit_diff"}, "must be logit_diff"),
+    ],
+)
+def test_bad_input_fails_before_running(tiny, kwargs, message):
+    args = {"sites": "mlp_out", "positions": -1, "metric": METRIC, "corrupt": CORRUPT} | kwargs
+    with pytest.raises((ValueError, TypeError), match=message):
+        mp.patch(tiny, CLEAN, **args)
+
+
+def test_result_frame_plot_and_json(tiny, tmp_path):
+    res = mp.patch(tiny, CLEAN, CORRUPT, "head", -1, METRIC)
+    frame = res.to_frame()
+    assert list(frame.columns) == [
+        "site",
+        "kind",
+        "layer",
+        "head",
+        "position",
+        "token",
+        "value",
+        "normalised",
+    ]
+    assert len(frame) == res.values.size == 12
+    np.testing.assert_allclose(frame["value"], res.values.ravel())
+    assert frame.loc[5, "layer"] == 1 and frame.loc[5, "head"] == 1
+    fig = res.plot()
+    assert isinstance(fig, Figure) and fig.axes[0].get_ylabel() == "layer"
+    res.save(tmp_path / "patch.json")
+    back = mp.PatchResult.load(tmp_path / "patch.json")
+    assert back.sites == res.sites and back.heads == res.heads and back.kind == "head"
+    np.testing.assert_array_equal(back.per_pair, res.per_pair)
+    np.testing.assert_array_equal(back.normalised, res.normalised)
+    grid = mp.patch(tiny, CLEAN, CORRUPT, "resid_pre", "all", METRIC)
+    assert isinstance(grid.plot(), Figure)
+    with pytest.warns(UserWarning):
+        same = mp.patch(tiny, CLEAN, CLEAN, "mlp_out", -1, METRIC)
+    same.save(tmp_path / "nan.json")  # NaN normalised survives the round trip
+    assert np.isnan(mp.PatchResult.load(tmp_path / "nan.json").normalised).all()
+
+
+@pytest.mark.integration
+def test_smollm2_capitals_batched_equals_one_cell_at_a_time(smollm2):
+    clean = "Q: What is the capital of France?\nA:"
+    corrupt = "Q: What is the capital of Poland?\nA:"
+    paris, warsaw = (
+        smollm2.tokenizer(a, add_special_tokens=False)["input_ids"][0]
+        for a in [" Paris", " Warsaw"]
+    )
+    res = mp.patch(smollm2, clean, corrupt, "mlp_out", -1, mp.logit_diff(" Paris", " Warsaw"))
+    seq = smollm2.to_tokens(clean).shape[1]
+    expected = _by_hand(
+        smollm2,
+        smollm2.to_tokens(corrupt),
+        smollm2.to_tokens(clean),
+        _site_list(smollm2, "mlp_out"),
+        [(seq - 1, seq - 1)],
+        metric=lambda lg: lg[:, -1, paris] - lg[:, -1, warsaw],
+    )
+    assert res.values.shape == (30, 1)
+    np.testing.assert_allclose(res.values, expected, atol=1e-4)
+    assert res.clean_metric > 0 > res.corrupt_metric  # Paris wins on France, Warsaw on Poland
