@@ -1,11 +1,12 @@
 """Scalar-mix probes (Peters et al. 2018; Tenney et al. 2019): which layers does a probe draw on?
 
 The probe reads ``h = γ Σ_l softmax(w)_l h⁽ˡ⁾`` (AllenNLP's ``ScalarMix``: ``w`` starts at zeros,
-i.e. a uniform mix, and ``γ`` at 1) through a linear softmax classifier; ``w``, ``γ`` and the
-classifier are fitted jointly by full-batch L-BFGS on mean cross-entropy + ``l2/2 · ||γ W||²``.
-The penalty is on the effective weights ``γ W`` so that γ cannot shrink it: with a linear
-classifier γ only splits a scale with ``W``, so it is reported for parity with AllenNLP while
-``softmax(w)`` (normalised, summing to 1) is what to read. Layers are standardised per layer first.
+i.e. a uniform mix) through a linear softmax classifier ``h W + b``; ``w`` and the classifier are
+fitted jointly by full-batch L-BFGS on mean cross-entropy + ``l2/2 · ||γ W||²``. With a linear
+classifier on top only the product ``γ W`` is identifiable (``(cγ, W/c)`` fits identically, so a
+penalty on ``W`` alone would send γ to infinity): the product is fitted, with γ starting at 1 as
+in AllenNLP, and reported split as ``γ = ||γ W||_F`` and a unit-norm ``W``. ``softmax(w)``
+(normalised, summing to 1) is what to read. Layers are standardised per layer first.
 
 ``cumulative_scores`` is Tenney et al.'s cumulative scoring: the held-out score of mixes of layers
 ``0..l`` for every ``l``, their differences Δ⁽ˡ⁾ (not clipped at zero) and the expected layer
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +28,13 @@ import torch
 from jaxtyping import Float
 from matplotlib.figure import Figure
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._lbfgs import batched_lbfgs
-from ._logistic import _PRECONDITIONER_ROWS
+from ._logistic import _PRECONDITIONER_ROWS, _preconditioner
 from ._probe_data import as_layers, encode_labels, splits, standardised
 from .probes import _check_known_labels, _encode_targets, _softmax
 
@@ -49,9 +52,10 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
 
     Attributes:
         layer_weights_: ``[layers]`` softmax mixing weights (sum to 1).
-        gamma_: the learned scale γ.
+        gamma_: the scale γ, reported as ``||γ W||_F`` (only the product is identifiable).
         expected_layer_: centre of gravity ``Σ_l l · layer_weights_[l]``.
-        coef_: ``[K, d]`` classifier on the mixed (standardised) features; ``intercept_``: ``[K]``.
+        coef_: ``[K, d]`` unit-norm classifier on the mixed (standardised) features; ``intercept_``:
+            ``[K]``. Scores are ``gamma_ · mix @ coef_.T + intercept_``.
         classes_, n_layers_in_, n_features_in_ (``d``), n_iter_, mean_, scale_ (``[layers, d]``).
 
     Example:
@@ -304,16 +308,32 @@ def _fit_mix(
     if not l2 > 0:
         raise ValueError(f"l2 must be > 0, got {l2}.")
     objective = _MixObjective(X, y, n_classes, masks, l2)
-    n_layers = X.shape[0]
-    theta = torch.zeros(masks.shape[0], objective.size, dtype=torch.float64)
-    theta[:, n_layers] = 1.0  # γ starts at 1, w at 0 (uniform mix)
+    theta = torch.zeros(masks.shape[0], objective.size, dtype=torch.float64)  # w = 0: uniform
     eps = 10 * torch.finfo(X.dtype).eps
-    theta, n_iter, _ = batched_lbfgs(
-        objective, theta, max_iter=max_iter, tol=tol, first_step=1.0, eps=eps
+    theta, n_iter, finished = batched_lbfgs(
+        objective,
+        theta,
+        max_iter=max_iter,
+        tol=tol,
+        first_step=1.0,
+        eps=eps,
+        refresh=objective.refresh,
+        refresh_at=(15, 50),
     )
-    w, gamma, W, b = objective.unpack(theta, torch.arange(len(theta)))
+    if not bool(finished.all()):
+        warnings.warn(
+            f"scalar mix: {int((~finished).sum())} of {len(finished)} fits did not reach "
+            f"tol={tol} in max_iter={max_iter} iterations; increase max_iter or l2.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    w, effective, b = objective.unpack(theta, torch.arange(len(theta)))
     weights = torch.softmax(w.masked_fill(~masks, -torch.inf), -1)
-    return _MixFit(weights=weights, gamma=gamma, W=W, b=b, n_iter=n_iter)
+    # Only γW is identifiable: report it as γ = ||γW||_F times a unit-norm W.
+    gamma = torch.linalg.matrix_norm(effective).clamp_min(1e-30)
+    return _MixFit(
+        weights=weights, gamma=gamma, W=effective / gamma[:, None, None], b=b, n_iter=n_iter
+    )
 
 
 class _MixObjective:
@@ -322,31 +342,44 @@ class _MixObjective:
     def __init__(self, X: Tensor, y: Tensor, n_classes: int, masks: Tensor, l2: float) -> None:
         self.X, self.y, self.k, self.masks, self.l2 = X, y, n_classes, masks, l2
         n_layers, n, d = X.shape
-        self.size = n_layers + 1 + d * n_classes + n_classes
-        rows = X[:, :: max(1, n // _PRECONDITIONER_ROWS)]
+        self.size = n_layers + d * n_classes + n_classes
+        self.rows = X[:, :: max(1, n // _PRECONDITIONER_ROWS)]  # strided view for curvature
         uniform = (masks / masks.sum(1, keepdim=True)).to(X.dtype)
-        eye = torch.eye(d, dtype=torch.float64)
-        chols = []
-        for u in uniform:  # covariance of each problem's starting (uniform) mix
-            mixed = _scalar_mix(rows, u[None])[0].double()
-            mixed -= mixed.mean(0)
-            chols.append(torch.linalg.cholesky(0.25 * mixed.T @ mixed / len(mixed) + l2 * eye))
-        self.chol = torch.stack(chols)
+        self.chol = self._factor(uniform, None)
 
-    def unpack(self, theta: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(w [b, L], γ [b], W [b, d, K], bias [b, K])``."""
+    def _factor(self, weights: Tensor, curvature: Tensor | None) -> Tensor:
+        """Cholesky factors of ``E[c (m - m̄)(m - m̄)ᵀ] + l2 I`` for mixes ``m`` of the rows."""
+        mixed = _scalar_mix(self.rows, weights)
+        if curvature is None:  # softmax curvature at uniform predictions
+            curvature = torch.full(mixed.shape[:2], (self.k - 1) / self.k**2, dtype=mixed.dtype)
+        return _preconditioner(mixed, mixed.mean(1, dtype=torch.float64), curvature, self.l2)
+
+    def refresh(self, theta: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Re-fit the preconditioners to the current mixes and predictions (L-BFGS restarts)."""
+        w, U, bias = self.unpack(theta, idx)
+        weights = torch.softmax(w.masked_fill(~self.masks[idx], -torch.inf), -1).to(self.X.dtype)
+        mixed = _scalar_mix(self.rows, weights)
+        p = torch.softmax(
+            torch.baddbmm(bias.to(mixed.dtype)[:, None], mixed, U.to(mixed.dtype)), -1
+        )
+        self.chol[idx] = self._factor(weights, (p * (1 - p)).mean(-1))
+        theta = theta.clone()
         n_layers, _, d = self.X.shape
-        w, gamma = theta[:, :n_layers], theta[:, n_layers]
-        V = theta[:, n_layers + 1 : n_layers + 1 + d * self.k].reshape(-1, d, self.k)
-        W = torch.linalg.solve_triangular(self.chol[idx].mT, V, upper=True)
-        return w, gamma, W, theta[:, n_layers + 1 + d * self.k :]
+        theta[:, n_layers : n_layers + d * self.k] = (self.chol[idx].mT @ U).flatten(1)
+        return theta, torch.ones(len(idx), dtype=torch.bool)
+
+    def unpack(self, theta: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(w [b, L], γW [b, d, K], bias [b, K])``."""
+        n_layers, _, d = self.X.shape
+        V = theta[:, n_layers : n_layers + d * self.k].reshape(-1, d, self.k)
+        U = torch.linalg.solve_triangular(self.chol[idx].mT, V, upper=True)
+        return theta[:, :n_layers], U, theta[:, n_layers + d * self.k :]
 
     def __call__(self, theta: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         theta = theta.detach().requires_grad_(True)
-        w, gamma, W, bias = self.unpack(theta, idx)
+        w, effective, bias = self.unpack(theta, idx)
         weights = torch.softmax(w.masked_fill(~self.masks[idx], -torch.inf), -1)
         mixed = _scalar_mix(self.X, weights.to(self.X.dtype))
-        effective = gamma[:, None, None] * W
         # Narrow right factors multiply faster stored as [K, d] rows (see _logistic).
         rows = effective.mT.to(self.X.dtype).contiguous()
         logits = torch.baddbmm(bias.to(self.X.dtype)[:, None], mixed, rows.mT)

@@ -274,6 +274,8 @@ def test_scalar_mix_probe_expected_layer_is_the_informative_layer(layer: int) ->
     assert probe.layer_weights_[layer] > 0.95
     assert probe.expected_layer_ == pytest.approx(layer, abs=0.2)
     assert probe.score(X, y) > 0.95 and probe.predict_proba(X).shape == (600, 3)
+    # only γW is identifiable: reported as a unit-norm W times γ = ||γW||
+    assert np.linalg.norm(probe.coef_) == pytest.approx(1.0) and probe.gamma_ > 0
 
 
 def test_scalar_mix_probe_averages_two_noisy_copies_of_the_signal() -> None:
