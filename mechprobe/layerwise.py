@@ -22,9 +22,9 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from ._logistic import fit_logistic
-from ._probe_data import as_layers, encode_labels, splits, standardised
+from ._probe_data import as_layers, encode_labels, jsonable, splits, standardised
 from .probes import _fit_mlp, control_labels
-from .scalar_mix import _fit_mix, _jsonable
+from .scalar_mix import _fit_mix
 
 _FORMAT = "mechprobe.ProbeResult/1"
 _ARRAYS = ("layers", "accuracy", "control_accuracy", "selectivity", "mix_weights")
@@ -103,7 +103,7 @@ class ProbeResult:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the result as JSON (NaN stored as null)."""
-        data = {key: _jsonable(value) for key, value in asdict(self).items()}
+        data = {key: jsonable(value) for key, value in asdict(self).items()}
         out = Path(path)
         out.write_text(json.dumps({"format": _FORMAT, **data}, indent=1))
         return out

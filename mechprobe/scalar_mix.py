@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ._lbfgs import batched_lbfgs
 from ._logistic import _PRECONDITIONER_ROWS, _preconditioner
-from ._probe_data import as_layers, encode_labels, splits, standardised
+from ._probe_data import as_layers, encode_labels, jsonable, splits, standardised
 from .probes import _check_known_labels, _encode_targets, _softmax
 
 _MIX_BUDGET = 2**27  # floats of mixed features held at once (512 MB in float32)
@@ -169,7 +169,7 @@ class CumulativeScores:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write JSON (NaN as null)."""
-        data = {k: _jsonable(v) for k, v in asdict(self).items()}
+        data = {k: jsonable(v) for k, v in asdict(self).items()}
         out = Path(path)
         out.write_text(json.dumps({"format": "mechprobe.CumulativeScores/1", **data}))
         return out
@@ -390,13 +390,3 @@ class _MixObjective:
         loss = nll.view(len(idx), -1).double().mean(1) + penalty
         (grad,) = torch.autograd.grad(loss.sum(), theta)
         return loss.detach(), grad, grad.abs().amax(1)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return [_jsonable(v) for v in value.tolist()] if value.ndim else _jsonable(value.item())
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
