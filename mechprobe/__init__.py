@@ -13,9 +13,12 @@ Example:
 from __future__ import annotations
 
 from mechprobe.activations import Activations, collect
+from mechprobe.amnesic import amnesic, control_projections
+from mechprobe.amnesic_result import AmnesicMeasure, AmnesicResult
 from mechprobe.analogy import AnalogyResult, analogy, offset_accuracy
 from mechprobe.batching import Batch, tokenize, tokenize_with_targets
 from mechprobe.datasets import ProbingDataset, pos_dataset
+from mechprobe.erasure_sweep import ErasureSweep, fit_erasure, layer_sweep
 from mechprobe.ffn_ablation import AblationResult, ffn_ablation
 from mechprobe.ffn_intervention import (
     InterventionResult,
@@ -56,10 +59,13 @@ __all__: list[str] = [
     "AblationResult",
     "Activations",
     "Add",
+    "AmnesicMeasure",
+    "AmnesicResult",
     "AnalogyResult",
     "Batch",
     "Capture",
     "CumulativeScores",
+    "ErasureSweep",
     "Intervention",
     "InterventionResult",
     "LensResult",
@@ -85,20 +91,24 @@ __all__: list[str] = [
     "TaskScore",
     "Trajectory",
     "__version__",
+    "amnesic",
     "analogy",
     "answer_prob",
     "collect",
     "control_labels",
+    "control_projections",
     "country_dataset",
     "cumulative_scores",
     "dropout_projection",
     "extract_ovector",
     "ffn_ablation",
     "ffn_attribution",
+    "fit_erasure",
     "identity_projection",
     "inlp",
     "intervene",
     "intervention_contexts",
+    "layer_sweep",
     "leace",
     "list_tasks",
     "load_labels",

@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Sequence
 
 # One entry per subcommand module in this package.
-_COMMANDS: tuple[str, ...] = ("lens", "probe", "relation")
+_COMMANDS: tuple[str, ...] = ("erase", "lens", "probe", "relation")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,0 +1,59 @@
+"""Amnesic probing: what the erasure hook adds to a forward pass (target: at most 5%)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import torch
+
+import mechprobe as mp
+
+PROMPTS = [
+    f"Q: What is the capital of {c}?\nA:" for c in ["France", "Poland", "Japan", "Chile"]
+] * 8
+LAYER = 20
+
+
+def run(ctx: Any) -> list[dict[str, Any]]:
+    model = ctx.model
+    batch = mp.tokenize(model, PROMPTS)
+    d = int(model.cfg.d_model)
+    site = mp.Site("resid_post", LAYER)
+
+    def plain() -> None:
+        with torch.no_grad():
+            model(batch.tokens, attention_mask=batch.attention_mask)
+
+    # Ranks like the country-identity erasures in docs/amnesic.md: INLP removes a few hundred
+    # directions (orthogonal), LEACE at most classes - 1 (affine, oblique).
+    x = torch.randn(600, d)
+    labels = torch.arange(600) % 20
+    erasures = {
+        "INLP-like, rank 290": mp.random_projection(d, 290, seed=0),
+        "LEACE, rank 19": mp.leace(x + 3 * torch.nn.functional.one_hot(labels, d).float(), labels),
+    }
+    rows = []
+    for label, projection in erasures.items():
+
+        def hooked(p: mp.Projection = projection) -> None:
+            with torch.no_grad(), mp.intervene(model, {site: mp.Project(p)}, batch=batch):
+                model(batch.tokens, attention_mask=batch.attention_mask)
+
+        # Interleaved, so drift on a shared machine hits both sides alike.
+        base, with_hook = [], []
+        for _ in range(3):
+            base.append(ctx.time(plain, repeat=3))
+            with_hook.append(ctx.time(hooked, repeat=3))
+        forward, erased = statistics.median(base), statistics.median(with_hook)
+        rows.append(
+            {
+                "benchmark": f"forward with the amnesic hook at layer {LAYER}, all positions "
+                f"({label}; 32 prompts)",
+                "ratio": erased / forward,
+                "baseline": "plain forward",
+                "target": "<= 1.05",
+                "detail": f"plain {forward:.3f} s, hooked {erased:.3f} s",
+            }
+        )
+    return rows

@@ -1,0 +1,227 @@
+"""``mechprobe erase``: learn a concept erasure at a site, hook it into the model, measure the loss.
+
+Example::
+
+    mechprobe erase --dataset country --site blocks.20.hook_resid_post --method inlp --out erase20
+    mechprobe erase --dataset country --site 'blocks.{l}.hook_resid_post' --layers 15,20,23 \\
+        --method leace --out sweep
+
+The dataset is split once (stratified by label): the projection is fitted on one part, and the
+probes that measure what information is left are trained and scored on the other. Writes, per
+erased site, ``projection.safetensors``, ``result.json`` and ``amnesic.png``; a sweep over
+``--layers`` also writes ``sweep.json`` and ``sweep.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+_HELP = """\
+Fit INLP or LEACE on the dataset's activations at --site, apply the projection as a hook (at the
+last token by default, where the dataset is read), and measure what the model loses: next-token
+accuracy, loss and KL on English text, task accuracy on the relational task, and probe accuracy
+after erasure, each beside random projections of the same rank.
+
+Datasets: country (which country a capitals prompt asks about; evaluated on the capitals task for
+the same countries), is_capital, number (templated subject number), or a label file (JSON, JSONL or
+CSV, see mechprobe.load_labels).
+"""
+
+
+def _positions(text: str) -> Any:
+    if text == "all":
+        return None
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"positions must be 'all', an int or comma-separated ints (e.g. -1), not {text!r}"
+        ) from None
+    return values[0] if len(values) == 1 else values
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"layers must be comma-separated ints (e.g. 15,20,23), not {text!r}"
+        ) from None
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``mechprobe erase`` on the subparsers ``sub``."""
+    parser = sub.add_parser(
+        "erase",
+        help="amnesic probing: erase a concept inside the model and measure the loss",
+        description=_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--dataset", default="country", help="country, is_capital, number or a file"
+    )
+    parser.add_argument(
+        "--site",
+        required=True,
+        help="hook name to erase at, e.g. blocks.20.hook_resid_post; with {l} and --layers, "
+        "one erasure per layer",
+    )
+    parser.add_argument("--layers", type=_layers, help="layers for a site with {l}, e.g. 15,20,23")
+    parser.add_argument("--method", choices=("inlp", "leace"), default="inlp")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--positions", type=_positions, default=-1, help="'all' or ints (default -1)"
+    )
+    parser.add_argument("--task", help="relational task to score (default: capitals for country)")
+    parser.add_argument("--shots", type=int, default=3, help="task demonstrations (default 3)")
+    parser.add_argument("--n-countries", type=int, default=20, help="country datasets (default 20)")
+    parser.add_argument("--n-texts", type=int, default=24, help="English sentences for LM measures")
+    parser.add_argument("--n-random", type=int, default=3, help="random controls (default 3)")
+    parser.add_argument("--iterations", type=int, default=20, help="INLP iterations at most")
+    parser.add_argument("--no-mlp", action="store_true", help="skip the MLP probe")
+    parser.add_argument("--model", default="smollm2-135m", help="model name, or 'tiny' to test")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.set_defaults(func=main)
+
+
+def _dataset(name: str, n_countries: int, seed: int) -> Any:
+    import mechprobe as mp
+    from mechprobe.templated import country_dataset, templated_dataset
+
+    if name == "country":
+        return country_dataset(n_countries=n_countries, shots=(0, 1, 3), seed=seed)
+    if name == "is_capital":
+        return country_dataset(target="is_capital", n_countries=n_countries, seed=seed)
+    if name == "number":
+        return templated_dataset("number", n=300, seed=seed)
+    if Path(name).is_file():
+        return mp.load_labels(name)
+    raise ValueError(
+        f"Unknown dataset {name!r}: use country, is_capital, number or a label file path."
+    )
+
+
+def _task(args: argparse.Namespace) -> Any:
+    import mechprobe as mp
+
+    name = args.task or ("capitals" if args.dataset in ("country", "is_capital") else None)
+    if name is None:
+        return None
+    task = mp.load_task(name).with_shots(args.shots)
+    if args.dataset == "country" and name == "capitals":
+        # The same countries the erasure was fitted on (country_dataset draws them this way).
+        return task.subset(args.n_countries, seed=args.seed)
+    return task.subset(min(len(task), 40), seed=args.seed)
+
+
+def _split(data: Any, seed: int) -> tuple[Any, Any]:
+    """Stratified 2/3 (fit the erasure) and 1/3 (probe what is left) of a text-level dataset."""
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(data))
+    fit, held = train_test_split(
+        idx, test_size=1 / 3, random_state=seed, stratify=list(data.labels)
+    )
+    return data.subset(sorted(fit.tolist())), data.subset(sorted(held.tolist()))
+
+
+def run_erase(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Everything ``mechprobe erase`` does; returns the result records written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import mechprobe as mp
+    from mechprobe.amnesic import amnesic
+    from mechprobe.erasure_sweep import ErasureSweep, fit_erasure
+
+    sites = [args.site]
+    if "{l}" in args.site:
+        if not args.layers:
+            raise ValueError("--site holds {l}: pass the layers with --layers, e.g. 15,20,23.")
+        sites = [args.site.format(l=layer) for layer in args.layers]
+    data = _dataset(args.dataset, args.n_countries, args.seed)
+    if data.level != "text":
+        raise ValueError(
+            f"Dataset {data.name!r} is word-level; mechprobe erase takes text-level datasets "
+            "(use mechprobe.amnesic from Python for word-level data)."
+        )
+    fit_data, probe_data = _split(data, args.seed)
+    model = mp.tiny_model() if args.model == "tiny" else mp.load_model(args.model)
+    acts = mp.collect(model, fit_data, sites, batch_size=args.batch_size, progress=False)
+    assert acts.labels is not None
+    text = list(mp.pos_dataset().texts[: args.n_texts]) if args.n_texts > 0 else None
+    task = _task(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records, results = [], []
+    for j, site in enumerate(sites):
+        options = {"n_iterations": args.iterations} if args.method == "inlp" else {}
+        projection = fit_erasure(acts.layer(j), acts.labels, args.method, seed=args.seed, **options)
+        result = amnesic(
+            model,
+            site,
+            projection,
+            text=text,
+            task=task,
+            probe=probe_data,
+            positions=args.positions,
+            n_random=args.n_random,
+            mlp=not args.no_mlp,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
+        folder = out if len(sites) == 1 else out / site
+        folder.mkdir(parents=True, exist_ok=True)
+        projection.save(folder / "projection.safetensors")
+        result.save(folder / "result.json")
+        result.plot().savefig(folder / "amnesic.png", dpi=130)
+        if projection.accuracies:
+            projection.plot().savefig(folder / "inlp.png", dpi=130)
+        records.append(result.to_json())
+        results.append(result)
+        _report(result)
+    if len(sites) > 1:
+        sweep = ErasureSweep(args.method, tuple(results))
+        sweep.save(out / "sweep.json")
+        sweep.plot().savefig(out / "sweep.png", dpi=130)
+    return records
+
+
+def _report(result: Any) -> None:
+    record = result.to_json()
+    keys = [
+        "n_removed",
+        "probe_accuracy_before",
+        "probe_accuracy_after",
+        "random_control_probe_accuracy",
+        "majority_baseline",
+        "lm_kl",
+        "random_control_lm_kl",
+        "task_accuracy_before",
+        "task_accuracy_after",
+        "random_control_task_accuracy",
+    ]
+    print(f"\n{result.site} ({result.method}, positions {result.positions})")
+    for key in keys:
+        value = record[key]
+        print(f"  {key:32s} {value:.4f}" if isinstance(value, float) else f"  {key:32s} {value}")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``mechprobe erase``; errors in the input print a message and return 2."""
+    import mechprobe as mp
+
+    try:
+        records = run_erase(args)
+    except (ValueError, TypeError, mp.ModelLoadError) as err:
+        print(f"mechprobe erase: error: {err}", file=sys.stderr)
+        return 2
+    print(f"\nwrote {len(records)} result(s) to {args.out}")
+    print(json.dumps({"sites": [r["site"] for r in records]}))
+    return 0

@@ -1,0 +1,420 @@
+"""Amnesic probing: the erasure hook, its controls, the behavioural measures and the result record."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import hook_count
+from matplotlib.figure import Figure
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+
+import mechprobe as mp
+from mechprobe._amnesic_information import _last_token
+from mechprobe._amnesic_metrics import Condition
+from mechprobe.amnesic import amnesic, control_projections
+from mechprobe.amnesic_result import AmnesicMeasure, AmnesicResult
+from mechprobe.datasets import ProbingDataset
+from mechprobe.erasure_sweep import ErasureSweep, layer_sweep
+from mechprobe.scoring import score_task
+
+TEXTS = ["Hello there, friend.", "Hi", "The cat sat on the mat."]
+REQUIRED = [
+    "n_removed",
+    "probe_accuracy_before",
+    "probe_accuracy_after",
+    "majority_baseline",
+    "random_control_probe_accuracy",
+    "lm_kl",
+    "random_control_lm_kl",
+    "task_accuracy_before",
+    "task_accuracy_after",
+    "random_control_task_accuracy",
+]
+
+
+@pytest.fixture(scope="module")
+def task() -> mp.Task:
+    # Few, short prompts: the byte-level tiny tokenizer makes every word several tokens.
+    return mp.load_task("capitals").with_shots(1).subset(4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def leace_projection(tiny: Any) -> mp.Projection:
+    """An affine, oblique erasure fitted on the tiny model's layer-1 activations."""
+    out = mp.run(tiny, TEXTS * 4, capture=["blocks.1.hook_resid_post"], batch_size=None)
+    batch = out.batch
+    assert batch is not None
+    mask = batch.attention_mask.bool()
+    x = out["blocks.1.hook_resid_post"][mask]
+    labels = batch.tokens[mask] % 3  # an arbitrary 3-class concept
+    return mp.leace(x, labels)
+
+
+def _logits(model: Any, batch: mp.Batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(batch.tokens, attention_mask=batch.attention_mask)
+
+
+def test_identity_projection_changes_no_logit_and_leaves_no_hooks(tiny: Any, task: mp.Task) -> None:
+    batch = mp.tokenize(tiny, TEXTS)
+    before, hooks = _logits(tiny, batch), hook_count(tiny)
+    identity = mp.identity_projection(64)
+    hooked = mp.run(tiny, batch, {"blocks.1.hook_resid_post": mp.Project(identity)}).logits
+    mask = batch.attention_mask.bool()
+    assert torch.equal(hooked[mask], before[mask])
+    result = amnesic(
+        tiny, mp.Site("resid_post", 1), identity, text=TEXTS, task=task, n_random=1, dropout=False
+    )
+    for metric in ("lm_kl", "task_kl"):
+        assert (result.values(metric, "erased") == 0).all()
+        assert (result.values(metric, "random") == 0).all()  # rank 0: the controls are identities
+    for metric in ("lm_accuracy", "lm_loss", "task_accuracy", "task_logprob"):
+        assert result.values(metric, "erased")[0] == result.values(metric, "original")[0]
+    assert hook_count(tiny) == hooks
+    assert torch.equal(_logits(tiny, batch), before)
+
+
+@pytest.mark.parametrize(
+    ("kind", "positions", "layer"),
+    [("random", None, 0), ("random", -1, 1), ("leace", None, 1), ("leace", -1, 0)],
+)
+def test_hook_equals_projecting_cached_activations_by_hand(
+    tiny: Any, leace_projection: mp.Projection, layer: int, positions: int | None, kind: str
+) -> None:
+    projection = mp.random_projection(64, 7, seed=2) if kind == "random" else leace_projection
+    hook = f"blocks.{layer}.hook_resid_post"
+    batch = mp.tokenize(tiny, TEXTS)  # right-padded: -1 must be each row's last real token
+    hooked = mp.run(tiny, batch, {hook: mp.Project(projection, positions=positions)}).logits
+    with torch.no_grad():
+        resid = mp.run(tiny, batch, capture=[hook])[hook]
+        edited = resid.clone()
+        if positions is None:
+            edited = projection.apply(resid)
+        else:
+            rows = torch.arange(len(batch))
+            edited[rows, batch.last_index] = projection.apply(resid[rows, batch.last_index])
+        # The bridge's start_at_layer=l+1 takes block l's resid_post as its input.
+        by_hand = tiny(edited, start_at_layer=layer + 1, attention_mask=batch.attention_mask)
+    mask = batch.attention_mask.bool()
+    assert torch.allclose(hooked[mask], by_hand[mask], atol=1e-4)
+    assert not torch.allclose(hooked[mask], _logits(tiny, batch)[mask], atol=1e-3)
+
+
+def test_random_controls_have_the_rank_of_the_erasure(leace_projection: mp.Projection) -> None:
+    conditions = control_projections(leace_projection, n_random=3, seed=5)
+    assert [c.name for c in conditions] == ["erased", "random", "random", "random", "dropout"]
+    k = leace_projection.n_removed
+    assert k > 0
+    for c in conditions[1:]:
+        assert c.projection is not None
+        eye = torch.eye(64, dtype=torch.float64)
+        assert int(torch.linalg.matrix_rank(eye - c.projection.matrix)) == k
+    bases = [c.projection.removed for c in conditions[1:4] if c.projection is not None]
+    assert not torch.allclose(bases[0], bases[1])  # different seeds, different directions
+    dropout = conditions[-1].projection
+    assert dropout is not None
+    assert int((dropout.matrix.diagonal() == 0).sum()) == k  # k coordinates zeroed
+
+
+def test_text_measures_match_an_independent_computation(tiny: Any) -> None:
+    projection = mp.random_projection(64, 10, seed=4)
+    hook = "blocks.1.hook_resid_post"
+    result = amnesic(tiny, hook, projection, text=TEXTS, n_random=1, dropout=False, batch_size=2)
+    kls, hits, nlls, n_pred, n_real = [], 0, [], 0, 0
+    with torch.no_grad():
+        for text in TEXTS:  # one unpadded prompt at a time
+            tokens = tiny.to_tokens(text)
+            orig = tiny(tokens)[0].log_softmax(-1)
+            with mp.intervene(tiny, {hook: mp.Project(projection)}):
+                erased = tiny(tokens)[0].log_softmax(-1)
+            kls.append(
+                torch.nn.functional.kl_div(erased, orig, log_target=True, reduction="none").sum(-1)
+            )
+            nlls.append(tiny(tokens, return_type="loss", loss_per_token=True)[0])
+            hits += int((orig[:-1].argmax(-1) == tokens[0, 1:]).sum())
+            n_pred += tokens.shape[1] - 1
+            n_real += tokens.shape[1]
+    kl = torch.cat(kls)
+    assert result.values("lm_kl", "erased")[0] == pytest.approx(float(kl.mean()), rel=1e-4)
+    assert result.values("lm_kl", "erased")[0] > 0
+    assert result.values("lm_kl", "random")[0] > 0
+    assert result.values("lm_loss", "original")[0] == pytest.approx(
+        float(torch.cat(nlls).mean()), rel=1e-4
+    )
+    assert result.values("lm_accuracy", "original")[0] == pytest.approx(hits / n_pred)
+    assert result.counts["text_tokens"] == n_pred
+
+
+def test_erasing_the_last_position_leaves_earlier_predictions_alone(tiny: Any) -> None:
+    # Attention is causal, and the last token has no next token to score: accuracy and loss stay
+    # exactly the same, while the KL (which includes the last token) does not.
+    projection = mp.random_projection(64, 20, seed=1)
+    result = amnesic(
+        tiny, mp.Site("resid_post", 0, positions=-1), projection, text=TEXTS, n_random=1
+    )
+    assert result.positions == -1
+    for metric in ("lm_accuracy", "lm_loss"):
+        assert result.values(metric, "erased")[0] == pytest.approx(
+            result.values(metric, "original")[0], abs=1e-6
+        )
+    assert result.values("lm_kl", "erased")[0] > 0
+
+
+def test_task_measures_match_scoring_and_unpadded_runs(tiny: Any, task: mp.Task) -> None:
+    projection = mp.random_projection(64, 16, seed=0)
+    hook = "blocks.0.hook_resid_post"
+    result = amnesic(tiny, hook, projection, task=task, positions=-1, n_random=1, batch_size=3)
+    score = score_task(tiny, task)
+    assert result.values("task_accuracy", "original")[0] == pytest.approx(score.accuracy)
+    first = [tiny.tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in task.answers()]
+    logps, kls = [], []
+    with torch.no_grad():
+        for prompt, answer in zip(task.prompts(), first, strict=True):
+            tokens = tiny.to_tokens(prompt)
+            orig = tiny(tokens)[0, -1].log_softmax(-1)
+            with mp.intervene(tiny, {hook: mp.Project(projection, positions=-1)}):
+                erased = tiny(tokens)[0, -1].log_softmax(-1)
+            logps.append(float(erased[answer]))
+            kls.append(float((orig.exp() * (orig - erased)).sum()))
+    assert result.values("task_logprob", "erased")[0] == pytest.approx(np.mean(logps), rel=1e-4)
+    assert result.values("task_kl", "erased")[0] == pytest.approx(np.mean(kls), rel=1e-4)
+    assert result.counts["task_items"] == len(task)
+
+
+def test_result_json_has_every_key_and_round_trips(tiny: Any, task: mp.Task, tmp_path: Any) -> None:
+    result = amnesic(
+        tiny,
+        mp.Site("resid_post", 1),
+        mp.random_projection(64, 5, seed=7),
+        text=TEXTS,
+        task=task,
+        n_random=2,
+    )
+    record = result.to_json()
+    missing = [k for k in REQUIRED if k not in record]
+    assert not missing
+    assert record["n_removed"] == 5
+    assert record["lm_kl"] == pytest.approx(result.values("lm_kl", "erased")[0])
+    assert record["random_control_lm_kl"] == pytest.approx(result.values("lm_kl", "random").mean())
+    json.dumps(record, allow_nan=False)  # strict JSON: no NaN
+    back = AmnesicResult.load(result.save(tmp_path / "result.json"))
+    assert back == result
+    frame = result.to_frame()
+    assert set(frame["condition"]) == {"original", "erased", "random", "dropout"}
+    assert len(frame) == len(result.measures)
+    assert isinstance(result.plot(), Figure)
+
+
+def test_effect_and_selectivity_follow_their_definitions() -> None:
+    measures = (
+        AmnesicMeasure("task_accuracy", "original", 0.9),
+        AmnesicMeasure("task_accuracy", "erased", 0.3),
+        AmnesicMeasure("task_accuracy", "random", 0.8, seed=0),
+        AmnesicMeasure("task_accuracy", "random", 0.6, seed=1),
+        AmnesicMeasure("lm_loss", "original", 2.0),
+        AmnesicMeasure("lm_loss", "erased", 2.5),
+        AmnesicMeasure("lm_loss", "random", 2.1, seed=0),
+        AmnesicMeasure("lm_loss", "random", 2.1, seed=1),
+        AmnesicMeasure("lm_kl", "erased", 0.4),
+        AmnesicMeasure("lm_kl", "random", 0.1, seed=0),
+        AmnesicMeasure("lm_kl", "random", 0.3, seed=1),
+    )
+    r = AmnesicResult("blocks.0.hook_resid_post", 0, None, "inlp", 3, 8, measures)
+    assert r.effect("task_accuracy", "random") == pytest.approx((0.2, np.std([0.1, 0.3], ddof=1)))
+    sel = r.selectivity()
+    assert sel["task_accuracy"] == pytest.approx(0.6 - 0.2)
+    assert sel["lm_loss"] == pytest.approx(0.5 - 0.1)
+    assert sel["lm_kl"] == pytest.approx(0.4 - 0.2)
+
+
+def test_bad_input_is_refused_with_the_fix(tiny: Any) -> None:
+    with pytest.raises(ValueError, match="width"):
+        amnesic(tiny, mp.Site("resid_post", 0), mp.random_projection(32, 2), text=TEXTS)
+    with pytest.raises(ValueError, match="Nothing to measure"):
+        amnesic(tiny, mp.Site("resid_post", 0), mp.random_projection(64, 2))
+    with pytest.raises(TypeError, match="Projection"):
+        amnesic(tiny, mp.Site("resid_post", 0), torch.eye(64), text=TEXTS)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n_random"):
+        amnesic(
+            tiny, mp.Site("resid_post", 0), mp.random_projection(64, 2), text=TEXTS, n_random=-1
+        )
+
+
+def test_no_hook_survives_an_exception(tiny: Any) -> None:
+    hooks = hook_count(tiny)
+    with pytest.raises(ValueError):
+        # Position 50 lies outside the short prompts: raised inside the hooked forward pass setup.
+        amnesic(
+            tiny, mp.Site("resid_post", 0), mp.random_projection(64, 2), text=TEXTS, positions=50
+        )
+    assert hook_count(tiny) == hooks
+
+
+# --- information: probes after erasure ------------------------------------------------------------
+
+WORDS = ["red", "blue", "cat", "dog", "sun", "sky", "old", "new", "big", "hot"]
+
+
+@pytest.fixture(scope="module")
+def letters() -> mp.ProbingDataset:
+    """Which letter a text ends with (3 classes), read at the last token: linearly decodable."""
+    texts = [f"{w} {m} {c}" for w in WORDS for m in ("so", "now") for c in "abc"]
+    labels = [c for _ in WORDS for _ in ("so", "now") for c in "abc"]
+    return ProbingDataset("letters", tuple(texts), tuple(labels))
+
+
+def test_reprobed_activations_equal_the_projected_cache(
+    tiny: Any, letters: mp.ProbingDataset
+) -> None:
+    projection = mp.random_projection(64, 9, seed=3)
+    sites = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    texts = list(letters.texts)
+    erased = _last_token(tiny, sites[0], texts, Condition("erased", projection), sites, -1, 7)
+    plain = mp.collect(tiny, letters, sites, progress=False)
+    assert np.allclose(erased[:, 0], projection.apply(plain.layer(0)), atol=1e-4)
+    # The next layer sees the erasure: it equals running the last block from the edited stream.
+    assert not np.allclose(erased[:, 1], plain.layer(1), atol=1e-3)
+
+
+def test_linear_erasure_guards_the_erased_site(tiny: Any, letters: mp.ProbingDataset) -> None:
+    acts = mp.collect(tiny, letters, [mp.Site("resid_post", 1)], progress=False)
+    projection = mp.leace(acts.layer(0), acts.labels)
+    result = amnesic(
+        tiny,
+        mp.Site("resid_post", 1),
+        projection,
+        probe=letters,
+        positions=-1,
+        n_random=1,
+        mlp=False,
+    )
+    site = "blocks.1.hook_resid_post"
+    assert result.probe_sites == [site, "blocks.2.hook_resid_post"]
+    before = result.values("probe_accuracy", "original", site=site, probe="linear")[0]
+    after = result.values("probe_accuracy", "erased", site=site, probe="linear")[0]
+    majority = result.majority_baseline
+    assert majority is not None and majority == pytest.approx(1 / 3, abs=0.07)
+    assert before >= 0.9
+    assert after <= majority + 0.15
+    assert len(result.values("probe_accuracy", "random", site=site)) == 1
+    # An independent probe (scikit-learn, same split and objective) on the plain activations.
+    x, y = acts.layer(0), acts.labels
+    assert y is not None
+    train, test = train_test_split(np.arange(len(y)), test_size=0.25, random_state=0, stratify=y)
+    scaler = StandardScaler().fit(x[train])
+    clf = LogisticRegression(C=1 / (1e-3 * len(train)), max_iter=5000)
+    clf.fit(scaler.transform(x[train]), y[train])
+    assert before == pytest.approx(
+        clf.score(scaler.transform(x[test]), y[test]), abs=1 / len(test) + 1e-9
+    )
+    record = result.to_json()
+    assert record["probe_accuracy_after"] == pytest.approx(after)
+    assert record["random_control_probe_accuracy"] is not None
+    assert result.counts["probe_examples"] == len(letters)
+
+
+def test_mlp_probe_and_word_level_data(tiny: Any) -> None:
+    data = mp.ProbingDataset(
+        "tags",
+        ("a cat sat", "the dog ran", "a sun set") * 4,
+        (("D", "N", "V"),) * 12,
+        level="word",
+    )
+    projection = mp.random_projection(64, 4, seed=0)
+    result = amnesic(
+        tiny,
+        "blocks.0.hook_resid_post",
+        projection,
+        probe=data,
+        probe_layers=[0],
+        n_random=1,
+        mlp=True,
+    )
+    assert result.counts["probe_examples"] == 36  # one row per word
+    assert len(result.values("probe_accuracy", "erased", probe="mlp")) == 1
+    assert len(result.values("probe_accuracy", "random", probe="mlp")) == 0  # linear only
+    with pytest.raises(ValueError, match="positions"):
+        amnesic(tiny, "blocks.0.hook_resid_post", projection, probe=data, positions=-1, mlp=False)
+    with pytest.raises(ValueError, match="below the erased layer"):
+        amnesic(tiny, mp.Site("resid_post", 1), projection, probe=data, probe_layers=[0])
+
+
+def test_layer_sweep_fits_and_measures_each_layer(
+    tiny: Any, letters: mp.ProbingDataset, tmp_path: Any
+) -> None:
+    sweep = layer_sweep(
+        tiny, letters, [0, 2], "leace", text=TEXTS[:1], probe=letters, n_random=1, batch_size=32
+    )
+    assert sweep.layers == [0, 2]
+    assert all(r.n_removed == 2 for r in sweep.results)  # 3 classes: LEACE erases 2 directions
+    effects = sweep.effects()
+    assert set(effects["metric"]) == {"lm_accuracy", "lm_loss", "lm_kl"}
+    assert (effects.loc[effects["metric"] == "lm_kl", "erased"] > 0).all()
+    assert isinstance(sweep.plot(), Figure)
+    back = ErasureSweep.load(sweep.save(tmp_path / "sweep.json"))
+    assert back.results == sweep.results
+
+
+def test_cli_erase_writes_projection_result_and_figures(tmp_path: Any) -> None:
+    from mechprobe.cli import main
+
+    out = tmp_path / "erase"
+    argv = ["erase", "--model", "tiny", "--dataset", "country", "--n-countries", "3"]
+    argv += ["--site", "blocks.{l}.hook_resid_post", "--layers", "0,1", "--method", "leace"]
+    argv += ["--out", str(out), "--n-texts", "2", "--n-random", "1", "--no-mlp", "--shots", "1"]
+    assert main(argv) == 0
+    for layer in (0, 1):
+        folder = out / f"blocks.{layer}.hook_resid_post"
+        record = json.loads((folder / "result.json").read_text())
+        assert not [k for k in REQUIRED if k not in record]
+        assert record["n_removed"] == 2  # LEACE on 3 countries
+        assert record["task_accuracy_before"] is not None
+        assert record["probe_accuracy_before"] is not None
+        projection = mp.Projection.load(folder / "projection.safetensors")
+        assert projection.n_removed == 2 and projection.method == "leace"
+        assert (folder / "amnesic.png").stat().st_size > 0
+    assert ErasureSweep.load(out / "sweep.json").layers == [0, 1]
+    assert (out / "sweep.png").exists()
+    assert (
+        main(
+            ["erase", "--model", "tiny", "--site", "blocks.{l}.hook_resid_post", "--out", str(out)]
+        )
+        == 2
+    )
+
+
+@pytest.mark.integration
+def test_smollm2_country_erasure_hook_and_guarding(smollm2: Any) -> None:
+    layer, hook = 20, "blocks.20.hook_resid_post"
+    data = mp.country_dataset(n_countries=5, shots=(0, 1), seed=0)
+    acts = mp.collect(smollm2, data, [hook], progress=False)
+    projection = mp.leace(acts.layer(0), acts.labels)
+    assert projection.n_removed == 4
+    # The hook equals projecting the cached last-token activation and running blocks 21.. by hand.
+    batch = mp.tokenize(smollm2, list(data.texts[:4]))
+    spec: dict[Any, Any] = {hook: mp.Project(projection, positions=-1)}
+    hooked = mp.run(smollm2, batch, spec, logit_positions=-1).logits[:, 0]
+    with torch.no_grad():
+        resid = mp.run(smollm2, batch, capture=[hook])[hook]
+        rows = torch.arange(len(batch))
+        resid[rows, batch.last_index] = projection.apply(resid[rows, batch.last_index])
+        by_hand = smollm2(resid, start_at_layer=layer + 1, attention_mask=batch.attention_mask)
+    assert torch.allclose(hooked, by_hand[rows, batch.last_index], atol=1e-3)
+    hooks = hook_count(smollm2)
+    task = mp.load_task("capitals").with_shots(3).subset(5, seed=0)
+    result = mp.amnesic(
+        smollm2, mp.Site("resid_post", layer), projection, task=task, probe=data,
+        probe_layers=[layer], positions=-1, n_random=1, mlp=False,
+    )  # fmt: skip
+    assert hook_count(smollm2) == hooks
+    record = result.to_json()
+    majority = record["majority_baseline"]
+    assert record["probe_accuracy_before"] >= 0.75
+    assert record["probe_accuracy_after"] <= majority + 0.15
+    assert record["task_kl"] > 0 and record["random_control_task_kl"] > 0
