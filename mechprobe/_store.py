@@ -8,12 +8,15 @@ done and a fingerprint of the collection, so an interrupted run continues where 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mechprobe._selection import Plan
 
 
 def check_finite(values: np.ndarray, where: str) -> None:
@@ -65,6 +68,16 @@ class Sink:
         else:
             os.pwrite(self.handle.fileno(), rows.tobytes(), self.offset + start * self.row_bytes)
 
+    def write_chunk(self, plan: Plan, rows: list[int], stacked: np.ndarray) -> None:
+        """Write each text's block of a chunk to its rows, after checking it is finite."""
+        start = 0
+        for t in rows:
+            k = len(plan.positions[t])
+            part = stacked[start : start + k]
+            check_finite(part, f"Activations of text {t} ({plan.batch.prompts[t][:40]!r})")
+            self.write(int(plan.row_start[t]), part)
+            start += k
+
     def finish(self) -> np.ndarray:
         if self.array is not None:
             return self.array
@@ -99,3 +112,20 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written progress record
+
+
+def fingerprint(model: Any, names: list[str], plan: Plan, dtype: str, batch_size: int) -> str:
+    """A short hash of everything the values depend on: decides whether a folder can be resumed."""
+    record = {
+        "model": str(getattr(model.cfg, "model_name", "")),
+        "shape": [model.cfg.n_layers, model.cfg.d_model, model.cfg.d_vocab],
+        # A few weights tell two models of one architecture apart (e.g. different seeds).
+        "weights": next(model.parameters()).detach().flatten()[:16].float().cpu().tolist(),
+        "sites": names,
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "texts": list(plan.batch.prompts),
+        "positions": [p.tolist() for p in plan.positions],
+        "labels": plan.labels.tolist() if plan.labels is not None else None,
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]

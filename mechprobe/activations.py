@@ -15,15 +15,16 @@ its label, word type, text index, position and token string. Selection rules (``
 - a list of lists of positions, one list per text, in the tokenised row as the model sees it
   (BOS at 0 when the model prepends one; negative counts back from the last token).
 
-Memory stays bounded: only ``[chunk, seq, d]`` per site lives at once, and the result is kept in
-memory when it fits ``memory_budget`` bytes, else written chunk by chunk to ``values.npy`` in a
-folder and memory-mapped. With ``out_dir`` it always goes to that folder, which also makes the run
+Memory stays bounded: besides the forward pass itself, only one chunk's selected rows
+(``[tokens in the chunk, sites, d]``, copied straight into the storage dtype) live at once, and the
+forward pass stops after the last site it needs (no unembedding). The result is kept in memory
+when it fits ``memory_budget`` bytes, else written chunk by chunk to ``values.npy`` in a folder and
+memory-mapped. With ``out_dir`` it always goes to that folder, which also makes the run
 resumable: a folder with a matching ``progress.json`` is continued, a finished one is reloaded.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -33,13 +34,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechprobe._selection import Plan, make_plan
-from mechprobe._store import Sink, check_finite, resume_state, same_file, write_json
+from mechprobe._store import Sink, check_finite, fingerprint, resume_state, same_file, write_json
 from mechprobe.batching import PaddingSide
 from mechprobe.hooks import Intervention, intervene
 from mechprobe.sites import Site, SiteLike, resolve_site, width
@@ -49,6 +51,7 @@ __all__ = ["Activations", "collect"]
 Select = Literal["last", "all", "word_last"] | Sequence[Sequence[int]]
 _FORMAT = 1
 _DTYPES = {"float32": np.float32, "float16": np.float16}
+_TORCH = {"float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,17 @@ class Activations:
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per example: text_index, position, token, label and group (no values).
+
+        Example:
+            >>> import mechprobe as mp
+            >>> mp.collect(mp.tiny_model(), ["Hi"], progress=False).to_frame().token.tolist()
+            ['i']
+        """
+        columns = {"text_index": self.text_index, "position": self.position, "token": self.token}
+        return pd.DataFrame(columns | {"label": self.labels, "group": self.groups})
 
     def layer(self, index: int) -> Float[np.ndarray, "n d"]:
         """``[n, d]`` activations of one layer slot (negative counts from the end), as float32.
@@ -182,17 +196,37 @@ class _Stop(Exception):
     """Raised by the last gather of a forward pass: nothing after it (e.g. the unembedding) is needed."""
 
 
-class _Gather(Intervention):
-    """Keep ``activation[rows, cols]`` (the selected tokens) and stop once every site has fired."""
+class _Buffer:
+    """One chunk's selected rows of every site, ``[k, sites, d]`` on the CPU in the storage dtype."""
 
-    def __init__(self, rows: Tensor, cols: Tensor, peers: list[_Gather]) -> None:
+    def __init__(self, n_sites: int, dtype: torch.dtype) -> None:
+        self.values: Tensor | None = None
+        self.filled = [False] * n_sites
+        self.dtype = dtype
+
+
+class _Gather(Intervention):
+    """Copy ``activation[rows, cols]`` (the selected tokens) into one slot of a shared buffer, and
+    stop the forward pass once every site has been copied."""
+
+    def __init__(self, slot: int, rows: Tensor, cols: Tensor, buffer: _Buffer) -> None:
         super().__init__(None)
-        self.rows, self.cols, self.peers = rows, cols, peers
-        self.value: Tensor | None = None
+        self.slot, self.rows, self.cols, self.buffer = slot, rows, cols, buffer
 
     def edit(self, selected: Tensor, hook: Any) -> None:
-        self.value = selected[self.rows.to(selected.device), self.cols.to(selected.device)]
-        if all(p.value is not None for p in self.peers):
+        part = selected[self.rows.to(selected.device), self.cols.to(selected.device)]
+        buf = self.buffer
+        if buf.values is None:
+            shape = (part.shape[0], len(buf.filled), *part.shape[1:])
+            buf.values = torch.empty(shape, dtype=buf.dtype)
+        elif part.shape[1:] != buf.values.shape[2:]:
+            raise ValueError(
+                f"{hook.name} has activations of shape {tuple(part.shape[1:])}, other sites "
+                f"{tuple(buf.values.shape[2:])}: collect each shape separately."
+            )
+        buf.values[:, self.slot] = part  # one copy, straight into the storage dtype
+        buf.filled[self.slot] = True
+        if all(buf.filled):
             raise _Stop
         return None
 
@@ -220,22 +254,6 @@ def _resolve_sites(model: Any, sites: SiteLike | str | Sequence[SiteLike]) -> li
             "them into one [n, layers, d] array: collect each width separately."
         )
     return names
-
-
-def _fingerprint(model: Any, names: list[str], plan: Plan, dtype: str, batch_size: int) -> str:
-    record = {
-        "model": str(getattr(model.cfg, "model_name", "")),
-        "shape": [model.cfg.n_layers, model.cfg.d_model, model.cfg.d_vocab],
-        # A few weights tell two models of one architecture apart (e.g. different seeds).
-        "weights": next(model.parameters()).detach().flatten()[:16].float().cpu().tolist(),
-        "sites": names,
-        "dtype": dtype,
-        "batch_size": batch_size,
-        "texts": list(plan.batch.prompts),
-        "positions": [p.tolist() for p in plan.positions],
-        "labels": plan.labels.tolist() if plan.labels is not None else None,
-    }
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def collect(
@@ -293,11 +311,11 @@ def collect(
     plan = make_plan(
         model, data, select=select, labels=labels, groups=groups, padding_side=padding_side
     )
-    fingerprint = _fingerprint(model, names, plan, dtype, batch_size)
+    key = fingerprint(model, names, plan, dtype, batch_size)
     folder = Path(out_dir) if out_dir is not None else None
     done = 0
     if folder is not None:
-        finished, done = resume_state(folder, fingerprint)
+        finished, done = resume_state(folder, key)
         if finished:
             return Activations.load(folder)
     chunks = [plan.order[i : i + batch_size] for i in range(0, len(plan.order), batch_size)]
@@ -306,16 +324,16 @@ def collect(
         for k, rows in enumerate(tqdm(chunks, disable=not progress, desc="collect")):
             if k < done:
                 continue
-            stacked = _run_chunk(model, plan, rows.tolist(), names)
+            stacked = _run_chunk(model, plan, rows.tolist(), names, _DTYPES[dtype])
             if sink is None:  # the width is known for sure only now (arbitrary hook names)
                 shape = (plan.n_rows, len(names), stacked.shape[-1])
                 nbytes = int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize
                 if folder is None and nbytes > memory_budget:
                     folder = Path(tempfile.mkdtemp(prefix="mechprobe-activations-"))
                 sink = Sink(shape, _DTYPES[dtype], folder, fresh=done == 0)
-            _write_rows(plan, rows.tolist(), stacked.astype(sink.dtype, copy=False), sink)
+            sink.write_chunk(plan, rows.tolist(), stacked)
             if folder is not None:
-                write_json(folder / "progress.json", {"fingerprint": fingerprint, "chunks": k + 1})
+                write_json(folder / "progress.json", {"fingerprint": key, "chunks": k + 1})
     if sink is None:  # every chunk was written by an earlier, interrupted call
         assert folder is not None
         existing = np.load(folder / "values.npy", mmap_mode="r")
@@ -326,7 +344,7 @@ def collect(
         "dtype": dtype,
         "n_texts": len(plan.batch),
         "dropped_words": plan.dropped_words,
-        "fingerprint": fingerprint,
+        "fingerprint": key,
         "path": str(folder) if folder is not None else None,
         **plan.metadata,
     }
@@ -346,42 +364,26 @@ def collect(
     return acts
 
 
-def _run_chunk(model: Any, plan: Plan, rows: list[int], names: list[str]) -> np.ndarray:
-    """One forward pass over texts ``rows``: ``[selected tokens, sites, d]`` float32, text order."""
+def _run_chunk(model: Any, plan: Plan, rows: list[int], names: list[str], dtype: Any) -> np.ndarray:
+    """One forward pass over texts ``rows``: ``[selected tokens, sites, d]`` in text order."""
     chunk = plan.batch.select(rows)
     offsets = chunk.offset.tolist()
     local = [np.full(len(plan.positions[t]), i) for i, t in enumerate(rows)]
     cols = [plan.positions[t] + offsets[i] for i, t in enumerate(rows)]
     r = torch.as_tensor(np.concatenate(local), dtype=torch.long)
     c = torch.as_tensor(np.concatenate(cols), dtype=torch.long)
-    peers: list[_Gather] = []
-    peers.extend(_Gather(r, c, peers) for _ in names)
+    buffer = _Buffer(len(names), _TORCH[np.dtype(dtype).name])
+    gathers: dict[SiteLike, Intervention] = {
+        name: _Gather(slot, r, c, buffer) for slot, name in enumerate(names)
+    }
     device = getattr(model.cfg, "device", None)
     tokens, mask = chunk.tokens.to(device), chunk.attention_mask.to(device)
     try:
-        with intervene(model, dict(zip(names, peers, strict=True)), batch=chunk):
+        with intervene(model, gathers, batch=chunk):
             model(tokens, attention_mask=mask)
     except _Stop:
         pass
-    missing = [name for name, p in zip(names, peers, strict=True) if p.value is None]
-    if missing:
+    missing = [name for name, done in zip(names, buffer.filled, strict=True) if not done]
+    if missing or buffer.values is None:
         raise RuntimeError(f"Sites {missing} never fired during the forward pass.")
-    try:
-        stacked = torch.stack([p.value for p in peers if p.value is not None], dim=1)
-    except RuntimeError:
-        shapes = sorted({tuple(p.value.shape[1:]) for p in peers if p.value is not None})
-        raise ValueError(
-            f"Sites have activations of different shapes {shapes}: collect each shape separately."
-        ) from None
-    return stacked.float().cpu().numpy()
-
-
-def _write_rows(plan: Plan, rows: list[int], stacked: np.ndarray, sink: Sink) -> None:
-    """Write each text's block to its rows in text order, after checking it is finite."""
-    start = 0
-    for t in rows:
-        k = len(plan.positions[t])
-        part = stacked[start : start + k]
-        check_finite(part, f"Activations of text {t} ({plan.batch.prompts[t][:40]!r})")
-        sink.write(int(plan.row_start[t]), part)
-        start += k
+    return buffer.values.numpy()

@@ -140,6 +140,9 @@ def test_labels_per_text_per_word_and_none(tiny: Any) -> None:
     )  # fmt: skip
     assert acts.labels is not None and acts.labels.tolist() == ["x", "y", "z", "z"]
     assert acts.position.tolist() == [1, 5, 1, 3]
+    frame = acts.to_frame()
+    assert frame.columns.tolist() == ["text_index", "position", "token", "label", "group"]
+    assert frame.token.tolist() == ["a", "c", "d", "e"] and frame.group.isna().all()
     ints = mp.collect(tiny, ["a", "b"], "resid_post", labels=[0, 1], progress=False)
     assert ints.labels is not None and ints.labels.dtype == np.int64
 
@@ -172,11 +175,11 @@ def test_resume_continues_an_interrupted_collection(
     real = activations_module._run_chunk
     calls: list[list[int]] = []
 
-    def failing(model: Any, plan: Any, rows: list[int], names: list[str]) -> np.ndarray:
+    def failing(model: Any, plan: Any, rows: list[int], *rest: Any) -> np.ndarray:
         if len(calls) == 2:
             raise KeyboardInterrupt
         calls.append(rows)
-        return real(model, plan, rows, names)
+        return real(model, plan, rows, *rest)
 
     monkeypatch.setattr(activations_module, "_run_chunk", failing)
     kwargs: dict[str, Any] = {"select": "all", "batch_size": 1, "out_dir": tmp_path}
