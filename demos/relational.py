@@ -32,6 +32,11 @@ def _print(result: mp.RelationalResult) -> None:
         f"(of {result.trajectory.n_layers})\n"
     )
     print(result.headline())
+    if result.tuned is not None:
+        (start, stop), scale = result.sweep.best("ovector", "mrr") if result.sweep else ((0, 0), 0)
+        print(f"\nAt the sweep's best cell on in-domain contexts (layers {start}-{stop - 1}, "
+              f"scale {scale:g}), held-out arguments:\n")  # fmt: skip
+        print(result.headline("held_out", tuned=True))
     if result.ablation is not None:
         abl = result.ablation
         print("\nFFN ablation, top-down (" + abl.method + "), accuracy by layers removed:")
@@ -48,43 +53,56 @@ def demo(out: str | None) -> None:
         print(f"\nwrote {result.save(out)}")
 
 
-def docs(n_items: int) -> None:
-    """All built-in tasks; figures and a JSON summary for docs/relational.md."""
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def docs(n_items: int, part: str) -> None:
+    """Figures and a JSON summary for docs/relational.md (``part``: analysis, ablation or all)."""
     model = mp.load_model()
     figures = ROOT / "docs" / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {}
     path = figures / "relational_results.json"
-    for name in ABSTRACTIVE + EXTRACTIVE:
-        abstractive = name in ABSTRACTIVE
-        result = mp.relational_analysis(
-            model,
-            name,
-            n_items=n_items,
-            ablation=abstractive,  # each abstractive run ablates its extractive twin beside it
-            sweep_ranges="auto" if abstractive else None,
-            progress=True,
-        )
-        _print(result)
-        data = result.to_json()
-        data.pop("details")
-        data["headline"] = result.headline()
-        summary[name] = data
-        result.plot().savefig(figures / f"relational_{name}_x.png", dpi=110)
-        result.plot_intervention().savefig(figures / f"relational_{name}_intervention.png", dpi=110)
-        if result.ablation is not None:
-            result.plot_ablation().savefig(figures / f"relational_{name}_ablation.png", dpi=110)
-        if result.sweep is not None:
-            result.plot_sweep().savefig(figures / f"relational_{name}_sweep.png", dpi=110)
-            data["sweep_grid"] = result.sweep.to_dict()
-        path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    # Robustness of the ablation finding: mean- instead of zero-ablation, capitals pair.
-    pair = [mp.load_task(n).with_shots(3) for n in ("capitals", "capitals_extractive")]
-    pair = [t.subset(n_items, seed=0) if n_items < len(t) else t for t in pair]
-    mean = mp.ffn_ablation(model, pair, method="mean", progress=True)
-    mean.plot().savefig(figures / "relational_capitals_ablation_mean.png", dpi=110)
-    summary["capitals_mean_ablation"] = mean.to_dict()
-    path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    summary = _load(path)
+    if part in ("analysis", "all"):
+        for name in ABSTRACTIVE + EXTRACTIVE:
+            abstractive = name in ABSTRACTIVE
+            result = mp.relational_analysis(
+                model,
+                name,
+                n_items=n_items,
+                ablation=False,  # the ablation part runs each pair once, below
+                sweep_ranges="auto" if abstractive else None,
+                progress=True,
+            )
+            _print(result)
+            data = result.to_json()
+            data.pop("details")
+            data["headline"] = result.headline()
+            data["headline_held_out"] = result.headline("held_out")
+            if result.sweep is not None:
+                data["sweep_grid"] = result.sweep.to_dict()
+                data["headline_tuned"] = result.headline(tuned=True)
+                data["headline_tuned_held_out"] = result.headline("held_out", tuned=True)
+            summary.setdefault("analysis", {})[name] = data
+            result.plot().savefig(figures / f"relational_{name}_x.png", dpi=110)
+            result.plot_intervention().savefig(
+                figures / f"relational_{name}_intervention.png", dpi=110
+            )
+            if result.sweep is not None:
+                result.plot_sweep("mrr").savefig(figures / f"relational_{name}_sweep.png", dpi=110)
+            path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    if part in ("ablation", "all"):
+        runs = [(a, b, "zero") for a, b in zip(ABSTRACTIVE, EXTRACTIVE, strict=True)]
+        runs.append(("capitals", "capitals_extractive", "mean"))
+        for abstractive, extractive, method in runs:
+            pair = [mp.load_task(n).with_shots(3) for n in (abstractive, extractive)]
+            pair = [t.subset(n_items, seed=0) if n_items < len(t) else t for t in pair]
+            abl = mp.ffn_ablation(model, pair, method=method, progress=True)
+            suffix = "" if method == "zero" else f"_{method}"
+            abl.plot().savefig(figures / f"relational_{abstractive}_ablation{suffix}.png", dpi=110)
+            summary.setdefault("ablation", {})[f"{abstractive}{suffix}"] = abl.to_dict()
+            path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
 
 
 def main() -> None:
@@ -92,9 +110,12 @@ def main() -> None:
     parser.add_argument("--out", help="also save the capitals run (result.json, figures, report)")
     parser.add_argument("--docs", action="store_true", help="regenerate docs/relational.md's data")
     parser.add_argument("--n-items", type=int, default=100, help="items per task with --docs")
+    parser.add_argument(
+        "--part", choices=("analysis", "ablation", "all"), default="all", help="with --docs"
+    )
     args = parser.parse_args()
     if args.docs:
-        docs(args.n_items)
+        docs(args.n_items, args.part)
     else:
         demo(args.out)
 

@@ -130,7 +130,14 @@ class InterventionResult:
         no_effect_rate, argument_top1_before, argument_top1_after`` (NaN where no context).
 
         Example:
-            >>> # result.summary("ovector", group="held_out")["top1_after"]
+            >>> res = InterventionResult(
+            ...     contexts=("c",), targets=(" B",), target_ids=np.array([5]),
+            ...     argument_ids=np.array([-1]), groups=("all",), conditions=("intact", "o"),
+            ...     rank=np.array([[3], [0]]), argument_rank=np.array([[-1], [-1]]),
+            ...     top=np.array([[7], [5]]), norms=(0.0, 1.0), layers=(1,), scale=1.0,
+            ...     mode="replace")
+            >>> res.summary("o")["top1_after"], res.summary("o")["no_effect_rate"]
+            (1.0, 0.0)
         """
         names = [conditions] if isinstance(conditions, str) else list(conditions)
         cols = np.ones(len(self.contexts), dtype=bool)

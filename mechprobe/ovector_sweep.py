@@ -88,30 +88,33 @@ class SweepResult:
         return pd.DataFrame(rows)
 
     def plot(self, metric: str = "top1") -> Figure:
-        """One heatmap per condition: ranges down, scales across, cells annotated."""
-        fig = Figure(figsize=(3.2 * len(self.conditions) + 1, 0.35 * len(self.layer_ranges) + 2))
+        """One heatmap per condition: layer ranges down, scales across, cells annotated."""
+        n = len(self.conditions)
+        fig = Figure(
+            figsize=(2.2 * n + 1.6, 0.28 * len(self.layer_ranges) + 1.6), layout="constrained"
+        )
         vmax = max(float(np.nanmax(getattr(self, metric))), self.before.get(metric, 0.0), 1e-9)
+        labels = [f"{a}-{b - 1}" if b - a > 1 else f"{a}" for a, b in self.layer_ranges]
+        cmap = "viridis_r" if metric == "mean_rank" else "viridis"
+        axes = fig.subplots(1, n, sharey=True, squeeze=False)[0]
         image = None
-        for c, name in enumerate(self.conditions):
-            ax = fig.add_subplot(1, len(self.conditions), c + 1)
+        for ax, name in zip(axes, self.conditions, strict=True):
             grid = self._grid(name, metric)
-            cmap = "viridis_r" if metric == "mean_rank" else "viridis"
             image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=vmax)
             ax.set_xticks(range(len(self.scales)), [f"{s:g}" for s in self.scales])
-            ax.set_yticks(
-                range(len(self.layer_ranges)), [f"{a}-{b - 1}" for a, b in self.layer_ranges]
-            )
+            ax.set_yticks(range(len(self.layer_ranges)), labels, fontsize=7)
             ax.set_xlabel("scale")
-            if c == 0:
-                ax.set_ylabel("layers edited")
             ax.set_title(name, fontsize=9)
             for (r, s), v in np.ndenumerate(grid):
-                ax.text(s, r, f"{v:.2f}" if metric != "mean_rank" else f"{v:.0f}",
-                        ha="center", va="center", fontsize=6, color="white")  # fmt: skip
+                text = f"{v:.0f}" if metric == "mean_rank" else f"{v:.2f}"
+                light = v < 0.6 * vmax if metric != "mean_rank" else v > 0.4 * vmax
+                ax.text(s, r, text, ha="center", va="center", fontsize=6,
+                        color="white" if light else "black")  # fmt: skip
+        axes[0].set_ylabel("FFN layers written")
         if image is not None:
-            fig.colorbar(image, ax=fig.axes, shrink=0.8, label=metric)
+            fig.colorbar(image, ax=list(axes), shrink=0.8, label=metric)
         fig.suptitle(
-            f"{metric} after {self.mode} ({self.n_contexts} contexts); intact: "
+            f"{metric} of the answer after {self.mode} ({self.n_contexts} contexts); intact: "
             f"{self.before.get(metric, float('nan')):.2f}",
             fontsize=9,
         )

@@ -152,9 +152,11 @@ def relational_analysis(
         ablation: Run the top-down FFN ablation.
         ablation_method: ``"zero"`` or ``"mean"``.
         sweep_ranges: If given, also sweep these half-open layer ranges x ``sweep_scales`` for the
-            o-vector and the first random control (``"auto"``: :func:`default_sweep_ranges`).
+            o-vector and the first random control on the in-domain contexts (``"auto"``:
+            :func:`default_sweep_ranges`), then rerun the o-vector and every control at the cell
+            with the best o-vector MRR on all contexts (``tuned``: its held-out rows judge it).
         sweep_scales: Scales of the sweep.
-        sweep_contexts: Sweep on at most this many of the contexts (the first ones; None: all).
+        sweep_contexts: Sweep on at most this many in-domain contexts (None: all).
         seed: Seed of the item subset, split, contexts and random controls.
         batch_size: Rows per forward pass.
         progress: Show progress bars.
@@ -163,8 +165,8 @@ def relational_analysis(
         >>> import mechprobe as mp
         >>> res = mp.relational_analysis(mp.tiny_model(), "capitals", n_items=6, ablation=False,
         ...                              progress=False)
-        >>> sorted(res.to_json())[:3]
-        ['accuracy', 'argument_layer', 'controls']
+        >>> sorted(res.to_json()["controls"])
+        ['intact', 'other_task', 'random']
     """
     if n_random < 0:
         raise ValueError(f"n_random must be >= 0, got {n_random}.")
@@ -185,7 +187,7 @@ def relational_analysis(
     say(f"{work.name}: accuracy {score.accuracy:.2f}, stages {stages}")
     o_layer = stages.function_layer
     if o_layer is None:
-        o_layer = int(layers[0]) if layers else (2 * n_layers) // 3
+        o_layer = int(layers[0]) % n_layers if layers else (2 * n_layers) // 3
         notes.append(
             f"No function-application layer was found (no correct item with distinct argument "
             f"and answer tokens, or the answer never stays ahead); the o-vector is read at layer "
@@ -261,7 +263,7 @@ def relational_analysis(
             model, pair, method=ablation_method, batch_size=batch_size, progress=progress
         )
 
-    swept = None
+    swept, tuned = None, None
     if isinstance(sweep_ranges, str):
         if sweep_ranges != "auto":
             raise ValueError(
@@ -269,18 +271,37 @@ def relational_analysis(
             )
         sweep_ranges = default_sweep_ranges(n_layers, o_layer)
     if sweep_ranges is not None:
+        # Pick the cell on in-domain contexts only; the held-out ones then judge the choice.
+        pick = [i for i, g in enumerate(groups) if g == "in_domain"][:sweep_contexts]
+        if not pick:
+            pick = list(range(len(contexts)))[:sweep_contexts]
+            notes.append("No in-domain context: the sweep cell was chosen on held-out contexts.")
         control = {"random_0": vectors["random_0"]} if n_random else {}
         swept = ovector_sweep(
             model,
             {"ovector": o, **control},
-            contexts[:sweep_contexts],
-            targets[:sweep_contexts],
+            [contexts[i] for i in pick],
+            [targets[i] for i in pick],
             layer_ranges=sweep_ranges,
             scales=sweep_scales,
             mode=mode,
             positions=positions,
             batch_size=batch_size,
             progress=progress,
+        )
+        (start, stop), best_scale = swept.best("ovector", "mrr")
+        tuned = ovector_intervention(
+            model,
+            vectors,
+            contexts,
+            targets,
+            layers=range(start, stop),
+            scale=best_scale,
+            mode=mode,
+            positions=positions,
+            arguments=args,
+            groups=groups,
+            batch_size=batch_size,
         )
     config = {
         "model": _model_name(model),
@@ -311,6 +332,7 @@ def relational_analysis(
         intervention=interv,
         ablation=abl,
         sweep=swept,
+        tuned=tuned,
         config=config,
         notes=tuple(notes),
     )

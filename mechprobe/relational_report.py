@@ -32,9 +32,10 @@ def _layers(layers: Sequence[int]) -> str:
     return ",".join(str(x) for x in layers)
 
 
-def headline_table(result: RelationalResult, group: str | None = None) -> str:
-    """Markdown table: each condition's top-1 rate, ranks, MRR and no-effect rate, before/after."""
-    inter = result.intervention
+def headline_table(result: RelationalResult, group: str | None = None, tuned: bool = False) -> str:
+    """Markdown table: each condition's top-1 rate, ranks, MRR and no-effect rate, before/after
+    (of the default intervention, or of the one at the sweep's best cell with ``tuned``)."""
+    inter = result.tuned if tuned and result.tuned is not None else result.intervention
     fams = inter.families()
     lines = [
         "| condition | n | layers | scale | top-1 before | top-1 after | mean rank before | "
@@ -81,9 +82,16 @@ def report(result: RelationalResult, figures: Sequence[str] = ()) -> str:
         f"Over {int(traj.included.sum())} correctly answered items with distinct argument and "
         "answer tokens: argument-formation layer "
         f"**{_f(st.argument_layer)}**, function-application layer **{_f(st.function_layer)}**, "
-        f"saturation layer **{_f(st.saturation_layer)}** (of {traj.n_layers}).",
+        f"saturation layer **{_f(st.saturation_layer)}** (of {traj.n_layers}; rules in "
+        "`mechprobe.trajectory`).",
         "",
     ]
+    if st.function_layer is not None and st.argument_layer is None:
+        out += [
+            "No argument stage: the argument's mean reciprocal rank never reaches 0.05 before the "
+            "function-application layer.",
+            "",
+        ]
     if st.function_layer is not None:
         a = traj.ffn_attribution(st.function_layer)
         out += [
@@ -135,13 +143,19 @@ def report(result: RelationalResult, figures: Sequence[str] = ()) -> str:
             out.append(f"| {name} | {abl.kinds[t]} | {vals} |")
         out.append("")
     if result.sweep is not None:
-        (start, stop), scale = result.sweep.best("ovector", "top1")
+        (start, stop), scale = result.sweep.best("ovector", "mrr")
         out += [
-            "## Sweep",
+            "## Sweep of layer range and scale",
             "",
-            f"Best o-vector cell by top-1 rate: layers {start}-{stop - 1}, scale {scale:g}.",
+            f"On {result.sweep.n_contexts} in-domain contexts, the o-vector's best cell by MRR is "
+            f"layers {start}-{stop - 1}, scale {scale:g} (the random control's grid is beside it "
+            "in sweep.png). Rerun there on all contexts; the held-out rows judge the choice:",
             "",
         ]
+        if result.tuned is not None:
+            for part in (None, "held_out"):
+                label = "All contexts" if part is None else "Held-out arguments"
+                out += [f"{label}:", "", headline_table(result, part, tuned=True), ""]
     if result.notes:
         out += ["## Notes", "", *[f"- {n}" for n in result.notes], ""]
     if figures:

@@ -58,7 +58,9 @@ class RelationalResult:
         vectors_norms: Norm of each vector run (o-vector and controls).
         intervention: The o-vector and its controls on the same contexts.
         ablation: Top-down FFN ablation (None if not run).
-        sweep: Layer-range x scale grid (None if not run).
+        sweep: Layer-range x scale grid on the in-domain contexts (None if not run).
+        tuned: The o-vector and every control rerun at the sweep's best cell (by o-vector MRR on
+            the in-domain contexts), on all contexts; its held-out rows judge that choice.
         config: The arguments of the run.
         notes: Fallbacks taken, in words.
     """
@@ -73,6 +75,7 @@ class RelationalResult:
     intervention: InterventionResult
     ablation: AblationResult | None = None
     sweep: SweepResult | None = None
+    tuned: InterventionResult | None = None
     config: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
@@ -84,25 +87,30 @@ class RelationalResult:
     def accuracy(self) -> float:
         return self.score.accuracy
 
-    def _condition(self, names: list[str]) -> dict[str, Any]:
-        out = self.intervention.summary(names)
+    def _condition(
+        self, names: list[str], inter: InterventionResult | None = None
+    ) -> dict[str, Any]:
+        inter = inter if inter is not None else self.intervention
+        out = inter.summary(names)
         for group in _GROUPS:
-            out[group] = self.intervention.summary(names, group=group)
+            out[group] = inter.summary(names, group=group)
         return out
 
-    def controls(self) -> dict[str, dict[str, Any]]:
-        """``{"random": ..., "other_task": ..., "intact": ...}``, each shaped like the intervention."""
-        fams = self.intervention.families()
+    def controls(self, inter: InterventionResult | None = None) -> dict[str, dict[str, Any]]:
+        """``{"random": ..., "other_task": ..., "intact": ...}``, each shaped like the intervention
+        (of ``inter``, default :attr:`intervention`)."""
+        inter = inter if inter is not None else self.intervention
+        fams = inter.families()
         out: dict[str, dict[str, Any]] = {}
         if "random" in fams:
-            out["random"] = self._condition(fams["random"])
+            out["random"] = self._condition(fams["random"], inter)
             out["random"]["per_seed_top1_after"] = [
-                self.intervention.summary(n)["top1_after"] for n in fams["random"]
+                inter.summary(n)["top1_after"] for n in fams["random"]
             ]
         if "other_task" in fams:
-            out["other_task"] = self._condition(fams["other_task"])
+            out["other_task"] = self._condition(fams["other_task"], inter)
             out["other_task"]["task"] = self.config.get("other_task")
-        out["intact"] = self._condition(["intact"])
+        out["intact"] = self._condition(["intact"], inter)
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -143,28 +151,42 @@ class RelationalResult:
                 "accuracy": self.ablation.accuracy.tolist(),
             }
         if self.sweep is not None:
-            (start, stop), best_scale = self.sweep.best("ovector", "top1")
-            summary["sweep"] = {"best_layers": [start, stop - 1], "best_scale": best_scale}
+            (start, stop), best_scale = self.sweep.best("ovector", "mrr")
+            summary["sweep"] = {
+                "chosen_on": "in_domain",
+                "metric": "mrr",
+                "best_layers": [start, stop - 1],
+                "best_scale": best_scale,
+            }
+            if self.tuned is not None:
+                summary["sweep"]["intervention"] = self._condition(["ovector"], self.tuned)
+                summary["sweep"]["controls"] = self.controls(self.tuned)
         summary["details"] = {
             "score": self.score.to_dict(),
             "trajectory": self.trajectory.to_dict(),
             "intervention": self.intervention.to_dict(),
             "ablation": None if self.ablation is None else self.ablation.to_dict(),
             "sweep": None if self.sweep is None else self.sweep.to_dict(),
+            "tuned": None if self.tuned is None else self.tuned.to_dict(),
             "vectors_norms": self.vectors_norms,
         }
         return _clean(summary)
 
     def to_frame(self) -> pd.DataFrame:
-        """The headline table: one row per condition and context group, the metrics as columns."""
+        """The headline table: one row per setting (``default``, and ``tuned`` after a sweep),
+        condition and context group, the metrics as columns."""
         rows = []
-        fams = self.intervention.families()
-        for fam in ["ovector", "random", "other_task", "intact"]:
-            if fam not in fams:
-                continue
-            for group in [None, *_GROUPS]:
-                s = self.intervention.summary(fams[fam], group=group)
-                rows.append({"condition": fam, "group": group or "all"} | s)
+        runs = [("default", self.intervention)]
+        if self.tuned is not None:
+            runs.append(("tuned", self.tuned))
+        for setting, inter in runs:
+            fams = inter.families()
+            for fam in ["ovector", "random", "other_task", "intact"]:
+                if fam not in fams:
+                    continue
+                for group in [None, *_GROUPS]:
+                    s = inter.summary(fams[fam], group=group)
+                    rows.append({"setting": setting, "condition": fam, "group": group or "all"} | s)
         return pd.DataFrame(rows)
 
     # --- figures ---------------------------------------------------------------------------
@@ -234,6 +256,7 @@ class RelationalResult:
             intervention=InterventionResult.from_dict(d["intervention"]),
             ablation=None if d["ablation"] is None else AblationResult.from_dict(d["ablation"]),
             sweep=None if d["sweep"] is None else SweepResult.from_dict(d["sweep"]),
+            tuned=None if d.get("tuned") is None else InterventionResult.from_dict(d["tuned"]),
             config=data["config"],
             notes=tuple(data["notes"]),
         )
@@ -242,6 +265,7 @@ class RelationalResult:
         """The markdown report (headline table, stages, controls, ablation)."""
         return report(self)
 
-    def headline(self) -> str:
-        """The headline table as markdown (o-vector beside its controls)."""
-        return headline_table(self)
+    def headline(self, group: str | None = None, tuned: bool = False) -> str:
+        """The headline table as markdown (o-vector beside its controls), over all contexts or
+        one ``group`` (``"in_domain"`` / ``"held_out"``), of the default or ``tuned`` run."""
+        return headline_table(self, group, tuned=tuned)

@@ -10,13 +10,15 @@ argument into the answer (FFN attribution).
 
 Stage rules (:meth:`Trajectory.stages`), on the mean reciprocal-rank curves ``A[l]`` (argument)
 and ``B[l]`` (answer) of the items answered correctly whose argument and answer start with
-different tokens:
+different tokens. A token is *visible* at a layer when its mean reciprocal rank is at least
+``visible`` (default 0.05, a mean rank of about 20 or better); below that, which curve is ahead is
+noise among ranks in the thousands and decides nothing.
 
 - function-application layer ``f``: the first layer from which the answer stays ahead, i.e. the
-  smallest ``l`` with ``B[m] > A[m]`` for every ``m >= l`` (the last crossing of the X, so noise
-  among near-zero early ranks cannot trigger it);
-- argument-formation layer: the layer before ``f`` where ``A`` peaks (the earliest on ties); None
-  when ``f`` is 0;
+  smallest ``l`` with ``B[m] > A[m]`` for every ``m >= l``, at which the answer is visible
+  (``B[l] >= visible``) -- the last crossing of the X;
+- argument-formation layer: the layer before ``f`` where ``A`` peaks (the earliest on ties), if
+  the argument is visible there; otherwise None (no argument stage);
 - saturation layer: the first ``l >= f`` with ``B[l] >= saturation * B[-1]`` (default 0.9).
 
 Ranks are 0-based (rank 0 is the top token); the reciprocal rank is ``1 / (rank + 1)``.
@@ -106,23 +108,29 @@ class Trajectory:
         """Mean reciprocal rank of the answer per layer over :attr:`included` items."""
         return _mean_rr(self.answer_rank, self.included)
 
-    def stages(self, saturation: float = 0.9) -> Stages:
+    def stages(self, saturation: float = 0.9, visible: float = 0.05) -> Stages:
         """Argument-formation, function-application and saturation layers (module docstring).
 
         All three are None when no correctly answered item has distinct argument and answer
-        tokens (e.g. a copying task whose argument is its answer).
+        tokens (e.g. a copying task whose argument is its answer), or when the answer does not
+        end ahead and visible.
         """
         if not 0.0 < saturation <= 1.0:
             raise ValueError(f"saturation is a fraction in (0, 1], got {saturation!r}.")
+        if not 0.0 <= visible <= 1.0:
+            raise ValueError(f"visible is a reciprocal rank in [0, 1], got {visible!r}.")
         if not (self.correct & self.distinct).any():
             return Stages(None, None, None)
         a, b = self.argument_rr(), self.answer_rr()
         ahead = b > a
-        if not ahead[-1]:
-            return Stages(None, None, None)
         behind = np.flatnonzero(~ahead)
-        f = int(behind[-1]) + 1 if behind.size else 0
-        arg = int(np.argmax(a[:f])) if f > 0 else None
+        start = int(behind[-1]) + 1 if behind.size else 0
+        shown = np.flatnonzero(b[start:] >= visible)
+        if not shown.size:
+            return Stages(None, None, None)
+        f = start + int(shown[0])
+        peak = int(np.argmax(a[:f])) if f > 0 else None
+        arg = peak if peak is not None and a[peak] >= visible else None
         reached = np.flatnonzero(b[f:] >= saturation * b[-1])
         sat = f + int(reached[0]) if reached.size else None
         return Stages(arg, f, sat)

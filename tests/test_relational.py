@@ -75,7 +75,17 @@ def test_ablation_and_sweep_are_included(result):
     assert result.ablation is not None and result.ablation.tasks == ("capitals",)
     assert [len(r) for r in result.ablation.removed] == [0, 1, 1, 2, 2, 3, 3]
     assert result.sweep is not None and result.sweep.conditions == ("ovector", "random_0")
-    assert result.to_json()["sweep"]["best_scale"] in (1.0, 2.0)
+    # The cell is chosen on the in-domain contexts, then every condition reruns there on all.
+    n_in = sum(g == "in_domain" for g in result.intervention.groups)
+    assert result.sweep.n_contexts == n_in > 0
+    (start, stop), scale = result.sweep.best("ovector", "mrr")
+    assert result.tuned is not None and result.tuned.layers == tuple(range(start, stop))
+    assert result.tuned.scale == scale and result.tuned.contexts == result.intervention.contexts
+    assert result.tuned.conditions == result.intervention.conditions
+    sweep = result.to_json()["sweep"]
+    assert sweep["chosen_on"] == "in_domain" and sweep["best_scale"] == scale
+    assert set(sweep["controls"]) == {"random", "other_task", "intact"}
+    assert set(result.to_frame()["setting"]) == {"default", "tuned"}
 
 
 def test_save_load_roundtrip(result, tmp_path):

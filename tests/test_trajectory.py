@@ -85,6 +85,16 @@ def test_stage_rules_on_a_planted_x():
     assert _planted(arg, ans).stages(saturation=0.5).saturation_layer == 4
 
 
+def test_invisible_tokens_do_not_decide_the_crossing():
+    # Neither token is visible before layer 5; the answer is ahead there only by noise.
+    arg = [1 / 5000, 1 / 3000, 1 / 4000, 1 / 2000, 1 / 1000, 1 / 900, 1 / 500, 1 / 3]
+    ans = [1 / 4000, 1 / 2500, 1 / 3000, 1 / 1500, 1 / 800, 1 / 10, 1 / 3, 1 / 1]
+    assert _planted(arg, ans).stages() == mp.Stages(None, 5, 7)  # no argument stage
+    assert _planted(arg, ans).stages(visible=0.0) == mp.Stages(None, 0, 7)
+    with pytest.raises(ValueError, match="visible"):
+        _planted(arg, ans).stages(visible=2.0)
+
+
 def test_stage_rules_when_answer_leads_from_the_start_and_when_it_never_does():
     st = _planted([1 / 9, 1 / 9, 1 / 9], [1 / 2, 1 / 1, 1 / 1]).stages()
     assert st == mp.Stages(None, 0, 1)  # extractive-like: no argument stage
