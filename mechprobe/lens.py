@@ -1,10 +1,12 @@
 """The logit lens: decode every layer's residual stream (or a component's write) as if it were last.
 
-:func:`logit_lens` runs the prompts once, keeps only the activations it will decode (never a full
-``[batch, layers, positions, vocab]`` tensor), and reads them through the model's own final norm and
-unembedding in chunks. Targets of several tokens are scored by teacher forcing: the prompt is run
-with the target appended and each layer's lens gives the summed log-probability of the whole target.
-The result is a :class:`~mechprobe.lens_result.LensResult` (frame, figures, JSON / npz files).
+:func:`logit_lens` runs the prompts once through :func:`mechprobe.run`, with one small intervention
+per decoded site that keeps only the vectors it will decode (never a full ``[batch, layers,
+positions, vocab]`` tensor), and reads them through the model's own final norm and unembedding
+(:class:`~mechprobe.lens_readout.Readout`) in fixed-size chunks. Targets of several tokens are scored
+by teacher forcing: the prompt is run with the target appended and each layer's lens gives the
+summed log-probability of the whole target. The result is a
+:class:`~mechprobe.lens_result.LensResult` (frame, figures, JSON / npz files).
 
 Example:
     >>> import mechprobe as mp
@@ -22,13 +24,13 @@ from typing import Any, get_args
 
 import numpy as np
 import torch
-from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechprobe.batching import PaddingSide, PositionSpec
 from mechprobe.hooks import Intervention
 from mechprobe.lens_plan import TargetSpec, lens_entries, make_plan, normalise_targets
+from mechprobe.lens_readout import Readout
 from mechprobe.lens_result import LensResult
 from mechprobe.runner import run
 from mechprobe.sites import Site, SiteKind, SiteLike
@@ -61,91 +63,6 @@ class _Gather(Intervention):
         return None
 
 
-def _logits(model: Any, x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n vocab"]:
-    """The model's own readout: final norm, unembedding and any post-unembedding transform."""
-    logits = model.unembed(model.ln_final(x[None]))[0]
-    transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
-    if callable(transform):  # identity for Llama; softcaps and logit scales elsewhere
-        logits = transform(logits)
-    return logits.float()
-
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise dot product ``[n, v] x [n, v] -> [n]`` without an ``[n, v]`` temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).flatten()
-
-
-def _full_stats(z: Tensor, p_f: Tensor, a_f: Tensor, ids: Tensor, top_k: int) -> dict[str, Tensor]:
-    """Statistics of logits ``z [g*c, V]`` (g entries x c queries) against the final ``p_f [c, V]``.
-
-    Entropy ``H = lse - <p, z>`` and ``KL(final || lens) = <p_f, log p_f> - <p_f, z> + lse`` need
-    one softmax and two dot products per row, instead of materialising log-probabilities.
-    """
-    c = p_f.shape[0]
-    g = z.shape[0] // c
-    top = torch.topk(z, top_k, dim=-1)
-    p = torch.softmax(z, dim=-1)
-    # lse from the top token: z_max - log p_max, exact up to rounding since p_max >= 1/V.
-    lse = top.values[:, 0] - p.gather(1, top.indices[:, :1]).squeeze(1).log()
-    entropy = lse - _dot(p, z)
-    del p
-    kl = torch.cat([a_f - _dot(p_f, z[e * c : (e + 1) * c]) for e in range(g)]) + lse
-    safe = ids.clamp(min=0).repeat(g, 1).to(z.device)  # [g*c, T]
-    z_t = z.gather(1, safe)
-    rank = torch.zeros(z_t.shape, dtype=torch.long, device=z.device)
-    for t in range(ids.shape[1]):  # one [n, V] comparison at a time bounds the memory
-        rank[:, t] = (z > z_t[:, t : t + 1]).sum(-1, dtype=torch.int32)
-    return {
-        "top_ids": top.indices,
-        "top_probs": (top.values - lse[:, None]).exp(),
-        "entropy": entropy,
-        "kl": kl.clamp(min=0.0),
-        "rank": rank,
-        "logprob": z_t - lse[:, None],
-    }
-
-
-def _decode_grid(
-    model: Any, vecs: list[Tensor], final: Tensor, ids: Tensor, top_k: int, chunk: int
-) -> dict[str, Tensor]:
-    """Full statistics for every entry's vectors ``vecs[e] [n, d]``, shaped ``[n, E, ...]``."""
-    n, n_entries = final.shape[0], len(vecs)
-    per = max(1, min(n, chunk))
-    group = max(1, chunk // per)
-    parts: list[dict[str, Tensor]] = []
-    for s in range(0, n, per):
-        zf = _logits(model, final[s : s + per])
-        p_f = torch.softmax(zf, dim=-1)
-        a_f = _dot(p_f, torch.log_softmax(zf, dim=-1))
-        del zf
-        cols: list[dict[str, Tensor]] = []
-        for e0 in range(0, n_entries, group):
-            x = torch.cat([v[s : s + per] for v in vecs[e0 : e0 + group]])
-            stats = _full_stats(_logits(model, x), p_f, a_f, ids[s : s + per], top_k)
-            g, c = x.shape[0] // p_f.shape[0], p_f.shape[0]
-            cols.append({k: v.reshape(g, c, *v.shape[1:]) for k, v in stats.items()})
-        parts.append({k: torch.cat([c[k] for c in cols]).transpose(0, 1) for k in cols[0]})
-    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-
-
-def _decode_tokens(model: Any, vecs: list[Tensor], tokens: Tensor, chunk: int) -> Tensor:
-    """Log-probability of ``tokens [n]`` under each entry's lens: ``[n, E]``."""
-    n = tokens.shape[0]
-    per = max(1, min(n, chunk))
-    group = max(1, chunk // per)
-    parts = []
-    for s in range(0, n, per):
-        cols = []
-        for e0 in range(0, len(vecs), group):
-            x = torch.cat([v[s : s + per] for v in vecs[e0 : e0 + group]])
-            z = _logits(model, x)
-            tok = tokens[s : s + per].repeat(x.shape[0] // min(per, n - s)).to(z.device)
-            lp = z.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
-            cols.append(lp.reshape(-1, min(per, n - s)))
-        parts.append(torch.cat(cols).T)
-    return torch.cat(parts)
-
-
 def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
@@ -170,12 +87,14 @@ def logit_lens(
 ) -> LensResult:
     """Decode each layer's activations through the model's final norm and unembedding.
 
-    One forward pass (in chunks of ``batch_size`` rows) serves every layer and target. Each decoded
-    vector goes through ``model.ln_final`` then ``model.unembed`` (and the architecture's
-    post-unembedding transform, if any), exactly the path of the model's own logits, so the last
-    layer's ``resid_post`` reproduces the model's output distribution. Vectors are decoded
-    ``chunk_size`` at a time: peak memory holds a few ``[chunk_size, vocab]`` tensors, never
-    ``[batch, layers, positions, vocab]``.
+    One forward pass (in chunks of ``batch_size`` rows) serves every layer and target; it stops
+    after the last block, whose output the lens decodes itself. Each decoded vector goes through
+    ``model.ln_final``, the unembedding's own ``W_U`` and ``b_U`` and the architecture's
+    post-unembedding transform (identity for Llama), exactly the path of the model's logits, so
+    the last layer's ``resid_post`` reproduces the model's output distribution. Vectors are decoded
+    ``chunk_size`` at a time into buffers made once: peak memory holds about three
+    ``[chunk_size, vocab]`` float buffers, never ``[batch, layers, positions, vocab]``. Hooks a user
+    put on ``ln_final`` apply; hooks on ``unembed`` do not (its weights are read directly).
 
     Args:
         model: A TransformerLens model (``TransformerBridge``) with a tokenizer.
@@ -195,7 +114,7 @@ def logit_lens(
             those of its first token. Nothing is truncated.
         top_k: Tokens kept per decoded vector, with their probabilities.
         batch_size: Rows per forward pass.
-        chunk_size: Vectors per unembedding matmul (peak memory ~ 3 x chunk_size x vocab floats).
+        chunk_size: Vectors per unembedding matmul (buffers: ~3 x chunk_size x vocab floats).
         padding_side: Padding of the batch; results do not depend on it.
         progress: Show a progress bar over forward chunks.
 
@@ -244,6 +163,7 @@ def logit_lens(
     rank = torch.full((n_b, n_e, n_k, n_t), -1, dtype=torch.long)
     logprob = torch.full((n_b, n_e, n_k, n_t), nan)
     cont_lp = torch.zeros((n_b, n_e, n_t))
+    readout = Readout(model, chunk_size)
     q_b, q_k = np.nonzero(plan.grid >= 0)
     q_row = plan.row_of_prompt[q_b]
     with torch.no_grad():
@@ -273,7 +193,7 @@ def logit_lens(
                 ids = torch.as_tensor(plan.first_ids[gb])
                 final = vecs[run_sites.index(final_site)][:n_g]
                 grid_vecs = [v[:n_g] for v in vecs[:n_e]]
-                stats = _decode_grid(model, grid_vecs, final, ids, top_k, chunk_size)
+                stats = readout.grid(grid_vecs, final, ids, top_k)
                 b_t, k_t = torch.as_tensor(gb), torch.as_tensor(gk)
                 top_ids[b_t, :, k_t] = stats["top_ids"].cpu()
                 top_probs[b_t, :, k_t] = stats["top_probs"].cpu()
@@ -283,7 +203,7 @@ def logit_lens(
                 logprob[b_t, :, k_t] = stats["logprob"].cpu()
             if len(cont):
                 tokens = torch.as_tensor(cont[:, 2])
-                lp = _decode_tokens(model, [v[n_g:] for v in vecs[:n_e]], tokens, chunk_size)
+                lp = readout.token_logprobs([v[n_g:] for v in vecs[:n_e]], tokens)
                 index = (torch.as_tensor(cont[:, 3]), torch.as_tensor(cont[:, 4]))
                 cont_lp.permute(0, 2, 1).index_put_(index, lp.cpu(), accumulate=True)
     missing = torch.as_tensor(plan.first_ids < 0)  # [B, T]: prompts with fewer targets

@@ -96,6 +96,21 @@ def test_component_writes_are_decoded_on_their_own(tiny):
             np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
+def test_readout_is_the_models_own_final_norm_and_unembedding(tiny):
+    from mechprobe.lens_readout import Readout
+
+    x = torch.randn(11, tiny.cfg.d_model) * 3
+    readout = Readout(tiny, chunk=4)
+    with torch.no_grad():
+        ref = tiny.unembed(tiny.ln_final(x[None]))[0]
+        for s in range(0, 11, 4):  # buffers are reused: each chunk must still be right
+            torch.testing.assert_close(readout.logits(x[s : s + 4]), ref[s : s + 4])
+        lp = readout.token_logprobs([x, x * 0.5], torch.arange(11))
+        for e, scale in enumerate([1.0, 0.5]):
+            want = tiny.unembed(tiny.ln_final(x[None] * scale))[0].log_softmax(-1)
+            torch.testing.assert_close(lp[:, e], want[torch.arange(11), torch.arange(11)])
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_batched_with_padding_equals_one_prompt_at_a_time(tiny, side):
     targets = [[" fox", "x"], [" there"], ["!", " ab"]]  # multi-token targets (byte tokenizer)

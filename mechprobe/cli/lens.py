@@ -67,7 +67,8 @@ def add_parser(sub: Any) -> None:
         "--positions",
         type=_positions,
         default=-1,
-        help="'all', an int or comma-separated ints; -1 = last token (default)",
+        help="'all', an int or comma-separated ints; -1 = last token (default); write lists "
+        "that start with a minus as --positions=-3,-1",
     )
     parser.add_argument("--top-k", type=int, default=10, help="tokens kept per cell (default 10)")
     parser.add_argument(
