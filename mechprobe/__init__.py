@@ -20,11 +20,7 @@ from mechprobe.batching import Batch, tokenize, tokenize_with_targets
 from mechprobe.datasets import ProbingDataset, pos_dataset
 from mechprobe.erasure_sweep import ErasureSweep, fit_erasure, layer_sweep
 from mechprobe.ffn_ablation import AblationResult, ffn_ablation
-from mechprobe.ffn_intervention import (
-    InterventionResult,
-    intervention_contexts,
-    ovector_intervention,
-)
+from mechprobe.ffn_intervention import InterventionResult, ovector_intervention
 from mechprobe.hooks import Ablate, Add, Capture, Intervention, Project, Replace, intervene
 from mechprobe.label_files import load_labels
 from mechprobe.layerwise import ProbeResult, probe_layers
@@ -42,6 +38,7 @@ from mechprobe.projection import (
     identity_projection,
     random_projection,
 )
+from mechprobe.random_contexts import intervention_contexts
 from mechprobe.relational import RelationalResult, relational_analysis
 from mechprobe.runner import RunResult, run
 from mechprobe.scalar_mix import CumulativeScores, ScalarMixProbe, cumulative_scores

@@ -4,7 +4,7 @@ Merullo et al. test whether an o-vector applies its relation out of context: on 
 words that contains an argument, ``"table mug free China table mug free China table mug free"``,
 the model predicts the argument again (``" China"``); replacing the FFN outputs of a range of
 layers with o should make it predict the answer (``" Beijing"``) instead.
-:func:`intervention_contexts` builds such contexts deterministically, and
+:func:`mechprobe.intervention_contexts` builds such contexts deterministically, and
 :func:`ovector_intervention` runs the intact model and every vector (the o-vector and its controls)
 on the same contexts, recording for each the answer's rank and the top token at the last position.
 
@@ -34,51 +34,9 @@ from mechprobe.runner import run
 from mechprobe.scoring import _first_token_ids
 from mechprobe.sites import Positions, Site, resolve_site
 
-__all__ = ["FILLER_WORDS", "InterventionResult", "intervention_contexts", "ovector_intervention"]
+__all__ = ["InterventionResult", "ovector_intervention"]
 
 Mode = Literal["replace", "add"]
-
-#: Neutral filler words for the random contexts: no countries, cities, colours or verbs in the
-#: built-in tasks, so no filler word is itself an argument or an answer.
-FILLER_WORDS: tuple[str, ...] = (
-    "table", "mug", "free", "lamp", "pencil", "cloud", "garden", "button", "ticket", "basket",
-    "window", "spoon", "blanket", "ladder", "pillow", "bottle", "carpet", "engine", "marble",
-    "candle", "jacket", "wallet", "tunnel", "puzzle", "hammer", "rocket", "feather", "cookie",
-    "helmet", "violin", "anchor", "bucket", "kettle", "lantern", "magnet", "napkin", "orbit",
-    "paddle", "saddle", "tissue",
-)  # fmt: skip
-
-
-def intervention_contexts(
-    arguments: Sequence[str],
-    *,
-    seed: int = 0,
-    n_filler: int = 3,
-    repeats: int = 2,
-    words: Sequence[str] = FILLER_WORDS,
-) -> list[str]:
-    """One random-word context per argument, Merullo et al.'s pattern: ``F arg F arg F``.
-
-    ``F`` is ``n_filler`` distinct words drawn (seeded) from ``words``; the block ``F arg`` repeats
-    ``repeats`` times and the context ends with ``F``, so an induction-following model predicts the
-    argument next.
-
-    Example:
-        >>> intervention_contexts([" China"], words=["table", "mug", "free"], seed=0)[0].count("China")
-        2
-    """
-    if not 1 <= n_filler <= len(words):
-        raise ValueError(f"n_filler must be between 1 and {len(words)} (the number of words).")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}.")
-    rng = np.random.default_rng(seed)
-    out = []
-    for arg in arguments:
-        if not isinstance(arg, str) or not arg.strip():
-            raise ValueError(f"Arguments must be non-empty strings, got {arg!r}.")
-        filler = " ".join(words[int(i)] for i in rng.choice(len(words), n_filler, replace=False))
-        out.append(" ".join([filler, arg.strip()] * repeats + [filler]))
-    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -202,30 +160,41 @@ class InterventionResult:
             )
         return pd.concat(rows, ignore_index=True)
 
-    def plot(self) -> Figure:
-        """Top-1 rate and mean reciprocal rank of the answer per condition (seeds pooled)."""
+    def plot(self, axes: Sequence[Any] | None = None) -> Figure:
+        """Top-1 rate and mean reciprocal rank of the answer per condition (seeds pooled), one
+        bar per context group (in-domain / held-out) when the contexts have groups."""
         fams = self.families()
         names = list(fams)
-        summaries = [self.summary(fams[n]) for n in names]
-        fig = Figure(figsize=(7, 3.2))
-        for k, (key, label) in enumerate([("top1", "answer top-1 rate"), ("mrr", "answer MRR")]):
-            ax = fig.add_subplot(1, 2, k + 1)
-            values = [s[f"{key}_after"] for s in summaries]
-            colors = ["grey" if n == "intact" else "tab:green" if n == "ovector" else "tab:red"
-                      for n in names]  # fmt: skip
-            ax.bar(range(len(names)), values, color=colors)
-            ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        groups: list[str | None] = [g for g in ("in_domain", "held_out") if g in self.groups]
+        groups = groups or [None]
+        if axes is None:
+            fig = Figure(figsize=(8, 3.2), layout="constrained")
+            axes = list(fig.subplots(1, 2))
+        else:
+            fig = axes[0].figure
+        width = 0.8 / len(groups)
+        x = np.arange(len(names))
+        for ax, key, label in zip(
+            axes, ("top1", "mrr"), ("answer top-1 rate", "answer MRR"), strict=True
+        ):
+            for j, group in enumerate(groups):
+                values = [self.summary(fams[n], group=group)[f"{key}_after"] for n in names]
+                shift = (j - (len(groups) - 1) / 2) * width
+                ax.bar(x + shift, values, width, label=(group or "all").replace("_", "-"))
+                for i, v in enumerate(values):
+                    if np.isfinite(v):
+                        ax.text(i + shift, v + 0.02, f"{v:.2f}", ha="center", fontsize=6)
+            ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
             ax.set_ylim(0, 1)
             ax.set_ylabel(label)
-            for i, v in enumerate(values):
-                ax.text(i, v + 0.02, f"{v:.2f}", ha="center", fontsize=7)
-        lay = f"{self.layers[0]}-{self.layers[-1]}" if self.layers else "none"
-        fig.suptitle(
+        axes[0].legend(fontsize=7)
+        lay = f"{self.layers[0]}-{self.layers[-1]}" if len(self.layers) > 1 else str(self.layers[0])
+        axes[0].set_title(
             f"{self.mode} FFN output, layers {lay}, scale {self.scale:g}, "
             f"{len(self.contexts)} contexts",
-            fontsize=9,
+            fontsize=8,
+            loc="left",
         )
-        fig.tight_layout()
         return fig
 
     def to_dict(self) -> dict[str, Any]:

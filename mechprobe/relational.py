@@ -32,9 +32,10 @@ import torch
 from tqdm.auto import tqdm
 
 from mechprobe.ffn_ablation import Method, ffn_ablation
-from mechprobe.ffn_intervention import Mode, intervention_contexts, ovector_intervention
+from mechprobe.ffn_intervention import Mode, ovector_intervention
 from mechprobe.ovector import OVector, _model_name, extract_ovector, random_ovector
 from mechprobe.ovector_sweep import ovector_sweep
+from mechprobe.random_contexts import intervention_contexts
 from mechprobe.relational_result import RelationalResult
 from mechprobe.scoring import _as_task, _forced_pass
 from mechprobe.sites import Positions

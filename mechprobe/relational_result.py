@@ -196,8 +196,13 @@ class RelationalResult:
         return self.trajectory.plot(self.stages)
 
     def plot_intervention(self) -> Figure:
-        """Top-1 rate and MRR of the answer under the o-vector and each control."""
-        return self.intervention.plot()
+        """Top-1 rate and MRR of the answer under the o-vector and each control, in-domain and
+        held-out; a second row for the sweep's best cell when a sweep was run."""
+        runs = [self.intervention] + ([self.tuned] if self.tuned is not None else [])
+        fig = Figure(figsize=(8, 3.0 * len(runs)), layout="constrained")
+        for inter, row in zip(runs, fig.subplots(len(runs), 2, squeeze=False), strict=True):
+            inter.plot(axes=list(row))
+        return fig
 
     def plot_ablation(self, relative: bool = False) -> Figure:
         """Accuracy as FFNs are removed top-down (raises if the ablation was not run)."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mechprobe as mp
-from mechprobe.ffn_intervention import FILLER_WORDS
+from mechprobe.random_contexts import FILLER_WORDS
 
 ARGS = [" Poland", " Chile", " Japan"]
 ANSWERS = [" Warsaw", " Santiago", " Tokyo"]
