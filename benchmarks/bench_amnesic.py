@@ -13,6 +13,7 @@ PROMPTS = [
     f"Q: What is the capital of {c}?\nA:" for c in ["France", "Poland", "Japan", "Chile"]
 ] * 8
 LAYER = 20
+ROUNDS = 2
 
 
 def run(ctx: Any) -> list[dict[str, Any]]:
@@ -42,7 +43,7 @@ def run(ctx: Any) -> list[dict[str, Any]]:
 
         # Interleaved, so drift on a shared machine hits both sides alike.
         base, with_hook = [], []
-        for _ in range(3):
+        for _ in range(ROUNDS):
             base.append(ctx.time(plain, repeat=3))
             with_hook.append(ctx.time(hooked, repeat=3))
         forward, erased = statistics.median(base), statistics.median(with_hook)

@@ -302,7 +302,7 @@ class AmnesicResult:
         n = len(panels) + int(probing)
         if n == 0:
             raise ValueError("This result holds no measures to plot; pass text=, task= or probe=.")
-        fig = Figure(figsize=(3.2 * n + (1.5 if probing else 0), 3.4))
+        fig = Figure(figsize=(max(6.0, 3.2 * n + (1.5 if probing else 0)), 3.8))
         widths = [1.0] * len(panels) + ([1.8] if probing else [])
         axes = fig.subplots(1, n, squeeze=False, gridspec_kw={"width_ratios": widths})[0]
         for ax, metric in zip(axes, panels, strict=False):
@@ -311,8 +311,8 @@ class AmnesicResult:
             self._information(axes[-1])
         where = "all positions" if self.positions is None else f"positions {self.positions}"
         fig.suptitle(
-            f"{self.method} erasure of {self.n_removed}/{self.dim} directions at {self.site} "
-            f"({where})",
+            f"{self.method} erasure of {self.n_removed}/{self.dim} directions\n"
+            f"at {self.site} ({where})",
             fontsize=10,
         )
         fig.tight_layout()

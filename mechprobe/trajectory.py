@@ -205,6 +205,7 @@ class Trajectory:
                 label="argument (resid_post - mlp_out)")  # fmt: skip
         ax.plot(x, _mean_rr(self.answer_rank_no_ffn, m), ":", color="tab:orange",
                 label="answer (resid_post - mlp_out)")  # fmt: skip
+        marks: dict[int, list[str]] = {}
         for layer, name, style in [
             (stages.argument_layer, "argument", "--"),
             (stages.function_layer, "function", "-"),
@@ -212,7 +213,11 @@ class Trajectory:
         ]:
             if layer is not None:
                 ax.axvline(layer, color="grey", linestyle=style, linewidth=1)
-                ax.text(layer, 1.02, name, rotation=90, va="bottom", ha="center", fontsize=7)
+                marks.setdefault(layer, []).append(name)
+        for layer, names in marks.items():  # one label per layer, stages sharing it joined
+            ax.text(
+                layer, 1.02, " = ".join(names), rotation=90, va="bottom", ha="center", fontsize=7
+            )
         ax.set_xlabel("layer (resid_post, last prompt token)")
         ax.set_ylabel("mean reciprocal rank")
         ax.set_ylim(0, 1.0)

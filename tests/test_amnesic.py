@@ -19,8 +19,6 @@ from mechprobe._amnesic_information import _last_token
 from mechprobe._amnesic_metrics import Condition
 from mechprobe.amnesic import amnesic, control_projections
 from mechprobe.amnesic_result import AmnesicMeasure, AmnesicResult
-from mechprobe.datasets import ProbingDataset
-from mechprobe.erasure_sweep import ErasureSweep, layer_sweep
 from mechprobe.scoring import score_task
 
 TEXTS = ["Hello there, friend.", "Hi", "The cat sat on the mat."]
@@ -36,6 +34,7 @@ REQUIRED = [
     "task_accuracy_after",
     "random_control_task_accuracy",
 ]
+CONDITIONS = [("original", None), ("erased", None), ("random", 0), ("random", 1)]
 
 
 @pytest.fixture(scope="module")
@@ -212,18 +211,16 @@ def test_result_json_has_every_key_and_round_trips(tiny: Any, task: mp.Task, tmp
 
 
 def test_effect_and_selectivity_follow_their_definitions() -> None:
-    measures = (
-        AmnesicMeasure("task_accuracy", "original", 0.9),
-        AmnesicMeasure("task_accuracy", "erased", 0.3),
-        AmnesicMeasure("task_accuracy", "random", 0.8, seed=0),
-        AmnesicMeasure("task_accuracy", "random", 0.6, seed=1),
-        AmnesicMeasure("lm_loss", "original", 2.0),
-        AmnesicMeasure("lm_loss", "erased", 2.5),
-        AmnesicMeasure("lm_loss", "random", 2.1, seed=0),
-        AmnesicMeasure("lm_loss", "random", 2.1, seed=1),
-        AmnesicMeasure("lm_kl", "erased", 0.4),
-        AmnesicMeasure("lm_kl", "random", 0.1, seed=0),
-        AmnesicMeasure("lm_kl", "random", 0.3, seed=1),
+    table = {  # metric: (original, erased, random seed 0, random seed 1)
+        "task_accuracy": (0.9, 0.3, 0.8, 0.6),
+        "lm_loss": (2.0, 2.5, 2.1, 2.1),
+        "lm_kl": (None, 0.4, 0.1, 0.3),
+    }
+    measures = tuple(
+        AmnesicMeasure(metric, cond, value, seed=seed)
+        for metric, values in table.items()
+        for (cond, seed), value in zip(CONDITIONS, values, strict=True)
+        if value is not None
     )
     r = AmnesicResult("blocks.0.hook_resid_post", 0, None, "inlp", 3, 8, measures)
     assert r.effect("task_accuracy", "random") == pytest.approx((0.2, np.std([0.1, 0.3], ddof=1)))
@@ -266,7 +263,7 @@ def letters() -> mp.ProbingDataset:
     """Which letter a text ends with (3 classes), read at the last token: linearly decodable."""
     texts = [f"{w} {m} {c}" for w in WORDS for m in ("so", "now") for c in "abc"]
     labels = [c for _ in WORDS for _ in ("so", "now") for c in "abc"]
-    return ProbingDataset("letters", tuple(texts), tuple(labels))
+    return mp.ProbingDataset("letters", tuple(texts), tuple(labels))
 
 
 def test_reprobed_activations_equal_the_projected_cache(
@@ -343,50 +340,6 @@ def test_mlp_probe_and_word_level_data(tiny: Any) -> None:
         amnesic(tiny, "blocks.0.hook_resid_post", projection, probe=data, positions=-1, mlp=False)
     with pytest.raises(ValueError, match="below the erased layer"):
         amnesic(tiny, mp.Site("resid_post", 1), projection, probe=data, probe_layers=[0])
-
-
-def test_layer_sweep_fits_and_measures_each_layer(
-    tiny: Any, letters: mp.ProbingDataset, tmp_path: Any
-) -> None:
-    sweep = layer_sweep(
-        tiny, letters, [0, 2], "leace", text=TEXTS[:1], probe=letters, n_random=1, batch_size=32
-    )
-    assert sweep.layers == [0, 2]
-    assert all(r.n_removed == 2 for r in sweep.results)  # 3 classes: LEACE erases 2 directions
-    effects = sweep.effects()
-    assert set(effects["metric"]) == {"lm_accuracy", "lm_loss", "lm_kl"}
-    assert (effects.loc[effects["metric"] == "lm_kl", "erased"] > 0).all()
-    assert isinstance(sweep.plot(), Figure)
-    back = ErasureSweep.load(sweep.save(tmp_path / "sweep.json"))
-    assert back.results == sweep.results
-
-
-def test_cli_erase_writes_projection_result_and_figures(tmp_path: Any) -> None:
-    from mechprobe.cli import main
-
-    out = tmp_path / "erase"
-    argv = ["erase", "--model", "tiny", "--dataset", "country", "--n-countries", "3"]
-    argv += ["--site", "blocks.{l}.hook_resid_post", "--layers", "0,1", "--method", "leace"]
-    argv += ["--out", str(out), "--n-texts", "2", "--n-random", "1", "--no-mlp", "--shots", "1"]
-    assert main(argv) == 0
-    for layer in (0, 1):
-        folder = out / f"blocks.{layer}.hook_resid_post"
-        record = json.loads((folder / "result.json").read_text())
-        assert not [k for k in REQUIRED if k not in record]
-        assert record["n_removed"] == 2  # LEACE on 3 countries
-        assert record["task_accuracy_before"] is not None
-        assert record["probe_accuracy_before"] is not None
-        projection = mp.Projection.load(folder / "projection.safetensors")
-        assert projection.n_removed == 2 and projection.method == "leace"
-        assert (folder / "amnesic.png").stat().st_size > 0
-    assert ErasureSweep.load(out / "sweep.json").layers == [0, 1]
-    assert (out / "sweep.png").exists()
-    assert (
-        main(
-            ["erase", "--model", "tiny", "--site", "blocks.{l}.hook_resid_post", "--out", str(out)]
-        )
-        == 2
-    )
 
 
 @pytest.mark.integration

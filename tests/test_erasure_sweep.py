@@ -1,0 +1,78 @@
+"""Layer sweeps of amnesic probing and the ``mechprobe erase`` command, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from matplotlib.figure import Figure
+
+import mechprobe as mp
+from mechprobe.erasure_sweep import ErasureSweep, layer_sweep
+
+TEXTS = ["Hello there, friend.", "Hi"]
+REQUIRED = [
+    "n_removed",
+    "probe_accuracy_before",
+    "probe_accuracy_after",
+    "majority_baseline",
+    "random_control_probe_accuracy",
+    "lm_kl",
+    "random_control_lm_kl",
+    "task_accuracy_before",
+    "task_accuracy_after",
+    "random_control_task_accuracy",
+]
+
+
+@pytest.fixture(scope="module")
+def letters() -> mp.ProbingDataset:
+    """Which letter a text ends with (3 classes), read at the last token."""
+    words = ["red", "blue", "cat", "dog", "sun", "sky", "old", "new", "big", "hot"]
+    texts = [f"{w} {m} {c}" for w in words for m in ("so", "now") for c in "abc"]
+    labels = [c for _ in words for _ in ("so", "now") for c in "abc"]
+    return mp.ProbingDataset("letters", tuple(texts), tuple(labels))
+
+
+def test_layer_sweep_fits_and_measures_each_layer(
+    tiny: Any, letters: mp.ProbingDataset, tmp_path: Any
+) -> None:
+    sweep = layer_sweep(
+        tiny, letters, [0, 2], "leace", text=TEXTS[:1], probe=letters, n_random=1, batch_size=32
+    )
+    assert sweep.layers == [0, 2]
+    assert all(r.n_removed == 2 for r in sweep.results)  # 3 classes: LEACE erases 2 directions
+    effects = sweep.effects()
+    assert set(effects["metric"]) == {"lm_accuracy", "lm_loss", "lm_kl"}
+    assert (effects.loc[effects["metric"] == "lm_kl", "erased"] > 0).all()
+    for r in sweep.results:  # LEACE guards the erased layer against a fresh linear probe
+        after = r.values("probe_accuracy", "erased", site=r.site, probe="linear")[0]
+        assert r.majority_baseline is not None and after <= r.majority_baseline + 0.2
+    assert isinstance(sweep.plot(), Figure)
+    back = ErasureSweep.load(sweep.save(tmp_path / "sweep.json"))
+    assert back.results == sweep.results
+
+
+def test_cli_erase_writes_projection_result_and_figures(tmp_path: Any) -> None:
+    from mechprobe.cli import main
+
+    out = tmp_path / "erase"
+    argv = ["erase", "--model", "tiny", "--dataset", "country", "--n-countries", "3"]
+    argv += ["--site", "blocks.{l}.hook_resid_post", "--layers", "0,1", "--method", "leace"]
+    argv += ["--out", str(out), "--n-texts", "2", "--n-random", "1", "--no-mlp", "--shots", "1"]
+    assert main(argv) == 0
+    for layer in (0, 1):
+        folder = out / f"blocks.{layer}.hook_resid_post"
+        record = json.loads((folder / "result.json").read_text())
+        assert not [k for k in REQUIRED if k not in record]
+        assert record["n_removed"] == 2  # LEACE on 3 countries
+        assert record["task_accuracy_before"] is not None
+        assert record["probe_accuracy_before"] is not None
+        projection = mp.Projection.load(folder / "projection.safetensors")
+        assert projection.n_removed == 2 and projection.method == "leace"
+        assert (folder / "amnesic.png").stat().st_size > 0
+    assert ErasureSweep.load(out / "sweep.json").layers == [0, 1]
+    assert (out / "sweep.png").exists()
+    no_layers = ["erase", "--model", "tiny", "--site", "blocks.{l}.hook_resid_post"]
+    assert main([*no_layers, "--out", str(out)]) == 2  # {l} without --layers: a clear error
