@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from mechprobe._selection import Plan, make_plan
 from mechprobe._store import Sink, check_finite, fingerprint, resume_state, same_file, write_json
 from mechprobe.batching import PaddingSide
-from mechprobe.hooks import Intervention, intervene
+from mechprobe.hooks import Intervention, StopForward, intervene
 from mechprobe.sites import Site, SiteLike, resolve_site, width
 
 __all__ = ["Activations", "collect"]
@@ -192,10 +192,6 @@ class Activations:
         )
 
 
-class _Stop(Exception):
-    """Raised by the last gather of a forward pass: nothing after it (e.g. the unembedding) is needed."""
-
-
 class _Buffer:
     """One chunk's selected rows of every site, ``[k, sites, d]`` on the CPU in the storage dtype."""
 
@@ -227,7 +223,7 @@ class _Gather(Intervention):
         buf.values[:, self.slot] = part  # one copy, straight into the storage dtype
         buf.filled[self.slot] = True
         if all(buf.filled):
-            raise _Stop
+            raise StopForward
         return None
 
 
@@ -381,7 +377,7 @@ def _run_chunk(model: Any, plan: Plan, rows: list[int], names: list[str], dtype:
     try:
         with intervene(model, gathers, batch=chunk):
             model(tokens, attention_mask=mask)
-    except _Stop:
+    except StopForward:
         pass
     missing = [name for name, done in zip(names, buffer.filled, strict=True) if not done]
     if missing or buffer.values is None:

@@ -49,6 +49,16 @@ def _as_tensor(value: Any, name: str) -> Tensor:
     raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}.")
 
 
+class StopForward(Exception):
+    """Raised by an intervention to end the forward pass once it has read what it needs.
+
+    Readers such as the logit lens and ``collect`` need activations up to some block only: the
+    blocks after it and the model's own unembedding of every position (about a fifth of SmolLM2's
+    forward pass, and a ``[batch, seq, vocab]`` tensor) would be wasted. ``intervene`` removes its
+    hooks as the exception passes through; the caller catches it around the forward call.
+    """
+
+
 class Intervention:
     """Base class: selects positions (and a head), edits the selection, writes it back.
 

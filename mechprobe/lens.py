@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechprobe.batching import PaddingSide, PositionSpec
-from mechprobe.hooks import Intervention
+from mechprobe.hooks import Intervention, StopForward
 from mechprobe.lens_plan import TargetSpec, lens_entries, make_plan, normalise_targets
 from mechprobe.lens_readout import Readout
 from mechprobe.lens_result import LensResult
@@ -36,15 +36,6 @@ from mechprobe.runner import run
 from mechprobe.sites import Site, SiteKind, SiteLike
 
 __all__ = ["LensResult", "logit_lens"]
-
-
-class _StopForward(Exception):
-    """Raised once the last block's output is read, ending the forward pass there.
-
-    The lens decodes the final layer itself at the positions it needs, so the model's own final
-    norm and unembedding of every position (about a fifth of SmolLM2's forward pass, and a
-    ``[batch, seq, vocab]`` tensor) would be wasted. ``intervene`` removes the hooks on the way out.
-    """
 
 
 class _Gather(Intervention):
@@ -59,7 +50,7 @@ class _Gather(Intervention):
         # Advanced indexing copies, so the forward pass's own buffers are not kept alive.
         self.value = selected[self.rows.to(selected.device), self.cols.to(selected.device)]
         if self.stop:
-            raise _StopForward
+            raise StopForward
         return None
 
 
@@ -183,7 +174,7 @@ def logit_lens(
                 Site(kind, layer): g  # type: ignore[arg-type]
                 for (kind, layer), g in zip(run_sites, gathers, strict=True)
             }
-            with contextlib.suppress(_StopForward):
+            with contextlib.suppress(StopForward):
                 run(model, chunk, spec, logit_positions=-1, batch_size=None)
             vecs = [g.value for g in gathers if g.value is not None]
             if len(vecs) != len(gathers):  # a hook that never fired would shift every entry
