@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mechprobe.cli._arguments import add_model_argument, load, positions_type
+
 _HELP = """\
 Fit INLP or LEACE on the dataset's activations at --site, apply the projection as a hook (at the
 last token by default, where the dataset is read), and measure what the model loses: next-token
@@ -30,18 +32,6 @@ Datasets: country (which country a capitals prompt asks about; evaluated on the 
 the same countries), is_capital, number (templated subject number), or a label file (JSON, JSONL or
 CSV, see mechprobe.load_labels).
 """
-
-
-def _positions(text: str) -> Any:
-    if text == "all":
-        return None
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"positions must be 'all', an int or comma-separated ints (e.g. -1), not {text!r}"
-        ) from None
-    return values[0] if len(values) == 1 else values
 
 
 def _layers(text: str) -> list[int]:
@@ -74,7 +64,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--method", choices=("inlp", "leace"), default="inlp")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
-        "--positions", type=_positions, default=-1, help="'all' or ints (default -1)"
+        "--positions", type=positions_type(), default=-1, help="'all' or ints (default -1)"
     )
     parser.add_argument("--task", help="relational task to score (default: capitals for country)")
     parser.add_argument("--shots", type=int, default=3, help="task demonstrations (default 3)")
@@ -83,7 +73,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--n-random", type=int, default=3, help="random controls (default 3)")
     parser.add_argument("--iterations", type=int, default=20, help="INLP iterations at most")
     parser.add_argument("--no-mlp", action="store_true", help="skip the MLP probe")
-    parser.add_argument("--model", default="smollm2-135m", help="model name, or 'tiny' to test")
+    add_model_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.set_defaults(func=main)
@@ -152,7 +142,7 @@ def run_erase(args: argparse.Namespace) -> list[dict[str, Any]]:
             "(use mechprobe.amnesic from Python for word-level data)."
         )
     fit_data, probe_data = _split(data, args.seed)
-    model = mp.tiny_model() if args.model == "tiny" else mp.load_model(args.model)
+    model = load(args.model)
     acts = mp.collect(model, fit_data, sites, batch_size=args.batch_size, progress=False)
     assert acts.labels is not None
     text = list(mp.pos_dataset().texts[: args.n_texts]) if args.n_texts > 0 else None

@@ -13,6 +13,8 @@ import re
 import sys
 from typing import Any
 
+from mechprobe.cli._arguments import add_model_argument, load, positions_type
+
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 _HELP = """\
 Decode every layer's residual stream through the model's final norm and unembedding.
@@ -31,18 +33,6 @@ def unescape(text: str) -> str:
         True
     """
     return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
-
-
-def _positions(text: str) -> Any:
-    if text == "all":
-        return "all"
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"positions must be 'all', an int or comma-separated ints (e.g. 0,-2,-1), not {text!r}"
-        ) from None
-    return values[0] if len(values) == 1 else values
 
 
 def add_parser(sub: Any) -> None:
@@ -65,18 +55,13 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument(
         "--positions",
-        type=_positions,
+        type=positions_type("all"),
         default=-1,
         help="'all', an int or comma-separated ints; -1 = last token (default); write lists "
         "that start with a minus as --positions=-3,-1",
     )
     parser.add_argument("--top-k", type=int, default=10, help="tokens kept per cell (default 10)")
-    parser.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="model name for mechprobe.load_model (default smollm2-135m); 'tiny' is a random "
-        "3-layer test model, for checking the command without loading a real one",
-    )
+    add_model_argument(parser)
     parser.add_argument(
         "--plot", metavar="PNG", help="write the first prompt's layer x position heatmap here"
     )
@@ -139,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
         print("mechprobe lens: error: --json must name a .json or .npz file", file=sys.stderr)
         return 2
     try:
-        model = mp.tiny_model() if args.model == "tiny" else mp.load_model(args.model)
+        model = load(args.model)
         result = mp.logit_lens(
             model,
             prompts,

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mechprobe.cli._arguments import add_model_argument, load
+
 _BUILT_IN = ("pos", "templated_pos", "number", "country", "is_capital")
 _HELP = """\
 Collect activations of a probing dataset at every layer, fit one linear probe per layer, and report
@@ -40,12 +42,7 @@ def add_parser(sub: Any) -> None:
         "--dataset", required=True, help=f"{'|'.join(_BUILT_IN)} or the path of a label file"
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
-    parser.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="model name for mechprobe.load_model (default smollm2-135m); 'tiny' is a random "
-        "3-layer test model, for checking the command without loading a real one",
-    )
+    add_model_argument(parser)
     parser.add_argument(
         "--site",
         default="resid_post",
@@ -124,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
         dataset = load_dataset(args.dataset, args.seed)
         if args.max_examples is not None:
             dataset = dataset.sample(args.max_examples, seed=args.seed)
-        model = mp.tiny_model() if args.model == "tiny" else mp.load_model(args.model)
+        model = load(args.model)
         args.out.mkdir(parents=True, exist_ok=True)
         acts = mp.collect(
             model,

@@ -12,6 +12,8 @@ import argparse
 import sys
 from typing import Any
 
+from mechprobe.cli._arguments import add_model_argument, load, positions_type
+
 _HELP = """\
 Score a relational task, decode the argument and answer at every layer (the X), read the FFN
 update (o-vector) at the function-application layer, write it into the FFN outputs of random-word
@@ -36,20 +38,6 @@ def _layers(text: str) -> list[int]:
         ) from None
 
 
-def _positions(text: str) -> Any:
-    if text == "all":
-        return None
-    if text == "last":
-        return -1
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"positions must be 'all', 'last' or comma-separated ints, not {text!r}"
-        ) from None
-    return values[0] if len(values) == 1 else values
-
-
 def _optional_task(text: str) -> str | None:
     return None if text.lower() == "none" else text
 
@@ -64,11 +52,7 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument("--task", required=True, help="built-in task name or task JSON file")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument(
-        "--model",
-        default="smollm2-135m",
-        help="model for mechprobe.load_model (default smollm2-135m); 'tiny' is a random test model",
-    )
+    add_model_argument(parser)
     parser.add_argument("--shots", type=int, default=3, help="demonstrations (default 3)")
     parser.add_argument("--n-items", type=int, help="seeded subset of the items (default: all)")
     parser.add_argument(
@@ -77,7 +61,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="scale of o (default 1)")
     parser.add_argument("--mode", choices=("replace", "add"), default="replace")
     parser.add_argument(
-        "--positions", type=_positions, default=None, help="'all' (default), 'last' or ints"
+        "--positions", type=positions_type(), default=None, help="'all' (default), 'last' or ints"
     )
     parser.add_argument("--n-random", type=int, default=3, help="random controls (default 3)")
     parser.add_argument(
@@ -115,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
     import mechprobe as mp
 
     try:
-        model = mp.tiny_model() if args.model == "tiny" else mp.load_model(args.model)
+        model = load(args.model)
         result = mp.relational_analysis(
             model,
             args.task,
