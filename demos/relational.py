@@ -6,7 +6,8 @@ minutes on a laptop CPU). ``--out DIR`` also writes result.json, figures and a r
 
 ``python demos/relational.py --docs`` regenerates the findings of ``docs/relational.md``: every
 built-in task on 100 items, with the layer-range x scale sweep for the abstractive tasks, writing
-``docs/figures/relational_*.png`` and ``docs/figures/relational_results.json`` (an hour or so).
+``docs/figures/relational_*.png`` and ``docs/figures/relational_results.json`` (an hour or so;
+``--part analysis`` or ``--part ablation`` runs half), and every full result under ``out/relational``.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def docs(n_items: int, part: str) -> None:
+def docs(n_items: int, part: str, tasks: tuple[str, ...]) -> None:
     """Figures and a JSON summary for docs/relational.md (``part``: analysis, ablation or all)."""
     model = mp.load_model()
     figures = ROOT / "docs" / "figures"
@@ -65,7 +66,7 @@ def docs(n_items: int, part: str) -> None:
     path = figures / "relational_results.json"
     summary = _load(path)
     if part in ("analysis", "all"):
-        for name in ABSTRACTIVE + EXTRACTIVE:
+        for name in tasks:
             abstractive = name in ABSTRACTIVE
             result = mp.relational_analysis(
                 model,
@@ -76,6 +77,7 @@ def docs(n_items: int, part: str) -> None:
                 progress=True,
             )
             _print(result)
+            result.save(ROOT / "out" / "relational" / name)  # full result, outside git
             data = result.to_json()
             data.pop("details")
             data["headline"] = result.headline()
@@ -113,9 +115,12 @@ def main() -> None:
     parser.add_argument(
         "--part", choices=("analysis", "ablation", "all"), default="all", help="with --docs"
     )
+    parser.add_argument(
+        "--tasks", default=",".join(ABSTRACTIVE + EXTRACTIVE), help="with --docs: which analyses"
+    )
     args = parser.parse_args()
     if args.docs:
-        docs(args.n_items, args.part)
+        docs(args.n_items, args.part, tuple(args.tasks.split(",")))
     else:
         demo(args.out)
 
