@@ -6,8 +6,8 @@ minutes on a laptop CPU). ``--out DIR`` also writes result.json, figures and a r
 
 ``python demos/relational.py --docs`` regenerates the findings of ``docs/relational.md``: every
 built-in task on 100 items, with the layer-range x scale sweep for the abstractive tasks, writing
-``docs/figures/relational_*.png`` and ``docs/figures/relational_results.json`` (an hour or so;
-``--part analysis`` or ``--part ablation`` runs half), and every full result under ``out/relational``.
+``docs/figures/relational_*.png`` and ``docs/figures/relational_results.json`` (about an hour
+on two cores; ``--part analysis|arithmetic|ablation`` runs one part, ``--tasks`` some analyses), and every full result under ``out/relational``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import mechprobe as mp
 
@@ -67,13 +67,12 @@ def docs(n_items: int, part: str, tasks: tuple[str, ...]) -> None:
     summary = _load(path)
     if part in ("analysis", "all"):
         for name in tasks:
-            abstractive = name in ABSTRACTIVE
             result = mp.relational_analysis(
                 model,
                 name,
                 n_items=n_items,
                 ablation=False,  # the ablation part runs each pair once, below
-                sweep_ranges="auto" if abstractive else None,
+                sweep_ranges="auto" if name in ABSTRACTIVE else None,
                 progress=True,
             )
             _print(result)
@@ -94,8 +93,27 @@ def docs(n_items: int, part: str, tasks: tuple[str, ...]) -> None:
             if result.sweep is not None:
                 result.plot_sweep("mrr").savefig(figures / f"relational_{name}_sweep.png", dpi=110)
             path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    if part in ("arithmetic", "all"):
+        arithmetic: dict[str, Any] = {"analogies": {}, "offsets": {}}
+        for a, b, c in (("Warsaw", "Poland", "France"), ("Paris", "France", "China")):
+            arithmetic["analogies"][f"{a} - {b} + {c}"] = mp.analogy(model, a, b, c, top_k=5)
+        for name in ABSTRACTIVE:
+            task = mp.load_task(name)
+            for space in ("embed", "unembed"):
+                for candidates in ("vocab", "answers"):
+                    res = mp.offset_accuracy(model, task, space=space, candidates=candidates)
+                    arithmetic["offsets"][f"{name}/{space}/{candidates}"] = {
+                        "n": len(res.offset_ranks),
+                        "top1": res.top1,
+                        "top5": res.top5,
+                        "baseline_top1": res.baseline_top1,
+                    }
+        summary["arithmetic"] = arithmetic
+        path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     if part in ("ablation", "all"):
-        runs = [(a, b, "zero") for a, b in zip(ABSTRACTIVE, EXTRACTIVE, strict=True)]
+        runs: list[tuple[str, str, Literal["zero", "mean"]]] = [
+            (a, b, "zero") for a, b in zip(ABSTRACTIVE, EXTRACTIVE, strict=True)
+        ]
         runs.append(("capitals", "capitals_extractive", "mean"))
         for abstractive, extractive, method in runs:
             pair = [mp.load_task(n).with_shots(3) for n in (abstractive, extractive)]
@@ -113,7 +131,10 @@ def main() -> None:
     parser.add_argument("--docs", action="store_true", help="regenerate docs/relational.md's data")
     parser.add_argument("--n-items", type=int, default=100, help="items per task with --docs")
     parser.add_argument(
-        "--part", choices=("analysis", "ablation", "all"), default="all", help="with --docs"
+        "--part",
+        choices=("analysis", "arithmetic", "ablation", "all"),
+        default="all",
+        help="with --docs",
     )
     parser.add_argument(
         "--tasks", default=",".join(ABSTRACTIVE + EXTRACTIVE), help="with --docs: which analyses"
