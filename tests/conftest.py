@@ -16,6 +16,20 @@ matplotlib.use("Agg")
 
 import mechprobe as mp
 
+# The keys issue 7 requires in an erasure's result.json (`mechprobe erase`, AmnesicResult.to_json).
+ERASE_RESULT_KEYS = (
+    "n_removed",
+    "probe_accuracy_before",
+    "probe_accuracy_after",
+    "majority_baseline",
+    "random_control_probe_accuracy",
+    "lm_kl",
+    "random_control_lm_kl",
+    "task_accuracy_before",
+    "task_accuracy_after",
+    "random_control_task_accuracy",
+)
+
 
 def hook_count(model: Any) -> int:
     """All hooks on the model: TransformerLens hook-point handles and raw torch module hooks."""

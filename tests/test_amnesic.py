@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import hook_count
+from conftest import ERASE_RESULT_KEYS, hook_count
 from matplotlib.figure import Figure
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
@@ -22,18 +22,6 @@ from mechprobe.amnesic_result import AmnesicMeasure, AmnesicResult
 from mechprobe.scoring import score_task
 
 TEXTS = ["Hello there, friend.", "Hi", "The cat sat on the mat."]
-REQUIRED = [
-    "n_removed",
-    "probe_accuracy_before",
-    "probe_accuracy_after",
-    "majority_baseline",
-    "random_control_probe_accuracy",
-    "lm_kl",
-    "random_control_lm_kl",
-    "task_accuracy_before",
-    "task_accuracy_after",
-    "random_control_task_accuracy",
-]
 CONDITIONS = [("original", None), ("erased", None), ("random", 0), ("random", 1)]
 
 
@@ -196,7 +184,7 @@ def test_result_json_has_every_key_and_round_trips(tiny: Any, task: mp.Task, tmp
         n_random=2,
     )
     record = result.to_json()
-    missing = [k for k in REQUIRED if k not in record]
+    missing = [k for k in ERASE_RESULT_KEYS if k not in record]
     assert not missing
     assert record["n_removed"] == 5
     assert record["lm_kl"] == pytest.approx(result.values("lm_kl", "erased")[0])

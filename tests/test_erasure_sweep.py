@@ -6,24 +6,13 @@ import json
 from typing import Any
 
 import pytest
+from conftest import ERASE_RESULT_KEYS
 from matplotlib.figure import Figure
 
 import mechprobe as mp
 from mechprobe.erasure_sweep import ErasureSweep, layer_sweep
 
 TEXTS = ["Hello there, friend.", "Hi"]
-REQUIRED = [
-    "n_removed",
-    "probe_accuracy_before",
-    "probe_accuracy_after",
-    "majority_baseline",
-    "random_control_probe_accuracy",
-    "lm_kl",
-    "random_control_lm_kl",
-    "task_accuracy_before",
-    "task_accuracy_after",
-    "random_control_task_accuracy",
-]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +54,7 @@ def test_cli_erase_writes_projection_result_and_figures(tmp_path: Any) -> None:
     for layer in (0, 1):
         folder = out / f"blocks.{layer}.hook_resid_post"
         record = json.loads((folder / "result.json").read_text())
-        assert not [k for k in REQUIRED if k not in record]
+        assert not [k for k in ERASE_RESULT_KEYS if k not in record]
         assert record["n_removed"] == 2  # LEACE on 3 countries
         assert record["task_accuracy_before"] is not None
         assert record["probe_accuracy_before"] is not None
