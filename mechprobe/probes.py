@@ -23,7 +23,31 @@ from torch import Tensor
 from ._logistic import fit_logistic
 
 
-class LinearProbe(ClassifierMixin, BaseEstimator):
+class _Probe(ClassifierMixin, BaseEstimator):
+    """What both probes share: labels from ``predict_proba`` (which each defines), and an
+    accuracy that refuses labels ``fit`` never saw instead of silently counting them as errors."""
+
+    classes_: np.ndarray
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict_log_proba(self, X: Any) -> np.ndarray:
+        """Log class probabilities ``[n, K]``."""
+        return np.log(self.predict_proba(X))
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Most likely label per row."""
+        check_is_fitted(self)
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """Accuracy; labels that ``fit`` never saw raise instead of silently counting as errors."""
+        _check_known_labels(self, y)
+        return float(super().score(X, y, sample_weight=sample_weight))
+
+
+class LinearProbe(_Probe):
     """Multinomial logistic regression with an L2 penalty: scikit-learn's objective, torch solver.
 
     The fitted model equals ``sklearn.linear_model.LogisticRegression(C=C)`` on the standardised
@@ -102,22 +126,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             scores = np.stack([np.zeros_like(scores), scores], 1)
         return _softmax(scores)
 
-    def predict_log_proba(self, X: Any) -> np.ndarray:
-        """Log class probabilities ``[n, K]``."""
-        return np.log(self.predict_proba(X))
 
-    def predict(self, X: Any) -> np.ndarray:
-        """Most likely label per row."""
-        check_is_fitted(self)
-        return self.classes_[self.predict_proba(X).argmax(1)]
-
-    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
-        """Accuracy; labels that ``fit`` never saw raise instead of silently counting as errors."""
-        _check_known_labels(self, y)
-        return float(super().score(X, y, sample_weight=sample_weight))
-
-
-class MLPProbe(ClassifierMixin, BaseEstimator):
+class MLPProbe(_Probe):
     """One-hidden-layer ReLU probe (torch, Adam), for Hewitt & Liang's selectivity comparison.
 
     Args:
@@ -193,16 +203,6 @@ class MLPProbe(ClassifierMixin, BaseEstimator):
             (X - self.mean_) / self.scale_ @ self.coefs_[0] + self.intercepts_[0], 0
         )
         return _softmax(hidden @ self.coefs_[1] + self.intercepts_[1])
-
-    def predict(self, X: Any) -> np.ndarray:
-        """Most likely label per row."""
-        check_is_fitted(self)
-        return self.classes_[self.predict_proba(X).argmax(1)]
-
-    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
-        """Accuracy; labels that ``fit`` never saw raise an error."""
-        _check_known_labels(self, y)
-        return float(super().score(X, y, sample_weight=sample_weight))
 
 
 def control_labels(groups: Any, y: Any, seed: int = 0) -> np.ndarray:
