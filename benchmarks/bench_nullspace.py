@@ -32,12 +32,11 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
-import torch
 from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.model_selection import train_test_split
-from threadpoolctl import threadpool_limits
 
 import mechprobe as mp
+from benchmarks.run import one_thread
 
 _N, _D, _CLASSES, _SIGNAL_DIM = 20_000, 576, 10, 20
 _ITERS = 20
@@ -88,13 +87,8 @@ def _accuracy_after(X: np.ndarray, y: np.ndarray, projection: mp.Projection, clf
 
 
 def run(ctx: Any) -> list[dict[str, Any]]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1):
-            return _run()
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread():
+        return _run()
 
 
 def _run() -> list[dict[str, Any]]:

@@ -32,9 +32,9 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 
 import mechprobe as mp
+from benchmarks.run import one_thread
 
 _N, _LAYERS, _D, _CLASSES = 20_000, 30, 576, 10
 _L2, _TOL = 1e-3, 1e-4
@@ -56,13 +56,8 @@ def _data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run(ctx: Any) -> list[dict[str, Any]]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1):
-            return _run()
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread():
+        return _run()
 
 
 def _run() -> list[dict[str, Any]]:

@@ -18,16 +18,32 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
+from threadpoolctl import threadpool_limits
 
 import mechprobe as mp
 
 HERE = Path(__file__).parent
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch and the BLAS under numpy/scikit-learn on one thread each, restored afterwards: the
+    scikit-learn comparisons divide CPU seconds, which a single-threaded run keeps steady on a
+    shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Context:
