@@ -99,30 +99,53 @@ def standardised(
     test: np.ndarray | None = None,
     *,
     standardize: bool = True,
+    scale_train: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """``(train [layers, n_train, d], test or None, mean [layers, d], scale [layers, d])``.
 
-    Statistics come from the training rows only (``standardize=False``: mean 0, scale 1). The
-    layer axis moves first, each layer's rows contiguous, because narrow products over a strided
-    layer run ~3x slower; gathering layer by layer does the row selection and the move in one pass.
+    Statistics come from the training rows only (``standardize=False``: mean 0, scale 1). With
+    ``scale_train=False`` the training rows come back as they are, for a fit that standardises
+    inside its products (``fit_logistic(..., scale=scale)``): a pass over the largest array saved.
+    The layer axis moves first, each layer's rows contiguous, because narrow products over a
+    strided layer run ~3x slower; gathering layer by layer does the row selection and the move in
+    one pass.
     """
     train_x = _gather(X, train)
     test_x = None if test is None else _gather(X, test)
-    n_layers, n_train, d = train_x.shape
+    n_layers, _, d = train_x.shape
     if not standardize:
         zeros = torch.zeros(n_layers, d, dtype=torch.float64, device=X.device)
         return train_x, test_x, zeros, torch.ones_like(zeros)
-    mean = train_x.mean(1, keepdim=True)
-    train_x.sub_(mean)
-    # A norm reduces without the temporary a variance would allocate.
-    std = torch.linalg.vector_norm(train_x, dim=1, keepdim=True) / n_train**0.5
+    mean, std = _moments(train_x)
     # Constant features (spread at rounding level) stay unscaled rather than dividing by ~0.
     floor = 100 * torch.finfo(X.dtype).eps * mean.abs().clamp_min(1.0)
     scale = torch.where(std > floor, std, torch.ones_like(std))
-    train_x.div_(scale)
-    if test_x is not None:
-        test_x.sub_(mean).div_(scale)
-    return train_x, test_x, mean[:, 0].double(), scale[:, 0].double()
+    for part in (train_x, test_x) if scale_train else (test_x,):
+        if part is not None:
+            part.sub_(mean.to(X.dtype)[:, None]).div_(scale.to(X.dtype)[:, None])
+    return train_x, test_x, mean, scale
+
+
+def _moments(x: Float[Tensor, "layers n d"], chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """``(mean, std)`` per layer and feature in float64, by a sum and a centred sum of squares.
+
+    Chunks of rows keep the centred temporary in cache (one pass over memory, no copy of ``x``);
+    a plain ``E[x²] - E[x]²`` would lose the variance of features whose mean dwarfs their spread.
+    """
+    n = x.shape[1]
+    means, stds = [], []
+    for layer in x:
+        mean = layer.sum(0).double() / n  # float32 sums are pairwise: accurate, and fast
+        squares = torch.zeros_like(mean)
+        centre = mean.to(x.dtype)
+        for start in range(0, n, chunk):
+            part = layer[start : start + chunk] - centre
+            squares += part.mul_(part).sum(0)
+        # The float32 centre differs from the mean by its rounding: correct for that offset.
+        offset = mean - centre.double()
+        means.append(mean)
+        stds.append((squares / n - offset**2).clamp_min(0.0).sqrt())
+    return torch.stack(means), torch.stack(stds)
 
 
 def _gather(X: Tensor, rows: np.ndarray) -> Tensor:

@@ -178,15 +178,22 @@ def probe_layers(
     steps = len(folds) * (1 + (control is not None) + scalar_mix)
     with tqdm(total=steps, desc="probing layers", disable=not progress) as bar:
         for train, test in folds:
-            train_x, test_x, _, _ = standardised(values, train, test)
+            # The linear fit standardises inside its products; the others need scaled rows.
+            scaled = mlp or scalar_mix
+            train_x, test_x, mean, scale = standardised(values, train, test, scale_train=scaled)
             assert test_x is not None
+            moments = None if scaled else (mean, scale)
             y_tr, y_te = torch.from_numpy(y_idx[train]), torch.from_numpy(y_idx[test])
-            acc += _fit_and_score(train_x, test_x, y_tr, y_te, k, l2, max_iter, tol, mlp, seed)
+            acc += _fit_and_score(
+                train_x, test_x, y_tr, y_te, k, l2, max_iter, tol, mlp, seed, moments
+            )
             bar.update()
             base += float((y_te == torch.bincount(y_tr, minlength=k).argmax()).double().mean())
             if control is not None:
                 c_tr, c_te = torch.from_numpy(control[train]), torch.from_numpy(control[test])
-                ctrl += _fit_and_score(train_x, test_x, c_tr, c_te, k, l2, max_iter, tol, mlp, seed)
+                ctrl += _fit_and_score(
+                    train_x, test_x, c_tr, c_te, k, l2, max_iter, tol, mlp, seed, moments
+                )
                 bar.update()
             if scalar_mix:
                 masks = torch.ones(1, n_layers, dtype=torch.bool)
@@ -225,8 +232,13 @@ def _fit_and_score(
     tol: float,
     mlp: bool,
     seed: int,
+    moments: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> np.ndarray:
-    """``[layers]`` held-out accuracy of per-layer probes fitted together."""
+    """``[layers]`` held-out accuracy of per-layer probes fitted together.
+
+    ``moments``: ``(mean, scale)`` when the training rows are raw, for the linear fit to
+    standardise inside its products (``test_x`` is standardised either way).
+    """
     if mlp:
         (w1, b1, w2, b2), _ = _fit_mlp(
             train_x.float(), y_train, n_classes, hidden_size=100, alpha=l2, max_iter=max_iter,
@@ -235,6 +247,10 @@ def _fit_and_score(
         hidden = torch.relu(torch.baddbmm(b1[:, None], test_x.float(), w1))
         predicted = torch.baddbmm(b2[:, None], hidden, w2).argmax(-1)
     else:
-        fit = fit_logistic(train_x, y_train, n_classes, l2=l2, max_iter=max_iter, tol=tol)
+        fit = fit_logistic(
+            train_x, y_train, n_classes, l2=l2, max_iter=max_iter, tol=tol,
+            center=None if moments is None else moments[0],
+            scale=None if moments is None else moments[1],
+        )  # fmt: skip
         predicted = fit.predict(test_x)
     return (predicted == y_test).double().mean(1).numpy()
