@@ -100,6 +100,7 @@ def standardised(
     *,
     standardize: bool = True,
     scale_train: bool = True,
+    out: tuple[Tensor, Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """``(train [layers, n_train, d], test or None, mean [layers, d], scale [layers, d])``.
 
@@ -108,10 +109,11 @@ def standardised(
     inside its products (``fit_logistic(..., scale=scale)``): a pass over the largest array saved.
     The layer axis moves first, each layer's rows contiguous, because narrow products over a
     strided layer run ~3x slower; gathering layer by layer does the row selection and the move in
-    one pass.
+    one pass. ``out``: ``(train, test)`` buffers with at least as many layers, written into and
+    returned as views (reusing memory spares paging in a fresh copy, ~0.3 s per GB).
     """
-    train_x = _gather(X, train)
-    test_x = None if test is None else _gather(X, test)
+    train_x = _gather(X, train, None if out is None else out[0])
+    test_x = None if test is None else _gather(X, test, None if out is None else out[1])
     n_layers, _, d = train_x.shape
     if not standardize:
         zeros = torch.zeros(n_layers, d, dtype=torch.float64, device=X.device)
@@ -126,7 +128,7 @@ def standardised(
     return train_x, test_x, mean, scale
 
 
-def _moments(x: Float[Tensor, "layers n d"], chunk: int = 1024) -> tuple[Tensor, Tensor]:
+def _moments(x: Float[Tensor, "layers n d"], chunk: int = 512) -> tuple[Tensor, Tensor]:
     """``(mean, std)`` per layer and feature in float64, by a sum and a centred sum of squares.
 
     Chunks of rows keep the centred temporary in cache (one pass over memory, no copy of ``x``);
@@ -148,10 +150,16 @@ def _moments(x: Float[Tensor, "layers n d"], chunk: int = 1024) -> tuple[Tensor,
     return torch.stack(means), torch.stack(stds)
 
 
-def _gather(X: Tensor, rows: np.ndarray) -> Tensor:
-    """``X[rows]`` as ``[layers, len(rows), d]``, contiguous."""
+def _gather(X: Tensor, rows: np.ndarray, out: Tensor | None = None) -> Tensor:
+    """``X[rows]`` as ``[layers, len(rows), d]``, contiguous (in ``out[:layers]`` if given)."""
     idx = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(X.device)
-    out = torch.empty(X.shape[1], len(idx), X.shape[2], dtype=X.dtype, device=X.device)
+    shape = (X.shape[1], len(idx), X.shape[2])
+    if out is None:
+        out = torch.empty(shape, dtype=X.dtype, device=X.device)
+    else:
+        out = out[: X.shape[1]]
+        if out.shape != shape or out.dtype != X.dtype:
+            raise ValueError(f"buffer {tuple(out.shape)} {out.dtype} cannot hold {shape} {X.dtype}")
     for layer in range(X.shape[1]):
         torch.index_select(X[:, layer], 0, idx, out=out[layer])
     return out

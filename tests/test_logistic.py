@@ -126,6 +126,22 @@ def test_uncentred_features_are_handled_by_the_implicit_centring() -> None:
     np.testing.assert_allclose(a.logits(X), b.logits(shifted), atol=1e-5)
 
 
+def test_center_and_scale_equal_fitting_the_standardised_rows() -> None:
+    X, y = _layers()
+    gen = torch.Generator().manual_seed(5)
+    scale = torch.rand(X.shape[0], X.shape[2], generator=gen, dtype=torch.float64) * 5 + 0.1
+    center = torch.randn(X.shape[0], X.shape[2], generator=gen, dtype=torch.float64) * 30
+    raw = X * scale[:, None] + center[:, None]  # raw rows whose standardisation is X
+    folded = fit_logistic(raw, y, 4, tol=1e-10, center=center, scale=scale)
+    plain = fit_logistic(X, y, 4, tol=1e-10)
+    np.testing.assert_allclose(folded.weight, plain.weight, atol=1e-7)
+    np.testing.assert_allclose(folded.bias, plain.bias, atol=1e-6)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        fit_logistic(raw, y, 4, scale=-scale)
+    with pytest.raises(ValueError, match=r"center must be \[layers, d\]"):
+        fit_logistic(raw, y, 4, center=center[0])
+
+
 def test_absent_classes_reduce_to_the_present_classes_problem() -> None:
     X, y = _layers(k=3)
     fit = fit_logistic(X, y * 2, 5, tol=1e-9)  # classes 0, 2, 4 occur; 1 and 3 never do

@@ -21,6 +21,7 @@ from sklearn.utils.estimator_checks import (
 )
 
 import mechprobe as mp
+from mechprobe import layerwise
 from mechprobe.scalar_mix import _scalar_mix
 
 _SAMPLE_WEIGHT_REASON = (
@@ -181,6 +182,20 @@ def test_vectorised_fit_matches_a_sklearn_loop_layer_by_layer() -> None:
         sk.fit(scaler.transform(X[train, layer]), y[train])
         sk_accuracy = sk.score(scaler.transform(X[test, layer]), y[test])
         assert abs(result.accuracy[layer] - sk_accuracy) <= 0.01
+
+
+def test_groups_of_layers_give_the_results_of_one_batch(monkeypatch) -> None:
+    X, y = _planted(n=600, layers=5, d=12, k=3, signal=(1, 3))
+    X[:, 3] += 3 * np.random.default_rng(1).normal(size=X[:, 3].shape)  # weaker: not 1.0
+    groups = np.arange(len(y)) % 40
+    together = mp.probe_layers(X, y, groups=groups, progress=False)
+    assert layerwise._group_size(torch.from_numpy(X), 480) == 5  # all layers in one batch
+    monkeypatch.setattr(layerwise, "_GROUP_BYTES", 2 * 480 * 12 * X.itemsize)  # two per group
+    assert layerwise._group_size(torch.from_numpy(X), 480) == 2
+    grouped = mp.probe_layers(X, y, groups=groups, progress=False)
+    np.testing.assert_allclose(grouped.accuracy, together.accuracy, atol=1 / 120)
+    np.testing.assert_allclose(grouped.control_accuracy, together.control_accuracy, atol=1 / 120)
+    assert 0.4 < together.accuracy[3] < 0.95
 
 
 def test_control_task_and_selectivity() -> None:
