@@ -239,7 +239,9 @@ class _Objective:
         start = self.class_weight.log()  # the optimal c at W = 0
         # Biases sum to 0 (adding a constant to all changes nothing), as in scikit-learn.
         self.bias = (start - start.mean()).expand(n_layers, -1).clone()
-        self.evaluated = torch.full((n_layers, d * n_classes), torch.nan, dtype=torch.float64)
+        self.evaluated = torch.full(
+            (n_layers, d * n_classes), torch.nan, dtype=torch.float64, device=X.device
+        )
         # Evenly spaced rows (a strided view, no copy) estimate the curvature for preconditioning.
         self.sample = X[:, :: max(1, n // _PRECONDITIONER_ROWS)]
         uniform = (n_classes - 1) / n_classes**2  # softmax curvature p(1 - p) at p = 1/K
