@@ -18,7 +18,8 @@ def as_layers(
     """``(values [n, layers, d] float tensor, labels [n], groups [n] or None)`` from the inputs.
 
     ``X`` is an array or tensor, or an object with ``.values`` (e.g. :class:`Activations`) whose
-    ``.labels`` and ``.groups`` fill in ``y`` and ``groups`` when those are not given.
+    ``.labels`` and ``.groups`` fill in ``y`` and ``groups`` when those are not given. Values keep
+    their dtype (no copy); :func:`standardised` gathers half precision as float32.
     """
     if not isinstance(X, (np.ndarray, Tensor)) and hasattr(X, "values"):
         y = getattr(X, "labels", None) if y is None else y
@@ -34,8 +35,8 @@ def as_layers(
         raise TypeError(
             f"X must hold floats, got {values.dtype}; convert it with X.astype('float32')."
         )
-    if values.dtype not in (torch.float32, torch.float64):
-        values = values.float()  # half precision is too coarse for fitting
+    # Half precision stays as it is (a float16 memory map of 100k tokens x 30 layers is 3.2 GiB,
+    # twice that as float32): rows are converted to float32 as they are gathered for fitting.
     if not bool(torch.isfinite(torch.stack(torch.aminmax(values))).all()):
         raise ValueError(
             "X contains NaN or inf activations; drop those rows (e.g. X[np.isfinite(X).all((1, 2))])."
@@ -119,12 +120,14 @@ def standardised(
         zeros = torch.zeros(n_layers, d, dtype=torch.float64, device=X.device)
         return train_x, test_x, zeros, torch.ones_like(zeros)
     mean, std = _moments(train_x)
-    # Constant features (spread at rounding level) stay unscaled rather than dividing by ~0.
-    floor = 100 * torch.finfo(X.dtype).eps * mean.abs().clamp_min(1.0)
+    # Constant features (spread at the rounding of these sums) stay unscaled rather than
+    # dividing by ~0.
+    dtype = train_x.dtype
+    floor = 100 * torch.finfo(dtype).eps * mean.abs().clamp_min(1.0)
     scale = torch.where(std > floor, std, torch.ones_like(std))
     for part in (train_x, test_x) if scale_train else (test_x,):
         if part is not None:
-            part.sub_(mean.to(X.dtype)[:, None]).div_(scale.to(X.dtype)[:, None])
+            part.sub_(mean.to(dtype)[:, None]).div_(scale.to(dtype)[:, None])
     return train_x, test_x, mean, scale
 
 
@@ -150,18 +153,27 @@ def _moments(x: Float[Tensor, "layers n d"], chunk: int = 512) -> tuple[Tensor, 
     return torch.stack(means), torch.stack(stds)
 
 
+def gathered_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half precision (too coarse to fit in), else ``dtype``."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def _gather(X: Tensor, rows: np.ndarray, out: Tensor | None = None) -> Tensor:
-    """``X[rows]`` as ``[layers, len(rows), d]``, contiguous (in ``out[:layers]`` if given)."""
+    """``X[rows]`` as ``[layers, len(rows), d]``, contiguous (in ``out[:layers]`` if given), in
+    :func:`gathered_dtype`."""
     idx = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(X.device)
-    shape = (X.shape[1], len(idx), X.shape[2])
+    shape, dtype = (X.shape[1], len(idx), X.shape[2]), gathered_dtype(X.dtype)
     if out is None:
-        out = torch.empty(shape, dtype=X.dtype, device=X.device)
+        out = torch.empty(shape, dtype=dtype, device=X.device)
     else:
         out = out[: X.shape[1]]
-        if out.shape != shape or out.dtype != X.dtype:
-            raise ValueError(f"buffer {tuple(out.shape)} {out.dtype} cannot hold {shape} {X.dtype}")
+        if out.shape != shape or out.dtype != dtype:
+            raise ValueError(f"buffer {tuple(out.shape)} {out.dtype} cannot hold {shape} {dtype}")
     for layer in range(X.shape[1]):
-        torch.index_select(X[:, layer], 0, idx, out=out[layer])
+        if X.dtype == dtype:
+            torch.index_select(X[:, layer], 0, idx, out=out[layer])
+        else:  # one layer at a time in half precision, then converted
+            out[layer].copy_(torch.index_select(X[:, layer], 0, idx))
     return out
 
 

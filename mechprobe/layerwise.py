@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from ._logistic import fit_logistic
-from ._probe_data import as_layers, encode_labels, jsonable, splits, standardised
+from ._probe_data import as_layers, encode_labels, gathered_dtype, jsonable, splits, standardised
 from .probes import _fit_mlp, control_labels
 from .scalar_mix import _fit_mix
 
@@ -244,7 +244,7 @@ def _group_size(values: torch.Tensor, n_train: int) -> int:
     group: on the benchmark (16k x 576 training rows per layer) 3 layers at a time take 2.9 s
     where all 30 at once take 3.5 s, most of the difference paging in a fresh 1.1 GB copy.
     """
-    per_layer = n_train * values.shape[2] * values.element_size()
+    per_layer = n_train * values.shape[2] * gathered_dtype(values.dtype).itemsize
     return max(1, min(values.shape[1], _GROUP_BYTES // max(per_layer, 1)))
 
 

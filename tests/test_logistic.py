@@ -10,6 +10,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
+from mechprobe import _logistic, _products
 from mechprobe._logistic import LogisticFit, fit_logistic
 
 
@@ -140,6 +141,18 @@ def test_center_and_scale_equal_fitting_the_standardised_rows() -> None:
         fit_logistic(raw, y, 4, scale=-scale)
     with pytest.raises(ValueError, match=r"center must be \[layers, d\]"):
         fit_logistic(raw, y, 4, center=center[0])
+
+
+def test_float32_fit_is_the_same_on_every_product_path(monkeypatch) -> None:
+    X, y = _layers(n=2000, d=40)
+    reference = fit_logistic(X, y, 4, l2=1e-2, tol=1e-9)  # float64: plain matmul throughout
+    fast = fit_logistic(X.float(), y, 4, l2=1e-2, tol=1e-6)  # oneDNN and bfloat16 where present
+    monkeypatch.setattr(_products, "_fast", lambda a, b: False)
+    monkeypatch.setattr(_logistic, "_fast_bfloat16", lambda X: False)
+    plain = fit_logistic(X.float(), y, 4, l2=1e-2, tol=1e-6)
+    for fit in (fast, plain):
+        np.testing.assert_allclose(fit.weight.double(), reference.weight, atol=5e-4)
+        np.testing.assert_allclose(fit.bias.double(), reference.bias, atol=5e-4)
 
 
 def test_absent_classes_reduce_to_the_present_classes_problem() -> None:

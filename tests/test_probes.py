@@ -22,6 +22,7 @@ from sklearn.utils.estimator_checks import (
 
 import mechprobe as mp
 from mechprobe import layerwise
+from mechprobe._probe_data import as_layers, standardised
 from mechprobe.scalar_mix import _scalar_mix
 
 _SAMPLE_WEIGHT_REASON = (
@@ -196,6 +197,19 @@ def test_groups_of_layers_give_the_results_of_one_batch(monkeypatch) -> None:
     np.testing.assert_allclose(grouped.accuracy, together.accuracy, atol=1 / 120)
     np.testing.assert_allclose(grouped.control_accuracy, together.control_accuracy, atol=1 / 120)
     assert 0.4 < together.accuracy[3] < 0.95
+
+
+def test_float16_activations_are_gathered_as_float32_without_a_full_copy() -> None:
+    X, y = _planted(n=400, layers=3, d=8, signal=(1,))
+    half = X.astype(np.float16)
+    values, _, _ = as_layers(half, y)
+    assert values.dtype == torch.float16  # no float32 copy of everything
+    train, test = np.arange(300), np.arange(300, 400)
+    train_x, test_x, _, _ = standardised(values, train, test)
+    assert train_x.dtype == test_x.dtype == torch.float32  # type: ignore[union-attr]
+    from_half = mp.probe_layers(half, y, progress=False)
+    from_single = mp.probe_layers(half.astype(np.float32), y, progress=False)
+    np.testing.assert_array_equal(from_half.accuracy, from_single.accuracy)
 
 
 def test_control_task_and_selectivity() -> None:
