@@ -25,7 +25,12 @@ def as_layers(
         y = getattr(X, "labels", None) if y is None else y
         groups = getattr(X, "groups", None) if groups is None else groups
         X = X.values
-    values = X.detach() if isinstance(X, Tensor) else torch.from_numpy(np.asarray(X))
+    if isinstance(X, Tensor):
+        values = X.detach()
+    else:
+        with warnings.catch_warnings():  # read-only memory maps: nothing here writes to them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            values = torch.from_numpy(np.asarray(X))
     if values.ndim != 3:
         raise ValueError(
             f"X must be [n, layers, d], got shape {tuple(values.shape)}; for a single layer use "
