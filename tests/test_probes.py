@@ -199,9 +199,10 @@ def test_groups_of_layers_give_the_results_of_one_batch(monkeypatch) -> None:
     assert 0.4 < together.accuracy[3] < 0.95
 
 
-def test_float16_activations_are_gathered_as_float32_without_a_full_copy() -> None:
+def test_float16_activations_are_gathered_as_float32_without_a_full_copy(tmp_path) -> None:
     X, y = _planted(n=400, layers=3, d=8, signal=(1,))
-    half = X.astype(np.float16)
+    np.save(tmp_path / "acts.npy", X.astype(np.float16))
+    half = np.load(tmp_path / "acts.npy", mmap_mode="r")  # read-only, as collect() leaves them
     values, _, _ = as_layers(half, y)
     assert values.dtype == torch.float16  # no float32 copy of everything
     train, test = np.arange(300), np.arange(300, 400)
