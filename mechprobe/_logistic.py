@@ -15,7 +15,7 @@ layer converges as if fitted alone) over the weights only: each evaluation solve
 exactly for the current weights (a few Newton steps on K numbers, on logits already computed),
 so L-BFGS minimises ``min_b loss(W, b)`` (variable projection). Left to L-BFGS, the biases were
 what converged last: about 10 iterations instead of 6. The weights are preconditioned,
-``W = L⁻ᵀ V`` with ``L Lᵀ = E[c_i (x_i - μ)(x_i - μ)ᵀ] + l2 I`` over at most ~5,000 evenly
+``W = L⁻ᵀ V`` with ``L Lᵀ = E[c_i (x_i - μ)(x_i - μ)ᵀ] + l2 I`` over 4,096-8,191 evenly
 spaced rows, ``c_i`` the softmax curvature ``mean_k p_ik (1 - p_ik)``: the Hessian of the loss
 up to its class structure. It starts at uniform predictions and is re-fitted (at iterations 15
 and 50) for layers whose predictions became confident, where the curvature collapses and ``l2``
@@ -38,9 +38,9 @@ from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor
 
 from ._lbfgs import batched_lbfgs
+from ._preconditioner import PRECONDITIONER_ROWS, preconditioner
 from ._products import times, times_transposed
 
-_PRECONDITIONER_ROWS = 4096
 # Iterations at which the preconditioner is re-fitted to the current curvature.
 _REFRESH_AT = (15, 50)
 _ABSENT_GAP = 50.0
@@ -243,10 +243,10 @@ class _Objective:
             (n_layers, d * n_classes), torch.nan, dtype=torch.float64, device=X.device
         )
         # Evenly spaced rows (a strided view, no copy) estimate the curvature for preconditioning.
-        self.sample = X[:, :: max(1, n // _PRECONDITIONER_ROWS)]
+        self.sample = X[:, :: max(1, n // PRECONDITIONER_ROWS)]
         uniform = (n_classes - 1) / n_classes**2  # softmax curvature p(1 - p) at p = 1/K
         curvature = torch.full(self.sample.shape[:2], uniform, dtype=X.dtype, device=X.device)
-        self.chol = _preconditioner(self.sample, self.mean, curvature, l2, self.inv_scale)
+        self.chol = preconditioner(self.sample, self.mean, curvature, l2, self.inv_scale)
         self.level = curvature.mean(1, dtype=torch.float64)  # mean curvature behind each factor
 
     def __call__(self, theta: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -304,7 +304,7 @@ class _Objective:
         stale = level < 0.5 * self.level[idx]
         if bool(stale.any()):
             new = idx[stale]
-            self.chol[new] = _preconditioner(
+            self.chol[new] = preconditioner(
                 sample[stale], self.mean[new], curvature[stale], self.l2, self.inv_scale[new]
             )
             self.level[new] = level[stale]
@@ -361,55 +361,6 @@ class _Objective:
             # A trust region of one nat per step: Newton from a far start can overshoot.
             bias = bias + step / step.abs().amax(1, keepdim=True).clamp_min(1.0)
         return P, total.log_() - picked, grad, bias
-
-
-def _preconditioner(
-    sample: Tensor,
-    mean: Tensor,
-    curvature: Tensor,
-    l2: float,
-    inv_scale: Tensor | None = None,
-) -> Tensor:
-    """Cholesky factor of ``E[c_i (f_i - μ)(f_i - μ)ᵀ] + l2 I`` per problem, over sample rows.
-
-    ``sample [b, s, d]``, ``mean [b, d]`` (of the features ``f = x · inv_scale``), ``curvature
-    [b, s]``. ``c_i`` is the softmax curvature at row ``i``, so the factor approximates the Hessian
-    of the loss (Böhning's bound with ``c_i = 1/4`` fits early iterations, but once predictions
-    are confident the true curvature is far smaller and whitening by the full covariance would
-    ill-condition a problem that ``l2`` keeps well-conditioned).
-    """
-    dtype, d = sample.dtype, sample.shape[2]
-    eye = torch.eye(d, dtype=dtype, device=sample.device)
-    fast = _fast_bfloat16(sample)
-    factors = []
-    for i, c in enumerate(curvature):
-        if inv_scale is None:
-            rows = sample[i] - mean[i].to(dtype)
-        else:
-            rows = torch.addcmul(-mean[i].to(dtype), sample[i], inv_scale[i])
-        uniform = bool((c == c[0]).all())
-        if not uniform:
-            rows *= c.sqrt()[:, None]
-        weight = float(c[0]) / len(rows) if uniform else 1.0 / len(rows)
-        for low in (True, False) if fast else (False,):
-            # bfloat16 products are ~4x faster where the CPU has them; a preconditioner need not
-            # be exact, but their rounding may cost definiteness: then the dtype of the sample.
-            part = rows.bfloat16() if low else rows
-            second = (part.T @ part).to(dtype).mul_(weight).add_(eye, alpha=l2)
-            factor, info = torch.linalg.cholesky_ex(second)
-            if int(info) == 0:
-                break
-        factors.append(factor)
-    return torch.stack(factors)
-
-
-def _fast_bfloat16(X: Tensor) -> bool:
-    """Whether bfloat16 matrix products are native for ``X``'s device (and ``X`` is float32)."""
-    if X.dtype != torch.float32:
-        return False
-    if X.device.type == "cuda":
-        return True
-    return X.device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _check_features(X: Tensor, n_layers: int, d: int) -> None:

@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._lbfgs import batched_lbfgs
-from ._logistic import _PRECONDITIONER_ROWS, _preconditioner
+from ._preconditioner import PRECONDITIONER_ROWS, preconditioner
 from ._probe_data import as_layers, encode_labels, jsonable, splits, standardised
 from .probes import _check_known_labels, _encode_targets, _softmax
 
@@ -343,7 +343,7 @@ class _MixObjective:
         self.X, self.y, self.k, self.masks, self.l2 = X, y, n_classes, masks, l2
         n_layers, n, d = X.shape
         self.size = n_layers + d * n_classes + n_classes
-        self.rows = X[:, :: max(1, n // _PRECONDITIONER_ROWS)]  # strided view for curvature
+        self.rows = X[:, :: max(1, n // PRECONDITIONER_ROWS)]  # strided view for curvature
         uniform = (masks / masks.sum(1, keepdim=True)).to(X.dtype)
         self.chol = self._factor(uniform, None)
 
@@ -352,7 +352,7 @@ class _MixObjective:
         mixed = _scalar_mix(self.rows, weights)
         if curvature is None:  # softmax curvature at uniform predictions
             curvature = torch.full(mixed.shape[:2], (self.k - 1) / self.k**2, dtype=mixed.dtype)
-        return _preconditioner(mixed, mixed.mean(1, dtype=torch.float64), curvature, self.l2)
+        return preconditioner(mixed, mixed.mean(1, dtype=torch.float64), curvature, self.l2)
 
     def refresh(self, theta: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Re-fit the preconditioners to the current mixes and predictions (L-BFGS restarts)."""

@@ -10,7 +10,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from mechprobe import _logistic, _products
+from mechprobe import _preconditioner, _products
 from mechprobe._logistic import LogisticFit, fit_logistic
 
 
@@ -148,7 +148,7 @@ def test_float32_fit_is_the_same_on_every_product_path(monkeypatch) -> None:
     reference = fit_logistic(X, y, 4, l2=1e-2, tol=1e-9)  # float64: plain matmul throughout
     fast = fit_logistic(X.float(), y, 4, l2=1e-2, tol=1e-6)  # oneDNN and bfloat16 where present
     monkeypatch.setattr(_products, "_fast", lambda a, b: False)
-    monkeypatch.setattr(_logistic, "_fast_bfloat16", lambda X: False)
+    monkeypatch.setattr(_preconditioner, "fast_bfloat16", lambda X: False)
     plain = fit_logistic(X.float(), y, 4, l2=1e-2, tol=1e-6)
     for fit in (fast, plain):
         np.testing.assert_allclose(fit.weight.double(), reference.weight, atol=5e-4)
