@@ -44,6 +44,7 @@ from mechprobe.runner import RunResult, run
 from mechprobe.scalar_mix import CumulativeScores, ScalarMixProbe, cumulative_scores
 from mechprobe.scoring import TaskScore, score_task
 from mechprobe.sites import Site
+from mechprobe.solver_paths import SolverPath, solver_path
 from mechprobe.tasks import Task, TaskItem, list_tasks, load_task
 from mechprobe.templated import country_dataset, templated_dataset
 from mechprobe.trajectory import Stages, Trajectory, ffn_attribution, trajectory
@@ -81,6 +82,7 @@ __all__: list[str] = [
     "RunResult",
     "ScalarMixProbe",
     "Site",
+    "SolverPath",
     "Stages",
     "SweepResult",
     "Task",
@@ -124,6 +126,7 @@ __all__: list[str] = [
     "relational_analysis",
     "run",
     "score_task",
+    "solver_path",
     "templated_dataset",
     "tiny_model",
     "tokenize",

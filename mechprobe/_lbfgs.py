@@ -16,6 +16,9 @@ from torch import Tensor
 _HISTORY = 10
 _MAX_LINE_SEARCH = 20
 _ARMIJO = 1e-4
+# Iterations in a row in which neither the loss fell by more than eps·|f| nor the convergence
+# measure reached a new low, before a problem counts as at its floating-point floor.
+_STALLED = 5
 
 # fun(theta [b, p], problem indices [b]) -> (loss [b], grad [b, p], convergence measure [b]).
 _Fun = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
@@ -38,8 +41,12 @@ def batched_lbfgs(
 
     Backtracking line search accepts Armijo decrease, or (Hager & Zhang's approximate Wolfe test)
     a loss within ``eps·|f|`` of the old one whose slope has not overshot; the second test keeps
-    float32 objectives converging when decreases fall below their rounding. A problem whose line
-    search fails stops where it is (at its floating-point floor).
+    float32 objectives converging when decreases fall below their rounding. A problem stops where
+    it is (at its floating-point floor) when its line search fails, or when for five iterations in
+    a row its loss fell by at most ``eps·|f|`` and its convergence measure set no new low: steps
+    that the approximate Wolfe test accepts at the floor would otherwise wander until
+    ``max_iter``, and how soon a line search happens to fail there depends on rounding, so on
+    the CPU.
 
     Args:
         fun: ``(theta [b, p], indices [b]) -> (loss, grad, convergence measure)`` in float64 for
@@ -65,6 +72,8 @@ def batched_lbfgs(
     y_hist: list[Tensor] = []
     rho_hist: list[Tensor] = []
     gamma = torch.ones_like(f)
+    stalled = torch.zeros_like(f, dtype=torch.long)
+    lowest = measure.clone()
     n_iter = 0
     for it in range(max_iter):
         if not bool(active.any()):
@@ -126,9 +135,13 @@ def batched_lbfgs(
         gamma = torch.where(valid, sy / torch.where(valid, yy, 1.0), gamma)
         if len(s_hist) > _HISTORY:
             del s_hist[0], y_hist[0], rho_hist[0]
+        flat = (f - new_f <= eps * f.abs()) & (new_measure >= lowest)
+        stalled = torch.where(flat, stalled + 1, 0)
+        lowest = torch.minimum(lowest, new_measure)
         theta, f, g, measure = new_theta, new_f, new_g, new_measure
-        # A failed line search means the loss is at its floating-point floor: stop that problem.
-        active = active & ~pending & (measure > tol)
+        # A failed line search, or a loss that no longer falls, means the loss is at its
+        # floating-point floor: stop that problem.
+        active = active & ~pending & (measure > tol) & (stalled < _STALLED)
     return theta, n_iter, ~active
 
 

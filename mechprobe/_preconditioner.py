@@ -4,13 +4,17 @@ Multinomial logistic regression's Hessian is ``E[(diag p - p pᵀ) ⊗ (x - μ)(
 its class structure it is ``E[c_i (x_i - μ)(x_i - μ)ᵀ] + l2 I`` with ``c_i`` the softmax curvature
 ``mean_k p_ik (1 - p_ik)`` of row ``i``. The fits whiten their weights by the Cholesky factor of that
 matrix, estimated on 4,096-8,191 evenly spaced rows (all rows of smaller sets), so that L-BFGS
-sees a well-conditioned problem on correlated features (activations are).
+sees a well-conditioned problem on correlated features (activations are). The Gram matrix is
+computed in bfloat16 or in the features' dtype as :func:`mechprobe.solver_path` decides; either
+factor preconditions the same problem, so the optimum does not depend on it.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from mechprobe.solver_paths import current_solver_path
 
 PRECONDITIONER_ROWS = 4096  # rows are taken with stride n // this: 4,096 to 8,191 of them
 
@@ -32,7 +36,7 @@ def preconditioner(
     """
     dtype, d = sample.dtype, sample.shape[2]
     eye = torch.eye(d, dtype=dtype, device=sample.device)
-    fast = fast_bfloat16(sample)
+    fast = current_solver_path().uses_bfloat16_gram(sample)
     factors = []
     for i, c in enumerate(curvature):
         if inv_scale is None:
@@ -53,12 +57,3 @@ def preconditioner(
                 break
         factors.append(factor)
     return torch.stack(factors)
-
-
-def fast_bfloat16(X: Tensor) -> bool:
-    """Whether bfloat16 matrix products are native for ``X``'s device (and ``X`` is float32)."""
-    if X.dtype != torch.float32:
-        return False
-    if X.device.type == "cuda":
-        return True
-    return X.device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

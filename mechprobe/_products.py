@@ -9,15 +9,16 @@ accumulation (measured on this project's 2-core AMD EPYC: 16,000 x 576, 10 class
 private to PyTorch, so it is used only for contiguous float32 CPU tensors, after a one-time check
 against ``torch.matmul`` on random data, and any other case (or a PyTorch without it) takes
 ``torch.matmul``. Strided inputs are excluded: oneDNN copies them, ~500x slower.
+:func:`mechprobe.solver_path` (or ``MECHPROBE_SOLVER_PATH``) forces either path.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from mechprobe.solver_paths import current_solver_path
 
 
 def times_transposed(a: Float[Tensor, "m k"], b: Float[Tensor, "n k"]) -> Float[Tensor, "m n"]:
@@ -55,26 +56,5 @@ def _fast(a: Tensor, b: Tensor) -> bool:
         and a.device.type == b.device.type == "cpu"
         and a.is_contiguous()
         and b.is_contiguous()
-        and _onednn_works()
-    )
-
-
-@functools.cache
-def _onednn_works() -> bool:
-    """Whether the oneDNN op exists and agrees with ``torch.matmul`` (checked once)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(10, 300, generator=gen), torch.randn(500, 300, generator=gen)
-    g = torch.randn(10, 500, generator=gen)
-    try:
-        forward = torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-        backward = torch.ops.mkldnn._linear_pointwise(g, b.T, None, "none", [], "")
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
-    return (
-        forward.shape == (10, 500)
-        and backward.shape == (10, 300)
-        and torch.allclose(forward, a @ b.T, rtol=1e-4, atol=1e-3)
-        and torch.allclose(backward, g @ b, rtol=1e-4, atol=1e-3)
+        and current_solver_path().uses_onednn()
     )

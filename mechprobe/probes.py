@@ -61,6 +61,12 @@ class LinearProbe(_Probe):
         standardize: centre and scale each feature with the training mean and standard deviation
             before fitting (``coef_`` is reported on the original features either way).
 
+    A fit stops when every gradient entry is at most ``tol``, so two fits of the same problem
+    (say, with integer sample weights and with repeated rows) agree to about ``tol`` divided by
+    the loss's curvature, not to machine precision: scikit-learn's
+    ``check_sample_weight_equivalence_on_dense_data`` (rtol 1e-7) needs ``tol=1e-12``, and passes
+    there.
+
     Attributes:
         classes_: ``[K]`` labels seen in ``fit``.
         coef_: ``[1, d]`` for two classes, else ``[K, d]``, on the original features.

@@ -15,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import mechprobe as mp
+from mechprobe.solver_paths import SolverPath, _onednn_works
 
 # The keys issue 7 requires in an erasure's result.json (`mechprobe erase`, AmnesicResult.to_json).
 ERASE_RESULT_KEYS = (
@@ -50,3 +51,22 @@ def tiny() -> Any:
 def smollm2() -> Any:
     """The embedded SmolLM2-135M-Instruct, loaded once for every integration test."""
     return mp.load_model()
+
+
+# Every kernel path the probe solver can take (mechprobe.solver_path): tests of the solver run on
+# each of them on whatever machine runs the suite, so no result depends on the CPU's features.
+SOLVER_PATHS = (
+    "products=matmul,gram=float32",
+    "products=matmul,gram=bfloat16",
+    "products=onednn,gram=float32",
+    "products=onednn,gram=bfloat16",
+)
+
+
+@pytest.fixture(params=SOLVER_PATHS)
+def every_solver_path(request: pytest.FixtureRequest) -> Any:
+    path = SolverPath.parse(request.param)
+    if path.products == "onednn" and not _onednn_works():
+        pytest.skip("oneDNN's inner-product kernel is not available in this PyTorch build")
+    with mp.solver_path(products=path.products, gram=path.gram) as forced:
+        yield forced

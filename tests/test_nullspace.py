@@ -113,7 +113,7 @@ class _RecordingLR(LogisticRegression):
         return self
 
 
-def test_every_learned_direction_is_annihilated(planted) -> None:
+def test_every_learned_direction_is_annihilated(planted, every_solver_path) -> None:
     X, y, _ = planted
     _RecordingLR.seen.clear()
     p = inlp(X, y, 4, classifier=_RecordingLR(max_iter=1000), progress=False)
@@ -172,7 +172,7 @@ def _reference_inlp(X, y, make_clf, num_classifiers: int, seed: int = 0):
 
 @pytest.mark.parametrize("seed", [5, 6])
 @pytest.mark.parametrize("ours", ["sklearn", "logistic"])
-def test_matches_reference_loop(ours: str, seed: int) -> None:
+def test_matches_reference_loop(ours: str, seed: int, every_solver_path) -> None:
     X, y, _ = _planted(3000, seed=seed, classes=2, noise=0.5)
 
     def make_clf() -> LogisticRegression:

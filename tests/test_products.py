@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import mechprobe as mp
 from mechprobe import _products
+from mechprobe.solver_paths import _onednn_works
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -35,5 +37,16 @@ def test_strided_inputs_take_matmul_and_agree() -> None:
 
 def test_fast_path_is_taken_where_onednn_works() -> None:
     w, x = torch.randn(10, 64), torch.randn(100, 64)
-    assert _products._fast(w, x) == _products._onednn_works()
+    assert _products._fast(w, x) == _onednn_works()
     assert not _products._fast(w.double(), x.double())
+    with mp.solver_path(products="matmul"):
+        assert not _products._fast(w, x)
+
+
+def test_products_equal_matmul_on_every_path(every_solver_path) -> None:
+    gen = torch.Generator().manual_seed(2)
+    w, x = torch.randn(10, 64, generator=gen), torch.randn(3000, 64, generator=gen)
+    assert _products._fast(w, x) == (every_solver_path.products == "onednn")
+    torch.testing.assert_close(
+        _products.times_transposed(w, x), (w.double() @ x.double().T).float(), rtol=1e-4, atol=1e-4
+    )
