@@ -27,24 +27,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import mechprobe as mp
 from mechprobe.cli.probe import table
-from mechprobe.layerwise import ProbeResult, probe_layers
 
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"
 N_POS = 4000
 SEED = 0
 
 
-def decodable_from(result: ProbeResult, fraction: float = 0.9) -> int:
+def decodable_from(result: mp.ProbeResult, fraction: float = 0.9) -> int:
     """The first slot whose accuracy closes ``fraction`` of the gap from baseline to the best."""
     base, best = result.majority_baseline, float(result.accuracy.max())
     above = np.flatnonzero(result.accuracy >= base + fraction * (best - base))
     return int(result.layers[above[0]])
 
 
-def run(model: object, dataset: mp.ProbingDataset, name: str, title: str) -> ProbeResult:
+def run(model: object, dataset: mp.ProbingDataset, name: str, title: str) -> mp.ProbeResult:
     sites = ["hook_embed"] + [mp.Site("resid_post", layer) for layer in range(30)]
     acts = mp.collect(model, dataset, sites, progress=True)
-    result = probe_layers(acts, seed=SEED, progress=False)
+    result = mp.probe_layers(acts, seed=SEED, progress=False)
     # Slot 0 is the embedding: number the slots -1 (embedding), 0..29 (blocks).
     result = dataclasses.replace(result, layers=np.arange(-1, len(sites) - 1))
     fig = result.plot()

@@ -1,7 +1,9 @@
 """mechprobe: mechanistic interpretability on TransformerLens hooks.
 
-Early decoding (logit lens), FFN-update patching for relational tasks, layer-wise linear probes and
-nullspace projection / amnesic probing, on any TransformerLens model (``TransformerBridge`` first).
+Early decoding (logit lens), activation patching, FFN-update patching for relational tasks,
+layer-wise probes and concept erasure / amnesic probing, on any TransformerLens model
+(``TransformerBridge`` first). Every public name lives here; the subpackages (``core``, ``tasks``,
+``lens``, ``patching``, ``relational``, ``probing``, ``erasure``) group them by concept.
 
 Example:
     >>> import mechprobe as mp
@@ -12,42 +14,84 @@ Example:
 
 from __future__ import annotations
 
-from mechprobe.activations import Activations, collect
-from mechprobe.amnesic import amnesic, control_projections
-from mechprobe.amnesic_result import AmnesicMeasure, AmnesicResult
-from mechprobe.analogy import AnalogyResult, analogy, offset_accuracy
-from mechprobe.batching import Batch, tokenize, tokenize_with_targets
-from mechprobe.datasets import ProbingDataset, pos_dataset
-from mechprobe.erasure_sweep import ErasureSweep, fit_erasure, layer_sweep
-from mechprobe.ffn_ablation import AblationResult, ffn_ablation
-from mechprobe.ffn_intervention import InterventionResult, ovector_intervention
-from mechprobe.hooks import Ablate, Add, Capture, Intervention, Project, Replace, intervene
-from mechprobe.label_files import load_labels
-from mechprobe.layerwise import ProbeResult, probe_layers
-from mechprobe.leace import leace
-from mechprobe.lens import LensResult, logit_lens
-from mechprobe.models import DEFAULT_MODEL, ModelLoadError, load_model, tiny_model
-from mechprobe.nullspace import inlp
-from mechprobe.ovector import OVector, extract_ovector, random_ovector
-from mechprobe.ovector_sweep import SweepResult, ovector_sweep
-from mechprobe.patching import PatchMetric, PatchResult, answer_prob, logit_diff, patch
-from mechprobe.probes import LinearProbe, MLPProbe, control_labels
-from mechprobe.projection import (
+from mechprobe._fit import SolverPath, solver_path
+from mechprobe.core import (
+    DEFAULT_MODEL,
+    Ablate,
+    Add,
+    Batch,
+    Capture,
+    Intervention,
+    ModelLoadError,
+    Project,
+    Replace,
+    RunResult,
+    Site,
+    intervene,
+    load_model,
+    run,
+    tiny_model,
+    tokenize,
+    tokenize_with_targets,
+)
+from mechprobe.erasure import (
+    AmnesicMeasure,
+    AmnesicResult,
+    ErasureSweep,
     Projection,
+    amnesic,
+    control_projections,
     dropout_projection,
+    fit_erasure,
     identity_projection,
+    inlp,
+    layer_sweep,
+    leace,
     random_projection,
 )
-from mechprobe.random_contexts import intervention_contexts
-from mechprobe.relational import RelationalResult, relational_analysis
-from mechprobe.runner import RunResult, run
-from mechprobe.scalar_mix import CumulativeScores, ScalarMixProbe, cumulative_scores
-from mechprobe.scoring import TaskScore, score_task
-from mechprobe.sites import Site
-from mechprobe.solver_paths import SolverPath, solver_path
+from mechprobe.lens import LensResult, logit_lens
+from mechprobe.patching import PatchMetric, PatchResult, answer_prob, logit_diff, patch
+from mechprobe.probing import (
+    Activations,
+    CumulativeScores,
+    LinearProbe,
+    MLPProbe,
+    ProbeResult,
+    ProbingDataset,
+    ScalarMixProbe,
+    collect,
+    control_labels,
+    country_dataset,
+    cumulative_scores,
+    load_labels,
+    pos_dataset,
+    probe_layers,
+    templated_dataset,
+)
+from mechprobe.relational import (
+    AblationResult,
+    AnalogyResult,
+    InterventionResult,
+    OVector,
+    RelationalResult,
+    Stages,
+    SweepResult,
+    TaskScore,
+    Trajectory,
+    analogy,
+    extract_ovector,
+    ffn_ablation,
+    ffn_attribution,
+    intervention_contexts,
+    offset_accuracy,
+    ovector_intervention,
+    ovector_sweep,
+    random_ovector,
+    relational_analysis,
+    score_task,
+    trajectory,
+)
 from mechprobe.tasks import Task, TaskItem, list_tasks, load_task
-from mechprobe.templated import country_dataset, templated_dataset
-from mechprobe.trajectory import Stages, Trajectory, ffn_attribution, trajectory
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""Tag scripts/pos_source.txt with spaCy's en_core_web_sm 3.8 -> mechprobe/data/pos_sentences.jsonl.
+"""Tag scripts/pos_source.txt with spaCy's en_core_web_sm 3.8 -> mechprobe/probing/data/pos_sentences.jsonl.
 
 Not part of the package: mechprobe ships the tagged result, so tests and CI need no tagger. To
 reproduce the data file (byte for byte, given the same spaCy and model versions)::
@@ -24,7 +24,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "scripts" / "pos_source.txt"
-TARGET = ROOT / "mechprobe" / "data" / "pos_sentences.jsonl"
+TARGET = ROOT / "mechprobe" / "probing" / "data" / "pos_sentences.jsonl"
 
 
 def read_source(path: Path) -> list[tuple[str, str]]:

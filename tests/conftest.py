@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import mechprobe as mp
-from mechprobe.solver_paths import SolverPath, _onednn_works
+from mechprobe._fit._paths import SolverPath, _onednn_works
 
 # The keys issue 7 requires in an erasure's result.json (`mechprobe erase`, AmnesicResult.to_json).
 ERASE_RESULT_KEYS = (

@@ -12,8 +12,8 @@ import torch
 from conftest import hook_count
 
 import mechprobe as mp
-import mechprobe.activations as activations_module
-from mechprobe._selection import _word_last
+import mechprobe.probing._activations as activations_module
+from mechprobe.probing._selection import _word_last
 
 TEXTS = ["Hello there, world", "Hi", "A cat sat on the mat.", "one two three"]
 RESID = [f"blocks.{layer}.hook_resid_post" for layer in range(3)]

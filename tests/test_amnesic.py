@@ -15,11 +15,11 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 import mechprobe as mp
-from mechprobe._amnesic_information import _last_token
-from mechprobe._amnesic_metrics import Condition
-from mechprobe.amnesic import amnesic, control_projections
-from mechprobe.amnesic_result import AmnesicMeasure, AmnesicResult
-from mechprobe.scoring import score_task
+from mechprobe.erasure._amnesic import amnesic, control_projections
+from mechprobe.erasure._information import _last_token
+from mechprobe.erasure._metrics import Condition
+from mechprobe.erasure._result import AmnesicMeasure, AmnesicResult
+from mechprobe.relational._scoring import score_task
 
 TEXTS = ["Hello there, friend.", "Hi", "The cat sat on the mat."]
 CONDITIONS = [("original", None), ("erased", None), ("random", 0), ("random", 1)]

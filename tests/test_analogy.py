@@ -12,8 +12,8 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from mechprobe.analogy import AnalogyResult, analogy, offset_accuracy
-from mechprobe.tasks import Task
+from mechprobe.relational._analogy import AnalogyResult, analogy, offset_accuracy
+from mechprobe.tasks._task import Task
 
 
 class _WordTokenizer:
@@ -137,7 +137,7 @@ def test_unembed_space_uses_the_columns_of_W_U() -> None:
 
 
 def test_analogy_on_a_tiny_bridge_with_token_ids() -> None:
-    from mechprobe.models import tiny_model
+    from mechprobe.core._models import tiny_model
 
     model = tiny_model()
     U = _unit(model.W_E.detach().numpy().astype(np.float64))

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 
 import mechprobe as mp
-from mechprobe.templated import _ATTRACTORS, _SUBJECTS, _TAG, _WORDS
+from mechprobe.probing._templated import _ATTRACTORS, _SUBJECTS, _TAG, _WORDS
 
 UPOS = {"ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN",
         "PUNCT", "SCONJ", "SYM", "VERB", "X"}  # fmt: skip
 
 
 def _pos_records() -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    path = resources.files("mechprobe").joinpath("data", "pos_sentences.jsonl")
+    path = resources.files("mechprobe.probing").joinpath("data", "pos_sentences.jsonl")
     lines = path.read_text(encoding="utf-8").splitlines()
     return json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
 
@@ -191,7 +191,7 @@ def test_collect_reads_dataset_labels_and_groups(tiny: Any) -> None:
 
 def test_cli_probe_writes_result_figure_and_summary(tmp_path: Path, capsys: Any) -> None:
     from mechprobe.cli import main
-    from mechprobe.layerwise import ProbeResult
+    from mechprobe.probing._layerwise import ProbeResult
 
     out = tmp_path / "run"
     code = main(

@@ -10,7 +10,7 @@ from conftest import ERASE_RESULT_KEYS
 from matplotlib.figure import Figure
 
 import mechprobe as mp
-from mechprobe.erasure_sweep import ErasureSweep, layer_sweep
+from mechprobe.erasure._sweep import ErasureSweep, layer_sweep
 
 TEXTS = ["Hello there, friend.", "Hi"]
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import mechprobe as mp
-from mechprobe.batching import tokenize
-from mechprobe.ffn_ablation import _intact_pass, _removed
+from mechprobe.core._batching import tokenize
+from mechprobe.relational._ablation import _intact_pass, _removed
 
 
 def test_schedule_of_sixths():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mechprobe as mp
-from mechprobe.random_contexts import FILLER_WORDS
+from mechprobe.relational._contexts import FILLER_WORDS
 
 ARGS = [" Poland", " Chile", " Japan"]
 ANSWERS = [" Warsaw", " Santiago", " Tokyo"]

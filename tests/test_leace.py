@@ -8,8 +8,8 @@ import torch
 from concept_erasure import LeaceEraser
 from sklearn.linear_model import LogisticRegression
 
-from mechprobe import leace
-from mechprobe.projection import Projection
+from mechprobe.erasure import leace
+from mechprobe.erasure._projection import Projection
 
 
 def _planted(n: int = 2000, d: int = 16, classes: int = 3, seed: int = 0):

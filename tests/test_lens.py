@@ -97,7 +97,7 @@ def test_component_writes_are_decoded_on_their_own(tiny):
 
 
 def test_readout_is_the_models_own_final_norm_and_unembedding(tiny):
-    from mechprobe.lens_readout import Readout
+    from mechprobe.core._readout import Readout
 
     x = torch.randn(11, tiny.cfg.d_model) * 3
     readout = Readout(tiny, chunk=4)

@@ -18,7 +18,7 @@ from optimum import (
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from mechprobe._logistic import LogisticFit, fit_logistic
+from mechprobe._fit._logistic import LogisticFit, fit_logistic
 
 # Every test here runs on every kernel path the solver can take (conftest.SOLVER_PATHS).
 pytestmark = pytest.mark.usefixtures("every_solver_path")

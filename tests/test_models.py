@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mechprobe as mp
-from mechprobe import models
+from mechprobe.core import _models as models
 
 
 def test_tiny_model_is_deterministic_and_matches_hf(tiny):

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from transformer_lens import patching as tl_patching
 
 import mechprobe as mp
-from mechprobe.patching import _packing_works
+from mechprobe.patching._activation import _packing_works
 from tests.conftest import hook_count
 
 # Byte-level tiny tokenizer: these differ in exactly one token (c/b), at position 3 (BOS first).

@@ -29,9 +29,9 @@ from sklearn.utils.estimator_checks import (
 )
 
 import mechprobe as mp
-from mechprobe import layerwise
-from mechprobe._probe_data import as_layers, standardised
-from mechprobe.scalar_mix import _scalar_mix
+from mechprobe.probing import _layerwise as layerwise
+from mechprobe.probing._data import as_layers, standardised
+from mechprobe.probing._scalar_mix import _scalar_mix
 
 _SAMPLE_WEIGHT_REASON = (
     "weighted and repeated fits reach the same optimum, but only to the solver tolerance "

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import mechprobe as mp
-from mechprobe import _products
-from mechprobe.solver_paths import _onednn_works
+from mechprobe._fit import _products as _products
+from mechprobe._fit._paths import _onednn_works
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mechprobe as mp
-from mechprobe.scoring import _forced_pass
+from mechprobe.relational._scoring import _forced_pass
 
 
 def _task(n: int = 5, shots: int = 1) -> mp.Task:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 import mechprobe as mp
-from mechprobe.sites import resolve_site, resolve_sites
+from mechprobe.core._sites import resolve_site, resolve_sites
 
 
 def test_site_renders_hook_names():

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import mechprobe as mp
-from mechprobe import _preconditioner, solver_paths
-from mechprobe.solver_paths import SolverPath, current_solver_path
+from mechprobe._fit import _paths as solver_paths
+from mechprobe._fit import _preconditioner as _preconditioner
+from mechprobe._fit._paths import SolverPath, current_solver_path
 
 
 def test_presets_and_settings_parse() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from mechprobe.tasks import Task, TaskItem, list_tasks, load_task
+from mechprobe.tasks._task import Task, TaskItem, list_tasks, load_task
 
 BUILTINS = [
     "capitals",
@@ -318,7 +318,9 @@ def test_builtin_files_are_stored_in_canonical_form(tmp_path: Path) -> None:
     from importlib import resources
 
     for name in BUILTINS:
-        shipped = resources.files("mechprobe").joinpath("data", f"{name}.json").read_text("utf-8")
+        shipped = (
+            resources.files("mechprobe.tasks").joinpath("data", f"{name}.json").read_text("utf-8")
+        )
         written = load_task(name).to_json(tmp_path / "x.json").read_text("utf-8")
         assert shipped == written, name
 

@@ -81,7 +81,7 @@ def add_parser(sub: Any) -> None:
 
 def _dataset(name: str, n_countries: int, seed: int) -> Any:
     import mechprobe as mp
-    from mechprobe.templated import country_dataset, templated_dataset
+    from mechprobe.probing import country_dataset, templated_dataset
 
     if name == "country":
         return country_dataset(n_countries=n_countries, shots=(0, 1, 3), seed=seed)
@@ -127,8 +127,7 @@ def run_erase(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     matplotlib.use("Agg")
     import mechprobe as mp
-    from mechprobe.amnesic import amnesic
-    from mechprobe.erasure_sweep import ErasureSweep, fit_erasure
+    from mechprobe.erasure import ErasureSweep, amnesic, fit_erasure
 
     sites = [args.site]
     if "{l}" in args.site:
@@ -139,7 +138,7 @@ def run_erase(args: argparse.Namespace) -> list[dict[str, Any]]:
     if data.level != "text":
         raise ValueError(
             f"Dataset {data.name!r} is word-level; mechprobe erase takes text-level datasets "
-            "(use mechprobe.amnesic from Python for word-level data)."
+            "(use mechprobe.erasure._amnesic from Python for word-level data)."
         )
     fit_data, probe_data = _split(data, args.seed)
     model = load(args.model)

@@ -115,7 +115,7 @@ def table(result: Any) -> str:
 def main(args: argparse.Namespace) -> int:
     """Collect, probe every layer, print the table and write the files."""
     import mechprobe as mp
-    from mechprobe.layerwise import probe_layers
+    from mechprobe.probing import probe_layers
 
     try:
         dataset = load_dataset(args.dataset, args.seed)

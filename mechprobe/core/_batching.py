@@ -1,0 +1,296 @@
+"""Batching prompts of different lengths: padding, attention masks, last-real-token indices.
+
+Padding bugs are the commonest defect in interpretability code: reading position ``-1`` of a
+right-padded row reads a pad token. A :class:`Batch` therefore carries the attention mask and resolves
+positions *per row* in the unpadded prompt: ``-1`` is always the last real token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+__all__ = [
+    "Batch",
+    "PaddingSide",
+    "PositionSpec",
+    "first_token_ids",
+    "pad_id",
+    "pad_rows",
+    "tokenize",
+    "tokenize_with_targets",
+]
+
+PaddingSide = Literal["left", "right"]
+#: ``"all"``, one position or a list; negative positions count back from the last real token.
+PositionSpec = int | Sequence[int] | Literal["all"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Tokenised prompts, padded to one length.
+
+    Attributes:
+        tokens: ``[batch, seq]`` token ids, pad id where ``attention_mask`` is 0.
+        attention_mask: ``[batch, seq]`` 1 for real tokens, 0 for padding.
+        padding_side: ``"left"`` or ``"right"``.
+        prompts: The source strings (empty strings if built from tokens).
+
+    Example:
+        >>> from mechprobe.core._models import tiny_model
+        >>> batch = tokenize(tiny_model(), ["Hi", "Hello"])
+        >>> batch.lengths.tolist(), batch.last_index.tolist()
+        ([3, 6], [2, 5])
+    """
+
+    tokens: Int[Tensor, "batch seq"]
+    attention_mask: Int[Tensor, "batch seq"]
+    padding_side: PaddingSide
+    prompts: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def lengths(self) -> Int[Tensor, " batch"]:
+        """Number of real tokens per row (BOS included where the model prepends one)."""
+        return self.attention_mask.sum(dim=1)
+
+    @property
+    def offset(self) -> Int[Tensor, " batch"]:
+        """Padded index of each row's first real token (0 for right padding)."""
+        if self.padding_side == "right":
+            return torch.zeros_like(self.lengths)
+        return self.tokens.shape[1] - self.lengths
+
+    @property
+    def last_index(self) -> Int[Tensor, " batch"]:
+        """Padded index of each row's last real token."""
+        return self.offset + self.lengths - 1
+
+    def positions(self, spec: PositionSpec) -> Int[Tensor, "batch k"]:
+        """Padded indices ``[batch, k]`` of prompt positions ``spec`` (negative: from the end).
+
+        ``"all"`` is only defined when every row has the same length; use it on a batch of equal
+        lengths, or ask for explicit positions.
+
+        Raises:
+            ValueError: A position falls outside some row's real tokens.
+        """
+        lengths = self.lengths
+        if isinstance(spec, str):
+            if spec != "all":
+                raise ValueError(
+                    f"Positions must be an int, a list of ints or 'all', not {spec!r}."
+                )
+            if not bool((lengths == lengths[0]).all()):
+                raise ValueError(
+                    "positions='all' on prompts of different lengths has no common grid; "
+                    "run them one length at a time, or ask for positions relative to the end "
+                    "(e.g. [-3, -2, -1])."
+                )
+            spec = list(range(int(lengths[0])))
+        wanted = torch.as_tensor([spec] if isinstance(spec, int) else list(spec), dtype=torch.long)
+        if wanted.ndim != 1 or wanted.numel() == 0:
+            raise ValueError(f"Positions must be a non-empty list of ints, got {spec!r}.")
+        rel = torch.where(wanted[None, :] < 0, lengths[:, None] + wanted[None, :], wanted[None, :])
+        bad = (rel < 0) | (rel >= lengths[:, None])
+        if bool(bad.any()):
+            row = int(bad.any(dim=1).nonzero()[0])
+            raise ValueError(
+                f"Position(s) {wanted[bad[row]].tolist()} fall outside prompt {row}, which has "
+                f"{int(lengths[row])} tokens (valid: 0..{int(lengths[row]) - 1} or -1..-"
+                f"{int(lengths[row])})."
+            )
+        return rel + self.offset[:, None]
+
+    def select(self, rows: slice | Sequence[int]) -> Batch:
+        """A sub-batch of the given rows, with padding columns no row uses trimmed off."""
+        index = torch.arange(len(self))[rows] if isinstance(rows, slice) else torch.as_tensor(rows)
+        mask = self.attention_mask[index]
+        used = mask.any(dim=0).nonzero().flatten()
+        cols = slice(int(used.min()), int(used.max()) + 1) if used.numel() else slice(0, 0)
+        return Batch(
+            tokens=self.tokens[index][:, cols],
+            attention_mask=mask[:, cols],
+            padding_side=self.padding_side,
+            prompts=tuple(self.prompts[int(i)] for i in index),
+        )
+
+    def chunks(self, batch_size: int | None) -> Iterator[tuple[slice, Batch]]:
+        """Consecutive sub-batches of at most ``batch_size`` rows with their row slices."""
+        size = len(self) if batch_size is None else int(batch_size)
+        if size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+        for start in range(0, len(self), size):
+            rows = slice(start, min(start + size, len(self)))
+            yield rows, (self if size >= len(self) else self.select(rows))
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The same batch on another device."""
+        return Batch(
+            self.tokens.to(device), self.attention_mask.to(device), self.padding_side, self.prompts
+        )
+
+
+def _check_prompts(prompts: Sequence[str] | str) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("The prompt list is empty: pass at least one prompt string.")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"Prompt {i} is {type(p).__name__}, not str: pass strings.")
+    return prompts
+
+
+def _encode(model: Any, texts: Sequence[str]) -> list[list[int]]:
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ValueError("This model has no tokenizer; pass token ids instead of strings.")
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def _prepend_bos(model: Any, prepend_bos: bool | None) -> int | None:
+    if prepend_bos is None:
+        prepend_bos = bool(getattr(model.cfg, "default_prepend_bos", True))
+    if not prepend_bos:
+        return None
+    bos = model.tokenizer.bos_token_id
+    if bos is None:
+        raise ValueError("This tokenizer has no BOS token; pass prepend_bos=False.")
+    return int(bos)
+
+
+def pad_rows(
+    rows: list[list[int]], fill: int, padding_side: PaddingSide, prompts: Sequence[str]
+) -> Batch:
+    """Pad token-id rows to one length (the one padding routine every reader uses).
+
+    Args:
+        rows: Token ids of each row, unpadded and non-empty.
+        fill: The id written at padded positions (:func:`pad_id`).
+        padding_side: ``"left"`` or ``"right"``.
+        prompts: The source text of each row (kept on the batch).
+
+    Example:
+        >>> pad_rows([[1, 5], [1]], 2, "left", ["a", ""]).tokens.tolist()
+        [[1, 5], [2, 1]]
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), fill, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        cols = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
+        tokens[i, cols] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, cols] = 1
+    return Batch(tokens, mask, padding_side, tuple(prompts))
+
+
+def pad_id(model: Any) -> int:
+    """The id written at padded positions: the tokenizer's pad token, else EOS, else 0."""
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return int(pad if pad is not None else 0)
+
+
+def tokenize(
+    model: Any,
+    prompts: Sequence[str] | str,
+    *,
+    padding_side: PaddingSide = "right",
+    prepend_bos: bool | None = None,
+) -> Batch:
+    """Tokenise prompts like ``model.to_tokens`` does, padded into one :class:`Batch`.
+
+    Args:
+        model: A TransformerLens model with a tokenizer.
+        prompts: One prompt or a non-empty list of prompts.
+        padding_side: Where padding goes; results never depend on it.
+        prepend_bos: Prepend BOS; ``None`` follows ``model.cfg.default_prepend_bos``.
+
+    Example:
+        >>> from mechprobe.core._models import tiny_model
+        >>> model = tiny_model()
+        >>> bool((tokenize(model, "Hi").tokens == model.to_tokens("Hi")).all())
+        True
+    """
+    prompts = _check_prompts(prompts)
+    bos = _prepend_bos(model, prepend_bos)
+    rows = [([bos] if bos is not None else []) + ids for ids in _encode(model, prompts)]
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"Prompt {i} is empty and the model adds no BOS: pass non-empty text.")
+    return pad_rows(rows, pad_id(model), padding_side, prompts)
+
+
+def tokenize_with_targets(
+    model: Any,
+    prompts: Sequence[str] | str,
+    targets: Sequence[str] | str,
+    *,
+    padding_side: PaddingSide = "right",
+    prepend_bos: bool | None = None,
+) -> tuple[Batch, Int[Tensor, " batch"], Int[Tensor, " batch"]]:
+    """Tokenise ``prompt + target`` pairs for teacher forcing.
+
+    Prompt and target are tokenised separately and concatenated, so the prompt's tokens are exactly
+    those of :func:`tokenize` and the target's tokens are what a scorer would feed one by one.
+
+    Returns:
+        ``(batch, target_start, target_length)``: ``target_start[i]`` is the position in the
+        unpadded row of the first target token; the prediction of target token ``j`` is read at
+        prompt position ``target_start + j - 1``.
+
+    Example:
+        >>> from mechprobe.core._models import tiny_model
+        >>> batch, start, n = tokenize_with_targets(tiny_model(), ["Hi"], [" there"])
+        >>> start.tolist(), n.tolist()
+        ([3], [6])
+    """
+    prompts = _check_prompts(prompts)
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if len(targets) != len(prompts):
+        raise ValueError(
+            f"Got {len(prompts)} prompts and {len(targets)} targets: pass one target per prompt."
+        )
+    bos = _prepend_bos(model, prepend_bos)
+    prompt_ids = [([bos] if bos is not None else []) + ids for ids in _encode(model, prompts)]
+    target_ids = _encode(model, targets)
+    for i, ids in enumerate(target_ids):
+        if not ids:
+            raise ValueError(f"Target {i} ({targets[i]!r}) is empty: pass a non-empty string.")
+    rows = [p + t for p, t in zip(prompt_ids, target_ids, strict=True)]
+    batch = pad_rows(rows, pad_id(model), padding_side, prompts)
+    start = torch.as_tensor([len(p) for p in prompt_ids], dtype=torch.long)
+    length = torch.as_tensor([len(t) for t in target_ids], dtype=torch.long)
+    return batch, start, length
+
+
+def first_token_ids(model: Any, texts: Sequence[str]) -> list[int]:
+    """The first token id of each text, tokenised without special tokens (as answers are).
+
+    Answers and arguments follow a prompt, so they are tokenised on their own, leading space
+    included, without BOS: exactly the tokens :func:`tokenize_with_targets` appends.
+
+    Raises:
+        ValueError: A text tokenises to nothing.
+
+    Example:
+        >>> from mechprobe.core import tiny_model
+        >>> first_token_ids(tiny_model(), [" Paris", "a"])
+        [223, 67]
+    """
+    ids = model.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    for text, row in zip(texts, ids, strict=True):
+        if not row:
+            raise ValueError(f"{text!r} tokenises to nothing: give a non-empty answer/argument.")
+    return [int(row[0]) for row in ids]

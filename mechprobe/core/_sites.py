@@ -1,0 +1,182 @@
+"""Sites: typed places in a model that render to TransformerLens hook names.
+
+A :class:`Site` names one activation: ``Site("mlp_out", layer=19)`` is ``blocks.19.hook_mlp_out``.
+Plain hook-name strings are accepted wherever a site is, and every site is checked against the model
+before any forward pass, so a typo fails at once with the closest valid names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias, get_args
+
+__all__ = ["Positions", "Site", "SiteKind", "SiteLike", "resolve_site", "resolve_sites"]
+
+SiteKind: TypeAlias = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head"]
+_KINDS: tuple[str, ...] = get_args(SiteKind)
+
+#: Token positions: ``None`` (all), an int (negative counts back from the last *real* token, so
+#: ``-1`` is the last real token of each row whatever the padding side) or a sequence of ints.
+Positions: TypeAlias = int | Sequence[int] | None
+
+_HOOK_OF_KIND = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    # Per-head attention output before W_O ([batch, pos, head, d_head]); the head's write to the
+    # residual stream is z[..., h, :] @ W_O[h].
+    "head": "blocks.{layer}.attn.hook_z",
+}
+_KIND_OF_HOOK = {
+    re.compile(pattern.replace("{layer}", r"(\d+)").replace(".", r"\.") + "$"): kind
+    for kind, pattern in _HOOK_OF_KIND.items()
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place in the model: a kind of activation at one layer, optionally one head and positions.
+
+    Args:
+        kind: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out`` or ``head``.
+        layer: Block index, 0-based; negative counts from the last block once resolved on a model.
+        head: Attention head, required for ``kind="head"`` and forbidden otherwise.
+        positions: Default token positions for interventions and captures at this site.
+
+    Example:
+        >>> Site("mlp_out", layer=19).hook_name
+        'blocks.19.hook_mlp_out'
+        >>> Site.parse("blocks.3.attn.hook_z", head=2)
+        Site(kind='head', layer=3, head=2, positions=None)
+    """
+
+    kind: SiteKind
+    layer: int
+    head: int | None = None
+    positions: Positions = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            close = difflib.get_close_matches(str(self.kind), _KINDS, n=3, cutoff=0.3)
+            raise ValueError(
+                f"Unknown site kind {self.kind!r}; did you mean {close or list(_KINDS)}? "
+                f"Valid kinds: {', '.join(_KINDS)}."
+            )
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+            raise TypeError(f"Site layer must be an int, got {self.layer!r}.")
+        if self.kind == "head" and self.head is None:
+            raise ValueError("Site('head', ...) needs head=<index>, e.g. Site('head', 5, head=2).")
+        if self.kind != "head" and self.head is not None:
+            raise ValueError(f"head= only applies to kind 'head', not {self.kind!r}.")
+        if isinstance(self.positions, list):
+            # Frozen and hashable: store positions as a tuple.
+            object.__setattr__(self, "positions", tuple(self.positions))
+
+    @property
+    def hook_name(self) -> str:
+        """The TransformerLens hook name this site reads and writes."""
+        return _HOOK_OF_KIND[self.kind].format(layer=self.layer)
+
+    @classmethod
+    def parse(cls, name: str, *, head: int | None = None, positions: Positions = None) -> Site:
+        """Turn a hook name such as ``"blocks.4.hook_resid_post"`` into a Site.
+
+        Raises:
+            ValueError: The name is not one of the site kinds' hook names; use the string itself
+                where an arbitrary hook is meant (interventions accept hook names directly).
+        """
+        for pattern, kind in _KIND_OF_HOOK.items():
+            match = pattern.match(name)
+            if match:
+                return cls(kind, int(match.group(1)), head=head, positions=positions)  # type: ignore[arg-type]
+        raise ValueError(
+            f"{name!r} is not a site hook name ({', '.join(_HOOK_OF_KIND.values())}); "
+            "pass the plain string where any TransformerLens hook is meant."
+        )
+
+    def __str__(self) -> str:
+        head = f", head {self.head}" if self.head is not None else ""
+        return f"{self.kind}@{self.layer}{head}"
+
+
+SiteLike: TypeAlias = Site | str
+
+
+def _hook_names(model: Any) -> list[str]:
+    return list(model.hook_dict.keys())
+
+
+def resolve_site(model: Any, site: SiteLike) -> tuple[str, Site | None]:
+    """Validate a site against ``model`` and return ``(hook_name, site_or_None)``.
+
+    Negative layers count from the end (``-1`` is the last block). A plain string that is a hook
+    name of the model is accepted as is (and parsed to a Site where it is one).
+
+    Raises:
+        ValueError: Unknown hook name or out-of-range layer, listing the closest valid names.
+
+    Example:
+        >>> from mechprobe.core._models import tiny_model
+        >>> resolve_site(tiny_model(), Site("resid_post", -1))[0]
+        'blocks.2.hook_resid_post'
+    """
+    n_layers = int(model.cfg.n_layers)
+    if isinstance(site, str):
+        names = _hook_names(model)
+        if site not in model.hook_dict:
+            close = difflib.get_close_matches(site, names, n=5, cutoff=0.6)
+            hint = f" Closest valid names: {close}." if close else ""
+            raise ValueError(
+                f"Unknown hook name {site!r} for this model.{hint} "
+                f"Site kinds: {', '.join(_KINDS)} (e.g. Site('mlp_out', layer=0))."
+            )
+        try:
+            return site, Site.parse(site)
+        except ValueError:
+            return site, None
+    if not isinstance(site, Site):
+        raise TypeError(f"Expected a Site or a hook-name string, got {type(site).__name__}.")
+    layer = site.layer + n_layers if site.layer < 0 else site.layer
+    if not 0 <= layer < n_layers:
+        raise ValueError(
+            f"Layer {site.layer} is out of range for a model with {n_layers} layers "
+            f"(valid: 0..{n_layers - 1}, or -1..-{n_layers} from the end)."
+        )
+    if site.kind == "head":
+        n_heads = int(model.cfg.n_heads)
+        if site.head is None or not 0 <= site.head < n_heads:
+            raise ValueError(f"Head {site.head} is out of range: this model has {n_heads} heads.")
+    resolved = Site(site.kind, layer, head=site.head, positions=site.positions)
+    if resolved.hook_name not in model.hook_dict:
+        raise ValueError(
+            f"{resolved.hook_name!r} is not a hook of this model; "
+            f"closest: {difflib.get_close_matches(resolved.hook_name, _hook_names(model), n=5)}."
+        )
+    return resolved.hook_name, resolved
+
+
+def resolve_sites(
+    model: Any, sites: SiteLike | Sequence[SiteLike]
+) -> list[tuple[str, Site | None]]:
+    """Validate several sites at once (all errors before any forward pass).
+
+    Example:
+        >>> from mechprobe.core._models import tiny_model
+        >>> [name for name, _ in resolve_sites(tiny_model(), ["hook_embed", Site("mlp_out", 0)])]
+        ['hook_embed', 'blocks.0.hook_mlp_out']
+    """
+    if isinstance(sites, (str, Site)):
+        sites = [sites]
+    return [resolve_site(model, s) for s in sites]
+
+
+def width(model: Any, site: Site | None) -> int | None:
+    """Last-dimension width of a site's activation, or None for arbitrary hooks."""
+    if site is None:
+        return None
+    return int(model.cfg.d_head) if site.kind == "head" else int(model.cfg.d_model)

@@ -1,0 +1,206 @@
+"""Amnesic probing (Elazar et al. 2021): erase a concept inside the model and measure what it loses.
+
+:func:`amnesic` hooks a fitted :class:`~mechprobe.Projection` (INLP, LEACE, ...) in at one site
+through :class:`~mechprobe.Project` and :func:`~mechprobe.intervene`, so the layers above run
+on the erased activations, and compares the model with and without it:
+
+- on text: next-token accuracy, mean loss, and ``KL(p_orig || p_erased)`` averaged over tokens;
+- on a relational :class:`~mechprobe.Task`: greedy first-token accuracy (and the first answer
+  token's log-probability, and the KL at the prompt's last token);
+- *information*: linear (and MLP) probe accuracy for the concept, at the erased site and at later
+  layers, re-collected with the projection hooked in. A linear probe at the erased site should
+  fall to the majority baseline; later layers, or an MLP, may recover it.
+
+Every number is measured beside the same number for ``n_random`` random projections of the same
+rank (mean and spread over seeds) and a dropout control (the same number of coordinates zeroed):
+an erasure matters only as far as it hurts more than deleting random directions. The difference
+is the *selectivity* (:meth:`AmnesicResult.selectivity`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from mechprobe.core import Positions, Site, SiteLike, resolve_site, width
+from mechprobe.erasure._information import ProbeData, information_measures
+from mechprobe.erasure._metrics import Condition, task_measures, text_measures
+from mechprobe.erasure._projection import Projection, dropout_projection, random_projection
+from mechprobe.erasure._result import AmnesicMeasure, AmnesicResult
+from mechprobe.tasks import Task, load_task
+
+__all__ = ["amnesic", "control_projections"]
+
+
+def control_projections(
+    projection: Projection, n_random: int = 3, *, dropout: bool = True, seed: int = 0
+) -> list[Condition]:
+    """The erasure and its controls of equal rank: ``erased``, ``random`` x n_random, ``dropout``.
+
+    Random control ``i`` is ``random_projection(dim, n_removed, seed=seed + i)``; the dropout
+    control zeroes ``n_removed`` coordinates drawn with ``seed``.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> conds = control_projections(mp.random_projection(8, 3, seed=9), n_random=2)
+        >>> [(c.name, c.seed, c.projection.n_removed) for c in conds]
+        [('erased', None, 3), ('random', 0, 3), ('random', 1, 3), ('dropout', 0, 3)]
+    """
+    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
+        raise ValueError(f"n_random must be a non-negative int, got {n_random!r}.")
+    dim, k = projection.dim, projection.n_removed
+    out = [Condition("erased", projection)]
+    out += [
+        Condition("random", random_projection(dim, k, seed=seed + i), seed + i)
+        for i in range(n_random)
+    ]
+    if dropout:
+        out.append(Condition("dropout", dropout_projection(dim, k, seed=seed), seed))
+    return out
+
+
+def amnesic(
+    model: Any,
+    site: SiteLike,
+    projection: Projection,
+    *,
+    text: Sequence[str] | None = None,
+    task: Task | str | None = None,
+    probe: ProbeData | None = None,
+    probe_layers: Sequence[int] | None = None,
+    positions: Positions = None,
+    n_random: int = 3,
+    dropout: bool = True,
+    mlp: bool = True,
+    probe_folds: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> AmnesicResult:
+    """Erase ``projection`` at ``site`` inside the model and measure the loss against random controls.
+
+    Args:
+        model: A TransformerLens model.
+        site: Where to erase (a :class:`Site` or hook name), e.g. ``Site("resid_post", 20)``.
+        projection: A fitted :class:`Projection` of the site's width (``inlp``, ``leace``, ...).
+        text: Texts for the language-modelling measures (next-token accuracy, loss, KL).
+        task: A relational task (or its name) for task accuracy, e.g. ``"capitals"``.
+        probe: Labelled data for the *information* measures: a :class:`~mechprobe.ProbingDataset`,
+            a :class:`Task` (labelled by input) or ``(texts, labels)`` (last token). Probes
+            (:func:`mechprobe.probe_layers`) train on a stratified 75% and are scored on the rest.
+        probe_layers: Layers whose activations (the erased site's kind) are probed after erasure;
+            default: the erased layer and up to four later ones, the last layer included.
+        positions: Token positions to erase (None: all; ``-1``: each prompt's last real token).
+            Defaults to the Site's own ``positions``.
+        n_random: Random-direction controls of the same rank (seeds ``seed .. seed+n_random-1``).
+        dropout: Also run the dropout control.
+        mlp: Also fit an MLP probe (original and erased only): a nonlinear probe can often still
+            read what a linear erasure removed.
+        probe_folds: Score probes by stratified k-fold cross-validation instead of one 75/25
+            split (steadier on small probing data, ``k`` times the fitting).
+        seed: Seed of the controls and of the probes' train/test split.
+        batch_size: Prompts per forward pass.
+        progress: Show progress bars.
+
+    Returns:
+        :class:`AmnesicResult` with one :class:`AmnesicMeasure` per number.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> model = mp.tiny_model()
+        >>> p = mp.random_projection(64, 4, seed=1)
+        >>> r = amnesic(model, mp.Site("resid_post", 1), p, text=["Hello there", "Hi you"],
+        ...             n_random=2)
+        >>> r.mean_std("lm_kl", "erased")[0] > 0, len(r.values("lm_kl", "random"))
+        (True, 2)
+    """
+    hook, parsed = resolve_site(model, site)
+    if not isinstance(projection, Projection):
+        raise TypeError(
+            f"projection must be a mechprobe Projection, got {type(projection).__name__}; fit one "
+            "with mp.inlp(X, y) or mp.leace(X, y) on activations of this site."
+        )
+    site_width = width(model, parsed) or int(model.cfg.d_model)
+    if projection.dim != site_width:
+        raise ValueError(
+            f"The projection acts on {projection.dim}-dim vectors but {hook} has width "
+            f"{site_width}: fit it on activations of this site."
+        )
+    if text is None and task is None and probe is None:
+        raise ValueError("Nothing to measure: pass text=[...], task='capitals' and/or probe=data.")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+    if positions is None and parsed is not None:
+        positions = parsed.positions
+    if isinstance(text, str):
+        text = [text]
+    controls = control_projections(projection, n_random, dropout=dropout, seed=seed)
+    conditions = [Condition("original", None), *controls]
+    measures: list[AmnesicMeasure] = []
+    counts: dict[str, int] = {}
+    kw: dict[str, Any] = {"positions": positions, "batch_size": batch_size, "progress": progress}
+    if text is not None:
+        found, counts["text_tokens"] = text_measures(model, hook, text, conditions, **kw)
+        measures += found
+    if task is not None:
+        task_obj = load_task(task) if isinstance(task, str) else task
+        if not isinstance(task_obj, Task):
+            raise TypeError(f"task must be a Task or a task name, got {type(task).__name__}.")
+        measures += task_measures(model, hook, task_obj, conditions, **kw)
+        counts["task_items"] = len(task_obj)
+    majority = None
+    if probe is not None:
+        layer = parsed.layer if parsed is not None else None
+        kind = parsed.kind if parsed is not None and parsed.kind != "head" else "resid_post"
+        sites = _probe_sites(model, hook, kind, layer, probe_layers)
+        info = information_measures(
+            model,
+            hook,
+            probe,
+            [c for c in conditions if c.name != "dropout"],
+            sites=sites,
+            mlp=mlp,
+            folds=probe_folds,
+            seed=seed,
+            **kw,
+        )
+        measures += info.measures
+        majority = info.majority_baseline
+        counts["probe_examples"] = info.n_examples
+    return AmnesicResult(
+        site=hook,
+        layer=parsed.layer if parsed is not None else None,
+        positions=positions
+        if positions is None or isinstance(positions, int)
+        else tuple(positions),
+        method=projection.method,
+        n_removed=projection.n_removed,
+        dim=projection.dim,
+        measures=tuple(measures),
+        majority_baseline=majority,
+        counts=counts,
+    )
+
+
+def _probe_sites(
+    model: Any, hook: str, kind: str, layer: int | None, probe_layers: Sequence[int] | None
+) -> list[str]:
+    """Hook names to probe: the erased site first, then the chosen later layers of its kind."""
+    n_layers = int(model.cfg.n_layers)
+    if probe_layers is None:
+        if layer is None:
+            return [hook]
+        later = list(range(layer + 1, n_layers))
+        step = max(1, -(-len(later) // 4))
+        chosen = later[::-1][::step][::-1]  # evenly spaced, always ending at the last layer
+        probe_layers = [layer, *chosen]
+    names = [hook] if layer is None else []
+    for lay in probe_layers:
+        name, _ = resolve_site(model, Site(kind, int(lay)))  # type: ignore[arg-type]
+        if layer is not None and int(lay) % n_layers < layer:
+            raise ValueError(
+                f"probe_layers holds layer {lay}, below the erased layer {layer}: an erasure "
+                "cannot change earlier layers; pass layers >= the erased one."
+            )
+        names.append(name)
+    return list(dict.fromkeys(names))

@@ -1,0 +1,167 @@
+"""Information left after erasure: probe accuracy at the erased site and later layers, per condition.
+
+For each condition the probing data is run again with the projection hooked in, the activations
+of the chosen sites are gathered (the last token for text-level data; every word's last sub-token
+for word-level data through :func:`mechprobe.collect`), and fresh probes are trained on a fixed
+stratified split and scored on its held-out part (:func:`mechprobe.probe_layers`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mechprobe.core import (
+    Capture,
+    Intervention,
+    Positions,
+    Project,
+    SiteLike,
+    forward,
+    intervene,
+    tokenize,
+)
+from mechprobe.erasure._metrics import Condition
+from mechprobe.erasure._result import AmnesicMeasure
+from mechprobe.probing import ProbingDataset, collect, probe_layers
+from mechprobe.tasks import Task
+
+#: A ProbingDataset, a Task (labelled by input), or ``(texts, labels)`` read at the last token.
+ProbeData: TypeAlias = ProbingDataset | Task | tuple[Sequence[str], Sequence[Any]]
+_TEST_SIZE = 0.25
+
+
+@dataclass(frozen=True)
+class Information:
+    measures: list[AmnesicMeasure]
+    majority_baseline: float
+    n_examples: int
+
+
+def _texts_labels(data: ProbeData) -> tuple[list[str], np.ndarray, bool]:
+    """Texts, labels (one per text, or per selected word) and whether the data is word-level."""
+    if isinstance(data, ProbingDataset):
+        if data.level == "word":
+            return list(data.texts), np.asarray([]), True
+        return list(data.texts), np.asarray(data.labels), False
+    if isinstance(data, Task):
+        return data.prompts(), np.asarray(data.inputs()), False
+    if isinstance(data, tuple) and len(data) == 2:
+        texts, labels = list(data[0]), np.asarray(list(data[1]))
+        if len(texts) != len(labels) or not texts:
+            raise ValueError(
+                f"probe=(texts, labels) needs one label per text, got {len(texts)} texts and "
+                f"{len(labels)} labels."
+            )
+        return texts, labels, False
+    raise TypeError(
+        "probe must be a ProbingDataset, a Task or a (texts, labels) pair, got "
+        f"{type(data).__name__}."
+    )
+
+
+def _last_token(
+    model: Any,
+    hook: str,
+    texts: list[str],
+    condition: Condition,
+    sites: Sequence[str],
+    positions: Positions,
+    batch_size: int,
+) -> np.ndarray:
+    """``[n, sites, d]`` activations at each text's last token under ``condition``."""
+    batch = tokenize(model, texts)
+    device = getattr(model.cfg, "device", None)
+    parts: list[np.ndarray] = []
+    with torch.no_grad():
+        for _, chunk in batch.chunks(batch_size):
+            chunk = chunk.to(device) if device is not None else chunk
+            caps = {s: Capture(positions=-1) for s in sites}
+            spec: dict[SiteLike, list[Intervention]] = {}
+            if condition.projection is not None:
+                spec[hook] = [Project(condition.projection, positions=positions)]
+            for s, cap in caps.items():  # after the projection at the same hook: sees its output
+                spec.setdefault(s, []).append(cap)
+            with intervene(model, spec, batch=chunk):
+                forward(model, chunk)
+            values = [caps[s].value for s in sites]
+            assert all(v is not None for v in values)
+            parts.append(
+                torch.stack([v[:, 0] for v in values if v is not None], 1).float().cpu().numpy()
+            )
+    return np.concatenate(parts)
+
+
+def _word_level(
+    model: Any,
+    hook: str,
+    data: ProbingDataset,
+    condition: Condition,
+    sites: Sequence[str],
+    positions: Positions,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``([n, sites, d], labels)`` at each labelled word under ``condition`` (all positions)."""
+    if positions is not None:
+        raise ValueError(
+            "Word-level probing data with an erasure at chosen positions is not supported: erase "
+            "at all positions (positions=None), or probe text-level data."
+        )
+    spec: dict[SiteLike, Intervention] = {}
+    if condition.projection is not None:
+        spec[hook] = Project(condition.projection)
+    # Without a batch an intervention cannot see padding, which is harmless at all positions.
+    with intervene(model, spec):
+        acts = collect(model, data, list(sites), batch_size=batch_size, progress=False)
+    assert acts.labels is not None
+    return np.asarray(acts.values, dtype=np.float32), acts.labels
+
+
+def information_measures(
+    model: Any,
+    hook: str,
+    data: ProbeData,
+    conditions: Sequence[Condition],
+    *,
+    sites: Sequence[str],
+    positions: Positions,
+    mlp: bool,
+    folds: int | None,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+) -> Information:
+    """Probe accuracy per (condition, site, probe kind), held out the same way for every condition.
+
+    Probes come from :func:`mechprobe.probe_layers` (one vectorised fit for all sites): a stratified
+    75/25 split, or ``folds``-fold cross-validation, seeded with ``seed`` and so identical across
+    conditions.
+    """
+    texts, labels, word_level = _texts_labels(data)
+    measures: list[AmnesicMeasure] = []
+    majority = float("nan")
+    split: dict[str, Any] = {"test_size": _TEST_SIZE, "n_folds": folds, "seed": seed}
+    for c in tqdm(conditions, disable=not progress, desc="amnesic: information"):
+        if word_level:
+            assert isinstance(data, ProbingDataset)
+            x, labels = _word_level(model, hook, data, c, sites, positions, batch_size)
+        else:
+            x = _last_token(model, hook, texts, c, sites, positions, batch_size)
+        if len(np.unique(labels)) < 2:
+            raise ValueError("The probing data has a single label: pass data with two or more.")
+        kinds = ["linear", "mlp"] if mlp and c.name in ("original", "erased") else ["linear"]
+        for kind in kinds:
+            fit = probe_layers(x, labels, mlp=kind == "mlp", progress=False, **split)
+            majority = fit.majority_baseline
+            for site, acc in zip(sites, fit.accuracy.tolist(), strict=True):
+                measures.append(
+                    AmnesicMeasure(
+                        "probe_accuracy", c.name, float(acc), seed=c.seed, site=site, probe=kind
+                    )
+                )
+    return Information(measures, majority, len(labels))

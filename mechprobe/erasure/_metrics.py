@@ -1,0 +1,162 @@
+"""Behavioural measurements for amnesic probing: the model on text and on a task, per condition.
+
+A condition is the unmodified model or the model with one projection hooked in at one site. For
+each chunk of prompts the unmodified forward pass runs once and every condition is compared with
+it right away, so only one chunk's log-probabilities are ever held (``[chunk, seq, vocab]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechprobe.core import (
+    Batch,
+    Intervention,
+    Positions,
+    Project,
+    SiteLike,
+    first_token_ids,
+    forward,
+    intervene,
+    tokenize,
+)
+from mechprobe.erasure._projection import Projection
+from mechprobe.erasure._result import AmnesicMeasure
+from mechprobe.tasks import Task
+
+
+@dataclass(frozen=True)
+class Condition:
+    """The model with ``projection`` hooked in at the erased site (None: unmodified)."""
+
+    name: str
+    projection: Projection | None
+    seed: int | None = None
+
+
+def _logits(
+    model: Any, batch: Batch, hook: str, condition: Condition, positions: Positions
+) -> Float[Tensor, "batch seq vocab"]:
+    """One forward pass of ``batch`` under ``condition`` (float32 logits)."""
+    if condition.projection is None:
+        return forward(model, batch).float()
+    spec: dict[SiteLike, Intervention] = {hook: Project(condition.projection, positions=positions)}
+    with intervene(model, spec, batch=batch):
+        return forward(model, batch).float()
+
+
+def _kl(logp_orig: Tensor, logp: Tensor) -> Tensor:
+    """``KL(p_orig || p)`` over the last axis, per position."""
+    return (logp_orig.exp() * (logp_orig - logp)).sum(-1)
+
+
+def text_measures(
+    model: Any,
+    hook: str,
+    texts: Sequence[str],
+    conditions: Sequence[Condition],
+    *,
+    positions: Positions,
+    batch_size: int,
+    progress: bool,
+) -> tuple[list[AmnesicMeasure], int]:
+    """Next-token accuracy and loss, and KL from the original, on ``texts``; returns the count too.
+
+    Accuracy and loss are averaged over every real token that has a next real token; the KL over
+    every real token (also the last, whose prediction an erasure at ``-1`` changes).
+    """
+    batch = tokenize(model, list(texts))
+    device = getattr(model.cfg, "device", None)
+    sums = {c.name + str(c.seed): [0.0, 0.0, 0.0] for c in conditions}
+    n_pred, n_real = 0, 0
+    chunks = list(batch.chunks(batch_size))
+    with torch.no_grad():
+        for _, chunk in tqdm(chunks, disable=not progress, desc="amnesic: text"):
+            chunk = chunk.to(device) if device is not None else chunk
+            mask = chunk.attention_mask.bool()
+            has_next = mask[:, :-1] & mask[:, 1:]
+            targets = chunk.tokens[:, 1:]
+            logp_orig = _logits(model, chunk, hook, Condition("original", None), positions)
+            logp_orig = logp_orig.log_softmax(-1)
+            n_pred += int(has_next.sum())
+            n_real += int(mask.sum())
+            for c in conditions:
+                logp = (
+                    logp_orig
+                    if c.projection is None
+                    else _logits(model, chunk, hook, c, positions).log_softmax(-1)
+                )
+                pred = logp[:, :-1]
+                hit = (pred.argmax(-1) == targets) & has_next
+                token_nll = -pred.gather(-1, targets[..., None])[..., 0]
+                acc = sums[c.name + str(c.seed)]
+                acc[0] += float(hit.sum())
+                acc[1] += float(token_nll[has_next].double().sum())
+                acc[2] += float(_kl(logp_orig, logp)[mask].double().sum())
+    if n_pred == 0:
+        raise ValueError(
+            "The evaluation texts have no token with a next token: pass texts of two or more tokens."
+        )
+    out: list[AmnesicMeasure] = []
+    for c in conditions:
+        hits, nll, kl = sums[c.name + str(c.seed)]
+        out.append(AmnesicMeasure("lm_accuracy", c.name, hits / n_pred, seed=c.seed))
+        out.append(AmnesicMeasure("lm_loss", c.name, nll / n_pred, seed=c.seed))
+        if c.projection is not None:
+            out.append(AmnesicMeasure("lm_kl", c.name, kl / n_real, seed=c.seed))
+    return out, n_pred
+
+
+def task_measures(
+    model: Any,
+    hook: str,
+    task: Task,
+    conditions: Sequence[Condition],
+    *,
+    positions: Positions,
+    batch_size: int,
+    progress: bool,
+) -> list[AmnesicMeasure]:
+    """Greedy first-token accuracy, first-token log-prob and KL at the prompt's last token.
+
+    Positions of the erasure count in the prompt (``-1``: its last token, where the answer is
+    predicted). Accuracy is the one :func:`mechprobe.score_task` reports.
+    """
+    batch = tokenize(model, task.prompts())
+    answer = torch.as_tensor(first_token_ids(model, task.answers()))
+    device = getattr(model.cfg, "device", None)
+    sums = {c.name + str(c.seed): [0.0, 0.0, 0.0] for c in conditions}
+    chunks = list(batch.chunks(batch_size))
+    with torch.no_grad():
+        for rows, chunk in tqdm(chunks, disable=not progress, desc="amnesic: task"):
+            chunk = chunk.to(device) if device is not None else chunk
+            index = torch.arange(len(chunk), device=chunk.tokens.device)
+            last = chunk.last_index.to(chunk.tokens.device)
+            target = answer[rows].to(chunk.tokens.device)
+            logits = _logits(model, chunk, hook, Condition("original", None), positions)
+            logp_orig = logits[index, last].log_softmax(-1)
+            for c in conditions:
+                if c.projection is None:
+                    logp = logp_orig
+                else:
+                    logp = _logits(model, chunk, hook, c, positions)[index, last].log_softmax(-1)
+                acc = sums[c.name + str(c.seed)]
+                acc[0] += float((logp.argmax(-1) == target).sum())
+                acc[1] += float(logp.gather(-1, target[:, None]).double().sum())
+                acc[2] += float(_kl(logp_orig, logp).double().sum())
+    n = len(batch)
+    out: list[AmnesicMeasure] = []
+    for c in conditions:
+        hits, logprob, kl = sums[c.name + str(c.seed)]
+        out.append(AmnesicMeasure("task_accuracy", c.name, hits / n, seed=c.seed))
+        out.append(AmnesicMeasure("task_logprob", c.name, logprob / n, seed=c.seed))
+        if c.projection is not None:
+            out.append(AmnesicMeasure("task_kl", c.name, kl / n, seed=c.seed))
+    return out

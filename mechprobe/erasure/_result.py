@@ -1,0 +1,380 @@
+"""What amnesic probing measured: :class:`AmnesicResult`, one tidy row (:class:`AmnesicMeasure`) per number.
+
+Every number :func:`mechprobe.erasure._amnesic` computes is a :class:`AmnesicMeasure`: a metric (``lm_accuracy``,
+``lm_loss``, ``lm_kl``, ``task_accuracy``, ``task_logprob``, ``task_kl``, ``probe_accuracy``), the
+condition it was measured under (``original``: the unmodified model; ``erased``: the projection
+hooked in; ``random``: a random projection of the same rank, one row per seed; ``dropout``: the
+same number of coordinates zeroed) and, for probes, where the probe read and which probe it was.
+
+*Effect* of a condition on a metric is how much worse it makes the model: the drop of an accuracy
+or log-probability, the rise of a loss, the KL itself. *Selectivity* (Elazar et al. 2021) is the
+effect of the real erasure minus the mean effect of the random control.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+__all__ = ["AmnesicMeasure", "AmnesicResult"]
+
+_FORMAT = "mechprobe.AmnesicResult/1"
+#: Metrics where higher is better: their effect is ``original - condition``.
+_HIGHER_IS_BETTER = {"lm_accuracy", "task_accuracy", "task_logprob", "probe_accuracy"}
+#: Metrics that already compare with the original (a divergence): their effect is the value.
+_DIVERGENCES = {"lm_kl", "task_kl"}
+_CONDITIONS = ("original", "erased", "random", "dropout")
+_COLOURS = {"original": "#4c72b0", "erased": "#c44e52", "random": "#8c8c8c", "dropout": "#dd8452"}
+
+
+@dataclass(frozen=True)
+class AmnesicMeasure:
+    """One measured number.
+
+    Attributes:
+        metric: ``lm_accuracy``, ``lm_loss``, ``lm_kl``, ``task_accuracy``, ``task_logprob``,
+            ``task_kl`` or ``probe_accuracy``.
+        condition: ``original``, ``erased``, ``random`` or ``dropout``.
+        value: The number.
+        seed: Seed of a ``random`` or ``dropout`` control, else None.
+        site: Hook name a probe read (``probe_accuracy`` only).
+        probe: ``"linear"`` or ``"mlp"`` (``probe_accuracy`` only).
+    """
+
+    metric: str
+    condition: str
+    value: float
+    seed: int | None = None
+    site: str | None = None
+    probe: str | None = None
+
+
+@dataclass(frozen=True)
+class AmnesicResult:
+    """What erasing a concept at one site costs the model, beside random controls of equal rank.
+
+    Attributes:
+        site: Hook name where the projection was applied.
+        layer: Its block index (None for a hook outside the blocks).
+        positions: Positions erased (None: all; negative: from each row's last real token).
+        method: The projection's method (``inlp``, ``leace``, ...).
+        n_removed: Directions it erases; every control erases as many.
+        dim: Width of the site.
+        measures: Every number, one :class:`AmnesicMeasure` each.
+        majority_baseline: Held-out accuracy of predicting the most frequent concept label (the
+            floor a guarded linear probe should fall to), or None without probing.
+        counts: How much was evaluated: ``text_tokens``, ``task_items``, ``probe_examples``.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> r = AmnesicResult("blocks.0.hook_resid_post", 0, None, "inlp", 2, 8,
+        ...     (AmnesicMeasure("lm_accuracy", "original", 0.5), AmnesicMeasure("lm_accuracy", "erased", 0.3),
+        ...      AmnesicMeasure("lm_accuracy", "random", 0.45, seed=0)))
+        >>> round(r.effect("lm_accuracy", "erased")[0], 2), round(r.selectivity()["lm_accuracy"], 2)
+        (0.2, 0.15)
+    """
+
+    site: str
+    layer: int | None
+    positions: int | tuple[int, ...] | None
+    method: str
+    n_removed: int
+    dim: int
+    measures: tuple[AmnesicMeasure, ...]
+    majority_baseline: float | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    # --- reading numbers -----------------------------------------------------------------------
+
+    def values(
+        self, metric: str, condition: str, *, site: str | None = None, probe: str | None = None
+    ) -> np.ndarray:
+        """All values of ``metric`` under ``condition`` (one per seed for the controls)."""
+        return np.asarray(
+            [
+                m.value
+                for m in self.measures
+                if m.metric == metric
+                and m.condition == condition
+                and (site is None or m.site == site)
+                and (probe is None or m.probe == probe)
+            ],
+            dtype=np.float64,
+        )
+
+    def mean_std(
+        self, metric: str, condition: str, *, site: str | None = None, probe: str | None = None
+    ) -> tuple[float | None, float | None]:
+        """``(mean, std)`` over seeds (std 0 for a single value; ``(None, None)`` if unmeasured)."""
+        vals = self.values(metric, condition, site=site, probe=probe)
+        if len(vals) == 0:
+            return None, None
+        return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+
+    def effect(
+        self, metric: str, condition: str, *, site: str | None = None, probe: str | None = None
+    ) -> tuple[float | None, float | None]:
+        """``(mean, std)`` of how much worse ``condition`` makes ``metric`` than the original.
+
+        Accuracies and log-probabilities: ``original - condition``; losses: ``condition -
+        original``; KL divergences: the value itself.
+        """
+        vals = self.values(metric, condition, site=site, probe=probe)
+        if len(vals) == 0:
+            return None, None
+        if metric not in _DIVERGENCES:
+            base, _ = self.mean_std(metric, "original", site=site, probe=probe)
+            if base is None:
+                return None, None
+            vals = base - vals if metric in _HIGHER_IS_BETTER else vals - base
+        return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+
+    def selectivity(self) -> dict[str, float]:
+        """Per behavioural metric: effect of the erasure minus the mean effect of the random control.
+
+        Positive: the real projection hurts more than deleting random directions of equal rank.
+        Probe accuracy is reported at the erased site (linear probe).
+        """
+        out: dict[str, float] = {}
+        for metric in sorted({m.metric for m in self.measures}):
+            kw: dict[str, Any] = {}
+            if metric == "probe_accuracy":
+                kw = {"site": self.site, "probe": "linear"}
+            real, _ = self.effect(metric, "erased", **kw)
+            rand, _ = self.effect(metric, "random", **kw)
+            if real is not None and rand is not None:
+                out[metric] = real - rand
+        return out
+
+    @property
+    def probe_sites(self) -> list[str]:
+        """Sites probed for information, in the order measured."""
+        return list(dict.fromkeys(m.site for m in self.measures if m.site is not None))
+
+    # --- views ---------------------------------------------------------------------------------
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per measure: metric, condition, seed, site, probe, value.
+
+        Example:
+            >>> r = AmnesicResult("hook_embed", None, None, "inlp", 1, 4,
+            ...                   (AmnesicMeasure("lm_kl", "erased", 0.1),))
+            >>> r.to_frame().columns.tolist()
+            ['metric', 'condition', 'seed', 'site', 'probe', 'value']
+        """
+        cols = ["metric", "condition", "seed", "site", "probe", "value"]
+        return pd.DataFrame([asdict(m) for m in self.measures], columns=cols)
+
+    def summary(self) -> pd.DataFrame:
+        """Mean and std per (metric, site, probe, condition), with the effect and its std."""
+        frame = self.to_frame()
+        keys = ["metric", "site", "probe", "condition"]
+        rows = []
+        for (metric, site, probe, condition), _ in frame.fillna({"site": "", "probe": ""}).groupby(
+            keys, sort=False
+        ):
+            metric, condition = str(metric), str(condition)
+            kw = {"site": str(site) or None, "probe": str(probe) or None}
+            mean, std = self.mean_std(metric, condition, **kw)
+            eff, eff_std = self.effect(metric, condition, **kw)
+            rows.append([metric, site, probe, condition, mean, std, eff, eff_std])
+        return pd.DataFrame(rows, columns=[*keys, "mean", "std", "effect", "effect_std"])
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``result.json`` record: headline numbers first, every measure after.
+
+        Keys include ``n_removed``, ``probe_accuracy_before``/``_after``, ``majority_baseline``,
+        ``random_control_probe_accuracy``, ``lm_kl``, ``random_control_lm_kl``,
+        ``task_accuracy_before``/``_after`` and ``random_control_task_accuracy`` (None where that
+        evaluation was not run), ``*_std`` spreads of the random control, and ``selectivity``.
+        """
+        at_site = {"site": self.site, "probe": "linear"}
+        mlp = {"site": self.site, "probe": "mlp"}
+
+        def mean(metric: str, condition: str, **kw: Any) -> float | None:
+            return _finite(self.mean_std(metric, condition, **kw)[0])
+
+        def std(metric: str, condition: str, **kw: Any) -> float | None:
+            return _finite(self.mean_std(metric, condition, **kw)[1])
+
+        head: dict[str, Any] = {
+            "format": _FORMAT,
+            "site": self.site,
+            "layer": self.layer,
+            "positions": _positions_json(self.positions),
+            "method": self.method,
+            "n_removed": self.n_removed,
+            "dim": self.dim,
+            "probe_accuracy_before": mean("probe_accuracy", "original", **at_site),
+            "probe_accuracy_after": mean("probe_accuracy", "erased", **at_site),
+            "majority_baseline": self.majority_baseline,
+            "random_control_probe_accuracy": mean("probe_accuracy", "random", **at_site),
+            "random_control_probe_accuracy_std": std("probe_accuracy", "random", **at_site),
+            "mlp_probe_accuracy_before": mean("probe_accuracy", "original", **mlp),
+            "mlp_probe_accuracy_after": mean("probe_accuracy", "erased", **mlp),
+            "lm_accuracy_before": mean("lm_accuracy", "original"),
+            "lm_accuracy_after": mean("lm_accuracy", "erased"),
+            "random_control_lm_accuracy": mean("lm_accuracy", "random"),
+            "dropout_control_lm_accuracy": mean("lm_accuracy", "dropout"),
+            "lm_loss_before": mean("lm_loss", "original"),
+            "lm_loss_after": mean("lm_loss", "erased"),
+            "random_control_lm_loss": mean("lm_loss", "random"),
+            "lm_kl": mean("lm_kl", "erased"),
+            "random_control_lm_kl": mean("lm_kl", "random"),
+            "random_control_lm_kl_std": std("lm_kl", "random"),
+            "dropout_control_lm_kl": mean("lm_kl", "dropout"),
+            "task_accuracy_before": mean("task_accuracy", "original"),
+            "task_accuracy_after": mean("task_accuracy", "erased"),
+            "random_control_task_accuracy": mean("task_accuracy", "random"),
+            "random_control_task_accuracy_std": std("task_accuracy", "random"),
+            "dropout_control_task_accuracy": mean("task_accuracy", "dropout"),
+            "task_kl": mean("task_kl", "erased"),
+            "random_control_task_kl": mean("task_kl", "random"),
+            "selectivity": {k: _finite(v) for k, v in self.selectivity().items()},
+            "counts": dict(self.counts),
+        }
+        head["measures"] = [
+            {k: (_finite(v) if k == "value" else v) for k, v in asdict(m).items()}
+            for m in self.measures
+        ]
+        return head
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write :meth:`to_json` to ``path`` (e.g. ``result.json``) and return the path."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AmnesicResult:
+        """Rebuild a result from :meth:`to_json`'s record."""
+        if data.get("format") != _FORMAT:
+            raise ValueError(
+                f"Not an AmnesicResult record (format {data.get('format')!r}); read a file written "
+                "by AmnesicResult.save."
+            )
+        positions = data["positions"]
+        return cls(
+            site=data["site"],
+            layer=data["layer"],
+            positions=tuple(positions) if isinstance(positions, list) else positions,
+            method=data["method"],
+            n_removed=int(data["n_removed"]),
+            dim=int(data["dim"]),
+            measures=tuple(
+                AmnesicMeasure(**{**m, "value": math.nan if m["value"] is None else m["value"]})
+                for m in data["measures"]
+            ),
+            majority_baseline=data["majority_baseline"],
+            counts={k: int(v) for k, v in data.get("counts", {}).items()},
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> AmnesicResult:
+        """Read a file written by :meth:`save`."""
+        return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    # --- figure --------------------------------------------------------------------------------
+
+    def plot(self) -> Figure:
+        """Bars per behavioural metric (controls as mean ± std) and probe accuracy by layer.
+
+        Example:
+            >>> r = AmnesicResult("hook_embed", None, None, "inlp", 1, 4,
+            ...                   (AmnesicMeasure("lm_kl", "erased", 0.1),))
+            >>> len(r.plot().axes)
+            1
+        """
+        panels = [
+            m
+            for m in ("lm_accuracy", "lm_kl", "task_accuracy", "task_kl")
+            if len(self.values(m, "erased"))
+        ]
+        probing = bool(self.probe_sites)
+        n = len(panels) + int(probing)
+        if n == 0:
+            raise ValueError("This result holds no measures to plot; pass text=, task= or probe=.")
+        fig = Figure(figsize=(max(6.0, 3.2 * n + (1.5 if probing else 0)), 3.8))
+        widths = [1.0] * len(panels) + ([1.8] if probing else [])
+        axes = fig.subplots(1, n, squeeze=False, gridspec_kw={"width_ratios": widths})[0]
+        for ax, metric in zip(axes, panels, strict=False):
+            self._bars(ax, metric)
+        if probing:
+            self._information(axes[-1])
+        where = "all positions" if self.positions is None else f"positions {self.positions}"
+        fig.suptitle(
+            f"{self.method} erasure of {self.n_removed}/{self.dim} directions\n"
+            f"at {self.site} ({where})",
+            fontsize=10,
+        )
+        fig.tight_layout()
+        return fig
+
+    def _bars(self, ax: Any, metric: str) -> None:
+        labels, heights, errors, colours = [], [], [], []
+        for condition in _CONDITIONS:
+            mean, std = self.mean_std(metric, condition)
+            if mean is None or (metric in _DIVERGENCES and condition == "original"):
+                continue
+            n_seeds = len(self.values(metric, condition))
+            labels.append(condition if n_seeds == 1 else f"{condition}\n(n={n_seeds})")
+            heights.append(mean)
+            errors.append(std or 0.0)
+            colours.append(_COLOURS[condition])
+        ax.bar(range(len(heights)), heights, yerr=errors, color=colours, capsize=4)
+        ax.set_xticks(range(len(heights)), labels, fontsize=8)
+        ax.set_title(metric.replace("_", " "), fontsize=10)
+        if metric.endswith("accuracy"):
+            ax.set_ylim(0, 1.05)
+
+    def _information(self, ax: Any) -> None:
+        sites = self.probe_sites
+        x = np.arange(len(sites))
+        for probe, style in (("linear", "-"), ("mlp", ":")):
+            for condition in ("original", "erased", "random"):
+                stats = [
+                    self.mean_std("probe_accuracy", condition, site=s, probe=probe) for s in sites
+                ]
+                if all(mean is None for mean, _ in stats):
+                    continue
+                mean = np.asarray([np.nan if m is None else m for m, _ in stats])
+                spread = np.asarray([0.0 if s is None else s for _, s in stats])
+                ax.plot(
+                    x,
+                    mean,
+                    style,
+                    marker="o",
+                    color=_COLOURS[condition],
+                    label=f"{probe}, {condition}",
+                )
+                if condition == "random":
+                    ax.fill_between(
+                        x, mean - spread, mean + spread, color=_COLOURS[condition], alpha=0.2
+                    )
+        if self.majority_baseline is not None:
+            ax.axhline(self.majority_baseline, color="black", ls="--", lw=0.8, label="majority")
+        ax.set_xticks(x, [_short(s) for s in sites], fontsize=8, rotation=45)
+        ax.set_ylim(0, 1.05)
+        ax.set_title("information: probe accuracy after erasure", fontsize=10)
+        ax.legend(fontsize=6, loc="best")
+
+
+def _short(site: str) -> str:
+    parts = site.split(".")
+    return f"L{parts[1]}" if len(parts) > 2 and parts[0] == "blocks" else site
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _positions_json(positions: int | tuple[int, ...] | None) -> int | list[int] | None:
+    return list(positions) if isinstance(positions, tuple) else positions

@@ -1,0 +1,264 @@
+"""Layer sweep of amnesic probing: fit an erasure at each layer in turn, measure what each costs.
+
+:func:`layer_sweep` collects the concept's activations at every chosen layer in one pass, fits one
+projection per layer (INLP or LEACE), and runs :func:`mechprobe.erasure._amnesic` at each layer with the
+same evaluation data and the same random controls of equal rank. :class:`ErasureSweep` plots the
+effect of the real erasure and of the controls against the layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from mechprobe.core import Positions, Site, SiteKind
+from mechprobe.erasure._amnesic import amnesic
+from mechprobe.erasure._information import ProbeData
+from mechprobe.erasure._inlp import inlp
+from mechprobe.erasure._leace import leace
+from mechprobe.erasure._projection import Projection
+from mechprobe.erasure._result import AmnesicResult
+from mechprobe.probing import ProbingDataset, collect
+from mechprobe.tasks import Task
+
+__all__ = ["ErasureSweep", "fit_erasure", "layer_sweep"]
+
+Method = Literal["inlp", "leace"]
+_FORMAT = "mechprobe.ErasureSweep/1"
+_TITLES = {
+    "lm_kl": "KL(orig || erased) on text",
+    "lm_accuracy": "next-token accuracy drop",
+    "task_accuracy": "task accuracy drop",
+    "task_kl": "KL at the answer position",
+    "probe_accuracy": "linear probe accuracy at the erased layer",
+}
+
+
+def fit_erasure(
+    x: Any, y: Any, method: Method = "inlp", *, seed: int = 0, **options: Any
+) -> Projection:
+    """Fit ``inlp`` (Elazar et al.'s stopping rule by default) or ``leace`` on ``x [n, d]``, ``y [n]``.
+
+    Options go to :func:`mechprobe.inlp` / :func:`mechprobe.erasure._leace`; INLP defaults to
+    ``n_iterations=20, stop="majority"``, without a progress bar.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(400, 8); y = (x[:, 0] > 0).long()
+        >>> fit_erasure(x, y, "leace").n_removed
+        1
+    """
+    if method == "inlp":
+        opts: dict[str, Any] = {"n_iterations": 20, "stop": "majority", "progress": False}
+        opts |= {"seed": seed} | options
+        return inlp(x, y, **opts)
+    if method == "leace":
+        return leace(x, y, **options)
+    raise ValueError(f"method must be 'inlp' or 'leace', got {method!r}.")
+
+
+@dataclass(frozen=True)
+class ErasureSweep:
+    """One :class:`AmnesicResult` per erased layer.
+
+    Example:
+        >>> ErasureSweep(method="inlp", results=()).to_frame().empty
+        True
+    """
+
+    method: str
+    results: tuple[AmnesicResult, ...]
+
+    @property
+    def layers(self) -> list[int | None]:
+        return [r.layer for r in self.results]
+
+    def to_frame(self) -> pd.DataFrame:
+        """Every measure of every layer, with ``layer`` and ``n_removed`` columns in front."""
+        frames = [r.to_frame().assign(layer=r.layer, n_removed=r.n_removed) for r in self.results]
+        if not frames:
+            return pd.DataFrame(columns=["layer", "n_removed", "metric", "condition", "value"])
+        frame = pd.concat(frames, ignore_index=True)
+        first = ["layer", "n_removed"]
+        return frame[first + [c for c in frame.columns if c not in first]]
+
+    def effects(self) -> pd.DataFrame:
+        """Per layer and metric: effect of the erasure, of the random control (mean, std), dropout."""
+        rows = []
+        for r in self.results:
+            metrics = sorted({m.metric for m in r.measures} - {"probe_accuracy"})
+            for metric in metrics:
+                real, _ = r.effect(metric, "erased")
+                rand, rand_std = r.effect(metric, "random")
+                drop, _ = r.effect(metric, "dropout")
+                rows.append([r.layer, r.n_removed, metric, real, rand, rand_std, drop])
+        cols = ["layer", "n_removed", "metric", "erased", "random", "random_std", "dropout"]
+        return pd.DataFrame(rows, columns=cols)
+
+    def plot(self) -> Figure:
+        """Effect against layer per metric: erasure, random control (mean ± std band), dropout."""
+        metrics = [
+            m
+            for m in ("task_accuracy", "task_kl", "lm_kl", "lm_accuracy", "probe_accuracy")
+            if any(len(r.values(m, "erased")) for r in self.results)
+        ]
+        if not metrics:
+            raise ValueError("This sweep holds no measures to plot.")
+        fig = Figure(figsize=(3.6 * len(metrics), 3.4))
+        axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+        x = np.asarray([np.nan if lay is None else lay for lay in self.layers], dtype=float)
+        for ax, metric in zip(axes, metrics, strict=True):
+            if metric == "probe_accuracy":
+                self._probe_panel(ax, x)
+            else:
+                for condition, colour in (
+                    ("erased", "#c44e52"),
+                    ("random", "#8c8c8c"),
+                    ("dropout", "#dd8452"),
+                ):
+                    stats = [r.effect(metric, condition) for r in self.results]
+                    mean = np.asarray([np.nan if m is None else m for m, _ in stats])
+                    std = np.asarray([0.0 if s is None else s for _, s in stats])
+                    if np.isnan(mean).all():
+                        continue
+                    ax.plot(x, mean, marker="o", color=colour, label=condition)
+                    if condition == "random":
+                        ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.25)
+                ax.axhline(0, color="black", lw=0.6)
+            ax.set_xlabel("erased layer")
+            ax.set_title(_TITLES.get(metric, metric), fontsize=10)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{self.method} erasure, layer by layer", fontsize=10)
+        fig.tight_layout()
+        return fig
+
+    def _probe_panel(self, ax: Any, x: np.ndarray) -> None:
+        for condition, colour in (
+            ("original", "#4c72b0"),
+            ("erased", "#c44e52"),
+            ("random", "#8c8c8c"),
+        ):
+            vals = [
+                r.mean_std("probe_accuracy", condition, site=r.site, probe="linear")[0]
+                for r in self.results
+            ]
+            ax.plot(
+                x,
+                [np.nan if v is None else v for v in vals],
+                marker="o",
+                color=colour,
+                label=condition,
+            )
+        majority = [r.majority_baseline for r in self.results]
+        if any(m is not None for m in majority):
+            ax.plot(
+                x, [np.nan if m is None else m for m in majority], "k--", lw=0.8, label="majority"
+            )
+        ax.set_ylim(0, 1.05)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write every layer's :meth:`AmnesicResult.to_json` record to one JSON file."""
+        path = Path(path)
+        record = {
+            "format": _FORMAT,
+            "method": self.method,
+            "results": [r.to_json() for r in self.results],
+        }
+        path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ErasureSweep:
+        """Read a file written by :meth:`save`."""
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+        if record.get("format") != _FORMAT:
+            raise ValueError(
+                f"{path} is not a saved ErasureSweep; write one with ErasureSweep.save."
+            )
+        return cls(record["method"], tuple(AmnesicResult.from_json(r) for r in record["results"]))
+
+
+def layer_sweep(
+    model: Any,
+    data: ProbingDataset | Task,
+    layers: Sequence[int],
+    method: Method = "inlp",
+    *,
+    kind: SiteKind = "resid_post",
+    text: Sequence[str] | None = None,
+    task: Task | str | None = None,
+    probe: ProbeData | None = None,
+    positions: Positions = -1,
+    n_random: int = 3,
+    mlp: bool = False,
+    fit_options: dict[str, Any] | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> ErasureSweep:
+    """Erase the concept of ``data`` at each of ``layers`` in turn and measure each erasure.
+
+    Activations of ``data`` (its own selection rule: the last token for text-level data) are
+    collected at every layer in one pass; a projection is fitted per layer with ``method`` and
+    evaluated with :func:`mechprobe.erasure._amnesic` (same text, task, probe data and controls).
+
+    Args:
+        model: A TransformerLens model.
+        data: Labelled data for fitting the erasure (e.g. ``country_dataset()``).
+        layers: Layers to erase at, one at a time.
+        method: ``"inlp"`` or ``"leace"``.
+        kind: Site kind (``resid_post``, ``mlp_out``, ...).
+        text, task, probe: Evaluation data, as for :func:`mechprobe.erasure._amnesic`; ``probe`` is only
+            probed at the erased layer (pass ``data`` itself to check the erasure holds).
+        positions: Positions erased (default: each prompt's last token, where ``data`` is read).
+        n_random: Random controls of equal rank per layer.
+        mlp: Also fit MLP probes (as for :func:`mechprobe.erasure._amnesic`).
+        fit_options: Options for :func:`fit_erasure`.
+        seed: Seed of the fits, controls and probe split.
+        batch_size: Prompts per forward pass.
+        progress: Progress bar over layers.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> data = mp.ProbingDataset("toy", ["ab", "ba", "aa", "bb"] * 5, ["x", "y", "x", "y"] * 5)
+        >>> sweep = layer_sweep(mp.tiny_model(), data, [0, 2], "leace", text=["abab"], n_random=1)
+        >>> sweep.layers
+        [0, 2]
+    """
+    if not layers:
+        raise ValueError("layers is empty: pass the layers to erase at, e.g. [10, 15, 20].")
+    sites = [Site(kind, int(layer)) for layer in layers]
+    acts = collect(model, data, sites, batch_size=batch_size, progress=False)
+    if acts.labels is None:
+        raise ValueError("The sweep data has no labels: pass a labelled ProbingDataset or Task.")
+    results = []
+    for j, site in enumerate(tqdm(sites, disable=not progress, desc=f"{method} sweep")):
+        projection = fit_erasure(
+            acts.layer(j), acts.labels, method, seed=seed, **(fit_options or {})
+        )
+        results.append(
+            amnesic(
+                model,
+                site,
+                projection,
+                text=text,
+                task=task,
+                probe=probe,
+                probe_layers=[site.layer],
+                positions=positions,
+                n_random=n_random,
+                mlp=mlp,
+                seed=seed,
+                batch_size=batch_size,
+            )
+        )
+    return ErasureSweep(method, tuple(results))

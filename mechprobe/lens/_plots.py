@@ -1,0 +1,185 @@
+"""Figures of a :class:`~mechprobe.lens._result.LensResult`: the logit-lens heatmap and trajectories.
+
+Both return a matplotlib ``Figure`` built without pyplot (nothing is shown, any backend works) and
+only read the result's arrays: plotting never recomputes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from mechprobe.lens._result import LensResult
+
+__all__ = ["heatmap", "trajectory"]
+
+
+def _label(text: str, width: int, *, tail: bool = False) -> str:
+    """Token text made visible: escapes for newlines and control bytes, ``␣`` for a bare space,
+    and long text cut with an ellipsis (keeping its end when ``tail``)."""
+    shown = text.replace("\n", "\\n").replace("\t", "\\t")
+    shown = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in shown)
+    if shown and not shown.strip():
+        shown = "␣" * len(shown)
+    if len(shown) <= width:
+        return shown
+    return "…" + shown[-(width - 1) :] if tail else shown[: width - 1] + "…"
+
+
+def _target_index(result: LensResult, b: int, target: int | str) -> int:
+    names = result.targets[b]
+    if isinstance(target, str):
+        if target not in names:
+            raise ValueError(f"Prompt {b} has no target {target!r}; its targets are {list(names)}.")
+        return names.index(target)
+    if not 0 <= target < len(names):
+        raise ValueError(
+            f"Prompt {b} has {len(names)} target(s); pass target= an index in 0..{len(names) - 1} "
+            "or its string (run logit_lens with targets= to colour by rank)."
+        )
+    return int(target)
+
+
+def heatmap(
+    result: LensResult,
+    prompt: int = 0,
+    *,
+    site: str | None = None,
+    color: str = "prob",
+    target: int | str = 0,
+    label_width: int = 8,
+) -> Figure:
+    """The classic logit-lens picture: layers (rows) x prompt positions (columns).
+
+    Each cell is annotated with the lens's top-1 token, the prediction for the *next* token; the x
+    axis shows the input token at each position.
+
+    Args:
+        result: A logit-lens result.
+        prompt: Which prompt to draw.
+        site: Which site kind (default: the first decoded).
+        color: ``"prob"`` (top-1 probability) or ``"rank"`` (rank of ``target``'s first token,
+            log colour scale, 0 = top-1).
+        target: Target index or string for ``color="rank"``.
+        label_width: Characters of each annotation before it is cut.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> fig = mp.logit_lens(mp.tiny_model(), "Hi there", positions="all").plot_heatmap()
+        >>> len(fig.axes)  # the heatmap and its colour bar
+        2
+    """
+    b = result.check_prompt(prompt)
+    entries = np.asarray(result.entries(site))
+    kind = result.sites[entries[0]]
+    cols = np.nonzero(result.positions[b] >= 0)[0]
+    pos = result.positions[b, cols]
+    layers = [result.layers[e] for e in entries]
+    top1 = result.top_ids[b][np.ix_(entries, cols)][..., 0]
+    if color == "prob":
+        values = result.top_probs[b][np.ix_(entries, cols)][..., 0]
+        options: dict[str, object] = {"cmap": "viridis", "vmin": 0.0, "vmax": 1.0}
+        bar = "top-1 probability"
+    elif color == "rank":
+        t = _target_index(result, b, target)
+        values = result.position_rank[b][np.ix_(entries, cols)][..., t] + 1.0
+        options = {"cmap": "viridis_r", "norm": LogNorm(vmin=1.0, vmax=max(10.0, values.max()))}
+        bar = f"rank of {result.targets[b][t]!r} (first token) + 1"
+    else:
+        raise ValueError(f"color must be 'prob' or 'rank', got {color!r}.")
+    fig = Figure(figsize=(1.5 + 0.75 * len(cols), 1.4 + 0.26 * len(layers)), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(values, aspect="auto", origin="lower", interpolation="nearest", **options)  # type: ignore[arg-type]
+    fig.colorbar(image, ax=ax, label=bar, fraction=0.04, pad=0.01)
+    shade = np.asarray(image.norm(values), dtype=float)
+    light = shade < 0.5 if color == "prob" else shade > 0.5
+    for i in range(len(layers)):
+        for j in range(len(cols)):
+            ax.text(
+                j,
+                i,
+                _label(result.text(top1[i, j]), label_width),
+                ha="center",
+                va="center",
+                fontsize=6.5,
+                color="white" if light[i, j] else "black",
+            )
+    tokens = result.prompt_tokens[b]
+    ax.set_xticks(range(len(cols)), [_label(tokens[p], 12) for p in pos], rotation=60, ha="right")
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set_xlabel("input token (position); cells: the lens's top-1 next token")
+    ax.set_ylabel(f"layer ({kind})")
+    ax.set_title(f"Logit lens, prompt {b}: {_label(result.prompts[b], 70, tail=True)}", fontsize=9)
+    return fig
+
+
+def trajectory(
+    result: LensResult,
+    prompt: int | Sequence[int] = 0,
+    *,
+    site: str | None = None,
+    metric: str = "rank",
+    titles: Sequence[str] | None = None,
+) -> Figure:
+    """Each target's rank, probability or log-probability across layers at the prompt's last token.
+
+    One line per target (e.g. the argument and the answer), one panel per prompt.
+
+    Args:
+        result: A logit-lens result with targets.
+        prompt: A prompt index or several (one panel each).
+        site: Which site kind (default: the first decoded).
+        metric: ``"rank"`` (first token, log scale, top-1 at the top), ``"prob"`` (first token) or
+            ``"logprob"`` (whole target, teacher-forced).
+        titles: One panel title per prompt (default: the end of each prompt).
+
+    Example:
+        >>> import mechprobe as mp
+        >>> lens = mp.logit_lens(mp.tiny_model(), "Hi", targets=[" a", " b"])
+        >>> [line.get_label() for line in lens.plot_trajectory().axes[0].lines]
+        ["' a' (2 tokens)", "' b' (2 tokens)"]
+    """
+    prompts = [prompt] if isinstance(prompt, (int, np.integer)) else list(prompt)
+    indices = [result.check_prompt(p) for p in prompts]
+    if titles is not None and len(titles) != len(indices):
+        raise ValueError(f"Got {len(titles)} titles for {len(indices)} prompts: pass one each.")
+    if metric not in ("rank", "prob", "logprob"):
+        raise ValueError(f"metric must be 'rank', 'prob' or 'logprob', got {metric!r}.")
+    entries = result.entries(site)
+    kind = result.sites[entries[0]]
+    layers = [result.layers[e] for e in entries]
+    fig = Figure(figsize=(1.0 + 4.2 * len(indices), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(indices), sharey=True, squeeze=False)[0]
+    for i, (ax, b) in enumerate(zip(axes, indices, strict=True)):
+        if not result.targets[b]:
+            raise ValueError(f"Prompt {b} has no targets: run logit_lens with targets=.")
+        for t, name in enumerate(result.targets[b]):
+            n_tok = len(result.target_tokens[b][t])
+            label = repr(name) + (f" ({n_tok} tokens)" if n_tok > 1 else "")
+            if metric == "rank":
+                y = result.target_rank[b, entries, t] + 1.0
+            elif metric == "prob":
+                y = result.target_prob[b, entries, t]
+            else:
+                y = result.target_logprob[b, entries, t]
+            ax.plot(layers, y, marker="o", markersize=3, label=label)
+        title = titles[i] if titles is not None else _label(result.prompts[b], 48, tail=True)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(f"layer ({kind}, last prompt token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if metric == "rank":
+        axes[0].set_yscale("log")
+        axes[0].invert_yaxis()
+        axes[0].set_ylabel("rank + 1 of the first token (1 = top-1)")
+    elif metric == "prob":
+        axes[0].set_ylabel("probability of the first token")
+    else:
+        axes[0].set_ylabel("log-probability of the whole target")
+    return fig

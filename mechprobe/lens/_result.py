@@ -1,0 +1,296 @@
+""":class:`LensResult`: what :func:`mechprobe.logit_lens` found, as arrays, a tidy frame and files.
+
+Arrays are numpy, indexed ``[prompt, entry, position, ...]``: an *entry* is one decoded site at one
+layer (``sites[e]``, ``layers[e]``), a *position* one column of the prompt-position grid
+(``positions[b, k]``, the token index in the unpadded prompt, BOS included; ``-1`` marks a column
+that a shorter prompt lacks when ``positions="all"``). Files are JSON or npz, never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["LensResult"]
+
+_FORMAT = "mechprobe.LensResult/1"
+_ARRAYS = (
+    "positions",
+    "top_ids",
+    "top_probs",
+    "entropy",
+    "kl_to_final",
+    "position_rank",
+    "position_prob",
+    "target_rank",
+    "target_prob",
+    "target_logprob",
+)
+FRAME_COLUMNS = (
+    "prompt_index",
+    "site",
+    "layer",
+    "position",
+    "token",
+    "target",
+    "rank",
+    "prob",
+    "logprob",
+    "entropy",
+    "kl_to_final",
+    "top1",
+    "top1_prob",
+)
+
+
+@dataclass(frozen=True, eq=False)
+class LensResult:
+    """Logit-lens read-outs for prompts x decoded entries x prompt positions (x targets).
+
+    Attributes:
+        prompts: The prompts, as given.
+        prompt_tokens: Each prompt's tokens as text (BOS included where the model prepends one).
+        sites: ``[E]`` site kind of each decoded entry (``"resid_post"``, ``"mlp_out"``, ...).
+        layers: ``[E]`` block index of each entry (``resid_post`` at layer l is
+            ``blocks.l.hook_resid_post``).
+        positions: ``[B, K]`` unpadded prompt position of each grid column (-1: none).
+        top_ids: ``[B, E, K, top_k]`` token ids, most probable first (-1 where no position).
+        top_probs: ``[B, E, K, top_k]`` their probabilities.
+        entropy: ``[B, E, K]`` entropy of each lens distribution, in nats.
+        kl_to_final: ``[B, E, K]`` KL(final || lens) in nats, final = the model's own output.
+        targets: The targets of each prompt (possibly none).
+        target_tokens: Token ids of each target (several tokens are scored by teacher forcing).
+        position_rank: ``[B, E, K, T]`` rank (0 = top-1) of each target's first token at each grid
+            position (-1 where the prompt has fewer targets).
+        position_prob: ``[B, E, K, T]`` probability of each target's first token there.
+        target_rank: ``[B, E, T]`` first-token rank at the prompt's last token.
+        target_prob: ``[B, E, T]`` first-token probability at the prompt's last token.
+        target_logprob: ``[B, E, T]`` teacher-forced log-probability of the whole target.
+        token_text: Decoded text of every token id in ``top_ids`` and ``target_tokens``.
+        model_name: The model's name, for the record.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> lens = mp.logit_lens(mp.tiny_model(), "Hi", targets=" a")
+        >>> list(lens.to_frame().columns[:5])
+        ['prompt_index', 'site', 'layer', 'position', 'token']
+    """
+
+    prompts: tuple[str, ...]
+    prompt_tokens: tuple[tuple[str, ...], ...]
+    sites: tuple[str, ...]
+    layers: tuple[int, ...]
+    positions: np.ndarray
+    top_ids: np.ndarray
+    top_probs: np.ndarray
+    entropy: np.ndarray
+    kl_to_final: np.ndarray
+    targets: tuple[tuple[str, ...], ...]
+    target_tokens: tuple[tuple[tuple[int, ...], ...], ...]
+    position_rank: np.ndarray
+    position_prob: np.ndarray
+    target_rank: np.ndarray
+    target_prob: np.ndarray
+    target_logprob: np.ndarray
+    token_text: dict[int, str]
+    model_name: str = ""
+
+    def entries(self, site: str | None = None) -> list[int]:
+        """Entry indices of one site kind, by increasing layer (``None``: the first kind decoded).
+
+        Raises:
+            ValueError: ``site`` was not decoded; the message lists the kinds that were.
+        """
+        kind = self.sites[0] if site is None else site
+        found = sorted(
+            (i for i, s in enumerate(self.sites) if s == kind), key=self.layers.__getitem__
+        )
+        if not found:
+            raise ValueError(
+                f"Site {site!r} was not decoded; this result has {sorted(set(self.sites))}."
+            )
+        return found
+
+    def text(self, token_id: int) -> str:
+        """The decoded text of a token id seen in this result."""
+        return self.token_text.get(int(token_id), f"<{int(token_id)}>")
+
+    def check_prompt(self, prompt: int) -> int:
+        """Validate a prompt index (negative counts from the end)."""
+        n = len(self.prompts)
+        if not isinstance(prompt, (int, np.integer)) or not -n <= prompt < n:
+            raise ValueError(f"prompt must be an index in 0..{n - 1}, got {prompt!r}.")
+        return int(prompt) % n
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (prompt, site, layer, position, target): a tidy frame.
+
+        Columns: ``prompt_index, site, layer, position, token`` (the input token there), ``target``
+        (None for a prompt without targets), ``rank`` and ``prob`` of the target's first token,
+        ``logprob`` of the whole target by teacher forcing (only at the prompt's last token, NaN
+        elsewhere: a continuation only follows the whole prompt), ``entropy`` and ``kl_to_final``
+        (nats), ``top1`` and ``top1_prob``.
+        """
+        frames = []
+        for b in range(len(self.prompts)):
+            ks = np.nonzero(self.positions[b] >= 0)[0]
+            n_t = len(self.targets[b])
+            e, k, t = (
+                a.ravel()
+                for a in np.meshgrid(
+                    np.arange(len(self.sites)), ks, np.arange(max(n_t, 1)), indexing="ij"
+                )
+            )
+            pos = self.positions[b, k]
+            top1 = self.top_ids[b, e, k, 0]
+            frame = {
+                "prompt_index": np.full(len(e), b),
+                "site": np.asarray(self.sites, dtype=object)[e],
+                "layer": np.asarray(self.layers)[e],
+                "position": pos,
+                "token": np.asarray(self.prompt_tokens[b], dtype=object)[pos],
+                "target": np.asarray(self.targets[b], dtype=object)[t] if n_t else None,
+                "rank": pd.array(self.position_rank[b, e, k, t], dtype="Int64") if n_t else pd.NA,
+                "prob": self.position_prob[b, e, k, t] if n_t else np.nan,
+                "logprob": np.where(
+                    pos == len(self.prompt_tokens[b]) - 1,
+                    self.target_logprob[b, e, t] if n_t else np.nan,
+                    np.nan,
+                ),
+                "entropy": self.entropy[b, e, k],
+                "kl_to_final": self.kl_to_final[b, e, k],
+                "top1": [self.text(i) for i in top1],
+                "top1_prob": self.top_probs[b, e, k, 0],
+            }
+            frames.append(pd.DataFrame(frame))
+        out = pd.concat(frames, ignore_index=True)
+        out["rank"] = out["rank"].astype("Int64")
+        return out[list(FRAME_COLUMNS)]
+
+    def top_frame(self) -> pd.DataFrame:
+        """One row per (prompt, site, layer, position, k): the top-k tokens and probabilities."""
+        b, e, k, j = np.nonzero(self.top_ids >= 0)
+        ids = self.top_ids[b, e, k, j]
+        return pd.DataFrame(
+            {
+                "prompt_index": b,
+                "site": np.asarray(self.sites, dtype=object)[e],
+                "layer": np.asarray(self.layers)[e],
+                "position": self.positions[b, k],
+                "k": j,
+                "token_id": ids,
+                "token": [self.text(i) for i in ids],
+                "prob": self.top_probs[b, e, k, j],
+            }
+        )
+
+    def plot(self, kind: str = "heatmap", **kwargs: Any) -> Figure:
+        """A figure: ``kind="heatmap"`` (:meth:`plot_heatmap`) or ``"trajectory"``."""
+        if kind == "heatmap":
+            return self.plot_heatmap(**kwargs)
+        if kind == "trajectory":
+            return self.plot_trajectory(**kwargs)
+        raise ValueError(f"kind must be 'heatmap' or 'trajectory', got {kind!r}.")
+
+    def plot_heatmap(self, prompt: int = 0, **kwargs: Any) -> Figure:
+        """Layers x positions, coloured by top-1 probability or a target's rank, annotated with the
+        top-1 token: see :func:`mechprobe.lens._plots.heatmap` for the options."""
+        from mechprobe.lens._plots import heatmap
+
+        return heatmap(self, prompt, **kwargs)
+
+    def plot_trajectory(self, prompt: int | list[int] = 0, **kwargs: Any) -> Figure:
+        """Each target's rank (or probability) across layers at the prompt's last token: see
+        :func:`mechprobe.lens._plots.trajectory`."""
+        from mechprobe.lens._plots import trajectory
+
+        return trajectory(self, prompt, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data: lists, strings and numbers (NaN written as null)."""
+        data: dict[str, Any] = {"format": _FORMAT}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _ARRAYS:
+                flat = value.ravel().tolist()
+                if value.dtype.kind == "f":
+                    flat = [None if x != x else x for x in flat]
+                data[f.name] = {"shape": list(value.shape), "dtype": str(value.dtype), "data": flat}
+            elif f.name == "token_text":
+                data[f.name] = {str(k): v for k, v in value.items()}
+            else:
+                data[f.name] = value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LensResult:
+        """Rebuild a result from :meth:`to_dict`'s output."""
+        if data.get("format") != _FORMAT:
+            raise ValueError(
+                f"Not a saved LensResult (format {data.get('format')!r}, expected {_FORMAT!r})."
+            )
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):
+            value = data[f.name]
+            if f.name in _ARRAYS and isinstance(value, np.ndarray):
+                kwargs[f.name] = value
+            elif f.name in _ARRAYS:
+                flat = [np.nan if x is None else x for x in value["data"]]
+                kwargs[f.name] = np.asarray(flat, dtype=value["dtype"]).reshape(value["shape"])
+            elif f.name == "token_text":
+                kwargs[f.name] = {int(k): v for k, v in value.items()}
+            elif f.name in ("prompts", "sites", "layers"):
+                kwargs[f.name] = tuple(value)
+            elif f.name in ("prompt_tokens", "targets"):
+                kwargs[f.name] = tuple(tuple(v) for v in value)
+            elif f.name == "target_tokens":
+                kwargs[f.name] = tuple(tuple(tuple(ids) for ids in group) for group in value)
+            else:
+                kwargs[f.name] = value
+        return cls(**kwargs)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the result to ``.json`` (one readable file) or ``.npz`` (arrays + JSON metadata).
+
+        Example:
+            >>> import mechprobe as mp, tempfile, pathlib
+            >>> lens = mp.logit_lens(mp.tiny_model(), "Hi")
+            >>> path = lens.save(pathlib.Path(tempfile.mkdtemp()) / "lens.npz")
+            >>> mp.LensResult.load(path).top_ids.shape == lens.top_ids.shape
+            True
+        """
+        path = Path(path)
+        data = self.to_dict()
+        if path.suffix == ".json":
+            path.write_text(json.dumps(data, allow_nan=False))
+        elif path.suffix == ".npz":
+            arrays = {name: getattr(self, name) for name in _ARRAYS}
+            meta = {k: v for k, v in data.items() if k not in _ARRAYS}
+            np.savez_compressed(path, meta=np.asarray(json.dumps(meta)), **arrays)
+        else:
+            raise ValueError(f"Save to a .json or .npz file, not {path.name!r}.")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LensResult:
+        """Read a result written by :meth:`save` (no pickle involved)."""
+        path = Path(path)
+        if path.suffix == ".json":
+            return cls.from_dict(json.loads(path.read_text()))
+        if path.suffix != ".npz":
+            raise ValueError(
+                f"Load a .json or .npz file written by LensResult.save, not {path.name!r}."
+            )
+        with np.load(path, allow_pickle=False) as npz:
+            data = json.loads(str(npz["meta"]))
+            data.update({name: npz[name] for name in _ARRAYS})
+        return cls.from_dict(data)

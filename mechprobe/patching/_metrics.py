@@ -1,0 +1,117 @@
+"""Metrics for activation patching: functions of the last position's next-token logits.
+
+:func:`logit_diff` and :func:`answer_prob` build a :class:`PatchMetric`; :func:`bind_metric` turns it
+(or a user callable) into ``fn(logits [rows, vocab], pair [rows]) -> [rows]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+import torch
+from torch import Tensor
+
+__all__ = ["MetricFn", "PatchMetric", "answer_prob", "bind_metric", "logit_diff"]
+
+MetricFn: TypeAlias = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class PatchMetric:
+    """A metric of the last position's next-token logits; build it with :func:`logit_diff` or
+    :func:`answer_prob`. Answers are one string or token id for every pair, or one per pair, and
+    must be single tokens (the metric reads one next-token logit; no teacher forcing)."""
+
+    name: Literal["logit_diff", "answer_prob"]
+    answer: Any
+    wrong: Any = None
+
+    def bind(self, model: Any, n_pairs: int) -> Callable[[Tensor, Tensor], Tensor]:
+        """``fn(logits [rows, vocab], pair [rows]) -> [rows]`` with the answers tokenised."""
+        ans = _answer_ids(model, self.answer, n_pairs, "answer")
+        wrong = (
+            _answer_ids(model, self.wrong, n_pairs, "wrong") if self.name == "logit_diff" else ans
+        )
+
+        def fn(logits: Tensor, pair: Tensor) -> Tensor:
+            rows, pair = torch.arange(len(pair), device=logits.device), pair.to(logits.device)
+            right = ans.to(logits.device)[pair]
+            if self.name == "answer_prob":
+                return logits.float().softmax(-1)[rows, right]
+            return logits[rows, right] - logits[rows, wrong.to(logits.device)[pair]]
+
+        return fn
+
+
+def logit_diff(answer: Any, wrong: Any) -> PatchMetric:
+    """Logit of ``answer`` minus logit of ``wrong`` at the last position.
+
+    Example:
+        >>> logit_diff(" Paris", " Warsaw").name
+        'logit_diff'
+    """
+    return PatchMetric("logit_diff", answer, wrong)
+
+
+def answer_prob(answer: Any) -> PatchMetric:
+    """Probability of ``answer`` as the next token after the last position.
+
+    Example:
+        >>> answer_prob([" Paris", " Warsaw"]).name
+        'answer_prob'
+    """
+    return PatchMetric("answer_prob", answer)
+
+
+def _answer_ids(model: Any, value: Any, n_pairs: int, what: str) -> Tensor:
+    values = [value] * n_pairs if isinstance(value, (str, int)) else list(value)
+    if len(values) != n_pairs:
+        raise ValueError(
+            f"{what} has {len(values)} entries for {n_pairs} prompt pairs: pass one per pair, "
+            "or a single one for all."
+        )
+    ids = []
+    for v in values:
+        toks = (
+            [v] if isinstance(v, int) else model.tokenizer(v, add_special_tokens=False)["input_ids"]
+        )
+        if len(toks) != 1:
+            raise ValueError(
+                f"{what} {v!r} is {len(toks)} tokens {toks}: patching metrics read one next-token "
+                f"logit, so pass a single-token answer (e.g. its first token "
+                f"{model.tokenizer.decode(toks[:1])!r}) or a token id."
+            )
+        ids.append(int(toks[0]))
+    return torch.as_tensor(ids, dtype=torch.long)
+
+
+def bind_metric(model: Any, metric: Any, n_pairs: int) -> tuple[Callable[..., Tensor], str]:
+    """``(fn(logits [rows, vocab], pair [rows]) -> [rows], name)`` for a metric or a callable.
+
+    A callable taking two positional arguments receives each row's pair index as the second.
+
+    Example:
+        >>> from mechprobe.core._models import tiny_model
+        >>> fn, name = bind_metric(tiny_model(), logit_diff(1, 2), n_pairs=1)
+        >>> name, tuple(fn(torch.zeros(4, 259), torch.zeros(4, dtype=torch.long)).shape)
+        ('logit_diff', (4,))
+    """
+    if isinstance(metric, PatchMetric):
+        return metric.bind(model, n_pairs), metric.name
+    if not callable(metric):
+        raise TypeError(
+            f"metric must be logit_diff(...), answer_prob(...) or a callable "
+            f"fn(logits [rows, vocab]) -> [rows], got {type(metric).__name__}."
+        )
+    try:
+        params = inspect.signature(metric).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature: assume fn(logits)
+        params = inspect.Signature().parameters.values()
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    n_args = sum(p.kind in positional and p.default is p.empty for p in params)
+    takes_pair = n_args >= 2 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+    fn = metric if takes_pair else (lambda logits, pair: metric(logits))
+    return fn, getattr(metric, "__name__", "metric")

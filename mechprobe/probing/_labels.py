@@ -1,0 +1,122 @@
+"""Your own labels from a file: :func:`load_labels` -> :class:`mechprobe.ProbingDataset`.
+
+Formats (the file's suffix decides): JSON (a list of records), JSONL (one record per line), CSV.
+
+- ``{"text": "I ran home", "label": "past"}``: one label per text, probed at the last token;
+- ``{"text": "I ran home", "labels": ["PRON", "VERB", null]}``: one label per whitespace-separated
+  word (``null`` leaves a word out), probed at each word's last sub-token;
+- ``{"words": ["I", "ran", "home", "."], "labels": [...], "spaces": [true, true, false, false]}``:
+  explicit words (joined by single spaces unless ``spaces`` says otherwise), or ``"text"`` with
+  ``"spans"`` (``[start, end]`` character offsets of the words), as :meth:`ProbingDataset.to_json`
+  writes;
+- optional ``"group"`` / ``"groups"`` (word types for control tasks), shaped like the labels.
+
+CSV: columns ``text,label`` or ``text,labels`` (space-separated per-word labels), optional
+``group`` / ``groups``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from mechprobe.probing._datasets import ProbingDataset, words_text
+from mechprobe.probing._selection import whitespace_words
+
+__all__ = ["load_labels"]
+
+_FILE_HELP = (
+    "A label file is JSON (a list of records), JSONL (one record per line) or CSV. Records: "
+    '{"text": ..., "label": ...} (one label per text, probed at the last token), '
+    '{"text": ..., "labels": [...]} (one label per whitespace-separated word; null skips a word) '
+    'or {"words": [...], "labels": [...]} (words joined by spaces); optional "group"/"groups". '
+    "CSV: columns text,label or text,labels (space-separated per-word labels), optional group."
+)
+
+
+def _records_from_csv(path: Path) -> list[dict[str, Any]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        fields = set(reader.fieldnames or [])
+        if "text" not in fields or not fields & {"label", "labels"}:
+            raise ValueError(f"{path} has columns {sorted(fields)}. {_FILE_HELP}")
+        rows: list[dict[str, Any]] = []
+        for row in reader:
+            rec: dict[str, Any] = {"text": row["text"]}
+            if "labels" in fields:
+                rec["labels"] = row["labels"].split()
+                if "groups" in fields:
+                    rec["groups"] = row["groups"].split()
+            else:
+                rec["label"] = row["label"]
+                if "group" in fields:
+                    rec["group"] = row["group"]
+            rows.append(rec)
+        return rows
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    if path.suffix.lower() == ".csv":
+        return _records_from_csv(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".jsonl":
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}). {_FILE_HELP}") from err
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"{path} must hold a list of JSON objects. {_FILE_HELP}")
+    return data
+
+
+def load_labels(path: str | os.PathLike[str], *, name: str | None = None) -> ProbingDataset:
+    """Your own labels from a JSON, JSONL or CSV file, validated, as a :class:`ProbingDataset`.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "l.csv")
+        >>> _ = open(path, "w").write("text,label\\nI ran,past\\nI run,present\\n")
+        >>> load_labels(path).classes
+        ('past', 'present')
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No label file at {path}. {_FILE_HELP}")
+    records = _read_records(path)
+    if not records:
+        raise ValueError(f"{path} holds no records. {_FILE_HELP}")
+    word_level = "labels" in records[0]
+    texts, labels, spans, groups = [], [], [], []
+    for i, rec in enumerate(records):
+        where = f"{path.name} record {i}"
+        if ("labels" in rec) != word_level or ("label" in rec) == word_level:
+            raise ValueError(
+                f"{where}: records mix 'label' and 'labels' or lack both. {_FILE_HELP}"
+            )
+        if "words" in rec:
+            spaces = rec.get("spaces", [True] * len(rec["words"]))
+            text, span = words_text([str(w) for w in rec["words"]], spaces)
+        elif isinstance(rec.get("text"), str):
+            text = rec["text"]
+            span = rec.get("spans") or whitespace_words(text)
+        else:
+            raise ValueError(f"{where} has no 'text' string (or 'words' list). {_FILE_HELP}")
+        texts.append(text)
+        spans.append(tuple((int(s[0]), int(s[1])) for s in span))
+        labels.append(rec["labels"] if word_level else rec["label"])
+        groups.append(rec.get("groups" if word_level else "group"))
+    has_groups = all(g is not None for g in groups)
+    return ProbingDataset(
+        name or path.stem,
+        tuple(texts),
+        tuple(labels),
+        "word" if word_level else "text",
+        tuple(spans) if word_level else None,
+        tuple(groups) if has_groups else None,
+        description=f"labels from {path}",
+    )

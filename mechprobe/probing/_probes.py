@@ -1,0 +1,370 @@
+"""Probe classifiers with the scikit-learn estimator API, and Hewitt & Liang control labels.
+
+``LinearProbe`` is scikit-learn's multinomial L2 ``LogisticRegression`` (same ``C``, same optimum)
+fitted by the batched torch solver of ``_logistic``; ``MLPProbe`` is a one-hidden-layer network for
+the comparison of Hewitt & Liang (2019): MLP probes reach high accuracy on control tasks too, so
+they are less *selective*. ``control_labels`` builds that control task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+from torch import Tensor
+
+from mechprobe._fit import fit_logistic
+
+
+class _Probe(ClassifierMixin, BaseEstimator):
+    """What both probes share: labels from ``predict_proba`` (which each defines), and an
+    accuracy that refuses labels ``fit`` never saw instead of silently counting them as errors."""
+
+    classes_: np.ndarray
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict_log_proba(self, X: Any) -> np.ndarray:
+        """Log class probabilities ``[n, K]``."""
+        return np.log(self.predict_proba(X))
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Most likely label per row."""
+        check_is_fitted(self)
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """Accuracy; labels that ``fit`` never saw raise instead of silently counting as errors."""
+        _check_known_labels(self, y)
+        return float(super().score(X, y, sample_weight=sample_weight))
+
+
+class LinearProbe(_Probe):
+    """Multinomial logistic regression with an L2 penalty: scikit-learn's objective, torch solver.
+
+    The fitted model equals ``sklearn.linear_model.LogisticRegression(C=C)`` on the standardised
+    features (on the raw features with ``standardize=False``): loss = weighted mean cross-entropy
+    + ``||W||² / (2 C Σw)``, intercept unpenalised.
+
+    Args:
+        C: inverse regularisation strength, as in scikit-learn.
+        max_iter: L-BFGS iterations at most.
+        tol: stop when the largest absolute gradient entry is ≤ ``tol``.
+        standardize: centre and scale each feature with the training mean and standard deviation
+            before fitting (``coef_`` is reported on the original features either way).
+
+    A fit stops when every gradient entry is at most ``tol``, so two fits of the same problem
+    (say, with integer sample weights and with repeated rows) agree to about ``tol`` divided by
+    the loss's curvature, not to machine precision: scikit-learn's
+    ``check_sample_weight_equivalence_on_dense_data`` (rtol 1e-7) needs ``tol=1e-12``, and passes
+    there.
+
+    Attributes:
+        classes_: ``[K]`` labels seen in ``fit``.
+        coef_: ``[1, d]`` for two classes, else ``[K, d]``, on the original features.
+        intercept_: ``[1]`` or ``[K]``.
+        n_features_in_: ``d``.
+        n_iter_: ``[1]`` L-BFGS iterations.
+
+    Example:
+        >>> import numpy as np
+        >>> X = np.random.default_rng(0).normal(size=(200, 4)); y = (X[:, 0] > 0).astype(int)
+        >>> LinearProbe().fit(X, y).score(X, y) > 0.95
+        True
+    """
+
+    def __init__(
+        self, C: float = 1.0, *, max_iter: int = 200, tol: float = 1e-4, standardize: bool = True
+    ) -> None:
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.standardize = standardize
+
+    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> LinearProbe:
+        """Fit on ``X [n, d]`` and labels ``y [n]``; ``sample_weight`` weights the mean loss."""
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        y_idx = _encode_targets(self, y)
+        weights = _sample_weight(sample_weight, X.shape[0])
+        if not self.C > 0:
+            raise ValueError(f"C must be > 0, got {self.C}; larger C means weaker regularisation.")
+        mean, scale = _standardizer(X, weights, self.standardize)
+        k = len(self.classes_)
+        # Two softmax columns carry half the binary penalty (see _logistic): same optimum as sklearn.
+        l2 = (2.0 if k == 2 else 1.0) / (self.C * weights.sum())
+        fit = fit_logistic(
+            torch.from_numpy((X - mean) / scale)[None],
+            torch.from_numpy(y_idx),
+            k,
+            l2=l2,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            sample_weight=torch.from_numpy(weights),
+        )
+        W = fit.weight[0].numpy() / scale[:, None]  # back to the original features
+        b = fit.bias[0].numpy() - mean @ W
+        if k == 2:
+            self.coef_, self.intercept_ = (W[:, 1] - W[:, 0])[None, :], np.array([b[1] - b[0]])
+        else:
+            self.coef_, self.intercept_ = W.T.copy(), b
+        self.n_iter_ = np.array([fit.n_iter])
+        return self
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Scores ``[n]`` (two classes: log-odds of ``classes_[1]``) or ``[n, K]``."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        scores = X @ self.coef_.T + self.intercept_
+        return scores.ravel() if scores.shape[1] == 1 else scores
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities ``[n, K]`` in the order of ``classes_``."""
+        scores = self.decision_function(X)
+        if scores.ndim == 1:
+            scores = np.stack([np.zeros_like(scores), scores], 1)
+        return _softmax(scores)
+
+
+class MLPProbe(_Probe):
+    """One-hidden-layer ReLU probe (torch, Adam), for Hewitt & Liang's selectivity comparison.
+
+    Args:
+        hidden_size: hidden units.
+        alpha: L2 penalty ``alpha/2 · (||W₁||² + ||W₂||²)`` added to the mean cross-entropy.
+        max_iter: epochs at most.
+        batch_size: examples per Adam step (all of them if fewer).
+        learning_rate: Adam step size.
+        tol: stop after 10 epochs whose loss improved by less than ``tol``.
+        standardize: centre and scale features with training statistics first.
+        random_state: seed of the initialisation and the shuffling (fits are deterministic).
+
+    Attributes:
+        classes_, n_features_in_, n_iter_ (epochs run), coefs_ (``[W₁ [d, h], W₂ [h, K]]``),
+        intercepts_, mean_, scale_.
+
+    Example:
+        >>> import numpy as np
+        >>> X = np.random.default_rng(0).normal(size=(300, 2)); y = (X[:, 0] * X[:, 1] > 0)
+        >>> MLPProbe(max_iter=300).fit(X, y).score(X, y) > 0.9
+        True
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 100,
+        *,
+        alpha: float = 1e-4,
+        max_iter: int = 200,
+        batch_size: int = 200,
+        learning_rate: float = 1e-3,
+        tol: float = 1e-4,
+        standardize: bool = True,
+        random_state: int = 0,
+    ) -> None:
+        self.hidden_size = hidden_size
+        self.alpha = alpha
+        self.max_iter = max_iter
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.tol = tol
+        self.standardize = standardize
+        self.random_state = random_state
+
+    def fit(self, X: Any, y: Any) -> MLPProbe:
+        """Fit on ``X [n, d]`` and labels ``y [n]``."""
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        y_idx = _encode_targets(self, y)
+        weights = np.ones(X.shape[0])
+        self.mean_, self.scale_ = _standardizer(X, weights, self.standardize)
+        Xs = torch.from_numpy((X - self.mean_) / self.scale_).float()[None]
+        params, self.n_iter_ = _fit_mlp(
+            Xs,
+            torch.from_numpy(y_idx),
+            len(self.classes_),
+            hidden_size=self.hidden_size,
+            alpha=self.alpha,
+            max_iter=self.max_iter,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            tol=self.tol,
+            seed=self.random_state,
+        )
+        w1, b1, w2, b2 = (p[0].double().numpy() for p in params)
+        self.coefs_, self.intercepts_ = [w1, w2], [b1, b2]
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities ``[n, K]`` in the order of ``classes_``."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        hidden = np.maximum(
+            (X - self.mean_) / self.scale_ @ self.coefs_[0] + self.intercepts_[0], 0
+        )
+        return _softmax(hidden @ self.coefs_[1] + self.intercepts_[1])
+
+
+def control_labels(groups: Any, y: Any, seed: int = 0) -> np.ndarray:
+    """Hewitt & Liang control task: one random label per word type, from y's label distribution.
+
+    Each distinct value of ``groups`` (a word type) gets a label drawn from the empirical
+    distribution of ``y``; every row of that type carries it, whatever its context. The draw is a
+    hash of ``(seed, type)``, so a type's label does not depend on row order or on which other
+    types are present: call it once on the whole data set and every split agrees.
+
+    Args:
+        groups: ``[n]`` word types (str or int).
+        y: ``[n]`` task labels; their frequencies set the control label distribution.
+        seed: changes every type's label.
+
+    Returns:
+        ``[n]`` control labels, values taken from ``y``'s classes.
+
+    Example:
+        >>> control_labels(["the", "cat", "the"], ["DET", "NOUN", "DET"], seed=1).tolist()[0] in {"DET", "NOUN"}
+        True
+    """
+    groups, y = np.asarray(groups), np.asarray(y)
+    if groups.ndim != 1 or y.ndim != 1 or len(groups) != len(y):
+        raise ValueError(
+            f"groups and y must be 1-D with one entry per example, got shapes {groups.shape} and "
+            f"{y.shape}; pass the word type and the label of every row."
+        )
+    if len(y) == 0:
+        raise ValueError("control_labels got no examples; pass at least one row.")
+    classes, y_idx = np.unique(y, return_inverse=True)
+    cdf = np.cumsum(np.bincount(y_idx, minlength=len(classes)) / len(y))
+    try:
+        types, inverse = np.unique(groups, return_inverse=True)
+    except TypeError as err:
+        raise TypeError(
+            "groups mixes types that cannot be sorted; pass word types as str (e.g. np.asarray(groups, str))."
+        ) from err
+    u = np.array([_uniform_hash(t, seed) for t in types.tolist()])
+    per_type = np.minimum(np.searchsorted(cdf, u, side="right"), len(classes) - 1)
+    return classes[per_type[inverse.ravel()]]
+
+
+def _uniform_hash(value: object, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by ``(seed, value)`` (stable across runs and platforms)."""
+    digest = hashlib.blake2b(f"{seed}\x00{value!r}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+def _fit_mlp(
+    X: Float[Tensor, "layers n d"],
+    y: Tensor,
+    n_classes: int,
+    *,
+    hidden_size: int,
+    alpha: float,
+    max_iter: int,
+    batch_size: int,
+    learning_rate: float,
+    tol: float,
+    seed: int,
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], int]:
+    """Train one MLP per layer, all layers in the same Adam steps (their losses are summed).
+
+    Returns ``((W₁ [L, d, h], b₁ [L, h], W₂ [L, h, K], b₂ [L, K]), epochs)``.
+    """
+    n_layers, n, d = X.shape
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(*shape: int, fan_in: int) -> Tensor:
+        bound = 1.0 / math.sqrt(fan_in)  # torch.nn.Linear's default initialisation range
+        return ((torch.rand(*shape, generator=gen) * 2 - 1) * bound).to(X.dtype).requires_grad_()
+
+    params = (
+        uniform(n_layers, d, hidden_size, fan_in=d),
+        uniform(n_layers, hidden_size, fan_in=d),
+        uniform(n_layers, hidden_size, n_classes, fan_in=hidden_size),
+        uniform(n_layers, n_classes, fan_in=hidden_size),
+    )
+    w1, b1, w2, b2 = params
+    optimiser = torch.optim.Adam(params, lr=learning_rate)
+    batch = max(1, min(batch_size, n))
+    best, stale, epoch = math.inf, 0, 0
+    for epoch in range(1, max_iter + 1):  # noqa: B007 - the epoch count is returned
+        order = torch.randperm(n, generator=gen)
+        total = 0.0
+        for start in range(0, n, batch):
+            idx = order[start : start + batch]
+            hidden = torch.relu(torch.baddbmm(b1[:, None], X[:, idx], w1))
+            logits = torch.baddbmm(b2[:, None], hidden, w2)
+            ce = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), y[idx].repeat(n_layers), reduction="sum"
+            )
+            loss = ce / len(idx) + 0.5 * alpha * (w1.square().sum() + w2.square().sum())
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total += float(ce.detach()) / n
+        stale = stale + 1 if total > best - tol * n_layers else 0
+        best = min(best, total)
+        if stale >= 10:  # scikit-learn's n_iter_no_change
+            break
+    return (w1.detach(), b1.detach(), w2.detach(), b2.detach()), epoch
+
+
+def _encode_targets(estimator: BaseEstimator, y: np.ndarray) -> np.ndarray:
+    """Set ``classes_`` and return class indices; one class only is an error."""
+    check_classification_targets(y)
+    classes, y_idx = np.unique(y, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(
+            f"{type(estimator).__name__} needs at least two classes, but y has only one class "
+            f"({classes[0]!r}); a probe cannot learn anything from constant labels."
+        )
+    estimator.classes_ = classes
+    return y_idx.ravel()
+
+
+def _check_known_labels(estimator: BaseEstimator, y: Any) -> None:
+    check_is_fitted(estimator)
+    unseen = np.setdiff1d(np.asarray(y), estimator.classes_)
+    if unseen.size:
+        raise ValueError(
+            f"y contains labels {unseen[:5].tolist()} that were not seen during fit (classes_ = "
+            f"{estimator.classes_[:10].tolist()}); drop those rows or refit with them."
+        )
+
+
+def _sample_weight(sample_weight: Any, n: int) -> np.ndarray:
+    if sample_weight is None:
+        return np.ones(n)
+    weights = np.asarray(sample_weight, dtype=np.float64)
+    if weights.ndim == 0:
+        weights = np.full(n, float(weights))
+    if weights.shape != (n,) or not np.isfinite(weights).all() or (weights < 0).any():
+        raise ValueError(
+            f"sample_weight must be [n] = [{n}] finite and non-negative, got shape {weights.shape}; "
+            "pass one weight per example."
+        )
+    if not weights.sum() > 0:
+        raise ValueError("sample_weight sums to zero; give some examples a positive weight.")
+    return weights
+
+
+def _standardizer(
+    X: np.ndarray, weights: np.ndarray, standardize: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted per-feature mean and standard deviation (zero spread left unscaled)."""
+    d = X.shape[1]
+    if not standardize:
+        return np.zeros(d), np.ones(d)
+    mean = weights @ X / weights.sum()
+    std = np.sqrt(weights @ (X - mean) ** 2 / weights.sum())
+    return mean, np.where(std > 1e-12 * max(1.0, float(np.abs(mean).max(initial=0))), std, 1.0)
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(1, keepdims=True))
+    return shifted / shifted.sum(1, keepdims=True)

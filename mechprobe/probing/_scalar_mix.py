@@ -1,0 +1,391 @@
+"""Scalar-mix probes (Peters et al. 2018; Tenney et al. 2019): which layers does a probe draw on?
+
+The probe reads ``h = γ Σ_l softmax(w)_l h⁽ˡ⁾`` (AllenNLP's ``ScalarMix``: ``w`` starts at zeros,
+i.e. a uniform mix) through a linear softmax classifier ``h W + b``; ``w`` and the classifier are
+fitted jointly by full-batch L-BFGS on mean cross-entropy + ``l2/2 · ||γ W||²``. With a linear
+classifier on top only the product ``γ W`` is identifiable (``(cγ, W/c)`` fits identically, so a
+penalty on ``W`` alone would send γ to infinity): the product is fitted, with γ starting at 1 as
+in AllenNLP, and reported split as ``γ = ||γ W||_F`` and a unit-norm ``W``. ``softmax(w)``
+(normalised, summing to 1) is what to read. Layers are standardised per layer first.
+
+``cumulative_scores`` is Tenney et al.'s cumulative scoring: the held-out score of mixes of layers
+``0..l`` for every ``l``, their differences Δ⁽ˡ⁾ (not clipped at zero) and the expected layer
+``E_Δ = Σ_{l≥1} l Δ⁽ˡ⁾ / Σ_{l≥1} Δ⁽ˡ⁾``. All prefixes are fitted in one batched optimisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from matplotlib.figure import Figure
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.validation import check_is_fitted
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechprobe._fit import PRECONDITIONER_ROWS, batched_lbfgs, preconditioner
+from mechprobe.probing._data import as_layers, encode_labels, jsonable, splits, standardised
+from mechprobe.probing._probes import _check_known_labels, _encode_targets, _softmax
+
+_MIX_BUDGET = 2**27  # floats of mixed features held at once (512 MB in float32)
+
+
+class ScalarMixProbe(ClassifierMixin, BaseEstimator):
+    """Linear probe on a learned softmax-weighted mix of layers; inputs are ``[n, layers, d]``.
+
+    Args:
+        l2: penalty on the effective classifier weights (as ``fit_logistic``'s ``l2``).
+        max_iter: L-BFGS iterations at most.
+        tol: stop when the largest absolute gradient entry is ≤ ``tol``.
+        standardize: scale each layer's features with training statistics first.
+
+    Attributes:
+        layer_weights_: ``[layers]`` softmax mixing weights (sum to 1).
+        gamma_: the scale γ, reported as ``||γ W||_F`` (only the product is identifiable).
+        expected_layer_: centre of gravity ``Σ_l l · layer_weights_[l]``.
+        coef_: ``[K, d]`` unit-norm classifier on the mixed (standardised) features; ``intercept_``:
+            ``[K]``. Scores are ``gamma_ · mix @ coef_.T + intercept_``.
+        classes_, n_layers_in_, n_features_in_ (``d``), n_iter_, mean_, scale_ (``[layers, d]``).
+
+    Example:
+        >>> import numpy as np
+        >>> X = np.random.default_rng(0).normal(size=(300, 4, 3)); y = X[:, 2, 0] > 0
+        >>> probe = ScalarMixProbe().fit(X, y)
+        >>> int(probe.layer_weights_.argmax()), probe.score(X, y) > 0.9
+        (2, True)
+    """
+
+    def __init__(
+        self, l2: float = 1e-3, *, max_iter: int = 300, tol: float = 1e-5, standardize: bool = True
+    ) -> None:
+        self.l2 = l2
+        self.max_iter = max_iter
+        self.tol = tol
+        self.standardize = standardize
+
+    def fit(self, X: Any, y: Any) -> ScalarMixProbe:
+        """Fit on ``X [n, layers, d]`` and labels ``y [n]``."""
+        values, labels, _ = as_layers(X, y)
+        y_idx = _encode_targets(self, labels)
+        n, n_layers, d = values.shape
+        train, _, mean, scale = standardised(values, np.arange(n), standardize=self.standardize)
+        masks = torch.ones(1, n_layers, dtype=torch.bool)
+        fit = _fit_mix(
+            train,
+            torch.from_numpy(y_idx),
+            len(self.classes_),
+            masks,
+            self.l2,
+            self.max_iter,
+            self.tol,
+        )
+        self.mean_, self.scale_ = mean.numpy(), scale.numpy()
+        self.layer_weights_ = fit.weights[0].numpy()
+        self.gamma_ = float(fit.gamma[0])
+        self.coef_, self.intercept_ = fit.W[0].T.numpy(), fit.b[0].numpy()
+        self.expected_layer_ = float(np.arange(n_layers) @ self.layer_weights_)
+        self.n_layers_in_, self.n_features_in_, self.n_iter_ = n_layers, d, fit.n_iter
+        return self
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Class scores ``[n, K]``."""
+        check_is_fitted(self)
+        values = np.asarray(X, dtype=np.float64)
+        if values.ndim != 3 or values.shape[1:] != (self.n_layers_in_, self.n_features_in_):
+            raise ValueError(
+                f"X must be [n, {self.n_layers_in_}, {self.n_features_in_}] like the training "
+                f"data, got shape {values.shape}."
+            )
+        mixed = np.einsum("nld,l->nd", (values - self.mean_) / self.scale_, self.layer_weights_)
+        return self.gamma_ * mixed @ self.coef_.T + self.intercept_
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities ``[n, K]``."""
+        return _softmax(self.decision_function(X))
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Most likely label per row."""
+        return self.classes_[self.decision_function(X).argmax(1)]
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """Accuracy; labels that ``fit`` never saw raise an error."""
+        _check_known_labels(self, y)
+        return float(super().score(X, y, sample_weight=sample_weight))
+
+
+@dataclass(frozen=True)
+class CumulativeScores:
+    """Tenney et al.'s cumulative scoring of layer prefixes.
+
+    Attributes:
+        scores: ``[layers]`` held-out accuracy of the scalar mix of layers ``0..l``.
+        deltas: ``[layers]`` ``scores[l] - scores[l-1]``, NaN at ``l = 0``; negative values kept.
+        expected_layer: ``E_Δ = Σ_{l≥1} l Δ(l) / Σ_{l≥1} Δ(l)`` (NaN when the deltas sum to 0).
+        mix_weights: ``[layers, layers]``, row ``l`` the softmax weights of the mix of ``0..l``.
+        n_train: training rows; n_test: held-out rows.
+    """
+
+    scores: np.ndarray
+    deltas: np.ndarray
+    expected_layer: float
+    mix_weights: np.ndarray
+    n_train: int
+    n_test: int
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per layer: ``layer, score, delta``."""
+        return pd.DataFrame(
+            {"layer": np.arange(len(self.scores)), "score": self.scores, "delta": self.deltas}
+        )
+
+    def plot(self) -> Figure:
+        """Δ(l) as bars (negative ones red), the prefix scores as a line, E_Δ as a dashed line."""
+        fig = Figure(figsize=(7, 3.5), layout="constrained")
+        ax = fig.subplots()
+        layers = np.arange(len(self.scores))
+        colors = ["tab:red" if d < 0 else "tab:blue" for d in np.nan_to_num(self.deltas)]
+        ax.bar(layers, np.nan_to_num(self.deltas), color=colors, label="Δ(l)")
+        ax.set(xlabel="layer", ylabel="Δ accuracy", title="Cumulative scoring")
+        twin = ax.twinx()
+        twin.plot(layers, self.scores, color="black", marker=".", label="score of mix 0..l")
+        twin.set_ylabel("accuracy")
+        if np.isfinite(self.expected_layer):
+            ax.axvline(
+                self.expected_layer, ls="--", color="gray", label=f"E_Δ = {self.expected_layer:.2f}"
+            )
+        ax.legend(loc="upper left")
+        return fig
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write JSON (NaN as null)."""
+        data = {k: jsonable(v) for k, v in asdict(self).items()}
+        out = Path(path)
+        out.write_text(json.dumps({"format": "mechprobe.CumulativeScores/1", **data}))
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CumulativeScores:
+        """Read a file written by :meth:`save`."""
+        data = json.loads(Path(path).read_text())
+        if data.get("format") != "mechprobe.CumulativeScores/1":
+            raise ValueError(f"{path} is not a saved CumulativeScores file.")
+        exp = data["expected_layer"]
+        return cls(
+            scores=np.array(data["scores"], dtype=float),
+            deltas=np.array(data["deltas"], dtype=float),
+            expected_layer=np.nan if exp is None else float(exp),
+            mix_weights=np.array(data["mix_weights"], dtype=float),
+            n_train=int(data["n_train"]),
+            n_test=int(data["n_test"]),
+        )
+
+
+def cumulative_scores(
+    X: Any,
+    y: Any = None,
+    *,
+    X_test: Any = None,
+    y_test: Any = None,
+    test_size: float = 0.2,
+    seed: int = 0,
+    l2: float = 1e-3,
+    max_iter: int = 300,
+    tol: float = 1e-5,
+    progress: bool = True,
+) -> CumulativeScores:
+    """Score scalar mixes of layers ``0..l`` for every ``l`` on held-out data (Tenney et al. 2019).
+
+    Args:
+        X: ``[n, layers, d]`` activations (array, tensor or an object with ``.values``/``.labels``).
+        y: ``[n]`` labels (default ``X.labels``).
+        X_test: held-out activations; without them a stratified ``test_size`` split of ``X`` is used.
+        y_test: held-out labels.
+        test_size: held-out fraction when ``X_test`` is None.
+        seed: split seed.
+        l2: classifier penalty, as in :class:`ScalarMixProbe`.
+        max_iter: L-BFGS iterations at most.
+        tol: gradient tolerance.
+        progress: show a progress bar.
+
+    Returns:
+        Prefix scores, their differences and the expected layer ``E_Δ``.
+
+    Example:
+        >>> import numpy as np
+        >>> X = np.random.default_rng(0).normal(size=(400, 3, 4)); y = X[:, 1, 0] > 0
+        >>> result = cumulative_scores(X, y, progress=False)
+        >>> bool(result.deltas[1] > 0.3), round(result.expected_layer)
+        (True, 1)
+    """
+    values, labels, _ = as_layers(X, y)
+    classes, y_idx = encode_labels(labels)
+    if X_test is None:
+        train, test = splits(y_idx, test_size=test_size, n_folds=None, seed=seed)[0]
+        train_x, test_x, _, _ = standardised(values, train, test)
+        y_train, y_test_idx = y_idx[train], y_idx[test]
+    else:
+        test_values, test_labels, _ = as_layers(X_test, y_test)
+        if test_values.shape[1:] != values.shape[1:]:
+            raise ValueError(
+                f"X_test rows are {tuple(test_values.shape[1:])} but X rows are "
+                f"{tuple(values.shape[1:])}; pass the same layers and features."
+            )
+        unseen = np.setdiff1d(test_labels, classes)
+        if unseen.size:
+            raise ValueError(
+                f"y_test has labels {unseen[:5].tolist()} absent from y; drop those rows."
+            )
+        both = torch.cat([values, test_values.to(values.dtype)])
+        n = values.shape[0]
+        train_x, test_x, _, _ = standardised(both, np.arange(n), np.arange(n, len(both)))
+        y_train, y_test_idx = y_idx, np.searchsorted(classes, test_labels)
+    assert test_x is not None
+    n_layers, n_train, d = train_x.shape
+    masks = torch.ones(n_layers, n_layers, dtype=torch.bool).tril()  # problem l mixes 0..l
+    chunk = max(1, _MIX_BUDGET // (n_train * d))
+    weights = np.zeros((n_layers, n_layers))
+    scores = np.zeros(n_layers)
+    y_tr, y_te = torch.from_numpy(y_train), torch.from_numpy(y_test_idx)
+    with tqdm(total=n_layers, desc="cumulative scores", disable=not progress) as bar:
+        for start in range(0, n_layers, chunk):
+            stop = min(n_layers, start + chunk)
+            # Prefixes up to ``stop`` need only those layers: slicing the layer axis is a view.
+            fit = _fit_mix(
+                train_x[:stop], y_tr, len(classes), masks[start:stop, :stop], l2, max_iter, tol
+            )
+            logits = fit.logits(test_x[:stop])
+            scores[start:stop] = (logits.argmax(-1) == y_te).double().mean(1).numpy()
+            weights[start:stop, :stop] = fit.weights.numpy()
+            bar.update(stop - start)
+    deltas = np.concatenate([[np.nan], np.diff(scores)])
+    total = deltas[1:].sum()
+    expected = float(np.arange(1, n_layers) @ deltas[1:] / total) if total != 0 else float("nan")
+    return CumulativeScores(scores, deltas, expected, weights, n_train, len(y_test_idx))
+
+
+@dataclass(frozen=True)
+class _MixFit:
+    weights: Tensor  # [B, L] softmax weights
+    gamma: Tensor  # [B]
+    W: Tensor  # [B, d, K]
+    b: Tensor  # [B, K]
+    n_iter: int
+
+    def logits(self, X: Float[Tensor, "layers n d"]) -> Tensor:
+        """``[B, n, K]`` class scores of every problem's mix."""
+        mixed = _scalar_mix(X, self.weights.to(X.dtype))
+        effective = (self.gamma[:, None, None] * self.W).to(X.dtype)
+        return torch.baddbmm(self.b.to(X.dtype)[:, None], mixed, effective)
+
+
+def _scalar_mix(X: Float[Tensor, "layers n d"], weights: Float[Tensor, "B layers"]) -> Tensor:
+    """``[B, n, d]`` mixes ``Σ_l weights[b, l] X[l]``: one GEMM over the flattened layers."""
+    n_layers, n, d = X.shape
+    return (weights @ X.reshape(n_layers, n * d)).view(-1, n, d)
+
+
+def _fit_mix(
+    X: Float[Tensor, "layers n d"],
+    y: Tensor,
+    n_classes: int,
+    masks: Tensor,
+    l2: float,
+    max_iter: int,
+    tol: float,
+) -> _MixFit:
+    """Fit ``masks.shape[0]`` scalar-mix probes at once; problem ``b`` mixes layers ``masks[b]``."""
+    if not l2 > 0:
+        raise ValueError(f"l2 must be > 0, got {l2}.")
+    objective = _MixObjective(X, y, n_classes, masks, l2)
+    theta = torch.zeros(masks.shape[0], objective.size, dtype=torch.float64)  # w = 0: uniform
+    eps = 10 * torch.finfo(X.dtype).eps
+    theta, n_iter, finished = batched_lbfgs(
+        objective,
+        theta,
+        max_iter=max_iter,
+        tol=tol,
+        first_step=1.0,
+        eps=eps,
+        refresh=objective.refresh,
+        refresh_at=(15, 50),
+    )
+    if not bool(finished.all()):
+        warnings.warn(
+            f"scalar mix: {int((~finished).sum())} of {len(finished)} fits did not reach "
+            f"tol={tol} in max_iter={max_iter} iterations; increase max_iter or l2.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    w, effective, b = objective.unpack(theta, torch.arange(len(theta)))
+    weights = torch.softmax(w.masked_fill(~masks, -torch.inf), -1)
+    # Only γW is identifiable: report it as γ = ||γW||_F times a unit-norm W.
+    gamma = torch.linalg.matrix_norm(effective).clamp_min(1e-30)
+    return _MixFit(
+        weights=weights, gamma=gamma, W=effective / gamma[:, None, None], b=b, n_iter=n_iter
+    )
+
+
+class _MixObjective:
+    """Loss and gradient (autograd) of scalar-mix probes, classifier preconditioned as in _logistic."""
+
+    def __init__(self, X: Tensor, y: Tensor, n_classes: int, masks: Tensor, l2: float) -> None:
+        self.X, self.y, self.k, self.masks, self.l2 = X, y, n_classes, masks, l2
+        n_layers, n, d = X.shape
+        self.size = n_layers + d * n_classes + n_classes
+        self.rows = X[:, :: max(1, n // PRECONDITIONER_ROWS)]  # strided view for curvature
+        uniform = (masks / masks.sum(1, keepdim=True)).to(X.dtype)
+        self.chol = self._factor(uniform, None)
+
+    def _factor(self, weights: Tensor, curvature: Tensor | None) -> Tensor:
+        """Cholesky factors of ``E[c (m - m̄)(m - m̄)ᵀ] + l2 I`` for mixes ``m`` of the rows."""
+        mixed = _scalar_mix(self.rows, weights)
+        if curvature is None:  # softmax curvature at uniform predictions
+            curvature = torch.full(mixed.shape[:2], (self.k - 1) / self.k**2, dtype=mixed.dtype)
+        return preconditioner(mixed, mixed.mean(1, dtype=torch.float64), curvature, self.l2)
+
+    def refresh(self, theta: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Re-fit the preconditioners to the current mixes and predictions (L-BFGS restarts)."""
+        w, U, bias = self.unpack(theta, idx)
+        weights = torch.softmax(w.masked_fill(~self.masks[idx], -torch.inf), -1).to(self.X.dtype)
+        mixed = _scalar_mix(self.rows, weights)
+        p = torch.softmax(
+            torch.baddbmm(bias.to(mixed.dtype)[:, None], mixed, U.to(mixed.dtype)), -1
+        )
+        self.chol[idx] = self._factor(weights, (p * (1 - p)).mean(-1))
+        theta = theta.clone()
+        n_layers, _, d = self.X.shape
+        theta[:, n_layers : n_layers + d * self.k] = (self.chol[idx].mT @ U).flatten(1)
+        return theta, torch.ones(len(idx), dtype=torch.bool)
+
+    def unpack(self, theta: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(w [b, L], γW [b, d, K], bias [b, K])``."""
+        n_layers, _, d = self.X.shape
+        V = theta[:, n_layers : n_layers + d * self.k].reshape(-1, d, self.k)
+        U = torch.linalg.solve_triangular(self.chol[idx].mT, V, upper=True)
+        return theta[:, :n_layers], U, theta[:, n_layers + d * self.k :]
+
+    def __call__(self, theta: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        theta = theta.detach().requires_grad_(True)
+        w, effective, bias = self.unpack(theta, idx)
+        weights = torch.softmax(w.masked_fill(~self.masks[idx], -torch.inf), -1)
+        mixed = _scalar_mix(self.X, weights.to(self.X.dtype))
+        # Narrow right factors multiply faster stored as [K, d] rows (see _logistic).
+        rows = effective.mT.to(self.X.dtype).contiguous()
+        logits = torch.baddbmm(bias.to(self.X.dtype)[:, None], mixed, rows.mT)
+        nll = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), self.y.repeat(len(idx)), reduction="none"
+        )
+        penalty = 0.5 * self.l2 * effective.square().sum((1, 2))
+        loss = nll.view(len(idx), -1).double().mean(1) + penalty
+        (grad,) = torch.autograd.grad(loss.sum(), theta)
+        return loss.detach(), grad, grad.abs().amax(1)

@@ -1,0 +1,257 @@
+"""Which tokens of each text :func:`mechprobe.collect` keeps, with their labels: a :class:`Plan`.
+
+Everything here happens before any forward pass: texts are tokenised once, the select rule is
+turned into unpadded positions per text, labels are matched to those positions, and the output
+row of every selected token is fixed. See :mod:`mechprobe.probing._activations` for the select rules.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mechprobe.core import Batch, PaddingSide, tokenize
+
+_WORD = re.compile(r"\S+")
+_RULES = ("last", "all", "word_last")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Tokenised texts and, per text, the unpadded positions to keep (see :func:`make_plan`)."""
+
+    batch: Batch
+    positions: list[np.ndarray]
+    order: np.ndarray
+    row_start: np.ndarray
+    labels: np.ndarray | None
+    groups: np.ndarray | None
+    text_index: np.ndarray
+    position: np.ndarray
+    token: np.ndarray
+    select_name: str
+    dropped_words: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.position)
+
+
+def whitespace_words(text: str) -> list[tuple[int, int]]:
+    """Character spans ``(start, end)`` of the maximal non-whitespace runs of ``text``.
+
+    Example:
+        >>> whitespace_words("The cat, sat.")
+        [(0, 3), (4, 8), (9, 13)]
+    """
+    return [m.span() for m in _WORD.finditer(text)]
+
+
+def _is_label(value: Any) -> bool:
+    return isinstance(value, (str, int, np.integer)) and not isinstance(value, (bytes, bool))
+
+
+def _inputs(data: Any, select: Any, labels: Any, groups: Any) -> dict[str, Any]:
+    """Texts, labels, groups, word spans and a default rule from whatever ``data`` is."""
+    from mechprobe.probing._datasets import ProbingDataset
+    from mechprobe.tasks import Task
+
+    spans = None
+    meta: dict[str, Any] = {}
+    if isinstance(data, (ProbingDataset, Task)) and (labels is not None or groups is not None):
+        raise ValueError(
+            f"labels/groups come from the {type(data).__name__}; do not pass them as well."
+        )
+    if isinstance(data, ProbingDataset):
+        texts, labels, groups, spans = list(data.texts), data.labels, data.groups, data.words
+        default = "word_last" if data.level == "word" else "last"
+        meta = {"dataset": data.name}
+    elif isinstance(data, Task):
+        texts, labels, groups, default = data.prompts(), data.inputs(), data.inputs(), "last"
+        meta = {"dataset": data.name}
+    else:
+        texts = [data] if isinstance(data, str) else list(data)
+        default = "last"
+        if not texts:
+            raise ValueError("No texts given: pass a non-empty list of strings.")
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("collect() takes a list of strings, a ProbingDataset or a Task.")
+    for name, given in (("labels", labels), ("groups", groups)):
+        if given is not None and len(given) != len(texts):
+            raise ValueError(
+                f"{len(texts)} texts but {len(given)} {name}: pass one entry per text (a label, "
+                "or a list with one label per selected word or token)."
+            )
+    return {
+        "texts": texts,
+        "labels": labels,
+        "groups": groups,
+        "spans": spans,
+        "select": default if select is None else select,
+        "meta": meta,
+    }
+
+
+def _offsets(model: Any, texts: list[str]) -> list[list[tuple[int, int]]] | None:
+    tokenizer = model.tokenizer
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [[(int(a), int(b)) for a, b in row] for row in enc["offset_mapping"]]
+
+
+def _word_last(
+    spans: Sequence[tuple[int, int]], offsets: list[tuple[int, int]], bos: int
+) -> tuple[list[int | None], int]:
+    """Per word, the position of its last sub-token (None when the word ends inside a token)."""
+    out: list[int | None] = []
+    dropped = 0
+    ends = np.asarray([e for _, e in offsets] or [0])
+    starts = np.asarray([s for s, _ in offsets] or [0])
+    for start, end in spans:
+        overlap = np.nonzero((starts < end) & (ends > start))[0]
+        if len(overlap) == 0 or ends[overlap[-1]] > end:
+            out.append(None)
+            dropped += 1
+        else:
+            out.append(int(overlap[-1]) + bos)
+    return out, dropped
+
+
+def _units(rule: Any, i: int, length: int, bos: int, words: Any, offsets: Any) -> list[Any]:
+    """Unpadded positions of text ``i``'s selectable units (None: a word without its own token)."""
+    if rule == "last":
+        return [length - 1]
+    if rule == "all":
+        return list(range(bos, length))
+    if rule == "word_last":
+        return _word_last(words, offsets, bos)[0]
+    marked = rule[i]
+    if isinstance(marked, (str, bytes)) or not isinstance(marked, Sequence):
+        raise TypeError(f"select[{i}] must be a list of int positions, got {marked!r}.")
+    out = []
+    for p in marked:
+        if isinstance(p, bool) or not isinstance(p, (int, np.integer)):
+            raise TypeError(f"select[{i}] holds {p!r}; positions are ints.")
+        if not -length <= p < length:
+            raise ValueError(
+                f"select[{i}] position {p} is outside text {i}, which has {length} tokens "
+                f"(BOS included): use 0..{length - 1} or -1..-{length}."
+            )
+        out.append(int(p) % length)
+    return out
+
+
+def _expand(values: Any, i: int, n_units: int, name: str) -> list[Any]:
+    """One text's label entry as a list with one value per unit (a scalar is repeated)."""
+    entry = values[i]
+    if entry is None or _is_label(entry):
+        return [entry] * n_units
+    if isinstance(entry, (bytes, bool)) or not isinstance(entry, (Sequence, np.ndarray)):
+        raise TypeError(f"{name}[{i}] is {entry!r}: use a str/int label or a list of them.")
+    if len(entry) != n_units:
+        raise ValueError(
+            f"{name}[{i}] has {len(entry)} entries but text {i} has {n_units} selectable units "
+            "(words for 'word_last', tokens without BOS for 'all', marked positions): pass one "
+            "per unit, or a single label for the whole text."
+        )
+    return list(entry)
+
+
+def _array(values: list[Any], name: str) -> np.ndarray:
+    if all(isinstance(v, str) for v in values):
+        return np.asarray(values, dtype=np.str_)
+    if all(_is_label(v) and not isinstance(v, str) for v in values):
+        return np.asarray(values, dtype=np.int64)
+    kinds = sorted({type(v).__name__ for v in values})
+    raise TypeError(f"{name} must be all strings or all ints (found {kinds}): use one type.")
+
+
+def make_plan(
+    model: Any,
+    data: Any,
+    *,
+    select: Any,
+    labels: Any,
+    groups: Any,
+    padding_side: PaddingSide = "right",
+) -> Plan:
+    """Tokenise ``data`` and resolve ``select``, ``labels`` and ``groups`` to output rows."""
+    given = _inputs(data, select, labels, groups)
+    texts, rule = given["texts"], given["select"]
+    if isinstance(rule, str) and rule not in _RULES:
+        raise ValueError(
+            f"select must be 'last', 'all', 'word_last' or a list of position lists, got {rule!r}."
+        )
+    if not isinstance(rule, str) and len(rule) != len(texts):
+        raise ValueError(
+            f"select has {len(rule)} position lists for {len(texts)} texts: pass one per text."
+        )
+    batch = tokenize(model, texts, padding_side=padding_side)
+    lengths = batch.lengths.tolist()
+    offsets = _offsets(model, texts)
+    if offsets is None and rule == "word_last":
+        raise ValueError("select='word_last' needs a fast tokenizer (offsets); use 'all' instead.")
+    spans = given["spans"] or [whitespace_words(t) for t in texts]
+    positions: list[np.ndarray] = []
+    text_index: list[np.ndarray] = []
+    all_labels: list[Any] = []
+    all_groups: list[Any] = []
+    tokens: list[str] = []
+    dropped = 0
+    for i, text in enumerate(texts):
+        n_ids = len(offsets[i]) if offsets is not None else None
+        bos = lengths[i] - n_ids if n_ids is not None else int(batch.tokens[i, 0] == _bos(model))
+        units = _units(rule, i, lengths[i], bos, spans[i], offsets[i] if offsets else None)
+        dropped += sum(u is None for u in units)
+        lab = _expand(given["labels"], i, len(units), "labels") if given["labels"] else None
+        grp = _expand(given["groups"], i, len(units), "groups") if given["groups"] else None
+        keep = [
+            j for j, u in enumerate(units) if u is not None and (lab is None or lab[j] is not None)
+        ]
+        pos = np.asarray([units[j] for j in keep], dtype=np.int64)
+        positions.append(pos)
+        text_index.append(np.full(len(pos), i, dtype=np.int64))
+        if lab is not None:
+            all_labels.extend(lab[j] for j in keep)
+        if grp is not None:
+            all_groups.extend(grp[j] for j in keep)
+        tokens.extend(_token_text(model, batch, text, i, p, bos, offsets) for p in pos.tolist())
+    counts = np.asarray([len(p) for p in positions])
+    if counts.sum() == 0:
+        raise ValueError(
+            "No token was selected: every text is empty under this rule, or every label is None."
+        )
+    # Longest texts first: chunks of similar length waste little padding; stable for determinism.
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return Plan(
+        batch=batch,
+        positions=positions,
+        order=order,
+        row_start=np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64),
+        labels=_array(all_labels, "labels") if given["labels"] is not None else None,
+        groups=_array(all_groups, "groups") if given["groups"] is not None else None,
+        text_index=np.concatenate(text_index),
+        position=np.concatenate(positions),
+        token=np.asarray(tokens, dtype=np.str_),
+        select_name=rule if isinstance(rule, str) else "marked",
+        dropped_words=int(dropped),
+        metadata=given["meta"],
+    )
+
+
+def _bos(model: Any) -> int:
+    bos = model.tokenizer.bos_token_id
+    return -1 if bos is None else int(bos)
+
+
+def _token_text(model: Any, batch: Batch, text: str, i: int, p: int, bos: int, offsets: Any) -> str:
+    if p < bos or offsets is None:
+        return str(model.tokenizer.convert_ids_to_tokens(int(batch.tokens[i, p])))
+    start, end = offsets[i][p - bos]
+    return text[start:end]

@@ -1,0 +1,370 @@
+"""Early-decoding trajectories of a relational task: Merullo et al.'s "X" and its three stages.
+
+At every layer ``l`` the residual stream after the block at the prompt's last token,
+``resid_post[l]``, is read through the model's final norm and unembedding (the logit lens), and the
+ranks of the argument's first token (``" Poland"``) and the answer's first token (``" Warsaw"``)
+are kept. Averaging their reciprocal ranks over the correctly answered items draws the X: the
+argument rises, then the answer overtakes it. The same readout of ``resid_post[l] - mlp_out[l]``
+(the stream with layer ``l``'s FFN update removed) says whether that update is what turned the
+argument into the answer (FFN attribution).
+
+Stage rules (:meth:`Trajectory.stages`), on the mean reciprocal-rank curves ``A[l]`` (argument)
+and ``B[l]`` (answer) of the items answered correctly whose argument and answer start with
+different tokens. A token is *visible* at a layer when its mean reciprocal rank is at least
+``visible`` (default 0.05, a mean rank of about 20 or better); below that, which curve is ahead is
+noise among ranks in the thousands and decides nothing.
+
+- function-application layer ``f``: the first layer from which the answer stays ahead, i.e. the
+  smallest ``l`` with ``B[m] > A[m]`` for every ``m >= l``, at which the answer is visible
+  (``B[l] >= visible``) -- the last crossing of the X;
+- argument-formation layer: the layer before ``f`` where ``A`` peaks (the earliest on ties), if
+  the argument is visible there; otherwise None (no argument stage);
+- saturation layer: the first ``l >= f`` with ``B[l] >= saturation * B[-1]`` (default 0.9).
+
+Ranks are 0-based (rank 0 is the top token); the reciprocal rank is ``1 / (rank + 1)``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from mechprobe.core import first_token_ids
+from mechprobe.relational._scoring import TaskScore, _forced_pass
+from mechprobe.tasks import Task, as_task
+
+__all__ = ["Stages", "Trajectory", "ffn_attribution", "trajectory"]
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The three stages' layers read off a trajectory (None where a rule finds no layer).
+
+    Example:
+        >>> Stages(argument_layer=15, function_layer=19, saturation_layer=21).function_layer
+        19
+    """
+
+    argument_layer: int | None
+    function_layer: int | None
+    saturation_layer: int | None
+
+
+@dataclass(frozen=True, eq=False)
+class Trajectory:
+    """Per-item, per-layer lens ranks of the argument and the answer at the prompt's last token.
+
+    Attributes:
+        task: Task name.
+        arguments: The items' arguments (leading space included).
+        answers: The items' answers (leading space included).
+        argument_rank: ``[item, layer]`` rank of the argument's first token in ``resid_post[l]``.
+        answer_rank: ``[item, layer]`` rank of the answer's first token in ``resid_post[l]``.
+        argument_rank_no_ffn: ``[item, layer]`` the same in ``resid_post[l] - mlp_out[l]``.
+        answer_rank_no_ffn: ``[item, layer]`` the same in ``resid_post[l] - mlp_out[l]``.
+        correct: ``[item]`` the model's greedy first token is the answer's.
+        distinct: ``[item]`` argument and answer start with different tokens (else the X is
+            undefined for that item).
+
+    Example:
+        >>> import mechprobe as mp
+        >>> traj = mp.trajectory(mp.tiny_model(), mp.load_task("capitals").subset(4))
+        >>> traj.argument_rank.shape
+        (4, 3)
+    """
+
+    task: str
+    arguments: tuple[str, ...]
+    answers: tuple[str, ...]
+    argument_rank: Int[np.ndarray, "item layer"]
+    answer_rank: Int[np.ndarray, "item layer"]
+    argument_rank_no_ffn: Int[np.ndarray, "item layer"]
+    answer_rank_no_ffn: Int[np.ndarray, "item layer"]
+    correct: Bool[np.ndarray, " item"]
+    distinct: Bool[np.ndarray, " item"]
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.argument_rank.shape[1])
+
+    @property
+    def included(self) -> Bool[np.ndarray, " item"]:
+        """Items averaged into the curves: correct with distinct tokens, else all correct ones."""
+        both = self.correct & self.distinct
+        return both if both.any() else self.correct
+
+    def argument_rr(self) -> Float[np.ndarray, " layer"]:
+        """Mean reciprocal rank of the argument per layer over :attr:`included` items."""
+        return _mean_rr(self.argument_rank, self.included)
+
+    def answer_rr(self) -> Float[np.ndarray, " layer"]:
+        """Mean reciprocal rank of the answer per layer over :attr:`included` items."""
+        return _mean_rr(self.answer_rank, self.included)
+
+    def stages(self, saturation: float = 0.9, visible: float = 0.05) -> Stages:
+        """Argument-formation, function-application and saturation layers (module docstring).
+
+        All three are None when no correctly answered item has distinct argument and answer
+        tokens (e.g. a copying task whose argument is its answer), or when the answer does not
+        end ahead and visible.
+        """
+        if not 0.0 < saturation <= 1.0:
+            raise ValueError(f"saturation is a fraction in (0, 1], got {saturation!r}.")
+        if not 0.0 <= visible <= 1.0:
+            raise ValueError(f"visible is a reciprocal rank in [0, 1], got {visible!r}.")
+        if not (self.correct & self.distinct).any():
+            return Stages(None, None, None)
+        a, b = self.argument_rr(), self.answer_rr()
+        ahead = b > a
+        behind = np.flatnonzero(~ahead)
+        start = int(behind[-1]) + 1 if behind.size else 0
+        shown = np.flatnonzero(b[start:] >= visible)
+        if not shown.size:
+            return Stages(None, None, None)
+        f = start + int(shown[0])
+        peak = int(np.argmax(a[:f])) if f > 0 else None
+        arg = peak if peak is not None and a[peak] >= visible else None
+        reached = np.flatnonzero(b[f:] >= saturation * b[-1])
+        sat = f + int(reached[0]) if reached.size else None
+        return Stages(arg, f, sat)
+
+    def ffn_attribution(self, layer: int) -> dict[str, float]:
+        """At ``layer``, how often removing that layer's FFN update brings the argument back.
+
+        Returns a dict over :attr:`included` items: ``argument_top1_after_removal`` (the argument
+        is the top token of ``resid_post - mlp_out``), ``argument_above_answer_after_removal``,
+        the same two for ``resid_post`` itself (``..._before_removal``), and ``n``.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> traj = mp.trajectory(mp.tiny_model(), mp.load_task("capitals").subset(4))
+            >>> sorted(traj.ffn_attribution(1))[0]
+            'argument_above_answer_after_removal'
+        """
+        if not -self.n_layers <= layer < self.n_layers:
+            raise ValueError(
+                f"Layer {layer} is out of range for {self.n_layers} layers; pick 0..{self.n_layers - 1}."
+            )
+        m = self.included
+        arg, ans = self.argument_rank[m, layer], self.answer_rank[m, layer]
+        arg0, ans0 = self.argument_rank_no_ffn[m, layer], self.answer_rank_no_ffn[m, layer]
+        n = int(m.sum())
+        rate = lambda x: float(np.mean(x)) if n else float("nan")  # noqa: E731
+        return {
+            "argument_top1_after_removal": rate(arg0 == 0),
+            "argument_above_answer_after_removal": rate(arg0 < ans0),
+            "argument_top1_before_removal": rate(arg == 0),
+            "argument_above_answer_before_removal": rate(arg < ans),
+            "n": n,
+        }
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy rows: item, layer, token (argument/answer), readout (resid_post / without FFN),
+        rank, rr, correct, distinct."""
+        n, layers = self.argument_rank.shape
+        frames = []
+        for token, readout, ranks in [
+            ("argument", "resid_post", self.argument_rank),
+            ("answer", "resid_post", self.answer_rank),
+            ("argument", "resid_post - mlp_out", self.argument_rank_no_ffn),
+            ("answer", "resid_post - mlp_out", self.answer_rank_no_ffn),
+        ]:
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "item": np.repeat(np.arange(n), layers),
+                        "layer": np.tile(np.arange(layers), n),
+                        "token": token,
+                        "readout": readout,
+                        "rank": ranks.reshape(-1),
+                        "rr": 1.0 / (ranks.reshape(-1) + 1.0),
+                        "correct": np.repeat(self.correct, layers),
+                        "distinct": np.repeat(self.distinct, layers),
+                    }
+                )
+            )
+        return pd.concat(frames, ignore_index=True)
+
+    def plot(self, stages: Stages | None = None, ax: Any = None) -> Figure:
+        """The X plot: mean reciprocal rank of argument and answer per layer, stages marked."""
+        fig = Figure(figsize=(7, 3.8)) if ax is None else ax.figure
+        ax = ax if ax is not None else fig.add_subplot()
+        stages = stages if stages is not None else self.stages()
+        x = np.arange(self.n_layers)
+        m = self.included
+        ax.plot(x, self.argument_rr(), "o-", label="argument (resid_post)", color="tab:blue")
+        ax.plot(x, self.answer_rr(), "o-", label="answer (resid_post)", color="tab:orange")
+        ax.plot(x, _mean_rr(self.argument_rank_no_ffn, m), ":", color="tab:blue",
+                label="argument (resid_post - mlp_out)")  # fmt: skip
+        ax.plot(x, _mean_rr(self.answer_rank_no_ffn, m), ":", color="tab:orange",
+                label="answer (resid_post - mlp_out)")  # fmt: skip
+        marks: dict[int, list[str]] = {}
+        for layer, name, style in [
+            (stages.argument_layer, "argument", "--"),
+            (stages.function_layer, "function", "-"),
+            (stages.saturation_layer, "saturation", "-."),
+        ]:
+            if layer is not None:
+                ax.axvline(layer, color="grey", linestyle=style, linewidth=1)
+                marks.setdefault(layer, []).append(name)
+        for layer, names in marks.items():  # one label per layer, stages sharing it joined
+            ax.text(
+                layer, 1.02, " = ".join(names), rotation=90, va="bottom", ha="center", fontsize=7
+            )
+        ax.set_xlabel("layer (resid_post, last prompt token)")
+        ax.set_ylabel("mean reciprocal rank")
+        ax.set_ylim(0, 1.0)
+        ax.set_title(f"{self.task}: early decoding over {int(m.sum())} correct items", pad=28)
+        ax.legend(fontsize=7, loc="upper left")
+        fig.tight_layout()
+        return fig
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (see :meth:`from_dict`)."""
+        return {
+            "task": self.task,
+            "arguments": list(self.arguments),
+            "answers": list(self.answers),
+            "argument_rank": self.argument_rank.tolist(),
+            "answer_rank": self.answer_rank.tolist(),
+            "argument_rank_no_ffn": self.argument_rank_no_ffn.tolist(),
+            "answer_rank_no_ffn": self.answer_rank_no_ffn.tolist(),
+            "correct": self.correct.tolist(),
+            "distinct": self.distinct.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Trajectory:
+        """Rebuild a trajectory from :meth:`to_dict`'s output."""
+        ints = {k: np.asarray(data[k], dtype=np.int64) for k in _RANK_KEYS}
+        return cls(
+            task=data["task"],
+            arguments=tuple(data["arguments"]),
+            answers=tuple(data["answers"]),
+            correct=np.asarray(data["correct"], dtype=bool),
+            distinct=np.asarray(data["distinct"], dtype=bool),
+            **ints,
+        )
+
+
+_RANK_KEYS = ("argument_rank", "answer_rank", "argument_rank_no_ffn", "answer_rank_no_ffn")
+
+
+def _mean_rr(ranks: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    if not mask.any():
+        return np.full(ranks.shape[1], np.nan)
+    return np.asarray((1.0 / (ranks[mask] + 1.0)).mean(axis=0))
+
+
+def _readout(model: Any, x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n vocab"]:
+    """The model's own readout (final norm, unembedding, any logit transform) of vectors ``x``."""
+    logits = model.unembed(model.ln_final(x[None]))[0]
+    transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
+    if callable(transform):  # identity for Llama-style models; softcaps elsewhere
+        logits = transform(logits)
+    return logits.float()
+
+
+def _ranks(
+    model: Any, x: Float[Tensor, "n layer d"], ids: Int[Tensor, "n t"]
+) -> Int[np.ndarray, "t n layer"]:
+    """0-based ranks of tokens ``ids`` (one set per row) in each layer's readout of ``x``."""
+    n, layers, _ = x.shape
+    out = np.zeros((ids.shape[1], n, layers), dtype=np.int64)
+    with torch.no_grad():
+        for layer in range(layers):  # one [n, vocab] readout at a time keeps memory flat
+            logits = _readout(model, x[:, layer])
+            target = logits.gather(-1, ids.to(logits.device))  # [n, t]
+            above = (logits[:, None, :] > target[:, :, None]).sum(-1)  # [n, t]
+            out[:, :, layer] = above.T.cpu().numpy()
+    return out
+
+
+def _from_pass(model: Any, task: Task, score: TaskScore, captures: dict[str, Tensor]) -> Trajectory:
+    """Build the trajectory from one teacher-forced pass's last-token captures."""
+    arg_ids = first_token_ids(model, task.arguments())
+    ans_ids = [ids[0] for ids in score.answer_ids]
+    ids = torch.as_tensor(np.stack([arg_ids, ans_ids], axis=1), dtype=torch.long)
+    post = captures["resid_post"]
+    with_ffn = _ranks(model, post, ids)
+    without = _ranks(model, post - captures["mlp_out"], ids)
+    return Trajectory(
+        task=task.name,
+        arguments=tuple(task.arguments()),
+        answers=tuple(task.answers()),
+        argument_rank=with_ffn[0],
+        answer_rank=with_ffn[1],
+        argument_rank_no_ffn=without[0],
+        answer_rank_no_ffn=without[1],
+        correct=score.correct,
+        distinct=np.asarray(arg_ids) != np.asarray(ans_ids),
+    )
+
+
+def trajectory(
+    model: Any,
+    task: Task | str | os.PathLike[str],
+    *,
+    batch_size: int | None = 32,
+    progress: bool = False,
+) -> Trajectory:
+    """Lens ranks of every item's argument and answer at every layer (one forward pass).
+
+    Args:
+        model: A TransformerLens model.
+        task: A :class:`Task`, a built-in task name or a task file (its shots are all used).
+        batch_size: Rows per forward pass.
+        progress: Show a progress bar.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> traj = mp.trajectory(mp.tiny_model(), mp.load_task("capitals").subset(4))
+        >>> traj.answer_rr().shape
+        (3,)
+    """
+    task = as_task(task)
+    forced = _forced_pass(
+        model, task, kinds=("resid_post", "mlp_out"), batch_size=batch_size, progress=progress
+    )
+    return _from_pass(model, task, forced.score, forced.captures)
+
+
+def ffn_attribution(
+    model: Any,
+    task: Task | str | os.PathLike[str],
+    *,
+    layer: int | None = None,
+    batch_size: int | None = 32,
+    progress: bool = False,
+) -> dict[str, float | int | None]:
+    """Does removing the FFN update at the function layer decode back to the argument?
+
+    Runs :func:`trajectory` and returns :meth:`Trajectory.ffn_attribution` at ``layer`` (default:
+    the function-application layer of :meth:`Trajectory.stages`), plus the ``layer`` used.
+
+    Raises:
+        ValueError: No layer given and no function-application layer found.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> out = mp.ffn_attribution(mp.tiny_model(), mp.load_task("capitals").subset(3), layer=1)
+        >>> out["layer"], out["n"] >= 0
+        (1, True)
+    """
+    traj = trajectory(model, task, batch_size=batch_size, progress=progress)
+    if layer is None:
+        layer = traj.stages().function_layer
+        if layer is None:
+            raise ValueError(
+                f"No function-application layer was found for {traj.task!r} (no correctly "
+                "answered item with distinct argument and answer tokens); pass layer=."
+            )
+    return {"layer": layer, **traj.ffn_attribution(layer)}
