@@ -9,6 +9,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MECHPROBE_PROGRESS", "0")  # bars are on by default; test logs stay clean
 
 import matplotlib
 

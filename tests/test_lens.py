@@ -267,7 +267,7 @@ def test_figures(tiny):
     assert len(fig.axes[0].texts) == image.size  # one top-1 label per cell
     rank_fig = result.plot(color="rank", target=" b")
     assert rank_fig.axes[0].images[0].get_array()[0, 0] == result.position_rank[0, 0, 0, 1] + 1
-    traj = result.plot("trajectory", prompt=[0, 1], metric="rank")
+    traj = result.plot(kind="trajectory", prompt=[0, 1], metric="rank")
     assert len(traj.axes) == 2 and len(traj.axes[0].lines) == 2
     np.testing.assert_allclose(traj.axes[1].lines[0].get_ydata(), result.target_rank[1, :, 0] + 1)
     with pytest.raises(ValueError, match="no target"):

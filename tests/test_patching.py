@@ -243,7 +243,7 @@ def test_no_hooks_left_after_an_exception_in_the_metric(tiny):
     [
         ({"metric": mp.logit_diff("cat", "dog")}, "single-token answer"),
         ({"metric": mp.logit_diff([1, 2, 3], 4)}, "3 entries for 1 prompt pairs"),
-        ({"sites": "blocks.0.attn.hook_q"}, "not a patchable site"),
+        ({"sites": "blocks.0.attn.hook_q"}, "is a hook but not a site"),
         ({"sites": [mp.Site("mlp_out", 0, positions=-1)]}, "pass positions= to patch"),
         ({"sites": "mlp_out", "positions": "last"}, "same token length|'all'"),
         ({"cells_per_batch": 0}, "positive int"),

@@ -27,17 +27,31 @@ from mechprobe.core._hooks import (
     intervene,
 )
 from mechprobe.core._models import DEFAULT_MODEL, ModelLoadError, cache_dir, load_model, tiny_model
-from mechprobe.core._readout import Readout
+from mechprobe.core._progress import progress_bar, progress_enabled
+from mechprobe.core._readout import Readout, readout
+from mechprobe.core._results import (
+    Result,
+    decode,
+    encode,
+    figure_of,
+    load_result,
+    new_axes,
+    write_atomic,
+)
 from mechprobe.core._runner import RunResult, forward, run
 from mechprobe.core._sites import (
+    Layers,
     Positions,
     Site,
     SiteKind,
     SiteLike,
+    expand_sites,
+    resolve_layers,
     resolve_site,
     resolve_sites,
     width,
 )
+from mechprobe.core._validation import as_int, check_choice, check_finite, check_float, check_int
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -47,6 +61,7 @@ __all__ = [
     "Capture",
     "Intervention",
     "InterventionSpec",
+    "Layers",
     "ModelLoadError",
     "PaddingSide",
     "PositionSpec",
@@ -54,18 +69,34 @@ __all__ = [
     "Project",
     "Readout",
     "Replace",
+    "Result",
     "RunResult",
     "Site",
     "SiteKind",
     "SiteLike",
     "StopForward",
+    "as_int",
     "cache_dir",
+    "check_choice",
+    "check_finite",
+    "check_float",
+    "check_int",
+    "decode",
+    "encode",
+    "expand_sites",
+    "figure_of",
     "first_token_ids",
     "forward",
     "intervene",
     "load_model",
+    "load_result",
+    "new_axes",
     "pad_id",
     "pad_rows",
+    "progress_bar",
+    "progress_enabled",
+    "readout",
+    "resolve_layers",
     "resolve_site",
     "resolve_sites",
     "run",
@@ -73,4 +104,5 @@ __all__ = [
     "tokenize",
     "tokenize_with_targets",
     "width",
+    "write_atomic",
 ]

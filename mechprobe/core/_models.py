@@ -309,7 +309,7 @@ def _tiny_hf(seed: int, n_layers: int, d_model: int) -> tuple[Any, Any]:
     return hf_model, tokenizer
 
 
-def tiny_model(seed: int = 0, *, n_layers: int = 3, d_model: int = 64) -> TransformerBridge:
+def tiny_model(*, seed: int = 0, n_layers: int = 3, d_model: int = 64) -> TransformerBridge:
     """A small randomly initialised Llama-family bridge (SmolLM2's architecture) for fast tests.
 
     The tokenizer is byte-level (259 tokens: every byte plus SmolLM2's three special tokens), so any

@@ -1,4 +1,7 @@
-"""The model's own readout applied to any residual vectors, chunk by chunk, in reused buffers.
+"""The one readout: the model's own final norm, unembedding and output-logits transform, applied to
+any residual vectors (the lens, trajectories, patching metrics and ``run``'s logits all use it).
+
+:func:`readout` returns the logits of a few vectors.
 
 :class:`Readout` computes ``transform(ln_final(x) @ W_U + b_U)`` with the model's final-norm module,
 its unembedding weights and its architecture's post-unembedding transform (identity for Llama),
@@ -17,7 +20,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["Readout"]
+__all__ = ["Readout", "readout"]
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -47,13 +50,30 @@ class Readout:
         self.weight = model.W_U  # [d_model, vocab]: a view of the unembedding's own weight
         self.bias = model.b_U
         vocab, device = self.weight.shape[1], self.weight.device
-        # torch.empty only reserves: pages are touched (and counted) when first written.
+        # torch.empty only reserves: pages are touched (and counted) when first written. The
+        # statistics' buffers are made on first use, so plain logits cost one buffer.
         self._logits = torch.empty(chunk, vocab, dtype=self.weight.dtype, device=device)
-        self._probs = torch.empty(chunk, vocab, device=device)
-        self._final = torch.empty(chunk, vocab, device=device)
-        self._mask = torch.empty(chunk, vocab, dtype=torch.bool, device=device)
+        self._buffers: dict[str, Tensor] = {}
         transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
         self._transform = transform if callable(transform) else None
+
+    def _buffer(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
+        if name not in self._buffers:
+            shape = (self.chunk, self.weight.shape[1])
+            self._buffers[name] = torch.empty(shape, dtype=dtype, device=self.weight.device)
+        return self._buffers[name]
+
+    @property
+    def _probs(self) -> Tensor:
+        return self._buffer("probs")
+
+    @property
+    def _final(self) -> Tensor:
+        return self._buffer("final")
+
+    @property
+    def _mask(self) -> Tensor:
+        return self._buffer("mask", torch.bool)
 
     @torch.no_grad()
     def logits(self, x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n vocab"]:
@@ -149,3 +169,30 @@ class Readout:
                 cols.append(lp.reshape(-1, tok.shape[0]))
             parts.append(torch.cat(cols).T)
         return torch.cat(parts)
+
+
+def readout(model: Any, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
+    """The model's logits for residual-stream vectors ``x``, as if each were the last block's output.
+
+    ``transform(ln_final(x) @ W_U + b_U)`` in float32: exactly the path of the model's own logits
+    (the transform is the architecture's post-unembedding step, e.g. Gemma 2's soft cap; identity
+    for Llama). Hooks on ``ln_final`` fire; the unembedding's weights are read directly. For
+    statistics over many vectors without a ``[rows, vocab]`` tensor per chunk, use
+    :class:`Readout`.
+
+    Example:
+        >>> import torch, mechprobe as mp
+        >>> model = mp.tiny_model()
+        >>> tokens = model.to_tokens("Hi")
+        >>> _, cache = model.run_with_cache(tokens)
+        >>> last = cache["blocks.2.hook_resid_post"][0]
+        >>> bool(torch.allclose(readout(model, last), model(tokens)[0], atol=1e-5))
+        True
+    """
+    shape = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] == 0:
+        return torch.empty(*shape, int(model.cfg.d_vocab))
+    with torch.no_grad():
+        logits = Readout(model, flat.shape[0]).logits(flat)
+    return logits.reshape(*shape, logits.shape[-1])

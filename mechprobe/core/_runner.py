@@ -9,29 +9,35 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechprobe.core._batching import Batch, PaddingSide, PositionSpec, tokenize
-from mechprobe.core._hooks import Capture, Intervention, InterventionSpec, intervene
+from mechprobe.core._hooks import Capture, Intervention, InterventionSpec, StopForward, intervene
+from mechprobe.core._progress import progress_bar
+from mechprobe.core._readout import readout
 from mechprobe.core._sites import SiteLike, resolve_site
 
 __all__ = ["RunResult", "forward", "run"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RunResult:
     """Logits and captured activations of one :func:`run`.
 
     Attributes:
         logits: ``[batch, k, vocab]`` at the requested positions (``k = seq`` for ``"all"``, in the
             batch's padded layout, zeros at padding).
-        captures: ``{site: tensor}`` for each requested capture, ``[batch, k or seq, ...]``.
+        captures: ``{site: tensor}`` for each requested capture, ``[batch, k or seq, ...]`` (zeros
+            at padding where every position is kept).
         batch: The tokenised prompts (padding, masks, last-real-token indices).
     """
 
     logits: Float[Tensor, "batch k vocab"]
     captures: dict[SiteLike, Tensor] = field(default_factory=dict)
     batch: Batch | None = None
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.captures.items())
+        return f"RunResult(logits {tuple(self.logits.shape)}, captures {{{shapes}}})"
 
     def __getitem__(self, site: SiteLike) -> Tensor:
         try:
@@ -68,12 +74,17 @@ def run(
     logit_positions: PositionSpec = "all",
     batch_size: int | None = 32,
     padding_side: PaddingSide = "right",
-    progress: bool = False,
+    progress: bool = True,
 ) -> RunResult:
     """Run prompts through ``model`` with interventions, returning logits and captured activations.
 
     Prompts are tokenised and padded once, then run in chunks of ``batch_size`` rows under
     ``torch.no_grad``. Captures at a site see the activation after that site's interventions.
+    Logits come from the one readout (:func:`mechprobe.core.readout`) of the last block's output
+    at the requested positions only: the forward pass stops after the last block, so asking for
+    the last token's logits skips the unembedding of every other position (about a fifth of
+    SmolLM2's forward pass). Interventions or captures after the last block (``ln_final.*``,
+    ``unembed.*``) run the model's whole forward pass instead.
 
     Args:
         model: A TransformerLens model.
@@ -84,7 +95,10 @@ def run(
             every position, which costs ``batch * seq * vocab`` floats.
         batch_size: Rows per forward pass (None: all at once).
         padding_side: Padding of the batch built from strings.
-        progress: Show a progress bar over chunks.
+        progress: Show a progress bar over chunks (``MECHPROBE_PROGRESS=0`` silences it).
+
+    Returns:
+        A :class:`RunResult`; at padded positions its logits and captures hold zeros.
 
     Example:
         >>> import mechprobe as mp
@@ -99,14 +113,17 @@ def run(
         else tokenize(model, prompts, padding_side=padding_side)
     )
     spec = dict(interventions or {})
-    for site in capture:  # validate before any forward pass
-        resolve_site(model, site)
-    logit_index = None if logit_positions == "all" else batch.positions(logit_positions)
+    names = [resolve_site(model, site)[0] for site in [*spec, *capture]]  # validate first
+    early = not any(name.startswith(_AFTER_BLOCKS) for name in names)
+    final_name = f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post"
+    every = isinstance(logit_positions, str) and logit_positions == "all"
+    if not every:
+        batch.positions(logit_positions)  # a position outside some row fails before any pass
     logits: Tensor | None = None
     captured: dict[SiteLike, Tensor] = {}
     chunks = list(batch.chunks(batch_size))
     with torch.no_grad():
-        for rows, chunk in tqdm(chunks, disable=not progress, desc="run"):
+        for rows, chunk in progress_bar(chunks, progress=progress, desc="run"):
             caps = {site: Capture() for site in capture}
             merged: dict[SiteLike, list[Intervention]] = {}
             for key, value in spec.items():
@@ -115,22 +132,65 @@ def run(
                 )
             for site, cap in caps.items():
                 merged.setdefault(site, []).append(cap)
-            with intervene(model, merged, batch=chunk):
-                out = forward(model, chunk)
-            if logit_index is None:
-                logits = _place(logits, out, rows, batch, spans_seq=True)
+            local = None if every else chunk.positions(logit_positions)
+            if early:  # after any write at that same hook
+                final = _Final(local)
+                merged.setdefault(final_name, []).append(final)
+                try:
+                    with intervene(model, merged, batch=chunk):
+                        forward(model, chunk)
+                except StopForward:
+                    if final.value is None:
+                        raise  # a caller's own reader ended the pass earlier: its to handle
+                if final.value is None:
+                    raise RuntimeError(f"{final_name} was not reached in the forward pass.")
+                out = readout(model, final.value)
             else:
-                local = chunk.positions(logit_positions)
-                logits = _place(
-                    logits, out[torch.arange(len(chunk))[:, None], local], rows, batch, False
-                )
+                with intervene(model, merged, batch=chunk):
+                    out = forward(model, chunk)
+                if local is not None:
+                    out = out[torch.arange(len(chunk))[:, None], local]
+            if local is None:
+                out = _zero_padding(out, chunk)
+            logits = _place(logits, out, rows, batch, spans_seq=local is None)
             for site, cap in caps.items():
                 assert cap.value is not None
                 spans = _positions_of(site) is None
-                captured[site] = _place(captured.get(site), cap.value, rows, batch, spans)
+                kept = _zero_padding(cap.value, chunk) if spans else cap.value
+                captured[site] = _place(captured.get(site), kept, rows, batch, spans)
     assert logits is not None
-    del logit_index
     return RunResult(logits=logits, captures=captured, batch=batch)
+
+
+# Hooks that run after the last block: with any of them, run() needs the model's whole forward.
+_AFTER_BLOCKS = ("ln_final", "unembed")
+
+
+class _Final(Intervention):
+    """Keep the last block's output (at given padded indices, or all) and end the forward pass."""
+
+    def __init__(self, index: Tensor | None) -> None:
+        super().__init__(None)
+        self.index = index
+        self.value: Tensor | None = None
+
+    def edit(self, selected: Tensor, hook: Any) -> None:
+        if self.index is None:
+            self.value = selected.detach()
+        else:
+            index = self.index.to(selected.device)
+            rows = torch.arange(selected.shape[0], device=selected.device)[:, None]
+            self.value = selected[rows, index]
+        raise StopForward
+
+
+def _zero_padding(values: Tensor, chunk: Batch) -> Tensor:
+    """``values [rows, seq, ...]`` with zeros at the chunk's padded positions."""
+    mask = chunk.attention_mask.to(values.device).bool()
+    if bool(mask.all()):
+        return values
+    shape = (*mask.shape, *([1] * (values.ndim - 2)))
+    return values.masked_fill(~mask.reshape(shape), 0)
 
 
 def _positions_of(site: SiteLike) -> Any:

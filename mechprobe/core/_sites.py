@@ -13,7 +13,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, get_args
 
-__all__ = ["Positions", "Site", "SiteKind", "SiteLike", "resolve_site", "resolve_sites"]
+from mechprobe.core._validation import as_int
+
+__all__ = [
+    "Layers",
+    "Positions",
+    "Site",
+    "SiteKind",
+    "SiteLike",
+    "expand_sites",
+    "resolve_layers",
+    "resolve_site",
+    "resolve_sites",
+]
 
 SiteKind: TypeAlias = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head"]
 _KINDS: tuple[str, ...] = get_args(SiteKind)
@@ -180,3 +192,115 @@ def width(model: Any, site: Site | None) -> int | None:
     if site is None:
         return None
     return int(model.cfg.d_head) if site.kind == "head" else int(model.cfg.d_model)
+
+
+#: Layers: one block index, a range or list of them (negative counts from the end), or ``"all"``.
+Layers: TypeAlias = int | range | Sequence[int] | Literal["all"]
+
+
+def resolve_layers(model: Any, layers: Layers) -> list[int]:
+    """Block indices ``0..n_layers-1`` for ``layers`` (negative ones counted from the end).
+
+    Raises:
+        TypeError: Not an int, a range, a list of ints or ``"all"``.
+        ValueError: Empty, repeated or out of range.
+
+    Example:
+        >>> from mechprobe.core._models import tiny_model
+        >>> resolve_layers(tiny_model(), "all"), resolve_layers(tiny_model(), [-1, 0])
+        ([0, 1, 2], [2, 0])
+    """
+    n_layers = int(model.cfg.n_layers)
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ValueError(
+                f"layers must be an int, a range, a list of ints or 'all', not {layers!r}."
+            )
+        return list(range(n_layers))
+    single = as_int(layers)
+    items = [single] if single is not None else list(layers)  # type: ignore[arg-type]
+    if not items:
+        raise ValueError("layers is empty: pass at least one layer, a range or 'all'.")
+    out = []
+    for item in items:
+        layer = as_int(item)
+        if layer is None:
+            raise TypeError(f"layers holds {item!r}: pass ints (block indices).")
+        resolved = layer + n_layers if layer < 0 else layer
+        if not 0 <= resolved < n_layers:
+            raise ValueError(
+                f"Layer {layer} is out of range for a model with {n_layers} layers "
+                f"(valid: 0..{n_layers - 1}, or -1..-{n_layers} from the end)."
+            )
+        out.append(resolved)
+    if len(set(out)) != len(out):
+        raise ValueError(f"layers repeats a layer: {items}; pass each layer once.")
+    return out
+
+
+def expand_sites(
+    model: Any,
+    sites: SiteLike | Sequence[SiteLike],
+    *,
+    layers: Layers = "all",
+    kinds: Sequence[str] = _KINDS,
+    what: str = "sites",
+) -> list[Site]:
+    """The one expansion of ``sites`` into Sites: a kind means that kind at each of ``layers``
+    (``"head"``: every head of each layer), a Site or a site hook name stands for itself.
+
+    The order is kept and repeats are dropped. A Site's ``positions`` are kept (callers that take
+    ``positions=`` themselves refuse them).
+
+    Args:
+        model: A TransformerLens model.
+        sites: A kind (``"resid_post"``), a :class:`Site`, a hook name, or a list of them.
+        layers: Layers a kind expands to (default all).
+        kinds: The kinds this caller accepts (others raise).
+        what: The argument's name, for messages.
+
+    Raises:
+        ValueError: Empty, an unknown kind or hook name, a hook that is not a site, a kind the
+            caller does not accept, or a layer/head out of range.
+
+    Example:
+        >>> from mechprobe.core._models import tiny_model
+        >>> [str(s) for s in expand_sites(tiny_model(), ["mlp_out", "blocks.0.hook_resid_pre"])]
+        ['mlp_out@0', 'mlp_out@1', 'mlp_out@2', 'resid_pre@0']
+    """
+    items = [sites] if isinstance(sites, (str, Site)) else list(sites)
+    if not items:
+        raise ValueError(f"{what} is empty: pass a site kind such as 'resid_post', or Sites.")
+    layer_list: list[int] | None = None
+    found: list[Site] = []
+    for item in items:
+        if isinstance(item, str) and item in _KINDS:
+            if item not in kinds:
+                raise ValueError(f"{what}: {item!r} is not accepted here; use {list(kinds)}.")
+            if layer_list is None:
+                layer_list = resolve_layers(model, layers)
+            if item == "head":
+                heads = range(int(model.cfg.n_heads))
+                found += [Site("head", layer, head=h) for layer in layer_list for h in heads]
+            else:
+                found += [Site(item, layer) for layer in layer_list]  # type: ignore[arg-type]
+            continue
+        if isinstance(item, str) and not item.startswith(("blocks.", "hook_")):
+            close = difflib.get_close_matches(item, list(kinds), n=2, cutoff=0.5)
+            hint = f" Did you mean {close}?" if close else ""
+            raise ValueError(
+                f"{what}: unknown site {item!r}.{hint} Pass a kind ({', '.join(kinds)}), a Site "
+                "such as Site('mlp_out', 4), or a hook name such as 'blocks.4.hook_mlp_out'."
+            )
+        if not isinstance(item, (str, Site)):
+            raise TypeError(f"{what} holds a {type(item).__name__}: pass kinds, Sites or names.")
+        name, site = resolve_site(model, item)
+        if site is None:
+            raise ValueError(
+                f"{what}: {name!r} is a hook but not a site ({', '.join(kinds)}); pass a Site, "
+                "or use intervene()/run() for arbitrary hooks."
+            )
+        if site.kind not in kinds:
+            raise ValueError(f"{what}: {site} is a {site.kind!r} site; accepted: {list(kinds)}.")
+        found.append(site)
+    return list(dict.fromkeys(found))

@@ -25,10 +25,10 @@ from typing import Any, get_args
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechprobe.core import (
     Intervention,
+    Layers,
     PaddingSide,
     PositionSpec,
     Readout,
@@ -36,6 +36,7 @@ from mechprobe.core import (
     SiteKind,
     SiteLike,
     StopForward,
+    progress_bar,
     run,
 )
 from mechprobe.lens._plan import TargetSpec, lens_entries, make_plan, normalise_targets
@@ -74,13 +75,14 @@ def logit_lens(
     prompts: str | Sequence[str],
     *,
     sites: SiteKind | SiteLike | Sequence[SiteLike] = "resid_post",
+    layers: Layers = "all",
     positions: PositionSpec = -1,
     targets: TargetSpec | None = None,
     top_k: int = 10,
     batch_size: int = 32,
     chunk_size: int = 256,
     padding_side: PaddingSide = "right",
-    progress: bool = False,
+    progress: bool = True,
 ) -> LensResult:
     """Decode each layer's activations through the model's final norm and unembedding.
 
@@ -99,6 +101,8 @@ def logit_lens(
         sites: Site kinds decoded at every layer (``"resid_pre"``, ``"resid_mid"``,
             ``"resid_post"``, and the writes ``"attn_out"``, ``"mlp_out"``, each decoded on its
             own, final norm included), or Sites / hook names for single layers, or a list of both.
+        layers: The layers a kind in ``sites`` is decoded at: an int, a range, a list (negative
+            counts from the end) or ``"all"``.
         positions: Prompt positions to decode: ``-1`` (each prompt's last real token, whatever the
             padding), a list (negative counts back from the last token) or ``"all"`` (every
             prompt token, BOS included; prompts may differ in length). Positions always refer to
@@ -144,7 +148,7 @@ def logit_lens(
     chunk_size = _check_int(chunk_size, "chunk_size", 1)
     if padding_side not in get_args(PaddingSide):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
-    entries = lens_entries(model, sites)
+    entries = lens_entries(model, sites, layers)
     target_lists = normalise_targets(targets, len(prompt_list), one_prompt)
     plan, prompt_ids, target_ids = make_plan(
         model, prompt_list, target_lists, positions, padding_side
@@ -164,8 +168,8 @@ def logit_lens(
     q_b, q_k = np.nonzero(plan.grid >= 0)
     q_row = plan.row_of_prompt[q_b]
     with torch.no_grad():
-        for rows, chunk in tqdm(
-            list(plan.batch.chunks(batch_size)), disable=not progress, desc="lens"
+        for rows, chunk in progress_bar(
+            list(plan.batch.chunks(batch_size)), progress=progress, desc="lens"
         ):
             grid_here = (q_row >= rows.start) & (q_row < rows.stop)
             cont_here = (plan.cont[:, 0] >= rows.start) & (plan.cont[:, 0] < rows.stop)

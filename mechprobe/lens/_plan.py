@@ -7,7 +7,6 @@ the prompt-position grid (full statistics) and the positions that predict a targ
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,13 +15,13 @@ import numpy as np
 
 from mechprobe.core import (
     Batch,
+    Layers,
     PaddingSide,
     PositionSpec,
-    Site,
     SiteLike,
+    expand_sites,
     pad_id,
     pad_rows,
-    resolve_site,
     tokenize,
     tokenize_with_targets,
 )
@@ -49,41 +48,18 @@ class Plan:
     cont: np.ndarray  # [n, 5] int
 
 
-def lens_entries(model: Any, sites: SiteLike | Sequence[SiteLike]) -> list[tuple[str, int]]:
+def lens_entries(
+    model: Any, sites: SiteLike | Sequence[SiteLike], layers: Layers = "all"
+) -> list[tuple[str, int]]:
     """Resolve ``sites`` into (kind, layer) pairs, in the order given, without duplicates."""
-    n_layers = int(model.cfg.n_layers)
-    items = [sites] if isinstance(sites, (str, Site)) else list(sites)
-    if not items:
-        raise ValueError("sites is empty: pass a kind such as 'resid_post' or a list of kinds.")
-    found: list[tuple[str, int]] = []
-    for item in items:
-        if isinstance(item, str) and item in LENS_KINDS:
-            found += [(item, layer) for layer in range(n_layers)]
-            continue
-        if isinstance(item, str) and not item.startswith("blocks."):
-            close = difflib.get_close_matches(item, LENS_KINDS, n=2, cutoff=0.5)
-            hint = f" Did you mean {close}?" if close else ""
-            raise ValueError(
-                f"Unknown lens site {item!r}.{hint} Pass one of {', '.join(LENS_KINDS)} (every "
-                "layer), a Site such as Site('mlp_out', 4), or a hook name such as "
-                "'blocks.4.hook_mlp_out'."
-            )
-        if not isinstance(item, (str, Site)):
-            raise TypeError(f"sites holds a {type(item).__name__}: pass kind strings or Sites.")
-        name, site = resolve_site(model, item)
-        if site is None or site.kind not in LENS_KINDS:
-            raise ValueError(
-                f"The lens cannot decode {name!r}: only {', '.join(LENS_KINDS)} write vectors in "
-                "the residual basis the unembedding reads (for one head, decode 'attn_out' or "
-                "the head's write computed from hook_z and W_O)."
-            )
+    found = expand_sites(model, sites, layers=layers, kinds=LENS_KINDS)
+    for site in found:
         if site.positions is not None:
             raise ValueError(
                 f"{site} carries positions={site.positions!r}; pass positions= to logit_lens "
                 "instead (one grid of positions for every site)."
             )
-        found.append((site.kind, site.layer))
-    return list(dict.fromkeys(found))
+    return [(site.kind, site.layer) for site in found]
 
 
 def normalise_targets(targets: TargetSpec | None, n: int, one_prompt: bool) -> list[list[str]]:

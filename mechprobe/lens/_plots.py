@@ -13,7 +13,11 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from mechprobe.core import figure_of, new_axes
+
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
     from mechprobe.lens._result import LensResult
 
 __all__ = ["heatmap", "trajectory"]
@@ -53,6 +57,7 @@ def heatmap(
     color: str = "prob",
     target: int | str = 0,
     label_width: int = 8,
+    ax: Axes | None = None,
 ) -> Figure:
     """The classic logit-lens picture: layers (rows) x prompt positions (columns).
 
@@ -67,6 +72,7 @@ def heatmap(
             log colour scale, 0 = top-1).
         target: Target index or string for ``color="rank"``.
         label_width: Characters of each annotation before it is cut.
+        ax: Draw into these axes (default: a new figure).
 
     Example:
         >>> import mechprobe as mp
@@ -92,8 +98,7 @@ def heatmap(
         bar = f"rank of {result.targets[b][t]!r} (first token) + 1"
     else:
         raise ValueError(f"color must be 'prob' or 'rank', got {color!r}.")
-    fig = Figure(figsize=(1.5 + 0.75 * len(cols), 1.4 + 0.26 * len(layers)), layout="constrained")
-    ax = fig.add_subplot()
+    fig, ax = new_axes(ax, (1.5 + 0.75 * len(cols), 1.4 + 0.26 * len(layers)))
     image = ax.imshow(values, aspect="auto", origin="lower", interpolation="nearest", **options)  # type: ignore[arg-type]
     fig.colorbar(image, ax=ax, label=bar, fraction=0.04, pad=0.01)
     shade = np.asarray(image.norm(values), dtype=float)
@@ -126,6 +131,7 @@ def trajectory(
     site: str | None = None,
     metric: str = "rank",
     titles: Sequence[str] | None = None,
+    ax: Axes | None = None,
 ) -> Figure:
     """Each target's rank, probability or log-probability across layers at the prompt's last token.
 
@@ -138,6 +144,7 @@ def trajectory(
         metric: ``"rank"`` (first token, log scale, top-1 at the top), ``"prob"`` (first token) or
             ``"logprob"`` (whole target, teacher-forced).
         titles: One panel title per prompt (default: the end of each prompt).
+        ax: Draw into these axes (one prompt only; default: a new figure).
 
     Example:
         >>> import mechprobe as mp
@@ -154,8 +161,13 @@ def trajectory(
     entries = result.entries(site)
     kind = result.sites[entries[0]]
     layers = [result.layers[e] for e in entries]
-    fig = Figure(figsize=(1.0 + 4.2 * len(indices), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(indices), sharey=True, squeeze=False)[0]
+    if ax is not None and len(indices) != 1:
+        raise ValueError(f"ax= draws one prompt; got {len(indices)}: pass ax=None for panels.")
+    if ax is not None:
+        fig, axes = figure_of(ax), [ax]
+    else:
+        fig = Figure(figsize=(1.0 + 4.2 * len(indices), 3.6), layout="constrained")
+        axes = list(fig.subplots(1, len(indices), sharey=True, squeeze=False)[0])
     for i, (ax, b) in enumerate(zip(axes, indices, strict=True)):
         if not result.targets[b]:
             raise ValueError(f"Prompt {b} has no targets: run logit_lens with targets=.")

@@ -8,33 +8,20 @@ that a shorter prompt lacks when ``positions="all"``). Files are JSON or npz, ne
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from mechprobe.core import Result
+
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 __all__ = ["LensResult"]
 
-_FORMAT = "mechprobe.LensResult/1"
-_ARRAYS = (
-    "positions",
-    "top_ids",
-    "top_probs",
-    "entropy",
-    "kl_to_final",
-    "position_rank",
-    "position_prob",
-    "target_rank",
-    "target_prob",
-    "target_logprob",
-)
 FRAME_COLUMNS = (
     "prompt_index",
     "site",
@@ -52,8 +39,8 @@ FRAME_COLUMNS = (
 )
 
 
-@dataclass(frozen=True, eq=False)
-class LensResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class LensResult(Result, format="mechprobe.LensResult", version=2, html_figure=True):
     """Logit-lens read-outs for prompts x decoded entries x prompt positions (x targets).
 
     Attributes:
@@ -193,104 +180,77 @@ class LensResult:
             }
         )
 
-    def plot(self, kind: str = "heatmap", **kwargs: Any) -> Figure:
-        """A figure: ``kind="heatmap"`` (:meth:`plot_heatmap`) or ``"trajectory"``."""
+    def summary(self) -> pd.DataFrame:
+        """One row per decoded entry (site, layer), over every prompt's last token: the mean KL to
+        the final distribution and entropy (nats), prompt 0's top-1 token and its probability, and
+        the mean rank of each of prompt 0's targets' first tokens across prompts.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> lens = mp.logit_lens(mp.tiny_model(), ["Hi", "Hey"], targets=" a")
+            >>> list(lens.summary().columns)
+            ['site', 'layer', 'kl_to_final', 'entropy', 'top1', 'top1_prob', "rank ' a'"]
+        """
+        rows = np.arange(len(self.prompts))
+        last = np.array(
+            [
+                np.nonzero(self.positions[b] == len(t) - 1)[0][0]
+                for b, t in enumerate(self.prompt_tokens)
+            ]
+        )
+        frame = pd.DataFrame(
+            {
+                "site": list(self.sites),
+                "layer": list(self.layers),
+                "kl_to_final": self.kl_to_final[rows, :, last].mean(0),
+                "entropy": self.entropy[rows, :, last].mean(0),
+                "top1": [self.text(i) for i in self.top_ids[0, :, last[0], 0]],
+                "top1_prob": self.top_probs[0, :, last[0], 0],
+            }
+        )
+        for t, name in enumerate(self.targets[0]):
+            ranks = self.target_rank[:, :, t].astype(float)
+            ranks[ranks < 0] = np.nan
+            frame[f"rank {name!r}"] = np.nanmean(ranks, axis=0)
+        return frame
+
+    def _describe(self) -> str:
+        kinds = ", ".join(dict.fromkeys(self.sites))
+        n_targets = max((len(t) for t in self.targets), default=0)
+        return (
+            f"{len(self.prompts)} prompt(s) x {len(self.sites)} entries ({kinds}, layers "
+            f"{min(self.layers)}-{max(self.layers)}) x {self.positions.shape[1]} position(s), "
+            f"{n_targets} target(s)"
+        )
+
+    def plot(self, ax: Axes | None = None, *, kind: str = "heatmap", **kwargs: Any) -> Figure:
+        """The logit-lens heatmap of prompt 0 (``kind="trajectory"``: its targets' ranks); options
+        as :meth:`plot_heatmap` and :meth:`plot_trajectory`.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> fig = mp.logit_lens(mp.tiny_model(), "Hi", targets=" a").plot(kind="trajectory")
+            >>> len(fig.axes)
+            1
+        """
         if kind == "heatmap":
-            return self.plot_heatmap(**kwargs)
+            return self.plot_heatmap(ax=ax, **kwargs)
         if kind == "trajectory":
-            return self.plot_trajectory(**kwargs)
+            return self.plot_trajectory(ax=ax, **kwargs)
         raise ValueError(f"kind must be 'heatmap' or 'trajectory', got {kind!r}.")
 
-    def plot_heatmap(self, prompt: int = 0, **kwargs: Any) -> Figure:
+    def plot_heatmap(self, prompt: int = 0, *, ax: Axes | None = None, **kwargs: Any) -> Figure:
         """Layers x positions, coloured by top-1 probability or a target's rank, annotated with the
         top-1 token: see :func:`mechprobe.lens._plots.heatmap` for the options."""
         from mechprobe.lens._plots import heatmap
 
-        return heatmap(self, prompt, **kwargs)
+        return heatmap(self, prompt, ax=ax, **kwargs)
 
-    def plot_trajectory(self, prompt: int | list[int] = 0, **kwargs: Any) -> Figure:
+    def plot_trajectory(
+        self, prompt: int | list[int] = 0, *, ax: Axes | None = None, **kwargs: Any
+    ) -> Figure:
         """Each target's rank (or probability) across layers at the prompt's last token: see
         :func:`mechprobe.lens._plots.trajectory`."""
         from mechprobe.lens._plots import trajectory
 
-        return trajectory(self, prompt, **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready data: lists, strings and numbers (NaN written as null)."""
-        data: dict[str, Any] = {"format": _FORMAT}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in _ARRAYS:
-                flat = value.ravel().tolist()
-                if value.dtype.kind == "f":
-                    flat = [None if x != x else x for x in flat]
-                data[f.name] = {"shape": list(value.shape), "dtype": str(value.dtype), "data": flat}
-            elif f.name == "token_text":
-                data[f.name] = {str(k): v for k, v in value.items()}
-            else:
-                data[f.name] = value
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LensResult:
-        """Rebuild a result from :meth:`to_dict`'s output."""
-        if data.get("format") != _FORMAT:
-            raise ValueError(
-                f"Not a saved LensResult (format {data.get('format')!r}, expected {_FORMAT!r})."
-            )
-        kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            value = data[f.name]
-            if f.name in _ARRAYS and isinstance(value, np.ndarray):
-                kwargs[f.name] = value
-            elif f.name in _ARRAYS:
-                flat = [np.nan if x is None else x for x in value["data"]]
-                kwargs[f.name] = np.asarray(flat, dtype=value["dtype"]).reshape(value["shape"])
-            elif f.name == "token_text":
-                kwargs[f.name] = {int(k): v for k, v in value.items()}
-            elif f.name in ("prompts", "sites", "layers"):
-                kwargs[f.name] = tuple(value)
-            elif f.name in ("prompt_tokens", "targets"):
-                kwargs[f.name] = tuple(tuple(v) for v in value)
-            elif f.name == "target_tokens":
-                kwargs[f.name] = tuple(tuple(tuple(ids) for ids in group) for group in value)
-            else:
-                kwargs[f.name] = value
-        return cls(**kwargs)
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the result to ``.json`` (one readable file) or ``.npz`` (arrays + JSON metadata).
-
-        Example:
-            >>> import mechprobe as mp, tempfile, pathlib
-            >>> lens = mp.logit_lens(mp.tiny_model(), "Hi")
-            >>> path = lens.save(pathlib.Path(tempfile.mkdtemp()) / "lens.npz")
-            >>> mp.LensResult.load(path).top_ids.shape == lens.top_ids.shape
-            True
-        """
-        path = Path(path)
-        data = self.to_dict()
-        if path.suffix == ".json":
-            path.write_text(json.dumps(data, allow_nan=False))
-        elif path.suffix == ".npz":
-            arrays = {name: getattr(self, name) for name in _ARRAYS}
-            meta = {k: v for k, v in data.items() if k not in _ARRAYS}
-            np.savez_compressed(path, meta=np.asarray(json.dumps(meta)), **arrays)
-        else:
-            raise ValueError(f"Save to a .json or .npz file, not {path.name!r}.")
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> LensResult:
-        """Read a result written by :meth:`save` (no pickle involved)."""
-        path = Path(path)
-        if path.suffix == ".json":
-            return cls.from_dict(json.loads(path.read_text()))
-        if path.suffix != ".npz":
-            raise ValueError(
-                f"Load a .json or .npz file written by LensResult.save, not {path.name!r}."
-            )
-        with np.load(path, allow_pickle=False) as npz:
-            data = json.loads(str(npz["meta"]))
-            data.update({name: npz[name] for name in _ARRAYS})
-        return cls.from_dict(data)
+        return trajectory(self, prompt, ax=ax, **kwargs)

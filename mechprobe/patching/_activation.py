@@ -31,18 +31,20 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechprobe.core import (
     Batch,
     Capture,
     Intervention,
+    Layers,
     PositionSpec,
     Site,
     SiteKind,
     SiteLike,
+    expand_sites,
     intervene,
-    resolve_site,
+    progress_bar,
+    readout,
     tokenize,
 )
 from mechprobe.patching._metrics import MetricFn, PatchMetric, answer_prob, bind_metric, logit_diff
@@ -144,7 +146,7 @@ def _forward_reads(model: Any, rows: _Rows, packed: bool) -> Float[Tensor, "read
         model(inputs.pop("input"), **inputs, **extra)
         assert final.value is not None
         r, i, _ = torch.as_tensor(rows.reads, device=final.value.device).unbind(1)
-        return model.unembed(model.ln_final(final.value[r, i][None]))[0]
+        return readout(model, final.value[r, i])
 
 
 _PACKING: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
@@ -167,28 +169,12 @@ def _packing_works(model: Any) -> bool:
     return _PACKING[model]
 
 
-def _sites(model: Any, sites: Any) -> list[Site]:
-    kinds = get_args(SiteKind)
-    if isinstance(sites, str) and sites in kinds:
-        n, heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
-        if sites == "head":
-            return [Site("head", layer, head=h) for layer in range(n) for h in range(heads)]
-        return [Site(sites, layer) for layer in range(n)]  # type: ignore[arg-type]
-    items = [sites] if isinstance(sites, (str, Site)) else list(sites)
-    if not items:
-        raise ValueError("sites is empty: pass a site kind such as 'mlp_out', or a list of Sites.")
-    out = []
-    for item in items:
-        _, site = resolve_site(model, item)
-        if site is None:
-            raise ValueError(
-                f"{item!r} is not a patchable site: pass a kind ({', '.join(kinds)}), a Site such "
-                "as Site('head', 3, head=0), or a list of them."
-            )
+def _sites(model: Any, sites: Any, layers: Layers) -> list[Site]:
+    found = expand_sites(model, sites, layers=layers)
+    for site in found:
         if site.positions is not None:
             raise ValueError(f"{site} carries positions: pass positions= to patch() instead.")
-        out.append(site)
-    return out
+    return found
 
 
 def _token_rows(model: Any, prompts: Prompts, what: str) -> list[Tensor]:
@@ -282,10 +268,11 @@ def patch(
     positions: PositionSpec,
     metric: PatchMetric | MetricFn,
     *,
+    layers: Layers = "all",
     direction: Direction = "denoising",
     cells_per_batch: int = 256,
     packed: bool | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> PatchResult:
     """Patch every (site, position) cell, many cells per forward pass.
 
@@ -296,6 +283,7 @@ def patch(
         corrupt: Corrupt prompt(s), as many as ``clean``.
         sites: A kind (``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``, ``"attn_out"``,
             ``"mlp_out"``: every layer; ``"head"``: every layer x head), or Site(s) / hook names.
+        layers: The layers a kind in ``sites`` covers (int, range, list or ``"all"``).
         positions: ``-1`` (last token of each prompt), a list of ints (negative from the end), or
             ``"all"`` (every clean and corrupt prompt must then have the same token length).
         metric: :func:`logit_diff`, :func:`answer_prob`, or a callable ``fn(logits [rows, vocab])
@@ -335,7 +323,7 @@ def patch(
         )
     n_pairs = len(clean_ids)
     src, base = (clean_ids, corrupt_ids) if direction == "denoising" else (corrupt_ids, clean_ids)
-    site_list = _sites(model, sites)
+    site_list = _sites(model, sites, layers)
     wanted, resolved = _positions(positions, [len(t) for t in src], [len(t) for t in base])
     metric_fn, metric_name = bind_metric(model, metric, n_pairs)
     if packed is None:
@@ -354,7 +342,7 @@ def patch(
     per_pair = np.full((n_pairs, len(site_list), len(wanted)), np.nan)
     baseline = {"src": np.full(n_pairs, np.nan), "base": np.full(n_pairs, np.nan)}
     chunks = [cells[k : k + cells_per_batch] for k in range(0, len(cells), cells_per_batch)]
-    for chunk in tqdm(chunks, disable=not progress, desc="patch"):
+    for chunk in progress_bar(chunks, progress=progress, desc="patch"):
         rows, keys = _layout(chunk, src, base, packed)
         logits = _forward_reads(model, rows, packed)
         pair = torch.as_tensor([p for _, _, p in rows.reads], device=logits.device)

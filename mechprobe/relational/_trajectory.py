@@ -37,7 +37,7 @@ from jaxtyping import Bool, Float, Int
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from mechprobe.core import first_token_ids
+from mechprobe.core import first_token_ids, readout
 from mechprobe.relational._scoring import TaskScore, _forced_pass
 from mechprobe.tasks import Task, as_task
 
@@ -171,7 +171,7 @@ class Trajectory:
         rank, rr, correct, distinct."""
         n, layers = self.argument_rank.shape
         frames = []
-        for token, readout, ranks in [
+        for token, decoded, ranks in [
             ("argument", "resid_post", self.argument_rank),
             ("answer", "resid_post", self.answer_rank),
             ("argument", "resid_post - mlp_out", self.argument_rank_no_ffn),
@@ -183,7 +183,7 @@ class Trajectory:
                         "item": np.repeat(np.arange(n), layers),
                         "layer": np.tile(np.arange(layers), n),
                         "token": token,
-                        "readout": readout,
+                        "readout": decoded,
                         "rank": ranks.reshape(-1),
                         "rr": 1.0 / (ranks.reshape(-1) + 1.0),
                         "correct": np.repeat(self.correct, layers),
@@ -264,15 +264,6 @@ def _mean_rr(ranks: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.asarray((1.0 / (ranks[mask] + 1.0)).mean(axis=0))
 
 
-def _readout(model: Any, x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n vocab"]:
-    """The model's own readout (final norm, unembedding, any logit transform) of vectors ``x``."""
-    logits = model.unembed(model.ln_final(x[None]))[0]
-    transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
-    if callable(transform):  # identity for Llama-style models; softcaps elsewhere
-        logits = transform(logits)
-    return logits.float()
-
-
 def _ranks(
     model: Any, x: Float[Tensor, "n layer d"], ids: Int[Tensor, "n t"]
 ) -> Int[np.ndarray, "t n layer"]:
@@ -281,7 +272,7 @@ def _ranks(
     out = np.zeros((ids.shape[1], n, layers), dtype=np.int64)
     with torch.no_grad():
         for layer in range(layers):  # one [n, vocab] readout at a time keeps memory flat
-            logits = _readout(model, x[:, layer])
+            logits = readout(model, x[:, layer])
             target = logits.gather(-1, ids.to(logits.device))  # [n, t]
             above = (logits[:, None, :] > target[:, :, None]).sum(-1)  # [n, t]
             out[:, :, layer] = above.T.cpu().numpy()

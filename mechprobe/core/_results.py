@@ -1,0 +1,446 @@
+"""The result protocol every analysis result follows, and the one serialiser behind it.
+
+A result is a frozen dataclass (``eq=False`` when it holds arrays, ``repr=False`` so that the short
+repr below stays) that subclasses :class:`Result` with a format name::
+
+    @dataclass(frozen=True, eq=False, repr=False)
+    class LensResult(Result, format="mechprobe.LensResult", version=2): ...
+
+and so has:
+
+- ``to_frame()``: a tidy DataFrame of everything; ``summary()``: a short one of the key numbers;
+- ``plot(ax=None)``: a matplotlib Figure (drawn into ``ax`` when one is given), built from the
+  result's own arrays: plotting never recomputes;
+- ``save(path) -> Path`` and ``Class.load(path)``: JSON (``.json``: one readable file) or npz
+  (``.npz``: arrays in numpy's format, the rest as JSON inside), tagged with the format name and
+  version, never pickle; a result made of several files (a folder) overrides both;
+- a one-line ``repr`` (shapes and key numbers, never the arrays) and ``_repr_html_``: in a
+  notebook, the summary table, and the figure where one says more.
+
+The serialiser writes arrays and tensors as tagged objects (shape, dtype, flat data with NaN as
+``null`` and infinities as ``"inf"`` / ``"-inf"``), tuples as lists, dictionary keys as strings,
+and restores each field from its type annotation: strict JSON that any tool can read.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+import json
+import math
+import os
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, Union
+
+import numpy as np
+import pandas as pd
+import torch
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "Result",
+    "decode",
+    "encode",
+    "figure_of",
+    "load_result",
+    "new_axes",
+    "write_atomic",
+]
+
+R = TypeVar("R", bound="Result")
+_REGISTRY: dict[str, type[Result]] = {}
+_ARRAY, _TENSOR = "__array__", "__tensor__"
+
+
+class Result:
+    """Base of every analysis result: serialisation, repr and notebook view (module docstring).
+
+    Subclasses implement :meth:`to_frame`, :meth:`summary`, :meth:`plot` and :meth:`_describe`.
+    """
+
+    _format: ClassVar[str] = ""
+    _version: ClassVar[int] = 1
+    _html_figure: ClassVar[bool] = False
+
+    def __init_subclass__(
+        cls,
+        *,
+        format: str | None = None,
+        version: int = 1,
+        html_figure: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        if format is not None:
+            cls._format, cls._version, cls._html_figure = format, version, html_figure
+            _REGISTRY[format] = cls
+
+    # --- what each result implements -----------------------------------------------------------
+
+    def to_frame(self) -> pd.DataFrame:
+        """Everything, as a tidy DataFrame (one row per measured cell)."""
+        raise NotImplementedError
+
+    def summary(self) -> pd.DataFrame:
+        """The key numbers, as a short DataFrame."""
+        raise NotImplementedError
+
+    def plot(self, ax: Axes | None = None) -> Figure:
+        """The result's main figure (into ``ax`` when given); returns the Figure."""
+        raise NotImplementedError
+
+    def _describe(self) -> str:
+        """A few words for the repr: sizes and the headline number."""
+        raise NotImplementedError
+
+    # --- the protocol ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data: ``{"format", "version", <fields>}`` (arrays tagged, NaN as null)."""
+        return encode(self)
+
+    @classmethod
+    def from_dict(cls: type[R], data: Mapping[str, Any]) -> R:
+        """Rebuild a result from :meth:`to_dict`'s output.
+
+        Raises:
+            ValueError: ``data`` holds another result, or a format version this release cannot
+                read.
+        """
+        _check_format(cls, data)
+        return decode(dict(data), cls)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the result to ``path``: ``.json`` (one readable file) or ``.npz`` (arrays in numpy
+        format, the rest as JSON inside). Never pickle.
+
+        Returns:
+            The path written.
+
+        Raises:
+            ValueError: Another suffix.
+            FileNotFoundError: The folder does not exist.
+        """
+        path = Path(path)
+        if path.suffix not in (".json", ".npz"):
+            raise ValueError(
+                f"Save a {type(self).__name__} to a .json or .npz file, not {path.name!r}."
+            )
+        _check_folder(path)
+        if path.suffix == ".json":
+            text = json.dumps(self.to_dict(), allow_nan=False)
+            write_atomic(path, text.encode("utf-8"))
+            return path
+        arrays: dict[str, np.ndarray] = {}
+        meta = encode(self, arrays=arrays)
+        buffer = io.BytesIO()
+        arrays["__meta__"] = np.asarray(json.dumps(meta, allow_nan=False))
+        np.savez_compressed(buffer, allow_pickle=False, **arrays)
+        write_atomic(path, buffer.getvalue())
+        return path
+
+    @classmethod
+    def load(cls: type[R], path: str | os.PathLike[str]) -> R:
+        """Read a result written by :meth:`save` (``.json`` or ``.npz``; no pickle involved).
+
+        Raises:
+            FileNotFoundError: No such file.
+            ValueError: Not a saved result of this class, or unreadable.
+        """
+        data, arrays = _read(Path(path))
+        try:
+            _check_format(cls, data)
+            return decode(data, cls, arrays=arrays)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: not a readable {cls.__name__} file ({err}).") from err
+
+    def __repr__(self) -> str:
+        try:
+            words = self._describe()
+        except Exception:  # a repr must never raise
+            words = "…"
+        return f"{type(self).__name__}({words})"
+
+    def _repr_html_(self) -> str:
+        parts = [
+            f"<div><p><b>{html.escape(type(self).__name__)}</b> {html.escape(self._describe())}</p>"
+        ]
+        try:
+            table = self.summary()
+        except Exception as err:  # a notebook view must never raise either
+            table = pd.DataFrame({"summary unavailable": [str(err)]})
+        parts.append(table.to_html(max_rows=40, float_format=lambda v: f"{v:.4g}"))
+        if self._html_figure:
+            try:
+                figure = self.plot()
+                buffer = io.BytesIO()
+                figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+                data = base64.b64encode(buffer.getvalue()).decode("ascii")
+                parts.append(f'<img src="data:image/png;base64,{data}"/>')
+            except Exception:
+                pass
+        parts.append("</div>")
+        return "".join(parts)
+
+
+def load_result(path: str | os.PathLike[str]) -> Result:
+    """Read any saved result by its format tag (``.json`` or ``.npz``).
+
+    Example:
+        >>> import mechprobe as mp, tempfile, pathlib
+        >>> lens = mp.logit_lens(mp.tiny_model(), "Hi")
+        >>> path = lens.save(pathlib.Path(tempfile.mkdtemp()) / "lens.json")
+        >>> type(load_result(path)).__name__
+        'LensResult'
+    """
+    data, arrays = _read(Path(path))
+    cls = _REGISTRY.get(str(data.get("format")))
+    if cls is None:
+        raise ValueError(
+            f"{path}: format {data.get('format')!r} is not a mechprobe result "
+            f"(known: {sorted(_REGISTRY)})."
+        )
+    return cls.load(path) if arrays is None else decode(data, cls, arrays=arrays)
+
+
+def new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    """``(figure, axes)``: ``ax`` and its figure when given, else a new figure without pyplot.
+
+    Example:
+        >>> fig, ax = new_axes(None, (3, 2))
+        >>> new_axes(ax, (9, 9))[0] is fig
+        True
+    """
+    if ax is not None:
+        return figure_of(ax), ax
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize, layout="constrained")
+    return figure, figure.add_subplot()
+
+
+def figure_of(ax: Axes) -> Figure:
+    """The top-level Figure that ``ax`` is drawn in (also when it sits in a sub-figure)."""
+    figure = ax.get_figure(root=True)
+    assert figure is not None, "axes that belong to no figure"
+    return figure
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder (no half files)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# --- the serialiser -----------------------------------------------------------------------------
+
+
+def encode(value: Any, arrays: dict[str, np.ndarray] | None = None) -> Any:
+    """JSON-ready data for ``value``; with ``arrays``, arrays go there (npz) and leave a key.
+
+    Example:
+        >>> encode({"x": float("nan"), 2: (1, 2)})
+        {'x': None, '2': [1, 2]}
+    """
+    if isinstance(value, Result):
+        out: dict[str, Any] = {"format": value._format, "version": value._version}
+        for f in dataclasses.fields(value):  # type: ignore[arg-type]
+            out[f.name] = encode(getattr(value, f.name), arrays)
+        return out
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: encode(getattr(value, f.name), arrays) for f in dataclasses.fields(value)}
+    if isinstance(value, torch.Tensor):
+        return {_TENSOR: _encode_array(value.detach().cpu().numpy(), arrays)}
+    if isinstance(value, np.ndarray):
+        return {_ARRAY: _encode_array(value, arrays)}
+    if isinstance(value, np.generic):
+        return encode(value.item(), arrays)
+    if isinstance(value, float):
+        return _encode_float(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple
+        return [encode(v, arrays) for v in value]
+    if isinstance(value, (list, tuple)):
+        return [encode(v, arrays) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): encode(v, arrays) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def decode(value: Any, hint: Any, arrays: Mapping[str, np.ndarray] | None = None) -> Any:
+    """The inverse of :func:`encode`, guided by the type annotation ``hint``.
+
+    Example:
+        >>> decode([[1, None]], tuple[tuple[int, float], ...])
+        ((1, nan),)
+    """
+    if isinstance(value, dict) and _ARRAY in value:
+        return _decode_array(value[_ARRAY], arrays)
+    if isinstance(value, dict) and _TENSOR in value:
+        return torch.from_numpy(np.array(_decode_array(value[_TENSOR], arrays)))
+    if hint is Any or hint is None:
+        return value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return _decode_union(value, args, arrays)
+    if origin is typing.Literal:
+        return value
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if isinstance(value, Mapping) and value.get("format") and issubclass(hint, Result):
+            _check_format(hint, value)
+        return _decode_dataclass(value, hint, arrays)
+    if isinstance(hint, type) and issubclass(hint, tuple) and hasattr(hint, "_fields"):
+        return hint(*value)  # a NamedTuple
+    if origin is tuple:
+        if value is None:
+            return None
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(decode(v, args[0], arrays) for v in value)
+        if args:
+            return tuple(decode(v, a, arrays) for v, a in zip(value, args, strict=True))
+        return tuple(value)
+    if origin is list:
+        return [decode(v, args[0] if args else Any, arrays) for v in value]
+    if origin in (dict, Mapping) or hint is dict:
+        key, item = args if args else (str, Any)
+        return {_decode_key(k, key): decode(v, item, arrays) for k, v in value.items()}
+    if hint is float:
+        return _decode_float(value)
+    if hint is int and value is not None:
+        return int(value)
+    return value
+
+
+def _check_format(cls: type[Result], data: Mapping[str, Any]) -> None:
+    found, version = data.get("format"), data.get("version")
+    if found != cls._format:
+        raise ValueError(
+            f"this is not a saved {cls.__name__} (format {found!r}, expected {cls._format!r})"
+        )
+    if not isinstance(version, int) or version > cls._version:
+        raise ValueError(
+            f"{cls._format} version {version!r} was written by a newer mechprobe than this one "
+            f"(which reads version {cls._version}): upgrade mechprobe"
+        )
+    if version < cls._version:
+        raise ValueError(
+            f"{cls._format} version {version} is from an older mechprobe (this one writes "
+            f"version {cls._version}); re-run the analysis to save it anew"
+        )
+
+
+def _read(path: Path) -> tuple[dict[str, Any], Mapping[str, np.ndarray] | None]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (or is not a file).")
+    if path.suffix == ".json":
+        try:
+            return json.loads(path.read_text(encoding="utf-8")), None
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a JSON file written by mechprobe ({err}).") from err
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+            meta = json.loads(str(arrays.pop("__meta__")))
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"{path}: not an npz file written by mechprobe ({err}).") from err
+        return meta, arrays
+    raise ValueError(f"Load a .json or .npz file written by mechprobe, not {path.name!r}.")
+
+
+def _check_folder(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise FileNotFoundError(
+            f"Cannot write {path}: the folder {path.parent} does not exist; create it first."
+        )
+
+
+def _encode_float(value: float) -> Any:
+    if math.isnan(value):
+        return None
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+def _decode_float(value: Any) -> float:
+    if value is None:
+        return math.nan
+    return float(value)  # float("inf") and float("-inf") read the strings back
+
+
+def _encode_array(array: np.ndarray, arrays: dict[str, np.ndarray] | None) -> dict[str, Any]:
+    if arrays is not None:
+        key = f"a{len(arrays)}"
+        arrays[key] = array
+        return {"npz": key}
+    flat = array.ravel().tolist()
+    if array.dtype.kind in "fc":
+        flat = [_encode_float(float(x)) for x in flat]
+    return {"dtype": str(array.dtype), "shape": list(array.shape), "data": flat}
+
+
+def _decode_array(spec: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None) -> np.ndarray:
+    if "npz" in spec:
+        if arrays is None:
+            raise ValueError("an array stored in an npz file was read from JSON")
+        return arrays[spec["npz"]]
+    data = spec["data"]
+    if np.dtype(spec["dtype"]).kind in "fc":
+        data = [_decode_float(x) for x in data]
+    return np.asarray(data, dtype=spec["dtype"]).reshape(spec["shape"])
+
+
+def _decode_key(key: str, hint: Any) -> Any:
+    if hint is int:
+        return int(key)
+    if hint is float:
+        return float(key)
+    return key
+
+
+def _decode_union(value: Any, args: tuple[Any, ...], arrays: Any) -> Any:
+    members = [a for a in args if a is not type(None)]
+    if value is None:  # null is None here (an optional float that was NaN reads back as None)
+        return None
+    if len(members) == 1:
+        return decode(value, members[0], arrays)
+    for member in members:  # the first member whose shape fits the value
+        origin = typing.get_origin(member) or member
+        if isinstance(value, list) and origin in (tuple, list):
+            return decode(value, member, arrays)
+        if isinstance(value, Mapping) and (
+            origin in (dict, Mapping)
+            or (isinstance(member, type) and dataclasses.is_dataclass(member))
+        ):
+            return decode(value, member, arrays)
+        scalar = isinstance(value, (int, float, str, bool)) and member in (int, float, str, bool)
+        if scalar and (isinstance(value, member) or (member is float and isinstance(value, int))):
+            return decode(value, member, arrays)
+    return value
+
+
+def _decode_dataclass(value: Mapping[str, Any], cls: type, arrays: Any) -> Any:
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation that only exists for type checkers
+        hints = {}
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in value:
+            kwargs[f.name] = decode(value[f.name], hints.get(f.name, Any), arrays)
+    return cls(**kwargs)

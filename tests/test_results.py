@@ -1,0 +1,124 @@
+"""The result protocol and its one serialiser (mechprobe.core.Result, encode/decode)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+import mechprobe as mp
+from mechprobe.core import Result, decode, encode, load_result
+
+
+@dataclass(frozen=True)
+class _Part:
+    name: str
+    weight: float
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class _Toy(Result, format="tests.Toy", version=3):
+    values: np.ndarray
+    vector: torch.Tensor
+    labels: tuple[str, ...]
+    nested: tuple[tuple[int, ...], ...]
+    names: dict[int, str]
+    part: _Part
+    optional: float | None = None
+    score: float = math.nan
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"value": self.values.ravel()})
+
+    def summary(self) -> pd.DataFrame:
+        return pd.DataFrame({"mean": [float(self.values[0, 0])]})
+
+    def _describe(self) -> str:
+        return f"{self.values.shape[0]} rows"
+
+
+def _toy() -> _Toy:
+    return _Toy(
+        values=np.array([[1.0, np.nan], [np.inf, -np.inf]], dtype=np.float32),
+        vector=torch.arange(3, dtype=torch.float64),
+        labels=("a", "b"),
+        nested=((1, 2), (3,)),
+        names={7: "seven", -1: "none"},
+        part=_Part("p", 0.5),
+        extra={"x": float("nan")},
+    )
+
+
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_round_trip_keeps_types_shapes_and_non_finite_values(tmp_path, suffix: str) -> None:
+    toy = _toy()
+    path = toy.save(tmp_path / f"toy{suffix}")
+    assert path == tmp_path / f"toy{suffix}"
+    if suffix == ".json":
+        text = path.read_text()
+        assert "NaN" not in text and "Infinity" not in text  # strict JSON
+        assert json.loads(text)["format"] == "tests.Toy"
+    back = _Toy.load(path)
+    np.testing.assert_array_equal(back.values, toy.values)
+    assert back.values.dtype == np.float32
+    assert torch.equal(back.vector, toy.vector)
+    assert back.labels == ("a", "b") and back.nested == ((1, 2), (3,))
+    assert back.names == {7: "seven", -1: "none"} and back.part == _Part("p", 0.5)
+    assert back.optional is None and math.isnan(back.score) and math.isnan(back.extra["x"])
+    pd.testing.assert_frame_equal(back.to_frame(), toy.to_frame())
+    assert isinstance(load_result(path), _Toy)
+
+
+def test_format_and_version_are_checked(tmp_path) -> None:
+    data = _toy().to_dict()
+    with pytest.raises(ValueError, match="newer mechprobe"):
+        _Toy.from_dict({**data, "version": 4})
+    with pytest.raises(ValueError, match="older mechprobe"):
+        _Toy.from_dict({**data, "version": 2})
+    with pytest.raises(ValueError, match="not a saved _Toy"):
+        _Toy.from_dict({**data, "format": "other"})
+    lens_path = mp.logit_lens(mp.tiny_model(), "Hi").save(tmp_path / "lens.json")
+    with pytest.raises(ValueError, match="not a readable _Toy"):
+        _Toy.load(lens_path)
+    with pytest.raises(FileNotFoundError, match="does not exist; create it first"):
+        _toy().save(tmp_path / "missing" / "toy.json")
+    with pytest.raises(ValueError, match=r"\.json or \.npz"):
+        _toy().save(tmp_path / "toy.pkl")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a JSON file"):
+        _Toy.load(tmp_path / "bad.json")
+
+
+def test_repr_is_short_and_the_notebook_view_shows_the_summary() -> None:
+    toy = _toy()
+    assert repr(toy) == "_Toy(2 rows)"
+    page = toy._repr_html_()
+    assert "<table" in page and "mean" in page and "<img" not in page
+    lens = mp.logit_lens(mp.tiny_model(), ["Hi", "Hey"], targets=" a", positions="all")
+    assert len(repr(lens)) < 160 and "2 prompt(s)" in repr(lens)
+    page = lens._repr_html_()
+    assert "<table" in page and "<img" in page  # the lens also shows its heatmap
+    assert isinstance(lens.plot(), Figure)
+
+
+def test_plot_draws_into_given_axes() -> None:
+    fig = Figure()
+    ax = fig.add_subplot()
+    lens = mp.logit_lens(mp.tiny_model(), "Hi", targets=" a")
+    assert lens.plot(ax=ax) is fig
+    assert lens.plot(ax=fig.add_subplot(2, 1, 2), kind="trajectory") is fig
+
+
+def test_encode_decode_plain_values() -> None:
+    assert encode({"a": (1, float("inf"))}) == {"a": [1, "inf"]}
+    assert decode([1, None], tuple[int, float]) == (1, decode(None, float))
+    assert decode({"1": [1, 2]}, dict[int, tuple[int, ...]]) == {1: (1, 2)}
+    assert decode([1, 2], int | tuple[int, ...] | None) == (1, 2)
+    assert decode(3, int | tuple[int, ...] | None) == 3

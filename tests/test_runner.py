@@ -1,0 +1,48 @@
+"""run(): logits through the one readout, padding, chunks, and the full-forward fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mechprobe as mp
+
+PROMPTS = ["Hello there, friend", "Hi", "A longer prompt with more tokens in it"]
+
+
+def _reference(model, prompt: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(model.to_tokens(prompt))[0]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_last_token_logits_equal_the_model_whatever_the_padding(tiny, side: str) -> None:
+    out = mp.run(tiny, PROMPTS, logit_positions=-1, padding_side=side, batch_size=2)
+    for i, prompt in enumerate(PROMPTS):
+        torch.testing.assert_close(
+            out.logits[i, 0], _reference(tiny, prompt)[-1], atol=1e-5, rtol=0
+        )
+
+
+def test_all_positions_hold_zeros_at_padding_and_the_model_elsewhere(tiny) -> None:
+    batch = mp.tokenize(tiny, PROMPTS)
+    out = mp.run(tiny, batch, batch_size=2, capture=[mp.Site("resid_post", 1)])
+    for i, prompt in enumerate(PROMPTS):
+        n = int(batch.lengths[i])
+        torch.testing.assert_close(out.logits[i, :n], _reference(tiny, prompt), atol=1e-5, rtol=0)
+        assert float(out.logits[i, n:].abs().sum()) == 0.0
+        assert float(out[mp.Site("resid_post", 1)][i, n:].abs().sum()) == 0.0
+
+
+def test_hooks_after_the_last_block_run_the_whole_forward(tiny) -> None:
+    # An intervention on the final norm's output must still act on the logits.
+    zero = {"ln_final.hook_normalized": mp.Ablate()}
+    out = mp.run(tiny, "Hi", zero, logit_positions=-1)
+    bias = tiny.b_U.float()
+    torch.testing.assert_close(out.logits[0, 0], bias, atol=1e-6, rtol=0)
+
+
+def test_interventions_before_the_last_block_change_the_logits(tiny) -> None:
+    plain = mp.run(tiny, "Hi", logit_positions=-1).logits
+    ablated = mp.run(tiny, "Hi", {mp.Site("mlp_out", 2): mp.Ablate()}, logit_positions=-1).logits
+    assert float((plain - ablated).abs().max()) > 1e-3
