@@ -54,3 +54,14 @@ def test_chunks_trim_shared_padding(tiny):
     parts = [chunk for _, chunk in batch.chunks(1)]
     assert [p.tokens.shape[1] for p in parts] == batch.lengths.tolist()
     assert all(bool(p.attention_mask.all()) for p in parts)
+
+
+def test_prompts_longer_than_the_context_are_refused(tiny):
+    too_long = "x" * tiny.cfg.n_ctx  # BOS + n_ctx bytes: one token over
+    with pytest.raises(ValueError, match="longer than the model's context of 512"):
+        mp.tokenize(tiny, ["Hi", too_long])
+    with pytest.raises(ValueError, match="with its target"):
+        mp.tokenize_with_targets(tiny, ["x" * (tiny.cfg.n_ctx - 2)], [" ab"])
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        mp.run(tiny, too_long)
+    assert mp.tokenize(tiny, "x" * (tiny.cfg.n_ctx - 1)).tokens.shape == (1, 512)

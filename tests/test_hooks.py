@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -187,3 +188,91 @@ def test_smollm2_padding_independent(smollm2, side):
         with torch.no_grad():
             reference = smollm2(smollm2.to_tokens(prompt))[0, -1]
         assert (plain.logits[i, 0] - reference).abs().max().item() <= 1e-4
+
+
+# --- issue 12: silent wrong answers that now raise or are right ----------------------------------
+
+
+def test_project_remove_removes_the_rank_of_what_was_given(tiny) -> None:
+    v = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    twice = mp.Project(remove=torch.stack([v, v]))
+    assert twice.rank == 1
+    with_zero = mp.Project(remove=torch.stack([v, torch.zeros(64)]))
+    assert with_zero.rank == 1
+    assert mp.Project(remove=torch.zeros(2, 64)).rank == 0
+    x = torch.randn(5, 64, dtype=torch.float64)
+    unit = (v / v.norm()).double()
+    expected = x - (x @ unit)[:, None] * unit
+    torch.testing.assert_close(twice.edit(x, None), expected)
+    torch.testing.assert_close(with_zero.edit(x, None), expected)
+    torch.testing.assert_close(mp.Project(remove=torch.zeros(1, 64)).edit(x, None), x)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        mp.Project(remove=torch.full((1, 64), float("nan")))
+
+
+def test_mean_ablation_ignores_padding_and_batch_size(tiny) -> None:
+    prompts = ["Hello there, my friend", "Hi", "A middling prompt"]
+    site = mp.Site("mlp_out", 1)
+    results = [
+        mp.run(
+            tiny,
+            prompts,
+            {site: mp.Ablate("mean")},
+            logit_positions=-1,
+            padding_side=side,
+            batch_size=size,
+        ).logits
+        for side in ("right", "left")
+        for size in (1, 2, 3)
+    ]
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], atol=1e-5, rtol=0)
+    # independently: the mean over every real token of the unpadded prompts, then ablate with it
+    rows = [mp.run(tiny, p, capture=[site])[site][0] for p in prompts]
+    mean = torch.cat(rows).double().mean(0).float()
+    explicit = mp.run(tiny, prompts, {site: mp.Ablate("mean", mean=mean)}, logit_positions=-1)
+    torch.testing.assert_close(results[0], explicit.logits, atol=1e-5, rtol=0)
+
+
+def test_mean_ablation_under_intervene_masks_padding(tiny) -> None:
+    site = mp.Site("mlp_out", 0)
+    batch = mp.tokenize(tiny, ["Hello there, my friend", "Hi"])
+    with mp.intervene(tiny, {site: mp.Ablate("mean")}, batch=batch):
+        right = tiny(batch.tokens, attention_mask=batch.attention_mask)
+    left_batch = mp.tokenize(tiny, ["Hello there, my friend", "Hi"], padding_side="left")
+    with mp.intervene(tiny, {site: mp.Ablate("mean")}, batch=left_batch):
+        left = tiny(left_batch.tokens, attention_mask=left_batch.attention_mask)
+    n = int(batch.lengths[1])
+    torch.testing.assert_close(right[1, n - 1], left[1, -1], atol=1e-4, rtol=0)
+
+
+def test_intervene_refuses_padding_it_cannot_see_and_a_batch_it_was_not_given(tiny) -> None:
+    batch = mp.tokenize(tiny, ["Hello there", "Hi"])
+    edit = {mp.Site("resid_post", 0): mp.Add(torch.ones(64), positions=-1)}
+    with pytest.raises(ValueError, match="without batch="), mp.intervene(tiny, edit):
+        tiny(batch.tokens, attention_mask=batch.attention_mask)
+    other = mp.tokenize(tiny, ["Hello world", "Ho"])  # same shape, other tokens
+    with (
+        pytest.raises(ValueError, match="not those of the batch="),
+        mp.intervene(tiny, edit, batch=other),
+    ):
+        tiny(batch.tokens, attention_mask=batch.attention_mask)
+    short = mp.tokenize(tiny, ["Hi", "Hey"])
+    before = hook_count(tiny)
+    with pytest.raises(ValueError, match="rows x tokens"), mp.intervene(tiny, edit, batch=short):
+        tiny(batch.tokens, attention_mask=batch.attention_mask)
+    assert hook_count(tiny) == before
+
+
+@pytest.mark.parametrize("position", [np.int64(-1), torch.tensor(-1), [np.int32(-1)]])
+def test_numpy_and_tensor_positions_work_like_ints(tiny, position) -> None:
+    prompts = ["Hello there", "Hi"]
+    want = mp.run(tiny, prompts, logit_positions=-1).logits
+    torch.testing.assert_close(mp.run(tiny, prompts, logit_positions=position).logits, want)
+    batch = mp.tokenize(tiny, prompts)
+    cap = mp.Capture(positions=position)
+    with mp.intervene(tiny, {"blocks.0.hook_resid_post": cap}, batch=batch):
+        tiny(batch.tokens, attention_mask=batch.attention_mask)
+    assert cap.value is not None and cap.value.shape == (2, 1, 64)
+    res = mp.patch(tiny, "Hi cat", "Hi bat", "mlp_out", position, mp.logit_diff(1, 2))
+    assert res.values.shape == (3, 1)

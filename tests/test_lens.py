@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -305,6 +306,26 @@ def test_cli_end_to_end_on_tiny(tmp_path, capsys):
     assert cli_main(["lens", "Hi", "--sites", "resid_psot", "--model", "tiny"]) == 2
     assert "resid_post" in capsys.readouterr().err
     assert unescape(r"a\\nb\tc\nd") == "a\\nb\tc\nd"
+
+
+@pytest.mark.parametrize(
+    ("option", "where", "message"),
+    [
+        ("--json", "missing/lens.json", "does not exist"),
+        ("--plot", "", "is a folder"),
+        ("--trajectory", "file.txt/t.png", "is a file|does not exist"),
+    ],
+)
+def test_cli_refuses_unwritable_outputs_before_any_work(
+    tmp_path, capsys, monkeypatch, option, where, message
+):
+    (tmp_path / "file.txt").write_text("x")
+    monkeypatch.setattr("mechprobe.cli.lens.load", lambda name: pytest.fail("the model was loaded"))
+    args = ["lens", "Hi", "--target", " x", option, str(tmp_path / where), "--model", "tiny"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and option in err
+    assert re.search(message, err)
 
 
 @pytest.mark.integration

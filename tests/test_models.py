@@ -118,3 +118,80 @@ def test_smollm2_cache_is_faithful_to_the_gguf(smollm2):
     with torch.no_grad():
         diff = (direct(tokens).logits - smollm2(tokens)).abs().max().item()
     assert diff <= 1e-4
+
+
+# --- issue 12 §3 item 8: unusable caches and devices say what to do ----------------------------
+
+
+@pytest.mark.parametrize("kind", ["file", "read-only"])
+def test_unwritable_cache_raises_model_load_error(tmp_path, monkeypatch, kind):
+    if kind == "file":
+        target = tmp_path / "cache-file"
+        target.write_text("not a folder")
+    else:
+        target = tmp_path / "ro"
+        target.mkdir()
+        target.chmod(0o500)
+        probe = target / "x"
+        try:  # root ignores permissions: nothing to test then
+            probe.write_text("")
+            probe.unlink()
+            pytest.skip("this user can write into read-only folders (root)")
+        except OSError:
+            pass
+    monkeypatch.setenv("MECHPROBE_CACHE", str(target))
+    with pytest.raises(mp.ModelLoadError, match="MECHPROBE_CACHE"):
+        mp.tiny_model()
+
+
+def test_cache_path_under_a_file_raises_model_load_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    monkeypatch.setenv("MECHPROBE_CACHE", str(blocker / "inside"))
+    with pytest.raises(mp.ModelLoadError, match="cannot be written"):
+        mp.tiny_model()
+    with pytest.raises(mp.ModelLoadError, match="cannot be written"):
+        models._load_embedded("smollm2-135m", torch.float32)
+
+
+def test_tiny_tokenizer_folder_without_its_config_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("MECHPROBE_CACHE", str(tmp_path))
+    first = models._tiny_tokenizer()
+    (tmp_path / "tiny-tokenizer-v1" / "tokenizer_config.json").unlink()
+    again = models._tiny_tokenizer()
+    assert models._tiny_ids(again) == models._tiny_ids(first) == (1, 2, 2, 259)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_on_a_cpu_build_fails_before_loading(monkeypatch):
+    monkeypatch.setattr(models, "_embedded_gguf", lambda name: pytest.fail("weights were read"))
+    with pytest.raises(mp.ModelLoadError, match="no CUDA"):
+        mp.load_model(device="cuda")
+    with pytest.raises(mp.ModelLoadError, match="not a device"):
+        mp.load_model(device="gpu9")
+
+
+def test_warm_cache_is_trusted_by_size_and_time_and_rehashed_when_they_change(
+    tmp_path, monkeypatch
+):
+    source = {"format": 1, "gguf": "x.gguf"}
+    folder = tmp_path / "cache"
+    _write_cache(folder, source)
+    hashed: list[Path] = []
+    digest = models._digest
+
+    def counting(path: Path) -> str:
+        hashed.append(path)
+        return digest(path)
+
+    monkeypatch.setattr(models, "_digest", counting)
+    assert models._cache_is_valid(folder, source)  # old-style manifest: hashed once, recorded
+    assert len(hashed) == 1
+    assert models._cache_is_valid(folder, source)  # size and time match: not hashed again
+    assert len(hashed) == 1
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[3] ^= 0xFF
+    weights.write_bytes(bytes(data))  # same size, new time, other bytes
+    assert not models._cache_is_valid(folder, source)
+    assert len(hashed) == 2

@@ -242,6 +242,9 @@ def test_no_hooks_left_after_an_exception_in_the_metric(tiny):
     ("kwargs", "message"),
     [
         ({"metric": mp.logit_diff("cat", "dog")}, "single-token answer"),
+        ({"metric": mp.logit_diff(-1, 2)}, "outside the vocabulary"),
+        ({"metric": mp.answer_prob(10**6)}, "outside the vocabulary"),
+        ({"metric": mp.logit_diff(1.5, 2)}, "strings or token ids"),
         ({"metric": mp.logit_diff([1, 2, 3], 4)}, "3 entries for 1 prompt pairs"),
         ({"sites": "blocks.0.attn.hook_q"}, "is a hook but not a site"),
         ({"sites": [mp.Site("mlp_out", 0, positions=-1)]}, "pass positions= to patch"),

@@ -13,7 +13,7 @@ import re
 import sys
 from typing import Any
 
-from mechprobe.cli._arguments import add_model_argument, load, positions_type
+from mechprobe.cli._arguments import add_model_argument, load, output_problem, positions_type
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 _HELP = """\
@@ -123,6 +123,11 @@ def main(args: argparse.Namespace) -> int:
     if args.json and not args.json.endswith((".json", ".npz")):
         print("mechprobe lens: error: --json must name a .json or .npz file", file=sys.stderr)
         return 2
+    for option in ("json", "plot", "trajectory"):
+        problem = getattr(args, option) and output_problem(getattr(args, option))
+        if problem:
+            print(f"mechprobe lens: error: --{option}: {problem}", file=sys.stderr)
+            return 2
     try:
         model = load(args.model)
         result = mp.logit_lens(

@@ -12,6 +12,7 @@ from mechprobe.core._batching import (
     first_token_ids,
     pad_id,
     pad_rows,
+    position_list,
     tokenize,
     tokenize_with_targets,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "new_axes",
     "pad_id",
     "pad_rows",
+    "position_list",
     "progress_bar",
     "progress_enabled",
     "readout",

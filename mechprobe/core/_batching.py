@@ -11,9 +11,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
+
+from mechprobe.core._validation import as_int
 
 __all__ = [
     "Batch",
@@ -22,6 +25,7 @@ __all__ = [
     "first_token_ids",
     "pad_id",
     "pad_rows",
+    "position_list",
     "tokenize",
     "tokenize_with_targets",
 ]
@@ -95,9 +99,7 @@ class Batch:
                     "(e.g. [-3, -2, -1])."
                 )
             spec = list(range(int(lengths[0])))
-        wanted = torch.as_tensor([spec] if isinstance(spec, int) else list(spec), dtype=torch.long)
-        if wanted.ndim != 1 or wanted.numel() == 0:
-            raise ValueError(f"Positions must be a non-empty list of ints, got {spec!r}.")
+        wanted = torch.as_tensor(position_list(spec), dtype=torch.long)
         rel = torch.where(wanted[None, :] < 0, lengths[:, None] + wanted[None, :], wanted[None, :])
         bad = (rel < 0) | (rel >= lengths[:, None])
         if bool(bad.any()):
@@ -136,6 +138,31 @@ class Batch:
         return Batch(
             self.tokens.to(device), self.attention_mask.to(device), self.padding_side, self.prompts
         )
+
+
+def position_list(spec: Any) -> list[int]:
+    """Positions as a list of Python ints: one int, or a non-empty sequence of ints (numpy
+    integers and 0-d integer tensors count as ints; a 1-d tensor or array as a sequence).
+
+    Raises:
+        ValueError: Not an int or a non-empty sequence of ints.
+
+    Example:
+        >>> import numpy as np
+        >>> position_list(np.int64(-1)), position_list(torch.tensor([0, 2]))
+        ([-1], [0, 2])
+    """
+    single = as_int(spec)
+    if single is not None:
+        return [single]
+    if isinstance(spec, (torch.Tensor, np.ndarray)):
+        spec = spec.tolist() if spec.ndim == 1 else None
+    items = [as_int(p) for p in spec] if isinstance(spec, (list, tuple, range)) else []
+    if not items or any(p is None for p in items):
+        raise ValueError(
+            f"Positions must be an int, a non-empty list of ints or 'all', got {spec!r}."
+        )
+    return [int(p) for p in items if p is not None]
 
 
 def _check_prompts(prompts: Sequence[str] | str) -> list[str]:
@@ -229,6 +256,7 @@ def tokenize(
     for i, row in enumerate(rows):
         if not row:
             raise ValueError(f"Prompt {i} is empty and the model adds no BOS: pass non-empty text.")
+    _check_context(model, rows)
     return pad_rows(rows, pad_id(model), padding_side, prompts)
 
 
@@ -269,10 +297,24 @@ def tokenize_with_targets(
         if not ids:
             raise ValueError(f"Target {i} ({targets[i]!r}) is empty: pass a non-empty string.")
     rows = [p + t for p, t in zip(prompt_ids, target_ids, strict=True)]
+    _check_context(model, rows, " with its target")
     batch = pad_rows(rows, pad_id(model), padding_side, prompts)
     start = torch.as_tensor([len(p) for p in prompt_ids], dtype=torch.long)
     length = torch.as_tensor([len(t) for t in target_ids], dtype=torch.long)
     return batch, start, length
+
+
+def _check_context(model: Any, rows: Sequence[Sequence[int]], what: str = "") -> None:
+    """Refuse rows longer than the model's context (positions past it are not trained)."""
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx is None:
+        return
+    for i, row in enumerate(rows):
+        if len(row) > int(n_ctx):
+            raise ValueError(
+                f"Prompt {i}{what} is {len(row)} tokens, longer than the model's context of "
+                f"{int(n_ctx)} tokens: shorten it or split it into windows."
+            )
 
 
 def first_token_ids(model: Any, texts: Sequence[str]) -> list[int]:

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mechprobe.core._batching import Batch
+from mechprobe.core._batching import Batch, position_list
 from mechprobe.core._sites import Positions, SiteLike, resolve_site, width
+from mechprobe.core._validation import check_finite
 
 __all__ = [
     "Ablate",
@@ -80,8 +81,16 @@ class Intervention:
     def check_width(self, width: int) -> None:
         """Fail before the forward pass if a vector cannot fit an activation of this width."""
 
-    def _hook(self, index: Tensor | None, head: int | None) -> Callable[..., Tensor | None]:
-        """The TransformerLens callback, bound to resolved position indices and a head."""
+    def edit_masked(self, selected: Tensor, real: Tensor | None, hook: Any) -> Tensor | None:
+        """:meth:`edit` with ``real [batch, k]``: which selected positions are real tokens (None:
+        unknown). Interventions that pool over positions (mean-ablation) override this."""
+        return self.edit(selected, hook)
+
+    def _hook(
+        self, index: Tensor | None, head: int | None, mask: Tensor | None = None
+    ) -> Callable[..., Tensor | None]:
+        """The TransformerLens callback, bound to resolved position indices, a head and the
+        batch's attention mask (None without a batch)."""
 
         def fn(activation: Tensor, hook: Any) -> Tensor | None:
             rows = torch.arange(activation.shape[0], device=activation.device)[:, None]
@@ -89,7 +98,10 @@ class Intervention:
             selected = activation if idx is None else activation[rows, idx]
             if head is not None:
                 selected = selected[..., head, :]
-            new = self.edit(selected, hook)
+            real = None
+            if mask is not None:  # selected positions resolved per row are real by construction
+                real = mask.to(activation.device).bool() if idx is None else None
+            new = self.edit_masked(selected, real, hook)
             if new is None:
                 return None
             if new.shape != selected.shape:
@@ -199,12 +211,21 @@ class Add(Intervention):
 
 
 class Ablate(Intervention):
-    """Zero the activation, or set it to a mean (given, or the batch's mean over the selection).
+    """Zero the activation, or set it to a mean (given, or the mean over the prompts run).
 
     Args:
         method: ``"zero"`` or ``"mean"``.
-        mean: The reference mean ``[d]`` for mean-ablation (e.g. over a dataset); when None, the
-            mean over the current batch's selected positions is used.
+        mean: The reference mean ``[d]`` for mean-ablation (e.g. over a dataset). When None, the
+            mean over the real tokens at the selected positions is used: in :func:`mechprobe.run`
+            over all its prompts (one extra pass computes it first, so the result does not depend
+            on ``batch_size``), under :func:`intervene` over the batch forwarded (pass
+            ``batch=`` so that padding is left out). Padded positions never count.
+        positions: As for every intervention.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> model = mp.tiny_model()
+        >>> out = mp.run(model, ["Hi", "Hello"], {mp.Site("mlp_out", 0): mp.Ablate("mean")})
     """
 
     def __init__(
@@ -227,12 +248,14 @@ class Ablate(Intervention):
             )
 
     def edit(self, selected: Tensor, hook: Any) -> Tensor:
+        return self.edit_masked(selected, None, hook)
+
+    def edit_masked(self, selected: Tensor, real: Tensor | None, hook: Any) -> Tensor:
         if self.method == "zero":
             return torch.zeros_like(selected)
         if self.mean is not None:
             return self.mean.to(selected.device, selected.dtype).expand(selected.shape)
-        flat = selected.reshape(-1, *selected.shape[2:])
-        return flat.mean(dim=0).expand(selected.shape)
+        return masked_mean(selected, real).to(selected.dtype).expand(selected.shape)
 
 
 class Project(Intervention):
@@ -241,8 +264,10 @@ class Project(Intervention):
     Args:
         matrix: ``P`` of shape ``[d, d]``, or any object with an ``apply(x)`` method (a fitted
             projection such as INLP's or LEACE's, which may be affine).
-        remove: Alternatively, rows spanning the subspace to remove, ``[k, d]`` (orthonormalised
-            here, so any spanning set works).
+        remove: Alternatively, rows spanning the subspace to remove, ``[k, d]``: an orthonormal
+            basis of their span is taken (singular values above ``1e-10`` of the largest; repeated,
+            dependent or zero rows add nothing), and :attr:`rank` says how many directions are
+            removed.
 
     Example:
         >>> import torch, mechprobe as mp
@@ -265,8 +290,10 @@ class Project(Intervention):
         if remove is not None:
             rows = _as_tensor(remove, "Project remove").to(torch.float64)
             rows = rows[None, :] if rows.ndim == 1 else rows
-            q, _ = torch.linalg.qr(rows.T)  # orthonormal basis of the rows' span, [d, k]
-            self.basis = q
+            if rows.ndim != 2 or rows.shape[1] == 0:
+                raise ValueError(f"Project remove must be [k, d] rows, got {tuple(rows.shape)}.")
+            check_finite(rows, "Project remove")
+            self.basis = _span(rows)  # [d, rank]
         elif hasattr(matrix, "apply") and callable(matrix.apply):
             self.apply_fn = matrix.apply
         else:
@@ -275,6 +302,11 @@ class Project(Intervention):
                 raise ValueError(
                     f"Project matrix must be square [d, d], got {tuple(self.matrix.shape)}."
                 )
+
+    @property
+    def rank(self) -> int | None:
+        """Directions removed by ``remove=`` (the rank of the rows given); None for a matrix."""
+        return None if self.basis is None else int(self.basis.shape[1])
 
     def check_width(self, width: int) -> None:
         have = self.matrix if self.matrix is not None else self.basis
@@ -297,14 +329,40 @@ class Project(Intervention):
 InterventionSpec: TypeAlias = Mapping[SiteLike, Intervention | Sequence[Intervention]]
 
 
+def _span(rows: Tensor) -> Tensor:
+    """Orthonormal basis ``[d, rank]`` of the span of ``rows [k, d]`` (rank-revealing SVD)."""
+    _, values, vh = torch.linalg.svd(rows, full_matrices=False)
+    if values.numel() == 0 or float(values[0]) == 0.0:
+        return rows.new_zeros(rows.shape[1], 0)
+    keep = values > 1e-10 * values[0]
+    return vh[keep].T.contiguous()
+
+
+def masked_mean(selected: Tensor, real: Tensor | None) -> Tensor:
+    """Mean of ``selected [batch, k, ...]`` over rows and positions, real tokens only (``real
+    [batch, k]`` bool; None: all count), accumulated in float64.
+
+    Example:
+        >>> x = torch.tensor([[[1.0], [3.0]], [[5.0], [99.0]]])
+        >>> masked_mean(x, torch.tensor([[True, True], [True, False]])).tolist()
+        [3.0]
+    """
+    flat = selected.reshape(-1, *selected.shape[2:]).double()
+    if real is None:
+        return flat.mean(dim=0)
+    keep = real.reshape(-1).to(flat.device)
+    if not bool(keep.any()):
+        raise ValueError("Mean-ablation over no real token: the selection holds only padding.")
+    return flat[keep].mean(dim=0)
+
+
 def _index(batch: Batch | None, positions: Positions) -> Tensor | None:
-    if positions is None:
+    if positions is None or (isinstance(positions, str) and positions == "all"):
         return None
     if batch is not None:
         return batch.positions(positions)
-    # Without a batch we cannot see padding: positions count in the unpadded sequence, which is
-    # only right for unpadded (or left-padded, for negative positions) inputs.
-    return torch.as_tensor([positions] if isinstance(positions, int) else list(positions))[None]
+    # Without a batch, positions count in the one sequence forwarded (checked in the hook).
+    return torch.as_tensor(position_list(positions))[None]
 
 
 def _hooks_for(
@@ -329,11 +387,60 @@ def _hooks_for(
                 positions = site.positions
             head = site.head if site is not None else None
             index = _index(batch, positions)
-            fn = item._hook(index, head)
+            mask = None if batch is None else batch.attention_mask
+            fn = item._hook(index, head, mask)
             if index is not None and batch is None:
                 fn = _relative_to_seq(fn, index, item, head)
+            elif batch is not None:
+                fn = _checked_shape(fn, batch)
             fwd.append((name, fn))
+    if batch is not None and fwd and "hook_embed" in model.hook_dict:
+        fwd.insert(0, ("hook_embed", _same_tokens(model, batch)))
     return fwd
+
+
+def _checked_shape(fn: Callable[..., Tensor | None], batch: Batch) -> Callable[..., Tensor | None]:
+    """Refuse a forward pass whose rows or length are not those of ``batch``."""
+
+    def checked(activation: Tensor, hook: Any) -> Tensor | None:
+        if tuple(activation.shape[:2]) != tuple(batch.tokens.shape):
+            raise ValueError(
+                _WRONG_BATCH.format(got=tuple(activation.shape[:2]), want=tuple(batch.tokens.shape))
+            )
+        return fn(activation, hook)
+
+    return checked
+
+
+def _same_tokens(model: Any, batch: Batch) -> Callable[..., None]:
+    """A check at the embedding: the tokens forwarded are those of ``batch`` (positions resolved
+    against another batch's padding would read the wrong tokens silently)."""
+
+    def check(activation: Tensor, hook: Any) -> None:
+        if tuple(activation.shape[:2]) != tuple(batch.tokens.shape):
+            raise ValueError(
+                _WRONG_BATCH.format(got=tuple(activation.shape[:2]), want=tuple(batch.tokens.shape))
+            )
+        weight = model.W_E
+        expected = weight[batch.tokens.to(weight.device)].to(activation.device, activation.dtype)
+        real = batch.attention_mask.to(activation.device).bool()
+        # Cosine, not equality: some architectures scale the embedding before this hook.
+        cos = torch.nn.functional.cosine_similarity(activation[real], expected[real], dim=-1)
+        if bool((cos < 0.99).any()):
+            raise ValueError(
+                "The tokens forwarded are not those of the batch= given to intervene(): pass the "
+                "batch you forward (model(batch.tokens, attention_mask=batch.attention_mask)), or "
+                "use mp.run()."
+            )
+
+    return check
+
+
+_WRONG_BATCH = (
+    "The forward pass has {got} rows x tokens but intervene(batch=...) was given a batch of "
+    "{want}: forward that batch (model(batch.tokens, attention_mask=batch.attention_mask)), or "
+    "use mp.run()."
+)
 
 
 def _relative_to_seq(
@@ -342,6 +449,13 @@ def _relative_to_seq(
     """Resolve negative positions against the activation's own length (no batch given)."""
 
     def wrapped(activation: Tensor, hook: Any) -> Tensor | None:
+        if activation.shape[0] > 1:
+            raise ValueError(
+                f"{hook.name}: positions {index[0].tolist()} on {activation.shape[0]} rows forwarded "
+                "without batch=: padded rows would be read at pad tokens. Pass "
+                "intervene(..., batch=mp.tokenize(model, prompts)) and forward that batch, or use "
+                "mp.run(), which does both."
+            )
         seq = activation.shape[1]
         idx = torch.where(index < 0, index + seq, index).expand(activation.shape[0], -1)
         if bool(((idx < 0) | (idx >= seq)).any()):

@@ -59,13 +59,20 @@ def cache_dir() -> Path:
 
 @contextlib.contextmanager
 def _offline() -> Iterator[None]:
-    """No hub traffic while we load: the machine has no hub, and a silent download is never wanted."""
+    """No hub traffic while we load: the machine has no hub, and a silent download is never wanted.
+    transformers' own "Loading weights" bar stays quiet too (a local load takes a second)."""
+    from transformers.utils import logging as hf_logging
+
     saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
+        if bars:
+            hf_logging.enable_progress_bar()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -111,21 +118,50 @@ def _source_id(gguf: Path) -> dict[str, Any]:
 
 
 def _cache_is_valid(folder: Path, source: dict[str, Any]) -> bool:
-    """True only if the manifest matches the source and every file's digest matches the manifest."""
+    """True only if the manifest matches the source and every file matches the manifest.
+
+    A file whose size and modification time are those recorded is trusted without re-hashing
+    (hashing 540 MB took about 1.2 s of every warm load); any other file is hashed, and when all
+    digests match, the manifest records the new times so the next load is fast again.
+    """
     manifest_path = folder / _MANIFEST
     if not manifest_path.is_file():
         return False
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
     if manifest.get("source") != source or not manifest.get("files"):
         return False
+    refreshed, changed = {}, False
     for rel, expected in manifest["files"].items():
+        record = expected if isinstance(expected, dict) else {"sha256": expected}
         path = folder / rel
-        if not path.is_file() or _digest(path) != expected:
+        if not path.is_file():
             return False
+        stat = path.stat()
+        if record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns:
+            refreshed[rel] = record
+            continue
+        if _digest(path) != record.get("sha256"):
+            return False
+        refreshed[rel] = _file_record(path, record["sha256"])
+        changed = True
+    if changed:
+        with contextlib.suppress(OSError):  # a read-only cache stays valid, only slower
+            _write_manifest(folder, source, refreshed)
     return True
+
+
+def _file_record(path: Path, digest: str) -> dict[str, Any]:
+    stat = path.stat()
+    return {"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _write_manifest(folder: Path, source: dict[str, Any], files: dict[str, Any]) -> None:
+    tmp = folder / f".{_MANIFEST}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"source": source, "files": files}, indent=1))
+    os.replace(tmp, folder / _MANIFEST)
 
 
 def _build_cache(gguf: Path, folder: Path, source: dict[str, Any]) -> None:
@@ -147,8 +183,12 @@ def _build_cache(gguf: Path, folder: Path, source: dict[str, Any]) -> None:
         setattr(hf_model, "is_quantized", False)  # noqa: B010
         hf_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        files = {str(p.relative_to(tmp)): _digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / _MANIFEST).write_text(json.dumps({"source": source, "files": files}, indent=1))
+        files = {
+            str(p.relative_to(tmp)): _file_record(p, _digest(p))
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
+        _write_manifest(tmp, source, files)
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -164,6 +204,7 @@ def _load_embedded(name: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
     folder = cache_dir() / f"{name}-f32"
     source = _source_id(gguf)
     if not _cache_is_valid(folder, source):
+        _check_writable(folder.parent)
         if folder.exists():
             warnings.warn(
                 f"mechprobe: the weight cache in {folder} is incomplete or corrupt; rebuilding it.",
@@ -240,6 +281,7 @@ def load_model(
     if not isinstance(name, str) or not name:
         raise ModelLoadError(f"Model name must be a non-empty string, got {name!r}.")
     key = _ALIASES.get(name.lower(), name.lower())
+    _check_device(device)
     with _offline():
         if key in _EMBEDDED:
             hf_model, tokenizer, bridge_name = _load_embedded(key, dtype)
@@ -252,65 +294,145 @@ def _tiny_tokenizer() -> Any:
     """A byte-level tokenizer with SmolLM2's special ids (0, 1 = BOS, 2 = EOS/pad), from disk.
 
     TransformerLens re-reads ``name_or_path`` from the tokenizer, so it must come from a folder.
+    A folder that does not give those ids (a file missing, an older layout) is rebuilt.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
     folder = cache_dir() / "tiny-tokenizer-v1"
-    if not (folder / "tokenizer.json").is_file():
-        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
-        vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
-        core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        core.decoder = decoders.ByteLevel()
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=core,
-            bos_token=specials[1],
-            eos_token=specials[2],
-            pad_token=specials[2],
-            unk_token=specials[0],
-        )
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix="tiny-tokenizer.", dir=folder.parent))
-        fast.save_pretrained(tmp)
-        try:
+    if folder.is_dir():
+        with contextlib.suppress(OSError, ValueError):
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            if _tiny_ids(tokenizer) == (1, 2, 2, 259):
+                return tokenizer
+    _check_writable(folder.parent)
+    tmp = Path(tempfile.mkdtemp(prefix="tiny-tokenizer.", dir=folder.parent))
+    try:
+        _new_tiny_tokenizer().save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another process won the race; same copy
             tmp.rename(folder)
-        except OSError:  # another process won the race; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    return AutoTokenizer.from_pretrained(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if _tiny_ids(tokenizer) != (1, 2, 2, 259):
+        raise ModelLoadError(
+            f"The tiny test tokenizer in {folder} gives special ids {_tiny_ids(tokenizer)} instead "
+            "of BOS 1, EOS 2, pad 2 over 259 tokens: delete that folder and retry."
+        )
+    return tokenizer
 
 
-def _tiny_hf(seed: int, n_layers: int, d_model: int) -> tuple[Any, Any]:
+def _tiny_ids(tokenizer: Any) -> tuple[Any, Any, Any, int]:
+    return tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)
+
+
+def _new_tiny_tokenizer() -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=specials[1],
+        eos_token=specials[2],
+        pad_token=specials[2],
+        unk_token=specials[0],
+    )
+
+
+def _check_writable(folder: Path) -> None:
+    """Raise :class:`ModelLoadError` unless ``folder`` is (or can become) a writable folder."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".mechprobe-write-test."):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ModelLoadError(
+            f"mechprobe's cache folder {folder} cannot be written ({reason}). Point "
+            "MECHPROBE_CACHE to a folder you can write, e.g. "
+            "`export MECHPROBE_CACHE=$HOME/.cache/mechprobe`."
+        ) from err
+
+
+def _check_device(device: str | None) -> None:
+    """Fail before any weights load when ``device`` cannot be used by this PyTorch."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as err:
+        raise ModelLoadError(f"device={device!r} is not a device: use 'cpu' or 'cuda'.") from err
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"device={device!r}, but this PyTorch sees no CUDA GPU (a CPU build, or no driver): "
+            "use device='cpu' (or None), or install a CUDA build of torch on a machine with a GPU."
+        )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device={device!r}, but MPS is not available here: use 'cpu'.")
+
+
+#: Architectures :func:`tiny_model` builds, and the Hugging Face name the bridge maps each from.
+_TINY_ARCHITECTURES = {
+    "llama": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "gemma2": "google/gemma-2-2b",
+}
+
+
+def _tiny_hf(
+    seed: int, n_layers: int, d_model: int, architecture: str = "llama"
+) -> tuple[Any, Any]:
     """The Hugging Face model and tokenizer behind :func:`tiny_model`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
     tokenizer = _tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=d_model,
-        intermediate_size=2 * d_model,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        # A larger init than Llama's 0.02 gives peaked, position-dependent predictions, so rank and
-        # padding bugs show up in tests instead of hiding in near-uniform distributions.
-        initializer_range=0.15,
-    )
+    shared: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": d_model,
+        "intermediate_size": 2 * d_model,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        # A larger init than the usual 0.02 gives peaked, position-dependent predictions, so rank
+        # and padding bugs show up in tests instead of hiding in near-uniform distributions.
+        "initializer_range": 0.15,
+    }
+    hf_model: Any
     with _offline(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        hf_model = LlamaForCausalLM(config)
+        if architecture == "gemma2":
+            # Gemma 2's soft caps: the final logits pass through 2 * tanh(z / 2), a transform
+            # after the unembedding that every reader of hidden states must apply too.
+            config = Gemma2Config(
+                **shared,
+                head_dim=d_model // 4,
+                query_pre_attn_scalar=d_model // 4,
+                final_logit_softcapping=2.0,
+                attn_logit_softcapping=50.0,
+                sliding_window=64,
+            )
+            hf_model = Gemma2ForCausalLM(config)
+        else:
+            hf_model = LlamaForCausalLM(LlamaConfig(**shared))
     return hf_model, tokenizer
 
 
-def tiny_model(*, seed: int = 0, n_layers: int = 3, d_model: int = 64) -> TransformerBridge:
-    """A small randomly initialised Llama-family bridge (SmolLM2's architecture) for fast tests.
+def tiny_model(
+    *, seed: int = 0, n_layers: int = 3, d_model: int = 64, architecture: str = "llama"
+) -> TransformerBridge:
+    """A small randomly initialised bridge for fast tests: Llama (SmolLM2's architecture) or Gemma 2.
 
     The tokenizer is byte-level (259 tokens: every byte plus SmolLM2's three special tokens), so any
     text tokenizes and most words span several tokens. Weights are drawn with ``seed``; no network.
@@ -319,11 +441,17 @@ def tiny_model(*, seed: int = 0, n_layers: int = 3, d_model: int = 64) -> Transf
         seed: Seed of the weight initialisation; equal seeds give identical models.
         n_layers: Number of transformer blocks.
         d_model: Residual width (4 heads, 2 key/value heads, MLP width 2 * d_model).
+        architecture: ``"llama"``, or ``"gemma2"`` (final logits soft-capped at 2, attention
+            logits at 50: a model whose readout has a post-unembedding transform).
 
     Example:
         >>> model = tiny_model()
         >>> (model.cfg.n_layers, model.cfg.d_model)
         (3, 64)
     """
-    hf_model, tokenizer = _tiny_hf(seed, n_layers, d_model)
-    return _bridge(hf_model, tokenizer, "HuggingFaceTB/SmolLM2-135M-Instruct", None)
+    if architecture not in _TINY_ARCHITECTURES:
+        raise ValueError(
+            f"architecture must be one of {sorted(_TINY_ARCHITECTURES)}, got {architecture!r}."
+        )
+    hf_model, tokenizer = _tiny_hf(seed, n_layers, d_model, architecture)
+    return _bridge(hf_model, tokenizer, _TINY_ARCHITECTURES[architecture], None)

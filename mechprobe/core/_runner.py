@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +12,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechprobe.core._batching import Batch, PaddingSide, PositionSpec, tokenize
-from mechprobe.core._hooks import Capture, Intervention, InterventionSpec, StopForward, intervene
+from mechprobe.core._hooks import (
+    Ablate,
+    Capture,
+    Intervention,
+    InterventionSpec,
+    StopForward,
+    intervene,
+)
 from mechprobe.core._progress import progress_bar
 from mechprobe.core._readout import readout
 from mechprobe.core._sites import SiteLike, resolve_site
@@ -112,8 +120,10 @@ def run(
         if isinstance(prompts, Batch)
         else tokenize(model, prompts, padding_side=padding_side)
     )
-    spec = dict(interventions or {})
+    spec: dict[SiteLike, Intervention | Sequence[Intervention]] = dict(interventions or {})
     names = [resolve_site(model, site)[0] for site in [*spec, *capture]]  # validate first
+    if _pooled_means(spec):
+        spec = dict(_with_batch_means(model, batch, spec, batch_size))
     early = not any(name.startswith(_AFTER_BLOCKS) for name in names)
     final_name = f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post"
     every = isinstance(logit_positions, str) and logit_positions == "all"
@@ -160,6 +170,76 @@ def run(
                 captured[site] = _place(captured.get(site), kept, rows, batch, spans)
     assert logits is not None
     return RunResult(logits=logits, captures=captured, batch=batch)
+
+
+def _pooled_means(spec: InterventionSpec) -> bool:
+    return any(_is_pooled(item) for value in spec.values() for item in _items(value))
+
+
+def _items(value: Intervention | Sequence[Intervention]) -> list[Intervention]:
+    return [value] if isinstance(value, Intervention) else list(value)
+
+
+def _is_pooled(item: Intervention) -> bool:
+    return isinstance(item, Ablate) and item.method == "mean" and item.mean is None
+
+
+class _MeanOf(Intervention):
+    """Sum and count of an activation's real tokens at the selection of a mean-ablation."""
+
+    def __init__(self, like: Intervention) -> None:
+        super().__init__(like.positions)
+        self.total: Tensor | None = None
+        self.count = 0
+
+    def edit_masked(self, selected: Tensor, real: Tensor | None, hook: Any) -> None:
+        flat = selected.reshape(-1, *selected.shape[2:]).double()
+        if real is not None:
+            flat = flat[real.reshape(-1).to(flat.device)]
+        part = flat.sum(0)
+        self.total = part if self.total is None else self.total + part
+        self.count += int(flat.shape[0])
+        return None
+
+    def edit(self, selected: Tensor, hook: Any) -> None:
+        return self.edit_masked(selected, None, hook)
+
+
+def _with_batch_means(
+    model: Any, batch: Batch, spec: InterventionSpec, batch_size: int | None
+) -> dict[SiteLike, list[Intervention]]:
+    """``spec`` with every ``Ablate("mean")`` given its mean over all prompts' real tokens.
+
+    One pass measures the means with the other interventions in place (the mean-ablations not
+    yet), so the result does not depend on how the prompts are chunked.
+    """
+    measured: dict[int, _MeanOf] = {}
+    probe: dict[SiteLike, list[Intervention]] = {}
+    for key, value in spec.items():
+        for item in _items(value):
+            if _is_pooled(item):
+                measured[id(item)] = _MeanOf(item)
+                probe.setdefault(key, []).append(measured[id(item)])
+            else:
+                probe.setdefault(key, []).append(item)
+    final_name = f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post"
+    with torch.no_grad():
+        for _, chunk in batch.chunks(batch_size):
+            hooks: dict[SiteLike, list[Intervention]] = dict(probe)
+            hooks[final_name] = [*probe.get(final_name, []), _Final(None)]
+            with contextlib.suppress(StopForward), intervene(model, hooks, batch=chunk):
+                forward(model, chunk)
+    resolved: dict[SiteLike, list[Intervention]] = {}
+    for key, value in spec.items():
+        for item in _items(value):
+            if _is_pooled(item):
+                acc = measured[id(item)]
+                if acc.total is None or acc.count == 0:
+                    raise ValueError(f"Mean-ablation at {key}: no real token was selected.")
+                mean = (acc.total / acc.count).float()
+                item = Ablate("mean", mean=mean, positions=item.positions)
+            resolved.setdefault(key, []).append(item)
+    return resolved
 
 
 # Hooks that run after the last block: with any of them, run() needs the model's whole forward.

@@ -43,6 +43,7 @@ from mechprobe.core import (
     SiteLike,
     expand_sites,
     intervene,
+    position_list,
     progress_bar,
     readout,
     tokenize,
@@ -203,9 +204,7 @@ def _positions(
                 "tokens, or patch positions counted from the end, e.g. positions=[-3, -2, -1]."
             )
         spec = list(range(lengths.pop()))
-    wanted = [spec] if isinstance(spec, int) else list(spec)
-    if not wanted or not all(isinstance(p, int) for p in wanted):
-        raise ValueError(f"positions must be an int, a non-empty list of ints or 'all': {spec!r}.")
+    wanted = position_list(spec)
     resolved = []
     for i, (s, b) in enumerate(zip(src, base, strict=True)):
         pairs = [(p + s if p < 0 else p, p + b if p < 0 else p) for p in wanted]

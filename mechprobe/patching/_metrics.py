@@ -11,8 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from mechprobe.core import as_int
 
 __all__ = ["MetricFn", "PatchMetric", "answer_prob", "bind_metric", "logit_diff"]
 
@@ -67,16 +70,33 @@ def answer_prob(answer: Any) -> PatchMetric:
 
 
 def _answer_ids(model: Any, value: Any, n_pairs: int, what: str) -> Tensor:
-    values = [value] * n_pairs if isinstance(value, (str, int)) else list(value)
+    single = isinstance(value, str) or as_int(value) is not None
+    if not single and not isinstance(value, (list, tuple, np.ndarray, Tensor)):
+        raise TypeError(
+            f"{what} must be a string, a token id, or one of those per pair, got {value!r}: "
+            "answers are strings or token ids."
+        )
+    values = [value] * n_pairs if single else list(value)
     if len(values) != n_pairs:
         raise ValueError(
             f"{what} has {len(values)} entries for {n_pairs} prompt pairs: pass one per pair, "
             "or a single one for all."
         )
     ids = []
+    vocab = int(model.cfg.d_vocab)
     for v in values:
+        token = as_int(v)
+        if token is not None and not 0 <= token < vocab:
+            raise ValueError(
+                f"{what} token id {token} is outside the vocabulary (0..{vocab - 1}): pass a "
+                "token id of this model, or the answer as a string."
+            )
+        if token is None and not isinstance(v, str):
+            raise TypeError(f"{what} entries must be strings or token ids, got {v!r}.")
         toks = (
-            [v] if isinstance(v, int) else model.tokenizer(v, add_special_tokens=False)["input_ids"]
+            [token]
+            if token is not None
+            else model.tokenizer(v, add_special_tokens=False)["input_ids"]
         )
         if len(toks) != 1:
             raise ValueError(

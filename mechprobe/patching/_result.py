@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
+
+from mechprobe.core import Result, new_axes
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["PatchResult"]
 
 
-@dataclass(frozen=True)
-class PatchResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class PatchResult(Result, format="mechprobe.PatchResult", version=2, html_figure=True):
     """Metric after patching each cell (site x position), averaged over prompt pairs.
 
     Attributes:
@@ -88,11 +91,51 @@ class PatchResult:
             }
         )
 
-    def plot(self, *, normalised: bool = True) -> Figure:
+    def summary(self) -> pd.DataFrame:
+        """The clean and corrupt baselines and the cells that matter most: the five largest
+        normalised recoveries (raw metric where recovery is undefined).
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.patch(mp.tiny_model(), "ab", "ac", "mlp_out", -1, mp.logit_diff(1, 2))
+            >>> list(res.summary().columns)
+            ['what', 'site', 'position', 'token', 'value', 'normalised']
+        """
+        frame = self.to_frame()
+        key = "normalised" if not bool(np.isnan(self.normalised).all()) else "value"
+        top = frame.reindex(frame[key].abs().sort_values(ascending=False).index).head(5)
+        rows = [
+            {"what": "clean run", "value": self.clean_metric, "normalised": 1.0},
+            {"what": "corrupt run", "value": self.corrupt_metric, "normalised": 0.0},
+        ]
+        rows += [
+            {
+                "what": "patched cell",
+                **{k: r[k] for k in ("site", "position", "token", "value", "normalised")},
+            }
+            for r in top.to_dict("records")
+        ]
+        columns = ["what", "site", "position", "token", "value", "normalised"]
+        return pd.DataFrame(rows).reindex(columns=columns)
+
+    def _describe(self) -> str:
+        n_pairs, n_sites, n_pos = self.per_pair.shape
+        return (
+            f"{self.direction}, {self.metric}: {n_sites} site(s) x {n_pos} position(s), "
+            f"{n_pairs} pair(s); clean {self.clean_metric:.3g}, corrupt {self.corrupt_metric:.3g}"
+        )
+
+    def plot(self, ax: Axes | None = None, *, normalised: bool = True) -> Figure:
         """Heatmap of the normalised recovery (or the raw metric) over sites x positions.
 
         Head sites at a single position are drawn as a layer x head grid. Falls back to the raw
         metric when normalised recovery is undefined.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.patch(mp.tiny_model(), "ab", "ac", "mlp_out", -1, mp.logit_diff(1, 2))
+            >>> len(res.plot().axes)  # the heatmap and its colour bar
+            2
         """
         use_norm = normalised and not bool(np.isnan(self.normalised).all())
         data = self.normalised if use_norm else self.values
@@ -110,10 +153,8 @@ class PatchResult:
             )
         elif len(set(self.kinds)) == 1 and len(set(self.layers)) == len(self.layers):
             ylabels = [str(layer) for layer in self.layers]
-        fig = Figure(
-            figsize=(max(4.0, 0.35 * len(xlabels) + 2), max(3.0, 0.25 * len(ylabels) + 1.5))
-        )
-        ax = fig.add_subplot()
+        size = (max(4.0, 0.35 * len(xlabels) + 2), max(3.0, 0.25 * len(ylabels) + 1.5))
+        fig, ax = new_axes(ax, size)
         finite = np.abs(data[np.isfinite(data)])
         lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
         image = ax.imshow(data, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
@@ -124,37 +165,4 @@ class PatchResult:
         label = "normalised recovery" if use_norm else self.metric
         fig.colorbar(image, ax=ax, label=label)
         ax.set_title(f"{self.direction} patching of {self.kind}: {self.metric}")
-        fig.tight_layout()
         return fig
-
-    def save(self, path: str | Path) -> None:
-        """Write the result as JSON (arrays as flat lists with their shape, NaN as null).
-
-        Example:
-            >>> import mechprobe as mp, tempfile, os
-            >>> res = mp.patch(mp.tiny_model(), "ab", "ac", "mlp_out", -1, mp.logit_diff(1, 2))
-            >>> path = os.path.join(tempfile.mkdtemp(), "patch.json")
-            >>> res.save(path)
-            >>> bool((mp.PatchResult.load(path).values == res.values).all())
-            True
-        """
-        data = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, np.ndarray):
-                value = [None if np.isnan(v) else float(v) for v in value.ravel()], value.shape
-            data[f.name] = value
-        Path(path).write_text(json.dumps(data))
-
-    @classmethod
-    def load(cls, path: str | Path) -> PatchResult:
-        """Read a result written by :meth:`save`."""
-        data: dict[str, Any] = json.loads(Path(path).read_text())
-        kwargs: dict[str, Any] = {}
-        for k, v in data.items():
-            if k in {"values", "per_pair", "normalised", "clean", "corrupt"}:
-                flat, shape = v
-                kwargs[k] = np.array(flat, dtype=float).reshape(shape)
-            else:
-                kwargs[k] = tuple(v) if isinstance(v, list) else v
-        return cls(**kwargs)
