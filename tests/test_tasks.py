@@ -341,3 +341,11 @@ def test_unknown_name_lists_builtins_and_format(tmp_path: Path) -> None:
     bad.write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match="is not valid JSON"):
         load_task(bad)
+
+
+def test_a_file_that_is_not_utf8_is_named_in_the_error(tmp_path: Path) -> None:
+    # Latin-1 bytes for "Bogotá" (0xe1 alone is not UTF-8): the error names the file and the fix.
+    path = tmp_path / "latin1.json"
+    path.write_bytes(json.dumps(_toy(name="latin")).replace("Warsaw", "Bogotá").encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.json is not UTF-8 text .*save the task file"):
+        load_task(path)

@@ -326,6 +326,10 @@ class Task:
     def from_json(cls, path: str | os.PathLike[str]) -> Task:
         """Read and validate a task file.
 
+        Raises:
+            ValueError: The file is not UTF-8 text, not JSON, or not a valid task; the message
+                names the file.
+
         Example:
             >>> import tempfile, os
             >>> path = load_task("past_tense").to_json(os.path.join(tempfile.mkdtemp(), "p.json"))
@@ -335,6 +339,11 @@ class Task:
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save the task file "
+                f"as UTF-8. {FORMAT_HELP}"
+            ) from err
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err}). {FORMAT_HELP}") from err
         return cls.from_dict(data)
