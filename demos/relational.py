@@ -14,9 +14,12 @@ on two cores; ``--part analysis|arithmetic|ablation`` runs one part, ``--tasks``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 import mechprobe as mp
 
@@ -35,8 +38,8 @@ def _print(result: mp.RelationalResult) -> None:
     )
     print(result.headline())
     if result.tuned is not None:
-        (start, stop), scale = result.sweep.best("ovector", "mrr") if result.sweep else ((0, 0), 0)
-        print(f"\nAt the sweep's best cell on in-domain contexts (layers {start}-{stop - 1}, "
+        layers, scale = result.tuned.layers, result.tuned.scale  # the sweep's best cell
+        print(f"\nAt the sweep's best cell on in-domain contexts (layers {layers[0]}-{layers[-1]}, "
               f"scale {scale:g}), held-out arguments:\n")  # fmt: skip
         print(result.headline("held_out", tuned=True))
     if result.ablation is not None:
@@ -51,11 +54,24 @@ def demo(out: str | None) -> None:
     model = mp.load_model()
     # The sweep picks a layer range and scale on in-domain contexts; held-out ones then judge it.
     result = mp.relational_analysis(
-        model, "capitals", n_items=40, sweep_ranges="auto", progress=False
+        model, "capitals", n_items=40, sweep_layers="auto", progress=False
     )
     _print(result)
     if out:
         print(f"\nwrote {result.save(out)}")
+
+
+def _plain(result: Any) -> dict[str, Any]:
+    """A result's fields as plain JSON lists (the docs' record; ``save`` tags its arrays)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return {f.name: plain(getattr(result, f.name)) for f in dataclasses.fields(result)}
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -76,17 +92,19 @@ def docs(n_items: int, part: str, tasks: tuple[str, ...]) -> None:
                 name,
                 n_items=n_items,
                 ablation=False,  # the ablation part runs each pair once, below
-                sweep_ranges="auto" if name in ABSTRACTIVE else None,
+                sweep_layers="auto" if name in ABSTRACTIVE else None,
                 progress=True,
             )
             _print(result)
+            (ROOT / "out" / "relational").mkdir(parents=True, exist_ok=True)
             result.save(ROOT / "out" / "relational" / name)  # full result, outside git
-            data = result.to_json()
-            data.pop("details")
+            data = result.to_dict()
+            for key in ("format", "version", "details"):
+                data.pop(key)
             data["headline"] = result.headline()
             data["headline_held_out"] = result.headline("held_out")
             if result.sweep is not None:
-                data["sweep_grid"] = result.sweep.to_dict()
+                data["sweep_grid"] = _plain(result.sweep)
                 data["headline_tuned"] = result.headline(tuned=True)
                 data["headline_tuned_held_out"] = result.headline("held_out", tuned=True)
             summary.setdefault("analysis", {})[name] = data
@@ -95,7 +113,9 @@ def docs(n_items: int, part: str, tasks: tuple[str, ...]) -> None:
                 figures / f"relational_{name}_intervention.png", dpi=110
             )
             if result.sweep is not None:
-                result.plot_sweep("mrr").savefig(figures / f"relational_{name}_sweep.png", dpi=110)
+                result.plot_sweep(metric="mrr").savefig(
+                    figures / f"relational_{name}_sweep.png", dpi=110
+                )
             path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     if part in ("arithmetic", "all"):
         arithmetic: dict[str, Any] = {"analogies": {}, "offsets": {}}
@@ -125,7 +145,7 @@ def docs(n_items: int, part: str, tasks: tuple[str, ...]) -> None:
             abl = mp.ffn_ablation(model, pair, method=method, progress=True)
             suffix = "" if method == "zero" else f"_{method}"
             abl.plot().savefig(figures / f"relational_{abstractive}_ablation{suffix}.png", dpi=110)
-            summary.setdefault("ablation", {})[f"{abstractive}{suffix}"] = abl.to_dict()
+            summary.setdefault("ablation", {})[f"{abstractive}{suffix}"] = _plain(abl)
             path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
 
 

@@ -71,25 +71,31 @@ from mechprobe.probing import (
 from mechprobe.relational import (
     AblationResult,
     AnalogyResult,
-    InterventionResult,
     OVector,
+    OVectorEffect,
+    OVectorSweep,
     RelationalResult,
     Stages,
-    SweepResult,
+    TaskPass,
     TaskScore,
     Trajectory,
     analogy,
+    default_sweep_layers,
     extract_ovector,
     ffn_ablation,
     ffn_attribution,
-    intervention_contexts,
+    fit_ovector,
     offset_accuracy,
+    ovector_controls,
     ovector_intervention,
     ovector_sweep,
     random_ovector,
+    random_word_contexts,
     relational_analysis,
     score_task,
+    task_pass,
     trajectory,
+    tuned_intervention,
 )
 from mechprobe.tasks import Task, TaskItem, list_tasks, load_task
 
@@ -109,12 +115,13 @@ __all__: list[str] = [
     "CumulativeScores",
     "ErasureSweep",
     "Intervention",
-    "InterventionResult",
     "LensResult",
     "LinearProbe",
     "MLPProbe",
     "ModelLoadError",
     "OVector",
+    "OVectorEffect",
+    "OVectorSweep",
     "PatchMetric",
     "PatchResult",
     "ProbeResult",
@@ -128,9 +135,9 @@ __all__: list[str] = [
     "Site",
     "SolverPath",
     "Stages",
-    "SweepResult",
     "Task",
     "TaskItem",
+    "TaskPass",
     "TaskScore",
     "Trajectory",
     "__version__",
@@ -142,15 +149,16 @@ __all__: list[str] = [
     "control_projections",
     "country_dataset",
     "cumulative_scores",
+    "default_sweep_layers",
     "dropout_projection",
     "extract_ovector",
     "ffn_ablation",
     "ffn_attribution",
     "fit_erasure",
+    "fit_ovector",
     "identity_projection",
     "inlp",
     "intervene",
-    "intervention_contexts",
     "layer_sweep",
     "leace",
     "list_tasks",
@@ -160,6 +168,7 @@ __all__: list[str] = [
     "logit_diff",
     "logit_lens",
     "offset_accuracy",
+    "ovector_controls",
     "ovector_intervention",
     "ovector_sweep",
     "patch",
@@ -167,13 +176,38 @@ __all__: list[str] = [
     "probe_layers",
     "random_ovector",
     "random_projection",
+    "random_word_contexts",
     "relational_analysis",
     "run",
     "score_task",
     "solver_path",
+    "task_pass",
     "templated_dataset",
     "tiny_model",
     "tokenize",
     "tokenize_with_targets",
     "trajectory",
+    "tuned_intervention",
 ]
+
+# Old names, kept for one release (CHANGELOG.md): each still works and says what replaced it.
+_RENAMED = {
+    "InterventionResult": "OVectorEffect",
+    "SweepResult": "OVectorSweep",
+    "intervention_contexts": "random_word_contexts",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _RENAMED:
+        import warnings
+
+        new = _RENAMED[name]
+        warnings.warn(
+            f"mechprobe.{name} is deprecated and will be removed in the next release; use "
+            f"mechprobe.{new} (the same object).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return globals()[new]
+    raise AttributeError(f"module 'mechprobe' has no attribute {name!r}")

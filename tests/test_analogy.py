@@ -198,9 +198,10 @@ def test_planted_offset_beats_the_baseline() -> None:
     assert result.top1 >= 0.9
     assert result.baseline_top1 <= 0.2
     assert result.top5 >= result.top1 and result.baseline_top5 >= result.baseline_top1
-    summary = result.summary()
+    summary = result.metrics()
     assert summary["n_eval"] == 10 and summary["n_fit"] == 30 and summary["n_dropped"] == 0
     assert summary["mrr"] > summary["baseline_mrr"]
+    assert result.summary().iloc[0].to_dict() == summary  # the same numbers, as a table
 
 
 def test_answer_candidates_restrict_the_ranking() -> None:
@@ -242,8 +243,12 @@ def test_result_frame_plot_and_json_round_trip(tmp_path: Path) -> None:
     offset_rows = frame[frame["method"] == "offset"]
     assert offset_rows["correct"].mean() == pytest.approx(result.top1)
     assert isinstance(result.plot(), Figure)
-    path = result.to_json(tmp_path / "r.json")
-    assert AnalogyResult.from_json(path) == result
+    path = result.save(tmp_path / "r.json")
+    assert AnalogyResult.load(path) == result
+    with pytest.warns(DeprecationWarning, match="save"):
+        old = result.to_json(tmp_path / "old.json")
+    with pytest.warns(DeprecationWarning, match="load"):
+        assert AnalogyResult.from_json(old) == result
 
 
 def test_single_token_keeps_only_one_token_words() -> None:

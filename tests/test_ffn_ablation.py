@@ -81,12 +81,12 @@ def test_mean_ablation_uses_that_mean(tiny):
     assert np.array_equal(res.predicted[0][1], preds)
 
 
-def test_two_tasks_roundtrip_and_plot(tiny):
+def test_two_tasks_roundtrip_and_plot(tiny, tmp_path):
     tasks = [mp.load_task(n).with_shots(1).subset(2) for n in ("capitals", "capitals_extractive")]
     res = mp.ffn_ablation(tiny, tasks, parts=2)
     assert res.tasks == ("capitals", "capitals_extractive")
     assert res.kinds == ("abstractive", "extractive") and res.accuracy.shape == (2, 3)
-    back = mp.AblationResult.from_dict(res.to_dict())
+    back = mp.AblationResult.load(res.save(tmp_path / "ablation.json"))
     assert np.array_equal(back.accuracy, res.accuracy)
     assert all(np.array_equal(a, b) for a, b in zip(back.predicted, res.predicted, strict=True))
     assert len(res.to_frame()) == 6 and list(res.fraction_removed) == [0.0, 2 / 3, 1.0]

@@ -14,16 +14,16 @@ ANSWERS = [" Warsaw", " Santiago", " Tokyo"]
 
 
 def test_contexts_follow_merullos_pattern_and_are_seeded():
-    ctx = mp.intervention_contexts([" China"], seed=3)[0]
+    ctx = mp.random_word_contexts([" China"], seed=3)[0]
     words = ctx.split()
     assert len(words) == 11 and words[3] == words[7] == "China"
     assert words[:3] == words[4:7] == words[8:]  # F arg F arg F
     assert len(set(words[:3])) == 3 and set(words[:3]) <= set(FILLER_WORDS)
-    assert mp.intervention_contexts(ARGS, seed=1) == mp.intervention_contexts(ARGS, seed=1)
-    assert mp.intervention_contexts(ARGS, seed=1) != mp.intervention_contexts(ARGS, seed=2)
-    assert mp.intervention_contexts([" brown"], n_filler=2, repeats=1)[0].split()[2] == "brown"
+    assert mp.random_word_contexts(ARGS, seed=1) == mp.random_word_contexts(ARGS, seed=1)
+    assert mp.random_word_contexts(ARGS, seed=1) != mp.random_word_contexts(ARGS, seed=2)
+    assert mp.random_word_contexts([" brown"], n_filler=2, repeats=1)[0].split()[2] == "brown"
     with pytest.raises(ValueError, match="n_filler"):
-        mp.intervention_contexts(ARGS, n_filler=0)
+        mp.random_word_contexts(ARGS, n_filler=0)
 
 
 def _manual_logits(model, contexts, layers, value, mode):
@@ -45,7 +45,7 @@ def _manual_logits(model, contexts, layers, value, mode):
 
 @pytest.mark.parametrize("mode", ["replace", "add"])
 def test_intervention_equals_a_manual_hook_writing_the_vector(tiny, mode):
-    contexts = mp.intervention_contexts(ARGS, seed=0)
+    contexts = mp.random_word_contexts(ARGS, seed=0)
     o = torch.randn(64, generator=torch.Generator().manual_seed(0))
     res = mp.ovector_intervention(
         tiny, {"ovector": o}, contexts, ANSWERS, layers=[1, 2], scale=2.5, mode=mode,
@@ -64,7 +64,7 @@ def test_intervention_equals_a_manual_hook_writing_the_vector(tiny, mode):
 
 
 def test_last_position_only_leaves_the_rest(tiny):
-    contexts = mp.intervention_contexts(ARGS[:2], seed=0)
+    contexts = mp.random_word_contexts(ARGS[:2], seed=0)
     o = torch.randn(64)
     res = mp.ovector_intervention(tiny, {"o": o}, contexts, ANSWERS[:2], layers=[2], positions=-1)
 
@@ -81,10 +81,10 @@ def test_last_position_only_leaves_the_rest(tiny):
         assert res.top[1, i] == int(logits[0, -1].argmax())
 
 
-def _planted() -> mp.InterventionResult:
+def _planted() -> mp.OVectorEffect:
     rank = np.array([[3, 0, 10, 1], [0, 0, 2, 5], [1, 4, 10, 0], [3, 0, 0, 1]])
     top = np.array([[7, 1, 9, 4], [5, 1, 3, 8], [6, 9, 9, 2], [7, 1, 8, 4]])
-    return mp.InterventionResult(
+    return mp.OVectorEffect(
         contexts=("a", "b", "c", "d"),
         targets=(" A", " B", " C", " D"),
         target_ids=np.array([5, 1, 8, 2]),
@@ -103,36 +103,36 @@ def _planted() -> mp.InterventionResult:
 
 def test_summary_metrics_by_hand():
     res = _planted()
-    s = res.summary("ovector")
+    s = res.metrics("ovector")
     assert s["top1_before"] == 0.25 and s["top1_after"] == 0.5
     assert s["mean_rank_before"] == pytest.approx(3.5) and s["mean_rank_after"] == pytest.approx(
         1.75
     )
     assert s["mrr_after"] == pytest.approx(np.mean([1, 1, 1 / 3, 1 / 6]))
     assert s["no_effect_rate"] == 0.25  # only context 1 keeps its top token
-    pooled = res.summary(["random_0", "random_1"])  # seeds pooled: 8 (context, seed) pairs
+    pooled = res.metrics(["random_0", "random_1"])  # seeds pooled: 8 (context, seed) pairs
     assert pooled["top1_after"] == pytest.approx(3 / 8)
     assert pooled["no_effect_rate"] == pytest.approx(4 / 8)
-    held = res.summary("ovector", group="held_out")
+    held = res.metrics("ovector", group="held_out")
     assert held["n"] == 2 and held["top1_before"] == 0.0 and held["mean_rank_after"] == 3.5
     assert res.families() == {"intact": ["intact"], "ovector": ["ovector"],
                               "random": ["random_0", "random_1"]}  # fmt: skip
-    assert np.isnan(res.summary("ovector", group="nowhere")["top1_after"])
+    assert np.isnan(res.metrics("ovector", group="nowhere")["top1_after"])
     with pytest.raises(KeyError, match="conditions"):
-        res.summary("missing")
+        res.metrics("missing")
 
 
 def test_roundtrip_frame_plot():
     res = _planted()
-    back = mp.InterventionResult.from_dict(res.to_dict())
-    assert back.summary("ovector") == res.summary("ovector")
+    back = mp.OVectorEffect.from_dict(res.to_dict())
+    assert back.metrics("ovector") == res.metrics("ovector")
     frame = res.to_frame()
     assert len(frame) == 16 and frame.query("condition == 'ovector'")["top1"].sum() == 2
     assert res.plot().axes
 
 
 def test_bad_input_names_the_fix(tiny):
-    ctx = mp.intervention_contexts(ARGS)
+    ctx = mp.random_word_contexts(ARGS)
     with pytest.raises(ValueError, match="width 64"):
         mp.ovector_intervention(tiny, {"o": torch.zeros(3)}, ctx, ANSWERS, layers=[1])
     with pytest.raises(ValueError, match="one target per"):
@@ -146,25 +146,23 @@ def test_bad_input_names_the_fix(tiny):
 
 
 def test_sweep_cells_match_single_interventions(tiny):
-    ctx = mp.intervention_contexts(ARGS, seed=0)
+    ctx = mp.random_word_contexts(ARGS, seed=0)
     vecs = {"ovector": torch.randn(64), "random_0": torch.randn(64)}
-    grid = mp.ovector_sweep(
-        tiny, vecs, ctx, ANSWERS, layer_ranges=[(1, 3), (2, 3)], scales=[1.0, 3.0]
-    )
+    grid = mp.ovector_sweep(tiny, vecs, ctx, ANSWERS, layers=[range(1, 3), [2]], scales=[1.0, 3.0])
     assert grid.top1.shape == (2, 2, 2)
     one = mp.ovector_intervention(tiny, vecs, ctx, ANSWERS, layers=[2], scale=3.0)
     for c, name in enumerate(["ovector", "random_0"]):
-        s = one.summary(name)
+        s = one.metrics(name)
         assert grid.mean_rank[c, 1, 1] == pytest.approx(s["mean_rank_after"])
         assert grid.no_effect[c, 1, 1] == pytest.approx(s["no_effect_rate"])
-    assert grid.before["mean_rank"] == pytest.approx(one.summary("ovector")["mean_rank_before"])
-    (start, stop), scale = grid.best("ovector", "mean_rank")
-    r, s_ = grid.layer_ranges.index((start, stop)), grid.scales.index(scale)
+    assert grid.before["mean_rank"] == pytest.approx(one.metrics("ovector")["mean_rank_before"])
+    cell, scale = grid.best("ovector", "mean_rank")
+    r, s_ = grid.layers.index(cell), grid.scales.index(scale)
     assert grid.mean_rank[0, r, s_] == grid.mean_rank[0].min()
-    assert mp.SweepResult.from_dict(grid.to_dict()).to_frame().equals(grid.to_frame())
+    assert mp.OVectorSweep.from_dict(grid.to_dict()).to_frame().equals(grid.to_frame())
     assert grid.plot().axes
     with pytest.raises(ValueError, match="empty"):
-        mp.ovector_sweep(tiny, vecs, ctx, ANSWERS, layer_ranges=[(2, 2)])
+        mp.ovector_sweep(tiny, vecs, ctx, ANSWERS, layers=[range(2, 2)])
 
 
 @pytest.mark.integration
@@ -172,9 +170,47 @@ def test_smollm2_intervention_and_controls_share_contexts(smollm2):
     task = mp.load_task("capitals").with_shots(3).subset(12, seed=0)
     o = mp.extract_ovector(smollm2, task, layer=24, only_correct=True)
     vecs = {"ovector": o, "random_0": mp.random_ovector(o, seed=0)}
-    ctx = mp.intervention_contexts(task.arguments(), seed=0)
+    ctx = mp.random_word_contexts(task.arguments(), seed=0)
     res = mp.ovector_intervention(smollm2, vecs, ctx, task.answers(), layers=range(24, 30),
                                   arguments=task.arguments())  # fmt: skip
     assert res.rank.shape == (3, 12) and res.conditions == ("intact", "ovector", "random_0")
     # The random-word contexts work as intended: the intact model mostly repeats the argument.
-    assert res.summary("ovector")["argument_top1_before"] >= 0.5
+    assert res.metrics("ovector")["argument_top1_before"] >= 0.5
+
+
+def test_non_finite_vectors_scales_and_logits_raise(tiny):
+    # A NaN compares false with every logit: before these checks every context ranked 0 (top-1).
+    ctx = mp.random_word_contexts(ARGS)
+    nan = torch.zeros(64)
+    nan[5] = float("nan")
+    with pytest.raises(ValueError, match="'o' holds 1 NaN or infinite"):
+        mp.ovector_intervention(tiny, {"o": nan}, ctx, ANSWERS, layers=[1])
+    with pytest.raises(ValueError, match="'o' holds 64 NaN or infinite"):
+        mp.ovector_sweep(tiny, {"o": torch.full((64,), float("inf"))}, ctx, ANSWERS, layers=[1])
+    for bad in [float("nan"), float("inf")]:
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            mp.ovector_intervention(tiny, {"o": torch.ones(64)}, ctx, ANSWERS, layers=[1],
+                                    scale=bad)  # fmt: skip
+        with pytest.raises(ValueError, match="scales must be a finite number"):
+            mp.ovector_sweep(tiny, {"o": torch.ones(64)}, ctx, ANSWERS, layers=[1],
+                             scales=[1.0, bad])  # fmt: skip
+    with pytest.raises(ValueError, match=r"OVector\.vector holds"):
+        mp.OVector(nan, layer=1, source="x", n_prompts=1)
+    # A finite vector so large that the stream overflows is caught where the ranks are counted.
+    with pytest.raises(ValueError, match="logit tensor at the contexts' last token"):
+        mp.ovector_intervention(tiny, {"o": torch.ones(64)}, ctx, ANSWERS, layers=[1, 2],
+                                scale=3e38, mode="add")  # fmt: skip
+
+
+def test_nan_model_logits_raise_in_every_ranking():
+    model = mp.tiny_model(seed=3)
+    with torch.no_grad():
+        model.W_U[:, 7] = float("nan")
+    ctx = mp.random_word_contexts(ARGS)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        mp.ovector_intervention(model, {"o": torch.ones(64)}, ctx, ANSWERS, layers=[1])
+    task = mp.load_task("capitals").with_shots(1).subset(2)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        mp.ffn_ablation(model, task, parts=1)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        mp.extract_ovector(model, task, 1, only_correct=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -28,12 +29,12 @@ def result(tiny):
     return mp.relational_analysis(
         tiny, "capitals", shots=1, n_items=6, layers=[1, 2], n_random=2, ablation=True,
         other_task=mp.load_task("past_tense").subset(3), contrast_task=None,
-        sweep_ranges=[(1, 3), (2, 3)], sweep_scales=[1.0, 2.0], progress=False,
+        sweep_layers=[range(1, 3), range(2, 3)], sweep_scales=[1.0, 2.0], progress=False,
     )  # fmt: skip
 
 
 def test_result_json_has_the_contract_keys(result):
-    data = result.to_json()
+    data = result.to_dict()
     for key in ["task", "kind", "n_items", "accuracy", "argument_layer", "function_layer",
                 "saturation_layer", "intervention", "controls"]:  # fmt: skip
         assert key in data
@@ -54,7 +55,7 @@ def test_controls_run_on_the_same_contexts_as_the_ovector(result):
     assert inter.rank.shape[0] == 5  # one row per condition, the same contexts in each column
     n = result.vectors_norms
     assert n["random_0"] == pytest.approx(n["ovector"], rel=1e-5)
-    random = result.to_json()["controls"]["random"]
+    random = result.to_dict()["controls"]["random"]
     assert len(random["per_seed_top1_after"]) == 2
     assert random["top1_after"] == pytest.approx(np.mean(random["per_seed_top1_after"]))
     assert set(inter.groups) <= {"in_domain", "held_out"}
@@ -78,11 +79,11 @@ def test_ablation_and_sweep_are_included(result):
     # The cell is chosen on the in-domain contexts, then every condition reruns there on all.
     n_in = sum(g == "in_domain" for g in result.intervention.groups)
     assert result.sweep.n_contexts == n_in > 0
-    (start, stop), scale = result.sweep.best("ovector", "mrr")
-    assert result.tuned is not None and result.tuned.layers == tuple(range(start, stop))
+    cell, scale = result.sweep.best("ovector", "mrr")
+    assert result.tuned is not None and result.tuned.layers == cell
     assert result.tuned.scale == scale and result.tuned.contexts == result.intervention.contexts
     assert result.tuned.conditions == result.intervention.conditions
-    sweep = result.to_json()["sweep"]
+    sweep = result.to_dict()["sweep"]
     assert sweep["chosen_on"] == "in_domain" and sweep["best_scale"] == scale
     assert set(sweep["controls"]) == {"random", "other_task", "intact"}
     assert set(result.to_frame()["setting"]) == {"default", "tuned"}
@@ -94,13 +95,13 @@ def test_save_load_roundtrip(result, tmp_path):
                  "intervention.png", "ablation.png", "sweep.png"]:  # fmt: skip
         assert (folder / name).is_file(), name
     back = mp.RelationalResult.load(folder)
-    assert back.to_json() == result.to_json()
+    assert back.to_json() == result.to_dict()
     assert torch.equal(back.ovector.vector, result.ovector.vector)
     report = (folder / "report.md").read_text()
     assert "random, same norm (2 seeds)" in report and "intact model" in report
     frame = result.to_frame()
     assert set(frame["condition"]) == {"ovector", "random", "other_task", "intact"}
-    with pytest.raises(ValueError, match=r"no result\.json"):
+    with pytest.raises(FileNotFoundError, match=r"no result\.json"):
         mp.RelationalResult.load(tmp_path)
 
 
@@ -133,9 +134,78 @@ def test_smollm2_capitals_analysis(smollm2, tmp_path):
     task = task.subset([task.inputs().index(c) for c in WELL_KNOWN[:16]])
     res = mp.relational_analysis(smollm2, task, ablation=False, n_random=2, progress=False,
                                  other_task=mp.load_task("past_tense").subset(8))  # fmt: skip
-    data = res.to_json()
+    data = res.to_dict()
     assert data["accuracy"] >= 0.9 and data["function_layer"] is not None
     assert data["intervention"]["layers"][0] == data["function_layer"]
     assert data["intervention"]["n"] == data["controls"]["random"]["n"] > 0
     assert data["controls"]["other_task"]["n"] == data["intervention"]["n"]
     assert res.save(tmp_path / "smol").joinpath("result.json").is_file()
+
+
+# --- bad input: non-finite numbers, output folders (issue 12, section 3, items 1 and 9) ----------
+
+
+def test_non_finite_scales_raise_before_any_forward_pass(tiny):
+    calls = []
+    handle = tiny.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        for bad in [float("nan"), float("inf")]:
+            with pytest.raises(ValueError, match="scale must be a finite number"):
+                mp.relational_analysis(tiny, "capitals", n_items=4, scale=bad, progress=False)
+        with pytest.raises(ValueError, match="sweep_scales must be a finite number"):
+            mp.relational_analysis(
+                tiny, "capitals", n_items=4, sweep_layers="auto", sweep_scales=[1.0, float("nan")]
+            )
+    finally:
+        handle.remove()
+    assert not calls
+
+
+def test_nan_logits_from_a_model_raise_instead_of_ranking_first():
+    model = mp.tiny_model(seed=3)
+    with torch.no_grad():
+        model.W_U[:, 7] = float("nan")  # one token's logit is NaN for every input
+    task = mp.load_task("capitals").with_shots(1).subset(3)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        mp.score_task(model, task)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        mp.relational_analysis(model, task, shots=1, progress=False)
+
+
+def _no_model(name):
+    raise AssertionError("the model was loaded before --out was checked")
+
+
+@pytest.mark.parametrize("case", ["file", "missing_parent", "unwritable"])
+def test_cli_relation_checks_out_before_any_work(tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr("mechprobe.cli.relation.load", _no_model)
+    if case == "file":
+        out = tmp_path / "taken"
+        out.write_text("x")
+        want = "is an existing file"
+    elif case == "missing_parent":
+        out = tmp_path / "nowhere" / "run"
+        want = "does not exist; create it first"
+    else:
+        out = tmp_path / "locked" / "run"
+        out.parent.mkdir()
+        real = tempfile.NamedTemporaryFile
+
+        def refuse(*args, **kwargs):
+            if kwargs.get("dir") == out.parent:
+                raise PermissionError(13, "Permission denied")
+            return real(*args, **kwargs)
+
+        # Root writes into any folder whatever its mode bits, so the refusal is simulated.
+        monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+        want = "cannot write into"
+    code = cli_main(["relation", "--task", "capitals", "--model", "tiny", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and want in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_relation_refuses_a_nan_scale(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["relation", "--task", "capitals", "--model", "tiny", "--out", "x",
+                  "--scale", "nan"])  # fmt: skip
+    assert stop.value.code == 2 and "finite number" in capsys.readouterr().err

@@ -122,6 +122,7 @@ def test_ffn_attribution_counts_items(tiny):
 def test_roundtrip_frame_and_plot(tiny):
     traj = mp.trajectory(tiny, _task(3))
     back = mp.Trajectory.from_dict(traj.to_dict())
+    assert traj.to_dict()["format"] == "mechprobe.Trajectory"
     assert np.array_equal(back.answer_rank_no_ffn, traj.answer_rank_no_ffn)
     frame = traj.to_frame()
     assert len(frame) == 4 * 3 * tiny.cfg.n_layers
@@ -138,3 +139,14 @@ def test_smollm2_capitals_x(smollm2):
     assert st.saturation_layer >= st.function_layer
     # Correct items: the answer is the top token at the last layer.
     assert np.all(traj.answer_rank[traj.included, -1] == 0)
+
+
+def test_nan_lens_logits_raise():
+    # The lens readout ranks tokens by counting larger logits: a NaN one would rank everything 0.
+    from mechprobe.relational._trajectory import _ranks
+
+    model = mp.tiny_model(seed=3)
+    with torch.no_grad():
+        model.W_U[:, 7] = float("nan")
+    with pytest.raises(ValueError, match="logit tensor at layer 0"):
+        _ranks(model, torch.zeros(2, 3, 64), torch.zeros(2, 1, dtype=torch.long))

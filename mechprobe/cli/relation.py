@@ -9,7 +9,10 @@ Example::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from mechprobe.cli._arguments import add_model_argument, load, positions_type
@@ -42,6 +45,34 @@ def _optional_task(text: str) -> str | None:
     return None if text.lower() == "none" else text
 
 
+def _finite(text: str) -> float:
+    """A finite float (``nan`` or ``inf`` would be written into the model as is)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
+    return value
+
+
+def _output_folder_problem(out: str) -> str | None:
+    """Why ``out`` cannot become the output folder (None when it can), checked before any work:
+    an existing file, a missing parent, or a folder this process cannot write into."""
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        return f"--out {out} is an existing file; pass a folder (new or existing)."
+    if not folder.exists() and not folder.parent.is_dir():
+        return f"--out {out}: the folder {folder.parent} does not exist; create it first."
+    where = folder if folder.exists() else folder.parent
+    try:  # a real write says more than permission bits (root, read-only mounts, ACLs)
+        with tempfile.NamedTemporaryFile(dir=where, prefix=".mechprobe-check-"):
+            pass
+    except OSError as err:
+        return f"--out {out}: cannot write into {where} ({err.strerror or err})."
+    return None
+
+
 def add_parser(sub: Any) -> None:
     """Register ``mechprobe relation`` on the subparsers ``sub``."""
     parser = sub.add_parser(
@@ -51,17 +82,22 @@ def add_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--task", required=True, help="built-in task name or task JSON file")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="output folder (created; its parent must exist)"
+    )
     add_model_argument(parser)
     parser.add_argument("--shots", type=int, default=3, help="demonstrations (default 3)")
     parser.add_argument("--n-items", type=int, help="seeded subset of the items (default: all)")
     parser.add_argument(
         "--layers", type=_layers, help="FFN layers to write o into (default: function layer on)"
     )
-    parser.add_argument("--scale", type=float, default=1.0, help="scale of o (default 1)")
+    parser.add_argument("--scale", type=_finite, default=1.0, help="scale of o (default 1)")
     parser.add_argument("--mode", choices=("replace", "add"), default="replace")
     parser.add_argument(
-        "--positions", type=positions_type(), default=None, help="'all' (default), 'last' or ints"
+        "--positions",
+        type=positions_type("all"),
+        default="all",
+        help="'all' (default), 'last' or ints",
     )
     parser.add_argument("--n-random", type=int, default=3, help="random controls (default 3)")
     parser.add_argument(
@@ -98,6 +134,10 @@ def main(args: argparse.Namespace) -> int:
     """Run the analysis on the parsed arguments, save everything, print the headline table."""
     import mechprobe as mp
 
+    problem = _output_folder_problem(args.out)
+    if problem is not None:  # before the model loads and the analysis runs
+        print(f"mechprobe relation: error: {problem}", file=sys.stderr)
+        return 2
     try:
         model = load(args.model)
         result = mp.relational_analysis(
@@ -116,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
             ovector_prompts=args.ovector_prompts,
             ablation=not args.no_ablation,
             ablation_method=args.ablation_method,
-            sweep_ranges="auto" if args.sweep else None,
+            sweep_layers="auto" if args.sweep else None,
             seed=args.seed,
             batch_size=args.batch_size,
             progress=not args.quiet,
@@ -124,7 +164,11 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, mp.ModelLoadError) as err:
         print(f"mechprobe relation: error: {err}", file=sys.stderr)
         return 2
-    folder = result.save(args.out)
+    try:
+        folder = result.save(args.out)
+    except OSError as err:  # e.g. the disk filled up or the folder vanished during the run
+        print(f"mechprobe relation: error: cannot write {args.out}: {err}", file=sys.stderr)
+        return 2
     st = result.stages
     print(
         f"\n{result.task} ({result.kind}): {result.n_items} items, accuracy {result.accuracy:.3f}; "

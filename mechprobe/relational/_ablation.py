@@ -7,8 +7,10 @@ the accuracy of an abstractive task (the answer must be recalled) beside its ext
 Step ``k`` of ``parts`` ablates the top ``round(k * n_layers / parts)`` layers (half rounded up),
 so with 30 layers and sixths: none, 25-29, 20-29, ..., 0-29. ``"zero"`` sets the FFN output to 0;
 ``"mean"`` sets it to its mean over the task's prompts (every real token but the first, BOS,
-whose FFN outputs are outliers in many models), computed in the intact pass. Both act at every
-position unless ``positions`` says otherwise (Merullo et al. replaced the whole FFN).
+whose FFN outputs are outliers in many models; never a pad), computed in the intact pass and
+handed to :class:`mechprobe.Ablate` explicitly, so it depends on neither the padding nor
+``batch_size``. Both act at every position unless ``positions`` says otherwise (Merullo et al.
+replaced the whole FFN).
 """
 
 from __future__ import annotations
@@ -16,38 +18,47 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
-from matplotlib.figure import Figure
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechprobe.core import (
     Ablate,
     Batch,
     Intervention,
     InterventionSpec,
-    Positions,
+    Result,
     Site,
+    check_choice,
+    check_finite,
+    check_int,
     first_token_ids,
     forward,
     intervene,
+    progress_bar,
     run,
     tokenize,
 )
+from mechprobe.relational._figure import axes_for
+from mechprobe.relational._intervention import WriterPositions, _core_positions, _positions
 from mechprobe.tasks import Task, as_task
 
-__all__ = ["AblationResult", "ffn_ablation"]
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
-Method = Literal["zero", "mean"]
+__all__ = ["AblationMethod", "AblationResult", "ffn_ablation"]
+
+#: How an FFN output is removed: set to zero, or to its mean over the task's real tokens.
+AblationMethod = Literal["zero", "mean"]
 
 
-@dataclass(frozen=True, eq=False)
-class AblationResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_figure=True):
     """First-token accuracy of each task as FFNs are removed top-down.
 
     Attributes:
@@ -65,6 +76,8 @@ class AblationResult:
         >>> res = mp.ffn_ablation(mp.tiny_model(), [mp.load_task("capitals").subset(3)], parts=3)
         >>> res.accuracy.shape, res.removed[-1]
         ((1, 4), (0, 1, 2))
+        >>> res
+        AblationResult(1 task(s) x 4 steps (zero, thirds); capitals: 0.00 intact -> 0.00 all removed)
     """
 
     tasks: tuple[str, ...]
@@ -107,10 +120,21 @@ class AblationResult:
                 )
         return pd.DataFrame(rows)
 
-    def plot(self, relative: bool = False) -> Figure:
-        """Accuracy (or accuracy relative to intact) against the fraction of FFNs removed."""
-        fig = Figure(figsize=(5.5, 3.6))
-        ax = fig.add_subplot()
+    def summary(self) -> pd.DataFrame:
+        """One row per task: its kind, items, and accuracy at each step (columns ``removed 0``,
+        ``removed 5``, ...: the number of top layers whose FFN was ablated)."""
+        rows = []
+        for t, name in enumerate(self.tasks):
+            row: dict[str, Any] = {"task": name, "kind": self.kinds[t], "n_items": self.n_items[t]}
+            for k, layers in enumerate(self.removed):
+                row[f"removed {len(layers)}"] = float(self.accuracy[t, k])
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def plot(self, ax: Axes | None = None, *, relative: bool = False) -> Figure:
+        """Accuracy (or accuracy relative to intact) against the fraction of FFNs removed (into
+        ``ax`` when given)."""
+        fig, ax = axes_for(ax, (5.5, 3.6), "AblationResult.plot")
         values = self.relative() if relative else self.accuracy
         x = self.fraction_removed
         for t, name in enumerate(self.tasks):
@@ -124,34 +148,18 @@ class AblationResult:
         ax.set_ylim(0, max(1.05, top + 0.05))
         ax.set_title(f"{self.method}-ablating FFN outputs at every position", fontsize=9)
         ax.legend(fontsize=8)
-        fig.tight_layout()
         return fig
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (see :meth:`from_dict`)."""
-        return {
-            "tasks": list(self.tasks),
-            "kinds": list(self.kinds),
-            "n_items": list(self.n_items),
-            "removed": [list(r) for r in self.removed],
-            "accuracy": self.accuracy.tolist(),
-            "predicted": [p.tolist() for p in self.predicted],
-            "method": self.method,
-            "parts": self.parts,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AblationResult:
-        """Rebuild a result from :meth:`to_dict`'s output."""
-        return cls(
-            tasks=tuple(data["tasks"]),
-            kinds=tuple(data["kinds"]),
-            n_items=tuple(int(n) for n in data["n_items"]),
-            removed=tuple(tuple(int(x) for x in r) for r in data["removed"]),
-            accuracy=np.asarray(data["accuracy"], dtype=np.float64),
-            predicted=tuple(np.asarray(p, dtype=np.int64) for p in data["predicted"]),
-            method=str(data["method"]),
-            parts=int(data["parts"]),
+    def _describe(self) -> str:
+        parts = {2: "halves", 3: "thirds", 4: "quarters", 6: "sixths"}.get(
+            self.parts, f"{self.parts} parts"
+        )
+        head = f"{len(self.tasks)} task(s) x {len(self.removed)} steps ({self.method}, {parts})"
+        if not self.tasks:
+            return head
+        return (
+            f"{head}; {self.tasks[0]}: {self.accuracy[0, 0]:.2f} intact -> "
+            f"{self.accuracy[0, -1]:.2f} all removed"
         )
 
 
@@ -195,7 +203,9 @@ def _intact_pass(
                 acc.mask = mask
             with intervene(model, spec, batch=chunk):
                 logits = forward(model, chunk)
-            preds.append(logits[torch.arange(len(chunk)), chunk.last_index].argmax(-1))
+            last = logits[torch.arange(len(chunk)), chunk.last_index]
+            check_finite(last, "The intact model's logit tensor at the prompts' last token")
+            preds.append(last.argmax(-1))
     means = None
     if want_means:
         if any(acc.total is None or acc.count == 0 for acc in sums):
@@ -211,10 +221,10 @@ def ffn_ablation(
     tasks: Task | str | os.PathLike[str] | Sequence[Task | str | os.PathLike[str]],
     *,
     parts: int = 6,
-    method: Method = "zero",
-    positions: Positions = None,
+    method: AblationMethod = "zero",
+    positions: WriterPositions = "all",
     batch_size: int | None = 32,
-    progress: bool = False,
+    progress: bool = True,
 ) -> AblationResult:
     """Accuracy of each task with the FFNs of the top 0, 1/parts, ..., all layers ablated.
 
@@ -223,9 +233,11 @@ def ffn_ablation(
         tasks: One or more tasks (e.g. an abstractive task and its extractive version).
         parts: Steps (6: sixths, as Merullo et al.).
         method: ``"zero"`` or ``"mean"`` (see the module docstring).
-        positions: Positions to ablate (None: every position).
+        positions: Positions to ablate: ``"all"`` (as in the paper), an int (``-1``: each
+            prompt's last token) or a list of ints.
         batch_size: Rows per forward pass.
-        progress: Show a progress bar over tasks and steps.
+        progress: Show a progress bar over tasks and steps (``MECHPROBE_PROGRESS=0`` silences
+            it).
 
     Example:
         >>> import mechprobe as mp
@@ -233,10 +245,10 @@ def ffn_ablation(
         >>> [len(r) for r in res.removed]
         [0, 1, 2, 3]
     """
-    if method not in ("zero", "mean"):
-        raise ValueError(f"method must be 'zero' or 'mean', got {method!r}.")
-    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
-        raise ValueError(f"parts must be a positive int (6 for sixths), got {parts!r}.")
+    check_choice(method, "method", ("zero", "mean"))
+    parts = check_int(parts, "parts (6 for sixths)", 1)
+    where = _positions(positions, "ffn_ablation")
+    at = _core_positions(where)
     items = [tasks] if isinstance(tasks, (Task, str, os.PathLike)) else list(tasks)
     task_list = [as_task(t) for t in items]
     if not task_list:
@@ -245,27 +257,35 @@ def ffn_ablation(
     removed = _removed(n_layers, parts)
     acc = np.zeros((len(task_list), parts + 1))
     predicted = []
-    bar = tqdm(total=len(task_list) * (parts + 1), disable=not progress, desc="ffn ablation")
-    for t, task in enumerate(task_list):
-        batch = tokenize(model, task.prompts())
-        first = torch.as_tensor(first_token_ids(model, task.answers()))
-        preds, means = _intact_pass(model, batch, method == "mean", batch_size)
-        steps = [preds]
-        bar.update(1)
-        for k in range(1, parts + 1):
+    steps = [(t, k) for t in range(len(task_list)) for k in range(parts + 1)]
+    batch, first, means, preds = None, None, None, []
+    for t, k in progress_bar(steps, progress=progress, desc="ffn ablation"):
+        task = task_list[t]
+        if k == 0:  # a new task: its intact pass (and, for "mean", its means)
+            batch = tokenize(model, task.prompts())
+            first = torch.as_tensor(first_token_ids(model, task.answers()))
+            intact, means = _intact_pass(model, batch, method == "mean", batch_size)
+            preds = [intact]
+        else:
+            assert batch is not None
+            # Each mean is handed over explicitly: Ablate never averages a batch (or its pads).
             spec: InterventionSpec = {
                 Site("mlp_out", layer): Ablate(
-                    method, mean=None if means is None else means[layer], positions=positions
+                    method, mean=None if means is None else means[layer], positions=at
                 )
                 for layer in removed[k]
             }
-            out = run(model, batch, spec, logit_positions=-1, batch_size=batch_size)
-            steps.append(out.logits[:, 0].argmax(-1))
-            bar.update(1)
-        stacked = torch.stack(steps)  # [step, item]
-        acc[t] = (stacked == first).float().mean(1).numpy()
-        predicted.append(stacked.numpy())
-    bar.close()
+            out = run(model, batch, spec, logit_positions=-1, batch_size=batch_size, progress=False)
+            logits = out.logits[:, 0]
+            check_finite(
+                logits, f"The logit tensor of {task.name!r} with {len(removed[k])} FFNs ablated"
+            )
+            preds.append(logits.argmax(-1))
+        if k == parts:
+            assert first is not None
+            stacked = torch.stack(preds)  # [step, item]
+            acc[t] = (stacked == first).float().mean(1).numpy()
+            predicted.append(stacked.numpy())
     return AblationResult(
         tasks=tuple(t.name for t in task_list),
         kinds=tuple(t.kind for t in task_list),

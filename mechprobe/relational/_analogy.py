@@ -19,21 +19,27 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechprobe.core import Result, check_finite
+from mechprobe.relational._figure import axes_for
 from mechprobe.tasks import Task
 
 if TYPE_CHECKING:
-    import pandas as pd
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+
+__all__ = ["AnalogyResult", "analogy", "offset_accuracy"]
 
 Space = Literal["embed", "unembed"]
 Candidates = Literal["vocab", "answers"]
@@ -50,6 +56,8 @@ def _unit_vectors(model: Any, space: Space) -> Float[Tensor, "vocab d_model"]:
             f"space must be 'embed' (model.W_E) or 'unembed' (model.W_U), got {space!r}."
         )
     matrix = matrix.detach().float()
+    # A NaN entry would make every cosine with that token NaN, and a NaN never ranks above anyone.
+    check_finite(matrix, f"The model's {'W_E' if space == 'embed' else 'W_U'}")
     return matrix / matrix.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -114,8 +122,8 @@ def analogy(
         ``[(decoded token, cosine), ...]``, best first.
 
     Example:
-        >>> from mechprobe.core._models import tiny_model
-        >>> len(analogy(tiny_model(), 80, 81, 82, top_k=3))
+        >>> import mechprobe as mp
+        >>> len(mp.analogy(mp.tiny_model(), 80, 81, 82, top_k=3))
         3
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
@@ -131,8 +139,8 @@ def analogy(
     return [(_decode(model, int(i)), float(v)) for v, i in zip(values, indices, strict=True)]
 
 
-@dataclass(frozen=True)
-class AnalogyResult:
+@dataclass(frozen=True, repr=False)
+class AnalogyResult(Result, format="mechprobe.AnalogyResult", version=2):
     """Nearest-neighbour accuracy of a task's mean offset, per evaluated item.
 
     Ranks are 0-based among the candidates, the item's own argument token excluded (rank 0 means
@@ -193,8 +201,9 @@ class AnalogyResult:
         """Share of items whose answer is among the argument's 5 nearest neighbours."""
         return self._rate(self.baseline_ranks, 5)
 
-    def summary(self) -> dict[str, Any]:
-        """Headline numbers as a flat dict (rates, mean reciprocal ranks, counts)."""
+    def metrics(self) -> dict[str, Any]:
+        """Headline numbers as a flat dict (rates, mean reciprocal ranks, counts): the one row of
+        :meth:`summary`."""
         return {
             "task": self.task,
             "space": self.space,
@@ -213,10 +222,12 @@ class AnalogyResult:
             "offset_norm": self.offset_norm,
         }
 
+    def summary(self) -> pd.DataFrame:
+        """The headline numbers as a one-row DataFrame (:meth:`metrics` as a dict)."""
+        return pd.DataFrame([self.metrics()])
+
     def to_frame(self) -> pd.DataFrame:
         """One row per evaluated item and method (``"offset"`` or ``"baseline"``): tidy."""
-        import pandas as pd
-
         rows = []
         for method, ranks, preds in (
             ("offset", self.offset_ranks, self.offset_predictions),
@@ -238,12 +249,9 @@ class AnalogyResult:
                 )
         return pd.DataFrame(rows)
 
-    def plot(self) -> Figure:
-        """Bars of top-1 and top-5 accuracy, offset against baseline."""
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(4.5, 3.2))
-        ax = fig.add_subplot()
+    def plot(self, ax: Axes | None = None) -> Figure:
+        """Bars of top-1 and top-5 accuracy, offset against baseline (into ``ax`` when given)."""
+        fig, ax = axes_for(ax, (4.5, 3.2), "AnalogyResult.plot")
         x = np.arange(2)
         ax.bar(x - 0.2, [self.top1, self.top5], 0.4, label="argument + mean offset")
         ax.bar(x + 0.2, [self.baseline_top1, self.baseline_top5], 0.4, label="argument alone")
@@ -253,23 +261,41 @@ class AnalogyResult:
         split = "held-out" if self.held_out else "in-sample"
         ax.set_title(f"{self.task}: {self.space} space, {split}, n={len(self.answers)}")
         ax.legend(fontsize="small")
-        fig.tight_layout()
         return fig
 
+    def _describe(self) -> str:
+        split = "held-out" if self.held_out else "in-sample"
+        return (
+            f"{self.task}, {self.space} space, {split}: {len(self.answers)} items, top-1 "
+            f"{self.top1:.2f} (argument alone {self.baseline_top1:.2f})"
+        )
+
     def to_json(self, path: str | os.PathLike[str]) -> Path:
-        """Save as JSON (no pickle)."""
-        path = Path(path)
-        path.write_text(json.dumps(asdict(self), ensure_ascii=False, indent=1), encoding="utf-8")
-        return path
+        """Deprecated: call :meth:`save` (``.json`` or ``.npz``)."""
+        warnings.warn(
+            "AnalogyResult.to_json(path) is deprecated and will be removed in the next release; "
+            "call .save(path) (and AnalogyResult.load(path)).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.save(path)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> AnalogyResult:
-        """Load a result written by :meth:`to_json`."""
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        for key, value in data.items():
-            if isinstance(value, list):
-                data[key] = tuple(value)
-        return cls(**data)
+        """Deprecated: call :meth:`load`; also reads the untagged files of earlier releases."""
+        warnings.warn(
+            "AnalogyResult.from_json(path) is deprecated and will be removed in the next "
+            "release; call AnalogyResult.load(path).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        data: dict[str, Any] = json.loads(Path(path).read_text(encoding="utf-8"))
+        if "format" in data:
+            return cls.load(path)
+        fields: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in data.items()
+        }
+        return cls(**fields)
 
 
 def _ranks(scores: Float[Tensor, "n vocab"], answers: Tensor) -> tuple[list[int], list[int]]:
@@ -318,10 +344,9 @@ def offset_accuracy(
         An :class:`AnalogyResult`.
 
     Example:
-        >>> from mechprobe.core._models import load_model
-        >>> from mechprobe.tasks._task import load_task
-        >>> result = offset_accuracy(load_model(), load_task("capitals"))  # doctest: +SKIP
-        >>> result.summary()["top1"], result.summary()["baseline_top1"]  # doctest: +SKIP
+        >>> import mechprobe as mp
+        >>> result = mp.offset_accuracy(mp.load_model(), mp.load_task("capitals"))  # doctest: +SKIP
+        >>> result.metrics()["top1"], result.metrics()["baseline_top1"]  # doctest: +SKIP
     """
     if candidates not in ("vocab", "answers"):
         raise ValueError(f"candidates must be 'vocab' or 'answers', got {candidates!r}.")

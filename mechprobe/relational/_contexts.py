@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["FILLER_WORDS", "intervention_contexts"]
+__all__ = ["FILLER_WORDS", "random_word_contexts"]
 
 #: Neutral filler words for the random contexts: no countries, cities, colours or verbs in the
 #: built-in tasks, so no filler word is itself an argument or an answer.
@@ -26,7 +26,7 @@ FILLER_WORDS: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def intervention_contexts(
+def random_word_contexts(
     arguments: Sequence[str],
     *,
     seed: int = 0,
@@ -41,8 +41,8 @@ def intervention_contexts(
     argument next.
 
     Example:
-        >>> intervention_contexts([" China"], words=["table", "mug", "free"], seed=0)[0].count("China")
-        2
+        >>> random_word_contexts([" China"], words=["table", "mug", "free"], seed=0)[0]
+        'free table mug China free table mug China free table mug'
     """
     if not 1 <= n_filler <= len(words):
         raise ValueError(f"n_filler must be between 1 and {len(words)} (the number of words).")

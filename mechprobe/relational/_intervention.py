@@ -4,51 +4,81 @@ Merullo et al. test whether an o-vector applies its relation out of context: on 
 words that contains an argument, ``"table mug free China table mug free China table mug free"``,
 the model predicts the argument again (``" China"``); replacing the FFN outputs of a range of
 layers with o should make it predict the answer (``" Beijing"``) instead.
-:func:`mechprobe.intervention_contexts` builds such contexts deterministically, and
+:func:`mechprobe.random_word_contexts` builds such contexts deterministically, and
 :func:`ovector_intervention` runs the intact model and every vector (the o-vector and its controls)
-on the same contexts, recording for each the answer's rank and the top token at the last position.
+on the same contexts, recording for each the answer's rank and the top token at the last position
+(an :class:`OVectorEffect`).
 
-Metrics (:meth:`InterventionResult.summary`; ranks 0-based, reciprocal rank ``1 / (rank + 1)``):
+Metrics (:meth:`OVectorEffect.metrics`; ranks 0-based, reciprocal rank ``1 / (rank + 1)``):
 ``top1`` is the fraction of contexts whose top token is the answer's first token; ``no_effect_rate``
 is the fraction whose top token is the same as in the intact run.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Int
-from matplotlib.figure import Figure
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechprobe.core import (
     Add,
     Batch,
     InterventionSpec,
-    Positions,
+    Layers,
     Replace,
+    Result,
     Site,
+    as_int,
+    check_choice,
+    check_finite,
+    check_float,
     first_token_ids,
-    resolve_site,
+    progress_bar,
+    resolve_layers,
     run,
     tokenize,
 )
+from mechprobe.relational._deprecated import writer_positions
+from mechprobe.relational._figure import axes_for
 from mechprobe.relational._ovector import OVector
 
-__all__ = ["InterventionResult", "ovector_intervention"]
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["OVectorEffect", "ovector_intervention"]
 
 Mode = Literal["replace", "add"]
+#: Positions a writer edits: ``"all"``, one position or several (negative: from each row's end).
+WriterPositions = Literal["all"] | int | Sequence[int]
+
+_METRIC_COLUMNS = (
+    "n",
+    "top1_before",
+    "top1_after",
+    "mean_rank_before",
+    "mean_rank_after",
+    "median_rank_after",
+    "mrr_before",
+    "mrr_after",
+    "no_effect_rate",
+)
+_GROUPS = ("in_domain", "held_out")
 
 
-@dataclass(frozen=True, eq=False)
-class InterventionResult:
-    """Ranks and top tokens at the contexts' last token, intact and under each vector.
+@dataclass(frozen=True, eq=False, repr=False)
+class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_figure=True):
+    """What writing each vector into the FFN outputs did to the answer, beside the intact model.
+
+    Ranks and top tokens at the contexts' last token, intact and under each vector (formerly
+    ``InterventionResult``).
 
     Attributes:
         contexts: The contexts run.
@@ -64,7 +94,18 @@ class InterventionResult:
         layers: Layers whose FFN output was edited.
         scale: Scale applied to each vector.
         mode: ``"replace"`` or ``"add"``.
-        positions: Positions edited (None: all).
+        positions: Positions edited (``"all"``, an int or several).
+
+    Example:
+        >>> import numpy as np
+        >>> res = OVectorEffect(
+        ...     contexts=("c",), targets=(" B",), target_ids=np.array([5]),
+        ...     argument_ids=np.array([-1]), groups=("all",), conditions=("intact", "o"),
+        ...     rank=np.array([[3], [0]]), argument_rank=np.array([[-1], [-1]]),
+        ...     top=np.array([[7], [5]]), norms=(0.0, 1.0), layers=(1,), scale=1.0,
+        ...     mode="replace")
+        >>> res
+        OVectorEffect(2 conditions x 1 contexts, replace at layer 1, scale 1; top-1 o 1.00, intact 0.00)
     """
 
     contexts: tuple[str, ...]
@@ -80,28 +121,34 @@ class InterventionResult:
     layers: tuple[int, ...]
     scale: float
     mode: str
-    positions: Any = None
+    positions: str | int | tuple[int, ...] = "all"
 
     def _index(self, name: str) -> int:
         if name not in self.conditions:
             raise KeyError(f"No condition {name!r}; conditions: {list(self.conditions)}.")
         return self.conditions.index(name)
 
-    def summary(self, conditions: str | Sequence[str], group: str | None = None) -> dict[str, Any]:
+    def metrics(self, conditions: str | Sequence[str], group: str | None = None) -> dict[str, Any]:
         """Before/after metrics of one condition, or pooled over several (e.g. random seeds).
 
-        Keys: ``layers, scale, mode, n, top1_before, top1_after, mean_rank_before,
-        mean_rank_after, median_rank_before, median_rank_after, mrr_before, mrr_after,
-        no_effect_rate, argument_top1_before, argument_top1_after`` (NaN where no context).
+        Args:
+            conditions: A condition's name, or several (pooled: every (context, condition) pair
+                counts once).
+            group: Only the contexts of this group (``"in_domain"``, ``"held_out"``); None: all.
+
+        Returns:
+            ``layers, scale, mode, n, top1_before, top1_after, mean_rank_before,
+            mean_rank_after, median_rank_before, median_rank_after, mrr_before, mrr_after,
+            no_effect_rate, argument_top1_before, argument_top1_after`` (NaN where no context).
 
         Example:
-            >>> res = InterventionResult(
+            >>> res = OVectorEffect(
             ...     contexts=("c",), targets=(" B",), target_ids=np.array([5]),
             ...     argument_ids=np.array([-1]), groups=("all",), conditions=("intact", "o"),
             ...     rank=np.array([[3], [0]]), argument_rank=np.array([[-1], [-1]]),
             ...     top=np.array([[7], [5]]), norms=(0.0, 1.0), layers=(1,), scale=1.0,
             ...     mode="replace")
-            >>> res.summary("o")["top1_after"], res.summary("o")["no_effect_rate"]
+            >>> res.metrics("o")["top1_after"], res.metrics("o")["no_effect_rate"]
             (1.0, 0.0)
         """
         names = [conditions] if isinstance(conditions, str) else list(conditions)
@@ -138,6 +185,38 @@ class InterventionResult:
             "argument_top1_after": stat(np.mean, arg1 == 0),
         }
 
+    def summary(
+        self, conditions: str | Sequence[str] | None = None, group: str | None = None
+    ) -> pd.DataFrame | dict[str, Any]:
+        """The key numbers: one row per condition family (random seeds pooled) and context
+        group (``all``, then ``in_domain`` / ``held_out`` where the contexts have them).
+
+        Columns: ``condition, group, n, top1_before, top1_after, mean_rank_before,
+        mean_rank_after, median_rank_after, mrr_before, mrr_after, no_effect_rate``.
+
+        ``summary(conditions, group)`` (the dict of one condition) is deprecated: call
+        :meth:`metrics`.
+        """
+        if conditions is not None or group is not None:
+            warnings.warn(
+                "OVectorEffect.summary(conditions, group) is deprecated and will be removed in "
+                "the next release; call .metrics(conditions, group) for the dict of one "
+                "condition (summary() is the table of every condition).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return self.metrics(conditions if conditions is not None else "intact", group)
+        rows = []
+        groups = [None, *(g for g in _GROUPS if g in self.groups)]
+        for family, names in self.families().items():
+            for part in groups:
+                values = self.metrics(names, group=part)
+                rows.append(
+                    {"condition": family, "group": part or "all"}
+                    | {k: values[k] for k in _METRIC_COLUMNS}
+                )
+        return pd.DataFrame(rows)
+
     def families(self) -> dict[str, list[str]]:
         """Conditions grouped by name, seeds pooled: ``{"random": ["random_0", ...], ...}``."""
         out: dict[str, list[str]] = {}
@@ -147,7 +226,8 @@ class InterventionResult:
         return out
 
     def to_frame(self) -> pd.DataFrame:
-        """Tidy rows: condition, context, group, target, rank, rr, top1, no_effect."""
+        """Tidy rows: condition, context, group, target, rank, rr, top1, argument_rank,
+        no_effect."""
         rows = []
         for c, name in enumerate(self.conditions):
             rows.append(
@@ -167,25 +247,39 @@ class InterventionResult:
             )
         return pd.concat(rows, ignore_index=True)
 
-    def plot(self, axes: Sequence[Any] | None = None) -> Figure:
-        """Top-1 rate and mean reciprocal rank of the answer per condition (seeds pooled), one
-        bar per context group (in-domain / held-out) when the contexts have groups."""
+    def plot(self, ax: Axes | None = None, *, metric: str | None = None) -> Figure:
+        """Top-1 rate and mean reciprocal rank of the answer per condition (seeds pooled), one bar
+        per context group (in-domain / held-out) when the contexts have groups.
+
+        Two panels side by side in a new figure; given ``ax``, only the ``metric`` panel
+        (``"top1"``, the default, or ``"mrr"``) is drawn into it. With no ``ax``, ``metric`` draws
+        that panel alone.
+        """
+        if metric is not None:
+            check_choice(metric, "metric", ("top1", "mrr"))
+        if ax is not None or metric is not None:
+            fig, one = axes_for(ax, (4.5, 3.2), "OVectorEffect.plot")
+            self._draw([one], [metric or "top1"])
+            return fig
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(8, 3.2), layout="constrained")
+        self._draw(list(fig.subplots(1, 2)), ["top1", "mrr"])
+        return fig
+
+    def _draw(self, axes: Sequence[Axes], metrics: Sequence[str]) -> None:
+        """Draw the bars of each of ``metrics`` into the matching axes (the first gets legend and
+        title)."""
         fams = self.families()
         names = list(fams)
-        groups: list[str | None] = [g for g in ("in_domain", "held_out") if g in self.groups]
+        groups: list[str | None] = [g for g in _GROUPS if g in self.groups]
         groups = groups or [None]
-        if axes is None:
-            fig = Figure(figsize=(8, 3.2), layout="constrained")
-            axes = list(fig.subplots(1, 2))
-        else:
-            fig = axes[0].figure
+        labels = {"top1": "answer top-1 rate", "mrr": "answer MRR"}
         width = 0.8 / len(groups)
         x = np.arange(len(names))
-        for ax, key, label in zip(
-            axes, ("top1", "mrr"), ("answer top-1 rate", "answer MRR"), strict=True
-        ):
+        for ax, key in zip(axes, metrics, strict=True):
             for j, group in enumerate(groups):
-                values = [self.summary(fams[n], group=group)[f"{key}_after"] for n in names]
+                values = [self.metrics(fams[n], group=group)[f"{key}_after"] for n in names]
                 shift = (j - (len(groups) - 1) / 2) * width
                 ax.bar(x + shift, values, width, label=(group or "all").replace("_", "-"))
                 for i, v in enumerate(values):
@@ -193,61 +287,31 @@ class InterventionResult:
                         ax.text(i + shift, v + 0.02, f"{v:.2f}", ha="center", fontsize=6)
             ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
             ax.set_ylim(0, 1)
-            ax.set_ylabel(label)
+            ax.set_ylabel(labels[key])
         axes[0].legend(fontsize=7)
-        lay = f"{self.layers[0]}-{self.layers[-1]}" if len(self.layers) > 1 else str(self.layers[0])
         axes[0].set_title(
-            f"{self.mode} FFN output, layers {lay}, scale {self.scale:g}, "
+            f"{self.mode} FFN output, layers {_span(self.layers)}, scale {self.scale:g}, "
             f"{len(self.contexts)} contexts",
             fontsize=8,
             loc="left",
         )
-        return fig
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (see :meth:`from_dict`)."""
-        return {
-            "contexts": list(self.contexts),
-            "targets": list(self.targets),
-            "target_ids": self.target_ids.tolist(),
-            "argument_ids": self.argument_ids.tolist(),
-            "groups": list(self.groups),
-            "conditions": list(self.conditions),
-            "rank": self.rank.tolist(),
-            "argument_rank": self.argument_rank.tolist(),
-            "top": self.top.tolist(),
-            "norms": list(self.norms),
-            "layers": list(self.layers),
-            "scale": self.scale,
-            "mode": self.mode,
-            "positions": self.positions,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> InterventionResult:
-        """Rebuild a result from :meth:`to_dict`'s output."""
-        n_ctx = len(data["contexts"])
-
-        def ints(key: str, shape: tuple[int, ...]) -> np.ndarray:
-            return np.asarray(data[key], dtype=np.int64).reshape(shape)
-
-        n_cond = len(data["conditions"])
-        return cls(
-            contexts=tuple(data["contexts"]),
-            targets=tuple(data["targets"]),
-            target_ids=ints("target_ids", (n_ctx,)),
-            argument_ids=ints("argument_ids", (n_ctx,)),
-            groups=tuple(data["groups"]),
-            conditions=tuple(data["conditions"]),
-            rank=ints("rank", (n_cond, n_ctx)),
-            argument_rank=ints("argument_rank", (n_cond, n_ctx)),
-            top=ints("top", (n_cond, n_ctx)),
-            norms=tuple(float(x) for x in data["norms"]),
-            layers=tuple(int(x) for x in data["layers"]),
-            scale=float(data["scale"]),
-            mode=str(data["mode"]),
-            positions=data.get("positions"),
+    def _describe(self) -> str:
+        fams = self.families()
+        first = next((f for f in fams if f != "intact"), "intact")
+        return (
+            f"{len(self.conditions)} conditions x {len(self.contexts)} contexts, {self.mode} at "
+            f"layer{'s' if len(self.layers) > 1 else ''} {_span(self.layers)}, scale "
+            f"{self.scale:g}; top-1 {first} {self.metrics(fams[first])['top1_after']:.2f}, "
+            f"intact {self.metrics('intact')['top1_after']:.2f}"
         )
+
+
+def _span(layers: Sequence[int]) -> str:
+    """``24-29`` for a run of layers, ``3,5`` otherwise."""
+    if len(layers) > 1 and list(layers) == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(str(x) for x in layers)
 
 
 def _vector(value: OVector | Tensor | np.ndarray, name: str, width: int) -> Tensor:
@@ -257,31 +321,73 @@ def _vector(value: OVector | Tensor | np.ndarray, name: str, width: int) -> Tens
             f"Vector {name!r} has shape {tuple(vec.shape)}; the FFN outputs have width {width}: "
             f"pass a [{width}] vector (an OVector from extract_ovector)."
         )
+    check_finite(vec, f"Vector {name!r}")
     return vec.detach().float()
 
 
-def _layers(model: Any, layers: Sequence[int]) -> tuple[int, ...]:
-    resolved = []
-    for layer in layers:
-        _, site = resolve_site(model, Site("mlp_out", int(layer)))
-        assert site is not None
-        resolved.append(site.layer)
-    if not resolved:
-        raise ValueError("layers is empty: give the FFN layers to edit, e.g. range(18, 24).")
-    return tuple(sorted(set(resolved)))
+def _vectors(vectors: Mapping[str, OVector | Tensor | np.ndarray], width: int) -> dict[str, Tensor]:
+    """Every vector checked (1-D, the model's width, finite), as float32 tensors."""
+    if not isinstance(vectors, Mapping):
+        raise TypeError(
+            f"vectors must be a dict {{name: vector}}, got {type(vectors).__name__}; e.g. "
+            "{'ovector': o, 'random_0': mp.random_ovector(o, seed=0)}."
+        )
+    if "intact" in vectors:
+        raise ValueError("'intact' is reserved for the unedited model; rename that vector.")
+    return {name: _vector(v, name, width) for name, v in vectors.items()}
+
+
+def _layers(model: Any, layers: Any) -> tuple[int, ...]:
+    """The FFN layers a write edits (a layer set of the vocabulary), sorted."""
+    return tuple(sorted(resolve_layers(model, layers)))
+
+
+def _positions(positions: Any, owner: str) -> str | int | tuple[int, ...]:
+    """A writer's positions: ``"all"``, an int or several ints (the old None read as "all")."""
+    positions = writer_positions(positions, owner)
+    if isinstance(positions, str):
+        if positions != "all":
+            raise ValueError(
+                f"positions must be 'all', an int or a list of ints, not {positions!r}."
+            )
+        return "all"
+    single = as_int(positions)
+    if single is not None:
+        return single
+    if isinstance(positions, (list, tuple, range, np.ndarray)) and len(positions) > 0:
+        items = [as_int(p) for p in positions]
+        if all(i is not None for i in items):
+            return tuple(int(i) for i in items)  # type: ignore[arg-type]
+    raise TypeError(
+        f"positions must be 'all', an int or a non-empty list of ints, not {positions!r}."
+    )
+
+
+def _core_positions(positions: str | int | tuple[int, ...]) -> int | tuple[int, ...] | None:
+    """The positions argument of the core's interventions, which act everywhere on None."""
+    return None if isinstance(positions, str) else positions
+
+
+def _scales(scales: Any, name: str) -> tuple[float, ...]:
+    """Finite scales (a NaN scale would write NaN and rank every answer 0)."""
+    values = [scales] if np.ndim(scales) == 0 else list(scales)
+    if not values:
+        raise ValueError(f"{name} is empty: pass at least one scale, e.g. (1.0, 2.0, 4.0).")
+    return tuple(check_float(v, name) for v in values)
 
 
 def _spec(
-    vector: Tensor, layers: Sequence[int], scale: float, mode: Mode, positions: Positions
+    vector: Tensor,
+    layers: Sequence[int],
+    scale: float,
+    mode: Mode,
+    positions: str | int | tuple[int, ...],
 ) -> InterventionSpec:
     """One edit per layer: ``mlp_out = scale * o`` (replace) or ``mlp_out + scale * o`` (add)."""
+    at = _core_positions(positions)
     if mode == "replace":
-        return {
-            Site("mlp_out", layer): Replace(scale * vector, positions=positions) for layer in layers
-        }
-    return {
-        Site("mlp_out", layer): Add(vector, scale=scale, positions=positions) for layer in layers
-    }
+        return {Site("mlp_out", layer): Replace(scale * vector, positions=at) for layer in layers}
+    return {Site("mlp_out", layer): Add(vector, scale=scale, positions=at) for layer in layers}
 
 
 def _evaluate(
@@ -293,8 +399,10 @@ def _evaluate(
     batch_size: int | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Ranks of target and argument, and the top token, at each context's last token."""
-    out = run(model, batch, spec, logit_positions=-1, batch_size=batch_size)
+    out = run(model, batch, spec, logit_positions=-1, batch_size=batch_size, progress=False)
     logits = out.logits[:, 0].float()
+    # A NaN logit compares false with everything: it would count as rank 0, a perfect hit.
+    check_finite(logits, "The logit tensor at the contexts' last token")
     rank = (logits > logits.gather(-1, target_ids[:, None])).sum(-1)
     arg = (logits > logits.gather(-1, argument_ids.clamp(min=0)[:, None])).sum(-1)
     arg = torch.where(argument_ids < 0, torch.full_like(arg, -1), arg)
@@ -307,45 +415,50 @@ def ovector_intervention(
     contexts: Sequence[str],
     targets: Sequence[str],
     *,
-    layers: Sequence[int],
+    layers: Layers,
     scale: float = 1.0,
     mode: Mode = "replace",
-    positions: Positions = None,
+    positions: WriterPositions = "all",
     arguments: Sequence[str] | None = None,
     groups: Sequence[str] | None = None,
     batch_size: int | None = 32,
-    progress: bool = False,
-) -> InterventionResult:
+    progress: bool = True,
+) -> OVectorEffect:
     """Run the contexts intact and with each vector written into the FFN outputs of ``layers``.
 
     Args:
         model: A TransformerLens model.
         vectors: ``{name: vector}``, e.g. ``{"ovector": o, "random_0": r0, "other_task": o2}``;
             every vector runs on the same contexts, beside the intact model.
-        contexts: Prompts whose next token is scored (see :func:`intervention_contexts`).
+        contexts: Prompts whose next token is scored (see :func:`random_word_contexts`).
         targets: The answer each context should turn into (``" Beijing"``); its first token is
             scored.
-        layers: FFN layers to edit (Merullo et al.: from the function-application layer on).
-        scale: Multiplier of each vector.
+        layers: FFN layers to edit: an int, a range, a list or ``"all"`` (Merullo et al.: from
+            the function-application layer on).
+        scale: Multiplier of each vector (finite).
         mode: ``"replace"`` writes ``scale * o`` in place of the FFN output (Merullo et al.);
             ``"add"`` adds it to the FFN output.
-        positions: Positions to edit (None: every position, as in the paper; ``-1``: last token).
+        positions: Positions to edit: ``"all"`` (as in the paper), an int (``-1``: each context's
+            last token) or a list of ints.
         arguments: Optional arguments of the contexts, to also report the argument's rank.
         groups: Optional label per context (e.g. ``"in_domain"`` / ``"held_out"``).
         batch_size: Rows per forward pass.
-        progress: Show a progress bar over conditions.
+        progress: Show a progress bar over conditions (``MECHPROBE_PROGRESS=0`` silences it).
+
+    Raises:
+        ValueError: A vector of the wrong width or with NaN / infinite entries, a non-finite
+            scale, mismatched lengths, or logits that come out non-finite.
 
     Example:
         >>> import torch, mechprobe as mp
         >>> model = mp.tiny_model()
-        >>> ctx = mp.intervention_contexts([" Poland"], seed=0)
+        >>> ctx = mp.random_word_contexts([" Poland"], seed=0)
         >>> res = mp.ovector_intervention(model, {"ovector": torch.randn(64)}, ctx, [" Warsaw"],
         ...                               layers=[1, 2])
         >>> res.conditions, res.rank.shape
         (('intact', 'ovector'), (2, 1))
     """
-    if mode not in ("replace", "add"):
-        raise ValueError(f"mode must be 'replace' or 'add', got {mode!r}.")
+    check_choice(mode, "mode", ("replace", "add"))
     contexts, targets = list(contexts), list(targets)
     if len(contexts) != len(targets) or not contexts:
         raise ValueError(
@@ -355,10 +468,9 @@ def ovector_intervention(
     for label, seq in [("arguments", arguments), ("groups", groups)]:
         if seq is not None and len(seq) != len(contexts):
             raise ValueError(f"{label} has {len(seq)} entries for {len(contexts)} contexts.")
-    if "intact" in vectors:
-        raise ValueError("'intact' is reserved for the unedited model; rename that vector.")
-    width = int(model.cfg.d_model)
-    vecs = {name: _vector(v, name, width) for name, v in vectors.items()}
+    vecs = _vectors(vectors, int(model.cfg.d_model))
+    (scale,) = _scales(scale, "scale")
+    where = _positions(positions, "ovector_intervention")
     layer_tuple = _layers(model, layers)
     batch = tokenize(model, contexts)
     target_ids = torch.as_tensor(first_token_ids(model, targets))
@@ -369,12 +481,12 @@ def ovector_intervention(
     )
     names = ["intact", *vecs]
     results = []
-    for name in tqdm(names, disable=not progress, desc="intervention"):
+    for name in progress_bar(names, progress=progress, desc="intervention"):
         spec = None
         if name != "intact":
-            spec = _spec(vecs[name], layer_tuple, scale, mode, positions)
+            spec = _spec(vecs[name], layer_tuple, scale, mode, where)
         results.append(_evaluate(model, batch, target_ids, argument_ids, spec, batch_size))
-    return InterventionResult(
+    return OVectorEffect(
         contexts=tuple(contexts),
         targets=tuple(targets),
         target_ids=target_ids.numpy(),
@@ -386,7 +498,7 @@ def ovector_intervention(
         top=np.stack([r[2] for r in results]),
         norms=(0.0, *(float(v.norm()) for v in vecs.values())),
         layers=layer_tuple,
-        scale=float(scale),
+        scale=scale,
         mode=mode,
-        positions=positions if positions is None or isinstance(positions, int) else list(positions),
+        positions=where,
     )

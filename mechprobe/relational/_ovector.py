@@ -2,10 +2,14 @@
 
 Merullo et al. take o as the FFN output (``mlp_out``) at the function-application layer at the last
 token of one prompt. :func:`extract_ovector` does that for one prompt or averages over many (what
-reviewers asked for), optionally over correctly answered items only. :func:`random_ovector` draws a
-random direction with the same norm, the control every o-vector result is reported beside.
+reviewers asked for), optionally over correctly answered items only; :func:`fit_ovector` averages
+the ``mlp_out`` rows that one :func:`mechprobe.task_pass` already captured, over a split of the
+items, without running the model again. :func:`random_ovector` draws a random direction with the
+same norm, and :func:`ovector_controls` makes every control an o-vector is reported beside.
 
-An :class:`OVector` saves to a ``.safetensors`` file (tensor plus JSON-able metadata), never pickle.
+An :class:`OVector` follows the result protocol; ``save`` writes ``.safetensors`` (the vector in
+its own dtype, readable by any safetensors tool, with the metadata and format tag in the header),
+``.json`` or ``.npz``; never pickle.
 """
 
 from __future__ import annotations
@@ -15,24 +19,41 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import torch
-from jaxtyping import Float
-from safetensors.torch import load_file, safe_open, save_file
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mechprobe.core import Site, first_token_ids, resolve_site, run, tokenize
+from mechprobe.core import (
+    Result,
+    Site,
+    check_finite,
+    check_int,
+    first_token_ids,
+    resolve_site,
+    run,
+    tokenize,
+    write_atomic,
+)
+from mechprobe.relational._figure import axes_for
+from mechprobe.relational._pass import TaskPass
 from mechprobe.tasks import Task
 
-__all__ = ["OVector", "extract_ovector", "random_ovector"]
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
-_FORMAT = "mechprobe.relational._ovector/1"
+__all__ = ["OVector", "extract_ovector", "fit_ovector", "ovector_controls", "random_ovector"]
+
+#: The header tag of o-vector files written before the result protocol (read, never written).
+_OLD_FORMAT = "mechprobe.relational._ovector/1"
 
 
-@dataclass(frozen=True, eq=False)
-class OVector:
+@dataclass(frozen=True, eq=False, repr=False)
+class OVector(Result, format="mechprobe.OVector", version=2):
     """An FFN-output vector and where it came from.
 
     Attributes:
@@ -43,12 +64,17 @@ class OVector:
         model: The model's name (``model.cfg.model_name``), to catch mixing models.
         info: Extra JSON-able metadata (e.g. the seed of a random control).
 
+    Raises:
+        ValueError: ``vector`` is not a 1-D tensor, or holds NaN or infinity.
+
     Example:
         >>> import torch, tempfile, os
         >>> o = OVector(torch.ones(4), layer=2, source="toy", n_prompts=1)
         >>> path = o.save(os.path.join(tempfile.mkdtemp(), "o.safetensors"))
         >>> OVector.load(path).layer, float(OVector.load(path).norm)
         (2, 2.0)
+        >>> o
+        OVector(toy at layer 2: d_model 4, norm 2, 1 prompt(s))
     """
 
     vector: Float[Tensor, " d_model"]
@@ -63,42 +89,124 @@ class OVector:
             raise ValueError(
                 "OVector.vector must be a 1-D torch tensor [d_model]; take one row of mlp_out."
             )
+        check_finite(self.vector, "OVector.vector")
 
     @property
     def norm(self) -> float:
         """Euclidean norm of the vector."""
         return float(self.vector.float().norm())
 
+    def to_frame(self) -> pd.DataFrame:
+        """One row per dimension: ``dim``, ``value``."""
+        values = self.vector.detach().float().cpu().numpy()
+        return pd.DataFrame({"dim": np.arange(values.size), "value": values})
+
+    def summary(self) -> pd.DataFrame:
+        """One row: source, layer, n_prompts, d_model, norm, model."""
+        return pd.DataFrame(
+            {
+                "source": [self.source],
+                "layer": [self.layer],
+                "n_prompts": [self.n_prompts],
+                "d_model": [int(self.vector.shape[0])],
+                "norm": [self.norm],
+                "model": [self.model],
+            }
+        )
+
+    def plot(self, ax: Axes | None = None) -> Figure:
+        """The vector's components by dimension (into ``ax`` when given)."""
+        fig, ax = axes_for(ax, (7, 2.8), "OVector.plot")
+        values = self.vector.detach().float().cpu().numpy()
+        ax.plot(np.arange(values.size), values, linewidth=0.6)
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set_xlabel("dimension")
+        ax.set_ylabel("value")
+        ax.set_title(f"o-vector of {self.source}, layer {self.layer}, norm {self.norm:.3g}")
+        return fig
+
+    def _describe(self) -> str:
+        return (
+            f"{self.source} at layer {self.layer}: d_model {int(self.vector.shape[0])}, norm "
+            f"{self.norm:.3g}, {self.n_prompts} prompt(s)"
+        )
+
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write a ``.safetensors`` file holding the vector and its metadata; return the path."""
+        """Write the o-vector to ``path``: ``.safetensors`` (the tensor in its dtype, metadata in
+        the header), ``.json`` or ``.npz`` (the result protocol's files). Never pickle.
+
+        Returns:
+            The path written.
+
+        Raises:
+            ValueError: Another suffix.
+            FileNotFoundError: The folder does not exist.
+        """
         path = Path(path)
+        if path.suffix != ".safetensors":
+            if path.suffix not in (".json", ".npz"):
+                raise ValueError(
+                    f"Save an OVector to a .safetensors, .json or .npz file, not {path.name!r}."
+                )
+            return super().save(path)
+        if not path.parent.is_dir():
+            raise FileNotFoundError(
+                f"Cannot write {path}: the folder {path.parent} does not exist; create it first."
+            )
+        from safetensors.torch import save
+
         meta = {
-            "format": _FORMAT,
+            "format": self._format,
+            "version": str(self._version),
             "layer": str(self.layer),
             "source": self.source,
             "n_prompts": str(self.n_prompts),
             "model": self.model,
             "info": json.dumps(self.info),
         }
-        save_file({"vector": self.vector.detach().contiguous().cpu()}, str(path), metadata=meta)
+        data = save({"vector": self.vector.detach().contiguous().cpu()}, metadata=meta)
+        write_atomic(path, data)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> OVector:
-        """Read a file written by :meth:`save`.
+        """Read a file written by :meth:`save` (``.safetensors``, ``.json`` or ``.npz``; also the
+        ``.safetensors`` files of earlier releases).
 
         Raises:
-            ValueError: The file is not an o-vector file written by mechprobe.
+            FileNotFoundError: No such file.
+            ValueError: Not an o-vector file written by mechprobe, or one from a newer release.
         """
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-        if meta.get("format") != _FORMAT:
-            raise ValueError(
-                f"{path} is not an o-vector file (format {meta.get('format')!r}, expected "
-                f"{_FORMAT!r}); write it with OVector.save."
-            )
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            return super().load(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist (or is not a file).")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path}: not a safetensors file ({err}).") from err
+        tag = meta.get("format")
+        if tag != _OLD_FORMAT:
+            if tag != cls._format:
+                raise ValueError(
+                    f"{path} is not an o-vector file (format {tag!r}, expected {cls._format!r}); "
+                    "write it with OVector.save."
+                )
+            if meta.get("version") != str(cls._version):
+                raise ValueError(
+                    f"{path}: o-vector format version {meta.get('version')!r}; this mechprobe "
+                    f"reads version {cls._version} (upgrade mechprobe, or save the vector anew)."
+                )
+        if "vector" not in tensors:
+            raise ValueError(f"{path}: an o-vector file without its 'vector' tensor.")
         return cls(
-            vector=load_file(str(path))["vector"],
+            vector=tensors["vector"],
             layer=int(meta["layer"]),
             source=meta["source"],
             n_prompts=int(meta["n_prompts"]),
@@ -118,7 +226,7 @@ def extract_ovector(
     *,
     only_correct: bool = False,
     batch_size: int | None = 32,
-    progress: bool = False,
+    progress: bool = True,
 ) -> OVector:
     """The FFN output at ``layer`` at the last token, of one prompt or averaged over several.
 
@@ -130,7 +238,7 @@ def extract_ovector(
         only_correct: Average only the items the model answers correctly (greedy first token);
             needs a task.
         batch_size: Rows per forward pass.
-        progress: Show a progress bar.
+        progress: Show a progress bar (``MECHPROBE_PROGRESS=0`` silences every bar).
 
     Raises:
         ValueError: ``only_correct`` without a task, or no item answered correctly.
@@ -170,7 +278,9 @@ def extract_ovector(
     if only_correct:
         assert task is not None
         first = torch.as_tensor(first_token_ids(model, task.answers()))
-        keep = (out.logits[:, 0].argmax(-1) == first).numpy()
+        logits = out.logits[:, 0]
+        check_finite(logits, f"The model's logit tensor on {task.name!r}")
+        keep = (logits.argmax(-1) == first).numpy()
         if not keep.any():
             raise ValueError(
                 f"The model answers none of the {len(texts)} items of {task.name!r} correctly; "
@@ -187,7 +297,79 @@ def extract_ovector(
     )
 
 
-def random_ovector(like: OVector, seed: int = 0) -> OVector:
+def fit_ovector(
+    task_pass: TaskPass,
+    layer: int,
+    *,
+    items: Bool[np.ndarray, " item"] | Sequence[int] | Int[np.ndarray, " n"] | None = None,
+    only_correct: bool = True,
+    max_prompts: int | None = None,
+) -> OVector:
+    """The mean ``mlp_out`` at ``layer`` over some of a task pass's items (no forward pass).
+
+    Args:
+        task_pass: What :func:`mechprobe.task_pass` captured (the FFN outputs at each prompt's
+            last token, every layer).
+        layer: The layer whose ``mlp_out`` is averaged (negative counts from the end).
+        items: The items to fit on: a boolean mask over the items or item indices (e.g. the fit
+            half of a split); None: every item.
+        only_correct: Keep only the items the model answers correctly (greedy first token).
+        max_prompts: Average at most this many of them (the first ones in item order; 1 is
+            Merullo et al.'s one-prompt o-vector); None: all.
+
+    Raises:
+        ValueError: No item left to average (none given, or none of them correct), or a layer out
+            of range.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> tp = mp.task_pass(mp.tiny_model(), mp.load_task("capitals").subset(6))
+        >>> o = mp.fit_ovector(tp, 1, items=[0, 2, 4], only_correct=False, max_prompts=2)
+        >>> o.n_prompts, o.info["items"] == [tp.task.items[0].input, tp.task.items[2].input]
+        (2, True)
+    """
+    n_items, n_layers = len(task_pass), int(task_pass.mlp_out.shape[1])
+    at = check_int(layer, "layer", -n_layers, n_layers - 1) % n_layers
+    mask = np.zeros(n_items, dtype=bool)
+    if items is None:
+        mask[:] = True
+    else:
+        chosen = np.asarray(items)
+        if chosen.dtype == bool:
+            if chosen.shape != (n_items,):
+                raise ValueError(
+                    f"items is a mask of {chosen.shape}; the task pass has {n_items} items."
+                )
+            mask = chosen.copy()
+        else:
+            index = [check_int(i, "items", -n_items, n_items - 1) for i in chosen.ravel()]
+            mask[index] = True
+    if only_correct:
+        mask &= task_pass.score.correct
+    fit = np.flatnonzero(mask)
+    if fit.size == 0:
+        raise ValueError(
+            f"No item of {task_pass.task.name!r} to average"
+            + (" among those answered correctly" if only_correct else "")
+            + "; pass more items"
+            + (", or only_correct=False." if only_correct else ".")
+        )
+    if max_prompts is not None:
+        fit = fit[: check_int(max_prompts, "max_prompts", 1)]
+    return OVector(
+        vector=task_pass.mlp_out[torch.as_tensor(fit), at].mean(0),
+        layer=at,
+        source=task_pass.task.name,
+        n_prompts=int(fit.size),
+        model=task_pass.model,
+        info={
+            "items": [task_pass.task.items[int(i)].input for i in fit],
+            "only_correct": only_correct,
+        },
+    )
+
+
+def random_ovector(like: OVector, *, seed: int = 0) -> OVector:
     """A random direction (isotropic Gaussian) with the same norm and layer as ``like``.
 
     Example:
@@ -197,12 +379,66 @@ def random_ovector(like: OVector, seed: int = 0) -> OVector:
         >>> round(r.norm, 4), r.source
         (5.0, 'random')
     """
-    gen = torch.Generator().manual_seed(int(seed))
+    seed = check_int(seed, "seed")
+    gen = torch.Generator().manual_seed(seed)
     direction = torch.randn(like.vector.shape, generator=gen, dtype=torch.float64)
     vector = direction / direction.norm() * like.vector.double().norm()
     return replace(
         like,
         vector=vector.to(like.vector.dtype),
         source="random",
-        info={"seed": int(seed), "like": like.source},
+        info={"seed": seed, "like": like.source},
     )
+
+
+def ovector_controls(
+    model: Any,
+    ovector: OVector,
+    *,
+    n_random: int = 3,
+    other_task: Task | None = None,
+    seed: int = 0,
+    batch_size: int | None = 32,
+    progress: bool = True,
+) -> dict[str, OVector]:
+    """The controls an o-vector is reported beside: random directions and another task's o.
+
+    Args:
+        model: The model ``ovector`` was read from.
+        ovector: The o-vector.
+        n_random: Random directions with its norm, ``random_0 .. random_{n-1}`` (seeds
+            ``seed, seed + 1, ...``).
+        other_task: A task whose o-vector, read at the same layer and averaged over its correctly
+            answered items (all of them when none is correct; its ``info["only_correct"]`` then
+            says False), is the ``other_task`` control. None: no such control.
+        seed: Seed of the first random direction.
+        batch_size: Rows per forward pass.
+        progress: Show a progress bar (``MECHPROBE_PROGRESS=0`` silences every bar).
+
+    Returns:
+        ``{"random_0": ..., ..., "other_task": ...}``, in that order.
+
+    Example:
+        >>> import torch, mechprobe as mp
+        >>> o = mp.OVector(torch.ones(64), layer=1, source="toy", n_prompts=1)
+        >>> sorted(mp.ovector_controls(mp.tiny_model(), o, n_random=2))
+        ['random_0', 'random_1']
+    """
+    n_random = check_int(n_random, "n_random", 0)
+    seed = check_int(seed, "seed")
+    vectors = {f"random_{k}": random_ovector(ovector, seed=seed + k) for k in range(n_random)}
+    if other_task is not None:
+        try:
+            vectors["other_task"] = extract_ovector(
+                model,
+                other_task,
+                ovector.layer,
+                only_correct=True,
+                batch_size=batch_size,
+                progress=progress,
+            )
+        except ValueError:  # no item of the other task is answered correctly
+            vectors["other_task"] = extract_ovector(
+                model, other_task, ovector.layer, batch_size=batch_size, progress=progress
+            )
+    return vectors

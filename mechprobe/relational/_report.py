@@ -32,6 +32,13 @@ def _layers(layers: Sequence[int]) -> str:
     return ",".join(str(x) for x in layers)
 
 
+def _positions(positions: Any) -> str:
+    if positions == "all":
+        return "every position"
+    listed = list(positions) if isinstance(positions, (list, tuple)) else positions
+    return f"positions {listed}"
+
+
 def headline_table(result: RelationalResult, group: str | None = None, tuned: bool = False) -> str:
     """Markdown table: each condition's top-1 rate, ranks, MRR and no-effect rate, before/after
     (of the default intervention, or of the one at the sweep's best cell with ``tuned``)."""
@@ -52,7 +59,7 @@ def headline_table(result: RelationalResult, group: str | None = None, tuned: bo
     for fam in ["ovector", "random", "other_task", "intact"]:
         if fam not in fams:
             continue
-        s = inter.summary(fams[fam], group=group)
+        s = inter.metrics(fams[fam], group=group)
         lines.append(
             f"| {labels[fam]} | {s['n']} | {_layers(s['layers'])} | {s['scale']:g} | "
             f"{_f(s['top1_before'])} | {_f(s['top1_after'])} | {_f(s['mean_rank_before'], 0)} | "
@@ -108,7 +115,7 @@ def report(result: RelationalResult, figures: Sequence[str] = ()) -> str:
         "",
         f"The FFN outputs of layers {_layers(result.intervention.layers)} are "
         f"{'replaced by' if result.intervention.mode == 'replace' else 'added'} scale x vector "
-        f"at {'every position' if result.intervention.positions is None else 'positions ' + str(result.intervention.positions)}"
+        f"at {_positions(result.intervention.positions)}"
         f", on random-word contexts ending before a repeat of the argument. The o-vector is the "
         f"mean `mlp_out` at layer {result.ovector.layer} over {result.ovector.n_prompts} "
         f"correctly answered prompts (norm {result.ovector.norm:.1f}); ranks are 0-based.",
@@ -143,12 +150,12 @@ def report(result: RelationalResult, figures: Sequence[str] = ()) -> str:
             out.append(f"| {name} | {abl.kinds[t]} | {vals} |")
         out.append("")
     if result.sweep is not None:
-        (start, stop), scale = result.sweep.best("ovector", "mrr")
+        cell, scale = result.sweep.best("ovector", "mrr")
         out += [
             "## Sweep of layer range and scale",
             "",
             f"On {result.sweep.n_contexts} in-domain contexts, the o-vector's best cell by MRR is "
-            f"layers {start}-{stop - 1}, scale {scale:g} (the random control's grid is beside it "
+            f"layers {_layers(cell)}, scale {scale:g} (the random control's grid is beside it "
             "in sweep.png). Rerun there on all contexts; the held-out rows judge the choice:",
             "",
         ]

@@ -1,51 +1,54 @@
-"""The result of :func:`mechprobe.relational_analysis`: summary JSON, figures, markdown report.
+"""The result of :func:`mechprobe.relational_analysis`: a folder of result.json, figures and a report.
 
-``result.json`` holds the headline keys (``task, kind, n_items, accuracy, argument_layer,
-function_layer, saturation_layer``, an ``intervention`` object and a ``controls`` object mapping
-``random``, ``other_task`` and ``intact`` to objects of the same shape: ``layers, scale,
-top1_before, top1_after, mean_rank_before, mean_rank_after, no_effect_rate`` and more), then
-``details`` with every per-item number, so :meth:`RelationalResult.load` rebuilds the result
-without pickle (the o-vector itself goes to ``ovector.safetensors``).
+``result.json`` starts with the format tag and version, then the headline keys (``task, kind,
+n_items, accuracy, argument_layer, function_layer, saturation_layer``, an ``intervention`` object
+and a ``controls`` object mapping ``random``, ``other_task`` and ``intact`` to objects of the same
+shape: ``layers, scale, top1_before, top1_after, mean_rank_before, mean_rank_after,
+no_effect_rate`` and more), then ``details``: every field of the result through the one serialiser
+(per-item numbers, the o-vector, the sweep), from which :meth:`RelationalResult.load` rebuilds it
+without pickle. ``ovector.safetensors`` holds the o-vector again, for other tools.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from matplotlib.figure import Figure
 
+from mechprobe.core import Result, encode, write_atomic
 from mechprobe.relational._ablation import AblationResult
-from mechprobe.relational._intervention import InterventionResult
+from mechprobe.relational._intervention import _GROUPS, OVectorEffect
 from mechprobe.relational._ovector import OVector
 from mechprobe.relational._report import headline_table, report
 from mechprobe.relational._scoring import TaskScore
-from mechprobe.relational._sweep import SweepResult
+from mechprobe.relational._sweep import OVectorSweep
 from mechprobe.relational._trajectory import Stages, Trajectory
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["RelationalResult"]
 
-_GROUPS = ("in_domain", "held_out")
+_SUMMARY_COLUMNS = (
+    "n",
+    "top1_before",
+    "top1_after",
+    "mean_rank_after",
+    "mrr_before",
+    "mrr_after",
+    "no_effect_rate",
+)
 
 
-def _clean(value: Any) -> Any:
-    """Strict JSON: NaN and infinities become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
-@dataclass(frozen=True, eq=False)
-class RelationalResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, html_figure=True):
     """Everything :func:`mechprobe.relational_analysis` measured on one task.
 
     Attributes:
@@ -58,11 +61,18 @@ class RelationalResult:
         vectors_norms: Norm of each vector run (o-vector and controls).
         intervention: The o-vector and its controls on the same contexts.
         ablation: Top-down FFN ablation (None if not run).
-        sweep: Layer-range x scale grid on the in-domain contexts (None if not run).
+        sweep: Layer-set x scale grid on the in-domain contexts (None if not run).
         tuned: The o-vector and every control rerun at the sweep's best cell (by o-vector MRR on
             the in-domain contexts), on all contexts; its held-out rows judge that choice.
         config: The arguments of the run.
         notes: Fallbacks taken, in words.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> res = mp.relational_analysis(mp.tiny_model(), "capitals", n_items=6, ablation=False,
+        ...                              other_task=None, n_random=1, progress=False)
+        >>> res
+        RelationalResult(capitals (abstractive): 6 items, accuracy 0.00, Stages(argument -, function -, saturation -); o-vector top-1 0.00, random 0.00, intact 0.00)
     """
 
     task: str
@@ -72,10 +82,10 @@ class RelationalResult:
     stages: Stages
     ovector: OVector
     vectors_norms: dict[str, float]
-    intervention: InterventionResult
+    intervention: OVectorEffect
     ablation: AblationResult | None = None
-    sweep: SweepResult | None = None
-    tuned: InterventionResult | None = None
+    sweep: OVectorSweep | None = None
+    tuned: OVectorEffect | None = None
     config: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
@@ -87,16 +97,14 @@ class RelationalResult:
     def accuracy(self) -> float:
         return self.score.accuracy
 
-    def _condition(
-        self, names: list[str], inter: InterventionResult | None = None
-    ) -> dict[str, Any]:
+    def _condition(self, names: list[str], inter: OVectorEffect | None = None) -> dict[str, Any]:
         inter = inter if inter is not None else self.intervention
-        out = inter.summary(names)
+        out = inter.metrics(names)
         for group in _GROUPS:
-            out[group] = inter.summary(names, group=group)
+            out[group] = inter.metrics(names, group=group)
         return out
 
-    def controls(self, inter: InterventionResult | None = None) -> dict[str, dict[str, Any]]:
+    def controls(self, inter: OVectorEffect | None = None) -> dict[str, dict[str, Any]]:
         """``{"random": ..., "other_task": ..., "intact": ...}``, each shaped like the intervention
         (of ``inter``, default :attr:`intervention`)."""
         inter = inter if inter is not None else self.intervention
@@ -105,7 +113,7 @@ class RelationalResult:
         if "random" in fams:
             out["random"] = self._condition(fams["random"], inter)
             out["random"]["per_seed_top1_after"] = [
-                inter.summary(n)["top1_after"] for n in fams["random"]
+                inter.metrics(n)["top1_after"] for n in fams["random"]
             ]
         if "other_task" in fams:
             out["other_task"] = self._condition(fams["other_task"], inter)
@@ -113,10 +121,15 @@ class RelationalResult:
         out["intact"] = self._condition(["intact"], inter)
         return out
 
-    def to_json(self) -> dict[str, Any]:
-        """The ``result.json`` object: headline keys first, then ``details``."""
+    def headline(self, group: str | None = None, tuned: bool = False) -> str:
+        """The headline table as markdown (o-vector beside its controls), over all contexts or
+        one ``group`` (``"in_domain"`` / ``"held_out"``), of the default or ``tuned`` run."""
+        return headline_table(self, group, tuned=tuned)
+
+    def _headline(self) -> dict[str, Any]:
+        """The headline keys of result.json (what scripts read), in their order."""
         f = self.stages.function_layer
-        summary: dict[str, Any] = {
+        head: dict[str, Any] = {
             "task": self.task,
             "kind": self.kind,
             "model": self.config.get("model", ""),
@@ -143,7 +156,7 @@ class RelationalResult:
             "notes": list(self.notes),
         }
         if self.ablation is not None:
-            summary["ablation"] = {
+            head["ablation"] = {
                 "method": self.ablation.method,
                 "tasks": list(self.ablation.tasks),
                 "kinds": list(self.ablation.kinds),
@@ -151,26 +164,49 @@ class RelationalResult:
                 "accuracy": self.ablation.accuracy.tolist(),
             }
         if self.sweep is not None:
-            (start, stop), best_scale = self.sweep.best("ovector", "mrr")
-            summary["sweep"] = {
+            cell, best_scale = self.sweep.best("ovector", "mrr")
+            head["sweep"] = {
                 "chosen_on": "in_domain",
                 "metric": "mrr",
-                "best_layers": [start, stop - 1],
+                "best_layers": [cell[0], cell[-1]],  # the span; the set is intervention.layers
                 "best_scale": best_scale,
             }
             if self.tuned is not None:
-                summary["sweep"]["intervention"] = self._condition(["ovector"], self.tuned)
-                summary["sweep"]["controls"] = self.controls(self.tuned)
-        summary["details"] = {
-            "score": self.score.to_dict(),
-            "trajectory": self.trajectory.to_dict(),
-            "intervention": self.intervention.to_dict(),
-            "ablation": None if self.ablation is None else self.ablation.to_dict(),
-            "sweep": None if self.sweep is None else self.sweep.to_dict(),
-            "tuned": None if self.tuned is None else self.tuned.to_dict(),
-            "vectors_norms": self.vectors_norms,
-        }
-        return _clean(summary)
+                head["sweep"]["intervention"] = self._condition(["ovector"], self.tuned)
+                head["sweep"]["controls"] = self.controls(self.tuned)
+        return head
+
+    # --- the protocol ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``result.json`` object: format and version, the headline keys, then ``details``
+        (every field, through the one serialiser; NaN as null)."""
+        fields = super().to_dict()
+        tag = {"format": fields.pop("format"), "version": fields.pop("version")}
+        return {**tag, **encode(self._headline()), "details": fields}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RelationalResult:
+        """Rebuild a result from :meth:`to_dict`'s output (its ``details``).
+
+        Raises:
+            ValueError: Not a saved RelationalResult of this version.
+        """
+        details = data.get("details")
+        if not isinstance(details, Mapping):
+            details = {}
+        tag = {"format": data.get("format"), "version": data.get("version")}
+        return super().from_dict({**tag, **details})
+
+    def to_json(self) -> dict[str, Any]:
+        """Deprecated: call :meth:`to_dict` (the same ``result.json`` object)."""
+        warnings.warn(
+            "RelationalResult.to_json() is deprecated and will be removed in the next release; "
+            "call .to_dict() (the result.json object) or .save(folder).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.to_dict()
 
     def to_frame(self) -> pd.DataFrame:
         """The headline table: one row per setting (``default``, and ``tuned`` after a sweep),
@@ -185,46 +221,88 @@ class RelationalResult:
                 if fam not in fams:
                     continue
                 for group in [None, *_GROUPS]:
-                    s = inter.summary(fams[fam], group=group)
+                    s = inter.metrics(fams[fam], group=group)
                     rows.append({"setting": setting, "condition": fam, "group": group or "all"} | s)
         return pd.DataFrame(rows)
 
+    def summary(self) -> pd.DataFrame:
+        """The o-vector beside its controls over all contexts, and over the held-out ones: one
+        row per setting (``default``, ``tuned``), condition and group, the key metrics."""
+        frame = self.to_frame()
+        frame = frame[frame["group"].isin(["all", "held_out"])]
+        keep = ["setting", "condition", "group", *_SUMMARY_COLUMNS]
+        return frame[keep].reset_index(drop=True)
+
+    def _describe(self) -> str:
+        fams = self.intervention.families()
+        labels = {"ovector": "o-vector top-1", "random": "random", "other_task": "other task"}
+        words = [
+            f"{labels.get(fam, fam)} {self.intervention.metrics(fams[fam])['top1_after']:.2f}"
+            for fam in ["ovector", "random", "other_task", "intact"]
+            if fam in fams
+        ]
+        return (
+            f"{self.task} ({self.kind}): {self.n_items} items, accuracy {self.accuracy:.2f}, "
+            f"{self.stages!r}; {', '.join(words)}"
+        )
+
     # --- figures ---------------------------------------------------------------------------
 
-    def plot(self) -> Figure:
-        """The X plot (early decoding of argument and answer, stages marked)."""
-        return self.trajectory.plot(self.stages)
+    def plot(self, ax: Axes | None = None) -> Figure:
+        """The X plot (early decoding of argument and answer, stages marked; into ``ax`` when
+        given). :meth:`plot_intervention`, :meth:`plot_ablation` and :meth:`plot_sweep` draw the
+        other figures."""
+        return self.trajectory.plot(ax, stages=self.stages)
 
     def plot_intervention(self) -> Figure:
         """Top-1 rate and MRR of the answer under the o-vector and each control, in-domain and
         held-out; a second row for the sweep's best cell when a sweep was run."""
+        from matplotlib.figure import Figure
+
         runs = [self.intervention] + ([self.tuned] if self.tuned is not None else [])
         fig = Figure(figsize=(8, 3.0 * len(runs)), layout="constrained")
         for inter, row in zip(runs, fig.subplots(len(runs), 2, squeeze=False), strict=True):
-            inter.plot(axes=list(row))
+            inter._draw(list(row), ["top1", "mrr"])
         return fig
 
-    def plot_ablation(self, relative: bool = False) -> Figure:
+    def plot_ablation(self, ax: Axes | None = None, *, relative: bool = False) -> Figure:
         """Accuracy as FFNs are removed top-down (raises if the ablation was not run)."""
         if self.ablation is None:
             raise ValueError("The ablation was not run: call relational_analysis(ablation=True).")
-        return self.ablation.plot(relative=relative)
+        return self.ablation.plot(ax, relative=relative)
 
-    def plot_sweep(self, metric: str = "top1") -> Figure:
-        """The layer-range x scale heatmap (raises if no sweep was run)."""
+    def plot_sweep(self, ax: Axes | None = None, *, metric: str = "top1") -> Figure:
+        """The layer-set x scale heatmaps (raises if no sweep was run; see
+        :meth:`OVectorSweep.plot` for ``ax``)."""
         if self.sweep is None:
-            raise ValueError("No sweep was run: pass sweep_ranges= to relational_analysis.")
-        return self.sweep.plot(metric)
+            raise ValueError("No sweep was run: pass sweep_layers= to relational_analysis.")
+        return self.sweep.plot(ax, metric=metric)
 
     # --- files -----------------------------------------------------------------------------
 
-    def save(self, out_dir: str | os.PathLike[str], *, figures: bool = True) -> Path:
-        """Write ``result.json``, ``ovector.safetensors``, figures and ``report.md``; return the
-        folder."""
-        folder = Path(out_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        data = self.to_json()
-        (folder / "result.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    def save(self, path: str | os.PathLike[str], *, figures: bool = True) -> Path:
+        """Write the folder ``path``: ``result.json``, ``ovector.safetensors``, the figures
+        (``x_plot.png``, ``intervention.png``, ``ablation.png``, ``sweep.png``, with ``figures``)
+        and ``report.md``. The folder is created; its parent must exist.
+
+        Returns:
+            The folder.
+
+        Raises:
+            FileNotFoundError: The parent folder does not exist.
+            FileExistsError: ``path`` is a file.
+        """
+        folder = Path(path)
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"Cannot write a result folder at {folder}: it is a file.")
+        if not folder.parent.is_dir():
+            raise FileNotFoundError(
+                f"Cannot write {folder}: the folder {folder.parent} does not exist; create it "
+                "first."
+            )
+        folder.mkdir(exist_ok=True)
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
+        write_atomic(folder / "result.json", text.encode("utf-8"))
         self.ovector.save(folder / "ovector.safetensors")
         names = []
         if figures:
@@ -240,37 +318,25 @@ class RelationalResult:
         return folder
 
     @classmethod
-    def load(cls, out_dir: str | os.PathLike[str]) -> RelationalResult:
-        """Read a folder written by :meth:`save`."""
-        folder = Path(out_dir)
-        path = folder / "result.json"
-        if not path.is_file():
-            raise ValueError(
-                f"{folder} has no result.json; pass the folder RelationalResult.save wrote."
+    def load(cls, path: str | os.PathLike[str]) -> RelationalResult:
+        """Read a folder written by :meth:`save` (the folder, or its ``result.json``).
+
+        Raises:
+            FileNotFoundError: No result.json there.
+            ValueError: Not a saved RelationalResult of this version, or unreadable.
+        """
+        path = Path(path)
+        file = path if path.suffix == ".json" else path / "result.json"
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{path} has no result.json; pass the folder RelationalResult.save wrote."
             )
-        data = json.loads(path.read_text(encoding="utf-8"))
-        d = data["details"]
-        return cls(
-            task=data["task"],
-            kind=data["kind"],
-            score=TaskScore.from_dict(d["score"]),
-            trajectory=Trajectory.from_dict(d["trajectory"]),
-            stages=Stages(data["argument_layer"], data["function_layer"], data["saturation_layer"]),
-            ovector=OVector.load(folder / "ovector.safetensors"),
-            vectors_norms={k: float(v) for k, v in d["vectors_norms"].items()},
-            intervention=InterventionResult.from_dict(d["intervention"]),
-            ablation=None if d["ablation"] is None else AblationResult.from_dict(d["ablation"]),
-            sweep=None if d["sweep"] is None else SweepResult.from_dict(d["sweep"]),
-            tuned=None if d.get("tuned") is None else InterventionResult.from_dict(d["tuned"]),
-            config=data["config"],
-            notes=tuple(data["notes"]),
-        )
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+            return cls.from_dict(data)
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{file}: not a readable RelationalResult ({err}).") from err
 
     def report(self) -> str:
         """The markdown report (headline table, stages, controls, ablation)."""
         return report(self)
-
-    def headline(self, group: str | None = None, tuned: bool = False) -> str:
-        """The headline table as markdown (o-vector beside its controls), over all contexts or
-        one ``group`` (``"in_domain"`` / ``"held_out"``), of the default or ``tuned`` run."""
-        return headline_table(self, group, tuned=tuned)

@@ -6,35 +6,44 @@ report), and the log-probability of the whole answer under teacher forcing (prom
 tokenised separately and concatenated, see :func:`mechprobe.tokenize_with_targets`).
 
 One teacher-forced pass also yields every activation an analysis needs at the prompt's last
-position (the private :func:`_forced_pass`), so scoring, early decoding and o-vector extraction
-share a single forward pass over the items.
+position, so scoring, early decoding and the o-vector share a single forward pass over the items
+(:func:`mechprobe.task_pass`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
-from matplotlib.figure import Figure
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from mechprobe.core import Site, SiteKind, run, tokenize_with_targets
+from mechprobe.core import (
+    Result,
+    Site,
+    SiteKind,
+    check_finite,
+    progress_bar,
+    run,
+    tokenize_with_targets,
+)
+from mechprobe.relational._figure import axes_for
 from mechprobe.tasks import Task, as_task
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["TaskScore", "score_task"]
 
 
-@dataclass(frozen=True, eq=False)
-class TaskScore:
+@dataclass(frozen=True, eq=False, repr=False)
+class TaskScore(Result, format="mechprobe.TaskScore", version=2, html_figure=True):
     """Per-item scores of a task (ranks are 0-based: rank 0 is the model's top token).
 
     Attributes:
@@ -52,6 +61,8 @@ class TaskScore:
         >>> score = mp.score_task(mp.tiny_model(), mp.load_task("capitals").subset(4))
         >>> score.accuracy, len(score.to_frame())
         (0.0, 4)
+        >>> score
+        TaskScore(capitals: 4 items, accuracy 0.00, exact 0.00, mean log p -49.84)
     """
 
     task: str
@@ -102,10 +113,24 @@ class TaskScore:
             }
         )
 
-    def plot(self) -> Figure:
-        """Histogram of the answers' log-probabilities, correct and wrong items apart."""
-        fig = Figure(figsize=(6, 3.5))
-        ax = fig.add_subplot()
+    def summary(self) -> pd.DataFrame:
+        """One row: task, n_items, accuracy (greedy first token), exact_accuracy, mean_logprob,
+        median_first_rank."""
+        return pd.DataFrame(
+            {
+                "task": [self.task],
+                "n_items": [len(self)],
+                "accuracy": [self.accuracy],
+                "exact_accuracy": [self.exact_accuracy],
+                "mean_logprob": [self.mean_logprob],
+                "median_first_rank": [float(np.median(self.first_rank))],
+            }
+        )
+
+    def plot(self, ax: Axes | None = None) -> Figure:
+        """Histogram of the answers' log-probabilities, correct and wrong items apart (into
+        ``ax`` when given)."""
+        fig, ax = axes_for(ax, (6, 3.5), "TaskScore.plot")
         bins = np.linspace(min(self.logprob.min(), -1e-3), 0, 31).tolist()
         for mask, label in [(self.correct, "first token correct"), (~self.correct, "wrong")]:
             if mask.any():
@@ -114,46 +139,13 @@ class TaskScore:
         ax.set_ylabel("items")
         ax.set_title(f"{self.task}: accuracy {self.accuracy:.0%}")
         ax.legend()
-        fig.tight_layout()
         return fig
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (see :meth:`from_dict`)."""
-        return {
-            "task": self.task,
-            "inputs": list(self.inputs),
-            "answers": list(self.answers),
-            "answer_ids": [list(ids) for ids in self.answer_ids],
-            "predicted": self.predicted.tolist(),
-            "first_rank": self.first_rank.tolist(),
-            "logprob": self.logprob.tolist(),
-            "exact": self.exact.tolist(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TaskScore:
-        """Rebuild a score from :meth:`to_dict`'s output."""
-        return cls(
-            task=data["task"],
-            inputs=tuple(data["inputs"]),
-            answers=tuple(data["answers"]),
-            answer_ids=tuple(tuple(int(i) for i in ids) for ids in data["answer_ids"]),
-            predicted=np.asarray(data["predicted"], dtype=np.int64),
-            first_rank=np.asarray(data["first_rank"], dtype=np.int64),
-            logprob=np.asarray(data["logprob"], dtype=np.float64),
-            exact=np.asarray(data["exact"], dtype=bool),
+    def _describe(self) -> str:
+        return (
+            f"{self.task}: {len(self)} items, accuracy {self.accuracy:.2f}, exact "
+            f"{self.exact_accuracy:.2f}, mean log p {self.mean_logprob:.2f}"
         )
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the score as JSON and return the path."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict()) + "\n", encoding="utf-8")
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> TaskScore:
-        """Read a score written by :meth:`save`."""
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,7 +162,7 @@ def _forced_pass(
     *,
     kinds: Sequence[SiteKind] = (),
     batch_size: int | None = 32,
-    progress: bool = False,
+    progress: bool = True,
 ) -> _Pass:
     """Score ``task`` and capture ``kinds`` (e.g. ``resid_post``) at every layer, last prompt token.
 
@@ -189,7 +181,7 @@ def _forced_pass(
     answer_ids: list[tuple[int, ...]] = [()] * n
     captures: dict[str, Tensor] = {}
     groups = sorted({int(v) for v in length.tolist()})
-    for size in tqdm(groups, disable=not progress, desc=f"{task.name}: scoring"):
+    for size in progress_bar(groups, progress=progress, desc=f"{task.name}: scoring"):
         rows = (length == size).nonzero().flatten().tolist()
         sub = batch.select(rows)
         sites = [
@@ -201,8 +193,11 @@ def _forced_pass(
             capture=sites,
             logit_positions=list(range(-(size + 1), -1)),
             batch_size=batch_size,
+            progress=False,
         )
         logits = out.logits.float()  # [rows, size, vocab]
+        # A NaN logit compares false with everything: it would count as rank 0, a perfect hit.
+        check_finite(logits, f"The model's logit tensor on {task.name!r}")
         targets = sub.tokens[torch.arange(len(sub))[:, None], sub.positions(list(range(-size, 0)))]
         logp = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
         first = logits[:, 0]
@@ -237,7 +232,7 @@ def score_task(
     task: Task | str | os.PathLike[str],
     *,
     batch_size: int | None = 32,
-    progress: bool = False,
+    progress: bool = True,
 ) -> TaskScore:
     """Score every item of ``task``: greedy first-token accuracy and the whole answer's log-prob.
 

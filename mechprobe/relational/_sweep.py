@@ -1,113 +1,167 @@
-"""Sweeping the o-vector intervention over layer ranges and scales: a grid and its heatmap.
+"""Sweeping the o-vector intervention over layer sets and scales: a grid, its heatmap, a tuned rerun.
 
 Merullo et al. fixed one range (GPT-2 medium: layers 18-23) and scale 1, noting that a single
 layer needs 2-4x; reviewers asked for a principled choice. :func:`ovector_sweep` measures the
 whole grid for the o-vector and its controls on the same contexts, so the choice can be read off
 a figure instead of tuned by hand (and a random direction's grid sits beside it).
+:func:`tuned_intervention` makes that choice honestly: it picks the best cell on some contexts
+(the in-domain ones) and reruns every vector there on all of them, so the others (held-out) judge
+the choice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
-from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
-from mechprobe.core import Positions, first_token_ids, tokenize
-from mechprobe.relational._intervention import Mode, _evaluate, _layers, _spec, _vector
+from mechprobe.core import Layers, Result, check_choice, first_token_ids, progress_bar, tokenize
+from mechprobe.relational._deprecated import half_open_pairs, renamed_keywords
+from mechprobe.relational._figure import axes_for
+from mechprobe.relational._intervention import (
+    Mode,
+    OVectorEffect,
+    WriterPositions,
+    _evaluate,
+    _layers,
+    _positions,
+    _scales,
+    _span,
+    _spec,
+    _vectors,
+    ovector_intervention,
+)
 from mechprobe.relational._ovector import OVector
 
-__all__ = ["SweepResult", "ovector_sweep"]
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["OVectorSweep", "ovector_sweep", "tuned_intervention"]
 
 _METRICS = ("top1", "mrr", "mean_rank", "no_effect")
 
 
-@dataclass(frozen=True, eq=False)
-class SweepResult:
-    """Metrics of each vector for every (layer range, scale) cell, and the intact baseline.
+@dataclass(frozen=True, eq=False, repr=False)
+class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figure=True):
+    """Metrics of each vector for every (layer set, scale) cell, and the intact baseline.
+
+    Formerly ``SweepResult``, whose cells were ``layer_ranges`` (half-open ``(start, stop)``
+    pairs); a cell's layers are now listed.
 
     Attributes:
-        layer_ranges: ``(start, stop)`` pairs, half-open (``(18, 24)`` edits layers 18-23).
+        layers: The layer set of each row of the grid, e.g. ``(18, 19, 20, 21, 22, 23)``.
         scales: The scales tried.
         conditions: The vectors' names.
-        top1: ``[condition, range, scale]`` fraction of contexts whose top token is the answer.
-        mrr: ``[condition, range, scale]`` mean reciprocal rank of the answer.
-        mean_rank: ``[condition, range, scale]`` mean 0-based rank of the answer.
-        no_effect: ``[condition, range, scale]`` fraction of contexts whose top token is unchanged.
-        before: Intact-model metrics (``top1``, ``mrr``, ``mean_rank``).
+        top1: ``[condition, layer set, scale]`` fraction of contexts whose top token is the answer.
+        mrr: ``[condition, layer set, scale]`` mean reciprocal rank of the answer.
+        mean_rank: ``[condition, layer set, scale]`` mean 0-based rank of the answer.
+        no_effect: ``[condition, layer set, scale]`` fraction of contexts whose top token is
+            unchanged.
+        before: Intact-model metrics (``top1``, ``mrr``, ``mean_rank``, ``no_effect``).
         mode: ``"replace"`` or ``"add"``.
         n_contexts: Number of contexts.
+
+    Example:
+        >>> import torch, mechprobe as mp
+        >>> ctx = mp.random_word_contexts([" Poland", " Chile"])
+        >>> grid = mp.ovector_sweep(mp.tiny_model(), {"ovector": torch.ones(64)}, ctx,
+        ...                         [" Warsaw", " Santiago"], layers=[range(1, 3), 2])
+        >>> grid.layers, grid.top1.shape
+        (((1, 2), (2,)), (1, 2, 4))
     """
 
-    layer_ranges: tuple[tuple[int, int], ...]
+    layers: tuple[tuple[int, ...], ...]
     scales: tuple[float, ...]
     conditions: tuple[str, ...]
-    top1: Float[np.ndarray, "condition range scale"]
-    mrr: Float[np.ndarray, "condition range scale"]
-    mean_rank: Float[np.ndarray, "condition range scale"]
-    no_effect: Float[np.ndarray, "condition range scale"]
+    top1: Float[np.ndarray, "condition layers scale"]
+    mrr: Float[np.ndarray, "condition layers scale"]
+    mean_rank: Float[np.ndarray, "condition layers scale"]
+    no_effect: Float[np.ndarray, "condition layers scale"]
     before: dict[str, float]
     mode: str
     n_contexts: int
 
     def best(
         self, condition: str = "ovector", metric: str = "top1"
-    ) -> tuple[tuple[int, int], float]:
-        """The (layer range, scale) cell where ``condition`` scores highest on ``metric``."""
+    ) -> tuple[tuple[int, ...], float]:
+        """The (layer set, scale) cell where ``condition`` scores highest on ``metric`` (lowest
+        for ``mean_rank``; the first such cell on ties)."""
         grid = self._grid(condition, metric)
         r, s = np.unravel_index(
             int(np.argmax(-grid if metric == "mean_rank" else grid)), grid.shape
         )
-        return self.layer_ranges[int(r)], self.scales[int(s)]
+        return self.layers[int(r)], self.scales[int(s)]
 
     def _grid(self, condition: str, metric: str) -> np.ndarray:
-        if metric not in _METRICS:
-            raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}.")
+        check_choice(metric, "metric", _METRICS)
         if condition not in self.conditions:
             raise KeyError(f"No condition {condition!r}; conditions: {list(self.conditions)}.")
         return np.asarray(getattr(self, metric)[self.conditions.index(condition)])
 
     def to_frame(self) -> pd.DataFrame:
-        """Tidy rows: condition, start, stop, scale and the four metrics."""
+        """Tidy rows: condition, layers (``"24-29"``), start and stop (the layer set's span,
+        half-open), scale and the four metrics."""
         rows = []
         for c, name in enumerate(self.conditions):
-            for r, (start, stop) in enumerate(self.layer_ranges):
+            for r, cell in enumerate(self.layers):
                 for s, scale in enumerate(self.scales):
                     rows.append(
-                        {"condition": name, "start": start, "stop": stop, "scale": scale}
+                        {
+                            "condition": name,
+                            "layers": _span(cell),
+                            "start": cell[0],
+                            "stop": cell[-1] + 1,
+                            "scale": scale,
+                        }
                         | {m: float(getattr(self, m)[c, r, s]) for m in _METRICS}
                     )
         return pd.DataFrame(rows)
 
-    def plot(self, metric: str = "top1") -> Figure:
-        """One heatmap per condition: layer ranges down, scales across, cells annotated."""
-        n = len(self.conditions)
-        fig = Figure(
-            figsize=(2.2 * n + 1.6, 0.28 * len(self.layer_ranges) + 1.6), layout="constrained"
-        )
+    def summary(self) -> pd.DataFrame:
+        """Each condition's best cell by MRR (layers, scale and its four metrics), then the intact
+        model's metrics."""
+        rows = []
+        for c, name in enumerate(self.conditions):
+            cell, scale = self.best(name, "mrr")
+            r, s = self.layers.index(cell), self.scales.index(scale)
+            rows.append(
+                {"condition": name, "layers": _span(cell), "scale": scale}
+                | {m: float(getattr(self, m)[c, r, s]) for m in _METRICS}
+            )
+        rows.append({"condition": "intact", "layers": "", "scale": float("nan")} | self.before)
+        return pd.DataFrame(rows)
+
+    def plot(
+        self, ax: Axes | None = None, *, metric: str = "top1", condition: str | None = None
+    ) -> Figure:
+        """One heatmap per condition: layer sets down, scales across, cells annotated.
+
+        Given ``ax`` (or ``condition``), only that condition's heatmap (default: the first
+        condition) is drawn, into ``ax`` or a new figure.
+        """
+        check_choice(metric, "metric", _METRICS)
         vmax = max(float(np.nanmax(getattr(self, metric))), self.before.get(metric, 0.0), 1e-9)
-        labels = [f"{a}-{b - 1}" if b - a > 1 else f"{a}" for a, b in self.layer_ranges]
-        cmap = "viridis_r" if metric == "mean_rank" else "viridis"
+        if ax is not None or condition is not None:
+            name = condition if condition is not None else self.conditions[0]
+            fig, one = axes_for(ax, (3.8, 0.28 * len(self.layers) + 1.6), "OVectorSweep.plot")
+            image = self._heatmap(one, name, metric, vmax)
+            one.set_ylabel("FFN layers written")
+            fig.colorbar(image, ax=one, shrink=0.8, label=metric)
+            return fig
+        from matplotlib.figure import Figure
+
+        n = len(self.conditions)
+        fig = Figure(figsize=(2.2 * n + 1.6, 0.28 * len(self.layers) + 1.6), layout="constrained")
         axes = fig.subplots(1, n, sharey=True, squeeze=False)[0]
         image = None
-        for ax, name in zip(axes, self.conditions, strict=True):
-            grid = self._grid(name, metric)
-            image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=vmax)
-            ax.set_xticks(range(len(self.scales)), [f"{s:g}" for s in self.scales])
-            ax.set_yticks(range(len(self.layer_ranges)), labels, fontsize=7)
-            ax.set_xlabel("scale")
-            ax.set_title(name, fontsize=9)
-            for (r, s), v in np.ndenumerate(grid):
-                text = f"{v:.0f}" if metric == "mean_rank" else f"{v:.2f}"
-                light = v < 0.6 * vmax if metric != "mean_rank" else v > 0.4 * vmax
-                ax.text(s, r, text, ha="center", va="center", fontsize=6,
-                        color="white" if light else "black")  # fmt: skip
+        for panel, name in zip(axes, self.conditions, strict=True):
+            image = self._heatmap(panel, name, metric, vmax)
         axes[0].set_ylabel("FFN layers written")
         if image is not None:
             fig.colorbar(image, ax=list(axes), shrink=0.8, label=metric)
@@ -118,97 +172,100 @@ class SweepResult:
         )
         return fig
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (see :meth:`from_dict`)."""
-        return {
-            "layer_ranges": [list(r) for r in self.layer_ranges],
-            "scales": list(self.scales),
-            "conditions": list(self.conditions),
-            **{m: getattr(self, m).tolist() for m in _METRICS},
-            "before": self.before,
-            "mode": self.mode,
-            "n_contexts": self.n_contexts,
-        }
+    def _heatmap(self, ax: Axes, name: str, metric: str, vmax: float) -> Any:
+        grid = self._grid(name, metric)
+        cmap = "viridis_r" if metric == "mean_rank" else "viridis"
+        image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=vmax)
+        ax.set_xticks(range(len(self.scales)), [f"{s:g}" for s in self.scales])
+        ax.set_yticks(range(len(self.layers)), [_span(c) for c in self.layers], fontsize=7)
+        ax.set_xlabel("scale")
+        ax.set_title(name, fontsize=9)
+        for (r, s), v in np.ndenumerate(grid):
+            text = f"{v:.0f}" if metric == "mean_rank" else f"{v:.2f}"
+            light = v < 0.6 * vmax if metric != "mean_rank" else v > 0.4 * vmax
+            ax.text(s, r, text, ha="center", va="center", fontsize=6,
+                    color="white" if light else "black")  # fmt: skip
+        return image
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SweepResult:
-        """Rebuild a sweep from :meth:`to_dict`'s output."""
-        return cls(
-            layer_ranges=tuple((int(a), int(b)) for a, b in data["layer_ranges"]),
-            scales=tuple(float(s) for s in data["scales"]),
-            conditions=tuple(data["conditions"]),
-            **{m: np.asarray(data[m], dtype=np.float64) for m in _METRICS},
-            before={k: float(v) for k, v in data["before"].items()},
-            mode=str(data["mode"]),
-            n_contexts=int(data["n_contexts"]),
+    def _describe(self) -> str:
+        words = (
+            f"{len(self.conditions)} conditions x {len(self.layers)} layer sets x "
+            f"{len(self.scales)} scales on {self.n_contexts} contexts"
         )
+        if not self.conditions:
+            return words
+        name = self.conditions[0]
+        cell, scale = self.best(name, "mrr")
+        mrr = self.mrr[0, self.layers.index(cell), self.scales.index(scale)]
+        return f"{words}; {name} best MRR {mrr:.2f} at layers {_span(cell)} x{scale:g}"
 
 
+@renamed_keywords(layer_ranges=("layers", half_open_pairs))
 def ovector_sweep(
     model: Any,
     vectors: Mapping[str, OVector | torch.Tensor | np.ndarray],
     contexts: Sequence[str],
     targets: Sequence[str],
     *,
-    layer_ranges: Sequence[tuple[int, int]],
+    layers: Sequence[Layers],
     scales: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
     mode: Mode = "replace",
-    positions: Positions = None,
+    positions: WriterPositions = "all",
     batch_size: int | None = 32,
-    progress: bool = False,
-) -> SweepResult:
-    """The o-vector intervention at every (layer range, scale) cell, each vector on the same contexts.
+    progress: bool = True,
+) -> OVectorSweep:
+    """The o-vector intervention at every (layer set, scale) cell, each vector on the same contexts.
 
     Costs one forward pass over the contexts per cell and vector, plus one intact pass.
 
     Args:
         model: A TransformerLens model.
         vectors: ``{name: vector}``, e.g. the o-vector and a random control.
-        contexts: Contexts to score (see :func:`mechprobe.intervention_contexts`).
+        contexts: Contexts to score (see :func:`mechprobe.random_word_contexts`).
         targets: The answer for each context.
-        layer_ranges: Half-open ``(start, stop)`` layer ranges, e.g. ``[(s, n_layers) for s in
-            range(20, 30)]``.
-        scales: Scales to try.
+        layers: One layer set per row of the grid; each is an int, a range, a list of ints or
+            ``"all"``, e.g. ``[range(s, n_layers) for s in range(20, 30)]``. (A tuple such as
+            ``(18, 24)`` is refused as ambiguous: say ``range(18, 24)`` or ``[18, 24]``. The old
+            ``layer_ranges=`` of ``(start, stop)`` pairs still works for one release.)
+        scales: Scales to try (finite).
         mode: ``"replace"`` or ``"add"`` (see :func:`mechprobe.ovector_intervention`).
-        positions: Positions to edit (None: all).
+        positions: Positions to edit: ``"all"``, an int or a list of ints.
         batch_size: Rows per forward pass.
-        progress: Show a progress bar over cells.
+        progress: Show a progress bar over cells (``MECHPROBE_PROGRESS=0`` silences it).
 
     Example:
         >>> import torch, mechprobe as mp
         >>> model = mp.tiny_model()
-        >>> ctx = mp.intervention_contexts([" Poland", " Chile"])
+        >>> ctx = mp.random_word_contexts([" Poland", " Chile"])
         >>> grid = mp.ovector_sweep(model, {"ovector": torch.randn(64)}, ctx, [" Warsaw", " Santiago"],
-        ...                         layer_ranges=[(1, 3), (2, 3)], scales=[1.0, 2.0])
+        ...                         layers=[range(1, 3), range(2, 3)], scales=[1.0, 2.0])
         >>> grid.top1.shape
         (1, 2, 2)
     """
-    if mode not in ("replace", "add"):
-        raise ValueError(f"mode must be 'replace' or 'add', got {mode!r}.")
+    check_choice(mode, "mode", ("replace", "add"))
     if len(contexts) != len(targets) or not contexts:
         raise ValueError("Pass one target per context, at least one context.")
-    if not layer_ranges or not scales:
-        raise ValueError("layer_ranges and scales must both be non-empty.")
-    width = int(model.cfg.d_model)
-    vecs = {name: _vector(v, name, width) for name, v in vectors.items()}
-    ranges = []
-    for start, stop in layer_ranges:
-        if not start < stop:
-            raise ValueError(f"Layer range ({start}, {stop}) is empty: use start < stop.")
-        _layers(model, range(start, stop))
-        ranges.append((int(start), int(stop)))
+    if isinstance(layers, (str, int, range)) or not list(layers):
+        raise ValueError(
+            f"layers is a list of layer sets, one per row of the grid (e.g. [range(18, 24), "
+            f"range(20, 24), 23]), not {layers!r}."
+        )
+    vecs = _vectors(vectors, int(model.cfg.d_model))
+    scale_tuple = _scales(scales, "scales")
+    where = _positions(positions, "ovector_sweep")
+    cells = tuple(_layers(model, _cell(cell)) for cell in layers)
     batch = tokenize(model, list(contexts))
     target_ids = torch.as_tensor(first_token_ids(model, list(targets)))
     no_args = torch.full((len(contexts),), -1)
     rank0, _, top0 = _evaluate(model, batch, target_ids, no_args, None, batch_size)
-    shape = (len(vecs), len(ranges), len(scales))
+    shape = (len(vecs), len(cells), len(scale_tuple))
     grids = {m: np.zeros(shape) for m in _METRICS}
-    cells = [
-        (c, r, s) for c in range(len(vecs)) for r in range(len(ranges)) for s in range(len(scales))
+    grid_cells = [
+        (c, r, s) for c in range(len(vecs)) for r in range(len(cells)) for s in range(shape[2])
     ]
     names = list(vecs)
-    for c, r, s in tqdm(cells, disable=not progress, desc="sweep"):
-        spec = _spec(vecs[names[c]], range(*ranges[r]), float(scales[s]), mode, positions)
+    for c, r, s in progress_bar(grid_cells, progress=progress, desc="sweep"):
+        spec = _spec(vecs[names[c]], cells[r], scale_tuple[s], mode, where)
         rank, _, top = _evaluate(model, batch, target_ids, no_args, spec, batch_size)
         grids["top1"][c, r, s] = np.mean(rank == 0)
         grids["mrr"][c, r, s] = np.mean(1.0 / (rank + 1.0))
@@ -220,12 +277,119 @@ def ovector_sweep(
         "mean_rank": float(np.mean(rank0)),
         "no_effect": 1.0,
     }
-    return SweepResult(
-        layer_ranges=tuple(ranges),
-        scales=tuple(float(s) for s in scales),
+    return OVectorSweep(
+        layers=cells,
+        scales=scale_tuple,
         conditions=tuple(names),
         **grids,
         before=before,
         mode=mode,
         n_contexts=len(contexts),
     )
+
+
+def _cell(layers: Any) -> Any:
+    """One layer set of a sweep; a tuple is refused: the old ``(start, stop)`` pairs look alike."""
+    if isinstance(layers, tuple):
+        pair = f"range{layers}" if len(layers) == 2 else "range(start, stop)"
+        raise TypeError(
+            f"A sweep's layer set {layers!r} is a tuple, which is ambiguous (the old layer_ranges "
+            f"were (start, stop) pairs): pass {pair} for a span, or a list {list(layers)} for "
+            "exactly those layers."
+        )
+    return layers
+
+
+def tuned_intervention(
+    model: Any,
+    vectors: Mapping[str, OVector | torch.Tensor | np.ndarray],
+    contexts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    layers: Sequence[Layers],
+    scales: Sequence[float] = (1.0, 2.0, 4.0),
+    choose_on: Sequence[int] | None = None,
+    swept: Sequence[str] | None = None,
+    condition: str = "ovector",
+    metric: str = "mrr",
+    mode: Mode = "replace",
+    positions: WriterPositions = "all",
+    arguments: Sequence[str] | None = None,
+    groups: Sequence[str] | None = None,
+    batch_size: int | None = 32,
+    progress: bool = True,
+) -> tuple[OVectorSweep, OVectorEffect]:
+    """Choose the (layer set, scale) cell on some contexts, then rerun every vector there on all.
+
+    The sweep (:func:`ovector_sweep`) runs ``swept`` vectors on the contexts ``choose_on``; the cell
+    where ``condition`` scores best on ``metric`` is then used by :func:`ovector_intervention`
+    for every vector on every context, so the contexts left out of the choice (e.g. held-out
+    arguments) judge it.
+
+    Args:
+        model: A TransformerLens model.
+        vectors: ``{name: vector}``: the o-vector and its controls.
+        contexts: Contexts to score (see :func:`mechprobe.random_word_contexts`).
+        targets: The answer for each context.
+        layers: The layer sets of the sweep (see :func:`ovector_sweep`).
+        scales: The scales of the sweep.
+        choose_on: Indices of the contexts the cell is chosen on (None: all of them).
+        swept: The vectors swept (None: all; the analysis sweeps the o-vector and one random
+            control).
+        condition: The vector whose best cell is chosen.
+        metric: ``"mrr"``, ``"top1"``, ``"mean_rank"`` or ``"no_effect"``.
+        mode: ``"replace"`` or ``"add"``.
+        positions: Positions to edit: ``"all"``, an int or a list of ints.
+        arguments: Optional arguments of the contexts (their ranks are reported).
+        groups: Optional label per context (e.g. ``"in_domain"`` / ``"held_out"``).
+        batch_size: Rows per forward pass.
+        progress: Show progress bars (``MECHPROBE_PROGRESS=0`` silences them).
+
+    Returns:
+        ``(sweep, effect)``: the grid on ``choose_on``, and every vector at its best cell.
+
+    Example:
+        >>> import torch, mechprobe as mp
+        >>> ctx = mp.random_word_contexts([" Poland", " Chile"])
+        >>> grid, tuned = mp.tuned_intervention(
+        ...     mp.tiny_model(), {"ovector": torch.ones(64)}, ctx, [" Warsaw", " Santiago"],
+        ...     layers=[range(1, 3), 2], scales=[1.0], choose_on=[0])
+        >>> grid.n_contexts, tuned.layers == grid.best("ovector", "mrr")[0]
+        (1, True)
+    """
+    check_choice(metric, "metric", _METRICS)
+    names = list(vectors) if swept is None else list(swept)
+    missing = [n for n in [*names, condition] if n not in vectors]
+    if missing:
+        raise ValueError(f"No vector named {missing}; vectors: {list(vectors)}.")
+    pick = list(range(len(contexts))) if choose_on is None else [int(i) for i in choose_on]
+    if not pick:
+        raise ValueError("choose_on is empty: give the contexts the cell is chosen on.")
+    sweep = ovector_sweep(
+        model,
+        {n: vectors[n] for n in names},
+        [contexts[i] for i in pick],
+        [targets[i] for i in pick],
+        layers=layers,
+        scales=scales,
+        mode=mode,
+        positions=positions,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    cell, scale = sweep.best(condition, metric)
+    effect = ovector_intervention(
+        model,
+        vectors,
+        contexts,
+        targets,
+        layers=list(cell),
+        scale=scale,
+        mode=mode,
+        positions=positions,
+        arguments=arguments,
+        groups=groups,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return sweep, effect

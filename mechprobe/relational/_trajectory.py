@@ -28,18 +28,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
-from matplotlib.figure import Figure
 from torch import Tensor
 
-from mechprobe.core import first_token_ids, readout
+from mechprobe.core import Result, check_finite, first_token_ids, readout
+from mechprobe.relational._figure import axes_for
 from mechprobe.relational._scoring import TaskScore, _forced_pass
 from mechprobe.tasks import Task, as_task
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["Stages", "Trajectory", "ffn_attribution", "trajectory"]
 
@@ -48,18 +52,31 @@ __all__ = ["Stages", "Trajectory", "ffn_attribution", "trajectory"]
 class Stages:
     """The three stages' layers read off a trajectory (None where a rule finds no layer).
 
+    A small value, not a result: its repr is the three layers, ``-`` where a rule found none.
+
     Example:
         >>> Stages(argument_layer=15, function_layer=19, saturation_layer=21).function_layer
         19
+        >>> Stages(None, 24, 29)
+        Stages(argument -, function 24, saturation 29)
     """
 
     argument_layer: int | None
     function_layer: int | None
     saturation_layer: int | None
 
+    def __repr__(self) -> str:
+        def say(layer: int | None) -> str:
+            return "-" if layer is None else str(layer)
 
-@dataclass(frozen=True, eq=False)
-class Trajectory:
+        return (
+            f"Stages(argument {say(self.argument_layer)}, function {say(self.function_layer)}, "
+            f"saturation {say(self.saturation_layer)})"
+        )
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Trajectory(Result, format="mechprobe.Trajectory", version=1, html_figure=True):
     """Per-item, per-layer lens ranks of the argument and the answer at the prompt's last token.
 
     Attributes:
@@ -79,6 +96,8 @@ class Trajectory:
         >>> traj = mp.trajectory(mp.tiny_model(), mp.load_task("capitals").subset(4))
         >>> traj.argument_rank.shape
         (4, 3)
+        >>> traj
+        Trajectory(capitals: 4 items x 3 layers, 0 correct, Stages(argument -, function -, saturation -))
     """
 
     task: str
@@ -193,10 +212,25 @@ class Trajectory:
             )
         return pd.concat(frames, ignore_index=True)
 
-    def plot(self, stages: Stages | None = None, ax: Any = None) -> Figure:
-        """The X plot: mean reciprocal rank of argument and answer per layer, stages marked."""
-        fig = Figure(figsize=(7, 3.8)) if ax is None else ax.figure
-        ax = ax if ax is not None else fig.add_subplot()
+    def summary(self) -> pd.DataFrame:
+        """One row per layer: the mean reciprocal rank of argument and answer over the
+        :attr:`included` items, in ``resid_post`` and in ``resid_post - mlp_out`` (the curves of the
+        X plot)."""
+        m = self.included
+        return pd.DataFrame(
+            {
+                "layer": np.arange(self.n_layers),
+                "argument_rr": self.argument_rr(),
+                "answer_rr": self.answer_rr(),
+                "argument_rr_no_ffn": _mean_rr(self.argument_rank_no_ffn, m),
+                "answer_rr_no_ffn": _mean_rr(self.answer_rank_no_ffn, m),
+            }
+        )
+
+    def plot(self, ax: Axes | None = None, *, stages: Stages | None = None) -> Figure:
+        """The X plot: mean reciprocal rank of argument and answer per layer, stages marked (into
+        ``ax`` when given; ``stages`` default to :meth:`stages`)."""
+        fig, ax = axes_for(ax, (7, 3.8), "Trajectory.plot")
         stages = stages if stages is not None else self.stages()
         x = np.arange(self.n_layers)
         m = self.included
@@ -224,38 +258,14 @@ class Trajectory:
         ax.set_ylim(0, 1.0)
         ax.set_title(f"{self.task}: early decoding over {int(m.sum())} correct items", pad=28)
         ax.legend(fontsize=7, loc="upper left")
-        fig.tight_layout()
         return fig
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (see :meth:`from_dict`)."""
-        return {
-            "task": self.task,
-            "arguments": list(self.arguments),
-            "answers": list(self.answers),
-            "argument_rank": self.argument_rank.tolist(),
-            "answer_rank": self.answer_rank.tolist(),
-            "argument_rank_no_ffn": self.argument_rank_no_ffn.tolist(),
-            "answer_rank_no_ffn": self.answer_rank_no_ffn.tolist(),
-            "correct": self.correct.tolist(),
-            "distinct": self.distinct.tolist(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Trajectory:
-        """Rebuild a trajectory from :meth:`to_dict`'s output."""
-        ints = {k: np.asarray(data[k], dtype=np.int64) for k in _RANK_KEYS}
-        return cls(
-            task=data["task"],
-            arguments=tuple(data["arguments"]),
-            answers=tuple(data["answers"]),
-            correct=np.asarray(data["correct"], dtype=bool),
-            distinct=np.asarray(data["distinct"], dtype=bool),
-            **ints,
+    def _describe(self) -> str:
+        n, layers = self.argument_rank.shape
+        return (
+            f"{self.task}: {n} items x {layers} layers, {int(self.correct.sum())} correct, "
+            f"{self.stages()!r}"
         )
-
-
-_RANK_KEYS = ("argument_rank", "answer_rank", "argument_rank_no_ffn", "answer_rank_no_ffn")
 
 
 def _mean_rr(ranks: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -273,6 +283,8 @@ def _ranks(
     with torch.no_grad():
         for layer in range(layers):  # one [n, vocab] readout at a time keeps memory flat
             logits = readout(model, x[:, layer])
+            # A NaN logit compares false with everything: it would count as rank 0.
+            check_finite(logits, f"The lens's logit tensor at layer {layer}")
             target = logits.gather(-1, ids.to(logits.device))  # [n, t]
             above = (logits[:, None, :] > target[:, :, None]).sum(-1)  # [n, t]
             out[:, :, layer] = above.T.cpu().numpy()
@@ -305,7 +317,7 @@ def trajectory(
     task: Task | str | os.PathLike[str],
     *,
     batch_size: int | None = 32,
-    progress: bool = False,
+    progress: bool = True,
 ) -> Trajectory:
     """Lens ranks of every item's argument and answer at every layer (one forward pass).
 
@@ -334,7 +346,7 @@ def ffn_attribution(
     *,
     layer: int | None = None,
     batch_size: int | None = 32,
-    progress: bool = False,
+    progress: bool = True,
 ) -> dict[str, float | int | None]:
     """Does removing the FFN update at the function layer decode back to the argument?
 

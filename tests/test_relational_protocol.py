@@ -1,0 +1,238 @@
+"""Every relational result follows the result protocol: files, frames, summaries, figures, reprs.
+
+And the analysis's steps are public functions whose results are the analysis's own.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+import mechprobe as mp
+from mechprobe.core import Result, load_result
+from tests.test_analogy import _planted
+
+ARGS = [" Poland", " Chile", " Japan"]
+ANSWERS = [" Warsaw", " Santiago", " Tokyo"]
+
+
+@pytest.fixture(scope="module")
+def results(tiny) -> dict[str, Result]:
+    task = mp.load_task("capitals").with_shots(1).subset(4, seed=0)
+    tp = mp.task_pass(tiny, task)
+    o = mp.fit_ovector(tp, 1, only_correct=False)
+    vecs = {"ovector": o, **mp.ovector_controls(tiny, o, n_random=2)}
+    ctx = mp.random_word_contexts(ARGS, seed=0)
+    groups = ["in_domain", "in_domain", "held_out"]
+    sweep, tuned = mp.tuned_intervention(
+        tiny, vecs, ctx, ANSWERS, layers=[range(1, 3), 2], scales=[1.0, 2.0], choose_on=[0, 1],
+        swept=["ovector", "random_0"], arguments=ARGS, groups=groups,
+    )  # fmt: skip
+    relational = mp.relational_analysis(
+        tiny, task, shots=1, layers=[1, 2], n_random=1, other_task=None, contrast_task=None,
+        sweep_layers=[[2]], sweep_scales=[1.0], progress=False,
+    )  # fmt: skip
+    return {
+        "TaskScore": tp.score,
+        "Trajectory": tp.trajectory,
+        "OVector": o,
+        "OVectorEffect": tuned,
+        "OVectorSweep": sweep,
+        "AblationResult": mp.ffn_ablation(tiny, task, parts=2),
+        "AnalogyResult": mp.offset_accuracy(*_planted()),  # the byte-level tiny model has none
+        "RelationalResult": relational,
+    }
+
+
+NAMES = [
+    "TaskScore",
+    "Trajectory",
+    "OVector",
+    "OVectorEffect",
+    "OVectorSweep",
+    "AblationResult",
+    "AnalogyResult",
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_save_load_round_trip_gives_equal_frames(results, tmp_path, name, suffix) -> None:
+    result = results[name]
+    path = result.save(tmp_path / f"r{suffix}")
+    assert path == tmp_path / f"r{suffix}"
+    back = type(result).load(path)
+    pd.testing.assert_frame_equal(back.to_frame(), result.to_frame())
+    pd.testing.assert_frame_equal(back.summary(), result.summary())
+    assert type(load_result(path)) is type(result)
+    if suffix == ".json":
+        data = json.loads(path.read_text())
+        assert data["format"] == f"mechprobe.{name}" and isinstance(data["version"], int)
+
+
+def test_ovector_files_keep_safetensors_and_read_the_old_format(results, tmp_path) -> None:
+    o = results["OVector"]
+    path = o.save(tmp_path / "o.safetensors")
+    back = mp.OVector.load(path)
+    assert torch.equal(back.vector, o.vector) and back.info == o.info
+    from safetensors.torch import save_file
+
+    # A file of the previous release (its own header tag, no version) still loads.
+    old = {"format": "mechprobe.relational._ovector/1", "layer": "3", "source": "capitals",
+           "n_prompts": "2", "model": "m", "info": "{}"}  # fmt: skip
+    save_file({"vector": torch.ones(4)}, str(tmp_path / "old.safetensors"), metadata=old)
+    assert mp.OVector.load(tmp_path / "old.safetensors").layer == 3
+    newer = {**old, "format": "mechprobe.OVector", "version": "9"}
+    save_file({"vector": torch.ones(4)}, str(tmp_path / "new.safetensors"), metadata=newer)
+    with pytest.raises(ValueError, match="version"):
+        mp.OVector.load(tmp_path / "new.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x80\x04not a safetensors file")
+    with pytest.raises(ValueError, match=r"junk\.safetensors"):
+        mp.OVector.load(tmp_path / "junk.safetensors")
+    with pytest.raises(ValueError, match=r"\.safetensors, \.json or \.npz"):
+        o.save(tmp_path / "o.pt")
+    with pytest.raises(FileNotFoundError, match="create it first"):
+        o.save(tmp_path / "missing" / "o.safetensors")
+
+
+def test_relational_result_folder_round_trip(results, tmp_path) -> None:
+    result = results["RelationalResult"]
+    folder = result.save(tmp_path / "run")
+    data = json.loads((folder / "result.json").read_text())
+    assert list(data)[:4] == ["format", "version", "task", "kind"]  # headline keys stay on top
+    back = mp.RelationalResult.load(folder)
+    assert back.to_dict() == result.to_dict()
+    pd.testing.assert_frame_equal(back.summary(), result.summary())
+    assert torch.equal(back.ovector.vector, result.ovector.vector)
+    assert isinstance(load_result(folder / "result.json"), mp.RelationalResult)
+    with pytest.raises(FileExistsError, match="is a file"):
+        result.save(folder / "result.json")
+    with pytest.raises(FileNotFoundError, match="create it first"):
+        result.save(tmp_path / "missing" / "run")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "result.json").write_text(json.dumps({"task": "capitals"}))
+    with pytest.raises(ValueError, match="not a readable RelationalResult"):
+        mp.RelationalResult.load(tmp_path / "other")  # an untagged result.json of 0.1
+
+
+@pytest.mark.parametrize("name", [*NAMES, "RelationalResult"])
+def test_repr_summary_and_notebook_view(results, name) -> None:
+    result = results[name]
+    text = repr(result)
+    assert text.startswith(f"{name}(") and len(text) < 200 and "array" not in text
+    assert isinstance(result.summary(), pd.DataFrame) and len(result.summary()) >= 1
+    page = result._repr_html_()
+    assert "<table" in page
+    assert ("<img" in page) == type(result)._html_figure
+
+
+@pytest.mark.parametrize("name", [*NAMES, "RelationalResult"])
+def test_plot_returns_its_figure_and_draws_into_given_axes(results, name) -> None:
+    result = results[name]
+    assert isinstance(result.plot(), Figure)
+    fig = Figure()
+    ax = fig.add_subplot()
+    assert result.plot(ax=ax) is fig
+    assert len(ax.get_children()) > 10  # something was drawn there
+    with pytest.raises(TypeError, match="keyword-only"):
+        result.plot("mrr")  # an old positional option is refused with the fix
+
+
+def test_stages_reads_as_three_layers() -> None:
+    assert repr(mp.Stages(15, 19, None)) == "Stages(argument 15, function 19, saturation -)"
+
+
+def test_task_pass_is_the_score_and_trajectory_of_one_pass(tiny) -> None:
+    task = mp.load_task("capitals").with_shots(1).subset(5, seed=1)
+    calls = []
+    handle = tiny.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        tp = mp.task_pass(tiny, task, batch_size=None)
+        passes = len(calls)
+        o = mp.fit_ovector(tp, -2, items=[0, 3], only_correct=False)
+        assert len(calls) == passes  # fitting the o-vector runs the model no more
+    finally:
+        handle.remove()
+    assert passes == len({len(ids) for ids in tp.score.answer_ids})  # one pass per answer length
+    score, traj = mp.score_task(tiny, task), mp.trajectory(tiny, task)
+    assert np.array_equal(tp.score.first_rank, score.first_rank)
+    assert np.array_equal(tp.trajectory.answer_rank, traj.answer_rank)
+    want = mp.extract_ovector(tiny, [task.prompts()[0], task.prompts()[3]], layer=1)
+    assert o.layer == 1 and o.n_prompts == 2
+    assert torch.allclose(o.vector, want.vector, atol=1e-5)
+    with pytest.raises(ValueError, match="only_correct=False"):
+        mp.fit_ovector(tp, 1)  # the random model answers nothing correctly
+    with pytest.raises(ValueError, match="max_prompts"):
+        mp.fit_ovector(tp, 1, only_correct=False, max_prompts=0)
+
+
+def test_tuned_intervention_reruns_every_vector_at_the_chosen_cell(results, tiny) -> None:
+    sweep, tuned = results["OVectorSweep"], results["OVectorEffect"]
+    assert sweep.n_contexts == 2 and sweep.conditions == ("ovector", "random_0")
+    cell, scale = sweep.best("ovector", "mrr")
+    assert tuned.layers == cell and tuned.scale == scale
+    assert tuned.conditions == ("intact", "ovector", "random_0", "random_1")
+    # The same as running the intervention there by hand.
+    o = results["OVector"]
+    vecs = {"ovector": o, **mp.ovector_controls(tiny, o, n_random=2)}
+    ctx = mp.random_word_contexts(ARGS, seed=0)
+    again = mp.ovector_intervention(tiny, vecs, ctx, ANSWERS, layers=list(cell), scale=scale)
+    assert np.array_equal(again.rank, tuned.rank)
+
+
+def test_ovector_controls_are_the_random_directions_and_the_other_task(tiny) -> None:
+    o = mp.OVector(torch.randn(64), layer=1, source="capitals", n_prompts=3)
+    other = mp.load_task("past_tense").with_shots(1).subset(3)
+    controls = mp.ovector_controls(tiny, o, n_random=2, other_task=other, seed=5)
+    assert list(controls) == ["random_0", "random_1", "other_task"]
+    assert torch.equal(controls["random_1"].vector, mp.random_ovector(o, seed=6).vector)
+    # The random model answers no past tense: the control averages all its items, and says so.
+    assert controls["other_task"].info["only_correct"] is False
+    want = mp.extract_ovector(tiny, other, 1)
+    assert torch.allclose(controls["other_task"].vector, want.vector)
+
+
+def test_old_names_and_keywords_still_work_with_a_warning(tiny) -> None:
+    with pytest.warns(DeprecationWarning, match="OVectorEffect"):
+        assert mp.InterventionResult is mp.OVectorEffect
+    with pytest.warns(DeprecationWarning, match="OVectorSweep"):
+        assert mp.SweepResult is mp.OVectorSweep
+    with pytest.warns(DeprecationWarning, match="random_word_contexts"):
+        assert mp.intervention_contexts is mp.random_word_contexts
+    ctx = mp.random_word_contexts(ARGS[:2], seed=0)
+    vecs = {"ovector": torch.randn(64, generator=torch.Generator().manual_seed(1))}
+    new = mp.ovector_sweep(tiny, vecs, ctx, ANSWERS[:2], layers=[range(1, 3)], scales=[2.0])
+    with pytest.warns(DeprecationWarning, match="layers="):
+        old = mp.ovector_sweep(tiny, vecs, ctx, ANSWERS[:2], layer_ranges=[(1, 3)], scales=[2.0])
+    assert old.layers == new.layers == ((1, 2),) and np.array_equal(old.mrr, new.mrr)
+    with pytest.raises(TypeError, match="both layer_ranges= and layers="):
+        mp.ovector_sweep(tiny, vecs, ctx, ANSWERS[:2], layers=[2], layer_ranges=[(1, 3)])
+    with pytest.raises(TypeError, match=r"range\(1, 3\)"):
+        mp.ovector_sweep(tiny, vecs, ctx, ANSWERS[:2], layers=[(1, 3)])  # ambiguous
+    with pytest.warns(DeprecationWarning, match="positions='all'"):
+        none = mp.ovector_intervention(tiny, vecs, ctx, ANSWERS[:2], layers=[2], positions=None)
+    every = mp.ovector_intervention(tiny, vecs, ctx, ANSWERS[:2], layers=[2])
+    assert none.positions == every.positions == "all" and np.array_equal(none.rank, every.rank)
+    with pytest.warns(DeprecationWarning, match="metrics"):
+        assert every.summary("ovector") == every.metrics("ovector")
+    with pytest.raises(TypeError):
+        mp.random_ovector(mp.OVector(torch.ones(4), layer=0, source="x", n_prompts=1), 3)  # type: ignore[misc]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new spellings warn about nothing
+        mp.random_word_contexts(ARGS)
+        every.summary()
+
+
+def test_relational_analysis_accepts_sweep_ranges_for_one_release(tiny) -> None:
+    kwargs = dict(shots=1, n_items=4, n_random=0, other_task=None, ablation=False,
+                  sweep_scales=[1.0], progress=False)  # fmt: skip
+    with pytest.warns(DeprecationWarning, match="sweep_layers="):
+        old = mp.relational_analysis(tiny, "capitals", sweep_ranges=[(1, 3)], **kwargs)
+    assert old.sweep is not None and old.sweep.layers == ((1, 2),)
+    assert old.tuned is not None and old.tuned.layers == (1, 2)
