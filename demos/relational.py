@@ -96,7 +96,6 @@ def docs(n_items: int, part: str, tasks: tuple[str, ...]) -> None:
                 progress=True,
             )
             _print(result)
-            (ROOT / "out" / "relational").mkdir(parents=True, exist_ok=True)
             result.save(ROOT / "out" / "relational" / name)  # full result, outside git
             data = result.to_dict()
             for key in ("format", "version", "details"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import tempfile
+import os
 
 import numpy as np
 import pytest
@@ -176,32 +176,25 @@ def _no_model(name):
     raise AssertionError("the model was loaded before --out was checked")
 
 
-@pytest.mark.parametrize("case", ["file", "missing_parent", "unwritable"])
+@pytest.mark.parametrize("case", ["file", "file_above", "unwritable"])
 def test_cli_relation_checks_out_before_any_work(tmp_path, capsys, monkeypatch, case):
     monkeypatch.setattr("mechprobe.cli.relation.load", _no_model)
+    (tmp_path / "taken").write_text("x")
     if case == "file":
-        out = tmp_path / "taken"
-        out.write_text("x")
-        want = "is an existing file"
-    elif case == "missing_parent":
-        out = tmp_path / "nowhere" / "run"
-        want = "does not exist; create it first"
+        out, want = tmp_path / "taken", "is a file, not a folder"
+    elif case == "file_above":
+        out, want = tmp_path / "taken" / "run", "is a file, not a folder"
     else:
-        out = tmp_path / "locked" / "run"
-        out.parent.mkdir()
-        real = tempfile.NamedTemporaryFile
-
-        def refuse(*args, **kwargs):
-            if kwargs.get("dir") == out.parent:
-                raise PermissionError(13, "Permission denied")
-            return real(*args, **kwargs)
-
-        # Root writes into any folder whatever its mode bits, so the refusal is simulated.
-        monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
-        want = "cannot write into"
+        out, want = tmp_path / "locked" / "run", "is not writable"
+        (tmp_path / "locked").mkdir()
+        real = os.access
+        # Root may write into any folder whatever its mode bits, so the refusal is simulated.
+        monkeypatch.setattr(
+            os, "access", lambda p, mode: False if p == tmp_path / "locked" else real(p, mode)
+        )
     code = cli_main(["relation", "--task", "capitals", "--model", "tiny", "--out", str(out)])
     err = capsys.readouterr().err
-    assert code == 2 and want in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and want in err and "--out" in err and err.count("\n") == 1
 
 
 def test_cli_relation_refuses_a_nan_scale(capsys):

@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from mechprobe.cli._arguments import add_model_argument, load, positions_type
+from mechprobe.cli._arguments import add_model_argument, load, output_problem, positions_type
 
 _HELP = """\
 Score a relational task, decode the argument and answer at every layer (the X), read the FFN
@@ -56,23 +54,6 @@ def _finite(text: str) -> float:
     return value
 
 
-def _output_folder_problem(out: str) -> str | None:
-    """Why ``out`` cannot become the output folder (None when it can), checked before any work:
-    an existing file, a missing parent, or a folder this process cannot write into."""
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        return f"--out {out} is an existing file; pass a folder (new or existing)."
-    if not folder.exists() and not folder.parent.is_dir():
-        return f"--out {out}: the folder {folder.parent} does not exist; create it first."
-    where = folder if folder.exists() else folder.parent
-    try:  # a real write says more than permission bits (root, read-only mounts, ACLs)
-        with tempfile.NamedTemporaryFile(dir=where, prefix=".mechprobe-check-"):
-            pass
-    except OSError as err:
-        return f"--out {out}: cannot write into {where} ({err.strerror or err})."
-    return None
-
-
 def add_parser(sub: Any) -> None:
     """Register ``mechprobe relation`` on the subparsers ``sub``."""
     parser = sub.add_parser(
@@ -83,7 +64,7 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument("--task", required=True, help="built-in task name or task JSON file")
     parser.add_argument(
-        "--out", required=True, metavar="DIR", help="output folder (created; its parent must exist)"
+        "--out", required=True, metavar="DIR", help="output folder (created with its parents)"
     )
     add_model_argument(parser)
     parser.add_argument("--shots", type=int, default=3, help="demonstrations (default 3)")
@@ -134,9 +115,9 @@ def main(args: argparse.Namespace) -> int:
     """Run the analysis on the parsed arguments, save everything, print the headline table."""
     import mechprobe as mp
 
-    problem = _output_folder_problem(args.out)
-    if problem is not None:  # before the model loads and the analysis runs
-        print(f"mechprobe relation: error: {problem}", file=sys.stderr)
+    problem = output_problem(args.out, folder=True)
+    if problem:  # before the model loads and the analysis runs
+        print(f"mechprobe relation: error: --out: {problem}", file=sys.stderr)
         return 2
     try:
         model = load(args.model)

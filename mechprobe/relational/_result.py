@@ -283,24 +283,18 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
     def save(self, path: str | os.PathLike[str], *, figures: bool = True) -> Path:
         """Write the folder ``path``: ``result.json``, ``ovector.safetensors``, the figures
         (``x_plot.png``, ``intervention.png``, ``ablation.png``, ``sweep.png``, with ``figures``)
-        and ``report.md``. The folder is created; its parent must exist.
+        and ``report.md``. The folder is created, with its missing parents.
 
         Returns:
             The folder.
 
         Raises:
-            FileNotFoundError: The parent folder does not exist.
-            FileExistsError: ``path`` is a file.
+            FileExistsError: ``path`` (or a folder above it) is a file.
         """
         folder = Path(path)
         if folder.exists() and not folder.is_dir():
             raise FileExistsError(f"Cannot write a result folder at {folder}: it is a file.")
-        if not folder.parent.is_dir():
-            raise FileNotFoundError(
-                f"Cannot write {folder}: the folder {folder.parent} does not exist; create it "
-                "first."
-            )
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
         write_atomic(folder / "result.json", text.encode("utf-8"))
         self.ovector.save(folder / "ovector.safetensors")
