@@ -11,6 +11,7 @@ CHANGELOG.md lists each of them; they go in the next release.
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
@@ -54,7 +55,7 @@ def renamed_keywords(
                     f"{fn.__name__}({old}=...) is deprecated and will be removed in the next "
                     f"release; pass {new}= instead (see CHANGELOG.md).",
                     DeprecationWarning,
-                    stacklevel=2,
+                    stacklevel=_user_level(),
                 )
                 kwargs[new] = convert(kwargs.pop(old))
             return fn(*args, **kwargs)
@@ -90,7 +91,15 @@ def writer_positions(positions: Any, owner: str) -> Any:
             f"{owner}(positions=None) is deprecated and will be removed in the next release; "
             "every position is spelled positions='all' (the default).",
             DeprecationWarning,
-            stacklevel=3,
+            stacklevel=_user_level(),
         )
         return "all"
     return positions
+
+
+def _user_level() -> int:
+    """The ``stacklevel`` of the first caller outside mechprobe (warnings point at user code)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("mechprobe."):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level
