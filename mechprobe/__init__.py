@@ -37,8 +37,9 @@ from mechprobe.core import (
 from mechprobe.erasure import (
     AmnesicMeasure,
     AmnesicResult,
+    Eraser,
     ErasureSweep,
-    Projection,
+    LeaceFitter,
     amnesic,
     control_projections,
     dropout_projection,
@@ -113,8 +114,10 @@ __all__: list[str] = [
     "Batch",
     "Capture",
     "CumulativeScores",
+    "Eraser",
     "ErasureSweep",
     "Intervention",
+    "LeaceFitter",
     "LensResult",
     "LinearProbe",
     "MLPProbe",
@@ -127,7 +130,6 @@ __all__: list[str] = [
     "ProbeResult",
     "ProbingDataset",
     "Project",
-    "Projection",
     "RelationalResult",
     "Replace",
     "RunResult",
@@ -193,6 +195,7 @@ __all__: list[str] = [
 # Old names, kept for one release (CHANGELOG.md): each still works and says what replaced it.
 _RENAMED = {
     "InterventionResult": "OVectorEffect",
+    "Projection": "Eraser",
     "SweepResult": "OVectorSweep",
     "intervention_contexts": "random_word_contexts",
 }

@@ -32,17 +32,19 @@ def byte_word_last(text: str) -> list[int]:
     return [m_end for m_end in (m.end() for m in __import__("re").finditer(r"\S+", text))]
 
 
-@pytest.mark.parametrize("select", ["last", "all", "word_last", "marked"])
-def test_collect_equals_manual_gather(tiny: Any, select: str) -> None:
+@pytest.mark.parametrize("rule", [-1, "all", "word_last", "listed", -2, "same_list"])
+def test_collect_equals_manual_gather(tiny: Any, rule: Any) -> None:
     lengths = [len(t.encode()) + 1 for t in TEXTS]  # + BOS
     wanted = {
-        "last": [[n - 1] for n in lengths],
+        -1: [[n - 1] for n in lengths],
+        -2: [[n - 2] for n in lengths],
         "all": [list(range(1, n)) for n in lengths],
         "word_last": [byte_word_last(t) for t in TEXTS],
-        "marked": [[0, 2], [1], [-1, 3, 5], [4]],
-    }[select]
-    rule: Any = wanted if select == "marked" else select
-    acts = mp.collect(tiny, TEXTS, "resid_post", select=rule, batch_size=3, progress=False)
+        "listed": [[0, 2], [1], [-1, 3, 5], [4]],
+        "same_list": [[1, -1]] * len(TEXTS),
+    }[rule]
+    positions: Any = {"listed": wanted, "same_list": [1, -1]}.get(rule, rule)
+    acts = mp.collect(tiny, TEXTS, "resid_post", positions=positions, batch_size=3, progress=False)
     expected = np.concatenate(
         [
             manual(tiny, t, [p % n for p in w])
@@ -52,17 +54,18 @@ def test_collect_equals_manual_gather(tiny: Any, select: str) -> None:
     assert acts.values.shape == expected.shape == (len(expected), 3, 64)
     np.testing.assert_allclose(acts.values, expected, rtol=1e-4, atol=1e-4)
     assert acts.sites == tuple(RESID)
+    assert acts.metadata["positions"] == {"listed": "listed", "same_list": "listed"}.get(rule, rule)
     assert acts.text_index.tolist() == [i for i, w in enumerate(wanted) for _ in w]
     flat = [p % n for w, n in zip(wanted, lengths, strict=True) for p in w]
     assert acts.position.tolist() == flat
 
 
 def test_padding_and_batch_size_do_not_change_values(tiny: Any) -> None:
-    ref = mp.collect(tiny, TEXTS, "resid_post", select="all", batch_size=1, progress=False)
+    ref = mp.collect(tiny, TEXTS, "resid_post", positions="all", batch_size=1, progress=False)
     for side in ("right", "left"):
         for size in (2, 4):
             got = mp.collect(
-                tiny, TEXTS, "resid_post", select="all", batch_size=size, padding_side=side,
+                tiny, TEXTS, "resid_post", positions="all", batch_size=size, padding_side=side,
                 progress=False,
             )  # fmt: skip
             np.testing.assert_allclose(got.values, ref.values, rtol=1e-5, atol=1e-5)
@@ -70,21 +73,21 @@ def test_padding_and_batch_size_do_not_change_values(tiny: Any) -> None:
 
 
 def test_deterministic(tiny: Any) -> None:
-    a = mp.collect(tiny, TEXTS, "resid_post", select="all", progress=False)
-    b = mp.collect(tiny, TEXTS, "resid_post", select="all", progress=False)
+    a = mp.collect(tiny, TEXTS, "resid_post", positions="all", progress=False)
+    b = mp.collect(tiny, TEXTS, "resid_post", positions="all", progress=False)
     assert np.array_equal(a.values, b.values)
 
 
 def test_memmap_equals_in_memory(tiny: Any, tmp_path: Path) -> None:
-    ram = mp.collect(tiny, TEXTS, "resid_post", select="all", batch_size=2, progress=False)
+    ram = mp.collect(tiny, TEXTS, "resid_post", positions="all", batch_size=2, progress=False)
     assert not isinstance(ram.values, np.memmap) and ram.metadata["path"] is None
     disk = mp.collect(
-        tiny, TEXTS, "resid_post", select="all", batch_size=2, memory_budget=1, progress=False
+        tiny, TEXTS, "resid_post", positions="all", batch_size=2, memory_budget=1, progress=False
     )
     assert isinstance(disk.values, np.memmap)
     assert np.array_equal(np.asarray(disk.values), ram.values)
     half = mp.collect(
-        tiny, TEXTS, "resid_post", select="all", batch_size=2, out_dir=tmp_path, dtype="float16",
+        tiny, TEXTS, "resid_post", positions="all", batch_size=2, out_dir=tmp_path, dtype="float16",
         progress=False,
     )  # fmt: skip
     assert half.values.dtype == np.float16 and Path(half.metadata["path"]) == tmp_path
@@ -93,7 +96,7 @@ def test_memmap_equals_in_memory(tiny: Any, tmp_path: Path) -> None:
 
 def test_save_load_round_trip(tiny: Any, tmp_path: Path) -> None:
     acts = mp.collect(
-        tiny, TEXTS, "resid_post", select="word_last", labels=["a", "b", "a", "b"],
+        tiny, TEXTS, "resid_post", positions="word_last", labels=["a", "b", "a", "b"],
         groups=[["x", "y", "z"], ["w"], ["v"] * 6, ["u"] * 3], progress=False,
     )  # fmt: skip
     back = mp.Activations.load(acts.save(tmp_path))
@@ -111,7 +114,7 @@ def test_word_last_on_a_hand_checked_sentence(tiny: Any) -> None:
     # Bytes: BOS=0, "The"=1..3, " "=4, "cat-like"=5..12, " "=13, "dog's"=14..18, " "=19,
     # "caf"=20..22, "é" is two bytes 23..24, "."=25.
     text = "The cat-like dog's café."
-    acts = mp.collect(tiny, [text], "resid_post", select="word_last", progress=False)
+    acts = mp.collect(tiny, [text], "resid_post", positions="word_last", progress=False)
     assert acts.position.tolist() == [3, 12, 18, 25]
     assert acts.token.tolist() == ["e", "e", "s", "."]
     # With explicit word spans (e.g. a tagger's tokens: "dog" + "'s", "café" + ".").
@@ -135,7 +138,7 @@ def test_word_ending_inside_a_token_is_dropped() -> None:
 
 def test_labels_per_text_per_word_and_none(tiny: Any) -> None:
     acts = mp.collect(
-        tiny, ["a b c", "d e"], "resid_post", select="word_last",
+        tiny, ["a b c", "d e"], "resid_post", positions="word_last",
         labels=[["x", None, "y"], "z"], progress=False,
     )  # fmt: skip
     assert acts.labels is not None and acts.labels.tolist() == ["x", "y", "z", "z"]
@@ -171,7 +174,7 @@ def test_early_stop_leaves_no_hooks_and_model_unchanged(tiny: Any) -> None:
 def test_resume_continues_an_interrupted_collection(
     tiny: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ref = mp.collect(tiny, TEXTS, "resid_post", select="all", batch_size=1, progress=False)
+    ref = mp.collect(tiny, TEXTS, "resid_post", positions="all", batch_size=1, progress=False)
     real = activations_module._run_chunk
     calls: list[list[int]] = []
 
@@ -182,7 +185,7 @@ def test_resume_continues_an_interrupted_collection(
         return real(model, plan, rows, *rest)
 
     monkeypatch.setattr(activations_module, "_run_chunk", failing)
-    kwargs: dict[str, Any] = {"select": "all", "batch_size": 1, "out_dir": tmp_path}
+    kwargs: dict[str, Any] = {"positions": "all", "batch_size": 1, "out_dir": tmp_path}
     with pytest.raises(KeyboardInterrupt):
         mp.collect(tiny, TEXTS, "resid_post", progress=False, **kwargs)
     assert (tmp_path / "progress.json").is_file()
@@ -218,13 +221,18 @@ def test_nan_activations_raise(tiny: Any) -> None:
     [
         ({"data": []}, ValueError, "No texts"),
         ({"labels": ["a"]}, ValueError, "4 texts but 1 labels"),
-        ({"select": "word_last", "labels": [["a"], "b", "c", "d"]}, ValueError, "has 1 entries"),
-        ({"select": "every"}, ValueError, "select must be"),
-        ({"select": [[0], [1], [2]]}, ValueError, "3 position lists for 4 texts"),
-        ({"select": [[0], [9], [0], [0]]}, ValueError, "outside text 1"),
+        ({"positions": "word_last", "labels": [["a"], "b", "c", "d"]}, ValueError, "1 entries"),
+        ({"positions": "every"}, ValueError, "positions must be"),
+        ({"positions": None}, TypeError, "positions must be"),
+        ({"positions": [[0], [1], [2]]}, ValueError, "3 position lists for 4 texts"),
+        ({"positions": [[0], [9], [0], [0]]}, ValueError, "outside text 1"),
+        ({"positions": 7}, ValueError, "outside text 1"),
         ({"labels": ["a", 1, "b", "c"]}, TypeError, "all strings or all ints"),
-        ({"sites": ["blocks.0.hook_resid_post", mp.Site("head", 0, head=0)]}, ValueError, "widths"),
+        ({"sites": ["blocks.0.hook_resid_post", mp.Site("head", 0, head=0)]}, ValueError, "head"),
         ({"sites": ["blocks.0.hook_resid_post"] * 2}, ValueError, "repeat"),
+        ({"sites": ["resid_post", mp.Site("resid_post", 1)]}, ValueError, "repeat"),
+        ({"sites": "resid_psot"}, ValueError, "resid_post"),
+        ({"layers": [5]}, ValueError, "out of range"),
         ({"dtype": "float64"}, ValueError, "float32"),
         ({"batch_size": 0}, ValueError, "batch_size"),
     ],
@@ -235,6 +243,32 @@ def test_bad_input_raises_clear_errors(
     args: dict[str, Any] = {"data": TEXTS, "sites": "resid_post", "progress": False} | kwargs
     with pytest.raises(error, match=match):
         mp.collect(tiny, **args)
+
+
+def test_layers_pick_blocks_and_select_is_positions_under_its_old_name(tiny: Any) -> None:
+    every = mp.collect(tiny, TEXTS, "resid_post", positions="all", progress=False)
+    two = mp.collect(tiny, TEXTS, "resid_post", layers=[-1, 0], positions="all", progress=False)
+    assert two.sites == (RESID[2], RESID[0])
+    np.testing.assert_array_equal(two.values, every.values[:, [2, 0]])
+    with pytest.warns(DeprecationWarning, match="say positions"):
+        old = mp.collect(tiny, TEXTS, "resid_post", select="last", progress=False)
+    np.testing.assert_array_equal(old.values, mp.collect(tiny, TEXTS, progress=False).values)
+    assert old.metadata["positions"] == -1
+
+
+def test_repr_and_summary_are_short(tiny: Any, tmp_path: Path) -> None:
+    labels = ["x", "y", "x", "x"]
+    acts = mp.collect(tiny, TEXTS, "resid_post", labels=labels, progress=False)
+    assert repr(acts) == (
+        "Activations(4 rows x 3 sites x 64, float32, 2 classes, 4 texts, in memory)"
+    )
+    assert acts.summary().to_dict("list") == {
+        "label": ["x", "y"], "rows": [3, 1], "share": [0.75, 0.25], "texts": [3, 1]
+    }  # fmt: skip
+    mapped = mp.Activations.load(acts.save(tmp_path / "acts"))
+    assert f"memory-mapped from {tmp_path / 'acts'}" in repr(mapped) and len(repr(mapped)) < 200
+    with pytest.raises(FileExistsError, match="a file"):
+        acts.save(tmp_path / "acts" / "values.npy")
 
 
 def test_activations_validate_their_fields() -> None:

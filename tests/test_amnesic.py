@@ -32,7 +32,7 @@ def task() -> mp.Task:
 
 
 @pytest.fixture(scope="module")
-def leace_projection(tiny: Any) -> mp.Projection:
+def leace_projection(tiny: Any) -> mp.Eraser:
     """An affine, oblique erasure fitted on the tiny model's layer-1 activations."""
     out = mp.run(tiny, TEXTS * 4, capture=["blocks.1.hook_resid_post"], batch_size=None)
     batch = out.batch
@@ -72,20 +72,21 @@ def test_identity_projection_changes_no_logit_and_leaves_no_hooks(tiny: Any, tas
     [("random", None, 0), ("random", -1, 1), ("leace", None, 1), ("leace", -1, 0)],
 )
 def test_hook_equals_projecting_cached_activations_by_hand(
-    tiny: Any, leace_projection: mp.Projection, layer: int, positions: int | None, kind: str
+    tiny: Any, leace_projection: mp.Eraser, layer: int, positions: int | None, kind: str
 ) -> None:
     projection = mp.random_projection(64, 7, seed=2) if kind == "random" else leace_projection
     hook = f"blocks.{layer}.hook_resid_post"
     batch = mp.tokenize(tiny, TEXTS)  # right-padded: -1 must be each row's last real token
+    # The eraser is callable, and Project hooks it in (through its apply method).
     hooked = mp.run(tiny, batch, {hook: mp.Project(projection, positions=positions)}).logits
     with torch.no_grad():
         resid = mp.run(tiny, batch, capture=[hook])[hook]
         edited = resid.clone()
         if positions is None:
-            edited = projection.apply(resid)
+            edited = projection(resid)
         else:
             rows = torch.arange(len(batch))
-            edited[rows, batch.last_index] = projection.apply(resid[rows, batch.last_index])
+            edited[rows, batch.last_index] = projection(resid[rows, batch.last_index])
         # The bridge's start_at_layer=l+1 takes block l's resid_post as its input.
         by_hand = tiny(edited, start_at_layer=layer + 1, attention_mask=batch.attention_mask)
     mask = batch.attention_mask.bool()
@@ -93,20 +94,20 @@ def test_hook_equals_projecting_cached_activations_by_hand(
     assert not torch.allclose(hooked[mask], _logits(tiny, batch)[mask], atol=1e-3)
 
 
-def test_random_controls_have_the_rank_of_the_erasure(leace_projection: mp.Projection) -> None:
+def test_random_controls_have_the_rank_of_the_erasure(leace_projection: mp.Eraser) -> None:
     conditions = control_projections(leace_projection, n_random=3, seed=5)
     assert [c.name for c in conditions] == ["erased", "random", "random", "random", "dropout"]
     k = leace_projection.n_removed
     assert k > 0
     for c in conditions[1:]:
-        assert c.projection is not None
+        assert c.eraser is not None
         eye = torch.eye(64, dtype=torch.float64)
-        assert int(torch.linalg.matrix_rank(eye - c.projection.matrix)) == k
-    bases = [c.projection.removed for c in conditions[1:4] if c.projection is not None]
+        assert int(torch.linalg.matrix_rank(eye - c.eraser.P)) == k
+    bases = [c.eraser.removed for c in conditions[1:4] if c.eraser is not None]
     assert not torch.allclose(bases[0], bases[1])  # different seeds, different directions
-    dropout = conditions[-1].projection
+    dropout = conditions[-1].eraser
     assert dropout is not None
-    assert int((dropout.matrix.diagonal() == 0).sum()) == k  # k coordinates zeroed
+    assert int((dropout.P.diagonal() == 0).sum()) == k  # k coordinates zeroed
 
 
 def test_text_measures_match_an_independent_computation(tiny: Any) -> None:
@@ -143,7 +144,7 @@ def test_erasing_the_last_position_leaves_earlier_predictions_alone(tiny: Any) -
     # exactly the same, while the KL (which includes the last token) does not.
     projection = mp.random_projection(64, 20, seed=1)
     result = amnesic(
-        tiny, mp.Site("resid_post", 0, positions=-1), projection, text=TEXTS, n_random=1
+        tiny, mp.Site("resid_post", 0), projection, text=TEXTS, n_random=1, positions=-1
     )
     assert result.positions == -1
     for metric in ("lm_accuracy", "lm_loss"):
@@ -183,15 +184,21 @@ def test_result_json_has_every_key_and_round_trips(tiny: Any, task: mp.Task, tmp
         task=task,
         n_random=2,
     )
-    record = result.to_json()
+    path = result.save(tmp_path / "result.json")
+    record = json.loads(path.read_text())  # strict JSON: NaN would not parse as NaN here
     missing = [k for k in ERASE_RESULT_KEYS if k not in record]
     assert not missing
+    assert record["format"] == "mechprobe.AmnesicResult" and record["positions"] == "all"
     assert record["n_removed"] == 5
     assert record["lm_kl"] == pytest.approx(result.values("lm_kl", "erased")[0])
     assert record["random_control_lm_kl"] == pytest.approx(result.values("lm_kl", "random").mean())
-    json.dumps(record, allow_nan=False)  # strict JSON: no NaN
-    back = AmnesicResult.load(result.save(tmp_path / "result.json"))
+    assert record == {**result.headline(), **result.to_dict()}
+    back = AmnesicResult.load(path)
     assert back == result
+    assert mp.core.load_result(path) == result
+    assert len(repr(result)) < 200 and "KL" in repr(result)
+    summary = result.summary()
+    assert {"metric", "condition", "mean", "effect"} <= set(summary.columns)
     frame = result.to_frame()
     assert set(frame["condition"]) == {"original", "erased", "random", "dropout"}
     assert len(frame) == len(result.measures)
@@ -210,7 +217,7 @@ def test_effect_and_selectivity_follow_their_definitions() -> None:
         for (cond, seed), value in zip(CONDITIONS, values, strict=True)
         if value is not None
     )
-    r = AmnesicResult("blocks.0.hook_resid_post", 0, None, "inlp", 3, 8, measures)
+    r = AmnesicResult("blocks.0.hook_resid_post", 0, "all", "inlp", 3, 8, measures)
     assert r.effect("task_accuracy", "random") == pytest.approx((0.2, np.std([0.1, 0.3], ddof=1)))
     sel = r.selectivity()
     assert sel["task_accuracy"] == pytest.approx(0.6 - 0.2)
@@ -223,12 +230,20 @@ def test_bad_input_is_refused_with_the_fix(tiny: Any) -> None:
         amnesic(tiny, mp.Site("resid_post", 0), mp.random_projection(32, 2), text=TEXTS)
     with pytest.raises(ValueError, match="Nothing to measure"):
         amnesic(tiny, mp.Site("resid_post", 0), mp.random_projection(64, 2))
-    with pytest.raises(TypeError, match="Projection"):
+    with pytest.raises(TypeError, match="Eraser"):
         amnesic(tiny, mp.Site("resid_post", 0), torch.eye(64), text=TEXTS)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="n_random"):
         amnesic(
             tiny, mp.Site("resid_post", 0), mp.random_projection(64, 2), text=TEXTS, n_random=-1
         )
+    with pytest.raises(ValueError, match="takes positions= itself"):
+        amnesic(
+            tiny, mp.Site("resid_post", 0, positions=-1), mp.random_projection(64, 2), text=TEXTS
+        )
+    with pytest.raises(ValueError, match="say positions='all'"):
+        amnesic(
+            tiny, mp.Site("resid_post", 0), mp.random_projection(64, 2), text=TEXTS, positions=None
+        )  # type: ignore[arg-type]
 
 
 def test_no_hook_survives_an_exception(tiny: Any) -> None:
@@ -298,7 +313,7 @@ def test_linear_erasure_guards_the_erased_site(tiny: Any, letters: mp.ProbingDat
     assert before == pytest.approx(
         clf.score(scaler.transform(x[test]), y[test]), abs=1 / len(test) + 1e-9
     )
-    record = result.to_json()
+    record = result.headline()
     assert record["probe_accuracy_after"] == pytest.approx(after)
     assert record["random_control_probe_accuracy"] is not None
     assert result.counts["probe_examples"] == len(letters)
@@ -354,7 +369,7 @@ def test_smollm2_country_erasure_hook_and_guarding(smollm2: Any) -> None:
         probe_layers=[layer], positions=-1, n_random=1, mlp=False,
     )  # fmt: skip
     assert hook_count(smollm2) == hooks
-    record = result.to_json()
+    record = result.headline()
     majority = record["majority_baseline"]
     assert record["probe_accuracy_before"] >= 0.75
     assert record["probe_accuracy_after"] <= majority + 0.15

@@ -37,7 +37,7 @@ def test_pos_data_file_is_what_the_tagger_wrote() -> None:
 def test_pos_dataset_words_and_labels_line_up_with_the_file() -> None:
     _, records = _pos_records()
     ds = mp.pos_dataset(min_count=1)
-    assert len(ds) == len(records) and ds.level == "word" and ds.select == "word_last"
+    assert len(ds) == len(records) and ds.level == "word" and ds.positions == "word_last"
     assert ds.n_examples == sum(len(r["words"]) for r in records)
     assert ds.words is not None and ds.groups is not None
     for text, spans, labels, groups, rec in zip(
@@ -146,12 +146,12 @@ def test_load_labels_formats_and_round_trip(tmp_path: Path) -> None:
     loaded = mp.load_labels(js)
     assert loaded.texts[0] == "Hi, you" and loaded.words is not None
     assert loaded.words[0] == ((0, 2), (2, 3), (4, 7)) and loaded.n_examples == 4
-    back = mp.load_labels(loaded.to_json(tmp_path / "again.jsonl"))
+    back = mp.ProbingDataset.load(loaded.save(tmp_path / "again.jsonl"))
     assert (back.texts, back.labels, back.words, back.groups) == (
         loaded.texts, loaded.labels, loaded.words, loaded.groups,
     )  # fmt: skip
     pos = mp.pos_dataset().subset(range(20))
-    again = mp.load_labels(pos.to_json(tmp_path / "pos.jsonl"))
+    again = mp.load_labels(pos.save(tmp_path / "pos.jsonl"))
     assert (again.texts, again.labels, again.words, again.groups) == (
         pos.texts, pos.labels, pos.words, pos.groups,
     )  # fmt: skip
@@ -179,6 +179,27 @@ def test_load_labels_errors(tmp_path: Path, content: str, suffix: str, match: st
         mp.load_labels(tmp_path / "missing.json")
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".jsonl"])
+def test_a_label_file_that_is_not_utf8_is_named_in_the_error(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"latin1{suffix}"
+    record = {".csv": "text,label\nCaf\u00e9 ouvert,x\nb,y\n"}.get(
+        suffix, '[{"text": "Caf\u00e9", "label": "x"}, {"text": "b", "label": "y"}]'
+    )
+    path.write_bytes(record.encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{path} is not UTF-8 text \\(byte \\d+"):
+        mp.load_labels(path)
+
+
+def test_datasets_have_a_short_repr_and_a_summary() -> None:
+    ds = mp.pos_dataset()
+    assert repr(ds).startswith("ProbingDataset('pos', ") and len(repr(ds)) < 120
+    table = ds.summary()
+    assert table["examples"].sum() == ds.n_examples and table["share"].sum() == pytest.approx(1)
+    assert list(table["label"]) == list(ds.counts())
+    with pytest.warns(DeprecationWarning, match="positions"):
+        assert ds.select == "word_last"
+
+
 def test_collect_reads_dataset_labels_and_groups(tiny: Any) -> None:
     ds = mp.templated_dataset("pos", n=6, seed=0)
     acts = mp.collect(tiny, ds, "resid_post", progress=False)
@@ -202,7 +223,7 @@ def test_cli_probe_writes_result_figure_and_summary(tmp_path: Path, capsys: Any)
     result = ProbeResult.load(out / "result.json")
     summary = json.loads((out / "summary.json").read_text())
     assert result.n_examples == summary["n_examples"] <= 150 and len(result.layers) == 3
-    assert summary["select"] == "word_last" and (out / "probe.png").stat().st_size > 0
+    assert summary["positions"] == "word_last" and (out / "probe.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "majority baseline" in printed and printed.count("\n") >= 5
     assert main(["probe", "--dataset", str(tmp_path / "nope.csv"), "--out", str(out)]) == 2

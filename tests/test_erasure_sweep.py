@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,8 +42,24 @@ def test_layer_sweep_fits_and_measures_each_layer(
         after = r.values("probe_accuracy", "erased", site=r.site, probe="linear")[0]
         assert r.majority_baseline is not None and after <= r.majority_baseline + 0.2
     assert isinstance(sweep.plot(), Figure)
+    assert sweep.plot(metric="lm_kl").axes[0].get_title().startswith("KL")
     back = ErasureSweep.load(sweep.save(tmp_path / "sweep.json"))
     assert back.results == sweep.results
+    assert repr(sweep) == "ErasureSweep(leace, 2 erasure(s), layers 0-2)"
+    assert sweep.summary().equals(sweep.effects())
+
+
+def test_sites_pick_the_kind_and_kind_is_its_old_name(
+    tiny: Any, letters: mp.ProbingDataset
+) -> None:
+    kw: dict[str, Any] = {"text": TEXTS[:1], "n_random": 1, "progress": False}
+    sweep = layer_sweep(tiny, letters, [1], "leace", sites="mlp_out", **kw)
+    assert [r.site for r in sweep.results] == ["blocks.1.hook_mlp_out"]
+    with pytest.warns(DeprecationWarning, match="say sites"):
+        old = layer_sweep(tiny, letters, [1], "leace", kind="mlp_out", **kw)
+    assert old.results == sweep.results
+    with pytest.raises(ValueError, match="'head'"):
+        layer_sweep(tiny, letters, [1], "leace", sites="head", **kw)
 
 
 def test_cli_erase_writes_projection_result_and_figures(tmp_path: Any) -> None:
@@ -58,10 +77,48 @@ def test_cli_erase_writes_projection_result_and_figures(tmp_path: Any) -> None:
         assert record["n_removed"] == 2  # LEACE on 3 countries
         assert record["task_accuracy_before"] is not None
         assert record["probe_accuracy_before"] is not None
-        projection = mp.Projection.load(folder / "projection.safetensors")
-        assert projection.n_removed == 2 and projection.method == "leace"
+        eraser = mp.Eraser.load(folder / "projection.safetensors")
+        assert eraser.n_removed == 2 and eraser.method == "leace"
         assert (folder / "amnesic.png").stat().st_size > 0
     assert ErasureSweep.load(out / "sweep.json").layers == [0, 1]
     assert (out / "sweep.png").exists()
     no_layers = ["erase", "--model", "tiny", "--site", "blocks.{l}.hook_resid_post"]
     assert main([*no_layers, "--out", str(out)]) == 2  # {l} without --layers: a clear error
+
+
+@pytest.mark.parametrize("command", ["erase", "probe"])
+def test_cli_checks_its_output_folder_before_any_work(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: Any, command: str
+) -> None:
+    import importlib
+
+    from mechprobe.cli import main
+
+    module = importlib.import_module(f"mechprobe.cli.{command}")
+
+    def no_work(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(module, "load", no_work)
+    monkeypatch.setattr(mp, "collect", no_work)
+    argv = {
+        "erase": ["erase", "--model", "tiny", "--site", "blocks.0.hook_resid_post"],
+        "probe": ["probe", "--model", "tiny", "--dataset", "templated_pos"],
+    }[command]
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    unwritable = tmp_path / "locked"
+    unwritable.mkdir(mode=0o500)
+    if os.access(unwritable, os.W_OK):  # root writes anywhere; /sys refuses even root
+        unwritable = Path("/sys")
+    outs = {
+        a_file: "it is a file, not a folder",
+        a_file / "sub": "is a file, not a folder",
+        unwritable / "out": "not writable|not permitted|Permission denied|Read-only",
+    }
+    if not unwritable.is_dir():
+        del outs[unwritable / "out"]
+    for out, message in outs.items():
+        assert main([*argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and str(out) in err and err.count("\n") == 1, err

@@ -1,4 +1,4 @@
-"""LEACE: invariants on planted data and agreement with concept-erasure's LeaceEraser."""
+"""LEACE: invariants on planted data, agreement with concept-erasure's LeaceEraser, streaming."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import torch
 from concept_erasure import LeaceEraser
 from sklearn.linear_model import LogisticRegression
 
-from mechprobe.erasure import leace
-from mechprobe.erasure._projection import Projection
+from mechprobe.erasure import Eraser, LeaceFitter, leace
 
 
 def _planted(n: int = 2000, d: int = 16, classes: int = 3, seed: int = 0):
@@ -33,8 +32,8 @@ def test_matches_concept_erasure(classes: int, shrinkage: bool) -> None:
     if classes > 2:
         z = torch.nn.functional.one_hot(torch.from_numpy(y), classes).double()
     ref = LeaceEraser.fit(x_t, z, shrinkage=shrinkage, constrain_cov_trace=False)
-    torch.testing.assert_close(ours.apply(x_t), ref(x_t), rtol=0, atol=1e-10)
-    torch.testing.assert_close(ours.matrix, ref.P, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ours(x_t), ref(x_t), rtol=0, atol=1e-10)
+    torch.testing.assert_close(ours.P, ref.P, rtol=0, atol=1e-10)
     assert ours.n_removed == classes - 1
 
 
@@ -45,7 +44,7 @@ def test_invariants_on_planted_data() -> None:
     Xe = p.apply(X)
 
     # Idempotent, as a matrix and as a map.
-    P = p.matrix.numpy()
+    P = p.P.numpy()
     np.testing.assert_allclose(P @ P, P, atol=1e-10)
     np.testing.assert_allclose(p.apply(Xe), Xe, atol=1e-10)
     # Oblique, not orthogonal: the features are correlated, so P is not symmetric.
@@ -95,9 +94,9 @@ def test_string_labels_and_save_load(tmp_path) -> None:
     np.testing.assert_allclose(p.apply(X), leace(X, y).apply(X), atol=1e-12)
     path = tmp_path / "leace.safetensors"
     p.save(path)
-    q = Projection.load(path)
+    q = Eraser.load(path)
     assert q.method == "leace" and q.mean is not None and q.readout is not None
-    assert torch.equal(q.matrix, p.matrix) and torch.equal(q.readout, p.readout)
+    assert torch.equal(q.P, p.P) and torch.equal(q.readout, p.readout)
     np.testing.assert_array_equal(q.apply(X), p.apply(X))
 
 
@@ -109,3 +108,45 @@ def test_bad_input() -> None:
         leace(X, np.zeros(len(X), dtype=int))
     with pytest.raises(ValueError, match="svd_tol"):
         leace(X, y, svd_tol=0.0)
+
+
+def test_streamed_statistics_equal_the_full_batch_ones() -> None:
+    X, y = _planted(n=1500, classes=4, seed=5)
+    whole = LeaceFitter(X.shape[1], 4).update(X, y)
+    # Chunks of unequal sizes (one of a single row), numpy and torch mixed: Chan's update is exact.
+    streamed = LeaceFitter(X.shape[1], 4)
+    for rows in np.split(np.arange(len(X)), [1, 7, 400, 401, 1100]):
+        chunk = torch.from_numpy(X[rows]) if rows[0] % 2 else X[rows]
+        streamed.update(chunk, y[rows])
+    assert streamed.n == whole.n == len(X)
+    # Independent statistics: the mean and the centred scatter matrices, computed directly.
+    z = np.eye(4)[y]
+    xc, zc = X - X.mean(0), z - z.mean(0)
+    for fitter in (whole, streamed):
+        np.testing.assert_allclose(fitter.mean_x.numpy(), X.mean(0), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(fitter.mean_z.numpy(), z.mean(0), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(fitter.scatter_xx.numpy(), xc.T @ xc, rtol=1e-12, atol=1e-8)
+        np.testing.assert_allclose(fitter.scatter_xz.numpy(), xc.T @ zc, rtol=1e-12, atol=1e-9)
+    a, b = whole.eraser(), streamed.eraser()
+    np.testing.assert_allclose(a.P.numpy(), b.P.numpy(), atol=1e-10)
+    np.testing.assert_allclose(b(X), leace(X, y)(X), atol=1e-10)
+    # Two classes use one 0/1 column, as leace() and concept-erasure do.
+    binary = LeaceFitter(X.shape[1], 2).update(X, y % 2)
+    assert binary.scatter_xz.shape == (X.shape[1], 1)
+    np.testing.assert_allclose(binary.eraser()(X), leace(X, y % 2)(X), atol=1e-10)
+
+
+def test_fitter_refuses_bad_batches() -> None:
+    fitter = LeaceFitter(3, 3)
+    with pytest.raises(ValueError, match=r"\[n, 3\]"):
+        fitter.update(np.zeros((4, 2)), np.zeros(4, dtype=int))
+    with pytest.raises(ValueError, match=r"outside 0..2"):
+        fitter.update(np.zeros((4, 3)), np.array([0, 1, 2, 3]))
+    with pytest.raises(TypeError, match="integer class indices"):
+        fitter.update(np.zeros((2, 3)), np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="NaN"):
+        fitter.update(np.full((2, 3), np.nan), np.array([0, 1]))
+    with pytest.raises(ValueError, match="at least two rows"):
+        fitter.eraser()
+    with pytest.raises(ValueError, match="n_classes"):
+        LeaceFitter(3, 1)

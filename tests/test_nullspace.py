@@ -1,10 +1,14 @@
-"""INLP and the Projection it returns: algebra, erasure, controls, the reference loop, I/O, errors."""
+"""INLP and the Eraser it returns: algebra, erasure, controls, the reference loop, I/O, errors."""
 
 from __future__ import annotations
 
+import json
+import pickle
+import re
 from typing import ClassVar
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.linalg
 import torch
@@ -12,13 +16,15 @@ from matplotlib.figure import Figure
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
+import mechprobe as mp
 from mechprobe import (
-    Projection,
+    Eraser,
     dropout_projection,
     identity_projection,
     inlp,
     random_projection,
 )
+from mechprobe.erasure._eraser import orthonormal_basis
 
 D = 24
 
@@ -34,7 +40,7 @@ def _planted(n: int, seed: int, classes: int = 3, noise: float = 0.3):
     return X, scores.argmax(1), plane
 
 
-def _probe_accuracy(p: Projection | None, seed: int = 7) -> tuple[float, float]:
+def _probe_accuracy(p: Eraser | None, seed: int = 7) -> tuple[float, float]:
     """A fresh scikit-learn probe trained and scored on new samples; (accuracy, majority)."""
     X_fit, y_fit, _ = _planted(3000, seed)
     X_eval, y_eval, _ = _planted(3000, seed + 1)
@@ -50,13 +56,13 @@ def planted() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def erased(planted) -> Projection:
+def erased(planted) -> Eraser:
     X, y, _ = planted
     return inlp(X, y, 10, stop="majority", progress=False)
 
 
-def test_projection_algebra(erased: Projection) -> None:
-    P = erased.matrix.numpy()
+def test_projection_algebra(erased: Eraser) -> None:
+    P = erased.P.numpy()
     np.testing.assert_allclose(P, P.T, atol=1e-12)
     np.testing.assert_allclose(P @ P, P, atol=1e-12)
     k = erased.n_removed
@@ -70,7 +76,7 @@ def test_projection_algebra(erased: Projection) -> None:
     assert len(erased.accuracies) == len(erased.ranks)
 
 
-def test_fresh_probe_falls_to_majority(erased: Projection) -> None:
+def test_fresh_probe_falls_to_majority(erased: Eraser) -> None:
     before, majority = _probe_accuracy(None)
     after, _ = _probe_accuracy(erased)
     assert before > 0.8
@@ -81,7 +87,7 @@ def test_fresh_probe_falls_to_majority(erased: Projection) -> None:
     assert erased.accuracies[-1] - erased.majority_baseline <= 0.02
 
 
-def test_random_and_dropout_controls_keep_the_concept(erased: Projection) -> None:
+def test_random_and_dropout_controls_keep_the_concept(erased: Eraser) -> None:
     before, majority = _probe_accuracy(None)
     for control in (
         random_projection(D, erased.n_removed, seed=1),
@@ -92,7 +98,7 @@ def test_random_and_dropout_controls_keep_the_concept(erased: Projection) -> Non
         assert acc > majority + 0.3 and acc > before - 0.25, (control.method, acc, before)
 
 
-def test_planted_plane_is_removed(planted, erased: Projection) -> None:
+def test_planted_plane_is_removed(planted, erased: Eraser) -> None:
     _, _, plane = planted
     # Cosines of the principal angles between the planted plane and span(removed).
     cosines = np.linalg.svd(plane.T @ erased.removed.numpy().T, compute_uv=False)
@@ -119,7 +125,7 @@ def test_every_learned_direction_is_annihilated(planted, every_solver_path) -> N
     p = inlp(X, y, 4, classifier=_RecordingLR(max_iter=1000), progress=False)
     used = _RecordingLR.seen[:-1]  # the last fit only measures the final projection
     assert len(used) == 4 == len(p.accuracies) - 1
-    P = p.matrix.numpy()
+    P = p.P.numpy()
     x = np.random.default_rng(0).normal(size=(50, D))
     for W in used:
         assert np.abs(W @ P @ x.T).max() < 1e-8 * np.abs(W).max() * np.abs(x).max()
@@ -218,11 +224,11 @@ def test_deterministic_and_torch_input(planted) -> None:
     a = inlp(X, y, 2, progress=False)
     b = inlp(torch.from_numpy(X), torch.from_numpy(y), 2, progress=False)
     assert a.accuracies == b.accuracies
-    torch.testing.assert_close(a.matrix, b.matrix, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.P, b.P, rtol=0, atol=1e-12)
 
 
-def test_apply_numpy_and_torch_keep_dtype(erased: Projection) -> None:
-    P = erased.matrix.numpy()
+def test_apply_numpy_and_torch_keep_dtype(erased: Eraser) -> None:
+    P = erased.P.numpy()
     x = np.random.default_rng(1).normal(size=(2, 3, D))
     np.testing.assert_allclose(erased.apply(x), x @ P.T, atol=1e-12)
     for dtype in (np.float32, np.float64):
@@ -239,11 +245,11 @@ def test_apply_numpy_and_torch_keep_dtype(erased: Projection) -> None:
     assert xt.grad is not None
 
 
-def test_save_load_round_trip(tmp_path, erased: Projection) -> None:
+def test_save_load_round_trip(tmp_path, erased: Eraser) -> None:
     path = tmp_path / "inlp.safetensors"
     erased.save(path)
-    loaded = Projection.load(path)
-    assert torch.equal(loaded.matrix, erased.matrix)
+    loaded = Eraser.load(path)
+    assert torch.equal(loaded.P, erased.P)
     assert torch.equal(loaded.removed, erased.removed)
     assert loaded.accuracies == erased.accuracies and loaded.ranks == erased.ranks
     assert loaded.majority_baseline == erased.majority_baseline
@@ -252,11 +258,89 @@ def test_save_load_round_trip(tmp_path, erased: Projection) -> None:
     from safetensors.torch import save_file
 
     save_file({"matrix": torch.eye(2)}, str(bad))
-    with pytest.raises(ValueError, match="not a saved mechprobe Projection"):
-        Projection.load(bad)
+    with pytest.raises(ValueError, match="not a saved mechprobe Eraser"):
+        Eraser.load(bad)
+    with pytest.warns(DeprecationWarning, match="use mechprobe.Eraser"):
+        assert mp.Projection is Eraser  # the old names, for one release
+    assert torch.equal(loaded.matrix, loaded.P)
 
 
-def test_frame_and_plot(erased: Projection) -> None:
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_saved_as_any_result(tmp_path, erased: Eraser, suffix: str) -> None:
+    loaded = mp.core.load_result(erased.save(tmp_path / f"inlp{suffix}"))
+    assert isinstance(loaded, Eraser)
+    assert torch.equal(loaded.removed, erased.removed) and loaded.ranks == erased.ranks
+    pd.testing.assert_frame_equal(loaded.to_frame(), erased.to_frame())
+
+
+def _flip_a_byte_of(path, tensor: str) -> None:
+    """Change one byte inside ``tensor``'s data (found through the safetensors header)."""
+    data = bytearray(path.read_bytes())
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    start = 8 + int.from_bytes(data[:8], "little") + header[tensor]["data_offsets"][0]
+    data[start + 3] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_or_foreign_file_is_refused_naming_it(tmp_path, erased: Eraser) -> None:
+    path = erased.save(tmp_path / "inlp.safetensors")
+    _flip_a_byte_of(path, "removed")
+    with pytest.raises(
+        ValueError, match=re.escape(f"{path}: tensor 'removed' does not match its SHA-256")
+    ):
+        Eraser.load(path)
+    leace = mp.leace(*_planted(500, seed=3)[:2])
+    path = leace.save(tmp_path / "leace.safetensors")
+    _flip_a_byte_of(path, "mean")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: tensor 'mean' does not match")):
+        Eraser.load(path)
+    pickled = tmp_path / "pickled.safetensors"
+    pickled.write_bytes(pickle.dumps({"removed": erased.removed}))
+    with pytest.raises(ValueError, match=re.escape(f"{pickled} is not a safetensors file")):
+        Eraser.load(pickled)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = leace.save(tmp_path / "full.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    del tensors["readout"]
+    save_file(tensors, str(tmp_path / "part.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=r"part\.safetensors lacks the tensor 'readout'"):
+        Eraser.load(tmp_path / "part.safetensors")
+    save_file(dict(tensors, readout=leace.readout), str(path), metadata={**meta, "method": "inlp"})
+    with pytest.raises(ValueError, match="metadata does not match its SHA-256 digest"):
+        Eraser.load(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Eraser.load(tmp_path / "missing.safetensors")
+
+
+def test_orthonormal_basis_has_the_rank_of_what_was_given() -> None:
+    rng = np.random.default_rng(0)
+    v, w = torch.from_numpy(rng.normal(size=D)), torch.from_numpy(rng.normal(size=D))
+    cases = {
+        "repeated row": (torch.stack([v, v]), 1),
+        "scaled row": (torch.stack([v, -3 * v, w]), 2),
+        "zero row": (torch.stack([torch.zeros(D), v]), 1),
+        "dependent rows": (torch.stack([v, w, v + 2 * w]), 2),
+        "float32": (torch.stack([v, v, w]).float(), 2),
+        "one vector": (v, 1),
+    }
+    for name, (rows, rank) in cases.items():
+        basis = orthonormal_basis(rows)
+        assert basis.shape == (rank, D), name
+        np.testing.assert_allclose(basis @ basis.T, np.eye(rank), atol=1e-12, err_msg=name)
+        # span(basis) = span(rows): every given row is reproduced from its projection.
+        given = rows.reshape(-1, D).double()
+        np.testing.assert_allclose((given @ basis.T) @ basis, given, atol=1e-5, err_msg=name)
+    kept = orthonormal_basis(torch.stack([w, v]), orthonormal_basis(v))
+    assert kept.shape == (2, D) and torch.equal(kept[0], orthonormal_basis(v)[0])
+    with pytest.raises(ValueError, match="NaN"):
+        orthonormal_basis(torch.stack([v, v * float("nan")]))
+
+
+def test_frame_and_plot(erased: Eraser) -> None:
     frame = erased.to_frame()
     assert frame["accuracy"].tolist() == list(erased.accuracies)
     assert frame["n_removed"].tolist() == list(erased.ranks)
@@ -274,20 +358,20 @@ def test_controls() -> None:
     r = random_projection(D, 5, seed=2)
     B = r.removed.numpy()
     np.testing.assert_allclose(B @ B.T, np.eye(5), atol=1e-12)
-    np.testing.assert_allclose(r.matrix.numpy(), np.eye(D) - B.T @ B, atol=1e-15)
-    assert torch.equal(random_projection(D, 5, seed=2).matrix, r.matrix)
-    assert not torch.allclose(random_projection(D, 5, seed=3).matrix, r.matrix)
+    np.testing.assert_allclose(r.P.numpy(), np.eye(D) - B.T @ B, atol=1e-15)
+    assert torch.equal(random_projection(D, 5, seed=2).P, r.P)
+    assert not torch.allclose(random_projection(D, 5, seed=3).P, r.P)
     dp = dropout_projection(D, 5, seed=2)
-    diag = torch.diagonal(dp.matrix)
+    diag = torch.diagonal(dp.P)
     assert int((diag == 0).sum()) == 5 and int((diag == 1).sum()) == D - 5
-    assert torch.equal(dp.matrix, torch.diag(diag))
+    assert torch.equal(dp.P, torch.diag(diag))
     ident = identity_projection(D)
-    assert ident.n_removed == 0 and torch.equal(ident.matrix, torch.eye(D, dtype=torch.float64))
+    assert ident.n_removed == 0 and torch.equal(ident.P, torch.eye(D, dtype=torch.float64))
     with pytest.raises(ValueError, match="n_removed"):
         random_projection(D, D + 1)
 
 
-def test_bad_input(planted, erased: Projection) -> None:
+def test_bad_input(planted, erased: Eraser) -> None:
     X, y, _ = planted
     with pytest.raises(ValueError, match="rows but y has"):
         inlp(X, y[:-1], progress=False)

@@ -46,7 +46,11 @@ def _expected_failures(estimator: object) -> dict[str, str]:
 
 
 @parametrize_with_checks(
-    [mp.LinearProbe(), mp.MLPProbe(hidden_size=16, max_iter=30, learning_rate=3e-2)],
+    [
+        mp.LinearProbe(),
+        mp.MLPProbe(hidden_size=16, max_iter=30, learning_rate=3e-2),
+        mp.ScalarMixProbe(),  # 2-D input with n_layers=None: one layer (its 2-D convention)
+    ],
     expected_failed_checks=_expected_failures,
 )
 def test_sklearn_estimator_checks(estimator: object, check: object) -> None:
@@ -54,7 +58,10 @@ def test_sklearn_estimator_checks(estimator: object, check: object) -> None:
 
 
 def test_sample_weights_equal_repeated_rows_at_tight_tol() -> None:
-    check_sample_weight_equivalence_on_dense_data("LinearProbe", mp.LinearProbe(tol=1e-12))
+    # The check fits 15 rows of 30 features (separable), weights summing to 27: at l2 = 1/27
+    # (scikit-learn's default C = 1) the optimum is well conditioned enough for rtol 1e-7; at the
+    # default l2 = 1e-3 the flat objective leaves differences of ~3e-7 at the rounding floor.
+    check_sample_weight_equivalence_on_dense_data("LinearProbe", mp.LinearProbe(1 / 27, tol=1e-12))
 
 
 def _planted(n: int = 1200, layers: int = 7, d: int = 16, k: int = 3, signal=(3, 5), seed: int = 0):
@@ -90,10 +97,11 @@ def test_linear_probe_equals_sklearn_logistic_regression(k: int, every_solver_pa
     tol = 1e-10
     scaler = StandardScaler().fit(X)
     Z = scaler.transform(X)
-    ours = mp.LinearProbe(C=0.5, tol=tol).fit(X, y)
+    l2 = 1 / (0.5 * len(y))  # scikit-learn's C = 1 / (l2 n)
+    ours = mp.LinearProbe(l2, tol=tol).fit(X, y)
     ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, tol=1e-12, max_iter=10_000))
     ref.fit(X, y)
-    raw = mp.LinearProbe(C=0.5, tol=tol, max_iter=2000, standardize=False).fit(X, y)
+    raw = mp.LinearProbe(l2, tol=tol, max_iter=2000, standardize=False).fit(X, y)
     sk = LogisticRegression(C=0.5, tol=1e-12, max_iter=10_000).fit(X, y)
     assert raw.coef_.shape == ((1, 6) if k == 2 else (k, 6))
     # Compare optima, each within what the fits' own gradients certify (tests/optimum.py): the
@@ -117,7 +125,8 @@ def test_linear_probe_equals_sklearn_logistic_regression(k: int, every_solver_pa
 def test_pipeline_and_cross_val_score_match_sklearn(every_solver_path) -> None:
     X, y = _planted(n=300, layers=1, d=8, signal=(0,))
     X = X[:, 0].astype(np.float64)
-    ours = cross_val_score(make_pipeline(StandardScaler(), mp.LinearProbe(tol=1e-8)), X, y, cv=3)
+    probe = mp.LinearProbe(l2=1 / 200, tol=1e-8)  # 200 training rows per fold: C = 1
+    ours = cross_val_score(make_pipeline(StandardScaler(), probe), X, y, cv=3)
     ref = cross_val_score(
         make_pipeline(StandardScaler(), LogisticRegression(tol=1e-10, max_iter=5000)), X, y, cv=3
     )
@@ -128,7 +137,8 @@ def test_pipeline_and_cross_val_score_match_sklearn(every_solver_path) -> None:
 def test_estimators_clone_and_expose_params() -> None:
     probe = mp.ScalarMixProbe(l2=0.1, max_iter=50)
     assert clone(probe).get_params() == probe.get_params()
-    assert mp.LinearProbe().set_params(C=3.0).C == 3.0
+    assert mp.LinearProbe().set_params(l2=3.0).l2 == 3.0
+    assert mp.ScalarMixProbe(n_layers=4).get_params()["n_layers"] == 4
     assert mp.MLPProbe(hidden_size=8).get_params()["hidden_size"] == 8
 
 
@@ -143,8 +153,23 @@ def test_probe_errors_are_helpful() -> None:
         mp.LinearProbe().fit(np.full((20, 3), np.nan), np.arange(20) % 2)
     with pytest.raises(ValueError, match="inconsistent numbers of samples"):
         mp.LinearProbe().fit(X, np.arange(19) % 2)
+    with pytest.raises(ValueError, match="l2 must be > 0"):
+        mp.LinearProbe(l2=0).fit(X, np.arange(20) % 2)
+
+
+def test_deprecated_c_and_alpha_are_l2_under_their_old_names() -> None:
+    X, y = _planted(n=300, layers=1, d=5, signal=(0,))
+    X = X[:, 0].astype(np.float64)
+    with pytest.warns(DeprecationWarning, match="l2 = 1 / \\(C n\\)"):
+        old = mp.LinearProbe(C=0.5, tol=1e-10).fit(X, y)
+    new = mp.LinearProbe(1 / (0.5 * len(y)), tol=1e-10).fit(X, y)
+    np.testing.assert_array_equal(old.coef_, new.coef_)
     with pytest.raises(ValueError, match="C must be > 0"):
-        mp.LinearProbe(C=0).fit(X, np.arange(20) % 2)
+        mp.LinearProbe(C=0).fit(X, y)
+    with pytest.warns(DeprecationWarning, match="the same number"):
+        old_mlp = mp.MLPProbe(hidden_size=4, alpha=0.01, max_iter=5).fit(X, y)
+    new_mlp = mp.MLPProbe(hidden_size=4, l2=0.01, max_iter=5).fit(X, y)
+    np.testing.assert_array_equal(old_mlp.coefs_[0], new_mlp.coefs_[0])
 
 
 # --- control task -------------------------------------------------------------------------------
@@ -365,6 +390,24 @@ def test_scalar_mix_probe_averages_two_noisy_copies_of_the_signal(every_solver_p
     assert probe.expected_layer_ == pytest.approx(4, abs=0.5)
     with pytest.raises(ValueError, match=r"\[n, 7, 16\]"):
         probe.predict(X[:, :3])
+
+
+def test_scalar_mix_probe_takes_layers_side_by_side_in_two_dimensions() -> None:
+    X, y = _planted(n=400, layers=4, d=6, k=2, signal=(2,))
+    probe = mp.ScalarMixProbe().fit(X, y)
+    flat = mp.ScalarMixProbe(n_layers=4).fit(X.reshape(len(X), -1), y)
+    np.testing.assert_allclose(flat.layer_weights_, probe.layer_weights_, atol=1e-12)
+    np.testing.assert_allclose(flat.decision_function(X), probe.decision_function(X), atol=1e-12)
+    assert flat.n_features_in_ == probe.n_features_in_ == 24 and probe.n_layers_in_ == 4
+    # Two classes: one score per row, the log-odds of classes_[1], as scikit-learn's classifiers.
+    scores = probe.decision_function(X.reshape(len(X), -1))
+    assert scores.shape == (400,)
+    proba = probe.predict_proba(X)
+    np.testing.assert_allclose(scores, np.log(proba[:, 1] / proba[:, 0]), atol=1e-9)
+    with pytest.raises(ValueError, match="not a multiple of n_layers=5"):
+        mp.ScalarMixProbe(n_layers=5).fit(X.reshape(len(X), -1), y)
+    with pytest.raises(ValueError, match="4 layers but n_layers=3"):
+        mp.ScalarMixProbe(n_layers=3).fit(X, y)
 
 
 def test_cumulative_scores_keep_negative_deltas() -> None:

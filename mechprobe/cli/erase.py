@@ -8,8 +8,9 @@ Example::
 
 The dataset is split once (stratified by label): the projection is fitted on one part, and the
 probes that measure what information is left are trained and scored on the other. Writes, per
-erased site, ``projection.safetensors``, ``result.json`` and ``amnesic.png``; a sweep over
-``--layers`` also writes ``sweep.json`` and ``sweep.png``.
+erased site, ``projection.safetensors`` (the fitted :class:`~mechprobe.Eraser`, with SHA-256
+digests), ``result.json`` and ``amnesic.png``; a sweep over ``--layers`` also writes ``sweep.json``
+and ``sweep.png``. The output folder is checked before any work.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mechprobe.cli._arguments import add_model_argument, load, positions_type
+from mechprobe.cli._arguments import add_model_argument, load, output_problem, positions_type
 
 _HELP = """\
-Fit INLP or LEACE on the dataset's activations at --site, apply the projection as a hook (at the
+Fit INLP or LEACE on the dataset's activations at --site, apply the eraser as a hook (at the
 last token by default, where the dataset is read), and measure what the model loses: next-token
 accuracy, loss and KL on English text, task accuracy on the relational task, and probe accuracy
 after erasure, each beside random projections of the same rank.
@@ -64,7 +65,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--method", choices=("inlp", "leace"), default="inlp")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
-        "--positions", type=positions_type(), default=-1, help="'all' or ints (default -1)"
+        "--positions", type=positions_type("all"), default=-1, help="'all' or ints (default -1)"
     )
     parser.add_argument("--task", help="relational task to score (default: capitals for country)")
     parser.add_argument("--shots", type=int, default=3, help="task demonstrations (default 3)")
@@ -75,7 +76,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--no-mlp", action="store_true", help="skip the MLP probe")
     add_model_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass")
     parser.set_defaults(func=main)
 
 
@@ -134,11 +135,13 @@ def run_erase(args: argparse.Namespace) -> list[dict[str, Any]]:
         if not args.layers:
             raise ValueError("--site holds {l}: pass the layers with --layers, e.g. 15,20,23.")
         sites = [args.site.format(l=layer) for layer in args.layers]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before any work: main() checked it can be written
     data = _dataset(args.dataset, args.n_countries, args.seed)
     if data.level != "text":
         raise ValueError(
             f"Dataset {data.name!r} is word-level; mechprobe erase takes text-level datasets "
-            "(use mechprobe.erasure._amnesic from Python for word-level data)."
+            "(use mechprobe.amnesic from Python for word-level data)."
         )
     fit_data, probe_data = _split(data, args.seed)
     model = load(args.model)
@@ -146,16 +149,14 @@ def run_erase(args: argparse.Namespace) -> list[dict[str, Any]]:
     assert acts.labels is not None
     text = list(mp.pos_dataset().texts[: args.n_texts]) if args.n_texts > 0 else None
     task = _task(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     records, results = [], []
     for j, site in enumerate(sites):
         options = {"n_iterations": args.iterations} if args.method == "inlp" else {}
-        projection = fit_erasure(acts.layer(j), acts.labels, args.method, seed=args.seed, **options)
+        eraser = fit_erasure(acts.layer(j), acts.labels, args.method, seed=args.seed, **options)
         result = amnesic(
             model,
             site,
-            projection,
+            eraser,
             text=text,
             task=task,
             probe=probe_data,
@@ -164,15 +165,16 @@ def run_erase(args: argparse.Namespace) -> list[dict[str, Any]]:
             mlp=not args.no_mlp,
             seed=args.seed,
             batch_size=args.batch_size,
+            progress=False,
         )
         folder = out if len(sites) == 1 else out / site
         folder.mkdir(parents=True, exist_ok=True)
-        projection.save(folder / "projection.safetensors")
+        eraser.save(folder / "projection.safetensors")
         result.save(folder / "result.json")
         result.plot().savefig(folder / "amnesic.png", dpi=130)
-        if projection.accuracies:
-            projection.plot().savefig(folder / "inlp.png", dpi=130)
-        records.append(result.to_json())
+        if eraser.accuracies:
+            eraser.plot().savefig(folder / "inlp.png", dpi=130)
+        records.append(result.to_dict())
         results.append(result)
         _report(result)
     if len(sites) > 1:
@@ -183,7 +185,7 @@ def run_erase(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _report(result: Any) -> None:
-    record = result.to_json()
+    record = result.headline()
     keys = [
         "n_removed",
         "probe_accuracy_before",
@@ -206,9 +208,13 @@ def main(args: argparse.Namespace) -> int:
     """Run ``mechprobe erase``; errors in the input print a message and return 2."""
     import mechprobe as mp
 
+    problem = output_problem(args.out, folder=True)
+    if problem:
+        print(f"mechprobe erase: error: --out: {problem}", file=sys.stderr)
+        return 2
     try:
         records = run_erase(args)
-    except (ValueError, TypeError, mp.ModelLoadError) as err:
+    except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:
         print(f"mechprobe erase: error: {err}", file=sys.stderr)
         return 2
     print(f"\nwrote {len(records)} result(s) to {args.out}")

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mechprobe.cli._arguments import add_model_argument, load
+from mechprobe.cli._arguments import add_model_argument, load, output_problem
 
 _BUILT_IN = ("pos", "templated_pos", "number", "country", "is_capital")
 _HELP = """\
@@ -53,9 +53,14 @@ def add_parser(sub: Any) -> None:
         "--max-examples", type=int, help="use a random subset of about this many examples"
     )
     parser.add_argument(
-        "--select",
-        choices=("last", "all", "word_last"),
-        help="token selection (default: the dataset's, last token or last sub-token of each word)",
+        "--positions",
+        type=_positions,
+        default=-1,
+        help="tokens read: -1 (default: each text's last token, each word's last token for word "
+        "-level data; write --positions=-1), all, or word_last",
+    )
+    parser.add_argument(  # the old name (one release): last, all or word_last
+        "--select", type=_positions, dest="positions", help=argparse.SUPPRESS
     )
     parser.add_argument("--folds", type=int, help="k-fold cross-validation instead of a holdout")
     parser.add_argument("--mlp", action="store_true", help="MLP probes instead of linear ones")
@@ -73,6 +78,15 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=main)
+
+
+def _positions(text: str) -> int | str:
+    """``-1`` (or ``last``), ``all`` or ``word_last``."""
+    if text in ("-1", "last"):
+        return -1
+    if text in ("all", "word_last"):
+        return text
+    raise argparse.ArgumentTypeError(f"positions must be -1, all or word_last, not {text!r}")
 
 
 def load_dataset(name: str, seed: int = 0) -> Any:
@@ -117,17 +131,21 @@ def main(args: argparse.Namespace) -> int:
     import mechprobe as mp
     from mechprobe.probing import probe_layers
 
+    problem = output_problem(args.out, folder=True)
+    if problem:
+        print(f"mechprobe probe: error: --out: {problem}", file=sys.stderr)
+        return 2
     try:
+        args.out.mkdir(parents=True, exist_ok=True)  # before any work, as the check above
         dataset = load_dataset(args.dataset, args.seed)
         if args.max_examples is not None:
             dataset = dataset.sample(args.max_examples, seed=args.seed)
         model = load(args.model)
-        args.out.mkdir(parents=True, exist_ok=True)
         acts = mp.collect(
             model,
             dataset,
             args.site,
-            select=args.select,
+            positions=args.positions,
             batch_size=args.batch_size,
             out_dir=args.out / "activations" if args.save_activations else None,
             progress=not args.quiet,
@@ -154,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
         "description": dataset.description,
         "model": args.model,
         "site": args.site,
-        "select": acts.metadata["select"],
+        "positions": acts.metadata["positions"],
         "n_examples": len(acts),
         "dropped_words": acts.metadata["dropped_words"],
         "classes": {str(k): v for k, v in dataset.counts().items()},

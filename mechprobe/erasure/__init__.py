@@ -1,22 +1,23 @@
-"""Concept erasure: INLP and LEACE projections, random controls, amnesic probing inside the model."""
+"""Concept erasure: INLP and LEACE erasers, random controls, amnesic probing inside the model."""
 
 from mechprobe.erasure._amnesic import amnesic, control_projections
-from mechprobe.erasure._inlp import inlp
-from mechprobe.erasure._leace import leace
-from mechprobe.erasure._projection import (
-    Projection,
+from mechprobe.erasure._eraser import (
+    Eraser,
     dropout_projection,
     identity_projection,
     random_projection,
 )
+from mechprobe.erasure._inlp import inlp
+from mechprobe.erasure._leace import LeaceFitter, leace
 from mechprobe.erasure._result import AmnesicMeasure, AmnesicResult
 from mechprobe.erasure._sweep import ErasureSweep, fit_erasure, layer_sweep
 
 __all__ = [
     "AmnesicMeasure",
     "AmnesicResult",
+    "Eraser",
     "ErasureSweep",
-    "Projection",
+    "LeaceFitter",
     "amnesic",
     "control_projections",
     "dropout_projection",

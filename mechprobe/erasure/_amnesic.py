@@ -1,6 +1,6 @@
 """Amnesic probing (Elazar et al. 2021): erase a concept inside the model and measure what it loses.
 
-:func:`amnesic` hooks a fitted :class:`~mechprobe.Projection` (INLP, LEACE, ...) in at one site
+:func:`amnesic` hooks a fitted :class:`~mechprobe.Eraser` (INLP, LEACE, ...) in at one site
 through :class:`~mechprobe.Project` and :func:`~mechprobe.intervene`, so the layers above run
 on the erased activations, and compares the model with and without it:
 
@@ -8,10 +8,10 @@ on the erased activations, and compares the model with and without it:
 - on a relational :class:`~mechprobe.Task`: greedy first-token accuracy (and the first answer
   token's log-probability, and the KL at the prompt's last token);
 - *information*: linear (and MLP) probe accuracy for the concept, at the erased site and at later
-  layers, re-collected with the projection hooked in. A linear probe at the erased site should
+  layers, re-collected with the eraser hooked in. A linear probe at the erased site should
   fall to the majority baseline; later layers, or an MLP, may recover it.
 
-Every number is measured beside the same number for ``n_random`` random projections of the same
+Every number is measured beside the same number for ``n_random`` random erasers of the same
 rank (mean and spread over seeds) and a dropout control (the same number of coordinates zeroed):
 an erasure matters only as far as it hurts more than deleting random directions. The difference
 is the *selectivity* (:meth:`AmnesicResult.selectivity`).
@@ -22,10 +22,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mechprobe.core import Positions, Site, SiteLike, resolve_site, width
+import numpy as np
+import torch
+
+from mechprobe.core import Site, SiteLike, as_int, check_int, resolve_site, width
+from mechprobe.erasure._eraser import Eraser, dropout_projection, random_projection
 from mechprobe.erasure._information import ProbeData, information_measures
-from mechprobe.erasure._metrics import Condition, task_measures, text_measures
-from mechprobe.erasure._projection import Projection, dropout_projection, random_projection
+from mechprobe.erasure._metrics import (
+    Condition,
+    ErasePositions,
+    task_measures,
+    text_measures,
+)
 from mechprobe.erasure._result import AmnesicMeasure, AmnesicResult
 from mechprobe.tasks import Task, load_task
 
@@ -33,7 +41,7 @@ __all__ = ["amnesic", "control_projections"]
 
 
 def control_projections(
-    projection: Projection, n_random: int = 3, *, dropout: bool = True, seed: int = 0
+    eraser: Eraser, n_random: int = 3, *, dropout: bool = True, seed: int = 0
 ) -> list[Condition]:
     """The erasure and its controls of equal rank: ``erased``, ``random`` x n_random, ``dropout``.
 
@@ -43,13 +51,12 @@ def control_projections(
     Example:
         >>> import mechprobe as mp
         >>> conds = control_projections(mp.random_projection(8, 3, seed=9), n_random=2)
-        >>> [(c.name, c.seed, c.projection.n_removed) for c in conds]
+        >>> [(c.name, c.seed, c.eraser.n_removed) for c in conds]
         [('erased', None, 3), ('random', 0, 3), ('random', 1, 3), ('dropout', 0, 3)]
     """
-    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
-        raise ValueError(f"n_random must be a non-negative int, got {n_random!r}.")
-    dim, k = projection.dim, projection.n_removed
-    out = [Condition("erased", projection)]
+    n_random = check_int(n_random, "n_random", 0)
+    dim, k = eraser.dim, eraser.n_removed
+    out = [Condition("erased", eraser)]
     out += [
         Condition("random", random_projection(dim, k, seed=seed + i), seed + i)
         for i in range(n_random)
@@ -62,27 +69,27 @@ def control_projections(
 def amnesic(
     model: Any,
     site: SiteLike,
-    projection: Projection,
+    eraser: Eraser,
     *,
     text: Sequence[str] | None = None,
     task: Task | str | None = None,
     probe: ProbeData | None = None,
     probe_layers: Sequence[int] | None = None,
-    positions: Positions = None,
+    positions: ErasePositions = "all",
     n_random: int = 3,
     dropout: bool = True,
     mlp: bool = True,
     probe_folds: int | None = None,
     seed: int = 0,
-    batch_size: int = 16,
-    progress: bool = False,
+    batch_size: int = 32,
+    progress: bool = True,
 ) -> AmnesicResult:
-    """Erase ``projection`` at ``site`` inside the model and measure the loss against random controls.
+    """Erase with ``eraser`` at ``site`` inside the model and measure the loss against random controls.
 
     Args:
         model: A TransformerLens model.
         site: Where to erase (a :class:`Site` or hook name), e.g. ``Site("resid_post", 20)``.
-        projection: A fitted :class:`Projection` of the site's width (``inlp``, ``leace``, ...).
+        eraser: A fitted :class:`Eraser` of the site's width (``inlp``, ``leace``, ...).
         text: Texts for the language-modelling measures (next-token accuracy, loss, KL).
         task: A relational task (or its name) for task accuracy, e.g. ``"capitals"``.
         probe: Labelled data for the *information* measures: a :class:`~mechprobe.ProbingDataset`,
@@ -90,8 +97,8 @@ def amnesic(
             (:func:`mechprobe.probe_layers`) train on a stratified 75% and are scored on the rest.
         probe_layers: Layers whose activations (the erased site's kind) are probed after erasure;
             default: the erased layer and up to four later ones, the last layer included.
-        positions: Token positions to erase (None: all; ``-1``: each prompt's last real token).
-            Defaults to the Site's own ``positions``.
+        positions: Token positions to erase: ``"all"`` (default), or an int or ints (``-1``:
+            each prompt's last real token). Word-level probing data needs ``"all"``.
         n_random: Random-direction controls of the same rank (seeds ``seed .. seed+n_random-1``).
         dropout: Also run the dropout control.
         mlp: Also fit an MLP probe (original and erased only): a nonlinear probe can often still
@@ -100,41 +107,52 @@ def amnesic(
             split (steadier on small probing data, ``k`` times the fitting).
         seed: Seed of the controls and of the probes' train/test split.
         batch_size: Prompts per forward pass.
-        progress: Show progress bars.
+        progress: Show progress bars (``MECHPROBE_PROGRESS=0`` silences them).
 
     Returns:
         :class:`AmnesicResult` with one :class:`AmnesicMeasure` per number.
 
+    Raises:
+        ValueError: Before any forward pass: an eraser of another width, nothing to measure, a
+            Site that carries its own positions (pass ``positions=`` here), bad positions.
+
     Example:
         >>> import mechprobe as mp
         >>> model = mp.tiny_model()
-        >>> p = mp.random_projection(64, 4, seed=1)
-        >>> r = amnesic(model, mp.Site("resid_post", 1), p, text=["Hello there", "Hi you"],
-        ...             n_random=2)
+        >>> eraser = mp.random_projection(64, 4, seed=1)
+        >>> r = amnesic(model, mp.Site("resid_post", 1), eraser, text=["Hello there", "Hi you"],
+        ...             n_random=2, progress=False)
         >>> r.mean_std("lm_kl", "erased")[0] > 0, len(r.values("lm_kl", "random"))
         (True, 2)
     """
     hook, parsed = resolve_site(model, site)
-    if not isinstance(projection, Projection):
+    if not isinstance(eraser, Eraser):
         raise TypeError(
-            f"projection must be a mechprobe Projection, got {type(projection).__name__}; fit one "
-            "with mp.inlp(X, y) or mp.leace(X, y) on activations of this site."
+            f"eraser must be a mechprobe Eraser, got {type(eraser).__name__}; fit one with "
+            "mp.inlp(X, y) or mp.leace(X, y) on activations of this site."
         )
     site_width = width(model, parsed) or int(model.cfg.d_model)
-    if projection.dim != site_width:
+    if eraser.dim != site_width:
         raise ValueError(
-            f"The projection acts on {projection.dim}-dim vectors but {hook} has width "
+            f"The eraser acts on {eraser.dim}-dim vectors but {hook} has width "
             f"{site_width}: fit it on activations of this site."
         )
     if text is None and task is None and probe is None:
         raise ValueError("Nothing to measure: pass text=[...], task='capitals' and/or probe=data.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-    if positions is None and parsed is not None:
-        positions = parsed.positions
+    batch_size = check_int(batch_size, "batch_size", 1)
+    if isinstance(site, Site) and site.positions is not None:
+        raise ValueError(
+            f"{site} carries positions={site.positions!r}; amnesic() takes positions= itself: "
+            f"pass Site({site.kind!r}, {site.layer}) and positions={site.positions!r}."
+        )
+    positions = _check_positions(positions)
     if isinstance(text, str):
         text = [text]
-    controls = control_projections(projection, n_random, dropout=dropout, seed=seed)
+    device, dtype = getattr(model.cfg, "device", None), getattr(model.cfg, "dtype", None)
+    controls = [  # cast once for the model, so no forward pass casts a factor again
+        Condition(c.name, c.eraser.to(device, dtype) if c.eraser else None, c.seed)
+        for c in control_projections(eraser, n_random, dropout=dropout, seed=seed)
+    ]
     conditions = [Condition("original", None), *controls]
     measures: list[AmnesicMeasure] = []
     counts: dict[str, int] = {}
@@ -170,16 +188,35 @@ def amnesic(
     return AmnesicResult(
         site=hook,
         layer=parsed.layer if parsed is not None else None,
-        positions=positions
-        if positions is None or isinstance(positions, int)
-        else tuple(positions),
-        method=projection.method,
-        n_removed=projection.n_removed,
-        dim=projection.dim,
+        positions=positions if isinstance(positions, (int, str)) else tuple(positions),
+        method=eraser.method,
+        n_removed=eraser.n_removed,
+        dim=eraser.dim,
         measures=tuple(measures),
         majority_baseline=majority,
         counts=counts,
     )
+
+
+def _check_positions(positions: Any) -> ErasePositions:
+    """``"all"``, an int, or a list of ints (numpy and 0-d tensor integers accepted)."""
+    if isinstance(positions, str):
+        if positions != "all":
+            raise ValueError(
+                f"positions must be 'all', an int or a list of ints, not {positions!r}."
+            )
+        return "all"
+    if positions is None:
+        raise ValueError("positions=None is gone: say positions='all' to erase every position.")
+    single = as_int(positions)
+    if single is not None:
+        return single
+    if not isinstance(positions, (list, tuple, np.ndarray, torch.Tensor)):
+        raise TypeError(f"positions must be 'all', an int or a list of ints, got {positions!r}.")
+    items = [as_int(p) for p in positions]
+    if not items or any(p is None for p in items):
+        raise ValueError(f"positions must be 'all', an int or a list of ints, got {positions!r}.")
+    return [int(p) for p in items if p is not None]
 
 
 def _probe_sites(

@@ -1,6 +1,6 @@
 """Information left after erasure: probe accuracy at the erased site and later layers, per condition.
 
-For each condition the probing data is run again with the projection hooked in, the activations
+For each condition the probing data is run again with the eraser hooked in, the activations
 of the chosen sites are gathered (the last token for text-level data; every word's last sub-token
 for word-level data through :func:`mechprobe.collect`), and fresh probes are trained on a fixed
 stratified split and scored on its held-out part (:func:`mechprobe.probe_layers`).
@@ -14,19 +14,17 @@ from typing import Any, TypeAlias
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mechprobe.core import (
     Capture,
     Intervention,
-    Positions,
-    Project,
     SiteLike,
     forward,
     intervene,
+    progress_bar,
     tokenize,
 )
-from mechprobe.erasure._metrics import Condition
+from mechprobe.erasure._metrics import Condition, ErasePositions, erasing
 from mechprobe.erasure._result import AmnesicMeasure
 from mechprobe.probing import ProbingDataset, collect, probe_layers
 from mechprobe.tasks import Task
@@ -71,7 +69,7 @@ def _last_token(
     texts: list[str],
     condition: Condition,
     sites: Sequence[str],
-    positions: Positions,
+    positions: ErasePositions,
     batch_size: int,
 ) -> np.ndarray:
     """``[n, sites, d]`` activations at each text's last token under ``condition``."""
@@ -83,9 +81,9 @@ def _last_token(
             chunk = chunk.to(device) if device is not None else chunk
             caps = {s: Capture(positions=-1) for s in sites}
             spec: dict[SiteLike, list[Intervention]] = {}
-            if condition.projection is not None:
-                spec[hook] = [Project(condition.projection, positions=positions)]
-            for s, cap in caps.items():  # after the projection at the same hook: sees its output
+            if condition.eraser is not None:
+                spec[hook] = [erasing(condition.eraser, positions)]
+            for s, cap in caps.items():  # after the eraser at the same hook: sees its output
                 spec.setdefault(s, []).append(cap)
             with intervene(model, spec, batch=chunk):
                 forward(model, chunk)
@@ -103,18 +101,18 @@ def _word_level(
     data: ProbingDataset,
     condition: Condition,
     sites: Sequence[str],
-    positions: Positions,
+    positions: ErasePositions,
     batch_size: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``([n, sites, d], labels)`` at each labelled word under ``condition`` (all positions)."""
-    if positions is not None:
+    if positions != "all":
         raise ValueError(
             "Word-level probing data with an erasure at chosen positions is not supported: erase "
-            "at all positions (positions=None), or probe text-level data."
+            "at all positions (positions='all'), or probe text-level data."
         )
     spec: dict[SiteLike, Intervention] = {}
-    if condition.projection is not None:
-        spec[hook] = Project(condition.projection)
+    if condition.eraser is not None:
+        spec[hook] = erasing(condition.eraser, "all")
     # Without a batch an intervention cannot see padding, which is harmless at all positions.
     with intervene(model, spec):
         acts = collect(model, data, list(sites), batch_size=batch_size, progress=False)
@@ -129,7 +127,7 @@ def information_measures(
     conditions: Sequence[Condition],
     *,
     sites: Sequence[str],
-    positions: Positions,
+    positions: ErasePositions,
     mlp: bool,
     folds: int | None,
     seed: int,
@@ -146,7 +144,7 @@ def information_measures(
     measures: list[AmnesicMeasure] = []
     majority = float("nan")
     split: dict[str, Any] = {"test_size": _TEST_SIZE, "n_folds": folds, "seed": seed}
-    for c in tqdm(conditions, disable=not progress, desc="amnesic: information"):
+    for c in progress_bar(conditions, progress=progress, desc="amnesic: information"):
         if word_level:
             assert isinstance(data, ProbingDataset)
             x, labels = _word_level(model, hook, data, c, sites, positions, batch_size)

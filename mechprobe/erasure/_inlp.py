@@ -28,10 +28,10 @@ from jaxtyping import Float
 from sklearn.base import clone
 from sklearn.model_selection import train_test_split
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechprobe._fit import fit_logistic
-from mechprobe.erasure._projection import Projection, _check_xy, _orthogonal
+from mechprobe.core import progress_bar
+from mechprobe.erasure._eraser import Eraser, _orthogonal, check_xy, orthonormal_basis
 
 __all__ = ["inlp"]
 
@@ -64,7 +64,7 @@ def inlp(
     test_size: float = 0.2,
     seed: int = 0,
     progress: bool = True,
-) -> Projection:
+) -> Eraser:
     """Iterative nullspace projection: remove the directions linear probes use to predict ``y``.
 
     ``X`` is split once (stratified ``train_test_split(test_size=test_size, random_state=seed)``);
@@ -99,21 +99,21 @@ def inlp(
             directions are removed too.
         test_size: Held-out fraction.
         seed: Seed for the split and for ``by_class`` draws.
-        progress: Show a tqdm bar.
+        progress: Show a progress bar (``MECHPROBE_PROGRESS=0`` silences it).
 
     Returns:
-        Projection with ``method="inlp"``: ``accuracies[0]`` is the probe before erasure and
+        An :class:`Eraser` with ``method="inlp"``: ``accuracies[0]`` is the probe before erasure and
         ``accuracies[i]`` after ``i`` iterations (``ranks[i]`` directions removed); the last
         entry is the probe on the returned projection.
 
     Example:
         >>> import torch
         >>> X = torch.randn(1000, 10); y = (X[:, 0] + X[:, 1] > 0).long()
-        >>> p = inlp(X, y, 5, stop="majority", progress=False)
-        >>> p.accuracies[0] > 0.95, abs(p.accuracies[-1] - p.majority_baseline) < 0.05
+        >>> eraser = inlp(X, y, 5, stop="majority", progress=False)
+        >>> eraser.accuracies[0] > 0.95, abs(eraser.accuracies[-1] - eraser.majority_baseline) < 0.05
         (True, True)
     """
-    X_t, codes, _ = _check_xy(X, y, "inlp")
+    X_t, codes, _ = check_xy(X, y, "inlp")
     _check_options(n_iterations, stop, test_size, by_class, main_labels, len(codes))
     if X_t.dtype != torch.float64:
         X_t = X_t.float()
@@ -137,8 +137,7 @@ def inlp(
     # subtracting only the new block each iteration is the full re-projection x (I - B^T B)
     # summed in another order, at O(n d r) per iteration instead of O(n d k).
     xp_train, xp_test = x_train / scale, x_test / scale
-    bar = tqdm(total=n_iterations, desc="INLP", disable=not progress)
-    for it in range(n_iterations + 1):
+    for it in progress_bar(range(n_iterations + 1), progress=progress, desc="INLP"):
         probe = fit(xp_train, y_train, xp_test, y_test)
         accuracies.append(probe.accuracy)
         ranks.append(int(basis.shape[0]))
@@ -151,15 +150,12 @@ def inlp(
         if stop == "fixed" and min_accuracy is not None and step.accuracy < min_accuracy:
             break
         k = basis.shape[0]
-        basis = _extend(basis, step.rows)
+        basis = orthonormal_basis(step.rows, basis, rtol=_RANK_RTOL)
         new = basis[k:].to(device=device, dtype=X_t.dtype)
         # In place (one pass over the features): memory traffic, not flops, bounds this step.
         xp_train.addmm_(x_train @ new.T, new / scale, alpha=-1)
         xp_test.addmm_(x_test @ new.T, new / scale, alpha=-1)
         done = stop == "majority" and probe.accuracy - target <= _MAJORITY_TOL
-        bar.update(1)
-        bar.set_postfix(accuracy=f"{probe.accuracy:.3f}", removed=int(basis.shape[0]))
-    bar.close()
     return _orthogonal(
         basis,
         "inlp",
@@ -289,17 +285,3 @@ def _feature_scale(x: Tensor) -> Tensor:
     """Per-feature standard deviation, with constant features left unscaled."""
     scale = x.std(0)
     return torch.where(scale > 1e-12 * scale.max().clamp_min(1e-30), scale, torch.ones_like(scale))
-
-
-def _extend(basis: Float[Tensor, "k d"], rows: Float[Tensor, "r d"]) -> Tensor:
-    """Orthonormal basis of span(basis) + span(rows), keeping ``basis`` as its first rows."""
-    rows = rows.to(torch.float64)
-    norms = rows.norm(dim=1, keepdim=True)
-    rows = rows[norms[:, 0] > 0] / norms[norms[:, 0] > 0]
-    if rows.shape[0] == 0:
-        return basis
-    # Twice, so the new rows are orthogonal to the basis to machine precision.
-    for _ in range(2):
-        rows = rows - (rows @ basis.T) @ basis
-    _, singular, vh = torch.linalg.svd(rows, full_matrices=False)
-    return torch.cat([basis, vh[singular > _RANK_RTOL]])

@@ -1,4 +1,5 @@
-"""LEACE: least-squares concept erasure in closed form (Belrose et al. 2023).
+"""LEACE: least-squares concept erasure in closed form (Belrose et al. 2023), fitted in one call
+(:func:`leace`) or streamed batch by batch (:class:`LeaceFitter`).
 
 LEACE finds the affine map ``x' = x - (I - P)(x - mean)`` that changes ``x`` least (in the
 covariance norm) while making the class means of ``x'`` equal, so that no linear classifier can do
@@ -10,6 +11,11 @@ better than a constant. With the covariance ``S`` of ``X`` and its inverse squar
 3. ``P = I - W^+ U U^T W``: orthogonal projection in whitened space, so *oblique* in the
    original one.
 
+Everything it needs is the mean of ``x`` and of the labels and two scatter matrices, which
+:class:`LeaceFitter` accumulates with Chan et al.'s pairwise update (exact, in float64), so data
+too large for memory (a memory-mapped :class:`~mechprobe.Activations`) is fitted in chunks with
+the same result as all at once.
+
 This is an independent implementation; it agrees with ``concept_erasure.LeaceEraser`` fitted with
 ``constrain_cov_trace=False`` (that package's heuristic blend towards an orthogonal projection,
 which gives up exact erasure when it triggers, is not applied here).
@@ -19,20 +25,146 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechprobe.erasure._projection import Projection, _check_xy
+from mechprobe.core import check_float, check_int
+from mechprobe.erasure._eraser import Eraser, check_xy
 
-__all__ = ["leace"]
+__all__ = ["LeaceFitter", "leace"]
 
 
-def leace(X: Any, y: Any, *, shrinkage: bool = True, svd_tol: float = 0.01) -> Projection:
-    """Fit LEACE on ``X [n, d]`` with class labels ``y [n]``; returns an affine :class:`Projection`.
+class LeaceFitter:
+    """Streaming LEACE: :meth:`update` with batches of ``(x, class index)``, then :meth:`eraser`.
+
+    Statistics (means, the scatter of ``x`` and its cross-scatter with the labels) are kept in
+    float64 on ``device`` and merged exactly, so any split into batches gives the statistics of
+    the whole data set, to rounding. Labels are one-hot encoded (a single 0/1 column for two
+    classes), as in :func:`leace`.
+
+    Args:
+        dim: Width ``d`` of ``x``.
+        n_classes: Number of classes; labels are indices ``0 .. n_classes - 1``.
+        shrinkage: Estimate the covariance with optimal linear shrinkage (see :func:`leace`).
+        svd_tol: Singular values of the whitened cross-covariance below this are dropped.
+        device: Where the statistics live (default: CPU).
+
+    Attributes:
+        n: Rows seen. mean_x: ``[d]``; mean_z: ``[c]``; scatter_xx: ``[d, d]``
+        ``Σ (x - mean_x)(x - mean_x)ᵀ``; scatter_xz: ``[d, c]`` ``Σ (x - mean_x)(z - mean_z)ᵀ``
+        (``c = 1`` for two classes, else ``n_classes``).
+
+    Example:
+        >>> import torch
+        >>> X = torch.randn(600, 5, dtype=torch.float64); y = (X[:, 0] > 0).long()
+        >>> fitter = LeaceFitter(5, 2)
+        >>> for rows in torch.arange(600).split(200):
+        ...     fitter = fitter.update(X[rows], y[rows])
+        >>> bool(torch.allclose(fitter.eraser()(X), leace(X, y)(X), atol=1e-10))
+        True
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_classes: int,
+        *,
+        shrinkage: bool = True,
+        svd_tol: float = 0.01,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.dim = check_int(dim, "dim", 1)
+        self.n_classes = check_int(n_classes, "n_classes", 2)
+        self.shrinkage = bool(shrinkage)
+        self.svd_tol = check_float(svd_tol, "svd_tol", 0.0, low_open=True)
+        width = 1 if self.n_classes == 2 else self.n_classes
+        kw: dict[str, Any] = {"dtype": torch.float64, "device": device}
+        self.n = 0
+        self.mean_x = torch.zeros(self.dim, **kw)
+        self.mean_z = torch.zeros(width, **kw)
+        self.scatter_xx = torch.zeros(self.dim, self.dim, **kw)
+        self.scatter_xz = torch.zeros(self.dim, width, **kw)
+
+    def __repr__(self) -> str:
+        return f"LeaceFitter(dim={self.dim}, n_classes={self.n_classes}, n={self.n})"
+
+    def update(self, x: Any, z: Any) -> LeaceFitter:
+        """Add a batch: ``x [n, d]`` (numpy or torch) and class indices ``z [n]``; returns self.
+
+        Raises:
+            ValueError: Wrong shapes, non-finite values, or class indices out of range.
+        """
+        x_t = torch.as_tensor(np.asarray(x)) if not isinstance(x, Tensor) else x.detach()
+        if x_t.ndim != 2 or x_t.shape[1] != self.dim:
+            raise ValueError(f"x must be [n, {self.dim}], got shape {tuple(x_t.shape)}.")
+        x_t = x_t.to(device=self.mean_x.device, dtype=torch.float64)
+        if not bool(torch.isfinite(x_t).all()):
+            raise ValueError("x contains NaN or infinite values; drop or impute those rows.")
+        codes = torch.as_tensor(np.asarray(z)) if not isinstance(z, Tensor) else z.detach()
+        if codes.ndim != 1 or len(codes) != len(x_t):
+            raise ValueError(
+                f"z must hold one class index per row of x ({len(x_t)}), got shape "
+                f"{tuple(codes.shape)}."
+            )
+        if codes.is_floating_point() or codes.dtype == torch.bool:
+            raise TypeError(f"z must hold integer class indices, got {codes.dtype}.")
+        codes = codes.to(device=self.mean_x.device, dtype=torch.long)
+        if len(codes) and (int(codes.min()) < 0 or int(codes.max()) >= self.n_classes):
+            raise ValueError(
+                f"z holds class indices outside 0..{self.n_classes - 1}: map labels to indices "
+                "first (e.g. np.unique(labels, return_inverse=True))."
+            )
+        n_batch = len(x_t)
+        if n_batch == 0:
+            return self
+        z_t = _one_hot(codes, self.n_classes)
+        mean_x, mean_z = x_t.mean(0), z_t.mean(0)
+        xc, zc = x_t - mean_x, z_t - mean_z
+        # Chan et al.: scatter of the union = both scatters + the outer product of the mean shift.
+        total = self.n + n_batch
+        shift_x, shift_z = mean_x - self.mean_x, mean_z - self.mean_z
+        weight = self.n * n_batch / total
+        self.scatter_xx += xc.T @ xc + weight * torch.outer(shift_x, shift_x)
+        self.scatter_xz += xc.T @ zc + weight * torch.outer(shift_x, shift_z)
+        self.mean_x += shift_x * (n_batch / total)
+        self.mean_z += shift_z * (n_batch / total)
+        self.n = total
+        return self
+
+    def eraser(self) -> Eraser:
+        """The LEACE :class:`Eraser` of the statistics so far (on CPU, float64).
+
+        Raises:
+            ValueError: Fewer than two rows seen.
+        """
+        n = self.n
+        if n < 2:
+            raise ValueError(f"LEACE needs at least two rows; this fitter has seen {n}.")
+        sigma_xx = _shrink(self.scatter_xx / n, n) if self.shrinkage else self.scatter_xx / (n - 1)
+        sigma_xz = self.scatter_xz / (n - 1)
+        whiten, unwhiten = _whitening(sigma_xx)
+        u, s, _ = torch.linalg.svd(whiten @ sigma_xz, full_matrices=False)
+        u = u[:, s > self.svd_tol]
+        left = unwhiten @ u  # [d, r]: the directions the erasure edits
+        edit = left @ (u.T @ whiten)  # I - P
+        # Orthonormal basis of range(I - P); then I - P = removed.T @ (removed @ (I - P)).
+        removed = torch.linalg.qr(left).Q.T if left.shape[1] else left.T
+        return Eraser(
+            removed=removed.contiguous().cpu(),
+            method="leace",
+            readout=(removed @ edit).contiguous().cpu(),
+            mean=self.mean_x.cpu().clone(),
+        )
+
+
+def leace(X: Any, y: Any, *, shrinkage: bool = True, svd_tol: float = 0.01) -> Eraser:
+    """Fit LEACE on ``X [n, d]`` with class labels ``y [n]``; returns an affine :class:`Eraser`.
 
     Labels are one-hot encoded (a single 0/1 column for two classes), so at most
-    ``classes - 1`` directions are erased. Statistics are computed in float64.
+    ``classes - 1`` directions are erased. Statistics are computed in float64 on ``X``'s device
+    (a :class:`LeaceFitter` with one batch; stream larger data through one yourself).
 
     Args:
         X: Representations ``[n, d]``, numpy or torch (any device; the result is on CPU).
@@ -44,52 +176,31 @@ def leace(X: Any, y: Any, *, shrinkage: bool = True, svd_tol: float = 0.01) -> P
             zero (concept-erasure's default). Larger values erase fewer, weaker directions.
 
     Returns:
-        Projection with ``method="leace"``, ``mean`` set (erasure keeps the mean in place) and an
-        oblique ``matrix``; ``removed`` spans the directions that the erasure edits.
+        An :class:`Eraser` with ``method="leace"``, ``mean`` set (erasure keeps the mean in
+        place) and oblique factors; ``removed`` spans the directions that the erasure edits.
 
     Example:
         >>> import torch
         >>> X = torch.randn(500, 6, dtype=torch.float64); y = (X[:, 0] > 0).long()
-        >>> p = leace(X, y)
-        >>> Xe = p.apply(X)
-        >>> p.n_removed, bool((Xe[y == 0].mean(0) - Xe[y == 1].mean(0)).abs().max() < 1e-8)
+        >>> eraser = leace(X, y)
+        >>> Xe = eraser(X)
+        >>> eraser.n_removed, bool((Xe[y == 0].mean(0) - Xe[y == 1].mean(0)).abs().max() < 1e-8)
         (1, True)
     """
-    X_t, codes, classes = _check_xy(X, y, "leace")
-    if svd_tol <= 0:
+    X_t, codes, classes = check_xy(X, y, "leace")
+    if not svd_tol > 0:
         raise ValueError(f"svd_tol must be positive for numerical stability, got {svd_tol}.")
-    n, d = X_t.shape
-    x = X_t.to(torch.float64)
-    codes_t = torch.as_tensor(codes, device=x.device)
-    if len(classes) == 2:
-        z = codes_t[:, None].to(torch.float64)
-    else:
-        z = torch.nn.functional.one_hot(codes_t, len(classes)).to(torch.float64)
-
-    mean_x = x.mean(0)
-    xc = x - mean_x
-    zc = z - z.mean(0)
-    scatter = xc.T @ xc
-    sigma_xx = _shrink(scatter / n, n) if shrinkage else scatter / (n - 1)
-    sigma_xz = xc.T @ zc / (n - 1)
-
-    whiten, unwhiten = _whitening(sigma_xx)
-    u, s, _ = torch.linalg.svd(whiten @ sigma_xz, full_matrices=False)
-    u = u[:, s > svd_tol]
-    left = unwhiten @ u  # [d, r]: the directions the erasure edits
-    right = u.T @ whiten  # [r, d]: how it reads them
-    edit = left @ right  # I - P
-
-    # Orthonormal basis of range(I - P); then I - P = removed.T @ (removed @ (I - P)).
-    removed = torch.linalg.qr(left).Q.T if left.shape[1] else left.T
-    eye = torch.eye(d, dtype=torch.float64, device=x.device)
-    return Projection(
-        matrix=(eye - edit).cpu(),
-        removed=removed.contiguous().cpu(),
-        method="leace",
-        readout=(removed @ edit).contiguous().cpu(),
-        mean=mean_x.cpu(),
+    fitter = LeaceFitter(
+        X_t.shape[1], len(classes), shrinkage=shrinkage, svd_tol=svd_tol, device=X_t.device
     )
+    return fitter.update(X_t, torch.as_tensor(codes, device=X_t.device)).eraser()
+
+
+def _one_hot(codes: Tensor, n_classes: int) -> Float[Tensor, "n c"]:
+    """A single 0/1 column for two classes (concept-erasure's convention), one-hot otherwise."""
+    if n_classes == 2:
+        return codes[:, None].to(torch.float64)
+    return torch.nn.functional.one_hot(codes, n_classes).to(torch.float64)
 
 
 def _whitening(sigma: Float[Tensor, "d d"]) -> tuple[Tensor, Tensor]:

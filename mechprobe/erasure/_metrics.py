@@ -1,6 +1,6 @@
 """Behavioural measurements for amnesic probing: the model on text and on a task, per condition.
 
-A condition is the unmodified model or the model with one projection hooked in at one site. For
+A condition is the unmodified model or the model with one eraser hooked in at one site. For
 each chunk of prompts the unmodified forward pass runs once and every condition is compared with
 it right away, so only one chunk's log-probabilities are ever held (``[chunk, seq, vocab]``).
 """
@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechprobe.core import (
     Batch,
@@ -25,29 +24,39 @@ from mechprobe.core import (
     first_token_ids,
     forward,
     intervene,
+    progress_bar,
     tokenize,
 )
-from mechprobe.erasure._projection import Projection
+from mechprobe.erasure._eraser import Eraser
 from mechprobe.erasure._result import AmnesicMeasure
 from mechprobe.tasks import Task
+
+#: Where an eraser acts: ``"all"`` positions, or an int / ints (negative: from each row's end).
+ErasePositions: TypeAlias = int | Sequence[int] | Literal["all"]
 
 
 @dataclass(frozen=True)
 class Condition:
-    """The model with ``projection`` hooked in at the erased site (None: unmodified)."""
+    """The model with ``eraser`` hooked in at the erased site (None: unmodified)."""
 
     name: str
-    projection: Projection | None
+    eraser: Eraser | None
     seed: int | None = None
 
 
+def erasing(eraser: Eraser, positions: ErasePositions) -> Project:
+    """The hook applying ``eraser`` at ``positions`` (``"all"``: every position)."""
+    where: Positions = None if isinstance(positions, str) else positions
+    return Project(eraser, positions=where)
+
+
 def _logits(
-    model: Any, batch: Batch, hook: str, condition: Condition, positions: Positions
+    model: Any, batch: Batch, hook: str, condition: Condition, positions: ErasePositions
 ) -> Float[Tensor, "batch seq vocab"]:
     """One forward pass of ``batch`` under ``condition`` (float32 logits)."""
-    if condition.projection is None:
+    if condition.eraser is None:
         return forward(model, batch).float()
-    spec: dict[SiteLike, Intervention] = {hook: Project(condition.projection, positions=positions)}
+    spec: dict[SiteLike, Intervention] = {hook: erasing(condition.eraser, positions)}
     with intervene(model, spec, batch=batch):
         return forward(model, batch).float()
 
@@ -63,7 +72,7 @@ def text_measures(
     texts: Sequence[str],
     conditions: Sequence[Condition],
     *,
-    positions: Positions,
+    positions: ErasePositions,
     batch_size: int,
     progress: bool,
 ) -> tuple[list[AmnesicMeasure], int]:
@@ -78,7 +87,7 @@ def text_measures(
     n_pred, n_real = 0, 0
     chunks = list(batch.chunks(batch_size))
     with torch.no_grad():
-        for _, chunk in tqdm(chunks, disable=not progress, desc="amnesic: text"):
+        for _, chunk in progress_bar(chunks, progress=progress, desc="amnesic: text"):
             chunk = chunk.to(device) if device is not None else chunk
             mask = chunk.attention_mask.bool()
             has_next = mask[:, :-1] & mask[:, 1:]
@@ -90,7 +99,7 @@ def text_measures(
             for c in conditions:
                 logp = (
                     logp_orig
-                    if c.projection is None
+                    if c.eraser is None
                     else _logits(model, chunk, hook, c, positions).log_softmax(-1)
                 )
                 pred = logp[:, :-1]
@@ -109,7 +118,7 @@ def text_measures(
         hits, nll, kl = sums[c.name + str(c.seed)]
         out.append(AmnesicMeasure("lm_accuracy", c.name, hits / n_pred, seed=c.seed))
         out.append(AmnesicMeasure("lm_loss", c.name, nll / n_pred, seed=c.seed))
-        if c.projection is not None:
+        if c.eraser is not None:
             out.append(AmnesicMeasure("lm_kl", c.name, kl / n_real, seed=c.seed))
     return out, n_pred
 
@@ -120,7 +129,7 @@ def task_measures(
     task: Task,
     conditions: Sequence[Condition],
     *,
-    positions: Positions,
+    positions: ErasePositions,
     batch_size: int,
     progress: bool,
 ) -> list[AmnesicMeasure]:
@@ -135,7 +144,7 @@ def task_measures(
     sums = {c.name + str(c.seed): [0.0, 0.0, 0.0] for c in conditions}
     chunks = list(batch.chunks(batch_size))
     with torch.no_grad():
-        for rows, chunk in tqdm(chunks, disable=not progress, desc="amnesic: task"):
+        for rows, chunk in progress_bar(chunks, progress=progress, desc="amnesic: task"):
             chunk = chunk.to(device) if device is not None else chunk
             index = torch.arange(len(chunk), device=chunk.tokens.device)
             last = chunk.last_index.to(chunk.tokens.device)
@@ -143,7 +152,7 @@ def task_measures(
             logits = _logits(model, chunk, hook, Condition("original", None), positions)
             logp_orig = logits[index, last].log_softmax(-1)
             for c in conditions:
-                if c.projection is None:
+                if c.eraser is None:
                     logp = logp_orig
                 else:
                     logp = _logits(model, chunk, hook, c, positions)[index, last].log_softmax(-1)
@@ -157,6 +166,6 @@ def task_measures(
         hits, logprob, kl = sums[c.name + str(c.seed)]
         out.append(AmnesicMeasure("task_accuracy", c.name, hits / n, seed=c.seed))
         out.append(AmnesicMeasure("task_logprob", c.name, logprob / n, seed=c.seed))
-        if c.projection is not None:
+        if c.eraser is not None:
             out.append(AmnesicMeasure("task_kl", c.name, kl / n, seed=c.seed))
     return out

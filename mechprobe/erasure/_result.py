@@ -1,9 +1,9 @@
-"""What amnesic probing measured: :class:`AmnesicResult`, one tidy row (:class:`AmnesicMeasure`) per number.
+"""What amnesic probing measured: :class:`AmnesicResult`, one row (:class:`AmnesicMeasure`) per number.
 
-Every number :func:`mechprobe.erasure._amnesic` computes is a :class:`AmnesicMeasure`: a metric (``lm_accuracy``,
-``lm_loss``, ``lm_kl``, ``task_accuracy``, ``task_logprob``, ``task_kl``, ``probe_accuracy``), the
-condition it was measured under (``original``: the unmodified model; ``erased``: the projection
-hooked in; ``random``: a random projection of the same rank, one row per seed; ``dropout``: the
+Every number :func:`mechprobe.amnesic` computes is an :class:`AmnesicMeasure`: a metric
+(``lm_accuracy``, ``lm_loss``, ``lm_kl``, ``task_accuracy``, ``task_logprob``, ``task_kl``,
+``probe_accuracy``), the condition it was measured under (``original``: the unmodified model;
+``erased``: the eraser hooked in; ``random``: a random eraser of the same rank, one row per seed; ``dropout``: the
 same number of coordinates zeroed) and, for probes, where the probe read and which probe it was.
 
 *Effect* of a condition on a metric is how much worse it makes the model: the drop of an accuracy
@@ -13,31 +13,33 @@ effect of the real erasure minus the mean effect of the random control.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
+
+from mechprobe.core import Result, new_axes
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["AmnesicMeasure", "AmnesicResult"]
 
-_FORMAT = "mechprobe.AmnesicResult/1"
 #: Metrics where higher is better: their effect is ``original - condition``.
 _HIGHER_IS_BETTER = {"lm_accuracy", "task_accuracy", "task_logprob", "probe_accuracy"}
 #: Metrics that already compare with the original (a divergence): their effect is the value.
 _DIVERGENCES = {"lm_kl", "task_kl"}
 _CONDITIONS = ("original", "erased", "random", "dropout")
 _COLOURS = {"original": "#4c72b0", "erased": "#c44e52", "random": "#8c8c8c", "dropout": "#dd8452"}
+_PANELS = ("lm_accuracy", "lm_kl", "task_accuracy", "task_kl")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class AmnesicMeasure:
-    """One measured number.
+    """One measured number (a record: one row of :meth:`AmnesicResult.to_frame`).
 
     Attributes:
         metric: ``lm_accuracy``, ``lm_loss``, ``lm_kl``, ``task_accuracy``, ``task_logprob``,
@@ -47,6 +49,10 @@ class AmnesicMeasure:
         seed: Seed of a ``random`` or ``dropout`` control, else None.
         site: Hook name a probe read (``probe_accuracy`` only).
         probe: ``"linear"`` or ``"mlp"`` (``probe_accuracy`` only).
+
+    Example:
+        >>> AmnesicMeasure("lm_kl", "random", 0.25, seed=1)
+        AmnesicMeasure(lm_kl, random, 0.25, seed=1)
     """
 
     metric: str
@@ -56,16 +62,25 @@ class AmnesicMeasure:
     site: str | None = None
     probe: str | None = None
 
+    def __repr__(self) -> str:
+        extra = "".join(
+            f", {f.name}={getattr(self, f.name)}"
+            for f in fields(self)[3:]
+            if getattr(self, f.name) is not None
+        )
+        return f"AmnesicMeasure({self.metric}, {self.condition}, {self.value:.4g}{extra})"
 
-@dataclass(frozen=True)
-class AmnesicResult:
+
+@dataclass(frozen=True, repr=False)  # plain records, no arrays: fields compare with ==
+class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_figure=True):
     """What erasing a concept at one site costs the model, beside random controls of equal rank.
 
     Attributes:
-        site: Hook name where the projection was applied.
+        site: Hook name where the eraser was applied.
         layer: Its block index (None for a hook outside the blocks).
-        positions: Positions erased (None: all; negative: from each row's last real token).
-        method: The projection's method (``inlp``, ``leace``, ...).
+        positions: Positions erased (``"all"``; an int or ints: negative from each row's last
+            real token).
+        method: The eraser's method (``inlp``, ``leace``, ...).
         n_removed: Directions it erases; every control erases as many.
         dim: Width of the site.
         measures: Every number, one :class:`AmnesicMeasure` each.
@@ -73,9 +88,12 @@ class AmnesicResult:
             floor a guarded linear probe should fall to), or None without probing.
         counts: How much was evaluated: ``text_tokens``, ``task_items``, ``probe_examples``.
 
+    Saved as JSON, the record starts with the headline numbers of :meth:`headline` (what
+    ``mechprobe erase`` prints), then every field.
+
     Example:
         >>> import mechprobe as mp
-        >>> r = AmnesicResult("blocks.0.hook_resid_post", 0, None, "inlp", 2, 8,
+        >>> r = AmnesicResult("blocks.0.hook_resid_post", 0, "all", "inlp", 2, 8,
         ...     (AmnesicMeasure("lm_accuracy", "original", 0.5), AmnesicMeasure("lm_accuracy", "erased", 0.3),
         ...      AmnesicMeasure("lm_accuracy", "random", 0.45, seed=0)))
         >>> round(r.effect("lm_accuracy", "erased")[0], 2), round(r.selectivity()["lm_accuracy"], 2)
@@ -84,7 +102,7 @@ class AmnesicResult:
 
     site: str
     layer: int | None
-    positions: int | tuple[int, ...] | None
+    positions: int | tuple[int, ...] | str
     method: str
     n_removed: int
     dim: int
@@ -165,7 +183,7 @@ class AmnesicResult:
         """One row per measure: metric, condition, seed, site, probe, value.
 
         Example:
-            >>> r = AmnesicResult("hook_embed", None, None, "inlp", 1, 4,
+            >>> r = AmnesicResult("hook_embed", None, "all", "inlp", 1, 4,
             ...                   (AmnesicMeasure("lm_kl", "erased", 0.1),))
             >>> r.to_frame().columns.tolist()
             ['metric', 'condition', 'seed', 'site', 'probe', 'value']
@@ -188,13 +206,21 @@ class AmnesicResult:
             rows.append([metric, site, probe, condition, mean, std, eff, eff_std])
         return pd.DataFrame(rows, columns=[*keys, "mean", "std", "effect", "effect_std"])
 
-    def to_json(self) -> dict[str, Any]:
-        """The ``result.json`` record: headline numbers first, every measure after.
+    def headline(self) -> dict[str, Any]:
+        """The headline numbers, as ``mechprobe erase`` prints them and ``result.json`` starts.
 
-        Keys include ``n_removed``, ``probe_accuracy_before``/``_after``, ``majority_baseline``,
+        Keys: ``n_removed``, ``probe_accuracy_before``/``_after``, ``majority_baseline``,
         ``random_control_probe_accuracy``, ``lm_kl``, ``random_control_lm_kl``,
-        ``task_accuracy_before``/``_after`` and ``random_control_task_accuracy`` (None where that
-        evaluation was not run), ``*_std`` spreads of the random control, and ``selectivity``.
+        ``task_accuracy_before``/``_after``, ``random_control_task_accuracy`` and their
+        neighbours (None where that evaluation was not run, or not finite), ``*_std`` spreads of
+        the random control, and ``selectivity``. Probe numbers are the linear probe's at the
+        erased site.
+
+        Example:
+            >>> r = AmnesicResult("hook_embed", None, "all", "inlp", 1, 4,
+            ...                   (AmnesicMeasure("lm_kl", "erased", 0.1),))
+            >>> r.headline()["lm_kl"], r.headline()["task_accuracy_before"]
+            (0.1, None)
         """
         at_site = {"site": self.site, "probe": "linear"}
         mlp = {"site": self.site, "probe": "mlp"}
@@ -205,17 +231,11 @@ class AmnesicResult:
         def std(metric: str, condition: str, **kw: Any) -> float | None:
             return _finite(self.mean_std(metric, condition, **kw)[1])
 
-        head: dict[str, Any] = {
-            "format": _FORMAT,
-            "site": self.site,
-            "layer": self.layer,
-            "positions": _positions_json(self.positions),
-            "method": self.method,
+        return {
             "n_removed": self.n_removed,
-            "dim": self.dim,
             "probe_accuracy_before": mean("probe_accuracy", "original", **at_site),
             "probe_accuracy_after": mean("probe_accuracy", "erased", **at_site),
-            "majority_baseline": self.majority_baseline,
+            "majority_baseline": _finite(self.majority_baseline),
             "random_control_probe_accuracy": mean("probe_accuracy", "random", **at_site),
             "random_control_probe_accuracy_std": std("probe_accuracy", "random", **at_site),
             "mlp_probe_accuracy_before": mean("probe_accuracy", "original", **mlp),
@@ -239,77 +259,68 @@ class AmnesicResult:
             "task_kl": mean("task_kl", "erased"),
             "random_control_task_kl": mean("task_kl", "random"),
             "selectivity": {k: _finite(v) for k, v in self.selectivity().items()},
-            "counts": dict(self.counts),
         }
-        head["measures"] = [
-            {k: (_finite(v) if k == "value" else v) for k, v in asdict(m).items()}
-            for m in self.measures
-        ]
-        return head
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write :meth:`to_json` to ``path`` (e.g. ``result.json``) and return the path."""
-        path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
-        return path
+    def to_dict(self) -> dict[str, Any]:
+        """The ``result.json`` record: format and version, the :meth:`headline` numbers, then
+        every field (which :meth:`load` reads back; the headline is derived from them)."""
+        data = super().to_dict()
+        head = {k: v for k, v in self.headline().items() if k not in data}
+        return {"format": data.pop("format"), "version": data.pop("version"), **head, **data}
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AmnesicResult:
-        """Rebuild a result from :meth:`to_json`'s record."""
-        if data.get("format") != _FORMAT:
-            raise ValueError(
-                f"Not an AmnesicResult record (format {data.get('format')!r}); read a file written "
-                "by AmnesicResult.save."
+    def _describe(self) -> str:
+        words = f"{self.method}, {self.n_removed} of {self.dim} directions at {self.site}"
+        words += f" (positions {self.positions})"
+        head = self.headline()
+        for key, name in (("lm_kl", "KL"), ("task_accuracy_after", "task accuracy")):
+            if head[key] is not None:
+                words += f", {name} {head[key]:.3g}"
+        if head["probe_accuracy_before"] is not None and head["probe_accuracy_after"] is not None:
+            words += (
+                f", probe {head['probe_accuracy_before']:.3f} -> {head['probe_accuracy_after']:.3f}"
             )
-        positions = data["positions"]
-        return cls(
-            site=data["site"],
-            layer=data["layer"],
-            positions=tuple(positions) if isinstance(positions, list) else positions,
-            method=data["method"],
-            n_removed=int(data["n_removed"]),
-            dim=int(data["dim"]),
-            measures=tuple(
-                AmnesicMeasure(**{**m, "value": math.nan if m["value"] is None else m["value"]})
-                for m in data["measures"]
-            ),
-            majority_baseline=data["majority_baseline"],
-            counts={k: int(v) for k, v in data.get("counts", {}).items()},
-        )
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> AmnesicResult:
-        """Read a file written by :meth:`save`."""
-        return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+        return words
 
     # --- figure --------------------------------------------------------------------------------
 
-    def plot(self) -> Figure:
+    def plot(self, ax: Axes | None = None, *, metric: str | None = None) -> Figure:
         """Bars per behavioural metric (controls as mean ± std) and probe accuracy by layer.
 
+        With ``ax``, only one panel is drawn there: ``metric`` (``lm_accuracy``, ``lm_kl``,
+        ``task_accuracy``, ``task_kl`` or ``probe_accuracy``), by default the first measured.
+
         Example:
-            >>> r = AmnesicResult("hook_embed", None, None, "inlp", 1, 4,
+            >>> r = AmnesicResult("hook_embed", None, "all", "inlp", 1, 4,
             ...                   (AmnesicMeasure("lm_kl", "erased", 0.1),))
             >>> len(r.plot().axes)
             1
         """
-        panels = [
-            m
-            for m in ("lm_accuracy", "lm_kl", "task_accuracy", "task_kl")
-            if len(self.values(m, "erased"))
-        ]
+        panels = [m for m in _PANELS if len(self.values(m, "erased"))]
         probing = bool(self.probe_sites)
-        n = len(panels) + int(probing)
-        if n == 0:
+        available = panels + (["probe_accuracy"] if probing else [])
+        if not available:
             raise ValueError("This result holds no measures to plot; pass text=, task= or probe=.")
+        if metric is not None and metric not in available:
+            raise ValueError(f"metric must be one of {available} (measured here), got {metric!r}.")
+        if ax is not None or metric is not None:
+            figure, ax = new_axes(ax, (4.5, 3.8))
+            chosen = metric or available[0]
+            if chosen == "probe_accuracy":
+                self._information(ax)
+            else:
+                self._bars(ax, chosen)
+            return figure
+        from matplotlib.figure import Figure
+
+        n = len(available)
         fig = Figure(figsize=(max(6.0, 3.2 * n + (1.5 if probing else 0)), 3.8))
         widths = [1.0] * len(panels) + ([1.8] if probing else [])
         axes = fig.subplots(1, n, squeeze=False, gridspec_kw={"width_ratios": widths})[0]
-        for ax, metric in zip(axes, panels, strict=False):
-            self._bars(ax, metric)
+        for panel_ax, name in zip(axes, panels, strict=False):
+            self._bars(panel_ax, name)
         if probing:
             self._information(axes[-1])
-        where = "all positions" if self.positions is None else f"positions {self.positions}"
+        where = "all positions" if self.positions == "all" else f"positions {self.positions}"
         fig.suptitle(
             f"{self.method} erasure of {self.n_removed}/{self.dim} directions\n"
             f"at {self.site} ({where})",
@@ -374,7 +385,3 @@ def _short(site: str) -> str:
 
 def _finite(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
-
-
-def _positions_json(positions: int | tuple[int, ...] | None) -> int | list[int] | None:
-    return list(positions) if isinstance(positions, tuple) else positions

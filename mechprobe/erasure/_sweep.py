@@ -1,39 +1,41 @@
 """Layer sweep of amnesic probing: fit an erasure at each layer in turn, measure what each costs.
 
 :func:`layer_sweep` collects the concept's activations at every chosen layer in one pass, fits one
-projection per layer (INLP or LEACE), and runs :func:`mechprobe.erasure._amnesic` at each layer with the
-same evaluation data and the same random controls of equal rank. :class:`ErasureSweep` plots the
+eraser per layer (INLP or LEACE), and runs :func:`mechprobe.amnesic` at each layer with the same
+evaluation data and the same random controls of equal rank. :class:`ErasureSweep` plots the
 effect of the real erasure and of the controls against the layer.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
-from mechprobe.core import Positions, Site, SiteKind
+from mechprobe.core import Layers, Result, SiteLike, expand_sites, new_axes, progress_bar
 from mechprobe.erasure._amnesic import amnesic
+from mechprobe.erasure._eraser import Eraser
 from mechprobe.erasure._information import ProbeData
 from mechprobe.erasure._inlp import inlp
 from mechprobe.erasure._leace import leace
-from mechprobe.erasure._projection import Projection
+from mechprobe.erasure._metrics import ErasePositions
 from mechprobe.erasure._result import AmnesicResult
 from mechprobe.probing import ProbingDataset, collect
 from mechprobe.tasks import Task
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 __all__ = ["ErasureSweep", "fit_erasure", "layer_sweep"]
 
 Method = Literal["inlp", "leace"]
-_FORMAT = "mechprobe.ErasureSweep/1"
+_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+_METRICS = ("task_accuracy", "task_kl", "lm_kl", "lm_accuracy", "probe_accuracy")
 _TITLES = {
     "lm_kl": "KL(orig || erased) on text",
     "lm_accuracy": "next-token accuracy drop",
@@ -45,10 +47,10 @@ _TITLES = {
 
 def fit_erasure(
     x: Any, y: Any, method: Method = "inlp", *, seed: int = 0, **options: Any
-) -> Projection:
+) -> Eraser:
     """Fit ``inlp`` (Elazar et al.'s stopping rule by default) or ``leace`` on ``x [n, d]``, ``y [n]``.
 
-    Options go to :func:`mechprobe.inlp` / :func:`mechprobe.erasure._leace`; INLP defaults to
+    Options go to :func:`mechprobe.inlp` / :func:`mechprobe.leace`; INLP defaults to
     ``n_iterations=20, stop="majority"``, without a progress bar.
 
     Example:
@@ -66,9 +68,9 @@ def fit_erasure(
     raise ValueError(f"method must be 'inlp' or 'leace', got {method!r}.")
 
 
-@dataclass(frozen=True)
-class ErasureSweep:
-    """One :class:`AmnesicResult` per erased layer.
+@dataclass(frozen=True, repr=False)  # records without arrays: fields compare with ==
+class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figure=True):
+    """One :class:`AmnesicResult` per erased site (a layer sweep).
 
     Example:
         >>> ErasureSweep(method="inlp", results=()).to_frame().empty
@@ -80,6 +82,7 @@ class ErasureSweep:
 
     @property
     def layers(self) -> list[int | None]:
+        """The erased layer of each result, in order."""
         return [r.layer for r in self.results]
 
     def to_frame(self) -> pd.DataFrame:
@@ -104,42 +107,62 @@ class ErasureSweep:
         cols = ["layer", "n_removed", "metric", "erased", "random", "random_std", "dropout"]
         return pd.DataFrame(rows, columns=cols)
 
-    def plot(self) -> Figure:
-        """Effect against layer per metric: erasure, random control (mean ± std band), dropout."""
-        metrics = [
-            m
-            for m in ("task_accuracy", "task_kl", "lm_kl", "lm_accuracy", "probe_accuracy")
-            if any(len(r.values(m, "erased")) for r in self.results)
-        ]
+    def summary(self) -> pd.DataFrame:
+        """The :meth:`effects` table: per layer and metric, the erasure's effect beside its
+        controls'."""
+        return self.effects()
+
+    def _describe(self) -> str:
+        layers = [lay for lay in self.layers if lay is not None]
+        span = f"layers {min(layers)}-{max(layers)}" if layers else "no layer"
+        return f"{self.method}, {len(self.results)} erasure(s), {span}"
+
+    def plot(self, ax: Axes | None = None, *, metric: str | None = None) -> Figure:
+        """Effect against layer per metric: erasure, random control (mean ± std band), dropout.
+
+        With ``ax`` (or ``metric``), one panel: ``metric``, by default the first measured.
+        """
+        metrics = [m for m in _METRICS if any(len(r.values(m, "erased")) for r in self.results)]
         if not metrics:
             raise ValueError("This sweep holds no measures to plot.")
+        if metric is not None and metric not in metrics:
+            raise ValueError(f"metric must be one of {metrics} (measured here), got {metric!r}.")
+        x = np.asarray([np.nan if lay is None else lay for lay in self.layers], dtype=float)
+        if ax is not None or metric is not None:
+            figure, ax = new_axes(ax, (4.0, 3.4))
+            self._panel(ax, metric or metrics[0], x)
+            return figure
+        from matplotlib.figure import Figure
+
         fig = Figure(figsize=(3.6 * len(metrics), 3.4))
         axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-        x = np.asarray([np.nan if lay is None else lay for lay in self.layers], dtype=float)
-        for ax, metric in zip(axes, metrics, strict=True):
-            if metric == "probe_accuracy":
-                self._probe_panel(ax, x)
-            else:
-                for condition, colour in (
-                    ("erased", "#c44e52"),
-                    ("random", "#8c8c8c"),
-                    ("dropout", "#dd8452"),
-                ):
-                    stats = [r.effect(metric, condition) for r in self.results]
-                    mean = np.asarray([np.nan if m is None else m for m, _ in stats])
-                    std = np.asarray([0.0 if s is None else s for _, s in stats])
-                    if np.isnan(mean).all():
-                        continue
-                    ax.plot(x, mean, marker="o", color=colour, label=condition)
-                    if condition == "random":
-                        ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.25)
-                ax.axhline(0, color="black", lw=0.6)
-            ax.set_xlabel("erased layer")
-            ax.set_title(_TITLES.get(metric, metric), fontsize=10)
-            ax.legend(fontsize=7)
+        for panel_ax, name in zip(axes, metrics, strict=True):
+            self._panel(panel_ax, name, x)
         fig.suptitle(f"{self.method} erasure, layer by layer", fontsize=10)
         fig.tight_layout()
         return fig
+
+    def _panel(self, ax: Any, metric: str, x: np.ndarray) -> None:
+        if metric == "probe_accuracy":
+            self._probe_panel(ax, x)
+        else:
+            for condition, colour in (
+                ("erased", "#c44e52"),
+                ("random", "#8c8c8c"),
+                ("dropout", "#dd8452"),
+            ):
+                stats = [r.effect(metric, condition) for r in self.results]
+                mean = np.asarray([np.nan if m is None else m for m, _ in stats])
+                std = np.asarray([0.0 if s is None else s for _, s in stats])
+                if np.isnan(mean).all():
+                    continue
+                ax.plot(x, mean, marker="o", color=colour, label=condition)
+                if condition == "random":
+                    ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.25)
+            ax.axhline(0, color="black", lw=0.6)
+        ax.set_xlabel("erased layer")
+        ax.set_title(_TITLES.get(metric, metric), fontsize=10)
+        ax.legend(fontsize=7)
 
     def _probe_panel(self, ax: Any, x: np.ndarray) -> None:
         for condition, colour in (
@@ -165,91 +188,84 @@ class ErasureSweep:
             )
         ax.set_ylim(0, 1.05)
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write every layer's :meth:`AmnesicResult.to_json` record to one JSON file."""
-        path = Path(path)
-        record = {
-            "format": _FORMAT,
-            "method": self.method,
-            "results": [r.to_json() for r in self.results],
-        }
-        path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> ErasureSweep:
-        """Read a file written by :meth:`save`."""
-        record = json.loads(Path(path).read_text(encoding="utf-8"))
-        if record.get("format") != _FORMAT:
-            raise ValueError(
-                f"{path} is not a saved ErasureSweep; write one with ErasureSweep.save."
-            )
-        return cls(record["method"], tuple(AmnesicResult.from_json(r) for r in record["results"]))
-
 
 def layer_sweep(
     model: Any,
     data: ProbingDataset | Task,
-    layers: Sequence[int],
+    layers: Layers,
     method: Method = "inlp",
     *,
-    kind: SiteKind = "resid_post",
+    sites: SiteLike | Sequence[SiteLike] = "resid_post",
     text: Sequence[str] | None = None,
     task: Task | str | None = None,
     probe: ProbeData | None = None,
-    positions: Positions = -1,
+    positions: ErasePositions = -1,
     n_random: int = 3,
     mlp: bool = False,
     fit_options: dict[str, Any] | None = None,
     seed: int = 0,
-    batch_size: int = 16,
-    progress: bool = False,
+    batch_size: int = 32,
+    progress: bool = True,
+    kind: str | None = None,
 ) -> ErasureSweep:
-    """Erase the concept of ``data`` at each of ``layers`` in turn and measure each erasure.
+    """Erase the concept of ``data`` at each of ``sites`` in turn and measure each erasure.
 
-    Activations of ``data`` (its own selection rule: the last token for text-level data) are
-    collected at every layer in one pass; a projection is fitted per layer with ``method`` and
-    evaluated with :func:`mechprobe.erasure._amnesic` (same text, task, probe data and controls).
+    Activations of ``data`` (its own positions: the last token for text-level data) are
+    collected at every site in one pass; an eraser is fitted per site with ``method`` and
+    evaluated with :func:`mechprobe.amnesic` (same text, task, probe data and controls).
 
     Args:
         model: A TransformerLens model.
         data: Labelled data for fitting the erasure (e.g. ``country_dataset()``).
-        layers: Layers to erase at, one at a time.
+        layers: Layers to erase at, one at a time (an int, a range, a list or ``"all"``).
         method: ``"inlp"`` or ``"leace"``.
-        kind: Site kind (``resid_post``, ``mlp_out``, ...).
-        text, task, probe: Evaluation data, as for :func:`mechprobe.erasure._amnesic`; ``probe`` is only
+        sites: The site kind erased at each of ``layers`` (``resid_post``, ``mlp_out``, ...), or
+            Sites / hook names (then ``layers`` does not apply to them).
+        text, task, probe: Evaluation data, as for :func:`mechprobe.amnesic`; ``probe`` is only
             probed at the erased layer (pass ``data`` itself to check the erasure holds).
-        positions: Positions erased (default: each prompt's last token, where ``data`` is read).
+        positions: Positions erased (default ``-1``: each prompt's last token, where ``data``
+            is read and the erasure was fitted; ``"all"`` erases everywhere).
         n_random: Random controls of equal rank per layer.
-        mlp: Also fit MLP probes (as for :func:`mechprobe.erasure._amnesic`).
+        mlp: Also fit MLP probes (as for :func:`mechprobe.amnesic`).
         fit_options: Options for :func:`fit_erasure`.
         seed: Seed of the fits, controls and probe split.
         batch_size: Prompts per forward pass.
-        progress: Progress bar over layers.
+        progress: Progress bar over the erased sites.
+        kind: Deprecated name of ``sites`` (one release).
 
     Example:
         >>> import mechprobe as mp
         >>> data = mp.ProbingDataset("toy", ["ab", "ba", "aa", "bb"] * 5, ["x", "y", "x", "y"] * 5)
-        >>> sweep = layer_sweep(mp.tiny_model(), data, [0, 2], "leace", text=["abab"], n_random=1)
+        >>> sweep = layer_sweep(mp.tiny_model(), data, [0, 2], "leace", text=["abab"], n_random=1,
+        ...                     progress=False)
         >>> sweep.layers
         [0, 2]
     """
-    if not layers:
-        raise ValueError("layers is empty: pass the layers to erase at, e.g. [10, 15, 20].")
-    sites = [Site(kind, int(layer)) for layer in layers]
-    acts = collect(model, data, sites, batch_size=batch_size, progress=False)
+    if kind is not None:
+        warnings.warn(
+            "layer_sweep(kind=...) is deprecated: say sites=... (removed in the next release).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        sites = kind
+    found = expand_sites(model, sites, layers=layers, kinds=_KINDS, what="sites")
+    for site in found:
+        if site.positions is not None:
+            raise ValueError(
+                f"{site} carries positions; layer_sweep() takes positions= itself: pass "
+                f"Site({site.kind!r}, {site.layer}) and positions={site.positions!r}."
+            )
+    acts = collect(model, data, found, batch_size=batch_size, progress=False)
     if acts.labels is None:
         raise ValueError("The sweep data has no labels: pass a labelled ProbingDataset or Task.")
     results = []
-    for j, site in enumerate(tqdm(sites, disable=not progress, desc=f"{method} sweep")):
-        projection = fit_erasure(
-            acts.layer(j), acts.labels, method, seed=seed, **(fit_options or {})
-        )
+    for j, site in enumerate(progress_bar(found, progress=progress, desc=f"{method} sweep")):
+        eraser = fit_erasure(acts.layer(j), acts.labels, method, seed=seed, **(fit_options or {}))
         results.append(
             amnesic(
                 model,
                 site,
-                projection,
+                eraser,
                 text=text,
                 task=task,
                 probe=probe,
@@ -259,6 +275,7 @@ def layer_sweep(
                 mlp=mlp,
                 seed=seed,
                 batch_size=batch_size,
+                progress=False,
             )
         )
     return ErasureSweep(method, tuple(results))

@@ -1,10 +1,12 @@
 """Collecting activations for probing: :func:`collect` -> :class:`Activations` ``[n, layers, d]``.
 
 :func:`collect` runs texts through the model in batches (through :func:`mechprobe.intervene`, no hooks
-of its own), keeps only the selected token positions, and returns one row per selected token with
-its label, word type, text index, position and token string. Selection rules (``select=``):
+of its own), keeps only the chosen token positions, and returns one row per chosen token with
+its label, word type, text index, position and token string. Which tokens (``positions=``):
 
-- ``"last"``: each text's last real token (one row per text).
+- ``-1`` (default): the last token of each labelled unit: each text's last real token (one row
+  per text), or, for a word-level :class:`~mechprobe.ProbingDataset`, each word's last sub-token
+  (``"word_last"``).
 - ``"all"``: every token of the text (BOS, which is no part of the text, is left out).
 - ``"word_last"``: the last sub-token of each word. Words are the dataset's word spans when it has
   them (e.g. tagger tokens), else maximal runs of non-whitespace characters, i.e. *a token that
@@ -12,8 +14,9 @@ its label, word type, text index, position and token string. Selection rules (``
   sub-token is the last token overlapping its characters (found with the tokenizer's offsets); a
   word that ends inside a token (``"can"`` in ``" cannot"``) has no token of its own and is
   dropped, counted in ``metadata["dropped_words"]``.
-- a list of lists of positions, one list per text, in the tokenised row as the model sees it
-  (BOS at 0 when the model prepends one; negative counts back from the last token).
+- another int, or a list of ints: those positions of every text; or one list of positions per
+  text. Positions count in the tokenised row as the model sees it (BOS at 0 when the model
+  prepends one; negative counts back from the last real token).
 
 Memory stays bounded: besides the forward pass itself, only one chunk's selected rows
 (``[tokens in the chunk, sites, d]``, copied straight into the storage dtype) live at once, and the
@@ -28,27 +31,28 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechprobe.core import (
     Intervention,
+    Layers,
     PaddingSide,
-    Site,
     SiteLike,
     StopForward,
+    check_int,
+    expand_sites,
     intervene,
-    resolve_site,
-    width,
+    progress_bar,
 )
 from mechprobe.probing._selection import Plan, make_plan
 from mechprobe.probing._store import (
@@ -62,15 +66,24 @@ from mechprobe.probing._store import (
 
 __all__ = ["Activations", "collect"]
 
-Select = Literal["last", "all", "word_last"] | Sequence[Sequence[int]]
+#: Which tokens :func:`collect` keeps (module docstring).
+CollectPositions: TypeAlias = (
+    int | Literal["all", "word_last"] | Sequence[int] | Sequence[Sequence[int]]
+)
 _FORMAT = 1
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 _TORCH = {"float32": torch.float32, "float16": torch.float16}
+#: Kinds whose activations are [batch, pos, d_model]: they stack into one array.
+_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+_OLD_SELECT: dict[str, Any] = {"last": -1}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Activations:
     """Activations of selected tokens at several sites, with labels and where each row came from.
+
+    A store (in memory, or memory-mapped from ``values.npy`` in a folder), not an analysis
+    result: :meth:`save` writes the folder, :meth:`load` maps it back.
 
     Attributes:
         values: ``[n, layers, d]`` array (``np.memmap`` when streamed to disk); ``layers`` indexes
@@ -81,11 +94,12 @@ class Activations:
         position: ``[n]`` token position in the tokenised text (BOS at 0 where prepended).
         token: ``[n]`` the token's text.
         sites: Hook names, one per layer slot of ``values``.
-        metadata: Model, select rule, dtype, dropped words, path, ...
+        metadata: Model, positions rule, dtype, dropped words, path, ...
 
     Example:
         >>> import mechprobe as mp
-        >>> acts = mp.collect(mp.tiny_model(), ["Hi there"], "resid_post", select="all", progress=False)
+        >>> acts = mp.collect(mp.tiny_model(), ["Hi there"], "resid_post", positions="all",
+        ...                   progress=False)
         >>> acts.values.shape, len(acts), acts.token[:3].tolist()
         ((8, 3, 64), 8, ['H', 'i', ' '])
     """
@@ -130,6 +144,21 @@ class Activations:
     def __len__(self) -> int:
         return int(self.values.shape[0])
 
+    def __repr__(self) -> str:
+        n, layers, d = self.values.shape
+        where = f"memory-mapped from {self.path}" if self.path is not None else "in memory"
+        labels = "no labels" if self.labels is None else f"{len(np.unique(self.labels))} classes"
+        return (
+            f"Activations({n} rows x {layers} sites x {d}, {self.values.dtype}, {labels}, "
+            f"{len(np.unique(self.text_index))} texts, {where})"
+        )
+
+    @property
+    def path(self) -> Path | None:
+        """The folder ``values.npy`` is mapped from, or None when the values are in memory."""
+        name = getattr(self.values, "filename", None)
+        return Path(name).parent if isinstance(self.values, np.memmap) and name else None
+
     def to_frame(self) -> pd.DataFrame:
         """One row per example: text_index, position, token, label and group (no values).
 
@@ -140,6 +169,26 @@ class Activations:
         """
         columns = {"text_index": self.text_index, "position": self.position, "token": self.token}
         return pd.DataFrame(columns | {"label": self.labels, "group": self.groups})
+
+    def summary(self) -> pd.DataFrame:
+        """Rows per label (all rows under label None when unlabelled), with their share and the
+        number of texts they come from.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> acts = mp.collect(mp.tiny_model(), ["Hi", "Ho"], labels=["a", "b"], progress=False)
+            >>> acts.summary().to_dict("list")
+            {'label': ['a', 'b'], 'rows': [1, 1], 'share': [0.5, 0.5], 'texts': [1, 1]}
+        """
+        frame = self.to_frame()
+        if self.labels is None:
+            frame["label"] = None
+        table = frame.groupby("label", dropna=False, sort=True).agg(
+            rows=("text_index", "size"), texts=("text_index", "nunique")
+        )
+        table = table.reset_index()
+        table.insert(2, "share", table["rows"] / len(self))
+        return table
 
     def layer(self, index: int) -> Float[np.ndarray, "n d"]:
         """``[n, d]`` activations of one layer slot (negative counts from the end), as float32.
@@ -155,7 +204,8 @@ class Activations:
         return np.asarray(self.values[:, index, :], dtype=np.float32)
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write ``values.npy``, ``index.npz`` and ``activations.json`` (no pickle) to ``folder``.
+        """Write ``values.npy``, ``index.npz`` and ``activations.json`` (no pickle) to ``folder``
+        (created); returns the folder, which :meth:`load` reads.
 
         Example:
             >>> import tempfile, mechprobe as mp
@@ -165,6 +215,10 @@ class Activations:
             True
         """
         folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(
+                f"Cannot save Activations to {folder}: it is a file, not a folder."
+            )
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / "values.npy"
         if not (isinstance(self.values, np.memmap) and same_file(self.values, target)):
@@ -180,7 +234,13 @@ class Activations:
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], *, mmap: bool = True) -> Activations:
-        """Read what :meth:`save` wrote; ``mmap=True`` maps ``values.npy`` instead of reading it."""
+        """Read the folder :meth:`save` wrote (or ``collect(out_dir=...)`` filled);
+        ``mmap=True`` maps ``values.npy`` instead of reading it.
+
+        Raises:
+            FileNotFoundError: ``folder`` holds no ``activations.json``.
+            ValueError: It was written by another format version.
+        """
         folder = Path(folder)
         meta_path = folder / "activations.json"
         if not meta_path.is_file():
@@ -241,37 +301,29 @@ class _Gather(Intervention):
         return None
 
 
-def _resolve_sites(model: Any, sites: SiteLike | str | Sequence[SiteLike]) -> list[str]:
-    """``"resid_post"`` means every layer; otherwise one site or a list, all of one width."""
-    if isinstance(sites, str) and "." not in sites and sites not in model.hook_dict:
-        sites = [Site(sites, layer) for layer in range(model.cfg.n_layers)]  # type: ignore[arg-type]
-    elif isinstance(sites, str) or not isinstance(sites, Sequence):
-        sites = [sites]
-    if not sites:
-        raise ValueError(
-            "No sites given: pass a site kind such as 'resid_post' or a list of sites."
-        )
-    names, widths = [], set()
-    for site in sites:
-        name, resolved = resolve_site(model, site)
-        names.append(name)
-        widths.add(width(model, resolved))
+def _site_names(model: Any, sites: SiteLike | Sequence[SiteLike], layers: Layers) -> list[str]:
+    """Hook names of ``sites`` (core's expansion: a kind means that kind at each of ``layers``).
+
+    A site given twice is an error here, not dropped: the layer slots of the result must line up
+    with what was asked for.
+    """
+    items = [sites] if isinstance(sites, str) or not isinstance(sites, Sequence) else list(sites)
+    per_item = [expand_sites(model, item, layers=layers, kinds=_KINDS) for item in items]
+    if not per_item:
+        expand_sites(model, [], kinds=_KINDS)  # raises the one message for an empty list
+    names = [site.hook_name for found in per_item for site in found]
     if len(set(names)) != len(names):
         raise ValueError(f"Sites repeat: {names}; pass each site once.")
-    if len(widths - {None}) > 1:
-        raise ValueError(
-            f"Sites have different widths {sorted(w for w in widths if w)}; Activations stacks "
-            "them into one [n, layers, d] array: collect each width separately."
-        )
     return names
 
 
 def collect(
     model: Any,
     data: Any,
-    sites: SiteLike | str | Sequence[SiteLike] = "resid_post",
+    sites: SiteLike | Sequence[SiteLike] = "resid_post",
     *,
-    select: Select | None = None,
+    layers: Layers = "all",
+    positions: CollectPositions = -1,
     labels: Sequence[Any] | None = None,
     groups: Sequence[Any] | None = None,
     batch_size: int = 32,
@@ -280,19 +332,23 @@ def collect(
     out_dir: str | os.PathLike[str] | None = None,
     dtype: Literal["float32", "float16"] = "float32",
     progress: bool = True,
+    select: Any = None,
 ) -> Activations:
-    """Run texts through ``model`` and keep the activations of the selected tokens at ``sites``.
+    """Run texts through ``model`` and keep the activations of the chosen tokens at ``sites``.
 
     Args:
         model: A TransformerLens model with a fast tokenizer.
         data: Texts, a :class:`mechprobe.ProbingDataset` (texts, labels, word spans, groups), or a
             :class:`mechprobe.Task` (its prompts, labelled and grouped by each item's input).
-        sites: A site kind (``"resid_post"``: every layer), one site, or a list of sites or hook
-            names of one width.
-        select: ``"last"``, ``"all"``, ``"word_last"`` or per-text position lists (module
-            docstring); default: the dataset's rule, else ``"last"``.
-        labels: Per text, one label (repeated over its selected tokens) or a list with one label
-            per word / token / marked position (None skips that one). Taken from ``data`` when it
+        sites: A site kind (``"resid_post"``: that kind at each of ``layers``), a Site, a hook
+            name, or a list of them (``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``,
+            ``mlp_out``: all of the model's width).
+        layers: The layers a site kind covers (default all).
+        positions: ``-1`` (default: each text's last token, each word's last token for a
+            word-level dataset), ``"all"``, ``"word_last"``, an int or a list of ints for every
+            text, or one list of positions per text (module docstring).
+        labels: Per text, one label (repeated over its chosen tokens) or a list with one label
+            per word / token / listed position (None skips that one). Taken from ``data`` when it
             is a dataset or task.
         groups: Word types for control tasks, shaped like ``labels``.
         batch_size: Texts per forward pass (texts are sorted by length to waste little padding).
@@ -301,25 +357,33 @@ def collect(
         out_dir: Folder for ``values.npy`` (always used when given; resumable). Without it, a
             result over the budget goes to a new temporary folder (``metadata["path"]``).
         dtype: Storage dtype, ``"float32"`` or ``"float16"`` (half the size; range ±65504).
-        progress: Show a progress bar.
+        progress: Show a progress bar (``MECHPROBE_PROGRESS=0`` silences it).
+        select: Deprecated name of ``positions`` (``"last"`` is ``-1``), for one release.
 
     Returns:
         :class:`Activations` in text order, then position order.
 
     Example:
         >>> import mechprobe as mp
-        >>> acts = mp.collect(mp.tiny_model(), ["a b", "cd"], "resid_post", select="word_last",
+        >>> acts = mp.collect(mp.tiny_model(), ["a b", "cd"], "resid_post", positions="word_last",
         ...                   labels=[["x", "y"], ["x"]], progress=False)
         >>> acts.position.tolist(), acts.labels.tolist()
         ([1, 3, 2], ['x', 'y', 'x'])
     """
+    if select is not None:
+        warnings.warn(
+            "collect(select=...) is deprecated: say positions=... (select='last' is "
+            "positions=-1); select goes in the next release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        positions = _OLD_SELECT.get(select, select) if isinstance(select, str) else select
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-    names = _resolve_sites(model, sites)
+    batch_size = check_int(batch_size, "batch_size", 1)
+    names = _site_names(model, sites, layers)
     plan = make_plan(
-        model, data, select=select, labels=labels, groups=groups, padding_side=padding_side
+        model, data, positions=positions, labels=labels, groups=groups, padding_side=padding_side
     )
     key = fingerprint(model, names, plan, dtype, batch_size)
     folder = Path(out_dir) if out_dir is not None else None
@@ -331,11 +395,11 @@ def collect(
     chunks = [plan.order[i : i + batch_size] for i in range(0, len(plan.order), batch_size)]
     sink: Sink | None = None
     with torch.no_grad():
-        for k, rows in enumerate(tqdm(chunks, disable=not progress, desc="collect")):
+        for k, rows in enumerate(progress_bar(chunks, progress=progress, desc="collect")):
             if k < done:
                 continue
             stacked = _run_chunk(model, plan, rows.tolist(), names, _DTYPES[dtype])
-            if sink is None:  # the width is known for sure only now (arbitrary hook names)
+            if sink is None:
                 shape = (plan.n_rows, len(names), stacked.shape[-1])
                 nbytes = int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize
                 if folder is None and nbytes > memory_budget:
@@ -350,7 +414,7 @@ def collect(
         sink = Sink(existing.shape, existing.dtype, folder, fresh=False)
     metadata = {
         "model": str(getattr(model.cfg, "model_name", "")),
-        "select": plan.select_name,
+        "positions": plan.positions_name,
         "dtype": dtype,
         "n_texts": len(plan.batch),
         "dropped_words": plan.dropped_words,

@@ -182,17 +182,6 @@ def _gather(X: Tensor, rows: np.ndarray, out: Tensor | None = None) -> Tensor:
     return out
 
 
-def jsonable(value: Any) -> Any:
-    """Arrays as nested lists and non-finite floats as None, for JSON files."""
-    if isinstance(value, np.ndarray):
-        return [jsonable(v) for v in value.tolist()] if value.ndim else jsonable(value.item())
-    if isinstance(value, list):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
-
-
 def _warn_rare(counts: np.ndarray, needed: int) -> None:
     rare = np.flatnonzero(counts < needed).tolist()
     warnings.warn(

@@ -2,9 +2,10 @@
 
 A :class:`ProbingDataset` is what :func:`mechprobe.collect` turns into labelled activations:
 
-- text level (``level="text"``): one label per text, read at the last token (``select="last"``);
+- text level (``level="text"``): one label per text, read at the last token (``positions=-1``);
 - word level (``level="word"``): words as character spans of each text, one label per word (None:
-  not probed), read at each word's last sub-token (``select="word_last"``).
+  not probed), read at each word's last sub-token (``positions="word_last"``, which ``-1`` means
+  for word-level data).
 
 Loaders: :func:`pos_dataset` here (English sentences tagged with spaCy's ``en_core_web_sm`` 3.8,
 shipped as data); :func:`mechprobe.load_labels` (your own JSON, JSONL or CSV file, in
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +39,7 @@ def _is_label(value: Any) -> bool:
     return isinstance(value, (str, int, np.integer)) and not isinstance(value, bool)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ProbingDataset:
     """Texts with a label per text or per word, optional word spans and groups (word types).
 
@@ -56,8 +58,10 @@ class ProbingDataset:
     Example:
         >>> ds = ProbingDataset("toy", ["a cat", "the dog"], [("DET", "NOUN"), ("DET", "NOUN")],
         ...                     level="word")
-        >>> ds.select, ds.classes, ds.n_examples, ds.groups
+        >>> ds.positions, ds.classes, ds.n_examples, ds.groups
         ('word_last', ('DET', 'NOUN'), 4, (('a', 'cat'), ('the', 'dog')))
+        >>> ds
+        ProbingDataset('toy', 2 texts, word level, 4 examples, 2 classes)
     """
 
     name: str
@@ -179,9 +183,25 @@ class ProbingDataset:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def __repr__(self) -> str:
+        return (
+            f"ProbingDataset({self.name!r}, {len(self.texts)} texts, {self.level} level, "
+            f"{self.n_examples} examples, {len(self.classes)} classes)"
+        )
+
+    @property
+    def positions(self) -> int | str:
+        """Where :func:`mechprobe.collect` reads it: ``-1`` (the last token) or ``"word_last"``."""
+        return -1 if self.level == "text" else "word_last"
+
     @property
     def select(self) -> str:
-        """The select rule :func:`mechprobe.collect` uses: ``"last"`` or ``"word_last"``."""
+        """Deprecated (one release): ``"last"`` or ``"word_last"``; say :attr:`positions`."""
+        warnings.warn(
+            "ProbingDataset.select is deprecated: say .positions (-1 or 'word_last').",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return "last" if self.level == "text" else "word_last"
 
     @property
@@ -202,6 +222,23 @@ class ProbingDataset:
             {'x': 2, 'y': 1}
         """
         return dict(Counter(self._flat(self.labels)).most_common())
+
+    def summary(self) -> pd.DataFrame:
+        """Examples per label, most frequent first, with their share.
+
+        Example:
+            >>> ProbingDataset("t", ["a", "b", "c"], ["x", "y", "x"]).summary()["examples"].tolist()
+            [2, 1]
+        """
+        counts = self.counts()
+        total = sum(counts.values())
+        return pd.DataFrame(
+            {
+                "label": list(counts),
+                "examples": list(counts.values()),
+                "share": [v / total for v in counts.values()],
+            }
+        )
 
     def to_frame(self) -> pd.DataFrame:
         """One row per labelled example: text_index, word (or text), label, group.
@@ -247,7 +284,7 @@ class ProbingDataset:
             self.description,
         )
 
-    def sample(self, max_examples: int, seed: int = 0) -> ProbingDataset:
+    def sample(self, max_examples: int, *, seed: int = 0) -> ProbingDataset:
         """Random texts (kept in file order) with at most ``max_examples`` labelled examples.
 
         Example:
@@ -283,7 +320,31 @@ class ProbingDataset:
         )
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
-        """Write the dataset as a :func:`load_labels` JSONL file (word level keeps its words)."""
+        """Deprecated (one release): say :meth:`save`."""
+        warnings.warn(
+            "ProbingDataset.to_json(path) is deprecated: say .save(path).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.save(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, name: str | None = None) -> ProbingDataset:
+        """Read a label file (JSON, JSONL or CSV): :func:`mechprobe.load_labels`."""
+        from mechprobe.probing._labels import load_labels
+
+        return load_labels(path, name=name)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the dataset as a JSONL label file that :meth:`load` reads back (word level keeps
+        its words); returns the path.
+
+        Example:
+            >>> import tempfile, os
+            >>> ds = ProbingDataset("t", ["a b", "c"], [("x", "y"), ("x",)], level="word")
+            >>> ProbingDataset.load(ds.save(os.path.join(tempfile.mkdtemp(), "t.jsonl"))).labels
+            (('x', 'y'), ('x',))
+        """
         path = Path(path)
         with path.open("w", encoding="utf-8") as handle:
             for i, text in enumerate(self.texts):

@@ -7,7 +7,7 @@ Formats (the file's suffix decides): JSON (a list of records), JSONL (one record
   word (``null`` leaves a word out), probed at each word's last sub-token;
 - ``{"words": ["I", "ran", "home", "."], "labels": [...], "spaces": [true, true, false, false]}``:
   explicit words (joined by single spaces unless ``spaces`` says otherwise), or ``"text"`` with
-  ``"spans"`` (``[start, end]`` character offsets of the words), as :meth:`ProbingDataset.to_json`
+  ``"spans"`` (``[start, end]`` character offsets of the words), as :meth:`ProbingDataset.save`
   writes;
 - optional ``"group"`` / ``"groups"`` (word types for control tasks), shaped like the labels.
 
@@ -18,6 +18,7 @@ CSV: columns ``text,label`` or ``text,labels`` (space-separated per-word labels)
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -37,8 +38,19 @@ _FILE_HELP = (
 )
 
 
+def _text(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 are an error naming the file and the place."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8 "
+            f"(e.g. iconv -f latin1 -t utf-8). {_FILE_HELP}"
+        ) from None
+
+
 def _records_from_csv(path: Path) -> list[dict[str, Any]]:
-    with path.open(newline="", encoding="utf-8") as handle:
+    with io.StringIO(_text(path), newline="") as handle:
         reader = csv.DictReader(handle)
         fields = set(reader.fieldnames or [])
         if "text" not in fields or not fields & {"label", "labels"}:
@@ -61,7 +73,7 @@ def _records_from_csv(path: Path) -> list[dict[str, Any]]:
 def _read_records(path: Path) -> list[dict[str, Any]]:
     if path.suffix.lower() == ".csv":
         return _records_from_csv(path)
-    text = path.read_text(encoding="utf-8")
+    text = _text(path)
     try:
         if path.suffix.lower() == ".jsonl":
             data = [json.loads(line) for line in text.splitlines() if line.strip()]

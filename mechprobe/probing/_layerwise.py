@@ -9,37 +9,29 @@ meaningless. Standardisation statistics come from the training rows of each spli
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
 from mechprobe._fit import fit_logistic
-from mechprobe.probing._data import (
-    as_layers,
-    encode_labels,
-    gathered_dtype,
-    jsonable,
-    splits,
-    standardised,
-)
+from mechprobe.core import Result, new_axes, progress_bar
+from mechprobe.probing._data import as_layers, encode_labels, gathered_dtype, splits, standardised
 from mechprobe.probing._probes import _fit_mlp, control_labels
 from mechprobe.probing._scalar_mix import _fit_mix
 
-_FORMAT = "mechprobe.ProbeResult/1"
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 _GROUP_BYTES = 128 * 2**20  # gathered training rows per group of layers fitted together
-_ARRAYS = ("layers", "accuracy", "control_accuracy", "selectivity", "mix_weights")
 
 
-@dataclass(frozen=True)
-class ProbeResult:
+@dataclass(frozen=True, eq=False, repr=False)
+class ProbeResult(Result, format="mechprobe.ProbeResult", version=2, html_figure=True):
     """Held-out probe accuracy per layer, with control task, selectivity and majority baseline.
 
     Attributes:
@@ -57,6 +49,12 @@ class ProbeResult:
         mix_gamma: the scalar mix's γ, or None.
         expected_layer: ``Σ_l l · mix_weights[l]``, or None.
         mix_accuracy: held-out accuracy of the scalar-mix probe, or None.
+
+    Example:
+        >>> import numpy as np
+        >>> X = np.random.default_rng(0).normal(size=(200, 3, 4)); y = X[:, 1, 0] > 0
+        >>> probe_layers(X, y, progress=False)  # doctest: +ELLIPSIS
+        ProbeResult(linear probes, 3 layers, 200 examples, 2 classes: best layer 1 (accuracy ...)
     """
 
     layers: np.ndarray
@@ -73,6 +71,11 @@ class ProbeResult:
     expected_layer: float | None = None
     mix_accuracy: float | None = None
 
+    @property
+    def best_layer(self) -> int:
+        """The layer of the highest held-out accuracy (the first, on ties)."""
+        return int(self.layers[int(np.argmax(self.accuracy))])
+
     def to_frame(self) -> pd.DataFrame:
         """One row per layer: accuracy, control accuracy, selectivity, baseline (and mix weight)."""
         frame = pd.DataFrame(
@@ -88,12 +91,57 @@ class ProbeResult:
             frame["mix_weight"] = self.mix_weights
         return frame
 
-    def plot(self) -> Figure:
-        """Accuracy and selectivity by layer, the majority baseline as a line, mix weights as bars."""
-        has_mix = self.mix_weights is not None
-        fig = Figure(figsize=(7, 6 if has_mix else 3.5), layout="constrained")
-        axes = fig.subplots(2 if has_mix else 1, 1, sharex=True, squeeze=False)[:, 0]
-        ax = axes[0]
+    def summary(self) -> pd.DataFrame:
+        """One row of key numbers: the best layer and its accuracy, the majority baseline, the
+        largest selectivity (NaN without a control task) and, with a scalar mix, its expected
+        layer and accuracy.
+
+        Example:
+            >>> import numpy as np
+            >>> X = np.random.default_rng(0).normal(size=(200, 3, 4)); y = X[:, 2, 0] > 0
+            >>> int(probe_layers(X, y, progress=False).summary()["best_layer"][0])
+            2
+        """
+        best = int(np.argmax(self.accuracy))
+        selectivity = self.selectivity
+        row: dict[str, Any] = {
+            "probe": self.probe,
+            "n_examples": self.n_examples,
+            "n_classes": self.n_classes,
+            "best_layer": self.best_layer,
+            "best_accuracy": float(self.accuracy[best]),
+            "majority_baseline": self.majority_baseline,
+            "max_selectivity": float(np.nanmax(selectivity))
+            if np.isfinite(selectivity).any()
+            else np.nan,
+        }
+        if self.mix_weights is not None:
+            row |= {"expected_layer": self.expected_layer, "mix_accuracy": self.mix_accuracy}
+        return pd.DataFrame([row])
+
+    def _describe(self) -> str:
+        best = int(np.argmax(self.accuracy))
+        words = (
+            f"{self.probe} probes, {len(self.layers)} layers, {self.n_examples} examples, "
+            f"{self.n_classes} classes: best layer {self.best_layer} (accuracy "
+            f"{self.accuracy[best]:.3f}, majority {self.majority_baseline:.3f})"
+        )
+        if self.expected_layer is not None:
+            words += f", expected layer {self.expected_layer:.2f}"
+        return words
+
+    def plot(self, ax: Axes | None = None) -> Figure:
+        """Accuracy and selectivity by layer, the majority baseline as a line, and (with a scalar
+        mix, in a new figure) the mix weights as bars below. With ``ax``, the accuracy panel only.
+        """
+        has_mix = self.mix_weights is not None and ax is None
+        if ax is None and has_mix:
+            from matplotlib.figure import Figure
+
+            figure = Figure(figsize=(7, 6), layout="constrained")
+            ax, mix_ax = figure.subplots(2, 1, sharex=True)
+        else:
+            figure, ax = new_axes(ax, (7, 3.5))
         ax.plot(self.layers, self.accuracy, marker=".", label=f"{self.probe} probe")
         if np.isfinite(self.control_accuracy).any():
             ax.plot(self.layers, self.control_accuracy, marker=".", label="control task")
@@ -102,30 +150,14 @@ class ProbeResult:
         ax.set(ylabel="accuracy", title=f"Layer-wise probing ({self.split})")
         ax.legend(loc="best")
         if has_mix:
-            axes[1].bar(self.layers, np.asarray(self.mix_weights), color="tab:purple")
-            axes[1].set(
+            mix_ax.bar(self.layers, np.asarray(self.mix_weights), color="tab:purple")
+            mix_ax.set(
                 ylabel="scalar-mix weight", title=f"expected layer {self.expected_layer:.2f}"
             )
-        axes[-1].set_xlabel("layer")
-        return fig
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the result as JSON (NaN stored as null)."""
-        data = {key: jsonable(value) for key, value in asdict(self).items()}
-        out = Path(path)
-        out.write_text(json.dumps({"format": _FORMAT, **data}, indent=1))
-        return out
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> ProbeResult:
-        """Read a result written by :meth:`save`."""
-        data = json.loads(Path(path).read_text())
-        if data.pop("format", None) != _FORMAT:
-            raise ValueError(f"{path} is not a saved ProbeResult ({_FORMAT}).")
-        for key in _ARRAYS:
-            if data[key] is not None:
-                data[key] = np.array(data[key], dtype=int if key == "layers" else float)
-        return cls(**data)
+            mix_ax.set_xlabel("layer")
+        else:
+            ax.set_xlabel("layer")
+        return figure
 
 
 def probe_layers(
@@ -164,7 +196,7 @@ def probe_layers(
         tol: largest absolute gradient entry at convergence (scikit-learn's ``tol``).
         mlp: one-hidden-layer MLP probes instead of linear ones (less selective, per H&L).
         scalar_mix: also fit a :class:`ScalarMixProbe` over all layers.
-        progress: show a progress bar.
+        progress: show a progress bar (``MECHPROBE_PROGRESS=0`` silences it).
 
     Returns:
         A :class:`ProbeResult`.
@@ -182,7 +214,7 @@ def probe_layers(
     k = len(classes)
     control = None
     if groups is not None:
-        control = np.searchsorted(classes, control_labels(groups, labels, seed))
+        control = np.searchsorted(classes, control_labels(groups, labels, seed=seed))
     folds = splits(y_idx, test_size=test_size, n_folds=n_folds, seed=seed)
     n_layers = values.shape[1]
     acc, ctrl, base = np.zeros(n_layers), np.full(n_layers, np.nan), 0.0
@@ -191,40 +223,39 @@ def probe_layers(
     mix_w, mix_g, mix_acc = np.zeros(n_layers), 0.0, 0.0
     group = _group_size(values, len(folds[0][0]))
     starts = range(0, n_layers, group)
-    steps = len(folds) * (len(starts) * (1 + (control is not None)) + scalar_mix)
-    with tqdm(total=steps, desc="probing layers", disable=not progress) as bar:
-        for train, test in folds:
-            y_tr, y_te = torch.from_numpy(y_idx[train]), torch.from_numpy(y_idx[test])
+    steps = list(itertools.product(range(len(folds)), [*starts, *([None] if scalar_mix else [])]))
+    buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+    for f, start in progress_bar(steps, progress=progress, desc="probing layers"):
+        train, test = folds[f]
+        y_tr, y_te = torch.from_numpy(y_idx[train]), torch.from_numpy(y_idx[test])
+        if start == 0:  # once per fold
             base += float((y_te == torch.bincount(y_tr, minlength=k).argmax()).double().mean())
             buffers = None
-            for start in starts:
-                part = slice(start, min(n_layers, start + group))
-                # The linear fit standardises inside its products; the MLP needs scaled rows.
-                train_x, test_x, mean, scale = standardised(
-                    values[:, part], train, test, scale_train=mlp, out=buffers
-                )
-                assert test_x is not None
-                buffers = buffers or (train_x, test_x)  # the first group is the largest
-                moments = None if mlp else (mean, scale)
-                acc[part] += _fit_and_score(
-                    train_x, test_x, y_tr, y_te, k, l2, max_iter, tol, mlp, seed, moments
-                )
-                bar.update()
-                if control is not None:
-                    c_tr, c_te = torch.from_numpy(control[train]), torch.from_numpy(control[test])
-                    ctrl[part] += _fit_and_score(
-                        train_x, test_x, c_tr, c_te, k, l2, max_iter, tol, mlp, seed, moments
-                    )
-                    bar.update()
-            if scalar_mix:  # mixes all layers, so it needs them all at once
-                train_x, test_x, _, _ = standardised(values, train, test)
-                assert test_x is not None
-                masks = torch.ones(1, n_layers, dtype=torch.bool)
-                fit = _fit_mix(train_x, y_tr, k, masks, l2, max_iter, tol)
-                mix_w += fit.weights[0].numpy()
-                mix_g += float(fit.gamma[0])
-                mix_acc += float((fit.logits(test_x)[0].argmax(-1) == y_te).double().mean())
-                bar.update()
+        if start is None:  # the scalar mix mixes all layers, so it needs them all at once
+            train_x, test_x, _, _ = standardised(values, train, test)
+            assert test_x is not None
+            masks = torch.ones(1, n_layers, dtype=torch.bool)
+            fit = _fit_mix(train_x, y_tr, k, masks, l2, max_iter, tol)
+            mix_w += fit.weights[0].numpy()
+            mix_g += float(fit.gamma[0])
+            mix_acc += float((fit.logits(test_x)[0].argmax(-1) == y_te).double().mean())
+            continue
+        part = slice(start, min(n_layers, start + group))
+        # The linear fit standardises inside its products; the MLP needs scaled rows.
+        train_x, test_x, mean, scale = standardised(
+            values[:, part], train, test, scale_train=mlp, out=buffers
+        )
+        assert test_x is not None
+        buffers = buffers or (train_x, test_x)  # the first group is the largest
+        moments = None if mlp else (mean, scale)
+        acc[part] += _fit_and_score(
+            train_x, test_x, y_tr, y_te, k, l2, max_iter, tol, mlp, seed, moments
+        )
+        if control is not None:
+            c_tr, c_te = torch.from_numpy(control[train]), torch.from_numpy(control[test])
+            ctrl[part] += _fit_and_score(
+                train_x, test_x, c_tr, c_te, k, l2, max_iter, tol, mlp, seed, moments
+            )
     n = len(folds)
     accuracy, control_accuracy = acc / n, ctrl / n
     return ProbeResult(
@@ -275,7 +306,7 @@ def _fit_and_score(
     """
     if mlp:
         (w1, b1, w2, b2), _ = _fit_mlp(
-            train_x.float(), y_train, n_classes, hidden_size=100, alpha=l2, max_iter=max_iter,
+            train_x.float(), y_train, n_classes, hidden_size=100, l2=l2, max_iter=max_iter,
             batch_size=200, learning_rate=1e-3, tol=tol, seed=seed,
         )  # fmt: skip
         hidden = torch.relu(torch.baddbmm(b1[:, None], test_x.float(), w1))

@@ -1,15 +1,17 @@
 """Probe classifiers with the scikit-learn estimator API, and Hewitt & Liang control labels.
 
-``LinearProbe`` is scikit-learn's multinomial L2 ``LogisticRegression`` (same ``C``, same optimum)
-fitted by the batched torch solver of ``_logistic``; ``MLPProbe`` is a one-hidden-layer network for
-the comparison of Hewitt & Liang (2019): MLP probes reach high accuracy on control tasks too, so
-they are less *selective*. ``control_labels`` builds that control task.
+``LinearProbe`` is scikit-learn's multinomial L2 ``LogisticRegression`` (the same optimum, with
+``C = 1 / (l2 n)``) fitted by the batched torch solver of ``mechprobe._fit``; ``MLPProbe`` is a
+one-hidden-layer network for the comparison of Hewitt & Liang (2019): MLP probes reach high
+accuracy on control tasks too, so they are less *selective*. ``control_labels`` builds that
+control task. Regularisation is ``l2`` everywhere: the penalty ``l2/2 ||W||²`` on the mean loss.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -50,22 +52,26 @@ class _Probe(ClassifierMixin, BaseEstimator):
 class LinearProbe(_Probe):
     """Multinomial logistic regression with an L2 penalty: scikit-learn's objective, torch solver.
 
-    The fitted model equals ``sklearn.linear_model.LogisticRegression(C=C)`` on the standardised
-    features (on the raw features with ``standardize=False``): loss = weighted mean cross-entropy
-    + ``||W||² / (2 C Σw)``, intercept unpenalised.
+    Loss: weighted mean cross-entropy + ``l2/2 ||coef_||²`` (intercept unpenalised), on the
+    standardised features (on the raw features with ``standardize=False``). The fitted model
+    equals ``sklearn.linear_model.LogisticRegression(C=1 / (l2 n))`` for ``n`` training rows
+    (``n`` = the sum of the sample weights), and a layer of :func:`mechprobe.probe_layers` with
+    the same ``l2``.
 
     Args:
-        C: inverse regularisation strength, as in scikit-learn.
+        l2: penalty on the mean loss (scikit-learn's ``C = 1 / (l2 n)``).
         max_iter: L-BFGS iterations at most.
         tol: stop when the largest absolute gradient entry is ≤ ``tol``.
         standardize: centre and scale each feature with the training mean and standard deviation
             before fitting (``coef_`` is reported on the original features either way).
+        C: deprecated (one release): scikit-learn's inverse regularisation; when given, it wins
+            over ``l2`` (``l2 = 1 / (C n)``) and ``fit`` warns.
 
     A fit stops when every gradient entry is at most ``tol``, so two fits of the same problem
     (say, with integer sample weights and with repeated rows) agree to about ``tol`` divided by
     the loss's curvature, not to machine precision: scikit-learn's
-    ``check_sample_weight_equivalence_on_dense_data`` (rtol 1e-7) needs ``tol=1e-12``, and passes
-    there.
+    ``check_sample_weight_equivalence_on_dense_data`` (rtol 1e-7) needs ``tol=1e-12`` (with
+    ``l2 = 1 / n``, scikit-learn's ``C = 1``, on its 15 separable rows), and passes there.
 
     Attributes:
         classes_: ``[K]`` labels seen in ``fit``.
@@ -82,29 +88,47 @@ class LinearProbe(_Probe):
     """
 
     def __init__(
-        self, C: float = 1.0, *, max_iter: int = 200, tol: float = 1e-4, standardize: bool = True
+        self,
+        l2: float = 1e-3,
+        *,
+        max_iter: int = 200,
+        tol: float = 1e-4,
+        standardize: bool = True,
+        C: float | None = None,
     ) -> None:
-        self.C = C
+        self.l2 = l2
         self.max_iter = max_iter
         self.tol = tol
         self.standardize = standardize
+        self.C = C
 
     def fit(self, X: Any, y: Any, sample_weight: Any = None) -> LinearProbe:
         """Fit on ``X [n, d]`` and labels ``y [n]``; ``sample_weight`` weights the mean loss."""
         X, y = validate_data(self, X, y, dtype=np.float64)
         y_idx = _encode_targets(self, y)
         weights = _sample_weight(sample_weight, X.shape[0])
-        if not self.C > 0:
-            raise ValueError(f"C must be > 0, got {self.C}; larger C means weaker regularisation.")
+        if self.C is not None:
+            warnings.warn(
+                "LinearProbe(C=...) is deprecated: say l2 = 1 / (C n) for n training rows "
+                "(C goes in the next release).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            if not self.C > 0:
+                raise ValueError(
+                    f"C must be > 0, got {self.C}; larger C means weaker regularisation."
+                )
+            l2 = 1.0 / (self.C * weights.sum())
+        else:
+            l2 = _check_l2(self.l2)
         mean, scale = _standardizer(X, weights, self.standardize)
         k = len(self.classes_)
-        # Two softmax columns carry half the binary penalty (see _logistic): same optimum as sklearn.
-        l2 = (2.0 if k == 2 else 1.0) / (self.C * weights.sum())
+        # Two softmax columns carry half the binary penalty (see _fit): same optimum as sklearn.
         fit = fit_logistic(
             torch.from_numpy((X - mean) / scale)[None],
             torch.from_numpy(y_idx),
             k,
-            l2=l2,
+            l2=(2.0 if k == 2 else 1.0) * l2,
             max_iter=self.max_iter,
             tol=self.tol,
             sample_weight=torch.from_numpy(weights),
@@ -138,13 +162,17 @@ class MLPProbe(_Probe):
 
     Args:
         hidden_size: hidden units.
-        alpha: L2 penalty ``alpha/2 · (||W₁||² + ||W₂||²)`` added to the mean cross-entropy.
+        l2: penalty ``l2/2 · (||W₁||² + ||W₂||²)`` added to the mean cross-entropy.
         max_iter: epochs at most.
         batch_size: examples per Adam step (all of them if fewer).
         learning_rate: Adam step size.
         tol: stop after 10 epochs whose loss improved by less than ``tol``.
         standardize: centre and scale features with training statistics first.
         random_state: seed of the initialisation and the shuffling (fits are deterministic).
+        alpha: deprecated (one release): this probe's old name of ``l2``, the same number (unlike
+            scikit-learn's ``MLPClassifier(alpha=a)``, whose penalty ``a/2 ||W||²`` is on the
+            summed loss of a minibatch, i.e. ``a = l2 · batch_size``); when given, it wins over
+            ``l2`` and ``fit`` warns.
 
     Attributes:
         classes_, n_features_in_, n_iter_ (epochs run), coefs_ (``[W₁ [d, h], W₂ [h, K]]``),
@@ -161,15 +189,17 @@ class MLPProbe(_Probe):
         self,
         hidden_size: int = 100,
         *,
-        alpha: float = 1e-4,
+        l2: float = 1e-4,
         max_iter: int = 200,
         batch_size: int = 200,
         learning_rate: float = 1e-3,
         tol: float = 1e-4,
         standardize: bool = True,
         random_state: int = 0,
+        alpha: float | None = None,
     ) -> None:
         self.hidden_size = hidden_size
+        self.l2 = l2
         self.alpha = alpha
         self.max_iter = max_iter
         self.batch_size = batch_size
@@ -182,6 +212,14 @@ class MLPProbe(_Probe):
         """Fit on ``X [n, d]`` and labels ``y [n]``."""
         X, y = validate_data(self, X, y, dtype=np.float64)
         y_idx = _encode_targets(self, y)
+        if self.alpha is not None:
+            warnings.warn(
+                "MLPProbe(alpha=...) is deprecated: say l2=... (the same number; alpha goes in "
+                "the next release).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        l2 = _check_l2(self.l2 if self.alpha is None else self.alpha, allow_zero=True)
         weights = np.ones(X.shape[0])
         self.mean_, self.scale_ = _standardizer(X, weights, self.standardize)
         Xs = torch.from_numpy((X - self.mean_) / self.scale_).float()[None]
@@ -190,7 +228,7 @@ class MLPProbe(_Probe):
             torch.from_numpy(y_idx),
             len(self.classes_),
             hidden_size=self.hidden_size,
-            alpha=self.alpha,
+            l2=l2,
             max_iter=self.max_iter,
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
@@ -211,7 +249,7 @@ class MLPProbe(_Probe):
         return _softmax(hidden @ self.coefs_[1] + self.intercepts_[1])
 
 
-def control_labels(groups: Any, y: Any, seed: int = 0) -> np.ndarray:
+def control_labels(groups: Any, y: Any, *, seed: int = 0) -> np.ndarray:
     """Hewitt & Liang control task: one random label per word type, from y's label distribution.
 
     Each distinct value of ``groups`` (a word type) gets a label drawn from the empirical
@@ -264,7 +302,7 @@ def _fit_mlp(
     n_classes: int,
     *,
     hidden_size: int,
-    alpha: float,
+    l2: float,
     max_iter: int,
     batch_size: int,
     learning_rate: float,
@@ -302,7 +340,7 @@ def _fit_mlp(
             ce = torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1), y[idx].repeat(n_layers), reduction="sum"
             )
-            loss = ce / len(idx) + 0.5 * alpha * (w1.square().sum() + w2.square().sum())
+            loss = ce / len(idx) + 0.5 * l2 * (w1.square().sum() + w2.square().sum())
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -325,6 +363,18 @@ def _encode_targets(estimator: BaseEstimator, y: np.ndarray) -> np.ndarray:
         )
     estimator.classes_ = classes
     return y_idx.ravel()
+
+
+def _check_l2(l2: Any, *, allow_zero: bool = False) -> float:
+    """``l2`` as a float > 0 (>= 0 where no penalty still has an optimum: the MLP's)."""
+    if isinstance(l2, bool) or not isinstance(l2, (int, float, np.number)) or not np.isfinite(l2):
+        raise ValueError(f"l2 must be a finite number, got {l2!r}.")
+    if l2 < 0 or (l2 == 0 and not allow_zero):
+        raise ValueError(
+            f"l2 must be > 0, got {l2}; a larger l2 means stronger regularisation "
+            "(scikit-learn's C = 1 / (l2 n))."
+        )
+    return float(l2)
 
 
 def _check_known_labels(estimator: BaseEstimator, y: Any) -> None:

@@ -15,36 +15,43 @@ in AllenNLP, and reported split as ``γ = ||γ W||_F`` and a unit-norm ``W``. ``
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
-from matplotlib.figure import Figure
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mechprobe._fit import PRECONDITIONER_ROWS, batched_lbfgs, preconditioner
-from mechprobe.probing._data import as_layers, encode_labels, jsonable, splits, standardised
+from mechprobe.core import Result, new_axes, progress_bar
+from mechprobe.probing._data import as_layers, encode_labels, splits, standardised
 from mechprobe.probing._probes import _check_known_labels, _encode_targets, _softmax
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 _MIX_BUDGET = 2**27  # floats of mixed features held at once (512 MB in float32)
 
 
 class ScalarMixProbe(ClassifierMixin, BaseEstimator):
-    """Linear probe on a learned softmax-weighted mix of layers; inputs are ``[n, layers, d]``.
+    """Linear probe on a learned softmax-weighted mix of layers.
+
+    Inputs are ``[n, layers, d]`` activations (an array, a tensor or :class:`Activations`
+    values), or, as scikit-learn pipelines and its estimator checks need, 2-D ``[n, layers * d]``:
+    the layers side by side, ``X3.reshape(n, -1)``, with ``n_layers`` saying how many there are
+    (``n_layers=None`` reads 2-D input as a single layer). Predictions take either form.
 
     Args:
         l2: penalty on the effective classifier weights (as ``fit_logistic``'s ``l2``).
+        n_layers: layers in 2-D input (its columns split into ``n_layers`` equal blocks); for
+            3-D input, None or its layer count.
         max_iter: L-BFGS iterations at most.
         tol: stop when the largest absolute gradient entry is ≤ ``tol``.
         standardize: scale each layer's features with training statistics first.
@@ -54,8 +61,11 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
         gamma_: the scale γ, reported as ``||γ W||_F`` (only the product is identifiable).
         expected_layer_: centre of gravity ``Σ_l l · layer_weights_[l]``.
         coef_: ``[K, d]`` unit-norm classifier on the mixed (standardised) features; ``intercept_``:
-            ``[K]``. Scores are ``gamma_ · mix @ coef_.T + intercept_``.
-        classes_, n_layers_in_, n_features_in_ (``d``), n_iter_, mean_, scale_ (``[layers, d]``).
+            ``[K]``. Class scores are ``gamma_ · mix @ coef_.T + intercept_``;
+            :meth:`decision_function` returns them (two classes: the log-odds of ``classes_[1]``,
+            ``[n]``).
+        classes_, n_layers_in_, n_features_in_ (columns of the 2-D form, ``layers * d``),
+        n_iter_, mean_, scale_ (``[layers, d]``).
 
     Example:
         >>> import numpy as np
@@ -63,21 +73,41 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
         >>> probe = ScalarMixProbe().fit(X, y)
         >>> int(probe.layer_weights_.argmax()), probe.score(X, y) > 0.9
         (2, True)
+        >>> flat = ScalarMixProbe(n_layers=4).fit(X.reshape(300, -1), y)
+        >>> bool(np.allclose(flat.layer_weights_, probe.layer_weights_))
+        True
     """
 
     def __init__(
-        self, l2: float = 1e-3, *, max_iter: int = 300, tol: float = 1e-5, standardize: bool = True
+        self,
+        l2: float = 1e-3,
+        *,
+        n_layers: int | None = None,
+        max_iter: int = 300,
+        tol: float = 1e-5,
+        standardize: bool = True,
     ) -> None:
         self.l2 = l2
+        self.n_layers = n_layers
         self.max_iter = max_iter
         self.tol = tol
         self.standardize = standardize
 
     def fit(self, X: Any, y: Any) -> ScalarMixProbe:
-        """Fit on ``X [n, layers, d]`` and labels ``y [n]``."""
-        values, labels, _ = as_layers(X, y)
-        y_idx = _encode_targets(self, labels)
-        n, n_layers, d = values.shape
+        """Fit on ``X`` (``[n, layers, d]``, or ``[n, layers * d]`` with ``n_layers``) and
+        labels ``y [n]``."""
+        flat, n_layers = self._flatten(X, fitting=True)
+        flat, y = validate_data(self, flat, y, dtype=[np.float64, np.float32])
+        if flat.shape[1] % n_layers:
+            raise ValueError(
+                f"X has {flat.shape[1]} feature(s), not a multiple of n_layers={n_layers}: 2-D "
+                "input is [n, layers * d], the layers side by side."
+            )
+        y_idx = _encode_targets(self, y)
+        n, d = flat.shape[0], flat.shape[1] // n_layers
+        with warnings.catch_warnings():  # read-only input: standardised() only reads it
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            values = torch.from_numpy(np.ascontiguousarray(flat).reshape(n, n_layers, d))
         train, _, mean, scale = standardised(values, np.arange(n), standardize=self.standardize)
         masks = torch.ones(1, n_layers, dtype=torch.bool)
         fit = _fit_mix(
@@ -94,28 +124,60 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
         self.gamma_ = float(fit.gamma[0])
         self.coef_, self.intercept_ = fit.W[0].T.numpy(), fit.b[0].numpy()
         self.expected_layer_ = float(np.arange(n_layers) @ self.layer_weights_)
-        self.n_layers_in_, self.n_features_in_, self.n_iter_ = n_layers, d, fit.n_iter
+        self.n_layers_in_, self.n_iter_ = n_layers, fit.n_iter
         return self
 
+    def _flatten(self, X: Any, *, fitting: bool) -> tuple[Any, int]:
+        """``(2-D X, layers)``: 3-D arrays and tensors flattened to ``[n, layers * d]``; other
+        input passed on as it is, for scikit-learn's validation to accept or refuse."""
+        if not fitting:
+            check_is_fitted(self)
+        if getattr(X, "ndim", None) == 3:
+            values = X.detach().cpu().numpy() if isinstance(X, Tensor) else np.asarray(X)
+            n, layers, d = values.shape
+            if fitting and self.n_layers is not None and self.n_layers != layers:
+                raise ValueError(f"X has {layers} layers but n_layers={self.n_layers}.")
+            if not fitting:
+                width = self.n_features_in_ // self.n_layers_in_
+                if (layers, d) != (self.n_layers_in_, width):
+                    raise ValueError(
+                        f"X must be [n, {self.n_layers_in_}, {width}] like the training data, "
+                        f"got shape {values.shape}."
+                    )
+            return values.reshape(n, layers * d), layers
+        if not fitting:
+            return X, self.n_layers_in_
+        layers = self.n_layers
+        if layers is not None and (
+            isinstance(layers, bool) or not isinstance(layers, (int, np.integer)) or layers < 1
+        ):
+            raise ValueError(f"n_layers must be None or an int >= 1, got {layers!r}.")
+        return X, 1 if layers is None else int(layers)
+
     def decision_function(self, X: Any) -> np.ndarray:
-        """Class scores ``[n, K]``."""
-        check_is_fitted(self)
-        values = np.asarray(X, dtype=np.float64)
-        if values.ndim != 3 or values.shape[1:] != (self.n_layers_in_, self.n_features_in_):
-            raise ValueError(
-                f"X must be [n, {self.n_layers_in_}, {self.n_features_in_}] like the training "
-                f"data, got shape {values.shape}."
-            )
+        """Class scores ``[n, K]``; for two classes the log-odds of ``classes_[1]``, ``[n]``."""
+        flat, n_layers = self._flatten(X, fitting=False)
+        flat = validate_data(self, flat, reset=False, dtype=[np.float64, np.float32])
+        values = flat.reshape(len(flat), n_layers, -1).astype(np.float64, copy=False)
         mixed = np.einsum("nld,l->nd", (values - self.mean_) / self.scale_, self.layer_weights_)
-        return self.gamma_ * mixed @ self.coef_.T + self.intercept_
+        scores = self.gamma_ * mixed @ self.coef_.T + self.intercept_
+        return scores[:, 1] - scores[:, 0] if scores.shape[1] == 2 else scores
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities ``[n, K]``."""
-        return _softmax(self.decision_function(X))
+        """Class probabilities ``[n, K]`` in the order of ``classes_``."""
+        scores = self.decision_function(X)
+        if scores.ndim == 1:
+            scores = np.stack([np.zeros_like(scores), scores], 1)
+        return _softmax(scores)
+
+    def predict_log_proba(self, X: Any) -> np.ndarray:
+        """Log class probabilities ``[n, K]``."""
+        return np.log(self.predict_proba(X))
 
     def predict(self, X: Any) -> np.ndarray:
         """Most likely label per row."""
-        return self.classes_[self.decision_function(X).argmax(1)]
+        best = self.predict_proba(X).argmax(1)  # first: it raises NotFittedError before fit
+        return self.classes_[best]
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Accuracy; labels that ``fit`` never saw raise an error."""
@@ -123,8 +185,8 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
         return float(super().score(X, y, sample_weight=sample_weight))
 
 
-@dataclass(frozen=True)
-class CumulativeScores:
+@dataclass(frozen=True, eq=False, repr=False)
+class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=2):
     """Tenney et al.'s cumulative scoring of layer prefixes.
 
     Attributes:
@@ -148,10 +210,33 @@ class CumulativeScores:
             {"layer": np.arange(len(self.scores)), "score": self.scores, "delta": self.deltas}
         )
 
-    def plot(self) -> Figure:
+    def summary(self) -> pd.DataFrame:
+        """One row: the expected layer ``E_Δ``, the first and last prefix scores, the layer of
+        the largest gain, and the data sizes."""
+        gains = np.nan_to_num(self.deltas, nan=-np.inf)
+        return pd.DataFrame(
+            [
+                {
+                    "expected_layer": self.expected_layer,
+                    "first_score": float(self.scores[0]),
+                    "last_score": float(self.scores[-1]),
+                    "largest_gain_layer": int(np.argmax(gains)) if len(gains) > 1 else 0,
+                    "n_train": self.n_train,
+                    "n_test": self.n_test,
+                }
+            ]
+        )
+
+    def _describe(self) -> str:
+        return (
+            f"{len(self.scores)} layers, expected layer {self.expected_layer:.2f}, score "
+            f"{self.scores[0]:.3f} -> {self.scores[-1]:.3f} ({self.n_train} train, "
+            f"{self.n_test} test)"
+        )
+
+    def plot(self, ax: Axes | None = None) -> Figure:
         """Δ(l) as bars (negative ones red), the prefix scores as a line, E_Δ as a dashed line."""
-        fig = Figure(figsize=(7, 3.5), layout="constrained")
-        ax = fig.subplots()
+        figure, ax = new_axes(ax, (7, 3.5))
         layers = np.arange(len(self.scores))
         colors = ["tab:red" if d < 0 else "tab:blue" for d in np.nan_to_num(self.deltas)]
         ax.bar(layers, np.nan_to_num(self.deltas), color=colors, label="Δ(l)")
@@ -164,30 +249,7 @@ class CumulativeScores:
                 self.expected_layer, ls="--", color="gray", label=f"E_Δ = {self.expected_layer:.2f}"
             )
         ax.legend(loc="upper left")
-        return fig
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write JSON (NaN as null)."""
-        data = {k: jsonable(v) for k, v in asdict(self).items()}
-        out = Path(path)
-        out.write_text(json.dumps({"format": "mechprobe.CumulativeScores/1", **data}))
-        return out
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> CumulativeScores:
-        """Read a file written by :meth:`save`."""
-        data = json.loads(Path(path).read_text())
-        if data.get("format") != "mechprobe.CumulativeScores/1":
-            raise ValueError(f"{path} is not a saved CumulativeScores file.")
-        exp = data["expected_layer"]
-        return cls(
-            scores=np.array(data["scores"], dtype=float),
-            deltas=np.array(data["deltas"], dtype=float),
-            expected_layer=np.nan if exp is None else float(exp),
-            mix_weights=np.array(data["mix_weights"], dtype=float),
-            n_train=int(data["n_train"]),
-            n_test=int(data["n_test"]),
-        )
+        return figure
 
 
 def cumulative_scores(
@@ -215,7 +277,7 @@ def cumulative_scores(
         l2: classifier penalty, as in :class:`ScalarMixProbe`.
         max_iter: L-BFGS iterations at most.
         tol: gradient tolerance.
-        progress: show a progress bar.
+        progress: show a progress bar (``MECHPROBE_PROGRESS=0`` silences it).
 
     Returns:
         Prefix scores, their differences and the expected layer ``E_Δ``.
@@ -256,17 +318,16 @@ def cumulative_scores(
     weights = np.zeros((n_layers, n_layers))
     scores = np.zeros(n_layers)
     y_tr, y_te = torch.from_numpy(y_train), torch.from_numpy(y_test_idx)
-    with tqdm(total=n_layers, desc="cumulative scores", disable=not progress) as bar:
-        for start in range(0, n_layers, chunk):
-            stop = min(n_layers, start + chunk)
-            # Prefixes up to ``stop`` need only those layers: slicing the layer axis is a view.
-            fit = _fit_mix(
-                train_x[:stop], y_tr, len(classes), masks[start:stop, :stop], l2, max_iter, tol
-            )
-            logits = fit.logits(test_x[:stop])
-            scores[start:stop] = (logits.argmax(-1) == y_te).double().mean(1).numpy()
-            weights[start:stop, :stop] = fit.weights.numpy()
-            bar.update(stop - start)
+    starts = range(0, n_layers, chunk)
+    for start in progress_bar(starts, progress=progress, desc="cumulative scores"):
+        stop = min(n_layers, start + chunk)
+        # Prefixes up to ``stop`` need only those layers: slicing the layer axis is a view.
+        fit = _fit_mix(
+            train_x[:stop], y_tr, len(classes), masks[start:stop, :stop], l2, max_iter, tol
+        )
+        logits = fit.logits(test_x[:stop])
+        scores[start:stop] = (logits.argmax(-1) == y_te).double().mean(1).numpy()
+        weights[start:stop, :stop] = fit.weights.numpy()
     deltas = np.concatenate([[np.nan], np.diff(scores)])
     total = deltas[1:].sum()
     expected = float(np.arange(1, n_layers) @ deltas[1:] / total) if total != 0 else float("nan")

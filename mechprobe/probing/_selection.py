@@ -1,8 +1,8 @@
 """Which tokens of each text :func:`mechprobe.collect` keeps, with their labels: a :class:`Plan`.
 
-Everything here happens before any forward pass: texts are tokenised once, the select rule is
+Everything here happens before any forward pass: texts are tokenised once, ``positions`` is
 turned into unpadded positions per text, labels are matched to those positions, and the output
-row of every selected token is fixed. See :mod:`mechprobe.probing._activations` for the select rules.
+row of every selected token is fixed. See :mod:`mechprobe.probing._activations` for the rules.
 """
 
 from __future__ import annotations
@@ -14,10 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from mechprobe.core import Batch, PaddingSide, tokenize
+from mechprobe.core import Batch, PaddingSide, as_int, tokenize
 
 _WORD = re.compile(r"\S+")
-_RULES = ("last", "all", "word_last")
+_POSITIONS_HELP = (
+    "positions must be -1 (each text's last token; each word's last token for word-level "
+    "datasets), an int, 'all', 'word_last', a list of ints (the same for every text) or one list "
+    "of positions per text"
+)
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class Plan:
     text_index: np.ndarray
     position: np.ndarray
     token: np.ndarray
-    select_name: str
+    positions_name: int | str
     dropped_words: int
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -56,8 +60,8 @@ def _is_label(value: Any) -> bool:
     return isinstance(value, (str, int, np.integer)) and not isinstance(value, (bytes, bool))
 
 
-def _inputs(data: Any, select: Any, labels: Any, groups: Any) -> dict[str, Any]:
-    """Texts, labels, groups, word spans and a default rule from whatever ``data`` is."""
+def _inputs(data: Any, positions: Any, labels: Any, groups: Any) -> dict[str, Any]:
+    """Texts, labels, groups, word spans and the rule for ``positions`` from whatever ``data`` is."""
     from mechprobe.probing._datasets import ProbingDataset
     from mechprobe.tasks import Task
 
@@ -69,14 +73,14 @@ def _inputs(data: Any, select: Any, labels: Any, groups: Any) -> dict[str, Any]:
         )
     if isinstance(data, ProbingDataset):
         texts, labels, groups, spans = list(data.texts), data.labels, data.groups, data.words
-        default = "word_last" if data.level == "word" else "last"
+        word_level = data.level == "word"
         meta = {"dataset": data.name}
     elif isinstance(data, Task):
-        texts, labels, groups, default = data.prompts(), data.inputs(), data.inputs(), "last"
+        texts, labels, groups, word_level = data.prompts(), data.inputs(), data.inputs(), False
         meta = {"dataset": data.name}
     else:
         texts = [data] if isinstance(data, str) else list(data)
-        default = "last"
+        word_level = False
         if not texts:
             raise ValueError("No texts given: pass a non-empty list of strings.")
         if not all(isinstance(t, str) for t in texts):
@@ -92,9 +96,34 @@ def _inputs(data: Any, select: Any, labels: Any, groups: Any) -> dict[str, Any]:
         "labels": labels,
         "groups": groups,
         "spans": spans,
-        "select": default if select is None else select,
+        "rule": _rule(positions, len(texts), word_level),
         "meta": meta,
     }
+
+
+def _rule(positions: Any, n_texts: int, word_level: bool) -> Any:
+    """``"last"``, ``"all"``, ``"word_last"``, or one list of positions per text."""
+    if isinstance(positions, str):
+        if positions not in ("all", "word_last"):
+            raise ValueError(f"{_POSITIONS_HELP}; got {positions!r}.")
+        return positions
+    single = as_int(positions)
+    if single is not None:
+        if single == -1:  # the last token of each labelled unit: a text, or a word
+            return "word_last" if word_level else "last"
+        return [[single]] * n_texts
+    if isinstance(positions, (bytes, bool)) or not isinstance(positions, (Sequence, np.ndarray)):
+        raise TypeError(f"{_POSITIONS_HELP}; got {type(positions).__name__} {positions!r}.")
+    items = list(positions)
+    if not items:
+        raise ValueError(f"{_POSITIONS_HELP}; got an empty list.")
+    if all(as_int(p) is not None for p in items):
+        return [items] * n_texts
+    if len(items) != n_texts:
+        raise ValueError(
+            f"positions has {len(items)} position lists for {n_texts} texts: pass one per text."
+        )
+    return items
 
 
 def _offsets(model: Any, texts: list[str]) -> list[list[tuple[int, int]]] | None:
@@ -132,18 +161,19 @@ def _units(rule: Any, i: int, length: int, bos: int, words: Any, offsets: Any) -
     if rule == "word_last":
         return _word_last(words, offsets, bos)[0]
     marked = rule[i]
-    if isinstance(marked, (str, bytes)) or not isinstance(marked, Sequence):
-        raise TypeError(f"select[{i}] must be a list of int positions, got {marked!r}.")
+    if isinstance(marked, (str, bytes)) or not isinstance(marked, (Sequence, np.ndarray)):
+        raise TypeError(f"positions[{i}] must be a list of int positions, got {marked!r}.")
     out = []
     for p in marked:
-        if isinstance(p, bool) or not isinstance(p, (int, np.integer)):
-            raise TypeError(f"select[{i}] holds {p!r}; positions are ints.")
-        if not -length <= p < length:
+        number = as_int(p)
+        if number is None:
+            raise TypeError(f"positions[{i}] holds {p!r}; positions are ints.")
+        if not -length <= number < length:
             raise ValueError(
-                f"select[{i}] position {p} is outside text {i}, which has {length} tokens "
+                f"position {number} is outside text {i}, which has {length} tokens "
                 f"(BOS included): use 0..{length - 1} or -1..-{length}."
             )
-        out.append(int(p) % length)
+        out.append(number % length)
     return out
 
 
@@ -157,7 +187,7 @@ def _expand(values: Any, i: int, n_units: int, name: str) -> list[Any]:
     if len(entry) != n_units:
         raise ValueError(
             f"{name}[{i}] has {len(entry)} entries but text {i} has {n_units} selectable units "
-            "(words for 'word_last', tokens without BOS for 'all', marked positions): pass one "
+            "(words for 'word_last', tokens without BOS for 'all', listed positions): pass one "
             "per unit, or a single label for the whole text."
         )
     return list(entry)
@@ -176,29 +206,24 @@ def make_plan(
     model: Any,
     data: Any,
     *,
-    select: Any,
+    positions: Any,
     labels: Any,
     groups: Any,
     padding_side: PaddingSide = "right",
 ) -> Plan:
-    """Tokenise ``data`` and resolve ``select``, ``labels`` and ``groups`` to output rows."""
-    given = _inputs(data, select, labels, groups)
-    texts, rule = given["texts"], given["select"]
-    if isinstance(rule, str) and rule not in _RULES:
-        raise ValueError(
-            f"select must be 'last', 'all', 'word_last' or a list of position lists, got {rule!r}."
-        )
-    if not isinstance(rule, str) and len(rule) != len(texts):
-        raise ValueError(
-            f"select has {len(rule)} position lists for {len(texts)} texts: pass one per text."
-        )
+    """Tokenise ``data`` and resolve ``positions``, ``labels`` and ``groups`` to output rows."""
+    given = _inputs(data, positions, labels, groups)
+    texts, rule = given["texts"], given["rule"]
+    name = _name(positions, rule)
     batch = tokenize(model, texts, padding_side=padding_side)
     lengths = batch.lengths.tolist()
     offsets = _offsets(model, texts)
     if offsets is None and rule == "word_last":
-        raise ValueError("select='word_last' needs a fast tokenizer (offsets); use 'all' instead.")
+        raise ValueError(
+            "positions='word_last' needs a fast tokenizer (offsets); use 'all' instead."
+        )
     spans = given["spans"] or [whitespace_words(t) for t in texts]
-    positions: list[np.ndarray] = []
+    chosen: list[np.ndarray] = []
     text_index: list[np.ndarray] = []
     all_labels: list[Any] = []
     all_groups: list[Any] = []
@@ -215,14 +240,14 @@ def make_plan(
             j for j, u in enumerate(units) if u is not None and (lab is None or lab[j] is not None)
         ]
         pos = np.asarray([units[j] for j in keep], dtype=np.int64)
-        positions.append(pos)
+        chosen.append(pos)
         text_index.append(np.full(len(pos), i, dtype=np.int64))
         if lab is not None:
             all_labels.extend(lab[j] for j in keep)
         if grp is not None:
             all_groups.extend(grp[j] for j in keep)
         tokens.extend(_token_text(model, batch, text, i, p, bos, offsets) for p in pos.tolist())
-    counts = np.asarray([len(p) for p in positions])
+    counts = np.asarray([len(p) for p in chosen])
     if counts.sum() == 0:
         raise ValueError(
             "No token was selected: every text is empty under this rule, or every label is None."
@@ -231,18 +256,28 @@ def make_plan(
     order = np.argsort(-np.asarray(lengths), kind="stable")
     return Plan(
         batch=batch,
-        positions=positions,
+        positions=chosen,
         order=order,
         row_start=np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64),
         labels=_array(all_labels, "labels") if given["labels"] is not None else None,
         groups=_array(all_groups, "groups") if given["groups"] is not None else None,
         text_index=np.concatenate(text_index),
-        position=np.concatenate(positions),
+        position=np.concatenate(chosen),
         token=np.asarray(tokens, dtype=np.str_),
-        select_name=rule if isinstance(rule, str) else "marked",
+        positions_name=name,
         dropped_words=int(dropped),
         metadata=given["meta"],
     )
+
+
+def _name(positions: Any, rule: Any) -> int | str:
+    """How the rows were chosen, for the record: -1, an int, 'all', 'word_last' or 'listed'."""
+    if rule == "last":
+        return -1
+    if isinstance(rule, str):
+        return rule
+    single = as_int(positions)
+    return single if single is not None else "listed"
 
 
 def _bos(model: Any) -> int:

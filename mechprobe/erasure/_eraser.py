@@ -1,0 +1,572 @@
+"""The fitted erasure: :class:`Eraser`, its rank-matched controls and the rank-revealing basis.
+
+An :class:`Eraser` is what :func:`~mechprobe.inlp` and :func:`~mechprobe.leace` return, what
+:class:`~mechprobe.Project` hooks into a model and what :func:`~mechprobe.amnesic` measures. It
+stores only its factors, for row vectors ``x [..., d]``::
+
+    x' = x - ((x - mean) @ readout.T) @ removed
+
+``removed [k, d]`` is an orthonormal basis of the directions that change (the range of ``I - P``)
+and ``readout [k, d]`` reads the coordinates to subtract. For an orthogonal projection (INLP and
+the random, dropout and identity controls) ``readout`` is None (it equals ``removed``) and ``mean``
+is None, so ``x' = x (I - removedᵀ removed)``. LEACE is oblique and affine: ``readout`` differs
+from ``removed`` and ``mean`` is the training mean, which the erasure leaves in place. The dense
+matrix :attr:`Eraser.P` (acting on column vectors, ``x' = mean + P (x - mean)``) is derived on
+demand; applying the eraser costs two thin products, ``O(k d)`` per vector, never ``O(d²)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechprobe.core import Result, check_finite, check_int, new_axes, write_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "Eraser",
+    "dropout_projection",
+    "identity_projection",
+    "orthonormal_basis",
+    "random_projection",
+]
+
+ArrayT = TypeVar("ArrayT", np.ndarray, Tensor)
+_SAFETENSORS_FORMAT = "mechprobe.Eraser"
+_TENSORS = ("removed", "readout", "mean")
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Eraser(Result, format="mechprobe.Eraser", version=1):
+    """A fitted erasure ``x -> x'`` that removes ``n_removed`` directions from ``d``-dim vectors.
+
+    Callable: ``eraser(x)`` is :meth:`apply`. Frozen: it holds its factors and its fit's record,
+    nothing else (casting for a device or dtype makes a new eraser, :meth:`to`).
+
+    Attributes:
+        removed: ``[k, d]`` orthonormal basis of the erased directions (the range of ``I - P``).
+        method: ``"inlp"``, ``"leace"``, ``"random"``, ``"dropout"`` or ``"identity"``.
+        readout: ``[k, d]`` coordinates read for subtraction, ``I - P = removedᵀ readout``; None
+            means ``readout == removed`` (an orthogonal projection).
+        mean: ``[d]`` centre of an affine erasure (LEACE keeps the mean in place); None if linear.
+        accuracies: Held-out probe accuracy before the first INLP iteration and after each kept
+            one (INLP only; empty otherwise).
+        ranks: Directions removed after each entry of ``accuracies`` (same length).
+        majority_baseline: Held-out accuracy of always predicting the most frequent class (INLP).
+
+    Example:
+        >>> import torch
+        >>> eraser = random_projection(8, 3, seed=0)
+        >>> x = torch.randn(2, 5, 8)
+        >>> y = eraser(x)
+        >>> bool(torch.allclose(eraser(y), y, atol=1e-5)), eraser.n_removed
+        (True, 3)
+    """
+
+    removed: Float[Tensor, "k d"]
+    method: str
+    readout: Float[Tensor, "k d"] | None = None
+    mean: Float[Tensor, " d"] | None = None
+    accuracies: tuple[float, ...] = ()
+    ranks: tuple[int, ...] = ()
+    majority_baseline: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.removed, Tensor) or self.removed.ndim != 2:
+            raise ValueError(
+                f"removed must be a [k, d] tensor, got {type(self.removed).__name__} of shape "
+                f"{tuple(getattr(self.removed, 'shape', ()))}."
+            )
+        d = self.removed.shape[1]
+        if d < 1:
+            raise ValueError("removed must have at least one column (d >= 1).")
+        if self.readout is not None and tuple(self.readout.shape) != tuple(self.removed.shape):
+            raise ValueError(
+                f"readout must have the shape of removed {tuple(self.removed.shape)}, "
+                f"got {tuple(self.readout.shape)}."
+            )
+        if self.mean is not None and tuple(self.mean.shape) != (d,):
+            raise ValueError(f"mean must be [{d}], got {tuple(self.mean.shape)}.")
+        if len(self.ranks) != len(self.accuracies):
+            raise ValueError(
+                f"ranks ({len(self.ranks)}) and accuracies ({len(self.accuracies)}) must align."
+            )
+
+    # --- what it is ------------------------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        """Dimension ``d`` of the vectors it acts on."""
+        return int(self.removed.shape[1])
+
+    @property
+    def n_removed(self) -> int:
+        """Number ``k`` of erased directions (the rank of ``I - P``)."""
+        return int(self.removed.shape[0])
+
+    @property
+    def is_orthogonal(self) -> bool:
+        """True when ``P`` is an orthogonal (symmetric) projection with no affine shift."""
+        return self.readout is None and self.mean is None
+
+    @property
+    def P(self) -> Float[Tensor, "d d"]:
+        """The dense ``[d, d]`` matrix on column vectors, ``I - removedᵀ readout`` (computed).
+
+        Symmetric and idempotent for the orthogonal methods; idempotent but not symmetric for
+        LEACE, where ``x' = mean + P (x - mean)``.
+
+        Example:
+            >>> identity_projection(2).P
+            tensor([[1., 0.],
+                    [0., 1.]], dtype=torch.float64)
+        """
+        read = self.removed if self.readout is None else self.readout
+        eye = torch.eye(self.dim, dtype=self.removed.dtype, device=self.removed.device)
+        return eye - self.removed.T @ read.to(self.removed.dtype)
+
+    @property
+    def matrix(self) -> Float[Tensor, "d d"]:
+        """The old name of :attr:`P` (``Projection.matrix``), kept for one release."""
+        return self.P
+
+    # --- applying it -----------------------------------------------------------------------------
+
+    def apply(self, x: ArrayT) -> ArrayT:
+        """Erase from ``x [..., d]`` (numpy or torch), keeping its type, dtype and device.
+
+        Costs ``O(k d)`` per vector. Safe inside a forward hook: any leading shape (batch,
+        position, ...) and autograd pass through. ``eraser(x)`` is the same call.
+
+        Example:
+            >>> import numpy as np
+            >>> identity_projection(4).apply(np.ones((2, 4), dtype=np.float32)).dtype
+            dtype('float32')
+        """
+        if isinstance(x, np.ndarray):
+            if not np.issubdtype(x.dtype, np.floating):
+                raise TypeError(f"apply needs floating-point input, got {x.dtype}; use x.astype.")
+            self._check_last_dim(x.shape)
+            basis, read = self.removed.cpu().numpy(), self._read().cpu().numpy()
+            basis, read = basis.astype(x.dtype, copy=False), read.astype(x.dtype, copy=False)
+            centred = x if self.mean is None else x - self.mean.cpu().numpy().astype(x.dtype)
+            return x - (centred @ read.T) @ basis
+        if isinstance(x, Tensor):
+            if not x.is_floating_point():
+                raise TypeError(f"apply needs floating-point input, got {x.dtype}; use x.float().")
+            self._check_last_dim(tuple(x.shape))
+            # A no-op when the factors already match (see to()); else a [k, d] cast per call.
+            basis_t = self.removed.to(device=x.device, dtype=x.dtype)
+            read_t = self._read().to(device=x.device, dtype=x.dtype)
+            centred_t = x if self.mean is None else x - self.mean.to(device=x.device, dtype=x.dtype)
+            return x - (centred_t @ read_t.T) @ basis_t
+        raise TypeError(f"apply takes a numpy array or torch tensor, got {type(x).__name__}.")
+
+    __call__ = apply
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Eraser:
+        """A copy whose factors live on ``device`` in ``dtype``, so that a hook applying it on
+        every forward pass casts nothing (the fit's record is kept).
+
+        Example:
+            >>> random_projection(4, 1).to(dtype=torch.float32).removed.dtype
+            torch.float32
+        """
+
+        def cast(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype)
+
+        removed = cast(self.removed)
+        assert removed is not None
+        return Eraser(
+            removed=removed,
+            method=self.method,
+            readout=cast(self.readout),
+            mean=cast(self.mean),
+            accuracies=self.accuracies,
+            ranks=self.ranks,
+            majority_baseline=self.majority_baseline,
+        )
+
+    def _read(self) -> Tensor:
+        return self.removed if self.readout is None else self.readout
+
+    def _check_last_dim(self, shape: tuple[int, ...]) -> None:
+        if len(shape) == 0 or shape[-1] != self.dim:
+            raise ValueError(
+                f"apply needs [..., {self.dim}] input, got shape {shape}; the eraser was "
+                f"fitted on {self.dim}-dimensional vectors."
+            )
+
+    # --- the result protocol ---------------------------------------------------------------------
+
+    def to_frame(self) -> pd.DataFrame:
+        """Held-out probe accuracy per INLP iteration, one row each (empty for other methods).
+
+        Columns: ``method``, ``iteration`` (0 = before erasure), ``n_removed``, ``accuracy``,
+        ``majority_baseline``.
+
+        Example:
+            >>> identity_projection(3).to_frame().columns.tolist()
+            ['method', 'iteration', 'n_removed', 'accuracy', 'majority_baseline']
+        """
+        return pd.DataFrame(
+            {
+                "method": [self.method] * len(self.accuracies),
+                "iteration": list(range(len(self.accuracies))),
+                "n_removed": list(self.ranks),
+                "accuracy": list(self.accuracies),
+                "majority_baseline": [self.majority_baseline] * len(self.accuracies),
+            },
+            columns=["method", "iteration", "n_removed", "accuracy", "majority_baseline"],
+        )
+
+    def summary(self) -> pd.DataFrame:
+        """One row: method, ``dim``, ``n_removed``, whether affine, and (INLP) the probe accuracy
+        before and after erasure beside the majority baseline.
+
+        Example:
+            >>> random_projection(6, 2).summary()[["method", "dim", "n_removed"]].values.tolist()
+            [['random', 6, 2]]
+        """
+        first = self.accuracies[0] if self.accuracies else None
+        last = self.accuracies[-1] if self.accuracies else None
+        return pd.DataFrame(
+            [
+                {
+                    "method": self.method,
+                    "dim": self.dim,
+                    "n_removed": self.n_removed,
+                    "affine": self.mean is not None,
+                    "accuracy_before": first,
+                    "accuracy_after": last,
+                    "majority_baseline": self.majority_baseline,
+                }
+            ]
+        )
+
+    def _describe(self) -> str:
+        words = f"{self.method}, {self.n_removed} of {self.dim} directions removed"
+        if not self.is_orthogonal:
+            words += ", oblique affine"
+        if self.accuracies:
+            words += f", probe {self.accuracies[0]:.3f} -> {self.accuracies[-1]:.3f}"
+            if self.majority_baseline is not None:
+                words += f" (majority {self.majority_baseline:.3f})"
+        return words
+
+    def plot(self, ax: Axes | None = None) -> Figure:
+        """Probe accuracy by INLP iteration with the majority baseline; returns the Figure.
+
+        Raises:
+            ValueError: The eraser recorded no accuracies (only :func:`~mechprobe.inlp` does).
+        """
+        if not self.accuracies:
+            raise ValueError(
+                f"This {self.method!r} eraser recorded no probe accuracies to plot; "
+                "only inlp() records them (plot an inlp() result instead)."
+            )
+        figure, ax = new_axes(ax, (5, 3.2))
+        frame = self.to_frame()
+        ax.plot(frame["iteration"], frame["accuracy"], marker="o", label="held-out probe")
+        if self.majority_baseline is not None:
+            ax.axhline(self.majority_baseline, color="grey", ls="--", label="majority baseline")
+        ax.set_xlabel("INLP iteration")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{self.method}: {self.n_removed} of {self.dim} directions removed")
+        ax.legend(loc="best")
+        return figure
+
+    # --- files -----------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write to ``.safetensors`` (tensors exact, with SHA-256 digests checked on load), or to
+        ``.json`` / ``.npz`` as every result. Never pickle.
+
+        Example:
+            >>> import tempfile, os
+            >>> eraser = random_projection(6, 2)
+            >>> path = eraser.save(os.path.join(tempfile.mkdtemp(), "eraser.safetensors"))
+            >>> bool(torch.equal(Eraser.load(path).removed, eraser.removed))
+            True
+        """
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            return super().save(path)
+        from safetensors.torch import save
+
+        if not path.parent.is_dir():
+            raise FileNotFoundError(
+                f"Cannot write {path}: the folder {path.parent} does not exist; create it first."
+            )
+        tensors = {
+            name: t.detach().cpu().contiguous()
+            for name in _TENSORS
+            if (t := getattr(self, name)) is not None
+        }
+        meta = {
+            "format": _SAFETENSORS_FORMAT,
+            "version": str(self._version),
+            "method": self.method,
+            "accuracies": json.dumps(list(self.accuracies)),
+            "ranks": json.dumps(list(self.ranks)),
+            "majority_baseline": json.dumps(self.majority_baseline),
+        }
+        digests = {name: _digest(t) for name, t in tensors.items()}
+        digests["metadata"] = _metadata_digest(meta)
+        meta["sha256"] = json.dumps(digests, sort_keys=True)
+        write_atomic(path, save(tensors, metadata=meta))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Eraser:
+        """Read a file written by :meth:`save`, checking every digest of a ``.safetensors`` file.
+
+        Raises:
+            FileNotFoundError: No such file.
+            ValueError: Not a safetensors file written by :meth:`save` (a pickle, another
+                format), a tensor missing, or bytes changed since saving; the message names the
+                file.
+        """
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            return super().load(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist (or is not a file).")
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(
+                f"{path} is not a safetensors file written by mechprobe's Eraser.save ({err}); "
+                "it may be damaged, or a pickle: re-save the eraser with Eraser.save."
+            ) from None
+        return _from_safetensors(cls, path, meta, tensors)
+
+
+def _digest(tensor: Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes."""
+    h = hashlib.sha256(f"{tensor.dtype}:{list(tensor.shape)}:".encode())
+    h.update(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+def _metadata_digest(meta: dict[str, str]) -> str:
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _from_safetensors(
+    cls: type[Eraser], path: Path, meta: dict[str, str], tensors: dict[str, Tensor]
+) -> Eraser:
+    """Check format, digests and completeness of what :meth:`Eraser.save` wrote; build it."""
+    found = meta.get("format")
+    if found != _SAFETENSORS_FORMAT:
+        older = " (an older mechprobe's Projection, saved without digests)" if found else ""
+        raise ValueError(
+            f"{path} is not a saved mechprobe Eraser (format {found!r}{older}); write one with "
+            "Eraser.save, or re-run the fit and save it again."
+        )
+    if meta.get("version") != str(cls._version):
+        raise ValueError(
+            f"{path}: Eraser file version {meta.get('version')!r}, this mechprobe reads "
+            f"version {cls._version}; re-save it with this release."
+        )
+    try:
+        digests = json.loads(meta["sha256"])
+    except (KeyError, json.JSONDecodeError):
+        raise ValueError(f"{path} has no readable SHA-256 digests: re-save the eraser.") from None
+    if digests.get("metadata") != _metadata_digest(meta):
+        raise ValueError(
+            f"{path}: its metadata does not match its SHA-256 digest: the file was changed or "
+            "damaged after saving; re-fit or re-save the eraser."
+        )
+    for name in sorted(set(digests) - {"metadata"}):
+        if name not in tensors:
+            raise ValueError(
+                f"{path} lacks the tensor {name!r} its metadata lists: the file is incomplete; "
+                "re-save the eraser."
+            )
+        if _digest(tensors[name]) != digests[name]:
+            raise ValueError(
+                f"{path}: tensor {name!r} does not match its SHA-256 digest: the file was changed "
+                "or damaged after saving; re-fit or re-save the eraser."
+            )
+    extra = sorted(set(tensors) - set(digests))
+    if extra or "removed" not in tensors:
+        raise ValueError(f"{path} holds tensors {sorted(tensors)}, not an Eraser's: re-save it.")
+    return cls(
+        removed=tensors["removed"],
+        method=meta["method"],
+        readout=tensors.get("readout"),
+        mean=tensors.get("mean"),
+        accuracies=tuple(float(a) for a in json.loads(meta["accuracies"])),
+        ranks=tuple(int(r) for r in json.loads(meta["ranks"])),
+        majority_baseline=json.loads(meta["majority_baseline"]),
+    )
+
+
+def orthonormal_basis(
+    rows: Float[Tensor, "r d"] | np.ndarray,
+    basis: Float[Tensor, "k d"] | None = None,
+    *,
+    rtol: float | None = None,
+) -> Float[Tensor, "m d"]:
+    """Orthonormal rows spanning ``span(basis) + span(rows)``, ``basis`` kept as the first rows.
+
+    Rank-revealing: the removed rank is the rank of what was given. Zero rows add nothing, and
+    each row is normalised before the singular value decomposition of its part outside
+    ``basis``, so a direction counts only if its singular value exceeds ``rtol`` (default
+    ``max(r, d)`` times the machine epsilon of the rows' dtype, numpy's ``matrix_rank`` rule).
+
+    Raises:
+        ValueError: Rows that are not ``[r, d]`` (or ``[d]``) or hold NaN or infinity.
+
+    Example:
+        >>> v = torch.tensor([3.0, 4.0, 0.0])
+        >>> orthonormal_basis(torch.stack([v, 2 * v, torch.zeros(3)])).shape
+        torch.Size([1, 3])
+    """
+    given = torch.from_numpy(np.asarray(rows)) if not isinstance(rows, Tensor) else rows.detach()
+    if given.ndim == 1:
+        given = given[None]
+    if given.ndim != 2 or (basis is not None and given.shape[1] != basis.shape[1]):
+        raise ValueError(f"rows must be [r, d] (or [d]), got shape {tuple(given.shape)}.")
+    check_finite(given, "rows")
+    dtype = given.dtype if given.is_floating_point() else torch.float64
+    if rtol is None:
+        rtol = max(given.shape) * torch.finfo(dtype).eps
+    found = given.to(torch.float64)
+    norms = found.norm(dim=1)
+    found = found[norms > 0] / norms[norms > 0, None]
+    if basis is not None and basis.shape[0] and found.shape[0]:
+        basis = basis.to(device=found.device, dtype=torch.float64)
+        for _ in range(2):  # twice: orthogonal to the basis to machine precision
+            found = found - (found @ basis.T) @ basis
+    if found.shape[0]:
+        _, singular, vh = torch.linalg.svd(found, full_matrices=False)
+        found = vh[singular > rtol]
+    if basis is None:
+        return found.contiguous()
+    return torch.cat([basis.to(device=found.device, dtype=torch.float64), found])
+
+
+def _orthogonal(removed: Tensor, method: str, **fields: Any) -> Eraser:
+    """The orthogonal eraser of the (orthonormal) rows of ``removed``."""
+    return Eraser(removed=removed.to(torch.float64).contiguous(), method=method, **fields)
+
+
+def _check_rank(dim: int, n_removed: int) -> tuple[int, int]:
+    dim = check_int(dim, "dim", 1)
+    number = check_int(n_removed, "n_removed", 0)
+    if number > dim:
+        raise ValueError(
+            f"n_removed must be an int in [0, {dim}], got {number}; pass e.g. "
+            "eraser.n_removed of the eraser you want to match."
+        )
+    return dim, number
+
+
+def random_projection(dim: int, n_removed: int, *, seed: int = 0) -> Eraser:
+    """Control: remove ``n_removed`` uniformly random orthonormal directions.
+
+    The directions are the sign-fixed Q factor of a Gaussian ``[dim, n_removed]`` matrix, which is
+    Haar-distributed, so the subspace is uniform. Match an erasure's rank with
+    ``random_projection(eraser.dim, eraser.n_removed)``.
+
+    Example:
+        >>> random_projection(10, 4, seed=1).n_removed
+        4
+    """
+    dim, n_removed = _check_rank(dim, n_removed)
+    gen = torch.Generator().manual_seed(check_int(seed, "seed"))
+    gauss = torch.randn(dim, n_removed, generator=gen, dtype=torch.float64)
+    q, r = torch.linalg.qr(gauss)
+    # QR is unique only up to column signs; fixing diag(R) > 0 makes Q Haar-uniform.
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1.0
+    return _orthogonal((q * signs).T, "random")
+
+
+def dropout_projection(dim: int, n_removed: int, *, seed: int = 0) -> Eraser:
+    """Control (Elazar et al.'s dropout): zero ``n_removed`` randomly chosen coordinates.
+
+    Example:
+        >>> import torch
+        >>> eraser = dropout_projection(5, 2, seed=0)
+        >>> int((eraser(torch.ones(5)) == 0).sum())
+        2
+    """
+    dim, n_removed = _check_rank(dim, n_removed)
+    gen = torch.Generator().manual_seed(check_int(seed, "seed"))
+    coords = torch.randperm(dim, generator=gen)[:n_removed].sort().values
+    return _orthogonal(torch.eye(dim, dtype=torch.float64)[coords], "dropout")
+
+
+def identity_projection(dim: int) -> Eraser:
+    """The no-op erasure (rank 0), for a vanilla condition in the same code path.
+
+    Example:
+        >>> identity_projection(4).n_removed
+        0
+    """
+    dim, _ = _check_rank(dim, 0)
+    return _orthogonal(torch.zeros(0, dim, dtype=torch.float64), "identity")
+
+
+def check_xy(X: Any, y: Any, caller: str) -> tuple[Tensor, np.ndarray, np.ndarray]:
+    """Validate ``X [n, d]`` and labels ``y [n]``; returns (X as a tensor, codes, classes)."""
+    if isinstance(X, np.ndarray):
+        X = torch.from_numpy(X)
+    if not isinstance(X, Tensor):
+        raise TypeError(
+            f"{caller}: X must be a numpy array or torch tensor [n, d], got {type(X).__name__}."
+        )
+    if X.ndim != 2:
+        raise ValueError(
+            f"{caller}: X must be 2-D [n_examples, d], got shape {tuple(X.shape)}; flatten "
+            "leading dims first, e.g. X.reshape(-1, X.shape[-1])."
+        )
+    if X.is_complex() or X.dtype == torch.bool:
+        raise TypeError(f"{caller}: X must hold real numbers, got {X.dtype}.")
+    if not X.is_floating_point():
+        X = X.float()
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError(f"{caller}: X contains NaN or infinite values; drop or impute those rows.")
+    labels = y.detach().cpu().numpy() if isinstance(y, Tensor) else np.asarray(y)
+    if labels.ndim != 1:
+        raise ValueError(
+            f"{caller}: y must be 1-D [n_examples] class labels, got shape {labels.shape}; "
+            "pass class indices, not one-hot rows (use y.argmax(-1))."
+        )
+    if len(labels) != X.shape[0]:
+        raise ValueError(
+            f"{caller}: X has {X.shape[0]} rows but y has {len(labels)} labels; they must match."
+        )
+    if labels.dtype.kind == "f" and np.isnan(labels).any():
+        raise ValueError(f"{caller}: y contains NaN labels; drop those rows from X and y.")
+    classes, codes = np.unique(labels, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(
+            f"{caller}: y has a single class ({classes.tolist()}); erasure needs at least two "
+            "distinct labels."
+        )
+    return X, codes.astype(np.int64), classes
