@@ -77,7 +77,7 @@ def run(ctx: Any) -> list[dict[str, Any]]:
             model(batch.tokens, attention_mask=batch.attention_mask)
 
     def collect() -> None:
-        mp.collect(model, texts, "resid_post", select="all", batch_size=N_TEXTS, progress=False)
+        mp.collect(model, texts, "resid_post", positions="all", batch_size=N_TEXTS, progress=False)
 
     # Interleaved pairs, wall and CPU time: on a shared machine the load drifts between runs, and
     # the median of per-pair ratios is far steadier than a ratio of two separate medians.
@@ -111,7 +111,7 @@ def run(ctx: Any) -> list[dict[str, Any]]:
                     model,
                     stream,
                     "resid_post",
-                    select="all",
+                    positions="all",
                     dtype="float16",
                     memory_budget=1 << 20,
                     out_dir=folder,

@@ -9,7 +9,7 @@ Amnesic probing (Elazar et al. 2021) meets Merullo et al.'s function application
    at ``resid_mid`` of ``f`` (exactly what that FFN reads) and three layers after ``f``, with
    INLP (Elazar et al.'s stopping rule) and LEACE, on two thirds of the prompts.
 3. Each erasure is hooked into the model at the last token and the capitals task is scored again,
-   beside three random projections of the same rank.
+   beside three random erasers of the same rank.
 4. At ``f``'s FFN input: the information left (linear and MLP probes, 4-fold cross-validated on
    the held-out third, at ``f`` and later layers), and the same subspace erased at every position
    (task, and next-token accuracy, loss and KL on English text).
@@ -87,7 +87,7 @@ def sweep_figure(sweeps: dict[str, mp.ErasureSweep], labels: list[str], f: int) 
 
 
 def line(name: str, r: mp.AmnesicResult) -> str:
-    j = r.to_json()
+    j = r.headline()
     rand_acc, rand_std = j["random_control_task_accuracy"], j["random_control_task_accuracy_std"]
     return (
         f"{name:<34} rank {r.n_removed:>3}  task acc {j['task_accuracy_before']:.2f} -> "
@@ -118,19 +118,19 @@ def main() -> dict[str, Any]:
     sites += [mp.Site("resid_mid", f), mp.Site("resid_post", f + 3)]
     labels = [f"L{s.layer}" if s.kind == "resid_post" else f"FFN{f} input" for s in sites]
     main_site = sites[3]
-    acts = mp.collect(model, fit_data, sites, batch_size=32, progress=False)
+    acts = mp.collect(model, fit_data, sites, progress=False)
     print(f"collected {acts.values.shape} ({time.perf_counter() - start:.0f} s)")
 
     # 3. Erase at each site (last token), score the task beside random controls of equal rank.
-    projections: dict[str, list[mp.Projection]] = {m: [] for m in METHODS}
+    erasers: dict[str, list[mp.Eraser]] = {m: [] for m in METHODS}
     sweeps: dict[str, mp.ErasureSweep] = {}
     for method in METHODS:
         results = []
         for j, (site, label) in enumerate(zip(sites, labels, strict=True)):
-            p = mp.fit_erasure(acts.layer(j), acts.labels, method, seed=SEED)
-            projections[method].append(p)
-            r = mp.amnesic(model, site, p, task=task, positions=-1, n_random=N_RANDOM,
-                           dropout=False, seed=SEED)  # fmt: skip
+            eraser = mp.fit_erasure(acts.layer(j), acts.labels, method, seed=SEED)
+            erasers[method].append(eraser)
+            r = mp.amnesic(model, site, eraser, task=task, positions=-1, n_random=N_RANDOM,
+                           dropout=False, seed=SEED, progress=False)  # fmt: skip
             results.append(r)
             print(line(f"{method} at {label}", r))
         sweeps[method] = mp.ErasureSweep(method, tuple(results))
@@ -142,27 +142,28 @@ def main() -> dict[str, Any]:
     later = [f, f + 2, f + 4, model.cfg.n_layers - 1]
     detail: dict[str, Any] = {}
     for method in METHODS:
-        p = projections[method][3]
-        last = mp.amnesic(model, main_site, p, task=task, probe=probe_data, positions=-1,
-                          probe_layers=later, probe_folds=4, n_random=N_RANDOM, seed=SEED)  # fmt: skip
-        everywhere = mp.amnesic(model, main_site, p, text=text, task=task, positions=None,
-                                n_random=N_RANDOM, seed=SEED)  # fmt: skip
+        eraser = erasers[method][3]
+        last = mp.amnesic(model, main_site, eraser, task=task, probe=probe_data, positions=-1,
+                          probe_layers=later, probe_folds=4, n_random=N_RANDOM, seed=SEED,
+                          progress=False)  # fmt: skip
+        everywhere = mp.amnesic(model, main_site, eraser, text=text, task=task, positions="all",
+                                n_random=N_RANDOM, seed=SEED, progress=False)  # fmt: skip
         print(line(f"{method} at FFN{f} input, all positions", everywhere))
         print(last.summary().round(3).to_string())
         print(everywhere.summary().round(3).to_string())
         last.plot().savefig(FIGURES / f"amnesic_ffn_input_{method}.png", dpi=130)
         everywhere.plot().savefig(FIGURES / f"amnesic_all_positions_{method}.png", dpi=130)
-        detail[method] = {"last_token": last.to_json(), "all_positions": everywhere.to_json()}
+        detail[method] = {"last_token": last.to_dict(), "all_positions": everywhere.to_dict()}
 
     # 5. Why the early erasures cost nothing: is the country back at the last token later on?
-    early = mp.amnesic(model, sites[0], projections["leace"][0], probe=probe_data, positions=-1,
+    early = mp.amnesic(model, sites[0], erasers["leace"][0], probe=probe_data, positions=-1,
                        probe_layers=[f - 9, f - 4, f - 1, f + 3], probe_folds=4, n_random=1,
-                       mlp=False, seed=SEED)  # fmt: skip
+                       mlp=False, seed=SEED, progress=False)  # fmt: skip
     print(early.summary().round(3).to_string())
     early.plot().savefig(FIGURES / f"amnesic_recovery_L{f - 9}.png", dpi=130)
-    detail["early_leace_recovery"] = early.to_json()
+    detail["early_leace_recovery"] = early.to_dict()
     inlp_fig = Figure(figsize=(6, 3.6))
-    projections["inlp"][3].plot(ax=inlp_fig.add_subplot())
+    erasers["inlp"][3].plot(ax=inlp_fig.add_subplot())
     inlp_fig.suptitle(f"INLP on 'which country' at FFN{f}'s input (resid_mid {f})", fontsize=9)
     inlp_fig.tight_layout()
     inlp_fig.savefig(FIGURES / "amnesic_inlp.png", dpi=130)
@@ -175,7 +176,7 @@ def main() -> dict[str, Any]:
         "fit_prompts": len(fit_data),
         "probe_prompts": len(probe_data),
         "sites": labels,
-        "sweep": {m: [r.to_json() for r in s.results] for m, s in sweeps.items()},
+        "sweep": {m: [r.to_dict() for r in s.results] for m, s in sweeps.items()},
         "ffn_input": detail,
         "seconds": round(time.perf_counter() - start),
     }

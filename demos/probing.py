@@ -9,7 +9,8 @@ Two layer-wise probing runs on the embedded SmolLM2-135M-Instruct:
    Chile?\\nA:", four phrasings x 0/1/3 shots, 30 countries), with the same control task, whose
    word type here is the country itself.
 
-Slot -1 is the token embedding (``hook_embed``), slots 0..29 each block's ``resid_post``.
+Slot -1 is the token embedding (``resid_pre`` of block 0: SmolLM2's positions are rotary, so the
+residual stream starts as the embedding), slots 0..29 each block's ``resid_post``.
 Figures go to docs/figures/probing_pos.png and docs/figures/probing_country.png.
 
 Run: ``python demos/probing.py`` (a few minutes on a laptop CPU).
@@ -41,8 +42,8 @@ def decodable_from(result: mp.ProbeResult, fraction: float = 0.9) -> int:
 
 
 def run(model: object, dataset: mp.ProbingDataset, name: str, title: str) -> mp.ProbeResult:
-    sites = ["hook_embed"] + [mp.Site("resid_post", layer) for layer in range(30)]
-    acts = mp.collect(model, dataset, sites, progress=True)
+    sites = [mp.Site("resid_pre", 0)] + [mp.Site("resid_post", layer) for layer in range(30)]
+    acts = mp.collect(model, dataset, sites)
     result = mp.probe_layers(acts, seed=SEED, progress=False)
     # Slot 0 is the embedding: number the slots -1 (embedding), 0..29 (blocks).
     result = dataclasses.replace(result, layers=np.arange(-1, len(sites) - 1))
@@ -50,7 +51,7 @@ def run(model: object, dataset: mp.ProbingDataset, name: str, title: str) -> mp.
     fig.suptitle(title)
     FIGURES.mkdir(parents=True, exist_ok=True)
     fig.savefig(FIGURES / f"probing_{name}.png", dpi=150)
-    best = int(result.layers[result.accuracy.argmax()])
+    best = result.best_layer
     print(f"\n== {title}: {len(acts)} examples, {result.n_classes} classes")
     print(table(result))
     print(

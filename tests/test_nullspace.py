@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import re
@@ -227,6 +228,16 @@ def test_deterministic_and_torch_input(planted) -> None:
     torch.testing.assert_close(a.P, b.P, rtol=0, atol=1e-12)
 
 
+def test_to_casts_the_factors_and_changes_nothing_else(erased: Eraser) -> None:
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(5, D))).float()
+    cast = erased.to(dtype=torch.float32)
+    assert cast.removed.dtype == torch.float32 and erased.removed.dtype == torch.float64
+    assert cast.accuracies == erased.accuracies and cast.method == erased.method
+    torch.testing.assert_close(cast(x), erased(x), rtol=0, atol=0)  # apply casts the same way
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        erased.removed = cast.removed  # type: ignore[misc]
+
+
 def test_apply_numpy_and_torch_keep_dtype(erased: Eraser) -> None:
     P = erased.P.numpy()
     x = np.random.default_rng(1).normal(size=(2, 3, D))
@@ -350,8 +361,16 @@ def test_frame_and_plot(erased: Eraser) -> None:
     ax = fig.axes[0]
     assert list(ax.lines[0].get_ydata()) == list(erased.accuracies)
     assert ax.lines[1].get_ydata()[0] == erased.majority_baseline
+    into = Figure()
+    assert erased.plot(ax=into.add_subplot()) is into
     with pytest.raises(ValueError, match="no probe accuracies"):
         identity_projection(3).plot()
+    assert repr(erased).startswith(f"Eraser(inlp, {erased.n_removed} of {D} directions removed")
+    row = erased.summary().iloc[0]
+    assert (row["n_removed"], row["accuracy_before"]) == (erased.n_removed, erased.accuracies[0])
+    assert "<table" in erased._repr_html_()
+    leace = mp.leace(*_planted(500, seed=3)[:2])
+    assert "oblique affine" in repr(leace) and bool(leace.summary()["affine"][0])
 
 
 def test_controls() -> None:

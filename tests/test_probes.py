@@ -29,6 +29,7 @@ from sklearn.utils.estimator_checks import (
 )
 
 import mechprobe as mp
+from mechprobe.core import load_result
 from mechprobe.probing import _layerwise as layerwise
 from mechprobe.probing._data import as_layers, standardised
 from mechprobe.probing._scalar_mix import _scalar_mix
@@ -331,22 +332,31 @@ def test_probe_layers_errors(X: np.ndarray, y: np.ndarray, message: str) -> None
         mp.probe_layers(X, y, progress=False)
 
 
-def test_probe_result_round_trip_frame_and_plot(tmp_path) -> None:
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_probe_result_round_trip_frame_and_plot(tmp_path, suffix: str) -> None:
     X, y = _planted(n=300, layers=3, signal=(1,))
     groups = np.arange(300) % 50
     for result in (
         mp.probe_layers(X, y, groups=groups, scalar_mix=True, progress=False),
         mp.probe_layers(X, y, progress=False),
     ):
-        loaded = mp.ProbeResult.load(result.save(tmp_path / "result.json"))
+        path = result.save(tmp_path / f"result{suffix}")
+        loaded = mp.ProbeResult.load(path)
         pd.testing.assert_frame_equal(loaded.to_frame(), result.to_frame())
+        pd.testing.assert_frame_equal(loaded.summary(), result.summary())
+        assert isinstance(load_result(path), mp.ProbeResult)
         assert loaded.expected_layer == result.expected_layer
         assert loaded.split == result.split and loaded.n_classes == 3
         frame = result.to_frame()
         assert len(frame) == 3 and {"accuracy", "selectivity", "majority_baseline"} <= set(frame)
+        assert result.summary()["best_layer"].tolist() == [1] == [result.best_layer]
+        assert repr(result).startswith("ProbeResult(linear probes, 3 layers, 300 examples")
         fig = result.plot()
         assert isinstance(fig, Figure)
         assert len(fig.axes) == (2 if result.mix_weights is not None else 1)
+        into = Figure()
+        assert result.plot(ax=into.add_subplot()) is into and len(into.axes) == 1
+        assert "<table" in result._repr_html_()
 
 
 # --- scalar mix ---------------------------------------------------------------------------------
@@ -438,11 +448,16 @@ def test_cumulative_scores_keep_negative_deltas() -> None:
     assert np.triu(result.mix_weights, 1).max() == 0  # prefix l only mixes layers 0..l
 
 
-def test_cumulative_scores_round_trip_and_plot(tmp_path) -> None:
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_cumulative_scores_round_trip_and_plot(tmp_path, suffix: str) -> None:
     X, y = _planted(n=300, layers=3, signal=(1,))
     result = mp.cumulative_scores(X, y, progress=False)
-    loaded = mp.CumulativeScores.load(result.save(tmp_path / "cumulative.json"))
+    loaded = mp.CumulativeScores.load(result.save(tmp_path / f"cumulative{suffix}"))
     pd.testing.assert_frame_equal(loaded.to_frame(), result.to_frame())
-    assert loaded.expected_layer == pytest.approx(result.expected_layer)
+    pd.testing.assert_frame_equal(loaded.summary(), result.summary())
+    assert np.isnan(loaded.deltas[0]) and loaded.expected_layer == result.expected_layer
     assert isinstance(result.plot(), Figure)
+    into = Figure()
+    assert result.plot(ax=into.add_subplot()) is into
+    assert repr(result).startswith("CumulativeScores(3 layers, expected layer")
     assert 0.8 < result.expected_layer < 1.5
