@@ -56,8 +56,8 @@ def add_parser(sub: Any) -> None:
         "--positions",
         type=_positions,
         default=-1,
-        help="tokens read: -1 (default: each text's last token, each word's last token for word "
-        "-level data; write --positions=-1), all, or word_last",
+        help="tokens read: -1 (default: each text's last token; each word's last token for "
+        "word-level data), all, or word_last",
     )
     parser.add_argument(  # the old name (one release): last, all or word_last
         "--select", type=_positions, dest="positions", help=argparse.SUPPRESS

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from mechprobe._fit import PRECONDITIONER_ROWS, batched_lbfgs, preconditioner
 from mechprobe.core import Result, new_axes, progress_bar
+from mechprobe.probing._activations import Activations
 from mechprobe.probing._data import as_layers, encode_labels, splits, standardised
 from mechprobe.probing._probes import _check_known_labels, _encode_targets, _softmax
 
@@ -43,8 +44,7 @@ _MIX_BUDGET = 2**27  # floats of mixed features held at once (512 MB in float32)
 class ScalarMixProbe(ClassifierMixin, BaseEstimator):
     """Linear probe on a learned softmax-weighted mix of layers.
 
-    Inputs are ``[n, layers, d]`` activations (an array, a tensor or :class:`Activations`
-    values), or, as scikit-learn pipelines and its estimator checks need, 2-D ``[n, layers * d]``:
+    Inputs are ``[n, layers, d]`` activations (an array, a tensor or :class:`Activations`), or, as scikit-learn pipelines and its estimator checks need, 2-D ``[n, layers * d]``:
     the layers side by side, ``X3.reshape(n, -1)``, with ``n_layers`` saying how many there are
     (``n_layers=None`` reads 2-D input as a single layer). Predictions take either form.
 
@@ -132,6 +132,8 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
         input passed on as it is, for scikit-learn's validation to accept or refuse."""
         if not fitting:
             check_is_fitted(self)
+        if isinstance(X, Activations):
+            X = X.values
         if getattr(X, "ndim", None) == 3:
             values = X.detach().cpu().numpy() if isinstance(X, Tensor) else np.asarray(X)
             n, layers, d = values.shape
