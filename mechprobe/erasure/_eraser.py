@@ -160,9 +160,8 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
             if not np.issubdtype(x.dtype, np.floating):
                 raise TypeError(f"apply needs floating-point input, got {x.dtype}; use x.astype.")
             self._check_last_dim(x.shape)
-            basis, read = self.removed.cpu().numpy(), self._read().cpu().numpy()
-            basis, read = basis.astype(x.dtype, copy=False), read.astype(x.dtype, copy=False)
-            centred = x if self.mean is None else x - self.mean.cpu().numpy().astype(x.dtype)
+            basis, read = _numpy(self.removed, x.dtype), _numpy(self._read(), x.dtype)
+            centred = x if self.mean is None else x - _numpy(self.mean, x.dtype)
             return x - (centred @ read.T) @ basis
         if isinstance(x, Tensor):
             if not x.is_floating_point():
@@ -360,6 +359,11 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
                 "it may be damaged, or a pickle: re-save the eraser with Eraser.save."
             ) from None
         return _from_safetensors(cls, path, meta, tensors)
+
+
+def _numpy(tensor: Tensor, dtype: np.dtype) -> np.ndarray:
+    """A factor as a numpy array of ``dtype`` (through float64: numpy has no bfloat16)."""
+    return tensor.detach().cpu().to(torch.float64).numpy().astype(dtype, copy=False)
 
 
 def _digest(tensor: Tensor) -> str:
