@@ -108,7 +108,8 @@ def inlp(
 
     Example:
         >>> import torch
-        >>> X = torch.randn(1000, 10); y = (X[:, 0] + X[:, 1] > 0).long()
+        >>> X = torch.randn(1000, 10, generator=torch.Generator().manual_seed(0))
+        >>> y = (X[:, 0] + X[:, 1] > 0).long()
         >>> eraser = inlp(X, y, 5, stop="majority", progress=False)
         >>> eraser.accuracies[0] > 0.95, abs(eraser.accuracies[-1] - eraser.majority_baseline) < 0.05
         (True, True)
