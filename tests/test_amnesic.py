@@ -240,10 +240,15 @@ def test_bad_input_is_refused_with_the_fix(tiny: Any) -> None:
         amnesic(
             tiny, mp.Site("resid_post", 0, positions=-1), mp.random_projection(64, 2), text=TEXTS
         )
-    with pytest.raises(ValueError, match="say positions='all'"):
+    with pytest.raises(ValueError, match="positions must be 'all'"):
         amnesic(
+            tiny, mp.Site("resid_post", 0), mp.random_projection(64, 2), text=TEXTS, positions="a"
+        )
+    with pytest.warns(DeprecationWarning, match="positions='all'"):
+        old = amnesic(
             tiny, mp.Site("resid_post", 0), mp.random_projection(64, 2), text=TEXTS, positions=None
         )  # type: ignore[arg-type]
+    assert old.positions == "all"
 
 
 def test_no_hook_survives_an_exception(tiny: Any) -> None:

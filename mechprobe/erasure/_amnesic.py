@@ -19,6 +19,7 @@ is the *selectivity* (:meth:`AmnesicResult.selectivity`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -207,7 +208,13 @@ def _check_positions(positions: Any) -> ErasePositions:
             )
         return "all"
     if positions is None:
-        raise ValueError("positions=None is gone: say positions='all' to erase every position.")
+        warnings.warn(
+            "amnesic(positions=None) is deprecated and will be removed in the next release; "
+            "every position is spelled positions='all' (the default).",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return "all"
     single = as_int(positions)
     if single is not None:
         return single
