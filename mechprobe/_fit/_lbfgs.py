@@ -36,6 +36,7 @@ def batched_lbfgs(
     eps: float = 1e-6,
     refresh: _Refresh | None = None,
     refresh_at: tuple[int, ...] = (),
+    refresh_slower_than: int | None = None,
 ) -> tuple[Tensor, int, Tensor]:
     """Minimise ``batch`` independent objectives with per-problem L-BFGS histories and steps.
 
@@ -60,13 +61,22 @@ def batched_lbfgs(
             problems at the iterations ``refresh_at`` to change their parametrisation (e.g. a
             new preconditioner); changed problems restart their L-BFGS memory.
         refresh_at: iterations at which to call ``refresh``.
+        refresh_slower_than: refresh only the problems that, at the rate their convergence
+            measure fell over the last (up to four) iterations, would need more than this many
+            further iterations to reach ``tol``: a restart costs a few iterations, which a
+            problem about to converge never wins back. ``None``: every active problem.
 
     Returns:
         ``(theta, iterations of the slowest problem, finished [B] bool)``; a problem is finished
         when it reached ``tol`` or its floating-point floor, not when it ran out of iterations.
     """
-    everything = torch.arange(len(theta), device=theta.device)
-    f, g, measure = fun(theta, everything)
+    theta = theta.clone()
+    out = theta  # the rows of problems that stopped hold their final values here
+    finished = torch.zeros(len(theta), dtype=torch.bool, device=theta.device)
+    # The state below covers the live problems only (original indices ``live``): stopped ones
+    # are dropped from it, so the loop's vector operations shrink with the active set.
+    live = torch.arange(len(theta), device=theta.device)
+    f, g, measure = fun(theta, live)
     active = measure > tol
     s_hist: list[Tensor] = []
     y_hist: list[Tensor] = []
@@ -74,60 +84,85 @@ def batched_lbfgs(
     gamma = torch.ones_like(f)
     stalled = torch.zeros_like(f, dtype=torch.long)
     lowest = measure.clone()
+    past: list[Tensor] = []  # the convergence measure of the last (up to 4) iterations
     n_iter = 0
     for it in range(max_iter):
-        if not bool(active.any()):
-            break
+        if not bool(active.all()):
+            keep = torch.nonzero(active).flatten()
+            stopped = torch.nonzero(~active).flatten()
+            out[live[stopped]] = theta[stopped]
+            finished[live[stopped]] = True
+            if len(keep) == 0:
+                break
+            live, theta, f, g, measure = live[keep], theta[keep], f[keep], g[keep], measure[keep]
+            s_hist = [s[keep] for s in s_hist]
+            y_hist = [y[keep] for y in y_hist]
+            rho_hist = [rho[keep] for rho in rho_hist]
+            gamma, stalled, lowest = gamma[keep], stalled[keep], lowest[keep]
+            past = [m[keep] for m in past]
+            active = torch.ones_like(keep, dtype=torch.bool)
         if refresh is not None and it in refresh_at:
-            idx = torch.nonzero(active).flatten()
-            new, changed = refresh(theta[idx], idx)
+            rows = torch.arange(len(theta), device=theta.device)
+            if refresh_slower_than is not None and past:
+                rate = (measure / past[0]).clamp_min(1e-300) ** (1 / len(past))
+                remaining = torch.log(tol / measure) / torch.log(rate.clamp(max=1 - 1e-12))
+                rows = torch.nonzero(remaining > refresh_slower_than).flatten()
+            new, changed = refresh(theta[rows], live[rows]) if len(rows) else (theta, rows > 0)
             if bool(changed.any()):
-                idx = idx[changed]
-                theta[idx] = new[changed]
-                f[idx], g[idx], measure[idx] = fun(theta[idx], idx)
+                rows = rows[changed]
+                theta[rows] = new[changed]
+                f[rows], g[rows], measure[rows] = fun(theta[rows], live[rows])
                 for rho in rho_hist:
-                    rho[idx] = 0.0  # curvature pairs from the old parametrisation no longer apply
-                gamma[idx] = 1.0
-                active &= measure > tol
+                    rho[rows] = 0.0  # curvature pairs from the old parametrisation no longer apply
+                gamma[rows] = 1.0
+                active = measure > tol  # those that stopped are dropped next iteration
                 if not bool(active.any()):
-                    break
+                    continue
         n_iter = it + 1
-        direction = -_two_loop(g, s_hist, y_hist, rho_hist, gamma)
-        slope = (g * direction).sum(1)
+        direction = _two_loop(g, s_hist, y_hist, rho_hist, gamma).neg_()
+        slope = torch.linalg.vecdot(g, direction)
         # Curvature pairs are skipped when unsafe, so descent is expected; fall back if not.
-        direction = torch.where((slope >= 0)[:, None], -g, direction)
-        slope = (g * direction).sum(1)
+        uphill = slope >= 0
+        if bool(uphill.any()):
+            direction[uphill] = -g[uphill]
+            slope = torch.linalg.vecdot(g, direction)
         if s_hist:
             step = torch.ones_like(f)
         elif first_step is not None:
             step = torch.full_like(f, first_step)
         else:
             step = (1.0 / g.abs().sum(1).clamp_min(1e-12)).clamp(max=1.0)
+        old_f = f.clone()
+        past = [*past[-3:], measure.clone()]
+        s, yv = torch.zeros_like(theta), torch.zeros_like(g)
         pending = active.clone()
-        new_theta, new_f, new_g, new_measure = theta.clone(), f.clone(), g.clone(), measure.clone()
         for _ in range(_MAX_LINE_SEARCH):
-            idx = torch.nonzero(pending).flatten()
-            cand = theta[idx] + step[idx, None] * direction[idx]
-            cf, cg, cm = fun(cand, idx)
-            f0, slope0 = f[idx], slope[idx]
-            armijo = cf <= f0 + _ARMIJO * step[idx] * slope0
-            cslope = (cg * direction[idx]).sum(1)
+            rows = torch.nonzero(pending).flatten()
+            every = len(rows) == len(theta)  # the first trial: no gathers
+            start = theta if every else theta[rows]
+            along = direction if every else direction[rows]
+            cand = torch.addcmul(start, step[rows, None], along)
+            cf, cg, cm = fun(cand, live[rows])
+            f0, slope0 = old_f[rows], slope[rows]
+            armijo = cf <= f0 + _ARMIJO * step[rows] * slope0
+            cslope = torch.linalg.vecdot(cg, along)
             approx_wolfe = (cf <= f0 + eps * f0.abs()) & (cslope <= -(1 - 2 * _ARMIJO) * slope0)
             ok = (armijo | approx_wolfe) & torch.isfinite(cf)
-            done = idx[ok]
-            new_theta[done], new_f[done], new_g[done], new_measure[done] = (
-                cand[ok],
-                cf[ok],
-                cg[ok],
-                cm[ok],
-            )
+            if every and bool(ok.all()):
+                s, yv = cand - theta, cg - g
+                theta, g, f, measure = cand, cg, cf, cm
+                pending[:] = False
+                break
+            done = rows[ok]
+            s[done] = cand[ok] - theta[done]
+            yv[done] = cg[ok] - g[done]
+            theta[done], g[done], f[done], measure[done] = cand[ok], cg[ok], cf[ok], cm[ok]
             pending[done] = False
             if not bool(pending.any()):
                 break
-            step[idx[~ok]] *= 0.5
-        s, yv = new_theta - theta, new_g - g
-        sy, yy = (s * yv).sum(1), (yv * yv).sum(1)
-        valid = sy > 1e-10 * torch.sqrt((s * s).sum(1) * yy)
+            step[rows[~ok]] *= 0.5
+        sy, yy = torch.linalg.vecdot(s, yv), torch.linalg.vecdot(yv, yv)
+        valid = sy > 1e-10 * torch.sqrt(torch.linalg.vecdot(s, s) * yy)
         s_hist.append(s)
         y_hist.append(yv)
         # rho = 0 turns a pair into a no-op for problems where it is unsafe or absent.
@@ -135,14 +170,15 @@ def batched_lbfgs(
         gamma = torch.where(valid, sy / torch.where(valid, yy, 1.0), gamma)
         if len(s_hist) > _HISTORY:
             del s_hist[0], y_hist[0], rho_hist[0]
-        flat = (f - new_f <= eps * f.abs()) & (new_measure >= lowest)
+        flat = (old_f - f <= eps * old_f.abs()) & (measure >= lowest)
         stalled = torch.where(flat, stalled + 1, 0)
-        lowest = torch.minimum(lowest, new_measure)
-        theta, f, g, measure = new_theta, new_f, new_g, new_measure
+        lowest = torch.minimum(lowest, measure)
         # A failed line search, or a loss that no longer falls, means the loss is at its
         # floating-point floor: stop that problem.
-        active = active & ~pending & (measure > tol) & (stalled < _STALLED)
-    return theta, n_iter, ~active
+        active = ~pending & (measure > tol) & (stalled < _STALLED)
+    out[live] = theta
+    finished[live] = ~active
+    return out, n_iter, finished
 
 
 def _two_loop(
@@ -152,11 +188,11 @@ def _two_loop(
     q = g.clone()
     alphas = []
     for s, yv, rho in zip(reversed(s_hist), reversed(y_hist), reversed(rho_hist), strict=True):
-        a = rho * (s * q).sum(1)
+        a = rho * torch.linalg.vecdot(s, q)
         alphas.append(a)
-        q -= a[:, None] * yv
+        q.addcmul_(yv, a[:, None], value=-1)
     q *= gamma[:, None]
     for s, yv, rho, a in zip(s_hist, y_hist, rho_hist, reversed(alphas), strict=True):
-        beta = rho * (yv * q).sum(1)
-        q += (a - beta)[:, None] * s
+        beta = rho * torch.linalg.vecdot(yv, q)
+        q.addcmul_(s, (a - beta)[:, None])
     return q

@@ -138,7 +138,11 @@ def current_solver_path() -> SolverPath:
     chosen = _CURRENT.get()
     if chosen is not None:
         return chosen
-    return SolverPath.parse(os.environ.get(_ENV, "auto"))
+    return _parse(os.environ.get(_ENV, "auto"))
+
+
+# The products ask for the path at every call: parse each setting once.
+_parse = functools.lru_cache(maxsize=16)(SolverPath.parse)
 
 
 @contextlib.contextmanager

@@ -39,19 +39,23 @@ def preconditioner(
     fast = current_solver_path().uses_bfloat16_gram(sample)
     factors = []
     for i, c in enumerate(curvature):
-        if inv_scale is None:
-            rows = sample[i] - mean[i].to(dtype)
-        else:
-            rows = torch.addcmul(-mean[i].to(dtype), sample[i], inv_scale[i])
         uniform = bool((c == c[0]).all())
-        if not uniform:
-            rows *= c.sqrt()[:, None]
-        weight = float(c[0]) / len(rows) if uniform else 1.0 / len(rows)
+        weight = float(c[0]) / len(c) if uniform else 1.0 / len(c)
         for low in (True, False) if fast else (False,):
             # bfloat16 products are ~4x faster where the CPU has them; a preconditioner need not
             # be exact, but their rounding may cost definiteness: then the dtype of the sample.
-            part = rows.bfloat16() if low else rows
-            second = (part.T @ part).to(dtype).mul_(weight).add_(eye, alpha=l2)
+            # Centred (and scaled) rows are written once, straight in the Gram's dtype.
+            rows = torch.empty(
+                sample[i].shape, dtype=torch.bfloat16 if low else dtype, device=sample.device
+            )
+            centred = rows if uniform else torch.empty_like(sample[i])
+            if inv_scale is None:
+                torch.sub(sample[i], mean[i].to(dtype), out=centred)
+            else:
+                torch.addcmul(-mean[i].to(dtype), sample[i], inv_scale[i], out=centred)
+            if not uniform:
+                torch.mul(centred, c.sqrt()[:, None], out=rows)
+            second = (rows.T @ rows).to(dtype).mul_(weight).add_(eye, alpha=l2)
             factor, info = torch.linalg.cholesky_ex(second)
             if int(info) == 0:
                 break
