@@ -136,13 +136,13 @@ def main(argv: Sequence[str]) -> int:
     path = HERE / "results.json"
     previous = json.loads(path.read_text()) if path.exists() and argv else {"rows": []}
     kept = [r for r in previous.get("rows", []) if r.get("topic") not in set(argv)]
-    result = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"{psutil.cpu_count()} cores, torch {torch.__version__}",
-        "rows": kept + rows,
-    }
+    machine = (
+        f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"{psutil.cpu_count()} cores, torch {torch.__version__}"
+    )
+    result = {"machine": machine, "rows": kept + rows}
     path.write_text(json.dumps(result, indent=1) + "\n")
-    print(_table(result["rows"]))
+    print(_table(kept + rows))
     return 0
 
 

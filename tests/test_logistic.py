@@ -18,7 +18,7 @@ from optimum import (
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from mechprobe._fit._logistic import LogisticFit, fit_logistic
+from mechprobe._fit._logistic import LogisticFit, _heaviest, fit_logistic
 
 # Every test here runs on every kernel path the solver can take (conftest.SOLVER_PATHS).
 pytestmark = pytest.mark.usefixtures("every_solver_path")
@@ -238,6 +238,27 @@ def test_converged_fit_does_not_warn() -> None:
         fit = fit_logistic(X.float(), y, 4, tol=1e-7)  # float32 floor is reached quietly
     assert [str(w.message) for w in caught] == []
     assert 0 < fit.n_iter < 200  # stopped at its floor, not at max_iter
+
+
+def test_refreshed_preconditioner_rows_carry_the_curvature_mass() -> None:
+    # The refresh keeps the fewest rows holding `mass` of the curvature, rescaled so that their
+    # mean c x xᵀ differs from the full one by exactly the dropped rows' (PSD) part.
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(400, 6, generator=gen, dtype=torch.float64)
+    curvature = torch.rand(400, generator=gen, dtype=torch.float64) ** 8  # most rows near 0
+    kept, weights = _heaviest(rows, curvature, 0.99)
+    chosen = torch.isin(rows[:, 0], kept[:, 0])
+    assert 0 < len(kept) < 200 and torch.equal(rows[chosen], kept)  # row order kept
+    carried = curvature[chosen].sum() / curvature.sum()
+    assert carried >= 0.99
+    assert carried - curvature[chosen].min() / curvature.sum() < 0.99  # none to spare
+    assert bool(curvature[~chosen].max() <= curvature[chosen].min())  # the heaviest ones
+    full = (rows.T * curvature) @ rows / len(rows)
+    estimate = (kept.T * weights) @ kept / len(kept)
+    dropped = (rows[~chosen].T * curvature[~chosen]) @ rows[~chosen] / len(rows)
+    torch.testing.assert_close(full - estimate, dropped, rtol=0, atol=1e-12)
+    same_rows, same_weights = _heaviest(rows, curvature, 1.0)
+    assert same_rows is rows and same_weights is curvature
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ def batched_lbfgs(
     eps: float = 1e-6,
     refresh: _Refresh | None = None,
     refresh_at: tuple[int, ...] = (),
-    refresh_slower_than: int | None = None,
+    refresh_slower_than: float | None = None,
 ) -> tuple[Tensor, int, Tensor]:
     """Minimise ``batch`` independent objectives with per-problem L-BFGS histories and steps.
 
@@ -176,7 +176,8 @@ def batched_lbfgs(
         # A failed line search, or a loss that no longer falls, means the loss is at its
         # floating-point floor: stop that problem.
         active = ~pending & (measure > tol) & (stalled < _STALLED)
-    out[live] = theta
+    if theta is not out:  # it is when no step was ever taken
+        out[live] = theta
     finished[live] = ~active
     return out, n_iter, finished
 
