@@ -8,8 +8,8 @@ projected so far, scores it on the held-out data, adds the projection onto its `
 span to a list, and rebuilds ``P = I - P_R(sum of those projections)`` (Ben-Israel's
 intersection of nullspaces), re-projecting the *original* data with it. Left out, which only
 makes the baseline faster: its per-iteration dropout mask (all ones at rate 0, scaled by
-1/(1 + 1e-6)). Both loops run every iteration on the same stratified 80/20 split; nothing is
-extrapolated.
+1/(1 + 1e-6)). Its weights are taken in float64 (see ``_reference_inlp``). Both loops run every
+iteration on the same stratified 80/20 split; nothing is extrapolated.
 
 mechprobe: ``inlp(X, y, n_iterations)`` with its default classifier (multinomial logistic
 regression, L2 1e-3, tol 1e-4, in torch), timed end to end. A one-vs-rest LinearSVC removes
@@ -102,7 +102,10 @@ def _reference_inlp(
     for _ in range(n_iterations):
         clf = make_clf().fit(X_train_cp, y_train)
         accuracies.append(float(clf.score(X_dev_cp, y_dev)))
-        rowspaces.append(_rowspace_projection(np.atleast_2d(clf.coef_)))
+        # float64 weights, as the reference's float64 data gives: scikit-learn's lbfgs keeps
+        # float32 rows in float32, and a float32 projection's rounding, summed with the others,
+        # has no zero eigenvalues left, so every direction would count as removed.
+        rowspaces.append(_rowspace_projection(np.atleast_2d(clf.coef_).astype(np.float64)))
         P = identity - _rowspace_projection(np.sum(rowspaces, axis=0))
         X_train_cp, X_dev_cp = X_train @ P.T, X_dev @ P.T
     return identity - _rowspace_projection(np.sum(rowspaces, axis=0)), accuracies
