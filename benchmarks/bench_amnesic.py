@@ -37,7 +37,7 @@ def run(ctx: Any) -> list[dict[str, Any]]:
     rows = []
     for label, projection in erasures.items():
 
-        def hooked(p: mp.Projection = projection) -> None:
+        def hooked(p: mp.Eraser = projection) -> None:
             with torch.no_grad(), mp.intervene(model, {site: mp.Project(p)}, batch=batch):
                 model(batch.tokens, attention_mask=batch.attention_mask)
 
