@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import pathlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,3 +124,59 @@ def test_encode_decode_plain_values() -> None:
     assert decode({"1": [1, 2]}, dict[int, tuple[int, ...]]) == {1: (1, 2)}
     assert decode([1, 2], int | tuple[int, ...] | None) == (1, 2)
     assert decode(3, int | tuple[int, ...] | None) == 3
+
+
+# Where each exported result's save -> load round trip (equal frames) is tested. A new result class
+# must be added here with its test, so that no result ships without one.
+ROUND_TRIPS = {
+    "AblationResult": "test_relational_protocol.py",
+    "AmnesicResult": "test_amnesic.py",
+    "AnalogyResult": "test_relational_protocol.py",
+    "CumulativeScores": "test_probes.py",
+    "Eraser": "test_nullspace.py",
+    "ErasureSweep": "test_erasure_sweep.py",
+    "LensResult": "test_lens.py",
+    "OVector": "test_relational_protocol.py",
+    "OVectorEffect": "test_relational_protocol.py",
+    "OVectorSweep": "test_relational_protocol.py",
+    "PatchResult": "test_patching.py",
+    "ProbeResult": "test_probes.py",
+    "RelationalResult": "test_relational_protocol.py",
+    "TaskScore": "test_relational_protocol.py",
+    "Trajectory": "test_relational_protocol.py",
+}
+
+
+def _exported_results() -> dict[str, type[Result]]:
+    return {
+        name: obj
+        for name in mp.__all__
+        if isinstance(obj := getattr(mp, name), type) and issubclass(obj, Result)
+    }
+
+
+def test_every_exported_result_has_a_round_trip_test() -> None:
+    exported = _exported_results()
+    assert sorted(exported) == sorted(ROUND_TRIPS), "add the new result and its round-trip test"
+    here = pathlib.Path(__file__).parent
+    for name, file in ROUND_TRIPS.items():
+        text = (here / file).read_text()
+        assert name in text and ".load(" in text, f"{file} does not load a saved {name}"
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIPS))
+def test_every_exported_result_implements_the_protocol(name: str) -> None:
+    cls = _exported_results()[name]
+    assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
+    assert cls._format, f"{name} has no format tag"
+    for method in ("to_frame", "summary", "plot", "_describe"):
+        assert getattr(cls, method) is not getattr(Result, method), f"{name} lacks {method}()"
+    assert cls.__repr__ is Result.__repr__, f"{name} overrides the short repr (use repr=False)"
+    # A dataclass-generated __eq__ compares arrays element-wise and raises: results say eq=False
+    # (identity) or define their own comparison.
+    types = " ".join(str(f.type) for f in dataclasses.fields(cls))
+    holds_arrays = any(word in types for word in ("ndarray", "Tensor", "Float[", "Int["))
+    own_eq = cls.__dict__.get("__eq__")
+    generated = own_eq is not None and own_eq.__code__.co_filename == "<string>"
+    generated = generated and holds_arrays
+    assert not generated, f"{name} compares its arrays with the dataclass __eq__ (say eq=False)"
