@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench tutorial clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
+
+# docs/tutorial.ipynb, executed at the full setting, from its jupytext source docs/tutorial.py
+# (the tests execute the same source at a small setting).
+tutorial: $(STAMP)
+	$(VENV)/bin/jupytext --to ipynb --execute --output docs/tutorial.ipynb docs/tutorial.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

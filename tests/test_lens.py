@@ -216,7 +216,7 @@ def test_save_and_load_round_trip_without_pickle(tiny, tmp_path, suffix):
     assert loaded.targets == result.targets and loaded.target_tokens == result.target_tokens
     assert loaded.token_text == result.token_text and loaded.prompts == result.prompts
     assert loaded.to_frame().equals(result.to_frame())
-    with pytest.raises(ValueError, match=r"\.json or \.npz"):
+    with pytest.raises(ValueError, match=r"\.json, \.npz or \.safetensors"):
         result.save(tmp_path / "lens.pkl")
 
 

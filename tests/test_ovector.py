@@ -44,7 +44,7 @@ def test_save_load_roundtrip_without_pickle(tmp_path):
         19, "capitals", 7, "m", {"items": ["Poland"]}
     )  # fmt: skip
     save_file({"vector": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="not an o-vector file"):
+    with pytest.raises(ValueError, match="not a saved mechprobe OVector"):
         mp.OVector.load(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="1-D"):
         mp.OVector(torch.zeros(2, 3), layer=0, source="x", n_prompts=1)

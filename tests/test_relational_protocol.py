@@ -95,7 +95,7 @@ def test_ovector_files_keep_safetensors_and_read_the_old_format(results, tmp_pat
     (tmp_path / "junk.safetensors").write_bytes(b"\x80\x04not a safetensors file")
     with pytest.raises(ValueError, match=r"junk\.safetensors"):
         mp.OVector.load(tmp_path / "junk.safetensors")
-    with pytest.raises(ValueError, match=r"\.safetensors, \.json or \.npz"):
+    with pytest.raises(ValueError, match=r"\.json, \.npz or \.safetensors"):
         o.save(tmp_path / "o.pt")
     with pytest.raises(FileNotFoundError, match="create it first"):
         o.save(tmp_path / "missing" / "o.safetensors")

@@ -58,7 +58,7 @@ def _toy() -> _Toy:
     )
 
 
-@pytest.mark.parametrize("suffix", [".json", ".npz"])
+@pytest.mark.parametrize("suffix", [".json", ".npz", ".safetensors"])
 def test_round_trip_keeps_types_shapes_and_non_finite_values(tmp_path, suffix: str) -> None:
     toy = _toy()
     path = toy.save(tmp_path / f"toy{suffix}")
@@ -78,6 +78,25 @@ def test_round_trip_keeps_types_shapes_and_non_finite_values(tmp_path, suffix: s
     assert isinstance(load_result(path), _Toy)
 
 
+def test_safetensors_keeps_dtypes_names_tensors_by_field_and_checks_digests(tmp_path) -> None:
+    from safetensors import safe_open
+
+    toy = dataclasses.replace(_toy(), vector=torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
+    path = toy.save(tmp_path / "toy.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        assert sorted(handle.keys()) == ["values", "vector"]
+        assert handle.metadata()["format"] == "tests.Toy"
+    back = _Toy.load(path)
+    assert back.vector.dtype == torch.bfloat16 and torch.equal(back.vector, toy.vector)
+    # One changed byte inside a tensor's data is found and named, with the file.
+    data = bytearray(path.read_bytes())
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    data[8 + int.from_bytes(data[:8], "little") + header["vector"]["data_offsets"][0]] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{path}: tensor 'vector' does not match its SHA-256"):
+        _Toy.load(path)
+
+
 def test_format_and_version_are_checked(tmp_path) -> None:
     data = _toy().to_dict()
     with pytest.raises(ValueError, match="newer mechprobe"):
@@ -91,7 +110,7 @@ def test_format_and_version_are_checked(tmp_path) -> None:
         _Toy.load(lens_path)
     with pytest.raises(FileNotFoundError, match="does not exist; create it first"):
         _toy().save(tmp_path / "missing" / "toy.json")
-    with pytest.raises(ValueError, match=r"\.json or \.npz"):
+    with pytest.raises(ValueError, match=r"\.json, \.npz or \.safetensors"):
         _toy().save(tmp_path / "toy.pkl")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a JSON file"):

@@ -11,9 +11,11 @@ and so has:
 - ``to_frame()``: a tidy DataFrame of everything; ``summary()``: a short one of the key numbers;
 - ``plot(ax=None)``: a matplotlib Figure (drawn into ``ax`` when one is given), built from the
   result's own arrays: plotting never recomputes;
-- ``save(path) -> Path`` and ``Class.load(path)``: JSON (``.json``: one readable file) or npz
-  (``.npz``: arrays in numpy's format, the rest as JSON inside), tagged with the format name and
-  version, never pickle; a result made of several files (a folder) overrides both;
+- ``save(path) -> Path`` and ``Class.load(path)``: JSON (``.json``: one readable file), npz
+  (``.npz``: arrays in numpy's format, the rest as JSON inside) or safetensors (``.safetensors``:
+  tensors exact in their dtype, bfloat16 included, named by their field, the rest as JSON in the
+  header, with SHA-256 digests of every tensor and of the header checked on load), tagged with the
+  format name and version, never pickle; a result made of several files (a folder) overrides both;
 - a one-line ``repr`` (shapes and key numbers, never the arrays) and ``_repr_html_``: in a
   notebook, the summary table, and the figure where one says more.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import html
 import io
 import json
@@ -58,6 +61,8 @@ __all__ = [
 R = TypeVar("R", bound="Result")
 _REGISTRY: dict[str, type[Result]] = {}
 _ARRAY, _TENSOR = "__array__", "__tensor__"
+_SUFFIXES = (".json", ".npz", ".safetensors")
+_Arrays = Mapping[str, "np.ndarray | torch.Tensor"]
 
 
 class Result:
@@ -119,8 +124,9 @@ class Result:
         return decode(dict(data), cls)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the result to ``path``: ``.json`` (one readable file) or ``.npz`` (arrays in numpy
-        format, the rest as JSON inside). Never pickle.
+        """Write the result to ``path``: ``.json`` (one readable file), ``.npz`` (arrays in numpy
+        format, the rest as JSON inside) or ``.safetensors`` (tensors exact, SHA-256 digests
+        checked on load). Never pickle.
 
         Returns:
             The path written.
@@ -130,32 +136,39 @@ class Result:
             FileNotFoundError: The folder does not exist.
         """
         path = Path(path)
-        if path.suffix not in (".json", ".npz"):
+        if path.suffix not in _SUFFIXES:
             raise ValueError(
-                f"Save a {type(self).__name__} to a .json or .npz file, not {path.name!r}."
+                f"Save a {type(self).__name__} to a .json, .npz or .safetensors file, not "
+                f"{path.name!r}."
             )
         _check_folder(path)
         if path.suffix == ".json":
             text = json.dumps(self.to_dict(), allow_nan=False)
             write_atomic(path, text.encode("utf-8"))
             return path
-        arrays: dict[str, np.ndarray] = {}
+        arrays: dict[str, np.ndarray | torch.Tensor] = {}
         meta = encode(self, arrays=arrays)
+        if path.suffix == ".safetensors":
+            write_atomic(path, _safetensors_bytes(self, meta, arrays))
+            return path
         buffer = io.BytesIO()
-        arrays["__meta__"] = np.asarray(json.dumps(meta, allow_nan=False))
-        np.savez_compressed(buffer, allow_pickle=False, **arrays)
+        npz = {k: _numpy_of(v) for k, v in arrays.items()}
+        npz["__meta__"] = np.asarray(json.dumps(meta, allow_nan=False))
+        np.savez_compressed(buffer, allow_pickle=False, **npz)
         write_atomic(path, buffer.getvalue())
         return path
 
     @classmethod
     def load(cls: type[R], path: str | os.PathLike[str]) -> R:
-        """Read a result written by :meth:`save` (``.json`` or ``.npz``; no pickle involved).
+        """Read a result written by :meth:`save` (``.json``, ``.npz`` or ``.safetensors``; no
+        pickle involved).
 
         Raises:
             FileNotFoundError: No such file.
-            ValueError: Not a saved result of this class, or unreadable.
+            ValueError: Not a saved result of this class, unreadable, or (safetensors) changed
+                since it was saved; the message names the file.
         """
-        data, arrays = _read(Path(path))
+        data, arrays = _read(Path(path), cls)
         try:
             _check_format(cls, data)
             return decode(data, cls, arrays=arrays)
@@ -192,7 +205,7 @@ class Result:
 
 
 def load_result(path: str | os.PathLike[str]) -> Result:
-    """Read any saved result by its format tag (``.json`` or ``.npz``).
+    """Read any saved result by its format tag (``.json``, ``.npz`` or ``.safetensors``).
 
     Example:
         >>> import mechprobe as mp, tempfile, pathlib
@@ -201,14 +214,14 @@ def load_result(path: str | os.PathLike[str]) -> Result:
         >>> type(load_result(path)).__name__
         'LensResult'
     """
-    data, arrays = _read(Path(path))
+    data, _ = _read(Path(path))
     cls = _REGISTRY.get(str(data.get("format")))
     if cls is None:
         raise ValueError(
             f"{path}: format {data.get('format')!r} is not a mechprobe result "
             f"(known: {sorted(_REGISTRY)})."
         )
-    return cls.load(path) if arrays is None else decode(data, cls, arrays=arrays)
+    return cls.load(path)  # a class may read its older files itself
 
 
 def new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
@@ -248,40 +261,46 @@ def write_atomic(path: Path, data: bytes) -> None:
 # --- the serialiser -----------------------------------------------------------------------------
 
 
-def encode(value: Any, arrays: dict[str, np.ndarray] | None = None) -> Any:
-    """JSON-ready data for ``value``; with ``arrays``, arrays go there (npz) and leave a key.
+def encode(value: Any, arrays: dict[str, Any] | None = None, at: str = "") -> Any:
+    """JSON-ready data for ``value``; with ``arrays``, arrays and tensors go there (npz,
+    safetensors), named by where they sit (``at``: ``"removed"``, ``"measures.0.values"``), and
+    leave that name behind.
 
     Example:
         >>> encode({"x": float("nan"), 2: (1, 2)})
         {'x': None, '2': [1, 2]}
     """
+
+    def inner(v: Any, key: Any) -> Any:
+        return encode(v, arrays, f"{at}.{key}" if at else str(key))
+
     if isinstance(value, Result):
         out: dict[str, Any] = {"format": value._format, "version": value._version}
         for f in dataclasses.fields(value):  # type: ignore[arg-type]
-            out[f.name] = encode(getattr(value, f.name), arrays)
+            out[f.name] = inner(getattr(value, f.name), f.name)
         return out
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: encode(getattr(value, f.name), arrays) for f in dataclasses.fields(value)}
+        return {f.name: inner(getattr(value, f.name), f.name) for f in dataclasses.fields(value)}
     if isinstance(value, torch.Tensor):
-        return {_TENSOR: _encode_array(value.detach().cpu().numpy(), arrays)}
+        if arrays is not None:  # kept a tensor: safetensors stores its dtype exactly
+            return {_TENSOR: _store(value.detach().cpu(), arrays, at)}
+        return {_TENSOR: _encode_array(value.detach().cpu().numpy(), None, at)}
     if isinstance(value, np.ndarray):
-        return {_ARRAY: _encode_array(value, arrays)}
+        return {_ARRAY: _encode_array(value, arrays, at)}
     if isinstance(value, np.generic):
-        return encode(value.item(), arrays)
+        return encode(value.item(), arrays, at)
     if isinstance(value, float):
         return _encode_float(value)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a NamedTuple
-        return [encode(v, arrays) for v in value]
-    if isinstance(value, (list, tuple)):
-        return [encode(v, arrays) for v in value]
+    if isinstance(value, (list, tuple)):  # NamedTuples too
+        return [inner(v, i) for i, v in enumerate(value)]
     if isinstance(value, Mapping):
-        return {str(k): encode(v, arrays) for k, v in value.items()}
+        return {str(k): inner(v, k) for k, v in value.items()}
     if isinstance(value, Path):
         return str(value)
     return value
 
 
-def decode(value: Any, hint: Any, arrays: Mapping[str, np.ndarray] | None = None) -> Any:
+def decode(value: Any, hint: Any, arrays: _Arrays | None = None) -> Any:
     """The inverse of :func:`encode`, guided by the type annotation ``hint``.
 
     Example:
@@ -291,7 +310,14 @@ def decode(value: Any, hint: Any, arrays: Mapping[str, np.ndarray] | None = None
     if isinstance(value, dict) and _ARRAY in value:
         return _decode_array(value[_ARRAY], arrays)
     if isinstance(value, dict) and _TENSOR in value:
-        return torch.from_numpy(np.array(_decode_array(value[_TENSOR], arrays)))
+        stored = value[_TENSOR]
+        if (
+            "npz" in stored
+            and arrays is not None
+            and isinstance(arrays[stored["npz"]], torch.Tensor)
+        ):
+            return arrays[stored["npz"]]
+        return torch.from_numpy(np.array(_decode_array(stored, arrays)))
     if hint is Any or hint is None:
         return value
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -343,7 +369,7 @@ def _check_format(cls: type[Result], data: Mapping[str, Any]) -> None:
         )
 
 
-def _read(path: Path) -> tuple[dict[str, Any], Mapping[str, np.ndarray] | None]:
+def _read(path: Path, cls: type[Result] | None = None) -> tuple[dict[str, Any], _Arrays | None]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (or is not a file).")
     if path.suffix == ".json":
@@ -359,7 +385,11 @@ def _read(path: Path) -> tuple[dict[str, Any], Mapping[str, np.ndarray] | None]:
         except (OSError, ValueError, KeyError) as err:
             raise ValueError(f"{path}: not an npz file written by mechprobe ({err}).") from err
         return meta, arrays
-    raise ValueError(f"Load a .json or .npz file written by mechprobe, not {path.name!r}.")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path, cls)
+    raise ValueError(
+        f"Load a .json, .npz or .safetensors file written by mechprobe, not {path.name!r}."
+    )
 
 
 def _check_folder(path: Path) -> None:
@@ -383,26 +413,128 @@ def _decode_float(value: Any) -> float:
     return float(value)  # float("inf") and float("-inf") read the strings back
 
 
-def _encode_array(array: np.ndarray, arrays: dict[str, np.ndarray] | None) -> dict[str, Any]:
+def _store(value: np.ndarray | torch.Tensor, arrays: dict[str, Any], at: str) -> dict[str, Any]:
+    key = at or "value"
+    arrays[key] = value
+    return {"npz": key}  # "npz": the name in the file's array store (npz or safetensors)
+
+
+def _encode_array(array: np.ndarray, arrays: dict[str, Any] | None, at: str) -> dict[str, Any]:
     if arrays is not None:
-        key = f"a{len(arrays)}"
-        arrays[key] = array
-        return {"npz": key}
+        return _store(array, arrays, at)
     flat = array.ravel().tolist()
     if array.dtype.kind in "fc":
         flat = [_encode_float(float(x)) for x in flat]
     return {"dtype": str(array.dtype), "shape": list(array.shape), "data": flat}
 
 
-def _decode_array(spec: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None) -> np.ndarray:
+def _decode_array(spec: Mapping[str, Any], arrays: _Arrays | None) -> np.ndarray:
     if "npz" in spec:
         if arrays is None:
             raise ValueError("an array stored in an npz file was read from JSON")
-        return arrays[spec["npz"]]
+        return _numpy_of(arrays[spec["npz"]])
     data = spec["data"]
     if np.dtype(spec["dtype"]).kind in "fc":
         data = [_decode_float(x) for x in data]
     return np.asarray(data, dtype=spec["dtype"]).reshape(spec["shape"])
+
+
+def _numpy_of(value: np.ndarray | torch.Tensor) -> np.ndarray:
+    return value.numpy() if isinstance(value, torch.Tensor) else value
+
+
+# --- safetensors: tensors exact, the encoded rest in the header, digests of both -------------
+
+
+def _safetensors_bytes(result: Result, meta: Any, arrays: Mapping[str, Any]) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {}
+    for key, value in arrays.items():
+        if isinstance(value, np.ndarray) and value.dtype.kind not in "biuf":
+            raise ValueError(
+                f"{type(result).__name__}.{key} holds {value.dtype} data, which safetensors "
+                "cannot store: save to .json or .npz instead."
+            )
+        tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(value)
+        tensors[key] = tensor.contiguous()
+    header = {
+        "format": result._format,
+        "version": str(result._version),
+        "mechprobe": json.dumps(meta, allow_nan=False),
+    }
+    digests = {name: _tensor_digest(t) for name, t in tensors.items()}
+    digests["metadata"] = _header_digest(header)
+    header["sha256"] = json.dumps(digests, sort_keys=True)
+    return save(tensors, metadata=header)
+
+
+def _read_safetensors(path: Path, cls: type[Result] | None) -> tuple[dict[str, Any], _Arrays]:
+    """The encoded result and its tensors, after checking format, version and every digest."""
+    from safetensors import SafetensorError, safe_open
+
+    what = f"mechprobe {cls.__name__}" if cls is not None else "mechprobe result"
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(
+            f"{path} is not a safetensors file written by a {what}'s save ({err}); it may be "
+            "damaged, or a pickle: save the result again."
+        ) from None
+    found = header.get("format")
+    if cls is not None and found != cls._format:
+        raise ValueError(
+            f"{path} is not a saved {what} (format {found!r}, expected {cls._format!r}); write "
+            f"one with {cls.__name__}.save."
+        )
+    if cls is not None:
+        try:
+            _check_format(cls, {"format": found, "version": int(header.get("version", ""))})
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}.") from None
+    try:
+        digests = json.loads(header["sha256"])
+        data = json.loads(header["mechprobe"])
+    except (KeyError, json.JSONDecodeError):
+        raise ValueError(
+            f"{path} has no readable mechprobe header (SHA-256 digests and fields): it was not "
+            "written by mechprobe's save; save the result again."
+        ) from None
+    if digests.get("metadata") != _header_digest(header):
+        raise ValueError(
+            f"{path}: its metadata does not match its SHA-256 digest: the file was changed or "
+            "damaged after saving; save the result again."
+        )
+    for name in sorted(set(digests) - {"metadata"}):
+        if name not in tensors:
+            raise ValueError(
+                f"{path} lacks the tensor {name!r} its metadata lists: the file is incomplete; "
+                "save the result again."
+            )
+        if _tensor_digest(tensors[name]) != digests[name]:
+            raise ValueError(
+                f"{path}: tensor {name!r} does not match its SHA-256 digest: the file was "
+                "changed or damaged after saving; save the result again."
+            )
+    extra = sorted(set(tensors) - set(digests))
+    if extra:
+        raise ValueError(f"{path} holds tensors {extra} that its metadata does not list.")
+    return data, tensors
+
+
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (a saved file's integrity check)."""
+    tensor = tensor.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{tensor.dtype}:{list(tensor.shape)}:".encode())
+    h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+def _header_digest(header: Mapping[str, str]) -> str:
+    body = {k: v for k, v in header.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _decode_key(key: str, hint: Any) -> Any:

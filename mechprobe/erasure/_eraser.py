@@ -17,11 +17,7 @@ demand; applying the eraser costs two thin products, ``O(k d)`` per vector, neve
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -30,7 +26,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechprobe.core import Result, check_finite, check_int, new_axes, write_atomic
+from mechprobe.core import Result, check_finite, check_int, new_axes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -45,8 +41,6 @@ __all__ = [
 ]
 
 ArrayT = TypeVar("ArrayT", np.ndarray, Tensor)
-_SAFETENSORS_FORMAT = "mechprobe.Eraser"
-_TENSORS = ("removed", "readout", "mean")
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -293,139 +287,10 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
 
     # --- files -----------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write to ``.safetensors`` (tensors exact, with SHA-256 digests checked on load), or to
-        ``.json`` / ``.npz`` as every result. Never pickle.
-
-        Example:
-            >>> import tempfile, os
-            >>> eraser = random_projection(6, 2)
-            >>> path = eraser.save(os.path.join(tempfile.mkdtemp(), "eraser.safetensors"))
-            >>> bool(torch.equal(Eraser.load(path).removed, eraser.removed))
-            True
-        """
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            return super().save(path)
-        from safetensors.torch import save
-
-        if not path.parent.is_dir():
-            raise FileNotFoundError(
-                f"Cannot write {path}: the folder {path.parent} does not exist; create it first."
-            )
-        tensors = {
-            name: t.detach().cpu().contiguous()
-            for name in _TENSORS
-            if (t := getattr(self, name)) is not None
-        }
-        meta = {
-            "format": _SAFETENSORS_FORMAT,
-            "version": str(self._version),
-            "method": self.method,
-            "accuracies": json.dumps(list(self.accuracies)),
-            "ranks": json.dumps(list(self.ranks)),
-            "majority_baseline": json.dumps(self.majority_baseline),
-        }
-        digests = {name: _digest(t) for name, t in tensors.items()}
-        digests["metadata"] = _metadata_digest(meta)
-        meta["sha256"] = json.dumps(digests, sort_keys=True)
-        write_atomic(path, save(tensors, metadata=meta))
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Eraser:
-        """Read a file written by :meth:`save`, checking every digest of a ``.safetensors`` file.
-
-        Raises:
-            FileNotFoundError: No such file.
-            ValueError: Not a safetensors file written by :meth:`save` (a pickle, another
-                format), a tensor missing, or bytes changed since saving; the message names the
-                file.
-        """
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            return super().load(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist (or is not a file).")
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(
-                f"{path} is not a safetensors file written by mechprobe's Eraser.save ({err}); "
-                "it may be damaged, or a pickle: re-save the eraser with Eraser.save."
-            ) from None
-        return _from_safetensors(cls, path, meta, tensors)
-
 
 def _numpy(tensor: Tensor, dtype: np.dtype) -> np.ndarray:
     """A factor as a numpy array of ``dtype`` (through float64: numpy has no bfloat16)."""
     return tensor.detach().cpu().to(torch.float64).numpy().astype(dtype, copy=False)
-
-
-def _digest(tensor: Tensor) -> str:
-    """SHA-256 of a tensor's dtype, shape and bytes."""
-    h = hashlib.sha256(f"{tensor.dtype}:{list(tensor.shape)}:".encode())
-    h.update(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return h.hexdigest()
-
-
-def _metadata_digest(meta: dict[str, str]) -> str:
-    body = {k: v for k, v in meta.items() if k != "sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _from_safetensors(
-    cls: type[Eraser], path: Path, meta: dict[str, str], tensors: dict[str, Tensor]
-) -> Eraser:
-    """Check format, digests and completeness of what :meth:`Eraser.save` wrote; build it."""
-    found = meta.get("format")
-    if found != _SAFETENSORS_FORMAT:
-        older = " (an older mechprobe's Projection, saved without digests)" if found else ""
-        raise ValueError(
-            f"{path} is not a saved mechprobe Eraser (format {found!r}{older}); write one with "
-            "Eraser.save, or re-run the fit and save it again."
-        )
-    if meta.get("version") != str(cls._version):
-        raise ValueError(
-            f"{path}: Eraser file version {meta.get('version')!r}, this mechprobe reads "
-            f"version {cls._version}; re-save it with this release."
-        )
-    try:
-        digests = json.loads(meta["sha256"])
-    except (KeyError, json.JSONDecodeError):
-        raise ValueError(f"{path} has no readable SHA-256 digests: re-save the eraser.") from None
-    if digests.get("metadata") != _metadata_digest(meta):
-        raise ValueError(
-            f"{path}: its metadata does not match its SHA-256 digest: the file was changed or "
-            "damaged after saving; re-fit or re-save the eraser."
-        )
-    for name in sorted(set(digests) - {"metadata"}):
-        if name not in tensors:
-            raise ValueError(
-                f"{path} lacks the tensor {name!r} its metadata lists: the file is incomplete; "
-                "re-save the eraser."
-            )
-        if _digest(tensors[name]) != digests[name]:
-            raise ValueError(
-                f"{path}: tensor {name!r} does not match its SHA-256 digest: the file was changed "
-                "or damaged after saving; re-fit or re-save the eraser."
-            )
-    extra = sorted(set(tensors) - set(digests))
-    if extra or "removed" not in tensors:
-        raise ValueError(f"{path} holds tensors {sorted(tensors)}, not an Eraser's: re-save it.")
-    return cls(
-        removed=tensors["removed"],
-        method=meta["method"],
-        readout=tensors.get("readout"),
-        mean=tensors.get("mean"),
-        accuracies=tuple(float(a) for a in json.loads(meta["accuracies"])),
-        ranks=tuple(int(r) for r in json.loads(meta["ranks"])),
-        majority_baseline=json.loads(meta["majority_baseline"]),
-    )
 
 
 def orthonormal_basis(

@@ -36,7 +36,6 @@ from mechprobe.core import (
     resolve_site,
     run,
     tokenize,
-    write_atomic,
 )
 from mechprobe.relational._figure import axes_for
 from mechprobe.relational._pass import TaskPass
@@ -131,88 +130,43 @@ class OVector(Result, format="mechprobe.OVector", version=2):
             f"{self.norm:.3g}, {self.n_prompts} prompt(s)"
         )
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the o-vector to ``path``: ``.safetensors`` (the tensor in its dtype, metadata in
-        the header), ``.json`` or ``.npz`` (the result protocol's files). Never pickle.
-
-        Returns:
-            The path written.
-
-        Raises:
-            ValueError: Another suffix.
-            FileNotFoundError: The folder does not exist.
-        """
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            if path.suffix not in (".json", ".npz"):
-                raise ValueError(
-                    f"Save an OVector to a .safetensors, .json or .npz file, not {path.name!r}."
-                )
-            return super().save(path)
-        if not path.parent.is_dir():
-            raise FileNotFoundError(
-                f"Cannot write {path}: the folder {path.parent} does not exist; create it first."
-            )
-        from safetensors.torch import save
-
-        meta = {
-            "format": self._format,
-            "version": str(self._version),
-            "layer": str(self.layer),
-            "source": self.source,
-            "n_prompts": str(self.n_prompts),
-            "model": self.model,
-            "info": json.dumps(self.info),
-        }
-        data = save({"vector": self.vector.detach().contiguous().cpu()}, metadata=meta)
-        write_atomic(path, data)
-        return path
-
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> OVector:
-        """Read a file written by :meth:`save` (``.safetensors``, ``.json`` or ``.npz``; also the
-        ``.safetensors`` files of earlier releases).
+        """Read a file written by :meth:`save` (``.safetensors``, ``.json`` or ``.npz``), or an
+        ``.safetensors`` o-vector file of the previous release.
 
         Raises:
             FileNotFoundError: No such file.
-            ValueError: Not an o-vector file written by mechprobe, or one from a newer release.
+            ValueError: Not an o-vector file written by mechprobe, changed since it was saved, or
+                one from a newer release.
         """
         path = Path(path)
-        if path.suffix != ".safetensors":
-            return super().load(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist (or is not a file).")
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file, safe_open
+        old = _old_release_file(path) if path.suffix == ".safetensors" else None
+        return old if old is not None else super().load(path)
 
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{path}: not a safetensors file ({err}).") from err
-        tag = meta.get("format")
-        if tag != _OLD_FORMAT:
-            if tag != cls._format:
-                raise ValueError(
-                    f"{path} is not an o-vector file (format {tag!r}, expected {cls._format!r}); "
-                    "write it with OVector.save."
-                )
-            if meta.get("version") != str(cls._version):
-                raise ValueError(
-                    f"{path}: o-vector format version {meta.get('version')!r}; this mechprobe "
-                    f"reads version {cls._version} (upgrade mechprobe, or save the vector anew)."
-                )
-        if "vector" not in tensors:
-            raise ValueError(f"{path}: an o-vector file without its 'vector' tensor.")
-        return cls(
-            vector=tensors["vector"],
-            layer=int(meta["layer"]),
-            source=meta["source"],
-            n_prompts=int(meta["n_prompts"]),
-            model=meta.get("model", ""),
-            info=json.loads(meta.get("info", "{}")),
-        )
+
+def _old_release_file(path: Path) -> OVector | None:
+    """The o-vector in a safetensors file of the previous release (its own header, no digests);
+    None for any other file, which the result protocol's reader then checks."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            if meta.get("format") != _OLD_FORMAT or "vector" not in handle.keys():  # noqa: SIM118
+                return None
+            vector = handle.get_tensor("vector")
+    except (SafetensorError, OSError, ValueError):
+        return None
+    return OVector(
+        vector=vector,
+        layer=int(meta["layer"]),
+        source=meta["source"],
+        n_prompts=int(meta["n_prompts"]),
+        model=meta.get("model", ""),
+        info=json.loads(meta.get("info", "{}")),
+    )
 
 
 def _model_name(model: Any) -> str:

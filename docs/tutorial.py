@@ -1,0 +1,171 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent,ipynb
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # mechprobe in one sitting
+#
+# One model, one question (how does SmolLM2-135M-Instruct know that the capital of France is
+# Paris?), five tools: the **logit lens**, **activation patching**, Merullo et al.'s **FFN-update
+# analysis** of the capitals task, a **layer-wise probe**, and an **erasure** of what the probe
+# found, put back into the model.
+#
+# Every result below is the same kind of object: it prints as one line, shows a summary table in
+# a notebook, draws itself with `.plot()`, turns into a DataFrame with `.to_frame()` and
+# saves to JSON with `.save(path)`.
+#
+# This file is a [jupytext](https://jupytext.readthedocs.io) script: `docs/tutorial.ipynb` is
+# made from it (`jupytext --to ipynb --execute docs/tutorial.py`), and the tests execute it on a
+# small setting (`MECHPROBE_TUTORIAL_SMALL=1`) so that it cannot rot.
+
+# %%
+import os
+
+import mechprobe as mp
+
+SMALL = os.environ.get("MECHPROBE_TUTORIAL_SMALL") == "1"  # the tests' setting: fewer items
+model = mp.load_model()  # the embedded SmolLM2-135M-Instruct, offline
+model.cfg.n_layers, model.cfg.d_model
+
+# %% [markdown]
+# ## 1. Early decoding: when does " Paris" surface?
+#
+# The logit lens decodes the residual stream after every block through the model's own final
+# norm and unembedding. `targets` follows the answer's rank and probability layer by layer.
+
+# %%
+prompt = "Q: What is the capital of France?\nA:"
+lens = mp.logit_lens(model, prompt, targets=" Paris", progress=False)
+lens
+
+# %%
+lens.summary()
+
+# %%
+lens.plot()
+
+# %% [markdown]
+# ## 2. Activation patching: which layers carry the country?
+#
+# Run the prompt about Italy, and write in the residual stream of the prompt about France, one
+# layer at a time at the last position. The metric is the logit difference " Paris" - " Rome":
+# recovery 1 means that layer's state alone carries the whole answer.
+
+# %%
+clean = "Q: What is the capital of France?\nA:"
+corrupt = "Q: What is the capital of Italy?\nA:"
+patched = mp.patch(
+    model, clean, corrupt, "resid_pre", -1, mp.logit_diff(" Paris", " Rome"), progress=False
+)
+patched
+
+# %%
+patched.plot()
+
+# %% [markdown]
+# The last position carries the answer only late: the country is read there by attention from
+# the country's own token in the middle layers. Patching every position shows the route.
+
+# %%
+routes = mp.patch(
+    model, clean, corrupt, "resid_pre", "all", mp.logit_diff(" Paris", " Rome"),
+    layers=range(0, model.cfg.n_layers, 3), progress=False,
+)  # fmt: skip
+routes.plot()
+
+# %% [markdown]
+# ## 3. The capitals task, as Merullo et al. read it
+#
+# `relational_analysis` runs the whole argument: the task's accuracy, the stages of the logit
+# lens (argument, then answer), the FFN update `o` at the layer where the answer appears, and
+# that update written into other contexts beside random vectors of the same norm. Each step is
+# also a public function (`task_pass`, `fit_ovector`, `ovector_controls`, `tuned_intervention`).
+
+# %%
+relational = mp.relational_analysis(
+    model, "capitals", n_items=8 if SMALL else None, sweep_layers=None, n_random=1 if SMALL else 3,
+    ablation=not SMALL, progress=False,
+)  # fmt: skip
+relational
+
+# %%
+relational.summary()
+
+# %%
+relational.trajectory.plot()
+
+# %% [markdown]
+# ## 4. A probe: where is the country linearly decodable?
+#
+# `country_dataset` labels the last token of capital questions (four phrasings, 0, 1 or 3 shots)
+# with their country; `collect` reads `resid_post` at every layer, and `probe_layers` fits one
+# logistic probe per layer in a single batched solve, with Hewitt & Liang's control task beside
+# it (a random label per word type): selectivity = accuracy - control accuracy.
+
+# %%
+countries = mp.country_dataset(n_countries=20, shots=(0, 1, 3), seed=0)
+acts = mp.collect(model, countries, "resid_post", progress=False)
+probes = mp.probe_layers(acts, seed=0, progress=False)
+probes
+
+# %%
+probes.plot()
+
+# %% [markdown]
+# ## 5. Erase it, and ask the model again
+#
+# LEACE removes the least it can (here 19 directions: classes - 1) so that no linear probe finds
+# the country; INLP (Ravfogel et al.) removes probe directions again and again. The eraser is
+# applied *inside* the model as a hook (Elazar et al.'s amnesic probing) at the last token of the
+# same 20 countries' capital questions, beside random erasers of the same rank. Layer 23 is the
+# block before the FFN that applies the relation (docs/amnesic.md): if the task breaks there
+# under the real erasure and not under the random ones, the model reads that country identity.
+
+# %%
+layer = 23
+eraser = mp.leace(acts.layer(layer), acts.labels)
+task = mp.load_task("capitals").with_shots(3).subset(20, seed=0)  # the same 20 countries
+amnesic = mp.amnesic(
+    model, mp.Site("resid_post", layer), eraser, task=task, positions=-1,
+    n_random=2 if SMALL else 5, dropout=False, seed=0, progress=False,
+)  # fmt: skip
+amnesic
+
+# %%
+amnesic.summary()
+
+# %%
+amnesic.plot()
+
+# %% [markdown]
+# INLP needs many more directions for 20 classes, and its random controls of that rank break the
+# task too: it is not selective here.
+
+# %%
+inlp = mp.inlp(acts.layer(layer), acts.labels, n_iterations=5 if SMALL else 20, seed=0,
+               progress=False)  # fmt: skip
+inlp
+
+# %% [markdown]
+# ## Saving and reading back
+#
+# Every result saves to JSON (or `.npz` for large arrays) with a format tag, and
+# `mechprobe.core.load_result` reads any of them back.
+
+# %%
+import tempfile
+from pathlib import Path
+
+with tempfile.TemporaryDirectory() as folder:
+    path = probes.save(Path(folder) / "probes.json")
+    again = mp.core.load_result(path)
+again.to_frame().head()
