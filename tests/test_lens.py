@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import hook_count
+from conftest import hf_of, hook_count
 from matplotlib.figure import Figure
 
 import mechprobe as mp
@@ -30,7 +30,7 @@ def _ids(model, prompt: str, target: str = "") -> torch.Tensor:
 
 def _hf_layer_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     """``[layers, seq, vocab]`` log-probs from HF's hidden states through its own norm + lm_head."""
-    hf = model.original_model
+    hf = hf_of(model)
     with torch.no_grad():
         hidden = hf(ids, output_hidden_states=True).hidden_states
         n = len(hidden) - 1
@@ -82,7 +82,7 @@ def test_component_writes_are_decoded_on_their_own(tiny):
     result = mp.logit_lens(tiny, PROMPTS[:2], sites=sites, positions=-1, top_k=tiny.cfg.d_vocab)
     assert result.sites == ("resid_pre",) * 3 + ("attn_out",) * 3 + ("mlp_out", "resid_mid")
     assert result.layers == (0, 1, 2, 0, 1, 2, 1, 2)
-    hf = tiny.original_model
+    hf = hf_of(tiny)
     names = [
         f"blocks.{layer}.hook_{kind}"
         for kind, layer in zip(result.sites, result.layers, strict=True)

@@ -5,20 +5,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MODELS, hf_of, tiny_of
 
 import mechprobe as mp
 from mechprobe.core import _models as models
 
 
-def test_tiny_model_is_deterministic_and_matches_hf(tiny):
-    again = mp.tiny_model(seed=0)
-    other = mp.tiny_model(seed=1)
+def test_tiny_model_is_deterministic_and_matches_hf(tiny, request):
+    name = request.node.callspec.params["tiny"]
+    again = tiny_of(name, seed=0)
+    other = tiny_of(name, seed=1)
     tokens = tiny.to_tokens("Hello there")
     with torch.no_grad():
         logits = tiny(tokens)
         assert torch.equal(logits, again(tokens))
         assert not torch.allclose(logits, other(tokens))
-        hf = tiny.original_model(tokens).logits
+        hf = hf_of(tiny)(tokens).logits
     assert (logits - hf).abs().max().item() <= 1e-5
 
 
@@ -39,11 +41,14 @@ def test_empty_name_rejected():
         mp.load_model("")
 
 
-def test_local_folder_loads_and_matches(tiny, tmp_path):
-    hf_model, tokenizer = models._tiny_hf(0, 3, 64)  # the weights behind tiny_model(seed=0)
+def test_local_folder_loads_and_matches(tiny, tmp_path, request):
+    spec = TINY_MODELS[request.node.callspec.params["tiny"]]
+    # the weights behind tiny_model(seed=0), loaded as the same kind of model
+    hf_model, tokenizer = models._tiny_hf(0, 3, 64, spec.get("architecture", "llama"))
     hf_model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    loaded = mp.load_model(str(tmp_path))
+    loaded = mp.load_model(str(tmp_path), kind=spec["kind"])
+    assert type(loaded) is type(tiny)
     tokens = tiny.to_tokens("local folder")
     with torch.no_grad():
         assert torch.allclose(loaded(tokens), tiny(tokens), atol=1e-5)

@@ -5,6 +5,7 @@ The analyses (:mod:`mechprobe.lens`, :mod:`mechprobe.patching`, :mod:`mechprobe.
 ``core`` imports no analysis. Users find the same names in :mod:`mechprobe` itself.
 """
 
+from mechprobe.core._adapter import ModelAdapter, ModelKind, model_adapter
 from mechprobe.core._batching import (
     Batch,
     PaddingSide,
@@ -27,7 +28,14 @@ from mechprobe.core._hooks import (
     StopForward,
     intervene,
 )
-from mechprobe.core._models import DEFAULT_MODEL, ModelLoadError, cache_dir, load_model, tiny_model
+from mechprobe.core._models import (
+    DEFAULT_MODEL,
+    ModelLoadError,
+    cache_dir,
+    load_model,
+    save_model,
+    tiny_model,
+)
 from mechprobe.core._progress import progress_bar, progress_enabled
 from mechprobe.core._readout import Readout, readout
 from mechprobe.core._results import (
@@ -63,6 +71,8 @@ __all__ = [
     "Intervention",
     "InterventionSpec",
     "Layers",
+    "ModelAdapter",
+    "ModelKind",
     "ModelLoadError",
     "PaddingSide",
     "PositionSpec",
@@ -91,6 +101,7 @@ __all__ = [
     "intervene",
     "load_model",
     "load_result",
+    "model_adapter",
     "new_axes",
     "pad_id",
     "pad_rows",
@@ -102,6 +113,7 @@ __all__ = [
     "resolve_site",
     "resolve_sites",
     "run",
+    "save_model",
     "tiny_model",
     "tokenize",
     "tokenize_with_targets",

@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from mechprobe.core._adapter import model_adapter
 from mechprobe.core._validation import as_int
 
 __all__ = [
@@ -178,18 +179,17 @@ def _check_prompts(prompts: Sequence[str] | str) -> list[str]:
 
 
 def _encode(model: Any, texts: Sequence[str]) -> list[list[int]]:
-    tokenizer = model.tokenizer
-    if tokenizer is None:
-        raise ValueError("This model has no tokenizer; pass token ids instead of strings.")
+    tokenizer = model_adapter(model).tokenizer
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 def _prepend_bos(model: Any, prepend_bos: bool | None) -> int | None:
+    adapter = model_adapter(model)
     if prepend_bos is None:
-        prepend_bos = bool(getattr(model.cfg, "default_prepend_bos", True))
+        prepend_bos = adapter.prepend_bos
     if not prepend_bos:
         return None
-    bos = model.tokenizer.bos_token_id
+    bos = adapter.tokenizer.bos_token_id
     if bos is None:
         raise ValueError("This tokenizer has no BOS token; pass prepend_bos=False.")
     return int(bos)
@@ -224,7 +224,7 @@ def pad_rows(
 
 def pad_id(model: Any) -> int:
     """The id written at padded positions: the tokenizer's pad token, else EOS, else 0."""
-    tok = model.tokenizer
+    tok = model_adapter(model).tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return int(pad if pad is not None else 0)
 
@@ -306,7 +306,7 @@ def tokenize_with_targets(
 
 def _check_context(model: Any, rows: Sequence[Sequence[int]], what: str = "") -> None:
     """Refuse rows longer than the model's context (positions past it are not trained)."""
-    n_ctx = getattr(model.cfg, "n_ctx", None)
+    n_ctx = model_adapter(model).n_ctx
     if n_ctx is None:
         return
     for i, row in enumerate(rows):
@@ -331,7 +331,7 @@ def first_token_ids(model: Any, texts: Sequence[str]) -> list[int]:
         >>> first_token_ids(tiny_model(), [" Paris", "a"])
         [223, 67]
     """
-    ids = model.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids = model_adapter(model).tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     for text, row in zip(texts, ids, strict=True):
         if not row:
             raise ValueError(f"{text!r} tokenises to nothing: give a non-empty answer/argument.")

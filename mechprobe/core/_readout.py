@@ -20,6 +20,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechprobe.core._adapter import model_adapter
+
 __all__ = ["Readout", "readout"]
 
 
@@ -32,7 +34,7 @@ class Readout:
     """Decode residual-stream vectors the way the model decodes its last block's output.
 
     Args:
-        model: A TransformerLens model with ``ln_final``, ``W_U`` and ``b_U``.
+        model: A ``TransformerBridge`` or ``HookedTransformer``.
         chunk: Rows per unembedding matmul (the buffers' height).
 
     Example:
@@ -47,15 +49,17 @@ class Readout:
     def __init__(self, model: Any, chunk: int) -> None:
         self.model = model
         self.chunk = chunk
-        self.weight = model.W_U  # [d_model, vocab]: a view of the unembedding's own weight
-        self.bias = model.b_U
+        # The adapter answers for a TransformerBridge and a HookedTransformer alike: the final norm
+        # (weightless when folded), the unembedding (views of the model's own weights) and the
+        # architecture's post-unembedding transform.
+        self._adapter = model_adapter(model)
+        self.weight, self.bias = self._adapter.unembedding()  # [d_model, vocab], [vocab]
         vocab, device = self.weight.shape[1], self.weight.device
         # torch.empty only reserves: pages are touched (and counted) when first written. The
         # statistics' buffers are made on first use, so plain logits cost one buffer.
         self._logits = torch.empty(chunk, vocab, dtype=self.weight.dtype, device=device)
         self._buffers: dict[str, Tensor] = {}
-        transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
-        self._transform = transform if callable(transform) else None
+        self._transform = self._adapter.output_transform
 
     def _buffer(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
         if name not in self._buffers:
@@ -78,7 +82,7 @@ class Readout:
     @torch.no_grad()
     def logits(self, x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n vocab"]:
         """Logits of at most ``chunk`` vectors (a view into the buffer, valid until the next call)."""
-        normed = self.model.ln_final(x[None])[0].to(self.weight.dtype)
+        normed = self._adapter.final_norm(x[None])[0].to(self.weight.dtype)
         out = torch.addmm(self.bias, normed, self.weight, out=self._logits[: x.shape[0]])
         if self._transform is not None:  # identity for Llama; softcaps and logit scales elsewhere
             out = self._transform(out)
@@ -192,7 +196,7 @@ def readout(model: Any, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... v
     shape = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] == 0:
-        return torch.empty(*shape, int(model.cfg.d_vocab))
+        return torch.empty(*shape, model_adapter(model).d_vocab)
     with torch.no_grad():
         logits = Readout(model, flat.shape[0]).logits(flat)
     return logits.reshape(*shape, logits.shape[-1])

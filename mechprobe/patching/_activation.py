@@ -43,6 +43,7 @@ from mechprobe.core import (
     SiteLike,
     expand_sites,
     intervene,
+    model_adapter,
     position_list,
     progress_bar,
     readout,
@@ -134,17 +135,21 @@ class _Rows:
 
 def _forward_reads(model: Any, rows: _Rows, packed: bool) -> Float[Tensor, "reads vocab"]:
     """Run the rows with their moves; logits at the read positions only."""
-    device = model.cfg.device
-    inputs = rows.inputs(packed, device)
-    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    adapter = model_adapter(model)
+    inputs = rows.inputs(packed, adapter.device)
+    last = adapter.final_hook
     final = Capture()
     spec: dict[SiteLike, list[Intervention]] = {last: []}
     for hook, moves in rows.moves.items():
         spec.setdefault(hook, []).append(_Writer(torch.as_tensor(moves, dtype=torch.long)))
     spec[last].append(final)  # after any write at that same hook
-    extra = {"logits_to_keep": 1} if packed else {}  # logits come from the captured residual
     with torch.no_grad(), intervene(model, spec):
-        model(inputs.pop("input"), **inputs, **extra)
+        adapter.forward(
+            inputs["input"],
+            inputs["attention_mask"],
+            position_ids=inputs.get("position_ids"),
+            logits_to_keep=1 if packed else None,  # logits come from the captured residual
+        )
         assert final.value is not None
         r, i, _ = torch.as_tensor(rows.reads, device=final.value.device).unbind(1)
         return readout(model, final.value[r, i])
@@ -155,6 +160,8 @@ _PACKING: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 def _packing_works(model: Any) -> bool:
     """Once per model: does a packed segment reproduce the unpacked run (masks, position ids)?"""
+    if not model_adapter(model).packs_rows:  # e.g. a HookedTransformer: [batch, pos] masks only
+        return False
     if model not in _PACKING:
         ids, rows = torch.arange(3, 11), _Rows()
         row = rows.new_row()
@@ -276,7 +283,8 @@ def patch(
     """Patch every (site, position) cell, many cells per forward pass.
 
     Args:
-        model: A TransformerLens model (``TransformerBridge``; others run with ``packed=False``).
+        model: A ``TransformerBridge`` or ``HookedTransformer`` (whose forward takes no packed
+            rows: it runs with ``packed=False``, the same numbers).
         clean: Clean prompt(s): a string, a list (one per pair), a :class:`Batch`, or unpadded token
             ids ``[seq]`` / ``[pairs, seq]``.
         corrupt: Corrupt prompt(s), as many as ``clean``.
@@ -329,8 +337,9 @@ def patch(
         packed = _packing_works(model)
     elif packed and not _packing_works(model):
         raise ValueError(
-            "packed=True, but this model ignores custom attention masks or position ids: "
-            "pass packed=False (one row per cell)."
+            "packed=True, but this model cannot run packed rows (a HookedTransformer takes "
+            "[batch, pos] attention masks only; some bridges ignore custom masks or position "
+            "ids): pass packed=False (one row per cell; the same numbers)."
         )
     cells = [
         _Cell(i, r, c, site.hook_name, -1 if site.head is None else site.head, ps, pb)

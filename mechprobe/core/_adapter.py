@@ -1,0 +1,292 @@
+"""One answer to every question the analyses ask a model, whichever TransformerLens model it is.
+
+mechprobe runs on two model types:
+
+- ``TransformerBridge`` (TransformerLens 4.x, also present in 3.x): a Hugging Face model with
+  TransformerLens hook points around its modules.
+- ``HookedTransformer`` (TransformerLens 3.x; removed in 4.0): TransformerLens's own implementation,
+  with weights converted from Hugging Face and optionally processed (layer norm folded, writing
+  weights and the unembedding centred).
+
+They share most of their surface (``cfg``, the hook names of every site kind, ``hooks()``,
+``W_E``/``W_U``, ``tokenizer``), and analyses use that shared surface directly. Where they differ,
+:class:`ModelAdapter` answers instead, so that no analysis asks which type it has:
+
+- the output-logits transform: the bridge's architecture adapter applies it
+  (``apply_output_logits_transform``, e.g. Gemma 2's soft cap), a ``HookedTransformer`` applies
+  ``cfg.output_logits_soft_cap`` inside its forward;
+- the final norm: a ``HookedTransformer`` without normalisation has no ``ln_final`` at all, and with
+  folded layer norm its ``ln_final`` is a weightless ``RMSNormPre``/``LayerNormPre`` whose weights
+  live in ``W_U``: decoding ``ln_final(x) @ W_U + b_U`` is right in every case;
+- the forward's inputs: the bridge takes 4D attention masks, ``position_ids`` and
+  ``logits_to_keep`` (packed rows); a ``HookedTransformer`` takes a ``[batch, pos]`` mask only and
+  derives positions from it;
+- the key/value head count: ``cfg.n_key_value_heads`` is None without grouped-query attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, TypeAlias
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechprobe.core._sites import _HOOK_OF_KIND
+
+__all__ = ["ModelAdapter", "ModelKind", "model_adapter"]
+
+ModelKind: TypeAlias = Literal["bridge", "hooked"]
+
+#: The TransformerLens classes mechprobe runs on, by class name (found in the model's MRO, so
+#: subclasses such as SAELens's ``HookedSAETransformer`` count too) -> the adapter's kind.
+_CLASSES: dict[str, ModelKind] = {"TransformerBridge": "bridge", "HookedTransformer": "hooked"}
+
+
+def _kind_of(model: Any) -> ModelKind | None:
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformer_lens") and cls.__name__ in _CLASSES:
+            return _CLASSES[cls.__name__]
+    return None
+
+
+class ModelAdapter:
+    """What mechprobe needs from a ``TransformerBridge`` or a ``HookedTransformer``.
+
+    Build one with :func:`model_adapter`. Answers are read from the model on every access, so they
+    follow later changes (``enable_compatibility_mode()``, a cfg field set by hand).
+
+    Attributes:
+        model: The model.
+        kind: ``"bridge"`` or ``"hooked"``, for messages and tests; analyses never branch on it.
+    """
+
+    def __init__(self, model: Any, kind: ModelKind) -> None:
+        self.model = model
+        self.kind: ModelKind = kind
+
+    def __repr__(self) -> str:
+        return f"ModelAdapter({self.kind}, {self.name!r}, {self.n_layers} layers)"
+
+    # --- sizes -------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The model's name (``cfg.model_name``)."""
+        return str(getattr(self.model.cfg, "model_name", type(self.model).__name__))
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.cfg.d_model)
+
+    @property
+    def d_vocab(self) -> int:
+        """Width of the logits (``W_U``'s columns)."""
+        return int(self.model.W_U.shape[-1])
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.model.cfg.n_heads)
+
+    @property
+    def d_head(self) -> int:
+        return int(self.model.cfg.d_head)
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads: fewer than :attr:`n_heads` under grouped-query attention.
+
+        Both model types say None in ``cfg.n_key_value_heads`` when every head has its own keys
+        and values; ``hook_k``/``hook_v`` then have ``n_heads`` heads.
+        """
+        n = getattr(self.model.cfg, "n_key_value_heads", None)
+        return self.n_heads if n is None else int(n)
+
+    @property
+    def n_ctx(self) -> int | None:
+        n = getattr(self.model.cfg, "n_ctx", None)
+        return None if n is None else int(n)
+
+    @property
+    def device(self) -> torch.device:
+        """Where token ids go: the embedding's device."""
+        return self.model.W_E.device
+
+    # --- text --------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer.
+
+        Raises:
+            ValueError: The model has none (a ``HookedTransformer`` built without one).
+        """
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(
+                "This model has no tokenizer: pass token ids instead of strings, or give it one "
+                "(HookedTransformer(cfg, tokenizer=...) or model.set_tokenizer(tokenizer))."
+            )
+        return tokenizer
+
+    @property
+    def padding_side(self) -> str:
+        """The side the model's own tokenizer pads (``to_tokens``); mechprobe's batches choose
+        their own and pass the attention mask, so no result depends on it."""
+        return str(getattr(self.tokenizer, "padding_side", None) or "right")
+
+    @property
+    def prepend_bos(self) -> bool:
+        """Whether text gets a BOS token first by default (``cfg.default_prepend_bos``)."""
+        return bool(getattr(self.model.cfg, "default_prepend_bos", True))
+
+    # --- hooks -------------------------------------------------------------------------------
+
+    def hook_name(self, kind: str, layer: int) -> str:
+        """The hook name of site kind ``kind`` at block ``layer`` (e.g. ``blocks.3.hook_mlp_out``).
+
+        Both model types fire these hooks at the same place with the same values (the bridge's
+        names are its compatibility aliases; tests compare every kind against the Hugging Face
+        modules on both).
+
+        Raises:
+            ValueError: Not a site kind, or the model has no such hook.
+        """
+        if kind not in _HOOK_OF_KIND:
+            raise ValueError(f"Unknown site kind {kind!r}; kinds: {', '.join(_HOOK_OF_KIND)}.")
+        name = _HOOK_OF_KIND[kind].format(layer=layer)
+        if name not in self.model.hook_dict:
+            raise ValueError(f"This {self.kind} model has no hook {name!r}.")
+        return name
+
+    @property
+    def final_hook(self) -> str:
+        """The last block's output, the residual stream the unembedding reads."""
+        return self.hook_name("resid_post", self.n_layers - 1)
+
+    # --- decoding ----------------------------------------------------------------------------
+
+    def final_norm(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The model's own final norm (a module call: hooks on ``ln_final`` fire).
+
+        With folded layer norm its weights live in the unembedding, so ``final_norm`` followed by
+        :meth:`unembedding` is the model's decoding either way; a model without a final norm
+        (``normalization_type=None``) returns ``x``.
+        """
+        if self.kind == "hooked" and self.model.cfg.normalization_type is None:
+            return x
+        return self.model.ln_final(x)
+
+    def unembedding(self) -> tuple[Float[Tensor, "d_model vocab"], Float[Tensor, " vocab"]]:
+        """``(W_U, b_U)``: views of the model's own unembedding (centred if it was processed)."""
+        return self.model.W_U, self.model.b_U
+
+    @property
+    def output_transform(self) -> Callable[[Tensor], Tensor] | None:
+        """The architecture's step after the unembedding (Gemma 2's ``cap * tanh(z / cap)``), or
+        None where there is none; the model's own logits pass through it."""
+        if self.kind == "bridge":
+            transform = getattr(
+                getattr(self.model, "adapter", None), "apply_output_logits_transform", None
+            )
+            return transform if callable(transform) else None
+        cap = getattr(self.model.cfg, "output_logits_soft_cap", None)
+        if cap is None or float(cap) <= 0:
+            return None
+        return _SoftCap(float(cap))
+
+    @property
+    def embedding(self) -> Float[Tensor, "vocab d_model"]:
+        """``W_E``: the token embedding (what ``hook_embed`` reads, up to an architecture's scale)."""
+        return self.model.W_E
+
+    @property
+    def weights_processed(self) -> bool:
+        """Whether TransformerLens's weight processing (layer norm folded, weights centred) was
+        applied: ``HookedTransformer.from_pretrained`` does by default, a bridge after
+        ``enable_compatibility_mode()``. Logits may then differ from the unprocessed model's by a
+        constant per position (centred unembedding); probabilities do not."""
+        if self.kind == "hooked":
+            return str(self.model.cfg.normalization_type) in ("LNPre", "RMSPre")
+        return bool(getattr(self.model, "_weights_processed", False))
+
+    # --- running -----------------------------------------------------------------------------
+
+    @property
+    def packs_rows(self) -> bool:
+        """Whether the forward takes 4D attention masks and ``position_ids`` (several segments per
+        row, as batched patching packs them). A ``HookedTransformer`` derives positions from a
+        ``[batch, pos]`` mask itself and takes neither."""
+        return self.kind == "bridge"
+
+    def forward(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        position_ids: Tensor | None = None,
+        logits_to_keep: int | None = None,
+    ) -> Tensor:
+        """The model's forward pass: logits ``[batch, seq or logits_to_keep, vocab]``.
+
+        Raises:
+            ValueError: Packed inputs (a 4D mask, ``position_ids``) on a model that cannot take
+                them (see :attr:`packs_rows`).
+        """
+        packed = position_ids is not None or (
+            attention_mask is not None and attention_mask.ndim > 2
+        )
+        if packed and not self.packs_rows:
+            raise ValueError(
+                f"A {self.kind} model takes a [batch, pos] attention mask only, not packed rows "
+                "(4D masks, position_ids): run one sequence per row."
+            )
+        extra: dict[str, Any] = {}
+        if position_ids is not None:
+            extra["position_ids"] = position_ids
+        if logits_to_keep is not None and self.kind == "bridge":
+            extra["logits_to_keep"] = logits_to_keep
+        logits = self.model(tokens, attention_mask=attention_mask, **extra)
+        if logits_to_keep is not None and self.kind != "bridge":
+            logits = logits[:, -logits_to_keep:]
+        return logits
+
+
+class _SoftCap:
+    """``cap * tanh(z / cap)``: a ``HookedTransformer``'s ``output_logits_soft_cap``, computed as
+    its forward computes it (so decoded logits equal the model's own bit for bit)."""
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return self.cap * torch.tanh(logits / self.cap)
+
+
+def model_adapter(model: Any) -> ModelAdapter:
+    """The :class:`ModelAdapter` of a ``TransformerBridge`` or a ``HookedTransformer``.
+
+    Raises:
+        TypeError: Any other object, naming what to pass instead.
+
+    Example:
+        >>> from mechprobe.core._models import tiny_model
+        >>> adapter = model_adapter(tiny_model())
+        >>> adapter.kind, adapter.n_heads, adapter.n_kv_heads, adapter.hook_name("mlp_out", 1)
+        ('bridge', 4, 2, 'blocks.1.hook_mlp_out')
+    """
+    if isinstance(model, ModelAdapter):
+        return model
+    kind = _kind_of(model)
+    if kind is None:
+        raise TypeError(
+            f"mechprobe runs on TransformerLens models, got {type(model).__name__}: pass a "
+            "TransformerBridge (TransformerLens 4.x; mp.load_model()) or a HookedTransformer "
+            "(TransformerLens 3.x; mp.load_model(kind='hooked'))."
+        )
+    return ModelAdapter(model, kind)

@@ -1,0 +1,358 @@
+"""The model adapter: a TransformerBridge and a HookedTransformer give mechprobe the same answers.
+
+Every tiny model here is checked against the Hugging Face modules that hold its weights (an
+independent computation); where TransformerLens 3.x is installed (``make test-tl3``), the
+HookedTransformer of the same weights must give the bridge's numbers in every analysis.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import hf_of, tiny_of
+
+import mechprobe as mp
+from mechprobe.cli import main as cli_main
+from mechprobe.core import _models as models
+from mechprobe.core import model_adapter, readout
+
+
+def _hooked_available() -> bool:
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
+HOOKED = _hooked_available()
+needs_hooked = pytest.mark.skipif(
+    not HOOKED, reason="HookedTransformer needs TransformerLens 3.x (make test-tl3)"
+)
+needs_tl4 = pytest.mark.skipif(HOOKED, reason="TransformerLens 3.x has HookedTransformer")
+KINDS = ["bridge", "bridge-gpt2", *(["hooked", "hooked-gpt2"] if HOOKED else [])]
+PROMPTS = ["Hello there, my friend", "Hi"]
+SITE_KINDS = ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head"]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def model(request: pytest.FixtureRequest) -> Any:
+    return tiny_of(request.param)
+
+
+def _ids(model: Any, prompt: str) -> torch.Tensor:
+    tok = model.tokenizer
+    return torch.tensor([[tok.bos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]])
+
+
+def _hf_sites(hf: Any, ids: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
+    """Every site kind at ``layer`` read off the Hugging Face modules, ``[seq, ...]``."""
+    llama = hasattr(hf, "model")
+    block = hf.model.layers[layer] if llama else hf.transformer.h[layer]
+    attn = block.self_attn if llama else block.attn
+    out_proj = attn.o_proj if llama else attn.c_proj
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        attn.register_forward_hook(lambda m, a, o: seen.update(attn=o[0])),
+        block.mlp.register_forward_hook(lambda m, a, o: seen.update(mlp=o)),
+        out_proj.register_forward_pre_hook(lambda m, a: seen.update(z=a[0])),
+    ]
+    try:
+        with torch.no_grad():
+            hidden = hf(ids, output_hidden_states=True).hidden_states
+    finally:
+        for handle in handles:
+            handle.remove()
+    pre = hidden[layer][0]  # the input of block `layer`
+    attn_out, mlp_out, z = seen["attn"][0], seen["mlp"][0], seen["z"][0]
+    return {
+        "resid_pre": pre,
+        "attn_out": attn_out,
+        "resid_mid": pre + attn_out,
+        "mlp_out": mlp_out,
+        "resid_post": pre + attn_out + mlp_out,
+        "head": z.reshape(z.shape[0], 4, -1),  # the heads before the output projection
+    }
+
+
+# --- what the adapter answers ----------------------------------------------------------------
+
+
+def test_adapter_answers_from_the_model(model: Any) -> None:
+    adapter = model_adapter(model)
+    cls = {c.__name__ for c in type(model).__mro__}
+    assert adapter.kind == ("hooked" if "HookedTransformer" in cls else "bridge")
+    hf = hf_of(model)
+    n_kv = getattr(hf.config, "num_key_value_heads", None) or hf.config.num_attention_heads
+    assert (adapter.n_heads, adapter.n_kv_heads) == (4, n_kv)
+    assert (adapter.n_layers, adapter.d_model, adapter.d_head, adapter.d_vocab) == (3, 64, 16, 259)
+    assert adapter.tokenizer is model.tokenizer and adapter.prepend_bos
+    assert adapter.final_hook == "blocks.2.hook_resid_post"
+    w_u, b_u = adapter.unembedding()
+    assert tuple(w_u.shape) == (64, 259) and tuple(b_u.shape) == (259,)
+    out = mp.run(
+        model,
+        PROMPTS,
+        capture=[adapter.hook_name(kind, 1) for kind in SITE_KINDS] + ["blocks.1.attn.hook_k"],
+        logit_positions=-1,
+    )
+    seq = out.batch.tokens.shape[1]
+    for kind in SITE_KINDS:
+        want = (2, seq, 4, 16) if kind == "head" else (2, seq, 64)
+        assert tuple(out[adapter.hook_name(kind, 1)].shape) == want
+    # Keys and values have one head per key/value head: 2 of 4 under grouped-query attention.
+    assert tuple(out["blocks.1.attn.hook_k"].shape) == (2, seq, n_kv, 16)
+    with pytest.raises(ValueError, match="site kind"):
+        adapter.hook_name("resid", 0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_every_site_kind_is_the_hugging_face_modules_value(model: Any, side: str) -> None:
+    """Each site's hook fires where the name says on both model types: checked against the Hugging
+    Face modules (TransformerLens #1317 moved some bridge hooks behind the layer norm)."""
+    adapter = model_adapter(model)
+    hf = hf_of(model)
+    sites = [adapter.hook_name(kind, layer) for kind in SITE_KINDS for layer in (0, 2)]
+    out = mp.run(model, PROMPTS, capture=sites, padding_side=side)  # type: ignore[arg-type]
+    for b, prompt in enumerate(PROMPTS):
+        ids = _ids(model, prompt)
+        real = out.batch.attention_mask[b].bool()
+        for layer in (0, 2):
+            ref = _hf_sites(hf, ids, layer)
+            for kind in SITE_KINDS:
+                ours = out[adapter.hook_name(kind, layer)][b][real]
+                torch.testing.assert_close(ours, ref[kind], atol=1e-4, rtol=1e-5)
+
+
+def test_readout_gives_the_models_own_logits(model: Any) -> None:
+    tokens = _ids(model, PROMPTS[0])
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+    torch.testing.assert_close(readout(model, cache["blocks.2.hook_resid_post"]), logits)
+    hf_logits = hf_of(model)(tokens).logits
+    torch.testing.assert_close(logits, hf_logits, atol=1e-4, rtol=0)
+
+
+def test_anything_else_is_refused_with_the_fix() -> None:
+    with pytest.raises(TypeError, match=r"TransformerBridge.*HookedTransformer"):
+        model_adapter(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="TransformerLens models"):
+        readout(object(), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="architecture"):
+        mp.tiny_model(architecture="bert")
+    with pytest.raises(ValueError, match="kind"):
+        mp.tiny_model(kind="hooked-ish")  # type: ignore[arg-type]
+    with pytest.raises(mp.ModelLoadError, match="kind must be"):
+        mp.load_model(kind="hf")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'llama', 'gpt2'"):
+        mp.tiny_model(kind="hooked", architecture="gemma2")
+
+
+# --- weight processing ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def processed_pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """(unprocessed, processed) models of one kind from the same saved Hugging Face folder."""
+    name = request.param
+    spec = {"kind": "bridge", "architecture": "llama", **_SPECS[name]}
+    hf, tokenizer = models._tiny_hf(0, 3, 64, spec["architecture"])
+    folder = tmp_path_factory.mktemp(name)
+    hf.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    plain = mp.load_model(str(folder), kind=spec["kind"])
+    processed = mp.load_model(str(folder), kind=spec["kind"], process_weights=True)
+    return plain, processed
+
+
+_SPECS: dict[str, dict[str, str]] = {
+    "bridge": {},
+    "bridge-gpt2": {"architecture": "gpt2"},
+    "hooked": {"kind": "hooked"},
+    "hooked-gpt2": {"kind": "hooked", "architecture": "gpt2"},
+}
+
+
+def test_processed_weights_keep_probabilities_and_the_readout(processed_pair) -> None:
+    """Folded layer norm and a centred unembedding: the readout still gives the model's own logits,
+    which differ from the unprocessed ones by a constant per position (the centred unembedding);
+    log-probabilities, lens statistics and logit differences do not change."""
+    plain, processed = processed_pair
+    assert not model_adapter(plain).weights_processed
+    assert model_adapter(processed).weights_processed
+    tokens = _ids(plain, PROMPTS[0])
+    with torch.no_grad():
+        a = plain(tokens)
+        b, cache = processed.run_with_cache(tokens)
+    torch.testing.assert_close(readout(processed, cache["blocks.2.hook_resid_post"]), b)
+    shift = b - a
+    assert float(shift.abs().max()) > 1e-3  # the raw logits really moved...
+    assert float((shift - shift.mean(-1, keepdim=True)).abs().max()) < 1e-4  # ...by a constant
+    torch.testing.assert_close(b.log_softmax(-1), a.log_softmax(-1), atol=1e-4, rtol=0)
+    lens = [
+        mp.logit_lens(m, PROMPTS, positions=-1, targets=[" a", " b"], top_k=5, progress=False)
+        for m in (plain, processed)
+    ]
+    np.testing.assert_allclose(lens[1].top_probs, lens[0].top_probs, atol=1e-4)
+    np.testing.assert_array_equal(lens[1].target_rank, lens[0].target_rank)
+    np.testing.assert_allclose(lens[1].kl_to_final, lens[0].kl_to_final, atol=1e-4)
+    patched = [
+        mp.patch(m, "Hi cat", "Hi bat", "mlp_out", -1, mp.logit_diff(5, 7), progress=False)
+        for m in (plain, processed)
+    ]
+    np.testing.assert_allclose(patched[1].values, patched[0].values, atol=1e-4)
+
+
+# --- the same weights under both kinds -------------------------------------------------------
+
+
+@needs_hooked
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_same_weights_give_the_same_numbers_under_both_kinds(arch: str) -> None:
+    bridge = tiny_of("bridge" if arch == "llama" else "bridge-gpt2")
+    hooked = tiny_of("hooked" if arch == "llama" else "hooked-gpt2")
+    both = (bridge, hooked)
+    lens = [
+        mp.logit_lens(m, PROMPTS, sites=["resid_post", "mlp_out"], positions=-1, targets=" a")
+        for m in both
+    ]
+    for field in ("top_probs", "entropy", "kl_to_final", "target_logprob"):
+        np.testing.assert_allclose(getattr(lens[1], field), getattr(lens[0], field), atol=1e-4)
+    np.testing.assert_array_equal(lens[1].top_ids[..., :3], lens[0].top_ids[..., :3])
+    patched = [mp.patch(m, "Hi cat", "Hi bat", "head", "all", mp.logit_diff(5, 7)) for m in both]
+    assert np.abs(patched[0].values).max() > 1e-3
+    np.testing.assert_allclose(patched[1].values, patched[0].values, atol=1e-4)
+    # Erasure hooks: the same projection at the same site moves both models alike.
+    projection = mp.random_projection(64, 8, seed=0)
+    erased = [
+        mp.amnesic(m, mp.Site("resid_post", 1), projection, text=PROMPTS, n_random=1) for m in both
+    ]
+    for key in ("lm_kl", "random_control_lm_kl"):
+        assert erased[0].to_json()[key] > 1e-3
+        assert erased[1].to_json()[key] == pytest.approx(erased[0].to_json()[key], abs=1e-4)
+
+
+@needs_hooked
+def test_a_hooked_soft_cap_is_part_of_every_readout() -> None:
+    """HookedTransformer applies cfg.output_logits_soft_cap inside its forward (Gemma 2): every
+    reader of hidden states must apply it too."""
+    capped = tiny_of("hooked")
+    capped.cfg.output_logits_soft_cap = 2.0
+    tokens = _ids(capped, PROMPTS[0])
+    with torch.no_grad():
+        logits, cache = capped.run_with_cache(tokens)
+    assert float(logits.abs().max()) < 2.0
+    final = cache["blocks.2.hook_resid_post"][0]
+    with torch.no_grad():
+        assert float(capped.unembed(capped.ln_final(final[None])).abs().max()) > 2.5
+    torch.testing.assert_close(readout(capped, final), logits[0], atol=1e-6, rtol=0)
+    out = mp.run(capped, PROMPTS[:1], logit_positions=-1)
+    torch.testing.assert_close(out.logits[0, 0], logits[0, -1], atol=1e-6, rtol=0)
+    lens = mp.logit_lens(capped, PROMPTS[:1], layers=-1, top_k=5)
+    assert abs(float(lens.kl_to_final[0, 0, 0])) < 1e-5
+    top = logits[0, -1].softmax(-1).topk(5)
+    np.testing.assert_allclose(lens.top_probs[0, 0, 0], top.values.numpy(), atol=1e-5)
+
+
+@needs_hooked
+def test_packed_rows_are_refused_on_a_hooked_transformer_with_the_fix() -> None:
+    hooked = tiny_of("hooked")
+    adapter = model_adapter(hooked)
+    assert not adapter.packs_rows
+    with pytest.raises(ValueError, match="packed=False"):
+        mp.patch(hooked, "Hi cat", "Hi bat", "mlp_out", -1, mp.logit_diff(5, 7), packed=True)
+    tokens = _ids(hooked, "Hi")
+    with pytest.raises(ValueError, match="one sequence per row"):
+        adapter.forward(tokens, position_ids=torch.arange(tokens.shape[1])[None])
+    default = mp.patch(hooked, "Hi cat", "Hi bat", "mlp_out", -1, mp.logit_diff(5, 7))
+    explicit = mp.patch(
+        hooked, "Hi cat", "Hi bat", "mlp_out", -1, mp.logit_diff(5, 7), packed=False
+    )
+    np.testing.assert_array_equal(default.values, explicit.values)
+
+
+# --- loading, saving, the command line -------------------------------------------------------
+
+
+@needs_tl4
+def test_hooked_on_transformerlens_4_names_the_fix_before_loading(monkeypatch) -> None:
+    monkeypatch.setattr(models, "_embedded_gguf", lambda name: pytest.fail("weights were read"))
+    for call in (lambda: mp.load_model(kind="hooked"), lambda: mp.tiny_model(kind="hooked")):
+        with pytest.raises(mp.ModelLoadError) as err:
+            call()
+        message = str(err.value)
+        assert "TransformerLens 3" in message and "kind='bridge'" in message
+        assert "make test-tl3" in message and "4.0 removed HookedTransformer" in message
+
+
+@needs_tl4
+def test_a_saved_hooked_transformer_on_transformerlens_4_names_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "mechprobe-model.json").write_text(
+        json.dumps({"format": "mechprobe.HookedTransformer", "version": 1, "config": {}})
+    )
+    with pytest.raises(mp.ModelLoadError, match=r"saved HookedTransformer.*TransformerLens 3"):
+        mp.load_model(str(tmp_path))
+    with pytest.raises(mp.ModelLoadError, match="kind='hooked'"):
+        mp.load_model(str(tmp_path), kind="bridge")
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_save_model_and_load_model_round_trip(name: str, tmp_path: Path) -> None:
+    model = tiny_of(name)
+    folder = mp.save_model(model, tmp_path / "saved")
+    loaded = mp.load_model(str(folder))
+    assert type(loaded) is type(model)
+    tokens = _ids(model, PROMPTS[0])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens), atol=0, rtol=0)
+    if model_adapter(model).kind == "hooked":  # a bridge from a folder is named by its path
+        assert loaded.cfg.model_name == model.cfg.model_name
+
+
+@needs_hooked
+def test_a_processed_hooked_transformer_is_saved_as_it_is(tmp_path: Path) -> None:
+    hf, tokenizer = models._tiny_hf(0, 3, 64, "gpt2")
+    hf.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    processed = mp.load_model(str(tmp_path / "hf"), kind="hooked", process_weights=True)
+    loaded = mp.load_model(str(mp.save_model(processed, tmp_path / "ht")))
+    assert model_adapter(loaded).weights_processed
+    tokens = _ids(processed, PROMPTS[0])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), processed(tokens), atol=0, rtol=0)
+    with pytest.raises(mp.ModelLoadError, match="kind='hooked'"):
+        mp.load_model(str(tmp_path / "ht"), kind="bridge")
+    plain = mp.save_model(mp.load_model(str(tmp_path / "hf"), kind="hooked"), tmp_path / "plain")
+    with pytest.raises(mp.ModelLoadError, match="process_weights=False"):
+        mp.load_model(str(plain), process_weights=True)
+
+
+def test_a_processed_bridge_is_not_saved(processed_pair, tmp_path: Path) -> None:
+    _, processed = processed_pair
+    if model_adapter(processed).kind == "hooked":
+        pytest.skip("a HookedTransformer is saved processed (test above)")
+    with pytest.raises(ValueError, match="save it before processing"):
+        mp.save_model(processed, tmp_path)
+
+
+@needs_hooked
+def test_cli_model_may_name_a_saved_hooked_transformer(tmp_path: Path) -> None:
+    """`--model FOLDER` of a saved HookedTransformer gives the lens of the bridge with its weights."""
+    folders = {name: mp.save_model(tiny_of(name), tmp_path / name) for name in ("bridge", "hooked")}
+    results = {}
+    for name, folder in folders.items():
+        out = tmp_path / f"{name}.json"
+        argv = ["lens", "Hello there", "--model", str(folder), "--target", " a", "--json", str(out)]
+        assert cli_main(argv) == 0
+        results[name] = mp.LensResult.load(out)
+    np.testing.assert_allclose(
+        results["hooked"].target_logprob, results["bridge"].target_logprob, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        results["hooked"].kl_to_final, results["bridge"].kl_to_final, atol=1e-4
+    )
