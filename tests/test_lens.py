@@ -28,6 +28,11 @@ def _ids(model, prompt: str, target: str = "") -> torch.Tensor:
     return torch.tensor([ids])
 
 
+def _hf_final_norm(hf) -> torch.nn.Module:
+    """The Hugging Face model's final norm (Llama's ``model.norm``, GPT-2's ``transformer.ln_f``)."""
+    return hf.model.norm if hasattr(hf, "model") else hf.transformer.ln_f
+
+
 def _hf_layer_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     """``[layers, seq, vocab]`` log-probs from HF's hidden states through its own norm + lm_head."""
     hf = hf_of(model)
@@ -35,7 +40,8 @@ def _hf_layer_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
         hidden = hf(ids, output_hidden_states=True).hidden_states
         n = len(hidden) - 1
         # hidden_states[i + 1] is block i's output; HF already applied the final norm to the last.
-        states = [hf.model.norm(hidden[i + 1]) if i < n - 1 else hidden[n] for i in range(n)]
+        norm = _hf_final_norm(hf)
+        states = [norm(hidden[i + 1]) if i < n - 1 else hidden[n] for i in range(n)]
         return torch.stack([hf.lm_head(h)[0].log_softmax(-1) for h in states])
 
 
@@ -92,7 +98,7 @@ def test_component_writes_are_decoded_on_their_own(tiny):
         for b in range(2):
             x = captured[name][b, captured.batch.last_index[b]]
             with torch.no_grad():
-                ref = hf.lm_head(hf.model.norm(x)).log_softmax(-1).double().numpy()
+                ref = hf.lm_head(_hf_final_norm(hf)(x)).log_softmax(-1).double().numpy()
             ours = _full_logprobs(result, b, e, 0, tiny.cfg.d_vocab)
             np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
