@@ -96,7 +96,7 @@ def logit_lens(
     put on ``ln_final`` apply; hooks on ``unembed`` do not (its weights are read directly).
 
     Args:
-        model: A TransformerLens model (``TransformerBridge``) with a tokenizer.
+        model: A ``TransformerBridge`` or ``HookedTransformer`` with a tokenizer.
         prompts: One prompt or a non-empty list of prompts.
         sites: Site kinds decoded at every layer (``"resid_pre"``, ``"resid_mid"``,
             ``"resid_post"``, and the writes ``"attn_out"``, ``"mlp_out"``, each decoded on its
