@@ -22,6 +22,12 @@ from mechprobe.core import cache_dir, first_token_ids, model_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.model_kinds]
 
+#: Entropy and KL are sums over SmolLM2's 49152 tokens of float32 terms as large as the logits (the
+#: lens computes them in float32, ``lse - <p, z>``), so they carry a rounding of up to ~1e-3 where the
+#: logits, log-probabilities and logit differences agree within 1e-4. Measured: the same model with
+#: a centred unembedding (every logit shifted by a constant, KL mathematically unchanged) moves KL
+#: by up to 1.7e-3 at KL ~15.
+STAT_ATOL = 3e-3
 PAIR = ("Q: What is the capital of France?\nA:", "Q: What is the capital of Poland?\nA:")
 ANSWERS = (" Paris", " Warsaw")
 
@@ -156,10 +162,8 @@ def test_lens_numbers_equal_the_hugging_face_model(model: Any, hf: Any) -> None:
             lp = logprobs[layer].double()
             entropy = float(-(lp.exp() * lp).sum())
             kl = float((final.exp() * (final - lp)).sum())
-            # The lens sums entropy and KL in float32 over 49152 tokens (rounding ~1e-4 there);
-            # the reference sums in float64. Log-probabilities themselves agree within 1e-4.
-            assert lens.entropy[b, layer, 0] == pytest.approx(entropy, abs=1e-3)
-            assert lens.kl_to_final[b, layer, 0] == pytest.approx(kl, abs=1e-3)
+            assert lens.entropy[b, layer, 0] == pytest.approx(entropy, abs=STAT_ATOL)
+            assert lens.kl_to_final[b, layer, 0] == pytest.approx(kl, abs=STAT_ATOL)
             assert lens.target_logprob[b, layer, 0] == pytest.approx(
                 float(lp[answers[b]]), abs=1e-4
             )
@@ -228,8 +232,10 @@ def test_both_kinds_give_the_same_numbers(smollm2: Any, smollm2_hooked: Any) -> 
     """TransformerLens 3.x's bridge and HookedTransformer side by side: lens, patching, amnesic."""
     both = (smollm2, smollm2_hooked)
     lens = [mp.logit_lens(m, list(PAIR), positions=[-2, -1], targets=list(ANSWERS)) for m in both]
-    for field in ("top_probs", "entropy", "kl_to_final", "target_logprob"):
+    for field in ("top_probs", "target_logprob"):
         np.testing.assert_allclose(getattr(lens[1], field), getattr(lens[0], field), atol=1e-4)
+    for field in ("entropy", "kl_to_final"):
+        np.testing.assert_allclose(getattr(lens[1], field), getattr(lens[0], field), atol=STAT_ATOL)
     np.testing.assert_array_equal(lens[1].target_rank, lens[0].target_rank)
     paris, warsaw = _answer_ids(smollm2)
     patched = [
@@ -278,7 +284,7 @@ def test_default_processing_moves_raw_logits_not_probabilities(
         for m in (smollm2_hooked, processed)
     ]
     np.testing.assert_allclose(lens[1].target_logprob, lens[0].target_logprob, atol=1e-4)
-    np.testing.assert_allclose(lens[1].kl_to_final, lens[0].kl_to_final, atol=1e-4)
+    np.testing.assert_allclose(lens[1].kl_to_final, lens[0].kl_to_final, atol=STAT_ATOL)
     paris, warsaw = _answer_ids(processed)
     patched = [
         mp.patch(m, PAIR[0], PAIR[1], "mlp_out", -1, mp.logit_diff(paris, warsaw))
