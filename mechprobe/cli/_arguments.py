@@ -12,8 +12,10 @@ from typing import Any
 import mechprobe as mp
 
 _MODEL_HELP = (
-    "model name for mechprobe.load_model (default smollm2-135m); 'tiny' is a random 3-layer test "
-    "model, for checking the command without loading a real one"
+    "model name for mechprobe.load_model (default smollm2-135m), or a folder written by "
+    "save_pretrained or mechprobe.save_model (a saved HookedTransformer loads as one, under "
+    "TransformerLens 3.x); 'tiny' is a random 3-layer test model, for checking the command "
+    "without loading a real one"
 )
 
 
