@@ -253,7 +253,7 @@ def test_both_kinds_give_the_same_numbers(smollm2: Any, smollm2_hooked: Any) -> 
         mp.amnesic(
             m, mp.Site("resid_post", 20), projection, task=task, text=list(PAIR),
             positions=-1, n_random=1, mlp=False,
-        ).to_json()
+        ).headline()
         for m in both
     ]  # fmt: skip
     for key in ("lm_kl", "random_control_lm_kl", "task_accuracy_before", "task_accuracy_after"):
