@@ -386,7 +386,7 @@ _TINY_ARCHITECTURES = {
 
 
 def _tiny_hf(
-    seed: int, n_layers: int, d_model: int, architecture: str = "llama"
+    seed: int, n_layers: int, d_model: int, architecture: str = "llama", n_kv_heads: int = 2
 ) -> tuple[Any, Any]:
     """The Hugging Face model and tokenizer behind :func:`tiny_model`."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -398,7 +398,7 @@ def _tiny_hf(
         "intermediate_size": 2 * d_model,
         "num_hidden_layers": n_layers,
         "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "num_key_value_heads": n_kv_heads,
         "max_position_embeddings": 512,
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": True,
@@ -430,7 +430,12 @@ def _tiny_hf(
 
 
 def tiny_model(
-    *, seed: int = 0, n_layers: int = 3, d_model: int = 64, architecture: str = "llama"
+    *,
+    seed: int = 0,
+    n_layers: int = 3,
+    d_model: int = 64,
+    architecture: str = "llama",
+    n_kv_heads: int = 2,
 ) -> TransformerBridge:
     """A small randomly initialised bridge for fast tests: Llama (SmolLM2's architecture) or Gemma 2.
 
@@ -440,7 +445,9 @@ def tiny_model(
     Args:
         seed: Seed of the weight initialisation; equal seeds give identical models.
         n_layers: Number of transformer blocks.
-        d_model: Residual width (4 heads, 2 key/value heads, MLP width 2 * d_model).
+        d_model: Residual width (4 query heads, MLP width 2 * d_model).
+        n_kv_heads: Key/value heads: 2 (grouped-query attention, two query heads per key/value
+            head, as in SmolLM2), 4 (one per query head, plain multi-head attention) or 1.
         architecture: ``"llama"``, or ``"gemma2"`` (final logits soft-capped at 2, attention
             logits at 50: a model whose readout has a post-unembedding transform).
 
@@ -453,5 +460,7 @@ def tiny_model(
         raise ValueError(
             f"architecture must be one of {sorted(_TINY_ARCHITECTURES)}, got {architecture!r}."
         )
-    hf_model, tokenizer = _tiny_hf(seed, n_layers, d_model, architecture)
+    if n_kv_heads not in (1, 2, 4):
+        raise ValueError(f"n_kv_heads must divide the 4 query heads (1, 2 or 4), got {n_kv_heads!r}.")
+    hf_model, tokenizer = _tiny_hf(seed, n_layers, d_model, architecture, n_kv_heads)
     return _bridge(hf_model, tokenizer, _TINY_ARCHITECTURES[architecture], None)
