@@ -21,6 +21,7 @@ from mechprobe.core import (
     Add,
     Batch,
     Capture,
+    Gradient,
     Intervention,
     ModelLoadError,
     Project,
@@ -51,7 +52,16 @@ from mechprobe.erasure import (
     random_projection,
 )
 from mechprobe.lens import LensResult, logit_lens
-from mechprobe.patching import PatchMetric, PatchResult, answer_prob, logit_diff, patch
+from mechprobe.patching import (
+    PatchMetric,
+    PatchResult,
+    PathPatchResult,
+    ablate_cells,
+    answer_prob,
+    logit_diff,
+    patch,
+    path_patch,
+)
 from mechprobe.probing import (
     Activations,
     CumulativeScores,
@@ -116,6 +126,7 @@ __all__: list[str] = [
     "CumulativeScores",
     "Eraser",
     "ErasureSweep",
+    "Gradient",
     "Intervention",
     "LeaceFitter",
     "LensResult",
@@ -127,6 +138,7 @@ __all__: list[str] = [
     "OVectorSweep",
     "PatchMetric",
     "PatchResult",
+    "PathPatchResult",
     "ProbeResult",
     "ProbingDataset",
     "Project",
@@ -143,6 +155,7 @@ __all__: list[str] = [
     "TaskScore",
     "Trajectory",
     "__version__",
+    "ablate_cells",
     "amnesic",
     "analogy",
     "answer_prob",
@@ -174,6 +187,7 @@ __all__: list[str] = [
     "ovector_intervention",
     "ovector_sweep",
     "patch",
+    "path_patch",
     "pos_dataset",
     "probe_layers",
     "random_ovector",
