@@ -50,7 +50,10 @@ def _hand_patch(model, site: mp.Site, position: int) -> float:
                 out[:, p] += change
                 return out
 
-            hooks = [(f"blocks.{layer}.attn.hook_z", keep), (f"blocks.{layer}.hook_attn_out", write)]
+            hooks = [
+                (f"blocks.{layer}.attn.hook_z", keep),
+                (f"blocks.{layer}.hook_attn_out", write),
+            ]
         else:
 
             def write(act, hook):
@@ -80,7 +83,9 @@ def test_head_kinds_equal_hand_written_hooks_on_gqa(tiny, kind):
     )
     assert np.abs(expected - res.corrupt_metric).max() > 0.01  # some cell moves the metric
     np.testing.assert_allclose(res.values, expected, atol=1e-5)
-    unpacked = mp.patch(tiny, CLEAN, CORRUPT, kind, [DIFF_POS, -1], METRIC, n_random=0, packed=False)
+    unpacked = mp.patch(
+        tiny, CLEAN, CORRUPT, kind, [DIFF_POS, -1], METRIC, n_random=0, packed=False
+    )
     np.testing.assert_allclose(unpacked.values, expected, atol=1e-5)
 
 
@@ -166,7 +171,7 @@ def test_random_control_moves_the_same_distance_in_a_seeded_direction(tiny):
         for j in range(2):
             unit = unit_vectors(7 + j, [tiny.cfg.d_model])[0]
 
-            def write(act, hook):
+            def write(act, hook, unit=unit):
                 act = act.clone()
                 distance = (cache[hook.name][0, -1] - act[0, -1]).norm()
                 act[0, -1] = act[0, -1] + unit * distance
@@ -219,7 +224,9 @@ def test_ablate_cells_equals_one_intervention_at_a_time(tiny, kind, method):
                 if method == "zero":
                     intervention = mp.Ablate("zero", positions=[p])
                 elif kind == "pattern":
-                    pat = mp.run(tiny, reference, capture=[site], logit_positions=-1, batch_size=None)
+                    pat = mp.run(
+                        tiny, reference, capture=[site], logit_positions=-1, batch_size=None
+                    )
                     long_enough = ref_batch.lengths > p
                     row = pat[site][long_enough, p, : p + 1].double().mean(0).float()
                     full = torch.zeros(int(batch.lengths[0]))
@@ -249,9 +256,12 @@ def test_head_sites_validate_against_the_model(tiny):
 def test_head_out_refuses_a_norm_after_attention():
     gemma = mp.tiny_model(architecture="gemma2")
     with torch.no_grad():
-        intact = gemma(gemma.to_tokens("Hi"))  # the bridge adds its own hooks on a first pass
+        gemma(gemma.to_tokens("Hi"))  # the bridge adds its own hooks on a first pass
     before = hook_count(gemma)
-    with pytest.raises(ValueError, match="not the sum of its heads"), torch.no_grad():
-        with mp.intervene(gemma, {mp.Site("head_out", 0, head=1): mp.Ablate()}):
-            gemma(gemma.to_tokens("Hi"))
+    with (
+        pytest.raises(ValueError, match="not the sum of its heads"),
+        torch.no_grad(),
+        mp.intervene(gemma, {mp.Site("head_out", 0, head=1): mp.Ablate()}),
+    ):
+        gemma(gemma.to_tokens("Hi"))
     assert hook_count(gemma) == before

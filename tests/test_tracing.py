@@ -18,7 +18,7 @@ def _loop(model, prompt, subject, kind, window, n_noise, level, seed, answer):
     outputs) from the clean run, read the answer's probability; one forward pass per cell."""
     tokens = model.to_tokens(prompt)
     start, stop = mp.patching._tracing.subject_span(model, prompt, subject)
-    noise = mp.trace_noise(seed, 0, n_noise, stop - start, model.cfg.d_model, level)
+    noise = mp.trace_noise(0, n_noise, stop - start, model.cfg.d_model, level, seed=seed)
     n_layers, seq = model.cfg.n_layers, tokens.shape[1]
     out = np.zeros((n_noise, n_layers, seq))
     corrupted = np.zeros(n_noise)
@@ -35,7 +35,10 @@ def _loop(model, prompt, subject, kind, window, n_noise, level, seed, answer):
             corrupted[k] = float(logits[0, -1].softmax(-1)[answer])
             for layer in range(n_layers):
                 if kind in ("mlp_out", "attn_out") and window > 1:
-                    lo, hi = max(0, layer - window // 2), min(n_layers, layer + (window - 1) // 2 + 1)
+                    lo, hi = (
+                        max(0, layer - window // 2),
+                        min(n_layers, layer + (window - 1) // 2 + 1),
+                    )
                     restored = range(lo, hi)
                 else:
                     restored = [layer]

@@ -461,6 +461,8 @@ def tiny_model(
             f"architecture must be one of {sorted(_TINY_ARCHITECTURES)}, got {architecture!r}."
         )
     if n_kv_heads not in (1, 2, 4):
-        raise ValueError(f"n_kv_heads must divide the 4 query heads (1, 2 or 4), got {n_kv_heads!r}.")
+        raise ValueError(
+            f"n_kv_heads must divide the 4 query heads (1, 2 or 4), got {n_kv_heads!r}."
+        )
     hf_model, tokenizer = _tiny_hf(seed, n_layers, d_model, architecture, n_kv_heads)
     return _bridge(hf_model, tokenizer, _TINY_ARCHITECTURES[architecture], None)

@@ -1,7 +1,9 @@
 """Causal analyses on mechprobe's batched cell engine, each effect beside random controls:
-activation patching and ablation of sites and heads, path patching, causal tracing with noise."""
+activation patching and ablation of sites and heads, attribution patching, path patching, causal
+tracing with noise."""
 
 from mechprobe.patching._activation import ablate_cells, patch
+from mechprobe.patching._attribution import attribution_patch
 from mechprobe.patching._metrics import PatchMetric, answer_prob, logit_diff
 from mechprobe.patching._path import PathPatchResult, path_patch
 from mechprobe.patching._result import PatchResult
@@ -14,6 +16,7 @@ __all__ = [
     "TraceResult",
     "ablate_cells",
     "answer_prob",
+    "attribution_patch",
     "causal_trace",
     "logit_diff",
     "patch",

@@ -199,7 +199,10 @@ def patch(
     if direction not in get_args(Direction):
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
     _check_common(cells_per_batch, n_random, seed)
-    clean_ids, corrupt_ids = token_rows(model, clean, "clean"), token_rows(model, corrupt, "corrupt")
+    clean_ids, corrupt_ids = (
+        token_rows(model, clean, "clean"),
+        token_rows(model, corrupt, "corrupt"),
+    )
     if len(clean_ids) != len(corrupt_ids):
         raise ValueError(
             f"Got {len(clean_ids)} clean and {len(corrupt_ids)} corrupt prompts: pass one corrupt "

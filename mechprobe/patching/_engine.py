@@ -146,9 +146,9 @@ def unit_vectors(
     """
     gen = torch.Generator().manual_seed(int(seed))
     out = []
-    for i, width in enumerate(widths):
-        vec = torch.randn(int(width), generator=gen, dtype=torch.float64)
-        if sum_zero is not None and sum_zero[i] and width > 1:
+    for i, size in enumerate(widths):
+        vec = torch.randn(int(size), generator=gen, dtype=torch.float64)
+        if sum_zero is not None and sum_zero[i] and size > 1:
             vec = vec - vec.mean()
         out.append((vec / vec.norm().clamp_min(1e-30)).float())
     return out
@@ -275,8 +275,10 @@ class _Writer(Intervention):
             if op == COPY:
                 out[dst] = selected[src]
             elif op == SET:
+                assert payload is not None
                 out[dst] = payload
             elif op == ADD:
+                assert payload is not None
                 out[dst] = base + payload
             else:
                 other = target if target is not None else selected[src]
@@ -298,7 +300,9 @@ class _Writer(Intervention):
         elif op == ADD:
             change = payload
         else:
-            other = target if target is not None else torch.einsum("nd,ndm->nm", z[sr, si, head], w_o)
+            other = (
+                target if target is not None else torch.einsum("nd,ndm->nm", z[sr, si, head], w_o)
+            )
             change = payload * (other - own).norm(dim=-1, keepdim=True)
         out.index_put_((dr, di), change.to(out.dtype), accumulate=True)
 
@@ -309,12 +313,14 @@ class _Writer(Intervention):
                 head, dk = m.edit.head, torch.as_tensor(m.dst_keys, device=dev)
                 base = selected[m.dst_row, head, m.dst_idx, dk]
                 vec = None if m.edit.payload is None else m.edit.payload.to(dev, dtype)
+                other: Tensor | None
                 if op in (COPY, RANDOM) and m.src_row >= 0:
                     sk = torch.as_tensor(m.src_keys, device=dev)
                     other = selected[m.src_row, head, m.src_idx, sk]
                 else:
                     assert m.edit.target is not None or op in (SET, ADD)
                     other = None if m.edit.target is None else m.edit.target.to(dev, dtype)
+                new: Tensor | None
                 if op == COPY:
                     new = other
                 elif op == RANDOM:
@@ -323,7 +329,9 @@ class _Writer(Intervention):
                 elif op == SET:
                     new = vec
                 else:
+                    assert vec is not None
                     new = base + vec
+                assert new is not None
                 out[m.dst_row, head, m.dst_idx] = 0  # keys outside the cell's view: no weight
                 out[m.dst_row, head, m.dst_idx, dk] = new
 
@@ -365,7 +373,7 @@ def _layout(plan: Plan, cells: Sequence[int], packed: bool, row_cap: int) -> _La
         ids, n_tok = base.tokens, len(base.tokens)
         cap = max(row_cap, 3 * n_tok)  # bounds the [L, L] attention per row
 
-        def base_segment(row: int) -> tuple[int, int]:
+        def base_segment(row: int, ids: Tensor = ids, base: Base = base) -> tuple[int, int]:
             offset, sid = rows.add(row, ids, 0, -2)
             for edit in base.edits:
                 rows.move(edit, (row, offset + edit.position), None)

@@ -158,9 +158,9 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
         """The five paths with the largest effects, beside their random controls."""
         frame = self.to_frame().dropna(subset=["value"])
         top = frame.reindex(frame["effect"].abs().sort_values(ascending=False).index).head(5)
-        return top[["sender", "receiver", "value", "effect", "spread", "random_effect"]].reset_index(
-            drop=True
-        )
+        return top[
+            ["sender", "receiver", "value", "effect", "spread", "random_effect"]
+        ].reset_index(drop=True)
 
     def _describe(self) -> str:
         n_pairs, n_s, n_r = self.per_pair.shape
@@ -184,13 +184,23 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
         if len(self.receivers) == 1:
             layers = sorted(set(self.sender_layers))
             columns = sorted({h for h in self.sender_heads if h is not None})
-            extra = sorted({s.split("@")[0] for s, h in zip(self.senders, self.sender_heads, strict=True) if h is None})
+            extra = sorted(
+                {
+                    s.split("@")[0]
+                    for s, h in zip(self.senders, self.sender_heads, strict=True)
+                    if h is None
+                }
+            )
             xlabels = [str(h) for h in columns] + extra
             grid = np.full((len(layers), len(xlabels)), np.nan)
             for value, label, layer, head in zip(
                 data[:, 0], self.senders, self.sender_layers, self.sender_heads, strict=True
             ):
-                col = columns.index(head) if head is not None else len(columns) + extra.index(label.split("@")[0])
+                col = (
+                    columns.index(head)
+                    if head is not None
+                    else len(columns) + extra.index(label.split("@")[0])
+                )
                 grid[layers.index(layer), col] = value
             data, ylabels = grid, [str(layer) for layer in layers]
             xname, yname = "sender head", "sender layer"
@@ -245,12 +255,15 @@ def _writes(
         if site.kind == "head":  # to check that the heads' writes add up to attn_out
             caps.setdefault(f"blocks.{site.layer}.hook_attn_out", Capture())
     caps.setdefault(final, Capture())
-    spec: dict[SiteLike, Intervention] = dict(caps)
+    spec: dict[SiteLike, Intervention] = {name: cap for name, cap in caps.items()}
     with torch.no_grad(), intervene(model, spec):
         model(ids[None].to(model.cfg.device))
     out = {}
     for layer in sorted({site.layer for site in sites if site.kind == "head"}):
-        z, attn_out = caps[f"blocks.{layer}.attn.hook_z"].value, caps[f"blocks.{layer}.hook_attn_out"].value
+        z, attn_out = (
+            caps[f"blocks.{layer}.attn.hook_z"].value,
+            caps[f"blocks.{layer}.hook_attn_out"].value,
+        )
         assert z is not None and attn_out is not None
         w_o = model.blocks[layer].attn.W_O.detach().to(z.dtype)
         total = torch.einsum("bshd,hdm->bsm", z, w_o)
@@ -362,7 +375,10 @@ def path_patch(
     if direction not in get_args(Direction):
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
     _check_common(cells_per_batch, n_random, seed)
-    clean_ids, corrupt_ids = token_rows(model, clean, "clean"), token_rows(model, corrupt, "corrupt")
+    clean_ids, corrupt_ids = (
+        token_rows(model, clean, "clean"),
+        token_rows(model, corrupt, "corrupt"),
+    )
     if len(clean_ids) != len(corrupt_ids):
         raise ValueError(
             f"Got {len(clean_ids)} clean and {len(corrupt_ids)} corrupt prompts: pass one corrupt "

@@ -40,7 +40,9 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             token); ``position_labels`` are pair 0's tokens there (``clean/corrupt`` where they
             differ).
         metric: The metric's name.
-        direction: ``"denoising"``, ``"noising"``, ``"zero-ablation"`` or ``"mean-ablation"``.
+        direction: ``"denoising"``, ``"noising"``, ``"zero-ablation"``, ``"mean-ablation"``, or
+            ``"attribution"`` (first-order estimates of denoising from
+            :func:`mechprobe.attribution_patch`).
         random: ``[n_random, pairs, sites, positions]`` the metric when the same cell is moved by
             the same distance in a random direction (seed ``seed + j`` for row ``j``).
         seed: The first seed of the random directions.
@@ -96,15 +98,23 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
     @property
     def effect(self) -> np.ndarray:
         """``[sites, positions]`` change of the metric from the run that was edited: ``values -
-        corrupt`` (denoising), ``values - clean`` (noising and ablations), pair means."""
-        reference = self.corrupt_metric if self.direction == "denoising" else self.clean_metric
+        corrupt`` (denoising, attribution), ``values - clean`` (noising and ablations), pair
+        means."""
+        reference = self._reference
         return self.values - reference
 
     @property
     def random_effect(self) -> np.ndarray:
         """``[sites, positions]`` the same change under the random controls."""
-        reference = self.corrupt_metric if self.direction == "denoising" else self.clean_metric
+        reference = self._reference
         return self.random_values - reference
+
+    @property
+    def _reference(self) -> float:
+        """The metric of the run that was edited."""
+        if self.direction in ("denoising", "attribution"):
+            return self.corrupt_metric
+        return self.clean_metric
 
     @property
     def clean_metric(self) -> float:
@@ -234,5 +244,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         label = "normalised recovery" if use_norm else f"change of {self.metric}"
         fig.colorbar(image, ax=ax, label=label)
         what = self.direction if self.is_ablation else f"{self.direction} patching"
+        if self.direction == "attribution":
+            what = "attribution patching (estimated denoising)"
         ax.set_title(f"{what} of {self.kind}: {self.metric}")
         return fig

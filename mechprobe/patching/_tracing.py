@@ -45,7 +45,6 @@ from mechprobe.core import (
     expand_sites,
     figure_of,
     intervene,
-    new_axes,
     readout,
     tokenize,
 )
@@ -75,6 +74,7 @@ class TaskLike(Protocol):
     def prompts(self) -> list[str]: ...
     def inputs(self) -> list[str]: ...
     def answers(self) -> list[str]: ...
+
 
 __all__ = ["CATEGORIES", "TraceResult", "causal_trace", "subject_span", "trace_noise"]
 
@@ -118,14 +118,14 @@ def subject_span(model: Any, prompt: str, subject: str) -> tuple[int, int]:
 
 
 def trace_noise(
-    seed: int, prompt: int, n_noise: int, n_tokens: int, d_model: int, level: float
+    prompt: int, n_noise: int, n_tokens: int, d_model: int, level: float, *, seed: int = 0
 ) -> Tensor:
     """``[n_noise, n_tokens, d_model]``: the noise :func:`causal_trace` adds to prompt
     ``prompt``'s subject embeddings, ``level * N(0, 1)`` from a generator seeded with
     ``seed + 1000 * prompt`` (so a loop written by hand can reproduce it).
 
     Example:
-        >>> tuple(trace_noise(0, 0, 10, 3, 64, 1.0).shape)
+        >>> tuple(trace_noise(0, 10, 3, 64, 1.0, seed=0).shape)
         (10, 3, 64)
     """
     gen = torch.Generator().manual_seed(int(seed) + 1000 * int(prompt))
@@ -235,7 +235,9 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             n_pos = self.scores[i].shape[-1]
             cats = [" / ".join(c) for c in _categories(start, stop, n_pos)]
             k, layer, pos = np.meshgrid(
-                np.arange(len(self.kinds)), np.arange(len(self.layers)), np.arange(n_pos),
+                np.arange(len(self.kinds)),
+                np.arange(len(self.layers)),
+                np.arange(n_pos),
                 indexing="ij",
             )
             frames.append(
@@ -420,7 +422,7 @@ def causal_trace(
             raise ValueError(
                 "prompts is a Task: its items give the subjects and answers; do not pass them too."
             )
-        task = prompts
+        task: Any = prompts
         prompts, subjects, answers = task.prompts(), task.inputs(), task.answers()
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)  # type: ignore[arg-type]
     if subjects is None:
@@ -482,17 +484,20 @@ def causal_trace(
     d_model = int(model.cfg.d_model)
     plan = Plan(sources=list(ids), source_groups=list(range(len(ids))))
     for i, (t, (a, b)) in enumerate(zip(ids, spans, strict=True)):
-        samples = trace_noise(seed, i, n_noise, b - a, d_model, level)
+        samples = trace_noise(i, n_noise, b - a, d_model, level, seed=seed)
         for k in range(n_noise):
             edits = tuple(
-                Edit("hook_embed", "vector", a + q, ADD, payload=samples[k, q]) for q in range(b - a)
+                Edit("hook_embed", "vector", a + q, ADD, payload=samples[k, q])
+                for q in range(b - a)
             )
             plan.bases.append(Base(t, i, edits))
 
     def restored(kind: str, layer: int) -> list[int]:
         if kind not in ("mlp_out", "attn_out") or window == 1:
             return [layer]
-        return list(range(max(0, layer - window // 2), min(n_layers, layer + (window - 1) // 2 + 1)))
+        return list(
+            range(max(0, layer - window // 2), min(n_layers, layer + (window - 1) // 2 + 1))
+        )
 
     grid = [
         (i, k, li, p)
@@ -503,7 +508,7 @@ def causal_trace(
     ]
     for j in range(-1, n_random):
         for n, (i, k, li, p) in enumerate(grid):
-            sites_here = [Site(kinds[k], l) for l in restored(kinds[k], layer_list[li])]  # type: ignore[arg-type]
+            sites_here = [Site(kinds[k], x) for x in restored(kinds[k], layer_list[li])]
             if j < 0:
                 for sample in range(n_noise):
                     edits = tuple(site_edit(s, p, COPY, source_position=p) for s in sites_here)
@@ -544,9 +549,7 @@ def causal_trace(
     sd = tuple(
         np.sqrt(np.maximum(q / n_noise - m * m, 0.0)) for q, m in zip(squares, scores, strict=True)
     )
-    controls = tuple(
-        r / n_random if n_random else np.full(r.shape, np.nan) for r in random
-    )
+    controls = tuple(r / n_random if n_random else np.full(r.shape, np.nan) for r in random)
     return TraceResult(
         scores=scores,
         noise_sd=sd,
