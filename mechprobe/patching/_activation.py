@@ -323,6 +323,7 @@ def ablate_cells(
     *,
     method: Method = "mean",
     reference: Prompts | None = None,
+    reference_positions: PositionSpec = "all",
     layers: Layers = "all",
     n_random: int = 3,
     seed: int = 0,
@@ -345,6 +346,10 @@ def ablate_cells(
             ``reference`` (for a pattern: the mean row at the same query position over the
             reference prompts long enough to have it).
         reference: Prompts the mean is taken over (default: ``prompts``).
+        reference_positions: The reference prompts' positions the mean is taken over: ``"all"``
+            (every real token), or ints counted from each prompt's start, negative from its end
+            (``-1``: the mean of the last tokens, as function vectors' mean head outputs; not for
+            pattern sites).
         layers: The layers a kind covers.
         n_random: Random controls per cell: the activation moved by the ablation's own distance
             in a random direction (seeds ``seed, seed + 1, ...``).
@@ -369,13 +374,20 @@ def ablate_cells(
     _check_common(cells_per_batch, n_random, seed)
     ids = token_rows(model, prompts, "prompts")
     site_list = _sites(model, sites, layers, "ablate_cells()")
+    if reference_positions != "all":
+        position_list(reference_positions)  # a clear error for a bad spec, before any forward
+        if any(s.kind == "pattern" for s in site_list):
+            raise ValueError(
+                "reference_positions applies to vector and head sites; a pattern's mean is taken "
+                "per query position: leave reference_positions='all' for pattern sites."
+            )
     lengths = [len(t) for t in ids]
     wanted, resolved = position_pairs(positions, lengths, lengths)
     metric_fn, metric_name = bind_metric(model, metric, len(ids))
     means: dict[Site, Any] = {}
     if method == "mean":
         ref_ids = ids if reference is None else token_rows(model, reference, "reference")
-        means = _means(model, site_list, ref_ids)
+        means = _means(model, site_list, ref_ids, reference_positions)
     plan = Plan(bases=[Base(t, i) for i, t in enumerate(ids)])
     grid = [
         (i, r, c, site, p)
@@ -437,9 +449,12 @@ def ablate_cells(
     )
 
 
-def _means(model: Any, site_list: list[Site], ids: list[Tensor]) -> dict[Site, Any]:
-    """Each site's mean activation over the real tokens of ``ids`` (pattern sites: the mean row
-    per query position, over the prompts long enough to have it)."""
+def _means(
+    model: Any, site_list: list[Site], ids: list[Tensor], positions: PositionSpec = "all"
+) -> dict[Site, Any]:
+    """Each site's mean activation over the real tokens of ``ids`` (or those at ``positions`` of
+    each prompt; pattern sites: the mean row per query position, over the prompts long enough to
+    have it)."""
     lengths = torch.as_tensor([len(t) for t in ids])
     width = int(lengths.max())
     tokens = torch.zeros(len(ids), width, dtype=torch.long)
@@ -451,6 +466,15 @@ def _means(model: Any, site_list: list[Site], ids: list[Tensor]) -> dict[Site, A
         model, batch, capture=site_list, logit_positions=-1, batch_size=None, progress=False
     )
     real = mask.bool()
+    if positions != "all":
+        real = torch.zeros_like(real)
+        for i, n in enumerate(lengths.tolist()):
+            for p in position_list(positions):
+                if not -n <= p < n:
+                    raise ValueError(
+                        f"reference_positions {p} is outside reference prompt {i} ({n} tokens)."
+                    )
+                real[i, p % n] = True
     out: dict[Site, Any] = {}
     for site in site_list:
         value = captured[site]

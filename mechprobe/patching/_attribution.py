@@ -72,17 +72,56 @@ def _grad_hook(site: Site) -> str:
     return site.hook_name
 
 
-def _rows(site: Site, tensor: Tensor, index: Tensor, model: Any) -> Tensor:
-    """The site's activation (or gradient) at positions ``index``: ``[len(index), width]``,
-    from a hook tensor of one prompt (batch axis dropped)."""
-    if site.kind == "pattern":  # [head, query, key]: the query rows over all keys
-        return tensor[site.head, index]
-    if site.kind == "head_out" and tensor.ndim == 3:  # z [pos, head, d_head] -> its write
-        w_o = model.blocks[site.layer].attn.W_O[site.head].detach()
-        return tensor[index, site.head].to(w_o.dtype) @ w_o.to(tensor.device)
-    if site.head is not None and site.kind != "head_out":
-        return tensor[index, site.head]
+def _at(site: Site, tensor: Tensor, index: Tensor, model: Any) -> Tensor:
+    """A hook's activation (or gradient) of one prompt (batch axis dropped) at positions
+    ``index``: ``[len(index), width]``, or ``[len(index), heads, width]`` for head kinds (a
+    pattern's rows over all keys; ``head_out``: every head's write ``z @ W_O[head]``)."""
+    if site.kind == "pattern":  # [head, query, key]
+        return tensor[:, index].transpose(0, 1)
+    if site.kind == "head_out" and tensor.ndim == 3:  # z [pos, head, d_head] -> the writes
+        w_o = model.blocks[site.layer].attn.W_O.detach().to(tensor.device, tensor.dtype)
+        return torch.einsum("phd,hdm->phm", tensor[index], w_o)
+    if site.kind == "head_out":  # the attention output's gradient, the same for every head
+        return tensor[index][:, None, :]
     return tensor[index]
+
+
+def _estimate(
+    model: Any,
+    site: Site,
+    caps: dict[str, Capture],
+    grads: dict[str, Gradient],
+    src: Tensor,
+    dst: Tensor,
+    generators: list[torch.Generator],
+) -> tuple[Tensor, list[Tensor]]:
+    """``(delta . grad, [||delta|| u_j . grad])`` at every position (and head) of the site's
+    hook: ``[positions]`` or ``[positions, heads]``, float64."""
+    a_clean = caps[_value_hook(site)].value
+    a_run = grads[_value_hook(site)].value
+    grad = grads[_grad_hook(site)].grad
+    assert a_clean is not None and a_run is not None and grad is not None
+    x_clean = _at(site, a_clean[0], src, model).double()
+    x_run = _at(site, a_run[0], dst, model).double()
+    g = _at(site, grad[0], dst, model).double()
+    valid = None
+    if site.kind == "pattern":  # prompts of different lengths: keys up to the position
+        keys = min(x_clean.shape[-1], x_run.shape[-1])
+        x_clean, x_run, g = x_clean[..., :keys], x_run[..., :keys], g[..., :keys]
+        valid = (torch.arange(keys)[None, None] <= dst[:, None, None]).to(g.device)
+    delta = x_clean - x_run
+    g = g.expand_as(delta)
+    estimate = (delta * g).sum(-1)
+    norm = delta.norm(dim=-1, keepdim=True)
+    randoms = []
+    for gen in generators:
+        unit = torch.randn(delta.shape, generator=gen, dtype=torch.float64).to(g.device)
+        if valid is not None:  # a change of attention weights that keeps the row's sum
+            unit = unit * valid
+            unit = (unit - unit.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True)) * valid
+        unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        randoms.append((norm * unit * g).sum(-1))
+    return estimate, randoms
 
 
 def _check_head_out(model: Any, site_list: list[Site], grads: dict[str, Gradient]) -> None:
@@ -197,32 +236,17 @@ def attribution_patch(
             _check_head_out(model, site_list, grads)
         src = torch.as_tensor([ps for ps, _ in resolved[i]])
         dst = torch.as_tensor([pb for _, pb in resolved[i]])
+        # One estimate per hook for all its heads and positions; sites pick their head.
+        estimates: dict[tuple[str, str], tuple[Tensor, list[Tensor]]] = {}
         for r, site in enumerate(site_list):
-            a_clean = caps[_value_hook(site)].value
-            a_run = grads[_value_hook(site)].value
-            grad = grads[_grad_hook(site)].grad
-            assert a_clean is not None and a_run is not None and grad is not None
-            x_clean = _rows(site, a_clean[0], src, model).double()
-            x_run = _rows(site, a_run[0], dst, model).double()
-            g = _rows(site, grad[0], dst, model).double()
-            if site.kind == "pattern":  # rows of different prompts' lengths; keys <= position
-                keys = min(x_clean.shape[-1], x_run.shape[-1])
-                x_clean, x_run, g = x_clean[:, :keys], x_run[:, :keys], g[:, :keys]
-            delta = x_clean - x_run
-            per_pair[i, r] = corrupt_m[i] + (delta * g).sum(-1).cpu().numpy()
-            if not n_random:
-                continue
-            norm = delta.norm(dim=-1, keepdim=True)
-            valid = None
-            if site.kind == "pattern":
-                valid = (torch.arange(g.shape[-1])[None] <= dst[:, None]).to(g.device)
-            for j, gen in enumerate(generators):
-                unit = torch.randn(g.shape, generator=gen, dtype=torch.float64).to(g.device)
-                if valid is not None:
-                    unit = unit * valid
-                    unit = (unit - unit.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True)) * valid
-                unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-                random[j, i, r] = corrupt_m[i] + (norm * unit * g).sum(-1).cpu().numpy()
+            key = (site.kind, _grad_hook(site))
+            if key not in estimates:
+                estimates[key] = _estimate(model, site, caps, grads, src, dst, generators)
+            est, randoms = estimates[key]
+            head = () if site.head is None else (slice(None), site.head)
+            per_pair[i, r] = corrupt_m[i] + est[head].cpu().numpy()
+            for j, values in enumerate(randoms):
+                random[j, i, r] = corrupt_m[i] + values[head].cpu().numpy()
     return _result(
         model,
         site_list,
