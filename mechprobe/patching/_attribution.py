@@ -237,16 +237,18 @@ def attribution_patch(
         src = torch.as_tensor([ps for ps, _ in resolved[i]])
         dst = torch.as_tensor([pb for _, pb in resolved[i]])
         # One estimate per hook for all its heads and positions; sites pick their head.
-        estimates: dict[tuple[str, str], tuple[Tensor, list[Tensor]]] = {}
+        estimates: dict[tuple[str, str], np.ndarray] = {}
         for r, site in enumerate(site_list):
             key = (site.kind, _grad_hook(site))
             if key not in estimates:
-                estimates[key] = _estimate(model, site, caps, grads, src, dst, generators)
-            est, randoms = estimates[key]
+                est, randoms = _estimate(model, site, caps, grads, src, dst, generators)
+                # [1 + n_random, positions(, heads)] in one transfer
+                estimates[key] = torch.stack([est, *randoms]).cpu().numpy()
+            values = estimates[key]
             head = () if site.head is None else (slice(None), site.head)
-            per_pair[i, r] = corrupt_m[i] + est[head].cpu().numpy()
-            for j, values in enumerate(randoms):
-                random[j, i, r] = corrupt_m[i] + values[head].cpu().numpy()
+            picked = values[(slice(None), *head)]  # [1 + n_random, positions]
+            per_pair[i, r] = corrupt_m[i] + picked[0]
+            random[:, i, r] = corrupt_m[i] + picked[1:]
     return _result(
         model,
         site_list,
