@@ -69,21 +69,21 @@ def _pairs(model: Any, n_pairs: int) -> tuple[list[str], list[str], list[str], l
                 break
         if len(clean) == n_pairs:
             break
-    subject = sorted(where)[0]
+    if len(where) != 1:
+        raise ValueError(f"the pairs' countries sit at different offsets from the end: {where}")
+    subject = where.pop()
     return clean, corrupt, answers, wrongs, subject
 
 
 def attribution(model: Any, n_pairs: int) -> dict[str, Any]:
     clean, corrupt, answers, wrongs, subject = _pairs(model, n_pairs)
-    # Pairs must share one length for positions="all": keep the first length.
-    lengths = [model.to_tokens(c).shape[1] for c in clean]
-    keep = [i for i, n in enumerate(lengths) if n == lengths[0]]
-    clean, corrupt = [clean[i] for i in keep], [corrupt[i] for i in keep]
-    answers, wrongs = [answers[i] for i in keep], [wrongs[i] for i in keep]
     metric = mp.logit_diff(answers, wrongs)
     out: dict[str, Any] = {"pairs": list(zip(clean, corrupt, strict=True)), "kinds": {}}
     for kind in LAYER_KINDS + HEAD_KINDS:
-        positions: Any = "all" if kind in LAYER_KINDS else [subject, -1]
+        # Exact patching of a cell runs the tokens from its position on: the positions from the
+        # country on keep it to minutes (earlier positions are the same in both prompts, where
+        # both methods give 0).
+        positions: Any = list(range(subject, 0)) if kind in LAYER_KINDS else [subject, -1]
         args = (model, clean, corrupt, kind, positions, metric)
         exact = mp.patch(*args, n_random=0, progress=False)
         approx = mp.attribution_patch(*args, n_random=0, progress=False)
@@ -162,7 +162,7 @@ def trace(model: Any, n_items: int) -> dict[str, Any]:
 def function_vectors(model: Any, n_prompts: int) -> dict[str, Any]:
     out = {}
     for name in mp.list_tasks():
-        res = mp.function_vector(model, name, n_prompts=n_prompts, progress=False)
+        res = mp.function_vector(model, name, n_prompts=n_prompts, n_random=2, progress=False)
         out[name] = {
             "layer": res.layer,
             "heads": [list(h) for h in res.heads],
@@ -182,20 +182,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("attribution", "trace", "fv"), action="append")
     parser.add_argument("--pairs", type=int, default=3, help="prompt pairs (attribution)")
-    parser.add_argument("--items", type=int, default=8, help="capitals items (trace)")
-    parser.add_argument("--prompts", type=int, default=20, help="fit prompts per task (fv)")
+    parser.add_argument("--items", type=int, default=4, help="capitals items (trace)")
+    parser.add_argument("--prompts", type=int, default=10, help="fit prompts per task (fv)")
     args = parser.parse_args()
-    parts = args.part or ["attribution", "trace", "fv"]
+    parts = args.part or ["fv", "trace", "attribution"]
     FIGURES.mkdir(parents=True, exist_ok=True)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     model = mp.load_model()
-    if "attribution" in parts:
-        results["attribution"] = attribution(model, args.pairs)
-    if "trace" in parts:
-        results["trace"] = trace(model, args.items)
     if "fv" in parts:
         results["function_vectors"] = function_vectors(model, args.prompts)
-    OUT.write_text(json.dumps(results, indent=1) + "\n")
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
+    if "trace" in parts:
+        results["trace"] = trace(model, args.items)
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
+    if "attribution" in parts:
+        results["attribution"] = attribution(model, args.pairs)
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {OUT}")
 
 

@@ -265,3 +265,34 @@ def test_head_out_refuses_a_norm_after_attention():
     ):
         gemma(gemma.to_tokens("Hi"))
     assert hook_count(gemma) == before
+
+
+@pytest.mark.integration
+def test_smollm2_key_value_heads_against_hand_written_hooks(smollm2):
+    """SmolLM2's 3 key/value heads per layer: a k patch names one and changes what its three
+    query heads read; the batched values equal one hand-hooked forward pass per cell."""
+    clean = "Q: What is the capital of France?\nA:"
+    corrupt = "Q: What is the capital of Poland?\nA:"
+    metric = mp.logit_diff(" Paris", " Warsaw")
+    paris, warsaw = (
+        smollm2.tokenizer(a, add_special_tokens=False)["input_ids"][0]
+        for a in (" Paris", " Warsaw")
+    )
+    res = mp.patch(smollm2, clean, corrupt, "k", -1, metric, n_random=0, progress=False)
+    assert res.values.shape == (30 * 3, 1)
+    assert query_heads(smollm2, mp.Site("k", 0, head=2)) == (6, 7, 8)
+    clean_t, corrupt_t = smollm2.to_tokens(clean), smollm2.to_tokens(corrupt)
+    with torch.no_grad():
+        _, cache = smollm2.run_with_cache(clean_t)
+        for layer, head in [(0, 1), (14, 0), (29, 2)]:
+
+            def write(k, hook, head=head):
+                k = k.clone()
+                k[:, -1, head] = cache[hook.name][:, -1, head]
+                return k
+
+            logits = smollm2.run_with_hooks(
+                corrupt_t, fwd_hooks=[(f"blocks.{layer}.attn.hook_k", write)]
+            )
+            expected = float(logits[0, -1, paris] - logits[0, -1, warsaw])
+            np.testing.assert_allclose(res.values[3 * layer + head, 0], expected, atol=1e-4)
