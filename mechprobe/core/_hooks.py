@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from mechprobe.core._batching import Batch, position_list
-from mechprobe.core._sites import Positions, SiteLike, resolve_site, width
+from mechprobe.core._sites import Positions, SiteLike, resolve_in, width
 from mechprobe.core._validation import check_finite
 
 __all__ = [
@@ -455,8 +455,9 @@ def _hooks_for(
 ) -> list[tuple[str, Callable[..., Tensor | None]]]:
     """Validate every site and intervention, then build the callbacks (no forward pass yet)."""
     fwd: list[tuple[str, Callable[..., Tensor | None]]] = []
+    hooks = model.hook_dict
     for key, value in spec.items():
-        name, site = resolve_site(model, key)
+        name, site = resolve_in(model, key, hooks)
         items = [value] if isinstance(value, Intervention) else list(value)
         for item in items:
             if not isinstance(item, Intervention):
@@ -487,7 +488,7 @@ def _hooks_for(
                 record, fn = _head_out(model, site.layer, site.head, fn)
                 fwd.append((f"blocks.{site.layer}.attn.hook_z", record))
             fwd.append((name, fn))
-    if batch is not None and fwd and "hook_embed" in model.hook_dict:
+    if batch is not None and fwd and "hook_embed" in hooks:
         fwd.insert(0, ("hook_embed", _same_tokens(model, batch)))
     return fwd
 

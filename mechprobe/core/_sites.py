@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, get_args
 
@@ -158,10 +158,6 @@ class Site:
 SiteLike: TypeAlias = Site | str
 
 
-def _hook_names(model: Any) -> list[str]:
-    return list(model.hook_dict.keys())
-
-
 def resolve_site(model: Any, site: SiteLike) -> tuple[str, Site | None]:
     """Validate a site against ``model`` and return ``(hook_name, site_or_None)``.
 
@@ -176,11 +172,16 @@ def resolve_site(model: Any, site: SiteLike) -> tuple[str, Site | None]:
         >>> resolve_site(tiny_model(), Site("resid_post", -1))[0]
         'blocks.2.hook_resid_post'
     """
+    return resolve_in(model, site, model.hook_dict)
+
+
+def resolve_in(model: Any, site: SiteLike, hooks: Mapping[str, Any]) -> tuple[str, Site | None]:
+    """:func:`resolve_site` against ``hooks``, the model's ``hook_dict`` read once by a caller
+    that resolves many sites (the bridge rebuilds that dict, with its aliases, on every read)."""
     n_layers = int(model.cfg.n_layers)
     if isinstance(site, str):
-        names = _hook_names(model)
-        if site not in model.hook_dict:
-            close = difflib.get_close_matches(site, names, n=5, cutoff=0.6)
+        if site not in hooks:
+            close = difflib.get_close_matches(site, list(hooks), n=5, cutoff=0.6)
             hint = f" Closest valid names: {close}." if close else ""
             raise ValueError(
                 f"Unknown hook name {site!r} for this model.{hint} "
@@ -207,10 +208,10 @@ def resolve_site(model: Any, site: SiteLike) -> tuple[str, Site | None]:
                 f"{which} (valid: 0..{n_heads - 1})."
             )
     resolved = Site(site.kind, layer, head=site.head, positions=site.positions)
-    if resolved.hook_name not in model.hook_dict:
+    if resolved.hook_name not in hooks:
         raise ValueError(
             f"{resolved.hook_name!r} is not a hook of this model; "
-            f"closest: {difflib.get_close_matches(resolved.hook_name, _hook_names(model), n=5)}."
+            f"closest: {difflib.get_close_matches(resolved.hook_name, list(hooks), n=5)}."
         )
     return resolved.hook_name, resolved
 
@@ -227,7 +228,8 @@ def resolve_sites(
     """
     if isinstance(sites, (str, Site)):
         sites = [sites]
-    return [resolve_site(model, s) for s in sites]
+    hooks = model.hook_dict
+    return [resolve_in(model, s, hooks) for s in sites]
 
 
 def width(model: Any, site: Site | None) -> int | None:
@@ -350,6 +352,7 @@ def expand_sites(
     if not items:
         raise ValueError(f"{what} is empty: pass a site kind such as 'resid_post', or Sites.")
     layer_list: list[int] | None = None
+    hooks: Mapping[str, Any] | None = None
     found: list[Site] = []
     for item in items:
         if isinstance(item, str) and item in _KINDS:
@@ -372,7 +375,9 @@ def expand_sites(
             )
         if not isinstance(item, (str, Site)):
             raise TypeError(f"{what} holds a {type(item).__name__}: pass kinds, Sites or names.")
-        name, site = resolve_site(model, item)
+        if hooks is None:
+            hooks = model.hook_dict
+        name, site = resolve_in(model, item, hooks)
         if site is None:
             raise ValueError(
                 f"{what}: {name!r} is a hook but not a site ({', '.join(kinds)}); pass a Site, "
