@@ -131,7 +131,7 @@ def attribution(model: Any, n_pairs: int) -> dict[str, Any]:
 
 def trace(model: Any, n_items: int) -> dict[str, Any]:
     task = mp.load_task("capitals").subset(n_items, seed=0)
-    res = mp.causal_trace(model, task, n_noise=10, n_random=3, progress=False)
+    res = mp.causal_trace(model, task, n_noise=10, n_random=1, progress=False)
     res.plot().savefig(FIGURES / "causal_trace_capitals.png", dpi=110, bbox_inches="tight")
     cats = res.by_category()  # [kinds, layers, categories]
     rand = res.by_category(random=True)
@@ -162,7 +162,7 @@ def trace(model: Any, n_items: int) -> dict[str, Any]:
 def function_vectors(model: Any, n_prompts: int) -> dict[str, Any]:
     out = {}
     for name in mp.list_tasks():
-        res = mp.function_vector(model, name, n_prompts=n_prompts, n_random=2, progress=False)
+        res = mp.function_vector(model, name, n_prompts=n_prompts, n_random=1, progress=False)
         out[name] = {
             "layer": res.layer,
             "heads": [list(h) for h in res.heads],
@@ -182,8 +182,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("attribution", "trace", "fv"), action="append")
     parser.add_argument("--pairs", type=int, default=3, help="prompt pairs (attribution)")
-    parser.add_argument("--items", type=int, default=4, help="capitals items (trace)")
-    parser.add_argument("--prompts", type=int, default=10, help="fit prompts per task (fv)")
+    parser.add_argument("--items", type=int, default=3, help="capitals items (trace)")
+    parser.add_argument("--prompts", type=int, default=8, help="fit prompts per task (fv)")
     args = parser.parse_args()
     parts = args.part or ["fv", "trace", "attribution"]
     FIGURES.mkdir(parents=True, exist_ok=True)
