@@ -148,7 +148,10 @@ def test_readout_statistics_equal_float64_log_softmax(
     model = _Linear(d_model, vocab, seed=n, minus_inf=minus_inf)
     gen = torch.Generator().manual_seed(1)
     final = torch.randn(n, d_model, generator=gen)
-    vecs = [final * 0.3 + torch.randn(n, d_model, generator=gen) for _ in range(4)] + [final]
+    vecs = [final * 0.3 + torch.randn(n, d_model, generator=gen) for _ in range(4)]
+    # The final vectors themselves (decoded once, with the final distribution) and a copy of them
+    # (decoded as any other entry) in the middle of the list.
+    vecs[1:1] = [final, final.clone()]
     ids = torch.randint(0, vocab, (n, 2), generator=gen)
     ids[0, 1] = 150  # a token at -inf
     readout = ro.Readout(model, chunk)
@@ -159,7 +162,10 @@ def test_readout_statistics_equal_float64_log_softmax(
         torch.testing.assert_close(got[key].double(), want[key], atol=2e-5, rtol=0, msg=key)
     torch.testing.assert_close(got["top_probs"].double(), want["top"], atol=1e-6, rtol=1e-5)
     assert torch.equal(got["rank"], want["rank"])
-    assert got["kl"][:, -1].abs().max() < 1e-5  # the final layer against itself
+    assert (got["kl"][:, 1] == 0).all()  # the final layer against itself
+    assert got["kl"][:, 2].abs().max() < 1e-5  # its copy, decoded again
+    for key in ("top_ids", "rank"):
+        assert torch.equal(got[key][:, 1], got[key][:, 2])
     lp = readout.token_logprobs(vecs, ids[:, 0])
     torch.testing.assert_close(lp.double(), want["logprob"][:, :, 0], atol=2e-5, rtol=0)
 

@@ -102,6 +102,32 @@ def _row_blocks(n: int, c: int, rows: int) -> Iterator[tuple[int, int, int, int]
             yield a, min(a + step, n), 0, c
 
 
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    """True when ``a`` and ``b`` are the same elements of the same memory (hence equal)."""
+    return (
+        a.device == b.device
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )
+
+
+def _collect(
+    top_values: Tensor, top_ids: Tensor, sweep: dict[str, Tensor], kl: Tensor, z_t: Tensor
+) -> dict[str, Tensor]:
+    """The statistics of :meth:`Readout.grid` from a sweep's sums (``[rows, ...]`` each)."""
+    lse = sweep["lse"]
+    return {
+        "top_ids": top_ids,
+        "top_probs": (top_values - lse[:, None]).exp(),
+        "entropy": lse - sweep["pz"],
+        "kl": kl,
+        "rank": sweep["greater"].long() if "greater" in sweep else z_t.long(),
+        "logprob": z_t - lse[:, None],
+    }
+
+
 class Readout:
     """Decode residual-stream vectors the way the model decodes its last block's output.
 
@@ -260,17 +286,24 @@ class Readout:
         top_values, top_ids = _top_k(z, top_k)
         z_t = z.gather(1, ids.clamp(min=0).repeat(n // c, 1).to(z.device))  # [g*c, T]
         sweep = self._sweep(z, top_ids[:, :1], p_f=p_f, z_t=z_t if z_t.shape[1] else None)
-        lse = sweep["lse"]
-        kl = a_f.repeat(n // c) - sweep["fz"] + lse
-        rank = sweep["greater"].long() if "greater" in sweep else z_t.long()
-        return {
-            "top_ids": top_ids,
-            "top_probs": (top_values - lse[:, None]).exp(),
-            "entropy": lse - sweep["pz"],
-            "kl": kl.clamp(min=0.0),
-            "rank": rank,
-            "logprob": z_t - lse[:, None],
-        }
+        kl = (a_f.repeat(n // c) - sweep["fz"] + sweep["lse"]).clamp(min=0.0)
+        return _collect(top_values, top_ids, sweep, kl, z_t)
+
+    def _decode_final(
+        self, zf: Tensor, ids: Tensor, top_k: int, as_entry: bool
+    ) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """``sum p_f log p_f`` of the final logits ``zf [c, V]``, whose probabilities go into the
+        final buffer, and with ``as_entry`` their statistics as an entry (KL 0: no second decode)."""
+        top_values, top_ids = _top_k(zf, top_k if as_entry else 1)
+        z_t = zf.gather(1, ids.clamp(min=0).to(zf.device))
+        keep = self._final[: zf.shape[0]]
+        sweep = self._sweep(
+            zf, top_ids[:, :1], keep=keep, z_t=z_t if as_entry and z_t.shape[1] else None
+        )
+        a_f = sweep["pz"] - sweep["lse"]  # sum p_f log p_f (p_f normalised: no division by s)
+        if not as_entry:
+            return a_f, None
+        return a_f, _collect(top_values, top_ids, sweep, torch.zeros_like(a_f), z_t)
 
     def grid(
         self,
@@ -283,26 +316,31 @@ class Readout:
 
         Keys: ``top_ids``, ``top_probs`` ``[n, E, top_k]``; ``entropy``, ``kl`` ``[n, E]``;
         ``rank``, ``logprob`` ``[n, E, T]`` of the token ids ``ids`` (-1 = none, ignored later).
-        ``final`` holds the last block's output at the same rows, for KL(final || lens).
+        ``final`` holds the last block's output at the same rows, for KL(final || lens). An entry
+        that is ``final`` itself (the same view of the same tensor, as the lens passes the last
+        layer's ``resid_post``) is decoded once, with the final distribution.
         """
         n = final.shape[0]
+        own = next((e for e, v in enumerate(vecs) if _same_view(v, final)), None)
+        others = [e for e in range(len(vecs)) if e != own]
         per = max(1, min(n, self.chunk))
         group = max(1, self.chunk // per)
         parts: list[dict[str, Tensor]] = []
         for s in range(0, n, per):
             zf = self.logits(final[s : s + per])
             c = zf.shape[0]
-            p_f = self._final[:c]
-            _, top_f = _top_k(zf, 1)
-            sweep = self._sweep(zf, top_f, keep=p_f)  # p_f normalised, so <p_f, z> needs no /s
-            a_f = sweep["pz"] - sweep["lse"]  # sum p_f log p_f
-            cols = []
-            for e0 in range(0, len(vecs), group):
-                x = torch.cat([v[s : s + per] for v in vecs[e0 : e0 + group]])
-                stats = self._stats(self.logits(x), p_f, a_f, ids[s : s + per], top_k)
-                g = x.shape[0] // c
-                cols.append({k: v.reshape(g, c, *v.shape[1:]) for k, v in stats.items()})
-            parts.append({k: torch.cat([col[k] for col in cols]).transpose(0, 1) for k in cols[0]})
+            a_f, final_stats = self._decode_final(zf, ids[s : s + per], top_k, own is not None)
+            cols: dict[int, dict[str, Tensor]] = {}
+            if own is not None and final_stats is not None:
+                cols[own] = final_stats
+            for e0 in range(0, len(others), group):
+                chosen = others[e0 : e0 + group]
+                x = torch.cat([vecs[e][s : s + per] for e in chosen])
+                stats = self._stats(self.logits(x), self._final[:c], a_f, ids[s : s + per], top_k)
+                for j, e in enumerate(chosen):
+                    cols[e] = {k: v[j * c : (j + 1) * c] for k, v in stats.items()}
+            keys = cols[0].keys()
+            parts.append({k: torch.stack([cols[e][k] for e in range(len(vecs))], 1) for k in keys})
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
     def token_logprobs(
