@@ -154,7 +154,7 @@ def run(ctx: Any) -> list[dict[str, Any]]:
     # The teacher-forced rows: prompt + answer where the answer spans several tokens.
     answer_ids = [t[0] for t in ours_targets().target_tokens]
     prompt_ids = [batch.tokens[b, real[b]].tolist() for b in range(len(batch))]
-    forced = [p + a if len(a) > 1 else p for p, a in zip(prompt_ids, answer_ids, strict=True)]
+    forced = [p + list(a) if len(a) > 1 else p for p, a in zip(prompt_ids, answer_ids, strict=True)]
     forced_batch = pad_rows(forced, pad_id(model), "right", list(PROMPTS))
     n_forced = sum(len(a) - 1 for a in answer_ids)
     forced_vecs = torch.cat([last_vecs, all_vecs[: n_forced * n_layers]])  # the same count
