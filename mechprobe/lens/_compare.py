@@ -11,6 +11,7 @@ top-1 token (Ghandeharioun et al.'s measure). The BOS position is never scored.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -244,7 +245,10 @@ def compare_lenses(
         for rows in progress_bar(chunks, progress=progress, desc="compare lenses"):
             batch = Batch(rows, torch.ones_like(rows), "right", ("",) * len(rows))
             keeps = [KeepPositions(cols, stop=site == final_site) for site in run_sites]
-            spec = {Site(kind, layer): k for (kind, layer), k in zip(run_sites, keeps, strict=True)}
+            spec: dict[Site | str, Any] = {
+                Site(kind, layer): k  # type: ignore[arg-type]
+                for (kind, layer), k in zip(run_sites, keeps, strict=True)
+            }
             with contextlib.suppress(StopForward):
                 run(model, batch, spec, logit_positions=-1, batch_size=None, progress=False)
             vecs = [k.value.reshape(-1, k.value.shape[-1]) for k in keeps]  # type: ignore[union-attr]
@@ -272,7 +276,7 @@ def compare_lenses(
         kl_sem=np.sqrt(var / max(count - 1, 1)),
         precision=hits / count,
         n_positions=count,
-        text=text if isinstance(text, str) else f"{len(list(text))} text(s)",
+        text=str(text) if isinstance(text, (str, os.PathLike)) else f"{len(text)} text(s)",
         model_name=str(getattr(model.cfg, "model_name", "")),
     )
 

@@ -119,7 +119,7 @@ class Patchscope(Lens):
         self, model: Any, kind: str, layer: int, x: Float[Tensor, "n d_model"]
     ) -> Float[Tensor, "n d_model"]:
         ids, place = self.tokens(model)
-        target = Site(kind, self._target(model, layer))
+        target = Site(kind, self._target(model, layer))  # type: ignore[arg-type]
         final = Site("resid_post", int(model.cfg.n_layers) - 1)
         out = torch.empty_like(x)
         row = torch.tensor(ids, dtype=torch.long)

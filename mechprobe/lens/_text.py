@@ -89,9 +89,9 @@ def read_texts(source: TextSource) -> list[str]:
         docs = [f.read_text(encoding="utf-8") for f in files]
         if not docs:
             raise ValueError(f"{path} holds no .txt file: pass a folder of .txt files.")
-    elif isinstance(source, str):
+    elif isinstance(source, (str, os.PathLike)):
         raise ValueError(
-            f"{source[:60]!r} is neither 'train', 'heldout' nor an existing file or folder: pass a "
+            f"{str(source)[:60]!r} is neither 'train', 'heldout' nor an existing file or folder: pass a "
             "list of strings for literal text."
         )
     else:

@@ -334,7 +334,7 @@ def train_tuned_lens(
 
     step_fn = _Step(model, precision, chunk_rows=256)
     norm_params = [p for p in model.ln_final.parameters() if p.requires_grad]
-    capture = [Site(kind, layer) for kind, layer in keys]
+    capture = [Site(kind, layer) for kind, layer in keys]  # type: ignore[arg-type]
     final_site = Site("resid_post", n_layers - 1)
     began = time.perf_counter()
     last_losses: Tensor | None = None
