@@ -143,14 +143,14 @@ def _save_checkpoint(
     from safetensors.torch import save
 
     tensors = {f"param.{k}": v.detach() for k, v in params.items()}
-    names = list(params)
     scalars: dict[str, Any] = {}
+    # The optimiser's state is keyed by the parameter's index (its names hold dots).
     for i, state in opt.state_dict()["state"].items():
         for key, value in state.items():
             if isinstance(value, Tensor):
-                tensors[f"opt.{names[i]}.{key}"] = value
+                tensors[f"opt.{i}.{key}"] = value
             else:
-                scalars[f"{names[i]}.{key}"] = value
+                scalars[f"{i}.{key}"] = value
     meta = {"state": json.dumps({"step": step, "config": config, "scalars": scalars, "log": log})}
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / _CHECKPOINT, save({k: v.contiguous() for k, v in tensors.items()}, meta))
@@ -175,18 +175,17 @@ def _load_checkpoint(
             f"The checkpoint in {folder} was made with other settings ({', '.join(differ)} "
             "differ): pass the same settings to resume, or another folder to start afresh."
         )
-    names = list(params)
     with torch.no_grad():
         for k, v in params.items():
             v.copy_(tensors[f"param.{k}"])
     opt_state = opt.state_dict()
     restored: dict[int, dict[str, Any]] = {}
-    for i, name in enumerate(names):
-        entry = {
-            key.split(".", 2)[2]: t for key, t in tensors.items() if key.startswith(f"opt.{name}.")
+    for i in range(len(params)):
+        entry: dict[str, Any] = {
+            key.split(".", 2)[2]: t for key, t in tensors.items() if key.startswith(f"opt.{i}.")
         }
         entry.update(
-            {k.split(".", 1)[1]: v for k, v in state["scalars"].items() if k.startswith(f"{name}.")}
+            {k.split(".", 1)[1]: v for k, v in state["scalars"].items() if k.startswith(f"{i}.")}
         )
         if entry:
             restored[i] = entry
@@ -200,7 +199,7 @@ def train_tuned_lens(
     text: TextSource = "train",
     *,
     sites: str | Sequence[str] = RESIDUAL_KINDS,
-    n_tokens: int = 8192,
+    n_tokens: int = 2048,
     seq_len: int = 128,
     tokens_per_step: int = 256,
     optimizer: Literal["sgd", "adam"] = "sgd",
@@ -329,8 +328,10 @@ def train_tuned_lens(
     if folder is not None and folder.exists() and not folder.is_dir():
         raise ValueError(f"checkpoint={folder} is a file: pass a folder.")
     start, log = (0, []) if folder is None else _load_checkpoint(folder, config, params, opt)
-    for _ in range(start):
-        sched.step()
+    if start:  # the schedule where the checkpoint left it
+        sched.last_epoch = start
+        for group, base in zip(opt.param_groups, sched.base_lrs, strict=True):
+            group["lr"] = base * factor(start)
 
     step_fn = _Step(model, precision, chunk_rows=256)
     norm_params = [p for p in model.ln_final.parameters() if p.requires_grad]
