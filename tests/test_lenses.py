@@ -393,3 +393,18 @@ def test_smollm2_tuned_lens_beats_the_logit_lens_on_held_out_text_at_every_layer
     assert (tuned < logit).all(), np.c_[logit, tuned]
     # The last block's output is the model's own distribution under both lenses.
     assert cmp.kl[:, n - 1] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_cli_lens_option(tiny, tmp_path, capsys, monkeypatch):
+    from mechprobe.cli import main as cli_main
+
+    path = mp.TunedLens.identity(tiny).save(tmp_path / "lens.safetensors")
+    for spec, name in [(str(path), "tuned ("), ("patchscope", "patchscope ("), ("logit", "logit")]:
+        out = tmp_path / "out.json"
+        args = ["lens", "The sea", "--target", " x", "--json", str(out), "--model", "tiny"]
+        assert cli_main([*args, "--lens", spec]) == 0
+        assert mp.LensResult.load(out).lens.startswith(name)
+    capsys.readouterr()
+    monkeypatch.setattr("mechprobe.cli.lens.load", lambda name: pytest.fail("the model was loaded"))
+    assert cli_main(["lens", "Hi", "--lens", str(tmp_path / "none.safetensors")]) == 2
+    assert "No tuned lens" in capsys.readouterr().err
