@@ -408,3 +408,18 @@ def test_cli_lens_option(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("mechprobe.cli.lens.load", lambda name: pytest.fail("the model was loaded"))
     assert cli_main(["lens", "Hi", "--lens", str(tmp_path / "none.safetensors")]) == 2
     assert "No tuned lens" in capsys.readouterr().err
+
+
+def test_read_texts_from_files_and_folders(tmp_path):
+    (tmp_path / "b.txt").write_text("Second text.", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("First text.", encoding="utf-8")
+    (tmp_path / "skip.md").write_text("Not read.", encoding="utf-8")
+    assert mp.read_texts(tmp_path) == ["First text.", "Second text."]
+    assert mp.read_texts(str(tmp_path / "b.txt")) == ["Second text."]
+    with pytest.raises(ValueError, match="neither 'train', 'heldout' nor an existing"):
+        mp.read_texts("The cat sat.")
+    with pytest.raises(ValueError, match="empty"):
+        mp.read_texts(["  ", ""])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"holds no \.txt file"):
+        mp.read_texts(tmp_path / "empty")
