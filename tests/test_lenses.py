@@ -342,7 +342,7 @@ def test_patchscope_in_logit_lens_and_its_errors(tiny):
 # -- compare_lenses -------------------------------------------------------------------------
 
 
-def test_compare_lenses_against_a_hand_computation(tiny):
+def test_compare_lenses_against_a_hand_computation(tiny, tmp_path):
     lens = _random_lens(tiny, seed=4)
     scope = mp.Patchscope()
     cmp = mp.compare_lenses(
@@ -372,8 +372,10 @@ def test_compare_lenses_against_a_hand_computation(tiny):
     frame = cmp.to_frame()
     assert len(frame) == 3 * len(cmp.sites) and set(frame["lens"]) == set(cmp.lenses)
     assert "kl tuned" in cmp.summary().columns
-    back = mp.LensComparison.from_dict(json.loads(json.dumps(cmp.to_dict())))
-    np.testing.assert_array_equal(back.kl, cmp.kl)
+    for suffix in (".json", ".npz", ".safetensors"):
+        back = mp.LensComparison.load(cmp.save(tmp_path / f"cmp{suffix}"))
+        np.testing.assert_array_equal(back.kl, cmp.kl)
+        assert back.lenses == cmp.lenses and back.descriptions == cmp.descriptions
     assert cmp.plot() is not None
 
 

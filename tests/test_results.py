@@ -154,6 +154,7 @@ ROUND_TRIPS = {
     "CumulativeScores": "test_probes.py",
     "Eraser": "test_nullspace.py",
     "ErasureSweep": "test_erasure_sweep.py",
+    "LensComparison": "test_lenses.py",
     "LensResult": "test_lens.py",
     "OVector": "test_relational_protocol.py",
     "OVectorEffect": "test_relational_protocol.py",
