@@ -3,6 +3,12 @@
 32 one-shot capital prompts of 27-31 tokens on SmolLM2-135M-Instruct (30 layers, vocab 49,152).
 Every ratio divides two timings taken in this run, interleaved round by round; the CPU-time ratio
 is in the detail too (on a shared machine it is often steadier than wall-clock time).
+
+Each lens row also has a floor: the work no lens can avoid, as a ratio to the same baseline. That is
+the forward pass up to the last block (``mp.run`` with the last position's logits: no unembedding
+of every position) plus the bare unembedding of exactly the vectors the row decodes (final norm and
+one matmul per 256 vectors into a buffer made once, no statistics). The distance from the floor to
+the ratio is what the lens's own statistics, gathers and bookkeeping cost.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 import torch
 
 import mechprobe as mp
+from mechprobe.core import pad_id, pad_rows
 
 _TASK = mp.load_task("capitals").with_shots(1)
 PROMPTS = _TASK.prompts()[:32]
@@ -47,8 +54,14 @@ def _interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, tu
     return {n: (statistics.median(wall[n]), statistics.median(cpu[n])) for n in fns}
 
 
-def _row(name: str, num: tuple[float, float], den: tuple[float, float], **kw: str) -> dict:
-    return {
+def _row(
+    name: str,
+    num: tuple[float, float],
+    den: tuple[float, float],
+    floor: tuple[float, float] | None = None,
+    **kw: str,
+) -> dict:
+    row = {
         "benchmark": name,
         "ratio": num[0] / den[0],
         "baseline": kw["baseline"],
@@ -56,6 +69,34 @@ def _row(name: str, num: tuple[float, float], den: tuple[float, float], **kw: st
         "detail": f"{kw['detail']}; CPU-time ratio {num[1] / den[1]:.2f}"
         f" ({num[0]:.2f} s vs {den[0]:.2f} s wall)",
     }
+    if floor is not None:
+        row["floor"] = floor[0] / den[0]
+        row["detail"] += f"; floor {floor[0]:.2f} s (CPU-time floor {floor[1] / den[1]:.2f})"
+    return row
+
+
+def _sum(*timings: tuple[float, float]) -> tuple[float, float]:
+    return sum(t[0] for t in timings), sum(t[1] for t in timings)
+
+
+def _bare_unembedding(model: Any, x: torch.Tensor) -> Callable[[], None]:
+    """The unembedding of the rows of ``x [n, d_model]`` alone: final norm and one matmul per 256
+    rows into a buffer made once (what the lens's readout does before any statistic)."""
+    weight, bias = model.W_U, model.b_U
+    out = torch.empty(256, weight.shape[1])
+
+    def unembed() -> None:
+        with torch.no_grad():
+            for s in range(0, x.shape[0], 256):
+                normed = model.ln_final(x[None, s : s + 256])[0]
+                torch.addmm(bias, normed, weight, out=out[: normed.shape[0]])
+
+    return unembed
+
+
+def _to_last_block(model: Any, batch: Any) -> Callable[[], None]:
+    """The forward pass a lens needs: up to the last block, only the last position decoded."""
+    return lambda: mp.run(model, batch, logit_positions=-1, batch_size=None)
 
 
 def run(ctx: Any) -> list[dict[str, Any]]:
@@ -98,6 +139,9 @@ def run(ctx: Any) -> list[dict[str, Any]]:
 
     captured = mp.run(model, batch, capture=names, logit_positions=-1)
     real = batch.attention_mask.bool()
+    rows_b = torch.arange(len(batch))
+    last_vecs = torch.cat([captured[name][rows_b, batch.last_index] for name in names])
+    all_vecs = torch.cat([captured[name][real] for name in names])
 
     def bare_unembed() -> None:
         # The work no all-positions lens can avoid: unembed every layer at every real position.
@@ -107,9 +151,21 @@ def run(ctx: Any) -> list[dict[str, Any]]:
                 for s in range(0, x.shape[0], 256):
                     model.unembed(model.ln_final(x[None, s : s + 256]))
 
+    # The teacher-forced rows: prompt + answer where the answer spans several tokens.
+    answer_ids = [t[0] for t in ours_targets().target_tokens]
+    prompt_ids = [batch.tokens[b, real[b]].tolist() for b in range(len(batch))]
+    forced = [p + list(a) if len(a) > 1 else p for p, a in zip(prompt_ids, answer_ids, strict=True)]
+    forced_batch = pad_rows(forced, pad_id(model), "right", list(PROMPTS))
+    n_forced = sum(len(a) - 1 for a in answer_ids)
+    forced_vecs = torch.cat([last_vecs, all_vecs[: n_forced * n_layers]])  # the same count
+
     first = _interleaved(
         {
             "forward": forward,
+            "to_last": _to_last_block(model, batch),
+            "unembed_last": _bare_unembedding(model, last_vecs),
+            "to_last_forced": _to_last_block(model, forced_batch),
+            "unembed_forced": _bare_unembedding(model, forced_vecs),
             "last": ours_last,
             "targets": ours_targets,
             "hand": hand_last,
@@ -121,6 +177,8 @@ def run(ctx: Any) -> list[dict[str, Any]]:
         {
             "forward": forward,
             "bare": bare_unembed,
+            "to_last": _to_last_block(model, batch),
+            "unembed_all": _bare_unembedding(model, all_vecs),
             "all": ours_all,
             "tl": lambda: tl_logit_lens(model, PROMPTS, positions=None, top_k=1),
         },
@@ -130,7 +188,10 @@ def run(ctx: Any) -> list[dict[str, Any]]:
         first[k] for k in ("forward", "last", "targets", "hand", "tl")
     )
     fwd2, bare, every, tl_all = (second[k] for k in ("forward", "bare", "all", "tl"))
-    answer_tokens = [len(t[0]) for t in ours_targets().target_tokens]
+    floor_last = _sum(first["to_last"], first["unembed_last"])
+    floor_targets = _sum(first["to_last_forced"], first["unembed_forced"])
+    floor_all = _sum(second["to_last"], second["unembed_all"])
+    answer_tokens = [len(a) for a in answer_ids]
     n_multi, n_cont = sum(n > 1 for n in answer_tokens), sum(n - 1 for n in answer_tokens)
     positions = int(real.sum())
     rows = [
@@ -138,6 +199,7 @@ def run(ctx: Any) -> list[dict[str, Any]]:
             f"logit lens, last token, {n_layers} layers (top-10, entropy, KL)",
             last,
             fwd,
+            floor_last,
             baseline="plain forward",
             target="<= 1.3",
             detail=f"32 prompts x {n_layers} resid_post",
@@ -146,6 +208,7 @@ def run(ctx: Any) -> list[dict[str, Any]]:
             "logit lens, last token + teacher-forced answers",
             targeted,
             fwd,
+            floor_targets,
             baseline="plain forward",
             target="none (more work than a forward: one decode per answer token and layer)",
             detail=f"{n_multi}/32 answers span several tokens ({n_cont} tokens after the first): "
@@ -155,7 +218,8 @@ def run(ctx: Any) -> list[dict[str, Any]]:
         _row(
             "logit lens, all positions (top-1, entropy, KL)",
             every,
-            (fwd2[0] + bare[0], fwd2[1] + bare[1]),
+            _sum(fwd2, bare),
+            floor_all,
             baseline="plain forward + bare unembedding",
             target="<= 1.3",
             detail=f"{positions} positions x {n_layers} layers; bare unembedding {bare[0]:.2f} s",

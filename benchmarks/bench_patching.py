@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from transformer_lens import patching as tl_patching
@@ -61,7 +62,8 @@ def run(ctx: Any) -> list[dict[str, Any]]:
     seq = model.to_tokens(CLEAN).shape[1]
 
     def ours() -> mp.PatchResult:
-        return mp.patch(model, CLEAN, CORRUPT, "mlp_out", -1, metric)
+        # The same cells as TL (no random controls: n_random=3 by default runs 4x the cells).
+        return mp.patch(model, CLEAN, CORRUPT, "mlp_out", -1, metric, n_random=0)
 
     t_tl, theirs = _tl_seconds(ctx, model, CLEAN, CORRUPT, n)
     t_ours = ctx.time(ours, repeat=5)
@@ -81,7 +83,7 @@ def run(ctx: Any) -> list[dict[str, Any]]:
     one_seq = model.to_tokens(ONE_SHOT_CLEAN).shape[1]
     forward = ctx.forward_seconds([ONE_SHOT_CLEAN, ONE_SHOT_CORRUPT])
     start = time.perf_counter()
-    grid = mp.patch(model, ONE_SHOT_CLEAN, ONE_SHOT_CORRUPT, "resid_pre", "all", metric)
+    grid = mp.patch(model, ONE_SHOT_CLEAN, ONE_SHOT_CORRUPT, "resid_pre", "all", metric, n_random=0)
     t_grid = time.perf_counter() - start
     t_tl_grid, tl_grid = _tl_resid_pre_seconds(model, ONE_SHOT_CLEAN, ONE_SHOT_CORRUPT)
     grid_diff = float((tl_grid - torch.as_tensor(grid.values)).abs().max())
@@ -107,6 +109,7 @@ def run(ctx: Any) -> list[dict[str, Any]]:
             f"{t_grid:.1f} s; max |TL - ours| = {grid_diff:.1e} over all cells",
         }
     )
+    rows += [_heads_row(ctx, model), _attribution_row(ctx, model), _trace_row(ctx, model)]
     return rows
 
 
@@ -126,3 +129,171 @@ def _tl_resid_pre_seconds(model: Any, clean: str, corrupt: str) -> tuple[float, 
         cache = model.run_with_cache(clean_t)[1]
         values = tl_patching.get_act_patch_resid_pre(model, corrupt_t, cache, tl_metric)
     return time.perf_counter() - start, values
+
+
+def _heads_row(ctx: Any, model: Any) -> dict[str, Any]:
+    """All (layer, head) cells of z at the last position against TransformerLens's
+    get_act_patch_attn_head_out_by_pos (one forward per cell), restricted to that position."""
+    clean_t, corrupt_t = model.to_tokens(CLEAN), model.to_tokens(CORRUPT)
+    seq, n_layers, n_heads = clean_t.shape[1], model.cfg.n_layers, model.cfg.n_heads
+    paris, warsaw = (
+        model.tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in (" Paris", " Warsaw")
+    )
+    index = pd.DataFrame(
+        [(layer, seq - 1, h) for layer in range(n_layers) for h in range(n_heads)],
+        columns=["layer", "pos", "head_index"],
+    )
+
+    def tl_metric(logits: torch.Tensor) -> torch.Tensor:
+        return logits[0, -1, paris] - logits[0, -1, warsaw]
+
+    def theirs() -> torch.Tensor:
+        with torch.no_grad():
+            cache = model.run_with_cache(clean_t)[1]
+            return tl_patching.get_act_patch_attn_head_out_by_pos(
+                model, corrupt_t, cache, tl_metric, index_axis_names=None, index_df=index
+            )
+
+    def ours() -> mp.PatchResult:
+        return mp.patch(
+            model,
+            CLEAN,
+            CORRUPT,
+            "head",
+            -1,
+            mp.logit_diff(" Paris", " Warsaw"),
+            n_random=0,
+            progress=False,
+        )
+
+    start = time.perf_counter()  # one run: 270 forward passes are minutes on a shared CPU
+    tl_values = theirs()
+    t_tl = time.perf_counter() - start
+    t_ours = ctx.time(ours, repeat=3)
+    diff = float((tl_values - torch.as_tensor(ours().values[:, 0])).abs().max())
+    start = time.perf_counter()
+    mp.patch(model, CLEAN, CORRUPT, "head", -1, mp.logit_diff(" Paris", " Warsaw"), progress=False)
+    t_controls = time.perf_counter() - start
+    return {
+        "benchmark": f"patch all {len(index)} (layer, head) z cells x last position "
+        f"(France/Poland 3-shot, {seq} tokens)",
+        "ratio": t_tl / t_ours,
+        "baseline": "speed-up: TL (run_with_cache + get_act_patch_attn_head_out_by_pos) / ours",
+        "target": ">= 10",
+        "detail": f"TL {t_tl:.2f} s, ours {t_ours:.3f} s (n_random=0, the same cells); "
+        f"max |TL - ours| = {diff:.1e}; with the default 3 random controls per cell ours "
+        f"takes {t_controls:.2f} s",
+    }
+
+
+ALL_KINDS = (
+    "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out",
+    "head", "q", "k", "v", "pattern", "head_out",
+)  # fmt: skip
+
+
+def _attribution_row(ctx: Any, model: Any) -> dict[str, Any]:
+    """Attribution patching of every layer x position x site kind (heads included) of one pair
+    against a plain forward of the pair."""
+    forward = ctx.forward_seconds([ONE_SHOT_CLEAN, ONE_SHOT_CORRUPT])
+    metric = mp.logit_diff(" Paris", " Warsaw")
+
+    def ours(n_random: int) -> mp.PatchResult:
+        return mp.attribution_patch(
+            model,
+            ONE_SHOT_CLEAN,
+            ONE_SHOT_CORRUPT,
+            list(ALL_KINDS),
+            "all",
+            metric,
+            n_random=n_random,
+            progress=False,
+        )
+
+    t_bare = ctx.time(lambda: ours(0), repeat=3)
+    t_controls = ctx.time(lambda: ours(3), repeat=1)
+    cells = ours(0).values.size
+    return {
+        "benchmark": f"attribution patching, every layer x position x site kind ({len(ALL_KINDS)} "
+        f"kinds incl. q/k/v/pattern/head_out per head: {cells} cells), one-shot pair",
+        "ratio": t_bare / forward,
+        "baseline": "plain forward of the pair",
+        "target": "<= 5",
+        "detail": f"ours {t_bare * 1000:.0f} ms (one clean forward, one corrupt forward+backward), "
+        f"{t_controls * 1000:.0f} ms with 3 random controls per cell; forward "
+        f"{forward * 1000:.0f} ms",
+    }
+
+
+TRACE_PROMPT, TRACE_SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
+
+
+def _trace_loop(model: Any, cells: list[tuple[int, int, int]], level: float, answer: int) -> Any:
+    """The loop a user writes: one hooked forward per (layer, position, noise sample): noise on
+    the subject's embeddings, resid_post at (layer, position) restored from the clean run."""
+    tokens = model.to_tokens(TRACE_PROMPT)
+    start, stop = mp.patching._tracing.subject_span(model, TRACE_PROMPT, TRACE_SUBJECT)
+    noise = mp.trace_noise(0, 10, stop - start, model.cfg.d_model, level, seed=0)
+    out = []
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        for layer, p, k in cells:
+
+            def corrupt(emb: torch.Tensor, hook: Any, k: int = k) -> torch.Tensor:
+                emb = emb.clone()
+                emb[0, start:stop] += noise[k]
+                return emb
+
+            def restore(act: torch.Tensor, hook: Any, p: int = p) -> torch.Tensor:
+                act = act.clone()
+                act[0, p] = cache[hook.name][0, p]
+                return act
+
+            hooks = [("hook_embed", corrupt), (f"blocks.{layer}.hook_resid_post", restore)]
+            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+            out.append(float(logits[0, -1].softmax(-1)[answer]))
+    return out
+
+
+def _trace_row(ctx: Any, model: Any) -> dict[str, Any]:
+    """Causal tracing of resid_post at every layer x position with 10 noise samples against the
+    loop, timed on a sample of its cells and extrapolated (the whole loop takes many minutes)."""
+    n_layers = model.cfg.n_layers
+
+    def ours() -> Any:
+        return mp.causal_trace(
+            model,
+            TRACE_PROMPT,
+            TRACE_SUBJECT,
+            sites="resid_post",
+            n_noise=10,
+            n_random=0,
+            progress=False,
+        )
+
+    ours()  # warm-up
+    start = time.perf_counter()
+    res = ours()
+    t_ours = time.perf_counter() - start
+    seq, (start, _) = len(res.tokens[0]), res.subjects[0]
+    answer = model.tokenizer(res.answers[0], add_special_tokens=False)["input_ids"][0]
+    layers, positions = (0, n_layers // 2, n_layers - 1), (start, seq - 1)
+    sample = [(layer, p, k) for layer in layers for p in positions for k in range(10)]
+    t0 = time.perf_counter()
+    looped = np.asarray(_trace_loop(model, sample, res.noise_level, answer)).reshape(3, 2, 10)
+    per_cell = (time.perf_counter() - t0) / len(sample)
+    diff = float(np.abs(looped.mean(-1) - res.scores[0][0][np.ix_(layers, positions)]).max())
+    n_cells = n_layers * seq * 10  # the loop runs every position
+    n_after = n_layers * (seq - start) * 10  # positions from the subject on (before: no change)
+    return {
+        "benchmark": f"causal tracing, resid_post x {n_layers} layers x all {seq} positions x 10 "
+        "noise samples (one prompt)",
+        "ratio": per_cell * n_after / t_ours,
+        "baseline": "speed-up: the loop of one hooked forward per (cell, sample) / ours",
+        "target": ">= 5",
+        "detail": f"ours {t_ours:.1f} s; loop {per_cell * 1000:.0f} ms per cell, timed on "
+        f"{len(sample)} cells: {per_cell * n_after:.0f} s for the {n_after} cells from the "
+        f"subject on ({per_cell * n_cells:.0f} s, {per_cell * n_cells / t_ours:.0f}x, if it runs "
+        f"every position); max |loop - ours| on the {len(sample) // 10} sampled cells' means "
+        f"{diff:.1e}",
+    }

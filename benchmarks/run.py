@@ -1,9 +1,11 @@
 """``make bench``: every figure as a ratio to a baseline measured in the same run.
 
 Each ``benchmarks/bench_<topic>.py`` exposes ``run(ctx) -> list[dict]`` with keys ``benchmark``,
-``ratio``, ``baseline``, ``target`` and ``detail``. This runner times them, writes
-``benchmarks/results.json`` and prints a markdown table for the README. Absolute seconds drift on
-shared machines, ratios much less; absolute figures appear only in ``detail``.
+``ratio``, ``baseline``, ``target`` and ``detail``, and optionally ``floor``: the least the ratio
+could be (the unavoidable work as a ratio to the same baseline), printed beside it. This runner
+times them, writes ``benchmarks/results.json`` (with the CPU model and flags, the thread count and
+the torch build: :func:`describe_cpu`) and prints a markdown table for the README. Absolute seconds
+drift on shared machines, ratios much less; absolute figures appear only in ``detail``.
 
 Run one topic with ``python -m benchmarks.run lens`` (names after ``bench_``).
 """
@@ -13,7 +15,9 @@ from __future__ import annotations
 import gc
 import importlib
 import json
+import os
 import platform
+import re
 import statistics
 import sys
 import threading
@@ -107,23 +111,98 @@ class Context:
         return seconds, max(0, peak - base)
 
 
+#: The CPU features that decide which kernels PyTorch, MKL and oneDNN run (``/proc/cpuinfo`` names).
+CPU_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "hypervisor",
+)
+
+
+def describe_cpu() -> dict[str, Any]:
+    """The machine the figures come from: CPU model and flags, threads, and the torch build.
+
+    Ratios move with the CPU (a GEMM-bound baseline gains from AVX-512 or AMX where a memory-bound
+    statistic does not), so ``results.json`` records what ran them.
+    """
+    info: dict[str, str] = {}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():  # Linux; elsewhere the model comes from platform and flags are unknown
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    flags = set(info.get("flags", "").split())
+    config = torch.__config__.show()
+    blas = re.search(r"BLAS_INFO=(\w+)", config)
+    affinity = getattr(os, "sched_getaffinity", None)
+    return {
+        "model": info.get("model name") or platform.processor() or platform.machine(),
+        "vendor": info.get("vendor_id", ""),
+        "flags": {flag: flag in flags for flag in CPU_FLAGS} if flags else None,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": {
+            "physical": psutil.cpu_count(logical=False),
+            "logical": psutil.cpu_count(),
+            "usable": len(affinity(0)) if affinity else psutil.cpu_count(),
+        },
+        "threads": {
+            "torch": torch.get_num_threads(),
+            "torch_interop": torch.get_num_interop_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"),
+        },
+        "torch": {
+            "version": torch.__version__,
+            "git": torch.version.git_version,
+            "blas": blas.group(1) if blas else None,
+            "mkl": torch.backends.mkl.is_available(),
+            "mkldnn": torch.backends.mkldnn.is_available(),
+            "openmp": torch.backends.openmp.is_available(),
+        },
+        "python": platform.python_version(),
+    }
+
+
 def _topics(argv: Sequence[str]) -> list[str]:
     found = sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
     return [t for t in found if not argv or t in argv]
+
+
+def _ratio(row: dict[str, Any]) -> str:
+    """``1.15x``, or ``1.15x (floor 1.04x)`` for a row that knows the least its ratio could be."""
+    floor = f" (floor {row['floor']:.2f}x)" if row.get("floor") is not None else ""
+    return f"{row['ratio']:.2f}x{floor}"
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     lines = ["| benchmark | ratio | baseline | target | detail |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['benchmark']} | {r['ratio']:.2f}x | {r['baseline']} | {r['target']} | "
-            f"{r['detail']} |"
+            f"| {r['benchmark']} | {_ratio(r)} | {r['baseline']} | {r['target']} | {r['detail']} |"
         )
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str]) -> int:
     torch.manual_seed(0)
+    cpu = describe_cpu()
+    flags = [f for f, on in (cpu["flags"] or {}).items() if on and f != "hypervisor"]
+    print(
+        f"== {cpu['model']} ({', '.join(flags) or 'flags unknown'}; torch "
+        f"{cpu['torch']['version']}, {cpu['torch']['blas']}, {cpu['torch_cpu_capability']}; "
+        f"{cpu['threads']['torch']} threads)",
+        file=sys.stderr,
+        flush=True,
+    )
     ctx = Context()
     rows: list[dict[str, Any]] = []
     for topic in _topics(argv):
@@ -132,7 +211,7 @@ def main(argv: Sequence[str]) -> int:
         for row in module.run(ctx):
             row = {"topic": topic, **row}
             rows.append(row)
-            print(f"   {row['benchmark']}: {row['ratio']:.2f}x ({row['detail']})", file=sys.stderr)
+            print(f"   {row['benchmark']}: {_ratio(row)} ({row['detail']})", file=sys.stderr)
     path = HERE / "results.json"
     previous = json.loads(path.read_text()) if path.exists() and argv else {"rows": []}
     kept = [r for r in previous.get("rows", []) if r.get("topic") not in set(argv)]
@@ -140,7 +219,7 @@ def main(argv: Sequence[str]) -> int:
         f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"{psutil.cpu_count()} cores, torch {torch.__version__}"
     )
-    result = {"machine": machine, "rows": kept + rows}
+    result = {"machine": machine, "cpu": cpu, "rows": kept + rows}
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(_table(kept + rows))
     return 0

@@ -28,6 +28,7 @@
 # small setting (`MECHPROBE_TUTORIAL_SMALL=1`) so that it cannot rot.
 
 # %%
+# %matplotlib inline
 import os
 
 import mechprobe as mp

@@ -113,12 +113,29 @@ def test_smollm2_bridge_equals_hf_and_answers(smollm2):
 
 
 @pytest.mark.integration
-def test_smollm2_cache_is_faithful_to_the_gguf(smollm2):
-    """The cached safetensors give the same logits as dequantising the GGUF directly."""
-    from transformers import AutoModelForCausalLM
+def test_smollm2_cache_is_faithful_to_the_gguf(smollm2, tmp_path):
+    """A cache built here holds exactly the weights and tokenizer transformers reads from the GGUF
+    itself (our one-pass reader against its loader), and the bridge gives the same logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = models._embedded_gguf("smollm2-135m")
     direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    folder = tmp_path / "cache"
+    models._build_cache(gguf, folder, models._source_id(gguf))
+    assert models._cache_is_valid(folder, models._source_id(gguf))
+    cached = load_file(folder / "model.safetensors")
+    expected = {k: v for k, v in direct.state_dict().items() if k != "lm_head.weight"}
+    assert set(cached) == set(expected)
+    assert all(torch.equal(cached[k], expected[k]) for k in expected)
+    ours = AutoTokenizer.from_pretrained(folder)
+    theirs = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    assert type(ours) is type(theirs)
+    text = "Q: What is the capital of Côte d'Ivoire?<|im_end|>\n東京 A:  two  spaces"
+    assert ours(text).input_ids == theirs(text).input_ids
+    specials = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+    assert [getattr(ours, s) for s in specials] == [getattr(theirs, s) for s in specials]
+    assert len(ours) == len(theirs)
     tokens = smollm2.to_tokens("The quick brown fox jumps over")
     with torch.no_grad():
         diff = (direct(tokens).logits - smollm2(tokens)).abs().max().item()

@@ -13,7 +13,7 @@ from transformer_lens import patching as tl_patching
 
 import mechprobe as mp
 from mechprobe.core import model_adapter
-from mechprobe.patching._activation import _packing_works
+from mechprobe.patching._engine import packing_works as _packing_works
 from tests.conftest import hook_count
 
 # Byte-level tiny tokenizer: these differ in exactly one token (c/b), at position 3 (BOS first).
@@ -277,6 +277,11 @@ def test_result_frame_plot_and_json(tiny, tmp_path):
         "token",
         "value",
         "normalised",
+        "effect",
+        "spread",
+        "random",
+        "random_sd",
+        "random_normalised",
     ]
     assert len(frame) == res.values.size == 12
     np.testing.assert_allclose(frame["value"], res.values.ravel())

@@ -154,14 +154,18 @@ ROUND_TRIPS = {
     "CumulativeScores": "test_probes.py",
     "Eraser": "test_nullspace.py",
     "ErasureSweep": "test_erasure_sweep.py",
+    "FunctionVectorResult": "test_function_vectors.py",
+    "LensComparison": "test_lenses.py",
     "LensResult": "test_lens.py",
     "OVector": "test_relational_protocol.py",
     "OVectorEffect": "test_relational_protocol.py",
     "OVectorSweep": "test_relational_protocol.py",
     "PatchResult": "test_patching.py",
+    "PathPatchResult": "test_path_patching.py",
     "ProbeResult": "test_probes.py",
     "RelationalResult": "test_relational_protocol.py",
     "TaskScore": "test_relational_protocol.py",
+    "TraceResult": "test_tracing.py",
     "Trajectory": "test_relational_protocol.py",
 }
 

@@ -149,4 +149,10 @@ def test_nan_lens_logits_raise():
     with torch.no_grad():
         model.W_U[:, 7] = float("nan")
     with pytest.raises(ValueError, match="logit tensor at layer 0"):
-        _ranks(model, torch.zeros(2, 3, 64), torch.zeros(2, 1, dtype=torch.long))
+        _ranks(
+            model,
+            torch.zeros(2, 3, 64),
+            torch.zeros(2, 1, dtype=torch.long),
+            mp.LogitLens(),
+            "resid_post",
+        )

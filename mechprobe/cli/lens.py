@@ -17,7 +17,8 @@ from mechprobe.cli._arguments import add_model_argument, load, output_problem, p
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 _HELP = """\
-Decode every layer's residual stream through the model's final norm and unembedding.
+Decode every layer's residual stream through the model's final norm and unembedding (the logit
+lens), or through a tuned lens or the token-identity Patchscope (--lens).
 
 Backslash escapes \\n, \\t and \\\\ in PROMPT and --target are interpreted, because a shell passes
 "\\n" inside quotes as two characters; --raw keeps them literal. Each --target is scored for every
@@ -61,6 +62,13 @@ def add_parser(sub: Any) -> None:
         "that start with a minus as --positions=-3,-1",
     )
     parser.add_argument("--top-k", type=int, default=10, help="tokens kept per cell (default 10)")
+    parser.add_argument(
+        "--lens",
+        default="logit",
+        metavar="LENS",
+        help="'logit' (default), 'patchscope' (the token-identity prompt), or a tuned lens: a "
+        ".safetensors file (mechprobe.TunedLens.save) or a tuned-lens package folder",
+    )
     add_model_argument(parser)
     parser.add_argument(
         "--plot", metavar="PNG", help="write the first prompt's layer x position heatmap here"
@@ -110,6 +118,16 @@ def _table(result: Any, prompt: int, site: str) -> str:
     )
 
 
+def _lens(spec: str) -> Any:
+    """``--lens``: ``"logit"``, ``"patchscope"`` or a saved tuned lens (checked before the model
+    loads)."""
+    import mechprobe as mp
+
+    if spec in ("logit", "patchscope"):
+        return mp.Patchscope() if spec == "patchscope" else "logit"
+    return mp.TunedLens.load(spec)
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the lens on the parsed arguments; print a table; write the requested files."""
     import mechprobe as mp
@@ -129,6 +147,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"mechprobe lens: error: --{option}: {problem}", file=sys.stderr)
             return 2
     try:
+        lens = _lens(args.lens)
         model = load(args.model)
         result = mp.logit_lens(
             model,
@@ -138,8 +157,9 @@ def main(args: argparse.Namespace) -> int:
             targets=[targets] * len(prompts) if targets else None,
             top_k=args.top_k,
             batch_size=args.batch_size,
+            lens=lens,
         )
-    except (ValueError, TypeError, mp.ModelLoadError) as err:
+    except (ValueError, TypeError, FileNotFoundError, mp.ModelLoadError) as err:
         print(f"mechprobe lens: error: {err}", file=sys.stderr)
         return 2
     for b, prompt in enumerate(prompts):

@@ -7,7 +7,15 @@ acts on chosen token positions (``-1`` = each row's last real token, whatever th
 - :class:`Replace` writes a tensor (or what a Capture saw in another run),
 - :class:`Add` adds ``scale * vector``,
 - :class:`Ablate` zeroes it or sets it to a mean,
-- :class:`Project` applies a matrix, removes a subspace, or calls a fitted projection's ``apply``.
+- :class:`Project` applies a matrix, removes a subspace, or calls a fitted projection's ``apply``,
+- :class:`Gradient` keeps the activation and, after :func:`differentiate`, the gradient of a
+  scalar with respect to it (attribution patching), leaving nothing on the model's parameters.
+
+Head sites (:data:`mechprobe.core.HEAD_KINDS`) act on one head's slice: ``q``/``k``/``v``/``head``
+select ``[..., head, :]`` of ``[batch, pos, head, d_head]``; ``pattern`` selects the head's rows of
+attention weights (query positions are the positions, the last axis runs over key positions);
+``head_out`` is the head's write ``z @ W_O[head]`` to the residual stream, read from ``hook_z`` and
+edited where the heads' outputs are summed (``hook_attn_out``), so the other heads stay untouched.
 
 Example:
     >>> import torch, mechprobe as mp
@@ -28,16 +36,18 @@ import torch
 from torch import Tensor
 
 from mechprobe.core._batching import Batch, position_list
-from mechprobe.core._sites import Positions, SiteLike, resolve_site, width
+from mechprobe.core._sites import Positions, SiteLike, resolve_in, width
 from mechprobe.core._validation import check_finite
 
 __all__ = [
     "Ablate",
     "Add",
     "Capture",
+    "Gradient",
     "Intervention",
     "Project",
     "Replace",
+    "differentiate",
     "intervene",
 ]
 
@@ -142,6 +152,81 @@ class Capture(Intervention):
     def edit(self, selected: Tensor, hook: Any) -> None:
         self.value = selected.detach().clone()
         return None
+
+
+class Gradient(Intervention):
+    """Keep the activation (``.value``) and, once :func:`differentiate` has run, the gradient of a
+    scalar output with respect to it (``.grad``, the same shape).
+
+    The hook adds a zero tensor that requires a gradient to the selection and lets the forward
+    pass go on from the sum: the activation's value is unchanged, and the gradient with respect to
+    that zero tensor is the total derivative of anything downstream with respect to the
+    activation. Gradients come from :func:`torch.autograd.grad` on those tensors only, so nothing
+    accumulates in the model's parameters' ``.grad``, and everything lives in the autograd graph
+    of that one forward pass: after an exception nothing is left to clean up.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> model = mp.tiny_model()
+        >>> g = mp.Gradient(positions=-1)
+        >>> with mp.intervene(model, {mp.Site("resid_post", 1): g}):
+        ...     logits = model(model.to_tokens("Hi"))
+        >>> mp.core.differentiate(logits[0, -1, 100], [g])
+        >>> tuple(g.grad.shape)
+        (1, 1, 64)
+    """
+
+    def __init__(self, positions: Positions = None) -> None:
+        super().__init__(positions)
+        self.value: Tensor | None = None
+        self.grad: Tensor | None = None
+        self._probe: Tensor | None = None
+
+    def edit(self, selected: Tensor, hook: Any) -> Tensor:
+        if not torch.is_grad_enabled():
+            raise RuntimeError(
+                f"Gradient at {hook.name}: gradients are disabled (torch.no_grad); run the forward "
+                "pass with gradients enabled."
+            )
+        self.value = selected.detach()
+        self.grad = None
+        self._probe = torch.zeros_like(selected, requires_grad=True)
+        return selected + self._probe
+
+
+def differentiate(output: Tensor, gradients: Sequence[Gradient]) -> None:
+    """Fill each :class:`Gradient`'s ``.grad`` with ``d output / d activation`` (zeros where the
+    output does not depend on it). ``output`` is a scalar from the forward pass the Gradients saw.
+
+    Nothing is written to any parameter's ``.grad``, and the graph is freed afterwards.
+
+    Raises:
+        ValueError: ``output`` is not a scalar, or a Gradient saw no forward pass.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> model, g = mp.tiny_model(), mp.Gradient()
+        >>> with mp.intervene(model, {mp.Site("mlp_out", 0): g}):
+        ...     out = model(model.to_tokens("Hi"))[0, -1].logsumexp(-1)
+        >>> differentiate(out, [g]); bool(g.grad.abs().sum() > 0)
+        True
+    """
+    if output.numel() != 1:
+        raise ValueError(
+            f"differentiate needs a scalar output, got shape {tuple(output.shape)}: sum or pick one "
+            "element first."
+        )
+    missing = [i for i, g in enumerate(gradients) if g._probe is None]
+    if missing:
+        raise ValueError(
+            f"Gradient(s) {missing} saw no forward pass: run the model inside intervene() first."
+        )
+    probes = [g._probe for g in gradients]
+    grads = torch.autograd.grad(output.reshape(()), probes, allow_unused=True)  # type: ignore[arg-type]
+    for g, probe, grad in zip(gradients, probes, grads, strict=True):
+        assert probe is not None
+        g.grad = torch.zeros_like(probe) if grad is None else grad.detach()
+        g._probe = None
 
 
 class Replace(Intervention):
@@ -370,8 +455,9 @@ def _hooks_for(
 ) -> list[tuple[str, Callable[..., Tensor | None]]]:
     """Validate every site and intervention, then build the callbacks (no forward pass yet)."""
     fwd: list[tuple[str, Callable[..., Tensor | None]]] = []
+    hooks = model.hook_dict
     for key, value in spec.items():
-        name, site = resolve_site(model, key)
+        name, site = resolve_in(model, key, hooks)
         items = [value] if isinstance(value, Intervention) else list(value)
         for item in items:
             if not isinstance(item, Intervention):
@@ -385,7 +471,9 @@ def _hooks_for(
             positions = item.positions
             if positions is None and site is not None:
                 positions = site.positions
-            head = site.head if site is not None else None
+            kind = None if site is None else site.kind
+            # head_out edits a tensor made in the hook ([batch, pos, d_model]), with no head axis.
+            head = site.head if site is not None and kind != "head_out" else None
             index = _index(batch, positions)
             mask = None if batch is None else batch.attention_mask
             fn = item._hook(index, head, mask)
@@ -393,10 +481,62 @@ def _hooks_for(
                 fn = _relative_to_seq(fn, index, item, head)
             elif batch is not None:
                 fn = _checked_shape(fn, batch)
+            if kind == "pattern":
+                fn = _query_major(fn)
+            if kind == "head_out":
+                assert site is not None and site.head is not None
+                record, fn = _head_out(model, site.layer, site.head, fn)
+                fwd.append((f"blocks.{site.layer}.attn.hook_z", record))
             fwd.append((name, fn))
-    if batch is not None and fwd and "hook_embed" in model.hook_dict:
+    if batch is not None and fwd and "hook_embed" in hooks:
         fwd.insert(0, ("hook_embed", _same_tokens(model, batch)))
     return fwd
+
+
+def _query_major(fn: Callable[..., Tensor | None]) -> Callable[..., Tensor | None]:
+    """Run ``fn`` on an attention pattern seen as ``[batch, query pos, head, key pos]``, so that
+    positions select query rows like every other site's, and give the result back in the hook's
+    ``[batch, head, query pos, key pos]``."""
+
+    def transposed(activation: Tensor, hook: Any) -> Tensor | None:
+        out = fn(activation.transpose(1, 2), hook)
+        return None if out is None else out.transpose(1, 2)
+
+    return transposed
+
+
+def _head_out(
+    model: Any, layer: int, head: int, fn: Callable[..., Tensor | None]
+) -> tuple[Callable[..., None], Callable[..., Tensor | None]]:
+    """Callbacks for a ``head_out`` site: one at ``hook_z`` keeps the heads' ``z``; one at
+    ``hook_attn_out`` gives ``fn`` the head's write ``z[..., head, :] @ W_O[head]`` and adds what
+    ``fn`` changed in it to the attention output."""
+    seen: dict[str, Tensor] = {}
+
+    def record(z: Tensor, hook: Any) -> None:
+        seen["z"] = z
+
+    def edit(attn_out: Tensor, hook: Any) -> Tensor | None:
+        z = seen.pop("z", None)
+        if z is None:
+            raise RuntimeError(f"{hook.name}: blocks.{layer}.attn.hook_z did not fire before it.")
+        w_o = model.blocks[layer].attn.W_O.to(z.device, z.dtype)  # [head, d_head, d_model]
+        total = torch.einsum("bshd,hdm->bsm", z, w_o)
+        bias = getattr(model.blocks[layer].attn, "b_O", None)
+        if bias is not None:
+            total = total + bias.to(total.dtype)
+        scale = float(attn_out.detach().abs().max()) + 1.0
+        if float((total - attn_out).detach().abs().max()) > 1e-3 * scale:
+            raise ValueError(
+                f"head_out at layer {layer}: this model's attention output is not the sum of its "
+                "heads' z @ W_O (a norm or scale sits between them), so one head's write cannot "
+                "be edited alone; use Site('head', ...) (its z) instead."
+            )
+        own = z[..., head, :] @ w_o[head]
+        new = fn(own, hook)
+        return None if new is None else attn_out + (new - own)
+
+    return record, edit
 
 
 def _checked_shape(fn: Callable[..., Tensor | None], batch: Batch) -> Callable[..., Tensor | None]:

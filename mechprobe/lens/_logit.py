@@ -1,4 +1,10 @@
-"""The logit lens: decode every layer's residual stream (or a component's write) as if it were last.
+"""Early decoding: every layer's residual stream (or a component's write) read through a lens.
+
+With ``lens="logit"`` (the default) this is the logit lens: each vector is decoded as if it were
+the last block's output. With a :class:`~mechprobe.lens._tuned.TunedLens` or a
+:class:`~mechprobe.lens._patchscope.Patchscope` each vector is first translated by that lens
+(:meth:`~mechprobe.lens._lens.Lens.translate`) and then decoded the same way, so every statistic
+below means the same thing whatever the lens.
 
 :func:`logit_lens` runs the prompts once through :func:`mechprobe.run`, with one small intervention
 per decoded site that keeps only the vectors it will decode (never a full ``[batch, layers,
@@ -39,6 +45,7 @@ from mechprobe.core import (
     progress_bar,
     run,
 )
+from mechprobe.lens._lens import LensSpec, as_lens
 from mechprobe.lens._plan import TargetSpec, lens_entries, make_plan, normalise_targets
 from mechprobe.lens._result import LensResult
 
@@ -82,9 +89,11 @@ def logit_lens(
     batch_size: int = 32,
     chunk_size: int = 256,
     padding_side: PaddingSide = "right",
+    lens: LensSpec = "logit",
     progress: bool = True,
 ) -> LensResult:
-    """Decode each layer's activations through the model's final norm and unembedding.
+    """Decode each layer's activations through a lens (default: the model's final norm and
+    unembedding, the logit lens).
 
     One forward pass (in chunks of ``batch_size`` rows) serves every layer and target; it stops
     after the last block, whose output the lens decodes itself. Each decoded vector goes through
@@ -117,6 +126,11 @@ def logit_lens(
         batch_size: Rows per forward pass.
         chunk_size: Vectors per unembedding matmul (buffers: ~3 x chunk_size x vocab floats).
         padding_side: Padding of the batch; results do not depend on it.
+        lens: ``"logit"``, a :class:`TunedLens` (its translator for each site kind and layer is
+            applied before the readout) or a :class:`Patchscope` (each vector is patched into
+            its target prompt, one target-prompt forward pass per vector). Tuned lenses and
+            Patchscopes read the residual stream (``resid_pre``, ``resid_mid``,
+            ``resid_post``); the result records the lens in ``lens``.
         progress: Show a progress bar over forward chunks.
 
     Returns:
@@ -149,6 +163,8 @@ def logit_lens(
     if padding_side not in get_args(PaddingSide):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
     entries = lens_entries(model, sites, layers)
+    decoder = as_lens(lens)
+    decoder.check(model, entries)
     target_lists = normalise_targets(targets, len(prompt_list), one_prompt)
     plan, prompt_ids, target_ids = make_plan(
         model, prompt_list, target_lists, positions, padding_side
@@ -190,6 +206,11 @@ def logit_lens(
             if len(vecs) != len(gathers):  # a hook that never fired would shift every entry
                 raise RuntimeError("A lens site was not reached in the forward pass.")
             n_g = len(gb)
+            # Each entry's vectors through the lens (the logit lens returns them unchanged).
+            vecs[:n_e] = [
+                decoder.translate(model, kind, layer, v)
+                for (kind, layer), v in zip(entries, vecs[:n_e], strict=True)
+            ]
             if n_g:
                 ids = torch.as_tensor(plan.first_ids[gb])
                 final = vecs[run_sites.index(final_site)][:n_g]
@@ -240,4 +261,5 @@ def logit_lens(
         target_logprob=(end_lp + cont_lp).numpy(),
         token_text=dict(zip(order, texts, strict=True)),
         model_name=str(getattr(model.cfg, "model_name", "")),
+        lens=decoder.describe(),
     )

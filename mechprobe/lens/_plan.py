@@ -25,11 +25,10 @@ from mechprobe.core import (
     tokenize,
     tokenize_with_targets,
 )
+from mechprobe.lens._lens import LENS_KINDS
 
 __all__ = ["LENS_KINDS", "Plan", "TargetSpec", "lens_entries", "make_plan", "normalise_targets"]
 
-#: Site kinds whose activations live in the residual basis and can be unembedded.
-LENS_KINDS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 #: Targets: one string for every prompt, one string per prompt, or a list of strings per prompt.
 TargetSpec = str | Sequence[str] | Sequence[Sequence[str]]
 

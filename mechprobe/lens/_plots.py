@@ -120,7 +120,8 @@ def heatmap(
     ax.tick_params(axis="y", labelsize=7)
     ax.set_xlabel("input token (position); cells: the lens's top-1 next token")
     ax.set_ylabel(f"layer ({kind})")
-    ax.set_title(f"Logit lens, prompt {b}: {_label(result.prompts[b], 70, tail=True)}", fontsize=9)
+    name = "Logit lens" if result.lens == "logit" else result.lens.split(" ")[0].capitalize()
+    ax.set_title(f"{name}, prompt {b}: {_label(result.prompts[b], 70, tail=True)}", fontsize=9)
     return fig
 
 

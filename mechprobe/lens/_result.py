@@ -40,7 +40,7 @@ FRAME_COLUMNS = (
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class LensResult(Result, format="mechprobe.LensResult", version=2, html_figure=True):
+class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=True):
     """Logit-lens read-outs for prompts x decoded entries x prompt positions (x targets).
 
     Attributes:
@@ -64,6 +64,7 @@ class LensResult(Result, format="mechprobe.LensResult", version=2, html_figure=T
         target_logprob: ``[B, E, T]`` teacher-forced log-probability of the whole target.
         token_text: Decoded text of every token id in ``top_ids`` and ``target_tokens``.
         model_name: The model's name, for the record.
+        lens: The lens that decoded it (``"logit"``, ``"tuned (...)"``, ``"patchscope (...)"``).
 
     Example:
         >>> import mechprobe as mp
@@ -90,6 +91,7 @@ class LensResult(Result, format="mechprobe.LensResult", version=2, html_figure=T
     target_logprob: np.ndarray
     token_text: dict[int, str]
     model_name: str = ""
+    lens: str = "logit"
 
     def entries(self, site: str | None = None) -> list[int]:
         """Entry indices of one site kind, by increasing layer (``None``: the first kind decoded).
@@ -217,10 +219,11 @@ class LensResult(Result, format="mechprobe.LensResult", version=2, html_figure=T
     def _describe(self) -> str:
         kinds = ", ".join(dict.fromkeys(self.sites))
         n_targets = max((len(t) for t in self.targets), default=0)
+        through = "" if self.lens == "logit" else f", {self.lens.split(' ')[0]} lens"
         return (
             f"{len(self.prompts)} prompt(s) x {len(self.sites)} entries ({kinds}, layers "
             f"{min(self.layers)}-{max(self.layers)}) x {self.positions.shape[1]} position(s), "
-            f"{n_targets} target(s)"
+            f"{n_targets} target(s){through}"
         )
 
     def plot(self, ax: Axes | None = None, *, kind: str = "heatmap", **kwargs: Any) -> Figure:

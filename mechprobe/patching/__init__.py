@@ -1,7 +1,25 @@
-"""Activation patching, many cells per forward pass, with its metrics and result."""
+"""Causal analyses on mechprobe's batched cell engine, each effect beside random controls:
+activation patching and ablation of sites and heads, attribution patching, path patching, causal
+tracing with noise."""
 
-from mechprobe.patching._activation import patch
+from mechprobe.patching._activation import ablate_cells, patch
+from mechprobe.patching._attribution import attribution_patch
 from mechprobe.patching._metrics import PatchMetric, answer_prob, logit_diff
+from mechprobe.patching._path import PathPatchResult, path_patch
 from mechprobe.patching._result import PatchResult
+from mechprobe.patching._tracing import TraceResult, causal_trace, trace_noise
 
-__all__ = ["PatchMetric", "PatchResult", "answer_prob", "logit_diff", "patch"]
+__all__ = [
+    "PatchMetric",
+    "PatchResult",
+    "PathPatchResult",
+    "TraceResult",
+    "ablate_cells",
+    "answer_prob",
+    "attribution_patch",
+    "causal_trace",
+    "logit_diff",
+    "patch",
+    "path_patch",
+    "trace_noise",
+]

@@ -1,191 +1,87 @@
-"""Activation patching, batched over cells: :func:`patch` -> :class:`PatchResult`.
+"""Activation patching and ablation, batched over cells: :func:`patch` and :func:`ablate_cells`
+-> :class:`PatchResult`.
 
-A *cell* is one site (an activation kind at one layer, or one attention head) at one token
-position. Patching a cell runs one prompt, writes at that cell only the activation the other prompt
-had there, and reads a metric from the next-token logits at the last token.
-``direction="denoising"`` (the default, as in TransformerLens's ``get_act_patch_*``) runs the
-corrupt prompt and writes clean activations; ``"noising"`` runs the clean prompt and writes corrupt
-ones.
+A *cell* is one site (an activation kind at one layer, or one attention head's ``z``, ``q``,
+``k``, ``v``, pattern or output) at one token position. Patching a cell runs one prompt, writes at
+that cell only the activation the other prompt had there, and reads a metric from the next-token
+logits at the last token. ``direction="denoising"`` (the default, as in TransformerLens's
+``get_act_patch_*``) runs the corrupt prompt and writes clean activations; ``"noising"`` runs the
+clean prompt and writes corrupt ones. Ablating a cell writes zeros or a mean instead.
 
-How cells share forward passes: a patch at position ``p`` changes nothing before ``p``, so all
-cells of a prompt pair share one copy of the unpatched run and each cell only adds its suffix
-``p .. end`` to the same row, as a segment that attends (through a 4D attention mask, with the
-original position ids) to the shared run's positions ``< p`` and causally to itself. The source
-prompt rides in the same forward pass, so its activation at each hook is copied into the cells at
-that very hook call. ``mlp_out`` at every layer at the last position is one forward pass over
-``2 * seq + n_layers`` tokens instead of ``n_layers`` passes over ``seq``. Layers below a cell's
-layer are still computed: the bridge's ``start_at_layer`` runs blocks ``0 .. l-1`` anyway (it only
-swaps the residual in at block ``l``), so it would save nothing. A model whose attention ignores
-custom masks is detected once and patched with one row per cell instead (``packed=False``).
+Every cell comes with controls: ``n_random`` runs of the same cell in which the activation is
+moved by the same distance in a random direction (seeds ``seed, seed + 1, ...``), so an effect can
+be told apart from "anything of that size written there"; and every value is kept per prompt
+pair, for the spread over prompts.
+
+All cells of a pair share forward passes (:mod:`mechprobe.patching._engine`): ``mlp_out`` at every
+layer at the last position is one forward pass over ``2 * seq + n_layers`` tokens instead of
+``n_layers`` passes over ``seq``; the 270 heads of SmolLM2 at the last position are one pass too.
+
+Heads under grouped-query attention: ``k`` and ``v`` sites name a *key/value* head (SmolLM2: 3 per
+layer, each read by 3 of the 9 query heads; :func:`mechprobe.core.query_heads` says which), so a
+``k``/``v`` patch changes what all of its query heads see.
 """
 
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, get_args
 
 import numpy as np
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from mechprobe.core import (
     Batch,
-    Capture,
-    Intervention,
     Layers,
     PositionSpec,
     Site,
     SiteKind,
     SiteLike,
+    check_int,
     expand_sites,
-    intervene,
-    model_adapter,
     position_list,
-    progress_bar,
-    readout,
+    run,
     tokenize,
 )
-from mechprobe.patching._metrics import MetricFn, PatchMetric, answer_prob, bind_metric, logit_diff
+from mechprobe.patching._engine import (
+    COPY,
+    RANDOM,
+    SET,
+    Base,
+    Cell,
+    Plan,
+    edit_width,
+    run_plan,
+    site_edit,
+    unit_vectors,
+)
+from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
 from mechprobe.patching._result import PatchResult
 
-__all__ = ["PatchMetric", "PatchResult", "answer_prob", "logit_diff", "patch"]
+__all__ = ["Prompts", "ablate_cells", "patch", "position_pairs", "token_rows"]
 
 Direction: TypeAlias = Literal["denoising", "noising"]
 Prompts: TypeAlias = str | Sequence[str] | Batch | Tensor
 
 
-@dataclass(frozen=True)
-class _Cell:
-    pair: int
-    row: int  # result row (site)
-    col: int  # result column (position)
-    hook: str
-    head: int  # -1: not a head site
-    p_src: int
-    p_base: int
-
-
-class _Writer(Intervention):
-    """Copy activations inside one batch: ``act[dst_row, dst_idx(, head)] = act[src...]``."""
-
-    def __init__(self, moves: Tensor) -> None:
-        super().__init__(positions=None)
-        self.moves = moves  # [n, 5]: dst_row, dst_idx, src_row, src_idx, head
-
-    def edit(self, selected: Tensor, hook: Any) -> Tensor:
-        dr, di, sr, si, head = self.moves.to(selected.device).unbind(1)
-        out = selected.clone()  # the source rows are read from the unedited activation
-        if selected.ndim == 4:  # hook_z: [batch, pos, head, d_head]
-            out[dr, di, head] = selected[sr, si, head]
-        else:
-            out[dr, di] = selected[sr, si]
-        return out
-
-
-class _Rows:
-    """The rows of one forward pass, built from segments of the pairs' token sequences."""
-
-    def __init__(self) -> None:
-        self.tokens: list[list[int]] = []
-        self.pos: list[list[int]] = []
-        self.seg: list[list[int]] = []
-        self.parent: list[int] = []  # per segment: the segment it sees before its start, or -2
-        self.start: list[int] = []
-        self.moves: dict[str, list[tuple[int, int, int, int, int]]] = {}
-        self.reads: list[tuple[int, int, int]] = []  # (row, index, pair)
-
-    def new_row(self) -> int:
-        for rows in (self.tokens, self.pos, self.seg):
-            rows.append([])
-        return len(self.tokens) - 1
-
-    def add(self, row: int, ids: Tensor, start: int, parent: int) -> tuple[int, int]:
-        """Append ``ids[start:]`` (positions ``start..``) to ``row``: (offset, segment id)."""
-        offset, sid, n = len(self.tokens[row]), len(self.parent), len(ids) - start
-        self.parent.append(parent)
-        self.start.append(start)
-        self.tokens[row] += ids[start:].tolist()
-        self.pos[row] += range(start, len(ids))
-        self.seg[row] += [sid] * n
-        return offset, sid
-
-    def inputs(self, packed: bool, device: Any) -> dict[str, Tensor]:
-        width = max(len(t) for t in self.tokens)
-
-        def pad(rows: list[list[int]], fill: int) -> Tensor:
-            return torch.as_tensor([r + [fill] * (width - len(r)) for r in rows], device=device)
-
-        tokens, pos, seg = pad(self.tokens, 0), pad(self.pos, 0), pad(self.seg, -1)
-        if not packed:  # one segment per row, right-padded: a plain padding mask
-            return {"input": tokens, "attention_mask": (seg >= 0).long()}
-        parent = torch.as_tensor([*self.parent, -2], device=device)[seg]  # seg -1 -> -2
-        start = torch.as_tensor([*self.start, 0], device=device)[seg]
-        sq, sk = seg[:, :, None], seg[:, None, :]
-        pq, pk = pos[:, :, None], pos[:, None, :]
-        allowed = ((sk == sq) & (pk <= pq)) | (
-            (sk == parent[:, :, None]) & (pk < start[:, :, None])
-        )
-        allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding sees itself
-        return {"input": tokens, "attention_mask": allowed[:, None], "position_ids": pos}
-
-
-def _forward_reads(model: Any, rows: _Rows, packed: bool) -> Float[Tensor, "reads vocab"]:
-    """Run the rows with their moves; logits at the read positions only."""
-    adapter = model_adapter(model)
-    inputs = rows.inputs(packed, adapter.device)
-    last = adapter.final_hook
-    final = Capture()
-    spec: dict[SiteLike, list[Intervention]] = {last: []}
-    for hook, moves in rows.moves.items():
-        spec.setdefault(hook, []).append(_Writer(torch.as_tensor(moves, dtype=torch.long)))
-    spec[last].append(final)  # after any write at that same hook
-    with torch.no_grad(), intervene(model, spec):
-        adapter.forward(
-            inputs["input"],
-            inputs["attention_mask"],
-            position_ids=inputs.get("position_ids"),
-            logits_to_keep=1 if packed else None,  # logits come from the captured residual
-        )
-        assert final.value is not None
-        r, i, _ = torch.as_tensor(rows.reads, device=final.value.device).unbind(1)
-        return readout(model, final.value[r, i])
-
-
-_PACKING: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
-
-
-def _packing_works(model: Any) -> bool:
-    """Once per model: does a packed segment reproduce the unpacked run (masks, position ids)?"""
-    if not model_adapter(model).packs_rows:  # e.g. a HookedTransformer: [batch, pos] masks only
-        return False
-    if model not in _PACKING:
-        ids, rows = torch.arange(3, 11), _Rows()
-        row = rows.new_row()
-        _, sid = rows.add(row, ids, 0, -2)
-        offset, _ = rows.add(row, ids, 3, sid)
-        rows.reads = [(row, 7, 0), (row, offset + 4, 0)]
-        try:
-            logits = _forward_reads(model, rows, packed=True)
-            scale = float(logits.abs().max()) + 1.0
-            _PACKING[model] = bool((logits[0] - logits[1]).abs().max() <= 1e-4 * scale)
-        except (TypeError, ValueError, RuntimeError):
-            _PACKING[model] = False
-    return _PACKING[model]
-
-
-def _sites(model: Any, sites: Any, layers: Layers) -> list[Site]:
+def _sites(model: Any, sites: Any, layers: Layers, what: str = "patch()") -> list[Site]:
     found = expand_sites(model, sites, layers=layers)
     for site in found:
         if site.positions is not None:
-            raise ValueError(f"{site} carries positions: pass positions= to patch() instead.")
+            raise ValueError(f"{site} carries positions: pass positions= to {what} instead.")
     return found
 
 
-def _token_rows(model: Any, prompts: Prompts, what: str) -> list[Tensor]:
+def token_rows(model: Any, prompts: Prompts, what: str) -> list[Tensor]:
+    """Unpadded token ids of each prompt (strings are tokenised with the model's BOS).
+
+    Example:
+        >>> from mechprobe.core import tiny_model
+        >>> [len(t) for t in token_rows(tiny_model(), ["Hi", "Hello"], "prompts")]
+        [3, 6]
+    """
     if isinstance(prompts, Tensor):
         if prompts.ndim not in (1, 2) or prompts.is_floating_point():
             raise ValueError(f"{what} tokens must be integer ids [seq] or [pairs, seq] (unpadded).")
@@ -196,10 +92,15 @@ def _token_rows(model: Any, prompts: Prompts, what: str) -> list[Tensor]:
     ]
 
 
-def _positions(
+def position_pairs(
     spec: Any, src: list[int], base: list[int]
 ) -> tuple[list[int], list[list[tuple[int, int]]]]:
-    """Requested positions and, per pair, ``[(p_src, p_base)]`` in each unpadded sequence."""
+    """Requested positions and, per pair, ``[(p_src, p_base)]`` in each unpadded sequence.
+
+    Example:
+        >>> position_pairs(-1, [4], [6])
+        ([-1], [[(3, 5)]])
+    """
     if isinstance(spec, str):
         lengths = set(src) | set(base)
         if spec != "all":
@@ -225,45 +126,15 @@ def _positions(
     return wanted, resolved
 
 
-def _layout(
-    cells: list[_Cell], src: list[Tensor], base: list[Tensor], packed: bool
-) -> tuple[_Rows, list[Any]]:
-    """Rows for one forward pass: per pair its source and base run, then one segment per cell.
-
-    Returns the rows and, parallel to ``rows.reads``, what each read is: ``"src"``, ``"base"`` or
-    the cell.
-    """
-    rows, keys = _Rows(), list[Any]()
-    by_pair: dict[int, list[_Cell]] = {}
-    for cell in cells:
-        by_pair.setdefault(cell.pair, []).append(cell)
-    for i, group in by_pair.items():
-        s_ids, b_ids = src[i], base[i]
-        row_cap = max(_ROW_TOKENS, 3 * len(b_ids))  # bounds the [L, L] attention per row
-        r = rows.new_row()
-        s_off, _ = rows.add(r, s_ids, 0, -2)
-        rb = r if packed else rows.new_row()
-        b_off, b_sid = rows.add(rb, b_ids, 0, -2)
-        rows.reads += [(r, s_off + len(s_ids) - 1, i), (rb, b_off + len(b_ids) - 1, i)]
-        keys += ["src", "base"]
-        in_row = 0
-        for cell in group:
-            start = cell.p_base if packed else 0  # unpacked: a full copy, patched inline
-            n = len(b_ids) - start
-            if not packed or (in_row and len(rows.tokens[rb]) + n > row_cap):
-                rb, in_row = rows.new_row(), 0
-                if packed:
-                    _, b_sid = rows.add(rb, b_ids, 0, -2)
-            off, _ = rows.add(rb, b_ids, start, b_sid if packed else -2)
-            in_row += 1
-            move = (rb, off + cell.p_base - start, r, s_off + cell.p_src, cell.head)
-            rows.moves.setdefault(cell.hook, []).append(move)
-            rows.reads.append((rb, off + n - 1, i))
-            keys.append(cell)
-    return rows, keys
-
-
-_ROW_TOKENS = 512
+def _check_common(cells_per_batch: Any, n_random: Any, seed: Any) -> None:
+    if (
+        isinstance(cells_per_batch, bool)
+        or not isinstance(cells_per_batch, int)
+        or cells_per_batch < 1
+    ):
+        raise ValueError(f"cells_per_batch must be a positive int, got {cells_per_batch!r}.")
+    check_int(n_random, "n_random", 0)
+    check_int(seed, "seed")
 
 
 def patch(
@@ -276,11 +147,13 @@ def patch(
     *,
     layers: Layers = "all",
     direction: Direction = "denoising",
+    n_random: int = 3,
+    seed: int = 0,
     cells_per_batch: int = 256,
     packed: bool | None = None,
     progress: bool = True,
 ) -> PatchResult:
-    """Patch every (site, position) cell, many cells per forward pass.
+    """Patch every (site, position) cell, many cells per forward pass, each beside random controls.
 
     Args:
         model: A ``TransformerBridge`` or ``HookedTransformer`` (whose forward takes no packed
@@ -289,39 +162,47 @@ def patch(
             ids ``[seq]`` / ``[pairs, seq]``.
         corrupt: Corrupt prompt(s), as many as ``clean``.
         sites: A kind (``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``, ``"attn_out"``,
-            ``"mlp_out"``: every layer; ``"head"``: every layer x head), or Site(s) / hook names.
-        layers: The layers a kind in ``sites`` covers (int, range, list or ``"all"``).
+            ``"mlp_out"``: every layer; a head kind ``"head"`` (z), ``"q"``, ``"k"``, ``"v"``,
+            ``"pattern"``, ``"head_out"``: every layer x head, key/value heads for k and v), or
+            Site(s) / hook names.
         positions: ``-1`` (last token of each prompt), a list of ints (negative from the end), or
             ``"all"`` (every clean and corrupt prompt must then have the same token length).
+            Pattern cells write a query position's whole row of attention weights, so the clean
+            and corrupt prompts must see equally many keys there (the same position from the
+            start).
         metric: :func:`logit_diff`, :func:`answer_prob`, or a callable ``fn(logits [rows, vocab])
             -> [rows]`` of the last position's logits (``fn(logits, pair)`` receives each row's
             pair index too). With several pairs, results are averaged over pairs (``per_pair``
             keeps them) and recovery is normalised on the averages.
+        layers: The layers a kind in ``sites`` covers (int, range, list or ``"all"``).
         direction: ``"denoising"`` runs corrupt and writes clean activations (TransformerLens's
             ``get_act_patch_*`` convention); ``"noising"`` runs clean and writes corrupt ones.
+        n_random: Random controls per cell: the activation moved by the patch's own distance
+            ``||a_source - a_run||`` in a random direction (one seed each: ``seed``,
+            ``seed + 1``, ...; for a pattern row, a direction that keeps the row's sum). 0 skips
+            them (and runs ``1 + n_random`` times fewer cells).
+        seed: Seed of the random directions.
         cells_per_batch: Cells per forward pass; memory grows with it times the prompt length.
         packed: Share each pair's unpatched prefix between cells (None: when the model supports
             it, checked once); False runs one full row per cell.
         progress: Show a progress bar over forward passes.
 
+    Returns:
+        A :class:`PatchResult` (values, per-pair values, normalised recovery, the random controls).
+
     Example:
         >>> import mechprobe as mp
         >>> model = mp.tiny_model()
         >>> res = mp.patch(model, "Hi cat", "Hi bat", "mlp_out", -1, mp.logit_diff(1, 2))
-        >>> res.values.shape
-        (3, 1)
+        >>> res.values.shape, res.random.shape
+        ((3, 1), (3, 1, 3, 1))
     """
     if direction not in get_args(Direction):
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
-    if (
-        isinstance(cells_per_batch, bool)
-        or not isinstance(cells_per_batch, int)
-        or cells_per_batch < 1
-    ):
-        raise ValueError(f"cells_per_batch must be a positive int, got {cells_per_batch!r}.")
+    _check_common(cells_per_batch, n_random, seed)
     clean_ids, corrupt_ids = (
-        _token_rows(model, clean, "clean"),
-        _token_rows(model, corrupt, "corrupt"),
+        token_rows(model, clean, "clean"),
+        token_rows(model, corrupt, "corrupt"),
     )
     if len(clean_ids) != len(corrupt_ids):
         raise ValueError(
@@ -331,54 +212,87 @@ def patch(
     n_pairs = len(clean_ids)
     src, base = (clean_ids, corrupt_ids) if direction == "denoising" else (corrupt_ids, clean_ids)
     site_list = _sites(model, sites, layers)
-    wanted, resolved = _positions(positions, [len(t) for t in src], [len(t) for t in base])
+    wanted, resolved = position_pairs(positions, [len(t) for t in src], [len(t) for t in base])
+    for i, pairs in enumerate(resolved):
+        for ps, pb in pairs:
+            if ps != pb and any(s.kind == "pattern" for s in site_list):
+                raise ValueError(
+                    f"Pattern cells at position {ps} of pair {i}'s source and {pb} of its run: a "
+                    "pattern row is as long as its position, so both prompts must have the "
+                    "position at the same index; use prompts of equal length, or other sites."
+                )
     metric_fn, metric_name = bind_metric(model, metric, n_pairs)
-    if packed is None:
-        packed = _packing_works(model)
-    elif packed and not _packing_works(model):
-        raise ValueError(
-            "packed=True, but this model cannot run packed rows (a HookedTransformer takes "
-            "[batch, pos] attention masks only; some bridges ignore custom masks or position "
-            "ids): pass packed=False (one row per cell; the same numbers)."
-        )
-    cells = [
-        _Cell(i, r, c, site.hook_name, -1 if site.head is None else site.head, ps, pb)
+    plan = Plan(
+        sources=list(src),
+        source_groups=list(range(n_pairs)),
+        bases=[Base(t, i) for i, t in enumerate(base)],
+    )
+    grid = [
+        (i, r, c, site, ps, pb)
         for i, pairs in enumerate(resolved)
         for r, site in enumerate(site_list)
         for c, (ps, pb) in enumerate(pairs)
     ]
-    per_pair = np.full((n_pairs, len(site_list), len(wanted)), np.nan)
-    baseline = {"src": np.full(n_pairs, np.nan), "base": np.full(n_pairs, np.nan)}
-    chunks = [cells[k : k + cells_per_batch] for k in range(0, len(cells), cells_per_batch)]
-    for chunk in progress_bar(chunks, progress=progress, desc="patch"):
-        rows, keys = _layout(chunk, src, base, packed)
-        logits = _forward_reads(model, rows, packed)
-        pair = torch.as_tensor([p for _, _, p in rows.reads], device=logits.device)
-        values = torch.as_tensor(metric_fn(logits, pair)).detach()
-        if values.shape != (len(keys),):
-            raise ValueError(
-                f"metric returned shape {tuple(values.shape)} for {len(keys)} rows of logits: "
-                "return one value per row, shape [rows]."
-            )
-        for key, value, i in zip(keys, values.double().cpu().tolist(), pair.tolist(), strict=True):
-            if isinstance(key, _Cell):
-                per_pair[i, key.row, key.col] = value
-            elif np.isnan(baseline[key][i]):
-                baseline[key][i] = value
-    clean_m, corrupt_m = (baseline["src"], baseline["base"])[
-        :: 1 if direction == "denoising" else -1
-    ]
+    widths = [edit_width(model, site, pb) for _, _, _, site, _, pb in grid]
+    sum_zero = [site.kind == "pattern" for _, _, _, site, _, _ in grid]
+    for j in range(-1, n_random):
+        units = unit_vectors(seed + j, widths, sum_zero=sum_zero) if j >= 0 else None
+        for n, (i, r, c, site, ps, pb) in enumerate(grid):
+            op, payload = (COPY, None) if units is None else (RANDOM, units[n])
+            edit = site_edit(site, pb, op, source_position=ps, payload=payload)
+            plan.cells.append(Cell((j, i, r, c), base=i, edits=(edit,), source=i))
+    got = run_plan(
+        model, plan, metric_fn, packed=packed, cells_per_batch=cells_per_batch, progress=progress
+    )
+    shape = (n_pairs, len(site_list), len(wanted))
+    per_pair, random = np.full(shape, np.nan), np.full((n_random, *shape), np.nan)
+    for cell, value in zip(plan.cells, got.cells.tolist(), strict=True):
+        j, i, r, c = cell.key
+        (per_pair if j < 0 else random[j])[i, r, c] = value
+    src_m, base_m = got.sources.numpy(), got.bases.numpy()
+    clean_m, corrupt_m = (src_m, base_m) if direction == "denoising" else (base_m, src_m)
+    return _result(
+        model,
+        site_list,
+        wanted,
+        per_pair,
+        random,
+        clean_m,
+        corrupt_m,
+        metric_name,
+        direction,
+        seed,
+        labels=_labels(model, clean_ids[0], corrupt_ids[0], wanted),
+    )
+
+
+def _result(
+    model: Any,
+    site_list: list[Site],
+    wanted: list[int],
+    per_pair: np.ndarray,
+    random: np.ndarray,
+    clean_m: np.ndarray,
+    corrupt_m: np.ndarray,
+    metric_name: str,
+    direction: str,
+    seed: int,
+    labels: tuple[str, ...],
+) -> PatchResult:
     values_mean = per_pair.mean(axis=0)
-    scale = float(np.mean(clean_m) - np.mean(corrupt_m))
-    if abs(scale) <= 1e-5 * max(1.0, float(np.abs(clean_m).max()), float(np.abs(corrupt_m).max())):
-        warnings.warn(
-            f"The clean and corrupt runs give the same {metric_name} ({np.mean(clean_m):.4g}), so "
-            "normalised recovery is undefined (NaN): use a corrupt prompt that changes the answer.",
-            stacklevel=2,
-        )
-        normalised = np.full_like(values_mean, np.nan)
-    else:
-        normalised = (values_mean - np.mean(corrupt_m)) / scale
+    normalised = np.full_like(values_mean, np.nan)
+    if not direction.endswith("ablation"):
+        scale = float(np.mean(clean_m) - np.mean(corrupt_m))
+        size = max(1.0, float(np.abs(clean_m).max()), float(np.abs(corrupt_m).max()))
+        if abs(scale) <= 1e-5 * size:
+            warnings.warn(
+                f"The clean and corrupt runs give the same {metric_name} ({np.mean(clean_m):.4g}), "
+                "so normalised recovery is undefined (NaN): use a corrupt prompt that changes the "
+                "answer.",
+                stacklevel=3,
+            )
+        else:
+            normalised = (values_mean - np.mean(corrupt_m)) / scale
     return PatchResult(
         values=values_mean,
         per_pair=per_pair,
@@ -390,10 +304,188 @@ def patch(
         layers=tuple(s.layer for s in site_list),
         heads=tuple(s.head for s in site_list),
         positions=tuple(wanted),
-        position_labels=_labels(model, clean_ids[0], corrupt_ids[0], wanted),
+        position_labels=labels,
         metric=metric_name,
         direction=direction,
+        random=random,
+        seed=seed,
     )
+
+
+Method: TypeAlias = Literal["zero", "mean"]
+
+
+def ablate_cells(
+    model: Any,
+    prompts: Prompts,
+    sites: SiteKind | SiteLike | Sequence[SiteLike],
+    positions: PositionSpec,
+    metric: PatchMetric | MetricFn,
+    *,
+    method: Method = "mean",
+    reference: Prompts | None = None,
+    reference_positions: PositionSpec = "all",
+    layers: Layers = "all",
+    n_random: int = 3,
+    seed: int = 0,
+    cells_per_batch: int = 256,
+    packed: bool | None = None,
+    progress: bool = True,
+) -> PatchResult:
+    """Ablate every (site, position) cell alone, many cells per forward pass, beside random
+    controls: the metric when that one activation is zeroed or set to its mean.
+
+    Args:
+        model: A TransformerLens model.
+        prompts: The prompt(s) run (a string, a list, a :class:`Batch` or unpadded token ids).
+        sites: As for :func:`patch`: kinds, head kinds (``"head"``, ``"q"``, ``"k"``, ``"v"``,
+            ``"pattern"``, ``"head_out"``), Sites or hook names.
+        positions: ``-1``, a list of ints (negative from each prompt's end), or ``"all"`` (every
+            prompt must then have the same length).
+        metric: As for :func:`patch` (one pair per prompt).
+        method: ``"zero"``, or ``"mean"``: the site's mean activation over every real token of
+            ``reference`` (for a pattern: the mean row at the same query position over the
+            reference prompts long enough to have it).
+        reference: Prompts the mean is taken over (default: ``prompts``).
+        reference_positions: The reference prompts' positions the mean is taken over: ``"all"``
+            (every real token), or ints counted from each prompt's start, negative from its end
+            (``-1``: the mean of the last tokens, as function vectors' mean head outputs; not for
+            pattern sites).
+        layers: The layers a kind covers.
+        n_random: Random controls per cell: the activation moved by the ablation's own distance
+            in a random direction (seeds ``seed, seed + 1, ...``).
+        seed: Seed of the random directions.
+        cells_per_batch: Cells per forward pass.
+        packed: As for :func:`patch`.
+        progress: Show a progress bar.
+
+    Returns:
+        A :class:`PatchResult` with ``direction`` ``"zero-ablation"`` or ``"mean-ablation"``:
+        ``clean`` holds the intact run's metric, ``corrupt`` NaN, and ``effect`` the change each
+        ablation makes.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> res = mp.ablate_cells(mp.tiny_model(), "Hi cat", "head", -1, mp.logit_diff(1, 2))
+        >>> res.values.shape, res.direction
+        ((12, 1), 'mean-ablation')
+    """
+    if method not in get_args(Method):
+        raise ValueError(f"method must be 'zero' or 'mean', got {method!r}.")
+    _check_common(cells_per_batch, n_random, seed)
+    ids = token_rows(model, prompts, "prompts")
+    site_list = _sites(model, sites, layers, "ablate_cells()")
+    if reference_positions != "all":
+        position_list(reference_positions)  # a clear error for a bad spec, before any forward
+        if any(s.kind == "pattern" for s in site_list):
+            raise ValueError(
+                "reference_positions applies to vector and head sites; a pattern's mean is taken "
+                "per query position: leave reference_positions='all' for pattern sites."
+            )
+    lengths = [len(t) for t in ids]
+    wanted, resolved = position_pairs(positions, lengths, lengths)
+    metric_fn, metric_name = bind_metric(model, metric, len(ids))
+    means: dict[Site, Any] = {}
+    if method == "mean":
+        ref_ids = ids if reference is None else token_rows(model, reference, "reference")
+        means = _means(model, site_list, ref_ids, reference_positions)
+    plan = Plan(bases=[Base(t, i) for i, t in enumerate(ids)])
+    grid = [
+        (i, r, c, site, p)
+        for i, pairs in enumerate(resolved)
+        for r, site in enumerate(site_list)
+        for c, (_, p) in enumerate(pairs)
+    ]
+    values: list[Tensor] = []
+    for _, _, _, site, p in grid:
+        if method == "zero":
+            values.append(torch.zeros(edit_width(model, site, p)))
+        elif site.kind == "pattern":
+            by_position = means[site]
+            if p not in by_position:
+                raise ValueError(
+                    f"Mean-ablation of {site} at position {p}: no reference prompt has {p + 1} "
+                    "tokens; pass longer reference prompts, or method='zero'."
+                )
+            values.append(by_position[p])
+        else:
+            values.append(means[site])
+    widths = [len(v) for v in values]
+    sum_zero = [site.kind == "pattern" for _, _, _, site, _ in grid]
+    for j in range(-1, n_random):
+        units = unit_vectors(seed + j, widths, sum_zero=sum_zero) if j >= 0 else None
+        for n, (i, r, c, site, p) in enumerate(grid):
+            if units is None:
+                edit = site_edit(site, p, SET, payload=values[n])
+            else:
+                edit = site_edit(site, p, RANDOM, payload=units[n], target=values[n])
+            plan.cells.append(Cell((j, i, r, c), base=i, edits=(edit,)))
+    got = run_plan(
+        model,
+        plan,
+        metric_fn,
+        packed=packed,
+        cells_per_batch=cells_per_batch,
+        progress=progress,
+        desc="ablate",
+    )
+    shape = (len(ids), len(site_list), len(wanted))
+    per_pair, random = np.full(shape, np.nan), np.full((n_random, *shape), np.nan)
+    for cell, value in zip(plan.cells, got.cells.tolist(), strict=True):
+        j, i, r, c = cell.key
+        (per_pair if j < 0 else random[j])[i, r, c] = value
+    intact = got.bases.numpy()
+    return _result(
+        model,
+        site_list,
+        wanted,
+        per_pair,
+        random,
+        intact,
+        np.full_like(intact, np.nan),
+        metric_name,
+        f"{method}-ablation",
+        seed,
+        labels=_labels(model, ids[0], ids[0], wanted),
+    )
+
+
+def _means(
+    model: Any, site_list: list[Site], ids: list[Tensor], positions: PositionSpec = "all"
+) -> dict[Site, Any]:
+    """Each site's mean activation over the real tokens of ``ids`` (or those at ``positions`` of
+    each prompt; pattern sites: the mean row per query position, over the prompts long enough to
+    have it)."""
+    lengths = torch.as_tensor([len(t) for t in ids])
+    width = int(lengths.max())
+    tokens = torch.zeros(len(ids), width, dtype=torch.long)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for i, t in enumerate(ids):
+        tokens[i, : len(t)], mask[i, : len(t)] = t, 1
+    batch = Batch(tokens, mask, "right", ("",) * len(ids))
+    captured = run(
+        model, batch, capture=site_list, logit_positions=-1, batch_size=None, progress=False
+    )
+    real = mask.bool()
+    if positions != "all":
+        real = torch.zeros_like(real)
+        for i, n in enumerate(lengths.tolist()):
+            for p in position_list(positions):
+                if not -n <= p < n:
+                    raise ValueError(
+                        f"reference_positions {p} is outside reference prompt {i} ({n} tokens)."
+                    )
+                real[i, p % n] = True
+    out: dict[Site, Any] = {}
+    for site in site_list:
+        value = captured[site]
+        if site.kind == "pattern":  # [rows, query, key]
+            out[site] = {
+                p: value[lengths > p, p, : p + 1].double().mean(0).float() for p in range(width)
+            }
+        else:
+            out[site] = value[real.to(value.device)].double().mean(0).float().cpu()
+    return out
 
 
 def _labels(model: Any, clean: Tensor, corrupt: Tensor, wanted: list[int]) -> tuple[str, ...]:

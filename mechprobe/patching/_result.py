@@ -1,4 +1,5 @@
-"""The result of activation patching: :class:`PatchResult` (values, baselines, frame, heatmap, JSON)."""
+"""The result of activation patching and ablation: :class:`PatchResult` (values, baselines, random
+controls, spread over prompts, frame, heatmap, JSON)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from mechprobe.core import Result, new_axes
+from mechprobe.core import HEAD_KINDS, Result, new_axes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -18,24 +19,33 @@ __all__ = ["PatchResult"]
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class PatchResult(Result, format="mechprobe.PatchResult", version=2, html_figure=True):
-    """Metric after patching each cell (site x position), averaged over prompt pairs.
+class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure=True):
+    """Metric after patching (or ablating) each cell (site x position), averaged over prompt
+    pairs, beside the same cells moved in random directions.
 
     Attributes:
         values: ``[sites, positions]`` metric after patching that one cell, mean over pairs.
-        per_pair: ``[pairs, sites, positions]`` the same per prompt pair.
+        per_pair: ``[pairs, sites, positions]`` the same per prompt pair (its spread over pairs is
+            :attr:`spread`).
         normalised: ``[sites, positions]`` recovery ``(values - corrupt) / (clean - corrupt)``
             computed on the pair means: 0 is the corrupt run's metric, 1 the clean run's (in both
             directions: with noising, 1 means the patch changed nothing). NaN when the clean and
-            corrupt metrics coincide, where recovery is undefined.
-        clean: ``[pairs]`` the metric on the unpatched clean run.
-        corrupt: ``[pairs]`` the metric on the unpatched corrupt run.
+            corrupt metrics coincide, where recovery is undefined, and for ablations.
+        clean: ``[pairs]`` the metric on the unpatched clean run (an ablation's intact run).
+        corrupt: ``[pairs]`` the metric on the unpatched corrupt run (NaN for ablations).
         sites: Row labels, e.g. ``"mlp_out@3"`` or ``"head@3, head 2"``.
-        kinds, layers, heads: Per row: site kind, layer, head (None except for head sites).
+        kinds, layers, heads: Per row: site kind, layer, head (None except for head sites; a
+            key/value head for ``k`` and ``v``).
         positions: The requested positions (negative ones count back from each prompt's last
             token); ``position_labels`` are pair 0's tokens there (``clean/corrupt`` where they
             differ).
-        metric: The metric's name. direction: ``"denoising"`` or ``"noising"``.
+        metric: The metric's name.
+        direction: ``"denoising"``, ``"noising"``, ``"zero-ablation"``, ``"mean-ablation"``, or
+            ``"attribution"`` (first-order estimates of denoising from
+            :func:`mechprobe.attribution_patch`).
+        random: ``[n_random, pairs, sites, positions]`` the metric when the same cell is moved by
+            the same distance in a random direction (seed ``seed + j`` for row ``j``).
+        seed: The first seed of the random directions.
     """
 
     values: np.ndarray
@@ -51,6 +61,60 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=2, html_figure
     position_labels: tuple[str, ...]
     metric: str
     direction: str
+    random: np.ndarray
+    seed: int = 0
+
+    @property
+    def n_random(self) -> int:
+        """Random controls per cell."""
+        return int(self.random.shape[0])
+
+    @property
+    def is_ablation(self) -> bool:
+        """Whether the cells were ablated (no source prompt)."""
+        return self.direction.endswith("ablation")
+
+    @property
+    def spread(self) -> np.ndarray:
+        """``[sites, positions]`` standard deviation of the per-pair values (0 for one pair)."""
+        return self.per_pair.std(axis=0)
+
+    @property
+    def random_values(self) -> np.ndarray:
+        """``[sites, positions]`` the random controls' metric, mean over seeds and pairs (NaN
+        without controls)."""
+        if self.n_random == 0:
+            return np.full_like(self.values, np.nan)
+        return self.random.mean(axis=(0, 1))
+
+    @property
+    def random_normalised(self) -> np.ndarray:
+        """``[sites, positions]`` the random controls' recovery, normalised like ``normalised``."""
+        scale = self.clean_metric - self.corrupt_metric
+        if self.is_ablation or not np.isfinite(scale) or np.isnan(self.normalised).all():
+            return np.full_like(self.values, np.nan)
+        return (self.random_values - self.corrupt_metric) / scale
+
+    @property
+    def effect(self) -> np.ndarray:
+        """``[sites, positions]`` change of the metric from the run that was edited: ``values -
+        corrupt`` (denoising, attribution), ``values - clean`` (noising and ablations), pair
+        means."""
+        reference = self._reference
+        return self.values - reference
+
+    @property
+    def random_effect(self) -> np.ndarray:
+        """``[sites, positions]`` the same change under the random controls."""
+        reference = self._reference
+        return self.random_values - reference
+
+    @property
+    def _reference(self) -> float:
+        """The metric of the run that was edited."""
+        if self.direction in ("denoising", "attribution"):
+            return self.corrupt_metric
+        return self.clean_metric
 
     @property
     def clean_metric(self) -> float:
@@ -68,7 +132,9 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=2, html_figure
         return self.kinds[0] if len(set(self.kinds)) == 1 else "mixed"
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per cell: site, kind, layer, head, position, token, value, normalised.
+        """One row per cell: site, kind, layer, head, position, token, value, normalised, effect,
+        spread (standard deviation over pairs), random (the controls' mean), random_sd (standard
+        deviation of the per-seed means), random_normalised.
 
         Example:
             >>> import mechprobe as mp
@@ -78,6 +144,10 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=2, html_figure
             ['site', 'kind', 'layer']
         """
         n_sites, n_pos = self.values.shape
+        if self.n_random > 1:
+            random_sd = self.random.mean(axis=1).std(axis=0, ddof=1)
+        else:
+            random_sd = np.full_like(self.values, np.nan)
         return pd.DataFrame(
             {
                 "site": np.repeat(self.sites, n_pos),
@@ -88,48 +158,57 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=2, html_figure
                 "token": np.tile(self.position_labels, n_sites),
                 "value": self.values.ravel(),
                 "normalised": self.normalised.ravel(),
+                "effect": self.effect.ravel(),
+                "spread": self.spread.ravel(),
+                "random": self.random_values.ravel(),
+                "random_sd": random_sd.ravel(),
+                "random_normalised": self.random_normalised.ravel(),
             }
         )
 
     def summary(self) -> pd.DataFrame:
-        """The clean and corrupt baselines and the cells that matter most: the five largest
-        normalised recoveries (raw metric where recovery is undefined).
+        """The baselines and the cells that matter most (the five largest effects), each beside
+        its spread over pairs and its random control.
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.patch(mp.tiny_model(), "ab", "ac", "mlp_out", -1, mp.logit_diff(1, 2))
             >>> list(res.summary().columns)
-            ['what', 'site', 'position', 'token', 'value', 'normalised']
+            ['what', 'site', 'position', 'token', 'value', 'normalised', 'spread', 'random']
         """
         frame = self.to_frame()
-        key = "normalised" if not bool(np.isnan(self.normalised).all()) else "value"
-        top = frame.reindex(frame[key].abs().sort_values(ascending=False).index).head(5)
-        rows = [
-            {"what": "clean run", "value": self.clean_metric, "normalised": 1.0},
-            {"what": "corrupt run", "value": self.corrupt_metric, "normalised": 0.0},
-        ]
-        rows += [
-            {
-                "what": "patched cell",
-                **{k: r[k] for k in ("site", "position", "token", "value", "normalised")},
-            }
-            for r in top.to_dict("records")
-        ]
-        columns = ["what", "site", "position", "token", "value", "normalised"]
+        top = frame.reindex(frame["effect"].abs().sort_values(ascending=False).index).head(5)
+        if self.is_ablation:
+            rows = [{"what": "intact run", "value": self.clean_metric}]
+        else:
+            rows = [
+                {"what": "clean run", "value": self.clean_metric, "normalised": 1.0},
+                {"what": "corrupt run", "value": self.corrupt_metric, "normalised": 0.0},
+            ]
+        what = "ablated cell" if self.is_ablation else "patched cell"
+        keys = ("site", "position", "token", "value", "normalised", "spread", "random")
+        rows += [{"what": what, **{k: r[k] for k in keys}} for r in top.to_dict("records")]
+        columns = ["what", "site", "position", "token", "value", "normalised", "spread", "random"]
         return pd.DataFrame(rows).reindex(columns=columns)
 
     def _describe(self) -> str:
         n_pairs, n_sites, n_pos = self.per_pair.shape
+        runs = (
+            f"intact {self.clean_metric:.3g}"
+            if self.is_ablation
+            else f"clean {self.clean_metric:.3g}, corrupt {self.corrupt_metric:.3g}"
+        )
         return (
             f"{self.direction}, {self.metric}: {n_sites} site(s) x {n_pos} position(s), "
-            f"{n_pairs} pair(s); clean {self.clean_metric:.3g}, corrupt {self.corrupt_metric:.3g}"
+            f"{n_pairs} pair(s), {self.n_random} random control(s); {runs}"
         )
 
     def plot(self, ax: Axes | None = None, *, normalised: bool = True) -> Figure:
         """Heatmap of the normalised recovery (or the raw metric) over sites x positions.
 
-        Head sites at a single position are drawn as a layer x head grid. Falls back to the raw
-        metric when normalised recovery is undefined.
+        Head sites at a single position are drawn as a layer x head grid. Falls back to the
+        metric's change from the edited run (:attr:`effect`) when normalised recovery is undefined
+        (ablations, or equal clean and corrupt metrics).
 
         Example:
             >>> import mechprobe as mp
@@ -138,9 +217,9 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=2, html_figure
             2
         """
         use_norm = normalised and not bool(np.isnan(self.normalised).all())
-        data = self.normalised if use_norm else self.values
+        data = self.normalised if use_norm else self.effect
         ylabels, xlabels = list(self.sites), list(self.position_labels)
-        if self.kind == "head" and len(self.positions) == 1:
+        if self.kind in HEAD_KINDS and len(self.positions) == 1:
             layers = sorted(set(self.layers))
             n_heads = max(h or 0 for h in self.heads) + 1
             grid = np.full((len(layers), n_heads), np.nan)
@@ -162,7 +241,10 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=2, html_figure
         ax.set_yticks(range(len(ylabels)), labels=ylabels)
         ax.set_xlabel("head" if len(xlabels) != len(self.positions) else "position")
         ax.set_ylabel("layer" if ylabels != list(self.sites) else "site")
-        label = "normalised recovery" if use_norm else self.metric
+        label = "normalised recovery" if use_norm else f"change of {self.metric}"
         fig.colorbar(image, ax=ax, label=label)
-        ax.set_title(f"{self.direction} patching of {self.kind}: {self.metric}")
+        what = self.direction if self.is_ablation else f"{self.direction} patching"
+        if self.direction == "attribution":
+            what = "attribution patching (estimated denoising)"
+        ax.set_title(f"{what} of {self.kind}: {self.metric}")
         return fig

@@ -1,5 +1,6 @@
 """Relational tasks in the model (Merullo et al.): scores, early-decoding stages, o-vectors and
-their interventions with controls, FFN ablation, analogies, and the one-call analysis.
+their interventions with controls, FFN ablation, analogies, function vectors (Todd et al.) beside
+o-vectors, and the one-call analysis.
 
 The one-call :func:`relational_analysis` is a sequence of the public steps below: :func:`task_pass`
 (score, trajectory and stages from one teacher-forced pass), :func:`fit_ovector`,
@@ -11,6 +12,11 @@ from mechprobe.relational._ablation import AblationResult, ffn_ablation
 from mechprobe.relational._analogy import AnalogyResult, analogy, offset_accuracy
 from mechprobe.relational._analysis import default_sweep_layers, relational_analysis
 from mechprobe.relational._contexts import random_word_contexts
+from mechprobe.relational._function import (
+    FunctionVectorResult,
+    function_vector,
+    shuffled_prompts,
+)
 from mechprobe.relational._intervention import OVectorEffect, ovector_intervention
 from mechprobe.relational._ovector import (
     OVector,
@@ -28,6 +34,7 @@ from mechprobe.relational._trajectory import Stages, Trajectory, ffn_attribution
 __all__ = [
     "AblationResult",
     "AnalogyResult",
+    "FunctionVectorResult",
     "OVector",
     "OVectorEffect",
     "OVectorSweep",
@@ -42,6 +49,7 @@ __all__ = [
     "ffn_ablation",
     "ffn_attribution",
     "fit_ovector",
+    "function_vector",
     "offset_accuracy",
     "ovector_controls",
     "ovector_intervention",
@@ -50,6 +58,7 @@ __all__ = [
     "random_word_contexts",
     "relational_analysis",
     "score_task",
+    "shuffled_prompts",
     "task_pass",
     "trajectory",
     "tuned_intervention",

@@ -36,6 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mechprobe.core import Layers, check_choice, check_float, check_int, progress_enabled
+from mechprobe.lens import LensSpec
 from mechprobe.relational._ablation import AblationMethod, ffn_ablation
 from mechprobe.relational._contexts import random_word_contexts
 from mechprobe.relational._deprecated import half_open_pairs, renamed_keywords
@@ -51,6 +52,7 @@ from mechprobe.relational._ovector import fit_ovector, ovector_controls
 from mechprobe.relational._pass import TaskPass, task_pass
 from mechprobe.relational._result import RelationalResult
 from mechprobe.relational._sweep import _cell, tuned_intervention
+from mechprobe.relational._trajectory import check_lens
 from mechprobe.tasks import Task, as_task, load_task
 
 __all__ = ["RelationalResult", "default_sweep_layers", "relational_analysis"]
@@ -174,6 +176,7 @@ def relational_analysis(
     sweep_scales: Sequence[float] = (1.0, 2.0, 4.0),
     sweep_contexts: int | None = 64,
     seed: int = 0,
+    lens: LensSpec = "logit",
     batch_size: int | None = 32,
     progress: bool = True,
 ) -> RelationalResult:
@@ -209,6 +212,9 @@ def relational_analysis(
         sweep_scales: Scales of the sweep (finite).
         sweep_contexts: Sweep on at most this many in-domain contexts (None: all).
         seed: Seed of the item subset, split, contexts and random controls.
+        lens: The lens of the trajectory and so of the stages (the o-vector's layer is the
+            function-application layer): ``"logit"``, a :class:`~mechprobe.lens.TunedLens` or a
+            :class:`~mechprobe.lens.Patchscope`.
         batch_size: Rows per forward pass.
         progress: Show progress bars and the stages found (``MECHPROBE_PROGRESS=0`` silences
             them).
@@ -241,6 +247,7 @@ def relational_analysis(
         if sweep_contexts is not None:
             sweep_contexts = check_int(sweep_contexts, "sweep_contexts", 1)
     check_float(holdout, "holdout")
+    check_lens(model, lens)
     base = as_task(task)
     work = _prepare(base, shots, n_items, seed)
     held = _split(len(work), holdout, seed)
@@ -254,7 +261,7 @@ def relational_analysis(
     steps: dict[str, Any] = {"batch_size": batch_size, "progress": progress}
 
     # 1. One teacher-forced pass: score, trajectory, stages, the last-token FFN outputs.
-    tp = task_pass(model, work, **steps)
+    tp = task_pass(model, work, lens=lens, **steps)
     stages = tp.stages
     if progress_enabled(progress):
         tqdm.write(f"{work.name}: accuracy {tp.score.accuracy:.2f}, {stages!r}")
@@ -322,6 +329,7 @@ def relational_analysis(
         "ovector_prompts": ovector_prompts,
         "ablation_method": ablation_method if ablation else None,
         "seed": seed,
+        "lens": tp.trajectory.lens,
     }
     return RelationalResult(
         task=work.name,

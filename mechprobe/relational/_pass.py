@@ -17,8 +17,9 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
+from mechprobe.lens import LensSpec
 from mechprobe.relational._scoring import TaskScore, _forced_pass
-from mechprobe.relational._trajectory import Stages, Trajectory, _from_pass
+from mechprobe.relational._trajectory import Stages, Trajectory, _from_pass, check_lens
 from mechprobe.tasks import Task, as_task
 
 __all__ = ["TaskPass", "task_pass"]
@@ -68,6 +69,7 @@ def task_pass(
     model: Any,
     task: Task | str | os.PathLike[str],
     *,
+    lens: LensSpec = "logit",
     batch_size: int | None = 32,
     progress: bool = True,
 ) -> TaskPass:
@@ -77,6 +79,8 @@ def task_pass(
         model: A TransformerLens model.
         task: A :class:`Task`, a built-in task name or a task file (all its shots are used; call
             ``task.with_shots(k)`` for fewer).
+        lens: The lens of the trajectory (and so of the stages): ``"logit"``, a
+            :class:`~mechprobe.lens.TunedLens` or a :class:`~mechprobe.lens.Patchscope`.
         batch_size: Rows per forward pass.
         progress: Show a progress bar (``MECHPROBE_PROGRESS=0`` silences every bar).
 
@@ -92,13 +96,14 @@ def task_pass(
         (0.0, 3, 4)
     """
     task = as_task(task)
+    decoder = check_lens(model, lens)
     forced = _forced_pass(
         model, task, kinds=("resid_post", "mlp_out"), batch_size=batch_size, progress=progress
     )
     return TaskPass(
         task=task,
         score=forced.score,
-        trajectory=_from_pass(model, task, forced.score, forced.captures),
+        trajectory=_from_pass(model, task, forced.score, forced.captures, decoder),
         mlp_out=forced.captures["mlp_out"],
         model=str(getattr(model.cfg, "model_name", "")),
     )

@@ -1,11 +1,14 @@
 """Early-decoding trajectories of a relational task: Merullo et al.'s "X" and its three stages.
 
 At every layer ``l`` the residual stream after the block at the prompt's last token,
-``resid_post[l]``, is read through the model's final norm and unembedding (the logit lens), and the
+``resid_post[l]``, is read through a lens (by default the logit lens: the model's final norm and
+unembedding; ``lens=`` takes a :class:`~mechprobe.lens.TunedLens` or a
+:class:`~mechprobe.lens.Patchscope` too), and the
 ranks of the argument's first token (``" Poland"``) and the answer's first token (``" Warsaw"``)
 are kept. Averaging their reciprocal ranks over the correctly answered items draws the X: the
 argument rises, then the answer overtakes it. The same readout of ``resid_post[l] - mlp_out[l]``
-(the stream with layer ``l``'s FFN update removed) says whether that update is what turned the
+(the stream with layer ``l``'s FFN update removed, i.e. ``resid_mid[l]``, which a tuned lens
+reads with its ``resid_mid`` translator) says whether that update is what turned the
 argument into the answer (FFN attribution).
 
 Stage rules (:meth:`Trajectory.stages`), on the mean reciprocal-rank curves ``A[l]`` (argument)
@@ -37,6 +40,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechprobe.core import Result, check_finite, first_token_ids, readout
+from mechprobe.lens import Lens, LensSpec, as_lens
 from mechprobe.relational._figure import axes_for
 from mechprobe.relational._scoring import TaskScore, _forced_pass
 from mechprobe.tasks import Task, as_task
@@ -76,7 +80,7 @@ class Stages:
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class Trajectory(Result, format="mechprobe.Trajectory", version=1, html_figure=True):
+class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=True):
     """Per-item, per-layer lens ranks of the argument and the answer at the prompt's last token.
 
     Attributes:
@@ -90,6 +94,8 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=1, html_figure=T
         correct: ``[item]`` the model's greedy first token is the answer's.
         distinct: ``[item]`` argument and answer start with different tokens (else the X is
             undefined for that item).
+        lens: The lens that decoded the ranks (``"logit"``, or a tuned lens's or a Patchscope's
+            description).
 
     Example:
         >>> import mechprobe as mp
@@ -109,6 +115,7 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=1, html_figure=T
     answer_rank_no_ffn: Int[np.ndarray, "item layer"]
     correct: Bool[np.ndarray, " item"]
     distinct: Bool[np.ndarray, " item"]
+    lens: str = "logit"
 
     @property
     def n_layers(self) -> int:
@@ -256,15 +263,19 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=1, html_figure=T
         ax.set_xlabel("layer (resid_post, last prompt token)")
         ax.set_ylabel("mean reciprocal rank")
         ax.set_ylim(0, 1.0)
-        ax.set_title(f"{self.task}: early decoding over {int(m.sum())} correct items", pad=28)
+        through = "" if self.lens == "logit" else f" ({self.lens.split(' ')[0]} lens)"
+        ax.set_title(
+            f"{self.task}: early decoding{through} over {int(m.sum())} correct items", pad=28
+        )
         ax.legend(fontsize=7, loc="upper left")
         return fig
 
     def _describe(self) -> str:
         n, layers = self.argument_rank.shape
+        through = "" if self.lens == "logit" else f", {self.lens.split(' ')[0]} lens"
         return (
             f"{self.task}: {n} items x {layers} layers, {int(self.correct.sum())} correct, "
-            f"{self.stages()!r}"
+            f"{self.stages()!r}{through}"
         )
 
 
@@ -275,14 +286,15 @@ def _mean_rr(ranks: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _ranks(
-    model: Any, x: Float[Tensor, "n layer d"], ids: Int[Tensor, "n t"]
+    model: Any, x: Float[Tensor, "n layer d"], ids: Int[Tensor, "n t"], lens: Lens, kind: str
 ) -> Int[np.ndarray, "t n layer"]:
-    """0-based ranks of tokens ``ids`` (one set per row) in each layer's readout of ``x``."""
+    """0-based ranks of tokens ``ids`` (one set per row) in each layer's readout of ``x``, read
+    at ``kind`` through ``lens`` (the logit lens passes the vectors through untouched)."""
     n, layers, _ = x.shape
     out = np.zeros((ids.shape[1], n, layers), dtype=np.int64)
     with torch.no_grad():
         for layer in range(layers):  # one [n, vocab] readout at a time keeps memory flat
-            logits = readout(model, x[:, layer])
+            logits = readout(model, lens.translate(model, kind, layer, x[:, layer]))
             # A NaN logit compares false with everything: it would count as rank 0.
             check_finite(logits, f"The lens's logit tensor at layer {layer}")
             target = logits.gather(-1, ids.to(logits.device))  # [n, t]
@@ -291,14 +303,25 @@ def _ranks(
     return out
 
 
-def _from_pass(model: Any, task: Task, score: TaskScore, captures: dict[str, Tensor]) -> Trajectory:
+def check_lens(model: Any, lens: LensSpec) -> Lens:
+    """The :class:`Lens` for ``lens=``, checked (before any forward pass) for the two readings a
+    trajectory makes at every layer: ``resid_post`` and ``resid_post - mlp_out`` (``resid_mid``)."""
+    decoder = as_lens(lens)
+    n_layers = int(model.cfg.n_layers)
+    decoder.check(model, [(k, i) for k in ("resid_post", "resid_mid") for i in range(n_layers)])
+    return decoder
+
+
+def _from_pass(
+    model: Any, task: Task, score: TaskScore, captures: dict[str, Tensor], lens: Lens
+) -> Trajectory:
     """Build the trajectory from one teacher-forced pass's last-token captures."""
     arg_ids = first_token_ids(model, task.arguments())
     ans_ids = [ids[0] for ids in score.answer_ids]
     ids = torch.as_tensor(np.stack([arg_ids, ans_ids], axis=1), dtype=torch.long)
     post = captures["resid_post"]
-    with_ffn = _ranks(model, post, ids)
-    without = _ranks(model, post - captures["mlp_out"], ids)
+    with_ffn = _ranks(model, post, ids, lens, "resid_post")
+    without = _ranks(model, post - captures["mlp_out"], ids, lens, "resid_mid")
     return Trajectory(
         task=task.name,
         arguments=tuple(task.arguments()),
@@ -309,6 +332,7 @@ def _from_pass(model: Any, task: Task, score: TaskScore, captures: dict[str, Ten
         answer_rank_no_ffn=without[1],
         correct=score.correct,
         distinct=np.asarray(arg_ids) != np.asarray(ans_ids),
+        lens=lens.describe(),
     )
 
 
@@ -316,6 +340,7 @@ def trajectory(
     model: Any,
     task: Task | str | os.PathLike[str],
     *,
+    lens: LensSpec = "logit",
     batch_size: int | None = 32,
     progress: bool = True,
 ) -> Trajectory:
@@ -324,6 +349,9 @@ def trajectory(
     Args:
         model: A TransformerLens model.
         task: A :class:`Task`, a built-in task name or a task file (its shots are all used).
+        lens: ``"logit"`` (the model's final norm and unembedding), a
+            :class:`~mechprobe.lens.TunedLens` (with ``resid_post`` and ``resid_mid``
+            translators) or a :class:`~mechprobe.lens.Patchscope`.
         batch_size: Rows per forward pass.
         progress: Show a progress bar.
 
@@ -334,10 +362,11 @@ def trajectory(
         (3,)
     """
     task = as_task(task)
+    decoder = check_lens(model, lens)
     forced = _forced_pass(
         model, task, kinds=("resid_post", "mlp_out"), batch_size=batch_size, progress=progress
     )
-    return _from_pass(model, task, forced.score, forced.captures)
+    return _from_pass(model, task, forced.score, forced.captures, decoder)
 
 
 def ffn_attribution(
@@ -345,12 +374,13 @@ def ffn_attribution(
     task: Task | str | os.PathLike[str],
     *,
     layer: int | None = None,
+    lens: LensSpec = "logit",
     batch_size: int | None = 32,
     progress: bool = True,
 ) -> dict[str, float | int | None]:
     """Does removing the FFN update at the function layer decode back to the argument?
 
-    Runs :func:`trajectory` and returns :meth:`Trajectory.ffn_attribution` at ``layer`` (default:
+    Runs :func:`trajectory` (through ``lens``) and returns :meth:`Trajectory.ffn_attribution` at ``layer`` (default:
     the function-application layer of :meth:`Trajectory.stages`), plus the ``layer`` used.
 
     Raises:
@@ -362,7 +392,7 @@ def ffn_attribution(
         >>> out["layer"], out["n"] >= 0
         (1, True)
     """
-    traj = trajectory(model, task, batch_size=batch_size, progress=progress)
+    traj = trajectory(model, task, lens=lens, batch_size=batch_size, progress=progress)
     if layer is None:
         layer = traj.stages().function_layer
         if layer is None:

@@ -1,0 +1,289 @@
+"""How well each lens reads each layer: KL to the model's output and precision@1, on held-out text.
+
+:func:`compare_lenses` runs the model once over windows of text (by default the held-out split of
+the default corpus, never used in training), keeps the hidden states at the chosen positions, and
+decodes them through every lens given, with the one readout. Per (lens, site, layer) it reports the
+mean ``KL(final || lens)`` in nats (final = the model's own next-token distribution at the same
+position) and precision@1, the fraction of positions whose lens top-1 token is the model's own
+top-1 token (Ghandeharioun et al.'s measure). The BOS position is never scored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mechprobe.core import (
+    Batch,
+    Layers,
+    Readout,
+    Result,
+    Site,
+    SiteLike,
+    StopForward,
+    check_int,
+    new_axes,
+    progress_bar,
+    run,
+)
+from mechprobe.lens._lens import KeepPositions, LensSpec, as_lens
+from mechprobe.lens._plan import lens_entries
+from mechprobe.lens._text import TextSource, token_windows
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["LensComparison", "compare_lenses"]
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_figure=True):
+    """Per-layer KL to the final distribution and precision@1 of several lenses on the same tokens.
+
+    Attributes:
+        lenses: Each lens's name (the keys given, or its kind).
+        descriptions: Each lens's :meth:`~mechprobe.lens.Lens.describe`.
+        sites: ``[E]`` site kind of each entry.
+        layers: ``[E]`` layer of each entry.
+        kl: ``[lens, E]`` mean KL(final || lens) in nats.
+        kl_sem: ``[lens, E]`` its standard error over positions.
+        precision: ``[lens, E]`` precision@1 against the model's own top-1 token.
+        n_positions: Positions scored (the same for every lens and entry).
+        text: What was read (``"heldout"``, a file, or the number of strings given).
+        model_name: The model's name.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> model = mp.tiny_model()
+        >>> cmp = mp.compare_lenses(model, {"logit": "logit"}, ["a b c d e f g h " * 8],
+        ...                         n_tokens=64, seq_len=32, progress=False)
+        >>> cmp.kl.shape, round(float(cmp.kl[0, -1]), 6)  # the last layer is the model's output
+        ((1, 3), 0.0)
+    """
+
+    lenses: tuple[str, ...]
+    descriptions: tuple[str, ...]
+    sites: tuple[str, ...]
+    layers: tuple[int, ...]
+    kl: np.ndarray
+    kl_sem: np.ndarray
+    precision: np.ndarray
+    n_positions: int
+    text: str
+    model_name: str = ""
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (lens, site, layer): kl, kl_sem, precision_at_1, n_positions."""
+        n_l, n_e = self.kl.shape
+        return pd.DataFrame(
+            {
+                "lens": np.repeat(self.lenses, n_e),
+                "site": np.tile(self.sites, n_l),
+                "layer": np.tile(self.layers, n_l),
+                "kl": self.kl.reshape(-1),
+                "kl_sem": self.kl_sem.reshape(-1),
+                "precision_at_1": self.precision.reshape(-1),
+                "n_positions": self.n_positions,
+            }
+        )
+
+    def summary(self) -> pd.DataFrame:
+        """One row per (site, layer), one KL and one precision@1 column per lens."""
+        frame = self.to_frame()
+        wide = frame.pivot_table(
+            index=["site", "layer"], columns="lens", values=["kl", "precision_at_1"], sort=False
+        )
+        wide.columns = [f"{stat} {lens}" for stat, lens in wide.columns]
+        return wide.reset_index()
+
+    def plot(self, ax: Axes | None = None, *, site: str | None = None) -> Figure:
+        """KL (log scale) and precision@1 per layer, one line per lens (into ``ax``: KL only)."""
+        kind = self.sites[0] if site is None else site
+        cols = [i for i, s in enumerate(self.sites) if s == kind]
+        if not cols:
+            raise ValueError(f"Site {kind!r} was not compared; this result has {set(self.sites)}.")
+        layers = [self.layers[i] for i in cols]
+        if ax is not None:
+            fig, axes = new_axes(ax, (6, 3.6))[0], [ax]  # draws KL only
+        else:
+            from matplotlib.figure import Figure
+
+            fig = Figure(figsize=(10, 3.6), layout="constrained")
+            axes = list(fig.subplots(1, 2))
+        for i, name in enumerate(self.lenses):
+            axes[0].plot(layers, self.kl[i, cols], "o-", markersize=3, label=name)
+            if len(axes) > 1:
+                axes[1].plot(layers, self.precision[i, cols], "o-", markersize=3, label=name)
+        axes[0].set_yscale("symlog", linthresh=0.1)
+        axes[0].set_ylabel("KL(final || lens), nats")
+        axes[0].set_xlabel(f"layer ({kind})")
+        axes[0].legend(fontsize=8)
+        axes[0].grid(alpha=0.3)
+        if len(axes) > 1:
+            axes[1].set_ylim(0, 1.02)
+            axes[1].set_ylabel("precision@1 (model's own top-1)")
+            axes[1].set_xlabel(f"layer ({kind})")
+            axes[1].grid(alpha=0.3)
+        title = f"{self.model_name or 'model'}: {self.n_positions} positions of {self.text}"
+        if len(axes) > 1:
+            fig.suptitle(title, fontsize=9)
+        else:
+            axes[0].set_title(title, fontsize=9)
+        return fig
+
+    def _describe(self) -> str:
+        return (
+            f"{', '.join(self.lenses)} x {len(self.sites)} entries, {self.n_positions} positions "
+            f"of {self.text}"
+        )
+
+
+def _positions(positions: str | int | Sequence[int], seq_len: int) -> list[int]:
+    if isinstance(positions, str):
+        if positions != "all":
+            raise ValueError(
+                f"positions must be 'all', an int or a list of ints, not {positions!r}."
+            )
+        return list(range(1, seq_len))
+    wanted = [positions] if isinstance(positions, (int, np.integer)) else list(positions)
+    cols = []
+    for p in wanted:
+        q = check_int(p, "positions", -seq_len + 1, seq_len - 1)
+        q = q + seq_len if q < 0 else q
+        if q == 0:
+            raise ValueError("Position 0 is the BOS token, which is never scored: pass 1 or more.")
+        cols.append(q)
+    if not cols:
+        raise ValueError("positions is empty: pass 'all' or at least one position.")
+    return sorted(set(cols))
+
+
+def compare_lenses(
+    model: Any,
+    lenses: Mapping[str, LensSpec] | Sequence[LensSpec],
+    text: TextSource = "heldout",
+    *,
+    sites: SiteLike | Sequence[SiteLike] = "resid_post",
+    layers: Layers = "all",
+    positions: str | int | Sequence[int] = "all",
+    n_tokens: int = 2048,
+    seq_len: int = 128,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> LensComparison:
+    """Per-layer KL to the model's output and precision@1 of each lens, on the same tokens.
+
+    Args:
+        model: A TransformerLens model.
+        lenses: ``{name: lens}`` or a list of lenses (``"logit"``, a TunedLens, a Patchscope);
+            names default to each lens's kind.
+        text: ``"heldout"`` (the default corpus's held-out split), a list of strings, a ``.txt``
+            file or a folder of them.
+        sites: Site kinds compared at every layer of ``layers`` (residual kinds for a tuned lens
+            or a Patchscope), or Sites.
+        layers: Layers of each kind in ``sites``.
+        positions: Window positions scored: ``"all"`` (every one but BOS) or a list (the same in
+            every window; a Patchscope costs one target-prompt forward per position and layer).
+        n_tokens: Tokens read (``n_tokens // seq_len`` windows).
+        seq_len: Tokens per window.
+        seed: Seed of the windows' order.
+        batch_size: Windows per forward pass.
+        progress: Show a progress bar.
+
+    Returns:
+        A :class:`LensComparison`.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> model = mp.tiny_model()
+        >>> cmp = mp.compare_lenses(model, ["logit", mp.TunedLens.identity(model)],
+        ...                         ["one two three four " * 20], n_tokens=64, seq_len=32,
+        ...                         progress=False)
+        >>> bool((cmp.kl[0] == cmp.kl[1]).all()), cmp.lenses
+        (True, ('logit', 'tuned'))
+    """
+    if isinstance(lenses, Mapping):
+        names = [str(k) for k in lenses]
+        objs = [as_lens(v) for v in lenses.values()]
+    else:
+        objs = [as_lens(v) for v in lenses]
+        names = [o.describe().split(" ")[0] for o in objs]
+        for i, name in enumerate(names):
+            if names.count(name) > 1:
+                names[i] = f"{name}_{names[:i].count(name)}"
+    if not objs:
+        raise ValueError("No lens to compare: pass at least one (e.g. ['logit']).")
+    n_tokens = check_int(n_tokens, "n_tokens", 1)
+    seq_len = check_int(seq_len, "seq_len", 2)
+    batch_size = check_int(batch_size, "batch_size", 1)
+    seed = check_int(seed, "seed")
+    entries = lens_entries(model, sites, layers)
+    for obj in objs:
+        obj.check(model, entries)
+    cols = _positions(positions, seq_len)
+    n_windows = max(1, n_tokens // seq_len)
+    windows = token_windows(model, text, seq_len=seq_len, n_windows=n_windows, seed=seed)
+    n_layers = int(model.cfg.n_layers)
+    final_site = ("resid_post", n_layers - 1)
+    run_sites = [*entries, *([final_site] if final_site not in entries else [])]
+    readout = Readout(model, 256)
+    kl_sum = np.zeros((len(objs), len(entries)))
+    kl_sq = np.zeros((len(objs), len(entries)))
+    hits = np.zeros((len(objs), len(entries)))
+    count = 0
+    chunks = [windows[s : s + batch_size] for s in range(0, n_windows, batch_size)]
+    with torch.no_grad():
+        for rows in progress_bar(chunks, progress=progress, desc="compare lenses"):
+            batch = Batch(rows, torch.ones_like(rows), "right", ("",) * len(rows))
+            keeps = [KeepPositions(cols, stop=site == final_site) for site in run_sites]
+            spec: dict[Site | str, Any] = {
+                Site(kind, layer): k  # type: ignore[arg-type]
+                for (kind, layer), k in zip(run_sites, keeps, strict=True)
+            }
+            with contextlib.suppress(StopForward):
+                run(model, batch, spec, logit_positions=-1, batch_size=None, progress=False)
+            vecs = [k.value.reshape(-1, k.value.shape[-1]) for k in keeps]  # type: ignore[union-attr]
+            final = vecs[run_sites.index(final_site)]
+            top = readout_top1(readout, final)
+            for i, obj in enumerate(objs):
+                translated = [
+                    obj.translate(model, kind, layer, vecs[e])
+                    for e, (kind, layer) in enumerate(entries)
+                ]
+                stats = readout.grid(translated, final, top[:, None], 1)
+                kl = stats["kl"].double().numpy()  # [n, E]
+                kl_sum[i] += kl.sum(0)
+                kl_sq[i] += (kl**2).sum(0)
+                hits[i] += (stats["rank"][:, :, 0] == 0).double().sum(0).numpy()
+            count += final.shape[0]
+    mean = kl_sum / count
+    var = np.maximum(kl_sq / count - mean**2, 0.0)
+    return LensComparison(
+        lenses=tuple(names),
+        descriptions=tuple(o.describe() for o in objs),
+        sites=tuple(kind for kind, _ in entries),
+        layers=tuple(layer for _, layer in entries),
+        kl=mean,
+        kl_sem=np.sqrt(var / max(count - 1, 1)),
+        precision=hits / count,
+        n_positions=count,
+        text=str(text) if isinstance(text, (str, os.PathLike)) else f"{len(text)} text(s)",
+        model_name=str(getattr(model.cfg, "model_name", "")),
+    )
+
+
+def readout_top1(readout: Readout, final: torch.Tensor) -> torch.Tensor:
+    """The model's own top-1 token at each final vector (chunked, no [n, vocab] tensor kept)."""
+    out = []
+    for s in range(0, final.shape[0], readout.chunk):
+        out.append(readout.logits(final[s : s + readout.chunk]).argmax(-1))
+    return torch.cat(out)

@@ -1,0 +1,145 @@
+"""Patchscopes (Ghandeharioun et al., ICML 2024): decode a hidden state by patching it elsewhere.
+
+The token-identity Patchscope reads what a hidden state predicts by writing it into a target
+prompt of few-shot identity pairs, ``"cat -> cat; 1135 -> 1135; hello -> hello; ?"``, in place
+of the placeholder ``"?"``'s hidden state at the same site (by default at the same layer: no layer
+shift), and letting the model finish the forward pass. The model's next-token distribution at the
+target prompt's last token is the decoding. As a :class:`~mechprobe.lens._lens.Lens` it translates
+each vector into the last block's output at that token, which the one readout turns into logits,
+so every statistic of the logit lens (ranks, KL, teacher forcing of several-token targets: each
+position's vector is patched in turn) comes out of the same code.
+
+Cost: one forward pass of the target prompt (22 tokens for SmolLM2) per decoded vector, batched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechprobe.core import Batch, Replace, Site, StopForward, check_int, run, tokenize
+from mechprobe.lens._lens import RESIDUAL_KINDS, KeepPositions, Lens
+
+__all__ = ["IDENTITY_PROMPT", "Patchscope"]
+
+#: The token-identity target prompt; the placeholder "?" is its last token.
+IDENTITY_PROMPT = "cat -> cat; 1135 -> 1135; hello -> hello; ?"
+
+
+class Patchscope(Lens):
+    """The token-identity Patchscope, or any target prompt with a placeholder.
+
+    Args:
+        prompt: The target prompt.
+        placeholder: The text whose (last) token's hidden state is replaced; its last occurrence
+            in ``prompt`` is used.
+        target_layer: The layer patched in the target prompt (None: the source vector's own
+            layer, no shift; negative counts from the end).
+        batch_size: Vectors (target-prompt rows) per forward pass.
+
+    The decoding is read at the target prompt's last token: with the default prompt that is the
+    placeholder itself, as in the paper's next-token experiments. A prompt such as ``"... ? ->"``
+    reads one token later instead (what the model copies of the patched token).
+
+    Example:
+        >>> import torch, mechprobe as mp
+        >>> model = mp.tiny_model()
+        >>> scope = mp.Patchscope()
+        >>> scope
+        Patchscope(patchscope ('cat -> cat; 1135 -> 1135; hello -> hello; ?' at '?', same layer))
+        >>> x = torch.randn(2, 64)
+        >>> scope.translate(model, "resid_post", 1, x).shape
+        torch.Size([2, 64])
+    """
+
+    kinds = RESIDUAL_KINDS
+
+    def __init__(
+        self,
+        prompt: str = IDENTITY_PROMPT,
+        placeholder: str = "?",
+        *,
+        target_layer: int | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        if not isinstance(prompt, str) or not isinstance(placeholder, str) or not placeholder:
+            raise TypeError("prompt and placeholder must be strings (the placeholder non-empty).")
+        if placeholder not in prompt:
+            raise ValueError(
+                f"The placeholder {placeholder!r} does not occur in the target prompt {prompt!r}."
+            )
+        self.prompt = prompt
+        self.placeholder = placeholder
+        self.target_layer = (
+            None if target_layer is None else check_int(target_layer, "target_layer")
+        )
+        self.batch_size = check_int(batch_size, "batch_size", 1)
+        self._tokens: dict[int, tuple[list[int], int]] = {}
+
+    def describe(self) -> str:
+        where = "same layer" if self.target_layer is None else f"layer {self.target_layer}"
+        return f"patchscope ({self.prompt!r} at {self.placeholder!r}, {where})"
+
+    def tokens(self, model: Any) -> tuple[list[int], int]:
+        """The target prompt's token ids and the placeholder's position (its last token)."""
+        key = id(model)
+        if key not in self._tokens:
+            batch = tokenize(model, [self.prompt])
+            ids = batch.tokens[0][batch.attention_mask[0].bool()].tolist()
+            cut = self.prompt.rindex(self.placeholder) + len(self.placeholder)
+            head = tokenize(model, [self.prompt[:cut]])
+            head_ids = head.tokens[0][head.attention_mask[0].bool()].tolist()
+            if ids[: len(head_ids)] != head_ids:
+                raise ValueError(
+                    f"The placeholder {self.placeholder!r} does not end on a token boundary of "
+                    f"{self.prompt!r} for this tokenizer: put a space or punctuation after it."
+                )
+            self._tokens[key] = (ids, len(head_ids) - 1)
+        return self._tokens[key]
+
+    def _target(self, model: Any, layer: int) -> int:
+        n = int(model.cfg.n_layers)
+        t = layer if self.target_layer is None else self.target_layer
+        if not -n <= t < n:
+            raise ValueError(f"target_layer {t} is out of range for {n} layers.")
+        return t % n
+
+    def check(self, model: Any, entries: Sequence[tuple[str, int]]) -> None:
+        super().check(model, entries)
+        self.tokens(model)
+        for _, layer in entries:
+            self._target(model, layer)
+
+    def translate(
+        self, model: Any, kind: str, layer: int, x: Float[Tensor, "n d_model"]
+    ) -> Float[Tensor, "n d_model"]:
+        ids, place = self.tokens(model)
+        target = Site(kind, self._target(model, layer))  # type: ignore[arg-type]
+        final = Site("resid_post", int(model.cfg.n_layers) - 1)
+        out = torch.empty_like(x)
+        row = torch.tensor(ids, dtype=torch.long)
+        for s in range(0, x.shape[0], self.batch_size):
+            chunk = x[s : s + self.batch_size]
+            tokens = row.expand(chunk.shape[0], -1).contiguous()
+            batch = Batch(tokens, torch.ones_like(tokens), "right", ("",) * chunk.shape[0])
+            keep = KeepPositions([len(ids) - 1], stop=True)
+            patch = Replace(chunk[:, None, :], positions=place)
+            spec: dict[Any, Any] = (
+                {target: [patch, keep]}
+                if target == final
+                else {
+                    target: patch,
+                    final: keep,
+                }
+            )
+            with torch.no_grad(), contextlib.suppress(StopForward):
+                run(model, batch, spec, logit_positions=-1, batch_size=None, progress=False)
+            if keep.value is None:
+                raise RuntimeError("The Patchscope's read-out site was not reached.")
+            out[s : s + chunk.shape[0]] = keep.value[:, 0].to(out.dtype)
+        return out

@@ -1,0 +1,405 @@
+"""Training a tuned lens: minimise KL(final || lens) on real text, as Belrose et al. (2023) do.
+
+The recipe is the paper's (and the tuned-lens package's defaults): translators start at the
+identity (``W = 0, b = 0`` in ``h + h @ W.T + b``), the loss is the sum over translators of the
+mean ``KL(p_final || p_lens)`` over tokens (the current token's distribution, no shift), SGD with
+Nesterov momentum 0.9 at learning rate 1 (applied as ``lr * (1 - momentum)``, which undoes
+PyTorch's momentum scaling), weight decay 1e-3, gradients clipped to norm 1, the learning rate
+decaying linearly to 0 (Adam: AMSGrad, lr 1e-3, a linear warm-up over the first fifth). Every step
+reads fresh tokens: the model runs on the step's windows and the hidden states of every translated
+site are kept for that step only, so memory is bounded by one step's
+``[sites, tokens, d_model]`` whatever the number of tokens.
+
+What costs is the vocabulary: each translated vector is decoded to 49k logits and the gradient
+goes back through the unembedding, two ``[rows, d] x [d, vocab]`` products per translator and
+token, about 25 times a forward pass of SmolLM2 per token for 60 translators. All translators of
+a step share those products (one batched matrix per chunk of rows), the KL's gradient needs no
+``[rows, vocab]`` tensor kept for autograd (``softmax(z) @ W_U.T - W_U p``, with ``W_U p`` computed
+once per token), and in ``precision="bfloat16"`` (the default, as the paper's autocast) the two
+products take bfloat16 inputs with float32 accumulation. The first position of every window (BOS)
+is left out of the loss: its stream is an attention sink with norms far from every other token's.
+
+Training is resumable: with ``checkpoint=FOLDER`` the translators, the optimiser's state and the
+step are written there (one safetensors file, atomically) every ``checkpoint_every`` steps, and a
+later call with the same settings continues from the last one; the windows come from the seed, so
+a resumed run reads the same tokens as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from mechprobe.core import (
+    Batch,
+    Site,
+    check_choice,
+    check_float,
+    check_int,
+    progress_bar,
+    readout,
+    run,
+    write_atomic,
+)
+from mechprobe.lens._lens import RESIDUAL_KINDS
+from mechprobe.lens._text import TextSource, token_windows
+from mechprobe.lens._tuned import TunedLens, translator_sites
+
+__all__ = ["train_tuned_lens"]
+
+_CHECKPOINT = "checkpoint.safetensors"
+
+
+def _identity_transform(model: Any) -> bool:
+    """Whether the model's post-unembedding transform (e.g. a soft cap) is the identity."""
+    transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
+    if not callable(transform):
+        return True
+    probe = torch.linspace(-200.0, 200.0, 401)[None]
+    return bool(torch.equal(transform(probe.clone()), probe))
+
+
+def _schedule(optimizer: str, steps: int, warmup: int | None) -> tuple[int, Any]:
+    if warmup is None:
+        warmup = min(1000, steps // 5) if optimizer == "adam" else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    return warmup, factor
+
+
+class _Step:
+    """The loss and gradients of one step, for all translators at once."""
+
+    def __init__(self, model: Any, precision: str, chunk_rows: int) -> None:
+        self.model = model
+        dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+        self.w_u = model.W_U.detach().to(dtype)  # [d, vocab]
+        self.w_u_t = self.w_u.T.contiguous()  # [vocab, d]: rows of the unembedding
+        self.b_u = model.b_U.detach().float()
+        self.has_bias = bool(self.b_u.any())
+        self.dtype = dtype
+        self.chunk_rows = chunk_rows
+
+    def targets(self, final: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per token: ``W_U p`` [n, d], ``<p, b_U>`` [n] and ``sum p log p`` [n] of the final
+        distribution ``p`` (float32, one chunk at a time)."""
+        w = self.model.W_U.detach().float()
+        m, c, a = [], [], []
+        for s in range(0, final.shape[0], self.chunk_rows):
+            z = readout(self.model, final[s : s + self.chunk_rows])
+            logp = z.log_softmax(-1)
+            p = logp.exp()
+            m.append(p @ w.T)
+            c.append(p @ self.b_u)
+            a.append((p * logp).sum(-1))
+        return torch.cat(m), torch.cat(c), torch.cat(a)
+
+    def loss_and_grad(self, u: Tensor, m: Tensor, c: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+        """KL per row and its gradient in ``u`` (the final-normed lens vector), rows = (t, n).
+
+        ``KL = lse(z) - <p, z> + sum p log p`` with ``z = u W_U + b_U`` and ``<p, z> = <W_U p, u>
+        + <p, b_U>``; its gradient in ``u`` is ``softmax(z) W_U^T - W_U p``.
+        """
+        rows, n = u.shape[0], m.shape[0]
+        kl = torch.empty(rows)
+        grad = torch.empty_like(u)
+        tok = torch.arange(rows) % n
+        for s in range(0, rows, self.chunk_rows):
+            uc = u[s : s + self.chunk_rows]
+            idx = tok[s : s + self.chunk_rows]
+            z = (uc.to(self.dtype) @ self.w_u).float()
+            if self.has_bias:
+                z.add_(self.b_u)
+            # softmax in place of the logits (torch.logsumexp is several times slower here)
+            top = z.amax(-1, keepdim=True)
+            q = z.sub_(top).exp_()
+            total = q.sum(-1, keepdim=True)
+            q.div_(total)
+            lse = (total.log() + top).squeeze(-1)
+            pz = (m[idx] * uc).sum(-1) + c[idx]
+            kl[s : s + len(uc)] = lse - pz + a[idx]
+            grad[s : s + len(uc)] = (q.to(self.dtype) @ self.w_u_t).float() - m[idx]
+        return kl, grad
+
+
+def _config(**kwargs: Any) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
+
+
+def _save_checkpoint(
+    folder: Path, step: int, config: dict[str, Any], params: dict[str, Tensor], opt: Any, log: list
+) -> None:
+    from safetensors.torch import save
+
+    tensors = {f"param.{k}": v.detach() for k, v in params.items()}
+    scalars: dict[str, Any] = {}
+    # The optimiser's state is keyed by the parameter's index (its names hold dots).
+    for i, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                tensors[f"opt.{i}.{key}"] = value
+            else:
+                scalars[f"{i}.{key}"] = value
+    meta = {"state": json.dumps({"step": step, "config": config, "scalars": scalars, "log": log})}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / _CHECKPOINT, save({k: v.contiguous() for k, v in tensors.items()}, meta))
+
+
+def _load_checkpoint(
+    folder: Path, config: dict[str, Any], params: dict[str, Tensor], opt: Any
+) -> tuple[int, list]:
+    from safetensors import safe_open
+
+    path = folder / _CHECKPOINT
+    if not path.is_file():
+        return 0, []
+    with safe_open(str(path), framework="pt") as f:
+        state = json.loads((f.metadata() or {})["state"])
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    differ = sorted(
+        k for k in set(config) | set(state["config"]) if config.get(k) != state["config"].get(k)
+    )
+    if differ:
+        raise ValueError(
+            f"The checkpoint in {folder} was made with other settings ({', '.join(differ)} "
+            "differ): pass the same settings to resume, or another folder to start afresh."
+        )
+    with torch.no_grad():
+        for k, v in params.items():
+            v.copy_(tensors[f"param.{k}"])
+    opt_state = opt.state_dict()
+    restored: dict[int, dict[str, Any]] = {}
+    for i in range(len(params)):
+        entry: dict[str, Any] = {
+            key.split(".", 2)[2]: t for key, t in tensors.items() if key.startswith(f"opt.{i}.")
+        }
+        entry.update(
+            {k.split(".", 1)[1]: v for k, v in state["scalars"].items() if k.startswith(f"{i}.")}
+        )
+        if entry:
+            restored[i] = entry
+    opt_state["state"] = restored
+    opt.load_state_dict(opt_state)
+    return int(state["step"]), list(state["log"])
+
+
+def train_tuned_lens(
+    model: Any,
+    text: TextSource = "train",
+    *,
+    sites: str | Sequence[str] = RESIDUAL_KINDS,
+    n_tokens: int = 2048,
+    seq_len: int = 128,
+    tokens_per_step: int = 256,
+    optimizer: Literal["sgd", "adam"] = "sgd",
+    lr: float | None = None,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-3,
+    warmup_steps: int | None = None,
+    precision: Literal["bfloat16", "float32"] = "bfloat16",
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 8,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> TunedLens:
+    """Train a tuned lens for ``model`` on real text (see the module docstring for the recipe).
+
+    Args:
+        model: A TransformerLens model.
+        text: ``"train"`` (the default corpus's training split, :func:`mechprobe.english_text`),
+            a list of strings, a ``.txt`` file or a folder of them.
+        sites: Residual site kinds to translate (``"resid_pre"``, ``"resid_mid"``,
+            ``"resid_post"``); every layer of each. ``resid_pre`` beyond layer 0 shares the
+            translators of ``resid_post`` one layer down (the same vectors).
+        n_tokens: Training tokens in all (windows of ``seq_len``; each step reads new ones).
+        seq_len: Tokens per window (BOS included; the BOS position is not in the loss).
+        tokens_per_step: Tokens per optimiser step (a multiple of ``seq_len``).
+        optimizer: ``"sgd"`` (Nesterov, the paper's default) or ``"adam"``.
+        lr: Learning rate (default 1.0 for SGD, applied as ``lr * (1 - momentum)``; 1e-3 for Adam).
+        momentum: SGD momentum, or Adam's beta1.
+        weight_decay: Decay towards the identity translator.
+        warmup_steps: Linear warm-up steps (default 0 for SGD, a fifth of the steps for Adam).
+        precision: ``"bfloat16"`` (the unembedding products take bfloat16 inputs, accumulate in
+            float32) or ``"float32"``.
+        checkpoint: A folder to write the state to and resume from (None: no checkpoints).
+        checkpoint_every: Steps between checkpoints.
+        seed: Seed of the windows' order.
+        batch_size: Rows per forward pass.
+        progress: Show a progress bar.
+
+    Returns:
+        A :class:`TunedLens`; its ``info`` records the settings, the tokens, the wall time and
+        the per-translator training loss of the last steps.
+
+    Raises:
+        ValueError: Bad settings, too little text, a checkpoint with other settings; a model
+            whose logits go through a non-identity transform (a soft cap) after the unembedding.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> model = mp.tiny_model()
+        >>> lens = mp.train_tuned_lens(model, ["The cat sat on the mat. " * 40], sites="resid_post",
+        ...                            n_tokens=64, seq_len=32, tokens_per_step=32, progress=False)
+        >>> lens.info["steps"], lens.layers["resid_post"]
+        (2, (0, 1))
+    """
+    n_tokens = check_int(n_tokens, "n_tokens", 1)
+    seq_len = check_int(seq_len, "seq_len", 2)
+    tokens_per_step = check_int(tokens_per_step, "tokens_per_step", seq_len)
+    if tokens_per_step % seq_len:
+        raise ValueError(
+            f"tokens_per_step ({tokens_per_step}) must be a multiple of seq_len ({seq_len})."
+        )
+    check_choice(optimizer, "optimizer", ("sgd", "adam"))
+    check_choice(precision, "precision", ("bfloat16", "float32"))
+    momentum = check_float(momentum, "momentum", 0.0, 1.0)
+    weight_decay = check_float(weight_decay, "weight_decay", 0.0)
+    lr = (
+        (1.0 if optimizer == "sgd" else 1e-3)
+        if lr is None
+        else check_float(lr, "lr", 0.0, low_open=True)
+    )
+    checkpoint_every = check_int(checkpoint_every, "checkpoint_every", 1)
+    seed = check_int(seed, "seed")
+    batch_size = check_int(batch_size, "batch_size", 1)
+    kinds = [sites] if isinstance(sites, str) else list(sites)
+    n_layers = int(model.cfg.n_layers)
+    keys = translator_sites(n_layers, kinds)
+    if not _identity_transform(model):
+        raise ValueError(
+            "This model's logits go through a transform after the unembedding (a soft cap); "
+            "training a tuned lens through it is not supported: train on a model without one."
+        )
+    per_step = tokens_per_step // seq_len
+    steps = max(1, n_tokens // tokens_per_step)
+    windows = token_windows(model, text, seq_len=seq_len, n_windows=steps * per_step, seed=seed)
+    warmup, factor = _schedule(optimizer, steps, warmup_steps)
+    config = _config(
+        model=str(getattr(model.cfg, "model_name", "")),
+        text=text if isinstance(text, str) else f"{type(text).__name__}",
+        sites=sorted(set(kinds)),
+        n_tokens=n_tokens,
+        seq_len=seq_len,
+        tokens_per_step=tokens_per_step,
+        optimizer=optimizer,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        warmup_steps=warmup,
+        precision=precision,
+        seed=seed,
+    )
+
+    lens = TunedLens.identity(model, kinds)
+    params = {}
+    for kind in lens.weights:
+        params[f"{kind}.weight"] = lens.weights[kind].requires_grad_(True)
+        params[f"{kind}.bias"] = lens.biases[kind].requires_grad_(True)
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            list(params.values()),
+            lr=lr * (1 - momentum),
+            momentum=momentum,
+            nesterov=momentum > 0,
+            weight_decay=weight_decay,
+        )
+    else:
+        opt = torch.optim.Adam(
+            list(params.values()),
+            lr=lr,
+            betas=(momentum, 0.999),
+            amsgrad=True,
+            weight_decay=weight_decay,
+        )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    folder = Path(checkpoint) if checkpoint is not None else None
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise ValueError(f"checkpoint={folder} is a file: pass a folder.")
+    start, log = (0, []) if folder is None else _load_checkpoint(folder, config, params, opt)
+    if start:  # the schedule where the checkpoint left it
+        sched.last_epoch = start
+        for group, base in zip(opt.param_groups, sched.base_lrs, strict=True):
+            group["lr"] = base * factor(start)
+
+    step_fn = _Step(model, precision, chunk_rows=256)
+    norm_params = [p for p in model.ln_final.parameters() if p.requires_grad]
+    capture = [Site(kind, layer) for kind, layer in keys]  # type: ignore[arg-type]
+    final_site = Site("resid_post", n_layers - 1)
+    began = time.perf_counter()
+    last_losses: Tensor | None = None
+    try:
+        for p in norm_params:  # gradients flow through the final norm, never into it
+            p.requires_grad_(False)
+        for step in progress_bar(
+            range(start, steps), progress=progress, desc="tuned lens", total=steps - start
+        ):
+            rows = windows[step * per_step : (step + 1) * per_step]
+            batch = Batch(rows, torch.ones_like(rows), "right", ("",) * len(rows))
+            with torch.no_grad():
+                out = run(
+                    model,
+                    batch,
+                    capture=[*capture, final_site],
+                    logit_positions=-1,
+                    batch_size=batch_size,
+                    progress=False,
+                )
+                # Position 0 (BOS) is not trained on; rows x positions flatten to tokens.
+                hidden = torch.stack([out[s][:, 1:].reshape(-1, out[s].shape[-1]) for s in capture])
+                final = out[final_site][:, 1:].reshape(-1, hidden.shape[-1])
+                m, c, a = step_fn.targets(final)
+            n = final.shape[0]
+            ys = []
+            offset = 0
+            for kind in lens.weights:
+                k = len(lens.layers[kind])
+                h = hidden[offset : offset + k]  # [k, n, d]
+                w, b = params[f"{kind}.weight"], params[f"{kind}.bias"]
+                ys.append(h + torch.baddbmm(b[:, None, :], h, w.transpose(1, 2)))
+                offset += k
+            y = torch.cat(ys)  # [T, n, d]
+            u = model.ln_final(y)
+            kl, grad = step_fn.loss_and_grad(u.detach().reshape(-1, u.shape[-1]), m, c, a)
+            # Sum over translators of the mean over tokens, as the paper's loss.
+            torch.autograd.backward(u, grad.reshape(u.shape) / n)
+            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            last_losses = kl.reshape(len(keys), n).mean(1)
+            log.append(round(float(last_losses.sum()), 5))
+            if folder is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+                _save_checkpoint(folder, step + 1, config, params, opt, log)
+    finally:
+        for p in norm_params:
+            p.requires_grad_(True)
+    for v in params.values():
+        v.requires_grad_(False)
+    info = dict(config)
+    info.update(
+        steps=steps,
+        tokens=steps * tokens_per_step,
+        trained_tokens=steps * per_step * (seq_len - 1),
+        wall_s=round(time.perf_counter() - began, 2),
+        resumed_at=start,
+        loss_per_step=log,
+    )
+    if last_losses is not None:
+        info["last_step_kl"] = {
+            f"{kind} {layer}": round(float(v), 5)
+            for (kind, layer), v in zip(keys, last_losses, strict=True)
+        }
+    lens.info = info
+    return lens

@@ -1,0 +1,387 @@
+"""The tuned lens (Belrose et al., 2023): an affine translator per (site kind, layer).
+
+A translator maps a residual vector ``h`` read at one layer to ``h + h @ W.T + b``, a vector the
+model's own readout decodes; ``W = 0, b = 0`` is the logit lens. (This is the tuned-lens package's
+parametrisation: weight decay pulls a translator towards the identity, not towards zero.)
+Translators are kept per site kind, ``resid_pre``, ``resid_mid`` and ``resid_post``. Two facts
+remove duplicates: the stream entering block ``l > 0`` is the stream leaving block ``l - 1``, so
+``resid_pre`` at layer ``l`` uses the ``resid_post`` translator of layer ``l - 1`` (only
+``resid_pre`` at layer 0, the embeddings, has its own); and the last block's output *is* what the
+readout decodes, so its translator is the identity, exactly.
+
+Files: :meth:`TunedLens.save` writes one safetensors file (tensors ``{kind}.weight [k, d, d]``,
+``{kind}.bias [k, d]``, ``{kind}.layers [k]``; metadata ``format = mechprobe.TunedLens``,
+``version``, the model's name and shape, a digest of its unembedding and how the lens was
+trained). :meth:`TunedLens.from_tuned_lens` reads the tuned-lens package's folders
+(``config.json`` + ``params.pt``, loaded with ``weights_only=True``: tensors only, no code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechprobe.core import write_atomic
+from mechprobe.lens._lens import RESIDUAL_KINDS, Lens
+
+__all__ = ["TunedLens", "canonical_site", "unembedding_digest"]
+
+FORMAT, VERSION = "mechprobe.TunedLens", 1
+
+
+def canonical_site(kind: str, layer: int, n_layers: int) -> tuple[str, int] | None:
+    """The translator a residual (kind, layer) uses; None for the last block's output (identity).
+
+    Example:
+        >>> canonical_site("resid_pre", 3, 30), canonical_site("resid_pre", 0, 30)
+        (('resid_post', 2), ('resid_pre', 0))
+        >>> canonical_site("resid_post", 29, 30) is None
+        True
+    """
+    if kind == "resid_pre" and layer > 0:
+        return ("resid_post", layer - 1)
+    if kind == "resid_post" and layer == n_layers - 1:
+        return None
+    return (kind, layer)
+
+
+def unembedding_digest(model: Any) -> str:
+    """SHA-256 of the model's unembedding weights (float32 bytes), to tell a lens's model apart."""
+    weight = model.W_U.detach().to("cpu", torch.float32).contiguous()
+    return hashlib.sha256(weight.numpy().tobytes()).hexdigest()
+
+
+class TunedLens(Lens):
+    """Affine translators per (residual site kind, layer), trained to match the final distribution.
+
+    Build one with :func:`mechprobe.train_tuned_lens`, :meth:`identity`, :meth:`load` (this
+    library's safetensors file) or :meth:`from_tuned_lens` (the tuned-lens package's folders).
+    Pass it as ``lens=`` to :func:`mechprobe.logit_lens`, :func:`mechprobe.trajectory`,
+    :func:`mechprobe.relational_analysis` or :func:`mechprobe.compare_lenses`.
+
+    Args:
+        weights: ``{kind: [k, d, d]}`` translator matrices ``W`` (``h + h @ W.T + b``).
+        biases: ``{kind: [k, d]}`` translator biases.
+        layers: ``{kind: (layer, ...)}`` the k layers of each kind's translators.
+        n_layers: The model's number of blocks.
+        model_name: The model the lens was trained for.
+        info: How it was trained (tokens, steps, text, seed, ...), kept in the file.
+        unembed_digest: :func:`unembedding_digest` of that model ("" = unknown).
+
+    Example:
+        >>> import torch, mechprobe as mp
+        >>> model = mp.tiny_model()
+        >>> lens = mp.TunedLens.identity(model)
+        >>> lens.layers  # resid_pre 1-2 reuse resid_post 0-1; the last block's output needs none
+        {'resid_pre': (0,), 'resid_mid': (0, 1, 2), 'resid_post': (0, 1)}
+        >>> x = torch.randn(4, 64)
+        >>> bool(torch.equal(lens.translate(model, "resid_mid", 1, x), x))
+        True
+    """
+
+    kinds = RESIDUAL_KINDS
+
+    def __init__(
+        self,
+        weights: Mapping[str, Float[Tensor, "k d d"]],
+        biases: Mapping[str, Float[Tensor, "k d"]],
+        layers: Mapping[str, Sequence[int]],
+        *,
+        n_layers: int,
+        model_name: str = "",
+        info: Mapping[str, Any] | None = None,
+        unembed_digest: str = "",
+    ) -> None:
+        if set(weights) != set(biases) or set(weights) != set(layers):
+            raise ValueError("weights, biases and layers must have the same site kinds.")
+        for kind in weights:
+            if kind not in RESIDUAL_KINDS:
+                raise ValueError(
+                    f"A tuned lens has translators for {RESIDUAL_KINDS}, not {kind!r}."
+                )
+            k = len(layers[kind])
+            w, b = weights[kind], biases[kind]
+            if w.ndim != 3 or w.shape[0] != k or w.shape[1] != w.shape[2]:
+                raise ValueError(f"{kind}.weight must be [{k}, d, d], got {tuple(w.shape)}.")
+            if tuple(b.shape) != (k, w.shape[1]):
+                raise ValueError(f"{kind}.bias must be [{k}, {w.shape[1]}], got {tuple(b.shape)}.")
+        self.weights = {k: v.detach().float().contiguous() for k, v in weights.items()}
+        self.biases = {k: v.detach().float().contiguous() for k, v in biases.items()}
+        self.layers = {k: tuple(int(i) for i in v) for k, v in layers.items()}
+        self.n_layers = int(n_layers)
+        self.model_name = model_name
+        self.info = dict(info or {})
+        self.unembed_digest = unembed_digest
+        self._index = {(k, layer): i for k, ls in self.layers.items() for i, layer in enumerate(ls)}
+
+    @property
+    def d_model(self) -> int:
+        return int(next(iter(self.weights.values())).shape[-1]) if self.weights else 0
+
+    @classmethod
+    def identity(
+        cls,
+        model: Any,
+        sites: Sequence[str] = RESIDUAL_KINDS,
+        *,
+        info: Mapping[str, Any] | None = None,
+    ) -> TunedLens:
+        """Identity translators (the logit lens, exactly) for every layer of ``sites``: the start
+        of training.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> sorted(mp.TunedLens.identity(mp.tiny_model(), ["resid_post"]).layers["resid_post"])
+            [0, 1]
+        """
+        n, d = int(model.cfg.n_layers), int(model.cfg.d_model)
+        keys = translator_sites(n, sites)
+        weights, biases, layers = {}, {}, {}
+        for kind in RESIDUAL_KINDS:
+            ls = [layer for k, layer in keys if k == kind]
+            if ls:
+                weights[kind] = torch.zeros(len(ls), d, d)
+                biases[kind] = torch.zeros(len(ls), d)
+                layers[kind] = ls
+        return cls(
+            weights,
+            biases,
+            layers,
+            n_layers=n,
+            model_name=str(getattr(model.cfg, "model_name", "")),
+            info=info,
+            unembed_digest=unembedding_digest(model),
+        )
+
+    def translator(self, kind: str, layer: int) -> tuple[Tensor, Tensor] | None:
+        """``(W, b)`` used at a residual ``(kind, layer)``; None where the identity is exact.
+
+        Raises:
+            ValueError: No translator was trained for that place.
+        """
+        key = canonical_site(kind, layer, self.n_layers)
+        if key is None:
+            return None
+        if key not in self._index:
+            trained = ", ".join(self._spans())
+            raise ValueError(
+                f"This tuned lens has no translator for {kind} at layer {layer} (that place reads "
+                f"{key[0]} {key[1]}); it has {trained}. Train one with "
+                f"mp.train_tuned_lens(model, sites=[{key[0]!r}])."
+            )
+        i = self._index[key]
+        return self.weights[key[0]][i], self.biases[key[0]][i]
+
+    def translate(
+        self, model: Any, kind: str, layer: int, x: Float[Tensor, "n d_model"]
+    ) -> Float[Tensor, "n d_model"]:
+        pair = self.translator(kind, layer)
+        if pair is None:
+            return x
+        w, b = (t.to(x.device, x.dtype) for t in pair)
+        return torch.addmm(b, x, w.T).add_(x)
+
+    def check(self, model: Any, entries: Sequence[tuple[str, int]]) -> None:
+        super().check(model, entries)
+        n, d = int(model.cfg.n_layers), int(model.cfg.d_model)
+        if (n, d) != (self.n_layers, self.d_model):
+            raise ValueError(
+                f"This tuned lens was made for {self.n_layers} layers x d_model {self.d_model} "
+                f"({self.model_name or 'unknown model'}); the model has {n} x {d}: load or train "
+                "a lens for this model."
+            )
+        for kind, layer in entries:
+            self.translator(kind, layer)
+        if self.unembed_digest and self.unembed_digest != unembedding_digest(model):
+            warnings.warn(
+                f"This tuned lens was trained with another unembedding than this model's "
+                f"({self.model_name or 'unknown model'}); its read-outs may mean little.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _spans(self) -> list[str]:
+        out = []
+        for kind in RESIDUAL_KINDS:
+            ls = sorted(self.layers.get(kind, ()))
+            if not ls:
+                continue
+            runs, start = [], ls[0]
+            for a, b in zip(ls, [*ls[1:], None], strict=True):
+                if b != a + 1:
+                    runs.append(f"{start}" if start == a else f"{start}-{a}")
+                    start = b if b is not None else start
+            out.append(f"{kind} {','.join(runs)}")
+        return out
+
+    def describe(self) -> str:
+        n = sum(len(v) for v in self.layers.values())
+        name = self.model_name or "unknown model"
+        return f"tuned ({name}, {n} translators: {', '.join(self._spans())})"
+
+    # -- files ---------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the lens to one ``.safetensors`` file (format tag and version in its metadata).
+
+        Example:
+            >>> import tempfile, mechprobe as mp
+            >>> lens = mp.TunedLens.identity(mp.tiny_model())
+            >>> path = lens.save(tempfile.mkdtemp() + "/lens.safetensors")
+            >>> mp.TunedLens.load(path).layers == lens.layers
+            True
+        """
+        from safetensors.torch import save
+
+        out = Path(path)
+        if out.suffix != ".safetensors":
+            raise ValueError(f"Save a tuned lens to a .safetensors file, not {out.name!r}.")
+        if out.is_dir():
+            raise ValueError(f"{out} is a folder: pass a file path ending in .safetensors.")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, Tensor] = {}
+        for kind in self.weights:
+            tensors[f"{kind}.weight"] = self.weights[kind]
+            tensors[f"{kind}.bias"] = self.biases[kind]
+            tensors[f"{kind}.layers"] = torch.tensor(self.layers[kind], dtype=torch.int64)
+        meta = {
+            "format": FORMAT,
+            "version": str(VERSION),
+            "model_name": self.model_name,
+            "n_layers": str(self.n_layers),
+            "d_model": str(self.d_model),
+            "unembed_sha256": self.unembed_digest,
+            "info": json.dumps(self.info, sort_keys=True),
+        }
+        write_atomic(out, save(tensors, metadata=meta))
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TunedLens:
+        """Read a lens written by :meth:`save` (or a tuned-lens package folder, see
+        :meth:`from_tuned_lens`).
+
+        Raises:
+            ValueError: The file is not a mechprobe tuned lens, or a newer version.
+        """
+        from safetensors import safe_open
+
+        src = Path(path)
+        if src.is_dir():
+            return cls.from_tuned_lens(src)
+        if not src.is_file():
+            raise FileNotFoundError(
+                f"No tuned lens at {src}: pass a .safetensors file or a folder."
+            )
+        with safe_open(str(src), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        if meta.get("format") != FORMAT:
+            raise ValueError(
+                f"{src} is not a mechprobe tuned lens (format {meta.get('format')!r}); for the "
+                "tuned-lens package's folders pass the folder holding config.json and params.pt."
+            )
+        version = int(meta.get("version", "0"))
+        if version > VERSION:
+            raise ValueError(
+                f"{src} is a tuned lens of version {version}, written by a newer mechprobe (this "
+                f"one reads version {VERSION}): upgrade mechprobe."
+            )
+        kinds = sorted({key.split(".")[0] for key in tensors})
+        return cls(
+            {k: tensors[f"{k}.weight"] for k in kinds},
+            {k: tensors[f"{k}.bias"] for k in kinds},
+            {k: tensors[f"{k}.layers"].tolist() for k in kinds},
+            n_layers=int(meta["n_layers"]),
+            model_name=meta.get("model_name", ""),
+            info=json.loads(meta.get("info", "{}")),
+            unembed_digest=meta.get("unembed_sha256", ""),
+        )
+
+    @classmethod
+    def from_tuned_lens(cls, folder: str | os.PathLike[str]) -> TunedLens:
+        """Read a lens saved by the tuned-lens package: ``config.json`` + ``params.pt``.
+
+        Its translator ``i`` reads Hugging Face's ``hidden_states[i]``, the stream entering block
+        ``i``: ``resid_pre`` at layer 0 (the embeddings) for ``i = 0``, else ``resid_post`` at
+        layer ``i - 1``. ``params.pt`` is loaded with ``torch.load(weights_only=True)``, which
+        refuses anything but tensors and plain containers.
+
+        Raises:
+            ValueError: A missing file, a lens type other than ``linear_tuned_lens``, or
+                translators whose shapes disagree with the config.
+        """
+        root = Path(folder)
+        config_path, params_path = root / "config.json", root / "params.pt"
+        for p in (config_path, params_path):
+            if not p.is_file():
+                raise ValueError(
+                    f"{root} is not a tuned-lens folder: {p.name} is missing (expected "
+                    "config.json and params.pt, as TunedLens.save of the tuned-lens package "
+                    "writes them)."
+                )
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        lens_type = config.get("lens_type", "linear_tuned_lens")
+        if lens_type != "linear_tuned_lens":
+            raise ValueError(f"Only linear tuned lenses can be read, not {lens_type!r}.")
+        n, d = int(config["num_hidden_layers"]), int(config["d_model"])
+        state = torch.load(params_path, map_location="cpu", weights_only=True)
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{params_path} does not hold a state dict of translators.")
+        # Older releases saved the whole lens (``layer_translators.*`` and ``unembed.*``).
+        state = {k.removeprefix("layer_translators."): v for k, v in state.items()}
+        w = torch.zeros(n, d, d)
+        b = torch.zeros(n, d)
+        for i in range(n):
+            weight = state.get(f"{i}.weight")
+            if weight is None or tuple(weight.shape) != (d, d):
+                raise ValueError(
+                    f"{params_path}: translator {i} is missing or not [{d}, {d}] "
+                    f"(config: {n} layers x d_model {d})."
+                )
+            w[i] = weight.float()
+            if config.get("bias", True):
+                b[i] = state[f"{i}.bias"].float()
+        weights = {"resid_pre": w[:1], "resid_post": w[1:]}
+        biases = {"resid_pre": b[:1], "resid_post": b[1:]}
+        layers = {"resid_pre": [0], "resid_post": list(range(n - 1))}
+        if n == 1:
+            del weights["resid_post"], biases["resid_post"], layers["resid_post"]
+        return cls(
+            weights,
+            biases,
+            layers,
+            n_layers=n,
+            model_name=str(config.get("base_model_name_or_path", "")),
+            info={"source": "tuned-lens package", "folder": str(root)},
+        )
+
+
+def translator_sites(n_layers: int, sites: Sequence[str]) -> list[tuple[str, int]]:
+    """The distinct translators that decoding ``sites`` at every layer needs, in a fixed order."""
+    kinds = [sites] if isinstance(sites, str) else list(sites)
+    for kind in kinds:
+        if kind not in RESIDUAL_KINDS:
+            raise ValueError(
+                f"A tuned lens translates the residual stream ({', '.join(RESIDUAL_KINDS)}), not "
+                f"{kind!r}."
+            )
+    found: list[tuple[str, int]] = []
+    for kind in RESIDUAL_KINDS:
+        if kind not in kinds:
+            continue
+        for layer in range(n_layers):
+            key = canonical_site(kind, layer, n_layers)
+            if key is not None and key not in found:
+                found.append(key)
+    order = {k: i for i, k in enumerate(RESIDUAL_KINDS)}
+    return sorted(found, key=lambda s: (order[s[0]], s[1]))

@@ -1,0 +1,264 @@
+"""Attribution patching (Nanda 2023; Syed et al. 2023): :func:`attribution_patch` ->
+:class:`PatchResult`.
+
+Exact denoising patching of a cell runs the corrupt prompt with the clean activation written
+there. Attribution patching estimates it to first order, for every cell at once:
+
+    metric(corrupt, cell patched) ~= metric(corrupt) + (a_clean - a_corrupt) . d metric / d a
+
+with the gradient taken on the corrupt run. One clean forward pass (to read ``a_clean``) and one
+corrupt forward and backward pass per prompt pair give every site, position and head. Gradients
+come from mechprobe's own hooks (:class:`mechprobe.core.Gradient`), so nothing is left on the
+model or its parameters, even when the backward pass raises.
+
+The estimate is a linear approximation: it is poor where the metric is far from linear in the
+activation between the two runs, e.g. attention patterns that saturate (a softmax's gradient
+vanishes where one key takes all the weight) and large early-layer states such as layer 0's MLP
+output, whose change moves everything downstream. Compare it with :func:`patch` on a few cells
+before trusting it on a model (``docs/causal.md`` has the comparison on SmolLM2).
+
+Controls: ``n_random`` estimates per cell of the patch moved by the same distance
+``||a_clean - a_corrupt||`` in a random direction, ``||delta|| u . grad`` (seeds ``seed``,
+``seed + 1``, ...; for a pattern row a direction that keeps the row's sum), and every value per
+prompt pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mechprobe.core import (
+    Capture,
+    Gradient,
+    Layers,
+    PositionSpec,
+    Site,
+    SiteKind,
+    SiteLike,
+    check_int,
+    differentiate,
+    intervene,
+    progress_bar,
+)
+from mechprobe.patching._activation import (
+    Prompts,
+    _labels,
+    _result,
+    _sites,
+    position_pairs,
+    token_rows,
+)
+from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
+from mechprobe.patching._result import PatchResult
+
+__all__ = ["attribution_patch"]
+
+
+def _value_hook(site: Site) -> str:
+    """The hook whose whole tensor holds the site's activation (``head_out``: the heads' z)."""
+    if site.kind == "head_out":
+        return f"blocks.{site.layer}.attn.hook_z"
+    return site.hook_name
+
+
+def _grad_hook(site: Site) -> str:
+    """The hook whose gradient is the gradient with respect to the site's activation
+    (``head_out``: the attention output, of which the head's write is one summand)."""
+    return site.hook_name
+
+
+def _at(site: Site, tensor: Tensor, index: Tensor, model: Any) -> Tensor:
+    """A hook's activation (or gradient) of one prompt (batch axis dropped) at positions
+    ``index``: ``[len(index), width]``, or ``[len(index), heads, width]`` for head kinds (a
+    pattern's rows over all keys; ``head_out``: every head's write ``z @ W_O[head]``)."""
+    if site.kind == "pattern":  # [head, query, key]
+        return tensor[:, index].transpose(0, 1)
+    if site.kind == "head_out" and tensor.ndim == 3:  # z [pos, head, d_head] -> the writes
+        w_o = model.blocks[site.layer].attn.W_O.detach().to(tensor.device, tensor.dtype)
+        return torch.einsum("phd,hdm->phm", tensor[index], w_o)
+    if site.kind == "head_out":  # the attention output's gradient, the same for every head
+        return tensor[index][:, None, :]
+    return tensor[index]
+
+
+def _estimate(
+    model: Any,
+    site: Site,
+    caps: dict[str, Capture],
+    grads: dict[str, Gradient],
+    src: Tensor,
+    dst: Tensor,
+    generators: list[torch.Generator],
+) -> tuple[Tensor, list[Tensor]]:
+    """``(delta . grad, [||delta|| u_j . grad])`` at every position (and head) of the site's
+    hook: ``[positions]`` or ``[positions, heads]``, float64."""
+    a_clean = caps[_value_hook(site)].value
+    a_run = grads[_value_hook(site)].value
+    grad = grads[_grad_hook(site)].grad
+    assert a_clean is not None and a_run is not None and grad is not None
+    x_clean = _at(site, a_clean[0], src, model).double()
+    x_run = _at(site, a_run[0], dst, model).double()
+    g = _at(site, grad[0], dst, model).double()
+    valid = None
+    if site.kind == "pattern":  # prompts of different lengths: keys up to the position
+        keys = min(x_clean.shape[-1], x_run.shape[-1])
+        x_clean, x_run, g = x_clean[..., :keys], x_run[..., :keys], g[..., :keys]
+        valid = (torch.arange(keys)[None, None] <= dst[:, None, None]).to(g.device)
+    delta = x_clean - x_run
+    g = g.expand_as(delta)
+    estimate = (delta * g).sum(-1)
+    norm = delta.norm(dim=-1, keepdim=True)
+    randoms = []
+    for gen in generators:
+        unit = torch.randn(delta.shape, generator=gen, dtype=torch.float64).to(g.device)
+        if valid is not None:  # a change of attention weights that keeps the row's sum
+            unit = unit * valid
+            unit = (unit - unit.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True)) * valid
+        unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        randoms.append((norm * unit * g).sum(-1))
+    return estimate, randoms
+
+
+def _check_head_out(model: Any, site_list: list[Site], grads: dict[str, Gradient]) -> None:
+    """Refuse ``head_out`` sites where the attention output is not the sum of the heads' writes
+    (a norm between them), as the patching engine does."""
+    for layer in sorted({s.layer for s in site_list if s.kind == "head_out"}):
+        z = grads[f"blocks.{layer}.attn.hook_z"].value
+        attn_out = grads[f"blocks.{layer}.hook_attn_out"].value
+        assert z is not None and attn_out is not None
+        attn = model.blocks[layer].attn
+        total = torch.einsum("bshd,hdm->bsm", z, attn.W_O.detach().to(z.dtype))
+        if getattr(attn, "b_O", None) is not None:
+            total = total + attn.b_O.detach().to(total.dtype)
+        if float((total - attn_out).abs().max()) > 1e-3 * (float(attn_out.abs().max()) + 1.0):
+            raise ValueError(
+                f"head_out at layer {layer}: this model's attention output is not the sum of its "
+                "heads' z @ W_O (a norm or scale sits between them); use 'head' (z) instead."
+            )
+
+
+def attribution_patch(
+    model: Any,
+    clean: Prompts,
+    corrupt: Prompts,
+    sites: SiteKind | SiteLike | Sequence[SiteLike],
+    positions: PositionSpec,
+    metric: PatchMetric | MetricFn,
+    *,
+    layers: Layers = "all",
+    n_random: int = 3,
+    seed: int = 0,
+    progress: bool = True,
+) -> PatchResult:
+    """Estimate denoising patching of every (site, position) cell from gradients: one clean
+    forward pass and one corrupt forward and backward pass per prompt pair, whatever the number
+    of cells.
+
+    Args:
+        model: A TransformerLens model.
+        clean: Clean prompt(s), as for :func:`patch`.
+        corrupt: Corrupt prompt(s), as many as ``clean``.
+        sites: As for :func:`patch`: kinds (every layer; head kinds every layer x head, key/value
+            heads for ``k``/``v``), Sites or site hook names.
+        positions: ``-1``, a list of ints (negative from each prompt's end) or ``"all"``.
+        metric: :func:`logit_diff`, :func:`answer_prob` or a callable of the last position's
+            logits, as for :func:`patch`; it must be differentiable.
+        layers: The layers a kind covers.
+        n_random: Random controls per cell (the same distance in a random direction).
+        seed: Seed of the random directions.
+        progress: Show a progress bar over prompt pairs.
+
+    Returns:
+        A :class:`PatchResult` with ``direction="attribution"``: ``values`` are the estimated
+        metric after patching each cell (``corrupt + estimate``), comparable with
+        ``patch(..., direction="denoising")``.
+
+    Raises:
+        ValueError: As :func:`patch` for prompts, sites and positions (before any forward pass).
+
+    Example:
+        >>> import mechprobe as mp
+        >>> model = mp.tiny_model()
+        >>> res = mp.attribution_patch(model, "Hi cat", "Hi bat", "mlp_out", -1,
+        ...                            mp.logit_diff(1, 2), progress=False)
+        >>> res.values.shape, res.direction
+        ((3, 1), 'attribution')
+    """
+    check_int(n_random, "n_random", 0)
+    check_int(seed, "seed")
+    clean_ids, corrupt_ids = (
+        token_rows(model, clean, "clean"),
+        token_rows(model, corrupt, "corrupt"),
+    )
+    if len(clean_ids) != len(corrupt_ids):
+        raise ValueError(
+            f"Got {len(clean_ids)} clean and {len(corrupt_ids)} corrupt prompts: pass one corrupt "
+            "prompt per clean prompt."
+        )
+    n_pairs = len(clean_ids)
+    site_list = _sites(model, sites, layers, "attribution_patch()")
+    wanted, resolved = position_pairs(
+        positions, [len(t) for t in clean_ids], [len(t) for t in corrupt_ids]
+    )
+    if any(s.kind == "pattern" for s in site_list):
+        for i, pairs in enumerate(resolved):
+            if any(ps != pb for ps, pb in pairs):
+                raise ValueError(
+                    f"Pattern cells need pair {i}'s prompts to have each position at the same "
+                    "index (a pattern row is as long as its position); use prompts of equal "
+                    "length, or other sites."
+                )
+    metric_fn, metric_name = bind_metric(model, metric, n_pairs)
+    value_hooks = list(dict.fromkeys(_value_hook(s) for s in site_list))
+    grad_hooks = list(dict.fromkeys(_grad_hook(s) for s in site_list))
+    shape = (n_pairs, len(site_list), len(wanted))
+    per_pair, random = np.full(shape, np.nan), np.full((n_random, *shape), np.nan)
+    clean_m, corrupt_m = np.full(n_pairs, np.nan), np.full(n_pairs, np.nan)
+    generators = [torch.Generator().manual_seed(seed + j) for j in range(n_random)]
+    for i in progress_bar(range(n_pairs), progress=progress, desc="attribution"):
+        pair = torch.tensor([i])
+        caps = {name: Capture() for name in value_hooks}
+        with torch.no_grad(), intervene(model, caps):  # type: ignore[arg-type]
+            logits = model(clean_ids[i][None].to(model.cfg.device))
+            clean_m[i] = float(metric_fn(logits[:, -1], pair).sum())
+        grads = {name: Gradient() for name in dict.fromkeys(value_hooks + grad_hooks)}
+        with torch.enable_grad(), intervene(model, grads):  # type: ignore[arg-type]
+            logits = model(corrupt_ids[i][None].to(model.cfg.device))
+            out = metric_fn(logits[:, -1], pair).sum()
+        corrupt_m[i] = float(out.detach())
+        differentiate(out, list(grads.values()))
+        if i == 0:
+            _check_head_out(model, site_list, grads)
+        src = torch.as_tensor([ps for ps, _ in resolved[i]])
+        dst = torch.as_tensor([pb for _, pb in resolved[i]])
+        # One estimate per hook for all its heads and positions; sites pick their head.
+        estimates: dict[tuple[str, str], np.ndarray] = {}
+        for r, site in enumerate(site_list):
+            key = (site.kind, _grad_hook(site))
+            if key not in estimates:
+                est, randoms = _estimate(model, site, caps, grads, src, dst, generators)
+                # [1 + n_random, positions(, heads)] in one transfer
+                estimates[key] = torch.stack([est, *randoms]).cpu().numpy()
+            values = estimates[key]
+            head = () if site.head is None else (slice(None), site.head)
+            picked = values[(slice(None), *head)]  # [1 + n_random, positions]
+            per_pair[i, r] = corrupt_m[i] + picked[0]
+            random[:, i, r] = corrupt_m[i] + picked[1:]
+    return _result(
+        model,
+        site_list,
+        wanted,
+        per_pair,
+        random,
+        clean_m,
+        corrupt_m,
+        metric_name,
+        "attribution",
+        seed,
+        labels=_labels(model, clean_ids[0], corrupt_ids[0], wanted),
+    )

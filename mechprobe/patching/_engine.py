@@ -1,0 +1,631 @@
+"""The batched cell engine behind every patching analysis: many edited runs in one forward pass.
+
+A *plan* has sources (token sequences run unedited, whose activations cells copy), bases (token
+sequences run with their own edits, e.g. noise on the subject's embeddings) and cells. A cell is
+one edited run of a base: a few :class:`Edit` s, each writing one activation at one position of the
+base (copied from a source, a source's change in a random direction of the same norm, a given
+value, or a value added). The engine reads the last token's logits of every base, source and cell
+and returns a metric of each.
+
+How cells share forward passes: an edit at position ``p`` changes nothing before ``p``, so every
+cell of a base shares one copy of the base's run and adds only its suffix ``start .. end``
+(``start`` = its first edited position) to the same row, as a segment that attends, through a 4D
+attention mask with the original position ids, to the base segment's positions ``< start`` and
+causally to itself. Sources ride in the same forward pass, so their activations are copied into
+the cells at that very hook call. A model whose attention ignores custom masks is detected once
+and run with one full row per cell instead (``packed=False``).
+
+Edits by layout of the hooked tensor:
+
+- ``"vector"``: ``[batch, pos, d]`` (residual stream, attn_out, mlp_out, embeddings);
+- ``"head"``: ``[batch, pos, head, d]`` (z, q, k, v, the split q/k/v inputs);
+- ``"pattern"``: ``[batch, head, query, key]``; a write replaces one query row over the keys the
+  position sees, which the engine maps between a source's row and a packed cell's row;
+- ``"head_out"``: at ``hook_attn_out``: one head's write ``z @ W_O[head]`` (``z`` read at the same
+  layer's ``hook_z`` in the same pass) is replaced, the other heads' are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechprobe.core import (
+    HEAD_KINDS,
+    Capture,
+    Intervention,
+    Site,
+    SiteLike,
+    intervene,
+    model_adapter,
+    progress_bar,
+    readout,
+    width,
+)
+
+__all__ = [
+    "ADD",
+    "COPY",
+    "RANDOM",
+    "SET",
+    "Base",
+    "Cell",
+    "Edit",
+    "Layout",
+    "Plan",
+    "PlanValues",
+    "edit_width",
+    "packing_works",
+    "run_plan",
+    "site_edit",
+    "unit_vectors",
+]
+
+Layout: TypeAlias = Literal["vector", "head", "pattern", "head_out"]
+
+#: Edit operations: copy a source's activation; the base's activation moved by a unit vector
+#: (the payload) times the norm of the source's difference from it (a same-norm random control);
+#: set a value (the payload); add a value (the payload).
+COPY, RANDOM, SET, ADD = range(4)
+
+
+@dataclass(frozen=True, eq=False)
+class Edit:
+    """One write of a cell at one hook and one position of its base.
+
+    Attributes:
+        hook: The hook name written.
+        layout: How the hooked tensor is laid out (module docstring).
+        position: Position in the base sequence that is written.
+        op: :data:`COPY`, :data:`RANDOM`, :data:`SET` or :data:`ADD`.
+        head: Head index for the head layouts (-1 otherwise).
+        source_position: Position read in the cell's source (COPY and RANDOM).
+        payload: The unit vector (RANDOM) or value (SET, ADD), of the written slice's width.
+        target: For a RANDOM edit without a source: the value whose distance from the base's
+            activation sets the norm (a random control of an ablation).
+        layer: The layer whose ``W_O`` a ``head_out`` edit uses.
+    """
+
+    hook: str
+    layout: Layout
+    position: int
+    op: int = COPY
+    head: int = -1
+    source_position: int = -1
+    payload: Tensor | None = None
+    target: Tensor | None = None
+    layer: int = -1
+
+
+@dataclass(frozen=True, eq=False)
+class Base:
+    """A run that cells edit: its tokens, the edits every copy of it carries, its metric group."""
+
+    tokens: Tensor
+    group: int
+    edits: tuple[Edit, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class Cell:
+    """One edited run of ``bases[base]``, reading activations of ``sources[source]``."""
+
+    key: Any
+    base: int
+    edits: tuple[Edit, ...]
+    source: int = -1
+
+
+@dataclass(eq=False)
+class Plan:
+    """Everything one analysis runs: sources (with their metric groups), bases and cells."""
+
+    sources: list[Tensor] = field(default_factory=list)
+    source_groups: list[int] = field(default_factory=list)
+    bases: list[Base] = field(default_factory=list)
+    cells: list[Cell] = field(default_factory=list)
+
+
+def unit_vectors(
+    seed: int, widths: Sequence[int], *, sum_zero: Sequence[bool] | None = None
+) -> list[Tensor]:
+    """Random unit vectors of the given widths, drawn in order from one generator seeded with
+    ``seed`` (so a cell's vector does not depend on how cells are chunked). Where ``sum_zero`` is
+    set the vector is orthogonal to the all-ones vector (a change of attention weights that keeps
+    their sum).
+
+    Example:
+        >>> [round(float(v.norm()), 6) for v in unit_vectors(0, [3, 5])]
+        [1.0, 1.0]
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    out = []
+    for i, size in enumerate(widths):
+        vec = torch.randn(int(size), generator=gen, dtype=torch.float64)
+        if sum_zero is not None and sum_zero[i] and size > 1:
+            vec = vec - vec.mean()
+        out.append((vec / vec.norm().clamp_min(1e-30)).float())
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class _Move:
+    """An edit placed in a batch: where it writes, where its source is (-1: none), and for a
+    pattern row the key indices it writes and reads."""
+
+    dst_row: int
+    dst_idx: int
+    src_row: int
+    src_idx: int
+    edit: Edit
+    dst_keys: list[int]
+    src_keys: list[int]
+
+
+class _Rows:
+    """The rows of one forward pass, built from segments of token sequences."""
+
+    def __init__(self) -> None:
+        self.tokens: list[list[int]] = []
+        self.pos: list[list[int]] = []
+        self.seg: list[list[int]] = []
+        self.parent: list[int] = []  # per segment: the segment it sees before its start, or -2
+        self.start: list[int] = []
+        self.reads: list[tuple[int, int, int]] = []  # (row, index, metric group)
+        # (hook, layout) -> op -> moves
+        self.moves: dict[tuple[str, str], dict[int, list[_Move]]] = {}
+
+    def new_row(self) -> int:
+        for rows in (self.tokens, self.pos, self.seg):
+            rows.append([])
+        return len(self.tokens) - 1
+
+    def add(self, row: int, ids: Tensor, start: int, parent: int) -> tuple[int, int]:
+        """Append ``ids[start:]`` (positions ``start..``) to ``row``: (offset, segment id)."""
+        offset, sid, n = len(self.tokens[row]), len(self.parent), len(ids) - start
+        self.parent.append(parent)
+        self.start.append(start)
+        self.tokens[row] += ids[start:].tolist()
+        self.pos[row] += range(start, len(ids))
+        self.seg[row] += [sid] * n
+        return offset, sid
+
+    def move(
+        self,
+        edit: Edit,
+        dst: tuple[int, int],
+        src: tuple[int, int] | None,
+        keys: tuple[list[int], list[int]] = ([], []),
+    ) -> None:
+        row, idx = src if src is not None else (-1, -1)
+        moves = self.moves.setdefault((edit.hook, edit.layout), {}).setdefault(edit.op, [])
+        moves.append(_Move(dst[0], dst[1], row, idx, edit, keys[0], keys[1]))
+
+    def inputs(self, packed: bool, device: Any) -> dict[str, Tensor]:
+        width = max(len(t) for t in self.tokens)
+
+        def pad(rows: list[list[int]], fill: int) -> Tensor:
+            return torch.as_tensor([r + [fill] * (width - len(r)) for r in rows], device=device)
+
+        tokens, pos, seg = pad(self.tokens, 0), pad(self.pos, 0), pad(self.seg, -1)
+        if not packed:  # one segment per row, right-padded: a plain padding mask
+            return {"input": tokens, "attention_mask": (seg >= 0).long()}
+        parent = torch.as_tensor([*self.parent, -2], device=device)[seg]  # seg -1 -> -2
+        start = torch.as_tensor([*self.start, 0], device=device)[seg]
+        sq, sk = seg[:, :, None], seg[:, None, :]
+        pq, pk = pos[:, :, None], pos[:, None, :]
+        allowed = ((sk == sq) & (pk <= pq)) | (
+            (sk == parent[:, :, None]) & (pk < start[:, :, None])
+        )
+        allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding sees itself
+        return {"input": tokens, "attention_mask": allowed[:, None], "position_ids": pos}
+
+
+class _ZRecorder(Intervention):
+    """Keeps a layer's ``z`` for the ``head_out`` writer at the same layer's ``hook_attn_out``."""
+
+    def __init__(self) -> None:
+        super().__init__(positions=None)
+        self.value: Tensor | None = None
+
+    def edit(self, selected: Tensor, hook: Any) -> None:
+        self.value = selected
+        return None
+
+
+class _Writer(Intervention):
+    """Applies one (hook, layout)'s moves inside one batch; sources are read from the activation
+    before any write."""
+
+    def __init__(
+        self,
+        layout: str,
+        moves: dict[int, list[_Move]],
+        w_o: Tensor | None = None,
+        z: _ZRecorder | None = None,
+    ) -> None:
+        super().__init__(positions=None)
+        self.layout, self.moves, self.w_o, self.z = layout, moves, w_o, z
+
+    def edit(self, selected: Tensor, hook: Any) -> Tensor:
+        out = selected.clone()
+        if self.layout == "pattern":
+            self._pattern(selected, out)
+            return out
+        for op, moves in self.moves.items():
+            dev, dtype = selected.device, selected.dtype
+            dr, di, sr, si, head = torch.as_tensor(
+                [(m.dst_row, m.dst_idx, m.src_row, m.src_idx, m.edit.head) for m in moves],
+                device=dev,
+            ).T.unbind(0)
+            payload = _stack([m.edit.payload for m in moves], dev, dtype)
+            target = _stack([m.edit.target for m in moves], dev, dtype)
+            if self.layout == "head_out":
+                self._head_out(op, out, (dr, di, sr, si, head), payload, target)
+                continue
+            dst = (dr, di, head) if self.layout == "head" else (dr, di)
+            src = (sr, si, head) if self.layout == "head" else (sr, si)
+            base = selected[dst]
+            if op == COPY:
+                out[dst] = selected[src]
+            elif op == SET:
+                assert payload is not None
+                out[dst] = payload
+            elif op == ADD:
+                assert payload is not None
+                out[dst] = base + payload
+            else:
+                other = target if target is not None else selected[src]
+                out[dst] = base + payload * (other - base).norm(dim=-1, keepdim=True)
+        return out
+
+    def _head_out(
+        self, op: int, out: Tensor, idx: tuple[Tensor, ...], payload: Any, target: Any
+    ) -> None:
+        dr, di, sr, si, head = idx
+        assert self.z is not None and self.z.value is not None and self.w_o is not None
+        z = self.z.value
+        w_o = self.w_o.to(z.device, z.dtype)[head]  # [moves, d_head, d_model]
+        own = torch.einsum("nd,ndm->nm", z[dr, di, head], w_o)
+        if op == COPY:
+            change = torch.einsum("nd,ndm->nm", z[sr, si, head], w_o) - own
+        elif op == SET:
+            change = payload - own
+        elif op == ADD:
+            change = payload
+        else:
+            other = (
+                target if target is not None else torch.einsum("nd,ndm->nm", z[sr, si, head], w_o)
+            )
+            change = payload * (other - own).norm(dim=-1, keepdim=True)
+        out.index_put_((dr, di), change.to(out.dtype), accumulate=True)
+
+    def _pattern(self, selected: Tensor, out: Tensor) -> None:
+        dev, dtype = selected.device, selected.dtype
+        for op, moves in self.moves.items():
+            for m in moves:
+                head, dk = m.edit.head, torch.as_tensor(m.dst_keys, device=dev)
+                base = selected[m.dst_row, head, m.dst_idx, dk]
+                vec = None if m.edit.payload is None else m.edit.payload.to(dev, dtype)
+                other: Tensor | None
+                if op in (COPY, RANDOM) and m.src_row >= 0:
+                    sk = torch.as_tensor(m.src_keys, device=dev)
+                    other = selected[m.src_row, head, m.src_idx, sk]
+                else:
+                    assert m.edit.target is not None or op in (SET, ADD)
+                    other = None if m.edit.target is None else m.edit.target.to(dev, dtype)
+                new: Tensor | None
+                if op == COPY:
+                    new = other
+                elif op == RANDOM:
+                    assert vec is not None and other is not None
+                    new = base + vec * (other - base).norm()
+                elif op == SET:
+                    new = vec
+                else:
+                    assert vec is not None
+                    new = base + vec
+                assert new is not None
+                out[m.dst_row, head, m.dst_idx] = 0  # keys outside the cell's view: no weight
+                out[m.dst_row, head, m.dst_idx, dk] = new
+
+
+def _stack(values: list[Tensor | None], device: Any, dtype: torch.dtype) -> Tensor | None:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    assert len(present) == len(values), "edits of one operation at one hook mix payloads"
+    return torch.stack(present).to(device, dtype)
+
+
+@dataclass
+class _Layout:
+    rows: _Rows
+    keys: list[tuple[str, int]]  # per read: ("source"|"base"|"cell", index)
+
+
+def _layout(plan: Plan, cells: Sequence[int], packed: bool, row_cap: int) -> _Layout:
+    """Rows for one forward pass: the sources and bases the cells need, then one segment per cell."""
+    rows, keys = _Rows(), list[tuple[str, int]]()
+    src_at: dict[int, tuple[int, int]] = {}
+    needed_sources = sorted({plan.cells[c].source for c in cells} - {-1})
+    row, used = -1, row_cap
+    for s in needed_sources:  # sources share rows as independent segments (no edits)
+        ids = plan.sources[s]
+        if row < 0 or not packed or used + len(ids) > row_cap:
+            row, used = rows.new_row(), 0
+        offset, _ = rows.add(row, ids, 0, -2)
+        used += len(ids)
+        src_at[s] = (row, offset)
+        rows.reads.append((row, offset + len(ids) - 1, plan.source_groups[s]))
+        keys.append(("source", s))
+    by_base: dict[int, list[int]] = {}
+    for c in cells:
+        by_base.setdefault(plan.cells[c].base, []).append(c)
+    for b, group in by_base.items():
+        base = plan.bases[b]
+        ids, n_tok = base.tokens, len(base.tokens)
+        cap = max(row_cap, 3 * n_tok)  # bounds the [L, L] attention per row
+
+        def base_segment(row: int, ids: Tensor = ids, base: Base = base) -> tuple[int, int]:
+            offset, sid = rows.add(row, ids, 0, -2)
+            for edit in base.edits:
+                rows.move(edit, (row, offset + edit.position), None)
+            return offset, sid
+
+        rb = rows.new_row()
+        b_off, b_sid = base_segment(rb)
+        rows.reads.append((rb, b_off + n_tok - 1, base.group))
+        keys.append(("base", b))
+        in_row = 0
+        for c in group:
+            cell = plan.cells[c]
+            start = min(e.position for e in cell.edits) if packed else 0
+            if not packed or (in_row and len(rows.tokens[rb]) + n_tok - start > cap):
+                rb, in_row = rows.new_row(), 0
+                if packed:
+                    b_off, b_sid = base_segment(rb)
+            off, _ = rows.add(rb, ids, start, b_sid if packed else -2)
+            in_row += 1
+            for edit in base.edits:
+                if edit.position >= start:
+                    rows.move(edit, (rb, off + edit.position - start), None)
+            for edit in cell.edits:
+                dst = (rb, off + edit.position - start)
+                src = None
+                if edit.op in (COPY, RANDOM) and cell.source >= 0:
+                    s_row, s_off = src_at[cell.source]
+                    src = (s_row, s_off + edit.source_position)
+                view: tuple[list[int], list[int]] = ([], [])
+                if edit.layout == "pattern":
+                    seen = [b_off + k for k in range(start)] if packed else []
+                    seen += [off + k - start for k in range(start, edit.position + 1)]
+                    first = -1 if src is None else src[1] - edit.source_position
+                    view = (seen, [first + k for k in range(edit.source_position + 1)])
+                rows.move(edit, dst, src, view)
+            rows.reads.append((rb, off + n_tok - start - 1, base.group))
+            keys.append(("cell", c))
+    return _Layout(rows, keys)
+
+
+def _forward_reads(
+    model: Any, rows: _Rows, packed: bool, extra_hooks: dict[SiteLike, list[Intervention]]
+) -> Float[Tensor, "reads vocab"]:
+    """Run the rows with their moves; logits at the read positions only."""
+    adapter = model_adapter(model)
+    inputs = rows.inputs(packed, adapter.device)
+    last = adapter.final_hook
+    final = Capture()
+    spec: dict[SiteLike, list[Intervention]] = {k: list(v) for k, v in extra_hooks.items()}
+    recorders: dict[int, _ZRecorder] = {}
+    for (hook, layout), moves in rows.moves.items():
+        if layout == "head_out":
+            layer = int(hook.split(".")[1])
+            if layer not in recorders:
+                recorders[layer] = _ZRecorder()
+                spec.setdefault(f"blocks.{layer}.attn.hook_z", []).insert(0, recorders[layer])
+            w_o = model.blocks[layer].attn.W_O.detach()
+            spec.setdefault(hook, []).append(_Writer(layout, moves, w_o, recorders[layer]))
+        else:
+            spec.setdefault(hook, []).append(_Writer(layout, moves))
+    spec.setdefault(last, []).append(final)  # after any write at that same hook
+    with torch.no_grad(), intervene(model, spec):
+        adapter.forward(
+            inputs["input"],
+            inputs["attention_mask"],
+            position_ids=inputs.get("position_ids"),
+            logits_to_keep=1 if packed else None,  # logits come from the captured residual
+        )
+        assert final.value is not None
+        r, i, _ = torch.as_tensor(rows.reads, device=final.value.device).unbind(1)
+        return readout(model, final.value[r, i])
+
+
+_PACKING: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def packing_works(model: Any) -> bool:
+    """Once per model: does a packed segment reproduce the unpacked run (masks, position ids)?
+
+    Example:
+        >>> from mechprobe.core import tiny_model
+        >>> packing_works(tiny_model())
+        True
+    """
+    if not model_adapter(model).packs_rows:  # e.g. a HookedTransformer: [batch, pos] masks only
+        return False
+    if model not in _PACKING:
+        ids, rows = torch.arange(3, 11), _Rows()
+        row = rows.new_row()
+        _, sid = rows.add(row, ids, 0, -2)
+        offset, _ = rows.add(row, ids, 3, sid)
+        rows.reads = [(row, 7, 0), (row, offset + 4, 0)]
+        try:
+            logits = _forward_reads(model, rows, True, {})
+            scale = float(logits.abs().max()) + 1.0
+            _PACKING[model] = bool((logits[0] - logits[1]).abs().max() <= 1e-4 * scale)
+        except (TypeError, ValueError, RuntimeError):
+            _PACKING[model] = False
+    return _PACKING[model]
+
+
+_ROW_TOKENS = 512
+
+
+@dataclass
+class PlanValues:
+    """The metric of every cell, base and source of a plan (NaN where not run)."""
+
+    cells: Tensor
+    bases: Tensor
+    sources: Tensor
+
+
+def run_plan(
+    model: Any,
+    plan: Plan,
+    metric_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    packed: bool | None = None,
+    cells_per_batch: int = 256,
+    progress: bool = True,
+    desc: str = "patch",
+    hooks: Callable[[], contextlib.AbstractContextManager[dict[SiteLike, list[Intervention]]]]
+    | None = None,
+) -> PlanValues:
+    """Run every cell of ``plan`` (``cells_per_batch`` per forward pass) and return the metric of
+    each cell, base and source.
+
+    Args:
+        model: A TransformerLens model.
+        plan: Sources, bases and cells.
+        metric_fn: ``fn(logits [reads, vocab], group [reads]) -> [reads]``.
+        packed: Share each base's unedited prefix between its cells (None: when the model
+            supports it, checked once).
+        cells_per_batch: Cells per forward pass.
+        progress: A progress bar over forward passes.
+        desc: The bar's label.
+        hooks: A context manager factory entered around each forward pass, yielding extra hooks
+            (e.g. path patching's split q/k/v inputs); the model is restored when it exits.
+
+    Raises:
+        ValueError: The metric returned the wrong shape, or ``packed=True`` on a model that
+            ignores custom attention masks.
+    """
+    if packed is None:
+        packed = packing_works(model)
+    elif packed and not packing_works(model):
+        raise ValueError(
+            "packed=True, but this model cannot run packed rows (a HookedTransformer takes "
+            "[batch, pos] attention masks only; some bridges ignore custom masks or position "
+            "ids): pass packed=False (one row per cell; the same numbers)."
+        )
+    nan = float("nan")
+    values = PlanValues(
+        torch.full((len(plan.cells),), nan, dtype=torch.float64),
+        torch.full((len(plan.bases),), nan, dtype=torch.float64),
+        torch.full((len(plan.sources),), nan, dtype=torch.float64),
+    )
+    order = list(range(len(plan.cells)))
+    chunks = [order[k : k + cells_per_batch] for k in range(0, len(order), cells_per_batch)]
+    if not chunks:  # no cell: still measure the bases and sources
+        chunks = [[]]
+    for chunk in progress_bar(chunks, progress=progress, desc=desc):
+        layout = _layout(plan, chunk, packed, _ROW_TOKENS) if chunk else _bare(plan)
+        with _hooks(hooks) as extra:
+            logits = _forward_reads(model, layout.rows, packed, extra)
+        group = torch.as_tensor([g for _, _, g in layout.rows.reads], device=logits.device)
+        got = torch.as_tensor(metric_fn(logits, group)).detach()
+        if got.shape != (len(layout.keys),):
+            raise ValueError(
+                f"metric returned shape {tuple(got.shape)} for {len(layout.keys)} rows of logits: "
+                "return one value per row, shape [rows]."
+            )
+        for (kind, index), value in zip(layout.keys, got.double().cpu(), strict=True):
+            target = {"cell": values.cells, "base": values.bases, "source": values.sources}[kind]
+            if kind == "cell" or torch.isnan(target[index]):
+                target[index] = value
+    return values
+
+
+@contextlib.contextmanager
+def _hooks(
+    factory: Callable[[], contextlib.AbstractContextManager[dict[SiteLike, list[Intervention]]]]
+    | None,
+) -> Iterator[dict[SiteLike, list[Intervention]]]:
+    if factory is None:
+        yield {}
+    else:
+        with factory() as extra:
+            yield extra
+
+
+def _bare(plan: Plan) -> _Layout:
+    """Rows for the bases and sources alone (a plan without cells)."""
+    rows, keys = _Rows(), list[tuple[str, int]]()
+    for s, ids in enumerate(plan.sources):
+        row = rows.new_row()
+        rows.add(row, ids, 0, -2)
+        rows.reads.append((row, len(ids) - 1, plan.source_groups[s]))
+        keys.append(("source", s))
+    for b, base in enumerate(plan.bases):
+        row = rows.new_row()
+        rows.add(row, base.tokens, 0, -2)
+        for edit in base.edits:
+            rows.move(edit, (row, edit.position), None)
+        rows.reads.append((row, len(base.tokens) - 1, base.group))
+        keys.append(("base", b))
+    return _Layout(rows, keys)
+
+
+def site_edit(
+    site: Site,
+    position: int,
+    op: int,
+    *,
+    source_position: int = -1,
+    payload: Tensor | None = None,
+    target: Tensor | None = None,
+) -> Edit:
+    """The :class:`Edit` that writes ``site`` (a resolved Site) at ``position`` of a base.
+
+    Example:
+        >>> site_edit(Site("q", 1, head=2), 4, COPY, source_position=4).hook
+        'blocks.1.attn.hook_q'
+    """
+    if site.kind == "head_out":
+        layout: Layout = "head_out"
+    elif site.kind == "pattern":
+        layout = "pattern"
+    elif site.kind in HEAD_KINDS:
+        layout = "head"
+    else:
+        layout = "vector"
+    return Edit(
+        hook=site.hook_name,
+        layout=layout,
+        position=position,
+        op=op,
+        head=-1 if site.head is None else site.head,
+        source_position=source_position,
+        payload=payload,
+        target=target,
+        layer=site.layer,
+    )
+
+
+def edit_width(model: Any, site: Site, position: int) -> int:
+    """Width of the slice an edit of ``site`` at ``position`` writes (a pattern row: the keys
+    ``0..position``)."""
+    if site.kind == "pattern":
+        return position + 1
+    found = width(model, site)
+    assert found is not None
+    return found

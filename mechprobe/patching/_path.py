@@ -1,0 +1,498 @@
+"""Path patching: a sender's effect on a receiver through the direct path only, everything else
+frozen (Wang et al. 2022, "Interpretability in the wild"; Goldowsky-Dill et al. 2023, "Localizing
+model behavior with path patching"): :func:`path_patch` -> :class:`PathPatchResult`.
+
+A *sender* is an attention head or a layer's MLP (or its whole attention layer); a *receiver* is
+one head's query, key or value input, or the final residual stream (the logits). With the other
+components frozen at their values in the run being edited, the receiver's input differs from that
+run only by the sender's change of output, ``delta = out_sender(source) - out_sender(run)``, so
+path patching adds ``delta`` to the receiver's own copy of the residual stream (before its layer
+norm, through TransformerLens's split q/k/v inputs) and lets everything after the receiver
+recompute; for the final residual the logits are read out directly from ``resid + delta``. This
+is the three-step procedure of Wang et al. (run, freeze and patch the sender, patch the receiver)
+computed in one step, exactly; tests check it against that procedure written out with hooks.
+
+Many (sender, receiver) cells share a forward pass through the batched engine; the receivers'
+split inputs are switched on around each pass and switched back (the model keeps no state). Every
+cell has random controls: the same receiver input moved by ``||delta||`` in random directions
+(seeds ``seed, seed + 1, ...``, one direction per sender and position, shared by its receivers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from mechprobe.core import (
+    Capture,
+    Intervention,
+    Layers,
+    PositionSpec,
+    Result,
+    Site,
+    SiteLike,
+    expand_sites,
+    intervene,
+    new_axes,
+    readout,
+)
+from mechprobe.patching._activation import (
+    Prompts,
+    _check_common,
+    position_pairs,
+    token_rows,
+)
+from mechprobe.patching._engine import ADD, Base, Cell, Edit, Plan, run_plan, unit_vectors
+from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["PathPatchResult", "path_patch"]
+
+SENDER_KINDS = ("head", "head_out", "mlp_out", "attn_out")
+RECEIVER_KINDS = ("q", "k", "v")
+Direction: TypeAlias = Literal["denoising", "noising"]
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, html_figure=True):
+    """Metric after patching each sender -> receiver path, averaged over prompt pairs, beside
+    random controls.
+
+    Attributes:
+        values: ``[senders, receivers]`` metric with that one path patched, mean over pairs (NaN
+            where the receiver is not after the sender: no direct path).
+        per_pair: ``[pairs, senders, receivers]`` the same per pair.
+        normalised: ``[senders, receivers]`` ``(values - corrupt) / (clean - corrupt)`` on pair
+            means (NaN where undefined).
+        clean, corrupt: ``[pairs]`` the unpatched runs' metric.
+        random: ``[n_random, pairs, senders, receivers]`` the receiver's input moved by the same
+            distance in a random direction.
+        senders: Sender labels (``"head@3, head 1"``, ``"mlp_out@2"``); ``sender_layers`` and
+            ``sender_heads`` (None for MLPs and attention layers) per sender.
+        receivers: Receiver labels (``"q@5, head 2"`` or ``"final"``); ``receiver_layers``
+            (``n_layers`` for the final residual) and ``receiver_heads`` per receiver.
+        positions: The positions whose sender change was passed on (negative from the end).
+        metric, direction, seed: As for :class:`mechprobe.PatchResult`.
+    """
+
+    values: np.ndarray
+    per_pair: np.ndarray
+    normalised: np.ndarray
+    clean: np.ndarray
+    corrupt: np.ndarray
+    random: np.ndarray
+    senders: tuple[str, ...]
+    sender_layers: tuple[int, ...]
+    sender_heads: tuple[int | None, ...]
+    receivers: tuple[str, ...]
+    receiver_layers: tuple[int, ...]
+    receiver_heads: tuple[int | None, ...]
+    positions: tuple[int, ...]
+    metric: str
+    direction: str
+    seed: int = 0
+
+    @property
+    def clean_metric(self) -> float:
+        """The clean run's metric, mean over pairs."""
+        return float(np.mean(self.clean))
+
+    @property
+    def corrupt_metric(self) -> float:
+        """The corrupt run's metric, mean over pairs."""
+        return float(np.mean(self.corrupt))
+
+    @property
+    def effect(self) -> np.ndarray:
+        """``[senders, receivers]`` change of the metric from the run that was edited."""
+        reference = self.corrupt_metric if self.direction == "denoising" else self.clean_metric
+        return self.values - reference
+
+    @property
+    def random_effect(self) -> np.ndarray:
+        """``[senders, receivers]`` the same change under the random controls (NaN without)."""
+        if self.random.shape[0] == 0:
+            return np.full_like(self.values, np.nan)
+        reference = self.corrupt_metric if self.direction == "denoising" else self.clean_metric
+        return self.random.mean(axis=(0, 1)) - reference
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (sender, receiver): labels, layers, heads, value, normalised, effect,
+        spread over pairs, random control effect.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.path_patch(mp.tiny_model(), "ab", "ac", "mlp_out", "final",
+            ...                     mp.logit_diff(1, 2))
+            >>> list(res.to_frame().columns)[:4]
+            ['sender', 'sender_layer', 'sender_head', 'receiver']
+        """
+        n_s, n_r = self.values.shape
+        return pd.DataFrame(
+            {
+                "sender": np.repeat(self.senders, n_r),
+                "sender_layer": np.repeat(self.sender_layers, n_r),
+                "sender_head": np.repeat(np.array(self.sender_heads, dtype=object), n_r),
+                "receiver": np.tile(self.receivers, n_s),
+                "receiver_layer": np.tile(self.receiver_layers, n_s),
+                "receiver_head": np.tile(np.array(self.receiver_heads, dtype=object), n_s),
+                "value": self.values.ravel(),
+                "normalised": self.normalised.ravel(),
+                "effect": self.effect.ravel(),
+                "spread": self.per_pair.std(axis=0).ravel(),
+                "random_effect": self.random_effect.ravel(),
+            }
+        )
+
+    def summary(self) -> pd.DataFrame:
+        """The five paths with the largest effects, beside their random controls."""
+        frame = self.to_frame().dropna(subset=["value"])
+        top = frame.reindex(frame["effect"].abs().sort_values(ascending=False).index).head(5)
+        return top[
+            ["sender", "receiver", "value", "effect", "spread", "random_effect"]
+        ].reset_index(drop=True)
+
+    def _describe(self) -> str:
+        n_pairs, n_s, n_r = self.per_pair.shape
+        return (
+            f"{self.direction}, {self.metric}: {n_s} sender(s) x {n_r} receiver(s), {n_pairs} "
+            f"pair(s); clean {self.clean_metric:.3g}, corrupt {self.corrupt_metric:.3g}"
+        )
+
+    def plot(self, ax: Axes | None = None) -> Figure:
+        """Heatmap of the effects: senders x receivers, or, with one receiver, the senders as a
+        layer x head grid (MLPs and attention layers in extra columns).
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.path_patch(mp.tiny_model(), "ab", "ac", "head", "final",
+            ...                     mp.logit_diff(1, 2))
+            >>> len(res.plot().axes)
+            2
+        """
+        data = self.effect
+        if len(self.receivers) == 1:
+            layers = sorted(set(self.sender_layers))
+            columns = sorted({h for h in self.sender_heads if h is not None})
+            extra = sorted(
+                {
+                    s.split("@")[0]
+                    for s, h in zip(self.senders, self.sender_heads, strict=True)
+                    if h is None
+                }
+            )
+            xlabels = [str(h) for h in columns] + extra
+            grid = np.full((len(layers), len(xlabels)), np.nan)
+            for value, label, layer, head in zip(
+                data[:, 0], self.senders, self.sender_layers, self.sender_heads, strict=True
+            ):
+                col = (
+                    columns.index(head)
+                    if head is not None
+                    else len(columns) + extra.index(label.split("@")[0])
+                )
+                grid[layers.index(layer), col] = value
+            data, ylabels = grid, [str(layer) for layer in layers]
+            xname, yname = "sender head", "sender layer"
+        else:
+            xlabels, ylabels = list(self.receivers), list(self.senders)
+            xname, yname = "receiver", "sender"
+        size = (max(4.0, 0.35 * len(xlabels) + 2), max(3.0, 0.25 * len(ylabels) + 1.5))
+        fig, ax = new_axes(ax, size)
+        finite = np.abs(data[np.isfinite(data)])
+        lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        image = ax.imshow(data, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set_xticks(range(len(xlabels)), labels=xlabels, rotation=90)
+        ax.set_yticks(range(len(ylabels)), labels=ylabels)
+        ax.set_xlabel(xname)
+        ax.set_ylabel(yname)
+        fig.colorbar(image, ax=ax, label=f"change of {self.metric}")
+        target = self.receivers[0] if len(self.receivers) == 1 else "receivers"
+        ax.set_title(f"path patching to {target} ({self.direction})")
+        return fig
+
+
+def _senders(model: Any, senders: Any, layers: Layers) -> list[Site]:
+    found = expand_sites(model, senders, layers=layers, kinds=SENDER_KINDS, what="senders")
+    return [Site("head", s.layer, head=s.head) if s.kind == "head_out" else s for s in found]
+
+
+def _receivers(model: Any, receivers: Any, layers: Layers) -> list[Site | None]:
+    items = [receivers] if isinstance(receivers, (str, Site)) else list(receivers)
+    out: list[Site | None] = []
+    rest = [item for item in items if not (isinstance(item, str) and item == "final")]
+    if len(rest) < len(items):
+        out.append(None)
+    if rest:
+        out += expand_sites(model, rest, layers=layers, kinds=RECEIVER_KINDS, what="receivers")
+    if not out:
+        raise ValueError("receivers is empty: pass 'final', 'q', 'k', 'v' or Sites of them.")
+    return out
+
+
+def _sender_hook(site: Site) -> str:
+    return f"blocks.{site.layer}.attn.hook_z" if site.kind == "head" else site.hook_name
+
+
+def _writes(
+    model: Any, ids: Tensor, sites: list[Site], final: str
+) -> tuple[dict[Site, Tensor], Tensor]:
+    """Each sender's write to the residual stream ``[seq, d_model]`` in one run, and the run's
+    final residual stream."""
+    caps: dict[str, Capture] = {}
+    for site in sites:
+        caps.setdefault(_sender_hook(site), Capture())
+        if site.kind == "head":  # to check that the heads' writes add up to attn_out
+            caps.setdefault(f"blocks.{site.layer}.hook_attn_out", Capture())
+    caps.setdefault(final, Capture())
+    spec: dict[SiteLike, Intervention] = {name: cap for name, cap in caps.items()}
+    with torch.no_grad(), intervene(model, spec):
+        model(ids[None].to(model.cfg.device))
+    out = {}
+    for layer in sorted({site.layer for site in sites if site.kind == "head"}):
+        z, attn_out = (
+            caps[f"blocks.{layer}.attn.hook_z"].value,
+            caps[f"blocks.{layer}.hook_attn_out"].value,
+        )
+        assert z is not None and attn_out is not None
+        w_o = model.blocks[layer].attn.W_O.detach().to(z.dtype)
+        total = torch.einsum("bshd,hdm->bsm", z, w_o)
+        bias = getattr(model.blocks[layer].attn, "b_O", None)
+        if bias is not None:
+            total = total + bias.detach()
+        if float((total - attn_out).abs().max()) > 1e-3 * (float(attn_out.abs().max()) + 1.0):
+            raise ValueError(
+                f"Head senders at layer {layer}: this model's attention output is not the sum of "
+                "its heads' z @ W_O (a norm or scale sits between them), so a head's write to the "
+                "residual stream is not defined; use senders='attn_out' or 'mlp_out'."
+            )
+    for site in sites:
+        value = caps[_sender_hook(site)].value
+        assert value is not None
+        if site.kind == "head":
+            assert site.head is not None
+            w_o = model.blocks[site.layer].attn.W_O[site.head].detach()
+            out[site] = value[0, :, site.head] @ w_o.to(value.dtype)
+        else:
+            out[site] = value[0]
+    last = caps[final].value
+    assert last is not None
+    return out, last[0]
+
+
+@contextlib.contextmanager
+def split_qkv(model: Any) -> Iterator[dict[SiteLike, list[Intervention]]]:
+    """Give every attention head its own copy of the residual stream for its q, k and v inputs
+    (TransformerLens's ``use_split_qkv_input``: hooks ``blocks.L.attn.hook_{q,k,v}_input``,
+    ``[batch, pos, heads, d_model]`` before the layer norm), and restore the model's flags after.
+
+    Raises:
+        ValueError: The model has no such switch.
+    """
+    if not hasattr(model, "set_use_split_qkv_input"):
+        raise ValueError(
+            "Path patching to q/k/v receivers needs a model with split q/k/v inputs "
+            "(TransformerLens's set_use_split_qkv_input); use receivers='final' on this model."
+        )
+    split = bool(getattr(model.cfg, "use_split_qkv_input", False))
+    attn_in = bool(getattr(model.cfg, "use_attn_in", False))
+    try:
+        if attn_in:
+            model.set_use_attn_in(False)
+        if not split:
+            model.set_use_split_qkv_input(True)
+        yield {}
+    finally:
+        model.set_use_split_qkv_input(split)
+        if attn_in:
+            model.set_use_attn_in(True)
+
+
+def path_patch(
+    model: Any,
+    clean: Prompts,
+    corrupt: Prompts,
+    senders: str | SiteLike | Sequence[SiteLike],
+    receivers: str | SiteLike | Sequence[SiteLike],
+    metric: PatchMetric | MetricFn,
+    *,
+    positions: PositionSpec = "all",
+    layers: Layers = "all",
+    direction: Direction = "denoising",
+    n_random: int = 3,
+    seed: int = 0,
+    cells_per_batch: int = 256,
+    packed: bool | None = None,
+    progress: bool = True,
+) -> PathPatchResult:
+    """Patch every sender -> receiver path through the direct path only, many per forward pass.
+
+    Args:
+        model: A TransformerLens model (q/k/v receivers need TransformerLens's split q/k/v inputs,
+            which ``TransformerBridge`` and ``HookedTransformer`` have).
+        clean: Clean prompt(s), as for :func:`mechprobe.patch`.
+        corrupt: Corrupt prompt(s), one per clean prompt.
+        senders: ``"head"`` (every head), ``"mlp_out"`` (every MLP), ``"attn_out"`` (every
+            attention layer), Sites of those kinds (``head_out`` means the same as ``head``), or a
+            list.
+        receivers: ``"final"`` (the final residual stream: the sender's direct effect on the
+            logits), ``"q"``, ``"k"``, ``"v"`` (every head's input of that kind; key/value heads
+            for k and v), Sites of those kinds, or a list.
+        metric: As for :func:`mechprobe.patch`.
+        positions: Positions whose sender change reaches the receiver: ``"all"`` (the default;
+            clean and corrupt prompts of one length), or ints (negative from each prompt's end).
+            The final residual is read at the last position only.
+        layers: The layers a kind in ``senders`` or ``receivers`` covers.
+        direction: ``"denoising"`` (run corrupt, pass on the clean sender's change) or
+            ``"noising"``.
+        n_random: Random controls per path: the receiver's input moved by the sender's change's
+            norm in random directions (seeds ``seed, seed + 1, ...``).
+        seed: Seed of the random directions.
+        cells_per_batch: Paths per forward pass.
+        packed: As for :func:`mechprobe.patch`.
+        progress: Show a progress bar.
+
+    Returns:
+        A :class:`PathPatchResult`; paths whose receiver is not after the sender are NaN.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> model = mp.tiny_model()
+        >>> res = mp.path_patch(model, "A cat", "A bat", "head", "final", mp.logit_diff(1, 2))
+        >>> res.values.shape
+        (12, 1)
+    """
+    if direction not in get_args(Direction):
+        raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
+    _check_common(cells_per_batch, n_random, seed)
+    clean_ids, corrupt_ids = (
+        token_rows(model, clean, "clean"),
+        token_rows(model, corrupt, "corrupt"),
+    )
+    if len(clean_ids) != len(corrupt_ids):
+        raise ValueError(
+            f"Got {len(clean_ids)} clean and {len(corrupt_ids)} corrupt prompts: pass one corrupt "
+            "prompt per clean prompt."
+        )
+    n_pairs = len(clean_ids)
+    src, base = (clean_ids, corrupt_ids) if direction == "denoising" else (corrupt_ids, clean_ids)
+    sender_list = _senders(model, senders, layers)
+    receiver_list = _receivers(model, receivers, layers)
+    wanted, resolved = position_pairs(positions, [len(t) for t in src], [len(t) for t in base])
+    metric_fn, metric_name = bind_metric(model, metric, n_pairs)
+    final = f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post"
+    deltas: list[dict[Site, Tensor]] = []  # per pair: sender -> [positions, d_model]
+    finals: list[Tensor] = []
+    src_final: list[Tensor] = []
+    for i in range(n_pairs):
+        w_src, f_src = _writes(model, src[i], sender_list, final)
+        w_base, f_base = _writes(model, base[i], sender_list, final)
+        ps = torch.as_tensor([a for a, _ in resolved[i]])
+        pb = torch.as_tensor([b for _, b in resolved[i]])
+        deltas.append({s: (w_src[s][ps] - w_base[s][pb]).float().cpu() for s in sender_list})
+        finals.append(f_base[-1])
+        src_final.append(f_src[-1])
+    group = torch.arange(n_pairs)
+    src_m = metric_fn(readout(model, torch.stack(src_final)), group).double().cpu().numpy()
+    base_m = metric_fn(readout(model, torch.stack(finals)), group).double().cpu().numpy()
+    clean_m, corrupt_m = (src_m, base_m) if direction == "denoising" else (base_m, src_m)
+
+    n_s, n_r = len(sender_list), len(receiver_list)
+    per_pair = np.full((n_pairs, n_s, n_r), np.nan)
+    random = np.full((n_random, n_pairs, n_s, n_r), np.nan)
+    n_pos = len(wanted)
+    widths = [int(model.cfg.d_model)] * (n_pairs * n_s * n_pos)
+    units = [unit_vectors(seed + j, widths) for j in range(n_random)]
+
+    def change(j: int, i: int, s: int) -> Tensor:
+        """``[positions, d_model]``: the sender's change, or its random control ``j``."""
+        delta = deltas[i][sender_list[s]]
+        if j < 0:
+            return delta
+        first = (i * n_s + s) * n_pos
+        return torch.stack(units[j][first : first + n_pos]) * delta.norm(dim=-1, keepdim=True)
+
+    if None in receiver_list:  # the final residual: no forward pass, the readout of resid + delta
+        r = receiver_list.index(None)
+        rows, keys = [], []
+        for j in range(-1, n_random):
+            for i in range(n_pairs):
+                last = [k for k, (_, pb) in enumerate(resolved[i]) if pb == len(base[i]) - 1]
+                for s in range(n_s):
+                    add = change(j, i, s)[last].sum(0) if last else 0.0
+                    rows.append(finals[i].float().cpu() + add)
+                    keys.append((j, i, s))
+        values = metric_fn(
+            readout(model, torch.stack(rows)), torch.as_tensor([i for _, i, _ in keys])
+        )
+        for (j, i, s), value in zip(keys, values.double().cpu().tolist(), strict=True):
+            (per_pair if j < 0 else random[j])[i, s, r] = value
+
+    heads = [(r, site) for r, site in enumerate(receiver_list) if site is not None]
+    if heads:
+        plan = Plan(bases=[Base(t, i) for i, t in enumerate(base)])
+        for j in range(-1, n_random):
+            for i in range(n_pairs):
+                for s, sender in enumerate(sender_list):
+                    delta = change(j, i, s)
+                    for r, site in heads:
+                        if site.layer <= sender.layer:
+                            continue  # the receiver reads the stream before the sender writes
+                        assert site.head is not None
+                        hook = f"blocks.{site.layer}.attn.hook_{site.kind}_input"
+                        edits = tuple(
+                            Edit(hook, "head", pb, ADD, head=site.head, payload=delta[k])
+                            for k, (_, pb) in enumerate(resolved[i])
+                        )
+                        plan.cells.append(Cell((j, i, s, r), base=i, edits=edits))
+        got = run_plan(
+            model,
+            plan,
+            metric_fn,
+            packed=packed,
+            cells_per_batch=cells_per_batch,
+            progress=progress,
+            desc="path patch",
+            hooks=lambda: split_qkv(model),
+        )
+        for cell, value in zip(plan.cells, got.cells.tolist(), strict=True):
+            j, i, s, r = cell.key
+            (per_pair if j < 0 else random[j])[i, s, r] = value
+
+    values_mean = per_pair.mean(axis=0)
+    scale = float(np.mean(clean_m) - np.mean(corrupt_m))
+    normalised = (
+        (values_mean - np.mean(corrupt_m)) / scale
+        if abs(scale) > 1e-12
+        else np.full_like(values_mean, np.nan)
+    )
+    return PathPatchResult(
+        values=values_mean,
+        per_pair=per_pair,
+        normalised=normalised,
+        clean=clean_m,
+        corrupt=corrupt_m,
+        random=random,
+        senders=tuple(str(s) for s in sender_list),
+        sender_layers=tuple(s.layer for s in sender_list),
+        sender_heads=tuple(s.head for s in sender_list),
+        receivers=tuple("final" if s is None else str(s) for s in receiver_list),
+        receiver_layers=tuple(
+            int(model.cfg.n_layers) if s is None else s.layer for s in receiver_list
+        ),
+        receiver_heads=tuple(None if s is None else s.head for s in receiver_list),
+        positions=tuple(wanted),
+        metric=metric_name,
+        direction=direction,
+        seed=seed,
+    )

@@ -1,0 +1,574 @@
+"""Causal tracing with noise (Meng et al. 2022, "Locating and editing factual associations in
+GPT", ROME): :func:`causal_trace` -> :class:`TraceResult`.
+
+The subject's token embeddings are corrupted with Gaussian noise of 3x the standard deviation of
+the subjects' embeddings (as ROME), which makes the model lose the fact; then each state (the
+residual stream after a layer, an MLP's output or an attention layer's output) at each position is
+restored alone from the clean run, and the *indirect effect* of that state is how much of the
+answer's probability the restoration brings back: ``IE = p(answer | corrupted, state restored) -
+p(answer | corrupted)``, averaged over noise samples and prompts. ROME's window restoration
+restores the MLP (or attention) outputs of ``window`` consecutive layers around each layer at
+once (``layer - window // 2 .. layer + (window - 1) // 2``), which shows where the fact is
+recalled even when no single layer carries it.
+
+Positions before the subject see no noise, so restoring them changes nothing: they are not run
+and hold the corrupted run's value exactly. Every (state, position, noise sample) is a cell of
+the batched engine, so all of them share forward passes: a noised run of each prompt and sample is
+computed once and each restoration adds only the tokens from its position on.
+
+Controls: ``n_random`` restorations per cell move the corrupted state by the same distance as the
+real restoration, ``||clean - corrupted||``, in a random direction (control ``j`` in noise sample
+``j mod n_noise``), and the spread over prompts is kept.
+
+Prompts of different lengths are compared on ROME's token categories: first, middle and last
+subject token, the first token after the subject, further tokens, and the last token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from mechprobe.core import (
+    Capture,
+    Layers,
+    Result,
+    Site,
+    check_float,
+    check_int,
+    expand_sites,
+    figure_of,
+    intervene,
+    readout,
+    tokenize,
+)
+from mechprobe.patching._activation import _check_common
+from mechprobe.patching._engine import (
+    ADD,
+    COPY,
+    RANDOM,
+    Base,
+    Cell,
+    Edit,
+    Plan,
+    run_plan,
+    site_edit,
+    unit_vectors,
+)
+from mechprobe.patching._metrics import MetricFn, PatchMetric, answer_prob, bind_metric
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+
+class TaskLike(Protocol):
+    """What causal tracing reads from a :class:`mechprobe.Task`."""
+
+    def prompts(self) -> list[str]: ...
+    def inputs(self) -> list[str]: ...
+    def answers(self) -> list[str]: ...
+
+
+__all__ = ["CATEGORIES", "TraceResult", "causal_trace", "subject_span", "trace_noise"]
+
+TRACE_KINDS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
+#: ROME's token categories (the averaged causal-trace figures of Meng et al.).
+CATEGORIES = (
+    "first subject token",
+    "middle subject tokens",
+    "last subject token",
+    "first subsequent token",
+    "further tokens",
+    "last token",
+)
+
+
+def subject_span(model: Any, prompt: str, subject: str) -> tuple[int, int]:
+    """``(start, stop)``: the token positions of the last occurrence of ``subject`` in ``prompt``,
+    counted as :func:`mechprobe.tokenize` counts them (BOS included).
+
+    Raises:
+        ValueError: ``subject`` is not in ``prompt``.
+
+    Example:
+        >>> from mechprobe.core import tiny_model
+        >>> subject_span(tiny_model(), "The capital of Peru is", "Peru")
+        (16, 20)
+    """
+    at = prompt.rfind(subject)
+    if not subject or at < 0:
+        raise ValueError(
+            f"The subject {subject!r} is not in the prompt {prompt!r}: pass the words of the "
+            "prompt whose embeddings are to be corrupted."
+        )
+    end = at + len(subject)
+    encoded = model.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    bos = int(tokenize(model, [prompt]).lengths[0]) - len(encoded["input_ids"])
+    inside = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < end and b > at]
+    if not inside:
+        raise ValueError(f"The subject {subject!r} covers no token of {prompt!r}.")
+    return inside[0] + bos, inside[-1] + 1 + bos
+
+
+def trace_noise(
+    prompt: int, n_noise: int, n_tokens: int, d_model: int, level: float, *, seed: int = 0
+) -> Tensor:
+    """``[n_noise, n_tokens, d_model]``: the noise :func:`causal_trace` adds to prompt
+    ``prompt``'s subject embeddings, ``level * N(0, 1)`` from a generator seeded with
+    ``seed + 1000 * prompt`` (so a loop written by hand can reproduce it).
+
+    Example:
+        >>> tuple(trace_noise(0, 10, 3, 64, 1.0, seed=0).shape)
+        (10, 3, 64)
+    """
+    gen = torch.Generator().manual_seed(int(seed) + 1000 * int(prompt))
+    return torch.randn((n_noise, n_tokens, d_model), generator=gen) * float(level)
+
+
+def _categories(start: int, stop: int, length: int) -> list[list[str]]:
+    """ROME's categories of each position (several where they coincide, none before the
+    subject)."""
+    out: list[list[str]] = []
+    for p in range(length):
+        names = []
+        if p == start:
+            names.append(CATEGORIES[0])
+        if start < p < stop - 1:
+            names.append(CATEGORIES[1])
+        if p == stop - 1:
+            names.append(CATEGORIES[2])
+        if p == stop:
+            names.append(CATEGORIES[3])
+        if stop < p < length - 1:
+            names.append(CATEGORIES[4])
+        if p == length - 1:
+            names.append(CATEGORIES[5])
+        out.append(names)
+    return out
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure=True):
+    """Causal tracing with noise: the answer's metric with each state restored.
+
+    Attributes:
+        scores: Per prompt ``[kinds, layers, positions]``: the metric with that state restored
+            (window restoration for ``mlp_out``/``attn_out``), mean over noise samples.
+        noise_sd: Per prompt, the same shape: the standard deviation over noise samples.
+        random: Per prompt ``[kinds, layers, positions]``: the mean metric of the random controls
+            (the state moved by the restoration's distance in random directions); NaN without.
+        clean: ``[prompts]`` the clean run's metric.
+        corrupted: ``[prompts, n_noise]`` the metric with the subject noised, per noise sample.
+        kinds: The state kinds traced; ``layers`` the layers (window centres).
+        subjects: Per prompt ``(start, stop)`` of the subject's tokens.
+        tokens: Per prompt, its tokens as strings.
+        answers: The answer tokens scored.
+        noise_level: The noise's standard deviation (3 x the subjects' embedding SD by default).
+        window: Layers restored together for ``mlp_out``/``attn_out``.
+        metric: The metric's name. seed: seed of the noise and the random directions.
+    """
+
+    scores: tuple[np.ndarray, ...]
+    noise_sd: tuple[np.ndarray, ...]
+    random: tuple[np.ndarray, ...]
+    clean: np.ndarray
+    corrupted: np.ndarray
+    kinds: tuple[str, ...]
+    layers: tuple[int, ...]
+    subjects: tuple[tuple[int, int], ...]
+    tokens: tuple[tuple[str, ...], ...]
+    answers: tuple[str, ...]
+    noise_level: float
+    window: int
+    metric: str
+    seed: int = 0
+
+    @property
+    def n_noise(self) -> int:
+        """Noise samples per prompt."""
+        return int(self.corrupted.shape[1])
+
+    def indirect_effect(self, prompt: int) -> np.ndarray:
+        """``[kinds, layers, positions]`` of one prompt: score minus the corrupted metric."""
+        return self.scores[prompt] - float(self.corrupted[prompt].mean())
+
+    def random_effect(self, prompt: int) -> np.ndarray:
+        """The random controls' indirect effect, same shape (NaN without controls)."""
+        return self.random[prompt] - float(self.corrupted[prompt].mean())
+
+    def by_category(self, random: bool = False) -> np.ndarray:
+        """``[kinds, layers, 6]`` indirect effect averaged over prompts per ROME token category
+        (:data:`CATEGORIES`), or the random controls' with ``random=True``."""
+        total = np.zeros((len(self.kinds), len(self.layers), len(CATEGORIES)))
+        count = np.zeros(len(CATEGORIES))
+        for i, (start, stop) in enumerate(self.subjects):
+            effect = self.random_effect(i) if random else self.indirect_effect(i)
+            for p, names in enumerate(_categories(start, stop, effect.shape[-1])):
+                for name in names:
+                    c = CATEGORIES.index(name)
+                    total[..., c] += effect[..., p]
+                    count[c] += 1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return total / count
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per prompt, kind, layer and position: token, category (ROME's, ``""``
+        before the subject), score, indirect effect, its SD over noise samples, the random
+        controls' indirect effect.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.causal_trace(mp.tiny_model(), ["The cat sat"], ["cat"], sites="mlp_out",
+            ...                       n_noise=2, n_random=1, window=1)
+            >>> list(res.to_frame().columns)[:4]
+            ['prompt', 'kind', 'layer', 'position']
+        """
+        frames = []
+        for i, (start, stop) in enumerate(self.subjects):
+            n_pos = self.scores[i].shape[-1]
+            cats = [" / ".join(c) for c in _categories(start, stop, n_pos)]
+            k, layer, pos = np.meshgrid(
+                np.arange(len(self.kinds)),
+                np.arange(len(self.layers)),
+                np.arange(n_pos),
+                indexing="ij",
+            )
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "prompt": i,
+                        "kind": np.asarray(self.kinds)[k.ravel()],
+                        "layer": np.asarray(self.layers)[layer.ravel()],
+                        "position": pos.ravel(),
+                        "token": np.asarray(self.tokens[i])[pos.ravel()],
+                        "category": np.asarray(cats)[pos.ravel()],
+                        "score": self.scores[i].ravel(),
+                        "indirect_effect": self.indirect_effect(i).ravel(),
+                        "noise_sd": self.noise_sd[i].ravel(),
+                        "random_effect": self.random_effect(i).ravel(),
+                    }
+                )
+            )
+        return pd.concat(frames, ignore_index=True)
+
+    def summary(self) -> pd.DataFrame:
+        """Per kind: the (layer, category) of the largest average indirect effect, that effect
+        beside the random controls' there, and the clean and corrupted metrics.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.causal_trace(mp.tiny_model(), ["The cat sat"], ["cat"], sites="mlp_out",
+            ...                       n_noise=2, n_random=1, window=1)
+            >>> list(res.summary().columns)[:3]
+            ['kind', 'layer', 'category']
+        """
+        effect, control = self.by_category(), self.by_category(random=True)
+        rows = []
+        for k, kind in enumerate(self.kinds):
+            grid = np.nan_to_num(effect[k], nan=-np.inf)
+            layer, c = np.unravel_index(int(np.argmax(grid)), grid.shape)
+            spread = [
+                float(self.indirect_effect(i)[k, layer, p])
+                for i, (start, stop) in enumerate(self.subjects)
+                for p, names in enumerate(_categories(start, stop, self.scores[i].shape[-1]))
+                if CATEGORIES[c] in names
+            ]
+            rows.append(
+                {
+                    "kind": kind,
+                    "layer": self.layers[layer],
+                    "category": CATEGORIES[c],
+                    "indirect_effect": float(effect[k, layer, c]),
+                    "spread": float(np.std(spread)),
+                    "random_effect": float(control[k, layer, c]),
+                    "clean": float(np.mean(self.clean)),
+                    "corrupted": float(np.mean(self.corrupted)),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def _describe(self) -> str:
+        return (
+            f"{len(self.scores)} prompt(s), {len(self.kinds)} kind(s) x {len(self.layers)} "
+            f"layers, {self.n_noise} noise sample(s), window {self.window}; {self.metric} clean "
+            f"{float(np.mean(self.clean)):.3g}, corrupted {float(np.mean(self.corrupted)):.3g}"
+        )
+
+    def plot(self, ax: Axes | None = None, *, kind: str | None = None) -> Figure:
+        """ROME's heatmaps: indirect effect over layers x token categories (averaged over
+        prompts), or layers x tokens for a single prompt; one panel per kind, or ``kind``'s alone
+        (the first kind when ``ax`` is given and ``kind`` is not).
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.causal_trace(mp.tiny_model(), ["The cat sat"], ["cat"], sites="mlp_out",
+            ...                       n_noise=2, n_random=1, window=1)
+            >>> len(res.plot().axes)
+            2
+        """
+        if kind is not None and kind not in self.kinds:
+            raise ValueError(f"kind {kind!r} was not traced; traced: {list(self.kinds)}.")
+        kinds = [kind] if kind is not None else list(self.kinds)
+        if ax is not None:
+            kinds = kinds[:1]
+        single = len(self.scores) == 1
+        if ax is None:
+            from matplotlib.figure import Figure
+
+            height = 0.3 * (len(self.tokens[0]) if single else len(CATEGORIES)) + 1.5
+            fig = Figure(figsize=(4.2 * len(kinds), max(3.0, height)), layout="constrained")
+            axes = list(fig.subplots(1, len(kinds), squeeze=False)[0])
+        else:
+            fig, axes = figure_of(ax), [ax]
+        data = self.indirect_effect(0) if single else self.by_category()
+        labels = list(self.tokens[0]) if single else list(CATEGORIES)
+        if single:
+            start, stop = self.subjects[0]
+            labels = [f"{t}*" if start <= p < stop else t for p, t in enumerate(labels)]
+        for axis, name in zip(axes, kinds, strict=True):
+            grid = data[self.kinds.index(name)].T  # [positions or categories, layers]
+            image = axis.imshow(grid, cmap="Purples", aspect="auto", vmin=0)
+            axis.set_yticks(range(len(labels)), labels=labels)
+            step = max(1, len(self.layers) // 10)
+            ticks = list(range(0, len(self.layers), step))
+            axis.set_xticks(ticks, labels=[str(self.layers[t]) for t in ticks])
+            axis.set_xlabel("layer" + (f" (window {self.window})" if self._windowed(name) else ""))
+            axis.set_title(f"restoring {name}")
+            fig.colorbar(image, ax=axis, label=f"indirect effect on {self.metric}")
+        return fig
+
+    def _windowed(self, kind: str) -> bool:
+        return self.window > 1 and kind in ("mlp_out", "attn_out")
+
+
+def _embedding_sd(model: Any, ids: list[Tensor], spans: list[tuple[int, int]]) -> float:
+    """ROME's noise scale: the standard deviation of the subjects' token embeddings."""
+    rows = []
+    for t, (a, b) in zip(ids, spans, strict=True):
+        cap = Capture(positions=list(range(a, b)))
+        with torch.no_grad(), intervene(model, {"hook_embed": cap}):
+            model.embed(t[None].to(model.cfg.device))
+        assert cap.value is not None
+        rows.append(cap.value[0].reshape(-1))
+    return float(torch.cat(rows).double().std())
+
+
+def causal_trace(
+    model: Any,
+    prompts: str | Sequence[str] | TaskLike,
+    subjects: str | Sequence[str] | None = None,
+    *,
+    answers: str | Sequence[str] | None = None,
+    metric: PatchMetric | MetricFn | None = None,
+    sites: str | Sequence[str] = ("resid_post", "mlp_out", "attn_out"),
+    layers: Layers = "all",
+    window: int = 10,
+    n_noise: int = 10,
+    noise: float | None = None,
+    n_random: int = 3,
+    seed: int = 0,
+    cells_per_batch: int = 512,
+    packed: bool | None = None,
+    progress: bool = True,
+) -> TraceResult:
+    """Trace where a fact is recalled: corrupt the subject with noise, restore each state.
+
+    Args:
+        model: A TransformerLens model.
+        prompts: A prompt, a list of prompts, or a :class:`mechprobe.Task` (its prompts, with each
+            item's input as the subject and its answer as the answer).
+        subjects: The subject's words in each prompt (their last occurrence is noised); taken
+            from the task when ``prompts`` is one.
+        answers: The answer whose first token's probability is traced (default: the clean
+            model's own top token, as ROME); taken from the task when ``prompts`` is one.
+        metric: Instead of the answer's probability: a :func:`mechprobe.logit_diff` or a callable
+            of the last position's logits, as for :func:`mechprobe.patch`.
+        sites: State kinds to restore: ``"resid_post"`` (ROME's hidden states), ``"mlp_out"``,
+            ``"attn_out"`` (also ``"resid_pre"``, ``"resid_mid"``).
+        layers: Layers traced (window centres for ``mlp_out``/``attn_out``).
+        window: Layers restored together for ``mlp_out`` and ``attn_out`` (ROME: 10; 1 restores
+            one layer). Residual-stream states are always restored one layer at a time.
+        n_noise: Noise samples per prompt (ROME: 10).
+        noise: The noise's standard deviation (default: 3 x the standard deviation of the
+            subjects' token embeddings, as ROME).
+        n_random: Random controls per cell: the state moved by the restoration's distance in a
+            random direction (seeds ``seed, seed + 1, ...``; control ``j`` in noise sample ``j mod
+            n_noise``).
+        seed: Seed of the noise (:func:`trace_noise`) and of the random directions.
+        cells_per_batch: Restorations per forward pass.
+        packed: Share each noised run's prefix between its restorations (None: when the model
+            supports it).
+        progress: Show a progress bar.
+
+    Returns:
+        A :class:`TraceResult`.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> res = mp.causal_trace(mp.tiny_model(), "The cat sat on the", "cat", sites="mlp_out",
+        ...                       n_noise=2, n_random=1, window=1)
+        >>> res.scores[0].shape  # [kinds, layers, positions]
+        (1, 3, 19)
+    """
+    if not isinstance(prompts, (str, list, tuple)) and hasattr(prompts, "inputs"):  # a Task
+        if subjects is not None or answers is not None:
+            raise ValueError(
+                "prompts is a Task: its items give the subjects and answers; do not pass them too."
+            )
+        task: Any = prompts
+        prompts, subjects, answers = task.prompts(), task.inputs(), task.answers()
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)  # type: ignore[arg-type]
+    if subjects is None:
+        raise ValueError("Pass subjects=: the words of each prompt whose embeddings are noised.")
+    subject_list = [subjects] if isinstance(subjects, str) else list(subjects)
+    if len(subject_list) != len(prompt_list):
+        raise ValueError(
+            f"Got {len(prompt_list)} prompts and {len(subject_list)} subjects: pass one per prompt."
+        )
+    _check_common(cells_per_batch, n_random, seed)
+    check_int(window, "window", 1)
+    check_int(n_noise, "n_noise", 1)
+    if noise is not None:
+        noise = check_float(noise, "noise", 0.0, low_open=True)
+    site_kinds = [sites] if isinstance(sites, str) else list(sites)
+    if any(not isinstance(k, str) or k not in TRACE_KINDS for k in site_kinds):
+        raise ValueError(
+            f"sites takes state kinds here ({', '.join(TRACE_KINDS)}), got {sites!r}; pick the "
+            "layers with layers=."
+        )
+    expanded = expand_sites(model, site_kinds, layers=layers, kinds=TRACE_KINDS, what="sites")
+    kinds = list(dict.fromkeys(s.kind for s in expanded))
+    layer_list = list(dict.fromkeys(s.layer for s in expanded))
+    n_layers = int(model.cfg.n_layers)
+    batch = tokenize(model, prompt_list)
+    ids = [t[m.bool()] for t, m in zip(batch.tokens, batch.attention_mask, strict=True)]
+    spans = [subject_span(model, p, s) for p, s in zip(prompt_list, subject_list, strict=True)]
+    level = 3.0 * _embedding_sd(model, ids, spans) if noise is None else float(noise)
+    if answers is None and metric is None:
+        with torch.no_grad():
+            final = Capture(positions=-1)
+            last = f"blocks.{n_layers - 1}.hook_resid_post"
+            top = []
+            for t in ids:
+                with intervene(model, {last: final}):
+                    model(t[None].to(model.cfg.device))
+                assert final.value is not None
+                top.append(int(readout(model, final.value[0, -1]).argmax()))
+        answers = [model.tokenizer.decode([t]) for t in top]
+        answer_ids: list[Any] = top
+    else:
+        answer_ids = [answers] if isinstance(answers, str) else list(answers or [])
+    if metric is None:
+        first = []
+        for a in answer_ids:  # an answer's first token, as ROME scores it
+            if isinstance(a, str):
+                toks = model.tokenizer(a, add_special_tokens=False)["input_ids"]
+                if not toks:
+                    raise ValueError(f"The answer {a!r} tokenises to nothing.")
+                first.append(int(toks[0]))
+            else:
+                first.append(int(a))
+        metric = answer_prob(first)
+    answer_labels = [str(a) for a in (answers if answers is not None else [""] * len(ids))]
+    if isinstance(answers, str):
+        answer_labels = [answers] * len(ids)
+    metric_fn, metric_name = bind_metric(model, metric, len(ids))
+
+    d_model = int(model.cfg.d_model)
+    plan = Plan(sources=list(ids), source_groups=list(range(len(ids))))
+    for i, (t, (a, b)) in enumerate(zip(ids, spans, strict=True)):
+        samples = trace_noise(i, n_noise, b - a, d_model, level, seed=seed)
+        for k in range(n_noise):
+            edits = tuple(
+                Edit("hook_embed", "vector", a + q, ADD, payload=samples[k, q])
+                for q in range(b - a)
+            )
+            plan.bases.append(Base(t, i, edits))
+
+    def restored(kind: str, layer: int) -> list[int]:
+        if kind not in ("mlp_out", "attn_out") or window == 1:
+            return [layer]
+        return list(
+            range(max(0, layer - window // 2), min(n_layers, layer + (window - 1) // 2 + 1))
+        )
+
+    grid = [
+        (i, k, li, p)
+        for i, (t, (a, _)) in enumerate(zip(ids, spans, strict=True))
+        for k in range(len(kinds))
+        for li in range(len(layer_list))
+        for p in range(a, len(t))
+    ]
+    for j in range(-1, n_random):
+        for n, (i, k, li, p) in enumerate(grid):
+            sites_here = [Site(kinds[k], x) for x in restored(kinds[k], layer_list[li])]
+            if j < 0:
+                for sample in range(n_noise):
+                    edits = tuple(site_edit(s, p, COPY, source_position=p) for s in sites_here)
+                    plan.cells.append(Cell((j, i, k, li, p), i * n_noise + sample, edits, i))
+                continue
+            units = _units(seed + j, n, len(sites_here), d_model)
+            edits = tuple(
+                site_edit(s, p, RANDOM, source_position=p, payload=u)
+                for s, u in zip(sites_here, units, strict=True)
+            )
+            plan.cells.append(Cell((j, i, k, li, p), i * n_noise + j % n_noise, edits, i))
+    got = run_plan(
+        model,
+        plan,
+        metric_fn,
+        packed=packed,
+        cells_per_batch=cells_per_batch,
+        progress=progress,
+        desc="trace",
+    )
+    corrupted = got.bases.numpy().reshape(len(ids), n_noise)
+    shape = [(len(kinds), len(layer_list), len(t)) for t in ids]
+    sums = [np.zeros(s) for s in shape]
+    squares = [np.zeros(s) for s in shape]
+    random = [np.zeros(s) for s in shape]
+    for i, (a, _) in enumerate(spans):  # before the subject nothing differs: the corrupted run
+        sums[i][..., :a] = corrupted[i].sum()
+        squares[i][..., :a] = (corrupted[i] ** 2).sum()
+        random[i][..., :a] = float(corrupted[i].mean()) * n_random
+    for cell, value in zip(plan.cells, got.cells.tolist(), strict=True):
+        j, i, k, li, p = cell.key
+        if j < 0:
+            sums[i][k, li, p] += value
+            squares[i][k, li, p] += value * value
+        else:
+            random[i][k, li, p] += value
+    scores = tuple(s / n_noise for s in sums)
+    sd = tuple(
+        np.sqrt(np.maximum(q / n_noise - m * m, 0.0)) for q, m in zip(squares, scores, strict=True)
+    )
+    controls = tuple(r / n_random if n_random else np.full(r.shape, np.nan) for r in random)
+    return TraceResult(
+        scores=scores,
+        noise_sd=sd,
+        random=controls,
+        clean=got.sources.numpy(),
+        corrupted=corrupted,
+        kinds=tuple(kinds),
+        layers=tuple(layer_list),
+        subjects=tuple(spans),
+        tokens=tuple(tuple(model.tokenizer.decode([int(x)]) for x in t) for t in ids),
+        answers=tuple(answer_labels),
+        noise_level=level,
+        window=int(window),
+        metric=metric_name,
+        seed=seed,
+    )
+
+
+def _units(seed: int, cell: int, count: int, width: int) -> list[Tensor]:
+    """The random directions of one control cell, drawn from ``seed`` and the cell's index (the
+    same whatever the chunking)."""
+    return unit_vectors(seed * 1_000_003 + cell, [width] * count)

@@ -1,0 +1,336 @@
+"""Function vectors (Todd et al., ICLR 2024) beside o-vectors: :func:`function_vector` ->
+:class:`FunctionVectorResult`.
+
+A function vector (FV) is the sum of the mean outputs of the attention heads that carry a task
+from few-shot demonstrations to the query:
+
+1. Each head's *average indirect effect* (AIE): on few-shot prompts whose demonstrations have
+   shuffled labels (the task is no longer shown), write the head's mean output over clean
+   few-shot prompts (at the last token) into the last token, and measure how much the answer's
+   probability rises; average over prompts. All heads x prompts are cells of mechprobe's batched
+   engine (:func:`mechprobe.ablate_cells` with the clean prompts' last-token means).
+2. The FV is the sum over the top heads of their mean output ``mean(z) @ W_O[head]``.
+3. Added to the residual stream at one layer (Todd et al.: about a third of the way in) at the
+   last token of *zero-shot* prompts of held-out items, it should make the model do the task.
+
+Its accuracy is reported beside the intact model (zero-shot and few-shot), random vectors of the
+FV's norm (``n_random`` seeds) and the task's o-vector (Merullo et al.: the mean FFN output at
+that layer over correctly answered few-shot prompts, or all of them when none is) added the same way and, since o-vectors
+are larger or smaller than FVs, also rescaled to the FV's norm.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mechprobe.core import (
+    Add,
+    Intervention,
+    Result,
+    Site,
+    SiteLike,
+    check_int,
+    figure_of,
+    new_axes,
+    run,
+)
+from mechprobe.patching import ablate_cells, answer_prob
+from mechprobe.relational._ovector import fit_ovector
+from mechprobe.relational._pass import task_pass
+from mechprobe.tasks import Task, as_task
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["FunctionVectorResult", "function_vector", "shuffled_prompts"]
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class FunctionVectorResult(
+    Result, format="mechprobe.FunctionVectorResult", version=1, html_figure=True
+):
+    """A task's function vector: heads' indirect effects and the FV's accuracy beside controls.
+
+    Attributes:
+        task: The task's name.
+        aie: ``[layers, heads]`` average indirect effect of each head on the answer's probability
+            (shuffled-label prompts, head set to its clean mean at the last token).
+        aie_spread: ``[layers, heads]`` its standard deviation over prompts.
+        aie_random: ``[layers, heads]`` the same head moved by the same distance in random
+            directions (mean over ``n_random`` seeds; NaN without).
+        heads: The top heads ``(layer, head)`` whose mean outputs sum to the FV, best first.
+        vector: ``[d_model]`` the function vector.
+        layer: The layer at whose output (the residual stream after block ``layer``) the vectors
+            are added at the last token.
+        conditions: Names of the accuracy conditions (``"zero-shot"``, ``"few-shot"``,
+            ``"function vector"``, ``"random vector"``, ``"o-vector"``, ``"o-vector (FV norm)"``).
+        accuracy: ``[conditions]`` top-1 accuracy on the held-out items' first answer token.
+        correct: ``[conditions, items]`` per held-out item (1.0 / 0.0; the random condition: the
+            mean over seeds).
+        norms: ``[conditions]`` the norm of the vector added (NaN without one).
+        n_prompts: Prompts the AIE and mean outputs were averaged over.
+        n_random: Random vectors (seeds ``seed, seed + 1, ...``).
+        seed: Seed of the split, the label shuffles and the random vectors.
+    """
+
+    task: str
+    aie: np.ndarray
+    aie_spread: np.ndarray
+    aie_random: np.ndarray
+    heads: tuple[tuple[int, int], ...]
+    vector: np.ndarray
+    layer: int
+    conditions: tuple[str, ...]
+    accuracy: np.ndarray
+    correct: np.ndarray
+    norms: np.ndarray
+    n_prompts: int
+    n_random: int
+    seed: int = 0
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per head: layer, head, aie, spread, random, top (whether it is in the FV).
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.function_vector(mp.tiny_model(), "capitals", n_prompts=4, progress=False)
+            >>> list(res.to_frame().columns)
+            ['layer', 'head', 'aie', 'spread', 'random', 'top']
+        """
+        n_layers, n_heads = self.aie.shape
+        top = set(self.heads)
+        return pd.DataFrame(
+            {
+                "layer": np.repeat(np.arange(n_layers), n_heads),
+                "head": np.tile(np.arange(n_heads), n_layers),
+                "aie": self.aie.ravel(),
+                "spread": self.aie_spread.ravel(),
+                "random": self.aie_random.ravel(),
+                "top": [(la, h) in top for la in range(n_layers) for h in range(n_heads)],
+            }
+        )
+
+    def summary(self) -> pd.DataFrame:
+        """Accuracy of each condition on the held-out zero-shot prompts, with the norm added.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.function_vector(mp.tiny_model(), "capitals", n_prompts=4, progress=False)
+            >>> res.summary()["condition"].tolist()[:3]
+            ['zero-shot', 'few-shot', 'function vector']
+        """
+        return pd.DataFrame(
+            {"condition": self.conditions, "accuracy": self.accuracy, "norm": self.norms}
+        )
+
+    def _describe(self) -> str:
+        acc = dict(zip(self.conditions, self.accuracy, strict=True))
+        return (
+            f"{self.task}: FV of {len(self.heads)} heads at layer {self.layer}; zero-shot "
+            f"accuracy {acc['zero-shot']:.2f} -> {acc['function vector']:.2f} with the FV "
+            f"(random {acc['random vector']:.2f}, o-vector {acc['o-vector']:.2f}, few-shot "
+            f"{acc['few-shot']:.2f})"
+        )
+
+    def plot(self, ax: Axes | None = None) -> Figure:
+        """Heatmap of the heads' AIE (layers x heads), the FV's heads outlined.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.function_vector(mp.tiny_model(), "capitals", n_prompts=4, progress=False)
+            >>> len(res.plot().axes)
+            2
+        """
+        from matplotlib.patches import Rectangle
+
+        n_layers, n_heads = self.aie.shape
+        fig, ax = new_axes(ax, (max(4.0, 0.4 * n_heads + 2), max(3.0, 0.2 * n_layers + 1.5)))
+        finite = np.abs(self.aie[np.isfinite(self.aie)])
+        lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        image = ax.imshow(self.aie, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+        for layer, head in self.heads:
+            ax.add_patch(
+                Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black", lw=1.2)
+            )
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        figure_of(ax).colorbar(image, ax=ax, label="average indirect effect (answer prob.)")
+        ax.set_title(f"{self.task}: heads' AIE, FV heads outlined")
+        return fig
+
+
+def shuffled_prompts(task: Task, *, seed: int = 0) -> list[str]:
+    """Few-shot prompts of the task's items whose demonstrations' answers are shuffled among
+    them (a new permutation per item), so the prompt no longer shows the task.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> task = mp.load_task("capitals").with_shots(3).subset(2)
+        >>> len(shuffled_prompts(task)), shuffled_prompts(task)[0].count("\\n")
+        (2, 7)
+    """
+    rng = _random.Random(seed)
+    outputs = [s.output for s in task.shots]
+    prompts = []
+    for item in task.items:
+        order = list(range(len(outputs)))
+        if len(order) > 1:
+            while order == sorted(order):  # never the unshuffled labels
+                rng.shuffle(order)
+        prefix = "".join(
+            task.template.format(input=s.input) + " " + outputs[k] + task.separator
+            for s, k in zip(task.shots, order, strict=True)
+        )
+        prompts.append(prefix + task.template.format(input=item.input))
+    return prompts
+
+
+def _first_tokens(model: Any, answers: list[str]) -> list[int]:
+    return [int(model.tokenizer(a, add_special_tokens=False)["input_ids"][0]) for a in answers]
+
+
+def _accuracy(
+    model: Any, prompts: list[str], answers: list[int], vector: torch.Tensor | None, layer: int
+) -> np.ndarray:
+    """Per prompt: whether the top next token is the answer's first token, with ``vector``
+    added to the residual stream after block ``layer`` at the last token."""
+    spec: dict[SiteLike, Intervention] | None = None
+    if vector is not None:
+        spec = {Site("mlp_out", layer): Add(vector, positions=-1)}
+    logits = run(model, prompts, spec, logit_positions=-1, progress=False).logits[:, 0]
+    return (logits.argmax(-1).cpu() == torch.as_tensor(answers)).numpy().astype(float)
+
+
+def function_vector(
+    model: Any,
+    task: Task | str,
+    *,
+    layer: int | None = None,
+    n_heads: int = 10,
+    n_prompts: int = 20,
+    test_size: float | int = 0.5,
+    n_random: int = 3,
+    seed: int = 0,
+    progress: bool = True,
+) -> FunctionVectorResult:
+    """A task's function vector, its heads and its accuracy beside random vectors of its norm,
+    the task's o-vector and the intact model.
+
+    Args:
+        model: A TransformerLens model.
+        task: A :class:`mechprobe.Task` (its shots are the demonstrations) or a built-in name.
+        layer: Block after which the vectors are added (default ``n_layers // 3``, as Todd et
+            al.); the o-vector is fit at this layer's MLP.
+        n_heads: Heads whose mean outputs make the FV (Todd et al.: 10).
+        n_prompts: Fit items (few-shot prompts) the AIE and the means are averaged over.
+        test_size: Held-out share (or count) of the items the accuracies are measured on.
+        n_random: Random controls: per head in the AIE, and random vectors of the FV's norm.
+        seed: Seed of the split, the label shuffles and the random directions.
+        progress: Show progress bars.
+
+    Returns:
+        A :class:`FunctionVectorResult`.
+
+    Raises:
+        ValueError: A task with fewer than two shots (nothing to shuffle), or bad counts.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> res = mp.function_vector(mp.tiny_model(), "capitals", n_prompts=4, progress=False)
+        >>> res.aie.shape, len(res.heads), res.vector.shape
+        ((3, 4), 10, (64,))
+    """
+    task = as_task(task)
+    n_layers, heads_per_layer = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    layer = n_layers // 3 if layer is None else check_int(layer, "layer", -n_layers, n_layers - 1)
+    layer %= n_layers
+    check_int(n_heads, "n_heads", 1, n_layers * heads_per_layer)
+    check_int(n_prompts, "n_prompts", 1)
+    check_int(n_random, "n_random", 0)
+    check_int(seed, "seed")
+    if len(task.shots) < 2:
+        raise ValueError(
+            f"Task {task.name!r} has {len(task.shots)} shot(s): shuffled labels need at least two "
+            "demonstrations; use a task with more shots."
+        )
+    fit, test = task.split(test_size, seed=seed)
+    fit = fit.subset(min(n_prompts, len(fit)), seed=seed)
+    clean, shuffled = fit.prompts(), shuffled_prompts(fit, seed=seed)
+    answers = _first_tokens(model, fit.answers())
+    aie_res = ablate_cells(
+        model,
+        shuffled,
+        "head",
+        -1,
+        answer_prob(answers),
+        method="mean",
+        reference=clean,
+        reference_positions=-1,
+        n_random=n_random,
+        seed=seed,
+        progress=progress,
+    )
+    shape = (n_layers, heads_per_layer)
+    aie = aie_res.effect[:, 0].reshape(shape)
+    per_prompt = aie_res.per_pair[:, :, 0] - aie_res.clean[:, None]  # each prompt's effect
+    spread = per_prompt.std(axis=0).reshape(shape)
+    aie_random = aie_res.random_effect[:, 0].reshape(shape)
+    order = np.argsort(-aie.ravel(), kind="stable")[:n_heads]
+    top = tuple((int(i) // heads_per_layer, int(i) % heads_per_layer) for i in order)
+    sites = [Site("head", la, head=h, positions=-1) for la, h in top]
+    with torch.no_grad():
+        captured = run(model, clean, capture=sites, logit_positions=-1, progress=False)
+        fv = torch.zeros(int(model.cfg.d_model), dtype=torch.float64)
+        for site in sites:
+            z = captured[site][:, -1].double().mean(0).cpu()
+            w_o = model.blocks[site.layer].attn.W_O[site.head].detach().double().cpu()
+            fv += z @ w_o
+    vector = fv.float()
+    held = test.with_shots(0).prompts()
+    held_answers = _first_tokens(model, test.answers())
+    fitted = task_pass(model, fit, progress=False)
+    # Merullo et al. average correctly answered prompts; a model that answers none (a random
+    # test model) gets the mean over all of them.
+    ovector = fit_ovector(fitted, layer, only_correct=bool(fitted.score.correct.any()))
+    o = ovector.vector.float().cpu()
+    o_scaled = o * (vector.norm() / o.norm().clamp_min(1e-30))
+    gen = torch.Generator().manual_seed(seed)
+    randoms = [torch.randn(vector.shape, generator=gen) for _ in range(n_random)]
+    randoms = [r * (vector.norm() / r.norm()) for r in randoms]
+    rows = {
+        "zero-shot": _accuracy(model, held, held_answers, None, layer),
+        "few-shot": _accuracy(model, test.prompts(), held_answers, None, layer),
+        "function vector": _accuracy(model, held, held_answers, vector, layer),
+        "random vector": (
+            np.mean([_accuracy(model, held, held_answers, r, layer) for r in randoms], axis=0)
+            if randoms
+            else np.full(len(held), np.nan)
+        ),
+        "o-vector": _accuracy(model, held, held_answers, o, layer),
+        "o-vector (FV norm)": _accuracy(model, held, held_answers, o_scaled, layer),
+    }
+    fv_norm = float(vector.norm())
+    norms = [np.nan, np.nan, fv_norm, fv_norm, float(o.norm()), fv_norm]
+    return FunctionVectorResult(
+        task=task.name,
+        aie=aie,
+        aie_spread=spread,
+        aie_random=aie_random,
+        heads=top,
+        vector=vector.numpy(),
+        layer=layer,
+        conditions=tuple(rows),
+        accuracy=np.array([v.mean() for v in rows.values()]),
+        correct=np.stack(list(rows.values())),
+        norms=np.array(norms),
+        n_prompts=len(clean),
+        n_random=n_random,
+        seed=seed,
+    )

@@ -1,0 +1,177 @@
+"""Attribution patching against a gradient computed with plain TransformerLens hooks and leaf
+tensors, its agreement with exact patching where the metric is linear, and its cleanliness after a
+failing backward pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mechprobe as mp
+from tests.conftest import hook_count
+
+CLEAN, CORRUPT = "A cat sat on", "A bat sat on"  # equal lengths, differ at position 2
+ANS, WRONG = 100, 101
+METRIC = mp.logit_diff(ANS, WRONG)
+
+
+@pytest.fixture(scope="module")
+def gqa():
+    return mp.tiny_model(seed=3)
+
+
+def _hand(model, site: mp.Site) -> np.ndarray:
+    """(a_clean - a_corrupt) . d metric / d a at every position, written with plain hooks: the
+    corrupt run's activation is replaced by a leaf tensor whose gradient autograd fills."""
+    clean, corrupt = model.to_tokens(CLEAN), model.to_tokens(CORRUPT)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+    if site.kind == "head_out":
+        name = f"blocks.{site.layer}.hook_attn_out"
+        z_name = f"blocks.{site.layer}.attn.hook_z"
+    else:
+        name = site.hook_name
+    leaf = {}
+
+    def hook(act, hook):
+        leaf["a"] = act.detach().clone().requires_grad_(True)
+        return leaf["a"]
+
+    seen = {}
+
+    def keep(z, hook):
+        seen["z"] = z.detach()
+
+    hooks = [(name, hook)]
+    if site.kind == "head_out":
+        hooks.insert(0, (z_name, keep))
+    with torch.enable_grad():
+        logits = model.run_with_hooks(corrupt, fwd_hooks=hooks)
+        out = logits[0, -1, ANS] - logits[0, -1, WRONG]
+        (grad,) = torch.autograd.grad(out, [leaf["a"]])
+    h = site.head
+    if site.kind == "pattern":  # [batch, head, query, key]
+        delta = cache[name][0, h] - leaf["a"].detach()[0, h]
+        return (delta * grad[0, h]).sum(-1).numpy()
+    if site.kind == "head_out":
+        w_o = model.blocks[site.layer].attn.W_O[h].detach()
+        delta = (cache[z_name][0, :, h] - seen["z"][0, :, h]) @ w_o
+        return (delta * grad[0]).sum(-1).numpy()
+    if h is not None:
+        return (
+            ((cache[name][0, :, h] - leaf["a"].detach()[0, :, h]) * grad[0, :, h]).sum(-1).numpy()
+        )
+    return ((cache[name][0] - leaf["a"].detach()[0]) * grad[0]).sum(-1).numpy()
+
+
+@pytest.mark.parametrize(
+    "site",
+    [
+        mp.Site("resid_pre", 1),
+        mp.Site("mlp_out", 0),
+        mp.Site("attn_out", 2),
+        mp.Site("head", 1, head=3),
+        mp.Site("q", 2, head=1),
+        mp.Site("k", 1, head=1),  # a key/value head of the GQA model
+        mp.Site("v", 0, head=0),
+        mp.Site("pattern", 2, head=2),
+        mp.Site("head_out", 1, head=2),
+    ],
+    ids=str,
+)
+def test_attribution_matches_hand_written_gradients(gqa, site):
+    res = mp.attribution_patch(gqa, CLEAN, CORRUPT, [site], "all", METRIC, progress=False)
+    estimate = res.values[0] - res.corrupt_metric
+    np.testing.assert_allclose(estimate, _hand(gqa, site), rtol=1e-4, atol=1e-6)
+    assert res.direction == "attribution"
+    np.testing.assert_allclose(res.effect[0], estimate, atol=1e-9)
+    # The unpatched runs are those of exact patching.
+    exact = mp.patch(gqa, CLEAN, CORRUPT, [site], -1, METRIC, n_random=0, progress=False)
+    np.testing.assert_allclose(
+        [res.clean_metric, res.corrupt_metric],
+        [exact.clean_metric, exact.corrupt_metric],
+        atol=1e-5,
+    )
+
+
+def test_head_out_equals_head_z(gqa):
+    """A head's write is z @ W_O[head]; the first-order estimate is the same through either."""
+    z = mp.attribution_patch(gqa, CLEAN, CORRUPT, "head", "all", METRIC, progress=False)
+    out = mp.attribution_patch(gqa, CLEAN, CORRUPT, "head_out", "all", METRIC, progress=False)
+    np.testing.assert_allclose(z.values, out.values, rtol=1e-4, atol=1e-5)
+
+
+def test_agrees_with_exact_patching(gqa):
+    """Cells exact patching leaves unchanged get a zero estimate (positions before the prompts
+    differ; the last block's output at positions the metric does not read), and elsewhere the
+    estimate tracks exact patching on the tiny model."""
+    res = mp.attribution_patch(gqa, CLEAN, CORRUPT, "mlp_out", "all", METRIC, progress=False)
+    exact = mp.patch(gqa, CLEAN, CORRUPT, "mlp_out", "all", METRIC, n_random=0, progress=False)
+    last = gqa.cfg.n_layers - 1
+    # After the last block only the last position reaches the logits: zero effect elsewhere.
+    np.testing.assert_allclose(res.effect[last, :-1], 0.0, atol=1e-7)
+    np.testing.assert_allclose(exact.effect[last, :-1], 0.0, atol=1e-5)
+    # Unchanged positions (before the difference) have a_clean == a_corrupt: zero in both.
+    np.testing.assert_allclose(res.effect[:, :2], 0.0, atol=1e-7)
+    # Where the change is small the estimate tracks exact patching.
+    assert np.corrcoef(res.effect.ravel(), exact.effect.ravel())[0, 1] > 0.5
+
+
+def test_random_controls_have_the_patch_norm(gqa):
+    res = mp.attribution_patch(
+        gqa, CLEAN, CORRUPT, "resid_pre", -1, METRIC, n_random=4, seed=7, progress=False
+    )
+    again = mp.attribution_patch(
+        gqa, CLEAN, CORRUPT, "resid_pre", -1, METRIC, n_random=4, seed=7, progress=False
+    )
+    np.testing.assert_array_equal(res.random, again.random)
+    assert res.random.shape == (4, 1, gqa.cfg.n_layers, 1)
+    # |u . g| * ||delta|| <= ||delta|| ||g||, and the random estimates differ from the patch's.
+    assert np.isfinite(res.random).all()
+    assert not np.allclose(res.random[0], res.per_pair)
+
+
+def test_backward_failure_leaves_no_state(gqa):
+    """An exception inside the backward pass leaves no hooks, no parameter gradients and the
+    model's outputs unchanged."""
+
+    class Boom(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("boom in backward")
+
+    def metric(logits):
+        return Boom.apply(logits[:, ANS] - logits[:, WRONG])
+
+    tokens = gqa.to_tokens(CLEAN)
+    with torch.no_grad():
+        before = gqa(tokens)
+    hooks = hook_count(gqa)
+    with pytest.raises(RuntimeError, match="boom in backward"):
+        mp.attribution_patch(gqa, CLEAN, CORRUPT, "head", "all", metric, progress=False)
+    assert hook_count(gqa) == hooks
+    assert all(p.grad is None for p in gqa.parameters())
+    with torch.no_grad():
+        assert torch.equal(gqa(tokens), before)
+
+
+def test_errors_before_any_forward(gqa):
+    with pytest.raises(ValueError, match="corrupt prompt per clean"):
+        mp.attribution_patch(gqa, ["a", "b"], ["c"], "mlp_out", -1, METRIC)
+    with pytest.raises(ValueError, match="n_random"):
+        mp.attribution_patch(gqa, CLEAN, CORRUPT, "mlp_out", -1, METRIC, n_random=-1)
+    with pytest.raises(ValueError, match="Pattern cells"):
+        mp.attribution_patch(gqa, "A cat sat", "A big bat sat", "pattern", [-1], METRIC)
+
+
+def test_result_protocol(gqa, tmp_path):
+    res = mp.attribution_patch(gqa, CLEAN, CORRUPT, "head", -1, METRIC, progress=False)
+    back = mp.PatchResult.load(res.save(tmp_path / "attr.json"))
+    np.testing.assert_array_equal(back.values, res.values)
+    assert "attribution" in repr(res)
+    assert res.plot().axes

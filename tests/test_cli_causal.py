@@ -1,0 +1,84 @@
+"""``mechprobe patch`` and ``mechprobe trace`` on the tiny model: the files they write hold the
+API's numbers, and bad output paths or arguments fail before any model loads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mechprobe as mp
+from mechprobe.cli import main as cli_main
+
+PATCH = ["patch", "--clean", "A cat sat", "--corrupt", "A bat sat", "--answer", "1"]
+
+
+def _no_model(name):
+    raise AssertionError("the model must not load when the arguments are bad")
+
+
+@pytest.mark.parametrize("method", ["exact", "attribution"])
+def test_cli_patch_writes_the_api_result(tmp_path, capsys, method):
+    out = tmp_path / "run" / method
+    args = [*PATCH, "--wrong", "2", "--sites", "head", "--model", "tiny", "--quiet"]
+    assert cli_main([*args, "--method", method, "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"result.json", "patch.png", "report.md"}
+    saved = mp.core.load_result(out / "result.json")
+    api = mp.attribution_patch if method == "attribution" else mp.patch
+    direct = api(mp.tiny_model(), "A cat sat", "A bat sat", "head", -1, mp.logit_diff("1", "2"))
+    np.testing.assert_allclose(saved.values, direct.values, atol=1e-6)
+    np.testing.assert_allclose(saved.random, direct.random, atol=1e-6)
+    report = (out / "report.md").read_text()
+    assert "patch.png" in report and "random" in report
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_trace_writes_the_api_result(tmp_path):
+    out = tmp_path / "trace"
+    args = ["trace", "--prompt", "The cat sat on the", "--subject", "cat", "--model", "tiny"]
+    opts = ["--sites", "mlp_out", "--n-noise", "2", "--window", "1", "--n-random", "1"]
+    assert cli_main([*args, *opts, "--quiet", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"result.json", "trace.png", "report.md"}
+    saved = mp.core.load_result(out / "result.json")
+    direct = mp.causal_trace(
+        mp.tiny_model(),
+        "The cat sat on the",
+        "cat",
+        sites="mlp_out",
+        n_noise=2,
+        window=1,
+        n_random=1,
+        progress=False,
+    )
+    np.testing.assert_allclose(saved.scores[0], direct.scores[0], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--out", "{file}"],  # a file in the way of the output folder
+        ["--corrupt", "another", "--out", "{dir}"],  # two corrupt prompts for one clean
+    ],
+)
+def test_cli_patch_fails_before_loading(tmp_path, capsys, monkeypatch, extra):
+    monkeypatch.setattr("mechprobe.cli.patch.load", _no_model)
+    (tmp_path / "f").write_text("x")
+    extra = [e.format(file=tmp_path / "f", dir=tmp_path / "d") for e in extra]
+    assert cli_main([*PATCH, "--model", "tiny", *extra]) == 2
+    assert "mechprobe patch: error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--task", "capitals", "--prompt", "x", "--subject", "x"],  # both
+        ["--prompt", "The cat sat"],  # no subject
+        ["--task", "capitals", "--out-of-the-way"],
+    ],
+)
+def test_cli_trace_fails_before_loading(tmp_path, capsys, monkeypatch, args):
+    monkeypatch.setattr("mechprobe.cli.trace.load", _no_model)
+    (tmp_path / "f").write_text("x")
+    out = tmp_path / "f" if "--out-of-the-way" in args else tmp_path / "d"
+    args = [a for a in args if a != "--out-of-the-way"]
+    assert cli_main(["trace", *args, "--model", "tiny", "--out", str(out)]) == 2
+    assert "mechprobe trace: error" in capsys.readouterr().err

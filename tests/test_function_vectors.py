@@ -1,0 +1,154 @@
+"""Function vectors (Todd et al.) on the tiny model: heads' average indirect effects against
+hand-written hooks, the vector against the sum of the top heads' mean outputs, the accuracies'
+conditions and the result protocol."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mechprobe as mp
+
+N_PROMPTS, SEED = 4, 1
+
+
+@pytest.fixture(scope="module")
+def model():
+    return mp.tiny_model(seed=2)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return mp.load_task("capitals").with_shots(3).subset(10, seed=0)
+
+
+@pytest.fixture(scope="module")
+def result(model, task):
+    return mp.function_vector(
+        model, task, n_heads=3, n_prompts=N_PROMPTS, n_random=2, seed=SEED, progress=False
+    )
+
+
+def _fit_items(task):
+    fit, test = task.split(0.5, seed=SEED)
+    return fit.subset(min(N_PROMPTS, len(fit)), seed=SEED), test
+
+
+def _first(model, answers):
+    return [model.tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in answers]
+
+
+def _mean_z_last(model, prompts, layer):
+    """Mean over prompts of hook_z at each prompt's last token: [heads, d_head]."""
+    zs = []
+    with torch.no_grad():
+        for p in prompts:
+            _, cache = model.run_with_cache(model.to_tokens(p))
+            zs.append(cache[f"blocks.{layer}.attn.hook_z"][0, -1])
+    return torch.stack(zs).mean(0)
+
+
+def test_shuffled_prompts_permute_the_labels(task):
+    fit, _ = _fit_items(task)
+    clean, shuffled = fit.prompts(), mp.shuffled_prompts(fit, seed=0)
+    assert len(shuffled) == len(clean)
+    for c, s in zip(clean, shuffled, strict=True):
+        assert c != s
+        assert c.splitlines()[-2:] == s.splitlines()[-2:]  # the query is kept
+        assert sorted(c.splitlines()[:-2]) == sorted(s.splitlines()[:-2])  # same labels
+
+
+@pytest.mark.parametrize(("layer", "head"), [(0, 1), (2, 3)])
+def test_aie_matches_hand_written_hooks(model, task, result, layer, head):
+    fit, _ = _fit_items(task)
+    mean = _mean_z_last(model, fit.prompts(), layer)[head]
+    shuffled = mp.shuffled_prompts(fit, seed=SEED)
+    effects = []
+    with torch.no_grad():
+        for prompt, answer in zip(shuffled, _first(model, fit.answers()), strict=True):
+            tokens = model.to_tokens(prompt)
+            base = model(tokens)[0, -1].softmax(-1)[answer]
+
+            def write(z, hook):
+                z = z.clone()
+                z[0, -1, head] = mean
+                return z
+
+            hooks = [(f"blocks.{layer}.attn.hook_z", write)]
+            patched = model.run_with_hooks(tokens, fwd_hooks=hooks)[0, -1].softmax(-1)[answer]
+            effects.append(float(patched - base))
+    np.testing.assert_allclose(result.aie[layer, head], np.mean(effects), atol=1e-6)
+    np.testing.assert_allclose(result.aie_spread[layer, head], np.std(effects), atol=1e-6)
+
+
+def test_vector_is_the_sum_of_the_top_heads_mean_outputs(model, task, result):
+    fit, _ = _fit_items(task)
+    order = np.argsort(-result.aie.ravel(), kind="stable")[:3]
+    assert result.heads == tuple((int(i) // 4, int(i) % 4) for i in order)
+    expected = torch.zeros(model.cfg.d_model, dtype=torch.float64)
+    for layer, head in result.heads:
+        z = _mean_z_last(model, fit.prompts(), layer)[head].double()
+        expected += z @ model.blocks[layer].attn.W_O[head].detach().double()
+    np.testing.assert_allclose(result.vector, expected.float().numpy(), atol=1e-5)
+
+
+def test_accuracy_conditions(model, task, result):
+    _, test = _fit_items(task)
+    acc = dict(zip(result.conditions, result.accuracy, strict=True))
+    assert set(acc) == {
+        "zero-shot",
+        "few-shot",
+        "function vector",
+        "random vector",
+        "o-vector",
+        "o-vector (FV norm)",
+    }
+    answers = _first(model, test.answers())
+    with torch.no_grad():
+        top = [int(model(model.to_tokens(p))[0, -1].argmax()) for p in test.with_shots(0).prompts()]
+    np.testing.assert_array_equal(result.correct[0], np.equal(top, answers).astype(float))
+    norms = dict(zip(result.conditions, result.norms, strict=True))
+    fv = float(np.linalg.norm(result.vector))
+    assert norms["function vector"] == pytest.approx(fv, rel=1e-5)
+    assert norms["random vector"] == pytest.approx(fv, rel=1e-5)
+    assert norms["o-vector (FV norm)"] == pytest.approx(fv, rel=1e-5)
+    assert result.layer == model.cfg.n_layers // 3
+
+
+def test_result_protocol_and_errors(model, task, result, tmp_path):
+    back = mp.FunctionVectorResult.load(result.save(tmp_path / "fv.json"))
+    np.testing.assert_array_equal(back.aie, result.aie)
+    assert back.heads == result.heads
+    assert "FV of 3 heads" in repr(result)
+    assert result.plot().axes
+    assert result.to_frame()["top"].sum() == 3
+    with pytest.raises(ValueError, match="at least two"):
+        mp.function_vector(model, task.with_shots(1), progress=False)
+    with pytest.raises(ValueError, match="n_heads"):
+        mp.function_vector(model, task, n_heads=0, progress=False)
+
+
+def test_mean_ablation_at_reference_positions(model):
+    prompts, reference = ["Hi cat", "Hi bat"], ["A dog ran", "The fox"]
+    metric = mp.logit_diff(1, 2)
+    res = mp.ablate_cells(
+        model, prompts, mp.Site("head", 1, head=2), -1, metric, reference=reference,
+        reference_positions=-1, n_random=0, progress=False,
+    )  # fmt: skip
+    mean = _mean_z_last(model, reference, 1)[2]
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+
+            def write(z, hook):
+                z = z.clone()
+                z[0, -1, 2] = mean
+                return z
+
+            logits = model.run_with_hooks(
+                model.to_tokens(p), fwd_hooks=[("blocks.1.attn.hook_z", write)]
+            )
+            expected = float(logits[0, -1, 1] - logits[0, -1, 2])
+            np.testing.assert_allclose(res.per_pair[i, 0, 0], expected, atol=1e-5)
+    with pytest.raises(ValueError, match="reference_positions"):
+        mp.ablate_cells(model, prompts, "pattern", -1, metric, reference_positions=-1)

@@ -1,0 +1,428 @@
+"""Lenses past the logit lens: the tuned lens (training, files), the Patchscope, one ``lens=``."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import mechprobe as mp
+from mechprobe.core import readout
+from mechprobe.lens._train import _Step
+from tests.conftest import hook_count
+
+TEXT = [
+    "The cat sat on the mat while the dog slept by the door of the old house. " * 6,
+    "Rivers carry water from the hills to the sea, and the sea returns it as rain. " * 6,
+    "A committee of the Senate met on Tuesday to discuss the budget for the next year. " * 6,
+]
+RESID = ("resid_pre", "resid_mid", "resid_post")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """This file's own tiny model: run_with_cache (the hand computations) leaves the bridge's own
+    hooks on a model, which the session's shared one must not carry into other tests."""
+    return mp.tiny_model(seed=0)
+
+
+def _random_lens(model, seed: int = 0, scale: float = 0.05) -> mp.TunedLens:
+    """Identity translators plus seeded noise: a lens whose every translator does something."""
+    lens = mp.TunedLens.identity(model)
+    g = torch.Generator().manual_seed(seed)
+    for kind in lens.weights:
+        lens.weights[kind] += scale * torch.randn(lens.weights[kind].shape, generator=g)
+        lens.biases[kind] += scale * torch.randn(lens.biases[kind].shape, generator=g)
+    return lens
+
+
+def _by_hand(
+    model, prompt: str, lens: mp.TunedLens | None, kinds=RESID
+) -> dict[tuple[str, int], torch.Tensor]:
+    """Log-probabilities at the prompt's last token for every residual (kind, layer), computed from
+    TransformerLens's own cache, ``ln_final`` and ``unembed`` (not through mechprobe's readout)."""
+    with torch.no_grad():
+        _, cache = model.run_with_cache(prompt)
+    out = {}
+    for kind in kinds:
+        for layer in range(model.cfg.n_layers):
+            h = cache[f"blocks.{layer}.hook_{kind}"][0, -1].float()
+            if lens is not None:
+                pair = lens.translator(kind, layer)
+                if pair is not None:
+                    w, b = pair
+                    h = h + w @ h + b
+            with torch.no_grad():
+                logits = model.unembed(model.ln_final(h[None, None]))[0, 0]
+            out[kind, layer] = logits.log_softmax(-1)
+    return out
+
+
+# -- one lens= ------------------------------------------------------------------------------
+
+
+def test_identity_tuned_lens_decodes_exactly_like_the_logit_lens(tiny):
+    prompts = ["Hello there, my friend", "The capital of France is"]
+    kwargs = {"targets": [" you", " Paris city"], "sites": list(RESID), "positions": "all"}
+    plain = mp.logit_lens(tiny, prompts, **kwargs, progress=False)
+    tuned = mp.logit_lens(tiny, prompts, **kwargs, lens=mp.TunedLens.identity(tiny))
+    for field in ("top_ids", "top_probs", "entropy", "kl_to_final", "position_rank"):
+        np.testing.assert_array_equal(getattr(plain, field), getattr(tuned, field), err_msg=field)
+    np.testing.assert_array_equal(plain.target_logprob, tuned.target_logprob)
+    assert plain.lens == "logit" and tuned.lens.startswith("tuned (")
+    assert "tuned lens" in repr(tuned) and "tuned lens" not in repr(plain)
+
+
+def test_tuned_lens_matches_a_hand_computation_from_the_cache(tiny):
+    lens = _random_lens(tiny)
+    prompt = "Rivers carry water to the sea"
+    res = mp.logit_lens(tiny, prompt, targets=" rain", sites=list(RESID), lens=lens, top_k=5)
+    hand = _by_hand(tiny, prompt, lens)
+    rain = res.target_tokens[0][0][0]  # the first token's probability at the last position
+    for e, (kind, layer) in enumerate(zip(res.sites, res.layers, strict=True)):
+        lp = hand[kind, layer]
+        assert np.log(res.target_prob[0, e, 0]) == pytest.approx(float(lp[rain]), abs=2e-5)
+        assert list(res.top_ids[0, e, -1]) == lp.topk(5).indices.tolist()
+    # The translators did something: the tuned read-out differs from the logit lens's.
+    plain = _by_hand(tiny, prompt, None)
+    assert not torch.allclose(plain["resid_mid", 1], hand["resid_mid", 1])
+    # resid_pre at layer l > 0 is resid_post at l - 1 (same vector, same translator).
+    pre2, post1 = res.sites.index("resid_pre") + 2, res.sites.index("resid_post") + 1
+    assert res.layers[pre2] == 2 and res.layers[post1] == 1
+    np.testing.assert_allclose(res.target_logprob[0, pre2], res.target_logprob[0, post1], rtol=1e-6)
+    # The last block's output is what the readout decodes: its translator is the identity.
+    last = res.sites.index("resid_post") + tiny.cfg.n_layers - 1
+    assert lens.translator("resid_post", tiny.cfg.n_layers - 1) is None
+    np.testing.assert_allclose(res.kl_to_final[0, last], 0.0, atol=1e-6)
+
+
+def test_bad_lenses_raise_before_any_forward_pass(tiny):
+    before = hook_count(tiny)
+    with pytest.raises(ValueError, match="lens must be 'logit', a TunedLens"):
+        mp.logit_lens(tiny, "Hi", lens="tuned")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not attn_out"):
+        mp.logit_lens(tiny, "Hi", sites="attn_out", lens=mp.TunedLens.identity(tiny))
+    only_post = mp.TunedLens.identity(tiny, ["resid_post"])
+    with pytest.raises(ValueError, match="no translator for resid_mid at layer 0"):
+        mp.logit_lens(tiny, "Hi", sites="resid_mid", lens=only_post)
+    # A trajectory reads resid_post - mlp_out (resid_mid): refused before the task is run.
+    with pytest.raises(ValueError, match="no translator for resid_mid"):
+        mp.trajectory(tiny, mp.load_task("capitals").subset(2), lens=only_post, progress=False)
+    with pytest.raises(ValueError, match="was made for 3 layers"):
+        mp.logit_lens(mp.tiny_model(n_layers=4), "Hi", lens=mp.TunedLens.identity(tiny))
+    assert hook_count(tiny) == before
+
+
+def test_trajectory_through_an_identity_lens_equals_the_logit_lens(tiny):
+    task = mp.load_task("capitals").subset(4)
+    plain = mp.trajectory(tiny, task, progress=False)
+    tuned = mp.trajectory(tiny, task, lens=mp.TunedLens.identity(tiny), progress=False)
+    for field in ("argument_rank", "answer_rank", "argument_rank_no_ffn", "answer_rank_no_ffn"):
+        np.testing.assert_array_equal(getattr(plain, field), getattr(tuned, field))
+    assert plain.lens == "logit" and tuned.lens.startswith("tuned (")
+    back = mp.Trajectory.from_dict(json.loads(json.dumps(tuned.to_dict())))
+    assert back.lens == tuned.lens
+    # A lens that changes the read-out changes the ranks (the argument is actually used).
+    moved = mp.trajectory(tiny, task, lens=_random_lens(tiny, scale=0.5), progress=False)
+    assert (moved.argument_rank != plain.argument_rank).any()
+    np.testing.assert_array_equal(moved.argument_rank[:, -1], plain.argument_rank[:, -1])
+
+
+# -- files ----------------------------------------------------------------------------------
+
+
+def test_safetensors_round_trip_with_a_format_tag(tiny, tmp_path):
+    lens = _random_lens(tiny, seed=3)
+    lens.info = {"steps": 7, "text": "train"}
+    path = lens.save(tmp_path / "sub" / "lens.safetensors")
+    back = mp.TunedLens.load(path)
+    assert back.layers == lens.layers and back.info == lens.info
+    assert back.model_name == lens.model_name and back.n_layers == lens.n_layers
+    for kind in lens.weights:
+        assert torch.equal(back.weights[kind], lens.weights[kind])
+        assert torch.equal(back.biases[kind], lens.biases[kind])
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    assert set(tensors) == {f"{k}.{t}" for k in RESID for t in ("weight", "bias", "layers")}
+    foreign = tmp_path / "foreign.safetensors"
+    save_file(tensors, foreign, metadata={"format": "something.else"})
+    with pytest.raises(ValueError, match="not a mechprobe tuned lens"):
+        mp.TunedLens.load(foreign)
+    with pytest.raises(ValueError, match=r"\.safetensors file"):
+        lens.save(tmp_path / "lens.pt")
+    with pytest.raises(FileNotFoundError, match="No tuned lens"):
+        mp.TunedLens.load(tmp_path / "missing.safetensors")
+
+
+def test_reads_the_tuned_lens_package_layout(tiny, tmp_path):
+    # The tuned-lens package writes config.json and params.pt (a state dict of its translators,
+    # translator i reading Hugging Face's hidden_states[i]); we write that layout here.
+    n, d = tiny.cfg.n_layers, tiny.cfg.d_model
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for i in range(n):
+        state[f"{i}.weight"] = 0.05 * torch.randn(d, d, generator=g)
+        state[f"{i}.bias"] = 0.05 * torch.randn(d, generator=g)
+    folder = tmp_path / "lens"
+    folder.mkdir()
+    config = {"base_model_name_or_path": "tiny", "d_model": d, "num_hidden_layers": n, "bias": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.save(state, folder / "params.pt")
+    lens = mp.TunedLens.load(folder)
+    assert lens.layers == {"resid_pre": (0,), "resid_post": tuple(range(n - 1))}
+    x = torch.randn(3, d, generator=g)
+    for kind, layer, i in [("resid_pre", 0, 0), ("resid_post", 0, 1), ("resid_pre", 2, 2)]:
+        w, b = state[f"{i}.weight"], state[f"{i}.bias"]
+        want = x + x @ w.T + b
+        torch.testing.assert_close(lens.translate(tiny, kind, layer, x), want)
+    # It decodes like the same translators applied by hand.
+    res = mp.logit_lens(tiny, "The sea", targets=" rain", sites="resid_post", lens=lens)
+    hand = _by_hand(tiny, "The sea", lens, kinds=["resid_post"])
+    rain = res.target_tokens[0][0][0]
+    got = [float(v) for v in np.log(res.target_prob[0, :, 0])]
+    assert got == pytest.approx([float(hand["resid_post", i][rain]) for i in range(n)], abs=2e-5)
+
+    # weights_only=True: a params.pt that would run code on loading is refused.
+    class Payload:
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+
+    torch.save({"0.weight": Payload()}, folder / "params.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        mp.TunedLens.load(folder)
+    (folder / "params.pt").unlink()
+    with pytest.raises(ValueError, match=r"params\.pt is missing"):
+        mp.TunedLens.load(folder)
+
+
+# -- training -------------------------------------------------------------------------------
+
+
+def test_kl_gradient_matches_autograd(tiny):
+    # _Step computes KL(final || lens) and its gradient in closed form; check both against torch.
+    step = _Step(tiny, "float32", chunk_rows=5)
+    g = torch.Generator().manual_seed(1)
+    final = torch.randn(4, 64, generator=g)
+    u = torch.randn(8, 64, generator=g)  # two translators x four tokens
+    m, c, a = step.targets(final)
+    kl, grad = step.loss_and_grad(u, m, c, a)
+    p = readout(tiny, final).log_softmax(-1)
+    uu = u.clone().requires_grad_(True)
+    q = (uu @ tiny.W_U + tiny.b_U).log_softmax(-1)
+    want = (p.exp() * (p - q.reshape(2, 4, -1))).sum(-1).reshape(-1)
+    want.sum().backward()
+    torch.testing.assert_close(kl, want.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad, uu.grad, rtol=1e-4, atol=1e-6)
+
+
+def _train(model, **kwargs):
+    settings = {
+        "sites": ["resid_mid", "resid_post"],
+        "n_tokens": 256,
+        "seq_len": 32,
+        "tokens_per_step": 64,
+        "progress": False,
+    }
+    return mp.train_tuned_lens(model, TEXT, **{**settings, **kwargs})
+
+
+def test_training_is_deterministic_for_a_seed_and_lowers_the_loss(tiny):
+    a, b, c = _train(tiny, seed=5), _train(tiny, seed=5), _train(tiny, seed=6)
+    for kind in a.weights:
+        assert torch.equal(a.weights[kind], b.weights[kind])
+        assert torch.equal(a.biases[kind], b.biases[kind])
+    assert not torch.equal(a.weights["resid_mid"], c.weights["resid_mid"])
+    assert a.info["steps"] == 4 and a.info["tokens"] == 256 and a.info["seed"] == 5
+    # Trained on the same text, the lens reads it closer to the model's output than the logit lens.
+    cmp = mp.compare_lenses(
+        tiny, {"logit": "logit", "tuned": a}, TEXT, sites="resid_mid", n_tokens=128, seq_len=32
+    )
+    assert (cmp.kl[1] < cmp.kl[0]).all(), cmp.kl
+
+
+def test_training_resumes_from_a_checkpoint_to_the_same_lens(tiny, tmp_path, monkeypatch):
+    before = hook_count(tiny)
+    whole = _train(tiny, optimizer="adam", seed=2)
+    folder = tmp_path / "ckpt"
+    calls = {"n": 0}
+    real = _Step.loss_and_grad
+
+    def crash_on_third(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(_Step, "loss_and_grad", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny, optimizer="adam", seed=2, checkpoint=folder, checkpoint_every=2)
+    monkeypatch.setattr(_Step, "loss_and_grad", real)
+    assert (folder / "checkpoint.safetensors").is_file()
+    resumed = _train(tiny, optimizer="adam", seed=2, checkpoint=folder, checkpoint_every=2)
+    assert resumed.info["resumed_at"] == 2
+    for kind in whole.weights:
+        assert torch.equal(whole.weights[kind], resumed.weights[kind]), kind
+    assert resumed.info["loss_per_step"] == whole.info["loss_per_step"]
+    with pytest.raises(ValueError, match=r"other settings .*seed"):
+        _train(tiny, optimizer="adam", seed=3, checkpoint=folder)
+    assert hook_count(tiny) == before
+    assert all(p.requires_grad for p in tiny.ln_final.parameters())
+
+
+def test_training_rejects_bad_settings(tiny):
+    with pytest.raises(ValueError, match="multiple of seq_len"):
+        _train(tiny, tokens_per_step=48)
+    with pytest.raises(ValueError, match="fewer than the"):
+        _train(tiny, n_tokens=100_000)
+    with pytest.raises(ValueError, match="not 'attn_out'"):
+        _train(tiny, sites=["attn_out"])
+    with pytest.raises(ValueError, match="optimizer"):
+        _train(tiny, optimizer="lbfgs")
+
+
+def test_default_text_is_large_and_its_held_out_split_is_disjoint():
+    train, held = mp.english_text("train"), mp.english_text("heldout")
+    assert len(train) == 225 and len(held) == 24
+    assert not set(train) & set(held)
+    words = sum(len(d.split()) for d in train + held)
+    assert words > 1_500_000  # about 2.5M SmolLM2 tokens
+    assert mp.read_texts("heldout") == held
+
+
+# -- Patchscope -----------------------------------------------------------------------------
+
+
+def test_patchscope_matches_a_hand_written_patch(tiny):
+    scope = mp.Patchscope(target_layer=1)
+    ids, place = scope.tokens(tiny)
+    assert tiny.to_str_tokens(torch.tensor(ids))[place] == "?"
+    x = torch.randn(3, tiny.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    before = hook_count(tiny)
+    got = scope.translate(tiny, "resid_post", 0, x)
+    assert hook_count(tiny) == before
+    n = tiny.cfg.n_layers
+    want = []
+    for v in x:
+
+        def patch(act, hook, v=v):
+            act[:, place] = v
+            return act
+
+        def keep(act, hook):
+            want.append(act[0, -1].detach().clone())
+
+        hooks = [("blocks.1.hook_resid_post", patch), (f"blocks.{n - 1}.hook_resid_post", keep)]
+        with torch.no_grad():
+            tiny.run_with_hooks(torch.tensor([ids]), fwd_hooks=hooks)
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
+    # Patching the last block's output at the read-out token gives the vector back.
+    last = mp.Patchscope().translate(tiny, "resid_post", n - 1, x)
+    torch.testing.assert_close(last, x)
+
+
+def test_patchscope_in_logit_lens_and_its_errors(tiny):
+    scope = mp.Patchscope(batch_size=2)
+    res = mp.logit_lens(tiny, "The sea is", targets=" blue sky", lens=scope, positions="all")
+    assert res.lens.startswith("patchscope (") and np.isfinite(res.target_logprob).all()
+    n = tiny.cfg.n_layers
+    # At the last layer the Patchscope gives the model's own output back (the same readout).
+    np.testing.assert_allclose(res.kl_to_final[0, n - 1], 0.0, atol=1e-5)
+    with pytest.raises(ValueError, match="does not occur"):
+        mp.Patchscope("cat -> cat;", placeholder="?")
+    with pytest.raises(ValueError, match="out of range"):
+        mp.logit_lens(tiny, "Hi", lens=mp.Patchscope(target_layer=9))
+    with pytest.raises(ValueError, match="not mlp_out"):
+        mp.logit_lens(tiny, "Hi", sites="mlp_out", lens=scope)
+
+
+# -- compare_lenses -------------------------------------------------------------------------
+
+
+def test_compare_lenses_against_a_hand_computation(tiny, tmp_path):
+    lens = _random_lens(tiny, seed=4)
+    scope = mp.Patchscope()
+    cmp = mp.compare_lenses(
+        tiny,
+        {"logit": "logit", "tuned": lens, "patchscope": scope},
+        TEXT,
+        sites=["resid_mid", "resid_post"],
+        n_tokens=32,
+        seq_len=16,
+        seed=1,
+    )
+    assert cmp.lenses == ("logit", "tuned", "patchscope") and cmp.n_positions == 2 * 15
+    windows = mp.lens._text.token_windows(tiny, TEXT, seq_len=16, n_windows=2, seed=1)
+    _, cache = tiny.run_with_cache(windows)
+    n = tiny.cfg.n_layers
+    final = cache[f"blocks.{n - 1}.hook_resid_post"][:, 1:].reshape(-1, 64)
+    p = readout(tiny, final).log_softmax(-1)
+    for e, (kind, layer) in enumerate(zip(cmp.sites, cmp.layers, strict=True)):
+        h = cache[f"blocks.{layer}.hook_{kind}"][:, 1:].reshape(-1, 64)
+        for i, obj in enumerate((mp.LogitLens(), lens, scope)):
+            q = readout(tiny, obj.translate(tiny, kind, layer, h)).log_softmax(-1)
+            kl = (p.exp() * (p - q)).sum(-1)
+            assert cmp.kl[i, e] == pytest.approx(float(kl.mean()), rel=1e-4, abs=1e-6)
+            hits = (q.argmax(-1) == p.argmax(-1)).double().mean()
+            assert cmp.precision[i, e] == pytest.approx(float(hits))
+    assert cmp.precision[:, -1] == pytest.approx(1.0)  # the last layer is the model's output
+    frame = cmp.to_frame()
+    assert len(frame) == 3 * len(cmp.sites) and set(frame["lens"]) == set(cmp.lenses)
+    assert "kl tuned" in cmp.summary().columns
+    for suffix in (".json", ".npz", ".safetensors"):
+        back = mp.LensComparison.load(cmp.save(tmp_path / f"cmp{suffix}"))
+        np.testing.assert_array_equal(back.kl, cmp.kl)
+        assert back.lenses == cmp.lenses and back.descriptions == cmp.descriptions
+    assert cmp.plot() is not None
+
+
+# -- SmolLM2 --------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_smollm2_tuned_lens_beats_the_logit_lens_on_held_out_text_at_every_layer(smollm2):
+    # 8 steps of one 128-token window, resid_post only (29 translators): about a minute on 2 cores.
+    lens = mp.train_tuned_lens(
+        smollm2, sites="resid_post", n_tokens=1024, tokens_per_step=128, progress=False
+    )
+    cmp = mp.compare_lenses(
+        smollm2, {"logit": "logit", "tuned": lens}, "heldout", n_tokens=1024, progress=False
+    )
+    n = smollm2.cfg.n_layers
+    logit, tuned = cmp.kl[0, : n - 1], cmp.kl[1, : n - 1]
+    assert (tuned < logit).all(), np.c_[logit, tuned]
+    # The last block's output is the model's own distribution under both lenses.
+    assert cmp.kl[:, n - 1] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_cli_lens_option(tiny, tmp_path, capsys, monkeypatch):
+    from mechprobe.cli import main as cli_main
+
+    path = mp.TunedLens.identity(tiny).save(tmp_path / "lens.safetensors")
+    for spec, name in [(str(path), "tuned ("), ("patchscope", "patchscope ("), ("logit", "logit")]:
+        out = tmp_path / "out.json"
+        args = ["lens", "The sea", "--target", " x", "--json", str(out), "--model", "tiny"]
+        assert cli_main([*args, "--lens", spec]) == 0
+        assert mp.LensResult.load(out).lens.startswith(name)
+    capsys.readouterr()
+    monkeypatch.setattr("mechprobe.cli.lens.load", lambda name: pytest.fail("the model was loaded"))
+    assert cli_main(["lens", "Hi", "--lens", str(tmp_path / "none.safetensors")]) == 2
+    assert "No tuned lens" in capsys.readouterr().err
+
+
+def test_read_texts_from_files_and_folders(tmp_path):
+    (tmp_path / "b.txt").write_text("Second text.", encoding="utf-8")
+    (tmp_path / "a.txt").write_text("First text.", encoding="utf-8")
+    (tmp_path / "skip.md").write_text("Not read.", encoding="utf-8")
+    assert mp.read_texts(tmp_path) == ["First text.", "Second text."]
+    assert mp.read_texts(str(tmp_path / "b.txt")) == ["Second text."]
+    with pytest.raises(ValueError, match="neither 'train', 'heldout' nor an existing"):
+        mp.read_texts("The cat sat.")
+    with pytest.raises(ValueError, match="empty"):
+        mp.read_texts(["  ", ""])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"holds no \.txt file"):
+        mp.read_texts(tmp_path / "empty")

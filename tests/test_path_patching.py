@@ -1,0 +1,170 @@
+"""Path patching against Wang et al.'s three steps written out with hooks, and TransformerLens's
+direct path patcher."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformer_lens import patching as tl_patching
+
+import mechprobe as mp
+from tests.conftest import hook_count
+
+CLEAN, CORRUPT = "A cat sat", "A bat sat"
+ANS, WRONG = 100, 101
+METRIC = mp.logit_diff(ANS, WRONG)
+
+
+def _metric(logits: torch.Tensor) -> float:
+    return float(logits[0, -1, ANS] - logits[0, -1, WRONG])
+
+
+def _explicit(model, sender: mp.Site, receiver: mp.Site | None) -> float:
+    """Wang et al. (2022), step by step. (1) Cache the clean and corrupt runs. (2) Run corrupt with
+    the sender patched to its clean value and every other head's z and every MLP's output frozen
+    at their corrupt values; keep the receiver's input there (its q, k or v, which a frozen stream
+    makes exactly "corrupt plus the sender's change"). (3) Run corrupt with only the receiver's
+    q/k/v replaced by what step 2 kept; read the metric. For the final residual, step 2's logits
+    are the answer."""
+    clean, corrupt = model.to_tokens(CLEAN), model.to_tokens(CORRUPT)
+    n_layers = model.cfg.n_layers
+    with torch.no_grad():
+        _, c_cache = model.run_with_cache(clean)
+        _, x_cache = model.run_with_cache(corrupt)
+
+        def freeze(name, patch_head=None):
+            def hook(act, hook):
+                act = x_cache[name].clone()
+                if patch_head is not None:
+                    act[:, :, patch_head] = c_cache[name][:, :, patch_head]
+                return act
+
+            return hook
+
+        hooks = []
+        for layer in range(n_layers):
+            z = f"blocks.{layer}.attn.hook_z"
+            mlp = f"blocks.{layer}.hook_mlp_out"
+            is_head = sender.kind == "head" and sender.layer == layer
+            hooks.append((z, freeze(z, sender.head if is_head else None)))
+            if sender.kind == "mlp_out" and sender.layer == layer:
+                hooks.append((mlp, lambda act, hook, name=mlp: c_cache[name].clone()))
+            else:
+                hooks.append((mlp, freeze(mlp)))
+        kept = {}
+        if receiver is not None:
+            name = receiver.hook_name
+
+            def keep(act, hook):
+                kept["value"] = act[:, :, receiver.head].clone()
+
+            hooks.append((name, keep))
+        logits = model.run_with_hooks(corrupt, fwd_hooks=hooks)
+        if receiver is None:
+            return _metric(logits)
+
+        def put(act, hook):
+            act = act.clone()
+            act[:, :, receiver.head] = kept["value"]
+            return act
+
+        return _metric(model.run_with_hooks(corrupt, fwd_hooks=[(receiver.hook_name, put)]))
+
+
+SENDERS = [mp.Site("head", 0, head=1), mp.Site("head", 1, head=3), mp.Site("mlp_out", 0)]
+
+
+@pytest.mark.parametrize("kind", ["q", "k", "v"])
+def test_head_receivers_equal_the_explicit_three_steps(tiny, kind):
+    receivers = [mp.Site(kind, 2, head=h) for h in range(2)] + [mp.Site(kind, 1, head=0)]
+    res = mp.path_patch(tiny, CLEAN, CORRUPT, SENDERS, receivers, METRIC, n_random=1)
+    for s, sender in enumerate(SENDERS):
+        for r, receiver in enumerate(receivers):
+            if receiver.layer <= sender.layer:
+                assert np.isnan(res.values[s, r])
+                continue
+            expected = _explicit(tiny, sender, receiver)
+            np.testing.assert_allclose(res.values[s, r], expected, atol=1e-5)
+    finite = res.values[np.isfinite(res.values)]
+    assert np.abs(finite - res.corrupt_metric).max() > 1e-3  # some path matters
+
+
+def test_final_receiver_is_the_direct_effect_on_the_logits(tiny):
+    senders = ["head", mp.Site("mlp_out", 1)]
+    res = mp.path_patch(tiny, CLEAN, CORRUPT, senders, "final", METRIC, n_random=2)
+    assert res.receivers == ("final",) and res.values.shape == (13, 1)
+    for s, (label, layer, head) in enumerate(
+        zip(res.senders, res.sender_layers, res.sender_heads, strict=True)
+    ):
+        kind = "head" if head is not None else "mlp_out"
+        expected = _explicit(tiny, mp.Site(kind, layer, head=head), None)
+        np.testing.assert_allclose(res.values[s, 0], expected, atol=1e-5, err_msg=label)
+    # A direct path at the last position only: the same as passing the change on there alone.
+    last = mp.path_patch(tiny, CLEAN, CORRUPT, senders, "final", METRIC, positions=[-1])
+    np.testing.assert_allclose(last.values, res.values, atol=1e-5)
+    assert np.isfinite(res.random).all() and res.random.shape == (2, 1, 13, 1)
+
+
+def test_equals_transformerlens_direct_path_patching():
+    model = mp.tiny_model(seed=2, n_kv_heads=4)  # TL's k/v direct paths refuse GQA
+    clean, corrupt = model.to_tokens(CLEAN), model.to_tokens(CORRUPT)
+    with torch.no_grad():
+        _, c_cache = model.run_with_cache(clean)
+        _, x_cache = model.run_with_cache(corrupt)
+        theirs = tl_patching.get_act_patch_direct_path(
+            model, corrupt, c_cache, x_cache, _metric_tensor, 0, 2, "k", verbose=False
+        )
+    receivers = [mp.Site("k", layer, head=h) for layer in (1, 2) for h in range(4)]
+    ours = mp.path_patch(
+        model, clean, corrupt, mp.Site("head", 0, head=2), receivers, METRIC, n_random=0
+    )
+    np.testing.assert_allclose(ours.values[0], theirs[1:].reshape(-1).numpy(), atol=1e-5)
+
+
+def _metric_tensor(logits: torch.Tensor) -> torch.Tensor:
+    return logits[0, -1, ANS] - logits[0, -1, WRONG]
+
+
+def test_the_model_keeps_no_state(tiny):
+    before = hook_count(tiny)
+    flag = bool(getattr(tiny.cfg, "use_split_qkv_input", False))
+    with torch.no_grad():
+        intact = tiny(tiny.to_tokens(CLEAN))
+
+    def bad(logits):
+        raise RuntimeError("metric failed")
+
+    with pytest.raises(RuntimeError, match="metric failed"):
+        mp.path_patch(tiny, CLEAN, CORRUPT, "mlp_out", "q", bad)
+    assert bool(getattr(tiny.cfg, "use_split_qkv_input", False)) == flag
+    assert hook_count(tiny) == before
+    with torch.no_grad():
+        assert torch.equal(tiny(tiny.to_tokens(CLEAN)), intact)
+
+
+def test_result_protocol(tiny, tmp_path):
+    res = mp.path_patch(tiny, CLEAN, CORRUPT, "head", ["final", "q"], METRIC, layers=[0, 2])
+    frame = res.to_frame()
+    assert len(frame) == res.values.size
+    assert {"effect", "spread", "random_effect"} <= set(frame.columns)
+    back = mp.PathPatchResult.load(res.save(tmp_path / "path.json"))
+    np.testing.assert_array_equal(back.per_pair, res.per_pair)
+    assert back.receivers == res.receivers and back.sender_heads == res.sender_heads
+    assert len(res.plot().axes) == 2
+    assert "sender" in res.summary().columns and len(repr(res)) < 200
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"senders": "resid_pre"}, "not accepted here"),
+        ({"receivers": "mlp_out"}, "not accepted here"),
+        ({"receivers": []}, "empty"),
+        ({"direction": "sideways"}, "denoising"),
+    ],
+)
+def test_bad_input_fails_before_running(tiny, kwargs, message):
+    args = {"senders": "head", "receivers": "final"} | kwargs
+    with pytest.raises(ValueError, match=message):
+        mp.path_patch(tiny, CLEAN, CORRUPT, metric=METRIC, **args)

@@ -1,0 +1,140 @@
+"""Causal tracing with noise against the loop a user would write: one hooked forward pass per
+(state, position, noise sample), with the same noise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mechprobe as mp
+from tests.conftest import hook_count
+
+PROMPT, SUBJECT = "The cat sat on a mat", "cat"
+
+
+def _loop(model, prompt, subject, kind, window, n_noise, level, seed, answer):
+    """ROME by hand: noise the subject's embeddings, restore one state (or a window of MLP
+    outputs) from the clean run, read the answer's probability; one forward pass per cell."""
+    tokens = model.to_tokens(prompt)
+    start, stop = mp.patching._tracing.subject_span(model, prompt, subject)
+    noise = mp.trace_noise(0, n_noise, stop - start, model.cfg.d_model, level, seed=seed)
+    n_layers, seq = model.cfg.n_layers, tokens.shape[1]
+    out = np.zeros((n_noise, n_layers, seq))
+    corrupted = np.zeros(n_noise)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        for k in range(n_noise):
+
+            def corrupt(emb, hook, k=k):
+                emb = emb.clone()
+                emb[0, start:stop] += noise[k]
+                return emb
+
+            logits = model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", corrupt)])
+            corrupted[k] = float(logits[0, -1].softmax(-1)[answer])
+            for layer in range(n_layers):
+                if kind in ("mlp_out", "attn_out") and window > 1:
+                    lo, hi = (
+                        max(0, layer - window // 2),
+                        min(n_layers, layer + (window - 1) // 2 + 1),
+                    )
+                    restored = range(lo, hi)
+                else:
+                    restored = [layer]
+                for p in range(seq):
+
+                    def restore(act, hook, p=p):
+                        act = act.clone()
+                        act[0, p] = cache[hook.name][0, p]
+                        return act
+
+                    hooks = [("hook_embed", corrupt)]
+                    hooks += [(f"blocks.{r}.hook_{kind}", restore) for r in restored]
+                    logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+                    out[k, layer, p] = float(logits[0, -1].softmax(-1)[answer])
+    return out, corrupted
+
+
+@pytest.mark.parametrize(("kind", "window"), [("resid_post", 1), ("mlp_out", 2), ("attn_out", 3)])
+def test_equals_the_hand_written_loop(tiny, kind, window):
+    res = mp.causal_trace(tiny, PROMPT, SUBJECT, sites=kind, window=window, n_noise=3, n_random=1)
+    with torch.no_grad():
+        answer = int(tiny(tiny.to_tokens(PROMPT))[0, -1].argmax())  # ROME: the model's own top
+    assert res.answers == (tiny.tokenizer.decode([answer]),)
+    loop, corrupted = _loop(tiny, PROMPT, SUBJECT, kind, window, 3, res.noise_level, 0, answer)
+    np.testing.assert_allclose(res.corrupted[0], corrupted, atol=1e-6)
+    np.testing.assert_allclose(res.scores[0][0], loop.mean(0), atol=1e-6)
+    np.testing.assert_allclose(res.noise_sd[0][0], loop.std(0), atol=1e-6)
+    assert np.abs(res.indirect_effect(0)).max() > 1e-3
+
+
+def test_invariants_and_the_noise_scale(tiny):
+    res = mp.causal_trace(tiny, [PROMPT, "A dog ran"], ["cat", "dog"], n_noise=2, n_random=2)
+    start, stop = res.subjects[0]
+    assert res.tokens[0][start:stop] == tuple("cat")  # the byte-level tiny tokenizer
+    for i in range(2):
+        a, _ = res.subjects[i]
+        # Before the subject nothing is noised: restoring changes nothing.
+        np.testing.assert_allclose(res.indirect_effect(i)[..., :a], 0.0, atol=1e-7)
+        # The last block's output at the last token is all the logits depend on.
+        k = res.kinds.index("resid_post")
+        np.testing.assert_allclose(res.scores[i][k, -1, -1], res.clean[i], atol=1e-6)
+    assert res.clean.mean() > res.corrupted.mean()
+    # The noise is 3 x the standard deviation of the subjects' embeddings (ROME's scale).
+    with torch.no_grad():
+        embeds = torch.cat(
+            [
+                tiny.embed(tiny.to_tokens(p))[0, a:b]
+                for p, (a, b) in zip([PROMPT, "A dog ran"], res.subjects, strict=True)
+            ]
+        )
+    np.testing.assert_allclose(res.noise_level, 3 * float(embeds.double().std()), rtol=1e-5)
+    assert res.by_category().shape == (3, 3, 6)
+    assert np.isfinite(res.by_category(random=True)).all()
+
+
+def test_chunking_does_not_change_anything(tiny):
+    runs = [
+        mp.causal_trace(tiny, PROMPT, SUBJECT, n_noise=2, n_random=2, cells_per_batch=n, packed=p)
+        for n, p in [(7, True), (1000, True), (50, False)]
+    ]
+    for other in runs[1:]:
+        for a, b in zip(runs[0].scores + runs[0].random, other.scores + other.random, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_a_task_gives_prompts_subjects_and_answers(tiny, tmp_path):
+    task = mp.load_task("capitals").with_shots(0).subset([0, 1])
+    res = mp.causal_trace(tiny, task, sites="mlp_out", window=1, n_noise=2, n_random=1)
+    assert res.answers == tuple(task.answers())
+    assert ["".join(t[a:b]) for t, (a, b) in zip(res.tokens, res.subjects, strict=True)] == (
+        task.inputs()
+    )
+    back = mp.TraceResult.load(res.save(tmp_path / "trace.json"))
+    for a, b in zip(back.scores, res.scores, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert back.subjects == res.subjects and back.tokens == res.tokens
+    frame = res.to_frame()
+    assert len(frame) == sum(s.size for s in res.scores)
+    assert set(frame["category"]) >= {"last token", "first subject token"}
+    assert len(res.plot().axes) == 2 and len(res.summary()) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"subjects": "dog"}, "not in the prompt"),
+        ({"subjects": ["cat", "cat"]}, "one per prompt"),
+        ({"sites": "head"}, "state kinds"),
+        ({"window": 0}, "window"),
+        ({"noise": -1.0}, "noise"),
+        ({"n_noise": 0}, "n_noise"),
+    ],
+)
+def test_bad_input_fails_before_running(tiny, kwargs, message):
+    before = hook_count(tiny)
+    args = {"subjects": SUBJECT} | kwargs
+    with pytest.raises((ValueError, TypeError), match=message):
+        mp.causal_trace(tiny, PROMPT, **args)
+    assert hook_count(tiny) == before
