@@ -114,6 +114,15 @@ class _Linear:
     def ln_final(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
 
+    # What the readout asks of a model's adapter (core's model_adapter answers for real models).
+    output_transform = None
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_final(x)
+
+    def unembedding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.W_U, self.b_U
+
 
 def _plain_stats(model: _Linear, vecs: list[torch.Tensor], final: torch.Tensor, ids, top_k: int):
     """Every statistic of Readout.grid from the same float32 logits in float64, with plain ops."""
@@ -146,6 +155,7 @@ def test_readout_statistics_equal_float64_log_softmax(
     # (3 queries, 7 rows: two entries per block) and chunks that split the queries (8 of 13).
     monkeypatch.setattr(ro, "_SWEEP_BYTES", sweep_rows * vocab * 4)
     model = _Linear(d_model, vocab, seed=n, minus_inf=minus_inf)
+    monkeypatch.setattr(ro, "model_adapter", lambda m: m)  # the stand-in is its own adapter
     gen = torch.Generator().manual_seed(1)
     final = torch.randn(n, d_model, generator=gen)
     vecs = [final * 0.3 + torch.randn(n, d_model, generator=gen) for _ in range(4)]
@@ -170,12 +180,14 @@ def test_readout_statistics_equal_float64_log_softmax(
     torch.testing.assert_close(lp.double(), want["logprob"][:, :, 0], atol=2e-5, rtol=0)
 
 
-def test_log_sum_exp_is_exact_at_a_full_vocabulary() -> None:
+def test_log_sum_exp_is_exact_at_a_full_vocabulary(monkeypatch) -> None:
     # Softmax's own normaliser is rounded: at V = 49,152 its probabilities summed to 1 +- 1e-5,
     # which would put log p_top (and every log-probability) off by as much. The readout divides by
     # the exact sum of the probabilities; what is left is the rounding of the logits themselves.
+    import mechprobe.core._readout as ro
     from mechprobe.core._readout import Readout
 
+    monkeypatch.setattr(ro, "model_adapter", lambda m: m)  # the stand-in is its own adapter
     model = _Linear(d_model=8, vocab=49_152, seed=3, minus_inf=False)
     x = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
     tokens = torch.arange(40) * 1000
