@@ -353,8 +353,10 @@ def _embedding_sd(model: Any, ids: list[Tensor], spans: list[tuple[int, int]]) -
     rows = []
     for t, (a, b) in zip(ids, spans, strict=True):
         cap = Capture(positions=list(range(a, b)))
+        # A whole forward pass: hook_embed fires inside the model's forward (a HookedTransformer's
+        # embed module alone does not run it).
         with torch.no_grad(), intervene(model, {"hook_embed": cap}):
-            model.embed(t[None].to(model.cfg.device))
+            model(t[None].to(model.cfg.device))
         assert cap.value is not None
         rows.append(cap.value[0].reshape(-1))
     return float(torch.cat(rows).double().std())
