@@ -71,7 +71,8 @@ bench: $(STAMP)
 # docs/tutorial.ipynb, executed at the full setting, from its jupytext source docs/tutorial.py
 # (the tests execute the same source at a small setting).
 tutorial: $(STAMP)
-	$(VENV)/bin/jupytext --to ipynb --execute --output docs/tutorial.ipynb docs/tutorial.py
+	$(VENV)/bin/jupytext --to ipynb --output docs/tutorial.ipynb docs/tutorial.py
+	MECHPROBE_PROGRESS=0 $(VENV)/bin/jupyter-execute --inplace --timeout=1800 docs/tutorial.ipynb
 
 clean:
 	rm -rf $(VENV) $(VENV3) .pytest_cache .mypy_cache .ruff_cache
