@@ -150,12 +150,21 @@ def test_safetensors_round_trip_with_a_format_tag(tiny, tmp_path):
     assert set(tensors) == {f"{k}.{t}" for k in RESID for t in ("weight", "bias", "layers")}
     foreign = tmp_path / "foreign.safetensors"
     save_file(tensors, foreign, metadata={"format": "something.else"})
-    with pytest.raises(ValueError, match="not a mechprobe tuned lens"):
+    with pytest.raises(ValueError, match="not a saved mechprobe tuned lens"):
         mp.TunedLens.load(foreign)
     with pytest.raises(ValueError, match=r"\.safetensors file"):
         lens.save(tmp_path / "lens.pt")
     with pytest.raises(FileNotFoundError, match="No tuned lens"):
         mp.TunedLens.load(tmp_path / "missing.safetensors")
+    # The one tensor-file writer's digests: a changed byte in a translator is found and named.
+    data = bytearray(path.read_bytes())
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    name = next(k for k in header if k.endswith(".weight"))
+    data[8 + size + header[name]["data_offsets"][0] + 1] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"tensor '{name}' does not match its SHA-256"):
+        mp.TunedLens.load(path)
 
 
 def test_reads_the_tuned_lens_package_layout(tiny, tmp_path):

@@ -47,7 +47,9 @@ from mechprobe.core._results import (
     figure_of,
     load_result,
     new_axes,
+    read_tensors,
     write_atomic,
+    write_tensors,
 )
 from mechprobe.core._runner import RunResult, forward, run
 from mechprobe.core._sites import (
@@ -118,6 +120,7 @@ __all__ = [
     "progress_bar",
     "progress_enabled",
     "query_heads",
+    "read_tensors",
     "readout",
     "resolve_layers",
     "resolve_site",
@@ -129,4 +132,5 @@ __all__ = [
     "tokenize_with_targets",
     "width",
     "write_atomic",
+    "write_tensors",
 ]

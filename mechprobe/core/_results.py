@@ -55,7 +55,9 @@ __all__ = [
     "figure_of",
     "load_result",
     "new_axes",
+    "read_tensors",
     "write_atomic",
+    "write_tensors",
 ]
 
 R = TypeVar("R", bound="Result")
@@ -447,8 +449,6 @@ def _numpy_of(value: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def _safetensors_bytes(result: Result, meta: Any, arrays: Mapping[str, Any]) -> bytes:
-    from safetensors.torch import save
-
     tensors = {}
     for key, value in arrays.items():
         if isinstance(value, np.ndarray) and value.dtype.kind not in "biuf":
@@ -456,24 +456,90 @@ def _safetensors_bytes(result: Result, meta: Any, arrays: Mapping[str, Any]) -> 
                 f"{type(result).__name__}.{key} holds {value.dtype} data, which safetensors "
                 "cannot store: save to .json or .npz instead."
             )
-        tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(value)
-        tensors[key] = tensor.contiguous()
-    header = {
-        "format": result._format,
-        "version": str(result._version),
-        "mechprobe": json.dumps(meta, allow_nan=False),
-    }
-    digests = {name: _tensor_digest(t) for name, t in tensors.items()}
-    digests["metadata"] = _header_digest(header)
-    header["sha256"] = json.dumps(digests, sort_keys=True)
-    return save(tensors, metadata=header)
+        tensors[key] = value if isinstance(value, torch.Tensor) else torch.from_numpy(value)
+    fields = {"mechprobe": json.dumps(meta, allow_nan=False)}
+    return _tensor_file(tensors, result._format, result._version, fields)
 
 
 def _read_safetensors(path: Path, cls: type[Result] | None) -> tuple[dict[str, Any], _Arrays]:
     """The encoded result and its tensors, after checking format, version and every digest."""
+    what = f"mechprobe {cls.__name__}" if cls is not None else "mechprobe result"
+    fields, tensors = read_tensors(
+        path,
+        format=cls._format if cls is not None else None,
+        version=cls._version if cls is not None else None,
+        what=what,
+    )
+    try:
+        return json.loads(fields["mechprobe"]), tensors
+    except (KeyError, json.JSONDecodeError):
+        raise ValueError(
+            f"{path} has no readable mechprobe fields in its header: it was not written by "
+            "mechprobe's save; save the result again."
+        ) from None
+
+
+def _tensor_file(
+    tensors: Mapping[str, torch.Tensor], format: str, version: int, fields: Mapping[str, str]
+) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+    header = {"format": format, "version": str(version), **fields}
+    digests = {name: _tensor_digest(t) for name, t in tensors.items()}
+    digests["metadata"] = _header_digest(header)
+    header["sha256"] = json.dumps(digests, sort_keys=True)
+    return save(dict(tensors), metadata=header)
+
+
+def write_tensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    format: str,
+    version: int,
+    fields: Mapping[str, str] | None = None,
+) -> Path:
+    """Write named tensors to one ``.safetensors`` file, exact in their dtype, with ``format``,
+    ``version``, string ``fields`` and SHA-256 digests of every tensor and of the header (what
+    :func:`read_tensors` checks). Results use it for ``.safetensors``; so do objects that are
+    not results (a tuned lens).
+
+    Example:
+        >>> import tempfile, torch
+        >>> path = write_tensors(tempfile.mkdtemp() + "/t.safetensors", {"w": torch.ones(2)},
+        ...                      format="demo.Thing", version=1, fields={"note": "hi"})
+        >>> fields, tensors = read_tensors(path, format="demo.Thing", version=1)
+        >>> fields["note"], tensors["w"].tolist()
+        ('hi', [1.0, 1.0])
+    """
+    path = Path(path)
+    _check_folder(path)
+    write_atomic(path, _tensor_file(tensors, format, version, dict(fields or {})))
+    return path
+
+
+def read_tensors(
+    path: str | os.PathLike[str],
+    *,
+    format: str | None,
+    version: int | None,
+    what: str = "mechprobe file",
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The header fields and tensors of a file written by :func:`write_tensors`, after checking
+    its format (None: any), its version (None: any) and every SHA-256 digest.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: Not a safetensors file (a pickle, damaged), another format, another version,
+            a missing or extra tensor, or bytes changed since saving; the message names the file
+            and ``what`` it should have been.
+    """
     from safetensors import SafetensorError, safe_open
 
-    what = f"mechprobe {cls.__name__}" if cls is not None else "mechprobe result"
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (or is not a file).")
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
@@ -481,47 +547,55 @@ def _read_safetensors(path: Path, cls: type[Result] | None) -> tuple[dict[str, A
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(
             f"{path} is not a safetensors file written by a {what}'s save ({err}); it may be "
-            "damaged, or a pickle: save the result again."
+            "damaged, or a pickle: save it again."
         ) from None
     found = header.get("format")
-    if cls is not None and found != cls._format:
+    if format is not None and found != format:
         raise ValueError(
-            f"{path} is not a saved {what} (format {found!r}, expected {cls._format!r}); write "
-            f"one with {cls.__name__}.save."
+            f"{path} is not a saved {what} (format {found!r}, expected {format!r}); write one "
+            "with its save method."
         )
-    if cls is not None:
-        try:
-            _check_format(cls, {"format": found, "version": int(header.get("version", ""))})
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}.") from None
+    if version is not None:
+        written = header.get("version", "")
+        if not written.isdigit() or int(written) != version:
+            newer = written.isdigit() and int(written) > version
+            raise ValueError(
+                f"{path}: {found} version {written!r} "
+                + (
+                    f"was written by a newer mechprobe (this one reads version {version}): "
+                    "upgrade mechprobe."
+                    if newer
+                    else f"is not the version this mechprobe writes ({version}): save it again."
+                )
+            )
     try:
         digests = json.loads(header["sha256"])
-        data = json.loads(header["mechprobe"])
     except (KeyError, json.JSONDecodeError):
         raise ValueError(
-            f"{path} has no readable mechprobe header (SHA-256 digests and fields): it was not "
-            "written by mechprobe's save; save the result again."
+            f"{path} has no readable SHA-256 digests: it was not written by mechprobe's save; "
+            "save it again."
         ) from None
     if digests.get("metadata") != _header_digest(header):
         raise ValueError(
             f"{path}: its metadata does not match its SHA-256 digest: the file was changed or "
-            "damaged after saving; save the result again."
+            "damaged after saving; save it again."
         )
     for name in sorted(set(digests) - {"metadata"}):
         if name not in tensors:
             raise ValueError(
                 f"{path} lacks the tensor {name!r} its metadata lists: the file is incomplete; "
-                "save the result again."
+                "save it again."
             )
         if _tensor_digest(tensors[name]) != digests[name]:
             raise ValueError(
                 f"{path}: tensor {name!r} does not match its SHA-256 digest: the file was "
-                "changed or damaged after saving; save the result again."
+                "changed or damaged after saving; save it again."
             )
     extra = sorted(set(tensors) - set(digests))
     if extra:
         raise ValueError(f"{path} holds tensors {extra} that its metadata does not list.")
-    return data, tensors
+    fields = {k: v for k, v in header.items() if k not in ("format", "version", "sha256")}
+    return fields, tensors
 
 
 def _tensor_digest(tensor: torch.Tensor) -> str:

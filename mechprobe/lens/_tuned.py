@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechprobe.core import write_atomic
+from mechprobe.core import read_tensors, write_tensors
 from mechprobe.lens._lens import RESIDUAL_KINDS, Lens
 
 __all__ = ["TunedLens", "canonical_site", "unembedding_digest"]
@@ -240,8 +240,6 @@ class TunedLens(Lens):
             >>> mp.TunedLens.load(path).layers == lens.layers
             True
         """
-        from safetensors.torch import save
-
         out = Path(path)
         if out.suffix != ".safetensors":
             raise ValueError(f"Save a tuned lens to a .safetensors file, not {out.name!r}.")
@@ -253,17 +251,15 @@ class TunedLens(Lens):
             tensors[f"{kind}.weight"] = self.weights[kind]
             tensors[f"{kind}.bias"] = self.biases[kind]
             tensors[f"{kind}.layers"] = torch.tensor(self.layers[kind], dtype=torch.int64)
-        meta = {
-            "format": FORMAT,
-            "version": str(VERSION),
+        fields = {
             "model_name": self.model_name,
             "n_layers": str(self.n_layers),
             "d_model": str(self.d_model),
             "unembed_sha256": self.unembed_digest,
             "info": json.dumps(self.info, sort_keys=True),
         }
-        write_atomic(out, save(tensors, metadata=meta))
-        return out
+        # The project's one tensor-file writer: format tag, version, SHA-256 digests checked on load.
+        return write_tensors(out, tensors, format=FORMAT, version=VERSION, fields=fields)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TunedLens:
@@ -273,8 +269,6 @@ class TunedLens(Lens):
         Raises:
             ValueError: The file is not a mechprobe tuned lens, or a newer version.
         """
-        from safetensors import safe_open
-
         src = Path(path)
         if src.is_dir():
             return cls.from_tuned_lens(src)
@@ -282,20 +276,9 @@ class TunedLens(Lens):
             raise FileNotFoundError(
                 f"No tuned lens at {src}: pass a .safetensors file or a folder."
             )
-        with safe_open(str(src), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-        if meta.get("format") != FORMAT:
-            raise ValueError(
-                f"{src} is not a mechprobe tuned lens (format {meta.get('format')!r}); for the "
-                "tuned-lens package's folders pass the folder holding config.json and params.pt."
-            )
-        version = int(meta.get("version", "0"))
-        if version > VERSION:
-            raise ValueError(
-                f"{src} is a tuned lens of version {version}, written by a newer mechprobe (this "
-                f"one reads version {VERSION}): upgrade mechprobe."
-            )
+        meta, tensors = read_tensors(
+            src, format=FORMAT, version=VERSION, what="mechprobe tuned lens"
+        )
         kinds = sorted({key.split(".")[0] for key in tensors})
         return cls(
             {k: tensors[f"{k}.weight"] for k in kinds},
