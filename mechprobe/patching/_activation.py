@@ -74,6 +74,20 @@ def _sites(model: Any, sites: Any, layers: Layers, what: str = "patch()") -> lis
     return found
 
 
+def token_pairs(model: Any, clean: Prompts, corrupt: Prompts) -> tuple[list[Tensor], list[Tensor]]:
+    """Unpadded token ids of the clean and the corrupt prompts, one corrupt prompt per clean one."""
+    clean_ids, corrupt_ids = (
+        token_rows(model, clean, "clean"),
+        token_rows(model, corrupt, "corrupt"),
+    )
+    if len(clean_ids) != len(corrupt_ids):
+        raise ValueError(
+            f"Got {len(clean_ids)} clean and {len(corrupt_ids)} corrupt prompts: pass one corrupt "
+            "prompt per clean prompt."
+        )
+    return clean_ids, corrupt_ids
+
+
 def token_rows(model: Any, prompts: Prompts, what: str) -> list[Tensor]:
     """Unpadded token ids of each prompt (strings are tokenised with the model's BOS).
 
@@ -200,15 +214,7 @@ def patch(
     if direction not in get_args(Direction):
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
     _check_common(cells_per_batch, n_random, seed)
-    clean_ids, corrupt_ids = (
-        token_rows(model, clean, "clean"),
-        token_rows(model, corrupt, "corrupt"),
-    )
-    if len(clean_ids) != len(corrupt_ids):
-        raise ValueError(
-            f"Got {len(clean_ids)} clean and {len(corrupt_ids)} corrupt prompts: pass one corrupt "
-            "prompt per clean prompt."
-        )
+    clean_ids, corrupt_ids = token_pairs(model, clean, corrupt)
     n_pairs = len(clean_ids)
     src, base = (clean_ids, corrupt_ids) if direction == "denoising" else (corrupt_ids, clean_ids)
     site_list = _sites(model, sites, layers)

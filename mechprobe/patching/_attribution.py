@@ -51,7 +51,7 @@ from mechprobe.patching._activation import (
     _result,
     _sites,
     position_pairs,
-    token_rows,
+    token_pairs,
 )
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
 from mechprobe.patching._result import PatchResult
@@ -191,15 +191,7 @@ def attribution_patch(
     """
     check_int(n_random, "n_random", 0)
     check_int(seed, "seed")
-    clean_ids, corrupt_ids = (
-        token_rows(model, clean, "clean"),
-        token_rows(model, corrupt, "corrupt"),
-    )
-    if len(clean_ids) != len(corrupt_ids):
-        raise ValueError(
-            f"Got {len(clean_ids)} clean and {len(corrupt_ids)} corrupt prompts: pass one corrupt "
-            "prompt per clean prompt."
-        )
+    clean_ids, corrupt_ids = token_pairs(model, clean, corrupt)
     n_pairs = len(clean_ids)
     site_list = _sites(model, sites, layers, "attribution_patch()")
     wanted, resolved = position_pairs(

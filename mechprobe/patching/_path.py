@@ -47,7 +47,7 @@ from mechprobe.patching._activation import (
     Prompts,
     _check_common,
     position_pairs,
-    token_rows,
+    token_pairs,
 )
 from mechprobe.patching._engine import ADD, Base, Cell, Edit, Plan, run_plan, unit_vectors
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
@@ -375,15 +375,7 @@ def path_patch(
     if direction not in get_args(Direction):
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
     _check_common(cells_per_batch, n_random, seed)
-    clean_ids, corrupt_ids = (
-        token_rows(model, clean, "clean"),
-        token_rows(model, corrupt, "corrupt"),
-    )
-    if len(clean_ids) != len(corrupt_ids):
-        raise ValueError(
-            f"Got {len(clean_ids)} clean and {len(corrupt_ids)} corrupt prompts: pass one corrupt "
-            "prompt per clean prompt."
-        )
+    clean_ids, corrupt_ids = token_pairs(model, clean, corrupt)
     n_pairs = len(clean_ids)
     src, base = (clean_ids, corrupt_ids) if direction == "denoising" else (corrupt_ids, clean_ids)
     sender_list = _senders(model, senders, layers)
