@@ -282,6 +282,31 @@ def test_training_resumes_from_a_checkpoint_to_the_same_lens(tiny, tmp_path, mon
     assert all(p.requires_grad for p in tiny.ln_final.parameters())
 
 
+@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
+def test_both_precisions_train_and_auto_picks_by_the_device(tiny, precision, monkeypatch):
+    # Each path runs here whatever this CPU has (forced); bfloat16 rounds the two vocabulary
+    # products' inputs to 8 significant bits, so its KL and gradient agree with float32's to
+    # about 2^-8 relative, and its lens reads the text as well as float32's.
+    step, exact = _Step(tiny, precision, chunk_rows=5), _Step(tiny, "float32", chunk_rows=5)
+    g = torch.Generator().manual_seed(3)
+    final, u = torch.randn(4, 64, generator=g), torch.randn(8, 64, generator=g)
+    kl, grad = step.loss_and_grad(u, *step.targets(final))
+    kl32, grad32 = exact.loss_and_grad(u, *exact.targets(final))
+    torch.testing.assert_close(kl, kl32, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grad, grad32, rtol=2e-2, atol=2e-2)
+    lens = _train(tiny, precision=precision, seed=5)
+    assert lens.info["precision"] == precision
+    cmp = mp.compare_lenses(
+        tiny, {"logit": "logit", "tuned": lens}, TEXT, sites="resid_mid", n_tokens=128, seq_len=32
+    )
+    assert (cmp.kl[1] < cmp.kl[0]).all(), cmp.kl
+    # "auto" takes bfloat16 only where the device multiplies it natively (emulated bfloat16 is
+    # hundreds of times slower than float32 on an AVX2-only CPU).
+    native = precision == "bfloat16"
+    monkeypatch.setattr("mechprobe.lens._train.native_bfloat16", lambda device: native)
+    assert _train(tiny, n_tokens=64, seed=5).info["precision"] == precision
+
+
 def test_training_rejects_bad_settings(tiny):
     with pytest.raises(ValueError, match="multiple of seq_len"):
         _train(tiny, tokens_per_step=48)

@@ -38,6 +38,7 @@ from mechprobe.core._models import (
     save_model,
     tiny_model,
 )
+from mechprobe.core._precision import native_bfloat16
 from mechprobe.core._progress import progress_bar, progress_enabled
 from mechprobe.core._readout import Readout, readout
 from mechprobe.core._results import (
@@ -113,6 +114,7 @@ __all__ = [
     "load_model",
     "load_result",
     "model_adapter",
+    "native_bfloat16",
     "new_axes",
     "pad_id",
     "pad_rows",

@@ -15,8 +15,9 @@ goes back through the unembedding, two ``[rows, d] x [d, vocab]`` products per t
 token, about 25 times a forward pass of SmolLM2 per token for 60 translators. All translators of
 a step share those products (one batched matrix per chunk of rows), the KL's gradient needs no
 ``[rows, vocab]`` tensor kept for autograd (``softmax(z) @ W_U.T - W_U p``, with ``W_U p`` computed
-once per token), and in ``precision="bfloat16"`` (the default, as the paper's autocast) the two
-products take bfloat16 inputs with float32 accumulation. The first position of every window (BOS)
+once per token), and in ``precision="bfloat16"`` (as the paper's autocast; the default where the
+device multiplies bfloat16 natively, float32 elsewhere) the two products take bfloat16 inputs with
+float32 accumulation. The first position of every window (BOS)
 is left out of the loss: its stream is an attention sink with norms far from every other token's.
 
 Training is resumable: with ``checkpoint=FOLDER`` the translators, the optimiser's state and the
@@ -43,6 +44,8 @@ from mechprobe.core import (
     check_choice,
     check_float,
     check_int,
+    model_adapter,
+    native_bfloat16,
     progress_bar,
     readout,
     run,
@@ -207,7 +210,7 @@ def train_tuned_lens(
     momentum: float = 0.9,
     weight_decay: float = 1e-3,
     warmup_steps: int | None = None,
-    precision: Literal["bfloat16", "float32"] = "bfloat16",
+    precision: Literal["auto", "bfloat16", "float32"] = "auto",
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 8,
     seed: int = 0,
@@ -232,7 +235,10 @@ def train_tuned_lens(
         weight_decay: Decay towards the identity translator.
         warmup_steps: Linear warm-up steps (default 0 for SGD, a fifth of the steps for Adam).
         precision: ``"bfloat16"`` (the unembedding products take bfloat16 inputs, accumulate in
-            float32) or ``"float32"``.
+            float32), ``"float32"``, or ``"auto"`` (the default): bfloat16 where the model's
+            device multiplies it natively (:func:`mechprobe.core.native_bfloat16`), float32
+            elsewhere, where emulated bfloat16 is far slower. The lens's ``info`` records the
+            precision used.
         checkpoint: A folder to write the state to and resume from (None: no checkpoints).
         checkpoint_every: Steps between checkpoints.
         seed: Seed of the windows' order.
@@ -263,7 +269,9 @@ def train_tuned_lens(
             f"tokens_per_step ({tokens_per_step}) must be a multiple of seq_len ({seq_len})."
         )
     check_choice(optimizer, "optimizer", ("sgd", "adam"))
-    check_choice(precision, "precision", ("bfloat16", "float32"))
+    check_choice(precision, "precision", ("auto", "bfloat16", "float32"))
+    if precision == "auto":
+        precision = "bfloat16" if native_bfloat16(model_adapter(model).device) else "float32"
     momentum = check_float(momentum, "momentum", 0.0, 1.0)
     weight_decay = check_float(weight_decay, "weight_decay", 0.0)
     lr = (
