@@ -16,7 +16,9 @@ TL3_TESTS := tests/test_adapter.py tests/test_hooks.py tests/test_runner.py test
 	tests/test_erasure_sweep.py tests/test_ffn_ablation.py tests/test_ffn_intervention.py \
 	tests/test_ovector.py tests/test_relational.py tests/test_relational_protocol.py \
 	tests/test_scoring.py tests/test_trajectory.py tests/test_datasets.py tests/test_nullspace.py \
-	tests/test_tracing.py tests/test_lenses.py tests/test_model_kinds.py
+	tests/test_tracing.py tests/test_lenses.py tests/test_model_kinds.py tests/test_heads.py \
+	tests/test_path_patching.py tests/test_attribution.py tests/test_function_vectors.py \
+	tests/test_cli_causal.py
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false

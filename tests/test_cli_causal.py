@@ -17,14 +17,16 @@ def _no_model(name):
 
 
 @pytest.mark.parametrize("method", ["exact", "attribution"])
-def test_cli_patch_writes_the_api_result(tmp_path, capsys, method):
+def test_cli_patch_writes_the_api_result(tiny, tmp_path, capsys, method):
+    # --model names a saved copy of the test model (a HookedTransformer in make test-tl3).
+    folder = mp.save_model(tiny, tmp_path / "model")
     out = tmp_path / "run" / method
-    args = [*PATCH, "--wrong", "2", "--sites", "head", "--model", "tiny", "--quiet"]
+    args = [*PATCH, "--wrong", "2", "--sites", "head", "--model", str(folder), "--quiet"]
     assert cli_main([*args, "--method", method, "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} == {"result.json", "patch.png", "report.md"}
     saved = mp.core.load_result(out / "result.json")
     api = mp.attribution_patch if method == "attribution" else mp.patch
-    direct = api(mp.tiny_model(), "A cat sat", "A bat sat", "head", -1, mp.logit_diff("1", "2"))
+    direct = api(tiny, "A cat sat", "A bat sat", "head", -1, mp.logit_diff("1", "2"))
     np.testing.assert_allclose(saved.values, direct.values, atol=1e-6)
     np.testing.assert_allclose(saved.random, direct.random, atol=1e-6)
     report = (out / "report.md").read_text()

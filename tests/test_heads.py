@@ -10,7 +10,7 @@ import torch
 from transformer_lens import patching as tl_patching
 
 import mechprobe as mp
-from mechprobe.core import query_heads
+from mechprobe.core import model_adapter, query_heads
 from mechprobe.patching._engine import unit_vectors
 from tests.conftest import hook_count
 
@@ -73,7 +73,8 @@ def _hand_patch(model, site: mp.Site, position: int) -> float:
 def test_head_kinds_equal_hand_written_hooks_on_gqa(tiny, kind):
     res = mp.patch(tiny, CLEAN, CORRUPT, kind, [DIFF_POS, -1], METRIC, n_random=0)
     seq = tiny.to_tokens(CLEAN).shape[1]
-    n_heads = 2 if kind in ("k", "v") else 4  # the tiny model's key/value heads: 2
+    adapter = model_adapter(tiny)  # the Llama-style tiny models: 4 query heads, 2 key/value heads
+    n_heads = adapter.n_kv_heads if kind in ("k", "v") else adapter.n_heads
     assert len(res.sites) == tiny.cfg.n_layers * n_heads
     expected = np.array(
         [
@@ -99,20 +100,24 @@ def test_head_out_equals_z_patching(tiny):
 @pytest.mark.parametrize("kind", ["k", "v"])
 def test_a_key_value_head_feeds_exactly_its_query_heads(tiny, kind):
     tokens = tiny.to_tokens(CLEAN)
+    adapter = model_adapter(tiny)
+    group = adapter.n_heads // adapter.n_kv_heads  # query heads per key/value head (1: no GQA)
     layer, kv_head = 1, 1
     site = mp.Site(kind, layer, head=kv_head)
-    assert query_heads(tiny, site) == (2, 3)  # 4 query heads share 2 key/value heads
+    fed = tuple(range(kv_head * group, (kv_head + 1) * group))
+    assert query_heads(tiny, site) == fed  # Llama-style tiny models: (2, 3) of 4 query heads
+    others = [h for h in range(adapter.n_heads) if h not in fed]
     before, after = mp.Capture(), mp.Capture()
     with torch.no_grad():
         with mp.intervene(tiny, {f"blocks.{layer}.attn.hook_z": before}):
             tiny(tokens)
-        noise = torch.randn(16, generator=torch.Generator().manual_seed(0))
+        noise = torch.randn(adapter.d_head, generator=torch.Generator().manual_seed(0))
         spec = {site: mp.Replace(noise, positions=1), f"blocks.{layer}.attn.hook_z": after}
         with mp.intervene(tiny, spec):
             tiny(tokens)
     changed = (after.value - before.value).abs().amax(dim=(0, 1, 3))  # per query head
-    assert changed[[0, 1]].max() == 0
-    assert changed[[2, 3]].min() > 1e-3
+    assert changed[others].max() == 0
+    assert changed[list(fed)].min() > 1e-3
 
 
 def _tl_index(model, positions, pattern):
@@ -188,9 +193,10 @@ def test_random_control_moves_the_same_distance_in_a_seeded_direction(tiny):
 
 def test_controls_and_spread_do_not_depend_on_chunking(tiny):
     clean, corrupt = [CLEAN, "A dog ran"], [CORRUPT, "A fog ran"]
+    packs = model_adapter(tiny).packs_rows  # a HookedTransformer runs one sequence per row
     runs = [
         mp.patch(tiny, clean, corrupt, k, [-1, 2], METRIC, cells_per_batch=n, packed=packed)
-        for k, n, packed in [("q", 1, True), ("q", 1000, True), ("q", 7, False)]
+        for k, n, packed in [("q", 1, packs), ("q", 1000, packs), ("q", 7, False)]
     ]
     for other in runs[1:]:
         np.testing.assert_allclose(other.random, runs[0].random, atol=1e-5)
@@ -243,8 +249,9 @@ def test_ablate_cells_equals_one_intervention_at_a_time(tiny, kind, method):
 
 
 def test_head_sites_validate_against_the_model(tiny):
-    with pytest.raises(ValueError, match="2 key/value heads"):
-        mp.patch(tiny, CLEAN, CORRUPT, mp.Site("k", 0, head=3), -1, METRIC)
+    n_kv = model_adapter(tiny).n_kv_heads
+    with pytest.raises(ValueError, match=f"{n_kv} key/value heads"):
+        mp.patch(tiny, CLEAN, CORRUPT, mp.Site("k", 0, head=n_kv), -1, METRIC)
     with pytest.raises(ValueError, match="needs head="):
         mp.Site("pattern", 0)
     with pytest.raises(ValueError, match="same index"):

@@ -293,8 +293,10 @@ def _writes(
 @contextlib.contextmanager
 def split_qkv(model: Any) -> Iterator[dict[SiteLike, list[Intervention]]]:
     """Give every attention head its own copy of the residual stream for its q, k and v inputs
-    (TransformerLens's ``use_split_qkv_input``: hooks ``blocks.L.attn.hook_{q,k,v}_input``,
-    ``[batch, pos, heads, d_model]`` before the layer norm), and restore the model's flags after.
+    (TransformerLens's ``use_split_qkv_input``: hooks ``blocks.L.hook_{q,k,v}_input``,
+    ``[batch, pos, heads, d_model]`` before the layer norm; a ``HookedTransformer`` has these
+    names only, a bridge has them as aliases of ``blocks.L.attn.hook_{q,k,v}_input``), and
+    restore the model's flags after.
 
     Raises:
         ValueError: The model has no such switch.
@@ -441,7 +443,7 @@ def path_patch(
                         if site.layer <= sender.layer:
                             continue  # the receiver reads the stream before the sender writes
                         assert site.head is not None
-                        hook = f"blocks.{site.layer}.attn.hook_{site.kind}_input"
+                        hook = f"blocks.{site.layer}.hook_{site.kind}_input"
                         edits = tuple(
                             Edit(hook, "head", pb, ADD, head=site.head, payload=delta[k])
                             for k, (_, pb) in enumerate(resolved[i])
