@@ -58,8 +58,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# Both environments: TransformerLens 4.3 (the whole suite), then 3.9 (test-tl3).
-test: lint
+# Both environments: TransformerLens 4.3 (the whole suite), then 3.9 (test-tl3). The second
+# environment installs while the first is linted (pip is mostly waiting on the disk).
+test:
+	$(MAKE) -j2 lint setup-tl3
 	$(VENV)/bin/pytest -q
 	$(MAKE) test-tl3
 

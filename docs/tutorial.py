@@ -79,7 +79,7 @@ patched.plot()
 # %%
 routes = mp.patch(
     model, clean, corrupt, "resid_pre", "all", mp.logit_diff(" Paris", " Rome"),
-    layers=range(0, model.cfg.n_layers, 3), progress=False,
+    layers=range(0, model.cfg.n_layers, 3), n_random=1 if SMALL else 3, progress=False,
 )  # fmt: skip
 routes.plot()
 
@@ -122,7 +122,7 @@ relational.trajectory.plot()
 # it (a random label per word type): selectivity = accuracy - control accuracy.
 
 # %%
-countries = mp.country_dataset(n_countries=20, shots=(0, 1, 3), seed=0)
+countries = mp.country_dataset(n_countries=20, shots=(0, 1) if SMALL else (0, 1, 3), seed=0)
 acts = mp.collect(model, countries, "resid_post", progress=False)
 probes = mp.probe_layers(acts, seed=0, progress=False)
 probes

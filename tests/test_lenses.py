@@ -418,12 +418,14 @@ def test_compare_lenses_against_a_hand_computation(tiny, tmp_path):
 
 @pytest.mark.integration
 def test_smollm2_tuned_lens_beats_the_logit_lens_on_held_out_text_at_every_layer(smollm2):
-    # 8 steps of one 128-token window, resid_post only (29 translators): about a minute on 2 cores.
+    # 4 steps of one 128-token window, resid_post only (29 translators), 256 held-out tokens:
+    # about a minute on one AVX2 core in float32. The smallest margin was 0.45 nats (layer 28,
+    # 1.78 -> 1.33) with 512 held-out tokens.
     lens = mp.train_tuned_lens(
-        smollm2, sites="resid_post", n_tokens=1024, tokens_per_step=128, progress=False
+        smollm2, sites="resid_post", n_tokens=512, tokens_per_step=128, progress=False
     )
     cmp = mp.compare_lenses(
-        smollm2, {"logit": "logit", "tuned": lens}, "heldout", n_tokens=1024, progress=False
+        smollm2, {"logit": "logit", "tuned": lens}, "heldout", n_tokens=256, progress=False
     )
     n = smollm2.cfg.n_layers
     logit, tuned = cmp.kl[0, : n - 1], cmp.kl[1, : n - 1]

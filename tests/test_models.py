@@ -113,16 +113,16 @@ def test_smollm2_bridge_equals_hf_and_answers(smollm2):
 
 
 @pytest.mark.integration
-def test_smollm2_cache_is_faithful_to_the_gguf(smollm2, tmp_path):
-    """A cache built here holds exactly the weights and tokenizer transformers reads from the GGUF
-    itself (our one-pass reader against its loader), and the bridge gives the same logits."""
+def test_smollm2_cache_is_faithful_to_the_gguf(smollm2):
+    """The cache the session's model was loaded from (built by this code on a fresh machine) holds
+    exactly the weights and tokenizer transformers reads from the GGUF itself (our one-pass reader
+    against its loader), and the bridge gives the same logits."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = models._embedded_gguf("smollm2-135m")
     direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    folder = tmp_path / "cache"
-    models._build_cache(gguf, folder, models._source_id(gguf))
+    folder = models.cache_dir() / "smollm2-135m-f32"
     assert models._cache_is_valid(folder, models._source_id(gguf))
     cached = load_file(folder / "model.safetensors")
     expected = {k: v for k, v in direct.state_dict().items() if k != "lm_head.weight"}
