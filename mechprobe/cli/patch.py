@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from mechprobe.cli._arguments import add_model_argument, load, output_problem, positions_type
+from mechprobe.cli._run_folder import write_run_folder
 from mechprobe.cli.lens import unescape
 
 _HELP = """\
@@ -79,20 +79,6 @@ def _layers(text: str | None) -> Any:
         raise ValueError(f"--layers must be comma-separated ints, not {text!r}") from None
 
 
-def report(title: str, args: argparse.Namespace, result: Any, figure: str) -> str:
-    """report.md: the settings run, the result's one-line description, its summary table."""
-    table = result.summary().to_string(index=False, float_format=lambda v: f"{v:.4g}")
-    settings = "\n".join(
-        f"{k}: {v!r}" for k, v in vars(args).items() if k not in ("func", "command")
-    )
-    return (
-        f"# {title}\n\n```\n{settings}\n```\n\n{result._describe()}\n\n"
-        f"## Summary\n\n```\n{table}\n```\n\n![{figure}]({figure})\n\n"
-        "Full values (every cell, per pair, random controls): `result.json` "
-        "(load with `mechprobe.load_result`).\n"
-    )
-
-
 def main(args: argparse.Namespace) -> int:
     """Run the patching on the parsed arguments and write result.json, patch.png, report.md."""
     import mechprobe as mp
@@ -139,16 +125,5 @@ def main(args: argparse.Namespace) -> int:
             )
     except (ValueError, TypeError, mp.ModelLoadError) as err:
         return fail(str(err))
-    folder = Path(args.out)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        result.save(folder / "result.json")
-        result.plot().savefig(folder / "patch.png", dpi=150, bbox_inches="tight")
-        (folder / "report.md").write_text(
-            report("mechprobe patch", args, result, "patch.png"), encoding="utf-8"
-        )
-    except OSError as err:
-        return fail(f"cannot write {folder}: {err}")
-    print(result.summary().to_string(index=False))
-    print(f"\nwrote {folder / 'result.json'}, {folder / 'patch.png'} and {folder / 'report.md'}")
-    return 0
+    problem = write_run_folder("patch", args, result, "patch.png")
+    return fail(problem) if problem else 0

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from mechprobe.cli._arguments import add_model_argument, load, output_problem
+from mechprobe.cli._run_folder import write_run_folder
 from mechprobe.cli.lens import unescape
-from mechprobe.cli.patch import report
 
 _HELP = """\
 Noise the subject's token embeddings (3 x their standard deviation, as ROME), restore each
@@ -107,16 +106,5 @@ def main(args: argparse.Namespace) -> int:
             )
     except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:
         return fail(str(err))
-    folder = Path(args.out)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        result.save(folder / "result.json")
-        result.plot().savefig(folder / "trace.png", dpi=150, bbox_inches="tight")
-        (folder / "report.md").write_text(
-            report("mechprobe trace", args, result, "trace.png"), encoding="utf-8"
-        )
-    except OSError as err:
-        return fail(f"cannot write {folder}: {err}")
-    print(result.summary().to_string(index=False))
-    print(f"\nwrote {folder / 'result.json'}, {folder / 'trace.png'} and {folder / 'report.md'}")
-    return 0
+    problem = write_run_folder("trace", args, result, "trace.png")
+    return fail(problem) if problem else 0

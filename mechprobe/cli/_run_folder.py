@@ -1,0 +1,41 @@
+"""The folder an analysis command writes: ``result.json``, its figure and ``report.md``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def report(title: str, args: argparse.Namespace, result: Any, figure: str) -> str:
+    """report.md: the settings run, the result's one-line description, its summary table."""
+    table = result.summary().to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    settings = "\n".join(
+        f"{k}: {v!r}" for k, v in vars(args).items() if k not in ("func", "command")
+    )
+    return (
+        f"# {title}\n\n```\n{settings}\n```\n\n{result._describe()}\n\n"
+        f"## Summary\n\n```\n{table}\n```\n\n![{figure}]({figure})\n\n"
+        "Full values (every cell, per pair, random controls): `result.json` "
+        "(load with `mechprobe.load_result`).\n"
+    )
+
+
+def write_run_folder(
+    command: str, args: argparse.Namespace, result: Any, figure: str
+) -> str | None:
+    """Write ``result.json``, the figure ``figure`` and ``report.md`` into ``args.out`` and print
+    the summary table; return why a file could not be written (None when all were)."""
+    folder = Path(args.out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        result.save(folder / "result.json")
+        result.plot().savefig(folder / figure, dpi=150, bbox_inches="tight")
+        (folder / "report.md").write_text(
+            report(f"mechprobe {command}", args, result, figure), encoding="utf-8"
+        )
+    except OSError as err:
+        return f"cannot write {folder}: {err}"
+    print(result.summary().to_string(index=False))
+    print(f"\nwrote {folder / 'result.json'}, {folder / figure} and {folder / 'report.md'}")
+    return None
