@@ -23,7 +23,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-tl3 demo test test-tl3 lint bench tutorial clean
+.PHONY: setup setup-tl3 demo test test-tl4 test-tl3 lint bench tutorial clean
 
 setup: $(STAMP)
 
@@ -58,12 +58,17 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# Both environments: TransformerLens 4.3 (the whole suite), then 3.9 (test-tl3). The second
-# environment installs while the first is linted (pip is mostly waiting on the disk).
+# Both environments: TransformerLens 4.3 (the whole suite, test-tl4) and 3.9 (test-tl3). The second
+# environment installs while the first is linted (pip mostly waits on the disk); then the two
+# suites run side by side, one thread each (two default thread pools on two cores spin against
+# each other), and each suite's output is printed whole when it ends. A cold model cache is built
+# once: the second suite waits for the first's build (a lock beside the cache).
 test:
 	$(MAKE) -j2 lint setup-tl3
+	OMP_NUM_THREADS=1 $(MAKE) -j2 --output-sync=target test-tl4 test-tl3
+
+test-tl4: $(STAMP)
 	$(VENV)/bin/pytest -q
-	$(MAKE) test-tl3
 
 test-tl3: $(STAMP3)
 	MECHPROBE_TEST_MODELS=hooked,hooked-gpt2 $(VENV3)/bin/pytest -q \

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,34 @@ def test_warm_cache_is_trusted_by_size_and_time_and_rehashed_when_they_change(
     weights.write_bytes(bytes(data))  # same size, new time, other bytes
     assert not models._cache_is_valid(folder, source)
     assert len(hashed) == 2
+
+
+def test_a_cold_cache_is_built_by_one_process_while_others_wait(tmp_path):
+    """Two processes starting cold together (make test runs two suites side by side) must not
+    remove the copy the other is reading: the build waits for the cache entry's lock."""
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "tiny-tokenizer-v1"
+    script = (
+        "import transformers, mechprobe.core._models as m; print('ready', flush=True); "
+        "m._tiny_tokenizer(); print('done', flush=True)"
+    )
+    env = {**os.environ, "MECHPROBE_CACHE": str(tmp_path)}
+    with models._cache_lock(folder):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            time.sleep(2.0)  # the build itself takes a fraction of that once imports are done
+            assert proc.poll() is None and not folder.exists(), "built while the lock was held"
+        except BaseException:
+            proc.kill()
+            raise
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and out.strip() == "done"
+    from transformers import AutoTokenizer
+
+    assert models._tiny_ids(AutoTokenizer.from_pretrained(folder)) == (1, 2, 2, 259)

@@ -174,6 +174,29 @@ def _write_manifest(folder: Path, source: dict[str, Any], files: dict[str, Any])
     os.replace(tmp, folder / _MANIFEST)
 
 
+@contextlib.contextmanager
+def _cache_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the cache entry ``folder`` while it is checked and (re)built.
+
+    Two processes that start cold together (the two test environments of ``make test``, several
+    notebooks) then build it once, and neither removes a copy the other is reading. The lock is a
+    ``flock`` on ``.{name}.lock`` beside the folder, released when the process ends however it
+    ends; where ``fcntl`` does not exist (Windows) there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _build_cache(gguf: Path, folder: Path, source: dict[str, Any]) -> None:
     """Dequantise the GGUF once and write config, tokenizer and safetensors atomically.
 
@@ -233,12 +256,15 @@ def _load_embedded(name: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
     source = _source_id(gguf)
     if not _cache_is_valid(folder, source):
         _check_writable(folder.parent)
-        if folder.exists():
-            warnings.warn(
-                f"mechprobe: the weight cache in {folder} is incomplete or corrupt; rebuilding it.",
-                stacklevel=3,
-            )
-        _build_cache(gguf, folder, source)
+        with _cache_lock(folder):
+            if not _cache_is_valid(folder, source):  # another process may have built it meanwhile
+                if folder.exists():
+                    warnings.warn(
+                        f"mechprobe: the weight cache in {folder} is incomplete or corrupt; "
+                        "rebuilding it.",
+                        stacklevel=3,
+                    )
+                _build_cache(gguf, folder, source)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return hf_model, tokenizer, _EMBEDDED[name][2]
@@ -495,15 +521,21 @@ def _tiny_tokenizer() -> Any:
             if _tiny_ids(tokenizer) == (1, 2, 2, 259):
                 return tokenizer
     _check_writable(folder.parent)
-    tmp = Path(tempfile.mkdtemp(prefix="tiny-tokenizer.", dir=folder.parent))
-    try:
-        _new_tiny_tokenizer().save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-        with contextlib.suppress(OSError):  # another process won the race; same copy
-            tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _cache_lock(folder):
+        try:  # another process may have built it while this one waited for the lock
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            good = _tiny_ids(tokenizer) == (1, 2, 2, 259)
+        except (OSError, ValueError):
+            good = False
+        if not good:
+            tmp = Path(tempfile.mkdtemp(prefix="tiny-tokenizer.", dir=folder.parent))
+            try:
+                _new_tiny_tokenizer().save_pretrained(tmp)
+                if folder.exists():
+                    shutil.rmtree(folder, ignore_errors=True)
+                tmp.rename(folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if _tiny_ids(tokenizer) != (1, 2, 2, 259):
         raise ModelLoadError(
