@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ def _pairs(model: Any, n_pairs: int) -> tuple[list[str], list[str], list[str], l
 
 
 def attribution(model: Any, n_pairs: int) -> dict[str, Any]:
+    began = time.perf_counter()
     clean, corrupt, answers, wrongs, subject = _pairs(model, n_pairs)
     metric = mp.logit_diff(answers, wrongs)
     out: dict[str, Any] = {"pairs": list(zip(clean, corrupt, strict=True)), "kinds": {}}
@@ -126,17 +128,25 @@ def attribution(model: Any, n_pairs: int) -> dict[str, Any]:
             fig.tight_layout()
             fig.savefig(FIGURES / f"causal_attribution_{kind}.png", dpi=110)
             plt.close(fig)
+    out["wall_s"] = round(time.perf_counter() - began, 1)
     return out
 
 
 def trace(model: Any, n_items: int) -> dict[str, Any]:
+    began = time.perf_counter()
     task = mp.load_task("capitals").subset(n_items, seed=0)
-    res = mp.causal_trace(model, task, n_noise=10, n_random=1, progress=False)
+    n_noise, n_random = 10, 1
+    res = mp.causal_trace(model, task, n_noise=n_noise, n_random=n_random, progress=False)
+    wall_s = round(time.perf_counter() - began, 1)
     res.plot().savefig(FIGURES / "causal_trace_capitals.png", dpi=110, bbox_inches="tight")
     cats = res.by_category()  # [kinds, layers, categories]
     rand = res.by_category(random=True)
     out: dict[str, Any] = {
         "items": n_items,
+        "subjects": task.inputs(),
+        "n_noise": n_noise,
+        "n_random": n_random,
+        "wall_s": wall_s,
         "clean": float(res.clean.mean()),
         "corrupted": float(res.corrupted.mean()),
         "noise_level": res.noise_level,
