@@ -119,17 +119,45 @@ def attribution(model: Any, n_pairs: int) -> dict[str, Any]:
             }
         out["kinds"][kind] = row
         print(f"{kind:>10}: r = {row['pearson']:.3f} over {row['cells']} cells", flush=True)
-        if kind in ("mlp_out", "head"):
+        if kind == "mlp_out":
             import matplotlib.pyplot as plt
 
-            fig, axes = plt.subplots(1, 2, figsize=(12, 4 if kind == "head" else 6))
+            fig, axes = plt.subplots(1, 2, figsize=(12, 6))
             exact.plot(ax=axes[0], normalised=False)
             approx.plot(ax=axes[1], normalised=False)
             fig.tight_layout()
             fig.savefig(FIGURES / f"causal_attribution_{kind}.png", dpi=110)
             plt.close(fig)
+        if kind == "head":
+            _plot_heads(exact, approx, FIGURES / "causal_attribution_head.png")
     out["wall_s"] = round(time.perf_counter() - began, 1)
     return out
+
+
+def _plot_heads(exact: Any, approx: Any, path: Path) -> None:
+    """Layer x head grids of both estimates at the last token (a site x position grid of 270
+    heads is unreadable)."""
+    import matplotlib.pyplot as plt
+
+    col = list(exact.positions).index(-1)
+    layers = sorted(set(exact.layers))
+    n_heads = max(h or 0 for h in exact.heads) + 1
+    fig, axes = plt.subplots(1, 2, figsize=(10, 6))
+    lim = float(np.abs(exact.effect[:, col]).max())
+    for ax, res, title in ((axes[0], exact, "exact"), (axes[1], approx, "attribution")):
+        grid = np.full((len(layers), n_heads), np.nan)
+        for value, layer, head in zip(res.effect[:, col], res.layers, res.heads, strict=True):
+            grid[layers.index(layer), head or 0] = value
+        image = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set_yticks(range(len(layers)), labels=[str(layer) for layer in layers])
+        ax.set_xticks(range(n_heads))
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{title}: head z at the last token, change of {res.metric}", fontsize=9)
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def trace(model: Any, n_items: int) -> dict[str, Any]:
