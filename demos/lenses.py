@@ -9,7 +9,9 @@ at four positions per window, reads the argument and function stages of the rela
 through the logit and tuned lenses (and capitals through the Patchscope), and writes
 ``docs/figures/lenses_results.json`` and the figures ``docs/figures/lenses_*.png``.
 ``--lens FILE`` reuses a saved lens (``--save FILE`` writes the one trained); ``--tokens``,
-``--heldout-tokens`` and ``--items`` size the run.
+``--heldout-tokens`` and ``--items`` size the run. ``--part train|heldout|tasks`` runs one part
+(``--part train --save FILE``, then ``--lens FILE --part heldout`` and ``--part tasks``: each a
+separate, shorter job); the JSON keeps the other parts' numbers.
 """
 
 from __future__ import annotations
@@ -45,6 +47,21 @@ def _stage_row(traj: mp.Trajectory) -> dict[str, Any]:
     }
 
 
+def _table(cmp: mp.LensComparison) -> dict[str, Any]:
+    return {
+        "n_positions": cmp.n_positions,
+        "layers": list(cmp.layers),
+        **{
+            f"kl_{name}": [round(float(v), 4) for v in cmp.kl[i]]
+            for i, name in enumerate(cmp.lenses)
+        },
+        **{
+            f"precision_{name}": [round(float(v), 4) for v in cmp.precision[i]]
+            for i, name in enumerate(cmp.lenses)
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lens", help="a saved tuned lens (.safetensors) to reuse")
@@ -52,12 +69,26 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="training tokens")
     parser.add_argument("--heldout-tokens", type=int, default=256, help="held-out tokens scored")
     parser.add_argument("--items", type=int, default=40, help="items per relational task")
+    parser.add_argument(
+        "--part", choices=("train", "heldout", "tasks"), action="append",
+        help="run one part (repeatable; default all); the JSON keeps the other parts' numbers",
+    )  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "docs" / "figures"), help="output folder")
     args = parser.parse_args()
+    parts = args.part or ["train", "heldout", "tasks"]
+    if args.lens and "train" in parts and args.part:
+        parser.error("--part train trains a lens: drop --lens, or drop --part train")
+    if not args.lens and "train" not in parts:
+        parser.error("--part heldout/tasks without train needs --lens FILE (a saved lens)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    path = out / "lenses_results.json"
+    record: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     model = mp.load_model()
-    record: dict[str, Any] = {"model": model.cfg.model_name}
+    record["model"] = model.cfg.model_name
+
+    def write() -> None:
+        path.write_text(json.dumps(record, indent=1) + "\n")
 
     if args.lens:
         tuned = mp.TunedLens.load(args.lens)
@@ -67,60 +98,48 @@ def main() -> None:
         record["train_wall_s"] = round(time.perf_counter() - began, 1)
         if args.save:
             tuned.save(args.save)
-    record["tuned_lens"] = {k: v for k, v in tuned.info.items() if k != "last_step_kl"}
+        record["tuned_lens"] = {k: v for k, v in tuned.info.items() if k != "last_step_kl"}
+        write()
     scope = mp.Patchscope()
-    lenses = {"logit": "logit", "tuned": tuned, "patchscope": scope}
+    lenses: dict[str, Any] = {"logit": "logit", "tuned": tuned, "patchscope": scope}
 
-    began = time.perf_counter()
-    two = {"logit": "logit", "tuned": tuned}
-    cmp = mp.compare_lenses(model, two, "heldout", n_tokens=args.heldout_tokens, seq_len=128)
-    record["compare_wall_s"] = round(time.perf_counter() - began, 1)
-    record["heldout_all_positions"] = {
-        "n_positions": cmp.n_positions,
-        "layers": list(cmp.layers),
-        **{
-            f"kl_{name}": [round(float(v), 4) for v in cmp.kl[i]]
-            for i, name in enumerate(cmp.lenses)
-        },
-        **{
-            f"precision_{name}": [round(float(v), 4) for v in cmp.precision[i]]
-            for i, name in enumerate(cmp.lenses)
-        },
-    }
-    print(cmp.summary().to_string(float_format=lambda v: f"{v:.3f}"), flush=True)
-    cmp = mp.compare_lenses(
-        model, lenses, "heldout", n_tokens=args.heldout_tokens, positions=[31, 63, 95, 127]
-    )
-    record["heldout"] = {
-        "n_positions": cmp.n_positions,
-        "layers": list(cmp.layers),
-        **{
-            f"kl_{name}": [round(float(v), 4) for v in cmp.kl[i]]
-            for i, name in enumerate(cmp.lenses)
-        },
-        **{
-            f"precision_{name}": [round(float(v), 4) for v in cmp.precision[i]]
-            for i, name in enumerate(cmp.lenses)
-        },
-    }
-    cmp.plot().savefig(out / "lenses_heldout.png", dpi=120)
-    print(cmp.summary().to_string(float_format=lambda v: f"{v:.3f}"), flush=True)
+    if "heldout" in parts:
+        began = time.perf_counter()
+        two: dict[str, Any] = {"logit": "logit", "tuned": tuned}
+        cmp = mp.compare_lenses(model, two, "heldout", n_tokens=args.heldout_tokens, seq_len=128)
+        record["compare_wall_s"] = round(time.perf_counter() - began, 1)
+        record["heldout_all_positions"] = _table(cmp)
+        print(cmp.summary().to_string(float_format=lambda v: f"{v:.3f}"), flush=True)
+        began = time.perf_counter()
+        cmp = mp.compare_lenses(
+            model, lenses, "heldout", n_tokens=args.heldout_tokens, positions=[31, 63, 95, 127]
+        )
+        record["compare_patchscope_wall_s"] = round(time.perf_counter() - began, 1)
+        record["heldout"] = _table(cmp)
+        cmp.plot().savefig(out / "lenses_heldout.png", dpi=120)
+        print(cmp.summary().to_string(float_format=lambda v: f"{v:.3f}"), flush=True)
+        write()
 
-    record["tasks"] = {}
-    for name in TASKS:
-        task = mp.load_task(name).with_shots(3).subset(args.items, seed=0)  # as relational_analysis
-        row = {}
-        for lens_name, lens in lenses.items():
-            if lens_name == "patchscope" and name != "capitals":
-                continue  # 60 target-prompt forwards per item: capitals only by default
-            traj = mp.trajectory(model, task, lens=lens, progress=False)
-            row[lens_name] = _stage_row(traj)
-            if name == "capitals":
-                traj.plot().savefig(out / f"lenses_capitals_{lens_name}.png", dpi=120)
-            print(f"{name:22s} {lens_name:10s} {traj.stages()!r}  argument peak rr "
-                  f"{row[lens_name]['argument_peak_rr_before_function']}", flush=True)  # fmt: skip
-        record["tasks"][name] = row
-    (out / "lenses_results.json").write_text(json.dumps(record, indent=1) + "\n")
+    if "tasks" in parts:
+        began = time.perf_counter()
+        record["tasks"] = {}
+        record["tasks_items"] = args.items
+        for name in TASKS:
+            # as relational_analysis
+            task = mp.load_task(name).with_shots(3).subset(args.items, seed=0)
+            row = {}
+            for lens_name, lens in lenses.items():
+                if lens_name == "patchscope" and name != "capitals":
+                    continue  # 60 target-prompt forwards per item: capitals only by default
+                traj = mp.trajectory(model, task, lens=lens, progress=False)
+                row[lens_name] = _stage_row(traj)
+                if name == "capitals":
+                    traj.plot().savefig(out / f"lenses_capitals_{lens_name}.png", dpi=120)
+                print(f"{name:22s} {lens_name:10s} {traj.stages()!r}  argument peak rr "
+                      f"{row[lens_name]['argument_peak_rr_before_function']}", flush=True)  # fmt: skip
+            record["tasks"][name] = row
+        record["tasks_wall_s"] = round(time.perf_counter() - began, 1)
+        write()
 
 
 if __name__ == "__main__":
