@@ -11,7 +11,8 @@ through the logit and tuned lenses (and capitals through the Patchscope), and wr
 ``--lens FILE`` reuses a saved lens (``--save FILE`` writes the one trained); ``--tokens``,
 ``--heldout-tokens`` and ``--items`` size the run. ``--part train|heldout|tasks`` runs one part
 (``--part train --save FILE``, then ``--lens FILE --part heldout`` and ``--part tasks``: each a
-separate, shorter job); the JSON keeps the other parts' numbers.
+separate, shorter job); the JSON keeps the other parts' numbers. ``--tasks`` picks the tasks
+and ``--patchscope-tasks`` those also read through the Patchscope (default: capitals).
 """
 
 from __future__ import annotations
@@ -35,15 +36,21 @@ def _stage_row(traj: mp.Trajectory) -> dict[str, Any]:
     a = traj.argument_rr()
     f = st.function_layer
     before = a[:f] if f else a
+    seen = bool(np.isfinite(before).any())  # no included item: every rr is NaN
+    m = traj.included
     return {
         "argument_layer": st.argument_layer,
         "function_layer": f,
         "saturation_layer": st.saturation_layer,
-        "argument_peak_rr_before_function": None
-        if not len(before)
-        else round(float(np.nanmax(before)), 3),
-        "argument_peak_layer": None if not len(before) else int(np.nanargmax(before)),
-        "n_included": int(traj.included.sum()),
+        "argument_peak_rr_before_function": round(float(np.nanmax(before)), 3) if seen else None,
+        "argument_peak_layer": int(np.nanargmax(before)) if seen else None,
+        "n_included": int(m.sum()),
+        # per layer, over the included items (correct, argument and answer tokens distinct)
+        "argument_rr": np.round(a, 3).tolist() if m.any() else None,
+        "answer_rr": np.round(traj.answer_rr(), 3).tolist() if m.any() else None,
+        "argument_top1": np.round((traj.argument_rank[m] == 0).mean(0), 3).tolist()
+        if m.any()
+        else None,
     }
 
 
@@ -72,6 +79,13 @@ def main() -> None:
     parser.add_argument(
         "--part", choices=("train", "heldout", "tasks"), action="append",
         help="run one part (repeatable; default all); the JSON keeps the other parts' numbers",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tasks", default=",".join(TASKS), help="comma-separated tasks (default: all five)"
+    )
+    parser.add_argument(
+        "--patchscope-tasks", default="capitals",
+        help="tasks also read through the Patchscope (60 target-prompt forwards per item)",
     )  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "docs" / "figures"), help="output folder")
     args = parser.parse_args()
@@ -121,15 +135,18 @@ def main() -> None:
         write()
 
     if "tasks" in parts:
-        began = time.perf_counter()
-        record["tasks"] = {}
+        names = [t for t in args.tasks.split(",") if t]
+        scoped = {t for t in args.patchscope_tasks.split(",") if t}
+        if record.get("tasks_items") != args.items:
+            record["tasks"] = {}  # rows of another size are not kept beside these
         record["tasks_items"] = args.items
-        for name in TASKS:
+        for name in names:
+            began = time.perf_counter()
             # as relational_analysis
             task = mp.load_task(name).with_shots(3).subset(args.items, seed=0)
-            row = {}
+            row: dict[str, Any] = {}
             for lens_name, lens in lenses.items():
-                if lens_name == "patchscope" and name != "capitals":
+                if lens_name == "patchscope" and name not in scoped:
                     continue  # 60 target-prompt forwards per item: capitals only by default
                 traj = mp.trajectory(model, task, lens=lens, progress=False)
                 row[lens_name] = _stage_row(traj)
@@ -137,9 +154,9 @@ def main() -> None:
                     traj.plot().savefig(out / f"lenses_capitals_{lens_name}.png", dpi=120)
                 print(f"{name:22s} {lens_name:10s} {traj.stages()!r}  argument peak rr "
                       f"{row[lens_name]['argument_peak_rr_before_function']}", flush=True)  # fmt: skip
-            record["tasks"][name] = row
-        record["tasks_wall_s"] = round(time.perf_counter() - began, 1)
-        write()
+            row["wall_s"] = round(time.perf_counter() - began, 1)
+            record.setdefault("tasks", {})[name] = row
+            write()
 
 
 if __name__ == "__main__":
