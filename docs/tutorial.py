@@ -146,7 +146,7 @@ eraser = mp.leace(acts.layer(layer), acts.labels)
 task = mp.load_task("capitals").with_shots(3).subset(20, seed=0)  # the same 20 countries
 amnesic = mp.amnesic(
     model, mp.Site("resid_post", layer), eraser, task=task, positions=-1,
-    n_random=2 if SMALL else 5, dropout=False, seed=0, progress=False,
+    n_random=1 if SMALL else 5, dropout=False, seed=0, progress=False,
 )  # fmt: skip
 amnesic
 

@@ -371,7 +371,7 @@ def test_smollm2_country_erasure_hook_and_guarding(smollm2: Any) -> None:
     task = mp.load_task("capitals").with_shots(3).subset(5, seed=0)
     result = mp.amnesic(
         smollm2, mp.Site("resid_post", layer), projection, task=task, probe=data,
-        probe_layers=[layer], positions=-1, n_random=1, mlp=False,
+        probe_layers=[layer], positions=-1, n_random=1, dropout=False, mlp=False,
     )  # fmt: skip
     assert hook_count(smollm2) == hooks
     record = result.headline()

@@ -246,11 +246,17 @@ def test_both_kinds_give_the_same_numbers(smollm2: Any, smollm2_hooked: Any) -> 
     np.testing.assert_allclose(patched[1].values, patched[0].values, atol=1e-4)
     metric = mp.logit_diff(paris, warsaw)
     for kind in ("head", "v"):  # query heads, and SmolLM2's 3 key/value heads per layer
-        heads = [mp.patch(m, PAIR[0], PAIR[1], kind, -1, metric, layers=[20, 25]) for m in both]
+        heads = [
+            mp.patch(m, PAIR[0], PAIR[1], kind, -1, metric, layers=[20, 25], n_random=1)
+            for m in both
+        ]
         assert heads[0].values.shape == (2 * (9 if kind == "head" else 3), 1)
         np.testing.assert_allclose(heads[1].values, heads[0].values, atol=1e-4)
         np.testing.assert_allclose(heads[1].random, heads[0].random, atol=1e-4)
-    grads = [mp.attribution_patch(m, PAIR[0], PAIR[1], "mlp_out", "all", metric) for m in both]
+    grads = [
+        mp.attribution_patch(m, PAIR[0], PAIR[1], "mlp_out", "all", metric, n_random=1)
+        for m in both
+    ]
     np.testing.assert_allclose(grads[1].values, grads[0].values, atol=1e-3)
     hook = "blocks.20.hook_resid_post"
     data = mp.country_dataset(n_countries=5, shots=(0, 1), seed=0)
