@@ -515,19 +515,13 @@ def _tiny_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
     folder = cache_dir() / "tiny-tokenizer-v1"
-    if folder.is_dir():
-        with contextlib.suppress(OSError, ValueError):
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-            if _tiny_ids(tokenizer) == (1, 2, 2, 259):
-                return tokenizer
+    tokenizer = _good_tiny_tokenizer(folder)
+    if tokenizer is not None:
+        return tokenizer
     _check_writable(folder.parent)
     with _cache_lock(folder):
-        try:  # another process may have built it while this one waited for the lock
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-            good = _tiny_ids(tokenizer) == (1, 2, 2, 259)
-        except (OSError, ValueError):
-            good = False
-        if not good:
+        # another process may have built it while this one waited for the lock
+        if _good_tiny_tokenizer(folder) is None:
             tmp = Path(tempfile.mkdtemp(prefix="tiny-tokenizer.", dir=folder.parent))
             try:
                 _new_tiny_tokenizer().save_pretrained(tmp)
@@ -543,6 +537,18 @@ def _tiny_tokenizer() -> Any:
             "of BOS 1, EOS 2, pad 2 over 259 tokens: delete that folder and retry."
         )
     return tokenizer
+
+
+def _good_tiny_tokenizer(folder: Path) -> Any:
+    """The tiny tokenizer saved in ``folder``, or None where it is missing or gives other ids."""
+    from transformers import AutoTokenizer
+
+    if folder.is_dir():
+        with contextlib.suppress(OSError, ValueError):
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            if _tiny_ids(tokenizer) == (1, 2, 2, 259):
+                return tokenizer
+    return None
 
 
 def _tiny_ids(tokenizer: Any) -> tuple[Any, Any, Any, int]:
