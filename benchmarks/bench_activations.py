@@ -4,9 +4,8 @@
    by a plain forward pass over the same 32 texts (target <= 1.2).
 2. Peak resident memory of ``collect`` streaming float16 rows to a folder (memory budget 1 MiB), at
    two sizes, to show it does not grow with the number of tokens. Collecting 100k tokens takes
-   about five minutes on this 2-core CPU, so by default the figure for 100k tokens is an
-   extrapolation from the measured sizes (time linear in tokens, peak memory flat), labelled as
-   such; ``MECHPROBE_BENCH_FULL=1`` measures 100k tokens instead.
+   about five minutes on a 2-core CPU, so only ``MECHPROBE_BENCH_FULL=1`` measures 100k tokens;
+   no size is extrapolated.
 """
 
 from __future__ import annotations
@@ -102,7 +101,6 @@ def run(ctx: Any) -> list[dict[str, Any]]:
     ]
     # What one plain forward pass of a 32-text chunk costs in memory: collect's floor.
     _, chunk_peak = ctx.peak_memory(plain_forward)
-    measured = []
     for tokens in STREAM_TOKENS:
         stream = _stream_texts(model, tokens)
         with tempfile.TemporaryDirectory() as folder:
@@ -119,7 +117,6 @@ def run(ctx: Any) -> list[dict[str, Any]]:
                 )
             )
         size = tokens * layers * model.cfg.d_model * 2
-        measured.append((tokens, secs, peak))
         rows.append(
             {
                 "benchmark": f"collect {tokens // 1000}k tokens x {layers} layers, float16 to disk "
@@ -132,21 +129,4 @@ def run(ctx: Any) -> list[dict[str, Any]]:
                 f"{secs:.0f} s ({tokens / secs:.0f} tokens/s)",
             }
         )
-    if FULL:
-        return rows
-    tokens, secs, peak = measured[-1]
-    size = TARGET_TOKENS * layers * model.cfg.d_model * 2
-    peak_big = max(p for _, _, p in measured)
-    rows.append(
-        {
-            "benchmark": f"collect 100k tokens x {layers} layers, float16 to disk (EXTRAPOLATED "
-            f"from {tokens // 1000}k measured)",
-            "ratio": peak_big / size,
-            "baseline": "size of the float16 result",
-            "target": "peak well under the result size",
-            "detail": f"est. {secs * TARGET_TOKENS / tokens / 60:.0f} min, peak RSS about "
-            f"+{peak_big / 2**20:.0f} MiB (the larger measured peak; it does not grow with tokens) "
-            f"for a {size / 2**30:.1f} GiB file",
-        }
-    )
     return rows

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from transformer_lens import patching as tl_patching
@@ -109,7 +108,7 @@ def run(ctx: Any) -> list[dict[str, Any]]:
             f"{t_grid:.1f} s; max |TL - ours| = {grid_diff:.1e} over all cells",
         }
     )
-    rows += [_heads_row(ctx, model), _attribution_row(ctx, model), _trace_row(ctx, model)]
+    rows += [_heads_row(ctx, model), _attribution_row(ctx, model)]
     return rows
 
 
@@ -222,78 +221,4 @@ def _attribution_row(ctx: Any, model: Any) -> dict[str, Any]:
         "detail": f"ours {t_bare * 1000:.0f} ms (one clean forward, one corrupt forward+backward), "
         f"{t_controls * 1000:.0f} ms with 3 random controls per cell; forward "
         f"{forward * 1000:.0f} ms",
-    }
-
-
-TRACE_PROMPT, TRACE_SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
-
-
-def _trace_loop(model: Any, cells: list[tuple[int, int, int]], level: float, answer: int) -> Any:
-    """The loop a user writes: one hooked forward per (layer, position, noise sample): noise on
-    the subject's embeddings, resid_post at (layer, position) restored from the clean run."""
-    tokens = model.to_tokens(TRACE_PROMPT)
-    start, stop = mp.patching._tracing.subject_span(model, TRACE_PROMPT, TRACE_SUBJECT)
-    noise = mp.trace_noise(0, 10, stop - start, model.cfg.d_model, level, seed=0)
-    out = []
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens)
-        for layer, p, k in cells:
-
-            def corrupt(emb: torch.Tensor, hook: Any, k: int = k) -> torch.Tensor:
-                emb = emb.clone()
-                emb[0, start:stop] += noise[k]
-                return emb
-
-            def restore(act: torch.Tensor, hook: Any, p: int = p) -> torch.Tensor:
-                act = act.clone()
-                act[0, p] = cache[hook.name][0, p]
-                return act
-
-            hooks = [("hook_embed", corrupt), (f"blocks.{layer}.hook_resid_post", restore)]
-            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
-            out.append(float(logits[0, -1].softmax(-1)[answer]))
-    return out
-
-
-def _trace_row(ctx: Any, model: Any) -> dict[str, Any]:
-    """Causal tracing of resid_post at every layer x position with 10 noise samples against the
-    loop, timed on a sample of its cells and extrapolated (the whole loop takes many minutes)."""
-    n_layers = model.cfg.n_layers
-
-    def ours() -> Any:
-        return mp.causal_trace(
-            model,
-            TRACE_PROMPT,
-            TRACE_SUBJECT,
-            sites="resid_post",
-            n_noise=10,
-            n_random=0,
-            progress=False,
-        )
-
-    ours()  # warm-up
-    start = time.perf_counter()
-    res = ours()
-    t_ours = time.perf_counter() - start
-    seq, (start, _) = len(res.tokens[0]), res.subjects[0]
-    answer = model.tokenizer(res.answers[0], add_special_tokens=False)["input_ids"][0]
-    layers, positions = (0, n_layers // 2, n_layers - 1), (start, seq - 1)
-    sample = [(layer, p, k) for layer in layers for p in positions for k in range(10)]
-    t0 = time.perf_counter()
-    looped = np.asarray(_trace_loop(model, sample, res.noise_level, answer)).reshape(3, 2, 10)
-    per_cell = (time.perf_counter() - t0) / len(sample)
-    diff = float(np.abs(looped.mean(-1) - res.scores[0][0][np.ix_(layers, positions)]).max())
-    n_cells = n_layers * seq * 10  # the loop runs every position
-    n_after = n_layers * (seq - start) * 10  # positions from the subject on (before: no change)
-    return {
-        "benchmark": f"causal tracing, resid_post x {n_layers} layers x all {seq} positions x 10 "
-        "noise samples (one prompt)",
-        "ratio": per_cell * n_after / t_ours,
-        "baseline": "speed-up: the loop of one hooked forward per (cell, sample) / ours",
-        "target": ">= 5",
-        "detail": f"ours {t_ours:.1f} s; loop {per_cell * 1000:.0f} ms per cell, timed on "
-        f"{len(sample)} cells: {per_cell * n_after:.0f} s for the {n_after} cells from the "
-        f"subject on ({per_cell * n_cells:.0f} s, {per_cell * n_cells / t_ours:.0f}x, if it runs "
-        f"every position); max |loop - ours| on the {len(sample) // 10} sampled cells' means "
-        f"{diff:.1e}",
     }

@@ -4,7 +4,8 @@ Each ``benchmarks/bench_<topic>.py`` exposes ``run(ctx) -> list[dict]`` with key
 ``ratio``, ``baseline``, ``target`` and ``detail``, and optionally ``floor``: the least the ratio
 could be (the unavoidable work as a ratio to the same baseline), printed beside it. This runner
 times them, writes ``benchmarks/results.json`` (with the CPU model and flags, the thread count and
-the torch build: :func:`describe_cpu`) and prints a markdown table for the README. Absolute seconds
+the torch build: :func:`describe_cpu`; each row also records the date, CPU and mode of the run
+that measured it) and prints a markdown table for the README. Absolute seconds
 drift on shared machines, ratios much less; absolute figures appear only in ``detail``.
 
 Run one topic with ``python -m benchmarks.run lens`` (names after ``bench_``).
@@ -205,11 +206,21 @@ def main(argv: Sequence[str]) -> int:
     )
     ctx = Context()
     rows: list[dict[str, Any]] = []
+    # Each row says which run measured it: a partial run (some topics) keeps the other topics'
+    # rows from earlier runs, possibly on another machine.
+    measured = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": cpu["model"],
+        "cpu_flags": flags,
+        "cpu_capability": cpu["torch_cpu_capability"],
+        "threads": cpu["threads"]["torch"],
+        "full": os.environ.get("MECHPROBE_BENCH_FULL") == "1",
+    }
     for topic in _topics(argv):
         print(f"== {topic}", file=sys.stderr, flush=True)
         module = importlib.import_module(f"benchmarks.bench_{topic}")
         for row in module.run(ctx):
-            row = {"topic": topic, **row}
+            row = {"topic": topic, **row, "measured": measured}
             rows.append(row)
             print(f"   {row['benchmark']}: {_ratio(row)} ({row['detail']})", file=sys.stderr)
     path = HERE / "results.json"
@@ -219,6 +230,8 @@ def main(argv: Sequence[str]) -> int:
         f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"{psutil.cpu_count()} cores, torch {torch.__version__}"
     )
+    if argv and "cpu" in previous:  # the top level describes the last run of every topic
+        machine, cpu = previous["machine"], previous["cpu"]
     result = {"machine": machine, "cpu": cpu, "rows": kept + rows}
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(_table(kept + rows))
