@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -173,6 +174,23 @@ def describe_cpu() -> dict[str, Any]:
     }
 
 
+def _commit() -> str | None:
+    """The checkout's commit, ``+changes`` when its tracked files differ from it (None outside git)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD", "--", ".", ":!benchmarks/results.json"],
+            cwd=HERE.parent,
+        )
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.returncode else "")
+
+
 def _topics(argv: Sequence[str]) -> list[str]:
     found = sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
     return [t for t in found if not argv or t in argv]
@@ -215,6 +233,7 @@ def main(argv: Sequence[str]) -> int:
         "cpu_capability": cpu["torch_cpu_capability"],
         "threads": cpu["threads"]["torch"],
         "full": os.environ.get("MECHPROBE_BENCH_FULL") == "1",
+        "commit": _commit(),
     }
     for topic in _topics(argv):
         print(f"== {topic}", file=sys.stderr, flush=True)

@@ -187,6 +187,28 @@ def test_center_and_scale_equal_fitting_the_standardised_rows() -> None:
         fit_logistic(raw, y, 4, center=center[0])
 
 
+def test_a_given_covariance_preconditions_the_same_problem() -> None:
+    """``covariance=`` replaces the first Gram over rows (INLP passes a projected one): the fit
+    meets the same stopping rule at the same optimum, and a wrong shape is refused."""
+    X, y = _layers()
+    centred = X - X.mean(1, keepdim=True)
+    covariance = centred.mT @ centred / X.shape[1]
+    given = fit_logistic(X, y, 4, tol=1e-10, covariance=covariance)
+    plain = fit_logistic(X, y, 4, tol=1e-10)
+    for layer in range(X.shape[0]):
+        f, _, k = multinomial_objective(X[layer], y, 1e-3)
+        _assert_same_optimum(f, k, _theta(plain, layer), _theta(given, layer), tol=1e-10)
+    # A poor covariance (the identity) still preconditions the same problem: the same optimum,
+    # to the stopping rule of a looser tol (far from the float64 floor a poor factor reaches).
+    eye = torch.eye(X.shape[2], dtype=X.dtype).expand(X.shape[0], -1, -1)
+    poor = fit_logistic(X, y, 4, tol=1e-7, covariance=eye, max_iter=1000)
+    for layer in range(X.shape[0]):
+        f, _, k = multinomial_objective(X[layer], y, 1e-3)
+        _assert_same_optimum(f, k, _theta(plain, layer), _theta(poor, layer), tol=1e-7)
+    with pytest.raises(ValueError, match=r"covariance must be \[layers, d, d\]"):
+        fit_logistic(X, y, 4, covariance=covariance[0])
+
+
 def test_float32_fit_reaches_the_float64_optimum(every_solver_path) -> None:
     # On every path (oneDNN or matmul products, bfloat16 or float32 Gram) a float32 fit stops at
     # its tol (or at float32's floor, which the gradient measured in float64 shows) and is as

@@ -143,6 +143,33 @@ def test_every_learned_direction_is_annihilated(planted, every_solver_path) -> N
     np.testing.assert_allclose(product, P, atol=1e-6)
 
 
+def test_the_projected_covariance_is_the_covariance_of_the_projected_features(
+    planted, monkeypatch
+) -> None:
+    """INLP updates its probes' first preconditioner, the features' covariance, by the
+    projection (Mᵀ C M) instead of recomputing it: at every iteration it must equal the
+    covariance of the features the probe is fitted on, computed directly."""
+    import mechprobe.erasure._inlp as inlp_module
+
+    X, y, _ = planted
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = inlp_module.fit_logistic
+
+    def recording(features, *args, covariance=None, **kwargs):
+        assert covariance is not None
+        seen.append((features[0].double().clone(), covariance[0].clone()))  # INLP edits in place
+        return real(features, *args, covariance=covariance, **kwargs)
+
+    monkeypatch.setattr(inlp_module, "fit_logistic", recording)
+    p = inlp(X, y, 4, progress=False)
+    assert len(seen) == len(p.accuracies) == 5
+    for features, covariance in seen:
+        centred = features - features.mean(0)
+        direct = centred.T @ centred / len(features)
+        torch.testing.assert_close(covariance, direct, rtol=0, atol=1e-9 * direct.abs().max())
+    assert p.ranks[-1] > 0  # directions were removed, so the updates were exercised
+
+
 def _reference_inlp(X, y, make_clf, num_classifiers: int, seed: int = 0):
     """Elazar et al.'s get_debiasing_projection (amnesic_probing), written plainly.
 

@@ -8,13 +8,18 @@ forces the CPU-dependent kernel paths (``solver_path``, re-exported as :func:`me
 from mechprobe._fit._lbfgs import batched_lbfgs
 from mechprobe._fit._logistic import LogisticFit, fit_logistic
 from mechprobe._fit._paths import SolverPath, current_solver_path, solver_path
-from mechprobe._fit._preconditioner import PRECONDITIONER_ROWS, preconditioner
+from mechprobe._fit._preconditioner import (
+    PRECONDITIONER_ROWS,
+    covariance_preconditioner,
+    preconditioner,
+)
 
 __all__ = [
     "PRECONDITIONER_ROWS",
     "LogisticFit",
     "SolverPath",
     "batched_lbfgs",
+    "covariance_preconditioner",
     "current_solver_path",
     "fit_logistic",
     "preconditioner",

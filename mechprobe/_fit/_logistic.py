@@ -52,7 +52,11 @@ from torch import Tensor
 
 from mechprobe._fit._inputs import check_features, validate
 from mechprobe._fit._lbfgs import batched_lbfgs
-from mechprobe._fit._preconditioner import PRECONDITIONER_ROWS, preconditioner
+from mechprobe._fit._preconditioner import (
+    PRECONDITIONER_ROWS,
+    covariance_preconditioner,
+    preconditioner,
+)
 from mechprobe._fit._products import times, times_transposed
 
 # Iterations at which the preconditioner is re-fitted to the current curvature, for layers
@@ -114,6 +118,7 @@ def fit_logistic(
     sample_weight: Float[Tensor, " n"] | None = None,
     center: Float[Tensor, "layers d"] | None = None,
     scale: Float[Tensor, "layers d"] | None = None,
+    covariance: Float[Tensor, "layers d d"] | None = None,
 ) -> LogisticFit:
     """Fit one L2 multinomial logistic regression per layer, all layers in one optimisation.
 
@@ -130,6 +135,10 @@ def fit_logistic(
         scale: optional ``[layers, d]`` positive divisors: fit on ``(X - center) / scale``
             without materialising it (e.g. the training mean and standard deviation, to
             standardise for free).
+        covariance: optional ``[layers, d, d]`` covariance ``E[(f - μ)(f - μ)ᵀ]`` of the features
+            ``f = X / scale`` under the sample weights, for the first preconditioner instead of
+            a Gram matrix over rows of ``X`` (``rows x d²`` products). A caller fitting a series
+            of related problems can update one covariance instead: INLP projects it.
 
     Returns:
         The per-layer weights and biases, for features ``(X - center) / scale``.
@@ -144,6 +153,11 @@ def fit_logistic(
     """
     X, y, weights = validate(X, y, n_classes, l2, max_iter, tol, sample_weight, center, scale)
     n_layers, _, d = X.shape
+    if covariance is not None and tuple(covariance.shape) != (n_layers, d, d):
+        raise ValueError(
+            f"covariance must be [layers, d, d] = [{n_layers}, {d}, {d}], got "
+            f"{tuple(covariance.shape)}; add a layer axis with covariance[None] for one layer."
+        )
     # A class without (weighted) examples has its optimum at W = 0, b = -inf: solve for the
     # present classes only and give absent ones a bias far below (probability ~e^-50).
     present = (
@@ -160,7 +174,7 @@ def fit_logistic(
         remap = torch.full((n_classes,), -1, dtype=torch.long, device=X.device)
         remap[present] = torch.arange(len(present), device=X.device)
         W[..., present], bias[..., present], n_iter = _solve(
-            X, remap[y], len(present), l2, max_iter, tol, weights, center, scale
+            X, remap[y], len(present), l2, max_iter, tol, weights, center, scale, covariance
         )
     if len(present) < n_classes:
         absent = torch.ones(n_classes, dtype=torch.bool, device=X.device)
@@ -179,9 +193,12 @@ def _solve(
     weights: Tensor,
     center: Tensor | None,
     scale: Tensor | None,
+    covariance: Tensor | None,
 ) -> tuple[Tensor, Tensor, int]:
     """``(W [L, d, K], b [L, K], iterations)`` in float64 for classes that all occur in ``y``."""
-    objective = _Objective(X, y, n_classes, l2, weights, scale, bias_tol=_BIAS_TOL * tol)
+    objective = _Objective(
+        X, y, n_classes, l2, weights, scale, bias_tol=_BIAS_TOL * tol, covariance=covariance
+    )
     n_layers, _, d = X.shape
     theta = torch.zeros(n_layers, d * n_classes, dtype=torch.float64, device=X.device)
     # Losses are accurate to about the rounding of X's dtype; the line search tolerates that much.
@@ -236,6 +253,7 @@ class _Objective:
         weights: Tensor,
         scale: Tensor | None,
         bias_tol: float,
+        covariance: Tensor | None = None,
     ) -> None:
         n_layers, n, d = X.shape
         self.X, self.l2, self.n_classes, self.bias_tol = X, l2, n_classes, bias_tol
@@ -263,7 +281,10 @@ class _Objective:
         self.sample = X[:, :: max(1, n // PRECONDITIONER_ROWS)]
         uniform = (n_classes - 1) / n_classes**2  # softmax curvature p(1 - p) at p = 1/K
         curvature = torch.full(self.sample.shape[:2], uniform, dtype=X.dtype, device=X.device)
-        self.chol = preconditioner(self.sample, self.mean, curvature, l2, self.inv_scale)
+        if covariance is None:
+            self.chol = preconditioner(self.sample, self.mean, curvature, l2, self.inv_scale)
+        else:
+            self.chol = covariance_preconditioner(covariance, uniform, l2).to(X)
         self.level = curvature.mean(1, dtype=torch.float64)  # mean curvature behind each factor
         self.at_start = True
 
