@@ -7,9 +7,9 @@ embeddings and the clean state written back, as one writes it with ``run_with_ho
 ``causal_trace`` runs the same restorations batched. Both sides run every cell in full; no
 figure is scaled from a subset, and every cell's mean over the samples is compared.
 
-The loop costs one forward per cell (0.18-0.3 s each on the 2-core CPUs this was run on), so the
-default run traces every fifth layer (6 layers: 660 forwards, a few minutes);
-``MECHPROBE_BENCH_FULL=1`` traces all 30 layers (3,300 forwards, 10-17 minutes).
+The loop costs one forward per cell (178 ms each timed on the AVX-512 EPYC, 233 ms on the
+AVX2-only one), so the default run traces every fifth layer (6 layers: 660 forwards, a few
+minutes); ``MECHPROBE_BENCH_FULL=1`` traces all 30 layers (3,300 forwards: 770 s on the AVX2 CPU).
 """
 
 from __future__ import annotations
