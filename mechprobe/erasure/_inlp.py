@@ -160,12 +160,8 @@ def inlp(
         # In place (one pass over the features): memory traffic, not flops, bounds this step.
         xp_train.addmm_(x_train @ new.T, new / scale, alpha=-1)
         xp_test.addmm_(x_test @ new.T, new / scale, alpha=-1)
-        if covariance is not None:  # f <- f S (I - NᵀN) S⁻¹, S = diag(scale), N = new
-            sd = scale.to(device=covariance.device, dtype=torch.float64)
-            rows = new.to(device=covariance.device, dtype=torch.float64)
-            M = -(sd[:, None] * (rows.T @ rows)) / sd[None, :]
-            M.diagonal().add_(1.0)
-            covariance = M.T @ covariance @ M
+        if covariance is not None:
+            covariance = _projected_covariance(covariance, new, scale)
         done = stop == "majority" and probe.accuracy - target <= _MAJORITY_TOL
     return _orthogonal(
         basis,
@@ -259,7 +255,11 @@ def _make_fitter(classifier: Any, x_train: Tensor) -> tuple[Any, Tensor]:
         )
 
     def fit(
-        x_tr: Tensor, y_tr: np.ndarray, x_te: Tensor, y_te: np.ndarray, covariance: Any = None
+        x_tr: Tensor,
+        y_tr: np.ndarray,
+        x_te: Tensor,
+        y_te: np.ndarray,
+        covariance: Tensor | None = None,  # always None: scikit-learn fits need none
     ) -> _Step:
         model = clone(classifier)
         model.fit(x_tr.detach().cpu().numpy(), y_tr)
@@ -308,8 +308,22 @@ def _fit_logistic(
 
 def _covariance(f: Tensor) -> Tensor:
     """``[d, d]`` covariance of the rows of ``f [n, d]``, in float64."""
-    centred = f.to(torch.float64) - f.to(torch.float64).mean(0)
+    f64 = f.to(torch.float64)
+    centred = f64 - f64.mean(0)
     return centred.T @ centred / len(f)
+
+
+def _projected_covariance(covariance: Tensor, new: Tensor, scale: Tensor) -> Tensor:
+    """The covariance of the features after removing the orthonormal rows ``new [r, d]``.
+
+    Features are ``f = x_p / scale``; removing ``new`` maps them as ``f <- f M`` with
+    ``M = S (I - NᵀN) S⁻¹`` (``S = diag(scale)``), so the covariance becomes ``Mᵀ C M``.
+    """
+    sd = scale.to(device=covariance.device, dtype=torch.float64)
+    rows = new.to(device=covariance.device, dtype=torch.float64)
+    M = -(sd[:, None] * (rows.T @ rows)) / sd[None, :]
+    M.diagonal().add_(1.0)
+    return M.T @ covariance @ M
 
 
 def _feature_scale(x: Tensor) -> Tensor:
