@@ -55,7 +55,7 @@ def _expected_failures(estimator: object) -> dict[str, str]:
     expected_failed_checks=_expected_failures,
 )
 def test_sklearn_estimator_checks(estimator: object, check: object) -> None:
-    check(estimator)  # type: ignore[operator]
+    check(estimator)  # type: ignore[operator]  # each check raises AssertionError on failure
 
 
 def test_sample_weights_equal_repeated_rows_at_tight_tol() -> None:
