@@ -22,8 +22,12 @@ _STALLED = 5
 
 # fun(theta [b, p], problem indices [b]) -> (loss [b], grad [b, p], convergence measure [b]).
 _Fun = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
-# refresh(theta [b, p], problem indices [b]) -> (new theta [b, p], changed [b] bool).
-_Refresh = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+# A linear map of stacked vectors [c, m, p] of the changed problems (in order), per problem.
+_Map = Callable[[Tensor], Tensor]
+# refresh(theta [b, p], problem indices [b]) -> (changed [b] bool, points, gradients): a linear
+# change of variables θ' = A θ of the changed problems; `points` applies A (to points and steps),
+# `gradients` A⁻ᵀ (to gradients and their differences).
+_Refresh = Callable[[Tensor, Tensor], tuple[Tensor, _Map, _Map]]
 
 
 def batched_lbfgs(
@@ -57,14 +61,20 @@ def batched_lbfgs(
         tol: a problem stops when its convergence measure is ≤ ``tol``.
         first_step: first step length along ``-grad``; ``None``: ``min(1, 1/||g||₁)``.
         eps: relative loss tolerance of the approximate Wolfe test.
-        refresh: ``(theta [b, p], indices [b]) -> (theta, changed [b])``, called for the active
-            problems at the iterations ``refresh_at`` to change their parametrisation (e.g. a
-            new preconditioner); changed problems restart their L-BFGS memory.
+        refresh: ``(theta [b, p], indices [b]) -> (changed [b], points, gradients)``, called
+            for the active problems at the iterations ``refresh_at`` to change their variables
+            linearly, ``θ' = A θ`` (e.g. a new preconditioner): ``points`` applies ``A`` and
+            ``gradients`` ``A⁻ᵀ`` to ``[c, m, p]`` stacks of the ``c`` changed problems'
+            vectors. The loss and convergence measure at the point do not change, so nothing
+            is evaluated again, and the curvature pairs stay valid (``sᵀy`` is invariant):
+            they are mapped, not dropped; only the initial scaling ``γ`` is recomputed from the
+            newest pair.
         refresh_at: iterations at which to call ``refresh``.
         refresh_slower_than: refresh only the problems that, at the rate their convergence
             measure fell over the last (up to four) iterations, would need more than this many
-            further iterations to reach ``tol``: a restart costs a few iterations, which a
-            problem about to converge never wins back. ``None``: every active problem.
+            further iterations to reach ``tol``: a new preconditioner costs its own
+            computation and disturbs the step scaling for an iteration or two, which a problem
+            about to converge never wins back. ``None``: every active problem.
 
     Returns:
         ``(theta, iterations of the slowest problem, finished [B] bool)``; a problem is finished
@@ -107,17 +117,12 @@ def batched_lbfgs(
                 rate = (measure / past[0]).clamp_min(1e-300) ** (1 / len(past))
                 remaining = torch.log(tol / measure) / torch.log(rate.clamp(max=1 - 1e-12))
                 rows = torch.nonzero(remaining > refresh_slower_than).flatten()
-            new, changed = refresh(theta[rows], live[rows]) if len(rows) else (theta, rows > 0)
-            if bool(changed.any()):
-                rows = rows[changed]
-                theta[rows] = new[changed]
-                f[rows], g[rows], measure[rows] = fun(theta[rows], live[rows])
-                for rho in rho_hist:
-                    rho[rows] = 0.0  # curvature pairs from the old parametrisation no longer apply
-                gamma[rows] = 1.0
-                active = measure > tol  # those that stopped are dropped next iteration
-                if not bool(active.any()):
-                    continue
+            if len(rows):
+                changed, points, gradients = refresh(theta[rows], live[rows])
+                if bool(changed.any()):
+                    _change_variables(
+                        rows[changed], points, gradients, theta, g, s_hist, y_hist, rho_hist, gamma
+                    )
         n_iter = it + 1
         direction = _two_loop(g, s_hist, y_hist, rho_hist, gamma).neg_()
         slope = torch.linalg.vecdot(g, direction)
@@ -180,6 +185,32 @@ def batched_lbfgs(
         out[live] = theta
     finished[live] = ~active
     return out, n_iter, finished
+
+
+def _change_variables(
+    rows: Tensor,
+    points: _Map,
+    gradients: _Map,
+    theta: Tensor,
+    g: Tensor,
+    s_hist: list[Tensor],
+    y_hist: list[Tensor],
+    rho_hist: list[Tensor],
+    gamma: Tensor,
+) -> None:
+    """Map problems ``rows``' point, gradient and curvature pairs to new variables, in place."""
+    mapped = points(torch.stack([theta[rows], *(s[rows] for s in s_hist)], 1))
+    theta[rows] = mapped[:, 0]
+    for i, s in enumerate(s_hist):
+        s[rows] = mapped[:, i + 1]
+    mapped = gradients(torch.stack([g[rows], *(y[rows] for y in y_hist)], 1))
+    g[rows] = mapped[:, 0]
+    for i, y in enumerate(y_hist):
+        y[rows] = mapped[:, i + 1]
+    if s_hist:  # γ = sᵀy / yᵀy of the newest pair, as after a step; sᵀy itself (rho) is invariant
+        s, y, rho = s_hist[-1][rows], y_hist[-1][rows], rho_hist[-1][rows]
+        yy = torch.linalg.vecdot(y, y)
+        gamma[rows] = torch.where(rho > 0, torch.linalg.vecdot(s, y) / yy.clamp_min(1e-300), 1.0)
 
 
 def _two_loop(

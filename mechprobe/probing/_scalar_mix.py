@@ -16,12 +16,15 @@ in AllenNLP, and reported split as ``γ = ||γ W||_F`` and a unit-norm ``W``. ``
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
+from einops import rearrange
 from jaxtyping import Float
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
@@ -416,19 +419,40 @@ class _MixObjective:
             curvature = torch.full(mixed.shape[:2], (self.k - 1) / self.k**2, dtype=mixed.dtype)
         return preconditioner(mixed, mixed.mean(1, dtype=torch.float64), curvature, self.l2)
 
-    def refresh(self, theta: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Re-fit the preconditioners to the current mixes and predictions (L-BFGS restarts)."""
+    def refresh(
+        self, theta: Tensor, idx: Tensor
+    ) -> tuple[Tensor, Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+        """Re-fit the preconditioners to the current mixes and predictions: ``(changed, points,
+        gradients)``, the change of variables ``V' = L'ᵀ L⁻ᵀ V`` of the classifier block (the
+        same γW, so the same loss) for :func:`batched_lbfgs`; mix weights and biases stay."""
         w, U, bias = self.unpack(theta, idx)
         weights = torch.softmax(w.masked_fill(~self.masks[idx], -torch.inf), -1).to(self.X.dtype)
         mixed = _scalar_mix(self.rows, weights)
         p = torch.softmax(
             torch.baddbmm(bias.to(mixed.dtype)[:, None], mixed, U.to(mixed.dtype)), -1
         )
+        old = self.chol[idx].double()
         self.chol[idx] = self._factor(weights, (p * (1 - p)).mean(-1))
-        theta = theta.clone()
+        new = self.chol[idx].double()
         n_layers, _, d = self.X.shape
-        theta[:, n_layers : n_layers + d * self.k] = (self.chol[idx].mT @ U).flatten(1)
-        return theta, torch.ones(len(idx), dtype=torch.bool)
+        block = slice(n_layers, n_layers + d * self.k)
+
+        def change(vectors: Tensor, *, gradients: bool) -> Tensor:
+            # [c, m, size]: the classifier block as one [d, m·K] matrix per problem.
+            out = vectors.clone()
+            V = rearrange(vectors[..., block], "c m (d k) -> c d (m k)", d=d, k=self.k)
+            if gradients:
+                V = torch.linalg.solve_triangular(new, old @ V, upper=False)
+            else:
+                V = new.mT @ torch.linalg.solve_triangular(old.mT, V, upper=True)
+            out[..., block] = rearrange(V, "c d (m k) -> c m (d k)", k=self.k)
+            return out
+
+        return (
+            torch.ones(len(idx), dtype=torch.bool),
+            partial(change, gradients=False),
+            partial(change, gradients=True),
+        )
 
     def unpack(self, theta: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(w [b, L], γW [b, d, K], bias [b, K])``."""
