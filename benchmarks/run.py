@@ -202,6 +202,12 @@ def _ratio(row: dict[str, Any]) -> str:
     return f"{row['ratio']:.2f}x{floor}"
 
 
+def _same_cpu(row: dict[str, Any] | None, run: dict[str, Any]) -> bool:
+    """Whether a row's record and this run name the same CPU model, flags and torch capability."""
+    keys = ("cpu", "cpu_flags", "cpu_capability")
+    return row is not None and all(row.get(k) == run[k] for k in keys)
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     lines = ["| benchmark | ratio | baseline | target | detail |", "|---|---|---|---|---|"]
     for r in rows:
@@ -243,8 +249,15 @@ def main(argv: Sequence[str]) -> int:
             rows.append(row)
             print(f"   {row['benchmark']}: {_ratio(row)} ({row['detail']})", file=sys.stderr)
     path = HERE / "results.json"
-    previous = json.loads(path.read_text()) if path.exists() and argv else {"rows": []}
-    kept = [r for r in previous.get("rows", []) if r.get("topic") not in set(argv)]
+    previous = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    ran = set(_topics(argv))
+    # A run replaces its topics' rows measured on this kind of CPU; rows from another kind (the
+    # README's second table) stay until a run there replaces them.
+    kept = [
+        r
+        for r in previous.get("rows", [])
+        if r.get("topic") not in ran or not _same_cpu(r.get("measured"), measured)
+    ]
     machine = (
         f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"{psutil.cpu_count()} cores, torch {torch.__version__}"
