@@ -30,10 +30,9 @@ same weights, so L-BFGS keeps its curvature pairs (mapped) and evaluates nothing
 dropping them and re-evaluating, as an earlier version did, took 27.4 evaluations per layer
 instead of 24.6 at 10k rows, 21.7 instead of 19.9 at 4k and 31.7 instead of 25.7 at 100k (three
 layers): the step after a restart overshoots (the gradient rises 10-40x) and takes a few to
-recover. The re-fitted Gram keeps
-only the rows carrying 99.9% of the curvature (about half of them). Its
-Gram matrix runs in bfloat16 where the CPU has native bfloat16 products (~4x faster; a
-preconditioner need not be exact). Features are centred and scaled inside the products
+recover. The re-fitted Gram keeps only the rows carrying 99.9% of the curvature (about half of
+them). The Gram matrix runs in bfloat16 where the CPU has native bfloat16 products (~4x faster;
+a preconditioner need not be exact). Features are centred and scaled inside the products
 (``center``/``scale``), which costs no copy of ``X``. Heavy products run in the dtype of ``X``
 (float32 is about twice as fast as float64 and reaches ~1e-6 in the gradient); the optimiser
 state is float64. A class with no examples gets zero weights and a bias 50 below the others (its
