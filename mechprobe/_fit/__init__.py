@@ -10,6 +10,7 @@ from mechprobe._fit._logistic import LogisticFit, fit_logistic
 from mechprobe._fit._paths import SolverPath, current_solver_path, solver_path
 from mechprobe._fit._preconditioner import (
     PRECONDITIONER_ROWS,
+    change_factor,
     covariance_preconditioner,
     preconditioner,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "LogisticFit",
     "SolverPath",
     "batched_lbfgs",
+    "change_factor",
     "covariance_preconditioner",
     "current_solver_path",
     "fit_logistic",

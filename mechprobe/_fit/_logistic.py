@@ -62,6 +62,7 @@ from mechprobe._fit._inputs import check_features, validate
 from mechprobe._fit._lbfgs import batched_lbfgs
 from mechprobe._fit._preconditioner import (
     PRECONDITIONER_ROWS,
+    change_factor,
     covariance_preconditioner,
     preconditioner,
 )
@@ -381,10 +382,7 @@ class _Objective:
             out = torch.empty_like(vectors)
             for j, (old, new) in enumerate(factors):
                 block = rearrange(vectors[j].to(old.dtype), "m (d k) -> d (m k)", d=d, k=k)
-                if gradients:
-                    block = torch.linalg.solve_triangular(new, old @ block, upper=False)
-                else:
-                    block = new.mT @ torch.linalg.solve_triangular(old.mT, block, upper=True)
+                block = change_factor(old, new, block, gradients=gradients)
                 out[j] = rearrange(block, "d (m k) -> m (d k)", k=k)
             return out
 

@@ -63,6 +63,32 @@ def preconditioner(
     return torch.stack(factors)
 
 
+def change_factor(old: Tensor, new: Tensor, block: Tensor, *, gradients: bool) -> Tensor:
+    """Re-express vectors whitened by Cholesky factor ``old`` in the variables of ``new``.
+
+    With weights ``W = L⁻ᵀ V`` fixed, ``V' = L'ᵀ L⁻ᵀ V`` (points and steps) and gradients map by
+    ``L'⁻¹ L``. ``old``, ``new`` are ``[..., d, d]``; ``block [..., d, r]`` holds ``r`` vectors as
+    columns (one solve and one product for all of them).
+
+    Example:
+        >>> import torch
+        >>> A = torch.randn(4, 4, dtype=torch.float64)
+        >>> old = torch.linalg.cholesky(A @ A.T + torch.eye(4, dtype=torch.float64))
+        >>> new = torch.linalg.cholesky(A.T @ A + torch.eye(4, dtype=torch.float64))
+        >>> V, G = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+        >>> W = torch.linalg.solve_triangular(old.mT, V, upper=True)
+        >>> V2 = change_factor(old, new, V, gradients=False)
+        >>> torch.allclose(torch.linalg.solve_triangular(new.mT, V2, upper=True), W)
+        True
+        >>> G2 = change_factor(old, new, G, gradients=True)  # pairings gᵀv are kept
+        >>> torch.allclose((G2 * V2).sum(0), (G * V).sum(0))
+        True
+    """
+    if gradients:
+        return torch.linalg.solve_triangular(new, old @ block, upper=False)
+    return new.mT @ torch.linalg.solve_triangular(old.mT, block, upper=True)
+
+
 def gram(rows: Tensor, blocks: int = 4) -> Tensor:
     """``rowsᵀ rows`` for ``rows [n, d]``, from the products of its lower block triangle.
 

@@ -31,7 +31,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
-from mechprobe._fit import PRECONDITIONER_ROWS, batched_lbfgs, preconditioner
+from mechprobe._fit import PRECONDITIONER_ROWS, batched_lbfgs, change_factor, preconditioner
 from mechprobe.core import Result, new_axes, progress_bar
 from mechprobe.probing._activations import Activations
 from mechprobe.probing._data import as_layers, encode_labels, splits, standardised
@@ -441,10 +441,7 @@ class _MixObjective:
             # [c, m, size]: the classifier block as one [d, m·K] matrix per problem.
             out = vectors.clone()
             V = rearrange(vectors[..., block], "c m (d k) -> c d (m k)", d=d, k=self.k)
-            if gradients:
-                V = torch.linalg.solve_triangular(new, old @ V, upper=False)
-            else:
-                V = new.mT @ torch.linalg.solve_triangular(old.mT, V, upper=True)
+            V = change_factor(old, new, V, gradients=gradients)
             out[..., block] = rearrange(V, "c d (m k) -> c m (d k)", k=self.k)
             return out
 
