@@ -114,6 +114,26 @@ def test_smollm2_bridge_equals_hf_and_answers(smollm2):
 
 
 @pytest.mark.integration
+def test_smollm2_tokenizer_is_parsed_once_and_prepends_bos(monkeypatch):
+    # TransformerLens reloads a tokenizer that does not prepend BOS (a second parse of
+    # tokenizer.json); load_model loads it the way TransformerLens keeps.
+    from transformers import AutoTokenizer
+
+    calls = []
+    original = AutoTokenizer.from_pretrained
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", counted)
+    model = mp.load_model()
+    assert len(calls) == 1
+    assert int(model.to_tokens("The capital of France")[0, 0]) == model.tokenizer.bos_token_id
+    assert not any(module.training for module in model.modules())
+
+
+@pytest.mark.integration
 def test_smollm2_cache_is_faithful_to_the_gguf(smollm2):
     """The cache the session's model was loaded from (built by this code on a fresh machine) holds
     exactly the weights and tokenizer transformers reads from the GGUF itself (our one-pass reader
