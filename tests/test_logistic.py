@@ -209,6 +209,33 @@ def test_a_given_covariance_preconditions_the_same_problem() -> None:
         fit_logistic(X, y, 4, covariance=covariance[0])
 
 
+def test_a_start_changes_the_iterations_not_the_optimum() -> None:
+    """``start=`` (another layer's fit, for raw rows standardised inside the products) reaches the
+    optimum a cold fit reaches; started at that optimum, a fit takes no step; a start of other
+    classes or layers is refused."""
+    X, y = _layers()
+    gen = torch.Generator().manual_seed(6)
+    scale = torch.rand(X.shape[0], X.shape[2], generator=gen, dtype=torch.float64) * 5 + 0.1
+    center = torch.randn(X.shape[0], X.shape[2], generator=gen, dtype=torch.float64) * 30
+    raw = X * scale[:, None] + center[:, None]
+    cold = fit_logistic(raw, y, 4, tol=1e-10, center=center, scale=scale)
+    shifted = LogisticFit(cold.weight.roll(1, 0), cold.bias.roll(1, 0), 0)  # layer l from l - 1
+    warm = fit_logistic(raw, y, 4, tol=1e-10, center=center, scale=scale, start=shifted)
+    for layer in range(X.shape[0]):
+        f, _, k = multinomial_objective(X[layer], y, 1e-3)
+        _assert_same_optimum(f, k, _theta(cold, layer), _theta(warm, layer), tol=1e-10)
+    # A fifth class without examples: the start's entries for it are dropped, not fitted.
+    absent = fit_logistic(raw, y, 5, tol=1e-10, center=center, scale=scale)
+    again = fit_logistic(raw, y, 5, tol=1e-8, center=center, scale=scale, start=absent)
+    assert again.n_iter == 0  # the start met tol: the centring offset was carried over exactly
+    torch.testing.assert_close(again.weight, absent.weight, rtol=0, atol=1e-12)
+    assert cold.n_iter > 5
+    with pytest.raises(ValueError, match=r"start must be a fit of \[layers, d, classes\]"):
+        fit_logistic(raw, y, 5, center=center, scale=scale, start=cold)
+    with pytest.raises(ValueError, match=r"start must be a fit of \[layers, d, classes\]"):
+        fit_logistic(raw[:2], y, 4, start=cold)
+
+
 def test_float32_fit_reaches_the_float64_optimum(every_solver_path) -> None:
     # On every path (oneDNN or matmul products, bfloat16 or float32 Gram) a float32 fit stops at
     # its tol (or at float32's floor, which the gradient measured in float64 shows) and is as

@@ -265,6 +265,44 @@ def test_groups_of_layers_give_the_results_of_one_batch(monkeypatch) -> None:
     assert 0.4 < together.accuracy[3] < 0.95
 
 
+def test_layers_between_start_from_their_neighbours_and_reach_the_same_probes(
+    monkeypatch,
+) -> None:
+    """Every other layer and the last are fitted first; each layer between starts from the mean
+    of its neighbours' fits (control-task fits from theirs), and ends at the probe a cold fit
+    reaches."""
+    X, y = _planted(n=600, layers=6, d=12, k=3, signal=(1, 3))
+    X[:, 3] += 3 * np.random.default_rng(1).normal(size=X[:, 3].shape)  # weaker: not 1.0
+    groups = np.arange(len(y)) % 40
+    calls: list[tuple[torch.Tensor, object, object]] = []
+    fit_logistic = layerwise.fit_logistic
+
+    def recorded(train_x, y_train, *args, **kwargs):
+        fit = fit_logistic(train_x, y_train, *args, **kwargs)
+        calls.append((y_train, kwargs["start"], fit))
+        return fit
+
+    monkeypatch.setattr(layerwise, "fit_logistic", recorded)
+    assert layerwise._phases(6, mlp=False) == [[0, 2, 4, 5], [1, 3]]
+    assert layerwise._phases(6, mlp=True) == [[0, 1, 2, 3, 4, 5]]
+    assert layerwise._phases(2, mlp=False) == [[0, 1]]
+    phased = mp.probe_layers(X, y, groups=groups, tol=1e-8, progress=False)
+    (_, no_start, first), (_, no_start_control, first_control) = calls[0], calls[1]
+    (_, start, _), (_, start_control, _) = calls[2], calls[3]
+    assert no_start is None and no_start_control is None and len(calls) == 4
+    for begin, fitted in ((start, first), (start_control, first_control)):
+        for row, (low, high) in enumerate([(0, 1), (1, 2)]):  # layers 1 and 3 of [0, 2, 4, 5]
+            torch.testing.assert_close(
+                begin.weight[row], (fitted.weight[low] + fitted.weight[high]) / 2
+            )
+            torch.testing.assert_close(begin.bias[row], (fitted.bias[low] + fitted.bias[high]) / 2)
+    monkeypatch.setattr(layerwise, "_phases", lambda n_layers, mlp: [list(range(n_layers))])
+    cold = mp.probe_layers(X, y, groups=groups, tol=1e-8, progress=False)
+    np.testing.assert_array_equal(phased.accuracy, cold.accuracy)
+    np.testing.assert_array_equal(phased.control_accuracy, cold.control_accuracy)
+    assert cold.accuracy[1] > 0.95 and 0.4 < cold.accuracy[3] < 0.95  # the started layers
+
+
 def test_float16_activations_are_gathered_as_float32_without_a_full_copy(tmp_path) -> None:
     X, y = _planted(n=400, layers=3, d=8, signal=(1,))
     np.save(tmp_path / "acts.npy", X.astype(np.float16))

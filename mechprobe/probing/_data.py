@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,7 @@ def standardised(
     standardize: bool = True,
     scale_train: bool = True,
     out: tuple[Tensor, Tensor | None] | None = None,
+    layers: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """``(train [layers, n_train, d], test or None, mean [layers, d], scale [layers, d])``.
 
@@ -116,10 +118,11 @@ def standardised(
     The layer axis moves first, each layer's rows contiguous, because narrow products over a
     strided layer run ~3x slower; gathering layer by layer does the row selection and the move in
     one pass. ``out``: ``(train, test)`` buffers with at least as many layers, written into and
-    returned as views (reusing memory spares paging in a fresh copy, ~0.3 s per GB).
+    returned as views (reusing memory spares paging in a fresh copy, ~0.3 s per GB). ``layers``:
+    only these layers of ``X``, in this order (read as views, without copying ``X``).
     """
-    train_x = _gather(X, train, None if out is None else out[0])
-    test_x = None if test is None else _gather(X, test, None if out is None else out[1])
+    train_x = _gather(X, train, None if out is None else out[0], layers)
+    test_x = None if test is None else _gather(X, test, None if out is None else out[1], layers)
     n_layers, _, d = train_x.shape
     if not standardize:
         zeros = torch.zeros(n_layers, d, dtype=torch.float64, device=X.device)
@@ -163,22 +166,25 @@ def gathered_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _gather(X: Tensor, rows: np.ndarray, out: Tensor | None = None) -> Tensor:
-    """``X[rows]`` as ``[layers, len(rows), d]``, contiguous (in ``out[:layers]`` if given), in
-    :func:`gathered_dtype`."""
+def _gather(
+    X: Tensor, rows: np.ndarray, out: Tensor | None = None, layers: Sequence[int] | None = None
+) -> Tensor:
+    """``X[rows][:, layers]`` as ``[layers, len(rows), d]``, contiguous (in ``out[:layers]`` if
+    given), in :func:`gathered_dtype`; ``layers`` defaults to all of them."""
     idx = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(X.device)
-    shape, dtype = (X.shape[1], len(idx), X.shape[2]), gathered_dtype(X.dtype)
+    chosen = range(X.shape[1]) if layers is None else list(layers)
+    shape, dtype = (len(chosen), len(idx), X.shape[2]), gathered_dtype(X.dtype)
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=X.device)
     else:
-        out = out[: X.shape[1]]
+        out = out[: len(chosen)]
         if out.shape != shape or out.dtype != dtype:
             raise ValueError(f"buffer {tuple(out.shape)} {out.dtype} cannot hold {shape} {dtype}")
-    for layer in range(X.shape[1]):
+    for i, layer in enumerate(chosen):
         if X.dtype == dtype:
-            torch.index_select(X[:, layer], 0, idx, out=out[layer])
+            torch.index_select(X[:, layer], 0, idx, out=out[i])
         else:  # one layer at a time in half precision, then converted
-            out[layer].copy_(torch.index_select(X[:, layer], 0, idx))
+            out[i].copy_(torch.index_select(X[:, layer], 0, idx))
     return out
 
 
