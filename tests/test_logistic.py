@@ -276,8 +276,11 @@ def test_logits_and_predict_shapes_and_dtype_follow_x() -> None:
 
 def test_warns_when_iterations_run_out() -> None:
     X, y = _layers()
-    with pytest.warns(ConvergenceWarning, match="increase max_iter"):
+    with pytest.warns(ConvergenceWarning, match=r"layers \[0, 1, 2\] did not reach") as caught:
         fit_logistic(X, y, 4, max_iter=2, tol=1e-12)
+    assert len(caught) == 1 and caught[0].filename == __file__  # points at the caller
+    with pytest.warns(ConvergenceWarning, match=r"layers \[7, 9, 11\] did not reach"):
+        fit_logistic(X, y, 4, max_iter=2, tol=1e-12, layer_names=[7, 9, 11])
 
 
 def test_converged_fit_does_not_warn() -> None:

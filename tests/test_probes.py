@@ -19,6 +19,7 @@ from optimum import (
 )
 from scipy.stats import chisquare
 from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score, train_test_split
 from sklearn.pipeline import make_pipeline
@@ -296,6 +297,14 @@ def test_layers_between_start_from_their_neighbours_and_reach_the_same_probes(
                 begin.weight[row], (fitted.weight[low] + fitted.weight[high]) / 2
             )
             torch.testing.assert_close(begin.bias[row], (fitted.bias[low] + fitted.bias[high]) / 2)
+    # Warnings name the layers of X, not their places in a phase's batch.
+    with pytest.warns(ConvergenceWarning) as caught:
+        layerwise.probe_layers(X, y, max_iter=1, tol=1e-12, progress=False)
+    messages = sorted(str(w.message) for w in caught if w.category is ConvergenceWarning)
+    assert [m.split(" did not")[0] for m in messages] == [
+        "fit_logistic: layers [0, 2, 4, 5]",
+        "fit_logistic: layers [1, 3]",
+    ]
     monkeypatch.setattr(layerwise, "_phases", lambda n_layers, mlp: [list(range(n_layers))])
     cold = mp.probe_layers(X, y, groups=groups, tol=1e-8, progress=False)
     np.testing.assert_array_equal(phased.accuracy, cold.accuracy)

@@ -60,7 +60,7 @@ and K factors to build and apply.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -141,6 +141,7 @@ def fit_logistic(
     scale: Float[Tensor, "layers d"] | None = None,
     covariance: Float[Tensor, "layers d d"] | None = None,
     start: LogisticFit | None = None,
+    layer_names: Sequence[int] | None = None,
 ) -> LogisticFit:
     """Fit one L2 multinomial logistic regression per layer, all layers in one optimisation.
 
@@ -165,6 +166,8 @@ def fit_logistic(
             the neighbouring layers' fits): its weights and biases are the first iterate, and
             the first preconditioner is fitted to the curvature there (``covariance`` is then
             not used). The optimum does not depend on it; the number of iterations does.
+        layer_names: what the convergence warning calls the layers (default their positions
+            in ``X``), for a caller fitting some of a model's layers.
 
     Returns:
         The per-layer weights and biases, for features ``(X - center) / scale``.
@@ -214,9 +217,17 @@ def fit_logistic(
                     offset = offset / scale.to(X.device, torch.float64)
                 b0 = b0 - torch.einsum("ld,ldk->lk", offset, W0)
             first = (W0, b0)
-        W[..., present], bias[..., present], n_iter = _solve(
+        W[..., present], bias[..., present], n_iter, unfinished = _solve(
             X, remap[y], len(present), l2, max_iter, tol, weights, center, scale, covariance, first
         )
+        if unfinished:
+            names = unfinished if layer_names is None else [layer_names[i] for i in unfinished]
+            warnings.warn(
+                f"fit_logistic: layers {names} did not reach tol={tol} in max_iter={max_iter} "
+                "iterations; increase max_iter or l2.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
     if len(present) < n_classes:
         absent = torch.ones(n_classes, dtype=torch.bool, device=X.device)
         absent[present] = False
@@ -236,9 +247,10 @@ def _solve(
     scale: Tensor | None,
     covariance: Tensor | None,
     start: tuple[Tensor, Tensor] | None,
-) -> tuple[Tensor, Tensor, int]:
-    """``(W [L, d, K], b [L, K], iterations)`` in float64 for classes that all occur in ``y``;
-    ``start``: ``(W, b)`` of the features ``x / scale`` (not centred) to start from."""
+) -> tuple[Tensor, Tensor, int, list[int]]:
+    """``(W [L, d, K], b [L, K], iterations, unfinished layers)``, ``W`` and ``b`` in float64,
+    for classes that all occur in ``y``; ``start``: ``(W, b)`` of the features ``x / scale``
+    (not centred) to start from."""
     objective = _Objective(X, y, n_classes, l2, weights, scale, _BIAS_TOL * tol, covariance, start)
     theta = objective.start()
     # Losses are accurate to about the rounding of X's dtype; the line search tolerates that much.
@@ -254,19 +266,11 @@ def _solve(
         refresh_at=_REFRESH_AT,
         refresh_slower_than=_SLOWER_THAN,
     )
-    if not bool(finished.all()):
-        bad = torch.nonzero(~finished).flatten().tolist()
-        warnings.warn(
-            f"fit_logistic: layers {bad} did not reach tol={tol} in max_iter={max_iter} "
-            "iterations; increase max_iter or l2.",
-            ConvergenceWarning,
-            stacklevel=3,
-        )
     W, bias = objective.solution(theta)
     if center is not None:  # the bias for (x - center) / scale rather than x / scale
         offset = center.to(X.device, torch.float64) * objective.inv_scale.double()
         bias += torch.einsum("ld,ldk->lk", offset, W)
-    return W, bias, n_iter
+    return W, bias, n_iter, torch.nonzero(~finished).flatten().tolist()
 
 
 class _Objective:

@@ -362,7 +362,7 @@ def _fit_and_score(
             train_x, y_train, n_classes, l2=l2, max_iter=max_iter, tol=tol,
             center=None if moments is None else moments[0],
             scale=None if moments is None else moments[1],
-            start=_start(fits, layers),
+            start=_start(fits, layers), layer_names=layers,
         )  # fmt: skip
         fits.update(zip(layers, zip(fit.weight, fit.bias, strict=True), strict=True))
         predicted = fit.predict(test_x)
