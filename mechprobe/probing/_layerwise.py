@@ -182,8 +182,8 @@ def probe_layers(
     small data; 3 at a time for 16k rows x 576 features): memory stays bounded for large
     activation sets, and one buffer reused from group to group is faster than a fresh copy of
     every layer. Every other layer (and the last) is fitted first; each layer between them
-    starts from the mean of its neighbours' probes, which saves iterations (a fifth at 2,000 rows
-    of SmolLM2 activations, little at 10,000). Results depend on neither: each fit stops at
+    starts from the mean of its neighbours' probes, which saves iterations (an eighth to a
+    quarter of them on SmolLM2 activations). Results depend on neither: each fit stops at
     ``tol``.
 
     Args:
@@ -291,12 +291,14 @@ def _phases(n_layers: int, mlp: bool) -> list[list[int]]:
 
     The residual stream changes little per block, so neighbouring layers' probes are close and a
     start between them saves iterations; the optimum, and so the result, is the same to ``tol``.
-    Measured on SmolLM2's POS activations (one thread, l2 1e-3, tol 1e-4), loss evaluations per
-    layer: 18.1 -> 14.7 at 2,000 rows, 19.8 -> 17.3 at 4,000, 25.0 -> 24.7 at 10,097 and 27.1 ->
-    25.7 at 100,970 (layers 10-16; 32.3 -> 27.1 s). A start from one neighbour saved less (14.7
-    instead of 11.9 evaluations at 4,000 rows, with every start an exact fit). More levels
-    (every fourth layer first, then every second) saved 0.5-1.6 more per layer at 2,000-10,097
-    rows, within the machine's wall-clock noise: kept at two. MLP probes have no start.
+    Measured on SmolLM2's POS activations (l2 1e-3, tol 1e-4), loss evaluations per layer: 18.1
+    -> 13.9 at 2,000 rows, 19.8 -> 17.2 at 4,000, 25.0 -> 21.9 at 10,097 and 27.1 -> 22.9 at
+    100,970 (layers 10-16); the started layers take 9.0, 13.9 and 16.6 at 2,000, 4,000 and 10,097
+    rows (19.9 and 23.4 at 4,000 and 10,097 fitted cold). A start from one neighbour saved less
+    (13.9 instead of 12.4 evaluations at 4,000 rows, every start an exact cold fit). More levels
+    (every fourth layer first, then every second), tried with an earlier form of the start,
+    saved 0.5-1.6 more per layer at 2,000-10,097 rows, within the machine's wall-clock noise:
+    kept at two. MLP probes have no start.
     """
     if mlp or n_layers < 3:
         return [list(range(n_layers))]
