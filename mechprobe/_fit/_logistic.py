@@ -36,8 +36,8 @@ there, with the same uniform first factor and the same re-fits. The Gram matrix 
 where the CPU has native bfloat16 products (~4x faster; a preconditioner need not be exact).
 Features are centred and scaled inside the products (``center``/``scale``), which costs no copy
 of ``X``. Heavy products run in the dtype of ``X`` (float32 is about twice as fast as float64 and
-reaches ~1e-6 in the gradient); the optimiser state is float64. A class with no examples gets zero weights and a bias 50 below the others (its
-optimum is ``b = -inf``).
+reaches ~1e-6 in the gradient); the optimiser state is float64. A class with no examples gets
+zero weights and a bias 50 below the others (its optimum is ``b = -inf``).
 
 Where the time goes (one thread, 30 real SmolLM2 layers x 576, 15 classes): at 1,600 training
 rows the products with ``X`` take 35%, the two preconditioner builds 26%, the triangular solves
