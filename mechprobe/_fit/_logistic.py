@@ -251,7 +251,11 @@ def _solve(
     for classes that all occur in ``y``; ``start``: ``(W, b)`` of the features ``x / scale``
     (not centred) to start from."""
     objective = _Objective(X, y, n_classes, l2, weights, scale, _BIAS_TOL * tol, covariance, start)
-    theta = objective.start()
+    if start is None:
+        n_layers, _, d = X.shape
+        theta = torch.zeros(n_layers, d * n_classes, dtype=torch.float64, device=X.device)
+    else:  # W = L⁻ᵀ V, so V = Lᵀ W
+        theta = (objective.chol.mT.double() @ start[0]).flatten(1)
     # Losses are accurate to about the rounding of X's dtype; the line search tolerates that much.
     eps = 10 * torch.finfo(X.dtype).eps
     theta, n_iter, finished = batched_lbfgs(
@@ -312,11 +316,9 @@ class _Objective:
         raw_mean = torch.stack([self.w_data @ layer for layer in X])
         self.mean = (raw_mean * self.inv_scale).double()  # [L, d] of the features f
         if start is None:
-            self.W0 = None
             c = self.class_weight.log().expand(n_layers, -1)  # the optimal c at W = 0
         else:
-            self.W0 = start[0]
-            c = start[1] + torch.einsum("ld,ldk->lk", self.mean, self.W0)
+            c = start[1] + torch.einsum("ld,ldk->lk", self.mean, start[0])
         # Biases sum to 0 (adding a constant to all changes nothing), as in scikit-learn.
         self.bias = c - c.mean(1, keepdim=True)
         # Each layer's latest evaluated point, as (batch, row): solution() checks the bias is its.
@@ -339,16 +341,7 @@ class _Objective:
         else:
             self.chol = covariance_preconditioner(covariance, uniform, l2).to(X)
         self.level = curvature.mean(1, dtype=torch.float64)  # mean curvature behind each factor
-        self.at_start = self.W0 is None  # all logits are 0 at the first call
-
-    def start(self) -> Tensor:
-        """The first iterate ``theta = V.flatten()``, ``V = Lᵀ W``: zeros without a start."""
-        n_layers, _, d = self.X.shape
-        if self.W0 is None:
-            return torch.zeros(
-                n_layers, d * self.n_classes, dtype=torch.float64, device=self.X.device
-            )
-        return (self.chol.mT.double() @ self.W0).flatten(1)
+        self.at_start = start is None  # then all logits are 0 at the first call
 
     def __call__(self, theta: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         X, layers = self.X, idx.tolist()
@@ -406,15 +399,26 @@ class _Objective:
         a refresh costs a Gram matrix. The weights stay ``W = L⁻ᵀ V = L'⁻ᵀ V'``, so
         ``V' = L'ᵀ L⁻ᵀ V`` (points) and gradients map by ``L'⁻¹ L`` (the transposed inverse).
         """
+        W = self._weights(theta, idx)
         layers = idx.tolist()
-        curvature = self._curvature(self.sample, self._weights(theta, idx), idx)
+        # Layer by layer on views of the sample: indexing it would copy every layer's rows.
+        logits = self._logits(self.sample, W, idx)
+        p = torch.softmax(logits + self.bias[idx].to(logits.dtype)[..., None], 1)
+        curvature = (p * (1 - p)).mean(1)  # mean diagonal of the per-example softmax Hessian
         level = curvature.mean(1, dtype=torch.float64)
         stale = level < _STALE * self.level[idx]
         factors = []  # (old, new) per changed problem, in order
         for row, layer in enumerate(layers):
             if bool(stale[row]):
+                rows, weights = _heaviest(self.sample[layer], curvature[row], _CURVATURE_MASS)
                 old = self.chol[layer].clone()
-                self.chol[layer] = self._factor(layer, curvature[row])
+                self.chol[layer] = preconditioner(
+                    rows[None],
+                    self.mean[layer][None],
+                    weights[None],
+                    self.l2,
+                    self.inv_scale[layer][None],
+                )[0]
                 self.level[layer] = level[row]
                 factors.append((old, self.chol[layer]))
         d, k = self.X.shape[2], self.n_classes
@@ -433,26 +437,6 @@ class _Objective:
             partial(change, gradients=False),
             partial(change, gradients=True),
         )
-
-    def _curvature(self, rows: Tensor, W: Tensor, idx: Tensor) -> Tensor:
-        """``[b, s]`` softmax curvature ``mean_k p_ik (1 - p_ik)`` of ``rows [L, s, d]`` at the
-        weights ``W [b, d, K]`` of problems ``idx`` and their current biases."""
-        # Layer by layer on views of the rows: indexing them would copy every layer's rows.
-        logits = self._logits(rows, W, idx)
-        p = torch.softmax(logits + self.bias[idx].to(logits.dtype)[..., None], 1)
-        return (p * (1 - p)).mean(1)  # mean diagonal of the per-example softmax Hessian
-
-    def _factor(self, layer: int, curvature: Tensor) -> Tensor:
-        """Problem ``layer``'s preconditioner at the sample rows' ``curvature [s]``, from the
-        rows that carry most of it."""
-        rows, weights = _heaviest(self.sample[layer], curvature, _CURVATURE_MASS)
-        return preconditioner(
-            rows[None],
-            self.mean[layer][None],
-            weights[None],
-            self.l2,
-            self.inv_scale[layer][None],
-        )[0]
 
     def _weights(self, theta: Tensor, idx: Tensor) -> Tensor:
         """``W [b, d, K]`` in the dtype of ``X`` for the problems ``idx``."""
