@@ -13,7 +13,9 @@ PROMPTS = [
     f"Q: What is the capital of {c}?\nA:" for c in ["France", "Poland", "Japan", "Chile"]
 ] * 8
 LAYER = 20
-ROUNDS = 2
+# Forwards on a shared 2-core machine vary by 10-40% from call to call (0.89-1.54 s measured for
+# this batch): five interleaved rounds, so the median compares like with like.
+ROUNDS = 5
 
 
 def run(ctx: Any) -> list[dict[str, Any]]:
@@ -47,6 +49,9 @@ def run(ctx: Any) -> list[dict[str, Any]]:
             base.append(ctx.time(plain, repeat=3))
             with_hook.append(ctx.time(hooked, repeat=3))
         forward, erased = statistics.median(base), statistics.median(with_hook)
+        # The erasure's own work on this batch's activations: what the hook adds at the least.
+        acts = torch.randn(*batch.tokens.shape, d)
+        alone = ctx.time(lambda p=projection, a=acts: p.apply(a), repeat=20)
         rows.append(
             {
                 "benchmark": f"forward with the amnesic hook at layer {LAYER}, all positions "
@@ -54,7 +59,9 @@ def run(ctx: Any) -> list[dict[str, Any]]:
                 "ratio": erased / forward,
                 "baseline": "plain forward",
                 "target": "<= 1.05",
-                "detail": f"plain {forward:.3f} s, hooked {erased:.3f} s",
+                "detail": f"plain {forward:.3f} s, hooked {erased:.3f} s (medians of {ROUNDS} "
+                f"interleaved rounds); the projection alone on the batch's activations "
+                f"{alone * 1000:.1f} ms",
             }
         )
     return rows
