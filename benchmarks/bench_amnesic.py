@@ -13,9 +13,11 @@ PROMPTS = [
     f"Q: What is the capital of {c}?\nA:" for c in ["France", "Poland", "Japan", "Chile"]
 ] * 8
 LAYER = 20
-# Forwards on a shared 2-core machine vary by 10-40% from call to call (0.89-1.54 s measured for
-# this batch): five interleaved rounds, so the median compares like with like.
-ROUNDS = 5
+# Forwards on a shared 2-core machine vary by 10-40% from call to call (0.82-1.54 s measured for
+# this batch), more than the 5% target: the ratio is the median over rounds of each round's
+# hooked / plain pair, measured back to back (five rounds of medians still gave 1.06x for a
+# projection that costs 1 ms of a 1 s forward).
+ROUNDS = 8
 
 
 def run(ctx: Any) -> list[dict[str, Any]]:
@@ -49,6 +51,7 @@ def run(ctx: Any) -> list[dict[str, Any]]:
             base.append(ctx.time(plain, repeat=3))
             with_hook.append(ctx.time(hooked, repeat=3))
         forward, erased = statistics.median(base), statistics.median(with_hook)
+        ratio = statistics.median(h / b for h, b in zip(with_hook, base, strict=True))
         # The erasure's own work on this batch's activations: what the hook adds at the least.
         acts = torch.randn(*batch.tokens.shape, d)
         alone = ctx.time(lambda p=projection, a=acts: p.apply(a), repeat=20)
@@ -56,12 +59,12 @@ def run(ctx: Any) -> list[dict[str, Any]]:
             {
                 "benchmark": f"forward with the amnesic hook at layer {LAYER}, all positions "
                 f"({label}; 32 prompts)",
-                "ratio": erased / forward,
+                "ratio": ratio,
                 "baseline": "plain forward",
                 "target": "<= 1.05",
                 "detail": f"plain {forward:.3f} s, hooked {erased:.3f} s (medians of {ROUNDS} "
-                f"interleaved rounds); the projection alone on the batch's activations "
-                f"{alone * 1000:.1f} ms",
+                f"rounds; the ratio is the median of the rounds' ratios); the projection "
+                f"alone on the batch's activations {alone * 1000:.1f} ms",
             }
         )
     return rows
