@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import types
 
 import numpy as np
@@ -310,6 +311,78 @@ def test_layers_between_start_from_their_neighbours_and_reach_the_same_probes(
     np.testing.assert_array_equal(phased.accuracy, cold.accuracy)
     np.testing.assert_array_equal(phased.control_accuracy, cold.control_accuracy)
     assert cold.accuracy[1] > 0.95 and 0.4 < cold.accuracy[3] < 0.95  # the started layers
+
+
+@pytest.fixture
+def two_torch_threads():
+    """Two intra-op threads (make test runs one), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_layers_one_at_a_time_are_fitted_two_at_once_with_the_same_results(
+    monkeypatch, two_torch_threads
+) -> None:
+    """Large data (one layer per group): two layers are fitted at once, each on one of the two
+    threads; every layer between waits for its neighbours, so it gets the start it gets in order,
+    and the results are those of fitting the layers one after another."""
+    X, y = _planted(n=600, layers=6, d=12, k=3, signal=(1, 3))
+    X[:, 3] += 3 * np.random.default_rng(1).normal(size=X[:, 3].shape)  # weaker: not 1.0
+    groups = np.arange(len(y)) % 40
+    monkeypatch.setattr(layerwise, "_GROUP_BYTES", 1)  # one layer per group
+    calls: list[tuple[str, int, tuple[int, ...], bytes, object]] = []
+    fit_logistic = layerwise.fit_logistic
+
+    def recorded(train_x, y_train, *args, **kwargs):
+        name, threads = threading.current_thread().name, torch.get_num_threads()
+        task = y_train.numpy().tobytes()  # which fold, and probe or control
+        calls.append((name, threads, tuple(kwargs["layer_names"]), task, kwargs["start"]))
+        return fit_logistic(train_x, y_train, *args, **kwargs)
+
+    monkeypatch.setattr(layerwise, "fit_logistic", recorded)
+    both = mp.probe_layers(X, y, groups=groups, n_folds=2, tol=1e-8, progress=False)
+    assert torch.get_num_threads() == 2  # restored
+    assert {(name.startswith("mechprobe-probe"), threads) for name, threads, *_ in calls} == {
+        (True, 1)
+    }
+    assert len({name for name, *_ in calls}) == 2
+    started = sorted(layers[0] for *_, layers, _, start in calls if start is not None)
+    assert started == [1, 1, 1, 1, 3, 3, 3, 3]  # probe and control, two folds
+    together = {(layers, task): start for *_, layers, task, start in calls}
+    calls.clear()
+    monkeypatch.setattr(layerwise, "_WORKERS", 1)
+    alone = mp.probe_layers(X, y, groups=groups, n_folds=2, tol=1e-8, progress=False)
+    assert {name for name, *_ in calls} == {threading.current_thread().name}
+    np.testing.assert_array_equal(both.accuracy, alone.accuracy)
+    np.testing.assert_array_equal(both.control_accuracy, alone.control_accuracy)
+    in_order = {(layers, task): start for *_, layers, task, start in calls}
+    assert together.keys() == in_order.keys() and len(in_order) == 24
+    for key, start in in_order.items():
+        if start is None:
+            assert together[key] is None
+        else:  # the same start up to the rounding of one thread's products against two's
+            torch.testing.assert_close(together[key].weight, start.weight, atol=1e-5, rtol=1e-4)
+
+
+def test_an_error_in_a_layer_fitted_beside_another_reaches_the_caller(
+    monkeypatch, two_torch_threads
+) -> None:
+    X, y = _planted(n=300, layers=4, d=8, signal=(1,))
+    monkeypatch.setattr(layerwise, "_GROUP_BYTES", 1)
+    fit_logistic = layerwise.fit_logistic
+
+    def failing(train_x, y_train, *args, **kwargs):
+        if kwargs["layer_names"] == [2]:
+            raise RuntimeError("layer 2 failed")
+        return fit_logistic(train_x, y_train, *args, **kwargs)
+
+    monkeypatch.setattr(layerwise, "fit_logistic", failing)
+    with pytest.raises(RuntimeError, match="layer 2 failed"):
+        mp.probe_layers(X, y, progress=False)
+    assert torch.get_num_threads() == 2
+    assert not [t for t in threading.enumerate() if t.name.startswith("mechprobe-probe")]
 
 
 def test_float16_activations_are_gathered_as_float32_without_a_full_copy(tmp_path) -> None:
