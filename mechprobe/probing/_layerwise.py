@@ -268,28 +268,27 @@ def probe_layers(
             )  # fmt: skip
         return part, accuracy, control_accuracy
 
-    def steps() -> Generator[tuple[list[int], np.ndarray, np.ndarray | None] | None]:
-        """Each fold's groups of layers in order, then its scalar mix (``None``)."""
+    def steps() -> Generator[tuple[list[int], np.ndarray, np.ndarray | None] | int]:
+        """Each fold's groups of layers in order, then its scalar mix (the fold's index)."""
         for f in range(len(folds)):
             fits: _Fits = {}  # layer -> (weight, bias), this fold: starts for the layers between
             control_fits: _Fits = {}
             work = partial(fit_part, f, fits=fits, control_fits=control_fits, buffers=_Buffers())
             yield from _in_order(work, parts, workers)
             if scalar_mix:
-                yield None
+                yield f
 
-    mix_folds = iter(range(len(folds)))
     total = len(folds) * (len(parts) + int(scalar_mix))
     with contextlib.closing(steps()) as stream:
         for step in progress_bar(stream, progress=progress, desc="probing layers", total=total):
-            if step is not None:
+            if not isinstance(step, int):
                 part, accuracy, control_accuracy = step
                 acc[part] += accuracy
                 if control_accuracy is not None:
                     ctrl[part] += control_accuracy
                 continue
             # The scalar mix mixes all layers, so it needs them all at once.
-            train, test = folds[next(mix_folds)]
+            train, test = folds[step]
             y_tr, y_te = torch.from_numpy(y_idx[train]), torch.from_numpy(y_idx[test])
             train_x, test_x, _, _ = standardised(values, train, test)
             assert test_x is not None
