@@ -366,6 +366,46 @@ def test_layers_one_at_a_time_are_fitted_two_at_once_with_the_same_results(
             torch.testing.assert_close(together[key].weight, start.weight, atol=1e-5, rtol=1e-4)
 
 
+def test_small_data_splits_each_phase_between_two_workers_with_the_same_results(
+    monkeypatch, two_torch_threads
+) -> None:
+    """With two threads, each phase of a small data set is split in two groups, fitted at once on
+    a thread each; the results are those of one batch per phase on both threads."""
+    X, y = _planted(n=600, layers=6, d=12, k=3, signal=(1, 3))
+    X[:, 3] += 3 * np.random.default_rng(1).normal(size=X[:, 3].shape)  # weaker: not 1.0
+    values = torch.from_numpy(X)
+    assert layerwise._workers(6, mlp=False) == 2
+    assert layerwise._workers(6, mlp=True) == 1 and layerwise._workers(1, mlp=False) == 1
+    assert layerwise._group_size(values, 480, 2) == layerwise._group_size(values, 480) == 6
+    assert layerwise._parts([[0, 2, 4, 5], [1, 3]], 6, 2) == [[0, 2], [4, 5], [1], [3]]
+    assert layerwise._parts([[0, 2, 4, 5], [1, 3]], 6, 1) == [[0, 2, 4, 5], [1, 3]]
+    assert layerwise._parts([[0, 2, 4, 6, 7]], 2, 2) == [[0, 2], [4, 6], [7]]
+    monkeypatch.setattr(layerwise, "_GROUP_BYTES", 2 * 480 * 12 * X.itemsize)  # two layers
+    assert layerwise._group_size(values, 480, 2) == 1  # a worker's share: one layer
+    monkeypatch.undo()
+    calls: list[tuple[str, int, tuple[int, ...]]] = []
+    fit_logistic = layerwise.fit_logistic
+
+    def recorded(train_x, y_train, *args, **kwargs):
+        name, threads = threading.current_thread().name, torch.get_num_threads()
+        calls.append((name, threads, tuple(kwargs["layer_names"])))
+        return fit_logistic(train_x, y_train, *args, **kwargs)
+
+    monkeypatch.setattr(layerwise, "fit_logistic", recorded)
+    split = mp.probe_layers(X, y, tol=1e-8, progress=False)
+    assert torch.get_num_threads() == 2  # restored
+    assert sorted(layers for *_, layers in calls) == [(0, 2), (1,), (3,), (4, 5)]
+    assert {threads for _, threads, _ in calls} == {1}
+    assert len({name for name, *_ in calls}) == 2
+    assert all(name.startswith("mechprobe-probe") for name, *_ in calls)
+    calls.clear()
+    monkeypatch.setattr(layerwise, "_WORKERS", 1)
+    batched = mp.probe_layers(X, y, tol=1e-8, progress=False)
+    assert [layers for *_, layers in calls] == [(0, 2, 4, 5), (1, 3)]
+    np.testing.assert_array_equal(split.accuracy, batched.accuracy)
+    assert 0.4 < split.accuracy[3] < 0.95
+
+
 def test_an_error_in_a_layer_fitted_beside_another_reaches_the_caller(
     monkeypatch, two_torch_threads
 ) -> None:

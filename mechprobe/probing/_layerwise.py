@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 _GROUP_BYTES = 128 * 2**20  # gathered training rows per group of layers fitted together
-_WORKERS = 2  # groups fitted at once when each group is one layer (large data)
+_WORKERS = 2  # groups of layers fitted at once (each on its share of torch's threads)
 
 _Fits = dict[int, tuple[torch.Tensor, torch.Tensor]]
 T = TypeVar("T")
@@ -185,17 +185,18 @@ def probe_layers(
 ) -> ProbeResult:
     """Probe every layer of ``X`` for ``y``: vectorised logistic-regression fits over the layers.
 
-    Layers are fitted together, one batched optimisation over a ``[layers, d, classes]`` weight
-    tensor, in groups whose gathered training rows take at most 128 MiB (all layers at once for
-    small data; 3 at a time for 16k rows x 576 features): memory stays bounded for large
-    activation sets, and one buffer reused from group to group is faster than a fresh copy of
-    every layer. Where a group is a single layer (more than ~36k rows of 576 features) and torch
-    has two or more threads, two layers are fitted at once, each on half the threads, with a
-    buffer each: at 100,970 real rows 34-36 s instead of 43 s on two cores, for twice the
-    buffers (+757 MiB instead of +402 MiB on a 3.2 GiB float16 memory map). Every other layer
-    (and the last) is fitted first; each layer between them starts from the mean of its
-    neighbours' probes, which saves iterations (an eighth to a quarter of them on SmolLM2
-    activations). Results depend on none of these: each fit stops at ``tol``.
+    Layers are fitted in groups, one batched optimisation over each group's ``[layers, d,
+    classes]`` weight tensor, whose gathered training rows take at most 128 MiB (all layers at
+    once for small data on one thread): memory stays bounded for large activation sets, and one
+    buffer reused from group to group is faster than a fresh copy of every layer. Where torch has
+    two or more threads, two groups are fitted at once, each on half the threads with a buffer of
+    half the budget (a phase split in two for small data, one layer each above ~18k rows of 576
+    features): 10-15% faster at 2,000-4,000 rows and 34-36 s instead of 43 s at 100,970 on two
+    cores, where a single layer outgrows the budget and the two buffers take +757 MiB instead of
+    +402 MiB on a 3.2 GiB float16 memory map. Every other layer (and the last) is fitted first;
+    each layer between them starts from the mean of its neighbours' probes, which saves
+    iterations (an eighth to a quarter of them on SmolLM2 activations). Results depend on none
+    of these: each fit stops at ``tol``.
 
     Args:
         X: ``[n, layers, d]`` array or tensor, or an object with ``.values`` (and ``.labels``,
@@ -235,13 +236,9 @@ def probe_layers(
     if control is not None:
         ctrl[:] = 0.0
     mix_w, mix_g, mix_acc = np.zeros(n_layers), 0.0, 0.0
-    group = _group_size(values, len(folds[0][0]))
-    parts = [
-        phase[i : i + group]
-        for phase in _phases(n_layers, mlp)
-        for i in range(0, len(phase), group)
-    ]
-    workers = _workers(group, len(parts), mlp)
+    phases = _phases(n_layers, mlp)
+    workers = _workers(n_layers, mlp)
+    parts = _parts(phases, _group_size(values, len(folds[0][0]), workers), workers)
 
     def fit_part(
         f: int, part: list[int], fits: _Fits, control_fits: _Fits, buffers: _Buffers
@@ -356,28 +353,44 @@ def _start(
     )
 
 
-def _group_size(values: torch.Tensor, n_train: int) -> int:
-    """Layers fitted together: as many as fit ``_GROUP_BYTES`` of gathered training rows.
+def _group_size(values: torch.Tensor, n_train: int, workers: int = 1) -> int:
+    """Layers fitted together: as many as fit a worker's share of ``_GROUP_BYTES`` of gathered
+    training rows.
 
     Memory stays bounded for large activation sets, and the buffers are reused from group to
     group: on the benchmark (16k x 576 training rows per layer) 3 layers at a time take 2.9 s
     where all 30 at once take 3.5 s, most of the difference paging in a fresh 1.1 GB copy.
     """
     per_layer = n_train * values.shape[2] * gathered_dtype(values.dtype).itemsize
-    return max(1, min(values.shape[1], _GROUP_BYTES // max(per_layer, 1)))
+    share = _GROUP_BYTES // workers // max(per_layer, 1)
+    return max(1, min(values.shape[1], share))
 
 
-def _workers(group: int, n_parts: int, mlp: bool) -> int:
-    """Groups fitted at once: two when every group is a single layer (large data), else one.
+def _parts(phases: list[list[int]], group: int, workers: int) -> list[list[int]]:
+    """Each phase cut into groups of at most ``group`` layers, and into at least ``workers``
+    groups where it has that many layers, so that every worker has a group to fit."""
+    parts = []
+    for phase in phases:
+        size = min(group, -(-len(phase) // workers))  # ceil: as even as the phase allows
+        parts += [phase[i : i + size] for i in range(0, len(phase), size)]
+    return parts
 
-    One layer's products with ``[n, 576] x [576, K]`` at ~80k rows run at about a third of the
-    memory bandwidth on two threads (the narrow kernel bounds them, not memory), so two layers
-    fitted at once, each on half the threads, go faster: 4.95 s instead of 6.41 s for four
-    layers of 80,776 real rows on two cores (and 8.49 s on one thread). At 10k rows, where
-    several layers share a group, two groups at once were no faster than one on both threads.
+
+def _workers(n_layers: int, mlp: bool) -> int:
+    """Groups of layers fitted at once: two where torch has two or more threads, else one.
+
+    Each group runs on half of torch's threads. The small products of a batched fit use two
+    threads poorly, and the optimiser's own work between them (triangular solves, the bias's
+    Newton steps, the line search) runs on one: on two cores of the AVX-512 EPYC, SmolLM2's POS
+    activations (30 layers x 576), alternating runs, two groups of eight layers at once took
+    0.87-1.00 s instead of 0.97-1.23 s at 2,000 rows, 1.65-1.70 s instead of 1.68-1.95 s at
+    4,000 and 4.25-4.38 s instead of 4.35-4.83 s at 10,097 (groups of three to four). Where every
+    group is one layer (more than ~18k rows of 576 features), one layer's products with
+    ``[n, 576] x [576, K]`` at ~80k rows run at about a third of the memory bandwidth on two
+    threads (the narrow kernel bounds them, not memory): 4.95 s instead of 6.41 s for four layers
+    of 80,776 real rows (8.49 s on one thread). MLP probes train on minibatches in one group.
     """
-    threads = torch.get_num_threads()
-    if group > 1 or n_parts < 2 or threads < 2 or mlp:
+    if n_layers < 2 or torch.get_num_threads() < 2 or mlp:
         return 1
     return _WORKERS
 
