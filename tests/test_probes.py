@@ -306,11 +306,33 @@ def test_layers_between_start_from_their_neighbours_and_reach_the_same_probes(
         "fit_logistic: layers [0, 2, 4, 5]",
         "fit_logistic: layers [1, 3]",
     ]
-    monkeypatch.setattr(layerwise, "_phases", lambda n_layers, mlp: [list(range(n_layers))])
+    monkeypatch.setattr(
+        layerwise, "_phases", lambda n_layers, mlp, stride=2: [list(range(n_layers))]
+    )
     cold = mp.probe_layers(X, y, groups=groups, tol=1e-8, progress=False)
     np.testing.assert_array_equal(phased.accuracy, cold.accuracy)
     np.testing.assert_array_equal(phased.control_accuracy, cold.control_accuracy)
     assert cold.accuracy[1] > 0.95 and 0.4 < cold.accuracy[3] < 0.95  # the started layers
+
+
+def test_one_layer_per_group_fits_every_fourth_layer_first_and_interpolates_the_starts() -> None:
+    """Large data (one layer per group) goes in three phases; each later layer starts from its
+    nearest layers fitted before, interpolated linearly in the layer index."""
+    assert layerwise._phases(8, mlp=False, stride=4) == [[0, 4, 7], [2, 6], [1, 3, 5]]
+    assert layerwise._phases(8, mlp=False) == [[0, 2, 4, 6, 7], [1, 3, 5]]
+    assert layerwise._phases(8, mlp=True, stride=4) == [list(range(8))]
+    sources = layerwise._sources(layerwise._phases(8, mlp=False, stride=4))
+    assert sources == {2: (0, 4), 6: (4, 7), 1: (0, 2), 3: (2, 4), 5: (4, 6)}
+    fits = {
+        layer: (torch.full((3, 2), float(layer)), torch.full((2,), -float(layer)))
+        for layer in (0, 4, 7)
+    }
+    start = layerwise._start(fits, [2, 6], sources)
+    assert start is not None
+    torch.testing.assert_close(start.weight[:, 0, 0], torch.tensor([2.0, 6.0]))  # 4 + 2/3 * 3
+    torch.testing.assert_close(start.bias[:, 0], torch.tensor([-2.0, -6.0]))
+    assert layerwise._start(fits, [2, 3], sources) is None  # layer 2 is not fitted yet
+    assert layerwise._start(fits, [0], sources) is None  # the first phase starts cold
 
 
 @pytest.fixture
@@ -349,7 +371,7 @@ def test_layers_one_at_a_time_are_fitted_two_at_once_with_the_same_results(
     }
     assert len({name for name, *_ in calls}) == 2
     started = sorted(layers[0] for *_, layers, _, start in calls if start is not None)
-    assert started == [1, 1, 1, 1, 3, 3, 3, 3]  # probe and control, two folds
+    assert started == [1] * 4 + [2] * 4 + [3] * 4  # [[0, 4, 5], [2], [1, 3]]; two tasks, folds
     together = {(layers, task): start for *_, layers, task, start in calls}
     calls.clear()
     monkeypatch.setattr(layerwise, "_WORKERS", 1)
