@@ -20,8 +20,10 @@ Each size is measured twice per side: with one thread (torch and the BLAS under 
 scikit-learn, via threadpoolctl), dividing process CPU seconds, which stay steady on a shared
 machine; and with the default threads, dividing wall-clock seconds, as a user would run it
 (wall-clock figures are only as good as the machine is quiet). Every row is measured, none
-extrapolated. With ``MECHPROBE_BENCH_FULL=1``, also the peak memory of ``probe_layers`` on a
-100k x 30 x 576 float16 memory map (3.2 GiB; about a minute to write).
+extrapolated. Wall clock up to 10,097 rows is the median of three alternating runs per side;
+at 100k rows and on synthetic data one run (scikit-learn takes minutes there). With
+``MECHPROBE_BENCH_FULL=1``, also the peak memory of ``probe_layers`` on a 100k x 30 x 576 float16
+memory map (3.2 GiB; about a minute to write).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ _L2, _TOL = 1e-3, 1e-4
 _REAL_SIZES = (2_000, 4_000, None)  # None: every row of the POS set
 _FULL = os.environ.get("MECHPROBE_BENCH_FULL") == "1"
 _ROUNDS, _PARAGRAPH = 10, 4  # the 100k set: rounds of shuffled four-sentence paragraphs
+_REPEATS = 3  # wall-clock runs per side up to 10k rows (one for 100k and synthetic: minutes each)
 
 
 def _data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -147,8 +150,12 @@ def _sklearn_loop(X: Any, y: np.ndarray) -> tuple[np.ndarray, list[int]]:
     return np.array(accuracy), iterations
 
 
-def _compare(X: Any, y: np.ndarray, what: str, note: str = "") -> list[dict[str, Any]]:
-    """Two rows for one data set: one thread (CPU seconds) and default threads (wall clock)."""
+def _compare(
+    X: Any, y: np.ndarray, what: str, note: str = "", repeats: int = 1
+) -> list[dict[str, Any]]:
+    """Two rows for one data set: one thread (CPU seconds) and default threads (wall clock, the
+    medians of ``repeats`` alternating runs of each side: wall clock on a shared machine varies
+    by ±15% from run to run; CPU seconds on one thread far less)."""
     n, layers, d = X.shape
     k = len(np.unique(y))
 
@@ -162,8 +169,17 @@ def _compare(X: Any, y: np.ndarray, what: str, note: str = "") -> list[dict[str,
     with one_thread():
         result, ours_wall1, ours_cpu1 = _timed(ours)
         (sk_acc, iters), sk_wall1, sk_cpu1 = _timed(theirs)
-    _, ours_wall, ours_cpu = _timed(ours)
-    _, sk_wall, sk_cpu = _timed(theirs)
+    walls: list[tuple[float, float, float, float]] = []  # (ours, CPU, scikit-learn, CPU)
+    for _ in range(repeats):  # alternating, so both sides see the same spells of noise
+        _, ours_wall, ours_cpu = _timed(ours)
+        _, sk_wall, sk_cpu = _timed(theirs)
+        walls.append((ours_wall, ours_cpu, sk_wall, sk_cpu))
+    ours_wall, ours_cpu, sk_wall, sk_cpu = np.median(np.array(walls), axis=0).tolist()
+    if repeats > 1:
+        runs = ", ".join(f"{o:.1f}/{s:.1f}" for o, _, s, _ in walls)
+        medians = f"medians of {repeats} alternating runs (mechprobe/scikit-learn s: {runs}); "
+    else:
+        medians = ""
     gap = np.abs(result.accuracy - sk_acc).max() * 100
     head = f"probe_layers, {what}, {n:,} rows x {layers} layers x {d}, {k} classes"
     common = (
@@ -188,7 +204,8 @@ def _compare(X: Any, y: np.ndarray, what: str, note: str = "") -> list[dict[str,
             "baseline": "scikit-learn LogisticRegression loop over layers",
             "target": ">= 10",
             "detail": f"mechprobe {ours_wall:.1f} s [{ours_cpu:.1f} CPU s], scikit-learn "
-            f"{sk_wall:.1f} s [{sk_cpu:.1f} CPU s]; measured in the same run as the row above",
+            f"{sk_wall:.1f} s [{sk_cpu:.1f} CPU s]; {medians}measured in the same run as the row "
+            "above",
         },
     ]
 
@@ -198,7 +215,9 @@ def run(ctx: Any) -> list[dict[str, Any]]:
     rows = []
     for size in _REAL_SIZES:
         n = len(y) if size is None else size
-        rows += _compare(X[:n], y[:n], f"real SmolLM2 POS activations (first {n:,} words)")
+        rows += _compare(
+            X[:n], y[:n], f"real SmolLM2 POS activations (first {n:,} words)", repeats=_REPEATS
+        )
     del X
     if _FULL:
         X16, y16 = _contexts_activations(ctx.model)
