@@ -428,6 +428,21 @@ def test_small_data_splits_each_phase_between_two_workers_with_the_same_results(
     assert 0.4 < split.accuracy[3] < 0.95
 
 
+def test_a_group_larger_than_a_threads_first_gets_a_larger_buffer(
+    monkeypatch, two_torch_threads
+) -> None:
+    """With every eighth layer first, a thread's first group can be one layer and a later one
+    two: its buffer grows instead of failing, and results are those of one worker."""
+    X, y = _planted(n=400, layers=9, d=8, k=3, signal=(1, 4, 7))
+    phases = layerwise._phases
+    monkeypatch.setattr(layerwise, "_phases", lambda n, mlp, stride=2: phases(n, mlp, 8))
+    assert layerwise._parts(phases(9, False, 8), 9, 2) == [[0], [8], [4], [2], [6], [1, 3], [5, 7]]
+    both = mp.probe_layers(X, y, tol=1e-8, progress=False)
+    monkeypatch.setattr(layerwise, "_WORKERS", 1)
+    alone = mp.probe_layers(X, y, tol=1e-8, progress=False)
+    np.testing.assert_array_equal(both.accuracy, alone.accuracy)
+
+
 def test_an_error_in_a_layer_fitted_beside_another_reaches_the_caller(
     monkeypatch, two_torch_threads
 ) -> None:

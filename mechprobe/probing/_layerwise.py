@@ -250,11 +250,14 @@ def probe_layers(
         train, test = folds[f]
         y_tr, y_te = torch.from_numpy(y_idx[train]), torch.from_numpy(y_idx[test])
         # The linear fit standardises inside its products; the MLP needs scaled rows.
+        # A thread's buffer holds its largest group so far (the first, as the parts fall).
+        rows = buffers.rows if buffers.rows and len(buffers.rows[0]) >= len(part) else None
         train_x, test_x, mean, scale = standardised(
-            values, train, test, scale_train=mlp, out=buffers.rows, layers=part
+            values, train, test, scale_train=mlp, out=rows, layers=part
         )
         assert test_x is not None
-        buffers.rows = buffers.rows or (train_x, test_x)  # the first group is the largest
+        if rows is None:
+            buffers.rows = (train_x, test_x)
         moments = None if mlp else (mean, scale)
         accuracy = _fit_and_score(
             train_x, test_x, y_tr, y_te, k, l2, max_iter, tol, mlp, seed, moments, part, fits,
@@ -434,7 +437,7 @@ def _workers(n_layers: int, mlp: bool) -> int:
 
 
 class _Buffers(threading.local):
-    """Gathered ``(train, test)`` rows of the first group a thread fitted, reused for its next."""
+    """Gathered ``(train, test)`` rows of the largest group a thread fitted, reused for its next."""
 
     def __init__(self) -> None:
         self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
