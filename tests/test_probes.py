@@ -31,6 +31,7 @@ from sklearn.utils.estimator_checks import (
 )
 
 import mechprobe as mp
+from mechprobe._fit._paths import current_solver_path
 from mechprobe.core import load_result
 from mechprobe.probing import _layerwise as layerwise
 from mechprobe.probing._data import as_layers, standardised
@@ -441,6 +442,24 @@ def test_a_group_larger_than_a_threads_first_gets_a_larger_buffer(
     monkeypatch.setattr(layerwise, "_WORKERS", 1)
     alone = mp.probe_layers(X, y, tol=1e-8, progress=False)
     np.testing.assert_array_equal(both.accuracy, alone.accuracy)
+
+
+def test_a_solver_path_block_holds_in_the_worker_threads(monkeypatch, two_torch_threads) -> None:
+    """Worker threads start with an empty context: each task runs in a copy of the caller's, so
+    ``solver_path`` forces the path of every fit, whichever thread runs it."""
+    X, y = _planted(n=300, layers=5, d=8, signal=(1,))
+    seen: list[tuple[str, mp.SolverPath]] = []
+    fit_logistic = layerwise.fit_logistic
+
+    def recorded(train_x, y_train, *args, **kwargs):
+        seen.append((threading.current_thread().name, current_solver_path()))
+        return fit_logistic(train_x, y_train, *args, **kwargs)
+
+    monkeypatch.setattr(layerwise, "fit_logistic", recorded)
+    with mp.solver_path("portable"):
+        mp.probe_layers(X, y, progress=False)
+    assert len({name for name, _ in seen}) == 2
+    assert {path for _, path in seen} == {mp.SolverPath("matmul", "float32")}
 
 
 def test_an_error_in_a_layer_fitted_beside_another_reaches_the_caller(

@@ -10,6 +10,7 @@ meaningless. Standardisation statistics come from the training rows of each spli
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -472,7 +473,9 @@ def _in_order(
                 for source in sources.get(layer, ())
                 if source in holder
             ]
-            future = pool.submit(_after, needs, work, part)
+            # Each task in a copy of the caller's context: a solver_path() block around the call
+            # holds in the workers too (a pool thread starts with an empty context).
+            future = pool.submit(contextvars.copy_context().run, _after, needs, work, part)
             futures.append(future)
             holder.update(dict.fromkeys(part, future))
         for future in futures:
