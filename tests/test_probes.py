@@ -286,6 +286,7 @@ def test_layers_between_start_from_their_neighbours_and_reach_the_same_probes(
         return fit
 
     monkeypatch.setattr(layerwise, "fit_logistic", recorded)
+    monkeypatch.setattr(layerwise, "_WORKERS", 1)  # one batch per phase, whatever the threads
     assert layerwise._phases(6, mlp=False) == [[0, 2, 4, 5], [1, 3]]
     assert layerwise._phases(6, mlp=True) == [[0, 1, 2, 3, 4, 5]]
     assert layerwise._phases(2, mlp=False) == [[0, 1]]
