@@ -196,8 +196,9 @@ def probe_layers(
     cores, where a single layer outgrows the budget and the two buffers take +757 MiB instead of
     +402 MiB on a 3.2 GiB float16 memory map. Every other layer (and the last) is fitted first;
     each layer between them starts from the mean of its neighbours' probes, which saves
-    iterations (an eighth to a quarter of them on SmolLM2 activations). Results depend on none
-    of these: each fit stops at ``tol``.
+    iterations (an eighth to a quarter of them on SmolLM2 activations); where every group is one
+    layer, every fourth layer goes first and the rest start from their nearest fitted layers
+    (see ``_phases``). Results depend on none of these: each fit stops at ``tol``.
 
     Args:
         X: ``[n, layers, d]`` array or tensor, or an object with ``.values`` (and ``.labels``,
@@ -424,9 +425,9 @@ def _workers(n_layers: int, mlp: bool) -> int:
     Each group runs on half of torch's threads. The small products of a batched fit use two
     threads poorly, and the optimiser's own work between them (triangular solves, the bias's
     Newton steps, the line search) runs on one: on two cores of the AVX-512 EPYC, SmolLM2's POS
-    activations (30 layers x 576), alternating runs, two groups of eight layers at once took
-    0.87-1.00 s instead of 0.97-1.23 s at 2,000 rows, 1.65-1.70 s instead of 1.68-1.95 s at
-    4,000 and 4.25-4.38 s instead of 4.35-4.83 s at 10,097 (groups of three to four). Where every
+    activations (30 layers x 576), medians of five alternating runs, each phase split between two
+    workers took 1.01 s instead of 1.13 s at 2,000 rows, 1.84 s instead of 2.04 s at 4,000 and
+    3.99 s instead of 4.70 s at 10,097 (groups of three layers there). Where every
     group is one layer (more than ~18k rows of 576 features), one layer's products with
     ``[n, 576] x [576, K]`` at ~80k rows run at about a third of the memory bandwidth on two
     threads (the narrow kernel bounds them, not memory): 4.95 s instead of 6.41 s for four layers
