@@ -496,6 +496,28 @@ def test_float16_activations_are_gathered_as_float32_without_a_full_copy(tmp_pat
     np.testing.assert_array_equal(from_half.accuracy, from_single.accuracy)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_standardised_moments_equal_numpy_over_many_gathered_chunks(dtype) -> None:
+    # 5,000 training rows are gathered (and their moments merged) in three chunks; features
+    # with offsets that dwarf their spread, as residual streams' outlier dimensions have.
+    rng = np.random.default_rng(0)
+    offsets = np.array([0.0, 50.0, -300.0, 2.0])
+    spread = np.array([1.0, 0.5, 2.0, 1e-2])
+    X = (offsets + spread * rng.normal(size=(6000, 3, 4))).astype(dtype)
+    train, test = np.sort(rng.permutation(6000)[:5000]), np.arange(10)
+    train_x, test_x, mean, scale = standardised(torch.from_numpy(X), train, test, layers=[2, 0])
+    rows = X[train][:, [2, 0]].astype(np.float64)
+    assert mean.dtype == scale.dtype == torch.float64
+    np.testing.assert_allclose(mean.numpy(), rows.mean(0), rtol=0, atol=1e-7 * 300)
+    # The variance's error is at most the mean's error times the centre's rounding (per row).
+    np.testing.assert_allclose(scale.numpy(), rows.std(0), rtol=1e-5)
+    expected = (X[test][:, [2, 0]].astype(np.float64) - rows.mean(0)) / rows.std(0)
+    np.testing.assert_allclose(test_x.numpy(), expected.transpose(1, 0, 2), rtol=1e-4, atol=1e-4)  # type: ignore[union-attr]
+    np.testing.assert_allclose(
+        train_x.numpy(), ((rows - rows.mean(0)) / rows.std(0)).transpose(1, 0, 2), atol=1e-4
+    )
+
+
 def test_control_task_and_selectivity() -> None:
     rng = np.random.default_rng(0)
     n_types, n, d = 60, 3000, 64

@@ -12,6 +12,8 @@ from jaxtyping import Float
 from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 from torch import Tensor
 
+_GATHER_ROWS = 2048  # rows gathered (and added to the moments) at a time
+
 
 def as_layers(
     X: Any, y: Any = None, groups: Any = None
@@ -121,13 +123,14 @@ def standardised(
     returned as views (reusing memory spares paging in a fresh copy, ~0.3 s per GB). ``layers``:
     only these layers of ``X``, in this order (read as views, without copying ``X``).
     """
-    train_x = _gather(X, train, None if out is None else out[0], layers)
+    moments = _Moments() if standardize else None
+    train_x = _gather(X, train, None if out is None else out[0], layers, moments)
     test_x = None if test is None else _gather(X, test, None if out is None else out[1], layers)
     n_layers, _, d = train_x.shape
-    if not standardize:
+    if moments is None:
         zeros = torch.zeros(n_layers, d, dtype=torch.float64, device=X.device)
         return train_x, test_x, zeros, torch.ones_like(zeros)
-    mean, std = _moments(train_x)
+    mean, std = moments.result()
     # Constant features (spread at the rounding of these sums) stay unscaled rather than
     # dividing by ~0.
     dtype = train_x.dtype
@@ -139,26 +142,46 @@ def standardised(
     return train_x, test_x, mean, scale
 
 
-def _moments(x: Float[Tensor, "layers n d"], chunk: int = 512) -> tuple[Tensor, Tensor]:
-    """``(mean, std)`` per layer and feature in float64, by a sum and a centred sum of squares.
+class _Moments:
+    """Per-layer mean and standard deviation of rows added chunk by chunk, in float64.
 
-    Chunks of rows keep the centred temporary in cache (one pass over memory, no copy of ``x``);
-    a plain ``E[x²] - E[x]²`` would lose the variance of features whose mean dwarfs their spread.
+    Each chunk's sum and centred sum of squares are taken while its rows are in cache (one pass
+    over memory, no copy of the rows), and chunks are merged by Chan et al.'s pairwise update; a
+    plain ``E[x²] - E[x]²`` would lose the variance of features whose mean dwarfs their spread.
     """
-    n = x.shape[1]
-    means, stds = [], []
-    for layer in x:
-        mean = layer.sum(0).double() / n  # float32 sums are pairwise: accurate, and fast
+
+    def __init__(self) -> None:
+        self.count: list[int] = []
+        self.mean: list[Tensor] = []
+        self.squares: list[Tensor] = []  # centred sums of squares
+
+    def add(self, layer: int, rows: Float[Tensor, "m d"], chunk: int = 512) -> None:
+        """Add ``rows`` of the ``layer``-th layer (layers are added in order, from 0)."""
+        m = len(rows)
+        mean = rows.sum(0).double() / m  # float32 sums are pairwise: accurate, and fast
+        centre = mean.to(rows.dtype)
         squares = torch.zeros_like(mean)
-        centre = mean.to(x.dtype)
-        for start in range(0, n, chunk):
-            part = layer[start : start + chunk] - centre
+        for start in range(0, m, chunk):  # a centred temporary that stays in cache
+            part = rows[start : start + chunk] - centre
             squares += part.mul_(part).sum(0)
-        # The float32 centre differs from the mean by its rounding: correct for that offset.
-        offset = mean - centre.double()
-        means.append(mean)
-        stds.append((squares / n - offset**2).clamp_min(0.0).sqrt())
-    return torch.stack(means), torch.stack(stds)
+        # The centre differs from the mean by its rounding: correct the sum for that offset.
+        squares -= m * (mean - centre.double()) ** 2
+        if layer == len(self.count):
+            self.count.append(m)
+            self.mean.append(mean)
+            self.squares.append(squares)
+            return
+        n, total = self.count[layer], self.count[layer] + m
+        delta = mean - self.mean[layer]
+        self.mean[layer] = self.mean[layer] + delta * (m / total)
+        self.squares[layer] = self.squares[layer] + squares + delta**2 * (n * m / total)
+        self.count[layer] = total
+
+    def result(self) -> tuple[Float[Tensor, "layers d"], Float[Tensor, "layers d"]]:
+        """``(mean, std)`` per layer and feature (the population standard deviation)."""
+        squares = torch.stack(self.squares).clamp_min(0.0)
+        count = torch.tensor(self.count, dtype=torch.float64, device=squares.device)
+        return torch.stack(self.mean), (squares / count[:, None]).sqrt()
 
 
 def gathered_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -167,10 +190,20 @@ def gathered_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _gather(
-    X: Tensor, rows: np.ndarray, out: Tensor | None = None, layers: Sequence[int] | None = None
+    X: Tensor,
+    rows: np.ndarray,
+    out: Tensor | None = None,
+    layers: Sequence[int] | None = None,
+    moments: _Moments | None = None,
 ) -> Tensor:
     """``X[rows][:, layers]`` as ``[layers, len(rows), d]``, contiguous (in ``out[:layers]`` if
-    given), in :func:`gathered_dtype`; ``layers`` defaults to all of them."""
+    given), in :func:`gathered_dtype`; ``layers`` defaults to all of them. ``moments``: add the
+    gathered rows to it, chunk by chunk while they are in cache.
+
+    Rows are gathered ``_GATHER_ROWS`` at a time: half precision through a small temporary that
+    stays in cache, ~3x faster than one temporary the size of the layer (a float16 memory map of
+    100,970 x 30 x 576: 30 ms instead of 95 ms per layer for 80,776 rows, one thread).
+    """
     idx = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(X.device)
     chosen = range(X.shape[1]) if layers is None else list(layers)
     shape, dtype = (len(chosen), len(idx), X.shape[2]), gathered_dtype(X.dtype)
@@ -181,10 +214,14 @@ def _gather(
         if out.shape != shape or out.dtype != dtype:
             raise ValueError(f"buffer {tuple(out.shape)} {out.dtype} cannot hold {shape} {dtype}")
     for i, layer in enumerate(chosen):
-        if X.dtype == dtype:
-            torch.index_select(X[:, layer], 0, idx, out=out[i])
-        else:  # one layer at a time in half precision, then converted
-            out[i].copy_(torch.index_select(X[:, layer], 0, idx))
+        for start in range(0, len(idx), _GATHER_ROWS):
+            part, some = out[i, start : start + _GATHER_ROWS], idx[start : start + _GATHER_ROWS]
+            if X.dtype == dtype:
+                torch.index_select(X[:, layer], 0, some, out=part)
+            else:
+                part.copy_(torch.index_select(X[:, layer], 0, some))
+            if moments is not None:
+                moments.add(i, part)
     return out
 
 
