@@ -194,7 +194,7 @@ def _compare(
             "benchmark": f"{head}: one thread, CPU seconds",
             "ratio": sk_cpu1 / ours_cpu1,
             "baseline": "scikit-learn LogisticRegression loop over layers",
-            "target": ">= 10",
+            "target": "reported (the 10x goal is wall clock)",
             "detail": f"mechprobe {ours_cpu1:.1f} CPU s [{ours_wall1:.1f} s wall], scikit-learn "
             f"{sk_cpu1:.1f} CPU s [{sk_wall1:.1f} s wall]; {common}",
         },
