@@ -11,7 +11,13 @@ against ``torch.matmul`` on random data, and any other case (or a PyTorch withou
 ``torch.matmul``. Even so the kernel, not memory, bounds these products on that CPU: at 80,776 x 576
 and 15 classes (one thread) the forward product takes 64-82 ms, about 20 GFLOP/s against 45 for a
 large square product and four times the 19 ms that reading ``X`` once takes; 30 classes cost
-1.0-1.25x as much as 15. Strided inputs are excluded: oneDNN copies them, ~500x slower.
+1.0-1.25x as much as 15. Strided inputs are excluded: oneDNN copies them, ~500x slower. With
+the AVX2 paths forced (8,078 x 576, 15 classes, one thread) a product takes 3.1-4.4 ms where
+reading ``X`` takes 0.74 ms; ``torch.mm`` and ``bmm`` over row chunks were slower (6.4-8.9 ms).
+The other orientation, ``X Wᵀ`` read back transposed, was 10-25% faster alone (1,600-80,776 rows,
+both paths, a few layers' ``X`` in turn) but not inside ``probe_layers`` at 10,097 rows (products
+4.56 s instead of 4.64 s with the AVX2 paths forced, 3.56 s both natively; the subtraction that
+reads it back took 0.07 s more).
 :func:`mechprobe.solver_path` (or ``MECHPROBE_SOLVER_PATH``) forces either path.
 """
 

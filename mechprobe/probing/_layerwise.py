@@ -344,7 +344,9 @@ def _phases(n_layers: int, mlp: bool, stride: int = 2) -> list[list[int]]:
     10,097, no scheme ahead at every size. So batched groups use a stride of two. Where every
     group is one layer there is no batch to shrink: a stride of four took 21.2 evaluations per
     layer instead of 23.8 at 100,970 rows (all 30 layers; 29.4 and 31.1 s instead of 32.0 and
-    33.6 s, alternating, two cores). MLP probes have no start.
+    33.6 s, alternating, two cores). Re-measured with the AVX2 paths forced (2,000 rows, two
+    threads, medians of five alternating runs): 1.08, 1.09 and 1.13 s for strides two, four and
+    eight. MLP probes have no start.
 
     Example:
         >>> _phases(10, mlp=False, stride=4)
