@@ -17,7 +17,12 @@ reading ``X`` takes 0.74 ms; ``torch.mm`` and ``bmm`` over row chunks were slowe
 The other orientation, ``X Wᵀ`` read back transposed, was 10-25% faster alone (1,600-80,776 rows,
 both paths, a few layers' ``X`` in turn) but not inside ``probe_layers`` at 10,097 rows (products
 4.56 s instead of 4.64 s with the AVX2 paths forced, 3.56 s both natively; the subtraction that
-reads it back took 0.07 s more).
+reads it back took 0.07 s more). Also measured and not kept: the backward products in the reverse
+order of the forward ones, so that the last layers' rows are still cached (1.16 vs 1.18 s at 2,000
+rows with the AVX2 paths forced, 4.36 vs 4.71 s at 10,097 natively; medians of alternating runs,
+two threads); 16 classes instead of 15 (padding) made no product faster (forward 3.20 -> 3.51 ms
+with the AVX2 paths forced, 2.15 -> 2.51 ms natively, 8,078 rows); numpy's OpenBLAS took 4.4 /
+3.4 ms (forward / backward) with the AVX2 paths forced.
 :func:`mechprobe.solver_path` (or ``MECHPROBE_SOLVER_PATH``) forces either path.
 """
 
