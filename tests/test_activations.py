@@ -150,6 +150,23 @@ def test_labels_per_text_per_word_and_none(tiny: Any) -> None:
     assert ints.labels is not None and ints.labels.dtype == np.int64
 
 
+def test_numpy_labels_and_groups_work_as_lists_do(tiny: Any) -> None:
+    texts = ["a b c", "d e"]
+    for labels, groups in [(np.array(["x", "y"]), np.array([3, 4])), (np.array([0, 1]), None)]:
+        arrays = mp.collect(tiny, texts, "resid_post", labels=labels, groups=groups, progress=False)
+        lists = mp.collect(
+            tiny, texts, "resid_post", labels=labels.tolist(),
+            groups=None if groups is None else groups.tolist(), progress=False,
+        )  # fmt: skip
+        assert arrays.labels is not None and lists.labels is not None
+        assert arrays.labels.tolist() == lists.labels.tolist() == labels.tolist()
+        if groups is None:
+            assert arrays.groups is None
+        else:
+            assert arrays.groups is not None and arrays.groups.tolist() == groups.tolist()
+        np.testing.assert_array_equal(arrays.values, lists.values)
+
+
 def test_task_input_labels_by_item(tiny: Any) -> None:
     task = mp.load_task("capitals").subset([0, 1, 2]).with_shots(1)
     acts = mp.collect(tiny, task, [mp.Site("resid_post", 1)], progress=False)

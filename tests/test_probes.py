@@ -254,6 +254,67 @@ def test_vectorised_fit_matches_a_sklearn_loop_layer_by_layer(every_solver_path)
         assert abs(result.accuracy[layer] - sk_accuracy) <= 0.01
 
 
+@pytest.mark.parametrize("k", [2, 4])
+def test_probe_layers_fits_scikit_learns_optimum_for_its_l2(k: int, monkeypatch) -> None:
+    """Each layer's probe is scikit-learn's LogisticRegression(C = 1 / (l2 n_train)) on the
+    standardised training rows, two classes included (where the softmax penalty is doubled)."""
+    X, y = _planted(n=300, layers=3, d=6, k=k, signal=(1,))
+    X = X.astype(np.float64)  # fitted in float64: tol is reachable
+    l2, tol = 0.3, 1e-9  # a strong penalty: a factor of two in it moves the optimum far
+    calls: list[tuple[torch.Tensor, dict]] = []
+    fit_logistic = layerwise.fit_logistic
+
+    def recorded(train_x, y_train, *args, **kwargs):
+        fit = fit_logistic(train_x, y_train, *args, **kwargs)
+        calls.append((fit, kwargs))
+        return fit
+
+    monkeypatch.setattr(layerwise, "fit_logistic", recorded)
+    mp.probe_layers(X, y, l2=l2, tol=tol, max_iter=2000, progress=False)
+    train, _ = train_test_split(np.arange(len(y)), test_size=0.2, random_state=0, stratify=y)
+    train = np.sort(train)
+    C = 1 / (l2 * len(train))
+    checked = 0
+    for fit, kwargs in calls:
+        for row, layer in enumerate(kwargs["layer_names"]):
+            center, scale = kwargs["center"][row].double(), kwargs["scale"][row].double()
+            Z = ((torch.from_numpy(X[train, layer]).double() - center) / scale).numpy()
+            W, b = fit.weight[row].double().numpy(), fit.bias[row].double().numpy()
+            binary = np.append(W[:, 1] - W[:, 0], b[1] - b[0])  # scikit-learn's one vector
+            mine = binary if k == 2 else multinomial_theta(W, b)
+            sk = LogisticRegression(C=C, tol=1e-12, max_iter=10_000).fit(Z, y[train])
+            f, gauge = _probe_objective(Z, y[train], C)
+            theirs = _probe_theta(sk.coef_, sk.intercept_)
+            # Stopped at tol on the softmax gradient: the binary one is at most twice that.
+            assert gradient_norm(f, mine, gauge) <= 2 * len(mine) ** 0.5 * tol
+            assert distance(mine, theirs, gauge) <= certified_distance(f, [mine, theirs], gauge)
+            checked += 1
+    assert checked == 3
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_scalar_mix_of_one_layer_is_that_layers_linear_probe(k: int) -> None:
+    X, y = _planted(n=300, layers=1, d=6, k=k, signal=(0,))
+    X = X[:, 0].astype(np.float64)
+    l2 = 0.3
+    mix = mp.ScalarMixProbe(l2, tol=1e-10, max_iter=5000).fit(X[:, None], y)
+    linear = mp.LinearProbe(l2, tol=1e-10, max_iter=5000).fit(X, y)
+    Z = StandardScaler().fit_transform(X)
+    f, gauge = _probe_objective(Z, y, 1 / (l2 * len(y)))
+    # Both on standardised features: the mix's γ·W·softmax(w) with one layer is γ·W.
+    mine = _probe_theta(*_standardised_coef(linear, X))
+    mixed = mix.decision_function(X[:, None])
+    ours = linear.decision_function(X)
+    scale = np.abs(ours).max()
+    np.testing.assert_allclose(mixed, ours, atol=1e-5 * scale)
+    assert gradient_norm(f, mine, gauge) <= 10 * len(mine) ** 0.5 * 1e-10
+
+
+def _standardised_coef(probe: mp.LinearProbe, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scaler = StandardScaler().fit(X)
+    return probe.coef_ * scaler.scale_, probe.intercept_ + probe.coef_ @ scaler.mean_
+
+
 def test_groups_of_layers_give_the_results_of_one_batch(monkeypatch) -> None:
     X, y = _planted(n=600, layers=5, d=12, k=3, signal=(1, 3))
     X[:, 3] += 3 * np.random.default_rng(1).normal(size=X[:, 3].shape)  # weaker: not 1.0

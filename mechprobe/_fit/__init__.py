@@ -6,7 +6,7 @@ forces the CPU-dependent kernel paths (``solver_path``, re-exported as :func:`me
 """
 
 from mechprobe._fit._lbfgs import batched_lbfgs
-from mechprobe._fit._logistic import LogisticFit, fit_logistic
+from mechprobe._fit._logistic import LogisticFit, fit_logistic, softmax_penalty
 from mechprobe._fit._paths import SolverPath, current_solver_path, solver_path
 from mechprobe._fit._preconditioner import (
     PRECONDITIONER_ROWS,
@@ -25,5 +25,6 @@ __all__ = [
     "current_solver_path",
     "fit_logistic",
     "preconditioner",
+    "softmax_penalty",
     "solver_path",
 ]

@@ -142,6 +142,22 @@ class LogisticFit:
         return self.logits(X).argmax(-1)
 
 
+def softmax_penalty(l2: float, n_classes: int) -> float:
+    """The ``l2`` of :func:`fit_logistic` whose optimum is scikit-learn's ``LogisticRegression``
+    with ``C = 1 / (l2 · n)``, whatever the number of classes.
+
+    With two classes scikit-learn fits one binary vector ``v`` where the softmax fits ``±v/2``,
+    whose penalty is half the binary one (module docstring): the softmax penalty is doubled.
+    Every public ``l2`` of mechprobe (probes, ``probe_layers``, the scalar mix, INLP's default
+    probe) means ``C = 1 / (l2 · n)`` and is passed through this.
+
+    Example:
+        >>> softmax_penalty(1e-3, 2), softmax_penalty(1e-3, 5)
+        (0.002, 0.001)
+    """
+    return (2.0 if n_classes == 2 else 1.0) * l2
+
+
 def fit_logistic(
     X: Float[Tensor, "layers n d"],
     y: Int[Tensor, " n"],
@@ -163,7 +179,10 @@ def fit_logistic(
         X: ``[layers, n, d]`` float features (callers standardise them, or pass ``scale``).
         y: ``[n]`` class indices in ``[0, n_classes)``, shared by all layers.
         n_classes: number of classes (≥ 2); absent classes get low scores.
-        l2: penalty on the weights of the mean loss; scikit-learn's ``C = 1 / (l2 · n)``.
+        l2: penalty on the softmax weights of the mean loss: scikit-learn's ``C = 1 / (l2 · n)``
+            for three or more classes, ``C = 2 / (l2 · n)`` for two; callers whose ``l2``
+            means ``C = 1 / (l2 · n)`` for any number of classes pass
+            :func:`softmax_penalty` of it.
         max_iter: L-BFGS iterations at most.
         tol: stop a layer when the largest absolute gradient entry is ≤ ``tol`` (scikit-learn's
             ``tol`` for lbfgs means the same).

@@ -29,7 +29,7 @@ from sklearn.base import clone
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 
-from mechprobe._fit import fit_logistic
+from mechprobe._fit import fit_logistic, softmax_penalty
 from mechprobe.core import progress_bar
 from mechprobe.erasure._eraser import Eraser, _orthogonal, check_xy, orthonormal_basis
 
@@ -37,6 +37,8 @@ __all__ = ["inlp"]
 
 #: Elazar et al.: the best projection is the first whose probe is within this of the target.
 _MAJORITY_TOL = 0.01
+#: Penalty of the default probe on its mean loss (scikit-learn's ``C = 1 / (0.001 n)``).
+_L2 = 1e-3
 #: Stopping tolerance of the default probe (largest gradient entry), as scikit-learn's lbfgs.
 _TOL = 1e-4
 #: Rows whose part outside the current basis is below this fraction of their norm add nothing.
@@ -295,6 +297,7 @@ def _fit_logistic(
         z_tr[None],
         y_long,
         len(present),
+        l2=softmax_penalty(_L2, len(present)),  # scikit-learn's C = 1 / (0.001 n), binary too
         tol=_TOL,
         covariance=None if covariance is None else covariance[None],
     )

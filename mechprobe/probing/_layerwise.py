@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechprobe._fit import LogisticFit, fit_logistic
+from mechprobe._fit import LogisticFit, fit_logistic, softmax_penalty
 from mechprobe.core import Result, new_axes, progress_bar
 from mechprobe.probing._data import as_layers, encode_labels, gathered_dtype, splits, standardised
 from mechprobe.probing._probes import _fit_mlp, control_labels
@@ -525,7 +525,8 @@ def _fit_and_score(
         predicted = torch.baddbmm(b2[:, None], hidden, w2).argmax(-1)
     else:
         fit = fit_logistic(
-            train_x, y_train, n_classes, l2=l2, max_iter=max_iter, tol=tol,
+            train_x, y_train, n_classes, l2=softmax_penalty(l2, n_classes), max_iter=max_iter,
+            tol=tol,
             center=None if moments is None else moments[0],
             scale=None if moments is None else moments[1],
             start=_start(fits, layers, sources), layer_names=layers,

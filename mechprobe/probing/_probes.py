@@ -22,7 +22,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
-from mechprobe._fit import fit_logistic
+from mechprobe._fit import fit_logistic, softmax_penalty
 
 
 class _Probe(ClassifierMixin, BaseEstimator):
@@ -123,12 +123,11 @@ class LinearProbe(_Probe):
             l2 = _check_l2(self.l2)
         mean, scale = _standardizer(X, weights, self.standardize)
         k = len(self.classes_)
-        # Two softmax columns carry half the binary penalty (see _fit): same optimum as sklearn.
         fit = fit_logistic(
             torch.from_numpy((X - mean) / scale)[None],
             torch.from_numpy(y_idx),
             k,
-            l2=(2.0 if k == 2 else 1.0) * l2,
+            l2=softmax_penalty(l2, k),  # scikit-learn's optimum with two classes too
             max_iter=self.max_iter,
             tol=self.tol,
             sample_weight=torch.from_numpy(weights),

@@ -2,7 +2,9 @@
 
 The probe reads ``h = γ Σ_l softmax(w)_l h⁽ˡ⁾`` (AllenNLP's ``ScalarMix``: ``w`` starts at zeros,
 i.e. a uniform mix) through a linear softmax classifier ``h W + b``; ``w`` and the classifier are
-fitted jointly by full-batch L-BFGS on mean cross-entropy + ``l2/2 · ||γ W||²``. With a linear
+fitted jointly by full-batch L-BFGS on mean cross-entropy + ``l2/2 · ||γ W||²`` (``l2`` doubled for
+two classes, as in :class:`LinearProbe`: a mix of one layer is that layer's linear probe, scikit-learn's
+``C = 1 / (l2 · n)``). With a linear
 classifier on top only the product ``γ W`` is identifiable (``(cγ, W/c)`` fits identically, so a
 penalty on ``W`` alone would send γ to infinity): the product is fitted, with γ starting at 1 as
 in AllenNLP, and reported split as ``γ = ||γ W||_F`` and a unit-norm ``W``. ``softmax(w)``
@@ -31,7 +33,13 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
-from mechprobe._fit import PRECONDITIONER_ROWS, batched_lbfgs, change_factor, preconditioner
+from mechprobe._fit import (
+    PRECONDITIONER_ROWS,
+    batched_lbfgs,
+    change_factor,
+    preconditioner,
+    softmax_penalty,
+)
 from mechprobe.core import Result, new_axes, progress_bar
 from mechprobe.probing._activations import Activations
 from mechprobe.probing._data import as_layers, encode_labels, splits, standardised
@@ -52,7 +60,8 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
     (``n_layers=None`` reads 2-D input as a single layer). Predictions take either form.
 
     Args:
-        l2: penalty on the effective classifier weights (as ``fit_logistic``'s ``l2``).
+        l2: penalty on the effective classifier weights ``γ W``, as :class:`LinearProbe`'s
+            (scikit-learn's ``C = 1 / (l2 · n)``, for two classes too).
         n_layers: layers in 2-D input (its columns split into ``n_layers`` equal blocks); for
             3-D input, None or its layer count.
         max_iter: L-BFGS iterations at most.
@@ -372,7 +381,7 @@ def _fit_mix(
     """Fit ``masks.shape[0]`` scalar-mix probes at once; problem ``b`` mixes layers ``masks[b]``."""
     if not l2 > 0:
         raise ValueError(f"l2 must be > 0, got {l2}.")
-    objective = _MixObjective(X, y, n_classes, masks, l2)
+    objective = _MixObjective(X, y, n_classes, masks, softmax_penalty(l2, n_classes))
     theta = torch.zeros(masks.shape[0], objective.size, dtype=torch.float64)  # w = 0: uniform
     eps = 10 * torch.finfo(X.dtype).eps
     theta, n_iter, finished = batched_lbfgs(

@@ -214,6 +214,8 @@ def make_plan(
     """Tokenise ``data`` and resolve ``positions``, ``labels`` and ``groups`` to output rows."""
     given = _inputs(data, positions, labels, groups)
     texts, rule = given["texts"], given["rule"]
+    # Compared with None, never by truth value: labels may be a numpy array.
+    labels, groups = given["labels"], given["groups"]
     name = _name(positions, rule)
     batch = tokenize(model, texts, padding_side=padding_side)
     lengths = batch.lengths.tolist()
@@ -234,8 +236,8 @@ def make_plan(
         bos = lengths[i] - n_ids if n_ids is not None else int(batch.tokens[i, 0] == _bos(model))
         units = _units(rule, i, lengths[i], bos, spans[i], offsets[i] if offsets else None)
         dropped += sum(u is None for u in units)
-        lab = _expand(given["labels"], i, len(units), "labels") if given["labels"] else None
-        grp = _expand(given["groups"], i, len(units), "groups") if given["groups"] else None
+        lab = None if labels is None else _expand(labels, i, len(units), "labels")
+        grp = None if groups is None else _expand(groups, i, len(units), "groups")
         keep = [
             j for j, u in enumerate(units) if u is not None and (lab is None or lab[j] is not None)
         ]
@@ -259,8 +261,8 @@ def make_plan(
         positions=chosen,
         order=order,
         row_start=np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64),
-        labels=_array(all_labels, "labels") if given["labels"] is not None else None,
-        groups=_array(all_groups, "groups") if given["groups"] is not None else None,
+        labels=None if labels is None else _array(all_labels, "labels"),
+        groups=None if groups is None else _array(all_groups, "groups"),
         text_index=np.concatenate(text_index),
         position=np.concatenate(chosen),
         token=np.asarray(tokens, dtype=np.str_),
