@@ -139,19 +139,61 @@ def test_text_measures_match_an_independent_computation(tiny: Any) -> None:
     assert result.counts["text_tokens"] == n_pred
 
 
-def test_erasing_the_last_position_leaves_earlier_predictions_alone(tiny: Any) -> None:
-    # Attention is causal, and the last token has no next token to score: accuracy and loss stay
-    # exactly the same, while the KL (which includes the last token) does not.
+def _by_prompt(tiny: Any, hook: str, projection: mp.Eraser, positions: Any, first: Any):
+    """Per unpadded prompt: (KL per position, hit per prediction, NLL per prediction), original
+    against erased at ``positions``, from position ``first(n_tokens)`` on."""
+    out = []
+    with torch.no_grad():
+        for text in TEXTS:
+            tokens = tiny.to_tokens(text)
+            orig = tiny(tokens)[0].log_softmax(-1)
+            with mp.intervene(tiny, {hook: mp.Project(projection, positions=positions)}):
+                erased = tiny(tokens)[0].log_softmax(-1)
+            start = first(tokens.shape[1])
+            kl = torch.nn.functional.kl_div(erased, orig, log_target=True, reduction="none")
+            targets = tokens[0, start + 1 :]
+            pred = orig[start:-1]
+            out.append(
+                (
+                    kl.sum(-1)[start:],
+                    (pred.argmax(-1) == targets).double(),
+                    -pred.gather(-1, targets[:, None])[:, 0],
+                )
+            )
+    return [torch.cat(parts) for parts in zip(*out, strict=True)]
+
+
+def test_erasing_the_last_position_reports_only_what_it_can_change(tiny: Any) -> None:
+    # Attention is causal and the last token predicts nothing inside the text: next-token
+    # accuracy and loss cannot move, so they are not reported (they used to be, as 0 effects);
+    # the KL is taken at the erased last token only, not diluted by the positions before it.
     projection = mp.random_projection(64, 20, seed=1)
-    result = amnesic(
-        tiny, mp.Site("resid_post", 0), projection, text=TEXTS, n_random=1, positions=-1
-    )
+    hook = "blocks.0.hook_resid_post"
+    result = amnesic(tiny, hook, projection, text=TEXTS, n_random=1, positions=-1, batch_size=2)
     assert result.positions == -1
     for metric in ("lm_accuracy", "lm_loss"):
-        assert result.values(metric, "erased")[0] == pytest.approx(
-            result.values(metric, "original")[0], abs=1e-6
-        )
+        assert len(result.values(metric, "erased")) == 0
+        assert len(result.values(metric, "original")) == 0
+    kl, hits, _ = _by_prompt(tiny, hook, projection, -1, lambda n: n - 1)
+    assert len(kl) == len(TEXTS) and len(hits) == 0
+    assert result.values("lm_kl", "erased")[0] == pytest.approx(float(kl.mean()), rel=1e-4)
     assert result.values("lm_kl", "erased")[0] > 0
+    assert result.headline()["lm_accuracy_after"] is None
+    assert set(result.summary().metric) == {"lm_kl"}
+
+
+def test_text_measures_start_at_the_first_erased_position(tiny: Any) -> None:
+    projection = mp.random_projection(64, 20, seed=3)
+    hook = "blocks.1.hook_resid_post"
+    result = amnesic(
+        tiny, hook, projection, text=TEXTS, n_random=1, dropout=False, positions=[1, 2],
+        batch_size=2,
+    )  # fmt: skip
+    kl, hits, nll = _by_prompt(tiny, hook, projection, [1, 2], lambda n: 1)
+    assert result.values("lm_kl", "erased")[0] == pytest.approx(float(kl.mean()), rel=1e-4)
+    assert result.values("lm_accuracy", "original")[0] == pytest.approx(float(hits.mean()))
+    assert result.values("lm_loss", "original")[0] == pytest.approx(float(nll.mean()), rel=1e-4)
+    assert result.counts["text_tokens"] == len(hits)
 
 
 def test_task_measures_match_scoring_and_unpadded_runs(tiny: Any, task: mp.Task) -> None:

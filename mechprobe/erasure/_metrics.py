@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from mechprobe.core import (
@@ -61,6 +61,18 @@ def _logits(
         return forward(model, batch).float()
 
 
+def _from_first_erased(
+    batch: Batch, positions: ErasePositions, real: Tensor
+) -> Bool[Tensor, "batch seq"]:
+    """Padded positions at or after each row's first erased position: all others predict the
+    same under any erasure in a causal model."""
+    if isinstance(positions, str):  # "all"
+        return torch.ones_like(real)
+    first = batch.positions(positions).amin(1)  # [batch] padded index
+    index = torch.arange(real.shape[1], device=real.device)
+    return index[None, :] >= first.to(real.device)[:, None]
+
+
 def _kl(logp_orig: Tensor, logp: Tensor) -> Tensor:
     """``KL(p_orig || p)`` over the last axis, per position."""
     return (logp_orig.exp() * (logp_orig - logp)).sum(-1)
@@ -76,21 +88,30 @@ def text_measures(
     batch_size: int,
     progress: bool,
 ) -> tuple[list[AmnesicMeasure], int]:
-    """Next-token accuracy and loss, and KL from the original, on ``texts``; returns the count too.
+    """Next-token accuracy and loss, and KL from the original, on ``texts``; returns the count
+    of predictions measured too.
 
-    Accuracy and loss are averaged over every real token that has a next real token; the KL over
-    every real token (also the last, whose prediction an erasure at ``-1`` changes).
+    Every measure is taken where the erasure can act: in a causal model a position before a
+    row's first erased one predicts the same under any erasure, so counting it would only dilute
+    the effect (and make it depend on the texts' lengths). Accuracy and loss are averaged over
+    the real tokens from the first erased position on that have a next real token; the KL over
+    the real tokens from the first erased position on (also the last, whose prediction an
+    erasure at ``-1`` changes). With ``positions="all"`` that is every token. Where no erased
+    position has a next token (``positions=-1``: the last token predicts nothing inside the
+    text) accuracy and loss cannot change and are not reported; the KL still is.
     """
     batch = tokenize(model, list(texts))
     device = getattr(model.cfg, "device", None)
     sums = {c.name + str(c.seed): [0.0, 0.0, 0.0] for c in conditions}
-    n_pred, n_real = 0, 0
+    n_pred, n_real, n_next = 0, 0, 0
     chunks = list(batch.chunks(batch_size))
     with torch.no_grad():
         for _, chunk in progress_bar(chunks, progress=progress, desc="amnesic: text"):
             chunk = chunk.to(device) if device is not None else chunk
-            mask = chunk.attention_mask.bool()
-            has_next = mask[:, :-1] & mask[:, 1:]
+            real = chunk.attention_mask.bool()
+            n_next += int((real[:, :-1] & real[:, 1:]).sum())
+            mask = real & _from_first_erased(chunk, positions, real)
+            has_next = mask[:, :-1] & real[:, 1:]
             targets = chunk.tokens[:, 1:]
             logp_orig = _logits(model, chunk, hook, Condition("original", None), positions)
             logp_orig = logp_orig.log_softmax(-1)
@@ -109,15 +130,16 @@ def text_measures(
                 acc[0] += float(hit.sum())
                 acc[1] += float(token_nll[has_next].double().sum())
                 acc[2] += float(_kl(logp_orig, logp)[mask].double().sum())
-    if n_pred == 0:
+    if n_next == 0:
         raise ValueError(
             "The evaluation texts have no token with a next token: pass texts of two or more tokens."
         )
     out: list[AmnesicMeasure] = []
     for c in conditions:
         hits, nll, kl = sums[c.name + str(c.seed)]
-        out.append(AmnesicMeasure("lm_accuracy", c.name, hits / n_pred, seed=c.seed))
-        out.append(AmnesicMeasure("lm_loss", c.name, nll / n_pred, seed=c.seed))
+        if n_pred:
+            out.append(AmnesicMeasure("lm_accuracy", c.name, hits / n_pred, seed=c.seed))
+            out.append(AmnesicMeasure("lm_loss", c.name, nll / n_pred, seed=c.seed))
         if c.eraser is not None:
             out.append(AmnesicMeasure("lm_kl", c.name, kl / n_real, seed=c.seed))
     return out, n_pred
