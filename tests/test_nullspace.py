@@ -390,8 +390,13 @@ def test_frame_and_plot(erased: Eraser) -> None:
     assert ax.lines[1].get_ydata()[0] == erased.majority_baseline
     into = Figure()
     assert erased.plot(ax=into.add_subplot()) is into
-    with pytest.raises(ValueError, match="no probe accuracies"):
-        identity_projection(3).plot()
+    # Erasers without accuracies plot the singular values of I - P (computed here by numpy).
+    leace_eraser = mp.leace(*_planted(500, seed=3)[:2])
+    for other in (identity_projection(3), leace_eraser, random_projection(D, 4, seed=1)):
+        line = other.plot().axes[0].lines[0]
+        expected = np.linalg.svd(np.eye(other.dim) - other.P.double().numpy(), compute_uv=False)
+        np.testing.assert_allclose(line.get_ydata(), expected[: len(line.get_ydata())], atol=1e-9)
+        assert len(line.get_ydata()) == min(other.dim, other.n_removed + 5)
     assert repr(erased).startswith(f"Eraser(inlp, {erased.n_removed} of {D} directions removed")
     row = erased.summary().iloc[0]
     assert (row["n_removed"], row["accuracy_before"]) == (erased.n_removed, erased.accuracies[0])

@@ -264,17 +264,28 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
         return words
 
     def plot(self, ax: Axes | None = None) -> Figure:
-        """Probe accuracy by INLP iteration with the majority baseline; returns the Figure.
+        """Probe accuracy by INLP iteration with the majority baseline (erasers from
+        :func:`~mechprobe.inlp`), or, for erasers that record no accuracies (LEACE, random,
+        dropout, identity), the singular values of ``I - P``: how strongly each direction is
+        removed (1 for each removed direction of an orthogonal projection; LEACE's oblique one
+        differs). Returns the Figure.
 
-        Raises:
-            ValueError: The eraser recorded no accuracies (only :func:`~mechprobe.inlp` does).
+        Example:
+            >>> fig = random_projection(8, 3, seed=0).plot()
+            >>> [round(float(v), 6) for v in fig.axes[0].lines[0].get_ydata()][:4]
+            [1.0, 1.0, 1.0, 0.0]
         """
-        if not self.accuracies:
-            raise ValueError(
-                f"This {self.method!r} eraser recorded no probe accuracies to plot; "
-                "only inlp() records them (plot an inlp() result instead)."
-            )
         figure, ax = new_axes(ax, (5, 3.2))
+        if not self.accuracies:
+            # The strength of the removal per direction, largest first, and a few kept ones.
+            shown = min(self.dim, self.n_removed + 5)
+            eye = torch.eye(self.dim, dtype=torch.float64)
+            strength = torch.linalg.svdvals(eye - self.P.detach().cpu().double())[:shown]
+            ax.plot(range(1, shown + 1), strength.numpy(), marker="o", ls="none")
+            ax.set_xlabel("direction (by strength)")
+            ax.set_ylabel("singular value of I - P")
+            ax.set_title(f"{self.method}: {self.n_removed} of {self.dim} directions removed")
+            return figure
         frame = self.to_frame()
         ax.plot(frame["iteration"], frame["accuracy"], marker="o", label="held-out probe")
         if self.majority_baseline is not None:
