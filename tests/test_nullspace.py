@@ -14,6 +14,7 @@ import pytest
 import scipy.linalg
 import torch
 from matplotlib.figure import Figure
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
@@ -446,3 +447,27 @@ def test_bad_input(planted, erased: Eraser) -> None:
         erased.apply(np.ones((2, 5)))
     with pytest.raises(TypeError, match="floating"):
         erased.apply(torch.ones(2, D, dtype=torch.long))
+
+
+class _ZeroLinear(ClassifierMixin, BaseEstimator):
+    """A linear classifier whose weights are all zero: it finds no direction to remove."""
+
+    def fit(self, X, y):
+        self.classes_, counts = np.unique(y, return_counts=True)
+        self.coef_ = np.zeros((1, X.shape[1]))
+        self.majority_ = self.classes_[counts.argmax()]
+        return self
+
+    def predict(self, X):
+        return np.full(len(X), self.majority_)
+
+
+def test_inlp_stops_when_a_probe_removes_nothing() -> None:
+    X, y, _ = _planted(400, seed=2)
+    # The same data and probe would repeat it at every later iteration: one probe, not six.
+    eraser = inlp(X, y, 5, classifier=_ZeroLinear(), progress=False)
+    assert eraser.ranks == (0,) and len(eraser.accuracies) == 1 and eraser.n_removed == 0
+    # With by_class each iteration draws other examples, so the loop goes on.
+    main = np.arange(len(y)) % 2
+    drawn = inlp(X, y, 3, classifier=_ZeroLinear(), by_class=True, main_labels=main, progress=False)
+    assert drawn.ranks == (0, 0, 0, 0)

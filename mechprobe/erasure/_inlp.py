@@ -95,9 +95,10 @@ def inlp(
             drawn at random (seeded) among those with at least two concept labels, as in the
             reference. Accuracies are still those of a probe trained on all training examples.
         main_labels: Main-task labels ``[n]``; required with ``by_class=True``.
-        stop: ``"fixed"`` runs ``n_iterations``. ``"majority"`` (Elazar et al. 2021, amnesic
-            probing) stops at the first iteration whose probe scores within 0.01 of the
-            majority baseline (or ``min_accuracy``); as in their code, that iteration's
+        stop: ``"fixed"`` runs ``n_iterations``, fewer where a probe removes no direction
+            (without ``by_class`` every later iteration would repeat it). ``"majority"``
+            (Elazar et al. 2021, amnesic probing) stops at the first iteration whose probe
+            scores within 0.01 of the majority baseline (or ``min_accuracy``); as in their code, that iteration's
             directions are removed too.
         test_size: Held-out fraction.
         seed: Seed for the split and for ``by_class`` draws.
@@ -159,6 +160,11 @@ def inlp(
         k = basis.shape[0]
         basis = orthonormal_basis(step.rows, basis, rtol=_RANK_RTOL)
         new = basis[k:].to(device=device, dtype=X_t.dtype)
+        if len(new) == 0 and draw is None:
+            # Nothing removed, so every later iteration would fit the same probe on the same
+            # data. (A logistic probe has zero weights where the class means coincide: its
+            # gradient at zero is their difference, and the loss is convex.)
+            break
         # In place (one pass over the features): memory traffic, not flops, bounds this step.
         xp_train.addmm_(x_train @ new.T, new / scale, alpha=-1)
         xp_test.addmm_(x_test @ new.T, new / scale, alpha=-1)
