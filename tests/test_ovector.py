@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -58,3 +60,18 @@ def test_random_control_has_same_norm_and_is_seeded():
     assert a.layer == 5 and a.source == "random" and a.info["seed"] == 0
     cos = torch.nn.functional.cosine_similarity(a.vector, o.vector, dim=0)
     assert abs(float(cos)) < 0.2  # a random direction in 576 dimensions is nearly orthogonal
+
+
+def test_an_ovector_from_another_model_is_refused_by_name(tiny):
+    o = mp.extract_ovector(tiny, ["Q: capital of Poland?\nA:"], layer=1, progress=False)
+    assert o.model == tiny.cfg.model_name
+    other = dataclasses.replace(o, model="some-other-model")
+    args = (["a b c"], [" d"])
+    with pytest.raises(ValueError, match=r"extracted from 'some-other-model'.*pass its \.vector"):
+        mp.ovector_intervention(tiny, {"o": other}, *args, layers=1, progress=False)
+    with pytest.raises(ValueError, match="extracted from 'some-other-model'"):
+        mp.ovector_sweep(tiny, {"o": other}, *args, layers=[1], progress=False)
+    # Its plain vector is written on purpose, and gives what the model's own o-vector gives.
+    plain = mp.ovector_intervention(tiny, {"o": other.vector}, *args, layers=1, progress=False)
+    same = mp.ovector_intervention(tiny, {"o": o}, *args, layers=1, progress=False)
+    assert plain.to_frame().equals(same.to_frame())

@@ -112,7 +112,13 @@ def test_relational_result_folder_round_trip(results, tmp_path) -> None:
     assert torch.equal(back.ovector.vector, result.ovector.vector)
     assert isinstance(load_result(folder / "result.json"), mp.RelationalResult)
     with pytest.raises(FileExistsError, match="is a file"):
-        result.save(folder / "result.json")
+        result.save(folder / "report.md")  # a folder where a file is
+    # A .json path is one file that load reads back (it used to become a folder load refused).
+    single = result.save(tmp_path / "one" / "r.json")
+    assert single.is_file() and mp.RelationalResult.load(single).to_dict() == result.to_dict()
+    with pytest.raises(ValueError, match=r"folder .* or to one \.json file"):
+        result.save(tmp_path / "r.npz")
+    assert not (tmp_path / "r.npz").exists()
     assert result.save(tmp_path / "new" / "run", figures=False).joinpath("result.json").is_file()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "result.json").write_text(json.dumps({"task": "capitals"}))

@@ -78,6 +78,16 @@ def test_round_trip_keeps_types_shapes_and_non_finite_values(tmp_path, suffix: s
     assert isinstance(load_result(path), _Toy)
 
 
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_bfloat16_tensors_round_trip_through_json_and_npz(tmp_path, suffix: str) -> None:
+    # numpy has no bfloat16 (saving raised TypeError): written as float32, every value exact.
+    values = torch.tensor([1.5, -2.0, 3.0078125, 1e-30], dtype=torch.bfloat16)
+    toy = dataclasses.replace(_toy(), vector=values)
+    back = _Toy.load(toy.save(tmp_path / f"toy{suffix}"))
+    assert back.vector.dtype == torch.bfloat16 and torch.equal(back.vector, values)
+    assert _Toy.from_dict(toy.to_dict()).vector.dtype == torch.bfloat16
+
+
 def test_safetensors_keeps_dtypes_names_tensors_by_field_and_checks_digests(tmp_path) -> None:
     from safetensors import safe_open
 

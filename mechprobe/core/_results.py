@@ -63,6 +63,8 @@ __all__ = [
 R = TypeVar("R", bound="Result")
 _REGISTRY: dict[str, type[Result]] = {}
 _ARRAY, _TENSOR = "__array__", "__tensor__"
+# Tensor dtypes numpy lacks: written as float32 (exactly) in JSON and npz, restored on reading.
+_WIDENED = (torch.bfloat16,)
 _SUFFIXES = (".json", ".npz", ".safetensors")
 _Arrays = Mapping[str, "np.ndarray | torch.Tensor"]
 
@@ -284,9 +286,14 @@ def encode(value: Any, arrays: dict[str, Any] | None = None, at: str = "") -> An
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: inner(getattr(value, f.name), f.name) for f in dataclasses.fields(value)}
     if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu()
         if arrays is not None:  # kept a tensor: safetensors stores its dtype exactly
-            return {_TENSOR: _store(value.detach().cpu(), arrays, at)}
-        return {_TENSOR: _encode_array(value.detach().cpu().numpy(), None, at)}
+            spec = _store(tensor, arrays, at)
+        else:
+            spec = _encode_array(_numpy_of(tensor), None, at)
+        if tensor.dtype in _WIDENED:  # numpy has no such dtype: say which to restore
+            spec["torch_dtype"] = str(tensor.dtype).removeprefix("torch.")
+        return {_TENSOR: spec}
     if isinstance(value, np.ndarray):
         return {_ARRAY: _encode_array(value, arrays, at)}
     if isinstance(value, np.generic):
@@ -319,7 +326,10 @@ def decode(value: Any, hint: Any, arrays: _Arrays | None = None) -> Any:
             and isinstance(arrays[stored["npz"]], torch.Tensor)
         ):
             return arrays[stored["npz"]]
-        return torch.from_numpy(np.array(_decode_array(stored, arrays)))
+        tensor = torch.from_numpy(np.array(_decode_array(stored, arrays)))
+        if "torch_dtype" in stored:  # widened to float32 for numpy: every value exact
+            tensor = tensor.to(getattr(torch, stored["torch_dtype"]))
+        return tensor
     if hint is Any or hint is None:
         return value
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -442,7 +452,11 @@ def _decode_array(spec: Mapping[str, Any], arrays: _Arrays | None) -> np.ndarray
 
 
 def _numpy_of(value: np.ndarray | torch.Tensor) -> np.ndarray:
-    return value.numpy() if isinstance(value, torch.Tensor) else value
+    if isinstance(value, torch.Tensor):
+        # numpy has no bfloat16: float32 holds every bfloat16 value exactly, and decode()
+        # casts back where the spec says so.
+        return (value.float() if value.dtype in _WIDENED else value).numpy()
+    return value
 
 
 # --- safetensors: tensors exact, the encoded rest in the header, digests of both -------------

@@ -47,7 +47,7 @@ from mechprobe.core import (
 )
 from mechprobe.relational._deprecated import writer_positions
 from mechprobe.relational._figure import axes_for
-from mechprobe.relational._ovector import OVector
+from mechprobe.relational._ovector import OVector, _model_name
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -314,7 +314,13 @@ def _span(layers: Sequence[int]) -> str:
     return ",".join(str(x) for x in layers)
 
 
-def _vector(value: OVector | Tensor | np.ndarray, name: str, width: int) -> Tensor:
+def _vector(value: OVector | Tensor | np.ndarray, name: str, width: int, model: str) -> Tensor:
+    if isinstance(value, OVector) and value.model and model and value.model != model:
+        raise ValueError(
+            f"Vector {name!r} was extracted from {value.model!r}, not from this model "
+            f"({model!r}): extract it from this model, or pass its .vector (a plain tensor) to "
+            "write it here on purpose."
+        )
     vec = value.vector if isinstance(value, OVector) else torch.as_tensor(value)
     if vec.ndim != 1 or vec.shape[0] != width:
         raise ValueError(
@@ -325,8 +331,9 @@ def _vector(value: OVector | Tensor | np.ndarray, name: str, width: int) -> Tens
     return vec.detach().float()
 
 
-def _vectors(vectors: Mapping[str, OVector | Tensor | np.ndarray], width: int) -> dict[str, Tensor]:
-    """Every vector checked (1-D, the model's width, finite), as float32 tensors."""
+def _vectors(vectors: Mapping[str, OVector | Tensor | np.ndarray], model: Any) -> dict[str, Tensor]:
+    """Every vector checked (1-D, the model's width, finite, an OVector from this model), as
+    float32 tensors."""
     if not isinstance(vectors, Mapping):
         raise TypeError(
             f"vectors must be a dict {{name: vector}}, got {type(vectors).__name__}; e.g. "
@@ -334,7 +341,8 @@ def _vectors(vectors: Mapping[str, OVector | Tensor | np.ndarray], width: int) -
         )
     if "intact" in vectors:
         raise ValueError("'intact' is reserved for the unedited model; rename that vector.")
-    return {name: _vector(v, name, width) for name, v in vectors.items()}
+    width, here = int(model.cfg.d_model), _model_name(model)
+    return {name: _vector(v, name, width, here) for name, v in vectors.items()}
 
 
 def _layers(model: Any, layers: Any) -> tuple[int, ...]:
@@ -468,7 +476,7 @@ def ovector_intervention(
     for label, seq in [("arguments", arguments), ("groups", groups)]:
         if seq is not None and len(seq) != len(contexts):
             raise ValueError(f"{label} has {len(seq)} entries for {len(contexts)} contexts.")
-    vecs = _vectors(vectors, int(model.cfg.d_model))
+    vecs = _vectors(vectors, model)
     (scale,) = _scales(scale, "scale")
     where = _positions(positions, "ovector_intervention")
     layer_tuple = _layers(model, layers)

@@ -283,19 +283,32 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
     def save(self, path: str | os.PathLike[str], *, figures: bool = True) -> Path:
         """Write the folder ``path``: ``result.json``, ``ovector.safetensors``, the figures
         (``x_plot.png``, ``intervention.png``, ``ablation.png``, ``sweep.png``, with ``figures``)
-        and ``report.md``. The folder is created, with its missing parents.
+        and ``report.md``. The folder is created, with its missing parents. A ``path`` ending in
+        ``.json`` is one file instead (its missing parents created too): that ``result.json``
+        alone, everything :meth:`load` needs, the o-vector included.
 
         Returns:
-            The folder.
+            The folder, or the ``.json`` file.
 
         Raises:
             FileExistsError: ``path`` (or a folder above it) is a file.
+            ValueError: ``path`` ends in ``.npz`` or ``.safetensors`` (a folder or ``.json``).
         """
         folder = Path(path)
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
+        if folder.suffix == ".json":
+            folder.parent.mkdir(parents=True, exist_ok=True)  # as for a folder, parents made
+            write_atomic(folder, text.encode("utf-8"))
+            return folder
+        if folder.suffix in (".npz", ".safetensors"):
+            raise ValueError(
+                f"A RelationalResult is saved to a folder (result.json, the o-vector, figures "
+                f"and report.md) or to one .json file, not to {folder.name!r}: drop the suffix "
+                "or use .json."
+            )
         if folder.exists() and not folder.is_dir():
             raise FileExistsError(f"Cannot write a result folder at {folder}: it is a file.")
         folder.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
         write_atomic(folder / "result.json", text.encode("utf-8"))
         self.ovector.save(folder / "ovector.safetensors")
         names = []

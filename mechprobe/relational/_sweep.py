@@ -250,7 +250,7 @@ def ovector_sweep(
             f"layers is a list of layer sets, one per row of the grid (e.g. [range(18, 24), "
             f"range(20, 24), 23]), not {layers!r}."
         )
-    vecs = _vectors(vectors, int(model.cfg.d_model))
+    vecs = _vectors(vectors, model)
     scale_tuple = _scales(scales, "scales")
     where = _positions(positions, "ovector_sweep")
     cells = tuple(_layers(model, _cell(cell)) for cell in layers)
