@@ -113,7 +113,9 @@ def main() -> dict[str, Any]:
     # 2. The concept: which country, read at the last token, same countries as the task items.
     data = mp.country_dataset(n_countries=N_COUNTRIES, shots=(0, 1, 3), seed=SEED)
     fit_data, probe_data = split(data)
-    # Before the FFN of layer f, its input (resid_mid f: exactly what that FFN reads), and after.
+    # Before the FFN of layer f, at resid_mid f (the residual stream that FFN reads: erased there,
+    # it is gone for the FFN and for every later layer), and after. docs/amnesic_results.json's
+    # "FFN24 input" rows were recorded when this write reached only the FFN's input on a bridge.
     sites = [mp.Site("resid_post", layer) for layer in (f - 9, f - 4, f - 1)]
     sites += [mp.Site("resid_mid", f), mp.Site("resid_post", f + 3)]
     labels = [f"L{s.layer}" if s.kind == "resid_post" else f"FFN{f} input" for s in sites]

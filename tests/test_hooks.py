@@ -279,3 +279,28 @@ def test_numpy_and_tensor_positions_work_like_ints(tiny, position) -> None:
     assert cap.value is not None and cap.value.shape == (2, 1, 64)
     res = mp.patch(tiny, "Hi cat", "Hi bat", "mlp_out", position, mp.logit_diff(1, 2))
     assert res.values.shape == (3, 1)
+
+
+def test_a_write_at_resid_mid_reaches_the_residual_stream(tiny):
+    """resid_mid = resid_pre + attn_out feeds the MLP *and* the residual add. On a bridge its hook
+    is the MLP's input (ln2.hook_in): a write there used to reach the MLP only."""
+    tokens = tiny.to_tokens("Hello cat sat")
+    last = tiny.cfg.n_layers - 1
+    v = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = {}
+        for kind in ("resid_mid", "attn_out"):  # adding v to either is the same edit
+            with mp.intervene(tiny, {mp.Site(kind, 1): mp.Add(v, positions=-1)}):
+                logits[kind] = tiny(tokens)[0, -1]
+        torch.testing.assert_close(logits["resid_mid"], logits["attn_out"], atol=1e-4, rtol=1e-4)
+        # Zeroed at the last block of a bias-free model, nothing is left to decode.
+        with mp.intervene(tiny, {mp.Site("resid_mid", last): mp.Ablate("zero", positions=-1)}):
+            zeroed = tiny(tokens)[0, -1]
+    if tiny.cfg.normalization_type == "RMS":  # the Llama ones: no biases anywhere
+        assert zeroed.abs().max() < 1e-3
+    # The gradient there is the residual stream's: the same as at attn_out.
+    grads = {kind: mp.Gradient(positions=-1) for kind in ("resid_mid", "attn_out")}
+    with mp.intervene(tiny, {mp.Site(kind, 1): g for kind, g in grads.items()}):
+        out = tiny(tokens)[0, -1, 7]
+    mp.core.differentiate(out, list(grads.values()))
+    torch.testing.assert_close(grads["resid_mid"].grad, grads["attn_out"].grad)

@@ -56,7 +56,27 @@ def _by_hand(model, run_tokens, source_tokens, sites, pairs, metric=_metric):
                         act[:, pb, site.head] = src[:, ps, site.head]
                     return act
 
-                logits = model.run_with_hooks(run_tokens, fwd_hooks=[(site.hook_name, hook)])
+                hooks = [(site.hook_name, hook)]
+                if site.kind == "resid_mid":
+                    # resid_mid = resid_pre + attn_out feeds the MLP and the residual add; on a
+                    # bridge its hook is the MLP's input alone, so the residual is set through
+                    # attn_out: attn_out' = source resid_mid - this run's resid_pre.
+                    seen = {}
+
+                    def keep(act, hook, seen=seen):
+                        seen["pre"] = act
+
+                    def mid(act, hook, site=site, ps=ps, pb=pb, seen=seen):
+                        act = act.clone()
+                        act[:, pb] = cache[site.hook_name][:, ps] - seen["pre"][:, pb]
+                        return act
+
+                    layer = site.layer
+                    hooks = [
+                        (f"blocks.{layer}.hook_resid_pre", keep),
+                        (f"blocks.{layer}.hook_attn_out", mid),
+                    ]
+                logits = model.run_with_hooks(run_tokens, fwd_hooks=hooks)
                 out[r, c] = metric(logits)[0]
     return out.numpy()
 

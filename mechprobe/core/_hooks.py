@@ -487,6 +487,13 @@ def _hooks_for(
                 assert site is not None and site.head is not None
                 record, fn = _head_out(model, site.layer, site.head, fn)
                 fwd.append((f"blocks.{site.layer}.attn.hook_z", record))
+            if kind == "resid_mid" and not isinstance(item, Capture):
+                assert site is not None
+                mlp_input = hooks.get(f"blocks.{site.layer}.ln2.hook_in")
+                if mlp_input is not None and mlp_input is hooks[name]:
+                    record, fn = _resid_mid(site.layer, fn)
+                    fwd.append((f"blocks.{site.layer}.hook_resid_pre", record))
+                    name = f"blocks.{site.layer}.hook_attn_out"
             fwd.append((name, fn))
     if batch is not None and fwd and "hook_embed" in hooks:
         fwd.insert(0, ("hook_embed", _same_tokens(model, batch)))
@@ -535,6 +542,36 @@ def _head_out(
         own = z[..., head, :] @ w_o[head]
         new = fn(own, hook)
         return None if new is None else attn_out + (new - own)
+
+    return record, edit
+
+
+def _resid_mid(
+    layer: int, fn: Callable[..., Tensor | None]
+) -> tuple[Callable[..., None], Callable[..., Tensor | None]]:
+    """Callbacks for a write (or gradient) at ``resid_mid`` where that hook is the MLP's input.
+
+    On a TransformerBridge ``hook_resid_mid`` is ``ln2.hook_in``: a value written there feeds the
+    MLP, while the residual add still takes the original sum, so the write would reach only the
+    MLP branch. ``resid_mid = resid_pre + attn_out``, and ``attn_out`` feeds both, so the write goes
+    there: one callback keeps ``resid_pre``; one at ``hook_attn_out`` gives ``fn`` the sum and
+    adds what ``fn`` changed in it to the attention output. A gradient taken there is the
+    residual stream's (``attn_out`` reaches everything downstream only through that sum).
+    """
+    seen: dict[str, Tensor] = {}
+
+    def record(resid_pre: Tensor, hook: Any) -> None:
+        seen["resid_pre"] = resid_pre
+
+    def edit(attn_out: Tensor, hook: Any) -> Tensor | None:
+        resid_pre = seen.pop("resid_pre", None)
+        if resid_pre is None:
+            raise RuntimeError(
+                f"{hook.name}: blocks.{layer}.hook_resid_pre did not fire before it."
+            )
+        mid = resid_pre + attn_out
+        new = fn(mid, hook)
+        return None if new is None else attn_out + (new - mid)
 
     return record, edit
 
