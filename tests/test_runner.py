@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mechprobe as mp
+from tests.conftest import hook_count
 
 PROMPTS = ["Hello there, friend", "Hi", "A longer prompt with more tokens in it"]
 
@@ -46,3 +47,26 @@ def test_interventions_before_the_last_block_change_the_logits(tiny) -> None:
     plain = mp.run(tiny, "Hi", logit_positions=-1).logits
     ablated = mp.run(tiny, "Hi", {mp.Site("mlp_out", 2): mp.Ablate()}, logit_positions=-1).logits
     assert float((plain - ablated).abs().max()) > 1e-3
+
+
+def test_chunks_take_their_own_rows_of_a_per_prompt_replace(tiny):
+    site = mp.Site("resid_post", 1)
+    sources = [f"Source prompt number {i}" for i in range(5)]
+    targets = [f"Target {i}" for i in range(5)]
+    read = mp.run(tiny, sources, capture=[mp.Site("resid_post", 1, positions=-1)], progress=False)
+    values = next(iter(read.captures.values()))  # [5, 1, d]: one row per prompt
+    runs = [
+        mp.run(tiny, targets, {site: mp.Replace(values, positions=-1)}, logit_positions=-1,
+               batch_size=b, progress=False).logits
+        for b in (None, 2)
+    ]  # fmt: skip
+    torch.testing.assert_close(runs[1], runs[0], atol=1e-5, rtol=1e-5)
+    for i in (0, 4):  # each prompt got its own row (not the last chunk's)
+        alone = mp.run(tiny, targets[i : i + 1], {site: mp.Replace(values[i : i + 1], positions=-1)},
+                       logit_positions=-1, progress=False).logits  # fmt: skip
+        torch.testing.assert_close(runs[1][i], alone[0], atol=1e-5, rtol=1e-5)
+    # A Capture among the interventions would keep the last chunk only: refused, with the fix.
+    before = hook_count(tiny)
+    with pytest.raises(ValueError, match="pass the site in capture="):
+        mp.run(tiny, sources, {site: mp.Capture(positions=-1)}, batch_size=2, progress=False)
+    assert hook_count(tiny) == before

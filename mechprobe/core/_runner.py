@@ -17,6 +17,7 @@ from mechprobe.core._hooks import (
     Capture,
     Intervention,
     InterventionSpec,
+    Replace,
     StopForward,
     intervene,
 )
@@ -132,13 +133,16 @@ def run(
     logits: Tensor | None = None
     captured: dict[SiteLike, Tensor] = {}
     chunks = list(batch.chunks(batch_size))
+    if len(chunks) > 1:
+        _check_chunked(spec, len(batch))
     with torch.no_grad():
         for rows, chunk in progress_bar(chunks, progress=progress, desc="run"):
             caps = {site: Capture() for site in capture}
             merged: dict[SiteLike, list[Intervention]] = {}
             for key, value in spec.items():
+                items = [value] if isinstance(value, Intervention) else value
                 merged.setdefault(key, []).extend(
-                    [value] if isinstance(value, Intervention) else value
+                    _rows_of(item, rows, len(batch)) for item in items
                 )
             for site, cap in caps.items():
                 merged.setdefault(site, []).append(cap)
@@ -170,6 +174,29 @@ def run(
                 captured[site] = _place(captured.get(site), kept, rows, batch, spans)
     assert logits is not None
     return RunResult(logits=logits, captures=captured, batch=batch)
+
+
+def _check_chunked(spec: InterventionSpec, n_rows: int) -> None:
+    """Refuse what chunks would get wrong silently: a Capture among the interventions keeps the
+    last chunk's rows only (and a Replace from it would write those rows into every prompt)."""
+    for key, value in spec.items():
+        for item in _items(value):
+            if isinstance(item, Capture):
+                raise ValueError(
+                    f"A Capture passed in interventions= (at {key!r}) would keep only the last "
+                    f"chunk's rows of {n_rows} prompts: pass the site in capture= instead "
+                    "(RunResult.captures holds every row), or batch_size=None."
+                )
+
+
+def _rows_of(item: Intervention, rows: slice, n_rows: int) -> Intervention:
+    """``item`` for one chunk: a Replace value with one row per prompt ``[n_prompts, k, d]`` is
+    cut to the chunk's rows (every other shape broadcasts over the chunk as it is)."""
+    if isinstance(item, Replace):
+        value = item.value.value if isinstance(item.value, Capture) else item.value
+        if value is not None and value.ndim == 3 and value.shape[0] == n_rows:
+            return Replace(value[rows], positions=item.positions)
+    return item
 
 
 def _pooled_means(spec: InterventionSpec) -> bool:
