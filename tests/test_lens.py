@@ -356,3 +356,17 @@ def test_smollm2_poland_answers_warsaw_and_last_layer_equals_logits(smollm2):
     assert abs(result.kl_to_final[0, -1, 0]) < 1e-4
     # The answer only surfaces in the last layers (see docs): not top-1 before layer 29.
     assert (result.target_rank[0, :-1, 0] > 0).all()
+
+
+def test_summary_reads_the_last_decoded_position_and_names_shared_targets_only(tiny) -> None:
+    prompts = ["Hello there", "Hi"]
+    # Positions without the last token: the summary reads the last decoded one (it raised).
+    early = mp.logit_lens(tiny, prompts, positions=[0], targets=" a", progress=False)
+    frame = early.summary()
+    np.testing.assert_allclose(frame["kl_to_final"], early.kl_to_final[:, :, 0].mean(0))
+    np.testing.assert_allclose(frame["entropy"], early.entropy[:, :, 0].mean(0))
+    # Different targets per prompt: a column per slot, not named after prompt 0's target.
+    mixed = mp.logit_lens(tiny, prompts, targets=[[" a"], [" zz"]], progress=False)
+    frame = mixed.summary()
+    assert "rank target 0" in frame.columns and "rank ' a'" not in frame.columns
+    np.testing.assert_allclose(frame["rank target 0"], mixed.target_rank[:, :, 0].mean(0))

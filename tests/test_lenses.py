@@ -462,3 +462,12 @@ def test_read_texts_from_files_and_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"holds no \.txt file"):
         mp.read_texts(tmp_path / "empty")
+
+
+def test_compare_lenses_names_three_of_a_kind_apart(tiny):
+    cmp = mp.compare_lenses(
+        tiny, [mp.Patchscope(target_layer=i) for i in range(3)], ["one two three four " * 20],
+        n_tokens=64, seq_len=32, progress=False,
+    )  # fmt: skip
+    assert cmp.lenses == ("patchscope_0", "patchscope_1", "patchscope_2")  # was _0, _0, plain
+    assert len([c for c in cmp.summary().columns if "patchscope" in c]) >= 3

@@ -216,10 +216,12 @@ def compare_lenses(
         objs = [as_lens(v) for v in lenses.values()]
     else:
         objs = [as_lens(v) for v in lenses]
-        names = [o.describe().split(" ")[0] for o in objs]
-        for i, name in enumerate(names):
-            if names.count(name) > 1:
-                names[i] = f"{name}_{names[:i].count(name)}"
+        kinds = [o.describe().split(" ")[0] for o in objs]
+        # Numbered by the kinds as given (counting in the renamed list made duplicates).
+        names = [
+            f"{kind}_{kinds[:i].count(kind)}" if kinds.count(kind) > 1 else kind
+            for i, kind in enumerate(kinds)
+        ]
     if not objs:
         raise ValueError("No lens to compare: pass at least one (e.g. ['logit']).")
     n_tokens = check_int(n_tokens, "n_tokens", 1)

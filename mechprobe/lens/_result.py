@@ -183,9 +183,12 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         )
 
     def summary(self) -> pd.DataFrame:
-        """One row per decoded entry (site, layer), over every prompt's last token: the mean KL to
-        the final distribution and entropy (nats), prompt 0's top-1 token and its probability, and
-        the mean rank of each of prompt 0's targets' first tokens across prompts.
+        """One row per decoded entry (site, layer), over every prompt's last decoded position (its
+        last token where that was decoded): the mean KL to the final distribution and entropy
+        (nats), prompt 0's top-1 token and its probability, and the mean rank across prompts of
+        each target's first token. A target column is named by the target (``rank ' a'``) where
+        every prompt has the same targets, else by its slot (``rank target 0``: each prompt's
+        first target, whatever it is).
 
         Example:
             >>> import mechprobe as mp
@@ -194,10 +197,12 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
             ['site', 'layer', 'kl_to_final', 'entropy', 'top1', 'top1_prob', "rank ' a'"]
         """
         rows = np.arange(len(self.prompts))
+        # The column of each prompt's latest decoded real position (unused slots hold -1 or lie
+        # past the prompt): its last token when positions include it.
         last = np.array(
             [
-                np.nonzero(self.positions[b] == len(t) - 1)[0][0]
-                for b, t in enumerate(self.prompt_tokens)
+                int(np.argmax(np.where((p >= 0) & (p < len(t)), p, -1)))
+                for p, t in zip(self.positions, self.prompt_tokens, strict=True)
             ]
         )
         frame = pd.DataFrame(
@@ -210,10 +215,12 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
                 "top1_prob": self.top_probs[0, :, last[0], 0],
             }
         )
-        for t, name in enumerate(self.targets[0]):
+        shared = all(tuple(t) == tuple(self.targets[0]) for t in self.targets)
+        for t in range(self.target_rank.shape[2]):
             ranks = self.target_rank[:, :, t].astype(float)
             ranks[ranks < 0] = np.nan
-            frame[f"rank {name!r}"] = np.nanmean(ranks, axis=0)
+            label = repr(self.targets[0][t]) if shared else f"target {t}"
+            frame[f"rank {label}"] = np.nanmean(ranks, axis=0)
         return frame
 
     def _describe(self) -> str:
