@@ -141,3 +141,22 @@ def test_bad_input_fails_before_running(tiny, kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         mp.causal_trace(tiny, PROMPT, **args)
     assert hook_count(tiny) == before
+
+
+def test_categories_average_each_prompt_first_as_rome_does(tiny):
+    prompts = ["The cat sat on the", "The enormous hairy dog sat on the"]
+    res = mp.causal_trace(tiny, prompts, ["cat", "enormous hairy dog"], answers=[" mat", " mat"],
+                          sites="resid_post", n_noise=2, n_random=0, progress=False)  # fmt: skip
+    # ROME's averages, written plainly: per prompt, the mean over its middle-subject tokens and
+    # over its further tokens; then the mean over the prompts that have them.
+    middle, further = [], []
+    for i, (start, stop) in enumerate(res.subjects):
+        effect = res.indirect_effect(i)
+        if stop - start > 2:
+            middle.append(effect[..., start + 1 : stop - 1].mean(-1))
+        further.append(effect[..., stop + 1 : effect.shape[-1] - 1].mean(-1))
+    ours = res.by_category()
+    np.testing.assert_allclose(ours[..., 1], np.mean(middle, axis=0), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(ours[..., 4], np.mean(further, axis=0), rtol=1e-12, atol=1e-15)
+    first = np.mean([res.indirect_effect(i)[..., s] for i, (s, _) in enumerate(res.subjects)], 0)
+    np.testing.assert_allclose(ours[..., 0], first, rtol=1e-12, atol=1e-15)

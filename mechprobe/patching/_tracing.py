@@ -205,16 +205,22 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
 
     def by_category(self, random: bool = False) -> np.ndarray:
         """``[kinds, layers, 6]`` indirect effect averaged over prompts per ROME token category
-        (:data:`CATEGORIES`), or the random controls' with ``random=True``."""
+        (:data:`CATEGORIES`), or the random controls' with ``random=True``.
+
+        As in ROME's averages: each prompt's positions of a category are averaged first (its
+        middle-subject or further tokens count once per prompt, however many there are), then
+        the prompts that have the category are averaged; NaN where none has it."""
         total = np.zeros((len(self.kinds), len(self.layers), len(CATEGORIES)))
         count = np.zeros(len(CATEGORIES))
         for i, (start, stop) in enumerate(self.subjects):
             effect = self.random_effect(i) if random else self.indirect_effect(i)
+            members: dict[int, list[int]] = {}
             for p, names in enumerate(_categories(start, stop, effect.shape[-1])):
                 for name in names:
-                    c = CATEGORIES.index(name)
-                    total[..., c] += effect[..., p]
-                    count[c] += 1
+                    members.setdefault(CATEGORIES.index(name), []).append(p)
+            for c, positions in members.items():
+                total[..., c] += effect[..., positions].mean(-1)
+                count[c] += 1
         with np.errstate(invalid="ignore", divide="ignore"):
             return total / count
 
