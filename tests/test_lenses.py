@@ -228,15 +228,17 @@ def test_kl_gradient_matches_autograd(tiny):
     torch.testing.assert_close(grad, uu.grad, rtol=1e-4, atol=1e-6)
 
 
+_SETTINGS = {
+    "sites": ["resid_mid", "resid_post"],
+    "n_tokens": 256,
+    "seq_len": 32,
+    "tokens_per_step": 64,
+    "progress": False,
+}
+
+
 def _train(model, **kwargs):
-    settings = {
-        "sites": ["resid_mid", "resid_post"],
-        "n_tokens": 256,
-        "seq_len": 32,
-        "tokens_per_step": 64,
-        "progress": False,
-    }
-    return mp.train_tuned_lens(model, TEXT, **{**settings, **kwargs})
+    return mp.train_tuned_lens(model, TEXT, **{**_SETTINGS, **kwargs})
 
 
 def test_training_is_deterministic_for_a_seed_and_lowers_the_loss(tiny):
@@ -254,6 +256,8 @@ def test_training_is_deterministic_for_a_seed_and_lowers_the_loss(tiny):
 
 
 def test_training_resumes_from_a_checkpoint_to_the_same_lens(tiny, tmp_path, monkeypatch):
+    with torch.no_grad():  # a bridge adds hooks of its own at its first forward pass
+        tiny(tiny.to_tokens("warm"))
     before = hook_count(tiny)
     whole = _train(tiny, optimizer="adam", seed=2)
     folder = tmp_path / "ckpt"
@@ -278,6 +282,15 @@ def test_training_resumes_from_a_checkpoint_to_the_same_lens(tiny, tmp_path, mon
     assert resumed.info["loss_per_step"] == whole.info["loss_per_step"]
     with pytest.raises(ValueError, match=r"other settings .*seed"):
         _train(tiny, optimizer="adam", seed=3, checkpoint=folder)
+    # Other texts of the same type, or other weights under the same model name, are other
+    # settings too (both used to resume silently into the first run's lens).
+    other_text = {**_SETTINGS, "optimizer": "adam", "seed": 2, "checkpoint": folder}
+    with pytest.raises(ValueError, match=r"other settings \(text_sha256 differ"):
+        mp.train_tuned_lens(tiny, [t.upper() for t in TEXT], **other_text)
+    other = mp.tiny_model(seed=1)  # this file's tiny model with other weights
+    assert other.cfg.model_name == tiny.cfg.model_name
+    with pytest.raises(ValueError, match=r"other settings \(unembedding differ"):
+        _train(other, optimizer="adam", seed=2, checkpoint=folder)
     assert hook_count(tiny) == before
     assert all(p.requires_grad for p in tiny.ln_final.parameters())
 

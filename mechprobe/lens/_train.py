@@ -28,6 +28,7 @@ a resumed run reads the same tokens as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -53,7 +54,7 @@ from mechprobe.core import (
 )
 from mechprobe.lens._lens import RESIDUAL_KINDS
 from mechprobe.lens._text import TextSource, token_windows
-from mechprobe.lens._tuned import TunedLens, translator_sites
+from mechprobe.lens._tuned import TunedLens, translator_sites, unembedding_digest
 
 __all__ = ["train_tuned_lens"]
 
@@ -296,7 +297,11 @@ def train_tuned_lens(
     warmup, factor = _schedule(optimizer, steps, warmup_steps)
     config = _config(
         model=str(getattr(model.cfg, "model_name", "")),
+        # A resumed run must see the same weights and tokens: names alone do not tell (tiny
+        # models share SmolLM2's name; a list of texts was recorded as "list").
+        unembedding=unembedding_digest(model),
         text=text if isinstance(text, str) else f"{type(text).__name__}",
+        text_sha256=hashlib.sha256(torch.as_tensor(windows).cpu().numpy().tobytes()).hexdigest(),
         sites=sorted(set(kinds)),
         n_tokens=n_tokens,
         seq_len=seq_len,
