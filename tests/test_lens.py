@@ -370,3 +370,10 @@ def test_summary_reads_the_last_decoded_position_and_names_shared_targets_only(t
     frame = mixed.summary()
     assert "rank target 0" in frame.columns and "rank ' a'" not in frame.columns
     np.testing.assert_allclose(frame["rank target 0"], mixed.target_rank[:, :, 0].mean(0))
+
+
+@pytest.mark.parametrize("bad", [True, [0, False], 1.0, []])
+def test_positions_refuse_what_is_no_position(tiny, bad) -> None:
+    # A bool was read as position 1 here (run and patch refused it): one reading everywhere.
+    with pytest.raises(ValueError, match="Positions must be an int"):
+        mp.logit_lens(tiny, ["Hello there"], positions=bad, progress=False)

@@ -22,6 +22,7 @@ from mechprobe.core import (
     expand_sites,
     pad_id,
     pad_rows,
+    position_list,
     tokenize,
     tokenize_with_targets,
 )
@@ -101,9 +102,7 @@ def _grid_positions(spec: PositionSpec, lengths: list[int]) -> np.ndarray:
         for b, n in enumerate(lengths):
             grid[b, :n] = np.arange(n)
         return grid
-    wanted = [spec] if isinstance(spec, (int, np.integer)) else list(spec)
-    if not wanted or not all(isinstance(p, (int, np.integer)) for p in wanted):
-        raise ValueError(f"positions must be a non-empty list of ints, -1 or 'all'; got {spec!r}.")
+    wanted = position_list(spec)  # the API's one reading of positions (a bool is no position)
     grid = np.empty((len(lengths), len(wanted)), dtype=np.int64)
     for b, n in enumerate(lengths):
         for k, p in enumerate(wanted):
