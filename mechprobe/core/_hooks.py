@@ -485,14 +485,14 @@ def _hooks_for(
                 fn = _query_major(fn)
             if kind == "head_out":
                 assert site is not None and site.head is not None
-                record, fn = _head_out(model, site.layer, site.head, fn)
-                fwd.append((f"blocks.{site.layer}.attn.hook_z", record))
+                reader, fn = _head_out(model, site.layer, site.head, fn)
+                fwd.append(reader)
             if kind == "resid_mid" and not isinstance(item, Capture):
                 assert site is not None
                 mlp_input = hooks.get(f"blocks.{site.layer}.ln2.hook_in")
                 if mlp_input is not None and mlp_input is hooks[name]:
-                    record, fn = _resid_mid(site.layer, fn)
-                    fwd.append((f"blocks.{site.layer}.hook_resid_pre", record))
+                    reader, fn = _resid_mid(site.layer, fn)
+                    fwd.append(reader)
                     name = f"blocks.{site.layer}.hook_attn_out"
             fwd.append((name, fn))
     if batch is not None and fwd and "hook_embed" in hooks:
@@ -512,21 +512,36 @@ def _query_major(fn: Callable[..., Tensor | None]) -> Callable[..., Tensor | Non
     return transposed
 
 
-def _head_out(
-    model: Any, layer: int, head: int, fn: Callable[..., Tensor | None]
-) -> tuple[Callable[..., None], Callable[..., Tensor | None]]:
-    """Callbacks for a ``head_out`` site: one at ``hook_z`` keeps the heads' ``z``; one at
-    ``hook_attn_out`` gives ``fn`` the head's write ``z[..., head, :] @ W_O[head]`` and adds what
-    ``fn`` changed in it to the attention output."""
+def _through_attn_out(
+    read: str, view: Callable[[Tensor, Tensor], Tensor], fn: Callable[..., Tensor | None]
+) -> tuple[tuple[str, Callable[..., None]], Callable[..., Tensor | None]]:
+    """Edit a quantity made from the attention output: ``(the hook that keeps what hook ``read``
+    saw, the callback for hook_attn_out)``. At ``hook_attn_out``, ``fn`` gets ``view(attn_out,
+    seen)``, and what it changed there is added to the attention output, so the edit reaches
+    everything downstream of it."""
     seen: dict[str, Tensor] = {}
 
-    def record(z: Tensor, hook: Any) -> None:
-        seen["z"] = z
+    def record(activation: Tensor, hook: Any) -> None:
+        seen["value"] = activation
 
     def edit(attn_out: Tensor, hook: Any) -> Tensor | None:
-        z = seen.pop("z", None)
-        if z is None:
-            raise RuntimeError(f"{hook.name}: blocks.{layer}.attn.hook_z did not fire before it.")
+        value = seen.pop("value", None)
+        if value is None:
+            raise RuntimeError(f"{hook.name}: {read} did not fire before it.")
+        old = view(attn_out, value)
+        new = fn(old, hook)
+        return None if new is None else attn_out + (new - old)
+
+    return (read, record), edit
+
+
+def _head_out(
+    model: Any, layer: int, head: int, fn: Callable[..., Tensor | None]
+) -> tuple[tuple[str, Callable[..., None]], Callable[..., Tensor | None]]:
+    """Callbacks for a ``head_out`` site: ``hook_z`` keeps the heads' ``z``; ``fn`` edits the
+    head's write ``z[..., head, :] @ W_O[head]`` (see :func:`_through_attn_out`)."""
+
+    def own(attn_out: Tensor, z: Tensor) -> Tensor:
         w_o = model.blocks[layer].attn.W_O.to(z.device, z.dtype)  # [head, d_head, d_model]
         total = torch.einsum("bshd,hdm->bsm", z, w_o)
         bias = getattr(model.blocks[layer].attn, "b_O", None)
@@ -539,41 +554,25 @@ def _head_out(
                 "heads' z @ W_O (a norm or scale sits between them), so one head's write cannot "
                 "be edited alone; use Site('head', ...) (its z) instead."
             )
-        own = z[..., head, :] @ w_o[head]
-        new = fn(own, hook)
-        return None if new is None else attn_out + (new - own)
+        return z[..., head, :] @ w_o[head]
 
-    return record, edit
+    return _through_attn_out(f"blocks.{layer}.attn.hook_z", own, fn)
 
 
 def _resid_mid(
     layer: int, fn: Callable[..., Tensor | None]
-) -> tuple[Callable[..., None], Callable[..., Tensor | None]]:
+) -> tuple[tuple[str, Callable[..., None]], Callable[..., Tensor | None]]:
     """Callbacks for a write (or gradient) at ``resid_mid`` where that hook is the MLP's input.
 
     On a TransformerBridge ``hook_resid_mid`` is ``ln2.hook_in``: a value written there feeds the
     MLP, while the residual add still takes the original sum, so the write would reach only the
-    MLP branch. ``resid_mid = resid_pre + attn_out``, and ``attn_out`` feeds both, so the write goes
-    there: one callback keeps ``resid_pre``; one at ``hook_attn_out`` gives ``fn`` the sum and
-    adds what ``fn`` changed in it to the attention output. A gradient taken there is the
-    residual stream's (``attn_out`` reaches everything downstream only through that sum).
+    MLP branch. ``resid_mid = resid_pre + attn_out``, and ``attn_out`` feeds both, so ``fn`` edits
+    that sum through the attention output (see :func:`_through_attn_out`). A gradient taken there
+    is the residual stream's (``attn_out`` reaches everything downstream only through that sum).
     """
-    seen: dict[str, Tensor] = {}
-
-    def record(resid_pre: Tensor, hook: Any) -> None:
-        seen["resid_pre"] = resid_pre
-
-    def edit(attn_out: Tensor, hook: Any) -> Tensor | None:
-        resid_pre = seen.pop("resid_pre", None)
-        if resid_pre is None:
-            raise RuntimeError(
-                f"{hook.name}: blocks.{layer}.hook_resid_pre did not fire before it."
-            )
-        mid = resid_pre + attn_out
-        new = fn(mid, hook)
-        return None if new is None else attn_out + (new - mid)
-
-    return record, edit
+    return _through_attn_out(
+        f"blocks.{layer}.hook_resid_pre", lambda attn_out, pre: pre + attn_out, fn
+    )
 
 
 def _checked_shape(fn: Callable[..., Tensor | None], batch: Batch) -> Callable[..., Tensor | None]:
