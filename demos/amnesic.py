@@ -6,7 +6,7 @@ Amnesic probing (Elazar et al. 2021) meets Merullo et al.'s function application
    first layer from which the capital stays ahead of the country in the logit lens).
 2. "Which country is this prompt about?" is learned at the last token of capital questions
    (``country_dataset``: 4 phrasings x 0/1/3 shots), at ``resid_post`` of layers before ``f``,
-   at ``resid_mid`` of ``f`` (exactly what that FFN reads) and three layers after ``f``, with
+   at ``mlp_in`` of ``f`` (exactly what that FFN reads) and three layers after ``f``, with
    INLP (Elazar et al.'s stopping rule) and LEACE, on two thirds of the prompts.
 3. Each erasure is hooked into the model at the last token and the capitals task is scored again,
    beside three random erasers of the same rank.
@@ -113,11 +113,10 @@ def main() -> dict[str, Any]:
     # 2. The concept: which country, read at the last token, same countries as the task items.
     data = mp.country_dataset(n_countries=N_COUNTRIES, shots=(0, 1, 3), seed=SEED)
     fit_data, probe_data = split(data)
-    # Before the FFN of layer f, at resid_mid f (the residual stream that FFN reads: erased there,
-    # it is gone for the FFN and for every later layer), and after. docs/amnesic_results.json's
-    # "FFN24 input" rows were recorded when this write reached only the FFN's input on a bridge.
+    # Before the FFN of layer f, at mlp_in f (what that FFN reads: erased there, it is gone for
+    # the FFN alone; the residual stream keeps it for later layers), and after.
     sites = [mp.Site("resid_post", layer) for layer in (f - 9, f - 4, f - 1)]
-    sites += [mp.Site("resid_mid", f), mp.Site("resid_post", f + 3)]
+    sites += [mp.Site("mlp_in", f), mp.Site("resid_post", f + 3)]
     labels = [f"L{s.layer}" if s.kind == "resid_post" else f"FFN{f} input" for s in sites]
     main_site = sites[3]
     acts = mp.collect(model, fit_data, sites, progress=False)
@@ -166,7 +165,7 @@ def main() -> dict[str, Any]:
     detail["early_leace_recovery"] = early.to_dict()
     inlp_fig = Figure(figsize=(6, 3.6))
     erasers["inlp"][3].plot(ax=inlp_fig.add_subplot())
-    inlp_fig.suptitle(f"INLP on 'which country' at FFN{f}'s input (resid_mid {f})", fontsize=9)
+    inlp_fig.suptitle(f"INLP on 'which country' at FFN{f}'s input (mlp_in {f})", fontsize=9)
     inlp_fig.tight_layout()
     inlp_fig.savefig(FIGURES / "amnesic_inlp.png", dpi=130)
     sweep_figure(sweeps, labels, f).savefig(FIGURES / "amnesic_sweep.png", dpi=130)

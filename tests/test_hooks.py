@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import hf_of, hook_count
 
 import mechprobe as mp
-from tests.conftest import hook_count
 
 PROMPTS = ["The cat sat on the mat", "Hi there", "Paris is in"]
 
@@ -304,3 +304,75 @@ def test_a_write_at_resid_mid_reaches_the_residual_stream(tiny):
         out = tiny(tokens)[0, -1, 7]
     mp.core.differentiate(out, list(grads.values()))
     torch.testing.assert_close(grads["resid_mid"].grad, grads["attn_out"].grad)
+
+
+def _mlp_norm(hf, layer: int) -> torch.nn.Module:
+    """The Hugging Face block's norm in front of its MLP (Llama's, GPT-2's)."""
+    if hasattr(hf, "model"):
+        return hf.model.layers[layer].post_attention_layernorm
+    return hf.transformer.h[layer].ln_2
+
+
+def test_a_write_at_mlp_in_reaches_the_mlp_alone(tiny):
+    """mlp_in reads resid_mid; a write there feeds the MLP only (Hugging Face: a pre-hook on the
+    MLP's norm), and TransformerLens's use_hook_mlp_in switch is back off afterwards."""
+    tokens = tiny.to_tokens("Hello cat sat")
+    v = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    mid, mlp_in = mp.Capture(), mp.Capture()
+    with torch.no_grad():
+        with mp.intervene(tiny, {mp.Site("resid_mid", 1): mid, mp.Site("mlp_in", 1): mlp_in}):
+            tiny(tokens)
+        with mp.intervene(tiny, {"blocks.1.hook_mlp_in": mp.Add(v, positions=-1)}):
+            ours = tiny(tokens)[0]
+        with mp.intervene(tiny, {mp.Site("resid_mid", 1): mp.Add(v, positions=-1)}):
+            whole = tiny(tokens)[0]
+
+        def add_last(module, args):
+            x = args[0].clone()
+            x[:, -1] += v
+            return (x, *args[1:])
+
+        handle = _mlp_norm(hf_of(tiny), 1).register_forward_pre_hook(add_last)
+        try:
+            reference = hf_of(tiny)(tokens).logits[0]
+        finally:
+            handle.remove()
+    torch.testing.assert_close(mlp_in.value, mid.value)
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+    assert (ours[-1] - whole[-1]).abs().max() > 1e-2  # not resid_mid's edit
+    torch.testing.assert_close(ours[:-1], whole[:-1], atol=1e-4, rtol=1e-4)
+    # resid_mid, read beside an edit of mlp_in, is still what the residual stream holds.
+    beside = mp.Capture()
+    with (
+        torch.no_grad(),
+        mp.intervene(tiny, {mp.Site("mlp_in", 1): mp.Ablate(), mp.Site("resid_mid", 1): beside}),
+    ):
+        tiny(tokens)
+    torch.testing.assert_close(beside.value, mid.value)
+    assert not tiny.cfg.use_hook_mlp_in
+    before = hook_count(tiny)
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        mp.intervene(tiny, {mp.Site("mlp_in", 0): mp.Ablate()}),
+    ):
+        raise RuntimeError("boom")
+    assert not tiny.cfg.use_hook_mlp_in and hook_count(tiny) == before
+
+
+def test_several_interventions_at_resid_mid_apply_in_order(tiny):
+    """A list at one resid_mid site: each item acts on what the previous left (on a bridge the
+    first write moved the next items to hook_attn_out, where they saw attn_out alone)."""
+    tokens = tiny.to_tokens("Hello cat sat")
+    v = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(2))
+    site = mp.Site("resid_mid", 1)
+    seen, after_two = mp.Capture(), mp.Capture()
+    with torch.no_grad():
+        with mp.intervene(tiny, {site: [mp.Ablate(positions=-1), seen]}):
+            tiny(tokens)
+        with mp.intervene(tiny, {site: [mp.Add(v, positions=-1), mp.Add(v, positions=-1)]}):
+            twice = tiny(tokens)[0, -1]
+        with mp.intervene(tiny, {site: [mp.Add(v, scale=2.0, positions=-1), after_two]}):
+            once = tiny(tokens)[0, -1]
+    assert seen.value[0, -1].abs().max() < 1e-5 and seen.value[0, 0].abs().max() > 0.1
+    torch.testing.assert_close(twice, once, atol=1e-4, rtol=1e-4)
+    assert after_two.value is not None and after_two.value.shape[-1] == tiny.cfg.d_model

@@ -41,6 +41,18 @@ def _by_hand(model, run_tokens, source_tokens, sites, pairs, metric=_metric):
 
     ``pairs`` is a list of (source position, patched position) per result column.
     """
+    # TransformerLens fires hook_mlp_in only when switched on (plain TL, as a user would).
+    mlp_in = any(site.kind == "mlp_in" for site in sites)
+    if mlp_in:
+        model.set_use_hook_mlp_in(True)
+    try:
+        return _by_hand_hooked(model, run_tokens, source_tokens, sites, pairs, metric)
+    finally:
+        if mlp_in:
+            model.set_use_hook_mlp_in(False)
+
+
+def _by_hand_hooked(model, run_tokens, source_tokens, sites, pairs, metric):
     with torch.no_grad():
         _, cache = model.run_with_cache(source_tokens)
         out = torch.zeros(len(sites), len(pairs))
@@ -93,7 +105,7 @@ def _reference(model, kind):
 
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize(
-    "kind", ["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head"]
+    "kind", ["resid_pre", "resid_mid", "mlp_in", "resid_post", "attn_out", "mlp_out", "head"]
 )
 def test_batched_equals_one_cell_at_a_time(tiny, kind, packed):
     if packed and not model_adapter(tiny).packs_rows:

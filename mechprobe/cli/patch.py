@@ -24,7 +24,8 @@ the default) or the reverse (--direction noising), many cells per forward pass, 
 metric beside random-direction controls of the same norm and its spread over prompt pairs.
 --method attribution estimates every cell from one forward and backward pass per pair instead.
 
-Sites: resid_pre, resid_mid, resid_post, attn_out, mlp_out (every layer) and the head kinds head
+Sites: resid_pre, resid_mid, mlp_in (what the MLP alone reads: a patch there reaches only the
+MLP), resid_post, attn_out, mlp_out (every layer) and the head kinds head
 (z), q, k, v, pattern, head_out (every layer x head; k and v name key/value heads). Backslash
 escapes \\n and \\t in prompts and answers are interpreted (--raw keeps them).
 """

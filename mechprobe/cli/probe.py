@@ -46,8 +46,8 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--site",
         default="resid_post",
-        help="site kind probed at every layer: resid_pre, resid_mid, resid_post, attn_out, "
-        "mlp_out (default resid_post)",
+        help="site kind probed at every layer: resid_pre, resid_mid, mlp_in (resid_mid's "
+        "value), resid_post, attn_out, mlp_out (default resid_post)",
     )
     parser.add_argument(
         "--max-examples", type=int, help="use a random subset of about this many examples"

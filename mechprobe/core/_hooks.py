@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeAlias
 
@@ -456,8 +457,11 @@ def _hooks_for(
     """Validate every site and intervention, then build the callbacks (no forward pass yet)."""
     fwd: list[tuple[str, Callable[..., Tensor | None]]] = []
     hooks = model.hook_dict
-    for key, value in spec.items():
-        name, site = resolve_in(model, key, hooks)
+    resolved = [(resolve_in(model, key, hooks), value) for key, value in spec.items()]
+    # On a bridge, resid_mid's hook is inside the MLP's norm, after hook_mlp_in: where mlp_in is
+    # edited, resid_mid is read through the attention output too, or it would see that edit.
+    mlp_in_layers = {site.layer for (_, site), _ in resolved if site and site.kind == "mlp_in"}
+    for (name, site), value in resolved:
         items = [value] if isinstance(value, Intervention) else list(value)
         for item in items:
             if not isinstance(item, Intervention):
@@ -487,13 +491,17 @@ def _hooks_for(
                 assert site is not None and site.head is not None
                 reader, fn = _head_out(model, site.layer, site.head, fn)
                 fwd.append(reader)
-            if kind == "resid_mid" and not isinstance(item, Capture):
+            if kind == "resid_mid" and (
+                not isinstance(item, Capture) or (site is not None and site.layer in mlp_in_layers)
+            ):
                 assert site is not None
                 mlp_input = hooks.get(f"blocks.{site.layer}.ln2.hook_in")
                 if mlp_input is not None and mlp_input is hooks[name]:
                     reader, fn = _resid_mid(site.layer, fn)
                     fwd.append(reader)
-                    name = f"blocks.{site.layer}.hook_attn_out"
+                    # This item only: the site's next interventions are placed on their own.
+                    fwd.append((f"blocks.{site.layer}.hook_attn_out", fn))
+                    continue
             fwd.append((name, fn))
     if batch is not None and fwd and "hook_embed" in hooks:
         fwd.insert(0, ("hook_embed", _same_tokens(model, batch)))
@@ -671,5 +679,34 @@ def intervene(
     fwd = _hooks_for(model, interventions, batch)
     # model.hooks() adds the callbacks and removes exactly those it added in its own finally,
     # also when adding one of them fails halfway; hooks the user attached before stay untouched.
-    with model.hooks(fwd_hooks=fwd):
+    with _mlp_input_fires(model, [name for name, _ in fwd]), model.hooks(fwd_hooks=fwd):
         yield model
+
+
+_MLP_IN = re.compile(r"blocks\.\d+\.hook_mlp_in$")
+
+
+@contextlib.contextmanager
+def _mlp_input_fires(model: Any, names: Sequence[str]) -> Iterator[None]:
+    """Switch on ``hook_mlp_in`` while hooks there are attached, then back off.
+
+    TransformerLens (the bridge and ``HookedTransformer``) fires ``blocks.L.hook_mlp_in`` only with
+    ``cfg.use_hook_mlp_in``, as it clones the MLP's input; off, a hook there would never run (the
+    bridge refuses to attach it). The switch changes no output, and is restored in ``finally``.
+    """
+    if not any(_MLP_IN.match(name) for name in names) or getattr(
+        model.cfg, "use_hook_mlp_in", False
+    ):
+        yield
+        return
+    switch = getattr(model, "set_use_hook_mlp_in", None)
+    if switch is None:
+        raise ValueError(
+            f"{type(model).__name__} has no set_use_hook_mlp_in(), so its hook_mlp_in never "
+            "fires: use resid_mid (the same value, but a write reaches the residual stream too)."
+        )
+    switch(True)
+    try:
+        yield
+    finally:
+        switch(False)

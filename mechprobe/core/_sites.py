@@ -33,6 +33,7 @@ __all__ = [
 SiteKind: TypeAlias = Literal[
     "resid_pre",
     "resid_mid",
+    "mlp_in",
     "resid_post",
     "attn_out",
     "mlp_out",
@@ -58,6 +59,10 @@ Positions: TypeAlias = int | Sequence[int] | None
 _HOOK_OF_KIND = {
     "resid_pre": "blocks.{layer}.hook_resid_pre",
     "resid_mid": "blocks.{layer}.hook_resid_mid",
+    # What the MLP branch alone reads: resid_mid's value, but a write reaches only the MLP (the
+    # residual stream keeps resid_mid). TransformerLens fires this hook only with
+    # cfg.use_hook_mlp_in, which intervene() switches on while it holds a hook there.
+    "mlp_in": "blocks.{layer}.hook_mlp_in",
     "resid_post": "blocks.{layer}.hook_resid_post",
     "attn_out": "blocks.{layer}.hook_attn_out",
     "mlp_out": "blocks.{layer}.hook_mlp_out",
@@ -87,9 +92,11 @@ class Site:
     """A place in the model: a kind of activation at one layer, optionally one head and positions.
 
     Args:
-        kind: ``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``, ``mlp_out``, or one of
-            the head kinds :data:`HEAD_KINDS`: ``head`` (the head's ``z``), ``q``, ``k``, ``v``,
-            ``pattern``, ``head_out`` (its write to the residual stream).
+        kind: ``resid_pre``, ``resid_mid`` (after attention), ``mlp_in`` (what the MLP reads:
+            ``resid_mid``'s value, but a write there reaches the MLP alone, not the residual
+            stream), ``resid_post``, ``attn_out``, ``mlp_out``, or one of the head kinds
+            :data:`HEAD_KINDS`: ``head`` (the head's ``z``), ``q``, ``k``, ``v``, ``pattern``,
+            ``head_out`` (its write to the residual stream).
         layer: Block index, 0-based; negative counts from the last block once resolved on a model.
         head: Attention head, required for the head kinds and forbidden otherwise. For ``k`` and
             ``v`` it is a key/value head (:func:`query_heads` says which query heads it feeds).

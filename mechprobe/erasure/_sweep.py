@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["ErasureSweep", "fit_erasure", "layer_sweep"]
 
 Method = Literal["inlp", "leace"]
-_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+_KINDS = ("resid_pre", "resid_mid", "mlp_in", "resid_post", "attn_out", "mlp_out")
 _METRICS = ("task_accuracy", "task_kl", "lm_kl", "lm_accuracy", "probe_accuracy")
 _TITLES = {
     "lm_kl": "KL(orig || erased) on text",

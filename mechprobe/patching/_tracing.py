@@ -78,7 +78,7 @@ class TaskLike(Protocol):
 
 __all__ = ["CATEGORIES", "TraceResult", "causal_trace", "subject_span", "trace_noise"]
 
-TRACE_KINDS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
+TRACE_KINDS = ("resid_pre", "resid_mid", "mlp_in", "resid_post", "mlp_out", "attn_out")
 #: ROME's token categories (the averaged causal-trace figures of Meng et al.).
 CATEGORIES = (
     "first subject token",

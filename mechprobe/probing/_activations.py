@@ -74,7 +74,7 @@ _FORMAT = 1
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 _TORCH = {"float32": torch.float32, "float16": torch.float16}
 #: Kinds whose activations are [batch, pos, d_model]: they stack into one array.
-_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+_KINDS = ("resid_pre", "resid_mid", "mlp_in", "resid_post", "attn_out", "mlp_out")
 _OLD_SELECT: dict[str, Any] = {"last": -1}
 
 
