@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import mechprobe as mp
 from mechprobe.core._sites import resolve_site, resolve_sites
@@ -15,7 +16,7 @@ def test_site_renders_hook_names():
 
 
 def test_every_site_kind_is_a_hook_of_the_bridge(tiny):
-    for kind in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"):
+    for kind in ("resid_pre", "resid_mid", "mlp_in", "resid_post", "attn_out", "mlp_out"):
         for layer in range(tiny.cfg.n_layers):
             assert mp.Site(kind, layer).hook_name in tiny.hook_dict
 
@@ -48,3 +49,25 @@ def test_head_validation(tiny):
 def test_plain_strings_are_accepted(tiny):
     names = [n for n, _ in resolve_sites(tiny, ["hook_embed", "blocks.0.mlp.hook_post"])]
     assert names == ["hook_embed", "blocks.0.mlp.hook_post"]
+
+
+@pytest.mark.parametrize("kind", ["resid_pre", "resid_post", "attn_out", "mlp_out"])
+def test_a_hook_points_own_name_is_its_site(tiny, kind):
+    """A bridge's HookPoints carry their own names (hook_resid_post is blocks.1.hook_out), which
+    its caches and messages show: those names are the same sites."""
+    own = tiny.hook_dict[mp.Site(kind, 1).hook_name].name
+    assert resolve_site(tiny, own) == (own, mp.Site(kind, 1))
+    ours = mp.patch(tiny, "A cat", "A bat", own, -1, mp.logit_diff(1, 2), progress=False)
+    theirs = mp.patch(tiny, "A cat", "A bat", mp.Site(kind, 1), -1, mp.logit_diff(1, 2))
+    assert ours.sites == theirs.sites
+    assert ours.values.tolist() == theirs.values.tolist()
+
+
+def test_messages_name_the_site_not_the_bridges_own_hook(tiny):
+    tokens = tiny.to_tokens("A cat")
+    bad = mp.Replace(torch.zeros(3, 5, tiny.cfg.d_model))
+    with (
+        pytest.raises(ValueError, match=r"at blocks\.1\.hook_resid_post:"),
+        mp.intervene(tiny, {mp.Site("resid_post", 1): bad}),
+    ):
+        tiny(tokens)

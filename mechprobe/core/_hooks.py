@@ -487,6 +487,7 @@ def _hooks_for(
                 fn = _checked_shape(fn, batch)
             if kind == "pattern":
                 fn = _query_major(fn)
+            fn = _named(fn, name if site is None else site.hook_name)
             if kind == "head_out":
                 assert site is not None and site.head is not None
                 reader, fn = _head_out(model, site.layer, site.head, fn)
@@ -506,6 +507,24 @@ def _hooks_for(
     if batch is not None and fwd and "hook_embed" in hooks:
         fwd.insert(0, ("hook_embed", _same_tokens(model, batch)))
     return fwd
+
+
+class _NamedHook:
+    """A hook seen under the name the user gave: a bridge's HookPoints carry their own names
+    (``blocks.1.hook_out`` for ``hook_resid_post``), which messages would otherwise show."""
+
+    def __init__(self, hook: Any, name: str) -> None:
+        self._hook, self.name = hook, name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._hook, attr)
+
+
+def _named(fn: Callable[..., Tensor | None], name: str) -> Callable[..., Tensor | None]:
+    def named(activation: Tensor, hook: Any) -> Tensor | None:
+        return fn(activation, _NamedHook(hook, name))
+
+    return named
 
 
 def _query_major(fn: Callable[..., Tensor | None]) -> Callable[..., Tensor | None]:

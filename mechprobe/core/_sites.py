@@ -197,7 +197,7 @@ def resolve_in(model: Any, site: SiteLike, hooks: Mapping[str, Any]) -> tuple[st
         try:
             return site, Site.parse(site)
         except ValueError:
-            return site, None
+            return site, _aliased(site, hooks)
     if not isinstance(site, Site):
         raise TypeError(f"Expected a Site or a hook-name string, got {type(site).__name__}.")
     layer = site.layer + n_layers if site.layer < 0 else site.layer
@@ -221,6 +221,24 @@ def resolve_in(model: Any, site: SiteLike, hooks: Mapping[str, Any]) -> tuple[st
             f"closest: {difflib.get_close_matches(resolved.hook_name, list(hooks), n=5)}."
         )
     return resolved.hook_name, resolved
+
+
+def _aliased(name: str, hooks: Mapping[str, Any]) -> Site | None:
+    """The Site whose hook is the HookPoint ``name`` names, or None.
+
+    A bridge's HookPoints carry their own names (``blocks.1.hook_out`` is ``hook_resid_post``), and
+    its messages and caches use them. ``resid_mid``'s hook on a bridge, ``ln2.hook_in``, is left
+    out: a write there reaches the MLP alone (``mlp_in``'s meaning), not ``resid_mid``'s.
+    """
+    match = re.match(r"blocks\.(\d+)\.", name)
+    if match is None:
+        return None
+    layer = int(match.group(1))
+    for kind, pattern in _HOOK_OF_KIND.items():
+        alias = pattern.format(layer=layer)
+        if kind not in HEAD_KINDS and kind != "resid_mid" and hooks.get(alias) is hooks[name]:
+            return Site(kind, layer)  # type: ignore[arg-type]
+    return None
 
 
 def resolve_sites(
@@ -386,9 +404,18 @@ def expand_sites(
             hooks = model.hook_dict
         name, site = resolve_in(model, item, hooks)
         if site is None:
+            layer = re.match(r"blocks\.(\d+)\.", name)
+            mid = None if layer is None else f"blocks.{layer.group(1)}.hook_resid_mid"
+            hint = (
+                f" It is this model's {mid} hook, inside the MLP's norm: pass "
+                f"Site('mlp_in', {layer.group(1)}) for what the MLP alone reads (writes reach "
+                f"the MLP only) or Site('resid_mid', {layer.group(1)}) for the residual stream."
+                if mid is not None and layer is not None and hooks.get(mid) is hooks[name]
+                else ""
+            )
             raise ValueError(
                 f"{what}: {name!r} is a hook but not a site ({', '.join(kinds)}); pass a Site, "
-                "or use intervene()/run() for arbitrary hooks."
+                f"or use intervene()/run() for arbitrary hooks.{hint}"
             )
         if site.kind not in kinds:
             raise ValueError(f"{what}: {site} is a {site.kind!r} site; accepted: {list(kinds)}.")
