@@ -78,3 +78,88 @@ def output_problem(path: str | os.PathLike[str], *, folder: bool = False) -> str
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"cannot write {target}: {existing} is not writable"
     return None
+
+
+def figure_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why matplotlib cannot write a figure to ``path`` (its extension), or None if it can.
+
+    Example:
+        >>> print(figure_problem("heatmap.xyz"))
+        cannot write a figure as heatmap.xyz: use .png, .pdf or .svg (matplotlib's formats: ...)
+    """
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix in formats:
+        return None
+    return (
+        f"cannot write a figure as {path}: use .png, .pdf or .svg (matplotlib's formats: "
+        f"{', '.join(sorted(formats))})"
+    )
+
+
+def layers_type(text: str) -> Any:
+    """An argparse ``type`` for ``--layers``: ``all``, an int, a range ``20-29`` (both ends
+    included) or a comma-separated mix (``0-2,5``); write lists that start with a minus as
+    ``--layers=-1``.
+
+    Example:
+        >>> layers_type("0-2,5"), layers_type("all"), layers_type("-1")
+        ([0, 1, 2, 5], 'all', [-1])
+    """
+    if text.strip() == "all":
+        return "all"
+    layers: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",")):
+            start, dash, stop = part[1:].partition("-")  # a leading minus is a negative layer
+            if dash:
+                layers += range(int(part[0] + start), int(stop) + 1)
+            else:
+                layers.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"layers must be 'all', ints, ranges like 20-29, or a comma-separated mix (0-2,5), "
+            f"not {text!r}"
+        ) from None
+    return layers
+
+
+def add_layers_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """Register ``--layers`` (default all) with the one syntax every subcommand reads."""
+    parser.add_argument(
+        "--layers",
+        type=layers_type,
+        default="all",
+        help=f"{what}: 'all' (default), ints, ranges like 20-29, or a mix (0-2,5); negative "
+        "counts from the last layer (write --layers=-1)",
+    )
+
+
+def task_shots(task: Any, shots: int | None) -> int:
+    """The demonstrations to use: ``--shots``, or 3 (all the task has, if fewer) when not given.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> task_shots(mp.load_task("capitals"), None)
+        3
+    """
+    available = len(task.shots)
+    if shots is None:
+        return min(3, available)
+    if not 0 <= shots <= available:
+        raise ValueError(
+            f"--shots {shots}: task {task.name!r} has {available} demonstrations; pass --shots "
+            f"between 0 and {available}."
+        )
+    return shots
+
+
+def add_shots_argument(parser: argparse.ArgumentParser) -> None:
+    """Register ``--shots`` (default: 3, or every demonstration of a task with fewer)."""
+    parser.add_argument(
+        "--shots",
+        type=int,
+        help="task demonstrations (default 3, or all the task has if fewer)",
+    )

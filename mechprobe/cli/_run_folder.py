@@ -17,7 +17,7 @@ def report(title: str, args: argparse.Namespace, result: Any, figure: str) -> st
         f"# {title}\n\n```\n{settings}\n```\n\n{result._describe()}\n\n"
         f"## Summary\n\n```\n{table}\n```\n\n![{figure}]({figure})\n\n"
         "Full values (every cell, per pair, random controls): `result.json` "
-        "(load with `mechprobe.load_result`).\n"
+        "(load with `mechprobe.load_result`: every result type).\n"
     )
 
 

@@ -3,8 +3,8 @@
 Example::
 
     mechprobe erase --dataset country --site blocks.20.hook_resid_post --method inlp --out erase20
-    mechprobe erase --dataset country --site 'blocks.{l}.hook_resid_post' --layers 15,20,23 \\
-        --method leace --out sweep
+    mechprobe erase --dataset country --site resid_post --layers 15,20,23 --method leace \\
+        --out sweep
 
 The dataset is split once (stratified by label): the projection is fitted on one part, and the
 probes that measure what information is left are trained and scored on the other. Writes, per
@@ -19,9 +19,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from mechprobe.cli._arguments import add_model_argument, load, output_problem, positions_type
+from mechprobe.cli._arguments import (
+    add_model_argument,
+    add_shots_argument,
+    layers_type,
+    load,
+    output_problem,
+    positions_type,
+    task_shots,
+)
 
 _HELP = """\
 Fit INLP or LEACE on the dataset's activations at --site, apply the eraser as a hook (at the
@@ -33,15 +41,6 @@ Datasets: country (which country a capitals prompt asks about; evaluated on the 
 the same countries), is_capital, number (templated subject number), or a label file (JSON, JSONL or
 CSV, see mechprobe.load_labels).
 """
-
-
-def _layers(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"layers must be comma-separated ints (e.g. 15,20,23), not {text!r}"
-        ) from None
 
 
 def add_parser(sub: Any) -> None:
@@ -58,17 +57,22 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--site",
         required=True,
-        help="hook name to erase at, e.g. blocks.20.hook_resid_post; with {l} and --layers, "
-        "one erasure per layer",
+        help="where to erase: a site kind (resid_post, mlp_in, ...) with --layers, one erasure "
+        "per layer; a hook name (blocks.20.hook_resid_post); or one with {l} and --layers",
     )
-    parser.add_argument("--layers", type=_layers, help="layers for a site with {l}, e.g. 15,20,23")
+    parser.add_argument(
+        "--layers",
+        type=layers_type,
+        help="layers for a site kind or a hook name with {l}: 'all', ints, ranges like 15-20, or "
+        "a mix (15,20-23)",
+    )
     parser.add_argument("--method", choices=("inlp", "leace"), default="inlp")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
         "--positions", type=positions_type("all"), default=-1, help="'all' or ints (default -1)"
     )
     parser.add_argument("--task", help="relational task to score (default: capitals for country)")
-    parser.add_argument("--shots", type=int, default=3, help="task demonstrations (default 3)")
+    add_shots_argument(parser)
     parser.add_argument("--n-countries", type=int, default=20, help="country datasets (default 20)")
     parser.add_argument("--n-texts", type=int, default=24, help="English sentences for LM measures")
     parser.add_argument("--n-random", type=int, default=3, help="random controls (default 3)")
@@ -103,7 +107,9 @@ def _task(args: argparse.Namespace) -> Any:
     name = args.task or ("capitals" if args.dataset in ("country", "is_capital") else None)
     if name is None:
         return None
-    task = mp.load_task(name).with_shots(args.shots)
+    task = mp.load_task(name)
+    args.shots = task_shots(task, args.shots)
+    task = task.with_shots(args.shots)
     if args.dataset == "country" and name == "capitals":
         # The same countries the erasure was fitted on (country_dataset draws them this way).
         return task.subset(args.n_countries, seed=args.seed)
@@ -130,25 +136,22 @@ def run_erase(args: argparse.Namespace) -> list[dict[str, Any]]:
     import mechprobe as mp
     from mechprobe.erasure import ErasureSweep, amnesic, fit_erasure
 
-    sites = [args.site]
-    if "{l}" in args.site:
-        if not args.layers:
-            raise ValueError("--site holds {l}: pass the layers with --layers, e.g. 15,20,23.")
-        sites = [args.site.format(l=layer) for layer in args.layers]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)  # before any work: main() checked it can be written
     data = _dataset(args.dataset, args.n_countries, args.seed)
     if data.level != "text":
         raise ValueError(
             f"Dataset {data.name!r} is word-level; mechprobe erase takes text-level datasets "
             "(use mechprobe.amnesic from Python for word-level data)."
         )
+    task = _task(args)  # its errors (--shots) before the model loads
     fit_data, probe_data = _split(data, args.seed)
+    _sites(None, args.site, args.layers)  # --site / --layers mismatches before it too
     model = load(args.model)
+    sites = _sites(model, args.site, args.layers)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # main() checked it can be written
     acts = mp.collect(model, fit_data, sites, batch_size=args.batch_size, progress=False)
     assert acts.labels is not None
     text = list(mp.pos_dataset().texts[: args.n_texts]) if args.n_texts > 0 else None
-    task = _task(args)
     records, results = [], []
     for j, site in enumerate(sites):
         options = {"n_iterations": args.iterations} if args.method == "inlp" else {}
@@ -182,6 +185,29 @@ def run_erase(args: argparse.Namespace) -> list[dict[str, Any]]:
         sweep.save(out / "sweep.json")
         sweep.plot().savefig(out / "sweep.png", dpi=130)
     return records
+
+
+def _sites(model: Any, site: str, layers: Any) -> list[str]:
+    """Hook names for ``--site`` and ``--layers``: a kind or a name with ``{l}`` needs layers, a
+    full hook name refuses them (``model`` None: only check that)."""
+    from mechprobe.core import HEAD_KINDS, Site, SiteKind, resolve_layers
+
+    kinds = [kind for kind in get_args(SiteKind) if kind not in HEAD_KINDS]
+    if site in kinds or "{l}" in site:
+        if layers is None:
+            raise ValueError(f"--site {site}: pass the layers with --layers, e.g. 15,20,23.")
+        if model is None:
+            return []
+        found = resolve_layers(model, layers)
+        if "{l}" in site:
+            return [site.format(l=layer) for layer in found]
+        return [Site(site, layer).hook_name for layer in found]  # type: ignore[arg-type]
+    if layers is not None:
+        raise ValueError(
+            f"--layers applies to a site kind or a hook name with {{l}}; --site {site} names one "
+            "hook: drop --layers, or pass --site as a kind (resid_post) or with {l}."
+        )
+    return [site]
 
 
 def _report(result: Any) -> None:

@@ -13,7 +13,14 @@ import re
 import sys
 from typing import Any
 
-from mechprobe.cli._arguments import add_model_argument, load, output_problem, positions_type
+from mechprobe.cli._arguments import (
+    add_layers_argument,
+    add_model_argument,
+    figure_problem,
+    load,
+    output_problem,
+    positions_type,
+)
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 _HELP = """\
@@ -52,7 +59,7 @@ def add_parser(sub: Any) -> None:
         "--sites",
         default="resid_post",
         help="comma-separated site kinds: resid_pre, resid_mid, resid_post, attn_out, mlp_out "
-        "(default: resid_post)",
+        "(default: resid_post), or hook names",
     )
     parser.add_argument(
         "--positions",
@@ -61,6 +68,7 @@ def add_parser(sub: Any) -> None:
         help="'all', an int or comma-separated ints; -1 = last token (default); write lists "
         "that start with a minus as --positions=-3,-1",
     )
+    add_layers_argument(parser, "layers decoded")
     parser.add_argument("--top-k", type=int, default=10, help="tokens kept per cell (default 10)")
     parser.add_argument(
         "--lens",
@@ -80,6 +88,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--json", metavar="PATH", help="write the full result (.json or .npz)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
     parser.add_argument("--raw", action="store_true", help="do not interpret backslash escapes")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=main)
 
 
@@ -146,6 +155,11 @@ def main(args: argparse.Namespace) -> int:
         if problem:
             print(f"mechprobe lens: error: --{option}: {problem}", file=sys.stderr)
             return 2
+    for option in ("plot", "trajectory"):  # matplotlib would refuse them after the whole run
+        problem = getattr(args, option) and figure_problem(getattr(args, option))
+        if problem:
+            print(f"mechprobe lens: error: --{option}: {problem}", file=sys.stderr)
+            return 2
     try:
         lens = _lens(args.lens)
         model = load(args.model)
@@ -155,9 +169,11 @@ def main(args: argparse.Namespace) -> int:
             sites=[s.strip() for s in args.sites.split(",") if s.strip()],
             positions=args.positions,
             targets=[targets] * len(prompts) if targets else None,
+            layers=args.layers,
             top_k=args.top_k,
             batch_size=args.batch_size,
             lens=lens,
+            progress=not args.quiet,
         )
     except (ValueError, TypeError, FileNotFoundError, mp.ModelLoadError) as err:
         print(f"mechprobe lens: error: {err}", file=sys.stderr)

@@ -14,7 +14,13 @@ import argparse
 import sys
 from typing import Any
 
-from mechprobe.cli._arguments import add_model_argument, load, output_problem, positions_type
+from mechprobe.cli._arguments import (
+    add_layers_argument,
+    add_model_argument,
+    load,
+    output_problem,
+    positions_type,
+)
 from mechprobe.cli._run_folder import write_run_folder
 from mechprobe.cli.lens import unescape
 
@@ -43,14 +49,23 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--corrupt", action="append", required=True, help="corrupt prompt, one per --clean"
     )
-    parser.add_argument("--answer", required=True, help="the clean answer (a single token)")
     parser.add_argument(
-        "--wrong", help="the corrupt answer: the metric is logit(answer) - logit(wrong)"
+        "--answer",
+        action="append",
+        required=True,
+        help="the clean answer (a single token): one for every pair, or one per --clean",
+    )
+    parser.add_argument(
+        "--wrong",
+        action="append",
+        default=[],
+        help="the corrupt answer, as many as --answer: the metric is logit(answer) - "
+        "logit(wrong) (default: the answer's probability)",
     )
     parser.add_argument(
         "--sites", default="resid_pre", help="comma-separated site kinds (default resid_pre)"
     )
-    parser.add_argument("--layers", help="comma-separated layers (default all)")
+    add_layers_argument(parser, "layers patched")
     parser.add_argument(
         "--positions",
         type=positions_type("all"),
@@ -71,15 +86,6 @@ def add_parser(sub: Any) -> None:
     parser.set_defaults(func=main)
 
 
-def _layers(text: str | None) -> Any:
-    if text is None:
-        return "all"
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--layers must be comma-separated ints, not {text!r}") from None
-
-
 def main(args: argparse.Namespace) -> int:
     """Run the patching on the parsed arguments and write result.json, patch.png, report.md."""
     import mechprobe as mp
@@ -93,16 +99,26 @@ def main(args: argparse.Namespace) -> int:
         return fail(f"--out: {problem}")
     if len(args.clean) != len(args.corrupt):
         return fail(f"got {len(args.clean)} --clean and {len(args.corrupt)} --corrupt prompts")
+    if len(args.answer) not in (1, len(args.clean)):
+        return fail(
+            f"got {len(args.answer)} --answer for {len(args.clean)} prompt pairs: pass one for "
+            "every pair, or one per --clean"
+        )
+    if args.wrong and len(args.wrong) != len(args.answer):
+        return fail(f"got {len(args.wrong)} --wrong for {len(args.answer)} --answer: pass as many")
     fix = (lambda s: s) if args.raw else unescape
     clean, corrupt = [fix(p) for p in args.clean], [fix(p) for p in args.corrupt]
-    answer = fix(args.answer)
+    # One answer for every pair is passed as a string, so the report shows it once.
+    answer: Any = [fix(a) for a in args.answer]
+    wrong: Any = [fix(w) for w in args.wrong]
+    if len(answer) == 1:
+        answer, wrong = answer[0], wrong[0] if wrong else wrong
     try:
-        layers = _layers(args.layers)
         model = load(args.model)
-        metric = mp.logit_diff(answer, fix(args.wrong)) if args.wrong else mp.answer_prob(answer)
+        metric = mp.logit_diff(answer, wrong) if args.wrong else mp.answer_prob(answer)
         sites = [s.strip() for s in args.sites.split(",") if s.strip()]
         common: dict[str, Any] = {
-            "layers": layers,
+            "layers": args.layers,
             "n_random": args.n_random,
             "seed": args.seed,
             "progress": not args.quiet,

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mechprobe.cli._arguments import add_model_argument, load, output_problem
+from mechprobe.cli._arguments import add_layers_argument, add_model_argument, load, output_problem
 
 _BUILT_IN = ("pos", "templated_pos", "number", "country", "is_capital")
 _HELP = """\
@@ -49,8 +49,12 @@ def add_parser(sub: Any) -> None:
         help="site kind probed at every layer: resid_pre, resid_mid, mlp_in (resid_mid's "
         "value), resid_post, attn_out, mlp_out (default resid_post)",
     )
+    add_layers_argument(parser, "layers probed")
     parser.add_argument(
-        "--max-examples", type=int, help="use a random subset of about this many examples"
+        "--max-examples",
+        type=int,
+        help="a random subset of texts with at most this many labelled examples (texts, or words "
+        "for word-level data; with --positions all each token of a text is a row)",
     )
     parser.add_argument(
         "--positions",
@@ -136,15 +140,21 @@ def main(args: argparse.Namespace) -> int:
         print(f"mechprobe probe: error: --out: {problem}", file=sys.stderr)
         return 2
     try:
-        args.out.mkdir(parents=True, exist_ok=True)  # before any work, as the check above
         dataset = load_dataset(args.dataset, args.seed)
+        if dataset.level == "word" and args.positions == "all":
+            raise ValueError(
+                f"--positions all reads every token, but {dataset.name!r} labels words: use "
+                "-1 (each word's last token, the default) or word_last."
+            )
         if args.max_examples is not None:
             dataset = dataset.sample(args.max_examples, seed=args.seed)
         model = load(args.model)
+        args.out.mkdir(parents=True, exist_ok=True)  # main() checked it can be written
         acts = mp.collect(
             model,
             dataset,
             args.site,
+            layers=args.layers,
             positions=args.positions,
             batch_size=args.batch_size,
             out_dir=args.out / "activations" if args.save_activations else None,

@@ -13,7 +13,15 @@ import math
 import sys
 from typing import Any
 
-from mechprobe.cli._arguments import add_model_argument, load, output_problem, positions_type
+from mechprobe.cli._arguments import (
+    add_model_argument,
+    add_shots_argument,
+    layers_type,
+    load,
+    output_problem,
+    positions_type,
+    task_shots,
+)
 
 _HELP = """\
 Score a relational task, decode the argument and answer at every layer (the X), read the FFN
@@ -24,19 +32,6 @@ intact model), and remove FFNs top-down beside the task's extractive counterpart
 Writes OUT/result.json, OUT/ovector.safetensors, figures (x_plot.png, intervention.png,
 ablation.png, sweep.png) and OUT/report.md, and prints the headline table.
 """
-
-
-def _layers(text: str) -> list[int]:
-    """``"20-29"`` -> 20..29; ``"24,26,28"`` -> those layers."""
-    try:
-        if "-" in text.strip("-"):
-            start, stop = text.split("-", 1)
-            return list(range(int(start), int(stop) + 1))
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"layers must be a range like 20-29 or a list like 24,26,28, not {text!r}"
-        ) from None
 
 
 def _optional_task(text: str) -> str | None:
@@ -67,10 +62,13 @@ def add_parser(sub: Any) -> None:
         "--out", required=True, metavar="DIR", help="output folder (created with its parents)"
     )
     add_model_argument(parser)
-    parser.add_argument("--shots", type=int, default=3, help="demonstrations (default 3)")
+    add_shots_argument(parser)
     parser.add_argument("--n-items", type=int, help="seeded subset of the items (default: all)")
     parser.add_argument(
-        "--layers", type=_layers, help="FFN layers to write o into (default: function layer on)"
+        "--layers",
+        type=layers_type,
+        help="FFN layers to write o into: ints, ranges like 20-29 or a mix (0-2,5) "
+        "(default: the function layer on)",
     )
     parser.add_argument("--scale", type=_finite, default=1.0, help="scale of o (default 1)")
     parser.add_argument("--mode", choices=("replace", "add"), default="replace")
@@ -120,6 +118,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"mechprobe relation: error: --out: {problem}", file=sys.stderr)
         return 2
     try:
+        args.shots = task_shots(mp.load_task(args.task), args.shots)  # before the model loads
         model = load(args.model)
         result = mp.relational_analysis(
             model,
@@ -142,7 +141,7 @@ def main(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             progress=not args.quiet,
         )
-    except (ValueError, TypeError, mp.ModelLoadError) as err:
+    except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:
         print(f"mechprobe relation: error: {err}", file=sys.stderr)
         return 2
     try:

@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Any
 
-from mechprobe.cli._arguments import add_model_argument, load, output_problem
+from mechprobe.cli._arguments import add_layers_argument, add_model_argument, load, output_problem
 from mechprobe.cli._run_folder import write_run_folder
 from mechprobe.cli.lens import unescape
 
@@ -25,7 +25,7 @@ and report the indirect effect on the answer's probability, averaged over noise 
 prompts, beside random-direction controls of the same norm. MLP and attention outputs are restored
 in windows of --window layers (ROME: 10).
 
-Give a task (--task: each item's input is the subject, its answer the answer), or prompts with
+Give a task (--task: each item's argument is the subject, its answer the answer), or prompts with
 their subjects (--prompt/--subject, repeatable; --answer optional: default the model's own top
 token).
 """
@@ -49,6 +49,7 @@ def add_parser(sub: Any) -> None:
         default="resid_post,mlp_out,attn_out",
         help="comma-separated state kinds (default resid_post,mlp_out,attn_out)",
     )
+    add_layers_argument(parser, "layers traced (window centres for mlp_out/attn_out)")
     parser.add_argument("--window", type=int, default=10, help="window for mlp/attn (10)")
     parser.add_argument("--n-noise", type=int, default=10, help="noise samples (default 10)")
     parser.add_argument("--n-random", type=int, default=3, help="random controls (default 3)")
@@ -77,12 +78,17 @@ def main(args: argparse.Namespace) -> int:
         return fail("give either --task or --prompt (with --subject), not both or neither")
     if args.prompt and len(args.subject) != len(args.prompt):
         return fail(f"got {len(args.prompt)} --prompt and {len(args.subject)} --subject")
+    if args.task is not None and (args.subject or args.answer):
+        return fail("--task gives each item's subject and answer: drop --subject and --answer")
+    if args.task is None and args.n_items is not None:
+        return fail("--n-items takes a subset of a --task's items: drop it with --prompt")
     if args.answer and len(args.answer) != len(args.prompt):
         return fail("pass one --answer per --prompt, or none (the model's own top token)")
     fix = (lambda s: s) if args.raw else unescape
     try:
         common: dict[str, Any] = {
             "sites": [s.strip() for s in args.sites.split(",") if s.strip()],
+            "layers": args.layers,
             "window": args.window,
             "n_noise": args.n_noise,
             "n_random": args.n_random,

@@ -1,0 +1,134 @@
+"""The command line's shared vocabulary (--layers, --shots, answers per pair) and its checks made
+before any model loads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import mechprobe as mp
+from mechprobe.cli import main as cli_main
+from mechprobe.cli._arguments import layers_type
+
+
+def _no_model(name):
+    raise AssertionError("the model must not load when the arguments are bad")
+
+
+def test_layers_read_the_same_everywhere():
+    assert layers_type("0-2,5") == [0, 1, 2, 5]
+    assert layers_type("all") == "all"
+    assert layers_type("-2--1") == [-2, -1]
+
+
+def test_patch_takes_one_answer_per_pair(tmp_path):
+    pairs = ["--clean", "A cat sat", "--corrupt", "A bat sat"]
+    pairs += ["--clean", "The dog ran", "--corrupt", "The fox ran"]
+    answers = ["--answer", "1", "--wrong", "2", "--answer", "3", "--wrong", "4"]
+    out = tmp_path / "run"
+    args = ["patch", *pairs, *answers, "--sites", "mlp_out", "--layers", "0-1"]
+    assert cli_main([*args, "--model", "tiny", "--quiet", "--out", str(out)]) == 0
+    saved = mp.load_result(out / "result.json")
+    direct = mp.patch(
+        mp.tiny_model(),
+        ["A cat sat", "The dog ran"],
+        ["A bat sat", "The fox ran"],
+        "mlp_out",
+        -1,
+        mp.logit_diff(["1", "3"], ["2", "4"]),
+        layers=[0, 1],
+        progress=False,
+    )
+    np.testing.assert_allclose(saved.values, direct.values, atol=1e-6)
+    assert saved.values.shape[0] == 2  # layers 0 and 1
+
+
+@pytest.mark.parametrize(
+    ("command", "module", "message"),
+    [
+        (
+            [
+                "patch",
+                "--clean",
+                "a",
+                "--corrupt",
+                "b",
+                "--clean",
+                "c",
+                "--corrupt",
+                "d",
+                "--answer",
+                "1",
+                "--answer",
+                "2",
+                "--answer",
+                "3",
+            ],
+            "patch",
+            "3 --answer for 2 prompt pairs",
+        ),
+        (
+            [
+                "patch",
+                "--clean",
+                "a",
+                "--corrupt",
+                "b",
+                "--answer",
+                "1",
+                "--wrong",
+                "2",
+                "--wrong",
+                "3",
+            ],
+            "patch",
+            "2 --wrong for 1 --answer",
+        ),
+        (["trace", "--task", "capitals", "--subject", "x"], "trace", "drop --subject"),
+        (["trace", "--prompt", "a b", "--subject", "a", "--n-items", "3"], "trace", "--n-items"),
+        (["relation", "--task", "capitals", "--shots", "9"], "relation", "--shots 9"),
+        (
+            ["erase", "--site", "blocks.1.hook_resid_post", "--layers", "0,2"],
+            "erase",
+            "--layers applies to a site kind",
+        ),
+        (["erase", "--site", "resid_post"], "erase", "pass the layers with --layers"),
+        (["erase", "--site", "resid_post", "--layers", "1", "--shots", "9"], "erase", "--shots 9"),
+        (["lens", "Hi", "--plot", "{tmp}/heatmap.xyz"], "lens", "use .png, .pdf or .svg"),
+        (["probe", "--dataset", "pos", "--positions", "all"], "probe", "labels words"),
+    ],
+)
+def test_bad_arguments_fail_before_the_model_loads(
+    tmp_path, capsys, monkeypatch, command, module, message
+):
+    monkeypatch.setattr(f"mechprobe.cli.{module}.load", _no_model)
+    command = [part.format(tmp=tmp_path) for part in command]
+    out = [] if module == "lens" else ["--out", str(tmp_path / "out")]
+    assert cli_main([*command, "--model", "tiny", *out]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # no empty output folder left behind
+
+
+def test_a_task_with_fewer_shots_runs_with_all_of_them(tmp_path):
+    task = {
+        "name": "antonyms",
+        "kind": "abstractive",
+        "template": "The opposite of {input} is",
+        "shots": [["hot", "cold"], ["up", "down"]],
+        "items": [["big", "small"], ["fast", "slow"], ["old", "new"], ["tall", "short"]],
+    }
+    path = tmp_path / "antonyms.json"
+    path.write_text(json.dumps(task))
+    from mechprobe.cli._arguments import task_shots
+
+    assert task_shots(mp.load_task(path), None) == 2
+    assert task_shots(mp.load_task("capitals"), None) == 3
+    with pytest.raises(ValueError, match="--shots 3"):
+        task_shots(mp.load_task(path), 3)
+
+
+def test_load_result_is_public(tmp_path):
+    lens = mp.logit_lens(mp.tiny_model(), "Hi", progress=False)
+    assert type(mp.load_result(lens.save(tmp_path / "lens.json"))) is mp.LensResult
