@@ -421,3 +421,59 @@ def test_smollm2_country_erasure_hook_and_guarding(smollm2: Any) -> None:
     assert record["probe_accuracy_before"] >= 0.75
     assert record["probe_accuracy_after"] <= majority + 0.15
     assert record["task_kl"] > 0 and record["random_control_task_kl"] > 0
+
+
+def test_probe_accuracy_after_erasure_does_not_move_with_batch_size():
+    """36 prompts, fewer than the 64 features: on erased activations the probe's weights grow
+    until the penalty binds, and at probe_layers' tol 1e-4 the held-out accuracy moved with the
+    float rounding of batch_size (0.67 at 32, 0.78 at 1; scikit-learn's optimum: 0.78)."""
+    model = mp.tiny_model()
+    hook = "blocks.1.hook_resid_post"
+    texts7 = ["Hello there, how are you?", "Hi", "The quick brown fox jumps over the lazy dog."]
+    texts7 += ["abc", "Paris is the capital of France", "xy z", "one two three four five six seven"]
+    rows, random_labels = [], []
+    draw = np.random.default_rng(0)
+    for text in texts7 * 3:
+        _, cache = model.run_with_cache(model.to_tokens(text), names_filter=[hook])
+        rows.append(cache[hook][0])
+        random_labels += draw.integers(0, 3, len(rows[-1])).tolist()
+    eraser = mp.leace(torch.cat(rows).double(), np.array(random_labels))
+    words = ["apple", "river", "stone"]
+    frames = ["I like the", "Look at this", "Here is a", "We saw one", "Take the", "My"]
+    frames += ["Your big", "A small", "Some", "The red", "Old", "New"]
+    probe = ([f"{f} {w}" for f in frames for w in words], [w for f in frames for w in words])
+    accuracy = {}
+    for batch_size in (32, 1):
+        result = mp.amnesic(
+            model, mp.Site("resid_post", 1), eraser, probe=probe, n_random=1, mlp=False,
+            batch_size=batch_size, progress=False,
+        )  # fmt: skip
+        frame = result.to_frame()
+        rows_ = frame[(frame.condition == "erased") & (frame.site == "blocks.2.hook_resid_post")]
+        accuracy[batch_size] = float(rows_.value.iloc[0])
+    assert accuracy[32] == accuracy[1]
+    # scikit-learn at its optimum on the same split of the same erased activations.
+    x = _last_token(model, hook, probe[0], Condition("erased", eraser.to(dtype=torch.float32)),
+                    ["blocks.2.hook_resid_post"], "all", 32)[:, 0].astype(np.float64)  # fmt: skip
+    labels = np.array(probe[1])
+    train, test = train_test_split(
+        np.arange(len(labels)), test_size=0.25, random_state=0, stratify=labels
+    )
+    scaler = StandardScaler().fit(x[train])
+    sk = LogisticRegression(C=1 / (1e-3 * len(train)), max_iter=100_000, tol=1e-12)
+    sk.fit(scaler.transform(x[train]), labels[train])
+    assert accuracy[32] == float((sk.predict(scaler.transform(x[test])) == labels[test]).mean())
+
+
+def test_counts_say_what_each_text_measure_averages_over():
+    model = mp.tiny_model()
+    eraser = mp.random_projection(model.cfg.d_model, 2, seed=0)
+    texts = ["Hello there, friend.", "Hi you", "The cat sat on the mat."]
+    last = mp.amnesic(model, "blocks.1.hook_resid_post", eraser, text=texts, positions=-1,
+                      n_random=1, progress=False)  # fmt: skip
+    # At -1 the KL is over the three last tokens; accuracy and loss over none (not reported).
+    assert last.counts == {"text_tokens": 0, "kl_tokens": 3}
+    everywhere = mp.amnesic(model, "blocks.1.hook_resid_post", eraser, text=texts,
+                            n_random=1, progress=False)  # fmt: skip
+    n = sum(len(model.to_tokens(t)[0]) for t in texts)
+    assert everywhere.counts == {"text_tokens": n - 3, "kl_tokens": n}

@@ -159,7 +159,8 @@ def amnesic(
     counts: dict[str, int] = {}
     kw: dict[str, Any] = {"positions": positions, "batch_size": batch_size, "progress": progress}
     if text is not None:
-        found, counts["text_tokens"] = text_measures(model, hook, text, conditions, **kw)
+        found, text_counts = text_measures(model, hook, text, conditions, **kw)
+        counts.update(text_counts)
         measures += found
     if task is not None:
         task_obj = load_task(task) if isinstance(task, str) else task

@@ -87,9 +87,9 @@ def text_measures(
     positions: ErasePositions,
     batch_size: int,
     progress: bool,
-) -> tuple[list[AmnesicMeasure], int]:
-    """Next-token accuracy and loss, and KL from the original, on ``texts``; returns the count
-    of predictions measured too.
+) -> tuple[list[AmnesicMeasure], dict[str, int]]:
+    """Next-token accuracy and loss, and KL from the original, on ``texts``; returns the counts
+    of tokens they average over too (``text_tokens``: accuracy and loss; ``kl_tokens``: KL).
 
     Every measure is taken where the erasure can act: in a causal model a position before a
     row's first erased one predicts the same under any erasure, so counting it would only dilute
@@ -142,7 +142,7 @@ def text_measures(
             out.append(AmnesicMeasure("lm_loss", c.name, nll / n_pred, seed=c.seed))
         if c.eraser is not None:
             out.append(AmnesicMeasure("lm_kl", c.name, kl / n_real, seed=c.seed))
-    return out, n_pred
+    return out, {"text_tokens": n_pred, "kl_tokens": n_real}
 
 
 def task_measures(

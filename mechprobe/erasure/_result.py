@@ -86,7 +86,10 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         measures: Every number, one :class:`AmnesicMeasure` each.
         majority_baseline: Held-out accuracy of predicting the most frequent concept label (the
             floor a guarded linear probe should fall to), or None without probing.
-        counts: How much was evaluated: ``text_tokens``, ``task_items``, ``probe_examples``.
+        counts: How much was evaluated: ``text_tokens`` (predictions with a next token: what
+            ``lm_accuracy`` and ``lm_loss`` average over), ``kl_tokens`` (what ``lm_kl``
+            averages over: also the last erased token, whose next-token prediction an erasure
+            at ``-1`` changes), ``task_items``, ``probe_examples``.
 
     Saved as JSON, the record starts with the headline numbers of :meth:`headline` (what
     ``mechprobe erase`` prints), then every field.

@@ -198,7 +198,10 @@ def probe_layers(
     each layer between them starts from the mean of its neighbours' probes, which saves
     iterations (an eighth to a quarter of them on SmolLM2 activations); where every group is one
     layer, every fourth layer goes first and the rest start from their nearest fitted layers
-    (see ``_phases``). Results depend on none of these: each fit stops at ``tol``.
+    (see ``_phases``). Results depend on none of these: each fit stops at ``tol``. With fewer
+    training rows than features the weights grow until the penalty binds, and held-out
+    predictions can move within that tolerance (with the rounding of the activations): pass a
+    smaller ``tol`` there (``amnesic`` probes to 1e-6).
 
     Args:
         X: ``[n, layers, d]`` array or tensor, or an object with ``.values`` (and ``.labels``,
