@@ -160,3 +160,14 @@ def test_categories_average_each_prompt_first_as_rome_does(tiny):
     np.testing.assert_allclose(ours[..., 4], np.mean(further, axis=0), rtol=1e-12, atol=1e-15)
     first = np.mean([res.indirect_effect(i)[..., s] for i, (s, _) in enumerate(res.subjects)], 0)
     np.testing.assert_allclose(ours[..., 0], first, rtol=1e-12, atol=1e-15)
+
+
+def test_a_tasks_subject_is_its_argument_not_its_whole_input(tiny):
+    """An extractive item's input is a sentence and a question; the subject is the argument."""
+    task = mp.load_task("capitals_extractive").with_shots(0).subset([0, 1])
+    res = mp.causal_trace(tiny, task, sites="mlp_out", window=1, n_noise=2, n_random=1)
+    noised = ["".join(t[a:b]).strip() for t, (a, b) in zip(res.tokens, res.subjects, strict=True)]
+    assert noised == [a.strip() for a in task.arguments()]  # Afghanistan, Albania
+    # Its last occurrence: in the question, after the sentence that gives the answer.
+    after = ["".join(t[b:]) for t, (_, b) in zip(res.tokens, res.subjects, strict=True)]
+    assert all(text.startswith("?") for text in after)

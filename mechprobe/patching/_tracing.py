@@ -368,6 +368,18 @@ def _embedding_sd(model: Any, ids: list[Tensor], spans: list[tuple[int, int]]) -
     return float(torch.cat(rows).double().std())
 
 
+def _argument_in(prompt: str, argument: str, given: str) -> str:
+    """The subject for a task item: its argument (``argument`` has a leading space) as the word
+    whose last occurrence is noised, the bare word where that is the spaced one (so the space's
+    token stays clean, as when a user passes the word); the spaced one where the bare word also
+    ends inside a later word ("red" in "colored"); the item's input (``given``) where the prompt
+    does not hold the argument ("go" for "went")."""
+    word = argument.lstrip()
+    if argument in prompt:
+        return word if prompt.rfind(word) == prompt.rfind(argument) + 1 else argument
+    return word if word in prompt else given
+
+
 def causal_trace(
     model: Any,
     prompts: str | Sequence[str] | TaskLike,
@@ -391,7 +403,8 @@ def causal_trace(
     Args:
         model: A TransformerLens model.
         prompts: A prompt, a list of prompts, or a :class:`mechprobe.Task` (its prompts, with each
-            item's input as the subject and its answer as the answer).
+            item's argument as the subject, its last occurrence in the prompt, and its answer as
+            the answer).
         subjects: The subject's words in each prompt (their last occurrence is noised); taken
             from the task when ``prompts`` is one.
         answers: The answer whose first token's probability is traced (default: the clean
@@ -431,7 +444,13 @@ def causal_trace(
                 "prompts is a Task: its items give the subjects and answers; do not pass them too."
             )
         task: Any = prompts
-        prompts, subjects, answers = task.prompts(), task.inputs(), task.answers()
+        prompts, answers = task.prompts(), task.answers()
+        # The subject is the item's argument (the country, the colour, the verb), not its whole
+        # input: an extractive item's input is a sentence and a question.
+        subjects = [
+            _argument_in(prompt, arg, given)
+            for arg, given, prompt in zip(task.arguments(), task.inputs(), prompts, strict=True)
+        ]
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)  # type: ignore[arg-type]
     if subjects is None:
         raise ValueError("Pass subjects=: the words of each prompt whose embeddings are noised.")
