@@ -145,10 +145,12 @@ def run_erase(args: argparse.Namespace) -> list[dict[str, Any]]:
     task = _task(args)  # its errors (--shots) before the model loads
     fit_data, probe_data = _split(data, args.seed)
     _sites(None, args.site, args.layers)  # --site / --layers mismatches before it too
+    out = Path(args.out)
+    out.mkdir(
+        parents=True, exist_ok=True
+    )  # main() checked it; a refusal surfaces here, still early
     model = load(args.model)
     sites = _sites(model, args.site, args.layers)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)  # main() checked it can be written
     acts = mp.collect(model, fit_data, sites, batch_size=args.batch_size, progress=False)
     assert acts.labels is not None
     text = list(mp.pos_dataset().texts[: args.n_texts]) if args.n_texts > 0 else None
