@@ -444,14 +444,17 @@ def causal_trace(
                 "prompts is a Task: its items give the subjects and answers; do not pass them too."
             )
         task: Any = prompts
-        prompts, answers = task.prompts(), task.answers()
+        task_prompts: list[str] = task.prompts()
+        prompts, answers = task_prompts, task.answers()
         # The subject is the item's argument (the country, the colour, the verb), not its whole
         # input: an extractive item's input is a sentence and a question.
         subjects = [
             _argument_in(prompt, arg, given)
-            for arg, given, prompt in zip(task.arguments(), task.inputs(), prompts, strict=True)
+            for arg, given, prompt in zip(
+                task.arguments(), task.inputs(), task_prompts, strict=True
+            )
         ]
-    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)  # type: ignore[arg-type]
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if subjects is None:
         raise ValueError("Pass subjects=: the words of each prompt whose embeddings are noised.")
     subject_list = [subjects] if isinstance(subjects, str) else list(subjects)
