@@ -272,6 +272,12 @@ def test_head_out_refuses_a_norm_after_attention():
     ):
         gemma(gemma.to_tokens("Hi"))
     assert hook_count(gemma) == before
+    # patch() edits head_out in its own engine: it refused nothing and returned numbers up to
+    # 0.35 away from patching the heads' z (which agree to 1e-6 on the Llama model).
+    for packed in (True, False):
+        with pytest.raises(ValueError, match="not the sum of its heads"):
+            mp.patch(gemma, CLEAN, CORRUPT, "head_out", -1, METRIC, packed=packed)
+    assert hook_count(gemma) == before
 
 
 @pytest.mark.integration
