@@ -25,11 +25,30 @@ def test_tiny_model_is_deterministic_and_matches_hf(tiny, request):
     assert (logits - hf).abs().max().item() <= 1e-5
 
 
-def test_unknown_hub_model_fails_offline_with_the_fix():
+def test_unknown_hub_model_fails_offline_with_the_fix(monkeypatch):
+    """Without opening a connection: huggingface_hub reads HF_HUB_OFFLINE when imported, and the
+    variable alone (set later) left it retrying HTTP requests for 52 s on this machine."""
+    import socket
+
+    from huggingface_hub import constants
+
+    # A user's process: huggingface_hub imported online (this suite exports HF_HUB_OFFLINE).
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    attempts = []
+
+    def no_network(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     with pytest.raises(mp.ModelLoadError) as err:
         mp.load_model("no-such-org/no-such-model-xyz")
     message = str(err.value)
     assert "smollm2-135m" in message and "save_pretrained" in message
+    assert attempts == [] and constants.HF_HUB_OFFLINE is False  # restored
 
 
 def test_missing_local_folder_names_the_fix(tmp_path):

@@ -70,17 +70,25 @@ def cache_dir() -> Path:
 @contextlib.contextmanager
 def _offline() -> Iterator[None]:
     """No hub traffic while we load: the machine has no hub, and a silent download is never wanted.
-    transformers' own "Loading weights" bar stays quiet too (a local load takes a second)."""
+    transformers' own "Loading weights" bar stays quiet too (a local load takes a second).
+
+    huggingface_hub reads ``HF_HUB_OFFLINE`` once, when it is imported: setting the variable here
+    alone left hub ids retrying HTTP requests for 52 s before failing. Its constant is switched
+    too (every request it makes checks it), and restored after."""
+    from huggingface_hub import constants as hub_constants
     from transformers.utils import logging as hf_logging
 
     saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    saved_constant = hub_constants.HF_HUB_OFFLINE
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    hub_constants.HF_HUB_OFFLINE = True
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
+        hub_constants.HF_HUB_OFFLINE = saved_constant
         if bars:
             hf_logging.enable_progress_bar()
         for key, value in saved.items():
@@ -285,8 +293,8 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
             f"{DEFAULT_MODEL!r} for the embedded default."
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        hf_model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
     except OSError as err:
         raise ModelLoadError(
             f"Could not load {name!r} without a model hub (this process is offline: "
