@@ -354,6 +354,7 @@ class Project(Intervention):
             basis of their span is taken (singular values above ``1e-10`` of the largest; repeated,
             dependent or zero rows add nothing), and :attr:`rank` says how many directions are
             removed.
+        positions: Token positions it acts on (``None``: its site's, else every position).
 
     Example:
         >>> import torch, mechprobe as mp

@@ -350,7 +350,7 @@ class Task:
 
 
 def list_tasks() -> list[str]:
-    """The names of the built-in tasks (the JSON files in ``mechprobe/data``), sorted.
+    """The names of the built-in tasks (the JSON files in ``mechprobe/tasks/data``), sorted.
 
     Example:
         >>> "capitals" in list_tasks()
