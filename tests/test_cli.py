@@ -132,3 +132,10 @@ def test_a_task_with_fewer_shots_runs_with_all_of_them(tmp_path):
 def test_load_result_is_public(tmp_path):
     lens = mp.logit_lens(mp.tiny_model(), "Hi", progress=False)
     assert type(mp.load_result(lens.save(tmp_path / "lens.json"))) is mp.LensResult
+
+
+def test_probe_prints_the_scalar_mix_it_fitted(tmp_path, capsys):
+    args = ["probe", "--dataset", "templated_pos", "--model", "tiny", "--scalar-mix"]
+    assert cli_main([*args, "--max-examples", "200", "--quiet", "--out", str(tmp_path)]) == 0
+    saved = mp.load_result(tmp_path / "result.json")
+    assert f"scalar mix: accuracy {saved.mix_accuracy:.3f}" in capsys.readouterr().out

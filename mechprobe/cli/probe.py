@@ -127,6 +127,13 @@ def table(result: Any) -> str:
             f"{row.selectivity:7.3f}"
         )
     lines.append(f"majority baseline {result.majority_baseline:.3f}")
+    if result.mix_weights is not None:  # --scalar-mix
+        top = sorted(range(len(result.mix_weights)), key=lambda i: -result.mix_weights[i])[:3]
+        weights = ", ".join(f"layer {i}: {result.mix_weights[i]:.2f}" for i in top)
+        lines.append(
+            f"scalar mix: accuracy {result.mix_accuracy:.3f}, expected layer "
+            f"{result.expected_layer:.1f}, largest weights {weights}"
+        )
     return "\n".join(lines)
 
 
