@@ -139,3 +139,15 @@ def test_probe_prints_the_scalar_mix_it_fitted(tmp_path, capsys):
     assert cli_main([*args, "--max-examples", "200", "--quiet", "--out", str(tmp_path)]) == 0
     saved = mp.load_result(tmp_path / "result.json")
     assert f"scalar mix: accuracy {saved.mix_accuracy:.3f}" in capsys.readouterr().out
+
+
+def test_relation_takes_a_lens(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    args = ["relation", "--task", "capitals", "--model", "tiny", "--n-items", "8", "--quiet"]
+    args += ["--no-ablation", "--other-task", "none", "--contrast-task", "none", "--n-random", "1"]
+    assert cli_main([*args, "--lens", "patchscope", "--out", str(out)]) == 0
+    config = json.loads((out / "result.json").read_text())["config"]
+    assert config["lens"].startswith("patchscope")
+    monkeypatch.setattr("mechprobe.cli.relation.load", _no_model)  # a bad lens: before loading
+    assert cli_main([*args, "--lens", str(tmp_path / "nope.safetensors"), "--out", str(out)]) == 2
+    assert "mechprobe relation: error" in capsys.readouterr().err

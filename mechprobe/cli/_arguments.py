@@ -163,3 +163,21 @@ def add_shots_argument(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="task demonstrations (default 3, or all the task has if fewer)",
     )
+
+
+def add_lens_argument(parser: argparse.ArgumentParser) -> None:
+    """Register ``--lens``: ``logit`` (default), ``patchscope`` or a saved tuned lens."""
+    parser.add_argument(
+        "--lens",
+        default="logit",
+        metavar="LENS",
+        help="'logit' (default), 'patchscope' (the token-identity prompt), or a tuned lens: a "
+        ".safetensors file (mechprobe.TunedLens.save) or a tuned-lens package folder",
+    )
+
+
+def lens_spec(spec: str) -> Any:
+    """The lens ``--lens`` names (a tuned lens is read here, before the model loads)."""
+    if spec in ("logit", "patchscope"):
+        return mp.Patchscope() if spec == "patchscope" else "logit"
+    return mp.TunedLens.load(spec)

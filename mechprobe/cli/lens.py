@@ -15,8 +15,10 @@ from typing import Any
 
 from mechprobe.cli._arguments import (
     add_layers_argument,
+    add_lens_argument,
     add_model_argument,
     figure_problem,
+    lens_spec,
     load,
     output_problem,
     positions_type,
@@ -70,13 +72,7 @@ def add_parser(sub: Any) -> None:
     )
     add_layers_argument(parser, "layers decoded")
     parser.add_argument("--top-k", type=int, default=10, help="tokens kept per cell (default 10)")
-    parser.add_argument(
-        "--lens",
-        default="logit",
-        metavar="LENS",
-        help="'logit' (default), 'patchscope' (the token-identity prompt), or a tuned lens: a "
-        ".safetensors file (mechprobe.TunedLens.save) or a tuned-lens package folder",
-    )
+    add_lens_argument(parser)
     add_model_argument(parser)
     parser.add_argument(
         "--plot", metavar="PNG", help="write the first prompt's layer x position heatmap here"
@@ -127,16 +123,6 @@ def _table(result: Any, prompt: int, site: str) -> str:
     )
 
 
-def _lens(spec: str) -> Any:
-    """``--lens``: ``"logit"``, ``"patchscope"`` or a saved tuned lens (checked before the model
-    loads)."""
-    import mechprobe as mp
-
-    if spec in ("logit", "patchscope"):
-        return mp.Patchscope() if spec == "patchscope" else "logit"
-    return mp.TunedLens.load(spec)
-
-
 def main(args: argparse.Namespace) -> int:
     """Run the lens on the parsed arguments; print a table; write the requested files."""
     import mechprobe as mp
@@ -161,7 +147,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"mechprobe lens: error: --{option}: {problem}", file=sys.stderr)
             return 2
     try:
-        lens = _lens(args.lens)
+        lens = lens_spec(args.lens)
         model = load(args.model)
         result = mp.logit_lens(
             model,

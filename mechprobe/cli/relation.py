@@ -14,9 +14,11 @@ import sys
 from typing import Any
 
 from mechprobe.cli._arguments import (
+    add_lens_argument,
     add_model_argument,
     add_shots_argument,
     layers_type,
+    lens_spec,
     load,
     output_problem,
     positions_type,
@@ -63,6 +65,7 @@ def add_parser(sub: Any) -> None:
     )
     add_model_argument(parser)
     add_shots_argument(parser)
+    add_lens_argument(parser)
     parser.add_argument("--n-items", type=int, help="seeded subset of the items (default: all)")
     parser.add_argument(
         "--layers",
@@ -119,6 +122,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         args.shots = task_shots(mp.load_task(args.task), args.shots)  # before the model loads
+        lens = lens_spec(args.lens)
         model = load(args.model)
         result = mp.relational_analysis(
             model,
@@ -139,6 +143,7 @@ def main(args: argparse.Namespace) -> int:
             sweep_layers="auto" if args.sweep else None,
             seed=args.seed,
             batch_size=args.batch_size,
+            lens=lens,
             progress=not args.quiet,
         )
     except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:
