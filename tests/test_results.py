@@ -213,3 +213,17 @@ def test_every_exported_result_implements_the_protocol(name: str) -> None:
     generated = own_eq is not None and own_eq.__code__.co_filename == "<string>"
     generated = generated and holds_arrays
     assert not generated, f"{name} compares its arrays with the dataclass __eq__ (say eq=False)"
+
+
+@pytest.mark.parametrize("suffix", [".json", ".npz", ".safetensors"])
+def test_arrays_are_frozen_too_and_the_callers_are_not(tmp_path, suffix: str) -> None:
+    """A write into a result's array raised nothing and changed its frames and later saves."""
+    values = np.ones((2, 2), dtype=np.float32)
+    toy = dataclasses.replace(_toy(), values=values)
+    with pytest.raises(ValueError, match="read-only"):
+        toy.values[0, 0] = 5.0
+    values[1, 1] = 2.0  # the caller's own array stays writable
+    loaded = _Toy.load(toy.save(tmp_path / f"toy{suffix}"))
+    with pytest.raises(ValueError, match="read-only"):
+        loaded.values[:] = 0.0
+    np.testing.assert_array_equal(loaded.values, toy.values)

@@ -92,6 +92,16 @@ class Result:
             cls._format, cls._version, cls._html_figure = format, version, html_figure
             _REGISTRY[format] = cls
 
+    def __post_init__(self) -> None:
+        """Frozen all through: numpy fields become read-only views, so an in-place write (``res.
+        values[:] = 0``) raises instead of silently changing frames, summaries and later saves."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                object.__setattr__(self, f.name, _read_only(value))
+            elif isinstance(value, tuple) and any(isinstance(v, np.ndarray) for v in value):
+                object.__setattr__(self, f.name, tuple(_read_only(v) for v in value))
+
     # --- what each result implements -----------------------------------------------------------
 
     def to_frame(self) -> pd.DataFrame:
@@ -206,6 +216,15 @@ class Result:
                 pass
         parts.append("</div>")
         return "".join(parts)
+
+
+def _read_only(value: Any) -> Any:
+    """A read-only view of a numpy array (the caller's array stays writable); anything else as is."""
+    if not isinstance(value, np.ndarray):
+        return value
+    view = value.view()
+    view.flags.writeable = False
+    return view
 
 
 def load_result(path: str | os.PathLike[str]) -> Result:
@@ -470,6 +489,8 @@ def _safetensors_bytes(result: Result, meta: Any, arrays: Mapping[str, Any]) -> 
                 f"{type(result).__name__}.{key} holds {value.dtype} data, which safetensors "
                 "cannot store: save to .json or .npz instead."
             )
+        if isinstance(value, np.ndarray) and not value.flags.writeable:
+            value = value.copy()  # a result's read-only view: torch wants memory it may write
         tensors[key] = value if isinstance(value, torch.Tensor) else torch.from_numpy(value)
     fields = {"mechprobe": json.dumps(meta, allow_nan=False)}
     return _tensor_file(tensors, result._format, result._version, fields)

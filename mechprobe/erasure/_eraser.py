@@ -79,6 +79,7 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
     majority_baseline: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not isinstance(self.removed, Tensor) or self.removed.ndim != 2:
             raise ValueError(
                 f"removed must be a [k, d] tensor, got {type(self.removed).__name__} of shape "

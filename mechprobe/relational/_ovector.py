@@ -84,6 +84,7 @@ class OVector(Result, format="mechprobe.OVector", version=2):
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not isinstance(self.vector, Tensor) or self.vector.ndim != 1:
             raise ValueError(
                 "OVector.vector must be a 1-D torch tensor [d_model]; take one row of mlp_out."
