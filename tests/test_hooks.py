@@ -376,3 +376,25 @@ def test_several_interventions_at_resid_mid_apply_in_order(tiny):
     assert seen.value[0, -1].abs().max() < 1e-5 and seen.value[0, 0].abs().max() > 0.1
     torch.testing.assert_close(twice, once, atol=1e-4, rtol=1e-4)
     assert after_two.value is not None and after_two.value.shape[-1] == tiny.cfg.d_model
+
+
+def test_zeroing_resid_mid_is_exact_and_attn_out_reads_stay_unedited(tiny):
+    """On a bridge a resid_mid write is made through attn_out: a zero left a rounding remainder
+    that the next norm scaled up (|logits| summed to 509 instead of 0 at layer 0), and a capture of
+    attn_out at that layer saw the write (2302 instead of 1600)."""
+    prompts = ["The cat sat on the mat", "Hi"]
+    v = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    plain = mp.run(tiny, prompts, {}, capture=[mp.Site("attn_out", 1)], progress=False)
+    for edit in (mp.Add(v), mp.Ablate()):
+        spec = {mp.Site("resid_mid", 1): edit}
+        edited = mp.run(tiny, prompts, spec, capture=[mp.Site("attn_out", 1)], progress=False)
+        for key, value in plain.captures.items():
+            torch.testing.assert_close(
+                torch.as_tensor(edited.captures[key]), torch.as_tensor(value)
+            )
+    if tiny.cfg.normalization_type == "RMS":  # no biases anywhere: nothing is left to decode
+        for layer in (0, 1):
+            zeroed = mp.run(
+                tiny, prompts, {mp.Site("resid_mid", layer): mp.Ablate()}, progress=False
+            )
+            assert float(torch.as_tensor(zeroed.logits).abs().max()) == 0.0

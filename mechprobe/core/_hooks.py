@@ -462,6 +462,10 @@ def _hooks_for(
     # On a bridge, resid_mid's hook is inside the MLP's norm, after hook_mlp_in: where mlp_in is
     # edited, resid_mid is read through the attention output too, or it would see that edit.
     mlp_in_layers = {site.layer for (_, site), _ in resolved if site and site.kind == "mlp_in"}
+    # resid_mid's edits made at hook_attn_out go after every intervention at attn_out itself, as
+    # hook_resid_mid fires after hook_attn_out on a HookedTransformer: an attn_out capture keeps
+    # the attention output, and the edit sees attn_out's own edits.
+    after: list[tuple[str, Callable[..., Tensor | None]]] = []
     for (name, site), value in resolved:
         items = [value] if isinstance(value, Intervention) else list(value)
         for item in items:
@@ -502,9 +506,10 @@ def _hooks_for(
                     reader, fn = _resid_mid(site.layer, fn)
                     fwd.append(reader)
                     # This item only: the site's next interventions are placed on their own.
-                    fwd.append((f"blocks.{site.layer}.hook_attn_out", fn))
+                    after.append((f"blocks.{site.layer}.hook_attn_out", fn))
                     continue
             fwd.append((name, fn))
+    fwd += after
     if batch is not None and fwd and "hook_embed" in hooks:
         fwd.insert(0, ("hook_embed", _same_tokens(model, batch)))
     return fwd
@@ -541,12 +546,16 @@ def _query_major(fn: Callable[..., Tensor | None]) -> Callable[..., Tensor | Non
 
 
 def _through_attn_out(
-    read: str, view: Callable[[Tensor, Tensor], Tensor], fn: Callable[..., Tensor | None]
+    read: str,
+    view: Callable[[Tensor, Tensor], Tensor],
+    fn: Callable[..., Tensor | None],
+    solve: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[tuple[str, Callable[..., None]], Callable[..., Tensor | None]]:
     """Edit a quantity made from the attention output: ``(the hook that keeps what hook ``read``
     saw, the callback for hook_attn_out)``. At ``hook_attn_out``, ``fn`` gets ``view(attn_out,
     seen)``, and what it changed there is added to the attention output, so the edit reaches
-    everything downstream of it."""
+    everything downstream of it; with ``solve``, the attention output where ``fn`` changed the
+    view is ``solve(new, seen)`` instead (exact where adding the change would round)."""
     seen: dict[str, Tensor] = {}
 
     def record(activation: Tensor, hook: Any) -> None:
@@ -558,7 +567,13 @@ def _through_attn_out(
             raise RuntimeError(f"{hook.name}: {read} did not fire before it.")
         old = view(attn_out, value)
         new = fn(old, hook)
-        return None if new is None else attn_out + (new - old)
+        if new is None:
+            return None
+        added = attn_out + (new - old)  # untouched entries: attn_out bit for bit
+        if solve is None:
+            return added
+        # Edited entries are solved for exactly; both branches keep new's gradient path.
+        return torch.where(new != old, solve(new, value), added)
 
     return (read, record), edit
 
@@ -597,9 +612,15 @@ def _resid_mid(
     MLP branch. ``resid_mid = resid_pre + attn_out``, and ``attn_out`` feeds both, so ``fn`` edits
     that sum through the attention output (see :func:`_through_attn_out`). A gradient taken there
     is the residual stream's (``attn_out`` reaches everything downstream only through that sum).
+    A written value ``v`` sets ``attn_out = v - resid_pre`` (``resid_pre + attn_out`` then is
+    ``v``: a zero is exactly zero, where ``attn_out + (v - resid_mid)`` left a rounding remainder
+    that the next norm blew up to unit scale).
     """
     return _through_attn_out(
-        f"blocks.{layer}.hook_resid_pre", lambda attn_out, pre: pre + attn_out, fn
+        f"blocks.{layer}.hook_resid_pre",
+        lambda attn_out, pre: pre + attn_out,
+        fn,
+        solve=lambda new, pre: new - pre,
     )
 
 
