@@ -398,3 +398,42 @@ def test_zeroing_resid_mid_is_exact_and_attn_out_reads_stay_unedited(tiny):
                 tiny, prompts, {mp.Site("resid_mid", layer): mp.Ablate()}, progress=False
             )
             assert float(torch.as_tensor(zeroed.logits).abs().max()) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("name", "flag"),
+    [
+        ("blocks.1.hook_q_input", "use_split_qkv_input"),
+        ("blocks.1.hook_attn_in", "use_attn_in"),
+        ("blocks.1.attn.hook_result", "use_attn_result"),
+    ],
+)
+def test_gated_hooks_fire_while_hooked(tiny, name, flag):
+    """TransformerLens runs these only with a cfg switch on: on a HookedTransformer an
+    intervention there silently did nothing (the bridge refused to attach it)."""
+    tokens = tiny.to_tokens("Hello cat sat")
+    with torch.no_grad():
+        tiny(tokens)  # a bridge adds its own hooks on a first pass
+        before, plain = hook_count(tiny), tiny(tokens)
+        seen = mp.Capture()
+        try:
+            with mp.intervene(tiny, {name: [mp.Ablate(), seen]}):
+                ablated = tiny(tokens)
+        except ValueError as err:  # TransformerLens 3: no attn_in under grouped-query attention
+            assert "refuses" in str(err) and "GroupedQueryAttention" in str(err)
+            assert not getattr(tiny.cfg, flag) and hook_count(tiny) == before
+            return
+    assert (ablated - plain).abs().max() > 1e-3 and float(seen.value.abs().max()) == 0.0
+    assert not getattr(tiny.cfg, flag) and hook_count(tiny) == before
+
+
+def test_a_hook_that_never_fires_is_refused(tiny):
+    if tiny.cfg.positional_embedding_type == "standard":
+        pytest.skip("learned positions: hook_pos_embed fires")
+    if "hook_pos_embed" not in tiny.hook_dict:
+        pytest.skip("this model lists no hook_pos_embed")
+    with (
+        pytest.raises(ValueError, match="hook_pos_embed never fires"),
+        mp.intervene(tiny, {"hook_pos_embed": mp.Ablate()}),
+    ):
+        pass

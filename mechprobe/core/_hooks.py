@@ -720,34 +720,66 @@ def intervene(
     fwd = _hooks_for(model, interventions, batch)
     # model.hooks() adds the callbacks and removes exactly those it added in its own finally,
     # also when adding one of them fails halfway; hooks the user attached before stay untouched.
-    with _mlp_input_fires(model, [name for name, _ in fwd]), model.hooks(fwd_hooks=fwd):
+    names = [name for name, _ in fwd]
+    _check_fires(model, names)
+    with _gated_hooks_fire(model, names), model.hooks(fwd_hooks=fwd):
         yield model
 
 
-_MLP_IN = re.compile(r"blocks\.\d+\.hook_mlp_in$")
+# Hooks TransformerLens (the bridge and HookedTransformer) fires only with a cfg switch on, as
+# they cost a copy or a per-head product: (name pattern, cfg flag, the model's setter).
+_GATED = (
+    (re.compile(r"blocks\.\d+\.hook_mlp_in$"), "use_hook_mlp_in", "set_use_hook_mlp_in"),
+    (re.compile(r"blocks\.\d+\.hook_attn_in$"), "use_attn_in", "set_use_attn_in"),
+    (
+        re.compile(r"blocks\.\d+\.hook_[qkv]_input$"),
+        "use_split_qkv_input",
+        "set_use_split_qkv_input",
+    ),
+    (re.compile(r"blocks\.\d+\.attn\.hook_result$"), "use_attn_result", "set_use_attn_result"),
+)
 
 
 @contextlib.contextmanager
-def _mlp_input_fires(model: Any, names: Sequence[str]) -> Iterator[None]:
-    """Switch on ``hook_mlp_in`` while hooks there are attached, then back off.
+def _gated_hooks_fire(model: Any, names: Sequence[str]) -> Iterator[None]:
+    """Switch on the cfg flags of gated hooks (``hook_mlp_in``, ``hook_attn_in``, ``hook_q_input``
+    .., ``attn.hook_result``) while hooks there are attached, then back off.
 
-    TransformerLens (the bridge and ``HookedTransformer``) fires ``blocks.L.hook_mlp_in`` only with
-    ``cfg.use_hook_mlp_in``, as it clones the MLP's input; off, a hook there would never run (the
-    bridge refuses to attach it). The switch changes no output, and is restored in ``finally``.
+    Off, a hook there never runs: TransformerLens 3.x attached it and the intervention silently
+    did nothing (the bridge refuses to attach it). A switch changes no output, and each one
+    turned on here is turned off in ``finally``.
     """
-    if not any(_MLP_IN.match(name) for name in names) or getattr(
-        model.cfg, "use_hook_mlp_in", False
-    ):
-        yield
-        return
-    switch = getattr(model, "set_use_hook_mlp_in", None)
-    if switch is None:
-        raise ValueError(
-            f"{type(model).__name__} has no set_use_hook_mlp_in(), so its hook_mlp_in never "
-            "fires: use resid_mid (the same value, but a write reaches the residual stream too)."
-        )
-    switch(True)
+    switched: list[Callable[[bool], None]] = []
     try:
+        for pattern, flag, setter in _GATED:
+            if not any(pattern.match(name) for name in names) or getattr(model.cfg, flag, False):
+                continue
+            switch = getattr(model, setter, None)
+            if switch is None:
+                raise ValueError(
+                    f"{type(model).__name__} has no {setter}(), so its {flag} hooks never fire: "
+                    "hook a site it always runs (mlp_in: use resid_mid)."
+                )
+            try:
+                switch(True)
+            except (AssertionError, ValueError) as err:  # e.g. attn_in under grouped-query heads
+                raise ValueError(
+                    f"TransformerLens refuses {setter}(True) on this model, so its {flag} hooks "
+                    f"cannot fire: {err}"
+                ) from err
+            switched.append(switch)
         yield
     finally:
-        switch(False)
+        for switch in reversed(switched):
+            switch(False)
+
+
+def _check_fires(model: Any, names: Sequence[str]) -> None:
+    """Refuse a hook that exists but never runs: ``hook_pos_embed`` of a model without learned
+    positions (a bridge lists it for rotary models too, and an intervention there did nothing)."""
+    kind = getattr(model.cfg, "positional_embedding_type", "standard")
+    if "hook_pos_embed" in names and kind not in ("standard", "shortformer"):
+        raise ValueError(
+            f"hook_pos_embed never fires on this model: its positions are {kind}, not a learned "
+            "embedding added to the residual stream. hook_embed holds the token embeddings."
+        )
