@@ -111,6 +111,7 @@ def test_relational_result_folder_round_trip(results, tmp_path) -> None:
     pd.testing.assert_frame_equal(back.summary(), result.summary())
     assert torch.equal(back.ovector.vector, result.ovector.vector)
     assert isinstance(load_result(folder / "result.json"), mp.RelationalResult)
+    assert load_result(folder).to_dict() == result.to_dict()  # the folder save() wrote, as is
     with pytest.raises(FileExistsError, match="is a file"):
         result.save(folder / "report.md")  # a folder where a file is
     # A .json path is one file that load reads back (it used to become a folder load refused).

@@ -227,3 +227,23 @@ def test_arrays_are_frozen_too_and_the_callers_are_not(tmp_path, suffix: str) ->
     with pytest.raises(ValueError, match="read-only"):
         loaded.values[:] = 0.0
     np.testing.assert_array_equal(loaded.values, toy.values)
+
+
+def test_a_renamed_file_is_refused_naming_what_it_holds(tmp_path) -> None:
+    import shutil
+
+    toy = _toy()
+    for suffix in (".json", ".npz", ".safetensors"):
+        source = toy.save(tmp_path / f"toy{suffix}")
+        for other in {".json", ".npz", ".safetensors"} - {suffix}:
+            renamed = tmp_path / f"renamed{other}"
+            shutil.copy(source, renamed)
+            # numpy's message for a JSON file read as .npz pointed at pickle.
+            with pytest.raises(ValueError, match=f"holds {suffix[1:]} data.*rename it"):
+                load_result(renamed)
+
+
+def test_load_result_names_the_reader_of_a_tuned_lens(tmp_path, tiny) -> None:
+    path = mp.TunedLens.identity(tiny).save(tmp_path / "lens.safetensors")
+    with pytest.raises(ValueError, match=r"TunedLens\.load"):
+        load_result(path)

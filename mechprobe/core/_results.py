@@ -120,6 +120,10 @@ class Result:
         """A few words for the repr: sizes and the headline number."""
         raise NotImplementedError
 
+    def _html_plot(self) -> Figure:
+        """The notebook view's figure (a result whose plot grows with its size draws less)."""
+        return self.plot()
+
     # --- the protocol ---------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -207,7 +211,7 @@ class Result:
         parts.append(table.to_html(max_rows=40, float_format=lambda v: f"{v:.4g}"))
         if self._html_figure:
             try:
-                figure = self.plot()
+                figure = self._html_plot()
                 buffer = io.BytesIO()
                 figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
                 data = base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -228,7 +232,8 @@ def _read_only(value: Any) -> Any:
 
 
 def load_result(path: str | os.PathLike[str]) -> Result:
-    """Read any saved result by its format tag (``.json``, ``.npz`` or ``.safetensors``).
+    """Read any saved result by its format tag (``.json``, ``.npz`` or ``.safetensors``, or a
+    result saved as a folder, such as a ``RelationalResult``: its ``result.json`` names it).
 
     Example:
         >>> import mechprobe as mp, tempfile, pathlib
@@ -237,8 +242,14 @@ def load_result(path: str | os.PathLike[str]) -> Result:
         >>> type(load_result(path)).__name__
         'LensResult'
     """
-    data, _ = _read(Path(path))
+    path = Path(path)
+    record = path / "result.json" if path.is_dir() else path
+    if path.is_dir() and not record.is_file():
+        raise FileNotFoundError(f"{path} is a folder without result.json: not a saved result.")
+    data, _ = _read(record, tolerate_other_formats=True)
     cls = _REGISTRY.get(str(data.get("format")))
+    if cls is None and str(data.get("format")) in _NOT_RESULTS:
+        raise ValueError(f"{path} holds a {data['format']}: {_NOT_RESULTS[data['format']]}.")
     if cls is None:
         raise ValueError(
             f"{path}: format {data.get('format')!r} is not a mechprobe result "
@@ -400,9 +411,42 @@ def _check_format(cls: type[Result], data: Mapping[str, Any]) -> None:
         )
 
 
-def _read(path: Path, cls: type[Result] | None = None) -> tuple[dict[str, Any], _Arrays | None]:
+# Files mechprobe writes that are not results, and what reads them.
+_NOT_RESULTS = {"mechprobe.TunedLens": "read it with mechprobe.TunedLens.load(path)"}
+
+
+def _sniff(path: Path) -> str | None:
+    """The format a file's first bytes say it holds (``.json``, ``.npz``, ``.safetensors``)."""
+    with path.open("rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK"):
+        return ".npz"  # a zip archive
+    if head.lstrip()[:1] == b"{":
+        return ".json"
+    if len(head) > 8 and head[8:9] == b"{":
+        return ".safetensors"  # an 8-byte header length, then the JSON header
+    return None
+
+
+def _read(
+    path: Path, cls: type[Result] | None = None, *, tolerate_other_formats: bool = False
+) -> tuple[dict[str, Any], _Arrays | None]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (or is not a file).")
+    held = _sniff(path)
+    if (
+        held is not None
+        and path.suffix in (".json", ".npz", ".safetensors")
+        and held != path.suffix
+    ):
+        raise ValueError(
+            f"{path} holds {held[1:]} data but is named {path.suffix}: rename it to "
+            f"{path.with_suffix(held).name}."
+        )
+    if tolerate_other_formats and held == ".safetensors" and path.suffix == ".safetensors":
+        header = _safetensors_metadata(path)
+        if header.get("format") in _NOT_RESULTS:
+            return {"format": header["format"]}, None
     if path.suffix == ".json":
         try:
             return json.loads(path.read_text(encoding="utf-8")), None
@@ -494,6 +538,20 @@ def _safetensors_bytes(result: Result, meta: Any, arrays: Mapping[str, Any]) -> 
         tensors[key] = value if isinstance(value, torch.Tensor) else torch.from_numpy(value)
     fields = {"mechprobe": json.dumps(meta, allow_nan=False)}
     return _tensor_file(tensors, result._format, result._version, fields)
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's ``__metadata__`` (its header), without reading the tensors."""
+    import struct
+
+    with path.open("rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return {}
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _read_safetensors(path: Path, cls: type[Result] | None) -> tuple[dict[str, Any], _Arrays]:

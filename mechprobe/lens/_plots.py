@@ -57,6 +57,7 @@ def heatmap(
     color: str = "prob",
     target: int | str = 0,
     label_width: int = 8,
+    last: int | None = None,
     ax: Axes | None = None,
 ) -> Figure:
     """The classic logit-lens picture: layers (rows) x prompt positions (columns).
@@ -72,6 +73,7 @@ def heatmap(
             log colour scale, 0 = top-1).
         target: Target index or string for ``color="rank"``.
         label_width: Characters of each annotation before it is cut.
+        last: Draw only the last ``last`` decoded positions (the figure widens with each one).
         ax: Draw into these axes (default: a new figure).
 
     Example:
@@ -84,6 +86,11 @@ def heatmap(
     entries = np.asarray(result.entries(site))
     kind = result.sites[entries[0]]
     cols = np.nonzero(result.positions[b] >= 0)[0]
+    shown = (
+        f" (last {last} of {len(cols)} positions)" if last is not None and len(cols) > last else ""
+    )
+    if last is not None:
+        cols = cols[-last:]
     pos = result.positions[b, cols]
     layers = [result.layers[e] for e in entries]
     top1 = result.top_ids[b][np.ix_(entries, cols)][..., 0]
@@ -121,7 +128,8 @@ def heatmap(
     ax.set_xlabel("input token (position); cells: the lens's top-1 next token")
     ax.set_ylabel(f"layer ({kind})")
     name = "Logit lens" if result.lens == "logit" else result.lens.split(" ")[0].capitalize()
-    ax.set_title(f"{name}, prompt {b}: {_label(result.prompts[b], 70, tail=True)}", fontsize=9)
+    prompt_text = _label(result.prompts[b], 70, tail=True)
+    ax.set_title(f"{name}, prompt {b}{shown}: {prompt_text}", fontsize=9)
     return fig
 
 

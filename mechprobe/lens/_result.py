@@ -39,6 +39,10 @@ FRAME_COLUMNS = (
 )
 
 
+# Positions the notebook view of a LensResult draws (the last ones).
+_HTML_POSITIONS = 24
+
+
 @dataclass(frozen=True, eq=False, repr=False)
 class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=True):
     """Logit-lens read-outs for prompts x decoded entries x prompt positions (x targets).
@@ -248,6 +252,10 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         if kind == "trajectory":
             return self.plot_trajectory(ax=ax, **kwargs)
         raise ValueError(f"kind must be 'heatmap' or 'trajectory', got {kind!r}.")
+
+    def _html_plot(self) -> Figure:
+        # The heatmap widens with every position: 2.5 MB of HTML for one 397-token prompt.
+        return self.plot_heatmap(last=_HTML_POSITIONS)
 
     def plot_heatmap(self, prompt: int = 0, *, ax: Axes | None = None, **kwargs: Any) -> Figure:
         """Layers x positions, coloured by top-1 probability or a target's rank, annotated with the
