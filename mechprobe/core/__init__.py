@@ -27,6 +27,7 @@ from mechprobe.core._hooks import (
     Project,
     Replace,
     StopForward,
+    check_heads_sum,
     differentiate,
     intervene,
 )
@@ -101,6 +102,7 @@ __all__ = [
     "check_choice",
     "check_finite",
     "check_float",
+    "check_heads_sum",
     "check_int",
     "decode",
     "differentiate",

@@ -48,6 +48,7 @@ __all__ = [
     "Intervention",
     "Project",
     "Replace",
+    "check_heads_sum",
     "differentiate",
     "intervene",
 ]
@@ -584,22 +585,38 @@ def _head_out(
     """Callbacks for a ``head_out`` site: ``hook_z`` keeps the heads' ``z``; ``fn`` edits the
     head's write ``z[..., head, :] @ W_O[head]`` (see :func:`_through_attn_out`)."""
 
+    attn = model.blocks[layer].attn
+
     def own(attn_out: Tensor, z: Tensor) -> Tensor:
-        w_o = model.blocks[layer].attn.W_O.to(z.device, z.dtype)  # [head, d_head, d_model]
-        total = torch.einsum("bshd,hdm->bsm", z, w_o)
-        bias = getattr(model.blocks[layer].attn, "b_O", None)
-        if bias is not None:
-            total = total + bias.to(total.dtype)
-        scale = float(attn_out.detach().abs().max()) + 1.0
-        if float((total - attn_out).detach().abs().max()) > 1e-3 * scale:
-            raise ValueError(
-                f"head_out at layer {layer}: this model's attention output is not the sum of its "
-                "heads' z @ W_O (a norm or scale sits between them), so one head's write cannot "
-                "be edited alone; use Site('head', ...) (its z) instead."
-            )
-        return z[..., head, :] @ w_o[head]
+        check_heads_sum(attn, z, attn_out, f"layer {layer}")
+        return z[..., head, :] @ attn.W_O.to(z.device, z.dtype)[head]  # [d_head, d_model] slice
 
     return _through_attn_out(f"blocks.{layer}.attn.hook_z", own, fn)
+
+
+def check_heads_sum(attn: Any, z: Tensor, attn_out: Tensor, where: str) -> None:
+    """Refuse editing one head's write (``head_out``) where the attention output is not the sum of
+    the heads' ``z @ W_O`` (plus ``b_O``): a norm or scale between them (Gemma 2) would make the
+    edit wrong. ``attn`` is a block's attention (``W_O [head, d_head, d_model]``), ``z [batch,
+    pos, head, d_head]`` and ``attn_out [batch, pos, d_model]`` of one forward pass.
+
+    Example:
+        >>> import torch, mechprobe as mp
+        >>> attn = mp.tiny_model().blocks[0].attn
+        >>> z = torch.randn(1, 2, 4, 16)
+        >>> check_heads_sum(attn, z, torch.einsum("bshd,hdm->bsm", z, attn.W_O.detach()), "here")
+    """
+    total = torch.einsum("bshd,hdm->bsm", z.detach(), attn.W_O.detach().to(z.device, z.dtype))
+    bias = getattr(attn, "b_O", None)
+    if bias is not None:
+        total = total + bias.detach().to(total.device, total.dtype)
+    reference = attn_out.detach()
+    if float((total - reference).abs().max()) > 1e-3 * (float(reference.abs().max()) + 1.0):
+        raise ValueError(
+            f"head_out at {where}: this model's attention output is not the sum of its heads' "
+            "z @ W_O (a norm or scale sits between them), so one head's write cannot be changed "
+            "alone; use the head's z (Site('head', ...), or 'head') instead."
+        )
 
 
 def _resid_mid(

@@ -541,17 +541,15 @@ def _safetensors_bytes(result: Result, meta: Any, arrays: Mapping[str, Any]) -> 
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
-    """A safetensors file's ``__metadata__`` (its header), without reading the tensors."""
-    import struct
+    """A safetensors file's header fields, without reading its tensors ({} if unreadable: the
+    full read then says why)."""
+    from safetensors import SafetensorError, safe_open
 
-    with path.open("rb") as f:
-        size = struct.unpack("<Q", f.read(8))[0]
-        try:
-            header = json.loads(f.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return {}
-    meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
-    return meta if isinstance(meta, dict) else {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return {}
 
 
 def _read_safetensors(path: Path, cls: type[Result] | None) -> tuple[dict[str, Any], _Arrays]:

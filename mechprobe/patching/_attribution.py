@@ -40,6 +40,7 @@ from mechprobe.core import (
     Site,
     SiteKind,
     SiteLike,
+    check_heads_sum,
     check_int,
     differentiate,
     intervene,
@@ -131,15 +132,7 @@ def _check_head_out(model: Any, site_list: list[Site], grads: dict[str, Gradient
         z = grads[f"blocks.{layer}.attn.hook_z"].value
         attn_out = grads[f"blocks.{layer}.hook_attn_out"].value
         assert z is not None and attn_out is not None
-        attn = model.blocks[layer].attn
-        total = torch.einsum("bshd,hdm->bsm", z, attn.W_O.detach().to(z.dtype))
-        if getattr(attn, "b_O", None) is not None:
-            total = total + attn.b_O.detach().to(total.dtype)
-        if float((total - attn_out).abs().max()) > 1e-3 * (float(attn_out.abs().max()) + 1.0):
-            raise ValueError(
-                f"head_out at layer {layer}: this model's attention output is not the sum of its "
-                "heads' z @ W_O (a norm or scale sits between them); use 'head' (z) instead."
-            )
+        check_heads_sum(model.blocks[layer].attn, z, attn_out, f"layer {layer}")
 
 
 def attribution_patch(

@@ -43,6 +43,7 @@ from mechprobe.core import (
     Intervention,
     Site,
     SiteLike,
+    check_heads_sum,
     intervene,
     model_adapter,
     progress_bar,
@@ -248,16 +249,17 @@ class _Writer(Intervention):
         self,
         layout: str,
         moves: dict[int, list[_Move]],
-        w_o: Tensor | None = None,
+        attn: Any = None,
         z: _ZRecorder | None = None,
-        b_o: Tensor | None = None,
     ) -> None:
         super().__init__(positions=None)
-        self.layout, self.moves, self.w_o, self.z, self.b_o = layout, moves, w_o, z, b_o
+        self.layout, self.moves, self.attn, self.z = layout, moves, attn, z
+        self.w_o = None if attn is None else attn.W_O.detach()  # [head, d_head, d_model]
 
     def edit(self, selected: Tensor, hook: Any) -> Tensor:
         if self.layout == "head_out":
-            self._check_sum(selected, hook)
+            assert self.z is not None and self.z.value is not None
+            check_heads_sum(self.attn, self.z.value, selected, hook.name)
         out = selected.clone()
         if self.layout == "pattern":
             self._pattern(selected, out)
@@ -288,22 +290,6 @@ class _Writer(Intervention):
                 other = target if target is not None else selected[src]
                 out[dst] = base + payload * (other - base).norm(dim=-1, keepdim=True)
         return out
-
-    def _check_sum(self, attn_out: Tensor, hook: Any) -> None:
-        """Refuse a model whose attention output is not the sum of its heads' ``z @ W_O`` (a norm
-        sits between them, as Gemma 2's): one head's write cannot be changed alone there."""
-        assert self.z is not None and self.z.value is not None and self.w_o is not None
-        z = self.z.value
-        total = torch.einsum("bshd,hdm->bsm", z, self.w_o.to(z.device, z.dtype))
-        if self.b_o is not None:
-            total = total + self.b_o.detach().to(total.device, total.dtype)
-        scale = float(attn_out.abs().max()) + 1.0
-        if float((total - attn_out).abs().max()) > 1e-3 * scale:
-            raise ValueError(
-                f"head_out at {hook.name}: this model's attention output is not the sum of its "
-                "heads' z @ W_O (a norm or scale sits between them), so one head's write cannot "
-                "be patched alone; use 'head' (its z) instead."
-            )
 
     def _head_out(
         self, op: int, out: Tensor, idx: tuple[Tensor, ...], payload: Any, target: Any
@@ -450,10 +436,7 @@ def _forward_reads(
             if layer not in recorders:
                 recorders[layer] = _ZRecorder()
                 spec.setdefault(f"blocks.{layer}.attn.hook_z", []).insert(0, recorders[layer])
-            attn = model.blocks[layer].attn
-            w_o = attn.W_O.detach()
-            b_o = getattr(attn, "b_O", None)
-            writer = _Writer(layout, moves, w_o, recorders[layer], b_o)
+            writer = _Writer(layout, moves, model.blocks[layer].attn, recorders[layer])
             spec.setdefault(hook, []).append(writer)
         else:
             spec.setdefault(hook, []).append(_Writer(layout, moves))
