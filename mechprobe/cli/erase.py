@@ -144,11 +144,10 @@ def run_erase(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
     task = _task(args)  # its errors (--shots) before the model loads
     fit_data, probe_data = _split(data, args.seed)
-    _sites(None, args.site, args.layers)  # --site / --layers mismatches before it too
+    _check_sites(args.site, args.layers)  # before the model loads too
     out = Path(args.out)
-    out.mkdir(
-        parents=True, exist_ok=True
-    )  # main() checked it; a refusal surfaces here, still early
+    # main() checked the folder; a refusal it cannot see (root on /sys) surfaces here, still early.
+    out.mkdir(parents=True, exist_ok=True)
     model = load(args.model)
     sites = _sites(model, args.site, args.layers)
     acts = mp.collect(model, fit_data, sites, batch_size=args.batch_size, progress=False)
@@ -189,26 +188,32 @@ def run_erase(args: argparse.Namespace) -> list[dict[str, Any]]:
     return records
 
 
-def _sites(model: Any, site: str, layers: Any) -> list[str]:
-    """Hook names for ``--site`` and ``--layers``: a kind or a name with ``{l}`` needs layers, a
-    full hook name refuses them (``model`` None: only check that)."""
-    from mechprobe.core import HEAD_KINDS, Site, SiteKind, resolve_layers
+def _per_layer(site: str) -> bool:
+    """Whether ``--site`` stands for one site per layer: a kind, or a hook name with ``{l}``."""
+    from mechprobe.core import SiteKind
 
-    kinds = [kind for kind in get_args(SiteKind) if kind not in HEAD_KINDS]
-    if site in kinds or "{l}" in site:
-        if layers is None:
-            raise ValueError(f"--site {site}: pass the layers with --layers, e.g. 15,20,23.")
-        if model is None:
-            return []
-        found = resolve_layers(model, layers)
-        if "{l}" in site:
-            return [site.format(l=layer) for layer in found]
-        return [Site(site, layer).hook_name for layer in found]  # type: ignore[arg-type]
-    if layers is not None:
+    return site in get_args(SiteKind) or "{l}" in site
+
+
+def _check_sites(site: str, layers: Any) -> None:
+    """A kind or a name with ``{l}`` needs ``--layers``; a single hook name refuses them."""
+    if _per_layer(site) and layers is None:
+        raise ValueError(f"--site {site}: pass the layers with --layers, e.g. 15,20,23.")
+    if not _per_layer(site) and layers is not None:
         raise ValueError(
             f"--layers applies to a site kind or a hook name with {{l}}; --site {site} names one "
             "hook: drop --layers, or pass --site as a kind (resid_post) or with {l}."
         )
+
+
+def _sites(model: Any, site: str, layers: Any) -> list[str]:
+    """The hook names ``--site`` and ``--layers`` stand for (checked by :func:`_check_sites`)."""
+    from mechprobe.core import expand_sites, resolve_layers
+
+    if "{l}" in site:
+        return [site.format(l=layer) for layer in resolve_layers(model, layers)]
+    if _per_layer(site):
+        return [s.hook_name for s in expand_sites(model, site, layers=layers, what="--site")]
     return [site]
 
 
