@@ -95,3 +95,22 @@ def test_two_tasks_roundtrip_and_plot(tiny, tmp_path):
         mp.ffn_ablation(tiny, tasks, method="half")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="parts"):
         mp.ffn_ablation(tiny, tasks, parts=0)
+
+
+def test_more_parts_than_layers_runs_each_distinct_step_once(tiny, monkeypatch):
+    """Sixths of 3 layers round to 0, 1, 1, 2, 2, 3, 3 layers: a repeated step's predictions
+    are the previous step's (same layers), not a second identical pass."""
+    import mechprobe.relational._ablation as ablation
+
+    calls = []
+    real_run = ablation.run
+    monkeypatch.setattr(ablation, "run", lambda *a, **k: calls.append(1) or real_run(*a, **k))
+    task = mp.load_task("capitals").with_shots(1).subset(3, seed=0)
+    res = mp.ffn_ablation(tiny, task, parts=6, progress=False)
+    assert [len(r) for r in res.removed] == [0, 1, 1, 2, 2, 3, 3]
+    assert len(calls) == 3  # the ablated passes: 1, 2 and 3 layers
+    for k, layers in enumerate(res.removed):
+        assert np.array_equal(
+            res.predicted[0][k], _greedy_with_zeroed(tiny, task.prompts(), layers)
+        )
+    assert list(res.summary().columns[-4:]) == ["removed 0", "removed 1", "removed 2", "removed 3"]

@@ -122,7 +122,8 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
 
     def summary(self) -> pd.DataFrame:
         """One row per task: its kind, items, and accuracy at each step (columns ``removed 0``,
-        ``removed 5``, ...: the number of top layers whose FFN was ablated)."""
+        ``removed 5``, ...: the number of top layers whose FFN was ablated; steps that round to the
+        same layers, with more parts than layers, share one column)."""
         rows = []
         for t, name in enumerate(self.tasks):
             row: dict[str, Any] = {"task": name, "kind": self.kinds[t], "n_items": self.n_items[t]}
@@ -266,6 +267,9 @@ def ffn_ablation(
             first = torch.as_tensor(first_token_ids(model, task.answers()))
             intact, means = _intact_pass(model, batch, method == "mean", batch_size)
             preds = [intact]
+        elif removed[k] == removed[k - 1]:
+            # More parts than layers: this step rounds to the previous one's layers.
+            preds.append(preds[-1])
         else:
             assert batch is not None
             # Each mean is handed over explicitly: Ablate never averages a batch (or its pads).
