@@ -84,3 +84,47 @@ def test_cli_trace_fails_before_loading(tmp_path, capsys, monkeypatch, args):
     args = [a for a in args if a != "--out-of-the-way"]
     assert cli_main(["trace", *args, "--model", "tiny", "--out", str(out)]) == 2
     assert "mechprobe trace: error" in capsys.readouterr().err
+
+
+def test_cli_cells_per_batch_reaches_the_api(tmp_path, monkeypatch):
+    """--cells-per-batch is what patch()/causal_trace() get; the numbers do not depend on it."""
+    seen = []
+    for name in ("patch", "causal_trace"):
+        real = getattr(mp, name)
+
+        def spy(*a, _real=real, **k):
+            seen.append(k.get("cells_per_batch"))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(mp, name, spy)
+    common = ["--model", "tiny", "--quiet", "--n-random", "1"]
+    assert cli_main([*PATCH, *common, "--cells-per-batch", "3", "--out", str(tmp_path / "a")]) == 0
+    assert cli_main([*PATCH, *common, "--out", str(tmp_path / "b")]) == 0
+    trace = ["trace", "--prompt", "The cat sat on the", "--subject", "cat", "--n-noise", "2"]
+    assert cli_main([*trace, *common, "--cells-per-batch", "2", "--out", str(tmp_path / "c")]) == 0
+    assert seen == [3, None, 2]
+    small, default = (mp.core.load_result(tmp_path / f / "result.json") for f in "ab")
+    np.testing.assert_allclose(small.values, default.values, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("command", "extra", "message"),
+    [
+        (PATCH, ["--cells-per-batch", "0"], "positive integer"),
+        (PATCH, ["--method", "attribution", "--cells-per-batch", "8"], "drop --cells-per-batch"),
+        (PATCH, ["--method", "attribution", "--direction", "noising"], "estimates denoising"),
+        (["trace", "--prompt", "x", "--subject", "x"], ["--cells-per-batch", "-2"], "positive"),
+    ],
+)
+def test_cli_cells_per_batch_refused_before_loading(
+    tmp_path, capsys, monkeypatch, command, extra, message
+):
+    monkeypatch.setattr("mechprobe.cli.patch.load", _no_model)
+    monkeypatch.setattr("mechprobe.cli.trace.load", _no_model)
+    code = 2
+    try:
+        rc = cli_main([*command, *extra, "--model", "tiny", "--out", str(tmp_path / "d")])
+    except SystemExit as exit_:  # argparse's own errors
+        rc = exit_.code
+    assert rc == code
+    assert message in capsys.readouterr().err

@@ -126,6 +126,22 @@ def layers_type(text: str) -> Any:
     return layers
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts that must be at least 1 (``--cells-per-batch``).
+
+    Example:
+        >>> positive_int("64")
+        64
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
+
+
 def add_layers_argument(parser: argparse.ArgumentParser, what: str) -> None:
     """Register ``--layers`` (default all) with the one syntax every subcommand reads."""
     parser.add_argument(

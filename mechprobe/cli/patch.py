@@ -20,6 +20,7 @@ from mechprobe.cli._arguments import (
     load,
     output_problem,
     positions_type,
+    positive_int,
 )
 from mechprobe.cli._run_folder import write_run_folder
 from mechprobe.cli.lens import unescape
@@ -78,6 +79,12 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--n-random", type=int, default=3, help="random controls (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--cells-per-batch",
+        type=positive_int,
+        help="cells per forward pass of --method exact (default 256); memory grows with it "
+        "times the prompt length",
+    )
+    parser.add_argument(
         "--out", required=True, metavar="DIR", help="output folder (created with its parents)"
     )
     add_model_argument(parser)
@@ -106,6 +113,13 @@ def main(args: argparse.Namespace) -> int:
         )
     if args.wrong and len(args.wrong) != len(args.answer):
         return fail(f"got {len(args.wrong)} --wrong for {len(args.answer)} --answer: pass as many")
+    if args.method == "attribution" and args.direction != "denoising":
+        return fail("--method attribution estimates denoising; drop --direction noising")
+    if args.method == "attribution" and args.cells_per_batch is not None:
+        return fail(
+            "--method attribution runs one forward and backward pass per prompt pair, whatever "
+            "the cells: drop --cells-per-batch"
+        )
     fix = (lambda s: s) if args.raw else unescape
     clean, corrupt = [fix(p) for p in args.clean], [fix(p) for p in args.corrupt]
     # One answer for every pair is passed as a string, so the report shows it once.
@@ -123,9 +137,9 @@ def main(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "progress": not args.quiet,
         }
+        if args.cells_per_batch is not None:  # --method exact only (checked above)
+            common["cells_per_batch"] = args.cells_per_batch
         if args.method == "attribution":
-            if args.direction != "denoising":
-                return fail("--method attribution estimates denoising; drop --direction noising")
             result = mp.attribution_patch(
                 model, clean, corrupt, sites, args.positions, metric, **common
             )

@@ -14,7 +14,13 @@ import argparse
 import sys
 from typing import Any
 
-from mechprobe.cli._arguments import add_layers_argument, add_model_argument, load, output_problem
+from mechprobe.cli._arguments import (
+    add_layers_argument,
+    add_model_argument,
+    load,
+    output_problem,
+    positive_int,
+)
 from mechprobe.cli._run_folder import write_run_folder
 from mechprobe.cli.lens import unescape
 
@@ -54,6 +60,12 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--n-noise", type=int, default=10, help="noise samples (default 10)")
     parser.add_argument("--n-random", type=int, default=3, help="random controls (default 3)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cells-per-batch",
+        type=positive_int,
+        help="restorations per forward pass (default 512); memory grows with it times the "
+        "prompt length",
+    )
     parser.add_argument(
         "--out", required=True, metavar="DIR", help="output folder (created with its parents)"
     )
@@ -95,6 +107,8 @@ def main(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "progress": not args.quiet,
         }
+        if args.cells_per_batch is not None:
+            common["cells_per_batch"] = args.cells_per_batch
         if args.task is not None:
             task = mp.load_task(args.task)
             if args.n_items is not None:
