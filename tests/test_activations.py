@@ -325,3 +325,41 @@ def words_ok(ds: mp.ProbingDataset, i: int, prefix: list[int], acts: mp.Activati
     assert ds.words is not None
     expected = [prefix.index(e) + 1 for _, e in ds.words[i] if e in prefix]
     return acts.position[acts.text_index == i].tolist() == expected
+
+
+def test_head_sites_equal_the_cache_and_its_w_o(tiny: Any) -> None:
+    """A head kind is every head of each layer: z (``head``) and q are [d_head] slices of
+    TransformerLens's hooks, ``head_out`` is z @ W_O[h], the head's write to the residual stream
+    (summed over heads plus b_O it is attn_out); padding and batch size change nothing."""
+    n_heads = int(tiny.cfg.n_heads)
+    last = [len(t.encode()) for t in TEXTS]  # BOS + bytes: the last real token
+    caches = []
+    with torch.no_grad():
+        for t in TEXTS:
+            caches.append(tiny.run_with_cache(tiny.to_tokens(t))[1])
+    for kind, hook in (("head", "attn.hook_z"), ("q", "attn.hook_q"), ("head_out", None)):
+        acts = mp.collect(tiny, TEXTS, kind, layers=[1, 2], batch_size=3, progress=False)
+        assert acts.sites[:2] == (f"{kind}@1, head 0", f"{kind}@1, head 1")
+        assert acts.values.shape[1] == 2 * n_heads
+        want = []
+        for cache, p in zip(caches, last, strict=True):
+            rows = []
+            for layer in (1, 2):
+                z = cache[f"blocks.{layer}.attn.hook_z"][0, p]
+                for h in range(n_heads):
+                    if hook is None:
+                        rows.append(z[h] @ tiny.blocks[layer].attn.W_O[h])
+                    else:
+                        rows.append(cache[f"blocks.{layer}.{hook}"][0, p, h])
+            want.append(torch.stack(rows))
+        expected = torch.stack(want).detach().numpy()
+        np.testing.assert_allclose(acts.values, expected, rtol=1e-4, atol=1e-5)
+        one = mp.collect(
+            tiny, TEXTS, kind, layers=[1, 2], batch_size=1, padding_side="left", progress=False
+        )
+        np.testing.assert_allclose(one.values, acts.values, rtol=1e-5, atol=1e-5)
+    single = mp.collect(tiny, TEXTS, mp.Site("head_out", 2, head=1), progress=False)
+    assert single.sites == ("head_out@2, head 1",)
+    np.testing.assert_allclose(single.values[:, 0], acts.values[:, n_heads + 1], atol=1e-5)
+    with pytest.raises(ValueError, match="two widths"):
+        mp.collect(tiny, TEXTS, ["resid_post", "head"], progress=False)

@@ -47,6 +47,7 @@ from mechprobe.core import (
     Intervention,
     Layers,
     PaddingSide,
+    Site,
     SiteLike,
     StopForward,
     check_int,
@@ -73,8 +74,23 @@ CollectPositions: TypeAlias = (
 _FORMAT = 1
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 _TORCH = {"float32": torch.float32, "float16": torch.float16}
-#: Kinds whose activations are [batch, pos, d_model]: they stack into one array.
-_KINDS = ("resid_pre", "resid_mid", "mlp_in", "resid_post", "attn_out", "mlp_out")
+#: Kinds with one vector per token: [batch, pos, d_model], or one head's [batch, pos, d_head]
+#: (``head``: z; ``q``, ``k``, ``v``) or its write to the residual stream (``head_out``, d_model).
+#: Sites of one call must agree in width: they stack into one array. ``pattern`` has none.
+_KINDS = (
+    "resid_pre",
+    "resid_mid",
+    "mlp_in",
+    "resid_post",
+    "attn_out",
+    "mlp_out",
+    "head_out",
+    "head",
+    "q",
+    "k",
+    "v",
+)
+_HEAD_WIDTH = ("head", "q", "k", "v")
 _OLD_SELECT: dict[str, Any] = {"last": -1}
 
 
@@ -93,7 +109,8 @@ class Activations:
         text_index: ``[n]`` index of the source text.
         position: ``[n]`` token position in the tokenised text (BOS at 0 where prepended).
         token: ``[n]`` the token's text.
-        sites: Hook names, one per layer slot of ``values``.
+        sites: One name per layer slot of ``values``: the hook name, or ``"head_out@3, head 2"``
+            for a head (heads share their layer's hook).
         metadata: Model, positions rule, dtype, dropped words, path, ...
 
     Example:
@@ -279,9 +296,10 @@ class _Gather(Intervention):
     """Copy ``activation[rows, cols]`` (the selected tokens) into one slot of a shared buffer, and
     stop the forward pass once every site has been copied."""
 
-    def __init__(self, slot: int, rows: Tensor, cols: Tensor, buffer: _Buffer) -> None:
+    def __init__(self, slot: int, rows: Tensor, cols: Tensor, buffer: _Buffer, name: str) -> None:
         super().__init__(None)
         self.slot, self.rows, self.cols, self.buffer = slot, rows, cols, buffer
+        self.name = name
 
     def edit(self, selected: Tensor, hook: Any) -> None:
         part = selected[self.rows.to(selected.device), self.cols.to(selected.device)]
@@ -291,7 +309,7 @@ class _Gather(Intervention):
             buf.values = torch.empty(shape, dtype=buf.dtype)
         elif part.shape[1:] != buf.values.shape[2:]:
             raise ValueError(
-                f"{hook.name} has activations of shape {tuple(part.shape[1:])}, other sites "
+                f"{self.name} has activations of shape {tuple(part.shape[1:])}, other sites "
                 f"{tuple(buf.values.shape[2:])}: collect each shape separately."
             )
         buf.values[:, self.slot] = part  # one copy, straight into the storage dtype
@@ -301,8 +319,12 @@ class _Gather(Intervention):
         return None
 
 
-def _site_names(model: Any, sites: SiteLike | Sequence[SiteLike], layers: Layers) -> list[str]:
-    """Hook names of ``sites`` (core's expansion: a kind means that kind at each of ``layers``).
+def _site_names(
+    model: Any, sites: SiteLike | Sequence[SiteLike], layers: Layers
+) -> tuple[list[str], list[Site]]:
+    """``(names, sites)``: core's expansion of ``sites`` (a kind means that kind at each of
+    ``layers``, a head kind every head of each), and each one's name in the result: its hook
+    name, or for a head ``"head_out@3, head 2"`` (heads share their layer's hook).
 
     A site given twice is an error here, not dropped: the layer slots of the result must line up
     with what was asked for.
@@ -311,10 +333,18 @@ def _site_names(model: Any, sites: SiteLike | Sequence[SiteLike], layers: Layers
     per_item = [expand_sites(model, item, layers=layers, kinds=_KINDS) for item in items]
     if not per_item:
         expand_sites(model, [], kinds=_KINDS)  # raises the one message for an empty list
-    names = [site.hook_name for found in per_item for site in found]
+    found = [site for expanded in per_item for site in expanded]
+    widths = {site.kind in _HEAD_WIDTH for site in found}
+    if len(widths) > 1:
+        raise ValueError(
+            f"Sites of two widths: {[str(s) for s in found if s.kind in _HEAD_WIDTH][:3]} have "
+            "d_head, the others d_model; they stack into one array: collect each width "
+            "separately."
+        )
+    names = [site.hook_name if site.head is None else str(site) for site in found]
     if len(set(names)) != len(names):
         raise ValueError(f"Sites repeat: {names}; pass each site once.")
-    return names
+    return names, found
 
 
 def collect(
@@ -341,8 +371,11 @@ def collect(
         data: Texts, a :class:`mechprobe.ProbingDataset` (texts, labels, word spans, groups), or a
             :class:`mechprobe.Task` (its prompts, labelled and grouped by each item's input).
         sites: A site kind (``"resid_post"``: that kind at each of ``layers``), a Site, a hook
-            name, or a list of them (``resid_pre``, ``resid_mid``, ``resid_post``, ``attn_out``,
-            ``mlp_out``: all of the model's width).
+            name, or a list of them, all of one width: ``resid_pre``, ``resid_mid``,
+            ``mlp_in``, ``resid_post``, ``attn_out``, ``mlp_out`` and ``head_out`` (a head's write
+            to the residual stream) have the model's width; ``head`` (a head's z), ``q``, ``k``
+            and ``v`` have ``d_head``. A head kind means every head of each layer
+            (``Site("head", 3, head=2)`` for one).
         layers: The layers a site kind covers (default all).
         positions: ``-1`` (default: each text's last token, each word's last token for a
             word-level dataset), ``"all"``, ``"word_last"``, an int or a list of ints for every
@@ -381,7 +414,7 @@ def collect(
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}.")
     batch_size = check_int(batch_size, "batch_size", 1)
-    names = _site_names(model, sites, layers)
+    names, found = _site_names(model, sites, layers)
     plan = make_plan(
         model, data, positions=positions, labels=labels, groups=groups, padding_side=padding_side
     )
@@ -398,7 +431,7 @@ def collect(
         for k, rows in enumerate(progress_bar(chunks, progress=progress, desc="collect")):
             if k < done:
                 continue
-            stacked = _run_chunk(model, plan, rows.tolist(), names, _DTYPES[dtype])
+            stacked = _run_chunk(model, plan, rows.tolist(), names, found, _DTYPES[dtype])
             if sink is None:
                 shape = (plan.n_rows, len(names), stacked.shape[-1])
                 nbytes = int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize
@@ -438,7 +471,9 @@ def collect(
     return acts
 
 
-def _run_chunk(model: Any, plan: Plan, rows: list[int], names: list[str], dtype: Any) -> np.ndarray:
+def _run_chunk(
+    model: Any, plan: Plan, rows: list[int], names: list[str], sites: list[Site], dtype: Any
+) -> np.ndarray:
     """One forward pass over texts ``rows``: ``[selected tokens, sites, d]`` in text order."""
     chunk = plan.batch.select(rows)
     offsets = chunk.offset.tolist()
@@ -448,7 +483,8 @@ def _run_chunk(model: Any, plan: Plan, rows: list[int], names: list[str], dtype:
     c = torch.as_tensor(np.concatenate(cols), dtype=torch.long)
     buffer = _Buffer(len(names), _TORCH[np.dtype(dtype).name])
     gathers: dict[SiteLike, Intervention] = {
-        name: _Gather(slot, r, c, buffer) for slot, name in enumerate(names)
+        site: _Gather(slot, r, c, buffer, name)
+        for slot, (name, site) in enumerate(zip(names, sites, strict=True))
     }
     device = getattr(model.cfg, "device", None)
     tokens, mask = chunk.tokens.to(device), chunk.attention_mask.to(device)
