@@ -386,6 +386,27 @@ def test_patchscope_in_logit_lens_and_its_errors(tiny):
         mp.logit_lens(tiny, "Hi", sites="mlp_out", lens=scope)
 
 
+@pytest.mark.parametrize(
+    "scope", [mp.Patchscope(target_layer=0), mp.Patchscope("cat -> cat; dog -> dog; ? ->")]
+)
+def test_patchscope_kl_is_to_the_models_own_output(tiny, scope):
+    """kl_to_final is KL(the model's own next-token distribution || the Patchscope's reading),
+    whichever layers are decoded: with the last layer among them, it was taken against the
+    Patchscope's reading of that layer (0.45 instead of 0.25 at layer 0 for target_layer=0)."""
+    prompt = "Hello there friend"
+    with torch.no_grad():
+        logits, cache = tiny.run_with_cache(tiny.to_tokens(prompt))
+        own = logits[0, -1].log_softmax(-1)
+        every = mp.logit_lens(tiny, prompt, layers="all", lens=scope, progress=False)
+        for layer in range(tiny.cfg.n_layers):
+            h = cache[f"blocks.{layer}.hook_resid_post"][0, -1:]
+            q = readout(tiny, scope.translate(tiny, "resid_post", layer, h))[0].log_softmax(-1)
+            want = float((own.exp() * (own - q)).sum())
+            assert every.kl_to_final[0, layer, 0] == pytest.approx(want, rel=1e-3, abs=1e-5)
+            one = mp.logit_lens(tiny, prompt, layers=[layer], lens=scope, progress=False)
+            assert one.kl_to_final[0, 0, 0] == pytest.approx(want, rel=1e-3, abs=1e-5)
+
+
 # -- compare_lenses -------------------------------------------------------------------------
 
 

@@ -49,6 +49,38 @@ def test_trajectory_agrees_with_the_logit_lens(tiny):
     assert np.array_equal(lens.target_rank[:, mid, 1], traj.answer_rank_no_ffn)
 
 
+def test_patchscope_reads_the_ffn_removed_stream_after_the_block(tiny):
+    """Under a Patchscope the FFN-removed readout is resid_mid[l] placed where layer l's output
+    goes in the target prompt; placed at resid_mid, the target's own FFN added the update back
+    and both curves were identical on every model."""
+    task = _task(3)
+    scope = mp.Patchscope()
+    traj = mp.trajectory(tiny, task, lens=scope)
+    n = tiny.cfg.n_layers
+    ids, place = scope.tokens(tiny)
+    for i, (prompt, arg, ans) in enumerate(
+        zip(task.prompts(), task.arguments(), task.answers(), strict=True)
+    ):
+        arg_id = tiny.tokenizer(arg, add_special_tokens=False)["input_ids"][0]
+        ans_id = tiny.tokenizer(ans, add_special_tokens=False)["input_ids"][0]
+        with torch.no_grad():
+            _, cache = tiny.run_with_cache(tiny.to_tokens(prompt))
+        for layer in range(n):
+            mid = cache[f"blocks.{layer}.hook_resid_mid"][0, -1]
+
+            def place_it(act, hook, v=mid):
+                act[:, place] = v
+                return act
+
+            with torch.no_grad():
+                logits = tiny.run_with_hooks(
+                    torch.tensor([ids]), fwd_hooks=[(f"blocks.{layer}.hook_resid_post", place_it)]
+                )[0, -1]
+            assert traj.argument_rank_no_ffn[i, layer] == _rank(logits, arg_id)
+            assert traj.answer_rank_no_ffn[i, layer] == _rank(logits, ans_id)
+    assert not np.array_equal(traj.argument_rank_no_ffn, traj.argument_rank)
+
+
 def test_last_layer_is_the_models_own_prediction(tiny):
     task = _task(5)
     traj = mp.trajectory(tiny, task)

@@ -49,6 +49,10 @@ class Lens:
     """
 
     kinds: tuple[str, ...] = LENS_KINDS
+    #: Whether :meth:`translate` runs the model's own blocks on the vector (a Patchscope places
+    #: it in a target prompt and lets the forward pass continue): a vector read at ``resid_mid``
+    #: then passes through that layer's FFN again.
+    continues_forward: bool = False
 
     def translate(
         self, model: Any, kind: str, layer: int, x: Float[Tensor, "n d_model"]

@@ -206,6 +206,9 @@ def logit_lens(
             if len(vecs) != len(gathers):  # a hook that never fired would shift every entry
                 raise RuntimeError("A lens site was not reached in the forward pass.")
             n_g = len(gb)
+            # The reference is the model's own output: the last layer as it is, before a lens
+            # (a Patchscope reading it into another layer or prompt) translates it as an entry.
+            final = vecs[run_sites.index(final_site)][:n_g]
             # Each entry's vectors through the lens (the logit lens returns them unchanged).
             vecs[:n_e] = [
                 decoder.translate(model, kind, layer, v)
@@ -213,7 +216,6 @@ def logit_lens(
             ]
             if n_g:
                 ids = torch.as_tensor(plan.first_ids[gb])
-                final = vecs[run_sites.index(final_site)][:n_g]
                 grid_vecs = [v[:n_g] for v in vecs[:n_e]]
                 stats = readout.grid(grid_vecs, final, ids, top_k)
                 b_t, k_t = torch.as_tensor(gb), torch.as_tensor(gk)

@@ -58,6 +58,7 @@ class Patchscope(Lens):
     """
 
     kinds = RESIDUAL_KINDS
+    continues_forward = True
 
     def __init__(
         self,

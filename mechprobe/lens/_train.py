@@ -227,7 +227,9 @@ def train_tuned_lens(
         sites: Residual site kinds to translate (``"resid_pre"``, ``"resid_mid"``,
             ``"resid_post"``); every layer of each. ``resid_pre`` beyond layer 0 shares the
             translators of ``resid_post`` one layer down (the same vectors).
-        n_tokens: Training tokens in all (windows of ``seq_len``; each step reads new ones).
+        n_tokens: Training tokens in all (windows of ``seq_len``; each step reads new ones),
+            rounded down to whole steps of ``tokens_per_step``, one step at least:
+            ``info["tokens"]`` records what was read.
         seq_len: Tokens per window (BOS included; the BOS position is not in the loss).
         tokens_per_step: Tokens per optimiser step (a multiple of ``seq_len``).
         optimizer: ``"sgd"`` (Nesterov, the paper's default) or ``"adam"``.

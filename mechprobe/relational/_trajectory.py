@@ -9,7 +9,9 @@ are kept. Averaging their reciprocal ranks over the correctly answered items dra
 argument rises, then the answer overtakes it. The same readout of ``resid_post[l] - mlp_out[l]``
 (the stream with layer ``l``'s FFN update removed, i.e. ``resid_mid[l]``, which a tuned lens
 reads with its ``resid_mid`` translator) says whether that update is what turned the
-argument into the answer (FFN attribution).
+argument into the answer (FFN attribution). A Patchscope places that vector where layer ``l``'s
+output goes (``resid_post``) in its target prompt: placed at ``resid_mid``, the target's own FFN
+would add the removed update back.
 
 Stage rules (:meth:`Trajectory.stages`), on the mean reciprocal-rank curves ``A[l]`` (argument)
 and ``B[l]`` (answer) of the items answered correctly whose argument and answer start with
@@ -321,7 +323,11 @@ def _from_pass(
     ids = torch.as_tensor(np.stack([arg_ids, ans_ids], axis=1), dtype=torch.long)
     post = captures["resid_post"]
     with_ffn = _ranks(model, post, ids, lens, "resid_post")
-    without = _ranks(model, post - captures["mlp_out"], ids, lens, "resid_mid")
+    # A lens that continues the forward pass (a Patchscope) would run layer l's FFN on a vector
+    # placed at resid_mid and add the removed update back (exactly, at the same layer): it reads
+    # the vector where the block's output goes instead.
+    removed_at = "resid_post" if lens.continues_forward else "resid_mid"
+    without = _ranks(model, post - captures["mlp_out"], ids, lens, removed_at)
     return Trajectory(
         task=task.name,
         arguments=tuple(task.arguments()),
