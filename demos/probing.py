@@ -2,7 +2,7 @@
 
 Two layer-wise probing runs on the embedded SmolLM2-135M-Instruct:
 
-1. Part of speech (17 UPOS tags from spaCy's en_core_web_sm, shipped with mechprobe) at the last
+1. Part of speech (15 UPOS tags from spaCy's en_core_web_sm, shipped with mechprobe) at the last
    sub-token of each word, with Hewitt & Liang's control task (one random tag per word type) and
    selectivity = accuracy - control accuracy.
 2. Country identity at the last token of capital-question prompts ("Q: What is the capital of

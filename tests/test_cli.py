@@ -141,6 +141,16 @@ def test_probe_prints_the_scalar_mix_it_fitted(tmp_path, capsys):
     assert f"scalar mix: accuracy {saved.mix_accuracy:.3f}" in capsys.readouterr().out
 
 
+def test_probe_numbers_the_layers_it_probed(tmp_path, capsys):
+    args = ["probe", "--dataset", "templated_pos", "--model", "tiny", "--layers", "1-2"]
+    assert cli_main([*args, "--max-examples", "200", "--quiet", "--out", str(tmp_path)]) == 0
+    saved = mp.load_result(tmp_path / "result.json")
+    assert saved.layers.tolist() == [1, 2]
+    assert json.loads((tmp_path / "summary.json").read_text())["layers"] == [1, 2]
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:4]]
+    assert rows == ["1", "2"]
+
+
 def test_relation_takes_a_lens(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     args = ["relation", "--task", "capitals", "--model", "tiny", "--n-items", "8", "--quiet"]

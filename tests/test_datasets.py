@@ -138,6 +138,11 @@ def test_load_labels_formats_and_round_trip(tmp_path: Path) -> None:
     csv_words.write_text("text,labels\nthe cat sat,DET NOUN VERB\na dog,DET NOUN\n")
     words = mp.load_labels(csv_words)
     assert words.level == "word" and words.labels[1] == ("DET", "NOUN")
+    # Either spelling of the group column, at either level (it was ignored at word level).
+    csv_words.write_text("text,labels,group\nthe cat,DET NOUN,THE CAT\na dog,DET NOUN,A DOG\n")
+    assert mp.load_labels(csv_words).groups == (("THE", "CAT"), ("A", "DOG"))
+    csv_text.write_text("text,label,groups\nI ran,past,run\nI run,present,run\n")
+    assert mp.load_labels(csv_text).groups == ("run", "run")
     js = tmp_path / "w.json"
     js.write_text(json.dumps([
         {"words": ["Hi", ",", "you"], "spaces": [False, True, False], "labels": ["INTJ", None, "PRON"]},
@@ -168,6 +173,11 @@ def test_load_labels_formats_and_round_trip(tmp_path: Path) -> None:
         ("[{", ".json", "not valid JSON"),
         ('[{"label": "x"}]', ".json", "no 'text'"),
         ("[]", ".json", "no records"),
+        (
+            '[{"text": "a", "label": "x", "group": "a"}, {"text": "b", "label": "y"}]',
+            ".json",
+            r"records \[1\] have no 'group'",
+        ),
     ],
 )
 def test_load_labels_errors(tmp_path: Path, content: str, suffix: str, match: str) -> None:

@@ -611,6 +611,41 @@ def test_mlp_probe_memorises_the_control_task_more_than_a_linear_probe() -> None
     assert mlp.probe == "mlp"
 
 
+def test_an_mlp_layers_probe_does_not_depend_on_the_layers_beside_it() -> None:
+    """Each layer starts from the same draw, sees the same minibatches and stops on its own rule:
+    fitted with three others or alone, a layer's MLP is the same (it was not: one early-stopping
+    rule on the summed loss, and a different initial draw per position)."""
+    from mechprobe.probing._probes import _fit_mlp
+
+    rng = np.random.default_rng(0)
+    n, d = 300, 12
+    y = rng.integers(0, 3, n)
+    X = rng.normal(size=(n, 4, d))
+    X[np.arange(n), 2, y] += 0.8
+    X[:, 3] *= 5  # a noise layer: it stops at another epoch than the informative one
+    Xt = torch.from_numpy(X).float().permute(1, 0, 2).contiguous()
+    args = {"hidden_size": 16, "l2": 1e-3, "max_iter": 80, "batch_size": 64}
+    args |= {"learning_rate": 1e-3, "tol": 1e-4, "seed": 3}
+    together, _ = _fit_mlp(Xt, torch.from_numpy(y), 3, **args)
+    for layer in range(4):
+        alone, _ = _fit_mlp(Xt[layer : layer + 1], torch.from_numpy(y), 3, **args)
+        for a, b in zip(together, alone, strict=True):
+            torch.testing.assert_close(a[layer], b[0], rtol=1e-4, atol=1e-5)
+    full = mp.probe_layers(X, y, mlp=True, max_iter=80, progress=False)
+    one = [mp.probe_layers(X[:, [k]], y, mlp=True, max_iter=80, progress=False) for k in (1, 3)]
+    assert [r.accuracy[0] for r in one] == [full.accuracy[1], full.accuracy[3]]
+
+
+def test_rare_class_warning_names_the_label() -> None:
+    X, _ = _planted(n=60, layers=2, signal=(1,))
+    y = np.array(["NOUN"] * 30 + ["VERB"] * 29 + ["INTJ"])
+    with pytest.warns(UserWarning, match=r"classes \['INTJ'\] have fewer than 2"):
+        mp.probe_layers(X, y, progress=False)
+    with pytest.warns(UserWarning, match=r"\['INTJ'\] have fewer than 3"):
+        mp.probe_layers(X, y, n_folds=3, progress=False)
+    assert mp.probe_layers(X, np.arange(60) % 3 * 1.0, progress=False).n_classes == 3  # 0., 1., 2.
+
+
 def test_k_fold_runs_every_fold() -> None:
     X, y = _planted(n=300, layers=3, signal=(1,))
     result = mp.probe_layers(X, y, n_folds=3, progress=False)
@@ -625,11 +660,47 @@ def test_k_fold_runs_every_fold() -> None:
         (np.zeros((10, 2, 3)), np.arange(9) % 2, "one label per row"),
         (np.zeros((10, 2, 3)), np.zeros(10), "only one class"),
         (np.zeros((10, 2, 3)), None, "pass y"),
+        (np.zeros((10, 2, 3)), np.linspace(0, 1, 10), "continuous values"),
+        (np.zeros((10, 2, 3)), np.array(["a", None] * 5, dtype=object), r"rows \[1, 3, 5"),
+        (np.zeros((10, 2, 3)), np.array([0.0, np.nan] * 5), "None or NaN"),
     ],
 )
 def test_probe_layers_errors(X: np.ndarray, y: np.ndarray, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         mp.probe_layers(X, y, progress=False)
+
+
+def test_layers_are_the_models_layers_of_the_collected_sites(tmp_path) -> None:
+    """collect(..., layers=[1, 2]) gives probes of layers 1 and 2 (they were numbered 0 and 1,
+    and the scalar mix's expected layer was off by the first layer collected); head sites give
+    their layer; groups=False skips the control task of an Activations with groups."""
+    tiny = mp.tiny_model()
+    data = mp.ProbingDataset(
+        texts=[f"w{i % 7} x{i}" for i in range(80)], labels=[str(i % 2) for i in range(80)],
+        groups=[f"w{i % 7}" for i in range(80)], name="toy",
+    )  # fmt: skip
+    acts = mp.collect(tiny, data, "resid_post", layers=[1, 2], progress=False)
+    result = mp.probe_layers(acts, scalar_mix=True, progress=False)
+    assert result.layers.tolist() == [1, 2]
+    assert result.sites == ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
+    assert result.best_layer in (1, 2)
+    assert result.expected_layer == pytest.approx(float(np.dot([1, 2], result.mix_weights)))
+    assert result.to_frame()["site"].tolist() == list(result.sites)
+    plain = mp.probe_layers(np.asarray(acts.values), acts.labels, scalar_mix=True, progress=False)
+    np.testing.assert_array_equal(plain.accuracy, result.accuracy)
+    assert plain.layers.tolist() == [0, 1] and plain.sites is None
+    assert plain.expected_layer == pytest.approx(result.expected_layer - 1)
+    back = mp.ProbeResult.load(result.save(tmp_path / "r.json"))
+    assert back.sites == result.sites and back.layers.tolist() == [1, 2]
+    assert np.isfinite(result.control_accuracy).all()
+    skipped = mp.probe_layers(acts, groups=False, progress=False)
+    assert np.isnan(skipped.control_accuracy).all()
+    np.testing.assert_array_equal(skipped.accuracy, result.accuracy)
+    heads = mp.collect(tiny, data, "head_out", layers=[2], progress=False)
+    by_head = mp.probe_layers(heads, groups=False, progress=False)
+    assert by_head.layers.tolist() == [2] * int(tiny.cfg.n_heads)
+    assert by_head.sites is not None and by_head.sites[1] == "head_out@2, head 1"
+    assert by_head.plot().axes[0].get_xlabel() == "site, as collected"
 
 
 @pytest.mark.parametrize("suffix", [".json", ".npz"])

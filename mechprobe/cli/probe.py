@@ -189,6 +189,7 @@ def main(args: argparse.Namespace) -> int:
         "description": dataset.description,
         "model": args.model,
         "site": args.site,
+        "layers": [int(layer) for layer in result.layers],
         "positions": acts.metadata["positions"],
         "n_examples": len(acts),
         "dropped_words": acts.metadata["dropped_words"],

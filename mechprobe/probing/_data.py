@@ -67,7 +67,21 @@ def as_layers(
 
 
 def encode_labels(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(classes, indices)``; fewer than two classes is an error."""
+    """``(classes, indices)``; fewer than two classes, missing labels (None, NaN) and
+    continuous values are errors (a probe classifies)."""
+    missing = [
+        i for i, v in enumerate(y.tolist()) if v is None or (isinstance(v, float) and v != v)
+    ]
+    if missing:
+        raise ValueError(
+            f"y has no label at rows {missing[:10]} (None or NaN); drop those rows, or give "
+            "them a label."
+        )
+    if y.dtype.kind == "f" and not np.array_equal(y, np.round(y)):
+        raise ValueError(
+            f"y holds continuous values (e.g. {y[:3].tolist()}), not class labels; a probe "
+            "classifies: bin them (np.digitize) or pass strings, ints or bools."
+        )
     classes, idx = np.unique(y, return_inverse=True)
     if len(classes) < 2:
         raise ValueError(
@@ -77,9 +91,15 @@ def encode_labels(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def splits(
-    y_idx: np.ndarray, *, test_size: float, n_folds: int | None, seed: int
+    y_idx: np.ndarray,
+    *,
+    test_size: float,
+    n_folds: int | None,
+    seed: int,
+    classes: np.ndarray | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified held-out split, or stratified k folds; plain shuffling if a class is too rare."""
+    """Stratified held-out split, or stratified k folds; plain shuffling if a class is too rare
+    (the warning names it by ``classes[index]`` where given)."""
     counts = np.bincount(y_idx)
     n = len(y_idx)
     if n_folds is not None:
@@ -87,7 +107,7 @@ def splits(
             raise ValueError(f"n_folds must be in [2, {n}], got {n_folds}.")
         stratify = counts.min() >= n_folds
         if not stratify:
-            _warn_rare(counts, n_folds)
+            _warn_rare(counts, n_folds, classes)
         kind = StratifiedKFold if stratify else KFold
         folds = kind(n_folds, shuffle=True, random_state=seed).split(np.zeros(n), y_idx)
         return [(np.sort(tr), np.sort(te)) for tr, te in folds]
@@ -95,7 +115,7 @@ def splits(
         raise ValueError(f"test_size must be a fraction in (0, 1), got {test_size}.")
     stratify = counts.min() >= 2
     if not stratify:
-        _warn_rare(counts, 2)
+        _warn_rare(counts, 2, classes)
     train, test = train_test_split(
         np.arange(n), test_size=test_size, random_state=seed, stratify=y_idx if stratify else None
     )
@@ -225,10 +245,11 @@ def _gather(
     return out
 
 
-def _warn_rare(counts: np.ndarray, needed: int) -> None:
-    rare = np.flatnonzero(counts < needed).tolist()
+def _warn_rare(counts: np.ndarray, needed: int, classes: np.ndarray | None) -> None:
+    rare = np.flatnonzero(counts < needed)
+    names = (rare if classes is None else classes[rare]).tolist()
     warnings.warn(
-        f"classes {rare[:10]} have fewer than {needed} examples, so the split is not stratified; "
+        f"classes {names[:10]} have fewer than {needed} examples, so the split is not stratified; "
         "drop rare classes for stratified splits.",
         UserWarning,
         stacklevel=3,

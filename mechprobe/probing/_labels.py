@@ -9,10 +9,11 @@ Formats (the file's suffix decides): JSON (a list of records), JSONL (one record
   explicit words (joined by single spaces unless ``spaces`` says otherwise), or ``"text"`` with
   ``"spans"`` (``[start, end]`` character offsets of the words), as :meth:`ProbingDataset.save`
   writes;
-- optional ``"group"`` / ``"groups"`` (word types for control tasks), shaped like the labels.
+- optional ``"group"`` / ``"groups"`` (either spelling: word types for control tasks), shaped
+  like the labels, in every record or in none.
 
 CSV: columns ``text,label`` or ``text,labels`` (space-separated per-word labels), optional
-``group`` / ``groups``.
+``group`` / ``groups`` (space-separated per word with ``labels``).
 """
 
 from __future__ import annotations
@@ -58,14 +59,16 @@ def _records_from_csv(path: Path) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         for row in reader:
             rec: dict[str, Any] = {"text": row["text"]}
+            # Either spelling of the group column, at either level (shaped like the labels).
+            group = next((row[c] for c in ("groups", "group") if c in fields), None)
             if "labels" in fields:
                 rec["labels"] = row["labels"].split()
-                if "groups" in fields:
-                    rec["groups"] = row["groups"].split()
+                if group is not None:
+                    rec["groups"] = group.split()
             else:
                 rec["label"] = row["label"]
-                if "group" in fields:
-                    rec["group"] = row["group"]
+                if group is not None:
+                    rec["group"] = group
             rows.append(rec)
         return rows
 
@@ -121,8 +124,14 @@ def load_labels(path: str | os.PathLike[str], *, name: str | None = None) -> Pro
         texts.append(text)
         spans.append(tuple((int(s[0]), int(s[1])) for s in span))
         labels.append(rec["labels"] if word_level else rec["label"])
-        groups.append(rec.get("groups" if word_level else "group"))
-    has_groups = all(g is not None for g in groups)
+        groups.append(rec.get("groups", rec.get("group")))  # either spelling
+    missing = [i for i, g in enumerate(groups) if g is None]
+    if missing and len(missing) < len(groups):
+        raise ValueError(
+            f"{path.name}: records {missing[:10]} have no 'group' where the others have one; "
+            "give every record its group (word types for the control task), or none."
+        )
+    has_groups = not missing
     return ProbingDataset(
         name or path.stem,
         tuple(texts),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import re
 import threading
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,15 +37,19 @@ _GROUP_BYTES = 128 * 2**20  # gathered training rows per group of layers fitted 
 _WORKERS = 2  # groups of layers fitted at once (each on its share of torch's threads)
 
 _Fits = dict[int, tuple[torch.Tensor, torch.Tensor]]
+# A layer in a site name: a hook's "blocks.20." or a head site's "head_out@3".
+_LAYER_IN_NAME = re.compile(r"^blocks\.(\d+)\.|^\w+@(\d+)")
 T = TypeVar("T")
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class ProbeResult(Result, format="mechprobe.ProbeResult", version=2, html_figure=True):
+class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure=True):
     """Held-out probe accuracy per layer, with control task, selectivity and majority baseline.
 
     Attributes:
-        layers: ``[L]`` layer indices (positions along ``X``'s layer axis).
+        layers: ``[L]`` the model layer of each entry of ``X``'s layer axis, read from the
+            site names of :class:`Activations` (``collect(..., layers=[10, 20])`` gives 10 and
+            20; heads of one layer share it); for a plain array, the positions along that axis.
         accuracy: ``[L]`` held-out accuracy of the task probe (mean over folds).
         control_accuracy: ``[L]`` accuracy on Hewitt & Liang control labels; all NaN when no
             ``groups`` were given (an array either way, so the type never changes).
@@ -56,8 +61,10 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=2, html_figure
         n_examples: rows used; n_classes: task classes.
         mix_weights: ``[L]`` scalar-mix softmax weights, or None when not computed.
         mix_gamma: the scalar mix's γ, or None.
-        expected_layer: ``Σ_l l · mix_weights[l]``, or None.
+        expected_layer: ``Σ_l layers[l] · mix_weights[l]``, or None.
         mix_accuracy: held-out accuracy of the scalar-mix probe, or None.
+        sites: ``[L]`` the site names of :class:`Activations` (hook names, or
+            ``"head_out@3, head 2"``), or None for a plain array.
 
     Example:
         >>> import numpy as np
@@ -79,6 +86,7 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=2, html_figure
     mix_gamma: float | None = None
     expected_layer: float | None = None
     mix_accuracy: float | None = None
+    sites: tuple[str, ...] | None = None
 
     @property
     def best_layer(self) -> int:
@@ -86,9 +94,11 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=2, html_figure
         return int(self.layers[int(np.argmax(self.accuracy))])
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per layer: accuracy, control accuracy, selectivity, baseline (and mix weight)."""
+        """One row per layer: accuracy, control accuracy, selectivity, baseline (and mix weight;
+        and the site, for activations collected at named sites)."""
         frame = pd.DataFrame(
             {
+                **({} if self.sites is None else {"site": list(self.sites)}),
                 "layer": self.layers,
                 "accuracy": self.accuracy,
                 "control_accuracy": self.control_accuracy,
@@ -151,21 +161,22 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=2, html_figure
             ax, mix_ax = figure.subplots(2, 1, sharex=True)
         else:
             figure, ax = new_axes(ax, (7, 3.5))
-        ax.plot(self.layers, self.accuracy, marker=".", label=f"{self.probe} probe")
+        # Heads of one layer share it: they are drawn side by side, in the order collected.
+        x = self.layers if len(set(self.layers.tolist())) == len(self.layers) else None
+        x_axis = np.arange(len(self.layers)) if x is None else x
+        ax.plot(x_axis, self.accuracy, marker=".", label=f"{self.probe} probe")
         if np.isfinite(self.control_accuracy).any():
-            ax.plot(self.layers, self.control_accuracy, marker=".", label="control task")
-            ax.plot(self.layers, self.selectivity, marker=".", label="selectivity")
+            ax.plot(x_axis, self.control_accuracy, marker=".", label="control task")
+            ax.plot(x_axis, self.selectivity, marker=".", label="selectivity")
         ax.axhline(self.majority_baseline, ls="--", color="gray", label="majority baseline")
         ax.set(ylabel="accuracy", title=f"Layer-wise probing ({self.split})")
         ax.legend(loc="best")
         if has_mix:
-            mix_ax.bar(self.layers, np.asarray(self.mix_weights), color="tab:purple")
+            mix_ax.bar(x_axis, np.asarray(self.mix_weights), color="tab:purple")
             mix_ax.set(
                 ylabel="scalar-mix weight", title=f"expected layer {self.expected_layer:.2f}"
             )
-            mix_ax.set_xlabel("layer")
-        else:
-            ax.set_xlabel("layer")
+        (mix_ax if has_mix else ax).set_xlabel("layer" if x is not None else "site, as collected")
         return figure
 
 
@@ -198,7 +209,9 @@ def probe_layers(
     each layer between them starts from the mean of its neighbours' probes, which saves
     iterations (an eighth to a quarter of them on SmolLM2 activations); where every group is one
     layer, every fourth layer goes first and the rest start from their nearest fitted layers
-    (see ``_phases``). Results depend on none of these: each fit stops at ``tol``. With fewer
+    (see ``_phases``). Results depend on none of these beyond ``tol``: each fit stops when its
+    gradient is within ``tol`` of zero, so a held-out prediction near a decision boundary can flip
+    (a row or two in a hundred on pure noise at the default ``tol``; none at ``tol=1e-8``). With fewer
     training rows than features the weights grow until the penalty binds, and held-out
     predictions can move within that tolerance (with the rounding of the activations): pass a
     smaller ``tol`` there (``amnesic`` probes to 1e-6).
@@ -207,7 +220,8 @@ def probe_layers(
         X: ``[n, layers, d]`` array or tensor, or an object with ``.values`` (and ``.labels``,
             ``.groups``, e.g. :class:`Activations`).
         y: ``[n]`` labels (default ``X.labels``).
-        groups: ``[n]`` word types for the control task (default ``X.groups``); None skips it.
+        groups: ``[n]`` word types for the control task (default ``X.groups``, when ``X`` has
+            them); ``False`` skips the control task (half the fitting).
         test_size: held-out fraction (stratified) when ``n_folds`` is None.
         n_folds: stratified k-fold cross-validation instead; scores are averaged over folds.
         seed: split and control-label seed.
@@ -229,13 +243,17 @@ def probe_layers(
         >>> result.accuracy.round(1).tolist()[1], result.majority_baseline < 0.6
         (1.0, True)
     """
-    values, labels, groups = as_layers(X, y, groups)
+    skip_control = groups is False
+    sites = _site_names(X)
+    values, labels, groups = as_layers(X, y, None if skip_control else groups)
+    if skip_control:
+        groups = None
     classes, y_idx = encode_labels(labels)
     k = len(classes)
     control = None
     if groups is not None:
         control = np.searchsorted(classes, control_labels(groups, labels, seed=seed))
-    folds = splits(y_idx, test_size=test_size, n_folds=n_folds, seed=seed)
+    folds = splits(y_idx, test_size=test_size, n_folds=n_folds, seed=seed, classes=classes)
     n_layers = values.shape[1]
     acc, ctrl, base = np.zeros(n_layers), np.full(n_layers, np.nan), 0.0
     if control is not None:
@@ -311,8 +329,9 @@ def probe_layers(
         base += float((y_te == torch.bincount(y_tr, minlength=k).argmax()).double().mean())
     n = len(folds)
     accuracy, control_accuracy = acc / n, ctrl / n
+    layers = _model_layers(sites, n_layers)
     return ProbeResult(
-        layers=np.arange(n_layers),
+        layers=layers,
         accuracy=accuracy,
         control_accuracy=control_accuracy,
         selectivity=accuracy - control_accuracy,
@@ -323,9 +342,32 @@ def probe_layers(
         n_classes=k,
         mix_weights=mix_w / n if scalar_mix else None,
         mix_gamma=mix_g / n if scalar_mix else None,
-        expected_layer=float(np.arange(n_layers) @ mix_w / n) if scalar_mix else None,
+        expected_layer=float(layers @ mix_w / n) if scalar_mix else None,
         mix_accuracy=mix_acc / n if scalar_mix else None,
+        sites=sites,
     )
+
+
+def _site_names(X: Any) -> tuple[str, ...] | None:
+    """The site names of ``X``'s layer axis (:class:`Activations` has them), or None."""
+    if isinstance(X, (np.ndarray, torch.Tensor)):
+        return None
+    names = getattr(X, "sites", None)
+    return None if names is None else tuple(str(name) for name in names)
+
+
+def _model_layers(sites: tuple[str, ...] | None, n_layers: int) -> np.ndarray:
+    """The model layer of each site name (``blocks.20.hook_resid_post``, ``head_out@3, head 2``),
+    or the positions along the layer axis where a name gives none."""
+    if sites is None or len(sites) != n_layers:
+        return np.arange(n_layers)
+    found = []
+    for name in sites:
+        match = _LAYER_IN_NAME.search(name)
+        if match is None:
+            return np.arange(n_layers)
+        found.append(int(match.group(1) or match.group(2)))
+    return np.asarray(found)
 
 
 def _phases(n_layers: int, mlp: bool, stride: int = 2) -> list[list[int]]:

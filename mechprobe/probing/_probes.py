@@ -310,45 +310,73 @@ def _fit_mlp(
 ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], int]:
     """Train one MLP per layer, all layers in the same Adam steps (their losses are summed).
 
-    Returns ``((W₁ [L, d, h], b₁ [L, h], W₂ [L, h, K], b₂ [L, K]), epochs)``.
+    Each layer's MLP is trained as if alone: every layer starts from the same draw of ``seed``
+    and sees the same minibatches, Adam's update is elementwise, and each layer stops on its own
+    early-stopping rule (its parameters are those of the epoch it stopped at), so a layer's
+    probe does not depend on which other layers are fitted beside it.
+
+    Returns ``((W₁ [L, d, h], b₁ [L, h], W₂ [L, h, K], b₂ [L, K]), epochs)``, ``epochs`` those of
+    the layer that trained longest.
     """
     n_layers, n, d = X.shape
     gen = torch.Generator().manual_seed(seed)
 
     def uniform(*shape: int, fan_in: int) -> Tensor:
         bound = 1.0 / math.sqrt(fan_in)  # torch.nn.Linear's default initialisation range
-        return ((torch.rand(*shape, generator=gen) * 2 - 1) * bound).to(X.dtype).requires_grad_()
+        one = (torch.rand(1, *shape, generator=gen) * 2 - 1) * bound
+        return one.expand(n_layers, *shape).to(X.dtype).clone().requires_grad_()
 
     params = (
-        uniform(n_layers, d, hidden_size, fan_in=d),
-        uniform(n_layers, hidden_size, fan_in=d),
-        uniform(n_layers, hidden_size, n_classes, fan_in=hidden_size),
-        uniform(n_layers, n_classes, fan_in=hidden_size),
+        uniform(d, hidden_size, fan_in=d),
+        uniform(hidden_size, fan_in=d),
+        uniform(hidden_size, n_classes, fan_in=hidden_size),
+        uniform(n_classes, fan_in=hidden_size),
     )
     w1, b1, w2, b2 = params
+    kept = [p.detach().clone() for p in params]  # each layer's parameters where it stopped
     optimiser = torch.optim.Adam(params, lr=learning_rate)
     batch = max(1, min(batch_size, n))
-    best, stale, epoch = math.inf, 0, 0
+    best = torch.full((n_layers,), math.inf, dtype=torch.float64)
+    stale = torch.zeros(n_layers, dtype=torch.long)
+    stopped = torch.zeros(n_layers, dtype=torch.bool)
+    epoch = 0
     for epoch in range(1, max_iter + 1):  # noqa: B007 - the epoch count is returned
         order = torch.randperm(n, generator=gen)
-        total = 0.0
+        total = torch.zeros(n_layers, dtype=torch.float64)
         for start in range(0, n, batch):
             idx = order[start : start + batch]
             hidden = torch.relu(torch.baddbmm(b1[:, None], X[:, idx], w1))
             logits = torch.baddbmm(b2[:, None], hidden, w2)
             ce = torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1), y[idx].repeat(n_layers), reduction="sum"
-            )
-            loss = ce / len(idx) + 0.5 * l2 * (w1.square().sum() + w2.square().sum())
+                logits.flatten(0, 1), y[idx].repeat(n_layers), reduction="none"
+            ).view(n_layers, len(idx)).sum(1)  # fmt: skip
+            penalty = w1.square().sum() + w2.square().sum()
+            loss = ce.sum() / len(idx) + 0.5 * l2 * penalty
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            total += float(ce.detach()) / n
-        stale = stale + 1 if total > best - tol * n_layers else 0
-        best = min(best, total)
-        if stale >= 10:  # scikit-learn's n_iter_no_change
+            total += ce.detach().double() / n
+        # scikit-learn's rule per layer: stop after 10 epochs without a gain of tol.
+        stale = torch.where(total > best - tol, stale + 1, 0)
+        best = torch.minimum(best, total)
+        done = (stale >= 10) & ~stopped
+        if bool(done.any()):
+            for held, param in zip(kept, params, strict=True):
+                held[done] = param.detach()[done]
+            stopped |= done
+        if bool(stopped.all()):
             break
+    with torch.no_grad():
+        final = [
+            torch.where(_layer_mask(stopped, p), k, p) for k, p in zip(kept, params, strict=True)
+        ]
+    w1, b1, w2, b2 = final
     return (w1.detach(), b1.detach(), w2.detach(), b2.detach()), epoch
+
+
+def _layer_mask(layers: Tensor, like: Tensor) -> Tensor:
+    """``layers [L]`` broadcast over a parameter ``[L, ...]``."""
+    return layers.view(-1, *([1] * (like.ndim - 1)))
 
 
 def _encode_targets(estimator: BaseEstimator, y: np.ndarray) -> np.ndarray:

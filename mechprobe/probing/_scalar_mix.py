@@ -306,7 +306,9 @@ def cumulative_scores(
     values, labels, _ = as_layers(X, y)
     classes, y_idx = encode_labels(labels)
     if X_test is None:
-        train, test = splits(y_idx, test_size=test_size, n_folds=None, seed=seed)[0]
+        train, test = splits(y_idx, test_size=test_size, n_folds=None, seed=seed, classes=classes)[
+            0
+        ]
         train_x, test_x, _, _ = standardised(values, train, test)
         y_train, y_test_idx = y_idx[train], y_idx[test]
     else:
