@@ -737,8 +737,8 @@ def tiny_model(
 
     Example:
         >>> model = tiny_model()
-        >>> (model.cfg.n_layers, model.cfg.d_model)
-        (3, 64)
+        >>> (model.cfg.n_layers, model.cfg.d_model, model.cfg.model_name)
+        (3, 64, 'tiny-llama (random, seed 0)')
     """
     if architecture not in _TINY_ARCHITECTURES:
         raise ValueError(
@@ -756,8 +756,13 @@ def tiny_model(
             f"n_kv_heads must divide the 4 query heads (1, 2 or 4), got {n_kv_heads!r}."
         )
     hf_model, tokenizer = _tiny_hf(seed, n_layers, d_model, architecture, n_kv_heads)
-    name = _TINY_ARCHITECTURES[architecture]
+    name = _TINY_ARCHITECTURES[architecture]  # the published model TransformerLens converts as
     if kind == "hooked":
         with _offline():
-            return _hooked(hf_model, tokenizer, name, None, torch.float32, False)
-    return _bridge(hf_model, tokenizer, name, None)
+            model = _hooked(hf_model, tokenizer, name, None, torch.float32, False)
+    else:
+        model = _bridge(hf_model, tokenizer, name, None)
+    # Its own name, so that results, lenses and o-vectors made on it do not claim a real model
+    # (TransformerLens reads cfg.model_name only while converting).
+    model.cfg.model_name = f"tiny-{architecture} (random, seed {seed})"
+    return model
