@@ -110,6 +110,26 @@ def test_final_receiver_is_the_direct_effect_on_the_logits(tiny):
     not hasattr(tl_patching, "get_act_patch_direct_path"),
     reason="TransformerLens 3.9 has no get_act_patch_direct_path (added in 4.x)",
 )
+def test_two_positions_on_one_token_pass_its_change_on_once(tiny):
+    """positions=[6, -1] on a 7-token pair name one token twice: the final receiver counted the
+    sender's change there twice (mlp_out@2: 0.85 instead of 2.57, the sign of its effect
+    flipped). Each token's change is passed on once, to every receiver."""
+    clean, corrupt = ["The cat sat", "Hi cat"], ["The dog sat", "Hi bat"]
+    receivers = ["final", mp.Site("q", 2, head=0)]
+    both = mp.path_patch(
+        tiny, clean, corrupt, "mlp_out", receivers, mp.logit_diff([86, 86], [58, 58]),
+        positions=[6, -1], n_random=1,
+    )  # fmt: skip
+    alone = mp.path_patch(
+        tiny, clean[1], corrupt[1], "mlp_out", receivers, mp.logit_diff(86, 58), positions=[-1],
+        n_random=0,
+    )  # fmt: skip
+    np.testing.assert_allclose(both.per_pair[1], alone.per_pair[0], atol=1e-5)
+    with pytest.raises(ValueError, match="both name token 6"):
+        mp.path_patch(tiny, "Hi cats", "Hi bat", "mlp_out", "final", mp.logit_diff(86, 58),
+                      positions=[6, -1])  # fmt: skip
+
+
 def test_equals_transformerlens_direct_path_patching():
     model = mp.tiny_model(seed=2, n_kv_heads=4)  # TL's k/v direct paths refuse GQA
     clean, corrupt = model.to_tokens(CLEAN), model.to_tokens(CORRUPT)

@@ -143,6 +143,18 @@ def test_bad_input_fails_before_running(tiny, kwargs, message):
     assert hook_count(tiny) == before
 
 
+def test_one_answer_string_is_every_prompts_answer(tiny):
+    prompts, subjects = ["The cat sat on the", "A dog ran to the"], ["cat", "dog"]
+    args = {"sites": "mlp_out", "n_noise": 2, "window": 1, "n_random": 0}
+    one = mp.causal_trace(tiny, prompts, subjects, answers=" x", **args)
+    each = mp.causal_trace(tiny, prompts, subjects, answers=[" x", " x"], **args)
+    assert one.answers == each.answers == (" x", " x")
+    for a, b in zip(one.scores, each.scores, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="3 answers for 2 prompts"):
+        mp.causal_trace(tiny, prompts, subjects, answers=[" x"] * 3, **args)
+
+
 def test_categories_average_each_prompt_first_as_rome_does(tiny):
     prompts = ["The cat sat on the", "The enormous hairy dog sat on the"]
     res = mp.causal_trace(tiny, prompts, ["cat", "enormous hairy dog"], answers=[" mat", " mat"],

@@ -224,6 +224,24 @@ class ModelAdapter:
         ``[batch, pos]`` mask itself and takes neither."""
         return self.kind == "bridge"
 
+    @property
+    def sliding_window(self) -> int | None:
+        """The attention window of the model's sliding-window layers (Gemma 2's local layers,
+        Mistral), or None where every layer attends to the whole prefix. A 4D attention mask, as
+        packed rows pass, replaces the window: packing is exact only for sequences within it."""
+        if self.kind == "hooked":
+            types = getattr(self.model.cfg, "attn_types", None) or ()
+            window = getattr(self.model.cfg, "window_size", None)
+            return int(window) if window and "local" in types else None
+        config = getattr(getattr(self.model, "original_model", None), "config", None)
+        window = getattr(config, "sliding_window", None)
+        if not window or getattr(config, "use_sliding_window", True) is False:
+            return None
+        types = getattr(config, "layer_types", None)
+        if types is not None and "sliding_attention" not in types:
+            return None
+        return int(window)
+
     def forward(
         self,
         tokens: Tensor,

@@ -165,6 +165,19 @@ class Site:
 SiteLike: TypeAlias = Site | str
 
 
+def _head_hint(name: str) -> str:
+    """For a head kind's hook name (all heads of a layer): how to name one head, or all."""
+    try:
+        site = Site.parse(name, head=0)
+    except ValueError:
+        return ""
+    return (
+        f" It holds every head of layer {site.layer} ({site.kind!r} sites): name one head with "
+        f"Site.parse({name!r}, head=2) or Site({site.kind!r}, {site.layer}, head=2), or pass "
+        f"the kind {site.kind!r} for every head of each layer."
+    )
+
+
 def resolve_site(model: Any, site: SiteLike) -> tuple[str, Site | None]:
     """Validate a site against ``model`` and return ``(hook_name, site_or_None)``.
 
@@ -411,7 +424,7 @@ def expand_sites(
                 f"Site('mlp_in', {layer.group(1)}) for what the MLP alone reads (writes reach "
                 f"the MLP only) or Site('resid_mid', {layer.group(1)}) for the residual stream."
                 if mid is not None and layer is not None and hooks.get(mid) is hooks[name]
-                else ""
+                else _head_hint(name)
             )
             raise ValueError(
                 f"{what}: {name!r} is a hook but not a site ({', '.join(kinds)}); pass a Site, "

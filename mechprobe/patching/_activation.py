@@ -99,11 +99,34 @@ def token_rows(model: Any, prompts: Prompts, what: str) -> list[Tensor]:
     if isinstance(prompts, Tensor):
         if prompts.ndim not in (1, 2) or prompts.is_floating_point():
             raise ValueError(f"{what} tokens must be integer ids [seq] or [pairs, seq] (unpadded).")
-        return list(prompts.long().reshape(-1, prompts.shape[-1]).cpu())
+        rows = list(prompts.long().reshape(-1, prompts.shape[-1]).cpu())
+        _refuse_padding(model, rows, what)
+        return rows
     batch = prompts if isinstance(prompts, Batch) else tokenize(model, prompts)
     return [
         t[m.bool()] for t, m in zip(batch.tokens.cpu(), batch.attention_mask.cpu(), strict=True)
     ]
+
+
+def _refuse_padding(model: Any, rows: list[Tensor], what: str) -> None:
+    """Rows that end (or start) in different numbers of pad tokens are a padded batch, such as
+    ``model.to_tokens`` makes of prompts of different lengths: its pads would be read as tokens."""
+    pad = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
+    if pad is None or len(rows) < 2:
+        return
+
+    def run(row: Tensor) -> int:  # pad tokens at the end of a row
+        return int(torch.cumprod((row.flip(0) == pad).int(), 0).sum())
+
+    for ends in ([run(r) for r in rows], [run(r.flip(0)) for r in rows]):
+        if len(set(ends)) > 1:
+            row = max(range(len(rows)), key=lambda i: ends[i])
+            raise ValueError(
+                f"{what} tokens: row {row} has {ends[row]} pad tokens (id {pad}) at one end where "
+                f"others have {min(ends)}, a padded batch (model.to_tokens pads prompts of "
+                "different lengths): pass the prompts as strings, or tensors of equally long "
+                "prompts, unpadded."
+            )
 
 
 def position_pairs(

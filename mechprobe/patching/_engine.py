@@ -524,13 +524,24 @@ def run_plan(
         ValueError: The metric returned the wrong shape, or ``packed=True`` on a model that
             ignores custom attention masks.
     """
+    # A packed row's 4D mask replaces a sliding window (Gemma 2's local layers): exact only
+    # where no sequence is longer than the window.
+    window = model_adapter(model).sliding_window
+    lengths = [len(b.tokens) for b in plan.bases] + [len(s) for s in plan.sources]
+    longest = max(lengths, default=0)
     if packed is None:
-        packed = packing_works(model)
+        packed = packing_works(model) and (window is None or longest <= window)
     elif packed and not packing_works(model):
         raise ValueError(
             "packed=True, but this model cannot run packed rows (a HookedTransformer takes "
             "[batch, pos] attention masks only; some bridges ignore custom masks or position "
             "ids): pass packed=False (one row per cell; the same numbers)."
+        )
+    elif packed and window is not None and longest > window:
+        raise ValueError(
+            f"packed=True, but a prompt of {longest} tokens is longer than this model's sliding "
+            f"attention window ({window}), which packed rows' masks do not apply: pass "
+            "packed=False (or leave packed unset)."
         )
     nan = float("nan")
     values = PlanValues(

@@ -222,6 +222,23 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
         return fig
 
 
+def _first_of_each(pairs: list[tuple[int, int]], wanted: list[int], pair: int) -> Tensor:
+    """``[positions]`` 1 for the first entry naming each token of the base prompt, 0 for later
+    ones; one base token read from two source tokens (prompts of other lengths) is an error."""
+    first: dict[int, int] = {}
+    keep = []
+    for k, (ps, pb) in enumerate(pairs):
+        if pb in first and pairs[first[pb]][0] != ps:
+            raise ValueError(
+                f"positions {wanted[first[pb]]} and {wanted[k]} both name token {pb} of pair "
+                f"{pair}'s run, but tokens {pairs[first[pb]][0]} and {ps} of its other prompt: "
+                "pass positions that name one token each in both prompts."
+            )
+        keep.append(pb not in first)
+        first.setdefault(pb, k)
+    return torch.as_tensor(keep, dtype=torch.float32)
+
+
 def _senders(model: Any, senders: Any, layers: Layers) -> list[Site]:
     found = expand_sites(model, senders, layers=layers, kinds=SENDER_KINDS, what="senders")
     return [Site("head", s.layer, head=s.head) if s.kind == "head_out" else s for s in found]
@@ -386,6 +403,7 @@ def path_patch(
     metric_fn, metric_name = bind_metric(model, metric, n_pairs)
     final = f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post"
     deltas: list[dict[Site, Tensor]] = []  # per pair: sender -> [positions, d_model]
+    firsts: list[list[bool]] = []  # per pair: whether each position is its token's first
     finals: list[Tensor] = []
     src_final: list[Tensor] = []
     for i in range(n_pairs):
@@ -393,7 +411,13 @@ def path_patch(
         w_base, f_base = _writes(model, base[i], sender_list, final)
         ps = torch.as_tensor([a for a, _ in resolved[i]])
         pb = torch.as_tensor([b for _, b in resolved[i]])
-        deltas.append({s: (w_src[s][ps] - w_base[s][pb]).float().cpu() for s in sender_list})
+        # Two requested positions on one token (6 and -1 of a 7-token prompt) pass its change on
+        # once: the later entries carry none.
+        once = _first_of_each(resolved[i], wanted, i)
+        firsts.append(once.bool().tolist())
+        deltas.append(
+            {s: ((w_src[s][ps] - w_base[s][pb]) * once[:, None]).float().cpu() for s in sender_list}
+        )
         finals.append(f_base[-1])
         src_final.append(f_src[-1])
     group = torch.arange(n_pairs)
@@ -447,6 +471,7 @@ def path_patch(
                         edits = tuple(
                             Edit(hook, "head", pb, ADD, head=site.head, payload=delta[k])
                             for k, (_, pb) in enumerate(resolved[i])
+                            if firsts[i][k]
                         )
                         plan.cells.append(Cell((j, i, s, r), base=i, edits=edits))
         got = run_plan(

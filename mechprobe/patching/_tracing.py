@@ -408,7 +408,8 @@ def causal_trace(
         subjects: The subject's words in each prompt (their last occurrence is noised); taken
             from the task when ``prompts`` is one.
         answers: The answer whose first token's probability is traced (default: the clean
-            model's own top token, as ROME); taken from the task when ``prompts`` is one.
+            model's own top token, as ROME): one string for every prompt, or one per prompt;
+            taken from the task when ``prompts`` is one.
         metric: Instead of the answer's probability: a :func:`mechprobe.logit_diff` or a callable
             of the last position's logits, as for :func:`mechprobe.patch`.
         sites: State kinds to restore: ``"resid_post"`` (ROME's hidden states), ``"mlp_out"``,
@@ -494,7 +495,13 @@ def causal_trace(
         answers = [model.tokenizer.decode([t]) for t in top]
         answer_ids: list[Any] = top
     else:
-        answer_ids = [answers] if isinstance(answers, str) else list(answers or [])
+        # One answer string is every prompt's answer.
+        answer_ids = [answers] * len(ids) if isinstance(answers, str) else list(answers or [])
+        if metric is None and len(answer_ids) != len(ids):
+            raise ValueError(
+                f"Got {len(answer_ids)} answers for {len(ids)} prompts: pass one answer for "
+                "every prompt, or one per prompt."
+            )
     if metric is None:
         first = []
         for a in answer_ids:  # an answer's first token, as ROME scores it
