@@ -75,3 +75,24 @@ def test_an_ovector_from_another_model_is_refused_by_name(tiny):
     plain = mp.ovector_intervention(tiny, {"o": other.vector}, *args, layers=1, progress=False)
     same = mp.ovector_intervention(tiny, {"o": o}, *args, layers=1, progress=False)
     assert plain.to_frame().equals(same.to_frame())
+
+
+def test_only_random_seeds_are_pooled_into_one_family(tiny):
+    """Vectors named ovector_1 and ovector_2 (say, read at two layers) were averaged into one
+    "ovector" row of summary() and the repr; only random_<seed> controls are pooled."""
+    contexts = mp.random_word_contexts([" Poland", " Chile", " Japan", " Peru"], seed=0)
+    targets = [" Warsaw", " Santiago", " Tokyo", " Lima"]
+    g = torch.Generator().manual_seed(0)
+    vectors = {
+        "ovector_1": torch.zeros(64),
+        "ovector_2": 50 * torch.randn(64, generator=g),
+        "random_0": torch.randn(64, generator=g),
+        "random_1": torch.randn(64, generator=g),
+    }
+    eff = mp.ovector_intervention(tiny, vectors, contexts, targets, layers=[1, 2], progress=False)
+    families = eff.families()
+    assert families["ovector_1"] == ["ovector_1"] and families["ovector_2"] == ["ovector_2"]
+    assert families["random"] == ["random_0", "random_1"]
+    summary = eff.summary()
+    rows = summary[summary["group"] == "all"] if "group" in summary else summary
+    assert {"ovector_1", "ovector_2", "random"} <= set(rows["condition"])

@@ -99,10 +99,25 @@ def test_save_load_roundtrip(result, tmp_path):
     assert torch.equal(back.ovector.vector, result.ovector.vector)
     report = (folder / "report.md").read_text()
     assert "random, same norm (2 seeds)" in report and "intact model" in report
+    # The random model answers nothing: the report must not claim correct items or prompts.
+    assert not result.trajectory.correct.any()
+    assert "No item was answered correctly" in report
+    assert "correctly answered items with distinct" not in report
+    assert "prompts (none was answered correctly: all of them)" in report
     frame = result.to_frame()
     assert set(frame["condition"]) == {"ovector", "random", "other_task", "intact"}
     with pytest.raises(FileNotFoundError, match=r"no result\.json"):
         mp.RelationalResult.load(tmp_path)
+
+
+def test_more_items_than_the_task_has_records_the_count_used(tiny):
+    task = mp.load_task("capitals").subset(4, seed=0)
+    res = mp.relational_analysis(
+        tiny, task, shots=1, n_items=500, layers=[2], n_random=0, ablation=False,
+        other_task=None, contrast_task=None, progress=False,
+    )  # fmt: skip
+    assert res.config["n_items"] == 4 == res.n_items
+    assert any("n_items=500" in note for note in res.notes)
 
 
 def test_bad_arguments_name_the_fix(tiny):
@@ -202,3 +217,17 @@ def test_cli_relation_refuses_a_nan_scale(capsys):
         cli_main(["relation", "--task", "capitals", "--model", "tiny", "--out", "x",
                   "--scale", "nan"])  # fmt: skip
     assert stop.value.code == 2 and "finite number" in capsys.readouterr().err
+
+
+def test_held_out_items_share_no_argument_with_the_fitted_ones():
+    from mechprobe.relational._analysis import _split
+
+    task = mp.load_task("uppercase").with_shots(3).subset(100, seed=0)
+    args = np.asarray(task.arguments())
+    held = _split(list(args), 0.5, 0)
+    assert not set(args[held]) & set(args[~held])  # 13 of 14 overlapped before
+    assert 40 <= held.sum() <= 60
+    capitals = mp.load_task("capitals").with_shots(3).subset(100, seed=0).arguments()
+    old = np.zeros(100, dtype=bool)
+    old[np.random.default_rng(0).permutation(100)[:50]] = True
+    np.testing.assert_array_equal(_split(capitals, 0.5, 0), old)  # distinct arguments: as before

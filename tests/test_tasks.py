@@ -111,6 +111,18 @@ def test_items_are_task_items_with_the_argument_defaulting_to_the_input() -> Non
     assert len(task) == 2
 
 
+def test_an_input_written_with_its_own_space_has_the_bare_word_as_argument() -> None:
+    """A template "capital of{input}?" with inputs " Poland": the argument was "  Poland" (its
+    first token a space), so every argument rank tracked a whitespace token."""
+    spaced = Task.from_dict(
+        {"name": "caps", "kind": "abstractive", "template": "capital of{input}?",
+         "shots": [[" France", "Paris"]], "items": [[" Poland", "Warsaw"]]}
+    )  # fmt: skip
+    assert spaced.prompts()[0].endswith("capital of Poland?")
+    assert spaced.arguments() == [" Poland"] and spaced.items[0].argument == "Poland"
+    assert Task.from_dict(spaced.to_dict()).items == spaced.items  # the round trip keeps it
+
+
 # --- derived tasks -----------------------------------------------------------------------------
 
 

@@ -110,13 +110,28 @@ def default_sweep_layers(n_layers: int, function_layer: int | None) -> list[rang
     return to_end + [range(s, n_layers - 1) for s in range(first, n_layers - 1)]
 
 
-def _split(n: int, holdout: float, seed: int) -> np.ndarray:
-    """``[item]`` True for held-out items (a seeded fraction ``holdout`` of them)."""
+def _split(arguments: Sequence[str], holdout: float, seed: int) -> np.ndarray:
+    """``[item]`` True for held-out items: a seeded fraction ``holdout`` of them, split by
+    argument, so that no held-out item shares its argument with an item the o-vector is fitted
+    on (``uppercase`` asks about 13 colours in 200 items). Arguments are drawn in a seeded order
+    until the held-out items reach the fraction, leaving at least one argument in; with every
+    argument distinct (capitals) this is a seeded fraction of the items.
+
+    Example:
+        >>> _split(["a", "b", "a", "c"], 0.5, 0).tolist()  # "c", then "a": 3 of 4 (at least 2)
+        [True, False, True, True]
+    """
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"holdout is a fraction in [0, 1), got {holdout!r}.")
+    n = len(arguments)
+    names = list(dict.fromkeys(arguments))  # in order of first occurrence
+    members = {name: [i for i, a in enumerate(arguments) if a == name] for name in names}
     held = np.zeros(n, dtype=bool)
-    n_held = min(round(holdout * n), n - 1)
-    held[np.random.default_rng(seed).permutation(n)[:n_held]] = True
+    wanted = min(round(holdout * n), n - 1)
+    for g in np.random.default_rng(seed).permutation(len(names))[: len(names) - 1]:
+        if held.sum() >= wanted:
+            break
+        held[members[names[g]]] = True
     return held
 
 
@@ -186,7 +201,8 @@ def relational_analysis(
         model: A TransformerLens model.
         task: A :class:`Task`, a built-in task name or a task file.
         shots: Demonstrations per prompt.
-        n_items: Use a seeded subset of this many items (None: all).
+        n_items: Use a seeded subset of this many items (None, or more than the task has:
+            all; ``config["n_items"]`` records the count used).
         layers: FFN layers the o-vector is written into: an int, a range, a list or ``"all"``
             (None: the function layer to the last).
         scale: Scale of the written vector (finite).
@@ -198,7 +214,8 @@ def relational_analysis(
             pairing; None: skip).
         contrast_task: The task ablated beside this one (``"auto"``: the extractive or abstractive
             counterpart of a built-in task; None: only this task).
-        holdout: Fraction of items held out of the o-vector (their contexts are ``held_out``).
+        holdout: Fraction of items held out of the o-vector (their contexts are ``held_out``),
+            split by argument: no held-out item shares its argument with a fitted one.
         ovector_prompts: Average the o-vector over at most this many correct fit items (1: one
             prompt, as in the paper; None: all).
         ablation: Run the top-down FFN ablation.
@@ -250,7 +267,7 @@ def relational_analysis(
     check_lens(model, lens)
     base = as_task(task)
     work = _prepare(base, shots, n_items, seed)
-    held = _split(len(work), holdout, seed)
+    held = _split(work.arguments(), holdout, seed)
     other = _resolve_pair(other_task, base, 1)
     if other is not None:
         other = _prepare(other, min(shots, len(other.shots)), _OTHER_TASK_ITEMS, seed)
@@ -258,6 +275,8 @@ def relational_analysis(
     if contrast is not None:
         contrast = _prepare(contrast, min(shots, len(contrast.shots)), n_items, seed)
     notes: list[str] = []
+    if n_items is not None and n_items > len(work):
+        notes.append(f"n_items={n_items}, but {base.name!r} has {len(work)} items: all are used.")
     steps: dict[str, Any] = {"batch_size": batch_size, "progress": progress}
 
     # 1. One teacher-forced pass: score, trajectory, stages, the last-token FFN outputs.
@@ -317,7 +336,7 @@ def relational_analysis(
     config = {
         "model": tp.model,
         "shots": shots,
-        "n_items": n_items,
+        "n_items": len(work),  # the items used (n_items asked more of a smaller task: all)
         "layers": list(effect.layers),
         "ovector_layer": o_layer,
         "scale": scale,

@@ -218,11 +218,16 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
         return pd.DataFrame(rows)
 
     def families(self) -> dict[str, list[str]]:
-        """Conditions grouped by name, seeds pooled: ``{"random": ["random_0", ...], ...}``."""
+        """Conditions grouped by name, the seeds of the random controls pooled:
+        ``{"random": ["random_0", ...], "ovector": ["ovector"], ...}``. Only ``random_<seed>``
+        (as :func:`ovector_controls` names them) is pooled; ``ovector_24`` and ``ovector_25``
+        stay two conditions."""
         out: dict[str, list[str]] = {}
         for name in self.conditions:
             stem, _, tail = name.rpartition("_")
-            out.setdefault(stem if stem and tail.isdigit() else name, []).append(name)
+            out.setdefault("random" if stem == "random" and tail.isdigit() else name, []).append(
+                name
+            )
         return out
 
     def to_frame(self) -> pd.DataFrame:

@@ -86,8 +86,7 @@ def report(result: RelationalResult, figures: Sequence[str] = ()) -> str:
         "",
         "## Early decoding (the X)",
         "",
-        f"Over {int(traj.included.sum())} correctly answered items with distinct argument and "
-        "answer tokens: argument-formation layer "
+        _over(traj) + ": argument-formation layer "
         f"**{_f(st.argument_layer)}**, function-application layer **{_f(st.function_layer)}**, "
         f"saturation layer **{_f(st.saturation_layer)}** (of {traj.n_layers}; rules in "
         "`mechprobe.relational._trajectory`).",
@@ -118,7 +117,12 @@ def report(result: RelationalResult, figures: Sequence[str] = ()) -> str:
         f"at {_positions(result.intervention.positions)}"
         f", on random-word contexts ending before a repeat of the argument. The o-vector is the "
         f"mean `mlp_out` at layer {result.ovector.layer} over {result.ovector.n_prompts} "
-        f"correctly answered prompts (norm {result.ovector.norm:.1f}); ranks are 0-based.",
+        + (
+            "correctly answered prompts"
+            if result.ovector.info.get("only_correct", True)
+            else "prompts (none was answered correctly: all of them)"
+        )
+        + f" (norm {result.ovector.norm:.1f}); ranks are 0-based.",
         "",
         "All contexts:",
         "",
@@ -168,3 +172,13 @@ def report(result: RelationalResult, figures: Sequence[str] = ()) -> str:
     if figures:
         out += ["## Figures", "", *[f"![{f}]({f})" for f in figures], ""]
     return "\n".join(out)
+
+
+def _over(traj: Any) -> str:
+    """Which items the X averages, as :attr:`Trajectory.included` chose them."""
+    if not traj.correct.any():
+        return "No item was answered correctly, so no curve is averaged"
+    n = int(traj.included.sum())
+    if (traj.correct & traj.distinct).any():
+        return f"Over {n} correctly answered items with distinct argument and answer tokens"
+    return f"Over {n} correctly answered items (none has distinct argument and answer tokens)"

@@ -142,7 +142,9 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
 
         All three are None when no correctly answered item has distinct argument and answer
         tokens (e.g. a copying task whose argument is its answer), or when the answer does not
-        end ahead and visible.
+        end ahead of the argument, or is visible at no layer of its final lead (it need not
+        be visible at the last layer: through the logit lens a correct answer ends at 1.0, through
+        other lenses it may end lower).
         """
         if not 0.0 < saturation <= 1.0:
             raise ValueError(f"saturation is a fraction in (0, 1], got {saturation!r}.")

@@ -95,7 +95,9 @@ def normalise_rows(name: str, key: str, rows: object) -> tuple[TaskItem, ...]:
                     f"{where}: the {part} {value!r} has surrounding whitespace; store it without "
                     "(the leading space is added by answers() and arguments())."
                 )
-        item = TaskItem(row[0], row[1], row[2] if len(row) == 3 else row[0])
+        # An input the template writes after "of" with its own space (" Poland") is still the
+        # argument "Poland": arguments() adds the one leading space.
+        item = TaskItem(row[0], row[1], row[2] if len(row) == 3 else row[0].strip())
         if item.input in seen:
             raise ValueError(
                 f"{where}: the input {item.input!r} repeats {key}[{seen[item.input]}]; keep "
@@ -107,7 +109,8 @@ def normalise_rows(name: str, key: str, rows: object) -> tuple[TaskItem, ...]:
 
 
 def item_to_list(item: TaskItem) -> list[str]:
-    """The JSON row of an item: two strings when the argument is the input, else three."""
-    if item.argument == item.input:
+    """The JSON row of an item: two strings when the argument is the input (up to surrounding
+    whitespace), else three."""
+    if item.argument == item.input.strip():
         return [item.input, item.output]
     return [item.input, item.output, item.argument]
