@@ -210,11 +210,11 @@ def probe_layers(
     iterations (an eighth to a quarter of them on SmolLM2 activations); where every group is one
     layer, every fourth layer goes first and the rest start from their nearest fitted layers
     (see ``_phases``). Results depend on none of these beyond ``tol``: each fit stops when its
-    gradient is within ``tol`` of zero, so a held-out prediction near a decision boundary can flip
-    (a row or two in a hundred on pure noise at the default ``tol``; none at ``tol=1e-8``). With fewer
-    training rows than features the weights grow until the penalty binds, and held-out
-    predictions can move within that tolerance (with the rounding of the activations): pass a
-    smaller ``tol`` there (``amnesic`` probes to 1e-6).
+    gradient is within ``tol`` of zero, so a held-out prediction near a decision boundary can
+    flip (a row or two in a hundred on pure noise at the default ``tol``; none at
+    ``tol=1e-8``). With fewer training rows than features the weights grow until the penalty
+    binds, and held-out predictions can move within that tolerance (with the rounding of the
+    activations): pass a smaller ``tol`` there (``amnesic`` probes to 1e-6).
 
     Args:
         X: ``[n, layers, d]`` array or tensor, or an object with ``.values`` (and ``.labels``,

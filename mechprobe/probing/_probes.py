@@ -315,8 +315,8 @@ def _fit_mlp(
     early-stopping rule (its parameters are those of the epoch it stopped at), so a layer's
     probe does not depend on which other layers are fitted beside it.
 
-    Returns ``((W₁ [L, d, h], b₁ [L, h], W₂ [L, h, K], b₂ [L, K]), epochs)``, ``epochs`` those of
-    the layer that trained longest.
+    Returns ``((W₁ [L, d, h], b₁ [L, h], W₂ [L, h, K], b₂ [L, K]), epochs)``, ``epochs``
+    those of the layer that trained longest.
     """
     n_layers, n, d = X.shape
     gen = torch.Generator().manual_seed(seed)
