@@ -244,7 +244,7 @@ def probe_layers(
         (1.0, True)
     """
     skip_control = groups is False
-    sites = _site_names(X)
+    sites = _collected_sites(X)
     values, labels, groups = as_layers(X, y, None if skip_control else groups)
     if skip_control:
         groups = None
@@ -348,7 +348,7 @@ def probe_layers(
     )
 
 
-def _site_names(X: Any) -> tuple[str, ...] | None:
+def _collected_sites(X: Any) -> tuple[str, ...] | None:
     """The site names of ``X``'s layer axis (:class:`Activations` has them), or None."""
     if isinstance(X, (np.ndarray, torch.Tensor)):
         return None
