@@ -149,6 +149,24 @@ def test_probe_numbers_the_layers_it_probed(tmp_path, capsys):
     assert json.loads((tmp_path / "summary.json").read_text())["layers"] == [1, 2]
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:4]]
     assert rows == ["1", "2"]
+    # The scalar mix's weights are named by the layers probed (it said "layer 0" for layer 1).
+    out = tmp_path / "mix"
+    assert (
+        cli_main([*args, "--scalar-mix", "--max-examples", "200", "--quiet", "--out", str(out)])
+        == 0
+    )
+    saved = mp.load_result(out / "result.json")
+    best = int(saved.layers[int(np.argmax(saved.mix_weights))])
+    assert f"largest weights layer {best}:" in capsys.readouterr().out
+    heads = tmp_path / "heads"
+    args = ["probe", "--dataset", "templated_pos", "--model", "tiny", "--site", "head_out"]
+    assert (
+        cli_main([*args, "--layers", "2", "--max-examples", "200", "--quiet", "--out", str(heads)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "head_out@2, head 3" in printed and printed.splitlines()[1].split()[0] == "site"
+    assert json.loads((heads / "summary.json").read_text())["sites"][0] == "head_out@2, head 0"
 
 
 def test_relation_takes_a_lens(tmp_path, capsys, monkeypatch):

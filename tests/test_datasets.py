@@ -143,6 +143,9 @@ def test_load_labels_formats_and_round_trip(tmp_path: Path) -> None:
     assert mp.load_labels(csv_words).groups == (("THE", "CAT"), ("A", "DOG"))
     csv_text.write_text("text,label,groups\nI ran,past,run\nI run,present,run\n")
     assert mp.load_labels(csv_text).groups == ("run", "run")
+    csv_text.write_text("text,label,group\nI ran,past,run\nI run,present,\n")  # a blank cell
+    with pytest.raises(ValueError, match=r"records \[1\] have no 'group'"):
+        mp.load_labels(csv_text)
     js = tmp_path / "w.json"
     js.write_text(json.dumps([
         {"words": ["Hi", ",", "you"], "spaces": [False, True, False], "labels": ["INTJ", None, "PRON"]},

@@ -268,6 +268,11 @@ def test_a_padded_token_batch_is_refused(tiny):
         mp.patch(tiny, clean, corrupt, "mlp_out", -1, METRIC)
     same = tiny.to_tokens(["The cat sat", "The cow sat"])  # equal lengths: no padding
     assert np.isfinite(mp.patch(tiny, same, same, "mlp_out", -1, METRIC).values).all()
+    # The pad token is also end-of-text here: a prompt may end in one of its own.
+    assert tiny.tokenizer.pad_token_id == tiny.tokenizer.eos_token_id
+    ended = same.clone()
+    ended[0, -1] = tiny.tokenizer.eos_token_id
+    assert np.isfinite(mp.patch(tiny, ended, same, "mlp_out", -1, METRIC).values).all()
 
 
 def test_tokens_and_callable_metrics(tiny):
@@ -317,7 +322,8 @@ def test_no_hooks_left_after_an_exception_in_the_metric(tiny):
         ({"metric": mp.logit_diff(1.5, 2)}, "strings or token ids"),
         ({"metric": mp.logit_diff([1, 2, 3], 4)}, "3 entries for 1 prompt pairs"),
         ({"sites": "blocks.0.attn.hook_q"}, "is a hook but not a site"),
-        ({"sites": "blocks.1.attn.hook_z"}, r"Site.parse\('blocks.1.attn.hook_z', head=2\)"),
+        ({"sites": "blocks.1.attn.hook_z"}, r"Site.parse\('blocks.1.attn.hook_z', head=0\)"),
+        ({"sites": "blocks.1.attn.hook_k"}, r"every key/value head of layer 1"),
         ({"sites": [mp.Site("mlp_out", 0, positions=-1)]}, "pass positions= to patch"),
         ({"sites": "mlp_out", "positions": "last"}, "same token length|'all'"),
         ({"cells_per_batch": 0}, "positive int"),

@@ -661,6 +661,7 @@ def test_k_fold_runs_every_fold() -> None:
         (np.zeros((10, 2, 3)), np.zeros(10), "only one class"),
         (np.zeros((10, 2, 3)), None, "pass y"),
         (np.zeros((10, 2, 3)), np.linspace(0, 1, 10), "continuous values"),
+        (np.zeros((10, 2, 3)), np.array(list(np.linspace(0, 1, 10)), dtype=object), "continuous"),
         (np.zeros((10, 2, 3)), np.array(["a", None] * 5, dtype=object), r"rows \[1, 3, 5"),
         (np.zeros((10, 2, 3)), np.array([0.0, np.nan] * 5), "None or NaN"),
     ],
@@ -701,6 +702,13 @@ def test_layers_are_the_models_layers_of_the_collected_sites(tmp_path) -> None:
     assert by_head.layers.tolist() == [2] * int(tiny.cfg.n_heads)
     assert by_head.sites is not None and by_head.sites[1] == "head_out@2, head 1"
     assert by_head.plot().axes[0].get_xlabel() == "site, as collected"
+    best = int(np.argmax(by_head.accuracy))
+    assert by_head.entry_names()[best] == by_head.sites[best]
+    assert f"{int(tiny.cfg.n_heads)} sites" in repr(by_head) and by_head.sites[best] in repr(
+        by_head
+    )
+    assert by_head.summary()["best_site"][0] == by_head.sites[best]
+    assert result.entry_names() == ["layer 1", "layer 2"]
 
 
 @pytest.mark.parametrize("suffix", [".json", ".npz"])

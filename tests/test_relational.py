@@ -231,3 +231,12 @@ def test_held_out_items_share_no_argument_with_the_fitted_ones():
     old = np.zeros(100, dtype=bool)
     old[np.random.default_rng(0).permutation(100)[:50]] = True
     np.testing.assert_array_equal(_split(capitals, 0.5, 0), old)  # distinct arguments: as before
+
+
+def test_split_by_argument_stays_near_the_fraction():
+    from mechprobe.relational._analysis import _split
+
+    uneven = ["x"] * 15 + list("abcde")  # one argument of 15 items, five of one
+    for seed in range(5):
+        assert _split(uneven, 0.25, seed).sum() == 5  # not the 15 of "x" (19 of 20 before)
+    assert _split(["x"] * 20, 0.5, 0).sum() == 0  # one argument: nothing can be held out

@@ -47,7 +47,8 @@ def add_parser(sub: Any) -> None:
         "--site",
         default="resid_post",
         help="site kind probed at every layer: resid_pre, resid_mid, mlp_in (resid_mid's "
-        "value), resid_post, attn_out, mlp_out (default resid_post)",
+        "value), resid_post, attn_out, mlp_out (default resid_post); or at every head: head_out "
+        "(its write to the residual stream), head (its z), q, k, v",
     )
     add_layers_argument(parser, "layers probed")
     parser.add_argument(
@@ -120,16 +121,21 @@ def load_dataset(name: str, seed: int = 0) -> Any:
 def table(result: Any) -> str:
     """A compact per-layer table: accuracy, control accuracy, selectivity."""
     frame = result.to_frame()
-    lines = [f"{'layer':>5}  {'acc':>6}  {'control':>7}  {'select.':>7}"]
-    for row in frame.itertuples():
+    # "layer 10" -> "10"; heads keep their site ("head_out@3, head 2").
+    names = [name.removeprefix("layer ") for name in result.entry_names()]
+    width = max(5, *(len(name) for name in names))
+    head = "layer" if names == [str(int(x)) for x in result.layers] else "site"
+    lines = [f"{head:>{width}}  {'acc':>6}  {'control':>7}  {'select.':>7}"]
+    for name, row in zip(names, frame.itertuples(), strict=True):
         lines.append(
-            f"{row.layer:>5}  {row.accuracy:6.3f}  {row.control_accuracy:7.3f}  "
+            f"{name:>{width}}  {row.accuracy:6.3f}  {row.control_accuracy:7.3f}  "
             f"{row.selectivity:7.3f}"
         )
     lines.append(f"majority baseline {result.majority_baseline:.3f}")
     if result.mix_weights is not None:  # --scalar-mix
         top = sorted(range(len(result.mix_weights)), key=lambda i: -result.mix_weights[i])[:3]
-        weights = ", ".join(f"layer {i}: {result.mix_weights[i]:.2f}" for i in top)
+        labels = result.entry_names()
+        weights = ", ".join(f"{labels[i]}: {result.mix_weights[i]:.2f}" for i in top)
         lines.append(
             f"scalar mix: accuracy {result.mix_accuracy:.3f}, expected layer "
             f"{result.expected_layer:.1f}, largest weights {weights}"
@@ -190,6 +196,7 @@ def main(args: argparse.Namespace) -> int:
         "model": args.model,
         "site": args.site,
         "layers": [int(layer) for layer in result.layers],
+        "sites": list(result.sites) if result.sites is not None else None,
         "positions": acts.metadata["positions"],
         "n_examples": len(acts),
         "dropped_words": acts.metadata["dropped_words"],

@@ -737,8 +737,10 @@ def tiny_model(
 
     Example:
         >>> model = tiny_model()
-        >>> (model.cfg.n_layers, model.cfg.d_model, model.cfg.model_name)
-        (3, 64, 'tiny-llama (random, seed 0)')
+        >>> (model.cfg.n_layers, model.cfg.d_model)
+        (3, 64)
+        >>> model.cfg.model_name
+        'tiny-llama (random, seed 0, 3 layers, d 64, 2 kv heads)'
     """
     if architecture not in _TINY_ARCHITECTURES:
         raise ValueError(
@@ -764,5 +766,8 @@ def tiny_model(
         model = _bridge(hf_model, tokenizer, name, None)
     # Its own name, so that results, lenses and o-vectors made on it do not claim a real model
     # (TransformerLens reads cfg.model_name only while converting).
-    model.cfg.model_name = f"tiny-{architecture} (random, seed {seed})"
+    kv = "" if architecture == "gpt2" else f", {n_kv_heads} kv heads"
+    model.cfg.model_name = (
+        f"tiny-{architecture} (random, seed {seed}, {n_layers} layers, d {d_model}{kv})"
+    )
     return model

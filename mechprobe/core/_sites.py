@@ -165,16 +165,22 @@ class Site:
 SiteLike: TypeAlias = Site | str
 
 
-def _head_hint(name: str) -> str:
-    """For a head kind's hook name (all heads of a layer): how to name one head, or all."""
+def _head_hint(name: str, kinds: Sequence[str]) -> str:
+    """For a head kind's hook name (all heads of a layer): how to name one head, or all, where
+    the caller takes that kind."""
     try:
         site = Site.parse(name, head=0)
     except ValueError:
         return ""
+    if site.kind not in kinds:
+        return (
+            f" It holds every head of layer {site.layer}; {site.kind!r} sites are not taken here."
+        )
+    heads = "key/value head" if site.kind in ("k", "v") else "head"
     return (
-        f" It holds every head of layer {site.layer} ({site.kind!r} sites): name one head with "
-        f"Site.parse({name!r}, head=2) or Site({site.kind!r}, {site.layer}, head=2), or pass "
-        f"the kind {site.kind!r} for every head of each layer."
+        f" It holds every {heads} of layer {site.layer} ({site.kind!r} sites): name one with "
+        f"Site.parse({name!r}, head=0) or Site({site.kind!r}, {site.layer}, head=0), or pass "
+        f"the kind {site.kind!r} for every {heads} of each layer."
     )
 
 
@@ -424,7 +430,7 @@ def expand_sites(
                 f"Site('mlp_in', {layer.group(1)}) for what the MLP alone reads (writes reach "
                 f"the MLP only) or Site('resid_mid', {layer.group(1)}) for the residual stream."
                 if mid is not None and layer is not None and hooks.get(mid) is hooks[name]
-                else _head_hint(name)
+                else _head_hint(name, kinds)
             )
             raise ValueError(
                 f"{what}: {name!r} is a hook but not a site ({', '.join(kinds)}); pass a Site, "

@@ -499,8 +499,8 @@ def causal_trace(
         answer_ids = [answers] * len(ids) if isinstance(answers, str) else list(answers or [])
         if metric is None and len(answer_ids) != len(ids):
             raise ValueError(
-                f"Got {len(answer_ids)} answers for {len(ids)} prompts: pass one answer for "
-                "every prompt, or one per prompt."
+                f"Got {len(answer_ids)} answers for {len(ids)} prompts: pass one answer per "
+                "prompt, or a single string for all of them."
             )
     if metric is None:
         first = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -13,6 +14,8 @@ from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 from torch import Tensor
 
 _GATHER_ROWS = 2048  # rows gathered (and added to the moments) at a time
+# A layer in a site name: a hook's "blocks.20." or a head site's "head_out@3".
+_LAYER_IN_NAME = re.compile(r"^blocks\.(\d+)\.|^\w+@(\d+)")
 
 
 def as_layers(
@@ -77,6 +80,8 @@ def encode_labels(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             f"y has no label at rows {missing[:10]} (None or NaN); drop those rows, or give "
             "them a label."
         )
+    if y.dtype == object and len(y) and all(isinstance(v, (float, np.floating)) for v in y):
+        y = y.astype(np.float64)  # floats in an object array are checked as floats
     if y.dtype.kind == "f" and not np.array_equal(y, np.round(y)):
         raise ValueError(
             f"y holds continuous values (e.g. {y[:3].tolist()}), not class labels; a probe "
@@ -254,3 +259,25 @@ def _warn_rare(counts: np.ndarray, needed: int, classes: np.ndarray | None) -> N
         UserWarning,
         stacklevel=3,
     )
+
+
+def collected_sites(X: Any) -> tuple[str, ...] | None:
+    """The site names of ``X``'s layer axis (:class:`Activations` has them), or None."""
+    if isinstance(X, (np.ndarray, torch.Tensor)):
+        return None
+    names = getattr(X, "sites", None)
+    return None if names is None else tuple(str(name) for name in names)
+
+
+def model_layers(sites: tuple[str, ...] | None, n_layers: int) -> np.ndarray:
+    """The model layer of each site name (``blocks.20.hook_resid_post``, ``head_out@3, head 2``),
+    or the positions along the layer axis where a name gives none."""
+    if sites is None or len(sites) != n_layers:
+        return np.arange(n_layers)
+    found = []
+    for name in sites:
+        match = _LAYER_IN_NAME.search(name)
+        if match is None:
+            return np.arange(n_layers)
+        found.append(int(match.group(1) or match.group(2)))
+    return np.asarray(found)

@@ -61,6 +61,8 @@ def _records_from_csv(path: Path) -> list[dict[str, Any]]:
             rec: dict[str, Any] = {"text": row["text"]}
             # Either spelling of the group column, at either level (shaped like the labels).
             group = next((row[c] for c in ("groups", "group") if c in fields), None)
+            if group is not None and not group.strip():
+                group = None  # a blank cell is a missing group (refused unless all are blank)
             if "labels" in fields:
                 rec["labels"] = row["labels"].split()
                 if group is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import re
 import threading
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +24,15 @@ import torch
 
 from mechprobe._fit import LogisticFit, fit_logistic, softmax_penalty
 from mechprobe.core import Result, new_axes, progress_bar
-from mechprobe.probing._data import as_layers, encode_labels, gathered_dtype, splits, standardised
+from mechprobe.probing._data import (
+    as_layers,
+    collected_sites,
+    encode_labels,
+    gathered_dtype,
+    model_layers,
+    splits,
+    standardised,
+)
 from mechprobe.probing._probes import _fit_mlp, control_labels
 from mechprobe.probing._scalar_mix import _fit_mix
 
@@ -37,8 +44,6 @@ _GROUP_BYTES = 128 * 2**20  # gathered training rows per group of layers fitted 
 _WORKERS = 2  # groups of layers fitted at once (each on its share of torch's threads)
 
 _Fits = dict[int, tuple[torch.Tensor, torch.Tensor]]
-# A layer in a site name: a hook's "blocks.20." or a head site's "head_out@3".
-_LAYER_IN_NAME = re.compile(r"^blocks\.(\d+)\.|^\w+@(\d+)")
 T = TypeVar("T")
 
 
@@ -88,6 +93,20 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
     mix_accuracy: float | None = None
     sites: tuple[str, ...] | None = None
 
+    def entry_names(self) -> list[str]:
+        """What each entry of the layer axis is: ``"layer 10"``, or its site where entries share
+        a layer (heads: ``"head_out@3, head 2"``).
+
+        Example:
+            >>> import numpy as np
+            >>> X = np.random.default_rng(0).normal(size=(60, 2, 4)); y = X[:, 1, 0] > 0
+            >>> probe_layers(X, y, progress=False).entry_names()
+            ['layer 0', 'layer 1']
+        """
+        if self.sites is None or len(set(self.layers.tolist())) == len(self.layers):
+            return [f"layer {int(layer)}" for layer in self.layers]
+        return list(self.sites)
+
     @property
     def best_layer(self) -> int:
         """The layer of the highest held-out accuracy (the first, on ties)."""
@@ -134,16 +153,20 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
             if np.isfinite(selectivity).any()
             else np.nan,
         }
+        if self.sites is not None:
+            row["best_site"] = self.sites[best]
         if self.mix_weights is not None:
             row |= {"expected_layer": self.expected_layer, "mix_accuracy": self.mix_accuracy}
         return pd.DataFrame([row])
 
     def _describe(self) -> str:
         best = int(np.argmax(self.accuracy))
+        heads = self.entry_names()[0] != f"layer {int(self.layers[0])}"
         words = (
-            f"{self.probe} probes, {len(self.layers)} layers, {self.n_examples} examples, "
-            f"{self.n_classes} classes: best layer {self.best_layer} (accuracy "
-            f"{self.accuracy[best]:.3f}, majority {self.majority_baseline:.3f})"
+            f"{self.probe} probes, {len(self.layers)} {'sites' if heads else 'layers'}, "
+            f"{self.n_examples} examples, {self.n_classes} classes: best "
+            f"{self.entry_names()[best]} (accuracy {self.accuracy[best]:.3f}, majority "
+            f"{self.majority_baseline:.3f})"
         )
         if self.expected_layer is not None:
             words += f", expected layer {self.expected_layer:.2f}"
@@ -244,7 +267,7 @@ def probe_layers(
         (1.0, True)
     """
     skip_control = groups is False
-    sites = _collected_sites(X)
+    sites = collected_sites(X)
     values, labels, groups = as_layers(X, y, None if skip_control else groups)
     if skip_control:
         groups = None
@@ -329,7 +352,7 @@ def probe_layers(
         base += float((y_te == torch.bincount(y_tr, minlength=k).argmax()).double().mean())
     n = len(folds)
     accuracy, control_accuracy = acc / n, ctrl / n
-    layers = _model_layers(sites, n_layers)
+    layers = model_layers(sites, n_layers)
     return ProbeResult(
         layers=layers,
         accuracy=accuracy,
@@ -346,28 +369,6 @@ def probe_layers(
         mix_accuracy=mix_acc / n if scalar_mix else None,
         sites=sites,
     )
-
-
-def _collected_sites(X: Any) -> tuple[str, ...] | None:
-    """The site names of ``X``'s layer axis (:class:`Activations` has them), or None."""
-    if isinstance(X, (np.ndarray, torch.Tensor)):
-        return None
-    names = getattr(X, "sites", None)
-    return None if names is None else tuple(str(name) for name in names)
-
-
-def _model_layers(sites: tuple[str, ...] | None, n_layers: int) -> np.ndarray:
-    """The model layer of each site name (``blocks.20.hook_resid_post``, ``head_out@3, head 2``),
-    or the positions along the layer axis where a name gives none."""
-    if sites is None or len(sites) != n_layers:
-        return np.arange(n_layers)
-    found = []
-    for name in sites:
-        match = _LAYER_IN_NAME.search(name)
-        if match is None:
-            return np.arange(n_layers)
-        found.append(int(match.group(1) or match.group(2)))
-    return np.asarray(found)
 
 
 def _phases(n_layers: int, mlp: bool, stride: int = 2) -> list[list[int]]:

@@ -42,7 +42,14 @@ from mechprobe._fit import (
 )
 from mechprobe.core import Result, new_axes, progress_bar
 from mechprobe.probing._activations import Activations
-from mechprobe.probing._data import as_layers, encode_labels, splits, standardised
+from mechprobe.probing._data import (
+    as_layers,
+    collected_sites,
+    encode_labels,
+    model_layers,
+    splits,
+    standardised,
+)
 from mechprobe.probing._probes import _check_known_labels, _encode_targets, _softmax
 
 if TYPE_CHECKING:
@@ -200,15 +207,18 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=2):
+class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
     """Tenney et al.'s cumulative scoring of layer prefixes.
 
     Attributes:
         scores: ``[layers]`` held-out accuracy of the scalar mix of layers ``0..l``.
         deltas: ``[layers]`` ``scores[l] - scores[l-1]``, NaN at ``l = 0``; negative values kept.
-        expected_layer: ``E_Δ = Σ_{l≥1} l Δ(l) / Σ_{l≥1} Δ(l)`` (NaN when the deltas sum to 0).
+        expected_layer: ``E_Δ = Σ_{l≥1} layers[l] Δ(l) / Σ_{l≥1} Δ(l)`` (NaN when the deltas sum
+            to 0).
         mix_weights: ``[layers, layers]``, row ``l`` the softmax weights of the mix of ``0..l``.
         n_train: training rows; n_test: held-out rows.
+        layers: ``[layers]`` the model layer of each entry, read from the site names of
+            :class:`Activations` (as :class:`ProbeResult`); positions for a plain array.
     """
 
     scores: np.ndarray
@@ -217,12 +227,14 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=2):
     mix_weights: np.ndarray
     n_train: int
     n_test: int
+    layers: np.ndarray | None = None
+
+    def _layers(self) -> np.ndarray:
+        return np.arange(len(self.scores)) if self.layers is None else np.asarray(self.layers)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per layer: ``layer, score, delta``."""
-        return pd.DataFrame(
-            {"layer": np.arange(len(self.scores)), "score": self.scores, "delta": self.deltas}
-        )
+        return pd.DataFrame({"layer": self._layers(), "score": self.scores, "delta": self.deltas})
 
     def summary(self) -> pd.DataFrame:
         """One row: the expected layer ``E_Δ``, the first and last prefix scores, the layer of
@@ -234,7 +246,9 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=2):
                     "expected_layer": self.expected_layer,
                     "first_score": float(self.scores[0]),
                     "last_score": float(self.scores[-1]),
-                    "largest_gain_layer": int(np.argmax(gains)) if len(gains) > 1 else 0,
+                    "largest_gain_layer": int(self._layers()[int(np.argmax(gains))])
+                    if len(gains) > 1
+                    else int(self._layers()[0]),
                     "n_train": self.n_train,
                     "n_test": self.n_test,
                 }
@@ -251,7 +265,7 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=2):
     def plot(self, ax: Axes | None = None) -> Figure:
         """Δ(l) as bars (negative ones red), the prefix scores as a line, E_Δ as a dashed line."""
         figure, ax = new_axes(ax, (7, 3.5))
-        layers = np.arange(len(self.scores))
+        layers = self._layers()
         colors = ["tab:red" if d < 0 else "tab:blue" for d in np.nan_to_num(self.deltas)]
         ax.bar(layers, np.nan_to_num(self.deltas), color=colors, label="Δ(l)")
         ax.set(xlabel="layer", ylabel="Δ accuracy", title="Cumulative scoring")
@@ -306,9 +320,8 @@ def cumulative_scores(
     values, labels, _ = as_layers(X, y)
     classes, y_idx = encode_labels(labels)
     if X_test is None:
-        train, test = splits(y_idx, test_size=test_size, n_folds=None, seed=seed, classes=classes)[
-            0
-        ]
+        folds = splits(y_idx, test_size=test_size, n_folds=None, seed=seed, classes=classes)
+        train, test = folds[0]
         train_x, test_x, _, _ = standardised(values, train, test)
         y_train, y_test_idx = y_idx[train], y_idx[test]
     else:
@@ -346,8 +359,9 @@ def cumulative_scores(
         weights[start:stop, :stop] = fit.weights.numpy()
     deltas = np.concatenate([[np.nan], np.diff(scores)])
     total = deltas[1:].sum()
-    expected = float(np.arange(1, n_layers) @ deltas[1:] / total) if total != 0 else float("nan")
-    return CumulativeScores(scores, deltas, expected, weights, n_train, len(y_test_idx))
+    layers = model_layers(collected_sites(X), n_layers)
+    expected = float(layers[1:] @ deltas[1:] / total) if total != 0 else float("nan")
+    return CumulativeScores(scores, deltas, expected, weights, n_train, len(y_test_idx), layers)
 
 
 @dataclass(frozen=True)

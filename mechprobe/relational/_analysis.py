@@ -113,12 +113,14 @@ def default_sweep_layers(n_layers: int, function_layer: int | None) -> list[rang
 def _split(arguments: Sequence[str], holdout: float, seed: int) -> np.ndarray:
     """``[item]`` True for held-out items: a seeded fraction ``holdout`` of them, split by
     argument, so that no held-out item shares its argument with an item the o-vector is fitted
-    on (``uppercase`` asks about 13 colours in 200 items). Arguments are drawn in a seeded order
-    until the held-out items reach the fraction, leaving at least one argument in; with every
+    on (``uppercase`` asks about 13 colours in 200 items). Arguments are taken in a seeded order,
+    each one whose items bring the count no farther from the fraction, until it is reached,
+    leaving at least one argument in (so arguments of very unequal counts can miss the fraction,
+    and one argument alone holds nothing out: :func:`relational_analysis` notes both). With every
     argument distinct (capitals) this is a seeded fraction of the items.
 
     Example:
-        >>> _split(["a", "b", "a", "c"], 0.5, 0).tolist()  # "c", then "a": 3 of 4 (at least 2)
+        >>> _split(["a", "b", "a", "c"], 0.5, 0).tolist()  # "c", then "a": 3 of 4
         [True, False, True, True]
     """
     if not 0.0 <= holdout < 1.0:
@@ -128,10 +130,14 @@ def _split(arguments: Sequence[str], holdout: float, seed: int) -> np.ndarray:
     members = {name: [i for i, a in enumerate(arguments) if a == name] for name in names}
     held = np.zeros(n, dtype=bool)
     wanted = min(round(holdout * n), n - 1)
-    for g in np.random.default_rng(seed).permutation(len(names))[: len(names) - 1]:
-        if held.sum() >= wanted:
+    count, taken = 0, 0
+    for g in np.random.default_rng(seed).permutation(len(names)):
+        if count >= wanted or taken == len(names) - 1:
             break
-        held[members[names[g]]] = True
+        size = len(members[names[g]])
+        if abs(count + size - wanted) <= abs(count - wanted):
+            held[members[names[g]]] = True
+            count, taken = count + size, taken + 1
     return held
 
 
@@ -215,7 +221,8 @@ def relational_analysis(
         contrast_task: The task ablated beside this one (``"auto"``: the extractive or abstractive
             counterpart of a built-in task; None: only this task).
         holdout: Fraction of items held out of the o-vector (their contexts are ``held_out``),
-            split by argument: no held-out item shares its argument with a fitted one.
+            split by argument: no held-out item shares its argument with a fitted one, so the
+            fraction is met as closely as whole arguments allow (a note says when it is not).
         ovector_prompts: Average the o-vector over at most this many correct fit items (1: one
             prompt, as in the paper; None: all).
         ablation: Run the top-down FFN ablation.
@@ -277,6 +284,11 @@ def relational_analysis(
     notes: list[str] = []
     if n_items is not None and n_items > len(work):
         notes.append(f"n_items={n_items}, but {base.name!r} has {len(work)} items: all are used.")
+    if abs(held.mean() - holdout) > 0.1:
+        notes.append(
+            f"holdout={holdout}: {int(held.sum())} of {len(work)} items are held out, split by "
+            "argument (whole arguments only; no held-out item shares one with a fitted item)."
+        )
     steps: dict[str, Any] = {"batch_size": batch_size, "progress": progress}
 
     # 1. One teacher-forced pass: score, trajectory, stages, the last-token FFN outputs.
