@@ -106,10 +106,6 @@ def test_final_receiver_is_the_direct_effect_on_the_logits(tiny):
     assert np.isfinite(res.random).all() and res.random.shape == (2, 1, 13, 1)
 
 
-@pytest.mark.skipif(
-    not hasattr(tl_patching, "get_act_patch_direct_path"),
-    reason="TransformerLens 3.9 has no get_act_patch_direct_path (added in 4.x)",
-)
 def test_two_positions_on_one_token_pass_its_change_on_once(tiny):
     """positions=[6, -1] on a 7-token pair name one token twice: the final receiver counted the
     sender's change there twice (mlp_out@2: 0.85 instead of 2.57, the sign of its effect
@@ -130,6 +126,10 @@ def test_two_positions_on_one_token_pass_its_change_on_once(tiny):
                       positions=[6, -1])  # fmt: skip
 
 
+@pytest.mark.skipif(
+    not hasattr(tl_patching, "get_act_patch_direct_path"),
+    reason="TransformerLens 3.9 has no get_act_patch_direct_path (added in 4.x)",
+)
 def test_equals_transformerlens_direct_path_patching():
     model = mp.tiny_model(seed=2, n_kv_heads=4)  # TL's k/v direct paths refuse GQA
     clean, corrupt = model.to_tokens(CLEAN), model.to_tokens(CORRUPT)
