@@ -1,4 +1,5 @@
-"""Input handling shared by the layer-wise probes: coercion, label encoding, splits, scaling."""
+"""Input handling shared by the layer-wise probes: coercion, label encoding, splits, scaling, and
+the model layers of collected sites."""
 
 from __future__ import annotations
 
