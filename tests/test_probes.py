@@ -691,6 +691,8 @@ def test_layers_are_the_models_layers_of_the_collected_sites(tmp_path) -> None:
     np.testing.assert_array_equal(plain.accuracy, result.accuracy)
     assert plain.layers.tolist() == [0, 1] and plain.sites is None
     assert plain.expected_layer == pytest.approx(result.expected_layer - 1)
+    mix = mp.ScalarMixProbe().fit(acts, acts.labels)  # Activations: the collected layers too
+    assert mix.expected_layer_ == pytest.approx(float(np.dot([1, 2], mix.layer_weights_)))
     back = mp.ProbeResult.load(result.save(tmp_path / "r.json"))
     assert back.sites == result.sites and back.layers.tolist() == [1, 2]
     assert np.isfinite(result.control_accuracy).all()

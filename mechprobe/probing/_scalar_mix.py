@@ -78,7 +78,9 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
     Attributes:
         layer_weights_: ``[layers]`` softmax mixing weights (sum to 1).
         gamma_: the scale γ, reported as ``||γ W||_F`` (only the product is identifiable).
-        expected_layer_: centre of gravity ``Σ_l l · layer_weights_[l]``.
+        expected_layer_: centre of gravity ``Σ_l layer_l · layer_weights_[l]``, ``layer_l`` the
+            model layer of each entry for :class:`Activations` (as :class:`ProbeResult`), its
+            position along the layer axis for arrays.
         coef_: ``[K, d]`` unit-norm classifier on the mixed (standardised) features; ``intercept_``:
             ``[K]``. Class scores are ``gamma_ · mix @ coef_.T + intercept_``;
             :meth:`decision_function` returns them (two classes: the log-odds of ``classes_[1]``,
@@ -142,7 +144,8 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
         self.layer_weights_ = fit.weights[0].numpy()
         self.gamma_ = float(fit.gamma[0])
         self.coef_, self.intercept_ = fit.W[0].T.numpy(), fit.b[0].numpy()
-        self.expected_layer_ = float(np.arange(n_layers) @ self.layer_weights_)
+        layers = model_layers(collected_sites(X), n_layers)
+        self.expected_layer_ = float(layers @ self.layer_weights_)
         self.n_layers_in_, self.n_iter_ = n_layers, fit.n_iter
         return self
 
