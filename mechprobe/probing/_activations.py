@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, get_args
 
 import numpy as np
 import pandas as pd
@@ -48,6 +48,7 @@ from mechprobe.core import (
     Layers,
     PaddingSide,
     Site,
+    SiteKind,
     SiteLike,
     StopForward,
     check_int,
@@ -77,19 +78,7 @@ _TORCH = {"float32": torch.float32, "float16": torch.float16}
 #: Kinds with one vector per token: [batch, pos, d_model], or one head's [batch, pos, d_head]
 #: (``head``: z; ``q``, ``k``, ``v``) or its write to the residual stream (``head_out``, d_model).
 #: Sites of one call must agree in width: they stack into one array. ``pattern`` has none.
-_KINDS = (
-    "resid_pre",
-    "resid_mid",
-    "mlp_in",
-    "resid_post",
-    "attn_out",
-    "mlp_out",
-    "head_out",
-    "head",
-    "q",
-    "k",
-    "v",
-)
+_KINDS = tuple(kind for kind in get_args(SiteKind) if kind != "pattern")
 _HEAD_WIDTH = ("head", "q", "k", "v")
 _OLD_SELECT: dict[str, Any] = {"last": -1}
 
