@@ -233,6 +233,24 @@ def test_cuda_on_a_cpu_build_fails_before_loading(monkeypatch):
         mp.load_model(device="gpu9")
 
 
+def test_a_model_kept_on_the_cpu_of_a_gpu_machine_takes_its_inputs_there(monkeypatch):
+    """TransformerBridge records the best device present when none is named, without moving the
+    weights there: on a GPU machine a CPU model then sent every input to CUDA (found on an H200,
+    where 179 unit tests failed so). The bridge must name the weights' own device."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as TL sees it
+    model = mp.tiny_model()
+    assert model.cfg.device == "cpu"
+    tokens = model.to_tokens("Hi there")  # moved to cfg.device: CUDA before the fix
+    assert tokens.device.type == "cpu"
+    assert model(tokens).shape == (1, tokens.shape[1], 259)
+
+
+def test_tiny_model_names_its_device_as_load_model_does():
+    with pytest.raises(mp.ModelLoadError, match="not a device"):
+        mp.tiny_model(device="gpu9")
+    assert mp.tiny_model(device="cpu").cfg.device == "cpu"
+
+
 def test_warm_cache_is_trusted_by_size_and_time_and_rehashed_when_they_change(
     tmp_path, monkeypatch
 ):

@@ -264,12 +264,14 @@ class ModelAdapter:
                 f"A {self.kind} model takes a [batch, pos] attention mask only, not packed rows "
                 "(4D masks, position_ids): run one sequence per row."
             )
+        device = self.device
         extra: dict[str, Any] = {}
         if position_ids is not None:
-            extra["position_ids"] = position_ids
+            extra["position_ids"] = position_ids.to(device)
         if logits_to_keep is not None and self.kind == "bridge":
             extra["logits_to_keep"] = logits_to_keep
-        logits = self.model(tokens, attention_mask=attention_mask, **extra)
+        mask = None if attention_mask is None else attention_mask.to(device)
+        logits = self.model(tokens.to(device), attention_mask=mask, **extra)
         if logits_to_keep is not None and self.kind != "bridge":
             logits = logits[:, -logits_to_keep:]
         return logits

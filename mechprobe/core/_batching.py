@@ -100,7 +100,7 @@ class Batch:
                     "(e.g. [-3, -2, -1])."
                 )
             spec = list(range(int(lengths[0])))
-        wanted = torch.as_tensor(position_list(spec), dtype=torch.long)
+        wanted = torch.as_tensor(position_list(spec), dtype=torch.long, device=lengths.device)
         rel = torch.where(wanted[None, :] < 0, lengths[:, None] + wanted[None, :], wanted[None, :])
         bad = (rel < 0) | (rel >= lengths[:, None])
         if bool(bad.any()):

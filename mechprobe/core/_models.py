@@ -311,9 +311,14 @@ def _bridge(hf_model: Any, tokenizer: Any, name: str, device: str | None) -> Any
     hf_model.eval()
     if device is not None:
         hf_model.to(device)
+    # The bridge records a device it does not apply: left to itself it names the best one present
+    # (CUDA on a GPU machine) and then sends token ids there while the weights stay put.
+    where = str(next(hf_model.parameters()).device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer)
+        model = TransformerBridge.boot_transformers(
+            name, hf_model=hf_model, tokenizer=tokenizer, device=where
+        )
     if any(module.training for module in model.modules()):  # eval() walks 3,000 modules: 0.2 s
         model.eval()
     return model
@@ -707,6 +712,7 @@ def tiny_model(
     architecture: str = "llama",
     n_kv_heads: int = 2,
     kind: ModelKind = "bridge",
+    device: str | None = None,
 ) -> Any:
     """A small randomly initialised model for fast tests: Llama (SmolLM2's architecture), GPT-2 or
     Gemma 2, as a ``TransformerBridge`` or a ``HookedTransformer``.
@@ -729,11 +735,15 @@ def tiny_model(
             attention) or 1. GPT-2 always has one per query head.
         kind: ``"bridge"`` (a ``TransformerBridge``) or ``"hooked"`` (a ``HookedTransformer``,
             TransformerLens 3.x; converted from the same Hugging Face weights, unprocessed).
+        device: Where to put the weights (``"cpu"``, ``"cuda"``), as in :func:`load_model`;
+            ``None`` keeps the CPU. The weights are drawn on the CPU first, so a seed gives the
+            same model on every device.
 
     Raises:
         ValueError: An unknown architecture or kind, or a key/value head count that does not
             divide the query heads.
-        ModelLoadError: ``kind="hooked"`` without TransformerLens 3.x.
+        ModelLoadError: ``kind="hooked"`` without TransformerLens 3.x, or a ``device`` this
+            PyTorch cannot use.
 
     Example:
         >>> model = tiny_model()
@@ -757,13 +767,14 @@ def tiny_model(
         raise ValueError(
             f"n_kv_heads must divide the 4 query heads (1, 2 or 4), got {n_kv_heads!r}."
         )
+    _check_device(device)
     hf_model, tokenizer = _tiny_hf(seed, n_layers, d_model, architecture, n_kv_heads)
     name = _TINY_ARCHITECTURES[architecture]  # the published model TransformerLens converts as
     if kind == "hooked":
         with _offline():
-            model = _hooked(hf_model, tokenizer, name, None, torch.float32, False)
+            model = _hooked(hf_model, tokenizer, name, device, torch.float32, False)
     else:
-        model = _bridge(hf_model, tokenizer, name, None)
+        model = _bridge(hf_model, tokenizer, name, device)
     # Its own name, so that results, lenses and o-vectors made on it do not claim a real model
     # (TransformerLens reads cfg.model_name only while converting).
     kv = "" if architecture == "gpt2" else f", {n_kv_heads} kv heads"

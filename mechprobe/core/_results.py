@@ -518,7 +518,7 @@ def _numpy_of(value: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         # numpy has no bfloat16: float32 holds every bfloat16 value exactly, and decode()
         # casts back where the spec says so.
-        return (value.float() if value.dtype in _WIDENED else value).numpy()
+        return (value.float() if value.dtype in _WIDENED else value).cpu().numpy()
     return value
 
 
@@ -693,7 +693,7 @@ def _tensor_digest(tensor: torch.Tensor) -> str:
     """SHA-256 of a tensor's dtype, shape and bytes (a saved file's integrity check)."""
     tensor = tensor.detach().cpu().contiguous()
     h = hashlib.sha256(f"{tensor.dtype}:{list(tensor.shape)}:".encode())
-    h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    h.update(tensor.view(torch.uint8).cpu().numpy().tobytes() if tensor.numel() else b"")
     return h.hexdigest()
 
 

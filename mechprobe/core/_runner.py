@@ -56,8 +56,10 @@ class RunResult:
 
 
 def forward(model: Any, batch: Batch, **kwargs: Any) -> Tensor:
-    """One padded forward pass with the batch's attention mask (logits ``[batch, seq, vocab]``)."""
-    return model(batch.tokens, attention_mask=batch.attention_mask, **kwargs)
+    """One padded forward pass with the batch's attention mask (logits ``[batch, seq, vocab]``),
+    the token ids sent to the model's device."""
+    device = model.W_E.device
+    return model(batch.tokens.to(device), attention_mask=batch.attention_mask.to(device), **kwargs)
 
 
 def _place(full: Tensor | None, part: Tensor, rows: slice, batch: Batch, spans_seq: bool) -> Tensor:

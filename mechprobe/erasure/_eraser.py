@@ -282,7 +282,7 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
             shown = min(self.dim, self.n_removed + 5)
             eye = torch.eye(self.dim, dtype=torch.float64)
             strength = torch.linalg.svdvals(eye - self.P.detach().cpu().double())[:shown]
-            ax.plot(range(1, shown + 1), strength.numpy(), marker="o", ls="none")
+            ax.plot(range(1, shown + 1), strength.cpu().numpy(), marker="o", ls="none")
             ax.set_xlabel("direction (by strength)")
             ax.set_ylabel("singular value of I - P")
             ax.set_title(f"{self.method}: {self.n_removed} of {self.dim} directions removed")
@@ -302,7 +302,7 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
 
 def _numpy(tensor: Tensor, dtype: np.dtype) -> np.ndarray:
     """A factor as a numpy array of ``dtype`` (through float64: numpy has no bfloat16)."""
-    return tensor.detach().cpu().to(torch.float64).numpy().astype(dtype, copy=False)
+    return tensor.detach().cpu().to(torch.float64).cpu().numpy().astype(dtype, copy=False)
 
 
 def orthonormal_basis(

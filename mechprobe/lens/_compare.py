@@ -262,10 +262,10 @@ def compare_lenses(
                     for e, (kind, layer) in enumerate(entries)
                 ]
                 stats = readout.grid(translated, final, top[:, None], 1)
-                kl = stats["kl"].double().numpy()  # [n, E]
+                kl = stats["kl"].double().cpu().numpy()  # [n, E]
                 kl_sum[i] += kl.sum(0)
                 kl_sq[i] += (kl**2).sum(0)
-                hits[i] += (stats["rank"][:, :, 0] == 0).double().sum(0).numpy()
+                hits[i] += (stats["rank"][:, :, 0] == 0).double().sum(0).cpu().numpy()
             count += final.shape[0]
     mean = kl_sum / count
     var = np.maximum(kl_sq / count - mean**2, 0.0)

@@ -146,13 +146,14 @@ def _save_checkpoint(
 ) -> None:
     from safetensors.torch import save
 
-    tensors = {f"param.{k}": v.detach() for k, v in params.items()}
+    # Saved from the CPU: a checkpoint written on a GPU resumes anywhere.
+    tensors = {f"param.{k}": v.detach().cpu() for k, v in params.items()}
     scalars: dict[str, Any] = {}
     # The optimiser's state is keyed by the parameter's index (its names hold dots).
     for i, state in opt.state_dict()["state"].items():
         for key, value in state.items():
             if isinstance(value, Tensor):
-                tensors[f"opt.{i}.{key}"] = value
+                tensors[f"opt.{i}.{key}"] = value.cpu()
             else:
                 scalars[f"{i}.{key}"] = value
     meta = {"state": json.dumps({"step": step, "config": config, "scalars": scalars, "log": log})}
@@ -318,10 +319,12 @@ def train_tuned_lens(
     )
 
     lens = TunedLens.identity(model, kinds)
+    # Trained where the model runs; the finished lens holds CPU tensors, as a loaded one does.
+    device = model_adapter(model).device
     params = {}
     for kind in lens.weights:
-        params[f"{kind}.weight"] = lens.weights[kind].requires_grad_(True)
-        params[f"{kind}.bias"] = lens.biases[kind].requires_grad_(True)
+        params[f"{kind}.weight"] = lens.weights[kind].to(device).requires_grad_(True)
+        params[f"{kind}.bias"] = lens.biases[kind].to(device).requires_grad_(True)
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
             list(params.values()),
@@ -400,8 +403,9 @@ def train_tuned_lens(
     finally:
         for p in norm_params:
             p.requires_grad_(True)
-    for v in params.values():
-        v.requires_grad_(False)
+    for kind in lens.weights:
+        lens.weights[kind] = params[f"{kind}.weight"].detach().cpu()
+        lens.biases[kind] = params[f"{kind}.bias"].detach().cpu()
     info = dict(config)
     info.update(
         steps=steps,

@@ -57,7 +57,7 @@ def canonical_site(kind: str, layer: int, n_layers: int) -> tuple[str, int] | No
 def unembedding_digest(model: Any) -> str:
     """SHA-256 of the model's unembedding weights (float32 bytes), to tell a lens's model apart."""
     weight = model.W_U.detach().to("cpu", torch.float32).contiguous()
-    return hashlib.sha256(weight.numpy().tobytes()).hexdigest()
+    return hashlib.sha256(weight.cpu().numpy().tobytes()).hexdigest()
 
 
 class TunedLens(Lens):

@@ -289,7 +289,7 @@ def patch(
     for cell, value in zip(plan.cells, got.cells.tolist(), strict=True):
         j, i, r, c = cell.key
         (per_pair if j < 0 else random[j])[i, r, c] = value
-    src_m, base_m = got.sources.numpy(), got.bases.numpy()
+    src_m, base_m = got.sources.cpu().numpy(), got.bases.cpu().numpy()
     clean_m, corrupt_m = (src_m, base_m) if direction == "denoising" else (base_m, src_m)
     return _result(
         model,
@@ -474,7 +474,7 @@ def ablate_cells(
     for cell, value in zip(plan.cells, got.cells.tolist(), strict=True):
         j, i, r, c = cell.key
         (per_pair if j < 0 else random[j])[i, r, c] = value
-    intact = got.bases.numpy()
+    intact = got.bases.cpu().numpy()
     return _result(
         model,
         site_list,

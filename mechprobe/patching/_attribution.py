@@ -209,11 +209,11 @@ def attribution_patch(
         pair = torch.tensor([i])
         caps = {name: Capture() for name in value_hooks}
         with torch.no_grad(), intervene(model, caps):  # type: ignore[arg-type]
-            logits = model(clean_ids[i][None].to(model.cfg.device))
+            logits = model(clean_ids[i][None].to(model.W_E.device))
             clean_m[i] = float(metric_fn(logits[:, -1], pair).sum())
         grads = {name: Gradient() for name in dict.fromkeys(value_hooks + grad_hooks)}
         with torch.enable_grad(), intervene(model, grads):  # type: ignore[arg-type]
-            logits = model(corrupt_ids[i][None].to(model.cfg.device))
+            logits = model(corrupt_ids[i][None].to(model.W_E.device))
             out = metric_fn(logits[:, -1], pair).sum()
         corrupt_m[i] = float(out.detach())
         differentiate(out, list(grads.values()))

@@ -274,7 +274,7 @@ def _writes(
     caps.setdefault(final, Capture())
     spec: dict[SiteLike, Intervention] = {name: cap for name, cap in caps.items()}
     with torch.no_grad(), intervene(model, spec):
-        model(ids[None].to(model.cfg.device))
+        model(ids[None].to(model.W_E.device))
     out = {}
     for layer in sorted({site.layer for site in sites if site.kind == "head"}):
         z, attn_out = (
@@ -416,7 +416,7 @@ def path_patch(
         once = _first_of_each(resolved[i], wanted, i)
         firsts.append(once.bool().tolist())
         deltas.append(
-            {s: ((w_src[s][ps] - w_base[s][pb]) * once[:, None]).float().cpu() for s in sender_list}
+            {s: ((w_src[s][ps] - w_base[s][pb]).cpu() * once[:, None]).float() for s in sender_list}
         )
         finals.append(f_base[-1])
         src_final.append(f_src[-1])

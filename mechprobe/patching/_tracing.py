@@ -362,7 +362,7 @@ def _embedding_sd(model: Any, ids: list[Tensor], spans: list[tuple[int, int]]) -
         # A whole forward pass: hook_embed fires inside the model's forward (a HookedTransformer's
         # embed module alone does not run it).
         with torch.no_grad(), intervene(model, {"hook_embed": cap}):
-            model(t[None].to(model.cfg.device))
+            model(t[None].to(model.W_E.device))
         assert cap.value is not None
         rows.append(cap.value[0].reshape(-1))
     return float(torch.cat(rows).double().std())
@@ -489,7 +489,7 @@ def causal_trace(
             top = []
             for t in ids:
                 with intervene(model, {last: final}):
-                    model(t[None].to(model.cfg.device))
+                    model(t[None].to(model.W_E.device))
                 assert final.value is not None
                 top.append(int(readout(model, final.value[0, -1]).argmax()))
         answers = [model.tokenizer.decode([t]) for t in top]
@@ -566,7 +566,7 @@ def causal_trace(
         progress=progress,
         desc="trace",
     )
-    corrupted = got.bases.numpy().reshape(len(ids), n_noise)
+    corrupted = got.bases.cpu().numpy().reshape(len(ids), n_noise)
     shape = [(len(kinds), len(layer_list), len(t)) for t in ids]
     sums = [np.zeros(s) for s in shape]
     squares = [np.zeros(s) for s in shape]
@@ -591,7 +591,7 @@ def causal_trace(
         scores=scores,
         noise_sd=sd,
         random=controls,
-        clean=got.sources.numpy(),
+        clean=got.sources.cpu().numpy(),
         corrupted=corrupted,
         kinds=tuple(kinds),
         layers=tuple(layer_list),

@@ -475,7 +475,7 @@ def _run_chunk(
         site: _Gather(slot, r, c, buffer, name)
         for slot, (name, site) in enumerate(zip(names, sites, strict=True))
     }
-    device = getattr(model.cfg, "device", None)
+    device = model.W_E.device
     tokens, mask = chunk.tokens.to(device), chunk.attention_mask.to(device)
     try:
         with intervene(model, gathers, batch=chunk):
@@ -485,4 +485,4 @@ def _run_chunk(
     missing = [name for name, done in zip(names, buffer.filled, strict=True) if not done]
     if missing or buffer.values is None:
         raise RuntimeError(f"Sites {missing} never fired during the forward pass.")
-    return buffer.values.numpy()
+    return buffer.values.cpu().numpy()

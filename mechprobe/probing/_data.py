@@ -19,6 +19,16 @@ _GATHER_ROWS = 2048  # rows gathered (and added to the moments) at a time
 _LAYER_IN_NAME = re.compile(r"^blocks\.(\d+)\.|^\w+@(\d+)")
 
 
+def host(x: Any) -> Any:
+    """``x`` as NumPy can read it: a tensor on any device comes to the CPU; anything else as is.
+
+    Example:
+        >>> host(torch.tensor([1, 2])).tolist(), host([3])
+        ([1, 2], [3])
+    """
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else x
+
+
 def as_layers(
     X: Any, y: Any = None, groups: Any = None
 ) -> tuple[Float[Tensor, "n layers d"], np.ndarray, np.ndarray | None]:
@@ -55,14 +65,14 @@ def as_layers(
         )
     if y is None:
         raise ValueError("no labels: pass y, or an object whose .labels holds one label per row.")
-    labels = np.asarray(y)
+    labels = np.asarray(host(y))
     n = values.shape[0]
     if labels.ndim != 1 or len(labels) != n:
         raise ValueError(
             f"y has shape {labels.shape} but X has {n} rows: pass one label per row of X."
         )
     if groups is not None:
-        groups = np.asarray(groups)
+        groups = np.asarray(host(groups))
         if groups.ndim != 1 or len(groups) != n:
             raise ValueError(
                 f"groups has shape {groups.shape} but X has {n} rows: pass one word type per row."

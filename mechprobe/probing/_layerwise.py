@@ -294,7 +294,7 @@ def probe_layers(
     ) -> tuple[list[int], np.ndarray, np.ndarray | None]:
         """``(layers, accuracy, control accuracy)`` of one group of layers in fold ``f``."""
         train, test = folds[f]
-        y_tr, y_te = torch.from_numpy(y_idx[train]), torch.from_numpy(y_idx[test])
+        y_tr, y_te = _on(y_idx[train], values), _on(y_idx[test], values)
         # The linear fit standardises inside its products; the MLP needs scaled rows.
         # A thread's buffer holds its largest group so far (the first, as the parts fall).
         rows = buffers.rows if buffers.rows and len(buffers.rows[0]) >= len(part) else None
@@ -311,7 +311,7 @@ def probe_layers(
         )  # fmt: skip
         control_accuracy = None
         if control is not None:
-            c_tr, c_te = torch.from_numpy(control[train]), torch.from_numpy(control[test])
+            c_tr, c_te = _on(control[train], values), _on(control[test], values)
             control_accuracy = _fit_and_score(
                 train_x, test_x, c_tr, c_te, k, l2, max_iter, tol, mlp, seed, moments, part,
                 control_fits, sources,
@@ -339,16 +339,16 @@ def probe_layers(
                 continue
             # The scalar mix mixes all layers, so it needs them all at once.
             train, test = folds[step]
-            y_tr, y_te = torch.from_numpy(y_idx[train]), torch.from_numpy(y_idx[test])
+            y_tr, y_te = _on(y_idx[train], values), _on(y_idx[test], values)
             train_x, test_x, _, _ = standardised(values, train, test)
             assert test_x is not None
-            masks = torch.ones(1, n_layers, dtype=torch.bool)
+            masks = torch.ones(1, n_layers, dtype=torch.bool, device=values.device)
             fit = _fit_mix(train_x, y_tr, k, masks, l2, max_iter, tol)
-            mix_w += fit.weights[0].numpy()
+            mix_w += fit.weights[0].cpu().numpy()
             mix_g += float(fit.gamma[0])
             mix_acc += float((fit.logits(test_x)[0].argmax(-1) == y_te).double().mean())
     for train, test in folds:
-        y_tr, y_te = torch.from_numpy(y_idx[train]), torch.from_numpy(y_idx[test])
+        y_tr, y_te = _on(y_idx[train], values), _on(y_idx[test], values)
         base += float((y_te == torch.bincount(y_tr, minlength=k).argmax()).double().mean())
     n = len(folds)
     accuracy, control_accuracy = acc / n, ctrl / n
@@ -540,6 +540,11 @@ def _after(needs: list[Future[Any]], work: Callable[[list[int]], T], part: list[
     return work(part)
 
 
+def _on(labels: np.ndarray, values: torch.Tensor) -> torch.Tensor:
+    """Label indices as a tensor beside the activations (a GPU's, where they live there)."""
+    return torch.from_numpy(labels).to(values.device)
+
+
 def _fit_and_score(
     train_x: torch.Tensor,
     test_x: torch.Tensor,
@@ -579,4 +584,4 @@ def _fit_and_score(
         )  # fmt: skip
         fits.update(zip(layers, zip(fit.weight, fit.bias, strict=True), strict=True))
         predicted = fit.predict(test_x)
-    return (predicted == y_test).double().mean(1).numpy()
+    return (predicted == y_test).double().mean(1).cpu().numpy()

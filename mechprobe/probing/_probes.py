@@ -23,6 +23,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
 from mechprobe._fit import fit_logistic, softmax_penalty
+from mechprobe.probing._data import host
 
 
 class _Probe(ClassifierMixin, BaseEstimator):
@@ -45,6 +46,7 @@ class _Probe(ClassifierMixin, BaseEstimator):
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Accuracy; labels that ``fit`` never saw raise instead of silently counting as errors."""
+        X, y = host(X), host(y)  # tensors on any device
         _check_known_labels(self, y)
         return float(super().score(X, y, sample_weight=sample_weight))
 
@@ -104,7 +106,7 @@ class LinearProbe(_Probe):
 
     def fit(self, X: Any, y: Any, sample_weight: Any = None) -> LinearProbe:
         """Fit on ``X [n, d]`` and labels ``y [n]``; ``sample_weight`` weights the mean loss."""
-        X, y = validate_data(self, X, y, dtype=np.float64)
+        X, y = validate_data(self, host(X), host(y), dtype=np.float64)
         y_idx = _encode_targets(self, y)
         weights = _sample_weight(sample_weight, X.shape[0])
         if self.C is not None:
@@ -132,8 +134,8 @@ class LinearProbe(_Probe):
             tol=self.tol,
             sample_weight=torch.from_numpy(weights),
         )
-        W = fit.weight[0].numpy() / scale[:, None]  # back to the original features
-        b = fit.bias[0].numpy() - mean @ W
+        W = fit.weight[0].cpu().numpy() / scale[:, None]  # back to the original features
+        b = fit.bias[0].cpu().numpy() - mean @ W
         if k == 2:
             self.coef_, self.intercept_ = (W[:, 1] - W[:, 0])[None, :], np.array([b[1] - b[0]])
         else:
@@ -144,7 +146,7 @@ class LinearProbe(_Probe):
     def decision_function(self, X: Any) -> np.ndarray:
         """Scores ``[n]`` (two classes: log-odds of ``classes_[1]``) or ``[n, K]``."""
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=np.float64)
+        X = validate_data(self, host(X), reset=False, dtype=np.float64)
         scores = X @ self.coef_.T + self.intercept_
         return scores.ravel() if scores.shape[1] == 1 else scores
 
@@ -209,7 +211,7 @@ class MLPProbe(_Probe):
 
     def fit(self, X: Any, y: Any) -> MLPProbe:
         """Fit on ``X [n, d]`` and labels ``y [n]``."""
-        X, y = validate_data(self, X, y, dtype=np.float64)
+        X, y = validate_data(self, host(X), host(y), dtype=np.float64)
         y_idx = _encode_targets(self, y)
         if self.alpha is not None:
             warnings.warn(
@@ -234,14 +236,14 @@ class MLPProbe(_Probe):
             tol=self.tol,
             seed=self.random_state,
         )
-        w1, b1, w2, b2 = (p[0].double().numpy() for p in params)
+        w1, b1, w2, b2 = (p[0].double().cpu().numpy() for p in params)
         self.coefs_, self.intercepts_ = [w1, w2], [b1, b2]
         return self
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities ``[n, K]`` in the order of ``classes_``."""
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=np.float64)
+        X = validate_data(self, host(X), reset=False, dtype=np.float64)
         hidden = np.maximum(
             (X - self.mean_) / self.scale_ @ self.coefs_[0] + self.intercepts_[0], 0
         )
@@ -268,7 +270,7 @@ def control_labels(groups: Any, y: Any, *, seed: int = 0) -> np.ndarray:
         >>> control_labels(["the", "cat", "the"], ["DET", "NOUN", "DET"], seed=1).tolist()[0] in {"DET", "NOUN"}
         True
     """
-    groups, y = np.asarray(groups), np.asarray(y)
+    groups, y = np.asarray(host(groups)), np.asarray(host(y))
     if groups.ndim != 1 or y.ndim != 1 or len(groups) != len(y):
         raise ValueError(
             f"groups and y must be 1-D with one entry per example, got shapes {groups.shape} and "
@@ -319,12 +321,16 @@ def _fit_mlp(
     those of the layer that trained longest.
     """
     n_layers, n, d = X.shape
+    # Draws come from a CPU generator and go to the activations' device, so a seed gives the
+    # same initialisation and minibatches on every device.
     gen = torch.Generator().manual_seed(seed)
+    device = X.device
+    y = y.to(device)
 
     def uniform(*shape: int, fan_in: int) -> Tensor:
         bound = 1.0 / math.sqrt(fan_in)  # torch.nn.Linear's default initialisation range
         one = (torch.rand(1, *shape, generator=gen) * 2 - 1) * bound
-        return one.expand(n_layers, *shape).to(X.dtype).clone().requires_grad_()
+        return one.expand(n_layers, *shape).to(device, X.dtype).clone().requires_grad_()
 
     params = (
         uniform(d, hidden_size, fan_in=d),
@@ -336,13 +342,13 @@ def _fit_mlp(
     kept = [p.detach().clone() for p in params]  # each layer's parameters where it stopped
     optimiser = torch.optim.Adam(params, lr=learning_rate)
     batch = max(1, min(batch_size, n))
-    best = torch.full((n_layers,), math.inf, dtype=torch.float64)
-    stale = torch.zeros(n_layers, dtype=torch.long)
-    stopped = torch.zeros(n_layers, dtype=torch.bool)
+    best = torch.full((n_layers,), math.inf, dtype=torch.float64, device=device)
+    stale = torch.zeros(n_layers, dtype=torch.long, device=device)
+    stopped = torch.zeros(n_layers, dtype=torch.bool, device=device)
     epoch = 0
     for epoch in range(1, max_iter + 1):  # noqa: B007 - the epoch count is returned
-        order = torch.randperm(n, generator=gen)
-        total = torch.zeros(n_layers, dtype=torch.float64)
+        order = torch.randperm(n, generator=gen).to(device)
+        total = torch.zeros(n_layers, dtype=torch.float64, device=device)
         for start in range(0, n, batch):
             idx = order[start : start + batch]
             hidden = torch.relu(torch.baddbmm(b1[:, None], X[:, idx], w1))
@@ -406,7 +412,7 @@ def _check_l2(l2: Any, *, allow_zero: bool = False) -> float:
 
 def _check_known_labels(estimator: BaseEstimator, y: Any) -> None:
     check_is_fitted(estimator)
-    unseen = np.setdiff1d(np.asarray(y), estimator.classes_)
+    unseen = np.setdiff1d(np.asarray(host(y)), estimator.classes_)
     if unseen.size:
         raise ValueError(
             f"y contains labels {unseen[:5].tolist()} that were not seen during fit (classes_ = "

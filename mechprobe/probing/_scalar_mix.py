@@ -46,6 +46,7 @@ from mechprobe.probing._data import (
     as_layers,
     collected_sites,
     encode_labels,
+    host,
     model_layers,
     splits,
     standardised,
@@ -118,7 +119,7 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
         """Fit on ``X`` (``[n, layers, d]``, or ``[n, layers * d]`` with ``n_layers``) and
         labels ``y [n]``."""
         flat, n_layers = self._flatten(X, fitting=True)
-        flat, y = validate_data(self, flat, y, dtype=[np.float64, np.float32])
+        flat, y = validate_data(self, flat, host(y), dtype=[np.float64, np.float32])
         if flat.shape[1] % n_layers:
             raise ValueError(
                 f"X has {flat.shape[1]} feature(s), not a multiple of n_layers={n_layers}: 2-D "
@@ -140,10 +141,10 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
             self.max_iter,
             self.tol,
         )
-        self.mean_, self.scale_ = mean.numpy(), scale.numpy()
-        self.layer_weights_ = fit.weights[0].numpy()
+        self.mean_, self.scale_ = mean.cpu().numpy(), scale.cpu().numpy()
+        self.layer_weights_ = fit.weights[0].cpu().numpy()
         self.gamma_ = float(fit.gamma[0])
-        self.coef_, self.intercept_ = fit.W[0].T.numpy(), fit.b[0].numpy()
+        self.coef_, self.intercept_ = fit.W[0].T.cpu().numpy(), fit.b[0].cpu().numpy()
         layers = model_layers(collected_sites(X), n_layers)
         self.expected_layer_ = float(layers @ self.layer_weights_)
         self.n_layers_in_, self.n_iter_ = n_layers, fit.n_iter
@@ -156,8 +157,9 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
             check_is_fitted(self)
         if isinstance(X, Activations):
             X = X.values
+        X = host(X)  # tensors on any device
         if getattr(X, "ndim", None) == 3:
-            values = X.detach().cpu().numpy() if isinstance(X, Tensor) else np.asarray(X)
+            values = np.asarray(X)
             n, layers, d = values.shape
             if fitting and self.n_layers is not None and self.n_layers != layers:
                 raise ValueError(f"X has {layers} layers but n_layers={self.n_layers}.")
@@ -205,6 +207,7 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
         """Accuracy; labels that ``fit`` never saw raise an error."""
+        X, y = host(X), host(y)  # tensors on any device
         _check_known_labels(self, y)
         return float(super().score(X, y, sample_weight=sample_weight))
 
@@ -358,8 +361,9 @@ def cumulative_scores(
             train_x[:stop], y_tr, len(classes), masks[start:stop, :stop], l2, max_iter, tol
         )
         logits = fit.logits(test_x[:stop])
-        scores[start:stop] = (logits.argmax(-1) == y_te).double().mean(1).numpy()
-        weights[start:stop, :stop] = fit.weights.numpy()
+        hits = logits.argmax(-1).cpu() == y_te
+        scores[start:stop] = hits.double().mean(1).numpy()
+        weights[start:stop, :stop] = fit.weights.cpu().numpy()
     deltas = np.concatenate([[np.nan], np.diff(scores)])
     total = deltas[1:].sum()
     layers = model_layers(collected_sites(X), n_layers)
@@ -400,8 +404,12 @@ def _fit_mix(
     """Fit ``masks.shape[0]`` scalar-mix probes at once; problem ``b`` mixes layers ``masks[b]``."""
     if not l2 > 0:
         raise ValueError(f"l2 must be > 0, got {l2}.")
+    # Everything beside the activations (a GPU's, where they live there).
+    y, masks = y.to(X.device), masks.to(X.device)
     objective = _MixObjective(X, y, n_classes, masks, softmax_penalty(l2, n_classes))
-    theta = torch.zeros(masks.shape[0], objective.size, dtype=torch.float64)  # w = 0: uniform
+    theta = torch.zeros(
+        masks.shape[0], objective.size, dtype=torch.float64, device=X.device
+    )  # w = 0: uniform
     eps = 10 * torch.finfo(X.dtype).eps
     theta, n_iter, finished = batched_lbfgs(
         objective,
@@ -420,7 +428,7 @@ def _fit_mix(
             ConvergenceWarning,
             stacklevel=3,
         )
-    w, effective, b = objective.unpack(theta, torch.arange(len(theta)))
+    w, effective, b = objective.unpack(theta, torch.arange(len(theta), device=theta.device))
     weights = torch.softmax(w.masked_fill(~masks, -torch.inf), -1)
     # Only γW is identifiable: report it as γ = ||γW||_F times a unit-norm W.
     gamma = torch.linalg.matrix_norm(effective).clamp_min(1e-30)
@@ -444,7 +452,9 @@ class _MixObjective:
         """Cholesky factors of ``E[c (m - m̄)(m - m̄)ᵀ] + l2 I`` for mixes ``m`` of the rows."""
         mixed = _scalar_mix(self.rows, weights)
         if curvature is None:  # softmax curvature at uniform predictions
-            curvature = torch.full(mixed.shape[:2], (self.k - 1) / self.k**2, dtype=mixed.dtype)
+            curvature = torch.full(
+                mixed.shape[:2], (self.k - 1) / self.k**2, dtype=mixed.dtype, device=mixed.device
+            )
         return preconditioner(mixed, mixed.mean(1, dtype=torch.float64), curvature, self.l2)
 
     def refresh(
@@ -474,7 +484,7 @@ class _MixObjective:
             return out
 
         return (
-            torch.ones(len(idx), dtype=torch.bool),
+            torch.ones(len(idx), dtype=torch.bool, device=idx.device),
             partial(change, gradients=False),
             partial(change, gradients=True),
         )

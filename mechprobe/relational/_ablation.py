@@ -287,9 +287,9 @@ def ffn_ablation(
             preds.append(logits.argmax(-1))
         if k == parts:
             assert first is not None
-            stacked = torch.stack(preds)  # [step, item]
-            acc[t] = (stacked == first).float().mean(1).numpy()
-            predicted.append(stacked.numpy())
+            stacked = torch.stack(preds).cpu()  # [step, item]
+            acc[t] = (stacked == first).float().mean(1).cpu().numpy()
+            predicted.append(stacked.cpu().numpy())
     return AblationResult(
         tasks=tuple(t.name for t in task_list),
         kinds=tuple(t.kind for t in task_list),

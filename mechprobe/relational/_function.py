@@ -205,7 +205,7 @@ def _accuracy(
     if vector is not None:
         spec = {Site("mlp_out", layer): Add(vector, positions=-1)}
     logits = run(model, prompts, spec, logit_positions=-1, progress=False).logits[:, 0]
-    return (logits.argmax(-1).cpu() == torch.as_tensor(answers)).numpy().astype(float)
+    return (logits.argmax(-1).cpu() == torch.as_tensor(answers)).cpu().numpy().astype(float)
 
 
 def function_vector(
@@ -324,7 +324,7 @@ def function_vector(
         aie_spread=spread,
         aie_random=aie_random,
         heads=top,
-        vector=vector.numpy(),
+        vector=vector.cpu().numpy(),
         layer=layer,
         conditions=tuple(rows),
         accuracy=np.array([v.mean() for v in rows.values()]),

@@ -416,10 +416,11 @@ def _evaluate(
     logits = out.logits[:, 0].float()
     # A NaN logit compares false with everything: it would count as rank 0, a perfect hit.
     check_finite(logits, "The logit tensor at the contexts' last token")
+    target_ids, argument_ids = target_ids.to(logits.device), argument_ids.to(logits.device)
     rank = (logits > logits.gather(-1, target_ids[:, None])).sum(-1)
     arg = (logits > logits.gather(-1, argument_ids.clamp(min=0)[:, None])).sum(-1)
     arg = torch.where(argument_ids < 0, torch.full_like(arg, -1), arg)
-    return rank.numpy(), arg.numpy(), logits.argmax(-1).numpy()
+    return rank.cpu().numpy(), arg.cpu().numpy(), logits.argmax(-1).cpu().numpy()
 
 
 def ovector_intervention(
@@ -502,8 +503,8 @@ def ovector_intervention(
     return OVectorEffect(
         contexts=tuple(contexts),
         targets=tuple(targets),
-        target_ids=target_ids.numpy(),
-        argument_ids=argument_ids.numpy(),
+        target_ids=target_ids.cpu().numpy(),
+        argument_ids=argument_ids.cpu().numpy(),
         groups=tuple(groups) if groups is not None else ("all",) * len(contexts),
         conditions=tuple(names),
         rank=np.stack([r[0] for r in results]),

@@ -235,7 +235,7 @@ def extract_ovector(
         first = torch.as_tensor(first_token_ids(model, task.answers()))
         logits = out.logits[:, 0]
         check_finite(logits, f"The model's logit tensor on {task.name!r}")
-        keep = (logits.argmax(-1) == first).numpy()
+        keep = (logits.argmax(-1).cpu() == first).numpy()
         if not keep.any():
             raise ValueError(
                 f"The model answers none of the {len(texts)} items of {task.name!r} correctly; "
@@ -337,10 +337,11 @@ def random_ovector(like: OVector, *, seed: int = 0) -> OVector:
     seed = check_int(seed, "seed")
     gen = torch.Generator().manual_seed(seed)
     direction = torch.randn(like.vector.shape, generator=gen, dtype=torch.float64)
-    vector = direction / direction.norm() * like.vector.double().norm()
+    # Drawn on the CPU, so a seed gives the same control on every device.
+    vector = direction / direction.norm() * float(like.vector.double().norm())
     return replace(
         like,
-        vector=vector.to(like.vector.dtype),
+        vector=vector.to(like.vector.device, like.vector.dtype),
         source="random",
         info={"seed": seed, "like": like.source},
     )

@@ -199,14 +199,15 @@ def _forced_pass(
         # A NaN logit compares false with everything: it would count as rank 0, a perfect hit.
         check_finite(logits, f"The model's logit tensor on {task.name!r}")
         targets = sub.tokens[torch.arange(len(sub))[:, None], sub.positions(list(range(-size, 0)))]
+        targets = targets.to(logits.device)
         logp = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
         first = logits[:, 0]
         target_logit = first.gather(-1, targets[:, :1])
         index = np.asarray(rows)
-        predicted[index] = first.argmax(-1).numpy()
-        first_rank[index] = (first > target_logit).sum(-1).numpy()
-        logprob[index] = logp.sum(-1).double().numpy()
-        exact[index] = (logits.argmax(-1) == targets).all(-1).numpy()
+        predicted[index] = first.argmax(-1).cpu().numpy()
+        first_rank[index] = (first > target_logit).sum(-1).cpu().numpy()
+        logprob[index] = logp.sum(-1).double().cpu().numpy()
+        exact[index] = (logits.argmax(-1) == targets).all(-1).cpu().numpy()
         for i, row in enumerate(rows):
             answer_ids[row] = tuple(int(t) for t in targets[i].tolist())
         for kind in kinds:
