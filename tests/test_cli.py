@@ -13,7 +13,7 @@ from mechprobe.cli import main as cli_main
 from mechprobe.cli._arguments import layers_type
 
 
-def _no_model(name):
+def _no_model(*_):
     raise AssertionError("the model must not load when the arguments are bad")
 
 
@@ -109,6 +109,36 @@ def test_bad_arguments_fail_before_the_model_loads(
     assert cli_main([*command, "--model", "tiny", *out]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # no empty output folder left behind
+
+
+@pytest.mark.parametrize("module", ["lens", "patch", "trace", "relation", "probe", "erase"])
+def test_every_command_loads_the_model_on_device(tmp_path, capsys, monkeypatch, module):
+    seen = []
+
+    def record(name, device=None):
+        seen.append((name, device))
+        raise mp.ModelLoadError("stop here")
+
+    monkeypatch.setattr(f"mechprobe.cli.{module}.load", record)
+    args = {
+        "lens": ["lens", "Hi"],
+        "patch": ["patch", "--clean", "Hi cat", "--corrupt", "Hi bat", "--answer", "a",
+                  "--wrong", "b", "--site", "mlp_out"],
+        "trace": ["trace", "--prompt", "The cat sat", "--subject", "cat"],
+        "relation": ["relation", "--task", "capitals"],
+        "probe": ["probe", "--dataset", "pos"],
+        "erase": ["erase", "--site", "resid_post", "--layers", "1"],
+    }[module]  # fmt: skip
+    out = [] if module == "lens" else ["--out", str(tmp_path / "out")]
+    code = cli_main([*args, "--model", "tiny", "--device", "cuda:1", *out])
+    assert seen == [("tiny", "cuda:1")], capsys.readouterr().err
+    assert code != 0 and "stop here" in capsys.readouterr().err
+
+
+def test_device_reaches_the_tiny_model(capsys):
+    assert cli_main(["lens", "Hi", "--model", "tiny", "--device", "cpu"]) == 0
+    assert cli_main(["lens", "Hi", "--model", "tiny", "--device", "gpu9"]) != 0
+    assert "not a device" in capsys.readouterr().err
 
 
 def test_a_task_with_fewer_shots_runs_with_all_of_them(tmp_path):

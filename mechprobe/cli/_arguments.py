@@ -20,13 +20,21 @@ _MODEL_HELP = (
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
-    """Register ``--model`` (default: the embedded SmolLM2)."""
+    """Register ``--model`` (default: the embedded SmolLM2) and ``--device``."""
     parser.add_argument("--model", default="smollm2-135m", help=_MODEL_HELP)
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="where the model's weights go: cpu (the default) or cuda",
+    )
 
 
-def load(name: str) -> Any:
-    """The model named on the command line (``tiny``: mechprobe's random test model)."""
-    return mp.tiny_model() if name == "tiny" else mp.load_model(name)
+def load(name: str, device: str | None = None) -> Any:
+    """The model named on the command line (``tiny``: mechprobe's random test model), on
+    ``device``."""
+    if name == "tiny":
+        return mp.tiny_model(device=device)
+    return mp.load_model(name, device=device)
 
 
 def positions_type(all_value: Any = None) -> Callable[[str], Any]:

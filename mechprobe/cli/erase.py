@@ -148,7 +148,7 @@ def run_erase(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = Path(args.out)
     # main() checked the folder; a refusal it cannot see (root on /sys) surfaces here, still early.
     out.mkdir(parents=True, exist_ok=True)
-    model = load(args.model)
+    model = load(args.model, args.device)
     sites = _sites(model, args.site, args.layers)
     acts = mp.collect(model, fit_data, sites, batch_size=args.batch_size, progress=False)
     assert acts.labels is not None

@@ -148,7 +148,7 @@ def main(args: argparse.Namespace) -> int:
             return 2
     try:
         lens = lens_spec(args.lens)
-        model = load(args.model)
+        model = load(args.model, args.device)
         result = mp.logit_lens(
             model,
             prompts,

@@ -128,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
     if len(answer) == 1:
         answer, wrong = answer[0], wrong[0] if wrong else wrong
     try:
-        model = load(args.model)
+        model = load(args.model, args.device)
         metric = mp.logit_diff(answer, wrong) if args.wrong else mp.answer_prob(answer)
         sites = [s.strip() for s in args.sites.split(",") if s.strip()]
         common: dict[str, Any] = {

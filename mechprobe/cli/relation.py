@@ -123,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         args.shots = task_shots(mp.load_task(args.task), args.shots)  # before the model loads
         lens = lens_spec(args.lens)
-        model = load(args.model)
+        model = load(args.model, args.device)
         result = mp.relational_analysis(
             model,
             args.task,
