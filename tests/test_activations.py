@@ -221,6 +221,30 @@ def test_resume_continues_an_interrupted_collection(
         mp.collect(tiny, TEXTS[:2], "resid_post", progress=False, **kwargs)
 
 
+def test_a_finished_folder_is_not_reused_for_other_weights_groups_or_under_hooks(
+    tmp_path: Path,
+) -> None:
+    """The folder's fingerprint held 16 values of the embedding and no groups, and hooks were not
+    seen: edited weights, an intervention in force or new groups loaded the old activations."""
+    model = mp.tiny_model()
+    kwargs: dict[str, Any] = {"positions": -1, "out_dir": tmp_path, "progress": False}
+    first = mp.collect(model, TEXTS, "resid_post", groups=["a", "b", "c", "d"], **kwargs)
+    with pytest.raises(ValueError, match="different collection"):
+        mp.collect(model, TEXTS, "resid_post", groups=["w", "x", "y", "z"], **kwargs)
+    with mp.intervene(model, {mp.Site("mlp_out", 1): mp.Ablate()}):
+        with pytest.raises(ValueError, match="hooks are attached"):
+            mp.collect(model, TEXTS, "resid_post", groups=["a", "b", "c", "d"], **kwargs)
+        fresh = tmp_path / "ablated"
+        ablated = mp.collect(model, TEXTS, "resid_post", **{**kwargs, "out_dir": fresh})
+        assert not np.allclose(ablated.values[:, 2], first.values[:, 2])
+    with torch.no_grad():
+        model.blocks[2].mlp.out.weight.zero_()  # an edit deep in the model, not the embedding
+    with pytest.raises(ValueError, match="different collection"):
+        mp.collect(model, TEXTS, "resid_post", groups=["a", "b", "c", "d"], **kwargs)
+    again = mp.collect(mp.tiny_model(), TEXTS, "resid_post", groups=["a", "b", "c", "d"], **kwargs)
+    assert np.array_equal(np.asarray(again.values), first.values)  # the same model: reused
+
+
 def test_nan_activations_raise(tiny: Any) -> None:
     broken = mp.tiny_model(seed=3)
     with torch.no_grad():
@@ -249,6 +273,10 @@ def test_nan_activations_raise(tiny: Any) -> None:
         ({"sites": ["blocks.0.hook_resid_post"] * 2}, ValueError, "repeat"),
         ({"sites": ["resid_post", mp.Site("resid_post", 1)]}, ValueError, "repeat"),
         ({"sites": "resid_psot"}, ValueError, "resid_post"),
+        # A Site's own positions were gathered as if they were the whole row: values of position 4
+        # reported as position 1 (silently), or an IndexError.
+        ({"sites": mp.Site("resid_post", 1, positions=[3, 4, 5])}, ValueError, "pass positions="),
+        ({"sites": mp.Site("resid_post", 1, positions=0)}, ValueError, "pass positions="),
         ({"layers": [5]}, ValueError, "out of range"),
         ({"dtype": "float64"}, ValueError, "float32"),
         ({"batch_size": 0}, ValueError, "batch_size"),

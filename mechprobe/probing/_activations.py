@@ -61,6 +61,7 @@ from mechprobe.probing._store import (
     Sink,
     check_finite,
     fingerprint,
+    hooks_attached,
     resume_state,
     same_file,
     write_json,
@@ -323,6 +324,12 @@ def _site_names(
     if not per_item:
         expand_sites(model, [], kinds=_KINDS)  # raises the one message for an empty list
     found = [site for expanded in per_item for site in expanded]
+    for site in found:
+        if site.positions is not None:  # the gather indexes whole rows: refuse, never misread
+            raise ValueError(
+                f"{site} carries positions={site.positions!r}; pass positions= to collect "
+                "instead (one choice of positions for every site)."
+            )
     widths = {site.kind in _HEAD_WIDTH for site in found}
     if len(widths) > 1:
         raise ValueError(
@@ -377,7 +384,11 @@ def collect(
         padding_side: Padding of each batch (results do not depend on it).
         memory_budget: Bytes the result may take in memory; above it, it streams to disk.
         out_dir: Folder for ``values.npy`` (always used when given; resumable). Without it, a
-            result over the budget goes to a new temporary folder (``metadata["path"]``).
+            result over the budget goes to a new temporary folder (``metadata["path"]``). A
+            folder is resumed (or loaded) only for the same model weights (a sample of every
+            parameter), texts, sites, positions, labels, groups, dtype and batch size; another
+            collection there is an error. While hooks are attached to the model, a folder that
+            holds a collection is refused: what the hooks compute cannot be checked.
         dtype: Storage dtype, ``"float32"`` or ``"float16"`` (half the size; range ±65504).
         progress: Show a progress bar (``MECHPROBE_PROGRESS=0`` silences it).
         select: Deprecated name of ``positions`` (``"last"`` is ``-1``), for one release.
@@ -411,6 +422,12 @@ def collect(
     folder = Path(out_dir) if out_dir is not None else None
     done = 0
     if folder is not None:
+        if hooks_attached(model) and any(folder.glob("*.json")):
+            raise ValueError(
+                f"{folder} holds a collection, and hooks are attached to the model (an "
+                "intervention in force): what they compute cannot be checked, so the folder's "
+                "activations may be of another intervention. Pass an empty or new out_dir."
+            )
         finished, done = resume_state(folder, key)
         if finished:
             return Activations.load(folder)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from mechprobe.probing._selection import Plan
 
@@ -114,18 +115,43 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written progress record
 
 
+def _weights_digest(model: Any) -> str:
+    """SHA-256 of a strided sample (about 4,096 values) of every parameter, bit for bit.
+
+    Any edit that touches a weight matrix broadly (a fine-tune, a rank-one edit, a zeroed layer)
+    changes its sample; hashing every byte would cost seconds per gigabyte of weights.
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            h.update(name.encode())
+            h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def hooks_attached(model: Any) -> bool:
+    """Whether any TransformerLens hook point holds a hook (an intervention in force)."""
+    return any(hp.fwd_hooks or hp.bwd_hooks for hp in model.hook_dict.values())
+
+
 def fingerprint(model: Any, names: list[str], plan: Plan, dtype: str, batch_size: int) -> str:
     """A short hash of everything the values depend on: decides whether a folder can be resumed."""
     record = {
         "model": str(getattr(model.cfg, "model_name", "")),
         "shape": [model.cfg.n_layers, model.cfg.d_model, model.cfg.d_vocab],
-        # A few weights tell two models of one architecture apart (e.g. different seeds).
-        "weights": next(model.parameters()).detach().flatten()[:16].float().cpu().tolist(),
+        # Two models of one architecture (other seeds, edited or fine-tuned weights) differ here.
+        "weights": _weights_digest(model),
+        # What hooks compute cannot be fingerprinted: a collection under hooks never matches one
+        # without, and collect refuses to resume any folder while hooks are attached.
+        "hooked": hooks_attached(model),
         "sites": names,
         "dtype": dtype,
         "batch_size": batch_size,
         "texts": list(plan.batch.prompts),
         "positions": [p.tolist() for p in plan.positions],
         "labels": plan.labels.tolist() if plan.labels is not None else None,
+        "groups": plan.groups.tolist() if plan.groups is not None else None,
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
