@@ -152,3 +152,30 @@ def test_mean_ablation_at_reference_positions(model):
             np.testing.assert_allclose(res.per_pair[i, 0, 0], expected, atol=1e-5)
     with pytest.raises(ValueError, match="reference_positions"):
         mp.ablate_cells(model, prompts, "pattern", -1, metric, reference_positions=-1)
+
+
+def test_random_vectors_are_the_seeds_draws_and_absent_without_n_random(model, task, monkeypatch):
+    """Random vector j is seed + j's draw at the FV's norm, as the docs say of every random
+    control (one generator made vector 1 the second draw of seed); with n_random=0 no random
+    vector is added, and its norm is NaN, not the FV's."""
+    import mechprobe.relational._function as fv_module
+
+    real = fv_module._accuracy
+    added: list[torch.Tensor] = []
+
+    def spy(model, prompts, answers, vector, layer):
+        if vector is not None:
+            added.append(vector.clone())
+        return real(model, prompts, answers, vector, layer)
+
+    monkeypatch.setattr(fv_module, "_accuracy", spy)
+    res = mp.function_vector(model, task, n_heads=3, n_prompts=4, n_random=2, seed=7,
+                             progress=False)  # fmt: skip
+    fv = torch.as_tensor(res.vector)
+    randoms = added[1:3]  # after the function vector, before the two o-vectors
+    for j, r in enumerate(randoms):
+        draw = torch.randn(fv.shape, generator=torch.Generator().manual_seed(7 + j))
+        torch.testing.assert_close(r, draw * (fv.norm() / draw.norm()))
+    none = mp.function_vector(model, task, n_heads=3, n_prompts=4, n_random=0, progress=False)
+    norms = dict(zip(none.conditions, none.norms, strict=True))
+    assert np.isnan(norms["random vector"]) and not np.isnan(norms["function vector"])

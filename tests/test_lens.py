@@ -365,6 +365,9 @@ def test_summary_reads_the_last_decoded_position_and_names_shared_targets_only(t
     frame = early.summary()
     np.testing.assert_allclose(frame["kl_to_final"], early.kl_to_final[:, :, 0].mean(0))
     np.testing.assert_allclose(frame["entropy"], early.entropy[:, :, 0].mean(0))
+    # The rank at that same position, not at the (undecoded) last token.
+    np.testing.assert_allclose(frame["rank ' a'"], early.position_rank[:, :, 0, 0].mean(0))
+    assert not np.allclose(frame["rank ' a'"], early.target_rank[:, :, 0].mean(0))
     # Different targets per prompt: a column per slot, not named after prompt 0's target.
     mixed = mp.logit_lens(tiny, prompts, targets=[[" a"], [" zz"]], progress=False)
     frame = mixed.summary()

@@ -221,7 +221,9 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         )
         shared = all(tuple(t) == tuple(self.targets[0]) for t in self.targets)
         for t in range(self.target_rank.shape[2]):
-            ranks = self.target_rank[:, :, t].astype(float)
+            # At the same decoded position as the other columns (the prompt's last token only
+            # where it was decoded; target_rank is always the last token's).
+            ranks = self.position_rank[rows, :, last, t].astype(float)
             ranks[ranks < 0] = np.nan
             label = repr(self.targets[0][t]) if shared else f"target {t}"
             frame[f"rank {label}"] = np.nanmean(ranks, axis=0)

@@ -301,8 +301,12 @@ def function_vector(
     ovector = fit_ovector(fitted, layer, only_correct=bool(fitted.score.correct.any()))
     o = ovector.vector.float().cpu()
     o_scaled = o * (vector.norm() / o.norm().clamp_min(1e-30))
-    gen = torch.Generator().manual_seed(seed)
-    randoms = [torch.randn(vector.shape, generator=gen) for _ in range(n_random)]
+    # Random vector j is seed + j's draw, as every random control of the API (one generator for
+    # all made vector j depend on the vectors before it).
+    randoms = [
+        torch.randn(vector.shape, generator=torch.Generator().manual_seed(seed + j))
+        for j in range(n_random)
+    ]
     randoms = [r * (vector.norm() / r.norm()) for r in randoms]
     rows = {
         "zero-shot": _accuracy(model, held, held_answers, None, layer),
@@ -317,7 +321,8 @@ def function_vector(
         "o-vector (FV norm)": _accuracy(model, held, held_answers, o_scaled, layer),
     }
     fv_norm = float(vector.norm())
-    norms = [np.nan, np.nan, fv_norm, fv_norm, float(o.norm()), fv_norm]
+    random_norm = fv_norm if randoms else np.nan  # no random vector was added
+    norms = [np.nan, np.nan, fv_norm, random_norm, float(o.norm()), fv_norm]
     return FunctionVectorResult(
         task=task.name,
         aie=aie,
