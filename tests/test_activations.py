@@ -245,6 +245,12 @@ def test_a_finished_folder_is_not_reused_for_other_weights_groups_or_under_hooks
     assert np.array_equal(np.asarray(again.values), first.values)  # the same model: reused
 
 
+def test_values_are_read_only_as_every_result_array(tiny: Any) -> None:
+    acts = mp.collect(tiny, TEXTS, "resid_post", progress=False)
+    with pytest.raises(ValueError, match="read-only"):
+        acts.values[0, 0, 0] = 5.0
+
+
 def test_nan_activations_raise(tiny: Any) -> None:
     broken = mp.tiny_model(seed=3)
     with torch.no_grad():

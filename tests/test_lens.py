@@ -358,6 +358,21 @@ def test_smollm2_poland_answers_warsaw_and_last_layer_equals_logits(smollm2):
     assert (result.target_rank[0, :-1, 0] > 0).all()
 
 
+def test_a_batch_reads_as_its_strings_and_a_token_batch_is_refused(tiny) -> None:
+    prompts = ["Hello there", "Hi"]
+    batch = mp.tokenize(tiny, prompts, padding_side="left")
+    want = mp.logit_lens(tiny, prompts, targets=" a", progress=False)
+    got = mp.logit_lens(tiny, batch, targets=" a", progress=False)
+    np.testing.assert_array_equal(got.target_rank, want.target_rank)
+    np.testing.assert_allclose(got.kl_to_final, want.kl_to_final)
+    acts = mp.collect(tiny, batch, "resid_post", progress=False)
+    np.testing.assert_array_equal(acts.values, mp.collect(tiny, prompts, progress=False).values)
+    from_ids = mp.Batch(batch.tokens, batch.attention_mask, "left", ("", ""))
+    for fn in (mp.logit_lens, mp.collect):
+        with pytest.raises(TypeError, match="built from token ids"):
+            fn(tiny, from_ids, progress=False)
+
+
 def test_summary_reads_the_last_decoded_position_and_names_shared_targets_only(tiny) -> None:
     prompts = ["Hello there", "Hi"]
     # Positions without the last token: the summary reads the last decoded one (it raised).

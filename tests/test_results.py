@@ -139,6 +139,17 @@ def test_repr_is_short_and_the_notebook_view_shows_the_summary() -> None:
     assert isinstance(lens.plot(), Figure)
 
 
+def test_the_notebook_view_survives_a_failing_description(monkeypatch) -> None:
+    toy = _toy()
+
+    def broken(self) -> str:
+        raise RuntimeError("no description")
+
+    monkeypatch.setattr(_Toy, "_describe", broken)
+    assert repr(toy) == "_Toy(…)"
+    assert "<table" in toy._repr_html_()  # it raised: __repr__ guarded this, _repr_html_ did not
+
+
 def test_plot_draws_into_given_axes() -> None:
     fig = Figure()
     ax = fig.add_subplot()

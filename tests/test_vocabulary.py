@@ -81,6 +81,15 @@ def _violations() -> set[str]:
     return found
 
 
+@pytest.mark.parametrize("bad", ["no", 0, None])
+def test_progress_is_true_or_false(bad) -> None:
+    """progress="no" showed a bar (truthy); every bar of the API goes through progress_bar."""
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        mp.collect(mp.tiny_model(), ["Hi"], progress=bad)
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        mp.logit_lens(mp.tiny_model(), "Hi", progress=bad)
+
+
 def test_vocabulary_table_is_documented() -> None:
     from pathlib import Path
 

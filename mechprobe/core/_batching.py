@@ -134,6 +134,25 @@ class Batch:
             rows = slice(start, min(start + size, len(self)))
             yield rows, (self if size >= len(self) else self.select(rows))
 
+    def texts(self) -> list[str]:
+        """The prompts as strings, for the functions that tokenise (and pad) by themselves:
+        ``logit_lens`` (which appends targets) and ``collect``.
+
+        Raises:
+            TypeError: A batch built from token ids, with no strings to give.
+
+        Example:
+            >>> from mechprobe.core._models import tiny_model
+            >>> tokenize(tiny_model(), ["Hi", "Hello"]).texts()
+            ['Hi', 'Hello']
+        """
+        if not self.prompts or not all(self.prompts):
+            raise TypeError(
+                "This Batch was built from token ids and holds no prompt strings; pass the "
+                "strings (this function tokenises them itself)."
+            )
+        return list(self.prompts)
+
     def to(self, device: torch.device | str) -> Batch:
         """The same batch on another device."""
         return Batch(

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
+import numpy as np
 from tqdm.auto import tqdm
 
 __all__ = ["progress_bar", "progress_enabled"]
@@ -27,6 +28,9 @@ def progress_enabled(progress: bool) -> bool:
         >>> progress_enabled(False)
         False
     """
+    # "no" or 0 would read as on/off by truthiness: a bar is a yes-or-no setting.
+    if not isinstance(progress, (bool, np.bool_)):
+        raise TypeError(f"progress must be True or False, got {progress!r}.")
     return bool(progress) and os.environ.get(_ENV, "1").strip().lower() not in _OFF
 
 

@@ -201,9 +201,11 @@ class Result:
         return f"{type(self).__name__}({words})"
 
     def _repr_html_(self) -> str:
-        parts = [
-            f"<div><p><b>{html.escape(type(self).__name__)}</b> {html.escape(self._describe())}</p>"
-        ]
+        try:
+            words = self._describe()
+        except Exception:  # a notebook view must never raise, as a repr must not
+            words = "…"
+        parts = [f"<div><p><b>{html.escape(type(self).__name__)}</b> {html.escape(words)}</p>"]
         try:
             table = self.summary()
         except Exception as err:  # a notebook view must never raise either

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from mechprobe.core import (
+    Batch,
     Intervention,
     Layers,
     PaddingSide,
@@ -79,7 +80,7 @@ def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
 
 def logit_lens(
     model: Any,
-    prompts: str | Sequence[str],
+    prompts: str | Sequence[str] | Batch,
     *,
     sites: SiteKind | SiteLike | Sequence[SiteLike] = "resid_post",
     layers: Layers = "all",
@@ -106,7 +107,7 @@ def logit_lens(
 
     Args:
         model: A ``TransformerBridge`` or ``HookedTransformer`` with a tokenizer.
-        prompts: One prompt or a non-empty list of prompts.
+        prompts: One prompt, a non-empty list of prompts, or a :class:`Batch` (its strings).
         sites: Site kinds decoded at every layer (``"resid_pre"``, ``"resid_mid"``,
             ``"resid_post"``, and the writes ``"attn_out"``, ``"mlp_out"``, each decoded on its
             own, final norm included), or Sites / hook names for single layers, or a list of both.
@@ -149,6 +150,8 @@ def logit_lens(
         >>> lens.positions.tolist(), lens.target_logprob.shape
         ([[0, 1, 2]], (1, 3, 2))
     """
+    if isinstance(prompts, Batch):  # its strings, tokenised here with the targets appended
+        prompts = prompts.texts()
     one_prompt = isinstance(prompts, str)
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:

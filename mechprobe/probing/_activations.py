@@ -147,6 +147,8 @@ class Activations:
         # Memory-mapped values are checked chunk by chunk as collect() writes them.
         if not isinstance(self.values, np.memmap):
             check_finite(self.values, "Activations.values")
+        if isinstance(self.values, np.ndarray):  # frozen as every result's arrays are
+            self.values.flags.writeable = False
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
@@ -364,7 +366,8 @@ def collect(
 
     Args:
         model: A TransformerLens model with a fast tokenizer.
-        data: Texts, a :class:`mechprobe.ProbingDataset` (texts, labels, word spans, groups), or a
+        data: Texts, a :class:`mechprobe.Batch` (its strings), a
+            :class:`mechprobe.ProbingDataset` (texts, labels, word spans, groups), or a
             :class:`mechprobe.Task` (its prompts, labelled and grouped by each item's input).
         sites: A site kind (``"resid_post"``: that kind at each of ``layers``), a Site, a hook
             name, or a list of them, all of one width: ``resid_pre``, ``resid_mid``,

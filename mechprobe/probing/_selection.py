@@ -79,6 +79,8 @@ def _inputs(data: Any, positions: Any, labels: Any, groups: Any) -> dict[str, An
         texts, labels, groups, word_level = data.prompts(), data.inputs(), data.inputs(), False
         meta = {"dataset": data.name}
     else:
+        if isinstance(data, Batch):  # its strings, tokenised here
+            data = data.texts()
         texts = [data] if isinstance(data, str) else list(data)
         word_level = False
         if not texts:
