@@ -395,3 +395,21 @@ def test_smollm2_capitals_batched_equals_one_cell_at_a_time(smollm2):
     assert res.values.shape == (30, 1)
     np.testing.assert_allclose(res.values, expected, atol=1e-4)
     assert res.clean_metric > 0 > res.corrupt_metric  # Paris wins on France, Warsaw on Poland
+
+
+def test_reference_means_over_more_prompts_than_one_pass_takes() -> None:
+    """The reference pass runs 32 prompts at a time (it was one pass over all of them, unbounded
+    memory): the means over 40 prompts of mixed lengths equal the plain mean of each prompt's
+    own cache."""
+    from mechprobe.patching._activation import _means
+
+    model = mp.tiny_model()
+    prompts = [("ab" * (1 + i % 5)) + str(i) for i in range(40)]
+    ids = [model.to_tokens(p)[0] for p in prompts]
+    site = mp.Site("mlp_out", 1)
+    got = _means(model, [site], ids)[site]
+    rows = []
+    for t in ids:
+        _, cache = model.run_with_cache(t[None])
+        rows.append(cache[site.hook_name][0].double())
+    torch.testing.assert_close(got, torch.cat(rows).mean(0).float(), atol=1e-6, rtol=1e-5)

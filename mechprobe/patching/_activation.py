@@ -503,8 +503,9 @@ def _means(
     for i, t in enumerate(ids):
         tokens[i, : len(t)], mask[i, : len(t)] = t, 1
     batch = Batch(tokens, mask, "right", ("",) * len(ids))
+    # 32 prompts per forward pass bound the pass's memory; the captures land in one padded grid.
     captured = run(
-        model, batch, capture=site_list, logit_positions=-1, batch_size=None, progress=False
+        model, batch, capture=site_list, logit_positions=-1, batch_size=32, progress=False
     )
     real = mask.bool()
     if positions != "all":
