@@ -380,3 +380,31 @@ def test_results_made_on_the_device_save_and_load(models, tmp_path):
     o = mp.extract_ovector(models[1], ["Q: capital of Poland?\nA:"], layer=1, progress=False)
     loaded = type(o).load(o.save(tmp_path / "o.safetensors"))
     torch.testing.assert_close(_on_cpu(loaded.vector), _on_cpu(o.vector))
+
+
+def test_lenses_and_patchscopes_decode_on_the_device(models):
+    task = mp.load_task("capitals").subset(3)
+    lens = mp.TunedLens.identity(models[0])  # a CPU lens, as loaded from disk
+    for spec in (mp.Patchscope(), lens):
+        got = [mp.logit_lens(m, "Hi there", lens=spec, progress=False) for m in models]
+        assert_same_frames(*got)
+        traj = [mp.trajectory(m, task, lens=spec, progress=False) for m in models]
+        assert_same_frames(*traj)
+    scored = [mp.score_task(m, task, progress=False) for m in models]
+    assert_same_frames(*scored)
+
+
+def test_commands_run_on_the_device(tmp_path, capsys):
+    from mechprobe.cli import main as cli_main
+
+    runs = {}
+    for device in ("cpu", _DEVICE):
+        out = tmp_path / device.replace(":", "_")
+        args = ["patch", "--clean", "A cat sat", "--corrupt", "A bat sat", "--answer", "1",
+                "--wrong", "2", "--sites", "mlp_out", "--layers", "0-1"]  # fmt: skip
+        assert (
+            cli_main([*args, "--model", "tiny", "--device", device, "--quiet", "--out", str(out)])
+            == 0
+        )
+        runs[device] = mp.load_result(out / "result.json")
+    assert_same_frames(runs["cpu"], runs[_DEVICE])
