@@ -212,7 +212,13 @@ def _table(rows: list[dict[str, Any]]) -> str:
     lines = ["| benchmark | ratio | baseline | target | detail |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['benchmark']} | {_ratio(r)} | {r['baseline']} | {r['target']} | {r['detail']} |"
+            # A "|" inside a cell (|TL - ours|) would split it: markdown needs it escaped.
+            "| "
+            + " | ".join(
+                str(v).replace("|", "\\|")
+                for v in (r["benchmark"], _ratio(r), r["baseline"], r["target"], r["detail"])
+            )
+            + " |"
         )
     return "\n".join(lines)
 
