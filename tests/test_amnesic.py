@@ -477,3 +477,47 @@ def test_counts_say_what_each_text_measure_averages_over():
                             n_random=1, progress=False)  # fmt: skip
     n = sum(len(model.to_tokens(t)[0]) for t in texts)
     assert everywhere.counts == {"text_tokens": n - 3, "kl_tokens": n}
+
+
+def test_a_head_site_erases_that_head_alone() -> None:
+    """Keyed by its hook name, a head's eraser was applied to every head of the layer: the same
+    KL (0.152) for each of the four heads. Against plain hooks on attn.hook_z, one head at a time."""
+    model = mp.tiny_model()
+    texts = ["The cat sat on the mat.", "Hi there you"]
+    eraser = mp.random_projection(16, 4, seed=5)
+
+    def plain_kl(head: int) -> float:
+        total, count = 0.0, 0
+        for t in texts:
+            tokens = model.to_tokens(t)
+
+            def erase(z: torch.Tensor, hook: Any) -> torch.Tensor:
+                z = z.clone()
+                z[:, :, head] = eraser(z[:, :, head].double()).to(z.dtype)
+                return z
+
+            with torch.no_grad():
+                clean = model(tokens)[0].float().log_softmax(-1)
+                erased = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_z", erase)])
+            erased = erased[0].float().log_softmax(-1)
+            kl = (clean.exp() * (clean - erased)).sum(-1)
+            total, count = total + float(kl.double().sum()), count + len(kl)
+        return total / count
+
+    got = []
+    for head in range(4):
+        res = amnesic(model, mp.Site("head", 1, head=head), eraser, text=texts, n_random=0,
+                      dropout=False, progress=False)  # fmt: skip
+        assert res.site == f"head@1, head {head}"
+        got.append(res.headline()["lm_kl"])
+        assert got[-1] == pytest.approx(plain_kl(head), rel=1e-4, abs=1e-7)
+    assert len({round(v, 6) for v in got}) == 4
+
+
+def test_one_panel_plots_any_measured_metric() -> None:
+    model = mp.tiny_model()
+    res = amnesic(model, mp.Site("resid_post", 1), mp.random_projection(64, 4, seed=1),
+                  text=["Hello there you", "Hi all"], n_random=1, progress=False)  # fmt: skip
+    assert isinstance(res.plot(metric="lm_loss"), Figure)  # refused: "not measured here"
+    with pytest.raises(ValueError, match="measured here"):
+        res.plot(metric="task_accuracy")

@@ -95,6 +95,7 @@ def test_patch_takes_one_answer_per_pair(tmp_path):
             "--layers applies to a site kind",
         ),
         (["erase", "--site", "resid_post"], "erase", "pass the layers with --layers"),
+        (["erase", "--site", "head", "--layers", "1"], "erase", "not per head"),
         (["erase", "--site", "resid_post", "--layers", "1", "--shots", "9"], "erase", "--shots 9"),
         (["lens", "Hi", "--plot", "{tmp}/heatmap.xyz"], "lens", "use .png, .pdf or .svg"),
         (["probe", "--dataset", "pos", "--positions", "all"], "probe", "labels words"),
@@ -139,6 +140,16 @@ def test_device_reaches_the_tiny_model(capsys):
     assert cli_main(["lens", "Hi", "--model", "tiny", "--device", "cpu"]) == 0
     assert cli_main(["lens", "Hi", "--model", "tiny", "--device", "gpu9"]) != 0
     assert "not a device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra", [["--layers", "7"], ["--layers", "1", "--positions", "99"]], ids=["layer", "position"]
+)
+def test_erase_refused_after_the_model_loads_leaves_no_folder(tmp_path, capsys, extra):
+    out = tmp_path / "out"
+    args = ["erase", "--site", "resid_post", *extra, "--n-texts", "2", "--model", "tiny"]
+    assert cli_main([*args, "--out", str(out)]) == 2
+    assert not out.exists(), capsys.readouterr().err
 
 
 def test_a_task_with_fewer_shots_runs_with_all_of_them(tmp_path):

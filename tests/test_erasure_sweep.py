@@ -38,8 +38,13 @@ def test_layer_sweep_fits_and_measures_each_layer(
     effects = sweep.effects()
     # Erased at the last token (the default), which predicts nothing inside the text: next-token
     # accuracy and loss cannot change and are not measured; the KL at that token is.
-    assert set(effects["metric"]) == {"lm_kl"}
+    # Probe accuracy at the erased site is an effect too (it was left out of the table).
+    assert set(effects["metric"]) == {"lm_kl", "probe_accuracy"}
     assert (effects.loc[effects["metric"] == "lm_kl", "erased"] > 0).all()
+    for r, (_, row) in zip(sweep.results, effects[effects["metric"] == "probe_accuracy"].iterrows(),
+                           strict=True):  # fmt: skip
+        assert row["erased"] == pytest.approx(r.effect("probe_accuracy", "erased", site=r.site,
+                                                        probe="linear")[0])  # fmt: skip
     for r in sweep.results:  # LEACE guards the erased layer against a fresh linear probe
         after = r.values("probe_accuracy", "erased", site=r.site, probe="linear")[0]
         assert r.majority_baseline is not None and after <= r.majority_baseline + 0.2
@@ -49,6 +54,33 @@ def test_layer_sweep_fits_and_measures_each_layer(
     assert back.results == sweep.results
     assert repr(sweep) == "ErasureSweep(leace, 2 erasure(s), layers 0-2)"
     assert sweep.summary().equals(sweep.effects())
+
+
+def test_layer_sweep_checks_what_it_can_before_collecting(
+    tiny: Any, letters: mp.ProbingDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mechprobe.erasure._sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "collect", lambda *a, **k: pytest.fail("collected"))
+    with pytest.raises(ValueError, match="method must be"):
+        layer_sweep(tiny, letters, [0], "pca", text=TEXTS)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Nothing to measure"):
+        layer_sweep(tiny, letters, [0], "leace")
+    with pytest.raises(ValueError, match="seed"):
+        layer_sweep(tiny, letters, [0], "inlp", text=TEXTS, seed=-1)
+
+
+def test_a_seed_among_the_fit_options_is_the_fits_own(
+    tiny: Any, letters: mp.ProbingDataset
+) -> None:
+    got = layer_sweep(tiny, letters, [1], "inlp", text=TEXTS[:1], n_random=1,
+                      fit_options={"seed": 3, "n_iterations": 2}, progress=False)  # fmt: skip
+    acts = mp.collect(tiny, letters, mp.Site("resid_post", 1), progress=False)
+    eraser = mp.fit_erasure(acts.layer(0), acts.labels, "inlp", seed=3, n_iterations=2)
+    assert got.results[0].n_removed == eraser.n_removed
+    assert isinstance(
+        mp.fit_erasure(acts.layer(0), acts.labels, "leace", progress=False), mp.Eraser
+    )
 
 
 def test_sites_pick_the_kind_and_kind_is_its_old_name(

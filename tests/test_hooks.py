@@ -123,6 +123,7 @@ def test_exceptions_leave_no_hooks_and_same_outputs(tiny, make, where):
         (mp.Add(torch.ones(10)), "width 10"),
         (mp.Replace(torch.ones(7)), "width 7"),
         (mp.Project(torch.eye(5)), "width 5"),
+        (mp.Project(mp.random_projection(32, 2, seed=0)), "width 32"),  # failed mid-forward
         (mp.Ablate("mean", mean=torch.zeros(3)), "width 3"),
     ],
 )

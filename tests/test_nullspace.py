@@ -6,6 +6,7 @@ import dataclasses
 import json
 import pickle
 import re
+import warnings
 from typing import ClassVar
 
 import numpy as np
@@ -447,6 +448,30 @@ def test_bad_input(planted, erased: Eraser) -> None:
         erased.apply(np.ones((2, 5)))
     with pytest.raises(TypeError, match="floating"):
         erased.apply(torch.ones(2, D, dtype=torch.long))
+
+
+def test_an_eraser_built_by_hand_must_be_applicable() -> None:
+    """Rows [3, 4, 0] were taken as orthonormal: [3, 4, 1] became [-72, -96, 1], not [0, 0, 1]."""
+    with pytest.raises(ValueError, match="orthonormal rows"):
+        Eraser(removed=torch.tensor([[3.0, 4.0, 0.0]]), method="inlp")
+    with pytest.raises(ValueError, match="NaN"):
+        Eraser(removed=torch.tensor([[float("nan"), 0.0, 0.0]]), method="inlp")
+    with pytest.raises(ValueError, match="method must be one of"):
+        Eraser(removed=torch.tensor([[0.6, 0.8, 0.0]]), method="whatever")
+    good = Eraser(removed=torch.tensor([[0.6, 0.8, 0.0]]), method="inlp")
+    torch.testing.assert_close(good(torch.tensor([3.0, 4.0, 1.0])), torch.tensor([0.0, 0.0, 1.0]))
+    assert good.to(dtype=torch.bfloat16).n_removed == 1  # a coarse dtype's rounding is allowed
+
+
+def test_read_only_and_grad_requiring_inputs_fit_without_warnings(planted) -> None:
+    X, y, _ = planted
+    frozen = X.copy()
+    frozen.flags.writeable = False  # as Activations.values is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = inlp(frozen, y, 2, progress=False)
+    b = inlp(torch.as_tensor(X).requires_grad_(), y, 2, progress=False)
+    torch.testing.assert_close(a.removed, b.removed)
 
 
 class _ZeroLinear(ClassifierMixin, BaseEstimator):

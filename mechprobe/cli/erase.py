@@ -33,9 +33,11 @@ from mechprobe.cli._arguments import (
 
 _HELP = """\
 Fit INLP or LEACE on the dataset's activations at --site, apply the eraser as a hook (at the
-last token by default, where the dataset is read), and measure what the model loses: next-token
-accuracy, loss and KL on English text, task accuracy on the relational task, and probe accuracy
-after erasure, each beside random projections of the same rank.
+last token by default, where the dataset is read), and measure what the model loses: the KL of
+its next-token distributions on English text (with --positions all also next-token accuracy and
+loss: an erasure at the last token alone changes no prediction that text can score), task
+accuracy on the relational task, and probe accuracy after erasure, each beside random
+projections of the same rank.
 
 Datasets: country (which country a capitals prompt asks about; evaluated on the capitals task for
 the same countries), is_capital, number (templated subject number), or a label file (JSON, JSONL or
@@ -133,8 +135,6 @@ def run_erase(args: argparse.Namespace) -> list[dict[str, Any]]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import mechprobe as mp
-    from mechprobe.erasure import ErasureSweep, amnesic, fit_erasure
 
     data = _dataset(args.dataset, args.n_countries, args.seed)
     if data.level != "text":
@@ -147,7 +147,25 @@ def run_erase(args: argparse.Namespace) -> list[dict[str, Any]]:
     _check_sites(args.site, args.layers)  # before the model loads too
     out = Path(args.out)
     # main() checked the folder; a refusal it cannot see (root on /sys) surfaces here, still early.
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _erase(args, out, data, task, fit_data, probe_data)
+    except BaseException:
+        # A run refused before it wrote anything (a layer out of range, a bad position) leaves
+        # no empty folder behind.
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _erase(
+    args: argparse.Namespace, out: Path, data: Any, task: Any, fit_data: Any, probe_data: Any
+) -> list[dict[str, Any]]:
+    """The work of :func:`run_erase` once its arguments are checked and ``out`` exists."""
+    import mechprobe as mp
+    from mechprobe.erasure import ErasureSweep, amnesic, fit_erasure
+
     model = load(args.model, args.device)
     sites = _sites(model, args.site, args.layers)
     acts = mp.collect(model, fit_data, sites, batch_size=args.batch_size, progress=False)
@@ -196,7 +214,16 @@ def _per_layer(site: str) -> bool:
 
 
 def _check_sites(site: str, layers: Any) -> None:
-    """A kind or a name with ``{l}`` needs ``--layers``; a single hook name refuses them."""
+    """A kind or a name with ``{l}`` needs ``--layers``; a single hook name refuses them; head
+    kinds are refused (one eraser per head is for the Python API)."""
+    from mechprobe.core import HEAD_KINDS
+
+    if site in HEAD_KINDS:
+        raise ValueError(
+            f"--site {site}: mechprobe erase fits one eraser per layer's site, not per head; "
+            f"erase a head from Python: mp.amnesic(model, mp.Site({site!r}, layer, head=h), "
+            "eraser, ...)."
+        )
     if _per_layer(site) and layers is None:
         raise ValueError(f"--site {site}: pass the layers with --layers, e.g. 15,20,23.")
     if not _per_layer(site) and layers is not None:

@@ -373,6 +373,7 @@ class Project(Intervention):
         if (matrix is None) == (remove is None):
             raise ValueError("Project takes exactly one of a matrix/projection or remove=<basis>.")
         self.apply_fn: Callable[[Tensor], Tensor] | None = None
+        self.apply_dim: int | None = None
         self.matrix: Tensor | None = None
         self.basis: Tensor | None = None
         if remove is not None:
@@ -384,6 +385,8 @@ class Project(Intervention):
             self.basis = _span(rows)  # [d, rank]
         elif hasattr(matrix, "apply") and callable(matrix.apply):
             self.apply_fn = matrix.apply
+            dim = getattr(matrix, "dim", None)  # an Eraser says its width
+            self.apply_dim = int(dim) if isinstance(dim, int) else None
         else:
             self.matrix = _as_tensor(matrix, "Project matrix")
             if self.matrix.ndim != 2 or self.matrix.shape[0] != self.matrix.shape[1]:
@@ -398,9 +401,10 @@ class Project(Intervention):
 
     def check_width(self, width: int) -> None:
         have = self.matrix if self.matrix is not None else self.basis
-        if have is not None and have.shape[0] != width:
+        acts_on = have.shape[0] if have is not None else self.apply_dim
+        if acts_on is not None and acts_on != width:
             raise ValueError(
-                f"Project acts on width {have.shape[0]} but the site has width {width}: "
+                f"Project acts on width {acts_on} but the site has width {width}: "
                 f"fit the projection on activations of that site."
             )
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -127,6 +128,11 @@ def amnesic(
         (True, 2)
     """
     hook, parsed = resolve_site(model, site)
+    # What the eraser is hooked on: the hook name, or for a head the Site itself (a head shares its
+    # layer's hook with the others; keyed by the name, every head was erased).
+    target: SiteLike = hook
+    if parsed is not None and parsed.head is not None:
+        target = replace(parsed, positions=None)
     if not isinstance(eraser, Eraser):
         raise TypeError(
             f"eraser must be a mechprobe Eraser, got {type(eraser).__name__}; fit one with "
@@ -141,6 +147,7 @@ def amnesic(
     if text is None and task is None and probe is None:
         raise ValueError("Nothing to measure: pass text=[...], task='capitals' and/or probe=data.")
     batch_size = check_int(batch_size, "batch_size", 1)
+    seed = check_int(seed, "seed", 0)
     if isinstance(site, Site) and site.positions is not None:
         raise ValueError(
             f"{site} carries positions={site.positions!r}; amnesic() takes positions= itself: "
@@ -159,14 +166,14 @@ def amnesic(
     counts: dict[str, int] = {}
     kw: dict[str, Any] = {"positions": positions, "batch_size": batch_size, "progress": progress}
     if text is not None:
-        found, text_counts = text_measures(model, hook, text, conditions, **kw)
+        found, text_counts = text_measures(model, target, text, conditions, **kw)
         counts.update(text_counts)
         measures += found
     if task is not None:
         task_obj = load_task(task) if isinstance(task, str) else task
         if not isinstance(task_obj, Task):
             raise TypeError(f"task must be a Task or a task name, got {type(task).__name__}.")
-        measures += task_measures(model, hook, task_obj, conditions, **kw)
+        measures += task_measures(model, target, task_obj, conditions, **kw)
         counts["task_items"] = len(task_obj)
     majority = None
     if probe is not None:
@@ -175,7 +182,7 @@ def amnesic(
         sites = _probe_sites(model, hook, kind, layer, probe_layers)
         info = information_measures(
             model,
-            hook,
+            target,
             probe,
             [c for c in conditions if c.name != "dropout"],
             sites=sites,
@@ -188,7 +195,7 @@ def amnesic(
         majority = info.majority_baseline
         counts["probe_examples"] = info.n_examples
     return AmnesicResult(
-        site=hook,
+        site=hook if target == hook else str(target),
         layer=parsed.layer if parsed is not None else None,
         positions=positions if isinstance(positions, (int, str)) else tuple(positions),
         method=eraser.method,

@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 ArrayT = TypeVar("ArrayT", np.ndarray, Tensor)
+_METHODS = ("inlp", "leace", "random", "dropout", "identity")
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -99,6 +100,29 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
             raise ValueError(
                 f"ranks ({len(self.ranks)}) and accuracies ({len(self.accuracies)}) must align."
             )
+        if self.method not in _METHODS:
+            raise ValueError(f"method must be one of {list(_METHODS)}, got {self.method!r}.")
+        for name in ("removed", "readout", "mean"):
+            value = getattr(self, name)
+            if value is not None:
+                check_finite(value, f"Eraser.{name}")
+        if self.readout is None and self.removed.shape[0]:
+            # An orthogonal eraser subtracts removedᵀ removed x: right only for orthonormal rows
+            # (rows [3, 4, 0] took [3, 4, 1] to [-72, -96, 1]). Tolerance: float rounding of the
+            # stored dtype over d terms, with room.
+            rows = self.removed.to(torch.float64)
+            gram = rows @ rows.T
+            error = float(
+                (gram - torch.eye(len(rows), dtype=gram.dtype, device=gram.device)).abs().max()
+            )
+            tol = 100 * torch.finfo(self.removed.dtype).eps * max(1.0, d**0.5)
+            if error > tol:
+                raise ValueError(
+                    f"removed must hold orthonormal rows for an orthogonal eraser (|R Rᵀ - I| "
+                    f"reaches {error:.3g}): orthonormalise them first "
+                    "(torch.linalg.qr(rows.T).Q.T), use mp.Project(remove=rows), which does, or "
+                    "pass readout= for an oblique eraser."
+                )
 
     # --- what it is ------------------------------------------------------------------------------
 
@@ -416,7 +440,10 @@ def identity_projection(dim: int) -> Eraser:
 def check_xy(X: Any, y: Any, caller: str) -> tuple[Tensor, np.ndarray, np.ndarray]:
     """Validate ``X [n, d]`` and labels ``y [n]``; returns (X as a tensor, codes, classes)."""
     if isinstance(X, np.ndarray):
-        X = torch.from_numpy(X)
+        # A read-only array (Activations.values) is copied: torch would share it writable.
+        X = torch.from_numpy(X if X.flags.writeable else X.copy())
+    if isinstance(X, Tensor):
+        X = X.detach()  # the fits need no graph (a tensor requiring grad broke INLP's out= ops)
     if not isinstance(X, Tensor):
         raise TypeError(
             f"{caller}: X must be a numpy array or torch tensor [n, d], got {type(X).__name__}."

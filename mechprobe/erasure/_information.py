@@ -65,7 +65,7 @@ def _texts_labels(data: ProbeData) -> tuple[list[str], np.ndarray, bool]:
 
 def _last_token(
     model: Any,
-    hook: str,
+    hook: SiteLike,
     texts: list[str],
     condition: Condition,
     sites: Sequence[str],
@@ -97,7 +97,7 @@ def _last_token(
 
 def _word_level(
     model: Any,
-    hook: str,
+    hook: SiteLike,
     data: ProbingDataset,
     condition: Condition,
     sites: Sequence[str],
@@ -122,7 +122,7 @@ def _word_level(
 
 def information_measures(
     model: Any,
-    hook: str,
+    hook: SiteLike,
     data: ProbeData,
     conditions: Sequence[Condition],
     *,

@@ -51,7 +51,7 @@ def erasing(eraser: Eraser, positions: ErasePositions) -> Project:
 
 
 def _logits(
-    model: Any, batch: Batch, hook: str, condition: Condition, positions: ErasePositions
+    model: Any, batch: Batch, hook: SiteLike, condition: Condition, positions: ErasePositions
 ) -> Float[Tensor, "batch seq vocab"]:
     """One forward pass of ``batch`` under ``condition`` (float32 logits)."""
     if condition.eraser is None:
@@ -80,7 +80,7 @@ def _kl(logp_orig: Tensor, logp: Tensor) -> Tensor:
 
 def text_measures(
     model: Any,
-    hook: str,
+    hook: SiteLike,
     texts: Sequence[str],
     conditions: Sequence[Condition],
     *,
@@ -147,7 +147,7 @@ def text_measures(
 
 def task_measures(
     model: Any,
-    hook: str,
+    hook: SiteLike,
     task: Task,
     conditions: Sequence[Condition],
     *,

@@ -303,8 +303,11 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         available = panels + (["probe_accuracy"] if probing else [])
         if not available:
             raise ValueError("This result holds no measures to plot; pass text=, task= or probe=.")
-        if metric is not None and metric not in available:
-            raise ValueError(f"metric must be one of {available} (measured here), got {metric!r}.")
+        # One panel may show any measured metric; the overview keeps to the _PANELS.
+        single = sorted({m.metric for m in self.measures} - {"probe_accuracy"})
+        single += ["probe_accuracy"] if probing else []
+        if metric is not None and metric not in single:
+            raise ValueError(f"metric must be one of {single} (measured here), got {metric!r}.")
         if ax is not None or metric is not None:
             figure, ax = new_axes(ax, (4.5, 3.8))
             chosen = metric or available[0]

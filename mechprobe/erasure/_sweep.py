@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from mechprobe.core import Layers, Result, SiteLike, expand_sites, new_axes, progress_bar
+from mechprobe.core import (
+    Layers,
+    Result,
+    SiteLike,
+    check_int,
+    expand_sites,
+    new_axes,
+    progress_bar,
+)
 from mechprobe.erasure._amnesic import amnesic
 from mechprobe.erasure._eraser import Eraser
 from mechprobe.erasure._information import ProbeData
@@ -59,12 +67,14 @@ def fit_erasure(
         >>> fit_erasure(x, y, "leace").n_removed
         1
     """
+    seed = check_int(seed, "seed", 0)
     if method == "inlp":
         opts: dict[str, Any] = {"n_iterations": 20, "stop": "majority", "progress": False}
         opts |= {"seed": seed} | options
         return inlp(x, y, **opts)
     if method == "leace":
-        return leace(x, y, **options)
+        # LEACE is closed-form: no draws, no iterations; the API-wide words are accepted.
+        return leace(x, y, **{k: v for k, v in options.items() if k not in ("progress", "seed")})
     raise ValueError(f"method must be 'inlp' or 'leace', got {method!r}.")
 
 
@@ -98,11 +108,16 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
         """Per layer and metric: effect of the erasure, of the random control (mean, std), dropout."""
         rows = []
         for r in self.results:
-            metrics = sorted({m.metric for m in r.measures} - {"probe_accuracy"})
-            for metric in metrics:
-                real, _ = r.effect(metric, "erased")
-                rand, rand_std = r.effect(metric, "random")
-                drop, _ = r.effect(metric, "dropout")
+            for metric in sorted({m.metric for m in r.measures}):
+                # Probe accuracy at the erased site, linear probe (as AmnesicResult.selectivity).
+                kw: dict[str, Any] = (
+                    {"site": r.site, "probe": "linear"} if metric == "probe_accuracy" else {}
+                )
+                real, _ = r.effect(metric, "erased", **kw)
+                if real is None:
+                    continue
+                rand, rand_std = r.effect(metric, "random", **kw)
+                drop, _ = r.effect(metric, "dropout", **kw)
                 rows.append([r.layer, r.n_removed, metric, real, rand, rand_std, drop])
         cols = ["layer", "n_removed", "metric", "erased", "random", "random_std", "dropout"]
         return pd.DataFrame(rows, columns=cols)
@@ -248,6 +263,14 @@ def layer_sweep(
             stacklevel=2,
         )
         sites = kind
+    # Everything checkable before the collection and the first fit, which cost the most.
+    if method not in ("inlp", "leace"):
+        raise ValueError(f"method must be 'inlp' or 'leace', got {method!r}.")
+    if text is None and task is None and probe is None:
+        raise ValueError("Nothing to measure: pass text=[...], task='capitals' and/or probe=data.")
+    seed = check_int(seed, "seed", 0)
+    options = dict(fit_options or {})
+    fit_seed = options.pop("seed", seed)  # a seed among the fit options is the fits' own
     found = expand_sites(model, sites, layers=layers, kinds=_KINDS, what="sites")
     for site in found:
         if site.positions is not None:
@@ -260,7 +283,7 @@ def layer_sweep(
         raise ValueError("The sweep data has no labels: pass a labelled ProbingDataset or Task.")
     results = []
     for j, site in enumerate(progress_bar(found, progress=progress, desc=f"{method} sweep")):
-        eraser = fit_erasure(acts.layer(j), acts.labels, method, seed=seed, **(fit_options or {}))
+        eraser = fit_erasure(acts.layer(j), acts.labels, method, seed=fit_seed, **options)
         results.append(
             amnesic(
                 model,
