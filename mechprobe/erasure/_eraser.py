@@ -49,7 +49,9 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
     """A fitted erasure ``x -> x'`` that removes ``n_removed`` directions from ``d``-dim vectors.
 
     Callable: ``eraser(x)`` is :meth:`apply`. Frozen: it holds its factors and its fit's record,
-    nothing else (casting for a device or dtype makes a new eraser, :meth:`to`).
+    nothing else (casting for a device or dtype makes a new eraser, :meth:`to`, which shares the
+    tensors that need no cast). Torch has no read-only tensors: writing into ``removed`` in place
+    changes the eraser (and any made from it by ``to``); clone before editing.
 
     Attributes:
         removed: ``[k, d]`` orthonormal basis of the erased directions (the range of ``I - P``).
