@@ -23,7 +23,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-tl3 demo test test-tl4 test-tl3 lint bench tutorial clean
+.PHONY: setup setup-tl3 demo test test-tl4 test-tl3 lint bench tutorial clean test-device
 
 setup: $(STAMP)
 
@@ -76,6 +76,11 @@ test-tl3: $(STAMP3)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
+
+# Every analysis on the CPU and on a GPU, compared number by number (tests/test_device.py; skipped
+# by `make test`, which runs where there is no GPU). Needs a CUDA build of torch in .venv.
+test-device: $(STAMP)
+	MECHPROBE_TEST_DEVICE=$${MECHPROBE_TEST_DEVICE:-cuda} $(VENV)/bin/pytest -q tests/test_device.py
 
 # docs/tutorial.ipynb, executed at the full setting, from its jupytext source docs/tutorial.py
 # (the tests execute the same source at a small setting).
