@@ -96,3 +96,50 @@ def test_only_random_seeds_are_pooled_into_one_family(tiny):
     summary = eff.summary()
     rows = summary[summary["group"] == "all"] if "group" in summary else summary
     assert {"ovector_1", "ovector_2", "random"} <= set(rows["condition"])
+
+
+def test_task_names_and_index_lists_are_read_as_meant(tiny):
+    """A task name as other_task was the text of one prompt (an o-vector of the word); repeated
+    indices (a 0/1 array) were merged into a set; a boolean choose_on was read as indices."""
+    o = mp.extract_ovector(tiny, mp.load_task("capitals").subset(4), layer=1, progress=False)
+    by_name = mp.ovector_controls(tiny, o, n_random=0, other_task="past_tense", progress=False)
+    by_task = mp.ovector_controls(tiny, o, n_random=0, other_task=mp.load_task("past_tense"),
+                                  progress=False)  # fmt: skip
+    assert by_name["other_task"].source == "past_tense"
+    torch.testing.assert_close(by_name["other_task"].vector, by_task["other_task"].vector)
+    with pytest.warns(UserWarning, match="load_task"):
+        mp.extract_ovector(tiny, "capitals", layer=1, progress=False)
+    tp = mp.task_pass(tiny, mp.load_task("capitals").subset(6), progress=False)
+    with pytest.raises(ValueError, match="repeat"):
+        mp.fit_ovector(tp, 1, items=[1, 0, 1, 0, 1, 0], only_correct=False)
+    ctx = mp.random_word_contexts([" Poland", " Chile", " Peru"], seed=0)
+    targets = [" Warsaw", " Santiago", " Lima"]
+    kw = {"layers": [range(1, 3)], "scales": [1.0], "progress": False}
+    mask = mp.tuned_intervention(
+        tiny, {"ovector": o}, ctx, targets, choose_on=[True, False, True], **kw
+    )
+    index = mp.tuned_intervention(tiny, {"ovector": o}, ctx, targets, choose_on=[0, 2], **kw)
+    assert mask[0].n_contexts == index[0].n_contexts == 2
+    with pytest.raises(ValueError, match="repeats"):
+        mp.tuned_intervention(tiny, {"ovector": o}, ctx, targets, choose_on=[0, 0], **kw)
+    with pytest.warns(UserWarning, match="no leading space"):
+        mp.ovector_intervention(tiny, {"o": o}, ctx, ["Warsaw", "Santiago", "Lima"], layers=[1],
+                                progress=False)  # fmt: skip
+    res = mp.ovector_intervention(tiny, {"o": o}, ctx, targets, layers=[1], progress=False)
+    with pytest.raises(ValueError, match="No context of group"):
+        res.metrics("o", group="heldout")
+
+
+def test_relational_analysis_runs_a_two_shot_task_as_the_command_does(tiny):
+    task = mp.Task.from_dict({
+        "name": "antonyms", "kind": "abstractive", "template": "{input} ->",
+        "shots": [["hot", "cold"], ["up", "down"]],
+        "items": [["big", "small"], ["fast", "slow"], ["old", "new"], ["wet", "dry"]],
+    })  # fmt: skip
+    res = mp.relational_analysis(tiny, task, n_random=1, ablation=False, other_task=None,
+                                 contrast_task=None, progress=False)  # fmt: skip
+    assert res.to_dict()["config"]["shots"] == 2  # shots=3 by default refused it
+    # A name is read as the task (it raised AttributeError); the byte-level tiny tokenizer then
+    # has no whole-word offsets, which is the error a name should reach.
+    with pytest.raises(ValueError, match="distinct token pairs"):
+        mp.offset_accuracy(tiny, "capitals")

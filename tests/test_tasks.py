@@ -177,6 +177,8 @@ def test_split_is_a_disjoint_cover_of_the_items() -> None:
         ({"template": "{input} of {country}"}, ValueError, r"\['\{country\}'\].*only a plain"),
         ({"template": "{input!r}"}, ValueError, "only a plain"),
         ({"template": "{input} {"}, ValueError, "literal braces"),
+        # The task adds the space before each answer: "A: " made "A:  Kabul" in every shot.
+        ({"template": "Q: capital of {input}?\nA: "}, ValueError, "ends in whitespace"),
         ({"items": []}, ValueError, "no items: add at least one"),
         (
             {"items": [["a", "A"], ["a", "B"]]},

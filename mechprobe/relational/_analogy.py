@@ -33,7 +33,7 @@ from torch import Tensor
 
 from mechprobe.core import Result, check_finite
 from mechprobe.relational._figure import axes_for
-from mechprobe.tasks import Task
+from mechprobe.tasks import Task, as_task
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -307,7 +307,7 @@ def _ranks(scores: Float[Tensor, "n vocab"], answers: Tensor) -> tuple[list[int]
 
 def offset_accuracy(
     model: Any,
-    task: Task,
+    task: Task | str | os.PathLike[str],
     *,
     space: Space = "embed",
     held_out: bool = True,
@@ -327,7 +327,7 @@ def offset_accuracy(
 
     Args:
         model: A TransformerLens model (``W_E``, ``W_U``, ``tokenizer``).
-        task: The relational task.
+        task: The relational task (a Task, a built-in name or a file).
         space: ``"embed"`` or ``"unembed"``.
         held_out: Fit on a train split of the distinct pairs and evaluate on the rest
             (``Task.split(test_size, seed)`` of the remaining items);
@@ -350,6 +350,7 @@ def offset_accuracy(
     """
     if candidates not in ("vocab", "answers"):
         raise ValueError(f"candidates must be 'vocab' or 'answers', got {candidates!r}.")
+    task = as_task(task)
     unit = _unit_vectors(model, space)
     arg_rows = _word_tokens(model, task.arguments())
     ans_rows = _word_tokens(model, task.answers())

@@ -180,7 +180,7 @@ def relational_analysis(
     model: Any,
     task: TaskArg,
     *,
-    shots: int = 3,
+    shots: int | None = None,
     n_items: int | None = None,
     layers: Layers | None = None,
     scale: float = 1.0,
@@ -206,7 +206,8 @@ def relational_analysis(
     Args:
         model: A TransformerLens model.
         task: A :class:`Task`, a built-in task name or a task file.
-        shots: Demonstrations per prompt.
+        shots: Demonstrations per prompt (None: 3, or all the task has when it has fewer, as
+            ``mechprobe relation`` does).
         n_items: Use a seeded subset of this many items (None, or more than the task has:
             all; ``config["n_items"]`` records the count used).
         layers: FFN layers the o-vector is written into: an int, a range, a list or ``"all"``
@@ -273,6 +274,10 @@ def relational_analysis(
     check_float(holdout, "holdout")
     check_lens(model, lens)
     base = as_task(task)
+    seed = check_int(seed, "seed", 0)
+    if shots is None:  # a task with two demonstrations runs as it does from the command line
+        shots = min(3, len(base.shots))
+    shots = check_int(shots, "shots", 0)
     work = _prepare(base, shots, n_items, seed)
     held = _split(work.arguments(), holdout, seed)
     other = _resolve_pair(other_task, base, 1)

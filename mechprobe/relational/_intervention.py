@@ -154,6 +154,10 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
         names = [conditions] if isinstance(conditions, str) else list(conditions)
         cols = np.ones(len(self.contexts), dtype=bool)
         if group is not None:
+            if group not in self.groups:  # a typo gave n=0 and NaN rates
+                raise ValueError(
+                    f"No context of group {group!r}; groups: {sorted(set(self.groups))}."
+                )
             cols = np.asarray([g == group for g in self.groups])
         idx = [self._index(n) for n in names]
         before = np.tile(self.rank[0, cols], len(idx))
@@ -487,6 +491,9 @@ def ovector_intervention(
     where = _positions(positions, "ovector_intervention")
     layer_tuple = _layers(model, layers)
     batch = tokenize(model, contexts)
+    warn_unspaced(targets, "targets")
+    if arguments is not None:
+        warn_unspaced(arguments, "arguments")
     target_ids = torch.as_tensor(first_token_ids(model, targets))
     argument_ids = (
         torch.as_tensor(first_token_ids(model, arguments))
@@ -516,3 +523,17 @@ def ovector_intervention(
         mode=mode,
         positions=where,
     )
+
+
+def warn_unspaced(words: Sequence[str], what: str) -> None:
+    """Warn when a word to score has no leading space: its first token is then the start of the
+    bare string ("Warsaw" -> "W"), not the word a context continues with (" Warsaw")."""
+    bare = [w for w in words if w and not w[0].isspace()]
+    if bare:
+        warnings.warn(
+            f"{what} are scored by the first token of each string as given, and {bare[:3]} have "
+            f"no leading space: {bare[0]!r} is not the token of the word after a space. Pass "
+            f"{' ' + bare[0]!r} (task answers and random_word_contexts add the space).",
+            UserWarning,
+            stacklevel=3,
+        )

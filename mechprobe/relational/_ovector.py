@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,7 +40,7 @@ from mechprobe.core import (
 )
 from mechprobe.relational._figure import axes_for
 from mechprobe.relational._pass import TaskPass
-from mechprobe.tasks import Task
+from mechprobe.tasks import Task, as_task, list_tasks
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -49,6 +50,10 @@ __all__ = ["OVector", "extract_ovector", "fit_ovector", "ovector_controls", "ran
 
 #: The header tag of o-vector files written before the result protocol (read, never written).
 _OLD_FORMAT = "mechprobe.relational._ovector/1"
+
+
+class NoneCorrect(ValueError):
+    """``only_correct=True`` and the model answers none of the task's items correctly."""
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -209,6 +214,13 @@ def extract_ovector(
         task = prompts
         texts, source = task.prompts(), task.name
     elif isinstance(prompts, str):
+        if prompts in list_tasks():
+            warnings.warn(
+                f"extract_ovector read {prompts!r} as the text of one prompt; for the task of "
+                f"that name pass mp.load_task({prompts!r}).",
+                UserWarning,
+                stacklevel=2,
+            )
         texts, source = [prompts], "prompt"
     else:
         texts, source = list(prompts), "prompts"
@@ -237,7 +249,7 @@ def extract_ovector(
         check_finite(logits, f"The model's logit tensor on {task.name!r}")
         keep = (logits.argmax(-1).cpu() == first).numpy()
         if not keep.any():
-            raise ValueError(
+            raise NoneCorrect(
                 f"The model answers none of the {len(texts)} items of {task.name!r} correctly; "
                 "use only_correct=False, more shots, or another layer's task."
             )
@@ -298,6 +310,11 @@ def fit_ovector(
             mask = chosen.copy()
         else:
             index = [check_int(i, "items", -n_items, n_items - 1) for i in chosen.ravel()]
+            if len({i % n_items for i in index}) != len(index):
+                raise ValueError(
+                    f"items repeat an item ({chosen.ravel().tolist()[:8]}...): pass each index "
+                    "once, or a boolean mask (a 0/1 integer array is read as indices)."
+                )
             mask[index] = True
     if only_correct:
         mask &= task_pass.score.correct
@@ -352,7 +369,7 @@ def ovector_controls(
     ovector: OVector,
     *,
     n_random: int = 3,
-    other_task: Task | None = None,
+    other_task: Task | str | os.PathLike[str] | None = None,
     seed: int = 0,
     batch_size: int | None = 32,
     progress: bool = True,
@@ -364,7 +381,7 @@ def ovector_controls(
         ovector: The o-vector.
         n_random: Random directions with its norm, ``random_0 .. random_{n-1}`` (seeds
             ``seed, seed + 1, ...``).
-        other_task: A task whose o-vector, read at the same layer and averaged over its correctly
+        other_task: A task (a Task, a built-in name or a file) whose o-vector, read at the same layer and averaged over its correctly
             answered items (all of them when none is correct; its ``info["only_correct"]`` then
             says False), is the ``other_task`` control. None: no such control.
         seed: Seed of the first random direction.
@@ -384,17 +401,19 @@ def ovector_controls(
     seed = check_int(seed, "seed")
     vectors = {f"random_{k}": random_ovector(ovector, seed=seed + k) for k in range(n_random)}
     if other_task is not None:
+        # A name is the task of that name (it was read as the text of one prompt).
+        other = as_task(other_task)
         try:
             vectors["other_task"] = extract_ovector(
                 model,
-                other_task,
+                other,
                 ovector.layer,
                 only_correct=True,
                 batch_size=batch_size,
                 progress=progress,
             )
-        except ValueError:  # no item of the other task is answered correctly
+        except NoneCorrect:  # no item of the other task is answered correctly: all of them
             vectors["other_task"] = extract_ovector(
-                model, other_task, ovector.layer, batch_size=batch_size, progress=progress
+                model, other, ovector.layer, batch_size=batch_size, progress=progress
             )
     return vectors

@@ -20,7 +20,15 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 
-from mechprobe.core import Layers, Result, check_choice, first_token_ids, progress_bar, tokenize
+from mechprobe.core import (
+    Layers,
+    Result,
+    check_choice,
+    check_int,
+    first_token_ids,
+    progress_bar,
+    tokenize,
+)
 from mechprobe.relational._deprecated import half_open_pairs, renamed_keywords
 from mechprobe.relational._figure import axes_for
 from mechprobe.relational._intervention import (
@@ -35,6 +43,7 @@ from mechprobe.relational._intervention import (
     _spec,
     _vectors,
     ovector_intervention,
+    warn_unspaced,
 )
 from mechprobe.relational._ovector import OVector
 
@@ -255,6 +264,7 @@ def ovector_sweep(
     where = _positions(positions, "ovector_sweep")
     cells = tuple(_layers(model, _cell(cell)) for cell in layers)
     batch = tokenize(model, list(contexts))
+    warn_unspaced(list(targets), "targets")
     target_ids = torch.as_tensor(first_token_ids(model, list(targets)))
     no_args = torch.full((len(contexts),), -1)
     rank0, _, top0 = _evaluate(model, batch, target_ids, no_args, None, batch_size)
@@ -333,7 +343,8 @@ def tuned_intervention(
         targets: The answer for each context.
         layers: The layer sets of the sweep (see :func:`ovector_sweep`).
         scales: The scales of the sweep.
-        choose_on: Indices of the contexts the cell is chosen on (None: all of them).
+        choose_on: Indices of the contexts the cell is chosen on, or a boolean mask over them
+            (None: all of them).
         swept: The vectors swept (None: all; the analysis sweeps the o-vector and one random
             control).
         condition: The vector whose best cell is chosen.
@@ -362,7 +373,7 @@ def tuned_intervention(
     missing = [n for n in [*names, condition] if n not in vectors]
     if missing:
         raise ValueError(f"No vector named {missing}; vectors: {list(vectors)}.")
-    pick = list(range(len(contexts))) if choose_on is None else [int(i) for i in choose_on]
+    pick = list(range(len(contexts))) if choose_on is None else _picked(choose_on, len(contexts))
     if not pick:
         raise ValueError("choose_on is empty: give the contexts the cell is chosen on.")
     sweep = ovector_sweep(
@@ -393,3 +404,20 @@ def tuned_intervention(
         progress=progress,
     )
     return sweep, effect
+
+
+def _picked(choose_on: Any, n: int) -> list[int]:
+    """Context indices from ``choose_on``: a boolean mask over the ``n`` contexts, or indices
+    (each once, in range; a 0/1 integer array is indices, not a mask)."""
+    chosen = np.asarray(choose_on)
+    if chosen.dtype == bool:
+        if chosen.shape != (n,):
+            raise ValueError(f"choose_on is a mask of {chosen.shape}; there are {n} contexts.")
+        return np.flatnonzero(chosen).tolist()
+    index = [check_int(i, "choose_on", -n, n - 1) % n for i in chosen.ravel()]
+    if len(set(index)) != len(index):
+        raise ValueError(
+            "choose_on repeats a context: pass each index once, or a boolean mask (a 0/1 integer "
+            "array is read as indices)."
+        )
+    return index

@@ -220,8 +220,12 @@ class Task:
         return self._replace(items=tuple(self.items[int(i)] for i in indices))
 
     def split(self, test_size: float | int = 0.25, seed: int = 0) -> tuple[Task, Task]:
-        """Split the items into (train, test) tasks with disjoint inputs, e.g. to fit an
-        o-vector or an offset on train and evaluate on held-out arguments.
+        """Split the items into (train, test) tasks with disjoint inputs (item inputs are unique),
+        e.g. to fit an o-vector or an offset on train and evaluate on held-out items.
+
+        The split is by item: a task whose items repeat an *argument* (``uppercase``: 200
+        items over 13 colours) has the same arguments on both sides.
+        :func:`mechprobe.relational_analysis` splits by argument for its held-out contexts.
 
         Args:
             test_size: a fraction in (0, 1) or a count of test items; both parts keep >= 1 item.
