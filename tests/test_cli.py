@@ -219,4 +219,5 @@ def test_relation_takes_a_lens(tmp_path, capsys, monkeypatch):
     assert config["lens"].startswith("patchscope")
     monkeypatch.setattr("mechprobe.cli.relation.load", _no_model)  # a bad lens: before loading
     assert cli_main([*args, "--lens", str(tmp_path / "nope.safetensors"), "--out", str(out)]) == 2
-    assert "mechprobe relation: error" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "mechprobe relation: error" in err and "LENS is 'logit', 'patchscope'" in err

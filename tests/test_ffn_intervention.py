@@ -117,7 +117,8 @@ def test_summary_metrics_by_hand():
     assert held["n"] == 2 and held["top1_before"] == 0.0 and held["mean_rank_after"] == 3.5
     assert res.families() == {"intact": ["intact"], "ovector": ["ovector"],
                               "random": ["random_0", "random_1"]}  # fmt: skip
-    assert np.isnan(res.metrics("ovector", group="nowhere")["top1_after"])
+    with pytest.raises(ValueError, match="No context of group 'nowhere'"):  # a typo: was NaN
+        res.metrics("ovector", group="nowhere")
     with pytest.raises(KeyError, match="conditions"):
         res.metrics("missing")
 

@@ -505,3 +505,29 @@ def test_compare_lenses_names_three_of_a_kind_apart(tiny):
     )  # fmt: skip
     assert cmp.lenses == ("patchscope_0", "patchscope_1", "patchscope_2")  # was _0, _0, plain
     assert len([c for c in cmp.summary().columns if "patchscope" in c]) >= 3
+
+
+def test_training_and_comparison_refuse_settings_that_do_nothing_or_misread() -> None:
+    """momentum=1 trained nothing (step lr * (1 - momentum) = 0) and looked normal; warmup_steps=-1
+    changed the schedule; seed=-1 failed in numpy; sites=[] failed in torch's optimiser; one lens
+    as a string was read letter by letter."""
+    model = mp.tiny_model()
+    text = ["The cat sat on the mat. " * 40]
+    kw = {"sites": "resid_post", "n_tokens": 64, "seq_len": 32, "tokens_per_step": 32,
+          "progress": False}  # fmt: skip
+    with pytest.raises(ValueError, match="momentum must be below 1"):
+        mp.train_tuned_lens(model, text, momentum=1.0, **kw)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        mp.train_tuned_lens(model, text, warmup_steps=-1, **kw)
+    with pytest.warns(UserWarning, match="not below the 2 steps"):
+        mp.train_tuned_lens(model, text, warmup_steps=5, **kw)
+    with pytest.raises(ValueError, match="seed"):
+        mp.train_tuned_lens(model, text, seed=-1, **kw)
+    with pytest.raises(ValueError, match="sites is empty"):
+        mp.train_tuned_lens(model, text, **{**kw, "sites": []})
+    with pytest.raises(ValueError, match="seed"):
+        mp.load_task("capitals").subset(3, seed=-1)
+    assert len(mp.load_task("capitals").subset(np.int64(3))) == 3
+    one = mp.compare_lenses(model, "logit", ["one two three four " * 20], n_tokens=64,
+                            seq_len=32, progress=False)  # fmt: skip
+    assert one.lenses == ("logit",)

@@ -202,6 +202,12 @@ def add_lens_argument(parser: argparse.ArgumentParser) -> None:
 
 def lens_spec(spec: str) -> Any:
     """The lens ``--lens`` names (a tuned lens is read here, before the model loads)."""
-    if spec in ("logit", "patchscope"):
-        return mp.Patchscope() if spec == "patchscope" else "logit"
-    return mp.TunedLens.load(spec)
+    if spec.lower() in ("logit", "patchscope"):
+        return mp.Patchscope() if spec.lower() == "patchscope" else "logit"
+    try:
+        return mp.TunedLens.load(spec)
+    except FileNotFoundError as err:
+        raise ValueError(
+            f"--lens {spec}: no such file or folder; LENS is 'logit', 'patchscope', a tuned "
+            "lens's .safetensors file or a tuned-lens folder."
+        ) from err

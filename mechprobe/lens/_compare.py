@@ -215,6 +215,8 @@ def compare_lenses(
         names = [str(k) for k in lenses]
         objs = [as_lens(v) for v in lenses.values()]
     else:
+        if isinstance(lenses, str) or not isinstance(lenses, Sequence):
+            lenses = [lenses]  # type: ignore[list-item]  # one lens ("logit" was read by letter)
         objs = [as_lens(v) for v in lenses]
         kinds = [o.describe().split(" ")[0] for o in objs]
         # Numbered by the kinds as given (counting in the renamed list made duplicates).
@@ -227,7 +229,7 @@ def compare_lenses(
     n_tokens = check_int(n_tokens, "n_tokens", 1)
     seq_len = check_int(seq_len, "seq_len", 2)
     batch_size = check_int(batch_size, "batch_size", 1)
-    seed = check_int(seed, "seed")
+    seed = check_int(seed, "seed", 0)
     entries = lens_entries(model, sites, layers)
     for obj in objs:
         obj.check(model, entries)

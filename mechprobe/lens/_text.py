@@ -72,7 +72,7 @@ def english_text(split: Literal["train", "heldout", "all"] = "train") -> list[st
 
 def read_texts(source: TextSource) -> list[str]:
     """Documents from strings, a ``.txt`` file, a folder of ``.txt`` files (sorted by name), or
-    ``"train"`` / ``"heldout"`` (the default corpus, :func:`english_text`).
+    ``"train"`` / ``"heldout"`` / ``"all"`` (the default corpus, :func:`english_text`).
 
     Raises:
         ValueError: Nothing to read (an empty list, a folder without ``.txt`` files, empty text).
@@ -81,7 +81,7 @@ def read_texts(source: TextSource) -> list[str]:
         >>> read_texts(["One text.", "Another."])
         ['One text.', 'Another.']
     """
-    if isinstance(source, str) and source in ("train", "heldout"):
+    if isinstance(source, str) and source in ("train", "heldout", "all"):
         return english_text(source)  # type: ignore[arg-type]
     if isinstance(source, (str, os.PathLike)) and Path(source).exists():
         path = Path(source)
@@ -91,7 +91,7 @@ def read_texts(source: TextSource) -> list[str]:
             raise ValueError(f"{path} holds no .txt file: pass a folder of .txt files.")
     elif isinstance(source, (str, os.PathLike)):
         raise ValueError(
-            f"{str(source)[:60]!r} is neither 'train', 'heldout' nor an existing file or folder: pass a "
+            f"{str(source)[:60]!r} is neither 'train', 'heldout', 'all' nor an existing file or folder: pass a "
             "list of strings for literal text."
         )
     else:

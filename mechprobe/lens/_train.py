@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -277,6 +278,8 @@ def train_tuned_lens(
     if precision == "auto":
         precision = "bfloat16" if native_bfloat16(model_adapter(model).device) else "float32"
     momentum = check_float(momentum, "momentum", 0.0, 1.0)
+    if momentum == 1.0:  # SGD's step is lr * (1 - momentum): nothing would train
+        raise ValueError("momentum must be below 1 (at 1 the step lr * (1 - momentum) is 0).")
     weight_decay = check_float(weight_decay, "weight_decay", 0.0)
     lr = (
         (1.0 if optimizer == "sgd" else 1e-3)
@@ -284,8 +287,10 @@ def train_tuned_lens(
         else check_float(lr, "lr", 0.0, low_open=True)
     )
     checkpoint_every = check_int(checkpoint_every, "checkpoint_every", 1)
-    seed = check_int(seed, "seed")
+    seed = check_int(seed, "seed", 0)
     batch_size = check_int(batch_size, "batch_size", 1)
+    if warmup_steps is not None:
+        warmup_steps = check_int(warmup_steps, "warmup_steps", 0)
     kinds = [sites] if isinstance(sites, str) else list(sites)
     n_layers = int(model.cfg.n_layers)
     keys = translator_sites(n_layers, kinds)
@@ -297,6 +302,13 @@ def train_tuned_lens(
     per_step = tokens_per_step // seq_len
     steps = max(1, n_tokens // tokens_per_step)
     windows = token_windows(model, text, seq_len=seq_len, n_windows=steps * per_step, seed=seed)
+    if warmup_steps is not None and warmup_steps >= steps:
+        warnings.warn(
+            f"warmup_steps={warmup_steps} is not below the {steps} steps: the whole run trains "
+            "at a fraction of lr.",
+            UserWarning,
+            stacklevel=2,
+        )
     warmup, factor = _schedule(optimizer, steps, warmup_steps)
     config = _config(
         model=str(getattr(model.cfg, "model_name", "")),

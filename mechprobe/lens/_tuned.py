@@ -352,6 +352,8 @@ class TunedLens(Lens):
 def translator_sites(n_layers: int, sites: Sequence[str]) -> list[tuple[str, int]]:
     """The distinct translators that decoding ``sites`` at every layer needs, in a fixed order."""
     kinds = [sites] if isinstance(sites, str) else list(sites)
+    if not kinds:
+        raise ValueError(f"sites is empty: pass one or more of {', '.join(RESIDUAL_KINDS)}.")
     for kind in kinds:
         if kind not in RESIDUAL_KINDS:
             raise ValueError(

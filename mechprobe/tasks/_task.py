@@ -195,6 +195,10 @@ class Task:
         """
         if isinstance(n, bool):
             raise TypeError("subset takes an int count or a sequence of int indices, not a bool.")
+        if isinstance(n, np.integer):
+            n = int(n)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
         if isinstance(n, int):
             if not 1 <= n <= len(self.items):
                 raise ValueError(
