@@ -531,3 +531,17 @@ def test_training_and_comparison_refuse_settings_that_do_nothing_or_misread() ->
     one = mp.compare_lenses(model, "logit", ["one two three four " * 20], n_tokens=64,
                             seq_len=32, progress=False)  # fmt: skip
     assert one.lenses == ("logit",)
+
+
+def test_read_texts_all_is_the_whole_corpus() -> None:
+    assert mp.read_texts("all") == mp.english_text("all")
+
+
+@pytest.mark.integration
+def test_a_placeholder_inside_a_token_is_refused(smollm2) -> None:
+    """"s" in "I like cats" is part of the token " cats", which was patched silently."""
+    with pytest.raises(ValueError, match="does not start on a token boundary"):
+        mp.Patchscope("I like cats", "s").tokens(smollm2)
+    ids, at = mp.Patchscope("I like cats ->", "cats").tokens(smollm2)
+    assert smollm2.tokenizer.decode([ids[at]]) == " cats"
+    assert mp.Patchscope().tokens(smollm2)[1] == 21  # the default prompt's " ?", its last token

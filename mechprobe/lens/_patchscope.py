@@ -100,6 +100,17 @@ class Patchscope(Lens):
                     f"The placeholder {self.placeholder!r} does not end on a token boundary of "
                     f"{self.prompt!r} for this tokenizer: put a space or punctuation after it."
                 )
+            # The text before it, without its trailing space (BPE puts a space into the next
+            # token), must tokenise as a strict prefix of the prompt up to the placeholder.
+            pre = tokenize(model, [self.prompt[: cut - len(self.placeholder)].rstrip()])
+            pre_ids = pre.tokens[0][pre.attention_mask[0].bool()].tolist()
+            if len(pre_ids) >= len(head_ids) or head_ids[: len(pre_ids)] != pre_ids:
+                # "s" in "I like cats" is part of the token " cats": that token was patched.
+                raise ValueError(
+                    f"The placeholder {self.placeholder!r} does not start on a token boundary of "
+                    f"{self.prompt!r} for this tokenizer (it merges with the text before it): "
+                    "put a space before it or choose another placeholder."
+                )
             self._tokens[key] = (ids, len(head_ids) - 1)
         return self._tokens[key]
 
