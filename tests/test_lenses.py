@@ -539,7 +539,7 @@ def test_read_texts_all_is_the_whole_corpus() -> None:
 
 @pytest.mark.integration
 def test_a_placeholder_inside_a_token_is_refused(smollm2) -> None:
-    """"s" in "I like cats" is part of the token " cats", which was patched silently."""
+    """The placeholder "s" of "I like cats" is inside the token " cats", which was patched."""
     with pytest.raises(ValueError, match="does not start on a token boundary"):
         mp.Patchscope("I like cats", "s").tokens(smollm2)
     ids, at = mp.Patchscope("I like cats ->", "cats").tokens(smollm2)
