@@ -480,7 +480,7 @@ def test_cli_lens_option(tiny, tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     monkeypatch.setattr("mechprobe.cli.lens.load", lambda name: pytest.fail("the model was loaded"))
     assert cli_main(["lens", "Hi", "--lens", str(tmp_path / "none.safetensors")]) == 2
-    assert "No tuned lens" in capsys.readouterr().err
+    assert "LENS is 'logit', 'patchscope'" in capsys.readouterr().err
 
 
 def test_read_texts_from_files_and_folders(tmp_path):
@@ -489,7 +489,7 @@ def test_read_texts_from_files_and_folders(tmp_path):
     (tmp_path / "skip.md").write_text("Not read.", encoding="utf-8")
     assert mp.read_texts(tmp_path) == ["First text.", "Second text."]
     assert mp.read_texts(str(tmp_path / "b.txt")) == ["Second text."]
-    with pytest.raises(ValueError, match="neither 'train', 'heldout' nor an existing"):
+    with pytest.raises(ValueError, match="neither 'train', 'heldout', 'all' nor an existing"):
         mp.read_texts("The cat sat.")
     with pytest.raises(ValueError, match="empty"):
         mp.read_texts(["  ", ""])
