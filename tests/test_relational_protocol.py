@@ -242,3 +242,16 @@ def test_relational_analysis_accepts_sweep_ranges_for_one_release(tiny) -> None:
         old = mp.relational_analysis(tiny, "capitals", sweep_ranges=[(1, 3)], **kwargs)
     assert old.sweep is not None and old.sweep.layers == ((1, 2),)
     assert old.tuned is not None and old.tuned.layers == (1, 2)
+
+
+def test_the_record_says_where_the_sweep_cell_was_chosen() -> None:
+    """The record said chosen_on "in_domain" where the analysis fell back to held-out ones."""
+    import dataclasses
+
+    res = mp.relational_analysis(mp.tiny_model(), "capitals", n_items=6, ablation=False,
+                                 n_random=1, sweep_layers=[[1], [2]], sweep_scales=[1.0],
+                                 progress=False)  # fmt: skip
+    assert res.to_dict()["sweep"]["chosen_on"] == "in_domain"
+    note = "No in-domain context: the sweep cell was chosen on held-out contexts."
+    fell_back = dataclasses.replace(res, notes=(*res.notes, note))
+    assert fell_back.to_dict()["sweep"]["chosen_on"] == "held_out"

@@ -158,7 +158,8 @@ def report(result: RelationalResult, figures: Sequence[str] = ()) -> str:
         out += [
             "## Sweep of layer range and scale",
             "",
-            f"On {result.sweep.n_contexts} in-domain contexts, the o-vector's best cell by MRR is "
+            f"On {result.sweep.n_contexts} {result.sweep_chosen_on.replace('_', '-')} contexts, "
+            "the o-vector's best cell by MRR is "
             f"layers {_layers(cell)}, scale {scale:g} (the random control's grid is beside it "
             "in sweep.png). Rerun there on all contexts; the held-out rows judge the choice:",
             "",

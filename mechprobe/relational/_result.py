@@ -90,6 +90,13 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
     notes: tuple[str, ...] = ()
 
     @property
+    def sweep_chosen_on(self) -> str:
+        """The contexts the sweep's cell was chosen on: ``in_domain``, or ``held_out`` where the
+        task had no in-domain context (the fallback its notes record)."""
+        fell_back = any("chosen on held-out contexts" in n for n in self.notes)
+        return "held_out" if fell_back else "in_domain"
+
+    @property
     def n_items(self) -> int:
         return len(self.score)
 
@@ -166,7 +173,7 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
         if self.sweep is not None:
             cell, best_scale = self.sweep.best("ovector", "mrr")
             head["sweep"] = {
-                "chosen_on": "in_domain",
+                "chosen_on": self.sweep_chosen_on,
                 "metric": "mrr",
                 "best_layers": [cell[0], cell[-1]],  # the span; the set is intervention.layers
                 "best_scale": best_scale,
