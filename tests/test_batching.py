@@ -65,3 +65,11 @@ def test_prompts_longer_than_the_context_are_refused(tiny):
     with pytest.raises(ValueError, match="longer than the model's context"):
         mp.run(tiny, too_long)
     assert mp.tokenize(tiny, "x" * (tiny.cfg.n_ctx - 1)).tokens.shape == (1, 512)
+
+
+@pytest.mark.parametrize("bad", [1.5, True, 0, "2"])
+def test_batch_size_is_a_positive_int_or_none(tiny, bad):
+    """1.5 and True ran one row per pass (truncated by int())."""
+    with pytest.raises(ValueError, match="batch_size must be a positive int or None"):
+        mp.run(tiny, ["Hi", "Hello"], batch_size=bad, progress=False)
+    assert mp.run(tiny, ["Hi", "Hello"], batch_size=None, progress=False).logits.shape[0] == 2

@@ -127,9 +127,10 @@ class Batch:
 
     def chunks(self, batch_size: int | None) -> Iterator[tuple[slice, Batch]]:
         """Consecutive sub-batches of at most ``batch_size`` rows with their row slices."""
-        size = len(self) if batch_size is None else int(batch_size)
-        if size <= 0:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+        # 1.5 or True were truncated to 1 rows per pass: an int (numpy ints too) or None only.
+        size = len(self) if batch_size is None else as_int(batch_size)
+        if size is None or size <= 0:
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}.")
         for start in range(0, len(self), size):
             rows = slice(start, min(start + size, len(self)))
             yield rows, (self if size >= len(self) else self.select(rows))
