@@ -50,7 +50,7 @@ from mechprobe.relational._intervention import (
 )
 from mechprobe.relational._ovector import fit_ovector, ovector_controls
 from mechprobe.relational._pass import TaskPass, task_pass
-from mechprobe.relational._result import RelationalResult
+from mechprobe.relational._result import SWEEP_ON_HELD_OUT, RelationalResult
 from mechprobe.relational._sweep import _cell, tuned_intervention
 from mechprobe.relational._trajectory import check_lens
 from mechprobe.tasks import Task, as_task, load_task
@@ -337,7 +337,7 @@ def relational_analysis(
         pick = [i for i, g in enumerate(groups) if g == "in_domain"][:sweep_contexts]
         if not pick:
             pick = list(range(len(contexts)))[:sweep_contexts]
-            notes.append("No in-domain context: the sweep cell was chosen on held-out contexts.")
+            notes.append(SWEEP_ON_HELD_OUT)
         swept, tuned = tuned_intervention(
             model,
             vectors,

@@ -47,6 +47,11 @@ _SUMMARY_COLUMNS = (
 )
 
 
+#: The note relational_analysis records when no context is in-domain and the sweep's cell is
+#: chosen on held-out ones (``RelationalResult.sweep_chosen_on`` reads it).
+SWEEP_ON_HELD_OUT = "No in-domain context: the sweep cell was chosen on held-out contexts."
+
+
 @dataclass(frozen=True, eq=False, repr=False)
 class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, html_figure=True):
     """Everything :func:`mechprobe.relational_analysis` measured on one task.
@@ -93,7 +98,7 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
     def sweep_chosen_on(self) -> str:
         """The contexts the sweep's cell was chosen on: ``in_domain``, or ``held_out`` where the
         task had no in-domain context (the fallback its notes record)."""
-        fell_back = any("chosen on held-out contexts" in n for n in self.notes)
+        fell_back = SWEEP_ON_HELD_OUT in self.notes
         return "held_out" if fell_back else "in_domain"
 
     @property
