@@ -280,6 +280,14 @@ def test_training_resumes_from_a_checkpoint_to_the_same_lens(tiny, tmp_path, mon
     for kind in whole.weights:
         assert torch.equal(whole.weights[kind], resumed.weights[kind]), kind
     assert resumed.info["loss_per_step"] == whole.info["loss_per_step"]
+    assert resumed.info["last_step_kl"] == whole.info["last_step_kl"]
+    # Called again on the finished checkpoint: no step runs, and the info is still whole (the
+    # last step's KL per translator was missing).
+    again = _train(tiny, optimizer="adam", seed=2, checkpoint=folder, checkpoint_every=2)
+    assert again.info["resumed_at"] == again.info["steps"]
+    assert again.info["last_step_kl"] == whole.info["last_step_kl"]
+    for kind in whole.weights:
+        assert torch.equal(whole.weights[kind], again.weights[kind]), kind
     with pytest.raises(ValueError, match=r"other settings .*seed"):
         _train(tiny, optimizer="adam", seed=3, checkpoint=folder)
     # Other texts of the same type, or other weights under the same model name, are other

@@ -143,7 +143,13 @@ def _config(**kwargs: Any) -> dict[str, Any]:
 
 
 def _save_checkpoint(
-    folder: Path, step: int, config: dict[str, Any], params: dict[str, Tensor], opt: Any, log: list
+    folder: Path,
+    step: int,
+    config: dict[str, Any],
+    params: dict[str, Tensor],
+    opt: Any,
+    log: list,
+    last_kl: dict[str, float] | None,
 ) -> None:
     from safetensors.torch import save
 
@@ -157,19 +163,21 @@ def _save_checkpoint(
                 tensors[f"opt.{i}.{key}"] = value.cpu()
             else:
                 scalars[f"{i}.{key}"] = value
-    meta = {"state": json.dumps({"step": step, "config": config, "scalars": scalars, "log": log})}
+    state = {"step": step, "config": config, "scalars": scalars, "log": log, "last_kl": last_kl}
+    meta = {"state": json.dumps(state)}
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / _CHECKPOINT, save({k: v.contiguous() for k, v in tensors.items()}, meta))
 
 
 def _load_checkpoint(
     folder: Path, config: dict[str, Any], params: dict[str, Tensor], opt: Any
-) -> tuple[int, list]:
+) -> tuple[int, list, dict[str, float] | None]:
+    """``(step, loss log, last step's KL per translator)`` of the checkpoint in ``folder``."""
     from safetensors import safe_open
 
     path = folder / _CHECKPOINT
     if not path.is_file():
-        return 0, []
+        return 0, [], None
     with safe_open(str(path), framework="pt") as f:
         state = json.loads((f.metadata() or {})["state"])
         tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
@@ -197,7 +205,8 @@ def _load_checkpoint(
             restored[i] = entry
     opt_state["state"] = restored
     opt.load_state_dict(opt_state)
-    return int(state["step"]), list(state["log"])
+    # Checkpoints written before the last step's KL was saved lack it.
+    return int(state["step"]), list(state["log"]), state.get("last_kl")
 
 
 def train_tuned_lens(
@@ -357,7 +366,9 @@ def train_tuned_lens(
     folder = Path(checkpoint) if checkpoint is not None else None
     if folder is not None and folder.exists() and not folder.is_dir():
         raise ValueError(f"checkpoint={folder} is a file: pass a folder.")
-    start, log = (0, []) if folder is None else _load_checkpoint(folder, config, params, opt)
+    start, log, last_kl = (
+        (0, [], None) if folder is None else _load_checkpoint(folder, config, params, opt)
+    )
     if start:  # the schedule where the checkpoint left it
         sched.last_epoch = start
         for group, base in zip(opt.param_groups, sched.base_lrs, strict=True):
@@ -368,7 +379,6 @@ def train_tuned_lens(
     capture = [Site(kind, layer) for kind, layer in keys]  # type: ignore[arg-type]
     final_site = Site("resid_post", n_layers - 1)
     began = time.perf_counter()
-    last_losses: Tensor | None = None
     try:
         for p in norm_params:  # gradients flow through the final norm, never into it
             p.requires_grad_(False)
@@ -408,10 +418,14 @@ def train_tuned_lens(
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
-            last_losses = kl.reshape(len(keys), n).mean(1)
-            log.append(round(float(last_losses.sum()), 5))
+            per_translator = kl.reshape(len(keys), n).mean(1)
+            log.append(round(float(per_translator.sum()), 5))
+            last_kl = {
+                f"{kind} {layer}": round(float(v), 5)
+                for (kind, layer), v in zip(keys, per_translator, strict=True)
+            }
             if folder is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-                _save_checkpoint(folder, step + 1, config, params, opt, log)
+                _save_checkpoint(folder, step + 1, config, params, opt, log, last_kl)
     finally:
         for p in norm_params:
             p.requires_grad_(True)
@@ -427,10 +441,7 @@ def train_tuned_lens(
         resumed_at=start,
         loss_per_step=log,
     )
-    if last_losses is not None:
-        info["last_step_kl"] = {
-            f"{kind} {layer}": round(float(v), 5)
-            for (kind, layer), v in zip(keys, last_losses, strict=True)
-        }
+    if last_kl is not None:  # None only when resuming an older checkpoint that had finished
+        info["last_step_kl"] = last_kl
     lens.info = info
     return lens
