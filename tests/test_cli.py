@@ -214,9 +214,10 @@ def test_relation_takes_a_lens(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     args = ["relation", "--task", "capitals", "--model", "tiny", "--n-items", "8", "--quiet"]
     args += ["--no-ablation", "--other-task", "none", "--contrast-task", "none", "--n-random", "1"]
-    assert cli_main([*args, "--lens", "patchscope", "--out", str(out)]) == 0
+    scope = ["--lens", "patchscope", "--patchscope-layer", "1"]
+    assert cli_main([*args, *scope, "--out", str(out)]) == 0
     config = json.loads((out / "result.json").read_text())["config"]
-    assert config["lens"].startswith("patchscope")
+    assert config["lens"].startswith("patchscope") and config["lens"].endswith("layer 1)")
     monkeypatch.setattr("mechprobe.cli.relation.load", _no_model)  # a bad lens: before loading
     assert cli_main([*args, "--lens", str(tmp_path / "nope.safetensors"), "--out", str(out)]) == 2
     err = capsys.readouterr().err

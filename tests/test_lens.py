@@ -314,6 +314,32 @@ def test_cli_end_to_end_on_tiny(tmp_path, capsys):
     assert unescape(r"a\\nb\tc\nd") == "a\\nb\tc\nd"
 
 
+def test_cli_configures_the_patchscope(tmp_path, capsys):
+    # Its target prompt, placeholder and layer could not be set from the shell.
+    out = tmp_path / "scope.json"
+    args = ["lens", "Hi there", "--model", "tiny", "--quiet", "--lens", "patchscope"]
+    scope = ["--patchscope-prompt", "a -> a;\\n# -> ", "--patchscope-placeholder", "#"]
+    assert cli_main([*args, *scope, "--patchscope-layer", "1", "--json", str(out)]) == 0
+    got = mp.LensResult.load(out)
+    expected = mp.logit_lens(
+        mp.tiny_model(),
+        "Hi there",
+        lens=mp.Patchscope("a -> a;\n# -> ", "#", target_layer=1),  # the escape interpreted
+        progress=False,
+    )
+    assert got.lens == expected.lens and "layer 1" in got.lens
+    np.testing.assert_array_equal(got.top_ids, expected.top_ids)
+    np.testing.assert_allclose(got.top_probs, expected.top_probs, rtol=1e-6)
+    default = mp.logit_lens(mp.tiny_model(), "Hi there", lens=mp.Patchscope(), progress=False)
+    assert not np.array_equal(got.top_probs, default.top_probs)
+    capsys.readouterr()
+    # Settings for another lens would be ignored: refused, as is a placeholder not in the prompt.
+    assert cli_main(["lens", "Hi", "--model", "tiny", "--patchscope-layer", "1"]) == 2
+    assert "configure --lens patchscope, not --lens logit" in capsys.readouterr().err
+    assert cli_main([*args, "--patchscope-prompt", "no placeholder here"]) == 2
+    assert "does not occur in the target prompt" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("option", "where", "message"),
     [

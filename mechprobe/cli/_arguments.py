@@ -190,20 +190,62 @@ def add_shots_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_lens_argument(parser: argparse.ArgumentParser) -> None:
-    """Register ``--lens``: ``logit`` (default), ``patchscope`` or a saved tuned lens."""
+    """Register ``--lens`` (``logit``, ``patchscope`` or a saved tuned lens) and the Patchscope's
+    own settings (``--patchscope-prompt``, ``--patchscope-placeholder``, ``--patchscope-layer``)."""
     parser.add_argument(
         "--lens",
         default="logit",
         metavar="LENS",
-        help="'logit' (default), 'patchscope' (the token-identity prompt), or a tuned lens: a "
-        ".safetensors file (mechprobe.TunedLens.save) or a tuned-lens package folder",
+        help="'logit' (default), 'patchscope' (the token-identity prompt unless "
+        "--patchscope-prompt), or a tuned lens: a .safetensors file (mechprobe.TunedLens.save) "
+        "or a tuned-lens package folder",
+    )
+    parser.add_argument(
+        "--patchscope-prompt",
+        metavar="TEXT",
+        help="with --lens patchscope: the target prompt (default: the token-identity prompt "
+        "'cat -> cat; 1135 -> 1135; hello -> hello; ?'); decoded at its last token",
+    )
+    parser.add_argument(
+        "--patchscope-placeholder",
+        metavar="TEXT",
+        help="with --lens patchscope: the text in the target prompt whose last token is "
+        "replaced (default '?'; its last occurrence)",
+    )
+    parser.add_argument(
+        "--patchscope-layer",
+        type=int,
+        metavar="N",
+        help="with --lens patchscope: the layer patched in the target prompt (default: the "
+        "decoded vector's own layer; negative counts from the end)",
     )
 
 
-def lens_spec(spec: str) -> Any:
-    """The lens ``--lens`` names (a tuned lens is read here, before the model loads)."""
-    if spec.lower() in ("logit", "patchscope"):
-        return mp.Patchscope() if spec.lower() == "patchscope" else "logit"
+def lens_spec(args: argparse.Namespace, text: Callable[[str], str] = str) -> Any:
+    """The lens ``--lens`` names (a tuned lens is read here, before the model loads).
+
+    ``text`` is applied to the Patchscope's prompt and placeholder (the lens command interprets
+    backslash escapes in them as in its prompts). The ``--patchscope-*`` settings configure
+    ``--lens patchscope`` and are refused with any other lens (they would be ignored silently).
+    """
+    spec = args.lens
+    settings = {
+        "--patchscope-prompt": args.patchscope_prompt,
+        "--patchscope-placeholder": args.patchscope_placeholder,
+        "--patchscope-layer": args.patchscope_layer,
+    }
+    if spec.lower() == "patchscope":
+        options: dict[str, Any] = {"target_layer": args.patchscope_layer}
+        if args.patchscope_prompt is not None:
+            options["prompt"] = text(args.patchscope_prompt)
+        if args.patchscope_placeholder is not None:
+            options["placeholder"] = text(args.patchscope_placeholder)
+        return mp.Patchscope(**options)
+    given = [name for name, value in settings.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} configure --lens patchscope, not --lens {spec}.")
+    if spec.lower() == "logit":
+        return "logit"
     try:
         return mp.TunedLens.load(spec)
     except FileNotFoundError as err:

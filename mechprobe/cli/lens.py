@@ -27,11 +27,13 @@ from mechprobe.cli._arguments import (
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 _HELP = """\
 Decode every layer's residual stream through the model's final norm and unembedding (the logit
-lens), or through a tuned lens or the token-identity Patchscope (--lens).
+lens), or through a tuned lens or a Patchscope (--lens; the token-identity prompt unless
+--patchscope-prompt, --patchscope-placeholder and --patchscope-layer say otherwise).
 
-Backslash escapes \\n, \\t and \\\\ in PROMPT and --target are interpreted, because a shell passes
-"\\n" inside quotes as two characters; --raw keeps them literal. Each --target is scored for every
-prompt; a target of several tokens is scored by teacher forcing (summed log-probability).
+Backslash escapes \\n, \\t and \\\\ in PROMPT, --target and the --patchscope-* texts are
+interpreted, because a shell passes "\\n" inside quotes as two characters; --raw keeps them
+literal. Each --target is scored for every prompt; a target of several tokens is scored by teacher
+forcing (summed log-probability).
 """
 
 
@@ -147,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"mechprobe lens: error: --{option}: {problem}", file=sys.stderr)
             return 2
     try:
-        lens = lens_spec(args.lens)
+        lens = lens_spec(args, fix)
         model = load(args.model, args.device)
         result = mp.logit_lens(
             model,

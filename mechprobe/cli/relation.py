@@ -122,7 +122,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         args.shots = task_shots(mp.load_task(args.task), args.shots)  # before the model loads
-        lens = lens_spec(args.lens)
+        lens = lens_spec(args)
         model = load(args.model, args.device)
         result = mp.relational_analysis(
             model,
