@@ -94,6 +94,10 @@ def test_sites_pick_the_kind_and_kind_is_its_old_name(
     assert old.results == sweep.results
     with pytest.raises(ValueError, match="'head'"):
         layer_sweep(tiny, letters, [1], "leace", sites="head", **kw)
+    # layers= defaults to every layer, as everywhere in the API (it had no default).
+    every = layer_sweep(tiny, letters, method="leace", sites="mlp_out", **kw)
+    assert every.layers == list(range(tiny.cfg.n_layers))
+    assert every.results[1] == sweep.results[0]
 
 
 def test_cli_erase_writes_projection_result_and_figures(tmp_path: Any) -> None:

@@ -54,27 +54,27 @@ _TITLES = {
 
 
 def fit_erasure(
-    x: Any, y: Any, method: Method = "inlp", *, seed: int = 0, **options: Any
+    X: Any, y: Any, method: Method = "inlp", *, seed: int = 0, **options: Any
 ) -> Eraser:
-    """Fit ``inlp`` (Elazar et al.'s stopping rule by default) or ``leace`` on ``x [n, d]``, ``y [n]``.
+    """Fit ``inlp`` (Elazar et al.'s stopping rule by default) or ``leace`` on ``X [n, d]``, ``y [n]``.
 
     Options go to :func:`mechprobe.inlp` / :func:`mechprobe.leace`; INLP defaults to
     ``n_iterations=20, stop="majority"``, without a progress bar.
 
     Example:
         >>> import torch
-        >>> x = torch.randn(400, 8); y = (x[:, 0] > 0).long()
-        >>> fit_erasure(x, y, "leace").n_removed
+        >>> X = torch.randn(400, 8); y = (X[:, 0] > 0).long()
+        >>> fit_erasure(X, y, "leace").n_removed
         1
     """
     seed = check_int(seed, "seed", 0)
     if method == "inlp":
         opts: dict[str, Any] = {"n_iterations": 20, "stop": "majority", "progress": False}
         opts |= {"seed": seed} | options
-        return inlp(x, y, **opts)
+        return inlp(X, y, **opts)
     if method == "leace":
         # LEACE is closed-form: no draws, no iterations; the API-wide words are accepted.
-        return leace(x, y, **{k: v for k, v in options.items() if k not in ("progress", "seed")})
+        return leace(X, y, **{k: v for k, v in options.items() if k not in ("progress", "seed")})
     raise ValueError(f"method must be 'inlp' or 'leace', got {method!r}.")
 
 
@@ -207,7 +207,7 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
 def layer_sweep(
     model: Any,
     data: ProbingDataset | Task,
-    layers: Layers,
+    layers: Layers = "all",
     method: Method = "inlp",
     *,
     sites: SiteLike | Sequence[SiteLike] = "resid_post",
@@ -232,7 +232,8 @@ def layer_sweep(
     Args:
         model: A TransformerLens model.
         data: Labelled data for fitting the erasure (e.g. ``country_dataset()``).
-        layers: Layers to erase at, one at a time (an int, a range, a list or ``"all"``).
+        layers: Layers to erase at, one at a time (an int, a range, a list or ``"all"``, the
+            default, as everywhere in the API).
         method: ``"inlp"`` or ``"leace"``.
         sites: The site kind erased at each of ``layers`` (``resid_post``, ``mlp_out``, ...), or
             Sites / hook names (then ``layers`` does not apply to them).
@@ -241,7 +242,8 @@ def layer_sweep(
         positions: Positions erased (default ``-1``: each prompt's last token, where ``data``
             is read and the erasure was fitted; ``"all"`` erases everywhere).
         n_random: Random controls of equal rank per layer.
-        mlp: Also fit MLP probes (as for :func:`mechprobe.amnesic`).
+        mlp: Also fit MLP probes (as for :func:`mechprobe.amnesic`, where it is on by default;
+            off here, as a sweep fits them again at every site).
         fit_options: Options for :func:`fit_erasure`.
         seed: Seed of the fits, controls and probe split.
         batch_size: Prompts per forward pass.
