@@ -167,6 +167,24 @@ def test_numpy_labels_and_groups_work_as_lists_do(tiny: Any) -> None:
         np.testing.assert_array_equal(arrays.values, lists.values)
 
 
+def test_pandas_labels_pair_with_texts_by_position(tiny: Any) -> None:
+    # After a sort (or a filter) a Series' index is not 0..n-1: labels were read by index label,
+    # so two of four rows got the other class (and a filtered frame raised KeyError: 0).
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame(
+        {"text": ["I ran", "you walk", "she sang", "we go"], "y": ["p", "q", "p", "q"]}
+    )
+    df = df.sort_values("text")
+    assert df.index.tolist() != list(range(4))
+    acts = mp.collect(tiny, df["text"], labels=df["y"], groups=df["text"], progress=False)
+    assert acts.labels is not None and acts.groups is not None
+    assert acts.labels.tolist() == df["y"].tolist()
+    assert acts.groups.tolist() == df["text"].tolist()
+    tail = df.iloc[1:]
+    acts = mp.collect(tiny, tail["text"], labels=tail["y"], progress=False)
+    assert acts.labels is not None and acts.labels.tolist() == tail["y"].tolist()
+
+
 def test_task_input_labels_by_item(tiny: Any) -> None:
     task = mp.load_task("capitals").subset([0, 1, 2]).with_shots(1)
     acts = mp.collect(tiny, task, [mp.Site("resid_post", 1)], progress=False)

@@ -93,6 +93,10 @@ def _inputs(data: Any, positions: Any, labels: Any, groups: Any) -> dict[str, An
                 f"{len(texts)} texts but {len(given)} {name}: pass one entry per text (a label, "
                 "or a list with one label per selected word or token)."
             )
+    # Entries pair with texts by position: a pandas Series indexed after a sort or a filter
+    # would otherwise be read by its index labels (wrong labels, or a KeyError).
+    labels = None if labels is None else list(labels)
+    groups = None if groups is None else list(groups)
     return {
         "texts": texts,
         "labels": labels,
