@@ -143,6 +143,16 @@ def test_load_labels_formats_and_round_trip(tmp_path: Path) -> None:
     assert mp.load_labels(csv_words).groups == (("THE", "CAT"), ("A", "DOG"))
     csv_text.write_text("text,label,groups\nI ran,past,run\nI run,present,run\n")
     assert mp.load_labels(csv_text).groups == ("run", "run")
+    # Cells are stripped (" past" was a class of its own), a byte-order mark is no part of the
+    # first column's name (refused as '\ufefftext'), TSV reads as CSV does, and "null" leaves a
+    # word out as JSON's null does (it was a class named "null").
+    csv_text.write_bytes("\ufefftext,label\nI ran, past\nI run,present \n".encode())
+    assert mp.load_labels(csv_text).labels == ("past", "present")
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("text\tlabels\nI ran, quickly\tPRON VERB null\nyou go\tPRON VERB\n")
+    tabbed = mp.load_labels(tsv)
+    assert tabbed.texts[0] == "I ran, quickly" and tabbed.labels[0] == ("PRON", "VERB", None)
+    assert tabbed.classes == ("PRON", "VERB") and tabbed.n_examples == 4
     csv_text.write_text("text,label,group\nI ran,past,run\nI run,present,\n")  # a blank cell
     with pytest.raises(ValueError, match=r"records \[1\] have no 'group'"):
         mp.load_labels(csv_text)
@@ -181,6 +191,14 @@ def test_load_labels_formats_and_round_trip(tmp_path: Path) -> None:
             ".json",
             r"records \[1\] have no 'group'",
         ),
+        # Each of these loaded silently: a blank label as the class '', an unquoted comma's
+        # second half as the label (the real one dropped); now an error naming the line.
+        ("text,label\nI ran,past\nI run,\nyou go,present\n", ".csv", "line 3: the label cell"),
+        ("text,label\nI ran, quickly,past\nI run,present\n", ".csv", "line 2 has 3 cell"),
+        ("text,label\nI ran,past\nI run\n", ".csv", "line 3 has 1 cell"),
+        ('{"text": "a", "label": "x"}\n{"text": "b", "label"', ".jsonl", "line 2 is not valid"),
+        ('[{"words": ["a", "b"], "spaces": [true], "labels": ["x", "y"]}]', ".json", "'spaces'"),
+        ("text\tlabel\na\tb\n", ".txt", "suffix '.txt' does not say the format"),
     ],
 )
 def test_load_labels_errors(tmp_path: Path, content: str, suffix: str, match: str) -> None:

@@ -1,6 +1,7 @@
 """Your own labels from a file: :func:`load_labels` -> :class:`mechprobe.ProbingDataset`.
 
-Formats (the file's suffix decides): JSON (a list of records), JSONL (one record per line), CSV.
+Formats (the file's suffix decides): JSON (a list of records), JSONL (one record per line), CSV
+or TSV.
 
 - ``{"text": "I ran home", "label": "past"}``: one label per text, probed at the last token;
 - ``{"text": "I ran home", "labels": ["PRON", "VERB", null]}``: one label per whitespace-separated
@@ -12,8 +13,11 @@ Formats (the file's suffix decides): JSON (a list of records), JSONL (one record
 - optional ``"group"`` / ``"groups"`` (either spelling: word types for control tasks), shaped
   like the labels, in every record or in none.
 
-CSV: columns ``text,label`` or ``text,labels`` (space-separated per-word labels), optional
-``group`` / ``groups`` (space-separated per word with ``labels``).
+CSV (or TSV): columns ``text,label`` or ``text,labels`` (space-separated per-word labels;
+``null`` leaves a word out, as in JSON), optional ``group`` / ``groups`` (space-separated per word
+with ``labels``). Label and group cells are stripped of surrounding spaces; a blank label cell, or
+a row with more or fewer cells than the header (an unquoted comma in a text), is an error naming
+its line.
 """
 
 from __future__ import annotations
@@ -35,14 +39,17 @@ _FILE_HELP = (
     '{"text": ..., "label": ...} (one label per text, probed at the last token), '
     '{"text": ..., "labels": [...]} (one label per whitespace-separated word; null skips a word) '
     'or {"words": [...], "labels": [...]} (words joined by spaces); optional "group"/"groups". '
-    "CSV: columns text,label or text,labels (space-separated per-word labels), optional group."
+    "CSV or TSV: columns text,label or text,labels (space-separated per-word labels; null skips "
+    'a word), optional group; quote texts that hold commas ("I ran, quickly",past).'
 )
+_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
 
 
 def _text(path: Path) -> str:
     """The file's text; bytes that are not UTF-8 are an error naming the file and the place."""
     try:
-        return path.read_bytes().decode("utf-8")
+        # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of the text.
+        return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise ValueError(
             f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8 "
@@ -50,25 +57,42 @@ def _text(path: Path) -> str:
         ) from None
 
 
-def _records_from_csv(path: Path) -> list[dict[str, Any]]:
+def _records_from_csv(path: Path, delimiter: str = ",") -> list[dict[str, Any]]:
     with io.StringIO(_text(path), newline="") as handle:
-        reader = csv.DictReader(handle)
-        fields = set(reader.fieldnames or [])
+        reader = csv.reader(handle, delimiter=delimiter)
+        header = [c.strip() for c in next(reader, [])]
+        fields = set(header)
         if "text" not in fields or not fields & {"label", "labels"}:
             raise ValueError(f"{path} has columns {sorted(fields)}. {_FILE_HELP}")
         rows: list[dict[str, Any]] = []
-        for row in reader:
+        for cells in reader:
+            line = reader.line_num
+            if not any(c.strip() for c in cells):
+                continue  # a blank line
+            if len(cells) != len(header):
+                raise ValueError(
+                    f"{path.name} line {line} has {len(cells)} cell(s) where the header "
+                    f"has {len(header)} ({cells!r}): quote a text that holds the delimiter, as "
+                    f'"I ran, quickly",past. {_FILE_HELP}'
+                )
+            row = dict(zip(header, cells, strict=True))
             rec: dict[str, Any] = {"text": row["text"]}
             # Either spelling of the group column, at either level (shaped like the labels).
-            group = next((row[c] for c in ("groups", "group") if c in fields), None)
-            if group is not None and not group.strip():
+            group = next((row[c].strip() for c in ("groups", "group") if c in fields), None)
+            if not group:
                 group = None  # a blank cell is a missing group (refused unless all are blank)
             if "labels" in fields:
-                rec["labels"] = row["labels"].split()
+                rec["labels"] = [None if w == "null" else w for w in row["labels"].split()]
                 if group is not None:
                     rec["groups"] = group.split()
             else:
-                rec["label"] = row["label"]
+                label = row["label"].strip()
+                if not label:
+                    raise ValueError(
+                        f"{path.name} line {line}: the label cell is blank; give every text a "
+                        "label, or leave the row out."
+                    )
+                rec["label"] = label
                 if group is not None:
                     rec["group"] = group
             rows.append(rec)
@@ -76,16 +100,27 @@ def _records_from_csv(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
-    if path.suffix.lower() == ".csv":
-        return _records_from_csv(path)
+    suffix = path.suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise ValueError(
+            f"{path}: the suffix {suffix or '(none)'!r} does not say the format; name the file "
+            f"{', '.join(_SUFFIXES)}. {_FILE_HELP}"
+        )
+    if suffix in (".csv", ".tsv"):
+        return _records_from_csv(path, "," if suffix == ".csv" else "\t")
     text = _text(path)
+    data: Any = []
+    where = ""
     try:
-        if path.suffix.lower() == ".jsonl":
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        if suffix == ".jsonl":
+            for number, line in enumerate(text.splitlines(), 1):
+                where = f" line {number}"
+                if line.strip():
+                    data.append(json.loads(line))
         else:
             data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}). {_FILE_HELP}") from err
+        raise ValueError(f"{path}{where} is not valid JSON ({err}). {_FILE_HELP}") from err
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise ValueError(f"{path} must hold a list of JSON objects. {_FILE_HELP}")
     return data
@@ -117,6 +152,11 @@ def load_labels(path: str | os.PathLike[str], *, name: str | None = None) -> Pro
             )
         if "words" in rec:
             spaces = rec.get("spaces", [True] * len(rec["words"]))
+            if not isinstance(spaces, list) or len(spaces) != len(rec["words"]):
+                raise ValueError(
+                    f"{where}: 'spaces' must be a list with one true/false per word "
+                    f"({len(rec['words'])} words). {_FILE_HELP}"
+                )
             text, span = words_text([str(w) for w in rec["words"]], spaces)
         elif isinstance(rec.get("text"), str):
             text = rec["text"]
