@@ -160,6 +160,27 @@ def test_backward_failure_leaves_no_state(gqa):
         assert torch.equal(gqa(tokens), before)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_gradients_switched_off_by_the_caller_give_the_same_numbers(gqa, mode):
+    # torch.set_grad_enabled(False) (the first line of many TransformerLens notebooks) made every
+    # call fail: "element 0 of tensors does not require grad".
+    expected = mp.attribution_patch(gqa, CLEAN, CORRUPT, "head", -1, METRIC, progress=False)
+    off = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with off:
+        got = mp.attribution_patch(gqa, CLEAN, CORRUPT, "head", -1, METRIC, progress=False)
+    np.testing.assert_array_equal(got.values, expected.values)
+    np.testing.assert_array_equal(got.random, expected.random)
+    assert torch.is_grad_enabled() and all(p.grad is None for p in gqa.parameters())
+
+
+def test_a_metric_without_a_gradient_is_named(gqa):
+    def flat(logits):
+        return (logits.argmax(-1) == ANS).float()
+
+    with pytest.raises(ValueError, match="'flat' gave a value without a gradient"):
+        mp.attribution_patch(gqa, CLEAN, CORRUPT, "mlp_out", -1, flat, progress=False)
+
+
 def test_errors_before_any_forward(gqa):
     with pytest.raises(ValueError, match="corrupt prompt per clean"):
         mp.attribution_patch(gqa, ["a", "b"], ["c"], "mlp_out", -1, METRIC)

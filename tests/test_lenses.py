@@ -255,6 +255,18 @@ def test_training_is_deterministic_for_a_seed_and_lowers_the_loss(tiny):
     assert (cmp.kl[1] < cmp.kl[0]).all(), cmp.kl
 
 
+def test_training_works_where_the_caller_turned_gradients_off(tiny):
+    # It failed under torch.set_grad_enabled(False) and inference_mode.
+    expected = _train(tiny, seed=5, n_tokens=128)
+    for off in (torch.no_grad(), torch.inference_mode()):
+        with off:
+            got = _train(tiny, seed=5, n_tokens=128)
+        for kind in expected.weights:
+            assert torch.equal(got.weights[kind], expected.weights[kind]), kind
+        assert got.info["loss_per_step"] == expected.info["loss_per_step"]
+    assert torch.is_grad_enabled()
+
+
 def test_training_resumes_from_a_checkpoint_to_the_same_lens(tiny, tmp_path, monkeypatch):
     with torch.no_grad():  # a bridge adds hooks of its own at its first forward pass
         tiny(tiny.to_tokens("warm"))

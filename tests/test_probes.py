@@ -636,6 +636,25 @@ def test_an_mlp_layers_probe_does_not_depend_on_the_layers_beside_it() -> None:
     assert [r.accuracy[0] for r in one] == [full.accuracy[1], full.accuracy[3]]
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_probes_trained_by_autograd_fit_where_gradients_are_off(mode: str) -> None:
+    # Under torch.set_grad_enabled(False) (many notebooks' first line) or inference_mode the MLP
+    # and scalar-mix probes failed: "element 0 of tensors does not require grad".
+    X, y = _planted(n=120, layers=3, signal=(1,))
+    fits = {
+        "mlp": lambda: mp.MLPProbe(max_iter=20).fit(X[:, 1], y).predict_proba(X[:, 1]),
+        "mix": lambda: mp.ScalarMixProbe().fit(X, y).predict_proba(X),
+        "layers": lambda: mp.probe_layers(X, y, mlp=True, max_iter=20, progress=False).accuracy,
+    }
+    expected = {name: fit() for name, fit in fits.items()}
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        X = torch.as_tensor(X)  # made in the mode: an inference tensor under inference_mode
+        got = {name: fit() for name, fit in fits.items()}
+    for name in fits:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    assert torch.is_grad_enabled()
+
+
 def test_rare_class_warning_names_the_label() -> None:
     X, _ = _planted(n=60, layers=2, signal=(1,))
     y = np.array(["NOUN"] * 30 + ["VERB"] * 29 + ["INTJ"])

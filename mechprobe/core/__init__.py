@@ -29,6 +29,7 @@ from mechprobe.core._hooks import (
     StopForward,
     check_heads_sum,
     differentiate,
+    gradients_enabled,
     intervene,
 )
 from mechprobe.core._models import (
@@ -111,6 +112,7 @@ __all__ = [
     "figure_of",
     "first_token_ids",
     "forward",
+    "gradients_enabled",
     "head_count",
     "intervene",
     "load_model",

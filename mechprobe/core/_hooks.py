@@ -50,6 +50,7 @@ __all__ = [
     "Replace",
     "check_heads_sum",
     "differentiate",
+    "gradients_enabled",
     "intervene",
 ]
 
@@ -224,11 +225,38 @@ def differentiate(output: Tensor, gradients: Sequence[Gradient]) -> None:
             f"Gradient(s) {missing} saw no forward pass: run the model inside intervene() first."
         )
     probes = [g._probe for g in gradients]
-    grads = torch.autograd.grad(output.reshape(()), probes, allow_unused=True)  # type: ignore[arg-type]
+    if not output.requires_grad:
+        raise ValueError(
+            "differentiate: the output has no gradient. Compute it from the model's outputs "
+            "with torch operations, with gradients enabled (not under torch.no_grad())."
+        )
+    # With gradients off globally (torch.set_grad_enabled(False), as many notebooks begin), the
+    # reshape below would cut the output from its graph.
+    with torch.enable_grad():
+        grads = torch.autograd.grad(output.reshape(()), probes, allow_unused=True)  # type: ignore[arg-type]
     for g, probe, grad in zip(gradients, probes, grads, strict=True):
         assert probe is not None
         g.grad = torch.zeros_like(probe) if grad is None else grad.detach()
         g._probe = None
+
+
+@contextlib.contextmanager
+def gradients_enabled() -> Iterator[None]:
+    """Autograd on inside, whatever the caller set outside.
+
+    Attribution patching, MLP and scalar-mix probes and tuned-lens training differentiate; many
+    notebooks begin with ``torch.set_grad_enabled(False)`` or run under ``torch.inference_mode()``,
+    where they would fail with "element 0 of tensors does not require grad". Also usable as a
+    decorator. Tensors made under inference mode cannot be saved for backward: clone them inside.
+
+    Example:
+        >>> import torch
+        >>> with torch.no_grad(), gradients_enabled():
+        ...     torch.is_grad_enabled()
+        True
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 class Replace(Intervention):

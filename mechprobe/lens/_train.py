@@ -46,6 +46,7 @@ from mechprobe.core import (
     check_choice,
     check_float,
     check_int,
+    gradients_enabled,
     model_adapter,
     native_bfloat16,
     progress_bar,
@@ -339,99 +340,104 @@ def train_tuned_lens(
         seed=seed,
     )
 
-    lens = TunedLens.identity(model, kinds)
-    # Trained where the model runs; the finished lens holds CPU tensors, as a loaded one does.
-    device = model_adapter(model).device
-    params = {}
-    for kind in lens.weights:
-        params[f"{kind}.weight"] = lens.weights[kind].to(device).requires_grad_(True)
-        params[f"{kind}.bias"] = lens.biases[kind].to(device).requires_grad_(True)
-    if optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            list(params.values()),
-            lr=lr * (1 - momentum),
-            momentum=momentum,
-            nesterov=momentum > 0,
-            weight_decay=weight_decay,
+    # Gradients flow through the translators also where the caller turned them off
+    # (torch.set_grad_enabled(False), inference_mode).
+    with gradients_enabled():
+        lens = TunedLens.identity(model, kinds)
+        # Trained where the model runs; the finished lens holds CPU tensors, as a loaded one does.
+        device = model_adapter(model).device
+        params = {}
+        for kind in lens.weights:
+            params[f"{kind}.weight"] = lens.weights[kind].to(device).requires_grad_(True)
+            params[f"{kind}.bias"] = lens.biases[kind].to(device).requires_grad_(True)
+        if optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                list(params.values()),
+                lr=lr * (1 - momentum),
+                momentum=momentum,
+                nesterov=momentum > 0,
+                weight_decay=weight_decay,
+            )
+        else:
+            opt = torch.optim.Adam(
+                list(params.values()),
+                lr=lr,
+                betas=(momentum, 0.999),
+                amsgrad=True,
+                weight_decay=weight_decay,
+            )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        folder = Path(checkpoint) if checkpoint is not None else None
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise ValueError(f"checkpoint={folder} is a file: pass a folder.")
+        start, log, last_kl = (
+            (0, [], None) if folder is None else _load_checkpoint(folder, config, params, opt)
         )
-    else:
-        opt = torch.optim.Adam(
-            list(params.values()),
-            lr=lr,
-            betas=(momentum, 0.999),
-            amsgrad=True,
-            weight_decay=weight_decay,
-        )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    folder = Path(checkpoint) if checkpoint is not None else None
-    if folder is not None and folder.exists() and not folder.is_dir():
-        raise ValueError(f"checkpoint={folder} is a file: pass a folder.")
-    start, log, last_kl = (
-        (0, [], None) if folder is None else _load_checkpoint(folder, config, params, opt)
-    )
-    if start:  # the schedule where the checkpoint left it
-        sched.last_epoch = start
-        for group, base in zip(opt.param_groups, sched.base_lrs, strict=True):
-            group["lr"] = base * factor(start)
+        if start:  # the schedule where the checkpoint left it
+            sched.last_epoch = start
+            for group, base in zip(opt.param_groups, sched.base_lrs, strict=True):
+                group["lr"] = base * factor(start)
 
-    step_fn = _Step(model, precision, chunk_rows=256)
-    norm_params = [p for p in model.ln_final.parameters() if p.requires_grad]
-    capture = [Site(kind, layer) for kind, layer in keys]  # type: ignore[arg-type]
-    final_site = Site("resid_post", n_layers - 1)
-    began = time.perf_counter()
-    try:
-        for p in norm_params:  # gradients flow through the final norm, never into it
-            p.requires_grad_(False)
-        for step in progress_bar(
-            range(start, steps), progress=progress, desc="tuned lens", total=steps - start
-        ):
-            rows = windows[step * per_step : (step + 1) * per_step]
-            batch = Batch(rows, torch.ones_like(rows), "right", ("",) * len(rows))
-            with torch.no_grad():
-                out = run(
-                    model,
-                    batch,
-                    capture=[*capture, final_site],
-                    logit_positions=-1,
-                    batch_size=batch_size,
-                    progress=False,
-                )
-                # Position 0 (BOS) is not trained on; rows x positions flatten to tokens.
-                hidden = torch.stack([out[s][:, 1:].reshape(-1, out[s].shape[-1]) for s in capture])
-                final = out[final_site][:, 1:].reshape(-1, hidden.shape[-1])
-                m, c, a = step_fn.targets(final)
-            n = final.shape[0]
-            ys = []
-            offset = 0
-            for kind in lens.weights:
-                k = len(lens.layers[kind])
-                h = hidden[offset : offset + k]  # [k, n, d]
-                w, b = params[f"{kind}.weight"], params[f"{kind}.bias"]
-                ys.append(h + torch.baddbmm(b[:, None, :], h, w.transpose(1, 2)))
-                offset += k
-            y = torch.cat(ys)  # [T, n, d]
-            u = model.ln_final(y)
-            kl, grad = step_fn.loss_and_grad(u.detach().reshape(-1, u.shape[-1]), m, c, a)
-            # Sum over translators of the mean over tokens, as the paper's loss.
-            torch.autograd.backward(u, grad.reshape(u.shape) / n)
-            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            per_translator = kl.reshape(len(keys), n).mean(1)
-            log.append(round(float(per_translator.sum()), 5))
-            last_kl = {
-                f"{kind} {layer}": round(float(v), 5)
-                for (kind, layer), v in zip(keys, per_translator, strict=True)
-            }
-            if folder is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
-                _save_checkpoint(folder, step + 1, config, params, opt, log, last_kl)
-    finally:
-        for p in norm_params:
-            p.requires_grad_(True)
-    for kind in lens.weights:
-        lens.weights[kind] = params[f"{kind}.weight"].detach().cpu()
-        lens.biases[kind] = params[f"{kind}.bias"].detach().cpu()
+        step_fn = _Step(model, precision, chunk_rows=256)
+        norm_params = [p for p in model.ln_final.parameters() if p.requires_grad]
+        capture = [Site(kind, layer) for kind, layer in keys]  # type: ignore[arg-type]
+        final_site = Site("resid_post", n_layers - 1)
+        began = time.perf_counter()
+        try:
+            for p in norm_params:  # gradients flow through the final norm, never into it
+                p.requires_grad_(False)
+            for step in progress_bar(
+                range(start, steps), progress=progress, desc="tuned lens", total=steps - start
+            ):
+                rows = windows[step * per_step : (step + 1) * per_step]
+                batch = Batch(rows, torch.ones_like(rows), "right", ("",) * len(rows))
+                with torch.no_grad():
+                    out = run(
+                        model,
+                        batch,
+                        capture=[*capture, final_site],
+                        logit_positions=-1,
+                        batch_size=batch_size,
+                        progress=False,
+                    )
+                    # Position 0 (BOS) is not trained on; rows x positions flatten to tokens.
+                    hidden = torch.stack(
+                        [out[s][:, 1:].reshape(-1, out[s].shape[-1]) for s in capture]
+                    )
+                    final = out[final_site][:, 1:].reshape(-1, hidden.shape[-1])
+                    m, c, a = step_fn.targets(final)
+                n = final.shape[0]
+                ys = []
+                offset = 0
+                for kind in lens.weights:
+                    k = len(lens.layers[kind])
+                    h = hidden[offset : offset + k]  # [k, n, d]
+                    w, b = params[f"{kind}.weight"], params[f"{kind}.bias"]
+                    ys.append(h + torch.baddbmm(b[:, None, :], h, w.transpose(1, 2)))
+                    offset += k
+                y = torch.cat(ys)  # [T, n, d]
+                u = model.ln_final(y)
+                kl, grad = step_fn.loss_and_grad(u.detach().reshape(-1, u.shape[-1]), m, c, a)
+                # Sum over translators of the mean over tokens, as the paper's loss.
+                torch.autograd.backward(u, grad.reshape(u.shape) / n)
+                torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+                per_translator = kl.reshape(len(keys), n).mean(1)
+                log.append(round(float(per_translator.sum()), 5))
+                last_kl = {
+                    f"{kind} {layer}": round(float(v), 5)
+                    for (kind, layer), v in zip(keys, per_translator, strict=True)
+                }
+                if folder is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+                    _save_checkpoint(folder, step + 1, config, params, opt, log, last_kl)
+        finally:
+            for p in norm_params:
+                p.requires_grad_(True)
+        for kind in lens.weights:
+            lens.weights[kind] = params[f"{kind}.weight"].detach().cpu()
+            lens.biases[kind] = params[f"{kind}.bias"].detach().cpu()
     info = dict(config)
     info.update(
         steps=steps,

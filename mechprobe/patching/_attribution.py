@@ -43,6 +43,7 @@ from mechprobe.core import (
     check_heads_sum,
     check_int,
     differentiate,
+    gradients_enabled,
     intervene,
     progress_bar,
 )
@@ -212,11 +213,20 @@ def attribution_patch(
             logits = model(clean_ids[i][None].to(model.W_E.device))
             clean_m[i] = float(metric_fn(logits[:, -1], pair).sum())
         grads = {name: Gradient() for name in dict.fromkeys(value_hooks + grad_hooks)}
-        with torch.enable_grad(), intervene(model, grads):  # type: ignore[arg-type]
-            logits = model(corrupt_ids[i][None].to(model.W_E.device))
-            out = metric_fn(logits[:, -1], pair).sum()
-        corrupt_m[i] = float(out.detach())
-        differentiate(out, list(grads.values()))
+        # Gradients are needed even where the caller turned them off (set_grad_enabled(False),
+        # inference_mode: tensors made there cannot be saved for backward, hence the clone).
+        with gradients_enabled():
+            with intervene(model, grads):  # type: ignore[arg-type]
+                logits = model(corrupt_ids[i][None].to(model.W_E.device).clone())
+                out = metric_fn(logits[:, -1], pair).sum()
+            corrupt_m[i] = float(out.detach())
+            if not out.requires_grad:
+                raise ValueError(
+                    f"The metric {metric_name!r} gave a value without a gradient: attribution "
+                    "patching differentiates it, so compute it from the logits with torch "
+                    "operations (no .item(), numpy or argmax)."
+                )
+            differentiate(out, list(grads.values()))
         if i == 0:
             _check_head_out(model, site_list, grads)
         src = torch.as_tensor([ps for ps, _ in resolved[i]])

@@ -23,6 +23,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
 from mechprobe._fit import fit_logistic, softmax_penalty
+from mechprobe.core import gradients_enabled
 from mechprobe.probing._data import host
 
 
@@ -297,6 +298,7 @@ def _uniform_hash(value: object, seed: int) -> float:
     return int.from_bytes(digest, "little") / 2.0**64
 
 
+@gradients_enabled()  # trained by backpropagation, also where the caller turned gradients off
 def _fit_mlp(
     X: Float[Tensor, "layers n d"],
     y: Tensor,
@@ -325,7 +327,8 @@ def _fit_mlp(
     # same initialisation and minibatches on every device.
     gen = torch.Generator().manual_seed(seed)
     device = X.device
-    y = y.to(device)
+    # Tensors made under inference_mode cannot be saved for backward.
+    X, y = (t.clone() if t.is_inference() else t for t in (X, y.to(device)))
 
     def uniform(*shape: int, fan_in: int) -> Tensor:
         bound = 1.0 / math.sqrt(fan_in)  # torch.nn.Linear's default initialisation range

@@ -40,7 +40,7 @@ from mechprobe._fit import (
     preconditioner,
     softmax_penalty,
 )
-from mechprobe.core import Result, new_axes, progress_bar
+from mechprobe.core import Result, gradients_enabled, new_axes, progress_bar
 from mechprobe.probing._activations import Activations
 from mechprobe.probing._data import (
     as_layers,
@@ -392,6 +392,7 @@ def _scalar_mix(X: Float[Tensor, "layers n d"], weights: Float[Tensor, "B layers
     return (weights @ X.reshape(n_layers, n * d)).view(-1, n, d)
 
 
+@gradients_enabled()  # differentiated by autograd, also where the caller turned gradients off
 def _fit_mix(
     X: Float[Tensor, "layers n d"],
     y: Tensor,
@@ -404,8 +405,11 @@ def _fit_mix(
     """Fit ``masks.shape[0]`` scalar-mix probes at once; problem ``b`` mixes layers ``masks[b]``."""
     if not l2 > 0:
         raise ValueError(f"l2 must be > 0, got {l2}.")
-    # Everything beside the activations (a GPU's, where they live there).
-    y, masks = y.to(X.device), masks.to(X.device)
+    # Everything beside the activations (a GPU's, where they live there); tensors made under
+    # inference_mode cannot be saved for backward.
+    X, y, masks = (
+        t.clone() if t.is_inference() else t for t in (X, y.to(X.device), masks.to(X.device))
+    )
     objective = _MixObjective(X, y, n_classes, masks, softmax_penalty(l2, n_classes))
     theta = torch.zeros(
         masks.shape[0], objective.size, dtype=torch.float64, device=X.device
