@@ -599,6 +599,28 @@ def test_control_task_and_selectivity() -> None:
     np.testing.assert_array_equal(tensor.accuracy, result.accuracy)
 
 
+def test_a_control_task_that_only_renames_the_classes_is_skipped() -> None:
+    # country_dataset(target="country") groups each country as its own label: the control labels
+    # were a function of the task labels, so selectivity came out ~0 (1.000 - 1.000, 0.403 -
+    # 0.403) whatever the layer held, printed and plotted as Hewitt & Liang selectivity.
+    data = mp.country_dataset(n_countries=12)
+    labels = np.asarray(data.labels)
+    assert (labels == np.asarray(data.groups)).all()
+    rng = np.random.default_rng(0)
+    classes, y = np.unique(labels, return_inverse=True)
+    X = rng.normal(size=(len(y), 2, 16))
+    X[:, 1] += 3 * rng.normal(size=(len(classes), 16))[y]
+    with pytest.warns(UserWarning, match="a control task would only rename the classes"):
+        result = mp.probe_layers(X, labels, groups=data.groups, progress=False)
+    assert np.isnan(result.control_accuracy).all() and np.isnan(result.selectivity).all()
+    plain = mp.probe_layers(X, labels, groups=False, progress=False)
+    np.testing.assert_array_equal(result.accuracy, plain.accuracy)
+    # Several types in one class keep their control task.
+    merged = np.where(y < 2, 0, y)  # classes 0 and 1 merged: one class holds two types
+    kept = mp.probe_layers(X, merged, groups=data.groups, progress=False)
+    assert np.isfinite(kept.control_accuracy).all()
+
+
 def test_mlp_probe_memorises_the_control_task_more_than_a_linear_probe() -> None:
     rng = np.random.default_rng(0)
     n_types, n = 40, 2000

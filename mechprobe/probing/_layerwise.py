@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
+import warnings
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,7 +58,8 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
             20; heads of one layer share it); for a plain array, the positions along that axis.
         accuracy: ``[L]`` held-out accuracy of the task probe (mean over folds).
         control_accuracy: ``[L]`` accuracy on Hewitt & Liang control labels; all NaN when no
-            ``groups`` were given (an array either way, so the type never changes).
+            ``groups`` were given, or when each class is one word type (an array either way,
+            so the type never changes).
         selectivity: ``[L]`` ``accuracy - control_accuracy`` (NaN without groups).
         majority_baseline: accuracy of always predicting the most frequent training label (one
             number: it does not depend on the layer).
@@ -244,7 +246,9 @@ def probe_layers(
             ``.groups``, e.g. :class:`Activations`).
         y: ``[n]`` labels (default ``X.labels``).
         groups: ``[n]`` word types for the control task (default ``X.groups``, when ``X`` has
-            them); ``False`` skips the control task (half the fitting).
+            them); ``False`` skips the control task (half the fitting). Where each class is
+            one type (groups and labels match one to one) the control labels would only rename
+            the classes: the control task is skipped with a warning.
         test_size: held-out fraction (stratified) when ``n_folds`` is None.
         n_folds: stratified k-fold cross-validation instead; scores are averaged over folds.
         seed: split and control-label seed.
@@ -274,6 +278,16 @@ def probe_layers(
     classes, y_idx = encode_labels(labels)
     k = len(classes)
     control = None
+    if groups is not None and _one_type_per_class(groups, y_idx):
+        warnings.warn(
+            "Each class is one word type (groups and labels match one to one, as in "
+            "country_dataset(target='country')): a control task would only rename the classes, "
+            "and selectivity would be ~0 whatever the representation. The control task is "
+            "skipped (NaN); pass groups with several word types per class, or groups=False.",
+            UserWarning,
+            stacklevel=2,
+        )
+        groups = None
     if groups is not None:
         control = np.searchsorted(classes, control_labels(groups, labels, seed=seed))
     folds = splits(y_idx, test_size=test_size, n_folds=n_folds, seed=seed, classes=classes)
@@ -465,6 +479,14 @@ def _parts(phases: list[list[int]], group: int, workers: int) -> list[list[int]]
         size = min(group, -(-len(phase) // workers))  # ceil: as even as the phase allows
         parts += [phase[i : i + size] for i in range(0, len(phase), size)]
     return parts
+
+
+def _one_type_per_class(groups: np.ndarray, y_idx: np.ndarray) -> bool:
+    """Whether every class holds exactly one word type and every type one class: then Hewitt &
+    Liang's control labels are a function of the task labels, learnt exactly as well."""
+    _, types = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    pairs = np.unique(np.stack([types.ravel(), y_idx]), axis=1)
+    return pairs.shape[1] == len(np.unique(types)) == len(np.unique(y_idx))
 
 
 def _workers(n_layers: int, mlp: bool) -> int:
