@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import types
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -159,6 +160,16 @@ def test_probe_errors_are_helpful() -> None:
         mp.LinearProbe().fit(X, np.arange(19) % 2)
     with pytest.raises(ValueError, match="l2 must be > 0"):
         mp.LinearProbe(l2=0).fit(X, np.arange(20) % 2)
+    # probe_layers names the value given (two classes reported it doubled, "got -2.0"), and its
+    # MLP probes took a negative l2 and reported accuracies.
+    layered, y = np.stack([X, X], 1), np.arange(20) % 2
+    for mlp in (False, True):
+        with pytest.raises(ValueError, match=r"l2 must be in \(0.0, inf\], got -1.0"):
+            mp.probe_layers(layered, y, l2=-1, mlp=mlp, progress=False)
+    with pytest.raises(TypeError, match="max_iter must be an int"):
+        mp.probe_layers(layered, y, max_iter=1.5, progress=False)
+    with pytest.raises(ValueError, match="seed must be at least 0"):
+        mp.probe_layers(layered, y, seed=-1, progress=False)
 
 
 def test_deprecated_c_and_alpha_are_l2_under_their_old_names() -> None:
@@ -675,6 +686,18 @@ def test_probes_trained_by_autograd_fit_where_gradients_are_off(mode: str) -> No
     for name in fits:
         np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
     assert torch.is_grad_enabled()
+
+
+def test_mlp_probes_warn_when_max_iter_ends_their_training() -> None:
+    # The linear and scalar-mix fits warned; MLP probes stopped at max_iter silently.
+    X, y = _planted(n=120, layers=2, signal=(1,))
+    with pytest.warns(ConvergenceWarning, match="MLP probe: 1 of 1 fits did not stop"):
+        mp.MLPProbe(max_iter=3).fit(X[:, 1], y)
+    with pytest.warns(ConvergenceWarning, match="MLP probe: 2 of 2 fits did not stop"):
+        mp.probe_layers(X, y, mlp=True, max_iter=3, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        mp.MLPProbe(max_iter=15, tol=1e3).fit(X[:, 1], y)  # stops on its own rule: no warning
 
 
 def test_rare_class_warning_names_the_label() -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
@@ -375,6 +376,14 @@ def _fit_mlp(
             stopped |= done
         if bool(stopped.all()):
             break
+    if not bool(stopped.all()):  # as scikit-learn's MLPClassifier and the linear fits warn
+        warnings.warn(
+            f"MLP probe: {int((~stopped).sum())} of {n_layers} fits did not stop within "
+            f"max_iter={max_iter} epochs (their loss still fell by more than tol={tol} within 10 "
+            "epochs); increase max_iter.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
     with torch.no_grad():
         final = [
             torch.where(_layer_mask(stopped, p), k, p) for k, p in zip(kept, params, strict=True)
