@@ -893,6 +893,32 @@ def test_cumulative_scores_keep_negative_deltas() -> None:
     assert np.triu(result.mix_weights, 1).max() == 0  # prefix l only mixes layers 0..l
 
 
+def test_cumulative_expected_layer_is_nan_when_the_gains_cancel() -> None:
+    from mechprobe.probing._scalar_mix import _expected_layer
+
+    # 3/7, 5/7, 1/7, 3/7: np.diff sums to 5.6e-17, and E_Δ was about 1.6e17 instead of NaN.
+    scores, layers = np.array([3, 5, 1, 3]) / 7, np.arange(4)
+    assert np.diff(scores).sum() != 0
+    assert np.isnan(_expected_layer(scores, layers, n_test=7))
+    gains = np.array([1, 3, 2, 5]) / 7
+    manual = (layers[1:] @ np.diff(gains)) / np.diff(gains).sum()
+    assert _expected_layer(gains, layers, n_test=7) == pytest.approx(manual)
+
+
+def test_cumulative_scores_follow_depth_whatever_the_collection_order(tiny) -> None:
+    # collect(layers=[2, 0, 1]) gave prefixes in collection order ("layers 0..l" were 2, 0, 1).
+    texts = [f"{w} {v}" for w in ("cat", "dog", "sun", "map", "cup") for v in ("ran", "is", "sat")]
+    labels = [t.split()[1] for t in texts] * 4
+    texts = texts * 4
+    shuffled = mp.collect(tiny, texts, layers=[2, 0, 1], labels=labels, progress=False)
+    ordered = mp.collect(tiny, texts, layers=[0, 1, 2], labels=labels, progress=False)
+    a = mp.cumulative_scores(shuffled, seed=1, progress=False)
+    b = mp.cumulative_scores(ordered, seed=1, progress=False)
+    assert a.layers.tolist() == b.layers.tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(a.mix_weights, b.mix_weights)
+
+
 @pytest.mark.parametrize("suffix", [".json", ".npz"])
 def test_cumulative_scores_round_trip_and_plot(tmp_path, suffix: str) -> None:
     X, y = _planted(n=300, layers=3, signal=(1,))

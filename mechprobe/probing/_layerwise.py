@@ -189,10 +189,12 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
         # Heads of one layer share it: they are drawn side by side, in the order collected.
         x = self.layers if len(set(self.layers.tolist())) == len(self.layers) else None
         x_axis = np.arange(len(self.layers)) if x is None else x
-        ax.plot(x_axis, self.accuracy, marker=".", label=f"{self.probe} probe")
+        # Lines follow depth, whatever order the layers were collected in (they zigzagged).
+        depth = np.argsort(x_axis, kind="stable")
+        ax.plot(x_axis[depth], self.accuracy[depth], marker=".", label=f"{self.probe} probe")
         if np.isfinite(self.control_accuracy).any():
-            ax.plot(x_axis, self.control_accuracy, marker=".", label="control task")
-            ax.plot(x_axis, self.selectivity, marker=".", label="selectivity")
+            ax.plot(x_axis[depth], self.control_accuracy[depth], marker=".", label="control task")
+            ax.plot(x_axis[depth], self.selectivity[depth], marker=".", label="selectivity")
         ax.axhline(self.majority_baseline, ls="--", color="gray", label="majority baseline")
         ax.set(ylabel="accuracy", title=f"Layer-wise probing ({self.split})")
         ax.legend(loc="best")

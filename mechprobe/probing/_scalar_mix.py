@@ -220,7 +220,7 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
         scores: ``[layers]`` held-out accuracy of the scalar mix of layers ``0..l``.
         deltas: ``[layers]`` ``scores[l] - scores[l-1]``, NaN at ``l = 0``; negative values kept.
         expected_layer: ``E_Δ = Σ_{l≥1} layers[l] Δ(l) / Σ_{l≥1} Δ(l)`` (NaN when the deltas sum
-            to 0).
+            to 0). Layers are taken in the model's order, however they were collected.
         mix_weights: ``[layers, layers]``, row ``l`` the softmax weights of the mix of ``0..l``.
         n_train: training rows; n_test: held-out rows.
         layers: ``[layers]`` the model layer of each entry, read from the site names of
@@ -324,6 +324,12 @@ def cumulative_scores(
         (True, 1)
     """
     values, labels, _ = as_layers(X, y)
+    layers = model_layers(collected_sites(X), values.shape[1])
+    # Prefixes follow the model's depth, whatever order the layers were collected in
+    # (collect(layers=[2, 0]) mixed "layers 0..l" in collection order).
+    depth = np.argsort(layers, kind="stable")
+    if (depth != np.arange(len(layers))).any():
+        values, layers = values[:, torch.from_numpy(depth)], layers[depth]
     classes, y_idx = encode_labels(labels)
     if X_test is None:
         folds = splits(y_idx, test_size=test_size, n_folds=None, seed=seed, classes=classes)
@@ -332,6 +338,8 @@ def cumulative_scores(
         y_train, y_test_idx = y_idx[train], y_idx[test]
     else:
         test_values, test_labels, _ = as_layers(X_test, y_test)
+        if test_values.shape[1] == len(depth):
+            test_values = test_values[:, torch.from_numpy(depth)]
         if test_values.shape[1:] != values.shape[1:]:
             raise ValueError(
                 f"X_test rows are {tuple(test_values.shape[1:])} but X rows are "
@@ -365,9 +373,7 @@ def cumulative_scores(
         scores[start:stop] = hits.double().mean(1).numpy()
         weights[start:stop, :stop] = fit.weights.cpu().numpy()
     deltas = np.concatenate([[np.nan], np.diff(scores)])
-    total = deltas[1:].sum()
-    layers = model_layers(collected_sites(X), n_layers)
-    expected = float(layers[1:] @ deltas[1:] / total) if total != 0 else float("nan")
+    expected = _expected_layer(scores, layers, len(y_test_idx))
     return CumulativeScores(scores, deltas, expected, weights, n_train, len(y_test_idx), layers)
 
 
@@ -515,3 +521,16 @@ class _MixObjective:
         loss = nll.view(len(idx), -1).double().mean(1) + penalty
         (grad,) = torch.autograd.grad(loss.sum(), theta)
         return loss.detach(), grad, grad.abs().amax(1)
+
+
+def _expected_layer(scores: np.ndarray, layers: np.ndarray, n_test: int) -> float:
+    """Tenney et al.'s ``E_Δ`` of held-out accuracies ``scores`` on ``n_test`` rows.
+
+    The deltas telescope to the last score minus the first, a multiple of ``1 / n_test``: below
+    half of that it is 0 and ``E_Δ`` is undefined (NaN). Their float sum left ~1e-17 there, and
+    ``E_Δ`` came out near ±1e16.
+    """
+    total = scores[-1] - scores[0]
+    if abs(total) < 0.5 / n_test:
+        return float("nan")
+    return float(layers[1:] @ np.diff(scores) / total)
