@@ -73,3 +73,23 @@ def test_batch_size_is_a_positive_int_or_none(tiny, bad):
     with pytest.raises(ValueError, match="batch_size must be a positive int or None"):
         mp.run(tiny, ["Hi", "Hello"], batch_size=bad, progress=False)
     assert mp.run(tiny, ["Hi", "Hello"], batch_size=None, progress=False).logits.shape[0] == 2
+
+
+def test_token_ids_make_a_batch_that_runs_as_the_model_does(tiny):
+    # Token ids (a model without a tokenizer, or to_tokens output) had no way into run(): the
+    # message said "pass strings".
+    batch = mp.tokenize(tiny, ["Hello there", "Hi"])
+    again = mp.Batch.from_tokens(batch.tokens, batch.attention_mask)
+    assert torch.equal(again.tokens, batch.tokens)
+    assert again.lengths.tolist() == batch.lengths.tolist()
+    ids = batch.tokens[0]
+    out = mp.run(tiny, mp.Batch.from_tokens(ids), logit_positions=-1, progress=False)
+    with torch.no_grad():
+        expected = tiny(ids[None])[:, -1]
+    torch.testing.assert_close(out.logits[:, -1], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"integer ids, got \(2, 3\) torch.float32"):
+        mp.Batch.from_tokens(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="attention_mask is"):
+        mp.Batch.from_tokens(batch.tokens, torch.ones(1, 2))
+    with pytest.raises(TypeError, match=r"Batch.from_tokens\(tokens\)"):
+        mp.run(tiny, [ids], progress=False)

@@ -71,3 +71,60 @@ def test_messages_name_the_site_not_the_bridges_own_hook(tiny):
         mp.intervene(tiny, {mp.Site("resid_post", 1): bad}),
     ):
         tiny(tokens)
+
+
+def _hooked(**cfg):
+    """A HookedTransformer built from its own config (TransformerLens 3.x only)."""
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except (ImportError, AttributeError):
+        pytest.skip("HookedTransformer needs TransformerLens 3.x (make test-tl3)")
+    base = {"n_layers": 2, "d_model": 16, "n_ctx": 16, "d_head": 4, "n_heads": 4, "d_vocab": 50}
+    torch.manual_seed(0)
+    return HookedTransformer(HookedTransformerConfig(**{**base, "act_fn": "gelu", **cfg}))
+
+
+def test_mlp_sites_of_an_attention_only_model_are_refused():
+    # TransformerLens lists blocks.L.hook_mlp_out for attn_only models and never fires it: a patch
+    # there returned the corrupt metric in every cell and an Add there changed nothing.
+    model = _hooked(attn_only=True)
+    assert "blocks.0.hook_mlp_out" in model.hook_dict
+    clean, corrupt = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
+    for call in (
+        lambda: mp.patch(model, clean, corrupt, "mlp_out", "all", lambda lg: lg[:, 5], n_random=0),
+        lambda: mp.run(model, mp.Batch(clean, torch.ones_like(clean), "right", ("",)),
+                       {"blocks.0.hook_mlp_out": mp.Ablate()}),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match="never fires: this model is attention-only"):
+            call()
+    patched = mp.patch(model, clean, corrupt, "attn_out", "all", lambda lg: lg[:, 5], n_random=0)
+    assert patched.values.shape == (2, 4)  # layers x positions
+
+
+def test_ungrouped_key_value_heads_are_one_per_query_head():
+    # With ungroup_grouped_query_attention, hook_k holds n_heads heads: mechprobe counted
+    # n_key_value_heads (2), so k/v heads 2-3 were unreachable and head 1 was labelled as the
+    # key of query heads (2, 3) while the patch wrote the slot query head 1 alone reads.
+    model = _hooked(
+        n_key_value_heads=2, ungroup_grouped_query_attention=True,
+        positional_embedding_type="rotary",
+    )  # fmt: skip
+    _, cache = model.run_with_cache(torch.tensor([[1, 2, 3]]))
+    assert cache["blocks.0.attn.hook_k"].shape[2] == 4
+    assert mp.core.head_count(model, "k") == 4
+    assert mp.core.query_heads(model, mp.Site("k", 0, head=1)) == (1,)
+    assert resolve_site(model, mp.Site("v", 1, head=3))[0] == "blocks.1.attn.hook_v"
+
+
+def test_token_ids_beyond_a_smaller_output_vocabulary_are_refused():
+    # d_vocab_out < d_vocab: ids were checked against the input vocabulary, and failed later
+    # with a raw IndexError (a device-side assert on a GPU).
+    tokenizer = mp.tiny_model().tokenizer
+    model = _hooked(d_vocab=len(tokenizer), d_vocab_out=40)
+    model.set_tokenizer(tokenizer)
+    clean, corrupt = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 5, 3, 4]])
+    with pytest.raises(ValueError, match=r"token id 45 is outside the vocabulary \(0..39\)"):
+        mp.patch(model, clean, corrupt, "resid_pre", -1, mp.logit_diff(45, 7), n_random=0)
+    high = tokenizer.decode([len(tokenizer) - 1])
+    with pytest.raises(ValueError, match="beyond the model's 40 logits"):
+        mp.logit_lens(model, "Hi", targets=high, progress=False)

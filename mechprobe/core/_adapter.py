@@ -129,10 +129,17 @@ class ModelAdapter:
         tokenizer = getattr(self.model, "tokenizer", None)
         if tokenizer is None:
             raise ValueError(
-                "This model has no tokenizer: pass token ids instead of strings, or give it one "
-                "(HookedTransformer(cfg, tokenizer=...) or model.set_tokenizer(tokenizer))."
+                "This model has no tokenizer: pass token ids instead of strings (a "
+                "mechprobe.Batch to run, logit_lens and collect; id tensors to patch and "
+                "attribution_patch), or give it one (HookedTransformer(cfg, tokenizer=...) or "
+                "model.set_tokenizer(tokenizer))."
             )
         return tokenizer
+
+    def token_text(self, token: int) -> str:
+        """One token's text, or ``<id>`` for a model without a tokenizer (labels only)."""
+        tokenizer = getattr(self.model, "tokenizer", None)
+        return f"<{int(token)}>" if tokenizer is None else str(tokenizer.decode([int(token)]))
 
     @property
     def padding_side(self) -> str:

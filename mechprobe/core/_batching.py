@@ -112,6 +112,42 @@ class Batch:
             )
         return rel + self.offset[:, None]
 
+    @classmethod
+    def from_tokens(
+        cls,
+        tokens: Tensor,
+        attention_mask: Tensor | None = None,
+        padding_side: PaddingSide = "right",
+    ) -> Batch:
+        """Token ids as a Batch: ``model.to_tokens(...)`` output, or ids for a model without a
+        tokenizer (``run`` and ``intervene`` take it; functions that tokenise take strings).
+
+        Args:
+            tokens: ``[batch, seq]`` (or ``[seq]``) integer ids.
+            attention_mask: ``[batch, seq]`` 1 for real tokens (default: every token is real).
+            padding_side: Where the padding is, if ``attention_mask`` has any.
+
+        Example:
+            >>> import torch
+            >>> Batch.from_tokens(torch.tensor([[1, 5, 9]])).last_index.tolist()
+            [2]
+        """
+        ids = torch.as_tensor(tokens)
+        ids = ids[None] if ids.ndim == 1 else ids
+        if ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(
+                f"tokens must be [batch, seq] integer ids, got {tuple(ids.shape)} {ids.dtype}."
+            )
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
+        mask = mask[None] if mask.ndim == 1 else mask
+        if mask.shape != ids.shape:
+            raise ValueError(
+                f"attention_mask is {tuple(mask.shape)} but tokens are {tuple(ids.shape)}."
+            )
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+        return cls(ids.long(), mask.long(), padding_side, ("",) * len(ids))
+
     def select(self, rows: slice | Sequence[int]) -> Batch:
         """A sub-batch of the given rows, with padding columns no row uses trimmed off."""
         index = torch.arange(len(self))[rows] if isinstance(rows, slice) else torch.as_tensor(rows)
@@ -194,7 +230,10 @@ def _check_prompts(prompts: Sequence[str] | str) -> list[str]:
         raise ValueError("The prompt list is empty: pass at least one prompt string.")
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
-            raise TypeError(f"Prompt {i} is {type(p).__name__}, not str: pass strings.")
+            raise TypeError(
+                f"Prompt {i} is {type(p).__name__}, not str: pass strings (token ids go to run() "
+                "as mechprobe.Batch.from_tokens(tokens))."
+            )
     return prompts
 
 

@@ -770,7 +770,6 @@ def intervene(
     # model.hooks() adds the callbacks and removes exactly those it added in its own finally,
     # also when adding one of them fails halfway; hooks the user attached before stay untouched.
     names = [name for name, _ in fwd]
-    _check_fires(model, names)
     with _gated_hooks_fire(model, names), model.hooks(fwd_hooks=fwd):
         yield model
 
@@ -821,14 +820,3 @@ def _gated_hooks_fire(model: Any, names: Sequence[str]) -> Iterator[None]:
     finally:
         for switch in reversed(switched):
             switch(False)
-
-
-def _check_fires(model: Any, names: Sequence[str]) -> None:
-    """Refuse a hook that exists but never runs: ``hook_pos_embed`` of a model without learned
-    positions (a bridge lists it for rotary models too, and an intervention there did nothing)."""
-    kind = getattr(model.cfg, "positional_embedding_type", "standard")
-    if "hook_pos_embed" in names and kind not in ("standard", "shortformer"):
-        raise ValueError(
-            f"hook_pos_embed never fires on this model: its positions are {kind}, not a learned "
-            "embedding added to the residual stream. hook_embed holds the token embeddings."
-        )

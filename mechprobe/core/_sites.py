@@ -213,6 +213,7 @@ def resolve_in(model: Any, site: SiteLike, hooks: Mapping[str, Any]) -> tuple[st
                 f"Unknown hook name {site!r} for this model.{hint} "
                 f"Site kinds: {', '.join(_KINDS)} (e.g. Site('mlp_out', layer=0))."
             )
+        _refuse_silent_hook(model, site)
         try:
             return site, Site.parse(site)
         except ValueError:
@@ -239,7 +240,29 @@ def resolve_in(model: Any, site: SiteLike, hooks: Mapping[str, Any]) -> tuple[st
             f"{resolved.hook_name!r} is not a hook of this model; "
             f"closest: {difflib.get_close_matches(resolved.hook_name, list(hooks), n=5)}."
         )
+    _refuse_silent_hook(model, resolved.hook_name)
     return resolved.hook_name, resolved
+
+
+def _refuse_silent_hook(model: Any, name: str) -> None:
+    """Refuse a hook the model lists but never runs, where an intervention would do nothing.
+
+    ``hook_pos_embed`` of a model without learned positions (a bridge lists it for rotary models
+    too); ``hook_mlp_out`` (and ``hook_mlp_in``) of an attention-only HookedTransformer, which
+    has no MLP to fire them: a patch there returned the corrupt run's metric everywhere.
+    """
+    positions = getattr(model.cfg, "positional_embedding_type", "standard")
+    if name == "hook_pos_embed" and positions not in ("standard", "shortformer"):
+        raise ValueError(
+            f"hook_pos_embed never fires on this model: its positions are {positions}, not a "
+            "learned embedding added to the residual stream. hook_embed holds the token "
+            "embeddings."
+        )
+    if getattr(model.cfg, "attn_only", False) and re.search(r"\.(hook_mlp_(in|out)|mlp\.)", name):
+        raise ValueError(
+            f"{name!r} never fires: this model is attention-only (cfg.attn_only), so it has no "
+            "MLP. Use attention or residual sites (attn_out, resid_pre, resid_post, head kinds)."
+        )
 
 
 def _aliased(name: str, hooks: Mapping[str, Any]) -> Site | None:
@@ -295,6 +318,8 @@ def head_count(model: Any, kind: str = "head") -> int:
     """
     n_heads = int(model.cfg.n_heads)
     if kind in ("k", "v"):
+        if getattr(model.cfg, "ungroup_grouped_query_attention", False):
+            return n_heads  # hook_k / hook_v hold one (repeated) key and value per query head
         return int(getattr(model.cfg, "n_key_value_heads", None) or n_heads)
     return n_heads
 

@@ -43,6 +43,7 @@ from mechprobe.core import (
     SiteKind,
     SiteLike,
     StopForward,
+    model_adapter,
     progress_bar,
     run,
 )
@@ -159,7 +160,7 @@ def logit_lens(
     for i, p in enumerate(prompt_list):
         if not isinstance(p, str):
             raise TypeError(f"Prompt {i} is {type(p).__name__}, not str: pass strings.")
-    d_vocab = int(model.cfg.d_vocab)
+    d_vocab = model_adapter(model).d_vocab  # the logits' width (d_vocab_out where it differs)
     top_k = _check_int(top_k, "top_k", 1, d_vocab)
     batch_size = _check_int(batch_size, "batch_size", 1)
     chunk_size = _check_int(chunk_size, "chunk_size", 1)
@@ -172,6 +173,14 @@ def logit_lens(
     plan, prompt_ids, target_ids = make_plan(
         model, prompt_list, target_lists, positions, padding_side
     )
+    for b, group in enumerate(target_ids):
+        for t, ids in enumerate(group):
+            if any(i >= d_vocab for i in ids):  # a tokenizer larger than the unembedding
+                raise ValueError(
+                    f"Target {target_lists[b][t]!r} has token ids {list(ids)}, beyond the "
+                    f"model's {d_vocab} logits (cfg.d_vocab_out): pass targets the model can "
+                    "predict."
+                )
     final_site = ("resid_post", int(model.cfg.n_layers) - 1)
     run_sites = [*entries, *([final_site] if final_site not in entries else [])]
     n_b, n_k = plan.grid.shape

@@ -41,6 +41,7 @@ from mechprobe.core import (
     SiteLike,
     check_int,
     expand_sites,
+    model_adapter,
     position_list,
     run,
     tokenize,
@@ -530,9 +531,10 @@ def _means(
 
 
 def _labels(model: Any, clean: Tensor, corrupt: Tensor, wanted: list[int]) -> tuple[str, ...]:
+    """Each position's token (``clean/corrupt`` where they differ); ids without a tokenizer."""
+    adapter = model_adapter(model)
     out = []
     for p in wanted:
-        a = model.tokenizer.decode([int(clean[p])])
-        b = model.tokenizer.decode([int(corrupt[p])])
+        a, b = adapter.token_text(int(clean[p])), adapter.token_text(int(corrupt[p]))
         out.append(a if a == b else f"{a}/{b}")
     return tuple(out)

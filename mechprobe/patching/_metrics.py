@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mechprobe.core import as_int
+from mechprobe.core import as_int, model_adapter
 
 __all__ = ["MetricFn", "PatchMetric", "answer_prob", "bind_metric", "logit_diff"]
 
@@ -83,7 +83,7 @@ def _answer_ids(model: Any, value: Any, n_pairs: int, what: str) -> Tensor:
             "or a single one for all."
         )
     ids = []
-    vocab = int(model.cfg.d_vocab)
+    vocab = model_adapter(model).d_vocab  # the logits' width (d_vocab_out where it differs)
     for v in values:
         token = as_int(v)
         if token is not None and not 0 <= token < vocab:
