@@ -174,10 +174,10 @@ def logit_lens(
         model, prompt_list, target_lists, positions, padding_side
     )
     for b, group in enumerate(target_ids):
-        for t, ids in enumerate(group):
-            if any(i >= d_vocab for i in ids):  # a tokenizer larger than the unembedding
+        for t, target in enumerate(group):
+            if any(i >= d_vocab for i in target):  # a tokenizer larger than the unembedding
                 raise ValueError(
-                    f"Target {target_lists[b][t]!r} has token ids {list(ids)}, beyond the "
+                    f"Target {target_lists[b][t]!r} has token ids {list(target)}, beyond the "
                     f"model's {d_vocab} logits (cfg.d_vocab_out): pass targets the model can "
                     "predict."
                 )
