@@ -257,4 +257,19 @@ def test_cli_probe_writes_result_figure_and_summary(tmp_path: Path, capsys: Any)
     assert summary["positions"] == "word_last" and (out / "probe.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "majority baseline" in printed and printed.count("\n") >= 5
+    # classes counts the rows probed, as n_examples does (it counted texts: 400 beside 2,072 rows)
+    assert sum(summary["classes"].values()) == summary["n_examples"]
+    every = tmp_path / "every"
+    args = ["probe", "--dataset", "number", "--positions", "all", "--model", "tiny"]
+    assert (
+        main([*args, "--max-examples", "40", "--max-iter", "10", "--quiet", "--out", str(every)])
+        == 0
+    )
+    summary = json.loads((every / "summary.json").read_text())
+    assert sum(summary["classes"].values()) == summary["n_examples"] > 40
     assert main(["probe", "--dataset", str(tmp_path / "nope.csv"), "--out", str(out)]) == 2
+    # A run refused after its folder was made (a layer out of range) leaves no empty folder.
+    fresh = tmp_path / "refused"
+    args = ["probe", "--dataset", "templated_pos", "--out", str(fresh), "--model", "tiny"]
+    assert main([*args, "--layers", "7", "--max-examples", "50", "--quiet"]) == 2
+    assert not fresh.exists()

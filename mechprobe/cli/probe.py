@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,7 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         print(f"mechprobe probe: error: --out: {problem}", file=sys.stderr)
         return 2
+    created = not args.out.exists()
     try:
         dataset = load_dataset(args.dataset, args.seed)
         if dataset.level == "word" and args.positions == "all":
@@ -184,12 +186,17 @@ def main(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:
+        # A run refused before it wrote anything leaves no empty folder behind (as erase).
+        if created and args.out.is_dir() and not any(args.out.iterdir()):
+            args.out.rmdir()
         print(f"mechprobe probe: error: {err}", file=sys.stderr)
         return 2
     result.save(args.out / "result.json")
     fig = result.plot()
     fig.suptitle(f"{dataset.name}: {args.site} of {args.model}")
     fig.savefig(args.out / "probe.png", dpi=150)
+    # Rows probed per class (with --positions all a text gives several rows); datasets have labels.
+    probed: Counter[str] = Counter(str(label) for label in acts.labels)  # type: ignore[union-attr]
     summary = {
         "dataset": dataset.name,
         "description": dataset.description,
@@ -200,7 +207,7 @@ def main(args: argparse.Namespace) -> int:
         "positions": acts.metadata["positions"],
         "n_examples": len(acts),
         "dropped_words": acts.metadata["dropped_words"],
-        "classes": {str(k): v for k, v in dataset.counts().items()},
+        "classes": dict(sorted(probed.items())),
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"{dataset.name}: {len(acts)} examples, {result.n_classes} classes, {args.site}")

@@ -58,9 +58,9 @@ class LinearProbe(_Probe):
 
     Loss: weighted mean cross-entropy + ``l2/2 ||coef_||²`` (intercept unpenalised), on the
     standardised features (on the raw features with ``standardize=False``). The fitted model
-    equals ``sklearn.linear_model.LogisticRegression(C=1 / (l2 n))`` for ``n`` training rows
-    (``n`` = the sum of the sample weights), and a layer of :func:`mechprobe.probe_layers` with
-    the same ``l2``.
+    equals ``make_pipeline(StandardScaler(), LogisticRegression(C=1 / (l2 n)))`` for ``n``
+    training rows (``n`` = the sum of the sample weights; ``LogisticRegression`` alone with
+    ``standardize=False``), and a layer of :func:`mechprobe.probe_layers` with the same ``l2``.
 
     Args:
         l2: penalty on the mean loss (scikit-learn's ``C = 1 / (l2 n)``).
@@ -172,6 +172,9 @@ class MLPProbe(_Probe):
         tol: stop after 10 epochs whose loss improved by less than ``tol``.
         standardize: centre and scale features with training statistics first.
         random_state: seed of the initialisation and the shuffling (fits are deterministic).
+            Minibatches are drawn over row indices, so the same rows in another order give
+            another (equally valid) fit, as in any SGD-trained probe: compare MLP probes on the
+            same rows in the same order, or average over seeds.
         alpha: deprecated (one release): this probe's old name of ``l2``, the same number (unlike
             scikit-learn's ``MLPClassifier(alpha=a)``, whose penalty ``a/2 ||W||²`` is on the
             summed loss of a minibatch, i.e. ``a = l2 · batch_size``); when given, it wins over
