@@ -330,6 +330,9 @@ def test_no_hooks_left_after_an_exception_in_the_metric(tiny):
         ({"direction": "forward"}, "denoising"),
         ({"corrupt": [CORRUPT, CORRUPT]}, "one corrupt prompt per clean"),
         ({"metric": "logit_diff"}, "must be logit_diff"),
+        # These ran: two identical columns, and a raw IndexError inside the embedding.
+        ({"positions": [-1, 2, -1]}, r"positions repeat \[-1\]"),
+        ({"corrupt": torch.tensor([1, 2, 10**6])}, r"ids \[1000000\] outside the model's"),
     ],
 )
 def test_bad_input_fails_before_running(tiny, kwargs, message):

@@ -133,6 +133,8 @@ def test_a_task_gives_prompts_subjects_and_answers(tiny, tmp_path):
         ({"window": 0}, "window"),
         ({"noise": -1.0}, "noise"),
         ({"n_noise": 0}, "n_noise"),
+        # The answers were recorded in the result, unscored (and of any count).
+        ({"answers": " x", "metric": mp.answer_prob(5)}, "answers= .* or metric=, not both"),
     ],
 )
 def test_bad_input_fails_before_running(tiny, kwargs, message):

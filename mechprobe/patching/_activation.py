@@ -101,6 +101,14 @@ def token_rows(model: Any, prompts: Prompts, what: str) -> list[Tensor]:
         if prompts.ndim not in (1, 2) or prompts.is_floating_point():
             raise ValueError(f"{what} tokens must be integer ids [seq] or [pairs, seq] (unpadded).")
         rows = list(prompts.long().reshape(-1, prompts.shape[-1]).cpu())
+        vocab = int(model.cfg.d_vocab)  # the embedding's rows
+        ids = torch.cat(rows)
+        outside = ids[(ids < 0) | (ids >= vocab)].unique().tolist()
+        if outside:  # an IndexError inside the embedding (a device-side assert on a GPU)
+            raise ValueError(
+                f"{what} tokens hold ids {outside[:5]} outside the model's "
+                f"vocabulary (0..{vocab - 1}): pass token ids of this model, or strings."
+            )
         _refuse_padding(model, rows, what)
         return rows
     batch = prompts if isinstance(prompts, Batch) else tokenize(model, prompts)
@@ -162,6 +170,9 @@ def position_pairs(
             )
         spec = list(range(lengths.pop()))
     wanted = position_list(spec)
+    repeated = sorted({p for p in wanted if wanted.count(p) > 1})
+    if repeated:  # each would be a column of its own, patched alike
+        raise ValueError(f"positions repeat {repeated}: name each position once.")
     resolved = []
     for i, (s, b) in enumerate(zip(src, base, strict=True)):
         pairs = [(p + s if p < 0 else p, p + b if p < 0 else p) for p in wanted]

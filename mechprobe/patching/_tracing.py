@@ -439,6 +439,10 @@ def causal_trace(
         >>> res.scores[0].shape  # [kinds, layers, positions]
         (1, 3, 19)
     """
+    if answers is not None and metric is not None:  # the answers would be recorded, unscored
+        raise ValueError(
+            "Pass answers= (each scored by its first token's probability) or metric=, not both."
+        )
     if not isinstance(prompts, (str, list, tuple)) and hasattr(prompts, "inputs"):  # a Task
         if subjects is not None or answers is not None:
             raise ValueError(
@@ -446,7 +450,8 @@ def causal_trace(
             )
         task: Any = prompts
         task_prompts: list[str] = task.prompts()
-        prompts, answers = task_prompts, task.answers()
+        # A metric of the caller's scores the runs: then the task's answers are not recorded.
+        prompts, answers = task_prompts, (task.answers() if metric is None else None)
         # The subject is the item's argument (the country, the colour, the verb), not its whole
         # input: an extractive item's input is a sentence and a question.
         subjects = [
