@@ -333,12 +333,28 @@ def test_no_hooks_left_after_an_exception_in_the_metric(tiny):
         # These ran: two identical columns, and a raw IndexError inside the embedding.
         ({"positions": [-1, 2, -1]}, r"positions repeat \[-1\]"),
         ({"corrupt": torch.tensor([1, 2, 10**6])}, r"ids \[1000000\] outside the model's"),
+        # A metric not finite on the model's own logits made every recovery NaN, silently.
+        ({"metric": lambda lg: torch.log(lg[:, 5] * 0)}, r"gave -inf on an unpatched"),
     ],
 )
 def test_bad_input_fails_before_running(tiny, kwargs, message):
     args = {"sites": "mlp_out", "positions": -1, "metric": METRIC, "corrupt": CORRUPT} | kwargs
     with pytest.raises((ValueError, TypeError), match=message):
         mp.patch(tiny, CLEAN, **args)
+
+
+def test_a_metric_not_finite_in_some_cells_warns(tiny):
+    seen = mp.patch(tiny, CLEAN, CORRUPT, "mlp_out", -1, lambda lg: lg[:, 5], n_random=0)
+    unpatched = torch.tensor([float(seen.clean[0]), float(seen.corrupt[0])], dtype=torch.float64)
+
+    def finite_unpatched(logits):  # NaN wherever a patch moved the logit
+        value = logits[:, 5].double()
+        known = (value[:, None] - unpatched).abs().min(1).values < 1e-6
+        return torch.where(known, value, torch.nan)
+
+    with pytest.warns(RuntimeWarning, match="not finite in .* patched cells"):
+        res = mp.patch(tiny, CLEAN, CORRUPT, "mlp_out", -1, finite_unpatched, n_random=0)
+    assert np.isnan(res.values).any() and np.isfinite(res.clean).all()
 
 
 def test_result_frame_plot_and_json(tiny, tmp_path):

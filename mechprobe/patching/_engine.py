@@ -28,6 +28,7 @@ Edits by layout of the hooked tensor:
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -566,8 +567,22 @@ def run_plan(
             )
         for (kind, index), value in zip(layout.keys, got.double().cpu(), strict=True):
             target = {"cell": values.cells, "base": values.bases, "source": values.sources}[kind]
+            if kind != "cell" and not bool(torch.isfinite(value)):
+                # A non-finite metric on an unpatched run made every cell's recovery NaN, silently.
+                raise ValueError(
+                    f"The metric gave {value.item()} on an unpatched ({kind}) run: make it finite "
+                    "on the model's own logits (a log of 0, or a division by 0?)."
+                )
             if kind == "cell" or torch.isnan(target[index]):
                 target[index] = value
+    bad = int((~torch.isfinite(values.cells)).sum())
+    if bad:
+        warnings.warn(
+            f"The metric is not finite in {bad} of {values.cells.numel()} patched cells (NaN or "
+            "inf in the result).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return values
 
 
