@@ -258,3 +258,39 @@ def test_load_result_names_the_reader_of_a_tuned_lens(tmp_path, tiny) -> None:
     path = mp.TunedLens.identity(tiny).save(tmp_path / "lens.safetensors")
     with pytest.raises(ValueError, match=r"TunedLens\.load"):
         load_result(path)
+
+
+def test_damaged_files_and_odd_paths_give_errors_naming_the_file(tmp_path, monkeypatch) -> None:
+    toy = _toy()
+    # An empty or truncated npz raised EOFError / zipfile.BadZipFile; JSON that is not an object
+    # raised AttributeError; a version tag "3" said "newer than ... version 3".
+    good = toy.save(tmp_path / "toy.npz").read_bytes()
+    for name, content in (("empty.npz", b""), ("cut.npz", good[: len(good) // 2])):
+        (tmp_path / name).write_bytes(content)
+        for read in (_Toy.load, load_result):
+            with pytest.raises(ValueError, match=f"{name}: not an npz file written by mechprobe"):
+                read(tmp_path / name)
+    for content in ("[1, 2]", "null", '"x"'):
+        (tmp_path / "odd.json").write_text(content)
+        for read in (_Toy.load, load_result):
+            with pytest.raises(ValueError, match=r"odd\.json: not a JSON file .* not an object"):
+                read(tmp_path / "odd.json")
+    with pytest.raises(ValueError, match="version tag '3' is not an integer"):
+        _Toy.from_dict({**toy.to_dict(), "version": "3"})
+    # A folder named like a file was an IsADirectoryError on a temporary name; ~ is the home.
+    (tmp_path / "taken.json").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"taken\.json: it is a folder"):
+        toy.save(tmp_path / "taken.json")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert toy.save("~/home.json") == tmp_path / "home.json"
+    assert type(load_result("~/home.json")) is _Toy
+
+
+def test_activations_save_to_folders_and_load_result_points_there(tmp_path, tiny) -> None:
+    acts = mp.collect(tiny, ["Hi"], "resid_post", progress=False)
+    with pytest.raises(ValueError, match="saved as a folder"):
+        acts.save(tmp_path / "acts.npz")  # it made a folder named acts.npz
+    assert not (tmp_path / "acts.npz").exists()
+    folder = acts.save(tmp_path / "acts")
+    with pytest.raises(ValueError, match=r"holds activations: read them with .*Activations.load"):
+        load_result(folder)

@@ -36,6 +36,8 @@ import math
 import os
 import types
 import typing
+import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, Union
@@ -93,8 +95,10 @@ class Result:
             _REGISTRY[format] = cls
 
     def __post_init__(self) -> None:
-        """Frozen all through: numpy fields become read-only views, so an in-place write (``res.
-        values[:] = 0``) raises instead of silently changing frames, summaries and later saves."""
+        """Frozen: fields cannot be reassigned, and numpy fields become read-only views, so an
+        in-place write (``res.values[:] = 0``) raises instead of silently changing frames,
+        summaries and later saves. Torch tensors (``OVector.vector``, an ``Eraser``'s matrices)
+        and dicts cannot be made read-only: treat them as read-only (``.clone()`` to edit)."""
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             if isinstance(value, np.ndarray):
@@ -153,13 +157,15 @@ class Result:
             ValueError: Another suffix.
             FileNotFoundError: The folder does not exist.
         """
-        path = Path(path)
+        path = Path(path).expanduser()
         if path.suffix not in _SUFFIXES:
             raise ValueError(
                 f"Save a {type(self).__name__} to a .json, .npz or .safetensors file, not "
                 f"{path.name!r}."
             )
         _check_folder(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"Cannot write {path}: it is a folder; name a file.")
         if path.suffix == ".json":
             text = json.dumps(self.to_dict(), allow_nan=False)
             write_atomic(path, text.encode("utf-8"))
@@ -186,7 +192,7 @@ class Result:
             ValueError: Not a saved result of this class, unreadable, or (safetensors) changed
                 since it was saved; the message names the file.
         """
-        data, arrays = _read(Path(path), cls)
+        data, arrays = _read(Path(path).expanduser(), cls)
         try:
             _check_format(cls, data)
             return decode(data, cls, arrays=arrays)
@@ -244,9 +250,13 @@ def load_result(path: str | os.PathLike[str]) -> Result:
         >>> type(load_result(path)).__name__
         'LensResult'
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     record = path / "result.json" if path.is_dir() else path
     if path.is_dir() and not record.is_file():
+        if (path / "activations.json").is_file():  # what Activations.save writes
+            raise ValueError(
+                f"{path} holds activations: read them with mechprobe.Activations.load."
+            )
         raise FileNotFoundError(f"{path} is a folder without result.json: not a saved result.")
     data, _ = _read(record, tolerate_other_formats=True)
     cls = _REGISTRY.get(str(data.get("format")))
@@ -401,7 +411,9 @@ def _check_format(cls: type[Result], data: Mapping[str, Any]) -> None:
         raise ValueError(
             f"this is not a saved {cls.__name__} (format {found!r}, expected {cls._format!r})"
         )
-    if not isinstance(version, int) or version > cls._version:
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{cls._format}: its version tag {version!r} is not an integer")
+    if version > cls._version:
         raise ValueError(
             f"{cls._format} version {version!r} was written by a newer mechprobe than this one "
             f"(which reads version {cls._version}): upgrade mechprobe"
@@ -451,16 +463,26 @@ def _read(
             return {"format": header["format"]}, None
     if path.suffix == ".json":
         try:
-            return json.loads(path.read_text(encoding="utf-8")), None
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}: not a JSON file written by mechprobe ({err}).") from err
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{path}: not a JSON file written by mechprobe (it holds a "
+                f"{type(data).__name__}, not an object)."
+            )
+        return data, None
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {k: npz[k] for k in npz.files}
             meta = json.loads(str(arrays.pop("__meta__")))
-        except (OSError, ValueError, KeyError) as err:
+        # An empty, truncated or damaged archive raises any of these from zipfile and zlib.
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error,
+                NotImplementedError) as err:  # fmt: skip
             raise ValueError(f"{path}: not an npz file written by mechprobe ({err}).") from err
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path}: not an npz file written by mechprobe (no metadata object).")
         return meta, arrays
     if path.suffix == ".safetensors":
         return _read_safetensors(path, cls)

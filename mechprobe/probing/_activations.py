@@ -223,10 +223,16 @@ class Activations:
             >>> bool((back.values == acts.values).all())
             True
         """
-        folder = Path(folder)
+        folder = Path(folder).expanduser()
         if folder.exists() and not folder.is_dir():
             raise FileExistsError(
                 f"Cannot save Activations to {folder}: it is a file, not a folder."
+            )
+        if folder.suffix in (".json", ".npz", ".npy", ".safetensors") and not folder.exists():
+            # A file name by mistake would become a folder of that name.
+            raise ValueError(
+                f"Activations are saved as a folder (values.npy beside its index); {folder.name!r} "
+                f"names a file: pass a folder, e.g. {folder.with_suffix('')}."
             )
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / "values.npy"
