@@ -131,7 +131,7 @@ def test_relational_result_folder_round_trip(results, tmp_path) -> None:
 def test_repr_summary_and_notebook_view(results, name) -> None:
     result = results[name]
     text = repr(result)
-    assert text.startswith(f"{name}(") and len(text) < 200 and "array" not in text
+    assert text.startswith(f"{name}(") and len(text) < 150 and "array" not in text
     assert isinstance(result.summary(), pd.DataFrame) and len(result.summary()) >= 1
     page = result._repr_html_()
     assert "<table" in page

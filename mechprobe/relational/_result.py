@@ -72,12 +72,14 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
         config: The arguments of the run.
         notes: Fallbacks taken, in words.
 
+    Its repr gives the stages as argument/function/saturation layers (``-``: none found).
+
     Example:
         >>> import mechprobe as mp
         >>> res = mp.relational_analysis(mp.tiny_model(), "capitals", n_items=6, ablation=False,
         ...                              other_task=None, n_random=1, progress=False)
         >>> res
-        RelationalResult(capitals (abstractive): 6 items, accuracy 0.00, Stages(argument -, function -, saturation -); o-vector top-1 0.00, random 0.00, intact 0.00)
+        RelationalResult(capitals (abstractive): 6 items, accuracy 0.00, stages -/-/-; o-vector top-1 0.00, random 0.00, intact 0.00)
     """
 
     task: str
@@ -253,9 +255,13 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
             for fam in ["ovector", "random", "other_task", "intact"]
             if fam in fams
         ]
+        layers = (self.stages.argument_layer, self.stages.function_layer)
+        layers += (self.stages.saturation_layer,)
+        stages = "/".join("-" if x is None else str(x) for x in layers)
+        # One short line (a notebook repr): the stages as argument/function/saturation layers.
         return (
             f"{self.task} ({self.kind}): {self.n_items} items, accuracy {self.accuracy:.2f}, "
-            f"{self.stages!r}; {', '.join(words)}"
+            f"stages {stages}; {', '.join(words)}"
         )
 
     # --- figures ---------------------------------------------------------------------------
