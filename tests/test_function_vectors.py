@@ -59,6 +59,18 @@ def test_shuffled_prompts_permute_the_labels(task):
         assert sorted(c.splitlines()[:-2]) == sorted(s.splitlines()[:-2])  # same labels
 
 
+def test_shuffles_change_the_labels_where_shots_share_an_answer():
+    # Swapping two shots with one answer gave the clean prompt back (every prompt, with two
+    # shots; 23% with three), and function_vector measured effects against no corruption.
+    items = [[f"i{k}", "o"] for k in range(40)]
+    shots = [["a", "L"], ["b", "L"], ["c", "M"]]
+    task = mp.Task("part", "abstractive", "Q: {input}\nA:", shots=shots, items=items)
+    assert all(c != s for c, s in zip(task.prompts(), mp.shuffled_prompts(task), strict=True))
+    same = mp.Task("same", "abstractive", "Q: {input}\nA:", shots=shots[:2], items=items)
+    with pytest.raises(ValueError, match="shuffling the answers cannot corrupt"):
+        mp.shuffled_prompts(same)
+
+
 @pytest.mark.parametrize(("layer", "head"), [(0, 1), (2, 3)])
 def test_aie_matches_hand_written_hooks(model, task, result, layer, head):
     fit, _ = _fit_items(task)

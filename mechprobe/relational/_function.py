@@ -178,11 +178,18 @@ def shuffled_prompts(task: Task, *, seed: int = 0) -> list[str]:
     """
     rng = _random.Random(seed)
     outputs = [s.output for s in task.shots]
+    if len(outputs) > 1 and len(set(outputs)) == 1:
+        raise ValueError(
+            f"Every demonstration of {task.name!r} answers {outputs[0]!r}: shuffling the answers "
+            "cannot corrupt the prompt. Use demonstrations with different answers."
+        )
     prompts = []
     for item in task.items:
         order = list(range(len(outputs)))
         if len(order) > 1:
-            while order == sorted(order):  # never the unshuffled labels
+            # Never the unshuffled labels: the answers in shot order must change, not merely the
+            # positions (two shots sharing an answer swapped gave the clean prompt back).
+            while [outputs[k] for k in order] == outputs:
                 rng.shuffle(order)
         prefix = "".join(
             task.template.format(input=s.input) + " " + outputs[k] + task.separator

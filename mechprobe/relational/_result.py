@@ -255,8 +255,8 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
             for fam in ["ovector", "random", "other_task", "intact"]
             if fam in fams
         ]
-        layers = (self.stages.argument_layer, self.stages.function_layer)
-        layers += (self.stages.saturation_layer,)
+        st = self.stages
+        layers = (st.argument_layer, st.function_layer, st.saturation_layer)
         stages = "/".join("-" if x is None else str(x) for x in layers)
         # One short line (a notebook repr): the stages as argument/function/saturation layers.
         return (
