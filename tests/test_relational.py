@@ -240,3 +240,29 @@ def test_split_by_argument_stays_near_the_fraction():
     for seed in range(5):
         assert _split(uneven, 0.25, seed).sum() == 5  # not the 15 of "x" (19 of 20 before)
     assert _split(["x"] * 20, 0.5, 0).sum() == 0  # one argument: nothing can be held out
+
+
+def test_stages_are_read_off_the_fitting_items_only(tiny, monkeypatch):
+    # The held-out items judge the o-vector, but the stages (whose function layer sets where o is
+    # read and written) were read off every item: on SmolLM2 capitals, layer 24 from all items
+    # and 26 from the fitting ones (held-out top-1 0.20 at 24, 0.00 at 26).
+    from mechprobe.relational._analysis import _split
+    from mechprobe.relational._trajectory import Trajectory
+
+    seen: list[tuple[str, ...]] = []
+    real = Trajectory.stages
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.arguments)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trajectory, "stages", recording)
+    res = mp.relational_analysis(
+        tiny, "capitals", n_items=12, ablation=False, other_task=None, contrast_task=None,
+        n_random=1, seed=3, progress=False,
+    )  # fmt: skip
+    task = mp.load_task("capitals").with_shots(3).subset(12, seed=3)
+    held = _split(task.arguments(), 0.5, 3)
+    fitted = tuple(a for a, h in zip(task.arguments(), held, strict=True) if not h)
+    assert 0 < len(fitted) < 12 and res.trajectory.arguments == tuple(task.arguments())
+    assert seen[0] == fitted

@@ -4,8 +4,9 @@ Each step is a public function, so a researcher can run, vary or replace any of 
 
 1. :func:`mechprobe.task_pass`: one teacher-forced pass over the items scores them, decodes the
    argument and answer at every layer (the X plot; :meth:`Trajectory.stages` reads off the
-   argument / function / saturation layers, rules in :mod:`mechprobe.relational._trajectory`) and
-   keeps each layer's ``mlp_out`` at the prompt's last token;
+   argument / function / saturation layers, rules in :mod:`mechprobe.relational._trajectory`,
+   on the fitting split's items only: the held-out items judge the o-vector, so they do not help
+   choose its layer) and keeps each layer's ``mlp_out`` at the prompt's last token;
 2. :func:`mechprobe.fit_ovector`: the o-vector is the mean of those ``mlp_out`` rows at the
    function layer over the correctly answered items of a fitting split (or the first
    ``ovector_prompts`` of them; 1 is Merullo et al.'s setting), with no further forward pass;
@@ -298,7 +299,10 @@ def relational_analysis(
 
     # 1. One teacher-forced pass: score, trajectory, stages, the last-token FFN outputs.
     tp = task_pass(model, work, lens=lens, **steps)
-    stages = tp.stages
+    # Stages from the fitting split only: the function layer chooses where o is read, where it
+    # is written and the sweep's grid, so held-out items must not help choose it (all items
+    # gave capitals' layer 24 on SmolLM2, the fitting items 26).
+    stages = tp.trajectory.select(~held).stages() if (~held).any() else tp.stages
     if progress_enabled(progress):
         tqdm.write(f"{work.name}: accuracy {tp.score.accuracy:.2f}, {stages!r}")
     o_layer = _ovector_layer(stages.function_layer, edited, n_layers, notes)

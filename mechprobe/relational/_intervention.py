@@ -452,8 +452,9 @@ def ovector_intervention(
         contexts: Prompts whose next token is scored (see :func:`random_word_contexts`).
         targets: The answer each context should turn into (``" Beijing"``); its first token is
             scored.
-        layers: FFN layers to edit: an int, a range, a list or ``"all"`` (Merullo et al.: from
-            the function-application layer on).
+        layers: FFN layers to edit: an int, a range, a list or ``"all"`` (Merullo et al. wrote
+            o, read at GPT-2 medium's layer 19, into layers 18-23: from one layer before the
+            function-application layer to the last).
         scale: Multiplier of each vector (finite).
         mode: ``"replace"`` writes ``scale * o`` in place of the FFN output (Merullo et al.);
             ``"add"`` adds it to the FFN output.

@@ -61,7 +61,8 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
         kind: ``abstractive`` or ``extractive``.
         score: Per-item scores.
         trajectory: Early-decoding ranks per item and layer.
-        stages: Argument-formation, function-application and saturation layers.
+        stages: Argument-formation, function-application and saturation layers, read off the
+            fitting split's items (``trajectory`` holds every item).
         ovector: The o-vector used.
         vectors_norms: Norm of each vector run (o-vector and controls).
         intervention: The o-vector and its controls on the same contexts.

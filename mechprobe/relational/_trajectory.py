@@ -31,7 +31,9 @@ Ranks are 0-based (rank 0 is the top token); the reciprocal rank is ``1 / (rank 
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +124,38 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
     @property
     def n_layers(self) -> int:
         return int(self.argument_rank.shape[1])
+
+    def select(self, items: Bool[np.ndarray, " item"] | Sequence[int]) -> Trajectory:
+        """The trajectory of some items only (a mask or indices), e.g. a fitting split, so that
+        stages read off it have not seen the other items.
+
+        Example:
+            >>> import mechprobe as mp, numpy as np
+            >>> traj = mp.trajectory(mp.tiny_model(), mp.load_task("capitals").subset(4))
+            >>> traj.select(np.array([True, False, True, False])).argument_rank.shape
+            (2, 3)
+        """
+        index = np.asarray(items)
+        if index.dtype == bool:
+            if index.shape != self.correct.shape:
+                raise ValueError(
+                    f"A mask of {index.shape[0]} items for a trajectory of {len(self.correct)}."
+                )
+            index = np.flatnonzero(index)
+        index = index.astype(np.int64)
+        if index.size == 0:
+            raise ValueError("No item selected: pass at least one item.")
+        return dataclasses.replace(
+            self,
+            arguments=tuple(self.arguments[i] for i in index),
+            answers=tuple(self.answers[i] for i in index),
+            argument_rank=self.argument_rank[index],
+            answer_rank=self.answer_rank[index],
+            argument_rank_no_ffn=self.argument_rank_no_ffn[index],
+            answer_rank_no_ffn=self.answer_rank_no_ffn[index],
+            correct=self.correct[index],
+            distinct=self.distinct[index],
+        )
 
     @property
     def included(self) -> Bool[np.ndarray, " item"]:
