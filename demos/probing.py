@@ -6,8 +6,8 @@ Two layer-wise probing runs on the embedded SmolLM2-135M-Instruct:
    sub-token of each word, with Hewitt & Liang's control task (one random tag per word type) and
    selectivity = accuracy - control accuracy.
 2. Country identity at the last token of capital-question prompts ("Q: What is the capital of
-   Chile?\\nA:", four phrasings x 0/1/3 shots, 30 countries), with the same control task, whose
-   word type here is the country itself.
+   Chile?\\nA:", four phrasings x 0/1/3 shots, 30 countries), without a control task: its word
+   type would be the country itself, so control labels would only rename the classes.
 
 Slot -1 is the token embedding (``resid_pre`` of block 0: SmolLM2's positions are rotary, so the
 residual stream starts as the embedding), slots 0..29 each block's ``resid_post``.
@@ -41,10 +41,12 @@ def decodable_from(result: mp.ProbeResult, fraction: float = 0.9) -> int:
     return int(result.layers[above[0]])
 
 
-def run(model: object, dataset: mp.ProbingDataset, name: str, title: str) -> mp.ProbeResult:
+def run(
+    model: object, dataset: mp.ProbingDataset, name: str, title: str, control: bool = True
+) -> mp.ProbeResult:
     sites = [mp.Site("resid_pre", 0)] + [mp.Site("resid_post", layer) for layer in range(30)]
     acts = mp.collect(model, dataset, sites)
-    result = mp.probe_layers(acts, seed=SEED, progress=False)
+    result = mp.probe_layers(acts, groups=None if control else False, seed=SEED, progress=False)
     # Slot 0 is the embedding: number the slots -1 (embedding), 0..29 (blocks).
     result = dataclasses.replace(result, layers=np.arange(-1, len(sites) - 1))
     fig = result.plot()
@@ -54,12 +56,14 @@ def run(model: object, dataset: mp.ProbingDataset, name: str, title: str) -> mp.
     best = result.best_layer
     print(f"\n== {title}: {len(acts)} examples, {result.n_classes} classes")
     print(table(result))
-    print(
+    words = (
         f"decodable (90% of the way from baseline to best) from slot {decodable_from(result)}; "
-        f"best slot {best} ({result.accuracy.max():.3f}); max selectivity "
-        f"{np.nanmax(result.selectivity):.3f} at slot "
-        f"{int(result.layers[np.nanargmax(result.selectivity)])}"
+        f"best slot {best} ({result.accuracy.max():.3f})"
     )
+    if np.isfinite(result.selectivity).any():
+        top = int(np.nanargmax(result.selectivity))
+        words += f"; max selectivity {result.selectivity[top]:.3f} at slot {result.layers[top]}"
+    print(words)
     print(f"wrote {FIGURES / f'probing_{name}.png'}")
     return result
 
@@ -69,13 +73,10 @@ def main() -> None:
     pos = mp.pos_dataset().sample(N_POS, seed=SEED)
     run(model, pos, "pos", "Part of speech (UPOS, last sub-token of each word)")
     country = mp.country_dataset(n_countries=30, shots=(0, 1, 3), seed=SEED)
-    run(model, country, "country", "Country identity (last token of capital questions)")
-    print(
-        "\nFor country identity the control task gives each country a random label, i.e. a "
-        "relabelling of the same identity: wherever countries are separable the control is "
-        "learnable too, so read the accuracy against the majority baseline rather than the "
-        "selectivity."
-    )
+    # Each country is its own word type: a control task would only rename the classes, so its
+    # accuracy is read against the majority baseline instead.
+    title = "Country identity (last token of capital questions)"
+    run(model, country, "country", title, control=False)
 
 
 if __name__ == "__main__":
