@@ -37,6 +37,7 @@ from mechprobe.core import (
     SiteLike,
     check_int,
     figure_of,
+    first_token_ids,
     new_axes,
     run,
 )
@@ -199,10 +200,6 @@ def shuffled_prompts(task: Task, *, seed: int = 0) -> list[str]:
     return prompts
 
 
-def _first_tokens(model: Any, answers: list[str]) -> list[int]:
-    return [int(model.tokenizer(a, add_special_tokens=False)["input_ids"][0]) for a in answers]
-
-
 def _accuracy(
     model: Any, prompts: list[str], answers: list[int], vector: torch.Tensor | None, layer: int
 ) -> np.ndarray:
@@ -270,7 +267,7 @@ def function_vector(
     fit, test = task.split(test_size, seed=seed)
     fit = fit.subset(min(n_prompts, len(fit)), seed=seed)
     clean, shuffled = fit.prompts(), shuffled_prompts(fit, seed=seed)
-    answers = _first_tokens(model, fit.answers())
+    answers = first_token_ids(model, fit.answers())
     aie_res = ablate_cells(
         model,
         shuffled,
@@ -301,7 +298,7 @@ def function_vector(
             fv += z @ w_o
     vector = fv.float()
     held = test.with_shots(0).prompts()
-    held_answers = _first_tokens(model, test.answers())
+    held_answers = first_token_ids(model, test.answers())
     fitted = task_pass(model, fit, progress=False)
     # Merullo et al. average correctly answered prompts; a model that answers none (a random
     # test model) gets the mean over all of them.
