@@ -160,3 +160,30 @@ def test_cli_checks_its_output_folder_before_any_work(
         assert main([*argv, "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert re.search(message, err) and str(out) in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_cli_erase_shows_progress_unless_quiet(
+    tmp_path: Any, monkeypatch: Any, quiet: bool
+) -> None:
+    # Every command takes --quiet; erase ran silent (no bars, no --quiet) before.
+    from mechprobe import erasure
+    from mechprobe.cli import main
+
+    seen: list[tuple[str, bool]] = []
+    collect, amnesic = mp.collect, erasure.amnesic
+
+    def record(name: str, fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            seen.append((name, kwargs["progress"]))
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(mp, "collect", record("collect", collect))
+    monkeypatch.setattr(erasure, "amnesic", record("amnesic", amnesic))
+    argv = ["erase", "--model", "tiny", "--dataset", "country", "--n-countries", "3"]
+    argv += ["--site", "blocks.0.hook_resid_post", "--method", "leace", "--n-texts", "2"]
+    argv += ["--n-random", "1", "--no-mlp", "--shots", "1", "--out", str(tmp_path / "e")]
+    assert main(argv + (["--quiet"] if quiet else [])) == 0
+    assert seen == [("collect", not quiet), ("amnesic", not quiet)]

@@ -83,6 +83,7 @@ def add_parser(sub: Any) -> None:
     add_model_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=main)
 
 
@@ -168,7 +169,7 @@ def _erase(
 
     model = load(args.model, args.device)
     sites = _sites(model, args.site, args.layers)
-    acts = mp.collect(model, fit_data, sites, batch_size=args.batch_size, progress=False)
+    acts = mp.collect(model, fit_data, sites, batch_size=args.batch_size, progress=not args.quiet)
     assert acts.labels is not None
     text = list(mp.pos_dataset().texts[: args.n_texts]) if args.n_texts > 0 else None
     records, results = [], []
@@ -187,7 +188,7 @@ def _erase(
             mlp=not args.no_mlp,
             seed=args.seed,
             batch_size=args.batch_size,
-            progress=False,
+            progress=not args.quiet,
         )
         folder = out if len(sites) == 1 else out / site
         folder.mkdir(parents=True, exist_ok=True)
