@@ -227,9 +227,14 @@ def ovector_sweep(
 
     Costs one forward pass over the contexts per cell and vector, plus one intact pass.
 
+    The grid varies where the vectors are written and how much; where an o-vector is *read* is
+    a vector of its own: pass one per read layer, e.g. ``{f"o@{l}": mp.fit_ovector(passes, l)
+    for l in (24, 26, 28)}``, and each gets its own ``[layer set, scale]`` grid.
+
     Args:
         model: A TransformerLens model.
-        vectors: ``{name: vector}``, e.g. the o-vector and a random control.
+        vectors: ``{name: vector}``, e.g. the o-vector and a random control, or o-vectors read
+            at several layers.
         contexts: Contexts to score (see :func:`mechprobe.random_word_contexts`).
         targets: The answer for each context.
         layers: One layer set per row of the grid; each is an int, a range, a list of ints or
