@@ -380,6 +380,23 @@ def test_orthonormal_basis_has_the_rank_of_what_was_given() -> None:
         orthonormal_basis(torch.stack([v, v * float("nan")]))
 
 
+def test_inlp_with_a_linear_svc_runs_every_iteration() -> None:
+    # The reviewer's case: LinearSVC's second probe has a row nearly inside the removed span,
+    # and INLP raised "removed must hold orthonormal rows" at iteration 2 (for any n >= 2).
+    from sklearn.svm import LinearSVC
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 2000)
+    rng.normal(size=(3, 20))
+    dirs = np.linalg.qr(rng.normal(size=(20, 2)))[0].T
+    X = rng.normal(size=(2000, 20)) + np.array([[2, 0], [-1, 1.7], [-1, -1.7]])[y] @ dirs
+    svc = LinearSVC(dual=False, max_iter=5000, random_state=0)
+    eraser = mp.inlp(X, y, 4, classifier=svc, progress=False)
+    assert eraser.ranks == (0, 3, 6, 9, 12)  # three one-vs-rest rows per iteration
+    rows = eraser.removed
+    np.testing.assert_allclose(rows @ rows.T, np.eye(12), atol=1e-13)
+
+
 def test_frame_and_plot(erased: Eraser) -> None:
     frame = erased.to_frame()
     assert frame["accuracy"].tolist() == list(erased.accuracies)

@@ -371,6 +371,12 @@ def orthonormal_basis(
     if found.shape[0]:
         _, singular, vh = torch.linalg.svd(found, full_matrices=False)
         found = vh[singular > rtol]
+    if basis is not None and basis.shape[0] and found.shape[0]:
+        # A row nearly inside span(basis) leaves a small part whose SVD rounding, scaled up by
+        # 1 / singular, reaches back into the basis (1e-13 at singular 1.7e-4): project once
+        # more and re-orthonormalise, or the concatenation is not orthonormal.
+        found = found - (found @ basis.T) @ basis
+        found = torch.linalg.qr(found.T).Q.T
     if basis is None:
         return found.contiguous()
     return torch.cat([basis.to(device=found.device, dtype=torch.float64), found])
