@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -150,3 +152,29 @@ def test_fitter_refuses_bad_batches() -> None:
         fitter.eraser()
     with pytest.raises(ValueError, match="n_classes"):
         LeaceFitter(3, 1)
+    # Rows of one class only: it returned an eraser that erases nothing, where leace() refuses.
+    one = LeaceFitter(3, 2).update(np.random.default_rng(0).normal(size=(8, 3)), np.zeros(8, int))
+    with pytest.raises(ValueError, match=r"at least two classes.*all of class 0"):
+        one.eraser()
+    assert one.update(np.ones((2, 3)), np.array([1, 1])).eraser().n_removed == 1
+
+
+def test_a_direction_under_svd_tol_is_left_with_a_warning() -> None:
+    # The reviewer's weak binary concept: its one singular value (~0.0087) is under the
+    # default svd_tol = 0.01, so nothing was erased and the mean gap stayed (t ~ 8), silently.
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200_000)
+    X = rng.normal(size=(200_000, 8))
+    X[:, 0] += 0.035 * y
+    with pytest.warns(UserWarning, match=r"left 1 direction.*svd_tol=0.01.*smaller svd_tol"):
+        kept = leace(X, y)
+    gap = X[y == 1].mean(0) - X[y == 0].mean(0)
+    assert kept.n_removed == 0 and np.allclose(kept(X), X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # below svd_tol = 1e-6 nothing is dropped: no warning
+        erased = leace(X, y, svd_tol=1e-6)
+        leace(X[:2000], y[:2000])  # at 2,000 rows its singular value is over svd_tol
+        leace(X, (X[:, 1] > 0).astype(int))  # a plain concept is erased: no warning
+    after = erased(X)
+    assert erased.n_removed == 1 and abs(gap[0]) > 0.03
+    np.testing.assert_allclose(after[y == 1].mean(0), after[y == 0].mean(0), atol=1e-10)
