@@ -138,8 +138,8 @@ def amnesic(
             f"eraser must be a mechprobe Eraser, got {type(eraser).__name__}; fit one with "
             "mp.inlp(X, y) or mp.leace(X, y) on activations of this site."
         )
-    site_width = width(model, parsed) or int(model.cfg.d_model)
-    if eraser.dim != site_width:
+    site_width = width(model, parsed) or _hook_width(model, hook)
+    if site_width is not None and eraser.dim != site_width:
         raise ValueError(
             f"The eraser acts on {eraser.dim}-dim vectors but {hook} has width "
             f"{site_width}: fit it on activations of this site."
@@ -256,3 +256,23 @@ def _probe_sites(
             )
         names.append(name)
     return list(dict.fromkeys(names))
+
+
+def _hook_width(model: Any, hook: str) -> int | None:
+    """Last-dimension width of any hook's activation, read off a one-token forward pass.
+
+    A hook name that is not a site kind (``blocks.1.mlp.hook_post``: d_mlp wide) has no width in
+    the config that fits every model; assuming d_model refused the right eraser and let a
+    d_model-wide one fail mid-run. None where the hook does not fire.
+    """
+    seen: list[int] = []
+
+    def grab(activation: torch.Tensor, hook: Any) -> None:
+        seen.append(int(activation.shape[-1]))
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model.run_with_hooks(
+            torch.zeros((1, 1), dtype=torch.long, device=device), fwd_hooks=[(hook, grab)]
+        )
+    return seen[0] if seen else None
