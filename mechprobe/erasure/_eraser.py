@@ -479,6 +479,12 @@ def check_xy(X: Any, y: Any, caller: str) -> tuple[Tensor, np.ndarray, np.ndarra
         )
     if labels.dtype.kind == "f" and np.isnan(labels).any():
         raise ValueError(f"{caller}: y contains NaN labels; drop those rows from X and y.")
+    if labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):
+        # One class per distinct value: a continuous y of n values erased every direction.
+        raise ValueError(
+            f"{caller}: y holds non-integer values (e.g. {labels[labels != np.round(labels)][0]}): "
+            "erasure takes class labels; bin a continuous concept first (e.g. np.digitize)."
+        )
     classes, codes = np.unique(labels, return_inverse=True)
     if len(classes) < 2:
         raise ValueError(
