@@ -96,7 +96,10 @@ def inlp(
             reference. Accuracies are still those of a probe trained on all training examples.
         main_labels: Main-task labels ``[n]``; required with ``by_class=True``.
         stop: ``"fixed"`` runs ``n_iterations``, fewer where a probe removes no direction
-            (without ``by_class`` every later iteration would repeat it). ``"majority"``
+            (without ``by_class`` every later iteration would repeat it). The default probe
+            removes none once its gradient at zero weights, the (scaled) class-mean differences,
+            is under its tolerance ``1e-4``: where the classes' means agree that closely it
+            stops, where a scikit-learn classifier would still return small weights. ``"majority"``
             (Elazar et al. 2021, amnesic probing) stops at the first iteration whose probe
             scores within 0.01 of the majority baseline (or ``min_accuracy``); as in their code, that iteration's
             directions are removed too.
@@ -163,8 +166,8 @@ def inlp(
         new = basis[k:].to(device=device, dtype=X_t.dtype)
         if len(new) == 0 and draw is None:
             # Nothing removed, so every later iteration would fit the same probe on the same
-            # data. (A logistic probe has zero weights where the class means coincide: its
-            # gradient at zero is their difference, and the loss is convex.)
+            # data. (A logistic probe stays at zero weights where the class means agree to within
+            # its tolerance: its gradient at zero is their difference, and the loss is convex.)
             break
         # In place (one pass over the features): memory traffic, not flops, bounds this step.
         xp_train.addmm_(x_train @ new.T, new / scale, alpha=-1)
