@@ -467,6 +467,40 @@ def test_compare_lenses_against_a_hand_computation(tiny, tmp_path):
     assert cmp.plot() is not None
 
 
+class _Constant(mp.Lens):
+    """Replaces layer 0's vectors by ``value`` (zeros: every logit equal; NaN: NaN logits)."""
+
+    kinds = ("resid_post",)
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def translate(self, model, kind, layer, x):
+        return torch.full_like(x, self.value) if layer == 0 else x
+
+    def describe(self) -> str:
+        return f"constant {self.value}"
+
+
+def test_precision_is_the_lens_top1_being_the_models_and_nan_logits_are_refused(tiny):
+    # A lens whose logits are all equal scored precision@1 = 1.0 (the model's top-1 had rank 0:
+    # no logit above it), and a NaN lens too (NaN compares false).
+    cmp = mp.compare_lenses(tiny, {"zero": _Constant(0.0)}, TEXT, n_tokens=32, seq_len=16)
+    windows = mp.lens._text.token_windows(tiny, TEXT, seq_len=16, n_windows=2, seed=0)
+    _, cache = tiny.run_with_cache(windows)
+    final = cache[f"blocks.{tiny.cfg.n_layers - 1}.hook_resid_post"][:, 1:].reshape(-1, 64)
+    q = readout(tiny, torch.zeros_like(final))
+    assert bool((q == q[:, :1]).all())  # every logit equal
+    hooks = hook_count(tiny)  # the bridge's own, added at its first forward pass
+    hits = (q.argmax(-1) == readout(tiny, final).argmax(-1)).double().mean()
+    assert cmp.precision[0, 0] == pytest.approx(float(hits)) and cmp.precision[0, 0] < 0.5
+    with pytest.raises(ValueError, match="resid_post layer 0 through constant nan hold NaN"):
+        mp.compare_lenses(tiny, {"nan": _Constant(float("nan"))}, TEXT, n_tokens=32, seq_len=16)
+    with pytest.raises(ValueError, match="resid_post layer 0 hold NaN or infinity"):
+        mp.logit_lens(tiny, "Hello there", targets=" a", lens=_Constant(float("nan")))
+    assert hook_count(tiny) == hooks
+
+
 # -- SmolLM2 --------------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ and 400x less accurate):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -316,6 +316,7 @@ class Readout:
         final: Float[Tensor, "n d_model"],
         ids: Int[Tensor, "n targets"],
         top_k: int,
+        names: Sequence[str] | None = None,
     ) -> dict[str, Tensor]:
         """Full statistics of every entry's vectors, each ``[n, E, ...]``.
 
@@ -323,7 +324,12 @@ class Readout:
         ``rank``, ``logprob`` ``[n, E, T]`` of the token ids ``ids`` (-1 = none, ignored later).
         ``final`` holds the last block's output at the same rows, for KL(final || lens). An entry
         that is ``final`` itself (the same view of the same tensor, as the lens passes the last
-        layer's ``resid_post``) is decoded once, with the final distribution.
+        layer's ``resid_post``) is decoded once, with the final distribution. ``names`` (one per
+        entry) name an entry in the error.
+
+        Raises:
+            ValueError: Logits with NaN or +inf (from the vectors or a lens's weights): a NaN
+                compares false with every logit, so its target's rank would read 0 (top-1).
         """
         n = final.shape[0]
         own = next((e for e, v in enumerate(vecs) if _same_view(v, final)), None)
@@ -335,6 +341,7 @@ class Readout:
             zf = self.logits(final[s : s + per])
             c = zf.shape[0]
             a_f, final_stats = self._decode_final(zf, ids[s : s + per], top_k, own is not None)
+            _check_decoded(a_f, "the model's output (the last layer)")
             cols: dict[int, dict[str, Tensor]] = {}
             if own is not None and final_stats is not None:
                 cols[own] = final_stats
@@ -344,6 +351,7 @@ class Readout:
                 stats = self._stats(self.logits(x), self._final[:c], a_f, ids[s : s + per], top_k)
                 for j, e in enumerate(chosen):
                     cols[e] = {k: v[j * c : (j + 1) * c] for k, v in stats.items()}
+                    _check_decoded(cols[e]["entropy"], names[e] if names else f"entry {e}")
             keys = cols[0].keys()
             parts.append({k: torch.stack([cols[e][k] for e in range(len(vecs))], 1) for k in keys})
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
@@ -364,11 +372,24 @@ class Readout:
                 z = self.logits(x)
                 _, top = _top_k(z, 1)
                 lse = self._sweep(z, top, entropy=False)["lse"]
+                _check_decoded(lse, "a layer (continuation tokens)")
                 rows = tok.repeat(z.shape[0] // tok.shape[0]).to(z.device)
                 lp = z.gather(1, rows[:, None]).squeeze(1) - lse
                 cols.append(lp.reshape(-1, tok.shape[0]))
             parts.append(torch.cat(cols).T)
         return torch.cat(parts)
+
+
+def _check_decoded(values: Tensor, where: str) -> None:
+    """Refuse statistics of non-finite logits (an entropy or ``sum p log p`` is NaN or infinite
+    exactly when a logit is NaN or +inf; -inf logits are handled and stay finite)."""
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(
+            f"The logits decoded at {where} hold NaN or infinity, so ranks, probabilities and KL "
+            "would be meaningless (a NaN logit ranks its target top-1): the residual stream or "
+            "the lens's weights hold NaN/inf; check the model's activations and any "
+            "intervention or lens file in use."
+        )
 
 
 def readout(model: Any, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:

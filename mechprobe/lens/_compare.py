@@ -263,11 +263,17 @@ def compare_lenses(
                     obj.translate(model, kind, layer, vecs[e])
                     for e, (kind, layer) in enumerate(entries)
                 ]
-                stats = readout.grid(translated, final, top[:, None], 1)
+                where = [
+                    f"{kind} layer {layer} through {obj.describe()}" for kind, layer in entries
+                ]
+                stats = readout.grid(translated, final, top[:, None], 1, where)
                 kl = stats["kl"].double().cpu().numpy()  # [n, E]
                 kl_sum[i] += kl.sum(0)
                 kl_sq[i] += (kl**2).sum(0)
-                hits[i] += (stats["rank"][:, :, 0] == 0).double().sum(0).cpu().numpy()
+                # The lens's top-1 is the model's: rank 0 would also count a tie (a lens
+                # whose logits are all equal scored precision 1).
+                same = stats["top_ids"][:, :, 0] == top.to(stats["top_ids"].device)[:, None]
+                hits[i] += same.double().sum(0).cpu().numpy()
             count += final.shape[0]
     mean = kl_sum / count
     var = np.maximum(kl_sq / count - mean**2, 0.0)

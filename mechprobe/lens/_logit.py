@@ -229,7 +229,8 @@ def logit_lens(
             if n_g:
                 ids = torch.as_tensor(plan.first_ids[gb])
                 grid_vecs = [v[:n_g] for v in vecs[:n_e]]
-                stats = readout.grid(grid_vecs, final, ids, top_k)
+                names = [f"{kind} layer {layer}" for kind, layer in entries]
+                stats = readout.grid(grid_vecs, final, ids, top_k, names)
                 b_t, k_t = torch.as_tensor(gb), torch.as_tensor(gk)
                 top_ids[b_t, :, k_t] = stats["top_ids"].cpu()
                 top_probs[b_t, :, k_t] = stats["top_probs"].cpu()
