@@ -599,3 +599,17 @@ def test_a_placeholder_inside_a_token_is_refused(smollm2) -> None:
     ids, at = mp.Patchscope("I like cats ->", "cats").tokens(smollm2)
     assert smollm2.tokenizer.decode([ids[at]]) == " cats"
     assert mp.Patchscope().tokens(smollm2)[1] == 21  # the default prompt's " ?", its last token
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_windows_longer_than_the_context_are_refused(architecture):
+    # GPT-2 failed with a bare IndexError past its 512 positions; Llama (rotary) evaluated and
+    # trained on 599 positions it never saw, silently.
+    model = mp.tiny_model(architecture=architecture)
+    assert int(model.cfg.n_ctx) == 512
+    with pytest.raises(ValueError, match="seq_len=600 is longer than the model's context of 512"):
+        mp.compare_lenses(model, ["logit"], "heldout", n_tokens=600, seq_len=600, progress=False)
+    with pytest.raises(ValueError, match="seq_len=513 is longer than the model's context of 512"):
+        mp.train_tuned_lens(model, "train", n_tokens=513, seq_len=513, tokens_per_step=513)
+    windows = mp.lens._text.token_windows(model, "heldout", seq_len=512, n_windows=1)
+    assert tuple(windows.shape) == (1, 512)  # the context itself is allowed

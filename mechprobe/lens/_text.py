@@ -23,6 +23,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from mechprobe.core import model_adapter
+
 __all__ = ["HELD_OUT_EVERY", "TextSource", "english_text", "read_texts", "token_windows"]
 
 #: Every n-th document of the default corpus (chronological order) is held out.
@@ -135,7 +137,8 @@ def token_windows(
     seed, so neighbouring windows rarely come from one document.
 
     Raises:
-        ValueError: The text holds fewer than ``n_windows`` windows of ``seq_len`` tokens.
+        ValueError: ``seq_len`` longer than the model's context, or the text holds fewer than
+            ``n_windows`` windows of ``seq_len`` tokens.
 
     Example:
         >>> import mechprobe as mp
@@ -143,6 +146,14 @@ def token_windows(
         >>> tuple(w.shape)
         (4, 8)
     """
+    n_ctx = model_adapter(model).n_ctx
+    if n_ctx is not None and seq_len > int(n_ctx):
+        # Past the context a learned-position model fails with a bare IndexError, and a rotary
+        # one reads (and trains on) positions it never saw.
+        raise ValueError(
+            f"seq_len={seq_len} is longer than the model's context of {int(n_ctx)} tokens: pass "
+            f"seq_len <= {int(n_ctx)}."
+        )
     docs = read_texts(text)
     got: list[list[int]] = []
     for window in _windows(model, docs, seq_len, seed):
