@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -206,6 +209,43 @@ def test_reads_the_tuned_lens_package_layout(tiny, tmp_path):
     (folder / "params.pt").unlink()
     with pytest.raises(ValueError, match=r"params\.pt is missing"):
         mp.TunedLens.load(folder)
+
+
+def test_a_tuned_lens_package_folder_is_checked_against_the_model(tiny, tmp_path):
+    # The package's config.json carries unembed_hash (its tensor_hash of the HF unembedding);
+    # it was ignored, so a lens for another model decoded without a word.
+    n, d = tiny.cfg.n_layers, tiny.cfg.d_model
+    weight = tiny.original_model.lm_head.weight.detach().float().numpy()
+    own = hashlib.sha256(str.encode(np.array_str(weight, precision=1))).hexdigest()  # as theirs
+    state = {f"{i}.{p}": torch.zeros((d, d) if p == "weight" else (d,))
+             for i in range(n) for p in ("weight", "bias")}  # fmt: skip
+    for name, digest in (("own", own), ("other", "0" * 64)):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = {"base_model_name_or_path": "tiny-x", "d_model": d, "num_hidden_layers": n,
+                  "unembed_hash": digest}  # fmt: skip
+        (folder / "config.json").write_text(json.dumps(config))
+        torch.save(state, folder / "params.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mp.logit_lens(tiny, "The sea", lens=mp.TunedLens.load(tmp_path / "own"))
+    other = mp.TunedLens.load(tmp_path / "other")
+    model_name = tiny.cfg.model_name
+    # The warning names the lens's model and the model decoded (it named the lens's twice).
+    with pytest.warns(UserWarning, match=rf"trained on tiny-x\) .* than {re.escape(model_name)}'s"):
+        mp.logit_lens(tiny, "The sea", lens=other)
+
+
+def test_tuned_lens_refuses_translators_at_layers_it_cannot_have(tiny):
+    lens = mp.TunedLens.identity(tiny)
+    w, b = lens.weights["resid_post"][:2], lens.biases["resid_post"][:2]
+    n = tiny.cfg.n_layers
+    for layers, message in (([7, 9], r"0\.\.1 of a 3-layer model.*\[7, 9\]"),
+                            ([2, 0], r"output itself\), not \[2\]"),
+                            ([-1, 0], r"not \[-1\]"),
+                            ([0, 0], "repeat a layer")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            mp.TunedLens({"resid_post": w}, {"resid_post": b}, {"resid_post": layers}, n_layers=n)
 
 
 # -- training -------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -58,6 +59,33 @@ def unembedding_digest(model: Any) -> str:
     """SHA-256 of the model's unembedding weights (float32 bytes), to tell a lens's model apart."""
     weight = model.W_U.detach().to("cpu", torch.float32).contiguous()
     return hashlib.sha256(weight.cpu().numpy().tobytes()).hexdigest()
+
+
+def _check_layers(kind: str, layers: Sequence[int], n_layers: int) -> None:
+    """Translator layers in range, each once, none at the last ``resid_post`` (the model's
+    output, which a lens never translates): a file with others would be read silently."""
+    last = n_layers - 1 if kind == "resid_post" else n_layers
+    bad = [int(i) for i in layers if not 0 <= int(i) < last]
+    if bad:
+        raise ValueError(
+            f"{kind} translators must be at layers 0..{last - 1} of a {n_layers}-layer model"
+            + (" (the last resid_post is the output itself)" if kind == "resid_post" else "")
+            + f", not {bad}."
+        )
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{kind} translators repeat a layer: {list(layers)}; give each once.")
+
+
+def package_unembedding_hash(model: Any) -> str:
+    """The tuned-lens package's ``unembed_hash`` of the model: SHA-256 of numpy's abbreviated
+    print, one decimal, of the ``[vocab, d_model]`` unembedding (its ``tensor_hash``), with
+    numpy's default print options (the package's, unless its user changed them)."""
+    weight = model.W_U.detach().to("cpu", torch.float32).T.contiguous().numpy()
+    with np.printoptions(
+        precision=1, threshold=1000, edgeitems=3, linewidth=75, suppress=False, legacy=False
+    ):
+        text = np.array_str(weight, precision=1)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class TunedLens(Lens):
@@ -114,6 +142,7 @@ class TunedLens(Lens):
                 raise ValueError(f"{kind}.weight must be [{k}, d, d], got {tuple(w.shape)}.")
             if tuple(b.shape) != (k, w.shape[1]):
                 raise ValueError(f"{kind}.bias must be [{k}, {w.shape[1]}], got {tuple(b.shape)}.")
+            _check_layers(kind, layers[kind], int(n_layers))
         self.weights = {k: v.detach().float().contiguous() for k, v in weights.items()}
         self.biases = {k: v.detach().float().contiguous() for k, v in biases.items()}
         self.layers = {k: tuple(int(i) for i in v) for k, v in layers.items()}
@@ -201,10 +230,15 @@ class TunedLens(Lens):
             )
         for kind, layer in entries:
             self.translator(kind, layer)
-        if self.unembed_digest and self.unembed_digest != unembedding_digest(model):
+        package_hash = self.info.get("unembed_hash")
+        if (self.unembed_digest and self.unembed_digest != unembedding_digest(model)) or (
+            package_hash and package_hash != package_unembedding_hash(model)
+        ):
+            name = str(getattr(model.cfg, "model_name", "") or "this model")
             warnings.warn(
-                f"This tuned lens was trained with another unembedding than this model's "
-                f"({self.model_name or 'unknown model'}); its read-outs may mean little.",
+                f"This tuned lens (trained on {self.model_name or 'an unnamed model'}) was trained "
+                f"with another unembedding than {name}'s: its read-outs may mean little; load or "
+                "train a lens for this model.",
                 UserWarning,
                 stacklevel=3,
             )
@@ -297,7 +331,10 @@ class TunedLens(Lens):
         Its translator ``i`` reads Hugging Face's ``hidden_states[i]``, the stream entering block
         ``i``: ``resid_pre`` at layer 0 (the embeddings) for ``i = 0``, else ``resid_post`` at
         layer ``i - 1``. ``params.pt`` is loaded with ``torch.load(weights_only=True)``, which
-        refuses anything but tensors and plain containers.
+        refuses anything but tensors and plain containers. The folder's ``unembed_hash`` is
+        checked against the model as the package checks it: a lens for another model warns, as
+        does a model loaded with ``process_weights=True`` (its centred unembedding and residual
+        stream are not the Hugging Face values the lens was trained on).
 
         Raises:
             ValueError: A missing file, a lens type other than ``linear_tuned_lens``, or
@@ -345,7 +382,9 @@ class TunedLens(Lens):
             layers,
             n_layers=n,
             model_name=str(config.get("base_model_name_or_path", "")),
-            info={"source": "tuned-lens package", "folder": str(root)},
+            # The package's unembed_hash, checked against the model as the package does.
+            info={"source": "tuned-lens package", "folder": str(root)}
+            | ({"unembed_hash": str(config["unembed_hash"])} if config.get("unembed_hash") else {}),
         )
 
 
