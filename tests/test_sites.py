@@ -128,3 +128,24 @@ def test_token_ids_beyond_a_smaller_output_vocabulary_are_refused():
     high = tokenizer.decode([len(tokenizer) - 1])
     with pytest.raises(ValueError, match="beyond the model's 40 logits"):
         mp.logit_lens(model, "Hi", targets=high, progress=False)
+
+
+def test_layers_take_ints_ranges_lists_arrays_or_all_and_refuse_the_rest() -> None:
+    import numpy as np
+
+    from mechprobe.core import resolve_layers
+
+    model = mp.tiny_model()
+    for layers, want in (("all", [0, 1, 2]), (-1, [2]), (range(1, 3), [1, 2]), ((0, -1), [0, 2]),
+                         (np.array([0, 2]), [0, 2]), (torch.tensor([1]), [1]),
+                         (np.int64(1), [1]), (torch.tensor(2), [2])):  # fmt: skip
+        assert resolve_layers(model, layers) == want, layers
+    # 1.0 and True gave a bare "'float' object is not iterable"; a set an arbitrary order.
+    for bad in (1.0, True, {0, 1}, None, torch.tensor(1.0), np.array([[0]])):
+        with pytest.raises(TypeError, match="layers must be an int, a range, a list of ints"):
+            resolve_layers(model, bad)
+    with pytest.raises(TypeError, match=r"layers holds 1\.5"):
+        resolve_layers(model, [0, 1.5])
+    for bad, message in (([], "empty"), ([0, 0], "repeats"), ([3], "out of range")):
+        with pytest.raises(ValueError, match=message):
+            resolve_layers(model, bad)

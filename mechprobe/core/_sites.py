@@ -13,6 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, get_args
 
+import numpy as np
+import torch
+
 from mechprobe.core._validation import as_int
 
 __all__ = [
@@ -366,6 +369,16 @@ def resolve_layers(model: Any, layers: Layers) -> list[int]:
             )
         return list(range(n_layers))
     single = as_int(layers)
+    arrays = (np.ndarray, torch.Tensor)
+    listed = isinstance(layers, (range, Sequence)) or (
+        isinstance(layers, arrays) and layers.ndim == 1
+    )
+    if single is None and not listed:
+        # 1.0, True or a set gave a bare "'float' object is not iterable" (or an arbitrary order).
+        raise TypeError(
+            f"layers must be an int, a range, a list of ints or 'all', not {layers!r} "
+            f"({type(layers).__name__})."
+        )
     items = [single] if single is not None else list(layers)  # type: ignore[arg-type]
     if not items:
         raise ValueError("layers is empty: pass at least one layer, a range or 'all'.")
