@@ -653,3 +653,15 @@ def test_windows_longer_than_the_context_are_refused(architecture):
         mp.train_tuned_lens(model, "train", n_tokens=513, seq_len=513, tokens_per_step=513)
     windows = mp.lens._text.token_windows(model, "heldout", seq_len=512, n_windows=1)
     assert tuple(windows.shape) == (1, 512)  # the context itself is allowed
+
+
+def test_training_on_the_held_out_split_warns(tiny):
+    # compare_lenses measures on "heldout" by default: a lens trained there is compared on its
+    # own training text, which nothing said.
+    with pytest.warns(UserWarning, match="trains on the split that compare_lenses measures on"):
+        mp.train_tuned_lens(tiny, "heldout", n_tokens=32, seq_len=16, tokens_per_step=16,
+                            progress=False)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mp.train_tuned_lens(tiny, "train", n_tokens=32, seq_len=16, tokens_per_step=16,
+                            progress=False)  # fmt: skip

@@ -193,7 +193,8 @@ def compare_lenses(
         layers: Layers of each kind in ``sites``.
         positions: Window positions scored: ``"all"`` (every one but BOS) or a list (the same in
             every window; a Patchscope costs one target-prompt forward per position and layer).
-        n_tokens: Tokens read (``n_tokens // seq_len`` windows).
+        n_tokens: Tokens read: ``n_tokens // seq_len`` windows, one at least (so fewer than
+            ``seq_len`` tokens read one whole window).
         seq_len: Tokens per window.
         seed: Seed of the windows' order.
         batch_size: Windows per forward pass.

@@ -277,6 +277,14 @@ def train_tuned_lens(
         (2, (0, 1))
     """
     n_tokens = check_int(n_tokens, "n_tokens", 1)
+    if isinstance(text, str) and text == "heldout":
+        warnings.warn(
+            "train_tuned_lens(text='heldout') trains on the split that compare_lenses measures "
+            "on by default: its comparison would then be on training text. Train on 'train' "
+            "(the default), or compare on other text.",
+            UserWarning,
+            stacklevel=2,
+        )
     seq_len = check_int(seq_len, "seq_len", 2)
     tokens_per_step = check_int(tokens_per_step, "tokens_per_step", seq_len)
     if tokens_per_step % seq_len:
