@@ -70,7 +70,14 @@ from mechprobe.core._sites import (
     resolve_sites,
     width,
 )
-from mechprobe.core._validation import as_int, check_choice, check_finite, check_float, check_int
+from mechprobe.core._validation import (
+    as_int,
+    check_choice,
+    check_finite,
+    check_float,
+    check_int,
+    check_seed,
+)
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -105,6 +112,7 @@ __all__ = [
     "check_float",
     "check_heads_sum",
     "check_int",
+    "check_seed",
     "decode",
     "differentiate",
     "encode",

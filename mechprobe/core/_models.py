@@ -35,6 +35,7 @@ from mechprobe.core._hooked import (
     load_hooked,
     save_hooked,
 )
+from mechprobe.core._validation import check_seed
 
 __all__ = ["DEFAULT_MODEL", "ModelLoadError", "cache_dir", "load_model", "save_model", "tiny_model"]
 
@@ -752,6 +753,8 @@ def tiny_model(
         >>> model.cfg.model_name
         'tiny-llama (random, seed 0, 3 layers, d 64, 2 kv heads)'
     """
+
+    seed = check_seed(seed)
     if architecture not in _TINY_ARCHITECTURES:
         raise ValueError(
             f"architecture must be one of {sorted(_TINY_ARCHITECTURES)}, got {architecture!r}."

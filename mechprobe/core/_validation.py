@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["as_int", "check_choice", "check_finite", "check_float", "check_int"]
+__all__ = ["as_int", "check_choice", "check_finite", "check_float", "check_int", "check_seed"]
 
 
 def as_int(value: Any) -> int | None:
@@ -60,6 +60,29 @@ def check_int(value: Any, name: str, low: int | None = None, high: int | None = 
             bound = f"between {low} and {high}"
         raise ValueError(f"{name} must be {bound}, got {number}.")
     return number
+
+
+#: The largest seed every generator a seed reaches takes (scikit-learn's random_state and
+#: numpy's legacy RandomState stop at 2**32 - 1).
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(value: Any) -> int:
+    """A seed as a Python int in ``0 .. 2**32 - 1``, the one range every seeded call accepts.
+
+    numpy integers become ints (they reached ``random.seed`` and torch's generators as they
+    were, and failed there); negative seeds, which numpy and scikit-learn refuse, are refused
+    here for every function alike.
+
+    Raises:
+        TypeError: Not an integer.
+        ValueError: Negative or past ``2**32 - 1``.
+
+    Example:
+        >>> check_seed(np.int64(3))
+        3
+    """
+    return check_int(value, "seed", 0, MAX_SEED)
 
 
 def check_float(

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mechprobe.core import Site, SiteLike, as_int, check_int, resolve_site, width
+from mechprobe.core import Site, SiteLike, as_int, check_int, check_seed, resolve_site, width
 from mechprobe.erasure._eraser import Eraser, dropout_projection, random_projection
 from mechprobe.erasure._information import ProbeData, information_measures
 from mechprobe.erasure._metrics import (
@@ -147,7 +147,7 @@ def amnesic(
     if text is None and task is None and probe is None:
         raise ValueError("Nothing to measure: pass text=[...], task='capitals' and/or probe=data.")
     batch_size = check_int(batch_size, "batch_size", 1)
-    seed = check_int(seed, "seed", 0)
+    seed = check_seed(seed)
     if isinstance(site, Site) and site.positions is not None:
         raise ValueError(
             f"{site} carries positions={site.positions!r}; amnesic() takes positions= itself: "

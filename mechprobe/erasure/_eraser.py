@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechprobe.core import Result, check_finite, check_int, new_axes
+from mechprobe.core import Result, check_finite, check_int, check_seed, new_axes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -410,7 +410,7 @@ def random_projection(dim: int, n_removed: int, *, seed: int = 0) -> Eraser:
         4
     """
     dim, n_removed = _check_rank(dim, n_removed)
-    gen = torch.Generator().manual_seed(check_int(seed, "seed"))
+    gen = torch.Generator().manual_seed(check_seed(seed))
     gauss = torch.randn(dim, n_removed, generator=gen, dtype=torch.float64)
     q, r = torch.linalg.qr(gauss)
     # QR is unique only up to column signs; fixing diag(R) > 0 makes Q Haar-uniform.
@@ -429,7 +429,7 @@ def dropout_projection(dim: int, n_removed: int, *, seed: int = 0) -> Eraser:
         2
     """
     dim, n_removed = _check_rank(dim, n_removed)
-    gen = torch.Generator().manual_seed(check_int(seed, "seed"))
+    gen = torch.Generator().manual_seed(check_seed(seed))
     coords = torch.randperm(dim, generator=gen)[:n_removed].sort().values
     return _orthogonal(torch.eye(dim, dtype=torch.float64)[coords], "dropout")
 

@@ -30,7 +30,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 from mechprobe._fit import fit_logistic, softmax_penalty
-from mechprobe.core import check_int, progress_bar
+from mechprobe.core import check_seed, progress_bar
 from mechprobe.erasure._eraser import Eraser, _orthogonal, check_xy, orthonormal_basis
 
 __all__ = ["inlp"]
@@ -120,7 +120,7 @@ def inlp(
         >>> eraser.accuracies[0] > 0.95, abs(eraser.accuracies[-1] - eraser.majority_baseline) < 0.05
         (True, True)
     """
-    seed = check_int(seed, "seed", 0)  # scikit-learn's split takes no negative seed
+    seed = check_seed(seed)
     X_t, codes, _ = check_xy(X, y, "inlp")
     _check_options(n_iterations, stop, test_size, by_class, main_labels, len(codes))
     if X_t.dtype != torch.float64:

@@ -20,7 +20,7 @@ from mechprobe.core import (
     Layers,
     Result,
     SiteLike,
-    check_int,
+    check_seed,
     expand_sites,
     new_axes,
     progress_bar,
@@ -67,7 +67,7 @@ def fit_erasure(
         >>> fit_erasure(X, y, "leace").n_removed
         1
     """
-    seed = check_int(seed, "seed", 0)
+    seed = check_seed(seed)
     if method == "inlp":
         opts: dict[str, Any] = {"n_iterations": 20, "stop": "majority", "progress": False}
         opts |= {"seed": seed} | options
@@ -270,7 +270,7 @@ def layer_sweep(
         raise ValueError(f"method must be 'inlp' or 'leace', got {method!r}.")
     if text is None and task is None and probe is None:
         raise ValueError("Nothing to measure: pass text=[...], task='capitals' and/or probe=data.")
-    seed = check_int(seed, "seed", 0)
+    seed = check_seed(seed)
     options = dict(fit_options or {})
     fit_seed = options.pop("seed", seed)  # a seed among the fit options is the fits' own
     found = expand_sites(model, sites, layers=layers, kinds=_KINDS, what="sites")

@@ -29,6 +29,7 @@ from mechprobe.core import (
     SiteLike,
     StopForward,
     check_int,
+    check_seed,
     new_axes,
     progress_bar,
     run,
@@ -230,7 +231,7 @@ def compare_lenses(
     n_tokens = check_int(n_tokens, "n_tokens", 1)
     seq_len = check_int(seq_len, "seq_len", 2)
     batch_size = check_int(batch_size, "batch_size", 1)
-    seed = check_int(seed, "seed", 0)
+    seed = check_seed(seed)
     entries = lens_entries(model, sites, layers)
     for obj in objs:
         obj.check(model, entries)

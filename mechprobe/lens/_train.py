@@ -46,6 +46,7 @@ from mechprobe.core import (
     check_choice,
     check_float,
     check_int,
+    check_seed,
     gradients_enabled,
     model_adapter,
     native_bfloat16,
@@ -305,7 +306,7 @@ def train_tuned_lens(
         else check_float(lr, "lr", 0.0, low_open=True)
     )
     checkpoint_every = check_int(checkpoint_every, "checkpoint_every", 1)
-    seed = check_int(seed, "seed", 0)
+    seed = check_seed(seed)
     batch_size = check_int(batch_size, "batch_size", 1)
     if warmup_steps is not None:
         warmup_steps = check_int(warmup_steps, "warmup_steps", 0)

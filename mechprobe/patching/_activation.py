@@ -40,6 +40,7 @@ from mechprobe.core import (
     SiteKind,
     SiteLike,
     check_int,
+    check_seed,
     expand_sites,
     model_adapter,
     position_list,
@@ -186,7 +187,8 @@ def position_pairs(
     return wanted, resolved
 
 
-def _check_common(cells_per_batch: Any, n_random: Any, seed: Any) -> None:
+def _check_common(cells_per_batch: Any, n_random: Any, seed: Any) -> int:
+    """Check the arguments every patching function shares; returns the seed as an int."""
     if (
         isinstance(cells_per_batch, bool)
         or not isinstance(cells_per_batch, int)
@@ -194,7 +196,7 @@ def _check_common(cells_per_batch: Any, n_random: Any, seed: Any) -> None:
     ):
         raise ValueError(f"cells_per_batch must be a positive int, got {cells_per_batch!r}.")
     check_int(n_random, "n_random", 0)
-    check_int(seed, "seed")
+    return check_seed(seed)
 
 
 def patch(
@@ -259,7 +261,7 @@ def patch(
     """
     if direction not in get_args(Direction):
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
-    _check_common(cells_per_batch, n_random, seed)
+    seed = _check_common(cells_per_batch, n_random, seed)
     clean_ids, corrupt_ids = token_pairs(model, clean, corrupt)
     n_pairs = len(clean_ids)
     src, base = (clean_ids, corrupt_ids) if direction == "denoising" else (corrupt_ids, clean_ids)
@@ -424,7 +426,7 @@ def ablate_cells(
     """
     if method not in get_args(Method):
         raise ValueError(f"method must be 'zero' or 'mean', got {method!r}.")
-    _check_common(cells_per_batch, n_random, seed)
+    seed = _check_common(cells_per_batch, n_random, seed)
     ids = token_rows(model, prompts, "prompts")
     site_list = _sites(model, sites, layers, "ablate_cells()")
     if reference_positions != "all":

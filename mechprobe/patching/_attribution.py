@@ -42,6 +42,7 @@ from mechprobe.core import (
     SiteLike,
     check_heads_sum,
     check_int,
+    check_seed,
     differentiate,
     gradients_enabled,
     intervene,
@@ -184,7 +185,7 @@ def attribution_patch(
         ((3, 1), 'attribution')
     """
     check_int(n_random, "n_random", 0)
-    check_int(seed, "seed")
+    seed = check_seed(seed)
     clean_ids, corrupt_ids = token_pairs(model, clean, corrupt)
     n_pairs = len(clean_ids)
     site_list = _sites(model, sites, layers, "attribution_patch()")

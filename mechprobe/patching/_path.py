@@ -41,6 +41,7 @@ from mechprobe.core import (
     expand_sites,
     intervene,
     new_axes,
+    progress_enabled,
     readout,
 )
 from mechprobe.patching._activation import (
@@ -393,7 +394,8 @@ def path_patch(
     """
     if direction not in get_args(Direction):
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
-    _check_common(cells_per_batch, n_random, seed)
+    seed = _check_common(cells_per_batch, n_random, seed)
+    progress_enabled(progress)  # "yes" or 1 is refused here, as everywhere, not read as truthy
     clean_ids, corrupt_ids = token_pairs(model, clean, corrupt)
     n_pairs = len(clean_ids)
     src, base = (clean_ids, corrupt_ids) if direction == "denoising" else (corrupt_ids, clean_ids)

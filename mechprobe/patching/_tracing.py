@@ -468,7 +468,7 @@ def causal_trace(
         raise ValueError(
             f"Got {len(prompt_list)} prompts and {len(subject_list)} subjects: pass one per prompt."
         )
-    _check_common(cells_per_batch, n_random, seed)
+    seed = _check_common(cells_per_batch, n_random, seed)
     check_int(window, "window", 1)
     check_int(n_noise, "n_noise", 1)
     if noise is not None:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from mechprobe.core import check_seed
 from mechprobe.probing._selection import whitespace_words
 
 __all__ = ["ProbingDataset", "pos_dataset"]
@@ -291,6 +292,8 @@ class ProbingDataset:
             >>> pos_dataset().sample(200, seed=0).n_examples <= 200
             True
         """
+
+        seed = check_seed(seed)
         if max_examples < 2:
             raise ValueError(f"max_examples must be at least 2, got {max_examples}.")
         sizes = [1 if self.level == "text" else sum(v is not None for v in r) for r in self.labels]

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from mechprobe._fit import LogisticFit, fit_logistic, softmax_penalty
-from mechprobe.core import Result, check_float, check_int, new_axes, progress_bar
+from mechprobe.core import Result, check_float, check_int, check_seed, new_axes, progress_bar
 from mechprobe.probing._data import (
     as_layers,
     collected_sites,
@@ -277,7 +277,7 @@ def probe_layers(
     l2 = check_float(l2, "l2", 0.0, low_open=True)
     tol = check_float(tol, "tol", 0.0, low_open=True)
     max_iter = check_int(max_iter, "max_iter", 1)
-    seed = check_int(seed, "seed", 0)
+    seed = check_seed(seed)
     skip_control = groups is False
     sites = collected_sites(X)
     values, labels, groups = as_layers(X, y, None if skip_control else groups)

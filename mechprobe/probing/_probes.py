@@ -24,7 +24,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
 from mechprobe._fit import fit_logistic, softmax_penalty
-from mechprobe.core import gradients_enabled
+from mechprobe.core import check_seed, gradients_enabled
 from mechprobe.probing._data import host
 
 
@@ -275,6 +275,8 @@ def control_labels(groups: Any, y: Any, *, seed: int = 0) -> np.ndarray:
         >>> control_labels(["the", "cat", "the"], ["DET", "NOUN", "DET"], seed=1).tolist()[0] in {"DET", "NOUN"}
         True
     """
+
+    seed = check_seed(seed)
     groups, y = np.asarray(host(groups)), np.asarray(host(y))
     if groups.ndim != 1 or y.ndim != 1 or len(groups) != len(y):
         raise ValueError(

@@ -40,7 +40,7 @@ from mechprobe._fit import (
     preconditioner,
     softmax_penalty,
 )
-from mechprobe.core import Result, gradients_enabled, new_axes, progress_bar
+from mechprobe.core import Result, check_seed, gradients_enabled, new_axes, progress_bar
 from mechprobe.probing._activations import Activations
 from mechprobe.probing._data import (
     as_layers,
@@ -323,6 +323,8 @@ def cumulative_scores(
         >>> bool(result.deltas[1] > 0.3), round(result.expected_layer)
         (True, 1)
     """
+
+    seed = check_seed(seed)
     values, labels, _ = as_layers(X, y)
     layers = model_layers(collected_sites(X), values.shape[1])
     # Prefixes follow the model's depth, whatever order the layers were collected in

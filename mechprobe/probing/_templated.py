@@ -19,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 
+from mechprobe.core import check_seed
 from mechprobe.probing._datasets import ProbingDataset
 from mechprobe.tasks import Task, load_task
 
@@ -244,6 +245,8 @@ def templated_dataset(
         >>> ds.texts[0], ds.labels[0]
         ('The lamps behind the door', 'plural')
     """
+
+    seed = check_seed(seed)
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"n must be an int >= 2, got {n!r}.")
     rng = np.random.default_rng(seed)
@@ -295,6 +298,8 @@ def country_dataset(
         >>> len(ds), ds.texts[0]
         (12, 'Q: What is the capital of Malaysia?\\nA:')
     """
+
+    seed = check_seed(seed)
     base = load_task(task) if isinstance(task, str) else task
     if not 2 <= n_countries <= len(base):
         raise ValueError(

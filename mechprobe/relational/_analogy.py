@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechprobe.core import Result, check_finite
+from mechprobe.core import Result, check_finite, check_seed
 from mechprobe.relational._figure import axes_for
 from mechprobe.tasks import Task, as_task
 
@@ -348,6 +348,8 @@ def offset_accuracy(
         >>> result = mp.offset_accuracy(mp.load_model(), mp.load_task("capitals"))  # doctest: +SKIP
         >>> result.metrics()["top1"], result.metrics()["baseline_top1"]  # doctest: +SKIP
     """
+
+    seed = check_seed(seed)
     if candidates not in ("vocab", "answers"):
         raise ValueError(f"candidates must be 'vocab' or 'answers', got {candidates!r}.")
     task = as_task(task)

@@ -36,7 +36,14 @@ from typing import Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from mechprobe.core import Layers, check_choice, check_float, check_int, progress_enabled
+from mechprobe.core import (
+    Layers,
+    check_choice,
+    check_float,
+    check_int,
+    check_seed,
+    progress_enabled,
+)
 from mechprobe.lens import LensSpec
 from mechprobe.relational._ablation import AblationMethod, ffn_ablation
 from mechprobe.relational._contexts import random_word_contexts
@@ -255,7 +262,7 @@ def relational_analysis(
     # Every argument is checked before the first forward pass.
     n_layers = int(model.cfg.n_layers)
     n_random = check_int(n_random, "n_random", 0)
-    seed = check_int(seed, "seed")
+    seed = check_seed(seed)
     check_choice(mode, "mode", ("replace", "add"))
     check_choice(ablation_method, "ablation_method", ("zero", "mean"))
     (scale,) = _scales(scale, "scale")
@@ -275,7 +282,7 @@ def relational_analysis(
     check_float(holdout, "holdout")
     check_lens(model, lens)
     base = as_task(task)
-    seed = check_int(seed, "seed", 0)
+    seed = check_seed(seed)
     if shots is None:  # a task with two demonstrations runs as it does from the command line
         shots = min(3, len(base.shots))
     shots = check_int(shots, "shots", 0)

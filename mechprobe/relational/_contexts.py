@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mechprobe.core import check_seed
+
 __all__ = ["FILLER_WORDS", "random_word_contexts"]
 
 #: Neutral filler words for the random contexts: no countries, cities, colours or verbs in the
@@ -44,6 +46,8 @@ def random_word_contexts(
         >>> random_word_contexts([" China"], words=["table", "mug", "free"], seed=0)[0]
         'free table mug China free table mug China free table mug'
     """
+
+    seed = check_seed(seed)
     if not 1 <= n_filler <= len(words):
         raise ValueError(f"n_filler must be between 1 and {len(words)} (the number of words).")
     if repeats < 1:

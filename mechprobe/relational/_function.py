@@ -36,6 +36,7 @@ from mechprobe.core import (
     Site,
     SiteLike,
     check_int,
+    check_seed,
     figure_of,
     first_token_ids,
     new_axes,
@@ -258,7 +259,7 @@ def function_vector(
     check_int(n_heads, "n_heads", 1, n_layers * heads_per_layer)
     check_int(n_prompts, "n_prompts", 1)
     check_int(n_random, "n_random", 0)
-    check_int(seed, "seed")
+    seed = check_seed(seed)
     if len(task.shots) < 2:
         raise ValueError(
             f"Task {task.name!r} has {len(task.shots)} shot(s): shuffled labels need at least two "

@@ -33,6 +33,7 @@ from mechprobe.core import (
     Site,
     check_finite,
     check_int,
+    check_seed,
     first_token_ids,
     resolve_site,
     run,
@@ -351,7 +352,7 @@ def random_ovector(like: OVector, *, seed: int = 0) -> OVector:
         >>> round(r.norm, 4), r.source
         (5.0, 'random')
     """
-    seed = check_int(seed, "seed")
+    seed = check_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     direction = torch.randn(like.vector.shape, generator=gen, dtype=torch.float64)
     # Drawn on the CPU, so a seed gives the same control on every device.
@@ -398,7 +399,7 @@ def ovector_controls(
         ['random_0', 'random_1']
     """
     n_random = check_int(n_random, "n_random", 0)
-    seed = check_int(seed, "seed")
+    seed = check_seed(seed)
     vectors = {f"random_{k}": random_ovector(ovector, seed=seed + k) for k in range(n_random)}
     if other_task is not None:
         # A name is the task of that name (it was read as the text of one prompt).

@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from mechprobe.core import check_seed
 from mechprobe.tasks._format import (
     FORMAT_HELP,
     KINDS,
@@ -181,7 +182,7 @@ class Task:
             )
         return self._replace(shots=self.shots[:n])
 
-    def subset(self, n: int | Sequence[int], seed: int = 0) -> Task:
+    def subset(self, n: int | Sequence[int], *, seed: int = 0) -> Task:
         """A task with fewer items: ``n`` drawn at random (kept in file order), or given indices.
 
         Args:
@@ -193,6 +194,8 @@ class Task:
             >>> load_task("capitals").subset(10, seed=0) == load_task("capitals").subset(10, seed=0)
             True
         """
+
+        seed = check_seed(seed)
         if isinstance(n, bool):
             raise TypeError("subset takes an int count or a sequence of int indices, not a bool.")
         if isinstance(n, np.integer):
@@ -223,7 +226,7 @@ class Task:
             raise ValueError("subset indices repeat an item; pass each index once.")
         return self._replace(items=tuple(self.items[int(i)] for i in indices))
 
-    def split(self, test_size: float | int = 0.25, seed: int = 0) -> tuple[Task, Task]:
+    def split(self, test_size: float | int = 0.25, *, seed: int = 0) -> tuple[Task, Task]:
         """Split the items into (train, test) tasks with disjoint inputs (item inputs are unique),
         e.g. to fit an o-vector or an offset on train and evaluate on held-out items.
 
@@ -240,6 +243,8 @@ class Task:
             >>> set(train.inputs()).isdisjoint(test.inputs())
             True
         """
+
+        seed = check_seed(seed)
         total = len(self.items)
         if isinstance(test_size, bool):
             raise TypeError("test_size is a fraction in (0, 1) or an int count, not a bool.")
