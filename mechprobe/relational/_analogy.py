@@ -330,7 +330,7 @@ def offset_accuracy(
         task: The relational task (a Task, a built-in name or a file).
         space: ``"embed"`` or ``"unembed"``.
         held_out: Fit on a train split of the distinct pairs and evaluate on the rest
-            (``Task.split(test_size, seed)`` of the remaining items);
+            (``Task.split(test_size, seed=seed)`` of the remaining items);
             ``False`` fits and evaluates on all items (optimistic: each item is in its own offset).
         test_size: Fraction or count of evaluated items when ``held_out``.
         seed: Seed of the split.
@@ -381,7 +381,7 @@ def offset_accuracy(
     kept = task.subset(keep)
     index = {item: i for item, i in zip(kept.items, keep, strict=True)}
     if held_out:
-        fit_task, eval_task = kept.split(test_size, seed)
+        fit_task, eval_task = kept.split(test_size, seed=seed)
     else:
         fit_task = eval_task = kept
     fit = torch.as_tensor([index[item] for item in fit_task.items], device=unit.device)
