@@ -149,3 +149,22 @@ def test_layers_take_ints_ranges_lists_arrays_or_all_and_refuse_the_rest() -> No
     for bad, message in (([], "empty"), ([0, 0], "repeats"), ([3], "out of range")):
         with pytest.raises(ValueError, match=message):
             resolve_layers(model, bad)
+
+
+def test_sites_of_the_wrong_type_are_named() -> None:
+    # None or 3 gave "'NoneType' object is not iterable"; a Site in causal_trace or
+    # train_tuned_lens "'Site' object is not iterable"; amnesic(model, "resid_post") called the
+    # kind an unknown hook name while listing it among the kinds.
+    model = mp.tiny_model()
+    metric = mp.logit_diff(1, 2)
+    for bad in (None, 3):
+        with pytest.raises(TypeError, match="sites must be a site kind such as 'resid_post'"):
+            mp.patch(model, "Hi cat", "Hi bat", bad, -1, metric, progress=False)
+        with pytest.raises(TypeError, match="sites must be a site kind"):
+            mp.collect(model, ["Hi"], bad, progress=False)
+    with pytest.raises(ValueError, match=r"sites takes state kinds here .*got Site\("):
+        mp.causal_trace(model, "The cat sat", "cat", sites=mp.Site("mlp_out", 1), progress=False)
+    with pytest.raises(ValueError, match=r"translates the residual stream .*not Site\("):
+        mp.train_tuned_lens(model, "train", sites=mp.Site("resid_post", 1), progress=False)
+    with pytest.raises(ValueError, match=r"'resid_post' is a kind without its layer.*Site\("):
+        mp.amnesic(model, "resid_post", mp.random_projection(64, 2), text=["Hi there"])

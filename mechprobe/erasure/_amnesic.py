@@ -22,12 +22,21 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 
-from mechprobe.core import Site, SiteLike, as_int, check_int, check_seed, resolve_site, width
+from mechprobe.core import (
+    Site,
+    SiteKind,
+    SiteLike,
+    as_int,
+    check_int,
+    check_seed,
+    resolve_site,
+    width,
+)
 from mechprobe.erasure._eraser import Eraser, dropout_projection, random_projection
 from mechprobe.erasure._information import ProbeData, information_measures
 from mechprobe.erasure._metrics import (
@@ -127,6 +136,13 @@ def amnesic(
         >>> r.mean_std("lm_kl", "erased")[0] > 0, len(r.values("lm_kl", "random"))
         (True, 2)
     """
+    if isinstance(site, str) and site in get_args(SiteKind):
+        # resolve_site read it as an unknown hook name, listing the very kind it refused.
+        raise ValueError(
+            f"amnesic erases at one site: {site!r} is a kind without its layer; pass "
+            f"Site({site!r}, layer) or that site's hook name (a sweep over layers is "
+            "mp.layer_sweep)."
+        )
     hook, parsed = resolve_site(model, site)
     # What the eraser is hooked on: the hook name, or for a head the Site itself (a head shares its
     # layer's hook with the others; keyed by the name, every head was erased).

@@ -310,9 +310,9 @@ def train_tuned_lens(
     batch_size = check_int(batch_size, "batch_size", 1)
     if warmup_steps is not None:
         warmup_steps = check_int(warmup_steps, "warmup_steps", 0)
-    kinds = [sites] if isinstance(sites, str) else list(sites)
     n_layers = int(model.cfg.n_layers)
-    keys = translator_sites(n_layers, kinds)
+    keys = translator_sites(n_layers, sites)  # checks sites (kinds, or a clear error)
+    kinds = [sites] if isinstance(sites, str) else list(sites)
     if not _identity_transform(model):
         raise ValueError(
             "This model's logits go through a transform after the unembedding (a soft cap); "

@@ -390,7 +390,9 @@ class TunedLens(Lens):
 
 def translator_sites(n_layers: int, sites: Sequence[str]) -> list[tuple[str, int]]:
     """The distinct translators that decoding ``sites`` at every layer needs, in a fixed order."""
-    kinds = [sites] if isinstance(sites, str) else list(sites)
+    # A Site or None is named in the error below, not iterated.
+    listed = isinstance(sites, Sequence) and not isinstance(sites, str)
+    kinds = list(sites) if listed else [sites]
     if not kinds:
         raise ValueError(f"sites is empty: pass one or more of {', '.join(RESIDUAL_KINDS)}.")
     for kind in kinds:

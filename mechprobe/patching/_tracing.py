@@ -473,7 +473,9 @@ def causal_trace(
     check_int(n_noise, "n_noise", 1)
     if noise is not None:
         noise = check_float(noise, "noise", 0.0, low_open=True)
-    site_kinds = [sites] if isinstance(sites, str) else list(sites)
+    # A Site or None is named in the error below, not iterated.
+    listed = isinstance(sites, Sequence) and not isinstance(sites, str)
+    site_kinds: list[Any] = list(sites) if listed else [sites]
     if any(not isinstance(k, str) or k not in TRACE_KINDS for k in site_kinds):
         raise ValueError(
             f"sites takes state kinds here ({', '.join(TRACE_KINDS)}), got {sites!r}; pick the "
