@@ -98,6 +98,10 @@ def test_sites_pick_the_kind_and_kind_is_its_old_name(
     every = layer_sweep(tiny, letters, method="leace", sites="mlp_out", **kw)
     assert every.layers == list(range(tiny.cfg.n_layers))
     assert every.results[1] == sweep.results[0]
+    # positions=None warned as "amnesic(positions=None)", once per layer, from inside the sweep.
+    with pytest.warns(DeprecationWarning, match=r"^layer_sweep\(positions=None\)") as caught:
+        layer_sweep(tiny, letters, [1], "leace", sites="mlp_out", positions=None, **kw)
+    assert len([w for w in caught if "positions=None" in str(w.message)]) == 1
 
 
 def test_cli_erase_writes_projection_result_and_figures(tmp_path: Any) -> None:

@@ -168,7 +168,7 @@ def test_probe_errors_are_helpful() -> None:
             mp.probe_layers(layered, y, l2=-1, mlp=mlp, progress=False)
     with pytest.raises(TypeError, match="max_iter must be an int"):
         mp.probe_layers(layered, y, max_iter=1.5, progress=False)
-    with pytest.raises(ValueError, match="seed must be at least 0"):
+    with pytest.raises(ValueError, match="seed must be between 0 and 4294967295"):
         mp.probe_layers(layered, y, seed=-1, progress=False)
 
 
@@ -932,3 +932,16 @@ def test_cumulative_scores_round_trip_and_plot(tmp_path, suffix: str) -> None:
     assert result.plot(ax=into.add_subplot()) is into
     assert repr(result).startswith("CumulativeScores(3 layers, expected layer")
     assert 0.8 < result.expected_layer < 1.5
+
+
+def test_mlp_probe_settings_are_checked_at_fit() -> None:
+    # hidden_size=0 raised ZeroDivisionError from the initialisation; random_state=-1 ran.
+    X = np.random.default_rng(0).normal(size=(20, 3))
+    y = np.arange(20) % 2
+    for settings, message in (({"hidden_size": 0}, "hidden_size must be at least 1"),
+                              ({"max_iter": 0}, "max_iter must be at least 1"),
+                              ({"batch_size": 0}, "batch_size must be at least 1"),
+                              ({"learning_rate": 0.0}, "learning_rate must be"),
+                              ({"random_state": -1}, "seed must be between 0")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            mp.MLPProbe(**settings).fit(X, y)

@@ -223,8 +223,9 @@ def amnesic(
     )
 
 
-def _check_positions(positions: Any) -> ErasePositions:
-    """``"all"``, an int, or a list of ints (numpy and 0-d tensor integers accepted)."""
+def _check_positions(positions: Any, caller: str = "amnesic") -> ErasePositions:
+    """``"all"``, an int, or a list of ints (numpy and 0-d tensor integers accepted);
+    ``caller`` names the public function in the deprecation warning."""
     if isinstance(positions, str):
         if positions != "all":
             raise ValueError(
@@ -233,7 +234,7 @@ def _check_positions(positions: Any) -> ErasePositions:
         return "all"
     if positions is None:
         warnings.warn(
-            "amnesic(positions=None) is deprecated and will be removed in the next release; "
+            f"{caller}(positions=None) is deprecated and will be removed in the next release; "
             "every position is spelled positions='all' (the default).",
             DeprecationWarning,
             stacklevel=3,

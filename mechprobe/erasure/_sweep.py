@@ -25,7 +25,7 @@ from mechprobe.core import (
     new_axes,
     progress_bar,
 )
-from mechprobe.erasure._amnesic import amnesic
+from mechprobe.erasure._amnesic import _check_positions, amnesic
 from mechprobe.erasure._eraser import Eraser
 from mechprobe.erasure._information import ProbeData
 from mechprobe.erasure._inlp import inlp
@@ -271,6 +271,7 @@ def layer_sweep(
     if text is None and task is None and probe is None:
         raise ValueError("Nothing to measure: pass text=[...], task='capitals' and/or probe=data.")
     seed = check_seed(seed)
+    positions = _check_positions(positions, "layer_sweep")  # warns under its own name
     options = dict(fit_options or {})
     fit_seed = options.pop("seed", seed)  # a seed among the fit options is the fits' own
     found = expand_sites(model, sites, layers=layers, kinds=_KINDS, what="sites")

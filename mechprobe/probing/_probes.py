@@ -24,7 +24,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
 from mechprobe._fit import fit_logistic, softmax_penalty
-from mechprobe.core import check_seed, gradients_enabled
+from mechprobe.core import check_float, check_int, check_seed, gradients_enabled
 from mechprobe.probing._data import host
 
 
@@ -226,6 +226,12 @@ class MLPProbe(_Probe):
                 stacklevel=2,
             )
         l2 = _check_l2(self.l2 if self.alpha is None else self.alpha, allow_zero=True)
+        # Checked at fit, as scikit-learn does (hidden_size=0 divided by zero in the init).
+        check_int(self.hidden_size, "hidden_size", 1)
+        check_int(self.max_iter, "max_iter", 1)
+        check_int(self.batch_size, "batch_size", 1)
+        check_float(self.learning_rate, "learning_rate", 0.0, low_open=True)
+        check_float(self.tol, "tol", 0.0)
         weights = np.ones(X.shape[0])
         self.mean_, self.scale_ = _standardizer(X, weights, self.standardize)
         Xs = torch.from_numpy((X - self.mean_) / self.scale_).float()[None]
@@ -239,7 +245,7 @@ class MLPProbe(_Probe):
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
             tol=self.tol,
-            seed=self.random_state,
+            seed=check_seed(self.random_state),
         )
         w1, b1, w2, b2 = (p[0].double().cpu().numpy() for p in params)
         self.coefs_, self.intercepts_ = [w1, w2], [b1, b2]
