@@ -11,7 +11,8 @@ Two layer-wise probing runs on the embedded SmolLM2-135M-Instruct:
 
 Slot -1 is the token embedding (``resid_pre`` of block 0: SmolLM2's positions are rotary, so the
 residual stream starts as the embedding), slots 0..29 each block's ``resid_post``.
-Figures go to docs/figures/probing_pos.png and docs/figures/probing_country.png.
+Figures go to docs/figures/probing_pos.png and docs/figures/probing_country.png, the results
+(``ProbeResult`` JSON) to docs/probing_pos_results.json and docs/probing_country_results.json.
 
 Run: ``python demos/probing.py`` (a few minutes on a laptop CPU).
 """
@@ -29,7 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import mechprobe as mp
 from mechprobe.cli.probe import table
 
-FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+FIGURES = DOCS / "figures"
 N_POS = 4000
 SEED = 0
 
@@ -53,6 +55,8 @@ def run(
     fig.suptitle(title)
     FIGURES.mkdir(parents=True, exist_ok=True)
     fig.savefig(FIGURES / f"probing_{name}.png", dpi=150)
+    # The record the README's numbers come from (mp.load_result reads it back).
+    result.save(DOCS / f"probing_{name}_results.json")
     best = result.best_layer
     print(f"\n== {title}: {len(acts)} examples, {result.n_classes} classes")
     print(table(result))
@@ -64,7 +68,7 @@ def run(
         top = int(np.nanargmax(result.selectivity))
         words += f"; max selectivity {result.selectivity[top]:.3f} at slot {result.layers[top]}"
     print(words)
-    print(f"wrote {FIGURES / f'probing_{name}.png'}")
+    print(f"wrote {FIGURES / f'probing_{name}.png'} and {DOCS / f'probing_{name}_results.json'}")
     return result
 
 
