@@ -273,3 +273,16 @@ def test_cli_probe_writes_result_figure_and_summary(tmp_path: Path, capsys: Any)
     args = ["probe", "--dataset", "templated_pos", "--out", str(fresh), "--model", "tiny"]
     assert main([*args, "--layers", "7", "--max-examples", "50", "--quiet"]) == 2
     assert not fresh.exists()
+
+
+def test_save_writes_the_format_its_name_says(tmp_path) -> None:
+    # save("x.json") wrote JSONL, which load then refused as invalid JSON; "x.npz" too.
+    data = mp.pos_dataset().subset(range(5))
+    for name in ("d.jsonl", "d.json"):
+        back = mp.ProbingDataset.load(data.save(tmp_path / name))
+        assert (back.texts, back.labels, back.words) == (data.texts, data.labels, data.words)
+    assert json.loads((tmp_path / "d.json").read_text(encoding="utf-8"))[0]["text"] == data.texts[0]
+    with pytest.raises(ValueError, match=r"name it \*\.jsonl or \*\.json, not 'd\.npz'"):
+        data.save(tmp_path / "d.npz")
+    with pytest.raises(FileNotFoundError, match="does not exist; create it first"):
+        data.save(tmp_path / "missing" / "d.jsonl")

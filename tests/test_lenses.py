@@ -665,3 +665,10 @@ def test_training_on_the_held_out_split_warns(tiny):
         warnings.simplefilter("error")
         mp.train_tuned_lens(tiny, "train", n_tokens=32, seq_len=16, tokens_per_step=16,
                             progress=False)  # fmt: skip
+
+
+def test_compare_lenses_names_positions_it_cannot_read(tiny):
+    # 1.5 and None gave "'float' object is not iterable".
+    for bad in (1.5, None):
+        with pytest.raises(TypeError, match="positions must be 'all', an int or a list of ints"):
+            mp.compare_lenses(tiny, ["logit"], TEXT, n_tokens=32, seq_len=16, positions=bad)

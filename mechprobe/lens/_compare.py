@@ -28,6 +28,7 @@ from mechprobe.core import (
     Site,
     SiteLike,
     StopForward,
+    as_int,
     check_int,
     check_seed,
     new_axes,
@@ -154,7 +155,13 @@ def _positions(positions: str | int | Sequence[int], seq_len: int) -> list[int]:
                 f"positions must be 'all', an int or a list of ints, not {positions!r}."
             )
         return list(range(1, seq_len))
-    wanted = [positions] if isinstance(positions, (int, np.integer)) else list(positions)
+    wanted: list[Any]
+    if as_int(positions) is not None:
+        wanted = [positions]
+    elif isinstance(positions, (Sequence, np.ndarray)):
+        wanted = list(positions)
+    else:  # 1.5 or None gave "'float' object is not iterable"
+        raise TypeError(f"positions must be 'all', an int or a list of ints, not {positions!r}.")
     cols = []
     for p in wanted:
         q = check_int(p, "positions", -seq_len + 1, seq_len - 1)

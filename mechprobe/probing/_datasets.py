@@ -339,31 +339,52 @@ class ProbingDataset:
         return load_labels(path, name=name)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the dataset as a JSONL label file that :meth:`load` reads back (word level keeps
-        its words); returns the path.
+        """Write the dataset as a label file that :meth:`load` reads back: JSONL (``*.jsonl``,
+        one record per line) or JSON (``*.json``, a list of records); word level keeps its
+        words. Returns the path.
 
         Example:
             >>> import tempfile, os
             >>> ds = ProbingDataset("t", ["a b", "c"], [("x", "y"), ("x",)], level="word")
             >>> ProbingDataset.load(ds.save(os.path.join(tempfile.mkdtemp(), "t.jsonl"))).labels
             (('x', 'y'), ('x',))
+
+        Raises:
+            ValueError: Another suffix (a ``.json`` or ``.npz`` name was written as JSONL,
+                which :meth:`load` then could not read).
+            FileNotFoundError: The folder does not exist.
         """
-        path = Path(path)
+        path = Path(path).expanduser()
+        if path.suffix not in (".jsonl", ".json"):
+            raise ValueError(
+                f"ProbingDataset.save writes a label file: name it *.jsonl or *.json, not "
+                f"{path.name!r} (e.g. {path.with_suffix('.jsonl').name!r})."
+            )
+        if not path.parent.is_dir():
+            raise FileNotFoundError(
+                f"Cannot write {path}: the folder {path.parent} does not exist; create it first."
+            )
+        records = []
+        for i, text in enumerate(self.texts):
+            rec: dict[str, Any] = {"text": text}
+            if self.level == "text":
+                rec["label"] = self.labels[i]
+            else:
+                assert self.words is not None
+                rec["spans"] = [list(s) for s in self.words[i]]
+                rec["labels"] = list(self.labels[i])
+            if self.groups is not None:
+                grp = self.groups[i]
+                rec["group" if self.level == "text" else "groups"] = (
+                    grp if self.level == "text" else list(grp)
+                )
+            records.append(rec)
         with path.open("w", encoding="utf-8") as handle:
-            for i, text in enumerate(self.texts):
-                rec: dict[str, Any] = {"text": text}
-                if self.level == "text":
-                    rec["label"] = self.labels[i]
-                else:
-                    assert self.words is not None
-                    rec["spans"] = [list(s) for s in self.words[i]]
-                    rec["labels"] = list(self.labels[i])
-                if self.groups is not None:
-                    grp = self.groups[i]
-                    rec["group" if self.level == "text" else "groups"] = (
-                        grp if self.level == "text" else list(grp)
-                    )
-                handle.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            if path.suffix == ".json":
+                json.dump(records, handle, ensure_ascii=False, indent=1)
+                handle.write("\n")
+            else:
+                handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         return path
 
 
