@@ -183,6 +183,10 @@ def test_tuned_intervention_reruns_every_vector_at_the_chosen_cell(results, tiny
     assert sweep.n_contexts == 2 and sweep.conditions == ("ovector", "random_0")
     cell, scale = sweep.best("ovector", "mrr")
     assert tuned.layers == cell and tuned.scale == scale
+    # best() picks by MRR unless told otherwise, as the repr and tuned_intervention do (it
+    # picked by top-1, and on a tiny model's 0-everywhere top-1 the first cell won by order).
+    assert sweep.best() == sweep.best("ovector", "mrr")
+    assert f"best MRR {sweep.mrr[0].max():.2f}" in repr(sweep)
     assert tuned.conditions == ("intact", "ovector", "random_0", "random_1")
     # The same as running the intervention there by hand.
     o = results["OVector"]

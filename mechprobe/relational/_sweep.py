@@ -97,10 +97,15 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
     n_contexts: int
 
     def best(
-        self, condition: str = "ovector", metric: str = "top1"
+        self, condition: str = "ovector", metric: str = "mrr"
     ) -> tuple[tuple[int, ...], float]:
         """The (layer set, scale) cell where ``condition`` scores highest on ``metric`` (lowest
-        for ``mean_rank``; the first such cell on ties)."""
+        for ``mean_rank``; the first such cell on ties).
+
+        ``metric`` defaults to ``"mrr"``, the metric the repr, :func:`tuned_intervention` and
+        :func:`mechprobe.relational_analysis` choose cells by (top-1 ties at 0 on most cells
+        of a weak vector, where the first cell would win by order alone).
+        """
         grid = self._grid(condition, metric)
         r, s = np.unravel_index(
             int(np.argmax(-grid if metric == "mean_rank" else grid)), grid.shape
