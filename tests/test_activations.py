@@ -415,3 +415,18 @@ def test_head_sites_equal_the_cache_and_its_w_o(tiny: Any) -> None:
     np.testing.assert_allclose(single.values[:, 0], acts.values[:, n_heads + 1], atol=1e-5)
     with pytest.raises(ValueError, match="two widths"):
         mp.collect(tiny, TEXTS, ["resid_post", "head"], progress=False)
+
+
+def test_a_position_named_twice_is_refused_everywhere() -> None:
+    # collect, logit_lens and amnesic took positions=[0, 0] and gave each row twice (a probe's
+    # split could put one copy in training and one in its test set); patching refused it.
+    model = mp.tiny_model()
+    for positions in ([-1, -1], [0, 0], [2, -1]):  # [2, -1] is one token of a 3-token text
+        with pytest.raises(ValueError, match="name each position once"):
+            mp.collect(model, ["Hi"], "resid_post", positions=positions, progress=False)
+    with pytest.raises(ValueError, match=r"positions repeat \[0\]"):
+        mp.logit_lens(model, "Hello there", positions=[0, 0], progress=False)
+    with pytest.raises(ValueError, match=r"positions repeat \[-1\]"):
+        mp.amnesic(model, mp.Site("resid_post", 1), mp.random_projection(64, 2),
+                   text=["Hello there"], positions=[-1, -1], progress=False)  # fmt: skip
+    assert len(mp.collect(model, ["Hi"], "resid_post", positions=[0, -1], progress=False)) == 2

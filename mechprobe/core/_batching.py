@@ -202,7 +202,7 @@ def position_list(spec: Any) -> list[int]:
     integers and 0-d integer tensors count as ints; a 1-d tensor or array as a sequence).
 
     Raises:
-        ValueError: Not an int or a non-empty sequence of ints.
+        ValueError: Not an int or a non-empty sequence of ints, or a position named twice.
 
     Example:
         >>> import numpy as np
@@ -219,7 +219,13 @@ def position_list(spec: Any) -> list[int]:
         raise ValueError(
             f"Positions must be an int, a non-empty list of ints or 'all', got {spec!r}."
         )
-    return [int(p) for p in items if p is not None]
+    out = [int(p) for p in items if p is not None]
+    repeated = sorted({p for p in out if out.count(p) > 1})
+    if repeated:
+        # [0, 0] collected each row twice (a probe's split could then put one copy in training
+        # and the other in its test set) and decoded it twice; patching refused it already.
+        raise ValueError(f"positions repeat {repeated}: name each position once.")
+    return out
 
 
 def _check_prompts(prompts: Sequence[str] | str) -> list[str]:

@@ -180,6 +180,12 @@ def _units(rule: Any, i: int, length: int, bos: int, words: Any, offsets: Any) -
                 f"(BOS included): use 0..{length - 1} or -1..-{length}."
             )
         out.append(number % length)
+    if len(set(out)) != len(out):
+        # A row twice: a probe's split could put one copy in training and one in its test set.
+        raise ValueError(
+            f"positions {list(marked)} name a token of text {i} twice (it has {length} tokens, "
+            "BOS included): name each position once."
+        )
     return out
 
 
