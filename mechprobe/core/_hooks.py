@@ -83,6 +83,16 @@ class Intervention:
     Args:
         positions: Positions to act on (None: all; negative: from each row's last real token).
             When None, the Site's own ``positions`` apply.
+
+    Example:
+        >>> import torch, mechprobe as mp
+        >>> class Negate(mp.Intervention):  # a new intervention edits the selected positions
+        ...     def edit(self, selected, hook):
+        ...         return -selected
+        >>> model = mp.tiny_model()
+        >>> out = mp.run(model, ["Hi there"], {mp.Site("resid_post", 0): Negate(positions=-1)})
+        >>> out.logits.shape[-1] == model.cfg.d_vocab
+        True
     """
 
     def __init__(self, positions: Positions = None) -> None:
@@ -263,6 +273,14 @@ class Replace(Intervention):
     """Write ``value`` (a tensor, or what a :class:`Capture` holds) in place of the activation.
 
     ``value`` broadcasts to the selection ``[batch, k, d]``: ``[d]``, ``[k, d]`` or ``[batch, k, d]``.
+
+    Example:
+        >>> import torch, mechprobe as mp
+        >>> model = mp.tiny_model()
+        >>> zero = mp.Replace(torch.zeros(64), positions=-1)  # one vector, broadcast to each row
+        >>> out = mp.run(model, ["Hi there"], {mp.Site("mlp_out", 1): zero})
+        >>> out.logits.shape[0]
+        1
     """
 
     def __init__(self, value: Tensor | np.ndarray | Capture, positions: Positions = None) -> None:

@@ -54,7 +54,16 @@ _MANIFEST = "mechprobe-manifest.json"
 
 
 class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says why and what to do instead."""
+    """A model could not be loaded; the message says why and what to do instead.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> try:
+        ...     mp.load_model("no-such-org/no-such-model")
+        ... except mp.ModelLoadError as err:
+        ...     print(type(err).__name__)
+        ModelLoadError
+    """
 
 
 def cache_dir() -> Path:

@@ -38,6 +38,12 @@ class RunResult:
         captures: ``{site: tensor}`` for each requested capture, ``[batch, k or seq, ...]`` (zeros
             at padding where every position is kept).
         batch: The tokenised prompts (padding, masks, last-real-token indices).
+
+    Example:
+        >>> import mechprobe as mp
+        >>> out = mp.run(mp.tiny_model(), ["Hi", "Hello there"], capture=["blocks.0.hook_resid_post"])
+        >>> out.logits.shape[:2], out["blocks.0.hook_resid_post"].shape[-1]
+        (torch.Size([2, 12]), 64)
     """
 
     logits: Float[Tensor, "batch k vocab"]

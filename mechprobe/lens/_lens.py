@@ -46,6 +46,17 @@ class Lens:
     Subclasses set :attr:`kinds` (the site kinds they decode) and implement :meth:`translate` and
     :meth:`describe`; :meth:`check` validates a model and the (kind, layer) pairs before any
     forward pass.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> class Scaled(mp.Lens):  # decodes each vector at twice its length
+        ...     def translate(self, model, kind, layer, x):
+        ...         return 2 * x
+        ...     def describe(self):
+        ...         return "scaled x2"
+        >>> res = mp.logit_lens(mp.tiny_model(), "Hi", lens=Scaled(), progress=False)
+        >>> res.lens
+        'scaled x2'
     """
 
     kinds: tuple[str, ...] = LENS_KINDS

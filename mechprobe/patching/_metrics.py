@@ -26,7 +26,16 @@ MetricFn: TypeAlias = Callable[..., Tensor]
 class PatchMetric:
     """A metric of the last position's next-token logits; build it with :func:`logit_diff` or
     :func:`answer_prob`. Answers are one string or token id for every pair, or one per pair, and
-    must be single tokens (the metric reads one next-token logit; no teacher forcing)."""
+    must be single tokens (the metric reads one next-token logit; no teacher forcing).
+
+    Example:
+        >>> import torch, mechprobe as mp
+        >>> metric = mp.logit_diff(1, 2)  # token ids, or single-token strings
+        >>> fn = metric.bind(mp.tiny_model(), n_pairs=1)
+        >>> logits = torch.zeros(1, 8); logits[0, 1] = 2.0  # [rows, vocab] at the last position
+        >>> metric.name, float(fn(logits, torch.tensor([0]))[0])
+        ('logit_diff', 2.0)
+    """
 
     name: Literal["logit_diff", "answer_prob"]
     answer: Any

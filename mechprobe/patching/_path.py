@@ -84,6 +84,13 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
             (``n_layers`` for the final residual) and ``receiver_heads`` per receiver.
         positions: The positions whose sender change was passed on (negative from the end).
         metric, direction, seed: As for :class:`mechprobe.PatchResult`.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> res = mp.path_patch(mp.tiny_model(), "A cat", "A bat", "head", "final",
+        ...                     mp.logit_diff(1, 2), progress=False)
+        >>> res.values.shape, type(res.plot()).__name__
+        ((12, 1), 'Figure')
     """
 
     values: np.ndarray

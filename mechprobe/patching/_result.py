@@ -46,6 +46,13 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         random: ``[n_random, pairs, sites, positions]`` the metric when the same cell is moved by
             the same distance in a random direction (seed ``seed + j`` for row ``j``).
         seed: The first seed of the random directions.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> res = mp.patch(mp.tiny_model(), "Hi cat", "Hi bat", "mlp_out", -1,
+        ...                mp.logit_diff(1, 2), progress=False)
+        >>> res.values.shape, res.direction, len(res.to_frame())
+        ((3, 1), 'denoising', 3)
     """
 
     values: np.ndarray

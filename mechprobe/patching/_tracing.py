@@ -173,6 +173,13 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         noise_level: The noise's standard deviation (3 x the subjects' embedding SD by default).
         window: Layers restored together for ``mlp_out``/``attn_out``.
         metric: The metric's name. seed: seed of the noise and the random directions.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> res = mp.causal_trace(mp.tiny_model(), "The cat sat on the", "cat", sites="mlp_out",
+        ...                       n_noise=2, progress=False)
+        >>> res.scores[0].shape, type(res.plot()).__name__  # [kinds, layers, positions]
+        ((1, 3, 19), 'Figure')
     """
 
     scores: tuple[np.ndarray, ...]

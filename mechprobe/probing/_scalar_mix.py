@@ -225,6 +225,13 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
         n_train: training rows; n_test: held-out rows.
         layers: ``[layers]`` the model layer of each entry, read from the site names of
             :class:`Activations` (as :class:`ProbeResult`); positions for a plain array.
+
+    Example:
+        >>> import numpy as np, mechprobe as mp
+        >>> X = np.random.default_rng(0).normal(size=(200, 3, 4)); y = X[:, 1, 0] > 0
+        >>> scores = mp.cumulative_scores(X, y, progress=False)
+        >>> scores.to_frame().shape[0], type(scores.plot()).__name__
+        (3, 'Figure')
     """
 
     scores: np.ndarray

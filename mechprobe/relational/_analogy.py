@@ -161,6 +161,11 @@ class AnalogyResult(Result, format="mechprobe.AnalogyResult", version=2):
         offset_ranks: Rank of the answer nearest to ``argument + offset``.
         baseline_ranks: Rank of the answer nearest to the argument alone.
         offset_predictions, baseline_predictions: The top-1 token of each.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> res = mp.offset_accuracy(mp.load_model(), "capitals")  # doctest: +SKIP
+        >>> res.to_frame().columns[:3].tolist()  # doctest: +SKIP
     """
 
     task: str

@@ -80,6 +80,12 @@ class FunctionVectorResult(
         n_prompts: Prompts the AIE and mean outputs were averaged over.
         n_random: Random vectors (seeds ``seed, seed + 1, ...``).
         seed: Seed of the split, the label shuffles and the random vectors.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> res = mp.function_vector(mp.tiny_model(), "capitals", n_prompts=2, progress=False)
+        >>> res.conditions[:3], res.accuracy.shape
+        (('zero-shot', 'few-shot', 'function vector'), (6,))
     """
 
     task: str
