@@ -15,7 +15,8 @@ _MODEL_HELP = (
     "model name for mechprobe.load_model (default smollm2-135m), or a folder written by "
     "save_pretrained or mechprobe.save_model (a saved HookedTransformer loads as one, under "
     "TransformerLens 3.x); 'tiny' is a random 3-layer test model, for checking the command "
-    "without loading a real one"
+    "without loading a real one (its tokenizer is byte-level: single-token answers are single "
+    "characters, e.g. --answer P)"
 )
 
 
