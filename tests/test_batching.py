@@ -69,9 +69,13 @@ def test_prompts_longer_than_the_context_are_refused(tiny):
 
 @pytest.mark.parametrize("bad", [1.5, True, 0, "2"])
 def test_batch_size_is_a_positive_int_or_none(tiny, bad):
-    """1.5 and True ran one row per pass (truncated by int())."""
-    with pytest.raises(ValueError, match="batch_size must be a positive int or None"):
+    """1.5 and True ran one row per pass (truncated by int()). A wrong type is a TypeError, as
+    where None is not allowed (collect, logit_lens); 0 a ValueError."""
+    error = ValueError if bad == 0 and not isinstance(bad, bool) else TypeError
+    with pytest.raises(error, match="batch_size must be a positive int or None"):
         mp.run(tiny, ["Hi", "Hello"], batch_size=bad, progress=False)
+    with pytest.raises(error, match="batch_size must be"):
+        mp.collect(tiny, ["Hi", "Hello"], "resid_post", batch_size=bad, progress=False)
     assert mp.run(tiny, ["Hi", "Hello"], batch_size=None, progress=False).logits.shape[0] == 2
 
 

@@ -165,7 +165,9 @@ class Batch:
         """Consecutive sub-batches of at most ``batch_size`` rows with their row slices."""
         # 1.5 or True were truncated to 1 rows per pass: an int (numpy ints too) or None only.
         size = len(self) if batch_size is None else as_int(batch_size)
-        if size is None or size <= 0:
+        if size is None:  # a TypeError, as check_int gives where None is not allowed
+            raise TypeError(f"batch_size must be a positive int or None, got {batch_size!r}.")
+        if size <= 0:
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}.")
         for start in range(0, len(self), size):
             rows = slice(start, min(start + size, len(self)))
