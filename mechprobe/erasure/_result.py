@@ -162,7 +162,8 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         """Per behavioural metric: effect of the erasure minus the mean effect of the random control.
 
         Positive: the real projection hurts more than deleting random directions of equal rank.
-        Probe accuracy is reported at the erased site (linear probe).
+        Probe accuracy is reported at the erased site (linear probe). Empty when the analysis
+        ran without random controls (``n_random=0``): there is nothing to be selective against.
         """
         out: dict[str, float] = {}
         for metric in sorted({m.metric for m in self.measures}):
