@@ -197,7 +197,9 @@ def extract_ovector(
             a built-in task with :func:`mechprobe.load_task`).
         layer: The layer whose ``mlp_out`` is read (negative counts from the end).
         only_correct: Average only the items the model answers correctly (greedy first token);
-            needs a task.
+            needs a task. Off by default because plain prompts carry no answer to check;
+            :func:`fit_ovector`, which always has a task's answers, keeps correct items by
+            default (Merullo et al. average correctly answered prompts).
         batch_size: Rows per forward pass.
         progress: Show a progress bar (``MECHPROBE_PROGRESS=0`` silences every bar).
 
