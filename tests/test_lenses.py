@@ -668,7 +668,7 @@ def test_training_on_the_held_out_split_warns(tiny):
 
 
 def test_compare_lenses_names_positions_it_cannot_read(tiny):
-    # 1.5 and None gave "'float' object is not iterable".
-    for bad in (1.5, None):
-        with pytest.raises(TypeError, match="positions must be 'all', an int or a list of ints"):
+    # 1.5 and None gave "'float' object is not iterable"; now core's position_list reads them.
+    for bad in (1.5, None, [], [5, 5]):
+        with pytest.raises(ValueError, match=r"(?i)positions (must be an int|repeat)"):
             mp.compare_lenses(tiny, ["logit"], TEXT, n_tokens=32, seq_len=16, positions=bad)

@@ -28,10 +28,10 @@ from mechprobe.core import (
     Site,
     SiteLike,
     StopForward,
-    as_int,
     check_int,
     check_seed,
     new_axes,
+    position_list,
     progress_bar,
     run,
 )
@@ -155,22 +155,13 @@ def _positions(positions: str | int | Sequence[int], seq_len: int) -> list[int]:
                 f"positions must be 'all', an int or a list of ints, not {positions!r}."
             )
         return list(range(1, seq_len))
-    wanted: list[Any]
-    if as_int(positions) is not None:
-        wanted = [positions]
-    elif isinstance(positions, (Sequence, np.ndarray)):
-        wanted = list(positions)
-    else:  # 1.5 or None gave "'float' object is not iterable"
-        raise TypeError(f"positions must be 'all', an int or a list of ints, not {positions!r}.")
     cols = []
-    for p in wanted:
+    for p in position_list(positions):  # the API's one reading of positions
         q = check_int(p, "positions", -seq_len + 1, seq_len - 1)
         q = q + seq_len if q < 0 else q
         if q == 0:
             raise ValueError("Position 0 is the BOS token, which is never scored: pass 1 or more.")
         cols.append(q)
-    if not cols:
-        raise ValueError("positions is empty: pass 'all' or at least one position.")
     return sorted(set(cols))
 
 
