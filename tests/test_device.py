@@ -408,3 +408,107 @@ def test_commands_run_on_the_device(tmp_path, capsys):
         )
         runs[device] = mp.load_result(out / "result.json")
     assert_same_frames(runs["cpu"], runs[_DEVICE])
+
+
+# The embedded SmolLM2 (30 layers, 49,152 tokens) on the device, against the same model on the CPU.
+# float32 on both: CUDA's matmuls do not use TF32 unless asked (torch's default), so the two differ
+# only by summation order, about 1e-6 relative per product; thirty layers grow that to about 1e-4
+# in the logits (|logit| < 40). _SMOL_ATOL (2e-3) holds probabilities and log-probabilities with
+# a margin of ten. A rank moves by the number of tokens whose logit lies within that difference
+# of the target's: at most one near the top, a few in the flat middle of an early layer's
+# distribution, so ranks compare to max(1, 2% of the rank).
+_SMOL_ATOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair(smollm2: Any) -> tuple[Any, Any]:
+    return smollm2, mp.load_model(device=_DEVICE)
+
+
+def assert_close_frames(cpu: Any, dev: Any) -> None:
+    """As assert_same_frames, at SmolLM2's tolerance: floats to _SMOL_ATOL, ranks as above."""
+    a, b = _numbers(cpu.to_frame()), _numbers(dev.to_frame())
+    assert list(a.columns) == list(b.columns) and len(a) == len(b)
+    for col in a.columns:
+        x, y = a[col], b[col]
+        if pd.api.types.is_float_dtype(x):
+            np.testing.assert_allclose(
+                x.to_numpy(float), y.to_numpy(float), atol=_SMOL_ATOL, rtol=_SMOL_ATOL, err_msg=col
+            )
+        elif col == "rank":
+            r_cpu, r_dev = x.to_numpy(float), y.to_numpy(float)
+            allowed = np.maximum(1.0, 0.02 * r_cpu)
+            worst = np.nanmax(np.abs(r_cpu - r_dev) - allowed)
+            assert worst <= 0, f"rank moved {worst:.0f} past its allowance"
+        elif col not in ("top1", "token"):  # top-1 strings: compared where the margin is clear
+            assert x.tolist() == y.tolist(), col
+
+
+@pytest.mark.integration
+def test_smollm2_lands_on_the_device_and_answers_as_on_the_cpu(smollm2_pair):
+    cpu, dev = smollm2_pair
+    assert next(dev.parameters()).device.type == torch.device(_DEVICE).type
+    assert str(dev.cfg.device).startswith(torch.device(_DEVICE).type)
+    tokens = cpu.to_tokens(["The capital of France is", "The capital of Japan is"])
+    want = cpu(tokens)[:, -1]
+    got = dev(tokens.to(_DEVICE))[:, -1].cpu()
+    torch.testing.assert_close(got, want, atol=_SMOL_ATOL * 10, rtol=_SMOL_ATOL)
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+    assert cpu.to_string(want.argmax(-1)[:, None]) == [" Paris", " Tokyo"]
+
+
+@pytest.mark.integration
+def test_smollm2_logit_lens_trajectory_and_relational_analysis(smollm2_pair):
+    task = mp.load_task("capitals").subset(8)
+    lenses = [
+        mp.logit_lens(
+            m,
+            ["The capital of France is", "The capital of Japan is"],
+            targets=[" Paris", " Tokyo"],
+            progress=False,
+        )
+        for m in smollm2_pair
+    ]
+    assert_close_frames(*lenses)
+    final = [f.to_frame().query("layer == 29") for f in lenses]
+    assert final[0]["top1"].tolist() == final[1]["top1"].tolist() == [" Paris", " Tokyo"]
+    assert_close_frames(*[mp.trajectory(m, task, progress=False) for m in smollm2_pair])
+    res = [
+        mp.relational_analysis(m, task, ablation=False, n_random=1, progress=False)
+        for m in smollm2_pair
+    ]
+    assert_close_frames(*res)
+
+
+@pytest.mark.integration
+def test_smollm2_patch_and_causal_trace(smollm2_pair):
+    patched = [
+        mp.patch(
+            m,
+            "The capital of France is",
+            "The capital of Japan is",
+            "mlp_out",
+            -1,
+            mp.logit_diff(" Paris", " Tokyo"),
+            layers=[0, 10, 20, 29],
+            n_random=1,
+            progress=False,
+        )
+        for m in smollm2_pair
+    ]
+    assert_close_frames(*patched)
+    traced = [
+        mp.causal_trace(
+            m,
+            "The Eiffel Tower is in the city of",
+            "Eiffel Tower",
+            sites="mlp_out",
+            layers=[0, 5, 10, 15],
+            n_noise=2,
+            n_random=1,
+            window=1,
+            progress=False,
+        )
+        for m in smollm2_pair
+    ]
+    assert_close_frames(*traced)
