@@ -137,7 +137,8 @@ def _plain_stats(model: _Linear, vecs: list[torch.Tensor], final: torch.Tensor, 
         out["entropy"].append(-torch.where(p > 0, p * lp, zero).sum(-1))
         out["kl"].append(torch.where(p_f > 0, p_f * (lp_f - lp), zero).sum(-1))
         z_t = z.gather(1, ids)
-        out["rank"].append((z[:, None, :] > z_t[:, :, None]).sum(-1))
+        # ties count against the target: the other tokens at least as high
+        out["rank"].append((z[:, None, :] >= z_t[:, :, None]).sum(-1) - 1)
         out["logprob"].append(lp.gather(1, ids))
         out["top"].append(torch.topk(lp, top_k).values.exp())
     return {k: torch.stack(v, 1) for k, v in out.items()}

@@ -42,7 +42,7 @@ from mechprobe.core._models import (
 )
 from mechprobe.core._precision import native_bfloat16
 from mechprobe.core._progress import progress_bar, progress_enabled
-from mechprobe.core._readout import Readout, readout
+from mechprobe.core._readout import Readout, readout, target_rank
 from mechprobe.core._results import (
     Result,
     decode,
@@ -141,6 +141,7 @@ __all__ = [
     "resolve_sites",
     "run",
     "save_model",
+    "target_rank",
     "tiny_model",
     "tokenize",
     "tokenize_with_targets",

@@ -104,6 +104,25 @@ def _row_blocks(n: int, c: int, rows: int) -> Iterator[tuple[int, int, int, int]
             yield a, min(a + step, n), 0, c
 
 
+def target_rank(
+    logits: Float[Tensor, "... vocab"], target: Float[Tensor, "... t"]
+) -> Int[Tensor, "... t"]:
+    """0-based rank of each target logit among ``logits``: the number of *other* tokens whose
+    logit is at least the target's, so ties count against the target.
+
+    A tie is no evidence for the target: a readout of a zeroed residual stream (every logit
+    equal) ranks every target ``vocab - 1``, not top-1 as counting only larger logits would.
+    Callers refuse NaN logits first (NaN compares false with everything).
+
+    Example:
+        >>> target_rank(torch.tensor([[1.0, 3.0, 3.0, 0.0]]), torch.tensor([[3.0, 0.0]])).tolist()
+        [[1, 3]]
+        >>> target_rank(torch.zeros(1, 5), torch.zeros(1, 1)).tolist()
+        [[4]]
+    """
+    return (logits[..., None, :] >= target[..., :, None]).sum(-1) - 1
+
+
 def _same_view(a: Tensor, b: Tensor) -> bool:
     """True when ``a`` and ``b`` are the same elements of the same memory (hence equal)."""
     return (
@@ -125,7 +144,8 @@ def _collect(
         "top_probs": (top_values - lse[:, None]).exp(),
         "entropy": lse - sweep["pz"],
         "kl": kl,
-        "rank": sweep["greater"].long() if "greater" in sweep else z_t.long(),
+        # "greater" counts the target itself: target_rank's rule, other tokens at least as high
+        "rank": sweep["greater"].long() - 1 if "greater" in sweep else z_t.long(),
         "logprob": z_t - lse[:, None],
     }
 
@@ -206,8 +226,8 @@ class Readout:
 
         ``z`` holds g entries of the same c queries (``n = g * c``); ``top`` is each row's maximal
         index. Keys: ``lse`` (log-sum-exp), ``pz`` (``<p, z>``, with ``entropy``), ``fz``
-        (``<p_f, z>`` against the query's row of ``p_f``), ``greater`` (``[n, T]``: logits above
-        ``z_t``, as floats: exact below 2**24). ``keep`` receives the probabilities, normalised.
+        (``<p_f, z>`` against the query's row of ``p_f``), ``greater`` (``[n, T]``: logits at
+        least ``z_t``, the target's own included, as floats: exact below 2**24). ``keep`` receives the probabilities, normalised.
 
         Each block's rows come from memory once and every later pass over them reads the cache;
         the products are written into the probabilities' buffer and summed (a multiply and a sum:
@@ -245,7 +265,8 @@ class Readout:
                 torch.sum(prod, -1, out=out["fz"][a:b].view(-1, width))
             if z_t is not None:
                 for t in range(z_t.shape[1]):
-                    greater = torch.gt(zb, z_t[a:b, t : t + 1], out=work)
+                    # ties count against the target, as in target_rank
+                    greater = torch.ge(zb, z_t[a:b, t : t + 1], out=work)
                     torch.sum(greater, -1, out=out["greater"][a:b, t])
         for key, probs, rows_per in (("pz", keep, n), ("fz", p_f, c)):
             if key in out and bool(torch.isnan(out[key]).any()):

@@ -137,8 +137,9 @@ def logit_lens(
 
     Returns:
         A :class:`LensResult`. Entropy and ``kl_to_final`` = KL(final || lens) are in nats; the
-        final distribution is the model's own at the same position. Ranks count tokens with a
-        strictly larger logit (0 = top-1).
+        final distribution is the model's own at the same position. A rank counts the other
+        tokens whose logit is at least the target's (0 = top-1 alone; ties count against the
+        target, so a flat readout is no hit).
 
     Raises:
         ValueError: Unknown or undecodable site, empty prompts or targets, a wrong number of

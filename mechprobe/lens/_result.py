@@ -61,8 +61,8 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         targets: The targets of each prompt (possibly none).
         target_tokens: Token ids of each target (several tokens are scored by teacher forcing).
         position_rank: ``[B, E, K, T]`` rank (0 = top-1) of each target's first token at each grid
-            position: the number of tokens with a larger logit, so ties count in the target's
-            favour (-1 where the prompt has fewer targets).
+            position: the number of other tokens whose logit is at least the target's, so ties
+            count against it (-1 where the prompt has fewer targets).
         position_prob: ``[B, E, K, T]`` probability of each target's first token there.
         target_rank: ``[B, E, T]`` first-token rank at the prompt's last token.
         target_prob: ``[B, E, T]`` first-token probability at the prompt's last token.

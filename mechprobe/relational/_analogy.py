@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechprobe.core import Result, check_finite, check_seed
+from mechprobe.core import Result, check_finite, check_seed, target_rank
 from mechprobe.relational._figure import axes_for
 from mechprobe.tasks import Task, as_task
 
@@ -304,9 +304,8 @@ class AnalogyResult(Result, format="mechprobe.AnalogyResult", version=2):
 
 
 def _ranks(scores: Float[Tensor, "n vocab"], answers: Tensor) -> tuple[list[int], list[int]]:
-    """0-based rank of each row's answer (ties count in its favour) and each row's top token."""
-    target = scores.gather(1, answers[:, None])
-    ranks = (scores > target).sum(dim=1)
+    """0-based rank of each row's answer (ties count against it) and each row's top token."""
+    ranks = target_rank(scores, scores.gather(1, answers[:, None]))[:, 0]
     return ranks.tolist(), scores.argmax(dim=1).tolist()
 
 

@@ -43,6 +43,7 @@ from mechprobe.core import (
     progress_bar,
     resolve_layers,
     run,
+    target_rank,
     tokenize,
 )
 from mechprobe.relational._deprecated import writer_positions
@@ -422,8 +423,8 @@ def _evaluate(
     # A NaN logit compares false with everything: it would count as rank 0, a perfect hit.
     check_finite(logits, "The logit tensor at the contexts' last token")
     target_ids, argument_ids = target_ids.to(logits.device), argument_ids.to(logits.device)
-    rank = (logits > logits.gather(-1, target_ids[:, None])).sum(-1)
-    arg = (logits > logits.gather(-1, argument_ids.clamp(min=0)[:, None])).sum(-1)
+    rank = target_rank(logits, logits.gather(-1, target_ids[:, None]))[:, 0]
+    arg = target_rank(logits, logits.gather(-1, argument_ids.clamp(min=0)[:, None]))[:, 0]
     arg = torch.where(argument_ids < 0, torch.full_like(arg, -1), arg)
     return rank.cpu().numpy(), arg.cpu().numpy(), logits.argmax(-1).cpu().numpy()
 

@@ -30,6 +30,7 @@ from mechprobe.core import (
     check_finite,
     progress_bar,
     run,
+    target_rank,
     tokenize_with_targets,
 )
 from mechprobe.relational._figure import axes_for
@@ -205,7 +206,7 @@ def _forced_pass(
         target_logit = first.gather(-1, targets[:, :1])
         index = np.asarray(rows)
         predicted[index] = first.argmax(-1).cpu().numpy()
-        first_rank[index] = (first > target_logit).sum(-1).cpu().numpy()
+        first_rank[index] = target_rank(first, target_logit)[:, 0].cpu().numpy()
         logprob[index] = logp.sum(-1).double().cpu().numpy()
         exact[index] = (logits.argmax(-1) == targets).all(-1).cpu().numpy()
         for i, row in enumerate(rows):

@@ -43,7 +43,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mechprobe.core import Result, check_finite, first_token_ids, readout
+from mechprobe.core import Result, check_finite, first_token_ids, readout, target_rank
 from mechprobe.lens import Lens, LensSpec, as_lens
 from mechprobe.relational._figure import axes_for
 from mechprobe.relational._scoring import TaskScore, _forced_pass
@@ -336,8 +336,7 @@ def _ranks(
             # A NaN logit compares false with everything: it would count as rank 0.
             check_finite(logits, f"The lens's logit tensor at layer {layer}")
             target = logits.gather(-1, ids.to(logits.device))  # [n, t]
-            above = (logits[:, None, :] > target[:, :, None]).sum(-1)  # [n, t]
-            out[:, :, layer] = above.T.cpu().numpy()
+            out[:, :, layer] = target_rank(logits, target).T.cpu().numpy()  # ranks [n, t]
     return out
 
 
