@@ -26,6 +26,11 @@ to the majority baseline. Data (``MECHPROBE_BENCH_FULL=1`` adds the third):
 * real, d = 576, all 15 POS tags, 20 iterations (the reference's LinearSVC fits reach their
   ``max_iter`` on the projected data: about 15 minutes on this project's 2-core machine).
 
+Where mechprobe stops before 20 fits (its probe removes no direction once the class means agree
+within its tolerance; the reference keeps removing the small weights its classifiers still
+return), a second row times the reference loop cut to mechprobe's number of fits, so that the
+ratio of the fits themselves is recorded too.
+
 Plus the same-model comparison: 20 iterations on synthetic 20,000 x 576, 10 classes, against the
 reference loop with scikit-learn's ``LogisticRegression`` (lbfgs, C matched to mechprobe's
 penalty), whose final accuracy must equal mechprobe's.
@@ -123,8 +128,10 @@ def _compare(
     make_clf: Callable[[], Any],
     name: str,
     judges: tuple[str, ...] = ("LinearSVC", "logistic"),
-) -> dict[str, Any]:
-    """One row: mechprobe's inlp and the reference loop, ``_ITERS`` iterations each."""
+) -> list[dict[str, Any]]:
+    """mechprobe's inlp and the reference loop, ``_ITERS`` iterations each; where mechprobe
+    stopped sooner (its probe removed no direction), a second row against the reference cut to
+    the same number of fits, so the ratio shows the speed of a fit, not the stopping rule."""
     wall, cpu = time.perf_counter(), time.process_time()
     erased = mp.inlp(X, y, _ITERS, progress=False)
     ours, ours_wall = time.process_time() - cpu, time.perf_counter() - wall
@@ -140,9 +147,9 @@ def _compare(
     }
     judged = "; ".join(f"{p} probe {a:.3f} / {b:.3f}" for p, (a, b) in finals.items())
     k = len(np.unique(y))
-    return {
-        "benchmark": f"INLP, {_ITERS} iterations, {what} ({X.shape[0]:,} x {X.shape[1]}, "
-        f"{k} classes), vs the reference loop with {name}",
+    head = f"{what} ({X.shape[0]:,} x {X.shape[1]}, {k} classes)"
+    row = {
+        "benchmark": f"INLP, {_ITERS} iterations, {head}, vs the reference loop with {name}",
         "ratio": ref / ours,
         "baseline": f"Ravfogel et al.'s get_debiasing_projection loop with {name}, all "
         f"{_ITERS} iterations run",
@@ -155,6 +162,33 @@ def _compare(
         f"-> after: mechprobe {erased.accuracies[0]:.3f} -> {erased.accuracies[-1]:.3f}, "
         f"reference {ref_acc[0]:.3f} -> {ref_acc[-1]:.3f}",
     }
+    fits = len(erased.accuracies) - 1  # accuracies[0] is the probe before any erasure
+    if fits >= _ITERS:
+        return [row]
+    cpu = time.process_time()
+    P_cut, cut_acc = _reference_inlp(X, y, make_clf, fits)
+    cut = time.process_time() - cpu
+    cut_X = X.astype(np.float64) @ P_cut.T
+    judged_cut = "; ".join(
+        f"{p} probe {_probe_accuracy(cut_X, y, make):.3f}"
+        for p, make in (("LinearSVC", _svc), ("logistic", _logistic))
+        if p in judges
+    )
+    return [
+        row,
+        {
+            "benchmark": f"INLP, {head}: mechprobe's {fits} fits vs the reference loop with "
+            f"{name} cut to {fits} iterations",
+            "ratio": cut / ours,
+            "baseline": f"the reference loop with {name}, {fits} iterations (mechprobe's count)",
+            "target": "reported (the 5x goal is against the loop run to the end, row above)",
+            "detail": f"one thread each, CPU seconds: mechprobe {ours:.1f} s, reference cut to "
+            f"{fits} iterations {cut:.1f} s; its projection removes "
+            f"{float(np.trace(np.eye(len(P_cut)) - P_cut)):.0f} directions, fresh probes on it: "
+            f"{judged_cut}; its own probe {cut_acc[0]:.3f} -> {cut_acc[-1]:.3f} (measured in the "
+            "same run as the row above)",
+        },
+    ]
 
 
 def run(ctx: Any) -> list[dict[str, Any]]:
@@ -167,25 +201,19 @@ def run(ctx: Any) -> list[dict[str, Any]]:
     rows = []
     with one_thread():
         X, y = _planted(8_000, 128, 3, 8, 1.0)
-        rows.append(_compare(X, y, "synthetic", _svc, "LinearSVC"))
-        rows.append(
-            _compare(real, noun, f"real resid_post {_LAYER}, NOUN or not", _svc, "LinearSVC")
-        )
+        rows += _compare(X, y, "synthetic", _svc, "LinearSVC")
+        rows += _compare(real, noun, f"real resid_post {_LAYER}, NOUN or not", _svc, "LinearSVC")
         if _FULL:
-            rows.append(
-                _compare(real, y_real, f"real resid_post {_LAYER}, POS tags", _svc, "LinearSVC")
-            )
+            rows += _compare(real, y_real, f"real resid_post {_LAYER}, POS tags", _svc, "LinearSVC")
         # C = 1 / (n_train l2) turns scikit-learn's sum of losses into mechprobe's mean loss +
         # l2 |W|^2 / 2 (l2 = 1e-3; the features here have unit variance).
         X, y = _planted(20_000, 576, 10, 20, 0.6)
-        rows.append(
-            _compare(
-                X,
-                y,
-                "synthetic",
-                lambda: LogisticRegression(C=1.0 / (n_train * 1e-3), max_iter=1000),
-                "LogisticRegression (the same model)",
-                judges=("logistic",),
-            )
+        rows += _compare(
+            X,
+            y,
+            "synthetic",
+            lambda: LogisticRegression(C=1.0 / (n_train * 1e-3), max_iter=1000),
+            "LogisticRegression (the same model)",
+            judges=("logistic",),
         )
     return rows

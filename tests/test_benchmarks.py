@@ -44,3 +44,16 @@ def test_rows_divide_the_measured_times(monkeypatch):
     # each side's faster setting: mechprobe's default threads (1.0), scikit-learn's one (8.0)
     assert faster["ratio"] == pytest.approx(8.0 / 1.0)
     assert "one thread" in faster["detail"] and "default threads" in faster["detail"]
+
+
+def test_inlp_rows_add_the_reference_cut_to_mechprobes_fits():
+    from benchmarks import bench_nullspace
+
+    X, y = bench_nullspace._planted(600, 16, 3, 2, 2.0)
+    rows = bench_nullspace._compare(X, y, "tiny", bench_nullspace._svc, "LinearSVC")
+    fits = len(mp.inlp(X, y, bench_nullspace._ITERS, progress=False).accuracies) - 1
+    assert fits < bench_nullspace._ITERS  # two planted directions: mechprobe stops early
+    assert len(rows) == 2
+    assert f"{fits} iterations (mechprobe's count)" in rows[1]["baseline"]
+    # the cut reference removes one LinearSVC row per class and fit: 3 * fits directions
+    assert f"removes {3 * fits} directions" in rows[1]["detail"]
