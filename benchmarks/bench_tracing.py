@@ -5,7 +5,9 @@ Tower"), ``resid_post`` restored at every position of the traced layers, 10 nois
 loop: one hooked forward per (layer, position, noise sample), noise added to the subject's
 embeddings and the clean state written back, as one writes it with ``run_with_hooks``.
 ``causal_trace`` runs the same restorations batched. Both sides run every cell in full; no
-figure is scaled from a subset, and every cell's mean over the samples is compared.
+figure is scaled from a subset, and every cell's mean over the samples is compared. A second row
+compares with ROME's own loop, which batches a cell's noise samples (with the clean prompt) into
+one forward.
 
 The loop costs one forward per cell (178 ms each timed on the AVX-512 EPYC, 233 ms on the
 AVX2-only one), so the default run traces every fifth layer (6 layers: 660 forwards, a few
@@ -60,6 +62,38 @@ def _loop(
     return out
 
 
+def _rome_loop(
+    model: Any, layers: list[int], span: tuple[int, int], level: float, answer: int
+) -> np.ndarray:
+    """ROME's own loop (``trace_with_patch`` in kmeng01/rome's ``causal_trace.py``, re-written
+    here from its description): one forward per (layer, position) on a batch of the clean prompt
+    and its ``N_NOISE`` noised copies, the hooked state of every noised row overwritten with the
+    clean row's at that position. ``[layers, positions, samples]`` answer probabilities."""
+    tokens = model.to_tokens(PROMPT).repeat(N_NOISE + 1, 1)  # row 0 clean, rows 1.. noised
+    start, stop = span
+    noise = mp.trace_noise(0, N_NOISE, stop - start, model.cfg.d_model, level, seed=0)
+    out = np.zeros((len(layers), tokens.shape[1], N_NOISE))
+
+    def corrupt(emb: torch.Tensor, hook: Any) -> torch.Tensor:
+        emb = emb.clone()
+        emb[1:, start:stop] += noise.to(emb.dtype)
+        return emb
+
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            for p in range(tokens.shape[1]):
+
+                def restore(act: torch.Tensor, hook: Any, p: int = p) -> torch.Tensor:
+                    act = act.clone()
+                    act[1:, p] = act[0, p]
+                    return act
+
+                hooks = [("hook_embed", corrupt), (f"blocks.{layer}.hook_resid_post", restore)]
+                logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+                out[i, p] = logits[1:, -1].softmax(-1)[:, answer].double().cpu().numpy()
+    return out
+
+
 def run(ctx: Any) -> list[dict[str, Any]]:
     model = ctx.model
     n_layers = model.cfg.n_layers
@@ -89,6 +123,10 @@ def run(ctx: Any) -> list[dict[str, Any]]:
     t_loop = time.perf_counter() - start
     diff = float(np.abs(looped.mean(-1) - res.scores[0][0]).max())
     forwards = looped.size
+    start = time.perf_counter()
+    batched = _rome_loop(model, layers, res.subjects[0], res.noise_level, answer)
+    t_rome = time.perf_counter() - start
+    diff_rome = float(np.abs(batched.mean(-1) - res.scores[0][0]).max())
     which = f"all {n_layers} layers" if _FULL else f"{len(layers)} of {n_layers} layers (every 5th)"
     note = "MECHPROBE_BENCH_FULL=1" if _FULL else "MECHPROBE_BENCH_FULL=1 runs all layers"
     return [
@@ -103,5 +141,16 @@ def run(ctx: Any) -> list[dict[str, Any]]:
             f"{t_loop / forwards * 1000:.0f} ms each); max |loop - ours| over all "
             f"{looped.shape[0] * seq} cells' means {diff:.1e} (answer probability clean "
             f"{res.clean[0]:.3f}); {note}",
-        }
+        },
+        {
+            "benchmark": f"causal tracing, resid_post x {which} (the cells above), vs ROME's loop "
+            "(noise samples batched)",
+            "ratio": t_rome / t_ours,
+            "baseline": "speed-up: ROME's loop of one forward per cell on the clean prompt and its "
+            f"{N_NOISE} noised copies / ours",
+            "target": "reported (the 5x goal is against the loop a user writes, row above)",
+            "detail": f"ours {t_ours:.1f} s (row above); ROME's loop {t_rome:.1f} s "
+            f"({looped.shape[0] * seq} forwards of {N_NOISE + 1} rows); max |ROME - ours| over "
+            f"the cells' means {diff_rome:.1e}; measured in the same run as the row above",
+        },
     ]

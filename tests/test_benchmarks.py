@@ -57,3 +57,20 @@ def test_inlp_rows_add_the_reference_cut_to_mechprobes_fits():
     assert f"{fits} iterations (mechprobe's count)" in rows[1]["baseline"]
     # the cut reference removes one LinearSVC row per class and fit: 3 * fits directions
     assert f"removes {3 * fits} directions" in rows[1]["detail"]
+
+
+def test_both_tracing_loops_give_causal_traces_numbers(tiny):
+    import torch
+
+    from benchmarks import bench_tracing as bt
+
+    layers = [0, 2]
+    res = mp.causal_trace(
+        tiny, bt.PROMPT, bt.SUBJECT, sites="resid_post", layers=layers, n_noise=bt.N_NOISE,
+        n_random=0, progress=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        answer = int(tiny(tiny.to_tokens(bt.PROMPT))[0, -1].argmax())
+    for loop in (bt._loop, bt._rome_loop):
+        got = loop(tiny, layers, res.subjects[0], res.noise_level, answer).mean(-1)
+        np.testing.assert_allclose(got, res.scores[0][0], atol=1e-5, err_msg=loop.__name__)
