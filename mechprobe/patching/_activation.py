@@ -60,7 +60,7 @@ from mechprobe.patching._engine import (
     unit_vectors,
 )
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
-from mechprobe.patching._result import PatchResult
+from mechprobe.patching._result import PatchResult, normalised_recovery
 
 __all__ = ["Prompts", "ablate_cells", "patch", "position_pairs", "token_rows"]
 
@@ -336,17 +336,7 @@ def _result(
     values_mean = per_pair.mean(axis=0)
     normalised = np.full_like(values_mean, np.nan)
     if not direction.endswith("ablation"):
-        scale = float(np.mean(clean_m) - np.mean(corrupt_m))
-        size = max(1.0, float(np.abs(clean_m).max()), float(np.abs(corrupt_m).max()))
-        if abs(scale) <= 1e-5 * size:
-            warnings.warn(
-                f"The clean and corrupt runs give the same {metric_name} ({np.mean(clean_m):.4g}), "
-                "so normalised recovery is undefined (NaN): use a corrupt prompt that changes the "
-                "answer.",
-                stacklevel=3,
-            )
-        else:
-            normalised = (values_mean - np.mean(corrupt_m)) / scale
+        normalised = normalised_recovery(values_mean, clean_m, corrupt_m, metric_name)
     return PatchResult(
         values=values_mean,
         per_pair=per_pair,
@@ -531,6 +521,25 @@ def _means(
                         f"reference_positions {p} is outside reference prompt {i} ({n} tokens)."
                     )
                 real[i, p % n] = True
+    # A mean over one reference row is that row itself: ablating a prompt's own token (or its
+    # own pattern row) to it changes nothing, and the random controls, moved the same zero
+    # distance, agree, so every cell would read "no effect".
+    if any(site.kind != "pattern" for site in site_list) and int(real.sum()) < 2:
+        warnings.warn(
+            f"The mean activation is taken over {int(real.sum())} reference token: ablating that "
+            "token to it changes nothing, so its cells read no effect. Pass more reference "
+            "prompts (reference=...) or reference_positions='all', or use method='zero'.",
+            stacklevel=3,
+        )
+    if any(site.kind == "pattern" for site in site_list):
+        alone = [p for p in range(width) if int((lengths > p).sum()) < 2]
+        if alone:
+            warnings.warn(
+                f"The mean pattern row at query position(s) {alone} comes from one reference "
+                "prompt: ablating that prompt there changes nothing. Pass at least two reference "
+                "prompts as long as the ablated ones (reference=...), or use method='zero'.",
+                stacklevel=3,
+            )
     out: dict[Site, Any] = {}
     for site in site_list:
         value = captured[site]

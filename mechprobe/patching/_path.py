@@ -52,6 +52,7 @@ from mechprobe.patching._activation import (
 )
 from mechprobe.patching._engine import ADD, Base, Cell, Edit, Plan, run_plan, unit_vectors
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
+from mechprobe.patching._result import normalised_recovery
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -498,12 +499,7 @@ def path_patch(
             (per_pair if j < 0 else random[j])[i, s, r] = value
 
     values_mean = per_pair.mean(axis=0)
-    scale = float(np.mean(clean_m) - np.mean(corrupt_m))
-    normalised = (
-        (values_mean - np.mean(corrupt_m)) / scale
-        if abs(scale) > 1e-12
-        else np.full_like(values_mean, np.nan)
-    )
+    normalised = normalised_recovery(values_mean, clean_m, corrupt_m, metric_name, stacklevel=3)
     return PathPatchResult(
         values=values_mean,
         per_pair=per_pair,

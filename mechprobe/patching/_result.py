@@ -3,6 +3,7 @@ controls, spread over prompts, frame, heatmap, JSON)."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,29 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["PatchResult"]
+
+
+def normalised_recovery(
+    values: np.ndarray,
+    clean_m: np.ndarray,
+    corrupt_m: np.ndarray,
+    metric_name: str,
+    stacklevel: int = 4,
+) -> np.ndarray:
+    """``(values - corrupt) / (clean - corrupt)`` over the pairs' mean metrics; NaN, with a
+    warning, where the clean and corrupt runs agree to 1e-5 of the metric's size (a ratio of
+    rounding errors would read as a large recovery)."""
+    scale = float(np.mean(clean_m) - np.mean(corrupt_m))
+    size = max(1.0, float(np.abs(clean_m).max()), float(np.abs(corrupt_m).max()))
+    if abs(scale) <= 1e-5 * size:
+        warnings.warn(
+            f"The clean and corrupt runs give the same {metric_name} ({np.mean(clean_m):.4g}), "
+            "so normalised recovery is undefined (NaN): use a corrupt prompt that changes the "
+            "answer.",
+            stacklevel=stacklevel,  # the user's call: 4 through patch's _result
+        )
+        return np.full_like(values, np.nan)
+    return (values - np.mean(corrupt_m)) / scale
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -188,10 +212,14 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         if self.is_ablation:
             rows = [{"what": "intact run", "value": self.clean_metric}]
         else:
+            # the runs anchor the normalised scale only where it is defined (clean != corrupt)
+            defined = bool(np.isfinite(self.normalised).any())
             rows = [
-                {"what": "clean run", "value": self.clean_metric, "normalised": 1.0},
-                {"what": "corrupt run", "value": self.corrupt_metric, "normalised": 0.0},
-            ]
+                {"what": "clean run", "value": self.clean_metric,
+                 "normalised": 1.0 if defined else np.nan},
+                {"what": "corrupt run", "value": self.corrupt_metric,
+                 "normalised": 0.0 if defined else np.nan},
+            ]  # fmt: skip
         what = "ablated cell" if self.is_ablation else "patched cell"
         keys = ("site", "position", "token", "value", "normalised", "spread", "random")
         rows += [{"what": what, **{k: r[k] for k in keys}} for r in top.to_dict("records")]

@@ -298,6 +298,18 @@ def probe_layers(
         groups = None
     if groups is not None:
         control = np.searchsorted(classes, control_labels(groups, labels, seed=seed))
+        if len(np.unique(control)) < 2:
+            # One control label for every row (few word types, or one): a constant task that
+            # any probe "solves", so selectivity would be accuracy minus 1.
+            warnings.warn(
+                f"The control task drew the same label for all {len(np.unique(groups))} word "
+                "type(s): it is constant, so its accuracy would be 1 whatever the representation. "
+                "The control task is skipped (NaN); pass groups with more word types, another "
+                "seed, or groups=False.",
+                UserWarning,
+                stacklevel=2,
+            )
+            control = None
     folds = splits(y_idx, test_size=test_size, n_folds=n_folds, seed=seed, classes=classes)
     n_layers = values.shape[1]
     acc, ctrl, base = np.zeros(n_layers), np.full(n_layers, np.nan), 0.0

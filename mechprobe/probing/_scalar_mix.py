@@ -251,17 +251,21 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
 
     def summary(self) -> pd.DataFrame:
         """One row: the expected layer ``E_Δ``, the first and last prefix scores, the layer of
-        the largest gain, and the data sizes."""
+        the largest gain (None when no layer adds to the score), and the data sizes."""
         gains = np.nan_to_num(self.deltas, nan=-np.inf)
+        if len(gains) > 1:
+            # argmax of gains that are all <= 0 would name the first layer for no gain at all
+            best = int(np.argmax(gains))
+            largest = int(self._layers()[best]) if gains[best] > 0 else None
+        else:
+            largest = int(self._layers()[0])
         return pd.DataFrame(
             [
                 {
                     "expected_layer": self.expected_layer,
                     "first_score": float(self.scores[0]),
                     "last_score": float(self.scores[-1]),
-                    "largest_gain_layer": int(self._layers()[int(np.argmax(gains))])
-                    if len(gains) > 1
-                    else int(self._layers()[0]),
+                    "largest_gain_layer": largest,
                     "n_train": self.n_train,
                     "n_test": self.n_test,
                 }

@@ -140,7 +140,8 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
         Returns:
             ``layers, scale, mode, n, top1_before, top1_after, mean_rank_before,
             mean_rank_after, median_rank_before, median_rank_after, mrr_before, mrr_after,
-            no_effect_rate, argument_top1_before, argument_top1_after`` (NaN where no context).
+            no_effect_rate, argument_top1_before, argument_top1_after`` (NaN where no context;
+            the argument rates NaN where no argument is known).
 
         Example:
             >>> res = OVectorEffect(
@@ -173,6 +174,10 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
         def stat(fn: Any, x: np.ndarray) -> float:
             return float(fn(x)) if x.size else float("nan")
 
+        # argument_rank -1 marks a context whose argument is unknown (no arguments= given):
+        # its top-1 rate is undefined, not 0.
+        known = (arg0 >= 0) & (arg1 >= 0)
+
         return {
             "layers": list(self.layers),
             "scale": self.scale,
@@ -187,8 +192,8 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
             "mrr_before": stat(np.mean, 1.0 / (before + 1.0)),
             "mrr_after": stat(np.mean, 1.0 / (after + 1.0)),
             "no_effect_rate": stat(np.mean, top0 == top1),
-            "argument_top1_before": stat(np.mean, arg0 == 0),
-            "argument_top1_after": stat(np.mean, arg1 == 0),
+            "argument_top1_before": stat(np.mean, arg0[known] == 0),
+            "argument_top1_after": stat(np.mean, arg1[known] == 0),
         }
 
     def summary(

@@ -203,9 +203,12 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
     def ffn_attribution(self, layer: int) -> dict[str, float]:
         """At ``layer``, how often removing that layer's FFN update brings the argument back.
 
-        Returns a dict over :attr:`included` items: ``argument_top1_after_removal`` (the argument
-        is the top token of ``resid_post - mlp_out``), ``argument_above_answer_after_removal``,
-        the same two for ``resid_post`` itself (``..._before_removal``), and ``n``.
+        Returns a dict over the correctly answered items whose argument and answer tokens differ
+        (where they share a token, the argument cannot rank apart from the answer; unlike
+        :attr:`included`, there is no fallback to all correct items, so with none every rate is
+        NaN and ``n`` is 0): ``argument_top1_after_removal`` (the argument is the top token of
+        ``resid_post - mlp_out``), ``argument_above_answer_after_removal``, the same two for
+        ``resid_post`` itself (``..._before_removal``), and ``n``.
 
         Example:
             >>> import mechprobe as mp
@@ -217,7 +220,7 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
             raise ValueError(
                 f"Layer {layer} is out of range for {self.n_layers} layers; pick 0..{self.n_layers - 1}."
             )
-        m = self.included
+        m = self.correct & self.distinct
         arg, ans = self.argument_rank[m, layer], self.answer_rank[m, layer]
         arg0, ans0 = self.argument_rank_no_ffn[m, layer], self.answer_rank_no_ffn[m, layer]
         n = int(m.sum())
