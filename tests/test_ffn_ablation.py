@@ -49,7 +49,7 @@ def test_accuracy_equals_manual_zero_ablation(tiny):
 def test_mean_is_over_real_tokens_without_bos(tiny):
     prompts = ["Hello there, friend", "Hi"]
     batch = tokenize(tiny, prompts)  # right-padded: the pads must not enter the mean
-    _, means = _intact_pass(tiny, batch, True, batch_size=1)
+    _, _, means = _intact_pass(tiny, batch, torch.zeros(2, dtype=torch.long), True, batch_size=1)
     rows = []
     for p in prompts:
         _, cache = tiny.run_with_cache(tiny.to_tokens(p))
@@ -63,7 +63,8 @@ def test_mean_is_over_real_tokens_without_bos(tiny):
 def test_mean_ablation_uses_that_mean(tiny):
     task = mp.load_task("capitals").with_shots(1).subset(3, seed=0)
     res = mp.ffn_ablation(tiny, task, parts=1, method="mean")
-    _, means = _intact_pass(tiny, tokenize(tiny, task.prompts()), True, batch_size=None)
+    first = torch.zeros(len(task), dtype=torch.long)  # answers: not used by the means
+    _, _, means = _intact_pass(tiny, tokenize(tiny, task.prompts()), first, True, batch_size=None)
     assert means is not None
     preds = []
     for p in task.prompts():

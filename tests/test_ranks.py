@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 import mechprobe as mp
-from mechprobe.core import target_rank
+from mechprobe.core import target_rank, top1_hit
 
 
 def test_target_rank_against_a_sort_with_ties_broken_against_the_target():
@@ -25,6 +25,18 @@ def test_target_rank_against_a_sort_with_ties_broken_against_the_target():
             # position of the target in a descending order that puts it after its equals
             order = sorted(range(30), key=lambda j: (-logits[i, j].item(), j == ids[i, t].item()))
             assert got[i, t].item() == order.index(ids[i, t].item())
+
+
+def test_top1_hit_is_rank_zero_and_no_tie_for_first_counts():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randint(0, 3, (200, 6), generator=gen).float()  # many ties for first
+    target = torch.randint(0, 6, (200,), generator=gen)
+    got = top1_hit(logits, target)
+    best = logits.max(-1).values
+    alone = (logits == best[:, None]).sum(-1) == 1
+    assert torch.equal(got, alone & (logits.gather(1, target[:, None])[:, 0] == best))
+    argmax_hits = logits.argmax(-1) == target  # the old rule: the lowest tied id wins
+    assert bool((argmax_hits & ~got).any())  # ...which this data exercises
 
 
 def _zeroed(model):

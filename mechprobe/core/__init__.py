@@ -42,7 +42,7 @@ from mechprobe.core._models import (
 )
 from mechprobe.core._precision import native_bfloat16
 from mechprobe.core._progress import progress_bar, progress_enabled
-from mechprobe.core._readout import Readout, readout, target_rank
+from mechprobe.core._readout import Readout, readout, target_rank, top1_hit
 from mechprobe.core._results import (
     Result,
     decode,
@@ -145,6 +145,7 @@ __all__ = [
     "tiny_model",
     "tokenize",
     "tokenize_with_targets",
+    "top1_hit",
     "width",
     "write_atomic",
     "write_tensors",

@@ -123,6 +123,19 @@ def target_rank(
     return (logits[..., None, :] >= target[..., :, None]).sum(-1) - 1
 
 
+def top1_hit(logits: Float[Tensor, "... vocab"], target: Int[Tensor, "..."]) -> Tensor:
+    """Whether each ``target`` token alone has the largest logit: :func:`target_rank` 0, so a
+    tie for first is no hit (``argmax == target`` would count it when the target is the lowest
+    tied id).
+
+    Example:
+        >>> top1_hit(torch.tensor([[0.0, 2.0, 1.0], [1.0, 1.0, 0.0]]), torch.tensor([1, 0])).tolist()
+        [True, False]
+    """
+    picked = logits.gather(-1, target[..., None].to(logits.device))
+    return target_rank(logits, picked)[..., 0] == 0
+
+
 def _same_view(a: Tensor, b: Tensor) -> bool:
     """True when ``a`` and ``b`` are the same elements of the same memory (hence equal)."""
     return (

@@ -26,6 +26,7 @@ from mechprobe.core import (
     intervene,
     progress_bar,
     tokenize,
+    top1_hit,
 )
 from mechprobe.erasure._eraser import Eraser
 from mechprobe.erasure._result import AmnesicMeasure
@@ -124,7 +125,7 @@ def text_measures(
                     else _logits(model, chunk, hook, c, positions).log_softmax(-1)
                 )
                 pred = logp[:, :-1]
-                hit = (pred.argmax(-1) == targets) & has_next
+                hit = top1_hit(pred, targets) & has_next
                 token_nll = -pred.gather(-1, targets[..., None])[..., 0]
                 acc = sums[c.name + str(c.seed)]
                 acc[0] += float(hit.sum())
@@ -179,7 +180,7 @@ def task_measures(
                 else:
                     logp = _logits(model, chunk, hook, c, positions)[index, last].log_softmax(-1)
                 acc = sums[c.name + str(c.seed)]
-                acc[0] += float((logp.argmax(-1) == target).sum())
+                acc[0] += float(top1_hit(logp, target).sum())
                 acc[1] += float(logp.gather(-1, target[:, None]).double().sum())
                 acc[2] += float(_kl(logp_orig, logp).double().sum())
     n = len(batch)

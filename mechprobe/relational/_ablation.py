@@ -42,6 +42,7 @@ from mechprobe.core import (
     progress_bar,
     run,
     tokenize,
+    top1_hit,
 )
 from mechprobe.relational._figure import axes_for
 from mechprobe.relational._intervention import WriterPositions, _core_positions, _positions
@@ -188,15 +189,16 @@ def _removed(n_layers: int, parts: int) -> list[tuple[int, ...]]:
 
 
 def _intact_pass(
-    model: Any, batch: Batch, want_means: bool, batch_size: int | None
-) -> tuple[Tensor, Tensor | None]:
-    """Last-token logits argmax and, for mean-ablation, each layer's mean FFN output."""
+    model: Any, batch: Batch, first: Tensor, want_means: bool, batch_size: int | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Last-token logits argmax, whether the answer's first token ``first`` alone tops them,
+    and, for mean-ablation, each layer's mean FFN output."""
     n_layers = int(model.cfg.n_layers)
     sums = [_MaskedSum() for _ in range(n_layers)] if want_means else []
     spec: InterventionSpec = {Site("mlp_out", layer): acc for layer, acc in enumerate(sums)}
-    preds = []
+    preds, hits = [], []
     with torch.no_grad():
-        for _, chunk in batch.chunks(batch_size):
+        for chunk_rows, chunk in batch.chunks(batch_size):
             mask = chunk.attention_mask.clone()
             if getattr(model.cfg, "default_prepend_bos", True):
                 mask[torch.arange(len(chunk)), chunk.offset] = 0  # leave BOS out of the mean
@@ -207,6 +209,7 @@ def _intact_pass(
             last = logits[torch.arange(len(chunk)), chunk.last_index]
             check_finite(last, "The intact model's logit tensor at the prompts' last token")
             preds.append(last.argmax(-1))
+            hits.append(top1_hit(last, first[chunk_rows]))
     means = None
     if want_means:
         if any(acc.total is None or acc.count == 0 for acc in sums):
@@ -214,7 +217,7 @@ def _intact_pass(
         means = torch.stack(
             [(acc.total / acc.count).float() for acc in sums if acc.total is not None]
         )
-    return torch.cat(preds), means
+    return torch.cat(preds), torch.cat(hits).cpu(), means
 
 
 def ffn_ablation(
@@ -259,17 +262,18 @@ def ffn_ablation(
     acc = np.zeros((len(task_list), parts + 1))
     predicted = []
     steps = [(t, k) for t in range(len(task_list)) for k in range(parts + 1)]
-    batch, first, means, preds = None, None, None, []
+    batch, first, means, preds, hits = None, None, None, [], []
     for t, k in progress_bar(steps, progress=progress, desc="ffn ablation"):
         task = task_list[t]
         if k == 0:  # a new task: its intact pass (and, for "mean", its means)
             batch = tokenize(model, task.prompts())
             first = torch.as_tensor(first_token_ids(model, task.answers()))
-            intact, means = _intact_pass(model, batch, method == "mean", batch_size)
-            preds = [intact]
+            intact, hit, means = _intact_pass(model, batch, first, method == "mean", batch_size)
+            preds, hits = [intact], [hit]
         elif removed[k] == removed[k - 1]:
             # More parts than layers: this step rounds to the previous one's layers.
             preds.append(preds[-1])
+            hits.append(hits[-1])
         else:
             assert batch is not None
             # Each mean is handed over explicitly: Ablate never averages a batch (or its pads).
@@ -285,10 +289,11 @@ def ffn_ablation(
                 logits, f"The logit tensor of {task.name!r} with {len(removed[k])} FFNs ablated"
             )
             preds.append(logits.argmax(-1))
+            assert first is not None  # set by the task's intact pass (k == 0)
+            hits.append(top1_hit(logits, first).cpu())  # a tie for first is no hit
         if k == parts:
-            assert first is not None
             stacked = torch.stack(preds).cpu()  # [step, item]
-            acc[t] = (stacked == first).float().mean(1).cpu().numpy()
+            acc[t] = torch.stack(hits).float().mean(1).numpy()
             predicted.append(stacked.cpu().numpy())
     return AblationResult(
         tasks=tuple(t.name for t in task_list),

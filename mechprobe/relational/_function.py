@@ -41,6 +41,7 @@ from mechprobe.core import (
     first_token_ids,
     new_axes,
     run,
+    top1_hit,
 )
 from mechprobe.patching import ablate_cells, answer_prob
 from mechprobe.relational._ovector import fit_ovector
@@ -216,7 +217,7 @@ def _accuracy(
     if vector is not None:
         spec = {Site("mlp_out", layer): Add(vector, positions=-1)}
     logits = run(model, prompts, spec, logit_positions=-1, progress=False).logits[:, 0]
-    return (logits.argmax(-1).cpu() == torch.as_tensor(answers)).cpu().numpy().astype(float)
+    return top1_hit(logits, torch.as_tensor(answers)).cpu().numpy().astype(float)
 
 
 def function_vector(

@@ -38,6 +38,7 @@ from mechprobe.core import (
     resolve_site,
     run,
     tokenize,
+    top1_hit,
 )
 from mechprobe.relational._figure import axes_for
 from mechprobe.relational._pass import TaskPass
@@ -250,7 +251,7 @@ def extract_ovector(
         first = torch.as_tensor(first_token_ids(model, task.answers()))
         logits = out.logits[:, 0]
         check_finite(logits, f"The model's logit tensor on {task.name!r}")
-        keep = (logits.argmax(-1).cpu() == first).numpy()
+        keep = top1_hit(logits, first).cpu().numpy()
         if not keep.any():
             raise NoneCorrect(
                 f"The model answers none of the {len(texts)} items of {task.name!r} correctly; "

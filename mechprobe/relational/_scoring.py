@@ -32,6 +32,7 @@ from mechprobe.core import (
     run,
     target_rank,
     tokenize_with_targets,
+    top1_hit,
 )
 from mechprobe.relational._figure import axes_for
 from mechprobe.tasks import Task, as_task
@@ -80,13 +81,13 @@ class TaskScore(Result, format="mechprobe.TaskScore", version=2, html_figure=Tru
 
     @property
     def correct(self) -> Bool[np.ndarray, " item"]:
-        """``[item]`` the greedy first token is the answer's first token."""
-        first = np.array([ids[0] for ids in self.answer_ids], dtype=np.int64)
-        return np.asarray(self.predicted == first)
+        """``[item]`` the answer's first token alone has the largest logit (``first_rank`` 0:
+        a tie for first is no hit)."""
+        return np.asarray(self.first_rank == 0)
 
     @property
     def accuracy(self) -> float:
-        """Fraction of items whose greedy first token is the answer's first token."""
+        """Fraction of items whose answer's first token alone has the largest logit."""
         return float(self.correct.mean())
 
     @property
@@ -208,7 +209,7 @@ def _forced_pass(
         predicted[index] = first.argmax(-1).cpu().numpy()
         first_rank[index] = target_rank(first, target_logit)[:, 0].cpu().numpy()
         logprob[index] = logp.sum(-1).double().cpu().numpy()
-        exact[index] = (logits.argmax(-1) == targets).all(-1).cpu().numpy()
+        exact[index] = top1_hit(logits, targets).all(-1).cpu().numpy()
         for i, row in enumerate(rows):
             answer_ids[row] = tuple(int(t) for t in targets[i].tolist())
         for kind in kinds:
