@@ -38,7 +38,7 @@ def _loop(
     at (layer, position) restored from the clean run."""
     tokens = model.to_tokens(PROMPT)
     start, stop = span
-    noise = mp.trace_noise(0, N_NOISE, stop - start, model.cfg.d_model, level, seed=0)
+    noise = mp.trace_noise(tokens[0], N_NOISE, stop - start, model.cfg.d_model, level, seed=0)
     out = np.zeros((len(layers), tokens.shape[1], N_NOISE))
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
@@ -71,7 +71,7 @@ def _rome_loop(
     clean row's at that position. ``[layers, positions, samples]`` answer probabilities."""
     tokens = model.to_tokens(PROMPT).repeat(N_NOISE + 1, 1)  # row 0 clean, rows 1.. noised
     start, stop = span
-    noise = mp.trace_noise(0, N_NOISE, stop - start, model.cfg.d_model, level, seed=0)
+    noise = mp.trace_noise(tokens[0], N_NOISE, stop - start, model.cfg.d_model, level, seed=0)
     out = np.zeros((len(layers), tokens.shape[1], N_NOISE))
 
     def corrupt(emb: torch.Tensor, hook: Any) -> torch.Tensor:

@@ -18,7 +18,7 @@ def _loop(model, prompt, subject, kind, window, n_noise, level, seed, answer):
     outputs) from the clean run, read the answer's probability; one forward pass per cell."""
     tokens = model.to_tokens(prompt)
     start, stop = mp.patching._tracing.subject_span(model, prompt, subject)
-    noise = mp.trace_noise(0, n_noise, stop - start, model.cfg.d_model, level, seed=seed)
+    noise = mp.trace_noise(tokens[0], n_noise, stop - start, model.cfg.d_model, level, seed=seed)
     n_layers, seq = model.cfg.n_layers, tokens.shape[1]
     out = np.zeros((n_noise, n_layers, seq))
     corrupted = np.zeros(n_noise)
@@ -185,3 +185,16 @@ def test_a_tasks_subject_is_its_argument_not_its_whole_input(tiny):
     # Its last occurrence: in the question, after the sentence that gives the answer.
     after = ["".join(t[b:]) for t, (_, b) in zip(res.tokens, res.subjects, strict=True)]
     assert all(text.startswith("?") for text in after)
+
+
+def test_a_prompts_trace_does_not_depend_on_its_place_in_the_list(tiny):
+    prompts, subjects = ["The cat sat on a mat", "A dog ran far away"], ["cat", "dog"]
+    kwargs = dict(sites="mlp_out", n_noise=3, n_random=0, noise=0.5, window=1, progress=False)
+    both = mp.causal_trace(tiny, prompts, subjects, **kwargs)
+    swapped = mp.causal_trace(tiny, prompts[::-1], subjects[::-1], **kwargs)
+    alone = mp.causal_trace(tiny, prompts[1], subjects[1], **kwargs)
+    np.testing.assert_allclose(both.scores[0], swapped.scores[1], atol=1e-6)
+    np.testing.assert_allclose(both.scores[1], swapped.scores[0], atol=1e-6)
+    np.testing.assert_allclose(both.scores[1], alone.scores[0], atol=1e-6)
+    with pytest.raises(TypeError, match="token ids"):
+        mp.trace_noise(0, 2, 1, 8, 1.0)

@@ -26,6 +26,7 @@ subject token, the first token after the subject, further tokens, and the last t
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -118,17 +119,34 @@ def subject_span(model: Any, prompt: str, subject: str) -> tuple[int, int]:
 
 
 def trace_noise(
-    prompt: int, n_noise: int, n_tokens: int, d_model: int, level: float, *, seed: int = 0
+    prompt: Sequence[int] | Tensor,
+    n_noise: int,
+    n_tokens: int,
+    d_model: int,
+    level: float,
+    *,
+    seed: int = 0,
 ) -> Tensor:
-    """``[n_noise, n_tokens, d_model]``: the noise :func:`causal_trace` adds to prompt
-    ``prompt``'s subject embeddings, ``level * N(0, 1)`` from a generator seeded with
-    ``seed + 1000 * prompt`` (so a loop written by hand can reproduce it).
+    """``[n_noise, n_tokens, d_model]``: the noise :func:`causal_trace` adds to the subject
+    embeddings of the prompt with token ids ``prompt`` (BOS included, as ``model.to_tokens``
+    gives them), ``level * N(0, 1)`` from a generator seeded with ``seed`` and a hash of those
+    ids, so a loop written by hand can reproduce it. Keyed by the prompt, not by its place in the
+    list: a prompt's trace is the same whichever prompts it is traced beside and in what order
+    (the noise *level*, by default, is still measured over all the prompts' subjects, as ROME).
 
     Example:
-        >>> tuple(trace_noise(0, 10, 3, 64, 1.0, seed=0).shape)
-        (10, 3, 64)
+        >>> tuple(trace_noise([1, 45, 67], 10, 2, 64, 1.0, seed=0).shape)
+        (10, 2, 64)
     """
-    gen = torch.Generator().manual_seed(int(seed) + 1000 * int(prompt))
+    if isinstance(prompt, (int, np.integer)):
+        raise TypeError(
+            "trace_noise takes the prompt's token ids (e.g. model.to_tokens(prompt)[0]), not its "
+            "index: the noise is keyed by the prompt itself, so that it does not depend on the "
+            "prompt's place in the list."
+        )
+    ids = np.asarray(torch.as_tensor(prompt).cpu().reshape(-1), dtype=np.int64)
+    digest = hashlib.blake2b(ids.tobytes(), digest_size=8, key=str(int(seed)).encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") % 2**63)
     return torch.randn((n_noise, n_tokens, d_model), generator=gen) * float(level)
 
 
@@ -535,7 +553,7 @@ def causal_trace(
     d_model = int(model.cfg.d_model)
     plan = Plan(sources=list(ids), source_groups=list(range(len(ids))))
     for i, (t, (a, b)) in enumerate(zip(ids, spans, strict=True)):
-        samples = trace_noise(i, n_noise, b - a, d_model, level, seed=seed)
+        samples = trace_noise(t, n_noise, b - a, d_model, level, seed=seed)
         for k in range(n_noise):
             edits = tuple(
                 Edit("hook_embed", "vector", a + q, ADD, payload=samples[k, q])
