@@ -18,21 +18,32 @@ METRIC = mp.logit_diff(1, 2)
 
 
 def test_a_mean_over_one_reference_token_warns_that_ablating_to_it_is_a_no_op(tiny):
-    with pytest.warns(UserWarning, match="over 1 reference token"):
+    with pytest.warns(UserWarning, match="over 1 reference token") as caught:
         res = mp.ablate_cells(
             tiny, ["Hi cat sat"], "mlp_out", -1, METRIC, reference_positions=-1, n_random=0,
             progress=False,
         )  # fmt: skip
+    assert caught[0].filename == __file__  # it points at the user's call
     assert np.abs(res.values - res.clean_metric).max() < 1e-4  # the no-op the warning names
-    with warnings.catch_warnings():  # the default mean, over every token, is a real ablation
+    with warnings.catch_warnings():  # real ablations: no warning
         warnings.simplefilter("error")
-        res = mp.ablate_cells(tiny, ["Hi cat sat"], "mlp_out", -1, METRIC, n_random=0,
+        res = mp.ablate_cells(
+            tiny, ["Hi cat sat"], "mlp_out", -1, METRIC, n_random=0, progress=False
+        )  # fmt: skip  (the mean over every token)
+        assert np.abs(res.values - res.clean_metric).max() > 1e-3
+        other = mp.ablate_cells(tiny, ["Hi cat sat"], "mlp_out", 1, METRIC, n_random=0,
+                                reference_positions=-1, progress=False)  # fmt: skip
+        assert np.abs(other.values - other.clean_metric).max() > 1e-3  # another token's value
+        ref = mp.ablate_cells(tiny, ["Hi cat sat"], "mlp_out", -1, METRIC, n_random=0,
+                              reference=["The dog ran far"], reference_positions=-1,
                               progress=False)  # fmt: skip
-    assert np.abs(res.values - res.clean_metric).max() > 1e-3
+        assert np.abs(ref.values - ref.clean_metric).max() > 1e-3
+        mp.ablate_cells(tiny, "Hi cat sat", "pattern", -1, METRIC, layers=[0], n_random=0,
+                        reference=["The dog ran far away"], progress=False)  # fmt: skip
 
 
 def test_a_pattern_mean_from_one_prompt_warns(tiny):
-    with pytest.warns(UserWarning, match="comes from one reference prompt"):
+    with pytest.warns(UserWarning, match="comes from the one prompt ablated"):
         mp.ablate_cells(tiny, "Hi cat sat", "pattern", -1, METRIC, layers=[0], n_random=0,
                         progress=False)  # fmt: skip
 

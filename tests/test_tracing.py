@@ -189,12 +189,14 @@ def test_a_tasks_subject_is_its_argument_not_its_whole_input(tiny):
 
 def test_a_prompts_trace_does_not_depend_on_its_place_in_the_list(tiny):
     prompts, subjects = ["The cat sat on a mat", "A dog ran far away"], ["cat", "dog"]
-    kwargs = dict(sites="mlp_out", n_noise=3, n_random=0, noise=0.5, window=1, progress=False)
+    kwargs = dict(sites="mlp_out", n_noise=3, n_random=2, noise=0.5, window=1, progress=False)
     both = mp.causal_trace(tiny, prompts, subjects, **kwargs)
     swapped = mp.causal_trace(tiny, prompts[::-1], subjects[::-1], **kwargs)
     alone = mp.causal_trace(tiny, prompts[1], subjects[1], **kwargs)
-    np.testing.assert_allclose(both.scores[0], swapped.scores[1], atol=1e-6)
-    np.testing.assert_allclose(both.scores[1], swapped.scores[0], atol=1e-6)
-    np.testing.assert_allclose(both.scores[1], alone.scores[0], atol=1e-6)
+    for field in ("scores", "random"):  # the random controls too
+        got = getattr(both, field)
+        np.testing.assert_allclose(got[0], getattr(swapped, field)[1], atol=1e-6, err_msg=field)
+        np.testing.assert_allclose(got[1], getattr(swapped, field)[0], atol=1e-6, err_msg=field)
+        np.testing.assert_allclose(got[1], getattr(alone, field)[0], atol=1e-6, err_msg=field)
     with pytest.raises(TypeError, match="token ids"):
         mp.trace_noise(0, 2, 1, 8, 1.0)

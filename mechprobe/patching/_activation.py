@@ -433,6 +433,9 @@ def ablate_cells(
     if method == "mean":
         ref_ids = ids if reference is None else token_rows(model, reference, "reference")
         means = _means(model, site_list, ref_ids, reference_positions)
+        if reference is None and len(ids) == 1:
+            _warn_if_self_mean(site_list, sorted({p for _, p in resolved[0]}), lengths[0],
+                               reference_positions)  # fmt: skip
     plan = Plan(bases=[Base(t, i) for i, t in enumerate(ids)])
     grid = [
         (i, r, c, site, p)
@@ -494,6 +497,31 @@ def ablate_cells(
     )
 
 
+def _warn_if_self_mean(
+    site_list: list[Site], ablated: list[int], length: int, reference_positions: PositionSpec
+) -> None:
+    """Warn where one prompt is its own reference and a mean is that very activation: ablating
+    to it changes nothing, and the random controls, moved the same zero distance, agree, so
+    those cells would read "no effect"."""
+    if any(site.kind == "pattern" for site in site_list):
+        warnings.warn(
+            f"The mean pattern row at the ablated query position(s) {ablated} comes from the one "
+            "prompt ablated: ablating it there changes nothing. Pass reference prompts "
+            "(reference=...) or use method='zero'.",
+            stacklevel=3,  # the user's call of ablate_cells
+        )
+    if reference_positions != "all" and any(site.kind != "pattern" for site in site_list):
+        taken = {p % length for p in position_list(reference_positions)}
+        if len(taken) == 1 and taken <= set(ablated):
+            warnings.warn(
+                f"The mean activation is taken over 1 reference token, position {taken.pop()}, "
+                "which is the position ablated: ablating it to its own value changes nothing. "
+                "Pass reference prompts (reference=...), reference_positions='all', or use "
+                "method='zero'.",
+                stacklevel=3,  # the user's call of ablate_cells
+            )
+
+
 def _means(
     model: Any, site_list: list[Site], ids: list[Tensor], positions: PositionSpec = "all"
 ) -> dict[Site, Any]:
@@ -521,25 +549,6 @@ def _means(
                         f"reference_positions {p} is outside reference prompt {i} ({n} tokens)."
                     )
                 real[i, p % n] = True
-    # A mean over one reference row is that row itself: ablating a prompt's own token (or its
-    # own pattern row) to it changes nothing, and the random controls, moved the same zero
-    # distance, agree, so every cell would read "no effect".
-    if any(site.kind != "pattern" for site in site_list) and int(real.sum()) < 2:
-        warnings.warn(
-            f"The mean activation is taken over {int(real.sum())} reference token: ablating that "
-            "token to it changes nothing, so its cells read no effect. Pass more reference "
-            "prompts (reference=...) or reference_positions='all', or use method='zero'.",
-            stacklevel=3,
-        )
-    if any(site.kind == "pattern" for site in site_list):
-        alone = [p for p in range(width) if int((lengths > p).sum()) < 2]
-        if alone:
-            warnings.warn(
-                f"The mean pattern row at query position(s) {alone} comes from one reference "
-                "prompt: ablating that prompt there changes nothing. Pass at least two reference "
-                "prompts as long as the ablated ones (reference=...), or use method='zero'.",
-                stacklevel=3,
-            )
     out: dict[Site, Any] = {}
     for site in site_list:
         value = captured[site]

@@ -576,14 +576,15 @@ def causal_trace(
         for p in range(a, len(t))
     ]
     for j in range(-1, n_random):
-        for n, (i, k, li, p) in enumerate(grid):
+        for i, k, li, p in grid:
             sites_here = [Site(kinds[k], x) for x in restored(kinds[k], layer_list[li])]
             if j < 0:
                 for sample in range(n_noise):
                     edits = tuple(site_edit(s, p, COPY, source_position=p) for s in sites_here)
                     plan.cells.append(Cell((j, i, k, li, p), i * n_noise + sample, edits, i))
                 continue
-            units = _units(seed + j, n, len(sites_here), d_model)
+            where = (str(kinds[k]), int(layer_list[li]), p)
+            units = _units(seed + j, ids[i], where, len(sites_here), d_model)
             edits = tuple(
                 site_edit(s, p, RANDOM, source_position=p, payload=u)
                 for s, u in zip(sites_here, units, strict=True)
@@ -637,7 +638,12 @@ def causal_trace(
     )
 
 
-def _units(seed: int, cell: int, count: int, width: int) -> list[Tensor]:
-    """The random directions of one control cell, drawn from ``seed`` and the cell's index (the
-    same whatever the chunking)."""
-    return unit_vectors(seed * 1_000_003 + cell, [width] * count)
+def _units(
+    seed: int, prompt: Tensor, cell: tuple[str, int, int], count: int, width: int
+) -> list[Tensor]:
+    """The random directions of one control cell, drawn from ``seed``, the prompt's token ids
+    and the cell ``(kind, layer, position)``: the same whatever the chunking, the prompt's place
+    in the list or the other prompts and layers traced beside it."""
+    ids = np.asarray(prompt.cpu(), dtype=np.int64).tobytes()
+    key = hashlib.blake2b(ids + repr(cell).encode(), digest_size=8, key=str(int(seed)).encode())
+    return unit_vectors(int.from_bytes(key.digest(), "little") % 2**63, [width] * count)

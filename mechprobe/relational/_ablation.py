@@ -67,7 +67,8 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
         kinds: Their kinds (``abstractive`` / ``extractive``).
         n_items: Items per task.
         removed: Per step, the layers whose FFN was ablated (step 0: none).
-        accuracy: ``[task, step]`` greedy first-token accuracy.
+        accuracy: ``[task, step]`` greedy first-token accuracy (a tie for first is a miss, so
+            it can differ from ``predicted == answer`` on tied logits).
         predicted: Per task, ``[step, item]`` the greedy token ids.
         method: ``"zero"`` or ``"mean"``.
         parts: Number of steps after the intact one (6: sixths).

@@ -56,7 +56,8 @@ class TaskScore(Result, format="mechprobe.TaskScore", version=2, html_figure=Tru
         predicted: ``[item]`` greedy token id at the prompt's last position.
         first_rank: ``[item]`` rank of the answer's first token there.
         logprob: ``[item]`` teacher-forced log-probability of the whole answer (natural log).
-        exact: ``[item]`` every answer token is the greedy choice under teacher forcing.
+        exact: ``[item]`` every answer token is the greedy choice under teacher forcing (alone:
+            a tie for first is a miss, as for ``correct``).
 
     Example:
         >>> import mechprobe as mp

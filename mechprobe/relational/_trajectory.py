@@ -95,7 +95,8 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
         answer_rank: ``[item, layer]`` rank of the answer's first token in ``resid_post[l]``.
         argument_rank_no_ffn: ``[item, layer]`` the same in ``resid_post[l] - mlp_out[l]``.
         answer_rank_no_ffn: ``[item, layer]`` the same in ``resid_post[l] - mlp_out[l]``.
-        correct: ``[item]`` the model's greedy first token is the answer's.
+        correct: ``[item]`` the model's greedy first token is the answer's (alone: a tie for
+            first is a miss).
         distinct: ``[item]`` argument and answer start with different tokens (else the X is
             undefined for that item).
         lens: The lens that decoded the ranks (``"logit"``, or a tuned lens's or a Patchscope's
