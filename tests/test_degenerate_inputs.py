@@ -89,6 +89,14 @@ def test_no_largest_gain_layer_without_a_gain():
     assert summary["largest_gain_layer"].iloc[0] is None
 
 
+def test_one_layer_has_no_largest_gain_layer():
+    # A single prefix has no gain (its delta is NaN); the summary named layer 0 regardless.
+    X = np.random.default_rng(0).normal(size=(120, 1, 4))
+    scores = mp.cumulative_scores(X, X[:, 0, 0] > 0, progress=False)
+    assert np.isnan(scores.deltas[0]) and scores.scores[0] > 0.9
+    assert scores.summary()["largest_gain_layer"].iloc[0] is None
+
+
 def test_path_patch_with_equal_runs_warns_and_summaries_do_not_anchor_a_scale(tiny):
     with pytest.warns(UserWarning, match="normalised recovery is undefined"):
         res = mp.path_patch(tiny, "Hi cat", "Hi cat", "head", "final", METRIC, layers=[0],

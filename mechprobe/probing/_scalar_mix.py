@@ -252,13 +252,11 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
     def summary(self) -> pd.DataFrame:
         """One row: the expected layer ``E_Δ``, the first and last prefix scores, the layer of
         the largest gain (None when no layer adds to the score), and the data sizes."""
+        # deltas[0] is NaN (no prefix before the first layer): a single layer gains nothing,
+        # and argmax of gains that are all <= 0 would name the first layer for no gain at all.
         gains = np.nan_to_num(self.deltas, nan=-np.inf)
-        if len(gains) > 1:
-            # argmax of gains that are all <= 0 would name the first layer for no gain at all
-            best = int(np.argmax(gains))
-            largest = int(self._layers()[best]) if gains[best] > 0 else None
-        else:
-            largest = int(self._layers()[0])
+        best = int(np.argmax(gains))
+        largest = int(self._layers()[best]) if gains[best] > 0 else None
         return pd.DataFrame(
             [
                 {
