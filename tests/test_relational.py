@@ -123,10 +123,23 @@ def test_more_items_than_the_task_has_records_the_count_used(tiny):
 def test_bad_arguments_name_the_fix(tiny):
     with pytest.raises(ValueError, match="at most that many"):
         mp.relational_analysis(tiny, "capitals", shots=9, progress=False)
-    with pytest.raises(ValueError, match="holdout"):
+    with pytest.raises(ValueError, match="test_size"):
         mp.relational_analysis(
-            tiny, "capitals", n_items=3, holdout=1.0, ablation=False, progress=False
+            tiny, "capitals", n_items=3, test_size=1.0, ablation=False, progress=False
         )
+
+
+def test_holdout_is_the_old_name_of_test_size(tiny):
+    # Every other split of the API says test_size; holdout= is accepted for one release.
+    common = {"n_items": 6, "ablation": False, "n_random": 0, "other_task": None,
+              "progress": False}  # fmt: skip
+    new = mp.relational_analysis(tiny, "capitals", test_size=0.34, **common)
+    with pytest.warns(DeprecationWarning, match=r"holdout=.*test_size="):
+        old = mp.relational_analysis(tiny, "capitals", holdout=0.34, **common)
+    assert old.config["test_size"] == new.config["test_size"] == 0.34
+    assert old.to_frame().equals(new.to_frame())
+    with pytest.raises(TypeError, match="both holdout= and test_size="):
+        mp.relational_analysis(tiny, "capitals", holdout=0.5, test_size=0.5, **common)
 
 
 def test_cli_relation_on_the_tiny_model(tmp_path, capsys):

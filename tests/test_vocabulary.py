@@ -21,7 +21,7 @@ DEFAULTS: dict[str, tuple[Any, ...]] = {
     "padding_side": ("right",),
     "n_random": (3,),
 }
-GONE = {"kind", "select", "layer_ranges", "sweep_ranges", "C", "alpha"}
+GONE = {"kind", "select", "layer_ranges", "sweep_ranges", "C", "alpha", "holdout"}
 # Loaders take no sites: there `kind` is the model class, "bridge" or "hooked" (issue 16).
 MODEL_KIND = {"load_model", "tiny_model"}
 SINGLE_SITE = {"amnesic"}  # functions that act at exactly one site take `site`

@@ -94,7 +94,14 @@ def add_parser(sub: Any) -> None:
         default="auto",
         help="task ablated beside this one ('auto': its extractive/abstractive twin; 'none')",
     )
-    parser.add_argument("--holdout", type=float, default=0.5, help="held-out fraction (0.5)")
+    parser.add_argument(
+        "--test-size",
+        "--holdout",  # its old name
+        dest="test_size",
+        type=float,
+        default=0.5,
+        help="share of the items held out of the o-vector (0.5; --holdout is its old name)",
+    )
     parser.add_argument(
         "--ovector-prompts", type=int, help="average o over at most this many prompts (1: paper)"
     )
@@ -136,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
             n_random=args.n_random,
             other_task=args.other_task,
             contrast_task=args.contrast_task,
-            holdout=args.holdout,
+            test_size=args.test_size,
             ovector_prompts=args.ovector_prompts,
             ablation=not args.no_ablation,
             ablation_method=args.ablation_method,

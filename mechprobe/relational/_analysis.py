@@ -118,8 +118,8 @@ def default_sweep_layers(n_layers: int, function_layer: int | None) -> list[rang
     return to_end + [range(s, n_layers - 1) for s in range(first, n_layers - 1)]
 
 
-def _split(arguments: Sequence[str], holdout: float, seed: int) -> np.ndarray:
-    """``[item]`` True for held-out items: a seeded fraction ``holdout`` of them, split by
+def _split(arguments: Sequence[str], test_size: float, seed: int) -> np.ndarray:
+    """``[item]`` True for held-out items: a seeded fraction ``test_size`` of them, split by
     argument, so that no held-out item shares its argument with an item the o-vector is fitted
     on (``uppercase`` asks about 13 colours in 200 items). Arguments are taken in a seeded order,
     each one whose items bring the count no farther from the fraction, until it is reached,
@@ -131,13 +131,13 @@ def _split(arguments: Sequence[str], holdout: float, seed: int) -> np.ndarray:
         >>> _split(["a", "b", "a", "c"], 0.5, 0).tolist()  # "c", then "a": 3 of 4
         [True, False, True, True]
     """
-    if not 0.0 <= holdout < 1.0:
-        raise ValueError(f"holdout is a fraction in [0, 1), got {holdout!r}.")
+    if not 0.0 <= test_size < 1.0:
+        raise ValueError(f"test_size is a fraction in [0, 1), got {test_size!r}.")
     n = len(arguments)
     names = list(dict.fromkeys(arguments))  # in order of first occurrence
     members = {name: [i for i, a in enumerate(arguments) if a == name] for name in names}
     held = np.zeros(n, dtype=bool)
-    wanted = min(round(holdout * n), n - 1)
+    wanted = min(round(test_size * n), n - 1)
     count, taken = 0, 0
     for g in np.random.default_rng(seed).permutation(len(names)):
         if count >= wanted or taken == len(names) - 1:
@@ -183,7 +183,9 @@ def _contexts(
     return args, random_word_contexts(args, seed=seed), targets, groups
 
 
-@renamed_keywords(sweep_ranges=("sweep_layers", half_open_pairs))
+@renamed_keywords(
+    sweep_ranges=("sweep_layers", half_open_pairs), holdout=("test_size", lambda share: share)
+)
 def relational_analysis(
     model: Any,
     task: TaskArg,
@@ -197,7 +199,7 @@ def relational_analysis(
     n_random: int = 3,
     other_task: TaskArg | Literal["auto"] | None = "auto",
     contrast_task: TaskArg | Literal["auto"] | None = "auto",
-    holdout: float = 0.5,
+    test_size: float = 0.5,
     ovector_prompts: int | None = None,
     ablation: bool = True,
     ablation_method: AblationMethod = "zero",
@@ -229,9 +231,10 @@ def relational_analysis(
             pairing; None: skip).
         contrast_task: The task ablated beside this one (``"auto"``: the extractive or abstractive
             counterpart of a built-in task; None: only this task).
-        holdout: Fraction of items held out of the o-vector (their contexts are ``held_out``),
-            split by argument: no held-out item shares its argument with a fitted one, so the
-            fraction is met as closely as whole arguments allow (a note says when it is not).
+        test_size: Share of the items held out of the o-vector (their contexts are
+            ``held_out``), split by argument: no held-out item shares its argument with a fitted
+            one, so the share is met as closely as whole arguments allow (a note says when it
+            is not). The old name ``holdout=`` still works for one release.
         ovector_prompts: Average the o-vector over at most this many correct fit items (1: one
             prompt, as in the paper; None: all).
         ablation: Run the top-down FFN ablation.
@@ -279,7 +282,7 @@ def relational_analysis(
         _scales(sweep_scales, "sweep_scales")
         if sweep_contexts is not None:
             sweep_contexts = check_int(sweep_contexts, "sweep_contexts", 1)
-    check_float(holdout, "holdout")
+    check_float(test_size, "test_size")
     check_lens(model, lens)
     base = as_task(task)
     seed = check_seed(seed)
@@ -287,7 +290,7 @@ def relational_analysis(
         shots = min(3, len(base.shots))
     shots = check_int(shots, "shots", 0)
     work = _prepare(base, shots, n_items, seed)
-    held = _split(work.arguments(), holdout, seed)
+    held = _split(work.arguments(), test_size, seed)
     other = _resolve_pair(other_task, base, 1)
     if other is not None:
         other = _prepare(other, min(shots, len(other.shots)), _OTHER_TASK_ITEMS, seed)
@@ -297,9 +300,9 @@ def relational_analysis(
     notes: list[str] = []
     if n_items is not None and n_items > len(work):
         notes.append(f"n_items={n_items}, but {base.name!r} has {len(work)} items: all are used.")
-    if abs(held.mean() - holdout) > 0.1:
+    if abs(held.mean() - test_size) > 0.1:
         notes.append(
-            f"holdout={holdout}: {int(held.sum())} of {len(work)} items are held out, split by "
+            f"test_size={test_size}: {int(held.sum())} of {len(work)} items are held out, split by "
             "argument (whole arguments only; no held-out item shares one with a fitted item)."
         )
     steps: dict[str, Any] = {"batch_size": batch_size, "progress": progress}
@@ -372,7 +375,7 @@ def relational_analysis(
         "positions": list(where) if isinstance(where, tuple) else where,
         "n_random": n_random,
         "other_task": vectors["other_task"].source if "other_task" in vectors else None,
-        "holdout": holdout,
+        "test_size": test_size,
         "ovector_prompts": ovector_prompts,
         "ablation_method": ablation_method if ablation else None,
         "seed": seed,
