@@ -54,7 +54,7 @@ def test_inlp_rows_add_the_reference_cut_to_mechprobes_fits():
     fits = len(mp.inlp(X, y, bench_nullspace._ITERS, progress=False).accuracies) - 1
     assert fits < bench_nullspace._ITERS  # two planted directions: mechprobe stops early
     assert len(rows) == 2
-    assert f"{fits} iterations (mechprobe's count)" in rows[1]["baseline"]
+    assert f"{fits} iterations (mechprobe's count of fits that removed" in rows[1]["baseline"]
     # the cut reference removes one LinearSVC row per class and fit: 3 * fits directions
     assert f"removes {3 * fits} directions" in rows[1]["detail"]
 
