@@ -1,6 +1,7 @@
 """Old spellings accepted for one release, each with a DeprecationWarning naming the new one.
 
-- Renamed keywords (``layer_ranges=`` -> ``layers=``, ``sweep_ranges=`` -> ``sweep_layers=``):
+- Renamed keywords (``layer_ranges=`` -> ``layers=``, ``sweep_ranges=`` -> ``sweep_layers=``,
+  ``holdout=`` -> ``test_size=``):
   :func:`renamed_keywords` wraps a function so that the old keyword still works; the function's
   signature (what ``inspect.signature`` and the vocabulary test see) shows only the new names.
 - ``positions=None`` meaning every position: :func:`writer_positions` turns it into ``"all"``.
