@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import gc
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
 import mechprobe as mp
+from benchmarks.bench_lens import _interleaved
 
 PROMPTS = [
     f"Q: What is the capital of {c}?\nA:" for c in ["France", "Poland", "Japan", "Chile"]
@@ -22,13 +20,6 @@ _LOAD = (
     "import time, mechprobe; w, c = time.perf_counter(), time.process_time(); "
     "mechprobe.load_model(); print(time.perf_counter() - w, time.process_time() - c)"
 )
-
-
-def _seconds(fn: Any) -> float:
-    gc.collect()
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _load_in_fresh_process(cache: str) -> tuple[float, float]:
@@ -59,11 +50,8 @@ def run(ctx: Any) -> list[dict[str, Any]]:
     # logits, which a capture with logit_positions=-1 skips, so the ratio can fall below 1; the
     # capture's own cost is the distance from this floor. Alternated, so that both see the same
     # spells of load: medians of separate blocks put the capture below its floor.
-    captured(), uncaptured()
-    pairs = []
-    for _ in range(5):
-        pairs.append((_seconds(captured), _seconds(uncaptured)))
-    capture, floor = (statistics.median(p) for p in zip(*pairs, strict=True))
+    timed = _interleaved({"capture": captured, "floor": uncaptured}, repeat=5)
+    capture, floor = timed["capture"][0], timed["floor"][0]
     rows.append(
         {
             "benchmark": f"capture resid_post at all {n} layers (32 prompts)",
