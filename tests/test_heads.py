@@ -11,7 +11,7 @@ from transformer_lens import patching as tl_patching
 
 import mechprobe as mp
 from mechprobe.core import model_adapter, query_heads
-from mechprobe.patching._engine import unit_vectors
+from mechprobe.patching._engine import keyed_seed, unit_vectors
 from tests.conftest import hook_count
 
 CLEAN, CORRUPT = "A cat sat", "A bat sat"  # differ at position 3 (BOS first)
@@ -174,7 +174,9 @@ def test_random_control_moves_the_same_distance_in_a_seeded_direction(tiny):
     with torch.no_grad():
         _, cache = tiny.run_with_cache(clean)
         for j in range(2):
-            unit = unit_vectors(7 + j, [tiny.cfg.d_model])[0]
+            # Control j of the pair: seed 7 + j keyed by the pair's token ids.
+            key = keyed_seed(7 + j, [clean[0], corrupt[0]])
+            unit = unit_vectors(key, [tiny.cfg.d_model])[0]
 
             def write(act, hook, unit=unit):
                 act = act.clone()

@@ -432,3 +432,36 @@ def test_reference_means_over_more_prompts_than_one_pass_takes() -> None:
         _, cache = model.run_with_cache(t[None])
         rows.append(cache[site.hook_name][0].double())
     torch.testing.assert_close(got, torch.cat(rows).mean(0).float(), atol=1e-6, rtol=1e-5)
+
+
+PAIRS = [("A cat", "A bat"), ("Hi dog", "Hi fog"), ("So red", "So rod")]
+REFERENCE = ["A bat", "Hi fog", "So rod"]  # one mean for every run below
+
+
+@pytest.mark.parametrize(
+    "analysis",
+    [
+        lambda m, c, k: mp.patch(m, c, k, ["mlp_out", "pattern"], [-2, -1], METRIC),
+        lambda m, c, k: mp.patch(m, c, k, "head", -1, METRIC, direction="noising"),
+        lambda m, c, k: mp.ablate_cells(m, c, "head", [-2, -1], METRIC, reference=REFERENCE),
+        lambda m, c, k: mp.attribution_patch(m, c, k, ["head", "pattern"], [-3, -1], METRIC),
+        lambda m, c, k: mp.path_patch(
+            m, c, k, ["mlp_out", mp.Site("head", 0, head=1)], "q", METRIC, positions=[-2, -1]
+        ),
+    ],
+    ids=["patch", "noising", "ablate", "attribution", "path"],
+)
+def test_a_pairs_random_controls_do_not_depend_on_the_other_pairs(tiny, analysis):
+    """Control ``j`` of a pair is drawn from ``seed + j`` and the pair's tokens: running a pair
+    alone, after others or in another order gives it the same controls (as causal tracing does
+    per prompt), so runs split over jobs can be joined. Before, the draws ran through the whole
+    grid, so pair 2's controls changed when pair 0 was dropped."""
+    clean, corrupt = [c for c, _ in PAIRS], [k for _, k in PAIRS]
+    together = analysis(tiny, clean, corrupt)
+    alone = analysis(tiny, clean[2:], corrupt[2:])
+    reordered = analysis(tiny, clean[::-1], corrupt[::-1])
+    assert np.isfinite(together.random).any()  # path patching: NaN where no path runs
+    np.testing.assert_allclose(alone.random[:, 0], together.random[:, 2], atol=1e-5)
+    np.testing.assert_allclose(reordered.random[:, ::-1], together.random, atol=1e-5)
+    # Controls are draws, not copies: other pairs and other seeds move them.
+    assert not np.allclose(together.random[:, 0], together.random[:, 1], atol=1e-3)

@@ -9,9 +9,10 @@ logits at the last token. ``direction="denoising"`` (the default, as in Transfor
 clean prompt and writes corrupt ones. Ablating a cell writes zeros or a mean instead.
 
 Every cell comes with controls: ``n_random`` runs of the same cell in which the activation is
-moved by the same distance in a random direction (seeds ``seed, seed + 1, ...``), so an effect can
-be told apart from "anything of that size written there"; and every value is kept per prompt
-pair, for the spread over prompts.
+moved by the same distance in a random direction (control ``j`` of a pair drawn from ``seed + j``
+and the pair's tokens: the same whatever other pairs run beside it), so an effect can be told
+apart from "anything of that size written there"; and every value is kept per prompt pair, for
+the spread over prompts.
 
 All cells of a pair share forward passes (:mod:`mechprobe.patching._engine`): ``mlp_out`` at every
 layer at the last position is one forward pass over ``2 * seq + n_layers`` tokens instead of
@@ -55,9 +56,9 @@ from mechprobe.patching._engine import (
     Cell,
     Plan,
     edit_width,
+    pair_unit_vectors,
     run_plan,
     site_edit,
-    unit_vectors,
 )
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
 from mechprobe.patching._result import PatchResult, normalised_recovery
@@ -240,9 +241,10 @@ def patch(
         direction: ``"denoising"`` runs corrupt and writes clean activations (TransformerLens's
             ``get_act_patch_*`` convention); ``"noising"`` runs clean and writes corrupt ones.
         n_random: Random controls per cell: the activation moved by the patch's own distance
-            ``||a_source - a_run||`` in a random direction (one seed each: ``seed``,
-            ``seed + 1``, ...; for a pattern row, a direction that keeps the row's sum). 0 skips
-            them (and runs ``1 + n_random`` times fewer cells).
+            ``||a_source - a_run||`` in a random direction (control ``j`` of a pair drawn from
+            ``seed + j`` and the pair's tokens, so the same whatever pairs run beside it; for a
+            pattern row, a direction that keeps the row's sum). 0 skips them (and runs
+            ``1 + n_random`` times fewer cells).
         seed: Seed of the random directions.
         cells_per_batch: Cells per forward pass; memory grows with it times the prompt length.
         packed: Share each pair's unpatched prefix between cells (None: when the model supports
@@ -289,8 +291,14 @@ def patch(
     ]
     widths = [edit_width(model, site, pb) for _, _, _, site, _, pb in grid]
     sum_zero = [site.kind == "pattern" for _, _, _, site, _, _ in grid]
+    pair_tokens = list(zip(clean_ids, corrupt_ids, strict=True))
+    pair_of_cell = [i for i, *_ in grid]
     for j in range(-1, n_random):
-        units = unit_vectors(seed + j, widths, sum_zero=sum_zero) if j >= 0 else None
+        units = (
+            pair_unit_vectors(seed + j, pair_tokens, pair_of_cell, widths, sum_zero=sum_zero)
+            if j >= 0
+            else None
+        )
         for n, (i, r, c, site, ps, pb) in enumerate(grid):
             op, payload = (COPY, None) if units is None else (RANDOM, units[n])
             edit = site_edit(site, pb, op, source_position=ps, payload=payload)
@@ -397,7 +405,8 @@ def ablate_cells(
             pattern sites).
         layers: The layers a kind covers.
         n_random: Random controls per cell: the activation moved by the ablation's own distance
-            in a random direction (seeds ``seed, seed + 1, ...``).
+            in a random direction (control ``j`` of a prompt drawn from ``seed + j`` and the
+            prompt's tokens, so the same whatever prompts run beside it).
         seed: Seed of the random directions.
         cells_per_batch: Cells per forward pass.
         packed: As for :func:`patch`.
@@ -459,8 +468,13 @@ def ablate_cells(
             values.append(means[site])
     widths = [len(v) for v in values]
     sum_zero = [site.kind == "pattern" for _, _, _, site, _ in grid]
+    pair_tokens, pair_of_cell = [[t] for t in ids], [i for i, *_ in grid]
     for j in range(-1, n_random):
-        units = unit_vectors(seed + j, widths, sum_zero=sum_zero) if j >= 0 else None
+        units = (
+            pair_unit_vectors(seed + j, pair_tokens, pair_of_cell, widths, sum_zero=sum_zero)
+            if j >= 0
+            else None
+        )
         for n, (i, r, c, site, p) in enumerate(grid):
             if units is None:
                 edit = site_edit(site, p, SET, payload=values[n])

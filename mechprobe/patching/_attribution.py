@@ -18,9 +18,9 @@ output, whose change moves everything downstream. Compare it with :func:`patch` 
 before trusting it on a model (``docs/causal.md`` has the comparison on SmolLM2).
 
 Controls: ``n_random`` estimates per cell of the patch moved by the same distance
-``||a_clean - a_corrupt||`` in a random direction, ``||delta|| u . grad`` (seeds ``seed``,
-``seed + 1``, ...; for a pattern row a direction that keeps the row's sum), and every value per
-prompt pair.
+``||a_clean - a_corrupt||`` in a random direction, ``||delta|| u . grad`` (control ``j`` of a
+pair drawn from ``seed + j`` and the pair's tokens, so the same whatever pairs run beside it; for
+a pattern row a direction that keeps the row's sum), and every value per prompt pair.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from mechprobe.patching._activation import (
     position_pairs,
     token_pairs,
 )
+from mechprobe.patching._engine import keyed_seed
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
 from mechprobe.patching._result import PatchResult
 
@@ -206,9 +207,13 @@ def attribution_patch(
     shape = (n_pairs, len(site_list), len(wanted))
     per_pair, random = np.full(shape, np.nan), np.full((n_random, *shape), np.nan)
     clean_m, corrupt_m = np.full(n_pairs, np.nan), np.full(n_pairs, np.nan)
-    generators = [torch.Generator().manual_seed(seed + j) for j in range(n_random)]
     for i in progress_bar(range(n_pairs), progress=progress, desc="attribution"):
         pair = torch.tensor([i])
+        pair_tokens = [clean_ids[i], corrupt_ids[i]]
+        generators = [
+            torch.Generator().manual_seed(keyed_seed(seed + j, pair_tokens))
+            for j in range(n_random)
+        ]
         caps = {name: Capture() for name in value_hooks}
         with torch.no_grad(), intervene(model, caps):  # type: ignore[arg-type]
             logits = model(clean_ids[i][None].to(model.W_E.device))

@@ -28,12 +28,14 @@ Edits by layout of the hooked tensor:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -155,6 +157,67 @@ def unit_vectors(
             vec = vec - vec.mean()
         out.append((vec / vec.norm().clamp_min(1e-30)).float())
     return out
+
+
+def keyed_seed(seed: int, prompts: Sequence[Sequence[int] | Tensor], suffix: bytes = b"") -> int:
+    """A generator seed from ``seed``, the token ids of the prompts a control belongs to (one
+    prompt, or a clean/corrupt pair) and ``suffix`` (a cell's key): the prompts, not their place
+    in the list or the prompts run beside them, fix the random draws.
+
+    Example:
+        >>> keyed_seed(0, [[1, 5, 9]]) == keyed_seed(0, [torch.tensor([1, 5, 9])])
+        True
+        >>> keyed_seed(0, [[1, 5], [9]]) == keyed_seed(0, [[1], [5, 9]])  # where the pair splits
+        False
+    """
+    ids = b"".join(
+        np.asarray(torch.as_tensor(p).cpu().reshape(-1), dtype=np.int64).tobytes() for p in prompts
+    )
+    # One prompt hashes its ids alone (the key causal tracing's noise has always had); a pair
+    # adds its lengths, so that where one prompt ends is part of the key.
+    lengths = b"" if len(prompts) == 1 else repr([len(p) for p in prompts]).encode()
+    digest = hashlib.blake2b(
+        ids + lengths + suffix, digest_size=8, key=str(int(seed)).encode()
+    ).digest()
+    return int.from_bytes(digest, "little") % 2**63
+
+
+def pair_unit_vectors(
+    seed: int,
+    prompts: Sequence[Sequence[Tensor]],
+    pair_of_cell: Sequence[int],
+    widths: Sequence[int],
+    *,
+    sum_zero: Sequence[bool] | None = None,
+) -> list[Tensor]:
+    """:func:`unit_vectors` for cells of several pairs: the cells of pair ``i`` (in their order)
+    are drawn from ``keyed_seed(seed, prompts[i])``, so a pair's random controls do not depend on
+    the other pairs, their number or their order.
+
+    Args:
+        seed: The control's seed (``seed + j`` for control ``j``).
+        prompts: Per pair, the token ids it is keyed by (clean and corrupt, or one prompt).
+        pair_of_cell: The pair of each cell.
+        widths: Each cell's width.
+        sum_zero: As for :func:`unit_vectors`.
+
+    Example:
+        >>> both = pair_unit_vectors(0, [[[1, 2]], [[3, 4]]], [0, 1, 1], [3, 3, 3])
+        >>> alone = pair_unit_vectors(0, [[[3, 4]]], [0, 0], [3, 3])
+        >>> all(torch.equal(a, b) for a, b in zip(both[1:], alone))
+        True
+    """
+    out: list[Tensor | None] = [None] * len(widths)
+    cells_of: list[list[int]] = [[] for _ in prompts]
+    for n, pair in enumerate(pair_of_cell):
+        cells_of[pair].append(n)
+    for key, cells in zip(prompts, cells_of, strict=True):
+        zero = None if sum_zero is None else [sum_zero[n] for n in cells]
+        drawn = unit_vectors(keyed_seed(seed, key), [widths[n] for n in cells], sum_zero=zero)
+        for n, vec in zip(cells, drawn, strict=True):
+            out[n] = vec
+    assert all(v is not None for v in out), "every cell belongs to a pair"
+    return out  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, eq=False)

@@ -15,7 +15,8 @@ computed in one step, exactly; tests check it against that procedure written out
 Many (sender, receiver) cells share a forward pass through the batched engine; the receivers'
 split inputs are switched on around each pass and switched back (the model keeps no state). Every
 cell has random controls: the same receiver input moved by ``||delta||`` in random directions
-(seeds ``seed, seed + 1, ...``, one direction per sender and position, shared by its receivers).
+(control ``j`` of a pair drawn from ``seed + j`` and the pair's tokens, one direction per sender
+and position, shared by its receivers).
 """
 
 from __future__ import annotations
@@ -50,7 +51,15 @@ from mechprobe.patching._activation import (
     position_pairs,
     token_pairs,
 )
-from mechprobe.patching._engine import ADD, Base, Cell, Edit, Plan, run_plan, unit_vectors
+from mechprobe.patching._engine import (
+    ADD,
+    Base,
+    Cell,
+    Edit,
+    Plan,
+    pair_unit_vectors,
+    run_plan,
+)
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
 from mechprobe.patching._result import normalised_recovery
 
@@ -384,7 +393,8 @@ def path_patch(
         direction: ``"denoising"`` (run corrupt, pass on the clean sender's change) or
             ``"noising"``.
         n_random: Random controls per path: the receiver's input moved by the sender's change's
-            norm in random directions (seeds ``seed, seed + 1, ...``).
+            norm in random directions (control ``j`` of a pair drawn from ``seed + j`` and the
+            pair's tokens, so the same whatever pairs run beside it).
         seed: Seed of the random directions.
         cells_per_batch: Paths per forward pass.
         packed: As for :func:`mechprobe.patch`.
@@ -440,7 +450,11 @@ def path_patch(
     random = np.full((n_random, n_pairs, n_s, n_r), np.nan)
     n_pos = len(wanted)
     widths = [int(model.cfg.d_model)] * (n_pairs * n_s * n_pos)
-    units = [unit_vectors(seed + j, widths) for j in range(n_random)]
+    pair_tokens = list(zip(clean_ids, corrupt_ids, strict=True))
+    pair_of_cell = [i for i in range(n_pairs) for _ in range(n_s * n_pos)]
+    units = [
+        pair_unit_vectors(seed + j, pair_tokens, pair_of_cell, widths) for j in range(n_random)
+    ]
 
     def change(j: int, i: int, s: int) -> Tensor:
         """``[positions, d_model]``: the sender's change, or its random control ``j``."""

@@ -68,7 +68,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             ``"attribution"`` (first-order estimates of denoising from
             :func:`mechprobe.attribution_patch`).
         random: ``[n_random, pairs, sites, positions]`` the metric when the same cell is moved by
-            the same distance in a random direction (seed ``seed + j`` for row ``j``).
+            the same distance in a random direction (row ``j``: seed ``seed + j`` keyed by the
+            pair's token ids).
         seed: The first seed of the random directions.
 
     Example:

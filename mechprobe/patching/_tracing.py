@@ -26,7 +26,6 @@ subject token, the first token after the subject, further tokens, and the last t
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -58,6 +57,7 @@ from mechprobe.patching._engine import (
     Cell,
     Edit,
     Plan,
+    keyed_seed,
     run_plan,
     site_edit,
     unit_vectors,
@@ -144,7 +144,7 @@ def trace_noise(
             "index: the noise is keyed by the prompt itself, so that it does not depend on the "
             "prompt's place in the list."
         )
-    gen = torch.Generator().manual_seed(_prompt_seed(seed, prompt))
+    gen = torch.Generator().manual_seed(keyed_seed(seed, [prompt]))
     return torch.randn((n_noise, n_tokens, d_model), generator=gen) * float(level)
 
 
@@ -642,12 +642,4 @@ def _units(
     """The random directions of one control cell, drawn from ``seed``, the prompt's token ids
     and the cell ``(kind, layer, position)``: the same whatever the chunking, the prompt's place
     in the list or the other prompts and layers traced beside it."""
-    return unit_vectors(_prompt_seed(seed, prompt, repr(cell).encode()), [width] * count)
-
-
-def _prompt_seed(seed: int, prompt: Sequence[int] | Tensor, suffix: bytes = b"") -> int:
-    """A generator seed from ``seed``, a prompt's token ids and ``suffix`` (a cell's key): the
-    prompt, not its place in the list, fixes the trace's random draws."""
-    ids = np.asarray(torch.as_tensor(prompt).cpu().reshape(-1), dtype=np.int64).tobytes()
-    digest = hashlib.blake2b(ids + suffix, digest_size=8, key=str(int(seed)).encode()).digest()
-    return int.from_bytes(digest, "little") % 2**63
+    return unit_vectors(keyed_seed(seed, [prompt], repr(cell).encode()), [width] * count)
