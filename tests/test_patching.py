@@ -465,3 +465,32 @@ def test_a_pairs_random_controls_do_not_depend_on_the_other_pairs(tiny, analysis
     np.testing.assert_allclose(reordered.random[:, ::-1], together.random, atol=1e-5)
     # Controls are draws, not copies: other pairs and other seeds move them.
     assert not np.allclose(together.random[:, 0], together.random[:, 1], atol=1e-3)
+    # So runs split over pairs join into the one run (concat recomputes means and recovery).
+    joined = type(together).concat([analysis(tiny, clean[:2], corrupt[:2]), alone])
+    for name in ("per_pair", "random", "values", "normalised", "clean", "corrupt"):
+        np.testing.assert_allclose(getattr(joined, name), getattr(together, name), atol=1e-5)
+    pd.testing.assert_frame_equal(joined.to_frame(), together.to_frame(), atol=1e-5)
+
+
+def test_concat_refuses_parts_of_different_analyses(tiny, tmp_path):
+    one = mp.patch(tiny, "A cat", "A bat", "mlp_out", -1, METRIC, progress=False)
+    two = mp.patch(tiny, "Hi dog", "Hi fog", "mlp_out", -1, METRIC, progress=False)
+    path = tmp_path / "two.json"
+    two.save(path)
+    joined = mp.PatchResult.concat([one, mp.PatchResult.load(path)])  # saved parts join too
+    assert joined.per_pair.shape == (2, tiny.cfg.n_layers, 1)
+    assert joined.position_labels == one.position_labels  # pair 0's tokens
+    for other, field in [
+        (mp.patch(tiny, "Hi dog", "Hi fog", "mlp_out", -1, METRIC, seed=1), "seed"),
+        (mp.patch(tiny, "Hi dog", "Hi fog", "attn_out", -1, METRIC), "sites"),
+        (mp.patch(tiny, "Hi dog", "Hi fog", "mlp_out", -2, METRIC), "positions"),
+        (mp.patch(tiny, "Hi dog", "Hi fog", "mlp_out", -1, mp.answer_prob(3)), "metric"),
+        (mp.patch(tiny, "Hi dog", "Hi fog", "mlp_out", -1, METRIC, n_random=1), "random"),
+    ]:
+        with pytest.raises(ValueError, match=f"Cannot join: .*{field}"):
+            mp.PatchResult.concat([one, other])
+    with pytest.raises(TypeError, match="takes PatchResults"):
+        mp.PatchResult.concat([])
+    path_result = mp.path_patch(tiny, "A cat", "A bat", "mlp_out", "final", METRIC)
+    with pytest.raises(TypeError, match="PathPatchResult"):
+        mp.PatchResult.concat([one, path_result])

@@ -61,7 +61,7 @@ from mechprobe.patching._engine import (
     run_plan,
 )
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
-from mechprobe.patching._result import normalised_recovery
+from mechprobe.patching._result import concat_pairs, normalised_recovery
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -119,6 +119,26 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
     metric: str
     direction: str
     seed: int = 0
+
+    @classmethod
+    def concat(cls, results: Sequence[PathPatchResult]) -> PathPatchResult:
+        """Join results of one path-patching run on different prompt pairs into the result of
+        one run over all of them, pairs in order (as :meth:`mechprobe.PatchResult.concat`).
+
+        Raises:
+            TypeError: ``results`` is empty or holds other types.
+            ValueError: The parts differ in senders, receivers, positions, metric, direction,
+                seed or number of controls.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> model, metric = mp.tiny_model(), mp.logit_diff(1, 2)
+            >>> parts = [mp.path_patch(model, c, k, "mlp_out", "final", metric, progress=False)
+            ...          for c, k in [("A cat", "A bat"), ("A dog", "A fog")]]
+            >>> mp.PathPatchResult.concat(parts).per_pair.shape
+            (2, 3, 1)
+        """
+        return concat_pairs(cls, results)
 
     @property
     def clean_metric(self) -> float:

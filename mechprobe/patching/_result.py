@@ -3,9 +3,11 @@ controls, spread over prompts, frame, heatmap, JSON)."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -16,7 +18,65 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["PatchResult"]
+__all__ = ["PatchResult", "concat_pairs"]
+
+_R = TypeVar("_R")
+# Fields indexed by prompt pair (the pair axis first; ``random`` has it second), and the fields
+# recomputed from them; every other field must agree between the parts.
+_PAIR_AXIS = {"per_pair": 0, "clean": 0, "corrupt": 0, "random": 1}
+_DERIVED = ("values", "normalised")
+# Fields that describe pair 0 only: the joined result keeps the first part's.
+_FIRST_PAIR = ("position_labels",)
+
+
+def concat_pairs(cls: type[_R], results: Sequence[_R]) -> _R:
+    """Join results of one analysis run on different prompt pairs into the result of one run
+    over all of them, in order: pair-indexed arrays are concatenated, the means and normalised
+    recovery recomputed. Everything else (sites, positions, metric, direction, seed, number of
+    controls) must agree.
+
+    Raises:
+        TypeError: ``results`` is empty or holds other types.
+        ValueError: The parts differ in a field that is not per pair; the message names it.
+    """
+    parts = list(results)
+    if not parts or not all(type(r) is cls for r in parts):
+        got = sorted({type(r).__name__ for r in parts}) or ["nothing"]
+        raise TypeError(f"{cls.__name__}.concat takes {cls.__name__}s; got {', '.join(got)}.")
+    first = parts[0]
+    joined: dict[str, Any] = {}
+    for f in dataclasses.fields(first):  # type: ignore[arg-type]
+        name, mine = f.name, getattr(first, f.name)
+        if name in _PAIR_AXIS:
+            shapes = [np.delete(np.shape(getattr(r, name)), _PAIR_AXIS[name]) for r in parts]
+            if any(not np.array_equal(shape, shapes[0]) for shape in shapes):
+                raise ValueError(
+                    f"Cannot join: {name} has shapes {[np.shape(getattr(r, name)) for r in parts]}"
+                    " (other cells or controls); join results of the same analysis only."
+                )
+            joined[name] = np.concatenate([getattr(r, name) for r in parts], axis=_PAIR_AXIS[name])
+        elif name in _FIRST_PAIR:
+            joined[name] = mine
+        elif name not in _DERIVED:
+            for i, r in enumerate(parts[1:], 1):
+                if getattr(r, name) != mine:
+                    raise ValueError(
+                        f"Cannot join: part {i} has {name}={getattr(r, name)!r}, part 0 "
+                        f"{mine!r}; join results of the same analysis (sites, positions, "
+                        "metric, direction, seed and n_random) run on different pairs."
+                    )
+            joined[name] = mine
+    values = joined["per_pair"].mean(axis=0)
+    joined["values"] = values
+    ablation = str(joined["direction"]).endswith("ablation")
+    joined["normalised"] = (
+        np.full_like(values, np.nan)
+        if ablation
+        else normalised_recovery(
+            values, joined["clean"], joined["corrupt"], str(joined["metric"]), stacklevel=3
+        )
+    )
+    return cls(**joined)
 
 
 def normalised_recovery(
@@ -95,6 +155,34 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
     direction: str
     random: np.ndarray
     seed: int = 0
+
+    @classmethod
+    def concat(cls, results: Sequence[PatchResult]) -> PatchResult:
+        """Join results of one analysis run on different prompt pairs (split over jobs, or
+        extended later) into the result of one run over all of them, pairs in order.
+
+        A pair's values and random controls do not depend on the pairs run beside it (controls
+        are keyed by the pair's tokens), so the joined result equals one run over every pair, up
+        to float rounding of the batching. Mean-ablation is the exception where each part
+        averaged over its own prompts: pass the same ``reference`` to every part.
+
+        Raises:
+            TypeError: ``results`` is empty or holds other types.
+            ValueError: The parts differ in sites, positions, metric, direction, seed or number
+                of controls (the message names the field).
+
+        Example:
+            >>> import mechprobe as mp
+            >>> model, metric = mp.tiny_model(), mp.logit_diff(1, 2)
+            >>> parts = [mp.patch(model, c, k, "mlp_out", -1, metric, progress=False)
+            ...          for c, k in [("Hi cat", "Hi bat"), ("A dog", "A fog")]]
+            >>> whole = mp.patch(model, ["Hi cat", "A dog"], ["Hi bat", "A fog"], "mlp_out", -1,
+            ...                  metric, progress=False)
+            >>> joined = mp.PatchResult.concat(parts)
+            >>> joined.per_pair.shape, bool(abs(joined.random - whole.random).max() < 1e-5)
+            ((2, 3, 1), True)
+        """
+        return concat_pairs(cls, results)
 
     @property
     def n_random(self) -> int:
