@@ -63,7 +63,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--cells-per-batch",
         type=positive_int,
-        help="restorations per forward pass (default 512); memory grows with it times the "
+        help="restorations per forward pass (default 256); memory grows with it times the "
         "prompt length",
     )
     parser.add_argument(
