@@ -176,6 +176,7 @@ ROUND_TRIPS = {
     "Eraser": "test_nullspace.py",
     "ErasureSweep": "test_erasure_sweep.py",
     "FunctionVectorResult": "test_function_vectors.py",
+    "GenerationResult": "test_generation.py",
     "LensComparison": "test_lenses.py",
     "LensResult": "test_lens.py",
     "OVector": "test_relational_protocol.py",

@@ -17,6 +17,7 @@ from mechprobe.core._batching import (
     tokenize,
     tokenize_with_targets,
 )
+from mechprobe.core._generation import GenerationResult, generate
 from mechprobe.core._hooks import (
     Ablate,
     Add,
@@ -86,6 +87,7 @@ __all__ = [
     "Add",
     "Batch",
     "Capture",
+    "GenerationResult",
     "Gradient",
     "Intervention",
     "InterventionSpec",
@@ -120,6 +122,7 @@ __all__ = [
     "figure_of",
     "first_token_ids",
     "forward",
+    "generate",
     "gradients_enabled",
     "head_count",
     "intervene",

@@ -1,0 +1,334 @@
+"""Greedy generation with interventions in place: :func:`generate` -> :class:`GenerationResult`.
+
+What a steering vector, a function vector or an erasure does to what the model *says*. Every new
+token recomputes the whole sequence (no key/value cache: TransformerLens 4.3's bridge leaves its
+cache empty with transformers 5.24, so its ``generate`` degrades with the cache on, and an edit of
+a cached position would need the cache anyway). The cost is one forward pass of the sequence so
+far per token, which is small for the completions an analysis reads (a few to a few dozen tokens).
+
+Positions of the interventions count in the *prompt*: ``positions=-1`` is each prompt's last
+token at every step, as in a cached generation, where that position is computed once, with the
+edit, and kept (function vectors, o-vectors). ``positions=None`` (all) edits every position,
+generated tokens included (steering vectors added everywhere). So the completions equal those of
+a cached generation with the edit applied when each position is first computed; the tests check
+this against Hugging Face's own cached ``generate`` with a hook written by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mechprobe.core._adapter import model_adapter
+from mechprobe.core._batching import Batch, pad_id, pad_rows, tokenize
+from mechprobe.core._hooks import Capture, Intervention, InterventionSpec, Replace
+from mechprobe.core._progress import progress_bar
+from mechprobe.core._results import Result, new_axes
+from mechprobe.core._runner import _is_pooled, _items, _rows_of, run
+from mechprobe.core._sites import Positions, Site, SiteLike, resolve_site
+from mechprobe.core._validation import check_int
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["GenerationResult", "generate"]
+
+Finished = Literal["eos", "stop", "length"]
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
+    """Greedy completions of prompts, with the interventions that were in place.
+
+    Attributes:
+        prompts: The prompts, as given.
+        completions: Per prompt, the generated text: without the end-of-sequence token, and cut
+            before the first ``stop`` string.
+        tokens: Per prompt, ``[n]`` the generated token ids (ending with the end-of-sequence
+            token, or the one that completed a stop string, where generation stopped there).
+        logprobs: Per prompt, ``[n]`` each generated token's log-probability under the model as
+            run (interventions included).
+        finished: Per prompt, why generation stopped: ``"eos"``, ``"stop"`` (a stop string) or
+            ``"length"`` (``max_new_tokens``).
+        interventions: The interventions in place, as text (``"mlp_out@10: Add(positions=-1)"``).
+        max_new_tokens: The limit of new tokens per prompt.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> res = mp.generate(mp.tiny_model(), ["Hi", "Hello"], max_new_tokens=3, progress=False)
+        >>> len(res.completions), [len(t) for t in res.tokens]
+        (2, [3, 3])
+    """
+
+    prompts: tuple[str, ...]
+    completions: tuple[str, ...]
+    tokens: tuple[np.ndarray, ...]
+    logprobs: tuple[np.ndarray, ...]
+    finished: tuple[str, ...]
+    interventions: tuple[str, ...]
+    max_new_tokens: int
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per generated token: prompt index, step, token id, log-probability.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.generate(mp.tiny_model(), "Hi", max_new_tokens=2, progress=False)
+            >>> list(res.to_frame().columns)
+            ['prompt', 'step', 'token', 'logprob']
+        """
+        rows = [
+            {"prompt": i, "step": s, "token": int(t), "logprob": float(lp)}
+            for i, (ids, lps) in enumerate(zip(self.tokens, self.logprobs, strict=True))
+            for s, (t, lp) in enumerate(zip(ids, lps, strict=True))
+        ]
+        return pd.DataFrame(rows, columns=["prompt", "step", "token", "logprob"])
+
+    def summary(self) -> pd.DataFrame:
+        """One row per prompt: the prompt's end, the completion, its length, why it stopped and
+        its mean log-probability.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.generate(mp.tiny_model(), "Hi", max_new_tokens=2, progress=False)
+            >>> list(res.summary().columns)
+            ['prompt', 'completion', 'tokens', 'finished', 'mean_logprob']
+        """
+        return pd.DataFrame(
+            {
+                "prompt": [_tail(p) for p in self.prompts],
+                "completion": list(self.completions),
+                "tokens": [len(t) for t in self.tokens],
+                "finished": list(self.finished),
+                "mean_logprob": [float(lp.mean()) if lp.size else np.nan for lp in self.logprobs],
+            }
+        )
+
+    def plot(self, ax: Axes | None = None) -> Figure:
+        """Each generated token's log-probability along its completion (one line per prompt, at
+        most 20).
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.generate(mp.tiny_model(), ["Hi", "Yo"], max_new_tokens=3, progress=False)
+            >>> len(res.plot().axes[0].lines)
+            2
+        """
+        fig, ax = new_axes(ax, (6.0, 3.5))
+        for prompt, lps in list(zip(self.prompts, self.logprobs, strict=True))[:20]:
+            ax.plot(np.arange(len(lps)), lps, marker=".", label=_tail(prompt, 30))
+        ax.set_xlabel("generated token")
+        ax.set_ylabel("log-probability")
+        where = "; ".join(self.interventions) if self.interventions else "no intervention"
+        ax.set_title(f"greedy generation ({_tail(where, 60)})")
+        if len(self.prompts) <= 8:
+            ax.legend(fontsize="small")
+        return fig
+
+    def _describe(self) -> str:
+        first = self.completions[0] if self.completions else ""
+        edits = f"{len(self.interventions)} intervention(s)" if self.interventions else "intact"
+        return (
+            f"{len(self.prompts)} prompt(s), {edits}, up to {self.max_new_tokens} new tokens; "
+            f"first: {_tail(first, 40)!r}"
+        )
+
+
+def generate(
+    model: Any,
+    prompts: Sequence[str] | str,
+    interventions: InterventionSpec | None = None,
+    *,
+    max_new_tokens: int = 20,
+    stop: Sequence[str] | str = (),
+    stop_at_eos: bool = True,
+    batch_size: int | None = 32,
+    progress: bool = True,
+) -> GenerationResult:
+    """Complete prompts greedily with interventions in place (module docstring: positions count
+    in the prompt; the whole sequence is recomputed for every token).
+
+    Args:
+        model: A TransformerLens model with a tokenizer.
+        prompts: One prompt or a list of prompts.
+        interventions: ``{site: intervention(s)}`` as for :func:`mechprobe.intervene`; negative
+            positions count from each prompt's last token, ``None`` edits every position,
+            generated ones included. Not accepted: a ``Capture`` (capture with
+            :func:`mechprobe.run` on the completed texts) and ``Ablate("mean")`` without
+            ``mean=`` (the mean over the prompts would change as they grow).
+        max_new_tokens: New tokens per prompt at most.
+        stop: Strings that end a completion (e.g. ``"\\n"`` for one-line answers); the
+            completion is cut before the first one.
+        stop_at_eos: End a completion at the tokenizer's end-of-sequence token.
+        batch_size: Prompts generated together (None: all at once).
+        progress: Show a progress bar over tokens (``MECHPROBE_PROGRESS=0`` silences it).
+
+    Returns:
+        A :class:`GenerationResult`.
+
+    Raises:
+        ValueError: Before any forward pass: bad ``max_new_tokens`` or ``stop``, or an
+            intervention generation cannot apply (above), or a site the model lacks.
+
+    Example:
+        >>> import torch, mechprobe as mp
+        >>> model = mp.tiny_model()
+        >>> steer = {mp.Site("resid_post", 1): mp.Add(torch.randn(64) * 20, positions=-1)}
+        >>> plain = mp.generate(model, "Hi", max_new_tokens=4, progress=False)
+        >>> steered = mp.generate(model, "Hi", steer, max_new_tokens=4, progress=False)
+        >>> len(plain.tokens[0]), len(steered.tokens[0])
+        (4, 4)
+    """
+    check_int(max_new_tokens, "max_new_tokens", 1)
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"stop must be non-empty strings, got {stop!r}.")
+    spec = dict(interventions or {})
+    for key, value in spec.items():
+        resolve_site(model, key)  # an unknown site fails before any pass
+        for item in _items(value):
+            _check_item(key, item)
+    batch = tokenize(model, prompts, padding_side="left")
+    tok = model_adapter(model).tokenizer
+    eos = tok.eos_token_id if stop_at_eos else None
+    out: list[tuple[list[int], list[float], str, Finished]] = []
+    for rows, chunk in batch.chunks(batch_size):
+        local = {k: [_rows_of(i, rows, len(batch)) for i in _items(v)] for k, v in spec.items()}
+        out += _complete(model, chunk, local, max_new_tokens, stops, eos, progress)
+    return GenerationResult(
+        prompts=tuple(batch.prompts),
+        completions=tuple(text for _, _, text, _ in out),
+        tokens=tuple(np.asarray(ids, dtype=np.int64) for ids, _, _, _ in out),
+        logprobs=tuple(np.asarray(lps, dtype=np.float64) for _, lps, _, _ in out),
+        finished=tuple(why for _, _, _, why in out),
+        interventions=tuple(
+            f"{key}: {type(item).__name__}(positions={_positions(key, item)!r})"
+            for key, value in spec.items()
+            for item in _items(value)
+        ),
+        max_new_tokens=int(max_new_tokens),
+    )
+
+
+def _complete(
+    model: Any,
+    prompts: Batch,
+    spec: dict[SiteLike, list[Intervention]],
+    max_new_tokens: int,
+    stops: list[str],
+    eos: int | None,
+    progress: bool,
+) -> list[tuple[list[int], list[float], str, Finished]]:
+    """Generate for one left-padded chunk: every row grows by one token per step (finished rows
+    too, their extra tokens dropped), so the prompts' positions keep one offset from the end."""
+    tok = model_adapter(model).tokenizer
+    rows = [
+        prompts.tokens[i][prompts.attention_mask[i].bool()].tolist() for i in range(len(prompts))
+    ]
+    new: list[list[int]] = [[] for _ in rows]
+    logprobs: list[list[float]] = [[] for _ in rows]
+    done: list[Finished | None] = [None] * len(rows)
+    texts = [""] * len(rows)
+    for step in progress_bar(range(max_new_tokens), progress=progress, desc="generate"):
+        batch = pad_rows(
+            [r + n for r, n in zip(rows, new, strict=True)],
+            pad_id(model),
+            "left",
+            prompts.prompts,
+        )
+        shifted = _shifted(spec, step)
+        logits = run(model, batch, shifted, logit_positions=-1, batch_size=None, progress=False)
+        logp = torch.log_softmax(logits.logits[:, 0].double(), dim=-1)
+        best = logp.argmax(dim=-1)  # the first maximal id, as Hugging Face's greedy search
+        for i in range(len(rows)):
+            if done[i] is not None:
+                continue
+            token = int(best[i])
+            new[i].append(token)
+            logprobs[i].append(float(logp[i, token]))
+            if eos is not None and token == eos:
+                done[i] = "eos"
+                texts[i] = tok.decode(new[i][:-1])
+                continue
+            texts[i] = tok.decode(new[i])
+            cut = min((texts[i].find(s) for s in stops if s in texts[i]), default=-1)
+            if cut >= 0:
+                done[i], texts[i] = "stop", texts[i][:cut]
+        if all(d is not None for d in done):
+            break
+    return [
+        (n, lp, text, d if d is not None else "length")
+        for n, lp, text, d in zip(new, logprobs, texts, done, strict=True)
+    ]
+
+
+def _check_item(key: SiteLike, item: Any) -> None:
+    """Refuse what generation cannot apply (see :func:`generate`)."""
+    if not isinstance(item, Intervention):
+        raise TypeError(
+            f"{type(item).__name__} at {key} is not an intervention: use Replace, Add, Ablate or "
+            "Project."
+        )
+    if isinstance(item, Capture):
+        raise ValueError(
+            f"A Capture at {key}: generate records no activations; run the completed texts "
+            "through mp.run(..., capture=[...]) instead."
+        )
+    if _is_pooled(item):
+        raise ValueError(
+            f"Ablate('mean') at {key} has no mean: over the prompts it would change as they "
+            "grow. Pass mean= (e.g. a mean of mp.run captures over reference prompts)."
+        )
+    if isinstance(item, Replace) and isinstance(item.value, Capture) and item.value.value is None:
+        raise ValueError(
+            f"Replace at {key} reads a Capture that holds nothing yet: fill it in a run first."
+        )
+
+
+def _positions(key: SiteLike, item: Intervention) -> Positions:
+    """The positions an intervention acts on: its own, else its site's (None: all)."""
+    if item.positions is not None:
+        return item.positions
+    return key.positions if isinstance(key, Site) else None
+
+
+def _shift(positions: Positions, step: int) -> Positions:
+    """Prompt positions as positions of the sequence after ``step`` generated tokens: negative
+    ones move back by ``step``; ones counted from the start, and None (all), stay."""
+    if positions is None or step == 0:
+        return positions
+    if isinstance(positions, int):
+        return positions - step if positions < 0 else positions
+    return [p - step if p < 0 else p for p in positions]
+
+
+def _shifted(
+    spec: dict[SiteLike, list[Intervention]], step: int
+) -> dict[SiteLike, list[Intervention]]:
+    """``spec`` with every intervention's (or its site's) positions counted in the prompt."""
+    out: dict[SiteLike, list[Intervention]] = {}
+    for key, items in spec.items():
+        for item in items:
+            site = key
+            if item.positions is not None:
+                moved = copy.copy(item)  # a shallow copy: the same vectors, other positions
+                moved.positions = _shift(item.positions, step)
+                item = moved
+            elif isinstance(key, Site) and key.positions is not None:
+                site = dataclasses.replace(key, positions=_shift(key.positions, step))
+            out.setdefault(site, []).append(item)
+    return out
+
+
+def _tail(text: str, width: int = 40) -> str:
+    """The end of ``text`` in at most ``width`` characters (a prompt's end is what differs)."""
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else "…" + text[-(width - 1) :]

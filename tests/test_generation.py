@@ -1,0 +1,229 @@
+"""Greedy generation with interventions, against Hugging Face's own cached ``generate``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import hf_of, hook_count
+
+import mechprobe as mp
+from mechprobe.core import _models
+
+PROMPTS = ["Hi", "Hello there"]
+STEPS = 6
+
+
+def _decoder_layer(hf, layer: int) -> torch.nn.Module:
+    body = getattr(hf, "model", None) or hf.transformer
+    return (body.layers if hasattr(body, "layers") else body.h)[layer]
+
+
+def _hf_greedy(
+    hf, ids: torch.Tensor, edit=None, layer: int = 1, steps: int = STEPS
+) -> tuple[list[int], np.ndarray, float]:
+    """Hugging Face's cached greedy generation of one prompt, with ``edit(hidden, prefill)``
+    applied to decoder layer ``layer``'s output on every call; ``(tokens, log-probs of the
+    tokens, smallest gap between the top two logits)``."""
+    handle = None
+    if edit is not None:
+
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = edit(hidden.clone(), prefill=hidden.shape[1] > 1)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        handle = _decoder_layer(hf, layer).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            out = hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=steps,
+                min_new_tokens=steps,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=2,
+            )
+    finally:
+        if handle is not None:
+            handle.remove()
+    tokens = out.sequences[0, ids.shape[1] :].tolist()
+    logits = torch.stack(out.logits)[:, 0].double()  # [steps, vocab], before any processor
+    logp = torch.log_softmax(logits, dim=-1)
+    top2 = logits.topk(2, dim=-1).values
+    return (
+        tokens,
+        logp[torch.arange(len(tokens)), tokens].numpy(),
+        float((top2[:, 0] - top2[:, 1]).min()),
+    )
+
+
+def _fresh_hf(model):
+    """A Hugging Face model with the tiny model's weights, untouched by TransformerLens: the
+    bridge wraps its own Hugging Face model's modules, whose key/value cache then stays empty
+    (the TransformerLens 4.3 pitfall this module works around)."""
+    arch = hf_of(model).config.model_type
+    fresh = _models._tiny_hf(0, model.cfg.n_layers, model.cfg.d_model, arch)[0]
+    ids = model.to_tokens(PROMPTS[1])
+    with torch.no_grad():  # the same weights: the same logits
+        torch.testing.assert_close(fresh(ids).logits, model(ids), atol=1e-5, rtol=0)
+    return fresh
+
+
+def _check_equal(res: mp.GenerationResult, model, edit=None) -> None:
+    hf = _fresh_hf(model)
+    for i, prompt in enumerate(PROMPTS):
+        tokens, logp, gap = _hf_greedy(hf, model.to_tokens(prompt), edit)
+        # Token equality is meaningful only where no two logits nearly tie (float32 rounding of
+        # a cached and a recomputed pass differ by ~1e-6): the prompts here keep gaps above 1e-3.
+        assert gap > 1e-3
+        assert res.tokens[i].tolist() == tokens
+        np.testing.assert_allclose(res.logprobs[i], logp, atol=1e-4)
+        assert res.finished[i] == "length"
+
+
+def test_greedy_equals_hugging_faces_cached_generate(tiny):
+    """The whole sequence recomputed per token (batched, left-padded) gives the tokens and
+    log-probabilities of Hugging Face's generation with its key/value cache, one prompt at a
+    time."""
+    res = mp.generate(tiny, PROMPTS, max_new_tokens=STEPS, stop_at_eos=False, progress=False)
+    _check_equal(res, tiny)
+    one = mp.generate(tiny, PROMPTS[1], max_new_tokens=STEPS, stop_at_eos=False, batch_size=1)
+    assert one.tokens[0].tolist() == res.tokens[1].tolist()
+
+
+def test_an_edit_at_the_prompts_last_token_is_made_once_as_in_a_cached_generation(tiny):
+    """positions=-1 counts in the prompt: its last token carries the edit at every step, as a
+    cached generation that edited it in the prefill pass and kept it; generated tokens do not."""
+    v = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(0)) * 8
+    spec = {mp.Site("resid_post", 1): mp.Add(v, positions=-1)}
+    res = mp.generate(tiny, PROMPTS, spec, max_new_tokens=STEPS, stop_at_eos=False)
+
+    def edit(hidden, prefill):
+        if prefill:
+            hidden[:, -1] += v
+        return hidden
+
+    _check_equal(res, tiny, edit)
+    plain = mp.generate(tiny, PROMPTS, max_new_tokens=STEPS, stop_at_eos=False)
+    assert any(a.tolist() != b.tolist() for a, b in zip(res.tokens, plain.tokens, strict=True))
+    # The site's own positions mean the same as the intervention's.
+    on_site = {mp.Site("resid_post", 1, positions=-1): mp.Add(v)}
+    same = mp.generate(tiny, PROMPTS, on_site, max_new_tokens=STEPS, stop_at_eos=False)
+    assert [t.tolist() for t in same.tokens] == [t.tolist() for t in res.tokens]
+
+
+def test_an_edit_at_every_position_reaches_the_generated_tokens(tiny):
+    v = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(1)) * 8
+    res = mp.generate(
+        tiny, PROMPTS, {mp.Site("resid_post", 1): mp.Add(v)}, max_new_tokens=STEPS,
+        stop_at_eos=False,
+    )  # fmt: skip
+
+    def edit(hidden, prefill):
+        return hidden + v
+
+    _check_equal(res, tiny, edit)
+    assert res.interventions == ("resid_post@1: Add(positions=None)",)
+
+
+def test_eos_and_stop_strings_end_a_completion(tiny):
+    plain = mp.generate(tiny, PROMPTS, max_new_tokens=STEPS, stop_at_eos=False)
+    # The tiny model never ranks its EOS (a zero unembedding) first: make the token it
+    # generates third the tokenizer's EOS instead (a property: set, then set back).
+    tokenizer, eos = tiny.tokenizer, tiny.tokenizer.eos_token_id
+    tokenizer.eos_token_id = int(plain.tokens[0][2])
+    try:
+        ended = mp.generate(tiny, PROMPTS, max_new_tokens=STEPS)
+        kept = mp.generate(tiny, PROMPTS, max_new_tokens=STEPS, stop_at_eos=False)
+    finally:
+        tokenizer.eos_token_id = eos
+    first = plain.tokens[0].tolist().index(int(plain.tokens[0][2]))  # it may come earlier too
+    assert ended.finished[0] == "eos"
+    assert ended.tokens[0].tolist() == plain.tokens[0][: first + 1].tolist()
+    assert ended.completions[0] == tokenizer.decode(plain.tokens[0][:first].tolist())
+    assert kept.finished[0] == "length" and len(kept.tokens[0]) == STEPS
+
+    text = plain.completions[0]
+    stop = next(c for c in text[1:] if c.isascii() and c.isprintable())
+    cut = mp.generate(tiny, PROMPTS, max_new_tokens=STEPS, stop=stop, stop_at_eos=False)
+    assert cut.finished[0] == "stop" and cut.completions[0] == text[: text.index(stop)]
+    n = len(cut.tokens[0])
+    assert cut.tokens[0].tolist() == plain.tokens[0][:n].tolist() and n < STEPS
+    assert cut.finished[1] in ("stop", "length")
+
+
+def test_result_protocol_and_round_trip(tiny, tmp_path):
+    res = mp.generate(tiny, PROMPTS, max_new_tokens=3, progress=False)
+    assert len(res.to_frame()) == 6 and list(res.summary()["tokens"]) == [3, 3]
+    assert "prompt" in repr(res) and "<table" in res._repr_html_()
+    assert len(res.plot().axes) == 1
+    for suffix in (".json", ".npz"):
+        back = mp.GenerationResult.load(res.save(tmp_path / f"gen{suffix}"))
+        assert back.completions == res.completions and back.finished == res.finished
+        assert [t.tolist() for t in back.tokens] == [t.tolist() for t in res.tokens]
+        np.testing.assert_allclose(np.concatenate(back.logprobs), np.concatenate(res.logprobs))
+
+
+@pytest.mark.parametrize(
+    ("spec", "kwargs", "error", "message"),
+    [
+        ({}, {"max_new_tokens": 0}, ValueError, "max_new_tokens"),
+        ({}, {"stop": [""]}, ValueError, "stop must be non-empty"),
+        ({mp.Site("mlp_out", 0): mp.Capture()}, {}, ValueError, "records no activations"),
+        ({mp.Site("mlp_out", 0): mp.Ablate("mean")}, {}, ValueError, "Pass mean="),
+        ({mp.Site("mlp_out", 9): mp.Ablate("zero")}, {}, ValueError, "layer"),
+        ({mp.Site("mlp_out", 0): "add"}, {}, TypeError, "not an intervention"),
+        ({mp.Site("mlp_out", 0): mp.Add(torch.ones(64), positions=-9)}, {}, ValueError, "outside"),
+    ],
+)
+def test_bad_input_fails_before_any_token(tiny, spec, kwargs, error, message):
+    before = hook_count(tiny)
+    with pytest.raises(error, match=message):
+        mp.generate(tiny, PROMPTS, spec, progress=False, **kwargs)
+    assert hook_count(tiny) == before
+
+
+def test_an_exception_mid_generation_leaves_the_model_as_it_was(tiny):
+    class Fails(mp.Intervention):
+        calls = 0
+
+        def edit(self, selected, hook):
+            Fails.calls += 1
+            if Fails.calls == 3:
+                raise RuntimeError("boom")
+            return None
+
+    before, logits = hook_count(tiny), tiny(tiny.to_tokens("Hi")).detach()
+    with pytest.raises(RuntimeError, match="boom"):
+        mp.generate(tiny, PROMPTS, {mp.Site("mlp_out", 0): Fails()}, max_new_tokens=5)
+    assert hook_count(tiny) == before
+    torch.testing.assert_close(tiny(tiny.to_tokens("Hi")).detach(), logits, rtol=0, atol=0)
+
+
+@pytest.mark.integration
+def test_smollm2_completes_a_capital_as_hugging_faces_cached_generation(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(_models.cache_dir() / "smollm2-135m-f32")
+    prompt = mp.load_task("capitals").with_shots(3).prompt("Poland")
+    res = mp.generate(smollm2, [prompt, "The capital of Egypt is"], max_new_tokens=8, stop="\n")
+    assert res.completions[0] == " Warsaw" and res.finished[0] == "stop"
+    v = torch.randn(576, generator=torch.Generator().manual_seed(0)) * 30
+    steered = mp.generate(
+        smollm2, prompt, {mp.Site("resid_post", 10): mp.Add(v, positions=-1)}, max_new_tokens=8,
+        stop_at_eos=False,
+    )  # fmt: skip
+    ids = smollm2.to_tokens(prompt)
+
+    def edit(hidden, prefill):
+        if prefill:
+            hidden[:, -1] += v
+        return hidden
+
+    tokens, logp, gap = _hf_greedy(fresh, ids, edit, layer=10, steps=8)
+    assert gap > 1e-3  # no near-tie: the tokens must agree
+    assert steered.tokens[0].tolist() == tokens
+    np.testing.assert_allclose(steered.logprobs[0], logp, atol=1e-3)
