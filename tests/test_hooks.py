@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -438,3 +440,20 @@ def test_a_hook_that_never_fires_is_refused(tiny):
         mp.intervene(tiny, {"hook_pos_embed": mp.Ablate()}),
     ):
         pass
+
+
+def test_a_read_only_array_from_a_result_is_taken_without_a_warning(tiny):
+    """Results freeze their arrays (FunctionVectorResult.vector): Add(res.vector) gave torch's
+    'NumPy array is not writable' warning, and shared the result's memory."""
+    vector = np.linspace(-1, 1, 64, dtype=np.float32)
+    vector.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        add = mp.Add(vector, positions=-1)
+        out = mp.run(tiny, PROMPTS, {mp.Site("mlp_out", 1): add}, logit_positions=-1)
+    writable = mp.run(
+        tiny, PROMPTS, {mp.Site("mlp_out", 1): mp.Add(vector.copy(), positions=-1)},
+        logit_positions=-1,
+    )  # fmt: skip
+    torch.testing.assert_close(out.logits, writable.logits, rtol=0, atol=0)
+    assert not np.shares_memory(add.vector.numpy(), vector)

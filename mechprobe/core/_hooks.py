@@ -59,7 +59,9 @@ def _as_tensor(value: Any, name: str) -> Tensor:
     if isinstance(value, Tensor):
         return value.detach()
     if isinstance(value, np.ndarray):
-        return torch.from_numpy(value)
+        # Results hold read-only arrays (``FunctionVectorResult.vector``): torch warns on those
+        # and shares their memory, so they are copied (an intervention never writes its vector).
+        return torch.from_numpy(value if value.flags.writeable else value.copy())
     raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}.")
 
 
