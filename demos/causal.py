@@ -8,9 +8,11 @@ and writes ``docs/causal_results.json`` and ``docs/figures/causal_*.png``:
   misses;
 - ``trace``: causal tracing with noise (ROME) of the capitals task, the country as the subject;
 - ``fv``: function vectors of every built-in task beside random vectors, the o-vector and the
-  intact model.
+  intact model;
+- ``generate``: what the model says on held-out zero-shot capitals_extractive prompts, intact and
+  with that task's function vector added (``mp.generate``, greedy, one line).
 
-``--part attribution|trace|fv`` runs one part (the JSON keeps the other parts' last numbers);
+``--part attribution|trace|fv|generate`` runs one part (the JSON keeps the other parts' last numbers);
 ``--pairs``, ``--items``, ``--prompts`` make them larger.
 """
 
@@ -216,19 +218,48 @@ def function_vectors(model: Any, n_prompts: int) -> dict[str, Any]:
     return out
 
 
+def generations(model: Any, n_prompts: int, n_items: int = 6) -> dict[str, Any]:
+    """Greedy one-line completions of the first held-out zero-shot prompts of
+    capitals_extractive, intact and with the task's function vector (fitted as in ``fv``)."""
+    res = mp.function_vector(
+        model, "capitals_extractive", n_prompts=n_prompts, n_random=1, progress=False
+    )
+    _, test = mp.load_task("capitals_extractive").split(0.5, seed=0)  # function_vector's split
+    held = test.with_shots(0)
+    items = held.items[:n_items]
+    prompts = [held.prompt(item.input) for item in items]
+    fv = {mp.Site("mlp_out", res.layer): mp.Add(res.vector, positions=-1)}
+    start = time.perf_counter()
+    plain = mp.generate(model, prompts, max_new_tokens=8, stop="\n", progress=False)
+    steered = mp.generate(model, prompts, fv, max_new_tokens=8, stop="\n", progress=False)
+    seconds = time.perf_counter() - start
+    rows = [
+        {"input": item.input, "answer": item.output, "intact": a, "function vector": b}
+        for item, a, b in zip(items, plain.completions, steered.completions, strict=True)
+    ]
+    for row in rows:
+        print(row, flush=True)
+    return {"layer": res.layer, "prompt": prompts[0], "rows": rows, "seconds": round(seconds, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("attribution", "trace", "fv"), action="append")
+    parser.add_argument(
+        "--part", choices=("attribution", "trace", "fv", "generate"), action="append"
+    )
     parser.add_argument("--pairs", type=int, default=3, help="prompt pairs (attribution)")
     parser.add_argument("--items", type=int, default=3, help="capitals items (trace)")
     parser.add_argument("--prompts", type=int, default=8, help="fit prompts per task (fv)")
     args = parser.parse_args()
-    parts = args.part or ["fv", "trace", "attribution"]
+    parts = args.part or ["fv", "generate", "trace", "attribution"]
     FIGURES.mkdir(parents=True, exist_ok=True)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     model = mp.load_model()
     if "fv" in parts:
         results["function_vectors"] = function_vectors(model, args.prompts)
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
+    if "generate" in parts:
+        results["generate"] = generations(model, args.prompts)
         OUT.write_text(json.dumps(results, indent=1) + "\n")
     if "trace" in parts:
         results["trace"] = trace(model, args.items)
