@@ -227,3 +227,17 @@ def test_smollm2_completes_a_capital_as_hugging_faces_cached_generation(smollm2)
     assert gap > 1e-3  # no near-tie: the tokens must agree
     assert steered.tokens[0].tolist() == tokens
     np.testing.assert_allclose(steered.logprobs[0], logp, atol=1e-3)
+
+
+@pytest.mark.parametrize("position", [np.int64(-1), torch.tensor(-1), [-1], (-1,)])
+def test_numpy_tensor_and_list_positions_work_like_ints(tiny, position):
+    v = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(0)) * 8
+    as_int = mp.generate(tiny, PROMPTS, {mp.Site("resid_post", 1): mp.Add(v, positions=-1)})
+    other = mp.generate(tiny, PROMPTS, {mp.Site("resid_post", 1): mp.Add(v, positions=position)})
+    assert [t.tolist() for t in other.tokens] == [t.tolist() for t in as_int.tokens]
+
+
+def test_a_generation_longer_than_the_context_is_refused_before_any_token(tiny):
+    n_ctx = int(tiny.cfg.n_ctx)
+    with pytest.raises(ValueError, match=f"context of {n_ctx} tokens: lower max_new_tokens"):
+        mp.generate(tiny, PROMPTS, max_new_tokens=n_ctx)

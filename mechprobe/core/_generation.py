@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from mechprobe.core._adapter import model_adapter
-from mechprobe.core._batching import Batch, pad_id, pad_rows, tokenize
+from mechprobe.core._batching import Batch, pad_id, pad_rows, position_list, tokenize
 from mechprobe.core._hooks import Capture, Intervention, InterventionSpec, Replace
 from mechprobe.core._progress import progress_bar
 from mechprobe.core._results import Result, new_axes
@@ -197,6 +197,14 @@ def generate(
         for item in _items(value):
             _check_item(key, item)
     batch = tokenize(model, prompts, padding_side="left")
+    n_ctx = model_adapter(model).n_ctx
+    longest = int(batch.lengths.max())
+    if n_ctx is not None and longest + max_new_tokens > int(n_ctx):
+        raise ValueError(
+            f"A prompt of {longest} tokens and max_new_tokens={max_new_tokens} exceed the "
+            f"model's context of {int(n_ctx)} tokens: lower max_new_tokens to at most "
+            f"{int(n_ctx) - longest}, or shorten the prompt."
+        )
     tok = model_adapter(model).tokenizer
     eos = tok.eos_token_id if stop_at_eos else None
     out: list[tuple[list[int], list[float], str, Finished]] = []
@@ -300,14 +308,12 @@ def _positions(key: SiteLike, item: Intervention) -> Positions:
     return key.positions if isinstance(key, Site) else None
 
 
-def _shift(positions: Positions, step: int) -> Positions:
+def _shift(positions: Any, step: int) -> Any:
     """Prompt positions as positions of the sequence after ``step`` generated tokens: negative
-    ones move back by ``step``; ones counted from the start, and None (all), stay."""
-    if positions is None or step == 0:
+    ones move back by ``step``; ones counted from the start, and None or ``"all"``, stay."""
+    if positions is None or isinstance(positions, str) or step == 0:
         return positions
-    if isinstance(positions, int):
-        return positions - step if positions < 0 else positions
-    return [p - step if p < 0 else p for p in positions]
+    return [p - step if p < 0 else p for p in position_list(positions)]
 
 
 def _shifted(
