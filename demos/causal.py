@@ -230,8 +230,8 @@ def generations(model: Any, n_prompts: int, n_items: int = 6) -> dict[str, Any]:
     prompts = [held.prompt(item.input) for item in items]
     fv = {mp.Site("mlp_out", res.layer): mp.Add(res.vector, positions=-1)}
     start = time.perf_counter()
-    plain = mp.generate(model, prompts, max_new_tokens=8, stop="\n", progress=False)
-    steered = mp.generate(model, prompts, fv, max_new_tokens=8, stop="\n", progress=False)
+    plain = mp.generate(model, prompts, max_new_tokens=8, stop_strings="\n", progress=False)
+    steered = mp.generate(model, prompts, fv, max_new_tokens=8, stop_strings="\n", progress=False)
     seconds = time.perf_counter() - start
     rows = [
         {"input": item.input, "answer": item.output, "intact": a, "function vector": b}

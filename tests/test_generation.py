@@ -148,7 +148,7 @@ def test_eos_and_stop_strings_end_a_completion(tiny):
 
     text = plain.completions[0]
     stop = next(c for c in text[1:] if c.isascii() and c.isprintable())
-    cut = mp.generate(tiny, PROMPTS, max_new_tokens=STEPS, stop=stop, stop_at_eos=False)
+    cut = mp.generate(tiny, PROMPTS, max_new_tokens=STEPS, stop_strings=stop, stop_at_eos=False)
     assert cut.finished[0] == "stop" and cut.completions[0] == text[: text.index(stop)]
     n = len(cut.tokens[0])
     assert cut.tokens[0].tolist() == plain.tokens[0][:n].tolist() and n < STEPS
@@ -171,7 +171,7 @@ def test_result_protocol_and_round_trip(tiny, tmp_path):
     ("spec", "kwargs", "error", "message"),
     [
         ({}, {"max_new_tokens": 0}, ValueError, "max_new_tokens"),
-        ({}, {"stop": [""]}, ValueError, "stop must be non-empty"),
+        ({}, {"stop_strings": [""]}, ValueError, "stop_strings must be non-empty"),
         ({mp.Site("mlp_out", 0): mp.Capture()}, {}, ValueError, "records no activations"),
         ({mp.Site("mlp_out", 0): mp.Ablate("mean")}, {}, ValueError, "Pass mean="),
         ({mp.Site("mlp_out", 9): mp.Ablate("zero")}, {}, ValueError, "layer"),
@@ -209,7 +209,9 @@ def test_smollm2_completes_a_capital_as_hugging_faces_cached_generation(smollm2)
 
     fresh = AutoModelForCausalLM.from_pretrained(_models.cache_dir() / "smollm2-135m-f32")
     prompt = mp.load_task("capitals").with_shots(3).prompt("Poland")
-    res = mp.generate(smollm2, [prompt, "The capital of Egypt is"], max_new_tokens=8, stop="\n")
+    res = mp.generate(
+        smollm2, [prompt, "The capital of Egypt is"], max_new_tokens=8, stop_strings="\n"
+    )
     assert res.completions[0] == " Warsaw" and res.finished[0] == "stop"
     v = torch.randn(576, generator=torch.Generator().manual_seed(0)) * 30
     steered = mp.generate(
@@ -241,3 +243,36 @@ def test_a_generation_longer_than_the_context_is_refused_before_any_token(tiny):
     n_ctx = int(tiny.cfg.n_ctx)
     with pytest.raises(ValueError, match=f"context of {n_ctx} tokens: lower max_new_tokens"):
         mp.generate(tiny, PROMPTS, max_new_tokens=n_ctx)
+
+
+def test_samples_are_keyed_by_prompt_and_seed(tiny):
+    """A prompt's sample does not depend on the prompts, batch size or order beside it; the
+    second copy of a prompt is another draw; another seed draws others."""
+    kw = {"max_new_tokens": STEPS, "temperature": 1.0, "stop_at_eos": False}
+    both = mp.generate(tiny, ["Hi", "Hello there", "Hi"], **kw)
+    alone = mp.generate(tiny, ["Hello there"], **kw)
+    one_by_one = mp.generate(tiny, ["Hello there", "Hi"], batch_size=1, **kw)
+    assert both.tokens[1].tolist() == alone.tokens[0].tolist() == one_by_one.tokens[0].tolist()
+    assert both.tokens[0].tolist() == one_by_one.tokens[1].tolist()
+    assert both.tokens[0].tolist() != both.tokens[2].tolist()  # copies draw apart
+    other = mp.generate(tiny, ["Hello there"], seed=1, **kw)
+    assert other.tokens[0].tolist() != alone.tokens[0].tolist()
+    assert (both.temperature, both.seed) == (1.0, 0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampled_first_tokens_follow_the_tempered_distribution(tiny, temperature):
+    """400 copies of one prompt, one token each: every token's frequency is within four binomial
+    standard deviations of ``softmax(logits / temperature)``; the recorded log-probabilities are
+    the model's own (untempered)."""
+    n = 400
+    res = mp.generate(tiny, ["Hi"] * n, max_new_tokens=1, temperature=temperature)
+    first = np.array([int(t[0]) for t in res.tokens])
+    logits = mp.run(tiny, ["Hi"], logit_positions=-1).logits[0, 0].double()
+    p = torch.softmax(logits / temperature, dim=-1).numpy()
+    freq = np.bincount(first, minlength=len(p)) / n
+    sd = np.sqrt(p * (1 - p) / n)
+    assert np.all(np.abs(freq - p) <= 4 * sd + 1.0 / n), np.abs(freq - p).max()
+    own = torch.log_softmax(logits, dim=-1).numpy()
+    # float32 logits of a 400-row batch against one row: rounding of ~1e-6
+    np.testing.assert_allclose([lp[0] for lp in res.logprobs], own[first], atol=1e-5)

@@ -10,8 +10,8 @@ import torch
 from transformer_lens import patching as tl_patching
 
 import mechprobe as mp
-from mechprobe.core import model_adapter, query_heads
-from mechprobe.patching._engine import keyed_seed, unit_vectors
+from mechprobe.core import keyed_seed, model_adapter, query_heads
+from mechprobe.patching._engine import unit_vectors
 from tests.conftest import hook_count
 
 CLEAN, CORRUPT = "A cat sat", "A bat sat"  # differ at position 3 (BOS first)

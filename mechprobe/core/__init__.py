@@ -56,6 +56,7 @@ from mechprobe.core._results import (
     write_tensors,
 )
 from mechprobe.core._runner import RunResult, forward, run
+from mechprobe.core._seeding import keyed_seed
 from mechprobe.core._sites import (
     HEAD_KINDS,
     Layers,
@@ -126,6 +127,7 @@ __all__ = [
     "gradients_enabled",
     "head_count",
     "intervene",
+    "keyed_seed",
     "load_model",
     "load_result",
     "model_adapter",

@@ -1,4 +1,4 @@
-"""Greedy generation with interventions in place: :func:`generate` -> :class:`GenerationResult`.
+"""Generation with interventions in place: :func:`generate` -> :class:`GenerationResult`.
 
 What a steering vector, a function vector or an erasure does to what the model *says*. Every new
 token recomputes the whole sequence (no key/value cache: TransformerLens 4.3's bridge leaves its
@@ -12,6 +12,10 @@ edit, and kept (function vectors, o-vectors). ``positions=None`` (all) edits eve
 generated tokens included (steering vectors added everywhere). So the completions equal those of
 a cached generation with the edit applied when each position is first computed; the tests check
 this against Hugging Face's own cached ``generate`` with a hook written by hand.
+
+Each token is the most probable one (greedy, the default), or drawn at a ``temperature`` from a
+generator per prompt keyed by ``seed`` and the prompt's tokens (``mechprobe.core.keyed_seed``),
+so a prompt's sample does not depend on the prompts, batch size or order it runs with.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from mechprobe.core._hooks import Capture, Intervention, InterventionSpec, Repla
 from mechprobe.core._progress import progress_bar
 from mechprobe.core._results import Result, new_axes
 from mechprobe.core._runner import _is_pooled, _items, _rows_of, run
+from mechprobe.core._seeding import keyed_seed
 from mechprobe.core._sites import Positions, Site, SiteLike, resolve_site
-from mechprobe.core._validation import check_int
+from mechprobe.core._validation import check_float, check_int, check_seed
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -46,12 +51,12 @@ Finished = Literal["eos", "stop", "length"]
 
 @dataclass(frozen=True, eq=False, repr=False)
 class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
-    """Greedy completions of prompts, with the interventions that were in place.
+    """Completions of prompts (greedy or sampled), with the interventions that were in place.
 
     Attributes:
         prompts: The prompts, as given.
         completions: Per prompt, the generated text: without the end-of-sequence token, and cut
-            before the first ``stop`` string.
+            before the first of ``stop_strings``.
         tokens: Per prompt, ``[n]`` the generated token ids (ending with the end-of-sequence
             token, or the one that completed a stop string, where generation stopped there).
         logprobs: Per prompt, ``[n]`` each generated token's log-probability under the model as
@@ -60,6 +65,8 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
             ``"length"`` (``max_new_tokens``).
         interventions: The interventions in place, as text (``"mlp_out@10: Add(positions=-1)"``).
         max_new_tokens: The limit of new tokens per prompt.
+        temperature: 0 for greedy completions, else the sampling temperature.
+        seed: The seed of the draws (used when sampling).
 
     Example:
         >>> import mechprobe as mp
@@ -75,6 +82,8 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
     finished: tuple[str, ...]
     interventions: tuple[str, ...]
     max_new_tokens: int
+    temperature: float = 0.0
+    seed: int = 0
 
     def to_frame(self) -> pd.DataFrame:
         """One row per generated token: prompt index, step, token id, log-probability.
@@ -128,7 +137,8 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
         ax.set_xlabel("generated token")
         ax.set_ylabel("log-probability")
         where = "; ".join(self.interventions) if self.interventions else "no intervention"
-        ax.set_title(f"greedy generation ({_tail(where, 60)})")
+        how = "greedy" if self.temperature == 0 else f"sampled at T={self.temperature:g}"
+        ax.set_title(f"{how} generation ({_tail(where, 60)})")
         if len(self.prompts) <= 8:
             ax.legend(fontsize="small")
         return fig
@@ -148,13 +158,15 @@ def generate(
     interventions: InterventionSpec | None = None,
     *,
     max_new_tokens: int = 20,
-    stop: Sequence[str] | str = (),
+    stop_strings: Sequence[str] | str = (),
     stop_at_eos: bool = True,
+    temperature: float = 0.0,
+    seed: int = 0,
     batch_size: int | None = 32,
     progress: bool = True,
 ) -> GenerationResult:
-    """Complete prompts greedily with interventions in place (module docstring: positions count
-    in the prompt; the whole sequence is recomputed for every token).
+    """Complete prompts with interventions in place, greedily or by sampling (module docstring:
+    positions count in the prompt; the whole sequence is recomputed for every token).
 
     Args:
         model: A TransformerLens model with a tokenizer.
@@ -165,9 +177,14 @@ def generate(
             :func:`mechprobe.run` on the completed texts) and ``Ablate("mean")`` without
             ``mean=`` (the mean over the prompts would change as they grow).
         max_new_tokens: New tokens per prompt at most.
-        stop: Strings that end a completion (e.g. ``"\\n"`` for one-line answers); the
-            completion is cut before the first one.
+        stop_strings: Strings that end a completion (e.g. ``"\\n"`` for one-line answers; Hugging
+            Face's name); the completion is cut before the first one.
         stop_at_eos: End a completion at the tokenizer's end-of-sequence token.
+        temperature: 0 (the default) takes the most probable token; above 0, tokens are drawn
+            from ``softmax(logits / temperature)``.
+        seed: Seed of the draws when sampling. A prompt's draws come from ``seed`` and its
+            tokens (and which copy of that prompt it is, so repeated prompts give different
+            samples): the same whatever prompts, batch size or order it runs with.
         batch_size: Prompts generated together (None: all at once).
         progress: Show a progress bar over tokens (``MECHPROBE_PROGRESS=0`` silences it).
 
@@ -175,7 +192,7 @@ def generate(
         A :class:`GenerationResult`.
 
     Raises:
-        ValueError: Before any forward pass: bad ``max_new_tokens`` or ``stop``, or an
+        ValueError: Before any forward pass: bad ``max_new_tokens``, ``stop_strings`` or ``temperature``, or an
             intervention generation cannot apply (above), or a site the model lacks.
 
     Example:
@@ -188,9 +205,11 @@ def generate(
         (4, 4)
     """
     check_int(max_new_tokens, "max_new_tokens", 1)
-    stops = [stop] if isinstance(stop, str) else list(stop)
+    temperature = check_float(temperature, "temperature", low=0.0)
+    seed = check_seed(seed)
+    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
     if not all(isinstance(s, str) and s for s in stops):
-        raise ValueError(f"stop must be non-empty strings, got {stop!r}.")
+        raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}.")
     spec = dict(interventions or {})
     for key, value in spec.items():
         resolve_site(model, key)  # an unknown site fails before any pass
@@ -207,10 +226,12 @@ def generate(
         )
     tok = model_adapter(model).tokenizer
     eos = tok.eos_token_id if stop_at_eos else None
+    draws = _generators(batch, seed) if temperature > 0 else None
     out: list[tuple[list[int], list[float], str, Finished]] = []
     for rows, chunk in batch.chunks(batch_size):
         local = {k: [_rows_of(i, rows, len(batch)) for i in _items(v)] for k, v in spec.items()}
-        out += _complete(model, chunk, local, max_new_tokens, stops, eos, progress)
+        pick = _Pick(temperature, None if draws is None else draws[rows])
+        out += _complete(model, chunk, local, max_new_tokens, stops, eos, pick, progress)
     return GenerationResult(
         prompts=tuple(batch.prompts),
         completions=tuple(text for _, _, text, _ in out),
@@ -223,6 +244,8 @@ def generate(
             for item in _items(value)
         ),
         max_new_tokens=int(max_new_tokens),
+        temperature=temperature,
+        seed=seed,
     )
 
 
@@ -233,6 +256,7 @@ def _complete(
     max_new_tokens: int,
     stops: list[str],
     eos: int | None,
+    pick: _Pick,
     progress: bool,
 ) -> list[tuple[list[int], list[float], str, Finished]]:
     """Generate for one left-padded chunk: every row grows by one token per step (finished rows
@@ -254,12 +278,12 @@ def _complete(
         )
         shifted = _shifted(spec, step)
         logits = run(model, batch, shifted, logit_positions=-1, batch_size=None, progress=False)
-        logp = torch.log_softmax(logits.logits[:, 0].double(), dim=-1)
-        best = logp.argmax(dim=-1)  # the first maximal id, as Hugging Face's greedy search
+        last = logits.logits[:, 0].double()
+        logp = torch.log_softmax(last, dim=-1)
         for i in range(len(rows)):
             if done[i] is not None:
                 continue
-            token = int(best[i])
+            token = pick(i, last[i])
             new[i].append(token)
             logprobs[i].append(float(logp[i, token]))
             if eos is not None and token == eos:
@@ -276,6 +300,34 @@ def _complete(
         (n, lp, text, d if d is not None else "length")
         for n, lp, text, d in zip(new, logprobs, texts, done, strict=True)
     ]
+
+
+class _Pick:
+    """The next token of a row from its logits: the first maximal one (Hugging Face's greedy
+    search), or a draw from ``softmax(logits / temperature)`` with the row's own generator."""
+
+    def __init__(self, temperature: float, generators: list[torch.Generator] | None) -> None:
+        self.temperature, self.generators = temperature, generators
+
+    def __call__(self, row: int, logits: torch.Tensor) -> int:
+        if self.generators is None:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.cpu() / self.temperature, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generators[row]))
+
+
+def _generators(batch: Batch, seed: int) -> list[torch.Generator]:
+    """One generator per prompt, keyed by ``seed``, its tokens and its copy number (the k-th
+    time the same prompt appears)."""
+    seen: dict[tuple[int, ...], int] = {}
+    out = []
+    for i in range(len(batch)):
+        ids = batch.tokens[i][batch.attention_mask[i].bool()].tolist()
+        copy_number = seen.get(tuple(ids), 0)
+        seen[tuple(ids)] = copy_number + 1
+        key = keyed_seed(seed, [ids], f"sample {copy_number}".encode())
+        out.append(torch.Generator().manual_seed(key))
+    return out
 
 
 def _check_item(key: SiteLike, item: Any) -> None:

@@ -46,6 +46,7 @@ from mechprobe.core import (
     differentiate,
     gradients_enabled,
     intervene,
+    keyed_seed,
     progress_bar,
 )
 from mechprobe.patching._activation import (
@@ -56,7 +57,6 @@ from mechprobe.patching._activation import (
     position_pairs,
     token_pairs,
 )
-from mechprobe.patching._engine import keyed_seed
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
 from mechprobe.patching._result import PatchResult
 

@@ -28,14 +28,12 @@ Edits by layout of the hooked tensor:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -48,6 +46,7 @@ from mechprobe.core import (
     SiteLike,
     check_heads_sum,
     intervene,
+    keyed_seed,
     model_adapter,
     progress_bar,
     readout,
@@ -157,29 +156,6 @@ def unit_vectors(
             vec = vec - vec.mean()
         out.append((vec / vec.norm().clamp_min(1e-30)).float())
     return out
-
-
-def keyed_seed(seed: int, prompts: Sequence[Sequence[int] | Tensor], suffix: bytes = b"") -> int:
-    """A generator seed from ``seed``, the token ids of the prompts a control belongs to (one
-    prompt, or a clean/corrupt pair) and ``suffix`` (a cell's key): the prompts, not their place
-    in the list or the prompts run beside them, fix the random draws.
-
-    Example:
-        >>> keyed_seed(0, [[1, 5, 9]]) == keyed_seed(0, [torch.tensor([1, 5, 9])])
-        True
-        >>> keyed_seed(0, [[1, 5], [9]]) == keyed_seed(0, [[1], [5, 9]])  # where the pair splits
-        False
-    """
-    ids = b"".join(
-        np.asarray(torch.as_tensor(p).cpu().reshape(-1), dtype=np.int64).tobytes() for p in prompts
-    )
-    # One prompt hashes its ids alone (the key causal tracing's noise has always had); a pair
-    # adds its lengths, so that where one prompt ends is part of the key.
-    lengths = b"" if len(prompts) == 1 else repr([len(p) for p in prompts]).encode()
-    digest = hashlib.blake2b(
-        ids + lengths + suffix, digest_size=8, key=str(int(seed)).encode()
-    ).digest()
-    return int.from_bytes(digest, "little") % 2**63
 
 
 def pair_unit_vectors(

@@ -45,6 +45,7 @@ from mechprobe.core import (
     expand_sites,
     figure_of,
     intervene,
+    keyed_seed,
     readout,
     tokenize,
 )
@@ -57,7 +58,6 @@ from mechprobe.patching._engine import (
     Cell,
     Edit,
     Plan,
-    keyed_seed,
     run_plan,
     site_edit,
     unit_vectors,

@@ -1,0 +1,41 @@
+"""Seeds derived from content: a random draw fixed by what it is about, not by where it runs.
+
+Random controls of patching and tracing, and sampled generation, draw from generators seeded by
+the user's ``seed`` together with the token ids of the prompt(s) a draw belongs to: a prompt keeps
+its draws whatever prompts run beside it, in whatever order or chunking, so runs split over jobs
+join into the numbers of one run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["keyed_seed"]
+
+
+def keyed_seed(seed: int, prompts: Sequence[Sequence[int] | Tensor], suffix: bytes = b"") -> int:
+    """A generator seed from ``seed``, the token ids of the prompts a draw belongs to (one
+    prompt, or a clean/corrupt pair) and ``suffix`` (a cell's key, a copy's number): the prompts,
+    not their place in the list or the prompts run beside them, fix the random draws.
+
+    Example:
+        >>> keyed_seed(0, [[1, 5, 9]]) == keyed_seed(0, [torch.tensor([1, 5, 9])])
+        True
+        >>> keyed_seed(0, [[1, 5], [9]]) == keyed_seed(0, [[1], [5, 9]])  # where the pair splits
+        False
+    """
+    ids = b"".join(
+        np.asarray(torch.as_tensor(p).cpu().reshape(-1), dtype=np.int64).tobytes() for p in prompts
+    )
+    # One prompt hashes its ids alone (the key causal tracing's noise has always had); a pair
+    # adds its lengths, so that where one prompt ends is part of the key.
+    lengths = b"" if len(prompts) == 1 else repr([len(p) for p in prompts]).encode()
+    digest = hashlib.blake2b(
+        ids + lengths + suffix, digest_size=8, key=str(int(seed)).encode()
+    ).digest()
+    return int.from_bytes(digest, "little") % 2**63
