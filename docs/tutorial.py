@@ -160,6 +160,26 @@ amnesic.summary()
 amnesic.plot()
 
 # %% [markdown]
+# What the model *says* with the eraser in place: greedy one-line answers to four of the same
+# questions, intact and erased (`mp.generate` applies the eraser at each prompt's last token, as
+# `amnesic` did; a completion is the text after "A:").
+
+# %%
+questions = task.prompts()[:4]
+erased_spec = {mp.Site("resid_post", layer): mp.Project(eraser, positions=-1)}
+intact = mp.generate(model, questions, max_new_tokens=6, stop_strings="\n", progress=False)
+erased = mp.generate(
+    model, questions, erased_spec, max_new_tokens=6, stop_strings="\n", progress=False
+)
+[(question.splitlines()[-2], a, b) for question, a, b in zip(
+    questions, intact.completions, erased.completions, strict=True)]  # fmt: skip
+
+# %% [markdown]
+# With the eraser in place no answer is the country's capital, and two of them are *other*
+# countries' capitals (on the full setting: Cairo for Algeria, Sana for Bahrain): the model still
+# answers a capital question, about a country the erased directions no longer tell it.
+
+# %% [markdown]
 # INLP needs many more directions for 20 classes, and its random controls of that rank break the
 # task too: it is not selective here.
 
