@@ -276,3 +276,18 @@ def test_sampled_first_tokens_follow_the_tempered_distribution(tiny, temperature
     own = torch.log_softmax(logits, dim=-1).numpy()
     # float32 logits of a 400-row batch against one row: rounding of ~1e-6
     np.testing.assert_allclose([lp[0] for lp in res.logprobs], own[first], atol=1e-5)
+
+
+def test_a_row_that_stops_early_does_not_move_the_others_positions(tiny):
+    """Rows that finished keep growing in the batch (their tokens dropped), so every row's
+    prompt positions stay at one offset from the end: a row stopping early raised "position
+    outside prompt" for an edit at -2 a few steps later, and would have shifted the others."""
+    v = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(2)) * 8
+    spec = {mp.Site("resid_post", 1): mp.Add(v, positions=-2)}
+    kw = {"max_new_tokens": STEPS, "stop_at_eos": False}
+    plain = mp.generate(tiny, PROMPTS, spec, **kw)
+    stop = next(c for c in plain.completions[0] if c.isascii() and c.isprintable())
+    early = mp.generate(tiny, PROMPTS, spec, stop_strings=stop, **kw)
+    assert early.finished[0] == "stop" and len(early.tokens[0]) < STEPS
+    alone = mp.generate(tiny, PROMPTS[1], spec, stop_strings=stop, **kw)
+    assert early.tokens[1].tolist() == alone.tokens[0].tolist()

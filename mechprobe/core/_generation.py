@@ -263,30 +263,30 @@ def _complete(
     progress: bool,
 ) -> list[tuple[list[int], list[float], str, Finished]]:
     """Generate for one left-padded chunk: every row grows by one token per step (finished rows
-    too, their extra tokens dropped), so the prompts' positions keep one offset from the end."""
+    too, their extra tokens dropped), so the prompts' positions keep one offset from the end.
+    A finished row's placeholder tokens never reach the others: rows do not attend across."""
     tok = model_adapter(model).tokenizer
-    rows = [
+    # Every row, finished or not, grows by one token per step: a negative prompt position is
+    # then the same offset from every row's end (run() resolves positions per row).
+    seqs = [
         prompts.tokens[i][prompts.attention_mask[i].bool()].tolist() for i in range(len(prompts))
     ]
-    new: list[list[int]] = [[] for _ in rows]
-    logprobs: list[list[float]] = [[] for _ in rows]
-    done: list[Finished | None] = [None] * len(rows)
-    texts = [""] * len(rows)
+    new: list[list[int]] = [[] for _ in seqs]
+    logprobs: list[list[float]] = [[] for _ in seqs]
+    done: list[Finished | None] = [None] * len(seqs)
+    texts = [""] * len(seqs)
     for step in progress_bar(range(max_new_tokens), progress=progress, desc="generate"):
-        batch = pad_rows(
-            [r + n for r, n in zip(rows, new, strict=True)],
-            pad_id(model),
-            "left",
-            prompts.prompts,
-        )
+        batch = pad_rows(seqs, pad_id(model), "left", prompts.prompts)
         shifted = _shifted(spec, step)
         logits = run(model, batch, shifted, logit_positions=-1, batch_size=None, progress=False)
         last = logits.logits[:, 0].double()
         logp = torch.log_softmax(last, dim=-1)
-        for i in range(len(rows)):
+        for i in range(len(seqs)):
             if done[i] is not None:
+                seqs[i].append(int(last[i].argmax()))  # a placeholder, never read back
                 continue
             token = pick(i, last[i])
+            seqs[i].append(token)
             new[i].append(token)
             logprobs[i].append(float(logp[i, token]))
             if eos is not None and token == eos:
