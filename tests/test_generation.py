@@ -157,13 +157,16 @@ def test_eos_and_stop_strings_end_a_completion(tiny):
 
 def test_result_protocol_and_round_trip(tiny, tmp_path):
     res = mp.generate(tiny, PROMPTS, max_new_tokens=3, progress=False)
-    assert len(res.to_frame()) == 6 and list(res.summary()["tokens"]) == [3, 3]
+    frame = res.to_frame()
+    assert len(frame) == 6 and list(res.summary()["tokens"]) == [3, 3]
+    assert list(frame["text"]) == [tiny.tokenizer.decode([t]) for t in frame["token"]]
     assert "prompt" in repr(res) and "<table" in res._repr_html_()
     assert len(res.plot().axes) == 1
     for suffix in (".json", ".npz"):
         back = mp.GenerationResult.load(res.save(tmp_path / f"gen{suffix}"))
         assert back.completions == res.completions and back.finished == res.finished
         assert [t.tolist() for t in back.tokens] == [t.tolist() for t in res.tokens]
+        assert back.token_strings == res.token_strings
         np.testing.assert_allclose(np.concatenate(back.logprobs), np.concatenate(res.logprobs))
 
 
@@ -291,3 +294,26 @@ def test_a_row_that_stops_early_does_not_move_the_others_positions(tiny):
     assert early.finished[0] == "stop" and len(early.tokens[0]) < STEPS
     alone = mp.generate(tiny, PROMPTS[1], spec, stop_strings=stop, **kw)
     assert early.tokens[1].tolist() == alone.tokens[0].tolist()
+
+
+def test_a_replace_with_one_value_per_prompt_follows_its_prompt_through_chunks(tiny):
+    """Replace values ``[prompts, 1, d]`` are cut to each chunk's rows, so batch_size=1 gives
+    the batch's completions, and each prompt's completion is Hugging Face's with its own row
+    written at the prompt's last token in the prefill pass."""
+    values = torch.randn(2, 1, tiny.cfg.d_model, generator=torch.Generator().manual_seed(3)) * 4
+    spec = {mp.Site("resid_post", 1): mp.Replace(values, positions=-1)}
+    kw = {"max_new_tokens": STEPS, "stop_at_eos": False}
+    together = mp.generate(tiny, PROMPTS, spec, **kw)
+    one_by_one = mp.generate(tiny, PROMPTS, spec, batch_size=1, **kw)
+    assert [t.tolist() for t in one_by_one.tokens] == [t.tolist() for t in together.tokens]
+    hf = _fresh_hf(tiny)
+    for i, prompt in enumerate(PROMPTS):
+
+        def edit(hidden, prefill, i=i):
+            if prefill:
+                hidden[:, -1] = values[i, 0]
+            return hidden
+
+        tokens, logp, gap = _hf_greedy(hf, tiny.to_tokens(prompt), edit)
+        assert gap > 1e-3 and together.tokens[i].tolist() == tokens
+        np.testing.assert_allclose(together.logprobs[i], logp, atol=1e-4)

@@ -64,6 +64,7 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
             token, or the one that completed a stop string, where generation stopped there).
         logprobs: Per prompt, ``[n]`` each generated token's log-probability under the model as
             run (interventions included).
+        token_strings: Per prompt, each generated token decoded alone.
         finished: Per prompt, why generation stopped: ``"eos"``, ``"stop"`` (a stop string) or
             ``"length"`` (``max_new_tokens``).
         interventions: The interventions in place, as text (``"mlp_out@10: Add(positions=-1)"``).
@@ -82,6 +83,7 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
     completions: tuple[str, ...]
     tokens: tuple[np.ndarray, ...]
     logprobs: tuple[np.ndarray, ...]
+    token_strings: tuple[tuple[str, ...], ...]
     finished: tuple[str, ...]
     interventions: tuple[str, ...]
     max_new_tokens: int
@@ -89,20 +91,23 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
     seed: int = 0
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per generated token: prompt index, step, token id, log-probability.
+        """One row per generated token: prompt index, step, token id, its text, log-probability.
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.generate(mp.tiny_model(), "Hi", max_new_tokens=2, progress=False)
             >>> list(res.to_frame().columns)
-            ['prompt', 'step', 'token', 'logprob']
+            ['prompt', 'step', 'token', 'text', 'logprob']
         """
+        columns = ["prompt", "step", "token", "text", "logprob"]
         rows = [
-            {"prompt": i, "step": s, "token": int(t), "logprob": float(lp)}
-            for i, (ids, lps) in enumerate(zip(self.tokens, self.logprobs, strict=True))
-            for s, (t, lp) in enumerate(zip(ids, lps, strict=True))
+            {"prompt": i, "step": s, "token": int(t), "text": text, "logprob": float(lp)}
+            for i, (ids, texts, lps) in enumerate(
+                zip(self.tokens, self.token_strings, self.logprobs, strict=True)
+            )
+            for s, (t, text, lp) in enumerate(zip(ids, texts, lps, strict=True))
         ]
-        return pd.DataFrame(rows, columns=["prompt", "step", "token", "logprob"])
+        return pd.DataFrame(rows, columns=columns)
 
     def summary(self) -> pd.DataFrame:
         """One row per prompt: the prompt's end, the completion, its length, why it stopped and
@@ -240,6 +245,7 @@ def generate(
         completions=tuple(text for _, _, text, _ in out),
         tokens=tuple(np.asarray(ids, dtype=np.int64) for ids, _, _, _ in out),
         logprobs=tuple(np.asarray(lps, dtype=np.float64) for _, lps, _, _ in out),
+        token_strings=tuple(tuple(tok.decode([t]) for t in ids) for ids, _, _, _ in out),
         finished=tuple(why for _, _, _, why in out),
         interventions=tuple(
             f"{key}: {type(item).__name__}(positions={_positions(key, item)!r})"
