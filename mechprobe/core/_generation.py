@@ -224,7 +224,8 @@ def generate(
         for item in _items(value):
             _check_item(key, item)
     batch = tokenize(model, prompts, padding_side="left")
-    n_ctx = model_adapter(model).n_ctx
+    adapter = model_adapter(model)
+    n_ctx = adapter.n_ctx
     longest = int(batch.lengths.max())
     if n_ctx is not None and longest + max_new_tokens > int(n_ctx):
         raise ValueError(
@@ -232,7 +233,7 @@ def generate(
             f"model's context of {int(n_ctx)} tokens: lower max_new_tokens to at most "
             f"{int(n_ctx) - longest}, or shorten the prompt."
         )
-    tok = model_adapter(model).tokenizer
+    tok = adapter.tokenizer
     eos = tok.eos_token_id if stop_at_eos else None
     draws = _generators(batch, seed) if temperature > 0 else None
     out: list[tuple[list[int], list[float], str, Finished]] = []
