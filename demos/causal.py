@@ -10,9 +10,11 @@ and writes ``docs/causal_results.json`` and ``docs/figures/causal_*.png``:
 - ``fv``: function vectors of every built-in task beside random vectors, the o-vector and the
   intact model;
 - ``generate``: what the model says on held-out zero-shot capitals_extractive prompts, intact and
-  with that task's function vector added (``mp.generate``, greedy, one line).
+  with that task's function vector added (``mp.generate``, greedy, one line);
+- ``dla``: direct logit attribution of the capital's logit over the country's (3-shot capitals
+  prompts), per layer's attention and MLP and per head.
 
-``--part attribution|trace|fv|generate`` runs one part (the JSON keeps the other parts' last numbers);
+``--part attribution|trace|fv|generate|dla`` runs one part (the JSON keeps the other parts' last numbers);
 ``--pairs``, ``--items``, ``--prompts`` make them larger.
 """
 
@@ -242,16 +244,58 @@ def generations(model: Any, n_prompts: int, n_items: int = 6) -> dict[str, Any]:
     return {"layer": res.layer, "prompt": prompts[0], "rows": rows, "seconds": round(seconds, 1)}
 
 
+def direct_attribution(model: Any) -> dict[str, Any]:
+    """Which writes put the capital above the country: ``logit[capital] - logit[country]`` at the
+    last token of every 3-shot capitals prompt whose answer and argument start with different
+    tokens, split into the direct effects of each layer's attention and MLP (and each head)."""
+    task = mp.load_task("capitals").with_shots(3)
+    prompts, answers, arguments = [], [], []
+    for item, prompt, answer in zip(task.items, task.prompts(), task.answers(), strict=True):
+        ans = model.tokenizer(answer, add_special_tokens=False)["input_ids"][0]
+        arg = model.tokenizer(" " + item.argument, add_special_tokens=False)["input_ids"][0]
+        if ans != arg:
+            prompts.append(prompt)
+            answers.append(ans)
+            arguments.append(arg)
+    metric = mp.logit_diff(answers, arguments)
+    start = time.perf_counter()
+    layers = mp.direct_logit_attribution(model, prompts, metric, progress=False)
+    seconds = time.perf_counter() - start
+    heads = mp.direct_logit_attribution(model, prompts, metric, heads=True, progress=False)
+    gap = float(np.abs(layers.attributions.sum(1) - layers.logit_diff).max())
+    layers.plot().savefig(FIGURES / "causal_dla_layers.png", dpi=110, bbox_inches="tight")
+    heads.plot().savefig(FIGURES / "causal_dla_heads.png", dpi=110, bbox_inches="tight")
+
+    def top(res: Any, k: int) -> list[dict[str, Any]]:
+        frame = res.summary(top=k)
+        return [
+            {"component": c, "mean": round(float(m), 3), "std": round(float(s), 3)}
+            for c, m, s in zip(frame["component"], frame["mean"], frame["std"], strict=True)
+        ]
+
+    out = {
+        "prompts": len(prompts),
+        "answer_above_argument": round(float((layers.logit_diff > 0).mean()), 3),
+        "mean_logit_diff": round(float(layers.logit_diff.mean()), 3),
+        "max_gap_sum_vs_model": gap,
+        "top_layers": top(layers, 8),
+        "top_heads": top(heads, 8),
+        "seconds_layers": round(seconds, 1),
+    }
+    print(out, flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--part", choices=("attribution", "trace", "fv", "generate"), action="append"
+        "--part", choices=("attribution", "trace", "fv", "generate", "dla"), action="append"
     )
     parser.add_argument("--pairs", type=int, default=3, help="prompt pairs (attribution)")
     parser.add_argument("--items", type=int, default=3, help="capitals items (trace)")
     parser.add_argument("--prompts", type=int, default=8, help="fit prompts per task (fv)")
     args = parser.parse_args()
-    parts = args.part or ["fv", "generate", "trace", "attribution"]
+    parts = args.part or ["fv", "generate", "trace", "attribution", "dla"]
     FIGURES.mkdir(parents=True, exist_ok=True)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     model = mp.load_model()
@@ -266,6 +310,9 @@ def main() -> None:
         OUT.write_text(json.dumps(results, indent=1) + "\n")
     if "attribution" in parts:
         results["attribution"] = attribution(model, args.pairs)
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
+    if "dla" in parts:
+        results["direct_attribution"] = direct_attribution(model)
         OUT.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {OUT}")
 

@@ -71,6 +71,7 @@ from mechprobe.lens import (
     train_tuned_lens,
 )
 from mechprobe.patching import (
+    LogitAttributionResult,
     PatchMetric,
     PatchResult,
     PathPatchResult,
@@ -79,6 +80,7 @@ from mechprobe.patching import (
     answer_prob,
     attribution_patch,
     causal_trace,
+    direct_logit_attribution,
     logit_diff,
     patch,
     path_patch,
@@ -161,6 +163,7 @@ __all__: list[str] = [
     "LensResult",
     "LensSpec",
     "LinearProbe",
+    "LogitAttributionResult",
     "LogitLens",
     "MLPProbe",
     "ModelLoadError",
@@ -203,6 +206,7 @@ __all__: list[str] = [
     "country_dataset",
     "cumulative_scores",
     "default_sweep_layers",
+    "direct_logit_attribution",
     "dropout_projection",
     "english_text",
     "extract_ovector",

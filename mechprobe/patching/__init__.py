@@ -1,15 +1,17 @@
 """Causal analyses on mechprobe's batched cell engine, each effect beside random controls:
 activation patching and ablation of sites and heads, attribution patching, path patching, causal
-tracing with noise."""
+tracing with noise; direct logit attribution of the residual stream's writes."""
 
 from mechprobe.patching._activation import ablate_cells, patch
 from mechprobe.patching._attribution import attribution_patch
+from mechprobe.patching._direct import LogitAttributionResult, direct_logit_attribution
 from mechprobe.patching._metrics import PatchMetric, answer_prob, logit_diff
 from mechprobe.patching._path import PathPatchResult, path_patch
 from mechprobe.patching._result import PatchResult
 from mechprobe.patching._tracing import TraceResult, causal_trace, trace_noise
 
 __all__ = [
+    "LogitAttributionResult",
     "PatchMetric",
     "PatchResult",
     "PathPatchResult",
@@ -18,6 +20,7 @@ __all__ = [
     "answer_prob",
     "attribution_patch",
     "causal_trace",
+    "direct_logit_attribution",
     "logit_diff",
     "patch",
     "path_patch",

@@ -1,0 +1,467 @@
+"""Direct logit attribution: how much each component's write moves a logit difference.
+
+The last block's output ``x`` at a prompt's last token is a sum of writes: the embedding
+(``resid_pre`` of layer 0, positional embeddings included), then every layer's attention and MLP
+output (each head's ``z @ W_O[head]`` plus the attention bias, with ``heads=True``). The final norm
+is affine in ``x`` once its scale is fixed at the value it takes for this ``x`` (the "frozen"
+scale of TransformerLens's ``apply_ln_to_stack``)::
+
+    norm(x) = w * P x / s(x) + b          P centres (LayerNorm) or is the identity (RMSNorm)
+
+so the logit difference between ``answer`` and ``wrong`` splits exactly into one number per write
+plus a constant (the norm's bias and the unembedding's bias along the difference)::
+
+    logit[answer] - logit[wrong] = Σ_c (w * P c / s(x)) · (W_U[:, answer] - W_U[:, wrong]) + const
+
+Each number is the write's *direct* effect: what it adds to the difference through the residual
+stream alone, with everything downstream of it held fixed (the scale included). Patching
+(:func:`patch`) measures total effects instead, through every later layer.
+
+One forward pass per ``batch_size`` prompts captures every write at each prompt's last real token;
+the decomposition is checked against the model's own logits (a model whose residual stream is not
+that sum, or whose final norm or logits are not of that form, is refused with the reason).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from einops import einsum, rearrange
+from jaxtyping import Float
+from torch import Tensor
+
+from mechprobe.core import (
+    Batch,
+    PaddingSide,
+    Result,
+    Site,
+    check_heads_sum,
+    model_adapter,
+    new_axes,
+    run,
+    tokenize,
+)
+from mechprobe.patching._metrics import PatchMetric, _answer_ids
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["LogitAttributionResult", "direct_logit_attribution"]
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", version=1):
+    """Direct logit attribution of a logit difference to the residual stream's writes.
+
+    Attributes:
+        prompts: The prompts, as given.
+        answers: Per prompt, the answer token (decoded).
+        wrongs: Per prompt, the token the answer is compared with (decoded).
+        components: Labels of the writes, in the residual stream's order: ``"embed"``, then per
+            layer ``"L3 attn"`` (or, with heads, ``"L3H0"``... and ``"L3 attn_bias"`` where the
+            attention has a bias that is not zero) and ``"L3 mlp"``, then ``"bias"`` (the final
+            norm's and the unembedding's biases: the same for every prompt up to the tokens
+            compared).
+        kinds: Per component: ``"embed"``, ``"attn"``, ``"head"``, ``"attn_bias"``, ``"mlp"`` or
+            ``"bias"``.
+        layer: ``[components]`` the layer of each write (-1 for the embedding, ``n_layers`` for
+            the final bias).
+        head: ``[components]`` the head of a ``"head"`` component, -1 otherwise.
+        attributions: ``[prompts, components]`` each write's direct effect on the logit
+            difference; a row sums to :attr:`logit_diff` up to the model dtype's rounding.
+        logit_diff: ``[prompts]`` the model's own ``logit[answer] - logit[wrong]`` at the last
+            token.
+        n_layers: Layers of the model.
+        heads: Whether attention was split into heads.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> res = mp.direct_logit_attribution(mp.tiny_model(), ["Hi cat", "Hi dog"],
+        ...                                   mp.logit_diff(5, 6), progress=False)
+        >>> res.attributions.shape, res.components[:3]
+        ((2, 8), ('embed', 'L0 attn', 'L0 mlp'))
+    """
+
+    prompts: tuple[str, ...]
+    answers: tuple[str, ...]
+    wrongs: tuple[str, ...]
+    components: tuple[str, ...]
+    kinds: tuple[str, ...]
+    layer: np.ndarray
+    head: np.ndarray
+    attributions: np.ndarray
+    logit_diff: np.ndarray
+    n_layers: int
+    heads: bool = False
+
+    @property
+    def mean(self) -> np.ndarray:
+        """``[components]`` each write's attribution averaged over prompts.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.direct_logit_attribution(mp.tiny_model(), "Hi", mp.logit_diff(5, 6),
+            ...                                   progress=False)
+            >>> bool(abs(res.mean.sum() - res.logit_diff.mean()) < 1e-3)
+            True
+        """
+        return np.asarray(self.attributions.mean(0))
+
+    def head_matrix(self) -> np.ndarray:
+        """``[layers, heads]`` each head's mean attribution (``heads=True`` results).
+
+        Raises:
+            ValueError: The result was computed without ``heads=True``.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.direct_logit_attribution(mp.tiny_model(), "Hi", mp.logit_diff(5, 6),
+            ...                                   heads=True, progress=False)
+            >>> res.head_matrix().shape
+            (3, 4)
+        """
+        if not self.heads:
+            raise ValueError(
+                "This result has one component per attention layer, not per head: run "
+                "direct_logit_attribution(..., heads=True) for head_matrix()."
+            )
+        is_head = np.asarray(self.kinds) == "head"
+        n_heads = int(self.head[is_head].max()) + 1
+        matrix = np.zeros((self.n_layers, n_heads))
+        matrix[self.layer[is_head], self.head[is_head]] = self.mean[is_head]
+        return matrix
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per prompt and component: prompt index, component, kind, layer, head and the
+        attribution.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.direct_logit_attribution(mp.tiny_model(), "Hi", mp.logit_diff(5, 6),
+            ...                                   progress=False)
+            >>> list(res.to_frame().columns)
+            ['prompt', 'component', 'kind', 'layer', 'head', 'attribution']
+        """
+        n, c = self.attributions.shape
+        return pd.DataFrame(
+            {
+                "prompt": np.repeat(np.arange(n), c),
+                "component": np.tile(np.asarray(self.components, dtype=object), n),
+                "kind": np.tile(np.asarray(self.kinds, dtype=object), n),
+                "layer": np.tile(self.layer, n),
+                "head": np.tile(self.head, n),
+                "attribution": self.attributions.reshape(-1),
+            }
+        )
+
+    def summary(self, top: int = 10) -> pd.DataFrame:
+        """The ``top`` components by mean absolute effect: mean and spread over prompts, and the
+        mean's share of the mean logit difference.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.direct_logit_attribution(mp.tiny_model(), "Hi", mp.logit_diff(5, 6),
+            ...                                   progress=False)
+            >>> list(res.summary(top=3).columns), len(res.summary(top=3))
+            (['component', 'layer', 'mean', 'std', 'share'], 3)
+        """
+        mean = self.mean
+        order = np.argsort(-np.abs(mean), kind="stable")[:top]
+        total = float(self.logit_diff.mean())
+        return pd.DataFrame(
+            {
+                "component": [self.components[i] for i in order],
+                "layer": self.layer[order],
+                "mean": mean[order],
+                "std": self.attributions.std(0)[order],
+                "share": mean[order] / total if total != 0 else np.full(len(order), np.nan),
+            }
+        )
+
+    def plot(self, ax: Axes | None = None) -> Figure:
+        """Mean attribution per write: a layer x head map with ``heads=True``, else bars in the
+        residual stream's order (attention and MLP coloured apart) with their running sum.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.direct_logit_attribution(mp.tiny_model(), "Hi", mp.logit_diff(5, 6),
+            ...                                   progress=False)
+            >>> len(res.plot().axes[0].patches)
+            8
+        """
+        what = f"logit[{_token(self.answers, 'answer')}] - logit[{_token(self.wrongs, 'wrong')}]"
+        if self.heads:
+            fig, ax = new_axes(ax, (6.0, 4.0))
+            matrix = self.head_matrix()
+            limit = float(np.abs(matrix).max()) or 1.0
+            image = ax.imshow(matrix, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+            fig.colorbar(image, ax=ax, label="direct effect")
+            ax.set_title(f"direct effect of each head on {what}", fontsize="small")
+            return fig
+        fig, ax = new_axes(ax, (max(6.0, 0.18 * len(self.components)), 3.5))
+        colours = {"embed": "grey", "attn": "tab:blue", "mlp": "tab:orange", "bias": "black"}
+        x = np.arange(len(self.components))
+        for kind, colour in colours.items():  # one legend entry per kind present
+            shown = np.asarray(self.kinds) == kind
+            if shown.any():
+                ax.bar(x[shown], self.mean[shown], color=colour, label=kind)
+        ax.plot(x, np.cumsum(self.mean), color="black", lw=1, label="running sum")
+        ax.axhline(0, color="grey", lw=0.5)
+        ticks = x[:: max(1, len(x) // 16)]
+        ax.set_xticks(ticks, [self.components[i] for i in ticks], rotation=60, fontsize="small")
+        ax.set_ylabel("direct effect")
+        ax.legend(fontsize="small")
+        ax.set_title(f"direct effect of each write on {what}", fontsize="small")
+        return fig
+
+    def _describe(self) -> str:
+        best = self.summary(top=1)
+        lead = "" if best.empty else f"; largest {best['component'][0]} {best['mean'][0]:+.3g}"
+        return (
+            f"{len(self.prompts)} prompt(s), {len(self.components)} components, mean logit diff "
+            f"{float(self.logit_diff.mean()):+.3g}{lead}"
+        )
+
+
+def direct_logit_attribution(
+    model: Any,
+    prompts: str | Sequence[str] | Batch,
+    metric: PatchMetric,
+    *,
+    heads: bool = False,
+    batch_size: int = 32,
+    padding_side: PaddingSide = "right",
+    progress: bool = True,
+) -> LogitAttributionResult:
+    """Split each prompt's logit difference at its last token into the direct effects of the
+    residual stream's writes: the embedding, each layer's attention (or each head) and MLP.
+
+    The final norm's scale is frozen at its value for the prompt's own last residual vector, so
+    the split is exact: a prompt's attributions sum to the model's logit difference (module
+    docstring). A direct effect leaves out everything a write does through later layers; compare
+    :func:`patch` for total effects.
+
+    Args:
+        model: A TransformerLens model.
+        prompts: One prompt, a list of prompts, or a :class:`Batch`.
+        metric: :func:`logit_diff` ``(answer, wrong)``: one token each for every prompt, or one
+            per prompt. (A probability is not linear in the residual stream, so
+            :func:`answer_prob` has no direct attribution.)
+        heads: Split each attention layer's write into its heads' ``z @ W_O[head]`` (plus an
+            ``attn_bias`` component where the attention has a bias that is not zero).
+        batch_size: Prompts per forward pass.
+        padding_side: Padding of the batch built from strings (results do not depend on it).
+        progress: Show a progress bar over batches.
+
+    Returns:
+        A :class:`LogitAttributionResult`.
+
+    Raises:
+        TypeError: ``metric`` is not a :func:`logit_diff`.
+        ValueError: An answer is not one token of the vocabulary; the model's logits pass
+            through a soft cap; its final norm is not a LayerNorm or RMSNorm; its residual stream
+            is not the sum of the embedding and the attention and MLP outputs; or (``heads``) its
+            attention output is not the sum of the heads' writes.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> model = mp.tiny_model()
+        >>> res = mp.direct_logit_attribution(model, ["Hi cat", "Hi dog"], mp.logit_diff(5, 6),
+        ...                                   progress=False)
+        >>> bool(abs(res.attributions.sum(1) - res.logit_diff).max() < 1e-3)
+        True
+    """
+    if not isinstance(metric, PatchMetric) or metric.name != "logit_diff":
+        got = metric.name if isinstance(metric, PatchMetric) else type(metric).__name__
+        raise TypeError(
+            f"metric must be mp.logit_diff(answer, wrong), got {got}: a direct attribution "
+            "splits a quantity linear in the residual stream, and only a logit difference is "
+            "(for a probability, patch the components instead: mp.patch)."
+        )
+    adapter = model_adapter(model)
+    transform = adapter.output_transform
+    probe = torch.linspace(-1e3, 1e3, 101)[None]
+    if transform is not None and not torch.equal(transform(probe.clone()), probe):
+        raise ValueError(
+            f"{adapter.name}'s logits pass through a soft cap after the unembedding, which is not "
+            "linear: their difference has no exact direct attribution."
+        )
+    batch = (
+        prompts
+        if isinstance(prompts, Batch)
+        else tokenize(model, prompts, padding_side=padding_side)
+    )
+    n, n_layers = len(batch), adapter.n_layers
+    answer = _answer_ids(model, metric.answer, n, "answer")
+    wrong = _answer_ids(model, metric.wrong, n, "wrong")
+    sites = _sites(n_layers, adapter.n_heads if heads else 0)
+    out = run(
+        model,
+        batch,
+        capture=list(sites.values()),
+        logit_positions=-1,
+        batch_size=batch_size,
+        padding_side=padding_side,
+        progress=progress,
+    )
+    acts = {key: out[site][:, 0].double() for key, site in sites.items()}  # [n, ...] last token
+    logits = out.logits[:, 0].double()
+    rows = torch.arange(n)
+    model_diff = logits[rows, answer] - logits[rows, wrong]
+
+    labels, kinds, layer_of, head_of, writes = _writes(model, acts, n_layers, heads)
+    final = acts["final"]
+    _check_sum(writes, final, model.cfg.dtype, adapter.name)
+    linear, const = _frozen_final_norm(model, final)
+    w_u, b_u = (t.detach().double().cpu() for t in adapter.unembedding())
+    direction = (w_u[:, answer] - w_u[:, wrong]).T  # [n, d_model]
+    values = einsum(linear(writes), direction, "n c d, n d -> n c")
+    bias = direction @ const + b_u[answer] - b_u[wrong]  # [n]: the same writes for every prompt
+    values = torch.cat([values, bias[:, None]], dim=1)
+    decode = adapter.token_text
+    return LogitAttributionResult(
+        prompts=tuple(batch.prompts),
+        answers=tuple(decode(int(t)) for t in answer),
+        wrongs=tuple(decode(int(t)) for t in wrong),
+        components=(*labels, "bias"),
+        kinds=(*kinds, "bias"),
+        layer=np.asarray([*layer_of, n_layers]),
+        head=np.asarray([*head_of, -1]),
+        attributions=values.float().numpy(),
+        logit_diff=model_diff.float().numpy(),
+        n_layers=n_layers,
+        heads=heads,
+    )
+
+
+def _sites(n_layers: int, n_heads: int) -> dict[str, Site]:
+    """The captures: embedding, each layer's writes (and heads' ``z``), the final residual."""
+    sites = {"embed": Site("resid_pre", 0, positions=-1)}
+    for layer in range(n_layers):
+        sites[f"attn{layer}"] = Site("attn_out", layer, positions=-1)
+        for head in range(n_heads):
+            sites[f"z{layer}.{head}"] = Site("head", layer, head=head, positions=-1)
+        sites[f"mlp{layer}"] = Site("mlp_out", layer, positions=-1)
+    sites["final"] = Site("resid_post", n_layers - 1, positions=-1)
+    return sites
+
+
+def _writes(
+    model: Any, acts: dict[str, Tensor], n_layers: int, heads: bool
+) -> tuple[list[str], list[str], list[int], list[int], Float[Tensor, "n components d_model"]]:
+    """Labels, kinds, layers, heads and vectors of every write, in the residual stream's order."""
+    labels, kinds, layer_of, head_of = ["embed"], ["embed"], [-1], [-1]
+    vectors = [acts["embed"]]
+
+    def add(label: str, kind: str, layer: int, head: int, vector: Tensor) -> None:
+        labels.append(label)
+        kinds.append(kind)
+        layer_of.append(layer)
+        head_of.append(head)
+        vectors.append(vector)
+
+    for layer in range(n_layers):
+        attn_out = acts[f"attn{layer}"]
+        if heads:
+            attn = model.blocks[layer].attn
+            z = torch.stack(
+                [acts[f"z{layer}.{h}"] for h in range(model_adapter(model).n_heads)], dim=1
+            )  # [n, heads, d_head]
+            check_heads_sum(attn, z[:, None].float(), attn_out[:, None].float(), f"layer {layer}")
+            w_o = attn.W_O.detach().double().cpu()  # [heads, d_head, d_model]
+            per_head = einsum(z, w_o, "n h k, h k d -> n h d")
+            for h in range(per_head.shape[1]):
+                add(f"L{layer}H{h}", "head", layer, h, per_head[:, h])
+            bias = getattr(attn, "b_O", None)
+            if bias is not None and bool(bias.detach().abs().max() > 0):  # Llama's are zeros
+                add(f"L{layer} attn_bias", "attn_bias", layer, -1, attn_out - per_head.sum(1))
+        else:
+            add(f"L{layer} attn", "attn", layer, -1, attn_out)
+        add(f"L{layer} mlp", "mlp", layer, -1, acts[f"mlp{layer}"])
+    return labels, kinds, layer_of, head_of, rearrange(vectors, "c n d -> n c d")
+
+
+def _check_sum(
+    writes: Float[Tensor, "n components d_model"],
+    final: Float[Tensor, "n d_model"],
+    dtype: torch.dtype,
+    name: str,
+) -> None:
+    """Refuse a residual stream that is not the sum of the captured writes.
+
+    Each write is rounded to the model's dtype and the stream adds them in that dtype, so the sum
+    may differ from the captured output by a few roundings per write; a missing or rescaled write
+    (a norm after a sub-layer) differs by the size of a write.
+    """
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else 1e-7
+    gap = (writes.sum(1) - final).abs().amax(-1)
+    scale = writes.abs().sum(1).amax(-1) + final.abs().amax(-1)
+    if bool((gap > 8 * eps * writes.shape[1] * scale + 1e-6).any()):
+        raise ValueError(
+            f"{name}'s last residual stream is not the sum of its embedding and its attention and "
+            f"MLP outputs (off by up to {float(gap.max()):.3g}; a norm after a sub-layer, as in "
+            "Gemma 2, rescales the writes), so it has no exact direct logit attribution."
+        )
+
+
+def _frozen_final_norm(model: Any, x: Float[Tensor, "n d_model"]) -> tuple[Any, Tensor]:
+    """The final norm as an affine map with its scale frozen at ``x``: ``(linear, constant)``,
+    ``norm(x) = linear(x) + constant``, checked against the model's own norm at ``x``."""
+    adapter = model_adapter(model)
+    kind = str(getattr(model.cfg, "normalization_type", None))
+    module = getattr(model, "ln_final", None)
+    if kind == "None" or module is None:
+        return (lambda c: c), torch.zeros(x.shape[-1], dtype=x.dtype)
+    if kind not in ("LN", "LNPre", "RMS", "RMSPre"):
+        raise ValueError(
+            f"{adapter.name}'s final norm is {kind!r}, neither a LayerNorm nor an RMSNorm: no "
+            "frozen-scale split of its logits is known."
+        )
+    center = kind.startswith("LN")
+    centred = x - x.mean(-1, keepdim=True) if center else x
+    scale = (centred.pow(2).mean(-1, keepdim=True) + float(model.cfg.eps)).sqrt()  # [n, 1]
+    weight, bias = _norm_parameters(module, x.shape[-1])
+
+    def linear(c: Tensor) -> Tensor:  # c [n, ..., d_model]
+        c = c - c.mean(-1, keepdim=True) if center else c
+        return c / scale.reshape(-1, *([1] * (c.ndim - 1))) * weight
+
+    with torch.no_grad():
+        own = adapter.final_norm(x.to(adapter.device, model.cfg.dtype)).double().cpu()
+    mine = linear(x) + bias
+    eps = torch.finfo(model.cfg.dtype).eps
+    if float((own - mine).abs().max()) > 64 * eps * (float(own.abs().max()) + 1.0):
+        raise ValueError(
+            f"{adapter.name}'s final norm ({type(module).__name__}) does not compute "
+            "w * (x - mean) / std + b or w * x / rms(x) (off by "
+            f"{float((own - mine).abs().max()):.3g}): no frozen-scale split of its logits is known."
+        )
+    return linear, bias
+
+
+def _norm_parameters(module: Any, d_model: int) -> tuple[Tensor, Tensor]:
+    """The norm's weight and bias (ones and zeros where it has none, as with folded norms)."""
+    weight, bias = (
+        torch.ones(d_model, dtype=torch.float64),
+        torch.zeros(d_model, dtype=torch.float64),
+    )
+    for name, param in module.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("w", "weight"):
+            weight = param.detach().double().cpu()
+        elif leaf in ("b", "bias"):
+            bias = param.detach().double().cpu()
+    return weight, bias
+
+
+def _token(tokens: tuple[str, ...], name: str) -> str:
+    """The token's text for a plot title where every prompt has the same, else ``name``."""
+    return repr(tokens[0]) if len(set(tokens)) == 1 else name

@@ -1,0 +1,274 @@
+"""Direct logit attribution, against the writes of a Hugging Face model read with its own forward
+hooks and decoded by hand, and against TransformerLens's own ``logit_attrs``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import hf_of, hook_count, tiny_of
+
+import mechprobe as mp
+from mechprobe.core import _models
+
+PROMPTS = ["Hi there cat", "Yo", "what is it now"]
+ANSWER, WRONG = [5, 40, 77], 6
+
+
+def _twin(tiny, arch: str):
+    """The tiny model of ``tiny``'s kind (bridge or HookedTransformer) and architecture ``arch``."""
+    kind = "hooked" if mp.core.model_adapter(tiny).kind == "hooked" else "bridge"
+    if arch == "llama":
+        return tiny_of(kind)
+    return tiny_of(f"{kind}-gpt2")
+
+
+def _hf_parts(hf):
+    """(embedding module, decoder layers, attention's name, output projection's name, final norm)
+    of a Hugging Face Llama or GPT-2."""
+    if hf.config.model_type == "llama":
+        return hf.model.embed_tokens, hf.model.layers, "self_attn", "o_proj", hf.model.norm
+    return None, hf.transformer.h, "attn", "c_proj", hf.transformer.ln_f
+
+
+def _by_hand(hf, ids: list[int], answer: int, wrong: int) -> dict[str, float]:
+    """Each write's direct effect on ``logit[answer] - logit[wrong]`` at the last token, read with
+    forward hooks on the Hugging Face modules and decoded by hand in float64: the frozen-scale
+    final norm of TransformerLens's ``apply_ln_to_stack``, written out."""
+    _, layers, attn_name, proj_name, norm = _hf_parts(hf)
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def keep(name):
+        def hook(module, args, output):
+            seen[name] = (output[0] if isinstance(output, tuple) else output)[0, -1].double()
+
+        return hook
+
+    def keep_input(name):
+        def hook(module, args):
+            seen[name] = args[0][0, -1].double()
+
+        return hook
+
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, attn_name)
+        handles.append(attn.register_forward_hook(keep(f"attn{i}")))
+        handles.append(getattr(attn, proj_name).register_forward_pre_hook(keep_input(f"z{i}")))
+        handles.append(layer.mlp.register_forward_hook(keep(f"mlp{i}")))
+    handles.append(norm.register_forward_pre_hook(keep_input("final")))
+    try:
+        with torch.no_grad():
+            out = hf(torch.tensor([ids]), output_hidden_states=True, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():  # parameters require gradients
+        x = seen["final"]
+        unembed = hf.get_output_embeddings().weight.double()  # [vocab, d_model]
+        direction = unembed[answer] - unembed[wrong]
+        weight = norm.weight.double()
+        if hf.config.model_type == "llama":
+            scale = (x.pow(2).mean() + norm.variance_epsilon).sqrt()
+            frozen = lambda c: weight * c / scale  # noqa: E731
+            const = 0.0
+        else:
+            scale = (x - x.mean()).pow(2).mean().add(norm.eps).sqrt()
+            frozen = lambda c: weight * (c - c.mean()) / scale  # noqa: E731
+            const = float(norm.bias.double() @ direction)
+        parts = {"embed": out.hidden_states[0][0, -1].double()}
+        n_heads, d_model = hf.config.num_attention_heads, hf.config.hidden_size
+        d_head = d_model // n_heads
+        for i, layer in enumerate(layers):
+            parts[f"L{i} attn"] = seen[f"attn{i}"]
+            proj = getattr(getattr(layer, attn_name), proj_name)
+            # Llama's o_proj is a Linear ([d_model, heads * d_head]); GPT-2's c_proj a Conv1D
+            # ([heads * d_head, d_model]) with a bias.
+            w_o = (
+                proj.weight.double() if hf.config.model_type == "llama" else proj.weight.double().T
+            )
+            for h in range(n_heads):
+                cols = slice(h * d_head, (h + 1) * d_head)
+                parts[f"L{i}H{h}"] = w_o[:, cols] @ seen[f"z{i}"][cols]
+            if getattr(proj, "bias", None) is not None:
+                parts[f"L{i} attn_bias"] = proj.bias.double()
+            parts[f"L{i} mlp"] = seen[f"mlp{i}"]
+        values = {name: float(frozen(v) @ direction) for name, v in parts.items()}
+        values["bias"] = const
+        logits = out.logits[0, -1].double()
+        values["total"] = float(logits[answer] - logits[wrong])
+        return values
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("heads", [False, True])
+def test_attributions_equal_the_hugging_face_models_own_writes_decoded_by_hand(tiny, arch, heads):
+    model = _twin(tiny, arch)
+    hf = hf_of(model)
+    if arch == "gpt2":  # GPT-2's attention has an output bias; its tiny model's are zeros
+        with torch.no_grad():
+            for layer in range(model.cfg.n_layers):
+                bias = torch.randn(
+                    model.cfg.d_model, generator=torch.Generator().manual_seed(layer)
+                )
+                hf.transformer.h[layer].attn.c_proj.bias.copy_(bias)
+                model.blocks[layer].attn.b_O.copy_(bias)  # a HookedTransformer holds a copy
+    res = mp.direct_logit_attribution(
+        model, PROMPTS, mp.logit_diff(ANSWER, WRONG), heads=heads, batch_size=2, progress=False
+    )
+    hf = hf_of(model)
+    assert (
+        len(res.components)
+        == 1 + model.cfg.n_layers * (1 + (model.cfg.n_heads + (arch == "gpt2") if heads else 1)) + 1
+    )
+    for i, prompt in enumerate(PROMPTS):
+        want = _by_hand(hf, model.to_tokens(prompt)[0].tolist(), ANSWER[i], WRONG)
+        got = dict(zip(res.components, res.attributions[i].tolist(), strict=True))
+        for name, value in got.items():
+            assert value == pytest.approx(want[name], abs=2e-5), (prompt, name)
+        assert res.logit_diff[i] == pytest.approx(want["total"], abs=2e-5)
+        # The split is exact: a row sums to the model's own logit difference.
+        assert sum(got.values()) == pytest.approx(want["total"], abs=2e-5)
+        assert res.answers[i] == model.tokenizer.decode([ANSWER[i]])
+
+
+def test_results_do_not_depend_on_batching_or_padding(tiny):
+    metric = mp.logit_diff(ANSWER, WRONG)
+    one = mp.direct_logit_attribution(tiny, PROMPTS, metric, heads=True, progress=False)
+    for kwargs in ({"batch_size": 1}, {"padding_side": "left"}):
+        other = mp.direct_logit_attribution(
+            tiny, PROMPTS, metric, heads=True, progress=False, **kwargs
+        )
+        np.testing.assert_allclose(other.attributions, one.attributions, atol=1e-5)
+        np.testing.assert_allclose(other.logit_diff, one.logit_diff, atol=1e-5)
+    # Heads and their bias add up to the layer's attention write.
+    whole = mp.direct_logit_attribution(tiny, PROMPTS, metric, progress=False)
+    layer = np.asarray(
+        [one.layer[i] for i, k in enumerate(one.kinds) if k in ("head", "attn_bias")]
+    )
+    heads = one.attributions[:, np.isin(one.kinds, ["head", "attn_bias"])]
+    for n in range(tiny.cfg.n_layers):
+        attn = whole.attributions[:, whole.components.index(f"L{n} attn")]
+        np.testing.assert_allclose(heads[:, layer == n].sum(1), attn, atol=1e-5)
+
+
+def test_hooked_transformer_matches_transformerlens_logit_attrs(tiny):
+    if mp.core.model_adapter(tiny).kind != "hooked":
+        pytest.skip("TransformerLens's ActivationCache.logit_attrs: a HookedTransformer's")
+    prompt, answer, wrong = PROMPTS[2], ANSWER[2], WRONG
+    res = mp.direct_logit_attribution(
+        tiny, prompt, mp.logit_diff(answer, wrong), heads=True, progress=False
+    )
+    _, cache = tiny.run_with_cache(tiny.to_tokens(prompt))
+    # logit_attrs applies the final norm's cached scale itself: the stack goes in without it.
+    stack, labels = cache.get_full_resid_decomposition(
+        pos_slice=-1, apply_ln=False, expand_neurons=False, return_labels=True
+    )
+    attrs = cache.logit_attrs(
+        stack, tokens=torch.tensor([answer]), incorrect_tokens=torch.tensor([wrong]), pos_slice=-1
+    )[:, 0]
+    theirs = dict(zip(labels, attrs.tolist(), strict=True))
+    ours = dict(zip(res.components, res.attributions[0].tolist(), strict=True))
+    for n in range(tiny.cfg.n_layers):
+        for h in range(tiny.cfg.n_heads):
+            assert ours[f"L{n}H{h}"] == pytest.approx(theirs[f"L{n}H{h}"], abs=2e-5)
+        assert ours[f"L{n} mlp"] == pytest.approx(theirs[f"{n}_mlp_out"], abs=2e-5)
+    embeds = sum(v for k, v in theirs.items() if k in ("embed", "pos_embed"))
+    assert ours["embed"] == pytest.approx(embeds, abs=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("metric", "error", "message"),
+    [
+        (mp.answer_prob(5), TypeError, "only a logit difference"),
+        (lambda logits: logits[:, 5], TypeError, "mp.logit_diff"),
+        (mp.logit_diff(10**6, 6), ValueError, "outside the vocabulary"),
+        (mp.logit_diff([5, 6], 6), ValueError, "2 entries for 3"),
+    ],
+)
+def test_bad_metrics_fail_before_any_pass(tiny, metric, error, message):
+    before = hook_count(tiny)
+    with pytest.raises(error, match=message):
+        mp.direct_logit_attribution(tiny, PROMPTS, metric, progress=False)
+    assert hook_count(tiny) == before
+
+
+def test_a_norm_that_is_not_the_one_assumed_is_refused(monkeypatch):
+    model = tiny_of("bridge") if _has_bridge() else tiny_of("hooked")
+    monkeypatch.setattr(model.cfg, "eps", 10.0)  # the frozen scale no longer reproduces the norm
+    with pytest.raises(ValueError, match="final norm"):
+        mp.direct_logit_attribution(model, PROMPTS, mp.logit_diff(5, 6), progress=False)
+
+
+def test_a_residual_stream_that_is_not_the_sum_of_the_writes_is_refused(tiny):
+    # A model hook rescaling the stream after layer 1 (as a norm after a sub-layer would) makes
+    # the last residual vector something other than the sum of the captured writes.
+    tiny.add_hook("blocks.1.hook_resid_post", lambda resid, hook: resid * 1.5)
+    try:
+        with pytest.raises(ValueError, match="not the sum of its embedding"):
+            mp.direct_logit_attribution(tiny, PROMPTS, mp.logit_diff(5, 6), progress=False)
+    finally:
+        tiny.reset_hooks()
+
+
+def test_soft_capped_logits_are_refused():
+    if _has_bridge():
+        pytest.skip("a soft cap is set on a HookedTransformer's config")
+    model = tiny_of("hooked")
+    model.cfg.output_logits_soft_cap = 30.0
+    with pytest.raises(ValueError, match="soft cap"):
+        mp.direct_logit_attribution(model, PROMPTS, mp.logit_diff(5, 6), progress=False)
+
+
+def test_result_protocol_and_round_trip(tiny, tmp_path):
+    res = mp.direct_logit_attribution(
+        tiny, PROMPTS, mp.logit_diff(ANSWER, WRONG), heads=True, progress=False
+    )
+    frame = res.to_frame()
+    assert len(frame) == len(PROMPTS) * len(res.components)
+    np.testing.assert_allclose(
+        frame.groupby("prompt")["attribution"].sum().to_numpy(), res.logit_diff, atol=1e-5
+    )
+    summary = res.summary(top=4)
+    assert summary["mean"].abs().is_monotonic_decreasing and len(summary) == 4
+    assert res.head_matrix().shape == (tiny.cfg.n_layers, tiny.cfg.n_heads)
+    assert res.head_matrix()[1, 2] == pytest.approx(res.mean[res.components.index("L1H2")])
+    assert res.plot().axes[0].images
+    assert "components" in repr(res) and "<table" in res._repr_html_()
+    for suffix in (".json", ".npz", ".safetensors"):
+        back = mp.LogitAttributionResult.load(res.save(tmp_path / f"dla{suffix}"))
+        np.testing.assert_array_equal(back.attributions, res.attributions)
+        assert back.components == res.components and back.heads
+    flat = mp.direct_logit_attribution(tiny, PROMPTS, mp.logit_diff(5, 6), progress=False)
+    assert len(flat.plot().axes[0].patches) == len(flat.components)
+    with pytest.raises(ValueError, match="heads=True"):
+        flat.head_matrix()
+
+
+def _has_bridge() -> bool:
+    try:
+        from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.integration
+def test_smollm2_capital_answer_splits_exactly_into_its_writes(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(_models.cache_dir() / "smollm2-135m-f32")
+    prompt = mp.load_task("capitals").with_shots(3).prompt("Poland")
+    res = mp.direct_logit_attribution(
+        smollm2, prompt, mp.logit_diff(" Warsaw", " Paris"), heads=True, progress=False
+    )
+    want = _by_hand(
+        fresh,
+        smollm2.to_tokens(prompt)[0].tolist(),
+        *smollm2.to_tokens(" Warsaw Paris", prepend_bos=False)[0].tolist(),
+    )
+    assert res.logit_diff[0] > 0  # SmolLM2 answers Warsaw
+    got = dict(zip(res.components, res.attributions[0].tolist(), strict=True))
+    for name, value in got.items():
+        assert value == pytest.approx(want[name], abs=2e-3 * (1 + abs(want[name]))), name
+    assert sum(got.values()) == pytest.approx(want["total"], abs=1e-3)
