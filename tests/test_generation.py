@@ -180,6 +180,11 @@ def test_result_protocol_and_round_trip(tiny, tmp_path):
         ({mp.Site("mlp_out", 9): mp.Ablate("zero")}, {}, ValueError, "layer"),
         ({mp.Site("mlp_out", 0): "add"}, {}, TypeError, "not an intervention"),
         ({mp.Site("mlp_out", 0): mp.Add(torch.ones(64), positions=-9)}, {}, ValueError, "outside"),
+        ({}, {"top_k": 5}, ValueError, "pass temperature > 0"),
+        ({}, {"top_p": 0.9}, ValueError, "pass temperature > 0"),
+        ({}, {"temperature": 1.0, "top_k": 0}, ValueError, "top_k"),
+        ({}, {"temperature": 1.0, "top_p": 0.0}, ValueError, "top_p"),
+        ({}, {"temperature": 1.0, "top_p": 1.5}, ValueError, "top_p"),
     ],
 )
 def test_bad_input_fails_before_any_token(tiny, spec, kwargs, error, message):
@@ -317,3 +322,54 @@ def test_a_replace_with_one_value_per_prompt_follows_its_prompt_through_chunks(t
         tokens, logp, gap = _hf_greedy(hf, tiny.to_tokens(prompt), edit)
         assert gap > 1e-3 and together.tokens[i].tolist() == tokens
         np.testing.assert_allclose(together.logprobs[i], logp, atol=1e-4)
+
+
+def _hugging_face_distribution(logits, temperature, top_k=None, top_p=None):
+    """The distribution Hugging Face's samplers draw from: its own warpers, in its order."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    scores = TemperatureLogitsWarper(temperature)(None, logits[None].float().clone())
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p is not None:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return torch.softmax(scores, dim=-1)[0]
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [(1.0, 1, None), (1.0, 7, None), (0.7, None, 0.5), (1.3, 20, 0.9), (1.0, None, 1.0)],
+)
+def test_the_sampling_distribution_is_hugging_faces(temperature, top_k, top_p):
+    from mechprobe.core._generation import _sampling_distribution
+
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(3)) * 3
+    logits[10] = logits[11] = logits.max() + 1  # a tie at the top
+    want = _hugging_face_distribution(logits, temperature, top_k, top_p)
+    got = _sampling_distribution(logits, temperature, top_k, top_p)
+    torch.testing.assert_close(got, want, atol=1e-7, rtol=0)
+    if top_k == 1:  # the k-th value is tied: both tied tokens are kept
+        assert int((got > 0).sum()) == 2
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(5, None), (None, 0.6)])
+def test_sampled_first_tokens_follow_the_narrowed_distribution(tiny, tmp_path, top_k, top_p):
+    """400 draws of one token: none outside Hugging Face's kept set, every frequency within four
+    binomial standard deviations of its renormalised distribution; the setting is saved."""
+    n = 400
+    res = mp.generate(tiny, ["Hi"] * n, max_new_tokens=1, temperature=1.0, top_k=top_k, top_p=top_p)
+    first = np.array([int(t[0]) for t in res.tokens])
+    logits = mp.run(tiny, ["Hi"], logit_positions=-1).logits[0, 0].double()
+    p = _hugging_face_distribution(logits, 1.0, top_k, top_p).double().numpy()
+    assert (p > 0).sum() < len(p) / 4  # the narrowing matters here
+    assert np.all(p[first] > 0), "a token outside the kept set was drawn"
+    freq = np.bincount(first, minlength=len(p)) / n
+    sd = np.sqrt(p * (1 - p) / n)
+    assert np.all(np.abs(freq - p) <= 4 * sd + 1.0 / n), np.abs(freq - p).max()
+    back = mp.GenerationResult.load(res.save(tmp_path / "narrow.json"))
+    assert (back.top_k, back.top_p) == (top_k, top_p)
+    assert "top-" in res.plot().axes[0].get_title()

@@ -18,7 +18,10 @@ this against Hugging Face's own cached ``generate`` with a hook written by hand.
 
 Each token is the most probable one (greedy, the default), or drawn at a ``temperature`` from a
 generator per prompt keyed by ``seed`` and the prompt's tokens (``mechprobe.core.keyed_seed``),
-so a prompt's sample does not depend on the prompts, batch size or order it runs with.
+so a prompt's sample does not depend on the prompts, batch size or order it runs with. ``top_k``
+and ``top_p`` narrow the draw as Hugging Face's samplers do, in its order (temperature, then the
+k most probable tokens, ties at the k-th kept, then the fewest most probable ones whose
+probability reaches ``top_p``).
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
         max_new_tokens: The limit of new tokens per prompt.
         temperature: 0 for greedy completions, else the sampling temperature.
         seed: The seed of the draws (used when sampling).
+        top_k: The draw's limit to the most probable tokens (None: none).
+        top_p: The draw's nucleus: the probability its tokens reach (None: all tokens).
 
     Example:
         >>> import mechprobe as mp
@@ -89,6 +94,8 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
     max_new_tokens: int
     temperature: float = 0.0
     seed: int = 0
+    top_k: int | None = None
+    top_p: float | None = None
 
     def to_frame(self) -> pd.DataFrame:
         """One row per generated token: prompt index, step, token id, its text, log-probability.
@@ -146,6 +153,8 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
         ax.set_ylabel("log-probability")
         where = "; ".join(self.interventions) if self.interventions else "no intervention"
         how = "greedy" if self.temperature == 0 else f"sampled at T={self.temperature:g}"
+        how += "" if self.top_k is None else f", top-{self.top_k}"
+        how += "" if self.top_p is None else f", top-p {self.top_p:g}"
         ax.set_title(f"{how} generation ({_tail(where, 60)})")
         if len(self.prompts) <= 8:
             ax.legend(fontsize="small")
@@ -169,6 +178,8 @@ def generate(
     stop_strings: Sequence[str] | str = (),
     stop_at_eos: bool = True,
     temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
     seed: int = 0,
     batch_size: int | None = 32,
     progress: bool = True,
@@ -190,6 +201,11 @@ def generate(
         stop_at_eos: End a completion at the tokenizer's end-of-sequence token.
         temperature: 0 (the default) takes the most probable token; above 0, tokens are drawn
             from ``softmax(logits / temperature)``.
+        top_k: When sampling, draw from the ``top_k`` most probable tokens only (tokens tied
+            with the k-th are kept), as Hugging Face's ``top_k``. None: every token.
+        top_p: When sampling, draw from the fewest most probable tokens whose probabilities
+            (after ``temperature`` and ``top_k``) sum to at least ``top_p`` (nucleus sampling,
+            Holtzman et al. 2020; Hugging Face's ``top_p``). None or 1: every token.
         seed: Seed of the draws when sampling. A prompt's draws come from ``seed`` and its
             tokens (and which copy of that prompt it is, so repeated prompts give different
             samples): the same whatever prompts, batch size or order it runs with.
@@ -200,8 +216,9 @@ def generate(
         A :class:`GenerationResult`.
 
     Raises:
-        ValueError: Before any forward pass: bad ``max_new_tokens``, ``stop_strings`` or ``temperature``, or an
-            intervention generation cannot apply (above), or a site the model lacks.
+        ValueError: Before any forward pass: bad ``max_new_tokens``, ``stop_strings``,
+            ``temperature``, ``top_k`` or ``top_p`` (or either of the last two without sampling),
+            an intervention generation cannot apply (above), or a site the model lacks.
 
     Example:
         >>> import torch, mechprobe as mp
@@ -214,6 +231,15 @@ def generate(
     """
     check_int(max_new_tokens, "max_new_tokens", 1)
     temperature = check_float(temperature, "temperature", low=0.0)
+    if top_k is not None:
+        top_k = check_int(top_k, "top_k", 1)
+    if top_p is not None:
+        top_p = check_float(top_p, "top_p", 0.0, 1.0, low_open=True)
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise ValueError(
+            f"top_k={top_k} / top_p={top_p} narrow a sampled draw, but temperature=0 takes the "
+            "most probable token: pass temperature > 0 (e.g. 1.0) to sample, or drop them."
+        )
     seed = check_seed(seed)
     stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
     if not all(isinstance(s, str) and s for s in stops):
@@ -239,7 +265,7 @@ def generate(
     out: list[tuple[list[int], list[float], str, Finished]] = []
     for rows, chunk in batch.chunks(batch_size):
         local = {k: [_rows_of(i, rows, len(batch)) for i in _items(v)] for k, v in spec.items()}
-        pick = _Pick(temperature, None if draws is None else draws[rows])
+        pick = _Pick(temperature, None if draws is None else draws[rows], top_k, top_p)
         out += _complete(model, chunk, local, max_new_tokens, stops, eos, pick, progress)
     return GenerationResult(
         prompts=tuple(batch.prompts),
@@ -256,6 +282,8 @@ def generate(
         max_new_tokens=int(max_new_tokens),
         temperature=temperature,
         seed=seed,
+        top_k=top_k,
+        top_p=top_p,
     )
 
 
@@ -314,16 +342,51 @@ def _complete(
 
 class _Pick:
     """The next token of a row from its logits: the first maximal one (Hugging Face's greedy
-    search), or a draw from ``softmax(logits / temperature)`` with the row's own generator."""
+    search), or a draw from :func:`_sampling_distribution` with the row's own generator."""
 
-    def __init__(self, temperature: float, generators: list[torch.Generator] | None) -> None:
+    def __init__(
+        self,
+        temperature: float,
+        generators: list[torch.Generator] | None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ) -> None:
         self.temperature, self.generators = temperature, generators
+        self.top_k, self.top_p = top_k, top_p
 
     def __call__(self, row: int, logits: torch.Tensor) -> int:
         if self.generators is None:
             return int(logits.argmax())
-        probs = torch.softmax(logits.cpu() / self.temperature, dim=-1)
+        probs = _sampling_distribution(logits.cpu(), self.temperature, self.top_k, self.top_p)
         return int(torch.multinomial(probs, 1, generator=self.generators[row]))
+
+
+def _sampling_distribution(
+    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """``[vocab]`` the distribution a token is drawn from: ``softmax(logits / temperature)``
+    restricted to the ``top_k`` most probable tokens (ties with the k-th kept), then to the fewest
+    most probable ones whose probability reaches ``top_p`` (at least one), renormalised: Hugging
+    Face's ``TopKLogitsWarper`` and ``TopPLogitsWarper``, in its order.
+
+    Example:
+        >>> p = _sampling_distribution(torch.tensor([2.0, 1.0, 0.0, -1.0]), 1.0, top_k=2)
+        >>> [round(x, 3) for x in p.tolist()]
+        [0.731, 0.269, 0.0, 0.0]
+        >>> _sampling_distribution(torch.tensor([2.0, 1.0, 0.0]), 1.0, top_p=0.5).tolist()
+        [1.0, 0.0, 0.0]
+    """
+    scores = logits.float() / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # Ascending order: drop the low tail whose total stays within 1 - top_p, never the top.
+        order = torch.argsort(scores)
+        tail = torch.softmax(scores[order], dim=-1).cumsum(-1) <= 1 - top_p
+        tail[-1] = False
+        scores = scores.masked_fill(torch.zeros_like(tail).scatter(0, order, tail), float("-inf"))
+    return torch.softmax(scores, dim=-1)
 
 
 def _generators(batch: Batch, seed: int) -> list[torch.Generator]:
