@@ -12,9 +12,12 @@ and writes ``docs/causal_results.json`` and ``docs/figures/causal_*.png``:
 - ``generate``: what the model says on held-out zero-shot capitals_extractive prompts, intact and
   with that task's function vector added (``mp.generate``, greedy, one line);
 - ``dla``: direct logit attribution of the capital's logit over the country's (3-shot capitals
-  prompts), per layer's attention and MLP and per head.
+  prompts), per layer's attention and MLP and per head;
+- ``das``: distributed alignment search for a name's gender ("Yesterday Mary went to the store
+  because" -> " she"): a one-dimensional subspace at the name's token and at the last token, layer
+  by layer, beside random subspaces and the whole site.
 
-``--part attribution|trace|fv|generate|dla`` runs one part (the JSON keeps the other parts' last numbers);
+``--part attribution|trace|fv|generate|dla|das`` runs one part (the JSON keeps the other parts' last numbers);
 ``--pairs``, ``--items``, ``--prompts`` make them larger.
 """
 
@@ -286,16 +289,170 @@ def direct_attribution(model: Any) -> dict[str, Any]:
     return out
 
 
+FEMALE = [
+    "Jennifer",
+    "Jessica",
+    "Elizabeth",
+    "Maria",
+    "Nancy",
+    "Betty",
+    "Margaret",
+    "Sandra",
+    "Ashley",
+    "Kimberly",
+    "Donna",
+    "Michelle",
+    "Carol",
+    "Amanda",
+    "Melissa",
+    "Deborah",
+    "Stephanie",
+    "Rebecca",
+    "Sharon",
+    "Cynthia",
+    "Kathleen",
+    "Amy",
+    "Angela",
+    "Anna",
+    "Brenda",
+    "Pamela",
+    "Nicole",
+    "Samantha",
+    "Katherine",
+    "Christine",
+    "Emma",
+    "Olivia",
+    "Catherine",
+    "Victoria",
+    "Hannah",
+    "Mary",
+    "Sarah",
+    "Laura",
+    "Julia",
+    "Linda",
+    "Susan",
+    "Karen",
+    "Lisa",
+    "Emily",
+    "Alice",
+    "Grace",
+    "Helen",
+    "Rachel",
+    "Sophie",
+]
+MALE = [
+    "William",
+    "Richard",
+    "Joseph",
+    "Charles",
+    "Christopher",
+    "Matthew",
+    "Anthony",
+    "Donald",
+    "Andrew",
+    "Joshua",
+    "Kenneth",
+    "Edward",
+    "Ronald",
+    "Timothy",
+    "Jason",
+    "Jeffrey",
+    "Ryan",
+    "Jacob",
+    "Gary",
+    "Nicholas",
+    "Eric",
+    "Jonathan",
+    "Larry",
+    "Justin",
+    "Scott",
+    "Frank",
+    "Benjamin",
+    "Gregory",
+    "Samuel",
+    "Raymond",
+    "Patrick",
+    "Alexander",
+    "John",
+    "James",
+    "David",
+    "Michael",
+    "Robert",
+    "Peter",
+    "Thomas",
+    "Daniel",
+    "Mark",
+    "Paul",
+    "Kevin",
+    "Brian",
+    "George",
+    "Steven",
+    "Henry",
+    "Jack",
+]
+
+
+def alignment_search(model: Any, n_pairs: int, layers: tuple[int, ...]) -> dict[str, Any]:
+    """DAS of a name's gender: base and source prompts differ in the name (one token each, the
+    model's pronoun right for both), the counterfactual is the source's pronoun and the two-way
+    choice is against the base's own; k = 1 at the name's token and at the last token."""
+    lead, rest = "Yesterday", " went to the store because"
+    tok = model.tokenizer
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    he, she = ids(" he")[0], ids(" she")[0]
+    names = [(n, True) for n in FEMALE if len(ids(" " + n)) == 1]
+    names += [(n, False) for n in MALE if len(ids(" " + n)) == 1]
+    prompts = [f"{lead} {n}{rest}" for n, _ in names]
+    logits = mp.run(model, prompts, logit_positions=-1, progress=False).logits[:, 0]
+    prefers_she = (logits[:, she] > logits[:, he]).tolist()
+    right = [(p, f) for p, (_, f), s in zip(prompts, names, prefers_she, strict=True) if s == f]
+    pairs = [(b, s) for b in right for s in right if b[1] != s[1]]
+    np.random.default_rng(0).shuffle(pairs)
+    pairs = pairs[:n_pairs]
+    base, source = [b for (b, _), _ in pairs], [s for _, (s, _) in pairs]
+    answer = [she if f else he for (_, f), _ in pairs]
+    counterfactual = [she if f else he for _, (_, f) in pairs]
+    name_position = -(len(ids(rest)) + 1)
+    rows = []
+    start = time.perf_counter()
+    for layer in layers:
+        for where, position in (("name", name_position), ("last", -1)):
+            res = mp.das(
+                model, base, source, counterfactual, mp.Site("resid_post", layer),
+                answer=answer, positions=position, k=1, epochs=8, lr=0.02, progress=False,
+            )  # fmt: skip
+            row = {
+                "layer": layer,
+                "position": where,
+                **{c: round(v, 3) for c, v in res.iia.items()},
+            }
+            row["train"] = round(res.iia_train, 3)
+            rows.append(row)
+            print(row, flush=True)
+    out = {
+        "names": {"female": sum(f for _, f in names), "male": sum(not f for _, f in names)},
+        "pronoun_right": f"{len(right)} of {len(names)}",
+        "pairs": len(pairs),
+        "held_out_pairs": round(0.5 * len(pairs)),
+        "rows": rows,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--part", choices=("attribution", "trace", "fv", "generate", "dla"), action="append"
+        "--part", choices=("attribution", "trace", "fv", "generate", "dla", "das"), action="append"
     )
     parser.add_argument("--pairs", type=int, default=3, help="prompt pairs (attribution)")
     parser.add_argument("--items", type=int, default=3, help="capitals items (trace)")
     parser.add_argument("--prompts", type=int, default=8, help="fit prompts per task (fv)")
     args = parser.parse_args()
-    parts = args.part or ["fv", "generate", "trace", "attribution", "dla"]
+    parts = args.part or ["fv", "generate", "trace", "attribution", "dla", "das"]
     FIGURES.mkdir(parents=True, exist_ok=True)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     model = mp.load_model()
@@ -313,6 +470,9 @@ def main() -> None:
         OUT.write_text(json.dumps(results, indent=1) + "\n")
     if "dla" in parts:
         results["direct_attribution"] = direct_attribution(model)
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
+    if "das" in parts:
+        results["das"] = alignment_search(model, 200, (2, 6, 10, 14, 18, 22, 26))
         OUT.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {OUT}")
 

@@ -71,6 +71,7 @@ from mechprobe.lens import (
     train_tuned_lens,
 )
 from mechprobe.patching import (
+    DASResult,
     LogitAttributionResult,
     PatchMetric,
     PatchResult,
@@ -80,6 +81,7 @@ from mechprobe.patching import (
     answer_prob,
     attribution_patch,
     causal_trace,
+    das,
     direct_logit_attribution,
     logit_diff,
     patch,
@@ -151,6 +153,7 @@ __all__: list[str] = [
     "Batch",
     "Capture",
     "CumulativeScores",
+    "DASResult",
     "Eraser",
     "ErasureSweep",
     "FunctionVectorResult",
@@ -205,6 +208,7 @@ __all__: list[str] = [
     "control_projections",
     "country_dataset",
     "cumulative_scores",
+    "das",
     "default_sweep_layers",
     "direct_logit_attribution",
     "dropout_projection",

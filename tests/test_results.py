@@ -173,6 +173,7 @@ ROUND_TRIPS = {
     "AmnesicResult": "test_amnesic.py",
     "AnalogyResult": "test_relational_protocol.py",
     "CumulativeScores": "test_probes.py",
+    "DASResult": "test_das.py",
     "Eraser": "test_nullspace.py",
     "ErasureSweep": "test_erasure_sweep.py",
     "FunctionVectorResult": "test_function_vectors.py",

@@ -24,7 +24,7 @@ DEFAULTS: dict[str, tuple[Any, ...]] = {
 GONE = {"kind", "select", "layer_ranges", "sweep_ranges", "C", "alpha", "holdout"}
 # Loaders take no sites: there `kind` is the model class, "bridge" or "hooked" (issue 16).
 MODEL_KIND = {"load_model", "tiny_model"}
-SINGLE_SITE = {"amnesic"}  # functions that act at exactly one site take `site`
+SINGLE_SITE = {"amnesic", "das"}  # functions that act at exactly one site take `site`
 INTERVENTIONS = (mp.Intervention,)
 
 # Violations still being removed: each entry must really be a violation (the last test checks),
@@ -168,6 +168,17 @@ def _seeded_calls() -> dict[str, Callable[[Any], Any]]:
         "random_word_contexts": lambda s: mp.random_word_contexts([" Paris"], seed=s),
         "control_labels": lambda s: mp.control_labels(["a", "b", "a"], [0, 1, 0], seed=s),
         "country_dataset": lambda s: mp.country_dataset(n_countries=3, seed=s),
+        "das": lambda s: mp.das(
+            model,
+            ["Hi cat", "Hi dog"],
+            ["Hi dog", "Hi cat"],
+            5,
+            "blocks.0.hook_resid_post",
+            epochs=1,
+            n_random=0,
+            seed=s,
+            **off,
+        ),
     }
 
 

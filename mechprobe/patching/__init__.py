@@ -1,9 +1,10 @@
 """Causal analyses on mechprobe's batched cell engine, each effect beside random controls:
 activation patching and ablation of sites and heads, attribution patching, path patching, causal
-tracing with noise; direct logit attribution of the residual stream's writes."""
+tracing with noise; direct logit attribution of the residual stream's writes; distributed alignment search."""
 
 from mechprobe.patching._activation import ablate_cells, patch
 from mechprobe.patching._attribution import attribution_patch
+from mechprobe.patching._das import DASResult, das
 from mechprobe.patching._direct import LogitAttributionResult, direct_logit_attribution
 from mechprobe.patching._metrics import PatchMetric, answer_prob, logit_diff
 from mechprobe.patching._path import PathPatchResult, path_patch
@@ -11,6 +12,7 @@ from mechprobe.patching._result import PatchResult
 from mechprobe.patching._tracing import TraceResult, causal_trace, trace_noise
 
 __all__ = [
+    "DASResult",
     "LogitAttributionResult",
     "PatchMetric",
     "PatchResult",
@@ -20,6 +22,7 @@ __all__ = [
     "answer_prob",
     "attribution_patch",
     "causal_trace",
+    "das",
     "direct_logit_attribution",
     "logit_diff",
     "patch",

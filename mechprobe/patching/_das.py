@@ -1,0 +1,408 @@
+"""Distributed alignment search (DAS): learn the subspace of one site that carries a variable.
+
+Geiger, Wu, Potts, Icard & Goodman (2023), "Finding Alignments Between Interpretable Causal
+Variables and Distributed Neural Representations"; pyvene's ``RotatedSpaceIntervention``. Given
+pairs of a *base* prompt and a *source* prompt, and for each pair the *counterfactual* answer (what
+the base would answer if the variable took the source's value), DAS learns ``k`` orthonormal
+directions ``R`` (``[k, width]``) of a site such that the interchange intervention::
+
+    h_base  ->  h_base + Rᵀ R (h_source - h_base)
+
+(the base's activation with its coordinates in the subspace replaced by the source's) makes the
+model give the counterfactual answer. Only ``R`` is trained (the model is frozen: its parameters
+get no gradient), by Adam on the cross-entropy of the counterfactual answer at the base's last
+token; ``R`` stays orthonormal through PyTorch's orthogonal parametrisation.
+
+The measure is the interchange intervention accuracy (IIA) on held-out pairs: how often the
+counterfactual answer is the model's top token after the intervention. For a variable with a few
+values read off a few tokens (a pronoun after a name, yes or no), where the answer need not be the
+top token of the whole vocabulary, pass each base prompt's own ``answer``: training then uses the
+two-way cross-entropy of the counterfactual against it, and a hit is the counterfactual's logit
+above the answer's (the sign of ``logit_diff``). Beside it, as controls:
+``n_random`` random subspaces of the same ``k`` (what any k directions do), the whole activation
+patched (``k = width``: the ceiling a subspace can reach at that site) and the base run intact
+(how often it gives the counterfactual answer anyway).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from mechprobe.core import (
+    Intervention,
+    Result,
+    Site,
+    SiteLike,
+    check_float,
+    check_int,
+    check_seed,
+    intervene,
+    model_adapter,
+    new_axes,
+    progress_bar,
+    resolve_site,
+    run,
+    tokenize,
+    width,
+)
+from mechprobe.patching._metrics import _answer_ids
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["DASResult", "das"]
+
+#: The conditions of :attr:`DASResult.iia`, in the order of the plot.
+CONDITIONS = ("das", "random", "full", "none")
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class DASResult(Result, format="mechprobe.DASResult", version=1):
+    """A subspace learned by distributed alignment search, and how well it carries the variable.
+
+    Attributes:
+        site: The site (hook name) the subspace lives in.
+        positions: The position intervened on, counted from each prompt's last token.
+        k: The subspace's dimension.
+        rotation: ``[k, width]`` orthonormal rows spanning the learned subspace (pass it to
+            ``mp.Project(remove=...)`` to erase it, or read it as k directions).
+        loss: ``[epochs]`` mean training cross-entropy of the counterfactual answer per epoch.
+        iia_train: Interchange intervention accuracy on the training pairs.
+        iia: Held-out interchange intervention accuracy per condition of :data:`CONDITIONS`:
+            ``"das"`` (the learned subspace), ``"random"`` (mean of the random subspaces),
+            ``"full"`` (the whole activation patched) and ``"none"`` (the base run intact).
+        iia_random: ``[n_random]`` held-out accuracy of each random subspace.
+        hits: ``[n_test]`` whether each held-out pair gives its counterfactual answer with the
+            learned subspace patched.
+        test_pairs: ``[n_test]`` indices of the held-out pairs in the input.
+        epochs: Passes over the training pairs.
+        lr: Adam's learning rate.
+        seed: Seed of the split, the initial subspace, the batches and the random subspaces.
+        two_way: Whether hits and the loss compare the counterfactual with the base's own answer
+            only (``answer`` was given) rather than with every token.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> base, source = ["Hi cat", "Hi dog"] * 2, ["Hi dog", "Hi cat"] * 2
+        >>> res = mp.das(mp.tiny_model(), base, source, [5, 6] * 2, mp.Site("resid_post", 1),
+        ...              epochs=2, progress=False)
+        >>> res.rotation.shape, sorted(res.iia)
+        ((1, 64), ['das', 'full', 'none', 'random'])
+    """
+
+    site: str
+    positions: int
+    k: int
+    rotation: np.ndarray
+    loss: np.ndarray
+    iia_train: float
+    iia: dict[str, float]
+    iia_random: np.ndarray
+    hits: np.ndarray
+    test_pairs: np.ndarray
+    epochs: int
+    lr: float
+    seed: int = 0
+    two_way: bool = False
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per held-out condition: the condition and its interchange accuracy (the
+        random subspaces one row each), then the learned subspace on the training pairs.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.das(mp.tiny_model(), ["Hi cat", "Hi dog"], ["Hi dog", "Hi cat"],
+            ...              [5, 6], mp.Site("resid_post", 1), epochs=1, progress=False)
+            >>> list(res.to_frame().columns)
+            ['condition', 'split', 'iia']
+        """
+        rows = [{"condition": "das", "split": "test", "iia": self.iia["das"]}]
+        rows += [
+            {"condition": f"random {j}", "split": "test", "iia": float(v)}
+            for j, v in enumerate(self.iia_random)
+        ]
+        rows += [{"condition": c, "split": "test", "iia": self.iia[c]} for c in ("full", "none")]
+        rows.append({"condition": "das", "split": "train", "iia": self.iia_train})
+        return pd.DataFrame(rows, columns=["condition", "split", "iia"])
+
+    def summary(self) -> pd.DataFrame:
+        """The held-out accuracy of each condition, with the site, k and the final loss.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.das(mp.tiny_model(), ["Hi cat", "Hi dog"], ["Hi dog", "Hi cat"],
+            ...              [5, 6], mp.Site("resid_post", 1), epochs=1, progress=False)
+            >>> list(res.summary().columns)
+            ['site', 'k', 'das', 'random', 'full', 'none', 'train', 'final_loss']
+        """
+        return pd.DataFrame(
+            [
+                {
+                    "site": self.site,
+                    "k": self.k,
+                    **{c: self.iia[c] for c in CONDITIONS},
+                    "train": self.iia_train,
+                    "final_loss": float(self.loss[-1]) if self.loss.size else np.nan,
+                }
+            ]
+        )
+
+    def plot(self, ax: Axes | None = None) -> Figure:
+        """Held-out interchange accuracy of the learned subspace beside its controls (the
+        random subspaces as points).
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.das(mp.tiny_model(), ["Hi cat", "Hi dog"], ["Hi dog", "Hi cat"],
+            ...              [5, 6], mp.Site("resid_post", 1), epochs=1, progress=False)
+            >>> len(res.plot().axes[0].patches)
+            4
+        """
+        fig, ax = new_axes(ax, (5.0, 3.5))
+        labels = [f"DAS (k={self.k})", "random k", "whole site", "intact"]
+        colours = ["tab:blue", "tab:grey", "tab:green", "lightgrey"]
+        ax.bar(range(4), [self.iia[c] for c in CONDITIONS], color=colours)
+        if self.iia_random.size:
+            ax.plot(np.ones(self.iia_random.size), self.iia_random, "k.", label="each random")
+            ax.legend(fontsize="small")
+        ax.set_xticks(range(4), labels)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("interchange accuracy (held out)")
+        ax.set_title(f"DAS at {self.site}, position {self.positions}", fontsize="small")
+        return fig
+
+    def _describe(self) -> str:
+        return (
+            f"{self.site}, k={self.k}: held-out IIA {self.iia['das']:.2f} (random "
+            f"{self.iia['random']:.2f}, whole site {self.iia['full']:.2f}, intact "
+            f"{self.iia['none']:.2f}), {len(self.hits)} held-out pairs"
+        )
+
+
+class _Interchange(Intervention):
+    """``h -> h + Rᵀ R (source - h)`` at the selected positions (``R`` may require a gradient;
+    ``rows`` picks the source vectors of the batch being run)."""
+
+    def __init__(self, rotation: Tensor | None, source: Tensor, positions: int) -> None:
+        super().__init__(positions)
+        self.rotation, self.source = rotation, source
+
+    def edit(self, selected: Tensor, hook: Any) -> Tensor:
+        source = self.source.to(selected.device, selected.dtype)  # [batch, 1, width]
+        if self.rotation is None:  # the whole activation
+            return source.expand(selected.shape)
+        rotation = self.rotation.to(selected.device, selected.dtype)  # [k, width]
+        return selected + ((source - selected) @ rotation.T) @ rotation
+
+
+def das(
+    model: Any,
+    base: str | Sequence[str],
+    source: str | Sequence[str],
+    counterfactual: Any,
+    site: SiteLike,
+    *,
+    answer: Any = None,
+    k: int = 1,
+    positions: int = -1,
+    test_size: float = 0.5,
+    epochs: int = 20,
+    lr: float = 0.01,
+    n_random: int = 3,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+) -> DASResult:
+    """Learn the ``k``-dimensional subspace of ``site`` whose interchange from ``source`` into
+    ``base`` gives the ``counterfactual`` answer (module docstring), and measure it on held-out
+    pairs beside random subspaces, the whole site and the intact run.
+
+    Args:
+        model: A TransformerLens model.
+        base: Base prompts (or one).
+        source: Source prompts, one per base prompt.
+        counterfactual: The answer each base prompt should give with the source's value of the
+            variable: one token (string or id) for every pair, or one per pair.
+        site: One site with a layer (a ``Site`` or hook name) whose activation has a fixed width
+            (residual stream, attention or MLP output, a head's ``z``/``q``/``k``/``v``).
+        answer: Optionally, each base prompt's own answer (one token for every pair, or one per
+            pair): then training and hits compare the counterfactual with it alone (module
+            docstring) instead of with the whole vocabulary.
+        k: Dimension of the learned subspace.
+        positions: The position intervened on, counted from each prompt's last token (``-1``:
+            the last): read there in the source, written there in the base.
+        test_size: The share of pairs held out (at least one pair each side).
+        epochs: Passes over the training pairs.
+        lr: Adam's learning rate.
+        n_random: Random subspaces of dimension ``k`` measured as controls.
+        batch_size: Pairs per forward pass.
+        seed: Seed of the split, the initial subspace, the batch order and the random subspaces.
+        progress: Show a progress bar over epochs.
+
+    Returns:
+        A :class:`DASResult`.
+
+    Raises:
+        ValueError: Before any forward pass: prompts of different counts or fewer than two
+            pairs, a site without a layer or a fixed width, ``k`` outside ``1..width``, a
+            position outside a prompt, a counterfactual that is not one token.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> model = mp.tiny_model()
+        >>> res = mp.das(model, ["Hi cat", "Hi dog"], ["Hi dog", "Hi cat"], [5, 6],
+        ...              mp.Site("resid_post", 1), k=2, epochs=3, progress=False)
+        >>> res.k, len(res.loss)
+        (2, 3)
+    """
+    seed = check_seed(seed)
+    base_list = [base] if isinstance(base, str) else list(base)
+    source_list = [source] if isinstance(source, str) else list(source)
+    n = len(base_list)
+    if len(source_list) != n:
+        raise ValueError(
+            f"{n} base prompts and {len(source_list)} source prompts: pass one source per base."
+        )
+    if n < 2:
+        raise ValueError(f"DAS needs at least two pairs (one to fit, one to test), got {n}.")
+    check_int(k, "k", 1)
+    check_int(epochs, "epochs", 1)
+    check_int(n_random, "n_random", 0)
+    check_int(batch_size, "batch_size", 1)
+    check_int(positions, "positions")
+    lr = check_float(lr, "lr", 0.0, low_open=True)
+    test_size = check_float(test_size, "test_size", 0.0, 1.0, low_open=True)
+    name, parsed = resolve_site(model, site)
+    wide = width(model, parsed)
+    if parsed is None or parsed.layer is None or wide is None:
+        raise ValueError(
+            f"das needs one site with a layer and a fixed width (e.g. Site('resid_post', 12)), got "
+            f"{site!r}."
+        )
+    if parsed.positions is not None:
+        raise ValueError(f"{parsed} carries positions; pass positions= to das instead.")
+    if k > wide:
+        raise ValueError(f"k={k} exceeds the width {wide} of {name}: pick k in 1..{wide}.")
+    target = _answer_ids(model, counterfactual, n, "counterfactual")
+    own = None if answer is None else _answer_ids(model, answer, n, "answer")
+    if own is not None and bool((own == target).any()):
+        same = int((own == target).nonzero()[0, 0])
+        raise ValueError(
+            f"Pair {same}'s answer and counterfactual are the same token: a two-way choice needs "
+            "two different answers (drop the pair, or pass no answer)."
+        )
+
+    def scores(logits: Tensor, rows: np.ndarray) -> tuple[Tensor, Tensor]:
+        """Logits to score and the index of the counterfactual among them."""
+        if own is None:
+            return logits.float(), target[rows].to(logits.device)
+        pair = torch.stack([own[rows], target[rows]], dim=1).to(logits.device)
+        return logits.float().gather(1, pair), torch.ones(
+            len(rows), dtype=torch.long, device=logits.device
+        )
+
+    bases = tokenize(model, base_list, padding_side="left")
+    sources = tokenize(model, source_list, padding_side="left")
+    bases.positions(positions)  # a position outside a prompt fails here, before any pass
+    sources.positions(positions)
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    n_test = min(max(1, round(test_size * n)), n - 1)
+    test, train = np.sort(order[:n_test]), np.sort(order[n_test:])
+    read = Site(parsed.kind, parsed.layer, head=parsed.head, positions=positions)
+    captured = run(model, sources, capture=[read], batch_size=batch_size, progress=False)
+    source_acts = captured[read].detach()  # [n, 1, width]
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layer = torch.nn.utils.parametrizations.orthogonal(
+            torch.nn.Linear(wide, k, bias=False, dtype=torch.float32)
+        )
+
+    def basis() -> Tensor:  # [k, width], orthonormal rows (recomputed from the parameters)
+        return cast(Tensor, layer.weight)
+
+    optimiser = torch.optim.Adam(layer.parameters(), lr=lr)
+    params = list(layer.parameters())
+    losses = []
+    for _ in progress_bar(range(epochs), progress=progress, desc="das"):
+        total = 0.0
+        for rows in _batches(rng.permutation(train), batch_size):
+            edit = _Interchange(basis(), source_acts[rows], positions)
+            with torch.enable_grad():
+                logits = _last_logits(model, bases.select(rows.tolist()), name, edit)
+                loss = torch.nn.functional.cross_entropy(*scores(logits, rows))
+                grads = torch.autograd.grad(loss, params)  # the model's parameters get none
+            for param, grad in zip(params, grads, strict=True):
+                param.grad = grad
+            optimiser.step()
+            optimiser.zero_grad(set_to_none=True)
+            total += float(loss.detach()) * len(rows)
+        losses.append(total / len(train))
+    rotation = basis().detach().clone()
+
+    def accuracy(rows: np.ndarray, basis: Tensor | None, patch: bool = True) -> np.ndarray:
+        hits = []
+        for chunk in _batches(rows, batch_size):
+            edit = _Interchange(basis, source_acts[chunk], positions) if patch else None
+            with torch.no_grad():
+                logits = _last_logits(model, bases.select(chunk.tolist()), name, edit)
+            scored, want = scores(logits, chunk)
+            hits.append((scored.argmax(-1).cpu() == want.cpu()).numpy())
+        return np.concatenate(hits)
+
+    hits = accuracy(test, rotation)
+    random_iia = np.array(
+        [accuracy(test, _random_basis(wide, k, seed + 1 + j)).mean() for j in range(n_random)]
+    )
+    iia = {
+        "das": float(hits.mean()),
+        "random": float(random_iia.mean()) if n_random else float("nan"),
+        "full": float(accuracy(test, None).mean()),
+        "none": float(accuracy(test, None, patch=False).mean()),
+    }
+    return DASResult(
+        site=name,
+        positions=int(positions),
+        k=int(k),
+        rotation=rotation.numpy(),
+        loss=np.asarray(losses),
+        iia_train=float(accuracy(train, rotation).mean()),
+        iia=iia,
+        iia_random=random_iia,
+        hits=hits,
+        test_pairs=test,
+        epochs=int(epochs),
+        lr=lr,
+        seed=seed,
+        two_way=own is not None,
+    )
+
+
+def _batches(rows: np.ndarray, size: int) -> list[np.ndarray]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def _last_logits(model: Any, batch: Any, name: str, edit: Intervention | None) -> Tensor:
+    """``[rows, vocab]`` next-token logits at each (left-padded) row's last token."""
+    adapter = model_adapter(model)
+    spec: dict[SiteLike, Intervention] = {name: edit} if edit is not None else {}
+    with intervene(model, spec, batch=batch):
+        logits = adapter.forward(batch.tokens, batch.attention_mask, logits_to_keep=1)
+    return logits[:, -1]
+
+
+def _random_basis(wide: int, k: int, seed: int) -> Tensor:
+    """``[k, wide]`` orthonormal rows spanning a uniformly random k-dimensional subspace."""
+    gaussian = torch.randn(wide, k, generator=torch.Generator().manual_seed(seed))
+    q, _ = torch.linalg.qr(gaussian)
+    return q.T.contiguous()
