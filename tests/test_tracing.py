@@ -200,3 +200,31 @@ def test_a_prompts_trace_does_not_depend_on_its_place_in_the_list(tiny):
         np.testing.assert_allclose(got[1], getattr(alone, field)[0], atol=1e-6, err_msg=field)
     with pytest.raises(TypeError, match="token ids"):
         mp.trace_noise(0, 2, 1, 8, 1.0)
+
+
+def test_traces_of_split_prompts_join_into_one_run(tiny, tmp_path):
+    prompts = ["The cat sat on a mat", "A dog ran far away", "My bird sang"]
+    subjects = ["cat", "dog", "bird"]
+    kwargs = dict(sites="mlp_out", n_noise=3, n_random=2, noise=0.5, window=1, progress=False)
+    whole = mp.causal_trace(tiny, prompts, subjects, **kwargs)
+    first = mp.causal_trace(tiny, prompts[:2], subjects[:2], **kwargs)
+    saved = mp.TraceResult.load(first.save(tmp_path / "first.json"))
+    joined = mp.TraceResult.concat(
+        [saved, mp.causal_trace(tiny, prompts[2], subjects[2], **kwargs)]
+    )
+    for field in ("scores", "noise_sd", "random"):
+        for got, want in zip(getattr(joined, field), getattr(whole, field), strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-6, err_msg=field)
+    np.testing.assert_allclose(joined.corrupted, whole.corrupted, atol=1e-6)
+    assert joined.subjects == whole.subjects and joined.tokens == whole.tokens
+    np.testing.assert_allclose(joined.by_category(), whole.by_category(), atol=1e-6)
+    # The default noise level comes from each call's subjects: parts without noise= differ.
+    default = {k: v for k, v in kwargs.items() if k != "noise"}
+    parts = [
+        mp.causal_trace(tiny, p, s, **default)
+        for p, s in zip(prompts[:2], subjects[:2], strict=True)
+    ]
+    with pytest.raises(ValueError, match="pass the same noise="):
+        mp.TraceResult.concat(parts)
+    with pytest.raises(TypeError, match="takes TraceResults"):
+        mp.TraceResult.concat([])

@@ -218,6 +218,60 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         """Noise samples per prompt."""
         return int(self.corrupted.shape[1])
 
+    @classmethod
+    def concat(cls, results: Sequence[TraceResult]) -> TraceResult:
+        """Join traces of different prompts (split over jobs, or extended later) into the trace
+        of one run over all of them, prompts in order.
+
+        A prompt's noise and random controls are keyed by the seed and its tokens, so the joined
+        trace equals one run over every prompt (up to float rounding of the batching) when the
+        parts used the same noise level. The default level is 3 x the standard deviation of the
+        *call's own* subjects' embeddings, so it differs between parts: pass the same ``noise=``
+        to every part (e.g. the level of a first run, ``first.noise_level``).
+
+        Raises:
+            TypeError: ``results`` is empty or holds other types.
+            ValueError: The parts differ in kinds, layers, noise level, window, metric, seed or
+                noise samples per prompt (the message names the field).
+
+        Example:
+            >>> import mechprobe as mp
+            >>> model = mp.tiny_model()
+            >>> kw = dict(sites="mlp_out", n_noise=2, noise=0.5, progress=False)
+            >>> parts = [mp.causal_trace(model, p, s, **kw) for p, s in [("A cat sat", "cat"),
+            ...                                                          ("A dog ran", "dog")]]
+            >>> len(mp.TraceResult.concat(parts).scores)
+            2
+        """
+        parts = list(results)
+        if not parts or not all(type(r) is cls for r in parts):
+            got = sorted({type(r).__name__ for r in parts}) or ["nothing"]
+            raise TypeError(f"TraceResult.concat takes TraceResults; got {', '.join(got)}.")
+        first = parts[0]
+        for name in ("kinds", "layers", "noise_level", "window", "metric", "seed", "n_noise"):
+            for i, part in enumerate(parts[1:], 1):
+                if getattr(part, name) != getattr(first, name):
+                    hint = (
+                        " (the default noise level comes from each call's own subjects: pass "
+                        "the same noise= to every part)"
+                        if name == "noise_level"
+                        else ""
+                    )
+                    raise ValueError(
+                        f"Cannot join: part {i} has {name}={getattr(part, name)!r}, part 0 "
+                        f"{getattr(first, name)!r}; join traces of the same analysis run on "
+                        f"different prompts{hint}."
+                    )
+        per_prompt = ("scores", "noise_sd", "random", "subjects", "tokens", "answers")
+        joined: dict[str, Any] = {
+            name: tuple(item for part in parts for item in getattr(part, name))
+            for name in per_prompt
+        }
+        for name in ("clean", "corrupted"):
+            joined[name] = np.concatenate([getattr(part, name) for part in parts], axis=0)
+        same = ("kinds", "layers", "noise_level", "window", "metric", "seed")
+        return cls(**joined, **{name: getattr(first, name) for name in same})
+
     def indirect_effect(self, prompt: int) -> np.ndarray:
         """``[kinds, layers, positions]`` of one prompt: score minus the corrupted metric."""
         return self.scores[prompt] - float(self.corrupted[prompt].mean())
