@@ -244,3 +244,28 @@ def test_result_protocol_and_round_trip(tiny, tmp_path):
         progress=False,
     )  # fmt: skip
     assert erased.logits.shape[0] == 2  # the subspace erases like any other basis
+
+
+def test_a_head_site_interchanges_that_heads_z_only(tiny):
+    words = _words(24, 5)
+    base, source = words[:12], words[12:]
+    name, head = "blocks.1.attn.hook_z", 2
+    label = [int(t) for t in _last(tiny, source).argmax(-1)]
+    res = mp.das(
+        tiny, base, source, label, mp.Site("head", 1, head=head), k=2, epochs=2, n_random=0,
+        progress=False,
+    )  # fmt: skip
+    assert res.rotation.shape == (2, tiny.cfg.d_head)
+    src = _source_vectors(tiny, source, name)[:, head]  # [n, d_head]
+    basis = torch.tensor(res.rotation)
+    test = res.test_pairs.copy()
+
+    def fn(act, i):
+        act = act.clone()
+        h = act[0, -1, head]
+        act[0, -1, head] = h + basis.T @ (basis @ (src[test[i]] - h))
+        return act
+
+    logits = _last(tiny, [base[i] for i in test], [(name, fn)])
+    want = torch.tensor(label)[test]
+    np.testing.assert_array_equal(res.hits, (logits.argmax(-1) == want).numpy())

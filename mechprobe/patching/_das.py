@@ -339,7 +339,7 @@ def das(
         for rows in _batches(rng.permutation(train), batch_size):
             edit = _Interchange(basis(), source_acts[rows], positions)
             with torch.enable_grad():
-                logits = _last_logits(model, bases.select(rows.tolist()), name, edit)
+                logits = _last_logits(model, bases.select(rows.tolist()), parsed, edit)
                 loss = torch.nn.functional.cross_entropy(*scores(logits, rows))
                 grads = torch.autograd.grad(loss, params)  # the model's parameters get none
             for param, grad in zip(params, grads, strict=True):
@@ -355,7 +355,7 @@ def das(
         for chunk in _batches(rows, batch_size):
             edit = _Interchange(basis, source_acts[chunk], positions) if patch else None
             with torch.no_grad():
-                logits = _last_logits(model, bases.select(chunk.tolist()), name, edit)
+                logits = _last_logits(model, bases.select(chunk.tolist()), parsed, edit)
             scored, want = scores(logits, chunk)
             hits.append((scored.argmax(-1).cpu() == want.cpu()).numpy())
         return np.concatenate(hits)
@@ -392,10 +392,11 @@ def _batches(rows: np.ndarray, size: int) -> list[np.ndarray]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
-def _last_logits(model: Any, batch: Any, name: str, edit: Intervention | None) -> Tensor:
-    """``[rows, vocab]`` next-token logits at each (left-padded) row's last token."""
+def _last_logits(model: Any, batch: Any, site: Site, edit: Intervention | None) -> Tensor:
+    """``[rows, vocab]`` next-token logits at each (left-padded) row's last token, with ``edit``
+    at ``site`` (its head included: a head's site edits that head's slice only)."""
     adapter = model_adapter(model)
-    spec: dict[SiteLike, Intervention] = {name: edit} if edit is not None else {}
+    spec: dict[SiteLike, Intervention] = {site: edit} if edit is not None else {}
     with intervene(model, spec, batch=batch):
         logits = adapter.forward(batch.tokens, batch.attention_mask, logits_to_keep=1)
     return logits[:, -1]
