@@ -284,8 +284,8 @@ def das(
     wide = width(model, parsed)
     if parsed is None or parsed.layer is None or wide is None:
         raise ValueError(
-            f"das needs one site with a layer and a fixed width (e.g. Site('resid_post', 12)), got "
-            f"{site!r}."
+            f"das needs one site with a layer and a fixed width (e.g. Site('resid_post', 12), or "
+            f"one head's Site('head', 12, head=3)), got {site!r}."
         )
     if parsed.positions is not None:
         raise ValueError(f"{parsed} carries positions; pass positions= to das instead.")
