@@ -84,6 +84,21 @@ routes = mp.patch(
 routes.plot()
 
 # %% [markdown]
+# Patching says what the answer *needs*; direct logit attribution says what *writes* it: each
+# head's and MLP's direct contribution to the same logit difference on the clean prompt, with the
+# final norm's scale frozen at its value there, so the contributions sum to the model's own
+# difference.
+
+# %%
+dla = mp.direct_logit_attribution(
+    model, clean, mp.logit_diff(" Paris", " Rome"), heads=True, progress=False
+)
+dla.summary(top=8)
+
+# %%
+dla.plot()
+
+# %% [markdown]
 # ## 3. The capitals task, as Merullo et al. read it
 #
 # `relational_analysis` runs the whole argument: the task's accuracy, the stages of the logit
