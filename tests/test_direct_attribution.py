@@ -113,6 +113,19 @@ def test_attributions_equal_the_hugging_face_models_own_writes_decoded_by_hand(t
                 )
                 hf.transformer.h[layer].attn.c_proj.bias.copy_(bias)
                 model.blocks[layer].attn.b_O.copy_(bias)  # a HookedTransformer holds a copy
+    # The tiny models' final norms have unit weights and zero biases: random ones make leaving
+    # the weight out (as TransformerLens 4.3's logit_attrs does on a bridge) fail here.
+    final = _hf_parts(hf)[4]
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(7)
+        weight = 1 + 0.5 * torch.randn(model.cfg.d_model, generator=generator)
+        final.weight.copy_(weight)
+        if getattr(final, "bias", None) is not None:
+            final.bias.copy_(0.3 * torch.randn(model.cfg.d_model, generator=generator))
+        if mp.core.model_adapter(model).kind == "hooked":  # its own copies of the norm
+            model.ln_final.w.copy_(final.weight)
+            if getattr(final, "bias", None) is not None:
+                model.ln_final.b.copy_(final.bias)
     res = mp.direct_logit_attribution(
         model, PROMPTS, mp.logit_diff(ANSWER, WRONG), heads=heads, batch_size=2, progress=False
     )
