@@ -312,8 +312,9 @@ def direct_logit_attribution(
         padding_side=padding_side,
         progress=progress,
     )
-    acts = {key: out[site][:, 0].double() for key, site in sites.items()}  # [n, ...] last token
-    logits = out.logits[:, 0].double()
+    # [n, ...] at the last token, on the CPU in float64: a few vectors per prompt, decoded exactly
+    acts = {key: out[site][:, 0].double().cpu() for key, site in sites.items()}
+    logits = out.logits[:, 0].double().cpu()
     rows = torch.arange(n)
     model_diff = logits[rows, answer] - logits[rows, wrong]
 
@@ -324,7 +325,7 @@ def direct_logit_attribution(
     w_u, b_u = (t.detach().double().cpu() for t in adapter.unembedding())
     direction = (w_u[:, answer] - w_u[:, wrong]).T  # [n, d_model]
     values = einsum(linear(writes), direction, "n c d, n d -> n c")
-    bias = direction @ const + b_u[answer] - b_u[wrong]  # [n]: the same writes for every prompt
+    bias = direction @ const + b_u[answer] - b_u[wrong]  # [n]: a function of the two tokens
     values = torch.cat([values, bias[:, None]], dim=1)
     decode = adapter.token_text
     return LogitAttributionResult(
