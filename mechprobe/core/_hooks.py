@@ -718,9 +718,14 @@ def _same_tokens(model: Any, batch: Batch) -> Callable[..., None]:
         weight = model.W_E
         expected = weight[batch.tokens.to(weight.device)].to(activation.device, activation.dtype)
         real = batch.attention_mask.to(activation.device).bool()
-        # Cosine, not equality: some architectures scale the embedding before this hook.
-        cos = torch.nn.functional.cosine_similarity(activation[real], expected[real], dim=-1)
-        if bool((cos < 0.99).any()):
+        # Cosine, not equality: some architectures scale the embedding before this hook. A token
+        # whose embedding row is zero (a padding token's, often also end-of-sequence) has no
+        # direction: there the activation must be zero too.
+        zero = expected.abs().amax(-1) == 0
+        live, dead = real & ~zero, real & zero
+        cos = torch.nn.functional.cosine_similarity(activation[live], expected[live], dim=-1)
+        moved = bool(dead.any()) and bool(activation[dead].abs().amax() > 0)
+        if bool((cos < 0.99).any()) or moved:
             raise ValueError(
                 "The tokens forwarded are not those of the batch= given to intervene(): pass the "
                 "batch you forward (model(batch.tokens, attention_mask=batch.attention_mask)), or "
