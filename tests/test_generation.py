@@ -402,3 +402,11 @@ def test_a_token_with_a_zero_embedding_is_no_wrong_batch(tiny):
         mp.intervene(tiny, edit, batch=batch),
     ):
         tiny(other, attention_mask=batch.attention_mask)
+
+
+def test_a_tiny_temperature_samples_the_top_token_and_no_stop_strings_is_none(tiny):
+    greedy = mp.generate(tiny, PROMPTS, max_new_tokens=3, progress=False)
+    cold = mp.generate(tiny, PROMPTS, max_new_tokens=3, temperature=1e-40, progress=False)
+    assert [t.tolist() for t in cold.tokens] == [t.tolist() for t in greedy.tokens]
+    plain = mp.generate(tiny, PROMPTS, max_new_tokens=3, stop_strings=None, progress=False)
+    assert plain.completions == greedy.completions

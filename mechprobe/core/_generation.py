@@ -241,7 +241,7 @@ def generate(
             "most probable token: pass temperature > 0 (e.g. 1.0) to sample, or drop them."
         )
     seed = check_seed(seed)
-    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or ())
     if not all(isinstance(s, str) and s for s in stops):
         raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}.")
     spec = dict(interventions or {})
@@ -376,7 +376,8 @@ def _sampling_distribution(
         >>> _sampling_distribution(torch.tensor([2.0, 1.0, 0.0]), 1.0, top_p=0.5).tolist()
         [1.0, 0.0, 0.0]
     """
-    scores = logits.float() / temperature
+    # Shifted first, so a tiny temperature sends the others to -inf, never inf - inf (NaN).
+    scores = (logits.float() - logits.float().max()) / temperature
     if top_k is not None and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
