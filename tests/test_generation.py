@@ -179,7 +179,27 @@ def test_result_protocol_and_round_trip(tiny, tmp_path):
         ({mp.Site("mlp_out", 0): mp.Ablate("mean")}, {}, ValueError, "Pass mean="),
         ({mp.Site("mlp_out", 9): mp.Ablate("zero")}, {}, ValueError, "layer"),
         ({mp.Site("mlp_out", 0): "add"}, {}, TypeError, "not an intervention"),
-        ({mp.Site("mlp_out", 0): mp.Add(torch.ones(64), positions=-9)}, {}, ValueError, "outside"),
+        (
+            {mp.Site("mlp_out", 0): mp.Add(torch.ones(64), positions=-9)},
+            {},
+            ValueError,
+            "outside prompt 1,",  # the user's index, not the row of its chunk
+        ),
+        ({mp.Site("mlp_out", 0): mp.Gradient()}, {}, ValueError, "runs without gradients"),
+        ([mp.Add(torch.ones(64))], {}, TypeError, "must map sites to interventions"),
+        ({mp.Site("mlp_out", 0): mp.Replace(torch.ones(3, 64))}, {}, ValueError, "grows"),
+        (
+            {mp.Site("pattern", 0, head=0): mp.Replace(torch.ones(3), positions=-1)},
+            {},
+            ValueError,
+            "pattern's rows are as long as the sequence",
+        ),
+        (
+            {mp.Site("pattern", 0, head=1): mp.Ablate("mean", mean=torch.ones(3))},
+            {},
+            ValueError,
+            "pattern",
+        ),
         ({}, {"top_k": 5}, ValueError, "pass temperature > 0"),
         ({}, {"top_p": 0.9}, ValueError, "pass temperature > 0"),
         ({}, {"temperature": 1.0, "top_k": 0}, ValueError, "top_k"),
@@ -188,10 +208,75 @@ def test_result_protocol_and_round_trip(tiny, tmp_path):
     ],
 )
 def test_bad_input_fails_before_any_token(tiny, spec, kwargs, error, message):
+    passes = []
     before = hook_count(tiny)
-    with pytest.raises(error, match=message):
-        mp.generate(tiny, PROMPTS, spec, progress=False, **kwargs)
-    assert hook_count(tiny) == before
+    counter = tiny.embed.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        # One prompt per chunk, the short one second: nothing of the first may run before a
+        # position outside the second is found.
+        with pytest.raises(error, match=message):
+            mp.generate(tiny, PROMPTS[::-1], spec, batch_size=1, progress=False, **kwargs)
+    finally:
+        counter.remove()
+    assert hook_count(tiny) == before and not passes
+
+
+def test_run_names_the_prompt_a_position_falls_outside_before_any_pass(tiny):
+    passes = []
+    counter = tiny.embed.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        with pytest.raises(ValueError, match="outside prompt 2,"):
+            mp.run(
+                tiny,
+                ["Hello there", "Hello you", "Hi"],
+                {mp.Site("mlp_out", 0): mp.Add(torch.ones(64), positions=[0, -9])},
+                batch_size=1,
+                progress=False,
+            )
+    finally:
+        counter.remove()
+    assert not passes
+
+
+def test_a_batch_generates_as_its_prompts(tiny):
+    plain = mp.generate(tiny, PROMPTS, max_new_tokens=3, progress=False)
+    for padding_side in ("left", "right"):
+        batch = mp.tokenize(tiny, PROMPTS, padding_side=padding_side)
+        res = mp.generate(tiny, batch, max_new_tokens=3, progress=False)
+        assert res.prompts == plain.prompts
+        assert [t.tolist() for t in res.tokens] == [t.tolist() for t in plain.tokens]
+    ids = mp.Batch.from_tokens(tiny.to_tokens(PROMPTS[1]))  # no strings: decoded from the ids
+    from_ids = mp.generate(tiny, ids, max_new_tokens=3, progress=False)
+    assert from_ids.tokens[0].tolist() == plain.tokens[1].tolist()
+    assert from_ids.prompts == (tiny.tokenizer.decode(tiny.to_tokens(PROMPTS[1])[0]),)
+
+
+def test_a_one_row_replace_over_every_position_and_a_zeroed_pattern_still_generate(tiny):
+    # What grows with the sequence is refused; these do not, and equal their plain-hook versions.
+    spec = {
+        mp.Site("resid_post", 0): mp.Replace(torch.ones(1, 64)),
+        mp.Site("pattern", 1, head=2): mp.Ablate(positions=-1),
+    }
+    res = mp.generate(tiny, PROMPTS, spec, max_new_tokens=3, progress=False)
+    for i, prompt in enumerate(PROMPTS):
+        ids = tiny.to_tokens(prompt)
+        n = ids.shape[1]
+        for step in range(3):
+
+            def fill(act, hook):
+                act[:] = 1.0
+                return act
+
+            def zero(pattern, hook, last=n - 1):
+                pattern[:, 2, last] = 0.0  # the prompt's last token's row, as it grows
+                return pattern
+
+            hooks = [("blocks.0.hook_resid_post", fill), ("blocks.1.attn.hook_pattern", zero)]
+            with torch.no_grad():
+                logits = tiny.run_with_hooks(ids, fwd_hooks=hooks)[0, -1]
+            token = int(logits.argmax())
+            assert res.tokens[i][step] == token
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
 
 
 def test_an_exception_mid_generation_leaves_the_model_as_it_was(tiny):

@@ -70,3 +70,25 @@ def test_chunks_take_their_own_rows_of_a_per_prompt_replace(tiny):
     with pytest.raises(ValueError, match="pass the site in capture="):
         mp.run(tiny, sources, {site: mp.Capture(positions=-1)}, batch_size=2, progress=False)
     assert hook_count(tiny) == before
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "message"),
+    [
+        ([mp.Add(torch.ones(64))], TypeError, "must map sites to interventions"),
+        ({mp.Site("resid_post", 0): mp.Gradient()}, ValueError, "mp.core.differentiate"),
+    ],
+)
+def test_a_spec_run_cannot_apply_is_refused_before_any_pass(tiny, spec, error, message):
+    before = hook_count(tiny)
+    with pytest.raises(error, match=message):
+        mp.run(tiny, ["Hi", "Hello"], spec, progress=False)
+    assert hook_count(tiny) == before
+
+
+def test_intervene_refuses_a_bare_list_of_interventions(tiny):
+    before = hook_count(tiny)
+    spec = [mp.Add(torch.ones(64))]
+    with pytest.raises(TypeError, match="got a list: pass"), mp.intervene(tiny, spec):  # type: ignore[arg-type]
+        pass
+    assert hook_count(tiny) == before

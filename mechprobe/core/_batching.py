@@ -45,6 +45,8 @@ class Batch:
         attention_mask: ``[batch, seq]`` 1 for real tokens, 0 for padding.
         padding_side: ``"left"`` or ``"right"``.
         prompts: The source strings (empty strings if built from tokens).
+        origin: Each row's index among the prompts it was selected from (None: its own order),
+            so that a chunk's errors name the prompt the user passed, not the chunk's row.
 
     Example:
         >>> from mechprobe.core._models import tiny_model
@@ -57,6 +59,7 @@ class Batch:
     attention_mask: Int[Tensor, "batch seq"]
     padding_side: PaddingSide
     prompts: tuple[str, ...]
+    origin: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -105,8 +108,9 @@ class Batch:
         bad = (rel < 0) | (rel >= lengths[:, None])
         if bool(bad.any()):
             row = int(bad.any(dim=1).nonzero()[0])
+            number = row if self.origin is None else self.origin[row]
             raise ValueError(
-                f"Position(s) {wanted[bad[row]].tolist()} fall outside prompt {row}, which has "
+                f"Position(s) {wanted[bad[row]].tolist()} fall outside prompt {number}, which has "
                 f"{int(lengths[row])} tokens (valid: 0..{int(lengths[row]) - 1} or -1..-"
                 f"{int(lengths[row])})."
             )
@@ -159,6 +163,7 @@ class Batch:
             attention_mask=mask[:, cols],
             padding_side=self.padding_side,
             prompts=tuple(self.prompts[int(i)] for i in index),
+            origin=tuple((self.origin or range(len(self)))[int(i)] for i in index),
         )
 
     def chunks(self, batch_size: int | None) -> Iterator[tuple[slice, Batch]]:

@@ -38,10 +38,26 @@ import torch
 
 from mechprobe.core._adapter import model_adapter
 from mechprobe.core._batching import Batch, pad_id, pad_rows, position_list, tokenize
-from mechprobe.core._hooks import Capture, Intervention, InterventionSpec, Replace
+from mechprobe.core._hooks import (
+    Ablate,
+    Add,
+    Capture,
+    Intervention,
+    InterventionSpec,
+    Project,
+    Replace,
+    intervention_spec,
+)
 from mechprobe.core._progress import progress_bar
 from mechprobe.core._results import Result, new_axes
-from mechprobe.core._runner import _is_pooled, _items, _rows_of, run
+from mechprobe.core._runner import (
+    _is_pooled,
+    _items,
+    _rows_of,
+    check_positions,
+    refuse_gradient,
+    run,
+)
 from mechprobe.core._seeding import keyed_seed
 from mechprobe.core._sites import Positions, Site, SiteLike, resolve_site
 from mechprobe.core._validation import check_float, check_int, check_seed
@@ -171,7 +187,7 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
 
 def generate(
     model: Any,
-    prompts: Sequence[str] | str,
+    prompts: Sequence[str] | str | Batch,
     interventions: InterventionSpec | None = None,
     *,
     max_new_tokens: int = 20,
@@ -189,12 +205,15 @@ def generate(
 
     Args:
         model: A TransformerLens model with a tokenizer.
-        prompts: One prompt or a list of prompts.
+        prompts: One prompt, a list of prompts, or a :class:`Batch` (re-padded on the left).
         interventions: ``{site: intervention(s)}`` as for :func:`mechprobe.intervene`; negative
             positions count from each prompt's last token, ``None`` edits every position,
-            generated ones included. Not accepted: a ``Capture`` (capture with
-            :func:`mechprobe.run` on the completed texts) and ``Ablate("mean")`` without
-            ``mean=`` (the mean over the prompts would change as they grow).
+            generated ones included. Not accepted, as the sequence grows by a token per step: a
+            ``Capture`` (capture with :func:`mechprobe.run` on the completed texts), a
+            ``Gradient``, ``Ablate("mean")`` without ``mean=`` (the mean over the prompts would
+            change as they grow), a ``Replace`` of one row per position over every position
+            (``[seq, d]``), and any value written into an attention ``pattern`` (a zero
+            ``Ablate`` works there).
         max_new_tokens: New tokens per prompt at most.
         stop_strings: Strings that end a completion (e.g. ``"\\n"`` for one-line answers; Hugging
             Face's name); the completion is cut before the first one.
@@ -218,7 +237,9 @@ def generate(
     Raises:
         ValueError: Before any forward pass: bad ``max_new_tokens``, ``stop_strings``,
             ``temperature``, ``top_k`` or ``top_p`` (or either of the last two without sampling),
-            an intervention generation cannot apply (above), or a site the model lacks.
+            an intervention generation cannot apply (above), a site the model lacks, or a
+            position outside some prompt (named by its index in ``prompts``).
+        TypeError: ``interventions`` is not a ``{site: intervention(s)}`` mapping.
 
     Example:
         >>> import torch, mechprobe as mp
@@ -244,12 +265,13 @@ def generate(
     stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or ())
     if not all(isinstance(s, str) and s for s in stops):
         raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}.")
-    spec = dict(interventions or {})
+    spec = intervention_spec(interventions)
     for key, value in spec.items():
-        resolve_site(model, key)  # an unknown site fails before any pass
+        _, site = resolve_site(model, key)  # an unknown site fails before any pass
         for item in _items(value):
-            _check_item(key, item)
-    batch = tokenize(model, prompts, padding_side="left")
+            _check_item(key, site, item)
+    batch = _left_padded(model, prompts)
+    check_positions(spec, batch)  # a position outside some prompt fails before any pass
     adapter = model_adapter(model)
     n_ctx = adapter.n_ctx
     longest = int(batch.lengths.max())
@@ -404,7 +426,21 @@ def _generators(batch: Batch, seed: int) -> list[torch.Generator]:
     return out
 
 
-def _check_item(key: SiteLike, item: Any) -> None:
+def _left_padded(model: Any, prompts: Sequence[str] | str | Batch) -> Batch:
+    """The prompts tokenised and left-padded (every row then ends at the same column); a
+    :class:`Batch` is re-padded from its real tokens, its prompts decoded when it has none."""
+    if not isinstance(prompts, Batch):
+        return tokenize(model, prompts, padding_side="left")
+    rows = [
+        prompts.tokens[i][prompts.attention_mask[i].bool()].tolist() for i in range(len(prompts))
+    ]
+    texts = prompts.prompts
+    if not all(texts):
+        texts = tuple(model_adapter(model).tokenizer.decode(ids) for ids in rows)
+    return pad_rows(rows, pad_id(model), "left", texts)
+
+
+def _check_item(key: SiteLike, site: Site | None, item: Any) -> None:
     """Refuse what generation cannot apply (see :func:`generate`)."""
     if not isinstance(item, Intervention):
         raise TypeError(
@@ -416,6 +452,23 @@ def _check_item(key: SiteLike, item: Any) -> None:
             f"A Capture at {key}: generate records no activations; run the completed texts "
             "through mp.run(..., capture=[...]) instead."
         )
+    refuse_gradient(key, item, "generate()")
+    grows = "the sequence grows by one token per step"
+    if site is not None and site.kind == "pattern" and _sized(item):
+        raise ValueError(
+            f"{type(item).__name__} at {key}: an attention pattern's rows are as long as the "
+            f"sequence, and {grows}, so a value fitted to the prompt fits step 0 only. In "
+            "generate, ablate a pattern with Ablate('zero'), or edit the head's output (a "
+            "'head' or 'head_out' site) instead."
+        )
+    positions = _positions(key, item)
+    value = _replace_value(item)
+    if positions is None and value is not None and value.ndim >= 2 and value.shape[-2] != 1:
+        raise ValueError(
+            f"Replace at {key} writes a value of shape {tuple(value.shape)} over every position, "
+            f"and {grows}: pass one vector [d] (or [n_prompts, 1, d]) for every position, or "
+            "positions= naming the prompt's positions its rows are for."
+        )
     if _is_pooled(item):
         raise ValueError(
             f"Ablate('mean') at {key} has no mean: over the prompts it would change as they "
@@ -425,6 +478,21 @@ def _check_item(key: SiteLike, item: Any) -> None:
         raise ValueError(
             f"Replace at {key} reads a Capture that holds nothing yet: fill it in a run first."
         )
+
+
+def _sized(item: Intervention) -> bool:
+    """Whether an intervention carries a value sized to the site's last axis (every built-in one
+    but a zero ablation; another subclass is taken to know what it does)."""
+    if isinstance(item, Ablate):
+        return item.method == "mean"
+    return isinstance(item, (Replace, Add, Project))
+
+
+def _replace_value(item: Intervention) -> torch.Tensor | None:
+    """A Replace's value (what its Capture holds), else None."""
+    if not isinstance(item, Replace):
+        return None
+    return item.value.value if isinstance(item.value, Capture) else item.value
 
 
 def _positions(key: SiteLike, item: Intervention) -> Positions:

@@ -52,6 +52,7 @@ __all__ = [
     "differentiate",
     "gradients_enabled",
     "intervene",
+    "intervention_spec",
 ]
 
 
@@ -469,6 +470,28 @@ class Project(Intervention):
 InterventionSpec: TypeAlias = Mapping[SiteLike, Intervention | Sequence[Intervention]]
 
 
+def intervention_spec(
+    interventions: InterventionSpec | None,
+) -> dict[SiteLike, Intervention | Sequence[Intervention]]:
+    """``interventions`` as a dict, refusing what is not ``{site: intervention(s)}`` (a bare list
+    of interventions says nothing about where they act).
+
+    Example:
+        >>> import torch
+        >>> list(intervention_spec({"hook_embed": Add(torch.ones(64))}))
+        ['hook_embed']
+    """
+    if interventions is None:
+        return {}
+    if not isinstance(interventions, Mapping):
+        raise TypeError(
+            f"interventions must map sites to interventions, got a {type(interventions).__name__}: "
+            "pass {site: intervention or [interventions]}, e.g. "
+            "{mp.Site('resid_post', 3): mp.Add(vector, positions=-1)}."
+        )
+    return dict(interventions)
+
+
 def _span(rows: Tensor) -> Tensor:
     """Orthonormal basis ``[d, rank]`` of the span of ``rows [k, d]`` (rank-revealing SVD)."""
     _, values, vh = torch.linalg.svd(rows, full_matrices=False)
@@ -511,7 +534,9 @@ def _hooks_for(
     """Validate every site and intervention, then build the callbacks (no forward pass yet)."""
     fwd: list[tuple[str, Callable[..., Tensor | None]]] = []
     hooks = model.hook_dict
-    resolved = [(resolve_in(model, key, hooks), value) for key, value in spec.items()]
+    resolved = [
+        (resolve_in(model, key, hooks), value) for key, value in intervention_spec(spec).items()
+    ]
     # On a bridge, resid_mid's hook is inside the MLP's norm, after hook_mlp_in: where mlp_in is
     # edited, resid_mid is read through the attention output too, or it would see that edit.
     mlp_in_layers = {site.layer for (_, site), _ in resolved if site and site.kind == "mlp_in"}

@@ -15,17 +15,19 @@ from mechprobe.core._batching import Batch, PaddingSide, PositionSpec, tokenize
 from mechprobe.core._hooks import (
     Ablate,
     Capture,
+    Gradient,
     Intervention,
     InterventionSpec,
     Replace,
     StopForward,
     intervene,
+    intervention_spec,
 )
 from mechprobe.core._progress import progress_bar
 from mechprobe.core._readout import readout
 from mechprobe.core._sites import SiteLike, resolve_site
 
-__all__ = ["RunResult", "forward", "run"]
+__all__ = ["RunResult", "check_positions", "forward", "refuse_gradient", "run"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,8 +131,12 @@ def run(
         if isinstance(prompts, Batch)
         else tokenize(model, prompts, padding_side=padding_side)
     )
-    spec: dict[SiteLike, Intervention | Sequence[Intervention]] = dict(interventions or {})
+    spec = intervention_spec(interventions)
     names = [resolve_site(model, site)[0] for site in [*spec, *capture]]  # validate first
+    for key, value in spec.items():
+        for item in _items(value):
+            refuse_gradient(key, item, "run()")
+    check_positions(spec, batch)  # every prompt's positions, before the first chunk runs
     if _pooled_means(spec):
         spec = dict(_with_batch_means(model, batch, spec, batch_size))
     early = not any(name.startswith(_AFTER_BLOCKS) for name in names)
@@ -209,6 +215,16 @@ def _rows_of(item: Intervention, rows: slice, n_rows: int) -> Intervention:
 
 def _pooled_means(spec: InterventionSpec) -> bool:
     return any(_is_pooled(item) for value in spec.values() for item in _items(value))
+
+
+def refuse_gradient(key: SiteLike, item: Any, where: str) -> None:
+    """A Gradient needs a pass with gradients on; ``where`` runs under ``torch.no_grad``."""
+    if isinstance(item, Gradient):
+        raise ValueError(
+            f"A Gradient at {key}: {where} runs without gradients, so it would have none to "
+            "keep. Take gradients with `with mp.intervene(model, {site: g}): out = model(tokens)` "
+            "and then mp.core.differentiate(metric_of(out), [g]), or use mp.attribution_patch."
+        )
 
 
 def _items(value: Intervention | Sequence[Intervention]) -> list[Intervention]:
@@ -306,6 +322,20 @@ def _zero_padding(values: Tensor, chunk: Batch) -> Tensor:
         return values
     shape = (*mask.shape, *([1] * (values.ndim - 2)))
     return values.masked_fill(~mask.reshape(shape), 0)
+
+
+def check_positions(spec: InterventionSpec, batch: Batch) -> None:
+    """Resolve every intervention's positions (its own, else its site's) on the whole batch, so
+    that a position outside some prompt fails before any pass, naming that prompt.
+
+    Raises:
+        ValueError: A position falls outside some prompt's real tokens.
+    """
+    for key, value in spec.items():
+        for item in _items(value):
+            positions = item.positions if item.positions is not None else _positions_of(key)
+            if positions is not None and not isinstance(positions, str):
+                batch.positions(positions)
 
 
 def _positions_of(site: SiteLike) -> Any:
