@@ -50,14 +50,14 @@ def _tl_attribution(model: Any, prompt: str, answer: int, wrong: int) -> dict[st
 def run(ctx: Any) -> list[dict[str, Any]]:
     model = ctx.model
     task = mp.load_task("capitals").with_shots(3)
-    prompts, answers, arguments = [], [], []
-    for item, prompt, answer in zip(task.items, task.prompts(), task.answers(), strict=True):
-        ans = model.tokenizer(answer, add_special_tokens=False)["input_ids"][0]
-        arg = model.tokenizer(" " + item.argument, add_special_tokens=False)["input_ids"][0]
-        if ans != arg:
-            prompts.append(prompt)
-            answers.append(ans)
-            arguments.append(arg)
+    # The prompts mp.direct_logit_attribution(model, task) keeps: capital and country differ.
+    firsts = zip(
+        mp.core.first_token_ids(model, task.answers()),
+        mp.core.first_token_ids(model, task.arguments()),
+        strict=True,
+    )
+    kept = [(p, a, w) for p, (a, w) in zip(task.prompts(), firsts, strict=True) if a != w]
+    prompts, answers, arguments = (list(column) for column in zip(*kept, strict=True))
     rows = []
     got: dict[str, Any] = {}  # each side's last output, for the agreement check
     for n in (8, 32, 128):

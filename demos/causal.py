@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -252,19 +253,15 @@ def direct_attribution(model: Any) -> dict[str, Any]:
     last token of every 3-shot capitals prompt whose answer and argument start with different
     tokens, split into the direct effects of each layer's attention and MLP (and each head)."""
     task = mp.load_task("capitals").with_shots(3)
-    prompts, answers, arguments = [], [], []
-    for item, prompt, answer in zip(task.items, task.prompts(), task.answers(), strict=True):
-        ans = model.tokenizer(answer, add_special_tokens=False)["input_ids"][0]
-        arg = model.tokenizer(" " + item.argument, add_special_tokens=False)["input_ids"][0]
-        if ans != arg:
-            prompts.append(prompt)
-            answers.append(ans)
-            arguments.append(arg)
-    metric = mp.logit_diff(answers, arguments)
-    start = time.perf_counter()
-    layers = mp.direct_logit_attribution(model, prompts, metric, progress=False)
-    seconds = time.perf_counter() - start
-    heads = mp.direct_logit_attribution(model, prompts, metric, heads=True, progress=False)
+    with warnings.catch_warnings(record=True) as left_out:  # items whose two tokens coincide
+        warnings.simplefilter("always")
+        start = time.perf_counter()
+        layers = mp.direct_logit_attribution(model, task, progress=False)  # capital vs country
+        seconds = time.perf_counter() - start
+        heads = mp.direct_logit_attribution(model, task, heads=True, progress=False)
+    for warning in left_out[:1]:
+        print(warning.message, flush=True)
+    prompts = layers.prompts
     gap = float(np.abs(layers.attributions.sum(1) - layers.logit_diff).max())
     layers.plot().savefig(FIGURES / "causal_dla_layers.png", dpi=110, bbox_inches="tight")
     heads.plot().savefig(FIGURES / "causal_dla_heads.png", dpi=110, bbox_inches="tight")

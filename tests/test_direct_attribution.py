@@ -206,6 +206,42 @@ def test_bad_metrics_fail_before_any_pass(tiny, metric, error, message):
     assert hook_count(tiny) == before
 
 
+TOY = mp.Task(
+    "toy",
+    "abstractive",
+    "Q: capital of {input}?\nA:",
+    shots=[["France", "Paris"]],
+    items=[["Poland", "Warsaw"], ["Chad", "Ndjamena"], ["Peru", "Lima"]],
+)
+
+
+def test_a_task_sets_each_answer_against_its_argument(tiny, monkeypatch):
+    # The tiny tokenizer spells " " on its own, so every answer and argument start alike: a
+    # stand-in first-token map (one id per word, " Ndjamena" and " Chad" made to coincide)
+    # exercises the selection; the attributions are the model's own.
+    ids = {" Warsaw": 50, " Poland": 51, " Ndjamena": 60, " Chad": 60, " Lima": 70, " Peru": 71}
+    monkeypatch.setattr(
+        "mechprobe.patching._direct.first_token_ids", lambda model, texts: [ids[t] for t in texts]
+    )
+    with pytest.warns(UserWarning, match=r"1 of 3 items left out.*'Chad'"):
+        res = mp.direct_logit_attribution(tiny, TOY, progress=False)
+    prompts = [TOY.prompts()[0], TOY.prompts()[2]]
+    want = mp.direct_logit_attribution(
+        tiny, prompts, mp.logit_diff([50, 70], [51, 71]), progress=False
+    )
+    assert res.prompts == tuple(prompts)
+    np.testing.assert_array_equal(res.attributions, want.attributions)
+    given = mp.direct_logit_attribution(tiny, TOY, mp.logit_diff(5, 6), progress=False)
+    assert given.prompts == tuple(TOY.prompts())  # a metric given: every item, that metric
+
+
+def test_a_task_whose_answers_all_start_like_their_arguments_is_refused(tiny):
+    with pytest.raises(ValueError, match=r"Every item of task 'toy'.*Pass metric="):
+        mp.direct_logit_attribution(tiny, TOY, progress=False)  # " " starts every one here
+    with pytest.raises(TypeError, match="only a Task has a default"):
+        mp.direct_logit_attribution(tiny, PROMPTS, progress=False)
+
+
 def test_a_norm_that_is_not_the_one_assumed_is_refused(monkeypatch):
     model = tiny_of("bridge") if _has_bridge() else tiny_of("hooked")
     monkeypatch.setattr(model.cfg, "eps", 10.0)  # the frozen scale no longer reproduces the norm
@@ -285,3 +321,13 @@ def test_smollm2_capital_answer_splits_exactly_into_its_writes(smollm2):
     for name, value in got.items():
         assert value == pytest.approx(want[name], abs=2e-3 * (1 + abs(want[name]))), name
     assert sum(got.values()) == pytest.approx(want["total"], abs=1e-3)
+    # A task: each capital against its country, the rows still the model's own differences.
+    task = mp.load_task("capitals").with_shots(3).subset(8, seed=0)
+    by_task = mp.direct_logit_attribution(smollm2, task, progress=False)
+    logits = mp.run(smollm2, list(by_task.prompts), logit_positions=-1, progress=False).logits
+    ans = mp.core.first_token_ids(smollm2, task.answers())
+    arg = mp.core.first_token_ids(smollm2, task.arguments())
+    own = logits[torch.arange(8), 0, ans] - logits[torch.arange(8), 0, arg]
+    np.testing.assert_allclose(by_task.logit_diff, own.numpy(), atol=1e-4)
+    np.testing.assert_allclose(by_task.attributions.sum(1), own.numpy(), atol=1e-3)
+    assert by_task.answers == tuple(smollm2.tokenizer.decode([a]) for a in ans)

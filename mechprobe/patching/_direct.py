@@ -24,6 +24,7 @@ that sum, or whose final norm or logits are not of that form, is refused with th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -41,12 +42,14 @@ from mechprobe.core import (
     Result,
     Site,
     check_heads_sum,
+    first_token_ids,
     model_adapter,
     new_axes,
     run,
     tokenize,
 )
-from mechprobe.patching._metrics import PatchMetric, _answer_ids
+from mechprobe.patching._metrics import PatchMetric, _answer_ids, logit_diff
+from mechprobe.tasks import Task
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -233,8 +236,8 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
 
 def direct_logit_attribution(
     model: Any,
-    prompts: str | Sequence[str] | Batch,
-    metric: PatchMetric,
+    prompts: str | Sequence[str] | Batch | Task,
+    metric: PatchMetric | None = None,
     *,
     heads: bool = False,
     batch_size: int = 32,
@@ -251,10 +254,15 @@ def direct_logit_attribution(
 
     Args:
         model: A TransformerLens model.
-        prompts: One prompt, a list of prompts, or a :class:`Batch`.
+        prompts: One prompt, a list of prompts, a :class:`Batch`, or a :class:`Task` (its
+            items' prompts).
         metric: :func:`logit_diff` ``(answer, wrong)``: one token each for every prompt, or one
             per prompt. (A probability is not linear in the residual stream, so
-            :func:`answer_prob` has no direct attribution.)
+            :func:`answer_prob` has no direct attribution.) None with a :class:`Task`: each
+            item's answer against its argument (the capital against the country: what moves
+            the model from the argument it has read to the answer, Merullo et al.), first
+            tokens; items whose answer and argument start with the same token are left out,
+            with a warning.
         heads: Split each attention layer's write into its heads' ``z @ W_O[head]`` (plus an
             ``attn_bias`` component where the attention has a bias that is not zero).
         batch_size: Prompts per forward pass.
@@ -265,7 +273,7 @@ def direct_logit_attribution(
         A :class:`LogitAttributionResult`.
 
     Raises:
-        TypeError: ``metric`` is not a :func:`logit_diff`.
+        TypeError: ``metric`` is not a :func:`logit_diff` (or is None without a Task).
         ValueError: An answer is not one token of the vocabulary; the model's logits pass
             through a soft cap; its final norm is not a LayerNorm or RMSNorm; its residual stream
             is not the sum of the embedding and the attention and MLP outputs; or (``heads``) its
@@ -279,6 +287,13 @@ def direct_logit_attribution(
         >>> bool(abs(res.attributions.sum(1) - res.logit_diff).max() < 1e-3)
         True
     """
+    if isinstance(prompts, Task):
+        prompts, metric = _task_prompts(model, prompts, metric)
+    if metric is None:
+        raise TypeError(
+            "direct_logit_attribution needs metric=mp.logit_diff(answer, wrong) for prompts; "
+            "only a Task has a default (each item's answer against its argument)."
+        )
     if not isinstance(metric, PatchMetric) or metric.name != "logit_diff":
         got = metric.name if isinstance(metric, PatchMetric) else type(metric).__name__
         raise TypeError(
@@ -341,6 +356,36 @@ def direct_logit_attribution(
         n_layers=n_layers,
         heads=heads,
     )
+
+
+def _task_prompts(
+    model: Any, task: Task, metric: PatchMetric | None
+) -> tuple[list[str], PatchMetric]:
+    """A task's prompts with ``metric``, or (None) with its answers against its arguments, the
+    items whose two first tokens coincide left out (their difference is 0 by construction)."""
+    prompts = task.prompts()
+    if metric is not None:
+        return prompts, metric
+    answers = first_token_ids(model, task.answers())
+    arguments = first_token_ids(model, task.arguments())
+    kept = [i for i, (a, w) in enumerate(zip(answers, arguments, strict=True)) if a != w]
+    if not kept:
+        raise ValueError(
+            f"Every item of task {task.name!r} has an answer that starts with its argument's "
+            "first token: their logit difference is 0. Pass metric=mp.logit_diff(answer, wrong) "
+            "with other wrong answers."
+        )
+    if len(kept) < len(prompts):
+        dropped = sorted(set(range(len(prompts))) - set(kept))
+        shown = ", ".join(f"{task.items[i].input!r}" for i in dropped[:5])
+        warnings.warn(
+            f"Task {task.name!r}: {len(dropped)} of {len(prompts)} items left out, as their answer "
+            f"and argument start with the same token ({shown}{' ...' if len(dropped) > 5 else ''}).",
+            UserWarning,
+            stacklevel=3,
+        )
+    metric = logit_diff([answers[i] for i in kept], [arguments[i] for i in kept])
+    return [prompts[i] for i in kept], metric
 
 
 def _sites(n_layers: int, n_heads: int) -> dict[str, Site]:
