@@ -1,4 +1,4 @@
-"""``mechprobe patch`` and ``mechprobe trace`` on the tiny model: the files they write hold the
+"""``mechprobe patch``, ``mechprobe trace`` and ``mechprobe dla`` on the tiny model: the files they write hold the
 API's numbers, and bad output paths or arguments fail before any model loads."""
 
 from __future__ import annotations
@@ -128,3 +128,66 @@ def test_cli_cells_per_batch_refused_before_loading(
         rc = exit_.code
     assert rc == code
     assert message in capsys.readouterr().err
+
+
+def test_cli_dla_writes_the_api_result(tiny, tmp_path, capsys):
+    folder = mp.save_model(tiny, tmp_path / "model")
+    out = tmp_path / "dla"
+    prompts = ["A cat sat", "Hi there\\n"]  # an escape, as typed in a shell
+    args = ["dla", *(a for p in prompts for a in ("--prompt", p)), "--answer", "1"]
+    args += ["--wrong", "2", "--wrong", "3", "--heads", "--model", str(folder), "--quiet"]
+    assert cli_main([*args, "--batch-size", "1", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"result.json", "dla.png", "report.md"}
+    saved = mp.core.load_result(out / "result.json")
+    direct = mp.direct_logit_attribution(
+        tiny, ["A cat sat", "Hi there\n"], mp.logit_diff("1", ["2", "3"]), heads=True,
+        progress=False,
+    )  # fmt: skip
+    assert saved.components == direct.components and saved.prompts == direct.prompts
+    np.testing.assert_allclose(saved.attributions, direct.attributions, atol=1e-6)
+    assert "dla.png" in (out / "report.md").read_text()
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_dla_of_a_task_reports_the_librarys_refusal(tmp_path, capsys):
+    # The tiny tokenizer spells the space alone: every answer starts like its argument.
+    args = ["dla", "--task", "capitals", "--shots", "1", "--n-items", "3", "--model", "tiny"]
+    assert cli_main([*args, "--quiet", "--out", str(tmp_path / "d")]) == 2
+    assert "Every item of task 'capitals'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "capitals", "--prompt", "x"], "not both"),
+        ([], "not both"),
+        (
+            [
+                "--prompt",
+                "x",
+                "--prompt",
+                "y",
+                "--answer",
+                "a",
+                "--wrong",
+                "b",
+                "--wrong",
+                "c",
+                "--wrong",
+                "d",
+            ],
+            "3 --wrong for 2 --prompt",
+        ),
+        (["--task", "capitals", "--answer", "a"], "drop --answer"),
+        (["--prompt", "x", "--answer", "a", "--wrong", "b", "--shots", "2"], "shape a --task"),
+        (["--prompt", "x", "--answer", "a", "--wrong", "b", "--out-of-the-way"], "--out"),
+    ],
+)
+def test_cli_dla_fails_before_loading(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setattr("mechprobe.cli.dla.load", _no_model)
+    (tmp_path / "f").write_text("x")
+    out = tmp_path / "f" if "--out-of-the-way" in args else tmp_path / "d"
+    args = [a for a in args if a != "--out-of-the-way"]
+    assert cli_main(["dla", *args, "--model", "tiny", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "mechprobe dla: error" in err and message in err
