@@ -15,9 +15,11 @@ and writes ``docs/causal_results.json`` and ``docs/figures/causal_*.png``:
   prompts), per layer's attention and MLP and per head;
 - ``das``: distributed alignment search for a name's gender ("Yesterday Mary went to the store
   because" -> " she"): a one-dimensional subspace at the name's token and at the last token, layer
-  by layer, beside random subspaces and the whole site.
+  by layer, beside random subspaces and the whole site;
+- ``path``: edge attribution (``path_patch(method="attribution")``) against exact path patching,
+  every head to the final residual and to the q/k/v inputs of layer 23's heads 1, 4 and 5.
 
-``--part attribution|trace|fv|generate|dla|das`` runs one part (the JSON keeps the other parts' last numbers);
+``--part attribution|trace|fv|generate|dla|das|path`` runs one part (the JSON keeps the other parts' last numbers);
 ``--pairs``, ``--items``, ``--prompts`` make them larger.
 """
 
@@ -139,6 +141,54 @@ def attribution(model: Any, n_pairs: int) -> dict[str, Any]:
         if kind == "head":
             _plot_heads(exact, approx, FIGURES / "causal_attribution_head.png")
     out["wall_s"] = round(time.perf_counter() - began, 1)
+    return out
+
+
+def path_attribution(model: Any, n_pairs: int) -> dict[str, Any]:
+    """Edge attribution (``path_patch(method="attribution")``) against exact path patching:
+    every head as a sender, to the final residual and to the q/k/v inputs of the three heads that
+    DLA finds moving the answer most (layer 23), on capitals pairs from the country on."""
+    clean, corrupt, answers, wrongs, subject = _pairs(model, n_pairs)
+    metric = mp.logit_diff(answers, wrongs)
+    heads = [  # 3 query heads share a k/v head: heads 4 and 5 read the same k and v
+        mp.Site(kind, 23, head=h if kind == "q" else h // 3)
+        for h in (1, 4, 5)
+        for kind in ("q", "k", "v")
+    ]
+    receivers: list[Any] = ["final", *dict.fromkeys(heads)]
+    args = (model, clean, corrupt, "head", receivers, metric)
+    common: dict[str, Any] = {"positions": list(range(subject, 0)), "n_random": 0}
+    timed = {}
+    for method in ("exact", "attribution"):
+        start = time.perf_counter()
+        timed[method] = mp.path_patch(*args, method=method, progress=False, **common)
+        timed[f"{method}_s"] = round(time.perf_counter() - start, 1)
+    exact, approx = timed["exact"], timed["attribution"]
+    rows = {}
+    for r, name in enumerate(exact.receivers):
+        e, a = exact.effect[:, r], approx.effect[:, r]
+        ok = np.isfinite(e)
+        top = np.argsort(-np.abs(np.where(ok, e, 0)))[:10]
+        rows[name] = {
+            "paths": int(ok.sum()),
+            "pearson": round(float(np.corrcoef(e[ok], a[ok])[0, 1]), 3),
+            "sign_agreement_top10": float(np.mean(np.sign(e[top]) == np.sign(a[top]))),
+            "exact_abs_max": round(float(np.abs(e[ok]).max()), 3),
+            "top3_exact": [exact.senders[k] for k in top[:3]],
+            "top3_attribution": [
+                exact.senders[k] for k in np.argsort(-np.abs(np.where(ok, a, 0)))[:3]
+            ],
+        }
+        print(name, rows[name], flush=True)
+    out = {
+        "pairs": list(zip(clean, corrupt, strict=True)),
+        "positions": common["positions"],
+        "senders": len(exact.senders),
+        "receivers": rows,
+        "exact_s": timed["exact_s"],
+        "attribution_s": timed["attribution_s"],
+    }
+    print({k: out[k] for k in ("exact_s", "attribution_s")}, flush=True)
     return out
 
 
@@ -443,13 +493,15 @@ def alignment_search(model: Any, n_pairs: int, layers: tuple[int, ...]) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--part", choices=("attribution", "trace", "fv", "generate", "dla", "das"), action="append"
+        "--part",
+        choices=("attribution", "trace", "fv", "generate", "dla", "das", "path"),
+        action="append",
     )
     parser.add_argument("--pairs", type=int, default=3, help="prompt pairs (attribution)")
     parser.add_argument("--items", type=int, default=3, help="capitals items (trace)")
     parser.add_argument("--prompts", type=int, default=8, help="fit prompts per task (fv)")
     args = parser.parse_args()
-    parts = args.part or ["fv", "generate", "trace", "attribution", "dla", "das"]
+    parts = args.part or ["fv", "generate", "trace", "attribution", "dla", "das", "path"]
     FIGURES.mkdir(parents=True, exist_ok=True)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     model = mp.load_model()
@@ -470,6 +522,9 @@ def main() -> None:
         OUT.write_text(json.dumps(results, indent=1) + "\n")
     if "das" in parts:
         results["das"] = alignment_search(model, 200, (2, 6, 10, 14, 18, 22, 26))
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
+    if "path" in parts:
+        results["path_attribution"] = path_attribution(model, args.pairs)
         OUT.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {OUT}")
 

@@ -150,7 +150,8 @@ def _metric_tensor(logits: torch.Tensor) -> torch.Tensor:
     return logits[0, -1, ANS] - logits[0, -1, WRONG]
 
 
-def test_the_model_keeps_no_state(tiny):
+@pytest.mark.parametrize("method", ["exact", "attribution"])
+def test_the_model_keeps_no_state(tiny, method):
     before = hook_count(tiny)
     flag = bool(getattr(tiny.cfg, "use_split_qkv_input", False))
     with torch.no_grad():
@@ -160,7 +161,12 @@ def test_the_model_keeps_no_state(tiny):
         raise RuntimeError("metric failed")
 
     with pytest.raises(RuntimeError, match="metric failed"):
-        mp.path_patch(tiny, CLEAN, CORRUPT, "mlp_out", "q", bad)
+        mp.path_patch(tiny, CLEAN, CORRUPT, "mlp_out", "q", bad, method=method)
+    if method == "attribution":
+        with pytest.raises(ValueError, match="without a gradient"):
+            mp.path_patch(
+                tiny, CLEAN, CORRUPT, "mlp_out", "q", lambda lg: lg[:, 5].detach(), method=method
+            )
     assert bool(getattr(tiny.cfg, "use_split_qkv_input", False)) == flag
     assert hook_count(tiny) == before
     with torch.no_grad():
@@ -186,9 +192,89 @@ def test_result_protocol(tiny, tmp_path):
         ({"receivers": "mlp_out"}, "not accepted here"),
         ({"receivers": []}, "empty"),
         ({"direction": "sideways"}, "denoising"),
+        ({"method": "guess"}, "'exact' or 'attribution'"),
+        ({"method": "attribution", "direction": "noising"}, "estimates denoising"),
     ],
 )
 def test_bad_input_fails_before_running(tiny, kwargs, message):
     args = {"senders": "head", "receivers": "final"} | kwargs
     with pytest.raises(ValueError, match=message):
         mp.path_patch(tiny, CLEAN, CORRUPT, metric=METRIC, **args)
+
+
+@pytest.mark.parametrize(
+    "receiver",
+    [None, mp.Site("q", 2, head=1), mp.Site("k", 2, head=0), mp.Site("v", 1, head=1)],
+    ids=["final", "q", "k", "v"],
+)
+def test_attribution_is_the_paths_first_order_term_written_out_with_hooks(tiny, receiver):
+    """``corrupt + d/d eps metric(corrupt, receiver input + eps * delta)`` at eps = 0, where
+    delta is the sender's clean-minus-corrupt write read from each run's cache, and the
+    derivative is autograd's through plain TransformerLens hooks."""
+    sender = mp.Site("head", 0, head=2)
+    target = "final" if receiver is None else receiver
+    res = mp.path_patch(
+        tiny, CLEAN, CORRUPT, sender, target, METRIC, method="attribution", n_random=0,
+        progress=False,
+    )  # fmt: skip
+    clean, corrupt = tiny.to_tokens(CLEAN), tiny.to_tokens(CORRUPT)
+    with torch.no_grad():
+        _, c_cache = tiny.run_with_cache(clean)
+        _, x_cache = tiny.run_with_cache(corrupt)
+    z = "blocks.0.attn.hook_z"
+    delta = (c_cache[z][0, :, 2] - x_cache[z][0, :, 2]) @ tiny.blocks[0].attn.W_O[2].detach()
+    eps = torch.zeros((), requires_grad=True)
+    if receiver is None:
+        name = f"blocks.{tiny.cfg.n_layers - 1}.hook_resid_post"
+
+        def add(act, hook):
+            return act + eps * delta  # the metric reads the last position only
+
+    else:
+        name = f"blocks.{receiver.layer}.hook_{receiver.kind}_input"
+
+        def add(act, hook):
+            act = act.clone()
+            act[:, :, receiver.head] = act[:, :, receiver.head] + eps * delta
+            return act
+
+    flag = bool(getattr(tiny.cfg, "use_split_qkv_input", False))
+    tiny.set_use_split_qkv_input(True)
+    try:
+        with torch.enable_grad():
+            logits = tiny.run_with_hooks(corrupt, fwd_hooks=[(name, add)])
+            value = _metric_tensor(logits)
+            (slope,) = torch.autograd.grad(value, eps)
+        value = value.detach()
+    finally:
+        tiny.set_use_split_qkv_input(flag)
+    assert res.direction == "attribution"
+    assert res.corrupt[0] == pytest.approx(float(value), abs=1e-5)
+    assert res.values[0, 0] == pytest.approx(float(value) + float(slope), abs=1e-4)
+    assert res.effect[0, 0] == pytest.approx(float(slope), abs=1e-4)
+
+
+def test_attribution_estimates_every_path_of_the_exact_run(tiny):
+    """Every path the exact run patches gets an estimate (NaN exactly where it has none), the
+    random controls are the same changes' estimates, and on this tiny model the estimates follow
+    the exact effects closely (a sanity bound, not a property of the method)."""
+    args = (tiny, [CLEAN, "Hi yo sat"], [CORRUPT, "Yo yo sat"], "head", ["final", "q", "k", "v"])
+    exact = mp.path_patch(*args, METRIC, progress=False)
+    est = mp.path_patch(*args, METRIC, method="attribution", progress=False)
+    assert np.array_equal(np.isnan(exact.values), np.isnan(est.values))
+    assert est.random.shape == exact.random.shape
+    assert np.array_equal(np.isnan(exact.random), np.isnan(est.random))
+    finite = np.isfinite(exact.values)
+    assert np.corrcoef(exact.effect[finite], est.effect[finite])[0, 1] > 0.9
+    np.testing.assert_allclose(est.corrupt, exact.corrupt, atol=1e-5)
+    parts = [
+        mp.path_patch(tiny, c, k, "head", ["final", "q"], METRIC, method="attribution")
+        for c, k in [(CLEAN, CORRUPT), ("Hi yo sat", "Yo yo sat")]
+    ]
+    joined = mp.PathPatchResult.concat(parts)
+    whole = mp.path_patch(
+        tiny, [CLEAN, "Hi yo sat"], [CORRUPT, "Yo yo sat"], "head", ["final", "q"], METRIC,
+        method="attribution",
+    )  # fmt: skip
+    np.testing.assert_allclose(joined.per_pair, whole.per_pair, atol=1e-6)
+    np.testing.assert_allclose(joined.random, whole.random, atol=1e-6)

@@ -22,7 +22,7 @@ and position, shared by its receivers).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
 
@@ -33,15 +33,19 @@ from torch import Tensor
 
 from mechprobe.core import (
     Capture,
+    Gradient,
     Intervention,
     Layers,
     PositionSpec,
     Result,
     Site,
     SiteLike,
+    differentiate,
     expand_sites,
+    gradients_enabled,
     intervene,
     new_axes,
+    progress_bar,
     progress_enabled,
     readout,
 )
@@ -72,6 +76,7 @@ __all__ = ["PathPatchResult", "path_patch"]
 SENDER_KINDS = ("head", "head_out", "mlp_out", "attn_out")
 RECEIVER_KINDS = ("q", "k", "v")
 Direction: TypeAlias = Literal["denoising", "noising"]
+Method: TypeAlias = Literal["exact", "attribution"]
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -93,7 +98,8 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
         receivers: Receiver labels (``"q@5, head 2"`` or ``"final"``); ``receiver_layers``
             (``n_layers`` for the final residual) and ``receiver_heads`` per receiver.
         positions: The positions whose sender change was passed on (negative from the end).
-        metric, direction, seed: As for :class:`mechprobe.PatchResult`.
+        metric, direction, seed: As for :class:`mechprobe.PatchResult`; ``direction`` is
+            ``"attribution"`` for first-order estimates of denoising (``method="attribution"``).
 
     Example:
         >>> import mechprobe as mp
@@ -153,16 +159,20 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
     @property
     def effect(self) -> np.ndarray:
         """``[senders, receivers]`` change of the metric from the run that was edited."""
-        reference = self.corrupt_metric if self.direction == "denoising" else self.clean_metric
-        return self.values - reference
+        return self.values - self._reference()
 
     @property
     def random_effect(self) -> np.ndarray:
         """``[senders, receivers]`` the same change under the random controls (NaN without)."""
         if self.random.shape[0] == 0:
             return np.full_like(self.values, np.nan)
-        reference = self.corrupt_metric if self.direction == "denoising" else self.clean_metric
-        return self.random.mean(axis=(0, 1)) - reference
+        return self.random.mean(axis=(0, 1)) - self._reference()
+
+    def _reference(self) -> float:
+        """The metric of the run that was edited: corrupt (denoising, its attribution
+        estimate), else clean."""
+        edited_corrupt = self.direction in ("denoising", "attribution")
+        return self.corrupt_metric if edited_corrupt else self.clean_metric
 
     def to_frame(self) -> pd.DataFrame:
         """One row per (sender, receiver): labels, layers, heads, value, normalised, effect,
@@ -386,13 +396,16 @@ def path_patch(
     positions: PositionSpec = "all",
     layers: Layers = "all",
     direction: Direction = "denoising",
+    method: Method = "exact",
     n_random: int = 3,
     seed: int = 0,
     cells_per_batch: int = 256,
     packed: bool | None = None,
     progress: bool = True,
 ) -> PathPatchResult:
-    """Patch every sender -> receiver path through the direct path only, many per forward pass.
+    """Patch every sender -> receiver path through the direct path only, many per forward pass,
+    or estimate every path at once from gradients (``method="attribution"``: edge attribution
+    patching, Syed et al. 2023).
 
     Args:
         model: A TransformerLens model (q/k/v receivers need TransformerLens's split q/k/v inputs,
@@ -412,6 +425,13 @@ def path_patch(
         layers: The layers a kind in ``senders`` or ``receivers`` covers.
         direction: ``"denoising"`` (run corrupt, pass on the clean sender's change) or
             ``"noising"``.
+        method: ``"exact"`` (patch each path), or ``"attribution"``: the first-order estimate
+            of denoising, ``corrupt + sum_pos delta . d metric / d receiver input`` with the
+            gradient at each receiver's own input on the corrupt run (the q/k/v inputs split per
+            head, or the final residual), every path of a pair from one forward and backward
+            pass. Like :func:`attribution_patch`, it is poor where the metric is far from linear
+            between the runs: compare it with exact paths on a few cells. ``cells_per_batch``
+            and ``packed`` apply to ``"exact"`` only.
         n_random: Random controls per path: the receiver's input moved by the sender's change's
             norm in random directions (control ``j`` of a pair drawn from ``seed + j`` and the
             pair's tokens, so the same whatever pairs run beside it).
@@ -421,7 +441,8 @@ def path_patch(
         progress: Show a progress bar.
 
     Returns:
-        A :class:`PathPatchResult`; paths whose receiver is not after the sender are NaN.
+        A :class:`PathPatchResult` (``direction="attribution"`` for estimates); paths whose
+        receiver is not after the sender are NaN.
 
     Example:
         >>> import mechprobe as mp
@@ -432,6 +453,13 @@ def path_patch(
     """
     if direction not in get_args(Direction):
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
+    if method not in get_args(Method):
+        raise ValueError(f"method must be 'exact' or 'attribution', got {method!r}.")
+    if method == "attribution" and direction != "denoising":
+        raise ValueError(
+            "method='attribution' estimates denoising (gradients on the corrupt run, as "
+            "attribution_patch): drop direction='noising', or use method='exact'."
+        )
     seed = _check_common(cells_per_batch, n_random, seed)
     progress_enabled(progress)  # "yes" or 1 is refused here, as everywhere, not read as truthy
     clean_ids, corrupt_ids = token_pairs(model, clean, corrupt)
@@ -484,7 +512,12 @@ def path_patch(
         first = (i * n_s + s) * n_pos
         return torch.stack(units[j][first : first + n_pos]) * delta.norm(dim=-1, keepdim=True)
 
-    if None in receiver_list:  # the final residual: no forward pass, the readout of resid + delta
+    if method == "attribution":
+        _estimate_paths(
+            model, base, resolved, sender_list, receiver_list, metric_fn, metric_name, final,
+            change, base_m, per_pair, random, progress,
+        )  # fmt: skip
+    elif None in receiver_list:  # the final residual: no pass, the readout of resid + delta
         r = receiver_list.index(None)
         rows, keys = [], []
         for j in range(-1, n_random):
@@ -501,7 +534,7 @@ def path_patch(
             (per_pair if j < 0 else random[j])[i, s, r] = value
 
     heads = [(r, site) for r, site in enumerate(receiver_list) if site is not None]
-    if heads:
+    if heads and method == "exact":
         plan = Plan(bases=[Base(t, i) for i, t in enumerate(base)])
         for j in range(-1, n_random):
             for i in range(n_pairs):
@@ -551,6 +584,76 @@ def path_patch(
         receiver_heads=tuple(None if s is None else s.head for s in receiver_list),
         positions=tuple(wanted),
         metric=metric_name,
-        direction=direction,
+        direction="attribution" if method == "attribution" else direction,
         seed=seed,
     )
+
+
+def _estimate_paths(
+    model: Any,
+    base: list[Tensor],
+    resolved: list[list[tuple[int, int]]],
+    senders: list[Site],
+    receivers: list[Site | None],
+    metric_fn: MetricFn,
+    metric_name: str,
+    final: str,
+    change: Callable[[int, int, int], Tensor],
+    base_m: np.ndarray,
+    per_pair: np.ndarray,
+    random: np.ndarray,
+    progress: bool,
+) -> None:
+    """Fill ``per_pair`` and ``random`` with first-order estimates: per pair, one forward and
+    backward pass of the run being edited gives the metric's gradient at every receiver's input;
+    a path's estimate is ``base + sum_pos change . gradient`` at the positions its change
+    reaches (the same changes, random ones included, that exact path patching adds)."""
+    n_random = random.shape[0]
+    # A receiver reads the stream before its own layer: senders at or after it have no path.
+    no_path = torch.tensor(
+        [[r is not None and r.layer <= s.layer for r in receivers] for s in senders]
+    )
+    for i in progress_bar(range(len(base)), progress=progress, desc="path attribution"):
+        grads = _receiver_gradients(model, base[i], receivers, metric_fn, metric_name, final, i)
+        dst = torch.as_tensor([pb for _, pb in resolved[i]])
+        g = grads[:, dst]  # [receivers, positions, d_model]
+        for j in range(-1, n_random):
+            changes = torch.stack([change(j, i, s) for s in range(len(senders))]).double()
+            est = torch.einsum("spd,rpd->sr", changes, g).masked_fill(no_path, float("nan"))
+            (per_pair[i] if j < 0 else random[j, i])[:] = base_m[i] + est.numpy()
+
+
+def _receiver_gradients(
+    model: Any,
+    ids: Tensor,
+    receivers: list[Site | None],
+    metric_fn: MetricFn,
+    metric_name: str,
+    final: str,
+    pair: int,
+) -> Tensor:
+    """``[receivers, seq, d_model]`` float64 on the CPU: the gradient of the metric of one run
+    with respect to each receiver's input (a head's split q/k/v input, or the final residual)."""
+    hooks = {
+        final if r is None else f"blocks.{r.layer}.hook_{r.kind}_input": Gradient()
+        for r in receivers
+    }
+    with split_qkv(model), gradients_enabled():
+        # inference_mode tensors cannot be saved for backward: the ids are cloned inside.
+        with intervene(model, hooks):  # type: ignore[arg-type]
+            logits = model(ids[None].to(model.W_E.device).clone())
+            out = metric_fn(logits[:, -1], torch.tensor([pair])).sum()
+        if not out.requires_grad:
+            raise ValueError(
+                f"The metric {metric_name!r} gave a value without a gradient: method="
+                "'attribution' differentiates it, so compute it from the logits with torch "
+                "operations (no .item(), numpy or argmax)."
+            )
+        differentiate(out, list(hooks.values()))
+    rows = []
+    for r in receivers:
+        name = final if r is None else f"blocks.{r.layer}.hook_{r.kind}_input"
+        grad = hooks[name].grad
+        assert grad is not None
+        rows.append(grad[0] if r is None else grad[0, :, r.head])
+    return torch.stack(rows).double().cpu()
