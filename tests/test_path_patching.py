@@ -258,7 +258,8 @@ def test_attribution_estimates_every_path_of_the_exact_run(tiny):
     """Every path the exact run patches gets an estimate (NaN exactly where it has none), the
     random controls are the same changes' estimates, and on this tiny model the estimates follow
     the exact effects closely (a sanity bound, not a property of the method)."""
-    args = (tiny, [CLEAN, "Hi yo sat"], [CORRUPT, "Yo yo sat"], "head", ["final", "q", "k", "v"])
+    senders = ["head", "mlp_out", "attn_out"]
+    args = (tiny, [CLEAN, "Hi yo sat"], [CORRUPT, "Yo yo sat"], senders, ["final", "q", "k", "v"])
     exact = mp.path_patch(*args, METRIC, progress=False)
     est = mp.path_patch(*args, METRIC, method="attribution", progress=False)
     assert np.array_equal(np.isnan(exact.values), np.isnan(est.values))
