@@ -265,6 +265,10 @@ def test_attribution_estimates_every_path_of_the_exact_run(tiny):
     assert np.array_equal(np.isnan(exact.values), np.isnan(est.values))
     assert est.random.shape == exact.random.shape
     assert np.array_equal(np.isnan(exact.random), np.isnan(est.random))
+    # The random controls estimate the exact ones too: their changes from each pair's corrupt run.
+    moved = [r.random - r.corrupt[None, :, None, None] for r in (exact, est)]
+    shown = np.isfinite(moved[0])
+    assert np.corrcoef(moved[0][shown], moved[1][shown])[0, 1] > 0.9
     finite = np.isfinite(exact.values)
     assert np.corrcoef(exact.effect[finite], est.effect[finite])[0, 1] > 0.9
     np.testing.assert_allclose(est.corrupt, exact.corrupt, atol=1e-5)
