@@ -27,7 +27,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -49,13 +49,25 @@ from mechprobe.core import (
     tokenize,
 )
 from mechprobe.patching._metrics import PatchMetric, _answer_ids, logit_diff
-from mechprobe.tasks import Task
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 __all__ = ["LogitAttributionResult", "direct_logit_attribution"]
+
+
+@runtime_checkable
+class TaskLike(Protocol):
+    """What direct logit attribution reads from a :class:`mechprobe.Task` (patching does not
+    import the tasks package: any object with these methods will do)."""
+
+    @property
+    def name(self) -> str: ...
+    def prompts(self) -> list[str]: ...
+    def inputs(self) -> list[str]: ...
+    def answers(self) -> list[str]: ...
+    def arguments(self) -> list[str]: ...
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -236,7 +248,7 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
 
 def direct_logit_attribution(
     model: Any,
-    prompts: str | Sequence[str] | Batch | Task,
+    prompts: str | Sequence[str] | Batch | TaskLike,
     metric: PatchMetric | None = None,
     *,
     heads: bool = False,
@@ -287,7 +299,7 @@ def direct_logit_attribution(
         >>> bool(abs(res.attributions.sum(1) - res.logit_diff).max() < 1e-3)
         True
     """
-    if isinstance(prompts, Task):
+    if isinstance(prompts, TaskLike):
         prompts, metric = _task_prompts(model, prompts, metric)
     if metric is None:
         raise TypeError(
@@ -359,7 +371,7 @@ def direct_logit_attribution(
 
 
 def _task_prompts(
-    model: Any, task: Task, metric: PatchMetric | None
+    model: Any, task: TaskLike, metric: PatchMetric | None
 ) -> tuple[list[str], PatchMetric]:
     """A task's prompts with ``metric``, or (None) with its answers against its arguments, the
     items whose two first tokens coincide left out (their difference is 0 by construction)."""
@@ -377,7 +389,8 @@ def _task_prompts(
         )
     if len(kept) < len(prompts):
         dropped = sorted(set(range(len(prompts))) - set(kept))
-        shown = ", ".join(f"{task.items[i].input!r}" for i in dropped[:5])
+        inputs = task.inputs()
+        shown = ", ".join(f"{inputs[i]!r}" for i in dropped[:5])
         warnings.warn(
             f"Task {task.name!r}: {len(dropped)} of {len(prompts)} items left out, as their answer "
             f"and argument start with the same token ({shown}{' ...' if len(dropped) > 5 else ''}).",
