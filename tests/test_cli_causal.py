@@ -191,3 +191,20 @@ def test_cli_dla_fails_before_loading(tmp_path, capsys, monkeypatch, args, messa
     assert cli_main(["dla", *args, "--model", "tiny", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "mechprobe dla: error" in err and message in err
+
+
+@pytest.mark.parametrize("method", ["exact", "attribution"])
+def test_cli_patch_with_receivers_writes_the_path_patching_result(tmp_path, method):
+    out = tmp_path / method
+    args = [*PATCH, "--wrong", "2", "--sites", "head,mlp_out", "--receivers", "final,q"]
+    opts = ["--positions", "all", "--n-random", "1", "--method", method, "--model", "tiny"]
+    assert cli_main([*args, *opts, "--quiet", "--out", str(out)]) == 0
+    saved = mp.core.load_result(out / "result.json")
+    direct = mp.path_patch(
+        mp.tiny_model(), "A cat sat", "A bat sat", ["head", "mlp_out"], ["final", "q"],
+        mp.logit_diff("1", "2"), method=method, n_random=1, progress=False,
+    )  # fmt: skip
+    assert isinstance(saved, mp.PathPatchResult) and saved.direction == direct.direction
+    assert saved.receivers == direct.receivers
+    np.testing.assert_allclose(saved.per_pair, direct.per_pair, atol=1e-6)
+    np.testing.assert_allclose(saved.random, direct.random, atol=1e-6)

@@ -1,11 +1,12 @@
-"""``mechprobe patch``: activation patching of sites or heads x positions, exact (batched) or by
-attribution, each cell beside random-direction controls; writes result.json, patch.png and
-report.md into ``--out``.
+"""``mechprobe patch``: activation patching of sites or heads x positions, or path patching of
+senders to receivers (``--receivers``), exact (batched) or by attribution, each cell beside
+random-direction controls; writes result.json, patch.png and report.md into ``--out``.
 
 Example::
 
     mechprobe patch --clean "The capital of France is" --corrupt "The capital of Poland is" \\
         --answer " Paris" --wrong " Warsaw" --sites head --positions last --out runs/heads
+    mechprobe patch ... --sites head --receivers final,q --method attribution --out runs/paths
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ Sites: resid_pre, resid_mid, mlp_in (what the MLP alone reads: a patch there rea
 MLP), resid_post, attn_out, mlp_out (every layer) and the head kinds head
 (z), q, k, v, pattern, head_out (every layer x head; k and v name key/value heads). Backslash
 escapes \\n and \\t in prompts and answers are interpreted (--raw keeps them).
+
+Path patching: with --receivers (final, q, k, v), --sites are the senders (head, mlp_out,
+attn_out) and each sender -> receiver path is patched through the direct path only (everything
+else frozen); --method attribution estimates every path from one forward and backward pass per
+pair (edge attribution patching).
 """
 
 
@@ -73,6 +79,10 @@ def add_parser(sub: Any) -> None:
         default=-1,
         help="'all', 'last' (default) or ints; write lists that start with a minus as "
         "--positions=-3,-1",
+    )
+    parser.add_argument(
+        "--receivers",
+        help="path patching: comma-separated receivers (final, q, k, v); --sites are the senders",
     )
     parser.add_argument("--method", choices=("exact", "attribution"), default="exact")
     parser.add_argument("--direction", choices=("denoising", "noising"), default="denoising")
@@ -139,7 +149,21 @@ def main(args: argparse.Namespace) -> int:
         }
         if args.cells_per_batch is not None:  # --method exact only (checked above)
             common["cells_per_batch"] = args.cells_per_batch
-        if args.method == "attribution":
+        if args.receivers is not None:
+            receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
+            result = mp.path_patch(
+                model,
+                clean,
+                corrupt,
+                sites,
+                receivers,
+                metric,
+                positions=args.positions,
+                direction=args.direction,
+                method=args.method,
+                **common,
+            )
+        elif args.method == "attribution":
             result = mp.attribution_patch(
                 model, clean, corrupt, sites, args.positions, metric, **common
             )
