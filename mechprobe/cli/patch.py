@@ -149,6 +149,7 @@ def main(args: argparse.Namespace) -> int:
         }
         if args.cells_per_batch is not None:  # --method exact only (checked above)
             common["cells_per_batch"] = args.cells_per_batch
+        result: mp.PatchResult | mp.PathPatchResult
         if args.receivers is not None:
             receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
             result = mp.path_patch(

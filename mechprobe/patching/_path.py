@@ -40,6 +40,7 @@ from mechprobe.core import (
     Result,
     Site,
     SiteLike,
+    check_int,
     differentiate,
     expand_sites,
     gradients_enabled,
@@ -202,11 +203,20 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
             }
         )
 
-    def summary(self) -> pd.DataFrame:
-        """The five paths with the largest effects, beside their random controls."""
+    def summary(self, top: int = 5) -> pd.DataFrame:
+        """The ``top`` paths with the largest effects, beside their random controls.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.path_patch(mp.tiny_model(), "ab", "ac", "head", ["final", "q"],
+            ...                     mp.logit_diff(1, 2), method="attribution", progress=False)
+            >>> len(res.summary(top=20))
+            20
+        """
+        check_int(top, "top", 0)
         frame = self.to_frame().dropna(subset=["value"])
-        top = frame.reindex(frame["effect"].abs().sort_values(ascending=False).index).head(5)
-        return top[
+        largest = frame.reindex(frame["effect"].abs().sort_values(ascending=False).index)
+        return largest.head(top)[
             ["sender", "receiver", "value", "effect", "spread", "random_effect"]
         ].reset_index(drop=True)
 

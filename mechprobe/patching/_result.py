@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from mechprobe.core import HEAD_KINDS, Result, new_axes
+from mechprobe.core import HEAD_KINDS, Result, check_int, new_axes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -286,9 +286,9 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             }
         )
 
-    def summary(self) -> pd.DataFrame:
-        """The baselines and the cells that matter most (the five largest effects), each beside
-        its spread over pairs and its random control.
+    def summary(self, top: int = 5) -> pd.DataFrame:
+        """The baselines and the cells that matter most (the ``top`` largest effects), each
+        beside its spread over pairs and its random control.
 
         Example:
             >>> import mechprobe as mp
@@ -297,7 +297,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             ['what', 'site', 'position', 'token', 'value', 'normalised', 'spread', 'random']
         """
         frame = self.to_frame()
-        top = frame.reindex(frame["effect"].abs().sort_values(ascending=False).index).head(5)
+        check_int(top, "top", 0)
+        largest = frame.reindex(frame["effect"].abs().sort_values(ascending=False).index)
         if self.is_ablation:
             rows = [{"what": "intact run", "value": self.clean_metric}]
         else:
@@ -311,7 +312,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             ]  # fmt: skip
         what = "ablated cell" if self.is_ablation else "patched cell"
         keys = ("site", "position", "token", "value", "normalised", "spread", "random")
-        rows += [{"what": what, **{k: r[k] for k in keys}} for r in top.to_dict("records")]
+        picked = largest.head(top).to_dict("records")
+        rows += [{"what": what, **{k: r[k] for k in keys}} for r in picked]
         columns = ["what", "site", "position", "token", "value", "normalised", "spread", "random"]
         return pd.DataFrame(rows).reindex(columns=columns)
 
