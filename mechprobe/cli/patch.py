@@ -37,7 +37,7 @@ MLP), resid_post, attn_out, mlp_out (every layer) and the head kinds head
 (z), q, k, v, pattern, head_out (every layer x head; k and v name key/value heads). Backslash
 escapes \\n and \\t in prompts and answers are interpreted (--raw keeps them).
 
-Path patching: with --receivers (final, q, k, v), --sites are the senders (head, mlp_out,
+Path patching: with --receivers (final, q, k, v, mlp_in), --sites are the senders (head, mlp_out,
 attn_out) and each sender -> receiver path is patched through the direct path only (everything
 else frozen); --method attribution estimates every path from one forward and backward pass per
 pair (edge attribution patching).
@@ -82,7 +82,7 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument(
         "--receivers",
-        help="path patching: comma-separated receivers (final, q, k, v); --sites are the senders",
+        help="path patching: comma-separated receivers (final, q, k, v, mlp_in); --sites are senders",
     )
     parser.add_argument("--method", choices=("exact", "attribution"), default="exact")
     parser.add_argument("--direction", choices=("denoising", "noising"), default="denoising")

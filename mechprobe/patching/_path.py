@@ -3,7 +3,7 @@ frozen (Wang et al. 2022, "Interpretability in the wild"; Goldowsky-Dill et al. 
 model behavior with path patching"): :func:`path_patch` -> :class:`PathPatchResult`.
 
 A *sender* is an attention head or a layer's MLP (or its whole attention layer); a *receiver* is
-one head's query, key or value input, or the final residual stream (the logits). With the other
+one head's query, key or value input, an MLP's input, or the final residual stream (the logits). With the other
 components frozen at their values in the run being edited, the receiver's input differs from that
 run only by the sender's change of output, ``delta = out_sender(source) - out_sender(run)``, so
 path patching adds ``delta`` to the receiver's own copy of the residual stream (before its layer
@@ -61,6 +61,7 @@ from mechprobe.patching._engine import (
     Base,
     Cell,
     Edit,
+    Layout,
     Plan,
     pair_unit_vectors,
     run_plan,
@@ -75,7 +76,7 @@ if TYPE_CHECKING:
 __all__ = ["PathPatchResult", "path_patch"]
 
 SENDER_KINDS = ("head", "head_out", "mlp_out", "attn_out")
-RECEIVER_KINDS = ("q", "k", "v")
+RECEIVER_KINDS = ("q", "k", "v", "mlp_in")
 Direction: TypeAlias = Literal["denoising", "noising"]
 Method: TypeAlias = Literal["exact", "attribution"]
 
@@ -311,7 +312,9 @@ def _receivers(model: Any, receivers: Any, layers: Layers) -> list[Site | None]:
     if rest:
         out += expand_sites(model, rest, layers=layers, kinds=RECEIVER_KINDS, what="receivers")
     if not out:
-        raise ValueError("receivers is empty: pass 'final', 'q', 'k', 'v' or Sites of them.")
+        raise ValueError(
+            "receivers is empty: pass 'final', 'q', 'k', 'v', 'mlp_in' or Sites of them."
+        )
     return out
 
 
@@ -427,7 +430,8 @@ def path_patch(
             list.
         receivers: ``"final"`` (the final residual stream: the sender's direct effect on the
             logits), ``"q"``, ``"k"``, ``"v"`` (every head's input of that kind; key/value heads
-            for k and v), Sites of those kinds, or a list.
+            for k and v), ``"mlp_in"`` (every MLP's input, which the MLP alone reads: heads of
+            its own layer reach it, its own output does not), Sites of those kinds, or a list.
         metric: As for :func:`mechprobe.patch`.
         positions: Positions whose sender change reaches the receiver: ``"all"`` (the default;
             clean and corrupt prompts of one length), or ints (negative from each prompt's end).
@@ -551,12 +555,13 @@ def path_patch(
                 for s, sender in enumerate(sender_list):
                     delta = change(j, i, s)
                     for r, site in heads:
-                        if site.layer <= sender.layer:
+                        if not _has_path(sender, site):
                             continue  # the receiver reads the stream before the sender writes
-                        assert site.head is not None
-                        hook = f"blocks.{site.layer}.hook_{site.kind}_input"
+                        hook = _receiver_hook(site, final)
+                        layout: Layout = "vector" if site.head is None else "head"
+                        head = -1 if site.head is None else site.head
                         edits = tuple(
-                            Edit(hook, "head", pb, ADD, head=site.head, payload=delta[k])
+                            Edit(hook, layout, pb, ADD, head=head, payload=delta[k])
                             for k, (_, pb) in enumerate(resolved[i])
                             if firsts[i][k]
                         )
@@ -569,7 +574,7 @@ def path_patch(
             cells_per_batch=cells_per_batch,
             progress=progress,
             desc="path patch",
-            hooks=lambda: split_qkv(model),
+            hooks=lambda: _split_for(model, receiver_list),
         )
         for cell, value in zip(plan.cells, got.cells.tolist(), strict=True):
             j, i, s, r = cell.key
@@ -620,9 +625,7 @@ def _estimate_paths(
     reaches (the same changes, random ones included, that exact path patching adds)."""
     n_random = random.shape[0]
     # A receiver reads the stream before its own layer: senders at or after it have no path.
-    no_path = torch.tensor(
-        [[r is not None and r.layer <= s.layer for r in receivers] for s in senders]
-    )
+    no_path = torch.tensor([[not _has_path(s, r) for r in receivers] for s in senders])
     for i in progress_bar(range(len(base)), progress=progress, desc="path attribution"):
         grads = _receiver_gradients(model, base[i], receivers, metric_fn, metric_name, final, i)
         dst = torch.as_tensor([pb for _, pb in resolved[i]])
@@ -644,11 +647,8 @@ def _receiver_gradients(
 ) -> Tensor:
     """``[receivers, seq, d_model]`` float64 on the CPU: the gradient of the metric of one run
     with respect to each receiver's input (a head's split q/k/v input, or the final residual)."""
-    hooks = {
-        final if r is None else f"blocks.{r.layer}.hook_{r.kind}_input": Gradient()
-        for r in receivers
-    }
-    with split_qkv(model), gradients_enabled():
+    hooks = {_receiver_hook(r, final): Gradient() for r in receivers}
+    with _split_for(model, receivers), gradients_enabled():
         # inference_mode tensors cannot be saved for backward: the ids are cloned inside.
         with intervene(model, hooks):  # type: ignore[arg-type]
             logits = model(ids[None].to(model.W_E.device).clone())
@@ -662,8 +662,34 @@ def _receiver_gradients(
         differentiate(out, list(hooks.values()))
     rows = []
     for r in receivers:
-        name = final if r is None else f"blocks.{r.layer}.hook_{r.kind}_input"
-        grad = hooks[name].grad
+        grad = hooks[_receiver_hook(r, final)].grad
         assert grad is not None
-        rows.append(grad[0] if r is None else grad[0, :, r.head])
+        rows.append(grad[0] if r is None or r.head is None else grad[0, :, r.head])
     return torch.stack(rows).double().cpu()
+
+
+def _receiver_hook(receiver: Site | None, final: str) -> str:
+    """The hook holding a receiver's own input: the final residual, an MLP's input, or a head's
+    split q/k/v input (``[batch, pos, heads, d_model]``)."""
+    if receiver is None:
+        return final
+    if receiver.kind == "mlp_in":
+        return f"blocks.{receiver.layer}.hook_mlp_in"
+    return f"blocks.{receiver.layer}.hook_{receiver.kind}_input"
+
+
+def _has_path(sender: Site, receiver: Site | None) -> bool:
+    """Whether the receiver reads the stream after the sender writes it: a head's q/k/v input
+    reads it before its layer's attention, an MLP's input after it (not its own output)."""
+    if receiver is None:
+        return True
+    if receiver.kind == "mlp_in" and receiver.layer == sender.layer:
+        return sender.kind != "mlp_out"
+    return receiver.layer > sender.layer
+
+
+def _split_for(model: Any, receivers: Sequence[Site | None]) -> Any:
+    """:func:`split_qkv` where a receiver is a head's q/k/v input, else nothing to switch."""
+    if any(r is not None and r.kind in ("q", "k", "v") for r in receivers):
+        return split_qkv(model)
+    return contextlib.nullcontext({})
