@@ -99,6 +99,25 @@ dla.summary(top=8)
 dla.plot()
 
 # %% [markdown]
+# Which earlier heads feed those writers? Edge attribution estimates every path from each head
+# to the final residual and to the inputs of the two heads DLA ranks first, from one forward and
+# backward pass (`method="exact"` patches each path instead, a forward pass per path).
+
+# %%
+top_heads = dla.summary(top=20)
+writers = [
+    mp.Site("q", int(layer), head=int(c.split("H")[1]))
+    for c, layer in zip(top_heads["component"], top_heads["layer"], strict=True)
+    if "H" in c
+][:2]
+paths = mp.path_patch(
+    model, clean, corrupt, "head", ["final", *writers], mp.logit_diff(" Paris", " Rome"),
+    positions=[-5, -4, -3, -2, -1], method="attribution", progress=False,
+)  # fmt: skip
+edges = paths.to_frame().query("receiver != 'final'")  # the paths into the two writers
+edges.sort_values("effect", key=abs, ascending=False).head(8)
+
+# %% [markdown]
 # ## 3. The capitals task, as Merullo et al. read it
 #
 # `relational_analysis` runs the whole argument: the task's accuracy, the stages of the logit
