@@ -3,20 +3,26 @@ frozen (Wang et al. 2022, "Interpretability in the wild"; Goldowsky-Dill et al. 
 model behavior with path patching"): :func:`path_patch` -> :class:`PathPatchResult`.
 
 A *sender* is an attention head or a layer's MLP (or its whole attention layer); a *receiver* is
-one head's query, key or value input, an MLP's input, or the final residual stream (the logits). With the other
-components frozen at their values in the run being edited, the receiver's input differs from that
-run only by the sender's change of output, ``delta = out_sender(source) - out_sender(run)``, so
-path patching adds ``delta`` to the receiver's own copy of the residual stream (before its layer
-norm, through TransformerLens's split q/k/v inputs) and lets everything after the receiver
-recompute; for the final residual the logits are read out directly from ``resid + delta``. This
-is the three-step procedure of Wang et al. (run, freeze and patch the sender, patch the receiver)
-computed in one step, exactly; tests check it against that procedure written out with hooks.
+one head's query, key or value input, an MLP's input, or the final residual stream (the logits).
+With the other components frozen at their values in the run being edited, the receiver's input
+differs from that run only by the sender's change of output, ``delta = out_sender(source) -
+out_sender(run)``, so path patching adds ``delta`` to the receiver's own copy of the residual
+stream (before its layer norm: TransformerLens's split q/k/v inputs, or ``hook_mlp_in``) and lets
+everything after the receiver recompute; for the final residual the logits are read out directly
+from ``resid + delta``. This is the three-step procedure of Wang et al. (run, freeze and patch the
+sender, patch the receiver) computed in one step, exactly; tests check it against that procedure
+written out with hooks.
 
 Many (sender, receiver) cells share a forward pass through the batched engine; the receivers'
 split inputs are switched on around each pass and switched back (the model keeps no state). Every
 cell has random controls: the same receiver input moved by ``||delta||`` in random directions
 (control ``j`` of a pair drawn from ``seed + j`` and the pair's tokens, one direction per sender
 and position, shared by its receivers).
+
+``method="attribution"`` (edge attribution patching, Syed et al. 2023) estimates every path to
+first order instead, ``corrupt + sum_pos delta . d metric / d receiver input``: one forward and
+backward pass of the run being edited per pair gives the gradient at every receiver's input, and
+the same changes (controls included) are dotted with it.
 """
 
 from __future__ import annotations
@@ -442,10 +448,10 @@ def path_patch(
         method: ``"exact"`` (patch each path), or ``"attribution"``: the first-order estimate
             of denoising, ``corrupt + sum_pos delta . d metric / d receiver input`` with the
             gradient at each receiver's own input on the corrupt run (the q/k/v inputs split per
-            head, or the final residual), every path of a pair from one forward and backward
-            pass. Like :func:`attribution_patch`, it is poor where the metric is far from linear
-            between the runs: compare it with exact paths on a few cells. ``cells_per_batch``
-            and ``packed`` apply to ``"exact"`` only.
+            head, the MLPs' inputs, the final residual), every path of a pair from one forward
+            and backward pass. Like :func:`attribution_patch`, it is poor where the metric is
+            far from linear between the runs: compare it with exact paths on a few cells.
+            ``cells_per_batch`` and ``packed`` apply to ``"exact"`` only.
         n_random: Random controls per path: the receiver's input moved by the sender's change's
             norm in random directions (control ``j`` of a pair drawn from ``seed + j`` and the
             pair's tokens, so the same whatever pairs run beside it).
