@@ -165,6 +165,22 @@ def test_a_fit_is_deterministic_and_leaves_the_model_as_it_was(tiny):
     torch.testing.assert_close(tiny(tokens).detach(), before_logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    "switched_off",
+    [torch.no_grad, torch.inference_mode, lambda: torch.set_grad_enabled(False)],
+    ids=["no_grad", "inference_mode", "set_grad_enabled"],
+)
+def test_a_fit_with_gradients_switched_off_by_the_caller_is_the_same_fit(tiny, switched_off):
+    # Notebooks often switch gradients off at the top: the subspace trains all the same.
+    words = _words(8, 3)
+    kw = {"epochs": 2, "progress": False}
+    plain = mp.das(tiny, words[:4], words[4:], 5, mp.Site("resid_post", 0), **kw)
+    with switched_off():
+        inside = mp.das(tiny, words[:4], words[4:], 5, mp.Site("resid_post", 0), **kw)
+    np.testing.assert_array_equal(inside.rotation, plain.rotation)
+    np.testing.assert_array_equal(inside.loss, plain.loss)
+
+
 def test_an_exception_mid_training_leaves_no_hook(tiny, monkeypatch):
     from mechprobe.patching import _das
 
@@ -256,6 +272,7 @@ def test_a_head_site_interchanges_that_heads_z_only(tiny):
         progress=False,
     )  # fmt: skip
     assert res.rotation.shape == (2, tiny.cfg.d_head)
+    assert res.site == "head@1, head 2"  # the head is part of the site
     src = _source_vectors(tiny, source, name)[:, head]  # [n, d_head]
     basis = torch.tensor(res.rotation)
     test = res.test_pairs.copy()

@@ -242,6 +242,33 @@ def test_a_task_whose_answers_all_start_like_their_arguments_is_refused(tiny):
         mp.direct_logit_attribution(tiny, PROMPTS, progress=False)
 
 
+def test_a_bfloat16_model_splits_into_heads_within_its_rounding(tiny):
+    # The heads-sum check allows for the model's rounding (bfloat16's eps is 7.8e-3, above the
+    # 1e-3 kept for wider types): it refused every bfloat16 model before.
+    kind = mp.core.model_adapter(tiny).kind
+    model = mp.tiny_model(kind=kind).to(torch.bfloat16)
+    res = mp.direct_logit_attribution(model, PROMPTS, mp.logit_diff(5, 6), heads=True,
+                                      progress=False)  # fmt: skip
+    layers = mp.direct_logit_attribution(model, PROMPTS, mp.logit_diff(5, 6), progress=False)
+    np.testing.assert_allclose(res.logit_diff, layers.logit_diff)
+    # A layer's heads add up to its attention output up to that output's bfloat16 rounding
+    # (the heads are decoded from z in float64): a few eps of the largest write.
+    eps = torch.finfo(torch.bfloat16).eps
+    for layer in range(model.cfg.n_layers):
+        parts = [i for i, c in enumerate(res.components) if c.startswith(f"L{layer}H")]
+        whole = layers.attributions[:, layers.components.index(f"L{layer} attn")]
+        got = res.attributions[:, parts].sum(1)
+        np.testing.assert_allclose(got, whole, atol=4 * eps * float(np.abs(whole).max()))
+
+
+def test_bad_arguments_of_the_call_and_the_summary_are_refused(tiny):
+    with pytest.raises(TypeError, match="heads must be True or False"):
+        mp.direct_logit_attribution(tiny, PROMPTS, mp.logit_diff(5, 6), heads="yes")
+    res = mp.direct_logit_attribution(tiny, PROMPTS, mp.logit_diff(5, 6), progress=False)
+    with pytest.raises(ValueError, match="top must be at least 0"):
+        res.summary(top=-1)
+
+
 def test_a_norm_that_is_not_the_one_assumed_is_refused(monkeypatch):
     model = tiny_of("bridge") if _has_bridge() else tiny_of("hooked")
     monkeypatch.setattr(model.cfg, "eps", 10.0)  # the frozen scale no longer reproduces the norm

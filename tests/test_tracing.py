@@ -228,3 +228,8 @@ def test_traces_of_split_prompts_join_into_one_run(tiny, tmp_path):
         mp.TraceResult.concat(parts)
     with pytest.raises(TypeError, match="takes TraceResults"):
         mp.TraceResult.concat([])
+    # Parts with other numbers of random controls average other draws (none: NaN controls).
+    assert whole.n_random == 2 and saved.n_random == 2 and joined.n_random == 2
+    bare = mp.causal_trace(tiny, prompts[2], subjects[2], **(kwargs | {"n_random": 0}))
+    with pytest.raises(ValueError, match="n_random=0, part 0 2"):
+        mp.TraceResult.concat([first, bare])

@@ -671,11 +671,21 @@ def _head_out(
     return _through_attn_out(f"blocks.{layer}.attn.hook_z", own, fn)
 
 
-def check_heads_sum(attn: Any, z: Tensor, attn_out: Tensor, where: str) -> None:
+def check_heads_sum(
+    attn: Any,
+    z: Tensor,
+    attn_out: Tensor,
+    where: str,
+    *,
+    dtype: torch.dtype | None = None,
+    fix: str = "use the head's z (Site('head', ...), or 'head') instead",
+) -> None:
     """Refuse editing one head's write (``head_out``) where the attention output is not the sum of
     the heads' ``z @ W_O`` (plus ``b_O``): a norm or scale between them (Gemma 2) would make the
     edit wrong. ``attn`` is a block's attention (``W_O [head, d_head, d_model]``), ``z [batch,
-    pos, head, d_head]`` and ``attn_out [batch, pos, d_model]`` of one forward pass.
+    pos, head, d_head]`` and ``attn_out [batch, pos, d_model]`` of one forward pass; ``dtype``
+    the model's (default ``z``'s), whose rounding the tolerance allows for (bfloat16 rounds
+    ``attn_out`` by more than the 1e-3 kept for wider types); ``fix`` what the message advises.
 
     Example:
         >>> import torch, mechprobe as mp
@@ -688,11 +698,16 @@ def check_heads_sum(attn: Any, z: Tensor, attn_out: Tensor, where: str) -> None:
     if bias is not None:
         total = total + bias.detach().to(total.device, total.dtype)
     reference = attn_out.detach()
-    if float((total - reference).abs().max()) > 1e-3 * (float(reference.abs().max()) + 1.0):
+    kind = dtype if dtype is not None else z.dtype
+    eps = torch.finfo(kind).eps if kind.is_floating_point else 0.0
+    tolerance = max(1e-3, 4 * eps) * (float(reference.abs().max()) + 1.0)
+    gap = float((total - reference).abs().max())
+    if gap > tolerance:
         raise ValueError(
             f"head_out at {where}: this model's attention output is not the sum of its heads' "
-            "z @ W_O (a norm or scale sits between them), so one head's write cannot be changed "
-            "alone; use the head's z (Site('head', ...), or 'head') instead."
+            f"z @ W_O (off by {gap:.3g}, beyond the {tolerance:.3g} its {kind} rounding allows: "
+            f"a norm or scale sits between them), so one head's write is not defined alone; "
+            f"{fix}."
         )
 
 

@@ -26,6 +26,7 @@ patched (``k = width``: the ceiling a subspace can reach at that site) and the b
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -43,6 +44,7 @@ from mechprobe.core import (
     check_float,
     check_int,
     check_seed,
+    gradients_enabled,
     intervene,
     model_adapter,
     new_axes,
@@ -69,8 +71,10 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
     """A subspace learned by distributed alignment search, and how well it carries the variable.
 
     Attributes:
-        site: The site (hook name) the subspace lives in.
-        positions: The position intervened on, counted from each prompt's last token.
+        site: The site the subspace lives in: its hook name, or for a head's site the head
+            (``"head_out@1, head 2"``).
+        positions: The position intervened on: negative from each prompt's last token,
+            non-negative from its first (BOS included).
         k: The subspace's dimension.
         rotation: ``[k, width]`` orthonormal rows spanning the learned subspace (pass it to
             ``mp.Project(remove=...)`` to erase it, or read it as k directions).
@@ -232,18 +236,22 @@ def das(
         counterfactual: The answer each base prompt should give with the source's value of the
             variable: one token (string or id) for every pair, or one per pair.
         site: One site with a layer (a ``Site`` or hook name) whose activation has a fixed width
-            (residual stream, attention or MLP output, a head's ``z``/``q``/``k``/``v``).
+            (residual stream, attention or MLP output, a head's ``z``/``q``/``k``/``v`` or its
+            write ``head_out``).
         answer: Optionally, each base prompt's own answer (one token for every pair, or one per
             pair): then training and hits compare the counterfactual with it alone (module
             docstring) instead of with the whole vocabulary.
         k: Dimension of the learned subspace.
-        positions: The position intervened on, counted from each prompt's last token (``-1``:
-            the last): read there in the source, written there in the base.
+        positions: The position intervened on, negative from each prompt's last token (``-1``:
+            the last) or non-negative from its first (BOS included): read there in the source,
+            written there in the base.
         test_size: The share of pairs held out (at least one pair each side).
         epochs: Passes over the training pairs.
         lr: Adam's learning rate.
         n_random: Random subspaces of dimension ``k`` measured as controls.
-        batch_size: Pairs per forward pass.
+        batch_size: Pairs per forward pass, and per Adam step while training: the learned
+            subspace depends on it as on ``lr`` and ``epochs`` (the accuracies of a given
+            subspace do not).
         seed: Seed of the split, the initial subspace, the batch order and the random subspaces.
         progress: Show a progress bar over epochs.
 
@@ -322,33 +330,40 @@ def das(
     captured = run(model, sources, capture=[read], batch_size=batch_size, progress=False)
     source_acts = captured[read].detach()  # [n, 1, width]
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        layer = torch.nn.utils.parametrizations.orthogonal(
-            torch.nn.Linear(wide, k, bias=False, dtype=torch.float32)
+    # The subspace is built and trained with gradients on, whatever the caller switched off
+    # (torch.no_grad, set_grad_enabled(False), inference_mode); tensors made under inference
+    # mode cannot be saved for backward, hence the clones.
+    with gradients_enabled():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            layer = torch.nn.utils.parametrizations.orthogonal(
+                torch.nn.Linear(wide, k, bias=False, dtype=torch.float32)
+            )
+
+        def basis() -> Tensor:  # [k, width], orthonormal rows (recomputed from the parameters)
+            return cast(Tensor, layer.weight)
+
+        train_acts = source_acts.clone()
+        train_bases = dataclasses.replace(
+            bases, tokens=bases.tokens.clone(), attention_mask=bases.attention_mask.clone()
         )
-
-    def basis() -> Tensor:  # [k, width], orthonormal rows (recomputed from the parameters)
-        return cast(Tensor, layer.weight)
-
-    optimiser = torch.optim.Adam(layer.parameters(), lr=lr)
-    params = list(layer.parameters())
-    losses = []
-    for _ in progress_bar(range(epochs), progress=progress, desc="das"):
-        total = 0.0
-        for rows in _batches(rng.permutation(train), batch_size):
-            edit = _Interchange(basis(), source_acts[rows], positions)
-            with torch.enable_grad():
-                logits = _last_logits(model, bases.select(rows.tolist()), parsed, edit)
+        optimiser = torch.optim.Adam(layer.parameters(), lr=lr)
+        params = list(layer.parameters())
+        losses = []
+        for _ in progress_bar(range(epochs), progress=progress, desc="das"):
+            total = 0.0
+            for rows in _batches(rng.permutation(train), batch_size):
+                edit = _Interchange(basis(), train_acts[rows], positions)
+                logits = _last_logits(model, train_bases.select(rows.tolist()), parsed, edit)
                 loss = torch.nn.functional.cross_entropy(*scores(logits, rows))
                 grads = torch.autograd.grad(loss, params)  # the model's parameters get none
-            for param, grad in zip(params, grads, strict=True):
-                param.grad = grad
-            optimiser.step()
-            optimiser.zero_grad(set_to_none=True)
-            total += float(loss.detach()) * len(rows)
-        losses.append(total / len(train))
-    rotation = basis().detach().clone()
+                for param, grad in zip(params, grads, strict=True):
+                    param.grad = grad
+                optimiser.step()
+                optimiser.zero_grad(set_to_none=True)
+                total += float(loss.detach()) * len(rows)
+            losses.append(total / len(train))
+        rotation = basis().detach().clone()
 
     def accuracy(rows: np.ndarray, basis: Tensor | None, patch: bool = True) -> np.ndarray:
         hits = []
@@ -371,7 +386,9 @@ def das(
         "none": float(accuracy(test, None, patch=False).mean()),
     }
     return DASResult(
-        site=name,
+        site=name
+        if parsed.head is None
+        else str(Site(parsed.kind, parsed.layer, head=parsed.head)),
         positions=int(positions),
         k=int(k),
         rotation=rotation.numpy(),

@@ -42,6 +42,7 @@ from mechprobe.core import (
     Result,
     Site,
     check_heads_sum,
+    check_int,
     first_token_ids,
     model_adapter,
     new_axes,
@@ -186,6 +187,7 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
             >>> list(res.summary(top=3).columns), len(res.summary(top=3))
             (['component', 'layer', 'mean', 'std', 'share'], 3)
         """
+        check_int(top, "top", 0)
         mean = self.mean
         order = np.argsort(-np.abs(mean), kind="stable")[:top]
         total = float(self.logit_diff.mean())
@@ -299,6 +301,8 @@ def direct_logit_attribution(
         >>> bool(abs(res.attributions.sum(1) - res.logit_diff).max() < 1e-3)
         True
     """
+    if not isinstance(heads, bool):
+        raise TypeError(f"heads must be True or False, got {heads!r}.")
     if isinstance(prompts, TaskLike):
         prompts, metric = _task_prompts(model, prompts, metric)
     if metric is None:
@@ -434,7 +438,10 @@ def _writes(
             z = torch.stack(
                 [acts[f"z{layer}.{h}"] for h in range(model_adapter(model).n_heads)], dim=1
             )  # [n, heads, d_head]
-            check_heads_sum(attn, z[:, None].float(), attn_out[:, None].float(), f"layer {layer}")
+            check_heads_sum(
+                attn, z[:, None].float(), attn_out[:, None].float(), f"layer {layer}",
+                dtype=attn.W_O.dtype, fix="split each layer's attention as one write (heads=False)",
+            )  # fmt: skip
             w_o = attn.W_O.detach().double().cpu()  # [heads, d_head, d_model]
             per_head = einsum(z, w_o, "n h k, h k d -> n h d")
             for h in range(per_head.shape[1]):

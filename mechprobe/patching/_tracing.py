@@ -189,6 +189,7 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         noise_level: The noise's standard deviation (3 x the subjects' embedding SD by default).
         window: Layers restored together for ``mlp_out``/``attn_out``.
         metric: The metric's name. seed: seed of the noise and the random directions.
+        n_random: Random controls per cell (None: a result saved before it was recorded).
 
     Example:
         >>> import mechprobe as mp
@@ -212,6 +213,7 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
     window: int
     metric: str
     seed: int = 0
+    n_random: int | None = None
 
     @property
     def n_noise(self) -> int:
@@ -231,8 +233,8 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
 
         Raises:
             TypeError: ``results`` is empty or holds other types.
-            ValueError: The parts differ in kinds, layers, noise level, window, metric, seed or
-                noise samples per prompt (the message names the field).
+            ValueError: The parts differ in kinds, layers, noise level, window, metric, seed,
+                noise samples or random controls per prompt (the message names the field).
 
         Example:
             >>> import mechprobe as mp
@@ -248,7 +250,8 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             got = sorted({type(r).__name__ for r in parts}) or ["nothing"]
             raise TypeError(f"TraceResult.concat takes TraceResults; got {', '.join(got)}.")
         first = parts[0]
-        for name in ("kinds", "layers", "noise_level", "window", "metric", "seed", "n_noise"):
+        compared = ("kinds", "layers", "noise_level", "window", "metric", "seed", "n_noise")
+        for name in (*compared, "n_random"):
             for i, part in enumerate(parts[1:], 1):
                 if getattr(part, name) != getattr(first, name):
                     hint = (
@@ -269,7 +272,7 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         }
         for name in ("clean", "corrupted"):
             joined[name] = np.concatenate([getattr(part, name) for part in parts], axis=0)
-        same = ("kinds", "layers", "noise_level", "window", "metric", "seed")
+        same = ("kinds", "layers", "noise_level", "window", "metric", "seed", "n_random")
         return cls(**joined, **{name: getattr(first, name) for name in same})
 
     def indirect_effect(self, prompt: int) -> np.ndarray:
@@ -689,6 +692,7 @@ def causal_trace(
         window=int(window),
         metric=metric_name,
         seed=seed,
+        n_random=int(n_random),
     )
 
 
