@@ -16,10 +16,11 @@ and writes ``docs/causal_results.json`` and ``docs/figures/causal_*.png``:
 - ``das``: distributed alignment search for a name's gender ("Yesterday Mary went to the store
   because" -> " she"): a one-dimensional subspace at the name's token and at the last token, layer
   by layer, beside random subspaces and the whole site;
+- ``das-capitals``: DAS of a many-valued variable (the country, so the capital), k = 4;
 - ``path``: edge attribution (``path_patch(method="attribution")``) against exact path patching,
   every head to the final residual and to the q/k/v inputs of layer 23's heads 1, 4 and 5.
 
-``--part attribution|trace|fv|generate|dla|das|path`` runs one part (the JSON keeps the other parts' last numbers);
+``--part attribution|trace|fv|generate|dla|das|das-capitals|path`` runs one part (the JSON keeps the other parts' last numbers);
 ``--pairs``, ``--items``, ``--prompts`` make them larger.
 """
 
@@ -490,18 +491,70 @@ def alignment_search(model: Any, n_pairs: int, layers: tuple[int, ...]) -> dict[
     return out
 
 
+def alignment_search_capitals(model: Any, n_pairs: int) -> dict[str, Any]:
+    """DAS of a many-valued variable: which country (and so which capital). One-shot capitals
+    prompts whose country and capital are one token each and which the model answers right;
+    pairs of two such prompts with different capitals; the counterfactual is the source's
+    capital over the whole vocabulary (no two-way choice), k = 4, at the country's token (the
+    same offset from the end in every prompt) and at the last token."""
+    task = mp.load_task("capitals").with_shots(1)
+    tok = model.tokenizer
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    single = [
+        (item.input, prompt, ids(answer)[0])
+        for item, prompt, answer in zip(task.items, task.prompts(), task.answers(), strict=True)
+        if len(ids(" " + item.input)) == 1 and len(ids(answer)) == 1
+    ]
+    logits = mp.run(model, [p for _, p, _ in single], logit_positions=-1, progress=False).logits
+    right = [
+        s for s, top in zip(single, logits[:, 0].argmax(-1).tolist(), strict=True) if top == s[2]
+    ]
+    pairs = [(b, s) for b in right for s in right if b[2] != s[2]]
+    np.random.default_rng(0).shuffle(pairs)
+    pairs = pairs[:n_pairs]
+    base, source = [b[1] for b, _ in pairs], [s[1] for _, s in pairs]
+    counterfactual = [s[2] for _, s in pairs]
+    country = -len(ids("?\nA:")) - 1  # the template ends "... of {country}?\nA:"
+    rows = []
+    start = time.perf_counter()
+    for layer in (6, 14, 22, 26):
+        for where, position in (("country", country), ("last", -1)):
+            res = mp.das(
+                model, base, source, counterfactual, mp.Site("resid_post", layer), k=4,
+                positions=position, epochs=10, lr=0.02, progress=False,
+            )  # fmt: skip
+            row = {"layer": layer, "position": where}
+            row |= {c: round(v, 3) for c, v in res.iia.items()}
+            row["train"] = round(res.iia_train, 3)
+            rows.append(row)
+            print(row, flush=True)
+    return {
+        "countries": f"{len(right)} of {len(single)} one-token countries answered right",
+        "pairs": len(pairs),
+        "held_out_pairs": round(0.5 * len(pairs)),
+        "k": 4,
+        "rows": rows,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--part",
-        choices=("attribution", "trace", "fv", "generate", "dla", "das", "path"),
+        choices=("attribution", "trace", "fv", "generate", "dla", "das", "das-capitals", "path"),
         action="append",
     )
     parser.add_argument("--pairs", type=int, default=3, help="prompt pairs (attribution)")
     parser.add_argument("--items", type=int, default=3, help="capitals items (trace)")
     parser.add_argument("--prompts", type=int, default=8, help="fit prompts per task (fv)")
     args = parser.parse_args()
-    parts = args.part or ["fv", "generate", "trace", "attribution", "dla", "das", "path"]
+    parts = args.part or [
+        "fv", "generate", "trace", "attribution", "dla", "das", "das-capitals", "path",
+    ]  # fmt: skip
     FIGURES.mkdir(parents=True, exist_ok=True)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     model = mp.load_model()
@@ -522,6 +575,9 @@ def main() -> None:
         OUT.write_text(json.dumps(results, indent=1) + "\n")
     if "das" in parts:
         results["das"] = alignment_search(model, 200, (2, 6, 10, 14, 18, 22, 26))
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
+    if "das-capitals" in parts:
+        results["das_capitals"] = alignment_search_capitals(model, 160)
         OUT.write_text(json.dumps(results, indent=1) + "\n")
     if "path" in parts:
         results["path_attribution"] = path_attribution(model, args.pairs)
