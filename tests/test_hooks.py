@@ -457,3 +457,23 @@ def test_a_read_only_array_from_a_result_is_taken_without_a_warning(tiny):
     )  # fmt: skip
     torch.testing.assert_close(out.logits, writable.logits, rtol=0, atol=0)
     assert not np.shares_memory(add.vector.numpy(), vector)
+
+
+@pytest.mark.parametrize("name", ["blocks.1.attn.hook_pattern", "blocks.1.attn.hook_attn_scores"])
+def test_positions_at_an_attention_map_hook_name_select_query_rows(tiny, name):
+    # [batch, head, q, k]: positions=-1 used to pick the last *head* of a hook named by string.
+    tokens = tiny.to_tokens("Hello there")
+    fill = 0.0 if name.endswith("pattern") else -30.0
+
+    def by_hand(value, hook):
+        value = value.clone()
+        value[:, :, -1, :] = fill
+        return value
+
+    with torch.no_grad():
+        want = tiny.run_with_hooks(tokens, fwd_hooks=[(name, by_hand)])
+        edit = mp.Replace(torch.full((tiny.cfg.n_heads, tokens.shape[1]), fill), positions=-1)
+        with mp.intervene(tiny, {name: edit}):
+            got = tiny(tokens)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, _logits(tiny, mp.tokenize(tiny, "Hello there")))

@@ -92,3 +92,40 @@ def test_intervene_refuses_a_bare_list_of_interventions(tiny):
     with pytest.raises(TypeError, match="got a list: pass"), mp.intervene(tiny, spec):  # type: ignore[arg-type]
         pass
     assert hook_count(tiny) == before
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_attention_maps_are_captured_query_major_whatever_the_chunks(tiny, side: str) -> None:
+    # A pattern's key axis is as long as the chunk: chunks of other lengths used to fail to
+    # place, and a hook name's [batch, head, q, k] was read as [batch, seq, ...] (rows x heads).
+    sites = [
+        "blocks.0.attn.hook_pattern",
+        "blocks.1.attn.hook_attn_scores",
+        mp.Site("pattern", 1, head=2),
+        mp.Site("pattern", 0, head=1, positions=-1),
+    ]
+    out = mp.run(tiny, PROMPTS, capture=sites, batch_size=1, padding_side=side, progress=False)
+    batch = out.batch
+    assert batch is not None
+    for i, prompt in enumerate(PROMPTS):
+        n = int(batch.lengths[i])
+        real = torch.nonzero(batch.attention_mask[i]).flatten()
+        with torch.no_grad():
+            _, cache = tiny.run_with_cache(tiny.to_tokens(prompt))
+        for site in sites:
+            got = out[site][i]
+            name = site if isinstance(site, str) else site.hook_name
+            own = cache[name][0]  # [head, q, k]
+            if isinstance(site, mp.Site):
+                own = own[site.head]
+                want = own[-1:] if site.positions == -1 else own
+                rows = slice(None) if site.positions == -1 else real
+                torch.testing.assert_close(got[rows][:, real], want, atol=1e-5, rtol=0)
+            else:
+                torch.testing.assert_close(got[real][:, :, real], own.transpose(0, 1))
+            # zeros at every padded query row and key column
+            pad = batch.attention_mask[i] == 0
+            assert float(got[..., pad].abs().sum()) == 0.0
+            if not (isinstance(site, mp.Site) and site.positions == -1):
+                assert float(got[pad].abs().sum()) == 0.0
+        assert n == len(real)

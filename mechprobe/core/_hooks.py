@@ -16,6 +16,9 @@ select ``[..., head, :]`` of ``[batch, pos, head, d_head]``; ``pattern`` selects
 attention weights (query positions are the positions, the last axis runs over key positions);
 ``head_out`` is the head's write ``z @ W_O[head]`` to the residual stream, read from ``hook_z`` and
 edited where the heads' outputs are summed (``hook_attn_out``), so the other heads stay untouched.
+A layer's whole pattern or attention scores, named by hook (``blocks.3.attn.hook_pattern``,
+``hook_attn_scores``), is seen query-major too, ``[batch, query pos, head, key pos]``: positions
+select query rows, and a Capture there holds that layout.
 
 Example:
     >>> import torch, mechprobe as mp
@@ -37,7 +40,7 @@ import torch
 from torch import Tensor
 
 from mechprobe.core._batching import Batch, position_list
-from mechprobe.core._sites import Positions, SiteLike, resolve_in, width
+from mechprobe.core._sites import Positions, SiteLike, is_attention_map, resolve_in, width
 from mechprobe.core._validation import check_finite
 
 __all__ = [
@@ -568,7 +571,7 @@ def _hooks_for(
                 fn = _relative_to_seq(fn, index, item, head)
             elif batch is not None:
                 fn = _checked_shape(fn, batch)
-            if kind == "pattern":
+            if is_attention_map(name if site is None else site):
                 fn = _query_major(fn)
             fn = _named(fn, name if site is None else site.hook_name)
             if kind == "head_out":

@@ -25,7 +25,7 @@ from mechprobe.core._hooks import (
 )
 from mechprobe.core._progress import progress_bar
 from mechprobe.core._readout import readout
-from mechprobe.core._sites import SiteLike, resolve_site
+from mechprobe.core._sites import SiteLike, is_attention_map, resolve_site
 
 __all__ = ["RunResult", "check_positions", "forward", "refuse_gradient", "run"]
 
@@ -38,7 +38,10 @@ class RunResult:
         logits: ``[batch, k, vocab]`` at the requested positions (``k = seq`` for ``"all"``, in the
             batch's padded layout, zeros at padding).
         captures: ``{site: tensor}`` for each requested capture, ``[batch, k or seq, ...]`` (zeros
-            at padding where every position is kept).
+            at padding where every position is kept). An attention map is query-major and keeps
+            every key: ``[batch, k or seq, seq]`` for a ``pattern`` Site, ``[batch, k or seq,
+            head, seq]`` for a layer's ``hook_pattern`` or ``hook_attn_scores`` named by hook,
+            zeros at padded keys too.
         batch: The tokenised prompts (padding, masks, last-real-token indices).
 
     Example:
@@ -70,17 +73,31 @@ def forward(model: Any, batch: Batch, **kwargs: Any) -> Tensor:
     return model(batch.tokens.to(device), attention_mask=batch.attention_mask.to(device), **kwargs)
 
 
-def _place(full: Tensor | None, part: Tensor, rows: slice, batch: Batch, spans_seq: bool) -> Tensor:
-    """Write a chunk's output into the full batch's layout (chunks trim shared padding)."""
+def _place(
+    full: Tensor | None,
+    part: Tensor,
+    rows: slice,
+    batch: Batch,
+    spans_seq: bool,
+    keys: bool = False,
+) -> Tensor:
+    """Write a chunk's output into the full batch's layout (chunks trim shared padding); with
+    ``keys``, the last axis runs over key positions (an attention map) and is placed too."""
+    seq = batch.tokens.shape[1]
     if full is None:
-        shape = (len(batch), batch.tokens.shape[1] if spans_seq else part.shape[1], *part.shape[2:])
+        shape = [len(batch), seq if spans_seq else part.shape[1], *part.shape[2:]]
+        if keys:
+            shape[-1] = seq
         full = part.new_zeros(shape)
-    if spans_seq:
-        width = part.shape[1]
-        cols = slice(0, width) if batch.padding_side == "right" else slice(-width, None)
-        full[rows, cols] = part
+
+    def cols(width: int) -> slice:
+        return slice(0, width) if batch.padding_side == "right" else slice(seq - width, seq)
+
+    query = cols(part.shape[1]) if spans_seq else slice(None)
+    if keys:
+        full[rows, query, ..., cols(part.shape[-1])] = part
     else:
-        full[rows] = part
+        full[rows, query] = part
     return full
 
 
@@ -183,9 +200,11 @@ def run(
             logits = _place(logits, out, rows, batch, spans_seq=local is None)
             for site, cap in caps.items():
                 assert cap.value is not None
-                spans = _positions_of(site) is None
+                spans, keys = _positions_of(site) is None, is_attention_map(site)
                 kept = _zero_padding(cap.value, chunk) if spans else cap.value
-                captured[site] = _place(captured.get(site), kept, rows, batch, spans)
+                if keys:  # an attention map: zeros at padded keys too (scores hold -inf there)
+                    kept = _zero_padding(kept.transpose(1, -1), chunk).transpose(1, -1)
+                captured[site] = _place(captured.get(site), kept, rows, batch, spans, keys)
     assert logits is not None
     return RunResult(logits=logits, captures=captured, batch=batch)
 

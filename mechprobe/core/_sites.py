@@ -27,6 +27,7 @@ __all__ = [
     "SiteLike",
     "expand_sites",
     "head_count",
+    "is_attention_map",
     "query_heads",
     "resolve_layers",
     "resolve_site",
@@ -166,6 +167,22 @@ class Site:
 
 
 SiteLike: TypeAlias = Site | str
+
+_ATTENTION_MAP = re.compile(r"blocks\.\d+\.attn\.hook_(pattern|attn_scores)$")
+
+
+def is_attention_map(site: SiteLike) -> bool:
+    """Whether a site holds ``[batch, head, query pos, key pos]`` maps: a ``pattern`` Site, or
+    the hook name of a layer's pattern or attention scores. Hooks see them query-major, so that
+    positions select query rows as at every other site.
+
+    Example:
+        >>> is_attention_map("blocks.0.attn.hook_attn_scores"), is_attention_map("hook_embed")
+        (True, False)
+    """
+    if isinstance(site, Site):
+        return site.kind == "pattern"
+    return bool(_ATTENTION_MAP.match(site))
 
 
 def _head_hint(name: str, kinds: Sequence[str]) -> str:
