@@ -17,10 +17,12 @@ and writes ``docs/causal_results.json`` and ``docs/figures/causal_*.png``:
   because" -> " she"): a one-dimensional subspace at the name's token and at the last token, layer
   by layer, beside random subspaces and the whole site;
 - ``das-capitals``: DAS of a many-valued variable (the country, so the capital), k = 4;
+- ``heads``: head scores (previous-token, duplicate-token, induction) on repeated random tokens,
+  and the repeated half's accuracy with the best induction heads ablated beside random heads;
 - ``path``: edge attribution (``path_patch(method="attribution")``) against exact path patching,
   every head to the final residual and to the q/k/v inputs of layer 23's heads 1, 4 and 5.
 
-``--part attribution|trace|fv|generate|dla|das|das-capitals|path`` runs one part (the JSON keeps the other parts' last numbers);
+``--part attribution|trace|fv|generate|dla|das|das-capitals|path|heads`` runs one part (the JSON keeps the other parts' last numbers);
 ``--pairs``, ``--items``, ``--prompts`` make them larger.
 """
 
@@ -41,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "causal_results.json"
 FIGURES = ROOT / "docs" / "figures"
 LAYER_KINDS = ("resid_pre", "attn_out", "mlp_out")
+PARTS = ("fv", "generate", "trace", "attribution", "dla", "das", "das-capitals", "path", "heads")
 HEAD_KINDS = ("head", "q", "k", "v", "pattern", "head_out")
 # ROME's token categories, in TraceResult.by_category's order.
 CATEGORIES = (
@@ -337,6 +340,56 @@ def direct_attribution(model: Any) -> dict[str, Any]:
     return out
 
 
+def head_kinds(model: Any, n_prompts: int = 20, k: int = 5) -> dict[str, Any]:
+    """Previous-token, duplicate-token and induction heads on Olsson et al.'s repeated random
+    tokens (``mp.head_scores``), and what the induction heads do: the model's top-1 accuracy on
+    the repeated half, intact, with the ``k`` best induction heads zero-ablated, and with ``k``
+    other heads drawn at random (three draws)."""
+    start = time.perf_counter()
+    scores = mp.head_scores(model, n_prompts=n_prompts, progress=False)
+    seconds = time.perf_counter() - start
+    scores.plot().savefig(FIGURES / "causal_head_scores.png", dpi=110, bbox_inches="tight")
+    batch = mp.Batch.from_tokens(np.stack(scores.tokens))
+    n = scores.seq_len
+    tokens = batch.tokens
+
+    def accuracy(heads: list[tuple[int, int]]) -> dict[str, float]:
+        spec = {mp.Site("head", layer, head=h): mp.Ablate() for layer, h in heads}
+        logits = mp.run(model, batch, spec, progress=False).logits
+        hit = logits[:, :-1].argmax(-1) == tokens[:, 1:]  # [prompts, 2n]: predicts position + 1
+        # the first half's tokens are new (random); the second half's repeat the first
+        return {
+            "first_half": round(float(hit[:, 1:n].float().mean()), 3),
+            "repeated_half": round(float(hit[:, n + 1 :].float().mean()), 3),
+        }
+
+    best = [(layer, head) for layer, head, _ in scores.top("induction", k)]
+    rng = np.random.default_rng(0)
+    others = [(layer, h) for layer in scores.layers for h in range(scores.scores.shape[2])]
+    others = [cell for cell in others if cell not in best]
+    draws = [[others[i] for i in rng.choice(len(others), size=k, replace=False)] for _ in range(3)]
+    random_runs = [accuracy(draw) for draw in draws]
+    out = {
+        "prompts": n_prompts,
+        "seq_len": n,
+        "seconds": round(seconds, 2),
+        "chance": dict(zip(scores.kinds, np.round(scores.chance, 4).tolist(), strict=True)),
+        "top": {
+            kind: [
+                {"layer": layer, "head": head, "score": round(score, 3)}
+                for layer, head, score in scores.top(kind, k)
+            ]
+            for kind in scores.kinds
+        },
+        "accuracy_intact": accuracy([]),
+        "accuracy_top_induction_ablated": accuracy(best),
+        "accuracy_random_heads_ablated": random_runs,
+        "random_heads": [[f"L{layer}H{h}" for layer, h in draw] for draw in draws],
+    }
+    print(out, flush=True)
+    return out
+
+
 FEMALE = [
     "Jennifer",
     "Jessica",
@@ -545,16 +598,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--part",
-        choices=("attribution", "trace", "fv", "generate", "dla", "das", "das-capitals", "path"),
+        choices=PARTS,
         action="append",
     )
     parser.add_argument("--pairs", type=int, default=3, help="prompt pairs (attribution)")
     parser.add_argument("--items", type=int, default=3, help="capitals items (trace)")
     parser.add_argument("--prompts", type=int, default=8, help="fit prompts per task (fv)")
     args = parser.parse_args()
-    parts = args.part or [
-        "fv", "generate", "trace", "attribution", "dla", "das", "das-capitals", "path",
-    ]  # fmt: skip
+    parts = args.part or list(PARTS)
     FIGURES.mkdir(parents=True, exist_ok=True)
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     model = mp.load_model()
@@ -581,6 +632,9 @@ def main() -> None:
         OUT.write_text(json.dumps(results, indent=1) + "\n")
     if "path" in parts:
         results["path_attribution"] = path_attribution(model, args.pairs)
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
+    if "heads" in parts:
+        results["head_scores"] = head_kinds(model)
         OUT.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {OUT}")
 

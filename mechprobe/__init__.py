@@ -72,6 +72,7 @@ from mechprobe.lens import (
 )
 from mechprobe.patching import (
     DASResult,
+    HeadScoreResult,
     LogitAttributionResult,
     PatchMetric,
     PatchResult,
@@ -83,6 +84,7 @@ from mechprobe.patching import (
     causal_trace,
     das,
     direct_logit_attribution,
+    head_scores,
     logit_diff,
     patch,
     path_patch,
@@ -159,6 +161,7 @@ __all__: list[str] = [
     "FunctionVectorResult",
     "GenerationResult",
     "Gradient",
+    "HeadScoreResult",
     "Intervention",
     "LeaceFitter",
     "Lens",
@@ -220,6 +223,7 @@ __all__: list[str] = [
     "fit_ovector",
     "function_vector",
     "generate",
+    "head_scores",
     "identity_projection",
     "inlp",
     "intervene",

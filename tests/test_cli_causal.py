@@ -1,4 +1,4 @@
-"""``mechprobe patch``, ``mechprobe trace`` and ``mechprobe dla`` on the tiny model: the files they write hold the
+"""``mechprobe patch``, ``trace``, ``dla`` and ``heads`` on the tiny model: the files they write hold the
 API's numbers, and bad output paths or arguments fail before any model loads."""
 
 from __future__ import annotations
@@ -208,3 +208,49 @@ def test_cli_patch_with_receivers_writes_the_path_patching_result(tmp_path, meth
     assert saved.receivers == direct.receivers
     np.testing.assert_allclose(saved.per_pair, direct.per_pair, atol=1e-6)
     np.testing.assert_allclose(saved.random, direct.random, atol=1e-6)
+
+
+def test_cli_heads_writes_the_api_result(tiny, tmp_path, capsys):
+    folder = mp.save_model(tiny, tmp_path / "model")
+    out = tmp_path / "heads"
+    args = ["heads", "--prompt", "abab\\ncdcd", "--prompt", "the cat, the cat", "--quiet"]
+    args += ["--kinds", "induction,duplicate_token", "--layers", "0,2", "--model", str(folder)]
+    assert cli_main([*args, "--batch-size", "1", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"result.json", "heads.png", "report.md"}
+    saved = mp.core.load_result(out / "result.json")
+    direct = mp.head_scores(
+        tiny, ["abab\ncdcd", "the cat, the cat"], kinds=["induction", "duplicate_token"],
+        layers=[0, 2], progress=False,
+    )  # fmt: skip
+    assert saved.kinds == direct.kinds and saved.prompts == direct.prompts
+    np.testing.assert_allclose(saved.scores, direct.scores, atol=1e-6)
+    random = tmp_path / "random"
+    args = ["heads", "--seq-len", "6", "--n-prompts", "2", "--seed", "3", "--model", "tiny"]
+    assert cli_main([*args, "--quiet", "--out", str(random)]) == 0
+    again = mp.head_scores(mp.tiny_model(), seq_len=6, n_prompts=2, seed=3, progress=False)
+    np.testing.assert_allclose(mp.core.load_result(random / "result.json").scores, again.scores)
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt", "x", "--seq-len", "5"], "drop them with --prompt"),
+        (["--prompt", "x", "--n-prompts", "5"], "drop them with --prompt"),
+        (["--out-of-the-way"], "--out"),
+    ],
+)
+def test_cli_heads_fails_before_loading(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setattr("mechprobe.cli.heads.load", _no_model)
+    (tmp_path / "f").write_text("x")
+    out = tmp_path / "f" if "--out-of-the-way" in args else tmp_path / "d"
+    args = [a for a in args if a != "--out-of-the-way"]
+    assert cli_main(["heads", *args, "--model", "tiny", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "mechprobe heads: error" in err and message in err
+
+
+def test_cli_heads_refuses_an_unknown_kind(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["heads", "--kinds", "copying", "--out", str(tmp_path / "d")])
+    assert "kinds are a comma-separated list" in capsys.readouterr().err

@@ -180,6 +180,7 @@ ROUND_TRIPS = {
     "GenerationResult": "test_generation.py",
     "LensComparison": "test_lenses.py",
     "LensResult": "test_lens.py",
+    "HeadScoreResult": "test_head_scores.py",
     "LogitAttributionResult": "test_direct_attribution.py",
     "OVector": "test_relational_protocol.py",
     "OVectorEffect": "test_relational_protocol.py",

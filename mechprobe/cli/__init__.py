@@ -1,4 +1,4 @@
-"""The ``mechprobe`` command line: ``mechprobe lens|relation|probe|erase|patch|trace|dla``.
+"""The ``mechprobe`` command line: ``mechprobe lens|relation|probe|erase|patch|trace|dla|heads``.
 
 The CLI only parses arguments and calls the public API. Each subcommand lives in its own module
 here (``lens.py``, ``relation.py``, ...) exposing ``add_parser(subparsers)``, which registers the
@@ -12,7 +12,9 @@ import importlib
 from collections.abc import Sequence
 
 # One entry per subcommand module in this package.
-_COMMANDS: tuple[str, ...] = ("dla", "erase", "lens", "patch", "probe", "relation", "trace")
+_COMMANDS: tuple[str, ...] = (
+    "dla", "erase", "heads", "lens", "patch", "probe", "relation", "trace",
+)  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:

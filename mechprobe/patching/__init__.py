@@ -1,11 +1,13 @@
 """Causal analyses on mechprobe's batched cell engine, each effect beside random controls:
 activation patching and ablation of sites and heads, attribution patching, path patching, causal
-tracing with noise; direct logit attribution of the residual stream's writes; distributed alignment search."""
+tracing with noise; direct logit attribution of the residual stream's writes; distributed alignment
+search; head scores (previous-token, duplicate-token, induction heads) from attention patterns."""
 
 from mechprobe.patching._activation import ablate_cells, patch
 from mechprobe.patching._attribution import attribution_patch
 from mechprobe.patching._das import DASResult, das
 from mechprobe.patching._direct import LogitAttributionResult, direct_logit_attribution
+from mechprobe.patching._head_scores import HeadScoreResult, head_scores
 from mechprobe.patching._metrics import PatchMetric, answer_prob, logit_diff
 from mechprobe.patching._path import PathPatchResult, path_patch
 from mechprobe.patching._result import PatchResult
@@ -13,6 +15,7 @@ from mechprobe.patching._tracing import TraceResult, causal_trace, trace_noise
 
 __all__ = [
     "DASResult",
+    "HeadScoreResult",
     "LogitAttributionResult",
     "PatchMetric",
     "PatchResult",
@@ -24,6 +27,7 @@ __all__ = [
     "causal_trace",
     "das",
     "direct_logit_attribution",
+    "head_scores",
     "logit_diff",
     "patch",
     "path_patch",

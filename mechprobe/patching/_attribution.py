@@ -80,8 +80,8 @@ def _at(site: Site, tensor: Tensor, index: Tensor, model: Any) -> Tensor:
     """A hook's activation (or gradient) of one prompt (batch axis dropped) at positions
     ``index``: ``[len(index), width]``, or ``[len(index), heads, width]`` for head kinds (a
     pattern's rows over all keys; ``head_out``: every head's write ``z @ W_O[head]``)."""
-    if site.kind == "pattern":  # [head, query, key]
-        return tensor[:, index].transpose(0, 1)
+    if site.kind == "pattern":  # hooks see a pattern query-major: [query, head, key]
+        return tensor[index]
     if site.kind == "head_out" and tensor.ndim == 3:  # z [pos, head, d_head] -> the writes
         w_o = model.blocks[site.layer].attn.W_O.detach().to(tensor.device, tensor.dtype)
         return torch.einsum("phd,hdm->phm", tensor[index], w_o)

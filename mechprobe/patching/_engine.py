@@ -19,8 +19,9 @@ Edits by layout of the hooked tensor:
 
 - ``"vector"``: ``[batch, pos, d]`` (residual stream, attn_out, mlp_out, embeddings);
 - ``"head"``: ``[batch, pos, head, d]`` (z, q, k, v, the split q/k/v inputs);
-- ``"pattern"``: ``[batch, head, query, key]``; a write replaces one query row over the keys the
-  position sees, which the engine maps between a source's row and a packed cell's row;
+- ``"pattern"``: ``[batch, query, head, key]`` (hooks see a pattern query-major); a write replaces
+  one query row over the keys the position sees, which the engine maps between a source's row and
+  a packed cell's row;
 - ``"head_out"``: at ``hook_attn_out``: one head's write ``z @ W_O[head]`` (``z`` read at the same
   layer's ``hook_z`` in the same pass) is replaced, the other heads' are kept.
 """
@@ -357,12 +358,12 @@ class _Writer(Intervention):
         for op, moves in self.moves.items():
             for m in moves:
                 head, dk = m.edit.head, torch.as_tensor(m.dst_keys, device=dev)
-                base = selected[m.dst_row, head, m.dst_idx, dk]
+                base = selected[m.dst_row, m.dst_idx, head, dk]
                 vec = None if m.edit.payload is None else m.edit.payload.to(dev, dtype)
                 other: Tensor | None
                 if op in (COPY, RANDOM) and m.src_row >= 0:
                     sk = torch.as_tensor(m.src_keys, device=dev)
-                    other = selected[m.src_row, head, m.src_idx, sk]
+                    other = selected[m.src_row, m.src_idx, head, sk]
                 else:
                     assert m.edit.target is not None or op in (SET, ADD)
                     other = None if m.edit.target is None else m.edit.target.to(dev, dtype)
@@ -378,8 +379,8 @@ class _Writer(Intervention):
                     assert vec is not None
                     new = base + vec
                 assert new is not None
-                out[m.dst_row, head, m.dst_idx] = 0  # keys outside the cell's view: no weight
-                out[m.dst_row, head, m.dst_idx, dk] = new
+                out[m.dst_row, m.dst_idx, head] = 0  # keys outside the cell's view: no weight
+                out[m.dst_row, m.dst_idx, head, dk] = new
 
 
 def _stack(values: list[Tensor | None], device: Any, dtype: torch.dtype) -> Tensor | None:

@@ -1,0 +1,109 @@
+"""``mechprobe heads``: score every head as a previous-token, duplicate-token and induction head;
+writes result.json, heads.png and report.md into ``--out``.
+
+Example::
+
+    mechprobe heads --out runs/heads                        # repeated random tokens
+    mechprobe heads --prompt "The cat sat. The cat sat." --kinds induction --out runs/cat
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from mechprobe.cli._arguments import (
+    add_layers_argument,
+    add_model_argument,
+    load,
+    output_problem,
+    positive_int,
+)
+from mechprobe.cli._run_folder import write_run_folder
+from mechprobe.cli.lens import unescape
+
+_KINDS = ("previous_token", "duplicate_token", "induction")
+
+_HELP = """\
+Score every head by where it looks: the share of its attention on each kind's targets, averaged
+over the queries that have any (previous_token: the token before; duplicate_token: earlier copies
+of the query's token; induction: the tokens that followed those copies), beside the share that
+even attention would give.
+
+Without --prompt, the heads are read on Olsson et al.'s repeated random tokens (--n-prompts
+sequences of BOS, --seq-len random tokens and the same again); with --prompt (repeatable), on
+those prompts, wherever their tokens repeat. Backslash escapes \\n and \\t are interpreted (--raw
+keeps them).
+"""
+
+
+def _kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in _KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"kinds are a comma-separated list of {', '.join(_KINDS)}; got {text!r}"
+        )
+    return kinds
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``mechprobe heads`` on the subparsers ``sub``."""
+    parser = sub.add_parser(
+        "heads",
+        help="head scores: previous-token, duplicate-token and induction heads",
+        description=_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--prompt", action="append", default=[], help="prompt (repeat)")
+    parser.add_argument(
+        "--kinds", type=_kinds, default=list(_KINDS), help=f"comma-separated: {','.join(_KINDS)}"
+    )
+    add_layers_argument(parser, "layers whose heads are scored")
+    parser.add_argument("--seq-len", type=positive_int, help="random tokens per half (default 50)")
+    parser.add_argument("--n-prompts", type=positive_int, help="random sequences (default 10)")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=32, help="prompts per forward pass (32)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random tokens (0)")
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="output folder (created with its parents)"
+    )
+    add_model_argument(parser)
+    parser.add_argument("--raw", action="store_true", help="do not interpret backslash escapes")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Score the heads on the parsed arguments and write result.json, heads.png, report.md."""
+    import mechprobe as mp
+
+    def fail(message: str) -> int:
+        print(f"mechprobe heads: error: {message}", file=sys.stderr)
+        return 2
+
+    problem = output_problem(args.out, folder=True)
+    if problem:  # before the model loads
+        return fail(f"--out: {problem}")
+    if args.prompt and (args.seq_len is not None or args.n_prompts is not None):
+        return fail("--seq-len and --n-prompts shape random tokens: drop them with --prompt")
+    fix = (lambda s: s) if args.raw else unescape
+    try:
+        model = load(args.model, args.device)
+        result = mp.head_scores(
+            model,
+            [fix(p) for p in args.prompt] or None,
+            kinds=args.kinds,
+            layers=args.layers,
+            seq_len=50 if args.seq_len is None else args.seq_len,
+            n_prompts=10 if args.n_prompts is None else args.n_prompts,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+            seed=args.seed,
+        )
+    except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:
+        return fail(str(err))
+    problem = write_run_folder("heads", args, result, "heads.png")
+    return fail(problem) if problem else 0

@@ -1,0 +1,473 @@
+"""Head scores: how much of each head's attention goes where a kind of head looks.
+
+A kind of head is defined by the keys it should attend to from each query (its *targets*):
+
+- ``previous_token``: the token just before the query;
+- ``duplicate_token``: earlier occurrences of the query's own token;
+- ``induction``: the tokens that *followed* earlier occurrences of the query's token (the
+  ``[A][B] ... [A] -> [B]`` head of Elhage et al. 2021 and Olsson et al. 2022).
+
+A head's score is the attention it pays to the targets, averaged over the queries that have any
+(each real query with targets counts once, over every prompt): 1 for a head that looks nowhere
+else, and for a head that spreads its attention evenly over the causal keys, the ``chance``
+recorded beside it. Targets are always strictly earlier keys, and never a BOS token the model
+prepends: many heads park their attention there (a sink), which says nothing about the kind.
+
+Without prompts, the scores are read on Olsson et al.'s repeated random tokens: ``BOS`` then
+``seq_len`` distinct tokens drawn from the vocabulary (special tokens left out) and the same
+tokens again. There every query of the second half has one duplicate and one induction target
+(the token ``seq_len - 1`` back), so the scores are exactly the usual ones: the mean attention on
+the diagonal ``seq_len`` back (duplicate) and ``seq_len - 1`` back (induction). On natural text the
+same definitions apply wherever tokens repeat.
+
+TransformerLens's ``detect_head`` divides by every query's attention instead of the queries that
+have targets: its scores are these times the share of queries with targets (they fall with the
+number of queries that cannot score), and its induction targets include the query itself where a
+token repeats at once. The tests check both relations on its own function.
+
+One forward pass per ``batch_size`` prompts; each layer's pattern is reduced to per-head sums in
+its hook, never kept (a layer of 32 prompts of 512 tokens would be 300 MB for SmolLM2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from einops import einsum
+from torch import Tensor
+
+from mechprobe.core import (
+    Batch,
+    Intervention,
+    InterventionSpec,
+    Layers,
+    Result,
+    check_int,
+    check_seed,
+    figure_of,
+    keyed_seed,
+    model_adapter,
+    progress_bar,
+    resolve_layers,
+    run,
+    tokenize,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["HeadScoreResult", "head_scores"]
+
+#: ``tokens [seq] -> targets [seq (query), seq (key)]``: True where the query should attend.
+TargetRule = Callable[[Tensor], Tensor]
+
+
+def _previous_token(tokens: Tensor) -> Tensor:
+    n = len(tokens)
+    return torch.eye(n, dtype=torch.bool).roll(-1, dims=1).tril(-1)
+
+
+def _duplicate_token(tokens: Tensor) -> Tensor:
+    return (tokens[:, None] == tokens[None, :]).tril(-1)
+
+
+def _induction(tokens: Tensor) -> Tensor:
+    # key k follows an earlier occurrence of the query's token: tokens[k - 1] == tokens[q], k < q
+    same = tokens[:, None] == tokens[None, :]  # [q, k]
+    follows = torch.zeros_like(same)
+    follows[:, 1:] = same[:, :-1]
+    return follows.tril(-1)
+
+
+KINDS: dict[str, TargetRule] = {
+    "previous_token": _previous_token,
+    "duplicate_token": _duplicate_token,
+    "induction": _induction,
+}
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=1):
+    """Each head's share of attention on each kind's targets (module docstring).
+
+    Attributes:
+        kinds: The kinds scored (``"previous_token"``, ``"duplicate_token"``, ``"induction"``, or
+            the names of rules passed in).
+        layers: The layers scored.
+        scores: ``[kinds, layers, heads]`` attention on the targets, averaged over every query
+            that has one (NaN where no query of any prompt has one).
+        per_prompt: ``[kinds, prompts, layers, heads]`` the same per prompt (NaN where a prompt
+            has no query with targets).
+        counts: ``[kinds, prompts]`` the queries with targets in each prompt.
+        chance: ``[kinds]`` the score of a head that attends evenly to every real key up to the
+            query (BOS and the query included), over the same queries.
+        prompts: The prompts (the random token sequences decoded, when none were given).
+        tokens: Per prompt, ``[n]`` the token ids scored (BOS included where prepended).
+        source: ``"repeated random tokens"`` or ``"prompts"``.
+        seq_len: The length of each random half (0 for prompts).
+        seed: The seed of the random tokens.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> res = mp.head_scores(mp.tiny_model(), seq_len=8, n_prompts=2, progress=False)
+        >>> res.scores.shape, res.kinds
+        ((3, 3, 4), ('previous_token', 'duplicate_token', 'induction'))
+    """
+
+    kinds: tuple[str, ...]
+    layers: tuple[int, ...]
+    scores: np.ndarray
+    per_prompt: np.ndarray
+    counts: np.ndarray
+    chance: np.ndarray
+    prompts: tuple[str, ...]
+    tokens: tuple[np.ndarray, ...]
+    source: str
+    seq_len: int = 0
+    seed: int = 0
+
+    def _kind_index(self, kind: str | None) -> int:
+        if kind is None:
+            return 0
+        if kind not in self.kinds:
+            raise ValueError(f"kind {kind!r} was not scored; scored: {list(self.kinds)}.")
+        return self.kinds.index(kind)
+
+    def top(self, kind: str | None = None, k: int = 5) -> list[tuple[int, int, float]]:
+        """The ``k`` heads with the highest score of ``kind`` (the first kind by default), as
+        ``(layer, head, score)``, best first.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.head_scores(mp.tiny_model(), seq_len=8, n_prompts=2, progress=False)
+            >>> len(res.top("induction", k=3))
+            3
+        """
+        check_int(k, "k", 0)
+        grid = self.scores[self._kind_index(kind)]
+        flat = np.where(np.isnan(grid), -np.inf, grid).reshape(-1)
+        order = np.argsort(-flat, kind="stable")[:k]
+        n_heads = grid.shape[1]
+        return [
+            (self.layers[i // n_heads], int(i % n_heads), float(grid.reshape(-1)[i])) for i in order
+        ]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per kind, layer and head: the score, its spread over prompts, the queries
+        it averages and the kind's chance level.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.head_scores(mp.tiny_model(), seq_len=8, n_prompts=2, progress=False)
+            >>> list(res.to_frame().columns)
+            ['kind', 'layer', 'head', 'score', 'std', 'queries', 'chance']
+        """
+        n_kinds, n_layers, n_heads = self.scores.shape
+        k, li, h = np.meshgrid(
+            np.arange(n_kinds), np.arange(n_layers), np.arange(n_heads), indexing="ij"
+        )
+        with np.errstate(invalid="ignore"):  # a prompt without targets is NaN, not a warning
+            std = np.nanstd(self.per_prompt, axis=1) if self.per_prompt.shape[1] else self.scores
+        return pd.DataFrame(
+            {
+                "kind": np.asarray(self.kinds, dtype=object)[k.reshape(-1)],
+                "layer": np.asarray(self.layers)[li.reshape(-1)],
+                "head": h.reshape(-1),
+                "score": self.scores.reshape(-1),
+                "std": np.asarray(std).reshape(-1),
+                "queries": self.counts.sum(1)[k.reshape(-1)],
+                "chance": self.chance[k.reshape(-1)],
+            }
+        )
+
+    def summary(self, top: int = 5) -> pd.DataFrame:
+        """The ``top`` heads of each kind by score, with the kind's chance level.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.head_scores(mp.tiny_model(), seq_len=8, n_prompts=2, progress=False)
+            >>> len(res.summary(top=2))
+            6
+        """
+        check_int(top, "top", 0)
+        rows = [
+            {"kind": kind, "layer": layer, "head": head, "score": score, "chance": self.chance[i]}
+            for i, kind in enumerate(self.kinds)
+            for layer, head, score in self.top(kind, top)
+        ]
+        return pd.DataFrame(rows, columns=["kind", "layer", "head", "score", "chance"])
+
+    def plot(self, ax: Axes | None = None, *, kind: str | None = None) -> Figure:
+        """Layer x head maps of the scores, from 0 to 1: one panel per kind, or ``kind``'s alone
+        (the first kind when ``ax`` is given and ``kind`` is not).
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.head_scores(mp.tiny_model(), seq_len=8, n_prompts=2, progress=False)
+            >>> len(res.plot().axes), len(res.plot(kind="induction").axes)
+            (6, 2)
+        """
+        kinds = list(self.kinds) if kind is None else [self.kinds[self._kind_index(kind)]]
+        if ax is not None:
+            kinds = kinds[:1]
+            fig, axes = figure_of(ax), [ax]
+        else:
+            from matplotlib.figure import Figure
+
+            height = max(3.0, 0.18 * len(self.layers) + 1.2)
+            fig = Figure(figsize=(3.6 * len(kinds), height), layout="constrained")
+            axes = list(fig.subplots(1, len(kinds), squeeze=False)[0])
+        for axis, name in zip(axes, kinds, strict=True):
+            i = self.kinds.index(name)
+            image = axis.imshow(self.scores[i], cmap="Blues", vmin=0, vmax=1, aspect="auto")
+            step = max(1, len(self.layers) // 10)
+            ticks = list(range(0, len(self.layers), step))
+            axis.set_yticks(ticks, labels=[str(self.layers[t]) for t in ticks])
+            axis.set_xlabel("head")
+            axis.set_ylabel("layer")
+            axis.set_title(f"{name.replace('_', ' ')} (chance {self.chance[i]:.2f})")
+            fig.colorbar(image, ax=axis, label="attention on targets")
+        return fig
+
+    def _describe(self) -> str:
+        best = []
+        for kind in self.kinds:
+            top = self.top(kind, 1)
+            if top and np.isfinite(top[0][2]):
+                layer, head, score = top[0]
+                best.append(f"{kind} L{layer}H{head} {score:.2f}")
+        what = (
+            f"{len(self.prompts)} {self.source}"
+            if self.seq_len == 0
+            else (f"{len(self.prompts)} x {self.seq_len} repeated random tokens")
+        )
+        return f"{len(self.layers)} layers x {self.scores.shape[2]} heads on {what}; best: " + (
+            ", ".join(best) or "none"
+        )
+
+
+def head_scores(
+    model: Any,
+    prompts: str | Sequence[str] | Batch | None = None,
+    *,
+    kinds: Sequence[str] | Mapping[str, TargetRule] = tuple(KINDS),
+    layers: Layers = "all",
+    seq_len: int = 50,
+    n_prompts: int = 10,
+    batch_size: int = 32,
+    progress: bool = True,
+    seed: int = 0,
+) -> HeadScoreResult:
+    """Score every head as a previous-token, duplicate-token and induction head: the share of its
+    attention on each kind's targets (module docstring), on repeated random tokens or on prompts.
+
+    Args:
+        model: A TransformerLens model.
+        prompts: None (the default) for Olsson et al.'s repeated random tokens, else one prompt,
+            a list of prompts or a :class:`Batch`: the kinds are scored wherever their targets
+            occur (a prompt that repeats no token has no duplicate or induction targets).
+        kinds: Names among ``"previous_token"``, ``"duplicate_token"`` and ``"induction"``, or
+            a mapping ``{name: rule}`` of your own, a rule taking a prompt's token ids ``[seq]``
+            (BOS included where the model prepends one) to a boolean ``[seq, seq]`` matrix of
+            targets, True at ``[query, key]`` for keys before the query.
+        layers: The layers whose heads are scored.
+        seq_len: Tokens in each half of a random sequence (``2 * seq_len + 1`` tokens with BOS).
+        n_prompts: Random sequences (ignored with prompts).
+        batch_size: Prompts per forward pass.
+        progress: Show a progress bar over batches.
+        seed: Seed of the random tokens (sequence ``i`` from ``seed`` and ``i``, so the first
+            sequences do not change with ``n_prompts``).
+
+    Returns:
+        A :class:`HeadScoreResult`.
+
+    Raises:
+        ValueError: An unknown kind; a rule's targets not a ``[seq, seq]`` boolean matrix with
+            keys before their query; a ``seq_len`` the vocabulary cannot draw distinct tokens
+            for, or longer than the model's context; no query of any prompt has targets of a
+            kind.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> res = mp.head_scores(mp.tiny_model(), seq_len=8, n_prompts=2, progress=False)
+        >>> layer, head, score = res.top("induction", k=1)[0]
+        >>> 0.0 <= score <= 1.0
+        True
+    """
+    rules = _rules(kinds)
+    seed = check_seed(seed)
+    chosen = resolve_layers(model, layers)
+    if prompts is None:
+        batch = _repeated_random_tokens(
+            model, check_int(seq_len, "seq_len", 1), check_int(n_prompts, "n_prompts", 1), seed
+        )
+        source, half = "repeated random tokens", int(seq_len)
+    else:
+        batch = prompts if isinstance(prompts, Batch) else tokenize(model, prompts)
+        source, half = "prompts", 0
+    check_int(batch_size, "batch_size", 1)
+    bos = _bos(model)
+    n_heads = model_adapter(model).n_heads
+    names = list(rules)
+    sums = np.zeros((len(names), len(batch), len(chosen), n_heads))
+    counts = np.zeros((len(names), len(batch)), dtype=np.int64)
+    chance = np.zeros(len(names))
+    chunks = list(batch.chunks(batch_size))
+    for rows, chunk in progress_bar(chunks, progress=progress, desc="head scores"):
+        targets = _targets(chunk, rules, bos)  # [kinds, rows, q, k]
+        scorers = {layer: _Scorer(targets) for layer in chosen}
+        spec: InterventionSpec = {f"blocks.{i}.attn.hook_pattern": s for i, s in scorers.items()}
+        run(model, chunk, spec, logit_positions=-1, batch_size=None, progress=False)
+        for j, layer in enumerate(chosen):
+            total = scorers[layer].total
+            assert total is not None, f"layer {layer}'s pattern hook did not fire"
+            sums[:, rows, j] = total.numpy()
+        counts[:, rows] = targets.any(-1).sum(-1).numpy()
+        chance += _uniform(targets, chunk.attention_mask).numpy()
+    empty = [name for name, n in zip(names, counts.sum(1), strict=True) if n == 0]
+    if empty:
+        raise ValueError(
+            f"No query of any prompt has {' or '.join(empty)} targets (for duplicate and "
+            "induction kinds, a token must repeat): pass prompts that have them, or "
+            "prompts=None for repeated random tokens."
+        )
+    with np.errstate(invalid="ignore", divide="ignore"):  # a prompt without targets: NaN
+        per_prompt = sums / counts[:, :, None, None]
+    scores = sums.sum(1) / counts.sum(1)[:, None, None]
+    ids = tuple(
+        batch.tokens[i][batch.attention_mask[i].bool()].numpy().astype(np.int64)
+        for i in range(len(batch))
+    )
+    decode = model_adapter(model).tokenizer.decode
+    given = prompts is not None and all(batch.prompts)
+    texts = tuple(batch.prompts) if given else tuple(decode(row.tolist()) for row in ids)
+    return HeadScoreResult(
+        kinds=tuple(names),
+        layers=tuple(chosen),
+        scores=scores,
+        per_prompt=per_prompt,
+        counts=counts,
+        chance=chance / counts.sum(1),
+        prompts=texts,
+        tokens=ids,
+        source=source,
+        seq_len=half,
+        seed=seed,
+    )
+
+
+class _Scorer(Intervention):
+    """Reads one layer's pattern (query-major ``[rows, q, head, k]``) and keeps, per kind, row
+    and head, the attention summed over each query's targets and over the queries."""
+
+    def __init__(self, targets: Tensor) -> None:
+        super().__init__(positions=None)
+        self.targets = targets
+        self.total: Tensor | None = None
+
+    def edit(self, selected: Tensor, hook: Any) -> None:
+        on = self.targets.to(selected.device, torch.float64)
+        self.total = einsum(selected.double(), on, "b q h k, c b q k -> c b h").cpu()
+        return None
+
+
+def _rules(kinds: Sequence[str] | Mapping[str, TargetRule]) -> dict[str, TargetRule]:
+    if isinstance(kinds, Mapping):
+        rules = dict(kinds)
+        bad = [
+            name for name, rule in rules.items() if not isinstance(name, str) or not callable(rule)
+        ]
+        if bad:
+            raise TypeError(
+                f"kinds as a mapping takes {{name: rule}} with a callable rule (tokens [seq] -> "
+                f"targets [seq, seq]); not for {bad}."
+            )
+    else:
+        if isinstance(kinds, str):
+            kinds = [kinds]
+        unknown = [k for k in kinds if k not in KINDS]
+        if unknown:
+            raise ValueError(
+                f"Unknown head kind(s) {unknown}: use {list(KINDS)}, or pass {{name: rule}} with "
+                "a rule of your own (tokens [seq] -> boolean targets [seq, seq])."
+            )
+        rules = {k: KINDS[k] for k in dict.fromkeys(kinds)}
+    if not rules:
+        raise ValueError(f"kinds is empty: name at least one of {list(KINDS)}.")
+    return rules
+
+
+def _targets(chunk: Batch, rules: Mapping[str, TargetRule], bos: int | None) -> Tensor:
+    """``[kinds, rows, q, k]`` the targets of each kind in the chunk's padded layout: each rule
+    applied to a row's real tokens, BOS (where prepended) never a target."""
+    rows, seq = chunk.tokens.shape
+    out = torch.zeros(len(rules), rows, seq, seq, dtype=torch.bool)
+    for r in range(rows):
+        where = torch.nonzero(chunk.attention_mask[r]).flatten()
+        tokens = chunk.tokens[r, where]
+        for c, (name, rule) in enumerate(rules.items()):
+            mask = torch.as_tensor(rule(tokens.clone()))
+            n = len(tokens)
+            if mask.shape != (n, n) or mask.dtype != torch.bool:
+                raise ValueError(
+                    f"Kind {name!r}: its rule must give a boolean [{n}, {n}] matrix for {n} "
+                    f"tokens, got {mask.dtype} {tuple(mask.shape)}."
+                )
+            if bool(mask.triu().any()):
+                raise ValueError(
+                    f"Kind {name!r}: its rule marks a key at or after its query; targets must be "
+                    "earlier keys (a causal head cannot attend later, and itself says nothing)."
+                )
+            if bos is not None and int(tokens[0]) == bos:
+                mask = mask.clone()
+                mask[:, 0] = False
+            out[c, r, where[:, None], where[None, :]] = mask
+    return out
+
+
+def _uniform(targets: Tensor, attention_mask: Tensor) -> Tensor:
+    """``[kinds]`` the summed score of even attention over each query's real keys up to itself."""
+    real = attention_mask.bool()
+    keys = real[:, None, :] & torch.ones(real.shape[1], real.shape[1], dtype=torch.bool).tril()
+    share = targets.sum(-1) / keys.sum(-1).clamp(min=1)  # [kinds, rows, q]
+    return share.double().sum((1, 2))
+
+
+def _bos(model: Any) -> int | None:
+    adapter = model_adapter(model)
+    bos = adapter.tokenizer.bos_token_id if adapter.prepend_bos else None
+    return None if bos is None else int(bos)
+
+
+def _repeated_random_tokens(model: Any, seq_len: int, n_prompts: int, seed: int) -> Batch:
+    """``n_prompts`` rows of BOS (where the model prepends one), ``seq_len`` distinct tokens
+    drawn from the vocabulary without its special tokens, and the same tokens again."""
+    adapter = model_adapter(model)
+    vocab = int(model.cfg.d_vocab)
+    special = set(getattr(adapter.tokenizer, "all_special_ids", []) or [])
+    pool = np.asarray([t for t in range(vocab) if t not in special])
+    if seq_len > len(pool):
+        raise ValueError(
+            f"seq_len={seq_len} distinct tokens cannot be drawn from a vocabulary of "
+            f"{len(pool)} ordinary tokens: lower seq_len."
+        )
+    bos = _bos(model)
+    length = 2 * seq_len + (bos is not None)
+    n_ctx = adapter.n_ctx
+    if n_ctx is not None and length > int(n_ctx):
+        raise ValueError(
+            f"2 x seq_len={seq_len}{' + BOS' if bos is not None else ''} = {length} tokens exceed "
+            f"the model's context of {int(n_ctx)}: lower seq_len to {(int(n_ctx) - 1) // 2}."
+        )
+    rows = []
+    for i in range(n_prompts):
+        rng = np.random.default_rng(keyed_seed(seed, [[i]], b"head scores"))
+        half = rng.choice(pool, size=seq_len, replace=False).tolist()
+        rows.append(([bos] if bos is not None else []) + half + half)
+    return Batch.from_tokens(torch.tensor(rows))

@@ -1,0 +1,155 @@
+"""head_scores against the usual formulas written on the model's own cache, and TransformerLens's
+detect_head; padding and batch independence; rules of one's own; the result protocol."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import hook_count
+from transformer_lens.head_detector import detect_head
+
+import mechprobe as mp
+
+TEXT = "The cat sat on the mat, the cat sat."
+
+
+def _patterns(model, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """``[head, q, k]`` per layer from the model's own cache, one prompt."""
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens[None])
+    return [cache[f"blocks.{layer}.attn.hook_pattern"][0].double() for layer in range(3)]
+
+
+def test_repeated_random_tokens_give_the_usual_diagonal_scores(tiny) -> None:
+    n = 9
+    res = mp.head_scores(tiny, seq_len=n, n_prompts=3, progress=False, seed=4)
+    bos = tiny.tokenizer.bos_token_id
+    per_prompt = np.zeros((3, 3, 3, tiny.cfg.n_heads))
+    for p, ids in enumerate(res.tokens):
+        tokens = torch.tensor(ids)
+        assert len(tokens) == 2 * n + 1 and tokens[0] == bos
+        half = tokens[1 : n + 1]
+        assert torch.equal(tokens[n + 1 :], half) and len(set(half.tolist())) == n
+        for layer, pattern in enumerate(_patterns(tiny, tokens)):
+            q = torch.arange(n + 1, 2 * n + 1)
+            # Olsson et al.: the diagonal seq_len back (duplicate) and seq_len - 1 back
+            # (induction); the previous token from query 2 on (query 1's is BOS, left out)
+            prev = torch.arange(2, 2 * n + 1)
+            per_prompt[0, p, layer] = pattern[:, prev, prev - 1].mean(-1).numpy()
+            per_prompt[1, p, layer] = pattern[:, q, q - n].mean(-1).numpy()
+            per_prompt[2, p, layer] = pattern[:, q, q - n + 1].mean(-1).numpy()
+    np.testing.assert_allclose(res.per_prompt, per_prompt, atol=1e-6)
+    np.testing.assert_allclose(res.scores, per_prompt.mean(1), atol=1e-6)
+    assert res.counts.tolist() == [[2 * n - 1] * 3, [n] * 3, [n] * 3]
+    # even attention over q + 1 keys puts 1 / (q + 1) on the one target
+    np.testing.assert_allclose(res.chance[2], np.mean(1 / (np.arange(n + 1, 2 * n + 1) + 1)))
+    again = mp.head_scores(tiny, seq_len=n, n_prompts=3, progress=False, seed=4)
+    assert again.prompts == res.prompts and np.array_equal(again.scores, res.scores)
+    other = mp.head_scores(tiny, seq_len=n, n_prompts=3, progress=False, seed=5)
+    assert other.prompts != res.prompts
+
+
+@pytest.mark.parametrize("kind", ["duplicate_token", "induction"])
+def test_prompts_agree_with_transformerlens_detect_head(tiny, kind) -> None:
+    tokens = tiny.to_tokens(TEXT)[0]
+    assert not bool((tokens[1:] == tokens[:-1]).any())  # detect_head counts those as induction
+    res = mp.head_scores(tiny, TEXT, kinds=[kind], progress=False)
+    theirs = detect_head(tiny, TEXT, f"{kind}_head").double().numpy()
+    # detect_head divides by every query's attention (one per query), we by the scored queries
+    share = res.counts[0, 0] / len(tokens)
+    np.testing.assert_allclose(res.scores[0] * share, theirs, atol=1e-5)
+    assert 0 < share < 1
+
+
+def test_padding_and_batch_size_change_nothing(tiny) -> None:
+    prompts = [TEXT, "abab cdcd", "Hi hi hi there, hi"]
+    one = mp.head_scores(tiny, prompts, batch_size=1, progress=False)
+    for side in ("right", "left"):
+        batch = mp.tokenize(tiny, prompts, padding_side=side)
+        many = mp.head_scores(tiny, batch, batch_size=3, progress=False)
+        np.testing.assert_allclose(many.per_prompt, one.per_prompt, atol=1e-6)
+        assert np.array_equal(many.counts, one.counts)
+        np.testing.assert_allclose(many.chance, one.chance, atol=1e-12)
+    assert one.prompts == tuple(prompts)
+
+
+def test_a_rule_of_ones_own_and_the_layers_chosen(tiny) -> None:
+    def induction(tokens: torch.Tensor) -> torch.Tensor:
+        n = len(tokens)
+        out = torch.zeros(n, n, dtype=torch.bool)
+        for q in range(n):
+            for k in range(1, q):
+                out[q, k] = bool(tokens[k - 1] == tokens[q])
+        return out
+
+    built_in = mp.head_scores(tiny, seq_len=6, n_prompts=2, kinds=["induction"], progress=False)
+    own = mp.head_scores(
+        tiny, seq_len=6, n_prompts=2, kinds={"mine": induction}, layers=[2, 0], progress=False
+    )
+    assert own.kinds == ("mine",) and own.layers == (2, 0)
+    np.testing.assert_allclose(own.scores[0], built_in.scores[0][[2, 0]], atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"kinds": ["induction_head"]}, ValueError, "Unknown head kind"),
+        ({"kinds": []}, ValueError, "kinds is empty"),
+        ({"kinds": {"x": 3}}, TypeError, "callable rule"),
+        ({"kinds": {"x": lambda t: torch.ones(len(t), len(t))}}, ValueError, "boolean"),
+        (
+            {"kinds": {"x": lambda t: torch.ones(len(t), len(t), dtype=torch.bool)}},
+            ValueError,
+            "at or after its query",
+        ),
+        ({"seq_len": 0}, ValueError, "seq_len"),
+        ({"seq_len": 10_000}, ValueError, "seq_len"),
+        ({"layers": 7}, ValueError, "out of range"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+    ],
+)
+def test_bad_arguments_are_refused_and_leave_no_hooks(tiny, kwargs, error, message) -> None:
+    before = hook_count(tiny)
+    with pytest.raises(error, match=message):
+        mp.head_scores(tiny, progress=False, **kwargs)
+    assert hook_count(tiny) == before
+
+
+def test_prompts_without_repeats_have_no_duplicate_targets(tiny) -> None:
+    with pytest.raises(ValueError, match="No query of any prompt has duplicate_token"):
+        mp.head_scores(tiny, "abc", kinds=["duplicate_token"], progress=False)
+    res = mp.head_scores(tiny, ["abc", "abab"], kinds=["duplicate_token"], progress=False)
+    assert res.counts.tolist() == [[0, 2]]
+    assert np.isnan(res.per_prompt[0, 0]).all() and np.isfinite(res.scores).all()
+
+
+def test_the_result_protocol(tiny, tmp_path) -> None:
+    res = mp.head_scores(tiny, seq_len=5, n_prompts=2, progress=False)
+    frame = res.to_frame()
+    assert len(frame) == 3 * 3 * tiny.cfg.n_heads
+    best = frame[frame.kind == "induction"].sort_values("score").iloc[-1]
+    assert (int(best["layer"]), int(best["head"])) == res.top("induction", 1)[0][:2]
+    assert len(res.summary(top=2)) == 6
+    assert len(res.plot().axes) == 6  # three maps and their colour bars
+    for suffix in (".json", ".npz"):
+        back = mp.HeadScoreResult.load(res.save(tmp_path / f"scores{suffix}"))
+        assert np.array_equal(back.scores, res.scores) and back.prompts == res.prompts
+        assert all(np.array_equal(a, b) for a, b in zip(back.tokens, res.tokens, strict=True))
+    assert "repeated random tokens" in repr(res) and "<table" in res._repr_html_()
+    with pytest.raises(ValueError, match="was not scored"):
+        res.plot(kind="copying")
+
+
+@pytest.mark.integration
+def test_smollm2_has_induction_heads_where_detect_head_finds_them(smollm2) -> None:
+    res = mp.head_scores(smollm2, progress=False)
+    layer, head, score = res.top("induction", 1)[0]
+    # measured: L18H6 0.89, then layer 17's heads 3 and 4 (0.76); chance 0.014
+    assert (layer, head) == (18, 6) and score > 0.8 and res.chance[2] < 0.02
+    assert res.top("previous_token", 1)[0][2] > 0.8
+    text = "The cat sat on the mat. The cat sat on the mat."
+    ours = mp.head_scores(smollm2, text, kinds=["induction"], progress=False)
+    theirs = detect_head(smollm2, text, "induction_head").double().numpy()
+    share = ours.counts[0, 0] / smollm2.to_tokens(text).shape[1]
+    np.testing.assert_allclose(ours.scores[0] * share, theirs, atol=1e-4)
