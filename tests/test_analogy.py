@@ -189,6 +189,7 @@ def test_offset_ranks_match_numpy(held_out: bool) -> None:
     assert list(result.baseline_ranks) == _numpy_offset_ranks(E, fit, ev, use_offset=False)
     assert result.n_fit == len(fit) and len(result.answers) == len(ev)
     assert list(result.answers) == [" " + i.output for i in ev_task.items]
+    assert result.seed == 3  # the result says how to reproduce it
 
 
 def test_planted_offset_beats_the_baseline() -> None:

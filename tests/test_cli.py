@@ -99,6 +99,8 @@ def test_patch_takes_one_answer_per_pair(tmp_path):
         (["erase", "--site", "resid_post", "--layers", "1", "--shots", "9"], "erase", "--shots 9"),
         (["lens", "Hi", "--plot", "{tmp}/heatmap.xyz"], "lens", "use .png, .pdf or .svg"),
         (["probe", "--dataset", "pos", "--positions", "all"], "probe", "labels words"),
+        # collect's "sites: unknown site 'resid_post,mlp_out'" named no flag of the shell
+        (["probe", "--dataset", "pos", "--site", "resid_post,mlp_out"], "probe", "one site kind"),
     ],
 )
 def test_bad_arguments_fail_before_the_model_loads(
@@ -222,3 +224,25 @@ def test_relation_takes_a_lens(tmp_path, capsys, monkeypatch):
     assert cli_main([*args, "--lens", str(tmp_path / "nope.safetensors"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "mechprobe relation: error" in err and "LENS is 'logit', 'patchscope'" in err
+
+
+def test_probe_folds_of_one_is_refused_by_its_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("mechprobe.cli.probe.load", _no_model)
+    with pytest.raises(SystemExit):
+        cli_main(["probe", "--dataset", "pos", "--folds", "1", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "--folds" in err and "at least 2" in err and "n_folds" not in err
+
+
+def test_lens_writes_a_run_folder_like_the_other_subcommands(tmp_path, capsys):
+    out = tmp_path / "new" / "lens"  # created with its parents, as --out is everywhere
+    args = ["lens", "A cat sat", "--target", " on", "--positions", "last", "--model", "tiny"]
+    assert cli_main([*args, "--quiet", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"result.json", "lens.png", "report.md"}
+    saved = mp.load_result(out / "result.json")
+    direct = mp.logit_lens(mp.tiny_model(), ["A cat sat"], targets=[[" on"]], progress=False)
+    np.testing.assert_allclose(saved.target_prob, direct.target_prob, atol=1e-6)
+    np.testing.assert_allclose(saved.kl_to_final, direct.kl_to_final, atol=1e-6)
+    (tmp_path / "file").write_text("x")
+    assert cli_main(["lens", "Hi", "--model", "tiny", "--out", str(tmp_path / "file")]) == 2
+    assert "--out" in capsys.readouterr().err

@@ -153,7 +153,25 @@ def test_cli_dla_of_a_task_reports_the_librarys_refusal(tmp_path, capsys):
     # The tiny tokenizer spells the space alone: every answer starts like its argument.
     args = ["dla", "--task", "capitals", "--shots", "1", "--n-items", "3", "--model", "tiny"]
     assert cli_main([*args, "--quiet", "--out", str(tmp_path / "d")]) == 2
-    assert "Every item of task 'capitals'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the library's way out (metric=...) is not the shell's
+    assert "Every item of task 'capitals'" in err and "--prompt/--answer/--wrong" in err
+    assert "metric=" not in err
+
+
+def test_cli_path_patching_sends_from_every_head_without_sites(tmp_path):
+    # --sites defaulted to resid_pre, which path patching refuses as a sender ("senders:
+    # 'resid_pre' is not accepted here") though the user never typed it
+    out = tmp_path / "paths"
+    args = [*PATCH, "--wrong", "2", "--receivers", "final", "--n-random", "0", "--model", "tiny"]
+    assert cli_main([*args, "--quiet", "--out", str(out)]) == 0
+    saved = mp.core.load_result(out / "result.json")
+    direct = mp.path_patch(
+        mp.tiny_model(), "A cat sat", "A bat sat", "head", "final", mp.logit_diff("1", "2"),
+        positions=-1, n_random=0, progress=False,
+    )  # fmt: skip
+    assert saved.senders == direct.senders
+    np.testing.assert_allclose(saved.per_pair, direct.per_pair, atol=1e-6)
 
 
 @pytest.mark.parametrize(

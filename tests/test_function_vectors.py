@@ -139,6 +139,21 @@ def test_result_protocol_and_errors(model, task, result, tmp_path):
         mp.function_vector(model, task.with_shots(1), progress=False)
     with pytest.raises(ValueError, match="n_heads"):
         mp.function_vector(model, task, n_heads=0, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        mp.function_vector(model, task, batch_size=0, progress=False)
+
+
+def test_batch_size_changes_nothing(model, task, result):
+    # function_vector had no batch_size, unlike every other function that runs prompts
+    small = mp.function_vector(
+        model, task, n_heads=3, n_prompts=N_PROMPTS, n_random=2, seed=SEED, batch_size=1,
+        progress=False,
+    )  # fmt: skip
+    assert small.heads == result.heads
+    np.testing.assert_allclose(small.vector, result.vector, atol=1e-5)
+    assert small.conditions == result.conditions
+    np.testing.assert_allclose(small.accuracy, result.accuracy)
+    np.testing.assert_array_equal(small.correct, result.correct)
 
 
 def test_mean_ablation_at_reference_positions(model):
@@ -175,10 +190,10 @@ def test_random_vectors_are_the_seeds_draws_and_absent_without_n_random(model, t
     real = fv_module._accuracy
     added: list[torch.Tensor] = []
 
-    def spy(model, prompts, answers, vector, layer):
+    def spy(model, prompts, answers, vector, layer, batch_size=32):
         if vector is not None:
             added.append(vector.clone())
-        return real(model, prompts, answers, vector, layer)
+        return real(model, prompts, answers, vector, layer, batch_size)
 
     monkeypatch.setattr(fv_module, "_accuracy", spy)
     res = mp.function_vector(model, task, n_heads=3, n_prompts=4, n_random=2, seed=7,

@@ -293,6 +293,7 @@ def test_training_is_deterministic_for_a_seed_and_lowers_the_loss(tiny):
         tiny, {"logit": "logit", "tuned": a}, TEXT, sites="resid_mid", n_tokens=128, seq_len=32
     )
     assert (cmp.kl[1] < cmp.kl[0]).all(), cmp.kl
+    assert cmp.seed == 0  # the result says how to reproduce it
 
 
 def test_training_works_where_the_caller_turned_gradients_off(tiny):

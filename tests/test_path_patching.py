@@ -220,6 +220,13 @@ def test_result_protocol(tiny, tmp_path):
         ({"direction": "sideways"}, "denoising"),
         ({"method": "guess"}, "'exact' or 'attribution'"),
         ({"method": "attribution", "direction": "noising"}, "estimates denoising"),
+        ({"senders": []}, "senders is empty: pass a site kind such as 'head'"),
+        # a Site's own positions were dropped: every position was patched, without a word
+        ({"senders": mp.Site("mlp_out", 0, positions=[-1])}, "senders: .* carries positions"),
+        (
+            {"receivers": ["final", mp.Site("mlp_in", 2, positions=[-1])]},
+            "receivers: .* carries positions",
+        ),
     ],
 )
 def test_bad_input_fails_before_running(tiny, kwargs, message):

@@ -298,3 +298,27 @@ def test_activations_save_to_folders_and_load_result_points_there(tmp_path, tiny
     folder = acts.save(tmp_path / "acts")
     with pytest.raises(ValueError, match=r"holds activations: read them with .*Activations.load"):
         load_result(folder)
+
+
+def test_seeded_results_record_their_seed_and_older_files_load_without_it(tmp_path) -> None:
+    # ProbeResult, CumulativeScores (and LensComparison, AnalogyResult, AmnesicResult) did not
+    # say which seed made them, though their functions take one.
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(120, 2, 4)), rng.integers(0, 2, 120)
+    probes = mp.probe_layers(X, y, seed=7, progress=False)
+    scores = mp.cumulative_scores(X, y, seed=8, max_iter=20, progress=False)
+    assert probes.seed == 7 and scores.seed == 8
+    for result in (probes, scores):
+        path = result.save(tmp_path / f"{type(result).__name__}.json")
+        record = json.loads(path.read_text())
+        assert record["seed"] == result.seed
+        del record["seed"]  # as a file saved before the field existed
+        path.write_text(json.dumps(record))
+        assert type(result).load(path).seed is None
+
+
+def test_amnesic_records_its_seed(tiny) -> None:
+    eraser = mp.random_projection(64, 2, seed=0)
+    result = mp.amnesic(tiny, mp.Site("resid_post", 1), eraser, text=["Hi there"], n_random=1,
+                        seed=4, dropout=False)  # fmt: skip
+    assert result.seed == 4

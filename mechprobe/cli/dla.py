@@ -110,6 +110,13 @@ def main(args: argparse.Namespace) -> int:
             prompts = [fix(p) for p in args.prompt]
             result = mp.direct_logit_attribution(model, prompts, metric, **common)
     except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:
-        return fail(str(err))
+        # the library's way out names its Python argument; the shell's is --prompt/--answer
+        return fail(
+            str(err).replace(
+                "Pass metric=mp.logit_diff(answer, wrong) with other wrong answers.",
+                "Give prompts with their answers and wrong answers instead "
+                "(--prompt/--answer/--wrong).",
+            )
+        )
     problem = write_run_folder("dla", args, result, "dla.png")
     return fail(problem) if problem else 0

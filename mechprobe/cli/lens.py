@@ -4,6 +4,7 @@ Example::
 
     mechprobe lens "Q: What is the capital of Poland?\\nA:" --target " Warsaw" --target " Poland" \\
         --positions all --plot lens.png --json lens.json
+    mechprobe lens "The capital of Poland is" --target " Warsaw" --out runs/poland
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mechprobe.cli._arguments import (
     output_problem,
     positions_type,
 )
+from mechprobe.cli._run_folder import write_run_folder
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 _HELP = """\
@@ -69,8 +71,8 @@ def add_parser(sub: Any) -> None:
         "--positions",
         type=positions_type("all"),
         default=-1,
-        help="'all', an int or comma-separated ints; -1 = last token (default); write lists "
-        "that start with a minus as --positions=-3,-1",
+        help="'last' or -1 (each prompt's last token, the default), 'all', an int or "
+        "comma-separated ints; write lists that start with a minus as --positions=-3,-1",
     )
     add_layers_argument(parser, "layers decoded")
     parser.add_argument("--top-k", type=int, default=10, help="tokens kept per cell (default 10)")
@@ -84,6 +86,12 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument("--trajectory", metavar="PNG", help="write the targets' rank trajectory")
     parser.add_argument("--json", metavar="PATH", help="write the full result (.json or .npz)")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write result.json, lens.png and report.md here, as the other subcommands do "
+        "(created with its parents)",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
     parser.add_argument("--raw", action="store_true", help="do not interpret backslash escapes")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -138,6 +146,10 @@ def main(args: argparse.Namespace) -> int:
     if args.json and not args.json.endswith((".json", ".npz")):
         print("mechprobe lens: error: --json must name a .json or .npz file", file=sys.stderr)
         return 2
+    problem = args.out and output_problem(args.out, folder=True)
+    if problem:
+        print(f"mechprobe lens: error: --out: {problem}", file=sys.stderr)
+        return 2
     for option in ("json", "plot", "trajectory"):
         problem = getattr(args, option) and output_problem(getattr(args, option))
         if problem:
@@ -178,4 +190,9 @@ def main(args: argparse.Namespace) -> int:
     if args.trajectory:
         result.plot_trajectory(list(range(len(prompts)))).savefig(args.trajectory, dpi=150)
         print(f"wrote {args.trajectory}")
+    if args.out:
+        problem = write_run_folder("lens", args, result, "lens.png")
+        if problem:
+            print(f"mechprobe lens: error: {problem}", file=sys.stderr)
+            return 2
     return 0

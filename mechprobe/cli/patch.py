@@ -37,8 +37,8 @@ MLP), resid_post, attn_out, mlp_out (every layer) and the head kinds head
 (z), q, k, v, pattern, head_out (every layer x head; k and v name key/value heads). Backslash
 escapes \\n and \\t in prompts and answers are interpreted (--raw keeps them).
 
-Path patching: with --receivers (final, q, k, v, mlp_in), --sites are the senders (head, mlp_out,
-attn_out) and each sender -> receiver path is patched through the direct path only (everything
+Path patching: with --receivers (final, q, k, v, mlp_in), --sites are the senders (head, the
+default there, mlp_out, attn_out) and each sender -> receiver path is patched through the direct path only (everything
 else frozen); --method attribution estimates every path from one forward and backward pass per
 pair (edge attribution patching).
 """
@@ -70,15 +70,16 @@ def add_parser(sub: Any) -> None:
         "logit(wrong) (default: the answer's probability)",
     )
     parser.add_argument(
-        "--sites", default="resid_pre", help="comma-separated site kinds (default resid_pre)"
+        "--sites",
+        help="comma-separated site kinds (default resid_pre; with --receivers, the senders: head)",
     )
     add_layers_argument(parser, "layers patched")
     parser.add_argument(
         "--positions",
         type=positions_type("all"),
         default=-1,
-        help="'all', 'last' (default) or ints; write lists that start with a minus as "
-        "--positions=-3,-1",
+        help="'last' or -1 (each prompt's last token, the default), 'all', an int or "
+        "comma-separated ints; write lists that start with a minus as --positions=-3,-1",
     )
     parser.add_argument(
         "--receivers",
@@ -140,7 +141,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         model = load(args.model, args.device)
         metric = mp.logit_diff(answer, wrong) if args.wrong else mp.answer_prob(answer)
-        sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+        given = args.sites or ("head" if args.receivers is not None else "resid_pre")
+        sites = [s.strip() for s in given.split(",") if s.strip()]
         common: dict[str, Any] = {
             "layers": args.layers,
             "n_random": args.n_random,

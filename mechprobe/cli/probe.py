@@ -62,13 +62,15 @@ def add_parser(sub: Any) -> None:
         "--positions",
         type=_positions,
         default=-1,
-        help="tokens read: -1 (default: each text's last token; each word's last token for "
-        "word-level data), all, or word_last",
+        help="tokens read: last or -1 (default: each text's last token; each word's last token "
+        "for word-level data), all, or word_last",
     )
     parser.add_argument(  # the old name (one release): last, all or word_last
         "--select", type=_positions, dest="positions", help=argparse.SUPPRESS
     )
-    parser.add_argument("--folds", type=int, help="k-fold cross-validation instead of a holdout")
+    parser.add_argument(
+        "--folds", type=_folds, help="k-fold cross-validation (k >= 2) instead of a holdout"
+    )
     parser.add_argument("--mlp", action="store_true", help="MLP probes instead of linear ones")
     parser.add_argument(
         "--l2", type=float, default=1e-3, help="L2 penalty on the mean loss (default 1e-3)"
@@ -86,13 +88,26 @@ def add_parser(sub: Any) -> None:
     parser.set_defaults(func=main)
 
 
+def _folds(text: str) -> int:
+    """``--folds``: an int of at least 2 (one fold has nothing to hold out)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be an int of at least 2, not {text!r}")
+    return value
+
+
 def _positions(text: str) -> int | str:
     """``-1`` (or ``last``), ``all`` or ``word_last``."""
     if text in ("-1", "last"):
         return -1
     if text in ("all", "word_last"):
         return text
-    raise argparse.ArgumentTypeError(f"positions must be -1, all or word_last, not {text!r}")
+    raise argparse.ArgumentTypeError(
+        f"positions must be last (or -1), all or word_last, not {text!r}"
+    )
 
 
 def load_dataset(name: str, seed: int = 0) -> Any:
@@ -153,6 +168,13 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         print(f"mechprobe probe: error: --out: {problem}", file=sys.stderr)
         return 2
+    if "," in args.site:
+        print(
+            f"mechprobe probe: error: --site takes one site kind, probed at every layer of "
+            f"--layers, not {args.site!r}: run once per kind.",
+            file=sys.stderr,
+        )
+        return 2
     created = not args.out.exists()
     try:
         dataset = load_dataset(args.dataset, args.seed)
@@ -189,7 +211,9 @@ def main(args: argparse.Namespace) -> int:
         # A run refused before it wrote anything leaves no empty folder behind (as erase).
         if created and args.out.is_dir() and not any(args.out.iterdir()):
             args.out.rmdir()
-        print(f"mechprobe probe: error: {err}", file=sys.stderr)
+        # the library names its arguments; say the flags typed here
+        message = str(err).replace("n_folds", "--folds").replace("sites:", "--site:")
+        print(f"mechprobe probe: error: {message}", file=sys.stderr)
         return 2
     result.save(args.out / "result.json")
     fig = result.plot()

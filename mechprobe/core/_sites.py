@@ -447,15 +447,16 @@ def expand_sites(
         >>> [str(s) for s in expand_sites(tiny_model(), ["mlp_out", "blocks.0.hook_resid_pre"])]
         ['mlp_out@0', 'mlp_out@1', 'mlp_out@2', 'resid_pre@0']
     """
+    example = "resid_post" if "resid_post" in kinds else kinds[0]
     if not isinstance(sites, (str, Site, Sequence)) or isinstance(sites, bytes):
         # None or 3 gave a bare "'NoneType' object is not iterable".
         raise TypeError(
-            f"{what} must be a site kind such as 'resid_post', a Site, a hook name or a list of "
+            f"{what} must be a site kind such as {example!r}, a Site, a hook name or a list of "
             f"them, not {sites!r}."
         )
     items = [sites] if isinstance(sites, (str, Site)) else list(sites)
     if not items:
-        raise ValueError(f"{what} is empty: pass a site kind such as 'resid_post', or Sites.")
+        raise ValueError(f"{what} is empty: pass a site kind such as {example!r}, or Sites.")
     layer_list: list[int] | None = None
     hooks: Mapping[str, Any] | None = None
     found: list[Site] = []

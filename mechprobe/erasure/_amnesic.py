@@ -220,6 +220,7 @@ def amnesic(
         measures=tuple(measures),
         majority_baseline=majority,
         counts=counts,
+        seed=seed,
     )
 
 

@@ -90,6 +90,7 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
             ``lm_accuracy`` and ``lm_loss`` average over), ``kl_tokens`` (what ``lm_kl``
             averages over: also the last erased token, whose next-token prediction an erasure
             at ``-1`` changes), ``task_items``, ``probe_examples``.
+        seed: The seed the call took (None in files saved before results recorded it).
 
     Saved as JSON, the record starts with the headline numbers of :meth:`headline` (what
     ``mechprobe erase`` prints), then every field.
@@ -112,6 +113,7 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
     measures: tuple[AmnesicMeasure, ...]
     majority_baseline: float | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    seed: int | None = None
 
     # --- reading numbers -----------------------------------------------------------------------
 

@@ -61,6 +61,7 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
         n_positions: Positions scored (the same for every lens and entry).
         text: What was read (``"heldout"``, a file, or the number of strings given).
         model_name: The model's name.
+        seed: The seed the call took (None in files saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -81,6 +82,7 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
     n_positions: int
     text: str
     model_name: str = ""
+    seed: int | None = None
 
     def to_frame(self) -> pd.DataFrame:
         """One row per (lens, site, layer): kl, kl_sem, precision_at_1, n_positions."""
@@ -288,6 +290,7 @@ def compare_lenses(
         n_positions=count,
         text=str(text) if isinstance(text, (str, os.PathLike)) else f"{len(text)} text(s)",
         model_name=str(getattr(model.cfg, "model_name", "")),
+        seed=seed,
     )
 
 

@@ -306,7 +306,18 @@ def _first_of_each(pairs: list[tuple[int, int]], wanted: list[int], pair: int) -
 
 def _senders(model: Any, senders: Any, layers: Layers) -> list[Site]:
     found = expand_sites(model, senders, layers=layers, kinds=SENDER_KINDS, what="senders")
+    _refuse_positions(found, "senders")
     return [Site("head", s.layer, head=s.head) if s.kind == "head_out" else s for s in found]
+
+
+def _refuse_positions(sites: Sequence[Site | None], what: str) -> None:
+    """A Site's own positions would be dropped: path_patch patches at its ``positions=``."""
+    for site in sites:
+        if site is not None and site.positions is not None:
+            raise ValueError(
+                f"{what}: {site} carries positions ({site.positions!r}): path_patch patches "
+                "every path at the positions given by positions=; pass them there instead."
+            )
 
 
 def _receivers(model: Any, receivers: Any, layers: Layers) -> list[Site | None]:
@@ -317,6 +328,7 @@ def _receivers(model: Any, receivers: Any, layers: Layers) -> list[Site | None]:
         out.append(None)
     if rest:
         out += expand_sites(model, rest, layers=layers, kinds=RECEIVER_KINDS, what="receivers")
+    _refuse_positions(out, "receivers")
     if not out:
         raise ValueError(
             "receivers is empty: pass 'final', 'q', 'k', 'v', 'mlp_in' or Sites of them."

@@ -72,6 +72,7 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
         mix_accuracy: held-out accuracy of the scalar-mix probe, or None.
         sites: ``[L]`` the site names of :class:`Activations` (hook names, or
             ``"head_out@3, head 2"``), or None for a plain array.
+        seed: The seed the call took (None in files saved before results recorded it).
 
     Example:
         >>> import numpy as np
@@ -94,6 +95,7 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
     expected_layer: float | None = None
     mix_accuracy: float | None = None
     sites: tuple[str, ...] | None = None
+    seed: int | None = None
 
     def entry_names(self) -> list[str]:
         """What each entry of the layer axis is: ``"layer 10"``, or its site where entries share
@@ -402,6 +404,7 @@ def probe_layers(
         expected_layer=float(layers @ mix_w / n) if scalar_mix else None,
         mix_accuracy=mix_acc / n if scalar_mix else None,
         sites=sites,
+        seed=seed,
     )
 
 

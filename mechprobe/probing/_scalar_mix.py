@@ -225,6 +225,7 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
         n_train: training rows; n_test: held-out rows.
         layers: ``[layers]`` the model layer of each entry, read from the site names of
             :class:`Activations` (as :class:`ProbeResult`); positions for a plain array.
+        seed: The seed the call took (None in files saved before results recorded it).
 
     Example:
         >>> import numpy as np, mechprobe as mp
@@ -241,6 +242,7 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
     n_train: int
     n_test: int
     layers: np.ndarray | None = None
+    seed: int | None = None
 
     def _layers(self) -> np.ndarray:
         return np.arange(len(self.scores)) if self.layers is None else np.asarray(self.layers)
@@ -385,7 +387,9 @@ def cumulative_scores(
         weights[start:stop, :stop] = fit.weights.cpu().numpy()
     deltas = np.concatenate([[np.nan], np.diff(scores)])
     expected = _expected_layer(scores, layers, len(y_test_idx))
-    return CumulativeScores(scores, deltas, expected, weights, n_train, len(y_test_idx), layers)
+    return CumulativeScores(
+        scores, deltas, expected, weights, n_train, len(y_test_idx), layers, seed=seed
+    )
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,7 @@ class AnalogyResult(Result, format="mechprobe.AnalogyResult", version=2):
         offset_ranks: Rank of the answer nearest to ``argument + offset``.
         baseline_ranks: Rank of the answer nearest to the argument alone.
         offset_predictions, baseline_predictions: The top-1 token of each.
+        seed: The seed the call took (None in files saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -182,6 +183,7 @@ class AnalogyResult(Result, format="mechprobe.AnalogyResult", version=2):
     baseline_ranks: tuple[int, ...]
     offset_predictions: tuple[str, ...]
     baseline_predictions: tuple[str, ...]
+    seed: int | None = None
 
     def _rate(self, ranks: tuple[int, ...], k: int) -> float:
         return float(np.mean(np.asarray(ranks) < k))
@@ -421,4 +423,5 @@ def offset_accuracy(
         baseline_ranks=tuple(int(r) for r in base_ranks),
         offset_predictions=tuple(_decode(model, int(t)) for t in offset_top),
         baseline_predictions=tuple(_decode(model, int(t)) for t in base_top),
+        seed=seed,
     )

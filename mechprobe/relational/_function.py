@@ -209,14 +209,20 @@ def shuffled_prompts(task: Task, *, seed: int = 0) -> list[str]:
 
 
 def _accuracy(
-    model: Any, prompts: list[str], answers: list[int], vector: torch.Tensor | None, layer: int
+    model: Any,
+    prompts: list[str],
+    answers: list[int],
+    vector: torch.Tensor | None,
+    layer: int,
+    batch_size: int = 32,
 ) -> np.ndarray:
     """Per prompt: whether the top next token is the answer's first token, with ``vector``
     added to the residual stream after block ``layer`` at the last token."""
     spec: dict[SiteLike, Intervention] | None = None
     if vector is not None:
         spec = {Site("mlp_out", layer): Add(vector, positions=-1)}
-    logits = run(model, prompts, spec, logit_positions=-1, progress=False).logits[:, 0]
+    out = run(model, prompts, spec, logit_positions=-1, batch_size=batch_size, progress=False)
+    logits = out.logits[:, 0]
     return top1_hit(logits, torch.as_tensor(answers)).cpu().numpy().astype(float)
 
 
@@ -229,6 +235,7 @@ def function_vector(
     n_prompts: int = 20,
     test_size: float | int = 0.5,
     n_random: int = 3,
+    batch_size: int = 32,
     seed: int = 0,
     progress: bool = True,
 ) -> FunctionVectorResult:
@@ -244,6 +251,8 @@ def function_vector(
         n_prompts: Fit items (few-shot prompts) the AIE and the means are averaged over.
         test_size: Held-out share (or count) of the items the accuracies are measured on.
         n_random: Random controls: per head in the AIE, and random vectors of the FV's norm.
+        batch_size: Prompts per forward pass where whole prompts run (the head means, the
+            accuracies); the AIE's cells are packed by :func:`ablate_cells`.
         seed: Seed of the split, the label shuffles and the random directions.
         progress: Show progress bars.
 
@@ -266,6 +275,7 @@ def function_vector(
     check_int(n_heads, "n_heads", 1, n_layers * heads_per_layer)
     check_int(n_prompts, "n_prompts", 1)
     check_int(n_random, "n_random", 0)
+    check_int(batch_size, "batch_size", 1)
     seed = check_seed(seed)
     if len(task.shots) < 2:
         raise ValueError(
@@ -298,7 +308,9 @@ def function_vector(
     top = tuple((int(i) // heads_per_layer, int(i) % heads_per_layer) for i in order)
     sites = [Site("head", la, head=h, positions=-1) for la, h in top]
     with torch.no_grad():
-        captured = run(model, clean, capture=sites, logit_positions=-1, progress=False)
+        captured = run(
+            model, clean, capture=sites, logit_positions=-1, batch_size=batch_size, progress=False
+        )
         fv = torch.zeros(int(model.cfg.d_model), dtype=torch.float64)
         for site in sites:
             z = captured[site][:, -1].double().mean(0).cpu()
@@ -307,7 +319,7 @@ def function_vector(
     vector = fv.float()
     held = test.with_shots(0).prompts()
     held_answers = first_token_ids(model, test.answers())
-    fitted = task_pass(model, fit, progress=False)
+    fitted = task_pass(model, fit, batch_size=batch_size, progress=False)
     # Merullo et al. average correctly answered prompts; a model that answers none (a random
     # test model) gets the mean over all of them.
     ovector = fit_ovector(fitted, layer, only_correct=bool(fitted.score.correct.any()))
@@ -321,16 +333,19 @@ def function_vector(
     ]
     randoms = [r * (vector.norm() / r.norm()) for r in randoms]
     rows = {
-        "zero-shot": _accuracy(model, held, held_answers, None, layer),
-        "few-shot": _accuracy(model, test.prompts(), held_answers, None, layer),
-        "function vector": _accuracy(model, held, held_answers, vector, layer),
+        "zero-shot": _accuracy(model, held, held_answers, None, layer, batch_size),
+        "few-shot": _accuracy(model, test.prompts(), held_answers, None, layer, batch_size),
+        "function vector": _accuracy(model, held, held_answers, vector, layer, batch_size),
         "random vector": (
-            np.mean([_accuracy(model, held, held_answers, r, layer) for r in randoms], axis=0)
+            np.mean(
+                [_accuracy(model, held, held_answers, r, layer, batch_size) for r in randoms],
+                axis=0,
+            )
             if randoms
             else np.full(len(held), np.nan)
         ),
-        "o-vector": _accuracy(model, held, held_answers, o, layer),
-        "o-vector (FV norm)": _accuracy(model, held, held_answers, o_scaled, layer),
+        "o-vector": _accuracy(model, held, held_answers, o, layer, batch_size),
+        "o-vector (FV norm)": _accuracy(model, held, held_answers, o_scaled, layer, batch_size),
     }
     fv_norm = float(vector.norm())
     random_norm = fv_norm if randoms else np.nan  # no random vector was added
