@@ -272,3 +272,19 @@ def test_cli_heads_refuses_an_unknown_kind(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["heads", "--kinds", "copying", "--out", str(tmp_path / "d")])
     assert "kinds are a comma-separated list" in capsys.readouterr().err
+
+
+def test_cli_receiver_layers_reach_path_patch(tmp_path, capsys):
+    out = tmp_path / "split"
+    args = [*PATCH, "--wrong", "2", "--receivers", "q", "--layers", "0-1"]
+    opts = ["--receiver-layers", "2", "--n-random", "0", "--model", "tiny", "--quiet"]
+    assert cli_main([*args, *opts, "--out", str(out)]) == 0
+    saved = mp.core.load_result(out / "result.json")
+    direct = mp.path_patch(
+        mp.tiny_model(), "A cat sat", "A bat sat", "head", "q", mp.logit_diff("1", "2"),
+        positions=-1, layers=[0, 1], receiver_layers=[2], n_random=0, progress=False,
+    )  # fmt: skip
+    assert saved.receivers == direct.receivers and saved.senders == direct.senders
+    np.testing.assert_allclose(saved.per_pair, direct.per_pair, atol=1e-6)
+    assert cli_main([*PATCH, "--receiver-layers", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "add --receivers" in capsys.readouterr().err

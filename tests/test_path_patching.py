@@ -327,3 +327,34 @@ def test_attribution_estimates_every_path_of_the_exact_run(tiny):
     )  # fmt: skip
     np.testing.assert_allclose(joined.per_pair, whole.per_pair, atol=1e-6)
     np.testing.assert_allclose(joined.random, whole.random, atol=1e-6)
+
+
+def test_receiver_layers_cover_the_receivers_alone(tiny):
+    # one layers= covered both: "heads of layers 0-1 to the queries of layer 2" needed Sites
+    split = mp.path_patch(
+        tiny, CLEAN, CORRUPT, "head", "q", METRIC, layers=[0, 1], receiver_layers=[2],
+        n_random=0, progress=False,
+    )  # fmt: skip
+    n_heads = tiny.cfg.n_heads
+    assert split.senders == tuple(f"head@{la}, head {h}" for la in (0, 1) for h in range(n_heads))
+    assert split.receivers == tuple(f"q@2, head {h}" for h in range(n_heads))
+    by_sites = mp.path_patch(
+        tiny, CLEAN, CORRUPT,
+        [mp.Site("head", la, head=h) for la in (0, 1) for h in range(n_heads)],
+        [mp.Site("q", 2, head=h) for h in range(n_heads)],
+        METRIC, n_random=0, progress=False,
+    )  # fmt: skip
+    np.testing.assert_array_equal(split.per_pair, by_sites.per_pair)
+    assert np.isfinite(split.values).all()
+
+
+def test_results_say_their_method(tiny):
+    kw = {"n_random": 0, "progress": False}
+    exact = mp.path_patch(tiny, CLEAN, CORRUPT, "mlp_out", "final", METRIC, **kw)
+    guess = mp.path_patch(
+        tiny, CLEAN, CORRUPT, "mlp_out", "final", METRIC, method="attribution", **kw
+    )
+    assert (exact.method, guess.method) == ("exact", "attribution")
+    cells = mp.patch(tiny, CLEAN, CORRUPT, "mlp_out", -1, METRIC, **kw)
+    grads = mp.attribution_patch(tiny, CLEAN, CORRUPT, "mlp_out", -1, METRIC, **kw)
+    assert (cells.method, grads.method) == ("exact", "attribution")

@@ -18,6 +18,7 @@ from typing import Any
 from mechprobe.cli._arguments import (
     add_layers_argument,
     add_model_argument,
+    layers_type,
     load,
     output_problem,
     positions_type,
@@ -85,6 +86,12 @@ def add_parser(sub: Any) -> None:
         "--receivers",
         help="path patching: comma-separated receivers (final, q, k, v, mlp_in); --sites are senders",
     )
+    parser.add_argument(
+        "--receiver-layers",
+        type=layers_type,
+        help="path patching: the layers --receivers cover (default: --layers, which then "
+        "cover the senders alone)",
+    )
     parser.add_argument("--method", choices=("exact", "attribution"), default="exact")
     parser.add_argument("--direction", choices=("denoising", "noising"), default="denoising")
     parser.add_argument("--n-random", type=int, default=3, help="random controls (default 3)")
@@ -131,6 +138,8 @@ def main(args: argparse.Namespace) -> int:
             "--method attribution runs one forward and backward pass per prompt pair, whatever "
             "the cells: drop --cells-per-batch"
         )
+    if args.receiver_layers is not None and args.receivers is None:
+        return fail("--receiver-layers applies to path patching: add --receivers, or drop it")
     fix = (lambda s: s) if args.raw else unescape
     clean, corrupt = [fix(p) for p in args.clean], [fix(p) for p in args.corrupt]
     # One answer for every pair is passed as a string, so the report shows it once.
@@ -162,6 +171,7 @@ def main(args: argparse.Namespace) -> int:
                 receivers,
                 metric,
                 positions=args.positions,
+                receiver_layers=args.receiver_layers,
                 direction=args.direction,
                 method=args.method,
                 **common,

@@ -155,6 +155,12 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
         return concat_pairs(cls, results)
 
     @property
+    def method(self) -> str:
+        """``"attribution"`` for edge attribution's estimate (``direction`` records it too),
+        ``"exact"`` where every path was patched."""
+        return "attribution" if self.direction == "attribution" else "exact"
+
+    @property
     def clean_metric(self) -> float:
         """The clean run's metric, mean over pairs."""
         return float(np.mean(self.clean))
@@ -426,6 +432,7 @@ def path_patch(
     *,
     positions: PositionSpec = "all",
     layers: Layers = "all",
+    receiver_layers: Layers | None = None,
     direction: Direction = "denoising",
     method: Method = "exact",
     n_random: int = 3,
@@ -454,7 +461,11 @@ def path_patch(
         positions: Positions whose sender change reaches the receiver: ``"all"`` (the default;
             clean and corrupt prompts of one length), or ints (negative from each prompt's end).
             The final residual is read at the last position only.
-        layers: The layers a kind in ``senders`` or ``receivers`` covers.
+        layers: The layers a kind in ``senders`` covers, and in ``receivers`` unless
+            ``receiver_layers`` is given.
+        receiver_layers: The layers a kind in ``receivers`` covers (None: ``layers``), so that
+            ``senders="head", layers=[0, 1], receivers="q", receiver_layers=[2]`` sends from the
+            first two layers' heads to the third's queries.
         direction: ``"denoising"`` (run corrupt, pass on the clean sender's change) or
             ``"noising"``.
         method: ``"exact"`` (patch each path), or ``"attribution"``: the first-order estimate
@@ -498,7 +509,9 @@ def path_patch(
     n_pairs = len(clean_ids)
     src, base = (clean_ids, corrupt_ids) if direction == "denoising" else (corrupt_ids, clean_ids)
     sender_list = _senders(model, senders, layers)
-    receiver_list = _receivers(model, receivers, layers)
+    receiver_list = _receivers(
+        model, receivers, layers if receiver_layers is None else receiver_layers
+    )
     wanted, resolved = position_pairs(positions, [len(t) for t in src], [len(t) for t in base])
     metric_fn, metric_name = bind_metric(model, metric, n_pairs)
     final = f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post"

@@ -195,6 +195,12 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         return self.direction.endswith("ablation")
 
     @property
+    def method(self) -> str:
+        """``"attribution"`` for :func:`attribution_patch`'s gradient estimate (``direction``
+        records it too), ``"exact"`` where every cell was patched or ablated."""
+        return "attribution" if self.direction == "attribution" else "exact"
+
+    @property
     def spread(self) -> np.ndarray:
         """``[sites, positions]`` standard deviation of the per-pair values (0 for one pair)."""
         return self.per_pair.std(axis=0)
