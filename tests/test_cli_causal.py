@@ -288,3 +288,15 @@ def test_cli_receiver_layers_reach_path_patch(tmp_path, capsys):
     np.testing.assert_allclose(saved.per_pair, direct.per_pair, atol=1e-6)
     assert cli_main([*PATCH, "--receiver-layers", "2", "--out", str(tmp_path / "x")]) == 2
     assert "add --receivers" in capsys.readouterr().err
+
+
+def test_cli_dla_positions_reach_the_api(tmp_path):
+    out = tmp_path / "dla"
+    args = ["dla", "--prompt", "A cat sat", "--answer", "1", "--wrong", "2", "--positions=-2"]
+    assert cli_main([*args, "--model", "tiny", "--quiet", "--out", str(out)]) == 0
+    saved = mp.core.load_result(out / "result.json")
+    direct = mp.direct_logit_attribution(
+        mp.tiny_model(), ["A cat sat"], mp.logit_diff("1", "2"), positions=-2, progress=False
+    )
+    assert saved.position == -2
+    np.testing.assert_allclose(saved.attributions, direct.attributions, atol=1e-6)

@@ -358,3 +358,21 @@ def test_smollm2_capital_answer_splits_exactly_into_its_writes(smollm2):
     np.testing.assert_allclose(by_task.logit_diff, own.numpy(), atol=1e-4)
     np.testing.assert_allclose(by_task.attributions.sum(1), own.numpy(), atol=1e-3)
     assert by_task.answers == tuple(smollm2.tokenizer.decode([a]) for a in ans)
+
+
+def test_an_earlier_position_splits_the_prefix_that_ends_there(tiny):
+    # causal: position -2 of "Hi cat" reads the same prefix as the last token of "Hi ca"
+    metric = mp.logit_diff(5, 6)
+    earlier = mp.direct_logit_attribution(
+        tiny, ["Hi cat", "Hello dog"], metric, heads=True, positions=-2, progress=False
+    )
+    prefix = mp.direct_logit_attribution(
+        tiny, ["Hi ca", "Hello do"], metric, heads=True, progress=False
+    )
+    assert earlier.position == -2 and prefix.position == -1
+    np.testing.assert_allclose(earlier.attributions, prefix.attributions, atol=1e-5)
+    np.testing.assert_allclose(earlier.logit_diff, prefix.logit_diff, atol=1e-5)
+    with pytest.raises(TypeError, match="one int"):
+        mp.direct_logit_attribution(tiny, "Hi", metric, positions=[0, 1], progress=False)
+    with pytest.raises(ValueError, match="prompt 0"):
+        mp.direct_logit_attribution(tiny, "Hi", metric, positions=-40, progress=False)

@@ -48,6 +48,13 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--wrong", action="append", default=[], help="wrong answer, as --answer")
     parser.add_argument("--heads", action="store_true", help="split attention into its heads")
     parser.add_argument(
+        "--positions",
+        type=int,
+        default=-1,
+        help="the one position split: -1 (each prompt's last token, the default) or another "
+        "int, negative from each prompt's end (write --positions=-2)",
+    )
+    parser.add_argument(
         "--batch-size", type=positive_int, default=32, help="prompts per forward pass (32)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of --n-items (default 0)")
@@ -88,6 +95,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         common: dict[str, Any] = {
             "heads": args.heads,
+            "positions": args.positions,
             "batch_size": args.batch_size,
             "progress": not args.quiet,
         }

@@ -41,6 +41,7 @@ from mechprobe.core import (
     PaddingSide,
     Result,
     Site,
+    as_int,
     check_heads_sum,
     check_int,
     first_token_ids,
@@ -91,10 +92,11 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
         head: ``[components]`` the head of a ``"head"`` component, -1 otherwise.
         attributions: ``[prompts, components]`` each write's direct effect on the logit
             difference; a row sums to :attr:`logit_diff` up to the model dtype's rounding.
-        logit_diff: ``[prompts]`` the model's own ``logit[answer] - logit[wrong]`` at the last
-            token.
+        logit_diff: ``[prompts]`` the model's own ``logit[answer] - logit[wrong]`` at the split
+            position.
         n_layers: Layers of the model.
         heads: Whether attention was split into heads.
+        position: The position split (-1: each prompt's last token).
 
     Example:
         >>> import mechprobe as mp
@@ -115,6 +117,7 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
     logit_diff: np.ndarray
     n_layers: int
     heads: bool = False
+    position: int = -1
 
     @property
     def mean(self) -> np.ndarray:
@@ -254,6 +257,7 @@ def direct_logit_attribution(
     metric: PatchMetric | None = None,
     *,
     heads: bool = False,
+    positions: int = -1,
     batch_size: int = 32,
     padding_side: PaddingSide = "right",
     progress: bool = True,
@@ -279,6 +283,9 @@ def direct_logit_attribution(
             with a warning.
         heads: Split each attention layer's write into its heads' ``z @ W_O[head]`` (plus an
             ``attn_bias`` component where the attention has a bias that is not zero).
+        positions: The one position whose next-token logits are split (default -1, each
+            prompt's last token; negative counts from each prompt's end, as everywhere): e.g.
+            ``-2`` on ``prompt + answer`` texts reads the prediction of the answer's last token.
         batch_size: Prompts per forward pass.
         padding_side: Padding of the batch built from strings (results do not depend on it).
         progress: Show a progress bar over batches.
@@ -303,6 +310,12 @@ def direct_logit_attribution(
     """
     if not isinstance(heads, bool):
         raise TypeError(f"heads must be True or False, got {heads!r}.")
+    position = as_int(positions)
+    if position is None:
+        raise TypeError(
+            f"positions must be one int here (default -1, the last token), not {positions!r}: "
+            "a logit difference is split at one position per prompt; call once per position."
+        )
     if isinstance(prompts, TaskLike):
         prompts, metric = _task_prompts(model, prompts, metric)
     if metric is None:
@@ -333,12 +346,12 @@ def direct_logit_attribution(
     n, n_layers = len(batch), adapter.n_layers
     answer = _answer_ids(model, metric.answer, n, "answer")
     wrong = _answer_ids(model, metric.wrong, n, "wrong")
-    sites = _sites(n_layers, adapter.n_heads if heads else 0)
+    sites = _sites(n_layers, adapter.n_heads if heads else 0, position)
     out = run(
         model,
         batch,
         capture=list(sites.values()),
-        logit_positions=-1,
+        logit_positions=position,
         batch_size=batch_size,
         padding_side=padding_side,
         progress=progress,
@@ -371,6 +384,7 @@ def direct_logit_attribution(
         logit_diff=model_diff.float().numpy(),
         n_layers=n_layers,
         heads=heads,
+        position=position,
     )
 
 
@@ -405,15 +419,16 @@ def _task_prompts(
     return [prompts[i] for i in kept], metric
 
 
-def _sites(n_layers: int, n_heads: int) -> dict[str, Site]:
-    """The captures: embedding, each layer's writes (and heads' ``z``), the final residual."""
-    sites = {"embed": Site("resid_pre", 0, positions=-1)}
+def _sites(n_layers: int, n_heads: int, position: int = -1) -> dict[str, Site]:
+    """The captures at ``position``: embedding, each layer's writes (and heads' ``z``), the
+    final residual."""
+    sites = {"embed": Site("resid_pre", 0, positions=position)}
     for layer in range(n_layers):
-        sites[f"attn{layer}"] = Site("attn_out", layer, positions=-1)
+        sites[f"attn{layer}"] = Site("attn_out", layer, positions=position)
         for head in range(n_heads):
-            sites[f"z{layer}.{head}"] = Site("head", layer, head=head, positions=-1)
-        sites[f"mlp{layer}"] = Site("mlp_out", layer, positions=-1)
-    sites["final"] = Site("resid_post", n_layers - 1, positions=-1)
+            sites[f"z{layer}.{head}"] = Site("head", layer, head=head, positions=position)
+        sites[f"mlp{layer}"] = Site("mlp_out", layer, positions=position)
+    sites["final"] = Site("resid_post", n_layers - 1, positions=position)
     return sites
 
 
