@@ -229,7 +229,8 @@ def test_erasure_numbers_equal_the_hugging_face_model(model: Any, hf: Any) -> No
 
 @needs_hooked
 def test_both_kinds_give_the_same_numbers(smollm2: Any, smollm2_hooked: Any) -> None:
-    """TransformerLens 3.x's bridge and HookedTransformer side by side: lens, patching, amnesic."""
+    """TransformerLens 3.x's bridge and HookedTransformer side by side: lens, patching, amnesic,
+    head scores and direct logit attribution."""
     both = (smollm2, smollm2_hooked)
     lens = [mp.logit_lens(m, list(PAIR), positions=[-2, -1], targets=list(ANSWERS)) for m in both]
     for field in ("top_probs", "target_logprob"):
@@ -272,6 +273,13 @@ def test_both_kinds_give_the_same_numbers(smollm2: Any, smollm2_hooked: Any) -> 
     ]  # fmt: skip
     for key in ("lm_kl", "random_control_lm_kl", "task_accuracy_before", "task_accuracy_after"):
         assert records[1][key] == pytest.approx(records[0][key], abs=1e-4), key
+    scores = [mp.head_scores(m, seq_len=20, n_prompts=3, progress=False) for m in both]
+    assert scores[1].tokens[0].tolist() == scores[0].tokens[0].tolist()
+    np.testing.assert_allclose(scores[1].scores, scores[0].scores, atol=1e-4)
+    direct = [
+        mp.direct_logit_attribution(m, list(PAIR), metric, heads=True, positions=-2) for m in both
+    ]
+    np.testing.assert_allclose(direct[1].attributions, direct[0].attributions, atol=1e-3)
 
 
 @needs_hooked
