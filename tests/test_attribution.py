@@ -21,10 +21,13 @@ def gqa():
     return mp.tiny_model(seed=3)
 
 
-def _hand(model, site: mp.Site) -> np.ndarray:
+def _hand(model, site: mp.Site, noising: bool = False) -> np.ndarray:
     """(a_clean - a_corrupt) . d metric / d a at every position, written with plain hooks: the
-    corrupt run's activation is replaced by a leaf tensor whose gradient autograd fills."""
+    corrupt run's activation is replaced by a leaf tensor whose gradient autograd fills (with
+    ``noising``, the runs swap roles: (a_corrupt - a_clean) . the clean run's gradient)."""
     clean, corrupt = model.to_tokens(CLEAN), model.to_tokens(CORRUPT)
+    if noising:
+        clean, corrupt = corrupt, clean
     with torch.no_grad():
         _, cache = model.run_with_cache(clean)
     if site.kind == "head_out":
@@ -93,6 +96,31 @@ def test_attribution_matches_hand_written_gradients(gqa, site):
         [exact.clean_metric, exact.corrupt_metric],
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize(
+    "site",
+    [mp.Site("resid_pre", 1), mp.Site("head", 1, head=3), mp.Site("pattern", 2, head=2)],
+    ids=str,
+)
+def test_noising_is_the_clean_runs_first_order_term(gqa, site):
+    res = mp.attribution_patch(
+        gqa, CLEAN, CORRUPT, [site], "all", METRIC, direction="noising", progress=False
+    )
+    assert res.direction == "attribution-noising" and res.method == "attribution"
+    estimate = res.values[0] - res.clean_metric  # noising edits the clean run
+    np.testing.assert_allclose(estimate, _hand(gqa, site, noising=True), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(res.effect[0], estimate, atol=1e-9)
+    exact = mp.patch(
+        gqa, CLEAN, CORRUPT, [site], -1, METRIC, direction="noising", n_random=0, progress=False
+    )
+    np.testing.assert_allclose(
+        [res.clean_metric, res.corrupt_metric],
+        [exact.clean_metric, exact.corrupt_metric],
+        atol=1e-5,
+    )
+    with pytest.raises(ValueError, match="direction must be"):
+        mp.attribution_patch(gqa, CLEAN, CORRUPT, [site], -1, METRIC, direction="sideways")
 
 
 def test_head_out_equals_head_z(gqa):

@@ -112,7 +112,6 @@ def test_cli_cells_per_batch_reaches_the_api(tmp_path, monkeypatch):
     [
         (PATCH, ["--cells-per-batch", "0"], "positive integer"),
         (PATCH, ["--method", "attribution", "--cells-per-batch", "8"], "drop --cells-per-batch"),
-        (PATCH, ["--method", "attribution", "--direction", "noising"], "estimates denoising"),
         (["trace", "--prompt", "x", "--subject", "x"], ["--cells-per-batch", "-2"], "positive"),
     ],
 )
@@ -300,3 +299,17 @@ def test_cli_dla_positions_reach_the_api(tmp_path):
     )
     assert saved.position == -2
     np.testing.assert_allclose(saved.attributions, direct.attributions, atol=1e-6)
+
+
+def test_cli_attribution_noising_reaches_the_api(tmp_path):
+    out = tmp_path / "noising"
+    args = [*PATCH, "--wrong", "2", "--sites", "mlp_out", "--method", "attribution"]
+    opts = ["--direction", "noising", "--n-random", "1", "--model", "tiny", "--quiet"]
+    assert cli_main([*args, *opts, "--out", str(out)]) == 0
+    saved = mp.core.load_result(out / "result.json")
+    direct = mp.attribution_patch(
+        mp.tiny_model(), "A cat sat", "A bat sat", "mlp_out", -1, mp.logit_diff("1", "2"),
+        direction="noising", n_random=1, progress=False,
+    )  # fmt: skip
+    assert saved.direction == "attribution-noising"
+    np.testing.assert_allclose(saved.per_pair, direct.per_pair, atol=1e-6)

@@ -219,7 +219,6 @@ def test_result_protocol(tiny, tmp_path):
         ({"receivers": []}, "empty"),
         ({"direction": "sideways"}, "denoising"),
         ({"method": "guess"}, "'exact' or 'attribution'"),
-        ({"method": "attribution", "direction": "noising"}, "estimates denoising"),
         ({"senders": []}, "senders is empty: pass a site kind such as 'head'"),
         # a Site's own positions were dropped: every position was patched, without a word
         ({"senders": mp.Site("mlp_out", 0, positions=[-1])}, "senders: .* carries positions"),
@@ -246,17 +245,23 @@ def test_bad_input_fails_before_running(tiny, kwargs, message):
     ],
     ids=["final", "q", "k", "v", "mlp_in"],
 )
-def test_attribution_is_the_paths_first_order_term_written_out_with_hooks(tiny, receiver):
-    """``corrupt + d/d eps metric(corrupt, receiver input + eps * delta)`` at eps = 0, where
-    delta is the sender's clean-minus-corrupt write read from each run's cache, and the
-    derivative is autograd's through plain TransformerLens hooks."""
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_attribution_is_the_paths_first_order_term_written_out_with_hooks(
+    tiny, receiver, direction
+):
+    """``base + d/d eps metric(base, receiver input + eps * delta)`` at eps = 0, where delta is
+    the sender's source-minus-base write read from each run's cache (denoising: the clean
+    source, the corrupt base; noising the other way), and the derivative is autograd's through
+    plain TransformerLens hooks."""
     sender = mp.Site("head", 0, head=2)
     target = "final" if receiver is None else receiver
     res = mp.path_patch(
         tiny, CLEAN, CORRUPT, sender, target, METRIC, method="attribution", n_random=0,
-        progress=False,
+        direction=direction, progress=False,
     )  # fmt: skip
     clean, corrupt = tiny.to_tokens(CLEAN), tiny.to_tokens(CORRUPT)
+    if direction == "noising":
+        clean, corrupt = corrupt, clean  # the source read, and the run differentiated
     with torch.no_grad():
         _, c_cache = tiny.run_with_cache(clean)
         _, x_cache = tiny.run_with_cache(corrupt)
@@ -295,9 +300,13 @@ def test_attribution_is_the_paths_first_order_term_written_out_with_hooks(tiny, 
     finally:
         tiny.set_use_split_qkv_input(flags[0])
         tiny.set_use_hook_mlp_in(flags[1])
-    assert res.direction == "attribution"
-    assert res.corrupt[0] == pytest.approx(float(value), abs=1e-5)
+    assert res.direction == ("attribution" if direction == "denoising" else "attribution-noising")
+    assert res.method == "attribution"
+    base = res.corrupt[0] if direction == "denoising" else res.clean[0]
+    assert base == pytest.approx(float(value), abs=1e-5)
     assert res.values[0, 0] == pytest.approx(float(value) + float(slope), abs=1e-4)
+    # the effect is read from the run that was edited
+    assert res.effect[0, 0] == pytest.approx(float(slope), abs=1e-4)
     assert res.effect[0, 0] == pytest.approx(float(slope), abs=1e-4)
 
 

@@ -131,8 +131,6 @@ def main(args: argparse.Namespace) -> int:
         )
     if args.wrong and len(args.wrong) != len(args.answer):
         return fail(f"got {len(args.wrong)} --wrong for {len(args.answer)} --answer: pass as many")
-    if args.method == "attribution" and args.direction != "denoising":
-        return fail("--method attribution estimates denoising; drop --direction noising")
     if args.method == "attribution" and args.cells_per_batch is not None:
         return fail(
             "--method attribution runs one forward and backward pass per prompt pair, whatever "
@@ -178,8 +176,9 @@ def main(args: argparse.Namespace) -> int:
             )
         elif args.method == "attribution":
             result = mp.attribution_patch(
-                model, clean, corrupt, sites, args.positions, metric, **common
-            )
+                model, clean, corrupt, sites, args.positions, metric,
+                direction=args.direction, **common,
+            )  # fmt: skip
         else:
             result = mp.patch(
                 model,

@@ -7,7 +7,9 @@ there. Attribution patching estimates it to first order, for every cell at once:
     metric(corrupt, cell patched) ~= metric(corrupt) + (a_clean - a_corrupt) . d metric / d a
 
 with the gradient taken on the corrupt run. One clean forward pass (to read ``a_clean``) and one
-corrupt forward and backward pass per prompt pair give every site, position and head. Gradients
+corrupt forward and backward pass per prompt pair give every site, position and head. Noising is
+estimated the same way with the runs' roles swapped (``direction="noising"``: the clean run's
+gradient, ``metric(clean) + (a_corrupt - a_clean) . d metric / d a``). Gradients
 come from mechprobe's own hooks (:class:`mechprobe.core.Gradient`), so nothing is left on the
 model or its parameters, even when the backward pass raises.
 
@@ -26,7 +28,7 @@ a pattern row a direction that keeps the row's sum), and every value per prompt 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -50,6 +52,7 @@ from mechprobe.core import (
     progress_bar,
 )
 from mechprobe.patching._activation import (
+    Direction,
     Prompts,
     _labels,
     _result,
@@ -147,13 +150,14 @@ def attribution_patch(
     metric: PatchMetric | MetricFn,
     *,
     layers: Layers = "all",
+    direction: Direction = "denoising",
     n_random: int = 3,
     seed: int = 0,
     progress: bool = True,
 ) -> PatchResult:
-    """Estimate denoising patching of every (site, position) cell from gradients: one clean
-    forward pass and one corrupt forward and backward pass per prompt pair, whatever the number
-    of cells.
+    """Estimate denoising (or noising) patching of every (site, position) cell from gradients:
+    one clean forward pass and one corrupt forward and backward pass per prompt pair, whatever
+    the number of cells.
 
     Args:
         model: A TransformerLens model.
@@ -165,14 +169,17 @@ def attribution_patch(
         metric: :func:`logit_diff`, :func:`answer_prob` or a callable of the last position's
             logits, as for :func:`patch`; it must be differentiable.
         layers: The layers a kind covers.
+        direction: ``"denoising"`` (the default: gradients on the corrupt run, clean
+            activations' change) or ``"noising"`` (gradients on the clean run, the corrupt
+            activations' change), as :func:`patch`'s.
         n_random: Random controls per cell (the same distance in a random direction).
         seed: Seed of the random directions.
         progress: Show a progress bar over prompt pairs.
 
     Returns:
-        A :class:`PatchResult` with ``direction="attribution"``: ``values`` are the estimated
-        metric after patching each cell (``corrupt + estimate``), comparable with
-        ``patch(..., direction="denoising")``.
+        A :class:`PatchResult` with ``direction="attribution"`` (``"attribution-noising"``):
+        ``values`` are the estimated metric after patching each cell (``corrupt + estimate``;
+        ``clean + estimate`` for noising), comparable with ``patch(..., direction=...)``.
 
     Raises:
         ValueError: As :func:`patch` for prompts, sites and positions (before any forward pass).
@@ -185,9 +192,14 @@ def attribution_patch(
         >>> res.values.shape, res.direction
         ((3, 1), 'attribution')
     """
+    if direction not in get_args(Direction):
+        raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
     check_int(n_random, "n_random", 0)
     seed = check_seed(seed)
     clean_ids, corrupt_ids = token_pairs(model, clean, corrupt)
+    noising = direction == "noising"
+    # the run whose activations are read, and the run that is differentiated (edited)
+    src_ids, base_ids = (corrupt_ids, clean_ids) if noising else (clean_ids, corrupt_ids)
     n_pairs = len(clean_ids)
     site_list = _sites(model, sites, layers, "attribution_patch()")
     wanted, resolved = position_pairs(
@@ -216,16 +228,16 @@ def attribution_patch(
         ]
         caps = {name: Capture() for name in value_hooks}
         with torch.no_grad(), intervene(model, caps):  # type: ignore[arg-type]
-            logits = model(clean_ids[i][None].to(model.W_E.device))
-            clean_m[i] = float(metric_fn(logits[:, -1], pair).sum())
+            logits = model(src_ids[i][None].to(model.W_E.device))
+            src_m = float(metric_fn(logits[:, -1], pair).sum())
         grads = {name: Gradient() for name in dict.fromkeys(value_hooks + grad_hooks)}
         # Gradients are needed even where the caller turned them off (set_grad_enabled(False),
         # inference_mode: tensors made there cannot be saved for backward, hence the clone).
         with gradients_enabled():
             with intervene(model, grads):  # type: ignore[arg-type]
-                logits = model(corrupt_ids[i][None].to(model.W_E.device).clone())
+                logits = model(base_ids[i][None].to(model.W_E.device).clone())
                 out = metric_fn(logits[:, -1], pair).sum()
-            corrupt_m[i] = float(out.detach())
+            base_m = float(out.detach())
             if not out.requires_grad:
                 raise ValueError(
                     f"The metric {metric_name!r} gave a value without a gradient: attribution "
@@ -233,10 +245,12 @@ def attribution_patch(
                     "operations (no .item(), numpy or argmax)."
                 )
             differentiate(out, list(grads.values()))
+        clean_m[i], corrupt_m[i] = (base_m, src_m) if noising else (src_m, base_m)
         if i == 0:
             _check_head_out(model, site_list, grads)
-        src = torch.as_tensor([ps for ps, _ in resolved[i]])
-        dst = torch.as_tensor([pb for _, pb in resolved[i]])
+        # resolved pairs are (clean position, corrupt position): read at the source's
+        src = torch.as_tensor([pb if noising else ps for ps, pb in resolved[i]])
+        dst = torch.as_tensor([ps if noising else pb for ps, pb in resolved[i]])
         # One estimate per hook for all its heads and positions; sites pick their head.
         estimates: dict[tuple[str, str], np.ndarray] = {}
         for r, site in enumerate(site_list):
@@ -248,8 +262,8 @@ def attribution_patch(
             values = estimates[key]
             head = () if site.head is None else (slice(None), site.head)
             picked = values[(slice(None), *head)]  # [1 + n_random, positions]
-            per_pair[i, r] = corrupt_m[i] + picked[0]
-            random[:, i, r] = corrupt_m[i] + picked[1:]
+            per_pair[i, r] = base_m + picked[0]
+            random[:, i, r] = base_m + picked[1:]
     return _result(
         model,
         site_list,
@@ -259,7 +273,7 @@ def attribution_patch(
         clean_m,
         corrupt_m,
         metric_name,
-        "attribution",
+        "attribution-noising" if noising else "attribution",
         seed,
         labels=_labels(model, clean_ids[0], corrupt_ids[0], wanted),
     )

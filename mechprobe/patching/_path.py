@@ -107,7 +107,8 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
             (``n_layers`` for the final residual) and ``receiver_heads`` per receiver.
         positions: The positions whose sender change was passed on (negative from the end).
         metric, direction, seed: As for :class:`mechprobe.PatchResult`; ``direction`` is
-            ``"attribution"`` for first-order estimates of denoising (``method="attribution"``).
+            ``"attribution"`` for first-order estimates of denoising (``method="attribution"``),
+            ``"attribution-noising"`` of noising.
 
     Example:
         >>> import mechprobe as mp
@@ -158,7 +159,7 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
     def method(self) -> str:
         """``"attribution"`` for edge attribution's estimate (``direction`` records it too),
         ``"exact"`` where every path was patched."""
-        return "attribution" if self.direction == "attribution" else "exact"
+        return "attribution" if self.direction.startswith("attribution") else "exact"
 
     @property
     def clean_metric(self) -> float:
@@ -472,7 +473,8 @@ def path_patch(
             of denoising, ``corrupt + sum_pos delta . d metric / d receiver input`` with the
             gradient at each receiver's own input on the corrupt run (the q/k/v inputs split per
             head, the MLPs' inputs, the final residual), every path of a pair from one forward
-            and backward pass. Like :func:`attribution_patch`, it is poor where the metric is
+            and backward pass (with ``direction="noising"``, on the clean run, ``clean + sum_pos
+            delta . gradient``). Like :func:`attribution_patch`, it is poor where the metric is
             far from linear between the runs: compare it with exact paths on a few cells.
             ``cells_per_batch`` and ``packed`` apply to ``"exact"`` only.
         n_random: Random controls per path: the receiver's input moved by the sender's change's
@@ -498,11 +500,6 @@ def path_patch(
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
     if method not in get_args(Method):
         raise ValueError(f"method must be 'exact' or 'attribution', got {method!r}.")
-    if method == "attribution" and direction != "denoising":
-        raise ValueError(
-            "method='attribution' estimates denoising (gradients on the corrupt run, as "
-            "attribution_patch): drop direction='noising', or use method='exact'."
-        )
     seed = _check_common(cells_per_batch, n_random, seed)
     progress_enabled(progress)  # "yes" or 1 is refused here, as everywhere, not read as truthy
     clean_ids, corrupt_ids = token_pairs(model, clean, corrupt)
@@ -630,9 +627,17 @@ def path_patch(
         receiver_heads=tuple(None if s is None else s.head for s in receiver_list),
         positions=tuple(wanted),
         metric=metric_name,
-        direction="attribution" if method == "attribution" else direction,
+        direction=_label(method, direction),
         seed=seed,
     )
+
+
+def _label(method: str, direction: str) -> str:
+    """The result's ``direction``: an estimate is ``"attribution"`` (of denoising) or
+    ``"attribution-noising"``."""
+    if method != "attribution":
+        return direction
+    return "attribution-noising" if direction == "noising" else "attribution"
 
 
 def _estimate_paths(

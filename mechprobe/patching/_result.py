@@ -126,7 +126,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         metric: The metric's name.
         direction: ``"denoising"``, ``"noising"``, ``"zero-ablation"``, ``"mean-ablation"``, or
             ``"attribution"`` (first-order estimates of denoising from
-            :func:`mechprobe.attribution_patch`).
+            :func:`mechprobe.attribution_patch`), ``"attribution-noising"`` (of noising).
         random: ``[n_random, pairs, sites, positions]`` the metric when the same cell is moved by
             the same distance in a random direction (row ``j``: seed ``seed + j`` keyed by the
             pair's token ids).
@@ -198,7 +198,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
     def method(self) -> str:
         """``"attribution"`` for :func:`attribution_patch`'s gradient estimate (``direction``
         records it too), ``"exact"`` where every cell was patched or ablated."""
-        return "attribution" if self.direction == "attribution" else "exact"
+        return "attribution" if self.direction.startswith("attribution") else "exact"
 
     @property
     def spread(self) -> np.ndarray:
@@ -224,7 +224,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
     @property
     def effect(self) -> np.ndarray:
         """``[sites, positions]`` change of the metric from the run that was edited: ``values -
-        corrupt`` (denoising, attribution), ``values - clean`` (noising and ablations), pair
+        corrupt`` (denoising and its attribution), ``values - clean`` (noising, its attribution
+        and ablations), pair
         means."""
         reference = self._reference
         return self.values - reference
@@ -376,7 +377,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         label = "normalised recovery" if use_norm else f"change of {self.metric}"
         fig.colorbar(image, ax=ax, label=label)
         what = self.direction if self.is_ablation else f"{self.direction} patching"
-        if self.direction == "attribution":
-            what = "attribution patching (estimated denoising)"
+        if self.direction.startswith("attribution"):
+            estimated = "noising" if self.direction.endswith("noising") else "denoising"
+            what = f"attribution patching (estimated {estimated})"
         ax.set_title(f"{what} of {self.kind}: {self.metric}")
         return fig
