@@ -34,6 +34,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 import mechprobe as mp
+from benchmarks import Skipped
 
 HERE = Path(__file__).parent
 
@@ -247,16 +248,23 @@ def main(argv: Sequence[str]) -> int:
         "full": os.environ.get("MECHPROBE_BENCH_FULL") == "1",
         "commit": _commit(),
     }
+    skipped: set[str] = set()
     for topic in _topics(argv):
         print(f"== {topic}", file=sys.stderr, flush=True)
         module = importlib.import_module(f"benchmarks.bench_{topic}")
-        for row in module.run(ctx):
+        try:
+            measured_rows = module.run(ctx)
+        except Skipped as why:  # its rows from the environment it needs stay
+            print(f"   skipped: {why}", file=sys.stderr, flush=True)
+            skipped.add(topic)
+            continue
+        for row in measured_rows:
             row = {"topic": topic, **row, "measured": measured}
             rows.append(row)
             print(f"   {row['benchmark']}: {_ratio(row)} ({row['detail']})", file=sys.stderr)
     path = HERE / "results.json"
     previous = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    ran = set(_topics(argv))
+    ran = set(_topics(argv)) - skipped
     # A run replaces its topics' rows measured on this kind of CPU; rows from another kind (the
     # README's second table) stay until a run there replaces them.
     kept = [

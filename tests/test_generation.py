@@ -495,3 +495,59 @@ def test_a_tiny_temperature_samples_the_top_token_and_no_stop_strings_is_none(ti
     assert [t.tolist() for t in cold.tokens] == [t.tolist() for t in greedy.tokens]
     plain = mp.generate(tiny, PROMPTS, max_new_tokens=3, stop_strings=None, progress=False)
     assert plain.completions == greedy.completions
+
+
+def _kind(model) -> str:
+    return mp.core.model_adapter(model).kind
+
+
+def test_the_key_value_cache_gives_the_recomputed_tokens(tiny):
+    """HookedTransformers generate with TransformerLens's cache by default: the same tokens and
+    log-probabilities as recomputing the sequence, whatever the interventions do."""
+    if _kind(tiny) != "hooked":
+        with pytest.raises(ValueError, match="needs a HookedTransformer"):
+            mp.generate(tiny, PROMPTS, max_new_tokens=2, use_cache=True)
+        return
+    gen = torch.Generator().manual_seed(2)
+    v = torch.randn(tiny.cfg.d_model, generator=gen) * 6
+    basis = torch.linalg.qr(torch.randn(tiny.cfg.d_model, 3, generator=gen))[0].T
+    specs = [
+        {},
+        {mp.Site("resid_post", 1): mp.Add(v, positions=-1)},
+        {mp.Site("resid_post", 0): mp.Add(v)},  # every position, generated ones included
+        {mp.Site("mlp_out", 1): mp.Project(remove=basis), mp.Site("head", 1, head=2): mp.Ablate()},
+        {mp.Site("resid_pre", 2, positions=[0, -1]): mp.Replace(v)},
+        {mp.Site("pattern", 1, head=0): mp.Ablate()},
+    ]
+    for spec in specs:
+        for kwargs in ({}, {"temperature": 1.0, "seed": 3}):
+            common = {"max_new_tokens": STEPS, "stop_at_eos": False, "batch_size": 2, **kwargs}
+            cached = mp.generate(tiny, [*PROMPTS, "A b"], spec, **common)
+            again = mp.generate(tiny, [*PROMPTS, "A b"], spec, use_cache=False, **common)
+            assert [t.tolist() for t in cached.tokens] == [t.tolist() for t in again.tokens], spec
+            for a, b in zip(cached.logprobs, again.logprobs, strict=True):
+                np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_an_exception_in_a_cached_step_leaves_the_model_as_it_was(tiny):
+    if _kind(tiny) != "hooked":
+        pytest.skip("the key/value cache is a HookedTransformer's")
+
+    class Fails(mp.Intervention):
+        calls = 0
+
+        def edit(self, selected, hook):
+            Fails.calls += 1
+            if Fails.calls == 3:  # in a cached step, after the prompt's pass
+                raise RuntimeError("boom")
+            return None
+
+    tokens = tiny.to_tokens("Hi there")
+    with torch.no_grad():
+        before = tiny(tokens)
+    hooks = hook_count(tiny)
+    with pytest.raises(RuntimeError, match="boom"):
+        mp.generate(tiny, "Hi", {mp.Site("resid_post", 0): Fails()}, max_new_tokens=4)
+    assert hook_count(tiny) == hooks
+    with torch.no_grad():
+        assert torch.equal(tiny(tokens), before)

@@ -1,13 +1,16 @@
 """Generation with interventions in place: :func:`generate` -> :class:`GenerationResult`.
 
-What a steering vector, a function vector or an erasure does to what the model *says*. Every new
-token recomputes the whole sequence (no key/value cache: TransformerLens 4.3's bridge leaves its
-cache empty with transformers 5.24, so its ``generate`` degrades with the cache on, and an edit of
-a cached position would need the cache anyway). The cost is one forward pass of the sequence so
-far per token: for eight 3-shot SmolLM2 prompts, 5.2x Hugging Face's cached ``generate`` at 10 new
-tokens and 8.7x at 40, and a little faster than the bridge's ``generate`` without its cache
-(``benchmarks/bench_generate.py``). It suits the completions an analysis reads (a few to a few
-dozen tokens), not long texts.
+What a steering vector, a function vector or an erasure does to what the model *says*. On a
+``HookedTransformer`` (TransformerLens 3.x) the prompt runs once and each new token alone, with
+TransformerLens's key/value cache (``use_cache``, on by default there). A ``TransformerBridge``
+recomputes the whole sequence for every new token: TransformerLens 4.3's bridge leaves its cache
+empty with transformers 5.24, so its ``generate`` degrades with the cache on. That costs one
+forward pass of the sequence so far per token: for eight 3-shot SmolLM2 prompts, 5.2x Hugging
+Face's cached ``generate`` at 10 new tokens and 8.7x at 40, and a little faster than the bridge's
+``generate`` without its cache (``benchmarks/bench_generate.py``). It suits the completions an
+analysis reads (a few to a few dozen tokens), not long texts. Both ways give the same tokens
+(tested): with the cache, the prompt's positions are edited once, when the prompt runs, and an
+edit of every position (``positions=None``) also reaches each new token as it runs.
 
 Positions of the interventions count in the *prompt*: ``positions=-1`` is each prompt's last
 token at every step, as in a cached generation, where that position is computed once, with the
@@ -46,6 +49,7 @@ from mechprobe.core._hooks import (
     InterventionSpec,
     Project,
     Replace,
+    intervene,
     intervention_spec,
 )
 from mechprobe.core._progress import progress_bar
@@ -55,6 +59,7 @@ from mechprobe.core._runner import (
     _items,
     _rows_of,
     check_positions,
+    forward,
     refuse_gradient,
     run,
 )
@@ -197,6 +202,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
+    use_cache: bool | None = None,
     batch_size: int | None = 32,
     progress: bool = True,
 ) -> GenerationResult:
@@ -228,6 +234,10 @@ def generate(
         seed: Seed of the draws when sampling. A prompt's draws come from ``seed`` and its
             tokens (and which copy of that prompt it is, so repeated prompts give different
             samples): the same whatever prompts, batch size or order it runs with.
+        use_cache: Run each new token alone with TransformerLens's key/value cache (None, the
+            default: on a ``HookedTransformer``, off on a ``TransformerBridge``, whose cache
+            TransformerLens 4.3 leaves empty; True on a bridge is refused). The same tokens
+            either way, within float rounding.
         batch_size: Prompts generated together (None: all at once).
         progress: Show a progress bar over tokens (``MECHPROBE_PROGRESS=0`` silences it).
 
@@ -273,6 +283,7 @@ def generate(
     batch = _left_padded(model, prompts)
     check_positions(spec, batch)  # a position outside some prompt fails before any pass
     adapter = model_adapter(model)
+    cached = _use_cache(adapter.kind, use_cache)
     n_ctx = adapter.n_ctx
     longest = int(batch.lengths.max())
     if n_ctx is not None and longest + max_new_tokens > int(n_ctx):
@@ -288,7 +299,7 @@ def generate(
     for rows, chunk in batch.chunks(batch_size):
         local = {k: [_rows_of(i, rows, len(batch)) for i in _items(v)] for k, v in spec.items()}
         pick = _Pick(temperature, None if draws is None else draws[rows], top_k, top_p)
-        out += _complete(model, chunk, local, max_new_tokens, stops, eos, pick, progress)
+        out += _complete(model, chunk, local, max_new_tokens, stops, eos, pick, progress, cached)
     return GenerationResult(
         prompts=tuple(batch.prompts),
         completions=tuple(text for _, _, text, _ in out),
@@ -318,10 +329,12 @@ def _complete(
     eos: int | None,
     pick: _Pick,
     progress: bool,
+    cached: bool = False,
 ) -> list[tuple[list[int], list[float], str, Finished]]:
     """Generate for one left-padded chunk: every row grows by one token per step (finished rows
     too, their extra tokens dropped), so the prompts' positions keep one offset from the end.
-    A finished row's placeholder tokens never reach the others: rows do not attend across."""
+    A finished row's placeholder tokens never reach the others: rows do not attend across.
+    ``cached``: the prompt once, then each new token alone (:class:`_CachedSteps`)."""
     tok = model_adapter(model).tokenizer
     # Every row, finished or not, grows by one token per step: a negative prompt position is
     # then the same offset from every row's end (run() resolves positions per row).
@@ -332,11 +345,15 @@ def _complete(
     logprobs: list[list[float]] = [[] for _ in seqs]
     done: list[Finished | None] = [None] * len(seqs)
     texts = [""] * len(seqs)
+    steps = _CachedSteps(model, prompts, spec) if cached else None
     for step in progress_bar(range(max_new_tokens), progress=progress, desc="generate"):
-        batch = pad_rows(seqs, pad_id(model), "left", prompts.prompts)
-        shifted = _shifted(spec, step)
-        logits = run(model, batch, shifted, logit_positions=-1, batch_size=None, progress=False)
-        last = logits.logits[:, 0].double()
+        if steps is not None:
+            last = steps.next_logits([row[-1] for row in seqs] if step else None).double()
+        else:
+            batch = pad_rows(seqs, pad_id(model), "left", prompts.prompts)
+            shifted = _shifted(spec, step)
+            out = run(model, batch, shifted, logit_positions=-1, batch_size=None, progress=False)
+            last = out.logits[:, 0].double()
         logp = torch.log_softmax(last, dim=-1)
         for i in range(len(seqs)):
             if done[i] is not None:
@@ -360,6 +377,55 @@ def _complete(
         (n, lp, text, d if d is not None else "length")
         for n, lp, text, d in zip(new, logprobs, texts, done, strict=True)
     ]
+
+
+def _use_cache(kind: str, use_cache: bool | None) -> bool:
+    """Whether to generate with the key/value cache (see :func:`generate`)."""
+    if use_cache is None:
+        return kind == "hooked"
+    if not isinstance(use_cache, bool):
+        raise TypeError(f"use_cache must be True, False or None, got {use_cache!r}.")
+    if use_cache and kind != "hooked":
+        raise ValueError(
+            "use_cache=True needs a HookedTransformer: TransformerLens 4.3's bridge leaves its "
+            "key/value cache empty with transformers 5.24, so a cached generation would read "
+            "nothing of the prompt. Leave use_cache=None (the bridge recomputes the sequence)."
+        )
+    return use_cache
+
+
+class _CachedSteps:
+    """The next-token logits of a left-padded chunk with TransformerLens's key/value cache: the
+    prompts run once with every intervention; each later token runs alone, with the
+    interventions that act on every position (the prompt's positions were edited when the
+    prompt ran, and stay edited in the cache)."""
+
+    def __init__(self, model: Any, prompts: Batch, spec: dict[SiteLike, list[Intervention]]):
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        self.model, self.prompts, self.spec = model, prompts, spec
+        device = model.W_E.device
+        self.cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(prompts))
+        self.everywhere: dict[SiteLike, list[Intervention]] = {}
+        for key, items in spec.items():
+            kept = [item for item in items if _positions(key, item) is None]
+            if kept:
+                self.everywhere[key] = kept
+
+    def next_logits(self, new: list[int] | None) -> torch.Tensor:
+        """``[rows, vocab]``: after the prompts (``new`` None), else after one new token each."""
+        model, device = self.model, self.model.W_E.device
+        with torch.no_grad():
+            if new is None:
+                batch = self.prompts
+                with intervene(model, self.spec, batch=batch):
+                    logits = forward(model, batch, past_kv_cache=self.cache)
+            else:
+                tokens = torch.tensor(new, device=device)[:, None]
+                mask = torch.ones_like(tokens)
+                with intervene(model, self.everywhere):
+                    logits = model(tokens, attention_mask=mask, past_kv_cache=self.cache)
+        return logits[:, -1]
 
 
 class _Pick:
