@@ -153,3 +153,14 @@ def test_smollm2_has_induction_heads_where_detect_head_finds_them(smollm2) -> No
     theirs = detect_head(smollm2, text, "induction_head").double().numpy()
     share = ours.counts[0, 0] / smollm2.to_tokens(text).shape[1]
     np.testing.assert_allclose(ours.scores[0] * share, theirs, atol=1e-4)
+
+
+def test_a_model_without_a_tokenizer_scores_token_ids() -> None:
+    model = mp.tiny_model()
+    ids = torch.tensor([[5, 6, 7, 5, 6, 7], [9, 8, 9, 8, 9, 8]])
+    want = mp.head_scores(model, mp.Batch.from_tokens(ids), kinds=["induction"], progress=False)
+    model.tokenizer = None  # a HookedTransformer built from a config has none
+    got = mp.head_scores(model, mp.Batch.from_tokens(ids), kinds=["induction"], progress=False)
+    random = mp.head_scores(model, seq_len=5, n_prompts=2, progress=False)
+    assert got.prompts == ("5 6 7 5 6 7", "9 8 9 8 9 8") and len(random.tokens[0]) == 10
+    np.testing.assert_allclose(got.scores, want.scores)

@@ -344,9 +344,8 @@ def head_scores(
         batch.tokens[i][batch.attention_mask[i].bool()].numpy().astype(np.int64)
         for i in range(len(batch))
     )
-    decode = model_adapter(model).tokenizer.decode
     given = prompts is not None and all(batch.prompts)
-    texts = tuple(batch.prompts) if given else tuple(decode(row.tolist()) for row in ids)
+    texts = tuple(batch.prompts) if given else tuple(_text(model, row.tolist()) for row in ids)
     return HeadScoreResult(
         kinds=tuple(names),
         layers=tuple(chosen),
@@ -440,9 +439,18 @@ def _uniform(targets: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 def _bos(model: Any) -> int | None:
-    adapter = model_adapter(model)
-    bos = adapter.tokenizer.bos_token_id if adapter.prepend_bos else None
+    """The BOS id where the model prepends one (a model without a tokenizer: none)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None or not model_adapter(model).prepend_bos:
+        return None
+    bos = tokenizer.bos_token_id
     return None if bos is None else int(bos)
+
+
+def _text(model: Any, ids: list[int]) -> str:
+    """A row of token ids as text (the ids themselves for a model without a tokenizer)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    return " ".join(map(str, ids)) if tokenizer is None else str(tokenizer.decode(ids))
 
 
 def _repeated_random_tokens(model: Any, seq_len: int, n_prompts: int, seed: int) -> Batch:
@@ -450,7 +458,7 @@ def _repeated_random_tokens(model: Any, seq_len: int, n_prompts: int, seed: int)
     drawn from the vocabulary without its special tokens, and the same tokens again."""
     adapter = model_adapter(model)
     vocab = int(model.cfg.d_vocab)
-    special = set(getattr(adapter.tokenizer, "all_special_ids", []) or [])
+    special = set(getattr(getattr(model, "tokenizer", None), "all_special_ids", None) or [])
     pool = np.asarray([t for t in range(vocab) if t not in special])
     if seq_len > len(pool):
         raise ValueError(
