@@ -122,6 +122,8 @@ def test_attention_maps_are_captured_query_major_whatever_the_chunks(tiny, side:
                 rows = slice(None) if site.positions == -1 else real
                 torch.testing.assert_close(got[rows][:, real], want, atol=1e-5, rtol=0)
             else:
+                # masked scores: -inf on every model class (a bridge holds the dtype's lowest)
+                own = own.masked_fill(own <= torch.finfo(own.dtype).min, -torch.inf)
                 torch.testing.assert_close(got[real][:, :, real], own.transpose(0, 1))
             # zeros at every padded query row and key column
             pad = batch.attention_mask[i] == 0
@@ -129,3 +131,106 @@ def test_attention_maps_are_captured_query_major_whatever_the_chunks(tiny, side:
             if not (isinstance(site, mp.Site) and site.positions == -1):
                 assert float(got[pad].abs().sum()) == 0.0
         assert n == len(real)
+
+
+def _uniform_causal(pattern: torch.Tensor, hook) -> torch.Tensor:
+    """What zeroed scores mean: each query spreads its attention evenly over keys 0..q."""
+    n = pattern.shape[-1]
+    allowed = torch.ones(n, n).tril()
+    return (allowed / allowed.sum(-1, keepdim=True)).expand(pattern.shape).to(pattern.dtype)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("positions", [-1, None])
+def test_edited_attention_scores_keep_the_mask_whatever_the_batch(
+    tiny, side: str, positions
+) -> None:
+    # Zeroed scores used to overwrite the masked entries: short prompts attended to the batch's
+    # padding (logits moved by 2.6) and every query to future keys. Independent reference: TL's
+    # own hook writing a uniform causal pattern, on each prompt alone.
+    site = "blocks.0.attn.hook_attn_scores"
+    ablate = {site: mp.Ablate(positions=positions)}
+    out = mp.run(tiny, PROMPTS, ablate, logit_positions=-1, padding_side=side, progress=False)
+    for i, prompt in enumerate(PROMPTS):
+        tokens = tiny.to_tokens(prompt)
+        hook = _uniform_causal
+        if positions == -1:  # only the last query row is uniform
+
+            def hook(pattern, hook, *, _n=tokens.shape[1]):
+                pattern = pattern.clone()
+                pattern[:, :, -1] = 1.0 / _n
+                return pattern
+
+        with torch.no_grad():
+            want = tiny.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_pattern", hook)])
+        torch.testing.assert_close(out.logits[i, 0], want[0, -1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_edited_patterns_never_weigh_padding_or_future_keys(tiny, side: str) -> None:
+    # A constant written into a whole pattern lands on real past keys only: each prompt's
+    # logits are those of the same edit on it alone (where the value's key axis is its own).
+    site = "blocks.1.attn.hook_pattern"
+    batch = mp.tokenize(tiny, PROMPTS, padding_side=side)
+    edit = {site: mp.Replace(torch.full((batch.tokens.shape[1],), 0.1))}
+    out = mp.run(tiny, batch, edit, logit_positions=-1, progress=False)
+    for i, prompt in enumerate(PROMPTS):
+        tokens = tiny.to_tokens(prompt)
+        n = tokens.shape[1]
+        weights = torch.full((n, n), 0.1).tril()
+
+        def hook(pattern, hook, *, _w=weights):
+            return _w.expand(pattern.shape).to(pattern.dtype)
+
+        with torch.no_grad():
+            want = tiny.run_with_hooks(tokens, fwd_hooks=[(site, hook)])
+        torch.testing.assert_close(out.logits[i, 0], want[0, -1], atol=1e-5, rtol=0)
+
+
+def test_captured_scores_hold_minus_infinity_at_future_keys(tiny) -> None:
+    # A bridge masks with the dtype's lowest value, a HookedTransformer with -inf.
+    site = "blocks.0.attn.hook_attn_scores"
+    scores = mp.run(tiny, ["Hello"], capture=[site], progress=False)[site][0]  # [q, head, k]
+    future = torch.ones(scores.shape[0], scores.shape[0], dtype=torch.bool).triu(1)
+    assert bool(torch.isneginf(scores.transpose(0, 1)[:, future]).all())
+    assert bool(torch.isfinite(scores.transpose(0, 1)[:, ~future]).all())
+
+
+@pytest.mark.parametrize(
+    "site",
+    ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_attn_scores", mp.Site("pattern", 0, 1)],
+)
+def test_a_mean_over_an_attention_maps_padded_keys_is_refused(tiny, site) -> None:
+    # Key j is a different token in each left-padded row: the mean depended on the padding side.
+    before = hook_count(tiny)
+    mean = {site: mp.Ablate("mean", positions=-1)}
+    with pytest.raises(ValueError, match=r"an attention map.*ablate_cells"):
+        mp.run(tiny, PROMPTS, mean, progress=False)
+    with (
+        pytest.raises(ValueError, match=r"an attention map.*ablate_cells"),
+        mp.intervene(tiny, mean),
+    ):
+        pass
+    assert hook_count(tiny) == before
+    batch = mp.tokenize(tiny, PROMPTS)
+    given = mp.Ablate("mean", mean=torch.full((batch.tokens.shape[1],), 0.05), positions=-1)
+    assert (
+        mp.run(tiny, batch, {site: given}, logit_positions=-1, progress=False)
+        .logits.isfinite()
+        .all()
+    )
+
+
+def test_a_key_vector_that_misses_the_chunks_keys_names_batch_size(tiny) -> None:
+    batch = mp.tokenize(tiny, PROMPTS)
+    add = {
+        "blocks.1.attn.hook_attn_scores": mp.Add(torch.zeros(batch.tokens.shape[1]), positions=-1)
+    }
+    before = hook_count(tiny)
+    with pytest.raises(ValueError, match=r"keys of this forward pass.*batch_size=None"):
+        mp.run(tiny, batch, add, batch_size=1, progress=False)
+    assert hook_count(tiny) == before
+    base = mp.run(tiny, batch, logit_positions=-1, progress=False).logits
+    torch.testing.assert_close(
+        mp.run(tiny, batch, add, logit_positions=-1, progress=False).logits, base
+    )

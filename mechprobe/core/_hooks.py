@@ -56,6 +56,7 @@ __all__ = [
     "gradients_enabled",
     "intervene",
     "intervention_spec",
+    "refuse_map_mean",
 ]
 
 
@@ -522,6 +523,28 @@ def masked_mean(selected: Tensor, real: Tensor | None) -> Tensor:
     return flat[keep].mean(dim=0)
 
 
+def refuse_map_mean(site: SiteLike, item: Intervention) -> None:
+    """Refuse a mean-ablation of an attention map that would average over the prompts run.
+
+    The key axis of ``[batch, query, head, key]`` is the batch's padded layout: under left
+    padding key ``j`` is a different token in each row, under right padding a short row's keys
+    run into padding, so a mean over rows mixes tokens and depends on how the batch was padded.
+
+    Example:
+        >>> refuse_map_mean("blocks.0.attn.hook_pattern", Ablate())  # zero-ablation is fine
+    """
+    pooled = isinstance(item, Ablate) and item.method == "mean" and item.mean is None
+    if pooled and is_attention_map(site):
+        raise ValueError(
+            f"Ablate('mean') without mean= at {site}, an attention map: its key axis is the "
+            "batch's padded layout (under left padding key j is a different token in each "
+            "row), so a mean over the prompts would mix tokens and depend on the padding. Use "
+            "mp.ablate_cells(model, prompts, 'pattern', positions, metric, method='mean') "
+            "(the mean row per query position over the prompts that have it), or pass "
+            "mean= of your own (one weight per key)."
+        )
+
+
 def _index(batch: Batch | None, positions: Positions) -> Tensor | None:
     if positions is None or (isinstance(positions, str) and positions == "all"):
         return None
@@ -555,6 +578,7 @@ def _hooks_for(
                     f"{type(item).__name__} at {name} is not an intervention: use Capture, "
                     "Replace, Add, Ablate or Project."
                 )
+            refuse_map_mean(name if site is None else site, item)
             site_width = width(model, site)
             if site_width is not None:
                 item.check_width(site_width)
@@ -572,7 +596,8 @@ def _hooks_for(
             elif batch is not None:
                 fn = _checked_shape(fn, batch)
             if is_attention_map(name if site is None else site):
-                fn = _query_major(fn)
+                causal = getattr(model.cfg, "attention_dir", "causal") == "causal"
+                fn = _query_major(_keys_fit(fn, item), mask, causal)
             fn = _named(fn, name if site is None else site.hook_name)
             if kind == "head_out":
                 assert site is not None and site.head is not None
@@ -614,16 +639,62 @@ def _named(fn: Callable[..., Tensor | None], name: str) -> Callable[..., Tensor 
     return named
 
 
-def _query_major(fn: Callable[..., Tensor | None]) -> Callable[..., Tensor | None]:
-    """Run ``fn`` on an attention pattern seen as ``[batch, query pos, head, key pos]``, so that
+def _query_major(
+    fn: Callable[..., Tensor | None], mask: Tensor | None, causal: bool
+) -> Callable[..., Tensor | None]:
+    """Run ``fn`` on an attention map seen as ``[batch, query pos, head, key pos]``, so that
     positions select query rows like every other site's, and give the result back in the hook's
-    ``[batch, head, query pos, key pos]``."""
+    ``[batch, head, query pos, key pos]``.
+
+    Entries the model masked keep the model's value whatever ``fn`` wrote there: future keys
+    (``causal``), padded keys and padded queries of ``mask [batch, seq]``, and scores already at
+    the mask value (-inf, or the dtype's lowest on a bridge; a sliding window). Zero-ablating
+    scores then means uniform attention over the keys a token may see, never attention to the
+    future or to padding, whose amount would depend on the batch a prompt is run in.
+    """
 
     def transposed(activation: Tensor, hook: Any) -> Tensor | None:
         out = fn(activation.transpose(1, 2), hook)
-        return None if out is None else out.transpose(1, 2)
+        if out is None:
+            return None
+        out = out.transpose(1, 2)
+        return torch.where(_hidden(activation, mask, causal), activation, out)
 
     return transposed
+
+
+def _keys_fit(fn: Callable[..., Tensor | None], item: Intervention) -> Callable[..., Tensor | None]:
+    """Check ``item``'s vector against the keys of the pass (an attention map's width is known
+    only then: it is the length of the chunk forwarded)."""
+
+    def checked(activation: Tensor, hook: Any) -> Tensor | None:
+        n_key = int(activation.shape[-1])
+        try:
+            item.check_width(n_key)
+        except ValueError as error:
+            raise ValueError(
+                f"{error} At {hook.name}, an attention map, the last axis holds the {n_key} keys "
+                "of this forward pass in its padded layout (mp.run with batch_size trims each "
+                "chunk's padding: batch_size=None keeps the whole batch's)."
+            ) from None
+        return fn(activation, hook)
+
+    return checked
+
+
+def _hidden(activation: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+    """Which entries of ``activation [batch, head, query, key]`` the model masked (bool,
+    broadcastable to it)."""
+    n_query, n_key = activation.shape[-2:]
+    device = activation.device
+    hidden = activation <= torch.finfo(activation.dtype).min  # scores at the mask value
+    if causal:  # query i is key i + n_key - n_query (a cached generation step has one query)
+        query = torch.arange(n_query, device=device)[:, None] + (n_key - n_query)
+        hidden = hidden | (torch.arange(n_key, device=device)[None, :] > query)
+    if mask is not None and mask.shape[-1] == n_key:
+        real = mask.to(device).bool()
+        hidden = hidden | ~real[:, None, None, :] | ~real[:, None, -n_query:, None]
+    return hidden
 
 
 def _through_attn_out(

@@ -22,6 +22,7 @@ from mechprobe.core._hooks import (
     StopForward,
     intervene,
     intervention_spec,
+    refuse_map_mean,
 )
 from mechprobe.core._progress import progress_bar
 from mechprobe.core._readout import readout
@@ -41,7 +42,7 @@ class RunResult:
             at padding where every position is kept). An attention map is query-major and keeps
             every key: ``[batch, k or seq, seq]`` for a ``pattern`` Site, ``[batch, k or seq,
             head, seq]`` for a layer's ``hook_pattern`` or ``hook_attn_scores`` named by hook,
-            zeros at padded keys too.
+            zeros at padded keys too; scores hold -inf at future keys on every model class.
         batch: The tokenised prompts (padding, masks, last-real-token indices).
 
     Example:
@@ -125,7 +126,9 @@ def run(
     Args:
         model: A TransformerLens model.
         prompts: Strings, or a :class:`Batch` from :func:`mechprobe.tokenize`.
-        interventions: ``{site: intervention(s)}`` as for :func:`mechprobe.intervene`.
+        interventions: ``{site: intervention(s)}`` as for :func:`mechprobe.intervene`. An edit
+            of an attention map keeps what the model masked (future and padded keys), so no
+            prompt's result depends on its batch.
         capture: Sites to capture; a Site's ``positions`` selects positions (all by default).
         logit_positions: Positions whose logits to keep (``-1``: last real token); ``"all"`` keeps
             every position, which costs ``batch * seq * vocab`` floats.
@@ -153,6 +156,7 @@ def run(
     for key, value in spec.items():
         for item in _items(value):
             refuse_gradient(key, item, "run()")
+            refuse_map_mean(key, item)
     check_positions(spec, batch)  # every prompt's positions, before the first chunk runs
     if _pooled_means(spec):
         spec = dict(_with_batch_means(model, batch, spec, batch_size))
@@ -202,8 +206,11 @@ def run(
                 assert cap.value is not None
                 spans, keys = _positions_of(site) is None, is_attention_map(site)
                 kept = _zero_padding(cap.value, chunk) if spans else cap.value
-                if keys:  # an attention map: zeros at padded keys too (scores hold -inf there)
+                if keys:  # an attention map: zeros at padded keys too
                     kept = _zero_padding(kept.transpose(1, -1), chunk).transpose(1, -1)
+                    # Masked scores are -inf on a HookedTransformer, the dtype's lowest on a
+                    # bridge: -inf on both, so that captures compare across model classes.
+                    kept = kept.masked_fill(kept <= torch.finfo(kept.dtype).min, -torch.inf)
                 captured[site] = _place(captured.get(site), kept, rows, batch, spans, keys)
     assert logits is not None
     return RunResult(logits=logits, captures=captured, batch=batch)
