@@ -267,6 +267,20 @@ def test_cli_heads_fails_before_loading(tmp_path, capsys, monkeypatch, args, mes
     assert "mechprobe heads: error" in err and message in err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt", "abc"], "pass --prompt texts that have them, or no --prompt for"),
+        (["--seq-len", "1"], "--seq-len must be at least 2"),
+        (["--seq-len", "300"], "lower --seq-len"),
+    ],
+)
+def test_cli_heads_messages_name_the_flags(tmp_path, capsys, args, message):
+    assert cli_main(["heads", *args, "--model", "tiny", "--quiet", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "seq_len" not in err and "prompts=None" not in err
+
+
 def test_cli_heads_refuses_an_unknown_kind(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["heads", "--kinds", "copying", "--out", str(tmp_path / "d")])

@@ -104,6 +104,7 @@ def test_a_rule_of_ones_own_and_the_layers_chosen(tiny) -> None:
             "at or after its query",
         ),
         ({"seq_len": 0}, ValueError, "seq_len"),
+        ({"seq_len": 1}, ValueError, "seq_len must be at least 2"),  # induction: itself
         ({"seq_len": 10_000}, ValueError, "seq_len"),
         ({"layers": 7}, ValueError, "out of range"),
         ({"batch_size": 0}, ValueError, "batch_size"),
@@ -122,6 +123,22 @@ def test_prompts_without_repeats_have_no_duplicate_targets(tiny) -> None:
     res = mp.head_scores(tiny, ["abc", "abab"], kinds=["duplicate_token"], progress=False)
     assert res.counts.tolist() == [[0, 2]]
     assert np.isnan(res.per_prompt[0, 0]).all() and np.isfinite(res.scores).all()
+
+
+def test_no_targets_says_why_for_each_source(tiny) -> None:
+    # A rule marking only BOS (an "attention sink") has no targets: BOS never is one. The advice
+    # "prompts=None for repeated random tokens" was given where prompts already were None.
+    def sink(tokens):
+        return torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril(-1) & (
+            torch.arange(len(tokens)) == 0
+        )
+
+    with pytest.raises(ValueError, match="BOS is never a target") as error:
+        mp.head_scores(tiny, ["abab"], kinds={"sink": sink}, progress=False)
+    assert "prompts=None" not in str(error.value)
+    with pytest.raises(ValueError, match="No query of repeated random tokens") as error:
+        mp.head_scores(tiny, kinds={"sink": sink}, seq_len=4, n_prompts=1, progress=False)
+    assert "prompts=None" not in str(error.value)
 
 
 def test_the_result_protocol(tiny, tmp_path) -> None:

@@ -104,6 +104,11 @@ def main(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:
-        return fail(str(err))
+        message = str(err).replace("prompts=None", "no --prompt").replace("seq_len", "--seq-len")
+        return fail(
+            message.replace("n_prompts", "--n-prompts").replace(
+                "pass prompts", "pass --prompt texts"
+            )
+        )
     problem = write_run_folder("heads", args, result, "heads.png")
     return fail(problem) if problem else 0

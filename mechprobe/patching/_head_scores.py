@@ -275,9 +275,12 @@ def head_scores(
         kinds: Names among ``"previous_token"``, ``"duplicate_token"`` and ``"induction"``, or
             a mapping ``{name: rule}`` of your own, a rule taking a prompt's token ids ``[seq]``
             (BOS included where the model prepends one) to a boolean ``[seq, seq]`` matrix of
-            targets, True at ``[query, key]`` for keys before the query.
+            targets, True at ``[query, key]`` for keys before the query. BOS is never a target,
+            for rules of one's own too: attention parked on it says nothing about a head's
+            kind (so a rule marking only BOS, an "attention sink", has no targets).
         layers: The layers whose heads are scored.
-        seq_len: Tokens in each half of a random sequence (``2 * seq_len + 1`` tokens with BOS).
+        seq_len: Tokens in each half of a random sequence (``2 * seq_len + 1`` tokens with BOS),
+            at least 2 (with 1, a query's induction target would be itself).
         n_prompts: Random sequences (ignored with prompts).
         batch_size: Prompts per forward pass.
         progress: Show a progress bar over batches.
@@ -305,7 +308,7 @@ def head_scores(
     chosen = resolve_layers(model, layers)
     if prompts is None:
         batch = _repeated_random_tokens(
-            model, check_int(seq_len, "seq_len", 1), check_int(n_prompts, "n_prompts", 1), seed
+            model, check_int(seq_len, "seq_len", 2), check_int(n_prompts, "n_prompts", 1), seed
         )
         source, half = "repeated random tokens", int(seq_len)
     else:
@@ -332,11 +335,7 @@ def head_scores(
         chance += _uniform(targets, chunk.attention_mask).numpy()
     empty = [name for name, n in zip(names, counts.sum(1), strict=True) if n == 0]
     if empty:
-        raise ValueError(
-            f"No query of any prompt has {' or '.join(empty)} targets (for duplicate and "
-            "induction kinds, a token must repeat): pass prompts that have them, or "
-            "prompts=None for repeated random tokens."
-        )
+        raise ValueError(_no_targets(empty, source, bos is not None))
     with np.errstate(invalid="ignore", divide="ignore"):  # a prompt without targets: NaN
         per_prompt = sums / counts[:, :, None, None]
     scores = sums.sum(1) / counts.sum(1)[:, None, None]
@@ -400,6 +399,23 @@ def _rules(kinds: Sequence[str] | Mapping[str, TargetRule]) -> dict[str, TargetR
     if not rules:
         raise ValueError(f"kinds is empty: name at least one of {list(KINDS)}.")
     return rules
+
+
+def _no_targets(empty: list[str], source: str, bos: bool) -> str:
+    """Why no query had targets of the ``empty`` kinds, and what to pass instead."""
+    where = "repeated random tokens" if source != "prompts" else "any prompt"
+    why = []
+    if any(name in ("duplicate_token", "induction") for name in empty):
+        why.append("duplicate and induction targets need a repeated token")
+    if bos and any(name not in KINDS for name in empty):
+        why.append("BOS is never a target, in rules of one's own too")
+    fix = "pass prompts that have them"
+    if source == "prompts" and all(name in KINDS for name in empty):
+        fix += ", or prompts=None for repeated random tokens"
+    elif source != "prompts":
+        fix = "check the rule on the tokens it is given, or pass prompts"
+    because = f" ({'; '.join(why)})" if why else ""
+    return f"No query of {where} has {' or '.join(empty)} targets{because}: {fix}."
 
 
 def _targets(chunk: Batch, rules: Mapping[str, TargetRule], bos: int | None) -> Tensor:
