@@ -12,6 +12,8 @@ import mechprobe as mp
 from mechprobe.cli import main as cli_main
 from mechprobe.cli._arguments import layers_type
 
+_ERASE = ["erase", "--site", "resid_post", "--layers", "1"]
+
 
 def _no_model(*_):
     raise AssertionError("the model must not load when the arguments are bad")
@@ -101,6 +103,14 @@ def test_patch_takes_one_answer_per_pair(tmp_path):
         (["probe", "--dataset", "pos", "--positions", "all"], "probe", "labels words"),
         # collect's "sites: unknown site 'resid_post,mlp_out'" named no flag of the shell
         (["probe", "--dataset", "pos", "--site", "resid_post,mlp_out"], "probe", "one site kind"),
+        # options that did nothing were accepted without a word
+        ([*_ERASE, "--method", "leace", "--iterations", "3"], "erase", "with --method leace"),
+        ([*_ERASE, "--dataset", "number", "--n-countries", "5"], "erase", "with --dataset number"),
+        (
+            ["relation", "--task", "capitals", "--no-ablation", "--ablation-method", "mean"],
+            "relation",
+            "--ablation-method with --no-ablation",
+        ),
     ],
 )
 def test_bad_arguments_fail_before_the_model_loads(
@@ -112,6 +122,21 @@ def test_bad_arguments_fail_before_the_model_loads(
     assert cli_main([*command, "--model", "tiny", *out]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # no empty output folder left behind
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--n-texts", "-3", "must be 0 or a positive integer"),  # ran as 0 before
+        ("--iterations", "0", "must be a positive integer"),  # named n_iterations
+        ("--n-countries", "0", "must be a positive integer"),
+    ],
+)
+def test_erase_counts_are_checked_by_the_parser(tmp_path, capsys, flag, value, message):
+    args = [*_ERASE, flag, value]
+    with pytest.raises(SystemExit):
+        cli_main([*args, "--model", "tiny", "--out", str(tmp_path / "out")])
+    assert f"{flag}: {message}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("module", ["lens", "patch", "trace", "relation", "probe", "erase"])

@@ -129,6 +129,20 @@ def test_bad_arguments_name_the_fix(tiny):
         )
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"other_task": "capitals"}, "other_task is 'capitals', the task analysed"),
+        ({"contrast_task": "capitals"}, "contrast_task is 'capitals', the task analysed"),
+        ({"contrast_task": "past_tense", "ablation": False}, "ablation=False runs no ablation"),
+    ],
+)
+def test_controls_that_control_nothing_are_refused(tiny, kwargs, message):
+    # The other-task control used to be the task's own o-vector, without a note.
+    with pytest.raises(ValueError, match=message):
+        mp.relational_analysis(tiny, "capitals", n_items=6, n_random=0, progress=False, **kwargs)
+
+
 def test_holdout_is_the_old_name_of_test_size(tiny):
     # Every other split of the API says test_size; holdout= is accepted for one release.
     common = {"n_items": 6, "ablation": False, "n_random": 0, "other_task": None,

@@ -151,6 +151,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    """An argparse ``type`` for counts where 0 means none (``--n-texts``).
+
+    Example:
+        >>> nonnegative_int("0")
+        0
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, not {text!r}")
+    return value
+
+
 def add_layers_argument(parser: argparse.ArgumentParser, what: str) -> None:
     """Register ``--layers`` (default all) with the one syntax every subcommand reads."""
     parser.add_argument(

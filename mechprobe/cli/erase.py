@@ -26,8 +26,10 @@ from mechprobe.cli._arguments import (
     add_shots_argument,
     layers_type,
     load,
+    nonnegative_int,
     output_problem,
     positions_type,
+    positive_int,
     task_shots,
 )
 
@@ -75,10 +77,19 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument("--task", help="relational task to score (default: capitals for country)")
     add_shots_argument(parser)
-    parser.add_argument("--n-countries", type=int, default=20, help="country datasets (default 20)")
-    parser.add_argument("--n-texts", type=int, default=24, help="English sentences for LM measures")
+    parser.add_argument(
+        "--n-countries", type=positive_int, help="countries of the country datasets (default 20)"
+    )
+    parser.add_argument(
+        "--n-texts",
+        type=nonnegative_int,
+        default=24,
+        help="English sentences for LM measures (default 24; 0: none)",
+    )
     parser.add_argument("--n-random", type=int, default=3, help="random controls (default 3)")
-    parser.add_argument("--iterations", type=int, default=20, help="INLP iterations at most")
+    parser.add_argument(
+        "--iterations", type=positive_int, help="INLP iterations at most (default 20)"
+    )
     parser.add_argument("--no-mlp", action="store_true", help="skip the MLP probe")
     add_model_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
@@ -271,8 +282,16 @@ def main(args: argparse.Namespace) -> int:
 
     problem = output_problem(args.out, folder=True)
     if problem:
-        print(f"mechprobe erase: error: --out: {problem}", file=sys.stderr)
+        problem = f"--out: {problem}"
+    elif args.iterations is not None and args.method != "inlp":
+        problem = f"--iterations bounds INLP's iterations: drop it with --method {args.method}"
+    elif args.n_countries is not None and args.dataset not in ("country", "is_capital"):
+        problem = f"--n-countries sizes the country datasets: drop it with --dataset {args.dataset}"
+    if problem:  # before the model loads
+        print(f"mechprobe erase: error: {problem}", file=sys.stderr)
         return 2
+    args.iterations = 20 if args.iterations is None else args.iterations
+    args.n_countries = 20 if args.n_countries is None else args.n_countries
     try:
         records = run_erase(args)
     except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:

@@ -106,7 +106,9 @@ def add_parser(sub: Any) -> None:
         "--ovector-prompts", type=int, help="average o over at most this many prompts (1: paper)"
     )
     parser.add_argument("--no-ablation", action="store_true", help="skip the FFN ablation")
-    parser.add_argument("--ablation-method", choices=("zero", "mean"), default="zero")
+    parser.add_argument(
+        "--ablation-method", choices=("zero", "mean"), help="FFN ablation (default zero)"
+    )
     parser.add_argument(
         "--sweep",
         action="store_true",
@@ -127,6 +129,12 @@ def main(args: argparse.Namespace) -> int:
     if problem:  # before the model loads and the analysis runs
         print(f"mechprobe relation: error: --out: {problem}", file=sys.stderr)
         return 2
+    if args.no_ablation and args.ablation_method is not None:
+        print(
+            "mechprobe relation: error: --ablation-method with --no-ablation: drop one of them",
+            file=sys.stderr,
+        )
+        return 2
     try:
         args.shots = task_shots(mp.load_task(args.task), args.shots)  # before the model loads
         lens = lens_spec(args)
@@ -146,7 +154,7 @@ def main(args: argparse.Namespace) -> int:
             test_size=args.test_size,
             ovector_prompts=args.ovector_prompts,
             ablation=not args.no_ablation,
-            ablation_method=args.ablation_method,
+            ablation_method=args.ablation_method or "zero",
             sweep_layers="auto" if args.sweep else None,
             seed=args.seed,
             batch_size=args.batch_size,
@@ -154,7 +162,11 @@ def main(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:
-        print(f"mechprobe relation: error: {err}", file=sys.stderr)
+        message = str(err)
+        for name in ("other_task", "contrast_task", "ovector_prompts", "n_items", "n_random"):
+            message = message.replace(name, "--" + name.replace("_", "-"))
+        message = message.replace("ablation=False", "--no-ablation").replace("None to", "none to")
+        print(f"mechprobe relation: error: {message}", file=sys.stderr)
         return 2
     try:
         folder = result.save(args.out)

@@ -88,7 +88,14 @@ def _resolve_pair(value: TaskArg | Literal["auto"] | None, task: Task, which: in
         if which == 1:  # any task's other-task control defaults to capitals (or past tense)
             return load_task("capitals" if task.name != "capitals" else "past_tense")
         return None
-    return as_task(value)
+    chosen = as_task(value)
+    if chosen.name == task.name:
+        argument = ("contrast_task", "contrast") if which == 0 else ("other_task", "control")
+        raise ValueError(
+            f"{argument[0]} is {task.name!r}, the task analysed: its {argument[1]} would be the "
+            "task itself. Name another task, 'auto', or None to leave it out."
+        )
+    return chosen
 
 
 def _prepare(task: Task, shots: int, n_items: int | None, seed: int) -> Task:
@@ -228,9 +235,10 @@ def relational_analysis(
             last token) or a list of ints.
         n_random: Random-direction controls (seeds ``seed .. seed + n_random - 1``).
         other_task: The task whose o-vector is the other-task control (``"auto"``: a built-in
-            pairing; None: skip).
+            pairing; None: skip); never the task analysed.
         contrast_task: The task ablated beside this one (``"auto"``: the extractive or abstractive
-            counterpart of a built-in task; None: only this task).
+            counterpart of a built-in task; None: only this task); never the task analysed, and
+            only with ``ablation``.
         test_size: Share of the items held out of the o-vector (their contexts are
             ``held_out``), split by argument: no held-out item shares its argument with a fitted
             one, so the share is met as closely as whole arguments allow (a note says when it
@@ -294,6 +302,12 @@ def relational_analysis(
     other = _resolve_pair(other_task, base, 1)
     if other is not None:
         other = _prepare(other, min(shots, len(other.shots)), _OTHER_TASK_ITEMS, seed)
+    named = not (isinstance(contrast_task, str) and contrast_task == "auto")
+    if not ablation and named and contrast_task is not None:
+        raise ValueError(
+            "contrast_task names the task ablated beside this one, but ablation=False runs "
+            "no ablation: drop contrast_task, or set ablation=True."
+        )
     contrast = _resolve_pair(contrast_task, base, 0) if ablation else None
     if contrast is not None:
         contrast = _prepare(contrast, min(shots, len(contrast.shots)), n_items, seed)
