@@ -10,7 +10,7 @@ STAMP3 := $(VENV3)/.mechprobe-installed
 # What runs there: every unit test that touches a model, on tiny HookedTransformers (a Llama with
 # grouped-query attention and a GPT-2, MECHPROBE_TEST_MODELS), and SmolLM2 under both model types.
 # The solver, probe, task and result tests do not touch a model: the first environment covers them.
-TL3_TESTS := tests/test_adapter.py tests/test_direct_attribution.py tests/test_das.py tests/test_ranks.py tests/test_degenerate_inputs.py tests/test_hooks.py tests/test_runner.py tests/test_generation.py tests/test_readout.py \
+TL3_TESTS := tests/test_adapter.py tests/test_direct_attribution.py tests/test_das.py tests/test_ranks.py tests/test_degenerate_inputs.py tests/test_labels.py tests/test_hooks.py tests/test_runner.py tests/test_generation.py tests/test_readout.py \
 	tests/test_batching.py tests/test_sites.py tests/test_models.py tests/test_lens.py \
 	tests/test_patching.py tests/test_activations.py tests/test_amnesic.py \
 	tests/test_erasure_sweep.py tests/test_ffn_ablation.py tests/test_ffn_intervention.py \

@@ -292,7 +292,7 @@ def test_nan_activations_raise(tiny: Any) -> None:
         ({"positions": [[0], [1], [2]]}, ValueError, "3 position lists for 4 texts"),
         ({"positions": [[0], [9], [0], [0]]}, ValueError, "outside text 1"),
         ({"positions": 7}, ValueError, "outside text 1"),
-        ({"labels": ["a", 1, "b", "c"]}, TypeError, "all strings or all ints"),
+        ({"labels": ["a", 1, "b", "c"]}, TypeError, "all strings, all ints or all bools"),
         ({"sites": ["blocks.0.hook_resid_post", mp.Site("head", 0, head=0)]}, ValueError, "head"),
         ({"sites": ["blocks.0.hook_resid_post"] * 2}, ValueError, "repeat"),
         ({"sites": ["resid_post", mp.Site("resid_post", 1)]}, ValueError, "repeat"),

@@ -106,7 +106,7 @@ def test_bad_input() -> None:
     X, y = _planted()
     with pytest.raises(ValueError, match="rows but y has"):
         leace(X, y[:-1])
-    with pytest.raises(ValueError, match="single class"):
+    with pytest.raises(ValueError, match="only one class"):
         leace(X, np.zeros(len(X), dtype=int))
     with pytest.raises(ValueError, match="svd_tol"):
         leace(X, y, svd_tol=0.0)

@@ -79,6 +79,7 @@ from mechprobe.core._validation import (
     check_float,
     check_int,
     check_seed,
+    class_labels,
 )
 
 __all__ = [
@@ -116,6 +117,7 @@ __all__ = [
     "check_heads_sum",
     "check_int",
     "check_seed",
+    "class_labels",
     "decode",
     "differentiate",
     "encode",

@@ -13,7 +13,15 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["as_int", "check_choice", "check_finite", "check_float", "check_int", "check_seed"]
+__all__ = [
+    "as_int",
+    "check_choice",
+    "check_finite",
+    "check_float",
+    "check_int",
+    "check_seed",
+    "class_labels",
+]
 
 
 def as_int(value: Any) -> int | None:
@@ -149,3 +157,82 @@ def check_finite(value: torch.Tensor | np.ndarray, name: str) -> None:
                 f"{name} holds {bad} NaN or infinite value(s) of {tensor.numel()}: pass finite "
                 "numbers (a NaN would make every comparison false and every rank 0)."
             )
+
+
+def class_labels(y: Any, name: str = "y", *, min_classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """``(classes, codes [n] int64)`` of class labels: strings, ints (or integral floats) or
+    bools, one kind per call; ``codes`` index ``classes`` (sorted, as ``np.unique``).
+
+    Probes and erasers read their labels here, so one label is accepted or refused alike by all
+    of them. A list mixing kinds is refused rather than merged: numpy would turn ``[1, "1"]``
+    into one class ``"1"``, and ``[True, 1]`` compare equal.
+
+    Raises:
+        ValueError: Labels not 1-D; a missing label (None, NaN); continuous values; fewer than
+            ``min_classes`` classes.
+        TypeError: A label of another kind (bytes, a list) or a mix of kinds.
+
+    Example:
+        >>> classes, codes = class_labels(["noun", "verb", "noun"])
+        >>> classes.tolist(), codes.tolist()
+        (['noun', 'verb'], [0, 1, 0])
+    """
+    values = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y
+    array = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=object)
+    if array.ndim != 1:
+        raise ValueError(
+            f"{name} must be 1-D [n_examples] class labels, got shape {array.shape}; pass class "
+            "indices, not one-hot rows (use y.argmax(-1))."
+        )
+    if array.dtype == object:
+        kinds = [_label_kind(v) for v in array.tolist()]
+    elif array.dtype.kind == "f":
+        kinds = np.where(np.isnan(array), "missing", "float").tolist()
+    else:
+        kind = {"b": "bool", "U": "str", "i": "int", "u": "int"}.get(array.dtype.kind, "other")
+        kinds = [kind] * len(array)
+    missing = [i for i, kind in enumerate(kinds) if kind == "missing"]
+    if missing:
+        raise ValueError(
+            f"{name} has no label at rows {missing[:10]} (None or NaN); drop those rows, or give "
+            "them a label."
+        )
+    kinds = ["int" if kind == "float" else kind for kind in kinds]  # 2.0 is class 2
+    found = sorted(set(kinds))
+    if "other" in found:
+        row = kinds.index("other")
+        raise TypeError(f"{name}[{row}] is {array[row]!r}: labels are strings, ints or bools.")
+    if len(found) > 1:
+        rows = ", ".join(f"row {kinds.index(k)} is {array[kinds.index(k)]!r}" for k in found)
+        raise TypeError(f"{name} mixes {' and '.join(found)} labels ({rows}): use one kind.")
+    floats = array.dtype == object and any(isinstance(v, (float, np.floating)) for v in array)
+    if array.dtype.kind == "f" or floats:
+        numbers = array.astype(np.float64)
+        off = numbers != np.round(numbers)
+        if off.any():
+            raise ValueError(
+                f"{name} holds continuous values (e.g. {numbers[off][:3].tolist()}), not class "
+                "labels: bin them first (np.digitize) or pass strings, ints or bools."
+            )
+        array = numbers.astype(np.int64)
+    elif array.dtype == object and len(array):
+        array = array.astype({"str": np.str_, "bool": np.bool_, "int": np.int64}[found[0]])
+    classes, codes = np.unique(array, return_inverse=True)
+    if len(classes) < min_classes:
+        held = f"only one class ({classes[0].item()!r})" if len(classes) else "no labels"
+        raise ValueError(f"{name} has {held}; at least {min_classes} distinct ones are needed.")
+    return classes, codes.ravel().astype(np.int64)
+
+
+def _label_kind(value: Any) -> str:
+    if value is None or (isinstance(value, (float, np.floating)) and value != value):
+        return "missing"
+    if isinstance(value, (bool, np.bool_)):
+        return "bool"
+    if isinstance(value, (int, np.integer)):
+        return "int"
+    if isinstance(value, (float, np.floating)):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return "other"

@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechprobe.core import Result, check_finite, check_int, check_seed, new_axes
+from mechprobe.core import Result, check_finite, check_int, check_seed, class_labels, new_axes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -467,28 +467,9 @@ def check_xy(X: Any, y: Any, caller: str) -> tuple[Tensor, np.ndarray, np.ndarra
         X = X.float()
     if not bool(torch.isfinite(X).all()):
         raise ValueError(f"{caller}: X contains NaN or infinite values; drop or impute those rows.")
-    labels = y.detach().cpu().numpy() if isinstance(y, Tensor) else np.asarray(y)
-    if labels.ndim != 1:
+    classes, codes = class_labels(y, f"{caller}: y")
+    if len(codes) != X.shape[0]:
         raise ValueError(
-            f"{caller}: y must be 1-D [n_examples] class labels, got shape {labels.shape}; "
-            "pass class indices, not one-hot rows (use y.argmax(-1))."
-        )
-    if len(labels) != X.shape[0]:
-        raise ValueError(
-            f"{caller}: X has {X.shape[0]} rows but y has {len(labels)} labels; they must match."
-        )
-    if labels.dtype.kind == "f" and np.isnan(labels).any():
-        raise ValueError(f"{caller}: y contains NaN labels; drop those rows from X and y.")
-    if labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):
-        # One class per distinct value: a continuous y of n values erased every direction.
-        raise ValueError(
-            f"{caller}: y holds non-integer values (e.g. {labels[labels != np.round(labels)][0]}): "
-            "erasure takes class labels; bin a continuous concept first (e.g. np.digitize)."
-        )
-    classes, codes = np.unique(labels, return_inverse=True)
-    if len(classes) < 2:
-        raise ValueError(
-            f"{caller}: y has a single class ({classes.tolist()}); erasure needs at least two "
-            "distinct labels."
+            f"{caller}: X has {X.shape[0]} rows but y has {len(codes)} labels; they must match."
         )
     return X, codes.astype(np.int64), classes

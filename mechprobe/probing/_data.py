@@ -14,6 +14,8 @@ from jaxtyping import Float
 from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 from torch import Tensor
 
+from mechprobe.core import class_labels
+
 _GATHER_ROWS = 2048  # rows gathered (and added to the moments) at a time
 # A layer in a site name: a hook's "blocks.20." or a head site's "head_out@3".
 _LAYER_IN_NAME = re.compile(r"^blocks\.(\d+)\.|^\w+@(\d+)")
@@ -65,14 +67,18 @@ def as_layers(
         )
     if y is None:
         raise ValueError("no labels: pass y, or an object whose .labels holds one label per row.")
-    labels = np.asarray(host(y))
+    labels = host(y)
+    if not isinstance(labels, np.ndarray):  # a list: numpy would merge [True, 0] or [1, "1"]
+        labels = np.asarray(labels) if len(labels) == 0 else _one_kind(labels, "y")
     n = values.shape[0]
     if labels.ndim != 1 or len(labels) != n:
         raise ValueError(
             f"y has shape {labels.shape} but X has {n} rows: pass one label per row of X."
         )
     if groups is not None:
-        groups = np.asarray(host(groups))
+        groups = host(groups)
+        if not isinstance(groups, np.ndarray):
+            groups = np.asarray(groups) if len(groups) == 0 else _one_kind(groups, "groups")
         if groups.ndim != 1 or len(groups) != n:
             raise ValueError(
                 f"groups has shape {groups.shape} but X has {n} rows: pass one word type per row."
@@ -80,30 +86,18 @@ def as_layers(
     return values, labels, groups
 
 
+def _one_kind(values: Sequence[Any], name: str) -> np.ndarray:
+    """A list of labels as an array, refused where it mixes kinds or misses a label."""
+    array = np.asarray(values)
+    if array.ndim == 1:
+        class_labels(values, name, min_classes=1)
+    return array
+
+
 def encode_labels(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(classes, indices)``; fewer than two classes, missing labels (None, NaN) and
-    continuous values are errors (a probe classifies)."""
-    missing = [
-        i for i, v in enumerate(y.tolist()) if v is None or (isinstance(v, float) and v != v)
-    ]
-    if missing:
-        raise ValueError(
-            f"y has no label at rows {missing[:10]} (None or NaN); drop those rows, or give "
-            "them a label."
-        )
-    if y.dtype == object and len(y) and all(isinstance(v, (float, np.floating)) for v in y):
-        y = y.astype(np.float64)  # floats in an object array are checked as floats
-    if y.dtype.kind == "f" and not np.array_equal(y, np.round(y)):
-        raise ValueError(
-            f"y holds continuous values (e.g. {y[:3].tolist()}), not class labels; a probe "
-            "classifies: bin them (np.digitize) or pass strings, ints or bools."
-        )
-    classes, idx = np.unique(y, return_inverse=True)
-    if len(classes) < 2:
-        raise ValueError(
-            f"y has only one class ({classes[0]!r} if any); a probe needs at least two classes."
-        )
-    return classes, idx.ravel()
+    """``(classes, indices)`` of a probe's labels (:func:`mechprobe.core.class_labels`: one kind
+    of label, none missing, not continuous, at least two classes)."""
+    return class_labels(y, "y")
 
 
 def splits(
@@ -132,6 +126,13 @@ def splits(
     stratify = counts.min() >= 2
     if not stratify:
         _warn_rare(counts, 2, classes)
+    n_test = int(np.ceil(test_size * n))  # scikit-learn's rounding
+    if stratify and min(n_test, n - n_test) < len(counts):
+        raise ValueError(
+            f"{n} rows split with test_size={test_size} leave {n - n_test} for training and "
+            f"{n_test} for testing, fewer than the {len(counts)} classes on one side: pass more "
+            "rows, another test_size, or n_folds."
+        )
     train, test = train_test_split(
         np.arange(n), test_size=test_size, random_state=seed, stratify=y_idx if stratify else None
     )

@@ -24,7 +24,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
 from mechprobe._fit import fit_logistic, softmax_penalty
-from mechprobe.core import check_float, check_int, check_seed, gradients_enabled
+from mechprobe.core import check_float, check_int, check_seed, class_labels, gradients_enabled
 from mechprobe.probing._data import host
 
 
@@ -283,7 +283,8 @@ def control_labels(groups: Any, y: Any, *, seed: int = 0) -> np.ndarray:
     """
 
     seed = check_seed(seed)
-    groups, y = np.asarray(host(groups)), np.asarray(host(y))
+    given = host(groups), host(y)
+    groups, y = np.asarray(given[0]), np.asarray(given[1])
     if groups.ndim != 1 or y.ndim != 1 or len(groups) != len(y):
         raise ValueError(
             f"groups and y must be 1-D with one entry per example, got shapes {groups.shape} and "
@@ -291,6 +292,9 @@ def control_labels(groups: Any, y: Any, *, seed: int = 0) -> np.ndarray:
         )
     if len(y) == 0:
         raise ValueError("control_labels got no examples; pass at least one row.")
+    # Missing or mixed labels and word types are refused (numpy merges 1 and "1", and NaNs).
+    class_labels(given[1], "y", min_classes=1)
+    class_labels(given[0], "groups", min_classes=1)
     classes, y_idx = np.unique(y, return_inverse=True)
     cdf = np.cumsum(np.bincount(y_idx, minlength=len(classes)) / len(y))
     try:

@@ -57,7 +57,9 @@ def whitespace_words(text: str) -> list[tuple[int, int]]:
 
 
 def _is_label(value: Any) -> bool:
-    return isinstance(value, (str, int, np.integer)) and not isinstance(value, (bytes, bool))
+    return isinstance(value, (str, int, np.integer, bool, np.bool_)) and not isinstance(
+        value, bytes
+    )
 
 
 def _inputs(data: Any, positions: Any, labels: Any, groups: Any) -> dict[str, Any]:
@@ -194,8 +196,10 @@ def _expand(values: Any, i: int, n_units: int, name: str) -> list[Any]:
     entry = values[i]
     if entry is None or _is_label(entry):
         return [entry] * n_units
-    if isinstance(entry, (bytes, bool)) or not isinstance(entry, (Sequence, np.ndarray)):
-        raise TypeError(f"{name}[{i}] is {entry!r}: use a str/int label or a list of them.")
+    if isinstance(entry, bytes) or not isinstance(entry, (Sequence, np.ndarray)):
+        raise TypeError(
+            f"{name}[{i}] is {entry!r}: use a str, int or bool label or a list of them."
+        )
     if len(entry) != n_units:
         raise ValueError(
             f"{name}[{i}] has {len(entry)} entries but text {i} has {n_units} selectable units "
@@ -208,10 +212,14 @@ def _expand(values: Any, i: int, n_units: int, name: str) -> list[Any]:
 def _array(values: list[Any], name: str) -> np.ndarray:
     if all(isinstance(v, str) for v in values):
         return np.asarray(values, dtype=np.str_)
-    if all(_is_label(v) and not isinstance(v, str) for v in values):
+    if all(isinstance(v, (bool, np.bool_)) for v in values):
+        return np.asarray(values, dtype=np.bool_)
+    if all(_is_label(v) and not isinstance(v, (str, bool, np.bool_)) for v in values):
         return np.asarray(values, dtype=np.int64)
     kinds = sorted({type(v).__name__ for v in values})
-    raise TypeError(f"{name} must be all strings or all ints (found {kinds}): use one type.")
+    raise TypeError(
+        f"{name} must be all strings, all ints or all bools (found {kinds}): use one type."
+    )
 
 
 def make_plan(
