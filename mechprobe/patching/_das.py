@@ -92,6 +92,7 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
         seed: Seed of the split, the initial subspace, the batches and the random subspaces.
         two_way: Whether hits and the loss compare the counterfactual with the base's own answer
             only (``answer`` was given) rather than with every token.
+        minibatch: Training pairs per Adam step.
 
     Example:
         >>> import mechprobe as mp
@@ -116,6 +117,7 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
     lr: float
     seed: int = 0
     two_way: bool = False
+    minibatch: int = 32
 
     def to_frame(self) -> pd.DataFrame:
         """One row per held-out condition: the condition and its interchange accuracy (the
@@ -221,6 +223,7 @@ def das(
     epochs: int = 20,
     lr: float = 0.01,
     n_random: int = 3,
+    minibatch: int = 32,
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = True,
@@ -249,9 +252,10 @@ def das(
         epochs: Passes over the training pairs.
         lr: Adam's learning rate.
         n_random: Random subspaces of dimension ``k`` measured as controls.
-        batch_size: Pairs per forward pass, and per Adam step while training: the learned
-            subspace depends on it as on ``lr`` and ``epochs`` (the accuracies of a given
-            subspace do not).
+        minibatch: Training pairs per Adam step: the learned subspace depends on it as on
+            ``lr`` and ``epochs``.
+        batch_size: Pairs per forward pass (memory only: a minibatch larger than it adds up
+            its chunks' gradients, so the result does not depend on it).
         seed: Seed of the split, the initial subspace, the batch order and the random subspaces.
         progress: Show a progress bar over epochs.
 
@@ -284,6 +288,7 @@ def das(
     check_int(k, "k", 1)
     check_int(epochs, "epochs", 1)
     check_int(n_random, "n_random", 0)
+    check_int(minibatch, "minibatch", 1)
     check_int(batch_size, "batch_size", 1)
     check_int(positions, "positions")
     lr = check_float(lr, "lr", 0.0, low_open=True)
@@ -352,16 +357,20 @@ def das(
         losses = []
         for _ in progress_bar(range(epochs), progress=progress, desc="das"):
             total = 0.0
-            for rows in _batches(rng.permutation(train), batch_size):
-                edit = _Interchange(basis(), train_acts[rows], positions)
-                logits = _last_logits(model, train_bases.select(rows.tolist()), parsed, edit)
-                loss = torch.nn.functional.cross_entropy(*scores(logits, rows))
-                grads = torch.autograd.grad(loss, params)  # the model's parameters get none
-                for param, grad in zip(params, grads, strict=True):
-                    param.grad = grad
+            for step in _batches(rng.permutation(train), minibatch):
+                # The minibatch's mean loss, its chunks' gradients added (each weighted by its
+                # share), so that batch_size changes the memory used and not the result.
+                for rows in _batches(step, batch_size):
+                    edit = _Interchange(basis(), train_acts[rows], positions)
+                    logits = _last_logits(model, train_bases.select(rows.tolist()), parsed, edit)
+                    loss = torch.nn.functional.cross_entropy(*scores(logits, rows))
+                    share = len(rows) / len(step)
+                    grads = torch.autograd.grad(loss * share, params)  # the model's get none
+                    for param, grad in zip(params, grads, strict=True):
+                        param.grad = grad if param.grad is None else param.grad + grad
+                    total += float(loss.detach()) * len(rows)
                 optimiser.step()
                 optimiser.zero_grad(set_to_none=True)
-                total += float(loss.detach()) * len(rows)
             losses.append(total / len(train))
         rotation = basis().detach().clone()
 
@@ -401,6 +410,7 @@ def das(
         epochs=int(epochs),
         lr=lr,
         seed=seed,
+        minibatch=int(minibatch),
         two_way=own is not None,
     )
 
