@@ -279,6 +279,25 @@ def test_a_one_row_replace_over_every_position_and_a_zeroed_pattern_still_genera
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
 
 
+@pytest.mark.parametrize(
+    ("site", "edit"),
+    [
+        ("blocks.0.attn.hook_pattern", mp.Replace(torch.tensor(0.05))),  # a 0-d value broadcasts
+        ("blocks.0.attn.hook_attn_scores", mp.Ablate()),
+        ("blocks.1.attn.hook_pattern", mp.Add(torch.tensor(0.1))),
+    ],
+)
+def test_an_attention_map_edit_generates_as_each_prompt_alone(tiny, site, edit):
+    # An edit of a whole map keeps the masked entries: a short prompt never attends to the
+    # padding of its batch, in the prompt's pass or in the steps (cached or recomputed).
+    prompts = ["The cat sat on the", "Hi"]
+    both = mp.generate(tiny, prompts, {site: edit}, max_new_tokens=4, progress=False)
+    for i, prompt in enumerate(prompts):
+        alone = mp.generate(tiny, [prompt], {site: edit}, max_new_tokens=4, progress=False)
+        assert both.tokens[i].tolist() == alone.tokens[0].tolist()
+        np.testing.assert_allclose(both.logprobs[i], alone.logprobs[0], atol=1e-4)
+
+
 def test_an_exception_mid_generation_leaves_the_model_as_it_was(tiny):
     class Fails(mp.Intervention):
         calls = 0

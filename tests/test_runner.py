@@ -234,3 +234,17 @@ def test_a_key_vector_that_misses_the_chunks_keys_names_batch_size(tiny) -> None
     torch.testing.assert_close(
         mp.run(tiny, batch, add, logit_positions=-1, progress=False).logits, base
     )
+
+
+def test_a_key_mask_that_misses_the_keys_is_refused(tiny) -> None:
+    # intervene(key_mask=) is for passes that read cached keys; a wrong width was ignored.
+    tokens = tiny.to_tokens("Hello")
+    before = hook_count(tiny)
+    zero = {"blocks.0.attn.hook_attn_scores": mp.Ablate()}
+    wrong = mp.intervene(tiny, zero, key_mask=torch.ones(1, 3))
+    with pytest.raises(ValueError, match=r"key mask has shape \(1, 3\)"), wrong, torch.no_grad():
+        tiny(tokens)
+    assert hook_count(tiny) == before
+    with mp.intervene(tiny, zero, key_mask=torch.ones(1, tokens.shape[1])), torch.no_grad():
+        masked = tiny(tokens)
+    torch.testing.assert_close(masked, mp.run(tiny, ["Hello"], zero, progress=False).logits)

@@ -408,6 +408,7 @@ class _CachedSteps:
         self.model, self.prompts, self.spec = model, prompts, spec
         device = model.W_E.device
         self.cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(prompts))
+        self.keys = prompts.attention_mask
         self.everywhere: dict[SiteLike, list[Intervention]] = {}
         for key, items in spec.items():
             kept = [item for item in items if _positions(key, item) is None]
@@ -420,12 +421,15 @@ class _CachedSteps:
         with torch.no_grad():
             if new is None:
                 batch = self.prompts
+                self.keys = batch.attention_mask.clone()  # the real keys so far, per row
                 with intervene(model, self.spec, batch=batch):
                     logits = forward(model, batch, past_kv_cache=self.cache)
             else:
                 tokens = torch.tensor(new, device=device)[:, None]
                 mask = torch.ones_like(tokens)
-                with intervene(model, self.everywhere):
+                self.keys = torch.cat([self.keys, mask.to(self.keys.device)], dim=1)
+                # An attention-map edit keeps the prompts' padding masked in the cached keys.
+                with intervene(model, self.everywhere, key_mask=self.keys):
                     logits = model(tokens, attention_mask=mask, past_kv_cache=self.cache)
         return logits[:, -1]
 

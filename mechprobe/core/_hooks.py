@@ -305,9 +305,10 @@ class Replace(Intervention):
         return self.value
 
     def check_width(self, width: int) -> None:
-        if not isinstance(self.value, Capture) and self.value.shape[-1] != width:
+        value = self.value
+        if not isinstance(value, Capture) and value.ndim and value.shape[-1] != width:
             raise ValueError(
-                f"Replace value has width {self.value.shape[-1]} but the site's activations have "
+                f"Replace value has width {value.shape[-1]} but the site's activations have "
                 f"width {width}: pass a tensor whose last dimension is {width}."
             )
 
@@ -339,7 +340,7 @@ class Add(Intervention):
         self.scale = float(scale)
 
     def check_width(self, width: int) -> None:
-        if self.vector.shape[-1] != width:
+        if self.vector.ndim and self.vector.shape[-1] != width:
             raise ValueError(
                 f"Add vector has width {self.vector.shape[-1]} but the site's activations have "
                 f"width {width}: pass a vector of length {width}."
@@ -381,7 +382,7 @@ class Ablate(Intervention):
         self.mean = None if mean is None else _as_tensor(mean, "Ablate mean")
 
     def check_width(self, width: int) -> None:
-        if self.mean is not None and self.mean.shape[-1] != width:
+        if self.mean is not None and self.mean.ndim and self.mean.shape[-1] != width:
             raise ValueError(
                 f"Ablate mean has width {self.mean.shape[-1]}, the site has {width}: "
                 f"pass a mean of length {width}."
@@ -555,7 +556,7 @@ def _index(batch: Batch | None, positions: Positions) -> Tensor | None:
 
 
 def _hooks_for(
-    model: Any, spec: InterventionSpec, batch: Batch | None
+    model: Any, spec: InterventionSpec, batch: Batch | None, key_mask: Tensor | None = None
 ) -> list[tuple[str, Callable[..., Tensor | None]]]:
     """Validate every site and intervention, then build the callbacks (no forward pass yet)."""
     fwd: list[tuple[str, Callable[..., Tensor | None]]] = []
@@ -597,7 +598,8 @@ def _hooks_for(
                 fn = _checked_shape(fn, batch)
             if is_attention_map(name if site is None else site):
                 causal = getattr(model.cfg, "attention_dir", "causal") == "causal"
-                fn = _query_major(_keys_fit(fn, item), mask, causal)
+                keys = key_mask if key_mask is not None else mask
+                fn = _query_major(_keys_fit(fn, item), keys, causal)
             fn = _named(fn, name if site is None else site.hook_name)
             if kind == "head_out":
                 assert site is not None and site.head is not None
@@ -691,7 +693,13 @@ def _hidden(activation: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
     if causal:  # query i is key i + n_key - n_query (a cached generation step has one query)
         query = torch.arange(n_query, device=device)[:, None] + (n_key - n_query)
         hidden = hidden | (torch.arange(n_key, device=device)[None, :] > query)
-    if mask is not None and mask.shape[-1] == n_key:
+    if mask is not None:
+        if tuple(mask.shape) != (activation.shape[0], n_key):
+            raise ValueError(
+                f"The key mask has shape {tuple(mask.shape)}, the attention map "
+                f"{activation.shape[0]} rows of {n_key} keys: pass key_mask=[rows, keys] for "
+                "the keys the pass attends to (the cached ones included)."
+            )
         real = mask.to(device).bool()
         hidden = hidden | ~real[:, None, None, :] | ~real[:, None, -n_query:, None]
     return hidden
@@ -880,7 +888,11 @@ def _relative_to_seq(
 
 @contextlib.contextmanager
 def intervene(
-    model: Any, interventions: InterventionSpec, *, batch: Batch | None = None
+    model: Any,
+    interventions: InterventionSpec,
+    *,
+    batch: Batch | None = None,
+    key_mask: Tensor | None = None,
 ) -> Iterator[Any]:
     """Apply interventions for the duration of a ``with`` block; every hook is removed after.
 
@@ -894,6 +906,9 @@ def intervene(
             hook-name strings. At one site, interventions apply in the order given.
         batch: The batch that will be run; needed to find each row's last real token when the
             prompts are padded. Without it, negative positions count from the sequence's end.
+        key_mask: ``[batch, keys]`` which keys are real tokens, for a pass that reads earlier
+            keys from a key/value cache (one new token per row): an edit of an attention map
+            keeps the padded keys masked there too (default: the batch's attention mask).
 
     Yields:
         The model, hooked.
@@ -905,7 +920,7 @@ def intervene(
         >>> with mp.intervene(model, {mp.Site("mlp_out", layer=1): mp.Add(o, scale=2.0)}):
         ...     logits = model(model.to_tokens("Hi"))
     """
-    fwd = _hooks_for(model, interventions, batch)
+    fwd = _hooks_for(model, interventions, batch, key_mask)
     # model.hooks() adds the callbacks and removes exactly those it added in its own finally,
     # also when adding one of them fails halfway; hooks the user attached before stay untouched.
     names = [name for name, _ in fwd]
