@@ -271,3 +271,21 @@ def test_lens_writes_a_run_folder_like_the_other_subcommands(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert cli_main(["lens", "Hi", "--model", "tiny", "--out", str(tmp_path / "file")]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["lens", "Hi"],
+        ["probe", "--dataset", "pos"],
+        ["relation", "--task", "capitals"],
+        [*_ERASE],
+        ["heads"],
+        ["dla", "--prompt", "Hi", "--answer", "a"],
+    ],
+)
+def test_every_batch_size_flag_is_checked_by_the_parser(tmp_path, capsys, command):
+    # erase, lens, probe and relation took --batch-size 0 and failed later naming batch_size.
+    with pytest.raises(SystemExit):
+        cli_main([*command, "--batch-size", "0", "--out", str(tmp_path / "out")])
+    assert "--batch-size: must be a positive integer" in capsys.readouterr().err

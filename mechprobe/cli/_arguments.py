@@ -167,6 +167,34 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
+def add_run_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    batch_size: str | None = None,
+    seed: str | None = None,
+    raw: bool = False,
+) -> None:
+    """Register the options every analysis reads alike: ``--batch-size`` (a positive int,
+    default 32) and ``--seed`` (default 0) with the help given (None: not taken), ``--raw``
+    where prompts are typed, and ``--quiet``.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> add_run_arguments(parser, batch_size="prompts per forward pass", seed="the seed")
+        >>> vars(parser.parse_args(["--batch-size", "8"]))
+        {'batch_size': 8, 'seed': 0, 'quiet': False}
+    """
+    if batch_size is not None:
+        parser.add_argument(
+            "--batch-size", type=positive_int, default=32, help=f"{batch_size} (default 32)"
+        )
+    if seed is not None:
+        parser.add_argument("--seed", type=int, default=0, help=f"{seed} (default 0)")
+    if raw:
+        parser.add_argument("--raw", action="store_true", help="do not interpret backslash escapes")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def add_layers_argument(parser: argparse.ArgumentParser, what: str) -> None:
     """Register ``--layers`` (default all) with the one syntax every subcommand reads."""
     parser.add_argument(

@@ -14,7 +14,12 @@ import argparse
 import sys
 from typing import Any
 
-from mechprobe.cli._arguments import add_model_argument, load, output_problem, positive_int
+from mechprobe.cli._arguments import (
+    add_model_argument,
+    add_run_arguments,
+    load,
+    output_problem,
+)
 from mechprobe.cli._run_folder import write_run_folder
 from mechprobe.cli.lens import unescape
 
@@ -55,15 +60,12 @@ def add_parser(sub: Any) -> None:
         "int, negative from each prompt's end (write --positions=-2)",
     )
     parser.add_argument(
-        "--batch-size", type=positive_int, default=32, help="prompts per forward pass (32)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of --n-items (default 0)")
-    parser.add_argument(
         "--out", required=True, metavar="DIR", help="output folder (created with its parents)"
     )
     add_model_argument(parser)
-    parser.add_argument("--raw", action="store_true", help="do not interpret backslash escapes")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_arguments(
+        parser, batch_size="prompts per forward pass", seed="seed of --n-items", raw=True
+    )
     parser.set_defaults(func=main)
 
 

@@ -23,6 +23,7 @@ from typing import Any, get_args
 
 from mechprobe.cli._arguments import (
     add_model_argument,
+    add_run_arguments,
     add_shots_argument,
     layers_type,
     load,
@@ -92,9 +93,11 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument("--no-mlp", action="store_true", help="skip the MLP probe")
     add_model_argument(parser)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_arguments(
+        parser,
+        batch_size="prompts per forward pass",
+        seed="seed of the datasets, splits and controls",
+    )
     parser.set_defaults(func=main)
 
 

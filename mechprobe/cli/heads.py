@@ -16,6 +16,7 @@ from typing import Any
 from mechprobe.cli._arguments import (
     add_layers_argument,
     add_model_argument,
+    add_run_arguments,
     load,
     output_problem,
     positive_int,
@@ -64,15 +65,12 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--seq-len", type=positive_int, help="random tokens per half (default 50)")
     parser.add_argument("--n-prompts", type=positive_int, help="random sequences (default 10)")
     parser.add_argument(
-        "--batch-size", type=positive_int, default=32, help="prompts per forward pass (32)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random tokens (0)")
-    parser.add_argument(
         "--out", required=True, metavar="DIR", help="output folder (created with its parents)"
     )
     add_model_argument(parser)
-    parser.add_argument("--raw", action="store_true", help="do not interpret backslash escapes")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_arguments(
+        parser, batch_size="prompts per forward pass", seed="seed of the random tokens", raw=True
+    )
     parser.set_defaults(func=main)
 
 

@@ -18,6 +18,7 @@ from mechprobe.cli._arguments import (
     add_layers_argument,
     add_lens_argument,
     add_model_argument,
+    add_run_arguments,
     figure_problem,
     lens_spec,
     load,
@@ -92,9 +93,7 @@ def add_parser(sub: Any) -> None:
         help="write result.json, lens.png and report.md here, as the other subcommands do "
         "(created with its parents)",
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
-    parser.add_argument("--raw", action="store_true", help="do not interpret backslash escapes")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_arguments(parser, batch_size="rows per forward pass", raw=True)
     parser.set_defaults(func=main)
 
 

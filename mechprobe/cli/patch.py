@@ -18,6 +18,7 @@ from typing import Any
 from mechprobe.cli._arguments import (
     add_layers_argument,
     add_model_argument,
+    add_run_arguments,
     layers_type,
     load,
     output_problem,
@@ -95,7 +96,6 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--method", choices=("exact", "attribution"), default="exact")
     parser.add_argument("--direction", choices=("denoising", "noising"), default="denoising")
     parser.add_argument("--n-random", type=int, default=3, help="random controls (default 3)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--cells-per-batch",
         type=positive_int,
@@ -106,8 +106,7 @@ def add_parser(sub: Any) -> None:
         "--out", required=True, metavar="DIR", help="output folder (created with its parents)"
     )
     add_model_argument(parser)
-    parser.add_argument("--raw", action="store_true", help="do not interpret backslash escapes")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_arguments(parser, seed="seed of the random controls", raw=True)
     parser.set_defaults(func=main)
 
 

@@ -16,7 +16,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mechprobe.cli._arguments import add_layers_argument, add_model_argument, load, output_problem
+from mechprobe.cli._arguments import (
+    add_layers_argument,
+    add_model_argument,
+    add_run_arguments,
+    load,
+    output_problem,
+)
 
 _BUILT_IN = ("pos", "templated_pos", "number", "country", "is_capital")
 _HELP = """\
@@ -79,12 +85,12 @@ def add_parser(sub: Any) -> None:
         "--max-iter", type=int, default=200, help="solver iterations at most (default 200)"
     )
     parser.add_argument("--scalar-mix", action="store_true", help="also fit a scalar-mix probe")
-    parser.add_argument("--seed", type=int, default=0, help="sampling, split and control seed")
-    parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     parser.add_argument(
         "--save-activations", action="store_true", help="also write OUT/activations/"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_arguments(
+        parser, batch_size="texts per forward pass", seed="sampling, split and control seed"
+    )
     parser.set_defaults(func=main)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from mechprobe.cli._arguments import (
     add_lens_argument,
     add_model_argument,
+    add_run_arguments,
     add_shots_argument,
     layers_type,
     lens_spec,
@@ -115,9 +116,9 @@ def add_parser(sub: Any) -> None:
         help="also sweep layer ranges (starts from the function layer - 4 on, to the last layer or "
         "the one before) x scales 1,2,4, on up to 64 contexts",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_arguments(
+        parser, batch_size="rows per forward pass", seed="seed of the split and the controls"
+    )
     parser.set_defaults(func=main)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from mechprobe.cli._arguments import (
     add_layers_argument,
     add_model_argument,
+    add_run_arguments,
     load,
     output_problem,
     positive_int,
@@ -59,7 +60,6 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--window", type=int, default=10, help="window for mlp/attn (10)")
     parser.add_argument("--n-noise", type=int, default=10, help="noise samples (default 10)")
     parser.add_argument("--n-random", type=int, default=3, help="random controls (default 3)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--cells-per-batch",
         type=positive_int,
@@ -70,8 +70,7 @@ def add_parser(sub: Any) -> None:
         "--out", required=True, metavar="DIR", help="output folder (created with its parents)"
     )
     add_model_argument(parser)
-    parser.add_argument("--raw", action="store_true", help="do not interpret backslash escapes")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_run_arguments(parser, seed="seed of the noise and the random controls", raw=True)
     parser.set_defaults(func=main)
 
 
