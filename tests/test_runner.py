@@ -234,6 +234,10 @@ def test_a_key_vector_that_misses_the_chunks_keys_names_batch_size(tiny) -> None
     torch.testing.assert_close(
         mp.run(tiny, batch, add, logit_positions=-1, progress=False).logits, base
     )
+    # One value for every key broadcasts whatever the chunk (a softmax ignores a shift).
+    shift = {"blocks.1.attn.hook_attn_scores": mp.Add(torch.full((1,), 3.0), positions=-1)}
+    shifted = mp.run(tiny, batch, shift, logit_positions=-1, batch_size=1, progress=False)
+    torch.testing.assert_close(shifted.logits, base, atol=1e-5, rtol=0)
 
 
 def test_a_key_mask_that_misses_the_keys_is_refused(tiny) -> None:

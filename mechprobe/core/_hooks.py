@@ -667,13 +667,17 @@ def _query_major(
 
 def _keys_fit(fn: Callable[..., Tensor | None], item: Intervention) -> Callable[..., Tensor | None]:
     """Check ``item``'s vector against the keys of the pass (an attention map's width is known
-    only then: it is the length of the chunk forwarded)."""
+    only then: it is the length of the chunk forwarded). A vector of width 1 (one value for
+    every key) broadcasts, as it always did here."""
 
     def checked(activation: Tensor, hook: Any) -> Tensor | None:
         n_key = int(activation.shape[-1])
         try:
             item.check_width(n_key)
         except ValueError as error:
+            with contextlib.suppress(ValueError):
+                item.check_width(1)
+                return fn(activation, hook)
             raise ValueError(
                 f"{error} At {hook.name}, an attention map, the last axis holds the {n_key} keys "
                 "of this forward pass in its padded layout (mp.run with batch_size trims each "
