@@ -252,3 +252,58 @@ def test_a_key_mask_that_misses_the_keys_is_refused(tiny) -> None:
     with mp.intervene(tiny, zero, key_mask=torch.ones(1, tokens.shape[1])), torch.no_grad():
         masked = tiny(tokens)
     torch.testing.assert_close(masked, mp.run(tiny, ["Hello"], zero, progress=False).logits)
+
+
+class _ZeroInPlace(mp.Intervention):
+    """Zeroes its selection in place and returns it (a TransformerLens idiom)."""
+
+    def edit(self, selected, hook):
+        selected.zero_()
+        return selected
+
+
+class _ZeroInPlaceQuietly(_ZeroInPlace):
+    def edit(self, selected, hook):
+        super().edit(selected, hook)
+
+
+@pytest.mark.parametrize("edit", [_ZeroInPlace, _ZeroInPlaceQuietly])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_an_edit_in_place_keeps_the_mask_too(tiny, edit, side) -> None:
+    # The masked entries were read back after the edit: zeroed in place, they were lost and
+    # every query attended to future keys and padding (logits off by 2.9).
+    site = "blocks.1.attn.hook_attn_scores"
+    kw = {"logit_positions": -1, "padding_side": side, "progress": False}
+    got = mp.run(tiny, PROMPTS, {site: edit()}, **kw).logits
+    want = mp.run(tiny, PROMPTS, {site: mp.Ablate()}, **kw).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for i, prompt in enumerate(PROMPTS):
+        tokens = tiny.to_tokens(prompt)
+        with torch.no_grad():
+            hand = tiny.run_with_hooks(
+                tokens, fwd_hooks=[(site.replace("attn_scores", "pattern"), _uniform_causal)]
+            )
+        torch.testing.assert_close(got[i, 0], hand[0, -1], atol=1e-5, rtol=0)
+
+
+def test_a_gradient_at_a_pattern_is_the_models_own_at_every_key(tiny) -> None:
+    # The mask-keeping cut a Gradient's derivative to 0 at future keys (hand: up to 0.6).
+    site, tokens = "blocks.1.attn.hook_pattern", tiny.to_tokens("Hello there")
+    g = mp.Gradient()
+    with mp.intervene(tiny, {site: g}):
+        out = tiny(tokens)[0, -1, 100]
+    mp.core.differentiate(out, [g])
+    seen = {}
+
+    def keep(pattern, hook):
+        pattern.retain_grad()
+        seen["p"] = pattern
+        return pattern
+
+    tiny.run_with_hooks(tokens, fwd_hooks=[(site, keep)])[0, -1, 100].backward()
+    want = seen["p"].grad.transpose(1, 2)  # query-major, as the Gradient sees it
+    torch.testing.assert_close(g.grad, want, atol=1e-6, rtol=1e-5)
+    n = tokens.shape[1]
+    future = torch.ones(n, n, dtype=torch.bool).triu(1)
+    assert float(want[0].transpose(0, 1)[:, future].abs().max()) > 1e-3  # not zero there
+    tiny.zero_grad(set_to_none=True)

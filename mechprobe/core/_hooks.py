@@ -599,7 +599,8 @@ def _hooks_for(
             if is_attention_map(name if site is None else site):
                 causal = getattr(model.cfg, "attention_dir", "causal") == "causal"
                 keys = key_mask if key_mask is not None else mask
-                fn = _query_major(_keys_fit(fn, item), keys, causal)
+                reads = isinstance(item, (Capture, Gradient))  # they write nothing to restore
+                fn = _query_major(_keys_fit(fn, item), None if reads else (keys, causal))
             fn = _named(fn, name if site is None else site.hook_name)
             if kind == "head_out":
                 assert site is not None and site.head is not None
@@ -642,25 +643,35 @@ def _named(fn: Callable[..., Tensor | None], name: str) -> Callable[..., Tensor 
 
 
 def _query_major(
-    fn: Callable[..., Tensor | None], mask: Tensor | None, causal: bool
+    fn: Callable[..., Tensor | None], masked: tuple[Tensor | None, bool] | None
 ) -> Callable[..., Tensor | None]:
     """Run ``fn`` on an attention map seen as ``[batch, query pos, head, key pos]``, so that
     positions select query rows like every other site's, and give the result back in the hook's
     ``[batch, head, query pos, key pos]``.
 
-    Entries the model masked keep the model's value whatever ``fn`` wrote there: future keys
-    (``causal``), padded keys and padded queries of ``mask [batch, seq]``, and scores already at
-    the mask value (-inf, or the dtype's lowest on a bridge; a sliding window). Zero-ablating
-    scores then means uniform attention over the keys a token may see, never attention to the
-    future or to padding, whose amount would depend on the batch a prompt is run in.
+    With ``masked = (mask, causal)``, entries the model masked keep the model's value whatever
+    ``fn`` wrote there, in place or not: future keys (``causal``), padded keys and padded queries
+    of ``mask [batch, seq]``, and scores already at the mask value (-inf, or the dtype's lowest
+    on a bridge; a sliding window). Zero-ablating scores then means uniform attention over the
+    keys a token may see, never attention to the future or to padding, whose amount would depend
+    on the batch a prompt is run in. Readers (Capture, Gradient) pass ``None``: a Gradient's
+    derivative at a masked entry is the model's own.
     """
 
     def transposed(activation: Tensor, hook: Any) -> Tensor | None:
+        if masked is None:
+            out = fn(activation.transpose(1, 2), hook)
+            return None if out is None else out.transpose(1, 2)
+        # Before fn: an edit in place (a TransformerLens idiom) would overwrite both.
+        hidden, kept = _hidden(activation, *masked), activation.clone()
         out = fn(activation.transpose(1, 2), hook)
         if out is None:
-            return None
-        out = out.transpose(1, 2)
-        return torch.where(_hidden(activation, mask, causal), activation, out)
+            return (
+                None
+                if bool(torch.equal(activation, kept))
+                else torch.where(hidden, kept, activation)
+            )
+        return torch.where(hidden, kept, out.transpose(1, 2))
 
     return transposed
 
