@@ -121,13 +121,13 @@ def test_batch_size_changes_the_memory_not_the_subspace(tiny):
     one = mp.das(tiny, words[:20], words[20:], label, site, batch_size=3, **common)
     other = mp.das(tiny, words[:20], words[20:], label, site, batch_size=32, **common)
     assert one.minibatch == 16
-    # One step per epoch (10 training pairs): the first loss is read before any step, to
-    # rounding. Chunks pad differently (~1e-6), and Adam moves a coordinate whose gradient is at
-    # rounding level by up to lr per step either way: 4 steps of lr 0.01 bound the rotation's
-    # drift by 0.04 (seen: 8e-4 on both model classes).
+    # One step per epoch (10 training pairs): the first loss is read before any step. Chunks
+    # pad differently, so gradients differ by rounding (~1e-6 relative), which Adam passes on
+    # at its own scale. Turning R within its span (k = 2) has gradient 0 and rounding there used
+    # to become a step of ~lr (0.01-0.02 in the subspace); those coordinates are held now.
     assert one.loss[0] == pytest.approx(other.loss[0], rel=1e-5)
-    np.testing.assert_allclose(one.rotation, other.rotation, atol=0.04)
-    np.testing.assert_allclose(one.loss, other.loss, rtol=1e-2)
+    np.testing.assert_allclose(one.rotation, other.rotation, atol=1e-4)
+    np.testing.assert_allclose(one.loss, other.loss, rtol=1e-4)
     steps = mp.das(tiny, words[:20], words[20:], label, site, **{**common, "minibatch": 2})
     assert (
         np.abs(steps.rotation - other.rotation).max() > 0.1

@@ -197,6 +197,8 @@ def test_hooked_transformer_matches_transformerlens_logit_attrs(tiny):
         (lambda logits: logits[:, 5], TypeError, "mp.logit_diff"),
         (mp.logit_diff(10**6, 6), ValueError, "outside the vocabulary"),
         (mp.logit_diff([5, 6], 6), ValueError, "2 entries for 3"),
+        # Every attribution was 0 without a word.
+        (mp.logit_diff([5, 6, 7], 6), ValueError, r"same token .* pair\(s\) \[1\]"),
     ],
 )
 def test_bad_metrics_fail_before_any_pass(tiny, metric, error, message):

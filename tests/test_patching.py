@@ -321,6 +321,7 @@ def test_no_hooks_left_after_an_exception_in_the_metric(tiny):
         ({"metric": mp.answer_prob(10**6)}, "outside the vocabulary"),
         ({"metric": mp.logit_diff(1.5, 2)}, "strings or token ids"),
         ({"metric": mp.logit_diff([1, 2, 3], 4)}, "3 entries for 1 prompt pairs"),
+        ({"metric": mp.logit_diff(" ", 223)}, r"same token \(. ., id 223\) .*different wrong"),
         ({"sites": "blocks.0.attn.hook_q"}, "is a hook but not a site"),
         ({"sites": "blocks.1.attn.hook_z"}, r"Site.parse\('blocks.1.attn.hook_z', head=0\)"),
         ({"sites": "blocks.1.attn.hook_k"}, r"every key/value head of layer 1"),

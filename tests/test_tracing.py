@@ -61,7 +61,7 @@ def test_equals_the_hand_written_loop(tiny, kind, window):
     res = mp.causal_trace(tiny, PROMPT, SUBJECT, sites=kind, window=window, n_noise=3, n_random=1)
     with torch.no_grad():
         answer = int(tiny(tiny.to_tokens(PROMPT))[0, -1].argmax())  # ROME: the model's own top
-    assert res.answers == (tiny.tokenizer.decode([answer]),)
+    assert res.answers == (tiny.tokenizer.decode([answer]),) and res.answer_ids == (answer,)
     loop, corrupted = _loop(tiny, PROMPT, SUBJECT, kind, window, 3, res.noise_level, 0, answer)
     np.testing.assert_allclose(res.corrupted[0], corrupted, atol=1e-6)
     np.testing.assert_allclose(res.scores[0][0], loop.mean(0), atol=1e-6)
@@ -107,6 +107,7 @@ def test_chunking_does_not_change_anything(tiny):
             np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:causal_trace traces")  # char-level answers
 def test_a_task_gives_prompts_subjects_and_answers(tiny, tmp_path):
     task = mp.load_task("capitals").with_shots(0).subset([0, 1])
     res = mp.causal_trace(tiny, task, sites="mlp_out", window=1, n_noise=2, n_random=1)
@@ -135,6 +136,11 @@ def test_a_task_gives_prompts_subjects_and_answers(tiny, tmp_path):
         ({"n_noise": 0}, "n_noise"),
         # The answers were recorded in the result, unscored (and of any count).
         ({"answers": " x", "metric": mp.answer_prob(5)}, "answers= .* or metric=, not both"),
+        ({"answers": True}, "strings or token ids, got bool"),
+        ({"answers": 1.5}, "strings or token ids, got float"),  # was "'float' ... not iterable"
+        ({"answers": -1}, "token id must be between 0 and"),
+        ({"answers": [10**6]}, "token id must be between 0 and"),
+        ({"answers": ""}, "tokenises to nothing"),
     ],
 )
 def test_bad_input_fails_before_running(tiny, kwargs, message):
@@ -148,18 +154,59 @@ def test_bad_input_fails_before_running(tiny, kwargs, message):
 def test_one_answer_string_is_every_prompts_answer(tiny):
     prompts, subjects = ["The cat sat on the", "A dog ran to the"], ["cat", "dog"]
     args = {"sites": "mlp_out", "n_noise": 2, "window": 1, "n_random": 0}
-    one = mp.causal_trace(tiny, prompts, subjects, answers=" x", **args)
-    each = mp.causal_trace(tiny, prompts, subjects, answers=[" x", " x"], **args)
-    assert one.answers == each.answers == (" x", " x")
+    one = mp.causal_trace(tiny, prompts, subjects, answers="x", **args)
+    each = mp.causal_trace(tiny, prompts, subjects, answers=["x", "x"], **args)
+    assert one.answers == each.answers == ("x", "x")
     for a, b in zip(one.scores, each.scores, strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="3 answers for 2 prompts"):
-        mp.causal_trace(tiny, prompts, subjects, answers=[" x"] * 3, **args)
+        mp.causal_trace(tiny, prompts, subjects, answers=["x"] * 3, **args)
+
+
+def test_the_token_traced_is_recorded_and_can_be_given_back(tiny):
+    # The default answer is the clean top token; its text was recorded and nothing else, and a
+    # byte-level token's text ("\ufffd") encodes to other tokens: given back, it traced another.
+    prompts, subjects = ["The cat sat on the", "A dog ran"], ["cat", "dog"]
+    args = {"sites": "resid_post", "n_noise": 2, "n_random": 0, "progress": False}
+    first = mp.causal_trace(tiny, prompts, subjects, **args)
+    with torch.no_grad():
+        top = [int(tiny(tiny.to_tokens(p))[0, -1].argmax()) for p in prompts]
+    assert first.answer_ids == tuple(top)
+    again = mp.causal_trace(tiny, prompts, subjects, answers=list(first.answer_ids), **args)
+    assert again.answer_ids == first.answer_ids and again.answers == first.answers
+    for a, b in zip(first.scores, again.scores, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # A longer answer is traced by its first token, as ROME; the warning names that token.
+    with pytest.warns(UserWarning, match=r"' mat' -> ' '"):
+        longer = mp.causal_trace(tiny, prompts, subjects, answers=" mat", **args)
+    assert longer.answer_ids == (tiny.to_single_token(" "),) * 2
+    assert (
+        mp.causal_trace(tiny, prompts, subjects, metric=mp.answer_prob(5), **args).answer_ids
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((-1, 2, 4, 1.0), "n_noise must be at least 1"),  # was torch's "negative dimension"
+        ((2, 2, 4, float("nan")), "level must be a finite number"),  # was NaN noise
+        ((2, -1, 4, 1.0), "n_tokens must be at least 0"),
+    ],
+)
+def test_trace_noise_checks_its_arguments(args, message):
+    with pytest.raises(ValueError, match=message):
+        mp.trace_noise([1, 2], *args)
+
+
+def test_prompts_of_another_type_are_named():
+    with pytest.raises(TypeError, match="prompts takes a string, a list of strings or a Task"):
+        mp.causal_trace(mp.tiny_model(), 123, "x")  # was "'int' object is not iterable"
 
 
 def test_categories_average_each_prompt_first_as_rome_does(tiny):
     prompts = ["The cat sat on the", "The enormous hairy dog sat on the"]
-    res = mp.causal_trace(tiny, prompts, ["cat", "enormous hairy dog"], answers=[" mat", " mat"],
+    res = mp.causal_trace(tiny, prompts, ["cat", "enormous hairy dog"], answers=["m", "m"],
                           sites="resid_post", n_noise=2, n_random=0, progress=False)  # fmt: skip
     # ROME's averages, written plainly: per prompt, the mean over its middle-subject tokens and
     # over its further tokens; then the mean over the prompts that have them.
@@ -174,8 +221,21 @@ def test_categories_average_each_prompt_first_as_rome_does(tiny):
     np.testing.assert_allclose(ours[..., 4], np.mean(further, axis=0), rtol=1e-12, atol=1e-15)
     first = np.mean([res.indirect_effect(i)[..., s] for i, (s, _) in enumerate(res.subjects)], 0)
     np.testing.assert_allclose(ours[..., 0], first, rtol=1e-12, atol=1e-15)
+    # The summary's spread is over the same per-prompt means (it was over every position of
+    # the category, so a prompt with more further tokens weighed more).
+    row = res.summary().iloc[0]
+    layer = res.layers.index(row["layer"])
+    per_prompt = []
+    for i, (start, stop) in enumerate(res.subjects):
+        cats = mp.patching._tracing._categories(start, stop, len(res.tokens[i]))
+        at = [p for p, names in enumerate(cats) if row["category"] in names]
+        if at:
+            per_prompt.append(res.indirect_effect(i)[0, layer, at].mean())
+    assert len(per_prompt) == 2
+    assert row["spread"] == pytest.approx(float(np.std(per_prompt)), rel=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:causal_trace traces")  # char-level answers
 def test_a_tasks_subject_is_its_argument_not_its_whole_input(tiny):
     """An extractive item's input is a sentence and a question; the subject is the argument."""
     task = mp.load_task("capitals_extractive").with_shots(0).subset([0, 1])

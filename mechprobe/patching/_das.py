@@ -354,6 +354,14 @@ def das(
         )
         optimiser = torch.optim.Adam(layer.parameters(), lr=lr)
         params = list(layer.parameters())
+        # The loss sees only the span of R (the interchange is Rᵀ R), so turning R within its
+        # span has gradient 0; rounding leaves ~1e-8 there, which Adam divides by its own size
+        # into a step of ~lr, and with k >= 2 the subspace then depended on batch_size and
+        # threads. The parametrisation starts at its base with every Householder vector zero,
+        # where the vectors' entries in the first k rows (k(k-1)/2 of them) only turn R within
+        # its span: they are held at zero, and the other k * (width - k) entries chart the span.
+        original: Tensor = cast(Any, layer).parametrizations.weight.original  # [k, width]
+        in_span = torch.ones(k, k, dtype=torch.bool).triu(diagonal=1)
         losses = []
         for _ in progress_bar(range(epochs), progress=progress, desc="das"):
             total = 0.0
@@ -369,6 +377,8 @@ def das(
                     for param, grad in zip(params, grads, strict=True):
                         param.grad = grad if param.grad is None else param.grad + grad
                     total += float(loss.detach()) * len(rows)
+                if original.grad is not None:
+                    original.grad[:, :k][in_span] = 0.0
                 optimiser.step()
                 optimiser.zero_grad(set_to_none=True)
             losses.append(total / len(train))

@@ -50,7 +50,7 @@ from mechprobe.core import (
     run,
     tokenize,
 )
-from mechprobe.patching._metrics import PatchMetric, _answer_ids, logit_diff
+from mechprobe.patching._metrics import PatchMetric, _pair_ids, logit_diff
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -344,8 +344,7 @@ def direct_logit_attribution(
         else tokenize(model, prompts, padding_side=padding_side)
     )
     n, n_layers = len(batch), adapter.n_layers
-    answer = _answer_ids(model, metric.answer, n, "answer")
-    wrong = _answer_ids(model, metric.wrong, n, "wrong")
+    answer, wrong = _pair_ids(model, metric.answer, metric.wrong, n)
     sites = _sites(n_layers, adapter.n_heads if heads else 0, position)
     out = run(
         model,

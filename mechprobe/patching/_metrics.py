@@ -43,10 +43,10 @@ class PatchMetric:
 
     def bind(self, model: Any, n_pairs: int) -> Callable[[Tensor, Tensor], Tensor]:
         """``fn(logits [rows, vocab], pair [rows]) -> [rows]`` with the answers tokenised."""
-        ans = _answer_ids(model, self.answer, n_pairs, "answer")
-        wrong = (
-            _answer_ids(model, self.wrong, n_pairs, "wrong") if self.name == "logit_diff" else ans
-        )
+        if self.name == "logit_diff":
+            ans, wrong = _pair_ids(model, self.answer, self.wrong, n_pairs)
+        else:
+            ans = wrong = _answer_ids(model, self.answer, n_pairs, "answer")
 
         def fn(logits: Tensor, pair: Tensor) -> Tensor:
             rows, pair = torch.arange(len(pair), device=logits.device), pair.to(logits.device)
@@ -76,6 +76,22 @@ def answer_prob(answer: Any) -> PatchMetric:
         'answer_prob'
     """
     return PatchMetric("answer_prob", answer)
+
+
+def _pair_ids(model: Any, answer: Any, wrong: Any, n_pairs: int) -> tuple[Tensor, Tensor]:
+    """A logit difference's ``(answer, wrong)`` token ids ``[pairs]``, never the same token."""
+    ans, other = (
+        _answer_ids(model, answer, n_pairs, "answer"),
+        _answer_ids(model, wrong, n_pairs, "wrong"),
+    )
+    same = (ans == other).nonzero().flatten().tolist()
+    if same:  # the difference would be 0 there whatever the model did
+        token = int(ans[same[0]])
+        raise ValueError(
+            f"logit_diff: answer and wrong are the same token ({model.tokenizer.decode([token])!r}, "
+            f"id {token}) for pair(s) {same[:10]}: pass a different wrong answer."
+        )
+    return ans, other
 
 
 def _answer_ids(model: Any, value: Any, n_pairs: int, what: str) -> Tensor:

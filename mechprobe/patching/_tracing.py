@@ -26,9 +26,10 @@ subject token, the first token after the subject, further tokens, and the last t
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import pandas as pd
@@ -144,8 +145,28 @@ def trace_noise(
             "index: the noise is keyed by the prompt itself, so that it does not depend on the "
             "prompt's place in the list."
         )
+    shape = (
+        check_int(n_noise, "n_noise", 1),
+        check_int(n_tokens, "n_tokens", 0),
+        check_int(d_model, "d_model", 1),
+    )
+    level = check_float(level, "level", 0.0)
     gen = torch.Generator().manual_seed(keyed_seed(seed, [prompt]))
-    return torch.randn((n_noise, n_tokens, d_model), generator=gen) * float(level)
+    return torch.randn(shape, generator=gen) * level
+
+
+def _answer_tokens(model: Any, answer: Any) -> list[int]:
+    """The tokens of ``answer``: a string's (its first is traced, as ROME) or one token id."""
+    if isinstance(answer, str):
+        tokens = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise ValueError(f"The answer {answer!r} tokenises to nothing.")
+        return [int(t) for t in tokens]
+    if isinstance(answer, bool) or not isinstance(answer, (int, np.integer)):
+        raise TypeError(
+            f"answers takes strings or token ids, got {type(answer).__name__} {answer!r}."
+        )
+    return [check_int(answer, "an answer's token id", 0, int(model.cfg.d_vocab) - 1)]
 
 
 def _categories(start: int, stop: int, length: int) -> list[list[str]]:
@@ -185,7 +206,10 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         kinds: The state kinds traced; ``layers`` the layers (window centres).
         subjects: Per prompt ``(start, stop)`` of the subject's tokens.
         tokens: Per prompt, its tokens as strings.
-        answers: The answer tokens scored.
+        answers: Per prompt, the answer given (the clean top token's text by default); empty
+            with a ``metric``.
+        answer_ids: Per prompt, the token id whose probability was traced (an answer's first
+            token, as ROME); None with a ``metric`` (or a result saved before it was recorded).
         noise_level: The noise's standard deviation (3 x the subjects' embedding SD by default).
         window: Layers restored together for ``mlp_out``/``attn_out``.
         metric: The metric's name. seed: seed of the noise and the random directions.
@@ -214,6 +238,7 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
     metric: str
     seed: int = 0
     n_random: int | None = None
+    answer_ids: tuple[int, ...] | None = None
 
     @property
     def n_noise(self) -> int:
@@ -272,6 +297,10 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         }
         for name in ("clean", "corrupted"):
             joined[name] = np.concatenate([getattr(part, name) for part in parts], axis=0)
+        scored = [part.answer_ids for part in parts]
+        joined["answer_ids"] = (
+            None if any(i is None for i in scored) else tuple(a for i in scored for a in i or ())
+        )
         same = ("kinds", "layers", "noise_level", "window", "metric", "seed", "n_random")
         return cls(**joined, **{name: getattr(first, name) for name in same})
 
@@ -290,8 +319,17 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         As in ROME's averages: each prompt's positions of a category are averaged first (its
         middle-subject or further tokens count once per prompt, however many there are), then
         the prompts that have the category are averaged; NaN where none has it."""
-        total = np.zeros((len(self.kinds), len(self.layers), len(CATEGORIES)))
-        count = np.zeros(len(CATEGORIES))
+        means, has = self._per_prompt(random)
+        count = has.sum(0)
+        total = np.where(has[:, None, None, :], means, 0.0).sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return total / count
+
+    def _per_prompt(self, random: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``([prompts, kinds, layers, 6], [prompts, 6])``: each prompt's indirect effect averaged
+        over its positions of each category, and whether it has the category."""
+        shape = (len(self.subjects), len(self.kinds), len(self.layers), len(CATEGORIES))
+        means, has = np.full(shape, np.nan), np.zeros((shape[0], shape[-1]), dtype=bool)
         for i, (start, stop) in enumerate(self.subjects):
             effect = self.random_effect(i) if random else self.indirect_effect(i)
             members: dict[int, list[int]] = {}
@@ -299,10 +337,9 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
                 for name in names:
                     members.setdefault(CATEGORIES.index(name), []).append(p)
             for c, positions in members.items():
-                total[..., c] += effect[..., positions].mean(-1)
-                count[c] += 1
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return total / count
+                means[i, ..., c] = effect[..., positions].mean(-1)
+                has[i, c] = True
+        return means, has
 
     def to_frame(self) -> pd.DataFrame:
         """One row per prompt, kind, layer and position: token, category (ROME's, ``""``
@@ -345,8 +382,9 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         return pd.concat(frames, ignore_index=True)
 
     def summary(self) -> pd.DataFrame:
-        """Per kind: the (layer, category) of the largest average indirect effect, that effect
-        beside the random controls' there, and the clean and corrupted metrics.
+        """Per kind: the (layer, category) of the largest average indirect effect (as
+        :meth:`by_category`), its standard deviation over the prompts that have the category
+        (``spread``), the random controls' effect there, and the clean and corrupted metrics.
 
         Example:
             >>> import mechprobe as mp
@@ -356,16 +394,12 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             ['kind', 'layer', 'category']
         """
         effect, control = self.by_category(), self.by_category(random=True)
+        means, has = self._per_prompt(random=False)
         rows = []
         for k, kind in enumerate(self.kinds):
             grid = np.nan_to_num(effect[k], nan=-np.inf)
             layer, c = np.unravel_index(int(np.argmax(grid)), grid.shape)
-            spread = [
-                float(self.indirect_effect(i)[k, layer, p])
-                for i, (start, stop) in enumerate(self.subjects)
-                for p, names in enumerate(_categories(start, stop, self.scores[i].shape[-1]))
-                if CATEGORIES[c] in names
-            ]
+            spread = means[has[:, c], k, layer, c]  # over the prompts that have the category
             rows.append(
                 {
                     "kind": kind,
@@ -465,7 +499,7 @@ def causal_trace(
     prompts: str | Sequence[str] | TaskLike,
     subjects: str | Sequence[str] | None = None,
     *,
-    answers: str | Sequence[str] | None = None,
+    answers: str | int | Sequence[str | int] | None = None,
     metric: PatchMetric | MetricFn | None = None,
     sites: str | Sequence[str] = ("resid_post", "mlp_out", "attn_out"),
     layers: Layers = "all",
@@ -488,8 +522,9 @@ def causal_trace(
         subjects: The subject's words in each prompt (their last occurrence is noised); taken
             from the task when ``prompts`` is one.
         answers: The answer whose first token's probability is traced (default: the clean
-            model's own top token, as ROME): one string for every prompt, or one per prompt;
-            taken from the task when ``prompts`` is one.
+            model's own top token, as ROME; a longer answer warns, naming the token traced): one
+            string or token id for every prompt, or one per prompt; taken from the task when
+            ``prompts`` is one. The ids traced are the result's ``answer_ids``.
         metric: Instead of the answer's probability: a :func:`mechprobe.logit_diff` or a callable
             of the last position's logits, as for :func:`mechprobe.patch`.
         sites: State kinds to restore: ``"resid_post"`` (ROME's hidden states), ``"mlp_out"``,
@@ -542,6 +577,10 @@ def causal_trace(
                 task.arguments(), task.inputs(), task_prompts, strict=True
             )
         ]
+    if not isinstance(prompts, (str, list, tuple)):
+        raise TypeError(
+            f"prompts takes a string, a list of strings or a Task, got {type(prompts).__name__}."
+        )
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if subjects is None:
         raise ValueError("Pass subjects=: the words of each prompt whose embeddings are noised.")
@@ -581,30 +620,36 @@ def causal_trace(
                     model(t[None].to(model.W_E.device))
                 assert final.value is not None
                 top.append(int(readout(model, final.value[0, -1]).argmax()))
-        answers = [model.tokenizer.decode([t]) for t in top]
-        answer_ids: list[Any] = top
-    else:
-        # One answer string is every prompt's answer.
-        answer_ids = [answers] * len(ids) if isinstance(answers, str) else list(answers or [])
-        if metric is None and len(answer_ids) != len(ids):
-            raise ValueError(
-                f"Got {len(answer_ids)} answers for {len(ids)} prompts: pass one answer per "
-                "prompt, or a single string for all of them."
-            )
+        answers = top  # ids: a decoded token need not encode back to itself
     if metric is None:
-        first = []
-        for a in answer_ids:  # an answer's first token, as ROME scores it
-            if isinstance(a, str):
-                toks = model.tokenizer(a, add_special_tokens=False)["input_ids"]
-                if not toks:
-                    raise ValueError(f"The answer {a!r} tokenises to nothing.")
-                first.append(int(toks[0]))
-            else:
-                first.append(int(a))
-        metric = answer_prob(first)
-    answer_labels = [str(a) for a in (answers if answers is not None else [""] * len(ids))]
-    if isinstance(answers, str):
-        answer_labels = [answers] * len(ids)
+        # One answer (a string or a token id) is every prompt's answer.
+        listed = isinstance(answers, (Sequence, np.ndarray)) and not isinstance(answers, str)
+        given: list[Any] = list(cast(Sequence[Any], answers)) if listed else [answers] * len(ids)
+        if len(given) != len(ids):
+            raise ValueError(
+                f"Got {len(given)} answers for {len(ids)} prompts: pass one answer per prompt, "
+                "or a single one for all of them."
+            )
+        tokens = [_answer_tokens(model, a) for a in given]
+        longer = [
+            f"{a!r} -> {model.tokenizer.decode(t[:1])!r}"
+            for a, t in zip(given, tokens, strict=True)
+            if len(t) > 1
+        ]
+        if longer:
+            warnings.warn(
+                f"causal_trace traces an answer's first token, as ROME: "
+                f"{', '.join(dict.fromkeys(longer))}. To choose the token, pass token ids as "
+                "answers= (for a Task, with its prompts and subjects).",
+                stacklevel=2,
+            )
+        answer_ids = tuple(t[0] for t in tokens)
+        answer_labels = [
+            model.tokenizer.decode([a]) if isinstance(a, (int, np.integer)) else a for a in given
+        ]
+        metric = answer_prob(list(answer_ids))
+    else:
+        answer_ids, answer_labels = None, [""] * len(ids)
     metric_fn, metric_name = bind_metric(model, metric, len(ids))
 
     d_model = int(model.cfg.d_model)
@@ -688,6 +733,7 @@ def causal_trace(
         subjects=tuple(spans),
         tokens=tuple(tuple(model.tokenizer.decode([int(x)]) for x in t) for t in ids),
         answers=tuple(answer_labels),
+        answer_ids=answer_ids,
         noise_level=level,
         window=int(window),
         metric=metric_name,
