@@ -239,6 +239,13 @@ def test_bad_input_raises_clear_errors(tiny):
         mp.logit_lens(tiny, ["Hi", "Ho"], targets=[" a", ""])
     with pytest.raises(ValueError, match="2 prompts and 3 target"):
         mp.logit_lens(tiny, ["Hi", "Ho"], targets=[" a", " b", " c"])
+    # These failed inside list(): "'NoneType' object is not iterable".
+    for bad, named in [([None], "entry 0 is NoneType"), (1, "got int 1"), ([" a", 3], "entry 1")]:
+        with pytest.raises(TypeError, match=f"targets takes a string, .*; {named}"):
+            mp.logit_lens(tiny, ["Hi", "Ho"], targets=bad)
+    # Token 2 of "Hi" (BOS H i) twice: its rows were decoded and listed twice.
+    with pytest.raises(ValueError, match=r"positions \[2, -1\] name the same token of prompt 1"):
+        mp.logit_lens(tiny, ["Hello", "Hi"], positions=[2, -1])
     with pytest.raises(ValueError, match="outside prompt 1"):
         mp.logit_lens(tiny, ["Hello", "Hi"], positions=[4])
     with pytest.raises(ValueError, match="top_k"):

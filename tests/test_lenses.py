@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import pickle
@@ -673,3 +674,47 @@ def test_compare_lenses_names_positions_it_cannot_read(tiny):
     for bad in (1.5, None, [], [5, 5]):
         with pytest.raises(ValueError, match=r"(?i)positions (must be an int|repeat)"):
             mp.compare_lenses(tiny, ["logit"], TEXT, n_tokens=32, seq_len=16, positions=bad)
+
+
+def test_text_sources_and_short_documents_are_named(tiny) -> None:
+    # 123 gave "'int' object is not iterable"; 100 sentences of 29 tokens each gave "The text
+    # holds 0 windows ... pass more text" with 2,900 tokens in hand.
+    with pytest.raises(TypeError, match=r"text takes 'train', 'heldout', 'all', a \.txt file"):
+        mp.read_texts(123)  # type: ignore[arg-type]
+    short = ["The cat sat on the mat today."] * 100
+    kw = {"n_tokens": 64, "seq_len": 32, "progress": False}
+    with pytest.raises(ValueError, match=r"100 of its 100 documents \(2900 tokens in all\) are sh"):
+        mp.compare_lenses(tiny, ["logit"], short, **kw)
+    joined = mp.compare_lenses(tiny, ["logit"], [" ".join(short)], **kw)
+    assert joined.n_positions == 62
+    with pytest.raises(ValueError, match=r"positions \(of windows of seq_len=32 tokens\)"):
+        mp.compare_lenses(tiny, ["logit"], [" ".join(short)], positions=[40], **kw)
+
+
+def test_a_tuned_lens_names_itself_apart_and_checks_widths(tiny) -> None:
+    lens = mp.TunedLens.identity(tiny)
+    other = mp.TunedLens(
+        {k: w + 0.01 for k, w in lens.weights.items()}, lens.biases, lens.layers,
+        n_layers=lens.n_layers, model_name=lens.model_name,
+    )  # fmt: skip
+    assert lens.describe() != other.describe()  # were equal: results could not tell them apart
+    assert lens.describe().startswith("tuned (") and lens.digest()[:12] in lens.describe()
+    again = mp.TunedLens(lens.weights, lens.biases, lens.layers, n_layers=lens.n_layers)
+    assert again.digest() == lens.digest()
+    with pytest.raises(TypeError, match=r"TunedLens\.load takes a path"):
+        mp.TunedLens.load(123)  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match="x has width 32, and this tuned lens translates d_model 64"
+    ):
+        lens.translate(tiny, "resid_post", 0, torch.zeros(2, 32))  # was a raw matmul error
+
+
+def test_a_patchscope_keeps_no_model_alive() -> None:
+    # Its target tokens were cached by id(model): a later model could reuse a freed id and read
+    # the tokens of another tokenizer. The cache holds models weakly now.
+    scope, model = mp.Patchscope(), mp.tiny_model()
+    ids, at = scope.tokens(model)
+    assert ids[at] == model.to_single_token("?") and len(scope._tokens) == 1
+    del model
+    gc.collect()
+    assert len(scope._tokens) == 0

@@ -161,6 +161,9 @@ def test_split_is_a_disjoint_cover_of_the_items() -> None:
     assert len(task.split(10)[1]) == 10
     with pytest.raises(ValueError, match="both need at least one"):
         task.split(len(task))
+    # More than the task holds read "leaves 200 test and -35 train items".
+    with pytest.raises(ValueError, match=rf"asks for {len(task) + 5} test items; .* 1 to"):
+        task.split(len(task) + 5)
     with pytest.raises(ValueError, match="fraction"):
         task.split(1.5)
 

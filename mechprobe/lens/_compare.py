@@ -159,7 +159,9 @@ def _positions(positions: str | int | Sequence[int], seq_len: int) -> list[int]:
         return list(range(1, seq_len))
     cols = []
     for p in position_list(positions):  # the API's one reading of positions
-        q = check_int(p, "positions", -seq_len + 1, seq_len - 1)
+        q = check_int(
+            p, f"positions (of windows of seq_len={seq_len} tokens)", 1 - seq_len, seq_len - 1
+        )
         q = q + seq_len if q < 0 else q
         if q == 0:
             raise ValueError("Position 0 is the BOS token, which is never scored: pass 1 or more.")

@@ -15,6 +15,7 @@ Cost: one forward pass of the target prompt (22 tokens for SmolLM2) per decoded 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -80,7 +81,10 @@ class Patchscope(Lens):
             None if target_layer is None else check_int(target_layer, "target_layer")
         )
         self.batch_size = check_int(batch_size, "batch_size", 1)
-        self._tokens: dict[int, tuple[list[int], int]] = {}
+        # Per model (weakly: a model's id can be reused by another once it is gone).
+        self._tokens: weakref.WeakKeyDictionary[Any, tuple[list[int], int]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def describe(self) -> str:
         where = "same layer" if self.target_layer is None else f"layer {self.target_layer}"
@@ -88,7 +92,7 @@ class Patchscope(Lens):
 
     def tokens(self, model: Any) -> tuple[list[int], int]:
         """The target prompt's token ids and the placeholder's position (its last token)."""
-        key = id(model)
+        key = model
         if key not in self._tokens:
             batch = tokenize(model, [self.prompt])
             ids = batch.tokens[0][batch.attention_mask[0].bool()].tolist()

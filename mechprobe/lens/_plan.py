@@ -66,10 +66,19 @@ def normalise_targets(targets: TargetSpec | None, n: int, one_prompt: bool) -> l
     """Normalise ``targets`` into one list of strings per prompt, validating them."""
     if targets is None:
         return [[] for _ in range(n)]
+    shape = (
+        "targets takes a string, one per prompt, or a list of strings per prompt (e.g. "
+        "[[' Warsaw', ' Poland']])"
+    )
     if isinstance(targets, str):
         per = [[targets] for _ in range(n)]
+    elif not isinstance(targets, Sequence):
+        raise TypeError(f"{shape}; got {type(targets).__name__} {targets!r}.")
     else:
         items: list[Any] = list(targets)
+        for i, item in enumerate(items):
+            if not isinstance(item, (str, Sequence)):
+                raise TypeError(f"{shape}; entry {i} is {type(item).__name__} {item!r}.")
         flat = all(isinstance(t, str) for t in items)
         if flat and one_prompt:
             per = [items]  # several targets for the one prompt given as a string
@@ -113,6 +122,12 @@ def _grid_positions(spec: PositionSpec, lengths: list[int]) -> np.ndarray:
                     f"0..{n - 1} or -1..-{n}); positions refer to the prompt, not the target."
                 )
             grid[b, k] = q
+        if len(set(grid[b].tolist())) < len(wanted):  # its rows would be decoded twice
+            named = [p for p, q in zip(wanted, grid[b], strict=True) if (grid[b] == q).sum() > 1]
+            raise ValueError(
+                f"positions {named} name the same token of prompt {b}, which has {n} tokens: "
+                "pass positions that stay apart in every prompt (or decode that prompt alone)."
+            )
     return grid
 
 

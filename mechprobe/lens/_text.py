@@ -96,6 +96,11 @@ def read_texts(source: TextSource) -> list[str]:
             f"{str(source)[:60]!r} is neither 'train', 'heldout', 'all' nor an existing file or folder: pass a "
             "list of strings for literal text."
         )
+    elif not isinstance(source, Sequence):
+        raise TypeError(
+            "text takes 'train', 'heldout', 'all', a .txt file or folder, or a list of strings; "
+            f"got {type(source).__name__}."
+        )
     else:
         docs = list(source)
         for i, doc in enumerate(docs):
@@ -161,9 +166,16 @@ def token_windows(
         if len(got) == n_windows:
             break
     if len(got) < n_windows:
+        # Every document was read: say how many were too short to give a window at all.
+        body = seq_len - (_bos(model) is not None)
+        lengths = [len(model.tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs]
+        short = sum(n < body for n in lengths)
         raise ValueError(
             f"The text holds {len(got)} windows of {seq_len} tokens, fewer than the {n_windows} "
-            "asked for: pass more text, fewer tokens or a shorter seq_len."
+            f"asked for. Each document is cut into windows on its own (a shorter tail is "
+            f"dropped), and {short} of its {len(docs)} documents ({sum(lengths)} tokens in all) "
+            f"are shorter than one window: pass more text (join short documents into longer "
+            "ones), fewer tokens or a shorter seq_len."
         )
     perm = np.random.default_rng(seed + 1).permutation(n_windows)
     return torch.tensor([got[int(i)] for i in perm], dtype=torch.long)

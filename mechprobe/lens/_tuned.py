@@ -213,6 +213,12 @@ class TunedLens(Lens):
     def translate(
         self, model: Any, kind: str, layer: int, x: Float[Tensor, "n d_model"]
     ) -> Float[Tensor, "n d_model"]:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"x has width {x.shape[-1]}, and this tuned lens translates d_model "
+                f"{self.d_model} ({self.model_name or 'unknown model'}): pass the model's "
+                "residual stream, or load or train a lens for this model."
+            )
         pair = self.translator(kind, layer)
         if pair is None:
             return x
@@ -260,7 +266,24 @@ class TunedLens(Lens):
     def describe(self) -> str:
         n = sum(len(v) for v in self.layers.values())
         name = self.model_name or "unknown model"
-        return f"tuned ({name}, {n} translators: {', '.join(self._spans())})"
+        return f"tuned ({name}, {n} translators: {', '.join(self._spans())}; {self.digest()[:12]})"
+
+    def digest(self) -> str:
+        """SHA-256 of the translators (kinds, layers, weights, biases): two lenses of the same
+        places differ here, so a result's ``lens`` names the one that decoded it.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> lens = mp.TunedLens.identity(mp.tiny_model())
+            >>> lens.digest() == mp.TunedLens.identity(mp.tiny_model(seed=1)).digest()
+            True
+        """
+        sha = hashlib.sha256()
+        for kind in sorted(self.weights):
+            sha.update(f"{kind}:{self.layers[kind]}".encode())
+            for tensor in (self.weights[kind], self.biases[kind]):
+                sha.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+        return sha.hexdigest()
 
     # -- files ---------------------------------------------------------------------------
 
@@ -303,6 +326,11 @@ class TunedLens(Lens):
         Raises:
             ValueError: The file is not a mechprobe tuned lens, or a newer version.
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(
+                f"TunedLens.load takes a path (a .safetensors file or a tuned-lens folder), got "
+                f"{type(path).__name__}."
+            )
         src = Path(path)
         if src.is_dir():
             return cls.from_tuned_lens(src)

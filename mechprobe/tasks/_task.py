@@ -257,9 +257,14 @@ class Task:
                 f"test_size must be a fraction in (0, 1) or an int, got {test_size!r}."
             )
         if not 1 <= n_test <= total - 1:
+            kept = (
+                f"asks for {n_test} test items"
+                if n_test > total
+                else f"leaves {n_test} test and {total - n_test} train items"
+            )
             raise ValueError(
-                f"Task {self.name!r} has {total} items: test_size={test_size!r} leaves "
-                f"{n_test} test and {total - n_test} train items; both need at least one."
+                f"Task {self.name!r} has {total} items: test_size={test_size!r} {kept}; both "
+                f"need at least one (pass a count from 1 to {total - 1}, or a fraction)."
             )
         order = np.random.default_rng(seed).permutation(total)
         test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
