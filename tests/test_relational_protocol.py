@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 import mechprobe as mp
 from mechprobe.core import Result, load_result
+from tests.conftest import hook_count
 from tests.test_analogy import _planted
 
 ARGS = [" Poland", " Chile", " Japan"]
@@ -260,3 +261,60 @@ def test_the_record_says_where_the_sweep_cell_was_chosen() -> None:
     note = "No in-domain context: the sweep cell was chosen on held-out contexts."
     fell_back = dataclasses.replace(res, notes=(*res.notes, note))
     assert fell_back.to_dict()["sweep"]["chosen_on"] == "held_out"
+
+
+def test_writers_name_the_mistakes_a_user_makes(tiny) -> None:
+    """Review 16c: each of these ran into a raw Python error, read a string letter by letter,
+    or (a pair of layers) silently edited two layers where the paper's span has six."""
+    ctx = mp.random_word_contexts(ARGS[:2], seed=0)
+    vecs = {"ovector": torch.randn(64, generator=torch.Generator().manual_seed(1))}
+    mp.run(tiny, ["Hi"], progress=False)  # a bridge adds its own norm pre-hooks at a first pass
+    before = hook_count(tiny)
+    for kwargs, error, message in [
+        (
+            {"layers": (0, 2)},
+            TypeError,
+            r"ambiguous .* range\(0, 2\) for a span, or a list \[0, 2\]",
+        ),
+        ({"layers": [1], "scale": [1.0, 2.0]}, TypeError, r"scale is one number.*ovector_sweep"),
+        ({"layers": [1], "contexts": ctx[0]}, TypeError, "contexts is one string: pass a list"),
+        ({"layers": [1], "targets": [5, 6]}, TypeError, r"targets are strings .* entry 0 is int"),
+    ]:
+        args = {"contexts": ctx, "targets": ANSWERS[:2]} | kwargs
+        with pytest.raises(error, match=message):
+            mp.ovector_intervention(tiny, vecs, **args)
+    # A list of the same two layers is what it says: exactly those layers.
+    assert mp.ovector_intervention(tiny, vecs, ctx, ANSWERS[:2], layers=[0, 2]).layers == (0, 2)
+    with pytest.raises(ValueError, match="Got 2 contexts and 1 targets"):  # was an IndexError
+        mp.tuned_intervention(tiny, vecs, ctx, ANSWERS[:1], layers=[1])
+    with pytest.raises(ValueError, match=r"condition 'ovector' is not swept \(swept=\['r'\]\)"):
+        # Raised a KeyError after the whole sweep had run.
+        mp.tuned_intervention(tiny, vecs | {"r": vecs["ovector"]}, ctx, ANSWERS[:2], layers=[1],
+                              swept=["r"])  # fmt: skip
+    with pytest.raises(TypeError, match=r"scale is one number.*sweep_scales"):
+        mp.relational_analysis(tiny, "capitals", scale=[1.0, 2.0], progress=False)
+    with pytest.raises(TypeError, match="ambiguous"):
+        mp.relational_analysis(tiny, "capitals", layers=(0, 2), progress=False)
+    o = mp.OVector(vecs["ovector"], layer=1, source="toy", n_prompts=1)
+    with pytest.raises(TypeError, match=r"random_ovector takes an OVector"):
+        mp.random_ovector(o.vector)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"fit_ovector takes mp.task_pass"):
+        mp.fit_ovector(mp.load_task("capitals"), 1)  # type: ignore[arg-type]
+    assert hook_count(tiny) == before
+
+
+def test_trajectory_selection_and_layers_are_checked(tiny) -> None:
+    traj = mp.trajectory(tiny, mp.load_task("capitals").subset(4), progress=False)
+    with pytest.raises(ValueError, match=r"items must be between -4 and 3, got \[9\]"):
+        traj.select([9])  # was "tuple index out of range"
+    with pytest.raises(TypeError, match="layer"):
+        traj.ffn_attribution(1.5)  # type: ignore[arg-type]
+    assert traj.select([-1]).arguments == traj.arguments[-1:]
+
+
+def test_collect_into_a_file_is_named(tiny, tmp_path) -> None:
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"out_dir .* is a file: pass a folder"):
+        mp.collect(tiny, ["Hi"], out_dir=tmp_path / "a.txt", progress=False)
+    acts = mp.collect(tiny, ["Hi there"], positions="all", labels=None, progress=False)
+    assert not any(a.flags.writeable for a in (acts.values, acts.position, acts.token))

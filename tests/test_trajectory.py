@@ -145,7 +145,7 @@ def test_ffn_attribution_counts_items(tiny):
     assert out["argument_top1_after_removal"] == pytest.approx(2 / 3)
     assert out["argument_above_answer_after_removal"] == pytest.approx(2 / 3)
     assert out["argument_top1_before_removal"] == 0.0 and out["n"] == 3
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="layer must be between -2 and 1, got 7"):
         planted.ffn_attribution(7)
     with pytest.raises(ValueError, match="pass layer="):
         mp.ffn_attribution(tiny, _task(2))  # the random model answers nothing correctly

@@ -147,8 +147,9 @@ class Activations:
         # Memory-mapped values are checked chunk by chunk as collect() writes them.
         if not isinstance(self.values, np.memmap):
             check_finite(self.values, "Activations.values")
-        if isinstance(self.values, np.ndarray):  # frozen as every result's arrays are
-            self.values.flags.writeable = False
+        for arr in (self.values, *named.values()):  # frozen as every result's arrays are
+            if isinstance(arr, np.ndarray):
+                arr.flags.writeable = False
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
@@ -393,10 +394,11 @@ def collect(
         padding_side: Padding of each batch (results do not depend on it).
         memory_budget: Bytes the result may take in memory; above it, it streams to disk.
         out_dir: Folder for ``values.npy`` (always used when given; resumable). Without it, a
-            result over the budget goes to a new temporary folder (``metadata["path"]``). A
-            folder is resumed (or loaded) only for the same model weights (a sample of every
-            parameter), texts, sites, positions, labels, groups, dtype and batch size; another
-            collection there is an error. While hooks are attached to the model, a folder that
+            result over the budget goes to a new temporary folder (``metadata["path"]``, kept
+            for the memory map: remove it when done, or pass ``out_dir``). A folder is resumed
+            (or loaded) only for the same model weights (a sample of every parameter), texts,
+            sites, positions, labels, groups, dtype and batch size; another collection there is
+            an error. While hooks are attached to the model, a folder that
             holds a collection is refused: what the hooks compute cannot be checked.
         dtype: Storage dtype, ``"float32"`` or ``"float16"`` (half the size; range ±65504).
         progress: Show a progress bar (``MECHPROBE_PROGRESS=0`` silences it).
@@ -430,6 +432,8 @@ def collect(
     key = fingerprint(model, names, plan, dtype, batch_size)
     folder = Path(out_dir) if out_dir is not None else None
     done = 0
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise ValueError(f"out_dir {folder} is a file: pass a folder, new or holding a collection.")
     if folder is not None:
         if hooks_attached(model) and any(folder.glob("*.json")):
             raise ValueError(

@@ -53,13 +53,15 @@ from mechprobe.relational._intervention import (
     WriterPositions,
     _layers,
     _positions,
+    _scale,
     _scales,
+    _unambiguous,
     ovector_intervention,
 )
 from mechprobe.relational._ovector import fit_ovector, ovector_controls
 from mechprobe.relational._pass import TaskPass, task_pass
 from mechprobe.relational._result import SWEEP_ON_HELD_OUT, RelationalResult
-from mechprobe.relational._sweep import _cell, tuned_intervention
+from mechprobe.relational._sweep import tuned_intervention
 from mechprobe.relational._trajectory import check_lens
 from mechprobe.tasks import Task, as_task, load_task
 
@@ -276,9 +278,11 @@ def relational_analysis(
     seed = check_seed(seed)
     check_choice(mode, "mode", ("replace", "add"))
     check_choice(ablation_method, "ablation_method", ("zero", "mean"))
-    (scale,) = _scales(scale, "scale")
+    scale = _scale(scale, "scale", "sweep_scales=[...]")
     where = _positions(positions, "relational_analysis")
-    edited = None if layers is None else _layers(model, layers)
+    edited = (
+        None if layers is None else _layers(model, _unambiguous(layers, "layers=", pairs_only=True))
+    )
     if ovector_prompts is not None:
         ovector_prompts = check_int(ovector_prompts, "ovector_prompts", 1)
     if sweep_layers is not None:
@@ -286,7 +290,7 @@ def relational_analysis(
             check_choice(sweep_layers, "sweep_layers", ("auto",))
         else:
             for cell in sweep_layers:
-                _layers(model, _cell(cell))
+                _layers(model, _unambiguous(cell, "A sweep's layer set"))
         _scales(sweep_scales, "sweep_scales")
         if sweep_contexts is not None:
             sweep_contexts = check_int(sweep_contexts, "sweep_contexts", 1)
@@ -347,7 +351,7 @@ def relational_analysis(
     args, contexts, targets, groups = _contexts(tp, held, seed, notes)
     edit: dict[str, Any] = {"mode": mode, "positions": where, "arguments": args, "groups": groups}
     edit.update(steps)
-    default_layers = edited if edited is not None else range(o_layer, n_layers)
+    default_layers = list(edited) if edited is not None else range(o_layer, n_layers)
     effect = ovector_intervention(
         model, vectors, contexts, targets, layers=default_layers, scale=scale, **edit
     )

@@ -366,6 +366,40 @@ def _layers(model: Any, layers: Any) -> tuple[int, ...]:
     return tuple(sorted(resolve_layers(model, layers)))
 
 
+def _unambiguous(layers: Any, what: str, *, pairs_only: bool = False) -> Any:
+    """``layers``, unless it is a tuple (a pair with ``pairs_only``): the old ``(start, stop)``
+    layer ranges look alike, so ``(18, 24)`` could mean layers 18-23 or 18 and 24."""
+    if isinstance(layers, tuple) and (len(layers) == 2 or not pairs_only):
+        pair = f"range{layers}" if len(layers) == 2 else "range(start, stop)"
+        raise TypeError(
+            f"{what} {layers!r} is a tuple, which is ambiguous (the old layer_ranges were "
+            f"(start, stop) pairs): pass {pair} for a span, or a list {list(layers)} for exactly "
+            "those layers."
+        )
+    return layers
+
+
+def _texts(value: Any, what: str, example: str) -> list[str]:
+    """A list of strings (one string is refused: it would be read letter by letter)."""
+    if isinstance(value, str):
+        raise TypeError(f"{what} is one string: pass a list of them (e.g. [{value[:30]!r}]).")
+    items = list(value)
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise TypeError(
+                f"{what} are strings (e.g. {example!r}); entry {i} is "
+                f"{type(item).__name__} {item!r}."
+            )
+    return items
+
+
+def _scale(scale: Any, name: str, sweep: str) -> float:
+    """One finite scale; several are a sweep's."""
+    if np.ndim(scale) != 0:
+        raise TypeError(f"{name} is one number, got {scale!r}: for several scales use {sweep}.")
+    return _scales(scale, name)[0]
+
+
 def _positions(positions: Any, owner: str) -> str | int | tuple[int, ...]:
     """A writer's positions: ``"all"``, an int or several ints (the old None read as "all")."""
     positions = writer_positions(positions, owner)
@@ -485,7 +519,10 @@ def ovector_intervention(
         (('intact', 'ovector'), (2, 1))
     """
     check_choice(mode, "mode", ("replace", "add"))
-    contexts, targets = list(contexts), list(targets)
+    contexts = _texts(contexts, "contexts", "table mug Poland")
+    targets = _texts(targets, "targets", " Warsaw")
+    if arguments is not None:
+        arguments = _texts(arguments, "arguments", " Poland")
     if len(contexts) != len(targets) or not contexts:
         raise ValueError(
             f"Got {len(contexts)} contexts and {len(targets)} targets: pass one target per "
@@ -495,9 +532,9 @@ def ovector_intervention(
         if seq is not None and len(seq) != len(contexts):
             raise ValueError(f"{label} has {len(seq)} entries for {len(contexts)} contexts.")
     vecs = _vectors(vectors, model)
-    (scale,) = _scales(scale, "scale")
+    scale = _scale(scale, "scale", "ovector_sweep(..., scales=[...])")
     where = _positions(positions, "ovector_intervention")
-    layer_tuple = _layers(model, layers)
+    layer_tuple = _layers(model, _unambiguous(layers, "layers=", pairs_only=True))
     batch = tokenize(model, contexts)
     warn_unspaced(targets, "targets")
     if arguments is not None:

@@ -299,6 +299,11 @@ def fit_ovector(
         >>> o.n_prompts, o.info["items"] == [tp.task.items[0].input, tp.task.items[2].input]
         (2, True)
     """
+    if not isinstance(task_pass, TaskPass):
+        raise TypeError(
+            f"fit_ovector takes mp.task_pass(model, task), got {type(task_pass).__name__}; for "
+            "prompts or a Task, mp.extract_ovector(model, task, layer) reads them itself."
+        )
     n_items, n_layers = len(task_pass), int(task_pass.mlp_out.shape[1])
     at = check_int(layer, "layer", -n_layers, n_layers - 1) % n_layers
     mask = np.zeros(n_items, dtype=bool)
@@ -355,6 +360,12 @@ def random_ovector(like: OVector, *, seed: int = 0) -> OVector:
         >>> round(r.norm, 4), r.source
         (5.0, 'random')
     """
+    if not isinstance(like, OVector):
+        raise TypeError(
+            f"random_ovector takes an OVector (its norm, layer and width are kept), got "
+            f"{type(like).__name__}; wrap a vector as mp.OVector(vector, layer=..., "
+            "source=..., n_prompts=...)."
+        )
     seed = check_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     direction = torch.randn(like.vector.shape, generator=gen, dtype=torch.float64)

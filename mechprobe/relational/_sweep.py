@@ -41,6 +41,8 @@ from mechprobe.relational._intervention import (
     _scales,
     _span,
     _spec,
+    _texts,
+    _unambiguous,
     _vectors,
     ovector_intervention,
     warn_unspaced,
@@ -262,8 +264,13 @@ def ovector_sweep(
         (1, 2, 2)
     """
     check_choice(mode, "mode", ("replace", "add"))
+    contexts = _texts(contexts, "contexts", "table mug Poland")
+    targets = _texts(targets, "targets", " Warsaw")
     if len(contexts) != len(targets) or not contexts:
-        raise ValueError("Pass one target per context, at least one context.")
+        raise ValueError(
+            f"Got {len(contexts)} contexts and {len(targets)} targets: pass one target per "
+            "context, at least one."
+        )
     if isinstance(layers, (str, int, range)) or not list(layers):
         raise ValueError(
             f"layers is a list of layer sets, one per row of the grid (e.g. [range(18, 24), "
@@ -272,10 +279,10 @@ def ovector_sweep(
     vecs = _vectors(vectors, model)
     scale_tuple = _scales(scales, "scales")
     where = _positions(positions, "ovector_sweep")
-    cells = tuple(_layers(model, _cell(cell)) for cell in layers)
-    batch = tokenize(model, list(contexts))
-    warn_unspaced(list(targets), "targets")
-    target_ids = torch.as_tensor(first_token_ids(model, list(targets)))
+    cells = tuple(_layers(model, _unambiguous(cell, "A sweep's layer set")) for cell in layers)
+    batch = tokenize(model, contexts)
+    warn_unspaced(targets, "targets")
+    target_ids = torch.as_tensor(first_token_ids(model, targets))
     no_args = torch.full((len(contexts),), -1)
     rank0, _, top0 = _evaluate(model, batch, target_ids, no_args, None, batch_size)
     shape = (len(vecs), len(cells), len(scale_tuple))
@@ -306,18 +313,6 @@ def ovector_sweep(
         mode=mode,
         n_contexts=len(contexts),
     )
-
-
-def _cell(layers: Any) -> Any:
-    """One layer set of a sweep; a tuple is refused: the old ``(start, stop)`` pairs look alike."""
-    if isinstance(layers, tuple):
-        pair = f"range{layers}" if len(layers) == 2 else "range(start, stop)"
-        raise TypeError(
-            f"A sweep's layer set {layers!r} is a tuple, which is ambiguous (the old layer_ranges "
-            f"were (start, stop) pairs): pass {pair} for a span, or a list {list(layers)} for "
-            "exactly those layers."
-        )
-    return layers
 
 
 def tuned_intervention(
@@ -383,6 +378,18 @@ def tuned_intervention(
     missing = [n for n in [*names, condition] if n not in vectors]
     if missing:
         raise ValueError(f"No vector named {missing}; vectors: {list(vectors)}.")
+    if condition not in names:  # its best cell is read off the sweep
+        raise ValueError(
+            f"condition {condition!r} is not swept (swept={names}): add it to swept, or choose "
+            "the condition among them."
+        )
+    contexts = _texts(contexts, "contexts", "table mug Poland")
+    targets = _texts(targets, "targets", " Warsaw")
+    if len(contexts) != len(targets) or not contexts:
+        raise ValueError(
+            f"Got {len(contexts)} contexts and {len(targets)} targets: pass one target per "
+            "context, at least one."
+        )
     pick = list(range(len(contexts))) if choose_on is None else _picked(choose_on, len(contexts))
     if not pick:
         raise ValueError("choose_on is empty: give the contexts the cell is chosen on.")

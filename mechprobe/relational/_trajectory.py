@@ -43,7 +43,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mechprobe.core import Result, check_finite, first_token_ids, readout, target_rank
+from mechprobe.core import Result, check_finite, check_int, first_token_ids, readout, target_rank
 from mechprobe.lens import Lens, LensSpec, as_lens
 from mechprobe.relational._figure import axes_for
 from mechprobe.relational._scoring import TaskScore, _forced_pass
@@ -143,9 +143,14 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
                     f"A mask of {index.shape[0]} items for a trajectory of {len(self.correct)}."
                 )
             index = np.flatnonzero(index)
-        index = index.astype(np.int64)
+        elif index.size and not np.issubdtype(index.dtype, np.integer):
+            raise TypeError(f"items are a bool mask or item indices, got {items!r}.")
+        index = index.astype(np.int64).reshape(-1)
         if index.size == 0:
             raise ValueError("No item selected: pass at least one item.")
+        n = len(self.correct)
+        if ((index < -n) | (index >= n)).any():
+            raise ValueError(f"items must be between {-n} and {n - 1}, got {index.tolist()}.")
         return dataclasses.replace(
             self,
             arguments=tuple(self.arguments[i] for i in index),
@@ -217,10 +222,7 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
             >>> sorted(traj.ffn_attribution(1))[0]
             'argument_above_answer_after_removal'
         """
-        if not -self.n_layers <= layer < self.n_layers:
-            raise ValueError(
-                f"Layer {layer} is out of range for {self.n_layers} layers; pick 0..{self.n_layers - 1}."
-            )
+        layer = check_int(layer, "layer", -self.n_layers, self.n_layers - 1)
         m = self.correct & self.distinct
         arg, ans = self.argument_rank[m, layer], self.answer_rank[m, layer]
         arg0, ans0 = self.argument_rank_no_ffn[m, layer], self.answer_rank_no_ffn[m, layer]
