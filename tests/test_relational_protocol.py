@@ -316,5 +316,12 @@ def test_collect_into_a_file_is_named(tiny, tmp_path) -> None:
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(ValueError, match=r"out_dir .* is a file: pass a folder"):
         mp.collect(tiny, ["Hi"], out_dir=tmp_path / "a.txt", progress=False)
-    acts = mp.collect(tiny, ["Hi there"], positions="all", labels=None, progress=False)
-    assert not any(a.flags.writeable for a in (acts.values, acts.position, acts.token))
+    acts = mp.collect(tiny, ["Hi there", "Ho"], labels=["a", "b"], progress=False)
+    assert not any(a.flags.writeable for a in (acts.values, acts.position, acts.labels))
+    # Read-only views: arrays given to the constructor stay the caller's, writable.
+    mine = np.array(["x", "y"])
+    again = mp.Activations(acts.values, mine, None, acts.text_index, acts.position, acts.token,
+                           acts.sites)  # fmt: skip
+    assert mine.flags.writeable and not again.labels.flags.writeable
+    page = acts._repr_html_()
+    assert page.startswith("<div><p>Activations(2 rows") and "<table" in page and ">b<" in page

@@ -28,6 +28,7 @@ resumable: a folder with a matching ``progress.json`` is continued, a finished o
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import tempfile
@@ -147,9 +148,13 @@ class Activations:
         # Memory-mapped values are checked chunk by chunk as collect() writes them.
         if not isinstance(self.values, np.memmap):
             check_finite(self.values, "Activations.values")
-        for arr in (self.values, *named.values()):  # frozen as every result's arrays are
-            if isinstance(arr, np.ndarray):
-                arr.flags.writeable = False
+        if isinstance(self.values, np.ndarray):  # frozen as every result's arrays are
+            self.values.flags.writeable = False
+        for name, arr in named.items():  # read-only views: the caller's arrays stay writable
+            if arr is not None:
+                view = np.asarray(arr).view()
+                view.flags.writeable = False
+                object.__setattr__(self, name, view)
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
@@ -162,6 +167,11 @@ class Activations:
             f"Activations({n} rows x {layers} sites x {d}, {self.values.dtype}, {labels}, "
             f"{len(np.unique(self.text_index))} texts, {where})"
         )
+
+    def _repr_html_(self) -> str:
+        """The notebook face: the repr and the rows per label (a store has no figure)."""
+        table = self.summary().to_html(max_rows=40, float_format=lambda v: f"{v:.4g}")
+        return f"<div><p>{html.escape(repr(self))}</p>{table}</div>"
 
     @property
     def path(self) -> Path | None:
