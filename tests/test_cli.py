@@ -289,3 +289,15 @@ def test_every_batch_size_flag_is_checked_by_the_parser(tmp_path, capsys, comman
     with pytest.raises(SystemExit):
         cli_main([*command, "--batch-size", "0", "--out", str(tmp_path / "out")])
     assert "--batch-size: must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors", ".json"])
+def test_relation_out_is_a_folder_checked_before_the_model_loads(
+    tmp_path, capsys, monkeypatch, suffix
+):
+    # .npz ran the whole analysis, then a traceback; .json wrote one file and printed folder paths.
+    monkeypatch.setattr("mechprobe.cli.relation.load", _no_model)
+    out = tmp_path / f"run{suffix}"
+    assert cli_main(["relation", "--task", "capitals", "--model", "tiny", "--out", str(out)]) == 2
+    assert "--out is the folder that gets result.json, report.md" in capsys.readouterr().err
+    assert not out.exists()

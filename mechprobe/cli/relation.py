@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 from mechprobe.cli._arguments import (
@@ -127,6 +128,12 @@ def main(args: argparse.Namespace) -> int:
     import mechprobe as mp
 
     problem = output_problem(args.out, folder=True)
+    suffix = Path(args.out).suffix
+    if suffix in (".json", ".npz", ".safetensors"):  # the API would write one file, or nothing
+        problem = (
+            f"{args.out} names a file; --out is the folder that gets result.json, report.md, the "
+            f"o-vector and figures: drop the {suffix} suffix"
+        )
     if problem:  # before the model loads and the analysis runs
         print(f"mechprobe relation: error: --out: {problem}", file=sys.stderr)
         return 2
@@ -171,7 +178,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         folder = result.save(args.out)
-    except OSError as err:  # e.g. the disk filled up or the folder vanished during the run
+    except (OSError, ValueError) as err:  # e.g. the disk filled up or the folder vanished
         print(f"mechprobe relation: error: cannot write {args.out}: {err}", file=sys.stderr)
         return 2
     st = result.stages
