@@ -301,3 +301,41 @@ def test_relation_out_is_a_folder_checked_before_the_model_loads(
     assert cli_main(["relation", "--task", "capitals", "--model", "tiny", "--out", str(out)]) == 2
     assert "--out is the folder that gets result.json, report.md" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["trace", "--prompt", "The cat", "--subject", "cat", "--window", "0"], "--window must be"),
+        (["trace", "--prompt", "The cat", "--subject", "cat", "--n-noise", "0"], "--n-noise must"),
+        (["lens", "Hi", "--top-k", "0"], "--top-k must be between 1 and"),
+        (["relation", "--task", "capitals", "--test-size", "nan"], "--test-size must be a finite"),
+    ],
+)
+def test_library_messages_name_the_flags_typed(tmp_path, capsys, command, message):
+    # These said window, n_noise, top_k, test_size: the library's names, not the shell's.
+    out = [] if command[0] == "lens" else ["--out", str(tmp_path / "out")]
+    assert cli_main([*command, "--model", "tiny", *out]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_library_warnings_reach_the_shell_as_one_line(tmp_path, capsys):
+    # They came in Python's format: file, line number, "UserWarning:" and the source line.
+    command = ["trace", "--task", "capitals", "--n-items", "2", "--n-noise", "2", "--layers", "0"]
+    assert cli_main([*command, "--model", "tiny", "--quiet", "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "mechprobe trace: warning: causal_trace traces an answer's first token" in err
+    assert "UserWarning" not in err and ".py:" not in err
+
+
+def test_a_lens_write_that_fails_after_the_run_is_one_line(tmp_path, capsys, monkeypatch):
+    # A full disk after the run gave a traceback (review 16d reproduced it with /proc).
+    def full(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mp.LensResult, "save", full)
+    assert cli_main(["lens", "Hi", "--model", "tiny", "--json", str(tmp_path / "x.json")]) == 2
+    assert "mechprobe lens: error: cannot write the output: [Errno 28] No space left" in (
+        capsys.readouterr().err
+    )

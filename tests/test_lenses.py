@@ -718,3 +718,17 @@ def test_a_patchscope_keeps_no_model_alive() -> None:
     del model
     gc.collect()
     assert len(scope._tokens) == 0
+
+
+def test_a_patchscope_that_cannot_see_its_patch_warns(tiny) -> None:
+    # Written after the last attention and read at a later token, the patch changes nothing:
+    # every decode was the same (rank 239 for every prompt in review 16d), without a word.
+    scope = mp.Patchscope("x -> x; ? ->", "?", target_layer=-1)
+    with pytest.warns(UserWarning, match=r"resid_post 2 \(the last layer, after its attention\)"):
+        res = mp.logit_lens(tiny, ["Hello there", "A cat"], lens=scope, progress=False)
+    frame = res.to_frame()
+    assert frame.groupby("layer")["top1"].nunique().eq(1).all()  # the claim the warning makes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mp.logit_lens(tiny, ["Hello there"], lens=mp.Patchscope(), progress=False)
+        mp.logit_lens(tiny, ["Hi"], lens=mp.Patchscope("x -> x; ? ->", "?"), layers=[0, 1])

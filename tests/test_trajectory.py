@@ -149,6 +149,10 @@ def test_ffn_attribution_counts_items(tiny):
         planted.ffn_attribution(7)
     with pytest.raises(ValueError, match="pass layer="):
         mp.ffn_attribution(tiny, _task(2))  # the random model answers nothing correctly
+    # The dict says which lens decoded it, as a Trajectory does (it did not).
+    tuned = mp.ffn_attribution(tiny, _task(2), layer=1, lens=mp.TunedLens.identity(tiny))
+    assert tuned["lens"] == mp.TunedLens.identity(tiny).describe() and tuned["layer"] == 1
+    assert mp.ffn_attribution(tiny, _task(2), layer=1)["lens"] == "logit"
 
 
 def test_roundtrip_frame_and_plot(tiny):

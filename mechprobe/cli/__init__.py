@@ -8,8 +8,14 @@ subcommand and sets ``func`` to a callable taking the parsed arguments and retur
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import sys
+import warnings
 from collections.abc import Sequence
+from typing import Any
+
+from mechprobe.cli._arguments import flag_names
 
 # One entry per subcommand module in this package.
 _COMMANDS: tuple[str, ...] = (
@@ -35,4 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["--help"])  # doctest: +SKIP
     """
     args = _parser().parse_args(argv)
-    return int(args.func(args))
+    with warnings.catch_warnings():
+        # A shell user is told what the library warns in one line, with flags named as typed,
+        # not with Python's file, line number and source line.
+        warnings.showwarning = functools.partial(_show_warning, args.command)
+        return int(args.func(args))
+
+
+def _show_warning(command: str, message: Any, *_: Any, **__: Any) -> None:
+    print(f"mechprobe {command}: warning: {flag_names(str(message))}", file=sys.stderr)

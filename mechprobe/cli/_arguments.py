@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -298,3 +300,53 @@ def lens_spec(args: argparse.Namespace, text: Callable[[str], str] = str) -> Any
             f"--lens {spec}: no such file or folder; LENS is 'logit', 'patchscope', a tuned "
             "lens's .safetensors file or a tuned-lens folder."
         ) from err
+
+
+#: The library's argument names that a command's flag sets, as the shell user typed them.
+_FLAGS = {
+    "set ablation=True": "drop --no-ablation",
+    "ablation=False": "--no-ablation",
+    "contrast_task": "--contrast-task",
+    "max_examples": "--max-examples",
+    "max_iter": "--max-iter",
+    "n_folds": "--folds",
+    "n_items": "--n-items",
+    "n_noise": "--n-noise",
+    "n_prompts": "--n-prompts",
+    "n_random": "--n-random",
+    "other_task": "--other-task",
+    "ovector_prompts": "--ovector-prompts",
+    "seq_len": "--seq-len",
+    "target_layer": "--patchscope-layer",
+    "test_size": "--test-size",
+    "top_k": "--top-k",
+    "with_shots": "--shots",
+}
+#: Single words that are flags only where the library names its argument.
+_WORD_FLAGS = ("l2", "window", "sites", "layers")
+
+
+def flag_names(message: str) -> str:
+    """``message`` with the library's argument names replaced by the flags that set them.
+
+    Example:
+        >>> flag_names("n_noise must be at least 1, got 0; pick the layers with layers=.")
+        '--n-noise must be at least 1, got 0; pick the layers with --layers.'
+    """
+    for name, flag in _FLAGS.items():
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w])", flag, message)
+    for word in _WORD_FLAGS:  # "window must ...", "layers=" and "sites takes ..." only
+        message = re.sub(rf"(?<![\w-]){word}( must | takes |=)", rf"--{word}\1", message)
+        message = message.replace(f"--{word}=", f"--{word}")
+    return message
+
+
+def command_error(command: str, message: object) -> int:
+    """Print ``mechprobe COMMAND: error: MESSAGE`` (flags named as typed) and return exit code 2.
+
+    Example:
+        >>> command_error("trace", "window must be at least 1, got 0.")
+        2
+    """
+    print(f"mechprobe {command}: error: {flag_names(str(message))}", file=sys.stderr)
+    return 2

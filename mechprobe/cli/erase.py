@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, get_args
 
@@ -25,6 +24,7 @@ from mechprobe.cli._arguments import (
     add_model_argument,
     add_run_arguments,
     add_shots_argument,
+    command_error,
     layers_type,
     load,
     nonnegative_int,
@@ -291,15 +291,13 @@ def main(args: argparse.Namespace) -> int:
     elif args.n_countries is not None and args.dataset not in ("country", "is_capital"):
         problem = f"--n-countries sizes the country datasets: drop it with --dataset {args.dataset}"
     if problem:  # before the model loads
-        print(f"mechprobe erase: error: {problem}", file=sys.stderr)
-        return 2
+        return command_error("erase", problem)
     args.iterations = 20 if args.iterations is None else args.iterations
     args.n_countries = 20 if args.n_countries is None else args.n_countries
     try:
         records = run_erase(args)
     except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:
-        print(f"mechprobe erase: error: {err}", file=sys.stderr)
-        return 2
+        return command_error("erase", err)
     print(f"\nwrote {len(records)} result(s) to {args.out}")
     print(json.dumps({"sites": [r["site"] for r in records]}))
     return 0

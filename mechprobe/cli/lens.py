@@ -19,6 +19,7 @@ from mechprobe.cli._arguments import (
     add_lens_argument,
     add_model_argument,
     add_run_arguments,
+    command_error,
     figure_problem,
     lens_spec,
     load,
@@ -175,23 +176,25 @@ def main(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     except (ValueError, TypeError, FileNotFoundError, mp.ModelLoadError) as err:
-        print(f"mechprobe lens: error: {err}", file=sys.stderr)
-        return 2
+        return command_error("lens", err)
     for b, prompt in enumerate(prompts):
         for site in dict.fromkeys(result.sites):
             print(f"\nprompt {b} ({site}, last token): {prompt!r}")
             print(_table(result, b, site))
-    if args.json:
-        print(f"\nwrote {result.save(args.json)}")
-    if args.plot:
-        result.plot_heatmap(0, color=args.color).savefig(args.plot, dpi=150)
-        print(f"wrote {args.plot}")
-    if args.trajectory:
-        result.plot_trajectory(list(range(len(prompts)))).savefig(args.trajectory, dpi=150)
-        print(f"wrote {args.trajectory}")
+    # Checked before the run; a write can still fail after it (a full disk, a quota).
+    try:
+        if args.json:
+            print(f"\nwrote {result.save(args.json)}")
+        if args.plot:
+            result.plot_heatmap(0, color=args.color).savefig(args.plot, dpi=150)
+            print(f"wrote {args.plot}")
+        if args.trajectory:
+            result.plot_trajectory(list(range(len(prompts)))).savefig(args.trajectory, dpi=150)
+            print(f"wrote {args.trajectory}")
+    except OSError as err:
+        return command_error("lens", f"cannot write the output: {err}")
     if args.out:
         problem = write_run_folder("lens", args, result, "lens.png")
         if problem:
-            print(f"mechprobe lens: error: {problem}", file=sys.stderr)
-            return 2
+            return command_error("lens", problem)
     return 0

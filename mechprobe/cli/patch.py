@@ -12,13 +12,13 @@ Example::
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from mechprobe.cli._arguments import (
     add_layers_argument,
     add_model_argument,
     add_run_arguments,
+    command_error,
     layers_type,
     load,
     output_problem,
@@ -115,8 +115,7 @@ def main(args: argparse.Namespace) -> int:
     import mechprobe as mp
 
     def fail(message: str) -> int:
-        print(f"mechprobe patch: error: {message}", file=sys.stderr)
-        return 2
+        return command_error("patch", message)
 
     problem = output_problem(args.out, folder=True)
     if problem:  # before the model loads

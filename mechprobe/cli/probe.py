@@ -20,6 +20,7 @@ from mechprobe.cli._arguments import (
     add_layers_argument,
     add_model_argument,
     add_run_arguments,
+    command_error,
     load,
     output_problem,
 )
@@ -219,8 +220,7 @@ def main(args: argparse.Namespace) -> int:
             args.out.rmdir()
         # the library names its arguments; say the flags typed here
         message = str(err).replace("n_folds", "--folds").replace("sites:", "--site:")
-        print(f"mechprobe probe: error: {message}", file=sys.stderr)
-        return 2
+        return command_error("probe", message)
     result.save(args.out / "result.json")
     fig = result.plot()
     fig.suptitle(f"{dataset.name}: {args.site} of {args.model}")

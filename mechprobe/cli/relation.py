@@ -19,6 +19,7 @@ from mechprobe.cli._arguments import (
     add_model_argument,
     add_run_arguments,
     add_shots_argument,
+    command_error,
     layers_type,
     lens_spec,
     load,
@@ -170,12 +171,7 @@ def main(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:
-        message = str(err)
-        for name in ("other_task", "contrast_task", "ovector_prompts", "n_items", "n_random"):
-            message = message.replace(name, "--" + name.replace("_", "-"))
-        message = message.replace("ablation=False", "--no-ablation").replace("None to", "none to")
-        print(f"mechprobe relation: error: {message}", file=sys.stderr)
-        return 2
+        return command_error("relation", str(err).replace("None to", "none to"))
     try:
         folder = result.save(args.out)
     except (OSError, ValueError) as err:  # e.g. the disk filled up or the folder vanished

@@ -11,13 +11,13 @@ Example::
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from mechprobe.cli._arguments import (
     add_layers_argument,
     add_model_argument,
     add_run_arguments,
+    command_error,
     load,
     output_problem,
     positive_int,
@@ -79,8 +79,7 @@ def main(args: argparse.Namespace) -> int:
     import mechprobe as mp
 
     def fail(message: str) -> int:
-        print(f"mechprobe trace: error: {message}", file=sys.stderr)
-        return 2
+        return command_error("trace", message)
 
     problem = output_problem(args.out, folder=True)
     if problem:  # before the model loads

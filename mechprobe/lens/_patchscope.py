@@ -15,6 +15,7 @@ Cost: one forward pass of the target prompt (22 tokens for SmolLM2) per decoded 
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -127,9 +128,26 @@ class Patchscope(Lens):
 
     def check(self, model: Any, entries: Sequence[tuple[str, int]]) -> None:
         super().check(model, entries)
-        self.tokens(model)
-        for _, layer in entries:
-            self._target(model, layer)
+        ids, place = self.tokens(model)
+        last = int(model.cfg.n_layers) - 1
+        # After the last attention, a state reaches no other token: read at a later token, such
+        # a patch leaves every decode the same whatever the hidden state was.
+        dead = sorted(
+            {
+                f"{kind} {last}"
+                for kind, layer in entries
+                if self._target(model, layer) == last and kind in ("resid_mid", "resid_post")
+            }
+        )
+        if dead and place != len(ids) - 1:
+            warnings.warn(
+                f"This Patchscope reads its prompt's last token, after the placeholder, and a "
+                f"state written at {', '.join(dead)} (the last layer, after its attention) reaches "
+                "no later token: those decodes do not depend on the hidden state. Pass an "
+                "earlier target_layer, or a prompt that ends with the placeholder.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def translate(
         self, model: Any, kind: str, layer: int, x: Float[Tensor, "n d_model"]

@@ -424,11 +424,12 @@ def ffn_attribution(
     lens: LensSpec = "logit",
     batch_size: int | None = 32,
     progress: bool = True,
-) -> dict[str, float | int | None]:
+) -> dict[str, float | int | str | None]:
     """Does removing the FFN update at the function layer decode back to the argument?
 
     Runs :func:`trajectory` (through ``lens``) and returns :meth:`Trajectory.ffn_attribution` at ``layer`` (default:
-    the function-application layer of :meth:`Trajectory.stages`), plus the ``layer`` used.
+    the function-application layer of :meth:`Trajectory.stages`), plus the ``layer`` used and
+    the ``lens`` that decoded it (as :attr:`Trajectory.lens` records it).
 
     Raises:
         ValueError: No layer given and no function-application layer found.
@@ -447,4 +448,4 @@ def ffn_attribution(
                 f"No function-application layer was found for {traj.task!r} (no correctly "
                 "answered item with distinct argument and answer tokens); pass layer=."
             )
-    return {"layer": layer, **traj.ffn_attribution(layer)}
+    return {"layer": layer, **traj.ffn_attribution(layer), "lens": traj.lens}
