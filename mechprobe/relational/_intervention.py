@@ -393,6 +393,18 @@ def _texts(value: Any, what: str, example: str) -> list[str]:
     return items
 
 
+def _pairs(contexts: Any, targets: Any) -> tuple[list[str], list[str]]:
+    """Contexts and their targets: lists of strings, one target per context, at least one."""
+    contexts = _texts(contexts, "contexts", "table mug Poland")
+    targets = _texts(targets, "targets", " Warsaw")
+    if len(contexts) != len(targets) or not contexts:
+        raise ValueError(
+            f"Got {len(contexts)} contexts and {len(targets)} targets: pass one target per "
+            "context, at least one."
+        )
+    return contexts, targets
+
+
 def _scale(scale: Any, name: str, sweep: str) -> float:
     """One finite scale; several are a sweep's."""
     if np.ndim(scale) != 0:
@@ -519,15 +531,9 @@ def ovector_intervention(
         (('intact', 'ovector'), (2, 1))
     """
     check_choice(mode, "mode", ("replace", "add"))
-    contexts = _texts(contexts, "contexts", "table mug Poland")
-    targets = _texts(targets, "targets", " Warsaw")
+    contexts, targets = _pairs(contexts, targets)
     if arguments is not None:
         arguments = _texts(arguments, "arguments", " Poland")
-    if len(contexts) != len(targets) or not contexts:
-        raise ValueError(
-            f"Got {len(contexts)} contexts and {len(targets)} targets: pass one target per "
-            "context, at least one."
-        )
     for label, seq in [("arguments", arguments), ("groups", groups)]:
         if seq is not None and len(seq) != len(contexts):
             raise ValueError(f"{label} has {len(seq)} entries for {len(contexts)} contexts.")

@@ -37,11 +37,11 @@ from mechprobe.relational._intervention import (
     WriterPositions,
     _evaluate,
     _layers,
+    _pairs,
     _positions,
     _scales,
     _span,
     _spec,
-    _texts,
     _unambiguous,
     _vectors,
     ovector_intervention,
@@ -264,13 +264,7 @@ def ovector_sweep(
         (1, 2, 2)
     """
     check_choice(mode, "mode", ("replace", "add"))
-    contexts = _texts(contexts, "contexts", "table mug Poland")
-    targets = _texts(targets, "targets", " Warsaw")
-    if len(contexts) != len(targets) or not contexts:
-        raise ValueError(
-            f"Got {len(contexts)} contexts and {len(targets)} targets: pass one target per "
-            "context, at least one."
-        )
+    contexts, targets = _pairs(contexts, targets)
     if isinstance(layers, (str, int, range)) or not list(layers):
         raise ValueError(
             f"layers is a list of layer sets, one per row of the grid (e.g. [range(18, 24), "
@@ -383,13 +377,7 @@ def tuned_intervention(
             f"condition {condition!r} is not swept (swept={names}): add it to swept, or choose "
             "the condition among them."
         )
-    contexts = _texts(contexts, "contexts", "table mug Poland")
-    targets = _texts(targets, "targets", " Warsaw")
-    if len(contexts) != len(targets) or not contexts:
-        raise ValueError(
-            f"Got {len(contexts)} contexts and {len(targets)} targets: pass one target per "
-            "context, at least one."
-        )
+    contexts, targets = _pairs(contexts, targets)
     pick = list(range(len(contexts))) if choose_on is None else _picked(choose_on, len(contexts))
     if not pick:
         raise ValueError("choose_on is empty: give the contexts the cell is chosen on.")
