@@ -701,6 +701,10 @@ def test_a_tuned_lens_names_itself_apart_and_checks_widths(tiny) -> None:
     assert lens.describe().startswith("tuned (") and lens.digest()[:12] in lens.describe()
     again = mp.TunedLens(lens.weights, lens.biases, lens.layers, n_layers=lens.n_layers)
     assert again.digest() == lens.digest()
+    text = ["The cat sat on the mat. " * 40]
+    trained = mp.train_tuned_lens(tiny, text, sites="resid_post", n_tokens=64, seq_len=32,
+                                  tokens_per_step=32, progress=False)  # fmt: skip
+    assert trained.digest() != mp.TunedLens.identity(tiny, ["resid_post"]).digest()
     with pytest.raises(TypeError, match=r"TunedLens\.load takes a path"):
         mp.TunedLens.load(123)  # type: ignore[arg-type]
     with pytest.raises(

@@ -444,9 +444,15 @@ def train_tuned_lens(
         finally:
             for p in norm_params:
                 p.requires_grad_(True)
-        for kind in lens.weights:
-            lens.weights[kind] = params[f"{kind}.weight"].detach().cpu()
-            lens.biases[kind] = params[f"{kind}.bias"].detach().cpu()
+        # A new lens, not the identity's edited in place: a lens's digest is taken once.
+        lens = TunedLens(
+            {kind: params[f"{kind}.weight"].detach().cpu() for kind in lens.weights},
+            {kind: params[f"{kind}.bias"].detach().cpu() for kind in lens.weights},
+            lens.layers,
+            n_layers=lens.n_layers,
+            model_name=lens.model_name,
+            unembed_digest=lens.unembed_digest,
+        )
     info = dict(config)
     info.update(
         steps=steps,

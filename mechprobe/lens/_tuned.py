@@ -151,6 +151,7 @@ class TunedLens(Lens):
         self.info = dict(info or {})
         self.unembed_digest = unembed_digest
         self._index = {(k, layer): i for k, ls in self.layers.items() for i, layer in enumerate(ls)}
+        self._digest: str | None = None
 
     @property
     def d_model(self) -> int:
@@ -270,7 +271,8 @@ class TunedLens(Lens):
 
     def digest(self) -> str:
         """SHA-256 of the translators (kinds, layers, weights, biases): two lenses of the same
-        places differ here, so a result's ``lens`` names the one that decoded it.
+        places differ here, so a result's ``lens`` names the one that decoded it. Taken once, at
+        the first call: build a new lens rather than editing one's translators in place.
 
         Example:
             >>> import mechprobe as mp
@@ -278,12 +280,14 @@ class TunedLens(Lens):
             >>> lens.digest() == mp.TunedLens.identity(mp.tiny_model(seed=1)).digest()
             True
         """
-        sha = hashlib.sha256()
-        for kind in sorted(self.weights):
-            sha.update(f"{kind}:{self.layers[kind]}".encode())
-            for tensor in (self.weights[kind], self.biases[kind]):
-                sha.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
-        return sha.hexdigest()
+        if self._digest is None:  # once: describe() is called for every decoded entry
+            sha = hashlib.sha256()
+            for kind in sorted(self.weights):
+                sha.update(f"{kind}:{self.layers[kind]}".encode())
+                for tensor in (self.weights[kind], self.biases[kind]):
+                    sha.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+            self._digest = sha.hexdigest()
+        return self._digest
 
     # -- files ---------------------------------------------------------------------------
 
