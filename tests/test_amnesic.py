@@ -10,11 +10,13 @@ import pytest
 import torch
 from conftest import ERASE_RESULT_KEYS, hook_count
 from matplotlib.figure import Figure
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 import mechprobe as mp
+from mechprobe.cli._arguments import flag_names
 from mechprobe.erasure._amnesic import amnesic, control_projections
 from mechprobe.erasure._information import _last_token
 from mechprobe.erasure._metrics import Condition
@@ -409,6 +411,23 @@ def test_mlp_probe_and_word_level_data(tiny: Any) -> None:
         amnesic(tiny, "blocks.0.hook_resid_post", projection, probe=data, positions=-1, mlp=False)
     with pytest.raises(ValueError, match="below the erased layer"):
         amnesic(tiny, mp.Site("resid_post", 1), projection, probe=data, probe_layers=[0])
+
+
+def test_unconverged_probes_are_reported_in_amnesics_terms(tiny: Any) -> None:
+    # probe_layers advised "increase max_iter", which amnesic sets itself and does not take (the
+    # CLI printed "increase --max-iter", a flag `erase` lacks): say what it means and what to do.
+    data = mp.country_dataset(n_countries=6, shots=(0, 1, 3))
+    projection = mp.random_projection(64, 4, seed=0)
+    with pytest.warns(ConvergenceWarning) as record:
+        amnesic(tiny, mp.Site("resid_post", 1), projection, probe=data, positions=-1, n_random=1)
+    messages = [str(w.message) for w in record if issubclass(w.category, ConvergenceWarning)]
+    assert messages == [
+        f"amnesic: the MLP probe on the {condition} activations had not converged after 200 "
+        "epochs; its accuracy may be an underestimate (mlp=False skips the MLP probe)."
+        for condition in ("original", "erased")
+    ]
+    assert all(w.filename == __file__ for w in record)  # points at the caller
+    assert flag_names(messages[0]).endswith("(--no-mlp skips the MLP probe).")
 
 
 @pytest.mark.integration

@@ -309,6 +309,7 @@ _FLAGS = {
     "contrast_task": "--contrast-task",
     "max_examples": "--max-examples",
     "max_iter": "--max-iter",
+    "mlp=False": "--no-mlp",
     "n_folds": "--folds",
     "n_items": "--n-items",
     "n_noise": "--n-noise",

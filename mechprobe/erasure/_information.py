@@ -8,12 +8,14 @@ stratified split and scored on its held-out part (:func:`mechprobe.probe_layers`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 
 from mechprobe.core import (
     Capture,
@@ -160,15 +162,19 @@ def information_measures(
             # with float rounding of the activations (batch_size 32 vs 1: 0.67 vs 0.78, tiny
             # model, 36 prompts; scikit-learn's optimum 0.78); the extra iterations are few. After
             # INLP's 380 of 576 directions (SmolLM2, 60 rows) float32 fits took just over 200.
-            fit = probe_layers(
-                x,
-                labels,
-                mlp=kind == "mlp",
-                tol=1e-6 if kind == "linear" else 1e-4,  # the MLP probe's own default
-                max_iter=1000 if kind == "linear" else 200,
-                progress=False,
-                **split,
-            )
+            max_iter = 1000 if kind == "linear" else 200
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fit = probe_layers(
+                    x,
+                    labels,
+                    mlp=kind == "mlp",
+                    tol=1e-6 if kind == "linear" else 1e-4,  # the MLP probe's own default
+                    max_iter=max_iter,
+                    progress=False,
+                    **split,
+                )
+            _pass_on(caught, kind, c.name, max_iter)
             majority = fit.majority_baseline
             for site, acc in zip(sites, fit.accuracy.tolist(), strict=True):
                 measures.append(
@@ -177,3 +183,29 @@ def information_measures(
                     )
                 )
     return Information(measures, majority, len(labels))
+
+
+def _pass_on(
+    caught: list[warnings.WarningMessage], kind: str, condition: str, max_iter: int
+) -> None:
+    """Warn again what ``probe_layers`` warned, its convergence warnings in amnesic's terms.
+
+    ``probe_layers`` advises raising its ``max_iter``, which amnesic sets itself and does not
+    take: the user can only know the accuracy may be low, and skip the MLP probe.
+    """
+    unconverged = False
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            unconverged = True
+        else:
+            warnings.warn(w.message, w.category, stacklevel=4)
+    if unconverged:
+        skip = " (mlp=False skips the MLP probe)" if kind == "mlp" else ""
+        steps = "epochs" if kind == "mlp" else "iterations"
+        warnings.warn(
+            f"amnesic: the {'MLP' if kind == 'mlp' else kind} probe on the {condition} activations "
+            f"had not converged after "
+            f"{max_iter} {steps}; its accuracy may be an underestimate{skip}.",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
