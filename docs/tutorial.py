@@ -101,7 +101,8 @@ dla.plot()
 # %% [markdown]
 # Which earlier heads feed those writers? Edge attribution estimates every path from each head
 # to the final residual and to the inputs of the two heads DLA ranks first, from one forward and
-# backward pass (`method="exact"` patches each path instead, a forward pass per path).
+# backward pass (`method="exact"` patches each path instead: many paths per packed forward pass, but far
+# more passes than the estimate's one).
 
 # %%
 top_heads = dla.summary(top=20)
