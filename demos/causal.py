@@ -373,7 +373,8 @@ def head_kinds(model: Any, n_prompts: int = 20, k: int = 5) -> dict[str, Any]:
         "prompts": n_prompts,
         "seq_len": n,
         "seconds": round(seconds, 2),
-        "chance": dict(zip(scores.kinds, np.round(scores.chance, 4).tolist(), strict=True)),
+        # SmolLM2 has no sliding-window layer: every layer's chance is the same.
+        "chance": dict(zip(scores.kinds, np.round(scores.chance[:, 0], 4).tolist(), strict=True)),
         "top": {
             kind: [
                 {"layer": layer, "head": head, "score": round(score, 3)}

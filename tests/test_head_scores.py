@@ -44,6 +44,7 @@ def test_repeated_random_tokens_give_the_usual_diagonal_scores(tiny) -> None:
     assert res.counts.tolist() == [[2 * n - 1] * 3, [n] * 3, [n] * 3]
     # even attention over q + 1 keys puts 1 / (q + 1) on the one target
     np.testing.assert_allclose(res.chance[2], np.mean(1 / (np.arange(n + 1, 2 * n + 1) + 1)))
+    assert res.chance.shape == (3, 3)  # [kinds, layers]: every layer of the tiny Llama alike
     again = mp.head_scores(tiny, seq_len=n, n_prompts=3, progress=False, seed=4)
     assert again.prompts == res.prompts and np.array_equal(again.scores, res.scores)
     other = mp.head_scores(tiny, seq_len=n, n_prompts=3, progress=False, seed=5)
@@ -89,6 +90,29 @@ def test_a_rule_of_ones_own_and_the_layers_chosen(tiny) -> None:
     )
     assert own.kinds == ("mine",) and own.layers == (2, 0)
     np.testing.assert_allclose(own.scores[0], built_in.scores[0][[2, 0]], atol=1e-12)
+
+
+def test_chance_counts_only_the_keys_a_sliding_window_layer_sees() -> None:
+    # Gemma 2 alternates sliding (window 64 in the tiny model) and full layers. chance was one
+    # number per kind, even attention over every earlier key: near-uniform heads of a sliding
+    # layer read 1.6x above it, and duplicate heads 0 against a chance above 0.
+    gemma = mp.tiny_model(architecture="gemma2")
+    n, window = 70, 64  # duplicate and induction targets 70 and 69 back: outside the window
+    res = mp.head_scores(gemma, seq_len=n, n_prompts=2, progress=False)
+    q = np.arange(2, 2 * n + 1)  # previous-token queries (query 1's previous token is BOS)
+    second = np.arange(n + 1, 2 * n + 1)  # queries with a duplicate and an induction target
+    full = [np.mean(1 / (q + 1)), np.mean(1 / (second + 1)), np.mean(1 / (second + 1))]
+    sliding = [np.mean(1 / np.minimum(q + 1, window)), 0.0, 0.0]
+    np.testing.assert_allclose(res.chance, np.array([sliding, full, sliding]).T, atol=1e-12)
+    assert (res.scores[1:, [0, 2]] == 0).all()  # the model cannot see those targets either
+    frame = res.to_frame()
+    assert (frame.groupby(["kind", "layer"])["chance"].nunique() == 1).all()
+    np.testing.assert_allclose(
+        frame.query("kind == 'previous_token'").groupby("layer")["chance"].first(), res.chance[0]
+    )
+    low, high = f"{full[0]:.2g}", f"{sliding[0]:.2g}"
+    assert low != high and res.plot().axes[0].get_title().endswith(f"(chance {low}-{high})")
+    assert res.plot(kind="induction").axes[0].get_title().endswith(f"(chance 0-{full[2]:.2g})")
 
 
 @pytest.mark.parametrize(
@@ -163,7 +187,7 @@ def test_smollm2_has_induction_heads_where_detect_head_finds_them(smollm2) -> No
     res = mp.head_scores(smollm2, progress=False)
     layer, head, score = res.top("induction", 1)[0]
     # measured: L18H6 0.89, then layer 17's heads 3 and 4 (0.76); chance 0.014
-    assert (layer, head) == (18, 6) and score > 0.8 and res.chance[2] < 0.02
+    assert (layer, head) == (18, 6) and score > 0.8 and (res.chance[2] < 0.02).all()
     assert res.top("previous_token", 1)[0][2] > 0.8
     text = "The cat sat on the mat. The cat sat on the mat."
     ours = mp.head_scores(smollm2, text, kinds=["induction"], progress=False)

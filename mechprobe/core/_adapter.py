@@ -249,6 +249,20 @@ class ModelAdapter:
             return None
         return int(window)
 
+    def attention_window(self, layer: int) -> int | None:
+        """How many keys up to and including its own a query of ``layer`` sees (a key ``k`` is
+        visible from query ``q`` where ``q - k < window``), or None where the layer attends to
+        the whole prefix: Gemma 2 alternates sliding and full layers, Mistral slides in all."""
+        window = self.sliding_window
+        if window is None:
+            return None
+        if self.kind == "hooked":
+            types = getattr(self.model.cfg, "attn_types", None) or ()
+            return window if types and types[layer] == "local" else None
+        config = self.model.original_model.config
+        types = getattr(config, "layer_types", None)
+        return window if types is None or types[layer] == "sliding_attention" else None
+
     def forward(
         self,
         tokens: Tensor,

@@ -9,8 +9,8 @@ A kind of head is defined by the keys it should attend to from each query (its *
 
 A head's score is the attention it pays to the targets, averaged over the queries that have any
 (each real query with targets counts once, over every prompt): 1 for a head that looks nowhere
-else, and for a head that spreads its attention evenly over the causal keys, the ``chance``
-recorded beside it. Targets are always strictly earlier keys, and never a BOS token the model
+else, and for a head that spreads its attention evenly over the keys it can see (the causal
+keys, within the window on a sliding-window layer), the ``chance`` recorded beside it. Targets are always strictly earlier keys, and never a BOS token the model
 prepends: many heads park their attention there (a sink), which says nothing about the kind.
 
 Without prompts, the scores are read on Olsson et al.'s repeated random tokens: ``BOS`` then
@@ -93,7 +93,7 @@ KINDS: dict[str, TargetRule] = {
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=1):
+class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2):
     """Each head's share of attention on each kind's targets (module docstring).
 
     Attributes:
@@ -105,8 +105,9 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=1):
         per_prompt: ``[kinds, prompts, layers, heads]`` the same per prompt (NaN where a prompt
             has no query with targets).
         counts: ``[kinds, prompts]`` the queries with targets in each prompt.
-        chance: ``[kinds]`` the score of a head that attends evenly to every real key up to the
-            query (BOS and the query included), over the same queries.
+        chance: ``[kinds, layers]`` the score of a head that attends evenly to every real key
+            it can see (up to the query, BOS and the query included; on a sliding-window layer
+            only the last ``window`` of them), over the same queries.
         prompts: The prompts (the random token sequences decoded, when none were given).
         tokens: Per prompt, ``[n]`` the token ids scored (BOS included where prepended).
         source: ``"repeated random tokens"`` or ``"prompts"``.
@@ -160,7 +161,7 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=1):
 
     def to_frame(self) -> pd.DataFrame:
         """One row per kind, layer and head: the score, its spread over prompts, the queries
-        it averages and the kind's chance level.
+        it averages and the chance level of the kind at the head's layer.
 
         Example:
             >>> import mechprobe as mp
@@ -182,12 +183,12 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=1):
                 "score": self.scores.reshape(-1),
                 "std": np.asarray(std).reshape(-1),
                 "queries": self.counts.sum(1)[k.reshape(-1)],
-                "chance": self.chance[k.reshape(-1)],
+                "chance": self.chance[k.reshape(-1), li.reshape(-1)],
             }
         )
 
     def summary(self, top: int = 5) -> pd.DataFrame:
-        """The ``top`` heads of each kind by score, with the kind's chance level.
+        """The ``top`` heads of each kind by score, with the chance level at their layer.
 
         Example:
             >>> import mechprobe as mp
@@ -197,7 +198,13 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=1):
         """
         check_int(top, "top", 0)
         rows = [
-            {"kind": kind, "layer": layer, "head": head, "score": score, "chance": self.chance[i]}
+            {
+                "kind": kind,
+                "layer": layer,
+                "head": head,
+                "score": score,
+                "chance": self.chance[i, self.layers.index(layer)],
+            }
             for i, kind in enumerate(self.kinds)
             for layer, head, score in self.top(kind, top)
         ]
@@ -231,7 +238,9 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=1):
             axis.set_yticks(ticks, labels=[str(self.layers[t]) for t in ticks])
             axis.set_xlabel("head")
             axis.set_ylabel("layer")
-            axis.set_title(f"{name.replace('_', ' ')} (chance {self.chance[i]:.2f})")
+            low, high = float(self.chance[i].min()), float(self.chance[i].max())
+            chance = f"{low:.2g}" if f"{low:.2g}" == f"{high:.2g}" else f"{low:.2g}-{high:.2g}"
+            axis.set_title(f"{name.replace('_', ' ')} (chance {chance})")
             fig.colorbar(image, ax=axis, label="attention on targets")
         return fig
 
@@ -320,7 +329,8 @@ def head_scores(
     names = list(rules)
     sums = np.zeros((len(names), len(batch), len(chosen), n_heads))
     counts = np.zeros((len(names), len(batch)), dtype=np.int64)
-    chance = np.zeros(len(names))
+    chance = np.zeros((len(names), len(chosen)))
+    windows = [model_adapter(model).attention_window(layer) for layer in chosen]
     chunks = list(batch.chunks(batch_size))
     for rows, chunk in progress_bar(chunks, progress=progress, desc="head scores"):
         targets = _targets(chunk, rules, bos)  # [kinds, rows, q, k]
@@ -332,7 +342,9 @@ def head_scores(
             assert total is not None, f"layer {layer}'s pattern hook did not fire"
             sums[:, rows, j] = total.numpy()
         counts[:, rows] = targets.any(-1).sum(-1).numpy()
-        chance += _uniform(targets, chunk.attention_mask).numpy()
+        for window in set(windows):  # one pass per kind of layer (full, sliding)
+            even = _uniform(targets, chunk.attention_mask, window).numpy()
+            chance[:, [w == window for w in windows]] += even[:, None]
     empty = [name for name, n in zip(names, counts.sum(1), strict=True) if n == 0]
     if empty:
         raise ValueError(_no_targets(empty, source, bos is not None))
@@ -351,7 +363,7 @@ def head_scores(
         scores=scores,
         per_prompt=per_prompt,
         counts=counts,
-        chance=chance / counts.sum(1),
+        chance=chance / counts.sum(1)[:, None],
         prompts=texts,
         tokens=ids,
         source=source,
@@ -446,11 +458,18 @@ def _targets(chunk: Batch, rules: Mapping[str, TargetRule], bos: int | None) -> 
     return out
 
 
-def _uniform(targets: Tensor, attention_mask: Tensor) -> Tensor:
-    """``[kinds]`` the summed score of even attention over each query's real keys up to itself."""
+def _uniform(targets: Tensor, attention_mask: Tensor, window: int | None) -> Tensor:
+    """``[kinds]`` the summed score of even attention over each query's real keys up to itself
+    (the last ``window`` of them on a sliding-window layer)."""
     real = attention_mask.bool()
-    keys = real[:, None, :] & torch.ones(real.shape[1], real.shape[1], dtype=torch.bool).tril()
-    share = targets.sum(-1) / keys.sum(-1).clamp(min=1)  # [kinds, rows, q]
+    seq = real.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    if window is not None:
+        causal &= torch.ones(seq, seq, dtype=torch.bool).triu(1 - window)
+        # Padding stands on one side of a row's tokens, so the window's positions are its keys.
+    keys = real[:, None, :] & causal
+    # A target outside the window gets nothing from a head that cannot see it.
+    share = (targets & keys).sum(-1) / keys.sum(-1).clamp(min=1)  # [kinds, rows, q]
     return share.double().sum((1, 2))
 
 
