@@ -106,6 +106,9 @@ def test_patch_takes_one_answer_per_pair(tmp_path):
         # options that did nothing were accepted without a word
         ([*_ERASE, "--method", "leace", "--iterations", "3"], "erase", "with --method leace"),
         ([*_ERASE, "--dataset", "number", "--n-countries", "5"], "erase", "with --dataset number"),
+        # named by the library's arguments, n_countries and seed
+        ([*_ERASE, "--n-countries", "1000"], "erase", "--n-countries must be between 2 and 165"),
+        ([*_ERASE, "--seed", "-1"], "erase", "--seed must be between 0 and"),
         (
             ["relation", "--task", "capitals", "--no-ablation", "--ablation-method", "mean"],
             "relation",

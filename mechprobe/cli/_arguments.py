@@ -312,6 +312,7 @@ _FLAGS = {
     "mlp=False": "--no-mlp",
     "n_folds": "--folds",
     "n_items": "--n-items",
+    "n_countries": "--n-countries",
     "n_noise": "--n-noise",
     "n_prompts": "--n-prompts",
     "n_random": "--n-random",
@@ -324,7 +325,7 @@ _FLAGS = {
     "with_shots": "--shots",
 }
 #: Single words that are flags only where the library names its argument.
-_WORD_FLAGS = ("l2", "window", "sites", "layers")
+_WORD_FLAGS = ("l2", "window", "sites", "layers", "seed")
 
 
 def flag_names(message: str) -> str:
