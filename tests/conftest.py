@@ -65,14 +65,17 @@ def tiny_of(name: str, seed: int = 0) -> Any:
     """The tiny model `name` of TINY_MODELS with weights of `seed` (a new one on every call)."""
     spec = TINY_MODELS[name]
     model = mp.tiny_model(seed=seed, **spec)
-    if spec["kind"] == "hooked":  # a HookedTransformer keeps no Hugging Face model: rebuild it
-        arch = spec.get("architecture", "llama")
-        _HF_TWINS[id(model)] = _models._tiny_hf(seed, 3, 64, arch)[0]
+    # The Hugging Face model of the same weights, built apart: a HookedTransformer keeps none, and
+    # a bridge's own (original_model) runs the bridge's attention modules, so it would check the
+    # bridge's attention against itself.
+    arch = spec.get("architecture", "llama")
+    _HF_TWINS[id(model)] = _models._tiny_hf(seed, 3, 64, arch)[0]
     return model
 
 
 def hf_of(model: Any) -> Any:
-    """The Hugging Face model holding the same weights as a tiny model (or any bridge)."""
+    """The Hugging Face model holding the same weights as a tiny model, built apart from it (for
+    any other bridge, its own original_model)."""
     twin = _HF_TWINS.get(id(model))
     return twin if twin is not None else model.original_model
 

@@ -104,28 +104,35 @@ def _by_hand(hf, ids: list[int], answer: int, wrong: int) -> dict[str, float]:
 @pytest.mark.parametrize("heads", [False, True])
 def test_attributions_equal_the_hugging_face_models_own_writes_decoded_by_hand(tiny, arch, heads):
     model = _twin(tiny, arch)
-    hf = hf_of(model)
-    if arch == "gpt2":  # GPT-2's attention has an output bias; its tiny model's are zeros
-        with torch.no_grad():
-            for layer in range(model.cfg.n_layers):
-                bias = torch.randn(
-                    model.cfg.d_model, generator=torch.Generator().manual_seed(layer)
-                )
-                hf.transformer.h[layer].attn.c_proj.bias.copy_(bias)
-                model.blocks[layer].attn.b_O.copy_(bias)  # a HookedTransformer holds a copy
+    hooked = mp.core.model_adapter(model).kind == "hooked"
+    # The reference is built apart from the model: every change below goes into both (a bridge
+    # keeps its weights in its own Hugging Face model, a HookedTransformer in copies).
+    copies = [hf_of(model)] + ([] if hooked else [model.original_model])
+    generator = torch.Generator().manual_seed(7)
     # The tiny models' final norms have unit weights and zero biases: random ones make leaving
     # the weight out (as TransformerLens 4.3's logit_attrs does on a bridge) fail here.
-    final = _hf_parts(hf)[4]
+    weight = 1 + 0.5 * torch.randn(model.cfg.d_model, generator=generator)
+    norm_bias = 0.3 * torch.randn(model.cfg.d_model, generator=generator)
     with torch.no_grad():
-        generator = torch.Generator().manual_seed(7)
-        weight = 1 + 0.5 * torch.randn(model.cfg.d_model, generator=generator)
-        final.weight.copy_(weight)
-        if getattr(final, "bias", None) is not None:
-            final.bias.copy_(0.3 * torch.randn(model.cfg.d_model, generator=generator))
-        if mp.core.model_adapter(model).kind == "hooked":  # its own copies of the norm
-            model.ln_final.w.copy_(final.weight)
+        for hf in copies:
+            final = _hf_parts(hf)[4]
+            final.weight.copy_(weight)
             if getattr(final, "bias", None) is not None:
-                model.ln_final.b.copy_(final.bias)
+                final.bias.copy_(norm_bias)
+            if arch == "gpt2":  # GPT-2's attention has an output bias; its tiny model's are zeros
+                for layer in range(model.cfg.n_layers):
+                    bias = torch.randn(
+                        model.cfg.d_model, generator=torch.Generator().manual_seed(layer)
+                    )
+                    hf.transformer.h[layer].attn.c_proj.bias.copy_(bias)
+        if hooked:
+            model.ln_final.w.copy_(weight)
+            if arch == "gpt2":
+                model.ln_final.b.copy_(norm_bias)
+                for layer in range(model.cfg.n_layers):
+                    model.blocks[layer].attn.b_O.copy_(
+                        copies[0].transformer.h[layer].attn.c_proj.bias
+                    )
     res = mp.direct_logit_attribution(
         model, PROMPTS, mp.logit_diff(ANSWER, WRONG), heads=heads, batch_size=2, progress=False
     )
