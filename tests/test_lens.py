@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -286,6 +287,47 @@ def test_figures(tiny):
     np.testing.assert_allclose(traj.axes[1].lines[0].get_ydata(), result.target_rank[1, :, 0] + 1)
     with pytest.raises(ValueError, match="no target"):
         result.plot(color="rank", target=" zz")
+
+
+def test_default_figures_show_every_prompt_and_the_top_of_the_rank_axis(tiny):
+    # positions=-1 (the default) drew prompt 0's one column in a 2.25-inch strip, title and
+    # colour bar clipped; the trajectory drew prompt 0 alone, its rank axis stopping short of 1.
+    prompts = [*PROMPTS[:2], "abc"]
+    result = mp.logit_lens(tiny, prompts, targets=[[" a", " b"]] * 3, progress=False)
+    fig = result.plot()
+    image = fig.axes[0].images[0].get_array()
+    assert image.shape == (3, 3)  # layers x prompts, each at its decoded (last) token
+    for b in range(3):
+        c = int(np.nonzero(result.positions[b] >= 0)[0][0])
+        np.testing.assert_allclose(image[:, b], result.top_probs[b, :, c, 0])
+    assert fig.get_size_inches()[0] >= 5.0 and fig.axes[0].get_title() == "Logit lens, 3 prompts"
+    ticks = [tick.get_text() for tick in fig.axes[0].get_xticklabels()]
+    assert [tick.split(":")[0] for tick in ticks] == ["0", "1", "2"]
+    assert result.plot_heatmap(2).axes[0].images[0].get_array().shape == (3, 1)
+    ranks = result.plot_heatmap(color="rank", target=" b").axes[0].images[0].get_array()
+    np.testing.assert_allclose(ranks[:, 2], result.position_rank[2, :, 0, 1] + 1)
+    traj = result.plot_trajectory()
+    assert len(traj.axes) == 3
+    top, bottom = traj.axes[0].get_ylim()[::-1]
+    assert top < 1 and bottom > result.target_rank.max() + 1  # top-1 always on the axis
+    every = mp.logit_lens(tiny, PROMPTS[:2], positions="all", progress=False)
+    assert every.plot().axes[0].get_title().startswith("Logit lens, prompt 0 of 2: ")
+    # summary(): its top-1 columns are prompt 0's (the rest are means over prompts): say so
+    summary = result.summary()
+    assert "top1 (prompt 0)" in summary and "top1" not in summary
+    assert "top1" in mp.logit_lens(tiny, "Hi", progress=False).summary()
+
+
+def test_summary_shows_whitespace_tokens(tiny):
+    # A top-1 " " or "\n" printed as a blank cell in the summary (the heatmap showed "␣").
+    result = mp.logit_lens(tiny, "Hi", progress=False)
+    space, newline = tiny.tokenizer(" \n", add_special_tokens=False)["input_ids"]
+    assert tiny.tokenizer.decode([space, newline]) == " \n"
+    top = result.top_ids.copy()
+    top[0, 0, :, 0], top[0, 1, :, 0] = space, newline
+    texts = {**result.token_text, space: " ", newline: "\n"}
+    summary = dataclasses.replace(result, top_ids=top, token_text=texts).summary()
+    assert summary["top1"].tolist()[:2] == ["␣", "\\n"]
 
 
 def test_cli_end_to_end_on_tiny(tmp_path, capsys):

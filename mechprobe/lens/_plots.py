@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from mechprobe.core import figure_of, new_axes
 
@@ -51,7 +52,7 @@ def _target_index(result: LensResult, b: int, target: int | str) -> int:
 
 def heatmap(
     result: LensResult,
-    prompt: int = 0,
+    prompt: int | None = None,
     *,
     site: str | None = None,
     color: str = "prob",
@@ -63,17 +64,20 @@ def heatmap(
     """The classic logit-lens picture: layers (rows) x prompt positions (columns).
 
     Each cell is annotated with the lens's top-1 token, the prediction for the *next* token; the x
-    axis shows the input token at each position.
+    axis shows the input token at each position. Where every prompt was decoded at one position
+    (``positions=-1``, the default of :func:`mechprobe.logit_lens`) and no ``prompt`` is named,
+    the columns are the prompts instead, each at its decoded token.
 
     Args:
         result: A logit-lens result.
-        prompt: Which prompt to draw.
+        prompt: Which prompt to draw (None: every prompt where each has one decoded position,
+            else prompt 0).
         site: Which site kind (default: the first decoded).
         color: ``"prob"`` (top-1 probability) or ``"rank"`` (rank of ``target``'s first token,
             log colour scale, 0 = top-1).
         target: Target index or string for ``color="rank"``.
         label_width: Characters of each annotation before it is cut.
-        last: Draw only the last ``last`` decoded positions (the figure widens with each one).
+        last: Draw only the last ``last`` columns (the figure widens with each one).
         ax: Draw into these axes (default: a new figure).
 
     Example:
@@ -82,36 +86,46 @@ def heatmap(
         >>> len(fig.axes)  # the heatmap and its colour bar
         2
     """
-    b = result.check_prompt(prompt)
+    decoded = [np.nonzero(result.positions[b] >= 0)[0] for b in range(len(result.prompts))]
+    across = prompt is None and len(decoded) > 1 and all(len(c) == 1 for c in decoded)
+    if across:  # (prompt, column) of each drawn column
+        cells = [(b, int(c[0])) for b, c in enumerate(decoded)]
+    else:
+        b = result.check_prompt(0 if prompt is None else prompt)
+        cells = [(b, int(c)) for c in decoded[b]]
+    n_cells = len(cells)
+    if last is not None:
+        cells = cells[-last:]
+    unit = "prompts" if across else "positions"
+    shown = f" (last {len(cells)} of {n_cells} {unit})" if len(cells) < n_cells else ""
     entries = np.asarray(result.entries(site))
     kind = result.sites[entries[0]]
-    cols = np.nonzero(result.positions[b] >= 0)[0]
-    shown = (
-        f" (last {last} of {len(cols)} positions)" if last is not None and len(cols) > last else ""
-    )
-    if last is not None:
-        cols = cols[-last:]
-    pos = result.positions[b, cols]
     layers = [result.layers[e] for e in entries]
-    top1 = result.top_ids[b][np.ix_(entries, cols)][..., 0]
+    top1 = np.stack([result.top_ids[b][entries, c, 0] for b, c in cells], axis=1)
     if color == "prob":
-        values = result.top_probs[b][np.ix_(entries, cols)][..., 0]
+        values = np.stack([result.top_probs[b][entries, c, 0] for b, c in cells], axis=1)
         options: dict[str, object] = {"cmap": "viridis", "vmin": 0.0, "vmax": 1.0}
         bar = "top-1 probability"
     elif color == "rank":
-        t = _target_index(result, b, target)
-        values = result.position_rank[b][np.ix_(entries, cols)][..., t] + 1.0
+        slots = {b: _target_index(result, b, target) for b, _ in cells}
+        values = np.stack(
+            [result.position_rank[b][entries, c, slots[b]] + 1.0 for b, c in cells], axis=1
+        )
         options = {"cmap": "viridis_r", "norm": LogNorm(vmin=1.0, vmax=max(10.0, values.max()))}
-        bar = f"rank of {result.targets[b][t]!r} (first token) + 1"
+        names = {result.targets[b][slots[b]] for b, _ in cells}
+        what = repr(names.pop()) if len(names) == 1 else f"target {target}"
+        bar = f"rank of {what} (first token) + 1"
     else:
         raise ValueError(f"color must be 'prob' or 'rank', got {color!r}.")
-    fig, ax = new_axes(ax, (1.5 + 0.75 * len(cols), 1.4 + 0.26 * len(layers)))
+    # At least 5 inches: one column (positions=-1) left no room for the title and colour bar.
+    width = max(5.0, 1.5 + 0.75 * len(cells))
+    fig, ax = new_axes(ax, (width, 1.4 + 0.26 * len(layers)))
     image = ax.imshow(values, aspect="auto", origin="lower", interpolation="nearest", **options)  # type: ignore[arg-type]
     fig.colorbar(image, ax=ax, label=bar, fraction=0.04, pad=0.01)
     shade = np.asarray(image.norm(values), dtype=float)
     light = shade < 0.5 if color == "prob" else shade > 0.5
     for i in range(len(layers)):
-        for j in range(len(cols)):
+        for j in range(len(cells)):
             ax.text(
                 j,
                 i,
@@ -121,21 +135,33 @@ def heatmap(
                 fontsize=6.5,
                 color="white" if light[i, j] else "black",
             )
-    tokens = result.prompt_tokens[b]
-    ax.set_xticks(range(len(cols)), [_label(tokens[p], 12) for p in pos], rotation=60, ha="right")
+    ticks = [_label(result.prompt_tokens[b][result.positions[b, c]], 12) for b, c in cells]
+    if across:
+        ticks = [f"{b}: {tick}" for (b, _), tick in zip(cells, ticks, strict=True)]
+    ax.set_xticks(range(len(cells)), ticks, rotation=60, ha="right")
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     ax.tick_params(axis="y", labelsize=7)
-    ax.set_xlabel("input token (position); cells: the lens's top-1 next token")
+    what = "prompt: its decoded token" if across else "input token (position)"
+    ax.set_xlabel(f"{what}; cells: the lens's top-1 next token")
     ax.set_ylabel(f"layer ({kind})")
     name = "Logit lens" if result.lens == "logit" else result.lens.split(" ")[0].capitalize()
-    prompt_text = _label(result.prompts[b], 70, tail=True)
-    ax.set_title(f"{name}, prompt {b}{shown}: {prompt_text}", fontsize=9)
+    if across:
+        ax.set_title(f"{name}, {len(result.prompts)} prompts{shown}", fontsize=9)
+    else:
+        b = cells[0][0]
+        of = f" of {len(result.prompts)}" if len(result.prompts) > 1 else ""
+        prompt_text = _label(result.prompts[b], min(70, int(8 * width)), tail=True)
+        ax.set_title(f"{name}, prompt {b}{of}{shown}: {prompt_text}", fontsize=9)
     return fig
+
+
+#: Panels :func:`trajectory` draws when no prompt is named.
+_PANELS = 6
 
 
 def trajectory(
     result: LensResult,
-    prompt: int | Sequence[int] = 0,
+    prompt: int | Sequence[int] | None = None,
     *,
     site: str | None = None,
     metric: str = "rank",
@@ -148,7 +174,8 @@ def trajectory(
 
     Args:
         result: A logit-lens result with targets.
-        prompt: A prompt index or several (one panel each).
+        prompt: A prompt index or several (one panel each; default: every prompt, the first
+            six of more).
         site: Which site kind (default: the first decoded).
         metric: ``"rank"`` (first token, log scale, top-1 at the top), ``"prob"`` (first token) or
             ``"logprob"`` (whole target, teacher-forced).
@@ -161,7 +188,10 @@ def trajectory(
         >>> [line.get_label() for line in lens.plot_trajectory().axes[0].lines]
         ["' a' (2 tokens)", "' b' (2 tokens)"]
     """
-    prompts = [prompt] if isinstance(prompt, (int, np.integer)) else list(prompt)
+    if prompt is None:  # into given axes: the first prompt
+        prompts: list[int] = list(range(1 if ax is not None else min(len(result.prompts), _PANELS)))
+    else:
+        prompts = [prompt] if isinstance(prompt, (int, np.integer)) else list(prompt)
     indices = [result.check_prompt(p) for p in prompts]
     if titles is not None and len(titles) != len(indices):
         raise ValueError(f"Got {len(titles)} titles for {len(indices)} prompts: pass one each.")
@@ -177,6 +207,11 @@ def trajectory(
     else:
         fig = Figure(figsize=(1.0 + 4.2 * len(indices), 3.6), layout="constrained")
         axes = list(fig.subplots(1, len(indices), sharey=True, squeeze=False)[0])
+        if prompt is None and len(result.prompts) > len(indices):
+            fig.suptitle(
+                f"prompts 0-{len(indices) - 1} of {len(result.prompts)} (prompt= draws others)",
+                fontsize=9,
+            )
     for i, (ax, b) in enumerate(zip(axes, indices, strict=True)):
         if not result.targets[b]:
             raise ValueError(f"Prompt {b} has no targets: run logit_lens with targets=.")
@@ -193,11 +228,15 @@ def trajectory(
         title = titles[i] if titles is not None else _label(result.prompts[b], 48, tail=True)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(f"layer ({kind}, last prompt token)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if metric == "rank":
         axes[0].set_yscale("log")
-        axes[0].invert_yaxis()
+        # The axis always reaches 1 (top-1): autoscaled to the data, a line that ended at rank 14
+        # touched the top edge and read as top-1.
+        lines = [line.get_ydata() for a in axes for line in a.lines]
+        axes[0].set_ylim(max(10.0, *(float(np.nanmax(y)) for y in lines)) * 1.5, 0.8)
         axes[0].set_ylabel("rank + 1 of the first token (1 = top-1)")
     elif metric == "prob":
         axes[0].set_ylabel("probability of the first token")

@@ -190,8 +190,9 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
     def summary(self) -> pd.DataFrame:
         """One row per decoded entry (site, layer), over every prompt's last decoded position (its
         last token where that was decoded): the mean KL to the final distribution and entropy
-        (nats), prompt 0's top-1 token and its probability, and the mean rank across prompts of
-        each target's first token. A target column is named by the target (``rank ' a'``) where
+        (nats), prompt 0's top-1 token (whitespace shown as ``␣`` and ``\\n``) and its probability
+        (columns named ``(prompt 0)`` where there are several prompts), and the mean rank across
+        prompts of each target's first token. A target column is named by the target (``rank ' a'``) where
         every prompt has the same targets, else by its slot (``rank target 0``: each prompt's
         first target, whatever it is).
 
@@ -199,8 +200,10 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
             >>> import mechprobe as mp
             >>> lens = mp.logit_lens(mp.tiny_model(), ["Hi", "Hey"], targets=" a")
             >>> list(lens.summary().columns)
-            ['site', 'layer', 'kl_to_final', 'entropy', 'top1', 'top1_prob', "rank ' a'"]
+            ['site', 'layer', 'kl_to_final', 'entropy', 'top1 (prompt 0)', 'top1_prob (prompt 0)', "rank ' a'"]
         """
+        from mechprobe.lens._plots import _label
+
         rows = np.arange(len(self.prompts))
         # The column of each prompt's latest decoded real position (unused slots hold -1 or lie
         # past the prompt): its last token when positions include it.
@@ -216,10 +219,15 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
                 "layer": list(self.layers),
                 "kl_to_final": self.kl_to_final[rows, :, last].mean(0),
                 "entropy": self.entropy[rows, :, last].mean(0),
-                "top1": [self.text(i) for i in self.top_ids[0, :, last[0], 0]],
+                # Whitespace made visible (a bare " " or "\n" printed as a blank cell).
+                "top1": [_label(self.text(i), 40) for i in self.top_ids[0, :, last[0], 0]],
                 "top1_prob": self.top_probs[0, :, last[0], 0],
             }
         )
+        if len(self.prompts) > 1:  # the other columns are means over prompts; these are not
+            frame = frame.rename(
+                columns={"top1": "top1 (prompt 0)", "top1_prob": "top1_prob (prompt 0)"}
+            )
         shared = all(tuple(t) == tuple(self.targets[0]) for t in self.targets)
         for t in range(self.target_rank.shape[2]):
             # At the same decoded position as the other columns (the prompt's last token only
@@ -241,8 +249,8 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         )
 
     def plot(self, ax: Axes | None = None, *, kind: str = "heatmap", **kwargs: Any) -> Figure:
-        """The logit-lens heatmap of prompt 0 (``kind="trajectory"``: its targets' ranks); options
-        as :meth:`plot_heatmap` and :meth:`plot_trajectory`.
+        """The logit-lens heatmap (``kind="trajectory"``: the targets' ranks); options as
+        :meth:`plot_heatmap` and :meth:`plot_trajectory`.
 
         Example:
             >>> import mechprobe as mp
@@ -260,18 +268,21 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         # The heatmap widens with every position: 2.5 MB of HTML for one 397-token prompt.
         return self.plot_heatmap(last=_HTML_POSITIONS)
 
-    def plot_heatmap(self, prompt: int = 0, *, ax: Axes | None = None, **kwargs: Any) -> Figure:
-        """Layers x positions, coloured by top-1 probability or a target's rank, annotated with the
-        top-1 token: see :func:`mechprobe.lens._plots.heatmap` for the options."""
+    def plot_heatmap(
+        self, prompt: int | None = None, *, ax: Axes | None = None, **kwargs: Any
+    ) -> Figure:
+        """Layers x positions (x prompts, where each was decoded at one position), coloured by
+        top-1 probability or a target's rank, annotated with the top-1 token: see
+        :func:`mechprobe.lens._plots.heatmap` for the options."""
         from mechprobe.lens._plots import heatmap
 
         return heatmap(self, prompt, ax=ax, **kwargs)
 
     def plot_trajectory(
-        self, prompt: int | list[int] = 0, *, ax: Axes | None = None, **kwargs: Any
+        self, prompt: int | list[int] | None = None, *, ax: Axes | None = None, **kwargs: Any
     ) -> Figure:
-        """Each target's rank (or probability) across layers at the prompt's last token: see
-        :func:`mechprobe.lens._plots.trajectory`."""
+        """Each target's rank (or probability) across layers at each prompt's last token, a panel
+        per prompt: see :func:`mechprobe.lens._plots.trajectory`."""
         from mechprobe.lens._plots import trajectory
 
         return trajectory(self, prompt, ax=ax, **kwargs)
