@@ -293,3 +293,23 @@ def test_traces_of_split_prompts_join_into_one_run(tiny, tmp_path):
     bare = mp.causal_trace(tiny, prompts[2], subjects[2], **(kwargs | {"n_random": 0}))
     with pytest.raises(ValueError, match="n_random=0, part 0 2"):
         mp.TraceResult.concat([first, bare])
+
+
+def test_the_figure_compares_kinds_on_one_scale_and_shows_harm(tiny):
+    # Each panel had its own scale (a 0.09 MLP cell as dark as a 0.18 residual one), and vmin=0
+    # painted negative effects (restoring hurt) white, as zero.
+    from matplotlib.colors import TwoSlopeNorm
+
+    res = mp.causal_trace(tiny, PROMPT, SUBJECT, n_noise=2, n_random=1, progress=False)
+    grid = res.indirect_effect(0)
+    assert grid.min() < 0 < grid.max()  # this trace has both signs
+    fig = res.plot()
+    images = [axis.images[0] for axis in fig.axes if axis.images]
+    assert len(images) == 3 and len(fig.axes) == 4  # three panels, one colour bar
+    for image, k in zip(images, range(3), strict=True):
+        np.testing.assert_allclose(image.get_array(), grid[k].T)
+        assert isinstance(image.norm, TwoSlopeNorm) and image.norm.vcenter == 0
+        assert (image.norm.vmin, image.norm.vmax) == (pytest.approx(grid.min()), grid.max())
+    own = res.plot(shared=False)
+    assert len(own.axes) == 6
+    assert own.axes[0].images[0].norm.vmax == pytest.approx(grid[0].max())

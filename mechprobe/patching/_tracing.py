@@ -421,10 +421,19 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             f"{float(np.mean(self.clean)):.3g}, corrupted {float(np.mean(self.corrupted)):.3g}"
         )
 
-    def plot(self, ax: Axes | None = None, *, kind: str | None = None) -> Figure:
+    def plot(
+        self, ax: Axes | None = None, *, kind: str | None = None, shared: bool = True
+    ) -> Figure:
         """ROME's heatmaps: indirect effect over layers x token categories (averaged over
         prompts), or layers x tokens for a single prompt; one panel per kind, or ``kind``'s alone
         (the first kind when ``ax`` is given and ``kind`` is not).
+
+        Args:
+            ax: Draw one kind into these axes (default: a new figure).
+            kind: The state kind to draw (default: every kind traced).
+            shared: One colour scale for every panel, so that kinds compare by colour (ROME's
+                figure gives each its own: ``shared=False``). Negative effects (restoring hurt)
+                are drawn in a second colour, not clipped to white.
 
         Example:
             >>> import mechprobe as mp
@@ -433,6 +442,8 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             >>> len(res.plot().axes)
             2
         """
+        from matplotlib.colors import Normalize, TwoSlopeNorm
+
         if kind is not None and kind not in self.kinds:
             raise ValueError(f"kind {kind!r} was not traced; traced: {list(self.kinds)}.")
         kinds = [kind] if kind is not None else list(self.kinds)
@@ -443,8 +454,8 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             from matplotlib.figure import Figure
 
             height = 0.3 * (len(self.tokens[0]) if single else len(CATEGORIES)) + 1.5
-            fig = Figure(figsize=(4.2 * len(kinds), max(3.0, height)), layout="constrained")
-            axes = list(fig.subplots(1, len(kinds), squeeze=False)[0])
+            fig = Figure(figsize=(1.6 + 3.4 * len(kinds), max(3.0, height)), layout="constrained")
+            axes = list(fig.subplots(1, len(kinds), sharey=True, squeeze=False)[0])
         else:
             fig, axes = figure_of(ax), [ax]
         data = self.indirect_effect(0) if single else self.by_category()
@@ -452,16 +463,39 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         if single:
             start, stop = self.subjects[0]
             labels = [f"{t}*" if start <= p < stop else t for p, t in enumerate(labels)]
+        grids = {name: data[self.kinds.index(name)].T for name in kinds}  # [rows, layers]
+
+        def norm(values: np.ndarray) -> Normalize:
+            low, high = float(np.nanmin(values)), float(np.nanmax(values))
+            high = max(high, 1e-12)
+            if low < 0:  # restoring hurt somewhere: a diverging scale centred at 0
+                return TwoSlopeNorm(vcenter=0.0, vmin=low, vmax=high)
+            return Normalize(vmin=0.0, vmax=high)
+
+        common = norm(np.stack(list(grids.values()))) if shared else None
+        # About six layer ticks a panel: 15 two-digit labels ran together in a 4-inch panel.
+        step = max(1, -(-len(self.layers) // 6))
+        ticks = list(range(0, len(self.layers), step))
+        image = None
         for axis, name in zip(axes, kinds, strict=True):
-            grid = data[self.kinds.index(name)].T  # [positions or categories, layers]
-            image = axis.imshow(grid, cmap="Purples", aspect="auto", vmin=0)
+            scale = common if common is not None else norm(grids[name])
+            cmap = "PuOr" if isinstance(scale, TwoSlopeNorm) else "Purples"
+            image = axis.imshow(grids[name], cmap=cmap, norm=scale, aspect="auto")
             axis.set_yticks(range(len(labels)), labels=labels)
-            step = max(1, len(self.layers) // 10)
-            ticks = list(range(0, len(self.layers), step))
             axis.set_xticks(ticks, labels=[str(self.layers[t]) for t in ticks])
             axis.set_xlabel("layer" + (f" (window {self.window})" if self._windowed(name) else ""))
             axis.set_title(f"restoring {name}")
-            fig.colorbar(image, ax=axis, label=f"indirect effect on {self.metric}")
+            if common is None:
+                fig.colorbar(image, ax=axis, label=f"indirect effect on {self.metric}")
+        if common is not None and image is not None:
+            fig.colorbar(image, ax=axes, label=f"indirect effect on {self.metric}")
+        if ax is None:
+            clean, corrupted = float(np.mean(self.clean)), float(np.mean(self.corrupted))
+            fig.suptitle(
+                f"{self.metric}: clean {clean:.3g}, subject noised {corrupted:.3g} "
+                f"({len(self.scores)} prompt(s) x {self.n_noise} noise samples)",
+                fontsize=9,
+            )
         return fig
 
     def _windowed(self, kind: str) -> bool:
