@@ -385,3 +385,18 @@ def test_an_earlier_position_splits_the_prefix_that_ends_there(tiny):
         mp.direct_logit_attribution(tiny, "Hi", metric, positions=[0, 1], progress=False)
     with pytest.raises(ValueError, match="prompt 0"):
         mp.direct_logit_attribution(tiny, "Hi", metric, positions=-40, progress=False)
+
+
+def test_the_bar_figure_names_every_layer(tiny):
+    # Every third of 62 bars had a label: most writes could not be named from the figure.
+    res = mp.direct_logit_attribution(tiny, PROMPTS, mp.logit_diff(ANSWER, WRONG), progress=False)
+    ax = res.plot().axes[0]
+    labels = [tick.get_text() for tick in ax.get_xticklabels()]
+    assert labels == ["embed", *map(str, range(tiny.cfg.n_layers)), "bias"]
+    bars = {(round(p.get_x() + p.get_width() / 2, 3), round(p.get_height(), 6)) for p in ax.patches}
+    want = {
+        (round(float(layer) + {"attn": -0.2, "mlp": 0.2}.get(kind, 0.0), 3), round(float(m), 6))
+        for layer, kind, m in zip(res.layer, res.kinds, res.mean, strict=True)
+    }
+    assert bars == want
+    assert ax.get_ylabel() == "direct effect (logits)"

@@ -223,21 +223,28 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
             image = ax.imshow(matrix, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
             ax.set_xlabel("head")
             ax.set_ylabel("layer")
-            fig.colorbar(image, ax=ax, label="direct effect")
+            ax.set_xticks(range(matrix.shape[1]))
+            fig.colorbar(image, ax=ax, label="direct effect (logits)")
             ax.set_title(f"direct effect of each head on {what}", fontsize="small")
             return fig
-        fig, ax = new_axes(ax, (max(6.0, 0.18 * len(self.components)), 3.5))
+        # x is the layer, attention and MLP side by side: labelling every third of 62 bars left
+        # most of them unnamed.
+        offsets = {"embed": 0.0, "attn": -0.2, "attn_bias": 0.0, "mlp": 0.2, "bias": 0.0}
+        x = np.asarray(self.layer, dtype=float) + [offsets.get(k, 0.0) for k in self.kinds]
+        fig, ax = new_axes(ax, (max(6.0, 0.3 * (self.n_layers + 2)), 3.5))
         colours = {"embed": "grey", "attn": "tab:blue", "mlp": "tab:orange", "bias": "black"}
-        x = np.arange(len(self.components))
         for kind, colour in colours.items():  # one legend entry per kind present
             shown = np.asarray(self.kinds) == kind
             if shown.any():
-                ax.bar(x[shown], self.mean[shown], color=colour, label=kind)
+                ax.bar(x[shown], self.mean[shown], width=0.4, color=colour, label=kind)
         ax.plot(x, np.cumsum(self.mean), color="black", lw=1, label="running sum")
         ax.axhline(0, color="grey", lw=0.5)
-        ticks = x[:: max(1, len(x) // 16)]
-        ax.set_xticks(ticks, [self.components[i] for i in ticks], rotation=60, fontsize="small")
-        ax.set_ylabel("direct effect")
+        step = 1 if self.n_layers <= 40 else 5
+        ticks = [-1, *range(0, self.n_layers, step), self.n_layers]
+        labels = ["embed", *map(str, range(0, self.n_layers, step)), "bias"]
+        ax.set_xticks(ticks, labels, rotation=90 if self.n_layers > 20 else 0, fontsize="small")
+        ax.set_xlabel("layer (attention left, MLP right)")
+        ax.set_ylabel("direct effect (logits)")
         ax.legend(fontsize="small")
         ax.set_title(f"direct effect of each write on {what}", fontsize="small")
         return fig
