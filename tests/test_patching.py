@@ -394,6 +394,29 @@ def test_result_frame_plot_and_json(tiny, tmp_path):
     assert np.isnan(mp.PatchResult.load(tmp_path / "nan.json").normalised).all()
 
 
+def test_figures_and_labels_of_several_kinds_and_pairs(tiny):
+    # Several kinds were one tall stack titled "of mixed"; columns were labelled with pair 0's
+    # tokens while averaging pairs that hold other tokens there.
+    clean, corrupt = ["A cat", "A dog"], ["A bat", "A fog"]
+    res = mp.attribution_patch(tiny, clean, corrupt, ["resid_pre", "mlp_out"], "all", METRIC)
+    bos = mp.core.model_adapter(tiny).token_text(int(tiny.to_tokens("A")[0, 0]))
+    # the tiny tokenizer is char-level: "A cat" is BOS, "A", " ", "c", "a", "t"
+    assert res.position_labels == (bos, "A", " ", "3: c/b…", "4: a…", "5: t…")
+    fig = res.plot()
+    panels = [axis for axis in fig.axes if axis.images]
+    assert [axis.get_title() for axis in panels] == ["resid_pre", "mlp_out"]
+    assert fig.get_suptitle().startswith(
+        "attribution patching (estimated denoising) of resid_pre, mlp_out"
+    )
+    for axis, kind in zip(panels, ["resid_pre", "mlp_out"], strict=True):
+        rows = [i for i, k in enumerate(res.kinds) if k == kind]
+        np.testing.assert_allclose(axis.images[0].get_array(), res.normalised[rows])
+        assert axis.images[0].norm.vmax == panels[0].images[0].norm.vmax  # one scale
+    ablated = mp.ablate_cells(tiny, clean, "mlp_out", [1, -1], METRIC, n_random=0)
+    summary = ablated.summary()
+    assert "normalised" not in summary and str(summary["position"].dtype) == "Int64"
+
+
 @pytest.mark.integration
 def test_smollm2_capitals_batched_equals_one_cell_at_a_time(smollm2):
     clean = "Q: What is the capital of France?\nA:"

@@ -324,7 +324,7 @@ def patch(
         metric_name,
         direction,
         seed,
-        labels=_labels(model, clean_ids[0], corrupt_ids[0], wanted),
+        labels=_labels(model, clean_ids, corrupt_ids, wanted),
     )
 
 
@@ -507,7 +507,7 @@ def ablate_cells(
         metric_name,
         f"{method}-ablation",
         seed,
-        labels=_labels(model, ids[0], ids[0], wanted),
+        labels=_labels(model, ids, ids, wanted),
     )
 
 
@@ -575,11 +575,21 @@ def _means(
     return out
 
 
-def _labels(model: Any, clean: Tensor, corrupt: Tensor, wanted: list[int]) -> tuple[str, ...]:
-    """Each position's token (``clean/corrupt`` where they differ); ids without a tokenizer."""
+def _labels(
+    model: Any, clean: Sequence[Tensor], corrupt: Sequence[Tensor], wanted: list[int]
+) -> tuple[str, ...]:
+    """Each position's token (``clean/corrupt`` where they differ); ids without a tokenizer.
+
+    Where pairs hold different tokens at a position, the label is the position and pair 0's
+    token with an ellipsis (``3: iffel…``): a column averages every pair, and pair 0's token
+    alone read as if every pair had it.
+    """
     adapter = model_adapter(model)
     out = []
     for p in wanted:
-        a, b = adapter.token_text(int(clean[p])), adapter.token_text(int(corrupt[p]))
-        out.append(a if a == b else f"{a}/{b}")
+        seen = []
+        for a, b in zip(clean, corrupt, strict=True):
+            texts = adapter.token_text(int(a[p])), adapter.token_text(int(b[p]))
+            seen.append(texts[0] if texts[0] == texts[1] else "/".join(texts))
+        out.append(seen[0] if len(set(seen)) == 1 else f"{p}: {seen[0]}…")
     return tuple(out)

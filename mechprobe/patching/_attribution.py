@@ -275,5 +275,5 @@ def attribution_patch(
         metric_name,
         "attribution-noising" if noising else "attribution",
         seed,
-        labels=_labels(model, clean_ids[0], corrupt_ids[0], wanted),
+        labels=_labels(model, clean_ids, corrupt_ids, wanted),
     )

@@ -121,8 +121,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         kinds, layers, heads: Per row: site kind, layer, head (None except for head sites; a
             key/value head for ``k`` and ``v``).
         positions: The requested positions (negative ones count back from each prompt's last
-            token); ``position_labels`` are pair 0's tokens there (``clean/corrupt`` where they
-            differ).
+            token); ``position_labels`` their tokens (``clean/corrupt`` where they differ; where
+            pairs differ, the position and pair 0's token with an ellipsis, ``3: iffel…``).
         metric: The metric's name.
         direction: ``"denoising"``, ``"noising"``, ``"zero-ablation"``, ``"mean-ablation"``, or
             ``"attribution"`` (first-order estimates of denoising from
@@ -322,7 +322,11 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         picked = largest.head(top).to_dict("records")
         rows += [{"what": what, **{k: r[k] for k in keys}} for r in picked]
         columns = ["what", "site", "position", "token", "value", "normalised", "spread", "random"]
-        return pd.DataFrame(rows).reindex(columns=columns)
+        if self.is_ablation:  # recovery is undefined without a corrupt run: NaN in every row
+            columns.remove("normalised")
+        frame = pd.DataFrame(rows).reindex(columns=columns)
+        # The runs' rows have no position: integers beside <NA>, not floats beside NaN.
+        return frame.astype({"position": "Int64"})
 
     def _describe(self) -> str:
         n_pairs, n_sites, n_pos = self.per_pair.shape
@@ -339,9 +343,10 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
     def plot(self, ax: Axes | None = None, *, normalised: bool = True) -> Figure:
         """Heatmap of the normalised recovery (or the raw metric) over sites x positions.
 
-        Head sites at a single position are drawn as a layer x head grid. Falls back to the
-        metric's change from the edited run (:attr:`effect`) when normalised recovery is undefined
-        (ablations, or equal clean and corrupt metrics).
+        Head sites at a single position are drawn as a layer x head grid; several site kinds as
+        one panel each, side by side on one colour scale (into ``ax``: one heatmap of every
+        row). Falls back to the metric's change from the edited run (:attr:`effect`) when
+        normalised recovery is undefined (ablations, or equal clean and corrupt metrics).
 
         Example:
             >>> import mechprobe as mp
@@ -351,6 +356,38 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         """
         use_norm = normalised and not bool(np.isnan(self.normalised).all())
         data = self.normalised if use_norm else self.effect
+        finite = np.abs(data[np.isfinite(data)])
+        lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        label = "normalised recovery" if use_norm else f"change of {self.metric}"
+        what = self.direction if self.is_ablation else f"{self.direction} patching"
+        if self.direction.startswith("attribution"):
+            estimated = "noising" if self.direction.endswith("noising") else "denoising"
+            what = f"attribution patching (estimated {estimated})"
+        kinds = list(dict.fromkeys(self.kinds))
+        title = f"{what} of {', '.join(kinds)}: {self.metric}"
+        if ax is None and len(kinds) > 1 and len(self.positions) > 1:
+            # One tall stack of every kind's layers (90 rows, no separator) compared nothing
+            # layer by layer: a panel per kind, on one scale.
+            from matplotlib.figure import Figure
+
+            rows = [[i for i, k in enumerate(self.kinds) if k == kind] for kind in kinds]
+            height = max(3.0, 0.25 * max(map(len, rows)) + 1.5)
+            width = max(4.0, 0.3 * len(self.positions) + 1.5)
+            fig = Figure(figsize=(width * len(kinds) + 1.0, height), layout="constrained")
+            axes = list(fig.subplots(1, len(kinds), squeeze=False)[0])
+            for axis, kind, index in zip(axes, kinds, rows, strict=True):
+                names = [
+                    str(self.layers[i])
+                    if self.heads[i] is None
+                    else f"L{self.layers[i]}H{self.heads[i]}"
+                    for i in index
+                ]
+                image = self._heatmap(axis, data[index], names, list(self.position_labels), lim)
+                axis.set_title(kind)
+                axis.set_ylabel("layer")
+            fig.colorbar(image, ax=axes, label=label)
+            fig.suptitle(title, fontsize=9)
+            return fig
         ylabels, xlabels = list(self.sites), list(self.position_labels)
         if self.kind in HEAD_KINDS and len(self.positions) == 1:
             layers = sorted(set(self.layers))
@@ -363,22 +400,22 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
                 [str(layer) for layer in layers],
                 list(map(str, range(n_heads))),
             )
-        elif len(set(self.kinds)) == 1 and len(set(self.layers)) == len(self.layers):
+        elif len(kinds) == 1 and len(set(self.layers)) == len(self.layers):
             ylabels = [str(layer) for layer in self.layers]
         size = (max(4.0, 0.35 * len(xlabels) + 2), max(3.0, 0.25 * len(ylabels) + 1.5))
         fig, ax = new_axes(ax, size)
-        finite = np.abs(data[np.isfinite(data)])
-        lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        image = self._heatmap(ax, data, ylabels, xlabels, lim)
+        ax.set_xlabel("head" if len(xlabels) != len(self.positions) else "position")
+        ax.set_ylabel("layer" if ylabels != list(self.sites) else "site")
+        fig.colorbar(image, ax=ax, label=label)
+        ax.set_title(title)
+        return fig
+
+    @staticmethod
+    def _heatmap(
+        ax: Axes, data: np.ndarray, ylabels: list[str], xlabels: list[str], lim: float
+    ) -> Any:
         image = ax.imshow(data, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
         ax.set_xticks(range(len(xlabels)), labels=xlabels, rotation=90)
         ax.set_yticks(range(len(ylabels)), labels=ylabels)
-        ax.set_xlabel("head" if len(xlabels) != len(self.positions) else "position")
-        ax.set_ylabel("layer" if ylabels != list(self.sites) else "site")
-        label = "normalised recovery" if use_norm else f"change of {self.metric}"
-        fig.colorbar(image, ax=ax, label=label)
-        what = self.direction if self.is_ablation else f"{self.direction} patching"
-        if self.direction.startswith("attribution"):
-            estimated = "noising" if self.direction.endswith("noising") else "denoising"
-            what = f"attribution patching (estimated {estimated})"
-        ax.set_title(f"{what} of {self.kind}: {self.metric}")
-        return fig
+        return image
