@@ -367,3 +367,20 @@ def test_results_say_their_method(tiny):
     cells = mp.patch(tiny, CLEAN, CORRUPT, "mlp_out", -1, METRIC, **kw)
     grads = mp.attribution_patch(tiny, CLEAN, CORRUPT, "mlp_out", -1, METRIC, **kw)
     assert (cells.method, grads.method) == ("exact", "attribution")
+
+
+def test_a_large_path_figure_stays_readable():
+    # 72 x 72 heads drew a 27 x 19.5 inch canvas with a label per head ("head@14, head 0").
+    model = mp.tiny_model(n_layers=12)  # 48 heads
+    res = mp.path_patch(
+        model, "A cat", "A bat", "head", "q", mp.logit_diff(5, 6), positions=-1,
+        method="attribution", n_random=0, progress=False,
+    )  # fmt: skip
+    assert res.values.shape == (48, 48)
+    fig = res.plot()
+    width, height = fig.get_size_inches()
+    assert width <= 14 and height <= 12
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"head L{i}H0" for i in range(12)]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"q L{i}H0" for i in range(12)]
+    assert ax.get_title() == "path patching, head to q (attribution)"

@@ -277,20 +277,43 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
             data, ylabels = grid, [str(layer) for layer in layers]
             xname, yname = "sender head", "sender layer"
         else:
-            xlabels, ylabels = list(self.receivers), list(self.senders)
+            xlabels = _compact(self.receivers, self.receiver_layers, self.receiver_heads)
+            ylabels = _compact(self.senders, self.sender_layers, self.sender_heads)
             xname, yname = "receiver", "sender"
-        size = (max(4.0, 0.35 * len(xlabels) + 2), max(3.0, 0.25 * len(ylabels) + 1.5))
+        # Capped: 72 x 72 heads made a 27 x 19.5 inch canvas; past 40 rows or columns only the
+        # first of each layer is labelled, with a thin line between layers.
+        size = (
+            min(14.0, max(4.0, 0.35 * len(xlabels) + 2)),
+            min(12.0, max(3.0, 0.25 * len(ylabels) + 1.5)),
+        )
         fig, ax = new_axes(ax, size)
         finite = np.abs(data[np.isfinite(data)])
         lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
         image = ax.imshow(data, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
-        ax.set_xticks(range(len(xlabels)), labels=xlabels, rotation=90)
-        ax.set_yticks(range(len(ylabels)), labels=ylabels)
+        many = len(self.receivers) > 1
+        for axis, labels, of_layer in (
+            ("x", xlabels, self.receiver_layers if many else None),
+            ("y", ylabels, self.sender_layers if many else None),
+        ):
+            ticks = list(range(len(labels)))
+            if of_layer is not None and len(labels) > 40:
+                ticks = [i for i in ticks if i == 0 or of_layer[i] != of_layer[i - 1]]
+                for i in ticks[1:]:
+                    line = ax.axvline if axis == "x" else ax.axhline
+                    line(i - 0.5, color="grey", linewidth=0.4)
+            setter = ax.set_xticks if axis == "x" else ax.set_yticks
+            setter(ticks, labels=[labels[i] for i in ticks], fontsize="small")
+        ax.tick_params(axis="x", labelrotation=90)
         ax.set_xlabel(xname)
         ax.set_ylabel(yname)
         fig.colorbar(image, ax=ax, label=f"change of {self.metric}")
-        target = self.receivers[0] if len(self.receivers) == 1 else "receivers"
-        ax.set_title(f"path patching to {target} ({self.direction})")
+        kinds = " + ".join(dict.fromkeys(s.split("@")[0] for s in self.senders))
+        target = (
+            self.receivers[0]
+            if len(self.receivers) == 1
+            else " + ".join(dict.fromkeys(r.split("@")[0] for r in self.receivers))
+        )
+        ax.set_title(f"path patching, {kinds} to {target} ({self.direction})")
         return fig
 
 
@@ -729,3 +752,13 @@ def _split_for(model: Any, receivers: Sequence[Site | None]) -> Any:
     if any(r is not None and r.kind in ("q", "k", "v") for r in receivers):
         return split_qkv(model)
     return contextlib.nullcontext({})
+
+
+def _compact(
+    labels: Sequence[str], layers: Sequence[int], heads: Sequence[int | None]
+) -> list[str]:
+    """Short labels: ``"q L22H5"`` for ``"q@22, head 5"``, the label itself otherwise."""
+    return [
+        label if head is None else f"{label.split('@')[0]} L{layer}H{head}"
+        for label, layer, head in zip(labels, layers, heads, strict=True)
+    ]
