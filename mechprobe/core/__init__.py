@@ -41,6 +41,7 @@ from mechprobe.core._models import (
     save_model,
     tiny_model,
 )
+from mechprobe.core._notebook import show_figures_in_notebooks
 from mechprobe.core._precision import native_bfloat16
 from mechprobe.core._progress import progress_bar, progress_enabled
 from mechprobe.core._readout import Readout, readout, target_rank, top1_hit
@@ -157,3 +158,6 @@ __all__ = [
     "write_atomic",
     "write_tensors",
 ]
+
+# In a notebook, every result's plot() shows as an image without %matplotlib inline first.
+show_figures_in_notebooks()
