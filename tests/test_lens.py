@@ -361,6 +361,10 @@ def test_cli_end_to_end_on_tiny(tmp_path, capsys):
     assert cli_main(["lens", "Hi", "--sites", "resid_psot", "--model", "tiny"]) == 2
     assert "resid_post" in capsys.readouterr().err
     assert unescape(r"a\\nb\tc\nd") == "a\\nb\tc\nd"
+    folder = tmp_path / "run"
+    assert cli_main(["lens", "Q: hi\\nA:", "--model", "tiny", "--out", str(folder)]) == 0
+    # report.md records the prompt analysed, not the escape typed
+    assert "prompts: ['Q: hi\\nA:']" in (folder / "report.md").read_text(encoding="utf-8")
 
 
 def test_cli_configures_the_patchscope(tmp_path, capsys):

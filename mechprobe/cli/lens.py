@@ -140,6 +140,9 @@ def main(args: argparse.Namespace) -> int:
     fix = (lambda s: s) if args.raw else unescape
     prompts = [fix(p) for p in args.prompts]
     targets = [fix(t) for t in args.target]
+    # report.md records the arguments: the text analysed, not the escapes typed ("\\n" read as a
+    # backslash and an n).
+    args.prompts, args.target = prompts, targets
     if args.trajectory and not targets:
         print("mechprobe lens: error: --trajectory needs at least one --target", file=sys.stderr)
         return 2
