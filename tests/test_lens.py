@@ -312,6 +312,18 @@ def test_default_figures_show_every_prompt_and_the_top_of_the_rank_axis(tiny):
     assert top < 1 and bottom > result.target_rank.max() + 1  # top-1 always on the axis
     every = mp.logit_lens(tiny, PROMPTS[:2], positions="all", progress=False)
     assert every.plot().axes[0].get_title().startswith("Logit lens, prompt 0 of 2: ")
+    assert traj.axes[0].get_ylim() == (traj.axes[0].get_ylim()[0], 0.8)
+    assert result.plot_trajectory(metric="prob").axes[0].get_ylim() == (-0.02, 1.02)
+    # 73 positions drew a 56-inch figure; a second site kind was left out without a word
+    sites = ["resid_mid", "resid_post"]
+    long = mp.logit_lens(tiny, "abcdefgh " * 7, sites=sites, positions="all", progress=False)
+    wide = long.plot()
+    n = len(long.prompt_tokens[0])
+    assert wide.axes[0].images[0].get_array().shape == (3, 40) and n > 40
+    assert f"(last 40 of {n} positions) (also decoded: resid_post; pass site=)" in (
+        wide.axes[0].get_title()
+    )
+    assert long.plot(site="resid_post", last=n).axes[0].images[0].get_array().shape == (3, n)
     # summary(): its top-1 columns are prompt 0's (the rest are means over prompts): say so
     summary = result.summary()
     assert "top1 (prompt 0)" in summary and "top1" not in summary

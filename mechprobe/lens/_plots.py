@@ -77,7 +77,8 @@ def heatmap(
             log colour scale, 0 = top-1).
         target: Target index or string for ``color="rank"``.
         label_width: Characters of each annotation before it is cut.
-        last: Draw only the last ``last`` columns (the figure widens with each one).
+        last: Draw only the last ``last`` columns (the figure widens with each one; default:
+            all, the last 40 of more, said in the title).
         ax: Draw into these axes (default: a new figure).
 
     Example:
@@ -94,12 +95,16 @@ def heatmap(
         b = result.check_prompt(0 if prompt is None else prompt)
         cells = [(b, int(c)) for c in decoded[b]]
     n_cells = len(cells)
+    if last is None and n_cells > _COLUMNS:  # 0.75 inch a column: 73 positions drew 56 inches
+        last = _COLUMNS
     if last is not None:
         cells = cells[-last:]
     unit = "prompts" if across else "positions"
     shown = f" (last {len(cells)} of {n_cells} {unit})" if len(cells) < n_cells else ""
     entries = np.asarray(result.entries(site))
     kind = result.sites[entries[0]]
+    others = [k for k in dict.fromkeys(result.sites) if k != kind]
+    also = f" (also decoded: {', '.join(others)}; pass site=)" if others and site is None else ""
     layers = [result.layers[e] for e in entries]
     top1 = np.stack([result.top_ids[b][entries, c, 0] for b, c in cells], axis=1)
     if color == "prob":
@@ -146,15 +151,17 @@ def heatmap(
     ax.set_ylabel(f"layer ({kind})")
     name = "Logit lens" if result.lens == "logit" else result.lens.split(" ")[0].capitalize()
     if across:
-        ax.set_title(f"{name}, {len(result.prompts)} prompts{shown}", fontsize=9)
+        ax.set_title(f"{name}, {len(result.prompts)} prompts{shown}{also}", fontsize=9)
     else:
         b = cells[0][0]
         of = f" of {len(result.prompts)}" if len(result.prompts) > 1 else ""
         prompt_text = _label(result.prompts[b], min(70, int(8 * width)), tail=True)
-        ax.set_title(f"{name}, prompt {b}{of}{shown}: {prompt_text}", fontsize=9)
+        ax.set_title(f"{name}, prompt {b}{of}{shown}{also}: {prompt_text}", fontsize=9)
     return fig
 
 
+#: Columns :func:`heatmap` draws when ``last`` is not given (the last ones).
+_COLUMNS = 40
 #: Panels :func:`trajectory` draws when no prompt is named.
 _PANELS = 6
 
@@ -239,6 +246,7 @@ def trajectory(
         axes[0].set_ylim(max(10.0, *(float(np.nanmax(y)) for y in lines)) * 1.5, 0.8)
         axes[0].set_ylabel("rank + 1 of the first token (1 = top-1)")
     elif metric == "prob":
+        axes[0].set_ylim(-0.02, 1.02)  # autoscaled, a probability of 4e-9 drew a tall spike
         axes[0].set_ylabel("probability of the first token")
     else:
         axes[0].set_ylabel("log-probability of the whole target")
