@@ -162,6 +162,12 @@ def test_sweep_cells_match_single_interventions(tiny):
     assert grid.mean_rank[0, r, s_] == grid.mean_rank[0].min()
     assert mp.OVectorSweep.from_dict(grid.to_dict()).to_frame().equals(grid.to_frame())
     assert grid.plot().axes
+    # rates on 0-1 whatever the data (scaled to the data, a 0.08 rate was drawn as bright as 1)
+    for metric in ("top1", "mrr", "no_effect"):
+        image = grid.plot(metric=metric).axes[0].images[0]
+        assert (image.norm.vmin, image.norm.vmax) == (0.0, 1.0)
+    ranks = grid.plot(metric="mean_rank").axes[0].images[0].norm
+    assert ranks.vmax == max(grid.mean_rank.max(), grid.before["mean_rank"], 1.0)
     with pytest.raises(ValueError, match="empty"):
         mp.ovector_sweep(tiny, vecs, ctx, ANSWERS, layers=[range(2, 2)])
 

@@ -162,7 +162,11 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
         condition) is drawn, into ``ax`` or a new figure.
         """
         check_choice(metric, "metric", _METRICS)
-        vmax = max(float(np.nanmax(getattr(self, metric))), self.before.get(metric, 0.0), 1e-9)
+        # Rates on their whole range: scaled to the data, a top-1 rate of 0.08 was as bright as
+        # 1.0 would be (and an all-zero sweep got a colour bar from 0 to 1e-9).
+        vmax = 1.0
+        if metric == "mean_rank":
+            vmax = max(float(np.nanmax(self.mean_rank)), self.before.get(metric, 0.0), 1.0)
         if ax is not None or condition is not None:
             name = condition if condition is not None else self.conditions[0]
             fig, one = axes_for(ax, (3.8, 0.28 * len(self.layers) + 1.6), "OVectorSweep.plot")
