@@ -401,7 +401,7 @@ def test_figures_and_labels_of_several_kinds_and_pairs(tiny):
     res = mp.attribution_patch(tiny, clean, corrupt, ["resid_pre", "mlp_out"], "all", METRIC)
     bos = mp.core.model_adapter(tiny).token_text(int(tiny.to_tokens("A")[0, 0]))
     # the tiny tokenizer is char-level: "A cat" is BOS, "A", " ", "c", "a", "t"
-    assert res.position_labels == (bos, "A", " ", "3: c/b…", "4: a…", "5: t…")
+    assert res.position_labels == (bos, "A", "␣", "3: c/b…", "4: a…", "5: t…")  # " " shown
     fig = res.plot()
     panels = [axis for axis in fig.axes if axis.images]
     assert [axis.get_title() for axis in panels] == ["resid_pre", "mlp_out"]
@@ -412,6 +412,11 @@ def test_figures_and_labels_of_several_kinds_and_pairs(tiny):
         rows = [i for i, k in enumerate(res.kinds) if k == kind]
         np.testing.assert_allclose(axis.images[0].get_array(), res.normalised[rows])
         assert axis.images[0].norm.vmax == panels[0].images[0].norm.vmax  # one scale
+    # Noising draws damage, 1 - recovery: cells a patch left alone were dark, those that matter pale
+    noised = mp.patch(tiny, CLEAN, CORRUPT, "resid_pre", "all", METRIC, direction="noising")
+    image = noised.plot().axes[0].images[0]
+    np.testing.assert_allclose(image.get_array(), 1 - noised.normalised)
+    assert noised.plot().axes[1].get_ylabel().startswith("normalised damage")
     ablated = mp.ablate_cells(tiny, clean, "mlp_out", [1, -1], METRIC, n_random=0)
     summary = ablated.summary()
     assert "normalised" not in summary and str(summary["position"].dtype) == "Int64"

@@ -53,6 +53,7 @@ from mechprobe.core._results import (
     load_result,
     new_axes,
     read_tensors,
+    token_label,
     write_atomic,
     write_tensors,
 )
@@ -151,6 +152,7 @@ __all__ = [
     "save_model",
     "target_rank",
     "tiny_model",
+    "token_label",
     "tokenize",
     "tokenize_with_targets",
     "top1_hit",

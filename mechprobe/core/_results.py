@@ -286,6 +286,23 @@ def new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axe
     return figure, figure.add_subplot()
 
 
+def token_label(text: str, width: int = 12, *, tail: bool = False) -> str:
+    """Token text made visible on a figure or in a table: escapes for newlines and control bytes,
+    ``␣`` for a bare space, and long text cut with an ellipsis (keeping its end when ``tail``).
+
+    Example:
+        >>> token_label("\\n"), token_label(" "), token_label(" Warsaw"), token_label("abcdef", 4)
+        ('\\\\n', '␣', ' Warsaw', 'abc…')
+    """
+    shown = text.replace("\n", "\\n").replace("\t", "\\t")
+    shown = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in shown)
+    if shown and not shown.strip():
+        shown = "␣" * len(shown)
+    if len(shown) <= width:
+        return shown
+    return "…" + shown[-(width - 1) :] if tail else shown[: width - 1] + "…"
+
+
 def figure_of(ax: Axes) -> Figure:
     """The top-level Figure that ``ax`` is drawn in (also when it sits in a sub-figure)."""
     figure = ax.get_figure(root=True)

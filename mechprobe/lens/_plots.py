@@ -14,7 +14,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mechprobe.core import figure_of, new_axes
+from mechprobe.core import figure_of, new_axes, token_label
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -22,18 +22,6 @@ if TYPE_CHECKING:
     from mechprobe.lens._result import LensResult
 
 __all__ = ["heatmap", "trajectory"]
-
-
-def _label(text: str, width: int, *, tail: bool = False) -> str:
-    """Token text made visible: escapes for newlines and control bytes, ``␣`` for a bare space,
-    and long text cut with an ellipsis (keeping its end when ``tail``)."""
-    shown = text.replace("\n", "\\n").replace("\t", "\\t")
-    shown = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in shown)
-    if shown and not shown.strip():
-        shown = "␣" * len(shown)
-    if len(shown) <= width:
-        return shown
-    return "…" + shown[-(width - 1) :] if tail else shown[: width - 1] + "…"
 
 
 def _target_index(result: LensResult, b: int, target: int | str) -> int:
@@ -134,13 +122,13 @@ def heatmap(
             ax.text(
                 j,
                 i,
-                _label(result.text(top1[i, j]), label_width),
+                token_label(result.text(top1[i, j]), label_width),
                 ha="center",
                 va="center",
                 fontsize=6.5,
                 color="white" if light[i, j] else "black",
             )
-    ticks = [_label(result.prompt_tokens[b][result.positions[b, c]], 12) for b, c in cells]
+    ticks = [token_label(result.prompt_tokens[b][result.positions[b, c]], 12) for b, c in cells]
     if across:
         ticks = [f"{b}: {tick}" for (b, _), tick in zip(cells, ticks, strict=True)]
     ax.set_xticks(range(len(cells)), ticks, rotation=60, ha="right")
@@ -155,7 +143,7 @@ def heatmap(
     else:
         b = cells[0][0]
         of = f" of {len(result.prompts)}" if len(result.prompts) > 1 else ""
-        prompt_text = _label(result.prompts[b], min(70, int(8 * width)), tail=True)
+        prompt_text = token_label(result.prompts[b], min(70, int(8 * width)), tail=True)
         ax.set_title(f"{name}, prompt {b}{of}{shown}{also}: {prompt_text}", fontsize=9)
     return fig
 
@@ -232,7 +220,7 @@ def trajectory(
             else:
                 y = result.target_logprob[b, entries, t]
             ax.plot(layers, y, marker="o", markersize=3, label=label)
-        title = titles[i] if titles is not None else _label(result.prompts[b], 48, tail=True)
+        title = titles[i] if titles is not None else token_label(result.prompts[b], 48, tail=True)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(f"layer ({kind}, last prompt token)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from mechprobe.core import Result
+from mechprobe.core import Result, token_label
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -202,8 +202,6 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
             >>> list(lens.summary().columns)
             ['site', 'layer', 'kl_to_final', 'entropy', 'top1 (prompt 0)', 'top1_prob (prompt 0)', "rank ' a'"]
         """
-        from mechprobe.lens._plots import _label
-
         rows = np.arange(len(self.prompts))
         # The column of each prompt's latest decoded real position (unused slots hold -1 or lie
         # past the prompt): its last token when positions include it.
@@ -220,7 +218,7 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
                 "kl_to_final": self.kl_to_final[rows, :, last].mean(0),
                 "entropy": self.entropy[rows, :, last].mean(0),
                 # Whitespace made visible (a bare " " or "\n" printed as a blank cell).
-                "top1": [_label(self.text(i), 40) for i in self.top_ids[0, :, last[0], 0]],
+                "top1": [token_label(self.text(i), 40) for i in self.top_ids[0, :, last[0], 0]],
                 "top1_prob": self.top_probs[0, :, last[0], 0],
             }
         )

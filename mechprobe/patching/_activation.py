@@ -46,6 +46,7 @@ from mechprobe.core import (
     model_adapter,
     position_list,
     run,
+    token_label,
     tokenize,
 )
 from mechprobe.patching._engine import (
@@ -589,7 +590,11 @@ def _labels(
     for p in wanted:
         seen = []
         for a, b in zip(clean, corrupt, strict=True):
-            texts = adapter.token_text(int(a[p])), adapter.token_text(int(b[p]))
+            # "\n" and " " made visible: a newline's column had a blank label
+            texts = (
+                token_label(adapter.token_text(int(a[p])), 40),
+                token_label(adapter.token_text(int(b[p])), 40),
+            )
             seen.append(texts[0] if texts[0] == texts[1] else "/".join(texts))
         out.append(seen[0] if len(set(seen)) == 1 else f"{p}: {seen[0]}…")
     return tuple(out)

@@ -345,8 +345,10 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
 
         Head sites at a single position are drawn as a layer x head grid; several site kinds as
         one panel each, side by side on one colour scale (into ``ax``: one heatmap of every
-        row). Falls back to the metric's change from the edited run (:attr:`effect`) when
-        normalised recovery is undefined (ablations, or equal clean and corrupt metrics).
+        row). Noising is drawn as normalised damage, ``1 - normalised``, so that cells a patch
+        left alone are white in both directions. Falls back to the metric's change from the
+        edited run (:attr:`effect`) when normalised recovery is undefined (ablations, or equal
+        clean and corrupt metrics).
 
         Example:
             >>> import mechprobe as mp
@@ -356,9 +358,18 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         """
         use_norm = normalised and not bool(np.isnan(self.normalised).all())
         data = self.normalised if use_norm else self.effect
+        label = "normalised recovery" if use_norm else f"change of {self.metric}"
+        if (
+            use_norm
+            and self.direction.endswith("noising")
+            and not self.direction.endswith("denoising")
+        ):
+            # Noising's recovery is 1 where a patch changed nothing: the untouched cells were
+            # dark and the ones that matter pale. Its damage is 0 there, as in denoising.
+            data = 1.0 - data
+            label = "normalised damage (1 = the corrupt run's metric)"
         finite = np.abs(data[np.isfinite(data)])
         lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-        label = "normalised recovery" if use_norm else f"change of {self.metric}"
         what = self.direction if self.is_ablation else f"{self.direction} patching"
         if self.direction.startswith("attribution"):
             estimated = "noising" if self.direction.endswith("noising") else "denoising"
@@ -408,7 +419,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         ax.set_xlabel("head" if len(xlabels) != len(self.positions) else "position")
         ax.set_ylabel("layer" if ylabels != list(self.sites) else "site")
         fig.colorbar(image, ax=ax, label=label)
-        ax.set_title(title)
+        ax.set_title(title, fontsize="small")
         return fig
 
     @staticmethod
