@@ -241,6 +241,7 @@ def test_result_frame_plot_and_json_round_trip(tmp_path: Path) -> None:
     frame = result.to_frame()
     assert len(frame) == 2 * len(result.answers)
     assert set(frame["method"]) == {"offset", "baseline"}
+    assert frame["answer_token"].tolist()[: len(result.answers)] == list(result.answers)
     offset_rows = frame[frame["method"] == "offset"]
     assert offset_rows["correct"].mean() == pytest.approx(result.top1)
     assert isinstance(result.plot(), Figure)

@@ -234,7 +234,9 @@ class AnalogyResult(Result, format="mechprobe.AnalogyResult", version=2):
         return pd.DataFrame([self.metrics()])
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per evaluated item and method (``"offset"`` or ``"baseline"``): tidy."""
+        """One row per evaluated item and method (``"offset"`` or ``"baseline"``): tidy. The
+        ``argument_token`` and ``answer_token`` columns are the first tokens scored, not the
+        task's words."""
         rows = []
         for method, ranks, preds in (
             ("offset", self.offset_ranks, self.offset_predictions),
@@ -246,8 +248,9 @@ class AnalogyResult(Result, format="mechprobe.AnalogyResult", version=2):
                         "task": self.task,
                         "space": self.space,
                         "item": i,
-                        "argument": arg,
-                        "answer": ans,
+                        # first tokens, as scored ("Maur" -> "Nou"): named so, not as words
+                        "argument_token": arg,
+                        "answer_token": ans,
                         "method": method,
                         "rank": ranks[i],
                         "prediction": preds[i],
