@@ -6,10 +6,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mechprobe.core import format_number
+
 
 def report(title: str, args: argparse.Namespace, result: Any, figure: str) -> str:
     """report.md: the settings run, the result's one-line description, its summary table."""
-    table = result.summary().to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    table = result.summary().to_string(index=False, float_format=format_number)
     settings = "\n".join(
         f"{k}: {v!r}" for k, v in vars(args).items() if k not in ("func", "command")
     )

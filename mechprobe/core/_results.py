@@ -216,7 +216,7 @@ class Result:
             table = self.summary()
         except Exception as err:  # a notebook view must never raise either
             table = pd.DataFrame({"summary unavailable": [str(err)]})
-        parts.append(table.to_html(max_rows=40, float_format=lambda v: f"{v:.4g}"))
+        parts.append(table.to_html(max_rows=40, float_format=format_number, na_rep="—"))
         if self._html_figure:
             try:
                 figure = self._html_plot()
@@ -228,6 +228,16 @@ class Result:
                 pass
         parts.append("</div>")
         return "".join(parts)
+
+
+def format_number(value: float) -> str:
+    """A table cell: 4 significant digits, but large numbers (ranks, counts) whole.
+
+    Example:
+        >>> format_number(0.123456), format_number(17402.3), format_number(2.5e-7)
+        ('0.1235', '17,402', '2.5e-07')
+    """
+    return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
 
 
 def _read_only(value: Any) -> Any:
