@@ -172,12 +172,13 @@ def test_the_result_protocol(tiny, tmp_path) -> None:
     best = frame[frame.kind == "induction"].sort_values("score").iloc[-1]
     assert (int(best["layer"]), int(best["head"])) == res.top("induction", 1)[0][:2]
     assert len(res.summary(top=2)) == 6
-    assert len(res.plot().axes) == 6  # three maps and their colour bars
+    assert len(res.plot().axes) == 4  # three maps and their one colour bar (one scale, 0 to 1)
     for suffix in (".json", ".npz"):
         back = mp.HeadScoreResult.load(res.save(tmp_path / f"scores{suffix}"))
         assert np.array_equal(back.scores, res.scores) and back.prompts == res.prompts
         assert all(np.array_equal(a, b) for a, b in zip(back.tokens, res.tokens, strict=True))
     assert "repeated random tokens" in repr(res) and "<table" in res._repr_html_()
+    assert "<img" in res._repr_html_()  # the layer x head maps, at a glance
     with pytest.raises(ValueError, match="was not scored"):
         res.plot(kind="copying")
 

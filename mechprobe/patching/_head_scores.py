@@ -93,7 +93,7 @@ KINDS: dict[str, TargetRule] = {
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2):
+class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, html_figure=True):
     """Each head's share of attention on each kind's targets (module docstring).
 
     Attributes:
@@ -218,7 +218,7 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2):
             >>> import mechprobe as mp
             >>> res = mp.head_scores(mp.tiny_model(), seq_len=8, n_prompts=2, progress=False)
             >>> len(res.plot().axes), len(res.plot(kind="induction").axes)
-            (6, 2)
+            (4, 2)
         """
         kinds = list(self.kinds) if kind is None else [self.kinds[self._kind_index(kind)]]
         if ax is not None:
@@ -230,18 +230,22 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2):
             height = max(3.0, 0.18 * len(self.layers) + 1.2)
             fig = Figure(figsize=(3.6 * len(kinds), height), layout="constrained")
             axes = list(fig.subplots(1, len(kinds), squeeze=False)[0])
+        image = None
         for axis, name in zip(axes, kinds, strict=True):
             i = self.kinds.index(name)
             image = axis.imshow(self.scores[i], cmap="Blues", vmin=0, vmax=1, aspect="auto")
             step = max(1, len(self.layers) // 10)
             ticks = list(range(0, len(self.layers), step))
             axis.set_yticks(ticks, labels=[str(self.layers[t]) for t in ticks])
+            n_heads = self.scores.shape[2]
+            axis.set_xticks(range(0, n_heads, 1 if n_heads <= 16 else 4))
             axis.set_xlabel("head")
             axis.set_ylabel("layer")
             low, high = float(self.chance[i].min()), float(self.chance[i].max())
             chance = f"{low:.2g}" if f"{low:.2g}" == f"{high:.2g}" else f"{low:.2g}-{high:.2g}"
             axis.set_title(f"{name.replace('_', ' ')} (chance {chance})")
-            fig.colorbar(image, ax=axis, label="attention on targets")
+        # one scale (0 to 1) for every panel: one colour bar
+        fig.colorbar(image, ax=axes, label="attention on targets")
         return fig
 
     def _describe(self) -> str:
