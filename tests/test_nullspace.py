@@ -422,6 +422,9 @@ def test_frame_and_plot(erased: Eraser) -> None:
     assert "<table" in erased._repr_html_()
     leace = mp.leace(*_planted(500, seed=3)[:2])
     assert "oblique affine" in repr(leace) and bool(leace.summary()["affine"][0])
+    assert "accuracy_before" not in leace.summary()  # no probe: the view read "None None None"
+    ticks = erased.plot().axes[0].get_xticks()
+    assert np.array_equal(ticks, np.round(ticks))  # whole iterations (read 0.0, 2.5, 5.0)
 
 
 def test_controls() -> None:

@@ -257,28 +257,26 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
         )
 
     def summary(self) -> pd.DataFrame:
-        """One row: method, ``dim``, ``n_removed``, whether affine, and (INLP) the probe accuracy
-        before and after erasure beside the majority baseline.
+        """One row: method, ``dim``, ``n_removed``, whether affine, and (INLP only) the probe
+        accuracy before and after erasure beside the majority baseline.
 
         Example:
             >>> random_projection(6, 2).summary()[["method", "dim", "n_removed"]].values.tolist()
             [['random', 6, 2]]
         """
-        first = self.accuracies[0] if self.accuracies else None
-        last = self.accuracies[-1] if self.accuracies else None
-        return pd.DataFrame(
-            [
-                {
-                    "method": self.method,
-                    "dim": self.dim,
-                    "n_removed": self.n_removed,
-                    "affine": self.mean is not None,
-                    "accuracy_before": first,
-                    "accuracy_after": last,
-                    "majority_baseline": self.majority_baseline,
-                }
-            ]
-        )
+        row = {
+            "method": self.method,
+            "dim": self.dim,
+            "n_removed": self.n_removed,
+            "affine": self.mean is not None,
+        }
+        if self.accuracies:  # INLP's; the other erasers fit no probe (the columns read None)
+            row |= {
+                "accuracy_before": self.accuracies[0],
+                "accuracy_after": self.accuracies[-1],
+                "majority_baseline": self.majority_baseline,
+            }
+        return pd.DataFrame([row])
 
     def _describe(self) -> str:
         words = f"{self.method}, {self.n_removed} of {self.dim} directions removed"
@@ -313,11 +311,14 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
             ax.set_ylabel("singular value of I - P")
             ax.set_title(f"{self.method}: {self.n_removed} of {self.dim} directions removed")
             return figure
+        from matplotlib.ticker import MaxNLocator
+
         frame = self.to_frame()
         ax.plot(frame["iteration"], frame["accuracy"], marker="o", label="held-out probe")
         if self.majority_baseline is not None:
             ax.axhline(self.majority_baseline, color="grey", ls="--", label="majority baseline")
         ax.set_xlabel("INLP iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("accuracy")
         ax.set_title(f"{self.method}: {self.n_removed} of {self.dim} directions removed")
         ax.legend(loc="best")
