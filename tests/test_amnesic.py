@@ -559,3 +559,28 @@ def test_one_panel_plots_any_measured_metric() -> None:
     assert isinstance(res.plot(metric="lm_loss"), Figure)  # refused: "not measured here"
     with pytest.raises(ValueError, match="measured here"):
         res.plot(metric="task_accuracy")
+
+
+def test_bars_say_their_values_and_spread_only_over_several_runs() -> None:
+    # A bar of 0 was indistinguishable from one not measured, single runs had error caps of zero
+    # height, no panel said its unit, and the original probe line was drawn under the random one.
+    measures = (
+        AmnesicMeasure("task_accuracy", "original", 0.5),
+        AmnesicMeasure("task_accuracy", "erased", 0.0),
+        AmnesicMeasure("task_accuracy", "random", 0.25, seed=1),
+        AmnesicMeasure("task_accuracy", "random", 0.5, seed=2),
+        AmnesicMeasure("probe_accuracy", "original", 0.9, site="blocks.1.hook_resid_post", probe="linear"),
+        AmnesicMeasure("probe_accuracy", "random", 0.9, seed=1, site="blocks.1.hook_resid_post", probe="linear"),
+    )  # fmt: skip
+    res = AmnesicResult("blocks.1.hook_resid_post", None, -1, "leace", 3, 64, measures)
+    ax = res.plot(metric="task_accuracy").axes[0]
+    assert [t.get_text() for t in ax.texts] == ["0.5", "0", "0.375"]
+    assert ax.get_ylabel() == "answer top-1 accuracy"
+    caps = [line for line in ax.lines if len(line.get_xdata()) == 1]  # the error bars' caps
+    assert {float(line.get_xdata()[0]) for line in caps} == {2.0}  # random (n=2) only
+    probe = res.plot(metric="probe_accuracy").axes[0]
+    original = next(line for line in probe.lines if line.get_label() == "linear, original")
+    assert original.get_zorder() > max(
+        line.get_zorder() for line in probe.lines if line is not original
+    )
+    assert "the last token" in res.plot()._suptitle.get_text()

@@ -329,7 +329,9 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
             self._bars(panel_ax, name)
         if probing:
             self._information(axes[-1])
-        where = "all positions" if self.positions == "all" else f"positions {self.positions}"
+        where = {"all": "all positions", -1: "the last token"}.get(
+            self.positions, f"positions {self.positions}"
+        )
         fig.suptitle(
             f"{self.method} erasure of {self.n_removed}/{self.dim} directions\n"
             f"at {self.site} ({where})",
@@ -347,19 +349,29 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
             n_seeds = len(self.values(metric, condition))
             labels.append(condition if n_seeds == 1 else f"{condition}\n(n={n_seeds})")
             heights.append(mean)
-            errors.append(std or 0.0)
+            # A spread only where there are several runs (one run's caps of zero height said
+            # nothing).
+            errors.append(std if n_seeds > 1 and std is not None else np.nan)
             colours.append(_COLOURS[condition])
-        ax.bar(range(len(heights)), heights, yerr=errors, color=colours, capsize=4)
+        bars = ax.bar(range(len(heights)), heights, color=colours)
+        several = [i for i, e in enumerate(errors) if np.isfinite(e)]
+        if several:
+            ax.errorbar(several, [heights[i] for i in several], yerr=[errors[i] for i in several],
+                        fmt="none", ecolor="black", capsize=4)  # fmt: skip
+        # Values on the bars: a bar of 0 is otherwise indistinguishable from one not measured.
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
         ax.set_xticks(range(len(heights)), labels, fontsize=8)
         ax.set_title(metric.replace("_", " "), fontsize=10)
+        ax.set_ylabel(_UNITS.get(metric, metric), fontsize=8)
         if metric.endswith("accuracy"):
-            ax.set_ylim(0, 1.05)
+            ax.set_ylim(0, 1.1)
 
     def _information(self, ax: Any) -> None:
         sites = self.probe_sites
         x = np.arange(len(sites))
         for probe, style in (("linear", "-"), ("mlp", ":")):
-            for condition in ("original", "erased", "random"):
+            # original last and widest: equal to the random control's, it was drawn under it
+            for condition in ("random", "erased", "original"):
                 stats = [
                     self.mean_std("probe_accuracy", condition, site=s, probe=probe) for s in sites
                 ]
@@ -374,6 +386,8 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
                     marker="o",
                     color=_COLOURS[condition],
                     label=f"{probe}, {condition}",
+                    linewidth=2.5 if condition == "original" else 1.2,
+                    zorder=3 if condition == "original" else 2,
                 )
                 if condition == "random":
                     ax.fill_between(
@@ -384,7 +398,18 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         ax.set_xticks(x, [_short(s) for s in sites], fontsize=8, rotation=45)
         ax.set_ylim(0, 1.05)
         ax.set_title("information: probe accuracy after erasure", fontsize=10)
-        ax.legend(fontsize=6, loc="best")
+        ax.set_ylabel("held-out probe accuracy", fontsize=8)
+        ax.legend(fontsize=7, loc="lower left")
+
+
+#: The y axis of each metric's panel.
+_UNITS = {
+    "lm_accuracy": "next-token top-1 accuracy",
+    "lm_kl": "KL to the original (nats)",
+    "task_accuracy": "answer top-1 accuracy",
+    "task_kl": "KL to the original (nats)",
+    "task_logprob": "answer log-probability",
+}
 
 
 def _short(site: str) -> str:
