@@ -244,8 +244,8 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
             low, high = float(self.chance[i].min()), float(self.chance[i].max())
             chance = f"{low:.2g}" if f"{low:.2g}" == f"{high:.2g}" else f"{low:.2g}-{high:.2g}"
             axis.set_title(f"{name.replace('_', ' ')} (chance {chance})")
-        # one scale (0 to 1) for every panel: one colour bar
-        fig.colorbar(image, ax=axes, label="attention on targets")
+        if image is not None:  # one scale (0 to 1) for every panel: one colour bar
+            fig.colorbar(image, ax=axes, label="attention on targets")
         return fig
 
     def _describe(self) -> str:
