@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -584,3 +585,5 @@ def test_bars_say_their_values_and_spread_only_over_several_runs() -> None:
         line.get_zorder() for line in probe.lines if line is not original
     )
     assert "the last token" in res.plot()._suptitle.get_text()
+    assert math.isnan(res.mean_std("task_accuracy", "erased")[1])  # one run: no spread, not 0
+    assert res.mean_std("task_accuracy", "random")[1] == pytest.approx(np.std([0.25, 0.5], ddof=1))

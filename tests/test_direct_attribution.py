@@ -400,3 +400,8 @@ def test_the_bar_figure_names_every_layer(tiny):
     }
     assert bars == want
     assert ax.get_ylabel() == "direct effect (logits)"
+    assert res.summary()["std"].notna().all()
+    one = mp.direct_logit_attribution(
+        tiny, PROMPTS[:1], mp.logit_diff(ANSWER[:1], WRONG), progress=False
+    )
+    assert one.summary()["std"].isna().all()  # a spread over one prompt is undefined, not 0

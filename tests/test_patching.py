@@ -416,6 +416,7 @@ def test_figures_and_labels_of_several_kinds_and_pairs(tiny):
     noised = mp.patch(tiny, CLEAN, CORRUPT, "resid_pre", "all", METRIC, direction="noising")
     image = noised.plot().axes[0].images[0]
     np.testing.assert_allclose(image.get_array(), 1 - noised.normalised)
+    assert np.isnan(noised.spread).all()  # over one pair: undefined, not 0 ("consistent")
     assert noised.plot().axes[1].get_ylabel().startswith("normalised damage")
     ablated = mp.ablate_cells(tiny, clean, "mlp_out", [1, -1], METRIC, n_random=0)
     summary = ablated.summary()

@@ -136,11 +136,12 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
     def mean_std(
         self, metric: str, condition: str, *, site: str | None = None, probe: str | None = None
     ) -> tuple[float | None, float | None]:
-        """``(mean, std)`` over seeds (std 0 for a single value; ``(None, None)`` if unmeasured)."""
+        """``(mean, std)`` over seeds (std NaN for a single value, where a spread is undefined;
+        ``(None, None)`` if unmeasured)."""
         vals = self.values(metric, condition, site=site, probe=probe)
         if len(vals) == 0:
             return None, None
-        return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
 
     def effect(
         self, metric: str, condition: str, *, site: str | None = None, probe: str | None = None
@@ -158,7 +159,7 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
             if base is None:
                 return None, None
             vals = base - vals if metric in _HIGHER_IS_BETTER else vals - base
-        return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
 
     def selectivity(self) -> dict[str, float]:
         """Per behavioural metric: effect of the erasure minus the mean effect of the random control.

@@ -199,7 +199,11 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
                 "component": [self.components[i] for i in order],
                 "layer": self.layer[order],
                 "mean": mean[order],
-                "std": self.attributions.std(0)[order],
+                "std": (  # over prompts: undefined (NaN) for one
+                    self.attributions.std(0)
+                    if len(self.attributions) > 1
+                    else np.full(self.attributions.shape[1], np.nan)
+                )[order],
                 "share": mean[order] / total if total != 0 else np.full(len(order), np.nan),
             }
         )

@@ -212,7 +212,11 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
                 "value": self.values.ravel(),
                 "normalised": self.normalised.ravel(),
                 "effect": self.effect.ravel(),
-                "spread": self.per_pair.std(axis=0).ravel(),
+                "spread": (
+                    self.per_pair.std(axis=0)
+                    if len(self.per_pair) > 1
+                    else np.full(self.per_pair.shape[1:], np.nan)  # undefined over one pair
+                ).ravel(),
                 "random_effect": self.random_effect.ravel(),
             }
         )

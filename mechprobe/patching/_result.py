@@ -202,7 +202,10 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
 
     @property
     def spread(self) -> np.ndarray:
-        """``[sites, positions]`` standard deviation of the per-pair values (0 for one pair)."""
+        """``[sites, positions]`` standard deviation of the per-pair values (NaN for one pair:
+        a spread over one value is undefined, and 0 read as perfectly consistent)."""
+        if len(self.per_pair) < 2:
+            return np.full(self.per_pair.shape[1:], np.nan)
         return self.per_pair.std(axis=0)
 
     @property
