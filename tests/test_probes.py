@@ -799,6 +799,12 @@ def test_probe_result_round_trip_frame_and_plot(tmp_path, suffix: str) -> None:
         fig = result.plot()
         assert isinstance(fig, Figure)
         assert len(fig.axes) == (2 if result.mix_weights is not None else 1)
+        # what was probed, not the splitter's repr ("Layer-wise probing (holdout(test_size=0.2))")
+        assert fig.axes[0].get_title().startswith("linear probes, 3 classes, 300 examples, ")
+        low, high = fig.axes[0].get_ylim()
+        assert high == 1.02 and low <= min(0.0, float(np.nanmin(result.selectivity)))
+        if result.mix_accuracy is not None:
+            assert result.mix_accuracy in [line.get_ydata()[0] for line in fig.axes[0].lines]
         into = Figure()
         assert result.plot(ax=into.add_subplot()) is into and len(into.axes) == 1
         assert "<table" in result._repr_html_()

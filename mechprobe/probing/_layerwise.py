@@ -198,14 +198,28 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
             ax.plot(x_axis[depth], self.control_accuracy[depth], marker=".", label="control task")
             ax.plot(x_axis[depth], self.selectivity[depth], marker=".", label="selectivity")
         ax.axhline(self.majority_baseline, ls="--", color="gray", label="majority baseline")
-        ax.set(ylabel="accuracy", title=f"Layer-wise probing ({self.split})")
-        ax.legend(loc="best")
+        if self.mix_accuracy is not None:
+            ax.axhline(self.mix_accuracy, ls=":", color="tab:purple", label="scalar-mix probe")
+        held = self.split.replace("holdout(test_size=", "").rstrip(")")
+        split = f"{float(held):.0%} held out" if held != self.split else f"{self.split} CV"
+        title = (
+            f"{self.probe} probes, {self.n_classes} classes, {self.n_examples} examples, {split}"
+        )
+        # Selectivity (accuracy minus control) can be negative; accuracies stay within 0-1.
+        ax.set(ylabel="held-out accuracy / selectivity", title=title)
+        finite = self.selectivity[np.isfinite(self.selectivity)]
+        ax.set_ylim(min(0.0, float(finite.min()) if finite.size else 0.0) - 0.02, 1.02)
+        ax.legend(loc="best", fontsize="small")
         if has_mix:
             mix_ax.bar(x_axis, np.asarray(self.mix_weights), color="tab:purple")
             mix_ax.set(
                 ylabel="scalar-mix weight", title=f"expected layer {self.expected_layer:.2f}"
             )
-        (mix_ax if has_mix else ax).set_xlabel("layer" if x is not None else "site, as collected")
+        from matplotlib.ticker import MaxNLocator
+
+        bottom = mix_ax if has_mix else ax
+        bottom.set_xlabel("layer" if x is not None else "site, as collected")
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
         return figure
 
 
