@@ -933,7 +933,11 @@ def test_cumulative_scores_round_trip_and_plot(tmp_path, suffix: str) -> None:
     pd.testing.assert_frame_equal(loaded.to_frame(), result.to_frame())
     pd.testing.assert_frame_equal(loaded.summary(), result.summary())
     assert np.isnan(loaded.deltas[0]) and loaded.expected_layer == result.expected_layer
-    assert isinstance(result.plot(), Figure)
+    fig = result.plot()
+    # one legend for both axes, the accuracy line in it, below the bars it used to cover
+    legend = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    assert legend == [f"E_Δ = {result.expected_layer:.2f}", "Δ(l)", "accuracy of the mix 0..l"]
+    assert f"{result.n_test} held-out rows" in fig.axes[0].get_title()
     into = Figure()
     assert result.plot(ax=into.add_subplot()) is into
     assert repr(result).startswith("CumulativeScores(3 layers, expected layer")

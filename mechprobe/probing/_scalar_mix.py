@@ -285,15 +285,26 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
         layers = self._layers()
         colors = ["tab:red" if d < 0 else "tab:blue" for d in np.nan_to_num(self.deltas)]
         ax.bar(layers, np.nan_to_num(self.deltas), color=colors, label="Δ(l)")
-        ax.set(xlabel="layer", ylabel="Δ accuracy", title="Cumulative scoring")
+        # n_test in the title: with a few held-out rows each step of Δ is one row, not signal.
+        expected = (
+            f"E_Δ = {self.expected_layer:.2f}" if np.isfinite(self.expected_layer) else "E_Δ n/a"
+        )
+        title = f"Cumulative scoring, {self.n_test} held-out rows; {expected}"
+        ax.set(xlabel="layer", ylabel="Δ accuracy", title=title)
         twin = ax.twinx()
-        twin.plot(layers, self.scores, color="black", marker=".", label="score of mix 0..l")
+        twin.plot(layers, self.scores, color="black", marker=".", label="accuracy of the mix 0..l")
         twin.set_ylabel("accuracy")
         if np.isfinite(self.expected_layer):
-            ax.axvline(
-                self.expected_layer, ls="--", color="gray", label=f"E_Δ = {self.expected_layer:.2f}"
-            )
-        ax.legend(loc="upper left")
+            ax.axvline(self.expected_layer, ls="--", color="gray", label=expected)
+        # One legend for both axes, below them: inside, it covered the bars (and lacked the line).
+        handles = [*ax.get_legend_handles_labels()[0], *twin.get_legend_handles_labels()[0]]
+        ax.legend(
+            handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3,
+            fontsize="small", frameon=False,
+        )  # fmt: skip
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         return figure
 
 
