@@ -293,3 +293,17 @@ def test_stages_are_read_off_the_fitting_items_only(tiny, monkeypatch):
     fitted = tuple(a for a, h in zip(task.arguments(), held, strict=True) if not h)
     assert 0 < len(fitted) < 12 and res.trajectory.arguments == tuple(task.arguments())
     assert seen[0] == fitted
+
+
+def test_the_intervention_figure_says_which_row_is_which(result):
+    # Two rows of panels, the pre-set setting and the sweep's best cell, said neither; groups
+    # gave no n, so "held-out top-1 0.08" could not be read as k of n.
+    fig = result.plot_intervention()
+    titles = [axis.get_title(loc="left") for axis in fig.axes if axis.get_title(loc="left")]
+    assert titles[0].startswith("default: ") and titles[1].startswith("tuned on the sweep: ")
+    assert fig.get_suptitle().startswith("capitals")
+    groups = result.intervention.groups
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == [
+        f"{g.replace('_', '-')} (n={groups.count(g)})" for g in ("in_domain", "held_out")
+    ]

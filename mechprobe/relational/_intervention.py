@@ -283,9 +283,9 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
         self._draw(list(fig.subplots(1, 2)), ["top1", "mrr"])
         return fig
 
-    def _draw(self, axes: Sequence[Axes], metrics: Sequence[str]) -> None:
+    def _draw(self, axes: Sequence[Axes], metrics: Sequence[str], *, setting: str = "") -> None:
         """Draw the bars of each of ``metrics`` into the matching axes (the first gets legend and
-        title)."""
+        title, which ``setting`` starts)."""
         fams = self.families()
         names = list(fams)
         groups: list[str | None] = [g for g in _GROUPS if g in self.groups]
@@ -297,16 +297,20 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
             for j, group in enumerate(groups):
                 values = [self.metrics(fams[n], group=group)[f"{key}_after"] for n in names]
                 shift = (j - (len(groups) - 1) / 2) * width
-                ax.bar(x + shift, values, width, label=(group or "all").replace("_", "-"))
+                # n per group: "held-out top-1 0.08" is k of n, and n is small
+                n = len(self.groups) if group is None else self.groups.count(group)
+                name = (group or "all").replace("_", "-")
+                ax.bar(x + shift, values, width, label=f"{name} (n={n})")
                 for i, v in enumerate(values):
                     if np.isfinite(v):
                         ax.text(i + shift, v + 0.02, f"{v:.2f}", ha="center", fontsize=6)
             ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
             ax.set_ylim(0, 1)
             ax.set_ylabel(labels[key])
-        axes[0].legend(fontsize=7)
+        if groups != [None]:  # one group needs no legend
+            axes[0].legend(fontsize=7)
         axes[0].set_title(
-            f"{self.mode} FFN output, layers {_span(self.layers)}, scale {self.scale:g}, "
+            f"{setting}{self.mode} FFN output, layers {_span(self.layers)}, scale {self.scale:g}, "
             f"{len(self.contexts)} contexts",
             fontsize=8,
             loc="left",

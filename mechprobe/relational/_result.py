@@ -279,9 +279,14 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
         from matplotlib.figure import Figure
 
         runs = [self.intervention] + ([self.tuned] if self.tuned is not None else [])
+        # Which row is the setting fixed beforehand and which the sweep chose: the rows said
+        # neither.
+        settings = ["default: ", "tuned on the sweep: "]
         fig = Figure(figsize=(8, 3.0 * len(runs)), layout="constrained")
-        for inter, row in zip(runs, fig.subplots(len(runs), 2, squeeze=False), strict=True):
-            inter._draw(list(row), ["top1", "mrr"])
+        rows = fig.subplots(len(runs), 2, squeeze=False)
+        for inter, row, setting in zip(runs, rows, settings, strict=False):
+            inter._draw(list(row), ["top1", "mrr"], setting=setting)
+        fig.suptitle(f"{self.task}: the o-vector beside its controls", fontsize=9)
         return fig
 
     def plot_ablation(self, ax: Axes | None = None, *, relative: bool = False) -> Figure:
