@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mechprobe as mp
+from mechprobe.relational._trajectory import Stages
 
 
 def _rank(logits: torch.Tensor, token: int) -> int:
@@ -165,6 +166,11 @@ def test_roundtrip_frame_and_plot(tiny):
     row = frame.query("item == 1 and layer == 2 and token == 'answer' and readout == 'resid_post'")
     assert int(row["rank"].iloc[0]) == traj.answer_rank[1, 2]
     assert traj.plot().axes
+    # Stage labels inside the axes (above them they pushed the title up across white space)
+    ax = traj.plot(stages=Stages(0, 2, 2)).axes[0]
+    labels = {text.get_text(): text.get_position() for text in ax.texts}
+    assert set(labels) == {"argument", "function = saturation"}
+    assert all(y <= 1.0 for _, y in labels.values())
 
 
 @pytest.mark.integration

@@ -301,17 +301,20 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
                 ax.axvline(layer, color="grey", linestyle=style, linewidth=1)
                 marks.setdefault(layer, []).append(name)
         for layer, names in marks.items():  # one label per layer, stages sharing it joined
+            # Inside the axes: above them, a long label pushed the title up across white space.
             ax.text(
-                layer, 1.02, " = ".join(names), rotation=90, va="bottom", ha="center", fontsize=7
-            )
+                layer, 0.97, " = ".join(names), rotation=90, va="top", ha="right", fontsize=7,
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
+            )  # fmt: skip
         ax.set_xlabel("layer (resid_post, last prompt token)")
         ax.set_ylabel("mean reciprocal rank")
         ax.set_ylim(0, 1.0)
         through = "" if self.lens == "logit" else f" ({self.lens.split(' ')[0]} lens)"
-        ax.set_title(
-            f"{self.task}: early decoding{through} over {int(m.sum())} correct items", pad=28
+        ax.set_title(f"{self.task}: early decoding{through} over {int(m.sum())} correct items")
+        # Below the axes: inside, it covered the early layers' stage labels and curves.
+        ax.legend(
+            fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False
         )
-        ax.legend(fontsize=7, loc="upper left")
         return fig
 
     def _describe(self) -> str:
