@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 from conftest import ERASE_RESULT_KEYS
-from matplotlib.figure import Figure
 
 import mechprobe as mp
 from mechprobe.erasure._sweep import ErasureSweep, layer_sweep
@@ -48,8 +47,13 @@ def test_layer_sweep_fits_and_measures_each_layer(
     for r in sweep.results:  # LEACE guards the erased layer against a fresh linear probe
         after = r.values("probe_accuracy", "erased", site=r.site, probe="linear")[0]
         assert r.majority_baseline is not None and after <= r.majority_baseline + 0.2
-    assert isinstance(sweep.plot(), Figure)
-    assert sweep.plot(metric="lm_kl").axes[0].get_title().startswith("KL")
+    fig = sweep.plot()
+    assert fig.get_suptitle() == (
+        "leace erasure (rank 2), layer by layer; random controls: 1 a layer"
+    )
+    kl = sweep.plot(metric="lm_kl").axes[0]
+    assert kl.get_title().startswith("KL") and kl.get_ylabel() == "nats"
+    assert len({line.get_marker() for line in kl.lines if line.get_label() != "_child0"}) >= 2
     back = ErasureSweep.load(sweep.save(tmp_path / "sweep.json"))
     assert back.results == sweep.results
     assert repr(sweep) == "ErasureSweep(leace, 2 erasure(s), layers 0-2)"

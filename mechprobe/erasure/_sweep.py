@@ -153,7 +153,13 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
         axes = fig.subplots(1, len(metrics), squeeze=False)[0]
         for panel_ax, name in zip(axes, metrics, strict=True):
             self._panel(panel_ax, name, x)
-        fig.suptitle(f"{self.method} erasure, layer by layer", fontsize=10)
+        ranks = sorted({r.n_removed for r in self.results})
+        rank = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+        n_random = max(len(r.values(metrics[0], "random")) for r in self.results)
+        fig.suptitle(
+            f"{self.method} erasure ({rank}), layer by layer; random controls: {n_random} a layer",
+            fontsize=10,
+        )
         fig.tight_layout()
         return fig
 
@@ -161,20 +167,22 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
         if metric == "probe_accuracy":
             self._probe_panel(ax, x)
         else:
-            for condition, colour in (
-                ("erased", "#c44e52"),
-                ("random", "#8c8c8c"),
-                ("dropout", "#dd8452"),
+            # Markers apart: near 0 the random and dropout lines lay on each other.
+            for condition, colour, marker in (
+                ("erased", "#c44e52", "o"),
+                ("random", "#8c8c8c", "s"),
+                ("dropout", "#dd8452", "^"),
             ):
                 stats = [r.effect(metric, condition) for r in self.results]
                 mean = np.asarray([np.nan if m is None else m for m, _ in stats])
                 std = np.asarray([0.0 if s is None else s for _, s in stats])
                 if np.isnan(mean).all():
                     continue
-                ax.plot(x, mean, marker="o", color=colour, label=condition)
+                ax.plot(x, mean, marker=marker, color=colour, label=condition, alpha=0.85)
                 if condition == "random":
                     ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.25)
             ax.axhline(0, color="black", lw=0.6)
+            ax.set_ylabel("nats" if metric.endswith("kl") else "accuracy drop", fontsize=8)
         ax.set_xlabel("erased layer")
         ax.set_title(_TITLES.get(metric, metric), fontsize=10)
         ax.legend(fontsize=7)

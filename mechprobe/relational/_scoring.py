@@ -140,6 +140,9 @@ class TaskScore(Result, format="mechprobe.TaskScore", version=2, html_figure=Tru
                 ax.hist(self.logprob[mask], bins=bins, alpha=0.6, label=f"{label} ({mask.sum()})")
         ax.set_xlabel("teacher-forced log p(answer)")
         ax.set_ylabel("items")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts (ticks read 0.5, 1.5)
         ax.set_title(f"{self.task}: accuracy {self.accuracy:.0%}")
         ax.legend()
         return fig
