@@ -506,7 +506,15 @@ def test_compare_lenses_against_a_hand_computation(tiny, tmp_path):
         back = mp.LensComparison.load(cmp.save(tmp_path / f"cmp{suffix}"))
         np.testing.assert_array_equal(back.kl, cmp.kl)
         assert back.lenses == cmp.lenses and back.descriptions == cmp.descriptions
-    assert cmp.plot() is not None
+    fig = cmp.plot()
+    # a band of one standard error per lens: KL's over positions, precision@1's binomial
+    kl_band, p_band = fig.axes[0].collections[0], fig.axes[1].collections[0]
+    cols = [i for i, s in enumerate(cmp.sites) if s == cmp.sites[0]]
+    top = kl_band.get_paths()[0].vertices[:, 1].max()
+    assert top == pytest.approx(float((cmp.kl[0, cols] + cmp.kl_sem[0, cols]).max()))
+    p = cmp.precision[0, cols]
+    se = np.sqrt(p * (1 - p) / cmp.n_positions)
+    assert p_band.get_paths()[0].vertices[:, 1].min() == pytest.approx(float((p - se).min()))
 
 
 class _Constant(mp.Lens):

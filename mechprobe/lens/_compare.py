@@ -109,7 +109,8 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
         return wide.reset_index()
 
     def plot(self, ax: Axes | None = None, *, site: str | None = None) -> Figure:
-        """KL (log scale) and precision@1 per layer, one line per lens (into ``ax``: KL only)."""
+        """KL (log scale) and precision@1 per layer, one line per lens with a band of one
+        standard error over positions (into ``ax``: KL only)."""
         kind = self.sites[0] if site is None else site
         cols = [i for i, s in enumerate(self.sites) if s == kind]
         if not cols:
@@ -122,10 +123,18 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
 
             fig = Figure(figsize=(10, 3.6), layout="constrained")
             axes = list(fig.subplots(1, 2))
+        # Bands of one standard error (over positions; binomial for precision@1): with a few
+        # positions the curves cross by noise alone.
+        n = max(self.n_positions, 1)
         for i, name in enumerate(self.lenses):
-            axes[0].plot(layers, self.kl[i, cols], "o-", markersize=3, label=name)
+            kl, sem = self.kl[i, cols], self.kl_sem[i, cols]
+            (line,) = axes[0].plot(layers, kl, "o-", markersize=3, label=name)
+            axes[0].fill_between(layers, kl - sem, kl + sem, color=line.get_color(), alpha=0.2)
             if len(axes) > 1:
-                axes[1].plot(layers, self.precision[i, cols], "o-", markersize=3, label=name)
+                p = self.precision[i, cols]
+                se = np.sqrt(p * (1 - p) / n)
+                axes[1].plot(layers, p, "o-", markersize=3, label=name, color=line.get_color())
+                axes[1].fill_between(layers, p - se, p + se, color=line.get_color(), alpha=0.2)
         axes[0].set_yscale("symlog", linthresh=0.1)
         axes[0].set_ylabel("KL(final || lens), nats")
         axes[0].set_xlabel(f"layer ({kind})")
@@ -136,7 +145,10 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
             axes[1].set_ylabel("precision@1 (model's own top-1)")
             axes[1].set_xlabel(f"layer ({kind})")
             axes[1].grid(alpha=0.3)
-        title = f"{self.model_name or 'model'}: {self.n_positions} positions of {self.text}"
+        title = (
+            f"{self.model_name or 'model'}: {self.n_positions} positions of {self.text} "
+            "(bands: one standard error)"
+        )
         if len(axes) > 1:
             fig.suptitle(title, fontsize=9)
         else:
