@@ -126,7 +126,14 @@ def test_an_edit_at_every_position_reaches_the_generated_tokens(tiny):
         return hidden + v
 
     _check_equal(res, tiny, edit)
-    assert res.interventions == ("resid_post@1: Add(positions=None)",)
+    # how hard it steered (the title said "Add(positions=None)")
+    assert res.interventions == (
+        f"resid_post@1: Add(scale=1, |v|={float(v.norm()):.3g}, positions=None)",
+    )
+    ax = res.plot().axes[0]  # the tokens on their points: a dip is read off the figure
+    assert [a.get_text() for a in ax.texts] == [
+        mp.core.token_label(w, 10) for words in res.token_strings for w in words
+    ]
 
 
 def test_eos_and_stop_strings_end_a_completion(tiny):

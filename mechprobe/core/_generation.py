@@ -55,7 +55,7 @@ from mechprobe.core._hooks import (
     intervention_spec,
 )
 from mechprobe.core._progress import progress_bar
-from mechprobe.core._results import Result, new_axes
+from mechprobe.core._results import Result, new_axes, token_label
 from mechprobe.core._runner import (
     _is_pooled,
     _items,
@@ -170,8 +170,13 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
             2
         """
         fig, ax = new_axes(ax, (6.0, 3.5))
-        for prompt, lps in list(zip(self.prompts, self.logprobs, strict=True))[:20]:
-            ax.plot(np.arange(len(lps)), lps, marker=".", label=_tail(prompt, 30))
+        rows = list(zip(self.prompts, self.logprobs, self.token_strings, strict=True))[:20]
+        for prompt, lps, words in rows:
+            (line,) = ax.plot(np.arange(len(lps)), lps, marker=".", label=_tail(prompt, 30))
+            if len(rows) <= 3:  # the tokens themselves: a dip is read off the figure
+                for i, (lp, word) in enumerate(zip(lps, words, strict=True)):
+                    ax.annotate(token_label(word, 10), (i, lp), textcoords="offset points",
+                                xytext=(0, 4), ha="center", fontsize=6, color=line.get_color())  # fmt: skip
         ax.set_xlabel("generated token")
         ax.set_ylabel("log-probability")
         where = "; ".join(self.interventions) if self.interventions else "no intervention"
@@ -310,7 +315,7 @@ def generate(
         token_strings=tuple(tuple(tok.decode([t]) for t in ids) for ids, _, _, _ in out),
         finished=tuple(why for _, _, _, why in out),
         interventions=tuple(
-            f"{key}: {type(item).__name__}(positions={_positions(key, item)!r})"
+            f"{key}: {_edit(item, _positions(key, item))}"
             for key, value in spec.items()
             for item in _items(value)
         ),
@@ -604,3 +609,15 @@ def _tail(text: str, width: int = 40) -> str:
     """The end of ``text`` in at most ``width`` characters (a prompt's end is what differs)."""
     text = text.replace("\n", "\\n")
     return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+
+def _edit(item: Any, positions: Any) -> str:
+    """An intervention with its size where it has one: ``Add(scale=2, |v|=12.3, positions=-1)``
+    (the title of a steered generation left out how hard it steered)."""
+    parts = []
+    if getattr(item, "scale", None) is not None:
+        parts.append(f"scale={float(item.scale):g}")
+    if isinstance(getattr(item, "vector", None), torch.Tensor):
+        parts.append(f"|v|={float(item.vector.double().norm()):.3g}")
+    parts.append(f"positions={positions!r}")
+    return f"{type(item).__name__}({', '.join(parts)})"
