@@ -93,7 +93,7 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
         token_strings: Per prompt, each generated token decoded alone.
         finished: Per prompt, why generation stopped: ``"eos"``, ``"stop"`` (a stop string) or
             ``"length"`` (``max_new_tokens``).
-        interventions: The interventions in place, as text (``"mlp_out@10: Add(positions=-1)"``).
+        interventions: The interventions in place, as text (``"mlp_out@10: Add(scale=2, |v|=12.3, positions=-1)"``).
         max_new_tokens: The limit of new tokens per prompt.
         temperature: 0 for greedy completions, else the sampling temperature.
         seed: The seed of the draws (used when sampling).
