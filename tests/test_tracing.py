@@ -310,6 +310,14 @@ def test_the_figure_compares_kinds_on_one_scale_and_shows_harm(tiny):
         np.testing.assert_allclose(image.get_array(), grid[k].T)
         assert isinstance(image.norm, TwoSlopeNorm) and image.norm.vcenter == 0
         assert (image.norm.vmin, image.norm.vmax) == (pytest.approx(grid.min()), grid.max())
+    assert fig.get_suptitle().endswith("; * marks the noised subject's tokens")
+    # A category no prompt has (one-token subjects: no middle token) is grey, not white as 0
+    two = mp.causal_trace(tiny, ["A cat sat", "A dog ran"], ["c", "d"], n_noise=2, n_random=1)
+    image = two.plot().axes[0].images[0]
+    middle = list(mp.patching._tracing.CATEGORIES).index("middle subject tokens")
+    assert np.isnan(np.asarray(image.get_array(), dtype=float)[middle]).all()
+    assert image.cmap.get_bad().tolist() == [0.85, 0.85, 0.85, 1.0]
+    assert two.plot().get_suptitle().endswith("; grey: no such token in any prompt")
     own = res.plot(shared=False)
     assert len(own.axes) == 6
     assert own.axes[0].images[0].norm.vmax == pytest.approx(grid[0].max())

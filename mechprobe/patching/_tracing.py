@@ -442,6 +442,7 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             >>> len(res.plot().axes)
             2
         """
+        from matplotlib import colormaps
         from matplotlib.colors import Normalize, TwoSlopeNorm
 
         if kind is not None and kind not in self.kinds:
@@ -479,7 +480,10 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         image = None
         for axis, name in zip(axes, kinds, strict=True):
             scale = common if common is not None else norm(grids[name])
-            cmap = "PuOr" if isinstance(scale, TwoSlopeNorm) else "Purples"
+            name_of_map = "PuOr" if isinstance(scale, TwoSlopeNorm) else "Purples"
+            # An empty category (no middle subject token in one- or two-token subjects) is
+            # grey, not white as an effect of 0.
+            cmap = colormaps[name_of_map].with_extremes(bad="0.85")
             image = axis.imshow(grids[name], cmap=cmap, norm=scale, aspect="auto")
             axis.set_yticks(range(len(labels)), labels=labels)
             axis.set_xticks(ticks, labels=[str(self.layers[t]) for t in ticks])
@@ -491,9 +495,12 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             fig.colorbar(image, ax=axes, label=f"indirect effect on {self.metric}")
         if ax is None:
             clean, corrupted = float(np.mean(self.clean)), float(np.mean(self.corrupted))
+            star = "; * marks the noised subject's tokens" if single else ""
+            if not single and bool(np.isnan(np.stack(list(grids.values()))).any()):
+                star = "; grey: no such token in any prompt"
             fig.suptitle(
                 f"{self.metric}: clean {clean:.3g}, subject noised {corrupted:.3g} "
-                f"({len(self.scores)} prompt(s) x {self.n_noise} noise samples)",
+                f"({len(self.scores)} prompt(s) x {self.n_noise} noise samples){star}",
                 fontsize=9,
             )
         return fig
