@@ -221,7 +221,10 @@ class Result:
             try:
                 figure = self._html_plot()
                 buffer = io.BytesIO()
-                figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+                # At most ~960 pixels a side: a notebook keeps every view (a 72 x 72 path figure
+                # embedded 277 KB).
+                dpi = min(80.0, 960.0 / max(figure.get_size_inches()))
+                figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
                 data = base64.b64encode(buffer.getvalue()).decode("ascii")
                 parts.append(f'<img src="data:image/png;base64,{data}"/>')
             except Exception:
