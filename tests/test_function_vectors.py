@@ -133,7 +133,12 @@ def test_result_protocol_and_errors(model, task, result, tmp_path):
     np.testing.assert_array_equal(back.aie, result.aie)
     assert back.heads == result.heads
     assert "FV of 3 heads" in repr(result)
-    assert result.plot().axes
+    fig = result.plot()
+    # the headline beside the heads: each condition's accuracy, the FV's layer marked
+    bars = fig.axes[1]
+    assert [t.get_text() for t in bars.get_xticklabels()] == list(result.conditions)
+    np.testing.assert_allclose([p.get_height() for p in bars.patches], result.accuracy)
+    assert any(t.get_text() == " FV added" for t in fig.axes[0].texts)
     assert result.to_frame()["top"].sum() == 3
     with pytest.raises(ValueError, match="at least two"):
         mp.function_vector(model, task.with_shots(1), progress=False)

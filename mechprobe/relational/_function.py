@@ -39,7 +39,6 @@ from mechprobe.core import (
     check_seed,
     figure_of,
     first_token_ids,
-    new_axes,
     run,
     top1_hit,
 )
@@ -149,18 +148,28 @@ class FunctionVectorResult(
         )
 
     def plot(self, ax: Axes | None = None) -> Figure:
-        """Heatmap of the heads' AIE (layers x heads), the FV's heads outlined.
+        """Heatmap of the heads' AIE (layers x heads), the FV's heads outlined and the layer it
+        is added at marked, beside the accuracy of each condition (into ``ax``: the heatmap).
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.function_vector(mp.tiny_model(), "capitals", n_prompts=4, progress=False)
-            >>> len(res.plot().axes)
-            2
+            >>> len(res.plot().axes)  # heatmap, its colour bar, the accuracy bars
+            3
         """
         from matplotlib.patches import Rectangle
 
         n_layers, n_heads = self.aie.shape
-        fig, ax = new_axes(ax, (max(4.0, 0.4 * n_heads + 2), max(3.0, 0.2 * n_layers + 1.5)))
+        height = max(3.0, 0.2 * n_layers + 1.5)
+        if ax is None:
+            from matplotlib.figure import Figure
+
+            # The headline (FV beside its controls) was in the table only.
+            fig = Figure(figsize=(max(4.0, 0.4 * n_heads + 2) + 4.0, height), layout="constrained")
+            ax, bars = fig.subplots(1, 2, width_ratios=[1.2, 1.0])
+            self._bars(bars)
+        else:
+            fig = figure_of(ax)
         finite = np.abs(self.aie[np.isfinite(self.aie)])
         lim = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
         image = ax.imshow(self.aie, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
@@ -168,11 +177,27 @@ class FunctionVectorResult(
             ax.add_patch(
                 Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black", lw=1.2)
             )
+        ax.axhline(self.layer, color="black", ls=":", lw=1)
+        ax.text(n_heads - 0.5, self.layer, " FV added", va="center", ha="left", fontsize=7)
+        ax.set_xticks(range(n_heads))
+        ax.set_yticks(range(0, n_layers, 1 if n_layers <= 16 else 2))
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
-        figure_of(ax).colorbar(image, ax=ax, label="average indirect effect (answer prob.)")
-        ax.set_title(f"{self.task}: heads' AIE, FV heads outlined")
+        fig.colorbar(image, ax=ax, label="average indirect effect (answer prob.)")
+        ax.set_title(f"{self.task}: heads' AIE, FV heads outlined", fontsize=9)
         return fig
+
+    def _bars(self, ax: Axes) -> None:
+        """Top-1 accuracy per condition, values on the bars, the held-out items counted."""
+        x = np.arange(len(self.conditions))
+        drawn = ax.bar(x, self.accuracy, color="tab:blue")
+        ax.bar_label(drawn, fmt="%.2f", fontsize=7)
+        ax.set_xticks(x, self.conditions, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.1)
+        ax.set_ylabel("top-1 accuracy (first answer token)")
+        ax.set_title(
+            f"held out: {self.correct.shape[-1]} items, FV at layer {self.layer}", fontsize=9
+        )
 
 
 def shuffled_prompts(task: Task, *, seed: int = 0) -> list[str]:
