@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -143,3 +144,17 @@ def test_relational_analysis_runs_a_two_shot_task_as_the_command_does(tiny):
     # has no whole-word offsets, which is the error a name should reach.
     with pytest.raises(ValueError, match="distinct token pairs"):
         mp.offset_accuracy(tiny, "capitals")
+
+
+def test_plot_decodes_the_vector_into_the_tokens_it_promotes(tiny) -> None:
+    # A line of 576 values said nothing of what o means; Merullo et al. read it through the head.
+    o = mp.extract_ovector(tiny, ["Hi there", "The cat"], 1)
+    ax = o.plot(model=tiny, k=4).axes[0]
+    with torch.no_grad():
+        v = o.vector[None].to(tiny.W_U.dtype)
+        logits = (tiny.ln_final(v) @ tiny.W_U + tiny.b_U)[0]  # by hand: final norm, unembedding
+    top = torch.topk(logits, 4)
+    widths = sorted((p.get_width() for p in ax.patches), reverse=True)
+    np.testing.assert_allclose(widths, top.values.numpy(), rtol=1e-5)
+    with pytest.raises(ValueError, match="width"):
+        mp.OVector(torch.ones(7), 1, "x", 1, "y").plot(model=tiny)

@@ -35,8 +35,11 @@ from mechprobe.core import (
     check_int,
     check_seed,
     first_token_ids,
+    model_adapter,
+    readout,
     resolve_site,
     run,
+    token_label,
     tokenize,
     top1_hit,
 )
@@ -121,15 +124,44 @@ class OVector(Result, format="mechprobe.OVector", version=2):
             }
         )
 
-    def plot(self, ax: Axes | None = None) -> Figure:
-        """The vector's components by dimension (into ``ax`` when given)."""
-        fig, ax = axes_for(ax, (7, 2.8), "OVector.plot")
-        values = self.vector.detach().float().cpu().numpy()
-        ax.plot(np.arange(values.size), values, linewidth=0.6)
-        ax.axhline(0, color="grey", linewidth=0.5)
-        ax.set_xlabel("dimension")
-        ax.set_ylabel("value")
-        ax.set_title(f"o-vector of {self.source}, layer {self.layer}, norm {self.norm:.3g}")
+    def plot(self, ax: Axes | None = None, *, model: Any = None, k: int = 15) -> Figure:
+        """With ``model``, the ``k`` tokens the vector promotes most, read through the model's
+        final norm and unembedding (what o means: Merullo et al.'s check); without, its
+        components by dimension (into ``ax`` when given).
+
+        Example:
+            >>> import mechprobe as mp
+            >>> model = mp.tiny_model()
+            >>> o = mp.extract_ovector(model, ["Hi there"], 1)
+            >>> len(o.plot(model=model, k=5).axes[0].patches)
+            5
+        """
+        if model is None:
+            fig, ax = axes_for(ax, (7, 2.8), "OVector.plot")
+            values = self.vector.detach().float().cpu().numpy()
+            ax.plot(np.arange(values.size), values, linewidth=0.6)
+            ax.axhline(0, color="grey", linewidth=0.5)
+            ax.set_xlabel("dimension (model= decodes the vector into tokens)")
+            ax.set_ylabel("value")
+            ax.set_title(f"o-vector of {self.source}, layer {self.layer}, norm {self.norm:.3g}")
+            return fig
+        check_int(k, "k", 1)
+        vector = self.vector.detach().to(model.W_U.device, model.W_U.dtype)
+        if vector.shape[-1] != model.cfg.d_model:
+            raise ValueError(
+                f"The o-vector has width {vector.shape[-1]}, the model d_model "
+                f"{model.cfg.d_model}: pass the model it was extracted from ({self.model!r})."
+            )
+        with torch.no_grad():
+            logits = readout(model, vector[None])[0].float().cpu()
+        top = torch.topk(logits, min(k, logits.numel()))
+        adapter = model_adapter(model)
+        labels = [token_label(adapter.token_text(int(i)), 16) for i in top.indices]
+        fig, ax = axes_for(ax, (5, 0.25 * len(labels) + 1.5), "OVector.plot")
+        ax.barh(np.arange(len(labels))[::-1], top.values.numpy(), color="tab:green")
+        ax.set_yticks(np.arange(len(labels))[::-1], labels, fontsize=8)
+        ax.set_xlabel("logit through the final norm and unembedding")
+        ax.set_title(f"tokens o promotes: {self.source}, layer {self.layer}", fontsize=9)
         return fig
 
     def _describe(self) -> str:
