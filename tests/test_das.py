@@ -273,6 +273,11 @@ def test_result_protocol_and_round_trip(tiny, tmp_path):
     ]
     assert res.summary()["k"][0] == 2 and "held-out IIA" in repr(res)
     assert "<table" in res._repr_html_() and len(res.plot().axes[0].patches) == 4
+    ax = res.plot().axes[0]  # values on the bars (an IIA of 0 is no bar), n in the title
+    assert [t.get_text() for t in ax.texts] == [
+        f"{res.iia[c]:.2f}" for c in ("das", "random", "full", "none")
+    ]
+    assert f"{len(res.hits)} held-out pairs" in ax.get_title()
     for suffix in (".json", ".npz", ".safetensors"):
         back = mp.DASResult.load(res.save(tmp_path / f"das{suffix}"))
         np.testing.assert_array_equal(back.rotation, res.rotation)

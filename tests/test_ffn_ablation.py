@@ -91,7 +91,15 @@ def test_two_tasks_roundtrip_and_plot(tiny, tmp_path):
     assert np.array_equal(back.accuracy, res.accuracy)
     assert all(np.array_equal(a, b) for a, b in zip(back.predicted, res.predicted, strict=True))
     assert len(res.to_frame()) == 6 and list(res.fraction_removed) == [0.0, 2 / 3, 1.0]
-    assert res.plot().axes and res.plot(relative=True).axes
+    # Two tasks at the same accuracy hid each other: drawn apart, a task that cannot be drawn
+    # relative to an intact 0 says so
+    lines = res.plot().axes[0].lines
+    assert not np.array_equal(lines[0].get_xdata(), lines[1].get_xdata())
+    legend = [t.get_text() for t in res.plot(relative=True).axes[0].get_legend().get_texts()]
+    for name, row in zip(res.tasks, res.accuracy, strict=True):
+        hidden = row[0] == 0
+        assert any(text.startswith(name) and text.endswith("(intact 0: not drawn)") == hidden
+                   for text in legend)  # fmt: skip
     with pytest.raises(ValueError, match="method"):
         mp.ffn_ablation(tiny, tasks, method="half")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="parts"):

@@ -175,14 +175,18 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
         fig, ax = new_axes(ax, (5.0, 3.5))
         labels = [f"DAS (k={self.k})", "random k", "whole site", "intact"]
         colours = ["tab:blue", "tab:grey", "tab:green", "lightgrey"]
-        ax.bar(range(4), [self.iia[c] for c in CONDITIONS], color=colours)
+        bars = ax.bar(range(4), [self.iia[c] for c in CONDITIONS], color=colours)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)  # an intact IIA of 0 is otherwise no bar
         if self.iia_random.size:
             ax.plot(np.ones(self.iia_random.size), self.iia_random, "k.", label="each random")
             ax.legend(fontsize="small")
         ax.set_xticks(range(4), labels)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("interchange accuracy (held out)")
-        ax.set_title(f"DAS at {self.site}, position {self.positions}", fontsize="small")
+        ax.set_title(
+            f"DAS at {self.site}, position {self.positions}; {len(self.hits)} held-out pairs",
+            fontsize="small",
+        )
         return fig
 
     def _describe(self) -> str:

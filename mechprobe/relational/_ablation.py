@@ -140,9 +140,17 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
         fig, ax = axes_for(ax, (5.5, 3.6), "AblationResult.plot")
         values = self.relative() if relative else self.accuracy
         x = self.fraction_removed
+        # Offset a little and see-through: tasks at the same accuracy (often 0) hid each other.
+        step = float(np.min(np.diff(x))) if len(x) > 1 else 1.0
         for t, name in enumerate(self.tasks):
             style = "o-" if self.kinds[t] == "abstractive" else "s--"
-            ax.plot(x, values[t], style, label=f"{name} ({self.kinds[t]})")
+            shift = (t - (len(self.tasks) - 1) / 2) * 0.04 * step
+            missing = (
+                " (intact 0: not drawn)" if relative and not np.isfinite(values[t]).any() else ""
+            )
+            ax.plot(
+                x + shift, values[t], style, alpha=0.8, label=f"{name} ({self.kinds[t]}){missing}"
+            )
         ticks = [f"{k}/{self.parts}" for k in range(self.parts + 1)]
         ax.set_xticks(x, ticks)
         ax.set_xlabel("FFNs removed, top-down (fraction of layers)")
