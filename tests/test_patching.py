@@ -296,6 +296,20 @@ def test_tokens_and_callable_metrics(tiny):
         expected = tiny(tiny.to_tokens(CLEAN))[0, -1].softmax(-1)[ANS]
     np.testing.assert_allclose(prob.clean, [float(expected)], rtol=1e-5)
     assert ((prob.values > 0) & (prob.values < 1)).all()
+    # Unpadded ids of different lengths, one tensor per prompt (they were refused, pointing at run)
+    clean, corrupt = ["A cat", "Hi there dog"], ["A bat", "Hi there fog"]
+    ragged = [tiny.to_tokens(p)[0] for p in clean], [tiny.to_tokens(p)[0] for p in corrupt]
+    by_list = mp.ablate_cells(tiny, ragged[0], "mlp_out", -1, METRIC, n_random=0)
+    by_text = mp.ablate_cells(tiny, clean, "mlp_out", -1, METRIC, n_random=0)
+    np.testing.assert_allclose(by_list.per_pair, by_text.per_pair, atol=1e-6)
+    both = mp.patch(tiny, *ragged, "mlp_out", -1, METRIC, n_random=0)
+    np.testing.assert_allclose(
+        both.per_pair,
+        mp.patch(tiny, clean, corrupt, "mlp_out", -1, METRIC, n_random=0).per_pair,
+        atol=1e-6,
+    )
+    with pytest.raises(ValueError, match="prompt 1: a list of token ids takes one 1-D"):
+        mp.patch(tiny, [ragged[0][0], ragged[0][1][None]], ragged[1], "mlp_out", -1, METRIC)
 
 
 def test_no_hooks_left_after_an_exception_in_the_metric(tiny):

@@ -67,7 +67,7 @@ from mechprobe.patching._result import PatchResult, normalised_recovery
 __all__ = ["Prompts", "ablate_cells", "patch", "position_pairs", "token_rows"]
 
 Direction: TypeAlias = Literal["denoising", "noising"]
-Prompts: TypeAlias = str | Sequence[str] | Batch | Tensor
+Prompts: TypeAlias = str | Sequence[str] | Batch | Tensor | Sequence[Tensor]
 
 
 def _sites(model: Any, sites: Any, layers: Layers, what: str = "patch()") -> list[Site]:
@@ -100,24 +100,49 @@ def token_rows(model: Any, prompts: Prompts, what: str) -> list[Tensor]:
         >>> [len(t) for t in token_rows(tiny_model(), ["Hi", "Hello"], "prompts")]
         [3, 6]
     """
+    if (
+        isinstance(prompts, (list, tuple))
+        and prompts
+        and all(isinstance(p, Tensor) for p in prompts)
+    ):
+        # one 1-D tensor per prompt, of any lengths: unpadded ids as they are
+        tensors = [p for p in prompts if isinstance(p, Tensor)]
+        bad = [i for i, p in enumerate(tensors) if p.ndim != 1 or p.is_floating_point()]
+        if bad:
+            raise ValueError(
+                f"{what} prompt {bad[0]}: a list of token ids takes one 1-D integer tensor per "
+                "prompt (unpadded)."
+            )
+        rows = [p.long().cpu() for p in tensors]
+        _check_vocabulary(model, rows, what)
+        return rows
     if isinstance(prompts, Tensor):
         if prompts.ndim not in (1, 2) or prompts.is_floating_point():
-            raise ValueError(f"{what} tokens must be integer ids [seq] or [pairs, seq] (unpadded).")
-        rows = list(prompts.long().reshape(-1, prompts.shape[-1]).cpu())
-        vocab = int(model.cfg.d_vocab)  # the embedding's rows
-        ids = torch.cat(rows)
-        outside = ids[(ids < 0) | (ids >= vocab)].unique().tolist()
-        if outside:  # an IndexError inside the embedding (a device-side assert on a GPU)
             raise ValueError(
-                f"{what} tokens hold ids {outside[:5]} outside the model's "
-                f"vocabulary (0..{vocab - 1}): pass token ids of this model, or strings."
+                f"{what} tokens must be integer ids [seq] or [pairs, seq] (unpadded), or a list "
+                "of 1-D id tensors of any lengths."
             )
+        rows = list(prompts.long().reshape(-1, prompts.shape[-1]).cpu())
+        _check_vocabulary(model, rows, what)
         _refuse_padding(model, rows, what)
         return rows
-    batch = prompts if isinstance(prompts, Batch) else tokenize(model, prompts)
+    # What is left are strings (a list holding other things fails in tokenize, naming it).
+    batch = prompts if isinstance(prompts, Batch) else tokenize(model, prompts)  # type: ignore[arg-type]
     return [
         t[m.bool()] for t, m in zip(batch.tokens.cpu(), batch.attention_mask.cpu(), strict=True)
     ]
+
+
+def _check_vocabulary(model: Any, rows: list[Tensor], what: str) -> None:
+    """Refuse ids outside the embedding (an IndexError inside it; a device-side assert on a GPU)."""
+    vocab = int(model.cfg.d_vocab)  # the embedding's rows
+    ids = torch.cat(rows)
+    outside = ids[(ids < 0) | (ids >= vocab)].unique().tolist()
+    if outside:
+        raise ValueError(
+            f"{what} tokens hold ids {outside[:5]} outside the model's "
+            f"vocabulary (0..{vocab - 1}): pass token ids of this model, or strings."
+        )
 
 
 def _refuse_padding(model: Any, rows: list[Tensor], what: str) -> None:
