@@ -360,7 +360,11 @@ class Ablate(Intervention):
             mean over the real tokens at the selected positions is used: in :func:`mechprobe.run`
             over all its prompts (one extra pass computes it first, so the result does not depend
             on ``batch_size``), under :func:`intervene` over the batch forwarded (pass
-            ``batch=`` so that padding is left out). Padded positions never count.
+            ``batch=`` so that padding is left out). Padded positions never count. So
+            ``Ablate("mean", positions=-1)`` sets the last token to the mean of the last tokens,
+            where :func:`mechprobe.ablate_cells`'s ``method="mean"`` takes the mean over every
+            token unless ``reference_positions=-1`` (one head of SmolLM2 on induction prompts:
+            effects -1.66 and -2.25); pass ``mean=`` to choose.
         positions: As for every intervention.
 
     Example:
