@@ -308,8 +308,17 @@ def test_tokens_and_callable_metrics(tiny):
         mp.patch(tiny, clean, corrupt, "mlp_out", -1, METRIC, n_random=0).per_pair,
         atol=1e-6,
     )
-    with pytest.raises(ValueError, match="prompt 1: a list of token ids takes one 1-D"):
+    with pytest.raises(ValueError, match="prompt 1: a list of token ids takes one non-empty 1-D"):
         mp.patch(tiny, [ragged[0][0], ragged[0][1][None]], ragged[1], "mlp_out", -1, METRIC)
+    with pytest.raises(ValueError, match="prompt 0: a list of token ids"):
+        mp.patch(tiny, [torch.tensor([], dtype=torch.long)], ragged[1][:1], "mlp_out", -1, METRIC)
+    with pytest.raises(ValueError, match="mix token-id tensors and other things"):
+        mp.patch(tiny, [ragged[0][0], "Hi"], corrupt, "mlp_out", -1, METRIC)
+    # the rows of a padded batch, listed, are still a padded batch (pair 0 was read at a pad)
+    with pytest.raises(ValueError, match="padded batch"):
+        mp.patch(
+            tiny, list(tiny.to_tokens(clean)), list(tiny.to_tokens(corrupt)), "mlp_out", -1, METRIC
+        )
 
 
 def test_no_hooks_left_after_an_exception_in_the_metric(tiny):

@@ -100,21 +100,28 @@ def token_rows(model: Any, prompts: Prompts, what: str) -> list[Tensor]:
         >>> [len(t) for t in token_rows(tiny_model(), ["Hi", "Hello"], "prompts")]
         [3, 6]
     """
-    if (
-        isinstance(prompts, (list, tuple))
-        and prompts
-        and all(isinstance(p, Tensor) for p in prompts)
-    ):
+    if isinstance(prompts, (list, tuple)) and any(isinstance(p, Tensor) for p in prompts):
         # one 1-D tensor per prompt, of any lengths: unpadded ids as they are
+        if not all(isinstance(p, Tensor) for p in prompts):
+            raise ValueError(
+                f"{what} prompts mix token-id tensors and other things: pass one kind, a list of "
+                "1-D torch tensors of ids or a list of strings."
+            )
         tensors = [p for p in prompts if isinstance(p, Tensor)]
-        bad = [i for i, p in enumerate(tensors) if p.ndim != 1 or p.is_floating_point()]
+        bad = [
+            i
+            for i, p in enumerate(tensors)
+            if p.ndim != 1 or p.is_floating_point() or p.dtype == torch.bool or p.numel() == 0
+        ]
         if bad:
             raise ValueError(
-                f"{what} prompt {bad[0]}: a list of token ids takes one 1-D integer tensor per "
-                "prompt (unpadded)."
+                f"{what} prompt {bad[0]}: a list of token ids takes one non-empty 1-D integer "
+                "tensor per prompt (unpadded)."
             )
         rows = [p.long().cpu() for p in tensors]
         _check_vocabulary(model, rows, what)
+        # list(model.to_tokens([...])) is a padded batch too: its pads would be read as tokens
+        _refuse_padding(model, rows, what)
         return rows
     if isinstance(prompts, Tensor):
         if prompts.ndim not in (1, 2) or prompts.is_floating_point():
