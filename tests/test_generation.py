@@ -130,6 +130,18 @@ def test_an_edit_at_every_position_reaches_the_generated_tokens(tiny):
     assert res.interventions == (
         f"resid_post@1: Add(scale=1, |v|={float(v.norm()):.3g}, positions=None)",
     )
+
+    class Scale(mp.Intervention):  # a user's own: its "scale" is not a number
+        def __init__(self, scale, positions=None):
+            super().__init__(positions)
+            self.scale = scale
+
+        def edit(self, selected, hook):
+            return selected * self.scale
+
+    half = torch.full((tiny.cfg.d_model,), 0.5)
+    mine = mp.generate(tiny, "Hi", {"blocks.1.hook_resid_post": Scale(half)}, max_new_tokens=2)
+    assert mine.interventions == ("blocks.1.hook_resid_post: Scale(positions=None)",)
     ax = res.plot().axes[0]  # the tokens on their points: a dip is read off the figure
     assert [a.get_text() for a in ax.texts] == [
         mp.core.token_label(w, 10) for words in res.token_strings for w in words

@@ -177,6 +177,10 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
                 for i, (lp, word) in enumerate(zip(lps, words, strict=True)):
                     ax.annotate(token_label(word, 10), (i, lp), textcoords="offset points",
                                 xytext=(0, 4), ha="center", fontsize=6, color=line.get_color())  # fmt: skip
+        from matplotlib.ticker import MaxNLocator
+
+        ax.margins(y=0.12)  # room for the token above the highest point
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("generated token")
         ax.set_ylabel("log-probability")
         where = "; ".join(self.interventions) if self.interventions else "no intervention"
@@ -615,9 +619,10 @@ def _edit(item: Any, positions: Any) -> str:
     """An intervention with its size where it has one: ``Add(scale=2, |v|=12.3, positions=-1)``
     (the title of a steered generation left out how hard it steered)."""
     parts = []
-    if getattr(item, "scale", None) is not None:
-        parts.append(f"scale={float(item.scale):g}")
-    if isinstance(getattr(item, "vector", None), torch.Tensor):
+    # The library's Add only: a user's intervention may hold any "scale" or "vector" (a tensor
+    # of scales made the description, built after generating, raise).
+    if isinstance(item, Add):
+        parts.append(f"scale={item.scale:g}")
         parts.append(f"|v|={float(item.vector.double().norm()):.3g}")
     parts.append(f"positions={positions!r}")
     return f"{type(item).__name__}({', '.join(parts)})"
