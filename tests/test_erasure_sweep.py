@@ -51,6 +51,9 @@ def test_layer_sweep_fits_and_measures_each_layer(
     assert fig.get_suptitle() == (
         "leace erasure (rank 2), layer by layer; random controls: 1 a layer"
     )
+    probed = layer_sweep(tiny, letters, [0], "leace", probe=letters, n_random=2)
+    # probe accuracy first: one random value per probed site and seed (it read 6 for 2)
+    assert probed.plot().get_suptitle().endswith("random controls: 2 a layer")
     kl = sweep.plot(metric="lm_kl").axes[0]
     assert kl.get_title().startswith("KL") and kl.get_ylabel() == "nats"
     assert len({line.get_marker() for line in kl.lines if line.get_label() != "_child0"}) >= 2

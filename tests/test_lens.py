@@ -324,6 +324,11 @@ def test_default_figures_show_every_prompt_and_the_top_of_the_rank_axis(tiny):
         wide.axes[0].get_title()
     )
     assert long.plot(site="resid_post", last=n).axes[0].images[0].get_array().shape == (3, n)
+    for bad in (0, -3):  # 0 drew every column, -3 all but the first three
+        with pytest.raises(ValueError, match="last"):
+            long.plot(last=bad)
+    with pytest.raises(ValueError, match="empty list"):
+        result.plot_trajectory(prompt=[])
     # summary(): its top-1 columns are prompt 0's (the rest are means over prompts): say so
     summary = result.summary()
     assert "top1 (prompt 0)" in summary and "top1" not in summary

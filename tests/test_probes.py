@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import types
 import warnings
@@ -805,6 +806,8 @@ def test_probe_result_round_trip_frame_and_plot(tmp_path, suffix: str) -> None:
         assert high == 1.02 and low <= min(0.0, float(np.nanmin(result.selectivity)))
         if result.mix_accuracy is not None:
             assert result.mix_accuracy in [line.get_ydata()[0] for line in fig.axes[0].lines]
+        odd = dataclasses.replace(result, split="holdout(test_size=0.2, grouped)")
+        assert odd.plot().axes[0].get_title().endswith(", holdout(test_size=0.2, grouped)")
         into = Figure()
         assert result.plot(ax=into.add_subplot()) is into and len(into.axes) == 1
         assert "<table" in result._repr_html_()

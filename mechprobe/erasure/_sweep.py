@@ -155,7 +155,13 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
             self._panel(panel_ax, name, x)
         ranks = sorted({r.n_removed for r in self.results})
         rank = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
-        n_random = max(len(r.values(metrics[0], "random")) for r in self.results)
+        # Counted as the panels read them (probe accuracy: one value per probed site and seed)
+        n_random = max(
+            len(r.values("probe_accuracy", "random", site=r.site, probe="linear"))
+            if metrics[0] == "probe_accuracy"
+            else len(r.values(metrics[0], "random"))
+            for r in self.results
+        )
         fig.suptitle(
             f"{self.method} erasure ({rank}), layer by layer; random controls: {n_random} a layer",
             fontsize=10,
@@ -184,6 +190,9 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
             ax.axhline(0, color="black", lw=0.6)
             ax.set_ylabel("nats" if metric.endswith("kl") else "accuracy drop", fontsize=8)
         ax.set_xlabel("erased layer")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(_TITLES.get(metric, metric), fontsize=10)
         ax.legend(fontsize=7)
 

@@ -14,7 +14,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mechprobe.core import figure_of, new_axes, token_label
+from mechprobe.core import check_int, figure_of, new_axes, token_label
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -83,6 +83,8 @@ def heatmap(
         b = result.check_prompt(0 if prompt is None else prompt)
         cells = [(b, int(c)) for c in decoded[b]]
     n_cells = len(cells)
+    if last is not None:  # 0 drew every column (cells[-0:]) and -3 all but the first three
+        check_int(last, "last", 1)
     if last is None and n_cells > _COLUMNS:  # 0.75 inch a column: 73 positions drew 56 inches
         last = _COLUMNS
     if last is not None:
@@ -187,6 +189,8 @@ def trajectory(
         prompts: list[int] = list(range(1 if ax is not None else min(len(result.prompts), _PANELS)))
     else:
         prompts = [prompt] if isinstance(prompt, (int, np.integer)) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt is an empty list: name a prompt index, several, or None.")
     indices = [result.check_prompt(p) for p in prompts]
     if titles is not None and len(titles) != len(indices):
         raise ValueError(f"Got {len(titles)} titles for {len(indices)} prompts: pass one each.")

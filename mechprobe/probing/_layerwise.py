@@ -200,8 +200,15 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
         ax.axhline(self.majority_baseline, ls="--", color="gray", label="majority baseline")
         if self.mix_accuracy is not None:
             ax.axhline(self.mix_accuracy, ls=":", color="tab:purple", label="scalar-mix probe")
-        held = self.split.replace("holdout(test_size=", "").rstrip(")")
-        split = f"{float(held):.0%} held out" if held != self.split else f"{self.split} CV"
+        import re
+
+        held = re.fullmatch(r"holdout\(test_size=([0-9.eE+-]+)\)", self.split)
+        fold = re.fullmatch(r"\d+-fold", self.split)
+        split = (
+            f"{float(held.group(1)):.0%} held out"
+            if held
+            else (f"{self.split} CV" if fold else self.split)
+        )
         title = (
             f"{self.probe} probes, {self.n_classes} classes, {self.n_examples} examples, {split}"
         )
