@@ -179,6 +179,8 @@ def test_the_result_protocol(tiny, tmp_path) -> None:
         assert all(np.array_equal(a, b) for a, b in zip(back.tokens, res.tokens, strict=True))
     assert "repeated random tokens" in repr(res) and "<table" in res._repr_html_()
     assert "<img" in res._repr_html_()  # the layer x head maps, at a glance
+    one = mp.head_scores(tiny, seq_len=6, n_prompts=1, progress=False)
+    assert one.to_frame()["std"].isna().all()  # a spread over one prompt is undefined (read 0)
     with pytest.raises(ValueError, match="was not scored"):
         res.plot(kind="copying")
 

@@ -311,6 +311,7 @@ def test_the_figure_compares_kinds_on_one_scale_and_shows_harm(tiny):
         assert isinstance(image.norm, TwoSlopeNorm) and image.norm.vcenter == 0
         assert (image.norm.vmin, image.norm.vmax) == (pytest.approx(grid.min()), grid.max())
     assert fig.get_suptitle().endswith("; * marks the noised subject's tokens")
+    assert res.summary()["spread"].isna().all()  # over one prompt: undefined, it read 0
     # A category no prompt has (one-token subjects: no middle token) is grey, not white as 0
     two = mp.causal_trace(tiny, ["A cat sat", "A dog ran"], ["c", "d"], n_noise=2, n_random=1)
     image = two.plot().axes[0].images[0]

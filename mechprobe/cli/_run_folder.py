@@ -11,7 +11,7 @@ from mechprobe.core import format_number
 
 def report(title: str, args: argparse.Namespace, result: Any, figure: str) -> str:
     """report.md: the settings run, the result's one-line description, its summary table."""
-    table = result.summary().to_string(index=False, float_format=format_number)
+    table = result.summary().to_string(index=False, float_format=format_number, na_rep="—")
     settings = "\n".join(
         f"{k}: {v!r}" for k, v in vars(args).items() if k not in ("func", "command")
     )

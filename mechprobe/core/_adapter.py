@@ -237,6 +237,9 @@ class ModelAdapter:
         Mistral), or None where every layer attends to the whole prefix. A 4D attention mask, as
         packed rows pass, replaces the window: packing is exact only for sequences within it."""
         if self.kind == "hooked":
+            # TransformerLens applies local attention only with use_local_attn set
+            if not getattr(self.model.cfg, "use_local_attn", False):
+                return None
             types = getattr(self.model.cfg, "attn_types", None) or ()
             window = getattr(self.model.cfg, "window_size", None)
             return int(window) if window and "local" in types else None

@@ -40,7 +40,11 @@ def show_figures_in_notebooks() -> bool:
     )
     if registered:
         return False
+    import inspect
+
     from IPython.core.pylabtools import print_figure
 
-    png.for_type_by_name(*key, partial(print_figure, fmt="png", base64=True, bbox_inches="tight"))
+    # IPython before 7.29 has no base64= (the formatter then takes the raw bytes).
+    options = {"base64": True} if "base64" in inspect.signature(print_figure).parameters else {}
+    png.for_type_by_name(*key, partial(print_figure, fmt="png", bbox_inches="tight", **options))
     return True

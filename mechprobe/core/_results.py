@@ -221,9 +221,10 @@ class Result:
             try:
                 figure = self._html_plot()
                 buffer = io.BytesIO()
-                # At most ~960 pixels a side: a notebook keeps every view (a 72 x 72 path figure
-                # embedded 277 KB).
-                dpi = min(80.0, 960.0 / max(figure.get_size_inches()))
+                # At most about a megapixel: a notebook keeps every view (a 72 x 72 path figure
+                # embedded 277 KB); by area, so a wide strip keeps legible text.
+                width, height = figure.get_size_inches()
+                dpi = min(80.0, (1.0e6 / (width * height)) ** 0.5)
                 figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
                 data = base64.b64encode(buffer.getvalue()).decode("ascii")
                 parts.append(f'<img src="data:image/png;base64,{data}"/>')
@@ -237,10 +238,12 @@ def format_number(value: float) -> str:
     """A table cell: 4 significant digits, but large numbers (ranks, counts) whole.
 
     Example:
-        >>> format_number(0.123456), format_number(17402.3), format_number(2.5e-7)
-        ('0.1235', '17,402', '2.5e-07')
+        >>> format_number(0.123456), format_number(17402.3), format_number(9999.6), format_number(2.5e-7)
+        ('0.1235', '17,402', '10,000', '2.5e-07')
     """
-    return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    if value != value:  # NaN
+        return "—"
+    return f"{value:,.0f}" if 1e4 <= abs(round(value)) < 1e15 else f"{value:.4g}"
 
 
 def _read_only(value: Any) -> Any:
@@ -306,14 +309,22 @@ def token_label(text: str, width: int = 12, *, tail: bool = False) -> str:
     Example:
         >>> token_label("\\n"), token_label(" "), token_label(" Warsaw"), token_label("abcdef", 4)
         ('\\\\n', '␣', ' Warsaw', 'abc…')
+        >>> token_label("\\u200b"), token_label("abcdef", 1, tail=True)
+        ('\\\\u200b', '…f')
     """
     shown = text.replace("\n", "\\n").replace("\t", "\\t")
-    shown = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in shown)
+    shown = "".join(
+        ch
+        if ch.isprintable()
+        else (f"\\x{ord(ch):02x}" if ord(ch) <= 0xFF else f"\\u{ord(ch):04x}")
+        for ch in shown
+    )
     if shown and not shown.strip():
         shown = "␣" * len(shown)
     if len(shown) <= width:
         return shown
-    return "…" + shown[-(width - 1) :] if tail else shown[: width - 1] + "…"
+    keep = max(width - 1, 1)  # width 1 kept the whole text ("…" + shown[-0:])
+    return "…" + shown[len(shown) - keep :] if tail else shown[:keep] + "…"
 
 
 def figure_of(ax: Axes) -> Figure:

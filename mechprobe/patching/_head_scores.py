@@ -175,6 +175,8 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
         )
         with np.errstate(invalid="ignore"):  # a prompt without targets is NaN, not a warning
             std = np.nanstd(self.per_prompt, axis=1) if self.per_prompt.shape[1] else self.scores
+        # over fewer than two prompts with targets a spread is undefined (it read 0)
+        std = np.where(np.isfinite(self.per_prompt).sum(1) < 2, np.nan, std)
         return pd.DataFrame(
             {
                 "kind": np.asarray(self.kinds, dtype=object)[k.reshape(-1)],

@@ -328,8 +328,12 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         if self.is_ablation:  # recovery is undefined without a corrupt run: NaN in every row
             columns.remove("normalised")
         frame = pd.DataFrame(rows).reindex(columns=columns)
-        # The runs' rows have no position: integers beside <NA>, not floats beside NaN.
-        return frame.astype({"position": "Int64"})
+        # The runs' rows have no position: integers beside None (shown as a dash), not floats
+        # beside NaN ("3.0"); pandas' Int64 showed "<NA>" where every other gap shows a dash.
+        frame["position"] = pd.Series(
+            [None if pd.isna(v) else int(v) for v in frame["position"]], dtype=object
+        )
+        return frame
 
     def _describe(self) -> str:
         n_pairs, n_sites, n_pos = self.per_pair.shape

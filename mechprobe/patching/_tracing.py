@@ -48,6 +48,7 @@ from mechprobe.core import (
     intervene,
     keyed_seed,
     readout,
+    token_label,
     tokenize,
 )
 from mechprobe.patching._activation import _check_common
@@ -406,7 +407,8 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
                     "layer": self.layers[layer],
                     "category": CATEGORIES[c],
                     "indirect_effect": float(effect[k, layer, c]),
-                    "spread": float(np.std(spread)),
+                    # undefined over one prompt: NaN, not 0 ("perfectly consistent")
+                    "spread": float(np.std(spread)) if len(spread) > 1 else float("nan"),
                     "random_effect": float(control[k, layer, c]),
                     "clean": float(np.mean(self.clean)),
                     "corrupted": float(np.mean(self.corrupted)),
@@ -463,7 +465,11 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         labels = list(self.tokens[0]) if single else list(CATEGORIES)
         if single:
             start, stop = self.subjects[0]
-            labels = [f"{t}*" if start <= p < stop else t for p, t in enumerate(labels)]
+            # tokens made visible (a space's row had a blank label, a newline broke its line)
+            labels = [
+                token_label(t, 16) + ("*" if start <= p < stop else "")
+                for p, t in enumerate(labels)
+            ]
         grids = {name: data[self.kinds.index(name)].T for name in kinds}  # [rows, layers]
 
         def norm(values: np.ndarray) -> Normalize:

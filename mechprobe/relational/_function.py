@@ -327,7 +327,10 @@ def function_vector(
     shape = (n_layers, heads_per_layer)
     aie = aie_res.effect[:, 0].reshape(shape)
     per_prompt = aie_res.per_pair[:, :, 0] - aie_res.clean[:, None]  # each prompt's effect
-    spread = per_prompt.std(axis=0).reshape(shape)
+    # undefined over one prompt: NaN, not 0
+    spread = (
+        per_prompt.std(axis=0) if len(per_prompt) > 1 else np.full(per_prompt.shape[1], np.nan)
+    ).reshape(shape)
     aie_random = aie_res.random_effect[:, 0].reshape(shape)
     order = np.argsort(-aie.ravel(), kind="stable")[:n_heads]
     top = tuple((int(i) // heads_per_layer, int(i) % heads_per_layer) for i in order)
