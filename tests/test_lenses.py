@@ -515,6 +515,11 @@ def test_compare_lenses_against_a_hand_computation(tiny, tmp_path):
     p = cmp.precision[0, cols]
     se = np.sqrt(p * (1 - p) / cmp.n_positions)
     assert p_band.get_paths()[0].vertices[:, 1].min() == pytest.approx(float((p - se).min()))
+    one = mp.compare_lenses(
+        tiny, ["logit"], ["Hello there friend"], positions=[-1], n_tokens=4, seq_len=4
+    )
+    lone = one.plot()  # a standard error over one position is undefined: no band (it drew 0)
+    assert not lone.axes[0].collections and "bands" not in lone.get_suptitle()
 
 
 class _Constant(mp.Lens):

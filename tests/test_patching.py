@@ -444,6 +444,14 @@ def test_figures_and_labels_of_several_kinds_and_pairs(tiny):
     ablated = mp.ablate_cells(tiny, clean, "mlp_out", [1, -1], METRIC, n_random=0)
     summary = ablated.summary()
     assert "normalised" not in summary
+    # one key/value head: the grid's one column is a head, not a position
+    mqa = mp.patch(mp.tiny_model(n_kv_heads=1), "ab", "ac", "k", -1, METRIC, n_random=0)
+    assert mqa.plot().axes[0].get_xlabel() == "head"
+    long = "The quick brown fox jumps over the lazy dog and then sleeps in the sun all day"
+    wide = mp.patch(
+        tiny, long + " cat", long + " bat", ["resid_pre", "mlp_out"], "all", METRIC, n_random=0
+    )
+    assert wide.plot().get_size_inches()[0] <= 17.0  # capped: 83 positions x 2 kinds drew 54 in
     positions = summary["position"].tolist()  # whole positions beside None (a dash), not 3.0
     assert positions[0] is None and all(type(v) is int for v in positions[1:])
     assert "&lt;NA&gt;" not in ablated._repr_html_()

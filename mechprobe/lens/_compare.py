@@ -125,16 +125,19 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
             axes = list(fig.subplots(1, 2))
         # Bands of one standard error (over positions; binomial for precision@1): with a few
         # positions the curves cross by noise alone.
-        n = max(self.n_positions, 1)
+        n = self.n_positions
+        bands = n > 1  # over one position a standard error is undefined (it drew as 0)
         for i, name in enumerate(self.lenses):
             kl, sem = self.kl[i, cols], self.kl_sem[i, cols]
             (line,) = axes[0].plot(layers, kl, "o-", markersize=3, label=name)
-            axes[0].fill_between(layers, kl - sem, kl + sem, color=line.get_color(), alpha=0.2)
+            if bands:
+                axes[0].fill_between(layers, kl - sem, kl + sem, color=line.get_color(), alpha=0.2)
             if len(axes) > 1:
                 p = self.precision[i, cols]
-                se = np.sqrt(p * (1 - p) / n)
                 axes[1].plot(layers, p, "o-", markersize=3, label=name, color=line.get_color())
-                axes[1].fill_between(layers, p - se, p + se, color=line.get_color(), alpha=0.2)
+                if bands:
+                    se = np.sqrt(p * (1 - p) / n)
+                    axes[1].fill_between(layers, p - se, p + se, color=line.get_color(), alpha=0.2)
         axes[0].set_yscale("symlog", linthresh=0.1)
         axes[0].set_ylabel("KL(final || lens), nats")
         axes[0].set_xlabel(f"layer ({kind})")
@@ -145,10 +148,8 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
             axes[1].set_ylabel("precision@1 (model's own top-1)")
             axes[1].set_xlabel(f"layer ({kind})")
             axes[1].grid(alpha=0.3)
-        title = (
-            f"{self.model_name or 'model'}: {self.n_positions} positions of {self.text} "
-            "(bands: one standard error)"
-        )
+        title = f"{self.model_name or 'model'}: {self.n_positions} positions of {self.text}"
+        title += " (bands: one standard error)" if bands else ""
         if len(axes) > 1:
             fig.suptitle(title, fontsize=9)
         else:

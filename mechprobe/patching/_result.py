@@ -389,8 +389,9 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             from matplotlib.figure import Figure
 
             rows = [[i for i, k in enumerate(self.kinds) if k == kind] for kind in kinds]
-            height = max(3.0, 0.25 * max(map(len, rows)) + 1.5)
-            width = max(4.0, 0.3 * len(self.positions) + 1.5)
+            # capped, as one kind's figure: 83 positions x 2 kinds drew 54 inches
+            height = min(14.0, max(3.0, 0.25 * max(map(len, rows)) + 1.5))
+            width = min(16.0 / len(kinds), max(4.0, 0.3 * len(self.positions) + 1.5))
             fig = Figure(figsize=(width * len(kinds) + 1.0, height), layout="constrained")
             axes = list(fig.subplots(1, len(kinds), squeeze=False)[0])
             for axis, kind, index in zip(axes, kinds, rows, strict=True):
@@ -402,12 +403,13 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
                 ]
                 image = self._heatmap(axis, data[index], names, list(self.position_labels), lim)
                 axis.set_title(kind)
-                axis.set_ylabel("layer")
+                axis.set_ylabel("layer" if kind not in HEAD_KINDS else "layer, head")
             fig.colorbar(image, ax=axes, label=label)
             fig.suptitle(title, fontsize=9)
             return fig
         ylabels, xlabels = list(self.sites), list(self.position_labels)
-        if self.kind in HEAD_KINDS and len(self.positions) == 1:
+        head_grid = self.kind in HEAD_KINDS and len(self.positions) == 1
+        if head_grid:
             layers = sorted(set(self.layers))
             n_heads = max(h or 0 for h in self.heads) + 1
             grid = np.full((len(layers), n_heads), np.nan)
@@ -420,10 +422,15 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             )
         elif len(kinds) == 1 and len(set(self.layers)) == len(self.layers):
             ylabels = [str(layer) for layer in self.layers]
-        size = (max(4.0, 0.35 * len(xlabels) + 2), max(3.0, 0.25 * len(ylabels) + 1.5))
+        # Capped (83 positions drew 31 inches); past 40 columns or 56 rows the labels thin out.
+        size = (
+            min(16.0, max(4.0, 0.35 * len(xlabels) + 2)),
+            min(14.0, max(3.0, 0.25 * len(ylabels) + 1.5)),
+        )
         fig, ax = new_axes(ax, size)
         image = self._heatmap(ax, data, ylabels, xlabels, lim)
-        ax.set_xlabel("head" if len(xlabels) != len(self.positions) else "position")
+        # from the branch taken: one key/value head made the head axis read "position"
+        ax.set_xlabel("head" if head_grid else "position")
         ax.set_ylabel("layer" if ylabels != list(self.sites) else "site")
         fig.colorbar(image, ax=ax, label=label)
         ax.set_title(title, fontsize="small")
@@ -434,6 +441,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         ax: Axes, data: np.ndarray, ylabels: list[str], xlabels: list[str], lim: float
     ) -> Any:
         image = ax.imshow(data, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
-        ax.set_xticks(range(len(xlabels)), labels=xlabels, rotation=90)
-        ax.set_yticks(range(len(ylabels)), labels=ylabels)
+        x_step, y_step = -(-len(xlabels) // 40), -(-len(ylabels) // 56)
+        xs, ys = range(0, len(xlabels), x_step), range(0, len(ylabels), y_step)
+        ax.set_xticks(list(xs), labels=[xlabels[i] for i in xs], rotation=90)
+        ax.set_yticks(list(ys), labels=[ylabels[i] for i in ys])
         return image

@@ -474,6 +474,8 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
 
         def norm(values: np.ndarray) -> Normalize:
             low, high = float(np.nanmin(values)), float(np.nanmax(values))
+            if low >= 0 and high <= 0:  # all zero: a colour bar from 0 to 1e-12 said nothing
+                high = 1.0
             high = max(high, 1e-12)
             if low < 0:  # restoring hurt somewhere: a diverging scale centred at 0
                 return TwoSlopeNorm(vcenter=0.0, vmin=low, vmax=high)
@@ -504,9 +506,10 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             star = "; * marks the noised subject's tokens" if single else ""
             if not single and bool(np.isnan(np.stack(list(grids.values()))).any()):
                 star = "; grey: no such token in any prompt"
+            # two lines: on one, a one-panel figure cut it at both sides
             fig.suptitle(
-                f"{self.metric}: clean {clean:.3g}, subject noised {corrupted:.3g} "
-                f"({len(self.scores)} prompt(s) x {self.n_noise} noise samples){star}",
+                f"{self.metric}: clean {clean:.3g}, subject noised {corrupted:.3g}\n"
+                f"{len(self.scores)} prompt(s) x {self.n_noise} noise samples{star}",
                 fontsize=9,
             )
         return fig
