@@ -327,3 +327,28 @@ def test_cli_attribution_noising_reaches_the_api(tmp_path):
     )  # fmt: skip
     assert saved.direction == "attribution-noising"
     np.testing.assert_allclose(saved.per_pair, direct.per_pair, atol=1e-6)
+
+
+def test_reports_record_the_text_analysed(tmp_path):
+    # The commands unescape "\n" in their texts, but report.md recorded the escapes as typed.
+    out = tmp_path / "patch"
+    args = [
+        "patch",
+        "--clean",
+        "Hi\\ncat",
+        "--corrupt",
+        "Hi\\nbat",
+        "--answer",
+        "c",
+        "--wrong",
+        "b",
+    ]
+    assert (
+        cli_main([*args, "--sites", "mlp_out", "--model", "tiny", "--quiet", "--out", str(out)])
+        == 0
+    )
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "['Hi\\ncat']" in report and "Hi\\\\ncat" not in report
+    result = mp.load_result(out / "result.json")
+    direct = mp.patch(mp.tiny_model(), "Hi\ncat", "Hi\nbat", "mlp_out", -1, mp.logit_diff("c", "b"))
+    np.testing.assert_allclose(result.values, direct.values, atol=1e-6)

@@ -21,7 +21,7 @@ from mechprobe.cli._arguments import (
     output_problem,
 )
 from mechprobe.cli._run_folder import write_run_folder
-from mechprobe.cli.lens import unescape
+from mechprobe.cli.lens import interpret_escapes
 
 _HELP = """\
 Split each prompt's logit[answer] - logit[wrong] at its last token into the direct effect of every
@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
                     f"got {len(given)} {name} for {len(args.prompt)} --prompt: pass one for "
                     "every prompt, or one per prompt"
                 )
-    fix = (lambda s: s) if args.raw else unescape
+    interpret_escapes(args, "prompt", "answer", "wrong")
     try:
         common: dict[str, Any] = {
             "heads": args.heads,
@@ -110,13 +110,13 @@ def main(args: argparse.Namespace) -> int:
             result = mp.direct_logit_attribution(model, task, **common)
         else:
             # One answer for every prompt is passed as a string, as the API takes it.
-            answer: Any = [fix(a) for a in args.answer]
-            wrong: Any = [fix(w) for w in args.wrong]
+            answer: Any = list(args.answer)
+            wrong: Any = list(args.wrong)
             answer = answer[0] if len(answer) == 1 else answer
             wrong = wrong[0] if len(wrong) == 1 else wrong
             model = load(args.model, args.device)
             metric = mp.logit_diff(answer, wrong)
-            prompts = [fix(p) for p in args.prompt]
+            prompts = list(args.prompt)
             result = mp.direct_logit_attribution(model, prompts, metric, **common)
     except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:
         # the library's way out names its Python argument; the shell's is --prompt/--answer

@@ -22,7 +22,7 @@ from mechprobe.cli._arguments import (
     positive_int,
 )
 from mechprobe.cli._run_folder import write_run_folder
-from mechprobe.cli.lens import unescape
+from mechprobe.cli.lens import interpret_escapes
 
 _KINDS = ("previous_token", "duplicate_token", "induction")
 
@@ -86,12 +86,12 @@ def main(args: argparse.Namespace) -> int:
         return fail(f"--out: {problem}")
     if args.prompt and (args.seq_len is not None or args.n_prompts is not None):
         return fail("--seq-len and --n-prompts shape random tokens: drop them with --prompt")
-    fix = (lambda s: s) if args.raw else unescape
+    interpret_escapes(args, "prompt")
     try:
         model = load(args.model, args.device)
         result = mp.head_scores(
             model,
-            [fix(p) for p in args.prompt] or None,
+            list(args.prompt) or None,
             kinds=args.kinds,
             layers=args.layers,
             seq_len=50 if args.seq_len is None else args.seq_len,

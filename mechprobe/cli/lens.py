@@ -51,6 +51,25 @@ def unescape(text: str) -> str:
     return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
+def interpret_escapes(args: argparse.Namespace, *names: str) -> None:
+    """Unescape the text arguments ``names`` in place (unless ``--raw``), once: the analysis
+    and report.md then read the same text (the report recorded the escapes as typed).
+
+    Example:
+        >>> args = argparse.Namespace(raw=False, prompt=["a\\\\nb"], answer=None)
+        >>> interpret_escapes(args, "prompt", "answer"); args.prompt
+        ['a\\nb']
+    """
+    if args.raw:
+        return
+    for name in names:
+        value = getattr(args, name, None)
+        if isinstance(value, list):
+            setattr(args, name, [unescape(v) for v in value])
+        elif isinstance(value, str):
+            setattr(args, name, unescape(value))
+
+
 def add_parser(sub: Any) -> None:
     """Register ``mechprobe lens`` on the subparsers ``sub``."""
     parser = sub.add_parser(
@@ -137,12 +156,8 @@ def main(args: argparse.Namespace) -> int:
     """Run the lens on the parsed arguments; print a table; write the requested files."""
     import mechprobe as mp
 
-    fix = (lambda s: s) if args.raw else unescape
-    prompts = [fix(p) for p in args.prompts]
-    targets = [fix(t) for t in args.target]
-    # report.md records the arguments: the text analysed, not the escapes typed ("\\n" read as a
-    # backslash and an n).
-    args.prompts, args.target = prompts, targets
+    interpret_escapes(args, "prompts", "target", "patchscope_prompt", "patchscope_placeholder")
+    prompts, targets = list(args.prompts), list(args.target)
     if args.trajectory and not targets:
         print("mechprobe lens: error: --trajectory needs at least one --target", file=sys.stderr)
         return 2
@@ -164,7 +179,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"mechprobe lens: error: --{option}: {problem}", file=sys.stderr)
             return 2
     try:
-        lens = lens_spec(args, fix)
+        lens = lens_spec(args, lambda text: text)  # its texts were unescaped above
         model = load(args.model, args.device)
         result = mp.logit_lens(
             model,

@@ -26,7 +26,7 @@ from mechprobe.cli._arguments import (
     positive_int,
 )
 from mechprobe.cli._run_folder import write_run_folder
-from mechprobe.cli.lens import unescape
+from mechprobe.cli.lens import interpret_escapes
 
 _HELP = """\
 Patch each (site, position) cell of the corrupt run with the clean run's activation (denoising,
@@ -136,11 +136,11 @@ def main(args: argparse.Namespace) -> int:
         )
     if args.receiver_layers is not None and args.receivers is None:
         return fail("--receiver-layers applies to path patching: add --receivers, or drop it")
-    fix = (lambda s: s) if args.raw else unescape
-    clean, corrupt = [fix(p) for p in args.clean], [fix(p) for p in args.corrupt]
+    interpret_escapes(args, "clean", "corrupt", "answer", "wrong")
+    clean, corrupt = list(args.clean), list(args.corrupt)
     # One answer for every pair is passed as a string, so the report shows it once.
-    answer: Any = [fix(a) for a in args.answer]
-    wrong: Any = [fix(w) for w in args.wrong]
+    answer: Any = list(args.answer)
+    wrong: Any = list(args.wrong)
     if len(answer) == 1:
         answer, wrong = answer[0], wrong[0] if wrong else wrong
     try:

@@ -23,7 +23,7 @@ from mechprobe.cli._arguments import (
     positive_int,
 )
 from mechprobe.cli._run_folder import write_run_folder
-from mechprobe.cli.lens import unescape
+from mechprobe.cli.lens import interpret_escapes
 
 _HELP = """\
 Noise the subject's token embeddings (3 x their standard deviation, as ROME), restore each
@@ -94,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
         return fail("--n-items takes a subset of a --task's items: drop it with --prompt")
     if args.answer and len(args.answer) != len(args.prompt):
         return fail("pass one --answer per --prompt, or none (the model's own top token)")
-    fix = (lambda s: s) if args.raw else unescape
+    interpret_escapes(args, "prompt", "subject", "answer")
     try:
         common: dict[str, Any] = {
             "sites": [s.strip() for s in args.sites.split(",") if s.strip()],
@@ -117,9 +117,9 @@ def main(args: argparse.Namespace) -> int:
             model = load(args.model, args.device)
             result = mp.causal_trace(
                 model,
-                [fix(p) for p in args.prompt],
-                [fix(s) for s in args.subject],
-                answers=[fix(a) for a in args.answer] or None,
+                list(args.prompt),
+                list(args.subject),
+                answers=list(args.answer) or None,
                 **common,
             )
     except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:
