@@ -234,6 +234,19 @@ class Result:
         return "".join(parts)
 
 
+def spread(values: np.ndarray) -> np.ndarray:
+    """Standard deviation over the first axis (prompts, pairs), NaN where there is one row: a
+    spread over one value is undefined, and 0 read as perfectly consistent.
+
+    Example:
+        >>> spread(np.array([[1.0, 2.0], [3.0, 2.0]])).tolist(), spread(np.ones((1, 2))).tolist()
+        ([1.0, 0.0], [nan, nan])
+    """
+    if len(values) < 2:
+        return np.full(values.shape[1:], np.nan)
+    return np.asarray(values.std(axis=0))
+
+
 def format_number(value: float) -> str:
     """A table cell: 4 significant digits, but large numbers (ranks, counts) whole.
 

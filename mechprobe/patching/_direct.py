@@ -48,6 +48,7 @@ from mechprobe.core import (
     model_adapter,
     new_axes,
     run,
+    spread,
     tokenize,
 )
 from mechprobe.patching._metrics import PatchMetric, _pair_ids, logit_diff
@@ -199,11 +200,7 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
                 "component": [self.components[i] for i in order],
                 "layer": self.layer[order],
                 "mean": mean[order],
-                "std": (  # over prompts: undefined (NaN) for one
-                    self.attributions.std(0)
-                    if len(self.attributions) > 1
-                    else np.full(self.attributions.shape[1], np.nan)
-                )[order],
+                "std": spread(self.attributions)[order],  # over prompts (NaN for one)
                 "share": mean[order] / total if total != 0 else np.full(len(order), np.nan),
             }
         )

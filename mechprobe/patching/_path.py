@@ -55,6 +55,7 @@ from mechprobe.core import (
     progress_bar,
     progress_enabled,
     readout,
+    spread,
 )
 from mechprobe.patching._activation import (
     Prompts,
@@ -212,11 +213,7 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
                 "value": self.values.ravel(),
                 "normalised": self.normalised.ravel(),
                 "effect": self.effect.ravel(),
-                "spread": (
-                    self.per_pair.std(axis=0)
-                    if len(self.per_pair) > 1
-                    else np.full(self.per_pair.shape[1:], np.nan)  # undefined over one pair
-                ).ravel(),
+                "spread": spread(self.per_pair).ravel(),  # over pairs (NaN for one)
                 "random_effect": self.random_effect.ravel(),
             }
         )

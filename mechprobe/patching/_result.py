@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from mechprobe.core import HEAD_KINDS, Result, check_int, new_axes
+from mechprobe.core import spread as spread_of  # its own property is called spread
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -204,9 +205,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
     def spread(self) -> np.ndarray:
         """``[sites, positions]`` standard deviation of the per-pair values (NaN for one pair:
         a spread over one value is undefined, and 0 read as perfectly consistent)."""
-        if len(self.per_pair) < 2:
-            return np.full(self.per_pair.shape[1:], np.nan)
-        return self.per_pair.std(axis=0)
+        return spread_of(self.per_pair)
 
     @property
     def random_values(self) -> np.ndarray:

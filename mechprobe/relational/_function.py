@@ -40,6 +40,7 @@ from mechprobe.core import (
     figure_of,
     first_token_ids,
     run,
+    spread,
     top1_hit,
 )
 from mechprobe.patching import ablate_cells, answer_prob
@@ -327,10 +328,7 @@ def function_vector(
     shape = (n_layers, heads_per_layer)
     aie = aie_res.effect[:, 0].reshape(shape)
     per_prompt = aie_res.per_pair[:, :, 0] - aie_res.clean[:, None]  # each prompt's effect
-    # undefined over one prompt: NaN, not 0
-    spread = (
-        per_prompt.std(axis=0) if len(per_prompt) > 1 else np.full(per_prompt.shape[1], np.nan)
-    ).reshape(shape)
+    aie_spread = spread(per_prompt).reshape(shape)  # over prompts (NaN for one)
     aie_random = aie_res.random_effect[:, 0].reshape(shape)
     order = np.argsort(-aie.ravel(), kind="stable")[:n_heads]
     top = tuple((int(i) // heads_per_layer, int(i) % heads_per_layer) for i in order)
@@ -381,7 +379,7 @@ def function_vector(
     return FunctionVectorResult(
         task=task.name,
         aie=aie,
-        aie_spread=spread,
+        aie_spread=aie_spread,
         aie_random=aie_random,
         heads=top,
         vector=vector.cpu().numpy(),
