@@ -309,7 +309,9 @@ def test_the_figure_compares_kinds_on_one_scale_and_shows_harm(tiny):
     for image, k in zip(images, range(3), strict=True):
         np.testing.assert_allclose(image.get_array(), grid[k].T)
         assert isinstance(image.norm, TwoSlopeNorm) and image.norm.vcenter == 0
-        assert (image.norm.vmin, image.norm.vmax) == (pytest.approx(grid.min()), grid.max())
+        # Symmetric: a small harm is a pale colour, not the deepest (vmin was the minimum).
+        reach = max(grid.max(), -grid.min())
+        assert (image.norm.vmin, image.norm.vmax) == (pytest.approx(-reach), pytest.approx(reach))
     assert fig.get_suptitle().endswith("; * marks the noised subject's tokens")
     assert res.summary()["spread"].isna().all()  # over one prompt: undefined, it read 0
     # A category no prompt has (one-token subjects: no middle token) is grey, not white as 0

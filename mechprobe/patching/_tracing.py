@@ -477,8 +477,11 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             if low >= 0 and high <= 0:  # all zero: a colour bar from 0 to 1e-12 said nothing
                 high = 1.0
             high = max(high, 1e-12)
-            if low < 0:  # restoring hurt somewhere: a diverging scale centred at 0
-                return TwoSlopeNorm(vcenter=0.0, vmin=low, vmax=high)
+            if low < 0:
+                # Restoring hurt somewhere: a diverging scale centred at 0, as deep for -x as for
+                # x (with vmin at the minimum, a -0.002 cell was as dark as a 0.69 one).
+                reach = max(high, -low)
+                return TwoSlopeNorm(vcenter=0.0, vmin=-reach, vmax=reach)
             return Normalize(vmin=0.0, vmax=high)
 
         common = norm(np.stack(list(grids.values()))) if shared else None
