@@ -164,9 +164,14 @@ class FunctionVectorResult(
         height = max(3.0, 0.2 * n_layers + 1.5)
         if ax is None:
             from matplotlib.figure import Figure
+            from matplotlib.layout_engine import ConstrainedLayoutEngine
 
-            # The headline (FV beside its controls) was in the table only.
-            fig = Figure(figsize=(max(4.0, 0.4 * n_heads + 2) + 4.0, height), layout="constrained")
+            # The headline (FV beside its controls) was in the table only. The gap keeps the
+            # colour bar's label clear of the accuracy axis's label beside it.
+            fig = Figure(
+                figsize=(max(4.0, 0.4 * n_heads + 2) + 4.0, height),
+                layout=ConstrainedLayoutEngine(wspace=0.12),
+            )
             ax, bars = fig.subplots(1, 2, width_ratios=[1.2, 1.0])
             self._bars(bars)
         else:
@@ -184,7 +189,7 @@ class FunctionVectorResult(
         ax.set_yticks(range(0, n_layers, 1 if n_layers <= 16 else 2))
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
-        fig.colorbar(image, ax=ax, label="average indirect effect (answer prob.)")
+        fig.colorbar(image, ax=ax, label="average indirect effect (answer prob.)", pad=0.02)
         ax.set_title(f"{self.task}: heads' AIE, FV heads outlined", fontsize=9)
         return fig
 
