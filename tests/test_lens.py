@@ -73,6 +73,33 @@ def test_every_layer_matches_hf_hidden_states_through_norm_and_lm_head(tiny):
     assert np.abs(result.kl_to_final[:, -1][result.positions >= 0]).max() < 1e-4
 
 
+def test_logit_diff_is_the_difference_of_hf_logits_at_every_layer_and_position(tiny):
+    # Single-character targets: the tiny tokenizer splits " a" into a space and "a", so two
+    # targets with a leading space would share their first token.
+    prompts, pairs = PROMPTS[:2], [["e", "t"], ["o", "x"]]
+    result = mp.logit_lens(tiny, prompts, positions="all", targets=pairs)
+    diff = result.logit_diff(0, 1)
+    assert diff.shape == (len(prompts), 3, result.positions.shape[1])
+    hf = hf_of(tiny)
+    for b, prompt in enumerate(prompts):
+        a, w = (tiny.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in pairs[b])
+        ids = _ids(tiny, prompt)
+        with torch.no_grad():
+            hidden = hf(ids, output_hidden_states=True).hidden_states
+            norm = _hf_final_norm(hf)
+            for layer in range(3):
+                h = hidden[layer + 1] if layer == 2 else norm(hidden[layer + 1])
+                logits = hf.lm_head(h)[0].double()
+                ref = (logits[:, a] - logits[:, w]).numpy()
+                np.testing.assert_allclose(diff[b, layer, : len(ref)], ref, atol=2e-4, rtol=0)
+        assert np.isnan(diff[b, :, ids.shape[1] :]).all()  # columns past the prompt
+    assert np.abs(result.logit_diff(1, 0) + diff)[np.isfinite(diff)].max() < 1e-12
+    with pytest.raises(ValueError, match="not a target slot"):
+        result.logit_diff(0, 2)
+    with pytest.raises(ValueError, match="same target slot"):
+        result.logit_diff(1, 1)
+
+
 def test_last_layer_equals_model_log_softmax_logits(tiny):
     vocab = tiny.cfg.d_vocab
     result = mp.logit_lens(tiny, PROMPTS, positions=[0, -2, -1], top_k=vocab)

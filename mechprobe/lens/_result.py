@@ -170,6 +170,42 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         out["rank"] = out["rank"].astype("Int64")
         return out[list(FRAME_COLUMNS)]
 
+    def logit_diff(self, answer: int = 0, wrong: int = 1) -> np.ndarray:
+        """``[B, E, K]`` the lens's logit of one target minus another's, at every decoded entry
+        and position: the per-layer logit difference of IOI-style analyses.
+
+        Targets are slots of each prompt's ``targets`` (``answer=0, wrong=1`` for
+        ``targets=[answer, wrong]``); each is scored by its first token. The difference of two
+        logits is the difference of their log-probabilities (the normaliser cancels), so it is
+        computed from ``position_prob``: NaN where a column holds no position, where a prompt has
+        fewer targets, or where a probability underflowed (below about e^-103 in float32).
+
+        Example:
+            >>> import mechprobe as mp
+            >>> pair = [" a", " b"]  # each prompt's answer and wrong token
+            >>> lens = mp.logit_lens(mp.tiny_model(), ["Hi", "Hey"], targets=[pair, pair])
+            >>> lens.logit_diff(0, 1).shape  # prompts x entries x positions
+            (2, 3, 1)
+        """
+        n_t = self.position_prob.shape[-1]
+        for name, slot in (("answer", answer), ("wrong", wrong)):
+            if not isinstance(slot, (int, np.integer)) or isinstance(slot, bool):
+                raise TypeError(f"{name} is a target slot (an int), got {slot!r}.")
+            if not 0 <= slot < n_t:
+                raise ValueError(
+                    f"{name}={slot} is not a target slot: this result has {n_t} target(s) per "
+                    f"prompt ({', '.join(map(repr, self.targets[0])) or 'none'} for prompt 0); "
+                    "pass targets=[answer, wrong] to logit_lens."
+                )
+        if answer == wrong:
+            raise ValueError(f"answer and wrong are the same target slot ({answer}).")
+        prob = self.position_prob.astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            diff = np.log(prob[..., answer]) - np.log(prob[..., wrong])
+        # Unscored slots hold rank -1; underflowed probabilities give ±inf: both unknown.
+        known = (self.position_rank[..., answer] >= 0) & (self.position_rank[..., wrong] >= 0)
+        return np.where(known & np.isfinite(diff), diff, np.nan)
+
     def top_frame(self) -> pd.DataFrame:
         """One row per (prompt, site, layer, position, k): the top-k tokens and probabilities."""
         b, e, k, j = np.nonzero(self.top_ids >= 0)
