@@ -307,3 +307,36 @@ def test_a_gradient_at_a_pattern_is_the_models_own_at_every_key(tiny) -> None:
     future = torch.ones(n, n, dtype=torch.bool).triu(1)
     assert float(want[0].transpose(0, 1)[:, future].abs().max()) > 1e-3  # not zero there
     tiny.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_loss_is_each_prompts_own_cross_entropy_whatever_the_padding(tiny, side: str) -> None:
+    from tests.conftest import hf_of
+
+    out = mp.run(tiny, PROMPTS, padding_side=side, batch_size=2)
+    hf = hf_of(tiny)
+    for i, prompt in enumerate(PROMPTS):
+        ids = tiny.to_tokens(prompt)
+        with torch.no_grad():  # HF shifts the labels itself: its mean over the prompt alone
+            ref = hf(ids, labels=ids).loss
+        assert float(out.loss()[i]) == pytest.approx(float(ref), abs=1e-5)
+    per_token = out.loss(per_token=True)
+    assert per_token.shape == (len(PROMPTS), out.batch.tokens.shape[1] - 1)
+    assert per_token.isfinite().sum(1).tolist() == (out.batch.lengths - 1).tolist()
+    with pytest.raises(ValueError, match="logit_positions='all'"):
+        mp.run(tiny, PROMPTS, logit_positions=-1).loss()
+
+
+def test_loss_under_an_ablation_equals_transformerlens_loss_with_the_hook(tiny) -> None:
+    site = mp.Site("mlp_out", 1)
+    out = mp.run(tiny, PROMPTS, {site: mp.Ablate()})
+    for i, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            ref = tiny.run_with_hooks(
+                tiny.to_tokens(prompt),
+                return_type="loss",
+                fwd_hooks=[(site.hook_name, lambda act, hook: torch.zeros_like(act))],
+            )
+        assert float(out.loss()[i]) == pytest.approx(float(ref), abs=1e-5)
+    intact = mp.run(tiny, PROMPTS).loss()
+    assert (out.loss() - intact).abs().min() > 1e-3  # the hook changed every prompt's loss

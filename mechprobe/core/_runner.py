@@ -44,6 +44,7 @@ class RunResult:
             head, seq]`` for a layer's ``hook_pattern`` or ``hook_attn_scores`` named by hook,
             zeros at padded keys too; scores hold -inf at future keys on every model class.
         batch: The tokenised prompts (padding, masks, last-real-token indices).
+        logit_positions: The ``logit_positions`` the logits were kept at.
 
     Example:
         >>> import mechprobe as mp
@@ -55,10 +56,50 @@ class RunResult:
     logits: Float[Tensor, "batch k vocab"]
     captures: dict[SiteLike, Tensor] = field(default_factory=dict)
     batch: Batch | None = None
+    logit_positions: PositionSpec = "all"
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.captures.items())
         return f"RunResult(logits {tuple(self.logits.shape)}, captures {{{shapes}}})"
+
+    def loss(self, *, per_token: bool = False) -> Tensor:
+        """Next-token cross-entropy (nats) over each prompt's real tokens: position ``i``
+        predicting token ``i + 1``, so BOS is read but never predicted and padding never counts
+        (the logits there hold zeros, which an unmasked mean would average in). Per prompt, the
+        number TransformerLens's ``model(prompt, return_type="loss")`` gives for it alone, here
+        under the run's interventions.
+
+        Args:
+            per_token: Return ``[batch, seq - 1]`` losses (NaN where no real token is predicted)
+                instead of each prompt's mean ``[batch]`` (NaN for a prompt of one token).
+
+        Raises:
+            ValueError: The run kept logits at some positions only: run with
+                ``logit_positions="all"`` (the default).
+
+        Example:
+            >>> import mechprobe as mp
+            >>> model = mp.tiny_model()
+            >>> out = mp.run(model, ["Hi there", "Hello"], {mp.Site("mlp_out", 0): mp.Ablate()})
+            >>> tuple(out.loss().shape), tuple(out.loss(per_token=True).shape)
+            ((2,), (2, 8))
+        """
+        if self.batch is None or not (
+            isinstance(self.logit_positions, str) and self.logit_positions == "all"
+        ):
+            raise ValueError(
+                f"loss() needs the logits at every position; this run kept logit_positions="
+                f"{self.logit_positions!r}: run with logit_positions='all' (the default)."
+            )
+        real = self.batch.attention_mask.bool().to(self.logits.device)
+        predicted = real[:, :-1] & real[:, 1:]  # a real token that follows a real token
+        targets = self.batch.tokens[:, 1:].to(self.logits.device)
+        logprobs = self.logits[:, :-1].float().log_softmax(-1)
+        nll = -logprobs.gather(-1, targets[..., None]).squeeze(-1)
+        nll = nll.masked_fill(~predicted, float("nan"))
+        if per_token:
+            return nll
+        return nll.nansum(1) / predicted.sum(1)  # 0 / 0: NaN for a one-token prompt
 
     def __getitem__(self, site: SiteLike) -> Tensor:
         try:
@@ -213,7 +254,7 @@ def run(
                     kept = kept.masked_fill(kept <= torch.finfo(kept.dtype).min, -torch.inf)
                 captured[site] = _place(captured.get(site), kept, rows, batch, spans, keys)
     assert logits is not None
-    return RunResult(logits=logits, captures=captured, batch=batch)
+    return RunResult(logits=logits, captures=captured, batch=batch, logit_positions=logit_positions)
 
 
 def _check_chunked(spec: InterventionSpec, n_rows: int) -> None:
