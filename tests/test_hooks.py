@@ -477,3 +477,33 @@ def test_positions_at_an_attention_map_hook_name_select_query_rows(tiny, name):
             got = tiny(tokens)
     torch.testing.assert_close(got, want)
     assert not torch.allclose(got, _logits(tiny, mp.tokenize(tiny, "Hello there")))
+
+
+def test_a_plain_transformerlens_hook_function_is_an_intervention(tiny):
+    # A ported notebook's hook: fn(activation, hook) returning the new activation, or editing in
+    # place and returning None. It raised "'function' object is not iterable".
+    batch = mp.tokenize(tiny, PROMPTS)
+    name = "blocks.1.hook_resid_pre"
+
+    def scale(act, hook):
+        return act * 0.5 + 1.0
+
+    def in_place(act, hook):
+        act[:, 1:] = 0.0
+
+    # TransformerLens 4.3's run_with_hooks leaves hooks of its own on a bridge: count after it.
+    references = {fn: _manual(tiny, batch, name, fn) for fn in (scale, in_place)}
+    before = hook_count(tiny)
+    for fn, expected in references.items():
+        got = mp.run(tiny, batch, {name: fn}, batch_size=2).logits
+        for i, n in enumerate(batch.lengths.tolist()):
+            torch.testing.assert_close(got[i, :n], expected[i, :n], atol=1e-5, rtol=0)
+        with mp.intervene(tiny, {name: [fn]}, batch=batch):
+            torch.testing.assert_close(_logits(tiny, batch), expected, atol=1e-5, rtol=0)
+    # At a head Site the function receives that head's slice, [batch, seq, d_head].
+    shapes = []
+    mp.run(tiny, batch, {mp.Site("head", 0, head=1): lambda z, hook: shapes.append(z.shape)})
+    assert shapes == [(len(PROMPTS), batch.tokens.shape[1], tiny.cfg.d_head)]
+    with pytest.raises(TypeError, match=r"is a class: pass an instance, e.g. Ablate\(\)"):
+        mp.run(tiny, batch, {name: mp.Ablate})
+    assert hook_count(tiny) == before

@@ -526,7 +526,7 @@ def _check_item(key: SiteLike, site: Site | None, item: Any) -> None:
     if not isinstance(item, Intervention):
         raise TypeError(
             f"{type(item).__name__} at {key} is not an intervention: use Replace, Add, Ablate or "
-            "Project."
+            "Project, or a hook function fn(activation, hook)."
         )
     if isinstance(item, Capture):
         raise ValueError(
@@ -625,4 +625,4 @@ def _edit(item: Any, positions: Any) -> str:
         parts.append(f"scale={item.scale:g}")
         parts.append(f"|v|={float(item.vector.double().norm()):.3g}")
     parts.append(f"positions={positions!r}")
-    return f"{type(item).__name__}({', '.join(parts)})"
+    return f"{getattr(item, 'label', type(item).__name__)}({', '.join(parts)})"

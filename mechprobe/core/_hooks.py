@@ -498,7 +498,43 @@ def intervention_spec(
             "pass {site: intervention or [interventions]}, e.g. "
             "{mp.Site('resid_post', 3): mp.Add(vector, positions=-1)}."
         )
-    return dict(interventions)
+    return {
+        key: (
+            [_as_intervention(key, v) for v in value]
+            if isinstance(value, (list, tuple))
+            else _as_intervention(key, value)
+        )
+        for key, value in interventions.items()
+    }
+
+
+def _as_intervention(site: Any, value: Any) -> Any:
+    """A TransformerLens hook function becomes a :class:`_Callback`; anything else is checked
+    where the hooks are built."""
+    if isinstance(value, type) and issubclass(value, Intervention):
+        raise TypeError(
+            f"{value.__name__} at {site} is a class: pass an instance, e.g. {value.__name__}()."
+        )
+    if callable(value) and not isinstance(value, Intervention):
+        return _Callback(value)
+    return value
+
+
+class _Callback(Intervention):
+    """A hand-written TransformerLens hook ``fn(activation, hook)`` as an intervention.
+
+    It receives what the site selects (the whole activation, as TransformerLens passes it, for a
+    hook name or a Site without positions; one head's slice for a head Site) and returns the new
+    values or None (an edit in place then stands where the selection is the activation itself).
+    """
+
+    def __init__(self, fn: Callable[[Tensor, Any], Tensor | None]) -> None:
+        super().__init__(None)
+        self.fn = fn
+        self.label = f"hook {getattr(fn, '__name__', type(fn).__name__)}"
+
+    def edit(self, selected: Tensor, hook: Any) -> Tensor | None:
+        return self.fn(selected, hook)
 
 
 def _span(rows: Tensor) -> Tensor:
@@ -581,7 +617,7 @@ def _hooks_for(
             if not isinstance(item, Intervention):
                 raise TypeError(
                     f"{type(item).__name__} at {name} is not an intervention: use Capture, "
-                    "Replace, Add, Ablate or Project."
+                    "Replace, Add, Ablate or Project, or a hook function fn(activation, hook)."
                 )
             refuse_map_mean(name if site is None else site, item)
             site_width = width(model, site)
@@ -922,7 +958,10 @@ def intervene(
     Args:
         model: A TransformerLens model (``TransformerBridge`` or ``HookedTransformer``).
         interventions: ``{site: intervention or [interventions]}``; sites are :class:`Site` or
-            hook-name strings. At one site, interventions apply in the order given.
+            hook-name strings. At one site, interventions apply in the order given. A plain
+            TransformerLens hook function ``fn(activation, hook)`` counts as an intervention: it
+            receives what the site selects (all of it for a hook name) and returns the new
+            values or None.
         batch: The batch that will be run; needed to find each row's last real token when the
             prompts are padded. Without it, negative positions count from the sequence's end.
         key_mask: ``[batch, keys]`` which keys are real tokens, for a pass that reads earlier
