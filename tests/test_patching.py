@@ -331,6 +331,9 @@ def test_no_hooks_left_after_an_exception_in_the_metric(tiny):
         mp.patch(tiny, CLEAN, CORRUPT, "resid_pre", "all", bad)
     with pytest.raises(ValueError, match="one value per row"):
         mp.patch(tiny, CLEAN, CORRUPT, "resid_pre", "all", lambda lg: lg.sum())
+    # A metric ported from TransformerLens's patching functions indexes [batch, seq, vocab].
+    with pytest.raises(IndexError, match=r"shape \[rows, vocab\].*write lg\[:, a\]"):
+        mp.patch(tiny, CLEAN, CORRUPT, "mlp_out", -1, lambda lg: lg[:, -1, ANS] - lg[:, -1, WRONG])
     assert hook_count(tiny) == before
     with torch.no_grad():
         assert torch.equal(tiny(tiny.to_tokens(CLEAN)), tiny(tiny.to_tokens(CLEAN)))

@@ -158,5 +158,18 @@ def bind_metric(model: Any, metric: Any, n_pairs: int) -> tuple[Callable[..., Te
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     n_args = sum(p.kind in positional and p.default is p.empty for p in params)
     takes_pair = n_args >= 2 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
-    fn = metric if takes_pair else (lambda logits, pair: metric(logits))
+
+    def fn(logits: Tensor, pair: Tensor) -> Tensor:
+        try:
+            return metric(logits, pair) if takes_pair else metric(logits)
+        except IndexError as error:
+            # TransformerLens's patching functions pass [batch, seq, vocab]: a ported metric
+            # indexes lg[:, -1, a] and failed with a bare "too many indices".
+            raise IndexError(
+                f"The metric raised IndexError ({error}). It receives the last position's logits, "
+                f"shape [rows, vocab] (here {tuple(logits.shape)}), not [batch, seq, vocab] as "
+                "TransformerLens's patching functions pass: write lg[:, a] - lg[:, w], not "
+                "lg[:, -1, a] - lg[:, -1, w]."
+            ) from error
+
     return fn, getattr(metric, "__name__", "metric")
