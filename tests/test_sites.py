@@ -168,3 +168,12 @@ def test_sites_of_the_wrong_type_are_named() -> None:
         mp.train_tuned_lens(model, "train", sites=mp.Site("resid_post", 1), progress=False)
     with pytest.raises(ValueError, match=r"'resid_post' is a kind without its layer.*Site\("):
         mp.amnesic(model, "resid_post", mp.random_projection(64, 2), text=["Hi there"])
+
+
+@pytest.mark.parametrize(("name", "kind"), [("z", "'head'"), ("result", "'head_out'")])
+def test_transformerlens_short_names_point_at_the_kind(tiny, name, kind) -> None:
+    # "result" was answered "Did you mean ['resid_post']?", "z" with no suggestion at all.
+    with pytest.raises(ValueError, match=f"In TransformerLens '{name}' names what here is {kind}"):
+        mp.patch(tiny, "Hi cat", "Hi bat", name, -1, mp.logit_diff(1, 2))
+    with pytest.raises(ValueError, match=f"In TransformerLens '{name}' names what here is {kind}"):
+        mp.Site(name, 0)

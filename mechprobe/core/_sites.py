@@ -120,10 +120,12 @@ class Site:
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
+            hint = _tl_hint(str(self.kind))
             close = difflib.get_close_matches(str(self.kind), _KINDS, n=3, cutoff=0.3)
             raise ValueError(
-                f"Unknown site kind {self.kind!r}; did you mean {close or list(_KINDS)}? "
-                f"Valid kinds: {', '.join(_KINDS)}."
+                f"Unknown site kind {self.kind!r};"
+                + (hint if hint else f" did you mean {close or list(_KINDS)}?")
+                + f" Valid kinds: {', '.join(_KINDS)}."
             )
         if not isinstance(self.layer, int) or isinstance(self.layer, bool):
             raise TypeError(f"Site layer must be an int, got {self.layer!r}.")
@@ -167,6 +169,25 @@ class Site:
 
 
 SiteLike: TypeAlias = Site | str
+
+# TransformerLens's short activation names (utils.get_act_name) that are not site kinds here:
+# what to pass instead (a ported notebook says sites="z" or "result").
+_TL_NAMES = {
+    "z": "'head' (a head's z, attn.hook_z)",
+    "result": "'head_out' (a head's write to the residual stream, z @ W_O)",
+    "attn_scores": "the hook name 'blocks.L.attn.hook_attn_scores'",
+    "pre": "the hook name 'blocks.L.mlp.hook_pre' (the MLP's neurons before the activation)",
+    "post": "the hook name 'blocks.L.mlp.hook_post' (the MLP's neurons)",
+    "scale": "the hook name 'blocks.L.ln1.hook_scale'",
+}
+
+
+def _tl_hint(name: str) -> str:
+    """`` It is TransformerLens's name for ...; pass ...`` where ``name`` is one, else ``""``."""
+    if name not in _TL_NAMES:
+        return ""
+    return f" In TransformerLens {name!r} names what here is {_TL_NAMES[name]}."
+
 
 _ATTENTION_MAP = re.compile(r"blocks\.\d+\.attn\.hook_(pattern|attn_scores)$")
 
@@ -474,7 +495,7 @@ def expand_sites(
             continue
         if isinstance(item, str) and not item.startswith(("blocks.", "hook_")):
             close = difflib.get_close_matches(item, list(kinds), n=2, cutoff=0.5)
-            hint = f" Did you mean {close}?" if close else ""
+            hint = _tl_hint(item) or (f" Did you mean {close}?" if close else "")
             raise ValueError(
                 f"{what}: unknown site {item!r}.{hint} Pass a kind ({', '.join(kinds)}), a Site "
                 "such as Site('mlp_out', 4), or a hook name such as 'blocks.4.hook_mlp_out'."
