@@ -412,7 +412,9 @@ def load_model(
             default; ``enable_compatibility_mode()`` on a bridge). Probabilities, ranks and logit
             differences stay the same; raw logits shift by a constant per position. False (the
             default) keeps the Hugging Face weights as they are, so both kinds give the model's
-            own logits.
+            own logits; TransformerLens's own ``logit_attrs`` and ``apply_ln_to_stack`` assume
+            folded weights and leave the final norm's weight out without it (mechprobe's
+            :func:`direct_logit_attribution` is right either way).
 
     Returns:
         The model, in eval mode, with no hooks of mechprobe attached.

@@ -16,9 +16,12 @@ prepends: many heads park their attention there (a sink), which says nothing abo
 Without prompts, the scores are read on Olsson et al.'s repeated random tokens: ``BOS`` then
 ``seq_len`` distinct tokens drawn from the vocabulary (special tokens left out) and the same
 tokens again. There every query of the second half has one duplicate and one induction target
-(the token ``seq_len - 1`` back), so the scores are exactly the usual ones: the mean attention on
-the diagonal ``seq_len`` back (duplicate) and ``seq_len - 1`` back (induction). On natural text the
-same definitions apply wherever tokens repeat.
+(the token ``seq_len - 1`` back), so the scores are the usual ones over the queries that have
+targets: the mean attention on the diagonal ``seq_len`` back (duplicate) and ``seq_len - 1`` back
+(induction) over queries ``seq_len + 1`` to ``2 seq_len``, and one back over queries 2 to
+``2 seq_len`` (previous token). A plain ``pattern.diagonal(offset=1 - seq_len).mean()`` also
+averages queries whose stripe entry is BOS or the first token, so it differs slightly. On natural
+text the same definitions apply wherever tokens repeat.
 
 TransformerLens's ``detect_head`` divides by every query's attention instead of the queries that
 have targets: its scores are these times the share of queries with targets (they fall with the
