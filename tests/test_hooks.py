@@ -507,3 +507,41 @@ def test_a_plain_transformerlens_hook_function_is_an_intervention(tiny):
     with pytest.raises(TypeError, match=r"is a class: pass an instance, e.g. Ablate\(\)"):
         mp.run(tiny, batch, {name: mp.Ablate})
     assert hook_count(tiny) == before
+
+
+def test_mean_ablations_in_series_agree_under_run_and_intervene(tiny):
+    # intervene let each hook average what it saw, after the mean-ablation upstream of it, while
+    # run measured every mean first: the same spec and batch differed (0.18 in the logits).
+    spec = {mp.Site("mlp_out", 0): mp.Ablate("mean"), mp.Site("head", 1, head=2): mp.Ablate("mean")}
+    batch = mp.tokenize(tiny, PROMPTS)
+    out = mp.run(tiny, batch, spec, batch_size=2)
+    with mp.intervene(tiny, spec, batch=batch):
+        got = _logits(tiny, batch)
+    # By hand: both means from the intact model's real tokens, then both written at once.
+    _, cache = tiny.run_with_cache(batch.tokens, attention_mask=batch.attention_mask)
+    real = batch.attention_mask.bool()
+    mean_mlp = cache["blocks.0.hook_mlp_out"][real].mean(0)
+    mean_z = cache["blocks.1.attn.hook_z"][:, :, 2][real].mean(0)
+
+    def mlp(act, hook):
+        return mean_mlp.expand_as(act).clone()
+
+    def head(z, hook):
+        z = z.clone()
+        z[:, :, 2] = mean_z
+        return z
+
+    with torch.no_grad():
+        expected = tiny.run_with_hooks(
+            batch.tokens,
+            attention_mask=batch.attention_mask,
+            fwd_hooks=[("blocks.0.hook_mlp_out", mlp), ("blocks.1.attn.hook_z", head)],
+        )
+    for i, n in enumerate(batch.lengths.tolist()):
+        torch.testing.assert_close(out.logits[i, :n], expected[i, :n], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[i, :n], expected[i, :n], atol=1e-5, rtol=0)
+    before = hook_count(tiny)
+    refused = pytest.raises(ValueError, match=r"2 mean-ablations without mean=.*pass batch=")
+    with refused, mp.intervene(tiny, spec):
+        pass
+    assert hook_count(tiny) == before

@@ -360,7 +360,9 @@ class Ablate(Intervention):
             mean over the real tokens at the selected positions is used: in :func:`mechprobe.run`
             over all its prompts (one extra pass computes it first, so the result does not depend
             on ``batch_size``), under :func:`intervene` over the batch forwarded (pass
-            ``batch=`` so that padding is left out). Padded positions never count. So
+            ``batch=`` so that padding is left out). Several such mean-ablations are measured
+            together first, with none of them applied (so a downstream mean is the intact
+            model's, as in :func:`mechprobe.run`); under :func:`intervene` that takes ``batch=``. Padded positions never count. So
             ``Ablate("mean", positions=-1)`` sets the last token to the mean of the last tokens,
             where :func:`mechprobe.ablate_cells`'s ``method="mean"`` takes the mean over every
             token unless ``reference_positions=-1`` (one head of SmolLM2 on induction prompts:
@@ -978,7 +980,28 @@ def intervene(
         >>> with mp.intervene(model, {mp.Site("mlp_out", layer=1): mp.Add(o, scale=2.0)}):
         ...     logits = model(model.to_tokens("Hi"))
     """
-    fwd = _hooks_for(model, interventions, batch, key_mask)
+    spec = intervention_spec(interventions)
+    pooled = [
+        key
+        for key, value in spec.items()
+        for item in ([value] if isinstance(value, Intervention) else value)
+        if isinstance(item, Ablate) and item.method == "mean" and item.mean is None
+    ]
+    if len(pooled) > 1:
+        # Each hook would average what it sees, after the mean-ablations upstream of it, where
+        # run() measures every mean first with none of them applied: the same spec and batch
+        # gave other numbers (a logit difference 0.23 apart on a tiny model). Measure them here
+        # as run() does.
+        if batch is None:
+            raise ValueError(
+                f"{len(pooled)} mean-ablations without mean= ({', '.join(map(str, pooled))}): "
+                "pass batch= (the batch you will run), so that every mean is measured first over "
+                "its real tokens as mp.run does, or give each Ablate its mean=."
+            )
+        from mechprobe.core._runner import batch_means  # _runner builds on this module
+
+        spec = batch_means(model, batch, spec)
+    fwd = _hooks_for(model, spec, batch, key_mask)
     # model.hooks() adds the callbacks and removes exactly those it added in its own finally,
     # also when adding one of them fails halfway; hooks the user attached before stay untouched.
     names = [name for name, _ in fwd]

@@ -28,7 +28,7 @@ from mechprobe.core._progress import progress_bar
 from mechprobe.core._readout import readout
 from mechprobe.core._sites import SiteLike, is_attention_map, resolve_site
 
-__all__ = ["RunResult", "check_positions", "forward", "refuse_gradient", "run"]
+__all__ = ["RunResult", "batch_means", "check_positions", "forward", "refuse_gradient", "run"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -200,7 +200,7 @@ def run(
             refuse_map_mean(key, item)
     check_positions(spec, batch)  # every prompt's positions, before the first chunk runs
     if _pooled_means(spec):
-        spec = dict(_with_batch_means(model, batch, spec, batch_size))
+        spec = dict(batch_means(model, batch, spec, batch_size))
     early = not any(name.startswith(_AFTER_BLOCKS) for name in names)
     final_name = f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post"
     every = isinstance(logit_positions, str) and logit_positions == "all"
@@ -323,13 +323,22 @@ class _MeanOf(Intervention):
         return self.edit_masked(selected, None, hook)
 
 
-def _with_batch_means(
-    model: Any, batch: Batch, spec: InterventionSpec, batch_size: int | None
+def batch_means(
+    model: Any, batch: Batch, spec: InterventionSpec, batch_size: int | None = None
 ) -> dict[SiteLike, list[Intervention]]:
     """``spec`` with every ``Ablate("mean")`` given its mean over all prompts' real tokens.
 
     One pass measures the means with the other interventions in place (the mean-ablations not
-    yet), so the result does not depend on how the prompts are chunked.
+    yet), so the result does not depend on how the prompts are chunked, and :func:`run` and
+    :func:`intervene` agree.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> model = mp.tiny_model()
+        >>> batch = mp.tokenize(model, ["Hi there", "Hello"])
+        >>> spec = batch_means(model, batch, {mp.Site("mlp_out", 0): mp.Ablate("mean")})
+        >>> tuple(spec[mp.Site("mlp_out", 0)][0].mean.shape)
+        (64,)
     """
     measured: dict[int, _MeanOf] = {}
     probe: dict[SiteLike, list[Intervention]] = {}
