@@ -980,7 +980,7 @@ def intervene(
         >>> with mp.intervene(model, {mp.Site("mlp_out", layer=1): mp.Add(o, scale=2.0)}):
         ...     logits = model(model.to_tokens("Hi"))
     """
-    spec = intervention_spec(interventions)
+    spec: InterventionSpec = intervention_spec(interventions)
     pooled = [
         key
         for key, value in spec.items()
