@@ -963,7 +963,10 @@ def intervene(
             hook-name strings. At one site, interventions apply in the order given. A plain
             TransformerLens hook function ``fn(activation, hook)`` counts as an intervention: it
             receives what the site selects (all of it for a hook name) and returns the new
-            values or None.
+            values or None. The hook name ``blocks.L.hook_resid_mid`` means ``resid_mid`` (the
+            residual stream after attention) on every model class, though TransformerLens 4's
+            bridge fires that name at the MLP's input, where ``run_with_hooks`` edits the MLP
+            alone: ``Site("mlp_in", L)`` is that edit here.
         batch: The batch that will be run; needed to find each row's last real token when the
             prompts are padded. Without it, negative positions count from the sequence's end.
         key_mask: ``[batch, keys]`` which keys are real tokens, for a pass that reads earlier
