@@ -165,6 +165,61 @@ def test_equals_transformerlens_patching(tiny, ours, theirs):
     )
 
 
+def test_every_position_at_once_equals_transformerlens_all_pos_patching(tiny):
+    # positions=None: one cell per site writing every position (the per-head figure of IOI
+    # work); patch refused None and a Site's positions, so it took a hand loop.
+    clean, corrupt = tiny.to_tokens(CLEAN), tiny.to_tokens(CORRUPT)
+    with torch.no_grad():
+        _, cache = tiny.run_with_cache(clean)
+        theirs = tl_patching.get_act_patch_attn_head_out_all_pos(
+            tiny, corrupt, cache, lambda logits: _metric(logits)[0]
+        )  # [layers, heads]
+    res = mp.patch(tiny, clean, corrupt, "head", None, METRIC, n_random=1)
+    assert res.positions == (None,) and res.position_labels == ("all positions",)
+    assert res.values.shape == (tiny.cfg.n_layers * tiny.cfg.n_heads, 1)
+    np.testing.assert_allclose(res.values[:, 0], theirs.reshape(-1), atol=1e-4)
+    frame = res.to_frame()
+    assert frame["position"].isna().all() and (frame["token"] == "all positions").all()
+    assert res.plot().axes[0].get_title().endswith("(all positions)")
+    # Pairs of different lengths, each pair's prompts of one length: a hand hook per pair.
+    pairs = [("A cat sat", "A bat sat"), ("The dog ran far", "The fog ran far")]
+    both = mp.patch(tiny, *zip(*pairs, strict=True), "mlp_out", None, METRIC, n_random=0)
+    for i, (c, x) in enumerate(pairs):
+        _, source = tiny.run_with_cache(tiny.to_tokens(c))
+        for layer in range(tiny.cfg.n_layers):
+            name = f"blocks.{layer}.hook_mlp_out"
+            with torch.no_grad():
+                logits = tiny.run_with_hooks(
+                    tiny.to_tokens(x),
+                    fwd_hooks=[(name, lambda a, hook, source=source: source[hook.name])],
+                )
+            assert both.per_pair[i, layer, 0] == pytest.approx(float(_metric(logits)[0]), abs=1e-4)
+    with pytest.raises(ValueError, match="positions=None patches every position at once"):
+        mp.patch(tiny, "A cat", "A big bat", "mlp_out", None, METRIC)
+
+
+def test_ablating_every_position_at_once_equals_hand_hooks(tiny):
+    prompts = ["A cat sat on", "The dog ran far away"]
+    res = mp.ablate_cells(tiny, prompts, "head", None, METRIC, method="zero", n_random=1)
+    assert res.positions == (None,) and res.values.shape == (res.per_pair.shape[1], 1)
+    n_heads = tiny.cfg.n_heads
+    for i, prompt in enumerate(prompts):
+        for layer in range(tiny.cfg.n_layers):
+            for h in range(n_heads):
+
+                def zero(z, hook, h=h):
+                    z = z.clone()
+                    z[:, :, h] = 0.0
+                    return z
+
+                with torch.no_grad():
+                    logits = tiny.run_with_hooks(
+                        tiny.to_tokens(prompt), fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero)]
+                    )
+                got = res.per_pair[i, layer * n_heads + h, 0]
+                assert got == pytest.approx(float(_metric(logits)[0]), abs=1e-4)
+
+
 def test_clean_into_clean_changes_nothing(tiny):
     with pytest.warns(UserWarning, match="normalised recovery is undefined"):
         res = mp.patch(tiny, CLEAN, CLEAN, "resid_pre", "all", METRIC)

@@ -55,6 +55,7 @@ from mechprobe.patching._engine import (
     SET,
     Base,
     Cell,
+    Edit,
     Plan,
     edit_width,
     pair_unit_vectors,
@@ -221,6 +222,30 @@ def position_pairs(
     return wanted, resolved
 
 
+def _columns(
+    spec: Any, src: list[int], base: list[int]
+) -> tuple[list[int | None], list[list[tuple[tuple[int, int], ...]]]]:
+    """Like :func:`position_pairs`, but each column is a tuple of ``(p_src, p_base)`` written
+    together: one position each, or with ``spec=None`` every position of the pair at once (its
+    two prompts then need the same length).
+
+    Example:
+        >>> _columns(None, [3], [3])
+        ([None], [[((0, 0), (1, 1), (2, 2))]])
+    """
+    if spec is not None:
+        wanted, resolved = position_pairs(spec, src, base)
+        return list(wanted), [[(pair,) for pair in pairs] for pairs in resolved]
+    for i, (s, b) in enumerate(zip(src, base, strict=True)):
+        if s != b:
+            raise ValueError(
+                f"positions=None patches every position at once, position for position, but pair "
+                f"{i}'s prompts have {s} and {b} tokens: use prompts of equal length, or "
+                "positions counted from the end (e.g. positions=-1)."
+            )
+    return [None], [[tuple((p, p) for p in range(s))] for s in src]
+
+
 def _check_common(cells_per_batch: Any, n_random: Any, seed: Any) -> int:
     """Check the arguments every patching function shares; returns the seed as an int."""
     if (
@@ -261,9 +286,12 @@ def patch(
             ``"mlp_out"``: every layer; a head kind ``"head"`` (z), ``"q"``, ``"k"``, ``"v"``,
             ``"pattern"``, ``"head_out"``: every layer x head, key/value heads for k and v), or
             Site(s) / hook names.
-        positions: ``-1`` (last token of each prompt), a list of ints (negative from the end), or
-            ``"all"`` (every clean and corrupt prompt must then have the same token length).
-            Pattern cells write a query position's whole row of attention weights, so the clean
+        positions: ``-1`` (last token of each prompt), a list of ints (negative from the end),
+            ``"all"`` (each position a cell; every clean and corrupt prompt must then have the
+            same token length) or None (one cell per site that writes every position at once, as
+            TransformerLens's ``get_act_patch_*_all_pos``; each pair's prompts must then have
+            the same length, and a random control moves every position by its own patch's
+            distance). Pattern cells write a query position's whole row of attention weights, so the clean
             and corrupt prompts must see equally many keys there (the same position from the
             start).
         metric: :func:`logit_diff`, :func:`answer_prob`, or a callable ``fn(logits [rows, vocab])
@@ -301,9 +329,9 @@ def patch(
     n_pairs = len(clean_ids)
     src, base = (clean_ids, corrupt_ids) if direction == "denoising" else (corrupt_ids, clean_ids)
     site_list = _sites(model, sites, layers)
-    wanted, resolved = position_pairs(positions, [len(t) for t in src], [len(t) for t in base])
-    for i, pairs in enumerate(resolved):
-        for ps, pb in pairs:
+    wanted, columns = _columns(positions, [len(t) for t in src], [len(t) for t in base])
+    for i, pair_columns in enumerate(columns):
+        for ps, pb in (pos for column in pair_columns for pos in column):
             if ps != pb and any(s.kind == "pattern" for s in site_list):
                 raise ValueError(
                     f"Pattern cells at position {ps} of pair {i}'s source and {pb} of its run: a "
@@ -317,25 +345,29 @@ def patch(
         bases=[Base(t, i) for i, t in enumerate(base)],
     )
     grid = [
-        (i, r, c, site, ps, pb)
-        for i, pairs in enumerate(resolved)
+        (i, r, c, site, column)
+        for i, pair_columns in enumerate(columns)
         for r, site in enumerate(site_list)
-        for c, (ps, pb) in enumerate(pairs)
+        for c, column in enumerate(pair_columns)
     ]
-    widths = [edit_width(model, site, pb) for _, _, _, site, _, pb in grid]
-    sum_zero = [site.kind == "pattern" for _, _, _, site, _, _ in grid]
+    # One slot per (cell, position) a cell writes: one each, or every position with None.
+    slots = [(n, site, ps, pb) for n, (*_, site, column) in enumerate(grid) for ps, pb in column]
+    widths = [edit_width(model, site, pb) for _, site, _, pb in slots]
+    sum_zero = [site.kind == "pattern" for _, site, _, _ in slots]
     pair_tokens = list(zip(clean_ids, corrupt_ids, strict=True))
-    pair_of_cell = [i for i, *_ in grid]
+    pair_of_slot = [grid[n][0] for n, *_ in slots]
     for j in range(-1, n_random):
         units = (
-            pair_unit_vectors(seed + j, pair_tokens, pair_of_cell, widths, sum_zero=sum_zero)
+            pair_unit_vectors(seed + j, pair_tokens, pair_of_slot, widths, sum_zero=sum_zero)
             if j >= 0
             else None
         )
-        for n, (i, r, c, site, ps, pb) in enumerate(grid):
-            op, payload = (COPY, None) if units is None else (RANDOM, units[n])
-            edit = site_edit(site, pb, op, source_position=ps, payload=payload)
-            plan.cells.append(Cell((j, i, r, c), base=i, edits=(edit,), source=i))
+        edits: list[list[Edit]] = [[] for _ in grid]
+        for k, (n, site, ps, pb) in enumerate(slots):
+            op, payload = (COPY, None) if units is None else (RANDOM, units[k])
+            edits[n].append(site_edit(site, pb, op, source_position=ps, payload=payload))
+        for n, (i, r, c, _, _) in enumerate(grid):
+            plan.cells.append(Cell((j, i, r, c), base=i, edits=tuple(edits[n]), source=i))
     got = run_plan(
         model, plan, metric_fn, packed=packed, cells_per_batch=cells_per_batch, progress=progress
     )
@@ -364,7 +396,7 @@ def patch(
 def _result(
     model: Any,
     site_list: list[Site],
-    wanted: list[int],
+    wanted: Sequence[int | None],
     per_pair: np.ndarray,
     random: np.ndarray,
     clean_m: np.ndarray,
@@ -425,8 +457,9 @@ def ablate_cells(
         prompts: The prompt(s) run (a string, a list, a :class:`Batch` or unpadded token ids).
         sites: As for :func:`patch`: kinds, head kinds (``"head"``, ``"q"``, ``"k"``, ``"v"``,
             ``"pattern"``, ``"head_out"``), Sites or hook names.
-        positions: ``-1``, a list of ints (negative from each prompt's end), or ``"all"`` (every
-            prompt must then have the same length).
+        positions: ``-1``, a list of ints (negative from each prompt's end), ``"all"`` (every
+            prompt must then have the same length) or None (one cell per site ablating every
+            position of the prompt at once: a head or an MLP knocked out).
         metric: As for :func:`patch` (one pair per prompt).
         method: ``"zero"``, or ``"mean"``: the site's mean activation over every real token of
             ``reference`` (for a pattern: the mean row at the same query position over the
@@ -471,24 +504,26 @@ def ablate_cells(
                 "per query position: leave reference_positions='all' for pattern sites."
             )
     lengths = [len(t) for t in ids]
-    wanted, resolved = position_pairs(positions, lengths, lengths)
+    wanted, columns = _columns(positions, lengths, lengths)
     metric_fn, metric_name = bind_metric(model, metric, len(ids))
     means: dict[Site, Any] = {}
     if method == "mean":
         ref_ids = ids if reference is None else token_rows(model, reference, "reference")
         means = _means(model, site_list, ref_ids, reference_positions)
         if reference is None and len(ids) == 1:
-            _warn_if_self_mean(site_list, sorted({p for _, p in resolved[0]}), lengths[0],
-                               reference_positions)  # fmt: skip
+            ablated = sorted({p for column in columns[0] for _, p in column})
+            _warn_if_self_mean(site_list, ablated, lengths[0], reference_positions)
     plan = Plan(bases=[Base(t, i) for i, t in enumerate(ids)])
     grid = [
-        (i, r, c, site, p)
-        for i, pairs in enumerate(resolved)
+        (i, r, c, site, column)
+        for i, prompt_columns in enumerate(columns)
         for r, site in enumerate(site_list)
-        for c, (_, p) in enumerate(pairs)
+        for c, column in enumerate(prompt_columns)
     ]
+    # One slot per (cell, position) a cell writes: one each, or every position with None.
+    slots = [(n, site, p) for n, (*_, site, column) in enumerate(grid) for _, p in column]
     values: list[Tensor] = []
-    for _, _, _, site, p in grid:
+    for _, site, p in slots:
         if method == "zero":
             values.append(torch.zeros(edit_width(model, site, p)))
         elif site.kind == "pattern":
@@ -502,20 +537,22 @@ def ablate_cells(
         else:
             values.append(means[site])
     widths = [len(v) for v in values]
-    sum_zero = [site.kind == "pattern" for _, _, _, site, _ in grid]
-    pair_tokens, pair_of_cell = [[t] for t in ids], [i for i, *_ in grid]
+    sum_zero = [site.kind == "pattern" for _, site, _ in slots]
+    pair_tokens, pair_of_slot = [[t] for t in ids], [grid[n][0] for n, _, _ in slots]
     for j in range(-1, n_random):
         units = (
-            pair_unit_vectors(seed + j, pair_tokens, pair_of_cell, widths, sum_zero=sum_zero)
+            pair_unit_vectors(seed + j, pair_tokens, pair_of_slot, widths, sum_zero=sum_zero)
             if j >= 0
             else None
         )
-        for n, (i, r, c, site, p) in enumerate(grid):
+        edits: list[list[Edit]] = [[] for _ in grid]
+        for k, (n, site, p) in enumerate(slots):
             if units is None:
-                edit = site_edit(site, p, SET, payload=values[n])
+                edits[n].append(site_edit(site, p, SET, payload=values[k]))
             else:
-                edit = site_edit(site, p, RANDOM, payload=units[n], target=values[n])
-            plan.cells.append(Cell((j, i, r, c), base=i, edits=(edit,)))
+                edits[n].append(site_edit(site, p, RANDOM, payload=units[k], target=values[k]))
+        for n, (i, r, c, _, _) in enumerate(grid):
+            plan.cells.append(Cell((j, i, r, c), base=i, edits=tuple(edits[n])))
     got = run_plan(
         model,
         plan,
@@ -611,7 +648,7 @@ def _means(
 
 
 def _labels(
-    model: Any, clean: Sequence[Tensor], corrupt: Sequence[Tensor], wanted: list[int]
+    model: Any, clean: Sequence[Tensor], corrupt: Sequence[Tensor], wanted: Sequence[int | None]
 ) -> tuple[str, ...]:
     """Each position's token (``clean/corrupt`` where they differ); ids without a tokenizer.
 
@@ -622,6 +659,9 @@ def _labels(
     adapter = model_adapter(model)
     out = []
     for p in wanted:
+        if p is None:  # every position at once
+            out.append("all positions")
+            continue
         seen = []
         for a, b in zip(clean, corrupt, strict=True):
             # "\n" and " " made visible: a newline's column had a blank label

@@ -122,7 +122,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         kinds, layers, heads: Per row: site kind, layer, head (None except for head sites; a
             key/value head for ``k`` and ``v``).
         positions: The requested positions (negative ones count back from each prompt's last
-            token); ``position_labels`` their tokens (``clean/corrupt`` where they differ; where
+            token; None: every position at once, one column); ``position_labels`` their tokens (``clean/corrupt`` where they differ; where
             pairs differ, the position and pair 0's token with an ellipsis, ``3: iffel…``).
         metric: The metric's name.
         direction: ``"denoising"``, ``"noising"``, ``"zero-ablation"``, ``"mean-ablation"``, or
@@ -150,7 +150,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
     kinds: tuple[str, ...]
     layers: tuple[int, ...]
     heads: tuple[int | None, ...]
-    positions: tuple[int, ...]
+    positions: tuple[int | None, ...]
     position_labels: tuple[str, ...]
     metric: str
     direction: str
@@ -273,6 +273,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             ['site', 'kind', 'layer']
         """
         n_sites, n_pos = self.values.shape
+        # None (every position at once) stays None in an object column; ints stay ints.
+        positions = np.array(self.positions, dtype=object if None in self.positions else np.int64)
         if self.n_random > 1:
             random_sd = self.random.mean(axis=1).std(axis=0, ddof=1)
         else:
@@ -283,7 +285,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
                 "kind": np.repeat(self.kinds, n_pos),
                 "layer": np.repeat(self.layers, n_pos),
                 "head": np.repeat(np.array(self.heads, dtype=object), n_pos),
-                "position": np.tile(self.positions, n_sites),
+                "position": np.tile(positions, n_sites),
                 "token": np.tile(self.position_labels, n_sites),
                 "value": self.values.ravel(),
                 "normalised": self.normalised.ravel(),
@@ -409,6 +411,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         ylabels, xlabels = list(self.sites), list(self.position_labels)
         head_grid = self.kind in HEAD_KINDS and len(self.positions) == 1
         if head_grid:
+            # The grid has no position axis: say where a whole-sequence patch wrote.
+            title += f" ({self.position_labels[0]})" if self.positions[0] is None else ""
             layers = sorted(set(self.layers))
             n_heads = max(h or 0 for h in self.heads) + 1
             grid = np.full((len(layers), n_heads), np.nan)
