@@ -311,7 +311,7 @@ def test_a_gradient_at_a_pattern_is_the_models_own_at_every_key(tiny) -> None:
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_loss_is_each_prompts_own_cross_entropy_whatever_the_padding(tiny, side: str) -> None:
-    from tests.conftest import hf_of
+    from conftest import hf_of  # pytest's conftest module, which holds the tiny models' twins
 
     out = mp.run(tiny, PROMPTS, padding_side=side, batch_size=2)
     hf = hf_of(tiny)
