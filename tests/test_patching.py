@@ -165,7 +165,7 @@ def test_equals_transformerlens_patching(tiny, ours, theirs):
     )
 
 
-def test_every_position_at_once_equals_transformerlens_all_pos_patching(tiny):
+def test_every_position_at_once_equals_transformerlens_all_pos_patching(tiny, tmp_path):
     # positions=None: one cell per site writing every position (the per-head figure of IOI
     # work); patch refused None and a Site's positions, so it took a hand loop.
     clean, corrupt = tiny.to_tokens(CLEAN), tiny.to_tokens(CORRUPT)
@@ -181,6 +181,8 @@ def test_every_position_at_once_equals_transformerlens_all_pos_patching(tiny):
     frame = res.to_frame()
     assert frame["position"].isna().all() and (frame["token"] == "all positions").all()
     assert res.plot().axes[0].get_title().endswith("(all positions)")
+    saved = mp.load_result(res.save(tmp_path / "whole.json"))
+    assert saved.positions == (None,) and np.array_equal(saved.values, res.values)
     # Pairs of different lengths, each pair's prompts of one length: a hand hook per pair.
     pairs = [("A cat sat", "A bat sat"), ("The dog ran far", "The fog ran far")]
     both = mp.patch(tiny, *zip(*pairs, strict=True), "mlp_out", None, METRIC, n_random=0)
