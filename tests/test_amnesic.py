@@ -585,5 +585,12 @@ def test_bars_say_their_values_and_spread_only_over_several_runs() -> None:
         line.get_zorder() for line in probe.lines if line is not original
     )
     assert "the last token" in res.plot()._suptitle.get_text()
+    # The probe panel's legend sat in its lower left, over the erased site's drop: now below it.
+    figure = res.plot()
+    figure.canvas.draw()
+    panel = figure.axes[-1]
+    legend = panel.get_legend().get_window_extent()
+    assert legend.y1 < panel.get_window_extent().y0
+    assert [a.get_title() for a in figure.axes[:1]] == ["task accuracy"]
     assert math.isnan(res.mean_std("task_accuracy", "erased")[1])  # one run: no spread, not 0
     assert res.mean_std("task_accuracy", "random")[1] == pytest.approx(np.std([0.25, 0.5], ddof=1))

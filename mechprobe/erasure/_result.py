@@ -362,7 +362,7 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         # Values on the bars: a bar of 0 is otherwise indistinguishable from one not measured.
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
         ax.set_xticks(range(len(heights)), labels, fontsize=8)
-        ax.set_title(metric.replace("_", " "), fontsize=10)
+        ax.set_title(metric.replace("_", " ").replace(" kl", " KL"), fontsize=10)
         ax.set_ylabel(_UNITS.get(metric, metric), fontsize=8)
         if metric.endswith("accuracy"):
             ax.set_ylim(0, 1.1)
@@ -400,7 +400,8 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         ax.set_ylim(0, 1.05)
         ax.set_title("information: probe accuracy after erasure", fontsize=10)
         ax.set_ylabel("held-out probe accuracy", fontsize=8)
-        ax.legend(fontsize=7, loc="lower left")
+        # Below the panel: inside, it covered the erased site's drop (lower left, where it is).
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3)
 
 
 #: The y axis of each metric's panel.
