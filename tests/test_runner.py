@@ -340,3 +340,29 @@ def test_loss_under_an_ablation_equals_transformerlens_loss_with_the_hook(tiny) 
         assert float(out.loss()[i]) == pytest.approx(float(ref), abs=1e-5)
     intact = mp.run(tiny, PROMPTS).loss()
     assert (out.loss() - intact).abs().min() > 1e-3  # the hook changed every prompt's loss
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_capture_means_leave_padding_out(tiny, side: str) -> None:
+    # The zeros a capture holds at padding were averaged into a plain .mean (a steering vector
+    # off by its padding share).
+    site = mp.Site("resid_post", 1)
+    out = mp.run(tiny, PROMPTS, capture=[site], padding_side=side, batch_size=2)
+    per_prompt = []
+    for prompt in PROMPTS:
+        _, cache = tiny.run_with_cache(tiny.to_tokens(prompt))
+        per_prompt.append(cache[site.hook_name][0].double())
+    every = torch.cat(per_prompt).mean(0)
+    torch.testing.assert_close(out.mean(site).double(), every, atol=1e-5, rtol=0)
+    expected = torch.stack([p.mean(0) for p in per_prompt])
+    torch.testing.assert_close(
+        out.mean(site, per_prompt=True).double(), expected, atol=1e-5, rtol=0
+    )
+    assert (out[site].double().mean((0, 1)) - every).abs().max() > 1e-3  # the trap it avoids
+    last = mp.Site("resid_post", 1, positions=-1)
+    chosen = mp.run(tiny, PROMPTS, capture=[last], padding_side=side)
+    ends = torch.stack([p[-1] for p in per_prompt])
+    torch.testing.assert_close(chosen.mean(last).double(), ends.mean(0), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="attention map"):
+        pattern = mp.Site("pattern", 0, head=0)
+        mp.run(tiny, PROMPTS, capture=[pattern]).mean(pattern)

@@ -101,6 +101,43 @@ class RunResult:
             return nll
         return nll.nansum(1) / predicted.sum(1)  # 0 / 0: NaN for a one-token prompt
 
+    def mean(self, site: SiteLike, *, per_prompt: bool = False) -> Tensor:
+        """A capture's mean over the real tokens it holds: padding, where the capture keeps zeros,
+        never counts (a plain ``.mean`` over a padded batch averages them in). The usual steering
+        vector is ``out_a.mean(site) - out_b.mean(site)``.
+
+        Args:
+            site: A captured site.
+            per_prompt: ``[batch, ...]``, each prompt's own mean, instead of the mean over every
+                real token of every prompt (each token weighs the same).
+
+        Raises:
+            KeyError: The site was not captured.
+            ValueError: An attention map (a mean over its query rows mixes keys).
+
+        Example:
+            >>> import mechprobe as mp
+            >>> model = mp.tiny_model()
+            >>> out = mp.run(model, ["Hi there", "Hello"], capture=[mp.Site("resid_post", 0)])
+            >>> tuple(out.mean(mp.Site("resid_post", 0)).shape)
+            (64,)
+        """
+        value = self[site]
+        if is_attention_map(site):
+            raise ValueError(
+                f"{site} is an attention map: a mean over its query rows mixes keys of other "
+                "positions; average the rows you mean from the capture itself."
+            )
+        if self.batch is None or _positions_of(site) is not None:  # chosen positions: all real
+            real = torch.ones(value.shape[:2], dtype=torch.bool, device=value.device)
+        else:
+            real = self.batch.attention_mask.bool().to(value.device)
+        weights = real.to(torch.float64).reshape(*real.shape, *[1] * (value.ndim - 2))
+        totals = (value.double() * weights).sum(1)
+        if per_prompt:
+            return (totals / weights.sum(1)).to(value.dtype)
+        return (totals.sum(0) / weights.sum()).to(value.dtype)
+
     def __getitem__(self, site: SiteLike) -> Tensor:
         try:
             return self.captures[site]
