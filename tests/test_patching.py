@@ -181,6 +181,10 @@ def test_every_position_at_once_equals_transformerlens_all_pos_patching(tiny, tm
     frame = res.to_frame()
     assert frame["position"].isna().all() and (frame["token"] == "all positions").all()
     assert res.plot().axes[0].get_title().endswith("(all positions)")
+    # head_matrix lays the cells out as TransformerLens's [layers, heads] grid.
+    np.testing.assert_allclose(res.head_matrix(normalised=False), theirs.numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="one head kind; this result has none"):
+        mp.patch(tiny, clean, corrupt, "mlp_out", -1, METRIC, n_random=0).head_matrix()
     saved = mp.load_result(res.save(tmp_path / "whole.json"))
     assert saved.positions == (None,) and np.array_equal(saved.values, res.values)
     # Pairs of different lengths, each pair's prompts of one length: a hand hook per pair.

@@ -190,6 +190,46 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         """Random controls per cell."""
         return int(self.random.shape[0])
 
+    def head_matrix(
+        self, kind: str | None = None, position: int = 0, *, normalised: bool = True
+    ) -> np.ndarray:
+        """``[layers, heads]`` one head kind's cells at one position column: row ``l`` is layer
+        ``l`` (up to the last layer patched), NaN where a head was not patched.
+
+        Args:
+            kind: The head kind (``"head"``, ``"q"``, ...); None: the only one patched.
+            position: The column (an index into ``positions``).
+            normalised: The normalised recovery (NaN for ablations), or the metric with False.
+
+        Raises:
+            ValueError: No head kind patched, several without ``kind``, or a bad column.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.patch(mp.tiny_model(), "Hi cat", "Hi bat", "head", -1,
+            ...                mp.logit_diff(1, 2), n_random=0, progress=False)
+            >>> res.head_matrix().shape  # 3 layers x 4 heads
+            (3, 4)
+        """
+        kinds = [k for k in dict.fromkeys(self.kinds) if k in HEAD_KINDS]
+        if kind is None:
+            if len(kinds) != 1:
+                raise ValueError(
+                    f"head_matrix needs one head kind; this result has {kinds or 'none'}"
+                    + (": pass kind=." if kinds else " (patch a head kind such as 'head').")
+                )
+            kind = kinds[0]
+        elif kind not in kinds:
+            raise ValueError(f"kind {kind!r} was not patched here; head kinds patched: {kinds}.")
+        column = check_int(position, "position", 0, len(self.positions) - 1)
+        data = self.normalised if normalised else self.values
+        rows = [i for i, k in enumerate(self.kinds) if k == kind]
+        layers = np.asarray(self.layers)[rows]
+        heads = np.asarray([self.heads[i] for i in rows], dtype=int)
+        matrix = np.full((int(layers.max()) + 1, int(heads.max()) + 1), np.nan)
+        matrix[layers, heads] = data[rows, column]
+        return matrix
+
     @property
     def is_ablation(self) -> bool:
         """Whether the cells were ablated (no source prompt)."""
