@@ -804,6 +804,14 @@ def test_probe_result_round_trip_frame_and_plot(tmp_path, suffix: str) -> None:
         assert fig.axes[0].get_title().startswith("linear probes, 3 classes, 300 examples, ")
         low, high = fig.axes[0].get_ylim()
         assert high == 1.02 and low <= min(0.0, float(np.nanmin(result.selectivity)))
+        # Selectivity is named only where a control task ran (its line is drawn); one panel's
+        # legend sits below it (inside, it covered the layers at accuracy 1).
+        controlled = bool(np.isfinite(result.control_accuracy).any())
+        assert fig.axes[0].get_ylabel().endswith("/ selectivity") == controlled
+        if result.mix_weights is None:
+            fig.canvas.draw()
+            below = fig.axes[0].get_legend().get_window_extent().y1
+            assert below < fig.axes[0].get_window_extent().y0
         if result.mix_accuracy is not None:
             assert result.mix_accuracy in [line.get_ydata()[0] for line in fig.axes[0].lines]
         odd = dataclasses.replace(result, split="holdout(test_size=0.2, grouped)")

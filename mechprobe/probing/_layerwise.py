@@ -213,10 +213,14 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
             f"{self.probe} probes, {self.n_classes} classes, {self.n_examples} examples, {split}"
         )
         # Selectivity (accuracy minus control) can be negative; accuracies stay within 0-1.
-        ax.set(ylabel="held-out accuracy / selectivity", title=title)
+        controlled = bool(np.isfinite(self.control_accuracy).any())
+        ax.set(ylabel="held-out accuracy" + (" / selectivity" if controlled else ""), title=title)
         finite = self.selectivity[np.isfinite(self.selectivity)]
         ax.set_ylim(min(0.0, float(finite.min()) if finite.size else 0.0) - 0.02, 1.02)
-        ax.legend(loc="best", fontsize="small")
+        if has_mix:  # the mix weights' panel is below
+            ax.legend(loc="best", fontsize="small")
+        else:  # below the panel: inside, "best" still covered the layers where accuracy is 1
+            ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4)
         if has_mix:
             mix_ax.bar(x_axis, np.asarray(self.mix_weights), color="tab:purple")
             mix_ax.set(
