@@ -45,6 +45,23 @@ def test_patch_takes_one_answer_per_pair(tmp_path):
     )
     np.testing.assert_allclose(saved.values, direct.values, atol=1e-6)
     assert saved.values.shape[0] == 2  # layers 0 and 1
+    # --positions whole: each site one cell over every position (positions=None)
+    whole = tmp_path / "whole"
+    assert cli_main([*args, "--positions", "whole", "--model", "tiny", "--quiet", "--out",
+                     str(whole)]) == 0  # fmt: skip
+    saved = mp.load_result(whole / "result.json")
+    direct = mp.patch(
+        mp.tiny_model(),
+        ["A cat sat", "The dog ran"],
+        ["A bat sat", "The fox ran"],
+        "mlp_out",
+        None,
+        mp.logit_diff(["1", "3"], ["2", "4"]),
+        layers=[0, 1],
+        progress=False,
+    )
+    assert saved.positions == (None,)
+    np.testing.assert_allclose(saved.values, direct.values, atol=1e-6)
 
 
 @pytest.mark.parametrize(

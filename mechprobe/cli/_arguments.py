@@ -40,20 +40,24 @@ def load(name: str, device: str | None = None) -> Any:
     return mp.load_model(name, device=device)
 
 
-def positions_type(all_value: Any = None) -> Callable[[str], Any]:
+def positions_type(all_value: Any = None, *, whole: bool = False) -> Callable[[str], Any]:
     """An argparse ``type`` for ``--positions``: ``all`` (-> ``all_value``), ``last`` (-> -1), an
-    int, or comma-separated ints (write lists that start with a minus as ``--positions=-3,-1``)."""
+    int, or comma-separated ints (write lists that start with a minus as ``--positions=-3,-1``);
+    with ``whole``, also ``whole`` (-> None: every position at once, one cell per site)."""
 
     def parse(text: str) -> Any:
         if text == "all":
             return all_value
         if text == "last":
             return -1
+        if whole and text == "whole":
+            return None
         try:
             values = [int(part) for part in text.split(",")]
         except ValueError:
+            words = "'all', 'last', 'whole'" if whole else "'all', 'last'"
             raise argparse.ArgumentTypeError(
-                f"positions must be 'all', 'last', an int or comma-separated ints (e.g. 0,-1), "
+                f"positions must be {words}, an int or comma-separated ints (e.g. 0,-1), "
                 f"not {text!r}"
             ) from None
         return values[0] if len(values) == 1 else values

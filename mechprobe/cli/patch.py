@@ -78,10 +78,11 @@ def add_parser(sub: Any) -> None:
     add_layers_argument(parser, "layers patched")
     parser.add_argument(
         "--positions",
-        type=positions_type("all"),
+        type=positions_type("all", whole=True),
         default=-1,
-        help="'last' or -1 (each prompt's last token, the default), 'all', an int or "
-        "comma-separated ints; write lists that start with a minus as --positions=-3,-1",
+        help="'last' or -1 (each prompt's last token, the default), 'all' (each position a "
+        "cell), 'whole' (every position at once, one cell per site; activation patching), an "
+        "int or comma-separated ints; write lists that start with a minus as --positions=-3,-1",
     )
     parser.add_argument(
         "--receivers",
