@@ -545,3 +545,17 @@ def test_mean_ablations_in_series_agree_under_run_and_intervene(tiny):
     with refused, mp.intervene(tiny, spec):
         pass
     assert hook_count(tiny) == before
+
+
+@pytest.mark.parametrize("value", [3, [mp.Ablate(), "x"]])
+def test_what_is_no_intervention_is_named_in_every_entry_point(tiny, value):
+    # run raised "'int' object has no attribute 'positions'", intervene "'int' object is not
+    # iterable".
+    spec = {"blocks.0.hook_resid_pre": value}
+    message = r"at blocks.0.hook_resid_pre is not an intervention"
+    with pytest.raises(TypeError, match=message):
+        mp.run(tiny, ["Hi"], spec)
+    with pytest.raises(TypeError, match=message), mp.intervene(tiny, spec):
+        pass
+    with pytest.raises(TypeError, match=message):
+        mp.generate(tiny, ["Hi"], spec, max_new_tokens=1)

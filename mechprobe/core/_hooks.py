@@ -362,10 +362,11 @@ class Ablate(Intervention):
             on ``batch_size``), under :func:`intervene` over the batch forwarded (pass
             ``batch=`` so that padding is left out). Several such mean-ablations are measured
             together first, with none of them applied (so a downstream mean is the intact
-            model's, as in :func:`mechprobe.run`); under :func:`intervene` that takes ``batch=``. Padded positions never count. So
-            ``Ablate("mean", positions=-1)`` sets the last token to the mean of the last tokens,
-            where :func:`mechprobe.ablate_cells`'s ``method="mean"`` takes the mean over every
-            token unless ``reference_positions=-1`` (one head of SmolLM2 on induction prompts:
+            model's, as in :func:`mechprobe.run`); under :func:`intervene` that takes
+            ``batch=``. Padded positions never count. So ``Ablate("mean", positions=-1)`` sets
+            the last token to the mean of the last tokens, where
+            :func:`mechprobe.ablate_cells`'s ``method="mean"`` takes the mean over every token
+            unless ``reference_positions=-1`` (one head of SmolLM2 on induction prompts:
             effects -1.66 and -2.25); pass ``mean=`` to choose.
         positions: As for every intervention.
 
@@ -614,7 +615,7 @@ def _hooks_for(
     # the attention output, and the edit sees attn_out's own edits.
     after: list[tuple[str, Callable[..., Tensor | None]]] = []
     for (name, site), value in resolved:
-        items = [value] if isinstance(value, Intervention) else list(value)
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
         for item in items:
             if not isinstance(item, Intervention):
                 raise TypeError(
@@ -987,7 +988,7 @@ def intervene(
     pooled = [
         key
         for key, value in spec.items()
-        for item in ([value] if isinstance(value, Intervention) else value)
+        for item in (value if isinstance(value, (list, tuple)) else [value])
         if isinstance(item, Ablate) and item.method == "mean" and item.mean is None
     ]
     if len(pooled) > 1:

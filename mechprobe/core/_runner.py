@@ -233,6 +233,11 @@ def run(
     names = [resolve_site(model, site)[0] for site in [*spec, *capture]]  # validate first
     for key, value in spec.items():
         for item in _items(value):
+            if not isinstance(item, Intervention):  # before anything reads its positions
+                raise TypeError(
+                    f"{type(item).__name__} at {key} is not an intervention: use Capture, "
+                    "Replace, Add, Ablate or Project, or a hook function fn(activation, hook)."
+                )
             refuse_gradient(key, item, "run()")
             refuse_map_mean(key, item)
     check_positions(spec, batch)  # every prompt's positions, before the first chunk runs
@@ -253,7 +258,7 @@ def run(
             caps = {site: Capture() for site in capture}
             merged: dict[SiteLike, list[Intervention]] = {}
             for key, value in spec.items():
-                items = [value] if isinstance(value, Intervention) else value
+                items = _items(value)
                 merged.setdefault(key, []).extend(
                     _rows_of(item, rows, len(batch)) for item in items
                 )
@@ -332,7 +337,8 @@ def refuse_gradient(key: SiteLike, item: Any, where: str) -> None:
 
 
 def _items(value: Intervention | Sequence[Intervention]) -> list[Intervention]:
-    return [value] if isinstance(value, Intervention) else list(value)
+    # A list or tuple holds several; anything else is one (checked to be an Intervention).
+    return list(value) if isinstance(value, (list, tuple)) else [value]  # type: ignore[list-item]
 
 
 def _is_pooled(item: Intervention) -> bool:
