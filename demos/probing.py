@@ -53,6 +53,7 @@ def run(
     result = dataclasses.replace(result, layers=np.arange(-1, len(sites) - 1))
     fig = result.plot()
     fig.suptitle(title)
+    fig.axes[0].set_xlabel("layer (-1: the embeddings, resid_pre 0)")
     FIGURES.mkdir(parents=True, exist_ok=True)
     fig.savefig(FIGURES / f"probing_{name}.png", dpi=150)
     # The record the README's numbers come from (mp.load_result reads it back).
