@@ -98,6 +98,18 @@ def test_attribution_matches_hand_written_gradients(gqa, site):
     )
 
 
+@pytest.mark.parametrize("site", [mp.Site("mlp_out", 0), mp.Site("head", 1, head=3)], ids=str)
+def test_every_position_at_once_is_the_sum_of_the_hand_estimates(gqa, site):
+    # positions=None: the first-order estimate of patch(..., positions=None), the sum over
+    # positions of (a_clean - a_corrupt) . grad (it was refused).
+    res = mp.attribution_patch(gqa, CLEAN, CORRUPT, [site], None, METRIC, progress=False)
+    assert res.positions == (None,) and res.values.shape == (1, 1)
+    estimate = res.values[0, 0] - res.corrupt_metric
+    assert estimate == pytest.approx(float(_hand(gqa, site).sum()), rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match="positions=None estimates patching every position"):
+        mp.attribution_patch(gqa, "A cat", "A big bat", [site], None, METRIC)
+
+
 @pytest.mark.parametrize(
     "site",
     [mp.Site("resid_pre", 1), mp.Site("head", 1, head=3), mp.Site("pattern", 2, head=2)],

@@ -81,7 +81,7 @@ def add_parser(sub: Any) -> None:
         type=positions_type("all", whole=True),
         default=-1,
         help="'last' or -1 (each prompt's last token, the default), 'all' (each position a "
-        "cell), 'whole' (every position at once, one cell per site; activation patching), an "
+        "cell), 'whole' (every position at once, one cell per site; not path patching), an "
         "int or comma-separated ints; write lists that start with a minus as --positions=-3,-1",
     )
     parser.add_argument(

@@ -165,7 +165,9 @@ def attribution_patch(
         corrupt: Corrupt prompt(s), as many as ``clean``.
         sites: As for :func:`patch`: kinds (every layer; head kinds every layer x head, key/value
             heads for ``k``/``v``), Sites or site hook names.
-        positions: ``-1``, a list of ints (negative from each prompt's end) or ``"all"``.
+        positions: ``-1``, a list of ints (negative from each prompt's end), ``"all"``, or
+            None: every position at once (the sum of the positions' estimates, first order's
+            estimate of :func:`patch`'s ``positions=None``; each pair's prompts of one length).
         metric: :func:`logit_diff`, :func:`answer_prob` or a callable of the last position's
             logits, as for :func:`patch`; it must be differentiable.
         layers: The layers a kind covers.
@@ -202,9 +204,21 @@ def attribution_patch(
     src_ids, base_ids = (corrupt_ids, clean_ids) if noising else (clean_ids, corrupt_ids)
     n_pairs = len(clean_ids)
     site_list = _sites(model, sites, layers, "attribution_patch()")
-    wanted, resolved = position_pairs(
-        positions, [len(t) for t in clean_ids], [len(t) for t in corrupt_ids]
-    )
+    together = positions is None  # every position at once: the sum of their estimates
+    if together:
+        for i, (c, x) in enumerate(zip(clean_ids, corrupt_ids, strict=True)):
+            if len(c) != len(x):
+                raise ValueError(
+                    f"positions=None estimates patching every position at once, position for "
+                    f"position, but pair {i}'s prompts have {len(c)} and {len(x)} tokens: use "
+                    "prompts of equal length, or positions counted from the end."
+                )
+        wanted: list[int | None] = [None]
+        resolved = [[(p, p) for p in range(len(c))] for c in clean_ids]
+    else:
+        wanted, resolved = position_pairs(  # type: ignore[assignment]
+            positions, [len(t) for t in clean_ids], [len(t) for t in corrupt_ids]
+        )
     if any(s.kind == "pattern" for s in site_list):
         for i, pairs in enumerate(resolved):
             if any(ps != pb for ps, pb in pairs):
@@ -262,6 +276,8 @@ def attribution_patch(
             values = estimates[key]
             head = () if site.head is None else (slice(None), site.head)
             picked = values[(slice(None), *head)]  # [1 + n_random, positions]
+            if together:  # first order: the effects of the positions add up
+                picked = picked.sum(axis=1, keepdims=True)
             per_pair[i, r] = base_m + picked[0]
             random[:, i, r] = base_m + picked[1:]
     return _result(
