@@ -576,6 +576,9 @@ def test_bars_say_their_values_and_spread_only_over_several_runs() -> None:
     res = AmnesicResult("blocks.1.hook_resid_post", None, -1, "leace", 3, 64, measures)
     ax = res.plot(metric="task_accuracy").axes[0]
     assert [t.get_text() for t in ax.texts] == ["0.5", "0", "0.375"]
+    # the random bar's label sits above its error bar (its cap crossed the text on the bar)
+    assert ax.texts[2].xy[1] == pytest.approx(0.375 + np.std([0.25, 0.5], ddof=1))
+    assert ax.texts[0].xy[1] == pytest.approx(0.5)
     assert ax.get_ylabel() == "answer top-1 accuracy"
     caps = [line for line in ax.lines if len(line.get_xdata()) == 1]  # the error bars' caps
     assert {float(line.get_xdata()[0]) for line in caps} == {2.0}  # random (n=2) only

@@ -360,7 +360,10 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
             ax.errorbar(several, [heights[i] for i in several], yerr=[errors[i] for i in several],
                         fmt="none", ecolor="black", capsize=4)  # fmt: skip
         # Values on the bars: a bar of 0 is otherwise indistinguishable from one not measured.
-        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        texts = ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        for text, height, error in zip(texts, heights, errors, strict=True):
+            if np.isfinite(error):  # above the error bar: on the bar, its cap crossed the text
+                text.xy = (text.xy[0], height + error)
         ax.set_xticks(range(len(heights)), labels, fontsize=8)
         ax.set_title(metric.replace("_", " ").replace(" kl", " KL"), fontsize=10)
         ax.set_ylabel(_UNITS.get(metric, metric), fontsize=8)
