@@ -53,11 +53,11 @@ from mechprobe.core._hooks import (
     Replace,
     intervene,
     intervention_spec,
+    is_pooled,
 )
 from mechprobe.core._progress import progress_bar
 from mechprobe.core._results import Result, new_axes, token_label
 from mechprobe.core._runner import (
-    _is_pooled,
     _items,
     _rows_of,
     check_positions,
@@ -550,7 +550,7 @@ def _check_item(key: SiteLike, site: Site | None, item: Any) -> None:
             f"and {grows}: pass one vector [d] (or [n_prompts, 1, d]) for every position, or "
             "positions= naming the prompt's positions its rows are for."
         )
-    if _is_pooled(item):
+    if is_pooled(item):
         raise ValueError(
             f"Ablate('mean') at {key} has no mean: over the prompts it would change as they "
             "grow. Pass mean= (e.g. a mean of mp.run captures over reference prompts)."

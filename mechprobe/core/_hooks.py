@@ -56,6 +56,7 @@ __all__ = [
     "gradients_enabled",
     "intervene",
     "intervention_spec",
+    "is_pooled",
     "refuse_map_mean",
 ]
 
@@ -567,6 +568,16 @@ def masked_mean(selected: Tensor, real: Tensor | None) -> Tensor:
     return flat[keep].mean(dim=0)
 
 
+def is_pooled(item: Any) -> bool:
+    """Whether ``item`` is a mean-ablation without its own mean (the mean of the prompts run).
+
+    Example:
+        >>> is_pooled(Ablate("mean")), is_pooled(Ablate("mean", mean=torch.zeros(4)))
+        (True, False)
+    """
+    return isinstance(item, Ablate) and item.method == "mean" and item.mean is None
+
+
 def refuse_map_mean(site: SiteLike, item: Intervention) -> None:
     """Refuse a mean-ablation of an attention map that would average over the prompts run.
 
@@ -577,8 +588,7 @@ def refuse_map_mean(site: SiteLike, item: Intervention) -> None:
     Example:
         >>> refuse_map_mean("blocks.0.attn.hook_pattern", Ablate())  # zero-ablation is fine
     """
-    pooled = isinstance(item, Ablate) and item.method == "mean" and item.mean is None
-    if pooled and is_attention_map(site):
+    if is_pooled(item) and is_attention_map(site):
         raise ValueError(
             f"Ablate('mean') without mean= at {site}, an attention map: its key axis is the "
             "batch's padded layout (under left padding key j is a different token in each "
@@ -989,7 +999,7 @@ def intervene(
         key
         for key, value in spec.items()
         for item in (value if isinstance(value, (list, tuple)) else [value])
-        if isinstance(item, Ablate) and item.method == "mean" and item.mean is None
+        if is_pooled(item)
     ]
     if len(pooled) > 1:
         # Each hook would average what it sees, after the mean-ablations upstream of it, where

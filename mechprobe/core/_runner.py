@@ -22,6 +22,7 @@ from mechprobe.core._hooks import (
     StopForward,
     intervene,
     intervention_spec,
+    is_pooled,
     refuse_map_mean,
 )
 from mechprobe.core._progress import progress_bar
@@ -323,7 +324,7 @@ def _rows_of(item: Intervention, rows: slice, n_rows: int) -> Intervention:
 
 
 def _pooled_means(spec: InterventionSpec) -> bool:
-    return any(_is_pooled(item) for value in spec.values() for item in _items(value))
+    return any(is_pooled(item) for value in spec.values() for item in _items(value))
 
 
 def refuse_gradient(key: SiteLike, item: Any, where: str) -> None:
@@ -339,10 +340,6 @@ def refuse_gradient(key: SiteLike, item: Any, where: str) -> None:
 def _items(value: Intervention | Sequence[Intervention]) -> list[Intervention]:
     # A list or tuple holds several; anything else is one (checked to be an Intervention).
     return list(value) if isinstance(value, (list, tuple)) else [value]  # type: ignore[list-item]
-
-
-def _is_pooled(item: Intervention) -> bool:
-    return isinstance(item, Ablate) and item.method == "mean" and item.mean is None
 
 
 class _MeanOf(Intervention):
@@ -387,7 +384,7 @@ def batch_means(
     probe: dict[SiteLike, list[Intervention]] = {}
     for key, value in spec.items():
         for item in _items(value):
-            if _is_pooled(item):
+            if is_pooled(item):
                 measured[id(item)] = _MeanOf(item)
                 probe.setdefault(key, []).append(measured[id(item)])
             else:
@@ -402,7 +399,7 @@ def batch_means(
     resolved: dict[SiteLike, list[Intervention]] = {}
     for key, value in spec.items():
         for item in _items(value):
-            if _is_pooled(item):
+            if is_pooled(item):
                 acc = measured[id(item)]
                 if acc.total is None or acc.count == 0:
                     raise ValueError(f"Mean-ablation at {key}: no real token was selected.")
