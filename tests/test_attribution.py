@@ -106,7 +106,7 @@ def test_every_position_at_once_is_the_sum_of_the_hand_estimates(gqa, site):
     assert res.positions == (None,) and res.values.shape == (1, 1)
     estimate = res.values[0, 0] - res.corrupt_metric
     assert estimate == pytest.approx(float(_hand(gqa, site).sum()), rel=1e-4, abs=1e-6)
-    with pytest.raises(ValueError, match="positions=None estimates patching every position"):
+    with pytest.raises(ValueError, match="positions=None patches every position at once"):
         mp.attribution_patch(gqa, "A cat", "A big bat", [site], None, METRIC)
 
 

@@ -54,10 +54,10 @@ from mechprobe.core import (
 from mechprobe.patching._activation import (
     Direction,
     Prompts,
+    _columns,
     _labels,
     _result,
     _sites,
-    position_pairs,
     token_pairs,
 )
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
@@ -204,21 +204,13 @@ def attribution_patch(
     src_ids, base_ids = (corrupt_ids, clean_ids) if noising else (clean_ids, corrupt_ids)
     n_pairs = len(clean_ids)
     site_list = _sites(model, sites, layers, "attribution_patch()")
-    together = positions is None  # every position at once: the sum of their estimates
-    if together:
-        for i, (c, x) in enumerate(zip(clean_ids, corrupt_ids, strict=True)):
-            if len(c) != len(x):
-                raise ValueError(
-                    f"positions=None estimates patching every position at once, position for "
-                    f"position, but pair {i}'s prompts have {len(c)} and {len(x)} tokens: use "
-                    "prompts of equal length, or positions counted from the end."
-                )
-        wanted: list[int | None] = [None]
-        resolved = [[(p, p) for p in range(len(c))] for c in clean_ids]
-    else:
-        wanted, resolved = position_pairs(  # type: ignore[assignment]
-            positions, [len(t) for t in clean_ids], [len(t) for t in corrupt_ids]
-        )
+    # Columns of positions written together: one each, or every position with None, where the
+    # estimates of a column's positions add up (first order).
+    wanted, columns = _columns(
+        positions, [len(t) for t in clean_ids], [len(t) for t in corrupt_ids]
+    )
+    together = wanted == [None]
+    resolved = [[pos for column in pair_columns for pos in column] for pair_columns in columns]
     if any(s.kind == "pattern" for s in site_list):
         for i, pairs in enumerate(resolved):
             if any(ps != pb for ps, pb in pairs):
