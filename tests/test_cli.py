@@ -29,39 +29,26 @@ def test_patch_takes_one_answer_per_pair(tmp_path):
     pairs = ["--clean", "A cat sat", "--corrupt", "A bat sat"]
     pairs += ["--clean", "The dog ran", "--corrupt", "The fox ran"]
     answers = ["--answer", "1", "--wrong", "2", "--answer", "3", "--wrong", "4"]
-    out = tmp_path / "run"
-    args = ["patch", *pairs, *answers, "--sites", "mlp_out", "--layers", "0-1"]
-    assert cli_main([*args, "--model", "tiny", "--quiet", "--out", str(out)]) == 0
-    saved = mp.load_result(out / "result.json")
-    direct = mp.patch(
-        mp.tiny_model(),
-        ["A cat sat", "The dog ran"],
-        ["A bat sat", "The fox ran"],
-        "mlp_out",
-        -1,
-        mp.logit_diff(["1", "3"], ["2", "4"]),
-        layers=[0, 1],
-        progress=False,
-    )
-    np.testing.assert_allclose(saved.values, direct.values, atol=1e-6)
-    assert saved.values.shape[0] == 2  # layers 0 and 1
-    # --positions whole: each site one cell over every position (positions=None)
-    whole = tmp_path / "whole"
-    assert cli_main([*args, "--positions", "whole", "--model", "tiny", "--quiet", "--out",
-                     str(whole)]) == 0  # fmt: skip
-    saved = mp.load_result(whole / "result.json")
-    direct = mp.patch(
-        mp.tiny_model(),
-        ["A cat sat", "The dog ran"],
-        ["A bat sat", "The fox ran"],
-        "mlp_out",
-        None,
-        mp.logit_diff(["1", "3"], ["2", "4"]),
-        layers=[0, 1],
-        progress=False,
-    )
-    assert saved.positions == (None,)
-    np.testing.assert_allclose(saved.values, direct.values, atol=1e-6)
+    args = ["patch", *pairs, *answers, "--sites", "mlp_out", "--layers", "0-1", "--model", "tiny"]
+    # --positions whole: each site one cell over every position (the API's positions=None)
+    for flag, positions in ((None, -1), ("whole", None)):  # None: the default, the last token
+        out = tmp_path / str(flag)
+        chosen = [] if flag is None else ["--positions", flag]
+        assert cli_main([*args, *chosen, "--quiet", "--out", str(out)]) == 0
+        saved = mp.load_result(out / "result.json")
+        direct = mp.patch(
+            mp.tiny_model(),
+            ["A cat sat", "The dog ran"],
+            ["A bat sat", "The fox ran"],
+            "mlp_out",
+            positions,
+            mp.logit_diff(["1", "3"], ["2", "4"]),
+            layers=[0, 1],
+            progress=False,
+        )
+        np.testing.assert_allclose(saved.values, direct.values, atol=1e-6)
+        assert saved.values.shape[0] == 2  # layers 0 and 1
+        assert saved.positions == (positions,)
 
 
 @pytest.mark.parametrize(
