@@ -589,3 +589,19 @@ def test_an_exception_in_a_cached_step_leaves_the_model_as_it_was(tiny):
     assert hook_count(tiny) == hooks
     with torch.no_grad():
         assert torch.equal(tiny(tokens), before)
+
+
+def test_a_hook_function_indexing_positions_sees_the_whole_sequence_at_every_step(tiny):
+    # With the key/value cache (a HookedTransformer's default) a function got [batch, 1, d] after
+    # the prompt: act[:, 1] raised IndexError, act[:, :2] edited each new token instead.
+    def second(act, hook):
+        act[:, 1] = 0.0
+
+    common = {"max_new_tokens": STEPS, "stop_at_eos": False, "progress": False}
+    name = "blocks.1.hook_resid_post"
+    by_function = mp.generate(tiny, "A cat sat", {name: second}, **common)
+    expected = mp.generate(tiny, "A cat sat", {name: mp.Ablate(positions=[1])}, **common)
+    plain = mp.generate(tiny, "A cat sat", **common)
+    assert by_function.tokens[0].tolist() == expected.tokens[0].tolist()
+    np.testing.assert_allclose(by_function.logprobs[0], expected.logprobs[0], atol=1e-5)
+    assert not np.allclose(by_function.logprobs[0], plain.logprobs[0], atol=1e-3)

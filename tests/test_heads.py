@@ -97,6 +97,23 @@ def test_head_out_equals_z_patching(tiny):
     np.testing.assert_allclose(out.values, z.values, atol=1e-5)
 
 
+@pytest.mark.parametrize("positions", [-1, None])
+def test_head_out_beside_attn_out_and_z_cells_in_one_pass(tiny, positions):
+    # Other cells' attn_out and z writes share head_out's forward pass (other rows): the check
+    # that a head's write is z @ W_O read their rows and refused the call (off by 0.6 to 1.2).
+    sites = ["attn_out", "head", "head_out"]
+    for name in ("patch", "ablate_cells"):
+        run = getattr(mp, name)
+        args = (CLEAN, CORRUPT) if name == "patch" else ([CLEAN, "A dog ran far"],)
+        together = run(tiny, *args, sites, positions, METRIC, n_random=1)
+        alone = run(tiny, *args, sites, positions, METRIC, n_random=1, cells_per_batch=1)
+        np.testing.assert_allclose(together.values, alone.values, atol=1e-5)
+        np.testing.assert_allclose(together.random, alone.random, atol=1e-5)
+        n = tiny.cfg.n_heads * tiny.cfg.n_layers
+        head, head_out = together.values[-2 * n : -n], together.values[-n:]
+        np.testing.assert_allclose(head_out, head, atol=1e-5)  # z @ W_O, either way
+
+
 @pytest.mark.parametrize("kind", ["k", "v"])
 def test_a_key_value_head_feeds_exactly_its_query_heads(tiny, kind):
     tokens = tiny.to_tokens(CLEAN)

@@ -509,6 +509,56 @@ def test_a_plain_transformerlens_hook_function_is_an_intervention(tiny):
     assert hook_count(tiny) == before
 
 
+@pytest.mark.parametrize(
+    "site",
+    [
+        "blocks.1.hook_resid_mid",  # a bridge hands the function a tensor it computed
+        mp.Site("head_out", 1, head=0),
+        mp.Site("resid_post", 1, positions=-1),
+        mp.Site("head", 1, head=2, positions=[0, -1]),
+    ],
+    ids=str,
+)
+def test_a_hook_function_editing_in_place_acts_where_its_selection_is_a_copy(tiny, site):
+    # `act[:] = 0` returning None was a silent no-op wherever the function received a copy.
+    batch = mp.tokenize(tiny, PROMPTS)
+
+    def in_place(act, hook):
+        act[:] = 0.0
+
+    def returned(act, hook):
+        return torch.zeros_like(act)
+
+    intact = mp.run(tiny, batch).logits
+    expected = mp.run(tiny, batch, {site: returned}).logits
+    assert (expected - intact).abs().max() > 0.1
+    torch.testing.assert_close(mp.run(tiny, batch, {site: in_place}).logits, expected)
+    with mp.intervene(tiny, {site: in_place}, batch=batch):
+        got = _logits(tiny, batch)
+    for i, n in enumerate(batch.lengths.tolist()):  # run leaves padding zero
+        torch.testing.assert_close(got[i, :n], expected[i, :n], atol=1e-5, rtol=0)
+
+
+def test_a_hook_function_returning_the_wrong_thing_is_named(tiny):
+    # A shorter tensor raised torch's bare "expanded size" error; one row of a two-row batch was
+    # broadcast to every prompt (each prompt ran on the first one's activation), silently.
+    batch, name = mp.tokenize(tiny, PROMPTS), "blocks.1.hook_resid_post"
+    intact = mp.run(tiny, batch).logits
+    before = hook_count(tiny)  # after a forward: a bridge's first one adds hooks of its own
+    cases = {
+        (lambda act, hook: act[:, :-1]): (ValueError, r"returned shape \(3, \d+, 64\) for an"),
+        (lambda act, hook: act[:1]): (ValueError, "return the same shape"),
+        (lambda act, hook: [act]): (TypeError, "returned a list: return a tensor or None"),
+    }
+    for fn, (error, message) in cases.items():
+        with pytest.raises(error, match=f"hook function <lambda> at {name}.*{message}"):
+            mp.run(tiny, batch, {name: fn})
+    with pytest.raises(TypeError, match=r"must take \(activation, hook\)"):
+        mp.run(tiny, batch, {name: lambda act: act})
+    assert hook_count(tiny) == before
+    torch.testing.assert_close(mp.run(tiny, batch).logits, intact)
+
+
 def test_mean_ablations_in_series_agree_under_run_and_intervene(tiny):
     # intervene let each hook average what it saw, after the mean-ablation upstream of it, while
     # run measured every mean first: the same spec and batch differed (0.18 in the logits).

@@ -53,6 +53,7 @@ from mechprobe.core._hooks import (
     Replace,
     intervene,
     intervention_spec,
+    is_hook_function,
     is_pooled,
 )
 from mechprobe.core._progress import progress_bar
@@ -248,7 +249,11 @@ def generate(
         use_cache: Run each new token alone with TransformerLens's key/value cache (None, the
             default: on a ``HookedTransformer``, off on a ``TransformerBridge``, whose cache
             TransformerLens 4.3 leaves empty; True on a bridge is refused). The same tokens
-            either way, within float rounding.
+            either way, within float rounding. A hook function ``fn(activation, hook)`` sees
+            the left-padded sequence so far at every step (None then recomputes, also on a
+            ``HookedTransformer``); with ``use_cache=True`` it sees the prompts once and then
+            each new token alone (``[batch, 1, ...]``), so only a function that ignores
+            positions (``act + v``) gives the same tokens both ways.
         batch_size: Prompts generated together (None: all at once).
         progress: Show a progress bar over tokens (``MECHPROBE_PROGRESS=0`` silences it).
 
@@ -294,7 +299,8 @@ def generate(
     batch = _left_padded(model, prompts)
     check_positions(spec, batch)  # a position outside some prompt fails before any pass
     adapter = model_adapter(model)
-    cached = _use_cache(adapter.kind, use_cache)
+    functions = any(is_hook_function(item) for value in spec.values() for item in _items(value))
+    cached = _use_cache(adapter.kind, use_cache, functions)
     n_ctx = adapter.n_ctx
     longest = int(batch.lengths.max())
     if n_ctx is not None and longest + max_new_tokens > int(n_ctx):
@@ -390,10 +396,12 @@ def _complete(
     ]
 
 
-def _use_cache(kind: str, use_cache: bool | None) -> bool:
-    """Whether to generate with the key/value cache (see :func:`generate`)."""
+def _use_cache(kind: str, use_cache: bool | None, functions: bool = False) -> bool:
+    """Whether to generate with the key/value cache (see :func:`generate`); ``functions``:
+    whether a hook function is among the interventions (it could not tell a cached step, one
+    new token, from the sequence, so None recomputes)."""
     if use_cache is None:
-        return kind == "hooked"
+        return kind == "hooked" and not functions
     if not isinstance(use_cache, bool):
         raise TypeError(f"use_cache must be True, False or None, got {use_cache!r}.")
     if use_cache and kind != "hooked":

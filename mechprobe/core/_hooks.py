@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeAlias
@@ -520,7 +521,7 @@ def _as_intervention(site: Any, value: Any) -> Any:
             f"{value.__name__} at {site} is a class: pass an instance, e.g. {value.__name__}()."
         )
     if callable(value) and not isinstance(value, Intervention):
-        return _Callback(value)
+        return _Callback(site, value)
     return value
 
 
@@ -529,16 +530,38 @@ class _Callback(Intervention):
 
     It receives what the site selects (the whole activation, as TransformerLens passes it, for a
     hook name or a Site without positions; one head's slice for a head Site) and returns the new
-    values or None (an edit in place then stands where the selection is the activation itself).
+    values, or None after editing them in place. An edit in place is written back wherever the
+    selection is a copy (a Site's positions, a head, a bridge's ``hook_resid_mid``), so the
+    TransformerLens idiom ``act[:] = 0`` acts the same on every site and model class.
     """
 
-    def __init__(self, fn: Callable[[Tensor, Any], Tensor | None]) -> None:
+    def __init__(self, site: Any, fn: Callable[[Tensor, Any], Tensor | None]) -> None:
         super().__init__(None)
         self.fn = fn
         self.label = f"hook {getattr(fn, '__name__', type(fn).__name__)}"
+        try:
+            inspect.signature(fn).bind(None, None)
+        except TypeError:
+            raise TypeError(
+                f"The hook function {self.label[5:]} at {site} must take (activation, hook), as "
+                "a TransformerLens hook does: def fn(act, hook): ..."
+            ) from None
+        except ValueError:  # no signature to read (a builtin): let the call decide
+            pass
 
-    def edit(self, selected: Tensor, hook: Any) -> Tensor | None:
-        return self.fn(selected, hook)
+    def edit(self, selected: Tensor, hook: Any) -> Tensor:
+        new = self.fn(selected, hook)
+        if new is None:
+            return selected  # edited in place, or not at all: the same values either way
+        where = f"The hook function {self.label[5:]} at {getattr(hook, 'name', '?')}"
+        if not isinstance(new, Tensor):
+            raise TypeError(f"{where} returned a {type(new).__name__}: return a tensor or None.")
+        if new.shape != selected.shape:
+            raise ValueError(
+                f"{where} returned shape {tuple(new.shape)} for an activation of shape "
+                f"{tuple(selected.shape)}: return the same shape (or None after editing in place)."
+            )
+        return new
 
 
 def _span(rows: Tensor) -> Tensor:
@@ -566,6 +589,17 @@ def masked_mean(selected: Tensor, real: Tensor | None) -> Tensor:
     if not bool(keep.any()):
         raise ValueError("Mean-ablation over no real token: the selection holds only padding.")
     return flat[keep].mean(dim=0)
+
+
+def is_hook_function(item: Any) -> bool:
+    """Whether ``item`` is a plain TransformerLens hook function ``fn(activation, hook)`` taken as
+    an intervention (which sees the padded activation as it is, positions and all).
+
+    Example:
+        >>> is_hook_function(_as_intervention("x", lambda act, hook: act)), is_hook_function(Add)
+        (True, False)
+    """
+    return isinstance(item, _Callback)
 
 
 def is_pooled(item: Any) -> bool:
@@ -794,7 +828,9 @@ def _through_attn_out(
         if value is None:
             raise RuntimeError(f"{hook.name}: {read} did not fire before it.")
         old = view(attn_out, value)
-        new = fn(old, hook)
+        new = fn(
+            old.clone(), hook
+        )  # a copy: an edit in place must not move what it is measured from
         if new is None:
             return None
         added = attn_out + (new - old)  # untouched entries: attn_out bit for bit
@@ -974,7 +1010,8 @@ def intervene(
             hook-name strings. At one site, interventions apply in the order given. A plain
             TransformerLens hook function ``fn(activation, hook)`` counts as an intervention: it
             receives what the site selects (all of it for a hook name) and returns the new
-            values or None. The hook name ``blocks.L.hook_resid_mid`` means ``resid_mid`` (the
+            values (the same shape), or None after editing them in place (as ``act[:] = 0``
+            does, on every site and model class). The hook name ``blocks.L.hook_resid_mid`` means ``resid_mid`` (the
             residual stream after attention) on every model class, though TransformerLens 4's
             bridge fires that name at the MLP's input, where ``run_with_hooks`` edits the MLP
             alone: ``Site("mlp_in", L)`` is that edit here.

@@ -474,13 +474,17 @@ def _forward_reads(
     for (hook, layout), moves in rows.moves.items():
         if layout == "head_out":
             layer = int(hook.split(".")[1])
-            if layer not in recorders:
-                recorders[layer] = _ZRecorder()
-                spec.setdefault(f"blocks.{layer}.attn.hook_z", []).insert(0, recorders[layer])
-            writer = _Writer(layout, moves, model.blocks[layer].attn, recorders[layer])
-            spec.setdefault(hook, []).append(writer)
+            recorder = recorders.setdefault(layer, _ZRecorder())
+            writer = _Writer(layout, moves, model.blocks[layer].attn, recorder)
+            # First at hook_attn_out: the attention output it checks against z is then the one z
+            # made, before other cells' attn_out writes in the same pass change their rows.
+            spec.setdefault(hook, []).insert(0, writer)
         else:
             spec.setdefault(hook, []).append(_Writer(layout, moves))
+    for layer, recorder in recorders.items():
+        # Last at hook_z: the z the attention output is made from, after other cells' z writes
+        # (a head_out cell's own rows and its sources are never another cell's destination).
+        spec.setdefault(f"blocks.{layer}.attn.hook_z", []).append(recorder)
     spec.setdefault(last, []).append(final)  # after any write at that same hook
     with torch.no_grad(), intervene(model, spec):
         adapter.forward(
