@@ -513,6 +513,7 @@ def test_a_plain_transformerlens_hook_function_is_an_intervention(tiny):
     "site",
     [
         "blocks.1.hook_resid_mid",  # a bridge hands the function a tensor it computed
+        mp.Site("mlp_in", 1),  # on a bridge the MLP's input is the residual stream itself
         mp.Site("head_out", 1, head=0),
         mp.Site("resid_post", 1, positions=-1),
         mp.Site("head", 1, head=2, positions=[0, -1]),

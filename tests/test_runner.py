@@ -346,18 +346,26 @@ def test_loss_under_an_ablation_equals_transformerlens_loss_with_the_hook(tiny) 
 def test_capture_means_leave_padding_out(tiny, side: str) -> None:
     # The zeros a capture holds at padding were averaged into a plain .mean (a steering vector
     # off by its padding share).
-    site = mp.Site("resid_post", 1)
-    out = mp.run(tiny, PROMPTS, capture=[site], padding_side=side, batch_size=2)
-    per_prompt = []
+    # BOS counted too (SmolLM2's is 150x the text's norm): "all" in a Site kept padding in.
+    site, every_position = mp.Site("resid_post", 1), mp.Site("resid_post", 1, positions="all")
+    out = mp.run(tiny, PROMPTS, capture=[site, every_position], padding_side=side, batch_size=2)
+    per_prompt, with_bos = [], []
     for prompt in PROMPTS:
-        _, cache = tiny.run_with_cache(tiny.to_tokens(prompt))
-        per_prompt.append(cache[site.hook_name][0].double())
-    every = torch.cat(per_prompt).mean(0)
-    torch.testing.assert_close(out.mean(site).double(), every, atol=1e-5, rtol=0)
-    expected = torch.stack([p.mean(0) for p in per_prompt])
-    torch.testing.assert_close(
-        out.mean(site, per_prompt=True).double(), expected, atol=1e-5, rtol=0
-    )
+        tokens = tiny.to_tokens(prompt)
+        assert int(tokens[0, 0]) == tiny.tokenizer.bos_token_id
+        _, cache = tiny.run_with_cache(tokens)
+        with_bos.append(cache[site.hook_name][0].double())
+        per_prompt.append(with_bos[-1][1:])  # the text's tokens: BOS left out
+    for kept in (site, every_position):
+        every = torch.cat(per_prompt).mean(0)
+        torch.testing.assert_close(out.mean(kept).double(), every, atol=1e-5, rtol=0)
+        expected = torch.stack([p.mean(0) for p in per_prompt])
+        torch.testing.assert_close(
+            out.mean(kept, per_prompt=True).double(), expected, atol=1e-5, rtol=0
+        )
+        counted = out.mean(kept, bos=True).double()
+        torch.testing.assert_close(counted, torch.cat(with_bos).mean(0), atol=1e-5, rtol=0)
+        assert (counted - every).abs().max() > 1e-3
     assert (out[site].double().mean((0, 1)) - every).abs().max() > 1e-3  # the trap it avoids
     last = mp.Site("resid_post", 1, positions=-1)
     chosen = mp.run(tiny, PROMPTS, capture=[last], padding_side=side)

@@ -530,9 +530,9 @@ class _Callback(Intervention):
 
     It receives what the site selects (the whole activation, as TransformerLens passes it, for a
     hook name or a Site without positions; one head's slice for a head Site) and returns the new
-    values, or None after editing them in place. An edit in place is written back wherever the
-    selection is a copy (a Site's positions, a head, a bridge's ``hook_resid_mid``), so the
-    TransformerLens idiom ``act[:] = 0`` acts the same on every site and model class.
+    values, or None after editing them in place. It edits a copy, which is written back, so the
+    TransformerLens idiom ``act[:] = 0`` acts the same on every site and model class (where the
+    selection is computed or selected, or where a bridge's MLP input is the residual stream).
     """
 
     def __init__(self, site: Any, fn: Callable[[Tensor, Any], Tensor | None]) -> None:
@@ -550,9 +550,12 @@ class _Callback(Intervention):
             pass
 
     def edit(self, selected: Tensor, hook: Any) -> Tensor:
-        new = self.fn(selected, hook)
+        # A copy: what a hook hands over may be shared (a bridge's MLP input is the residual
+        # stream itself), or computed here (resid_mid, head_out), or a selection of positions.
+        mine = selected.clone()
+        new = self.fn(mine, hook)
         if new is None:
-            return selected  # edited in place, or not at all: the same values either way
+            return mine  # edited in place, or not at all: the same values either way
         where = f"The hook function {self.label[5:]} at {getattr(hook, 'name', '?')}"
         if not isinstance(new, Tensor):
             raise TypeError(f"{where} returned a {type(new).__name__}: return a tensor or None.")

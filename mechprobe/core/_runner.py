@@ -46,6 +46,8 @@ class RunResult:
             zeros at padded keys too; scores hold -inf at future keys on every model class.
         batch: The tokenised prompts (padding, masks, last-real-token indices).
         logit_positions: The ``logit_positions`` the logits were kept at.
+        bos_id: The tokenizer's BOS token id (None: it has none), which :meth:`mean` leaves out
+            where a row begins with it.
 
     Example:
         >>> import mechprobe as mp
@@ -58,6 +60,7 @@ class RunResult:
     captures: dict[SiteLike, Tensor] = field(default_factory=dict)
     batch: Batch | None = None
     logit_positions: PositionSpec = "all"
+    bos_id: int | None = None
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in self.captures.items())
@@ -102,15 +105,22 @@ class RunResult:
             return nll
         return nll.nansum(1) / predicted.sum(1)  # 0 / 0: NaN for a one-token prompt
 
-    def mean(self, site: SiteLike, *, per_prompt: bool = False) -> Tensor:
-        """A capture's mean over the real tokens it holds: padding, where the capture keeps zeros,
-        never counts (a plain ``.mean`` over a padded batch averages them in). The usual steering
-        vector is ``out_a.mean(site) - out_b.mean(site)``.
+    def mean(self, site: SiteLike, *, per_prompt: bool = False, bos: bool = False) -> Tensor:
+        """A capture's mean over the real tokens of the text it holds: padding, where the capture
+        keeps zeros, never counts (a plain ``.mean`` over a padded batch averages them in), and
+        neither does a BOS token the model put first (``collect``'s ``"all"`` leaves it out too).
+        BOS is the same in every prompt but, on models whose attention sinks into it, far longer
+        than the text's states (SmolLM2 at resid_post 15: norm 25,054 against 168): counted, it
+        would not cancel in the usual steering vector ``out_a.mean(site) - out_b.mean(site)``,
+        which sets of different lengths would point mostly along it. A Site with chosen
+        positions counts every position chosen.
 
         Args:
             site: A captured site.
             per_prompt: ``[batch, ...]``, each prompt's own mean, instead of the mean over every
-                real token of every prompt (each token weighs the same).
+                real token of every prompt (each token weighs the same). A prompt of BOS alone
+                has no mean (NaN).
+            bos: Count a row's leading BOS token too.
 
         Raises:
             KeyError: The site was not captured.
@@ -133,6 +143,11 @@ class RunResult:
             real = torch.ones(value.shape[:2], dtype=torch.bool, device=value.device)
         else:
             real = self.batch.attention_mask.bool().to(value.device)
+            if not bos and self.bos_id is not None:
+                first = self.batch.offset.to(value.device)
+                rows = torch.arange(len(self.batch), device=value.device)
+                leads = self.batch.tokens.to(value.device)[rows, first] == self.bos_id
+                real[rows[leads], first[leads]] = False
         weights = real.to(torch.float64).reshape(*real.shape, *[1] * (value.ndim - 2))
         totals = (value.double() * weights).sum(1)
         if per_prompt:
@@ -297,7 +312,14 @@ def run(
                     kept = kept.masked_fill(kept <= torch.finfo(kept.dtype).min, -torch.inf)
                 captured[site] = _place(captured.get(site), kept, rows, batch, spans, keys)
     assert logits is not None
-    return RunResult(logits=logits, captures=captured, batch=batch, logit_positions=logit_positions)
+    return RunResult(logits, captured, batch, logit_positions, _bos_id(model))
+
+
+def _bos_id(model: Any) -> int | None:
+    """The tokenizer's BOS id, None without one (or without a tokenizer: a Batch of ids)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return None if bos is None else int(bos)
 
 
 def _check_chunked(spec: InterventionSpec, n_rows: int) -> None:
@@ -455,4 +477,8 @@ def check_positions(spec: InterventionSpec, batch: Batch) -> None:
 
 
 def _positions_of(site: SiteLike) -> Any:
-    return None if isinstance(site, str) else site.positions
+    """A Site's chosen positions; None where it spans the sequence (a hook name, no positions,
+    or ``"all"``, which is every position: its capture is padded and masked like a span's)."""
+    if isinstance(site, str) or site.positions == "all":
+        return None
+    return site.positions
