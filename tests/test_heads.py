@@ -241,7 +241,9 @@ def test_ablate_cells_equals_one_intervention_at_a_time(tiny, kind, method):
         site = mp.Site(kind, layer, head=h)  # type: ignore[arg-type]
         if method == "mean" and kind != "pattern":
             cap = mp.run(tiny, ref_batch, capture=[site], logit_positions=-1)[site]
-            value = cap[ref_batch.attention_mask.bool()].double().mean(0).float()
+            real = ref_batch.attention_mask.bool()
+            real[:, 0] = False  # BOS is no part of the text: left out of the mean
+            value = cap[real].double().mean(0).float()
         for c, pos in enumerate([-1, 2]):
             for i, prompt in enumerate(prompts):
                 batch = mp.tokenize(tiny, [prompt])

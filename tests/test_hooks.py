@@ -60,7 +60,8 @@ def test_ablate_zero_and_mean_and_project(tiny):
     batch = mp.tokenize(tiny, ["abcdef"])
     name = "blocks.2.hook_attn_out"
     zero = _manual(tiny, batch, name, lambda a, hook: torch.zeros_like(a))
-    mean = _manual(tiny, batch, name, lambda a, hook: a.mean(dim=(0, 1)).expand_as(a))
+    # The mean of the text's tokens: BOS (position 0) is left out.
+    mean = _manual(tiny, batch, name, lambda a, hook: a[:, 1:].mean(dim=(0, 1)).expand_as(a))
     basis = torch.linalg.qr(torch.randn(64, 3, generator=torch.Generator().manual_seed(1)))[0]
     proj = _manual(tiny, batch, name, lambda a, hook: a - a @ basis @ basis.T)
     for intervention, expected in [
@@ -233,8 +234,9 @@ def test_mean_ablation_ignores_padding_and_batch_size(tiny) -> None:
     ]
     for other in results[1:]:
         torch.testing.assert_close(other, results[0], atol=1e-5, rtol=0)
-    # independently: the mean over every real token of the unpadded prompts, then ablate with it
-    rows = [mp.run(tiny, p, capture=[site])[site][0] for p in prompts]
+    # independently: the mean over the text's tokens (BOS left out) of the unpadded prompts,
+    # then ablate with it
+    rows = [mp.run(tiny, p, capture=[site])[site][0, 1:] for p in prompts]
     mean = torch.cat(rows).double().mean(0).float()
     explicit = mp.run(tiny, prompts, {site: mp.Ablate("mean", mean=mean)}, logit_positions=-1)
     torch.testing.assert_close(results[0], explicit.logits, atol=1e-5, rtol=0)
@@ -571,6 +573,7 @@ def test_mean_ablations_in_series_agree_under_run_and_intervene(tiny):
     # By hand: both means from the intact model's real tokens, then both written at once.
     _, cache = tiny.run_with_cache(batch.tokens, attention_mask=batch.attention_mask)
     real = batch.attention_mask.bool()
+    real[:, 0] = False  # BOS, first in each right-padded row, is left out of pooled means
     mean_mlp = cache["blocks.0.hook_mlp_out"][real].mean(0)
     mean_z = cache["blocks.1.attn.hook_z"][:, :, 2][real].mean(0)
 
@@ -592,8 +595,13 @@ def test_mean_ablations_in_series_agree_under_run_and_intervene(tiny):
         torch.testing.assert_close(out.logits[i, :n], expected[i, :n], atol=1e-5, rtol=0)
         torch.testing.assert_close(got[i, :n], expected[i, :n], atol=1e-5, rtol=0)
     before = hook_count(tiny)
-    refused = pytest.raises(ValueError, match=r"2 mean-ablations without mean=.*pass batch=")
+    refused = pytest.raises(ValueError, match=r"2 mean-ablation\(s\) without mean=.*pass batch=")
     with refused, mp.intervene(tiny, spec):
+        pass
+    # One alone averaged padding and BOS in, silently (2.6 apart from run's).
+    one = {mp.Site("mlp_out", 0): mp.Ablate("mean")}
+    alone = pytest.raises(ValueError, match=r"1 mean-ablation\(s\).*padding and BOS left out")
+    with alone, mp.intervene(tiny, one):
         pass
     assert hook_count(tiny) == before
 

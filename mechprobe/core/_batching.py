@@ -76,6 +76,23 @@ class Batch:
             return torch.zeros_like(self.lengths)
         return self.tokens.shape[1] - self.lengths
 
+    def text_mask(self, bos_id: int | None) -> Int[Tensor, "batch seq"]:
+        """``attention_mask`` without a row's leading ``bos_id`` token: the text's own tokens,
+        which pooled means average (a BOS that a model's attention sinks into is far longer than
+        the text's states, and would set the mean).
+
+        Example:
+            >>> batch = pad_rows([[7, 3, 4], [3, 5]], fill=0, padding_side="left", prompts=["", ""])
+            >>> batch.text_mask(7).tolist(), batch.text_mask(None).tolist()
+            ([[0, 1, 1], [0, 1, 1]], [[1, 1, 1], [0, 1, 1]])
+        """
+        mask = self.attention_mask.clone()
+        if bos_id is not None and len(self):
+            rows, first = torch.arange(len(self)), self.offset
+            leads = self.tokens[rows, first] == bos_id
+            mask[rows[leads], first[leads]] = 0
+        return mask
+
     @property
     def last_index(self) -> Int[Tensor, " batch"]:
         """Padded index of each row's last real token."""
@@ -253,6 +270,18 @@ def _check_prompts(prompts: Sequence[str] | str) -> list[str]:
 def _encode(model: Any, texts: Sequence[str]) -> list[list[int]]:
     tokenizer = model_adapter(model).tokenizer
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def bos_id(model: Any) -> int | None:
+    """The tokenizer's BOS token id; None without one (or without a tokenizer: ids are run).
+
+    Example:
+        >>> from mechprobe.core._models import tiny_model
+        >>> bos_id(tiny_model()) == tiny_model().tokenizer.bos_token_id
+        True
+    """
+    bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
+    return None if bos is None else int(bos)
 
 
 def _prepend_bos(model: Any, prepend_bos: bool | None) -> int | None:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mechprobe.core._batching import Batch, position_list
+from mechprobe.core._batching import Batch, bos_id, position_list
 from mechprobe.core._sites import Positions, SiteLike, is_attention_map, resolve_in, width
 from mechprobe.core._validation import check_finite
 
@@ -361,11 +361,12 @@ class Ablate(Intervention):
         mean: The reference mean ``[d]`` for mean-ablation (e.g. over a dataset). When None, the
             mean over the real tokens at the selected positions is used: in :func:`mechprobe.run`
             over all its prompts (one extra pass computes it first, so the result does not depend
-            on ``batch_size``), under :func:`intervene` over the batch forwarded (pass
-            ``batch=`` so that padding is left out). Several such mean-ablations are measured
+            on ``batch_size``), under :func:`intervene` over the batch forwarded (which
+            ``batch=`` must name). Several such mean-ablations are measured
             together first, with none of them applied (so a downstream mean is the intact
-            model's, as in :func:`mechprobe.run`); under :func:`intervene` that takes
-            ``batch=``. Padded positions never count. So ``Ablate("mean", positions=-1)`` sets
+            model's, as in :func:`mechprobe.run`). Padded positions never count, nor does a leading BOS token (on models
+            whose attention sinks into it, BOS is far longer than the text's states and would
+            set the mean: SmolLM2's mlp_out@11 mean has norm 453 with it, 11.8 without). So ``Ablate("mean", positions=-1)`` sets
             the last token to the mean of the last tokens, where
             :func:`mechprobe.ablate_cells`'s ``method="mean"`` takes the mean over every token
             unless ``reference_positions=-1`` (one head of SmolLM2 on induction prompts:
@@ -661,6 +662,7 @@ def _hooks_for(
     # hook_resid_mid fires after hook_attn_out on a HookedTransformer: an attn_out capture keeps
     # the attention output, and the edit sees attn_out's own edits.
     after: list[tuple[str, Callable[..., Tensor | None]]] = []
+    bos = bos_id(model)  # pooled means average the text's tokens, not a leading BOS
     for (name, site), value in resolved:
         items = list(value) if isinstance(value, (list, tuple)) else [value]
         for item in items:
@@ -681,7 +683,7 @@ def _hooks_for(
             head = site.head if site is not None and kind != "head_out" else None
             index = _index(batch, positions)
             mask = None if batch is None else batch.attention_mask
-            fn = item._hook(index, head, mask)
+            fn = item._hook(index, head, None if batch is None else batch.text_mask(bos))
             if index is not None and batch is None:
                 fn = _relative_to_seq(fn, index, item, head)
             elif batch is not None:
@@ -1041,17 +1043,20 @@ def intervene(
         for item in (value if isinstance(value, (list, tuple)) else [value])
         if is_pooled(item)
     ]
-    if len(pooled) > 1:
+    if pooled and batch is None:
+        # Without the batch a mean would average padding and BOS in (2.6 apart from run's on a
+        # tiny model), silently.
+        raise ValueError(
+            f"{len(pooled)} mean-ablation(s) without mean= ({', '.join(map(str, pooled))}): "
+            "pass batch= (the batch you will run), so that each mean is measured over the "
+            "text's tokens (padding and BOS left out) as mp.run does, or give each Ablate its "
+            "mean=."
+        )
+    if len(pooled) > 1 and batch is not None:
         # Each hook would average what it sees, after the mean-ablations upstream of it, where
         # run() measures every mean first with none of them applied: the same spec and batch
         # gave other numbers (a logit difference 0.23 apart on a tiny model). Measure them here
         # as run() does.
-        if batch is None:
-            raise ValueError(
-                f"{len(pooled)} mean-ablations without mean= ({', '.join(map(str, pooled))}): "
-                "pass batch= (the batch you will run), so that every mean is measured first over "
-                "its real tokens as mp.run does, or give each Ablate its mean=."
-            )
         from mechprobe.core._runner import batch_means  # _runner builds on this module
 
         spec = batch_means(model, batch, spec)

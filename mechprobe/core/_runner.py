@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechprobe.core._batching import Batch, PaddingSide, PositionSpec, tokenize
+from mechprobe.core._batching import Batch, PaddingSide, PositionSpec, bos_id, tokenize
 from mechprobe.core._hooks import (
     Ablate,
     Capture,
@@ -142,12 +142,7 @@ class RunResult:
         if self.batch is None or _positions_of(site) is not None:  # chosen positions: all real
             real = torch.ones(value.shape[:2], dtype=torch.bool, device=value.device)
         else:
-            real = self.batch.attention_mask.bool().to(value.device)
-            if not bos and self.bos_id is not None:
-                first = self.batch.offset.to(value.device)
-                rows = torch.arange(len(self.batch), device=value.device)
-                leads = self.batch.tokens.to(value.device)[rows, first] == self.bos_id
-                real[rows[leads], first[leads]] = False
+            real = self.batch.text_mask(None if bos else self.bos_id).bool().to(value.device)
         weights = real.to(torch.float64).reshape(*real.shape, *[1] * (value.ndim - 2))
         totals = (value.double() * weights).sum(1)
         if per_prompt:
@@ -312,14 +307,7 @@ def run(
                     kept = kept.masked_fill(kept <= torch.finfo(kept.dtype).min, -torch.inf)
                 captured[site] = _place(captured.get(site), kept, rows, batch, spans, keys)
     assert logits is not None
-    return RunResult(logits, captured, batch, logit_positions, _bos_id(model))
-
-
-def _bos_id(model: Any) -> int | None:
-    """The tokenizer's BOS id, None without one (or without a tokenizer: a Batch of ids)."""
-    tokenizer = getattr(model, "tokenizer", None)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    return None if bos is None else int(bos)
+    return RunResult(logits, captured, batch, logit_positions, bos_id(model))
 
 
 def _check_chunked(spec: InterventionSpec, n_rows: int) -> None:

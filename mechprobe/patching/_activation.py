@@ -461,8 +461,8 @@ def ablate_cells(
             prompt must then have the same length) or None (one cell per site ablating every
             position of the prompt at once: a head or an MLP knocked out).
         metric: As for :func:`patch` (one pair per prompt).
-        method: ``"zero"``, or ``"mean"``: the site's mean activation over every real token of
-            ``reference`` (for a pattern: the mean row at the same query position over the
+        method: ``"zero"``, or ``"mean"``: the site's mean activation over every token of the
+            ``reference`` texts (a leading BOS left out, see :class:`mechprobe.Ablate`; for a pattern: the mean row at the same query position over the
             reference prompts long enough to have it). :class:`mechprobe.Ablate` ``("mean")``
             averages the positions it edits instead: ``reference_positions=-1`` matches it at
             ``-1``.
@@ -625,7 +625,7 @@ def _means(
     captured = run(
         model, batch, capture=site_list, logit_positions=-1, batch_size=32, progress=False
     )
-    real = mask.bool()
+    real = batch.text_mask(captured.bos_id).bool()  # a BOS would set the mean: left out
     if positions != "all":
         real = torch.zeros_like(real)
         for i, n in enumerate(lengths.tolist()):
