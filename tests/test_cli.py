@@ -49,6 +49,8 @@ def test_patch_takes_one_answer_per_pair(tmp_path):
         np.testing.assert_allclose(saved.values, direct.values, atol=1e-6)
         assert saved.values.shape[0] == 2  # layers 0 and 1
         assert saved.positions == (positions,)
+        if flag:  # the report echoes what was typed (it said "positions: None")
+            assert "positions: 'whole'" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -91,6 +93,24 @@ def test_patch_takes_one_answer_per_pair(tmp_path):
             ],
             "patch",
             "2 --wrong for 1 --answer",
+        ),
+        # said "Positions must be an int, ... or 'all', got None" after loading the model
+        (
+            [
+                "patch",
+                "--clean",
+                "a",
+                "--corrupt",
+                "b",
+                "--answer",
+                "1",
+                "--receivers",
+                "q",
+                "--positions",
+                "whole",
+            ],
+            "patch",
+            "which path patching (--receivers) does not do",
         ),
         (["trace", "--task", "capitals", "--subject", "x"], "trace", "drop --subject"),
         (["trace", "--prompt", "a b", "--subject", "a", "--n-items", "3"], "trace", "--n-items"),

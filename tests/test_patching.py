@@ -185,6 +185,13 @@ def test_every_position_at_once_equals_transformerlens_all_pos_patching(tiny, tm
     np.testing.assert_allclose(res.head_matrix(normalised=False), theirs.numpy(), atol=1e-4)
     with pytest.raises(ValueError, match="one head kind; this result has none"):
         mp.patch(tiny, clean, corrupt, "mlp_out", -1, METRIC, n_random=0).head_matrix()
+    # An ablation has no normalised recovery: its default grid was all NaN; it is the change
+    # of the metric each knocked-out head makes (what its plot draws).
+    knocked = mp.ablate_cells(tiny, [CLEAN, "The dog ran"], "head", None, METRIC, method="zero")
+    grid = knocked.head_matrix()
+    assert np.isfinite(grid).all()
+    np.testing.assert_allclose(grid.ravel(), knocked.effect[:, 0])
+    np.testing.assert_allclose(knocked.head_matrix(normalised=False).ravel(), knocked.values[:, 0])
     saved = mp.load_result(res.save(tmp_path / "whole.json"))
     assert saved.positions == (None,) and np.array_equal(saved.values, res.values)
     # Pairs of different lengths, each pair's prompts of one length: a hand hook per pair.

@@ -43,7 +43,8 @@ def load(name: str, device: str | None = None) -> Any:
 def positions_type(all_value: Any = None, *, whole: bool = False) -> Callable[[str], Any]:
     """An argparse ``type`` for ``--positions``: ``all`` (-> ``all_value``), ``last`` (-> -1), an
     int, or comma-separated ints (write lists that start with a minus as ``--positions=-3,-1``);
-    with ``whole``, also ``whole`` (-> None: every position at once, one cell per site)."""
+    with ``whole``, also ``whole`` (kept as the word, which the report shows; the command passes
+    None, every position at once in one cell per site)."""
 
     def parse(text: str) -> Any:
         if text == "all":
@@ -51,7 +52,7 @@ def positions_type(all_value: Any = None, *, whole: bool = False) -> Callable[[s
         if text == "last":
             return -1
         if whole and text == "whole":
-            return None
+            return text
         try:
             values = [int(part) for part in text.split(",")]
         except ValueError:

@@ -137,6 +137,12 @@ def main(args: argparse.Namespace) -> int:
         )
     if args.receiver_layers is not None and args.receivers is None:
         return fail("--receiver-layers applies to path patching: add --receivers, or drop it")
+    if args.positions == "whole" and args.receivers is not None:
+        return fail(
+            "--positions whole patches each site at every position at once, which path patching "
+            "(--receivers) does not do: pass all, last or positions, or drop --receivers"
+        )
+    positions = None if args.positions == "whole" else args.positions
     interpret_escapes(args, "clean", "corrupt", "answer", "wrong")
     clean, corrupt = list(args.clean), list(args.corrupt)
     # One answer for every pair is passed as a string, so the report shows it once.
@@ -167,7 +173,7 @@ def main(args: argparse.Namespace) -> int:
                 sites,
                 receivers,
                 metric,
-                positions=args.positions,
+                positions=args.positions,  # never "whole" here (refused above)
                 receiver_layers=args.receiver_layers,
                 direction=args.direction,
                 method=args.method,
@@ -175,7 +181,7 @@ def main(args: argparse.Namespace) -> int:
             )
         elif args.method == "attribution":
             result = mp.attribution_patch(
-                model, clean, corrupt, sites, args.positions, metric,
+                model, clean, corrupt, sites, positions, metric,
                 direction=args.direction, **common,
             )  # fmt: skip
         else:
@@ -184,7 +190,7 @@ def main(args: argparse.Namespace) -> int:
                 clean,
                 corrupt,
                 sites,
-                args.positions,
+                positions,
                 metric,
                 direction=args.direction,
                 **common,

@@ -146,7 +146,7 @@ def attribution_patch(
     clean: Prompts,
     corrupt: Prompts,
     sites: SiteKind | SiteLike | Sequence[SiteLike],
-    positions: PositionSpec,
+    positions: PositionSpec | None,
     metric: PatchMetric | MetricFn,
     *,
     layers: Layers = "all",

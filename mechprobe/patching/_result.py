@@ -199,7 +199,9 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         Args:
             kind: The head kind (``"head"``, ``"q"``, ...); None: the only one patched.
             position: The column (an index into ``positions``).
-            normalised: The normalised recovery (NaN for ablations), or the metric with False.
+            normalised: The normalised recovery, or, where it is undefined (ablations, equal
+                clean and corrupt metrics), the metric's change from the edited run
+                (:attr:`effect`), as :meth:`plot` draws; with False, the metric itself.
 
         Raises:
             ValueError: No head kind patched, several without ``kind``, or a bad column.
@@ -222,7 +224,9 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         elif kind not in kinds:
             raise ValueError(f"kind {kind!r} was not patched here; head kinds patched: {kinds}.")
         column = check_int(position, "position", 0, len(self.positions) - 1)
-        data = self.normalised if normalised else self.values
+        data = self.values
+        if normalised:  # an ablation's grid was all NaN
+            data = self.effect if np.isnan(self.normalised).all() else self.normalised
         rows = [i for i, k in enumerate(self.kinds) if k == kind]
         layers = np.asarray(self.layers)[rows]
         heads = np.asarray([self.heads[i] for i in rows], dtype=int)
