@@ -98,6 +98,11 @@ def test_logit_diff_is_the_difference_of_hf_logits_at_every_layer_and_position(t
         result.logit_diff(0, 2)
     with pytest.raises(ValueError, match="same target slot"):
         result.logit_diff(1, 1)
+    # Targets with one first token (" a" and " b" both start with the tiny tokenizer's space)
+    # gave a difference of 0 at every layer, silently.
+    shared = mp.logit_lens(tiny, prompts[0], targets=[" a", " b"])
+    with pytest.raises(ValueError, match=r"Prompt 0's targets ' a' and ' b' share their first"):
+        shared.logit_diff(0, 1)
 
 
 def test_last_layer_equals_model_log_softmax_logits(tiny):

@@ -180,9 +180,13 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         computed from ``position_prob``: NaN where a column holds no position, where a prompt has
         fewer targets, or where a probability underflowed (below about e^-103 in float32).
 
+        Raises:
+            ValueError: A prompt's two targets share their first token (their difference would
+                be 0 everywhere), or a slot the result lacks.
+
         Example:
             >>> import mechprobe as mp
-            >>> pair = [" a", " b"]  # each prompt's answer and wrong token
+            >>> pair = ["e", "t"]  # each prompt's answer and wrong token
             >>> lens = mp.logit_lens(mp.tiny_model(), ["Hi", "Hey"], targets=[pair, pair])
             >>> lens.logit_diff(0, 1).shape  # prompts x entries x positions
             (2, 3, 1)
@@ -199,6 +203,15 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
                 )
         if answer == wrong:
             raise ValueError(f"answer and wrong are the same target slot ({answer}).")
+        for i, (targets, ids) in enumerate(zip(self.targets, self.target_tokens, strict=True)):
+            if len(ids) > max(answer, wrong) and ids[answer][0] == ids[wrong][0]:
+                # Both first-token logits are the same one: a difference of 0 everywhere.
+                raise ValueError(
+                    f"Prompt {i}'s targets {targets[answer]!r} and {targets[wrong]!r} share their "
+                    f"first token {self.text(ids[answer][0])!r}, and logit_diff scores first "
+                    "tokens: choose targets whose first tokens differ (target_logprob scores "
+                    "whole targets)."
+                )
         prob = self.position_prob.astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             diff = np.log(prob[..., answer]) - np.log(prob[..., wrong])
