@@ -177,3 +177,12 @@ def test_transformerlens_short_names_point_at_the_kind(tiny, name, kind) -> None
         mp.patch(tiny, "Hi cat", "Hi bat", name, -1, mp.logit_diff(1, 2))
     with pytest.raises(ValueError, match=f"In TransformerLens '{name}' names what here is {kind}"):
         mp.Site(name, 0)
+    # run and intervene, which take any hook name, said only "Unknown hook name".
+    with pytest.raises(ValueError, match=f"In TransformerLens '{name}' names what here is {kind}"):
+        mp.run(tiny, "Hi", capture=[name])
+
+
+def test_a_block_hook_without_its_block_names_the_full_hook(tiny) -> None:
+    # "hook_z" was answered "Closest valid names: ['hook_embed']".
+    with pytest.raises(ValueError, match=r"carry their block: e.g. 'blocks.0.attn.hook_z'"):
+        mp.run(tiny, "Hi", {"hook_z": mp.Ablate()})

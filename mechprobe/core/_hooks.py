@@ -1016,7 +1016,8 @@ def intervene(
             TransformerLens hook function ``fn(activation, hook)`` counts as an intervention: it
             receives what the site selects (all of it for a hook name) and returns the new
             values (the same shape), or None after editing them in place (as ``act[:] = 0``
-            does, on every site and model class). The hook name ``blocks.L.hook_resid_mid`` means ``resid_mid`` (the
+            does, on every site and model class); where ``Ablate("mean")`` measures its means
+            first, it also runs in that pass. The hook name ``blocks.L.hook_resid_mid`` means ``resid_mid`` (the
             residual stream after attention) on every model class, though TransformerLens 4's
             bridge fires that name at the MLP's input, where ``run_with_hooks`` edits the MLP
             alone: ``Site("mlp_in", L)`` is that edit here.

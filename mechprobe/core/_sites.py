@@ -248,8 +248,15 @@ def resolve_in(model: Any, site: SiteLike, hooks: Mapping[str, Any]) -> tuple[st
     n_layers = int(model.cfg.n_layers)
     if isinstance(site, str):
         if site not in hooks:
+            # A TransformerLens short name ('z'), or a block's hook without its block ('hook_z'):
+            # the closest spelling ('hook_embed') would point away from it.
+            in_block = [n for n in hooks if n.startswith("blocks.0.") and n.endswith(f".{site}")]
             close = difflib.get_close_matches(site, list(hooks), n=5, cutoff=0.6)
-            hint = f" Closest valid names: {close}." if close else ""
+            hint = (
+                _tl_hint(site)
+                or (f" Block hooks carry their block: e.g. {in_block[0]!r}." if in_block else "")
+                or (f" Closest valid names: {close}." if close else "")
+            )
             raise ValueError(
                 f"Unknown hook name {site!r} for this model.{hint} "
                 f"Site kinds: {', '.join(_KINDS)} (e.g. Site('mlp_out', layer=0))."
