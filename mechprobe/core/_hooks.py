@@ -1044,6 +1044,8 @@ def intervene(
         for item in (value if isinstance(value, (list, tuple)) else [value])
         if is_pooled(item)
     ]
+    for key in pooled:  # an attention map's mean is refused for its own reason first
+        refuse_map_mean(key, Ablate("mean"))
     if pooled and batch is None:
         # Without the batch a mean would average padding and BOS in (2.6 apart from run's on a
         # tiny model), silently.
