@@ -618,3 +618,41 @@ def test_what_is_no_intervention_is_named_in_every_entry_point(tiny, value):
         pass
     with pytest.raises(TypeError, match=message):
         mp.generate(tiny, ["Hi"], spec, max_new_tokens=1)
+
+
+def test_a_tensor_being_trained_keeps_its_gradient_through_every_intervention(tiny):
+    # Every intervention detached its tensor: a steering vector trained through Add kept
+    # .grad None and its loss unchanged, with no error (pyvene's AdditionIntervention habit).
+    batch, name = mp.tokenize(tiny, ["Hi there", "A cat sat"]), "blocks.1.hook_resid_post"
+    d = tiny.cfg.d_model
+    start = torch.randn(d, generator=torch.Generator().manual_seed(3))
+    edits = {
+        "add": (lambda v: mp.Add(v, scale=2.0, positions=-1), lambda a, v: a + 2.0 * v),
+        "replace": (lambda v: mp.Replace(v, positions=-1), lambda a, v: v.expand_as(a)),
+        "mean": (lambda v: mp.Ablate("mean", mean=v, positions=-1), lambda a, v: v.expand_as(a)),
+        "matrix": (lambda v: mp.Project(torch.eye(d) + torch.outer(v, v), positions=-1),
+                   lambda a, v: a @ (torch.eye(d) + torch.outer(v, v)).T),
+    }  # fmt: skip
+    last = batch.last_index
+    for make, by_hand in edits.values():
+        ours = start.clone().requires_grad_(True)
+        with mp.intervene(tiny, {name: make(ours)}, batch=batch):
+            logits = tiny(batch.tokens, attention_mask=batch.attention_mask)
+        logits[torch.arange(2), last].logsumexp(-1).sum().backward()
+        theirs = start.clone().requires_grad_(True)
+
+        def hook(act, hook, v=theirs, edit=by_hand):
+            act = act.clone()
+            rows = torch.arange(act.shape[0])
+            act[rows, last] = edit(act[rows, last], v)
+            return act
+
+        logits = tiny.run_with_hooks(
+            batch.tokens, attention_mask=batch.attention_mask, fwd_hooks=[(name, hook)]
+        )
+        logits[torch.arange(2), last].logsumexp(-1).sum().backward()
+        assert ours.grad is not None and float(ours.grad.norm()) > 0
+        torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-5, rtol=1e-4)
+    tiny.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match=r"Project\(remove=\) .* is not trained"):
+        mp.Project(remove=start[None].requires_grad_(True))

@@ -64,7 +64,9 @@ __all__ = [
 
 def _as_tensor(value: Any, name: str) -> Tensor:
     if isinstance(value, Tensor):
-        return value.detach()
+        # A tensor being trained keeps its graph (a steering vector learned through intervene:
+        # detached, its .grad stayed None and the loop ran on, unchanged); others are detached.
+        return value if value.requires_grad else value.detach()
     if isinstance(value, np.ndarray):
         # Results hold read-only arrays (``FunctionVectorResult.vector``): torch warns on those
         # and shares their memory, so they are copied (an intervention never writes its vector).
@@ -329,6 +331,11 @@ class Replace(Intervention):
 class Add(Intervention):
     """Add ``scale * vector`` to the activation (a steering vector, an FFN update o).
 
+    A ``vector`` that requires a gradient keeps it (as the tensors of :class:`Replace`,
+    ``Ablate(mean=)`` and ``Project(matrix)`` do), so a vector can be trained through
+    :func:`intervene`, pyvene's ``AdditionIntervention``; the model's own parameters collect
+    ``.grad`` too unless their ``requires_grad`` is turned off.
+
     Example:
         >>> import torch, mechprobe as mp
         >>> add = mp.Add(torch.ones(64), scale=2.0, positions=-1)
@@ -441,6 +448,13 @@ class Project(Intervention):
         self.matrix: Tensor | None = None
         self.basis: Tensor | None = None
         if remove is not None:
+            if isinstance(remove, Tensor) and remove.requires_grad:
+                raise ValueError(
+                    "Project(remove=) takes a basis of the rows' span by a rank-revealing SVD, "
+                    "which is not trained: to learn a subspace, pass Project(matrix) built from "
+                    "your parameters (e.g. torch.eye(d) - q.T @ q for orthonormal rows q), or "
+                    "remove=rows.detach()."
+                )
             rows = _as_tensor(remove, "Project remove").to(torch.float64)
             rows = rows[None, :] if rows.ndim == 1 else rows
             if rows.ndim != 2 or rows.shape[1] == 0:
