@@ -186,3 +186,37 @@ def test_a_block_hook_without_its_block_names_the_full_hook(tiny) -> None:
     # "hook_z" was answered "Closest valid names: ['hook_embed']".
     with pytest.raises(ValueError, match=r"carry their block: e.g. 'blocks.0.attn.hook_z'"):
         mp.run(tiny, "Hi", {"hook_z": mp.Ablate()})
+
+
+def test_site_positions_from_index_arrays_are_plain_ints(tiny) -> None:
+    # An index array (np.where, argmax) built a Site that failed on use: "unhashable type".
+    import numpy as np
+
+    for given, want in ((np.array([2]), (2,)), (torch.tensor([0, -1]), (0, -1)),
+                        (np.int64(3), 3), (torch.tensor(-1), -1)):  # fmt: skip
+        site = mp.Site("resid_post", 1, positions=given)
+        assert site.positions == want and type(hash(site)) is int
+    out = mp.run(tiny, "Hi there", capture=[mp.Site("resid_post", 1, positions=np.array([2]))])
+    torch.testing.assert_close(
+        out[mp.Site("resid_post", 1, positions=[2])],
+        mp.run(tiny, "Hi there", capture=["blocks.1.hook_resid_post"])["blocks.1.hook_resid_post"][
+            :, 2:3
+        ],
+    )
+
+
+def test_a_capture_is_found_by_its_site_or_its_hook_name(tiny) -> None:
+    # Captured as Site("resid_post", 1), looked up by "blocks.1.hook_resid_post": KeyError.
+    site, name = mp.Site("resid_post", 1), "blocks.0.hook_mlp_out"
+    out = mp.run(tiny, ["Hi there", "Yo"], capture=[site, name])
+    assert out["blocks.1.hook_resid_post"] is out[site]
+    assert out[mp.Site("mlp_out", 0)] is out[name]
+    with pytest.raises(KeyError, match="was not captured"):
+        out[mp.Site("resid_post", 1, positions=-1)]  # another selection: not the same capture
+
+
+def test_a_long_run_of_positions_outside_a_prompt_is_named_by_its_ends(tiny) -> None:
+    # The message listed every one of 194 positions.
+    edit = mp.Add(torch.ones(tiny.cfg.d_model), positions=list(range(1, 200)))
+    with pytest.raises(ValueError, match=r"Position\(s\) \[3, 4, \.\.\., 199\] \(197\) fall"):
+        mp.run(tiny, "Hi", {mp.Site("resid_post", 1): edit})

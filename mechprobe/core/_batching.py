@@ -126,8 +126,12 @@ class Batch:
         if bool(bad.any()):
             row = int(bad.any(dim=1).nonzero()[0])
             number = row if self.origin is None else self.origin[row]
+            listed = wanted[bad[row]].tolist()
+            outside = str(listed)
+            if len(listed) > 8:  # a range past the prompt: its ends, not every position
+                outside = f"[{listed[0]}, {listed[1]}, ..., {listed[-1]}] ({len(listed)})"
             raise ValueError(
-                f"Position(s) {wanted[bad[row]].tolist()} fall outside prompt {number}, which has "
+                f"Position(s) {outside} fall outside prompt {number}, which has "
                 f"{int(lengths[row])} tokens (valid: 0..{int(lengths[row]) - 1} or -1..-"
                 f"{int(lengths[row])})."
             )

@@ -27,7 +27,7 @@ from mechprobe.core._hooks import (
 )
 from mechprobe.core._progress import progress_bar
 from mechprobe.core._readout import readout
-from mechprobe.core._sites import SiteLike, is_attention_map, resolve_site
+from mechprobe.core._sites import Site, SiteLike, is_attention_map, resolve_site
 
 __all__ = ["RunResult", "batch_means", "check_positions", "forward", "refuse_gradient", "run"]
 
@@ -150,10 +150,13 @@ class RunResult:
         return (totals.sum(0) / weights.sum()).to(value.dtype)
 
     def __getitem__(self, site: SiteLike) -> Tensor:
-        try:
+        if site in self.captures:
             return self.captures[site]
-        except KeyError:
-            raise KeyError(f"{site!r} was not captured; captured: {list(self.captures)}.") from None
+        # A Site and its hook name are one place where the Site has no head or positions.
+        for key, value in self.captures.items():
+            if _same_place(key, site) or _same_place(site, key):
+                return value
+        raise KeyError(f"{site!r} was not captured; captured: {list(self.captures)}.")
 
 
 def forward(model: Any, batch: Batch, **kwargs: Any) -> Tensor:
@@ -462,6 +465,17 @@ def check_positions(spec: InterventionSpec, batch: Batch) -> None:
             positions = item.positions if item.positions is not None else _positions_of(key)
             if positions is not None and not isinstance(positions, str):
                 batch.positions(positions)
+
+
+def _same_place(name: SiteLike, site: SiteLike) -> bool:
+    """Whether hook name ``name`` is what ``site``, a Site without head or positions, reads."""
+    return (
+        isinstance(name, str)
+        and isinstance(site, Site)
+        and site.head is None
+        and site.positions is None
+        and site.hook_name == name
+    )
 
 
 def _positions_of(site: SiteLike) -> Any:

@@ -137,9 +137,14 @@ class Site:
             raise ValueError(
                 f"head= only applies to the head kinds {HEAD_KINDS}, not {self.kind!r}."
             )
-        if isinstance(self.positions, list):
+        positions: Any = self.positions
+        if hasattr(positions, "tolist") and not isinstance(positions, (str, list, tuple)):
+            # An index array (np.where, argmax) or tensor: plain ints, or the Site is unhashable.
+            positions = positions.tolist()
+            object.__setattr__(self, "positions", positions)
+        if isinstance(positions, list):
             # Frozen and hashable: store positions as a tuple.
-            object.__setattr__(self, "positions", tuple(self.positions))
+            object.__setattr__(self, "positions", tuple(positions))
 
     @property
     def hook_name(self) -> str:
