@@ -247,6 +247,13 @@ def test_an_exception_mid_training_leaves_no_hook(tiny, monkeypatch):
             {"answer": 5},
             "same token",
         ),
+        # Position 1 is "x" in both prompts of every pair: it trained at a constant loss and
+        # reported an accuracy of 0 everywhere, silently.
+        (
+            (["xa b", "xc d"], ["xe f", "xg h"], 5, "blocks.0.hook_resid_post"),
+            {"positions": 1},
+            r"same tokens up to position 1 \('x' in pair 0\).*changes nothing",
+        ),
     ],
 )
 def test_bad_input_fails_before_any_pass(tiny, args, kwargs, message):
@@ -314,3 +321,10 @@ def test_a_head_site_interchanges_that_heads_z_only(tiny):
     logits = _last(tiny, [base[i] for i in test], [(name, fn)])
     want = torch.tensor(label)[test]
     np.testing.assert_array_equal(res.hits, (logits.argmax(-1) == want).numpy())
+
+
+def test_pairs_with_equal_prefixes_are_named_in_a_warning(tiny):
+    base, source = ["xa b", "ya b", "za b"], ["xc d", "qc d", "rc d"]
+    with pytest.warns(UserWarning, match=r"In 1 of 3 pairs base and source hold the same"):
+        mp.das(tiny, base, source, 5, "blocks.0.hook_resid_post", positions=1, epochs=1,
+               n_random=0, progress=False)  # fmt: skip

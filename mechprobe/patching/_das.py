@@ -27,6 +27,7 @@ patched (``k = width``: the ceiling a subspace can reach at that site) and the b
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -269,7 +270,8 @@ def das(
     Raises:
         ValueError: Before any forward pass: prompts of different counts or fewer than two
             pairs, a site without a layer or a fixed width, ``k`` outside ``1..width``, a
-            position outside a prompt, a counterfactual that is not one token.
+            position outside a prompt, a counterfactual that is not one token, a position up to
+            which every pair's base and source are the same tokens (some pairs: a warning).
 
     Example:
         >>> import mechprobe as mp
@@ -330,6 +332,7 @@ def das(
     sources = tokenize(model, source_list, padding_side="left")
     bases.positions(positions)  # a position outside a prompt fails here, before any pass
     sources.positions(positions)
+    _refuse_equal_prefixes(model, bases, sources, positions)
 
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
@@ -426,6 +429,37 @@ def das(
         seed=seed,
         minibatch=int(minibatch),
         two_way=own is not None,
+    )
+
+
+def _refuse_equal_prefixes(model: Any, bases: Any, sources: Any, position: int) -> None:
+    """Refuse (every pair) or warn (some) where base and source hold the same tokens up to the
+    position: a causal model's activations there are then equal, and the interchange changes
+    nothing (a run trained minutes at a constant loss and reported 0 everywhere, silently)."""
+    equal = []
+    for i in range(len(bases)):
+        b = bases.tokens[i][bases.attention_mask[i].bool()].tolist()
+        s = sources.tokens[i][sources.attention_mask[i].bool()].tolist()
+        b_end, s_end = position % len(b) + 1, position % len(s) + 1
+        equal.append(b_end == s_end and b[:b_end] == s[:s_end])
+    if not any(equal):
+        return
+    first = equal.index(True)
+    ids = bases.tokens[first][bases.attention_mask[first].bool()].tolist()
+    token = model_adapter(model).tokenizer.decode([ids[position % len(ids)]])
+    what = (
+        f"base and source hold the same tokens up to position {position} ({token!r} in pair "
+        f"{first})"
+    )
+    if all(equal):
+        raise ValueError(
+            f"In every pair {what}, so their activations there are equal and the interchange "
+            "changes nothing: pass the position of a token that differs (a word may be several "
+            "tokens; mp.tokenize shows them)."
+        )
+    warnings.warn(
+        f"In {sum(equal)} of {len(equal)} pairs {what}: the interchange changes nothing there.",
+        stacklevel=3,
     )
 
 
