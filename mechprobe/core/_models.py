@@ -336,9 +336,18 @@ def _bridge(hf_model: Any, tokenizer: Any, name: str, device: str | None) -> Any
 
 def _check_kind(kind: Any) -> ModelKind:
     if kind not in get_args(ModelKind):
+        # A cross-check against nnsight, pyvene or plain Hugging Face code wants the HF model.
+        hf = (
+            " The Hugging Face model of a bridge is its model.original_model (the same weights); "
+            f"the embedded SmolLM2's cache, {cache_dir() / (DEFAULT_MODEL + '-f32')}, is a plain "
+            "Hugging Face folder (AutoModelForCausalLM.from_pretrained loads it; its tokenizer "
+            "prepends no BOS, where mechprobe, as TransformerLens, does)."
+            if str(kind).lower() in ("hf", "huggingface", "hugging_face", "transformers")
+            else ""
+        )
         raise ModelLoadError(
             f"kind must be 'bridge' (a TransformerBridge) or 'hooked' (a HookedTransformer, "
-            f"TransformerLens 3.x), got {kind!r}."
+            f"TransformerLens 3.x), got {kind!r}.{hf}"
         )
     return kind
 
