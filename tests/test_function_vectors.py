@@ -106,7 +106,9 @@ def test_vector_is_the_sum_of_the_top_heads_mean_outputs(model, task, result):
 
 
 def test_accuracy_conditions(model, task, result):
-    _, test = _fit_items(task)
+    fit, test = _fit_items(task)
+    # Which item each column of `correct` is (re-deriving the split needed the source).
+    assert result.items == tuple(test.inputs()) and result.fit_items == tuple(fit.inputs())
     acc = dict(zip(result.conditions, result.accuracy, strict=True))
     assert set(acc) == {
         "zero-shot",
@@ -131,7 +133,7 @@ def test_accuracy_conditions(model, task, result):
 def test_result_protocol_and_errors(model, task, result, tmp_path):
     back = mp.FunctionVectorResult.load(result.save(tmp_path / "fv.json"))
     np.testing.assert_array_equal(back.aie, result.aie)
-    assert back.heads == result.heads
+    assert back.heads == result.heads and back.items == result.items
     assert "FV of 3 heads" in repr(result)
     fig = result.plot()
     # the headline beside the heads: each condition's accuracy, the FV's layer marked

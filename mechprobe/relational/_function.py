@@ -81,6 +81,9 @@ class FunctionVectorResult(
         n_prompts: Prompts the AIE and mean outputs were averaged over.
         n_random: Random vectors (seeds ``seed, seed + 1, ...``).
         seed: Seed of the split, the label shuffles and the random vectors.
+        items: The held-out items' inputs, in the order of ``correct``'s columns (empty in
+            files saved before it was recorded).
+        fit_items: The items whose prompts the AIE and the heads' mean outputs were taken over.
 
     Example:
         >>> import mechprobe as mp
@@ -103,6 +106,8 @@ class FunctionVectorResult(
     n_prompts: int
     n_random: int
     seed: int = 0
+    items: tuple[str, ...] = ()
+    fit_items: tuple[str, ...] = ()
 
     def to_frame(self) -> pd.DataFrame:
         """One row per head: layer, head, aie, spread, random, top (whether it is in the FV).
@@ -396,4 +401,6 @@ def function_vector(
         n_prompts=len(clean),
         n_random=n_random,
         seed=seed,
+        items=tuple(test.inputs()),
+        fit_items=tuple(fit.inputs()),
     )
