@@ -553,6 +553,7 @@ def test_the_key_value_cache_gives_the_recomputed_tokens(tiny):
         {},
         {mp.Site("resid_post", 1): mp.Add(v, positions=-1)},
         {mp.Site("resid_post", 0): mp.Add(v)},  # every position, generated ones included
+        {mp.Site("resid_post", 0, positions="generated"): mp.Add(v)},  # generated ones only
         {mp.Site("mlp_out", 1): mp.Project(remove=basis), mp.Site("head", 1, head=2): mp.Ablate()},
         {mp.Site("resid_pre", 2, positions=[0, -1]): mp.Replace(v)},
         {mp.Site("pattern", 1, head=0): mp.Ablate()},
@@ -605,3 +606,24 @@ def test_a_hook_function_indexing_positions_sees_the_whole_sequence_at_every_ste
     assert by_function.tokens[0].tolist() == expected.tokens[0].tolist()
     np.testing.assert_allclose(by_function.logprobs[0], expected.logprobs[0], atol=1e-5)
     assert not np.allclose(by_function.logprobs[0], plain.logprobs[0], atol=1e-3)
+
+
+def test_an_edit_of_the_generated_tokens_leaves_the_prompt_alone(tiny):
+    # Steering the response only (contrastive activation addition): positions="generated".
+    v = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(4)) * 8
+    common = {"max_new_tokens": STEPS, "stop_at_eos": False, "progress": False}
+    res = mp.generate(tiny, PROMPTS, {mp.Site("resid_post", 1): mp.Add(v, positions="generated")},
+                      **common)  # fmt: skip
+
+    def edit(hidden, prefill):  # Hugging Face's cached steps: each new token, alone
+        return hidden if prefill else hidden + v
+
+    _check_equal(res, tiny, edit)
+    everywhere = mp.generate(tiny, PROMPTS, {mp.Site("resid_post", 1): mp.Add(v)}, **common)
+    assert [t.tolist() for t in res.tokens] != [t.tolist() for t in everywhere.tokens]
+    on_site = {mp.Site("resid_post", 1, positions="generated"): mp.Add(v)}
+    same = mp.generate(tiny, PROMPTS, on_site, **common)
+    assert [t.tolist() for t in same.tokens] == [t.tolist() for t in res.tokens]
+    assert res.interventions[0].endswith("positions='generated')")
+    with pytest.raises(ValueError, match=r"'generated', the new tokens, is mp\.generate's"):
+        mp.run(tiny, PROMPTS, {mp.Site("resid_post", 1): mp.Add(v, positions="generated")})

@@ -110,8 +110,13 @@ class Batch:
         lengths = self.lengths
         if isinstance(spec, str):
             if spec != "all":
+                only = (
+                    " ('generated', the new tokens, is mp.generate's)"
+                    if spec == "generated"
+                    else ""
+                )
                 raise ValueError(
-                    f"Positions must be an int, a list of ints or 'all', not {spec!r}."
+                    f"Positions must be an int, a list of ints or 'all', not {spec!r}{only}."
                 )
             if not bool((lengths == lengths[0]).all()):
                 raise ValueError(

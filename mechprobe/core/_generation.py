@@ -17,7 +17,9 @@ edit of every position (``positions=None``) also reaches each new token as it ru
 Positions of the interventions count in the *prompt*: ``positions=-1`` is each prompt's last
 token at every step, as in a cached generation, where that position is computed once, with the
 edit, and kept (function vectors, o-vectors). ``positions=None`` (all) edits every position,
-generated tokens included (steering vectors added everywhere). So the completions equal those of
+generated tokens included (steering vectors added everywhere), and ``positions="generated"`` the
+generated tokens only (a steering vector added to the response and not to the prompt, as
+contrastive activation addition does). So the completions equal those of
 a cached generation with the edit applied when each position is first computed; the tests check
 this against Hugging Face's own cached ``generate`` with a hook written by hand.
 
@@ -77,6 +79,8 @@ if TYPE_CHECKING:
 __all__ = ["GenerationResult", "generate"]
 
 Finished = Literal["eos", "stop", "length"]
+#: The positions of the tokens generated so far (``generate`` only).
+GENERATED = "generated"
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -226,7 +230,7 @@ def generate(
         prompts: One prompt, a list of prompts, or a :class:`Batch` (re-padded on the left).
         interventions: ``{site: intervention(s)}`` as for :func:`mechprobe.intervene`; negative
             positions count from each prompt's last token, ``None`` edits every position,
-            generated ones included. Not accepted, as the sequence grows by a token per step: a
+            generated ones included, and ``"generated"`` the generated tokens only. Not accepted, as the sequence grows by a token per step: a
             ``Capture`` (capture with :func:`mechprobe.run` on the completed texts), a
             ``Gradient``, ``Ablate("mean")`` without ``mean=`` (the mean over the prompts would
             change as they grow), a ``Replace`` of one row per position over every position
@@ -427,10 +431,15 @@ class _CachedSteps:
         self.cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, len(prompts))
         self.keys = prompts.attention_mask
         self.everywhere: dict[SiteLike, list[Intervention]] = {}
+        # The prompt runs without the edits of generated tokens; each new token, alone in its
+        # pass, gets them with those of every position.
+        self.spec = _shifted(spec, 0)
         for key, items in spec.items():
-            kept = [item for item in items if _positions(key, item) is None]
-            if kept:
-                self.everywhere[key] = kept
+            for item in items:
+                where = _positions(key, item)
+                if where is None or where == GENERATED:
+                    site, item = _placed(key, item, None)
+                    self.everywhere.setdefault(site, []).append(item)
 
     def next_logits(self, new: list[int] | None) -> torch.Tensor:
         """``[rows, vocab]``: after the prompts (``new`` None), else after one new token each."""
@@ -552,7 +561,8 @@ def _check_item(key: SiteLike, site: Site | None, item: Any) -> None:
         )
     positions = _positions(key, item)
     value = _replace_value(item)
-    if positions is None and value is not None and value.ndim >= 2 and value.shape[-2] != 1:
+    spans = positions is None or positions == GENERATED
+    if spans and value is not None and value.ndim >= 2 and value.shape[-2] != 1:
         raise ValueError(
             f"Replace at {key} writes a value of shape {tuple(value.shape)} over every position, "
             f"and {grows}: pass one vector [d] (or [n_prompts, 1, d]) for every position, or "
@@ -602,19 +612,33 @@ def _shift(positions: Any, step: int) -> Any:
 def _shifted(
     spec: dict[SiteLike, list[Intervention]], step: int
 ) -> dict[SiteLike, list[Intervention]]:
-    """``spec`` with every intervention's (or its site's) positions counted in the prompt."""
+    """``spec`` with every intervention's (or its site's) positions counted in the prompt, and
+    ``"generated"`` as the ``step`` tokens generated so far (none at step 0: left out)."""
     out: dict[SiteLike, list[Intervention]] = {}
     for key, items in spec.items():
         for item in items:
-            site = key
-            if item.positions is not None:
-                moved = copy.copy(item)  # a shallow copy: the same vectors, other positions
-                moved.positions = _shift(item.positions, step)
-                item = moved
-            elif isinstance(key, Site) and key.positions is not None:
-                site = dataclasses.replace(key, positions=_shift(key.positions, step))
+            where = _positions(key, item)
+            if where == GENERATED:
+                if step == 0:
+                    continue
+                where = list(range(-step, 0))
+            else:
+                where = _shift(where, step)
+            site, item = _placed(key, item, where)
             out.setdefault(site, []).append(item)
     return out
+
+
+def _placed(key: SiteLike, item: Intervention, positions: Any) -> tuple[SiteLike, Intervention]:
+    """``(site, item)`` acting on ``positions``: set where the positions were given (on the
+    intervention, else on its Site), the site's own positions cleared under an item's."""
+    if item.positions is not None:
+        moved = copy.copy(item)  # a shallow copy: the same vectors, other positions
+        moved.positions = positions
+        return key, moved
+    if isinstance(key, Site) and key.positions is not None:
+        return dataclasses.replace(key, positions=positions), item
+    return key, item
 
 
 def _tail(text: str, width: int = 40) -> str:
