@@ -656,3 +656,25 @@ def test_a_tensor_being_trained_keeps_its_gradient_through_every_intervention(ti
     tiny.zero_grad(set_to_none=True)
     with pytest.raises(ValueError, match=r"Project\(remove=\) .* is not trained"):
         mp.Project(remove=start[None].requires_grad_(True))
+
+
+@pytest.mark.parametrize("name", ["blocks.1.attn.hook_pattern", "blocks.1.attn.hook_attn_scores"])
+def test_a_hook_function_at_an_attention_map_gets_transformerlens_layout(tiny, name):
+    # It got the query-major [batch, query, head, key] hooks use inside: `a[:, 0] = 0`, head 0
+    # in TransformerLens, zeroed query row 0 of every head (2.5 apart in the logits).
+    tokens = tiny.to_tokens("The cat sat on")
+    shapes = []
+
+    def head0(a, hook):
+        shapes.append(tuple(a.shape))
+        if hook.name.endswith("pattern"):
+            a[:, 0] = 0.0  # no key masked: the same as TransformerLens's in-place edit
+        else:
+            a[:, 0] = a[:, 0] * 0.5  # scaled scores keep -inf at future keys
+
+    with torch.no_grad():
+        expected = tiny.run_with_hooks(tokens, fwd_hooks=[(name, head0)])
+    got = mp.run(tiny, mp.Batch.from_tokens(tokens), {name: head0}).logits
+    assert shapes[-1] == (1, tiny.cfg.n_heads, tokens.shape[1], tokens.shape[1])
+    assert (expected - mp.run(tiny, mp.Batch.from_tokens(tokens)).logits).abs().max() > 0.1
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

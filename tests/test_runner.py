@@ -367,6 +367,14 @@ def test_capture_means_leave_padding_out(tiny, side: str) -> None:
         torch.testing.assert_close(counted, torch.cat(with_bos).mean(0), atol=1e-5, rtol=0)
         assert (counted - every).abs().max() > 1e-3
     assert (out[site].double().mean((0, 1)) - every).abs().max() > 1e-3  # the trap it avoids
+    # A prompt of BOS alone has no text to average: the mean was a silent all-NaN vector, and
+    # mean-ablation said "no real token".
+    alone = mp.run(tiny, [""], capture=[site], padding_side=side)
+    with pytest.raises(ValueError, match="no token of the text to average"):
+        alone.mean(site)
+    assert torch.isfinite(alone.mean(site, bos=True)).all()
+    with pytest.raises(ValueError, match="no token of the text was selected"):
+        mp.run(tiny, [""], {site: mp.Ablate("mean")})
     last = mp.Site("resid_post", 1, positions=-1)
     chosen = mp.run(tiny, PROMPTS, capture=[last], padding_side=side)
     ends = torch.stack([p[-1] for p in per_prompt])

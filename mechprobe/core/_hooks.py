@@ -554,6 +554,9 @@ class _Callback(Intervention):
         super().__init__(None)
         self.fn = fn
         self.label = f"hook {getattr(fn, '__name__', type(fn).__name__)}"
+        # Hooks see attention maps query-major; a hand-written function at a map's hook name
+        # indexes TransformerLens's [batch, head, query, key] (a[:, 0] is head 0 there).
+        self.head_major = isinstance(site, str) and is_attention_map(site)
         try:
             inspect.signature(fn).bind(None, None)
         except TypeError:
@@ -567,19 +570,21 @@ class _Callback(Intervention):
     def edit(self, selected: Tensor, hook: Any) -> Tensor:
         # A copy: what a hook hands over may be shared (a bridge's MLP input is the residual
         # stream itself), or computed here (resid_mid, head_out), or a selection of positions.
-        mine = selected.clone()
+        flip = self.head_major and selected.ndim == 4
+        given = selected.transpose(1, 2) if flip else selected
+        mine = given.clone()
         new = self.fn(mine, hook)
         if new is None:
-            return mine  # edited in place, or not at all: the same values either way
+            new = mine  # edited in place, or not at all: the same values either way
         where = f"The hook function {self.label[5:]} at {getattr(hook, 'name', '?')}"
         if not isinstance(new, Tensor):
             raise TypeError(f"{where} returned a {type(new).__name__}: return a tensor or None.")
-        if new.shape != selected.shape:
+        if new.shape != given.shape:
             raise ValueError(
                 f"{where} returned shape {tuple(new.shape)} for an activation of shape "
-                f"{tuple(selected.shape)}: return the same shape (or None after editing in place)."
+                f"{tuple(given.shape)}: return the same shape (or None after editing in place)."
             )
-        return new
+        return new.transpose(1, 2) if flip else new
 
 
 def _span(rows: Tensor) -> Tensor:
@@ -605,7 +610,10 @@ def masked_mean(selected: Tensor, real: Tensor | None) -> Tensor:
         return flat.mean(dim=0)
     keep = real.reshape(-1).to(flat.device)
     if not bool(keep.any()):
-        raise ValueError("Mean-ablation over no real token: the selection holds only padding.")
+        raise ValueError(
+            "Mean-ablation over no token of the text: the selection holds only padding (and a "
+            "leading BOS, left out of means)."
+        )
     return flat[keep].mean(dim=0)
 
 
@@ -1031,7 +1039,9 @@ def intervene(
             receives what the site selects (all of it for a hook name) and returns the new
             values (the same shape), or None after editing them in place (as ``act[:] = 0``
             does, on every site and model class); where ``Ablate("mean")`` measures its means
-            first, it also runs in that pass. The hook name ``blocks.L.hook_resid_mid`` means ``resid_mid`` (the
+            first, it also runs in that pass. At an attention map's hook name it gets
+            TransformerLens's ``[batch, head, query, key]``, and entries the model masks
+            (future and padded keys) keep the model's value whatever it writes. The hook name ``blocks.L.hook_resid_mid`` means ``resid_mid`` (the
             residual stream after attention) on every model class, though TransformerLens 4's
             bridge fires that name at the MLP's input, where ``run_with_hooks`` edits the MLP
             alone: ``Site("mlp_in", L)`` is that edit here.

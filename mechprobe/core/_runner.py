@@ -147,6 +147,11 @@ class RunResult:
         totals = (value.double() * weights).sum(1)
         if per_prompt:
             return (totals / weights.sum(1)).to(value.dtype)
+        if float(weights.sum()) == 0:  # the mean of nothing was a silent all-NaN vector
+            raise ValueError(
+                f"{site} holds no token of the text to average (padding and a leading BOS are "
+                "left out): pass prompts with text, or bos=True to count BOS."
+            )
         return (totals.sum(0) / weights.sum()).to(value.dtype)
 
     def __getitem__(self, site: SiteLike) -> Tensor:
@@ -415,7 +420,11 @@ def batch_means(
             if is_pooled(item):
                 acc = measured[id(item)]
                 if acc.total is None or acc.count == 0:
-                    raise ValueError(f"Mean-ablation at {key}: no real token was selected.")
+                    raise ValueError(
+                        f"Mean-ablation at {key}: no token of the text was selected (padding "
+                        "and a leading BOS are left out of means): pass prompts with text, or "
+                        "mean= of your own."
+                    )
                 mean = (acc.total / acc.count).float()
                 item = Ablate("mean", mean=mean, positions=item.positions)
             resolved.setdefault(key, []).append(item)
