@@ -97,3 +97,14 @@ def test_token_ids_make_a_batch_that_runs_as_the_model_does(tiny):
         mp.Batch.from_tokens(batch.tokens, torch.ones(1, 2))
     with pytest.raises(TypeError, match=r"Batch.from_tokens\(tokens\)"):
         mp.run(tiny, [ids], progress=False)
+
+
+def test_a_left_padded_mask_read_as_right_padding_is_refused():
+    # It gave last_index [2, 11] for [11, 11]: the last real token read from the padding.
+    ids = torch.tensor([[0, 0, 5, 6], [4, 5, 6, 7]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    with pytest.raises(ValueError, match=r"not right-padded .* padding_side='left'"):
+        mp.Batch.from_tokens(ids, mask)
+    assert mp.Batch.from_tokens(ids, mask, padding_side="left").last_index.tolist() == [3, 3]
+    with pytest.raises(ValueError, match="not left-padded"):
+        mp.Batch.from_tokens(ids, torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1]]), padding_side="left")

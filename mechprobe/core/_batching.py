@@ -176,7 +176,20 @@ class Batch:
             )
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
-        return cls(ids.long(), mask.long(), padding_side, ("",) * len(ids))
+        mask = mask.long()
+        # Each row's real tokens must be one run at its padding side: a left-padded mask read
+        # as right padding put the last real token in the padding (wrong positions, silently).
+        lengths = mask.sum(dim=1, keepdim=True)
+        cols = torch.arange(mask.shape[1])[None]
+        real = cols < lengths if padding_side == "right" else cols >= mask.shape[1] - lengths
+        if not torch.equal(mask.bool(), real):
+            other = "left" if padding_side == "right" else "right"
+            raise ValueError(
+                f"attention_mask is not {padding_side}-padded (each row's real tokens one run at "
+                f"its {'start' if padding_side == 'right' else 'end'}): pass "
+                f"padding_side={other!r} if the batch is {other}-padded."
+            )
+        return cls(ids.long(), mask, padding_side, ("",) * len(ids))
 
     def select(self, rows: slice | Sequence[int]) -> Batch:
         """A sub-batch of the given rows, with padding columns no row uses trimmed off."""

@@ -133,8 +133,9 @@ class Intervention:
             if head is not None:
                 selected = selected[..., head, :]
             real = None
-            if mask is not None:  # selected positions resolved per row are real by construction
-                real = mask.to(activation.device).bool() if idx is None else None
+            if mask is not None:  # the text's tokens (no padding, no leading BOS) selected
+                real = mask.to(activation.device).bool()
+                real = real if idx is None else real[rows, idx]
             new = self.edit_masked(selected, real, hook)
             if new is None:
                 return None
@@ -550,15 +551,15 @@ class _Callback(Intervention):
     selection is computed or selected, or where a bridge's MLP input is the residual stream).
     """
 
-    def __init__(self, site: Any, fn: Callable[[Tensor, Any], Tensor | None]) -> None:
+    def __init__(self, site: Any, fn: Callable[..., Tensor | None]) -> None:
         super().__init__(None)
         self.fn = fn
         self.label = f"hook {getattr(fn, '__name__', type(fn).__name__)}"
         # Hooks see attention maps query-major; a hand-written function at a map's hook name
         # indexes TransformerLens's [batch, head, query, key] (a[:, 0] is head 0 there).
         self.head_major = isinstance(site, str) and is_attention_map(site)
-        try:
-            inspect.signature(fn).bind(None, None)
+        try:  # TransformerLens calls fn(activation, hook=hook_point)
+            inspect.signature(fn).bind(None, hook=None)
         except TypeError:
             raise TypeError(
                 f"The hook function {self.label[5:]} at {site} must take (activation, hook), as "
@@ -573,7 +574,7 @@ class _Callback(Intervention):
         flip = self.head_major and selected.ndim == 4
         given = selected.transpose(1, 2) if flip else selected
         mine = given.clone()
-        new = self.fn(mine, hook)
+        new = self.fn(mine, hook=hook)
         if new is None:
             new = mine  # edited in place, or not at all: the same values either way
         where = f"The hook function {self.label[5:]} at {getattr(hook, 'name', '?')}"
