@@ -372,9 +372,10 @@ class Ablate(Intervention):
             on ``batch_size``), under :func:`intervene` over the batch forwarded (which
             ``batch=`` must name). Several such mean-ablations are measured
             together first, with none of them applied (so a downstream mean is the intact
-            model's, as in :func:`mechprobe.run`). Padded positions never count, nor does a leading BOS token (on models
-            whose attention sinks into it, BOS is far longer than the text's states and would
-            set the mean: SmolLM2's mlp_out@11 mean has norm 453 with it, 11.8 without). So ``Ablate("mean", positions=-1)`` sets
+            model's, as in :func:`mechprobe.run`). Padded positions never count, nor does a
+            leading BOS token (on models whose attention sinks into it, BOS is far longer than
+            the text's states and would set the mean: SmolLM2's mlp_out@11 mean has norm 453
+            with it, 11.8 without). So ``Ablate("mean", positions=-1)`` sets
             the last token to the mean of the last tokens, where
             :func:`mechprobe.ablate_cells`'s ``method="mean"`` takes the mean over every token
             unless ``reference_positions=-1`` (one head of SmolLM2 on induction prompts:
@@ -856,9 +857,8 @@ def _through_attn_out(
         if value is None:
             raise RuntimeError(f"{hook.name}: {read} did not fire before it.")
         old = view(attn_out, value)
-        new = fn(
-            old.clone(), hook
-        )  # a copy: an edit in place must not move what it is measured from
+        # A copy: an edit in place must not move the value the change is measured from.
+        new = fn(old.clone(), hook)
         if new is None:
             return None
         added = attn_out + (new - old)  # untouched entries: attn_out bit for bit
@@ -1042,10 +1042,11 @@ def intervene(
             does, on every site and model class); where ``Ablate("mean")`` measures its means
             first, it also runs in that pass. At an attention map's hook name it gets
             TransformerLens's ``[batch, head, query, key]``, and entries the model masks
-            (future and padded keys) keep the model's value whatever it writes. The hook name ``blocks.L.hook_resid_mid`` means ``resid_mid`` (the
-            residual stream after attention) on every model class, though TransformerLens 4's
-            bridge fires that name at the MLP's input, where ``run_with_hooks`` edits the MLP
-            alone: ``Site("mlp_in", L)`` is that edit here.
+            (future and padded keys) keep the model's value whatever it writes. The hook name
+            ``blocks.L.hook_resid_mid`` means ``resid_mid`` (the residual stream after
+            attention) on every model class, though TransformerLens 4's bridge fires that name
+            at the MLP's input, where ``run_with_hooks`` edits the MLP alone:
+            ``Site("mlp_in", L)`` is that edit here.
         batch: The batch that will be run; needed to find each row's last real token when the
             prompts are padded. Without it, negative positions count from the sequence's end.
         key_mask: ``[batch, keys]`` which keys are real tokens, for a pass that reads earlier

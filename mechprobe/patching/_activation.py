@@ -462,10 +462,10 @@ def ablate_cells(
             position of the prompt at once: a head or an MLP knocked out).
         metric: As for :func:`patch` (one pair per prompt).
         method: ``"zero"``, or ``"mean"``: the site's mean activation over every token of the
-            ``reference`` texts (a leading BOS left out, see :class:`mechprobe.Ablate`; for a pattern: the mean row at the same query position over the
-            reference prompts long enough to have it). :class:`mechprobe.Ablate` ``("mean")``
-            averages the positions it edits instead: ``reference_positions=-1`` matches it at
-            ``-1``.
+            ``reference`` texts (a leading BOS left out, see :class:`mechprobe.Ablate`; for a
+            pattern: the mean row at the same query position over the reference prompts long
+            enough to have it). :class:`mechprobe.Ablate` ``("mean")`` averages the positions it
+            edits instead: ``reference_positions=-1`` matches it at ``-1``.
         reference: Prompts the mean is taken over (default: ``prompts``).
         reference_positions: The reference prompts' positions the mean is taken over: ``"all"``
             (every real token), or ints counted from each prompt's start, negative from its end
