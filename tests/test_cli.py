@@ -13,6 +13,7 @@ from mechprobe.cli import main as cli_main
 from mechprobe.cli._arguments import layers_type
 
 _ERASE = ["erase", "--site", "resid_post", "--layers", "1"]
+_PATCH = ["patch", "--clean", "a", "--corrupt", "b", "--answer", "1"]  # one prompt pair
 
 
 def _no_model(*_):
@@ -78,37 +79,13 @@ def test_patch_takes_one_answer_per_pair(tmp_path):
             "3 --answer for 2 prompt pairs",
         ),
         (
-            [
-                "patch",
-                "--clean",
-                "a",
-                "--corrupt",
-                "b",
-                "--answer",
-                "1",
-                "--wrong",
-                "2",
-                "--wrong",
-                "3",
-            ],
+            [*_PATCH, "--wrong", "2", "--wrong", "3"],
             "patch",
             "2 --wrong for 1 --answer",
         ),
         # said "Positions must be an int, ... or 'all', got None" after loading the model
         (
-            [
-                "patch",
-                "--clean",
-                "a",
-                "--corrupt",
-                "b",
-                "--answer",
-                "1",
-                "--receivers",
-                "q",
-                "--positions",
-                "whole",
-            ],
+            [*_PATCH, "--receivers", "q", "--positions", "whole"],
             "patch",
             "which path patching (--receivers) does not do",
         ),
