@@ -686,7 +686,8 @@ def _hooks_for(
     # hook_resid_mid fires after hook_attn_out on a HookedTransformer: an attn_out capture keeps
     # the attention output, and the edit sees attn_out's own edits.
     after: list[tuple[str, Callable[..., Tensor | None]]] = []
-    bos = bos_id(model)  # pooled means average the text's tokens, not a leading BOS
+    # Pooled means average the text's tokens: padding and a leading BOS left out.
+    text = None if batch is None else batch.text_mask(bos_id(model))
     for (name, site), value in resolved:
         items = list(value) if isinstance(value, (list, tuple)) else [value]
         for item in items:
@@ -707,7 +708,7 @@ def _hooks_for(
             head = site.head if site is not None and kind != "head_out" else None
             index = _index(batch, positions)
             mask = None if batch is None else batch.attention_mask
-            fn = item._hook(index, head, None if batch is None else batch.text_mask(bos))
+            fn = item._hook(index, head, text)
             if index is not None and batch is None:
                 fn = _relative_to_seq(fn, index, item, head)
             elif batch is not None:
