@@ -221,6 +221,17 @@ def test_a_metric_without_a_gradient_is_named(gqa):
         mp.attribution_patch(gqa, CLEAN, CORRUPT, "mlp_out", -1, flat, progress=False)
 
 
+def test_a_metric_returning_a_scalar_is_refused_as_patch_refuses_it(gqa):
+    # Attribution patching runs one pair per pass, so a summed metric gave right numbers here
+    # while patch refused it: the same metric is refused by both, with the same message.
+    def total(logits):
+        return logits[:, ANS].sum() - logits[:, WRONG].sum()
+
+    for analysis in (mp.attribution_patch, mp.patch):
+        with pytest.raises(ValueError, match=r"shape \(\) for \d+ rows.*one value per row"):
+            analysis(gqa, CLEAN, CORRUPT, "mlp_out", -1, total, progress=False)
+
+
 def test_errors_before_any_forward(gqa):
     with pytest.raises(ValueError, match="corrupt prompt per clean"):
         mp.attribution_patch(gqa, ["a", "b"], ["c"], "mlp_out", -1, METRIC)

@@ -603,12 +603,7 @@ def run_plan(
         with _hooks(hooks) as extra:
             logits = _forward_reads(model, layout.rows, packed, extra)
         group = torch.as_tensor([g for _, _, g in layout.rows.reads], device=logits.device)
-        got = torch.as_tensor(metric_fn(logits, group)).detach()
-        if got.shape != (len(layout.keys),):
-            raise ValueError(
-                f"metric returned shape {tuple(got.shape)} for {len(layout.keys)} rows of logits: "
-                "return one value per row, shape [rows]."
-            )
+        got = torch.as_tensor(metric_fn(logits, group)).detach()  # [rows], checked by bind_metric
         for (kind, index), value in zip(layout.keys, got.double().cpu(), strict=True):
             target = {"cell": values.cells, "base": values.bases, "source": values.sources}[kind]
             if kind != "cell" and not bool(torch.isfinite(value)):

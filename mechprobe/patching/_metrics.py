@@ -161,7 +161,7 @@ def bind_metric(model: Any, metric: Any, n_pairs: int) -> tuple[Callable[..., Te
 
     def fn(logits: Tensor, pair: Tensor) -> Tensor:
         try:
-            return metric(logits, pair) if takes_pair else metric(logits)
+            out = metric(logits, pair) if takes_pair else metric(logits)
         except IndexError as error:
             # TransformerLens's patching functions pass [batch, seq, vocab]: a ported metric
             # indexes lg[:, -1, a] and failed with a bare "too many indices".
@@ -171,5 +171,14 @@ def bind_metric(model: Any, metric: Any, n_pairs: int) -> tuple[Callable[..., Te
                 "TransformerLens's patching functions pass: write lg[:, a] - lg[:, w], not "
                 "lg[:, -1, a] - lg[:, -1, w]."
             ) from error
+        # Checked here, for every analysis: attribution patching summed a scalar metric over
+        # its one row and went on, where patch refused the same metric.
+        shape = tuple(torch.as_tensor(out).shape)
+        if shape != (logits.shape[0],):
+            raise ValueError(
+                f"metric returned shape {shape} for {logits.shape[0]} rows of logits: "
+                "return one value per row, shape [rows] (lg[:, a] - lg[:, w], not a sum or mean)."
+            )
+        return out
 
     return fn, getattr(metric, "__name__", "metric")
