@@ -58,6 +58,8 @@ _TINY_PARAMS = [
 _UNKNOWN = sorted(set(_TINY_PARAMS) - set(TINY_MODELS))
 if _UNKNOWN:
     raise ValueError(f"MECHPROBE_TEST_MODELS names {_UNKNOWN}; known: {sorted(TINY_MODELS)}")
+#: The model classes the suite runs on (architecture-specific tests build their own models).
+TEST_KINDS = sorted({TINY_MODELS[name]["kind"] for name in _TINY_PARAMS})
 _HF_TWINS: dict[int, Any] = {}
 
 

@@ -382,3 +382,17 @@ def test_capture_means_leave_padding_out(tiny, side: str) -> None:
     with pytest.raises(ValueError, match="attention map"):
         pattern = mp.Site("pattern", 0, head=0)
         mp.run(tiny, PROMPTS, capture=[pattern]).mean(pattern)
+
+
+def test_capture_takes_a_kind_a_site_or_a_hook_name_alone(tiny) -> None:
+    # capture="resid_post" was read as its letters: "Unknown hook name 'r'".
+    every = mp.run(tiny, "Hi there", capture="resid_post", progress=False)
+    assert list(every.captures) == [mp.Site("resid_post", i) for i in range(3)]
+    one = mp.run(tiny, "Hi there", capture="blocks.1.hook_resid_post", progress=False)
+    site = mp.run(tiny, "Hi there", capture=mp.Site("resid_post", 1), progress=False)
+    assert torch.equal(one["blocks.1.hook_resid_post"], every[mp.Site("resid_post", 1)])
+    assert torch.equal(site[mp.Site("resid_post", 1)], every[mp.Site("resid_post", 1)])
+    mixed = mp.run(tiny, "Hi there", capture=["mlp_out", "blocks.0.hook_resid_pre"], progress=False)
+    assert [str(s) for s in mixed.captures] == [
+        "mlp_out@0", "mlp_out@1", "mlp_out@2", "blocks.0.hook_resid_pre"
+    ]  # fmt: skip

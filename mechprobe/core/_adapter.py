@@ -108,6 +108,13 @@ class ModelAdapter:
         return self.n_heads if n is None else int(n)
 
     @property
+    def parallel_blocks(self) -> bool:
+        """Whether attention and MLP both read a block's input (``cfg.parallel_attn_mlp``: GPT-NeoX
+        and Pythia, GPT-J, Phi): such a block has no ``resid_mid``, and its MLP reads ``resid_pre``
+        (at ``hook_mlp_in``), not its attention's write."""
+        return bool(getattr(self.model.cfg, "parallel_attn_mlp", False))
+
+    @property
     def n_ctx(self) -> int | None:
         n = getattr(self.model.cfg, "n_ctx", None)
         return None if n is None else int(n)

@@ -649,12 +649,13 @@ _TINY_ARCHITECTURES = {
     "llama": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "gemma2": "google/gemma-2-2b",
     "gpt2": "gpt2",
+    "neox": "EleutherAI/pythia-70m",
 }
 #: GPT-2's own config.json still carries n_ctx, which TransformerLens 3.x reads.
 _GPT2_LEGACY: dict[str, Any] = {"n_ctx": 512}
 #: Architectures TransformerLens 3.x converts to a HookedTransformer by their config alone (its
 #: Gemma 2 conversion knows only Google's published model names).
-_TINY_HOOKED = ("llama", "gpt2")
+_TINY_HOOKED = ("llama", "gpt2", "neox")
 
 
 def _tiny_hf(
@@ -666,6 +667,8 @@ def _tiny_hf(
         Gemma2ForCausalLM,
         GPT2Config,
         GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
         LlamaConfig,
         LlamaForCausalLM,
     )
@@ -720,6 +723,23 @@ def _tiny_hf(
                 **_GPT2_LEGACY,
             )
             hf_model = GPT2LMHeadModel(gpt2)
+        elif architecture == "neox":
+            # Pythia's layout: attention and MLP in parallel, both reading the block's input
+            # (no resid_mid), rotary on a quarter of each head (the config's default), untied
+            # unembedding.
+            neox = GPTNeoXConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=d_model,
+                num_hidden_layers=n_layers,
+                num_attention_heads=4,
+                intermediate_size=4 * d_model,
+                max_position_embeddings=512,
+                use_parallel_residual=True,
+                tie_word_embeddings=False,
+                layer_norm_eps=1e-5,
+                **ids,
+            )
+            hf_model = GPTNeoXForCausalLM(neox)
         else:
             hf_model = LlamaForCausalLM(LlamaConfig(**shared))
     return hf_model.eval(), tokenizer
@@ -735,8 +755,8 @@ def tiny_model(
     kind: ModelKind = "bridge",
     device: str | None = None,
 ) -> Any:
-    """A small randomly initialised model for fast tests: Llama (SmolLM2's architecture), GPT-2 or
-    Gemma 2, as a ``TransformerBridge`` or a ``HookedTransformer``.
+    """A small randomly initialised model for fast tests: Llama (SmolLM2's architecture), GPT-2,
+    GPT-NeoX (Pythia's) or Gemma 2, as a ``TransformerBridge`` or a ``HookedTransformer``.
 
     The tokenizer is byte-level (259 tokens: every byte plus SmolLM2's three special tokens), so any
     text tokenizes and most words span several tokens. Weights are drawn with ``seed``; no network.
@@ -748,12 +768,14 @@ def tiny_model(
         n_layers: Number of transformer blocks.
         d_model: Residual width (4 query heads; Llama and Gemma 2: MLP width 2 * d_model; GPT-2:
             MLP width 4 * d_model).
-        architecture: ``"llama"``, ``"gpt2"`` (LayerNorm, learned positions, biases), or
-            ``"gemma2"`` (final logits soft-capped at 2, attention logits at 50: a model whose
-            readout has a post-unembedding transform; bridge only).
+        architecture: ``"llama"``, ``"gpt2"`` (LayerNorm, learned positions, biases),
+            ``"neox"`` (Pythia's: attention and MLP in parallel, so no ``resid_mid``; partial
+            rotary; untied unembedding), or ``"gemma2"`` (final logits soft-capped at 2,
+            attention logits at 50: a model whose readout has a post-unembedding transform;
+            bridge only).
         n_kv_heads: Key/value heads of Llama and Gemma 2: 2 (grouped-query attention, two query
             heads per key/value head, as in SmolLM2), 4 (one per query head, plain multi-head
-            attention) or 1. GPT-2 always has one per query head.
+            attention) or 1. GPT-2 and GPT-NeoX always have one per query head.
         kind: ``"bridge"`` (a ``TransformerBridge``) or ``"hooked"`` (a ``HookedTransformer``,
             TransformerLens 3.x; converted from the same Hugging Face weights, unprocessed).
         device: Where to put the weights (``"cpu"``, ``"cuda"``), as in :func:`load_model`;
@@ -800,7 +822,7 @@ def tiny_model(
         model = _bridge(hf_model, tokenizer, name, device)
     # Its own name, so that results, lenses and o-vectors made on it do not claim a real model
     # (TransformerLens reads cfg.model_name only while converting).
-    kv = "" if architecture == "gpt2" else f", {n_kv_heads} kv heads"
+    kv = "" if architecture in ("gpt2", "neox") else f", {n_kv_heads} kv heads"
     model.cfg.model_name = (
         f"tiny-{architecture} (random, seed {seed}, {n_layers} layers, d {d_model}{kv})"
     )

@@ -27,7 +27,14 @@ from mechprobe.core._hooks import (
 )
 from mechprobe.core._progress import progress_bar
 from mechprobe.core._readout import readout
-from mechprobe.core._sites import Site, SiteLike, is_attention_map, resolve_site
+from mechprobe.core._sites import (
+    _KINDS,
+    Site,
+    SiteLike,
+    expand_sites,
+    is_attention_map,
+    resolve_site,
+)
 
 __all__ = ["RunResult", "batch_means", "check_positions", "forward", "refuse_gradient", "run"]
 
@@ -199,12 +206,23 @@ def _place(
     return full
 
 
+def _capture_sites(model: Any, capture: SiteLike | Sequence[SiteLike]) -> list[SiteLike]:
+    """``capture=`` as a list: a kind stands for every layer's Site; one Site or hook name is a
+    list of one (a bare string was read as its letters: "Unknown hook name 'r'")."""
+    items = [capture] if isinstance(capture, (str, Site)) else list(capture)
+    listed: list[SiteLike] = []
+    for item in items:
+        kind = isinstance(item, str) and item in _KINDS
+        listed += expand_sites(model, item) if kind else [item]
+    return listed
+
+
 def run(
     model: Any,
     prompts: Sequence[str] | str | Batch,
     interventions: InterventionSpec | None = None,
     *,
-    capture: Sequence[SiteLike] = (),
+    capture: SiteLike | Sequence[SiteLike] = (),
     logit_positions: PositionSpec = "all",
     batch_size: int | None = 32,
     padding_side: PaddingSide = "right",
@@ -226,7 +244,8 @@ def run(
         interventions: ``{site: intervention(s)}`` as for :func:`mechprobe.intervene`. An edit
             of an attention map keeps what the model masked (future and padded keys), so no
             prompt's result depends on its batch.
-        capture: Sites to capture; a Site's ``positions`` selects positions (all by default).
+        capture: Sites to capture: Sites, hook names, or kinds (``"resid_post"``: every
+            layer's); a Site's ``positions`` selects positions (all by default).
         logit_positions: Positions whose logits to keep (``-1``: last real token); ``"all"`` keeps
             every position, which costs ``batch * seq * vocab`` floats.
         batch_size: Rows per forward pass (None: all at once).
@@ -249,6 +268,7 @@ def run(
         else tokenize(model, prompts, padding_side=padding_side)
     )
     spec = intervention_spec(interventions)
+    capture = _capture_sites(model, capture)
     names = [resolve_site(model, site)[0] for site in [*spec, *capture]]  # validate first
     for key, value in spec.items():
         for item in _items(value):

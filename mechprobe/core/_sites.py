@@ -262,6 +262,7 @@ def resolve_in(model: Any, site: SiteLike, hooks: Mapping[str, Any]) -> tuple[st
                 or (f" Block hooks carry their block: e.g. {in_block[0]!r}." if in_block else "")
                 or (f" Closest valid names: {close}." if close else "")
             )
+            hint = _no_mid(model, site) or hint
             raise ValueError(
                 f"Unknown hook name {site!r} for this model.{hint} "
                 f"Site kinds: {', '.join(_KINDS)} (e.g. Site('mlp_out', layer=0))."
@@ -290,11 +291,26 @@ def resolve_in(model: Any, site: SiteLike, hooks: Mapping[str, Any]) -> tuple[st
     resolved = Site(site.kind, layer, head=site.head, positions=site.positions)
     if resolved.hook_name not in hooks:
         raise ValueError(
-            f"{resolved.hook_name!r} is not a hook of this model; "
-            f"closest: {difflib.get_close_matches(resolved.hook_name, list(hooks), n=5)}."
+            f"{resolved.hook_name!r} is not a hook of this model."
+            + (
+                _no_mid(model, resolved.hook_name)
+                or f" Closest: {difflib.get_close_matches(resolved.hook_name, list(hooks), n=5)}."
+            )
         )
     _refuse_silent_hook(model, resolved.hook_name)
     return resolved.hook_name, resolved
+
+
+def _no_mid(model: Any, name: str) -> str:
+    """Why a parallel block has no ``resid_mid`` (empty for other names and models): the bare
+    'not a hook' listed resid_mid among the valid kinds and left a Pythia user guessing."""
+    if not (name.endswith("hook_resid_mid") and getattr(model.cfg, "parallel_attn_mlp", False)):
+        return ""
+    return (
+        " This model's attention and MLP run in parallel (cfg.parallel_attn_mlp, as in "
+        "GPT-NeoX/Pythia, GPT-J and Phi): both read resid_pre, so no residual stream lies "
+        "between them. Read resid_pre (what both read; the MLP's input is mlp_in) or resid_post."
+    )
 
 
 def _refuse_silent_hook(model: Any, name: str) -> None:

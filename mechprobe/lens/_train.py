@@ -215,7 +215,7 @@ def train_tuned_lens(
     model: Any,
     text: TextSource = "train",
     *,
-    sites: str | Sequence[str] = RESIDUAL_KINDS,
+    sites: str | Sequence[str] | None = None,
     n_tokens: int = 2048,
     seq_len: int = 128,
     tokens_per_step: int = 256,
@@ -239,7 +239,9 @@ def train_tuned_lens(
             a list of strings, a ``.txt`` file or a folder of them.
         sites: Residual site kinds to translate (``"resid_pre"``, ``"resid_mid"``,
             ``"resid_post"``); every layer of each. ``resid_pre`` beyond layer 0 shares the
-            translators of ``resid_post`` one layer down (the same vectors).
+            translators of ``resid_post`` one layer down (the same vectors). None: every kind
+            the model has (no ``resid_mid`` where attention and MLP run in parallel, as in
+            GPT-NeoX).
         n_tokens: Training tokens in all (windows of ``seq_len``; each step reads new ones),
             rounded down to whole steps of ``tokens_per_step``, one step at least:
             ``info["tokens"]`` records what was read.
@@ -311,6 +313,9 @@ def train_tuned_lens(
     if warmup_steps is not None:
         warmup_steps = check_int(warmup_steps, "warmup_steps", 0)
     n_layers = int(model.cfg.n_layers)
+    if sites is None:
+        parallel = model_adapter(model).parallel_blocks
+        sites = [k for k in RESIDUAL_KINDS if not (parallel and k == "resid_mid")]
     keys = translator_sites(n_layers, sites)  # checks sites (kinds, or a clear error)
     kinds = [sites] if isinstance(sites, str) else list(sites)
     if not _identity_transform(model):

@@ -51,6 +51,7 @@ from mechprobe.core import (
     expand_sites,
     gradients_enabled,
     intervene,
+    model_adapter,
     new_axes,
     progress_bar,
     progress_enabled,
@@ -481,7 +482,8 @@ def path_patch(
         receivers: ``"final"`` (the final residual stream: the sender's direct effect on the
             logits), ``"q"``, ``"k"``, ``"v"`` (every head's input of that kind; key/value heads
             for k and v), ``"mlp_in"`` (every MLP's input, which the MLP alone reads: heads of
-            its own layer reach it, its own output does not), Sites of those kinds, or a list.
+            its own layer reach it, its own output does not; in a parallel block, as in
+            GPT-NeoX, neither does), Sites of those kinds, or a list.
         metric: As for :func:`mechprobe.patch`.
         positions: Positions whose sender change reaches the receiver: ``"all"`` (the default;
             clean and corrupt prompts of one length), or ints (negative from each prompt's end).
@@ -600,6 +602,7 @@ def path_patch(
             (per_pair if j < 0 else random[j])[i, s, r] = value
 
     heads = [(r, site) for r, site in enumerate(receiver_list) if site is not None]
+    parallel = model_adapter(model).parallel_blocks
     if heads and method == "exact":
         plan = Plan(bases=[Base(t, i) for i, t in enumerate(base)])
         for j in range(-1, n_random):
@@ -607,7 +610,7 @@ def path_patch(
                 for s, sender in enumerate(sender_list):
                     delta = change(j, i, s)
                     for r, site in heads:
-                        if not _has_path(sender, site):
+                        if not _has_path(sender, site, parallel):
                             continue  # the receiver reads the stream before the sender writes
                         hook = _receiver_hook(site, final)
                         layout: Layout = "vector" if site.head is None else "head"
@@ -685,7 +688,8 @@ def _estimate_paths(
     reaches (the same changes, random ones included, that exact path patching adds)."""
     n_random = random.shape[0]
     # A receiver reads the stream before its own layer: senders at or after it have no path.
-    no_path = torch.tensor([[not _has_path(s, r) for r in receivers] for s in senders])
+    parallel = model_adapter(model).parallel_blocks
+    no_path = torch.tensor([[not _has_path(s, r, parallel) for r in receivers] for s in senders])
     for i in progress_bar(range(len(base)), progress=progress, desc="path attribution"):
         grads = _receiver_gradients(model, base[i], receivers, metric_fn, metric_name, final, i)
         dst = torch.as_tensor([pb for _, pb in resolved[i]])
@@ -738,13 +742,14 @@ def _receiver_hook(receiver: Site | None, final: str) -> str:
     return f"blocks.{receiver.layer}.hook_{receiver.kind}_input"
 
 
-def _has_path(sender: Site, receiver: Site | None) -> bool:
+def _has_path(sender: Site, receiver: Site | None, parallel: bool) -> bool:
     """Whether the receiver reads the stream after the sender writes it: a head's q/k/v input
-    reads it before its layer's attention, an MLP's input after it (not its own output)."""
+    reads it before its layer's attention, an MLP's input after it (not its own output), unless
+    the block is ``parallel`` (GPT-NeoX, GPT-J): there the MLP reads the block's input too."""
     if receiver is None:
         return True
     if receiver.kind == "mlp_in" and receiver.layer == sender.layer:
-        return sender.kind != "mlp_out"
+        return sender.kind != "mlp_out" and not parallel
     return receiver.layer > sender.layer
 
 

@@ -43,7 +43,15 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mechprobe.core import Result, check_finite, check_int, first_token_ids, readout, target_rank
+from mechprobe.core import (
+    Result,
+    check_finite,
+    check_int,
+    first_token_ids,
+    model_adapter,
+    readout,
+    target_rank,
+)
 from mechprobe.lens import Lens, LensSpec, as_lens
 from mechprobe.relational._figure import axes_for
 from mechprobe.relational._scoring import TaskScore, _forced_pass
@@ -354,7 +362,17 @@ def check_lens(model: Any, lens: LensSpec) -> Lens:
     trajectory makes at every layer: ``resid_post`` and ``resid_post - mlp_out`` (``resid_mid``)."""
     decoder = as_lens(lens)
     n_layers = int(model.cfg.n_layers)
-    decoder.check(model, [(k, i) for k in ("resid_post", "resid_mid") for i in range(n_layers)])
+    try:
+        decoder.check(model, [(k, i) for k in ("resid_post", "resid_mid") for i in range(n_layers)])
+    except ValueError as err:
+        if not model_adapter(model).parallel_blocks:
+            raise
+        # The lens's own advice (train a resid_mid translator) cannot be followed on this model.
+        raise ValueError(
+            f"{err} This model's attention and MLP run in parallel (cfg.parallel_attn_mlp), so it "
+            "has no resid_mid to train that translator on: the trajectory's no-FFN reading "
+            "(resid_post - mlp_out) can go through the logit lens (lens='logit') or a Patchscope."
+        ) from err
     return decoder
 
 

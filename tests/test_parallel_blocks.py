@@ -1,0 +1,85 @@
+"""Models whose attention and MLP run in parallel (GPT-NeoX / Pythia, GPT-J, Phi): both read the
+block's input, so there is no resid_mid and an MLP does not read its own layer's attention.
+
+Runs on the tiny GPT-NeoX of each model class the suite runs on (a bridge under TransformerLens
+4.x, a HookedTransformer under 3.x), against the Hugging Face model and hand-written hooks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TEST_KINDS
+
+import mechprobe as mp
+from mechprobe.core import _models
+
+CLEAN, CORRUPT = "The cat sat on", "The dog ran on"
+METRIC = mp.logit_diff(70, 71)
+
+
+@pytest.fixture(scope="module", params=TEST_KINDS)
+def neox(request):
+    return mp.tiny_model(architecture="neox", kind=request.param)
+
+
+def test_tiny_neox_is_pythias_layout_and_computes_the_hf_models_logits(neox):
+    hf = _models._tiny_hf(0, 3, 64, "neox")[0]  # the same weights, built apart from the model
+    assert neox.cfg.parallel_attn_mlp
+    assert not any(name.endswith("hook_resid_mid") for name in neox.hook_dict)
+    tokens = neox.to_tokens(CLEAN)
+    with torch.no_grad():
+        torch.testing.assert_close(neox(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_resid_mid_is_refused_with_the_reason(neox):
+    # The bare "not a hook of this model" listed resid_mid among the valid kinds.
+    for site in (mp.Site("resid_mid", 0), "blocks.0.hook_resid_mid"):
+        with pytest.raises(ValueError, match=r"run in parallel.*Read resid_pre"):
+            mp.run(neox, CLEAN, capture=[site], progress=False)
+
+
+@pytest.mark.parametrize("method", ["exact", "attribution"])
+def test_an_mlp_reads_no_path_from_its_own_layers_attention(neox, method):
+    # Same-layer attn_out -> mlp_in paths were reported (2.19, 3.57, 3.53 on a NeoX with random
+    # biases) where the MLP reads the block's input, before its attention writes anything.
+    res = mp.path_patch(
+        neox, CLEAN, CORRUPT, "attn_out", "mlp_in", METRIC, method=method, progress=False
+    )
+    values = res.values  # [senders, receivers]
+    assert np.isnan(np.diag(values)).all()
+    assert np.isfinite(values[np.triu_indices(3, 1)]).all()
+
+
+def test_a_path_to_the_next_mlp_equals_the_hand_computation(neox):
+    # attn_out@0 -> mlp_in@1: the corrupt run with only the MLP of layer 1 reading the clean
+    # attention output of layer 0 in place of the corrupt one (TransformerLens hooks, by hand).
+    res = mp.path_patch(neox, CLEAN, CORRUPT, "attn_out", "mlp_in", METRIC, progress=False)
+    clean, corrupt = neox.to_tokens(CLEAN), neox.to_tokens(CORRUPT)
+    with torch.no_grad():
+        _, clean_cache = neox.run_with_cache(clean)
+        _, corrupt_cache = neox.run_with_cache(corrupt)
+        delta = clean_cache["blocks.0.hook_attn_out"] - corrupt_cache["blocks.0.hook_attn_out"]
+
+        def add(act, hook):
+            return act + delta
+
+        neox.set_use_hook_mlp_in(True)  # TransformerLens hooks mlp_in only when asked to
+        try:
+            logits = neox.run_with_hooks(corrupt, fwd_hooks=[("blocks.1.hook_mlp_in", add)])
+        finally:
+            neox.set_use_hook_mlp_in(False)
+    want = float(logits[0, -1, 70] - logits[0, -1, 71])
+    assert res.values[0, 1] == pytest.approx(want, abs=1e-4)
+
+
+def test_a_tuned_lens_trains_the_residual_kinds_the_model_has(neox):
+    text = ["The cat sat on the mat and looked at the dog. " * 20]
+    lens = mp.train_tuned_lens(
+        neox, text, n_tokens=64, seq_len=32, tokens_per_step=32, progress=False
+    )
+    assert sorted(lens.layers) == ["resid_post", "resid_pre"]
+    # A trajectory's no-FFN reading needs a resid_mid translator, which no training can give.
+    with pytest.raises(ValueError, match=r"no translator for resid_mid.*run in parallel.*logit"):
+        mp.trajectory(neox, mp.load_task("capitals").subset(2), lens=lens, progress=False)
