@@ -12,6 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MECHPROBE_PROGRESS", "0")  # bars are on by default; test logs stay clean
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 
@@ -73,6 +74,27 @@ def tiny_of(name: str, seed: int = 0) -> Any:
     arch = spec.get("architecture", "llama")
     _HF_TWINS[id(model)] = _models._tiny_hf(seed, 3, 64, arch)[0]
     return model
+
+
+def hf_of_config(config_name: str, **config: Any) -> tuple[Any, Any]:
+    """A tiny random Hugging Face model of an architecture tiny_model does not build (the class
+    prefix, e.g. "GPTJ"), with the tiny byte-level tokenizer, and that tokenizer."""
+    import transformers
+
+    tokenizer = _models._tiny_tokenizer()
+    ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    config_cls = getattr(transformers, f"{config_name}Config")
+    model_cls = getattr(transformers, f"{config_name}ForCausalLM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hf = model_cls(config_cls(vocab_size=len(tokenizer), **ids, **config))
+    return hf.eval(), tokenizer
+
+
+def bridge_of_config(config_name: str, hub_name: str, **config: Any) -> Any:
+    """:func:`hf_of_config`'s model as a TransformerBridge of the published model ``hub_name``
+    (which picks TransformerLens's architecture adapter; nothing is downloaded)."""
+    return _models._bridge(*hf_of_config(config_name, **config), hub_name, None)
 
 
 def hf_of(model: Any) -> Any:

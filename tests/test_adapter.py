@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import hf_of, tiny_of
+from conftest import TEST_KINDS, bridge_of_config, hf_of, hf_of_config, tiny_of
 
 import mechprobe as mp
 from mechprobe.cli import main as cli_main
@@ -152,6 +152,50 @@ def test_anything_else_is_refused_with_the_fix() -> None:
         mp.load_model(kind="hf")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="'llama', 'gpt2'"):
         mp.tiny_model(kind="hooked", architecture="gemma2")
+
+
+def test_a_bridge_without_a_final_norm_is_refused_by_name() -> None:
+    # OPT-350m's layout (post-norm, project_out before the unembedding): every analysis died in
+    # the readout with "'TransformerBridge' object has no attribute 'ln_final'".
+    if "bridge" not in TEST_KINDS:
+        pytest.skip("a TransformerBridge of OPT (the suite runs HookedTransformers)")
+    opt = bridge_of_config(
+        "OPT", "facebook/opt-350m", hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+        num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=32,
+        do_layer_norm_before=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"no final norm \(ln_final\).*OPT-350m"):
+        mp.run(opt, "The cat sat", progress=False)
+
+
+def test_an_architecture_hookedtransformer_cannot_convert_says_use_a_bridge() -> None:
+    # TransformerLens 3.9 reads Phi's partial_rotary_factor where this transformers no longer
+    # keeps it: a raw AttributeError. Either it converts (and computes the HF model's logits) or
+    # the error says to load a bridge.
+    if "hooked" not in TEST_KINDS:
+        pytest.skip("HookedTransformer conversion (the suite runs bridges)")
+    from mechprobe.core._hooked import build_hooked
+
+    hf, tokenizer = hf_of_config(
+        "Phi", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=512,
+    )  # fmt: skip
+    try:
+        model = build_hooked(
+            hf,
+            tokenizer,
+            "microsoft/phi-2",
+            device=None,
+            dtype=torch.float32,
+            process_weights=False,
+        )
+    except ValueError as err:
+        assert "cannot build a HookedTransformer of PhiForCausalLM" in str(err)
+        assert "kind='bridge'" in str(err)
+        return
+    tokens = model.to_tokens("The cat sat")
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
 
 
 # --- weight processing ----------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_KINDS
+from conftest import TEST_KINDS, bridge_of_config
 
 import mechprobe as mp
 from mechprobe.core import _models
@@ -83,3 +83,31 @@ def test_a_tuned_lens_trains_the_residual_kinds_the_model_has(neox):
     # A trajectory's no-FFN reading needs a resid_mid translator, which no training can give.
     with pytest.raises(ValueError, match=r"no translator for resid_mid.*run in parallel.*logit"):
         mp.trajectory(neox, mp.load_task("capitals").subset(2), lens=lens, progress=False)
+
+
+@pytest.fixture(scope="module")
+def gptj():
+    if "bridge" not in TEST_KINDS:
+        pytest.skip("a TransformerBridge of GPT-J (the suite runs HookedTransformers)")
+    return bridge_of_config(
+        "GPTJ", "EleutherAI/gpt-j-6B", n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+        n_positions=512, initializer_range=0.15, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def test_patching_numbers_do_not_depend_on_packing_where_the_bridge_misreads_it(gptj):
+    # GPT-J's bridge reads a packed row's mask wrongly for every segment alike: the packing
+    # check compared two packed reads, agreed, and packed patching was off by up to 0.75.
+    packed = mp.patch(gptj, CLEAN, CORRUPT, "attn_out", -1, METRIC, progress=False)
+    plain = mp.patch(gptj, CLEAN, CORRUPT, "attn_out", -1, METRIC, packed=False, progress=False)
+    np.testing.assert_allclose(packed.values, plain.values, atol=1e-5)
+    assert packed.clean_metric == pytest.approx(plain.clean_metric, abs=1e-5)
+
+
+def test_an_mlp_input_hook_that_never_fires_is_refused(gptj):
+    # GPT-J's attention and MLP share ln1: the bridge lists hook_mlp_in and never runs it, so a
+    # capture came back empty (a bare AssertionError) and a patch there changed nothing.
+    with pytest.raises(ValueError, match=r"never fires.*share one norm.*use resid_pre"):
+        mp.run(gptj, CLEAN, capture=mp.Site("mlp_in", 1), progress=False)
+    with pytest.raises(ValueError, match="never fires"):
+        mp.patch(gptj, CLEAN, CORRUPT, "mlp_in", -1, METRIC, progress=False)

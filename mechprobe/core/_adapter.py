@@ -194,7 +194,17 @@ class ModelAdapter:
         """
         if self.kind == "hooked" and self.model.cfg.normalization_type is None:
             return x
-        return self.model.ln_final(x)
+        norm = getattr(self.model, "ln_final", None)
+        if norm is None:
+            # OPT-350m's bridge: post-norm blocks, no final norm, and a projection (project_out)
+            # before the unembedding, which ln_final -> W_U would leave out.
+            raise ValueError(
+                f"{self.name} has no final norm (ln_final): mechprobe reads logits from the "
+                "residual stream as ln_final then the unembedding, which this architecture does "
+                "not compute (OPT-350m's post-norm layout projects the stream before "
+                "unembedding it). Use a model with a final norm."
+            )
+        return norm(x)
 
     def unembedding(self) -> tuple[Float[Tensor, "d_model vocab"], Float[Tensor, " vocab"]]:
         """``(W_U, b_U)``: views of the model's own unembedding (centred if it was processed)."""

@@ -124,10 +124,14 @@ def build_hooked(
                 dtype=dtype,
             )
             state = loading.get_pretrained_state_dict(tmp, cfg, hf_model, dtype=dtype)
-        except NotImplementedError as err:
+        # An architecture it does not convert raises NotImplementedError; one whose config
+        # fields moved in this transformers (Phi's partial_rotary_factor) an AttributeError or
+        # KeyError: the same advice for both.
+        except (NotImplementedError, AttributeError, KeyError) as err:
             raise ValueError(
                 f"TransformerLens {_tl_version()} cannot build a HookedTransformer of "
-                f"{type(hf_model).__name__}: {err} Load it as a TransformerBridge (kind='bridge')."
+                f"{type(hf_model).__name__}: {type(err).__name__}: {err}. Load it as a "
+                "TransformerBridge (kind='bridge')."
             ) from err
         cfg.model_name = name
         center_unembed = process_weights and not softcap_enabled(cfg.output_logits_soft_cap)

@@ -318,7 +318,8 @@ def _refuse_silent_hook(model: Any, name: str) -> None:
 
     ``hook_pos_embed`` of a model without learned positions (a bridge lists it for rotary models
     too); ``hook_mlp_out`` (and ``hook_mlp_in``) of an attention-only HookedTransformer, which
-    has no MLP to fire them: a patch there returned the corrupt run's metric everywhere.
+    has no MLP to fire them: a patch there returned the corrupt run's metric everywhere;
+    ``hook_mlp_in`` of a parallel block with one shared norm (GPT-J's and Phi's bridges).
     """
     positions = getattr(model.cfg, "positional_embedding_type", "standard")
     if name == "hook_pos_embed" and positions not in ("standard", "shortformer"):
@@ -327,6 +328,16 @@ def _refuse_silent_hook(model: Any, name: str) -> None:
             "learned embedding added to the residual stream. hook_embed holds the token "
             "embeddings."
         )
+    parallel = getattr(model.cfg, "parallel_attn_mlp", False)
+    if parallel and re.fullmatch(r"blocks\.\d+\.hook_mlp_in", name):
+        from mechprobe.core._hooks import mlp_in_fires  # _hooks builds on this module
+
+        if not mlp_in_fires(model):
+            raise ValueError(
+                f"{name!r} never fires on this model: its attention and MLP share one norm "
+                "(ln1), and TransformerLens hooks the MLP's input at a second norm it does not "
+                "have. The MLP reads ln1(resid_pre), as attention does: use resid_pre."
+            )
     if getattr(model.cfg, "attn_only", False) and re.search(r"\.(hook_mlp_(in|out)|mlp\.)", name):
         raise ValueError(
             f"{name!r} never fires: this model is attention-only (cfg.attn_only), so it has no "

@@ -519,8 +519,12 @@ def packing_works(model: Any) -> bool:
         rows.reads = [(row, 7, 0), (row, offset + 4, 0)]
         try:
             logits = _forward_reads(model, rows, True, {})
-            scale = float(logits.abs().max()) + 1.0
-            _PACKING[model] = bool((logits[0] - logits[1]).abs().max() <= 1e-4 * scale)
+            # Against the plain forward too: GPT-J's and OPT's bridges misread the packed mask
+            # (or derive positions from it) the same way for both segments, which agreed.
+            with torch.no_grad():
+                plain = model(ids[None].to(model_adapter(model).device))[0, -1]
+            scale = float(plain.abs().max()) + 1.0
+            _PACKING[model] = bool((logits - plain).abs().max() <= 1e-4 * scale)
         except (TypeError, ValueError, RuntimeError):
             _PACKING[model] = False
     return _PACKING[model]
