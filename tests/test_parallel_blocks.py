@@ -111,3 +111,11 @@ def test_an_mlp_input_hook_that_never_fires_is_refused(gptj):
         mp.run(gptj, CLEAN, capture=mp.Site("mlp_in", 1), progress=False)
     with pytest.raises(ValueError, match="never fires"):
         mp.patch(gptj, CLEAN, CORRUPT, "mlp_in", -1, METRIC, progress=False)
+
+
+def test_q_receivers_on_attention_without_split_inputs_are_refused_before_any_pass(gptj):
+    # GPT-J's bridge has no per-head q/k/v input: TransformerLens's NotImplementedError came
+    # from inside the patching loop, after the senders had run.
+    with pytest.raises(ValueError, match=r"each head's own q/k/v input.*receivers 'final'"):
+        mp.path_patch(gptj, CLEAN, CORRUPT, "head", "q", METRIC, layers=[0], receiver_layers=[1])
+    assert not gptj.cfg.use_split_qkv_input

@@ -120,6 +120,12 @@ class ModelAdapter:
         return None if n is None else int(n)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (the embedding's): a bridge's ``cfg.dtype`` stays float32 when its
+        Hugging Face model was loaded in bfloat16."""
+        return self.model.W_E.dtype
+
+    @property
     def device(self) -> torch.device:
         """Where token ids go: the embedding's device."""
         return self.model.W_E.device

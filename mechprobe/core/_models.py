@@ -331,6 +331,9 @@ def _bridge(hf_model: Any, tokenizer: Any, name: str, device: str | None) -> Any
         )
     if any(module.training for module in model.modules()):  # eval() walks 3,000 modules: 0.2 s
         model.eval()
+    # The bridge's cfg says float32 whatever the weights' dtype; code reading cfg.dtype (as
+    # HookedTransformer code does) would then get a bfloat16 model's wrong.
+    model.cfg.dtype = next(hf_model.parameters()).dtype
     return model
 
 

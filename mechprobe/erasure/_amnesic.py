@@ -34,6 +34,7 @@ from mechprobe.core import (
     as_int,
     check_int,
     check_seed,
+    model_adapter,
     resolve_site,
     width,
 )
@@ -172,7 +173,8 @@ def amnesic(
     positions = _check_positions(positions)
     if isinstance(text, str):
         text = [text]
-    device, dtype = getattr(model.cfg, "device", None), getattr(model.cfg, "dtype", None)
+    adapter = model_adapter(model)
+    device, dtype = adapter.device, adapter.dtype
     controls = [  # cast once for the model, so no forward pass casts a factor again
         Condition(c.name, c.eraser.to(device, dtype) if c.eraser else None, c.seed)
         for c in control_projections(eraser, n_random, dropout=dropout, seed=seed)

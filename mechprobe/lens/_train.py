@@ -415,10 +415,12 @@ def train_tuned_lens(
                         progress=False,
                     )
                     # Position 0 (BOS) is not trained on; rows x positions flatten to tokens.
+                    # The translators train in float32 whatever the model's dtype (a bfloat16
+                    # model's activations met float32 weights in baddbmm).
                     hidden = torch.stack(
-                        [out[s][:, 1:].reshape(-1, out[s].shape[-1]) for s in capture]
+                        [out[s][:, 1:].reshape(-1, out[s].shape[-1]).float() for s in capture]
                     )
-                    final = out[final_site][:, 1:].reshape(-1, hidden.shape[-1])
+                    final = out[final_site][:, 1:].reshape(-1, hidden.shape[-1]).float()
                     m, c, a = step_fn.targets(final)
                 n = final.shape[0]
                 ys = []

@@ -371,7 +371,7 @@ def direct_logit_attribution(
 
     labels, kinds, layer_of, head_of, writes = _writes(model, acts, n_layers, heads)
     final = acts["final"]
-    _check_sum(writes, final, model.cfg.dtype, adapter.name)
+    _check_sum(writes, final, adapter.dtype, adapter.name)
     linear, const = _frozen_final_norm(model, final)
     w_u, b_u = (t.detach().double().cpu() for t in adapter.unembedding())
     direction = (w_u[:, answer] - w_u[:, wrong]).T  # [n, d_model]
@@ -523,9 +523,9 @@ def _frozen_final_norm(model: Any, x: Float[Tensor, "n d_model"]) -> tuple[Any, 
         return c / scale.reshape(-1, *([1] * (c.ndim - 1))) * weight
 
     with torch.no_grad():
-        own = adapter.final_norm(x.to(adapter.device, model.cfg.dtype)).double().cpu()
+        own = adapter.final_norm(x.to(adapter.device, adapter.dtype)).double().cpu()
     mine = linear(x) + bias
-    eps = torch.finfo(model.cfg.dtype).eps
+    eps = torch.finfo(adapter.dtype).eps
     if float((own - mine).abs().max()) > 64 * eps * (float(own.abs().max()) + 1.0):
         raise ValueError(
             f"{adapter.name}'s final norm ({type(module).__name__}) does not compute "

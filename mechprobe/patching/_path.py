@@ -440,7 +440,14 @@ def split_qkv(model: Any) -> Iterator[dict[SiteLike, list[Intervention]]]:
         if attn_in:
             model.set_use_attn_in(False)
         if not split:
-            model.set_use_split_qkv_input(True)
+            try:
+                model.set_use_split_qkv_input(True)
+            except NotImplementedError as err:  # GPT-J's and OPT's bridges (TransformerLens 4.3)
+                raise ValueError(
+                    "Path patching to q/k/v receivers needs each head's own q/k/v input, which "
+                    f"this model's attention does not offer ({err}). Use receivers 'final' or "
+                    "'mlp_in', or a HookedTransformer (kind='hooked', TransformerLens 3.x)."
+                ) from err
         yield {}
     finally:
         model.set_use_split_qkv_input(split)
@@ -537,6 +544,8 @@ def path_patch(
     )
     wanted, resolved = position_pairs(positions, [len(t) for t in src], [len(t) for t in base])
     metric_fn, metric_name = bind_metric(model, metric, n_pairs)
+    with _split_for(model, receiver_list):  # a model that cannot split q/k/v says so first
+        pass
     final = f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post"
     deltas: list[dict[Site, Tensor]] = []  # per pair: sender -> [positions, d_model]
     firsts: list[list[bool]] = []  # per pair: whether each position is its token's first
