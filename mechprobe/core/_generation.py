@@ -104,6 +104,8 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
         seed: The seed of the draws (used when sampling).
         top_k: The draw's limit to the most probable tokens (None: none).
         top_p: The draw's nucleus: the probability its tokens reach (None: all tokens).
+        model_name: The model's name (``cfg.model_name``), for the record (empty in files
+            saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -124,6 +126,7 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
     seed: int = 0
     top_k: int | None = None
     top_p: float | None = None
+    model_name: str = ""
 
     def to_frame(self) -> pd.DataFrame:
         """One row per generated token: prompt index, step, token id, its text, log-probability.
@@ -338,6 +341,7 @@ def generate(
         seed=seed,
         top_k=top_k,
         top_p=top_p,
+        model_name=model_adapter(model).name,
     )
 
 

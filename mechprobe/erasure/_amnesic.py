@@ -223,6 +223,7 @@ def amnesic(
         majority_baseline=majority,
         counts=counts,
         seed=seed,
+        model_name=model_adapter(model).name,
     )
 
 

@@ -91,6 +91,8 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
             averages over: also the last erased token, whose next-token prediction an erasure
             at ``-1`` changes), ``task_items``, ``probe_examples``.
         seed: The seed the call took (None in files saved before results recorded it).
+        model_name: The model's name (``cfg.model_name``), for the record (empty in files
+            saved before results recorded it).
 
     Saved as JSON, the record starts with the headline numbers of :meth:`headline` (what
     ``mechprobe erase`` prints), then every field.
@@ -114,6 +116,7 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
     majority_baseline: float | None = None
     counts: dict[str, int] = field(default_factory=dict)
     seed: int | None = None
+    model_name: str = ""
 
     # --- reading numbers -----------------------------------------------------------------------
 

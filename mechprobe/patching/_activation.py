@@ -426,6 +426,7 @@ def _result(
         direction=direction,
         random=random,
         seed=seed,
+        model_name=model_adapter(model).name,
     )
 
 

@@ -94,6 +94,8 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
         two_way: Whether hits and the loss compare the counterfactual with the base's own answer
             only (``answer`` was given) rather than with every token.
         minibatch: Training pairs per Adam step.
+        model_name: The model's name (``cfg.model_name``), for the record (empty in files
+            saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -119,6 +121,7 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
     seed: int = 0
     two_way: bool = False
     minibatch: int = 32
+    model_name: str = ""
 
     def to_frame(self) -> pd.DataFrame:
         """One row per held-out condition: the condition and its interchange accuracy (the
@@ -429,6 +432,7 @@ def das(
         seed=seed,
         minibatch=int(minibatch),
         two_way=own is not None,
+        model_name=model_adapter(model).name,
     )
 
 

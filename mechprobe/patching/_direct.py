@@ -98,6 +98,8 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
         n_layers: Layers of the model.
         heads: Whether attention was split into heads.
         position: The position split (-1: each prompt's last token).
+        model_name: The model's name (``cfg.model_name``), for the record (empty in files
+            saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -119,6 +121,7 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
     n_layers: int
     heads: bool = False
     position: int = -1
+    model_name: str = ""
 
     @property
     def mean(self) -> np.ndarray:
@@ -392,6 +395,7 @@ def direct_logit_attribution(
         n_layers=n_layers,
         heads=heads,
         position=position,
+        model_name=model_adapter(model).name,
     )
 
 

@@ -116,6 +116,8 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
         source: ``"repeated random tokens"`` or ``"prompts"``.
         seq_len: The length of each random half (0 for prompts).
         seed: The seed of the random tokens.
+        model_name: The model's name (``cfg.model_name``), for the record (empty in files
+            saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -135,6 +137,7 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
     source: str
     seq_len: int = 0
     seed: int = 0
+    model_name: str = ""
 
     def _kind_index(self, kind: str | None) -> int:
         if kind is None:
@@ -378,6 +381,7 @@ def head_scores(
         source=source,
         seq_len=half,
         seed=seed,
+        model_name=model_adapter(model).name,
     )
 
 

@@ -111,6 +111,8 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
         metric, direction, seed: As for :class:`mechprobe.PatchResult`; ``direction`` is
             ``"attribution"`` for first-order estimates of denoising (``method="attribution"``),
             ``"attribution-noising"`` of noising.
+        model_name: The model's name (``cfg.model_name``), for the record (empty in files
+            saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -136,6 +138,7 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
     metric: str
     direction: str
     seed: int = 0
+    model_name: str = ""
 
     @classmethod
     def concat(cls, results: Sequence[PathPatchResult]) -> PathPatchResult:
@@ -665,6 +668,7 @@ def path_patch(
         metric=metric_name,
         direction=_label(method, direction),
         seed=seed,
+        model_name=model_adapter(model).name,
     )
 
 

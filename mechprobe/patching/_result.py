@@ -132,6 +132,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             the same distance in a random direction (row ``j``: seed ``seed + j`` keyed by the
             pair's token ids).
         seed: The first seed of the random directions.
+        model_name: The model's name (``cfg.model_name``), for the record (empty in files
+            saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -156,6 +158,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
     direction: str
     random: np.ndarray
     seed: int = 0
+    model_name: str = ""
 
     @classmethod
     def concat(cls, results: Sequence[PatchResult]) -> PatchResult:

@@ -47,6 +47,7 @@ from mechprobe.core import (
     figure_of,
     intervene,
     keyed_seed,
+    model_adapter,
     readout,
     token_label,
     tokenize,
@@ -215,6 +216,8 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         window: Layers restored together for ``mlp_out``/``attn_out``.
         metric: The metric's name. seed: seed of the noise and the random directions.
         n_random: Random controls per cell (None: a result saved before it was recorded).
+        model_name: The model's name (``cfg.model_name``), for the record (empty in files
+            saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -240,6 +243,7 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
     seed: int = 0
     n_random: int | None = None
     answer_ids: tuple[int, ...] | None = None
+    model_name: str = ""
 
     @property
     def n_noise(self) -> int:
@@ -792,6 +796,7 @@ def causal_trace(
         metric=metric_name,
         seed=seed,
         n_random=int(n_random),
+        model_name=model_adapter(model).name,
     )
 
 

@@ -39,6 +39,7 @@ from mechprobe.core import (
     first_token_ids,
     forward,
     intervene,
+    model_adapter,
     progress_bar,
     run,
     tokenize,
@@ -72,6 +73,8 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
         predicted: Per task, ``[step, item]`` the greedy token ids.
         method: ``"zero"`` or ``"mean"``.
         parts: Number of steps after the intact one (6: sixths).
+        model_name: The model's name (``cfg.model_name``), for the record (empty in files
+            saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -90,6 +93,7 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
     predicted: tuple[Int[np.ndarray, "step item"], ...]
     method: str
     parts: int
+    model_name: str = ""
 
     @property
     def fraction_removed(self) -> Float[np.ndarray, " step"]:
@@ -313,4 +317,5 @@ def ffn_ablation(
         predicted=tuple(predicted),
         method=method,
         parts=parts,
+        model_name=model_adapter(model).name,
     )

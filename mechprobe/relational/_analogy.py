@@ -162,6 +162,8 @@ class AnalogyResult(Result, format="mechprobe.AnalogyResult", version=2):
         baseline_ranks: Rank of the answer nearest to the argument alone.
         offset_predictions, baseline_predictions: The top-1 token of each.
         seed: The seed the call took (None in files saved before results recorded it).
+        model_name: The model's name (``cfg.model_name``), for the record (empty in files
+            saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -184,6 +186,7 @@ class AnalogyResult(Result, format="mechprobe.AnalogyResult", version=2):
     offset_predictions: tuple[str, ...]
     baseline_predictions: tuple[str, ...]
     seed: int | None = None
+    model_name: str = ""
 
     def _rate(self, ranks: tuple[int, ...], k: int) -> float:
         return float(np.mean(np.asarray(ranks) < k))
@@ -427,4 +430,6 @@ def offset_accuracy(
         offset_predictions=tuple(_decode(model, int(t)) for t in offset_top),
         baseline_predictions=tuple(_decode(model, int(t)) for t in base_top),
         seed=seed,
+        # Read from cfg where there is one: the offset needs only the embedding and tokenizer.
+        model_name=str(getattr(getattr(model, "cfg", None), "model_name", "")),
     )

@@ -42,6 +42,7 @@ from mechprobe.core import (
     check_float,
     check_int,
     check_seed,
+    model_adapter,
     progress_enabled,
 )
 from mechprobe.lens import LensSpec
@@ -413,4 +414,5 @@ def relational_analysis(
         tuned=tuned,
         config=config,
         notes=tuple(notes),
+        model_name=model_adapter(model).name,
     )

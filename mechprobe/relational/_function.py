@@ -39,6 +39,7 @@ from mechprobe.core import (
     check_seed,
     figure_of,
     first_token_ids,
+    model_adapter,
     run,
     spread,
     top1_hit,
@@ -84,6 +85,8 @@ class FunctionVectorResult(
         items: The held-out items' inputs, in the order of ``correct``'s columns (empty in
             files saved before it was recorded).
         fit_items: The items whose prompts the AIE and the heads' mean outputs were taken over.
+        model_name: The model's name (``cfg.model_name``), for the record (empty in files
+            saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -108,6 +111,7 @@ class FunctionVectorResult(
     seed: int = 0
     items: tuple[str, ...] = ()
     fit_items: tuple[str, ...] = ()
+    model_name: str = ""
 
     def to_frame(self) -> pd.DataFrame:
         """One row per head: layer, head, aie, spread, random, top (whether it is in the FV).
@@ -403,4 +407,5 @@ def function_vector(
         seed=seed,
         items=tuple(test.inputs()),
         fit_items=tuple(fit.inputs()),
+        model_name=model_adapter(model).name,
     )

@@ -40,6 +40,7 @@ from mechprobe.core import (
     check_finite,
     check_float,
     first_token_ids,
+    model_adapter,
     progress_bar,
     resolve_layers,
     run,
@@ -96,6 +97,8 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
         scale: Scale applied to each vector.
         mode: ``"replace"`` or ``"add"``.
         positions: Positions edited (``"all"``, an int or several).
+        model_name: The model's name (``cfg.model_name``), for the record (empty in files
+            saved before results recorded it).
 
     Example:
         >>> import numpy as np
@@ -123,6 +126,7 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
     scale: float
     mode: str
     positions: str | int | tuple[int, ...] = "all"
+    model_name: str = ""
 
     def _index(self, name: str) -> int:
         if name not in self.conditions:
@@ -577,6 +581,7 @@ def ovector_intervention(
         scale=scale,
         mode=mode,
         positions=where,
+        model_name=model_adapter(model).name,
     )
 
 

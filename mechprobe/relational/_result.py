@@ -72,6 +72,8 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
             the in-domain contexts), on all contexts; its held-out rows judge that choice.
         config: The arguments of the run.
         notes: Fallbacks taken, in words.
+        model_name: The model's name (``cfg.model_name``), for the record (empty in files
+            saved before results recorded it).
 
     Its repr gives the stages as argument/function/saturation layers (``-``: none found).
 
@@ -96,6 +98,7 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
     tuned: OVectorEffect | None = None
     config: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    model_name: str = ""
 
     @property
     def sweep_chosen_on(self) -> str:

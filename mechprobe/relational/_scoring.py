@@ -28,6 +28,7 @@ from mechprobe.core import (
     Site,
     SiteKind,
     check_finite,
+    model_adapter,
     progress_bar,
     run,
     target_rank,
@@ -58,6 +59,8 @@ class TaskScore(Result, format="mechprobe.TaskScore", version=2, html_figure=Tru
         logprob: ``[item]`` teacher-forced log-probability of the whole answer (natural log).
         exact: ``[item]`` every answer token is the greedy choice under teacher forcing (alone:
             a tie for first is a miss, as for ``correct``).
+        model_name: The model's name (``cfg.model_name``), for the record (empty in files
+            saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -76,6 +79,7 @@ class TaskScore(Result, format="mechprobe.TaskScore", version=2, html_figure=Tru
     first_rank: Int[np.ndarray, " item"]
     logprob: Float[np.ndarray, " item"]
     exact: Bool[np.ndarray, " item"]
+    model_name: str = ""
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -230,6 +234,7 @@ def _forced_pass(
         first_rank=first_rank,
         logprob=logprob,
         exact=exact,
+        model_name=model_adapter(model).name,
     )
     return _Pass(score=score, captures=captures)
 

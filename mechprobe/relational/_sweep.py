@@ -26,6 +26,7 @@ from mechprobe.core import (
     check_choice,
     check_int,
     first_token_ids,
+    model_adapter,
     progress_bar,
     tokenize,
 )
@@ -77,6 +78,8 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
         before: Intact-model metrics (``top1``, ``mrr``, ``mean_rank``, ``no_effect``).
         mode: ``"replace"`` or ``"add"``.
         n_contexts: Number of contexts.
+        model_name: The model's name (``cfg.model_name``), for the record (empty in files
+            saved before results recorded it).
 
     Example:
         >>> import torch, mechprobe as mp
@@ -97,6 +100,7 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
     before: dict[str, float]
     mode: str
     n_contexts: int
+    model_name: str = ""
 
     def best(
         self, condition: str = "ovector", metric: str = "mrr"
@@ -310,6 +314,7 @@ def ovector_sweep(
         before=before,
         mode=mode,
         n_contexts=len(contexts),
+        model_name=model_adapter(model).name,
     )
 
 

@@ -109,6 +109,8 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
             undefined for that item).
         lens: The lens that decoded the ranks (``"logit"``, or a tuned lens's or a Patchscope's
             description).
+        model_name: The model's name (``cfg.model_name``), for the record (empty in files
+            saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -129,6 +131,7 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
     correct: Bool[np.ndarray, " item"]
     distinct: Bool[np.ndarray, " item"]
     lens: str = "logit"
+    model_name: str = ""
 
     @property
     def n_layers(self) -> int:
@@ -401,6 +404,7 @@ def _from_pass(
         correct=score.correct,
         distinct=np.asarray(arg_ids) != np.asarray(ans_ids),
         lens=lens.describe(),
+        model_name=model_adapter(model).name,
     )
 
 
