@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import mechprobe as mp
 from mechprobe.cli import main as cli_main
@@ -144,11 +145,11 @@ def test_erase_counts_are_checked_by_the_parser(tmp_path, capsys, flag, value, m
 
 
 @pytest.mark.parametrize("module", ["lens", "patch", "trace", "relation", "probe", "erase"])
-def test_every_command_loads_the_model_on_device(tmp_path, capsys, monkeypatch, module):
+def test_every_command_loads_the_model_on_device_in_dtype(tmp_path, capsys, monkeypatch, module):
     seen = []
 
-    def record(name, device=None):
-        seen.append((name, device))
+    def record(name, device=None, dtype="float32"):
+        seen.append((name, device, dtype))
         raise mp.ModelLoadError("stop here")
 
     monkeypatch.setattr(f"mechprobe.cli.{module}.load", record)
@@ -162,9 +163,26 @@ def test_every_command_loads_the_model_on_device(tmp_path, capsys, monkeypatch, 
         "erase": ["erase", "--site", "resid_post", "--layers", "1"],
     }[module]  # fmt: skip
     out = [] if module == "lens" else ["--out", str(tmp_path / "out")]
-    code = cli_main([*args, "--model", "tiny", "--device", "cuda:1", *out])
-    assert seen == [("tiny", "cuda:1")], capsys.readouterr().err
+    code = cli_main([*args, "--model", "tiny", "--device", "cuda:1", "--dtype", "bfloat16", *out])
+    assert seen == [("tiny", "cuda:1", "bfloat16")], capsys.readouterr().err
     assert code != 0 and "stop here" in capsys.readouterr().err
+
+
+def test_dtype_reaches_the_model(capsys, monkeypatch):
+    # A GPU user's bfloat16 had no flag: every command loaded float32.
+    loaded = []
+
+    def spy(name, **kwargs):
+        loaded.append(kwargs["dtype"])
+        raise mp.ModelLoadError("stop here")
+
+    monkeypatch.setattr(mp, "load_model", spy)
+    assert cli_main(["lens", "Hi", "--dtype", "float16"]) != 0
+    assert loaded == [torch.float16]
+    assert cli_main(["lens", "Hi", "--model", "tiny", "--dtype", "bfloat16"]) == 0
+    with pytest.raises(SystemExit):
+        cli_main(["lens", "Hi", "--model", "tiny", "--dtype", "half"])
+    assert "invalid choice: 'half'" in capsys.readouterr().err
 
 
 def test_device_reaches_the_tiny_model(capsys):

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import mechprobe as mp
 
 _MODEL_HELP = (
@@ -30,14 +32,25 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="where the model's weights go: cpu (the default) or cuda",
     )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(_DTYPES),
+        help="the weights' dtype (default float32; bfloat16 or float16 halve the memory on a "
+        "GPU, and move the numbers by the model's own rounding)",
+    )
 
 
-def load(name: str, device: str | None = None) -> Any:
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load(name: str, device: str | None = None, dtype: str = "float32") -> Any:
     """The model named on the command line (``tiny``: mechprobe's random test model), on
-    ``device``."""
+    ``device``, in ``dtype``."""
     if name == "tiny":
-        return mp.tiny_model(device=device)
-    return mp.load_model(name, device=device)
+        model = mp.tiny_model(device=device)
+        return model if dtype == "float32" else model.to(_DTYPES[dtype])
+    return mp.load_model(name, device=device, dtype=_DTYPES[dtype])
 
 
 def positions_type(all_value: Any = None, *, whole: bool = False) -> Callable[[str], Any]:
