@@ -87,7 +87,9 @@ def hf_of_config(config_name: str, **config: Any) -> tuple[Any, Any]:
     model_cls = getattr(transformers, f"{config_name}ForCausalLM")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        hf = model_cls(config_cls(vocab_size=len(tokenizer), **ids, **config))
+        made = config_cls(vocab_size=len(tokenizer), **ids, **config)
+        made.architectures = [model_cls.__name__]  # as a hub config says (TransformerLens reads it)
+        hf = model_cls(made)
     return hf.eval(), tokenizer
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import hf_of, hook_count, tiny_of
+from conftest import bridge_of_config, hf_of, hf_of_config, hook_count, tiny_of
 
 import mechprobe as mp
 from mechprobe.core import _models
@@ -303,6 +303,45 @@ def test_soft_capped_logits_are_refused():
     model.cfg.output_logits_soft_cap = 30.0
     with pytest.raises(ValueError, match="soft cap"):
         mp.direct_logit_attribution(model, PROMPTS, mp.logit_diff(5, 6), progress=False)
+
+
+def test_a_logit_scale_is_folded_into_the_attributions():
+    # Cohere multiplies its logits by logit_scale after the unembedding: linear, so the split is
+    # exact once scaled (it was refused as "a soft cap").
+    if not _has_bridge():
+        pytest.skip("a TransformerBridge of Cohere (the suite runs HookedTransformers)")
+    config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "logit_scale": 0.25,
+              "use_qk_norm": False}  # fmt: skip
+    cohere = bridge_of_config("Cohere", "CohereForAI/c4ai-command-r-v01", **config)
+    res = mp.direct_logit_attribution(cohere, PROMPTS, mp.logit_diff(5, 6), progress=False)
+    hf, _ = hf_of_config("Cohere", **config)
+    with torch.no_grad():
+        logits = [hf(cohere.to_tokens(p)).logits[0, -1] for p in PROMPTS]
+    want = np.array([float(lg[5] - lg[6]) for lg in logits])
+    np.testing.assert_allclose(res.logit_diff, want, atol=1e-5)
+    np.testing.assert_allclose(res.attributions.sum(1), want, atol=1e-4)
+
+
+def test_a_norm_that_scales_by_one_plus_its_weight_is_split_exactly():
+    # Gemma's RMSNorm multiplies by 1 + w: refused as "not a LayerNorm or RMSNorm".
+    if not _has_bridge():
+        pytest.skip("a TransformerBridge of Gemma (the suite runs HookedTransformers)")
+    config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}  # fmt: skip
+    # A final-norm weight far from zero, so that 1 + w and w differ plainly; the reference is
+    # built apart (a bridge rewires the Hugging Face model it wraps).
+    weight = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 0.5
+    (hf, tokenizer), (twin, _) = hf_of_config("Gemma", **config), hf_of_config("Gemma", **config)
+    with torch.no_grad():
+        hf.model.norm.weight.copy_(weight)
+        twin.model.norm.weight.copy_(weight)
+    gemma = _models._bridge(twin, tokenizer, "google/gemma-2b", None)
+    res = mp.direct_logit_attribution(gemma, PROMPTS, mp.logit_diff(5, 6), progress=False)
+    with torch.no_grad():
+        logits = [hf(gemma.to_tokens(p)).logits[0, -1] for p in PROMPTS]
+    want = np.array([float(lg[5] - lg[6]) for lg in logits])
+    np.testing.assert_allclose(res.attributions.sum(1), want, atol=1e-4)
 
 
 def test_result_protocol_and_round_trip(tiny, tmp_path):

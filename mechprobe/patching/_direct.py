@@ -342,13 +342,7 @@ def direct_logit_attribution(
             "(for a probability, patch the components instead: mp.patch)."
         )
     adapter = model_adapter(model)
-    transform = adapter.output_transform
-    probe = torch.linspace(-1e3, 1e3, 101)[None]
-    if transform is not None and not torch.equal(transform(probe.clone()), probe):
-        raise ValueError(
-            f"{adapter.name}'s logits pass through a soft cap after the unembedding, which is not "
-            "linear: their difference has no exact direct attribution."
-        )
+    scale = _logit_scale(adapter)
     batch = (
         prompts
         if isinstance(prompts, Batch)
@@ -380,7 +374,7 @@ def direct_logit_attribution(
     direction = (w_u[:, answer] - w_u[:, wrong]).T  # [n, d_model]
     values = einsum(linear(writes), direction, "n c d, n d -> n c")
     bias = direction @ const + b_u[answer] - b_u[wrong]  # [n]: a function of the two tokens
-    values = torch.cat([values, bias[:, None]], dim=1)
+    values = torch.cat([values, bias[:, None]], dim=1) * scale
     decode = adapter.token_text
     return LogitAttributionResult(
         prompts=tuple(batch.prompts),
@@ -397,6 +391,27 @@ def direct_logit_attribution(
         position=position,
         model_name=model_adapter(model).name,
     )
+
+
+def _logit_scale(adapter: Any) -> float:
+    """The factor the architecture multiplies its logits by after the unembedding (1.0 where it
+    does nothing; Cohere's logit_scale), folded into every attribution.
+
+    Raises:
+        ValueError: A transform that is not a multiplication (Gemma 2's soft cap).
+    """
+    transform = adapter.output_transform
+    if transform is None:
+        return 1.0
+    probe = torch.linspace(-1e3, 1e3, 101, dtype=torch.float64)[None]
+    got = transform(probe.clone()).double()
+    scale = float(got[0, -1] / probe[0, -1])
+    if not torch.allclose(got, scale * probe, rtol=1e-5, atol=1e-5):
+        raise ValueError(
+            f"{adapter.name}'s logits pass through a transform after the unembedding that is not "
+            "a multiplication (a soft cap): their difference has no exact direct attribution."
+        )
+    return scale
 
 
 def _task_prompts(
@@ -528,14 +543,17 @@ def _frozen_final_norm(model: Any, x: Float[Tensor, "n d_model"]) -> tuple[Any, 
 
     with torch.no_grad():
         own = adapter.final_norm(x.to(adapter.device, adapter.dtype)).double().cpu()
-    mine = linear(x) + bias
-    eps = torch.finfo(adapter.dtype).eps
-    if float((own - mine).abs().max()) > 64 * eps * (float(own.abs().max()) + 1.0):
-        raise ValueError(
-            f"{adapter.name}'s final norm ({type(module).__name__}) does not compute "
-            "w * (x - mean) / std + b or w * x / rms(x) (off by "
-            f"{float((own - mine).abs().max()):.3g}): no frozen-scale split of its logits is known."
-        )
+    tolerance = 64 * torch.finfo(adapter.dtype).eps * (float(own.abs().max()) + 1.0)
+    off = float((own - (linear(x) + bias)).abs().max())
+    if off > tolerance:
+        # Gemma (1 and 2) stores its RMSNorm weight as an offset from one: it scales by 1 + w.
+        weight = weight + 1.0
+        if float((own - (linear(x) + bias)).abs().max()) > tolerance:
+            raise ValueError(
+                f"{adapter.name}'s final norm ({type(module).__name__}) does not compute "
+                "w * (x - mean) / std + b, w * x / rms(x) or (1 + w) * x / rms(x) (off by "
+                f"{off:.3g}): no frozen-scale split of its logits is known."
+            )
     return linear, bias
 
 
