@@ -3,6 +3,8 @@ metrics in float32, and agree with the float32 model to the half-precision round
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -56,3 +58,31 @@ def test_a_tuned_lens_trains_in_float32_on_a_half_precision_model(half):
     assert weights.dtype == torch.float32 and bool(torch.isfinite(weights).all())
     decoded = mp.logit_lens(half, "The cat sat", lens=lens)
     assert np.isfinite(decoded.kl_to_final).all() and (decoded.kl_to_final > -1e-6).all()
+
+
+def test_probes_fit_on_a_half_precision_models_captures(half):
+    # LinearProbe, MLPProbe and ScalarMixProbe raised "Got unsupported ScalarType BFloat16" on
+    # what mp.run captures from a bfloat16 model, where probe_layers took it.
+    prompts = [f"The {w} sat" for w in ("cat", "dog", "cow", "pig", "hen", "fox", "owl", "bee")]
+    acts = mp.run(half, prompts, capture="resid_post", logit_positions=-1, progress=False)
+    X = torch.stack([acts[mp.Site("resid_post", i)][:, 1] for i in range(3)], dim=1)
+    assert X.dtype == half.W_E.dtype
+    y = np.arange(len(prompts)) % 2
+    for probe, data in ((mp.LinearProbe(), X[:, 1]), (mp.ScalarMixProbe(), X)):
+        want = type(probe)().fit(data.float(), y).predict(data.float())
+        np.testing.assert_array_equal(probe.fit(data, y).predict(data), want)
+
+
+def test_recovery_within_a_half_models_rounding_is_flagged():
+    # bfloat16: a clean-corrupt gap of 0.03 at metrics near 3 is a few rounding steps, and its
+    # recoveries read 12.0 and -6.0 without a word.
+    from mechprobe.patching._result import normalised_recovery
+
+    values, clean, corrupt = np.array([3.59]), np.array([3.25]), np.array([3.22])
+    with pytest.warns(UserWarning, match="rounding steps of this bfloat16 model"):
+        got = normalised_recovery(values, clean, corrupt, "logit_diff", dtype=torch.bfloat16)
+    np.testing.assert_allclose(got, (3.59 - 3.22) / 0.03)  # reported, with the warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normalised_recovery(values, clean, corrupt, "logit_diff", dtype=torch.float32)
+        normalised_recovery(values, clean, np.array([2.5]), "logit_diff", dtype=torch.bfloat16)

@@ -409,7 +409,9 @@ def _result(
     values_mean = per_pair.mean(axis=0)
     normalised = np.full_like(values_mean, np.nan)
     if not direction.endswith("ablation"):
-        normalised = normalised_recovery(values_mean, clean_m, corrupt_m, metric_name)
+        normalised = normalised_recovery(
+            values_mean, clean_m, corrupt_m, metric_name, dtype=model_adapter(model).dtype
+        )
     return PatchResult(
         values=values_mean,
         per_pair=per_pair,

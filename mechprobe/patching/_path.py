@@ -648,7 +648,9 @@ def path_patch(
             (per_pair if j < 0 else random[j])[i, s, r] = value
 
     values_mean = per_pair.mean(axis=0)
-    normalised = normalised_recovery(values_mean, clean_m, corrupt_m, metric_name, stacklevel=3)
+    normalised = normalised_recovery(
+        values_mean, clean_m, corrupt_m, metric_name, stacklevel=3, dtype=model_adapter(model).dtype
+    )
     return PathPatchResult(
         values=values_mean,
         per_pair=per_pair,

@@ -22,13 +22,18 @@ _LAYER_IN_NAME = re.compile(r"^blocks\.(\d+)\.|^\w+@(\d+)")
 
 
 def host(x: Any) -> Any:
-    """``x`` as NumPy can read it: a tensor on any device comes to the CPU; anything else as is.
+    """``x`` as NumPy can read it: a tensor on any device comes to the CPU (bfloat16, which
+    NumPy lacks, as float32); anything else as is.
 
     Example:
         >>> host(torch.tensor([1, 2])).tolist(), host([3])
         ([1, 2], [3])
     """
-    return x.detach().cpu().numpy() if isinstance(x, Tensor) else x
+    if not isinstance(x, Tensor):
+        return x
+    x = x.detach().cpu()
+    # A bfloat16 model's captures: NumPy raised "unsupported ScalarType BFloat16" in fit.
+    return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
 
 
 def as_layers(
