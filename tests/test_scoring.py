@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -78,6 +80,26 @@ def test_roundtrip_frame_and_plot(tiny, tmp_path):
     assert list(frame["n_tokens"]) == [len(ids) for ids in score.answer_ids]
     assert frame["correct"].mean() == score.accuracy
     assert score.plot().axes
+
+
+def test_an_answer_tied_for_the_top_logit_is_counted_apart(tiny):
+    # In bfloat16 two of 165 capitals tied for first: greedy (predicted) but not correct, and
+    # nothing said so (review 20b). Tie the first item's answer with a hand-made score.
+    score = mp.score_task(tiny, mp.load_task("capitals").subset(3))
+    first = score.answer_ids[0][0]
+    predicted = score.predicted.copy()
+    predicted[0] = first
+    ranks = score.first_rank.copy()
+    ranks[0] = 1  # another token's logit equals the answer's
+    tied = dataclasses.replace(score, predicted=predicted, first_rank=ranks)
+    assert tied.tied.tolist()[0] and not tied.correct[0]
+    assert tied.summary()["tied_first"].item() == int(tied.tied.sum()) >= 1
+    assert score.summary()["tied_first"].item() == int(
+        sum(
+            (r > 0) and (p == ids[0])
+            for r, p, ids in zip(score.first_rank, score.predicted, score.answer_ids, strict=True)
+        )
+    )
 
 
 def test_bad_task_argument_names_the_fix(tiny):

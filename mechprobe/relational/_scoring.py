@@ -91,6 +91,14 @@ class TaskScore(Result, format="mechprobe.TaskScore", version=2, html_figure=Tru
         return np.asarray(self.first_rank == 0)
 
     @property
+    def tied(self) -> Bool[np.ndarray, " item"]:
+        """``[item]`` the answer's first token shares the largest logit with another token: the
+        greedy choice (``predicted``) but not :attr:`correct`. Common in bfloat16, rare in
+        float32."""
+        first = np.asarray([ids[0] for ids in self.answer_ids])
+        return np.asarray((self.first_rank > 0) & (self.predicted == first))
+
+    @property
     def accuracy(self) -> float:
         """Fraction of items whose answer's first token alone has the largest logit."""
         return float(self.correct.mean())
@@ -122,7 +130,8 @@ class TaskScore(Result, format="mechprobe.TaskScore", version=2, html_figure=Tru
 
     def summary(self) -> pd.DataFrame:
         """One row: task, n_items, accuracy (greedy first token), exact_accuracy, mean_logprob,
-        median_first_rank."""
+        median_first_rank, and tied_first (items whose answer ties for the top logit, counted as
+        misses: a bfloat16 model's rounding makes them)."""
         return pd.DataFrame(
             {
                 "task": [self.task],
@@ -131,6 +140,7 @@ class TaskScore(Result, format="mechprobe.TaskScore", version=2, html_figure=Tru
                 "exact_accuracy": [self.exact_accuracy],
                 "mean_logprob": [self.mean_logprob],
                 "median_first_rank": [float(np.median(self.first_rank))],
+                "tied_first": [int(self.tied.sum())],
             }
         )
 
