@@ -384,3 +384,10 @@ def test_a_large_path_figure_stays_readable():
     assert [t.get_text() for t in ax.get_yticklabels()] == [f"head L{i}H0" for i in range(12)]
     assert [t.get_text() for t in ax.get_xticklabels()] == [f"q L{i}H0" for i in range(12)]
     assert ax.get_title() == "path patching, head to q (attribution)"
+
+
+def test_head_senders_where_heads_do_not_sum_to_the_attention_output_are_refused():
+    # Gemma 2 norms the attention output after the heads: a head's own write is not defined.
+    gemma = mp.tiny_model(architecture="gemma2")
+    with pytest.raises(ValueError, match=r"head senders at layer 0: .*not the sum of its heads"):
+        mp.path_patch(gemma, "A cat", "A bat", "head", "final", mp.logit_diff(1, 2), layers=[0])

@@ -882,7 +882,7 @@ def _head_out(
     attn = model.blocks[layer].attn
 
     def own(attn_out: Tensor, z: Tensor) -> Tensor:
-        check_heads_sum(attn, z, attn_out, f"layer {layer}")
+        check_heads_sum(attn, z, attn_out, f"head_out at layer {layer}")
         return z[..., head, :] @ attn.W_O.to(z.device, z.dtype)[head]  # [d_head, d_model] slice
 
     return _through_attn_out(f"blocks.{layer}.attn.hook_z", own, fn)
@@ -900,9 +900,10 @@ def check_heads_sum(
     """Refuse editing one head's write (``head_out``) where the attention output is not the sum of
     the heads' ``z @ W_O`` (plus ``b_O``): a norm or scale between them (Gemma 2) would make the
     edit wrong. ``attn`` is a block's attention (``W_O [head, d_head, d_model]``), ``z [batch,
-    pos, head, d_head]`` and ``attn_out [batch, pos, d_model]`` of one forward pass; ``dtype``
-    the model's (default ``z``'s), whose rounding the tolerance allows for (bfloat16 rounds
-    ``attn_out`` by more than the 1e-3 kept for wider types); ``fix`` what the message advises.
+    pos, head, d_head]`` and ``attn_out [batch, pos, d_model]`` of one forward pass; ``where``
+    opens the message (``"head_out at layer 3"``); ``dtype`` the model's (default ``z``'s), whose
+    rounding the tolerance allows for (bfloat16 rounds ``attn_out`` by more than the 1e-3 kept
+    for wider types); ``fix`` what the message advises.
 
     Example:
         >>> import torch, mechprobe as mp
@@ -921,7 +922,7 @@ def check_heads_sum(
     gap = float((total - reference).abs().max())
     if gap > tolerance:
         raise ValueError(
-            f"head_out at {where}: this model's attention output is not the sum of its heads' "
+            f"{where}: this model's attention output is not the sum of its heads' "
             f"z @ W_O (off by {gap:.3g}, beyond the {tolerance:.3g} its {kind} rounding allows: "
             f"a norm or scale sits between them), so one head's write is not defined alone; "
             f"{fix}."

@@ -138,7 +138,7 @@ def _check_head_out(model: Any, site_list: list[Site], grads: dict[str, Gradient
         z = grads[f"blocks.{layer}.attn.hook_z"].value
         attn_out = grads[f"blocks.{layer}.hook_attn_out"].value
         assert z is not None and attn_out is not None
-        check_heads_sum(model.blocks[layer].attn, z, attn_out, f"layer {layer}")
+        check_heads_sum(model.blocks[layer].attn, z, attn_out, f"head_out at layer {layer}")
 
 
 def attribution_patch(

@@ -480,7 +480,7 @@ def _writes(
                 [acts[f"z{layer}.{h}"] for h in range(model_adapter(model).n_heads)], dim=1
             )  # [n, heads, d_head]
             check_heads_sum(
-                attn, z[:, None].float(), attn_out[:, None].float(), f"layer {layer}",
+                attn, z[:, None].float(), attn_out[:, None].float(), f"per-head attribution at layer {layer}",
                 dtype=attn.W_O.dtype, fix="split each layer's attention as one write (heads=False)",
             )  # fmt: skip
             w_o = attn.W_O.detach().double().cpu()  # [heads, d_head, d_model]

@@ -300,7 +300,7 @@ class _Writer(Intervention):
     def edit(self, selected: Tensor, hook: Any) -> Tensor:
         if self.layout == "head_out":
             assert self.z is not None and self.z.value is not None
-            check_heads_sum(self.attn, self.z.value, selected, hook.name)
+            check_heads_sum(self.attn, self.z.value, selected, f"head_out at {hook.name}")
         out = selected.clone()
         if self.layout == "pattern":
             self._pattern(selected, out)

@@ -46,6 +46,7 @@ from mechprobe.core import (
     Result,
     Site,
     SiteLike,
+    check_heads_sum,
     check_int,
     differentiate,
     expand_sites,
@@ -396,17 +397,11 @@ def _writes(
             caps[f"blocks.{layer}.hook_attn_out"].value,
         )
         assert z is not None and attn_out is not None
-        w_o = model.blocks[layer].attn.W_O.detach().to(z.dtype)
-        total = torch.einsum("bshd,hdm->bsm", z, w_o)
-        bias = getattr(model.blocks[layer].attn, "b_O", None)
-        if bias is not None:
-            total = total + bias.detach()
-        if float((total - attn_out).abs().max()) > 1e-3 * (float(attn_out.abs().max()) + 1.0):
-            raise ValueError(
-                f"Head senders at layer {layer}: this model's attention output is not the sum of "
-                "its heads' z @ W_O (a norm or scale sits between them), so a head's write to the "
-                "residual stream is not defined; use senders='attn_out' or 'mlp_out'."
-            )
+        # The one check, with the tolerance the model's dtype needs (a fixed 1e-3 before).
+        check_heads_sum(
+            model.blocks[layer].attn, z, attn_out, f"head senders at layer {layer}",
+            dtype=model_adapter(model).dtype, fix="use senders='attn_out' or 'mlp_out'",
+        )  # fmt: skip
     for site in sites:
         value = caps[_sender_hook(site)].value
         assert value is not None
