@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import bridge_of_config, hf_of, hf_of_config, hook_count, tiny_of
+from conftest import TEST_KINDS, bridge_of_config, hf_of, hf_of_config, hook_count, tiny_of
 
 import mechprobe as mp
 from mechprobe.core import _models
@@ -308,7 +308,7 @@ def test_soft_capped_logits_are_refused():
 def test_a_logit_scale_is_folded_into_the_attributions():
     # Cohere multiplies its logits by logit_scale after the unembedding: linear, so the split is
     # exact once scaled (it was refused as "a soft cap").
-    if not _has_bridge():
+    if "bridge" not in TEST_KINDS:
         pytest.skip("a TransformerBridge of Cohere (the suite runs HookedTransformers)")
     config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "logit_scale": 0.25,
@@ -325,7 +325,7 @@ def test_a_logit_scale_is_folded_into_the_attributions():
 
 def test_a_norm_that_scales_by_one_plus_its_weight_is_split_exactly():
     # Gemma's RMSNorm multiplies by 1 + w: refused as "not a LayerNorm or RMSNorm".
-    if not _has_bridge():
+    if "bridge" not in TEST_KINDS:
         pytest.skip("a TransformerBridge of Gemma (the suite runs HookedTransformers)")
     config = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}  # fmt: skip
