@@ -16,6 +16,15 @@ def _reference(model, prompt: str) -> torch.Tensor:
         return model(model.to_tokens(prompt))[0]
 
 
+def test_a_nan_logit_makes_the_loss_nan_not_zero(tiny) -> None:
+    # nansum, there to skip padding, also skipped the model's own NaN: a float16 overflow (or a
+    # NaN edit) read as a perfect loss of 0.0 (review 20b).
+    nan = torch.full((64,), float("nan"))
+    out = mp.run(tiny, PROMPTS, {mp.Site("resid_post", 2): mp.Add(nan, positions=1)})
+    loss = out.loss()
+    assert torch.isnan(loss).all(), loss
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_last_token_logits_equal_the_model_whatever_the_padding(tiny, side: str) -> None:
     out = mp.run(tiny, PROMPTS, logit_positions=-1, padding_side=side, batch_size=2)

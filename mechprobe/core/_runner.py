@@ -110,7 +110,9 @@ class RunResult:
         nll = nll.masked_fill(~predicted, float("nan"))
         if per_token:
             return nll
-        return nll.nansum(1) / predicted.sum(1)  # 0 / 0: NaN for a one-token prompt
+        # Padding is left out by the mask, not by nansum: NaN logits (a float16 overflow, a
+        # NaN edit) gave a perfect 0.0 loss. 0 / 0: NaN for a one-token prompt.
+        return torch.where(predicted, nll, 0.0).sum(1) / predicted.sum(1)
 
     def mean(self, site: SiteLike, *, per_prompt: bool = False, bos: bool = False) -> Tensor:
         """A capture's mean over the real tokens of the text it holds: padding, where the capture
