@@ -384,6 +384,14 @@ def _complete(
             if done[i] is not None:
                 seqs[i].append(int(last[i].argmax()))  # a placeholder, never read back
                 continue
+            if not bool(torch.isfinite(last[i]).all()):
+                # argmax of NaN logits is token 0: the row went on with text nobody chose.
+                raise ValueError(
+                    f"Prompt {i}'s next-token logits are not finite at step {step} (NaN or "
+                    "infinity: a float16 overflow, or an edit that wrote NaN), so no token can be "
+                    "picked. Check the interventions' vectors, or run the model in float32 or "
+                    "bfloat16."
+                )
             token = pick(i, last[i])
             seqs[i].append(token)
             new[i].append(token)
