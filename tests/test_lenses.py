@@ -16,7 +16,7 @@ import torch
 import mechprobe as mp
 from mechprobe.core import readout
 from mechprobe.lens._train import _Step
-from tests.conftest import hook_count
+from tests.conftest import TEST_KINDS, hook_count
 
 TEXT = [
     "The cat sat on the mat while the dog slept by the door of the old house. " * 6,
@@ -749,3 +749,21 @@ def test_a_patchscope_that_cannot_see_its_patch_warns(tiny) -> None:
         warnings.simplefilter("error")
         mp.logit_lens(tiny, ["Hello there"], lens=mp.Patchscope(), progress=False)
         mp.logit_lens(tiny, ["Hi"], lens=mp.Patchscope("x -> x; ? ->", "?"), layers=[0, 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_lens_reads_its_model_in_another_dtype_without_a_warning(tmp_path, dtype):
+    # The digest of a float32 unembedding differs from its bfloat16 rounding's: a lens trained
+    # on the float32 model warned "trained with another unembedding" on the same model in
+    # bfloat16 (its read-outs were fine). Another model still gets the warning.
+    kind = TEST_KINDS[0]
+    lens = mp.TunedLens.identity(mp.tiny_model(kind=kind))
+    back = mp.TunedLens.load(lens.save(tmp_path / "lens.safetensors"))
+    same = mp.tiny_model(kind=kind).to(dtype)
+    other = mp.tiny_model(kind=kind, seed=1)
+    for read in (lens, back):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            read.check(same, [("resid_post", 0)])
+        with pytest.warns(UserWarning, match="trained with another unembedding"):
+            read.check(other, [("resid_post", 0)])

@@ -459,6 +459,7 @@ def train_tuned_lens(
             n_layers=lens.n_layers,
             model_name=lens.model_name,
             unembed_digest=lens.unembed_digest,
+            unembed_fingerprint=lens.unembed_fingerprint,
         )
     info = dict(config)
     info.update(

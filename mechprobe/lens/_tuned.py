@@ -61,6 +61,24 @@ def unembedding_digest(model: Any) -> str:
     return hashlib.sha256(weight.cpu().numpy().tobytes()).hexdigest()
 
 
+def unembedding_fingerprint(model: Any) -> tuple[float, ...]:
+    """Eight random bilinear readings ``a_k @ W_U @ b_k`` of the unembedding (fixed seeds), which
+    its rounding to bfloat16 or float16 moves by about 0.1% and another model's by far more: the
+    digest tells two dtypes of one model apart, this does not."""
+    weight = model.W_U.detach().to("cpu", torch.float32)  # [d_model, vocab]
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(8, weight.shape[0], generator=generator)
+    right = torch.randn(weight.shape[1], 8, generator=generator)
+    readings = ((left @ weight) * right.T).sum(-1)
+    return tuple(round(float(v), 6) for v in readings)
+
+
+def _same_unembedding(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Fingerprints within 2% of their size of each other (rounding moves them ~0.1%)."""
+    x, y = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return x.shape == y.shape and bool((x - y).abs().max() <= 0.02 * x.pow(2).mean().sqrt())
+
+
 def _check_layers(kind: str, layers: Sequence[int], n_layers: int) -> None:
     """Translator layers in range, each once, none at the last ``resid_post`` (the model's
     output, which a lens never translates): a file with others would be read silently."""
@@ -104,6 +122,8 @@ class TunedLens(Lens):
         model_name: The model the lens was trained for.
         info: How it was trained (tokens, steps, text, seed, ...), kept in the file.
         unembed_digest: :func:`unembedding_digest` of that model ("" = unknown).
+        unembed_fingerprint: :func:`unembedding_fingerprint` of that model (empty = unknown),
+            which the same unembedding in another dtype matches where the digest does not.
 
     Example:
         >>> import torch, mechprobe as mp
@@ -128,6 +148,7 @@ class TunedLens(Lens):
         model_name: str = "",
         info: Mapping[str, Any] | None = None,
         unembed_digest: str = "",
+        unembed_fingerprint: Sequence[float] = (),
     ) -> None:
         if set(weights) != set(biases) or set(weights) != set(layers):
             raise ValueError("weights, biases and layers must have the same site kinds.")
@@ -150,6 +171,7 @@ class TunedLens(Lens):
         self.model_name = model_name
         self.info = dict(info or {})
         self.unembed_digest = unembed_digest
+        self.unembed_fingerprint = tuple(float(v) for v in unembed_fingerprint)
         self._index = {(k, layer): i for k, ls in self.layers.items() for i, layer in enumerate(ls)}
         self._digest: str | None = None
 
@@ -190,6 +212,7 @@ class TunedLens(Lens):
             model_name=str(getattr(model.cfg, "model_name", "")),
             info=info,
             unembed_digest=unembedding_digest(model),
+            unembed_fingerprint=unembedding_fingerprint(model),
         )
 
     def translator(self, kind: str, layer: int) -> tuple[Tensor, Tensor] | None:
@@ -238,9 +261,12 @@ class TunedLens(Lens):
         for kind, layer in entries:
             self.translator(kind, layer)
         package_hash = self.info.get("unembed_hash")
-        if (self.unembed_digest and self.unembed_digest != unembedding_digest(model)) or (
-            package_hash and package_hash != package_unembedding_hash(model)
-        ):
+        other = bool(self.unembed_digest) and self.unembed_digest != unembedding_digest(model)
+        if other and self.unembed_fingerprint:
+            # Another digest is also the same unembedding in another dtype (a lens trained in
+            # float32 read on the model in bfloat16), which the fingerprint matches.
+            other = not _same_unembedding(self.unembed_fingerprint, unembedding_fingerprint(model))
+        if other or (package_hash and package_hash != package_unembedding_hash(model)):
             name = str(getattr(model.cfg, "model_name", "") or "this model")
             warnings.warn(
                 f"This tuned lens (trained on {self.model_name or 'an unnamed model'}) was trained "
@@ -317,6 +343,7 @@ class TunedLens(Lens):
             "n_layers": str(self.n_layers),
             "d_model": str(self.d_model),
             "unembed_sha256": self.unembed_digest,
+            "unembed_fingerprint": json.dumps(list(self.unembed_fingerprint)),
             "info": json.dumps(self.info, sort_keys=True),
         }
         # The project's one tensor-file writer: format tag, version, SHA-256 digests checked on load.
@@ -354,6 +381,7 @@ class TunedLens(Lens):
             model_name=meta.get("model_name", ""),
             info=json.loads(meta.get("info", "{}")),
             unembed_digest=meta.get("unembed_sha256", ""),
+            unembed_fingerprint=json.loads(meta.get("unembed_fingerprint", "[]")),
         )
 
     @classmethod
