@@ -169,27 +169,36 @@ def test_a_bridge_without_a_final_norm_is_refused_by_name() -> None:
 
 
 def test_a_normed_embedding_passes_the_batch_check_and_a_wrong_batch_still_fails() -> None:
-    # Bloom's hook_embed holds LayerNorm(W_E[tokens]) (cosine 0.92 to the rows): every analysis
-    # was refused with "The tokens forwarded are not those of the batch", even inside mp.run.
+    # Bloom's hook_embed holds LayerNorm(W_E[tokens]): every analysis was refused with "The
+    # tokens forwarded are not those of the batch", even inside mp.run. A bridge's check reads
+    # the token ids (embed.hook_in), so no norm weights (here far from 1 and 0) can fool it.
     if "bridge" not in TEST_KINDS:
         pytest.skip("a TransformerBridge of Bloom (the suite runs HookedTransformers)")
     config = {"hidden_size": 64, "n_layer": 2, "n_head": 4}
-    bloom = bridge_of_config("Bloom", "bigscience/bloom-560m", **config)
-    hf, _ = hf_of_config("Bloom", **config)  # the same weights, built apart from the bridge
-    prompts = ["The cat sat on", "Hi"]
-    got = mp.run(bloom, prompts, logit_positions=-1, progress=False).logits[:, 0]
-    for row, prompt in enumerate(prompts):
-        with torch.no_grad():
-            want = hf(bloom.to_tokens(prompt)).logits[0, -1]
-        torch.testing.assert_close(got[row], want, atol=1e-4, rtol=1e-4)
+    (hf, tokenizer), (twin, _) = hf_of_config("Bloom", **config), hf_of_config("Bloom", **config)
+    generator = torch.Generator().manual_seed(1)
+    weight = 1 + 2 * torch.randn(64, generator=generator)
+    bias = torch.randn(64, generator=generator)
+    with torch.no_grad():
+        for model in (hf, twin):
+            model.transformer.word_embeddings_layernorm.weight.copy_(weight)
+            model.transformer.word_embeddings_layernorm.bias.copy_(bias)
+    bloom = models._bridge(twin, tokenizer, "bigscience/bloom-560m", None)
+    prompts = ["The cat sat on", "Hi", "Hi Hi"]
+    for side in ("right", "left"):
+        out = mp.run(bloom, prompts, {mp.Site("resid_post", 0): mp.Add(torch.zeros(64), positions=-1)},
+                     logit_positions=-1, padding_side=side, progress=False)  # fmt: skip
+        for row, prompt in enumerate(prompts):
+            with torch.no_grad():
+                want = hf(bloom.to_tokens(prompt)).logits[0, -1]
+            torch.testing.assert_close(out.logits[row, 0], want, atol=1e-4, rtol=1e-4)
     batch = mp.tokenize(bloom, ["Hello there", "Hi"])
-    other = mp.tokenize(bloom, ["Hello world", "Ho"])  # same shape, other tokens
     edit = {mp.Site("resid_post", 0): mp.Add(torch.ones(64), positions=-1)}
-    with (
-        pytest.raises(ValueError, match="not those of the batch="),
-        mp.intervene(bloom, edit, batch=other),
-    ):
-        bloom(batch.tokens, attention_mask=batch.attention_mask)
+    for other in (["Hello thera", "Hi"], ["Hi", "Hello there"]):  # one token; swapped rows
+        wrong = mp.tokenize(bloom, other)
+        refused = pytest.raises(ValueError, match="not those of the batch=")
+        with refused, mp.intervene(bloom, edit, batch=batch):
+            bloom(wrong.tokens, attention_mask=wrong.attention_mask)
 
 
 def test_an_architecture_hookedtransformer_cannot_convert_says_use_a_bridge() -> None:

@@ -39,7 +39,6 @@ from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechprobe.core._batching import Batch, bos_id, position_list
@@ -738,8 +737,11 @@ def _hooks_for(
                     continue
             fwd.append((name, fn))
     fwd += after
-    if batch is not None and fwd and "hook_embed" in hooks:
-        fwd.insert(0, ("hook_embed", _same_tokens(model, batch)))
+    if batch is not None and fwd:
+        if "embed.hook_in" in hooks:  # a bridge's embedding sees the token ids themselves
+            fwd.insert(0, ("embed.hook_in", _same_ids(batch)))
+        elif "hook_embed" in hooks:
+            fwd.insert(0, ("hook_embed", _same_tokens(model, batch)))
     return fwd
 
 
@@ -983,46 +985,33 @@ def _same_tokens(model: Any, batch: Batch) -> Callable[..., None]:
         live, dead = real & ~zero, real & zero
         cos = torch.nn.functional.cosine_similarity(activation[live], expected[live], dim=-1)
         moved = bool(dead.any()) and bool(activation[dead].abs().amax() > 0)
-        far = cos < 0.99
-        if bool(far.any()) and not moved:
-            # A norm before this hook (Bloom's embedding layer norm) turns each row away from
-            # W_E's, alike for every batch: then each position must be nearest its own token's
-            # row among the batch's tokens (another batch's tokens are nearer to theirs).
-            ids = batch.tokens.to(weight.device)[live.to(weight.device)]
-            far = ~_nearest_own_row(activation[live], ids, weight)
-        if bool(far.any()) or moved:
-            raise ValueError(
-                "The tokens forwarded are not those of the batch= given to intervene(): pass the "
-                "batch you forward (model(batch.tokens, attention_mask=batch.attention_mask)), or "
-                "use mp.run()."
-            )
+        if bool((cos < 0.99).any()) or moved:
+            raise ValueError(_NOT_THE_BATCH)
 
     return check
 
 
-def _nearest_own_row(
-    activation: Float[Tensor, "n d_model"], ids: Int[Tensor, " n"], weight: Tensor
-) -> Tensor:
-    """``[n]`` bool: whether each row of ``activation`` is nearer (cosine, centred, as a norm
-    centres) to the embedding row of its token than to that of any other token in ``ids``, and
-    within 60 degrees of it."""
-    tokens, own = torch.unique(ids, return_inverse=True)
+def _same_ids(batch: Batch) -> Callable[..., None]:
+    """The check of :func:`_same_tokens` where the model shows its token ids (a bridge's
+    ``embed.hook_in``): exact for every architecture, a norm before ``hook_embed`` (Bloom's)
+    included, where comparing embeddings refused the right batch or took a near one."""
 
-    def unit(x: Tensor) -> Tensor:
-        x = x.float() - x.float().mean(-1, keepdim=True)
-        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    def check(ids: Tensor, hook: Any) -> None:
+        if tuple(ids.shape[:2]) != tuple(batch.tokens.shape):
+            raise ValueError(
+                _WRONG_BATCH.format(got=tuple(ids.shape[:2]), want=tuple(batch.tokens.shape))
+            )
+        real = batch.attention_mask.to(ids.device).bool()
+        if not torch.equal(ids[real], batch.tokens.to(ids.device)[real]):
+            raise ValueError(_NOT_THE_BATCH)
 
-    rows = unit(weight[tokens].to(activation.device))  # [u, d]
-    near = torch.empty(len(ids), dtype=torch.bool, device=activation.device)
-    for start in range(0, len(ids), 1024):  # [1024, u] at a time: a long batch stays small
-        chunk = slice(start, start + 1024)
-        scores = unit(activation[chunk]) @ rows.T
-        mine = own[chunk].to(activation.device)
-        # Nearest, and near: a token outside the batch's is nearest to one of them by chance.
-        near[chunk] = (scores.argmax(-1) == mine) & (scores.gather(1, mine[:, None])[:, 0] > 0.5)
-    return near
+    return check
 
 
+_NOT_THE_BATCH = (
+    "The tokens forwarded are not those of the batch= given to intervene(): pass the batch you "
+    "forward (model(batch.tokens, attention_mask=batch.attention_mask)), or use mp.run()."
+)
 _WRONG_BATCH = (
     "The forward pass has {got} rows x tokens but intervene(batch=...) was given a batch of "
     "{want}: forward that batch (model(batch.tokens, attention_mask=batch.attention_mask)), or "
