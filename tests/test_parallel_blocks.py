@@ -119,3 +119,24 @@ def test_q_receivers_on_attention_without_split_inputs_are_refused_before_any_pa
     with pytest.raises(ValueError, match=r"each head's own q/k/v input.*receivers 'final'"):
         mp.path_patch(gptj, CLEAN, CORRUPT, "head", "q", METRIC, layers=[0], receiver_layers=[1])
     assert not gptj.cfg.use_split_qkv_input
+
+
+@pytest.mark.parametrize("kind", TEST_KINDS)
+def test_an_mlp_in_site_inside_another_intervention_runs_no_extra_pass(kind):
+    # Whether mlp_in fires was learnt from a probe forward, run during site resolution inside
+    # the user's own hooks: an outer intervene's batch check saw a (1, 2) pass and refused it.
+    neox = mp.tiny_model(architecture="neox", kind=kind)  # fresh: nothing learnt about it yet
+    batch = mp.tokenize(neox, [CLEAN, "Hi"])
+    seen = []
+    outer = mp.intervene(
+        neox, {mp.Site("resid_pre", 0): lambda act, hook: seen.append(act.shape)}, batch=batch
+    )
+    inner = mp.intervene(neox, {mp.Site("mlp_in", 0): mp.Add(torch.zeros(64))})
+    with outer, inner:
+        neox(batch.tokens, attention_mask=batch.attention_mask)
+    assert seen == [torch.Size([*batch.tokens.shape, 64])]
+
+
+def test_resid_mid_advice_names_only_sites_the_model_fires(gptj):
+    with pytest.raises(ValueError, match=r"Read resid_pre \(what both read\) or resid_post"):
+        mp.run(gptj, CLEAN, capture=mp.Site("resid_mid", 0), progress=False)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeAlias
 
@@ -1166,33 +1165,3 @@ def _gated_hooks_fire(model: Any, names: Sequence[str]) -> Iterator[None]:
     finally:
         for switch in reversed(switched):
             switch(False)
-
-
-_MLP_IN_FIRES: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
-
-
-def mlp_in_fires(model: Any) -> bool:
-    """Once per model: does ``blocks.0.hook_mlp_in`` run in a forward pass?
-
-    GPT-J's and Phi's bridges list it, but their attention and MLP share one norm (``ln1``) and
-    the bridge hooks the input of a second norm they do not have: a capture there came back
-    empty and a patch there did nothing, silently.
-
-    Example:
-        >>> from mechprobe.core._models import tiny_model
-        >>> mlp_in_fires(tiny_model(architecture="neox"))
-        True
-    """
-    if model not in _MLP_IN_FIRES:
-        fired: list[bool] = []
-        name = "blocks.0.hook_mlp_in"
-
-        def record(act: Tensor, hook: Any) -> None:
-            fired.append(True)
-
-        ids = torch.tensor([[1, 2]], device=model.W_E.device)
-        hooks = model.hooks(fwd_hooks=[(name, record)])
-        with torch.no_grad(), _gated_hooks_fire(model, [name]), hooks:
-            model(ids)
-        _MLP_IN_FIRES[model] = bool(fired)
-    return _MLP_IN_FIRES[model]

@@ -304,12 +304,15 @@ def resolve_in(model: Any, site: SiteLike, hooks: Mapping[str, Any]) -> tuple[st
 def _no_mid(model: Any, name: str) -> str:
     """Why a parallel block has no ``resid_mid`` (empty for other names and models): the bare
     'not a hook' listed resid_mid among the valid kinds and left a Pythia user guessing."""
-    if not (name.endswith("hook_resid_mid") and getattr(model.cfg, "parallel_attn_mlp", False)):
+    found = re.fullmatch(r"blocks\.(\d+)\.hook_resid_mid", name)
+    if not (found and getattr(model.cfg, "parallel_attn_mlp", False)):
         return ""
+    # GPT-J's mlp_in never fires: pointing at it sent the reader to the next refusal.
+    mlp_in = "; the MLP's input is mlp_in" if _mlp_in_fires(model, int(found.group(1))) else ""
     return (
         " This model's attention and MLP run in parallel (cfg.parallel_attn_mlp, as in "
         "GPT-NeoX/Pythia, GPT-J and Phi): both read resid_pre, so no residual stream lies "
-        "between them. Read resid_pre (what both read; the MLP's input is mlp_in) or resid_post."
+        f"between them. Read resid_pre (what both read{mlp_in}) or resid_post."
     )
 
 
@@ -328,21 +331,30 @@ def _refuse_silent_hook(model: Any, name: str) -> None:
             "learned embedding added to the residual stream. hook_embed holds the token "
             "embeddings."
         )
-    parallel = getattr(model.cfg, "parallel_attn_mlp", False)
-    if parallel and re.fullmatch(r"blocks\.\d+\.hook_mlp_in", name):
-        from mechprobe.core._hooks import mlp_in_fires  # _hooks builds on this module
-
-        if not mlp_in_fires(model):
-            raise ValueError(
-                f"{name!r} never fires on this model: its attention and MLP share one norm "
-                "(ln1), and TransformerLens hooks the MLP's input at a second norm it does not "
-                "have. The MLP reads ln1(resid_pre), as attention does: use resid_pre."
-            )
     if getattr(model.cfg, "attn_only", False) and re.search(r"\.(hook_mlp_(in|out)|mlp\.)", name):
         raise ValueError(
             f"{name!r} never fires: this model is attention-only (cfg.attn_only), so it has no "
             "MLP. Use attention or residual sites (attn_out, resid_pre, resid_post, head kinds)."
         )
+    mlp_in = re.fullmatch(r"blocks\.(\d+)\.hook_mlp_in", name)
+    if mlp_in and not _mlp_in_fires(model, int(mlp_in.group(1))):
+        raise ValueError(
+            f"{name!r} never fires on this model: its attention and MLP share one norm (ln1), "
+            "and TransformerLens hooks the MLP's input at a second norm it does not have. The "
+            "MLP reads ln1(resid_pre), as attention does: use resid_pre."
+        )
+
+
+def _mlp_in_fires(model: Any, layer: int) -> bool:
+    """Whether a block runs its ``hook_mlp_in``, read from its parts, not from a forward pass
+    (which would run the caller's own hooks). A bridge fires it at the input of the MLP's norm
+    (``ln2``), or of the MLP itself where no norm precedes it; GPT-J's and Phi's blocks share
+    one norm (``ln1``) and have neither. A HookedTransformer's block always fires it."""
+    block = model.blocks[layer]
+    parts = getattr(block, "submodules", None)
+    if not isinstance(parts, Mapping):
+        return True
+    return "ln2" in parts or bool(getattr(block, "mlp_reads_resid_directly", False))
 
 
 def _aliased(name: str, hooks: Mapping[str, Any]) -> Site | None:
