@@ -535,7 +535,8 @@ def _frozen_final_norm(model: Any, x: Float[Tensor, "n d_model"]) -> tuple[Any, 
     center = kind.startswith("LN")
     centred = x - x.mean(-1, keepdim=True) if center else x
     scale = (centred.pow(2).mean(-1, keepdim=True) + float(model.cfg.eps)).sqrt()  # [n, 1]
-    weight, bias = _norm_parameters(module, x.shape[-1])
+    stored, bias = _norm_parameters(module, x.shape[-1])
+    weight = stored
 
     def linear(c: Tensor) -> Tensor:  # c [n, ..., d_model]
         c = c - c.mean(-1, keepdim=True) if center else c
@@ -544,16 +545,20 @@ def _frozen_final_norm(model: Any, x: Float[Tensor, "n d_model"]) -> tuple[Any, 
     with torch.no_grad():
         own = adapter.final_norm(x.to(adapter.device, adapter.dtype)).double().cpu()
     tolerance = 64 * torch.finfo(adapter.dtype).eps * (float(own.abs().max()) + 1.0)
-    off = float((own - (linear(x) + bias)).abs().max())
-    if off > tolerance:
-        # Gemma (1 and 2) stores its RMSNorm weight as an offset from one: it scales by 1 + w.
-        weight = weight + 1.0
-        if float((own - (linear(x) + bias)).abs().max()) > tolerance:
-            raise ValueError(
-                f"{adapter.name}'s final norm ({type(module).__name__}) does not compute "
-                "w * (x - mean) / std + b, w * x / rms(x) or (1 + w) * x / rms(x) (off by "
-                f"{off:.3g}): no frozen-scale split of its logits is known."
-            )
+    # Gemma (1 and 2) stores its RMSNorm weight as an offset from one: it scales by 1 + w. Both
+    # readings are tried and the nearer kept: in bfloat16 the tolerance let w pass for 1 + w.
+    offs = {}
+    for shift in (0.0, 1.0):
+        weight = stored + shift
+        offs[shift] = float((own - (linear(x) + bias)).abs().max())
+    best = min(offs, key=offs.__getitem__)
+    if offs[best] > tolerance:
+        raise ValueError(
+            f"{adapter.name}'s final norm ({type(module).__name__}) does not compute "
+            "w * (x - mean) / std + b, w * x / rms(x) or (1 + w) * x / rms(x) (off by "
+            f"{offs[0.0]:.3g}): no frozen-scale split of its logits is known."
+        )
+    weight = stored + best
     return linear, bias
 
 
