@@ -18,6 +18,20 @@ pytestmark = pytest.mark.skipif("bridge" not in TEST_KINDS, reason="bridges buil
 TEXT = ["The cat sat on the mat and looked at the dog. " * 20]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_tuned_lens_trains_on_a_half_precision_layernorm_model(dtype):
+    # Pythia's final norm is a LayerNorm, which refuses float32 input in a half model: the
+    # float32 translators' output crashed it ("mixed dtype"); RMSNorm upcasts and hid it.
+    hf, tokenizer = _models._tiny_hf(0, 3, 64, "neox")
+    neox = _models._bridge(hf.to(dtype), tokenizer, _models._TINY_ARCHITECTURES["neox"], None)
+    lens = mp.train_tuned_lens(
+        neox, TEXT, n_tokens=64, seq_len=32, tokens_per_step=32, progress=False
+    )
+    assert all(bool(torch.isfinite(w).all()) for w in lens.weights.values())
+    decoded = mp.logit_lens(neox, "The cat sat", lens=lens)
+    assert np.isfinite(decoded.kl_to_final).all()
+
+
 @pytest.fixture(scope="module", params=[torch.bfloat16, torch.float16])
 def half(request):
     # As load_model(dtype=...) builds it: a bridge of a half-precision Hugging Face model (whose

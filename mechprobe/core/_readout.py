@@ -218,8 +218,10 @@ class Readout:
     @torch.no_grad()
     def logits(self, x: Float[Tensor, "n d_model"]) -> Float[Tensor, "n vocab"]:
         """Logits of at most ``chunk`` vectors (a view into the buffer, valid until the next call)."""
-        # Vectors the caller holds (a CPU tensor, a saved o-vector) go to the model's device.
-        normed = self._adapter.final_norm(x[None].to(self.weight.device))[0].to(self.weight.dtype)
+        # Vectors the caller holds (a CPU tensor, a saved o-vector) go to the model's device and
+        # dtype: a bfloat16 model's LayerNorm (Pythia's) refuses float32 input.
+        x = x.to(self.weight.device, self.weight.dtype)
+        normed = self._adapter.final_norm(x[None])[0].to(self.weight.dtype)
         out = torch.addmm(self.bias, normed, self.weight, out=self._logits[: x.shape[0]])
         if self._transform is not None:  # identity for Llama; softcaps and logit scales elsewhere
             out = self._transform(out)

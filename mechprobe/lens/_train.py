@@ -393,6 +393,7 @@ def train_tuned_lens(
                 group["lr"] = base * factor(start)
 
         step_fn = _Step(model, precision, chunk_rows=256)
+        dtype = model_adapter(model).dtype
         norm_params = [p for p in model.ln_final.parameters() if p.requires_grad]
         capture = [Site(kind, layer) for kind, layer in keys]  # type: ignore[arg-type]
         final_site = Site("resid_post", n_layers - 1)
@@ -432,7 +433,9 @@ def train_tuned_lens(
                     ys.append(h + torch.baddbmm(b[:, None, :], h, w.transpose(1, 2)))
                     offset += k
                 y = torch.cat(ys)  # [T, n, d]
-                u = model.ln_final(y)
+                # In the model's dtype (a half-precision LayerNorm refuses float32 input), back
+                # to float32 for the loss; the gradient flows through both casts.
+                u = model.ln_final(y.to(dtype)).float()
                 kl, grad = step_fn.loss_and_grad(u.detach().reshape(-1, u.shape[-1]), m, c, a)
                 # Sum over translators of the mean over tokens, as the paper's loss.
                 torch.autograd.backward(u, grad.reshape(u.shape) / n)
