@@ -61,6 +61,8 @@ class TaskScore(Result, format="mechprobe.TaskScore", version=2, html_figure=Tru
             a tie for first is a miss, as for ``correct``).
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        at_top: ``[item]`` the answer's first token has the largest logit, alone or tied (None
+            in files saved before it was kept).
 
     Example:
         >>> import mechprobe as mp
@@ -80,6 +82,7 @@ class TaskScore(Result, format="mechprobe.TaskScore", version=2, html_figure=Tru
     logprob: Float[np.ndarray, " item"]
     exact: Bool[np.ndarray, " item"]
     model_name: str = ""
+    at_top: Bool[np.ndarray, " item"] | None = None
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -92,11 +95,14 @@ class TaskScore(Result, format="mechprobe.TaskScore", version=2, html_figure=Tru
 
     @property
     def tied(self) -> Bool[np.ndarray, " item"]:
-        """``[item]`` the answer's first token shares the largest logit with another token: the
-        greedy choice (``predicted``) but not :attr:`correct`. Common in bfloat16, rare in
-        float32."""
-        first = np.asarray([ids[0] for ids in self.answer_ids])
-        return np.asarray((self.first_rank > 0) & (self.predicted == first))
+        """``[item]`` the answer's first token shares the largest logit with another token: not
+        :attr:`correct`, though no token is above it. Common in bfloat16, rare in float32.
+        (Files saved before ``at_top`` was kept see only the ties the answer's id wins, where
+        it is the greedy choice.)"""
+        if self.at_top is None:
+            first = np.asarray([ids[0] for ids in self.answer_ids])
+            return np.asarray((self.first_rank > 0) & (self.predicted == first))
+        return np.asarray((self.first_rank > 0) & self.at_top)
 
     @property
     def accuracy(self) -> float:
@@ -196,6 +202,7 @@ def _forced_pass(
     n, n_layers = len(prompts), int(model.cfg.n_layers)
     predicted = np.zeros(n, dtype=np.int64)
     first_rank = np.zeros(n, dtype=np.int64)
+    at_top = np.zeros(n, dtype=bool)
     logprob = np.zeros(n, dtype=np.float64)
     exact = np.zeros(n, dtype=bool)
     answer_ids: list[tuple[int, ...]] = [()] * n
@@ -226,6 +233,8 @@ def _forced_pass(
         index = np.asarray(rows)
         predicted[index] = first.argmax(-1).cpu().numpy()
         first_rank[index] = target_rank(first, target_logit)[:, 0].cpu().numpy()
+        # argmax picks the lowest id among tied maxima: a tie is the answer's logit at the top.
+        at_top[index] = (target_logit[:, 0] == first.max(-1).values).cpu().numpy()
         logprob[index] = logp.sum(-1).double().cpu().numpy()
         exact[index] = top1_hit(logits, targets).all(-1).cpu().numpy()
         for i, row in enumerate(rows):
@@ -245,6 +254,7 @@ def _forced_pass(
         logprob=logprob,
         exact=exact,
         model_name=model_adapter(model).name,
+        at_top=at_top,
     )
     return _Pass(score=score, captures=captures)
 
