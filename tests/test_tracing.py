@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -324,3 +326,24 @@ def test_the_figure_compares_kinds_on_one_scale_and_shows_harm(tiny):
     own = res.plot(shared=False)
     assert len(own.axes) == 6
     assert own.axes[0].images[0].norm.vmax == pytest.approx(grid[0].max())
+
+
+def test_joined_traces_keep_their_model_and_refuse_another(tiny):
+    # TraceResult.concat dropped model_name ("") and joined traces of two models (review 20c).
+    def trace(model, prompt):
+        return mp.causal_trace(
+            model, prompt, "cat", sites="mlp_out", n_noise=2, n_random=1, noise=0.5
+        )
+
+    one, two = trace(tiny, "The cat sat on the"), trace(tiny, "A cat ran to the")
+    joined = mp.TraceResult.concat([one, two])
+    assert joined.model_name == tiny.cfg.model_name
+    # A part saved before results recorded the model joins any part.
+    old = dataclasses.replace(two, model_name="")
+    assert mp.TraceResult.concat([old, one]).model_name == tiny.cfg.model_name
+    other = dataclasses.replace(two, model_name="another model")
+    with pytest.raises(ValueError, match="Cannot join: part 1 was made on 'another model'"):
+        mp.TraceResult.concat([one, other])
+    with pytest.raises(ValueError, match="Cannot join: part 1 was made on 'another model'"):
+        patched = mp.patch(tiny, "A cat", "A bat", "mlp_out", -1, mp.logit_diff(1, 2))
+        mp.PatchResult.concat([patched, dataclasses.replace(patched, model_name="another model")])

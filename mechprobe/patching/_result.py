@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["PatchResult", "concat_pairs"]
+__all__ = ["PatchResult", "concat_pairs", "joined_model_name"]
 
 _R = TypeVar("_R")
 # Fields indexed by prompt pair (the pair axis first; ``random`` has it second), and the fields
@@ -29,6 +29,24 @@ _PAIR_AXIS = {"per_pair": 0, "clean": 0, "corrupt": 0, "random": 1}
 _DERIVED = ("values", "normalised")
 # Fields that describe pair 0 only: the joined result keeps the first part's.
 _FIRST_PAIR = ("position_labels",)
+
+
+def joined_model_name(parts: Sequence[Any]) -> str:
+    """The model the parts of a join were made on: their one ``model_name`` (a part saved before
+    results recorded it, ``""``, joins any).
+
+    Raises:
+        ValueError: Parts made on different models.
+    """
+    names = [str(getattr(part, "model_name", "")) for part in parts]
+    known = [(i, name) for i, name in enumerate(names) if name]
+    for i, name in known[1:]:
+        if name != known[0][1]:
+            raise ValueError(
+                f"Cannot join: part {i} was made on {name!r}, part {known[0][0]} on "
+                f"{known[0][1]!r}; join results of one model."
+            )
+    return known[0][1] if known else ""
 
 
 def concat_pairs(cls: type[_R], results: Sequence[_R]) -> _R:
@@ -59,6 +77,8 @@ def concat_pairs(cls: type[_R], results: Sequence[_R]) -> _R:
             joined[name] = np.concatenate([getattr(r, name) for r in parts], axis=_PAIR_AXIS[name])
         elif name in _FIRST_PAIR:
             joined[name] = mine
+        elif name == "model_name":
+            joined[name] = joined_model_name(parts)
         elif name not in _DERIVED:
             for i, r in enumerate(parts[1:], 1):
                 if getattr(r, name) != mine:

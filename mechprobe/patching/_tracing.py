@@ -66,6 +66,7 @@ from mechprobe.patching._engine import (
     unit_vectors,
 )
 from mechprobe.patching._metrics import MetricFn, PatchMetric, answer_prob, bind_metric
+from mechprobe.patching._result import joined_model_name
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -307,6 +308,7 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             None if any(i is None for i in scored) else tuple(a for i in scored for a in i or ())
         )
         same = ("kinds", "layers", "noise_level", "window", "metric", "seed", "n_random")
+        joined["model_name"] = joined_model_name(parts)
         return cls(**joined, **{name: getattr(first, name) for name in same})
 
     def indirect_effect(self, prompt: int) -> np.ndarray:

@@ -368,13 +368,14 @@ def check_lens(model: Any, lens: LensSpec) -> Lens:
     try:
         decoder.check(model, [(k, i) for k in ("resid_post", "resid_mid") for i in range(n_layers)])
     except ValueError as err:
-        if not model_adapter(model).parallel_blocks:
+        if not (model_adapter(model).parallel_blocks and "no translator for resid_mid" in str(err)):
             raise
         # The lens's own advice (train a resid_mid translator) cannot be followed on this model.
         raise ValueError(
-            f"{err} This model's attention and MLP run in parallel (cfg.parallel_attn_mlp), so it "
-            "has no resid_mid to train that translator on: the trajectory's no-FFN reading "
-            "(resid_post - mlp_out) can go through the logit lens (lens='logit') or a Patchscope."
+            "The trajectory reads resid_post - mlp_out (its no-FFN reading) with the lens's "
+            "resid_mid translators, and this tuned lens has none: this model's attention and MLP "
+            "run in parallel (cfg.parallel_attn_mlp), so it has no resid_mid to train them on. "
+            "Read the trajectory with the logit lens (lens='logit') or a Patchscope."
         ) from err
     return decoder
 
