@@ -179,7 +179,9 @@ def test_dtype_reaches_the_model(capsys, monkeypatch):
     monkeypatch.setattr(mp, "load_model", spy)
     assert cli_main(["lens", "Hi", "--dtype", "float16"]) != 0
     assert loaded == [torch.float16]
+    capsys.readouterr()
     assert cli_main(["lens", "Hi", "--model", "tiny", "--dtype", "bfloat16"]) == 0
+    assert "Changing model dtype" not in capsys.readouterr().out  # TransformerLens's own print
     with pytest.raises(SystemExit):
         cli_main(["lens", "Hi", "--model", "tiny", "--dtype", "half"])
     assert "invalid choice: 'half'" in capsys.readouterr().err

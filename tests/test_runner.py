@@ -401,6 +401,11 @@ def test_capture_takes_a_kind_a_site_or_a_hook_name_alone(tiny) -> None:
     site = mp.run(tiny, "Hi there", capture=mp.Site("resid_post", 1), progress=False)
     assert torch.equal(one["blocks.1.hook_resid_post"], every[mp.Site("resid_post", 1)])
     assert torch.equal(site[mp.Site("resid_post", 1)], every[mp.Site("resid_post", 1)])
+    with pytest.raises(KeyError, match=r"'resid_post' is a kind, one site per layer"):
+        every["resid_post"]
+    # A kind and one of its hook names are one place, captured once.
+    twice = mp.run(tiny, "Hi", capture=["resid_post", "blocks.0.hook_resid_post"], progress=False)
+    assert len(twice.captures) == 3
     mixed = mp.run(tiny, "Hi there", capture=["mlp_out", "blocks.0.hook_resid_pre"], progress=False)
     assert [str(s) for s in mixed.captures] == [
         "mlp_out@0", "mlp_out@1", "mlp_out@2", "blocks.0.hook_resid_pre"

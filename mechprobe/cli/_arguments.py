@@ -4,6 +4,8 @@ checks of output paths made before any work."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
 import sys
@@ -49,7 +51,10 @@ def load(name: str, device: str | None = None, dtype: str = "float32") -> Any:
     ``device``, in ``dtype``."""
     if name == "tiny":
         model = mp.tiny_model(device=device)
-        return model if dtype == "float32" else model.to(_DTYPES[dtype])
+        if dtype == "float32":
+            return model
+        with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints the change
+            return model.to(_DTYPES[dtype])
     return mp.load_model(name, device=device, dtype=_DTYPES[dtype])
 
 

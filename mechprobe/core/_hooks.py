@@ -1151,7 +1151,8 @@ def _gated_hooks_fire(model: Any, names: Sequence[str]) -> Iterator[None]:
             if switch is None:
                 raise ValueError(
                     f"{type(model).__name__} has no {setter}(), so its {flag} hooks never fire: "
-                    "hook a site it always runs (mlp_in: use resid_mid)."
+                    "hook a site it always runs (mlp_in: use resid_mid, or resid_pre where "
+                    "attention and MLP run in parallel)."
                 )
             try:
                 switch(True)

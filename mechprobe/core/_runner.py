@@ -170,6 +170,11 @@ class RunResult:
         for key, value in self.captures.items():
             if _same_place(key, site) or _same_place(site, key):
                 return value
+        if isinstance(site, str) and site in _KINDS:  # capture="resid_post" took every layer's
+            raise KeyError(
+                f"{site!r} is a kind, one site per layer: index by a Site (out[Site({site!r}, "
+                f"layer)]) or a hook name; captured: {[str(k) for k in self.captures]}."
+            )
         raise KeyError(f"{site!r} was not captured; captured: {list(self.captures)}.")
 
 
@@ -215,7 +220,14 @@ def _capture_sites(model: Any, capture: SiteLike | Sequence[SiteLike]) -> list[S
     listed: list[SiteLike] = []
     for item in items:
         kind = isinstance(item, str) and item in _KINDS
-        listed += expand_sites(model, item) if kind else [item]
+        for site in expand_sites(model, item) if kind else [item]:
+            # A kind and one of its hook names name one place: captured once, as given first.
+            same = (
+                seen == site or _same_place(site, seen) or _same_place(seen, site)
+                for seen in listed
+            )
+            if not any(same):
+                listed.append(site)
     return listed
 
 

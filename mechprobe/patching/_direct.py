@@ -409,7 +409,9 @@ def _logit_scale(adapter: Any) -> float:
     if not torch.allclose(got, scale * probe, rtol=1e-5, atol=1e-5):
         raise ValueError(
             f"{adapter.name}'s logits pass through a transform after the unembedding that is not "
-            "a multiplication (a soft cap): their difference has no exact direct attribution."
+            "a multiplication (a soft cap): their difference has no exact direct attribution. "
+            "Patch or ablate the components instead (mp.patch, mp.ablate_cells), which measure "
+            "their total effect through the cap."
         )
     return scale
 
