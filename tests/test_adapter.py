@@ -201,6 +201,31 @@ def test_a_normed_embedding_passes_the_batch_check_and_a_wrong_batch_still_fails
             bloom(wrong.tokens, attention_mask=wrong.attention_mask)
 
 
+def test_a_hook_the_model_lists_but_never_runs_is_named() -> None:
+    # Bloom's bridge lists blocks.0.hook_mlp_in and never runs it (its block's own forward does
+    # not wire it): a capture there was a bare AssertionError, an edit a silent no-op, and a
+    # patch there reported the corrupt metric as its effect (review 20d).
+    if "bridge" not in TEST_KINDS:
+        pytest.skip("a TransformerBridge of Bloom (the suite runs HookedTransformers)")
+    bloom = bridge_of_config("Bloom", "bigscience/bloom-560m", hidden_size=64, n_layer=2, n_head=4)
+    site = mp.Site("mlp_in", 0)
+    with pytest.raises(ValueError, match=r"mlp_in@0 never ran in the forward pass"):
+        mp.run(bloom, "The cat sat", capture=site, progress=False)
+    with pytest.warns(UserWarning, match=r"blocks\.0\.hook_mlp_in never ran in the forward pass"):
+        mp.run(bloom, "The cat sat", {site: mp.Add(torch.ones(64) * 100)}, progress=False)
+    with pytest.warns(UserWarning, match="never ran"):
+        mp.patch(bloom, "The cat sat", "The dog ran", site, -1, mp.logit_diff(5, 6))
+    # A pass stopped early is the caller's own choice: the same warning, nothing refused.
+    tokens = bloom.to_tokens("The cat sat")
+    spec = {
+        mp.Site("resid_post", 0): mp.Capture(),
+        mp.Site("resid_post", 1): mp.Add(torch.ones(64)),
+    }
+    stopped = pytest.warns(UserWarning, match=r"blocks\.1\.hook_resid_post never ran")
+    with stopped, mp.intervene(bloom, spec):
+        bloom(tokens, stop_at_layer=1)
+
+
 def test_an_architecture_hookedtransformer_cannot_convert_says_use_a_bridge() -> None:
     # TransformerLens 3.9 reads Phi's partial_rotary_factor where this transformers no longer
     # keeps it: a raw AttributeError. Either it converts (and computes the HF model's logits) or

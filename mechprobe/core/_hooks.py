@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeAlias
 
@@ -990,6 +991,20 @@ def _same_tokens(model: Any, batch: Batch) -> Callable[..., None]:
     return check
 
 
+#: Where intervene() checks the batch: they do not run when a pass starts past the embedding.
+_CHECKS = ("embed.hook_in", "hook_embed")
+
+
+def _marked(fn: Callable[..., Any], name: str, fired: set[str]) -> Callable[..., Any]:
+    """``fn``, noting in ``fired`` that hook ``name`` ran."""
+
+    def call(activation: Tensor, hook: Any) -> Any:
+        fired.add(name)
+        return fn(activation, hook)
+
+    return call
+
+
 def _same_ids(batch: Batch) -> Callable[..., None]:
     """The check of :func:`_same_tokens` where the model shows its token ids (a bridge's
     ``embed.hook_in``): exact for every architecture, a norm before ``hook_embed`` (Bloom's)
@@ -1111,12 +1126,35 @@ def intervene(
         from mechprobe.core._runner import batch_means  # _runner builds on this module
 
         spec = batch_means(model, batch, spec)
-    fwd = _hooks_for(model, spec, batch, key_mask)
+    fired: set[str] = set()
+    fwd = [
+        (name, _marked(fn, name, fired)) for name, fn in _hooks_for(model, spec, batch, key_mask)
+    ]
     # model.hooks() adds the callbacks and removes exactly those it added in its own finally,
     # also when adding one of them fails halfway; hooks the user attached before stay untouched.
     names = [name for name, _ in fwd]
     with _gated_hooks_fire(model, names), model.hooks(fwd_hooks=fwd):
-        yield model
+        try:
+            yield model
+        except StopForward:  # mp.run's own reader ends its passes at the last block
+            _warn_unrun(names, fired)
+            raise
+    _warn_unrun(names, fired)
+
+
+def _warn_unrun(names: Sequence[str], fired: set[str]) -> None:
+    """A hook the model lists but never runs (Bloom's bridge never fires ``hook_mlp_in``) made an
+    edit there do nothing, silently. Said where a forward ran (something fired) and it did not;
+    a pass stopped early (``stop_at_layer``) is the caller's choice, hence a warning."""
+    unrun = sorted({name for name in names if name not in fired} - set(_CHECKS))
+    if fired and unrun:
+        warnings.warn(
+            f"{', '.join(unrun)} never ran in the forward pass: this model lists the hook but "
+            "does not run it (or the pass stopped before it), so the interventions there did "
+            "nothing. Use another site.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 # Hooks TransformerLens (the bridge and HookedTransformer) fires only with a cfg switch on, as

@@ -339,7 +339,11 @@ def run(
                 out = _zero_padding(out, chunk)
             logits = _place(logits, out, rows, batch, spans_seq=local is None)
             for site, cap in caps.items():
-                assert cap.value is not None
+                if cap.value is None:  # was a bare AssertionError (Bloom's mlp_in)
+                    raise ValueError(
+                        f"{site} never ran in the forward pass: this model lists the hook but "
+                        "does not run it, so nothing was captured. Capture another site."
+                    )
                 spans, keys = _positions_of(site) is None, is_attention_map(site)
                 kept = _zero_padding(cap.value, chunk) if spans else cap.value
                 if keys:  # an attention map: zeros at padded keys too
