@@ -201,6 +201,46 @@ def test_a_normed_embedding_passes_the_batch_check_and_a_wrong_batch_still_fails
             bloom(wrong.tokens, attention_mask=wrong.attention_mask)
 
 
+def test_a_hookedtransformer_with_a_normed_embedding_passes_the_batch_check() -> None:
+    # TransformerLens 3.9's Bloom applies its embedding norm inside Embed, before hook_embed:
+    # compared with W_E's rows (cosine below 0.99), every intervened run was refused.
+    if "hooked" not in TEST_KINDS:
+        pytest.skip("a HookedTransformer of Bloom (the suite runs bridges)")
+    from mechprobe.core._hooked import build_hooked
+
+    config = {"hidden_size": 64, "n_layer": 2, "n_head": 4}
+    (hf, tokenizer), (twin, _) = hf_of_config("Bloom", **config), hf_of_config("Bloom", **config)
+    generator = torch.Generator().manual_seed(1)
+    weight, bias = (
+        1 + 0.5 * torch.randn(64, generator=generator),
+        torch.randn(64, generator=generator),
+    )
+    with torch.no_grad():
+        for model in (hf, twin):
+            model.transformer.word_embeddings_layernorm.weight.copy_(weight)
+            model.transformer.word_embeddings_layernorm.bias.copy_(bias)
+    bloom = build_hooked(
+        twin, tokenizer, "bigscience/bloom-560m", device=None, dtype=torch.float32,
+        process_weights=False,
+    )  # fmt: skip
+    prompts = ["The cat sat on", "Hi", "Hi Hi"]
+    for side in ("right", "left"):
+        out = mp.run(bloom, prompts, {mp.Site("resid_post", 0): mp.Add(torch.zeros(64), positions=-1)},
+                     logit_positions=-1, padding_side=side, progress=False)  # fmt: skip
+        for row, prompt in enumerate(prompts):
+            with torch.no_grad():
+                want = hf(bloom.to_tokens(prompt)).logits[0, -1]
+            torch.testing.assert_close(out.logits[row, 0], want, atol=1e-4, rtol=1e-4)
+    batch, wrong = (
+        mp.tokenize(bloom, ["Hello there", "Hi"]),
+        mp.tokenize(bloom, ["Hi", "Hello there"]),
+    )
+    edit = {mp.Site("resid_post", 0): mp.Add(torch.ones(64), positions=-1)}
+    refused = pytest.raises(ValueError, match="not those of the batch=")
+    with refused, mp.intervene(bloom, edit, batch=batch):
+        bloom(wrong.tokens, attention_mask=wrong.attention_mask)
+
+
 def test_a_hook_the_model_lists_but_never_runs_is_named() -> None:
     # Bloom's bridge lists blocks.0.hook_mlp_in and never runs it (its block's own forward does
     # not wire it): a capture there was a bare AssertionError, an edit a silent no-op, and a

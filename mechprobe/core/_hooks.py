@@ -976,7 +976,13 @@ def _same_tokens(model: Any, batch: Batch) -> Callable[..., None]:
                 _WRONG_BATCH.format(got=tuple(activation.shape[:2]), want=tuple(batch.tokens.shape))
             )
         weight = model.W_E
-        expected = weight[batch.tokens.to(weight.device)].to(activation.device, activation.dtype)
+        tokens = batch.tokens.to(weight.device)
+        embed = getattr(model, "embed", None)
+        # The model's own embedding of the batch where it has one (a HookedTransformer's Embed
+        # applies Bloom's embedding norm, which W_E's rows alone do not), else W_E's rows.
+        with torch.no_grad():
+            expected = embed(tokens) if isinstance(embed, torch.nn.Module) else weight[tokens]
+        expected = expected.to(activation.device, activation.dtype)
         real = batch.attention_mask.to(activation.device).bool()
         # Cosine, not equality: some architectures scale the embedding before this hook. A token
         # whose embedding row is zero (a padding token's, often also end-of-sequence) has no
