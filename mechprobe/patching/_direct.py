@@ -558,7 +558,7 @@ def _frozen_final_norm(model: Any, x: Float[Tensor, "n d_model"]) -> tuple[Any, 
         raise ValueError(
             f"{adapter.name}'s final norm ({type(module).__name__}) does not compute "
             "w * (x - mean) / std + b, w * x / rms(x) or (1 + w) * x / rms(x) (off by "
-            f"{offs[0.0]:.3g}): no frozen-scale split of its logits is known."
+            f"{offs[best]:.3g}): no frozen-scale split of its logits is known."
         )
     weight = stored + best
     return linear, bias
