@@ -33,6 +33,11 @@ def test_tiny_neox_is_pythias_layout_and_computes_the_hf_models_logits(neox):
         torch.testing.assert_close(neox(tokens), hf(tokens).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_a_layer_past_the_last_is_named_not_an_index_error(neox):
+    with pytest.raises(ValueError, match=r"Unknown hook name 'blocks\.99\.hook_resid_mid'"):
+        mp.run(neox, CLEAN, capture="blocks.99.hook_resid_mid", progress=False)
+
+
 def test_resid_mid_is_refused_with_the_reason(neox):
     # The bare "not a hook of this model" listed resid_mid among the valid kinds.
     for site in (mp.Site("resid_mid", 0), "blocks.0.hook_resid_mid"):

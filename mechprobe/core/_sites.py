@@ -350,6 +350,8 @@ def _mlp_in_fires(model: Any, layer: int) -> bool:
     (which would run the caller's own hooks). A bridge fires it at the input of the MLP's norm
     (``ln2``), or of the MLP itself where no norm precedes it; GPT-J's and Phi's blocks share
     one norm (``ln1``) and have neither. A HookedTransformer's block always fires it."""
+    if not 0 <= layer < len(model.blocks):  # no such block: the caller names that problem
+        return True
     block = model.blocks[layer]
     parts = getattr(block, "submodules", None)
     if not isinstance(parts, Mapping):
