@@ -168,12 +168,14 @@ def test_a_bridge_without_a_final_norm_is_refused_by_name() -> None:
         mp.run(opt, "The cat sat", progress=False)
 
 
-def test_a_normed_embedding_passes_the_batch_check_and_a_wrong_batch_still_fails() -> None:
-    # Bloom's hook_embed holds LayerNorm(W_E[tokens]): every analysis was refused with "The
-    # tokens forwarded are not those of the batch", even inside mp.run. A bridge's check reads
-    # the token ids (embed.hook_in), so no norm weights (here far from 1 and 0) can fool it.
-    if "bridge" not in TEST_KINDS:
-        pytest.skip("a TransformerBridge of Bloom (the suite runs HookedTransformers)")
+@pytest.mark.parametrize("kind", TEST_KINDS)
+def test_a_normed_embedding_passes_the_batch_check_and_a_wrong_batch_still_fails(kind) -> None:
+    # Bloom norms its embedding before hook_embed: every analysis was refused with "The tokens
+    # forwarded are not those of the batch", even inside mp.run. A bridge's check reads the token
+    # ids (embed.hook_in); a HookedTransformer's (TransformerLens 3.9 norms inside Embed) compares
+    # with the model's own embedding of the batch. Norm weights far from 1 and 0 fool neither.
+    from mechprobe.core._hooked import build_hooked
+
     config = {"hidden_size": 64, "n_layer": 2, "n_head": 4}
     (hf, tokenizer), (twin, _) = hf_of_config("Bloom", **config), hf_of_config("Bloom", **config)
     generator = torch.Generator().manual_seed(1)
@@ -183,7 +185,14 @@ def test_a_normed_embedding_passes_the_batch_check_and_a_wrong_batch_still_fails
         for model in (hf, twin):
             model.transformer.word_embeddings_layernorm.weight.copy_(weight)
             model.transformer.word_embeddings_layernorm.bias.copy_(bias)
-    bloom = models._bridge(twin, tokenizer, "bigscience/bloom-560m", None)
+    name = "bigscience/bloom-560m"
+    bloom = (
+        models._bridge(twin, tokenizer, name, None)
+        if kind == "bridge"
+        else build_hooked(
+            twin, tokenizer, name, device=None, dtype=torch.float32, process_weights=False
+        )
+    )
     prompts = ["The cat sat on", "Hi", "Hi Hi"]
     for side in ("right", "left"):
         out = mp.run(bloom, prompts, {mp.Site("resid_post", 0): mp.Add(torch.zeros(64), positions=-1)},
@@ -199,46 +208,6 @@ def test_a_normed_embedding_passes_the_batch_check_and_a_wrong_batch_still_fails
         refused = pytest.raises(ValueError, match="not those of the batch=")
         with refused, mp.intervene(bloom, edit, batch=batch):
             bloom(wrong.tokens, attention_mask=wrong.attention_mask)
-
-
-def test_a_hookedtransformer_with_a_normed_embedding_passes_the_batch_check() -> None:
-    # TransformerLens 3.9's Bloom applies its embedding norm inside Embed, before hook_embed:
-    # compared with W_E's rows (cosine below 0.99), every intervened run was refused.
-    if "hooked" not in TEST_KINDS:
-        pytest.skip("a HookedTransformer of Bloom (the suite runs bridges)")
-    from mechprobe.core._hooked import build_hooked
-
-    config = {"hidden_size": 64, "n_layer": 2, "n_head": 4}
-    (hf, tokenizer), (twin, _) = hf_of_config("Bloom", **config), hf_of_config("Bloom", **config)
-    generator = torch.Generator().manual_seed(1)
-    weight, bias = (
-        1 + 0.5 * torch.randn(64, generator=generator),
-        torch.randn(64, generator=generator),
-    )
-    with torch.no_grad():
-        for model in (hf, twin):
-            model.transformer.word_embeddings_layernorm.weight.copy_(weight)
-            model.transformer.word_embeddings_layernorm.bias.copy_(bias)
-    bloom = build_hooked(
-        twin, tokenizer, "bigscience/bloom-560m", device=None, dtype=torch.float32,
-        process_weights=False,
-    )  # fmt: skip
-    prompts = ["The cat sat on", "Hi", "Hi Hi"]
-    for side in ("right", "left"):
-        out = mp.run(bloom, prompts, {mp.Site("resid_post", 0): mp.Add(torch.zeros(64), positions=-1)},
-                     logit_positions=-1, padding_side=side, progress=False)  # fmt: skip
-        for row, prompt in enumerate(prompts):
-            with torch.no_grad():
-                want = hf(bloom.to_tokens(prompt)).logits[0, -1]
-            torch.testing.assert_close(out.logits[row, 0], want, atol=1e-4, rtol=1e-4)
-    batch, wrong = (
-        mp.tokenize(bloom, ["Hello there", "Hi"]),
-        mp.tokenize(bloom, ["Hi", "Hello there"]),
-    )
-    edit = {mp.Site("resid_post", 0): mp.Add(torch.ones(64), positions=-1)}
-    refused = pytest.raises(ValueError, match="not those of the batch=")
-    with refused, mp.intervene(bloom, edit, batch=batch):
-        bloom(wrong.tokens, attention_mask=wrong.attention_mask)
 
 
 def test_a_hook_the_model_lists_but_never_runs_is_named() -> None:
