@@ -166,9 +166,8 @@ class RunResult:
     def __getitem__(self, site: SiteLike) -> Tensor:
         if site in self.captures:
             return self.captures[site]
-        # A Site and its hook name are one place where the Site has no head or positions.
         for key, value in self.captures.items():
-            if _same_place(key, site) or _same_place(site, key):
+            if _one_place(key, site):
                 return value
         if isinstance(site, str) and site in _KINDS:  # capture="resid_post" took every layer's
             raise KeyError(
@@ -222,11 +221,7 @@ def _capture_sites(model: Any, capture: SiteLike | Sequence[SiteLike]) -> list[S
         kind = isinstance(item, str) and item in _KINDS
         for site in expand_sites(model, item) if kind else [item]:
             # A kind and one of its hook names name one place: captured once, as given first.
-            same = (
-                seen == site or _same_place(site, seen) or _same_place(seen, site)
-                for seen in listed
-            )
-            if not any(same):
+            if not any(_one_place(seen, site) for seen in listed):
                 listed.append(site)
     return listed
 
@@ -512,6 +507,12 @@ def check_positions(spec: InterventionSpec, batch: Batch) -> None:
             positions = item.positions if item.positions is not None else _positions_of(key)
             if positions is not None and not isinstance(positions, str):
                 batch.positions(positions)
+
+
+def _one_place(a: SiteLike, b: SiteLike) -> bool:
+    """Whether two sites read one place: equal, or a Site without head or positions and its
+    hook name."""
+    return a == b or _same_place(a, b) or _same_place(b, a)
 
 
 def _same_place(name: SiteLike, site: SiteLike) -> bool:
