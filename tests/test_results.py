@@ -364,7 +364,15 @@ def _model_runs() -> dict[str, Any]:
         "RelationalResult": lambda m: mp.relational_analysis(
             m, "capitals", n_items=6, ablation=False
         ),
+        "ProbeResult": lambda m: mp.probe_layers(_collected(m), progress=False),
+        "CumulativeScores": lambda m: mp.cumulative_scores(_collected(m), progress=False),
     }  # fmt: skip
+
+
+def _collected(model):
+    # Labelled activations for probes: a probe of them is a result made from that model.
+    texts = ["Hi cat", "Hi dog", "Hi you", "Hi hat"] * 3
+    return mp.collect(model, texts, "resid_post", labels=[0, 1] * 6, progress=False)
 
 
 @pytest.mark.parametrize("name", sorted(_model_runs()))

@@ -286,6 +286,13 @@ def collected_sites(X: Any) -> tuple[str, ...] | None:
     return None if names is None else tuple(str(name) for name in names)
 
 
+def collected_model(X: Any) -> str:
+    """The name of the model :class:`Activations` were collected from (``""`` for a plain
+    array, which does not say)."""
+    metadata = getattr(X, "metadata", None)
+    return str(metadata.get("model", "")) if isinstance(metadata, dict) else ""
+
+
 def model_layers(sites: tuple[str, ...] | None, n_layers: int) -> np.ndarray:
     """The model layer of each site name (``blocks.20.hook_resid_post``, ``head_out@3, head 2``),
     or the positions along the layer axis where a name gives none."""

@@ -27,6 +27,7 @@ from mechprobe._fit import LogisticFit, fit_logistic, softmax_penalty
 from mechprobe.core import Result, check_float, check_int, check_seed, new_axes, progress_bar
 from mechprobe.probing._data import (
     as_layers,
+    collected_model,
     collected_sites,
     encode_labels,
     gathered_dtype,
@@ -73,6 +74,8 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
         sites: ``[L]`` the site names of :class:`Activations` (hook names, or
             ``"head_out@3, head 2"``), or None for a plain array.
         seed: The seed the call took (None in files saved before results recorded it).
+        model_name: The model :class:`Activations` were collected from (``cfg.model_name``), for
+            the record; empty for a plain array and in files saved before results recorded it.
 
     Example:
         >>> import numpy as np
@@ -96,6 +99,7 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
     mix_accuracy: float | None = None
     sites: tuple[str, ...] | None = None
     seed: int | None = None
+    model_name: str = ""
 
     def entry_names(self) -> list[str]:
         """What each entry of the layer axis is: ``"layer 10"``, or its site where entries share
@@ -430,6 +434,7 @@ def probe_layers(
         mix_accuracy=mix_acc / n if scalar_mix else None,
         sites=sites,
         seed=seed,
+        model_name=collected_model(X),
     )
 
 

@@ -44,6 +44,7 @@ from mechprobe.core import Result, check_seed, gradients_enabled, new_axes, prog
 from mechprobe.probing._activations import Activations
 from mechprobe.probing._data import (
     as_layers,
+    collected_model,
     collected_sites,
     encode_labels,
     host,
@@ -226,6 +227,8 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
         layers: ``[layers]`` the model layer of each entry, read from the site names of
             :class:`Activations` (as :class:`ProbeResult`); positions for a plain array.
         seed: The seed the call took (None in files saved before results recorded it).
+        model_name: The model :class:`Activations` were collected from (``cfg.model_name``), for
+            the record; empty for a plain array and in files saved before results recorded it.
 
     Example:
         >>> import numpy as np, mechprobe as mp
@@ -243,6 +246,7 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
     n_test: int
     layers: np.ndarray | None = None
     seed: int | None = None
+    model_name: str = ""
 
     def _layers(self) -> np.ndarray:
         return np.arange(len(self.scores)) if self.layers is None else np.asarray(self.layers)
@@ -399,7 +403,15 @@ def cumulative_scores(
     deltas = np.concatenate([[np.nan], np.diff(scores)])
     expected = _expected_layer(scores, layers, len(y_test_idx))
     return CumulativeScores(
-        scores, deltas, expected, weights, n_train, len(y_test_idx), layers, seed=seed
+        scores,
+        deltas,
+        expected,
+        weights,
+        n_train,
+        len(y_test_idx),
+        layers,
+        seed=seed,
+        model_name=collected_model(X),
     )
 
 
