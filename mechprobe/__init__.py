@@ -276,14 +276,13 @@ _RENAMED = {
 
 def __getattr__(name: str) -> object:
     if name in _RENAMED:
-        import warnings
+        from mechprobe.core import warn
 
         new = _RENAMED[name]
-        warnings.warn(
+        warn(
             f"mechprobe.{name} is deprecated and will be removed in the next release; use "
             f"mechprobe.{new} (the same object).",
             DeprecationWarning,
-            stacklevel=2,
         )
         return globals()[new]
     raise AttributeError(f"module 'mechprobe' has no attribute {name!r}")

@@ -17,6 +17,7 @@ from mechprobe.core._batching import (
     tokenize,
     tokenize_with_targets,
 )
+from mechprobe.core._eval_mode import eval_mode, evaluates
 from mechprobe.core._generation import GenerationResult, generate
 from mechprobe.core._hooks import (
     Ablate,
@@ -85,6 +86,7 @@ from mechprobe.core._validation import (
     check_seed,
     class_labels,
 )
+from mechprobe.core._warning import user_stacklevel, warn
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -125,6 +127,8 @@ __all__ = [
     "decode",
     "differentiate",
     "encode",
+    "eval_mode",
+    "evaluates",
     "expand_sites",
     "figure_of",
     "first_token_ids",
@@ -160,6 +164,8 @@ __all__ = [
     "tokenize",
     "tokenize_with_targets",
     "top1_hit",
+    "user_stacklevel",
+    "warn",
     "width",
     "write_atomic",
     "write_tensors",

@@ -45,6 +45,7 @@ import torch
 
 from mechprobe.core._adapter import model_adapter
 from mechprobe.core._batching import Batch, pad_id, pad_rows, position_list, tokenize
+from mechprobe.core._eval_mode import evaluates
 from mechprobe.core._hooks import (
     Ablate,
     Add,
@@ -209,6 +210,7 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
         )
 
 
+@evaluates
 def generate(
     model: Any,
     prompts: Sequence[str] | str | Batch,

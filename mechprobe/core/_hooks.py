@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeAlias
 
@@ -44,6 +43,7 @@ from torch import Tensor
 from mechprobe.core._batching import Batch, bos_id, position_list
 from mechprobe.core._sites import Positions, SiteLike, is_attention_map, resolve_in, width
 from mechprobe.core._validation import check_finite
+from mechprobe.core._warning import warn
 
 __all__ = [
     "Ablate",
@@ -1154,12 +1154,11 @@ def _warn_unrun(names: Sequence[str], fired: set[str]) -> None:
     a pass stopped early (``stop_at_layer``) is the caller's choice, hence a warning."""
     unrun = sorted({name for name in names if name not in fired} - set(_CHECKS))
     if fired and unrun:
-        warnings.warn(
+        warn(
             f"{', '.join(unrun)} never ran in the forward pass: this model lists the hook but "
             "does not run it (or the pass stopped before it), so the interventions there did "
             "nothing. Use another site.",
             UserWarning,
-            stacklevel=4,
         )
 
 

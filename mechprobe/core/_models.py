@@ -36,6 +36,7 @@ from mechprobe.core._hooked import (
     save_hooked,
 )
 from mechprobe.core._validation import check_seed
+from mechprobe.core._warning import warn
 
 __all__ = ["DEFAULT_MODEL", "ModelLoadError", "cache_dir", "load_model", "save_model", "tiny_model"]
 
@@ -277,10 +278,9 @@ def _load_embedded(name: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
         with _cache_lock(folder):
             if not _cache_is_valid(folder, source):  # another process may have built it meanwhile
                 if folder.exists():
-                    warnings.warn(
+                    warn(
                         f"mechprobe: the weight cache in {folder} is incomplete or corrupt; "
                         "rebuilding it.",
-                        stacklevel=3,
                     )
                 _build_cache(gguf, folder, source)
     # TransformerLens (either kind) replaces a tokenizer that does not prepend BOS by loading it

@@ -12,6 +12,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechprobe.core._batching import Batch, PaddingSide, PositionSpec, bos_id, tokenize
+from mechprobe.core._eval_mode import evaluates
 from mechprobe.core._hooks import (
     Ablate,
     Capture,
@@ -226,6 +227,7 @@ def _capture_sites(model: Any, capture: SiteLike | Sequence[SiteLike]) -> list[S
     return listed
 
 
+@evaluates
 def run(
     model: Any,
     prompts: Sequence[str] | str | Batch,

@@ -19,7 +19,6 @@ is the *selectivity* (:meth:`AmnesicResult.selectivity`).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, get_args
@@ -34,8 +33,10 @@ from mechprobe.core import (
     as_int,
     check_int,
     check_seed,
+    evaluates,
     model_adapter,
     resolve_site,
+    warn,
     width,
 )
 from mechprobe.erasure._eraser import Eraser, dropout_projection, random_projection
@@ -78,6 +79,7 @@ def control_projections(
     return out
 
 
+@evaluates
 def amnesic(
     model: Any,
     site: SiteLike,
@@ -237,11 +239,10 @@ def _check_positions(positions: Any, caller: str = "amnesic") -> ErasePositions:
             )
         return "all"
     if positions is None:
-        warnings.warn(
+        warn(
             f"{caller}(positions=None) is deprecated and will be removed in the next release; "
             "every position is spelled positions='all' (the default).",
             DeprecationWarning,
-            stacklevel=3,
         )
         return "all"
     single = as_int(positions)

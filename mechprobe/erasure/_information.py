@@ -25,6 +25,7 @@ from mechprobe.core import (
     intervene,
     progress_bar,
     tokenize,
+    warn,
 )
 from mechprobe.erasure._metrics import Condition, ErasePositions, erasing
 from mechprobe.erasure._result import AmnesicMeasure
@@ -198,14 +199,13 @@ def _pass_on(
         if issubclass(w.category, ConvergenceWarning):
             unconverged = True
         else:
-            warnings.warn(w.message, w.category, stacklevel=4)
+            warn(w.message, w.category)
     if unconverged:
         skip = " (mlp=False skips the MLP probe)" if kind == "mlp" else ""
         steps = "epochs" if kind == "mlp" else "iterations"
-        warnings.warn(
+        warn(
             f"amnesic: the {'MLP' if kind == 'mlp' else kind} probe on the {condition} activations "
             f"had not converged after "
             f"{max_iter} {steps}; its accuracy may be an underestimate{skip}.",
             ConvergenceWarning,
-            stacklevel=4,
         )

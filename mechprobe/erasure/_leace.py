@@ -23,7 +23,6 @@ which gives up exact erasure when it triggers, is not applied here).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechprobe.core import check_float, check_int
+from mechprobe.core import check_float, check_int, warn
 from mechprobe.erasure._eraser import Eraser, check_xy
 
 __all__ = ["LeaceFitter", "leace"]
@@ -225,13 +224,12 @@ def _warn_left(singular: Tensor, svd_tol: float) -> None:
     """
     left = singular[(singular > _ROUNDING) & (singular <= svd_tol)]
     if len(left):
-        warnings.warn(
+        warn(
             f"LEACE left {len(left)} direction(s) in place along which the class means differ: "
             f"their singular values (largest {float(left.max()):.3g}) are under "
             f"svd_tol={svd_tol:g}, so a linear probe can still separate the classes there. Pass "
             "a smaller svd_tol (e.g. 1e-6) to erase them too, or keep it to treat them as noise.",
             UserWarning,
-            stacklevel=3,
         )
 
 

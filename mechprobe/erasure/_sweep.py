@@ -8,7 +8,6 @@ effect of the real erasure and of the controls against the layer.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -21,9 +20,11 @@ from mechprobe.core import (
     Result,
     SiteLike,
     check_seed,
+    evaluates,
     expand_sites,
     new_axes,
     progress_bar,
+    warn,
 )
 from mechprobe.erasure._amnesic import _check_positions, amnesic
 from mechprobe.erasure._eraser import Eraser
@@ -221,6 +222,7 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
         ax.set_ylim(0, 1.05)
 
 
+@evaluates
 def layer_sweep(
     model: Any,
     data: ProbingDataset | Task,
@@ -276,10 +278,9 @@ def layer_sweep(
         [0, 2]
     """
     if kind is not None:
-        warnings.warn(
+        warn(
             "layer_sweep(kind=...) is deprecated: say sites=... (removed in the next release).",
             DeprecationWarning,
-            stacklevel=2,
         )
         sites = kind
     # Everything checkable before the collection and the first fit, which cost the most.

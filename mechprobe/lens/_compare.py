@@ -30,6 +30,7 @@ from mechprobe.core import (
     StopForward,
     check_int,
     check_seed,
+    evaluates,
     new_axes,
     position_list,
     progress_bar,
@@ -182,6 +183,7 @@ def _positions(positions: str | int | Sequence[int], seq_len: int) -> list[int]:
     return sorted(set(cols))
 
 
+@evaluates
 def compare_lenses(
     model: Any,
     lenses: Mapping[str, LensSpec] | Sequence[LensSpec],

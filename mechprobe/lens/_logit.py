@@ -43,6 +43,7 @@ from mechprobe.core import (
     SiteKind,
     SiteLike,
     StopForward,
+    evaluates,
     model_adapter,
     progress_bar,
     run,
@@ -79,6 +80,7 @@ def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
     return int(value)
 
 
+@evaluates
 def logit_lens(
     model: Any,
     prompts: str | Sequence[str] | Batch,

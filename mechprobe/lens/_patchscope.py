@@ -15,7 +15,6 @@ Cost: one forward pass of the target prompt (22 tokens for SmolLM2) per decoded 
 from __future__ import annotations
 
 import contextlib
-import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +23,17 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechprobe.core import Batch, Replace, Site, StopForward, check_int, run, tokenize
+from mechprobe.core import (
+    Batch,
+    Replace,
+    Site,
+    StopForward,
+    check_int,
+    evaluates,
+    run,
+    tokenize,
+    warn,
+)
 from mechprobe.lens._lens import RESIDUAL_KINDS, KeepPositions, Lens
 
 __all__ = ["IDENTITY_PROMPT", "Patchscope"]
@@ -140,15 +149,15 @@ class Patchscope(Lens):
             }
         )
         if dead and place != len(ids) - 1:
-            warnings.warn(
+            warn(
                 f"This Patchscope reads its prompt's last token, after the placeholder, and a "
                 f"state written at {', '.join(dead)} (the last layer, after its attention) reaches "
                 "no later token: those decodes do not depend on the hidden state. Pass an "
                 "earlier target_layer, or a prompt that ends with the placeholder.",
                 UserWarning,
-                stacklevel=3,
             )
 
+    @evaluates
     def translate(
         self, model: Any, kind: str, layer: int, x: Float[Tensor, "n d_model"]
     ) -> Float[Tensor, "n d_model"]:

@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -47,12 +46,14 @@ from mechprobe.core import (
     check_float,
     check_int,
     check_seed,
+    evaluates,
     gradients_enabled,
     model_adapter,
     native_bfloat16,
     progress_bar,
     readout,
     run,
+    warn,
     write_atomic,
 )
 from mechprobe.lens._lens import RESIDUAL_KINDS
@@ -211,6 +212,7 @@ def _load_checkpoint(
     return int(state["step"]), list(state["log"]), state.get("last_kl")
 
 
+@evaluates
 def train_tuned_lens(
     model: Any,
     text: TextSource = "train",
@@ -281,12 +283,11 @@ def train_tuned_lens(
     """
     n_tokens = check_int(n_tokens, "n_tokens", 1)
     if isinstance(text, str) and text == "heldout":
-        warnings.warn(
+        warn(
             "train_tuned_lens(text='heldout') trains on the split that compare_lenses measures "
             "on by default: its comparison would then be on training text. Train on 'train' "
             "(the default), or compare on other text.",
             UserWarning,
-            stacklevel=2,
         )
     seq_len = check_int(seq_len, "seq_len", 2)
     tokens_per_step = check_int(tokens_per_step, "tokens_per_step", seq_len)
@@ -327,11 +328,10 @@ def train_tuned_lens(
     steps = max(1, n_tokens // tokens_per_step)
     windows = token_windows(model, text, seq_len=seq_len, n_windows=steps * per_step, seed=seed)
     if warmup_steps is not None and warmup_steps >= steps:
-        warnings.warn(
+        warn(
             f"warmup_steps={warmup_steps} is not below the {steps} steps: the whole run trains "
             "at a fraction of lr.",
             UserWarning,
-            stacklevel=2,
         )
     warmup, factor = _schedule(optimizer, steps, warmup_steps)
     config = _config(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechprobe.core import read_tensors, write_tensors
+from mechprobe.core import read_tensors, warn, write_tensors
 from mechprobe.lens._lens import RESIDUAL_KINDS, Lens
 
 __all__ = ["TunedLens", "canonical_site", "unembedding_digest"]
@@ -268,12 +267,11 @@ class TunedLens(Lens):
             other = not _same_unembedding(self.unembed_fingerprint, unembedding_fingerprint(model))
         if other or (package_hash and package_hash != package_unembedding_hash(model)):
             name = str(getattr(model.cfg, "model_name", "") or "this model")
-            warnings.warn(
+            warn(
                 f"This tuned lens (trained on {self.model_name or 'an unnamed model'}) was trained "
                 f"with another unembedding than {name}'s: its read-outs may mean little; load or "
                 "train a lens for this model.",
                 UserWarning,
-                stacklevel=3,
             )
 
     def _spans(self) -> list[str]:

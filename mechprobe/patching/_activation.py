@@ -25,7 +25,6 @@ layer, each read by 3 of the 9 query heads; :func:`mechprobe.core.query_heads` s
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any, Literal, TypeAlias, get_args
 
@@ -42,12 +41,14 @@ from mechprobe.core import (
     SiteLike,
     check_int,
     check_seed,
+    evaluates,
     expand_sites,
     model_adapter,
     position_list,
     run,
     token_label,
     tokenize,
+    warn,
 )
 from mechprobe.patching._engine import (
     COPY,
@@ -258,6 +259,7 @@ def _check_common(cells_per_batch: Any, n_random: Any, seed: Any) -> int:
     return check_seed(seed)
 
 
+@evaluates
 def patch(
     model: Any,
     clean: Prompts,
@@ -435,6 +437,7 @@ def _result(
 Method: TypeAlias = Literal["zero", "mean"]
 
 
+@evaluates
 def ablate_cells(
     model: Any,
     prompts: Prompts,
@@ -593,21 +596,19 @@ def _warn_if_self_mean(
     to it changes nothing, and the random controls, moved the same zero distance, agree, so
     those cells would read "no effect"."""
     if any(site.kind == "pattern" for site in site_list):
-        warnings.warn(
+        warn(
             f"The mean pattern row at the ablated query position(s) {ablated} comes from the one "
             "prompt ablated: ablating it there changes nothing. Pass reference prompts "
             "(reference=...) or use method='zero'.",
-            stacklevel=3,  # the user's call of ablate_cells
         )
     if reference_positions != "all" and any(site.kind != "pattern" for site in site_list):
         taken = {p % length for p in position_list(reference_positions)}
         if len(taken) == 1 and taken <= set(ablated):
-            warnings.warn(
+            warn(
                 f"The mean activation is taken over 1 reference token, position {taken.pop()}, "
                 "which is the position ablated: ablating it to its own value changes nothing. "
                 "Pass reference prompts (reference=...), reference_positions='all', or use "
                 "method='zero'.",
-                stacklevel=3,  # the user's call of ablate_cells
             )
 
 

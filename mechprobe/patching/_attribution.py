@@ -46,6 +46,7 @@ from mechprobe.core import (
     check_int,
     check_seed,
     differentiate,
+    evaluates,
     gradients_enabled,
     intervene,
     keyed_seed,
@@ -141,6 +142,7 @@ def _check_head_out(model: Any, site_list: list[Site], grads: dict[str, Gradient
         check_heads_sum(model.blocks[layer].attn, z, attn_out, f"head_out at layer {layer}")
 
 
+@evaluates
 def attribution_patch(
     model: Any,
     clean: Prompts,

@@ -27,7 +27,6 @@ patched (``k = width``: the ceiling a subspace can reach at that site) and the b
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -45,6 +44,7 @@ from mechprobe.core import (
     check_float,
     check_int,
     check_seed,
+    evaluates,
     gradients_enabled,
     intervene,
     model_adapter,
@@ -53,6 +53,7 @@ from mechprobe.core import (
     resolve_site,
     run,
     tokenize,
+    warn,
     width,
 )
 from mechprobe.patching._metrics import _answer_ids
@@ -217,6 +218,7 @@ class _Interchange(Intervention):
         return selected + ((source - selected) @ rotation.T) @ rotation
 
 
+@evaluates
 def das(
     model: Any,
     base: str | Sequence[str],
@@ -461,9 +463,8 @@ def _refuse_equal_prefixes(model: Any, bases: Any, sources: Any, position: int) 
             "changes nothing: pass the position of a token that differs (a word may be several "
             "tokens; mp.tokenize shows them)."
         )
-    warnings.warn(
+    warn(
         f"In {sum(equal)} of {len(equal)} pairs {what}: the interchange changes nothing there.",
-        stacklevel=3,
     )
 
 

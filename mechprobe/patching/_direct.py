@@ -24,7 +24,6 @@ that sum, or whose final norm or logits are not of that form, is refused with th
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -44,12 +43,14 @@ from mechprobe.core import (
     as_int,
     check_heads_sum,
     check_int,
+    evaluates,
     first_token_ids,
     model_adapter,
     new_axes,
     run,
     spread,
     tokenize,
+    warn,
 )
 from mechprobe.patching._metrics import PatchMetric, _pair_ids, logit_diff
 
@@ -262,6 +263,7 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
         )
 
 
+@evaluates
 def direct_logit_attribution(
     model: Any,
     prompts: str | Sequence[str] | Batch | TaskLike,
@@ -437,11 +439,10 @@ def _task_prompts(
         dropped = sorted(set(range(len(prompts))) - set(kept))
         inputs = task.inputs()
         shown = ", ".join(f"{inputs[i]!r}" for i in dropped[:5])
-        warnings.warn(
+        warn(
             f"Task {task.name!r}: {len(dropped)} of {len(prompts)} items left out, as their answer "
             f"and argument start with the same token ({shown}{' ...' if len(dropped) > 5 else ''}).",
             UserWarning,
-            stacklevel=3,
         )
     metric = logit_diff([answers[i] for i in kept], [arguments[i] for i in kept])
     return [prompts[i] for i in kept], metric

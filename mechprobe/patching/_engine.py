@@ -29,7 +29,6 @@ Edits by layout of the hooked tensor:
 from __future__ import annotations
 
 import contextlib
-import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from mechprobe.core import (
     model_adapter,
     progress_bar,
     readout,
+    warn,
     width,
 )
 
@@ -620,11 +620,10 @@ def run_plan(
                 target[index] = value
     bad = int((~torch.isfinite(values.cells)).sum())
     if bad:
-        warnings.warn(
+        warn(
             f"The metric is not finite in {bad} of {values.cells.numel()} patched cells (NaN or "
             "inf in the result).",
             RuntimeWarning,
-            stacklevel=3,
         )
     return values
 

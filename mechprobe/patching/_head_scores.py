@@ -52,6 +52,7 @@ from mechprobe.core import (
     Result,
     check_int,
     check_seed,
+    evaluates,
     figure_of,
     keyed_seed,
     model_adapter,
@@ -273,6 +274,7 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
         )
 
 
+@evaluates
 def head_scores(
     model: Any,
     prompts: str | Sequence[str] | Batch | None = None,

@@ -49,6 +49,7 @@ from mechprobe.core import (
     check_heads_sum,
     check_int,
     differentiate,
+    evaluates,
     expand_sites,
     gradients_enabled,
     intervene,
@@ -453,6 +454,7 @@ def split_qkv(model: Any) -> Iterator[dict[SiteLike, list[Intervention]]]:
             model.set_use_attn_in(True)
 
 
+@evaluates
 def path_patch(
     model: Any,
     clean: Prompts,
@@ -644,7 +646,7 @@ def path_patch(
 
     values_mean = per_pair.mean(axis=0)
     normalised = normalised_recovery(
-        values_mean, clean_m, corrupt_m, metric_name, stacklevel=3, dtype=model_adapter(model).dtype
+        values_mean, clean_m, corrupt_m, metric_name, dtype=model_adapter(model).dtype
     )
     return PathPatchResult(
         values=values_mean,

@@ -4,7 +4,6 @@ controls, spread over prompts, frame, heatmap, JSON)."""
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -13,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechprobe.core import HEAD_KINDS, Result, check_int, new_axes
+from mechprobe.core import HEAD_KINDS, Result, check_int, new_axes, warn
 from mechprobe.core import spread as spread_of  # its own property is called spread
 
 if TYPE_CHECKING:
@@ -94,9 +93,7 @@ def concat_pairs(cls: type[_R], results: Sequence[_R]) -> _R:
     joined["normalised"] = (
         np.full_like(values, np.nan)
         if ablation
-        else normalised_recovery(
-            values, joined["clean"], joined["corrupt"], str(joined["metric"]), stacklevel=3
-        )
+        else normalised_recovery(values, joined["clean"], joined["corrupt"], str(joined["metric"]))
     )
     return cls(**joined)
 
@@ -106,7 +103,6 @@ def normalised_recovery(
     clean_m: np.ndarray,
     corrupt_m: np.ndarray,
     metric_name: str,
-    stacklevel: int = 4,
     dtype: torch.dtype | None = None,
 ) -> np.ndarray:
     """``(values - corrupt) / (clean - corrupt)`` over the pairs' mean metrics; NaN, with a
@@ -119,19 +115,17 @@ def normalised_recovery(
     # the value) a gap of 0.03 between metrics near 3 gave recoveries of exactly 12.0 and -6.0.
     rounding = 8 * torch.finfo(dtype).eps * size if dtype is not None else 0.0
     if 1e-5 * size < abs(scale) <= rounding:
-        warnings.warn(
+        warn(
             f"The clean and corrupt runs' {metric_name} differ by {abs(scale):.3g}, within a few "
             f"rounding steps of this {str(dtype).removeprefix('torch.')} model ({rounding:.2g}): "
             "normalised recovery divides rounding errors. Use prompts whose metrics differ "
             "more, or the model in float32.",
-            stacklevel=stacklevel,
         )
     if abs(scale) <= 1e-5 * size:
-        warnings.warn(
+        warn(
             f"The clean and corrupt runs give the same {metric_name} ({np.mean(clean_m):.4g}), "
             "so normalised recovery is undefined (NaN): use a corrupt prompt that changes the "
             "answer.",
-            stacklevel=stacklevel,  # the user's call: 4 through patch's _result
         )
         return np.full_like(values, np.nan)
     return (values - np.mean(corrupt_m)) / scale

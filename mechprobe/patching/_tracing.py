@@ -26,7 +26,6 @@ subject token, the first token after the subject, further tokens, and the last t
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -43,6 +42,7 @@ from mechprobe.core import (
     Site,
     check_float,
     check_int,
+    evaluates,
     expand_sites,
     figure_of,
     intervene,
@@ -51,6 +51,7 @@ from mechprobe.core import (
     readout,
     token_label,
     tokenize,
+    warn,
 )
 from mechprobe.patching._activation import _check_common
 from mechprobe.patching._engine import (
@@ -553,6 +554,7 @@ def _argument_in(prompt: str, argument: str, given: str) -> str:
     return word if word in prompt else given
 
 
+@evaluates
 def causal_trace(
     model: Any,
     prompts: str | Sequence[str] | TaskLike,
@@ -696,11 +698,10 @@ def causal_trace(
             if len(t) > 1
         ]
         if longer:
-            warnings.warn(
+            warn(
                 f"causal_trace traces an answer's first token, as ROME: "
                 f"{', '.join(dict.fromkeys(longer))}. To choose the token, pass token ids as "
                 "answers= (for a Task, with its prompts and subjects).",
-                stacklevel=2,
             )
         answer_ids = tuple(t[0] for t in tokens)
         answer_labels = [

@@ -32,7 +32,6 @@ import html
 import json
 import os
 import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,9 +52,11 @@ from mechprobe.core import (
     SiteLike,
     StopForward,
     check_int,
+    evaluates,
     expand_sites,
     intervene,
     progress_bar,
+    warn,
 )
 from mechprobe.probing._selection import Plan, make_plan
 from mechprobe.probing._store import (
@@ -362,6 +363,7 @@ def _site_names(
     return names, found
 
 
+@evaluates
 def collect(
     model: Any,
     data: Any,
@@ -425,11 +427,10 @@ def collect(
         ([1, 3, 2], ['x', 'y', 'x'])
     """
     if select is not None:
-        warnings.warn(
+        warn(
             "collect(select=...) is deprecated: say positions=... (select='last' is "
             "positions=-1); select goes in the next release.",
             DeprecationWarning,
-            stacklevel=2,
         )
         positions = _OLD_SELECT.get(select, select) if isinstance(select, str) else select
     if dtype not in _DTYPES:

@@ -14,7 +14,7 @@ from jaxtyping import Float
 from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 from torch import Tensor
 
-from mechprobe.core import class_labels
+from mechprobe.core import class_labels, warn
 
 _GATHER_ROWS = 2048  # rows gathered (and added to the moments) at a time
 # A layer in a site name: a hook's "blocks.20." or a head site's "head_out@3".
@@ -270,11 +270,10 @@ def _gather(
 def _warn_rare(counts: np.ndarray, needed: int, classes: np.ndarray | None) -> None:
     rare = np.flatnonzero(counts < needed)
     names = (rare if classes is None else classes[rare]).tolist()
-    warnings.warn(
+    warn(
         f"classes {names[:10]} have fewer than {needed} examples, so the split is not stratified; "
         "drop rare classes for stratified splits.",
         UserWarning,
-        stacklevel=3,
     )
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from mechprobe.core import check_seed
+from mechprobe.core import check_seed, warn
 from mechprobe.probing._selection import whitespace_words
 
 __all__ = ["ProbingDataset", "pos_dataset"]
@@ -198,10 +197,9 @@ class ProbingDataset:
     @property
     def select(self) -> str:
         """Deprecated (one release): ``"last"`` or ``"word_last"``; say :attr:`positions`."""
-        warnings.warn(
+        warn(
             "ProbingDataset.select is deprecated: say .positions (-1 or 'word_last').",
             DeprecationWarning,
-            stacklevel=2,
         )
         return "last" if self.level == "text" else "word_last"
 
@@ -324,10 +322,9 @@ class ProbingDataset:
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
         """Deprecated (one release): say :meth:`save`."""
-        warnings.warn(
+        warn(
             "ProbingDataset.to_json(path) is deprecated: say .save(path).",
             DeprecationWarning,
-            stacklevel=2,
         )
         return self.save(path)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-import warnings
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import pandas as pd
 import torch
 
 from mechprobe._fit import LogisticFit, fit_logistic, softmax_penalty
-from mechprobe.core import Result, check_float, check_int, check_seed, new_axes, progress_bar
+from mechprobe.core import Result, check_float, check_int, check_seed, new_axes, progress_bar, warn
 from mechprobe.probing._data import (
     as_layers,
     collected_model,
@@ -318,13 +317,12 @@ def probe_layers(
     k = len(classes)
     control = None
     if groups is not None and _one_type_per_class(groups, y_idx):
-        warnings.warn(
+        warn(
             "Each class is one word type (groups and labels match one to one, as in "
             "country_dataset(target='country')): a control task would only rename the classes, "
             "and selectivity would be ~0 whatever the representation. The control task is "
             "skipped (NaN); pass groups with several word types per class, or groups=False.",
             UserWarning,
-            stacklevel=2,
         )
         groups = None
     if groups is not None:
@@ -332,13 +330,12 @@ def probe_layers(
         if len(np.unique(control)) < 2:
             # One control label for every row (few word types, or one): a constant task that
             # any probe "solves", so selectivity would be accuracy minus 1.
-            warnings.warn(
+            warn(
                 f"The control task drew the same label for all {len(np.unique(groups))} word "
                 "type(s): it is constant, so its accuracy would be 1 whatever the representation. "
                 "The control task is skipped (NaN); pass groups with more word types, another "
                 "seed, or groups=False.",
                 UserWarning,
-                stacklevel=2,
             )
             control = None
     folds = splits(y_idx, test_size=test_size, n_folds=n_folds, seed=seed, classes=classes)

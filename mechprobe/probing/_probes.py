@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import Tensor
 
 from mechprobe._fit import fit_logistic, softmax_penalty
-from mechprobe.core import check_float, check_int, check_seed, class_labels, gradients_enabled
+from mechprobe.core import check_float, check_int, check_seed, class_labels, gradients_enabled, warn
 from mechprobe.probing._data import host
 
 
@@ -112,11 +111,10 @@ class LinearProbe(_Probe):
         y_idx = _encode_targets(self, y)
         weights = _sample_weight(sample_weight, X.shape[0])
         if self.C is not None:
-            warnings.warn(
+            warn(
                 "LinearProbe(C=...) is deprecated: say l2 = 1 / (C n) for n training rows "
                 "(C goes in the next release).",
                 DeprecationWarning,
-                stacklevel=2,
             )
             if not self.C > 0:
                 raise ValueError(
@@ -219,11 +217,10 @@ class MLPProbe(_Probe):
         X, y = validate_data(self, host(X), host(y), dtype=np.float64)
         y_idx = _encode_targets(self, y)
         if self.alpha is not None:
-            warnings.warn(
+            warn(
                 "MLPProbe(alpha=...) is deprecated: say l2=... (the same number; alpha goes in "
                 "the next release).",
                 DeprecationWarning,
-                stacklevel=2,
             )
         l2 = _check_l2(self.l2 if self.alpha is None else self.alpha, allow_zero=True)
         # Checked at fit, as scikit-learn does (hidden_size=0 divided by zero in the init).
@@ -392,12 +389,11 @@ def _fit_mlp(
         if bool(stopped.all()):
             break
     if not bool(stopped.all()):  # as scikit-learn's MLPClassifier and the linear fits warn
-        warnings.warn(
+        warn(
             f"MLP probe: {int((~stopped).sum())} of {n_layers} fits did not stop within "
             f"max_iter={max_iter} epochs (their loss still fell by more than tol={tol} within 10 "
             "epochs); increase max_iter.",
             ConvergenceWarning,
-            stacklevel=3,
         )
     with torch.no_grad():
         final = [

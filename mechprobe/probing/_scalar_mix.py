@@ -40,7 +40,7 @@ from mechprobe._fit import (
     preconditioner,
     softmax_penalty,
 )
-from mechprobe.core import Result, check_seed, gradients_enabled, new_axes, progress_bar
+from mechprobe.core import Result, check_seed, gradients_enabled, new_axes, progress_bar, warn
 from mechprobe.probing._activations import Activations
 from mechprobe.probing._data import (
     as_layers,
@@ -470,11 +470,10 @@ def _fit_mix(
         refresh_at=(15, 50),
     )
     if not bool(finished.all()):
-        warnings.warn(
+        warn(
             f"scalar mix: {int((~finished).sum())} of {len(finished)} fits did not reach "
             f"tol={tol} in max_iter={max_iter} iterations; increase max_iter or l2.",
             ConvergenceWarning,
-            stacklevel=3,
         )
     w, effective, b = objective.unpack(theta, torch.arange(len(theta), device=theta.device))
     weights = torch.softmax(w.masked_fill(~masks, -torch.inf), -1)

@@ -36,6 +36,7 @@ from mechprobe.core import (
     check_choice,
     check_finite,
     check_int,
+    evaluates,
     first_token_ids,
     forward,
     intervene,
@@ -233,6 +234,7 @@ def _intact_pass(
     return torch.cat(preds), torch.cat(hits).cpu(), means
 
 
+@evaluates
 def ffn_ablation(
     model: Any,
     tasks: Task | str | os.PathLike[str] | Sequence[Task | str | os.PathLike[str]],

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechprobe.core import Result, check_finite, check_seed, target_rank
+from mechprobe.core import Result, check_finite, check_seed, evaluates, target_rank, warn
 from mechprobe.relational._figure import axes_for
 from mechprobe.tasks import Task, as_task
 
@@ -95,6 +94,7 @@ def _decode(model: Any, token: int) -> str:
     return str(tokenizer.decode([token])) if tokenizer is not None else f"<{token}>"
 
 
+@evaluates
 def analogy(
     model: Any,
     a: str | int,
@@ -285,22 +285,20 @@ class AnalogyResult(Result, format="mechprobe.AnalogyResult", version=2):
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
         """Deprecated: call :meth:`save` (``.json`` or ``.npz``)."""
-        warnings.warn(
+        warn(
             "AnalogyResult.to_json(path) is deprecated and will be removed in the next release; "
             "call .save(path) (and AnalogyResult.load(path)).",
             DeprecationWarning,
-            stacklevel=2,
         )
         return self.save(path)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> AnalogyResult:
         """Deprecated: call :meth:`load`; also reads the untagged files of earlier releases."""
-        warnings.warn(
+        warn(
             "AnalogyResult.from_json(path) is deprecated and will be removed in the next "
             "release; call AnalogyResult.load(path).",
             DeprecationWarning,
-            stacklevel=2,
         )
         data: dict[str, Any] = json.loads(Path(path).read_text(encoding="utf-8"))
         if "format" in data:
@@ -317,6 +315,7 @@ def _ranks(scores: Float[Tensor, "n vocab"], answers: Tensor) -> tuple[list[int]
     return ranks.tolist(), scores.argmax(dim=1).tolist()
 
 
+@evaluates
 def offset_accuracy(
     model: Any,
     task: Task | str | os.PathLike[str],

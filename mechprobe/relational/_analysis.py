@@ -42,6 +42,7 @@ from mechprobe.core import (
     check_float,
     check_int,
     check_seed,
+    evaluates,
     model_adapter,
     progress_enabled,
 )
@@ -196,6 +197,7 @@ def _contexts(
 @renamed_keywords(
     sweep_ranges=("sweep_layers", half_open_pairs), holdout=("test_size", lambda share: share)
 )
+@evaluates
 def relational_analysis(
     model: Any,
     task: TaskArg,

@@ -12,10 +12,10 @@ CHANGELOG.md lists each of them; they go in the next release.
 from __future__ import annotations
 
 import functools
-import sys
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ParamSpec, TypeVar
+
+from mechprobe.core import warn
 
 __all__ = ["half_open_pairs", "renamed_keywords", "writer_positions"]
 
@@ -52,11 +52,10 @@ def renamed_keywords(
                     raise TypeError(
                         f"{fn.__name__}() got both {old}= and {new}=; pass {new}= only."
                     )
-                warnings.warn(
+                warn(
                     f"{fn.__name__}({old}=...) is deprecated and will be removed in the next "
                     f"release; pass {new}= instead (see CHANGELOG.md).",
                     DeprecationWarning,
-                    stacklevel=_user_level(),
                 )
                 kwargs[new] = convert(kwargs.pop(old))
             return fn(*args, **kwargs)
@@ -88,19 +87,10 @@ def writer_positions(positions: Any, owner: str) -> Any:
         (-1, 'all')
     """
     if positions is None:
-        warnings.warn(
+        warn(
             f"{owner}(positions=None) is deprecated and will be removed in the next release; "
             "every position is spelled positions='all' (the default).",
             DeprecationWarning,
-            stacklevel=_user_level(),
         )
         return "all"
     return positions
-
-
-def _user_level() -> int:
-    """The ``stacklevel`` of the first caller outside mechprobe (warnings point at user code)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("mechprobe."):
-        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
-    return level

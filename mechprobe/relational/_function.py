@@ -37,6 +37,7 @@ from mechprobe.core import (
     SiteLike,
     check_int,
     check_seed,
+    evaluates,
     figure_of,
     first_token_ids,
     model_adapter,
@@ -266,6 +267,7 @@ def _accuracy(
     return top1_hit(logits, torch.as_tensor(answers)).cpu().numpy().astype(float)
 
 
+@evaluates
 def function_vector(
     model: Any,
     task: Task | str,

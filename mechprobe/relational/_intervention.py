@@ -16,7 +16,6 @@ is the fraction whose top token is the same as in the intact run.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -39,6 +38,7 @@ from mechprobe.core import (
     check_choice,
     check_finite,
     check_float,
+    evaluates,
     first_token_ids,
     model_adapter,
     progress_bar,
@@ -46,6 +46,7 @@ from mechprobe.core import (
     run,
     target_rank,
     tokenize,
+    warn,
 )
 from mechprobe.relational._deprecated import writer_positions
 from mechprobe.relational._figure import axes_for
@@ -213,12 +214,11 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
         :meth:`metrics`.
         """
         if conditions is not None or group is not None:
-            warnings.warn(
+            warn(
                 "OVectorEffect.summary(conditions, group) is deprecated and will be removed in "
                 "the next release; call .metrics(conditions, group) for the dict of one "
                 "condition (summary() is the table of every condition).",
                 DeprecationWarning,
-                stacklevel=2,
             )
             return self.metrics(conditions if conditions is not None else "intact", group)
         rows = []
@@ -488,6 +488,7 @@ def _evaluate(
     return rank.cpu().numpy(), arg.cpu().numpy(), logits.argmax(-1).cpu().numpy()
 
 
+@evaluates
 def ovector_intervention(
     model: Any,
     vectors: Mapping[str, OVector | Tensor | np.ndarray],
@@ -590,10 +591,9 @@ def warn_unspaced(words: Sequence[str], what: str) -> None:
     bare string ("Warsaw" -> "W"), not the word a context continues with (" Warsaw")."""
     bare = [w for w in words if w and not w[0].isspace()]
     if bare:
-        warnings.warn(
+        warn(
             f"{what} are scored by the first token of each string as given, and {bare[:3]} have "
             f"no leading space: {bare[0]!r} is not the token of the word after a space. Pass "
             f"{' ' + bare[0]!r} (task answers and random_word_contexts add the space).",
             UserWarning,
-            stacklevel=3,
         )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +33,7 @@ from mechprobe.core import (
     check_finite,
     check_int,
     check_seed,
+    evaluates,
     first_token_ids,
     model_adapter,
     readout,
@@ -42,6 +42,7 @@ from mechprobe.core import (
     token_label,
     tokenize,
     top1_hit,
+    warn,
 )
 from mechprobe.relational._figure import axes_for
 from mechprobe.relational._pass import TaskPass
@@ -213,6 +214,7 @@ def _model_name(model: Any) -> str:
     return str(getattr(model.cfg, "model_name", ""))
 
 
+@evaluates
 def extract_ovector(
     model: Any,
     prompts: str | Sequence[str] | Task,
@@ -251,11 +253,10 @@ def extract_ovector(
         texts, source = task.prompts(), task.name
     elif isinstance(prompts, str):
         if prompts in list_tasks():
-            warnings.warn(
+            warn(
                 f"extract_ovector read {prompts!r} as the text of one prompt; for the task of "
                 f"that name pass mp.load_task({prompts!r}).",
                 UserWarning,
-                stacklevel=2,
             )
         texts, source = [prompts], "prompt"
     else:
@@ -411,6 +412,7 @@ def random_ovector(like: OVector, *, seed: int = 0) -> OVector:
     )
 
 
+@evaluates
 def ovector_controls(
     model: Any,
     ovector: OVector,

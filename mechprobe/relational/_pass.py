@@ -17,6 +17,7 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
+from mechprobe.core import evaluates
 from mechprobe.lens import LensSpec
 from mechprobe.relational._scoring import TaskScore, _forced_pass
 from mechprobe.relational._trajectory import Stages, Trajectory, _from_pass, check_lens
@@ -65,6 +66,7 @@ class TaskPass:
         )
 
 
+@evaluates
 def task_pass(
     model: Any,
     task: Task | str | os.PathLike[str],

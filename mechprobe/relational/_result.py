@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from mechprobe.core import Result, encode, write_atomic
+from mechprobe.core import Result, encode, warn, write_atomic
 from mechprobe.relational._ablation import AblationResult
 from mechprobe.relational._intervention import _GROUPS, OVectorEffect
 from mechprobe.relational._ovector import OVector
@@ -218,11 +217,10 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
 
     def to_json(self) -> dict[str, Any]:
         """Deprecated: call :meth:`to_dict` (the same ``result.json`` object)."""
-        warnings.warn(
+        warn(
             "RelationalResult.to_json() is deprecated and will be removed in the next release; "
             "call .to_dict() (the result.json object) or .save(folder).",
             DeprecationWarning,
-            stacklevel=2,
         )
         return self.to_dict()
 

@@ -28,6 +28,7 @@ from mechprobe.core import (
     Site,
     SiteKind,
     check_finite,
+    evaluates,
     model_adapter,
     progress_bar,
     run,
@@ -259,6 +260,7 @@ def _forced_pass(
     return _Pass(score=score, captures=captures)
 
 
+@evaluates
 def score_task(
     model: Any,
     task: Task | str | os.PathLike[str],

@@ -25,6 +25,7 @@ from mechprobe.core import (
     Result,
     check_choice,
     check_int,
+    evaluates,
     first_token_ids,
     model_adapter,
     progress_bar,
@@ -225,6 +226,7 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
 
 
 @renamed_keywords(layer_ranges=("layers", half_open_pairs))
+@evaluates
 def ovector_sweep(
     model: Any,
     vectors: Mapping[str, OVector | torch.Tensor | np.ndarray],
@@ -318,6 +320,7 @@ def ovector_sweep(
     )
 
 
+@evaluates
 def tuned_intervention(
     model: Any,
     vectors: Mapping[str, OVector | torch.Tensor | np.ndarray],

@@ -47,6 +47,7 @@ from mechprobe.core import (
     Result,
     check_finite,
     check_int,
+    evaluates,
     first_token_ids,
     model_adapter,
     readout,
@@ -409,6 +410,7 @@ def _from_pass(
     )
 
 
+@evaluates
 def trajectory(
     model: Any,
     task: Task | str | os.PathLike[str],
@@ -442,6 +444,7 @@ def trajectory(
     return _from_pass(model, task, forced.score, forced.captures, decoder)
 
 
+@evaluates
 def ffn_attribution(
     model: Any,
     task: Task | str | os.PathLike[str],

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -38,7 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mechprobe.core import check_seed
+from mechprobe.core import check_seed, warn
 from mechprobe.tasks._format import (
     FORMAT_HELP,
     KINDS,
@@ -101,12 +100,11 @@ class Task:
             )
         overlap = sorted({s.input for s in shots} & {i.input for i in items})
         if overlap:
-            warnings.warn(
+            warn(
                 f"Task {self.name!r}: shots and items share inputs {overlap[:5]}"
                 f"{' ...' if len(overlap) > 5 else ''}; those items see their own answer in the "
                 "prompt. Remove them from the items or pick other shots if that is unintended.",
                 UserWarning,
-                stacklevel=3,
             )
         object.__setattr__(self, "shots", shots)
         object.__setattr__(self, "items", items)
