@@ -600,6 +600,11 @@ def test_read_texts_from_files_and_folders(tmp_path):
     assert mp.read_texts(str(tmp_path / "b.txt")) == ["Second text."]
     with pytest.raises(ValueError, match="neither 'train', 'heldout', 'all' nor an existing"):
         mp.read_texts("The cat sat.")
+    # A paragraph is too long for a file name: OSError "File name too long" before (review 21b).
+    with pytest.raises(ValueError, match="pass a list of strings for literal text"):
+        mp.read_texts("the quick brown fox " * 20)
+    with pytest.raises(ValueError, match="pass a list of strings for literal text"):
+        mp.read_texts("nul\x00byte")
     with pytest.raises(ValueError, match="empty"):
         mp.read_texts(["  ", ""])
     (tmp_path / "empty").mkdir()

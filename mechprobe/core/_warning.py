@@ -43,4 +43,9 @@ def user_stacklevel() -> int:
 
 
 def _in_mechprobe(module: str) -> bool:
-    return module == "mechprobe" or module.startswith("mechprobe.")
+    # Context managers used as decorators (contextlib's, torch's no_grad) stand between two of
+    # mechprobe's frames: theirs are no user's line either.
+    return module in _WRAPPERS or module == "mechprobe" or module.startswith("mechprobe.")
+
+
+_WRAPPERS = ("contextlib", "torch.utils._contextlib")

@@ -190,11 +190,14 @@ def logit_lens(
     n_e, n_t = len(entries), plan.first_ids.shape[1]
     nan = float("nan")
     top_ids = torch.full((n_b, n_e, n_k, top_k), -1, dtype=torch.long)
-    top_probs = torch.full((n_b, n_e, n_k, top_k), nan)
-    entropy, kl = torch.full((n_b, n_e, n_k), nan), torch.full((n_b, n_e, n_k), nan)
+    # float32 whatever torch's default dtype: the readout's statistics are float32.
+    f32 = torch.float32
+    top_probs = torch.full((n_b, n_e, n_k, top_k), nan, dtype=f32)
+    entropy = torch.full((n_b, n_e, n_k), nan, dtype=f32)
+    kl = torch.full((n_b, n_e, n_k), nan, dtype=f32)
     rank = torch.full((n_b, n_e, n_k, n_t), -1, dtype=torch.long)
-    logprob = torch.full((n_b, n_e, n_k, n_t), nan)
-    cont_lp = torch.zeros((n_b, n_e, n_t))
+    logprob = torch.full((n_b, n_e, n_k, n_t), nan, dtype=f32)
+    cont_lp = torch.zeros((n_b, n_e, n_t), dtype=f32)
     readout = Readout(model, chunk_size)
     q_b, q_k = np.nonzero(plan.grid >= 0)
     q_row = plan.row_of_prompt[q_b]

@@ -85,16 +85,16 @@ def read_texts(source: TextSource) -> list[str]:
     """
     if isinstance(source, str) and source in ("train", "heldout", "all"):
         return english_text(source)  # type: ignore[arg-type]
-    if isinstance(source, (str, os.PathLike)) and Path(source).exists():
-        path = Path(source)
+    if isinstance(source, (str, os.PathLike)) and _is_path(source):
+        path = Path(source).expanduser()
         files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
         docs = [f.read_text(encoding="utf-8") for f in files]
         if not docs:
             raise ValueError(f"{path} holds no .txt file: pass a folder of .txt files.")
     elif isinstance(source, (str, os.PathLike)):
         raise ValueError(
-            f"{str(source)[:60]!r} is neither 'train', 'heldout', 'all' nor an existing file or folder: pass a "
-            "list of strings for literal text."
+            f"{str(source)[:60]!r} is neither 'train', 'heldout', 'all' nor an existing file or "
+            "folder: pass a list of strings for literal text (a string is a file name)."
         )
     elif not isinstance(source, Sequence):
         raise TypeError(
@@ -179,3 +179,12 @@ def token_windows(
         )
     perm = np.random.default_rng(seed + 1).permutation(n_windows)
     return torch.tensor([got[int(i)] for i in perm], dtype=torch.long)
+
+
+def _is_path(source: str | os.PathLike[str]) -> bool:
+    """Whether ``source`` names an existing file or folder (a paragraph of text passed as a
+    string is too long for a file name: OSError "File name too long" before)."""
+    try:
+        return Path(source).expanduser().exists()
+    except (OSError, ValueError):  # too long for a name, or a NUL byte in it
+        return False

@@ -70,7 +70,7 @@ def _identity_transform(model: Any) -> bool:
     transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
     if not callable(transform):
         return True
-    probe = torch.linspace(-200.0, 200.0, 401)[None]
+    probe = torch.linspace(-200.0, 200.0, 401, dtype=torch.float32)[None]
     return bool(torch.equal(transform(probe.clone()), probe))
 
 
@@ -120,7 +120,7 @@ class _Step:
         + <p, b_U>``; its gradient in ``u`` is ``softmax(z) W_U^T - W_U p``.
         """
         rows, n = u.shape[0], m.shape[0]
-        kl = torch.empty(rows)
+        kl = torch.empty(rows, dtype=u.dtype)
         grad = torch.empty_like(u)
         tok = torch.arange(rows) % n
         for s in range(0, rows, self.chunk_rows):

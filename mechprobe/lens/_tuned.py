@@ -66,8 +66,8 @@ def unembedding_fingerprint(model: Any) -> tuple[float, ...]:
     digest tells two dtypes of one model apart, this does not."""
     weight = model.W_U.detach().to("cpu", torch.float32)  # [d_model, vocab]
     generator = torch.Generator().manual_seed(0)
-    left = torch.randn(8, weight.shape[0], generator=generator)
-    right = torch.randn(weight.shape[1], 8, generator=generator)
+    left = torch.randn(8, weight.shape[0], generator=generator, dtype=torch.float32)
+    right = torch.randn(weight.shape[1], 8, generator=generator, dtype=torch.float32)
     readings = ((left @ weight) * right.T).sum(-1)
     return tuple(round(float(v), 6) for v in readings)
 
@@ -200,8 +200,8 @@ class TunedLens(Lens):
         for kind in RESIDUAL_KINDS:
             ls = [layer for k, layer in keys if k == kind]
             if ls:
-                weights[kind] = torch.zeros(len(ls), d, d)
-                biases[kind] = torch.zeros(len(ls), d)
+                weights[kind] = torch.zeros(len(ls), d, d, dtype=torch.float32)
+                biases[kind] = torch.zeros(len(ls), d, dtype=torch.float32)
                 layers[kind] = ls
         return cls(
             weights,
@@ -417,8 +417,8 @@ class TunedLens(Lens):
             raise ValueError(f"{params_path} does not hold a state dict of translators.")
         # Older releases saved the whole lens (``layer_translators.*`` and ``unembed.*``).
         state = {k.removeprefix("layer_translators."): v for k, v in state.items()}
-        w = torch.zeros(n, d, d)
-        b = torch.zeros(n, d)
+        w = torch.zeros(n, d, d, dtype=torch.float32)
+        b = torch.zeros(n, d, dtype=torch.float32)
         for i in range(n):
             weight = state.get(f"{i}.weight")
             if weight is None or tuple(weight.shape) != (d, d):

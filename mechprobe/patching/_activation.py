@@ -531,7 +531,7 @@ def ablate_cells(
     values: list[Tensor] = []
     for _, site, p in slots:
         if method == "zero":
-            values.append(torch.zeros(edit_width(model, site, p)))
+            values.append(torch.zeros(edit_width(model, site, p), dtype=torch.float32))
         elif site.kind == "pattern":
             by_position = means[site]
             if p not in by_position:

@@ -484,6 +484,8 @@ def _last_logits(model: Any, batch: Any, site: Site, edit: Intervention | None) 
 
 def _random_basis(wide: int, k: int, seed: int) -> Tensor:
     """``[k, wide]`` orthonormal rows spanning a uniformly random k-dimensional subspace."""
-    gaussian = torch.randn(wide, k, generator=torch.Generator().manual_seed(seed))
+    gaussian = torch.randn(
+        wide, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float32
+    )
     q, _ = torch.linalg.qr(gaussian)
     return q.T.contiguous()

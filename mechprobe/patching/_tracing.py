@@ -156,7 +156,8 @@ def trace_noise(
     )
     level = check_float(level, "level", 0.0)
     gen = torch.Generator().manual_seed(keyed_seed(seed, [prompt]))
-    return torch.randn(shape, generator=gen) * level
+    # float32 draws whatever torch's default dtype, so the noise (and every trace) is the same.
+    return torch.randn(shape, generator=gen, dtype=torch.float32) * level
 
 
 def _answer_tokens(model: Any, answer: Any) -> list[int]:

@@ -345,7 +345,7 @@ def _fit_mlp(
 
     def uniform(*shape: int, fan_in: int) -> Tensor:
         bound = 1.0 / math.sqrt(fan_in)  # torch.nn.Linear's default initialisation range
-        one = (torch.rand(1, *shape, generator=gen) * 2 - 1) * bound
+        one = (torch.rand(1, *shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
         return one.expand(n_layers, *shape).to(device, X.dtype).clone().requires_grad_()
 
     params = (

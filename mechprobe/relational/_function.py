@@ -370,7 +370,9 @@ def function_vector(
     # Random vector j is seed + j's draw, as every random control of the API (one generator for
     # all made vector j depend on the vectors before it).
     randoms = [
-        torch.randn(vector.shape, generator=torch.Generator().manual_seed(seed + j))
+        torch.randn(
+            vector.shape, generator=torch.Generator().manual_seed(seed + j), dtype=torch.float32
+        )
         for j in range(n_random)
     ]
     randoms = [r * (vector.norm() / r.norm()) for r in randoms]
