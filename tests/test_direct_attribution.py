@@ -270,6 +270,19 @@ def test_a_bfloat16_model_splits_into_heads_within_its_rounding(tiny):
         np.testing.assert_allclose(got, whole, atol=4 * eps * float(np.abs(whole).max()))
 
 
+def test_a_float64_model_splits_exactly_into_its_writes(tiny):
+    # Hugging Face's RMSNorm computes in float32 inside a float64 model: the norm check's
+    # float64 tolerance refused it ("off by 1.38e-07", review 21a).
+    kind = mp.core.model_adapter(tiny).kind
+    model = mp.tiny_model(kind=kind).to(torch.float64)
+    res = mp.direct_logit_attribution(model, PROMPTS, mp.logit_diff(5, 6), progress=False)
+    with torch.no_grad():
+        logits = model(model.to_tokens(PROMPTS[0]))[0, -1].double()
+    hand = float(logits[5] - logits[6])
+    assert res.logit_diff[0] == pytest.approx(hand, abs=1e-5)
+    np.testing.assert_allclose(res.attributions.sum(1), res.logit_diff, atol=1e-5)
+
+
 def test_bad_arguments_of_the_call_and_the_summary_are_refused(tiny):
     with pytest.raises(TypeError, match="heads must be True or False"):
         mp.direct_logit_attribution(tiny, PROMPTS, mp.logit_diff(5, 6), heads="yes")

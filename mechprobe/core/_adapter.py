@@ -125,6 +125,28 @@ class ModelAdapter:
         Hugging Face model was loaded in bfloat16."""
         return self.model.W_E.dtype
 
+    def known_nan_cause(
+        self, attention_mask: Tensor | None = None, left: bool = False
+    ) -> str | None:
+        """A known reason this model gives NaN logits on a batch with ``attention_mask`` (padded
+        on the ``left``, or not), for an error message; None where none is known.
+
+        Example:
+            >>> from mechprobe.core._models import tiny_model
+            >>> model_adapter(tiny_model()).known_nan_cause() is None
+            True
+        """
+        padded = attention_mask is not None and not bool(attention_mask.bool().all())
+        if self.kind == "bridge" and self.dtype == torch.float64 and left and padded:
+            # TransformerLens 4.3 masks with -inf in float64: a padding query sees no key, its
+            # softmax is NaN, and 0 * NaN spreads it through every later position of the row.
+            return (
+                "TransformerLens 4.3's TransformerBridge gives NaN on every left-padded row of a "
+                "float64 model: pass prompts of one length (or one at a time), pad on the right "
+                "where the call takes padding_side=, or run the model in float32"
+            )
+        return None
+
     @property
     def device(self) -> torch.device:
         """Where token ids go: the embedding's device."""

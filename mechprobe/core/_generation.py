@@ -388,11 +388,12 @@ def _complete(
                 continue
             if not bool(torch.isfinite(last[i]).all()):
                 # argmax of NaN logits is token 0: the row went on with text nobody chose.
+                causes = model_adapter(model).known_nan_cause(prompts.attention_mask, left=True)
+                causes = causes or "a float16 overflow, or an edit that wrote NaN"
                 raise ValueError(
                     f"Prompt {i}'s next-token logits are not finite at step {step} (NaN or "
-                    "infinity: a float16 overflow, or an edit that wrote NaN), so no token can be "
-                    "picked. Check the interventions' vectors, or run the model in float32 or "
-                    "bfloat16."
+                    f"infinity: {causes}), so no token can be picked. Check the interventions' "
+                    "vectors, or run the model in float32 or bfloat16."
                 )
             token = pick(i, last[i])
             seqs[i].append(token)

@@ -11,6 +11,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechprobe.core._adapter import model_adapter
 from mechprobe.core._batching import Batch, PaddingSide, PositionSpec, bos_id, tokenize
 from mechprobe.core._eval_mode import evaluates
 from mechprobe.core._hooks import (
@@ -303,6 +304,10 @@ def run(
     chunks = list(batch.chunks(batch_size))
     if len(chunks) > 1:
         _check_chunked(spec, len(batch))
+    # A cause of NaN logits known for this model and padding (a float64 bridge, left-padded),
+    # checked for; other NaN (an edit's, an overflow's) is the model's answer, returned as it is.
+    left = batch.padding_side == "left"
+    known_nan = model_adapter(model).known_nan_cause(batch.attention_mask, left)
     with torch.no_grad():
         for rows, chunk in progress_bar(chunks, progress=progress, desc="run"):
             caps = {site: Capture() for site in capture}
@@ -334,6 +339,8 @@ def run(
                     out = out[torch.arange(len(chunk))[:, None], local]
             if local is None:
                 out = _zero_padding(out, chunk)
+            if known_nan and not bool(torch.isfinite(out).all()):
+                raise ValueError(f"The logits hold NaN: {known_nan}.")
             logits = _place(logits, out, rows, batch, spans_seq=local is None)
             for site, cap in caps.items():
                 if cap.value is None:  # was a bare AssertionError (Bloom's mlp_in)

@@ -479,6 +479,13 @@ def _last_logits(model: Any, batch: Any, site: Site, edit: Intervention | None) 
     spec: dict[SiteLike, Intervention] = {site: edit} if edit is not None else {}
     with intervene(model, spec, batch=batch):
         logits = adapter.forward(batch.tokens, batch.attention_mask, logits_to_keep=1)
+    if not bool(torch.isfinite(logits[:, -1]).all()):
+        # A NaN loss trained nothing and scored every pair a miss (IIA 0.0), silently.
+        cause = adapter.known_nan_cause(batch.attention_mask, left=True)
+        raise ValueError(
+            "das: the model's next-token logits hold NaN or infinity "
+            f"({cause or 'a float16 overflow, or an edit that wrote NaN'})."
+        )
     return logits[:, -1]
 
 

@@ -547,7 +547,10 @@ def _frozen_final_norm(model: Any, x: Float[Tensor, "n d_model"]) -> tuple[Any, 
 
     with torch.no_grad():
         own = adapter.final_norm(x.to(adapter.device, adapter.dtype)).double().cpu()
-    tolerance = 64 * torch.finfo(adapter.dtype).eps * (float(own.abs().max()) + 1.0)
+    # At least float32's rounding: norms upcast to float32 inside (Hugging Face's RMSNorm does, so
+    # a float64 model's own norm is float32-accurate and was refused, off by 1.4e-7).
+    eps = max(torch.finfo(adapter.dtype).eps, torch.finfo(torch.float32).eps)
+    tolerance = 64 * eps * (float(own.abs().max()) + 1.0)
     # Gemma (1 and 2) stores its RMSNorm weight as an offset from one: it scales by 1 + w. Both
     # readings are tried and the nearer kept: in bfloat16 the tolerance let w pass for 1 + w.
     offs = {}
