@@ -123,6 +123,9 @@ class _Linear:
     def unembedding(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.W_U, self.b_U
 
+    def attached_hooks(self, *prefixes: str) -> list[str]:
+        return []  # no hook points, so none holds a hook
+
 
 def _plain_stats(model: _Linear, vecs: list[torch.Tensor], final: torch.Tensor, ids, top_k: int):
     """Every statistic of Readout.grid from the same float32 logits in float64, with plain ops."""

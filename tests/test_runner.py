@@ -52,6 +52,28 @@ def test_hooks_after_the_last_block_run_the_whole_forward(tiny) -> None:
     torch.testing.assert_close(out.logits[0, 0], bias, atol=1e-6, rtol=0)
 
 
+def test_a_users_own_hook_on_the_unembedding_acts_as_in_the_models_forward(tiny) -> None:
+    # run() read the logits from the last block with W_U, skipping a hook the user had left on
+    # unembed.hook_out, and so did patch, silently: its clean baseline was 2.57 where
+    # model(tokens) said 3.57, while attribution_patch honoured it (review 21a).
+    def lift(logits, hook):  # +1 on every seventh token's logit
+        return logits + (torch.arange(logits.shape[-1], device=logits.device) % 7 == 0)
+
+    plain = mp.run(tiny, "Hi there", logit_positions=-1).logits[0, 0]
+    tiny.add_hook("unembed.hook_out", lift)
+    try:
+        with torch.no_grad():
+            hand = tiny(tiny.to_tokens("Hi there"))[0, -1].float()
+        got = mp.run(tiny, "Hi there", logit_positions=-1).logits[0, 0]
+        # Analyses that decode residual vectors themselves say they skip it.
+        with pytest.warns(UserWarning, match=r"unembed\.hook_out: .* does not act on these"):
+            mp.patch(tiny, ["Hi there"], ["Hi where"], "resid_pre", -1, mp.logit_diff(7, 8))
+    finally:
+        tiny.reset_hooks()
+    assert float(hand[7] - plain[7]) == pytest.approx(1.0, abs=1e-5)  # the hook acts by hand
+    torch.testing.assert_close(got, hand, atol=1e-5, rtol=0)
+
+
 def test_interventions_before_the_last_block_change_the_logits(tiny) -> None:
     plain = mp.run(tiny, "Hi", logit_positions=-1).logits
     ablated = mp.run(tiny, "Hi", {mp.Site("mlp_out", 2): mp.Ablate()}, logit_positions=-1).logits

@@ -125,6 +125,24 @@ class ModelAdapter:
         Hugging Face model was loaded in bfloat16."""
         return self.model.W_E.dtype
 
+    def attached_hooks(self, *prefixes: str) -> list[str]:
+        """The hook points whose names start with one of ``prefixes`` that hold a forward hook now
+        (the user's, or an intervention's in force).
+
+        Example:
+            >>> from mechprobe.core._models import tiny_model
+            >>> model = tiny_model()
+            >>> model.add_hook("unembed.hook_out", lambda logits, hook: logits)
+            >>> model_adapter(model).attached_hooks("unembed", "ln_final")
+            ['unembed.hook_out']
+            >>> model.reset_hooks()
+        """
+        return [
+            name
+            for name, point in self.model.hook_dict.items()
+            if name.startswith(prefixes) and point.fwd_hooks
+        ]
+
     def known_nan_cause(
         self, attention_mask: Tensor | None = None, left: bool = False
     ) -> str | None:

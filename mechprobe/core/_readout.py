@@ -34,6 +34,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechprobe.core._adapter import model_adapter
+from mechprobe.core._warning import warn
 
 __all__ = ["Readout", "readout"]
 
@@ -186,6 +187,16 @@ class Readout:
         # (weightless when folded), the unembedding (views of the model's own weights) and the
         # architecture's post-unembedding transform.
         self._adapter = model_adapter(model)
+        skipped = self._adapter.attached_hooks("unembed")
+        if skipped:
+            # Said, not silently skipped: a patch's clean baseline was 2.57 where model(tokens),
+            # with the user's hook on the logits, said 3.57 (review 21a).
+            warn(
+                f"A hook is attached at {', '.join(skipped)}: mechprobe decodes residual vectors "
+                "with the unembedding's weights, so that hook does not act on these logits "
+                "(mp.run and gradient-based analyses run the whole forward and do apply it). "
+                "Put the edit at ln_final.hook_normalized, or remove the hook."
+            )
         self.weight, self.bias = self._adapter.unembedding()  # [d_model, vocab], [vocab]
         vocab, device = self.weight.shape[1], self.weight.device
         # torch.empty only reserves: pages are touched (and counted) when first written. The
@@ -433,7 +444,8 @@ def readout(model: Any, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... v
 
     ``transform(ln_final(x) @ W_U + b_U)`` in float32: exactly the path of the model's own logits
     (the transform is the architecture's post-unembedding step, e.g. Gemma 2's soft cap; identity
-    for Llama). Hooks on ``ln_final`` fire; the unembedding's weights are read directly. For
+    for Llama). Hooks on ``ln_final`` fire; the unembedding's weights are read directly (with a
+    warning where a hook is attached there). For
     statistics over many vectors without a ``[rows, vocab]`` tensor per chunk, use
     :class:`Readout`.
 

@@ -295,6 +295,9 @@ def run(
     if _pooled_means(spec):
         spec = dict(batch_means(model, batch, spec, batch_size))
     early = not any(name.startswith(_AFTER_BLOCKS) for name in names)
+    # Hooks the user left on the unembedding act in model(tokens): the readout from the last
+    # block would skip them (a patch's clean baseline 2.57 where the model says 3.57, review 21a).
+    early = early and not model_adapter(model).attached_hooks(*_AFTER_BLOCKS)
     final_name = f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post"
     every = isinstance(logit_positions, str) and logit_positions == "all"
     if not every:
