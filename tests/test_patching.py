@@ -607,6 +607,44 @@ def test_a_pairs_random_controls_do_not_depend_on_the_other_pairs(tiny, analysis
     pd.testing.assert_frame_equal(joined.to_frame(), together.to_frame(), atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "analysis",
+    [
+        lambda m, c, k, metric: mp.patch(m, c, k, "mlp_out", -1, metric),
+        lambda m, c, k, metric: mp.ablate_cells(m, c, "mlp_out", -1, metric),
+        lambda m, c, k, metric: mp.attribution_patch(m, c, k, "mlp_out", -1, metric),
+        lambda m, c, k, metric: mp.path_patch(m, c, k, "mlp_out", "final", metric, positions=-1),
+    ],
+    ids=["patch", "ablate", "attribution", "path"],
+)
+def test_a_result_records_its_pairs_and_answers_and_concat_refuses_a_repeated_pair(
+    tiny, tmp_path, analysis
+):
+    # A saved result said neither which pairs nor which answers it measured, so a shared file
+    # could not be traced and concat([a, a]) counted every pair twice (review 21b).
+    clean, corrupt = ["A cat", "Hi dog"], ["A bat", "Hi fog"]
+    res = analysis(tiny, clean, corrupt, mp.logit_diff([1, 3], 2))
+    tokenizer = model_adapter(tiny).tokenizer
+    bos = tokenizer.decode([tiny.to_tokens("")[0, 0].item()])
+    assert res.clean_prompts == tuple(bos + p for p in clean)
+    ablation = res.direction.endswith("ablation")
+    assert res.corrupt_prompts == (() if ablation else tuple(bos + p for p in corrupt))
+    assert (res.answer_ids, res.wrong_ids) == ((1, 3), (2, 2))
+    back = type(res).load(res.save(tmp_path / "res.json"))
+    assert (back.clean_prompts, back.corrupt_prompts) == (res.clean_prompts, res.corrupt_prompts)
+    assert (back.answer_ids, back.wrong_ids) == (res.answer_ids, res.wrong_ids)
+    with pytest.raises(ValueError, match="is in part 0 and part 1; it would count twice"):
+        type(res).concat([res, back])
+    # Parts on other pairs join, their records with them; a metric function reads no ids.
+    other = analysis(tiny, ["Yo cat"], ["Yo bat"], mp.logit_diff(1, 2))
+    joined = type(res).concat([res, other])
+    assert joined.clean_prompts == (*res.clean_prompts, *other.clean_prompts)
+    assert joined.answer_ids == (1, 3, 1)
+    assert (
+        analysis(tiny, clean, corrupt, lambda logits: logits[:, 1] - logits[:, 2]).answer_ids == ()
+    )
+
+
 def test_concat_refuses_parts_of_different_analyses(tiny, tmp_path):
     one = mp.patch(tiny, "A cat", "A bat", "mlp_out", -1, METRIC, progress=False)
     two = mp.patch(tiny, "Hi dog", "Hi fog", "mlp_out", -1, METRIC, progress=False)

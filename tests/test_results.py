@@ -383,3 +383,15 @@ def test_a_result_made_from_a_model_records_it_through_save_and_load(tiny, tmp_p
     assert type(result).__name__ == name and result.model_name == tiny.cfg.model_name
     back = type(result).load(result.save(tmp_path / f"{name}.json"))
     assert back.model_name == tiny.cfg.model_name
+
+
+def test_probe_results_record_their_fit_settings(tmp_path):
+    # Probe files of one dataset fitted with very different l2 looked the same (review 21b).
+    X = np.random.default_rng(0).normal(size=(120, 2, 4))
+    y = X[:, 1, 0] > 0
+    for result in (
+        mp.probe_layers(X, y, l2=0.5, max_iter=50, tol=1e-3, progress=False),
+        mp.cumulative_scores(X, y, l2=0.5, max_iter=50, tol=1e-3, progress=False),
+    ):
+        back = type(result).load(result.save(tmp_path / f"{type(result).__name__}.json"))
+        assert (back.l2, back.max_iter, back.tol) == (0.5, 50, 1e-3)

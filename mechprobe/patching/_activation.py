@@ -64,7 +64,7 @@ from mechprobe.patching._engine import (
     site_edit,
 )
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
-from mechprobe.patching._result import PatchResult, normalised_recovery
+from mechprobe.patching._result import PatchResult, normalised_recovery, pair_records
 
 __all__ = ["Prompts", "ablate_cells", "patch", "position_pairs", "token_rows"]
 
@@ -392,6 +392,7 @@ def patch(
         direction,
         seed,
         labels=_labels(model, clean_ids, corrupt_ids, wanted),
+        records=pair_records(model, clean_ids, corrupt_ids, metric),
     )
 
 
@@ -407,6 +408,7 @@ def _result(
     direction: str,
     seed: int,
     labels: tuple[str, ...],
+    records: dict[str, tuple[Any, ...]],
 ) -> PatchResult:
     values_mean = per_pair.mean(axis=0)
     normalised = np.full_like(values_mean, np.nan)
@@ -431,6 +433,7 @@ def _result(
         random=random,
         seed=seed,
         model_name=model_adapter(model).name,
+        **records,
     )
 
 
@@ -586,6 +589,7 @@ def ablate_cells(
         f"{method}-ablation",
         seed,
         labels=_labels(model, ids, ids, wanted),
+        records=pair_records(model, ids, None, metric),
     )
 
 

@@ -62,7 +62,7 @@ from mechprobe.patching._activation import (
     token_pairs,
 )
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
-from mechprobe.patching._result import PatchResult
+from mechprobe.patching._result import PatchResult, pair_records
 
 __all__ = ["attribution_patch"]
 
@@ -286,4 +286,5 @@ def attribution_patch(
         "attribution-noising" if noising else "attribution",
         seed,
         labels=_labels(model, clean_ids, corrupt_ids, wanted),
+        records=pair_records(model, clean_ids, corrupt_ids, metric),
     )

@@ -17,7 +17,14 @@ from torch import Tensor
 
 from mechprobe.core import as_int, model_adapter
 
-__all__ = ["MetricFn", "PatchMetric", "answer_prob", "bind_metric", "logit_diff"]
+__all__ = [
+    "MetricFn",
+    "PatchMetric",
+    "answer_prob",
+    "bind_metric",
+    "logit_diff",
+    "metric_token_ids",
+]
 
 MetricFn: TypeAlias = Callable[..., Tensor]
 
@@ -131,6 +138,26 @@ def _answer_ids(model: Any, value: Any, n_pairs: int, what: str) -> Tensor:
             )
         ids.append(int(toks[0]))
     return torch.as_tensor(ids, dtype=torch.long)
+
+
+def metric_token_ids(
+    model: Any, metric: Any, n_pairs: int
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per pair, the token ids a :class:`PatchMetric` reads, ``(answers, wrong)`` (``wrong`` empty
+    for ``answer_prob``; both empty for a metric function, whose tokens no one can read off), for
+    a result to record what it measured.
+
+    Example:
+        >>> from mechprobe.core._models import tiny_model
+        >>> metric_token_ids(tiny_model(), logit_diff(5, 6), 2)
+        ((5, 5), (6, 6))
+    """
+    if not isinstance(metric, PatchMetric):
+        return (), ()
+    if metric.name == "logit_diff":
+        ans, wrong = _pair_ids(model, metric.answer, metric.wrong, n_pairs)
+        return tuple(ans.tolist()), tuple(wrong.tolist())
+    return tuple(_answer_ids(model, metric.answer, n_pairs, "answer").tolist()), ()
 
 
 def bind_metric(model: Any, metric: Any, n_pairs: int) -> tuple[Callable[..., Tensor], str]:

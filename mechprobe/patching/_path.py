@@ -77,7 +77,7 @@ from mechprobe.patching._engine import (
     run_plan,
 )
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
-from mechprobe.patching._result import concat_pairs, normalised_recovery
+from mechprobe.patching._result import concat_pairs, normalised_recovery, pair_records
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -115,6 +115,8 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
             ``"attribution-noising"`` of noising.
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        clean_prompts, corrupt_prompts, answer_ids, wrong_ids: ``[pairs]`` the pairs and the
+            metric's token ids, as :class:`mechprobe.PatchResult` records them.
 
     Example:
         >>> import mechprobe as mp
@@ -141,6 +143,10 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
     direction: str
     seed: int = 0
     model_name: str = ""
+    clean_prompts: tuple[str, ...] = ()
+    corrupt_prompts: tuple[str, ...] = ()
+    answer_ids: tuple[int, ...] = ()
+    wrong_ids: tuple[int, ...] = ()
 
     @classmethod
     def concat(cls, results: Sequence[PathPatchResult]) -> PathPatchResult:
@@ -150,7 +156,7 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
         Raises:
             TypeError: ``results`` is empty or holds other types.
             ValueError: The parts differ in senders, receivers, positions, metric, direction,
-                seed or number of controls.
+                seed or number of controls, or share a pair.
 
         Example:
             >>> import mechprobe as mp
@@ -668,6 +674,7 @@ def path_patch(
         direction=_label(method, direction),
         seed=seed,
         model_name=model_adapter(model).name,
+        **pair_records(model, clean_ids, corrupt_ids, metric),
     )
 
 

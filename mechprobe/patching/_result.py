@@ -12,19 +12,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechprobe.core import HEAD_KINDS, Result, check_int, new_axes, warn
+from mechprobe.core import HEAD_KINDS, Result, check_int, model_adapter, new_axes, warn
 from mechprobe.core import spread as spread_of  # its own property is called spread
+from mechprobe.patching._metrics import metric_token_ids
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["PatchResult", "concat_pairs", "joined_model_name"]
+__all__ = ["PatchResult", "concat_pairs", "joined_model_name", "pair_records"]
 
 _R = TypeVar("_R")
 # Fields indexed by prompt pair (the pair axis first; ``random`` has it second), and the fields
 # recomputed from them; every other field must agree between the parts.
 _PAIR_AXIS = {"per_pair": 0, "clean": 0, "corrupt": 0, "random": 1}
+# Per-pair records (tuples, one entry per pair; empty in files saved before results kept them).
+_PAIR_RECORDS = ("clean_prompts", "corrupt_prompts", "answer_ids", "wrong_ids")
 _DERIVED = ("values", "normalised")
 # Fields that describe pair 0 only: the joined result keeps the first part's.
 _FIRST_PAIR = ("position_labels",)
@@ -76,6 +79,10 @@ def concat_pairs(cls: type[_R], results: Sequence[_R]) -> _R:
             joined[name] = np.concatenate([getattr(r, name) for r in parts], axis=_PAIR_AXIS[name])
         elif name in _FIRST_PAIR:
             joined[name] = mine
+        elif name in _PAIR_RECORDS:
+            records = [tuple(getattr(r, name)) for r in parts]
+            # A part without the record (an older file) leaves the joined result without it.
+            joined[name] = () if any(not r for r in records) else sum(records, ())
         elif name == "model_name":
             joined[name] = joined_model_name(parts)
         elif name not in _DERIVED:
@@ -87,6 +94,7 @@ def concat_pairs(cls: type[_R], results: Sequence[_R]) -> _R:
                         "metric, direction, seed and n_random) run on different pairs."
                     )
             joined[name] = mine
+    _refuse_repeated_pairs(parts)
     values = joined["per_pair"].mean(axis=0)
     joined["values"] = values
     ablation = str(joined["direction"]).endswith("ablation")
@@ -96,6 +104,47 @@ def concat_pairs(cls: type[_R], results: Sequence[_R]) -> _R:
         else normalised_recovery(values, joined["clean"], joined["corrupt"], str(joined["metric"]))
     )
     return cls(**joined)
+
+
+def pair_records(
+    model: Any, clean_ids: Sequence[Any], corrupt_ids: Sequence[Any] | None, metric: Any
+) -> dict[str, tuple[Any, ...]]:
+    """What a patching result records of its pairs: the prompts as the model read them (token ids
+    decoded) and the token ids its metric read (``corrupt_ids`` None for an ablation)."""
+    tokenizer = model_adapter(model).tokenizer
+    answers, wrong = metric_token_ids(model, metric, len(clean_ids))
+
+    def texts(rows: Sequence[Any]) -> tuple[str, ...]:
+        return tuple(str(tokenizer.decode([int(t) for t in row])) for row in rows)
+
+    return {
+        "clean_prompts": texts(clean_ids),
+        "corrupt_prompts": () if corrupt_ids is None else texts(corrupt_ids),
+        "answer_ids": answers,
+        "wrong_ids": wrong,
+    }
+
+
+def _refuse_repeated_pairs(parts: Sequence[Any]) -> None:
+    """A pair in two parts would count twice in the joined means (the same job run twice, or
+    overlapping jobs): refused where the parts record their prompts."""
+    seen: dict[tuple[str, str, int, int], int] = {}
+    for i, part in enumerate(parts):
+        clean = tuple(getattr(part, "clean_prompts", ()))
+        if not clean:
+            continue
+        corrupt = tuple(getattr(part, "corrupt_prompts", ())) or clean
+        answers = tuple(getattr(part, "answer_ids", ())) or (-1,) * len(clean)
+        wrong = tuple(getattr(part, "wrong_ids", ())) or (-1,) * len(clean)
+        mine = set(zip(clean, corrupt, answers, wrong, strict=True))
+        for pair in mine:
+            if pair in seen:
+                raise ValueError(
+                    f"Cannot join: the pair ({pair[0]!r}, {pair[1]!r}) is in part {seen[pair]} "
+                    f"and part {i}; it would count twice in the means. Join parts run on "
+                    "different pairs."
+                )
+        seen |= dict.fromkeys(mine, i)
 
 
 def normalised_recovery(
@@ -162,6 +211,12 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         seed: The first seed of the random directions.
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        clean_prompts, corrupt_prompts: ``[pairs]`` each pair's prompts as the model read them
+            (their token ids decoded; an ablation's ``corrupt_prompts`` is empty).
+        answer_ids, wrong_ids: ``[pairs]`` the token ids a :func:`mechprobe.logit_diff` or
+            :func:`mechprobe.answer_prob` metric read (``wrong_ids`` empty for the latter;
+            both empty for a metric function). The four are empty in files saved before results
+            recorded them; :meth:`concat` joins them and refuses a pair found in two parts.
 
     Example:
         >>> import mechprobe as mp
@@ -187,6 +242,10 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
     random: np.ndarray
     seed: int = 0
     model_name: str = ""
+    clean_prompts: tuple[str, ...] = ()
+    corrupt_prompts: tuple[str, ...] = ()
+    answer_ids: tuple[int, ...] = ()
+    wrong_ids: tuple[int, ...] = ()
 
     @classmethod
     def concat(cls, results: Sequence[PatchResult]) -> PatchResult:
@@ -201,7 +260,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         Raises:
             TypeError: ``results`` is empty or holds other types.
             ValueError: The parts differ in sites, positions, metric, direction, seed or number
-                of controls (the message names the field).
+                of controls (the message names the field), or share a pair.
 
         Example:
             >>> import mechprobe as mp

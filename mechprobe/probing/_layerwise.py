@@ -75,6 +75,8 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
         seed: The seed the call took (None in files saved before results recorded it).
         model_name: The model :class:`Activations` were collected from (``cfg.model_name``), for
             the record; empty for a plain array and in files saved before results recorded it.
+        l2, max_iter, tol: The fit's settings (None in files saved before results recorded
+            them): probes of one dataset under other regularisation are other results.
 
     Example:
         >>> import numpy as np
@@ -99,6 +101,9 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
     sites: tuple[str, ...] | None = None
     seed: int | None = None
     model_name: str = ""
+    l2: float | None = None
+    max_iter: int | None = None
+    tol: float | None = None
 
     def entry_names(self) -> list[str]:
         """What each entry of the layer axis is: ``"layer 10"``, or its site where entries share
@@ -432,6 +437,9 @@ def probe_layers(
         sites=sites,
         seed=seed,
         model_name=collected_model(X),
+        l2=l2,
+        max_iter=max_iter,
+        tol=tol,
     )
 
 

@@ -229,6 +229,8 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
         seed: The seed the call took (None in files saved before results recorded it).
         model_name: The model :class:`Activations` were collected from (``cfg.model_name``), for
             the record; empty for a plain array and in files saved before results recorded it.
+        l2, max_iter, tol: The fits' settings (None in files saved before results recorded
+            them).
 
     Example:
         >>> import numpy as np, mechprobe as mp
@@ -247,6 +249,9 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
     layers: np.ndarray | None = None
     seed: int | None = None
     model_name: str = ""
+    l2: float | None = None
+    max_iter: int | None = None
+    tol: float | None = None
 
     def _layers(self) -> np.ndarray:
         return np.arange(len(self.scores)) if self.layers is None else np.asarray(self.layers)
@@ -412,6 +417,9 @@ def cumulative_scores(
         layers,
         seed=seed,
         model_name=collected_model(X),
+        l2=float(l2),
+        max_iter=int(max_iter),
+        tol=float(tol),
     )
 
 
