@@ -110,6 +110,41 @@ def test_save_load_round_trip(tiny: Any, tmp_path: Path) -> None:
     np.testing.assert_array_equal(back.layer(-1), acts.values[:, 2])
 
 
+def _store(rows: int, fill: float, label: str) -> mp.Activations:
+    """An Activations built by hand: ``rows`` rows of ``fill``, each labelled ``label``."""
+    return mp.Activations(
+        values=np.full((rows, 2, 3), fill, dtype=np.float32),
+        labels=np.array([label] * rows),
+        groups=None,
+        text_index=np.arange(rows),
+        position=np.zeros(rows, dtype=np.int64),
+        token=np.array(["t"] * rows),
+        sites=("a", "b"),
+    )
+
+
+def test_saving_over_a_loaded_folder_leaves_the_loaded_activations_as_they_were(
+    tmp_path: Path,
+) -> None:
+    # A loaded Activations maps values.npy: a save into its folder must not rewrite that file
+    # in place (the loaded object showed the new values beside its old labels, and a smaller
+    # new file killed the process with SIGBUS on the next read).
+    _store(4, 1.0, "old").save(tmp_path / "acts")
+    live = mp.Activations.load(tmp_path / "acts")
+    assert isinstance(live.values, np.memmap)
+    _store(4, 2.0, "new").save(tmp_path / "acts")  # the same shape, other numbers
+    assert np.asarray(live.values).tolist() == [[[1.0] * 3] * 2] * 4
+    assert live.labels is not None and live.labels.tolist() == ["old"] * 4
+    _store(1, 3.0, "small").save(tmp_path / "acts")  # a smaller file
+    assert float(np.asarray(live.values).sum()) == 24.0
+    back = mp.Activations.load(tmp_path / "acts")
+    assert np.asarray(back.values).tolist() == [[[3.0] * 3] * 2]
+    assert back.labels is not None and back.labels.tolist() == ["small"]
+    assert sorted(p.name for p in (tmp_path / "acts").iterdir()) == [
+        "activations.json", "index.npz", "values.npy",
+    ]  # fmt: skip
+
+
 def test_word_last_on_a_hand_checked_sentence(tiny: Any) -> None:
     # Bytes: BOS=0, "The"=1..3, " "=4, "cat-like"=5..12, " "=13, "dog's"=14..18, " "=19,
     # "caf"=20..22, "é" is two bytes 23..24, "."=25.

@@ -32,10 +32,10 @@ import html
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeAlias, get_args
+from typing import Any, BinaryIO, Literal, TypeAlias, get_args
 
 import numpy as np
 import pandas as pd
@@ -248,15 +248,20 @@ class Activations:
             )
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / "values.npy"
+        # Each file is written beside its target and renamed over it: an Activations loaded
+        # from this folder maps values.npy, and keeps reading the old file (rewriting it in
+        # place showed the new values beside the old labels, or crashed on a smaller file).
         if not (isinstance(self.values, np.memmap) and same_file(self.values, target)):
-            np.save(target, np.asarray(self.values), allow_pickle=False)
+            values = np.asarray(self.values)
+            _replace(target, lambda f: np.save(f, values, allow_pickle=False))
         arrays = {"text_index": self.text_index, "position": self.position, "token": self.token}
         arrays |= {
             k: v for k, v in (("labels", self.labels), ("groups", self.groups)) if v is not None
         }
-        np.savez(folder / "index.npz", allow_pickle=False, **arrays)
+        _replace(folder / "index.npz", lambda f: np.savez(f, allow_pickle=False, **arrays))
         meta = {"format": _FORMAT, "sites": list(self.sites), "metadata": self.metadata}
-        (folder / "activations.json").write_text(json.dumps(meta, indent=1) + "\n")
+        text = (json.dumps(meta, indent=1) + "\n").encode("utf-8")
+        _replace(folder / "activations.json", lambda f: f.write(text))
         return folder
 
     @classmethod
@@ -275,7 +280,7 @@ class Activations:
                 f"{folder} holds no activations.json: pass a folder written by Activations.save "
                 "or collect(out_dir=...)."
             )
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{meta_path} has format {meta.get('format')}, expected {_FORMAT}.")
         values = np.load(folder / "values.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
@@ -291,6 +296,19 @@ class Activations:
             sites=tuple(meta["sites"]),
             metadata=meta["metadata"],
         )
+
+
+def _replace(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through a temporary file in its folder, renamed over it: a reader that
+    maps the old file keeps the old file (core's ``write_atomic``, for data written by parts)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 class _Buffer:
