@@ -102,6 +102,24 @@ def test_ovector_files_keep_safetensors_and_read_the_old_format(results, tmp_pat
         o.save(tmp_path / "missing" / "o.safetensors")
 
 
+def test_relational_files_expand_the_home(results, tmp_path, monkeypatch) -> None:
+    # save("~/rel") made a literal ./~/rel/ folder, wrote result.json there, then failed writing
+    # the o-vector to $HOME/rel; load did not expand ~ either.
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    result = results["RelationalResult"]
+    assert result.save("~/rel", figures=False) == home / "rel"
+    assert mp.RelationalResult.load("~/rel").to_dict() == result.to_dict()
+    assert result.save("~/one.json") == home / "one.json"
+    assert mp.RelationalResult.load("~/one.json").to_dict() == result.to_dict()
+    o = results["OVector"]
+    assert o.save("~/o.safetensors") == home / "o.safetensors"
+    assert torch.equal(mp.OVector.load("~/o.safetensors").vector, o.vector)
+    assert not list(work.iterdir())
+
+
 def test_relational_result_folder_round_trip(results, tmp_path) -> None:
     result = results["RelationalResult"]
     folder = result.save(tmp_path / "run")

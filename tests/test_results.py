@@ -291,6 +291,32 @@ def test_damaged_files_and_odd_paths_give_errors_naming_the_file(tmp_path, monke
     assert type(load_result("~/home.json")) is _Toy
 
 
+def test_every_file_and_folder_path_expands_the_home(tmp_path, monkeypatch, tiny) -> None:
+    # Activations.save expanded ~ but its load did not; the stores and lenses likewise.
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)  # a literal ./~ folder would land here
+    acts = mp.Activations(
+        values=np.arange(6, dtype=np.float32).reshape(2, 1, 3), labels=np.array(["a", "b"]),
+        groups=None, text_index=np.arange(2), position=np.zeros(2, dtype=np.int64),
+        token=np.array(["x", "y"]), sites=("s",),
+    )  # fmt: skip
+    assert acts.save("~/acts") == home / "acts"
+    assert np.asarray(mp.Activations.load("~/acts").values).tolist() == acts.values.tolist()
+    lens = mp.TunedLens.identity(tiny)
+    assert lens.save("~/lens.safetensors") == home / "lens.safetensors"
+    assert mp.TunedLens.load("~/lens.safetensors").layers == lens.layers
+    data = mp.ProbingDataset("d", ("Hi", "Ho"), ("a", "b"))
+    assert data.save("~/d.jsonl") == home / "d.jsonl"
+    assert mp.ProbingDataset.load("~/d.jsonl").labels == ("a", "b")
+    assert mp.load_labels("~/d.jsonl").texts == ("Hi", "Ho")
+    task = mp.load_task("capitals")
+    assert task.to_json("~/t.json") == home / "t.json"
+    assert mp.load_task("~/t.json") == task == mp.Task.from_json("~/t.json")
+    assert not (work / "~").exists() and not list(work.iterdir())
+
+
 def test_activations_save_to_folders_and_load_result_points_there(tmp_path, tiny) -> None:
     acts = mp.collect(tiny, ["Hi"], "resid_post", progress=False)
     with pytest.raises(ValueError, match="saved as a folder"):

@@ -682,7 +682,7 @@ def write_tensors(
         >>> fields["note"], tensors["w"].tolist()
         ('hi', [1.0, 1.0])
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     _check_folder(path)
     write_atomic(path, _tensor_file(tensors, format, version, dict(fields or {})))
     return path
@@ -706,7 +706,7 @@ def read_tensors(
     """
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (or is not a file).")
     try:

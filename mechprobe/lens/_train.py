@@ -381,7 +381,7 @@ def train_tuned_lens(
                 weight_decay=weight_decay,
             )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        folder = Path(checkpoint) if checkpoint is not None else None
+        folder = Path(checkpoint).expanduser() if checkpoint is not None else None
         if folder is not None and folder.exists() and not folder.is_dir():
             raise ValueError(f"checkpoint={folder} is a file: pass a folder.")
         start, log, last_kl = (

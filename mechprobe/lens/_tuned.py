@@ -325,7 +325,7 @@ class TunedLens(Lens):
             >>> mp.TunedLens.load(path).layers == lens.layers
             True
         """
-        out = Path(path)
+        out = Path(path).expanduser()
         if out.suffix != ".safetensors":
             raise ValueError(f"Save a tuned lens to a .safetensors file, not {out.name!r}.")
         if out.is_dir():
@@ -360,7 +360,7 @@ class TunedLens(Lens):
                 f"TunedLens.load takes a path (a .safetensors file or a tuned-lens folder), got "
                 f"{type(path).__name__}."
             )
-        src = Path(path)
+        src = Path(path).expanduser()
         if src.is_dir():
             return cls.from_tuned_lens(src)
         if not src.is_file():
@@ -398,7 +398,7 @@ class TunedLens(Lens):
             ValueError: A missing file, a lens type other than ``linear_tuned_lens``, or
                 translators whose shapes disagree with the config.
         """
-        root = Path(folder)
+        root = Path(folder).expanduser()
         config_path, params_path = root / "config.json", root / "params.pt"
         for p in (config_path, params_path):
             if not p.is_file():

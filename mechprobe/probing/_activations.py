@@ -273,7 +273,7 @@ class Activations:
             FileNotFoundError: ``folder`` holds no ``activations.json``.
             ValueError: It was written by another format version.
         """
-        folder = Path(folder)
+        folder = Path(folder).expanduser()
         meta_path = folder / "activations.json"
         if not meta_path.is_file():
             raise FileNotFoundError(
@@ -459,7 +459,7 @@ def collect(
         model, data, positions=positions, labels=labels, groups=groups, padding_side=padding_side
     )
     key = fingerprint(model, names, plan, dtype, batch_size)
-    folder = Path(out_dir) if out_dir is not None else None
+    folder = Path(out_dir).expanduser() if out_dir is not None else None
     done = 0
     if folder is not None and folder.exists() and not folder.is_dir():
         raise ValueError(f"out_dir {folder} is a file: pass a folder, new or holding a collection.")

@@ -136,7 +136,7 @@ def load_labels(path: str | os.PathLike[str], *, name: str | None = None) -> Pro
         >>> load_labels(path).classes
         ('past', 'present')
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"No label file at {path}. {_FILE_HELP}")
     records = _read_records(path)

@@ -181,7 +181,7 @@ class OVector(Result, format="mechprobe.OVector", version=2):
             ValueError: Not an o-vector file written by mechprobe, changed since it was saved, or
                 one from a newer release.
         """
-        path = Path(path)
+        path = Path(path).expanduser()
         old = _old_release_file(path) if path.suffix == ".safetensors" else None
         return old if old is not None else super().load(path)
 

@@ -319,7 +319,7 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
             FileExistsError: ``path`` (or a folder above it) is a file.
             ValueError: ``path`` ends in ``.npz`` or ``.safetensors`` (a folder or ``.json``).
         """
-        folder = Path(path)
+        folder = Path(path).expanduser()
         text = json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
         if folder.suffix == ".json":
             folder.parent.mkdir(parents=True, exist_ok=True)  # as for a folder, parents made
@@ -357,7 +357,7 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
             FileNotFoundError: No result.json there.
             ValueError: Not a saved RelationalResult of this version, or unreadable.
         """
-        path = Path(path)
+        path = Path(path).expanduser()
         file = path if path.suffix == ".json" else path / "result.json"
         if not file.is_file():
             raise FileNotFoundError(

@@ -303,7 +303,7 @@ class Task:
             >>> load_task(path) == load_task("capitals")
             True
         """
-        path = Path(path)
+        path = Path(path).expanduser()
         data = self.to_dict()
         head = {k: v for k, v in data.items() if k not in ("shots", "items")}
         lines = [json.dumps(head, ensure_ascii=False, indent=2)[:-2] + ","]
@@ -352,7 +352,7 @@ class Task:
             >>> Task.from_json(path).name
             'past_tense'
         """
-        path = Path(path)
+        path = Path(path).expanduser()
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as err:
@@ -391,7 +391,7 @@ def load_task(name_or_path: str | os.PathLike[str]) -> Task:
     if text in list_tasks():
         source = resources.files("mechprobe.tasks").joinpath("data", f"{text}.json")
         return Task.from_dict(json.loads(source.read_text(encoding="utf-8")))
-    path = Path(text)
+    path = Path(text).expanduser()
     if path.is_file():
         return Task.from_json(path)
     raise ValueError(
