@@ -5,6 +5,7 @@ And the analysis's steps are public functions whose results are the analysis's o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -118,6 +119,26 @@ def test_relational_files_expand_the_home(results, tmp_path, monkeypatch) -> Non
     assert o.save("~/o.safetensors") == home / "o.safetensors"
     assert torch.equal(mp.OVector.load("~/o.safetensors").vector, o.vector)
     assert not list(work.iterdir())
+
+
+def test_saving_into_a_used_folder_removes_the_earlier_figures(results, tmp_path) -> None:
+    result = results["RelationalResult"]
+    folder = result.save(tmp_path / "run")
+    assert result.sweep is not None and (folder / "sweep.png").is_file()
+    assert result.ablation is not None and (folder / "ablation.png").is_file()
+    (folder / "notes.txt").write_text("mine")  # not a file save() writes: kept
+    later = dataclasses.replace(result, sweep=None, tuned=None, ablation=None)
+    later.save(folder)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "intervention.png", "notes.txt", "ovector.safetensors", "report.md", "result.json",
+        "x_plot.png",
+    ]  # fmt: skip
+    assert "sweep.png" not in (folder / "report.md").read_text()
+    assert "ablation.png" not in (folder / "report.md").read_text()
+    result.save(folder, figures=False)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "notes.txt", "ovector.safetensors", "report.md", "result.json",
+    ]  # fmt: skip
 
 
 def test_relational_result_folder_round_trip(results, tmp_path) -> None:

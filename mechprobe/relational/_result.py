@@ -45,6 +45,8 @@ _SUMMARY_COLUMNS = (
     "no_effect_rate",
 )
 
+# The figures save() may write into a result folder (and so the ones it may remove there).
+_FIGURES = ("x_plot.png", "intervention.png", "ablation.png", "sweep.png")
 
 #: The note relational_analysis records when no context is in-domain and the sweep's cell is
 #: chosen on held-out ones (``RelationalResult.sweep_chosen_on`` reads it).
@@ -308,7 +310,8 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
     def save(self, path: str | os.PathLike[str], *, figures: bool = True) -> Path:
         """Write the folder ``path``: ``result.json``, ``ovector.safetensors``, the figures
         (``x_plot.png``, ``intervention.png``, ``ablation.png``, ``sweep.png``, with ``figures``)
-        and ``report.md``. The folder is created, with its missing parents. A ``path`` ending in
+        and ``report.md``. The folder is created, with its missing parents; figures of an
+        earlier result saved there that this one does not draw are removed. A ``path`` ending in
         ``.json`` is one file instead (its missing parents created too): that ``result.json``
         alone, everything :meth:`load` needs, the o-vector included.
 
@@ -346,6 +349,8 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
             for name, make in plots:
                 make().savefig(folder / name, dpi=110)
                 names.append(name)
+        for name in sorted(set(_FIGURES) - set(names)):  # an earlier result's figure in this folder
+            (folder / name).unlink(missing_ok=True)
         (folder / "report.md").write_text(report(self, figures=names), encoding="utf-8")
         return folder
 
