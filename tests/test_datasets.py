@@ -282,6 +282,13 @@ def test_save_writes_the_format_its_name_says(tmp_path) -> None:
         back = mp.ProbingDataset.load(data.save(tmp_path / name))
         assert (back.texts, back.labels, back.words) == (data.texts, data.labels, data.words)
     assert json.loads((tmp_path / "d.json").read_text(encoding="utf-8"))[0]["text"] == data.texts[0]
+    # The name and description came back as the file's stem and "labels from <path>".
+    named = mp.ProbingDataset("my name", ("Hi", "Ho"), (1, 0), description="hand-made")
+    for name in ("n.jsonl", "n.json"):
+        back = mp.ProbingDataset.load(named.save(tmp_path / name))
+        assert (back.name, back.description, back.labels) == ("my name", "hand-made", (1, 0))
+        assert mp.load_labels(tmp_path / name, name="other").name == "other"
+    assert mp.ProbingDataset.load(data.save(tmp_path / "d.json")).name == data.name == "pos"
     with pytest.raises(ValueError, match=r"name it \*\.jsonl or \*\.json, not 'd\.npz'"):
         data.save(tmp_path / "d.npz")
     with pytest.raises(FileNotFoundError, match="does not exist; create it first"):

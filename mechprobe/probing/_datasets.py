@@ -338,13 +338,15 @@ class ProbingDataset:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the dataset as a label file that :meth:`load` reads back: JSONL (``*.jsonl``,
         one record per line) or JSON (``*.json``, a list of records); word level keeps its
-        words. Returns the path.
+        words, and the first record the dataset's name and description (``"dataset"``,
+        ``"description"``). Returns the path.
 
         Example:
             >>> import tempfile, os
             >>> ds = ProbingDataset("t", ["a b", "c"], [("x", "y"), ("x",)], level="word")
-            >>> ProbingDataset.load(ds.save(os.path.join(tempfile.mkdtemp(), "t.jsonl"))).labels
-            (('x', 'y'), ('x',))
+            >>> back = ProbingDataset.load(ds.save(os.path.join(tempfile.mkdtemp(), "d.jsonl")))
+            >>> back.name, back.labels
+            ('t', (('x', 'y'), ('x',)))
 
         Raises:
             ValueError: Another suffix (a ``.json`` or ``.npz`` name was written as JSONL,
@@ -376,6 +378,8 @@ class ProbingDataset:
                     grp if self.level == "text" else list(grp)
                 )
             records.append(rec)
+        # The name and description ride on the first record (other readers ignore the keys).
+        records[0] = {"dataset": self.name, "description": self.description, **records[0]}
         with path.open("w", encoding="utf-8") as handle:
             if path.suffix == ".json":
                 json.dump(records, handle, ensure_ascii=False, indent=1)

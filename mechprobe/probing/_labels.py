@@ -129,6 +129,11 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
 def load_labels(path: str | os.PathLike[str], *, name: str | None = None) -> ProbingDataset:
     """Your own labels from a JSON, JSONL or CSV file, validated, as a :class:`ProbingDataset`.
 
+    Args:
+        path: The label file.
+        name: The dataset's name; default: the name its first record gives (``"dataset"``, as
+            :meth:`ProbingDataset.save` writes, with ``"description"``), else the file's stem.
+
     Example:
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "l.csv")
@@ -174,12 +179,16 @@ def load_labels(path: str | os.PathLike[str], *, name: str | None = None) -> Pro
             "give every record its group (word types for the control task), or none."
         )
     has_groups = not missing
+    # ProbingDataset.save puts the dataset's name and description on the first record.
+    saved_name, saved_description = records[0].get("dataset"), records[0].get("description")
     return ProbingDataset(
-        name or path.stem,
+        name or (saved_name if isinstance(saved_name, str) and saved_name else path.stem),
         tuple(texts),
         tuple(labels),
         "word" if word_level else "text",
         tuple(spans) if word_level else None,
         tuple(groups) if has_groups else None,
-        description=f"labels from {path}",
+        description=saved_description
+        if isinstance(saved_description, str) and saved_description
+        else f"labels from {path}",
     )
