@@ -159,6 +159,45 @@ def test_plot_draws_into_given_axes() -> None:
     assert lens.plot(ax=fig.add_subplot(2, 1, 2), kind="trajectory") is fig
 
 
+@dataclass(frozen=True, eq=False, repr=False)
+class _Free(Result, format="tests.Free", version=1):
+    maybe: float | None
+    info: dict[str, Any]
+    score: float = 0.0
+
+    def _describe(self) -> str:
+        return "free"
+
+
+@pytest.mark.parametrize("suffix", [".json", ".npz", ".safetensors"])
+def test_non_finite_floats_and_free_form_dicts_round_trip(tmp_path, suffix: str) -> None:
+    # NaN in a `float | None` field came back as None; in a dict[str, Any] as None; a tensor two
+    # dicts deep came back as its encoded tag; dotted keys shared one array name, so "a.b"
+    # silently loaded the values of {"a": {"b": ...}}.
+    info = {
+        "nan": math.nan, "neg": -math.inf, "word": "nan", "pair": (1, 2.5),
+        "a.b": torch.zeros(2), "a": {"b": torch.full((2,), 7.0)},
+        "deep": {"er": {"t": torch.arange(3), "x": np.array([np.nan, 1.0])}},
+    }  # fmt: skip
+    back = _Free.load(_Free(math.nan, info, math.inf).save(tmp_path / f"free{suffix}"))
+    assert back.maybe is not None and math.isnan(back.maybe) and back.score == math.inf
+    got = back.info
+    assert math.isnan(got["nan"]) and got["neg"] == -math.inf and got["word"] == "nan"
+    assert got["pair"] == [1, 2.5]  # JSON has no tuples: a free-form tuple comes back a list
+    assert got["a.b"].tolist() == [0.0, 0.0] and got["a"]["b"].tolist() == [7.0, 7.0]
+    assert torch.equal(got["deep"]["er"]["t"], torch.arange(3))
+    assert np.array_equal(got["deep"]["er"]["x"], [np.nan, 1.0], equal_nan=True)
+    assert _Free.load(_Free(None, {}).save(tmp_path / f"none{suffix}")).maybe is None
+    for value in (math.inf, -math.inf, 0.5):
+        assert _Free.load(_Free(value, {}).save(tmp_path / f"v{suffix}")).maybe == value
+
+
+def test_files_written_with_nan_as_null_still_load() -> None:
+    old = {"format": "tests.Free", "version": 1, "maybe": None, "info": {"x": None}, "score": None}
+    back = _Free.from_dict(old)
+    assert back.maybe is None and back.info == {"x": None} and math.isnan(back.score)
+
+
 def test_encode_decode_plain_values() -> None:
     assert encode({"a": (1, float("inf"))}) == {"a": [1, "inf"]}
     assert decode([1, None], tuple[int, float]) == (1, decode(None, float))

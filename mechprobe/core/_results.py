@@ -19,15 +19,20 @@ and so has:
 - a one-line ``repr`` (shapes and key numbers, never the arrays) and ``_repr_html_``: in a
   notebook, the summary table, and the figure where one says more.
 
-The serialiser writes arrays and tensors as tagged objects (shape, dtype, flat data with NaN as
-``null`` and infinities as ``"inf"`` / ``"-inf"``), tuples as lists, dictionary keys as strings,
-and restores each field from its type annotation: strict JSON that any tool can read.
+The serialiser writes arrays and tensors as tagged objects (shape, dtype, flat data), non-finite
+floats as the strings ``"nan"``, ``"inf"`` and ``"-inf"``, tuples as lists, dictionary keys as
+strings, and restores each field from its type annotation: strict JSON that any tool can read.
+Free-form fields (annotated ``Any``, such as ``dict[str, Any]`` metadata) have no annotation to
+restore from: there a non-finite float is tagged (``{"__float__": "nan"}``) and arrays and tensors
+are found at any depth, but a tuple comes back as a list (JSON has none). Files written before
+non-finite floats were strings (NaN as ``null``) still load.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import hashlib
 import html
 import io
@@ -64,7 +69,7 @@ __all__ = [
 
 R = TypeVar("R", bound="Result")
 _REGISTRY: dict[str, type[Result]] = {}
-_ARRAY, _TENSOR = "__array__", "__tensor__"
+_ARRAY, _TENSOR, _FLOAT = "__array__", "__tensor__", "__float__"
 # Tensor dtypes numpy lacks: written as float32 (exactly) in JSON and npz, restored on reading.
 _WIDENED = (torch.bfloat16,)
 _SUFFIXES = (".json", ".npz", ".safetensors")
@@ -131,7 +136,7 @@ class Result:
     # --- the protocol ---------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready data: ``{"format", "version", <fields>}`` (arrays tagged, NaN as null)."""
+        """JSON-ready data: ``{"format", "version", <fields>}`` (arrays tagged, NaN as "nan")."""
         return encode(self)
 
     @classmethod
@@ -361,26 +366,38 @@ def write_atomic(path: Path, data: bytes) -> None:
 # --- the serialiser -----------------------------------------------------------------------------
 
 
-def encode(value: Any, arrays: dict[str, Any] | None = None, at: str = "") -> Any:
+def encode(
+    value: Any, arrays: dict[str, Any] | None = None, at: str = "", *, free: bool = False
+) -> Any:
     """JSON-ready data for ``value``; with ``arrays``, arrays and tensors go there (npz,
-    safetensors), named by where they sit (``at``: ``"removed"``, ``"measures.0.values"``), and
-    leave that name behind.
+    safetensors), named by where they sit (``at``: ``"removed"``, ``"measures.0.values"``; made
+    unique where two would share a name), and leave that name behind. ``free``: the value sits
+    in a field annotated ``Any``, so non-finite floats are tagged (decode has no annotation to
+    read them by); dataclass fields annotated ``Any`` are encoded so.
 
     Example:
         >>> encode({"x": float("nan"), 2: (1, 2)})
-        {'x': None, '2': [1, 2]}
+        {'x': 'nan', '2': [1, 2]}
+        >>> encode({"x": float("nan")}, free=True)
+        {'x': {'__float__': 'nan'}}
     """
 
-    def inner(v: Any, key: Any) -> Any:
-        return encode(v, arrays, f"{at}.{key}" if at else str(key))
+    def inner(v: Any, key: Any, free_: bool = free) -> Any:
+        return encode(v, arrays, f"{at}.{key}" if at else str(key), free=free_)
 
-    if isinstance(value, Result):
-        out: dict[str, Any] = {"format": value._format, "version": value._version}
+    if isinstance(value, Result) or (
+        dataclasses.is_dataclass(value) and not isinstance(value, type)
+    ):
+        hints = _field_hints(type(value))  # type: ignore[arg-type]
+        out: dict[str, Any] = (
+            {"format": value._format, "version": value._version}
+            if isinstance(value, Result)
+            else {}
+        )
         for f in dataclasses.fields(value):  # type: ignore[arg-type]
-            out[f.name] = inner(getattr(value, f.name), f.name)
+            free_field = free or _is_free(hints.get(f.name, Any))
+            out[f.name] = inner(getattr(value, f.name), f.name, free_field)
         return out
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: inner(getattr(value, f.name), f.name) for f in dataclasses.fields(value)}
     if isinstance(value, torch.Tensor):
         tensor = value.detach().cpu()
         if arrays is not None:  # kept a tensor: safetensors stores its dtype exactly
@@ -395,7 +412,8 @@ def encode(value: Any, arrays: dict[str, Any] | None = None, at: str = "") -> An
     if isinstance(value, np.generic):
         return encode(value.item(), arrays, at)
     if isinstance(value, float):
-        return _encode_float(value)
+        encoded = _encode_float(value)
+        return {_FLOAT: encoded} if free and isinstance(encoded, str) else encoded
     if isinstance(value, (list, tuple)):  # NamedTuples too
         return [inner(v, i) for i, v in enumerate(value)]
     if isinstance(value, Mapping):
@@ -414,6 +432,8 @@ def decode(value: Any, hint: Any, arrays: _Arrays | None = None) -> Any:
     """
     if isinstance(value, dict) and _ARRAY in value:
         return _decode_array(value[_ARRAY], arrays)
+    if isinstance(value, dict) and _FLOAT in value:
+        return _decode_float(value[_FLOAT])
     if isinstance(value, dict) and _TENSOR in value:
         stored = value[_TENSOR]
         if (
@@ -426,7 +446,11 @@ def decode(value: Any, hint: Any, arrays: _Arrays | None = None) -> Any:
         if "torch_dtype" in stored:  # widened to float32 for numpy: every value exact
             tensor = tensor.to(getattr(torch, stored["torch_dtype"]))
         return tensor
-    if hint is Any or hint is None:
+    if hint is Any or hint is None:  # free-form: arrays, tensors and tagged floats at any depth
+        if isinstance(value, dict):
+            return {k: decode(v, Any, arrays) for k, v in value.items()}
+        if isinstance(value, list):
+            return [decode(v, Any, arrays) for v in value]
         return value
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (Union, types.UnionType):
@@ -552,9 +576,12 @@ def _check_folder(path: Path) -> None:
         )
 
 
+_NON_FINITE = ("nan", "inf", "-inf")
+
+
 def _encode_float(value: float) -> Any:
     if math.isnan(value):
-        return None
+        return "nan"  # not null: an optional float's null means None
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
     return value
@@ -562,12 +589,31 @@ def _encode_float(value: float) -> Any:
 
 def _decode_float(value: Any) -> float:
     if value is None:
-        return math.nan
-    return float(value)  # float("inf") and float("-inf") read the strings back
+        return math.nan  # how files written before "nan" hold NaN
+    return float(value)  # float("nan"), float("inf") and float("-inf") read the strings back
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation that only exists for type checkers
+        return {}
+
+
+def _is_free(hint: Any) -> bool:
+    """Whether a field of type ``hint`` may hold values no annotation describes (``Any``)."""
+    if hint is Any or hint is dict or hint is list:
+        return True
+    return any(_is_free(a) for a in typing.get_args(hint) if a is not Ellipsis)
 
 
 def _store(value: np.ndarray | torch.Tensor, arrays: dict[str, Any], at: str) -> dict[str, Any]:
-    key = at or "value"
+    key = name = at or "value"
+    copy = 0
+    while key in arrays:  # dotted dict keys: {"a.b": x, "a": {"b": y}} both sit at "a.b"
+        copy += 1
+        key = f"{name}#{copy}"
     arrays[key] = value
     return {"npz": key}  # "npz": the name in the file's array store (npz or safetensors)
 
@@ -790,8 +836,10 @@ def _decode_key(key: str, hint: Any) -> Any:
 
 def _decode_union(value: Any, args: tuple[Any, ...], arrays: Any) -> Any:
     members = [a for a in args if a is not type(None)]
-    if value is None:  # null is None here (an optional float that was NaN reads back as None)
+    if value is None:  # null is None here (an optional float's NaN is "nan"; before, null)
         return None
+    if isinstance(value, str) and value in _NON_FINITE and float in members and str not in members:
+        return _decode_float(value)
     if len(members) == 1:
         return decode(value, members[0], arrays)
     for member in members:  # the first member whose shape fits the value
@@ -810,10 +858,7 @@ def _decode_union(value: Any, args: tuple[Any, ...], arrays: Any) -> Any:
 
 
 def _decode_dataclass(value: Mapping[str, Any], cls: type, arrays: Any) -> Any:
-    try:
-        hints = typing.get_type_hints(cls)
-    except (NameError, TypeError):  # an annotation that only exists for type checkers
-        hints = {}
+    hints = _field_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in value:

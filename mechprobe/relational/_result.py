@@ -199,7 +199,7 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
 
     def to_dict(self) -> dict[str, Any]:
         """The ``result.json`` object: format and version, the headline keys, then ``details``
-        (every field, through the one serialiser; NaN as null)."""
+        (every field, through the one serialiser; NaN as "nan")."""
         fields = super().to_dict()
         tag = {"format": fields.pop("format"), "version": fields.pop("version")}
         return {**tag, **encode(self._headline()), "details": fields}
