@@ -3,6 +3,8 @@ memory-mapped equal to in-memory, resumable, saved and loaded without pickle, cl
 
 from __future__ import annotations
 
+import copy
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +145,17 @@ def test_saving_over_a_loaded_folder_leaves_the_loaded_activations_as_they_were(
     assert sorted(p.name for p in (tmp_path / "acts").iterdir()) == [
         "activations.json", "index.npz", "values.npy",
     ]  # fmt: skip
+
+
+def test_copies_and_pickles_of_activations_stay_frozen(tmp_path: Path) -> None:
+    acts = _store(3, 1.5, "a")
+    mapped = mp.Activations.load(acts.save(tmp_path / "acts"))
+    for original in (acts, mapped):
+        for copied in (copy.deepcopy(original), pickle.loads(pickle.dumps(original))):
+            assert np.asarray(copied.values).tolist() == [[[1.5] * 3] * 2] * 3
+            assert copied.labels is not None and copied.labels.tolist() == ["a"] * 3
+            for name in ("values", "labels", "text_index", "position", "token"):
+                assert not getattr(copied, name).flags.writeable, name
 
 
 def test_word_last_on_a_hand_checked_sentence(tiny: Any) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import pathlib
+import pickle
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,6 +284,19 @@ def test_arrays_are_frozen_too_and_the_callers_are_not(tmp_path, suffix: str) ->
     with pytest.raises(ValueError, match="read-only"):
         loaded.values[:] = 0.0
     np.testing.assert_array_equal(loaded.values, toy.values)
+
+
+def test_copies_and_pickles_stay_frozen() -> None:
+    # deepcopy and pickle (joblib, multiprocessing) skip __post_init__: their arrays were writable.
+    toy = _toy()
+    for copied in (copy.deepcopy(toy), copy.copy(toy), pickle.loads(pickle.dumps(toy))):
+        assert type(copied) is _Toy and copied is not toy
+        np.testing.assert_array_equal(copied.values, toy.values)
+        assert not copied.values.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            copied.values[0, 0] = 5.0
+        assert copied.labels == ("a", "b") and copied.part == _Part("p", 0.5)
+    assert toy.values[0, 0] == 1.0
 
 
 def test_a_renamed_file_is_refused_naming_what_it_holds(tmp_path) -> None:

@@ -104,6 +104,19 @@ class Result:
         in-place write (``res.values[:] = 0``) raises instead of silently changing frames,
         summaries and later saves. Torch tensors (``OVector.vector``, an ``Eraser``'s matrices)
         and dicts cannot be made read-only: treat them as read-only (``.clone()`` to edit)."""
+        self._freeze()
+
+    def __setstate__(self, state: Any) -> None:
+        """Pickle and ``copy.deepcopy`` rebuild a result without ``__post_init__``, and their
+        copies of its arrays are writable: restore the fields, then freeze them again."""
+        if isinstance(state, tuple):  # (dict, slots) for a class with __slots__
+            state, slots = state
+            state = {**(state or {}), **(slots or {})}
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        self._freeze()
+
+    def _freeze(self) -> None:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             if isinstance(value, np.ndarray):

@@ -149,9 +149,20 @@ class Activations:
         # Memory-mapped values are checked chunk by chunk as collect() writes them.
         if not isinstance(self.values, np.memmap):
             check_finite(self.values, "Activations.values")
+        self._freeze()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Pickle and ``copy.deepcopy`` skip ``__post_init__`` and copy arrays writable: freeze
+        the copy as the original is."""
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        self._freeze()
+
+    def _freeze(self) -> None:
         if isinstance(self.values, np.ndarray):  # frozen as every result's arrays are
             self.values.flags.writeable = False
-        for name, arr in named.items():  # read-only views: the caller's arrays stay writable
+        for name in ("text_index", "position", "token", "labels", "groups"):
+            arr = getattr(self, name)  # read-only views: the caller's arrays stay writable
             if arr is not None:
                 view = np.asarray(arr).view()
                 view.flags.writeable = False
