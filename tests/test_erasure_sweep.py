@@ -58,7 +58,9 @@ def test_layer_sweep_fits_and_measures_each_layer(
     assert kl.get_title().startswith("KL") and kl.get_ylabel() == "nats"
     assert len({line.get_marker() for line in kl.lines if line.get_label() != "_child0"}) >= 2
     back = ErasureSweep.load(sweep.save(tmp_path / "sweep.json"))
-    assert back.results == sweep.results
+    assert [r.to_dict() for r in back.results] == [r.to_dict() for r in sweep.results]
+    assert back.to_dict() == sweep.to_dict()
+    assert back != sweep and len({sweep, back, sweep}) == 2  # hashable, by identity
     assert repr(sweep) == "ErasureSweep(leace, 2 erasure(s), layers 0-2)"
     assert sweep.summary().equals(sweep.effects())
 
@@ -98,13 +100,13 @@ def test_sites_pick_the_kind_and_kind_is_its_old_name(
     assert [r.site for r in sweep.results] == ["blocks.1.hook_mlp_out"]
     with pytest.warns(DeprecationWarning, match="say sites"):
         old = layer_sweep(tiny, letters, [1], "leace", kind="mlp_out", **kw)
-    assert old.results == sweep.results
+    assert old.to_dict() == sweep.to_dict()
     with pytest.raises(ValueError, match="'head'"):
         layer_sweep(tiny, letters, [1], "leace", sites="head", **kw)
     # layers= defaults to every layer, as everywhere in the API (it had no default).
     every = layer_sweep(tiny, letters, method="leace", sites="mlp_out", **kw)
     assert every.layers == list(range(tiny.cfg.n_layers))
-    assert every.results[1] == sweep.results[0]
+    assert every.results[1].to_dict() == sweep.results[0].to_dict()
     # positions=None warned as "amnesic(positions=None)", once per layer, from inside the sweep.
     with pytest.warns(DeprecationWarning, match=r"^layer_sweep\(positions=None\)") as caught:
         layer_sweep(tiny, letters, [1], "leace", sites="mlp_out", positions=None, **kw)

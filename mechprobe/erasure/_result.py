@@ -71,7 +71,9 @@ class AmnesicMeasure:
         return f"AmnesicMeasure({self.metric}, {self.condition}, {self.value:.4g}{extra})"
 
 
-@dataclass(frozen=True, repr=False)  # plain records, no arrays: fields compare with ==
+# eq=False as every result: a dict field made the generated __hash__ raise, and NaN != NaN
+# made a result with a NaN measure unequal to its own loaded copy.
+@dataclass(frozen=True, eq=False, repr=False)
 class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_figure=True):
     """What erasing a concept at one site costs the model, beside random controls of equal rank.
 

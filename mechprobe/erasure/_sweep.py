@@ -79,7 +79,7 @@ def fit_erasure(
     raise ValueError(f"method must be 'inlp' or 'leace', got {method!r}.")
 
 
-@dataclass(frozen=True, repr=False)  # records without arrays: fields compare with ==
+@dataclass(frozen=True, eq=False, repr=False)  # as every result (hashable, by identity)
 class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figure=True):
     """One :class:`AmnesicResult` per erased site (a layer sweep).
 
