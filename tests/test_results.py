@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import math
 import pathlib
@@ -297,6 +298,39 @@ def test_copies_and_pickles_stay_frozen() -> None:
             copied.values[0, 0] = 5.0
         assert copied.labels == ("a", "b") and copied.part == _Part("p", 0.5)
     assert toy.values[0, 0] == 1.0
+
+
+def test_dollars_in_prompts_and_tokens_are_drawn_as_written(tiny) -> None:
+    # A $ started matplotlib's mathtext: "a_b^c $x^{2$ end" made saving the lens and generation
+    # figures raise (and the notebook view drop them); "pay $5 or $6" drew "5 or " in italics.
+    from matplotlib.cbook import is_math_text
+    from matplotlib.text import Text
+
+    prompts = ["pay $5 or $6 now", "a_b^c $x^{2$ end"]
+    figures = {
+        "lens": mp.logit_lens(tiny, prompts, targets=" $", positions="all").plot(),
+        "lens, one prompt": mp.logit_lens(tiny, prompts[:1], positions="all").plot(),
+        "trajectory": mp.logit_lens(tiny, prompts, targets="$5").plot_trajectory(),
+        "generation": mp.generate(tiny, prompts, max_new_tokens=3, progress=False).plot(),
+        "trace": mp.causal_trace(
+            tiny, prompts[1:], ["$x"], sites="mlp_out", n_noise=2, progress=False
+        ).plot(),
+        "patch": mp.patch(
+            tiny, "$$a$$", "$$b$$", "mlp_out", "all", mp.logit_diff("$", "{"), progress=False
+        ).plot(),
+    }  # fmt: skip
+    for name, fig in figures.items():
+        fig.savefig(io.BytesIO(), format="png")
+        texts = [t.get_text() for t in fig.findobj(Text) if t.get_text()]
+        # Only matplotlib's own log-axis tick labels ($\mathdefault{10^{1}}$) are mathtext.
+        assert not [t for t in texts if is_math_text(t) and "mathdefault" not in t], name
+        shown = [t.replace(r"\$", "$") for t in texts]  # what a non-math text draws
+        if name == "lens, one prompt":
+            assert any(t.endswith(": pay $5 or $6 now") for t in shown), shown  # the title
+        if name == "generation":
+            assert {"pay $5 or $6 now", "a_b^c $x^{2$ end"} <= set(shown), shown
+        if name == "patch":
+            assert "$" in shown  # the token itself, a literal dollar
 
 
 def test_a_renamed_file_is_refused_naming_what_it_holds(tmp_path) -> None:

@@ -60,7 +60,7 @@ from mechprobe.core._hooks import (
     is_pooled,
 )
 from mechprobe.core._progress import progress_bar
-from mechprobe.core._results import Result, new_axes, token_label
+from mechprobe.core._results import Result, literal, new_axes, token_label
 from mechprobe.core._runner import (
     _items,
     _rows_of,
@@ -181,10 +181,12 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
         fig, ax = new_axes(ax, (6.0, 3.5))
         rows = list(zip(self.prompts, self.logprobs, self.token_strings, strict=True))[:20]
         for prompt, lps, words in rows:
-            (line,) = ax.plot(np.arange(len(lps)), lps, marker=".", label=_tail(prompt, 30))
+            (line,) = ax.plot(
+                np.arange(len(lps)), lps, marker=".", label=literal(_tail(prompt, 30))
+            )
             if len(rows) <= 3:  # the tokens themselves: a dip is read off the figure
                 for i, (lp, word) in enumerate(zip(lps, words, strict=True)):
-                    ax.annotate(token_label(word, 10), (i, lp), textcoords="offset points",
+                    ax.annotate(literal(token_label(word, 10)), (i, lp), textcoords="offset points",
                                 xytext=(0, 4), ha="center", fontsize=6, color=line.get_color())  # fmt: skip
         from matplotlib.ticker import MaxNLocator
 
@@ -196,7 +198,7 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
         how = "greedy" if self.temperature == 0 else f"sampled at T={self.temperature:g}"
         how += "" if self.top_k is None else f", top-{self.top_k}"
         how += "" if self.top_p is None else f", top-p {self.top_p:g}"
-        ax.set_title(f"{how} generation ({_tail(where, 60)})")
+        ax.set_title(literal(f"{how} generation ({_tail(where, 60)})"))
         if len(self.prompts) <= 8:
             ax.legend(fontsize="small")
         return fig

@@ -358,6 +358,17 @@ def token_label(text: str, width: int = 12, *, tail: bool = False) -> str:
     return "…" + shown[len(shown) - keep :] if tail else shown[:keep] + "…"
 
 
+def literal(text: str) -> str:
+    """``text`` drawn on a matplotlib figure as written: a ``$`` in a prompt or token would start
+    mathtext (``"pay $5 or $6"`` drew "5 or " in italics, and ``"$x^{2$"`` made saving raise).
+
+    Example:
+        >>> print(literal("pay $5 or $6"))  # matplotlib draws \\$ as $
+        pay \\$5 or \\$6
+    """
+    return text.replace("$", r"\$")
+
+
 def figure_of(ax: Axes) -> Figure:
     """The top-level Figure that ``ax`` is drawn in (also when it sits in a sub-figure)."""
     figure = ax.get_figure(root=True)

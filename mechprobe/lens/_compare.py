@@ -31,6 +31,7 @@ from mechprobe.core import (
     check_int,
     check_seed,
     evaluates,
+    literal,
     new_axes,
     position_list,
     progress_bar,
@@ -130,12 +131,14 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
         bands = n > 1  # over one position a standard error is undefined (it drew as 0)
         for i, name in enumerate(self.lenses):
             kl, sem = self.kl[i, cols], self.kl_sem[i, cols]
-            (line,) = axes[0].plot(layers, kl, "o-", markersize=3, label=name)
+            (line,) = axes[0].plot(layers, kl, "o-", markersize=3, label=literal(name))
             if bands:
                 axes[0].fill_between(layers, kl - sem, kl + sem, color=line.get_color(), alpha=0.2)
             if len(axes) > 1:
                 p = self.precision[i, cols]
-                axes[1].plot(layers, p, "o-", markersize=3, label=name, color=line.get_color())
+                axes[1].plot(
+                    layers, p, "o-", markersize=3, label=literal(name), color=line.get_color()
+                )
                 if bands:
                     se = np.sqrt(p * (1 - p) / n)
                     axes[1].fill_between(layers, p - se, p + se, color=line.get_color(), alpha=0.2)
@@ -150,7 +153,7 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
             axes[1].set_xlabel(f"layer ({kind})")
             axes[1].grid(alpha=0.3)
         title = f"{self.model_name or 'model'}: {self.n_positions} positions of {self.text}"
-        title += " (bands: one standard error)" if bands else ""
+        title = literal(title + (" (bands: one standard error)" if bands else ""))
         if len(axes) > 1:
             fig.suptitle(title, fontsize=9)
         else:

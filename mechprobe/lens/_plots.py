@@ -14,7 +14,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mechprobe.core import check_int, figure_of, new_axes, token_label
+from mechprobe.core import check_int, figure_of, literal, new_axes, token_label
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -116,7 +116,7 @@ def heatmap(
     width = max(5.0, 1.5 + 0.75 * len(cells))
     fig, ax = new_axes(ax, (width, 1.4 + 0.26 * len(layers)))
     image = ax.imshow(values, aspect="auto", origin="lower", interpolation="nearest", **options)  # type: ignore[arg-type]
-    fig.colorbar(image, ax=ax, label=bar, fraction=0.04, pad=0.01)
+    fig.colorbar(image, ax=ax, label=literal(bar), fraction=0.04, pad=0.01)
     shade = np.asarray(image.norm(values), dtype=float)
     light = shade < 0.5 if color == "prob" else shade > 0.5
     for i in range(len(layers)):
@@ -124,7 +124,7 @@ def heatmap(
             ax.text(
                 j,
                 i,
-                token_label(result.text(top1[i, j]), label_width),
+                literal(token_label(result.text(top1[i, j]), label_width)),
                 ha="center",
                 va="center",
                 fontsize=6.5,
@@ -133,7 +133,7 @@ def heatmap(
     ticks = [token_label(result.prompt_tokens[b][result.positions[b, c]], 12) for b, c in cells]
     if across:
         ticks = [f"{b}: {tick}" for (b, _), tick in zip(cells, ticks, strict=True)]
-    ax.set_xticks(range(len(cells)), ticks, rotation=60, ha="right")
+    ax.set_xticks(range(len(cells)), [literal(t) for t in ticks], rotation=60, ha="right")
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     ax.tick_params(axis="y", labelsize=7)
     what = "prompt: its decoded token" if across else "input token (position)"
@@ -141,12 +141,12 @@ def heatmap(
     ax.set_ylabel(f"layer ({kind})")
     name = "Logit lens" if result.lens == "logit" else result.lens.split(" ")[0].capitalize()
     if across:
-        ax.set_title(f"{name}, {len(result.prompts)} prompts{shown}{also}", fontsize=9)
+        ax.set_title(literal(f"{name}, {len(result.prompts)} prompts{shown}{also}"), fontsize=9)
     else:
         b = cells[0][0]
         of = f" of {len(result.prompts)}" if len(result.prompts) > 1 else ""
         prompt_text = token_label(result.prompts[b], min(70, int(8 * width)), tail=True)
-        ax.set_title(f"{name}, prompt {b}{of}{shown}{also}: {prompt_text}", fontsize=9)
+        ax.set_title(literal(f"{name}, prompt {b}{of}{shown}{also}: {prompt_text}"), fontsize=9)
     return fig
 
 
@@ -223,9 +223,9 @@ def trajectory(
                 y = result.target_prob[b, entries, t]
             else:
                 y = result.target_logprob[b, entries, t]
-            ax.plot(layers, y, marker="o", markersize=3, label=label)
+            ax.plot(layers, y, marker="o", markersize=3, label=literal(label))
         title = titles[i] if titles is not None else token_label(result.prompts[b], 48, tail=True)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(literal(title), fontsize=9)
         ax.set_xlabel(f"layer ({kind}, last prompt token)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

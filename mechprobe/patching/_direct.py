@@ -45,6 +45,7 @@ from mechprobe.core import (
     check_int,
     evaluates,
     first_token_ids,
+    literal,
     model_adapter,
     new_axes,
     run,
@@ -221,6 +222,7 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
             8
         """
         what = f"logit[{_token(self.answers, 'answer')}] - logit[{_token(self.wrongs, 'wrong')}]"
+        what = literal(what)  # the answers' text, drawn as written
         if self.heads:
             fig, ax = new_axes(ax, (6.0, 4.0))
             matrix = self.head_matrix()

@@ -55,6 +55,7 @@ from mechprobe.core import (
     evaluates,
     figure_of,
     keyed_seed,
+    literal,
     model_adapter,
     progress_bar,
     resolve_layers,
@@ -252,7 +253,7 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
             axis.set_ylabel("layer")
             low, high = float(self.chance[i].min()), float(self.chance[i].max())
             chance = f"{low:.2g}" if f"{low:.2g}" == f"{high:.2g}" else f"{low:.2g}-{high:.2g}"
-            axis.set_title(f"{name.replace('_', ' ')} (chance {chance})")
+            axis.set_title(literal(f"{name.replace('_', ' ')} (chance {chance})"))
         if image is not None:  # one scale (0 to 1) for every panel: one colour bar
             fig.colorbar(image, ax=axes, label="attention on targets")
         return fig

@@ -53,6 +53,7 @@ from mechprobe.core import (
     expand_sites,
     gradients_enabled,
     intervene,
+    literal,
     model_adapter,
     new_axes,
     progress_bar,
@@ -315,18 +316,18 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
                     line = ax.axvline if axis == "x" else ax.axhline
                     line(i - 0.5, color="grey", linewidth=0.4)
             setter = ax.set_xticks if axis == "x" else ax.set_yticks
-            setter(ticks, labels=[labels[i] for i in ticks], fontsize="small")
+            setter(ticks, labels=[literal(labels[i]) for i in ticks], fontsize="small")
         ax.tick_params(axis="x", labelrotation=90)
         ax.set_xlabel(xname)
         ax.set_ylabel(yname)
-        fig.colorbar(image, ax=ax, label=f"change of {self.metric}")
+        fig.colorbar(image, ax=ax, label=literal(f"change of {self.metric}"))
         kinds = " + ".join(dict.fromkeys(s.split("@")[0] for s in self.senders))
         target = (
             self.receivers[0]
             if len(self.receivers) == 1
             else " + ".join(dict.fromkeys(r.split("@")[0] for r in self.receivers))
         )
-        ax.set_title(f"path patching, {kinds} to {target} ({self.direction})")
+        ax.set_title(literal(f"path patching, {kinds} to {target} ({self.direction})"))
         return fig
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechprobe.core import HEAD_KINDS, Result, check_int, model_adapter, new_axes, warn
+from mechprobe.core import HEAD_KINDS, Result, check_int, literal, model_adapter, new_axes, warn
 from mechprobe.core import spread as spread_of  # its own property is called spread
 from mechprobe.patching._metrics import metric_token_ids
 
@@ -517,7 +517,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             estimated = "noising" if self.direction.endswith("noising") else "denoising"
             what = f"attribution patching (estimated {estimated})"
         kinds = list(dict.fromkeys(self.kinds))
-        title = f"{what} of {', '.join(kinds)}: {self.metric}"
+        title = literal(f"{what} of {', '.join(kinds)}: {self.metric}")
         if ax is None and len(kinds) > 1 and len(self.positions) > 1:
             # One tall stack of every kind's layers (90 rows, no separator) compared nothing
             # layer by layer: a panel per kind, on one scale.
@@ -537,9 +537,9 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
                     for i in index
                 ]
                 image = self._heatmap(axis, data[index], names, list(self.position_labels), lim)
-                axis.set_title(kind)
+                axis.set_title(literal(kind))
                 axis.set_ylabel("layer" if kind not in HEAD_KINDS else "layer, head")
-            fig.colorbar(image, ax=axes, label=label)
+            fig.colorbar(image, ax=axes, label=literal(label))
             fig.suptitle(title, fontsize=9)
             return fig
         ylabels, xlabels = list(self.sites), list(self.position_labels)
@@ -569,7 +569,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         # from the branch taken: one key/value head made the head axis read "position"
         ax.set_xlabel("head" if head_grid else "position")
         ax.set_ylabel("layer" if ylabels != list(self.sites) else "site")
-        fig.colorbar(image, ax=ax, label=label)
+        fig.colorbar(image, ax=ax, label=literal(label))
         ax.set_title(title, fontsize="small")
         return fig
 
@@ -580,6 +580,6 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         image = ax.imshow(data, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
         x_step, y_step = -(-len(xlabels) // 40), -(-len(ylabels) // 56)
         xs, ys = range(0, len(xlabels), x_step), range(0, len(ylabels), y_step)
-        ax.set_xticks(list(xs), labels=[xlabels[i] for i in xs], rotation=90)
-        ax.set_yticks(list(ys), labels=[ylabels[i] for i in ys])
+        ax.set_xticks(list(xs), labels=[literal(xlabels[i]) for i in xs], rotation=90)
+        ax.set_yticks(list(ys), labels=[literal(ylabels[i]) for i in ys])
         return image

@@ -47,6 +47,7 @@ from mechprobe.core import (
     figure_of,
     intervene,
     keyed_seed,
+    literal,
     model_adapter,
     readout,
     token_label,
@@ -475,7 +476,7 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             start, stop = self.subjects[0]
             # tokens made visible (a space's row had a blank label, a newline broke its line)
             labels = [
-                token_label(t, 16) + ("*" if start <= p < stop else "")
+                literal(token_label(t, 16)) + ("*" if start <= p < stop else "")
                 for p, t in enumerate(labels)
             ]
         grids = {name: data[self.kinds.index(name)].T for name in kinds}  # [rows, layers]
@@ -509,9 +510,9 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             axis.set_xlabel("layer" + (f" (window {self.window})" if self._windowed(name) else ""))
             axis.set_title(f"restoring {name}")
             if common is None:
-                fig.colorbar(image, ax=axis, label=f"indirect effect on {self.metric}")
+                fig.colorbar(image, ax=axis, label=literal(f"indirect effect on {self.metric}"))
         if common is not None and image is not None:
-            fig.colorbar(image, ax=axes, label=f"indirect effect on {self.metric}")
+            fig.colorbar(image, ax=axes, label=literal(f"indirect effect on {self.metric}"))
         if ax is None:
             clean, corrupted = float(np.mean(self.clean)), float(np.mean(self.corrupted))
             star = "; * marks the noised subject's tokens" if single else ""
@@ -519,8 +520,8 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
                 star = "; grey: no such token in any prompt"
             # two lines: on one, a one-panel figure cut it at both sides
             fig.suptitle(
-                f"{self.metric}: clean {clean:.3g}, subject noised {corrupted:.3g}\n"
-                f"{len(self.scores)} prompt(s) x {self.n_noise} noise samples{star}",
+                literal(f"{self.metric}: clean {clean:.3g}, subject noised {corrupted:.3g}\n")
+                + f"{len(self.scores)} prompt(s) x {self.n_noise} noise samples{star}",
                 fontsize=9,
             )
         return fig

@@ -40,6 +40,7 @@ from mechprobe.core import (
     first_token_ids,
     forward,
     intervene,
+    literal,
     model_adapter,
     progress_bar,
     run,
@@ -154,7 +155,11 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
                 " (intact 0: not drawn)" if relative and not np.isfinite(values[t]).any() else ""
             )
             ax.plot(
-                x + shift, values[t], style, alpha=0.8, label=f"{name} ({self.kinds[t]}){missing}"
+                x + shift,
+                values[t],
+                style,
+                alpha=0.8,
+                label=literal(f"{name} ({self.kinds[t]}){missing}"),
             )
         ticks = [f"{k}/{self.parts}" for k in range(self.parts + 1)]
         ax.set_xticks(x, ticks)

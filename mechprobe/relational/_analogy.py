@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechprobe.core import Result, check_finite, check_seed, evaluates, target_rank, warn
+from mechprobe.core import Result, check_finite, check_seed, evaluates, literal, target_rank, warn
 from mechprobe.relational._figure import axes_for
 from mechprobe.tasks import Task, as_task
 
@@ -272,7 +272,7 @@ class AnalogyResult(Result, format="mechprobe.AnalogyResult", version=2):
         ax.set_ylim(0, 1)
         ax.set_ylabel("nearest-neighbour accuracy")
         split = "held-out" if self.held_out else "in-sample"
-        ax.set_title(f"{self.task}: {self.space} space, {split}, n={len(self.answers)}")
+        ax.set_title(literal(f"{self.task}: {self.space} space, {split}, n={len(self.answers)}"))
         ax.legend(fontsize="small")
         return fig
 

@@ -40,6 +40,7 @@ from mechprobe.core import (
     evaluates,
     figure_of,
     first_token_ids,
+    literal,
     model_adapter,
     run,
     spread,
@@ -200,7 +201,7 @@ class FunctionVectorResult(
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         fig.colorbar(image, ax=ax, label="average indirect effect (answer prob.)", pad=0.02)
-        ax.set_title(f"{self.task}: heads' AIE, FV heads outlined", fontsize=9)
+        ax.set_title(literal(f"{self.task}: heads' AIE, FV heads outlined"), fontsize=9)
         return fig
 
     def _bars(self, ax: Axes) -> None:
@@ -208,7 +209,7 @@ class FunctionVectorResult(
         x = np.arange(len(self.conditions))
         drawn = ax.bar(x, self.accuracy, color="tab:blue")
         ax.bar_label(drawn, fmt="%.2f", fontsize=7)
-        ax.set_xticks(x, self.conditions, rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(x, [literal(c) for c in self.conditions], rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1.1)
         ax.set_ylabel("top-1 accuracy (first answer token)")
         ax.set_title(

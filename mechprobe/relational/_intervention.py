@@ -40,6 +40,7 @@ from mechprobe.core import (
     check_float,
     evaluates,
     first_token_ids,
+    literal,
     model_adapter,
     progress_bar,
     resolve_layers,
@@ -308,7 +309,7 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
                 for i, v in enumerate(values):
                     if np.isfinite(v):
                         ax.text(i + shift, v + 0.02, f"{v:.2f}", ha="center", fontsize=6)
-            ax.set_xticks(x, names, rotation=20, ha="right", fontsize=8)
+            ax.set_xticks(x, [literal(n) for n in names], rotation=20, ha="right", fontsize=8)
             ax.set_ylim(0, 1)
             ax.set_ylabel(labels[key])
         if groups != [None]:  # one group needs no legend

@@ -35,6 +35,7 @@ from mechprobe.core import (
     check_seed,
     evaluates,
     first_token_ids,
+    literal,
     model_adapter,
     readout,
     resolve_site,
@@ -144,7 +145,9 @@ class OVector(Result, format="mechprobe.OVector", version=2):
             ax.axhline(0, color="grey", linewidth=0.5)
             ax.set_xlabel("dimension (model= decodes the vector into tokens)")
             ax.set_ylabel("value")
-            ax.set_title(f"o-vector of {self.source}, layer {self.layer}, norm {self.norm:.3g}")
+            ax.set_title(
+                literal(f"o-vector of {self.source}, layer {self.layer}, norm {self.norm:.3g}")
+            )
             return fig
         check_int(k, "k", 1)
         vector = self.vector.detach().to(model.W_U.device, model.W_U.dtype)
@@ -157,12 +160,12 @@ class OVector(Result, format="mechprobe.OVector", version=2):
             logits = readout(model, vector[None])[0].float().cpu()
         top = torch.topk(logits, min(k, logits.numel()))
         adapter = model_adapter(model)
-        labels = [token_label(adapter.token_text(int(i)), 16) for i in top.indices]
+        labels = [literal(token_label(adapter.token_text(int(i)), 16)) for i in top.indices]
         fig, ax = axes_for(ax, (5, 0.25 * len(labels) + 1.5), "OVector.plot")
         ax.barh(np.arange(len(labels))[::-1], top.values.numpy(), color="tab:green")
         ax.set_yticks(np.arange(len(labels))[::-1], labels, fontsize=8)
         ax.set_xlabel("logit through the final norm and unembedding")
-        ax.set_title(f"tokens o promotes: {self.source}, layer {self.layer}", fontsize=9)
+        ax.set_title(literal(f"tokens o promotes: {self.source}, layer {self.layer}"), fontsize=9)
         return fig
 
     def _describe(self) -> str:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from mechprobe.core import Result, encode, warn, write_atomic
+from mechprobe.core import Result, encode, literal, warn, write_atomic
 from mechprobe.relational._ablation import AblationResult
 from mechprobe.relational._intervention import _GROUPS, OVectorEffect
 from mechprobe.relational._ovector import OVector
@@ -289,7 +289,7 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
         rows = fig.subplots(len(runs), 2, squeeze=False)
         for inter, row, setting in zip(runs, rows, settings, strict=False):
             inter._draw(list(row), ["top1", "mrr"], setting=setting)
-        fig.suptitle(f"{self.task}: the o-vector beside its controls", fontsize=9)
+        fig.suptitle(literal(f"{self.task}: the o-vector beside its controls"), fontsize=9)
         return fig
 
     def plot_ablation(self, ax: Axes | None = None, *, relative: bool = False) -> Figure:

@@ -29,6 +29,7 @@ from mechprobe.core import (
     SiteKind,
     check_finite,
     evaluates,
+    literal,
     model_adapter,
     progress_bar,
     run,
@@ -164,7 +165,7 @@ class TaskScore(Result, format="mechprobe.TaskScore", version=2, html_figure=Tru
         from matplotlib.ticker import MaxNLocator
 
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts (ticks read 0.5, 1.5)
-        ax.set_title(f"{self.task}: accuracy {self.accuracy:.0%}")
+        ax.set_title(literal(f"{self.task}: accuracy {self.accuracy:.0%}"))
         ax.legend()
         return fig
 

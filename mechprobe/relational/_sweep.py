@@ -27,6 +27,7 @@ from mechprobe.core import (
     check_int,
     evaluates,
     first_token_ids,
+    literal,
     model_adapter,
     progress_bar,
     tokenize,
@@ -177,7 +178,7 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
             fig, one = axes_for(ax, (3.8, 0.28 * len(self.layers) + 1.6), "OVectorSweep.plot")
             image = self._heatmap(one, name, metric, vmax)
             one.set_ylabel("FFN layers written")
-            fig.colorbar(image, ax=one, shrink=0.8, label=metric)
+            fig.colorbar(image, ax=one, shrink=0.8, label=literal(metric))
             return fig
         from matplotlib.figure import Figure
 
@@ -204,7 +205,7 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
         ax.set_xticks(range(len(self.scales)), [f"{s:g}" for s in self.scales])
         ax.set_yticks(range(len(self.layers)), [_span(c) for c in self.layers], fontsize=7)
         ax.set_xlabel("scale")
-        ax.set_title(name, fontsize=9)
+        ax.set_title(literal(name), fontsize=9)
         for (r, s), v in np.ndenumerate(grid):
             text = f"{v:.0f}" if metric == "mean_rank" else f"{v:.2f}"
             light = v < 0.6 * vmax if metric != "mean_rank" else v > 0.4 * vmax

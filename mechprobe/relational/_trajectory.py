@@ -49,6 +49,7 @@ from mechprobe.core import (
     check_int,
     evaluates,
     first_token_ids,
+    literal,
     model_adapter,
     readout,
     target_rank,
@@ -322,7 +323,9 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
         ax.set_ylabel("mean reciprocal rank")
         ax.set_ylim(0, 1.0)
         through = "" if self.lens == "logit" else f" ({self.lens.split(' ')[0]} lens)"
-        ax.set_title(f"{self.task}: early decoding{through} over {int(m.sum())} correct items")
+        ax.set_title(
+            literal(f"{self.task}: early decoding{through} over {int(m.sum())} correct items")
+        )
         # Below the axes: inside, it covered the early layers' stage labels and curves.
         ax.legend(
             fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False
