@@ -99,6 +99,8 @@ def test_mlp_sites_of_an_attention_only_model_are_refused():
             call()
     patched = mp.patch(model, clean, corrupt, "attn_out", "all", lambda lg: lg[:, 5], n_random=0)
     assert patched.values.shape == (2, 4)  # layers x positions
+    # Without a tokenizer the pairs are recorded as their ids (decoding them crashed).
+    assert patched.clean_prompts == ("token ids [1, 2, 3, 4]",)
 
 
 def test_ungrouped_key_value_heads_are_one_per_query_head():

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechprobe.core import HEAD_KINDS, Result, check_int, literal, model_adapter, new_axes, warn
+from mechprobe.core import HEAD_KINDS, Result, check_int, literal, new_axes, warn
 from mechprobe.core import spread as spread_of  # its own property is called spread
 from mechprobe.patching._metrics import metric_token_ids
 
@@ -110,12 +110,16 @@ def pair_records(
     model: Any, clean_ids: Sequence[Any], corrupt_ids: Sequence[Any] | None, metric: Any
 ) -> dict[str, tuple[Any, ...]]:
     """What a patching result records of its pairs: the prompts as the model read them (token ids
-    decoded) and the token ids its metric read (``corrupt_ids`` None for an ablation)."""
-    tokenizer = model_adapter(model).tokenizer
+    decoded; ``"token ids [...]"`` for a model without a tokenizer) and the token ids its metric
+    read (``corrupt_ids`` None for an ablation)."""
+    tokenizer = getattr(model, "tokenizer", None)  # a model built without one runs on ids
     answers, wrong = metric_token_ids(model, metric, len(clean_ids))
 
     def texts(rows: Sequence[Any]) -> tuple[str, ...]:
-        return tuple(str(tokenizer.decode([int(t) for t in row])) for row in rows)
+        ids = [[int(t) for t in row] for row in rows]
+        if tokenizer is None:
+            return tuple(f"token ids {row}" for row in ids)
+        return tuple(str(tokenizer.decode(row)) for row in ids)
 
     return {
         "clean_prompts": texts(clean_ids),
