@@ -90,6 +90,13 @@ def test_a_rule_of_ones_own_and_the_layers_chosen(tiny) -> None:
     )
     assert own.kinds == ("mine",) and own.layers == (2, 0)
     np.testing.assert_allclose(own.scores[0], built_in.scores[0][[2, 0]], atol=1e-12)
+    # Many kinds of one's own keep the repr one short line (353 characters with eight before).
+    many = mp.head_scores(
+        tiny, seq_len=6, n_prompts=2, kinds={f"kind number {i}": induction for i in range(8)},
+        progress=False,
+    )  # fmt: skip
+    assert len(repr(many)) < 200 and "+5 kinds" in repr(many)
+    assert many.summary()["kind"].nunique() == 8  # every kind is still in the summary
 
 
 def test_chance_counts_only_the_keys_a_sliding_window_layer_sees() -> None:

@@ -214,14 +214,14 @@ def test_multi_token_target_is_teacher_forced_not_truncated(tiny):
 def test_frame_is_tidy_and_consistent_with_the_arrays(tiny):
     result = mp.logit_lens(tiny, PROMPTS[:2], positions="all", targets=[" a", " b"], top_k=3)
     frame = result.to_frame()
-    required = ["prompt_index", "site", "layer", "position", "target", "rank", "prob", "logprob"]
+    required = ["prompt", "site", "layer", "position", "target", "rank", "prob", "logprob"]
     assert set([*required, "entropy", "kl_to_final"]) <= set(frame.columns)
     lengths = [len(t) for t in result.prompt_tokens]
     assert len(frame) == 3 * sum(lengths)  # 3 layers x positions x 1 target
-    assert not frame.duplicated(["prompt_index", "layer", "position", "target"]).any()
-    last = frame["position"] == frame["prompt_index"].map(lambda b: lengths[b] - 1)
+    assert not frame.duplicated(["prompt", "layer", "position", "target"]).any()
+    last = frame["position"] == frame["prompt"].map(lambda b: lengths[b] - 1)
     assert frame.loc[last, "logprob"].notna().all() and frame.loc[~last, "logprob"].isna().all()
-    row = frame[(frame.prompt_index == 1) & (frame.layer == 2) & last].iloc[0]
+    row = frame[(frame.prompt == 1) & (frame.layer == 2) & last].iloc[0]
     assert row["logprob"] == pytest.approx(result.target_logprob[1, 2, 0])
     assert row["top1"] == result.text(result.top_ids[1, 2, lengths[1] - 1, 0])
     assert row["token"] == result.prompt_tokens[1][-1]
@@ -231,11 +231,10 @@ def test_frame_is_tidy_and_consistent_with_the_arrays(tiny):
     assert len(untargeted) == 3 and untargeted["target"].isna().all()
     top = result.top_frame()
     assert len(top) == 3 * sum(lengths) * 3
-    assert (top.groupby(["prompt_index", "layer", "position"])["prob"].diff().dropna() <= 0).all()
-    first = top[(top.k == 0) & (top.prompt_index == 1) & (top.layer == 2)]
+    assert (top.groupby(["prompt", "layer", "position"])["prob"].diff().dropna() <= 0).all()
+    first = top[(top.k == 0) & (top.prompt == 1) & (top.layer == 2)]
     assert (
-        first["token"].tolist()
-        == frame[(frame.prompt_index == 1) & (frame.layer == 2)]["top1"].tolist()
+        first["token"].tolist() == frame[(frame.prompt == 1) & (frame.layer == 2)]["top1"].tolist()
     )
 
 

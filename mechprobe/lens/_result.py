@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["LensResult"]
 
 FRAME_COLUMNS = (
-    "prompt_index",
+    "prompt",
     "site",
     "layer",
     "position",
@@ -75,7 +75,7 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         >>> import mechprobe as mp
         >>> lens = mp.logit_lens(mp.tiny_model(), "Hi", targets=" a")
         >>> list(lens.to_frame().columns[:5])
-        ['prompt_index', 'site', 'layer', 'position', 'token']
+        ['prompt', 'site', 'layer', 'position', 'token']
     """
 
     prompts: tuple[str, ...]
@@ -128,7 +128,7 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
     def to_frame(self) -> pd.DataFrame:
         """One row per (prompt, site, layer, position, target): a tidy frame.
 
-        Columns: ``prompt_index, site, layer, position, token`` (the input token there), ``target``
+        Columns: ``prompt, site, layer, position, token`` (the input token there), ``target``
         (None for a prompt without targets), ``rank`` and ``prob`` of the target's first token,
         ``logprob`` of the whole target by teacher forcing (only at the prompt's last token, NaN
         elsewhere: a continuation only follows the whole prompt), ``entropy`` and ``kl_to_final``
@@ -147,7 +147,7 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
             pos = self.positions[b, k]
             top1 = self.top_ids[b, e, k, 0]
             frame = {
-                "prompt_index": np.full(len(e), b),
+                "prompt": np.full(len(e), b),
                 "site": np.asarray(self.sites, dtype=object)[e],
                 "layer": np.asarray(self.layers)[e],
                 "position": pos,
@@ -225,7 +225,7 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         ids = self.top_ids[b, e, k, j]
         return pd.DataFrame(
             {
-                "prompt_index": b,
+                "prompt": b,
                 "site": np.asarray(self.sites, dtype=object)[e],
                 "layer": np.asarray(self.layers)[e],
                 "position": self.positions[b, k],

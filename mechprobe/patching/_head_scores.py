@@ -270,8 +270,11 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
             if self.seq_len == 0
             else (f"{len(self.prompts)} x {self.seq_len} repeated random tokens")
         )
+        # Three kinds at most: a repr stays one short line with many kinds of one's own (353
+        # characters with eight, review 21b); summary() lists them all.
+        shown = ", ".join(best[:3]) + (f", +{len(best) - 3} kinds" if len(best) > 3 else "")
         return f"{len(self.layers)} layers x {self.scores.shape[2]} heads on {what}; best: " + (
-            ", ".join(best) or "none"
+            shown or "none"
         )
 
 
