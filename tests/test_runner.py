@@ -340,6 +340,23 @@ def test_a_gradient_at_a_pattern_is_the_models_own_at_every_key(tiny) -> None:
     tiny.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_a_gradient_without_autograd_names_every_way_to_turn_it_back_on(tiny, mode) -> None:
+    # The message named torch.no_grad alone, also under inference_mode (review 21a).
+    tokens = tiny.to_tokens("Hello there")
+    grad = {mp.Site("resid_post", 0): mp.Gradient()}
+    message = r"torch.inference_mode\(False\), torch"
+    with mode(), pytest.raises(RuntimeError, match=message), mp.intervene(tiny, grad):
+        tiny(tokens)
+    with torch.inference_mode(), torch.inference_mode(False), torch.enable_grad():  # as it says
+        g = mp.Gradient()
+        with mp.intervene(tiny, {mp.Site("resid_post", 0): g}):
+            out = tiny(tokens)[0, -1, 100]
+        mp.core.differentiate(out, [g])
+    assert g.grad is not None and float(g.grad.abs().max()) > 0
+    tiny.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_loss_is_each_prompts_own_cross_entropy_whatever_the_padding(tiny, side: str) -> None:
     from conftest import hf_of  # pytest's conftest module, which holds the tiny models' twins

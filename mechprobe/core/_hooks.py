@@ -211,8 +211,9 @@ class Gradient(Intervention):
     def edit(self, selected: Tensor, hook: Any) -> Tensor:
         if not torch.is_grad_enabled():
             raise RuntimeError(
-                f"Gradient at {hook.name}: gradients are disabled (torch.no_grad); run the forward "
-                "pass with gradients enabled."
+                f"Gradient at {hook.name}: gradients are disabled here (torch.no_grad, "
+                "torch.inference_mode or torch.set_grad_enabled(False)); run the forward pass "
+                "inside `with torch.inference_mode(False), torch.enable_grad():`."
             )
         self.value = selected.detach()
         self.grad = None
