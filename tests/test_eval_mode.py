@@ -138,3 +138,16 @@ def test_every_analysis_that_takes_a_model_runs_it_in_eval_mode():
         "PatchMetric.bind", "OVector.plot",
     }  # fmt: skip
     assert sorted(set(missing) - allowed) == []
+
+
+def test_an_analysis_inside_another_does_not_list_the_modules_again(tiny, monkeypatch):
+    # Listing SmolLM2's ~4,000 modules takes ~3 ms: generate's run per step paid it every step.
+    from mechprobe.core import _eval_mode
+
+    calls = []
+    listing = _eval_mode._modules
+    monkeypatch.setattr(_eval_mode, "_modules", lambda model: calls.append(1) or listing(model))
+    mp.generate(tiny, "Hi", max_new_tokens=4)
+    assert len(calls) == 1
+    mp.run(tiny, "Hi")  # the next call lists them again: modes may have changed in between
+    assert len(calls) == 2
