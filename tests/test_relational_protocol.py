@@ -139,6 +139,12 @@ def test_saving_into_a_used_folder_removes_the_earlier_figures(results, tmp_path
     assert sorted(p.name for p in folder.iterdir()) == [
         "notes.txt", "ovector.safetensors", "report.md", "result.json",
     ]  # fmt: skip
+    # A folder that held no result: a file of a figure's name is the user's, and stays (review 21d).
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "sweep.png").write_bytes(b"the user's own figure")
+    result.save(shared, figures=False)
+    assert (shared / "sweep.png").read_bytes() == b"the user's own figure"
 
 
 def test_relational_result_folder_round_trip(results, tmp_path) -> None:

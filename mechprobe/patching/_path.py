@@ -157,7 +157,7 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
         Raises:
             TypeError: ``results`` is empty or holds other types.
             ValueError: The parts differ in senders, receivers, positions, metric, direction,
-                seed or number of controls, or share a pair.
+                seed or number of controls (a pair in two parts: a warning).
 
         Example:
             >>> import mechprobe as mp

@@ -94,7 +94,7 @@ def concat_pairs(cls: type[_R], results: Sequence[_R]) -> _R:
                         "metric, direction, seed and n_random) run on different pairs."
                     )
             joined[name] = mine
-    _refuse_repeated_pairs(parts)
+    _warn_repeated_pairs(parts)
     values = joined["per_pair"].mean(axis=0)
     joined["values"] = values
     ablation = str(joined["direction"]).endswith("ablation")
@@ -129,9 +129,10 @@ def pair_records(
     }
 
 
-def _refuse_repeated_pairs(parts: Sequence[Any]) -> None:
-    """A pair in two parts would count twice in the joined means (the same job run twice, or
-    overlapping jobs): refused where the parts record their prompts."""
+def _warn_repeated_pairs(parts: Sequence[Any]) -> None:
+    """A pair in two parts counts twice in the joined means: the same job run twice, overlapping
+    jobs, or a dataset that repeats the pair (which one run would count twice too). Said, where
+    the parts record their prompts, not refused: only the user knows which it is."""
     seen: dict[tuple[str, str, int, int], int] = {}
     for i, part in enumerate(parts):
         clean = tuple(getattr(part, "clean_prompts", ()))
@@ -141,13 +142,12 @@ def _refuse_repeated_pairs(parts: Sequence[Any]) -> None:
         answers = tuple(getattr(part, "answer_ids", ())) or (-1,) * len(clean)
         wrong = tuple(getattr(part, "wrong_ids", ())) or (-1,) * len(clean)
         mine = set(zip(clean, corrupt, answers, wrong, strict=True))
-        for pair in mine:
-            if pair in seen:
-                raise ValueError(
-                    f"Cannot join: the pair ({pair[0]!r}, {pair[1]!r}) is in part {seen[pair]} "
-                    f"and part {i}; it would count twice in the means. Join parts run on "
-                    "different pairs."
-                )
+        for pair in sorted(mine & seen.keys()):
+            warn(
+                f"The pair ({pair[0]!r}, {pair[1]!r}) is in part {seen[pair]} and part {i}: it "
+                "counts twice in the joined means. Drop one unless your dataset repeats it."
+            )
+            return
         seen |= dict.fromkeys(mine, i)
 
 
@@ -220,7 +220,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         answer_ids, wrong_ids: ``[pairs]`` the token ids a :func:`mechprobe.logit_diff` or
             :func:`mechprobe.answer_prob` metric read (``wrong_ids`` empty for the latter;
             both empty for a metric function). The four are empty in files saved before results
-            recorded them; :meth:`concat` joins them and refuses a pair found in two parts.
+            recorded them; :meth:`concat` joins them and warns of a pair found in two parts.
 
     Example:
         >>> import mechprobe as mp
@@ -264,7 +264,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         Raises:
             TypeError: ``results`` is empty or holds other types.
             ValueError: The parts differ in sites, positions, metric, direction, seed or number
-                of controls (the message names the field), or share a pair.
+                of controls (the message names the field). A pair in two parts is joined with a
+                warning (it counts twice).
 
         Example:
             >>> import mechprobe as mp

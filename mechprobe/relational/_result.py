@@ -336,6 +336,9 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
             )
         if folder.exists() and not folder.is_dir():
             raise FileExistsError(f"Cannot write a result folder at {folder}: it is a file.")
+        # An earlier RelationalResult's folder (its result.json): its figures this one does not
+        # draw go; in any other folder a file of that name is the user's, and stays.
+        earlier = _holds_relational_result(folder / "result.json")
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / "result.json", text.encode("utf-8"))
         self.ovector.save(folder / "ovector.safetensors")
@@ -349,7 +352,7 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
             for name, make in plots:
                 make().savefig(folder / name, dpi=110)
                 names.append(name)
-        for name in sorted(set(_FIGURES) - set(names)):  # an earlier result's figure in this folder
+        for name in sorted(set(_FIGURES) - set(names)) if earlier else ():
             (folder / name).unlink(missing_ok=True)
         (folder / "report.md").write_text(report(self, figures=names), encoding="utf-8")
         return folder
@@ -377,3 +380,13 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
     def report(self) -> str:
         """The markdown report (headline table, stages, controls, ablation)."""
         return report(self)
+
+
+def _holds_relational_result(file: Path) -> bool:
+    """Whether ``file`` is a RelationalResult's result.json (by its format tag)."""
+    try:
+        return bool(
+            json.loads(file.read_text(encoding="utf-8")).get("format") == RelationalResult._format
+        )
+    except (OSError, ValueError, AttributeError):
+        return False
