@@ -57,3 +57,20 @@ def test_an_analysis_gives_the_same_numbers_under_a_float64_default_dtype(tiny, 
         torch.set_default_dtype(torch.float32)
     # The same float32 model and draws: equal but for the order of float32 sums.
     np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_a_tiny_model_is_the_same_model_under_a_float64_default_dtype(tiny):
+    # Its weights were drawn in the default dtype: another model, 0.91 apart (review 21d).
+    kind = mp.core.model_adapter(tiny).kind
+    reference = mp.tiny_model(kind=kind, seed=0)
+    torch.set_default_dtype(torch.float64)
+    try:
+        built = mp.tiny_model(kind=kind, seed=0)
+        assert torch.get_default_dtype() == torch.float64  # the caller's setting is kept
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert built.W_E.dtype == torch.float32
+    for (name, a), (_, b) in zip(
+        reference.named_parameters(), built.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name

@@ -698,7 +698,7 @@ def _tiny_hf(
         **ids,
     }
     hf_model: Any
-    with _offline(), torch.random.fork_rng(devices=[]):
+    with _offline(), torch.random.fork_rng(devices=[]), _float32_default():
         torch.manual_seed(seed)
         if architecture == "gemma2":
             # Gemma 2's soft caps: the final logits pass through 2 * tanh(z / 2), a transform
@@ -746,6 +746,18 @@ def _tiny_hf(
         else:
             hf_model = LlamaForCausalLM(LlamaConfig(**shared))
     return hf_model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _float32_default() -> Iterator[None]:
+    """torch's default dtype float32 inside: a seed's weights are drawn alike whatever the caller
+    set (under a float64 default, tiny_model(seed=0) was another model, 0.91 apart)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def tiny_model(
