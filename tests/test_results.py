@@ -509,3 +509,19 @@ def test_probe_results_record_their_fit_settings(tmp_path):
     ):
         back = type(result).load(result.save(tmp_path / f"{type(result).__name__}.json"))
         assert (back.l2, back.max_iter, back.tol) == (0.5, 50, 1e-3)
+
+
+def test_frames_of_different_analyses_merge_on_layer_and_head(tiny):
+    # A missing head was None in an object column (patching) and -1 (direct attribution), so the
+    # two frames could not be joined on (layer, head) (review 21b). Both are nullable Int64 now.
+    metric = mp.logit_diff(1, 2)
+    patched = mp.patch(tiny, "Hi cat", "Hi bat", ["head", "mlp_out"], -1, metric, n_random=0)
+    direct = mp.direct_logit_attribution(tiny, "Hi cat", metric, heads=True, progress=False)
+    paths = mp.path_patch(tiny, "Hi cat", "Hi bat", "head", "final", metric, n_random=0)
+    frames = (patched.to_frame(), direct.to_frame())
+    assert [f["head"].dtype for f in frames] == ["Int64", "Int64"]
+    assert str(paths.to_frame()["sender_head"].dtype) == "Int64"
+    joined = frames[0].merge(frames[1], on=["layer", "head"])
+    assert len(joined) == len(frames[0])  # every head and every MLP row found its attribution
+    mlp = joined[joined["kind_x"] == "mlp_out"]
+    assert mlp["component"].tolist() == [f"L{layer} mlp" for layer in range(tiny.cfg.n_layers)]

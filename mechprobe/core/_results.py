@@ -358,6 +358,19 @@ def token_label(text: str, width: int = 12, *, tail: bool = False) -> str:
     return "…" + shown[len(shown) - keep :] if tail else shown[:keep] + "…"
 
 
+def head_column(heads: Any) -> pd.arrays.IntegerArray:
+    """A frame's ``head`` column: pandas' nullable ``Int64``, ``<NA>`` where a row is no head
+    (None, or the ``-1`` an array field stores), so frames of different analyses merge on
+    ``(layer, head)`` (one said None in an object column, another -1).
+
+    Example:
+        >>> head_column([2, None, -1]).tolist()
+        [2, <NA>, <NA>]
+    """
+    values = [None if h is None or int(h) < 0 else int(h) for h in heads]
+    return pd.array(values, dtype="Int64")
+
+
 def literal(text: str) -> str:
     """``text`` drawn on a matplotlib figure as written: a ``$`` in a prompt or token would start
     mathtext (``"pay $5 or $6"`` drew "5 or " in italics, and ``"$x^{2$"`` made saving raise).

@@ -45,6 +45,7 @@ from mechprobe.core import (
     check_int,
     evaluates,
     first_token_ids,
+    head_column,
     literal,
     model_adapter,
     new_axes,
@@ -180,7 +181,7 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
                 "component": np.tile(np.asarray(self.components, dtype=object), n),
                 "kind": np.tile(np.asarray(self.kinds, dtype=object), n),
                 "layer": np.tile(self.layer, n),
-                "head": np.tile(self.head, n),
+                "head": head_column(np.tile(self.head, n)),
                 "attribution": self.attributions.reshape(-1),
             }
         )

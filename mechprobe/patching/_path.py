@@ -52,6 +52,7 @@ from mechprobe.core import (
     evaluates,
     expand_sites,
     gradients_enabled,
+    head_column,
     intervene,
     literal,
     model_adapter,
@@ -219,10 +220,14 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
             {
                 "sender": np.repeat(self.senders, n_r),
                 "sender_layer": np.repeat(self.sender_layers, n_r),
-                "sender_head": np.repeat(np.array(self.sender_heads, dtype=object), n_r),
+                "sender_head": head_column(
+                    np.repeat(np.array(self.sender_heads, dtype=object), n_r)
+                ),
                 "receiver": np.tile(self.receivers, n_s),
                 "receiver_layer": np.tile(self.receiver_layers, n_s),
-                "receiver_head": np.tile(np.array(self.receiver_heads, dtype=object), n_s),
+                "receiver_head": head_column(
+                    np.tile(np.array(self.receiver_heads, dtype=object), n_s)
+                ),
                 "value": self.values.ravel(),
                 "normalised": self.normalised.ravel(),
                 "effect": self.effect.ravel(),

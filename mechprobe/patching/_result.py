@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechprobe.core import HEAD_KINDS, Result, check_int, literal, new_axes, warn
+from mechprobe.core import HEAD_KINDS, Result, check_int, head_column, literal, new_axes, warn
 from mechprobe.core import spread as spread_of  # its own property is called spread
 from mechprobe.patching._metrics import metric_token_ids
 
@@ -423,7 +423,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
                 "site": np.repeat(self.sites, n_pos),
                 "kind": np.repeat(self.kinds, n_pos),
                 "layer": np.repeat(self.layers, n_pos),
-                "head": np.repeat(np.array(self.heads, dtype=object), n_pos),
+                "head": head_column(np.repeat(np.array(self.heads, dtype=object), n_pos)),
                 "position": np.tile(positions, n_sites),
                 "token": np.tile(self.position_labels, n_sites),
                 "value": self.values.ravel(),
