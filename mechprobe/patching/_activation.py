@@ -309,7 +309,11 @@ def patch(
             pattern row, a direction that keeps the row's sum). 0 skips them (and runs
             ``1 + n_random`` times fewer cells).
         seed: Seed of the random directions.
-        cells_per_batch: Cells per forward pass; memory grows with it times the prompt length.
+        cells_per_batch: Cells per forward pass. Memory grows with it times the square of the
+            prompt length where cells sit far from the end (their packed rows are long): on
+            SmolLM2 one pair at every position took +1.6 GiB at 129 tokens and +22 GiB at 513,
+            and one middle position of a 1,025-token pair passed 16 GiB (review 21e). Lower it
+            (e.g. 8) for prompts of hundreds of tokens.
         packed: Share each pair's unpatched prefix between cells (None: when the model supports
             it, checked once); False runs one full row per cell.
         progress: Show a progress bar over forward passes.

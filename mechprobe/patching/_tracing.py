@@ -604,7 +604,9 @@ def causal_trace(
         seed: Seed of the noise (:func:`trace_noise`) and of the random directions.
         cells_per_batch: Restorations per forward pass (256, as in every patching function:
             tracing SmolLM2 at every third layer took 46.0 s at 256, 49.1 s at 128 and 51.3 s at
-            512, the old default; best of two alternating runs, two threads).
+            512, the old default; best of two alternating runs, two threads). Memory grows with
+            it times the square of the prompt length: a 513-token prompt passed 16 GiB in the
+            first pass at 256 (review 21e); lower it for long prompts.
         packed: Share each noised run's prefix between its restorations (None: when the model
             supports it).
         progress: Show a progress bar.
