@@ -165,6 +165,17 @@ class ModelAdapter:
             )
         return None
 
+    def nan_causes(self, attention_mask: Tensor | None = None, left: bool = False) -> str:
+        """:meth:`known_nan_cause`, or the usual causes where none is known (for a message).
+
+        Example:
+            >>> from mechprobe.core._models import tiny_model
+            >>> model_adapter(tiny_model()).nan_causes()
+            'a float16 overflow, or an edit that wrote NaN'
+        """
+        known = self.known_nan_cause(attention_mask, left)
+        return known or "a float16 overflow, or an edit that wrote NaN"
+
     @property
     def device(self) -> torch.device:
         """Where token ids go: the embedding's device."""

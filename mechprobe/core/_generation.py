@@ -390,8 +390,7 @@ def _complete(
                 continue
             if not bool(torch.isfinite(last[i]).all()):
                 # argmax of NaN logits is token 0: the row went on with text nobody chose.
-                causes = model_adapter(model).known_nan_cause(prompts.attention_mask, left=True)
-                causes = causes or "a float16 overflow, or an edit that wrote NaN"
+                causes = model_adapter(model).nan_causes(prompts.attention_mask, left=True)
                 raise ValueError(
                     f"Prompt {i}'s next-token logits are not finite at step {step} (NaN or "
                     f"infinity: {causes}), so no token can be picked. Check the interventions' "

@@ -481,11 +481,8 @@ def _last_logits(model: Any, batch: Any, site: Site, edit: Intervention | None) 
         logits = adapter.forward(batch.tokens, batch.attention_mask, logits_to_keep=1)
     if not bool(torch.isfinite(logits[:, -1]).all()):
         # A NaN loss trained nothing and scored every pair a miss (IIA 0.0), silently.
-        cause = adapter.known_nan_cause(batch.attention_mask, left=True)
-        raise ValueError(
-            "das: the model's next-token logits hold NaN or infinity "
-            f"({cause or 'a float16 overflow, or an edit that wrote NaN'})."
-        )
+        cause = adapter.nan_causes(batch.attention_mask, left=True)
+        raise ValueError(f"das: the model's next-token logits hold NaN or infinity ({cause}).")
     return logits[:, -1]
 
 
