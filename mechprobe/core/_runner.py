@@ -193,10 +193,19 @@ def _place(
     batch: Batch,
     spans_seq: bool,
     keys: bool = False,
+    own: bool = False,
 ) -> Tensor:
     """Write a chunk's output into the full batch's layout (chunks trim shared padding); with
-    ``keys``, the last axis runs over key positions (an attention map) and is placed too."""
+    ``keys``, the last axis runs over key positions (an attention map) and is placed too.
+
+    ``own``: ``part`` is this run's own tensor (logits), returned as the result when it already
+    is the whole batch's layout (one chunk, no trimmed padding): the logits ``[batch, seq,
+    vocab]`` are the largest thing a run holds, and a copy doubled its peak (review 21e).
+    """
     seq = batch.tokens.shape[1]
+    whole = part.shape[0] == len(batch) and (not spans_seq or part.shape[1] == seq)
+    if full is None and own and whole and not keys:
+        return part
     if full is None:
         shape = [len(batch), seq if spans_seq else part.shape[1], *part.shape[2:]]
         if keys:
@@ -341,10 +350,10 @@ def run(
                 if local is not None:
                     out = out[torch.arange(len(chunk))[:, None], local]
             if local is None:
-                out = _zero_padding(out, chunk)
+                out = _zero_padding(out, chunk, own=True)
             if known_nan and not bool(torch.isfinite(out).all()):
                 raise ValueError(f"The logits hold NaN: {known_nan}.")
-            logits = _place(logits, out, rows, batch, spans_seq=local is None)
+            logits = _place(logits, out, rows, batch, spans_seq=local is None, own=True)
             for site, cap in caps.items():
                 if cap.value is None:  # was a bare AssertionError (Bloom's mlp_in)
                     raise ValueError(
@@ -498,12 +507,15 @@ class _Final(Intervention):
         raise StopForward
 
 
-def _zero_padding(values: Tensor, chunk: Batch) -> Tensor:
-    """``values [rows, seq, ...]`` with zeros at the chunk's padded positions."""
+def _zero_padding(values: Tensor, chunk: Batch, own: bool = False) -> Tensor:
+    """``values [rows, seq, ...]`` with zeros at the chunk's padded positions (in place where
+    ``own``: the caller's own tensor, outside autograd, whose copy would double the logits)."""
     mask = chunk.attention_mask.to(values.device).bool()
     if bool(mask.all()):
         return values
     shape = (*mask.shape, *([1] * (values.ndim - 2)))
+    if own and not values.requires_grad:
+        return values.masked_fill_(~mask.reshape(shape), 0)
     return values.masked_fill(~mask.reshape(shape), 0)
 
 
