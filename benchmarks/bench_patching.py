@@ -108,8 +108,50 @@ def run(ctx: Any) -> list[dict[str, Any]]:
             f"{t_grid:.1f} s; max |TL - ours| = {grid_diff:.1e} over all cells",
         }
     )
-    rows += [_heads_row(ctx, model), _attribution_row(ctx, model)]
+    rows += [_heads_row(ctx, model), _attribution_row(ctx, model), _long_prompt_row(ctx, model)]
     return rows
+
+
+LONG_TOKENS = 256
+
+
+def _long_prompt_row(ctx: Any, model: Any) -> dict[str, Any]:
+    """Every layer at the middle position of one long pair (a held-out State of the Union text,
+    one token changed at the middle), against a plain forward of it: the case review 21e found
+    growing with the square of the prompt length (256 cells a pass, rows three prompts wide)."""
+    ids = model.to_tokens(mp.english_text("heldout")[0])[0, : LONG_TOKENS + 1]
+    corrupt = ids.clone()
+    middle = LONG_TOKENS // 2
+    corrupt[middle] = model.to_tokens(" the", prepend_bos=False)[0, 0]
+    with torch.no_grad():
+        answer = int(model(ids[None])[0, -1].argmax())
+    metric = mp.logit_diff(answer, int(corrupt[middle]))
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(ids[None])
+
+    t_forward, m_forward = ctx.peak_memory(forward)
+    t_forward = ctx.time(forward, repeat=3)
+    budget = 1 << 30
+
+    def ours() -> mp.PatchResult:
+        return mp.patch(
+            model, ids, corrupt, "resid_pre", [middle], metric, memory_budget=budget, progress=False
+        )
+
+    t_ours, m_ours = ctx.peak_memory(ours)
+    cells = model.cfg.n_layers * 4  # with the default 3 random controls
+    return {
+        "benchmark": f"patch resid_pre, {model.cfg.n_layers} layers x the middle position of a "
+        f"{len(ids)}-token pair ({cells} cells with the 3 controls)",
+        "ratio": t_ours / t_forward,
+        "baseline": "plain forward of the clean prompt",
+        "target": f"<= {cells} (one forward per cell), memory <= the 1 GiB budget",
+        "detail": f"ours {t_ours:.1f} s, forward {t_forward * 1000:.0f} ms; peak RSS "
+        f"+{m_ours / 2**20:.0f} MiB (memory_budget 1024 MiB; a plain forward +"
+        f"{m_forward / 2**20:.0f} MiB)",
+    }
 
 
 def _tl_resid_pre_seconds(model: Any, clean: str, corrupt: str) -> tuple[float, torch.Tensor]:

@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import mechprobe as mp
 from mechprobe._fit._paths import SolverPath, _onednn_works
 from mechprobe.core import _models
+from mechprobe.patching import _engine
 
 # The keys issue 7 requires in an erasure's result.json (`mechprobe erase`, AmnesicResult.to_json).
 ERASE_RESULT_KEYS = (
@@ -115,6 +116,16 @@ def tiny(request: pytest.FixtureRequest) -> Any:
 def smollm2() -> Any:
     """The embedded SmolLM2-135M-Instruct, loaded once for every integration test."""
     return mp.load_model()
+
+
+@pytest.fixture(params=["by cost", "every cell"])
+def cell_packing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the patching engine places a cell: where its cost model says (on tiny models, only
+    cells editing the last few positions share their base's row), and every cell packed after
+    its base's prefix (the engine's row and mask arithmetic at every position)."""
+    if request.param == "every cell":
+        monkeypatch.setattr(_engine._Costs, "packs", lambda self, n_tok, suffix: True)
+    return str(request.param)
 
 
 # Every kernel path the probe solver can take (mechprobe.solver_path): tests of the solver run on

@@ -70,7 +70,7 @@ def _hand_patch(model, site: mp.Site, position: int) -> float:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_head_kinds_equal_hand_written_hooks_on_gqa(tiny, kind):
+def test_head_kinds_equal_hand_written_hooks_on_gqa(tiny, kind, cell_packing):
     res = mp.patch(tiny, CLEAN, CORRUPT, kind, [DIFF_POS, -1], METRIC, n_random=0)
     seq = tiny.to_tokens(CLEAN).shape[1]
     adapter = model_adapter(tiny)  # the Llama-style tiny models: 4 query heads, 2 key/value heads
@@ -210,7 +210,7 @@ def test_random_control_moves_the_same_distance_in_a_seeded_direction(tiny):
     np.testing.assert_allclose(early.random[:, 0, 0, 0], early.corrupt_metric, atol=1e-5)
 
 
-def test_controls_and_spread_do_not_depend_on_chunking(tiny):
+def test_controls_and_spread_do_not_depend_on_chunking(tiny, cell_packing):
     clean, corrupt = [CLEAN, "A dog ran"], [CORRUPT, "A fog ran"]
     packs = model_adapter(tiny).packs_rows  # a HookedTransformer runs one sequence per row
     runs = [
@@ -229,7 +229,7 @@ def test_controls_and_spread_do_not_depend_on_chunking(tiny):
 
 @pytest.mark.parametrize("kind", ["head", "v", "pattern", "head_out", "mlp_out"])
 @pytest.mark.parametrize("method", ["zero", "mean"])
-def test_ablate_cells_equals_one_intervention_at_a_time(tiny, kind, method):
+def test_ablate_cells_equals_one_intervention_at_a_time(tiny, kind, method, cell_packing):
     prompts = [CLEAN, "A dog ran far"]
     reference = ["Some other text", "A cat sat", "Hello there world"]
     layers = [1]

@@ -13,6 +13,7 @@ from transformer_lens import patching as tl_patching
 
 import mechprobe as mp
 from mechprobe.core import model_adapter
+from mechprobe.patching import _engine
 from mechprobe.patching._engine import packing_works as _packing_works
 from tests.conftest import hook_count
 
@@ -107,7 +108,7 @@ def _reference(model, kind):
 @pytest.mark.parametrize(
     "kind", ["resid_pre", "resid_mid", "mlp_in", "resid_post", "attn_out", "mlp_out", "head"]
 )
-def test_batched_equals_one_cell_at_a_time(tiny, kind, packed):
+def test_batched_equals_one_cell_at_a_time(tiny, kind, packed, cell_packing):
     if packed and not model_adapter(tiny).packs_rows:
         pytest.skip("a HookedTransformer's forward takes no packed rows (test_adapter covers it)")
     positions, expected = _reference(tiny, kind)
@@ -293,7 +294,7 @@ def test_different_lengths_with_positions_from_the_end(tiny):
         mp.patch(tiny, clean, corrupt, "mlp_out", [30], METRIC)
 
 
-def test_chunking_and_packing_do_not_change_results(tiny):
+def test_chunking_and_packing_do_not_change_results(tiny, cell_packing):
     packs = model_adapter(tiny).packs_rows  # False on a HookedTransformer: chunking only
     runs = [
         mp.patch(tiny, CLEAN, CORRUPT, "head", [1, -1], METRIC, cells_per_batch=n, packed=packed)
@@ -668,3 +669,80 @@ def test_concat_refuses_parts_of_different_analyses(tiny, tmp_path):
     path_result = mp.path_patch(tiny, "A cat", "A bat", "mlp_out", "final", METRIC)
     with pytest.raises(TypeError, match="PathPatchResult"):
         mp.PatchResult.concat([one, path_result])
+
+
+def _passes(monkeypatch, model):
+    """Record (rows, width) of every forward pass the patching engine runs."""
+    shapes: list[tuple[int, int]] = []
+    adapter = type(model_adapter(model))
+    forward = adapter.forward
+
+    def spy(self, tokens, *args, **kwargs):
+        shapes.append(tuple(tokens.shape))
+        return forward(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(adapter, "forward", spy)
+    return shapes
+
+
+def test_passes_stay_within_the_memory_budget_and_rows_stay_short(tiny, monkeypatch):
+    """A pass held 256 cells whatever the prompt length, and cells editing early positions were
+    packed two or three to a row three prompts wide: on SmolLM2, +22 GiB for one 513-token pair
+    at every position (review 21e). Rows now stop at the width that costs least per cell, cells
+    editing early run as their own rows, and passes fit ``memory_budget``; numbers unchanged."""
+    torch.manual_seed(0)
+    clean = torch.randint(5, 90, (40,))
+    corrupt = clean.clone()
+    corrupt[20] = 3
+    costs = _engine._Costs.of(tiny)
+    args = (tiny, clean, corrupt, "resid_pre", "all", METRIC)
+    kwargs = {"layers": [0, 1], "n_random": 1, "progress": False}
+    shapes = _passes(monkeypatch, tiny)
+    default = mp.patch(*args, **kwargs)
+    n_cells = 2 * 40 * 2
+    # Every row of a pass at most the cost model's packed width (40 tokens: 88), not 512.
+    assert max(width for _, width in shapes) <= costs.packed_width(40)
+    assert sum(rows for rows, _ in shapes) < 2 * n_cells  # not one row (plus a base) per cell
+    shapes.clear()
+    budget = 3 * costs.row_bytes(60)
+    small = mp.patch(*args, memory_budget=budget, **kwargs)
+    assert len(shapes) > 10  # the budget split the passes
+    for rows, width in shapes:
+        assert rows * costs.row_bytes(width) <= budget
+    np.testing.assert_allclose(small.values, default.values, atol=1e-5)
+    np.testing.assert_allclose(small.random, default.random, atol=1e-5)
+    # A budget below one cell's rows still runs, a cell at a time.
+    shapes.clear()
+    one = mp.patch(
+        tiny,
+        clean,
+        corrupt,
+        "resid_pre",
+        [5, -1],
+        METRIC,
+        layers=[0],
+        n_random=0,
+        memory_budget=1,
+        progress=False,
+    )
+    # Pass 1: the base with the last position's cell packed after it, and the source; pass 2:
+    # position 5's cell whole and the source again (the base ran in pass 1). One row per
+    # sequence where the model takes no packed rows.
+    packs = _packing_works(tiny)
+    assert [rows for rows, _ in shapes] == ([2, 2] if packs else [3, 2])
+    np.testing.assert_allclose(one.values, default.values[:1, [5, -1]], atol=1e-5)
+
+
+@pytest.mark.parametrize("n_tok", [5, 40, 500, 5000])
+def test_a_cell_shares_its_base_row_only_where_its_suffix_is_short(tiny, n_tok):
+    costs = _engine._Costs.of(tiny)
+    packs = [costs.packs(n_tok, suffix) for suffix in range(1, n_tok + 1)]
+    assert packs[0] and not packs[-1]  # the last position shares; the first runs whole
+    assert packs == sorted(packs, reverse=True)  # one threshold: shorter suffixes share
+    assert n_tok < costs.packed_width(n_tok) <= 2 * n_tok + costs.crossover
+
+
+@pytest.mark.parametrize("value", [0, -5, 1.5, True, "1GiB"])
+def test_a_bad_memory_budget_is_refused(tiny, value):
+    with pytest.raises(ValueError, match="memory_budget must be a positive int"):
+        mp.patch(tiny, "Hi cat", "Hi bat", "mlp_out", -1, METRIC, memory_budget=value)

@@ -80,7 +80,7 @@ SENDERS = [mp.Site("head", 0, head=1), mp.Site("head", 1, head=3), mp.Site("mlp_
 
 
 @pytest.mark.parametrize("kind", ["q", "k", "v"])
-def test_head_receivers_equal_the_explicit_three_steps(tiny, kind):
+def test_head_receivers_equal_the_explicit_three_steps(tiny, kind, cell_packing):
     receivers = [mp.Site(kind, 2, head=h) for h in range(2)] + [mp.Site(kind, 1, head=0)]
     res = mp.path_patch(tiny, CLEAN, CORRUPT, SENDERS, receivers, METRIC, n_random=1)
     for s, sender in enumerate(SENDERS):

@@ -96,7 +96,7 @@ def test_invariants_and_the_noise_scale(tiny):
     assert np.isfinite(res.by_category(random=True)).all()
 
 
-def test_chunking_does_not_change_anything(tiny):
+def test_chunking_does_not_change_anything(tiny, cell_packing):
     from mechprobe.patching._engine import packing_works
 
     packs = packing_works(tiny)  # False on a HookedTransformer: chunking alone is compared

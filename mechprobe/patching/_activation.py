@@ -247,14 +247,11 @@ def _columns(
     return [None], [[tuple((p, p) for p in range(s))] for s in src]
 
 
-def _check_common(cells_per_batch: Any, n_random: Any, seed: Any) -> int:
+def _check_common(cells_per_batch: Any, memory_budget: Any, n_random: Any, seed: Any) -> int:
     """Check the arguments every patching function shares; returns the seed as an int."""
-    if (
-        isinstance(cells_per_batch, bool)
-        or not isinstance(cells_per_batch, int)
-        or cells_per_batch < 1
-    ):
-        raise ValueError(f"cells_per_batch must be a positive int, got {cells_per_batch!r}.")
+    for name, value in (("cells_per_batch", cells_per_batch), ("memory_budget", memory_budget)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
     check_int(n_random, "n_random", 0)
     return check_seed(seed)
 
@@ -273,6 +270,7 @@ def patch(
     n_random: int = 3,
     seed: int = 0,
     cells_per_batch: int = 256,
+    memory_budget: int = 1 << 30,
     packed: bool | None = None,
     progress: bool = True,
 ) -> PatchResult:
@@ -309,11 +307,11 @@ def patch(
             pattern row, a direction that keeps the row's sum). 0 skips them (and runs
             ``1 + n_random`` times fewer cells).
         seed: Seed of the random directions.
-        cells_per_batch: Cells per forward pass. Memory grows with it times the square of the
-            prompt length where cells sit far from the end (their packed rows are long): on
-            SmolLM2 one pair at every position took +1.6 GiB at 129 tokens and +22 GiB at 513,
-            and one middle position of a 1,025-token pair passed 16 GiB (review 21e). Lower it
-            (e.g. 8) for prompts of hundreds of tokens.
+        cells_per_batch: Cells per forward pass, at most (fewer where ``memory_budget`` binds).
+        memory_budget: Bytes a forward pass may hold at its peak, estimated from its rows'
+            attention (quadratic in their length) and activations: passes take fewer cells on
+            long prompts, so memory stays near it whatever the length (one cell always runs).
+            Time still grows with ``layers x positions x`` the prompt length for ``"all"``.
         packed: Share each pair's unpatched prefix between cells (None: when the model supports
             it, checked once); False runs one full row per cell.
         progress: Show a progress bar over forward passes.
@@ -330,7 +328,7 @@ def patch(
     """
     if direction not in get_args(Direction):
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
-    seed = _check_common(cells_per_batch, n_random, seed)
+    seed = _check_common(cells_per_batch, memory_budget, n_random, seed)
     clean_ids, corrupt_ids = token_pairs(model, clean, corrupt)
     n_pairs = len(clean_ids)
     src, base = (clean_ids, corrupt_ids) if direction == "denoising" else (corrupt_ids, clean_ids)
@@ -375,7 +373,13 @@ def patch(
         for n, (i, r, c, _, _) in enumerate(grid):
             plan.cells.append(Cell((j, i, r, c), base=i, edits=tuple(edits[n]), source=i))
     got = run_plan(
-        model, plan, metric_fn, packed=packed, cells_per_batch=cells_per_batch, progress=progress
+        model,
+        plan,
+        metric_fn,
+        packed=packed,
+        cells_per_batch=cells_per_batch,
+        memory_budget=memory_budget,
+        progress=progress,
     )
     shape = (n_pairs, len(site_list), len(wanted))
     per_pair, random = np.full(shape, np.nan), np.full((n_random, *shape), np.nan)
@@ -459,6 +463,7 @@ def ablate_cells(
     n_random: int = 3,
     seed: int = 0,
     cells_per_batch: int = 256,
+    memory_budget: int = 1 << 30,
     packed: bool | None = None,
     progress: bool = True,
 ) -> PatchResult:
@@ -489,7 +494,8 @@ def ablate_cells(
             in a random direction (control ``j`` of a prompt drawn from ``seed + j`` and the
             prompt's tokens, so the same whatever prompts run beside it).
         seed: Seed of the random directions.
-        cells_per_batch: Cells per forward pass.
+        cells_per_batch: Cells per forward pass, at most.
+        memory_budget: As for :func:`patch`.
         packed: As for :func:`patch`.
         progress: Show a progress bar.
 
@@ -506,7 +512,7 @@ def ablate_cells(
     """
     if method not in get_args(Method):
         raise ValueError(f"method must be 'zero' or 'mean', got {method!r}.")
-    seed = _check_common(cells_per_batch, n_random, seed)
+    seed = _check_common(cells_per_batch, memory_budget, n_random, seed)
     ids = token_rows(model, prompts, "prompts")
     site_list = _sites(model, sites, layers, "ablate_cells()")
     if reference_positions != "all":
@@ -572,6 +578,7 @@ def ablate_cells(
         metric_fn,
         packed=packed,
         cells_per_batch=cells_per_batch,
+        memory_budget=memory_budget,
         progress=progress,
         desc="ablate",
     )

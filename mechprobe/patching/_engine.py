@@ -15,6 +15,13 @@ causally to itself. Sources ride in the same forward pass, so their activations 
 the cells at that very hook call. A model whose attention ignores custom masks is detected once
 and run with one full row per cell instead (``packed=False``).
 
+Sharing pays where a cell's suffix is short: a packed row's attention is dense over all its
+segments, so a cell editing near the start (a suffix of nearly the whole prompt) runs as its own
+row, and packed rows stop at the width that costs least per cell (:class:`_Costs`). A forward
+pass takes at most ``cells_per_batch`` cells and no more than fit ``memory_budget`` bytes by the
+same estimate, so memory stays bounded whatever the prompt length (time does not: patching every
+position of every layer is ``layers * positions`` runs of up to the whole prompt).
+
 Edits by layout of the hooked tensor:
 
 - ``"vector"``: ``[batch, pos, d]`` (residual stream, attn_out, mlp_out, embeddings);
@@ -40,10 +47,10 @@ from torch import Tensor
 
 from mechprobe.core import (
     HEAD_KINDS,
-    Capture,
     Intervention,
     Site,
     SiteLike,
+    StopForward,
     check_heads_sum,
     intervene,
     keyed_seed,
@@ -397,68 +404,241 @@ class _Layout:
     keys: list[tuple[str, int]]  # per read: ("source"|"base"|"cell", index)
 
 
-def _layout(plan: Plan, cells: Sequence[int], packed: bool, row_cap: int) -> _Layout:
-    """Rows for one forward pass: the sources and bases the cells need, then one segment per cell."""
+@dataclass(frozen=True)
+class _Costs:
+    """What a forward pass of ``rows`` rows padded to ``width`` tokens costs, for one model.
+
+    Memory, measured on SmolLM2's bridge (peak resident memory of one pass): per key and query
+    the attention's scores, softmax and masks took 75 bytes (8 per head) with a packed row's 4D
+    mask and 150 with a padding mask, which TransformerLens expands; per token 46-65 KB (ten to
+    sixteen ``d_model`` and a few ``d_mlp`` activations). The estimate takes the larger of each:
+    ``4 * heads * max(itemsize, 4) + 16`` bytes per key and query (softmax runs in float32),
+    ``16 * d_model + 4 * d_mlp`` activations per token.
+
+    Time, per row: ``width * (1 + width / crossover)`` in units of one token's dense layers: the
+    attention's part grows with the row's width and equals the dense layers' at ``crossover``
+    tokens. Measured on SmolLM2 on a CPU: ~700 tokens (eager attention's masking, softmax and
+    hooks cost far more than its matrix products), modelled as the dense layers' multiplies per
+    token over 600 per head and key.
+    """
+
+    n_heads: int
+    d_model: int
+    d_mlp: int
+    itemsize: int
+    crossover: float
+
+    @classmethod
+    def of(cls, model: Any) -> _Costs:
+        adapter = model_adapter(model)
+        d_model, n_heads = adapter.d_model, adapter.n_heads
+        d_mlp = int(getattr(model.cfg, "d_mlp", None) or 4 * d_model)
+        dense = 4 * d_model * d_model + 3 * d_model * d_mlp
+        itemsize = torch.empty((), dtype=adapter.dtype).element_size()
+        return cls(n_heads, d_model, d_mlp, itemsize, dense / (600 * n_heads))
+
+    def row_bytes(self, width: int) -> int:
+        """Bytes one row of ``width`` tokens holds at the peak of a forward pass."""
+        attention = width * width * (4 * self.n_heads * max(self.itemsize, 4) + 16)
+        return attention + width * (16 * self.d_model + 4 * self.d_mlp) * self.itemsize
+
+    def packed_width(self, n_tok: int) -> float:
+        """The width of a packed row (a base of ``n_tok`` tokens and its cells' suffixes) that
+        costs least per cell: ``n + sqrt(n (n + crossover))``, where the base's share per cell
+        balances the attention's growth."""
+        return n_tok + (n_tok * (n_tok + self.crossover)) ** 0.5
+
+    def packs(self, n_tok: int, suffix: int) -> bool:
+        """Whether a cell with a ``suffix``-token run after its first edit costs less in a packed
+        row of :meth:`packed_width` than as its own row of ``n_tok`` tokens (a cell editing
+        early costs more packed: its suffix is nearly the whole prompt, and the row repeats the
+        base)."""
+        width = self.packed_width(n_tok)
+        shared = width - n_tok  # the cells' tokens in such a row
+        per_cell = width * (1 + width / self.crossover) * suffix / shared
+        return per_cell <= n_tok * (1 + n_tok / self.crossover)
+
+
+@dataclass
+class _Row:
+    """One row of a pass: ``("source", s)`` segments, or a base's row: ``("base", b)`` then its
+    packed ``("cell", c)`` segments, or one cell run whole (``("whole", c)``)."""
+
+    segments: list[tuple[str, int]]
+    width: int
+
+
+class _Packer:
+    """Decides the rows of one forward pass as cells are added, from token counts alone:
+    :func:`_chunks` cuts a pass where the next cell would pass the memory budget, and
+    :func:`_layout` builds the same rows."""
+
+    def __init__(
+        self, plan: Plan, packed: bool, costs: _Costs, read: Sequence[int] | set[int] = ()
+    ) -> None:
+        self.plan, self.packed, self.costs = plan, packed, costs
+        self.read = set(read)  # bases an earlier pass ran: a whole cell does not need them
+        self.cells: list[int] = []
+        self.rows: list[_Row] = []
+        self.source_row: dict[int, int] = {}
+        self.base_row: dict[int, int] = {}  # the base's row that takes its next packed cell
+        self.last_source_row = -1
+
+    def whole(self, c: int) -> bool:
+        """Whether cell ``c`` runs as its own row (else after its base's row, sharing its
+        prefix)."""
+        cell = self.plan.cells[c]
+        n_tok = len(self.plan.bases[cell.base].tokens)
+        suffix = n_tok - min(e.position for e in cell.edits)
+        return not self.packed or not self.costs.packs(n_tok, suffix)
+
+    def add(self, c: int) -> None:
+        cell, plan = self.plan.cells[c], self.plan
+        n_tok = len(plan.bases[cell.base].tokens)
+        whole = self.whole(c)
+        # The base's own row: read once per plan, and the prefix its packed cells share.
+        if cell.base not in self.base_row and not (whole and cell.base in self.read):
+            self.rows.append(_Row([("base", cell.base)], n_tok))
+            self.base_row[cell.base] = len(self.rows) - 1
+        self.cells.append(c)
+        if whole:
+            self.rows.append(_Row([("whole", c)], n_tok))
+        else:
+            suffix = n_tok - min(e.position for e in cell.edits)
+            row = self.rows[self.base_row[cell.base]]
+            if len(row.segments) > 1 and row.width + suffix > self.costs.packed_width(n_tok):
+                row = _Row([("base", cell.base)], n_tok)
+                self.rows.append(row)
+                self.base_row[cell.base] = len(self.rows) - 1
+            row.segments.append(("cell", c))
+            row.width += suffix
+        s = cell.source
+        if s >= 0 and s not in self.source_row:
+            n = len(plan.sources[s])
+            last = self.last_source_row
+            # Sources are independent segments: a row takes several while it stays within the
+            # pass's widest row (they fill padding there).
+            width = max(row.width for row in self.rows)
+            if not self.packed or last < 0 or self.rows[last].width + n > width:
+                self.rows.append(_Row([], 0))
+                last = self.last_source_row = len(self.rows) - 1
+            self.rows[last].segments.append(("source", s))
+            self.rows[last].width += n
+            self.source_row[s] = last
+
+    def nbytes(self) -> int:
+        """The pass's estimated peak: every row is padded to the widest."""
+        width = max((row.width for row in self.rows), default=0)
+        return len(self.rows) * self.costs.row_bytes(width)
+
+
+def _chunks(
+    plan: Plan, packed: bool, costs: _Costs, cells_per_batch: int, memory_budget: int
+) -> list[_Packer]:
+    """The forward passes: at most ``cells_per_batch`` cells each, and no more than fit
+    ``memory_budget`` (one cell always runs).
+
+    Rows of a pass are padded to its widest, so cells run whole (as long as their prompt) and
+    cells packed after their base (rows of :meth:`_Costs.packed_width`) go in separate passes,
+    and a base's packed cells in order of their first edited position. A base runs in the first
+    pass that has its cells and again only where its packed cells share its prefix.
+    """
+    judge = _Packer(plan, packed, costs)
+    whole = [judge.whole(c) for c in range(len(plan.cells))]
+
+    def key(c: int) -> tuple[bool, int, int, int]:
+        cell = plan.cells[c]
+        n_tok = len(plan.bases[cell.base].tokens)
+        return whole[c], n_tok if whole[c] else 0, cell.base, min(e.position for e in cell.edits)
+
+    passes: list[_Packer] = []
+    read: set[int] = set()
+    packer = _Packer(plan, packed, costs, read)
+
+    def close(done: _Packer) -> _Packer:
+        passes.append(done)
+        read.update(done.base_row)
+        return _Packer(plan, packed, costs, read)
+
+    for c in sorted(range(len(plan.cells)), key=key):
+        chunk = packer.cells
+        if chunk and (len(chunk) == cells_per_batch or whole[c] != whole[chunk[0]]):
+            packer = close(packer)
+        packer.add(c)
+        if len(packer.cells) > 1 and packer.nbytes() > memory_budget:
+            # The pass without ``c``, rebuilt as it stood (adding is not undone in place).
+            done = _Packer(plan, packed, costs, packer.read)
+            for kept in packer.cells[:-1]:
+                done.add(kept)
+            packer = close(done)
+            packer.add(c)
+    return [*passes, packer] if packer.cells else passes
+
+
+def _layout(plan: Plan, packer: _Packer) -> _Layout:
+    """Rows for one forward pass, as ``packer`` placed them."""
     rows, keys = _Rows(), list[tuple[str, int]]()
     src_at: dict[int, tuple[int, int]] = {}
-    needed_sources = sorted({plan.cells[c].source for c in cells} - {-1})
-    row, used = -1, row_cap
-    for s in needed_sources:  # sources share rows as independent segments (no edits)
-        ids = plan.sources[s]
-        if row < 0 or not packed or used + len(ids) > row_cap:
-            row, used = rows.new_row(), 0
-        offset, _ = rows.add(row, ids, 0, -2)
-        used += len(ids)
-        src_at[s] = (row, offset)
-        rows.reads.append((row, offset + len(ids) - 1, plan.source_groups[s]))
-        keys.append(("source", s))
-    by_base: dict[int, list[int]] = {}
-    for c in cells:
-        by_base.setdefault(plan.cells[c].base, []).append(c)
-    for b, group in by_base.items():
-        base = plan.bases[b]
-        ids, n_tok = base.tokens, len(base.tokens)
-        cap = max(row_cap, 3 * n_tok)  # bounds the [L, L] attention per row
-
-        def base_segment(row: int, ids: Tensor = ids, base: Base = base) -> tuple[int, int]:
-            offset, sid = rows.add(row, ids, 0, -2)
-            for edit in base.edits:
-                rows.move(edit, (row, offset + edit.position), None)
-            return offset, sid
-
-        rb = rows.new_row()
-        b_off, b_sid = base_segment(rb)
-        rows.reads.append((rb, b_off + n_tok - 1, base.group))
-        keys.append(("base", b))
-        in_row = 0
-        for c in group:
-            cell = plan.cells[c]
-            start = min(e.position for e in cell.edits) if packed else 0
-            if not packed or (in_row and len(rows.tokens[rb]) + n_tok - start > cap):
-                rb, in_row = rows.new_row(), 0
-                if packed:
-                    b_off, b_sid = base_segment(rb)
-            off, _ = rows.add(rb, ids, start, b_sid if packed else -2)
-            in_row += 1
-            for edit in base.edits:
-                if edit.position >= start:
-                    rows.move(edit, (rb, off + edit.position - start), None)
-            for edit in cell.edits:
-                dst = (rb, off + edit.position - start)
-                src = None
-                if edit.op in (COPY, RANDOM) and cell.source >= 0:
-                    s_row, s_off = src_at[cell.source]
-                    src = (s_row, s_off + edit.source_position)
-                view: tuple[list[int], list[int]] = ([], [])
-                if edit.layout == "pattern":
-                    seen = [b_off + k for k in range(start)] if packed else []
-                    seen += [off + k - start for k in range(start, edit.position + 1)]
-                    first = -1 if src is None else src[1] - edit.source_position
-                    view = (seen, [first + k for k in range(edit.source_position + 1)])
-                rows.move(edit, dst, src, view)
-            rows.reads.append((rb, off + n_tok - start - 1, base.group))
-            keys.append(("cell", c))
+    # Source rows first: a cell's copies name where its source sits.
+    ordered = sorted(packer.rows, key=lambda row: row.segments[0][0] != "source")
+    for desc in ordered:
+        row = rows.new_row()
+        b_off, b_sid = 0, -2
+        for kind, index in desc.segments:
+            if kind == "source":
+                ids = plan.sources[index]
+                offset, _ = rows.add(row, ids, 0, -2)
+                src_at[index] = (row, offset)
+                rows.reads.append((row, offset + len(ids) - 1, plan.source_groups[index]))
+                keys.append(("source", index))
+            elif kind == "base":
+                base = plan.bases[index]
+                b_off, b_sid = rows.add(row, base.tokens, 0, -2)
+                for edit in base.edits:
+                    rows.move(edit, (row, b_off + edit.position), None)
+                rows.reads.append((row, b_off + len(base.tokens) - 1, base.group))
+                keys.append(("base", index))
+            else:
+                _place_cell(
+                    plan, rows, row, index, src_at, (b_off, b_sid) if kind == "cell" else None
+                )
+                keys.append(("cell", index))
     return _Layout(rows, keys)
+
+
+def _place_cell(
+    plan: Plan,
+    rows: _Rows,
+    row: int,
+    c: int,
+    src_at: dict[int, tuple[int, int]],
+    base_at: tuple[int, int] | None,
+) -> None:
+    """Append cell ``c`` to ``row``: its suffix after the base segment at ``base_at`` (offset,
+    segment id), or (None) its whole sequence."""
+    cell = plan.cells[c]
+    base = plan.bases[cell.base]
+    ids, n_tok = base.tokens, len(base.tokens)
+    start = 0 if base_at is None else min(e.position for e in cell.edits)
+    b_off, b_sid = (0, -2) if base_at is None else base_at
+    off, _ = rows.add(row, ids, start, b_sid)
+    for edit in base.edits:
+        if edit.position >= start:
+            rows.move(edit, (row, off + edit.position - start), None)
+    for edit in cell.edits:
+        dst = (row, off + edit.position - start)
+        src = None
+        if edit.op in (COPY, RANDOM) and cell.source >= 0:
+            s_row, s_off = src_at[cell.source]
+            src = (s_row, s_off + edit.source_position)
+        view: tuple[list[int], list[int]] = ([], [])
+        if edit.layout == "pattern":
+            seen = [b_off + k for k in range(start)]  # the base segment's, before the suffix
+            seen += [off + k - start for k in range(start, edit.position + 1)]
+            first = -1 if src is None else src[1] - edit.source_position
+            view = (seen, [first + k for k in range(edit.source_position + 1)])
+        rows.move(edit, dst, src, view)
+    rows.reads.append((row, off + n_tok - start - 1, base.group))
 
 
 def _forward_reads(
@@ -468,7 +648,8 @@ def _forward_reads(
     adapter = model_adapter(model)
     inputs = rows.inputs(packed, adapter.device)
     last = adapter.final_hook
-    final = Capture()
+    r, i, _ = torch.as_tensor(rows.reads).unbind(1)
+    final = _FinalReads(r, i)
     spec: dict[SiteLike, list[Intervention]] = {k: list(v) for k, v in extra_hooks.items()}
     recorders: dict[int, _ZRecorder] = {}
     for (hook, layout), moves in rows.moves.items():
@@ -486,16 +667,31 @@ def _forward_reads(
         # (a head_out cell's own rows and its sources are never another cell's destination).
         spec.setdefault(f"blocks.{layer}.attn.hook_z", []).append(recorder)
     spec.setdefault(last, []).append(final)  # after any write at that same hook
-    with torch.no_grad(), intervene(model, spec):
+    with torch.no_grad(), contextlib.suppress(StopForward), intervene(model, spec):
         adapter.forward(
             inputs["input"],
             inputs["attention_mask"],
             position_ids=inputs.get("position_ids"),
-            logits_to_keep=1 if packed else None,  # logits come from the captured residual
         )
-        assert final.value is not None
-        r, i, _ = torch.as_tensor(rows.reads, device=final.value.device).unbind(1)
-        return readout(model, final.value[r, i])
+    assert final.value is not None
+    with torch.no_grad():
+        return readout(model, final.value)
+
+
+class _FinalReads(Intervention):
+    """Keeps the last block's output at the read positions and ends the pass there: the model's
+    own final norm and unembedding of every position (a ``[rows, width, vocab]`` tensor) would
+    be thrown away; :func:`readout` decodes the reads as the model does."""
+
+    def __init__(self, rows: Tensor, index: Tensor) -> None:
+        super().__init__(positions=None)
+        self.rows, self.index = rows, index
+        self.value: Tensor | None = None
+
+    def edit(self, selected: Tensor, hook: Any) -> None:
+        # Advanced indexing copies: the pass's own buffers are not kept alive.
+        self.value = selected[self.rows.to(selected.device), self.index.to(selected.device)]
+        raise StopForward
 
 
 _PACKING: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
@@ -530,9 +726,6 @@ def packing_works(model: Any) -> bool:
     return _PACKING[model]
 
 
-_ROW_TOKENS = 512
-
-
 @dataclass
 class PlanValues:
     """The metric of every cell, base and source of a plan (NaN where not run)."""
@@ -549,6 +742,7 @@ def run_plan(
     *,
     packed: bool | None = None,
     cells_per_batch: int = 256,
+    memory_budget: int = 1 << 30,
     progress: bool = True,
     desc: str = "patch",
     hooks: Callable[[], contextlib.AbstractContextManager[dict[SiteLike, list[Intervention]]]]
@@ -563,7 +757,10 @@ def run_plan(
         metric_fn: ``fn(logits [reads, vocab], group [reads]) -> [reads]``.
         packed: Share each base's unedited prefix between its cells (None: when the model
             supports it, checked once).
-        cells_per_batch: Cells per forward pass.
+        cells_per_batch: Cells per forward pass, at most.
+        memory_budget: Bytes a forward pass may hold at its peak, estimated from its rows'
+            attention and activations (:class:`_Costs`): a pass takes fewer cells when they
+            are long. One cell always runs, whatever it costs.
         progress: A progress bar over forward passes.
         desc: The bar's label.
         hooks: A context manager factory entered around each forward pass, yielding extra hooks
@@ -598,12 +795,11 @@ def run_plan(
         torch.full((len(plan.bases),), nan, dtype=torch.float64),
         torch.full((len(plan.sources),), nan, dtype=torch.float64),
     )
-    order = list(range(len(plan.cells)))
-    chunks = [order[k : k + cells_per_batch] for k in range(0, len(order), cells_per_batch)]
-    if not chunks:  # no cell: still measure the bases and sources
-        chunks = [[]]
-    for chunk in progress_bar(chunks, progress=progress, desc=desc):
-        layout = _layout(plan, chunk, packed, _ROW_TOKENS) if chunk else _bare(plan)
+    costs = _Costs.of(model)
+    passes = _chunks(plan, packed, costs, cells_per_batch, memory_budget)
+    for packer in progress_bar(passes or [None], progress=progress, desc=desc):
+        # No cell: the bases and sources are still measured.
+        layout = _bare(plan) if packer is None else _layout(plan, packer)
         with _hooks(hooks) as extra:
             logits = _forward_reads(model, layout.rows, packed, extra)
         group = torch.as_tensor([g for _, _, g in layout.rows.reads], device=logits.device)

@@ -483,6 +483,7 @@ def path_patch(
     n_random: int = 3,
     seed: int = 0,
     cells_per_batch: int = 256,
+    memory_budget: int = 1 << 30,
     packed: bool | None = None,
     progress: bool = True,
 ) -> PathPatchResult:
@@ -521,12 +522,13 @@ def path_patch(
             and backward pass (with ``direction="noising"``, on the clean run, ``clean + sum_pos
             delta . gradient``). Like :func:`attribution_patch`, it is poor where the metric is
             far from linear between the runs: compare it with exact paths on a few cells.
-            ``cells_per_batch`` and ``packed`` apply to ``"exact"`` only.
+            ``cells_per_batch``, ``memory_budget`` and ``packed`` apply to ``"exact"`` only.
         n_random: Random controls per path: the receiver's input moved by the sender's change's
             norm in random directions (control ``j`` of a pair drawn from ``seed + j`` and the
             pair's tokens, so the same whatever pairs run beside it).
         seed: Seed of the random directions.
-        cells_per_batch: Paths per forward pass.
+        cells_per_batch: Paths per forward pass, at most.
+        memory_budget: As for :func:`mechprobe.patch`.
         packed: As for :func:`mechprobe.patch`.
         progress: Show a progress bar.
 
@@ -545,7 +547,7 @@ def path_patch(
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
     if method not in get_args(Method):
         raise ValueError(f"method must be 'exact' or 'attribution', got {method!r}.")
-    seed = _check_common(cells_per_batch, n_random, seed)
+    seed = _check_common(cells_per_batch, memory_budget, n_random, seed)
     progress_enabled(progress)  # "yes" or 1 is refused here, as everywhere, not read as truthy
     clean_ids, corrupt_ids = token_pairs(model, clean, corrupt)
     n_pairs = len(clean_ids)
@@ -648,6 +650,7 @@ def path_patch(
             metric_fn,
             packed=packed,
             cells_per_batch=cells_per_batch,
+            memory_budget=memory_budget,
             progress=progress,
             desc="path patch",
             hooks=lambda: _split_for(model, receiver_list),

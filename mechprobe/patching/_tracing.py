@@ -572,6 +572,7 @@ def causal_trace(
     n_random: int = 3,
     seed: int = 0,
     cells_per_batch: int = 256,
+    memory_budget: int = 1 << 30,
     packed: bool | None = None,
     progress: bool = True,
 ) -> TraceResult:
@@ -602,11 +603,10 @@ def causal_trace(
             random direction (seeds ``seed, seed + 1, ...``; control ``j`` in noise sample ``j mod
             n_noise``).
         seed: Seed of the noise (:func:`trace_noise`) and of the random directions.
-        cells_per_batch: Restorations per forward pass (256, as in every patching function:
-            tracing SmolLM2 at every third layer took 46.0 s at 256, 49.1 s at 128 and 51.3 s at
-            512, the old default; best of two alternating runs, two threads). Memory grows with
-            it times the square of the prompt length: a 513-token prompt passed 16 GiB in the
-            first pass at 256 (review 21e); lower it for long prompts.
+        cells_per_batch: Restorations per forward pass, at most (256, as in every patching
+            function).
+        memory_budget: As for :func:`mechprobe.patch`: passes take fewer restorations on long
+            prompts, so memory stays near it.
         packed: Share each noised run's prefix between its restorations (None: when the model
             supports it).
         progress: Show a progress bar.
@@ -654,7 +654,7 @@ def causal_trace(
         raise ValueError(
             f"Got {len(prompt_list)} prompts and {len(subject_list)} subjects: pass one per prompt."
         )
-    seed = _check_common(cells_per_batch, n_random, seed)
+    seed = _check_common(cells_per_batch, memory_budget, n_random, seed)
     check_int(window, "window", 1)
     check_int(n_noise, "n_noise", 1)
     if noise is not None:
@@ -762,6 +762,7 @@ def causal_trace(
         metric_fn,
         packed=packed,
         cells_per_batch=cells_per_batch,
+        memory_budget=memory_budget,
         progress=progress,
         desc="trace",
     )
