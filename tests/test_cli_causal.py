@@ -87,13 +87,14 @@ def test_cli_trace_fails_before_loading(tmp_path, capsys, monkeypatch, args):
 
 
 def test_cli_cells_per_batch_reaches_the_api(tmp_path, monkeypatch):
-    """--cells-per-batch is what patch()/causal_trace() get; the numbers do not depend on it."""
+    """--cells-per-batch and --memory-budget are what patch()/causal_trace() get; the numbers do
+    not depend on them."""
     seen = []
     for name in ("patch", "causal_trace"):
         real = getattr(mp, name)
 
         def spy(*a, _real=real, **k):
-            seen.append(k.get("cells_per_batch"))
+            seen.append((k.get("cells_per_batch"), k.get("memory_budget")))
             return _real(*a, **k)
 
         monkeypatch.setattr(mp, name, spy)
@@ -102,7 +103,9 @@ def test_cli_cells_per_batch_reaches_the_api(tmp_path, monkeypatch):
     assert cli_main([*PATCH, *common, "--out", str(tmp_path / "b")]) == 0
     trace = ["trace", "--prompt", "The cat sat on the", "--subject", "cat", "--n-noise", "2"]
     assert cli_main([*trace, *common, "--cells-per-batch", "2", "--out", str(tmp_path / "c")]) == 0
-    assert seen == [3, None, 2]
+    budget = ["--memory-budget", "0.5MiB"]
+    assert cli_main([*trace, *common, *budget, "--out", str(tmp_path / "e")]) == 0
+    assert seen == [(3, None), (None, None), (2, None), (None, 1 << 19)]
     small, default = (mp.core.load_result(tmp_path / f / "result.json") for f in "ab")
     np.testing.assert_allclose(small.values, default.values, atol=1e-6)
 
@@ -113,6 +116,9 @@ def test_cli_cells_per_batch_reaches_the_api(tmp_path, monkeypatch):
         (PATCH, ["--cells-per-batch", "0"], "positive integer"),
         (PATCH, ["--method", "attribution", "--cells-per-batch", "8"], "drop --cells-per-batch"),
         (["trace", "--prompt", "x", "--subject", "x"], ["--cells-per-batch", "-2"], "positive"),
+        (PATCH, ["--memory-budget", "2GB"], "positive size in bytes"),
+        (PATCH, ["--method", "attribution", "--memory-budget", "1GiB"], "drop --memory-budget"),
+        (["trace", "--prompt", "x", "--subject", "x"], ["--memory-budget", "0"], "positive size"),
     ],
 )
 def test_cli_cells_per_batch_refused_before_loading(

@@ -700,8 +700,9 @@ def test_passes_stay_within_the_memory_budget_and_rows_stay_short(tiny, monkeypa
     shapes = _passes(monkeypatch, tiny)
     default = mp.patch(*args, **kwargs)
     n_cells = 2 * 40 * 2
-    # Every row of a pass at most the cost model's packed width (40 tokens: 88), not 512.
-    assert max(width for _, width in shapes) <= costs.packed_width(40)
+    # Rows near the cost model's packed width (40 tokens: 88; a row may pass its even share by one
+    # cell's suffix), not 512.
+    assert max(width for _, width in shapes) <= 2 * costs.packed_width(40)
     assert sum(rows for rows, _ in shapes) < 2 * n_cells  # not one row (plus a base) per cell
     shapes.clear()
     budget = 3 * costs.row_bytes(60)
@@ -746,3 +747,20 @@ def test_a_cell_shares_its_base_row_only_where_its_suffix_is_short(tiny, n_tok):
 def test_a_bad_memory_budget_is_refused(tiny, value):
     with pytest.raises(ValueError, match="memory_budget must be a positive int"):
         mp.patch(tiny, "Hi cat", "Hi bat", "mlp_out", -1, METRIC, memory_budget=value)
+
+
+def test_a_bases_packed_cells_take_the_number_of_rows_that_costs_least():
+    """Rows of ``n + total / k`` tokens: brute force over k against the engine's choice."""
+    costs = _engine._Costs(n_heads=9, d_model=576, d_mlp=1536, itemsize=4, crossover=737.0)
+
+    def cost(n_tok, total, k):
+        width = n_tok + total / k
+        return k * width * (1 + width / costs.crossover)
+
+    for n_tok, total in [(14, 1000), (55, 270), (129, 5000), (513, 20000), (40, 1)]:
+        k = costs.rows_for(n_tok, total)
+        best = min(cost(n_tok, total, j) for j in range(1, 4 * k + 10))
+        assert cost(n_tok, total, k) == pytest.approx(best)
+    # 270 heads at the last position of a 55-token prompt: one row (two rows of half the cells
+    # each repeated the prompt, and the pass padded both).
+    assert costs.rows_for(55, 270) == 1

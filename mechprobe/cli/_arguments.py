@@ -176,6 +176,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def byte_size(text: str) -> int:
+    """An argparse ``type`` for a positive size in bytes: a count or a number with ``KiB``,
+    ``MiB``, ``GiB`` or ``TiB`` (``--memory-budget``).
+
+    Example:
+        >>> byte_size("512MiB"), byte_size("1.5GiB"), byte_size("4096")
+        (536870912, 1610612736, 4096)
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS or float(match.group(1)) * _UNITS[unit] < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive size in bytes, e.g. 4096, 512MiB or 2GiB, not {text!r}"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
 def nonnegative_int(text: str) -> int:
     """An argparse ``type`` for counts where 0 means none (``--n-texts``).
 

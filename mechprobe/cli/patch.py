@@ -18,6 +18,7 @@ from mechprobe.cli._arguments import (
     add_layers_argument,
     add_model_argument,
     add_run_arguments,
+    byte_size,
     command_error,
     layers_type,
     load,
@@ -100,8 +101,13 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--cells-per-batch",
         type=positive_int,
-        help="cells per forward pass of --method exact (default 256); memory grows with it "
-        "times the prompt length",
+        help="at most this many cells per forward pass of --method exact (default 256)",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        type=byte_size,
+        help="bytes a forward pass of --method exact may hold, e.g. 512MiB (default 1GiB): passes take "
+        "fewer cells on long prompts",
     )
     parser.add_argument(
         "--out", required=True, metavar="DIR", help="output folder (created with its parents)"
@@ -130,11 +136,12 @@ def main(args: argparse.Namespace) -> int:
         )
     if args.wrong and len(args.wrong) != len(args.answer):
         return fail(f"got {len(args.wrong)} --wrong for {len(args.answer)} --answer: pass as many")
-    if args.method == "attribution" and args.cells_per_batch is not None:
-        return fail(
-            "--method attribution runs one forward and backward pass per prompt pair, whatever "
-            "the cells: drop --cells-per-batch"
-        )
+    for flag in ("cells_per_batch", "memory_budget"):
+        if args.method == "attribution" and getattr(args, flag) is not None:
+            return fail(
+                "--method attribution runs one forward and backward pass per prompt pair, "
+                f"whatever the cells: drop --{flag.replace('_', '-')}"
+            )
     if args.receiver_layers is not None and args.receivers is None:
         return fail("--receiver-layers applies to path patching: add --receivers, or drop it")
     if args.positions == "whole" and args.receivers is not None:
@@ -161,6 +168,8 @@ def main(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "progress": not args.quiet,
         }
+        if args.memory_budget is not None:
+            common["memory_budget"] = args.memory_budget
         if args.cells_per_batch is not None:  # --method exact only (checked above)
             common["cells_per_batch"] = args.cells_per_batch
         result: mp.PatchResult | mp.PathPatchResult

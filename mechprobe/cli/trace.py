@@ -17,6 +17,7 @@ from mechprobe.cli._arguments import (
     add_layers_argument,
     add_model_argument,
     add_run_arguments,
+    byte_size,
     command_error,
     load,
     output_problem,
@@ -63,8 +64,13 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--cells-per-batch",
         type=positive_int,
-        help="restorations per forward pass (default 256); memory grows with it times the "
-        "prompt length",
+        help="at most this many restorations per forward pass (default 256)",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        type=byte_size,
+        help="bytes a forward pass may hold, e.g. 512MiB (default 1GiB): passes take "
+        "fewer restorations on long prompts",
     )
     parser.add_argument(
         "--out", required=True, metavar="DIR", help="output folder (created with its parents)"
@@ -105,6 +111,8 @@ def main(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "progress": not args.quiet,
         }
+        if args.memory_budget is not None:
+            common["memory_budget"] = args.memory_budget
         if args.cells_per_batch is not None:
             common["cells_per_batch"] = args.cells_per_batch
         if args.task is not None:

@@ -448,6 +448,19 @@ class _Costs:
         balances the attention's growth."""
         return n_tok + (n_tok * (n_tok + self.crossover)) ** 0.5
 
+    def rows_for(self, n_tok: int, total: int) -> int:
+        """How many rows a base of ``n_tok`` tokens and packed cells of ``total`` suffix tokens
+        in all cost least in: ``k`` rows of ``n + total / k`` tokens each, ``k`` near
+        ``total / sqrt(n (n + crossover))`` (rows of :meth:`packed_width`), at least one. A
+        sweep at the last position of a 55-token prompt (270 one-token cells) is one row."""
+        ideal = max(1.0, total / (self.packed_width(n_tok) - n_tok))
+
+        def cost(k: int) -> float:
+            width = n_tok + total / k
+            return k * width * (1 + width / self.crossover)
+
+        return min(sorted({max(1, int(ideal)), int(ideal) + 1}), key=cost)
+
     def packs(self, n_tok: int, suffix: int) -> bool:
         """Whether a cell with a ``suffix``-token run after its first edit costs less in a packed
         row of :meth:`packed_width` than as its own row of ``n_tok`` tokens (a cell editing
@@ -469,9 +482,10 @@ class _Row:
 
 
 class _Packer:
-    """Decides the rows of one forward pass as cells are added, from token counts alone:
-    :func:`_chunks` cuts a pass where the next cell would pass the memory budget, and
-    :func:`_layout` builds the same rows."""
+    """The cells of one forward pass and how they are laid out, from token counts alone:
+    :func:`_chunks` adds cells while :meth:`nbytes` stays within the memory budget, and
+    :meth:`rows` lays them out once the pass is complete (a base's packed cells share as many
+    rows as :meth:`_Costs.rows_for` finds cheapest for their total length)."""
 
     def __init__(
         self, plan: Plan, packed: bool, costs: _Costs, read: Sequence[int] | set[int] = ()
@@ -479,57 +493,103 @@ class _Packer:
         self.plan, self.packed, self.costs = plan, packed, costs
         self.read = set(read)  # bases an earlier pass ran: a whole cell does not need them
         self.cells: list[int] = []
-        self.rows: list[_Row] = []
-        self.source_row: dict[int, int] = {}
-        self.base_row: dict[int, int] = {}  # the base's row that takes its next packed cell
-        self.last_source_row = -1
+        self.whole_cells: list[int] = []
+        self.packed_cells: dict[int, list[int]] = {}  # base -> its packed cells
+        self.suffixes: dict[int, tuple[int, int]] = {}  # base -> (sum, largest) of suffixes
+        self.lone_bases: dict[int, None] = {}  # bases run alone (for their read), in order
+        self.sources: dict[int, None] = {}
+        self.widest_whole = 0
+
+    def _n_tok(self, c: int) -> int:
+        return len(self.plan.bases[self.plan.cells[c].base].tokens)
+
+    def _suffix(self, c: int) -> int:
+        return self._n_tok(c) - min(e.position for e in self.plan.cells[c].edits)
 
     def whole(self, c: int) -> bool:
         """Whether cell ``c`` runs as its own row (else after its base's row, sharing its
         prefix)."""
-        cell = self.plan.cells[c]
-        n_tok = len(self.plan.bases[cell.base].tokens)
-        suffix = n_tok - min(e.position for e in cell.edits)
-        return not self.packed or not self.costs.packs(n_tok, suffix)
+        return not self.packed or not self.costs.packs(self._n_tok(c), self._suffix(c))
 
     def add(self, c: int) -> None:
-        cell, plan = self.plan.cells[c], self.plan
-        n_tok = len(plan.bases[cell.base].tokens)
-        whole = self.whole(c)
-        # The base's own row: read once per plan, and the prefix its packed cells share.
-        if cell.base not in self.base_row and not (whole and cell.base in self.read):
-            self.rows.append(_Row([("base", cell.base)], n_tok))
-            self.base_row[cell.base] = len(self.rows) - 1
+        cell = self.plan.cells[c]
+        base = cell.base
         self.cells.append(c)
-        if whole:
-            self.rows.append(_Row([("whole", c)], n_tok))
+        if self.whole(c):
+            self.whole_cells.append(c)
+            self.widest_whole = max(self.widest_whole, self._n_tok(c))
+            if base not in self.read and base not in self.packed_cells:
+                self.lone_bases[base] = None  # read once per plan
         else:
-            suffix = n_tok - min(e.position for e in cell.edits)
-            row = self.rows[self.base_row[cell.base]]
-            if len(row.segments) > 1 and row.width + suffix > self.costs.packed_width(n_tok):
-                row = _Row([("base", cell.base)], n_tok)
-                self.rows.append(row)
-                self.base_row[cell.base] = len(self.rows) - 1
-            row.segments.append(("cell", c))
-            row.width += suffix
-        s = cell.source
-        if s >= 0 and s not in self.source_row:
-            n = len(plan.sources[s])
-            last = self.last_source_row
-            # Sources are independent segments: a row takes several while it stays within the
-            # pass's widest row (they fill padding there).
-            width = max(row.width for row in self.rows)
-            if not self.packed or last < 0 or self.rows[last].width + n > width:
-                self.rows.append(_Row([], 0))
-                last = self.last_source_row = len(self.rows) - 1
-            self.rows[last].segments.append(("source", s))
-            self.rows[last].width += n
-            self.source_row[s] = last
+            self.packed_cells.setdefault(base, []).append(c)
+            total, largest = self.suffixes.get(base, (0, 0))
+            suffix = self._suffix(c)
+            self.suffixes[base] = (total + suffix, max(largest, suffix))
+            self.lone_bases.pop(base, None)  # its packed rows carry it
+        if cell.source >= 0:
+            self.sources[cell.source] = None
+
+    def bases_run(self) -> set[int]:
+        return set(self.packed_cells) | set(self.lone_bases)
 
     def nbytes(self) -> int:
-        """The pass's estimated peak: every row is padded to the widest."""
-        width = max((row.width for row in self.rows), default=0)
-        return len(self.rows) * self.costs.row_bytes(width)
+        """The pass's estimated peak: every row is padded to the widest. A base's packed rows
+        are at most one suffix wider than their even share."""
+        n_rows = len(self.whole_cells) + len(self.lone_bases)
+        widths = [self.widest_whole, 0]
+        widths += [len(self.plan.bases[b].tokens) for b in self.lone_bases]
+        for base, (total, largest) in self.suffixes.items():
+            n_tok = len(self.plan.bases[base].tokens)
+            k = self.costs.rows_for(n_tok, total)
+            n_rows += k
+            widths.append(n_tok + -(-total // k) + largest)
+        lengths = [len(self.plan.sources[s]) for s in self.sources]
+        width = max(widths + lengths)
+        return (n_rows + len(self._source_rows(lengths, width))) * self.costs.row_bytes(width)
+
+    def _source_rows(self, lengths: list[int], width: int) -> list[list[int]]:
+        """Sources are independent segments: a row takes several while it stays within the
+        pass's widest row (they fill padding there); one each where rows are not packed."""
+        rows: list[list[int]] = []
+        used = width
+        for i, n in enumerate(lengths):
+            if not self.packed or used + n > width:
+                rows.append([])
+                used = 0
+            rows[-1].append(i)
+            used += n
+        return rows
+
+    def rows(self) -> list[_Row]:
+        """The pass's rows: each base's packed cells (in the order added) over its
+        :meth:`_Costs.rows_for` rows of about equal width, lone bases, whole cells, sources."""
+        rows: list[_Row] = []
+        for base, cells in self.packed_cells.items():
+            n_tok = len(self.plan.bases[base].tokens)
+            total = self.suffixes[base][0]
+            k = self.costs.rows_for(n_tok, total)
+            share, made, placed = total / k, 1, 0
+            row = _Row([("base", base)], n_tok)
+            for c in cells:
+                suffix = self._suffix(c)
+                # Cut where the running total passes the next share, so no row is left the
+                # remainder of every other row's rounding.
+                if len(row.segments) > 1 and placed + suffix > made * share and made < k:
+                    rows.append(row)
+                    row, made = _Row([("base", base)], n_tok), made + 1
+                row.segments.append(("cell", c))
+                row.width += suffix
+                placed += suffix
+            rows.append(row)
+        rows += [_Row([("base", b)], len(self.plan.bases[b].tokens)) for b in self.lone_bases]
+        rows += [_Row([("whole", c)], self._n_tok(c)) for c in self.whole_cells]
+        sources = list(self.sources)
+        lengths = [len(self.plan.sources[s]) for s in sources]
+        width = max([row.width for row in rows] + lengths)
+        for group in self._source_rows(lengths, width):
+            segments = [("source", sources[i]) for i in group]
+            rows.append(_Row(segments, sum(lengths[i] for i in group)))
+        return rows
 
 
 def _chunks(
@@ -539,9 +599,9 @@ def _chunks(
     ``memory_budget`` (one cell always runs).
 
     Rows of a pass are padded to its widest, so cells run whole (as long as their prompt) and
-    cells packed after their base (rows of :meth:`_Costs.packed_width`) go in separate passes,
-    and a base's packed cells in order of their first edited position. A base runs in the first
-    pass that has its cells and again only where its packed cells share its prefix.
+    cells packed after their base go in separate passes, and a base's packed cells in order of
+    their first edited position. A base runs in the first pass that has its cells and again only
+    where its packed cells share its prefix.
     """
     judge = _Packer(plan, packed, costs)
     whole = [judge.whole(c) for c in range(len(plan.cells))]
@@ -557,7 +617,7 @@ def _chunks(
 
     def close(done: _Packer) -> _Packer:
         passes.append(done)
-        read.update(done.base_row)
+        read.update(done.bases_run())
         return _Packer(plan, packed, costs, read)
 
     for c in sorted(range(len(plan.cells)), key=key):
@@ -580,7 +640,7 @@ def _layout(plan: Plan, packer: _Packer) -> _Layout:
     rows, keys = _Rows(), list[tuple[str, int]]()
     src_at: dict[int, tuple[int, int]] = {}
     # Source rows first: a cell's copies name where its source sits.
-    ordered = sorted(packer.rows, key=lambda row: row.segments[0][0] != "source")
+    ordered = sorted(packer.rows(), key=lambda row: row.segments[0][0] != "source")
     for desc in ordered:
         row = rows.new_row()
         b_off, b_sid = 0, -2
