@@ -66,7 +66,7 @@ def run(ctx: Any) -> list[dict[str, Any]]:
 
     t_tl, theirs = _tl_seconds(ctx, model, CLEAN, CORRUPT, n)
     t_ours = ctx.time(ours, repeat=5)
-    diff = float((theirs - torch.as_tensor(ours().values[:, 0])).abs().max())
+    diff = float((theirs - torch.tensor(ours().values[:, 0])).abs().max())
     rows = [
         {
             "benchmark": f"patch mlp_out, {n} layers x last position (France/Poland 3-shot, "
@@ -85,7 +85,7 @@ def run(ctx: Any) -> list[dict[str, Any]]:
     grid = mp.patch(model, ONE_SHOT_CLEAN, ONE_SHOT_CORRUPT, "resid_pre", "all", metric, n_random=0)
     t_grid = time.perf_counter() - start
     t_tl_grid, tl_grid = _tl_resid_pre_seconds(model, ONE_SHOT_CLEAN, ONE_SHOT_CORRUPT)
-    grid_diff = float((tl_grid - torch.as_tensor(grid.values)).abs().max())
+    grid_diff = float((tl_grid - torch.tensor(grid.values)).abs().max())
     cells = grid.values.size
     rows.append(
         {
@@ -125,7 +125,10 @@ def _long_prompt_row(ctx: Any, model: Any) -> dict[str, Any]:
     corrupt[middle] = model.to_tokens(" the", prepend_bos=False)[0, 0]
     with torch.no_grad():
         answer = int(model(ids[None])[0, -1].argmax())
-    metric = mp.logit_diff(answer, int(corrupt[middle]))
+        # The corrupt run's favourite (or the clean run's second) as the other answer, so the
+        # two runs' metrics differ and recovery is defined.
+        wrong = model(corrupt[None])[0, -1].topk(2).indices.tolist()
+    metric = mp.logit_diff(answer, wrong[0] if wrong[0] != answer else wrong[1])
 
     def forward() -> None:
         with torch.no_grad():
@@ -211,7 +214,7 @@ def _heads_row(ctx: Any, model: Any) -> dict[str, Any]:
     tl_values = theirs()
     t_tl = time.perf_counter() - start
     t_ours = ctx.time(ours, repeat=3)
-    diff = float((tl_values - torch.as_tensor(ours().values[:, 0])).abs().max())
+    diff = float((tl_values - torch.tensor(ours().values[:, 0])).abs().max())
     start = time.perf_counter()
     mp.patch(model, CLEAN, CORRUPT, "head", -1, mp.logit_diff(" Paris", " Warsaw"), progress=False)
     t_controls = time.perf_counter() - start
