@@ -373,14 +373,16 @@ def test_layers_between_start_from_their_neighbours_and_reach_the_same_probes(
                 begin.weight[row], (fitted.weight[low] + fitted.weight[high]) / 2
             )
             torch.testing.assert_close(begin.bias[row], (fitted.bias[low] + fitted.bias[high]) / 2)
-    # Warnings name the layers of X, not their places in a phase's batch.
+    # One warning names the layers of X (not their places in a phase's batch), at the caller's
+    # line: the fits run on worker threads, whose warnings pointed at mechprobe's code, once per
+    # phase.
     with pytest.warns(ConvergenceWarning) as caught:
         layerwise.probe_layers(X, y, max_iter=1, tol=1e-12, progress=False)
-    messages = sorted(str(w.message) for w in caught if w.category is ConvergenceWarning)
-    assert [m.split(" did not")[0] for m in messages] == [
-        "fit_logistic: layers [0, 2, 4, 5]",
-        "fit_logistic: layers [1, 3]",
+    found = [w for w in caught if w.category is ConvergenceWarning]
+    assert [str(w.message).split(" did not")[0] for w in found] == [
+        "probe_layers: the probes of layers [0, 1, 2, 3, 4, 5]"
     ]
+    assert found[0].filename == __file__
     monkeypatch.setattr(
         layerwise, "_phases", lambda n_layers, mlp, stride=2: [list(range(n_layers))]
     )
@@ -694,8 +696,11 @@ def test_mlp_probes_warn_when_max_iter_ends_their_training() -> None:
     X, y = _planted(n=120, layers=2, signal=(1,))
     with pytest.warns(ConvergenceWarning, match="MLP probe: 1 of 1 fits did not stop"):
         mp.MLPProbe(max_iter=3).fit(X[:, 1], y)
-    with pytest.warns(ConvergenceWarning, match="MLP probe: 2 of 2 fits did not stop"):
+    with pytest.warns(
+        ConvergenceWarning, match=r"the MLP probes of layers \[0, 1\] did not"
+    ) as got:
         mp.probe_layers(X, y, mlp=True, max_iter=3, progress=False)
+    assert [w.filename for w in got if w.category is ConvergenceWarning] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         mp.MLPProbe(max_iter=15, tol=1e3).fit(X[:, 1], y)  # stops on its own rule: no warning

@@ -117,6 +117,7 @@ class LogisticFit:
         weight: ``[layers, d, classes]`` coefficients, in the dtype of the training ``X``.
         bias: ``[layers, classes]`` intercepts.
         n_iter: L-BFGS iterations of the slowest layer.
+        unfinished: The layers (by ``layer_names``) that did not reach ``tol`` in ``max_iter``.
 
     Example:
         >>> import torch
@@ -129,6 +130,7 @@ class LogisticFit:
     weight: Float[Tensor, "layers d classes"]
     bias: Float[Tensor, "layers classes"]
     n_iter: int
+    unfinished: tuple[int, ...] = ()
 
     def logits(self, X: Float[Tensor, "layers n d"]) -> Float[Tensor, "layers n classes"]:
         """Class scores ``X W + b`` for every layer (``X`` standardised like the training data)."""
@@ -172,6 +174,7 @@ def fit_logistic(
     covariance: Float[Tensor, "layers d d"] | None = None,
     start: LogisticFit | None = None,
     layer_names: Sequence[int] | None = None,
+    warn: bool = True,
 ) -> LogisticFit:
     """Fit one L2 multinomial logistic regression per layer, all layers in one optimisation.
 
@@ -200,6 +203,9 @@ def fit_logistic(
             optimum does not depend on it; the number of iterations does.
         layer_names: what the convergence warning calls the layers (default their positions
             in ``X``), for a caller fitting some of a model's layers.
+        warn: warn of layers that did not converge; False leaves it to the caller (the fit's
+            ``unfinished``), e.g. one fitting on worker threads, whose warnings point at no line
+            of the user's.
 
     Returns:
         The per-layer weights and biases, for features ``(X - center) / scale``.
@@ -235,7 +241,7 @@ def fit_logistic(
     )
     W = torch.zeros(n_layers, d, n_classes, dtype=torch.float64, device=X.device)
     bias = torch.zeros(n_layers, n_classes, dtype=torch.float64, device=X.device)
-    n_iter = 0
+    n_iter, names = 0, []
     if len(present) > 1:
         remap = torch.full((n_classes,), -1, dtype=torch.long, device=X.device)
         remap[present] = torch.arange(len(present), device=X.device)
@@ -252,8 +258,8 @@ def fit_logistic(
         W[..., present], bias[..., present], n_iter, unfinished = _solve(
             X, remap[y], len(present), l2, max_iter, tol, weights, center, scale, covariance, first
         )
-        if unfinished:
-            names = unfinished if layer_names is None else [layer_names[i] for i in unfinished]
+        names = unfinished if layer_names is None else [layer_names[i] for i in unfinished]
+        if unfinished and warn:
             warnings.warn(
                 f"fit_logistic: layers {names} did not reach tol={tol} in max_iter={max_iter} "
                 "iterations; increase max_iter or l2.",
@@ -264,7 +270,9 @@ def fit_logistic(
         absent = torch.ones(n_classes, dtype=torch.bool, device=X.device)
         absent[present] = False
         bias[..., absent] = bias[..., present].amin(-1, keepdim=True) - _ABSENT_GAP
-    return LogisticFit(weight=W.to(X.dtype), bias=bias.to(X.dtype), n_iter=n_iter)
+    return LogisticFit(
+        weight=W.to(X.dtype), bias=bias.to(X.dtype), n_iter=n_iter, unfinished=tuple(names)
+    )
 
 
 def _solve(

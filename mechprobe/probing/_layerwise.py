@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.exceptions import ConvergenceWarning
 
 from mechprobe._fit import LogisticFit, fit_logistic, softmax_penalty
 from mechprobe.core import Result, check_float, check_int, check_seed, new_axes, progress_bar, warn
@@ -356,6 +357,10 @@ def probe_layers(
     sources = _sources(phases)
     parts = _parts(phases, group, workers)
 
+    # Layers whose fits did not converge, warned of here at the end: the fits run on worker
+    # threads, whose own warnings pointed at mechprobe's code and came once per group of layers.
+    late: dict[str, list[int]] = {"probe": [], "control": []}
+
     def fit_part(
         f: int, part: list[int], fits: _Fits, control_fits: _Fits, buffers: _Buffers
     ) -> tuple[list[int], np.ndarray, np.ndarray | None]:
@@ -374,14 +379,14 @@ def probe_layers(
         moments = None if mlp else (mean, scale)
         accuracy = _fit_and_score(
             train_x, test_x, y_tr, y_te, k, l2, max_iter, tol, mlp, seed, moments, part, fits,
-            sources,
+            sources, late["probe"],
         )  # fmt: skip
         control_accuracy = None
         if control is not None:
             c_tr, c_te = _on(control[train], values), _on(control[test], values)
             control_accuracy = _fit_and_score(
                 train_x, test_x, c_tr, c_te, k, l2, max_iter, tol, mlp, seed, moments, part,
-                control_fits, sources,
+                control_fits, sources, late["control"],
             )  # fmt: skip
         return part, accuracy, control_accuracy
 
@@ -414,6 +419,19 @@ def probe_layers(
             mix_w += fit.weights[0].cpu().numpy()
             mix_g += float(fit.gamma[0])
             mix_acc += float((fit.logits(test_x)[0].argmax(-1) == y_te).double().mean())
+    if late["probe"] or late["control"]:
+        what = "MLP probes" if mlp else "probes"
+        control_part = (
+            f" (and the control task's of layers {sorted(set(late['control']))})"
+            if late["control"]
+            else ""
+        )
+        warn(
+            f"probe_layers: the {what} of layers {sorted(set(late['probe']))}{control_part} did "
+            f"not converge within max_iter={max_iter} (tol={tol}) in some fold; increase max_iter"
+            + (" (or l2)." if not mlp else "."),
+            ConvergenceWarning,
+        )
     for train, test in folds:
         y_tr, y_te = _on(y_idx[train], values), _on(y_idx[test], values)
         base += float((y_te == torch.bincount(y_tr, minlength=k).argmax()).double().mean())
@@ -640,18 +658,22 @@ def _fit_and_score(
     layers: list[int],
     fits: dict[int, tuple[torch.Tensor, torch.Tensor]],
     sources: dict[int, tuple[int, int]],
+    late: list[int],
 ) -> np.ndarray:
     """``[layers]`` held-out accuracy of per-layer probes fitted together.
 
     ``moments``: ``(mean, scale)`` when the training rows are raw, for the linear fit to
     standardise inside its products (``test_x`` is standardised either way). Linear fits start
-    from their ``sources``' entries in ``fits`` where there are both, and add their own.
+    from their ``sources``' entries in ``fits`` where there are both, and add their own. Layers
+    whose fit did not converge are appended to ``late`` (the caller warns, on its own thread).
     """
     if mlp:
+        unfinished: list[int] = []
         (w1, b1, w2, b2), _ = _fit_mlp(
             train_x.float(), y_train, n_classes, hidden_size=100, l2=l2, max_iter=max_iter,
-            batch_size=200, learning_rate=1e-3, tol=tol, seed=seed,
+            batch_size=200, learning_rate=1e-3, tol=tol, seed=seed, unfinished=unfinished,
         )  # fmt: skip
+        late += [layers[i] for i in unfinished]
         hidden = torch.relu(torch.baddbmm(b1[:, None], test_x.float(), w1))
         predicted = torch.baddbmm(b2[:, None], hidden, w2).argmax(-1)
     else:
@@ -660,8 +682,9 @@ def _fit_and_score(
             tol=tol,
             center=None if moments is None else moments[0],
             scale=None if moments is None else moments[1],
-            start=_start(fits, layers, sources), layer_names=layers,
+            start=_start(fits, layers, sources), layer_names=layers, warn=False,
         )  # fmt: skip
+        late += fit.unfinished
         fits.update(zip(layers, zip(fit.weight, fit.bias, strict=True), strict=True))
         predicted = fit.predict(test_x)
     return (predicted == y_test).double().mean(1).cpu().numpy()

@@ -324,6 +324,7 @@ def _fit_mlp(
     learning_rate: float,
     tol: float,
     seed: int,
+    unfinished: list[int] | None = None,
 ) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], int]:
     """Train one MLP per layer, all layers in the same Adam steps (their losses are summed).
 
@@ -333,7 +334,9 @@ def _fit_mlp(
     probe does not depend on which other layers are fitted beside it.
 
     Returns ``((W₁ [L, d, h], b₁ [L, h], W₂ [L, h, K], b₂ [L, K]), epochs)``, ``epochs``
-    those of the layer that trained longest.
+    those of the layer that trained longest. Layers that did not stop are warned of, or, given
+    an ``unfinished`` list, appended to it (by position) for the caller to warn of: a fit on a
+    worker thread has no user's line to point a warning at.
     """
     n_layers, n, d = X.shape
     # Draws come from a CPU generator and go to the activations' device, so a seed gives the
@@ -388,7 +391,9 @@ def _fit_mlp(
             stopped |= done
         if bool(stopped.all()):
             break
-    if not bool(stopped.all()):  # as scikit-learn's MLPClassifier and the linear fits warn
+    if unfinished is not None:
+        unfinished += torch.nonzero(~stopped).flatten().tolist()
+    elif not bool(stopped.all()):  # as scikit-learn's MLPClassifier and the linear fits warn
         warn(
             f"MLP probe: {int((~stopped).sum())} of {n_layers} fits did not stop within "
             f"max_iter={max_iter} epochs (their loss still fell by more than tol={tol} within 10 "
