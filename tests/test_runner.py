@@ -74,6 +74,23 @@ def test_a_users_own_hook_on_the_unembedding_acts_as_in_the_models_forward(tiny)
     torch.testing.assert_close(got, hand, atol=1e-5, rtol=0)
 
 
+def test_a_tensor_a_users_hook_keeps_is_not_the_result_nor_zeroed(tiny) -> None:
+    """run's logits are its own tensor (one chunk: no copy) and padding is zeroed in place; a
+    hook on the unembedding that keeps the tensor it is given had its padded logits zeroed and
+    shared memory with the result (review 22a)."""
+    kept = {}
+
+    def grab(logits, hook):
+        kept["logits"] = logits
+
+    out = mp.run(tiny, ["Hi", "Hello there my"], {"unembed.hook_out": grab}, progress=False)
+    held = kept["logits"]
+    assert held.data_ptr() != out.logits.data_ptr()
+    n_real = int(out.batch.attention_mask[0].sum())  # the first row is padded on the right
+    assert float(held[0, n_real:].abs().max()) > 0  # the model's own logits there, untouched
+    assert float(out.logits[0, n_real:].abs().max()) == 0  # the result's padding zeroed
+
+
 def test_interventions_before_the_last_block_change_the_logits(tiny) -> None:
     plain = mp.run(tiny, "Hi", logit_positions=-1).logits
     ablated = mp.run(tiny, "Hi", {mp.Site("mlp_out", 2): mp.Ablate()}, logit_positions=-1).logits

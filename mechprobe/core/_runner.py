@@ -349,11 +349,14 @@ def run(
                     out = forward(model, chunk)
                 if local is not None:
                     out = out[torch.arange(len(chunk))[:, None], local]
+            # The early pass's readout (or an index) made ``out``: run's own tensor, used in place.
+            # The model's own forward's logits may be held by a user's hook on the unembedding.
+            own = early or local is not None
             if local is None:
-                out = _zero_padding(out, chunk, own=True)
+                out = _zero_padding(out, chunk, own=own)
             if known_nan and not bool(torch.isfinite(out).all()):
                 raise ValueError(f"The logits hold NaN: {known_nan}.")
-            logits = _place(logits, out, rows, batch, spans_seq=local is None, own=True)
+            logits = _place(logits, out, rows, batch, spans_seq=local is None, own=own)
             for site, cap in caps.items():
                 if cap.value is None:  # was a bare AssertionError (Bloom's mlp_in)
                     raise ValueError(
