@@ -133,6 +133,11 @@ class Cell:
     edits: tuple[Edit, ...]
     source: int = -1
 
+    @property
+    def start(self) -> int:
+        """The first position its edits write: the base's run is unchanged before it."""
+        return min(e.position for e in self.edits)
+
 
 @dataclass(eq=False)
 class Plan:
@@ -504,7 +509,7 @@ class _Packer:
         return len(self.plan.bases[self.plan.cells[c].base].tokens)
 
     def _suffix(self, c: int) -> int:
-        return self._n_tok(c) - min(e.position for e in self.plan.cells[c].edits)
+        return self._n_tok(c) - self.plan.cells[c].start
 
     def whole(self, c: int) -> bool:
         """Whether cell ``c`` runs as its own row (else after its base's row, sharing its
@@ -609,7 +614,7 @@ def _chunks(
     def key(c: int) -> tuple[bool, int, int, int]:
         cell = plan.cells[c]
         n_tok = len(plan.bases[cell.base].tokens)
-        return whole[c], n_tok if whole[c] else 0, cell.base, min(e.position for e in cell.edits)
+        return whole[c], n_tok if whole[c] else 0, cell.base, cell.start
 
     passes: list[_Packer] = []
     read: set[int] = set()
@@ -679,7 +684,7 @@ def _place_cell(
     cell = plan.cells[c]
     base = plan.bases[cell.base]
     ids, n_tok = base.tokens, len(base.tokens)
-    start = 0 if base_at is None else min(e.position for e in cell.edits)
+    start = 0 if base_at is None else cell.start
     b_off, b_sid = (0, -2) if base_at is None else base_at
     off, _ = rows.add(row, ids, start, b_sid)
     for edit in base.edits:
