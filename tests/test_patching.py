@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import typing
 
 import numpy as np
 import pandas as pd
@@ -732,6 +733,64 @@ def test_passes_stay_within_the_memory_budget_and_rows_stay_short(tiny, monkeypa
     packs = _packing_works(tiny)
     assert [rows for rows, _ in shapes] == ([2, 2] if packs else [3, 2])
     np.testing.assert_allclose(one.values, default.values[:1, [5, -1]], atol=1e-5)
+
+
+class _Bar:
+    """Stands in for tqdm: records the bar's total, its updates and its unit (where the count is shown)."""
+
+    made: typing.ClassVar[list[_Bar]] = []
+
+    def __init__(self, iterable=None, total=None, unit="it", **kwargs):
+        self.iterable, self.total, self.unit = iterable, total, unit
+        self.updates: list[float] = []
+        _Bar.made.append(self)
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.updates.append(1.0)
+
+    def update(self, n=1):
+        self.updates.append(n)
+
+    def close(self):
+        pass
+
+
+def test_the_progress_bar_counts_cells_and_advances_by_each_pass_time(tiny, monkeypatch):
+    """The bar counted forward passes, whose costs differ by orders of magnitude (a few whole
+    rows of a long prompt, or hundreds of packed short cells), so its remaining time was wrong
+    and it did not say how many cells were done. It now counts cells and advances by each pass's
+    estimated time: rows x the cost model's time of a row as wide as the pass's widest."""
+    from mechprobe.core import _progress
+
+    monkeypatch.setattr(_progress, "tqdm", _Bar)
+    monkeypatch.delenv("MECHPROBE_PROGRESS", raising=False)
+    _Bar.made.clear()
+    torch.manual_seed(0)
+    clean = torch.randint(5, 90, (40,))
+    corrupt = clean.clone()
+    corrupt[20] = 3
+    costs = _engine._Costs.of(tiny)
+    _packing_works(tiny)  # its own check runs a forward pass: before the spy
+    shapes = _passes(monkeypatch, tiny)
+    mp.patch(
+        tiny,
+        clean,
+        corrupt,
+        "resid_pre",
+        "all",
+        METRIC,
+        layers=[0, 1],
+        n_random=0,
+        memory_budget=3 * costs.row_bytes(60),
+    )
+    (bar,) = _Bar.made
+    assert len(shapes) > 5  # several passes of different shapes
+    times = [rows * width * (1 + width / costs.crossover) for rows, width in shapes]
+    np.testing.assert_allclose(bar.updates, times, rtol=1e-9)
+    assert bar.total == pytest.approx(sum(times))
+    assert bar.unit == f"{2 * 40}/{2 * 40} cells"
 
 
 @pytest.mark.parametrize("n_tok", [5, 40, 500, 5000])

@@ -98,6 +98,21 @@ def test_progress_is_true_or_false(bad) -> None:
         mp.collect(mp.tiny_model(), ["Hi"], progress=bad)
     with pytest.raises(TypeError, match="progress must be True or False"):
         mp.logit_lens(mp.tiny_model(), "Hi", progress=bad)
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        mp.patch(
+            mp.tiny_model(), "Hi cat", "Hi bat", "mlp_out", -1, mp.logit_diff(5, 6), progress=bad
+        )
+
+
+def test_a_weighted_bar_takes_one_weight_and_count_per_item() -> None:
+    from mechprobe.core import weighted_progress_bar
+
+    with pytest.raises(ValueError, match="3 items, 2 weights and 3 counts"):
+        list(
+            weighted_progress_bar(
+                "abc", weights=[1, 2], counts=[1, 1, 1], unit="x", progress=True, desc="d"
+            )
+        )
 
 
 def test_vocabulary_table_is_documented() -> None:

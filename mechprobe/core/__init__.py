@@ -44,7 +44,7 @@ from mechprobe.core._models import (
 )
 from mechprobe.core._notebook import show_figures_in_notebooks
 from mechprobe.core._precision import native_bfloat16
-from mechprobe.core._progress import progress_bar, progress_enabled
+from mechprobe.core._progress import progress_bar, progress_enabled, weighted_progress_bar
 from mechprobe.core._readout import Readout, readout, target_rank, top1_hit
 from mechprobe.core._results import (
     Result,
@@ -170,6 +170,7 @@ __all__ = [
     "top1_hit",
     "user_stacklevel",
     "warn",
+    "weighted_progress_bar",
     "width",
     "write_atomic",
     "write_tensors",

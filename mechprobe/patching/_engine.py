@@ -55,9 +55,9 @@ from mechprobe.core import (
     intervene,
     keyed_seed,
     model_adapter,
-    progress_bar,
     readout,
     warn,
+    weighted_progress_bar,
     width,
 )
 
@@ -442,6 +442,10 @@ class _Costs:
         itemsize = torch.empty((), dtype=adapter.dtype).element_size()
         return cls(n_heads, d_model, d_mlp, itemsize, dense / (600 * n_heads))
 
+    def row_time(self, width: float) -> float:
+        """The time of one row of ``width`` tokens, in units of one token's dense layers."""
+        return width * (1 + width / self.crossover)
+
     def row_bytes(self, width: int) -> int:
         """Bytes one row of ``width`` tokens holds at the peak of a forward pass."""
         attention = width * width * (4 * self.n_heads * max(self.itemsize, 4) + 16)
@@ -461,8 +465,7 @@ class _Costs:
         ideal = max(1.0, total / (self.packed_width(n_tok) - n_tok))
 
         def cost(k: int) -> float:
-            width = n_tok + total / k
-            return k * width * (1 + width / self.crossover)
+            return k * self.row_time(n_tok + total / k)
 
         return min(sorted({max(1, int(ideal)), int(ideal) + 1}), key=cost)
 
@@ -473,8 +476,7 @@ class _Costs:
         base)."""
         width = self.packed_width(n_tok)
         shared = width - n_tok  # the cells' tokens in such a row
-        per_cell = width * (1 + width / self.crossover) * suffix / shared
-        return per_cell <= n_tok * (1 + n_tok / self.crossover)
+        return self.row_time(width) * suffix / shared <= self.row_time(n_tok)
 
 
 @dataclass
@@ -551,6 +553,13 @@ class _Packer:
         lengths = [len(self.plan.sources[s]) for s in self.sources]
         width = max(widths + lengths)
         return (n_rows + len(self._source_rows(lengths, width))) * self.costs.row_bytes(width)
+
+    def time(self) -> float:
+        """The pass's estimated time (:meth:`_Costs.row_time`, rows padded to the widest): what
+        the progress bar advances by, so that its remaining time holds where passes of long
+        whole rows and of packed short cells alternate."""
+        rows = self.rows()
+        return len(rows) * self.costs.row_time(max(row.width for row in rows))
 
     def _source_rows(self, lengths: list[int], width: int) -> list[list[int]]:
         """Sources are independent segments: a row takes several while it stays within the
@@ -826,7 +835,7 @@ def run_plan(
         memory_budget: Bytes a forward pass may hold at its peak, estimated from its rows'
             attention and activations (:class:`_Costs`): a pass takes fewer cells when they
             are long. One cell always runs, whatever it costs.
-        progress: A progress bar over forward passes.
+        progress: A progress bar over the cells, advanced by each pass's estimated time.
         desc: The bar's label.
         hooks: A context manager factory entered around each forward pass, yielding extra hooks
             (e.g. path patching's split q/k/v inputs); the model is restored when it exits.
@@ -861,9 +870,19 @@ def run_plan(
         torch.full((len(plan.sources),), nan, dtype=torch.float64),
     )
     costs = _Costs.of(model)
-    passes = _chunks(plan, packed, costs, cells_per_batch, memory_budget)
-    for packer in progress_bar(passes or [None], progress=progress, desc=desc):
-        # No cell: the bases and sources are still measured.
+    passes: list[_Packer | None] = [*_chunks(plan, packed, costs, cells_per_batch, memory_budget)]
+    passes = passes or [None]  # no cell: the bases and sources are still measured
+    bar = weighted_progress_bar(
+        passes,
+        # Passes differ in cost by orders of magnitude (a few whole rows of a long prompt, or
+        # hundreds of packed one-token cells): the bar advances by each pass's estimated time.
+        weights=[1.0 if p is None else p.time() for p in passes],
+        counts=[0 if p is None else len(p.cells) for p in passes],
+        unit="cells",
+        progress=progress,
+        desc=desc,
+    )
+    for packer in bar:
         layout = _bare(plan) if packer is None else _layout(plan, packer)
         with _hooks(hooks) as extra:
             logits = _forward_reads(model, layout.rows, packed, extra)
