@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import ERASE_RESULT_KEYS, hook_count
@@ -291,6 +293,56 @@ def test_effect_and_selectivity_follow_their_definitions() -> None:
     assert sel["lm_kl"] == pytest.approx(0.4 - 0.2)
 
 
+def test_the_frame_says_where_the_erasure_was_apart_from_where_probes_read() -> None:
+    """The frame's ``site`` was the hook name a *probe* read (None on the model's rows), and the
+    erased site, its layer, the method and n_removed were in no column: erasures at two sites
+    concatenated could not be told apart (review 23a F2). Now the erasure leads, named as in every
+    frame, and the probe's place is ``probe_site``/``probe_layer``."""
+    probed = {"site": "blocks.3.hook_resid_post", "probe": "linear"}
+    measures = (
+        AmnesicMeasure("lm_kl", "erased", 0.2),
+        AmnesicMeasure("lm_kl", "random", 0.1, seed=0),
+        AmnesicMeasure(
+            "probe_accuracy", "original", 0.9, site="blocks.1.hook_resid_post", probe="linear"
+        ),
+        AmnesicMeasure(
+            "probe_accuracy", "erased", 0.4, site="blocks.1.hook_resid_post", probe="linear"
+        ),
+        AmnesicMeasure("probe_accuracy", "original", 0.9, **probed),
+        AmnesicMeasure("probe_accuracy", "erased", 0.8, **probed),
+    )
+    result = AmnesicResult("blocks.1.hook_resid_post", 1, -1, "leace", 2, 64, measures)
+    frame = result.to_frame()
+    where = ["site", "kind", "layer", "head", "hook", "method", "n_removed"]
+    assert frame.columns.tolist() == [*where, "metric", "condition", "seed", "probe_site",
+                                      "probe_layer", "probe", "value"]  # fmt: skip
+    erasure = frame[where].drop(columns="head").drop_duplicates().values.tolist()
+    assert erasure == [["resid_post@1", "resid_post", 1, "blocks.1.hook_resid_post", "leace", 2]]
+    assert frame["head"].isna().all()
+    assert str(frame["layer"].dtype) == str(frame["probe_layer"].dtype) == "Int64"
+    assert frame["probe_site"].tolist() == [None, None, *["resid_post@1"] * 2,
+                                            *["resid_post@3"] * 2]  # fmt: skip
+    assert frame["probe_layer"].isna().tolist() == [True, True, False, False, False, False]
+    later = frame[frame["probe_layer"] > frame["layer"]]
+    assert later["value"].tolist() == [0.9, 0.8]
+    summary = result.summary()
+    assert summary.columns.tolist()[:9] == [*where, "metric", "probe_site"]
+    at_3 = summary[summary["probe_site"] == "resid_post@3"].set_index("condition")
+    assert at_3.loc["erased", "effect"] == pytest.approx(0.1)
+    assert at_3.loc["erased", "probe_layer"] == 3 and at_3.loc["erased", "layer"] == 1
+    # Erasures at two sites, a head's among them, concatenate and stay apart.
+    head = dataclasses.replace(result, site="head@2, head 1", layer=2, n_removed=1)
+    both = pd.concat([frame, head.to_frame()], ignore_index=True)
+    assert both.groupby("site").size().to_dict() == {"head@2, head 1": 6, "resid_post@1": 6}
+    at_head = both[both["site"] == "head@2, head 1"]
+    assert set(at_head["kind"]) == {"head"} and set(at_head["head"]) == {1}
+    assert set(at_head["hook"]) == {"blocks.2.attn.hook_z"} and set(at_head["n_removed"]) == {1}
+    # A hook of no site kind is its own site; the result's layer still says its block.
+    hook = dataclasses.replace(result, site="blocks.1.mlp.hook_post", layer=1)
+    row = hook.to_frame().iloc[0]
+    assert row["site"] == row["hook"] == "blocks.1.mlp.hook_post" and row["layer"] == 1
+
+
 def test_bad_input_is_refused_with_the_fix(tiny: Any) -> None:
     with pytest.raises(ValueError, match="width"):
         amnesic(tiny, mp.Site("resid_post", 0), mp.random_projection(32, 2), text=TEXTS)
@@ -388,6 +440,12 @@ def test_linear_erasure_guards_the_erased_site(tiny: Any, letters: mp.ProbingDat
     assert record["probe_accuracy_after"] == pytest.approx(after)
     assert record["random_control_probe_accuracy"] is not None
     assert result.counts["probe_examples"] == len(letters)
+    # The frame says where the erasure was and, apart, where each probe read (a later layer too).
+    frame = result.to_frame()
+    assert set(frame["site"]) == {"resid_post@1"} and set(frame["layer"]) == {1}
+    assert set(frame["probe_site"]) == {"resid_post@1", "resid_post@2"}
+    erased_after = frame[(frame.condition == "erased") & (frame.probe_layer == frame.layer)]
+    assert erased_after["value"].tolist() == [after]
 
 
 def test_mlp_probe_and_word_level_data(tiny: Any) -> None:
@@ -490,7 +548,7 @@ def test_probe_accuracy_after_erasure_does_not_move_with_batch_size():
             batch_size=batch_size, progress=False,
         )  # fmt: skip
         frame = result.to_frame()
-        rows_ = frame[(frame.condition == "erased") & (frame.site == "blocks.2.hook_resid_post")]
+        rows_ = frame[(frame.condition == "erased") & (frame.probe_site == "resid_post@2")]
         accuracy[batch_size] = float(rows_.value.iloc[0])
     assert accuracy[32] == accuracy[1]
     # scikit-learn at its optimum on the same split of the same erased activations.
@@ -553,6 +611,20 @@ def test_a_head_site_erases_that_head_alone() -> None:
         got.append(res.headline()["lm_kl"])
         assert got[-1] == pytest.approx(plain_kl(head), rel=1e-4, abs=1e-7)
     assert len({round(v, 6) for v in got}) == 4
+
+
+@pytest.mark.parametrize("kind", ["head", "head_out", "v"])
+def test_probes_after_erasing_one_head_read_the_residual_stream(kind) -> None:
+    """With a probe, erasing one head's write (head_out, q/k/v) raised "Site('head_out', ...)
+    needs head=": the probes' sites were that kind at later layers, which name no head."""
+    model = mp.tiny_model()
+    texts = ["Hi you there", "A cat sat", "The dog ran", "Hey man now"] * 3
+    site = mp.Site(kind, 1, head=0)
+    eraser = mp.random_projection(64 if kind == "head_out" else 16, 2, seed=1)
+    res = amnesic(model, site, eraser, text=texts[:2], probe=(texts, [0, 1] * 6), n_random=0,
+                  dropout=False, progress=False)  # fmt: skip
+    read = res.to_frame()["probe_site"].dropna().unique().tolist()
+    assert read == ["resid_post@1", "resid_post@2"]
 
 
 def test_one_panel_plots_any_measured_metric() -> None:

@@ -4,6 +4,7 @@ interchange written by hand with plain TransformerLens hooks."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import hook_count
@@ -297,6 +298,32 @@ def test_result_protocol_and_round_trip(tiny, tmp_path):
     assert erased.logits.shape[0] == 2  # the subspace erases like any other basis
 
 
+def test_frames_say_the_site_as_every_result_frame_does():
+    """The summary's ``site`` was a hook name for a layer's site and a label for a head's, and
+    the frame had no site at all: a merge with other analyses on ``site`` matched nothing (review
+    23a F1). Both now lead with the site's label, kind, layer, head and hook name, and ``k``;
+    the stored field (hook names in files of every version) stays as it was."""
+    res = mp.DASResult(
+        site="blocks.3.hook_resid_post", positions=-1, k=2, rotation=np.eye(2, 8),
+        loss=np.array([0.7, 0.5]), iia_train=0.9,
+        iia={"das": 0.8, "random": 0.1, "full": 1.0, "none": 0.0}, iia_random=np.array([0.1]),
+        hits=np.array([True, False]), test_pairs=np.array([0, 1]), epochs=2, lr=0.01,
+    )  # fmt: skip
+    where = ["site", "kind", "layer", "head", "hook"]
+    frame, summary = res.to_frame(), res.summary()
+    assert frame.columns.tolist() == [*where, "k", "condition", "split", "iia"]
+    assert summary.columns.tolist()[:6] == [*where, "k"]
+    assert summary["random_value"].tolist() == [0.1] and "random" not in summary
+    for table in (frame, summary):
+        assert set(table["site"]) == {"resid_post@3"} and set(table["kind"]) == {"resid_post"}
+        assert set(table["layer"]) == {3} and table["head"].isna().all()
+        assert set(table["hook"]) == {"blocks.3.hook_resid_post"} and set(table["k"]) == {2}
+        assert str(table["layer"].dtype) == str(table["head"].dtype) == "Int64"
+    other = pd.DataFrame(mp.core.site_columns([mp.Site("resid_post", 3)])).assign(effect=0.4)
+    assert summary.merge(other, on=where)["effect"].tolist() == [0.4]
+    assert frame.loc[frame["split"] == "train", "iia"].tolist() == [0.9]
+
+
 def test_a_head_site_interchanges_that_heads_z_only(tiny):
     words = _words(24, 5)
     base, source = words[:12], words[12:]
@@ -308,6 +335,8 @@ def test_a_head_site_interchanges_that_heads_z_only(tiny):
     )  # fmt: skip
     assert res.rotation.shape == (2, tiny.cfg.d_head)
     assert res.site == "head@1, head 2"  # the head is part of the site
+    where = res.to_frame()[["site", "kind", "layer", "head", "hook"]].drop_duplicates()
+    assert where.values.tolist() == [["head@1, head 2", "head", 1, 2, name]]
     src = _source_vectors(tiny, source, name)[:, head]  # [n, d_head]
     basis = torch.tensor(res.rotation)
     test = res.test_pairs.copy()

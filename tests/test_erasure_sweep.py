@@ -8,10 +8,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 from conftest import ERASE_RESULT_KEYS
 
 import mechprobe as mp
+from mechprobe.erasure._result import AmnesicMeasure, AmnesicResult
 from mechprobe.erasure._sweep import ErasureSweep, layer_sweep
 
 TEXTS = ["Hello there, friend.", "Hi"]
@@ -39,10 +41,10 @@ def test_layer_sweep_fits_and_measures_each_layer(
     # accuracy and loss cannot change and are not measured; the KL at that token is.
     # Probe accuracy at the erased site is an effect too (it was left out of the table).
     assert set(effects["metric"]) == {"lm_kl", "probe_accuracy"}
-    assert (effects.loc[effects["metric"] == "lm_kl", "erased"] > 0).all()
+    assert (effects.loc[effects["metric"] == "lm_kl", "effect"] > 0).all()
     for r, (_, row) in zip(sweep.results, effects[effects["metric"] == "probe_accuracy"].iterrows(),
                            strict=True):  # fmt: skip
-        assert row["erased"] == pytest.approx(r.effect("probe_accuracy", "erased", site=r.site,
+        assert row["effect"] == pytest.approx(r.effect("probe_accuracy", "erased", site=r.site,
                                                         probe="linear")[0])  # fmt: skip
     for r in sweep.results:  # LEACE guards the erased layer against a fresh linear probe
         after = r.values("probe_accuracy", "erased", site=r.site, probe="linear")[0]
@@ -63,6 +65,47 @@ def test_layer_sweep_fits_and_measures_each_layer(
     assert back != sweep and len({sweep, back, sweep}) == 2  # hashable, by identity
     assert repr(sweep) == "ErasureSweep(leace, 2 erasure(s), layers 0-2)"
     assert sweep.summary().equals(sweep.effects())
+    # Each row says its erasure (site, layer, n_removed) and, apart, where its probe read.
+    frame = sweep.to_frame()
+    assert sorted(set(frame["site"])) == ["resid_post@0", "resid_post@2"]
+    probe_rows = frame[frame["metric"] == "probe_accuracy"]
+    assert (probe_rows["probe_layer"] == probe_rows["layer"]).all()  # probed where erased
+    assert effects["site"].tolist() == ["resid_post@0"] * 2 + ["resid_post@2"] * 2
+
+
+def test_a_sweeps_frame_is_its_results_frames_one_after_another() -> None:
+    """The sweep prepended its own ``layer`` (the erased one) to frames whose ``site`` was the
+    probe's hook name, and its effects said the layer alone: erasures at two kinds of one layer
+    read the same (review 23a F2). Now it concatenates the results' frames, which say both."""
+
+    def erasure(hook: str, layer: int, rank: int, probe: str) -> AmnesicResult:
+        measures = (
+            AmnesicMeasure("lm_kl", "erased", 0.1 * rank),
+            AmnesicMeasure("lm_kl", "random", 0.01, seed=0),
+            AmnesicMeasure("probe_accuracy", "original", 0.9, site=probe, probe="linear"),
+            AmnesicMeasure("probe_accuracy", "erased", 0.5, site=probe, probe="linear"),
+        )
+        return AmnesicResult(hook, layer, -1, "inlp", rank, 64, measures)
+
+    results = (
+        erasure("blocks.1.hook_resid_post", 1, 2, "blocks.1.hook_resid_post"),
+        erasure("blocks.1.hook_mlp_out", 1, 3, "blocks.2.hook_mlp_out"),
+    )
+    sweep = ErasureSweep("inlp", results)
+    expected = pd.concat([r.to_frame() for r in results], ignore_index=True)
+    pd.testing.assert_frame_equal(sweep.to_frame(), expected)
+    frame = sweep.to_frame()
+    assert frame.groupby("site").size().to_dict() == {"mlp_out@1": 4, "resid_post@1": 4}
+    assert frame["probe_site"].dropna().unique().tolist() == ["resid_post@1", "mlp_out@2"]
+    empty = ErasureSweep("inlp", ()).to_frame()
+    assert empty.empty and empty.columns.tolist() == frame.columns.tolist()
+    effects = sweep.effects()
+    erasure_first = ["site", "kind", "layer", "head", "hook", "n_removed", "metric"]
+    assert effects.columns.tolist()[:7] == erasure_first
+    kl = effects[effects["metric"] == "lm_kl"]
+    assert kl["kind"].tolist() == ["resid_post", "mlp_out"] and kl["layer"].tolist() == [1, 1]
+    assert kl["effect"].tolist() == pytest.approx([0.2, 0.3])
+    assert str(effects["layer"].dtype) == "Int64"
 
 
 def test_layer_sweep_checks_what_it_can_before_collecting(

@@ -96,7 +96,7 @@ def test_a_rule_of_ones_own_and_the_layers_chosen(tiny) -> None:
         progress=False,
     )  # fmt: skip
     assert len(repr(many)) < 200 and "+5 kinds" in repr(many)
-    assert many.summary()["kind"].nunique() == 8  # every kind is still in the summary
+    assert many.summary()["head_kind"].nunique() == 8  # every kind is still in the summary
 
 
 def test_chance_counts_only_the_keys_a_sliding_window_layer_sees() -> None:
@@ -113,9 +113,10 @@ def test_chance_counts_only_the_keys_a_sliding_window_layer_sees() -> None:
     np.testing.assert_allclose(res.chance, np.array([sliding, full, sliding]).T, atol=1e-12)
     assert (res.scores[1:, [0, 2]] == 0).all()  # the model cannot see those targets either
     frame = res.to_frame()
-    assert (frame.groupby(["kind", "layer"])["chance"].nunique() == 1).all()
+    assert (frame.groupby(["head_kind", "layer"])["chance"].nunique() == 1).all()
     np.testing.assert_allclose(
-        frame.query("kind == 'previous_token'").groupby("layer")["chance"].first(), res.chance[0]
+        frame.query("head_kind == 'previous_token'").groupby("layer")["chance"].first(),
+        res.chance[0],
     )
     low, high = f"{full[0]:.2g}", f"{sliding[0]:.2g}"
     assert low != high and res.plot().axes[0].get_title().endswith(f"(chance {low}-{high})")
@@ -176,7 +177,7 @@ def test_the_result_protocol(tiny, tmp_path) -> None:
     res = mp.head_scores(tiny, seq_len=5, n_prompts=2, progress=False)
     frame = res.to_frame()
     assert len(frame) == 3 * 3 * tiny.cfg.n_heads
-    best = frame[frame.kind == "induction"].sort_values("score").iloc[-1]
+    best = frame[frame.head_kind == "induction"].sort_values("score").iloc[-1]
     assert (int(best["layer"]), int(best["head"])) == res.top("induction", 1)[0][:2]
     assert len(res.summary(top=2)) == 6
     assert len(res.plot().axes) == 4  # three maps and their one colour bar (one scale, 0 to 1)

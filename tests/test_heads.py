@@ -223,8 +223,8 @@ def test_controls_and_spread_do_not_depend_on_chunking(tiny, cell_packing):
     first = runs[0]
     np.testing.assert_allclose(first.spread, first.per_pair.std(axis=0))
     frame = first.to_frame()
-    np.testing.assert_allclose(frame["random"], first.random.mean(axis=(0, 1)).ravel())
-    assert {"spread", "random"} <= set(first.summary().columns)
+    np.testing.assert_allclose(frame["random_value"], first.random.mean(axis=(0, 1)).ravel())
+    assert {"spread", "random_value"} <= set(first.summary().columns)
 
 
 @pytest.mark.parametrize("kind", ["head", "v", "pattern", "head_out", "mlp_out"])

@@ -468,12 +468,19 @@ def test_result_frame_plot_and_json(tiny, tmp_path):
         "normalised",
         "effect",
         "spread",
-        "random",
+        "random_value",
+        "random_effect",
         "random_sd",
         "random_normalised",
+        "metric",
+        "direction",
     ]
     assert len(frame) == res.values.size == 12
     np.testing.assert_allclose(frame["value"], res.values.ravel())
+    np.testing.assert_allclose(
+        frame["random_effect"], (res.random_values - res.corrupt_metric).ravel()
+    )
+    assert set(frame["metric"]) == {res.metric} and set(frame["direction"]) == {"denoising"}
     assert frame.loc[5, "layer"] == 1 and frame.loc[5, "head"] == 1
     fig = res.plot()
     assert isinstance(fig, Figure) and fig.axes[0].get_ylabel() == "layer"

@@ -756,7 +756,8 @@ def test_layers_are_the_models_layers_of_the_collected_sites(tmp_path) -> None:
     assert result.sites == ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
     assert result.best_layer in (1, 2)
     assert result.expected_layer == pytest.approx(float(np.dot([1, 2], result.mix_weights)))
-    assert result.to_frame()["site"].tolist() == list(result.sites)
+    assert result.to_frame()["site"].tolist() == ["resid_post@1", "resid_post@2"]
+    assert result.to_frame()["hook"].tolist() == list(result.sites)
     plain = mp.probe_layers(np.asarray(acts.values), acts.labels, scalar_mix=True, progress=False)
     np.testing.assert_array_equal(plain.accuracy, result.accuracy)
     assert plain.layers.tolist() == [0, 1] and plain.sites is None
@@ -781,6 +782,49 @@ def test_layers_are_the_models_layers_of_the_collected_sites(tmp_path) -> None:
     )
     assert by_head.summary()["best_site"][0] == by_head.sites[best]
     assert result.entry_names() == ["layer 1", "layer 2"]
+
+
+def test_probe_frames_locate_each_entry_as_every_result_frame_does() -> None:
+    """``site`` held hook names (``blocks.1.hook_resid_post``) beside head labels in one column,
+    with no ``kind`` or ``head``, so a merge with another analysis's frame on the shared columns
+    matched nothing (review 23a F1); the column set also depended on the input type."""
+    tiny = mp.tiny_model()
+    data = mp.ProbingDataset(
+        texts=[f"w{i % 7} x{i}" for i in range(80)], labels=[str(i % 2) for i in range(80)],
+        name="toy",
+    )  # fmt: skip
+    acts = mp.collect(tiny, data, ["head_out", "resid_post"], layers=[1], progress=False)
+    result = mp.probe_layers(acts, progress=False)
+    frame = result.to_frame()
+    n_heads = int(tiny.cfg.n_heads)
+    assert frame.columns.tolist()[:5] == ["site", "kind", "layer", "head", "hook"]
+    heads = [f"head_out@1, head {h}" for h in range(n_heads)]
+    assert frame["site"].tolist() == [*heads, "resid_post@1"]
+    assert frame["kind"].tolist() == ["head_out"] * n_heads + ["resid_post"]
+    assert frame["layer"].tolist() == [1] * (n_heads + 1)
+    assert frame["head"].tolist()[:n_heads] == list(range(n_heads))
+    assert pd.isna(frame["head"].iloc[-1])
+    assert str(frame["layer"].dtype) == str(frame["head"].dtype) == "Int64"
+    assert frame["hook"].iloc[-1] == "blocks.1.hook_resid_post"
+    # Another analysis's rows at the same places, located by the shared helper, join on them.
+    places = [mp.Site("resid_post", 1), mp.Site("head_out", 1, head=2)]
+    other = pd.DataFrame(mp.core.site_columns(places)).assign(effect=[0.5, 0.25])
+    joined = frame.merge(other, on=["site", "kind", "layer", "head", "hook"])
+    assert joined["site"].tolist() == ["head_out@1, head 2", "resid_post@1"]
+    assert joined["effect"].tolist() == [0.25, 0.5]
+    best = int(np.argmax(result.accuracy))
+    assert result.summary()["best_site"][0] == frame["site"][best]
+    # A plain array names no site: the same columns, empty where it does not say.
+    plain = mp.probe_layers(np.asarray(acts.values), acts.labels, progress=False)
+    plain_frame = plain.to_frame()
+    assert plain_frame.columns.tolist() == frame.columns.tolist()
+    assert plain_frame["site"].isna().all() and plain_frame["head"].isna().all()
+    assert plain_frame["layer"].tolist() == list(range(n_heads + 1))
+    assert plain.summary()["best_site"].isna().all()
+    # Cumulative scores say the layer as an integer too, and their accuracy as the probes do.
+    scores = mp.cumulative_scores(np.asarray(acts.values)[:, -1:], acts.labels, progress=False)
+    assert scores.to_frame().columns.tolist() == ["layer", "accuracy", "delta"]
+    assert str(scores.to_frame()["layer"].dtype) == "Int64"
 
 
 @pytest.mark.parametrize("suffix", [".json", ".npz"])

@@ -9,6 +9,7 @@ import json
 import math
 import pathlib
 import pickle
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -509,6 +510,115 @@ def test_probe_results_record_their_fit_settings(tmp_path):
     ):
         back = type(result).load(result.save(tmp_path / f"{type(result).__name__}.json"))
         assert (back.l2, back.max_iter, back.tol) == (0.5, 50, 1e-3)
+
+
+# docs/api.md, "Frame columns": words that said one of its columns another way.
+RENAMED_COLUMNS = {
+    "score": "value (patching and tracing; HeadScoreResult's head score keeps it)",
+    "indirect_effect": "effect",
+    "aie": "effect",
+    "random": "random_effect or random_value",
+    "corrupted": "corrupt",
+    "pos": "position",
+    "hook_name": "hook",
+}
+# Columns saying what a frame measured, so that two concatenated runs stay apart.
+IDENTIFIED_BY = {
+    "PatchResult": {"metric", "direction"},
+    "PathPatchResult": {"metric", "direction"},
+    "TraceResult": {"metric"},
+    "LensResult": {"lens"},
+    "LensComparison": {"lens"},
+    "Trajectory": {"lens"},
+    "OVectorEffect": {"layers", "scale", "mode"},
+}
+
+
+def _frames_of_every_kind(model) -> dict[str, pd.DataFrame]:
+    """``to_frame()`` and ``summary()`` of a result of each analysis made from ``model``."""
+    results = {name: run(model) for name, run in _model_runs().items()}
+    results["LensResult"] = mp.logit_lens(model, ["Hi cat", "Hey"], targets=" a", progress=False)
+    results["LensComparison"] = mp.compare_lenses(
+        model, {"logit": "logit"}, ["a b c d e f g h " * 8], n_tokens=64, seq_len=32,
+        progress=False,
+    )  # fmt: skip
+    texts = [f"{w} {c}" for w in ("red", "blue", "cat", "dog", "sun", "sky") for c in "ab"]
+    letters = mp.ProbingDataset("letters", tuple(texts), tuple(t[-1] for t in texts))
+    results["ErasureSweep"] = mp.layer_sweep(
+        model, letters, [0, 2], "leace", text=["Hi you there"], probe=letters, n_random=1
+    )
+    frames = {}
+    for name, result in results.items():
+        frames[f"{name}.to_frame"] = result.to_frame()
+        frames[f"{name}.summary"] = result.summary()
+    return frames
+
+
+def test_every_frame_speaks_the_frame_vocabulary(tiny):
+    """A column name means one thing in every frame (docs/api.md, "Frame columns"): ``site``
+    held a site kind (lens), a hook name (probes, erasure) or a label (patching), so frames of
+    two analyses of the same layers merged into nothing; ``kind`` was a write (``mlp``), a kind of
+    head or of task; PatchResult's ``random`` a metric beside other frames' effects (review 23a)."""
+    kinds = set(typing.get_args(mp.core.SiteKind))
+    checked, wrong = 0, []
+    for where, frame in _frames_of_every_kind(tiny).items():
+        name, method = where.split(".")
+        if method == "to_frame" and IDENTIFIED_BY.get(name, set()) - set(frame.columns):
+            wrong.append(f"{where}: no {IDENTIFIED_BY[name] - set(frame.columns)} column")
+        for column, say in RENAMED_COLUMNS.items():
+            if column in frame.columns and not (column == "score" and "HeadScore" in where):
+                wrong.append(f"{where}: column {column!r}, say {say}")
+        if "kind" in frame.columns and set(frame["kind"].dropna()) - kinds:
+            wrong.append(f"{where}: kind holds {set(frame['kind'].dropna()) - kinds}")
+        # A set of layers is text ("24-29"): lists cannot be grouped or deduplicated.
+        if "layers" in frame.columns and not all(isinstance(v, str) for v in frame["layers"]):
+            wrong.append(f"{where}: layers holds {set(map(type, frame['layers']))}, not text")
+        for column in ("layer", "head"):
+            dtype = frame[column].dtype if column in frame.columns and len(frame) else None
+            if dtype is not None and not pd.api.types.is_integer_dtype(dtype):
+                wrong.append(f"{where}: {column} is {dtype}, not an integer")
+        if "site" in frame.columns:
+            for row in frame.drop_duplicates("site").itertuples():
+                if pd.isna(row.site) or ("kind" in frame.columns and pd.isna(row.kind)):
+                    continue  # a baseline's row, or no site (an embedding, a bias)
+                try:
+                    site = mp.Site.parse(row.site)
+                except ValueError:
+                    wrong.append(f"{where}: site {row.site!r} is no site label")
+                    continue
+                if row.site != str(site):
+                    wrong.append(f"{where}: site {row.site!r}, say {str(site)!r}")
+                for column in ("kind", "layer", "head"):
+                    want = getattr(site, column)
+                    got = getattr(row, column, want)
+                    if not ((pd.isna(got) and want is None) or got == want):
+                        wrong.append(f"{where}: {row.site!r} with {column} {got!r}")
+                checked += 1
+    assert not wrong, "\n".join(wrong)
+    assert checked > 20
+
+
+def test_results_answer_to_the_shared_attribute_names(tiny):
+    # OVector said `model` where every other result says `model_name`; a trace said `corrupted`
+    # where patching says `corrupt` (review 23a, F9): the fields stay (saved files), aliases added.
+    vector = mp.OVector(torch.ones(4), layer=2, source="toy", n_prompts=1, model="m")
+    assert vector.model_name == "m"
+    trace = _model_runs()["TraceResult"](tiny)
+    assert trace.corrupt is trace.corrupted
+
+
+def test_frames_of_different_analyses_merge_on_their_sites(tiny):
+    """The same place, measured by three analyses, is one key: a lens and a patch of the MLPs,
+    and direct attribution's MLP writes, merge on ``site`` (they matched no row: ``resid_post``
+    vs ``"resid_post@0"``, ``mlp`` vs ``mlp_out``)."""
+    metric = mp.logit_diff(1, 2)
+    lens = mp.logit_lens(tiny, "Hi cat", sites="mlp_out", progress=False).summary()
+    patched = mp.patch(tiny, "Hi cat", "Hi bat", "mlp_out", -1, metric, n_random=0).to_frame()
+    direct = mp.direct_logit_attribution(tiny, "Hi cat", metric, progress=False).to_frame()
+    n_layers = tiny.cfg.n_layers
+    joined = lens.merge(patched, on=["site", "kind", "layer"]).merge(direct, on="site")
+    assert joined["site"].tolist() == [f"mlp_out@{layer}" for layer in range(n_layers)]
+    assert joined["component"].tolist() == [f"L{layer} mlp" for layer in range(n_layers)]
 
 
 def test_frames_of_different_analyses_merge_on_layer_and_head(tiny):

@@ -163,7 +163,7 @@ def test_roundtrip_frame_and_plot(tiny):
     assert np.array_equal(back.answer_rank_no_ffn, traj.answer_rank_no_ffn)
     frame = traj.to_frame()
     assert len(frame) == 4 * 3 * tiny.cfg.n_layers
-    row = frame.query("item == 1 and layer == 2 and token == 'answer' and readout == 'resid_post'")
+    row = frame.query("item == 1 and layer == 2 and role == 'answer' and readout == 'resid_post'")
     assert int(row["rank"].iloc[0]) == traj.answer_rank[1, 2]
     assert traj.plot().axes
     # Stage labels inside the axes (above them they pushed the title up across white space)

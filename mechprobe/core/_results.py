@@ -371,6 +371,46 @@ def head_column(heads: Any) -> pd.arrays.IntegerArray:
     return pd.array(values, dtype="Int64")
 
 
+def site_columns(places: typing.Sequence[Any]) -> dict[str, Any]:
+    """A frame's location columns, the keys every result's frame is joined on: ``site`` (the
+    label ``str(Site)``: ``"resid_post@3"``, ``"head_out@3, head 2"``), ``kind`` (the site kind
+    ``sites=`` takes), ``layer`` and ``head`` (nullable ``Int64``), ``hook`` (TransformerLens's
+    hook name).
+
+    ``places`` holds one Site, site label or hook name per row; a hook that is no site kind's
+    (``"hook_embed"``) is its own ``site`` and ``hook``, with ``<NA>`` kind, layer and head.
+
+    Example:
+        >>> cols = site_columns(["blocks.2.hook_resid_post", "head_out@1, head 3", "hook_embed"])
+        >>> cols["site"], cols["kind"]
+        (['resid_post@2', 'head_out@1, head 3', 'hook_embed'], ['resid_post', 'head_out', None])
+        >>> cols["layer"].tolist(), cols["head"].tolist()
+        ([2, 1, <NA>], [<NA>, 3, <NA>])
+    """
+    from mechprobe.core._sites import Site  # _sites imports nothing of this module's
+
+    parsed: dict[str, Site | None] = {}
+    rows: list[Site | None] = []
+    for place in places:
+        if isinstance(place, Site):
+            rows.append(place)
+            continue
+        name = str(place)
+        if name not in parsed:
+            try:
+                parsed[name] = Site.parse(name)
+            except ValueError:
+                parsed[name] = None
+        rows.append(parsed[name])
+    return {
+        "site": [str(p) if s is None else str(s) for p, s in zip(places, rows, strict=True)],
+        "kind": [None if s is None else s.kind for s in rows],
+        "layer": pd.array([None if s is None else s.layer for s in rows], dtype="Int64"),
+        "head": head_column([None if s is None else s.head for s in rows]),
+        "hook": [str(p) if s is None else s.hook_name for p, s in zip(places, rows, strict=True)],
+    }
+
+
 def literal(text: str) -> str:
     """``text`` drawn on a matplotlib figure as written: a ``$`` in a prompt or token would start
     mathtext (``"pay $5 or $6"`` drew "5 or " in italics, and ``"$x^{2$"`` made saving raise).

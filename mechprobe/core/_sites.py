@@ -90,6 +90,9 @@ _KIND_OF_HOOK = {
     if kind != "head_out"  # its hook name is attn_out's: a parsed name means attn_out
 }
 
+# A site's label, as ``str(Site)`` writes it: "resid_post@3", "head_out@3, head 2".
+_LABEL = re.compile(r"(\w+)@(-?\d+)(?:, head (\d+))?")
+
 
 @dataclass(frozen=True)
 class Site:
@@ -153,12 +156,26 @@ class Site:
 
     @classmethod
     def parse(cls, name: str, *, head: int | None = None, positions: Positions = None) -> Site:
-        """Turn a hook name such as ``"blocks.4.hook_resid_post"`` into a Site.
+        """Turn a hook name such as ``"blocks.4.hook_resid_post"``, or a site's label such as
+        ``"head_out@3, head 2"`` (its ``str``, as result frames write it), into a Site.
+
+        Example:
+            >>> Site.parse("blocks.4.hook_resid_post"), Site.parse("head_out@3, head 2").head
+            (Site(kind='resid_post', layer=4, head=None, positions=None), 2)
 
         Raises:
             ValueError: The name is not one of the site kinds' hook names; use the string itself
                 where an arbitrary hook is meant (interventions accept hook names directly).
         """
+        label = _LABEL.fullmatch(name)
+        if label is not None and label.group(1) in _KINDS:
+            labelled = None if label.group(3) is None else int(label.group(3))
+            return cls(
+                label.group(1),  # type: ignore[arg-type]
+                int(label.group(2)),
+                head=labelled if head is None else head,
+                positions=positions,
+            )
         for pattern, kind in _KIND_OF_HOOK.items():
             match = pattern.match(name)
             if match:

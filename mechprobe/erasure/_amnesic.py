@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from mechprobe.core import (
+    HEAD_KINDS,
     Site,
     SiteKind,
     SiteLike,
@@ -198,7 +199,10 @@ def amnesic(
     majority = None
     if probe is not None:
         layer = parsed.layer if parsed is not None else None
-        kind = parsed.kind if parsed is not None and parsed.kind != "head" else "resid_post"
+        # A head's site has no whole-layer activation of its kind to probe (Site("head_out", l)
+        # without a head is refused): probe the residual stream it writes to, as for "head".
+        head_site = parsed is not None and parsed.kind in HEAD_KINDS
+        kind = parsed.kind if parsed is not None and not head_site else "resid_post"
         sites = _probe_sites(model, hook, kind, layer, probe_layers)
         info = information_measures(
             model,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from mechprobe.core import Result, new_axes
+from mechprobe.core import Result, new_axes, site_columns
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -47,7 +47,8 @@ class AmnesicMeasure:
         condition: ``original``, ``erased``, ``random`` or ``dropout``.
         value: The number.
         seed: Seed of a ``random`` or ``dropout`` control, else None.
-        site: Hook name a probe read (``probe_accuracy`` only).
+        site: Hook name a probe read (``probe_accuracy`` only; the frame's ``probe_site`` says
+            it as a label, beside the erased ``site``).
         probe: ``"linear"`` or ``"mlp"`` (``probe_accuracy`` only).
 
     Example:
@@ -192,31 +193,99 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
     # --- views ---------------------------------------------------------------------------------
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per measure: metric, condition, seed, site, probe, value.
+        """One row per measure: where the erasure was, then what was measured there.
+
+        Columns: the erased site as in every result's frame (``site``, its label such as
+        ``"resid_post@3"``; ``kind``; ``layer`` and ``head``, ``Int64``; ``hook``), the eraser's
+        ``method`` and ``n_removed``, then ``metric``, ``condition``, ``seed`` (a control's, NaN
+        else), ``probe_site`` and ``probe_layer`` (where a probe read, which may be a later layer
+        than the erased one; None and ``<NA>`` on rows without a probe), ``probe``, ``value``.
 
         Example:
-            >>> r = AmnesicResult("hook_embed", None, "all", "inlp", 1, 4,
-            ...                   (AmnesicMeasure("lm_kl", "erased", 0.1),))
-            >>> r.to_frame().columns.tolist()
-            ['metric', 'condition', 'seed', 'site', 'probe', 'value']
+            >>> r = AmnesicResult("blocks.1.hook_resid_post", 1, "all", "inlp", 1, 4, (
+            ...     AmnesicMeasure("lm_kl", "erased", 0.1),
+            ...     AmnesicMeasure("probe_accuracy", "erased", 0.5,
+            ...                    site="blocks.3.hook_resid_post", probe="linear")))
+            >>> r.to_frame().columns.tolist()  # doctest: +NORMALIZE_WHITESPACE
+            ['site', 'kind', 'layer', 'head', 'hook', 'method', 'n_removed', 'metric',
+             'condition', 'seed', 'probe_site', 'probe_layer', 'probe', 'value']
+            >>> r.to_frame()[["site", "layer", "probe_site", "probe_layer"]].values.tolist()
+            [['resid_post@1', 1, None, <NA>], ['resid_post@1', 1, 'resid_post@3', 3]]
         """
-        cols = ["metric", "condition", "seed", "site", "probe", "value"]
-        return pd.DataFrame([asdict(m) for m in self.measures], columns=cols)
+        measured = pd.DataFrame(
+            [asdict(m) for m in self.measures],
+            columns=["metric", "condition", "seed", "site", "probe", "value"],
+        )
+        # AmnesicMeasure.site (a saved field) is the probe's hook name: labelled here, so files
+        # saved before frames used labels read the same.
+        probed = [m.site for m in self.measures if m.site is not None]
+        where = site_columns(probed)
+        labels, layers = iter(where["site"]), iter(where["layer"])
+        probe_site = [None if m.site is None else next(labels) for m in self.measures]
+        probe_layer = [pd.NA if m.site is None else next(layers) for m in self.measures]
+        n = len(self.measures)
+        erased = self._erased_site()
+        return pd.DataFrame(
+            {
+                "site": [erased["site"]] * n,
+                "kind": [erased["kind"]] * n,
+                "layer": pd.array([erased["layer"]] * n, dtype="Int64"),
+                "head": pd.array([erased["head"]] * n, dtype="Int64"),
+                "hook": [erased["hook"]] * n,
+                "method": [self.method] * n,
+                "n_removed": [self.n_removed] * n,
+                "metric": measured["metric"],
+                "condition": measured["condition"],
+                "seed": measured["seed"],
+                "probe_site": pd.Series(probe_site, dtype=object),
+                "probe_layer": pd.array(probe_layer, dtype="Int64"),
+                "probe": measured["probe"],
+                "value": measured["value"],
+            }
+        )
 
     def summary(self) -> pd.DataFrame:
-        """Mean and std per (metric, site, probe, condition), with the effect and its std."""
+        """Mean and std per (metric, probe site, probe, condition), with the effect and its std,
+        after the erasure's columns of :meth:`to_frame` (``site`` ... ``n_removed``).
+
+        Example:
+            >>> r = AmnesicResult("blocks.1.hook_resid_post", 1, "all", "inlp", 1, 4,
+            ...                   (AmnesicMeasure("lm_kl", "erased", 0.1),))
+            >>> r.summary()[["site", "metric", "probe_site", "effect"]].values.tolist()
+            [['resid_post@1', 'lm_kl', None, 0.1]]
+        """
         frame = self.to_frame()
-        keys = ["metric", "site", "probe", "condition"]
+        first = ["site", "kind", "layer", "head", "hook", "method", "n_removed"]
+        keys = ["metric", "probe_site", "probe_layer", "probe", "condition"]
         rows = []
-        for (metric, site, probe, condition), _ in frame.fillna({"site": "", "probe": ""}).groupby(
-            keys, sort=False
+        # One group per stored probe site (its hook name, which values() selects by; "" for
+        # rows without a probe), in the order measured.
+        hooks = pd.Series([m.site or "" for m in self.measures], dtype=object)
+        grouped = frame.assign(_hook=hooks).fillna({"probe": ""})
+        for (metric, hook, probe, condition), group in grouped.groupby(
+            ["metric", "_hook", "probe", "condition"], sort=False
         ):
             metric, condition = str(metric), str(condition)
-            kw = {"site": str(site) or None, "probe": str(probe) or None}
+            kw = {"site": str(hook) or None, "probe": str(probe) or None}
             mean, std = self.mean_std(metric, condition, **kw)
             eff, eff_std = self.effect(metric, condition, **kw)
-            rows.append([metric, site, probe, condition, mean, std, eff, eff_std])
-        return pd.DataFrame(rows, columns=[*keys, "mean", "std", "effect", "effect_std"])
+            at = group.iloc[0]
+            where = [at["probe_site"], at["probe_layer"], kw["probe"]]
+            rows.append([metric, *where, condition, mean, std, eff, eff_std])
+        body = pd.DataFrame(rows, columns=[*keys, "mean", "std", "effect", "effect_std"])
+        # As in to_frame: None (not NaN) where no probe read, layers as integers.
+        body["probe_site"] = pd.Series([row[1] for row in rows], dtype=object)
+        body["probe_layer"] = pd.array(body["probe_layer"].tolist(), dtype="Int64")
+        head = frame[first].iloc[:1].reset_index(drop=True)
+        lead = head.loc[head.index.repeat(len(body))].reset_index(drop=True)
+        return pd.concat([lead, body], axis=1)
+
+    def _erased_site(self) -> dict[str, Any]:
+        """The erased site's ``site``, ``kind``, ``layer``, ``head`` and ``hook``."""
+        where = {key: values[0] for key, values in site_columns([self.site]).items()}
+        if pd.isna(where["layer"]) and self.layer is not None:
+            where["layer"] = self.layer  # a hook of no site kind inside a block keeps its block
+        return where
 
     def headline(self) -> dict[str, Any]:
         """The headline numbers, as ``mechprobe erase`` prints them and ``result.json`` starts.

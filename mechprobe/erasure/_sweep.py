@@ -44,6 +44,8 @@ __all__ = ["ErasureSweep", "fit_erasure", "layer_sweep"]
 
 Method = Literal["inlp", "leace"]
 _KINDS = ("resid_pre", "resid_mid", "mlp_in", "resid_post", "attn_out", "mlp_out")
+#: The location columns of every result's frame, in order (AmnesicResult._erased_site's keys).
+_WHERE = ("site", "kind", "layer", "head", "hook")
 _METRICS = ("task_accuracy", "task_kl", "lm_kl", "lm_accuracy", "probe_accuracy")
 _TITLES = {
     "lm_kl": "KL(orig || erased) on text",
@@ -97,18 +99,28 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
         return [r.layer for r in self.results]
 
     def to_frame(self) -> pd.DataFrame:
-        """Every measure of every layer, with ``layer`` and ``n_removed`` columns in front."""
-        frames = [r.to_frame().assign(layer=r.layer, n_removed=r.n_removed) for r in self.results]
+        """Every measure of every erasure: the results' :meth:`AmnesicResult.to_frame` one
+        after another (each row says its erased ``site``, ``kind``, ``layer``, ``head``,
+        ``hook``, ``method`` and ``n_removed``, then the probe's ``probe_site`` apart).
+
+        Example:
+            >>> ErasureSweep(method="inlp", results=()).to_frame().columns.tolist()[:7]
+            ['site', 'kind', 'layer', 'head', 'hook', 'method', 'n_removed']
+        """
+        frames = [r.to_frame() for r in self.results]
         if not frames:
-            return pd.DataFrame(columns=["layer", "n_removed", "metric", "condition", "value"])
-        frame = pd.concat(frames, ignore_index=True)
-        first = ["layer", "n_removed"]
-        return frame[first + [c for c in frame.columns if c not in first]]
+            empty = AmnesicResult("", None, "all", self.method, 0, 0, ())
+            return empty.to_frame()
+        return pd.concat(frames, ignore_index=True)
 
     def effects(self) -> pd.DataFrame:
-        """Per layer and metric: effect of the erasure, of the random control (mean, std), dropout."""
+        """Per erasure and metric: the erasure's ``effect``, the random controls'
+        (``random_effect``, ``random_effect_std`` over seeds) and dropout's
+        (``dropout_effect``); each row leads with the erased site's columns (``site``,
+        ``kind``, ``layer``, ``head``, ``hook``, as in :meth:`to_frame`) and ``n_removed``."""
         rows = []
         for r in self.results:
+            where = r._erased_site()
             for metric in sorted({m.metric for m in r.measures}):
                 # Probe accuracy at the erased site, linear probe (as AmnesicResult.selectivity).
                 kw: dict[str, Any] = (
@@ -119,12 +131,18 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
                     continue
                 rand, rand_std = r.effect(metric, "random", **kw)
                 drop, _ = r.effect(metric, "dropout", **kw)
-                rows.append([r.layer, r.n_removed, metric, real, rand, rand_std, drop])
-        cols = ["layer", "n_removed", "metric", "erased", "random", "random_std", "dropout"]
-        return pd.DataFrame(rows, columns=cols)
+                rows.append(
+                    [*(where[c] for c in _WHERE), r.n_removed, metric, real, rand, rand_std, drop]
+                )
+        effects = ["effect", "random_effect", "random_effect_std", "dropout_effect"]
+        cols = [*_WHERE, "n_removed", "metric", *effects]
+        frame = pd.DataFrame(rows, columns=cols)
+        for col in ("layer", "head"):
+            frame[col] = pd.array(frame[col].tolist(), dtype="Int64")
+        return frame
 
     def summary(self) -> pd.DataFrame:
-        """The :meth:`effects` table: per layer and metric, the erasure's effect beside its
+        """The :meth:`effects` table: per erasure and metric, the erasure's effect beside its
         controls'."""
         return self.effects()
 

@@ -36,6 +36,7 @@ from mechprobe.core import (
     position_list,
     progress_bar,
     run,
+    site_columns,
 )
 from mechprobe.lens._lens import KeepPositions, LensSpec, as_lens
 from mechprobe.lens._plan import lens_entries
@@ -87,13 +88,17 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
     seed: int | None = None
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per (lens, site, layer): kl, kl_sem, precision_at_1, n_positions."""
+        """One row per (lens, site): kl, kl_sem, precision_at_1, n_positions (``site`` the
+        entry's label, ``"resid_post@3"``, beside its ``kind`` and ``layer``)."""
         n_l, n_e = self.kl.shape
+        located = site_columns(
+            [f"{k}@{layer}" for k, layer in zip(self.sites, self.layers, strict=True)]
+        )
         return pd.DataFrame(
             {
                 "lens": np.repeat(self.lenses, n_e),
-                "site": np.tile(self.sites, n_l),
-                "layer": np.tile(self.layers, n_l),
+                **{key: np.tile(np.asarray(located[key]), n_l) for key in ("site", "kind")},
+                "layer": pd.array(np.tile(self.layers, n_l), dtype="Int64"),
                 "kl": self.kl.reshape(-1),
                 "kl_sem": self.kl_sem.reshape(-1),
                 "precision_at_1": self.precision.reshape(-1),
@@ -102,10 +107,14 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
         )
 
     def summary(self) -> pd.DataFrame:
-        """One row per (site, layer), one KL and one precision@1 column per lens."""
+        """One row per site (its label, kind and layer), one KL and one precision@1 column per
+        lens."""
         frame = self.to_frame()
         wide = frame.pivot_table(
-            index=["site", "layer"], columns="lens", values=["kl", "precision_at_1"], sort=False
+            index=["site", "kind", "layer"],
+            columns="lens",
+            values=["kl", "precision_at_1"],
+            sort=False,
         )
         wide.columns = [f"{stat} {lens}" for stat, lens in wide.columns]
         return wide.reset_index()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from mechprobe.core import Result, token_label
+from mechprobe.core import Result, site_columns, token_label
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -23,8 +23,10 @@ if TYPE_CHECKING:
 __all__ = ["LensResult"]
 
 FRAME_COLUMNS = (
+    "lens",
     "prompt",
     "site",
+    "kind",
     "layer",
     "position",
     "token",
@@ -74,8 +76,8 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
     Example:
         >>> import mechprobe as mp
         >>> lens = mp.logit_lens(mp.tiny_model(), "Hi", targets=" a")
-        >>> list(lens.to_frame().columns[:5])
-        ['prompt', 'site', 'layer', 'position', 'token']
+        >>> list(lens.to_frame().columns[:6])
+        ['lens', 'prompt', 'site', 'kind', 'layer', 'position']
     """
 
     prompts: tuple[str, ...]
@@ -147,9 +149,9 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
             pos = self.positions[b, k]
             top1 = self.top_ids[b, e, k, 0]
             frame = {
+                "lens": self.lens,
                 "prompt": np.full(len(e), b),
-                "site": np.asarray(self.sites, dtype=object)[e],
-                "layer": np.asarray(self.layers)[e],
+                **self._located(e),
                 "position": pos,
                 "token": np.asarray(self.prompt_tokens[b], dtype=object)[pos],
                 "target": np.asarray(self.targets[b], dtype=object)[t] if n_t else None,
@@ -219,15 +221,21 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         known = (self.position_rank[..., answer] >= 0) & (self.position_rank[..., wrong] >= 0)
         return np.where(known & np.isfinite(diff), diff, np.nan)
 
+    def _located(self, entries: np.ndarray) -> dict[str, Any]:
+        """Frame columns ``site`` (label: ``"resid_post@3"``), ``kind`` and ``layer`` of each
+        row's decoded entry (the keys every result's frame is joined on)."""
+        located = site_columns([f"{self.sites[e]}@{self.layers[e]}" for e in entries])
+        return {"site": located["site"], "kind": located["kind"], "layer": located["layer"]}
+
     def top_frame(self) -> pd.DataFrame:
-        """One row per (prompt, site, layer, position, k): the top-k tokens and probabilities."""
+        """One row per (prompt, site, position, k): the top-k tokens and probabilities (``site``
+        the entry's label, ``"resid_post@3"``, beside its ``kind`` and ``layer``)."""
         b, e, k, j = np.nonzero(self.top_ids >= 0)
         ids = self.top_ids[b, e, k, j]
         return pd.DataFrame(
             {
                 "prompt": b,
-                "site": np.asarray(self.sites, dtype=object)[e],
-                "layer": np.asarray(self.layers)[e],
+                **self._located(e),
                 "position": self.positions[b, k],
                 "k": j,
                 "token_id": ids,
@@ -237,7 +245,7 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         )
 
     def summary(self) -> pd.DataFrame:
-        """One row per decoded entry (site, layer), over every prompt's last decoded position (its
+        """One row per decoded entry (site, kind, layer), over every prompt's last decoded position (its
         last token where that was decoded): the mean KL to the final distribution and entropy
         (nats), prompt 0's top-1 token (whitespace shown as ``␣`` and ``\\n``) and its probability
         (columns named ``(prompt 0)`` where there are several prompts), and the mean rank across
@@ -249,7 +257,7 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
             >>> import mechprobe as mp
             >>> lens = mp.logit_lens(mp.tiny_model(), ["Hi", "Hey"], targets=" a")
             >>> list(lens.summary().columns)
-            ['site', 'layer', 'kl_to_final', 'entropy', 'top1 (prompt 0)', 'top1_prob (prompt 0)', "rank ' a'"]
+            ['site', 'kind', 'layer', 'kl_to_final', 'entropy', 'top1 (prompt 0)', 'top1_prob (prompt 0)', "rank ' a'"]
         """
         rows = np.arange(len(self.prompts))
         # The column of each prompt's latest decoded real position (unused slots hold -1 or lie
@@ -262,8 +270,7 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         )
         frame = pd.DataFrame(
             {
-                "site": list(self.sites),
-                "layer": list(self.layers),
+                **self._located(np.arange(len(self.sites))),
                 "kl_to_final": self.kl_to_final[rows, :, last].mean(0),
                 "entropy": self.entropy[rows, :, last].mean(0),
                 # Whitespace made visible (a bare " " or "\n" printed as a blank cell).

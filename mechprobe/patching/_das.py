@@ -52,6 +52,7 @@ from mechprobe.core import (
     progress_bar,
     resolve_site,
     run,
+    site_columns,
     tokenize,
     warn,
     width,
@@ -126,14 +127,16 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
 
     def to_frame(self) -> pd.DataFrame:
         """One row per held-out condition: the condition and its interchange accuracy (the
-        random subspaces one row each), then the learned subspace on the training pairs.
+        random subspaces one row each), then the learned subspace on the training pairs; each
+        row leads with where the subspace lives (``site``, its label such as
+        ``"resid_post@1"``; ``kind``; ``layer`` and ``head``, ``Int64``; ``hook``) and ``k``.
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.das(mp.tiny_model(), ["Hi cat", "Hi dog"], ["Hi dog", "Hi cat"],
             ...              [5, 6], mp.Site("resid_post", 1), epochs=1, progress=False)
             >>> list(res.to_frame().columns)
-            ['condition', 'split', 'iia']
+            ['site', 'kind', 'layer', 'head', 'hook', 'k', 'condition', 'split', 'iia']
         """
         rows = [{"condition": "das", "split": "test", "iia": self.iia["das"]}]
         rows += [
@@ -142,29 +145,37 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
         ]
         rows += [{"condition": c, "split": "test", "iia": self.iia[c]} for c in ("full", "none")]
         rows.append({"condition": "das", "split": "train", "iia": self.iia_train})
-        return pd.DataFrame(rows, columns=["condition", "split", "iia"])
+        where = self._where(len(rows))
+        body = pd.DataFrame(rows, columns=["condition", "split", "iia"])
+        return pd.concat([pd.DataFrame({**where, "k": self.k}), body], axis=1)
 
     def summary(self) -> pd.DataFrame:
-        """The held-out accuracy of each condition, with the site, k and the final loss.
+        """The held-out accuracy of each condition (``das``, ``random_value``: the random
+        subspaces' mean, ``full``, ``none``; ``train``: the learned subspace on the training
+        pairs), with the site's columns (as :meth:`to_frame`), k and the final loss.
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.das(mp.tiny_model(), ["Hi cat", "Hi dog"], ["Hi dog", "Hi cat"],
             ...              [5, 6], mp.Site("resid_post", 1), epochs=1, progress=False)
-            >>> list(res.summary().columns)
-            ['site', 'k', 'das', 'random', 'full', 'none', 'train', 'final_loss']
+            >>> list(res.summary().columns)  # doctest: +NORMALIZE_WHITESPACE
+            ['site', 'kind', 'layer', 'head', 'hook', 'k', 'das', 'random_value', 'full', 'none',
+             'train', 'final_loss']
         """
-        return pd.DataFrame(
-            [
-                {
-                    "site": self.site,
-                    "k": self.k,
-                    **{c: self.iia[c] for c in CONDITIONS},
-                    "train": self.iia_train,
-                    "final_loss": float(self.loss[-1]) if self.loss.size else np.nan,
-                }
-            ]
-        )
+        # The random subspaces' IIA, a value like its neighbours: a bare "random" column was a
+        # level in one frame and an effect in another (docs/api.md, "Frame columns").
+        row = {
+            "k": self.k,
+            **{("random_value" if c == "random" else c): self.iia[c] for c in CONDITIONS},
+            "train": self.iia_train,
+            "final_loss": float(self.loss[-1]) if self.loss.size else np.nan,
+        }
+        return pd.concat([pd.DataFrame(self._where(1)), pd.DataFrame([row])], axis=1)
+
+    def _where(self, n: int) -> dict[str, Any]:
+        """The site's location columns, ``n`` rows: the stored ``site`` (a hook name, or a label
+        for a head) is labelled here, so files saved before frames used labels read the same."""
+        return site_columns([self.site] * n)
 
     def plot(self, ax: Axes | None = None) -> Figure:
         """Held-out interchange accuracy of the learned subspace beside its controls (the

@@ -40,16 +40,17 @@ from mechprobe.core import (
     PaddingSide,
     Result,
     Site,
+    SiteKind,
     as_int,
     check_heads_sum,
     check_int,
     evaluates,
     first_token_ids,
-    head_column,
     literal,
     model_adapter,
     new_axes,
     run,
+    site_columns,
     spread,
     tokenize,
     warn,
@@ -164,27 +165,46 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
         return matrix
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per prompt and component: prompt index, component, kind, layer, head and the
-        attribution.
+        """One row per prompt and component: prompt index, component, the site that wrote it
+        (``site``, ``kind``, ``layer``, ``head``, as in every frame: ``"mlp_out@3"``,
+        ``"head_out@3, head 0"``; the embedding and the biases are no site: their component name
+        and ``<NA>`` kind, layer and head) and the attribution.
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.direct_logit_attribution(mp.tiny_model(), "Hi", mp.logit_diff(5, 6),
             ...                                   progress=False)
             >>> list(res.to_frame().columns)
-            ['prompt', 'component', 'kind', 'layer', 'head', 'attribution']
+            ['prompt', 'component', 'site', 'kind', 'layer', 'head', 'attribution']
+            >>> res.to_frame()["site"].tolist()[:3]
+            ['embed', 'attn_out@0', 'mlp_out@0']
         """
         n, c = self.attributions.shape
+        located = self._located()
         return pd.DataFrame(
             {
                 "prompt": np.repeat(np.arange(n), c),
                 "component": np.tile(np.asarray(self.components, dtype=object), n),
-                "kind": np.tile(np.asarray(self.kinds, dtype=object), n),
-                "layer": np.tile(self.layer, n),
-                "head": head_column(np.tile(self.head, n)),
+                **{key: np.tile(np.asarray(col, dtype=object), n) for key, col in located.items()},
                 "attribution": self.attributions.reshape(-1),
             }
-        )
+        ).astype({"layer": "Int64", "head": "Int64"})
+
+    def _located(self) -> dict[str, Any]:
+        """Per component: the frames' location columns ``site``, ``kind``, ``layer``, ``head``
+        (a write of attention, one head or an MLP is its site's: ``attn_out``, ``head_out``,
+        ``mlp_out``; the embedding and the biases are no site)."""
+        places: list[Any] = []
+        for name, kind, layer, head in zip(
+            self.components, self.kinds, self.layer, self.head, strict=True
+        ):
+            site_kind = _SITE_OF_WRITE.get(kind)
+            if site_kind is None:
+                places.append(name)
+            else:
+                places.append(Site(site_kind, int(layer), head=None if head < 0 else int(head)))
+        located = site_columns(places)
+        return {key: located[key] for key in ("site", "kind", "layer", "head")}
 
     def summary(self, top: int = 10) -> pd.DataFrame:
         """The ``top`` components by mean absolute effect: mean and spread over prompts, and the
@@ -204,7 +224,7 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
         return pd.DataFrame(
             {
                 "component": [self.components[i] for i in order],
-                "layer": self.layer[order],
+                "layer": self._located()["layer"][order],
                 "mean": mean[order],
                 "std": spread(self.attributions)[order],  # over prompts (NaN for one)
                 "share": mean[order] / total if total != 0 else np.full(len(order), np.nan),
@@ -462,6 +482,10 @@ def _sites(n_layers: int, n_heads: int, position: int = -1) -> dict[str, Site]:
         sites[f"mlp{layer}"] = Site("mlp_out", layer, positions=position)
     sites["final"] = Site("resid_post", n_layers - 1, positions=position)
     return sites
+
+
+# A write's kind (the component) -> the site kind whose hook holds it, for frames.
+_SITE_OF_WRITE: dict[str, SiteKind] = {"attn": "attn_out", "mlp": "mlp_out", "head": "head_out"}
 
 
 def _writes(

@@ -54,6 +54,7 @@ from mechprobe.core import (
     check_seed,
     evaluates,
     figure_of,
+    head_column,
     keyed_seed,
     literal,
     model_adapter,
@@ -168,14 +169,15 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
         ]
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per kind, layer and head: the score, its spread over prompts, the queries
-        it averages and the chance level of the kind at the head's layer.
+        """One row per kind of head (``head_kind``: ``kind`` in frames is a site kind), layer
+        and head: the score, its spread over prompts, the queries it averages and the chance
+        level of the kind at the head's layer.
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.head_scores(mp.tiny_model(), seq_len=8, n_prompts=2, progress=False)
             >>> list(res.to_frame().columns)
-            ['kind', 'layer', 'head', 'score', 'std', 'queries', 'chance']
+            ['head_kind', 'layer', 'head', 'score', 'std', 'queries', 'chance']
         """
         n_kinds, n_layers, n_heads = self.scores.shape
         k, li, h = np.meshgrid(
@@ -187,9 +189,9 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
         std = np.where(np.isfinite(self.per_prompt).sum(1) < 2, np.nan, std)
         return pd.DataFrame(
             {
-                "kind": np.asarray(self.kinds, dtype=object)[k.reshape(-1)],
+                "head_kind": np.asarray(self.kinds, dtype=object)[k.reshape(-1)],
                 "layer": np.asarray(self.layers)[li.reshape(-1)],
-                "head": h.reshape(-1),
+                "head": head_column(h.reshape(-1)),
                 "score": self.scores.reshape(-1),
                 "std": np.asarray(std).reshape(-1),
                 "queries": self.counts.sum(1)[k.reshape(-1)],
@@ -198,7 +200,8 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
         )
 
     def summary(self, top: int = 5) -> pd.DataFrame:
-        """The ``top`` heads of each kind by score, with the chance level at their layer.
+        """The ``top`` heads of each kind (``head_kind``) by score, with the chance level at their
+        layer.
 
         Example:
             >>> import mechprobe as mp
@@ -209,7 +212,7 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
         check_int(top, "top", 0)
         rows = [
             {
-                "kind": kind,
+                "head_kind": kind,
                 "layer": layer,
                 "head": head,
                 "score": score,
@@ -218,7 +221,8 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
             for i, kind in enumerate(self.kinds)
             for layer, head, score in self.top(kind, top)
         ]
-        return pd.DataFrame(rows, columns=["kind", "layer", "head", "score", "chance"])
+        frame = pd.DataFrame(rows, columns=["head_kind", "layer", "head", "score", "chance"])
+        return frame.astype({"head": "Int64"})
 
     def plot(self, ax: Axes | None = None, *, kind: str | None = None) -> Figure:
         """Layer x head maps of the scores, from 0 to 1: one panel per kind, or ``kind``'s alone

@@ -206,7 +206,7 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
 
     def to_frame(self) -> pd.DataFrame:
         """One row per (sender, receiver): labels, layers, heads, value, normalised, effect,
-        spread over pairs, random control effect.
+        spread over pairs, random control effect, metric, direction.
 
         Example:
             >>> import mechprobe as mp
@@ -233,6 +233,8 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
                 "effect": self.effect.ravel(),
                 "spread": spread(self.per_pair).ravel(),  # over pairs (NaN for one)
                 "random_effect": self.random_effect.ravel(),
+                "metric": self.metric,
+                "direction": self.direction,
             }
         )
 

@@ -400,9 +400,11 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         return self.kinds[0] if len(set(self.kinds)) == 1 else "mixed"
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per cell: site, kind, layer, head, position, token, value, normalised, effect,
-        spread (standard deviation over pairs), random (the controls' mean), random_sd (standard
-        deviation of the per-seed means), random_normalised.
+        """One row per cell: site, kind, layer, head, position (as asked: ``-1`` is each pair's
+        last token), token, value, normalised, effect, spread (standard deviation over pairs),
+        random_value and random_effect (the controls' mean metric and its change from the edited
+        run, beside ``value`` and ``effect``), random_sd (standard deviation of the per-seed
+        means), random_normalised, metric, direction.
 
         Example:
             >>> import mechprobe as mp
@@ -430,9 +432,12 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
                 "normalised": self.normalised.ravel(),
                 "effect": self.effect.ravel(),
                 "spread": self.spread.ravel(),
-                "random": self.random_values.ravel(),
+                "random_value": self.random_values.ravel(),
+                "random_effect": self.random_effect.ravel(),
                 "random_sd": random_sd.ravel(),
                 "random_normalised": self.random_normalised.ravel(),
+                "metric": self.metric,
+                "direction": self.direction,
             }
         )
 
@@ -444,7 +449,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             >>> import mechprobe as mp
             >>> res = mp.patch(mp.tiny_model(), "ab", "ac", "mlp_out", -1, mp.logit_diff(1, 2))
             >>> list(res.summary().columns)
-            ['what', 'site', 'position', 'token', 'value', 'normalised', 'spread', 'random']
+            ['what', 'site', 'position', 'token', 'value', 'normalised', 'spread', 'random_value']
         """
         frame = self.to_frame()
         check_int(top, "top", 0)
@@ -461,10 +466,10 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
                  "normalised": 0.0 if defined else np.nan},
             ]  # fmt: skip
         what = "ablated cell" if self.is_ablation else "patched cell"
-        keys = ("site", "position", "token", "value", "normalised", "spread", "random")
+        keys = ("site", "position", "token", "value", "normalised", "spread", "random_value")
         picked = largest.head(top).to_dict("records")
         rows += [{"what": what, **{k: r[k] for k in keys}} for r in picked]
-        columns = ["what", "site", "position", "token", "value", "normalised", "spread", "random"]
+        columns = ["what", *keys]
         if self.is_ablation:  # recovery is undefined without a corrupt run: NaN in every row
             columns.remove("normalised")
         frame = pd.DataFrame(rows).reindex(columns=columns)

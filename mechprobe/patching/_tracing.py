@@ -351,17 +351,24 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
                 has[i, c] = True
         return means, has
 
+    @property
+    def corrupt(self) -> np.ndarray:
+        """``[prompts, n_noise]`` the corrupted runs' metric under the name
+        :class:`mechprobe.PatchResult` gives it (the field is :attr:`corrupted`, ROME's word)."""
+        return self.corrupted
+
     def to_frame(self) -> pd.DataFrame:
-        """One row per prompt, kind, layer and position: token, category (ROME's, ``""``
-        before the subject), score, indirect effect, its SD over noise samples, the random
-        controls' indirect effect.
+        """One row per prompt, site and position: site (``"mlp_out@5"``, the window's centre),
+        kind, layer, token, category (ROME's, ``""`` before the subject), value (the metric with
+        the clean state restored: ROME's score), effect (its indirect effect: value minus the
+        corrupted run's metric), its SD over noise samples, the random controls' effect, metric.
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.causal_trace(mp.tiny_model(), ["The cat sat"], ["cat"], sites="mlp_out",
             ...                       n_noise=2, n_random=1, window=1)
-            >>> list(res.to_frame().columns)[:4]
-            ['prompt', 'kind', 'layer', 'position']
+            >>> list(res.to_frame().columns)[:5]
+            ['prompt', 'site', 'kind', 'layer', 'position']
         """
         frames = []
         for i, (start, stop) in enumerate(self.subjects):
@@ -377,24 +384,29 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
                 pd.DataFrame(
                     {
                         "prompt": i,
+                        "site": [
+                            f"{self.kinds[a]}@{self.layers[b]}"
+                            for a, b in zip(k.ravel(), layer.ravel(), strict=True)
+                        ],
                         "kind": np.asarray(self.kinds)[k.ravel()],
                         "layer": np.asarray(self.layers)[layer.ravel()],
                         "position": pos.ravel(),
                         "token": np.asarray(self.tokens[i])[pos.ravel()],
                         "category": np.asarray(cats)[pos.ravel()],
-                        "score": self.scores[i].ravel(),
-                        "indirect_effect": self.indirect_effect(i).ravel(),
+                        "value": self.scores[i].ravel(),
+                        "effect": self.indirect_effect(i).ravel(),
                         "noise_sd": self.noise_sd[i].ravel(),
                         "random_effect": self.random_effect(i).ravel(),
+                        "metric": self.metric,
                     }
                 )
             )
         return pd.concat(frames, ignore_index=True)
 
     def summary(self) -> pd.DataFrame:
-        """Per kind: the (layer, category) of the largest average indirect effect (as
-        :meth:`by_category`), its standard deviation over the prompts that have the category
-        (``spread``), the random controls' effect there, and the clean and corrupted metrics.
+        """Per kind: the (layer, category) of the largest average indirect effect (``effect``,
+        as :meth:`by_category`), its standard deviation over the prompts that have the category
+        (``spread``), the random controls' effect there, and the clean and corrupt metrics.
 
         Example:
             >>> import mechprobe as mp
@@ -415,12 +427,12 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
                     "kind": kind,
                     "layer": self.layers[layer],
                     "category": CATEGORIES[c],
-                    "indirect_effect": float(effect[k, layer, c]),
+                    "effect": float(effect[k, layer, c]),
                     # undefined over one prompt: NaN, not 0 ("perfectly consistent")
                     "spread": float(np.std(spread)) if len(spread) > 1 else float("nan"),
                     "random_effect": float(control[k, layer, c]),
                     "clean": float(np.mean(self.clean)),
-                    "corrupted": float(np.mean(self.corrupted)),
+                    "corrupt": float(np.mean(self.corrupted)),
                 }
             )
         return pd.DataFrame(rows)

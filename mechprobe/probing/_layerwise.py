@@ -24,7 +24,16 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 
 from mechprobe._fit import LogisticFit, fit_logistic, softmax_penalty
-from mechprobe.core import Result, check_float, check_int, check_seed, new_axes, progress_bar, warn
+from mechprobe.core import (
+    Result,
+    check_float,
+    check_int,
+    check_seed,
+    new_axes,
+    progress_bar,
+    site_columns,
+    warn,
+)
 from mechprobe.probing._data import (
     as_layers,
     collected_model,
@@ -126,12 +135,25 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
         return int(self.layers[int(np.argmax(self.accuracy))])
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per layer: accuracy, control accuracy, selectivity, baseline (and mix weight;
-        and the site, for activations collected at named sites)."""
+        """One row per entry of the layer axis: where it was read (``site``, ``kind``,
+        ``layer``, ``head``, ``hook``, as in every result's frame), then accuracy, control
+        accuracy, selectivity, baseline (and the mix weight).
+
+        ``site`` is the site's label (``"resid_post@3"``, ``"head_out@3, head 2"``), ``hook`` its
+        hook name; for a plain array, which names no site, they and ``kind`` are None and
+        ``head`` ``<NA>``, and ``layer`` is the position along the layer axis.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> acts = mp.collect(mp.tiny_model(), mp.ProbingDataset("t", ["ab", "ba"] * 10,
+            ...                   ["x", "y"] * 10), "resid_post", layers=[1, 2], progress=False)
+            >>> frame = probe_layers(acts, progress=False).to_frame()
+            >>> frame[["site", "kind", "layer", "hook"]].values.tolist()[0]
+            ['resid_post@1', 'resid_post', 1, 'blocks.1.hook_resid_post']
+        """
         frame = pd.DataFrame(
             {
-                **({} if self.sites is None else {"site": list(self.sites)}),
-                "layer": self.layers,
+                **self._site_columns(),
                 "accuracy": self.accuracy,
                 "control_accuracy": self.control_accuracy,
                 "selectivity": self.selectivity,
@@ -144,8 +166,9 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
 
     def summary(self) -> pd.DataFrame:
         """One row of key numbers: the best layer and its accuracy, the majority baseline, the
-        largest selectivity (NaN without a control task) and, with a scalar mix, its expected
-        layer and accuracy.
+        largest selectivity (NaN without a control task), the best entry's site label
+        (``best_site``; None for a plain array) and, with a scalar mix, its expected layer and
+        accuracy.
 
         Example:
             >>> import numpy as np
@@ -166,11 +189,26 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
             if np.isfinite(selectivity).any()
             else np.nan,
         }
-        if self.sites is not None:
-            row["best_site"] = self.sites[best]
+        # Always present (None for a plain array): the columns do not depend on the input.
+        row["best_site"] = self._site_columns()["site"][best]
         if self.mix_weights is not None:
             row |= {"expected_layer": self.expected_layer, "mix_accuracy": self.mix_accuracy}
         return pd.DataFrame([row])
+
+    def _site_columns(self) -> dict[str, Any]:
+        """``site``, ``kind``, ``layer``, ``head``, ``hook`` of each entry (see :meth:`to_frame`);
+        the stored ``sites`` (hook names, or labels for heads) are converted here, so files saved
+        before frames used labels read the same."""
+        if self.sites is not None and len(self.sites) == len(self.layers):
+            return site_columns(self.sites)
+        n = len(self.layers)
+        return {
+            "site": [None] * n,
+            "kind": [None] * n,
+            "layer": pd.array(self.layers.tolist(), dtype="Int64"),
+            "head": pd.array([None] * n, dtype="Int64"),
+            "hook": [None] * n,
+        }
 
     def _describe(self) -> str:
         best = int(np.argmax(self.accuracy))

@@ -257,8 +257,18 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
         return np.arange(len(self.scores)) if self.layers is None else np.asarray(self.layers)
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per layer: ``layer, score, delta``."""
-        return pd.DataFrame({"layer": self._layers(), "score": self.scores, "delta": self.deltas})
+        """One row per layer: ``layer`` (``Int64``, as in every result's frame), ``accuracy``
+        (the held-out accuracy of the mix of the layers up to it, :attr:`scores`; the word
+        :class:`ProbeResult`'s frame uses) and ``delta``.
+
+        Example:
+            >>> import numpy as np, mechprobe as mp
+            >>> X = np.random.default_rng(0).normal(size=(100, 2, 4)); y = X[:, 1, 0] > 0
+            >>> mp.cumulative_scores(X, y, progress=False).to_frame().columns.tolist()
+            ['layer', 'accuracy', 'delta']
+        """
+        layers = pd.array(self._layers().tolist(), dtype="Int64")
+        return pd.DataFrame({"layer": layers, "accuracy": self.scores, "delta": self.deltas})
 
     def summary(self) -> pd.DataFrame:
         """One row: the expected layer ``E_Δ``, the first and last prefix scores, the layer of

@@ -110,7 +110,8 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
             return np.where(base > 0, self.accuracy / np.where(base > 0, base, 1), np.nan)
 
     def to_frame(self) -> pd.DataFrame:
-        """Tidy rows: task, kind, step, n_removed, first_removed, accuracy, relative."""
+        """Tidy rows: task, task_kind (``"extractive"`` or ``"abstractive"``; ``kind`` in frames
+        is a site kind), step, n_removed, first_removed, accuracy, relative."""
         rel = self.relative()
         rows = []
         for t, name in enumerate(self.tasks):
@@ -118,7 +119,7 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
                 rows.append(
                     {
                         "task": name,
-                        "kind": self.kinds[t],
+                        "task_kind": self.kinds[t],
                         "step": k,
                         "n_removed": len(layers),
                         "first_removed": min(layers) if layers else None,
@@ -129,12 +130,16 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
         return pd.DataFrame(rows)
 
     def summary(self) -> pd.DataFrame:
-        """One row per task: its kind, items, and accuracy at each step (columns ``removed 0``,
+        """One row per task: its kind (``task_kind``), items, and accuracy at each step (columns ``removed 0``,
         ``removed 5``, ...: the number of top layers whose FFN was ablated; steps that round to the
         same layers, with more parts than layers, share one column)."""
         rows = []
         for t, name in enumerate(self.tasks):
-            row: dict[str, Any] = {"task": name, "kind": self.kinds[t], "n_items": self.n_items[t]}
+            row: dict[str, Any] = {
+                "task": name,
+                "task_kind": self.kinds[t],
+                "n_items": self.n_items[t],
+            }
             for k, layers in enumerate(self.removed):
                 row[f"removed {len(layers)}"] = float(self.accuracy[t, k])
             rows.append(row)

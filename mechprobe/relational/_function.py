@@ -43,6 +43,7 @@ from mechprobe.core import (
     literal,
     model_adapter,
     run,
+    site_columns,
     spread,
     top1_hit,
 )
@@ -116,23 +117,29 @@ class FunctionVectorResult(
     model_name: str = ""
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per head: layer, head, aie, spread, random, top (whether it is in the FV).
+        """One row per head: its site (``"head@3, head 2"``: the z its mean output was written at),
+        kind, layer, head, effect (Todd et al.'s average indirect effect, AIE: :attr:`aie`), its
+        spread over prompts, random_effect (the random controls' AIE), top (whether it is in the
+        FV).
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.function_vector(mp.tiny_model(), "capitals", n_prompts=4, progress=False)
             >>> list(res.to_frame().columns)
-            ['layer', 'head', 'aie', 'spread', 'random', 'top']
+            ['site', 'kind', 'layer', 'head', 'effect', 'spread', 'random_effect', 'top']
         """
         n_layers, n_heads = self.aie.shape
         top = set(self.heads)
+        # The site each head's mean output was written at (its z, hook_z), as in every frame.
+        located = site_columns(
+            [Site("head", la, head=h) for la in range(n_layers) for h in range(n_heads)]
+        )
         return pd.DataFrame(
             {
-                "layer": np.repeat(np.arange(n_layers), n_heads),
-                "head": np.tile(np.arange(n_heads), n_layers),
-                "aie": self.aie.ravel(),
+                **{key: located[key] for key in ("site", "kind", "layer", "head")},
+                "effect": self.aie.ravel(),
                 "spread": self.aie_spread.ravel(),
-                "random": self.aie_random.ravel(),
+                "random_effect": self.aie_random.ravel(),
                 "top": [(la, h) in top for la in range(n_layers) for h in range(n_heads)],
             }
         )

@@ -248,7 +248,7 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy rows: condition, context, group, target, rank, rr, top1, argument_rank,
-        no_effect."""
+        no_effect, and the run's layers (``"1-2"``), scale and mode."""
         rows = []
         for c, name in enumerate(self.conditions):
             rows.append(
@@ -263,6 +263,9 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
                         "top1": self.rank[c] == 0,
                         "argument_rank": self.argument_rank[c],
                         "no_effect": self.top[c] == self.top[0],
+                        "layers": _span(self.layers),
+                        "scale": self.scale,
+                        "mode": self.mode,
                     }
                 )
             )

@@ -104,6 +104,11 @@ class OVector(Result, format="mechprobe.OVector", version=2):
         check_finite(self.vector, "OVector.vector")
 
     @property
+    def model_name(self) -> str:
+        """The model's name, as every other result calls it (the field is :attr:`model`)."""
+        return self.model
+
+    @property
     def norm(self) -> float:
         """Euclidean norm of the vector."""
         return float(self.vector.float().norm())

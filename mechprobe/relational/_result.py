@@ -22,7 +22,7 @@ import pandas as pd
 
 from mechprobe.core import Result, encode, literal, warn, write_atomic
 from mechprobe.relational._ablation import AblationResult
-from mechprobe.relational._intervention import _GROUPS, OVectorEffect
+from mechprobe.relational._intervention import _GROUPS, OVectorEffect, _span
 from mechprobe.relational._ovector import OVector
 from mechprobe.relational._report import headline_table, report
 from mechprobe.relational._scoring import TaskScore
@@ -228,7 +228,8 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
 
     def to_frame(self) -> pd.DataFrame:
         """The headline table: one row per setting (``default``, and ``tuned`` after a sweep),
-        condition and context group, the metrics as columns."""
+        condition and context group, the metrics as columns (``layers``: the layers the vector
+        was added at, ``"24-29"``)."""
         rows = []
         runs = [("default", self.intervention)]
         if self.tuned is not None:
@@ -240,6 +241,8 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
                     continue
                 for group in [None, *_GROUPS]:
                     s = inter.metrics(fams[fam], group=group)
+                    # A layer set as text ("24-29"), as OVectorSweep's: a list cannot be grouped.
+                    s["layers"] = _span(s["layers"])
                     rows.append({"setting": setting, "condition": fam, "group": group or "all"} | s)
         return pd.DataFrame(rows)
 

@@ -250,8 +250,9 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
         }
 
     def to_frame(self) -> pd.DataFrame:
-        """Tidy rows: item, layer, token (argument/answer), readout (resid_post / without FFN),
-        rank, rr, correct, distinct."""
+        """Tidy rows: item, layer, role (whose rank: the ``argument`` or the ``answer``; ``token``
+        in frames is a token's text), readout (resid_post / without FFN), rank, rr, correct,
+        distinct, lens."""
         n, layers = self.argument_rank.shape
         frames = []
         for token, decoded, ranks in [
@@ -265,12 +266,13 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
                     {
                         "item": np.repeat(np.arange(n), layers),
                         "layer": np.tile(np.arange(layers), n),
-                        "token": token,
+                        "role": token,
                         "readout": decoded,
                         "rank": ranks.reshape(-1),
                         "rr": 1.0 / (ranks.reshape(-1) + 1.0),
                         "correct": np.repeat(self.correct, layers),
                         "distinct": np.repeat(self.distinct, layers),
+                        "lens": self.lens,
                     }
                 )
             )
