@@ -113,6 +113,8 @@ def test_a_hook_name_wider_than_d_model_takes_an_eraser_of_its_width(tiny: Any) 
     hooked = mp.run(tiny, batch, {hook: mp.Project(eraser)}).logits
     assert not torch.allclose(hooked, _logits(tiny, batch), atol=1e-4)
     assert res.mean_std("lm_kl", "erased")[0] > 0
+    # Its block is the result's layer (it was None, so the frames' layer read <NA>).
+    assert res.layer == 1 and set(res.to_frame()["layer"]) == {1}
     message = rf"64-dim vectors but blocks\.1\.mlp\.hook_post has width {d_mlp}"
     with pytest.raises(ValueError, match=message):
         amnesic(tiny, hook, mp.random_projection(64, 2), text=TEXTS, progress=False)

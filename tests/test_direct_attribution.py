@@ -476,3 +476,26 @@ def test_the_bar_figure_names_every_layer(tiny):
         tiny, PROMPTS[:1], mp.logit_diff(ANSWER[:1], WRONG), progress=False
     )
     assert one.summary()["std"].isna().all()  # a spread over one prompt is undefined, not 0
+
+
+def test_an_attention_bias_row_keeps_its_block_in_the_frames():
+    """With heads, a layer's attention bias is a row of its own (GPT-2, Pythia): the frames gave
+    it no layer (<NA>, as the embedding), so grouping by layer left the biases out."""
+    model = mp.tiny_model(architecture="gpt2")
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.b_O.add_(0.05)
+    res = mp.direct_logit_attribution(model, PROMPTS, mp.logit_diff(ANSWER, WRONG), heads=True,
+                                      progress=False)  # fmt: skip
+    frame = res.to_frame()
+    bias = frame[frame["component"].str.endswith("attn_bias")]
+    assert bias["layer"].tolist() == list(range(model.cfg.n_layers)) * len(PROMPTS)
+    assert (
+        bias["kind"].isna().all() and frame.loc[frame["component"] == "embed", "layer"].isna().all()
+    )
+    whole = mp.direct_logit_attribution(model, PROMPTS, mp.logit_diff(ANSWER, WRONG),
+                                        progress=False).to_frame()  # fmt: skip
+    attention = frame[frame["component"].str.contains("H|attn_bias")]
+    per_layer = attention.groupby(["prompt", "layer"])["attribution"].sum().to_numpy()
+    want = whole[whole["kind"] == "attn_out"].sort_values(["prompt", "layer"])["attribution"]
+    np.testing.assert_allclose(per_layer, want.to_numpy(), atol=1e-5)

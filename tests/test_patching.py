@@ -764,11 +764,12 @@ class _Bar:
         pass
 
 
-def test_the_progress_bar_counts_cells_and_advances_by_each_pass_time(tiny, monkeypatch):
+def test_the_progress_bar_counts_runs_and_advances_by_each_pass_time(tiny, monkeypatch):
     """The bar counted forward passes, whose costs differ by orders of magnitude (a few whole
     rows of a long prompt, or hundreds of packed short cells), so its remaining time was wrong
-    and it did not say how many cells were done. It now counts cells and advances by each pass's
-    estimated time: rows x the cost model's time of a row as wide as the pass's widest."""
+    and it did not say how much was done. It now counts edited runs (a result cell's, per pair
+    and control) and advances by each pass's estimated time: rows x the cost model's time of a
+    row as wide as the pass's widest."""
     from mechprobe.core import _progress
 
     monkeypatch.setattr(_progress, "tqdm", _Bar)
@@ -797,7 +798,7 @@ def test_the_progress_bar_counts_cells_and_advances_by_each_pass_time(tiny, monk
     times = [rows * width * (1 + width / costs.crossover) for rows, width in shapes]
     np.testing.assert_allclose(bar.updates, times, rtol=1e-9)
     assert bar.total == pytest.approx(sum(times))
-    assert bar.unit == f"{2 * 40}/{2 * 40} cells"
+    assert bar.unit == f"{2 * 40}/{2 * 40} runs"
 
 
 @pytest.mark.parametrize("n_tok", [5, 40, 500, 5000])

@@ -222,3 +222,41 @@ def test_a_long_run_of_positions_outside_a_prompt_is_named_by_its_ends(tiny) -> 
     edit = mp.Add(torch.ones(tiny.cfg.d_model), positions=list(range(1, 200)))
     with pytest.raises(ValueError, match=r"Position\(s\) \[3, 4, \.\.\., 199\] \(197\) fall"):
         mp.run(tiny, "Hi", {mp.Site("resid_post", 1): edit})
+
+
+def test_a_sites_label_parses_back_to_it() -> None:
+    """Frames write a site as its label (``str(Site)``); Site.parse reads it back, for every kind
+    and negative layers, and refuses what is no label, naming the form."""
+    import typing
+
+    for kind in typing.get_args(mp.core.SiteKind):
+        head = 2 if kind in mp.core.HEAD_KINDS else None
+        for layer in (0, 7, -1):
+            site = mp.Site(kind, layer, head=head)
+            assert mp.Site.parse(str(site)) == site
+    assert mp.Site.parse("head@3", head=1) == mp.Site("head", 3, head=1)  # a label without head
+    for bad in ["foo@1", "resid_post@x", "resid_post@٣", " resid_post@1", "mlp_out@1, head 2"]:
+        with pytest.raises(ValueError, match=r"site label|head= only applies"):
+            mp.Site.parse(bad)
+    with pytest.raises(ValueError, match="the label says head 2"):
+        mp.Site.parse("head@3, head 2", head=1)
+
+
+def test_a_label_copied_from_a_frame_names_that_site(tiny) -> None:
+    """``sites="mlp_out@1"`` was refused ("Did you mean ['mlp_out', 'mlp_in']?"): a label read
+    off a result's frame now names its site wherever a Site does."""
+    metric = mp.logit_diff(1, 2)
+    label = mp.patch(tiny, "Hi cat", "Hi bat", "mlp_out", -1, metric, layers=[1], n_random=0)
+    res = mp.patch(tiny, "Hi cat", "Hi bat", label.to_frame()["site"].tolist(), -1, metric,
+                   n_random=0)  # fmt: skip
+    assert res.sites == ("mlp_out@1",)
+    assert res.values[0, 0] == pytest.approx(label.values[0, 0], abs=1e-6)
+    assert resolve_site(tiny, "head@1, head 2") == (
+        "blocks.1.attn.hook_z",
+        mp.Site("head", 1, head=2),
+    )
+    zeroed = mp.run(tiny, "Hi cat", {"mlp_out@1": mp.Ablate()}).logits
+    by_site = mp.run(tiny, "Hi cat", {mp.Site("mlp_out", 1): mp.Ablate()}).logits
+    assert torch.equal(zeroed, by_site)
+    with pytest.raises(ValueError, match="not a site label"):
+        mp.patch(tiny, "Hi cat", "Hi bat", "mlp@1", -1, metric)

@@ -107,6 +107,12 @@ def test_progress_is_true_or_false(bad) -> None:
 def test_a_weighted_bar_takes_one_weight_and_count_per_item() -> None:
     from mechprobe.core import weighted_progress_bar
 
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        list(
+            weighted_progress_bar(
+                "ab", weights=[1, float("nan")], counts=[1, 1], unit="x", progress=True, desc="d"
+            )
+        )
     with pytest.raises(ValueError, match="3 items, 2 weights and 3 counts"):
         list(
             weighted_progress_bar(

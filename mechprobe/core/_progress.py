@@ -74,6 +74,8 @@ def weighted_progress_bar(
             f"weighted_progress_bar: {len(items)} items, {len(weights)} weights and "
             f"{len(counts)} counts: give one weight and one count per item."
         )
+    if not all(np.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f"weighted_progress_bar: weights must be finite and >= 0, got {weights}.")
     if not progress_enabled(progress):
         yield from items
         return

@@ -91,7 +91,7 @@ _KIND_OF_HOOK = {
 }
 
 # A site's label, as ``str(Site)`` writes it: "resid_post@3", "head_out@3, head 2".
-_LABEL = re.compile(r"(\w+)@(-?\d+)(?:, head (\d+))?")
+_LABEL = re.compile(r"([a-z_]+)@(-?[0-9]+)(?:, head ([0-9]+))?")
 
 
 @dataclass(frozen=True)
@@ -164,12 +164,23 @@ class Site:
             (Site(kind='resid_post', layer=4, head=None, positions=None), 2)
 
         Raises:
-            ValueError: The name is not one of the site kinds' hook names; use the string itself
-                where an arbitrary hook is meant (interventions accept hook names directly).
+            ValueError: The name is neither a site label nor one of the site kinds' hook names
+                (use the string itself where an arbitrary hook is meant: interventions accept
+                hook names directly), or ``head=`` contradicts the label's head.
         """
-        label = _LABEL.fullmatch(name)
-        if label is not None and label.group(1) in _KINDS:
+        if "@" in name:  # hook names hold none
+            label = _LABEL.fullmatch(name)
+            if label is None or label.group(1) not in _KINDS:
+                raise ValueError(
+                    f"{name!r} is not a site label: a kind, '@', a layer and, for a head, "
+                    f"', head <index>' ('mlp_out@3', 'head_out@3, head 2'); kinds: "
+                    f"{', '.join(_KINDS)}."
+                )
             labelled = None if label.group(3) is None else int(label.group(3))
+            if head is not None and labelled is not None and head != labelled:
+                raise ValueError(
+                    f"Site.parse({name!r}, head={head}): the label says head {labelled}."
+                )
             return cls(
                 label.group(1),  # type: ignore[arg-type]
                 int(label.group(2)),
@@ -181,8 +192,9 @@ class Site:
             if match:
                 return cls(kind, int(match.group(1)), head=head, positions=positions)  # type: ignore[arg-type]
         raise ValueError(
-            f"{name!r} is not a site hook name ({', '.join(_HOOK_OF_KIND.values())}); "
-            "pass the plain string where any TransformerLens hook is meant."
+            f"{name!r} is not a site label ('mlp_out@3') or a site hook name "
+            f"({', '.join(_HOOK_OF_KIND.values())}); pass the plain string where any "
+            "TransformerLens hook is meant."
         )
 
     def __str__(self) -> str:
@@ -251,7 +263,8 @@ def resolve_site(model: Any, site: SiteLike) -> tuple[str, Site | None]:
     """Validate a site against ``model`` and return ``(hook_name, site_or_None)``.
 
     Negative layers count from the end (``-1`` is the last block). A plain string that is a hook
-    name of the model is accepted as is (and parsed to a Site where it is one).
+    name of the model is accepted as is (and parsed to a Site where it is one); a site's label
+    (``"mlp_out@3"``, as result frames write it) is that Site.
 
     Raises:
         ValueError: Unknown hook name or out-of-range layer, listing the closest valid names.
@@ -268,6 +281,9 @@ def resolve_in(model: Any, site: SiteLike, hooks: Mapping[str, Any]) -> tuple[st
     """:func:`resolve_site` against ``hooks``, the model's ``hook_dict`` read once by a caller
     that resolves many sites (the bridge rebuilds that dict, with its aliases, on every read)."""
     n_layers = int(model.cfg.n_layers)
+    if isinstance(site, str) and "@" in site:
+        # A site's label, as result frames write it ("mlp_out@24"): copied from a frame.
+        site = Site.parse(site)
     if isinstance(site, str):
         if site not in hooks:
             # A TransformerLens short name ('z'), or a block's hook without its block ('hook_z'):
@@ -524,7 +540,8 @@ def expand_sites(
 
     Args:
         model: A TransformerLens model.
-        sites: A kind (``"resid_post"``), a :class:`Site`, a hook name, or a list of them.
+        sites: A kind (``"resid_post"``), a :class:`Site`, its label (``"mlp_out@3"``), a hook
+            name, or a list of them.
         layers: Layers a kind expands to (default all).
         kinds: The kinds this caller accepts (others raise).
         what: The argument's name, for messages.
@@ -563,7 +580,7 @@ def expand_sites(
             else:
                 found += [Site(item, layer) for layer in layer_list]  # type: ignore[arg-type]
             continue
-        if isinstance(item, str) and not item.startswith(("blocks.", "hook_")):
+        if isinstance(item, str) and not item.startswith(("blocks.", "hook_")) and "@" not in item:
             close = difflib.get_close_matches(item, list(kinds), n=2, cutoff=0.5)
             hint = _tl_hint(item) or (f" Did you mean {close}?" if close else "")
             raise ValueError(

@@ -168,7 +168,8 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
         """One row per prompt and component: prompt index, component, the site that wrote it
         (``site``, ``kind``, ``layer``, ``head``, as in every frame: ``"mlp_out@3"``,
         ``"head_out@3, head 0"``; the embedding and the biases are no site: their component name
-        and ``<NA>`` kind, layer and head) and the attribution.
+        and ``<NA>`` kind and head, ``<NA>`` layer but for an attention bias's) and the
+        attribution.
 
         Example:
             >>> import mechprobe as mp
@@ -204,7 +205,17 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
             else:
                 places.append(Site(site_kind, int(layer), head=None if head < 0 else int(head)))
         located = site_columns(places)
-        return {key: located[key] for key in ("site", "kind", "layer", "head")}
+        # A layer's attention bias is no site but belongs to its block (embed and the final
+        # bias, stored as -1 and n_layers, to none).
+        in_block = (self.layer >= 0) & (self.layer < self.n_layers)
+        layer = pd.array(np.where(in_block, self.layer, 0), dtype="Int64")
+        layer[~in_block] = pd.NA
+        return {
+            "site": located["site"],
+            "kind": located["kind"],
+            "layer": layer,
+            "head": located["head"],
+        }
 
     def summary(self, top: int = 10) -> pd.DataFrame:
         """The ``top`` components by mean absolute effect: mean and spread over prompts, and the

@@ -835,7 +835,8 @@ def run_plan(
         memory_budget: Bytes a forward pass may hold at its peak, estimated from its rows'
             attention and activations (:class:`_Costs`): a pass takes fewer cells when they
             are long. One cell always runs, whatever it costs.
-        progress: A progress bar over the cells, advanced by each pass's estimated time.
+        progress: A progress bar counting the plan's cells (edited runs), advanced by each
+            pass's estimated time.
         desc: The bar's label.
         hooks: A context manager factory entered around each forward pass, yielding extra hooks
             (e.g. path patching's split q/k/v inputs); the model is restored when it exits.
@@ -877,8 +878,9 @@ def run_plan(
         # Passes differ in cost by orders of magnitude (a few whole rows of a long prompt, or
         # hundreds of packed one-token cells): the bar advances by each pass's estimated time.
         weights=[1.0 if p is None else p.time() for p in passes],
+        # The plan's cells: one edited run per pair, result cell and control.
         counts=[0 if p is None else len(p.cells) for p in passes],
-        unit="cells",
+        unit="runs",
         progress=progress,
         desc=desc,
     )
