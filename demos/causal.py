@@ -324,7 +324,7 @@ def direct_attribution(model: Any) -> dict[str, Any]:
         frame = res.summary(top=k)
         return [
             {"component": c, "mean": round(float(m), 3), "std": round(float(s), 3)}
-            for c, m, s in zip(frame["component"], frame["mean"], frame["std"], strict=True)
+            for c, m, s in zip(frame["component"], frame["mean"], frame["spread"], strict=True)
         ]
 
     out = {

@@ -268,7 +268,7 @@ def test_result_json_has_every_key_and_round_trips(tiny: Any, task: mp.Task, tmp
     assert back != result and back == back and len({result, back, result}) == 2
     assert len(repr(result)) < 200 and "KL" in repr(result)
     summary = result.summary()
-    assert {"metric", "condition", "mean", "effect"} <= set(summary.columns)
+    assert {"metric", "condition", "value", "value_std", "effect"} <= set(summary.columns)
     frame = result.to_frame()
     assert set(frame["condition"]) == {"original", "erased", "random", "dropout"}
     assert len(frame) == len(result.measures)

@@ -471,11 +471,11 @@ def test_the_bar_figure_names_every_layer(tiny):
     }
     assert bars == want
     assert ax.get_ylabel() == "direct effect (logits)"
-    assert res.summary()["std"].notna().all()
+    assert res.summary()["spread"].notna().all()
     one = mp.direct_logit_attribution(
         tiny, PROMPTS[:1], mp.logit_diff(ANSWER[:1], WRONG), progress=False
     )
-    assert one.summary()["std"].isna().all()  # a spread over one prompt is undefined, not 0
+    assert one.summary()["spread"].isna().all()  # a spread over one prompt is undefined, not 0
 
 
 def test_an_attention_bias_row_keeps_its_block_in_the_frames():

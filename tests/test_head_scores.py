@@ -188,7 +188,7 @@ def test_the_result_protocol(tiny, tmp_path) -> None:
     assert "repeated random tokens" in repr(res) and "<table" in res._repr_html_()
     assert "<img" in res._repr_html_()  # the layer x head maps, at a glance
     one = mp.head_scores(tiny, seq_len=6, n_prompts=1, progress=False)
-    assert one.to_frame()["std"].isna().all()  # a spread over one prompt is undefined (read 0)
+    assert one.to_frame()["spread"].isna().all()  # a spread over one prompt is undefined (read 0)
     with pytest.raises(ValueError, match="was not scored"):
         res.plot(kind="copying")
 

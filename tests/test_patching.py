@@ -470,7 +470,7 @@ def test_result_frame_plot_and_json(tiny, tmp_path):
         "spread",
         "random_value",
         "random_effect",
-        "random_sd",
+        "random_std",
         "random_normalised",
         "metric",
         "direction",

@@ -521,6 +521,7 @@ RENAMED_COLUMNS = {
     "corrupted": "corrupt",
     "pos": "position",
     "hook_name": "hook",
+    "std": "spread (over prompts) or <name>_std (over seeds)",
 }
 # Columns saying what a frame measured, so that two concatenated runs stay apart.
 IDENTIFIED_BY = {

@@ -245,8 +245,9 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         )
 
     def summary(self) -> pd.DataFrame:
-        """Mean and std per (metric, probe site, probe, condition), with the effect and its std,
-        after the erasure's columns of :meth:`to_frame` (``site`` ... ``n_removed``).
+        """Per (metric, probe site, probe, condition): the mean ``value`` and ``value_std`` (over
+        the controls' seeds), the ``effect`` and ``effect_std``, after the erasure's columns of
+        :meth:`to_frame` (``site`` ... ``n_removed``).
 
         Example:
             >>> r = AmnesicResult("blocks.1.hook_resid_post", 1, "all", "inlp", 1, 4,
@@ -272,7 +273,7 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
             at = group.iloc[0]
             where = [at["probe_site"], at["probe_layer"], kw["probe"]]
             rows.append([metric, *where, condition, mean, std, eff, eff_std])
-        body = pd.DataFrame(rows, columns=[*keys, "mean", "std", "effect", "effect_std"])
+        body = pd.DataFrame(rows, columns=[*keys, "value", "value_std", "effect", "effect_std"])
         # As in to_frame: None (not NaN) where no probe read, layers as integers.
         body["probe_site"] = pd.Series([row[1] for row in rows], dtype=object)
         body["probe_layer"] = pd.array(body["probe_layer"].tolist(), dtype="Int64")

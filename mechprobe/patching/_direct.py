@@ -226,7 +226,7 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
             >>> res = mp.direct_logit_attribution(mp.tiny_model(), "Hi", mp.logit_diff(5, 6),
             ...                                   progress=False)
             >>> list(res.summary(top=3).columns), len(res.summary(top=3))
-            (['component', 'layer', 'mean', 'std', 'share'], 3)
+            (['component', 'layer', 'mean', 'spread', 'share'], 3)
         """
         check_int(top, "top", 0)
         mean = self.mean
@@ -237,7 +237,7 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
                 "component": [self.components[i] for i in order],
                 "layer": self._located()["layer"][order],
                 "mean": mean[order],
-                "std": spread(self.attributions)[order],  # over prompts (NaN for one)
+                "spread": spread(self.attributions)[order],  # over prompts (NaN for one)
                 "share": mean[order] / total if total != 0 else np.full(len(order), np.nan),
             }
         )

@@ -177,7 +177,7 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
             >>> import mechprobe as mp
             >>> res = mp.head_scores(mp.tiny_model(), seq_len=8, n_prompts=2, progress=False)
             >>> list(res.to_frame().columns)
-            ['head_kind', 'layer', 'head', 'score', 'std', 'queries', 'chance']
+            ['head_kind', 'layer', 'head', 'score', 'spread', 'queries', 'chance']
         """
         n_kinds, n_layers, n_heads = self.scores.shape
         k, li, h = np.meshgrid(
@@ -193,7 +193,7 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
                 "layer": np.asarray(self.layers)[li.reshape(-1)],
                 "head": head_column(h.reshape(-1)),
                 "score": self.scores.reshape(-1),
-                "std": np.asarray(std).reshape(-1),
+                "spread": np.asarray(std).reshape(-1),
                 "queries": self.counts.sum(1)[k.reshape(-1)],
                 "chance": self.chance[k.reshape(-1), li.reshape(-1)],
             }

@@ -403,7 +403,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         """One row per cell: site, kind, layer, head, position (as asked: ``-1`` is each pair's
         last token), token, value, normalised, effect, spread (standard deviation over pairs),
         random_value and random_effect (the controls' mean metric and its change from the edited
-        run, beside ``value`` and ``effect``), random_sd (standard deviation of the per-seed
+        run, beside ``value`` and ``effect``), random_std (standard deviation of the per-seed
         means), random_normalised, metric, direction.
 
         Example:
@@ -434,7 +434,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
                 "spread": self.spread.ravel(),
                 "random_value": self.random_values.ravel(),
                 "random_effect": self.random_effect.ravel(),
-                "random_sd": random_sd.ravel(),
+                "random_std": random_sd.ravel(),
                 "random_normalised": self.random_normalised.ravel(),
                 "metric": self.metric,
                 "direction": self.direction,

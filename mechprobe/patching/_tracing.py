@@ -361,7 +361,7 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         """One row per prompt, site and position: site (``"mlp_out@5"``, the window's centre),
         kind, layer, token, category (ROME's, ``""`` before the subject), value (the metric with
         the clean state restored: ROME's score), effect (its indirect effect: value minus the
-        corrupted run's metric), its SD over noise samples, the random controls' effect, metric.
+        corrupted run's metric), its standard deviation over noise samples (noise_std), the random controls' effect, metric.
 
         Example:
             >>> import mechprobe as mp
@@ -395,7 +395,7 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
                         "category": np.asarray(cats)[pos.ravel()],
                         "value": self.scores[i].ravel(),
                         "effect": self.indirect_effect(i).ravel(),
-                        "noise_sd": self.noise_sd[i].ravel(),
+                        "noise_std": self.noise_sd[i].ravel(),
                         "random_effect": self.random_effect(i).ravel(),
                         "metric": self.metric,
                     }
