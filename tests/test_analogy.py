@@ -240,9 +240,9 @@ def test_result_frame_plot_and_json_round_trip(tmp_path: Path) -> None:
     result = offset_accuracy(model, task)
     frame = result.to_frame()
     assert len(frame) == 2 * len(result.answers)
-    assert set(frame["method"]) == {"offset", "baseline"}
+    assert set(frame["condition"]) == {"offset", "baseline"}
     assert frame["answer_token"].tolist()[: len(result.answers)] == list(result.answers)
-    offset_rows = frame[frame["method"] == "offset"]
+    offset_rows = frame[frame["condition"] == "offset"]
     assert offset_rows["correct"].mean() == pytest.approx(result.top1)
     assert isinstance(result.plot(), Figure)
     path = result.save(tmp_path / "r.json")

@@ -501,7 +501,7 @@ def test_compare_lenses_against_a_hand_computation(tiny, tmp_path):
     assert cmp.precision[:, -1] == pytest.approx(1.0)  # the last layer is the model's output
     frame = cmp.to_frame()
     assert len(frame) == 3 * len(cmp.sites) and set(frame["lens"]) == set(cmp.lenses)
-    assert "kl tuned" in cmp.summary().columns
+    assert "kl_to_final tuned" in cmp.summary().columns
     for suffix in (".json", ".npz", ".safetensors"):
         back = mp.LensComparison.load(cmp.save(tmp_path / f"cmp{suffix}"))
         np.testing.assert_array_equal(back.kl, cmp.kl)

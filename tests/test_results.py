@@ -522,6 +522,7 @@ RENAMED_COLUMNS = {
     "pos": "position",
     "hook_name": "hook",
     "std": "spread (over prompts) or <name>_std (over seeds)",
+    "kl": "kl_to_final (KL(final || lens), as LensResult says it)",
 }
 # Columns saying what a frame measured, so that two concatenated runs stay apart.
 IDENTIFIED_BY = {
@@ -574,10 +575,16 @@ def test_every_frame_speaks_the_frame_vocabulary(tiny):
         # A set of layers is text ("24-29"): lists cannot be grouped or deduplicated.
         if "layers" in frame.columns and not all(isinstance(v, str) for v in frame["layers"]):
             wrong.append(f"{where}: layers holds {set(map(type, frame['layers']))}, not text")
-        for column in ("layer", "head"):
+        ranks = [  # one item's rank (means and medians of ranks are floats)
+            c for c in frame.columns
+            if c == "rank" or (c.endswith("_rank") and not c.startswith(("mean", "median")))
+        ]  # fmt: skip
+        for column in ("layer", "head", *ranks):  # a missing rank is <NA>, not -1 or NaN
             dtype = frame[column].dtype if column in frame.columns and len(frame) else None
             if dtype is not None and not pd.api.types.is_integer_dtype(dtype):
                 wrong.append(f"{where}: {column} is {dtype}, not an integer")
+            elif column in ranks and (frame[column].dropna() < 0).any():
+                wrong.append(f"{where}: {column} holds a negative sentinel")
         if "site" in frame.columns:
             for row in frame.drop_duplicates("site").itertuples():
                 if pd.isna(row.site) or ("kind" in frame.columns and pd.isna(row.kind)):

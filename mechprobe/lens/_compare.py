@@ -88,7 +88,8 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
     seed: int | None = None
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per (lens, site): kl, kl_sem, precision_at_1, n_positions (``site`` the
+        """One row per (lens, site): kl_to_final (mean ``KL(final || lens)`` in nats, as
+        :class:`LensResult`'s frame names it), kl_to_final_sem, precision_at_1, n_positions (``site`` the
         entry's label, ``"resid_post@3"``, beside its ``kind`` and ``layer``)."""
         n_l, n_e = self.kl.shape
         located = site_columns(
@@ -99,8 +100,8 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
                 "lens": np.repeat(self.lenses, n_e),
                 **{key: np.tile(np.asarray(located[key]), n_l) for key in ("site", "kind")},
                 "layer": pd.array(np.tile(self.layers, n_l), dtype="Int64"),
-                "kl": self.kl.reshape(-1),
-                "kl_sem": self.kl_sem.reshape(-1),
+                "kl_to_final": self.kl.reshape(-1),
+                "kl_to_final_sem": self.kl_sem.reshape(-1),
                 "precision_at_1": self.precision.reshape(-1),
                 "n_positions": self.n_positions,
             }
@@ -113,7 +114,7 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
         wide = frame.pivot_table(
             index=["site", "kind", "layer"],
             columns="lens",
-            values=["kl", "precision_at_1"],
+            values=["kl_to_final", "precision_at_1"],
             sort=False,
         )
         wide.columns = [f"{stat} {lens}" for stat, lens in wide.columns]

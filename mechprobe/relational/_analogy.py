@@ -237,7 +237,7 @@ class AnalogyResult(Result, format="mechprobe.AnalogyResult", version=2):
         return pd.DataFrame([self.metrics()])
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per evaluated item and method (``"offset"`` or ``"baseline"``): tidy. The
+        """One row per evaluated item and condition (``"offset"`` or ``"baseline"``): tidy. The
         ``argument_token`` and ``answer_token`` columns are the first tokens scored, not the
         task's words."""
         rows = []
@@ -254,7 +254,7 @@ class AnalogyResult(Result, format="mechprobe.AnalogyResult", version=2):
                         # first tokens, as scored ("Maur" -> "Nou"): named so, not as words
                         "argument_token": arg,
                         "answer_token": ans,
-                        "method": method,
+                        "condition": method,
                         "rank": ranks[i],
                         "prediction": preds[i],
                         "correct": ranks[i] == 0,

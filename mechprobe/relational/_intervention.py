@@ -261,7 +261,11 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
                         "rank": self.rank[c],
                         "rr": 1.0 / (self.rank[c] + 1.0),
                         "top1": self.rank[c] == 0,
-                        "argument_rank": self.argument_rank[c],
+                        # -1 marks an unknown argument: <NA>, as a frame's missing rank is
+                        "argument_rank": pd.array(
+                            [int(r) if r >= 0 else None for r in self.argument_rank[c]],
+                            dtype="Int64",
+                        ),
                         "no_effect": self.top[c] == self.top[0],
                         "layers": _span(self.layers),
                         "scale": self.scale,
