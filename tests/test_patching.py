@@ -831,3 +831,15 @@ def test_a_bases_packed_cells_take_the_number_of_rows_that_costs_least():
     # 270 heads at the last position of a 55-token prompt: one row (two rows of half the cells
     # each repeated the prompt, and the pass padded both).
     assert costs.rows_for(55, 270) == 1
+
+
+def test_a_silent_bar_lays_out_no_pass_twice(tiny, monkeypatch):
+    """The bar's time estimate lays out each pass's rows once more: only where a bar shows."""
+    calls = []
+    time = _engine._Packer.time
+    monkeypatch.setattr(_engine._Packer, "time", lambda self: calls.append(1) or time(self))
+    mp.patch(tiny, "Hi cat sat", "Hi bat sat", "mlp_out", "all", METRIC, progress=False)
+    assert calls == []
+    monkeypatch.delenv("MECHPROBE_PROGRESS", raising=False)
+    mp.patch(tiny, "Hi cat sat", "Hi bat sat", "mlp_out", "all", METRIC, progress=True)
+    assert calls

@@ -55,6 +55,7 @@ from mechprobe.core import (
     intervene,
     keyed_seed,
     model_adapter,
+    progress_enabled,
     readout,
     warn,
     weighted_progress_bar,
@@ -877,7 +878,8 @@ def run_plan(
         passes,
         # Passes differ in cost by orders of magnitude (a few whole rows of a long prompt, or
         # hundreds of packed one-token cells): the bar advances by each pass's estimated time.
-        weights=[1.0 if p is None else p.time() for p in passes],
+        # (Laid out only for a bar that shows: each estimate lays out its pass's rows.)
+        weights=[1.0 if p is None or not progress_enabled(progress) else p.time() for p in passes],
         # The plan's cells: one edited run per pair, result cell and control.
         counts=[0 if p is None else len(p.cells) for p in passes],
         unit="runs",
