@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +81,17 @@ def test_deterministic(tiny: Any) -> None:
     assert np.array_equal(a.values, b.values)
 
 
-def test_memmap_equals_in_memory(tiny: Any, tmp_path: Path) -> None:
+def test_memmap_equals_in_memory(tiny: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    # Over its budget, collect writes to a new temporary folder that it keeps (the memory map
+    # reads it): under tmp_path here, or every test run left one in /tmp.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     ram = mp.collect(tiny, TEXTS, "resid_post", positions="all", batch_size=2, progress=False)
     assert not isinstance(ram.values, np.memmap) and ram.metadata["path"] is None
     disk = mp.collect(
         tiny, TEXTS, "resid_post", positions="all", batch_size=2, memory_budget=1, progress=False
     )
     assert isinstance(disk.values, np.memmap)
+    assert Path(disk.metadata["path"]).parent == tmp_path
     assert np.array_equal(np.asarray(disk.values), ram.values)
     half = mp.collect(
         tiny, TEXTS, "resid_post", positions="all", batch_size=2, out_dir=tmp_path, dtype="float16",
