@@ -51,6 +51,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mechprobe.core._sites import Site
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -387,8 +389,6 @@ def site_columns(places: typing.Sequence[Any]) -> dict[str, Any]:
         >>> cols["layer"].tolist(), cols["head"].tolist()
         ([2, 1, <NA>], [<NA>, 3, <NA>])
     """
-    from mechprobe.core._sites import Site  # _sites imports nothing of this module's
-
     parsed: dict[str, Site | None] = {}
     rows: list[Site | None] = []
     for place in places:

@@ -25,6 +25,7 @@ __all__ = [
     "Site",
     "SiteKind",
     "SiteLike",
+    "block_of",
     "expand_sites",
     "head_count",
     "is_attention_map",
@@ -92,6 +93,21 @@ _KIND_OF_HOOK = {
 
 # A site's label, as ``str(Site)`` writes it: "resid_post@3", "head_out@3, head 2".
 _LABEL = re.compile(r"([a-z_]+)@(-?[0-9]+)(?:, head ([0-9]+))?")
+# A block's hook: "blocks.4.hook_resid_post", "blocks.4.mlp.hook_post".
+_BLOCK = re.compile(r"blocks\.([0-9]+)\.")
+
+
+def block_of(name: str) -> int | None:
+    """The block a hook name or a site's label names, None outside the blocks.
+
+    Example:
+        >>> block_of("blocks.4.mlp.hook_post"), block_of("head_out@3, head 2"), block_of("hook_embed")
+        (4, 3, None)
+    """
+    found = _BLOCK.match(name) or _LABEL.match(name)
+    if found is None:
+        return None
+    return int(found.group(1) if found.re is _BLOCK else found.group(2))
 
 
 @dataclass(frozen=True)
@@ -399,10 +415,9 @@ def _aliased(name: str, hooks: Mapping[str, Any]) -> Site | None:
     its messages and caches use them. ``resid_mid``'s hook on a bridge, ``ln2.hook_in``, is left
     out: a write there reaches the MLP alone (``mlp_in``'s meaning), not ``resid_mid``'s.
     """
-    match = re.match(r"blocks\.(\d+)\.", name)
-    if match is None:
+    layer = block_of(name)
+    if layer is None:
         return None
-    layer = int(match.group(1))
     for kind, pattern in _HOOK_OF_KIND.items():
         alias = pattern.format(layer=layer)
         if kind not in HEAD_KINDS and kind != "resid_mid" and hooks.get(alias) is hooks[name]:
@@ -593,12 +608,12 @@ def expand_sites(
             hooks = model.hook_dict
         name, site = resolve_in(model, item, hooks)
         if site is None:
-            layer = re.match(r"blocks\.(\d+)\.", name)
-            mid = None if layer is None else f"blocks.{layer.group(1)}.hook_resid_mid"
+            layer = block_of(name)
+            mid = None if layer is None else f"blocks.{layer}.hook_resid_mid"
             hint = (
                 f" It is this model's {mid} hook, inside the MLP's norm: pass "
-                f"Site('mlp_in', {layer.group(1)}) for what the MLP alone reads (writes reach "
-                f"the MLP only) or Site('resid_mid', {layer.group(1)}) for the residual stream."
+                f"Site('mlp_in', {layer}) for what the MLP alone reads (writes reach "
+                f"the MLP only) or Site('resid_mid', {layer}) for the residual stream."
                 if mid is not None and layer is not None and hooks.get(mid) is hooks[name]
                 else _head_hint(name, kinds)
             )

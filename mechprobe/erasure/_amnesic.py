@@ -19,7 +19,6 @@ is the *selectivity* (:meth:`AmnesicResult.selectivity`).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, get_args
@@ -33,6 +32,7 @@ from mechprobe.core import (
     SiteKind,
     SiteLike,
     as_int,
+    block_of,
     check_int,
     check_seed,
     evaluates,
@@ -221,7 +221,7 @@ def amnesic(
         counts["probe_examples"] = info.n_examples
     return AmnesicResult(
         site=hook if target == hook else str(target),
-        layer=parsed.layer if parsed is not None else _block_of(hook),
+        layer=parsed.layer if parsed is not None else block_of(hook),
         positions=positions if isinstance(positions, (int, str)) else tuple(positions),
         method=eraser.method,
         n_removed=eraser.n_removed,
@@ -259,13 +259,6 @@ def _check_positions(positions: Any, caller: str = "amnesic") -> ErasePositions:
     if not items or any(p is None for p in items):
         raise ValueError(f"positions must be 'all', an int or a list of ints, got {positions!r}.")
     return [int(p) for p in items if p is not None]
-
-
-def _block_of(hook: str) -> int | None:
-    """The block of a hook that is no site kind's (``blocks.1.mlp.hook_post``: 1), None outside
-    the blocks (``hook_embed``): the result's ``layer``, for its frames."""
-    found = re.match(r"blocks\.([0-9]+)\.", hook)
-    return None if found is None else int(found.group(1))
 
 
 def _probe_sites(

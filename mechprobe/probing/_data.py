@@ -3,7 +3,6 @@ the model layers of collected sites."""
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -14,11 +13,9 @@ from jaxtyping import Float
 from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 from torch import Tensor
 
-from mechprobe.core import class_labels, warn
+from mechprobe.core import block_of, class_labels, warn
 
 _GATHER_ROWS = 2048  # rows gathered (and added to the moments) at a time
-# A layer in a site name: a hook's "blocks.20." or a head site's "head_out@3".
-_LAYER_IN_NAME = re.compile(r"^blocks\.(\d+)\.|^\w+@(\d+)")
 
 
 def host(x: Any) -> Any:
@@ -299,8 +296,8 @@ def model_layers(sites: tuple[str, ...] | None, n_layers: int) -> np.ndarray:
         return np.arange(n_layers)
     found = []
     for name in sites:
-        match = _LAYER_IN_NAME.search(name)
-        if match is None:
+        layer = block_of(name)
+        if layer is None:
             return np.arange(n_layers)
-        found.append(int(match.group(1) or match.group(2)))
+        found.append(layer)
     return np.asarray(found)
