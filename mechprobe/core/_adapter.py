@@ -126,8 +126,8 @@ class ModelAdapter:
         return self.model.W_E.dtype
 
     def attached_hooks(self, *prefixes: str) -> list[str]:
-        """The hook points whose names start with one of ``prefixes`` that hold a forward hook now
-        (the user's, or an intervention's in force).
+        """The hook points whose names start with one of ``prefixes`` (any name, with none) that
+        hold a forward hook now (the user's, or an intervention's in force).
 
         Example:
             >>> from mechprobe.core._models import tiny_model
@@ -135,12 +135,14 @@ class ModelAdapter:
             >>> model.add_hook("unembed.hook_out", lambda logits, hook: logits)
             >>> model_adapter(model).attached_hooks("unembed", "ln_final")
             ['unembed.hook_out']
+            >>> bool(model_adapter(model).attached_hooks())  # any hook point
+            True
             >>> model.reset_hooks()
         """
         return [
             name
             for name, point in self.model.hook_dict.items()
-            if name.startswith(prefixes) and point.fwd_hooks
+            if (not prefixes or name.startswith(prefixes)) and point.fwd_hooks
         ]
 
     def known_nan_cause(

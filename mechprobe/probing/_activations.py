@@ -55,6 +55,7 @@ from mechprobe.core import (
     evaluates,
     expand_sites,
     intervene,
+    model_adapter,
     progress_bar,
     warn,
 )
@@ -63,7 +64,6 @@ from mechprobe.probing._store import (
     Sink,
     check_finite,
     fingerprint,
-    hooks_attached,
     resume_state,
     same_file,
     write_json,
@@ -475,7 +475,7 @@ def collect(
     if folder is not None and folder.exists() and not folder.is_dir():
         raise ValueError(f"out_dir {folder} is a file: pass a folder, new or holding a collection.")
     if folder is not None:
-        if hooks_attached(model) and any(folder.glob("*.json")):
+        if model_adapter(model).attached_hooks() and any(folder.glob("*.json")):
             raise ValueError(
                 f"{folder} holds a collection, and hooks are attached to the model (an "
                 "intervention in force): what they compute cannot be checked, so the folder's "

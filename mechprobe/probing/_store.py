@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mechprobe.core import model_adapter
 from mechprobe.probing._selection import Plan
 
 
@@ -131,11 +132,6 @@ def _weights_digest(model: Any) -> str:
     return h.hexdigest()
 
 
-def hooks_attached(model: Any) -> bool:
-    """Whether any TransformerLens hook point holds a hook (an intervention in force)."""
-    return any(hp.fwd_hooks or hp.bwd_hooks for hp in model.hook_dict.values())
-
-
 def fingerprint(model: Any, names: list[str], plan: Plan, dtype: str, batch_size: int) -> str:
     """A short hash of everything the values depend on: decides whether a folder can be resumed."""
     record = {
@@ -145,7 +141,7 @@ def fingerprint(model: Any, names: list[str], plan: Plan, dtype: str, batch_size
         "weights": _weights_digest(model),
         # What hooks compute cannot be fingerprinted: a collection under hooks never matches one
         # without, and collect refuses to resume any folder while hooks are attached.
-        "hooked": hooks_attached(model),
+        "hooked": bool(model_adapter(model).attached_hooks()),
         "sites": names,
         "dtype": dtype,
         "batch_size": batch_size,
