@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import torch
 from sklearn.base import BaseEstimator
 
 import mechprobe as mp
@@ -200,6 +201,27 @@ def _seeded_calls() -> dict[str, Callable[[Any], Any]]:
             seed=s,
             **off,
         ),
+        # shuffled_prompts ran random.Random(seed) unchecked (None: a new permutation every
+        # call); trace_noise truncated 2.5 to 2 and took -1, which causal_trace refuses.
+        "shuffled_prompts": lambda s: mp.shuffled_prompts(task.with_shots(3).subset(2), seed=s),
+        "trace_noise": lambda s: mp.trace_noise([1, 2, 3], 1, 2, 8, 0.1, seed=s),
+        "control_projections": lambda s: mp.control_projections(
+            mp.random_projection(8, 2), n_random=2, seed=s
+        ),
+        "dropout_projection": lambda s: mp.dropout_projection(8, 2, seed=s),
+        "templated_dataset": lambda s: mp.templated_dataset(n=8, seed=s),
+        "inlp": lambda s: mp.inlp(
+            np.random.default_rng(0).normal(size=(40, 4)), np.arange(40) % 2, 1, seed=s, **off
+        ),
+        "probe_layers": lambda s: mp.probe_layers(
+            np.random.default_rng(0).normal(size=(40, 2, 4)), np.arange(40) % 2, seed=s, **off
+        ),
+        "head_scores": lambda s: mp.head_scores(
+            model, kinds=["previous_token"], seq_len=6, n_prompts=1, seed=s, **off
+        ),
+        "generate": lambda s: mp.generate(
+            model, "Hi", max_new_tokens=1, temperature=1.0, seed=s, **off
+        ),
     }
 
 
@@ -216,6 +238,17 @@ def test_every_seed_is_an_int_from_0_to_2_32(name: str) -> None:
             call(bad)
     with pytest.raises(TypeError, match="seed must be an int"):
         call(2.5)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        call(None)
+
+
+def test_the_largest_seed_works_with_several_random_controls() -> None:
+    # amnesic(seed=2**32 - 1, n_random=2) asked control 1 for seed 2**32 and was refused, naming
+    # a seed the user never passed; control seeds wrap instead.
+    conds = mp.control_projections(mp.random_projection(8, 2), n_random=2, seed=2**32 - 1)
+    assert [c.seed for c in conds if c.name == "random"] == [2**32 - 1, 0]
+    again = mp.control_projections(mp.random_projection(8, 2), n_random=1, seed=0)
+    assert torch.equal(conds[2].eraser.removed, again[1].eraser.removed)
 
 
 def test_every_public_name_is_in_the_api_index() -> None:

@@ -60,7 +60,8 @@ def control_projections(
 ) -> list[Condition]:
     """The erasure and its controls of equal rank: ``erased``, ``random`` x n_random, ``dropout``.
 
-    Random control ``i`` is ``random_projection(dim, n_removed, seed=seed + i)``; the dropout
+    Random control ``i`` is ``random_projection(dim, n_removed, seed=seed + i)`` (modulo
+    ``2**32``, so every seed :func:`mechprobe.random_projection` takes works here); the dropout
     control zeroes ``n_removed`` coordinates drawn with ``seed``.
 
     Example:
@@ -70,12 +71,12 @@ def control_projections(
         [('erased', None, 3), ('random', 0, 3), ('random', 1, 3), ('dropout', 0, 3)]
     """
     n_random = check_int(n_random, "n_random", 0)
+    seed = check_seed(seed)
     dim, k = eraser.dim, eraser.n_removed
+    # Wrapped: seed=2**32 - 1 with two controls asked the second for a seed past the range.
+    seeds = [(seed + i) % 2**32 for i in range(n_random)]
     out = [Condition("erased", eraser)]
-    out += [
-        Condition("random", random_projection(dim, k, seed=seed + i), seed + i)
-        for i in range(n_random)
-    ]
+    out += [Condition("random", random_projection(dim, k, seed=s), s) for s in seeds]
     if dropout:
         out.append(Condition("dropout", dropout_projection(dim, k, seed=seed), seed))
     return out

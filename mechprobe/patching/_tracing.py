@@ -42,6 +42,7 @@ from mechprobe.core import (
     Site,
     check_float,
     check_int,
+    check_seed,
     evaluates,
     expand_sites,
     figure_of,
@@ -156,7 +157,8 @@ def trace_noise(
         check_int(d_model, "d_model", 1),
     )
     level = check_float(level, "level", 0.0)
-    gen = torch.Generator().manual_seed(keyed_seed(seed, [prompt]))
+    # causal_trace checks its seed: the noise it claims to reproduce must take the same seeds.
+    gen = torch.Generator().manual_seed(keyed_seed(check_seed(seed), [prompt]))
     # float32 draws whatever torch's default dtype, so the noise (and every trace) is the same.
     return torch.randn(shape, generator=gen, dtype=torch.float32) * level
 

@@ -234,7 +234,7 @@ def shuffled_prompts(task: Task, *, seed: int = 0) -> list[str]:
         >>> len(shuffled_prompts(task)), shuffled_prompts(task)[0].count("\\n")
         (2, 7)
     """
-    rng = _random.Random(seed)
+    rng = _random.Random(check_seed(seed))
     outputs = [s.output for s in task.shots]
     if len(outputs) > 1 and len(set(outputs)) == 1:
         raise ValueError(
