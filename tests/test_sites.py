@@ -260,3 +260,17 @@ def test_a_label_copied_from_a_frame_names_that_site(tiny) -> None:
     assert torch.equal(zeroed, by_site)
     with pytest.raises(ValueError, match="not a site label"):
         mp.patch(tiny, "Hi cat", "Hi bat", "mlp@1", -1, metric)
+
+
+def test_a_site_takes_numpy_and_tensor_integers_as_every_layers_argument_does() -> None:
+    # Site("mlp_out", np.int64(1)) was refused (a layer read off np.argsort of scores or a
+    # result's layers array) while every layers= argument took it; head= took 2.0 and True.
+    import numpy as np
+
+    site = mp.Site("head_out", np.int64(1), head=torch.tensor(2))
+    assert site == mp.Site("head_out", 1, head=2) and hash(site) == hash(mp.Site("head_out", 1, 2))
+    assert type(site.layer) is int and type(site.head) is int and str(site) == "head_out@1, head 2"
+    for layer, head in ((1.0, None), (True, None), (1, 2.0), (1, True)):
+        kind = "mlp_out" if head is None else "head_out"
+        with pytest.raises(TypeError, match=r"Site (layer|head) must be an int"):
+            mp.Site(kind, layer, head=head)  # type: ignore[arg-type]

@@ -146,8 +146,14 @@ class Site:
                 + (hint if hint else f" did you mean {close or list(_KINDS)}?")
                 + f" Valid kinds: {', '.join(_KINDS)}."
             )
-        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
-            raise TypeError(f"Site layer must be an int, got {self.layer!r}.")
+        # numpy and 0-d tensor integers (np.argsort of scores, a result's layers array) count as
+        # ints, as in every layers= argument; stored as Python ints so labels and hashes agree.
+        for name in ("layer", "head"):
+            value = getattr(self, name)
+            number = as_int(value)
+            if number is None and (name == "layer" or value is not None):
+                raise TypeError(f"Site {name} must be an int, got {value!r}.")
+            object.__setattr__(self, name, number)
         if self.kind in HEAD_KINDS and self.head is None:
             raise ValueError(
                 f"Site({self.kind!r}, ...) needs head=<index>, e.g. Site({self.kind!r}, 5, head=2)."
