@@ -274,3 +274,15 @@ def test_a_site_takes_numpy_and_tensor_integers_as_every_layers_argument_does() 
         kind = "mlp_out" if head is None else "head_out"
         with pytest.raises(TypeError, match=r"Site (layer|head) must be an int"):
             mp.Site(kind, layer, head=head)  # type: ignore[arg-type]
+
+
+def test_a_site_passed_as_layers_is_named_as_a_site(tiny):
+    # layer_sweep(model, data, "resid_post") (layers is its third argument) said only "layers
+    # must be an int, ..."; the message now says where a site goes.
+    from mechprobe.core._sites import resolve_layers
+
+    for wrong in ("resid_post", "mlp_out@1", "blocks.0.hook_resid_post"):
+        with pytest.raises(ValueError, match="that names a site; pass it as sites="):
+            resolve_layers(tiny, wrong)
+    with pytest.raises(ValueError, match=r"not 'al'\.$"):
+        resolve_layers(tiny, "al")

@@ -509,8 +509,11 @@ def resolve_layers(model: Any, layers: Layers) -> list[int]:
     n_layers = int(model.cfg.n_layers)
     if isinstance(layers, str):
         if layers != "all":
+            # layer_sweep(model, data, "resid_post") put a site where its layers go.
+            site = layers.split("@")[0] in _KINDS or layers.startswith(("blocks.", "hook_"))
             raise ValueError(
-                f"layers must be an int, a range, a list of ints or 'all', not {layers!r}."
+                f"layers must be an int, a range, a list of ints or 'all', not {layers!r}"
+                + (": that names a site; pass it as sites=." if site else ".")
             )
         return list(range(n_layers))
     single = as_int(layers)
