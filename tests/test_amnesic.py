@@ -315,11 +315,13 @@ def test_the_frame_says_where_the_erasure_was_apart_from_where_probes_read() -> 
     )
     result = AmnesicResult("blocks.1.hook_resid_post", 1, -1, "leace", 2, 64, measures)
     frame = result.to_frame()
-    where = ["site", "kind", "layer", "head", "hook", "method", "n_removed"]
+    where = ["site", "kind", "layer", "head", "hook", "method", "n_removed", "positions"]
     assert frame.columns.tolist() == [*where, "metric", "condition", "seed", "probe_site",
                                       "probe_layer", "probe", "value"]  # fmt: skip
     erasure = frame[where].drop(columns="head").drop_duplicates().values.tolist()
-    assert erasure == [["resid_post@1", "resid_post", 1, "blocks.1.hook_resid_post", "leace", 2]]
+    assert erasure == [
+        ["resid_post@1", "resid_post", 1, "blocks.1.hook_resid_post", "leace", 2, "-1"]
+    ]
     assert frame["head"].isna().all()
     assert str(frame["layer"].dtype) == str(frame["probe_layer"].dtype) == "Int64"
     assert frame["probe_site"].tolist() == [None, None, *["resid_post@1"] * 2,
@@ -328,7 +330,7 @@ def test_the_frame_says_where_the_erasure_was_apart_from_where_probes_read() -> 
     later = frame[frame["probe_layer"] > frame["layer"]]
     assert later["value"].tolist() == [0.9, 0.8]
     summary = result.summary()
-    assert summary.columns.tolist()[:9] == [*where, "metric", "probe_site"]
+    assert summary.columns.tolist()[:10] == [*where, "metric", "probe_site"]
     at_3 = summary[summary["probe_site"] == "resid_post@3"].set_index("condition")
     assert at_3.loc["erased", "effect"] == pytest.approx(0.1)
     assert at_3.loc["erased", "probe_layer"] == 3 and at_3.loc["erased", "layer"] == 1

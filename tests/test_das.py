@@ -311,8 +311,8 @@ def test_frames_say_the_site_as_every_result_frame_does():
     )  # fmt: skip
     where = ["site", "kind", "layer", "head", "hook"]
     frame, summary = res.to_frame(), res.summary()
-    assert frame.columns.tolist() == [*where, "k", "condition", "split", "iia"]
-    assert summary.columns.tolist()[:6] == [*where, "k"]
+    assert frame.columns.tolist() == [*where, "k", "positions", "condition", "split", "iia"]
+    assert summary.columns.tolist()[:7] == [*where, "k", "positions"]
     assert summary["random_value"].tolist() == [0.1] and "random" not in summary
     for table in (frame, summary):
         assert set(table["site"]) == {"resid_post@3"} and set(table["kind"]) == {"resid_post"}

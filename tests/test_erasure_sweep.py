@@ -100,8 +100,8 @@ def test_a_sweeps_frame_is_its_results_frames_one_after_another() -> None:
     empty = ErasureSweep("inlp", ()).to_frame()
     assert empty.empty and empty.columns.tolist() == frame.columns.tolist()
     effects = sweep.effects()
-    erasure_first = ["site", "kind", "layer", "head", "hook", "n_removed", "metric"]
-    assert effects.columns.tolist()[:7] == erasure_first
+    erasure_first = ["site", "kind", "layer", "head", "hook", "n_removed", "positions", "metric"]
+    assert effects.columns.tolist()[:8] == erasure_first
     kl = effects[effects["metric"] == "lm_kl"]
     assert kl["kind"].tolist() == ["resid_post", "mlp_out"] and kl["layer"].tolist() == [1, 1]
     assert kl["effect"].tolist() == pytest.approx([0.2, 0.3])

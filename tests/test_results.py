@@ -484,6 +484,28 @@ def _model_runs() -> dict[str, Any]:
     }  # fmt: skip
 
 
+def test_a_result_records_the_positions_its_analysis_ran_at(tiny, tmp_path):
+    # ffn_ablation(positions=-1) and positions="all" saved files that could not be told apart
+    # (review 24b F2), and the figure said "at every position" for both.
+    task = mp.load_task("capitals").subset(2)
+    last = mp.ffn_ablation(tiny, task, parts=2, positions=-1, progress=False)
+    back = mp.load_result(last.save(tmp_path / "ablation.json"))
+    assert back.positions == -1 and set(back.to_frame()["positions"]) == {"-1"}
+    assert "every position" not in last.plot().axes[0].get_title()
+    assert "positions -1" in repr(last) and "positions" not in repr(
+        mp.ffn_ablation(tiny, task, parts=2, progress=False)
+    )
+    ctx, answer = mp.random_word_contexts([" Poland"]), [" Warsaw"]
+    sweeps = [
+        mp.ovector_sweep(tiny, {"o": torch.ones(64)}, ctx, answer, layers=[1], scales=[1.0],
+                         positions=where, progress=False)
+        for where in ([-2, -1], "all")
+    ]  # fmt: skip
+    both = pd.concat([r.to_frame() for r in sweeps])
+    assert both["positions"].tolist() == ["-2,-1", "all"]
+    assert mp.load_result(sweeps[0].save(tmp_path / "sweep.npz")).positions == (-2, -1)
+
+
 def _collected(model):
     # Labelled activations for probes: a probe of them is a result made from that model.
     texts = ["Hi cat", "Hi dog", "Hi you", "Hi hat"] * 3
@@ -532,7 +554,15 @@ IDENTIFIED_BY = {
     "LensResult": {"lens"},
     "LensComparison": {"lens"},
     "Trajectory": {"lens"},
-    "OVectorEffect": {"layers", "scale", "mode"},
+    "OVectorEffect": {"layers", "scale", "mode", "positions"},
+    # Each took positions= and its frames said nothing of them (AblationResult and OVectorSweep
+    # did not even store them), so runs at -1 and at "all" concatenated indistinguishably.
+    "OVectorSweep": {"layers", "scale", "mode", "positions"},
+    "AblationResult": {"positions"},
+    "AmnesicResult": {"positions"},
+    "DASResult": {"positions"},
+    "LogitAttributionResult": {"positions"},
+    "ErasureSweep": {"positions"},
 }
 
 

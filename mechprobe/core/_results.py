@@ -411,6 +411,24 @@ def site_columns(places: typing.Sequence[Any]) -> dict[str, Any]:
     }
 
 
+def positions_text(positions: Any) -> str | None:
+    """The ``positions=`` an analysis ran with, as a frame's ``positions`` column writes it:
+    ``"all"``, ``"-1"``, ``"-2,-1"``; None where a result saved before it recorded them.
+
+    Text, not an int or a list: frames of runs at ``-1`` and at ``"all"`` concatenate into one
+    column that groups and compares.
+
+    Example:
+        >>> positions_text("all"), positions_text(-1), positions_text((-2, -1)), positions_text(None)
+        ('all', '-1', '-2,-1', None)
+    """
+    if positions is None or isinstance(positions, str):
+        return positions
+    if isinstance(positions, (int, np.integer)):
+        return str(int(positions))
+    return ",".join(str(int(p)) for p in positions)
+
+
 def literal(text: str) -> str:
     """``text`` drawn on a matplotlib figure as written: a ``$`` in a prompt or token would start
     mathtext (``"pay $5 or $6"`` drew "5 or " in italics, and ``"$x^{2$"`` made saving raise).

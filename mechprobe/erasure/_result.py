@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from mechprobe.core import Result, new_axes, site_columns
+from mechprobe.core import Result, new_axes, positions_text, site_columns
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -197,9 +197,10 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
 
         Columns: the erased site as in every result's frame (``site``, its label such as
         ``"resid_post@3"``; ``kind``; ``layer`` and ``head``, ``Int64``; ``hook``), the eraser's
-        ``method`` and ``n_removed``, then ``metric``, ``condition``, ``seed`` (a control's, NaN
-        else), ``probe_site`` and ``probe_layer`` (where a probe read, which may be a later layer
-        than the erased one; None and ``<NA>`` on rows without a probe), ``probe``, ``value``.
+        ``method`` and ``n_removed``, the ``positions`` erased (``"all"``, ``"-1"``), then
+        ``metric``, ``condition``, ``seed`` (a control's, NaN else), ``probe_site`` and
+        ``probe_layer`` (where a probe read, which may be a later layer than the erased one; None
+        and ``<NA>`` on rows without a probe), ``probe``, ``value``.
 
         Example:
             >>> r = AmnesicResult("blocks.1.hook_resid_post", 1, "all", "inlp", 1, 4, (
@@ -207,8 +208,8 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
             ...     AmnesicMeasure("probe_accuracy", "erased", 0.5,
             ...                    site="blocks.3.hook_resid_post", probe="linear")))
             >>> r.to_frame().columns.tolist()  # doctest: +NORMALIZE_WHITESPACE
-            ['site', 'kind', 'layer', 'head', 'hook', 'method', 'n_removed', 'metric',
-             'condition', 'seed', 'probe_site', 'probe_layer', 'probe', 'value']
+            ['site', 'kind', 'layer', 'head', 'hook', 'method', 'n_removed', 'positions',
+             'metric', 'condition', 'seed', 'probe_site', 'probe_layer', 'probe', 'value']
             >>> r.to_frame()[["site", "layer", "probe_site", "probe_layer"]].values.tolist()
             [['resid_post@1', 1, None, <NA>], ['resid_post@1', 1, 'resid_post@3', 3]]
         """
@@ -234,6 +235,7 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
                 "hook": [erased["hook"]] * n,
                 "method": [self.method] * n,
                 "n_removed": [self.n_removed] * n,
+                "positions": [positions_text(self.positions)] * n,
                 "metric": measured["metric"],
                 "condition": measured["condition"],
                 "seed": measured["seed"],
@@ -247,7 +249,7 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
     def summary(self) -> pd.DataFrame:
         """Per (metric, probe site, probe, condition): the mean ``value`` and ``value_std`` (over
         the controls' seeds), the ``effect`` and ``effect_std``, after the erasure's columns of
-        :meth:`to_frame` (``site`` ... ``n_removed``).
+        :meth:`to_frame` (``site`` ... ``positions``).
 
         Example:
             >>> r = AmnesicResult("blocks.1.hook_resid_post", 1, "all", "inlp", 1, 4,
@@ -256,7 +258,7 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
             [['resid_post@1', 'lm_kl', None, 0.1]]
         """
         frame = self.to_frame()
-        first = ["site", "kind", "layer", "head", "hook", "method", "n_removed"]
+        first = ["site", "kind", "layer", "head", "hook", "method", "n_removed", "positions"]
         keys = ["metric", "probe_site", "probe_layer", "probe", "condition"]
         rows = []
         # One group per stored probe site (its hook name, which values() selects by; "" for
@@ -351,8 +353,10 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         return {"format": data.pop("format"), "version": data.pop("version"), **head, **data}
 
     def _describe(self) -> str:
-        words = f"{self.method}, {self.n_removed} of {self.dim} directions at {self.site}"
-        words += f" (positions {self.positions})"
+        # The site's label, as the frames write it (the field keeps the hook name).
+        at = self._erased_site()["site"]
+        words = f"{self.method}, {self.n_removed} of {self.dim} directions at {at}"
+        words += f" (positions {positions_text(self.positions)})"
         head = self.headline()
         for key, name in (("lm_kl", "KL"), ("task_accuracy_after", "task accuracy")):
             if head[key] is not None:
@@ -410,7 +414,7 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         )
         fig.suptitle(
             f"{self.method} erasure of {self.n_removed}/{self.dim} directions\n"
-            f"at {self.site} ({where})",
+            f"at {self._erased_site()['site']} ({where})",
             fontsize=10,
         )
         fig.tight_layout()

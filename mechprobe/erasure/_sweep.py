@@ -23,6 +23,7 @@ from mechprobe.core import (
     evaluates,
     expand_sites,
     new_axes,
+    positions_text,
     progress_bar,
     warn,
 )
@@ -101,7 +102,8 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
     def to_frame(self) -> pd.DataFrame:
         """Every measure of every erasure: the results' :meth:`AmnesicResult.to_frame` one
         after another (each row says its erased ``site``, ``kind``, ``layer``, ``head``,
-        ``hook``, ``method`` and ``n_removed``, then the probe's ``probe_site`` apart).
+        ``hook``, ``method``, ``n_removed`` and ``positions``, then the probe's ``probe_site``
+        apart).
 
         Example:
             >>> ErasureSweep(method="inlp", results=()).to_frame().columns.tolist()[:7]
@@ -117,7 +119,8 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
         """Per erasure and metric: the erasure's ``effect``, the random controls'
         (``random_effect``, ``random_effect_std`` over seeds) and dropout's
         (``dropout_effect``); each row leads with the erased site's columns (``site``,
-        ``kind``, ``layer``, ``head``, ``hook``, as in :meth:`to_frame`) and ``n_removed``."""
+        ``kind``, ``layer``, ``head``, ``hook``, as in :meth:`to_frame`), ``n_removed`` and
+        ``positions``."""
         rows = []
         for r in self.results:
             where = r._erased_site()
@@ -131,11 +134,10 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
                     continue
                 rand, rand_std = r.effect(metric, "random", **kw)
                 drop, _ = r.effect(metric, "dropout", **kw)
-                rows.append(
-                    [*(where[c] for c in _WHERE), r.n_removed, metric, real, rand, rand_std, drop]
-                )
+                at = [r.n_removed, positions_text(r.positions), metric]
+                rows.append([*(where[c] for c in _WHERE), *at, real, rand, rand_std, drop])
         effects = ["effect", "random_effect", "random_effect_std", "dropout_effect"]
-        cols = [*_WHERE, "n_removed", "metric", *effects]
+        cols = [*_WHERE, "n_removed", "positions", "metric", *effects]
         frame = pd.DataFrame(rows, columns=cols)
         for col in ("layer", "head"):
             frame[col] = pd.array(frame[col].tolist(), dtype="Int64")

@@ -49,6 +49,7 @@ from mechprobe.core import (
     intervene,
     model_adapter,
     new_axes,
+    positions_text,
     progress_bar,
     resolve_site,
     run,
@@ -129,14 +130,15 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
         """One row per held-out condition: the condition and its interchange accuracy (the
         random subspaces one row each), then the learned subspace on the training pairs; each
         row leads with where the subspace lives (``site``, its label such as
-        ``"resid_post@1"``; ``kind``; ``layer`` and ``head``, ``Int64``; ``hook``) and ``k``.
+        ``"resid_post@1"``; ``kind``; ``layer`` and ``head``, ``Int64``; ``hook``), ``k`` and
+        ``positions`` (the position intervened on, as text: ``"-1"``).
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.das(mp.tiny_model(), ["Hi cat", "Hi dog"], ["Hi dog", "Hi cat"],
             ...              [5, 6], mp.Site("resid_post", 1), epochs=1, progress=False)
             >>> list(res.to_frame().columns)
-            ['site', 'kind', 'layer', 'head', 'hook', 'k', 'condition', 'split', 'iia']
+            ['site', 'kind', 'layer', 'head', 'hook', 'k', 'positions', 'condition', 'split', 'iia']
         """
         rows = [{"condition": "das", "split": "test", "iia": self.iia["das"]}]
         rows += [
@@ -147,25 +149,27 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
         rows.append({"condition": "das", "split": "train", "iia": self.iia_train})
         where = self._where(len(rows))
         body = pd.DataFrame(rows, columns=["condition", "split", "iia"])
-        return pd.concat([pd.DataFrame({**where, "k": self.k}), body], axis=1)
+        at = {"k": self.k, "positions": positions_text(self.positions)}
+        return pd.concat([pd.DataFrame({**where, **at}), body], axis=1)
 
     def summary(self) -> pd.DataFrame:
         """The held-out accuracy of each condition (``das``, ``random_value``: the random
         subspaces' mean, ``full``, ``none``; ``train``: the learned subspace on the training
-        pairs), with the site's columns (as :meth:`to_frame`), k and the final loss.
+        pairs), with the site's columns (as :meth:`to_frame`), k, positions and the final loss.
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.das(mp.tiny_model(), ["Hi cat", "Hi dog"], ["Hi dog", "Hi cat"],
             ...              [5, 6], mp.Site("resid_post", 1), epochs=1, progress=False)
             >>> list(res.summary().columns)  # doctest: +NORMALIZE_WHITESPACE
-            ['site', 'kind', 'layer', 'head', 'hook', 'k', 'das', 'random_value', 'full', 'none',
-             'train', 'final_loss']
+            ['site', 'kind', 'layer', 'head', 'hook', 'k', 'positions', 'das', 'random_value',
+             'full', 'none', 'train', 'final_loss']
         """
         # The random subspaces' IIA, a value like its neighbours: a bare "random" column was a
         # level in one frame and an effect in another (docs/api.md, "Frame columns").
         row = {
             "k": self.k,
+            "positions": positions_text(self.positions),
             **{("random_value" if c == "random" else c): self.iia[c] for c in CONDITIONS},
             "train": self.iia_train,
             "final_loss": float(self.loss[-1]) if self.loss.size else np.nan,
@@ -200,14 +204,15 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("interchange accuracy (held out)")
         ax.set_title(
-            f"DAS at {self.site}, position {self.positions}; {len(self.hits)} held-out pairs",
+            f"DAS at {self._where(1)['site'][0]}, position {self.positions}; {len(self.hits)} "
+            "held-out pairs",
             fontsize="small",
         )
         return fig
 
     def _describe(self) -> str:
         return (
-            f"{self.site}, k={self.k}: held-out IIA {self.iia['das']:.2f} (random "
+            f"{self._where(1)['site'][0]}, k={self.k}: held-out IIA {self.iia['das']:.2f} (random "
             f"{self.iia['random']:.2f}, whole site {self.iia['full']:.2f}, intact "
             f"{self.iia['none']:.2f}), {len(self.hits)} held-out pairs"
         )

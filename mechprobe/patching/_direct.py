@@ -49,6 +49,7 @@ from mechprobe.core import (
     literal,
     model_adapter,
     new_axes,
+    positions_text,
     run,
     site_columns,
     spread,
@@ -168,15 +169,15 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
         """One row per prompt and component: prompt index, component, the site that wrote it
         (``site``, ``kind``, ``layer``, ``head``, as in every frame: ``"mlp_out@3"``,
         ``"head_out@3, head 0"``; the embedding and the biases are no site: their component name
-        and ``<NA>`` kind and head, ``<NA>`` layer but for an attention bias's) and the
-        attribution.
+        and ``<NA>`` kind and head, ``<NA>`` layer but for an attention bias's), the
+        ``positions`` split (``"-1"``, as text like every frame's) and the attribution.
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.direct_logit_attribution(mp.tiny_model(), "Hi", mp.logit_diff(5, 6),
             ...                                   progress=False)
             >>> list(res.to_frame().columns)
-            ['prompt', 'component', 'site', 'kind', 'layer', 'head', 'attribution']
+            ['prompt', 'component', 'site', 'kind', 'layer', 'head', 'positions', 'attribution']
             >>> res.to_frame()["site"].tolist()[:3]
             ['embed', 'attn_out@0', 'mlp_out@0']
         """
@@ -187,6 +188,7 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
                 "prompt": np.repeat(np.arange(n), c),
                 "component": np.tile(np.asarray(self.components, dtype=object), n),
                 **{key: np.tile(np.asarray(col, dtype=object), n) for key, col in located.items()},
+                "positions": positions_text(self.position),
                 "attribution": self.attributions.reshape(-1),
             }
         ).astype({"layer": "Int64", "head": "Int64"})

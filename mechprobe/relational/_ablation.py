@@ -42,6 +42,7 @@ from mechprobe.core import (
     intervene,
     literal,
     model_adapter,
+    positions_text,
     progress_bar,
     run,
     tokenize,
@@ -77,6 +78,8 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
         parts: Number of steps after the intact one (6: sixths).
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        positions: The positions ablated (``"all"``, an int or several); None in files saved
+            before results recorded them.
 
     Example:
         >>> import mechprobe as mp
@@ -96,6 +99,7 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
     method: str
     parts: int
     model_name: str = ""
+    positions: str | int | tuple[int, ...] | None = None
 
     @property
     def fraction_removed(self) -> Float[np.ndarray, " step"]:
@@ -111,7 +115,8 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy rows: task, task_kind (``"extractive"`` or ``"abstractive"``; ``kind`` in frames
-        is a site kind), step, n_removed, first_removed, accuracy, relative."""
+        is a site kind), positions (ablated: ``"all"``, ``"-1"``), step, n_removed,
+        first_removed, accuracy, relative."""
         rel = self.relative()
         rows = []
         for t, name in enumerate(self.tasks):
@@ -120,6 +125,7 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
                     {
                         "task": name,
                         "task_kind": self.kinds[t],
+                        "positions": positions_text(self.positions),
                         "step": k,
                         "n_removed": len(layers),
                         "first_removed": min(layers) if layers else None,
@@ -127,10 +133,13 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
                         "relative": float(rel[t, k]),
                     }
                 )
-        return pd.DataFrame(rows)
+        frame = pd.DataFrame(rows)
+        if len(frame):  # a layer index: an integer, <NA> at the intact step
+            frame["first_removed"] = frame["first_removed"].astype("Int64")
+        return frame
 
     def summary(self) -> pd.DataFrame:
-        """One row per task: its kind (``task_kind``), items, and accuracy at each step (columns ``removed 0``,
+        """One row per task: its kind (``task_kind``), positions, items, and accuracy at each step (columns ``removed 0``,
         ``removed 5``, ...: the number of top layers whose FFN was ablated; steps that round to the
         same layers, with more parts than layers, share one column)."""
         rows = []
@@ -138,6 +147,7 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
             row: dict[str, Any] = {
                 "task": name,
                 "task_kind": self.kinds[t],
+                "positions": positions_text(self.positions),
                 "n_items": self.n_items[t],
             }
             for k, layers in enumerate(self.removed):
@@ -172,7 +182,11 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
         ax.set_ylabel("accuracy / intact" if relative else "first-token accuracy")
         top = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
         ax.set_ylim(0, max(1.05, top + 0.05))
-        ax.set_title(f"{self.method}-ablating FFN outputs at every position", fontsize=9)
+        # The title said "at every position" for positions=-1 too.
+        where = {None: "", "all": " at every position"}.get(
+            positions_text(self.positions), f" at positions {positions_text(self.positions)}"
+        )
+        ax.set_title(f"{self.method}-ablating FFN outputs{where}", fontsize=9)
         ax.legend(fontsize=8)
         return fig
 
@@ -180,7 +194,9 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
         parts = {2: "halves", 3: "thirds", 4: "quarters", 6: "sixths"}.get(
             self.parts, f"{self.parts} parts"
         )
-        head = f"{len(self.tasks)} task(s) x {len(self.removed)} steps ({self.method}, {parts})"
+        where = positions_text(self.positions)
+        at = "" if where in (None, "all") else f", positions {where}"
+        head = f"{len(self.tasks)} task(s) x {len(self.removed)} steps ({self.method}, {parts}{at})"
         if not self.tasks:
             return head
         return (
@@ -330,4 +346,5 @@ def ffn_ablation(
         method=method,
         parts=parts,
         model_name=model_adapter(model).name,
+        positions=where,
     )

@@ -42,6 +42,7 @@ from mechprobe.core import (
     first_token_ids,
     literal,
     model_adapter,
+    positions_text,
     progress_bar,
     resolve_layers,
     run,
@@ -248,7 +249,8 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy rows: condition, context, group, target, rank, rr, top1, argument_rank,
-        no_effect, and the run's layers (``"1-2"``), scale and mode."""
+        no_effect, and the run's layers (``"1-2"``), scale, mode and positions (``"all"``,
+        ``"-1"``)."""
         rows = []
         for c, name in enumerate(self.conditions):
             rows.append(
@@ -270,6 +272,7 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
                         "layers": _span(self.layers),
                         "scale": self.scale,
                         "mode": self.mode,
+                        "positions": positions_text(self.positions),
                     }
                 )
             )

@@ -29,6 +29,7 @@ from mechprobe.core import (
     first_token_ids,
     literal,
     model_adapter,
+    positions_text,
     progress_bar,
     tokenize,
 )
@@ -82,6 +83,8 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
         n_contexts: Number of contexts.
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        positions: The positions edited (``"all"``, an int or several); None in files saved
+            before results recorded them.
 
     Example:
         >>> import torch, mechprobe as mp
@@ -103,6 +106,7 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
     mode: str
     n_contexts: int
     model_name: str = ""
+    positions: str | int | tuple[int, ...] | None = None
 
     def best(
         self, condition: str = "ovector", metric: str = "mrr"
@@ -128,7 +132,8 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy rows: condition, layers (``"24-29"``), start and stop (the layer set's span,
-        half-open), scale and the four metrics."""
+        half-open), scale, mode and positions (how and where the vector was written: two sweeps'
+        frames concatenate and still tell apart) and the four metrics."""
         rows = []
         for c, name in enumerate(self.conditions):
             for r, cell in enumerate(self.layers):
@@ -140,6 +145,8 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
                             "start": cell[0],
                             "stop": cell[-1] + 1,
                             "scale": scale,
+                            "mode": self.mode,
+                            "positions": positions_text(self.positions),
                         }
                         | {m: float(getattr(self, m)[c, r, s]) for m in _METRICS}
                     )
@@ -318,6 +325,7 @@ def ovector_sweep(
         mode=mode,
         n_contexts=len(contexts),
         model_name=model_adapter(model).name,
+        positions=where,
     )
 
 
