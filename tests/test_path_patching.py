@@ -391,3 +391,20 @@ def test_head_senders_where_heads_do_not_sum_to_the_attention_output_are_refused
     gemma = mp.tiny_model(architecture="gemma2")
     with pytest.raises(ValueError, match=r"head senders at layer 0: .*not the sum of its heads"):
         mp.path_patch(gemma, "A cat", "A bat", "head", "final", mp.logit_diff(1, 2), layers=[0])
+
+
+def test_a_call_with_no_path_at_all_is_refused_and_receivers_name_final(tiny):
+    # Senders and receivers swapped returned an all-NaN result and an empty summary without a
+    # word (review 24a); a receiver the generic message did not know ("logits") was answered
+    # with examples (Site('mlp_out', 4)) that receivers refuse, and no word of "final".
+    with pytest.raises(ValueError, match=r"No path: every receiver .* are senders and receivers"):
+        mp.path_patch(tiny, CLEAN, CORRUPT, mp.Site("head", 2, head=1), mp.Site("q", 0, head=0),
+                      METRIC, progress=False)  # fmt: skip
+    for wrong in ("logits", "resid_post", mp.Site("mlp_out", 1)):
+        with pytest.raises(ValueError, match="receivers also takes 'final'") as caught:
+            mp.path_patch(tiny, CLEAN, CORRUPT, "head", wrong, METRIC, progress=False)
+        assert "mlp_out', 4" not in str(caught.value)
+    # A sweep where only some paths exist still runs: those are NaN, the rest are values.
+    some = mp.path_patch(tiny, CLEAN, CORRUPT, "head", mp.Site("q", 1, head=0), METRIC,
+                         progress=False)  # fmt: skip
+    assert np.isnan(some.values).any() and np.isfinite(some.values).any()

@@ -607,9 +607,14 @@ def expand_sites(
         if isinstance(item, str) and not item.startswith(("blocks.", "hook_")) and "@" not in item:
             close = difflib.get_close_matches(item, list(kinds), n=2, cutoff=0.5)
             hint = _tl_hint(item) or (f" Did you mean {close}?" if close else "")
+            # The examples are of a kind this caller takes (path_patch's receivers refused the
+            # Site('mlp_out', 4) this message suggested).
+            kind = "mlp_out" if "mlp_out" in kinds else kinds[0]
+            head = ", head=2" if kind in HEAD_KINDS else ""
+            hook = _HOOK_OF_KIND[kind].format(layer=4)
             raise ValueError(
                 f"{what}: unknown site {item!r}.{hint} Pass a kind ({', '.join(kinds)}), a Site "
-                "such as Site('mlp_out', 4), or a hook name such as 'blocks.4.hook_mlp_out'."
+                f"such as Site({kind!r}, 4{head}), or a hook name such as {hook!r}."
             )
         if not isinstance(item, (str, Site)):
             raise TypeError(f"{what} holds a {type(item).__name__}: pass kinds, Sites or names.")

@@ -378,13 +378,33 @@ def _receivers(model: Any, receivers: Any, layers: Layers) -> list[Site | None]:
     if len(rest) < len(items):
         out.append(None)
     if rest:
-        out += expand_sites(model, rest, layers=layers, kinds=RECEIVER_KINDS, what="receivers")
+        try:
+            out += expand_sites(model, rest, layers=layers, kinds=RECEIVER_KINDS, what="receivers")
+        except ValueError as error:  # the generic message knows nothing of "final"
+            raise ValueError(
+                f"{error} receivers also takes 'final': the final residual stream (each "
+                "sender's direct effect on the logits)."
+            ) from None
     _refuse_positions(out, "receivers")
     if not out:
         raise ValueError(
             "receivers is empty: pass 'final', 'q', 'k', 'v', 'mlp_in' or Sites of them."
         )
     return out
+
+
+def _refuse_no_path(senders: list[Site], receivers: list[Site | None], parallel: bool) -> None:
+    """Refuse a call in which no receiver reads what any sender writes: every value would be NaN
+    (senders and receivers swapped, most likely). Some NaN paths in a sweep are expected."""
+    if any(_has_path(s, r, parallel) for s in senders for r in receivers):
+        return
+    raise ValueError(
+        f"No path: every receiver ({', '.join(str(r) for r in receivers)}) reads the residual "
+        f"stream before every sender ({', '.join(str(s) for s in senders)}) writes it, so every "
+        "value would be NaN. A receiver must be at a later layer than its sender (an MLP's "
+        "input also reads its own layer's attention), or 'final'; are senders and receivers "
+        "swapped?"
+    )
 
 
 def _sender_hook(site: Site) -> str:
@@ -558,6 +578,7 @@ def path_patch(
     receiver_list = _receivers(
         model, receivers, layers if receiver_layers is None else receiver_layers
     )
+    _refuse_no_path(sender_list, receiver_list, model_adapter(model).parallel_blocks)
     wanted, resolved = position_pairs(positions, [len(t) for t in src], [len(t) for t in base])
     metric_fn, metric_name = bind_metric(model, metric, n_pairs)
     with _split_for(model, receiver_list):  # a model that cannot split q/k/v says so first
