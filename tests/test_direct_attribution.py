@@ -452,7 +452,7 @@ def test_an_earlier_position_splits_the_prefix_that_ends_there(tiny):
     assert earlier.position == -2 and prefix.position == -1
     np.testing.assert_allclose(earlier.attributions, prefix.attributions, atol=1e-5)
     np.testing.assert_allclose(earlier.logit_diff, prefix.logit_diff, atol=1e-5)
-    with pytest.raises(TypeError, match="one int"):
+    with pytest.raises(TypeError, match=r"one position \(an int\)"):
         mp.direct_logit_attribution(tiny, "Hi", metric, positions=[0, 1], progress=False)
     with pytest.raises(ValueError, match="prompt 0"):
         mp.direct_logit_attribution(tiny, "Hi", metric, positions=-40, progress=False)

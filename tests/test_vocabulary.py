@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from sklearn.base import BaseEstimator
@@ -260,3 +261,155 @@ def test_every_public_name_is_in_the_api_index() -> None:
     public = {name for name in mp.__all__ if not name.startswith("__")}
     assert not public - indexed, f"not in docs/api.md's index: {sorted(public - indexed)}"
     assert not indexed - public, f"indexed but not exported: {sorted(indexed - public)}"
+
+
+# ---- positions: one reading of every form, in every function that takes positions= ------------
+
+# Each form of one position and of the same two positions (docs/api.md's `positions` row), built
+# per call (a tensor passed on could be changed by the call before it).
+ONE_POSITION: dict[str, Callable[[], Any]] = {
+    "int": lambda: -1,
+    "numpy int": lambda: np.int64(-1),
+    "0-d tensor": lambda: torch.tensor(-1),
+}
+TWO_POSITIONS: dict[str, Callable[[], Any]] = {
+    "list": lambda: [-2, -1],
+    "tuple": lambda: (-2, -1),
+    "range": lambda: range(-2, 0),
+    "1-d array": lambda: np.array([-2, -1]),
+    "1-d tensor": lambda: torch.tensor([-2, -1]),
+}
+
+
+def _numbers(result: Any) -> Any:
+    """What a result says, comparable across calls: its frame (or its arrays)."""
+    if isinstance(result, tuple):  # tuned_intervention: (sweep, chosen effect)
+        return [_numbers(r) for r in result]
+    if isinstance(result, mp.RunResult):
+        return result.logits
+    if isinstance(result, mp.Activations):
+        return (result.to_frame(), result.values)
+    return result.to_frame()
+
+
+def _positions_calls() -> dict[str, Callable[[Any], Any]]:
+    """One cheap call per function that takes positions= (run's is logit_positions=)."""
+
+    model = mp.tiny_model()
+    pair = ("Hi cat", "Hi bat")  # one token length, so "all" has a common grid
+    metric = mp.logit_diff(1, 2)
+    task = mp.load_task("capitals").subset(3, seed=0)
+    ctx = mp.random_word_contexts([" Poland", " Chile"], seed=0)
+    answers = [" Warsaw", " Santiago"]
+    vectors = {"ovector": torch.linspace(-1, 1, 64)}
+    data = mp.ProbingDataset("toy", ["ab", "ba", "aa", "bb"] * 3, ["x", "y", "x", "y"] * 3)
+    off = {"progress": False}
+    return {
+        "patch": lambda p: mp.patch(model, *pair, "mlp_out", p, metric, layers=[0], **off),
+        "attribution_patch": lambda p: mp.attribution_patch(
+            model, *pair, "mlp_out", p, metric, layers=[0], **off
+        ),
+        "ablate_cells": lambda p: mp.ablate_cells(
+            model, pair[0], "mlp_out", p, metric, layers=[0], **off
+        ),
+        "path_patch": lambda p: mp.path_patch(
+            model, *pair, "head", "final", metric, layers=[0], positions=p, **off
+        ),
+        "run": lambda p: mp.run(model, list(pair), logit_positions=p, **off),
+        "logit_lens": lambda p: mp.logit_lens(model, list(pair), positions=p, **off),
+        "compare_lenses": lambda p: mp.compare_lenses(
+            model,
+            ["logit"],
+            ["one two three four " * 8],
+            n_tokens=16,
+            seq_len=8,
+            positions=p,
+            **off,
+        ),
+        "collect": lambda p: mp.collect(model, list(pair), "resid_post", positions=p, **off),
+        "amnesic": lambda p: mp.amnesic(
+            model,
+            mp.Site("resid_post", 1),
+            mp.random_projection(64, 2, seed=1),
+            text=list(pair),
+            n_random=1,
+            positions=p,
+            **off,
+        ),
+        "layer_sweep": lambda p: mp.layer_sweep(
+            model, data, [1], "leace", text=list(pair), n_random=1, positions=p, **off
+        ),
+        "ovector_intervention": lambda p: mp.ovector_intervention(
+            model, vectors, ctx, answers, layers=[1], positions=p
+        ),
+        "ovector_sweep": lambda p: mp.ovector_sweep(
+            model, vectors, ctx, answers, layers=[[1]], scales=[1.0], positions=p
+        ),
+        "tuned_intervention": lambda p: mp.tuned_intervention(
+            model, vectors, ctx, answers, layers=[[1]], scales=[1.0], choose_on=[0], positions=p
+        ),
+        "ffn_ablation": lambda p: mp.ffn_ablation(model, task, parts=2, positions=p),
+        "relational_analysis": lambda p: mp.relational_analysis(
+            model,
+            "capitals",
+            n_items=4,
+            ablation=False,
+            n_random=1,
+            sweep_layers=[[1]],
+            sweep_scales=[1.0],
+            sweep_contexts=2,
+            positions=p,
+            **off,
+        ),
+        "direct_logit_attribution": lambda p: mp.direct_logit_attribution(
+            model, list(pair), metric, positions=p, **off
+        ),
+        "das": lambda p: mp.das(
+            model,
+            ["Hi cat", "Hi dog"],
+            ["Hi dog", "Hi cat"],
+            5,
+            mp.Site("resid_post", 1),
+            k=2,
+            epochs=1,
+            n_random=0,
+            positions=p,
+            **off,
+        ),
+    }
+
+
+ONE_POSITION_ONLY = {"direct_logit_attribution", "das"}  # by design: one position per prompt
+
+
+def _same(a: Any, b: Any, where: str) -> None:
+    import pandas as pd
+
+    if isinstance(a, (list, tuple)):
+        for x, y in zip(a, b, strict=True):
+            _same(x, y, where)
+    elif isinstance(a, pd.DataFrame):
+        pd.testing.assert_frame_equal(a, b, obj=where)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=where)
+
+
+@pytest.mark.parametrize("name", sorted(_positions_calls()))
+def test_every_positions_form_reads_the_same_everywhere(name: str) -> None:
+    # Seven parsers took seven subsets of the forms: range(-2, 0) failed in amnesic, a 1-d tensor
+    # in collect and the o-vector functions (review 24b, F3). One check in core reads them all.
+    call = _positions_calls()[name]
+    groups = [ONE_POSITION] if name in ONE_POSITION_ONLY else [ONE_POSITION, TWO_POSITIONS]
+    for forms in groups:
+        first, *others = forms
+        expected = _numbers(call(forms[first]()))
+        for form in others:
+            _same(expected, _numbers(call(forms[form]())), f"{name}: {form} vs {first}")
+    if name in ONE_POSITION_ONLY:
+        for value in [*(make() for make in TWO_POSITIONS.values()), "all"]:
+            with pytest.raises(TypeError, match=r"one position \(an int\)"):
+                call(value)
+    else:
+        call("all")

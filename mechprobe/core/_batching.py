@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ __all__ = [
     "Batch",
     "PaddingSide",
     "PositionSpec",
+    "check_positions",
     "first_token_ids",
     "pad_id",
     "pad_rows",
@@ -272,6 +273,57 @@ def position_list(spec: Any) -> list[int]:
         # and the other in its test set) and decoded it twice; patching refused it already.
         raise ValueError(f"positions repeat {repeated}: name each position once.")
     return out
+
+
+@overload
+def check_positions(
+    value: Any, *, single: Literal[True], why: str = "", name: str = "positions"
+) -> int: ...
+
+
+@overload
+def check_positions(
+    value: Any, *, single: bool = False, why: str = "", name: str = "positions"
+) -> int | list[int] | Literal["all"]: ...
+
+
+def check_positions(
+    value: Any, *, single: bool = False, why: str = "", name: str = "positions"
+) -> int | list[int] | Literal["all"]:
+    """``positions=`` read the one way every analysis reads it: ``"all"``, one position (an int;
+    numpy integers and 0-d integer tensors count), or several (a non-empty list, tuple, range, or
+    1-d array or tensor of distinct ints). Callers with a meaning of their own (``collect``'s
+    ``"word_last"``, the deprecated ``None``) read it before calling this.
+
+    Args:
+        value: What the caller was given.
+        single: Only one position (an int) is taken here (``"all"`` and lists are refused).
+        why: With ``single``, why one position only: said in the error.
+        name: The argument's name in messages.
+
+    Returns:
+        ``"all"``, an ``int`` for one position, or a ``list[int]`` for several.
+
+    Raises:
+        TypeError: ``single`` and not one int.
+        ValueError: Not a form of positions, or a position named twice.
+
+    Example:
+        >>> import numpy as np
+        >>> check_positions(np.int64(-1)), check_positions(range(-2, 0)), check_positions("all")
+        (-1, [-2, -1], 'all')
+    """
+    one = as_int(value)
+    if one is not None:
+        return one
+    if single:
+        reason = f": {why}" if why else ""
+        raise TypeError(f"{name} takes one position (an int) here, not {value!r}{reason}.")
+    if isinstance(value, str):
+        if value == "all":
+            return "all"
+        raise ValueError(f"{name} must be 'all', an int or a list of ints, not {value!r}.")
+    return position_list(value)
 
 
 def _check_prompts(prompts: Sequence[str] | str) -> list[str]:

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, get_args
 
-import numpy as np
 import torch
 
 from mechprobe.core import (
@@ -31,9 +30,9 @@ from mechprobe.core import (
     Site,
     SiteKind,
     SiteLike,
-    as_int,
     block_of,
     check_int,
+    check_positions,
     check_seed,
     evaluates,
     model_adapter,
@@ -236,14 +235,8 @@ def amnesic(
 
 
 def _check_positions(positions: Any, caller: str = "amnesic") -> ErasePositions:
-    """``"all"``, an int, or a list of ints (numpy and 0-d tensor integers accepted);
-    ``caller`` names the public function in the deprecation warning."""
-    if isinstance(positions, str):
-        if positions != "all":
-            raise ValueError(
-                f"positions must be 'all', an int or a list of ints, not {positions!r}."
-            )
-        return "all"
+    """``"all"``, an int, or several ints, read by the core's one check (``check_positions``);
+    the old ``None`` is ``"all"`` with a warning, and ``caller`` names the public function in it."""
     if positions is None:
         warn(
             f"{caller}(positions=None) is deprecated and will be removed in the next release; "
@@ -251,15 +244,7 @@ def _check_positions(positions: Any, caller: str = "amnesic") -> ErasePositions:
             DeprecationWarning,
         )
         return "all"
-    single = as_int(positions)
-    if single is not None:
-        return single
-    if not isinstance(positions, (list, tuple, np.ndarray, torch.Tensor)):
-        raise TypeError(f"positions must be 'all', an int or a list of ints, got {positions!r}.")
-    items = [as_int(p) for p in positions]
-    if not items or any(p is None for p in items):
-        raise ValueError(f"positions must be 'all', an int or a list of ints, got {positions!r}.")
-    return [int(p) for p in items if p is not None]
+    return check_positions(positions)
 
 
 def _probe_sites(

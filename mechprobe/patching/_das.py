@@ -43,6 +43,7 @@ from mechprobe.core import (
     SiteLike,
     check_float,
     check_int,
+    check_positions,
     check_seed,
     evaluates,
     gradients_enabled,
@@ -317,7 +318,12 @@ def das(
     check_int(n_random, "n_random", 0)
     check_int(minibatch, "minibatch", 1)
     check_int(batch_size, "batch_size", 1)
-    check_int(positions, "positions")
+    positions = check_positions(
+        positions,
+        single=True,
+        why="DAS learns the subspace at one position per pair (default -1, the last token); "
+        "call once per position",
+    )
     lr = check_float(lr, "lr", 0.0, low_open=True)
     test_size = check_float(test_size, "test_size", 0.0, 1.0, low_open=True)
     name, parsed = resolve_site(model, site)

@@ -41,9 +41,9 @@ from mechprobe.core import (
     Result,
     Site,
     SiteKind,
-    as_int,
     check_heads_sum,
     check_int,
+    check_positions,
     evaluates,
     first_token_ids,
     literal,
@@ -359,12 +359,12 @@ def direct_logit_attribution(
     """
     if not isinstance(heads, bool):
         raise TypeError(f"heads must be True or False, got {heads!r}.")
-    position = as_int(positions)
-    if position is None:
-        raise TypeError(
-            f"positions must be one int here (default -1, the last token), not {positions!r}: "
-            "a logit difference is split at one position per prompt; call once per position."
-        )
+    position = check_positions(
+        positions,
+        single=True,
+        why="a logit difference is split at one position per prompt (default -1, the last "
+        "token); call once per position",
+    )
     if isinstance(prompts, TaskLike):
         prompts, metric = _task_prompts(model, prompts, metric)
     if metric is None:

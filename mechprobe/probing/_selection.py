@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
-from mechprobe.core import Batch, PaddingSide, as_int, tokenize
+from mechprobe.core import Batch, PaddingSide, as_int, check_positions, tokenize
 
 _WORD = re.compile(r"\S+")
 _POSITIONS_HELP = (
@@ -120,13 +121,18 @@ def _rule(positions: Any, n_texts: int, word_level: bool) -> Any:
         if single == -1:  # the last token of each labelled unit: a text, or a word
             return "word_last" if word_level else "last"
         return [[single]] * n_texts
+    array = isinstance(positions, np.ndarray) and positions.dtype.kind != "O"  # not lists of lists
+    if (isinstance(positions, torch.Tensor) or array) and positions.ndim == 1:
+        # The same for every text, read as every other analysis reads positions (a 1-d tensor
+        # was refused here alone).
+        return [check_positions(positions)] * n_texts
     if isinstance(positions, (bytes, bool)) or not isinstance(positions, (Sequence, np.ndarray)):
         raise TypeError(f"{_POSITIONS_HELP}; got {type(positions).__name__} {positions!r}.")
     items = list(positions)
     if not items:
         raise ValueError(f"{_POSITIONS_HELP}; got an empty list.")
     if all(as_int(p) is not None for p in items):
-        return [items] * n_texts
+        return [check_positions(items)] * n_texts
     if len(items) != n_texts:
         raise ValueError(
             f"positions has {len(items)} position lists for {n_texts} texts: pass one per text."

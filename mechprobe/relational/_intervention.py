@@ -34,10 +34,10 @@ from mechprobe.core import (
     Replace,
     Result,
     Site,
-    as_int,
     check_choice,
     check_finite,
     check_float,
+    check_positions,
     evaluates,
     first_token_ids,
     literal,
@@ -432,24 +432,10 @@ def _scale(scale: Any, name: str, sweep: str) -> float:
 
 
 def _positions(positions: Any, owner: str) -> str | int | tuple[int, ...]:
-    """A writer's positions: ``"all"``, an int or several ints (the old None read as "all")."""
-    positions = writer_positions(positions, owner)
-    if isinstance(positions, str):
-        if positions != "all":
-            raise ValueError(
-                f"positions must be 'all', an int or a list of ints, not {positions!r}."
-            )
-        return "all"
-    single = as_int(positions)
-    if single is not None:
-        return single
-    if isinstance(positions, (list, tuple, range, np.ndarray)) and len(positions) > 0:
-        items = [as_int(p) for p in positions]
-        if all(i is not None for i in items):
-            return tuple(int(i) for i in items)  # type: ignore[arg-type]
-    raise TypeError(
-        f"positions must be 'all', an int or a non-empty list of ints, not {positions!r}."
-    )
+    """A writer's positions: ``"all"``, an int or several ints, read by the core's one check
+    (the old None read as "all"); several as a tuple, which a frozen result can hold."""
+    where = check_positions(writer_positions(positions, owner))
+    return tuple(where) if isinstance(where, list) else where
 
 
 def _core_positions(positions: str | int | tuple[int, ...]) -> int | tuple[int, ...] | None:
