@@ -483,3 +483,14 @@ def test_a_position_named_twice_is_refused_everywhere() -> None:
         mp.amnesic(model, mp.Site("resid_post", 1), mp.random_projection(64, 2),
                    text=["Hello there"], positions=[-1, -1], progress=False)  # fmt: skip
     assert len(mp.collect(model, ["Hi"], "resid_post", positions=[0, -1], progress=False)) == 2
+
+
+def test_a_collection_of_batch_size_none_is_found_again_by_its_passes(tiny, tmp_path: Path) -> None:
+    # batch_size=None (every text in one pass) was refused; its folder's fingerprint records the
+    # passes it ran, so the same one pass spelled batch_size=len(texts) finds the collection.
+    kwargs: dict[str, Any] = {"out_dir": tmp_path / "acts", "progress": False}
+    whole = mp.collect(tiny, TEXTS, "resid_post", batch_size=None, **kwargs)
+    again = mp.collect(tiny, TEXTS, "resid_post", batch_size=len(TEXTS), **kwargs)
+    np.testing.assert_array_equal(whole.values, again.values)
+    with pytest.raises(ValueError, match="different collection"):
+        mp.collect(tiny, TEXTS, "resid_post", batch_size=1, **kwargs)

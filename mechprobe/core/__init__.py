@@ -85,6 +85,7 @@ from mechprobe.core._sites import (
 )
 from mechprobe.core._validation import (
     as_int,
+    check_batch_size,
     check_choice,
     check_finite,
     check_float,
@@ -124,6 +125,7 @@ __all__ = [
     "as_int",
     "block_of",
     "cache_dir",
+    "check_batch_size",
     "check_choice",
     "check_finite",
     "check_float",

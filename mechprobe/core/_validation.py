@@ -15,6 +15,7 @@ import torch
 
 __all__ = [
     "as_int",
+    "check_batch_size",
     "check_choice",
     "check_finite",
     "check_float",
@@ -68,6 +69,21 @@ def check_int(value: Any, name: str, low: int | None = None, high: int | None = 
             bound = f"between {low} and {high}"
         raise ValueError(f"{name} must be {bound}, got {number}.")
     return number
+
+
+def check_batch_size(value: Any) -> int | None:
+    """``batch_size`` as every function that batches takes it: an int >= 1 (rows per forward
+    pass), or None for all rows in one pass (``Batch.chunks`` reads None the same way).
+
+    Raises:
+        TypeError: Neither None nor an integer.
+        ValueError: Below 1.
+
+    Example:
+        >>> check_batch_size(np.int64(8)), check_batch_size(None)
+        (8, None)
+    """
+    return None if value is None else check_int(value, "batch_size", 1)
 
 
 #: The largest seed every generator a seed reaches takes (scikit-learn's random_state and

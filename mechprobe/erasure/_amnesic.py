@@ -31,6 +31,7 @@ from mechprobe.core import (
     SiteKind,
     SiteLike,
     block_of,
+    check_batch_size,
     check_int,
     check_positions,
     check_seed,
@@ -97,7 +98,7 @@ def amnesic(
     mlp: bool = True,
     probe_folds: int | None = None,
     seed: int = 0,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     progress: bool = True,
 ) -> AmnesicResult:
     """Erase with ``eraser`` at ``site`` inside the model and measure the loss against random controls.
@@ -122,7 +123,7 @@ def amnesic(
         probe_folds: Score probes by stratified k-fold cross-validation instead of one 75/25
             split (steadier on small probing data, ``k`` times the fitting).
         seed: Seed of the controls and of the probes' train/test split.
-        batch_size: Prompts per forward pass.
+        batch_size: Prompts per forward pass (None: all at once).
         progress: Show progress bars (``MECHPROBE_PROGRESS=0`` silences them).
 
     Returns:
@@ -167,7 +168,7 @@ def amnesic(
         )
     if text is None and task is None and probe is None:
         raise ValueError("Nothing to measure: pass text=[...], task='capitals' and/or probe=data.")
-    batch_size = check_int(batch_size, "batch_size", 1)
+    batch_size = check_batch_size(batch_size)
     seed = check_seed(seed)
     if isinstance(site, Site) and site.positions is not None:
         raise ValueError(

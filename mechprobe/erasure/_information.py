@@ -73,7 +73,7 @@ def _last_token(
     condition: Condition,
     sites: Sequence[str],
     positions: ErasePositions,
-    batch_size: int,
+    batch_size: int | None,
 ) -> np.ndarray:
     """``[n, sites, d]`` activations at each text's last token under ``condition``."""
     batch = tokenize(model, texts)
@@ -105,7 +105,7 @@ def _word_level(
     condition: Condition,
     sites: Sequence[str],
     positions: ErasePositions,
-    batch_size: int,
+    batch_size: int | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``([n, sites, d], labels)`` at each labelled word under ``condition`` (all positions)."""
     if positions != "all":
@@ -134,7 +134,7 @@ def information_measures(
     mlp: bool,
     folds: int | None,
     seed: int,
-    batch_size: int,
+    batch_size: int | None,
     progress: bool,
 ) -> Information:
     """Probe accuracy per (condition, site, probe kind), held out the same way for every condition.

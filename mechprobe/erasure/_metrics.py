@@ -86,7 +86,7 @@ def text_measures(
     conditions: Sequence[Condition],
     *,
     positions: ErasePositions,
-    batch_size: int,
+    batch_size: int | None,
     progress: bool,
 ) -> tuple[list[AmnesicMeasure], dict[str, int]]:
     """Next-token accuracy and loss, and KL from the original, on ``texts``; returns the counts
@@ -153,7 +153,7 @@ def task_measures(
     conditions: Sequence[Condition],
     *,
     positions: ErasePositions,
-    batch_size: int,
+    batch_size: int | None,
     progress: bool,
 ) -> list[AmnesicMeasure]:
     """Greedy first-token accuracy, first-token log-prob and KL at the prompt's last token.

@@ -258,7 +258,7 @@ def layer_sweep(
     mlp: bool = False,
     fit_options: dict[str, Any] | None = None,
     seed: int = 0,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     progress: bool = True,
     kind: str | None = None,
 ) -> ErasureSweep:
@@ -285,7 +285,7 @@ def layer_sweep(
             off here, as a sweep fits them again at every site).
         fit_options: Options for :func:`fit_erasure`.
         seed: Seed of the fits, controls and probe split.
-        batch_size: Prompts per forward pass.
+        batch_size: Prompts per forward pass (None: all at once).
         progress: Progress bar over the erased sites.
         kind: Deprecated name of ``sites`` (one release).
 

@@ -28,6 +28,7 @@ from mechprobe.core import (
     Site,
     SiteLike,
     StopForward,
+    check_batch_size,
     check_int,
     check_seed,
     evaluates,
@@ -208,7 +209,7 @@ def compare_lenses(
     n_tokens: int = 2048,
     seq_len: int = 128,
     seed: int = 0,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     progress: bool = True,
 ) -> LensComparison:
     """Per-layer KL to the model's output and precision@1 of each lens, on the same tokens.
@@ -228,7 +229,7 @@ def compare_lenses(
             ``seq_len`` tokens read one whole window).
         seq_len: Tokens per window.
         seed: Seed of the windows' order.
-        batch_size: Windows per forward pass.
+        batch_size: Windows per forward pass (None: all at once).
         progress: Show a progress bar.
 
     Returns:
@@ -260,7 +261,7 @@ def compare_lenses(
         raise ValueError("No lens to compare: pass at least one (e.g. ['logit']).")
     n_tokens = check_int(n_tokens, "n_tokens", 1)
     seq_len = check_int(seq_len, "seq_len", 2)
-    batch_size = check_int(batch_size, "batch_size", 1)
+    batch_size = check_batch_size(batch_size)
     seed = check_seed(seed)
     entries = lens_entries(model, sites, layers)
     for obj in objs:
@@ -276,7 +277,8 @@ def compare_lenses(
     kl_sq = np.zeros((len(objs), len(entries)))
     hits = np.zeros((len(objs), len(entries)))
     count = 0
-    chunks = [windows[s : s + batch_size] for s in range(0, n_windows, batch_size)]
+    size = max(1, n_windows) if batch_size is None else batch_size  # None: all in one pass
+    chunks = [windows[s : s + size] for s in range(0, n_windows, size)]
     with torch.no_grad():
         for rows in progress_bar(chunks, progress=progress, desc="compare lenses"):
             batch = Batch(rows, torch.ones_like(rows), "right", ("",) * len(rows))

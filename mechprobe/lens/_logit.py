@@ -43,6 +43,7 @@ from mechprobe.core import (
     SiteKind,
     SiteLike,
     StopForward,
+    check_batch_size,
     evaluates,
     model_adapter,
     progress_bar,
@@ -90,7 +91,7 @@ def logit_lens(
     positions: PositionSpec = -1,
     targets: TargetSpec | None = None,
     top_k: int = 10,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     chunk_size: int = 256,
     padding_side: PaddingSide = "right",
     lens: LensSpec = "logit",
@@ -127,7 +128,7 @@ def logit_lens(
             log-probability of all its tokens under each layer's lens; ranks and probabilities are
             those of its first token. Nothing is truncated.
         top_k: Tokens kept per decoded vector, with their probabilities.
-        batch_size: Rows per forward pass.
+        batch_size: Rows per forward pass (None: all at once).
         chunk_size: Vectors per unembedding matmul (buffers: ~3 x chunk_size x vocab floats).
         padding_side: Padding of the batch; results do not depend on it.
         lens: ``"logit"``, a :class:`TunedLens` (its translator for each site kind and layer is
@@ -165,7 +166,7 @@ def logit_lens(
             raise TypeError(f"Prompt {i} is {type(p).__name__}, not str: pass strings.")
     d_vocab = model_adapter(model).d_vocab  # the logits' width (d_vocab_out where it differs)
     top_k = _check_int(top_k, "top_k", 1, d_vocab)
-    batch_size = _check_int(batch_size, "batch_size", 1)
+    batch_size = check_batch_size(batch_size)
     chunk_size = _check_int(chunk_size, "chunk_size", 1)
     if padding_side not in get_args(PaddingSide):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")

@@ -28,6 +28,7 @@ from mechprobe.core import (
     Replace,
     Site,
     StopForward,
+    check_batch_size,
     check_int,
     evaluates,
     run,
@@ -51,7 +52,7 @@ class Patchscope(Lens):
             in ``prompt`` is used.
         target_layer: The layer patched in the target prompt (None: the source vector's own
             layer, no shift; negative counts from the end).
-        batch_size: Vectors (target-prompt rows) per forward pass.
+        batch_size: Vectors (target-prompt rows) per forward pass (None: all at once).
 
     The decoding is read at the target prompt's last token: with the default prompt that is the
     placeholder itself, as in the paper's next-token experiments. A prompt such as ``"... ? ->"``
@@ -77,7 +78,7 @@ class Patchscope(Lens):
         placeholder: str = "?",
         *,
         target_layer: int | None = None,
-        batch_size: int = 32,
+        batch_size: int | None = 32,
     ) -> None:
         if not isinstance(prompt, str) or not isinstance(placeholder, str) or not placeholder:
             raise TypeError("prompt and placeholder must be strings (the placeholder non-empty).")
@@ -90,7 +91,7 @@ class Patchscope(Lens):
         self.target_layer = (
             None if target_layer is None else check_int(target_layer, "target_layer")
         )
-        self.batch_size = check_int(batch_size, "batch_size", 1)
+        self.batch_size = check_batch_size(batch_size)
         # Per model (weakly: a model's id can be reused by another once it is gone).
         self._tokens: weakref.WeakKeyDictionary[Any, tuple[list[int], int]] = (
             weakref.WeakKeyDictionary()
@@ -166,8 +167,9 @@ class Patchscope(Lens):
         final = Site("resid_post", int(model.cfg.n_layers) - 1)
         out = torch.empty_like(x)
         row = torch.tensor(ids, dtype=torch.long)
-        for s in range(0, x.shape[0], self.batch_size):
-            chunk = x[s : s + self.batch_size]
+        size = max(1, x.shape[0]) if self.batch_size is None else self.batch_size
+        for s in range(0, x.shape[0], size):
+            chunk = x[s : s + size]
             tokens = row.expand(chunk.shape[0], -1).contiguous()
             batch = Batch(tokens, torch.ones_like(tokens), "right", ("",) * chunk.shape[0])
             keep = KeepPositions([len(ids) - 1], stop=True)

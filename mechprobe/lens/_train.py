@@ -42,6 +42,7 @@ from torch import Tensor
 from mechprobe.core import (
     Batch,
     Site,
+    check_batch_size,
     check_choice,
     check_float,
     check_int,
@@ -230,7 +231,7 @@ def train_tuned_lens(
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 8,
     seed: int = 0,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     progress: bool = True,
 ) -> TunedLens:
     """Train a tuned lens for ``model`` on real text (see the module docstring for the recipe).
@@ -262,7 +263,7 @@ def train_tuned_lens(
         checkpoint: A folder to write the state to and resume from (None: no checkpoints).
         checkpoint_every: Steps between checkpoints.
         seed: Seed of the windows' order.
-        batch_size: Rows per forward pass.
+        batch_size: Rows per forward pass (None: all at once).
         progress: Show a progress bar.
 
     Returns:
@@ -310,7 +311,7 @@ def train_tuned_lens(
     )
     checkpoint_every = check_int(checkpoint_every, "checkpoint_every", 1)
     seed = check_seed(seed)
-    batch_size = check_int(batch_size, "batch_size", 1)
+    batch_size = check_batch_size(batch_size)
     if warmup_steps is not None:
         warmup_steps = check_int(warmup_steps, "warmup_steps", 0)
     n_layers = int(model.cfg.n_layers)

@@ -41,6 +41,7 @@ from mechprobe.core import (
     Result,
     Site,
     SiteLike,
+    check_batch_size,
     check_float,
     check_int,
     check_positions,
@@ -251,7 +252,7 @@ def das(
     lr: float = 0.01,
     n_random: int = 3,
     minibatch: int = 32,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     seed: int = 0,
     progress: bool = True,
 ) -> DASResult:
@@ -281,7 +282,7 @@ def das(
         n_random: Random subspaces of dimension ``k`` measured as controls.
         minibatch: Training pairs per Adam step: the learned subspace depends on it as on
             ``lr`` and ``epochs``.
-        batch_size: Pairs per forward pass (memory only: a minibatch larger than it adds up
+        batch_size: Pairs per forward pass, None for all at once (memory only: a minibatch larger than it adds up
             its chunks' gradients, so the result does not depend on it).
         seed: Seed of the split, the initial subspace, the batch order and the random subspaces.
         progress: Show a progress bar over epochs.
@@ -317,7 +318,7 @@ def das(
     check_int(epochs, "epochs", 1)
     check_int(n_random, "n_random", 0)
     check_int(minibatch, "minibatch", 1)
-    check_int(batch_size, "batch_size", 1)
+    batch_size = check_batch_size(batch_size)
     positions = check_positions(
         positions,
         single=True,
@@ -490,8 +491,10 @@ def _refuse_equal_prefixes(model: Any, bases: Any, sources: Any, position: int) 
     )
 
 
-def _batches(rows: np.ndarray, size: int) -> list[np.ndarray]:
-    return [rows[i : i + size] for i in range(0, len(rows), size)]
+def _batches(rows: np.ndarray, size: int | None) -> list[np.ndarray]:
+    """Consecutive slices of at most ``size`` rows (None: all rows in one)."""
+    step = max(1, len(rows)) if size is None else size
+    return [rows[i : i + step] for i in range(0, len(rows), step)]
 
 
 def _last_logits(model: Any, batch: Any, site: Site, edit: Intervention | None) -> Tensor:

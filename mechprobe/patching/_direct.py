@@ -307,7 +307,7 @@ def direct_logit_attribution(
     *,
     heads: bool = False,
     positions: int = -1,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     padding_side: PaddingSide = "right",
     progress: bool = True,
 ) -> LogitAttributionResult:
@@ -335,7 +335,7 @@ def direct_logit_attribution(
         positions: The one position whose next-token logits are split (default -1, each
             prompt's last token; negative counts from each prompt's end, as everywhere): e.g.
             ``-2`` on ``prompt + answer`` texts reads the prediction of the answer's last token.
-        batch_size: Prompts per forward pass.
+        batch_size: Prompts per forward pass (None: all at once).
         padding_side: Padding of the batch built from strings (results do not depend on it).
         progress: Show a progress bar over batches.
 

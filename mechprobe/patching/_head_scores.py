@@ -50,6 +50,7 @@ from mechprobe.core import (
     InterventionSpec,
     Layers,
     Result,
+    check_batch_size,
     check_int,
     check_seed,
     evaluates,
@@ -291,7 +292,7 @@ def head_scores(
     layers: Layers = "all",
     seq_len: int = 50,
     n_prompts: int = 10,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     progress: bool = True,
     seed: int = 0,
 ) -> HeadScoreResult:
@@ -313,7 +314,7 @@ def head_scores(
         seq_len: Tokens in each half of a random sequence (``2 * seq_len + 1`` tokens with BOS),
             at least 2 (with 1, a query's induction target would be itself).
         n_prompts: Random sequences (ignored with prompts).
-        batch_size: Prompts per forward pass.
+        batch_size: Prompts per forward pass (None: all at once).
         progress: Show a progress bar over batches.
         seed: Seed of the random tokens (sequence ``i`` from ``seed`` and ``i``, so the first
             sequences do not change with ``n_prompts``).
@@ -345,7 +346,7 @@ def head_scores(
     else:
         batch = prompts if isinstance(prompts, Batch) else tokenize(model, prompts)
         source, half = "prompts", 0
-    check_int(batch_size, "batch_size", 1)
+    check_batch_size(batch_size)
     bos = _bos(model)
     n_heads = model_adapter(model).n_heads
     names = list(rules)

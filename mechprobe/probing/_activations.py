@@ -51,7 +51,7 @@ from mechprobe.core import (
     SiteKind,
     SiteLike,
     StopForward,
-    check_int,
+    check_batch_size,
     evaluates,
     expand_sites,
     intervene,
@@ -402,7 +402,7 @@ def collect(
     positions: CollectPositions = -1,
     labels: Sequence[Any] | None = None,
     groups: Sequence[Any] | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     padding_side: PaddingSide = "right",
     memory_budget: int = 1 << 30,
     out_dir: str | os.PathLike[str] | None = None,
@@ -431,7 +431,7 @@ def collect(
             per word / token / listed position (None skips that one). Taken from ``data`` when it
             is a dataset or task.
         groups: Word types for control tasks, shaped like ``labels``.
-        batch_size: Texts per forward pass (texts are sorted by length to waste little padding).
+        batch_size: Texts per forward pass, None for all at once (texts are sorted by length to waste little padding).
         padding_side: Padding of each batch (results do not depend on it).
         memory_budget: Bytes the result may take in memory; above it, it streams to disk.
         out_dir: Folder for ``values.npy`` (always used when given; resumable). Without it, a
@@ -464,12 +464,15 @@ def collect(
         positions = _OLD_SELECT.get(select, select) if isinstance(select, str) else select
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}.")
-    batch_size = check_int(batch_size, "batch_size", 1)
+    batch_size = check_batch_size(batch_size)
     names, found = _site_names(model, sites, layers)
     plan = make_plan(
         model, data, positions=positions, labels=labels, groups=groups, padding_side=padding_side
     )
-    key = fingerprint(model, names, plan, dtype, batch_size)
+    # None is every text in one pass: the fingerprint holds that count, so that resuming with
+    # the same passes spelled either way finds the collection.
+    size = max(1, len(plan.order)) if batch_size is None else batch_size
+    key = fingerprint(model, names, plan, dtype, size)
     folder = Path(out_dir).expanduser() if out_dir is not None else None
     done = 0
     if folder is not None and folder.exists() and not folder.is_dir():
@@ -484,7 +487,7 @@ def collect(
         finished, done = resume_state(folder, key)
         if finished:
             return Activations.load(folder)
-    chunks = [plan.order[i : i + batch_size] for i in range(0, len(plan.order), batch_size)]
+    chunks = [plan.order[i : i + size] for i in range(0, len(plan.order), size)]
     sink: Sink | None = None
     with torch.no_grad():
         for k, rows in enumerate(progress_bar(chunks, progress=progress, desc="collect")):

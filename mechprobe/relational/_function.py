@@ -35,6 +35,7 @@ from mechprobe.core import (
     Result,
     Site,
     SiteLike,
+    check_batch_size,
     check_int,
     check_seed,
     evaluates,
@@ -263,7 +264,7 @@ def _accuracy(
     answers: list[int],
     vector: torch.Tensor | None,
     layer: int,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
 ) -> np.ndarray:
     """Per prompt: whether the top next token is the answer's first token, with ``vector``
     added to the residual stream after block ``layer`` at the last token."""
@@ -285,7 +286,7 @@ def function_vector(
     n_prompts: int = 20,
     test_size: float | int = 0.5,
     n_random: int = 3,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
     seed: int = 0,
     progress: bool = True,
 ) -> FunctionVectorResult:
@@ -302,7 +303,7 @@ def function_vector(
         test_size: Held-out share (or count) of the items the accuracies are measured on.
         n_random: Random controls: per head in the AIE, and random vectors of the FV's norm.
         batch_size: Prompts per forward pass where whole prompts run (the head means, the
-            accuracies); the AIE's cells are packed by :func:`ablate_cells`.
+            accuracies; None: all at once); the AIE's cells are packed by :func:`ablate_cells`.
         seed: Seed of the split, the label shuffles and the random directions.
         progress: Show progress bars.
 
@@ -325,7 +326,7 @@ def function_vector(
     check_int(n_heads, "n_heads", 1, n_layers * heads_per_layer)
     check_int(n_prompts, "n_prompts", 1)
     check_int(n_random, "n_random", 0)
-    check_int(batch_size, "batch_size", 1)
+    check_batch_size(batch_size)
     seed = check_seed(seed)
     if len(task.shots) < 2:
         raise ValueError(
