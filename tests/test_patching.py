@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import typing
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -558,6 +559,24 @@ def test_smollm2_capitals_batched_equals_one_cell_at_a_time(smollm2):
     assert res.values.shape == (30, 1)
     np.testing.assert_allclose(res.values, expected, atol=1e-4)
     assert res.clean_metric > 0 > res.corrupt_metric  # Paris wins on France, Warsaw on Poland
+    # "Paris" without its space is a token of its own: scored silently, a clean logit
+    # difference of 5.27 instead of 6.21 (review 24a). The spaced answers above said nothing.
+    with pytest.warns(UserWarning, match=r"answer 'Paris' has no leading space.*Pass ' Paris'"):
+        mp.logit_diff("Paris", " Warsaw").bind(smollm2, n_pairs=1)
+
+
+def test_an_unspaced_answer_warns_only_where_the_spaced_word_is_one_token() -> None:
+    from types import SimpleNamespace
+
+    from mechprobe.patching._metrics import _warn_unspaced
+
+    vocab = {"Paris": [1], " Paris": [2], "Nairobi": [3, 4], " Nairobi": [5, 6], "\n": [7]}
+    model = SimpleNamespace(tokenizer=lambda text, **_: {"input_ids": vocab.get(text, [9, 9])})
+    with pytest.warns(UserWarning, match=r"wrong 'Paris' has no leading space.*\(id 2\)"):
+        _warn_unspaced(model, ["Paris", " Rome"], "wrong")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_unspaced(model, [" Paris", "Nairobi", "\n"], "answer")  # nothing to say
 
 
 def test_reference_means_over_more_prompts_than_one_pass_takes() -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mechprobe.core import as_int, model_adapter
+from mechprobe.core import as_int, model_adapter, warn
 
 __all__ = [
     "MetricFn",
@@ -85,11 +85,13 @@ def answer_prob(answer: Any) -> PatchMetric:
     return PatchMetric("answer_prob", answer)
 
 
-def _pair_ids(model: Any, answer: Any, wrong: Any, n_pairs: int) -> tuple[Tensor, Tensor]:
+def _pair_ids(
+    model: Any, answer: Any, wrong: Any, n_pairs: int, *, check_space: bool = True
+) -> tuple[Tensor, Tensor]:
     """A logit difference's ``(answer, wrong)`` token ids ``[pairs]``, never the same token."""
     ans, other = (
-        _answer_ids(model, answer, n_pairs, "answer"),
-        _answer_ids(model, wrong, n_pairs, "wrong"),
+        _answer_ids(model, answer, n_pairs, "answer", check_space=check_space),
+        _answer_ids(model, wrong, n_pairs, "wrong", check_space=check_space),
     )
     same = (ans == other).nonzero().flatten().tolist()
     if same:  # the difference would be 0 there whatever the model did
@@ -101,7 +103,9 @@ def _pair_ids(model: Any, answer: Any, wrong: Any, n_pairs: int) -> tuple[Tensor
     return ans, other
 
 
-def _answer_ids(model: Any, value: Any, n_pairs: int, what: str) -> Tensor:
+def _answer_ids(
+    model: Any, value: Any, n_pairs: int, what: str, *, check_space: bool = True
+) -> Tensor:
     single = isinstance(value, str) or as_int(value) is not None
     if not single and not isinstance(value, (list, tuple, np.ndarray, Tensor)):
         raise TypeError(
@@ -137,7 +141,25 @@ def _answer_ids(model: Any, value: Any, n_pairs: int, what: str) -> Tensor:
                 f"{model.tokenizer.decode(toks[:1])!r}) or a token id."
             )
         ids.append(int(toks[0]))
+    if check_space:
+        _warn_unspaced(model, [v for v in values if isinstance(v, str)], what)
     return torch.as_tensor(ids, dtype=torch.long)
+
+
+def _warn_unspaced(model: Any, answers: list[str], what: str) -> None:
+    """Warn where an answer without a leading space is a token of its own and so is the word
+    after a space: ``logit_diff("Paris", "Rome")`` scored the bare tokens, not the " Paris" that
+    follows "The capital of France is" (a clean logit difference of 5.27 for 6.21 on SmolLM2)."""
+    tokenizer = model.tokenizer
+    for answer in dict.fromkeys(a for a in answers if a and not a[0].isspace()):
+        spaced = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+        if len(spaced) == 1:
+            warn(
+                f"{what} {answer!r} has no leading space: it is scored as the token {answer!r}, "
+                f"not {' ' + answer!r} (id {spaced[0]}), the word that follows a space. Pass "
+                f"{' ' + answer!r} unless the prompt ends in a space or a newline."
+            )
+            return
 
 
 def metric_token_ids(
@@ -155,9 +177,11 @@ def metric_token_ids(
     if not isinstance(metric, PatchMetric):
         return (), ()
     if metric.name == "logit_diff":
-        ans, wrong = _pair_ids(model, metric.answer, metric.wrong, n_pairs)
+        # Read once more for the record: the binding already warned of what is worth a word.
+        ans, wrong = _pair_ids(model, metric.answer, metric.wrong, n_pairs, check_space=False)
         return tuple(ans.tolist()), tuple(wrong.tolist())
-    return tuple(_answer_ids(model, metric.answer, n_pairs, "answer").tolist()), ()
+    ans = _answer_ids(model, metric.answer, n_pairs, "answer", check_space=False)
+    return tuple(ans.tolist()), ()
 
 
 def bind_metric(model: Any, metric: Any, n_pairs: int) -> tuple[Callable[..., Tensor], str]:
