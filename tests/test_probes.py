@@ -1015,3 +1015,13 @@ def test_mlp_probe_settings_are_checked_at_fit() -> None:
                               ({"random_state": -1}, "seed must be between 0")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             mp.MLPProbe(**settings).fit(X, y)
+
+
+def test_mlp_probe_refuses_a_random_state_by_its_own_name():
+    # MLPProbe(random_state=None) was refused with "seed must be an int", a word the estimator
+    # does not take (review 24b F10).
+    X, y = np.random.default_rng(0).normal(size=(20, 3)), np.arange(20) % 2
+    with pytest.raises(TypeError, match="MLPProbe random_state must be an int: fits are"):
+        mp.MLPProbe(random_state=None).fit(X, y)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="MLPProbe random_state must be between 0 and"):
+        mp.MLPProbe(random_state=-1).fit(X, y)

@@ -286,3 +286,16 @@ def test_a_site_passed_as_layers_is_named_as_a_site(tiny):
             resolve_layers(tiny, wrong)
     with pytest.raises(ValueError, match=r"not 'al'\.$"):
         resolve_layers(tiny, "al")
+
+
+def test_a_kind_where_one_site_goes_is_named_a_kind_without_its_layer(tiny):
+    # das(site="resid_post") said "Unknown hook name 'resid_post'" and listed that very kind
+    # among the valid ones; amnesic said it right (review 24b F10).
+    with pytest.raises(ValueError, match=r"'resid_post' is a site kind without its layer"):
+        mp.das(tiny, ["Hi cat", "Hi dog"], ["Hi dog", "Hi cat"], [5, 6], "resid_post",
+               progress=False)  # fmt: skip
+    with (
+        pytest.raises(ValueError, match=r"pass Site\('mlp_out', layer\), its label 'mlp_out@"),
+        mp.intervene(tiny, {"mlp_out": mp.Ablate()}),
+    ):
+        pass

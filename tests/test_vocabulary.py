@@ -576,3 +576,18 @@ def test_batch_size_none_is_every_row_in_one_pass(name: str) -> None:
     # (review 24b, F5): it is every row in one pass everywhere, the same numbers as any size.
     call = _batched_calls()[name]
     _close(call(None), call(2), f"{name}: batch_size None vs 2")
+
+
+def test_string_arrays_are_prompts_and_a_batch_where_strings_go_is_named() -> None:
+    # causal_trace refused the numpy and pandas string arrays every other prompts= takes;
+    # extract_ovector answered a Batch with "'Batch' object is not iterable" (review 24b F10).
+    import numpy as np
+    import pandas as pd
+
+    model = mp.tiny_model()
+    want = mp.causal_trace(model, "The cat sat", "cat", layers=[0], n_noise=1, progress=False)
+    for prompts in (np.array(["The cat sat"]), pd.Series(["The cat sat"])):
+        got = mp.causal_trace(model, prompts, "cat", layers=[0], n_noise=1, progress=False)
+        pd.testing.assert_frame_equal(got.to_frame(), want.to_frame())
+    with pytest.raises(TypeError, match="takes prompt strings or a Task, not a Batch"):
+        mp.extract_ovector(model, mp.tokenize(model, ["Hi cat"]), 1)

@@ -306,6 +306,12 @@ def resolve_in(model: Any, site: SiteLike, hooks: Mapping[str, Any]) -> tuple[st
     if isinstance(site, str) and "@" in site:
         # A site's label, as result frames write it ("mlp_out@24"): copied from a frame.
         site = Site.parse(site)
+    if isinstance(site, str) and site in _KINDS:
+        # das(site="resid_post") said "Unknown hook name", listing the very kind it was given.
+        raise ValueError(
+            f"{site!r} is a site kind without its layer; this takes one site: pass "
+            f"Site({site!r}, layer), its label '{site}@<layer>' or its hook name."
+        )
     if isinstance(site, str):
         if site not in hooks:
             # A TransformerLens short name ('z'), or a block's hook without its block ('hook_z'):

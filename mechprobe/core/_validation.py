@@ -91,7 +91,7 @@ def check_batch_size(value: Any) -> int | None:
 MAX_SEED = 2**32 - 1
 
 
-def check_seed(value: Any) -> int:
+def check_seed(value: Any, name: str = "seed") -> int:
     """A seed as a Python int in ``0 .. 2**32 - 1``, the one range every seeded call accepts.
 
     numpy integers become ints (they reached ``random.seed`` and torch's generators as they
@@ -106,7 +106,7 @@ def check_seed(value: Any) -> int:
         >>> check_seed(np.int64(3))
         3
     """
-    return check_int(value, "seed", 0, MAX_SEED)
+    return check_int(value, name, 0, MAX_SEED)
 
 
 def check_float(

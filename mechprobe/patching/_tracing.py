@@ -656,6 +656,8 @@ def causal_trace(
                 task.arguments(), task.inputs(), task_prompts, strict=True
             )
         ]
+    if isinstance(prompts, (np.ndarray, pd.Series)):  # string arrays, as every prompts= takes
+        prompts = prompts.tolist()
     if not isinstance(prompts, (str, list, tuple)):
         raise TypeError(
             f"prompts takes a string, a list of strings or a Task, got {type(prompts).__name__}."

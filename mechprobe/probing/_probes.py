@@ -242,7 +242,7 @@ class MLPProbe(_Probe):
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
             tol=self.tol,
-            seed=check_seed(self.random_state),
+            seed=_random_state(self.random_state),
         )
         w1, b1, w2, b2 = (p[0].double().cpu().numpy() for p in params)
         self.coefs_, self.intercepts_ = [w1, w2], [b1, b2]
@@ -479,3 +479,14 @@ def _standardizer(
 def _softmax(scores: np.ndarray) -> np.ndarray:
     shifted = np.exp(scores - scores.max(1, keepdims=True))
     return shifted / shifted.sum(1, keepdims=True)
+
+
+def _random_state(value: Any) -> int:
+    """``MLPProbe.random_state`` as a seed, refused under its own name (the message said
+    "seed", a word the estimator does not take)."""
+    if value is None:
+        raise TypeError(
+            "MLPProbe random_state must be an int: fits are deterministic given it (scikit-learn's "
+            "None, other randomness on every fit, is not taken)."
+        )
+    return check_seed(value, "MLPProbe random_state")

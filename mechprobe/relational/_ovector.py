@@ -28,6 +28,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from mechprobe.core import (
+    Batch,
     Result,
     Site,
     check_finite,
@@ -267,6 +268,11 @@ def extract_ovector(
                 UserWarning,
             )
         texts, source = [prompts], "prompt"
+    elif isinstance(prompts, Batch):  # iterating one said "'Batch' object is not iterable"
+        raise TypeError(
+            "extract_ovector takes prompt strings or a Task, not a Batch of token ids: pass the "
+            "texts themselves."
+        )
     else:
         texts, source = list(prompts), "prompts"
     if only_correct and task is None:
