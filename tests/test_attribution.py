@@ -247,3 +247,16 @@ def test_result_protocol(gqa, tmp_path):
     np.testing.assert_array_equal(back.values, res.values)
     assert "attribution" in repr(res)
     assert res.plot().axes
+
+
+def test_a_narrow_heatmaps_title_is_wrapped_to_its_figure(tiny):
+    # attribution_patch(...).plot() on 6 positions: a one-line title ran past both edges of
+    # its 4-inch figure (review 24a).
+    res = mp.attribution_patch(tiny, "A cat sat", "A bat sat", "resid_pre", "all",
+                               mp.logit_diff(1, 2), progress=False)  # fmt: skip
+    fig = res.plot()
+    title = fig.axes[0].get_title()
+    assert "\n" in title and "attribution patching (estimated denoising)" in title.replace(
+        "\n", " "
+    )
+    assert max(map(len, title.split("\n"))) <= 10 * fig.get_figwidth()

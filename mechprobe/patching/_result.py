@@ -4,6 +4,7 @@ controls, spread over prompts, frame, heatmap, JSON)."""
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -580,7 +581,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         ax.set_xlabel("head" if head_grid else "position")
         ax.set_ylabel("layer" if ylabels != list(self.sites) else "site")
         fig.colorbar(image, ax=ax, label=literal(label))
-        ax.set_title(title, fontsize="small")
+        # Wrapped to the figure: on a narrow heatmap (6 positions) one line ran past both edges.
+        ax.set_title(textwrap.fill(title, max(30, int(10 * fig.get_figwidth()))), fontsize="small")
         return fig
 
     @staticmethod
