@@ -408,3 +408,14 @@ def test_a_call_with_no_path_at_all_is_refused_and_receivers_name_final(tiny):
     some = mp.path_patch(tiny, CLEAN, CORRUPT, "head", mp.Site("q", 1, head=0), METRIC,
                          progress=False)  # fmt: skip
     assert np.isnan(some.values).any() and np.isfinite(some.values).any()
+
+
+def test_head_out_senders_keep_their_kind_and_equal_head_senders(tiny):
+    # A head_out sender was relabelled "head@L, head H", so its frame did not merge on the label
+    # with patch(..., "head_out@L, head H") (review 24b F8); the values were and are the same.
+    kw = {"layers": [0, 1], "n_random": 0, "progress": False}
+    heads = mp.path_patch(tiny, CLEAN, CORRUPT, "head", "final", METRIC, **kw)
+    outs = mp.path_patch(tiny, CLEAN, CORRUPT, "head_out", "final", METRIC, **kw)
+    np.testing.assert_allclose(outs.values, heads.values, rtol=0, atol=1e-6)
+    assert all(s.startswith("head_out@") for s in outs.senders)
+    assert outs.senders[3] == str(mp.Site("head_out", 0, head=3))

@@ -88,6 +88,8 @@ if TYPE_CHECKING:
 __all__ = ["PathPatchResult", "path_patch"]
 
 SENDER_KINDS = ("head", "head_out", "mlp_out", "attn_out")
+#: Sender kinds that send one head's write, ``z @ W_O[head]`` (read at ``hook_z``).
+_HEAD_WRITES = ("head", "head_out")
 RECEIVER_KINDS = ("q", "k", "v", "mlp_in")
 Direction: TypeAlias = Literal["denoising", "noising"]
 Method: TypeAlias = Literal["exact", "attribution"]
@@ -358,7 +360,9 @@ def _first_of_each(pairs: list[tuple[int, int]], wanted: list[int], pair: int) -
 def _senders(model: Any, senders: Any, layers: Layers) -> list[Site]:
     found = expand_sites(model, senders, layers=layers, kinds=SENDER_KINDS, what="senders")
     _refuse_positions(found, "senders")
-    return [Site("head", s.layer, head=s.head) if s.kind == "head_out" else s for s in found]
+    # A head_out sender keeps its kind (it was relabelled "head", so the frame's label did not
+    # merge with patch(..., "head_out@L, head H")'s); both send the head's z @ W_O.
+    return found
 
 
 def _refuse_positions(sites: Sequence[Site | None], what: str) -> None:
@@ -408,7 +412,7 @@ def _refuse_no_path(senders: list[Site], receivers: list[Site | None], parallel:
 
 
 def _sender_hook(site: Site) -> str:
-    return f"blocks.{site.layer}.attn.hook_z" if site.kind == "head" else site.hook_name
+    return f"blocks.{site.layer}.attn.hook_z" if site.kind in _HEAD_WRITES else site.hook_name
 
 
 def _writes(
@@ -419,14 +423,14 @@ def _writes(
     caps: dict[str, Capture] = {}
     for site in sites:
         caps.setdefault(_sender_hook(site), Capture())
-        if site.kind == "head":  # to check that the heads' writes add up to attn_out
+        if site.kind in _HEAD_WRITES:  # to check that the heads' writes add up to attn_out
             caps.setdefault(f"blocks.{site.layer}.hook_attn_out", Capture())
     caps.setdefault(final, Capture())
     spec: dict[SiteLike, Intervention] = {name: cap for name, cap in caps.items()}
     with torch.no_grad(), intervene(model, spec):
         model(ids[None].to(model.W_E.device))
     out = {}
-    for layer in sorted({site.layer for site in sites if site.kind == "head"}):
+    for layer in sorted({site.layer for site in sites if site.kind in _HEAD_WRITES}):
         z, attn_out = (
             caps[f"blocks.{layer}.attn.hook_z"].value,
             caps[f"blocks.{layer}.hook_attn_out"].value,
@@ -440,7 +444,7 @@ def _writes(
     for site in sites:
         value = caps[_sender_hook(site)].value
         assert value is not None
-        if site.kind == "head":
+        if site.kind in _HEAD_WRITES:
             assert site.head is not None
             w_o = model.blocks[site.layer].attn.W_O[site.head].detach()
             out[site] = value[0, :, site.head] @ w_o.to(value.dtype)
