@@ -10,6 +10,7 @@ import torch
 from concept_erasure import LeaceEraser
 from sklearn.linear_model import LogisticRegression
 
+import mechprobe as mp
 from mechprobe.erasure import Eraser, LeaceFitter, leace
 
 
@@ -178,3 +179,16 @@ def test_a_direction_under_svd_tol_is_left_with_a_warning() -> None:
     after = erased(X)
     assert erased.n_removed == 1 and abs(gap[0]) > 0.03
     np.testing.assert_allclose(after[y == 1].mean(0), after[y == 0].mean(0), atol=1e-10)
+
+
+def test_an_erasers_frame_is_never_empty():
+    # mp.leace(X, y).to_frame() was an empty frame (review 25a): erasers' frames concatenated
+    # into a table that left LEACE and the controls out.
+    import pandas as pd
+
+    X = np.random.default_rng(0).normal(size=(60, 5))
+    y = np.arange(60) % 3
+    frames = [mp.leace(X, y).to_frame(), mp.random_projection(5, 2).to_frame()]
+    table = pd.concat(frames, ignore_index=True)
+    assert table["method"].tolist() == ["leace", "random"]
+    assert table["n_removed"].tolist() == [2, 2] and table["iteration"].isna().all()

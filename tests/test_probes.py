@@ -971,6 +971,29 @@ def test_cumulative_expected_layer_is_nan_when_the_gains_cancel() -> None:
     assert _expected_layer(gains, layers, n_test=7) == pytest.approx(manual)
 
 
+def test_an_expected_layer_outside_the_layers_warns_that_the_deltas_cancel() -> None:
+    from mechprobe.probing._scalar_mix import _expected_layer
+
+    # Review 25a on SmolLM2 (layers 0, 4, 14, 27): deltas of +1, +1 and -1 held-out rows gave
+    # "expected layer -9.00" with no word. The value stays as Tenney et
+    # al.'s formula gives it (negative deltas unclipped); the warning says it names no layer.
+    scores, layers = np.array([0.90, 0.91, 0.92, 0.91]), np.array([0, 4, 14, 27])
+    with pytest.warns(UserWarning, match=r"expected layer -9\.00 lies outside the layers probed"):
+        assert _expected_layer(scores, layers, n_test=100) == pytest.approx(-9.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # inside the range: nothing to say
+        _expected_layer(np.array([0.90, 0.91, 0.92, 0.93]), layers, n_test=100)
+
+
+def test_cumulative_scores_want_x_test_and_y_test_together() -> None:
+    # X_test alone was answered "no labels: pass y" (y was passed); y_test alone was ignored.
+    X, y = np.random.default_rng(0).normal(size=(60, 2, 3)), np.arange(60) % 2
+    with pytest.raises(ValueError, match="X_test was given without y_test"):
+        mp.cumulative_scores(X, y, X_test=X[:20], progress=False)
+    with pytest.raises(ValueError, match="y_test was given without X_test"):
+        mp.cumulative_scores(X, y, y_test=y[:20], progress=False)
+
+
 def test_cumulative_scores_follow_depth_whatever_the_collection_order(tiny) -> None:
     # collect(layers=[2, 0, 1]) gave prefixes in collection order ("layers 0..l" were 2, 0, 1).
     texts = [f"{w} {v}" for w in ("cat", "dog", "sun", "map", "cup") for v in ("ran", "is", "sat")]

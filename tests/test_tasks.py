@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import mechprobe as mp
 from mechprobe.tasks._task import Task, TaskItem, list_tasks, load_task
 
 BUILTINS = [
@@ -366,3 +367,13 @@ def test_a_file_that_is_not_utf8_is_named_in_the_error(tmp_path: Path) -> None:
     path.write_bytes(json.dumps(_toy(name="latin")).replace("Warsaw", "Bogotá").encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1\.json is not UTF-8 text .*save the task file"):
         load_task(path)
+
+
+def test_a_misspelt_task_name_is_answered_with_the_closest_built_ins():
+    # Sites got "Did you mean"; task names only the list of built-ins (review 25a).
+    with pytest.raises(ValueError, match=r"named 'capitols'\. Did you mean 'capitals'\?"):
+        mp.load_task("capitols")
+    with pytest.raises(ValueError, match=r"Did you mean 'past_tense'"):
+        mp.score_task(mp.tiny_model(), "pasttense")
+    with pytest.raises(ValueError, match=r"named 'zzz'\. Built-in tasks: capitals"):
+        mp.load_task("zzz")

@@ -236,7 +236,9 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
     # --- the result protocol ---------------------------------------------------------------------
 
     def to_frame(self) -> pd.DataFrame:
-        """Held-out probe accuracy per INLP iteration, one row each (empty for other methods).
+        """Held-out probe accuracy per INLP iteration, one row each; for other methods one row,
+        the erasure as fitted (``iteration`` ``<NA>``, ``accuracy`` NaN), so that the frames of
+        several erasers concatenate into a table of them (an empty frame said nothing).
 
         Columns: ``method``, ``iteration`` (0 = before erasure), ``n_removed``, ``accuracy``,
         ``majority_baseline``.
@@ -244,7 +246,19 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
         Example:
             >>> identity_projection(3).to_frame().columns.tolist()
             ['method', 'iteration', 'n_removed', 'accuracy', 'majority_baseline']
+            >>> random_projection(8, 2).to_frame()[["method", "n_removed"]].values.tolist()
+            [['random', 2]]
         """
+        if not self.accuracies:
+            return pd.DataFrame(
+                {
+                    "method": [self.method],
+                    "iteration": pd.array([None], dtype="Int64"),
+                    "n_removed": [self.n_removed],
+                    "accuracy": [float("nan")],
+                    "majority_baseline": [self.majority_baseline],
+                }
+            )
         return pd.DataFrame(
             {
                 "method": [self.method] * len(self.accuracies),

@@ -374,6 +374,13 @@ def cumulative_scores(
     if (depth != np.arange(len(layers))).any():
         values, layers = values[:, torch.from_numpy(depth)], layers[depth]
     classes, y_idx = encode_labels(labels)
+    if (X_test is None) != (y_test is None) and not hasattr(X_test, "labels"):
+        # X_test alone was answered "no labels: pass y" (y was passed); y_test alone was ignored.
+        given, missing = ("X_test", "y_test") if y_test is None else ("y_test", "X_test")
+        raise ValueError(
+            f"{given} was given without {missing}: pass both (or X_test as collected "
+            "Activations, whose labels it holds), or neither to split X."
+        )
     if X_test is None:
         folds = splits(y_idx, test_size=test_size, n_folds=None, seed=seed, classes=classes)
         train, test = folds[0]
@@ -588,4 +595,15 @@ def _expected_layer(scores: np.ndarray, layers: np.ndarray, n_test: int) -> floa
     total = scores[-1] - scores[0]
     if abs(total) < 0.5 / n_test:
         return float("nan")
-    return float(layers[1:] @ np.diff(scores) / total)
+    deltas = np.diff(scores)
+    expected = float(layers[1:] @ deltas / total)
+    if not layers[0] <= expected <= layers[-1]:
+        # Only negative deltas take E_Δ outside the layers (Tenney et al. do not clip them): then
+        # they cancel, and E_Δ = -9 for layers 0..27 was printed as if it meant a layer.
+        warn(
+            f"cumulative_scores: the expected layer {expected:.2f} lies outside the layers "
+            f"probed ({int(layers[0])}..{int(layers[-1])}): the deltas cancel (their sum "
+            f"{total:+.4f}, their sizes {np.abs(deltas).sum():.4f}; one held-out row is "
+            f"{1 / n_test:.4f}), so it names no layer. Score more held-out rows, or fewer layers."
+        )
+    return expected

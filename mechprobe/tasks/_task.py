@@ -27,6 +27,7 @@ allowed (some studies want it) but warns, naming the inputs, because it usually 
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -394,9 +395,11 @@ def load_task(name_or_path: str | os.PathLike[str]) -> Task:
     path = Path(text).expanduser()
     if path.is_file():
         return Task.from_json(path)
+    close = difflib.get_close_matches(text, list_tasks(), n=2, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
     raise ValueError(
-        f"No built-in task or file named {text!r}. Built-in tasks: {', '.join(list_tasks())}; "
-        f"or pass the path of a JSON task file. {FORMAT_HELP}"
+        f"No built-in task or file named {text!r}.{hint} Built-in tasks: "
+        f"{', '.join(list_tasks())}; or pass the path of a JSON task file. {FORMAT_HELP}"
     )
 
 
