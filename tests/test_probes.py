@@ -1035,7 +1035,7 @@ def test_mlp_probe_settings_are_checked_at_fit() -> None:
                               ({"max_iter": 0}, "max_iter must be at least 1"),
                               ({"batch_size": 0}, "batch_size must be at least 1"),
                               ({"learning_rate": 0.0}, "learning_rate must be"),
-                              ({"random_state": -1}, "seed must be between 0")):  # fmt: skip
+                              ({"random_state": -1}, "random_state must be between 0")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             mp.MLPProbe(**settings).fit(X, y)
 
