@@ -1048,3 +1048,13 @@ def test_mlp_probe_refuses_a_random_state_by_its_own_name():
         mp.MLPProbe(random_state=None).fit(X, y)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="MLPProbe random_state must be between 0 and"):
         mp.MLPProbe(random_state=-1).fit(X, y)
+
+
+def test_x_given_layers_first_is_named_a_transposition():
+    # probe_layers(X.transpose(1, 0, 2), y) said only "y has shape (1978,) but X has 4 rows"
+    # (review 25a).
+    X, y = np.random.default_rng(0).normal(size=(3, 40, 4)), np.arange(40) % 2
+    with pytest.raises(ValueError, match=r"did you pass \[layers, rows, d\]\? Transpose it"):
+        mp.probe_layers(X, y, progress=False)
+    with pytest.raises(ValueError, match=r"one label per row of X\.$"):
+        mp.probe_layers(X.transpose(1, 0, 2)[:30], y, progress=False)

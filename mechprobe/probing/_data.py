@@ -74,8 +74,16 @@ def as_layers(
         labels = np.asarray(labels) if len(labels) == 0 else _one_kind(labels, "y")
     n = values.shape[0]
     if labels.ndim != 1 or len(labels) != n:
+        # X.transpose(1, 0, 2) was answered with the count alone (review 25a).
+        swapped = labels.ndim == 1 and values.ndim == 3 and len(labels) == values.shape[1]
+        hint = (
+            f" X is [rows, layers, d] and its second axis has {len(labels)}: did you pass "
+            "[layers, rows, d]? Transpose it (X.transpose(1, 0, 2))."
+            if swapped
+            else ""
+        )
         raise ValueError(
-            f"y has shape {labels.shape} but X has {n} rows: pass one label per row of X."
+            f"y has shape {labels.shape} but X has {n} rows: pass one label per row of X.{hint}"
         )
     if groups is not None:
         groups = host(groups)
