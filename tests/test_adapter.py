@@ -468,3 +468,24 @@ def test_cli_model_may_name_a_saved_hooked_transformer(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         results["hooked"].kl_to_final, results["bridge"].kl_to_final, atol=1e-4
     )
+
+
+@needs_hooked
+def test_the_command_line_runs_a_hooked_transformer_by_kind(tmp_path) -> None:
+    # Under TransformerLens 3.9 the CLI ran only bridges: a HookedTransformer needed saving to a
+    # folder first (683 MB for SmolLM2; review 25b). --kind hooked builds one, same numbers.
+    results = {}
+    for kind in ("bridge", "hooked"):
+        out = tmp_path / f"{kind}.json"
+        argv = ["lens", "Hello there", "--model", "tiny", "--kind", kind, "--target", " a"]
+        assert cli_main([*argv, "--json", str(out)]) == 0
+        results[kind] = mp.LensResult.load(out)
+    np.testing.assert_allclose(
+        results["hooked"].target_logprob, results["bridge"].target_logprob, atol=1e-4
+    )
+
+
+@needs_tl4
+def test_the_command_lines_hooked_kind_says_what_it_needs(capsys) -> None:
+    assert cli_main(["lens", "Hi", "--model", "tiny", "--kind", "hooked"]) == 2
+    assert "A HookedTransformer needs TransformerLens 3.x" in capsys.readouterr().err

@@ -35,6 +35,14 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
         help="where the model's weights go: cpu (the default) or cuda",
     )
     parser.add_argument(
+        "--kind",
+        default=None,
+        choices=("bridge", "hooked"),
+        help="the TransformerLens class the model is run as: bridge (TransformerBridge, "
+        "TransformerLens 4.x) or hooked (HookedTransformer, TransformerLens 3.x); default: "
+        "what the name or folder holds (a bridge for the embedded SmolLM2)",
+    )
+    parser.add_argument(
         "--dtype",
         default="float32",
         choices=sorted(_DTYPES),
@@ -46,16 +54,18 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load(name: str, device: str | None = None, dtype: str = "float32") -> Any:
+def load(
+    name: str, device: str | None = None, dtype: str = "float32", kind: str | None = None
+) -> Any:
     """The model named on the command line (``tiny``: mechprobe's random test model), on
-    ``device``, in ``dtype``."""
+    ``device``, in ``dtype``, as the TransformerLens class ``kind`` (None: what the name holds)."""
     if name == "tiny":
-        model = mp.tiny_model(device=device)
+        model = mp.tiny_model(device=device, kind=kind or "bridge")  # type: ignore[arg-type]
         if dtype == "float32":
             return model
         with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints the change
             return model.to(_DTYPES[dtype])
-    return mp.load_model(name, device=device, dtype=_DTYPES[dtype])
+    return mp.load_model(name, kind=kind, device=device, dtype=_DTYPES[dtype])  # type: ignore[arg-type]
 
 
 def positions_type(all_value: Any = None, *, whole: bool = False) -> Callable[[str], Any]:

@@ -106,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
                 task = task.with_shots(args.shots)
             if args.n_items is not None:
                 task = task.subset(args.n_items, seed=args.seed)
-            model = load(args.model, args.device, args.dtype)
+            model = load(args.model, args.device, args.dtype, args.kind)
             result = mp.direct_logit_attribution(model, task, **common)
         else:
             # One answer for every prompt is passed as a string, as the API takes it.
@@ -114,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
             wrong: Any = list(args.wrong)
             answer = answer[0] if len(answer) == 1 else answer
             wrong = wrong[0] if len(wrong) == 1 else wrong
-            model = load(args.model, args.device, args.dtype)
+            model = load(args.model, args.device, args.dtype, args.kind)
             metric = mp.logit_diff(answer, wrong)
             prompts = list(args.prompt)
             result = mp.direct_logit_attribution(model, prompts, metric, **common)

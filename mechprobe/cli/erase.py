@@ -181,7 +181,7 @@ def _erase(
     import mechprobe as mp
     from mechprobe.erasure import ErasureSweep, amnesic, fit_erasure
 
-    model = load(args.model, args.device, args.dtype)
+    model = load(args.model, args.device, args.dtype, args.kind)
     sites = _sites(model, args.site, args.layers)
     acts = mp.collect(model, fit_data, sites, batch_size=args.batch_size, progress=not args.quiet)
     assert acts.labels is not None

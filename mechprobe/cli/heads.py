@@ -88,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
         return fail("--seq-len and --n-prompts shape random tokens: drop them with --prompt")
     interpret_escapes(args, "prompt")
     try:
-        model = load(args.model, args.device, args.dtype)
+        model = load(args.model, args.device, args.dtype, args.kind)
         result = mp.head_scores(
             model,
             list(args.prompt) or None,

@@ -180,7 +180,7 @@ def main(args: argparse.Namespace) -> int:
             return 2
     try:
         lens = lens_spec(args, lambda text: text)  # its texts were unescaped above
-        model = load(args.model, args.device, args.dtype)
+        model = load(args.model, args.device, args.dtype, args.kind)
         result = mp.logit_lens(
             model,
             prompts,

@@ -158,7 +158,7 @@ def main(args: argparse.Namespace) -> int:
     if len(answer) == 1:
         answer, wrong = answer[0], wrong[0] if wrong else wrong
     try:
-        model = load(args.model, args.device, args.dtype)
+        model = load(args.model, args.device, args.dtype, args.kind)
         metric = mp.logit_diff(answer, wrong) if args.wrong else mp.answer_prob(answer)
         given = args.sites or ("head" if args.receivers is not None else "resid_pre")
         sites = [s.strip() for s in given.split(",") if s.strip()]

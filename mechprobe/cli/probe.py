@@ -193,7 +193,7 @@ def main(args: argparse.Namespace) -> int:
         if args.max_examples is not None:
             dataset = dataset.sample(args.max_examples, seed=args.seed)
         args.out.mkdir(parents=True, exist_ok=True)  # checked above; a refusal surfaces here
-        model = load(args.model, args.device, args.dtype)
+        model = load(args.model, args.device, args.dtype, args.kind)
         acts = mp.collect(
             model,
             dataset,

@@ -147,7 +147,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         args.shots = task_shots(mp.load_task(args.task), args.shots)  # before the model loads
         lens = lens_spec(args)
-        model = load(args.model, args.device, args.dtype)
+        model = load(args.model, args.device, args.dtype, args.kind)
         result = mp.relational_analysis(
             model,
             args.task,

@@ -119,10 +119,10 @@ def main(args: argparse.Namespace) -> int:
             task = mp.load_task(args.task)
             if args.n_items is not None:
                 task = task.subset(args.n_items, seed=args.seed)
-            model = load(args.model, args.device, args.dtype)
+            model = load(args.model, args.device, args.dtype, args.kind)
             result = mp.causal_trace(model, task, **common)
         else:
-            model = load(args.model, args.device, args.dtype)
+            model = load(args.model, args.device, args.dtype, args.kind)
             result = mp.causal_trace(
                 model,
                 list(args.prompt),
