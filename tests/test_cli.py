@@ -148,8 +148,8 @@ def test_erase_counts_are_checked_by_the_parser(tmp_path, capsys, flag, value, m
 def test_every_command_loads_the_model_on_device_in_dtype(tmp_path, capsys, monkeypatch, module):
     seen = []
 
-    def record(name, device=None, dtype="float32"):
-        seen.append((name, device, dtype))
+    def record(name, device=None, dtype="float32", kind=None):
+        seen.append((name, device, dtype, kind))
         raise mp.ModelLoadError("stop here")
 
     monkeypatch.setattr(f"mechprobe.cli.{module}.load", record)
@@ -163,9 +163,42 @@ def test_every_command_loads_the_model_on_device_in_dtype(tmp_path, capsys, monk
         "erase": ["erase", "--site", "resid_post", "--layers", "1"],
     }[module]  # fmt: skip
     out = [] if module == "lens" else ["--out", str(tmp_path / "out")]
-    code = cli_main([*args, "--model", "tiny", "--device", "cuda:1", "--dtype", "bfloat16", *out])
-    assert seen == [("tiny", "cuda:1", "bfloat16")], capsys.readouterr().err
+    code = cli_main([*args, "--model", "tiny", "--device", "cuda:1", "--dtype", "bfloat16",
+                     "--kind", "hooked", *out])  # fmt: skip
+    assert seen == [("tiny", "cuda:1", "bfloat16", "hooked")], capsys.readouterr().err
     assert code != 0 and "stop here" in capsys.readouterr().err
+
+
+def test_settings_a_parser_can_check_are_checked_before_the_model_loads(tmp_path, capsys):
+    # Review 25b: probe --l2 -1 / --max-iter 0 were refused after every activation was collected
+    # (46 s on SmolLM2); erase --site resid_psot blamed --layers; dla without --wrong said "got 0
+    # --wrong ...: pass one for every prompt, or one per prompt".
+    out = ["--model", "tiny", "--out", str(tmp_path / "out")]
+    for flag, value, message in (("--l2", "-1", "must be a finite number above 0"),
+                                 ("--l2", "nan", "must be a finite number above 0"),
+                                 ("--max-iter", "0", "must be a positive integer")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            cli_main(["probe", "--dataset", "pos", flag, value, *out])
+        assert f"{flag}: {message}" in capsys.readouterr().err
+    assert cli_main(["erase", "--site", "resid_psot", "--layers", "1", *out]) == 2
+    assert "'resid_psot' is no site kind, label or hook name. Did you mean 'resid_post'" in (
+        capsys.readouterr().err
+    )
+    assert cli_main(["dla", "--prompt", "Hi", "--answer", "a", *out]) == 2
+    assert "--wrong is required with --prompt" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_choice_option_says_its_default_in_help(capsys):
+    # patch --method/--direction, erase --method and relation --mode had no help line at all.
+    for command in ("patch", "erase", "relation"):
+        with pytest.raises(SystemExit):
+            cli_main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for option in {"patch": ("--method", "--direction"), "erase": ("--method",),
+                       "relation": ("--mode",)}[command]:  # fmt: skip
+            said = text.rsplit(option + " {", 1)[1].split(" --", 1)[0]  # the options list
+            assert "(default" in said, f"{command} {option}: {said!r}"
 
 
 def test_dtype_reaches_the_model(capsys, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import os
 import re
 import sys
@@ -183,6 +184,23 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type`` for a finite number above 0 (``--l2``): checked before the model
+    loads (probe refused ``--l2 -1`` only after collecting every activation).
+
+    Example:
+        >>> positive_float("1e-3")
+        0.001
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text!r}")
     return value
 
 

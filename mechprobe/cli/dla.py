@@ -87,9 +87,11 @@ def main(args: argparse.Namespace) -> int:
         return fail("--shots and --n-items shape a --task: drop them with --prompt")
     if args.prompt:
         for name, given in (("--answer", args.answer), ("--wrong", args.wrong)):
+            if not given:
+                return fail(f"{name} is required with --prompt (one for all prompts, or one each)")
             if len(given) not in (1, len(args.prompt)):
                 return fail(
-                    f"got {len(given)} {name} for {len(args.prompt)} --prompt: pass one for "
+                    f"got {len(given)} {name} for {len(args.prompt)} --prompt: pass one shared by "
                     "every prompt, or one per prompt"
                 )
     interpret_escapes(args, "prompt", "answer", "wrong")

@@ -16,7 +16,7 @@ and ``sweep.png``. The output folder is checked before any work.
 from __future__ import annotations
 
 import argparse
-import json
+import difflib
 from pathlib import Path
 from typing import Any, get_args
 
@@ -71,7 +71,13 @@ def add_parser(sub: Any) -> None:
         help="layers for a site kind or a hook name with {l}: 'all', ints, ranges like 15-20, or "
         "a mix (15,20-23)",
     )
-    parser.add_argument("--method", choices=("inlp", "leace"), default="inlp")
+    parser.add_argument(
+        "--method",
+        choices=("inlp", "leace"),
+        default="inlp",
+        help="inlp: iterative nullspace projection (default); leace: the least-squares "
+        "closed-form eraser",
+    )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
         "--positions", type=positions_type("all"), default=-1, help="'all' or ints (default -1)"
@@ -241,6 +247,17 @@ def _check_sites(site: str, layers: Any) -> None:
         )
     if _per_layer(site) and layers is None:
         raise ValueError(f"--site {site}: pass the layers with --layers, e.g. 15,20,23.")
+    if not _per_layer(site) and "." not in site and "@" not in site and "hook_" not in site:
+        # "resid_psot" was answered about --layers, as if it named one hook (review 25b).
+        from mechprobe.core import SiteKind
+
+        kinds = get_args(SiteKind)
+        close = difflib.get_close_matches(site, kinds, n=2, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"--site {site!r} is no site kind, label or hook name.{hint} Kinds: "
+            f"{', '.join(kinds)}; or a hook name such as blocks.{{l}}.hook_resid_post."
+        )
     if not _per_layer(site) and layers is not None:
         raise ValueError(
             f"--layers applies to a site kind or a hook name with {{l}}; --site {site} names one "
@@ -282,6 +299,7 @@ def _report(result: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run ``mechprobe erase``; errors in the input print a message and return 2."""
     import mechprobe as mp
+    from mechprobe.core import site_columns
 
     problem = output_problem(args.out, folder=True)
     if problem:
@@ -298,6 +316,7 @@ def main(args: argparse.Namespace) -> int:
         records = run_erase(args)
     except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:
         return command_error("erase", err)
-    print(f"\nwrote {len(records)} result(s) to {args.out}")
-    print(json.dumps({"sites": [r["site"] for r in records]}))
+    # The sites in words (a bare JSON line followed, which no other command prints).
+    sites = ", ".join(site_columns([r["site"] for r in records])["site"])
+    print(f"\nwrote {len(records)} result(s) to {args.out} ({sites})")
     return 0

@@ -63,7 +63,7 @@ def add_parser(sub: Any) -> None:
         "--answer",
         action="append",
         required=True,
-        help="the clean answer (a single token): one for every pair, or one per --clean",
+        help="the clean answer (a single token): one shared by every pair, or one per --clean",
     )
     parser.add_argument(
         "--wrong",
@@ -95,8 +95,20 @@ def add_parser(sub: Any) -> None:
         help="path patching: the layers --receivers cover (default: --layers, which then "
         "cover the senders alone)",
     )
-    parser.add_argument("--method", choices=("exact", "attribution"), default="exact")
-    parser.add_argument("--direction", choices=("denoising", "noising"), default="denoising")
+    parser.add_argument(
+        "--method",
+        choices=("exact", "attribution"),
+        default="exact",
+        help="exact: one patched run per cell (default); attribution: every cell from one "
+        "forward and backward pass per pair (a first-order estimate)",
+    )
+    parser.add_argument(
+        "--direction",
+        choices=("denoising", "noising"),
+        default="denoising",
+        help="denoising: clean activations into the corrupt run (default); noising: corrupt "
+        "into the clean run",
+    )
     parser.add_argument("--n-random", type=int, default=3, help="random controls (default 3)")
     parser.add_argument(
         "--cells-per-batch",
@@ -131,8 +143,8 @@ def main(args: argparse.Namespace) -> int:
         return fail(f"got {len(args.clean)} --clean and {len(args.corrupt)} --corrupt prompts")
     if len(args.answer) not in (1, len(args.clean)):
         return fail(
-            f"got {len(args.answer)} --answer for {len(args.clean)} prompt pairs: pass one for "
-            "every pair, or one per --clean"
+            f"got {len(args.answer)} --answer for {len(args.clean)} prompt pairs: pass one shared "
+            "by every pair, or one per --clean"
         )
     if args.wrong and len(args.wrong) != len(args.answer):
         return fail(f"got {len(args.wrong)} --wrong for {len(args.answer)} --answer: pass as many")

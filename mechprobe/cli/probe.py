@@ -23,6 +23,8 @@ from mechprobe.cli._arguments import (
     command_error,
     load,
     output_problem,
+    positive_float,
+    positive_int,
 )
 
 _BUILT_IN = ("pos", "templated_pos", "number", "country", "is_capital")
@@ -80,10 +82,10 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument("--mlp", action="store_true", help="MLP probes instead of linear ones")
     parser.add_argument(
-        "--l2", type=float, default=1e-3, help="L2 penalty on the mean loss (default 1e-3)"
+        "--l2", type=positive_float, default=1e-3, help="L2 penalty on the mean loss (default 1e-3)"
     )
     parser.add_argument(
-        "--max-iter", type=int, default=200, help="solver iterations at most (default 200)"
+        "--max-iter", type=positive_int, default=200, help="solver iterations at most (default 200)"
     )
     parser.add_argument("--scalar-mix", action="store_true", help="also fit a scalar-mix probe")
     parser.add_argument(

@@ -77,7 +77,13 @@ def add_parser(sub: Any) -> None:
         "(default: the function layer on)",
     )
     parser.add_argument("--scale", type=_finite, default=1.0, help="scale of o (default 1)")
-    parser.add_argument("--mode", choices=("replace", "add"), default="replace")
+    parser.add_argument(
+        "--mode",
+        choices=("replace", "add"),
+        default="replace",
+        help="replace: the FFN's output at the written layers becomes the o-vector (default, "
+        "as Merullo et al.); add: the o-vector is added to it",
+    )
     parser.add_argument(
         "--positions",
         type=positions_type("all"),
