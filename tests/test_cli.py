@@ -187,6 +187,13 @@ def test_settings_a_parser_can_check_are_checked_before_the_model_loads(tmp_path
     assert cli_main(["dla", "--prompt", "Hi", "--answer", "a", *out]) == 2
     assert "--wrong is required with --prompt" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    # --layers 5-3 said "layers is empty" after the model loaded; --color rank without a
+    # heatmap to colour was ignored without a word.
+    with pytest.raises(SystemExit):
+        cli_main(["lens", "Hi", "--model", "tiny", "--layers", "5-3"])
+    assert "the range 5-3 runs backwards: write 3-5" in capsys.readouterr().err
+    assert cli_main(["lens", "Hi", "--model", "tiny", "--color", "rank"]) == 2
+    assert "--color colours the heatmap of --plot or --out" in capsys.readouterr().err
 
 
 def test_every_choice_option_says_its_default_in_help(capsys):

@@ -160,7 +160,12 @@ def layers_type(text: str) -> Any:
         for part in (p.strip() for p in text.split(",")):
             start, dash, stop = part[1:].partition("-")  # a leading minus is a negative layer
             if dash:
-                layers += range(int(part[0] + start), int(stop) + 1)
+                first, last = int(part[0] + start), int(stop)
+                if last < first:  # said only "layers is empty", after the model had loaded
+                    raise argparse.ArgumentTypeError(
+                        f"the range {part} runs backwards: write {last}-{first}"
+                    )
+                layers += range(first, last + 1)
             else:
                 layers.append(int(part))
     except ValueError:

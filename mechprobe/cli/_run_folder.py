@@ -24,15 +24,20 @@ def report(title: str, args: argparse.Namespace, result: Any, figure: str) -> st
 
 
 def write_run_folder(
-    command: str, args: argparse.Namespace, result: Any, figure: str
+    command: str,
+    args: argparse.Namespace,
+    result: Any,
+    figure: str,
+    plot_options: dict[str, Any] | None = None,
 ) -> str | None:
-    """Write ``result.json``, the figure ``figure`` and ``report.md`` into ``args.out`` and print
-    the summary table; return why a file could not be written (None when all were)."""
+    """Write ``result.json``, the figure ``figure`` (``result.plot(**plot_options)``) and
+    ``report.md`` into ``args.out`` and print the summary table; return why a file could not be
+    written (None when all were)."""
     folder = Path(args.out)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         result.save(folder / "result.json")
-        result.plot().savefig(folder / figure, dpi=150, bbox_inches="tight")
+        result.plot(**(plot_options or {})).savefig(folder / figure, dpi=150, bbox_inches="tight")
         (folder / "report.md").write_text(
             report(f"mechprobe {command}", args, result, figure), encoding="utf-8"
         )

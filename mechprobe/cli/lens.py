@@ -168,6 +168,14 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         print(f"mechprobe lens: error: --out: {problem}", file=sys.stderr)
         return 2
+    if args.color != "prob" and not (args.plot or args.out):
+        # It colours a heatmap that only --plot and --out draw: ignored before, without a word.
+        print(
+            "mechprobe lens: error: --color colours the heatmap of --plot or --out: add one, "
+            "or drop --color",
+            file=sys.stderr,
+        )
+        return 2
     for option in ("json", "plot", "trajectory"):
         problem = getattr(args, option) and output_problem(getattr(args, option))
         if problem:
@@ -212,7 +220,7 @@ def main(args: argparse.Namespace) -> int:
     except OSError as err:
         return command_error("lens", f"cannot write the output: {err}")
     if args.out:
-        problem = write_run_folder("lens", args, result, "lens.png")
+        problem = write_run_folder("lens", args, result, "lens.png", {"color": args.color})
         if problem:
             return command_error("lens", problem)
     return 0

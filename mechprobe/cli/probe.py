@@ -65,7 +65,8 @@ def add_parser(sub: Any) -> None:
         "--max-examples",
         type=int,
         help="a random subset of texts with at most this many labelled examples (texts, or words "
-        "for word-level data; with --positions all each token of a text is a row)",
+        "for word-level data; with --positions all each token of a text is a row, and with "
+        "--positions word_last on text-level data each word is one)",
     )
     parser.add_argument(
         "--positions",
