@@ -37,11 +37,17 @@ ERASE_RESULT_KEYS = (
 
 
 def hook_count(model: Any) -> int:
-    """All hooks on the model: TransformerLens hook-point handles and raw torch module hooks."""
+    """All hooks on the model: TransformerLens hook-point handles and raw torch module hooks,
+    but for the bridge's own capture hooks, which TransformerLens 4.3 wires into each block's
+    norms on the model's first forward pass and keeps (a test counting before a fresh bridge's
+    first run saw 6 hooks appear that no one had left behind: a result of test order)."""
     lens = sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.hook_dict.values())
     torch_hooks = sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        1
         for m in model.modules()
+        for hooks in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks)
+        for hook in hooks.values()
+        if "_maybe_wire_capture_hooks" not in getattr(hook, "__qualname__", "")
     )
     return lens + torch_hooks
 
