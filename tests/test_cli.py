@@ -196,6 +196,29 @@ def test_settings_a_parser_can_check_are_checked_before_the_model_loads(tmp_path
     assert "--color colours the heatmap of --plot or --out" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("module", ["lens", "patch", "trace", "probe"])
+def test_a_misspelt_site_kind_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch,
+                                                                module):  # fmt: skip
+    # Review 25b: "--sites resid_psot" was told after the model had loaded (~9 s on SmolLM2).
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(f"mechprobe.cli.{module}.load", never)
+    out = ["--out", str(tmp_path / "out")]
+    argv = {
+        "lens": ["lens", "Hi", "--sites", "resid_post,resid_psot"],
+        "patch": ["patch", "--clean", "a", "--corrupt", "b", "--answer", "x", "--receivers",
+                  "final,finl", *out],
+        "trace": ["trace", "--prompt", "a b", "--subject", "a", "--sites", "mlp_ot", *out],
+        "probe": ["probe", "--dataset", "pos", "--site", "mlp_otu", *out],
+    }[module]  # fmt: skip
+    assert cli_main([*argv, "--model", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown site kind" in err and "did you mean" in err
+    assert ("--receivers also takes 'final'" in err) == (module == "patch")
+    assert not (tmp_path / "out").exists()
+
+
 def test_every_choice_option_says_its_default_in_help(capsys):
     # patch --method/--direction, erase --method and relation --mode had no help line at all.
     for command in ("patch", "erase", "relation"):

@@ -95,6 +95,28 @@ def positions_type(all_value: Any = None, *, whole: bool = False) -> Callable[[s
     return parse
 
 
+def site_kind_problem(option: str, text: str | None, *extra: str) -> str | None:
+    """Why a comma-separated ``--sites`` value names no site kind, or None: the names that are
+    neither a hook name nor a label must be kinds, which needs no model (a misspelt kind was
+    refused only after the model had loaded). ``extra`` words are taken too (``final``).
+
+    Example:
+        >>> print(site_kind_problem("--sites", "resid_post,mlp_otu"))
+        --sites: Unknown site kind 'mlp_otu'; did you mean ['mlp_out', 'mlp_in', 'head_out']? Valid kinds: resid_pre, resid_mid, mlp_in, resid_post, attn_out, mlp_out, head, q, k, v, pattern, head_out.
+    """
+    from mechprobe.core import HEAD_KINDS
+
+    for name in (part.strip() for part in (text or "").split(",")):
+        if not name or name in extra or "." in name or "@" in name or name.startswith("hook_"):
+            continue  # a hook name or a label: resolved against the model
+        try:
+            mp.Site(name, 0, head=0 if name in HEAD_KINDS else None)  # type: ignore[arg-type]
+        except ValueError as error:
+            also = f" {option} also takes {', '.join(map(repr, extra))}." if extra else ""
+            return f"{option}: {error}{also}"
+    return None
+
+
 def output_problem(path: str | os.PathLike[str], *, folder: bool = False) -> str | None:
     """Why ``path`` cannot be written (as a file, or as an output folder), or None if it can.
 

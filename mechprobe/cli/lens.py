@@ -25,6 +25,7 @@ from mechprobe.cli._arguments import (
     load,
     output_problem,
     positions_type,
+    site_kind_problem,
 )
 from mechprobe.cli._run_folder import write_run_folder
 
@@ -186,6 +187,10 @@ def main(args: argparse.Namespace) -> int:
         if problem:
             print(f"mechprobe lens: error: --{option}: {problem}", file=sys.stderr)
             return 2
+    problem = site_kind_problem("--sites", args.sites)
+    if problem:  # a misspelt kind needs no model to be told
+        print(f"mechprobe lens: error: {problem}", file=sys.stderr)
+        return 2
     try:
         lens = lens_spec(args, lambda text: text)  # its texts were unescaped above
         model = load(args.model, args.device, args.dtype, args.kind)

@@ -25,6 +25,7 @@ from mechprobe.cli._arguments import (
     output_problem,
     positions_type,
     positive_int,
+    site_kind_problem,
 )
 from mechprobe.cli._run_folder import write_run_folder
 from mechprobe.cli.lens import interpret_escapes
@@ -161,6 +162,11 @@ def main(args: argparse.Namespace) -> int:
             "--positions whole patches each site at every position at once, which path patching "
             "(--receivers) does not do: pass all, last or positions, or drop --receivers"
         )
+    problem = site_kind_problem("--sites", args.sites) or site_kind_problem(
+        "--receivers", args.receivers, "final"
+    )
+    if problem:  # a misspelt kind needs no model to be told
+        return fail(problem)
     positions = None if args.positions == "whole" else args.positions
     interpret_escapes(args, "clean", "corrupt", "answer", "wrong")
     clean, corrupt = list(args.clean), list(args.corrupt)

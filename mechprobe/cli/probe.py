@@ -25,6 +25,7 @@ from mechprobe.cli._arguments import (
     output_problem,
     positive_float,
     positive_int,
+    site_kind_problem,
 )
 
 _BUILT_IN = ("pos", "templated_pos", "number", "country", "is_capital")
@@ -184,6 +185,10 @@ def main(args: argparse.Namespace) -> int:
             f"--layers, not {args.site!r}: run once per kind.",
             file=sys.stderr,
         )
+        return 2
+    problem = site_kind_problem("--site", args.site)
+    if problem:  # a misspelt kind needs no model to be told
+        print(f"mechprobe probe: error: {problem}", file=sys.stderr)
         return 2
     created = not args.out.exists()
     try:

@@ -22,6 +22,7 @@ from mechprobe.cli._arguments import (
     load,
     output_problem,
     positive_int,
+    site_kind_problem,
 )
 from mechprobe.cli._run_folder import write_run_folder
 from mechprobe.cli.lens import interpret_escapes
@@ -100,6 +101,9 @@ def main(args: argparse.Namespace) -> int:
         return fail("--n-items takes a subset of a --task's items: drop it with --prompt")
     if args.answer and len(args.answer) != len(args.prompt):
         return fail("pass one --answer per --prompt, or none (the model's own top token)")
+    problem = site_kind_problem("--sites", args.sites)
+    if problem:  # a misspelt kind needs no model to be told
+        return fail(problem)
     interpret_escapes(args, "prompt", "subject", "answer")
     try:
         common: dict[str, Any] = {
