@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 import mechprobe as mp
+from mechprobe.core import check_seed
 
 _MODEL_HELP = (
     "model name for mechprobe.load_model (default smollm2-135m), or a folder written by "
@@ -267,6 +268,38 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """An argparse ``type`` for ``--seed``: an integer in ``0 .. 2**32 - 1``, the range every
+    seeded function takes (a negative seed was refused only after the model loaded).
+
+    Example:
+        >>> seed_int("7")
+        7
+    """
+    try:
+        return check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer between 0 and {2**32 - 1}, not {text!r}"
+        ) from None
+
+
+def fraction(text: str) -> float:
+    """An argparse ``type`` for a share in ``[0, 1)`` (``--test-size``).
+
+    Example:
+        >>> fraction("0.25")
+        0.25
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:  # NaN fails both comparisons
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), not {text!r}")
+    return value
+
+
 def add_run_arguments(
     parser: argparse.ArgumentParser,
     *,
@@ -289,7 +322,7 @@ def add_run_arguments(
             "--batch-size", type=positive_int, default=32, help=f"{batch_size} (default 32)"
         )
     if seed is not None:
-        parser.add_argument("--seed", type=int, default=0, help=f"{seed} (default 0)")
+        parser.add_argument("--seed", type=seed_int, default=0, help=f"{seed} (default 0)")
     if raw:
         parser.add_argument("--raw", action="store_true", help="do not interpret backslash escapes")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -329,7 +362,7 @@ def add_shots_argument(parser: argparse.ArgumentParser) -> None:
     """Register ``--shots`` (default: 3, or every demonstration of a task with fewer)."""
     parser.add_argument(
         "--shots",
-        type=int,
+        type=nonnegative_int,
         help="task demonstrations (default 3, or all the task has if fewer)",
     )
 

@@ -18,7 +18,9 @@ from mechprobe.cli._arguments import (
     add_run_arguments,
     command_error,
     load,
+    nonnegative_int,
     output_problem,
+    positive_int,
 )
 from mechprobe.cli._run_folder import write_run_folder
 from mechprobe.cli.lens import interpret_escapes
@@ -46,8 +48,10 @@ def add_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--task", help="built-in task name or task JSON file")
-    parser.add_argument("--shots", type=int, help="keep the task's first N shots (default all)")
-    parser.add_argument("--n-items", type=int, help="seeded subset of the task's items")
+    parser.add_argument(
+        "--shots", type=nonnegative_int, help="keep the task's first N shots (default all)"
+    )
+    parser.add_argument("--n-items", type=positive_int, help="seeded subset of the task's items")
     parser.add_argument("--prompt", action="append", default=[], help="prompt (repeat)")
     parser.add_argument("--answer", action="append", default=[], help="answer (one or per prompt)")
     parser.add_argument("--wrong", action="append", default=[], help="wrong answer, as --answer")

@@ -93,7 +93,9 @@ def add_parser(sub: Any) -> None:
         default=24,
         help="English sentences for LM measures (default 24; 0: none)",
     )
-    parser.add_argument("--n-random", type=int, default=3, help="random controls (default 3)")
+    parser.add_argument(
+        "--n-random", type=nonnegative_int, default=3, help="random controls (default 3)"
+    )
     parser.add_argument(
         "--iterations", type=positive_int, help="INLP iterations at most (default 20)"
     )

@@ -25,6 +25,7 @@ from mechprobe.cli._arguments import (
     load,
     output_problem,
     positions_type,
+    positive_int,
     site_kind_problem,
 )
 from mechprobe.cli._run_folder import write_run_folder
@@ -97,7 +98,9 @@ def add_parser(sub: Any) -> None:
         "comma-separated ints; write lists that start with a minus as --positions=-3,-1",
     )
     add_layers_argument(parser, "layers decoded")
-    parser.add_argument("--top-k", type=int, default=10, help="tokens kept per cell (default 10)")
+    parser.add_argument(
+        "--top-k", type=positive_int, default=10, help="tokens kept per cell (default 10)"
+    )
     add_lens_argument(parser)
     add_model_argument(parser)
     parser.add_argument(

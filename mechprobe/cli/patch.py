@@ -22,6 +22,7 @@ from mechprobe.cli._arguments import (
     command_error,
     layers_type,
     load,
+    nonnegative_int,
     output_problem,
     positions_type,
     positive_int,
@@ -110,7 +111,9 @@ def add_parser(sub: Any) -> None:
         help="denoising: clean activations into the corrupt run (default); noising: corrupt "
         "into the clean run",
     )
-    parser.add_argument("--n-random", type=int, default=3, help="random controls (default 3)")
+    parser.add_argument(
+        "--n-random", type=nonnegative_int, default=3, help="random controls (default 3)"
+    )
     parser.add_argument(
         "--cells-per-batch",
         type=positive_int,

@@ -64,7 +64,7 @@ def add_parser(sub: Any) -> None:
     add_layers_argument(parser, "layers probed")
     parser.add_argument(
         "--max-examples",
-        type=int,
+        type=positive_int,
         help="a random subset of texts with at most this many labelled examples (texts, or words "
         "for word-level data; with --positions all each token of a text is a row, and with "
         "--positions word_last on text-level data each word is one)",

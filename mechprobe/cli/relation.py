@@ -20,11 +20,14 @@ from mechprobe.cli._arguments import (
     add_run_arguments,
     add_shots_argument,
     command_error,
+    fraction,
     layers_type,
     lens_spec,
     load,
+    nonnegative_int,
     output_problem,
     positions_type,
+    positive_int,
     task_shots,
 )
 
@@ -69,7 +72,9 @@ def add_parser(sub: Any) -> None:
     add_model_argument(parser)
     add_shots_argument(parser)
     add_lens_argument(parser)
-    parser.add_argument("--n-items", type=int, help="seeded subset of the items (default: all)")
+    parser.add_argument(
+        "--n-items", type=positive_int, help="seeded subset of the items (default: all)"
+    )
     parser.add_argument(
         "--layers",
         type=layers_type,
@@ -90,7 +95,9 @@ def add_parser(sub: Any) -> None:
         default="all",
         help="'all' (default), 'last' or ints",
     )
-    parser.add_argument("--n-random", type=int, default=3, help="random controls (default 3)")
+    parser.add_argument(
+        "--n-random", type=nonnegative_int, default=3, help="random controls (default 3)"
+    )
     parser.add_argument(
         "--other-task",
         type=_optional_task,
@@ -107,12 +114,14 @@ def add_parser(sub: Any) -> None:
         "--test-size",
         "--holdout",  # its old name
         dest="test_size",
-        type=float,
+        type=fraction,
         default=0.5,
         help="share of the items held out of the o-vector (0.5; --holdout is its old name)",
     )
     parser.add_argument(
-        "--ovector-prompts", type=int, help="average o over at most this many prompts (1: paper)"
+        "--ovector-prompts",
+        type=positive_int,
+        help="average o over at most this many prompts (1: paper)",
     )
     parser.add_argument("--no-ablation", action="store_true", help="skip the FFN ablation")
     parser.add_argument(
@@ -150,8 +159,24 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.no_ablation and args.contrast_task not in ("auto", None):
+        print(
+            "mechprobe relation: error: --contrast-task names the task ablated beside this one, "
+            "but --no-ablation runs no ablation: drop one of them",
+            file=sys.stderr,
+        )
+        return 2
     try:
         args.shots = task_shots(mp.load_task(args.task), args.shots)  # before the model loads
+        for flag, named in (
+            ("--other-task", args.other_task),
+            ("--contrast-task", args.contrast_task),
+        ):
+            try:
+                if named not in ("auto", None):
+                    mp.load_task(named)  # a misspelt control task, before the model loads
+            except (ValueError, OSError) as err:
+                return command_error("relation", f"{flag}: {err}")
         lens = lens_spec(args)
         model = load(args.model, args.device, args.dtype, args.kind)
         result = mp.relational_analysis(

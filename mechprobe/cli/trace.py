@@ -20,6 +20,7 @@ from mechprobe.cli._arguments import (
     byte_size,
     command_error,
     load,
+    nonnegative_int,
     output_problem,
     positive_int,
     site_kind_problem,
@@ -49,7 +50,7 @@ def add_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--task", help="built-in task name or task JSON file")
-    parser.add_argument("--n-items", type=int, help="seeded subset of the task's items")
+    parser.add_argument("--n-items", type=positive_int, help="seeded subset of the task's items")
     parser.add_argument("--prompt", action="append", default=[], help="prompt (repeat)")
     parser.add_argument("--subject", action="append", default=[], help="its subject (repeat)")
     parser.add_argument("--answer", action="append", default=[], help="its answer (optional)")
@@ -59,9 +60,13 @@ def add_parser(sub: Any) -> None:
         help="comma-separated state kinds (default resid_post,mlp_out,attn_out)",
     )
     add_layers_argument(parser, "layers traced (window centres for mlp_out/attn_out)")
-    parser.add_argument("--window", type=int, default=10, help="window for mlp/attn (10)")
-    parser.add_argument("--n-noise", type=int, default=10, help="noise samples (default 10)")
-    parser.add_argument("--n-random", type=int, default=3, help="random controls (default 3)")
+    parser.add_argument("--window", type=positive_int, default=10, help="window for mlp/attn (10)")
+    parser.add_argument(
+        "--n-noise", type=positive_int, default=10, help="noise samples (default 10)"
+    )
+    parser.add_argument(
+        "--n-random", type=nonnegative_int, default=3, help="random controls (default 3)"
+    )
     parser.add_argument(
         "--cells-per-batch",
         type=positive_int,
