@@ -151,11 +151,14 @@ def test_an_edit_at_every_position_reaches_the_generated_tokens(tiny):
 def test_non_finite_logits_stop_generation_by_name(tiny):
     # argmax of NaN logits is token 0: a float16 overflow generated token 0 on and on, with only
     # its mean log-probability (NaN) to show for it (review 20b).
-    nan = torch.full((64,), float("nan"))
+    class Overflow(mp.Intervention):  # Add refuses a NaN vector; an edit can still make one
+        def edit(self, selected, hook):
+            return selected * float("nan")
+
     mp.generate(tiny, "Hi", max_new_tokens=1)  # a bridge's first forward adds hooks of its own
     before = hook_count(tiny)
     with pytest.raises(ValueError, match=r"Prompt 0's next-token logits are not finite at step 0"):
-        mp.generate(tiny, "Hi", {mp.Site("resid_post", 2): mp.Add(nan)}, max_new_tokens=3)
+        mp.generate(tiny, "Hi", {mp.Site("resid_post", 2): Overflow()}, max_new_tokens=3)
     assert hook_count(tiny) == before
 
 

@@ -702,3 +702,51 @@ def test_a_hook_function_taking_hook_by_keyword_works_as_in_transformerlens(tiny
     name = "blocks.1.hook_mlp_out"
     expected = mp.run(tiny, batch, {name: lambda act, hook: torch.zeros_like(act)}).logits
     torch.testing.assert_close(mp.run(tiny, batch, {name: zero}).logits, expected)
+
+
+def test_ablate_with_a_mean_is_a_mean_ablation(tiny):
+    # Review 26b: Ablate(mean=v) kept method="zero" and zeroed the site, dropping v unseen.
+    site, v = mp.Site("mlp_out", 0), torch.full((tiny.cfg.d_model,), 0.5)
+    given = mp.run(tiny, PROMPTS, {site: mp.Ablate(mean=v)}).logits
+    spelled = mp.run(tiny, PROMPTS, {site: mp.Ablate("mean", mean=v)}).logits
+    zeroed = mp.run(tiny, PROMPTS, {site: mp.Ablate()}).logits
+    torch.testing.assert_close(given, spelled, rtol=0, atol=0)
+    assert (given - zeroed).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"Ablate\('zero'\) with mean=: a zero-ablation reads"):
+        mp.Ablate("zero", mean=v)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda v: mp.Add(v),
+        lambda v: mp.Replace(v),
+        lambda v: mp.Ablate(mean=v),
+        lambda v: mp.Project(torch.diag(v)),
+        lambda v: mp.Project(remove=v[None]),
+    ],
+)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_vector_is_refused_when_built(make, bad):
+    # Review 26b: mp.run with Add(NaN) returned all-NaN logits without a word.
+    v = torch.ones(64)
+    v[3] = bad
+    with pytest.raises(ValueError, match="holds 1 NaN or infinite value"):
+        make(v)
+    with pytest.raises(ValueError, match="Add scale must be a finite number"):
+        mp.Add(torch.ones(64), scale=bad)
+
+
+class _InPlace(mp.Intervention):
+    def edit(self, selected, hook):  # TransformerLens's habit: edit the tensor, return nothing
+        selected.zero_()
+
+
+@pytest.mark.parametrize("positions", [None, "all", -1, [0, 1]])
+def test_an_edit_in_place_that_returns_none_works_at_every_position(tiny, positions):
+    # Review 26b: with no positions it took effect (the selection is the activation), at chosen
+    # positions it vanished (the selection is a copy) and the run equalled the intact one.
+    site = mp.Site("mlp_out", 1)
+    got = mp.run(tiny, PROMPTS, {site: _InPlace(positions=positions)}).logits
+    want = mp.run(tiny, PROMPTS, {site: mp.Ablate(positions=positions)}).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

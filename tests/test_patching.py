@@ -862,3 +862,18 @@ def test_a_silent_bar_lays_out_no_pass_twice(tiny, monkeypatch):
     monkeypatch.delenv("MECHPROBE_PROGRESS", raising=False)
     mp.patch(tiny, "Hi cat sat", "Hi bat sat", "mlp_out", "all", METRIC, progress=True)
     assert calls
+
+
+def test_a_users_hook_does_not_turn_packing_off_for_good(tiny):
+    # packing_works caches its verdict per model: reached with a user's hook on unembed.hook_out
+    # it was False for the model's life, and patch(packed=True) refused it ever after.
+    if not model_adapter(tiny).packs_rows:
+        pytest.skip("a HookedTransformer never packs rows")
+    model = mp.tiny_model(seed=3)  # a model whose verdict no other test has reached
+    model.add_hook("unembed.hook_out", lambda logits, hook: logits + 1.0 * (logits > 0))
+    try:
+        _packing_works(model)
+    finally:
+        model.reset_hooks()
+    assert _packing_works(model)
+    mp.patch(model, ["Hi there"], ["Hi where"], "resid_pre", -1, METRIC, packed=True)

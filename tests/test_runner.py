@@ -19,8 +19,11 @@ def _reference(model, prompt: str) -> torch.Tensor:
 def test_a_nan_logit_makes_the_loss_nan_not_zero(tiny) -> None:
     # nansum, there to skip padding, also skipped the model's own NaN: a float16 overflow (or a
     # NaN edit) read as a perfect loss of 0.0 (review 20b).
-    nan = torch.full((64,), float("nan"))
-    out = mp.run(tiny, PROMPTS, {mp.Site("resid_post", 2): mp.Add(nan, positions=1)})
+    class Overflow(mp.Intervention):  # Add refuses a NaN vector; an edit can still make one
+        def edit(self, selected, hook):
+            return selected * float("nan")
+
+    out = mp.run(tiny, PROMPTS, {mp.Site("resid_post", 2): Overflow(positions=1)})
     loss = out.loss()
     assert torch.isnan(loss).all(), loss
 

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from mechprobe.core._batching import Batch, bos_id, position_list
 from mechprobe.core._sites import Positions, SiteLike, is_attention_map, resolve_in, width
-from mechprobe.core._validation import check_finite
+from mechprobe.core._validation import check_finite, check_float
 from mechprobe.core._warning import warn
 
 __all__ = [
@@ -67,12 +67,19 @@ def _as_tensor(value: Any, name: str) -> Tensor:
     if isinstance(value, Tensor):
         # A tensor being trained keeps its graph (a steering vector learned through intervene:
         # detached, its .grad stayed None and the loop ran on, unchanged); others are detached.
-        return value if value.requires_grad else value.detach()
-    if isinstance(value, np.ndarray):
+        tensor = value if value.requires_grad else value.detach()
+    elif isinstance(value, np.ndarray):
         # Results hold read-only arrays (``FunctionVectorResult.vector``): torch warns on those
         # and shares their memory, so they are copied (an intervention never writes its vector).
-        return torch.from_numpy(value if value.flags.writeable else value.copy())
-    raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}.")
+        tensor = torch.from_numpy(value if value.flags.writeable else value.copy())
+    else:
+        raise TypeError(
+            f"{name} must be a torch.Tensor or numpy array, got {type(value).__name__}."
+        )
+    # A NaN written into the model turns every logit after it NaN, and run() returned those
+    # without a word (review 26b).
+    check_finite(tensor.detach(), name)
+    return tensor
 
 
 class StopForward(Exception):
@@ -137,9 +144,15 @@ class Intervention:
             if mask is not None:  # the text's tokens (no padding, no leading BOS) selected
                 real = mask.to(activation.device).bool()
                 real = real if idx is None else real[rows, idx]
+            # Bumped by any in-place op on it (inference tensors keep no count).
+            version = None if selected.is_inference() else selected._version
             new = self.edit_masked(selected, real, hook)
             if new is None:
-                return None
+                if idx is None or version is None or selected._version == version:
+                    return None  # nothing changed, or the activation itself was edited in place
+                # At chosen positions ``selected`` is a copy: an edit in place (TransformerLens's
+                # habit) vanished there while it worked at every position (review 26b).
+                new = selected
             if new.shape != selected.shape:
                 new = new.expand(selected.shape)
             new = new.to(activation.dtype)
@@ -349,7 +362,7 @@ class Add(Intervention):
     ) -> None:
         super().__init__(positions)
         self.vector = _as_tensor(vector, "Add vector")
-        self.scale = float(scale)
+        self.scale = check_float(scale, "Add scale")
 
     def check_width(self, width: int) -> None:
         if self.vector.ndim and self.vector.shape[-1] != width:
@@ -367,7 +380,8 @@ class Ablate(Intervention):
     """Zero the activation, or set it to a mean (given, or the mean over the prompts run).
 
     Args:
-        method: ``"zero"`` or ``"mean"``.
+        method: ``"zero"`` or ``"mean"``; by default ``"mean"`` when ``mean`` is given, else
+            ``"zero"`` (``Ablate(mean=v)`` is a mean-ablation to ``v``).
         mean: The reference mean ``[d]`` for mean-ablation (e.g. over a dataset). When None, the
             mean over the real tokens at the selected positions is used: in :func:`mechprobe.run`
             over all its prompts (one extra pass computes it first, so the result does not depend
@@ -392,13 +406,21 @@ class Ablate(Intervention):
 
     def __init__(
         self,
-        method: Literal["zero", "mean"] = "zero",
+        method: Literal["zero", "mean"] | None = None,
         mean: Tensor | np.ndarray | None = None,
         positions: Positions = None,
     ) -> None:
         super().__init__(positions)
+        if method is None:
+            method = "zero" if mean is None else "mean"
         if method not in ("zero", "mean"):
             raise ValueError(f"Ablate method must be 'zero' or 'mean', got {method!r}.")
+        if method == "zero" and mean is not None:
+            # The mean was dropped and the site zeroed, without a word (review 26b).
+            raise ValueError(
+                "Ablate('zero') with mean=: a zero-ablation reads no mean. Pass "
+                "Ablate('mean', mean=...) (or Ablate(mean=...)) to set the site to it."
+            )
         self.method = method
         self.mean = None if mean is None else _as_tensor(mean, "Ablate mean")
 

@@ -783,6 +783,10 @@ def packing_works(model: Any) -> bool:
     if not model_adapter(model).packs_rows:  # e.g. a HookedTransformer: [batch, pos] masks only
         return False
     if model not in _PACKING:
+        # A user's hook left on the model (on unembed.hook_out, say) acts on the plain forward
+        # and may not on the packed reads: a verdict reached with one attached is not kept, or
+        # packing stayed off for the model's life (a test order showed it).
+        keep = not model_adapter(model).attached_hooks()
         ids, rows = torch.arange(3, 11), _Rows()
         row = rows.new_row()
         _, sid = rows.add(row, ids, 0, -2)
@@ -795,9 +799,12 @@ def packing_works(model: Any) -> bool:
             with torch.no_grad():
                 plain = model(ids[None].to(model_adapter(model).device))[0, -1]
             scale = float(plain.abs().max()) + 1.0
-            _PACKING[model] = bool((logits - plain).abs().max() <= 1e-4 * scale)
+            works = bool((logits - plain).abs().max() <= 1e-4 * scale)
         except (TypeError, ValueError, RuntimeError):
-            _PACKING[model] = False
+            works = False
+        if not keep:
+            return works
+        _PACKING[model] = works
     return _PACKING[model]
 
 
