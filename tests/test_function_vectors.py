@@ -213,3 +213,21 @@ def test_random_vectors_are_the_seeds_draws_and_absent_without_n_random(model, t
     none = mp.function_vector(model, task, n_heads=3, n_prompts=4, n_random=0, progress=False)
     norms = dict(zip(none.conditions, none.norms, strict=True))
     assert np.isnan(norms["random vector"]) and not np.isnan(norms["function vector"])
+
+
+def test_answers_sharing_a_first_token_are_warned_of(model, task):
+    # Review 26b S5: accuracy is the top-1 hit on each answer's first token; on a byte-level
+    # model every answer starts with " ", and a model that always predicted it scored 0.99
+    # zero-shot and 1.00 with the FV without a word (numbers on SmolLM2 start with " " too).
+    with pytest.warns(UserWarning, match=r"5 of 5 answers start with ' ': a model that always"):
+        mp.function_vector(model, task, n_heads=1, n_prompts=2, n_random=0, progress=False)
+    import warnings
+
+    from mechprobe.relational._function import _warn_shared_first_tokens
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_shared_first_tokens(model, [5, 6, 7, 8, 9])  # distinct
+        _warn_shared_first_tokens(model, [5, 5, *range(6, 15)])  # 2 of 11: under a fifth
+    with pytest.warns(UserWarning, match=r"2 of 5 answers start with .*scores 0\.40"):
+        _warn_shared_first_tokens(model, [5, 5, 7, 8, 9])

@@ -22,6 +22,7 @@ are larger or smaller than FVs, also rescaled to the FV's norm.
 from __future__ import annotations
 
 import random as _random
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,7 @@ from mechprobe.core import (
     site_columns,
     spread,
     top1_hit,
+    warn,
 )
 from mechprobe.patching import ablate_cells, answer_prob
 from mechprobe.relational._ovector import fit_ovector
@@ -58,6 +60,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["FunctionVectorResult", "function_vector", "shuffled_prompts"]
+
+# A constant guess of the commonest first token would score this share: above it, say so.
+_SHARED_FIRST_TOKEN = 0.2
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -277,6 +282,22 @@ def _accuracy(
 
 
 @evaluates
+def _warn_shared_first_tokens(model: Any, answers: list[int]) -> None:
+    """Warn when one first token starts many held-out answers: a top-1 hit on it is then no
+    evidence of the answer (review 26b: every number on SmolLM2 starts with ``' '``; a model that
+    always predicted it scored 0.99 zero-shot and 1.00 with the FV)."""
+    token, count = Counter(answers).most_common(1)[0]
+    share = count / len(answers)
+    if count > 1 and share >= _SHARED_FIRST_TOKEN:
+        text = model_adapter(model).tokenizer.decode([token])
+        warn(
+            f"function_vector scores each held-out answer by its first token, and {count} of "
+            f"{len(answers)} answers start with {text!r}: a model that always predicts it scores "
+            f"{share:.2f}. Read the accuracies against that, or use a task whose answers start "
+            "with distinct tokens (score_task's exact column checks whole answers)."
+        )
+
+
 def function_vector(
     model: Any,
     task: Task | str,
@@ -313,6 +334,10 @@ def function_vector(
     Raises:
         ValueError: A task with fewer than two shots (nothing to shuffle), or bad counts.
 
+    Warns:
+        UserWarning: A fifth or more of the held-out answers start with the same token: its
+            share is what always predicting that token scores (a byte-level model's ``' '``).
+
     Example:
         >>> import mechprobe as mp
         >>> res = mp.function_vector(mp.tiny_model(), "capitals", n_prompts=4, progress=False)
@@ -337,6 +362,8 @@ def function_vector(
     fit = fit.subset(min(n_prompts, len(fit)), seed=seed)
     clean, shuffled = fit.prompts(), shuffled_prompts(fit, seed=seed)
     answers = first_token_ids(model, fit.answers())
+    held_answers = first_token_ids(model, test.answers())
+    _warn_shared_first_tokens(model, held_answers)  # before the expensive part
     aie_res = ablate_cells(
         model,
         shuffled,
@@ -369,7 +396,6 @@ def function_vector(
             fv += z @ w_o
     vector = fv.float()
     held = test.with_shots(0).prompts()
-    held_answers = first_token_ids(model, test.answers())
     fitted = task_pass(model, fit, batch_size=batch_size, progress=False)
     # Merullo et al. average correctly answered prompts; a model that answers none (a random
     # test model) gets the mean over all of them.
