@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -101,7 +102,7 @@ def test_save_load_roundtrip(result, tmp_path):
     assert "random, same norm (2 seeds)" in report and "intact model" in report
     # The random model answers nothing: the report must not claim correct items or prompts.
     assert not result.trajectory.correct.any()
-    assert "No item was answered correctly" in report
+    assert "No item of the fitting split was answered correctly" in report
     assert "correctly answered items with distinct" not in report
     assert "prompts (none was answered correctly: all of them)" in report
     frame = result.to_frame()
@@ -247,7 +248,7 @@ def test_cli_relation_refuses_a_nan_scale(capsys):
 
 
 def test_held_out_items_share_no_argument_with_the_fitted_ones():
-    from mechprobe.relational._analysis import _split
+    from mechprobe.relational._split import held_out_items as _split
 
     task = mp.load_task("uppercase").with_shots(3).subset(100, seed=0)
     args = np.asarray(task.arguments())
@@ -261,7 +262,7 @@ def test_held_out_items_share_no_argument_with_the_fitted_ones():
 
 
 def test_split_by_argument_stays_near_the_fraction():
-    from mechprobe.relational._analysis import _split
+    from mechprobe.relational._split import held_out_items as _split
 
     uneven = ["x"] * 15 + list("abcde")  # one argument of 15 items, five of one
     for seed in range(5):
@@ -273,7 +274,7 @@ def test_stages_are_read_off_the_fitting_items_only(tiny, monkeypatch):
     # The held-out items judge the o-vector, but the stages (whose function layer sets where o is
     # read and written) were read off every item: on SmolLM2 capitals, layer 24 from all items
     # and 26 from the fitting ones (held-out top-1 0.20 at 24, 0.00 at 26).
-    from mechprobe.relational._analysis import _split
+    from mechprobe.relational._split import held_out_items as _split
     from mechprobe.relational._trajectory import Trajectory
 
     seen: list[tuple[str, ...]] = []
@@ -307,3 +308,21 @@ def test_the_intervention_figure_says_which_row_is_which(result):
     assert legend == [
         f"{g.replace('_', '-')} (n={groups.count(g)})" for g in ("in_domain", "held_out")
     ]
+
+
+def test_the_x_plot_and_report_are_of_the_items_that_gave_the_stages(result, tmp_path):
+    # Review 26a F1: the stages come from the fitting split, but the X plot drew every correct
+    # item's curves under them and report.md said they came from all of those items.
+    from mechprobe.relational._split import held_out_items
+
+    held = held_out_items(result.trajectory.arguments, 0.5, 0)
+    assert 0 < held.sum() < len(held)
+    np.testing.assert_array_equal(result.fitted, ~held)
+    fitted = result.fitted_trajectory()
+    assert len(fitted.arguments) == int((~held).sum()) and fitted.stages() == result.stages
+    fig = result.plot()
+    assert fig.axes[0].get_title().endswith("correct items of the fitting split (the stages')")
+    report = result.save(tmp_path / "run").joinpath("report.md").read_text()
+    assert "No item of the fitting split was answered correctly" in report  # a random model
+    old = dataclasses.replace(result, config={})  # a file without the split's settings
+    assert old.fitted is None and old.fitted_trajectory() is old.trajectory

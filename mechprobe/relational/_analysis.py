@@ -63,6 +63,7 @@ from mechprobe.relational._intervention import (
 from mechprobe.relational._ovector import fit_ovector, ovector_controls
 from mechprobe.relational._pass import TaskPass, task_pass
 from mechprobe.relational._result import SWEEP_ON_HELD_OUT, RelationalResult
+from mechprobe.relational._split import held_out_items
 from mechprobe.relational._sweep import tuned_intervention
 from mechprobe.relational._trajectory import check_lens
 from mechprobe.tasks import Task, as_task, load_task
@@ -127,37 +128,6 @@ def default_sweep_layers(n_layers: int, function_layer: int | None) -> list[rang
     first = max(0, f - 4)
     to_end = [range(s, n_layers) for s in range(first, n_layers)]
     return to_end + [range(s, n_layers - 1) for s in range(first, n_layers - 1)]
-
-
-def _split(arguments: Sequence[str], test_size: float, seed: int) -> np.ndarray:
-    """``[item]`` True for held-out items: a seeded fraction ``test_size`` of them, split by
-    argument, so that no held-out item shares its argument with an item the o-vector is fitted
-    on (``uppercase`` asks about 13 colours in 200 items). Arguments are taken in a seeded order,
-    each one whose items bring the count no farther from the fraction, until it is reached,
-    leaving at least one argument in (so arguments of very unequal counts can miss the fraction,
-    and one argument alone holds nothing out: :func:`relational_analysis` notes both). With every
-    argument distinct (capitals) this is a seeded fraction of the items.
-
-    Example:
-        >>> _split(["a", "b", "a", "c"], 0.5, 0).tolist()  # "c", then "a": 3 of 4
-        [True, False, True, True]
-    """
-    if not 0.0 <= test_size < 1.0:
-        raise ValueError(f"test_size is a fraction in [0, 1), got {test_size!r}.")
-    n = len(arguments)
-    names = list(dict.fromkeys(arguments))  # in order of first occurrence
-    members = {name: [i for i, a in enumerate(arguments) if a == name] for name in names}
-    held = np.zeros(n, dtype=bool)
-    wanted = min(round(test_size * n), n - 1)
-    count, taken = 0, 0
-    for g in np.random.default_rng(seed).permutation(len(names)):
-        if count >= wanted or taken == len(names) - 1:
-            break
-        size = len(members[names[g]])
-        if abs(count + size - wanted) <= abs(count - wanted):
-            held[members[names[g]]] = True
-            count, taken = count + size, taken + 1
-    return held
 
 
 def _ovector_layer(
@@ -305,7 +275,7 @@ def relational_analysis(
         shots = min(3, len(base.shots))
     shots = check_int(shots, "shots", 0)
     work = _prepare(base, shots, n_items, seed)
-    held = _split(work.arguments(), test_size, seed)
+    held = held_out_items(work.arguments(), test_size, seed)
     other = _resolve_pair(other_task, base, 1)
     if other is not None:
         other = _prepare(other, min(shots, len(other.shots)), _OTHER_TASK_ITEMS, seed)

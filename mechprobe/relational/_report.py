@@ -71,7 +71,7 @@ def headline_table(result: RelationalResult, group: str | None = None, tuned: bo
 
 def report(result: RelationalResult, figures: Sequence[str] = ()) -> str:
     """The full markdown report of one task's analysis."""
-    st, traj = result.stages, result.trajectory
+    st, traj = result.stages, result.fitted_trajectory()
     cfg = result.config
     out = [
         f"# Relational analysis: {result.task} ({result.kind})",
@@ -86,7 +86,8 @@ def report(result: RelationalResult, figures: Sequence[str] = ()) -> str:
         "",
         "## Early decoding (the X)",
         "",
-        _over(traj) + ": argument-formation layer "
+        _over(traj, " of the fitting split" if traj is not result.trajectory else "")
+        + ": argument-formation layer "
         f"**{_f(st.argument_layer)}**, function-application layer **{_f(st.function_layer)}**, "
         f"saturation layer **{_f(st.saturation_layer)}** (of {traj.n_layers}; rules in "
         "`mechprobe.relational._trajectory`).",
@@ -99,7 +100,7 @@ def report(result: RelationalResult, figures: Sequence[str] = ()) -> str:
             "",
         ]
     if st.function_layer is not None:
-        a = traj.ffn_attribution(st.function_layer)
+        a = result.trajectory.ffn_attribution(st.function_layer)  # every item: it chooses nothing
         out += [
             f"FFN attribution at layer {st.function_layer}: removing that layer's FFN update "
             f"(`resid_post - mlp_out`) makes the argument the top token in "
@@ -175,11 +176,14 @@ def report(result: RelationalResult, figures: Sequence[str] = ()) -> str:
     return "\n".join(out)
 
 
-def _over(traj: Any) -> str:
-    """Which items the X averages, as :attr:`Trajectory.included` chose them."""
+def _over(traj: Any, where: str = "") -> str:
+    """Which items the X averages, as :attr:`Trajectory.included` chose them (``where``: of
+    which split)."""
     if not traj.correct.any():
-        return "No item was answered correctly, so no curve is averaged"
+        return f"No item{where} was answered correctly, so no curve is averaged"
     n = int(traj.included.sum())
     if (traj.correct & traj.distinct).any():
-        return f"Over {n} correctly answered items with distinct argument and answer tokens"
-    return f"Over {n} correctly answered items (none has distinct argument and answer tokens)"
+        return f"Over {n} correctly answered items{where} with distinct argument and answer tokens"
+    return (
+        f"Over {n} correctly answered items{where} (none has distinct argument and answer tokens)"
+    )

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from mechprobe.core import Result, encode, literal, warn, write_atomic
@@ -26,6 +27,7 @@ from mechprobe.relational._intervention import _GROUPS, OVectorEffect, _span
 from mechprobe.relational._ovector import OVector
 from mechprobe.relational._report import headline_table, report
 from mechprobe.relational._scoring import TaskScore
+from mechprobe.relational._split import held_out_items
 from mechprobe.relational._sweep import OVectorSweep
 from mechprobe.relational._trajectory import Stages, Trajectory
 
@@ -273,11 +275,45 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
 
     # --- figures ---------------------------------------------------------------------------
 
+    @property
+    def fitted(self) -> np.ndarray | None:
+        """``[item]`` True for the fitting split: the items whose curves gave :attr:`stages` and
+        whose correct answers the o-vector averages (the held-out ones judge it). None for a
+        file without the split's ``test_size`` and ``seed`` in its config.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> r = mp.relational_analysis(mp.tiny_model(), "capitals", n_items=8, n_random=0,
+            ...                            ablation=False, progress=False)
+            >>> int(r.fitted.sum()), len(r.fitted)  # test_size=0.5
+            (4, 8)
+        """
+        test_size, seed = self.config.get("test_size"), self.config.get("seed")
+        if test_size is None or seed is None:
+            return None
+        held = held_out_items(self.trajectory.arguments, float(test_size), int(seed))
+        # As relational_analysis: with nothing left to fit on, the stages are all items'.
+        return ~held if (~held).any() else np.ones_like(held)
+
+    def fitted_trajectory(self) -> Trajectory:
+        """:attr:`trajectory` of the fitting items only, whose :meth:`Trajectory.stages` are
+        :attr:`stages` (all items for an older file)."""
+        fitted = self.fitted
+        return self.trajectory if fitted is None else self.trajectory.select(fitted)
+
     def plot(self, ax: Axes | None = None) -> Figure:
-        """The X plot (early decoding of argument and answer, stages marked; into ``ax`` when
-        given). :meth:`plot_intervention`, :meth:`plot_ablation` and :meth:`plot_sweep` draw the
-        other figures."""
-        return self.trajectory.plot(ax, stages=self.stages)
+        """The X plot of the fitting items, whose curves gave the stages marked on it (early
+        decoding of argument and answer; into ``ax`` when given). ``trajectory.plot()`` draws
+        every item's. :meth:`plot_intervention`, :meth:`plot_ablation` and :meth:`plot_sweep`
+        draw the other figures."""
+        # Review 26a: every correct item's curves were drawn under the fitting items' stages,
+        # so a stage could sit where the curves drawn show none.
+        traj = self.fitted_trajectory()
+        fig = traj.plot(ax, stages=self.stages)
+        if traj is not self.trajectory:
+            axis = ax if ax is not None else fig.axes[0]
+            axis.set_title(axis.get_title() + " of the fitting split (the stages')")
+        return fig
 
     def plot_intervention(self) -> Figure:
         """Top-1 rate and MRR of the answer under the o-vector and each control, in-domain and
