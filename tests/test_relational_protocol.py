@@ -182,6 +182,8 @@ def test_repr_summary_and_notebook_view(results, name) -> None:
     page = result._repr_html_()
     assert "<table" in page
     assert ("<img" in page) == type(result)._html_figure
+    # One marker for a missing value (review 26a F11: "<NA>", "None" and "—" side by side).
+    assert "&lt;NA&gt;" not in page and "<td>None</td>" not in page and "<td>nan</td>" not in page
 
 
 @pytest.mark.parametrize("name", [*NAMES, "RelationalResult"])

@@ -673,3 +673,22 @@ def test_frames_of_different_analyses_merge_on_layer_and_head(tiny):
     assert len(joined) == len(frames[0])  # every head and every MLP row found its attribution
     mlp = joined[joined["kind_x"] == "mlp_out"]
     assert mlp["component"].tolist() == [f"L{layer} mlp" for layer in range(tiny.cfg.n_layers)]
+
+
+def test_the_notebook_table_says_constant_columns_once_above_it():
+    # Review 26a F11: an amnesic summary led with 12 columns repeating one value in every row,
+    # so condition, value and effect began off screen; missing values showed three ways.
+    from mechprobe.erasure._result import AmnesicMeasure, AmnesicResult
+
+    measures = (AmnesicMeasure("lm_kl", "erased", 0.1), AmnesicMeasure("lm_kl", "random", 0.05, seed=0),
+                AmnesicMeasure("lm_accuracy", "original", 0.5),
+                AmnesicMeasure("lm_accuracy", "erased", 0.3))  # fmt: skip
+    result = AmnesicResult("blocks.1.hook_resid_post", 1, "all", "inlp", 1, 4, measures)
+    page = result._repr_html_()
+    header = page[page.index("<thead>") : page.index("</thead>")]
+    shown = [h.split("</th>")[0] for h in header.split("<th>")[1:]]
+    assert shown == ["", "metric", "condition", "value", "effect"]
+    assert "in every row: site resid_post@1; kind resid_post; layer 1; hook " in page
+    assert "method inlp; n_removed 1; positions all</p>" in page  # empty columns left out
+    assert "&lt;NA&gt;" not in page and "None" not in page
+    assert list(result.summary().columns)[:2] == ["site", "kind"]  # summary() itself is whole

@@ -236,7 +236,7 @@ class Result:
             table = self.summary()
         except Exception as err:  # a notebook view must never raise either
             table = pd.DataFrame({"summary unavailable": [str(err)]})
-        parts.append(table.to_html(max_rows=40, float_format=format_number, na_rep="—"))
+        parts.append(_html_table(table))
         if self._html_figure:
             try:
                 figure = self._html_plot()
@@ -252,6 +252,52 @@ class Result:
                 pass
         parts.append("</div>")
         return "".join(parts)
+
+
+def _html_table(table: pd.DataFrame) -> str:
+    """The notebook's summary table: columns that hold one value in every row (the site, the
+    method, the positions...) said once above it, so that what varies is on screen (review 26a:
+    an amnesic summary's condition, value and effect began at column 13), and every missing
+    value shown as "—" (``<NA>``, ``None`` and ``—`` appeared side by side)."""
+
+    def cell(value: Any) -> str:
+        return (
+            "—"
+            if _missing(value)
+            else format_number(value)
+            if isinstance(value, float)
+            else str(value)
+        )
+
+    constant = []
+    if len(table) > 1:
+        for name in table.columns:
+            try:
+                if table[name].astype(object).map(cell).nunique() == 1:
+                    constant.append(name)
+            except TypeError:  # unhashable cells (lists): shown as they are
+                pass
+        constant = constant if len(constant) < len(table.columns) else []
+    # Columns empty in every row say nothing: left out of the line too.
+    same = "; ".join(
+        f"{name} {cell(table[name].iloc[0])}"
+        for name in constant
+        if not _missing(table[name].iloc[0])
+    )
+    body = table.drop(columns=constant)
+    for name in body.columns:  # one marker for a missing value, whatever the column's dtype
+        if not pd.api.types.is_float_dtype(body[name]):
+            column = body[name].astype(object)
+            body[name] = column.where(~column.map(_missing), "—")
+    lead = f"<p>in every row: {html.escape(same)}</p>" if same else ""
+    return lead + body.to_html(max_rows=40, float_format=format_number, na_rep="—")
+
+
+def _missing(value: Any) -> bool:
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # arrays and lists are values
+        return False
 
 
 def spread(values: np.ndarray) -> np.ndarray:
