@@ -499,3 +499,23 @@ def test_an_attention_bias_row_keeps_its_block_in_the_frames():
     per_layer = attention.groupby(["prompt", "layer"])["attribution"].sum().to_numpy()
     want = whole[whole["kind"] == "attn_out"].sort_values(["prompt", "layer"])["attribution"]
     np.testing.assert_allclose(per_layer, want.to_numpy(), atol=1e-5)
+
+
+def test_the_head_map_has_each_layers_mlp_and_bars_have_their_spread(tiny):
+    # Review 26a F9: with heads=True the MLPs were in no figure (SmolLM2's largest writer, L29's
+    # MLP, among them); over several prompts the bars had no error bars.
+    prompts, metric = ["Hi there", "Hello you", "abc"], mp.logit_diff(5, 6)
+    res = mp.direct_logit_attribution(tiny, prompts, metric, heads=True, progress=False)
+    ax = res.plot().axes[0]
+    image = ax.images[0].get_array()
+    n_heads = res.head_matrix().shape[1]
+    assert [t.get_text() for t in ax.get_xticklabels()][-1] == "MLP"
+    mlp = [res.mean[res.components.index(f"L{layer} mlp")] for layer in range(res.n_layers)]
+    np.testing.assert_allclose(image[:, n_heads + 1], mlp, rtol=1e-6)
+    np.testing.assert_allclose(image[:, :n_heads], res.head_matrix(), rtol=1e-6)
+    bars = mp.direct_logit_attribution(tiny, prompts, metric, progress=False).plot().axes[0]
+    from matplotlib.container import BarContainer
+
+    drawn = [c for c in bars.containers if isinstance(c, BarContainer)]
+    assert drawn and all(c.errorbar is not None for c in drawn)
+    assert "mean ± sd over 3 prompts" in bars.get_title()

@@ -258,15 +258,25 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
         what = f"logit[{_token(self.answers, 'answer')}] - logit[{_token(self.wrongs, 'wrong')}]"
         what = literal(what)  # the answers' text, drawn as written
         if self.heads:
-            fig, ax = new_axes(ax, (6.0, 4.0))
-            matrix = self.head_matrix()
-            limit = float(np.abs(matrix).max()) or 1.0
+            fig, ax = new_axes(ax, (6.5, 4.0))
+            heads = self.head_matrix()
+            # Each layer's MLP in a column of its own, on the heads' scale (review 26a F9: the
+            # largest writer, L29's MLP at -4.08, was in no figure).
+            is_mlp = np.asarray(self.kinds) == "mlp"
+            mlp = np.full(self.n_layers, np.nan)
+            mlp[np.asarray(self.layer)[is_mlp].astype(int)] = self.mean[is_mlp]
+            gap = np.full((self.n_layers, 1), np.nan)
+            matrix = np.concatenate([heads, gap, mlp[:, None]], axis=1)
+            limit = float(np.nanmax(np.abs(matrix), initial=0.0)) or 1.0
             image = ax.imshow(matrix, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
-            ax.set_xlabel("head")
+            ax.set_xlabel("head, and the layer's MLP")
             ax.set_ylabel("layer")
-            ax.set_xticks(range(matrix.shape[1]))
+            step = 1 if self.n_layers <= 40 else 5
+            ax.set_yticks(range(0, self.n_layers, step))  # whole layers (0.5 steps at 3 layers)
+            n_heads = heads.shape[1]
+            ax.set_xticks([*range(n_heads), n_heads + 1], [*map(str, range(n_heads)), "MLP"])
             fig.colorbar(image, ax=ax, label="direct effect (logits)")
-            ax.set_title(f"direct effect of each head on {what}", fontsize="small")
+            ax.set_title(f"direct effect of each head and MLP on {what}", fontsize="small")
             return fig
         # x is the layer, attention and MLP side by side: labelling every third of 62 bars left
         # most of them unnamed.
@@ -277,7 +287,11 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
         for kind, colour in colours.items():  # one legend entry per kind present
             shown = np.asarray(self.kinds) == kind
             if shown.any():
-                ax.bar(x[shown], self.mean[shown], width=0.4, color=colour, label=kind)
+                # Over several prompts, their spread (review 26a F9: L27's MLP 1.61 +- 2.71
+                # was drawn as a bare mean).
+                err = spread(self.attributions)[shown] if len(self.prompts) > 1 else None
+                ax.bar(x[shown], self.mean[shown], width=0.4, color=colour, label=kind,
+                       yerr=err, error_kw={"elinewidth": 0.6, "capsize": 1.5})  # fmt: skip
         ax.plot(x, np.cumsum(self.mean), color="black", lw=1, label="running sum")
         ax.axhline(0, color="grey", lw=0.5)
         step = 1 if self.n_layers <= 40 else 5
@@ -287,7 +301,8 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
         ax.set_xlabel("layer (attention left, MLP right)")
         ax.set_ylabel("direct effect (logits)")
         ax.legend(fontsize="small")
-        ax.set_title(f"direct effect of each write on {what}", fontsize="small")
+        over = f" (mean ± sd over {len(self.prompts)} prompts)" if len(self.prompts) > 1 else ""
+        ax.set_title(f"direct effect of each write on {what}{over}", fontsize="small")
         return fig
 
     def _describe(self) -> str:
