@@ -347,3 +347,19 @@ def test_joined_traces_keep_their_model_and_refuse_another(tiny):
     with pytest.raises(ValueError, match="Cannot join: part 1 was made on 'another model'"):
         patched = mp.patch(tiny, "A cat", "A bat", "mlp_out", -1, mp.logit_diff(1, 2))
         mp.PatchResult.concat([patched, dataclasses.replace(patched, model_name="another model")])
+
+
+def test_a_subject_inside_another_word_is_warned_of(tiny):
+    # Review 26b L6: causal_trace(m, "concatenate this", "cat") noised part of "concatenate",
+    # as ROME's substring match does, without a word.
+    from mechprobe.patching._tracing import subject_span
+
+    with pytest.warns(UserWarning, match=r"'cat' is part of the word 'concatenate' of the prompt"):
+        assert subject_span(tiny, "please concatenate this", "cat") == (11, 14)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        subject_span(tiny, "The Eiffel Tower is in", "Eiffel Tower")
+        subject_span(tiny, "Is it the U.S.A.?", "U.S.A.")
+        subject_span(tiny, "Q: What is the capital of Poland?", " Poland")

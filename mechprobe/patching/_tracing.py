@@ -117,6 +117,19 @@ def subject_span(model: Any, prompt: str, subject: str) -> tuple[int, int]:
             "prompt whose embeddings are to be corrupted."
         )
     end = at + len(subject)
+    before, after = prompt[at - 1 : at], prompt[end : end + 1]
+    if (before.isalnum() and subject[0].isalnum()) or (after.isalnum() and subject[-1].isalnum()):
+        # ROME's code matches a substring too; tracing "cat" in "concatenate" corrupts part of
+        # another word (review 26b L6).
+        start, stop = at, end
+        while start > 0 and prompt[start - 1].isalnum():
+            start -= 1
+        while stop < len(prompt) and prompt[stop].isalnum():
+            stop += 1
+        warn(
+            f"The subject {subject!r} is part of the word {prompt[start:stop]!r} of the prompt (its "
+            "last occurrence is traced, as ROME's code does): pass the whole word if you mean it."
+        )
     encoded = model.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
     bos = int(tokenize(model, [prompt]).lengths[0]) - len(encoded["input_ids"])
     inside = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < end and b > at]
