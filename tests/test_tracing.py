@@ -363,3 +363,16 @@ def test_a_subject_inside_another_word_is_warned_of(tiny):
         subject_span(tiny, "The Eiffel Tower is in", "Eiffel Tower")
         subject_span(tiny, "Is it the U.S.A.?", "U.S.A.")
         subject_span(tiny, "Q: What is the capital of Poland?", " Poland")
+
+
+@pytest.mark.parametrize(
+    "ids", [[1.5, 2.0, 3.0], [True, False], [[1, 2, 3]], torch.tensor([1.0, 2.0])]
+)
+def test_trace_noise_takes_one_prompts_integer_ids(ids):
+    # Review 26b L5: float ids hashed like ints ([1.0, 2.0, 3.0] gave [1, 2, 3]'s noise), bools
+    # were taken and a batch of one row read as its row.
+    with pytest.raises(TypeError, match="trace_noise takes one prompt's token ids, a 1-d list"):
+        mp.trace_noise(ids, 2, 1, 4, 1.0)
+    assert mp.trace_noise(torch.tensor([1, 2, 3]), 2, 1, 4, 1.0).equal(
+        mp.trace_noise([1, 2, 3], 2, 1, 4, 1.0)
+    )

@@ -164,6 +164,19 @@ def trace_noise(
             "index: the noise is keyed by the prompt itself, so that it does not depend on the "
             "prompt's place in the list."
         )
+    ids = prompt if isinstance(prompt, Tensor) else np.asarray(prompt)
+    integral = (
+        not ids.is_floating_point() and not ids.is_complex()
+        if isinstance(ids, Tensor)
+        else (ids.dtype.kind in "iu")
+    )
+    if ids.ndim != 1 or not integral or ids.dtype in (torch.bool, np.bool_):
+        # Float ids hash like ints ([1.0, 2.0] gave [1, 2]'s noise) and a batch of one row like
+        # its row: either is a mistake to name, not to read (review 26b L5).
+        raise TypeError(
+            "trace_noise takes one prompt's token ids, a 1-d list or tensor of integers (e.g. "
+            f"model.to_tokens(prompt)[0]), got {ids.ndim}-d {ids.dtype}."
+        )
     shape = (
         check_int(n_noise, "n_noise", 1),
         check_int(n_tokens, "n_tokens", 0),
