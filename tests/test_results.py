@@ -692,3 +692,22 @@ def test_the_notebook_table_says_constant_columns_once_above_it():
     assert "method inlp; n_removed 1; positions all</p>" in page  # empty columns left out
     assert "&lt;NA&gt;" not in page and "None" not in page
     assert list(result.summary().columns)[:2] == ["site", "kind"]  # summary() itself is whole
+
+
+def test_a_hand_edited_file_is_refused_by_name(tmp_path):
+    # Review 26b L8: an array tagged "object" loaded (anything at all could come back), and a
+    # field of the wrong JSON type escaped as an AttributeError instead of the named ValueError.
+    path = mp.logit_lens(mp.tiny_model(), "Hi").save(tmp_path / "lens.json")
+    data = json.loads(path.read_text())
+    data["positions"]["__array__"]["dtype"] = "object"
+    path.write_text(json.dumps(data))
+    with pytest.raises(
+        ValueError, match=r"lens.json: not a readable LensResult file \(an array of"
+    ):
+        mp.LensResult.load(path)
+    das = tmp_path / "das.json"
+    tag = {"format": mp.DASResult._format, "version": mp.DASResult._version}
+    fields = {f.name: None for f in dataclasses.fields(mp.DASResult)}
+    das.write_text(json.dumps({**tag, **fields}))
+    with pytest.raises(ValueError, match=r"das.json: not a readable DASResult file \("):
+        mp.DASResult.load(das)

@@ -216,7 +216,9 @@ class Result:
         try:
             _check_format(cls, data)
             return decode(data, cls, arrays=arrays)
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            # AttributeError: a field of the wrong JSON type (null where a mapping goes) in a
+            # hand-edited file escaped as is (review 26b L8).
             raise ValueError(f"{path}: not a readable {cls.__name__} file ({err}).") from err
 
     def __repr__(self) -> str:
@@ -774,6 +776,8 @@ def _decode_array(spec: Mapping[str, Any], arrays: _Arrays | None) -> np.ndarray
             raise ValueError("an array stored in an npz file was read from JSON")
         return _numpy_of(arrays[spec["npz"]])
     data = spec["data"]
+    if np.dtype(spec["dtype"]).kind not in "biufcUS":  # "object" would load anything at all
+        raise ValueError(f"an array of dtype {spec['dtype']!r}, which no result writes")
     if np.dtype(spec["dtype"]).kind in "fc":
         data = [_decode_float(x) for x in data]
     return np.asarray(data, dtype=spec["dtype"]).reshape(spec["shape"])
