@@ -97,7 +97,8 @@ class Intervention:
 
     Subclasses implement :meth:`edit`, which receives the selected activations
     ``[batch, k, ...]`` (or ``[batch, seq, ...]`` when ``positions`` is None) and returns the
-    new values or None to leave them unchanged.
+    new values, or None to keep the selection as it is: unchanged, or as the edit changed it in
+    place (TransformerLens's habit, which takes effect at chosen positions too).
 
     Args:
         positions: Positions to act on (None: all; negative: from each row's last real token).
