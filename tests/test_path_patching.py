@@ -419,3 +419,17 @@ def test_head_out_senders_keep_their_kind_and_equal_head_senders(tiny):
     np.testing.assert_allclose(outs.values, heads.values, rtol=0, atol=1e-6)
     assert all(s.startswith("head_out@") for s in outs.senders)
     assert outs.senders[3] == str(mp.Site("head_out", 0, head=3))
+
+
+@pytest.mark.parametrize(
+    ("receivers", "method"), [("final", "exact"), ("final", "attribution"), ("q", "attribution")]
+)
+def test_a_metric_not_finite_on_the_unpatched_runs_is_refused(tiny, receivers, method):
+    # Review 26b S3: only the engine's passes (q/k/v) checked it; "final" and method="attribution"
+    # returned all-NaN results.
+    before = hook_count(tiny)
+    with pytest.raises(ValueError, match=r"gave nan on an unpatched \(source\) run: make it"):
+        mp.path_patch(
+            tiny, CLEAN, CORRUPT, "head", receivers, lambda lg: lg[:, 0] * torch.nan, method=method
+        )
+    assert hook_count(tiny) == before

@@ -61,7 +61,7 @@ from mechprobe.patching._activation import (
     _sites,
     token_pairs,
 )
-from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
+from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric, check_unpatched
 from mechprobe.patching._result import PatchResult, pair_records
 
 __all__ = ["attribution_patch"]
@@ -238,6 +238,7 @@ def attribution_patch(
         with torch.no_grad(), intervene(model, caps):  # type: ignore[arg-type]
             logits = model(src_ids[i][None].to(model.W_E.device))
             src_m = float(metric_fn(logits[:, -1], pair).sum())
+        check_unpatched(src_m, "source")
         grads = {name: Gradient() for name in dict.fromkeys(value_hooks + grad_hooks)}
         # Gradients are needed even where the caller turned them off (set_grad_enabled(False),
         # inference_mode: tensors made there cannot be saved for backward, hence the clone).
@@ -246,6 +247,7 @@ def attribution_patch(
                 logits = model(base_ids[i][None].to(model.W_E.device).clone())
                 out = metric_fn(logits[:, -1], pair).sum()
             base_m = float(out.detach())
+            check_unpatched(base_m, "base")
             if not out.requires_grad:
                 raise ValueError(
                     f"The metric {metric_name!r} gave a value without a gradient: attribution "

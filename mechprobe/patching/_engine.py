@@ -61,6 +61,7 @@ from mechprobe.core import (
     weighted_progress_bar,
     width,
 )
+from mechprobe.patching._metrics import check_unpatched
 
 __all__ = [
     "ADD",
@@ -901,12 +902,8 @@ def run_plan(
         got = torch.as_tensor(metric_fn(logits, group)).detach()  # [rows], checked by bind_metric
         for (kind, index), value in zip(layout.keys, got.double().cpu(), strict=True):
             target = {"cell": values.cells, "base": values.bases, "source": values.sources}[kind]
-            if kind != "cell" and not bool(torch.isfinite(value)):
-                # A non-finite metric on an unpatched run made every cell's recovery NaN, silently.
-                raise ValueError(
-                    f"The metric gave {value.item()} on an unpatched ({kind}) run: make it finite "
-                    "on the model's own logits (a log of 0, or a division by 0?)."
-                )
+            if kind != "cell":
+                check_unpatched(value, kind)
             if kind == "cell" or torch.isnan(target[index]):
                 target[index] = value
     bad = int((~torch.isfinite(values.cells)).sum())

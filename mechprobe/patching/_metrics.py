@@ -22,6 +22,7 @@ __all__ = [
     "PatchMetric",
     "answer_prob",
     "bind_metric",
+    "check_unpatched",
     "logit_diff",
     "metric_token_ids",
 ]
@@ -182,6 +183,34 @@ def metric_token_ids(
         return tuple(ans.tolist()), tuple(wrong.tolist())
     ans = _answer_ids(model, metric.answer, n_pairs, "answer", check_space=False)
     return tuple(ans.tolist()), ()
+
+
+def check_unpatched(values: Any, kind: str) -> None:
+    """Refuse a non-finite metric on an unpatched run, the same way in every patching function.
+
+    Args:
+        values: The metric on the unpatched run(s): a number, an array or a tensor.
+        kind: Which run it was, e.g. ``"source"``, ``"base"``, ``"clean"``.
+
+    Raises:
+        ValueError: Some value is NaN or infinite (every cell's recovery would be NaN).
+
+    Example:
+        >>> check_unpatched(torch.tensor([1.0, 2.0]), "base")
+        >>> try:
+        ...     check_unpatched(float("nan"), "base")
+        ... except ValueError as error:
+        ...     str(error)[:46]
+        'The metric gave nan on an unpatched (base) run'
+    """
+    flat = torch.as_tensor(values).detach().double().cpu().flatten()
+    bad = flat[~torch.isfinite(flat)]
+    if len(bad):
+        # A non-finite metric on an unpatched run made every cell's recovery NaN, silently.
+        raise ValueError(
+            f"The metric gave {bad[0].item()} on an unpatched ({kind}) run: make it finite "
+            "on the model's own logits (a log of 0, or a division by 0?)."
+        )
 
 
 def bind_metric(model: Any, metric: Any, n_pairs: int) -> tuple[Callable[..., Tensor], str]:

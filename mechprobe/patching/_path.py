@@ -78,7 +78,7 @@ from mechprobe.patching._engine import (
     pair_unit_vectors,
     run_plan,
 )
-from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
+from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric, check_unpatched
 from mechprobe.patching._result import concat_pairs, normalised_recovery, pair_records
 
 if TYPE_CHECKING:
@@ -609,6 +609,10 @@ def path_patch(
     group = torch.arange(n_pairs)
     src_m = metric_fn(readout(model, torch.stack(src_final)), group).double().cpu().numpy()
     base_m = metric_fn(readout(model, torch.stack(finals)), group).double().cpu().numpy()
+    # Checked here for every method and receiver: only the engine's passes (q/k/v, mlp_in)
+    # checked it, so "final" and method="attribution" gave all-NaN results.
+    check_unpatched(src_m, "source")
+    check_unpatched(base_m, "base")
     clean_m, corrupt_m = (src_m, base_m) if direction == "denoising" else (base_m, src_m)
 
     n_s, n_r = len(sender_list), len(receiver_list)
