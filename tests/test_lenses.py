@@ -772,3 +772,33 @@ def test_a_lens_reads_its_model_in_another_dtype_without_a_warning(tmp_path, dty
             read.check(same, [("resid_post", 0)])
         with pytest.warns(UserWarning, match="trained with another unembedding"):
             read.check(other, [("resid_post", 0)])
+
+
+def test_training_that_diverges_is_refused_naming_lr(tiny):
+    # Review 26b S2: lr=1e20 returned a lens of NaN weights (loss 1.03, 1.48, 1.34, nan, ...).
+    with pytest.raises(
+        ValueError, match=r"diverged at step \d+ of 8 .*lr=1e\+20\): pass a smaller"
+    ):
+        _train(tiny, sites="resid_post", n_tokens=256, tokens_per_step=32, lr=1e20)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_tuned_lens_of_non_finite_weights_is_refused(tiny, tmp_path, bad):
+    lens = mp.TunedLens.identity(tiny, ["resid_post"])
+    w, b = lens.weights["resid_post"].clone(), lens.biases["resid_post"].clone()
+    w[1, 3, 4] = bad
+    with pytest.raises(
+        ValueError, match=r"resid_post.weight holds NaN or infinity .*layer\(s\) \[1\]"
+    ):
+        mp.TunedLens({"resid_post": w}, {"resid_post": b}, lens.layers, n_layers=3)
+    # The same translators in a tuned-lens package folder.
+    n, d = tiny.cfg.n_layers, tiny.cfg.d_model
+    state = {f"{i}.{p}": torch.zeros((d, d) if p == "weight" else (d,))
+             for i in range(n) for p in ("weight", "bias")}  # fmt: skip
+    state["0.bias"][5] = bad
+    (tmp_path / "config.json").write_text(json.dumps({"d_model": d, "num_hidden_layers": n}))
+    torch.save(state, tmp_path / "params.pt")
+    with pytest.raises(
+        ValueError, match=r"resid_pre.bias holds NaN or infinity .*layer\(s\) \[0\]"
+    ):
+        mp.TunedLens.load(tmp_path)

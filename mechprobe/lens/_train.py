@@ -213,6 +213,18 @@ def _load_checkpoint(
     return int(state["step"]), list(state["log"]), state.get("last_kl")
 
 
+def _check_diverged(
+    values: Tensor, step: int, steps: int, lr: float, what: str = "the loss"
+) -> None:
+    """Stop training where ``values`` (a step's loss, or its weights) are not finite: the lens
+    came back with NaN weights and no word (review 26b S2)."""
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(
+            f"The tuned lens's training diverged at step {step + 1} of {steps} ({what} became "
+            f"NaN or infinite at lr={lr:g}): pass a smaller lr (e.g. {lr / 10:g})."
+        )
+
+
 @evaluates
 def train_tuned_lens(
     model: Any,
@@ -272,7 +284,8 @@ def train_tuned_lens(
 
     Raises:
         ValueError: Bad settings, too little text, a checkpoint with other settings; a model
-            whose logits go through a non-identity transform (a soft cap) after the unembedding.
+            whose logits go through a non-identity transform (a soft cap) after the unembedding;
+            training that diverged (a loss or weights not finite: lr too high).
 
     Example:
         >>> import mechprobe as mp
@@ -438,11 +451,15 @@ def train_tuned_lens(
                 # to float32 for the loss; the gradient flows through both casts.
                 u = model.ln_final(y.to(dtype)).float()
                 kl, grad = step_fn.loss_and_grad(u.detach().reshape(-1, u.shape[-1]), m, c, a)
+                _check_diverged(kl, step, steps, lr)
                 # Sum over translators of the mean over tokens, as the paper's loss.
                 torch.autograd.backward(u, grad.reshape(u.shape) / n)
                 torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                # A finite loss can still be followed by a step to infinite weights (a huge lr).
+                top = torch.stack([p.detach().abs().max() for p in params.values()])
+                _check_diverged(top, step, steps, lr, "its weights")
                 sched.step()
                 per_translator = kl.reshape(len(keys), n).mean(1)
                 log.append(round(float(per_translator.sum()), 5))

@@ -163,6 +163,16 @@ class TunedLens(Lens):
             if tuple(b.shape) != (k, w.shape[1]):
                 raise ValueError(f"{kind}.bias must be [{k}, {w.shape[1]}], got {tuple(b.shape)}.")
             _check_layers(kind, layers[kind], int(n_layers))
+            # A diverged training run or a damaged file: every read-out through it is NaN.
+            for name, tensor in ((f"{kind}.weight", w), (f"{kind}.bias", b)):
+                bad = (~torch.isfinite(tensor.detach().reshape(k, -1))).any(1)
+                if bool(bad.any()):
+                    where = [int(layers[kind][i]) for i in bad.nonzero().flatten().tolist()]
+                    raise ValueError(
+                        f"{name} holds NaN or infinity (the translators of layer(s) {where}): "
+                        "retrain the lens (with a smaller lr if its training diverged) or load "
+                        "another one."
+                    )
         self.weights = {k: v.detach().float().contiguous() for k, v in weights.items()}
         self.biases = {k: v.detach().float().contiguous() for k, v in biases.items()}
         self.layers = {k: tuple(int(i) for i in v) for k, v in layers.items()}
