@@ -877,3 +877,34 @@ def test_a_users_hook_does_not_turn_packing_off_for_good(tiny):
         model.reset_hooks()
     assert _packing_works(model)
     mp.patch(model, ["Hi there"], ["Hi where"], "resid_pre", -1, METRIC, packed=True)
+
+
+_ARGMAX = lambda lg: lg.argmax(-1)  # noqa: E731
+_NONE = lambda lg: None  # noqa: E731
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, f: mp.patch(m, CLEAN, CORRUPT, "mlp_out", -1, f, n_random=0),
+        lambda m, f: mp.ablate_cells(m, CLEAN, "mlp_out", -1, f, method="zero", n_random=0),
+        lambda m, f: mp.causal_trace(m, "The cat sat", "cat", metric=f, n_noise=2, n_random=0),
+        lambda m, f: mp.path_patch(m, "A cat sat", "A bat sat", "head", "final", f, n_random=0),
+    ],
+    ids=["patch", "ablate_cells", "causal_trace", "path_patch"],
+)
+def test_a_metric_of_token_ids_or_none_is_refused(tiny, call):
+    # Review 26b L1: an argmax metric was averaged into "clean 134, corrupt 205" (mean token ids);
+    # L2: a metric returning None gave torch's "Could not infer dtype of NoneType".
+    with pytest.raises(TypeError, match=r"returned torch.int64 values: return float scores"):
+        call(tiny, _ARGMAX)
+    with pytest.raises(TypeError, match=r"The metric returned None: return one float per row"):
+        call(tiny, _NONE)
+
+
+def test_a_bool_metric_is_a_hit_rate(tiny):
+    top = int(mp.run(tiny, CLEAN).logits[0, -1].argmax())
+    res = mp.patch(tiny, [CLEAN, CORRUPT], [CORRUPT, CLEAN], "mlp_out", -1,
+                   lambda lg: lg.argmax(-1) == top, n_random=0)  # fmt: skip
+    # A share of hits: 1 on the clean prompt where the top token is `top`, a float array.
+    assert res.clean.dtype == np.float64 and res.clean[0] == 1.0

@@ -251,9 +251,23 @@ def bind_metric(model: Any, metric: Any, n_pairs: int) -> tuple[Callable[..., Te
                 "TransformerLens's patching functions pass: write lg[:, a] - lg[:, w], not "
                 "lg[:, -1, a] - lg[:, -1, w]."
             ) from error
+        if out is None:  # torch said "Could not infer dtype of NoneType"
+            raise TypeError(
+                "The metric returned None: return one float per row, shape [rows] (e.g. "
+                "return lg[:, a] - lg[:, w]; is a return statement missing?)."
+            )
+        out = torch.as_tensor(out)
+        # An int metric (an argmax by mistake) was averaged into mean token ids ("clean 134");
+        # a bool one is a hit rate, which averages to a share.
+        if not (out.is_floating_point() or out.dtype == torch.bool):
+            raise TypeError(
+                f"The metric returned {out.dtype} values: return float scores, e.g. a logit "
+                "difference (an argmax's token ids average to nothing meaningful; "
+                "attribution_patch refuses it too)."
+            )
         # Checked here, for every analysis: attribution patching summed a scalar metric over
         # its one row and went on, where patch refused the same metric.
-        shape = tuple(torch.as_tensor(out).shape)
+        shape = tuple(out.shape)
         if shape != (logits.shape[0],):
             raise ValueError(
                 f"metric returned shape {shape} for {logits.shape[0]} rows of logits: "
