@@ -108,3 +108,40 @@ def test_a_left_padded_mask_read_as_right_padding_is_refused():
     assert mp.Batch.from_tokens(ids, mask, padding_side="left").last_index.tolist() == [3, 3]
     with pytest.raises(ValueError, match="not left-padded"):
         mp.Batch.from_tokens(ids, torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1]]), padding_side="left")
+
+
+_BAD = [torch.tensor([[1, 600, 61]]), torch.tensor([[1, 60, -5]])]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, b: mp.run(m, b),
+        lambda m, b: mp.generate(m, b, max_new_tokens=2),
+        lambda m, b: mp.patch(m, b, b, "mlp_out", -1, mp.logit_diff(1, 2), n_random=0),
+        lambda m, b: mp.ablate_cells(m, b, "mlp_out", -1, mp.logit_diff(1, 2), method="zero"),
+        lambda m, b: mp.attribution_patch(m, b, b, "mlp_out", -1, mp.logit_diff(1, 2)),
+        lambda m, b: mp.direct_logit_attribution(m, b, mp.logit_diff(1, 2)),
+        lambda m, b: mp.head_scores(m, b),
+    ],
+    ids=["run", "generate", "patch", "ablate_cells", "attribution_patch", "dla", "head_scores"],
+)
+@pytest.mark.parametrize("ids", _BAD, ids=["too_large", "negative"])
+def test_token_ids_outside_the_vocabulary_are_refused_by_name(tiny, call, ids):
+    # Review 26b E1: a bare IndexError from torch's embedding (an OverflowError from the
+    # tokenizer for a negative id in generate).
+    bad = int(ids[ids.lt(0) | ids.ge(tiny.cfg.d_vocab)][0])
+    pos = int(((ids < 0) | (ids >= tiny.cfg.d_vocab)).nonzero()[0, 1])
+    message = rf"rompt 0 holds token id {bad} at position {pos}, outside the model's vocabulary "
+    with pytest.raises(ValueError, match=message + rf"\(0\.\.{tiny.cfg.d_vocab - 1}\)"):
+        call(tiny, mp.Batch.from_tokens(ids))
+
+
+def test_ragged_token_rows_are_refused_with_the_fix():
+    with pytest.raises(
+        ValueError, match=r"different lengths \(\[3, 4\]\): pad them .*attention_mask"
+    ):
+        mp.Batch.from_tokens([[1, 60, 61], [1, 62, 63, 64]])
+    # Padded by hand with a mask, the same rows are a batch.
+    batch = mp.Batch.from_tokens([[1, 60, 61, 0], [1, 62, 63, 64]], [[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert batch.last_index.tolist() == [2, 3]

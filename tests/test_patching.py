@@ -430,7 +430,10 @@ def test_no_hooks_left_after_an_exception_in_the_metric(tiny):
         ({"metric": "logit_diff"}, "must be logit_diff"),
         # These ran: two identical columns, and a raw IndexError inside the embedding.
         ({"positions": [-1, 2, -1]}, r"positions repeat \[-1\]"),
-        ({"corrupt": torch.tensor([1, 2, 10**6])}, r"ids \[1000000\] outside the model's"),
+        (
+            {"corrupt": torch.tensor([1, 2, 10**6])},
+            r"Corrupt prompt 0 holds token id 1000000 at position 2, outside the model's",
+        ),
         # A metric not finite on the model's own logits made every recovery NaN, silently.
         ({"metric": lambda lg: torch.log(lg[:, 5] * 0)}, r"gave -inf on an unpatched"),
     ],

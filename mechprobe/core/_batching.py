@@ -24,6 +24,7 @@ __all__ = [
     "PaddingSide",
     "PositionSpec",
     "check_positions",
+    "check_token_ids",
     "first_token_ids",
     "pad_id",
     "pad_rows",
@@ -163,6 +164,13 @@ class Batch:
             >>> Batch.from_tokens(torch.tensor([[1, 5, 9]])).last_index.tolist()
             [2]
         """
+        if isinstance(tokens, (list, tuple)) and len(tokens) > 1:
+            lengths = {len(row) for row in tokens if isinstance(row, (list, tuple, Tensor))}
+            if len(lengths) > 1:  # torch said "expected sequence of length 3 at dim 1 (got 4)"
+                raise ValueError(
+                    f"tokens rows have different lengths ({sorted(lengths)}): pad them to one "
+                    "length and pass attention_mask (1 for real tokens), or pass strings."
+                )
         ids = torch.as_tensor(tokens)
         ids = ids[None] if ids.ndim == 1 else ids
         if ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
@@ -489,6 +497,46 @@ def _check_context(model: Any, rows: Sequence[Sequence[int]], what: str = "") ->
             raise ValueError(
                 f"Prompt {i}{what} is {len(row)} tokens, longer than the model's context of "
                 f"{int(n_ctx)} tokens: shorten it or split it into windows."
+            )
+
+
+def check_token_ids(
+    model: Any, rows: Tensor | Sequence[Tensor] | Sequence[Sequence[int]], what: str = "prompt"
+) -> None:
+    """Refuse token ids outside the model's embedding, naming the row and the position.
+
+    Torch's embedding raised a bare "IndexError: index out of range in self" (a device-side
+    assert on a GPU), and a negative id an OverflowError in the tokenizer; strings never hold
+    such ids, token ids given by hand can.
+
+    Args:
+        model: The model the ids are for.
+        rows: ``[batch, seq]`` ids (padding included: it reaches the embedding too), or one 1-D
+            tensor or list of ids per row.
+        what: What a row is called in the message (``"prompt"``, ``"corrupt prompt"``).
+
+    Raises:
+        ValueError: An id below 0 or at least the model's ``d_vocab``.
+
+    Example:
+        >>> from mechprobe.core._models import tiny_model
+        >>> check_token_ids(tiny_model(), torch.tensor([[1, 600, 61]]))
+        Traceback (most recent call last):
+        ...
+        ValueError: Prompt 0 holds token id 600 at position 1, outside the model's vocabulary (0..258): pass token ids of this model, or strings.
+    """
+    vocab = int(model.cfg.d_vocab)  # the embedding's rows (not the logits' width)
+    if isinstance(rows, Tensor) and not bool(((rows < 0) | (rows >= vocab)).any()):
+        return  # one pass over a whole batch: a row-by-row loop only to name the culprit
+    for i, row in enumerate(rows):
+        row = torch.as_tensor(row)
+        outside = ((row < 0) | (row >= vocab)).nonzero().flatten()
+        if len(outside):
+            pos = int(outside[0])
+            raise ValueError(
+                f"{what[:1].upper()}{what[1:]} {i} holds token id {int(row[pos])} at position "
+                f"{pos}, outside the model's vocabulary (0..{vocab - 1}): pass token ids of this "
+                "model, or strings."
             )
 
 

@@ -44,7 +44,14 @@ import pandas as pd
 import torch
 
 from mechprobe.core._adapter import model_adapter
-from mechprobe.core._batching import Batch, pad_id, pad_rows, position_list, tokenize
+from mechprobe.core._batching import (
+    Batch,
+    check_token_ids,
+    pad_id,
+    pad_rows,
+    position_list,
+    tokenize,
+)
 from mechprobe.core._eval_mode import evaluates
 from mechprobe.core._hooks import (
     Ablate,
@@ -548,6 +555,8 @@ def _left_padded(model: Any, prompts: Sequence[str] | str | Batch) -> Batch:
     rows = [
         prompts.tokens[i][prompts.attention_mask[i].bool()].tolist() for i in range(len(prompts))
     ]
+    # Ids given by hand, before the tokenizer decodes them (a negative one: OverflowError there).
+    check_token_ids(model, rows)
     texts = prompts.prompts
     if not all(texts):
         texts = tuple(model_adapter(model).tokenizer.decode(ids) for ids in rows)

@@ -12,7 +12,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechprobe.core._adapter import model_adapter
-from mechprobe.core._batching import Batch, PaddingSide, PositionSpec, bos_id, tokenize
+from mechprobe.core._batching import (
+    Batch,
+    PaddingSide,
+    PositionSpec,
+    bos_id,
+    check_token_ids,
+    tokenize,
+)
 from mechprobe.core._eval_mode import evaluates
 from mechprobe.core._hooks import (
     Ablate,
@@ -283,6 +290,8 @@ def run(
         >>> tuple(out.logits.shape), tuple(out[mp.Site("resid_post", 0)].shape)
         ((2, 1, 259), (2, 6, 64))
     """
+    if isinstance(prompts, Batch):
+        check_token_ids(model, prompts.tokens)  # ids given by hand, before the embedding
     batch = (
         prompts
         if isinstance(prompts, Batch)

@@ -41,6 +41,7 @@ from mechprobe.core import (
     SiteLike,
     check_int,
     check_seed,
+    check_token_ids,
     evaluates,
     expand_sites,
     model_adapter,
@@ -121,7 +122,7 @@ def token_rows(model: Any, prompts: Prompts, what: str) -> list[Tensor]:
                 "tensor per prompt (unpadded)."
             )
         rows = [p.long().cpu() for p in tensors]
-        _check_vocabulary(model, rows, what)
+        check_token_ids(model, rows, f"{what} prompt")
         # list(model.to_tokens([...])) is a padded batch too: its pads would be read as tokens
         _refuse_padding(model, rows, what)
         return rows
@@ -132,26 +133,16 @@ def token_rows(model: Any, prompts: Prompts, what: str) -> list[Tensor]:
                 "of 1-D id tensors of any lengths."
             )
         rows = list(prompts.long().reshape(-1, prompts.shape[-1]).cpu())
-        _check_vocabulary(model, rows, what)
+        check_token_ids(model, rows, f"{what} prompt")
         _refuse_padding(model, rows, what)
         return rows
     # What is left are strings (a list holding other things fails in tokenize, naming it).
     batch = prompts if isinstance(prompts, Batch) else tokenize(model, prompts)  # type: ignore[arg-type]
-    return [
+    rows = [
         t[m.bool()] for t, m in zip(batch.tokens.cpu(), batch.attention_mask.cpu(), strict=True)
     ]
-
-
-def _check_vocabulary(model: Any, rows: list[Tensor], what: str) -> None:
-    """Refuse ids outside the embedding (an IndexError inside it; a device-side assert on a GPU)."""
-    vocab = int(model.cfg.d_vocab)  # the embedding's rows
-    ids = torch.cat(rows)
-    outside = ids[(ids < 0) | (ids >= vocab)].unique().tolist()
-    if outside:
-        raise ValueError(
-            f"{what} tokens hold ids {outside[:5]} outside the model's "
-            f"vocabulary (0..{vocab - 1}): pass token ids of this model, or strings."
-        )
+    check_token_ids(model, rows, f"{what} prompt")  # a Batch of ids given by hand
+    return rows
 
 
 def _refuse_padding(model: Any, rows: list[Tensor], what: str) -> None:
