@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import pickle
 import re
 import warnings
 
@@ -205,8 +204,11 @@ def test_reads_the_tuned_lens_package_layout(tiny, tmp_path):
             return (print, ("unpickled!",))
 
     torch.save({"0.weight": Payload()}, folder / "params.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(
+        ValueError, match=r"not a readable tuned-lens folder \(params\.pt: "
+    ) as info:
         mp.TunedLens.load(folder)
+    assert "weights_only=False" not in str(info.value)  # torch's advice, which would run code
     (folder / "params.pt").unlink()
     with pytest.raises(ValueError, match=r"params\.pt is missing"):
         mp.TunedLens.load(folder)
@@ -798,7 +800,50 @@ def test_a_tuned_lens_of_non_finite_weights_is_refused(tiny, tmp_path, bad):
     state["0.bias"][5] = bad
     (tmp_path / "config.json").write_text(json.dumps({"d_model": d, "num_hidden_layers": n}))
     torch.save(state, tmp_path / "params.pt")
-    with pytest.raises(
-        ValueError, match=r"resid_pre.bias holds NaN or infinity .*layer\(s\) \[0\]"
-    ):
+    with pytest.raises(ValueError, match=r"params\.pt: 0\.bias holds NaN or infinity: retrain"):
         mp.TunedLens.load(tmp_path)
+
+
+def _package_folder(tmp_path, model, config=None, state=None):
+    n, d = model.cfg.n_layers, model.cfg.d_model
+    default = {f"{i}.{p}": torch.zeros((d, d) if p == "weight" else (d,))
+               for i in range(n) for p in ("weight", "bias")}  # fmt: skip
+    folder = tmp_path / "lens"
+    folder.mkdir(exist_ok=True)
+    text = (
+        config
+        if isinstance(config, str)
+        else json.dumps({"d_model": d, "num_hidden_layers": n} if config is None else config)
+    )
+    (folder / "config.json").write_text(text)
+    if isinstance(state, bytes):
+        (folder / "params.pt").write_bytes(state)
+    else:
+        torch.save(default if state is None else state(default), folder / "params.pt")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("config", "state", "message"),
+    [
+        ({}, None, r"config\.json: no 'num_hidden_layers' entry"),
+        ("{not json", None, r"config\.json: not JSON, Expecting property name"),
+        ("[1, 2]", None, r"config\.json: a JSON list, not an object"),
+        ({"d_model": "abc", "num_hidden_layers": 3}, None, r"d_model is 'abc', not a positive"),
+        (None, b"junk bytes", r"params\.pt: torch\.load\(weights_only=True\) cannot read it"),
+        (None, lambda s: {k: v for k, v in s.items() if k != "0.bias"}, r"translator 0's bias"),
+        (None, lambda s: {**s, "1.weight": 3}, r"translator 1 is missing or not \[64, 64\]"),
+    ],
+    ids=["empty", "not_json", "list", "d_model_text", "junk", "no_bias", "not_tensor"],
+)
+def test_an_unreadable_tuned_lens_package_folder_is_refused_naming_the_file(
+    tiny, tmp_path, config, state, message
+):
+    # Review 26b E2: raw KeyError, JSONDecodeError, AttributeError, UnpicklingError (with torch's
+    # advice to turn weights_only off), ValueError from int().
+    folder = _package_folder(tmp_path, tiny, config, state)
+    with pytest.raises(ValueError, match=message) as info:
+        mp.TunedLens.load(folder)
+    assert "weights_only=False" not in str(info.value)
+    if "config" in message or "params" in message:
+        assert str(info.value).startswith(f"{folder} is not a readable tuned-lens folder (")

@@ -405,8 +405,9 @@ class TunedLens(Lens):
         stream are not the Hugging Face values the lens was trained on).
 
         Raises:
-            ValueError: A missing file, a lens type other than ``linear_tuned_lens``, or
-                translators whose shapes disagree with the config.
+            ValueError: A missing or unreadable file (naming it), a lens type other than
+                ``linear_tuned_lens``, translators missing or whose shapes disagree with the
+                config, or translators holding NaN or infinity.
         """
         root = Path(folder).expanduser()
         config_path, params_path = root / "config.json", root / "params.pt"
@@ -417,33 +418,32 @@ class TunedLens(Lens):
                     "config.json and params.pt, as TunedLens.save of the tuned-lens package "
                     "writes them)."
                 )
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        lens_type = config.get("lens_type", "linear_tuned_lens")
-        if lens_type != "linear_tuned_lens":
-            raise ValueError(f"Only linear tuned lenses can be read, not {lens_type!r}.")
-        n, d = int(config["num_hidden_layers"]), int(config["d_model"])
-        state = torch.load(params_path, map_location="cpu", weights_only=True)
-        if not isinstance(state, Mapping):
-            raise ValueError(f"{params_path} does not hold a state dict of translators.")
-        # Older releases saved the whole lens (``layer_translators.*`` and ``unembed.*``).
-        state = {k.removeprefix("layer_translators."): v for k, v in state.items()}
+        config, n, d = _package_config(root, config_path)
+        state = _package_state(root, params_path)
         w = torch.zeros(n, d, d, dtype=torch.float32)
         b = torch.zeros(n, d, dtype=torch.float32)
         for i in range(n):
             weight = state.get(f"{i}.weight")
-            if weight is None or tuple(weight.shape) != (d, d):
+            if not isinstance(weight, Tensor) or tuple(weight.shape) != (d, d):
                 raise ValueError(
                     f"{params_path}: translator {i} is missing or not [{d}, {d}] "
                     f"(config: {n} layers x d_model {d})."
                 )
             w[i] = weight.float()
             if config.get("bias", True):
-                b[i] = state[f"{i}.bias"].float()
+                bias = state.get(f"{i}.bias")
+                if not isinstance(bias, Tensor) or tuple(bias.shape) != (d,):
+                    raise ValueError(
+                        f"{params_path}: translator {i}'s bias is missing or not [{d}] (config: "
+                        f"bias true, d_model {d})."
+                    )
+                b[i] = bias.float()
         weights = {"resid_pre": w[:1], "resid_post": w[1:]}
         biases = {"resid_pre": b[:1], "resid_post": b[1:]}
         layers = {"resid_pre": [0], "resid_post": list(range(n - 1))}
         if n == 1:
             del weights["resid_post"], biases["resid_post"], layers["resid_post"]
+        _check_package_finite(params_path, weights, biases, layers)
         return cls(
             weights,
             biases,
@@ -454,6 +454,73 @@ class TunedLens(Lens):
             info={"source": "tuned-lens package", "folder": str(root)}
             | ({"unembed_hash": str(config["unembed_hash"])} if config.get("unembed_hash") else {}),
         )
+
+
+def _unreadable(root: Path, name: str, what: str) -> ValueError:
+    return ValueError(
+        f"{root} is not a readable tuned-lens folder ({name}: {what}): pass a folder that the "
+        "tuned-lens package's TunedLens.save wrote, or a mechprobe .safetensors lens."
+    )
+
+
+def _package_config(root: Path, path: Path) -> tuple[dict[str, Any], int, int]:
+    """``(config, n_layers, d_model)`` of a tuned-lens folder's ``config.json``; a damaged or
+    foreign file raised a bare KeyError, JSONDecodeError or AttributeError."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise _unreadable(root, path.name, f"not JSON, {error}") from None
+    if not isinstance(config, dict):
+        raise _unreadable(root, path.name, f"a JSON {type(config).__name__}, not an object")
+    lens_type = config.get("lens_type", "linear_tuned_lens")
+    if lens_type != "linear_tuned_lens":
+        raise ValueError(f"Only linear tuned lenses can be read, not {lens_type!r}.")
+    sizes = []
+    for key in ("num_hidden_layers", "d_model"):
+        if key not in config:
+            raise _unreadable(root, path.name, f"no {key!r} entry")
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _unreadable(root, path.name, f"{key} is {value!r}, not a positive integer")
+        sizes.append(value)
+    return config, sizes[0], sizes[1]
+
+
+def _package_state(root: Path, path: Path) -> Mapping[str, Any]:
+    """The translators' state dict in a tuned-lens folder's ``params.pt``, read with
+    ``weights_only=True``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        # Damaged bytes fail anywhere in the unpickler (UnpicklingError, KeyError, EOFError,
+        # RuntimeError, ...). Not torch's message: it advises weights_only=False, which would
+        # run the file's code.
+        raise _unreadable(
+            root,
+            path.name,
+            "torch.load(weights_only=True) cannot read it: damaged, or it holds objects other "
+            "than tensors, which are not loaded as they could run code",
+        ) from None
+    if not isinstance(state, Mapping):
+        raise _unreadable(root, path.name, "not a state dict of translators")
+    # Older releases saved the whole lens (``layer_translators.*`` and ``unembed.*``).
+    return {str(k).removeprefix("layer_translators."): v for k, v in state.items()}
+
+
+def _check_package_finite(
+    path: Path, weights: dict[str, Tensor], biases: dict[str, Tensor], layers: dict[str, Any]
+) -> None:
+    """Refuse NaN/inf translators naming the package's file and translator index (the lens's
+    own check names mechprobe's kinds, which that folder does not use)."""
+    for kind in weights:
+        for j, layer in enumerate(layers[kind]):
+            index = 0 if kind == "resid_pre" else int(layer) + 1  # hidden_states[index]
+            for part, tensor in (("weight", weights[kind][j]), ("bias", biases[kind][j])):
+                if not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(
+                        f"{path}: {index}.{part} holds NaN or infinity: retrain the lens (with "
+                        "a smaller lr if its training diverged) or load another one."
+                    )
 
 
 def translator_sites(n_layers: int, sites: Sequence[str]) -> list[tuple[str, int]]:
