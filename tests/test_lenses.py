@@ -847,3 +847,48 @@ def test_an_unreadable_tuned_lens_package_folder_is_refused_naming_the_file(
     assert "weights_only=False" not in str(info.value)
     if "config" in message or "params" in message:
         assert str(info.value).startswith(f"{folder} is not a readable tuned-lens folder (")
+
+
+def _checkpointed(model, folder):
+    return _train(model, seed=2, n_tokens=128, checkpoint=folder, checkpoint_every=2)
+
+
+def test_a_damaged_training_checkpoint_is_refused_naming_the_folder(tiny, tmp_path):
+    # Review 26b S6: a bit flip in a checkpoint's tensors resumed silently (some into weights of
+    # 1e36); a truncated one gave safetensors' raw "incomplete metadata".
+    folder = tmp_path / "ckpt"
+    whole = _checkpointed(tiny, folder)
+    path = folder / "checkpoint.safetensors"
+    data = bytearray(path.read_bytes())
+    flipped = bytearray(data)
+    flipped[-100] ^= 0x40  # in the last tensor's bytes
+    path.write_bytes(bytes(flipped))
+    message = rf"checkpoint in {re.escape(str(folder))} cannot be resumed from \(.*"
+    with pytest.raises(ValueError, match=message + "does not match its SHA-256 digest.*delete"):
+        _checkpointed(tiny, folder)
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ValueError, match=message + "or pass another checkpoint folder"):
+        _checkpointed(tiny, folder)
+    # Intact, it resumes (at its end) to the same lens.
+    path.write_bytes(bytes(data))
+    again = _checkpointed(tiny, folder)
+    assert again.info["resumed_at"] == 2
+    for kind in whole.weights:
+        assert torch.equal(whole.weights[kind], again.weights[kind]), kind
+
+
+def test_a_checkpoint_written_before_digests_still_resumes(tiny, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "ckpt"
+    whole = _checkpointed(tiny, folder)
+    path = folder / "checkpoint.safetensors"
+    with safe_open(str(path), framework="pt") as f:  # rewritten as before: state, no digests
+        state = f.metadata()["state"]
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, str(path), metadata={"state": state})
+    again = _checkpointed(tiny, folder)
+    assert again.info["resumed_at"] == 2
+    for kind in whole.weights:
+        assert torch.equal(whole.weights[kind], again.weights[kind]), kind

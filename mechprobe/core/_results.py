@@ -962,7 +962,9 @@ def _tensor_digest(tensor: torch.Tensor) -> str:
     """SHA-256 of a tensor's dtype, shape and bytes (a saved file's integrity check)."""
     tensor = tensor.detach().cpu().contiguous()
     h = hashlib.sha256(f"{tensor.dtype}:{list(tensor.shape)}:".encode())
-    h.update(tensor.view(torch.uint8).cpu().numpy().tobytes() if tensor.numel() else b"")
+    # Flattened first: a 0-d tensor (Adam's step count in a training checkpoint) has no byte view.
+    flat = tensor.reshape(-1)
+    h.update(flat.view(torch.uint8).cpu().numpy().tobytes() if tensor.numel() else b"")
     return h.hexdigest()
 
 

@@ -21,8 +21,9 @@ float32 accumulation. The first position of every window (BOS)
 is left out of the loss: its stream is an attention sink with norms far from every other token's.
 
 Training is resumable: with ``checkpoint=FOLDER`` the translators, the optimiser's state and the
-step are written there (one safetensors file, atomically) every ``checkpoint_every`` steps, and a
-later call with the same settings continues from the last one; the windows come from the seed, so
+step are written there (one safetensors file, atomically, with SHA-256 digests checked on
+resume) every ``checkpoint_every`` steps, and a later call with the same settings continues from
+the last one; the windows come from the seed, so
 a resumed run reads the same tokens as an uninterrupted one.
 """
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,10 +54,11 @@ from mechprobe.core import (
     model_adapter,
     native_bfloat16,
     progress_bar,
+    read_tensors,
     readout,
     run,
     warn,
-    write_atomic,
+    write_tensors,
 )
 from mechprobe.lens._lens import RESIDUAL_KINDS
 from mechprobe.lens._text import TextSource, token_windows
@@ -64,6 +67,7 @@ from mechprobe.lens._tuned import TunedLens, translator_sites, unembedding_diges
 __all__ = ["train_tuned_lens"]
 
 _CHECKPOINT = "checkpoint.safetensors"
+_CHECKPOINT_FORMAT = "mechprobe.TunedLensCheckpoint"
 
 
 def _identity_transform(model: Any) -> bool:
@@ -155,8 +159,6 @@ def _save_checkpoint(
     log: list,
     last_kl: dict[str, float] | None,
 ) -> None:
-    from safetensors.torch import save
-
     # Saved from the CPU: a checkpoint written on a GPU resumes anywhere.
     tensors = {f"param.{k}": v.detach().cpu() for k, v in params.items()}
     scalars: dict[str, Any] = {}
@@ -168,23 +170,54 @@ def _save_checkpoint(
             else:
                 scalars[f"{i}.{key}"] = value
     state = {"step": step, "config": config, "scalars": scalars, "log": log, "last_kl": last_kl}
-    meta = {"state": json.dumps(state)}
     folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / _CHECKPOINT, save({k: v.contiguous() for k, v in tensors.items()}, meta))
+    # The one tensor-file writer, as results and saved lenses: SHA-256 digests checked on resume
+    # (bit flips resumed silently, some into weights of 1e36). Written atomically.
+    write_tensors(
+        folder / _CHECKPOINT,
+        tensors,
+        format=_CHECKPOINT_FORMAT,
+        version=1,
+        fields={"state": json.dumps(state)},
+    )
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """The header fields and tensors of a checkpoint, digests checked; one written before
+    checkpoints carried digests (no format tag) is read as it is."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if "format" not in meta and "state" in meta:  # an older checkpoint: no digests
+                return meta, {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"not a safetensors file: {error}") from None
+    return read_tensors(
+        path, format=_CHECKPOINT_FORMAT, version=1, what="tuned-lens training checkpoint"
+    )
 
 
 def _load_checkpoint(
     folder: Path, config: dict[str, Any], params: dict[str, Tensor], opt: Any
 ) -> tuple[int, list, dict[str, float] | None]:
     """``(step, loss log, last step's KL per translator)`` of the checkpoint in ``folder``."""
-    from safetensors import safe_open
-
     path = folder / _CHECKPOINT
     if not path.is_file():
         return 0, [], None
-    with safe_open(str(path), framework="pt") as f:
-        state = json.loads((f.metadata() or {})["state"])
-        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    try:
+        meta, tensors = _read_checkpoint(path)
+        state = json.loads(meta["state"])
+        lacking = [k for k in ("step", "config", "scalars", "log") if k not in state]
+        if lacking:
+            raise ValueError(f"its state lacks {lacking}")
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+        reason = re.sub(r"[;:] save it again\.$", "", str(error).strip("'\""))
+        raise ValueError(
+            f"The tuned-lens checkpoint in {folder} cannot be resumed from ({reason}): delete "
+            f"{path.name} there (training then starts afresh) or pass another checkpoint folder."
+        ) from None
     differ = sorted(
         k for k in set(config) | set(state["config"]) if config.get(k) != state["config"].get(k)
     )
@@ -192,6 +225,12 @@ def _load_checkpoint(
         raise ValueError(
             f"The checkpoint in {folder} was made with other settings ({', '.join(differ)} "
             "differ): pass the same settings to resume, or another folder to start afresh."
+        )
+    missing = [k for k in params if f"param.{k}" not in tensors]
+    if missing:  # the same settings, yet not the translators they train
+        raise ValueError(
+            f"The tuned-lens checkpoint in {folder} lacks the translators {missing}: delete "
+            f"{path.name} there (training then starts afresh) or pass another checkpoint folder."
         )
     with torch.no_grad():
         for k, v in params.items():
