@@ -243,6 +243,12 @@ def test_an_exception_mid_training_leaves_no_hook(tiny, monkeypatch):
         ),
         ((["a b", "c d"], ["e f", "g h"], "hello", "blocks.0.hook_resid_post"), {}, "tokens"),
         ((["a b", "c d"], ["e f", "g h"], 5, "blocks.0.hook_resid_post"), {"lr": 0}, "lr"),
+        # Review 26b L4: accepted (one pair fitted), where function_vector refuses it.
+        (
+            (["a b", "c d"], ["e f", "g h"], 5, "blocks.0.hook_resid_post"),
+            {"test_size": 1.0},
+            r"test_size must be a fraction in \(0, 1\), got 1\.0",
+        ),
         (
             (["a b", "c d"], ["e f", "g h"], 5, "blocks.0.hook_resid_post"),
             {"answer": 5},

@@ -327,6 +327,11 @@ def das(
     )
     lr = check_float(lr, "lr", 0.0, low_open=True)
     test_size = check_float(test_size, "test_size", 0.0, 1.0, low_open=True)
+    if test_size == 1.0:  # fitted on one pair, as if asked for; function_vector refuses it
+        raise ValueError(
+            "test_size must be a fraction in (0, 1), got 1.0: it is the share of pairs held out, "
+            "and the rest is what the rotation is fitted on (e.g. 0.5)."
+        )
     name, parsed = resolve_site(model, site)
     wide = width(model, parsed)
     if parsed is None or parsed.layer is None or wide is None:
