@@ -911,3 +911,23 @@ def test_a_bool_metric_is_a_hit_rate(tiny):
                    lambda lg: lg.argmax(-1) == top, n_random=0)  # fmt: skip
     # A share of hits: 1 on the clean prompt where the top token is `top`, a float array.
     assert res.clean.dtype == np.float64 and res.clean[0] == 1.0
+
+
+@pytest.mark.parametrize("fn", ["patch", "attribution_patch", "ablate_cells"])
+def test_layers_with_only_explicit_sites_is_refused(tiny, fn):
+    # Review 26b L10: Site("resid_pre", 1) with layers=[2] patched layer 1 alone, silently.
+    call = {
+        "patch": lambda s, **kw: mp.patch(tiny, CLEAN, CORRUPT, s, -1, METRIC, n_random=0, **kw),
+        "attribution_patch": lambda s, **kw: mp.attribution_patch(
+            tiny, CLEAN, CORRUPT, s, -1, METRIC, n_random=0, **kw
+        ),
+        "ablate_cells": lambda s, **kw: mp.ablate_cells(
+            tiny, CLEAN, s, -1, METRIC, method="zero", n_random=0, **kw
+        ),
+    }[fn]
+    for sites in (mp.Site("resid_pre", 1), ["blocks.1.hook_resid_pre", "mlp_out@0"]):
+        with pytest.raises(ValueError, match=r"layers=\[2\] is given, but every entry of sites"):
+            call(sites, layers=[2])
+    # Where layers chooses the layers of a kind beside them, it applies there, as before.
+    res = call([mp.Site("resid_pre", 1), "mlp_out"], layers=[2])
+    assert [str(s) for s in res.sites] == ["resid_pre@1", "mlp_out@2"]

@@ -433,3 +433,27 @@ def test_a_metric_not_finite_on_the_unpatched_runs_is_refused(tiny, receivers, m
             tiny, CLEAN, CORRUPT, "head", receivers, lambda lg: lg[:, 0] * torch.nan, method=method
         )
     assert hook_count(tiny) == before
+
+
+@pytest.mark.parametrize("receiver_layers", [[9], [2]])
+def test_receiver_layers_with_final_receivers_is_refused(tiny, receiver_layers):
+    # Review 26b L3: unused with "final", it ran without complaint (even [9] on 3 layers).
+    with pytest.raises(
+        ValueError, match=r"receiver_layers=\[\d\] is given, but receivers is 'final'"
+    ):
+        mp.path_patch(tiny, CLEAN, CORRUPT, "head", "final", mp.logit_diff(1, 2),
+                      receiver_layers=receiver_layers)  # fmt: skip
+    # Only receiver Sites: each carries its layer, so receiver_layers would be ignored too.
+    with pytest.raises(ValueError, match=r"receiver_layers=\[\d\] is given, but every entry"):
+        mp.path_patch(tiny, CLEAN, CORRUPT, "head", mp.Site("q", 2, head=0), mp.logit_diff(1, 2),
+                      receiver_layers=receiver_layers)  # fmt: skip
+
+
+def test_receiver_layers_choose_a_kind_beside_final(tiny):
+    res = mp.path_patch(tiny, CLEAN, CORRUPT, "mlp_out", ["final", "mlp_in"], mp.logit_diff(1, 2),
+                        layers=[0], receiver_layers=[2], n_random=0)  # fmt: skip
+    assert res.receivers == ("final", "mlp_in@2")
+    # layers= alone with receiver Sites keeps choosing the senders' layers, as before.
+    res = mp.path_patch(tiny, CLEAN, CORRUPT, "mlp_out", mp.Site("mlp_in", 2), mp.logit_diff(1, 2),
+                        layers=[0, 1], n_random=0)  # fmt: skip
+    assert res.senders == ("mlp_out@0", "mlp_out@1") and res.receivers == ("mlp_in@2",)

@@ -560,6 +560,7 @@ def expand_sites(
     layers: Layers = "all",
     kinds: Sequence[str] = _KINDS,
     what: str = "sites",
+    layers_name: str | None = None,
 ) -> list[Site]:
     """The one expansion of ``sites`` into Sites: a kind means that kind at each of ``layers``
     (a head kind: every head of each layer, key/value heads for ``k``/``v``), a Site or a site
@@ -575,10 +576,14 @@ def expand_sites(
         layers: Layers a kind expands to (default all).
         kinds: The kinds this caller accepts (others raise).
         what: The argument's name, for messages.
+        layers_name: The name of the caller's argument that ``layers`` came from, where the
+            caller wants ``layers`` refused when no entry is a kind (every entry a Site or a
+            hook name, so ``layers`` would be ignored). None: not checked.
 
     Raises:
         ValueError: Empty, an unknown kind or hook name, a hook that is not a site, a kind the
-            caller does not accept, or a layer/head out of range.
+            caller does not accept, a layer/head out of range, or (with ``layers_name``)
+            ``layers`` given where no entry is a kind.
 
     Example:
         >>> from mechprobe.core._models import tiny_model
@@ -644,4 +649,12 @@ def expand_sites(
         if site.kind not in kinds:
             raise ValueError(f"{what}: {site} is a {site.kind!r} site; accepted: {list(kinds)}.")
         found.append(site)
+    unused = not (isinstance(layers, str) and layers == "all")
+    if layers_name is not None and layer_list is None and unused:
+        # patch(m, c, x, Site("resid_pre", 1), -1, metric, layers=[2]) patched layer 1 alone.
+        raise ValueError(
+            f"{layers_name}={layers!r} is given, but every entry of {what} is a Site or a hook "
+            f"name, which carries its own layer: drop {layers_name}, or pass a site kind such as "
+            f"{example!r} for {layers_name} to choose the layers of."
+        )
     return list(dict.fromkeys(found))

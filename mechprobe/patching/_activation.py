@@ -74,7 +74,7 @@ Prompts: TypeAlias = str | Sequence[str] | Batch | Tensor | Sequence[Tensor]
 
 
 def _sites(model: Any, sites: Any, layers: Layers, what: str = "patch()") -> list[Site]:
-    found = expand_sites(model, sites, layers=layers)
+    found = expand_sites(model, sites, layers=layers, layers_name="layers")
     for site in found:
         if site.positions is not None:
             raise ValueError(f"{site} carries positions: pass positions= to {what} instead.")

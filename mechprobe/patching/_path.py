@@ -375,15 +375,34 @@ def _refuse_positions(sites: Sequence[Site | None], what: str) -> None:
             )
 
 
-def _receivers(model: Any, receivers: Any, layers: Layers) -> list[Site | None]:
+def _receivers(
+    model: Any, receivers: Any, layers: Layers, receiver_layers: Layers | None = None
+) -> list[Site | None]:
     items = [receivers] if isinstance(receivers, (str, Site)) else list(receivers)
     out: list[Site | None] = []
     rest = [item for item in items if not (isinstance(item, str) and item == "final")]
     if len(rest) < len(items):
         out.append(None)
+    if receiver_layers is not None and items and not rest:
+        # It ran without complaint, even receiver_layers=[9] on a 3-layer model.
+        raise ValueError(
+            f"receiver_layers={receiver_layers!r} is given, but receivers is 'final' (the final "
+            "residual stream, after every layer): drop receiver_layers; it chooses the layers "
+            "of 'q', 'k', 'v' or 'mlp_in' receivers."
+        )
     if rest:
+        chosen = layers if receiver_layers is None else receiver_layers
         try:
-            out += expand_sites(model, rest, layers=layers, kinds=RECEIVER_KINDS, what="receivers")
+            out += expand_sites(
+                model,
+                rest,
+                layers=chosen,
+                kinds=RECEIVER_KINDS,
+                what="receivers",
+                # layers= also chooses the senders' layers: only receiver_layers is the
+                # receivers' own, and ignored where every receiver is a Site.
+                layers_name=None if receiver_layers is None else "receiver_layers",
+            )
         except ValueError as error:  # the generic message knows nothing of "final"
             raise ValueError(
                 f"{error} receivers also takes 'final': the final residual stream (each "
@@ -579,9 +598,7 @@ def path_patch(
     n_pairs = len(clean_ids)
     src, base = (clean_ids, corrupt_ids) if direction == "denoising" else (corrupt_ids, clean_ids)
     sender_list = _senders(model, senders, layers)
-    receiver_list = _receivers(
-        model, receivers, layers if receiver_layers is None else receiver_layers
-    )
+    receiver_list = _receivers(model, receivers, layers, receiver_layers)
     _refuse_no_path(sender_list, receiver_list, model_adapter(model).parallel_blocks)
     wanted, resolved = position_pairs(positions, [len(t) for t in src], [len(t) for t in base])
     metric_fn, metric_name = bind_metric(model, metric, n_pairs)
