@@ -350,8 +350,8 @@ def test_default_figures_show_every_prompt_and_the_top_of_the_rank_axis(tiny):
     long = mp.logit_lens(tiny, "abcdefgh " * 7, sites=sites, positions="all", progress=False)
     wide = long.plot()
     n = len(long.prompt_tokens[0])
-    assert wide.axes[0].images[0].get_array().shape == (3, 40) and n > 40
-    assert f"(last 40 of {n} positions) (also decoded: resid_post; pass site=)" in (
+    assert wide.axes[0].images[0].get_array().shape == (3, 20) and n > 40
+    assert f"(last 20 of {n} positions) (also decoded: resid_post; pass site=)" in (
         wide.axes[0].get_title()
     )
     assert long.plot(site="resid_post", last=n).axes[0].images[0].get_array().shape == (3, n)
@@ -522,6 +522,21 @@ def test_positions_refuse_what_is_no_position(tiny, bad) -> None:
     # A bool was read as position 1 here (run and patch refused it): one reading everywhere.
     with pytest.raises(ValueError, match="Positions must be an int"):
         mp.logit_lens(tiny, ["Hello there"], positions=bad, progress=False)
+
+
+def test_a_long_prompt_draws_at_most_16_inches_wide(tiny):
+    # A 55-token few-shot prompt drew its last 40 positions 31.5 inches wide (review 26a F2):
+    # capped as patching's figures are, the default draws fewer columns and says so.
+    long = mp.logit_lens(tiny, "abcdefgh " * 7, positions="all", progress=False)
+    n = len(long.prompt_tokens[0])
+    fig = long.plot()
+    assert fig.get_size_inches()[0] <= 16.0
+    assert fig.axes[0].images[0].get_array().shape[1] == 20
+    assert f"(last 20 of {n} positions)" in fig.axes[0].get_title()
+    every = long.plot(last=n)  # asked for all: narrower columns, not a wider figure
+    assert every.get_size_inches()[0] <= 16.0
+    assert every.axes[0].images[0].get_array().shape[1] == n
+    assert max(len(text.get_text()) for text in every.axes[0].texts) <= 8
 
 
 def test_the_notebook_view_of_a_long_prompt_stays_small():

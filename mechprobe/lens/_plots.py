@@ -65,8 +65,9 @@ def heatmap(
             log colour scale, 0 = top-1).
         target: Target index or string for ``color="rank"``.
         label_width: Characters of each annotation before it is cut.
-        last: Draw only the last ``last`` columns (the figure widens with each one; default:
-            all, the last 40 of more, said in the title).
+        last: Draw only the last ``last`` columns (default: all, the last 20 of more, said in
+            the title). The figure widens with each column up to 16 inches; past that the
+            columns narrow and their annotations are cut shorter.
         ax: Draw into these axes (default: a new figure).
 
     Example:
@@ -85,7 +86,7 @@ def heatmap(
     n_cells = len(cells)
     if last is not None:  # 0 drew every column (cells[-0:]) and -3 all but the first three
         check_int(last, "last", 1)
-    if last is None and n_cells > _COLUMNS:  # 0.75 inch a column: 73 positions drew 56 inches
+    if last is None and n_cells > _COLUMNS:  # 73 positions drew 56 inches, 40 of them 31.5
         last = _COLUMNS
     if last is not None:
         cells = cells[-last:]
@@ -112,8 +113,11 @@ def heatmap(
         bar = f"rank of {what} (first token) + 1"
     else:
         raise ValueError(f"color must be 'prob' or 'rank', got {color!r}.")
-    # At least 5 inches: one column (positions=-1) left no room for the title and colour bar.
-    width = max(5.0, 1.5 + 0.75 * len(cells))
+    # At least 5 inches: one column (positions=-1) left no room for the title and colour bar; at
+    # most 16 as patching's figures (40 columns drew 31.5 inches, unreadable once scaled to a page).
+    width = min(_MAX_WIDTH, max(5.0, 1.5 + 0.75 * len(cells)))
+    # An annotation fits its column: about 18 characters an inch at this font size.
+    label_width = min(label_width, max(3, int(18 * (width - 1.5) / len(cells))))
     fig, ax = new_axes(ax, (width, 1.4 + 0.26 * len(layers)))
     image = ax.imshow(values, aspect="auto", origin="lower", interpolation="nearest", **options)  # type: ignore[arg-type]
     fig.colorbar(image, ax=ax, label=literal(bar), fraction=0.04, pad=0.01)
@@ -150,8 +154,10 @@ def heatmap(
     return fig
 
 
-#: Columns :func:`heatmap` draws when ``last`` is not given (the last ones).
-_COLUMNS = 40
+#: Columns :func:`heatmap` draws when ``last`` is not given (the last ones): about 0.75 inch
+#: each, they fill the widest figure, :data:`_MAX_WIDTH` inches.
+_COLUMNS = 20
+_MAX_WIDTH = 16.0
 #: Panels :func:`trajectory` draws when no prompt is named.
 _PANELS = 6
 
