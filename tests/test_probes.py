@@ -985,6 +985,44 @@ def test_an_expected_layer_outside_the_layers_warns_that_the_deltas_cancel() -> 
         _expected_layer(np.array([0.90, 0.91, 0.92, 0.93]), layers, n_test=100)
 
 
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_an_expected_layer_outside_the_layers_is_drawn_and_told_as_undefined(
+    tmp_path, suffix: str
+) -> None:
+    # Review 26a F6: E_Δ = 32.67 over layers 0..29 was drawn as a dashed line past the last
+    # layer (the axis stretched to hold it) and printed as "expected layer 32.67"; the warning
+    # at compute time left no trace in a loaded result. Built by hand: deltas +1, +1, -1 rows.
+    scores, layers = np.array([0.90, 0.91, 0.92, 0.91]), np.array([0, 4, 14, 27])
+    result = mp.CumulativeScores(
+        scores, np.concatenate([[np.nan], np.diff(scores)]), -9.0, np.eye(4), 400, 100, layers
+    )
+    loaded = mp.CumulativeScores.load(result.save(tmp_path / f"cumulative{suffix}"))
+    for each in (result, loaded):
+        assert not each.expected_layer_defined
+        assert "expected layer undefined (deltas cancel" in repr(each)
+        assert "-9.00 lies outside layers 0..27" in repr(each)
+        summary = each.summary()
+        assert summary["expected_layer_defined"].tolist() == [False]
+        assert summary["expected_layer"].iloc[0] == -9.0  # Tenney et al.'s value is kept
+        fig = each.plot()
+        ax = fig.axes[0]
+        assert "E_Δ undefined (deltas cancel" in ax.get_title()
+        assert "E_Δ = " not in ax.get_title()
+        assert not ax.lines  # no line at -9: the bars' axes hold no vertical line
+        assert ax.get_xlim()[0] > -9.0
+        legend = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert legend == ["Δ(l)", "accuracy of the mix 0..l"]
+    cancelled = mp.CumulativeScores(
+        scores, np.concatenate([[np.nan], np.diff(scores)]), float("nan"), np.eye(4), 400, 100
+    )
+    assert not cancelled.expected_layer_defined
+    assert "expected layer undefined (deltas cancel)" in repr(cancelled)
+    assert cancelled.plot().axes[0].get_title().endswith("E_Δ undefined (deltas cancel)")
+    inside = mp.CumulativeScores(scores, scores, 10.0, np.eye(4), 400, 100, layers)
+    assert inside.expected_layer_defined and "expected layer 10.00" in repr(inside)
+    assert inside.summary()["expected_layer_defined"].tolist() == [True]
+
+
 def test_cumulative_scores_want_x_test_and_y_test_together() -> None:
     # X_test alone was answered "no labels: pass y" (y was passed); y_test alone was ignored.
     X, y = np.random.default_rng(0).normal(size=(60, 2, 3)), np.arange(60) % 2

@@ -221,7 +221,9 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
         scores: ``[layers]`` held-out accuracy of the scalar mix of layers ``0..l``.
         deltas: ``[layers]`` ``scores[l] - scores[l-1]``, NaN at ``l = 0``; negative values kept.
         expected_layer: ``E_Δ = Σ_{l≥1} layers[l] Δ(l) / Σ_{l≥1} Δ(l)`` (NaN when the deltas sum
-            to 0). Layers are taken in the model's order, however they were collected.
+            to 0). Layers are taken in the model's order, however they were collected. Outside
+            the layers probed (negative deltas cancel the positive ones) it names no layer:
+            :attr:`expected_layer_defined` is False, and the figure, repr and summary say so.
         mix_weights: ``[layers, layers]``, row ``l`` the softmax weights of the mix of ``0..l``.
         n_train: training rows; n_test: held-out rows.
         layers: ``[layers]`` the model layer of each entry, read from the site names of
@@ -256,6 +258,36 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
     def _layers(self) -> np.ndarray:
         return np.arange(len(self.scores)) if self.layers is None else np.asarray(self.layers)
 
+    @property
+    def expected_layer_defined(self) -> bool:
+        """Whether :attr:`expected_layer` names a layer: finite and within the layers probed.
+
+        Read off the stored numbers, so a result loaded from a file says it as well (the
+        warning at compute time is not kept): E_Δ = 32.67 over layers 0..29 was drawn as a
+        layer past the last one.
+
+        Example:
+            >>> import numpy as np, mechprobe as mp
+            >>> X = np.random.default_rng(0).normal(size=(200, 3, 4)); y = X[:, 1, 0] > 0
+            >>> mp.cumulative_scores(X, y, progress=False).expected_layer_defined
+            True
+        """
+        layers = self._layers()
+        expected = self.expected_layer
+        return bool(np.isfinite(expected) and layers.min() <= expected <= layers.max())
+
+    def _expected_text(self) -> str:
+        """``E_Δ = 12.34``, or why there is none (the value kept where there is one)."""
+        if self.expected_layer_defined:
+            return f"E_Δ = {self.expected_layer:.2f}"
+        if not np.isfinite(self.expected_layer):
+            return "E_Δ undefined (deltas cancel)"
+        layers = self._layers()
+        return (
+            f"E_Δ undefined (deltas cancel: {self.expected_layer:.2f} lies outside layers "
+            f"{int(layers.min())}..{int(layers.max())})"
+        )
+
     def to_frame(self) -> pd.DataFrame:
         """One row per layer: ``layer`` (``Int64``, as in every result's frame), ``accuracy``
         (the held-out accuracy of the mix of the layers up to it, :attr:`scores`; the word
@@ -271,8 +303,10 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
         return pd.DataFrame({"layer": layers, "accuracy": self.scores, "delta": self.deltas})
 
     def summary(self) -> pd.DataFrame:
-        """One row: the expected layer ``E_Δ``, the first and last prefix scores, the layer of
-        the largest gain (None when no layer adds to the score), and the data sizes."""
+        """One row: the expected layer ``E_Δ`` and ``expected_layer_defined`` (False where it
+        names no layer: NaN, or outside the layers probed as the deltas cancel), the first and
+        last prefix scores, the layer of the largest gain (None when no layer adds to the
+        score), and the data sizes."""
         # deltas[0] is NaN (no prefix before the first layer): a single layer gains nothing,
         # and argmax of gains that are all <= 0 would name the first layer for no gain at all.
         gains = np.nan_to_num(self.deltas, nan=-np.inf)
@@ -282,6 +316,7 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
             [
                 {
                     "expected_layer": self.expected_layer,
+                    "expected_layer_defined": self.expected_layer_defined,
                     "first_score": float(self.scores[0]),
                     "last_score": float(self.scores[-1]),
                     "largest_gain_layer": largest,
@@ -291,29 +326,35 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
             ]
         )
 
+    def _expected_line(self) -> str:
+        if self.expected_layer_defined:
+            return f"expected layer {self.expected_layer:.2f}"
+        return "expected layer undefined" + self._expected_text().removeprefix("E_Δ undefined")
+
     def _describe(self) -> str:
         return (
-            f"{len(self.scores)} layers, expected layer {self.expected_layer:.2f}, score "
+            f"{len(self.scores)} layers, {self._expected_line()}, score "
             f"{self.scores[0]:.3f} -> {self.scores[-1]:.3f} ({self.n_train} train, "
             f"{self.n_test} test)"
         )
 
     def plot(self, ax: Axes | None = None) -> Figure:
-        """Δ(l) as bars (negative ones red), the prefix scores as a line, E_Δ as a dashed line."""
+        """Δ(l) as bars (negative ones red), the prefix scores as a line, E_Δ as a dashed line
+        (none where it names no layer, as the title then says)."""
         figure, ax = new_axes(ax, (7, 3.5))
         layers = self._layers()
         colors = ["tab:red" if d < 0 else "tab:blue" for d in np.nan_to_num(self.deltas)]
         ax.bar(layers, np.nan_to_num(self.deltas), color=colors, label="Δ(l)")
         # n_test in the title: with a few held-out rows each step of Δ is one row, not signal.
-        expected = (
-            f"E_Δ = {self.expected_layer:.2f}" if np.isfinite(self.expected_layer) else "E_Δ n/a"
-        )
-        title = f"Cumulative scoring, {self.n_test} held-out rows; {expected}"
+        expected = self._expected_text()
+        # The reason on a line of its own: on one line it ran past both edges of 7 inches.
+        join = "; " if self.expected_layer_defined else "\n"
+        title = f"Cumulative scoring, {self.n_test} held-out rows{join}{expected}"
         ax.set(xlabel="layer", ylabel="Δ accuracy", title=title)
         twin = ax.twinx()
         twin.plot(layers, self.scores, color="black", marker=".", label="accuracy of the mix 0..l")
         twin.set_ylabel("accuracy")
-        if np.isfinite(self.expected_layer):
+        if self.expected_layer_defined:  # outside the layers, a line there read as a layer
             ax.axvline(self.expected_layer, ls="--", color="gray", label=expected)
         # One legend for both axes, below them: inside, it covered the bars (and lacked the line).
         handles = [*ax.get_legend_handles_labels()[0], *twin.get_legend_handles_labels()[0]]
