@@ -203,6 +203,28 @@ def test_result_protocol_and_round_trip(tiny, tmp_path):
         np.testing.assert_allclose(np.concatenate(back.logprobs), np.concatenate(res.logprobs))
 
 
+def test_the_legend_sits_below_the_axes_and_names_a_chat_prompt_by_its_user_turn(tiny):
+    # Review 26a F7: the legend (lower right, inside) covered a completion's last steps, and a
+    # chat-template prompt was named by the template's tail "…nd|>\\n<|im_start|>assistant\\n".
+    import io
+
+    from matplotlib.figure import Figure
+
+    chat = "<|im_start|>user\nName a city & a river.<|im_end|>\n<|im_start|>assistant\n"
+    res = mp.generate(tiny, [*PROMPTS, chat], max_new_tokens=4, progress=False)
+    for fig in (res.plot(), Figure(figsize=(10, 4), layout="constrained")):
+        ax = fig.axes[0] if fig.axes else fig.subplots(1, 2)[1]
+        if ax.get_legend() is None:
+            assert res.plot(ax=ax) is fig
+        fig.savefig(io.BytesIO(), format="png")  # lays the figure out
+        legend = ax.get_legend()
+        labels = [text.get_text() for text in legend.get_texts()]
+        assert labels[-1] == "Name a city & a river."
+        assert legend.get_window_extent().y1 < ax.xaxis.label.get_window_extent().y0
+        assert ax.yaxis.label.get_window_extent().x0 >= 0  # the layout kept the y label
+    assert res.summary()["prompt"].iloc[-1] == "Name a city & a river."
+
+
 @pytest.mark.parametrize(
     ("spec", "kwargs", "error", "message"),
     [

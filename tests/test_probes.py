@@ -1023,6 +1023,21 @@ def test_an_expected_layer_outside_the_layers_is_drawn_and_told_as_undefined(
     assert inside.summary()["expected_layer_defined"].tolist() == [True]
 
 
+def test_the_scalar_mix_figure_keeps_its_legend_off_the_curves() -> None:
+    # Review 26a F7: with the mix panel below, the legend sat inside the accuracy panel (upper
+    # right), on an MLP probe at accuracy 1.0 and on the scalar-mix line.
+    import io
+
+    X, y = _planted(n=300, layers=3, signal=(1, 2))
+    result = mp.probe_layers(X, y, scalar_mix=True, progress=False)
+    fig = result.plot()
+    fig.savefig(io.BytesIO(), format="png")
+    top, mix = fig.axes
+    legend = top.get_legend().get_window_extent()
+    assert legend.y1 < top.get_window_extent().y0  # below the accuracy panel
+    assert legend.y0 > mix.title.get_window_extent().y1  # above the mix panel's title
+
+
 def test_cumulative_scores_want_x_test_and_y_test_together() -> None:
     # X_test alone was answered "no labels: pass y" (y was passed); y_test alone was ignored.
     X, y = np.random.default_rng(0).normal(size=(60, 2, 3)), np.arange(60) % 2

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -156,8 +157,8 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
         return pd.DataFrame(rows, columns=columns)
 
     def summary(self) -> pd.DataFrame:
-        """One row per prompt: the prompt's end, the completion, its length, why it stopped and
-        its mean log-probability.
+        """One row per prompt: the prompt's end (of its last user turn in a chat template), the
+        completion, its length, why it stopped and its mean log-probability.
 
         Example:
             >>> import mechprobe as mp
@@ -167,7 +168,7 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
         """
         return pd.DataFrame(
             {
-                "prompt": [_tail(p) for p in self.prompts],
+                "prompt": [_prompt_label(p) for p in self.prompts],
                 "completion": list(self.completions),
                 "tokens": [len(t) for t in self.tokens],
                 "finished": list(self.finished),
@@ -189,7 +190,7 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
         rows = list(zip(self.prompts, self.logprobs, self.token_strings, strict=True))[:20]
         for prompt, lps, words in rows:
             (line,) = ax.plot(
-                np.arange(len(lps)), lps, marker=".", label=literal(_tail(prompt, 30))
+                np.arange(len(lps)), lps, marker=".", label=literal(_prompt_label(prompt, 30))
             )
             if len(rows) <= 3:  # the tokens themselves: a dip is read off the figure
                 for i, (lp, word) in enumerate(zip(lps, words, strict=True)):
@@ -206,8 +207,13 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
         how += "" if self.top_k is None else f", top-{self.top_k}"
         how += "" if self.top_p is None else f", top-p {self.top_p:g}"
         ax.set_title(literal(f"{how} generation ({_tail(where, 60)})"))
-        if len(self.prompts) <= 8:
-            ax.legend(fontsize="small")
+        if len(self.prompts) <= 8:  # below the axes: inside, it covered a completion's last steps
+            # The gap in font sizes, clear of the x label at any height (a fraction of the axes'
+            # height ran into it, and the layout then cut the y label).
+            ax.legend(
+                fontsize="small", loc="upper center", bbox_to_anchor=(0.5, 0.0), borderaxespad=4.5,
+                ncol=2,
+            )  # fmt: skip
         return fig
 
     def _describe(self) -> str:
@@ -670,6 +676,36 @@ def _tail(text: str, width: int = 40) -> str:
     """The end of ``text`` in at most ``width`` characters (a prompt's end is what differs)."""
     text = text.replace("\n", "\\n")
     return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+
+#: The user's turn in the chat templates met most (ChatML, Llama 3, Gemma, Llama 2 / Mistral).
+_USER_TURNS = (
+    re.compile(r"<\|im_start\|>user\s*(.*?)\s*(?:<\|im_end\|>|$)", re.S),
+    re.compile(r"<\|start_header_id\|>user<\|end_header_id\|>\s*(.*?)\s*(?:<\|eot_id\|>|$)", re.S),
+    re.compile(r"<start_of_turn>user\s*(.*?)\s*(?:<end_of_turn>|$)", re.S),
+    re.compile(r"\[INST\]\s*(.*?)\s*(?:\[/INST\]|$)", re.S),
+)
+
+
+def _prompt_label(prompt: str, width: int = 40) -> str:
+    """What names ``prompt`` in a legend or table: the end of its last user turn where it is in
+    a chat template (the template's tail, ``"…nd|>\\n<|im_start|>assistant\\n"``, named
+    nothing and was the same for every chat prompt), else the end of the prompt.
+
+    Example:
+        >>> _prompt_label("<|im_start|>user\\nName a city.<|im_end|>\\n<|im_start|>assistant\\n")
+        'Name a city.'
+        >>> _prompt_label("Q: capital of France?\\nA:")
+        'Q: capital of France?\\\\nA:'
+    """
+    turns = [
+        (m.start(1), m.group(1))
+        for pattern in _USER_TURNS
+        for m in pattern.finditer(prompt)
+        if m.group(1).strip()
+    ]
+    # The last turn: in a conversation, the question being answered.
+    return _tail(max(turns)[1] if turns else prompt, width)
 
 
 def _edit(item: Any, positions: Any) -> str:

@@ -264,10 +264,13 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
         ax.set(ylabel="held-out accuracy" + (" / selectivity" if controlled else ""), title=title)
         finite = self.selectivity[np.isfinite(self.selectivity)]
         ax.set_ylim(min(0.0, float(finite.min()) if finite.size else 0.0) - 0.02, 1.02)
-        if has_mix:  # the mix weights' panel is below
-            ax.legend(loc="best", fontsize="small")
-        else:  # below the panel: inside, "best" still covered the layers where accuracy is 1
-            ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4)
+        # Below the panel: inside, "best" still covered the layers where accuracy is 1 (with the
+        # mix panel too: an MLP probe at 1.0 and the mix's line ran under it). Above the mix
+        # panel the accuracy panel has no tick labels to clear, so the legend sits closer.
+        ax.legend(
+            fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.04 if has_mix else -0.2),
+            ncol=4,
+        )  # fmt: skip
         if has_mix:
             mix_ax.bar(x_axis, np.asarray(self.mix_weights), color="tab:purple")
             mix_ax.set(
