@@ -524,6 +524,22 @@ def test_positions_refuse_what_is_no_position(tiny, bad) -> None:
         mp.logit_lens(tiny, ["Hello there"], positions=bad, progress=False)
 
 
+def test_columns_of_several_prompts_say_what_sets_each_prompt_apart(tiny):
+    # Review 26a F8: templated prompts all end in ":", and the columns read "0: :", "1: :",
+    # "2: :"; nothing on the figure said which column was Poland.
+    prompts = [f"Q: What is the capital of {c}?\nA:" for c in ("France", "Poland", "Portugal")]
+    fig = mp.logit_lens(tiny, prompts, progress=False).plot()
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0: France", "1: Poland", "2: Portugal"]
+    assert "each decoded at its token ':'" in ax.get_xlabel()
+    # decoded at different tokens: the token is kept beside what differs
+    mixed = mp.logit_lens(tiny, ["the cat sat", "the dog ran"], progress=False).plot()
+    ticks = [t.get_text() for t in mixed.axes[0].get_xticklabels()]
+    assert ticks[0].startswith("0: cat sat | ") and ticks[1].startswith("1: dog ran | ")
+    same = mp.logit_lens(tiny, ["abc", "abc"], progress=False).plot()  # nothing differs
+    assert [t.get_text() for t in same.axes[0].get_xticklabels()] == ["0: c", "1: c"]
+
+
 def test_a_long_prompt_draws_at_most_16_inches_wide(tiny):
     # A 55-token few-shot prompt drew its last 40 positions 31.5 inches wide (review 26a F2):
     # capped as patching's figures are, the default draws fewer columns and says so.

@@ -135,13 +135,34 @@ def heatmap(
                 color="white" if light[i, j] else "black",
             )
     ticks = [token_label(result.prompt_tokens[b][result.positions[b, c]], 12) for b, c in cells]
+    what = "input token (position)"
     if across:
-        ticks = [f"{b}: {tick}" for (b, _), tick in zip(cells, ticks, strict=True)]
+        what = "prompt: its decoded token"
+        # Templated prompts all end in the same token (":"), and "0: :", "1: :" named none of
+        # them: each column says what sets its prompt apart, and the token where it is not shared.
+        parts = _distinct_parts([result.prompts[b] for b, _ in cells])
+        if any(part.strip() for part in parts):
+            shared = ticks[0] if len(set(ticks)) == 1 else None
+            ticks = [
+                f"{b}: {token_label(part, 16, tail=True)}"
+                + ("" if shared is not None else f" | {tick}")
+                if part.strip()
+                else f"{b}: {tick}"
+                for (b, _), part, tick in zip(cells, parts, ticks, strict=True)
+            ]
+            what = (
+                f"prompt: what sets it apart (each decoded at its token '{shared}')"
+                if shared is not None
+                else "prompt: what sets it apart | its decoded token"
+            )
+        else:  # the same prompt drawn twice: its index and token say all there is
+            ticks = [f"{b}: {tick}" for (b, _), tick in zip(cells, ticks, strict=True)]
     ax.set_xticks(range(len(cells)), [literal(t) for t in ticks], rotation=60, ha="right")
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     ax.tick_params(axis="y", labelsize=7)
-    what = "prompt: its decoded token" if across else "input token (position)"
-    ax.set_xlabel(f"{what}; cells: the lens's top-1 next token")
+    # Two lines where the columns are prompts: on one, the label ran past a 5-inch figure.
+    cells_are = "cells: the lens's top-1 next token"
+    ax.set_xlabel(literal(f"{what}\n{cells_are}" if across else f"{what}; {cells_are}"))
     ax.set_ylabel(f"layer ({kind})")
     name = "Logit lens" if result.lens == "logit" else result.lens.split(" ")[0].capitalize()
     if across:
@@ -152,6 +173,30 @@ def heatmap(
         prompt_text = token_label(result.prompts[b], min(70, int(8 * width)), tail=True)
         ax.set_title(literal(f"{name}, prompt {b}{of}{shown}{also}: {prompt_text}"), fontsize=9)
     return fig
+
+
+def _distinct_parts(texts: Sequence[str]) -> list[str]:
+    """What sets each text apart: it without the prefix and suffix all of them share, cut back
+    to whole words (``"Poland"`` and ``"Portugal"``, not ``"land"`` and ``"rtugal"``).
+
+    Example:
+        >>> _distinct_parts(["Q: capital of France?", "Q: capital of Poland?"])
+        ['France', 'Poland']
+    """
+    if len(set(texts)) == 1:  # nothing sets them apart
+        return ["" for _ in texts]
+    shortest = min(len(text) for text in texts)
+    start = 0
+    while start < shortest and len({text[start] for text in texts}) == 1:
+        start += 1
+    while start > 0 and texts[0][start - 1].isalnum():  # back to the start of a word
+        start -= 1
+    end = 0  # characters shared at the end, not reaching into the shared start
+    while end < shortest - start and len({text[-end - 1] for text in texts}) == 1:
+        end += 1
+    while end > 0 and texts[0][-end].isalnum():  # on to the end of a word
+        end -= 1
+    return [text[start : len(text) - end] for text in texts]
 
 
 #: Columns :func:`heatmap` draws when ``last`` is not given (the last ones): about 0.75 inch
