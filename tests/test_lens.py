@@ -563,3 +563,24 @@ def test_the_notebook_view_of_a_long_prompt_stays_small():
     assert "<img" in page and len(page) < 150_000
     title = result.plot_heatmap(last=24).axes[0].get_title()
     assert f"last 24 of {len(result.prompt_tokens[0])} positions" in title
+
+
+def test_one_column_reads_and_a_long_title_is_wrapped_to_the_figure(tiny):
+    # Review 26a F13: one decoded position drew its lone tick (":") rotated, a dot pair; with a
+    # second site kind named, the title ran past both edges of the 5-inch figure.
+    import io
+
+    prompt = "Q: What is the capital of France?\nA:"
+    result = mp.logit_lens(tiny, prompt, sites=["attn_out", "mlp_out"], progress=False)
+    fig = result.plot()
+    ax = fig.axes[0]
+    (tick,) = ax.get_xticklabels()
+    last = len(result.prompt_tokens[0]) - 1
+    token = result.prompt_tokens[0][last]
+    assert tick.get_text() == f"'{token}' (position {last}, the last)"
+    assert tick.get_rotation() == 0
+    assert "(also decoded: mlp_out; pass site=)" in ax.get_title().replace("\n", " ")
+    assert "\n" in ax.get_title()  # wrapped
+    fig.savefig(io.BytesIO(), format="png")
+    box = ax.title.get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width

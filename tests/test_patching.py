@@ -931,3 +931,15 @@ def test_layers_with_only_explicit_sites_is_refused(tiny, fn):
     # Where layers chooses the layers of a kind beside them, it applies there, as before.
     res = call([mp.Site("resid_pre", 1), "mlp_out"], layers=[2])
     assert [str(s) for s in res.sites] == ["resid_pre@1", "mlp_out@2"]
+
+
+def test_a_single_positions_tick_is_upright_and_says_the_position(tiny):
+    # Review 26a F13: an ablation at -1 drew its one tick, ":", rotated 90 degrees: a dot pair.
+    res = mp.patch(tiny, "ab", "ac", "mlp_out", -1, mp.logit_diff(1, 2), progress=False)
+    (tick,) = res.plot().axes[0].get_xticklabels()
+    assert tick.get_text() == f"'{res.position_labels[0]}' (position -1)"
+    assert tick.get_rotation() == 0
+    every = mp.patch(tiny, "ab", "ac", "mlp_out", "all", mp.logit_diff(1, 2), progress=False)
+    ticks = every.plot().axes[0].get_xticklabels()
+    assert [t.get_text() for t in ticks] == list(every.position_labels)  # as before
+    assert {t.get_rotation() for t in ticks} == {90}

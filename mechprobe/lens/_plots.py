@@ -6,6 +6,7 @@ only read the result's arrays: plotting never recomputes.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -157,7 +158,13 @@ def heatmap(
             )
         else:  # the same prompt drawn twice: its index and token say all there is
             ticks = [f"{b}: {tick}" for (b, _), tick in zip(cells, ticks, strict=True)]
-    ax.set_xticks(range(len(cells)), [literal(t) for t in ticks], rotation=60, ha="right")
+    if len(cells) == 1:  # upright, with its position: a lone ":" rotated read as a dot pair
+        b, c = cells[0]
+        at = int(result.positions[b, c])
+        is_last = ", the last" if at == len(result.prompt_tokens[b]) - 1 else ""
+        ax.set_xticks([0], [literal(f"'{ticks[0]}' (position {at}{is_last})")])
+    else:
+        ax.set_xticks(range(len(cells)), [literal(t) for t in ticks], rotation=60, ha="right")
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     ax.tick_params(axis="y", labelsize=7)
     # Two lines where the columns are prompts: on one, the label ran past a 5-inch figure.
@@ -166,12 +173,15 @@ def heatmap(
     ax.set_ylabel(f"layer ({kind})")
     name = "Logit lens" if result.lens == "logit" else result.lens.split(" ")[0].capitalize()
     if across:
-        ax.set_title(literal(f"{name}, {len(result.prompts)} prompts{shown}{also}"), fontsize=9)
+        title = f"{name}, {len(result.prompts)} prompts{shown}{also}"
     else:
         b = cells[0][0]
         of = f" of {len(result.prompts)}" if len(result.prompts) > 1 else ""
         prompt_text = token_label(result.prompts[b], min(70, int(8 * width)), tail=True)
-        ax.set_title(literal(f"{name}, prompt {b}{of}{shown}{also}: {prompt_text}"), fontsize=9)
+        title = f"{name}, prompt {b}{of}{shown}{also}: {prompt_text}"
+    # Wrapped to the figure, as patching's titles: with a second site kind named, one line ran
+    # past both edges of a 5-inch figure. About 12 characters an inch at this size.
+    ax.set_title(literal(textwrap.fill(title, max(30, int(12 * width)))), fontsize=9)
     return fig
 
 

@@ -553,7 +553,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             fig.colorbar(image, ax=axes, label=literal(label))
             fig.suptitle(title, fontsize=9)
             return fig
-        ylabels, xlabels = list(self.sites), list(self.position_labels)
+        ylabels, xlabels = list(self.sites), self._position_ticks()
         head_grid = self.kind in HEAD_KINDS and len(self.positions) == 1
         if head_grid:
             # The grid has no position axis: say where a whole-sequence patch wrote.
@@ -585,6 +585,14 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         ax.set_title(textwrap.fill(title, max(30, int(10 * fig.get_figwidth()))), fontsize="small")
         return fig
 
+    def _position_ticks(self) -> list[str]:
+        """The x tick of each position: its token, and where it is the only column, its
+        position too (a lone ":" rotated 90 degrees read as a dot pair)."""
+        labels = list(self.position_labels)
+        if len(labels) == 1 and self.positions[0] is not None:
+            return [f"'{labels[0]}' (position {self.positions[0]})"]
+        return labels
+
     @staticmethod
     def _heatmap(
         ax: Axes, data: np.ndarray, ylabels: list[str], xlabels: list[str], lim: float
@@ -592,6 +600,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         image = ax.imshow(data, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
         x_step, y_step = -(-len(xlabels) // 40), -(-len(ylabels) // 56)
         xs, ys = range(0, len(xlabels), x_step), range(0, len(ylabels), y_step)
-        ax.set_xticks(list(xs), labels=[literal(xlabels[i]) for i in xs], rotation=90)
+        # One column's tick upright: there is room, and rotated it was hard to read.
+        rotation = 90 if len(xlabels) > 1 else 0
+        ax.set_xticks(list(xs), labels=[literal(xlabels[i]) for i in xs], rotation=rotation)
         ax.set_yticks(list(ys), labels=[literal(ylabels[i]) for i in ys])
         return image
