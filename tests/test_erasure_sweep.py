@@ -243,3 +243,15 @@ def test_cli_erase_shows_progress_unless_quiet(
     argv += ["--n-random", "1", "--no-mlp", "--shots", "1", "--out", str(tmp_path / "e")]
     assert main(argv + (["--quiet"] if quiet else [])) == 0
     assert seen == [("collect", not quiet), ("amnesic", not quiet)]
+
+
+def test_a_sweeps_ticks_are_the_layers_erased_and_its_band_is_named(
+    tiny: Any, letters: mp.ProbingDataset
+) -> None:
+    # Review 26a F13: layers [5, 14, 20, 23, 27] were ticked 6, 9, ..., 27 (auto), and the grey
+    # band (mean ± std of the random controls) was not in the legend.
+    sweep = layer_sweep(tiny, letters, [0, 2], "leace", text=TEXTS[:1], n_random=2)
+    for ax in sweep.plot().axes:
+        assert [tick.get_text() for tick in ax.get_xticklabels()] == ["0", "2"]
+    kl = sweep.plot(metric="lm_kl").axes[0]
+    assert "random ± std" in [text.get_text() for text in kl.get_legend().get_texts()]

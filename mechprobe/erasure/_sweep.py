@@ -206,14 +206,20 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
                 if np.isnan(mean).all():
                     continue
                 ax.plot(x, mean, marker=marker, color=colour, label=condition, alpha=0.85)
-                if condition == "random":
-                    ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.25)
+                if condition == "random":  # the band named: it read as a confidence interval
+                    ax.fill_between(
+                        x, mean - std, mean + std, color=colour, alpha=0.25, label="random ± std"
+                    )
             ax.axhline(0, color="black", lw=0.6)
             ax.set_ylabel("nats" if metric.endswith("kl") else "accuracy drop", fontsize=8)
         ax.set_xlabel("erased layer")
-        from matplotlib.ticker import MaxNLocator
+        measured = sorted({int(v) for v in x[np.isfinite(x)]})
+        if 0 < len(measured) <= 12:  # the layers erased, not 6, 9, ... between layers 5 and 14
+            ax.set_xticks(measured)
+        else:
+            from matplotlib.ticker import MaxNLocator
 
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(_TITLES.get(metric, metric), fontsize=10)
         ax.legend(fontsize=7)
 
