@@ -158,3 +158,19 @@ def test_plot_decodes_the_vector_into_the_tokens_it_promotes(tiny) -> None:
     np.testing.assert_allclose(widths, top.values.numpy(), rtol=1e-5)
     with pytest.raises(ValueError, match="width"):
         mp.OVector(torch.ones(7), 1, "x", 1, "y").plot(model=tiny)
+
+
+def test_an_effects_repr_counts_the_random_seeds_as_one_condition() -> None:
+    # Review 26a F13: the repr said "5 conditions" (random_0 and random_1 apart) where the
+    # summary and the figure show 4.
+    names = ("intact", "ovector", "random_0", "random_1", "other_task")
+    res = mp.OVectorEffect(
+        contexts=("c",), targets=(" B",), target_ids=np.array([5]),
+        argument_ids=np.array([-1]), groups=("all",), conditions=names,
+        rank=np.array([[3], [0], [2], [4], [1]]), argument_rank=np.full((5, 1), -1),
+        top=np.array([[7], [5], [6], [6], [8]]), norms=(0.0, 1.0, 1.0, 1.0, 1.0), layers=(1,),
+        scale=1.0, mode="replace",
+    )  # fmt: skip
+    conditions = res.summary()["condition"].unique()
+    assert len(conditions) == 4
+    assert repr(res).startswith("OVectorEffect(4 conditions (random: 2 seeds) x 1 contexts,")

@@ -334,8 +334,11 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
     def _describe(self) -> str:
         fams = self.families()
         first = next((f for f in fams if f != "intact"), "intact")
+        # Counted as summary() and plot() show them: the random seeds are one condition.
+        pooled = [f"{name}: {len(seeds)} seeds" for name, seeds in fams.items() if len(seeds) > 1]
+        seeds = f" ({'; '.join(pooled)})" if pooled else ""
         return (
-            f"{len(self.conditions)} conditions x {len(self.contexts)} contexts, {self.mode} at "
+            f"{len(fams)} conditions{seeds} x {len(self.contexts)} contexts, {self.mode} at "
             f"layer{'s' if len(self.layers) > 1 else ''} {_span(self.layers)}, scale "
             f"{self.scale:g}; top-1 {first} {self.metrics(fams[first])['top1_after']:.2f}, "
             f"intact {self.metrics('intact')['top1_after']:.2f}"
