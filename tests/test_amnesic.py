@@ -675,3 +675,27 @@ def test_bars_say_their_values_and_spread_only_over_several_runs() -> None:
     assert [a.get_title() for a in figure.axes[:1]] == ["task accuracy"]
     assert math.isnan(res.mean_std("task_accuracy", "erased")[1])  # one run: no spread, not 0
     assert res.mean_std("task_accuracy", "random")[1] == pytest.approx(np.std([0.25, 0.5], ddof=1))
+
+
+def test_frames_keep_one_dtype_per_column_whatever_the_eraser() -> None:
+    # Review 26a F12: seed was float64 (0.0, 1.0, NaN); LEACE's majority_baseline an object
+    # None beside INLP's float64, and iteration Int64 beside int64.
+    from mechprobe.erasure._sweep import ErasureSweep
+
+    result = AmnesicResult("blocks.1.hook_resid_post", 1, "all", "leace", 1, 4, (
+        AmnesicMeasure("lm_kl", "erased", 0.1),
+        AmnesicMeasure("lm_kl", "random", 0.05, seed=0),
+        AmnesicMeasure("lm_kl", "random", 0.07, seed=1),
+    ))  # fmt: skip
+    for frame in (result.to_frame(), ErasureSweep(method="leace", results=(result,)).to_frame()):
+        assert str(frame["seed"].dtype) == "Int64"
+        assert frame["seed"].tolist() == [pd.NA, 0, 1]
+    assert str(ErasureSweep(method="inlp", results=()).to_frame()["seed"].dtype) == "Int64"
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(200, 6)), rng.integers(0, 2, 200)
+    leace, inlp = mp.leace(X, y).to_frame(), mp.inlp(X, y, 2, progress=False).to_frame()
+    for column in ("iteration", "majority_baseline"):
+        assert leace[column].dtype == inlp[column].dtype, column
+    assert leace["majority_baseline"].dtype == np.float64
+    assert np.isnan(leace["majority_baseline"].iloc[0])
+    assert str(inlp["iteration"].dtype) == "Int64" and inlp["iteration"].tolist()[0] == 0

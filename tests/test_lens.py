@@ -584,3 +584,13 @@ def test_one_column_reads_and_a_long_title_is_wrapped_to_the_figure(tiny):
     fig.savefig(io.BytesIO(), format="png")
     box = ax.title.get_window_extent()
     assert box.x0 >= 0 and box.x1 <= fig.bbox.width
+
+
+def test_a_frames_probabilities_have_one_dtype_with_and_without_targets(tiny):
+    # Review 26a F12: prob and logprob were float32 with targets and float64 without, so two
+    # lens frames concatenated changed dtype.
+    bare = mp.logit_lens(tiny, "Hi there", progress=False).to_frame()
+    aimed = mp.logit_lens(tiny, "Hi there", targets=" a", progress=False).to_frame()
+    for column in ("prob", "logprob"):
+        assert bare[column].dtype == aimed[column].dtype == aimed["kl_to_final"].dtype, column
+        assert bare[column].isna().all()

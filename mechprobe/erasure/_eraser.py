@@ -240,8 +240,8 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
         the erasure as fitted (``iteration`` ``<NA>``, ``accuracy`` NaN), so that the frames of
         several erasers concatenate into a table of them (an empty frame said nothing).
 
-        Columns: ``method``, ``iteration`` (0 = before erasure), ``n_removed``, ``accuracy``,
-        ``majority_baseline``.
+        Columns: ``method``, ``iteration`` (``Int64``, 0 = before erasure), ``n_removed``,
+        ``accuracy``, ``majority_baseline`` (float, NaN where no probe was fitted).
 
         Example:
             >>> identity_projection(3).to_frame().columns.tolist()
@@ -249,6 +249,9 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
             >>> random_projection(8, 2).to_frame()[["method", "n_removed"]].values.tolist()
             [['random', 2]]
         """
+        # One dtype per column whatever the method (LEACE's majority_baseline was an object
+        # None, INLP's float64; iteration Int64 and int64): concatenated frames keep them.
+        majority = np.nan if self.majority_baseline is None else float(self.majority_baseline)
         if not self.accuracies:
             return pd.DataFrame(
                 {
@@ -256,16 +259,16 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
                     "iteration": pd.array([None], dtype="Int64"),
                     "n_removed": [self.n_removed],
                     "accuracy": [float("nan")],
-                    "majority_baseline": [self.majority_baseline],
+                    "majority_baseline": np.array([majority], dtype=np.float64),
                 }
             )
         return pd.DataFrame(
             {
                 "method": [self.method] * len(self.accuracies),
-                "iteration": list(range(len(self.accuracies))),
+                "iteration": pd.array(range(len(self.accuracies)), dtype="Int64"),
                 "n_removed": list(self.ranks),
                 "accuracy": list(self.accuracies),
-                "majority_baseline": [self.majority_baseline] * len(self.accuracies),
+                "majority_baseline": np.full(len(self.accuracies), majority, dtype=np.float64),
             },
             columns=["method", "iteration", "n_removed", "accuracy", "majority_baseline"],
         )

@@ -198,7 +198,7 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         Columns: the erased site as in every result's frame (``site``, its label such as
         ``"resid_post@3"``; ``kind``; ``layer`` and ``head``, ``Int64``; ``hook``), the eraser's
         ``method`` and ``n_removed``, the ``positions`` erased (``"all"``, ``"-1"``), then
-        ``metric``, ``condition``, ``seed`` (a control's, NaN else), ``probe_site`` and
+        ``metric``, ``condition``, ``seed`` (a control's, ``Int64``, ``<NA>`` else), ``probe_site`` and
         ``probe_layer`` (where a probe read, which may be a later layer than the erased one; None
         and ``<NA>`` on rows without a probe), ``probe``, ``value``.
 
@@ -238,7 +238,8 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
                 "positions": [positions_text(self.positions)] * n,
                 "metric": measured["metric"],
                 "condition": measured["condition"],
-                "seed": measured["seed"],
+                # Int64 as every integer column that may be missing (it was float64: 0.0, NaN)
+                "seed": pd.array([m.seed for m in self.measures], dtype="Int64"),
                 "probe_site": pd.Series(probe_site, dtype=object),
                 "probe_layer": pd.array(probe_layer, dtype="Int64"),
                 "probe": measured["probe"],
