@@ -281,7 +281,6 @@ def _accuracy(
     return top1_hit(logits, torch.as_tensor(answers)).cpu().numpy().astype(float)
 
 
-@evaluates
 def _warn_shared_first_tokens(model: Any, answers: list[int]) -> None:
     """Warn when one first token starts many held-out answers: a top-1 hit on it is then no
     evidence of the answer (review 26b: every number on SmolLM2 starts with ``' '``; a model that
@@ -298,6 +297,7 @@ def _warn_shared_first_tokens(model: Any, answers: list[int]) -> None:
         )
 
 
+@evaluates
 def function_vector(
     model: Any,
     task: Task | str,
