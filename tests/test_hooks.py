@@ -706,7 +706,8 @@ def test_a_hook_function_taking_hook_by_keyword_works_as_in_transformerlens(tiny
 
 def test_ablate_with_a_mean_is_a_mean_ablation(tiny):
     # Review 26b: Ablate(mean=v) kept method="zero" and zeroed the site, dropping v unseen.
-    site, v = mp.Site("mlp_out", 0), torch.full((tiny.cfg.d_model,), 0.5)
+    # Not a constant vector: a LayerNorm (GPT-2) subtracts a constant offset and hides it.
+    site, v = mp.Site("mlp_out", 0), torch.linspace(-1.0, 1.0, tiny.cfg.d_model)
     given = mp.run(tiny, PROMPTS, {site: mp.Ablate(mean=v)}).logits
     spelled = mp.run(tiny, PROMPTS, {site: mp.Ablate("mean", mean=v)}).logits
     zeroed = mp.run(tiny, PROMPTS, {site: mp.Ablate()}).logits
