@@ -943,3 +943,34 @@ def test_a_single_positions_tick_is_upright_and_says_the_position(tiny):
     ticks = every.plot().axes[0].get_xticklabels()
     assert [t.get_text() for t in ticks] == list(every.position_labels)  # as before
     assert {t.get_rotation() for t in ticks} == {90}
+
+
+def test_titles_name_the_metrics_tokens(tiny, tmp_path):
+    # Review 26a F10: titles said "denoising patching of resid_pre: logit_diff" and the colour bar
+    # "change of logit_diff"; a figure on a slide no longer said which answer.
+    import dataclasses
+
+    res = mp.patch(tiny, "ab cd", "ab ce", "resid_pre", "all", mp.logit_diff("x", "y"),
+                   progress=False)  # fmt: skip
+    assert (res.answer_tokens, res.wrong_tokens) == (("x",), ("y",))
+    title = res.plot().axes[0].get_title().replace("\n", " ")
+    assert title.endswith("resid_pre: logit['x'] - logit['y']")
+    raw = res.plot(normalised=False)
+    assert raw.axes[1].get_ylabel() == "change of logit['x'] - logit['y']"
+    for suffix in (".json", ".npz"):  # the tokens are kept; an older file (none) keeps the name
+        back = mp.PatchResult.load(res.save(tmp_path / f"p{suffix}"))
+        assert back.answer_tokens == ("x",) and back.wrong_tokens == ("y",)
+    older = dataclasses.replace(res, answer_tokens=(), wrong_tokens=())
+    assert older.plot().axes[0].get_title().replace("\n", " ").endswith(": logit_diff")
+    prob = mp.ablate_cells(tiny, "ab cd", "mlp_out", -1, mp.answer_prob("x"), progress=False)
+    assert prob.plot().axes[0].get_title().endswith("mlp_out: p('x')")
+    other = mp.patch(tiny, "ab cf", "ab cg", "resid_pre", "all", mp.logit_diff("z", "y"),
+                     progress=False)  # fmt: skip
+    joined = mp.PatchResult.concat([res, other])  # the tokens join as the ids do
+    assert (joined.answer_tokens, joined.wrong_tokens) == (("x", "z"), ("y", "y"))
+    assert joined.plot().axes[0].get_title().endswith("logit[answer] - logit['y']")
+    per_pair = mp.patch(tiny, ["ab cd", "ab cf"], ["ab ce", "ab cg"], "mlp_out", -1,
+                        mp.logit_diff(["x", "y"], "z"), progress=False)  # fmt: skip
+    assert per_pair.plot().axes[0].get_title().endswith("logit[answer] - logit['z']")
+    own = mp.patch(tiny, "ab cd", "ab ce", "mlp_out", -1, lambda lg: lg[:, 5], progress=False)
+    assert not own.answer_tokens and own.plot().axes[0].get_title().endswith(": <lambda>")

@@ -383,7 +383,8 @@ def test_a_large_path_figure_stays_readable():
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == [f"head L{i}H0" for i in range(12)]
     assert [t.get_text() for t in ax.get_xticklabels()] == [f"q L{i}H0" for i in range(12)]
-    assert ax.get_title() == "path patching, head to q (attribution)"
+    # the metric's tokens on a second line (review 26a F10)
+    assert ax.get_title().split("\n")[0] == "path patching, head to q (attribution)"
 
 
 def test_head_senders_where_heads_do_not_sum_to_the_attention_output_are_refused():
@@ -457,3 +458,13 @@ def test_receiver_layers_choose_a_kind_beside_final(tiny):
     res = mp.path_patch(tiny, CLEAN, CORRUPT, "mlp_out", mp.Site("mlp_in", 2), mp.logit_diff(1, 2),
                         layers=[0, 1], n_random=0)  # fmt: skip
     assert res.senders == ("mlp_out@0", "mlp_out@1") and res.receivers == ("mlp_in@2",)
+
+
+def test_a_path_patch_figure_names_the_metrics_tokens(tiny):
+    # Review 26a F10: the colour bar read "change of logit_diff", the title no metric at all.
+    res = mp.path_patch(tiny, CLEAN, CORRUPT, SENDERS, "final", mp.logit_diff("x", "y"),
+                        n_random=1, progress=False)  # fmt: skip
+    assert (res.answer_tokens, res.wrong_tokens) == (("x",), ("y",))
+    fig = res.plot()
+    assert fig.axes[0].get_title().endswith("\nlogit['x'] - logit['y']")
+    assert fig.axes[-1].get_ylabel() == "change of logit['x'] - logit['y']"

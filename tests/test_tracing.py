@@ -376,3 +376,16 @@ def test_trace_noise_takes_one_prompts_integer_ids(ids):
     assert mp.trace_noise(torch.tensor([1, 2, 3]), 2, 1, 4, 1.0).equal(
         mp.trace_noise([1, 2, 3], 2, 1, 4, 1.0)
     )
+
+
+def test_a_traces_titles_name_the_answer_traced(tiny):
+    # Review 26a F10: the suptitle read "answer_prob: clean 0.304 ..." and the colour bars
+    # "indirect effect on answer_prob": which answer, the figure did not say.
+    trace = mp.causal_trace(tiny, ["ab cd"], subjects=["ab"], answers=["x"], n_noise=2,
+                            progress=False)  # fmt: skip
+    fig = trace.plot()
+    assert fig.get_suptitle().startswith("p('x'): clean ")
+    assert fig.axes[-1].get_ylabel() == "indirect effect on p('x')"
+    own = mp.causal_trace(tiny, ["ab cd"], subjects=["ab"], metric=lambda lg: lg[:, 5],
+                          n_noise=2, progress=False)  # fmt: skip
+    assert own.plot().get_suptitle().startswith("<lambda>: clean ")

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -24,6 +24,7 @@ __all__ = [
     "bind_metric",
     "check_unpatched",
     "logit_diff",
+    "metric_title",
     "metric_token_ids",
 ]
 
@@ -84,6 +85,28 @@ def answer_prob(answer: Any) -> PatchMetric:
         'answer_prob'
     """
     return PatchMetric("answer_prob", answer)
+
+
+def metric_title(name: str, answers: Sequence[str] = (), wrongs: Sequence[str] = ()) -> str:
+    """What a figure says was measured: the metric with its tokens where every pair shares them,
+    as :func:`mechprobe.direct_logit_attribution`'s figures say it, else ``answer``/``wrong``;
+    a metric function (or a result saved without its tokens) keeps its name.
+
+    Example:
+        >>> metric_title("logit_diff", [" Paris"], [" Rome"])
+        "logit[' Paris'] - logit[' Rome']"
+        >>> metric_title("answer_prob", [" Paris", " Rome"]), metric_title("my_metric")
+        ('p(answer)', 'my_metric')
+    """
+
+    def token(tokens: Sequence[str], word: str) -> str:
+        return repr(tokens[0]) if len(set(tokens)) == 1 else word
+
+    if name == "logit_diff" and answers and wrongs:
+        return f"logit[{token(answers, 'answer')}] - logit[{token(wrongs, 'wrong')}]"
+    if name == "answer_prob" and answers:
+        return f"p({token(answers, 'answer')})"
+    return name
 
 
 def _pair_ids(

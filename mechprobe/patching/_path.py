@@ -78,7 +78,13 @@ from mechprobe.patching._engine import (
     pair_unit_vectors,
     run_plan,
 )
-from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric, check_unpatched
+from mechprobe.patching._metrics import (
+    MetricFn,
+    PatchMetric,
+    bind_metric,
+    check_unpatched,
+    metric_title,
+)
 from mechprobe.patching._result import concat_pairs, normalised_recovery, pair_records
 
 if TYPE_CHECKING:
@@ -119,8 +125,9 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
             ``"attribution-noising"`` of noising.
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
-        clean_prompts, corrupt_prompts, answer_ids, wrong_ids: ``[pairs]`` the pairs and the
-            metric's token ids, as :class:`mechprobe.PatchResult` records them.
+        clean_prompts, corrupt_prompts, answer_ids, wrong_ids, answer_tokens, wrong_tokens:
+            ``[pairs]`` the pairs and the metric's token ids and texts, as
+            :class:`mechprobe.PatchResult` records them.
 
     Example:
         >>> import mechprobe as mp
@@ -151,6 +158,8 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
     corrupt_prompts: tuple[str, ...] = ()
     answer_ids: tuple[int, ...] = ()
     wrong_ids: tuple[int, ...] = ()
+    answer_tokens: tuple[str, ...] = ()
+    wrong_tokens: tuple[str, ...] = ()
 
     @classmethod
     def concat(cls, results: Sequence[PathPatchResult]) -> PathPatchResult:
@@ -329,14 +338,15 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
         ax.tick_params(axis="x", labelrotation=90)
         ax.set_xlabel(xname)
         ax.set_ylabel(yname)
-        fig.colorbar(image, ax=ax, label=literal(f"change of {self.metric}"))
+        measured = metric_title(self.metric, self.answer_tokens, self.wrong_tokens)
+        fig.colorbar(image, ax=ax, label=literal(f"change of {measured}"))
         kinds = " + ".join(dict.fromkeys(s.split("@")[0] for s in self.senders))
         target = (
             self.receivers[0]
             if len(self.receivers) == 1
             else " + ".join(dict.fromkeys(r.split("@")[0] for r in self.receivers))
         )
-        ax.set_title(literal(f"path patching, {kinds} to {target} ({self.direction})"))
+        ax.set_title(literal(f"path patching, {kinds} to {target} ({self.direction})\n{measured}"))
         return fig
 
 

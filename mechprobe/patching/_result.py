@@ -15,7 +15,7 @@ import torch
 
 from mechprobe.core import HEAD_KINDS, Result, check_int, head_column, literal, new_axes, warn
 from mechprobe.core import spread as spread_of  # its own property is called spread
-from mechprobe.patching._metrics import metric_token_ids
+from mechprobe.patching._metrics import metric_title, metric_token_ids
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -28,7 +28,14 @@ _R = TypeVar("_R")
 # recomputed from them; every other field must agree between the parts.
 _PAIR_AXIS = {"per_pair": 0, "clean": 0, "corrupt": 0, "random": 1}
 # Per-pair records (tuples, one entry per pair; empty in files saved before results kept them).
-_PAIR_RECORDS = ("clean_prompts", "corrupt_prompts", "answer_ids", "wrong_ids")
+_PAIR_RECORDS = (
+    "clean_prompts",
+    "corrupt_prompts",
+    "answer_ids",
+    "wrong_ids",
+    "answer_tokens",
+    "wrong_tokens",
+)
 _DERIVED = ("values", "normalised")
 # Fields that describe pair 0 only: the joined result keeps the first part's.
 _FIRST_PAIR = ("position_labels",)
@@ -122,11 +129,17 @@ def pair_records(
             return tuple(f"token ids {row}" for row in ids)
         return tuple(str(tokenizer.decode(row)) for row in ids)
 
+    def tokens(ids: tuple[int, ...]) -> tuple[str, ...]:
+        return () if tokenizer is None else tuple(str(tokenizer.decode([i])) for i in ids)
+
     return {
         "clean_prompts": texts(clean_ids),
         "corrupt_prompts": () if corrupt_ids is None else texts(corrupt_ids),
         "answer_ids": answers,
         "wrong_ids": wrong,
+        # their text, for the figures' titles (a result holds no tokenizer to decode them)
+        "answer_tokens": tokens(answers),
+        "wrong_tokens": tokens(wrong),
     }
 
 
@@ -222,6 +235,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             :func:`mechprobe.answer_prob` metric read (``wrong_ids`` empty for the latter;
             both empty for a metric function). The four are empty in files saved before results
             recorded them; :meth:`concat` joins them and warns of a pair found in two parts.
+        answer_tokens, wrong_tokens: ``[pairs]`` those tokens' text, which the figures' titles
+            name (empty for a model without a tokenizer and in files saved before).
 
     Example:
         >>> import mechprobe as mp
@@ -251,6 +266,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
     corrupt_prompts: tuple[str, ...] = ()
     answer_ids: tuple[int, ...] = ()
     wrong_ids: tuple[int, ...] = ()
+    answer_tokens: tuple[str, ...] = ()
+    wrong_tokens: tuple[str, ...] = ()
 
     @classmethod
     def concat(cls, results: Sequence[PatchResult]) -> PatchResult:
@@ -511,7 +528,10 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         """
         use_norm = normalised and not bool(np.isnan(self.normalised).all())
         data = self.normalised if use_norm else self.effect
-        label = "normalised recovery" if use_norm else f"change of {self.metric}"
+        # The metric's tokens, as direct logit attribution names them: a figure on a slide
+        # said "logit_diff" and no longer which answer.
+        measured = metric_title(self.metric, self.answer_tokens, self.wrong_tokens)
+        label = "normalised recovery" if use_norm else f"change of {measured}"
         if (
             use_norm
             and self.direction.endswith("noising")
@@ -528,7 +548,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             estimated = "noising" if self.direction.endswith("noising") else "denoising"
             what = f"attribution patching (estimated {estimated})"
         kinds = list(dict.fromkeys(self.kinds))
-        title = literal(f"{what} of {', '.join(kinds)}: {self.metric}")
+        title = literal(f"{what} of {', '.join(kinds)}: {measured}")
         if ax is None and len(kinds) > 1 and len(self.positions) > 1:
             # One tall stack of every kind's layers (90 rows, no separator) compared nothing
             # layer by layer: a panel per kind, on one scale.

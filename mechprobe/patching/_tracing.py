@@ -68,7 +68,13 @@ from mechprobe.patching._engine import (
     site_edit,
     unit_vectors,
 )
-from mechprobe.patching._metrics import MetricFn, PatchMetric, answer_prob, bind_metric
+from mechprobe.patching._metrics import (
+    MetricFn,
+    PatchMetric,
+    answer_prob,
+    bind_metric,
+    metric_title,
+)
 from mechprobe.patching._result import joined_model_name
 
 if TYPE_CHECKING:
@@ -538,6 +544,8 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         step = max(1, -(-len(self.layers) // 6))
         ticks = list(range(0, len(self.layers), step))
         image = None
+        # The answer traced, where every prompt shares it: "answer_prob" named no token.
+        measured = metric_title(self.metric, [a for a in self.answers if a])
         for axis, name in zip(axes, kinds, strict=True):
             scale = common if common is not None else norm(grids[name])
             name_of_map = "PuOr" if isinstance(scale, TwoSlopeNorm) else "Purples"
@@ -550,9 +558,9 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             axis.set_xlabel("layer" + (f" (window {self.window})" if self._windowed(name) else ""))
             axis.set_title(f"restoring {name}")
             if common is None:
-                fig.colorbar(image, ax=axis, label=literal(f"indirect effect on {self.metric}"))
+                fig.colorbar(image, ax=axis, label=literal(f"indirect effect on {measured}"))
         if common is not None and image is not None:
-            fig.colorbar(image, ax=axes, label=literal(f"indirect effect on {self.metric}"))
+            fig.colorbar(image, ax=axes, label=literal(f"indirect effect on {measured}"))
         if ax is None:
             clean, corrupted = float(np.mean(self.clean)), float(np.mean(self.corrupted))
             star = "; * marks the noised subject's tokens" if single else ""
@@ -560,7 +568,7 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
                 star = "; grey: no such token in any prompt"
             # two lines: on one, a one-panel figure cut it at both sides
             fig.suptitle(
-                literal(f"{self.metric}: clean {clean:.3g}, subject noised {corrupted:.3g}\n")
+                literal(f"{measured}: clean {clean:.3g}, subject noised {corrupted:.3g}\n")
                 + f"{len(self.scores)} prompt(s) x {self.n_noise} noise samples{star}",
                 fontsize=9,
             )
