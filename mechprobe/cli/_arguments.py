@@ -215,6 +215,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _number(text: str) -> float:
+    """``text`` as a float, NaN where it is none (the types' range checks then refuse it)."""
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
 def positive_float(text: str) -> float:
     """An argparse ``type`` for a finite number above 0 (``--l2``): checked before the model
     loads (probe refused ``--l2 -1`` only after collecting every activation).
@@ -223,10 +231,7 @@ def positive_float(text: str) -> float:
         >>> positive_float("1e-3")
         0.001
     """
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
+    value = _number(text)
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text!r}")
     return value
@@ -291,10 +296,7 @@ def fraction(text: str) -> float:
         >>> fraction("0.25")
         0.25
     """
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
+    value = _number(text)
     if not 0 <= value < 1:  # NaN fails both comparisons
         raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), not {text!r}")
     return value
