@@ -56,7 +56,7 @@ from mechprobe.core import (
     tokenize,
     warn,
 )
-from mechprobe.patching._metrics import PatchMetric, _pair_ids, logit_diff
+from mechprobe.patching._metrics import PatchMetric, _pair_ids, logit_diff, metric_title
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -255,7 +255,7 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
             >>> len(res.plot().axes[0].patches)
             8
         """
-        what = f"logit[{_token(self.answers, 'answer')}] - logit[{_token(self.wrongs, 'wrong')}]"
+        what = metric_title("logit_diff", self.answers, self.wrongs)
         what = literal(what)  # the answers' text, drawn as written
         if self.heads:
             fig, ax = new_axes(ax, (6.5, 4.0))
@@ -636,8 +636,3 @@ def _norm_parameters(module: Any, d_model: int) -> tuple[Tensor, Tensor]:
         elif leaf in ("b", "bias"):
             bias = param.detach().double().cpu()
     return weight, bias
-
-
-def _token(tokens: tuple[str, ...], name: str) -> str:
-    """The token's text for a plot title where every prompt has the same, else ``name``."""
-    return repr(tokens[0]) if len(set(tokens)) == 1 else name
