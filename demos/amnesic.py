@@ -60,8 +60,8 @@ def sweep_figure(sweeps: dict[str, mp.ErasureSweep], labels: list[str], f: int) 
     x = np.arange(len(labels))
     colours = {"leace": "#c44e52", "inlp": "#8172b2"}
     first = next(iter(sweeps.values())).results
-    base = [r.mean_std("task_accuracy", "original")[0] for r in first]
-    acc_ax.plot(x, base, "k--", label="original model")
+    base = [r.mean_std("task_accuracy", "intact")[0] for r in first]
+    acc_ax.plot(x, base, "k--", label="intact model")
     for method, sweep in sweeps.items():
         for condition, style in (("erased", "-"), ("random", ":")):
             acc = [r.mean_std("task_accuracy", condition) for r in sweep.results]
@@ -74,7 +74,7 @@ def sweep_figure(sweeps: dict[str, mp.ErasureSweep], labels: list[str], f: int) 
                 ax.errorbar(x, mean, yerr=std, fmt=style, marker="o", capsize=3,
                             color=colours[method], label=label)  # fmt: skip
     acc_ax.set_ylabel("capitals task accuracy (first token)")
-    kl_ax.set_ylabel("KL(original || erased) at the answer")
+    kl_ax.set_ylabel("KL(intact || erased) at the answer")
     kl_ax.set_yscale("log")
     for ax in (acc_ax, kl_ax):
         ax.set_xticks(x, labels, fontsize=8)

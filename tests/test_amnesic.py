@@ -27,7 +27,7 @@ from mechprobe.erasure._result import AmnesicMeasure, AmnesicResult
 from mechprobe.relational._scoring import score_task
 
 TEXTS = ["Hello there, friend.", "Hi", "The cat sat on the mat."]
-CONDITIONS = [("original", None), ("erased", None), ("random", 0), ("random", 1)]
+CONDITIONS = [("intact", None), ("erased", None), ("random", 0), ("random", 1)]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_identity_projection_changes_no_logit_and_leaves_no_hooks(tiny: Any, tas
         assert (result.values(metric, "erased") == 0).all()
         assert (result.values(metric, "random") == 0).all()  # rank 0: the controls are identities
     for metric in ("lm_accuracy", "lm_loss", "task_accuracy", "task_logprob"):
-        assert result.values(metric, "erased")[0] == result.values(metric, "original")[0]
+        assert result.values(metric, "erased")[0] == result.values(metric, "intact")[0]
     assert hook_count(tiny) == hooks
     assert torch.equal(_logits(tiny, batch), before)
 
@@ -158,10 +158,10 @@ def test_text_measures_match_an_independent_computation(tiny: Any) -> None:
     assert result.values("lm_kl", "erased")[0] == pytest.approx(float(kl.mean()), rel=1e-4)
     assert result.values("lm_kl", "erased")[0] > 0
     assert result.values("lm_kl", "random")[0] > 0
-    assert result.values("lm_loss", "original")[0] == pytest.approx(
+    assert result.values("lm_loss", "intact")[0] == pytest.approx(
         float(torch.cat(nlls).mean()), rel=1e-4
     )
-    assert result.values("lm_accuracy", "original")[0] == pytest.approx(hits / n_pred)
+    assert result.values("lm_accuracy", "intact")[0] == pytest.approx(hits / n_pred)
     assert result.counts["text_tokens"] == n_pred
 
 
@@ -199,7 +199,7 @@ def test_erasing_the_last_position_reports_only_what_it_can_change(tiny: Any) ->
     assert result.positions == -1
     for metric in ("lm_accuracy", "lm_loss"):
         assert len(result.values(metric, "erased")) == 0
-        assert len(result.values(metric, "original")) == 0
+        assert len(result.values(metric, "intact")) == 0
     kl, hits, _ = _by_prompt(tiny, hook, projection, -1, lambda n: n - 1)
     assert len(kl) == len(TEXTS) and len(hits) == 0
     assert result.values("lm_kl", "erased")[0] == pytest.approx(float(kl.mean()), rel=1e-4)
@@ -217,8 +217,8 @@ def test_text_measures_start_at_the_first_erased_position(tiny: Any) -> None:
     )  # fmt: skip
     kl, hits, nll = _by_prompt(tiny, hook, projection, [1, 2], lambda n: 1)
     assert result.values("lm_kl", "erased")[0] == pytest.approx(float(kl.mean()), rel=1e-4)
-    assert result.values("lm_accuracy", "original")[0] == pytest.approx(float(hits.mean()))
-    assert result.values("lm_loss", "original")[0] == pytest.approx(float(nll.mean()), rel=1e-4)
+    assert result.values("lm_accuracy", "intact")[0] == pytest.approx(float(hits.mean()))
+    assert result.values("lm_loss", "intact")[0] == pytest.approx(float(nll.mean()), rel=1e-4)
     assert result.counts["text_tokens"] == len(hits)
 
 
@@ -227,7 +227,7 @@ def test_task_measures_match_scoring_and_unpadded_runs(tiny: Any, task: mp.Task)
     hook = "blocks.0.hook_resid_post"
     result = amnesic(tiny, hook, projection, task=task, positions=-1, n_random=1, batch_size=3)
     score = score_task(tiny, task)
-    assert result.values("task_accuracy", "original")[0] == pytest.approx(score.accuracy)
+    assert result.values("task_accuracy", "intact")[0] == pytest.approx(score.accuracy)
     first = [tiny.tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in task.answers()]
     logps, kls = [], []
     with torch.no_grad():
@@ -270,7 +270,7 @@ def test_result_json_has_every_key_and_round_trips(tiny: Any, task: mp.Task, tmp
     summary = result.summary()
     assert {"metric", "condition", "value", "value_std", "effect"} <= set(summary.columns)
     frame = result.to_frame()
-    assert set(frame["condition"]) == {"original", "erased", "random", "dropout"}
+    assert set(frame["condition"]) == {"intact", "erased", "random", "dropout"}
     assert len(frame) == len(result.measures)
     assert isinstance(result.plot(), Figure)
 
@@ -305,12 +305,12 @@ def test_the_frame_says_where_the_erasure_was_apart_from_where_probes_read() -> 
         AmnesicMeasure("lm_kl", "erased", 0.2),
         AmnesicMeasure("lm_kl", "random", 0.1, seed=0),
         AmnesicMeasure(
-            "probe_accuracy", "original", 0.9, site="blocks.1.hook_resid_post", probe="linear"
+            "probe_accuracy", "intact", 0.9, site="blocks.1.hook_resid_post", probe="linear"
         ),
         AmnesicMeasure(
             "probe_accuracy", "erased", 0.4, site="blocks.1.hook_resid_post", probe="linear"
         ),
-        AmnesicMeasure("probe_accuracy", "original", 0.9, **probed),
+        AmnesicMeasure("probe_accuracy", "intact", 0.9, **probed),
         AmnesicMeasure("probe_accuracy", "erased", 0.8, **probed),
     )
     result = AmnesicResult("blocks.1.hook_resid_post", 1, -1, "leace", 2, 64, measures)
@@ -423,7 +423,7 @@ def test_linear_erasure_guards_the_erased_site(tiny: Any, letters: mp.ProbingDat
     )
     site = "blocks.1.hook_resid_post"
     assert result.probe_sites == [site, "blocks.2.hook_resid_post"]
-    before = result.values("probe_accuracy", "original", site=site, probe="linear")[0]
+    before = result.values("probe_accuracy", "intact", site=site, probe="linear")[0]
     after = result.values("probe_accuracy", "erased", site=site, probe="linear")[0]
     majority = result.majority_baseline
     assert majority is not None and majority == pytest.approx(1 / 3, abs=0.07)
@@ -489,7 +489,7 @@ def test_unconverged_probes_are_reported_in_amnesics_terms(tiny: Any) -> None:
     assert messages == [
         f"amnesic: the MLP probe on the {condition} activations had not converged after 200 "
         "epochs; its accuracy may be an underestimate (mlp=False skips the MLP probe)."
-        for condition in ("original", "erased")
+        for condition in ("intact", "erased")
     ]
     assert all(w.filename == __file__ for w in record)  # points at the caller
     assert flag_names(messages[0]).endswith("(--no-mlp skips the MLP probe).")
@@ -644,11 +644,11 @@ def test_bars_say_their_values_and_spread_only_over_several_runs() -> None:
     # A bar of 0 was indistinguishable from one not measured, single runs had error caps of zero
     # height, no panel said its unit, and the original probe line was drawn under the random one.
     measures = (
-        AmnesicMeasure("task_accuracy", "original", 0.5),
+        AmnesicMeasure("task_accuracy", "intact", 0.5),
         AmnesicMeasure("task_accuracy", "erased", 0.0),
         AmnesicMeasure("task_accuracy", "random", 0.25, seed=1),
         AmnesicMeasure("task_accuracy", "random", 0.5, seed=2),
-        AmnesicMeasure("probe_accuracy", "original", 0.9, site="blocks.1.hook_resid_post", probe="linear"),
+        AmnesicMeasure("probe_accuracy", "intact", 0.9, site="blocks.1.hook_resid_post", probe="linear"),
         AmnesicMeasure("probe_accuracy", "random", 0.9, seed=1, site="blocks.1.hook_resid_post", probe="linear"),
     )  # fmt: skip
     res = AmnesicResult("blocks.1.hook_resid_post", None, -1, "leace", 3, 64, measures)
@@ -661,7 +661,7 @@ def test_bars_say_their_values_and_spread_only_over_several_runs() -> None:
     caps = [line for line in ax.lines if len(line.get_xdata()) == 1]  # the error bars' caps
     assert {float(line.get_xdata()[0]) for line in caps} == {2.0}  # random (n=2) only
     probe = res.plot(metric="probe_accuracy").axes[0]
-    original = next(line for line in probe.lines if line.get_label() == "linear, original")
+    original = next(line for line in probe.lines if line.get_label() == "linear, intact")
     assert original.get_zorder() > max(
         line.get_zorder() for line in probe.lines if line is not original
     )

@@ -3,6 +3,8 @@ interchange written by hand with plain TransformerLens hooks."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -108,7 +110,7 @@ def test_a_planted_direction_is_found_and_carries_the_counterfactuals(planted):
     )  # fmt: skip
     assert abs(float(torch.tensor(res.rotation[0]) @ u)) > 0.95  # the planted axis
     assert res.iia_train > 0.95 and res.iia["das"] > 0.7
-    assert res.iia["random"] < 0.25 and res.iia["none"] == 0.0
+    assert res.iia["random"] < 0.25 and res.iia["intact"] == 0.0
     assert res.loss[-1] < 0.2 * res.loss[0]
 
 
@@ -152,7 +154,7 @@ def test_every_accuracy_equals_the_interchange_written_by_hand(tiny):
     full = _interchange_by_hand(tiny, pick(base), src[test], None, name)
     assert res.iia["full"] == pytest.approx(float((full == want).float().mean()))
     intact = _last(tiny, pick(base)).argmax(-1)
-    assert res.iia["none"] == pytest.approx(float((intact == want).float().mean()))
+    assert res.iia["intact"] == pytest.approx(float((intact == want).float().mean()))
     # With each base's own answer, a hit is the counterfactual's logit above the answer's.
     answer = [int(t) for t in _last(tiny, base).argmax(-1)]
     keep = [i for i in range(len(base)) if answer[i] != label[i]]
@@ -165,7 +167,7 @@ def test_every_accuracy_equals_the_interchange_written_by_hand(tiny):
     cf, own = torch.tensor([label[i] for i in rows]), torch.tensor([answer[i] for i in rows])
     by_hand = logits.gather(1, cf[:, None]) > logits.gather(1, own[:, None])
     np.testing.assert_array_equal(two.hits, by_hand[:, 0].numpy())
-    assert two.two_way and two.iia["none"] == 0.0  # no base prefers another's answer intact
+    assert two.two_way and two.iia["intact"] == 0.0  # no base prefers another's answer intact
     # The learned rows are orthonormal.
     rot = torch.tensor(res.rotation).double()
     torch.testing.assert_close(rot @ rot.T, torch.eye(3, dtype=torch.float64), atol=1e-5, rtol=0)
@@ -278,18 +280,20 @@ def test_result_protocol_and_round_trip(tiny, tmp_path):
     frame = res.to_frame()
     assert list(frame["condition"]) == [
         "das",
-        "random 0",
-        "random 1",
-        "random 2",
+        "random",
+        "random",
+        "random",
         "full",
-        "none",
+        "intact",
         "das",
     ]
+    # each random subspace by the seed that drew it (das's seed 0: 1, 2, 3)
+    assert frame["seed"].tolist()[1:4] == [1, 2, 3] and frame["seed"].isna().sum() == 4
     assert res.summary()["k"][0] == 2 and "held-out IIA" in repr(res)
     assert "<table" in res._repr_html_() and len(res.plot().axes[0].patches) == 4
     ax = res.plot().axes[0]  # values on the bars (an IIA of 0 is no bar), n in the title
     assert [t.get_text() for t in ax.texts] == [
-        f"{res.iia[c]:.2f}" for c in ("das", "random", "full", "none")
+        f"{res.iia[c]:.2f}" for c in ("das", "random", "full", "intact")
     ]
     assert f"{len(res.hits)} held-out pairs" in ax.get_title()
     for suffix in (".json", ".npz", ".safetensors"):
@@ -312,12 +316,12 @@ def test_frames_say_the_site_as_every_result_frame_does():
     res = mp.DASResult(
         site="blocks.3.hook_resid_post", positions=-1, k=2, rotation=np.eye(2, 8),
         loss=np.array([0.7, 0.5]), iia_train=0.9,
-        iia={"das": 0.8, "random": 0.1, "full": 1.0, "none": 0.0}, iia_random=np.array([0.1]),
+        iia={"das": 0.8, "random": 0.1, "full": 1.0, "intact": 0.0}, iia_random=np.array([0.1]),
         hits=np.array([True, False]), test_pairs=np.array([0, 1]), epochs=2, lr=0.01,
     )  # fmt: skip
     where = ["site", "kind", "layer", "head", "hook"]
     frame, summary = res.to_frame(), res.summary()
-    assert frame.columns.tolist() == [*where, "k", "positions", "condition", "split", "iia"]
+    assert frame.columns.tolist() == [*where, "k", "positions", "condition", "seed", "split", "iia"]
     assert summary.columns.tolist()[:7] == [*where, "k", "positions"]
     assert summary["random_value"].tolist() == [0.1] and "random" not in summary
     for table in (frame, summary):
@@ -363,3 +367,20 @@ def test_pairs_with_equal_prefixes_are_named_in_a_warning(tiny):
     with pytest.warns(UserWarning, match=r"In 1 of 3 pairs base and source hold the same"):
         mp.das(tiny, base, source, 5, "blocks.0.hook_resid_post", positions=1, epochs=1,
                n_random=0, progress=False)  # fmt: skip
+
+
+def test_a_file_saved_when_the_intact_run_was_none_reads_as_intact(tmp_path):
+    # The unedited run is "intact" in every frame (review 26a F3); DAS files said "none".
+    res = mp.DASResult(
+        site="blocks.3.hook_resid_post", positions=-1, k=2, rotation=np.eye(2, 8),
+        loss=np.array([0.7]), iia_train=0.9,
+        iia={"das": 0.8, "random": 0.1, "full": 1.0, "intact": 0.25}, iia_random=np.array([0.1]),
+        hits=np.array([True]), test_pairs=np.array([0]), epochs=1, lr=0.01,
+    )  # fmt: skip
+    data = res.to_dict()
+    data["iia"] = {("none" if c == "intact" else c): v for c, v in data["iia"].items()}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    back = mp.DASResult.load(path)
+    assert back.iia == res.iia and "intact 0.25" in repr(back)
+    assert back.to_frame()["condition"].tolist() == res.to_frame()["condition"].tolist()

@@ -440,7 +440,10 @@ def assert_close_frames(cpu: Any, dev: Any) -> None:
             allowed = np.maximum(1.0, 0.02 * r_cpu)
             worst = np.nanmax(np.abs(r_cpu - r_dev) - allowed)
             assert worst <= 0, f"rank moved {worst:.0f} past its allowance"
-        elif col not in ("top1", "token"):  # top-1 strings: compared where the margin is clear
+        elif col not in (
+            "top1_token",
+            "token",
+        ):  # top-1 strings: compared where the margin is clear
             assert x.tolist() == y.tolist(), col
 
 
@@ -471,7 +474,9 @@ def test_smollm2_logit_lens_trajectory_and_relational_analysis(smollm2_pair):
     ]
     assert_close_frames(*lenses)
     final = [f.to_frame().query("layer == 29") for f in lenses]
-    assert final[0]["top1"].tolist() == final[1]["top1"].tolist() == [" Paris", " Tokyo"]
+    assert (
+        final[0]["top1_token"].tolist() == final[1]["top1_token"].tolist() == [" Paris", " Tokyo"]
+    )
     assert_close_frames(*[mp.trajectory(m, task, progress=False) for m in smollm2_pair])
     res = [
         mp.relational_analysis(m, task, ablation=False, n_random=1, progress=False)

@@ -82,7 +82,7 @@ def test_a_sweeps_frame_is_its_results_frames_one_after_another() -> None:
         measures = (
             AmnesicMeasure("lm_kl", "erased", 0.1 * rank),
             AmnesicMeasure("lm_kl", "random", 0.01, seed=0),
-            AmnesicMeasure("probe_accuracy", "original", 0.9, site=probe, probe="linear"),
+            AmnesicMeasure("probe_accuracy", "intact", 0.9, site=probe, probe="linear"),
             AmnesicMeasure("probe_accuracy", "erased", 0.5, site=probe, probe="linear"),
         )
         return AmnesicResult(hook, layer, -1, "inlp", rank, 64, measures)

@@ -128,7 +128,7 @@ def test_roundtrip_frame_plot():
     back = mp.OVectorEffect.from_dict(res.to_dict())
     assert back.metrics("ovector") == res.metrics("ovector")
     frame = res.to_frame()
-    assert len(frame) == 16 and frame.query("condition == 'ovector'")["top1"].sum() == 2
+    assert len(frame) == 16 and frame.query("condition == 'ovector'")["correct"].sum() == 2
     assert res.plot().axes
 
 

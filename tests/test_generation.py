@@ -191,8 +191,8 @@ def test_eos_and_stop_strings_end_a_completion(tiny):
 def test_result_protocol_and_round_trip(tiny, tmp_path):
     res = mp.generate(tiny, PROMPTS, max_new_tokens=3, progress=False)
     frame = res.to_frame()
-    assert len(frame) == 6 and list(res.summary()["tokens"]) == [3, 3]
-    assert list(frame["text"]) == [tiny.tokenizer.decode([t]) for t in frame["token"]]
+    assert len(frame) == 6 and list(res.summary()["n_tokens"]) == [3, 3]
+    assert list(frame["token"]) == [tiny.tokenizer.decode([t]) for t in frame["token_id"]]
     assert "prompt" in repr(res) and "<table" in res._repr_html_()
     assert len(res.plot().axes) == 1
     for suffix in (".json", ".npz"):
@@ -222,7 +222,7 @@ def test_the_legend_sits_below_the_axes_and_names_a_chat_prompt_by_its_user_turn
         assert labels[-1] == "Name a city & a river."
         assert legend.get_window_extent().y1 < ax.xaxis.label.get_window_extent().y0
         assert ax.yaxis.label.get_window_extent().x0 >= 0  # the layout kept the y label
-    assert res.summary()["prompt"].iloc[-1] == "Name a city & a river."
+    assert res.summary()["prompt_text"].iloc[-1] == "Name a city & a river."
 
 
 @pytest.mark.parametrize(

@@ -223,7 +223,7 @@ def test_frame_is_tidy_and_consistent_with_the_arrays(tiny):
     assert frame.loc[last, "logprob"].notna().all() and frame.loc[~last, "logprob"].isna().all()
     row = frame[(frame.prompt == 1) & (frame.layer == 2) & last].iloc[0]
     assert row["logprob"] == pytest.approx(result.target_logprob[1, 2, 0])
-    assert row["top1"] == result.text(result.top_ids[1, 2, lengths[1] - 1, 0])
+    assert row["top1_token"] == result.text(result.top_ids[1, 2, lengths[1] - 1, 0])
     assert row["token"] == result.prompt_tokens[1][-1]
     top1_rows = frame[frame["rank"] == 0]
     assert (top1_rows["prob"] == top1_rows["top1_prob"]).all()
@@ -234,7 +234,8 @@ def test_frame_is_tidy_and_consistent_with_the_arrays(tiny):
     assert (top.groupby(["prompt", "layer", "position"])["prob"].diff().dropna() <= 0).all()
     first = top[(top.k == 0) & (top.prompt == 1) & (top.layer == 2)]
     assert (
-        first["token"].tolist() == frame[(frame.prompt == 1) & (frame.layer == 2)]["top1"].tolist()
+        first["token"].tolist()
+        == frame[(frame.prompt == 1) & (frame.layer == 2)]["top1_token"].tolist()
     )
 
 
@@ -362,8 +363,8 @@ def test_default_figures_show_every_prompt_and_the_top_of_the_rank_axis(tiny):
         result.plot_trajectory(prompt=[])
     # summary(): its top-1 columns are prompt 0's (the rest are means over prompts): say so
     summary = result.summary()
-    assert "top1 (prompt 0)" in summary and "top1" not in summary
-    assert "top1" in mp.logit_lens(tiny, "Hi", progress=False).summary()
+    assert "top1_token (prompt 0)" in summary and "top1_token" not in summary
+    assert "top1_token" in mp.logit_lens(tiny, "Hi", progress=False).summary()
 
 
 def test_summary_shows_whitespace_tokens(tiny):
@@ -375,7 +376,7 @@ def test_summary_shows_whitespace_tokens(tiny):
     top[0, 0, :, 0], top[0, 1, :, 0] = space, newline
     texts = {**result.token_text, space: " ", newline: "\n"}
     summary = dataclasses.replace(result, top_ids=top, token_text=texts).summary()
-    assert summary["top1"].tolist()[:2] == ["␣", "\\n"]
+    assert summary["top1_token"].tolist()[:2] == ["␣", "\\n"]
 
 
 def test_cli_end_to_end_on_tiny(tmp_path, capsys):

@@ -751,7 +751,7 @@ def test_a_patchscope_that_cannot_see_its_patch_warns(tiny) -> None:
     with pytest.warns(UserWarning, match=r"resid_post 2 \(the last layer, after its attention\)"):
         res = mp.logit_lens(tiny, ["Hello there", "A cat"], lens=scope, progress=False)
     frame = res.to_frame()
-    assert frame.groupby("layer")["top1"].nunique().eq(1).all()  # the claim the warning makes
+    assert frame.groupby("layer")["top1_token"].nunique().eq(1).all()  # the claim the warning makes
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mp.logit_lens(tiny, ["Hello there"], lens=mp.Patchscope(), progress=False)

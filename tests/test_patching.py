@@ -536,8 +536,9 @@ def test_figures_and_labels_of_several_kinds_and_pairs(tiny):
         tiny, long + " cat", long + " bat", ["resid_pre", "mlp_out"], "all", METRIC, n_random=0
     )
     assert wide.plot().get_size_inches()[0] <= 17.0  # capped: 83 positions x 2 kinds drew 54 in
-    positions = summary["position"].tolist()  # whole positions beside None (a dash), not 3.0
-    assert positions[0] is None and all(type(v) is int for v in positions[1:])
+    # whole positions beside <NA> (a dash in the notebook), not 3.0 nor an object column
+    positions = summary["position"]
+    assert positions.dtype == "Int64" and positions.isna().iloc[0] and positions.notna().iloc[-1]
     assert "&lt;NA&gt;" not in ablated._repr_html_()
 
 

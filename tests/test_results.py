@@ -9,6 +9,7 @@ import json
 import math
 import pathlib
 import pickle
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -545,6 +546,10 @@ RENAMED_COLUMNS = {
     "hook_name": "hook",
     "std": "spread (over prompts) or <name>_std (over seeds)",
     "kl": "kl_to_final (KL(final || lens), as LensResult says it)",
+    "text": "token (a token's text) or prompt_text",
+    "tokens": "n_tokens (a count)",
+    # Review 26a F3: rates are top1; the lens's top token is top1_token
+    "top1_rate": "top1 (a rate) or top1_token (lens)",
 }
 # Columns saying what a frame measured, so that two concatenated runs stay apart.
 IDENTIFIED_BY = {
@@ -579,11 +584,69 @@ def _frames_of_every_kind(model) -> dict[str, pd.DataFrame]:
     results["ErasureSweep"] = mp.layer_sweep(
         model, letters, [0, 2], "leace", text=["Hi you there"], probe=letters, n_random=1
     )
+    # An o-vector beside its random controls, as a relational analysis reports it.
+    ovector = mp.OVector(torch.ones(model.cfg.d_model), layer=1, source="toy", n_prompts=1)
+    vectors = {"ovector": ovector, **mp.ovector_controls(model, ovector, n_random=2)}
+    where = (mp.random_word_contexts([" Poland", " Spain"]), [" Warsaw", " Madrid"])
+    results["OVectorEffect (controls)"] = mp.ovector_intervention(
+        model, vectors, *where, layers=[1]
+    )
+    results["OVectorSweep (controls)"] = mp.ovector_sweep(
+        model, vectors, *where, layers=[range(1, 2)], scales=[1.0]
+    )
+    results["OVector"] = ovector
     frames = {}
     for name, result in results.items():
         frames[f"{name}.to_frame"] = result.to_frame()
         frames[f"{name}.summary"] = result.summary()
     return frames
+
+
+def _family(column: pd.Series) -> str | None:
+    """What a column holds, as far as a join or a concatenation cares: None when it is empty."""
+    values = column.dropna()
+    if not len(values):
+        return None
+    if pd.api.types.is_bool_dtype(values):
+        return "bool"
+    if pd.api.types.is_integer_dtype(values):
+        return "integer"
+    if pd.api.types.is_float_dtype(values):
+        return "float"
+    return "text" if all(isinstance(v, str) for v in values) else "object"
+
+
+def test_a_column_name_holds_one_kind_of_value_in_every_frame(tiny):
+    """Review 26a F3: ``top1`` was the top token (lens), a bool per row (o-vector effects) and a
+    rate (o-vector sweeps); ``token`` an id in generation frames and text elsewhere; ``prompt``
+    an index in frames and text in the generation summary; ``no_effect`` a bool and a rate.
+    Concatenated, such columns become object columns of strings and bools."""
+    seen: dict[str, dict[str, str]] = {}
+    for where, frame in _frames_of_every_kind(tiny).items():
+        for column in frame.columns:
+            family = _family(frame[column])
+            if family is not None:
+                seen.setdefault(column, {})[where] = family
+    assert "object" not in {f for uses in seen.values() for f in uses.values()}, seen
+    mixed = {c: uses for c, uses in seen.items() if len(set(uses.values())) > 1}
+    assert not mixed, "\n".join(f"{c}: {uses}" for c, uses in mixed.items())
+
+
+def test_conditions_name_the_unedited_run_and_random_controls_one_way(tiny):
+    """The unedited run was ``intact`` (o-vectors), ``none`` (DAS) and ``original`` (erasure);
+    random controls ``"random 0"`` (DAS), ``"random"`` with a ``seed`` (erasure). Now
+    ``intact``, and ``random`` with its ``seed`` where mechprobe draws them."""
+    conditions: dict[str, set[str]] = {}
+    for where, frame in _frames_of_every_kind(tiny).items():
+        if "condition" in frame.columns:
+            conditions[where] = set(frame["condition"])
+            # each control its own row, told apart by its seed (summaries average them)
+            if "random" in conditions[where] and where.endswith("to_frame"):
+                assert "seed" in frame.columns or "Relational" in where, where
+    said = set().union(*conditions.values())
+    assert not said & {"original", "none", "unedited", "clean"}, conditions
+    assert not {c for c in said if re.fullmatch(r"random \d+", c)}, conditions
+    assert "intact" in conditions["DASResult.to_frame"] & conditions["AmnesicResult.to_frame"]
 
 
 def test_every_frame_speaks_the_frame_vocabulary(tiny):
@@ -681,7 +744,7 @@ def test_the_notebook_table_says_constant_columns_once_above_it():
     from mechprobe.erasure._result import AmnesicMeasure, AmnesicResult
 
     measures = (AmnesicMeasure("lm_kl", "erased", 0.1), AmnesicMeasure("lm_kl", "random", 0.05, seed=0),
-                AmnesicMeasure("lm_accuracy", "original", 0.5),
+                AmnesicMeasure("lm_accuracy", "intact", 0.5),
                 AmnesicMeasure("lm_accuracy", "erased", 0.3))  # fmt: skip
     result = AmnesicResult("blocks.1.hook_resid_post", 1, "all", "inlp", 1, 4, measures)
     page = result._repr_html_()

@@ -138,17 +138,18 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
     model_name: str = ""
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per generated token: prompt index, step, token id, its text, log-probability.
+        """One row per generated token: prompt index, step, ``token_id``, ``token`` (its text, as
+        in every frame), log-probability.
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.generate(mp.tiny_model(), "Hi", max_new_tokens=2, progress=False)
             >>> list(res.to_frame().columns)
-            ['prompt', 'step', 'token', 'text', 'logprob']
+            ['prompt', 'step', 'token_id', 'token', 'logprob']
         """
-        columns = ["prompt", "step", "token", "text", "logprob"]
+        columns = ["prompt", "step", "token_id", "token", "logprob"]
         rows = [
-            {"prompt": i, "step": s, "token": int(t), "text": text, "logprob": float(lp)}
+            {"prompt": i, "step": s, "token_id": int(t), "token": text, "logprob": float(lp)}
             for i, (ids, texts, lps) in enumerate(
                 zip(self.tokens, self.token_strings, self.logprobs, strict=True)
             )
@@ -157,20 +158,22 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
         return pd.DataFrame(rows, columns=columns)
 
     def summary(self) -> pd.DataFrame:
-        """One row per prompt: the prompt's end (of its last user turn in a chat template), the
-        completion, its length, why it stopped and its mean log-probability.
+        """One row per prompt: its index (``prompt``, as in :meth:`to_frame`), its end
+        (``prompt_text``: of its last user turn in a chat template), the completion, its length
+        in tokens, why it stopped and its mean log-probability.
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.generate(mp.tiny_model(), "Hi", max_new_tokens=2, progress=False)
             >>> list(res.summary().columns)
-            ['prompt', 'completion', 'tokens', 'finished', 'mean_logprob']
+            ['prompt', 'prompt_text', 'completion', 'n_tokens', 'finished', 'mean_logprob']
         """
         return pd.DataFrame(
             {
-                "prompt": [_prompt_label(p) for p in self.prompts],
+                "prompt": np.arange(len(self.prompts)),
+                "prompt_text": [_prompt_label(p) for p in self.prompts],
                 "completion": list(self.completions),
-                "tokens": [len(t) for t in self.tokens],
+                "n_tokens": [len(t) for t in self.tokens],
                 "finished": list(self.finished),
                 "mean_logprob": [float(lp.mean()) if lp.size else np.nan for lp in self.logprobs],
             }

@@ -118,7 +118,7 @@ def amnesic(
             each prompt's last real token). Word-level probing data needs ``"all"``.
         n_random: Random-direction controls of the same rank (seeds ``seed .. seed+n_random-1``).
         dropout: Also run the dropout control.
-        mlp: Also fit an MLP probe (original and erased only): a nonlinear probe can often still
+        mlp: Also fit an MLP probe (intact and erased only): a nonlinear probe can often still
             read what a linear erasure removed.
         probe_folds: Score probes by stratified k-fold cross-validation instead of one 75/25
             split (steadier on small probing data, ``k`` times the fitting).
@@ -184,7 +184,7 @@ def amnesic(
         Condition(c.name, c.eraser.to(device, dtype) if c.eraser else None, c.seed)
         for c in control_projections(eraser, n_random, dropout=dropout, seed=seed)
     ]
-    conditions = [Condition("original", None), *controls]
+    conditions = [Condition("intact", None), *controls]
     measures: list[AmnesicMeasure] = []
     counts: dict[str, int] = {}
     kw: dict[str, Any] = {"positions": positions, "batch_size": batch_size, "progress": progress}

@@ -155,7 +155,7 @@ def information_measures(
             x = _last_token(model, hook, texts, c, sites, positions, batch_size)
         if len(np.unique(labels)) < 2:
             raise ValueError("The probing data has a single label: pass data with two or more.")
-        kinds = ["linear", "mlp"] if mlp and c.name in ("original", "erased") else ["linear"]
+        kinds = ["linear", "mlp"] if mlp and c.name in ("intact", "erased") else ["linear"]
         for kind in kinds:
             # Linear probes to tol 1e-6, not probe_layers' 1e-4: on erased activations of a few
             # dozen prompts (fewer rows than features) the weights grow until the penalty binds,

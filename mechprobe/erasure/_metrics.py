@@ -89,7 +89,7 @@ def text_measures(
     batch_size: int | None,
     progress: bool,
 ) -> tuple[list[AmnesicMeasure], dict[str, int]]:
-    """Next-token accuracy and loss, and KL from the original, on ``texts``; returns the counts
+    """Next-token accuracy and loss, and KL from the intact run, on ``texts``; returns the counts
     of tokens they average over too (``text_tokens``: accuracy and loss; ``kl_tokens``: KL).
 
     Every measure is taken where the erasure can act: in a causal model a position before a
@@ -114,7 +114,7 @@ def text_measures(
             mask = real & _from_first_erased(chunk, positions, real)
             has_next = mask[:, :-1] & real[:, 1:]
             targets = chunk.tokens[:, 1:]
-            logp_orig = _logits(model, chunk, hook, Condition("original", None), positions)
+            logp_orig = _logits(model, chunk, hook, Condition("intact", None), positions)
             logp_orig = logp_orig.log_softmax(-1)
             n_pred += int(has_next.sum())
             n_real += int(mask.sum())
@@ -172,7 +172,7 @@ def task_measures(
             index = torch.arange(len(chunk), device=chunk.tokens.device)
             last = chunk.last_index.to(chunk.tokens.device)
             target = answer[rows].to(chunk.tokens.device)
-            logits = _logits(model, chunk, hook, Condition("original", None), positions)
+            logits = _logits(model, chunk, hook, Condition("intact", None), positions)
             logp_orig = logits[index, last].log_softmax(-1)
             for c in conditions:
                 if c.eraser is None:

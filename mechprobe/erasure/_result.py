@@ -2,7 +2,7 @@
 
 Every number :func:`mechprobe.amnesic` computes is an :class:`AmnesicMeasure`: a metric
 (``lm_accuracy``, ``lm_loss``, ``lm_kl``, ``task_accuracy``, ``task_logprob``, ``task_kl``,
-``probe_accuracy``), the condition it was measured under (``original``: the unmodified model;
+``probe_accuracy``), the condition it was measured under (``intact``: the unmodified model;
 ``erased``: the eraser hooked in; ``random``: a random eraser of the same rank, one row per seed; ``dropout``: the
 same number of coordinates zeroed) and, for probes, where the probe read and which probe it was.
 
@@ -28,12 +28,12 @@ if TYPE_CHECKING:
 
 __all__ = ["AmnesicMeasure", "AmnesicResult"]
 
-#: Metrics where higher is better: their effect is ``original - condition``.
+#: Metrics where higher is better: their effect is ``intact - condition``.
 _HIGHER_IS_BETTER = {"lm_accuracy", "task_accuracy", "task_logprob", "probe_accuracy"}
-#: Metrics that already compare with the original (a divergence): their effect is the value.
+#: Metrics that already compare with the intact run (a divergence): their effect is the value.
 _DIVERGENCES = {"lm_kl", "task_kl"}
-_CONDITIONS = ("original", "erased", "random", "dropout")
-_COLOURS = {"original": "#4c72b0", "erased": "#c44e52", "random": "#8c8c8c", "dropout": "#dd8452"}
+_CONDITIONS = ("intact", "erased", "random", "dropout")
+_COLOURS = {"intact": "#4c72b0", "erased": "#c44e52", "random": "#8c8c8c", "dropout": "#dd8452"}
 _PANELS = ("lm_accuracy", "lm_kl", "task_accuracy", "task_kl")
 
 
@@ -44,7 +44,8 @@ class AmnesicMeasure:
     Attributes:
         metric: ``lm_accuracy``, ``lm_loss``, ``lm_kl``, ``task_accuracy``, ``task_logprob``,
             ``task_kl`` or ``probe_accuracy``.
-        condition: ``original``, ``erased``, ``random`` or ``dropout``.
+        condition: ``intact`` (``original`` in files saved before, read as ``intact``),
+            ``erased``, ``random`` or ``dropout``.
         value: The number.
         seed: Seed of a ``random`` or ``dropout`` control, else None.
         site: Hook name a probe read (``probe_accuracy`` only; the frame's ``probe_site`` says
@@ -62,6 +63,11 @@ class AmnesicMeasure:
     seed: int | None = None
     site: str | None = None
     probe: str | None = None
+
+    def __post_init__(self) -> None:
+        # Files saved before the unedited run was "intact" in every frame called it "original".
+        if self.condition == "original":
+            object.__setattr__(self, "condition", "intact")
 
     def __repr__(self) -> str:
         extra = "".join(
@@ -103,7 +109,7 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
     Example:
         >>> import mechprobe as mp
         >>> r = AmnesicResult("blocks.0.hook_resid_post", 0, "all", "inlp", 2, 8,
-        ...     (AmnesicMeasure("lm_accuracy", "original", 0.5), AmnesicMeasure("lm_accuracy", "erased", 0.3),
+        ...     (AmnesicMeasure("lm_accuracy", "intact", 0.5), AmnesicMeasure("lm_accuracy", "erased", 0.3),
         ...      AmnesicMeasure("lm_accuracy", "random", 0.45, seed=0)))
         >>> round(r.effect("lm_accuracy", "erased")[0], 2), round(r.selectivity()["lm_accuracy"], 2)
         (0.2, 0.15)
@@ -152,16 +158,16 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
     def effect(
         self, metric: str, condition: str, *, site: str | None = None, probe: str | None = None
     ) -> tuple[float | None, float | None]:
-        """``(mean, std)`` of how much worse ``condition`` makes ``metric`` than the original.
+        """``(mean, std)`` of how much worse ``condition`` makes ``metric`` than the intact run.
 
-        Accuracies and log-probabilities: ``original - condition``; losses: ``condition -
-        original``; KL divergences: the value itself.
+        Accuracies and log-probabilities: ``intact - condition``; losses: ``condition -
+        intact``; KL divergences: the value itself.
         """
         vals = self.values(metric, condition, site=site, probe=probe)
         if len(vals) == 0:
             return None, None
         if metric not in _DIVERGENCES:
-            base, _ = self.mean_std(metric, "original", site=site, probe=probe)
+            base, _ = self.mean_std(metric, "intact", site=site, probe=probe)
             if base is None:
                 return None, None
             vals = base - vals if metric in _HIGHER_IS_BETTER else vals - base
@@ -318,25 +324,25 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
 
         return {
             "n_removed": self.n_removed,
-            "probe_accuracy_before": mean("probe_accuracy", "original", **at_site),
+            "probe_accuracy_before": mean("probe_accuracy", "intact", **at_site),
             "probe_accuracy_after": mean("probe_accuracy", "erased", **at_site),
             "majority_baseline": _finite(self.majority_baseline),
             "random_control_probe_accuracy": mean("probe_accuracy", "random", **at_site),
             "random_control_probe_accuracy_std": std("probe_accuracy", "random", **at_site),
-            "mlp_probe_accuracy_before": mean("probe_accuracy", "original", **mlp),
+            "mlp_probe_accuracy_before": mean("probe_accuracy", "intact", **mlp),
             "mlp_probe_accuracy_after": mean("probe_accuracy", "erased", **mlp),
-            "lm_accuracy_before": mean("lm_accuracy", "original"),
+            "lm_accuracy_before": mean("lm_accuracy", "intact"),
             "lm_accuracy_after": mean("lm_accuracy", "erased"),
             "random_control_lm_accuracy": mean("lm_accuracy", "random"),
             "dropout_control_lm_accuracy": mean("lm_accuracy", "dropout"),
-            "lm_loss_before": mean("lm_loss", "original"),
+            "lm_loss_before": mean("lm_loss", "intact"),
             "lm_loss_after": mean("lm_loss", "erased"),
             "random_control_lm_loss": mean("lm_loss", "random"),
             "lm_kl": mean("lm_kl", "erased"),
             "random_control_lm_kl": mean("lm_kl", "random"),
             "random_control_lm_kl_std": std("lm_kl", "random"),
             "dropout_control_lm_kl": mean("lm_kl", "dropout"),
-            "task_accuracy_before": mean("task_accuracy", "original"),
+            "task_accuracy_before": mean("task_accuracy", "intact"),
             "task_accuracy_after": mean("task_accuracy", "erased"),
             "random_control_task_accuracy": mean("task_accuracy", "random"),
             "random_control_task_accuracy_std": std("task_accuracy", "random"),
@@ -425,7 +431,7 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         labels, heights, errors, colours = [], [], [], []
         for condition in _CONDITIONS:
             mean, std = self.mean_std(metric, condition)
-            if mean is None or (metric in _DIVERGENCES and condition == "original"):
+            if mean is None or (metric in _DIVERGENCES and condition == "intact"):
                 continue
             n_seeds = len(self.values(metric, condition))
             labels.append(condition if n_seeds == 1 else f"{condition}\n(n={n_seeds})")
@@ -454,8 +460,8 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         sites = self.probe_sites
         x = np.arange(len(sites))
         for probe, style in (("linear", "-"), ("mlp", ":")):
-            # original last and widest: equal to the random control's, it was drawn under it
-            for condition in ("random", "erased", "original"):
+            # intact last and widest: equal to the random control's, it was drawn under it
+            for condition in ("random", "erased", "intact"):
                 stats = [
                     self.mean_std("probe_accuracy", condition, site=s, probe=probe) for s in sites
                 ]
@@ -470,8 +476,8 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
                     marker="o",
                     color=_COLOURS[condition],
                     label=f"{probe}, {condition}",
-                    linewidth=2.5 if condition == "original" else 1.2,
-                    zorder=3 if condition == "original" else 2,
+                    linewidth=2.5 if condition == "intact" else 1.2,
+                    zorder=3 if condition == "intact" else 2,
                 )
                 if condition == "random":
                     ax.fill_between(
@@ -490,9 +496,9 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
 #: The y axis of each metric's panel.
 _UNITS = {
     "lm_accuracy": "next-token top-1 accuracy",
-    "lm_kl": "KL to the original (nats)",
+    "lm_kl": "KL to the intact run (nats)",
     "task_accuracy": "answer top-1 accuracy",
-    "task_kl": "KL to the original (nats)",
+    "task_kl": "KL to the intact run (nats)",
     "task_logprob": "answer log-probability",
 }
 

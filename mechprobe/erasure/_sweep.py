@@ -225,7 +225,7 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
 
     def _probe_panel(self, ax: Any, x: np.ndarray) -> None:
         for condition, colour in (
-            ("original", "#4c72b0"),
+            ("intact", "#4c72b0"),
             ("erased", "#c44e52"),
             ("random", "#8c8c8c"),
         ):

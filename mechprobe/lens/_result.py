@@ -36,7 +36,7 @@ FRAME_COLUMNS = (
     "logprob",
     "entropy",
     "kl_to_final",
-    "top1",
+    "top1_token",
     "top1_prob",
 )
 
@@ -134,7 +134,7 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         (None for a prompt without targets), ``rank`` and ``prob`` of the target's first token,
         ``logprob`` of the whole target by teacher forcing (only at the prompt's last token, NaN
         elsewhere: a continuation only follows the whole prompt), ``entropy`` and ``kl_to_final``
-        (nats), ``top1`` and ``top1_prob``.
+        (nats), ``top1_token`` (the decoded top token's text) and ``top1_prob``.
         """
         frames = []
         for b in range(len(self.prompts)):
@@ -168,7 +168,7 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
                 ),
                 "entropy": self.entropy[b, e, k],
                 "kl_to_final": self.kl_to_final[b, e, k],
-                "top1": [self.text(i) for i in top1],
+                "top1_token": [self.text(i) for i in top1],
                 "top1_prob": self.top_probs[b, e, k, 0],
             }
             frames.append(pd.DataFrame(frame))
@@ -261,7 +261,7 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
             >>> import mechprobe as mp
             >>> lens = mp.logit_lens(mp.tiny_model(), ["Hi", "Hey"], targets=" a")
             >>> list(lens.summary().columns)
-            ['site', 'kind', 'layer', 'kl_to_final', 'entropy', 'top1 (prompt 0)', 'top1_prob (prompt 0)', "rank ' a'"]
+            ['site', 'kind', 'layer', 'kl_to_final', 'entropy', 'top1_token (prompt 0)', 'top1_prob (prompt 0)', "rank ' a'"]
         """
         rows = np.arange(len(self.prompts))
         # The column of each prompt's latest decoded real position (unused slots hold -1 or lie
@@ -278,13 +278,18 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
                 "kl_to_final": self.kl_to_final[rows, :, last].mean(0),
                 "entropy": self.entropy[rows, :, last].mean(0),
                 # Whitespace made visible (a bare " " or "\n" printed as a blank cell).
-                "top1": [token_label(self.text(i), 40) for i in self.top_ids[0, :, last[0], 0]],
+                "top1_token": [
+                    token_label(self.text(i), 40) for i in self.top_ids[0, :, last[0], 0]
+                ],
                 "top1_prob": self.top_probs[0, :, last[0], 0],
             }
         )
         if len(self.prompts) > 1:  # the other columns are means over prompts; these are not
             frame = frame.rename(
-                columns={"top1": "top1 (prompt 0)", "top1_prob": "top1_prob (prompt 0)"}
+                columns={
+                    "top1_token": "top1_token (prompt 0)",
+                    "top1_prob": "top1_prob (prompt 0)",
+                }
             )
         shared = all(tuple(t) == tuple(self.targets[0]) for t in self.targets)
         for t in range(self.target_rank.shape[2]):

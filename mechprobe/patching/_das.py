@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 __all__ = ["DASResult", "das"]
 
 #: The conditions of :attr:`DASResult.iia`, in the order of the plot.
-CONDITIONS = ("das", "random", "full", "none")
+CONDITIONS = ("das", "random", "full", "intact")
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -88,7 +88,8 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
         iia_train: Interchange intervention accuracy on the training pairs.
         iia: Held-out interchange intervention accuracy per condition of :data:`CONDITIONS`:
             ``"das"`` (the learned subspace), ``"random"`` (mean of the random subspaces),
-            ``"full"`` (the whole activation patched) and ``"none"`` (the base run intact).
+            ``"full"`` (the whole activation patched) and ``"intact"`` (the base run unedited;
+            ``"none"`` in files saved before, read as ``"intact"``).
         iia_random: ``[n_random]`` held-out accuracy of each random subspace.
         hits: ``[n_test]`` whether each held-out pair gives its counterfactual answer with the
             learned subspace patched.
@@ -108,7 +109,7 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
         >>> res = mp.das(mp.tiny_model(), base, source, [5, 6] * 2, mp.Site("resid_post", 1),
         ...              epochs=2, progress=False)
         >>> res.rotation.shape, sorted(res.iia)
-        ((1, 64), ['das', 'full', 'none', 'random'])
+        ((1, 64), ['das', 'full', 'intact', 'random'])
     """
 
     site: str
@@ -128,6 +129,13 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
     minibatch: int = 32
     model_name: str = ""
 
+    def __post_init__(self) -> None:
+        # Files saved before the unedited run was "intact" in every frame called it "none".
+        if "none" in self.iia and "intact" not in self.iia:
+            renamed = {("intact" if c == "none" else c): v for c, v in self.iia.items()}
+            object.__setattr__(self, "iia", renamed)
+        super().__post_init__()
+
     def to_frame(self) -> pd.DataFrame:
         """One row per held-out condition: the condition and its interchange accuracy (the
         random subspaces one row each), then the learned subspace on the training pairs; each
@@ -140,23 +148,26 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
             >>> res = mp.das(mp.tiny_model(), ["Hi cat", "Hi dog"], ["Hi dog", "Hi cat"],
             ...              [5, 6], mp.Site("resid_post", 1), epochs=1, progress=False)
             >>> list(res.to_frame().columns)
-            ['site', 'kind', 'layer', 'head', 'hook', 'k', 'positions', 'condition', 'split', 'iia']
+            ['site', 'kind', 'layer', 'head', 'hook', 'k', 'positions', 'condition', 'seed', 'split', 'iia']
         """
-        rows = [{"condition": "das", "split": "test", "iia": self.iia["das"]}]
+        # Each random subspace its own row, as every random control: condition "random" and the
+        # seed that drew it (the _random_basis seeds), so the rows group and the seeds show.
+        rows: list[dict[str, Any]] = [{"condition": "das", "split": "test", "iia": self.iia["das"]}]
         rows += [
-            {"condition": f"random {j}", "split": "test", "iia": float(v)}
+            {"condition": "random", "seed": self.seed + 1 + j, "split": "test", "iia": float(v)}
             for j, v in enumerate(self.iia_random)
         ]
-        rows += [{"condition": c, "split": "test", "iia": self.iia[c]} for c in ("full", "none")]
+        rows += [{"condition": c, "split": "test", "iia": self.iia[c]} for c in ("full", "intact")]
         rows.append({"condition": "das", "split": "train", "iia": self.iia_train})
         where = self._where(len(rows))
-        body = pd.DataFrame(rows, columns=["condition", "split", "iia"])
+        body = pd.DataFrame(rows, columns=["condition", "seed", "split", "iia"])
+        body["seed"] = body["seed"].astype("Int64")
         at = {"k": self.k, "positions": positions_text(self.positions)}
         return pd.concat([pd.DataFrame({**where, **at}), body], axis=1)
 
     def summary(self) -> pd.DataFrame:
         """The held-out accuracy of each condition (``das``, ``random_value``: the random
-        subspaces' mean, ``full``, ``none``; ``train``: the learned subspace on the training
+        subspaces' mean, ``full``, ``intact``; ``train``: the learned subspace on the training
         pairs), with the site's columns (as :meth:`to_frame`), k, positions and the final loss.
 
         Example:
@@ -165,7 +176,7 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
             ...              [5, 6], mp.Site("resid_post", 1), epochs=1, progress=False)
             >>> list(res.summary().columns)  # doctest: +NORMALIZE_WHITESPACE
             ['site', 'kind', 'layer', 'head', 'hook', 'k', 'positions', 'das', 'random_value',
-             'full', 'none', 'train', 'final_loss']
+             'full', 'intact', 'train', 'final_loss']
         """
         # The random subspaces' IIA, a value like its neighbours: a bare "random" column was a
         # level in one frame and an effect in another (docs/api.md, "Frame columns").
@@ -216,7 +227,7 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
         return (
             f"{self._where(1)['site'][0]}, k={self.k}: held-out IIA {self.iia['das']:.2f} (random "
             f"{self.iia['random']:.2f}, whole site {self.iia['full']:.2f}, intact "
-            f"{self.iia['none']:.2f}), {len(self.hits)} held-out pairs"
+            f"{self.iia['intact']:.2f}), {len(self.hits)} held-out pairs"
         )
 
 
@@ -442,7 +453,7 @@ def das(
         "das": float(hits.mean()),
         "random": float(random_iia.mean()) if n_random else float("nan"),
         "full": float(accuracy(test, None).mean()),
-        "none": float(accuracy(test, None, patch=False).mean()),
+        "intact": float(accuracy(test, None, patch=False).mean()),
     }
     return DASResult(
         site=name

@@ -491,11 +491,9 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         if self.is_ablation:  # recovery is undefined without a corrupt run: NaN in every row
             columns.remove("normalised")
         frame = pd.DataFrame(rows).reindex(columns=columns)
-        # The runs' rows have no position: integers beside None (shown as a dash), not floats
-        # beside NaN ("3.0"); pandas' Int64 showed "<NA>" where every other gap shows a dash.
-        frame["position"] = pd.Series(
-            [None if pd.isna(v) else int(v) for v in frame["position"]], dtype=object
-        )
+        # The runs' rows have no position: Int64 with <NA> (a dash in the notebook table), as
+        # every frame's missing layer or position; not floats ("3.0") nor an object column.
+        frame["position"] = frame["position"].astype("Int64")
         return frame
 
     def _describe(self) -> str:

@@ -115,7 +115,8 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
 
     def to_frame(self) -> pd.DataFrame:
         """Tidy rows: task, task_kind (``"extractive"`` or ``"abstractive"``; ``kind`` in frames
-        is a site kind), positions (ablated: ``"all"``, ``"-1"``), step, n_removed,
+        is a site kind), positions (ablated: ``"all"``, ``"-1"``), step, ``n_layers_removed``
+        (the top FFN layers ablated; an eraser's ``n_removed`` counts directions),
         first_removed, accuracy, relative."""
         rel = self.relative()
         rows = []
@@ -127,7 +128,7 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
                         "task_kind": self.kinds[t],
                         "positions": positions_text(self.positions),
                         "step": k,
-                        "n_removed": len(layers),
+                        "n_layers_removed": len(layers),
                         "first_removed": min(layers) if layers else None,
                         "accuracy": float(self.accuracy[t, k]),
                         "relative": float(rel[t, k]),

@@ -248,9 +248,12 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
         return out
 
     def to_frame(self) -> pd.DataFrame:
-        """Tidy rows: condition, context, group, target, rank, rr, top1, argument_rank,
-        no_effect, and the run's layers (``"1-2"``), scale, mode and positions (``"all"``,
-        ``"-1"``)."""
+        """Tidy rows: condition, context, group, target, rank, rr, ``correct`` (the answer is the
+        top token), argument_rank, ``top_unchanged`` (the top token is the intact run's), and the
+        run's layers (``"1-2"``), scale, mode and positions (``"all"``, ``"-1"``).
+
+        Per row these are bools; their rates over contexts are ``top1`` and ``no_effect_rate``
+        (:meth:`metrics`, :meth:`summary`, and the sweeps' ``top1`` and ``no_effect``)."""
         rows = []
         for c, name in enumerate(self.conditions):
             rows.append(
@@ -262,13 +265,13 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
                         "target": list(self.targets),
                         "rank": self.rank[c],
                         "rr": 1.0 / (self.rank[c] + 1.0),
-                        "top1": self.rank[c] == 0,
+                        "correct": self.rank[c] == 0,
                         # -1 marks an unknown argument: <NA>, as a frame's missing rank is
                         "argument_rank": pd.array(
                             [int(r) if r >= 0 else None for r in self.argument_rank[c]],
                             dtype="Int64",
                         ),
-                        "no_effect": self.top[c] == self.top[0],
+                        "top_unchanged": self.top[c] == self.top[0],
                         "layers": _span(self.layers),
                         "scale": self.scale,
                         "mode": self.mode,

@@ -115,12 +115,13 @@ class OVector(Result, format="mechprobe.OVector", version=2):
         return float(self.vector.float().norm())
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per dimension: ``dim``, ``value``."""
+        """One row per dimension: ``dim`` and the vector's ``coordinate`` there (``value`` in
+        frames is a metric measured with an edit in force)."""
         values = self.vector.detach().float().cpu().numpy()
-        return pd.DataFrame({"dim": np.arange(values.size), "value": values})
+        return pd.DataFrame({"dim": np.arange(values.size), "coordinate": values})
 
     def summary(self) -> pd.DataFrame:
-        """One row: source, layer, n_prompts, d_model, norm, model."""
+        """One row: source, layer, n_prompts, d_model, norm, model_name."""
         return pd.DataFrame(
             {
                 "source": [self.source],
@@ -128,7 +129,7 @@ class OVector(Result, format="mechprobe.OVector", version=2):
                 "n_prompts": [self.n_prompts],
                 "d_model": [int(self.vector.shape[0])],
                 "norm": [self.norm],
-                "model": [self.model],
+                "model_name": [self.model],
             }
         )
 

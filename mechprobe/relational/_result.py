@@ -181,7 +181,7 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
                 "method": self.ablation.method,
                 "tasks": list(self.ablation.tasks),
                 "kinds": list(self.ablation.kinds),
-                "n_removed": [len(r) for r in self.ablation.removed],
+                "n_layers_removed": [len(r) for r in self.ablation.removed],
                 "accuracy": self.ablation.accuracy.tolist(),
             }
         if self.sweep is not None:
