@@ -738,6 +738,26 @@ def test_a_non_finite_vector_is_refused_when_built(make, bad):
         mp.Add(torch.ones(64), scale=bad)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda v: mp.Add(v, scale=1e20),
+        lambda v: mp.Add(v * 1e20),
+        lambda v: mp.Replace(v * 1e20),
+        lambda v: mp.Ablate(mean=v * 1e20),
+    ],
+)
+def test_a_value_whose_square_overflows_the_next_norm_is_refused(tiny, make):
+    # Review 26b L7: Add(v, scale=1e20) is finite, but its square summed over d_model overflows
+    # float32 in the next RMSNorm, which then zeroes every later state: uniform logits, no word.
+    v = torch.ones(tiny.cfg.d_model)
+    site = mp.Site("resid_post", 0)
+    with pytest.raises(ValueError, match="overflows float32"):
+        mp.run(tiny, PROMPTS, {site: make(v)})
+    # the bound is float32's: 1e17 (squares summed 6.4e35) still runs, with finite logits
+    assert torch.isfinite(mp.run(tiny, PROMPTS, {site: mp.Add(v, scale=1e17)}).logits).all()
+
+
 class _InPlace(mp.Intervention):
     def edit(self, selected, hook):  # TransformerLens's habit: edit the tensor, return nothing
         selected.zero_()

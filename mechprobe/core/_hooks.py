@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeAlias
@@ -80,6 +81,24 @@ def _as_tensor(value: Any, name: str) -> Tensor:
     # without a word (review 26b).
     check_finite(tensor.detach(), name)
     return tensor
+
+
+def _check_magnitude(tensor: Tensor, name: str, scale: float = 1.0) -> None:
+    """Refuse values written into the stream (a replacement, a mean, ``scale * vector``) whose
+    squares, summed over the width, overflow float32: the next norm
+    (RMSNorm, LayerNorm) then divides by inf and every later state is 0, so the logits come out
+    uniform with no NaN to warn of it (``Add(v, scale=1e20)``, review 26b L7)."""
+    if not tensor.numel():
+        return
+    width = tensor.shape[-1] if tensor.ndim else 1
+    bound = math.sqrt(torch.finfo(torch.float32).max / width)
+    peak = abs(scale) * float(tensor.abs().max())
+    if peak > bound:
+        raise ValueError(
+            f"{name} reaches {peak:.3g}: summed over a width of {width}, its square overflows "
+            f"float32 (above {bound:.3g}), so the model's next norm would zero every later "
+            "state. Use a smaller scale or vector."
+        )
 
 
 class StopForward(Exception):
@@ -314,6 +333,8 @@ class Replace(Intervention):
     def __init__(self, value: Tensor | np.ndarray | Capture, positions: Positions = None) -> None:
         super().__init__(positions)
         self.value = value if isinstance(value, Capture) else _as_tensor(value, "Replace value")
+        if isinstance(self.value, Tensor):
+            _check_magnitude(self.value.detach(), "Replace value")
 
     def _tensor(self) -> Tensor:
         if isinstance(self.value, Capture):
@@ -364,6 +385,7 @@ class Add(Intervention):
         super().__init__(positions)
         self.vector = _as_tensor(vector, "Add vector")
         self.scale = check_float(scale, "Add scale")
+        _check_magnitude(self.vector.detach(), "Add scale * vector", self.scale)
 
     def check_width(self, width: int) -> None:
         if self.vector.ndim and self.vector.shape[-1] != width:
@@ -424,6 +446,8 @@ class Ablate(Intervention):
             )
         self.method = method
         self.mean = None if mean is None else _as_tensor(mean, "Ablate mean")
+        if self.mean is not None:
+            _check_magnitude(self.mean.detach(), "Ablate mean")
 
     def check_width(self, width: int) -> None:
         if self.mean is not None and self.mean.ndim and self.mean.shape[-1] != width:
