@@ -264,6 +264,23 @@ def _check_diverged(
         )
 
 
+def _warn_if_loss_rose(log: Sequence[float], lr: float) -> None:
+    """Warn where training ended above where it began: the first steps' loss is the logit
+    lens's (the translators start at the identity), so such a tuned lens decodes worse than no
+    training, yet every loss was finite (lr too high for the steps given; review 26b L11)."""
+    if len(log) < 10:  # over the first few steps SGD's momentum often overshoots, then falls
+        return
+    window = len(log) // 10
+    first, last = sum(log[:window]) / window, sum(log[-window:]) / window
+    if last > 1.1 * first:  # a tenth above: batches of text differ, and so do their losses
+        warn(
+            f"The tuned lens's training loss rose from {first:.4g} (its first {window} step(s), "
+            f"near the logit lens's) to {last:.4g} (its last {window}): this lens may decode "
+            f"worse than the logit lens. Pass a smaller lr (e.g. {lr / 10:g}) or more steps.",
+            UserWarning,
+        )
+
+
 @evaluates
 def train_tuned_lens(
     model: Any,
@@ -325,6 +342,11 @@ def train_tuned_lens(
         ValueError: Bad settings, too little text, a checkpoint with other settings; a model
             whose logits go through a non-identity transform (a soft cap) after the unembedding;
             training that diverged (a loss or weights not finite: lr too high).
+
+    Warns:
+        UserWarning: Over 10 steps or more, the loss of the last tenth of the steps is more
+            than a tenth above that of the first tenth (the logit lens's, near enough): lr too
+            high, or too few steps.
 
     Example:
         >>> import mechprobe as mp
@@ -521,6 +543,7 @@ def train_tuned_lens(
             unembed_digest=lens.unembed_digest,
             unembed_fingerprint=lens.unembed_fingerprint,
         )
+    _warn_if_loss_rose(log, lr)
     info = dict(config)
     info.update(
         steps=steps,
