@@ -1009,5 +1009,17 @@ def _decode_dataclass(value: Mapping[str, Any], cls: type, arrays: Any) -> Any:
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in value:
-            kwargs[f.name] = decode(value[f.name], hints.get(f.name, Any), arrays)
+            hint = hints.get(f.name, Any)
+            if value[f.name] is None and hint in _NEVER_NULL:
+                # A hand-edited null reached to_frame or plot before it failed, far from the
+                # file (review 26b): say which field of which file.
+                raise ValueError(
+                    f"{cls.__name__}.{f.name} is null in the file, where a "
+                    f"{getattr(hint, '__name__', hint)} goes"
+                )
+            kwargs[f.name] = decode(value[f.name], hint, arrays)
     return cls(**kwargs)
+
+
+#: Field types a saved result never holds as null (a float's null is NaN, as written).
+_NEVER_NULL = (int, str, bool, np.ndarray, torch.Tensor)
