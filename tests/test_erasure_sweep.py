@@ -57,7 +57,7 @@ def test_layer_sweep_fits_and_measures_each_layer(
     # probe accuracy first: one random value per probed site and seed (it read 6 for 2)
     assert probed.plot().get_suptitle().endswith("random controls: 2 a layer")
     kl = sweep.plot(metric="lm_kl").axes[0]
-    assert kl.get_title().startswith("KL") and kl.get_ylabel() == "nats"
+    assert kl.get_title().startswith("leace: KL") and kl.get_ylabel() == "nats"
     assert len({line.get_marker() for line in kl.lines if line.get_label() != "_child0"}) >= 2
     back = ErasureSweep.load(sweep.save(tmp_path / "sweep.json"))
     assert [r.to_dict() for r in back.results] == [r.to_dict() for r in sweep.results]
@@ -255,3 +255,24 @@ def test_a_sweeps_ticks_are_the_layers_erased_and_its_band_is_named(
         assert [tick.get_text() for tick in ax.get_xticklabels()] == ["0", "2"]
     kl = sweep.plot(metric="lm_kl").axes[0]
     assert "random ± std" in [text.get_text() for text in kl.get_legend().get_texts()]
+
+
+def test_one_panel_shows_the_same_metric_for_a_sweep_and_its_results_and_names_the_erasure():
+    # Review 26a F13: with ax=, ErasureSweep drew task accuracy and AmnesicResult lm KL, and the
+    # one panel no longer said which eraser (or site) it showed.
+    from matplotlib.figure import Figure
+
+    measures = (
+        AmnesicMeasure("lm_kl", "erased", 0.2),
+        AmnesicMeasure("task_accuracy", "intact", 0.9),
+        AmnesicMeasure("task_accuracy", "erased", 0.4),
+    )
+    result = AmnesicResult("blocks.3.hook_resid_post", 3, -1, "leace", 2, 8, measures)
+    sweep = ErasureSweep("leace", (result,))
+    for drawn in (result, sweep):
+        ax = Figure().subplots()
+        drawn.plot(ax=ax)
+        assert "task accuracy" in ax.get_title() and ax.get_title().startswith("leace")
+    ax = Figure().subplots()
+    result.plot(ax=ax)
+    assert "resid_post@3" in ax.get_title()

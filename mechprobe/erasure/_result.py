@@ -35,6 +35,9 @@ _DIVERGENCES = {"lm_kl", "task_kl"}
 _CONDITIONS = ("intact", "erased", "random", "dropout")
 _COLOURS = {"intact": "#4c72b0", "erased": "#c44e52", "random": "#8c8c8c", "dropout": "#dd8452"}
 _PANELS = ("lm_accuracy", "lm_kl", "task_accuracy", "task_kl")
+#: The metric a one-panel figure (``plot(ax=...)``) draws by default, the first measured of these:
+#: the same in AmnesicResult and ErasureSweep (one drew lm KL, the other task accuracy).
+_ONE_PANEL_ORDER = ("task_accuracy", "task_kl", "lm_kl", "lm_accuracy", "probe_accuracy")
 
 
 @dataclass(frozen=True, repr=False)
@@ -380,7 +383,9 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         """Bars per behavioural metric (controls as mean ± std) and probe accuracy by layer.
 
         With ``ax``, only one panel is drawn there: ``metric`` (``lm_accuracy``, ``lm_kl``,
-        ``task_accuracy``, ``task_kl`` or ``probe_accuracy``), by default the first measured.
+        ``task_accuracy``, ``task_kl`` or ``probe_accuracy``), by default the first measured of
+        task accuracy, task KL, LM KL, LM accuracy and probe accuracy (as
+        :meth:`ErasureSweep.plot`'s), titled with the method and site.
 
         Example:
             >>> r = AmnesicResult("hook_embed", None, "all", "inlp", 1, 4,
@@ -400,11 +405,14 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
             raise ValueError(f"metric must be one of {single} (measured here), got {metric!r}.")
         if ax is not None or metric is not None:
             figure, ax = new_axes(ax, (4.5, 3.8))
-            chosen = metric or available[0]
+            chosen = metric or next(m for m in _ONE_PANEL_ORDER if m in available)
             if chosen == "probe_accuracy":
                 self._information(ax)
             else:
                 self._bars(ax, chosen)
+            # One panel among others: it says which erasure it shows (the suptitle did).
+            what = f"{self.method} at {self._erased_site()['site']}"
+            ax.set_title(f"{what}: {ax.get_title()}" if ax.get_title() else what, fontsize=9)
             return figure
         from matplotlib.figure import Figure
 

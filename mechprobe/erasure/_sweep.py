@@ -33,7 +33,7 @@ from mechprobe.erasure._information import ProbeData
 from mechprobe.erasure._inlp import inlp
 from mechprobe.erasure._leace import leace
 from mechprobe.erasure._metrics import ErasePositions
-from mechprobe.erasure._result import AmnesicResult
+from mechprobe.erasure._result import _ONE_PANEL_ORDER, AmnesicResult
 from mechprobe.probing import ProbingDataset, collect
 from mechprobe.tasks import Task
 
@@ -47,9 +47,9 @@ Method = Literal["inlp", "leace"]
 _KINDS = ("resid_pre", "resid_mid", "mlp_in", "resid_post", "attn_out", "mlp_out")
 #: The location columns of every result's frame, in order (AmnesicResult._erased_site's keys).
 _WHERE = ("site", "kind", "layer", "head", "hook")
-_METRICS = ("task_accuracy", "task_kl", "lm_kl", "lm_accuracy", "probe_accuracy")
+_METRICS = _ONE_PANEL_ORDER
 _TITLES = {
-    "lm_kl": "KL(orig || erased) on text",
+    "lm_kl": "KL(intact || erased) on text",
     "lm_accuracy": "next-token accuracy drop",
     "task_accuracy": "task accuracy drop",
     "task_kl": "KL at the answer position",
@@ -167,6 +167,7 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
         if ax is not None or metric is not None:
             figure, ax = new_axes(ax, (4.0, 3.4))
             self._panel(ax, metric or metrics[0], x)
+            ax.set_title(f"{self.method}: {ax.get_title()}", fontsize=10)  # as the suptitle said
             return figure
         from matplotlib.figure import Figure
 
