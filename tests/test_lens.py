@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 import mechprobe as mp
 from mechprobe.cli import main as cli_main
 from mechprobe.cli.lens import unescape
+from mechprobe.core import token_label
 
 PROMPTS = ["The quick brown fox", "Hi", "A somewhat longer prompt, with commas"]
 
@@ -595,3 +596,14 @@ def test_a_frames_probabilities_have_one_dtype_with_and_without_targets(tiny):
     for column in ("prob", "logprob"):
         assert bare[column].dtype == aimed[column].dtype == aimed["kl_to_final"].dtype, column
         assert bare[column].isna().all()
+
+
+def test_heatmap_ticks_say_each_tokens_position(tiny):
+    # Review 26a F13: the x label said "input token (position)" and the ticks only the token;
+    # in a few-shot prompt "What" appears at several positions.
+    lens = mp.logit_lens(tiny, "Hi cat Hi cat", positions="all", progress=False)
+    ticks = [t.get_text() for t in lens.plot_heatmap().axes[0].get_xticklabels()]
+    tokens = lens.prompt_tokens[0]
+    assert ticks == [f"{token_label(tokens[p], 12)} ({p})" for p in range(len(tokens))]
+    first = tokens.index(tokens[-1])  # "t" of the first "cat", repeated last
+    assert first < len(tokens) - 1 and ticks[first] != ticks[-1]

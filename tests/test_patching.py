@@ -942,7 +942,10 @@ def test_a_single_positions_tick_is_upright_and_says_the_position(tiny):
     assert tick.get_rotation() == 0
     every = mp.patch(tiny, "ab", "ac", "mlp_out", "all", mp.logit_diff(1, 2), progress=False)
     ticks = every.plot().axes[0].get_xticklabels()
-    assert [t.get_text() for t in ticks] == list(every.position_labels)  # as before
+    # each token with its position (26a F13: a few-shot prompt repeats its tokens)
+    assert [t.get_text() for t in ticks] == [
+        f"{label} ({at})" for at, label in enumerate(every.position_labels)
+    ]
     assert {t.get_rotation() for t in ticks} == {90}
 
 
@@ -975,3 +978,10 @@ def test_titles_name_the_metrics_tokens(tiny, tmp_path):
     assert per_pair.plot().axes[0].get_title().endswith("logit[answer] - logit['z']")
     own = mp.patch(tiny, "ab cd", "ab ce", "mlp_out", -1, lambda lg: lg[:, 5], progress=False)
     assert not own.answer_tokens and own.plot().axes[0].get_title().endswith(": <lambda>")
+
+
+def test_a_head_grid_says_the_position_its_heads_were_patched_at(tiny):
+    # Review 26a: the layer x head grid has no position axis, and its title said none.
+    res = mp.patch(tiny, "ab", "ac", "head", -1, mp.logit_diff(1, 2), n_random=0)
+    title = res.plot().axes[0].get_title().replace("\n", " ")
+    assert f"at position -1 ('{res.position_labels[0]}')" in title

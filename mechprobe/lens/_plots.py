@@ -164,6 +164,11 @@ def heatmap(
         is_last = ", the last" if at == len(result.prompt_tokens[b]) - 1 else ""
         ax.set_xticks([0], [literal(f"'{ticks[0]}' (position {at}{is_last})")])
     else:
+        if not across:  # "What" thrice in a 3-shot prompt: the position tells them apart
+            ticks = [
+                f"{t} ({int(result.positions[b, c])})"
+                for t, (b, c) in zip(ticks, cells, strict=True)
+            ]
         ax.set_xticks(range(len(cells)), [literal(t) for t in ticks], rotation=60, ha="right")
     ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     ax.tick_params(axis="y", labelsize=7)

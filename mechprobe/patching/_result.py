@@ -565,7 +565,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
                     else f"L{self.layers[i]}H{self.heads[i]}"
                     for i in index
                 ]
-                image = self._heatmap(axis, data[index], names, list(self.position_labels), lim)
+                image = self._heatmap(axis, data[index], names, self._position_ticks(), lim)
                 axis.set_title(literal(kind))
                 axis.set_ylabel("layer" if kind not in HEAD_KINDS else "layer, head")
             fig.colorbar(image, ax=axes, label=literal(label))
@@ -574,8 +574,13 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         ylabels, xlabels = list(self.sites), self._position_ticks()
         head_grid = self.kind in HEAD_KINDS and len(self.positions) == 1
         if head_grid:
-            # The grid has no position axis: say where a whole-sequence patch wrote.
-            title += f" ({self.position_labels[0]})" if self.positions[0] is None else ""
+            # The grid has no position axis: say where the heads were patched (review 26a).
+            at = self.positions[0]
+            title += (
+                f" ({self.position_labels[0]})"
+                if at is None
+                else f" at position {at} ('{self.position_labels[0]}')"
+            )
             layers = sorted(set(self.layers))
             n_heads = max(h or 0 for h in self.heads) + 1
             grid = np.full((len(layers), n_heads), np.nan)
@@ -604,12 +609,17 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         return fig
 
     def _position_ticks(self) -> list[str]:
-        """The x tick of each position: its token, and where it is the only column, its
-        position too (a lone ":" rotated 90 degrees read as a dot pair)."""
+        """The x tick of each position: its token and position (``"What (12)"``; where it is
+        the only column, ``"':' (position -1)"``: a lone ":" rotated 90 degrees read as a dot
+        pair)."""
         labels = list(self.position_labels)
         if len(labels) == 1 and self.positions[0] is not None:
             return [f"'{labels[0]}' (position {self.positions[0]})"]
-        return labels
+        # Each token with its position, as to_frame() says it: a few-shot prompt repeats tokens.
+        return [
+            label if at is None else f"{label} ({at})"
+            for label, at in zip(labels, self.positions, strict=True)
+        ]
 
     @staticmethod
     def _heatmap(
