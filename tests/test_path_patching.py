@@ -445,9 +445,12 @@ def test_receiver_layers_with_final_receivers_is_refused(tiny, receiver_layers):
         mp.path_patch(tiny, CLEAN, CORRUPT, "head", "final", mp.logit_diff(1, 2),
                       receiver_layers=receiver_layers)  # fmt: skip
     # Only receiver Sites: each carries its layer, so receiver_layers would be ignored too.
-    with pytest.raises(ValueError, match=r"receiver_layers=\[\d\] is given, but every entry"):
+    with pytest.raises(
+        ValueError, match=r"receiver_layers=\[\d\] is given, but every entry"
+    ) as err:
         mp.path_patch(tiny, CLEAN, CORRUPT, "head", mp.Site("q", 2, head=0), mp.logit_diff(1, 2),
                       receiver_layers=receiver_layers)  # fmt: skip
+    assert "also takes 'final'" not in str(err.value)  # no answer to this error (review 26b)
 
 
 def test_receiver_layers_choose_a_kind_beside_final(tiny):

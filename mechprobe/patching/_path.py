@@ -414,6 +414,8 @@ def _receivers(
                 layers_name=None if receiver_layers is None else "receiver_layers",
             )
         except ValueError as error:  # the generic message knows nothing of "final"
+            if "receiver_layers" in str(error):  # not a place refused: "final" is no answer
+                raise
             raise ValueError(
                 f"{error} receivers also takes 'final': the final residual stream (each "
                 "sender's direct effect on the logits)."
