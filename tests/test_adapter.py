@@ -489,3 +489,27 @@ def test_the_command_line_runs_a_hooked_transformer_by_kind(tmp_path) -> None:
 def test_the_command_lines_hooked_kind_says_what_it_needs(capsys) -> None:
     assert cli_main(["lens", "Hi", "--model", "tiny", "--kind", "hooked"]) == 2
     assert "A HookedTransformer needs TransformerLens 3.x" in capsys.readouterr().err
+
+
+def test_a_token_of_part_of_a_character_is_labelled_by_its_bytes():
+    # Review 26a F13: a byte-level BPE token holding part of a UTF-8 character decoded to "�"
+    # alone, whichever bytes it held: the tuned-lens heatmap and frames showed "�" for several.
+    tokenizer = mp.tiny_model().tokenizer
+    ids = tokenizer.encode("é", add_special_tokens=False)  # two tokens, one byte each
+    assert [tokenizer.decode([i]) for i in ids] == ["\ufffd", "\ufffd"]
+    assert mp.core.token_texts(tokenizer, ids) == ["<0xC3>", "<0xA9>"]
+    assert mp.core.token_texts(tokenizer, tokenizer.encode("Hi", add_special_tokens=False)) == [
+        "H",
+        "i",
+    ]
+    # SentencePiece byte tokens say their byte; other vocabularies keep what decode says
+    assert mp.core._adapter._token_bytes(_Pieces("<0xE2>"), 0) == b"\xe2"
+    assert mp.core._adapter._token_bytes(_Pieces("▁the"), 0) is None
+
+
+class _Pieces:
+    def __init__(self, piece):
+        self.piece = piece
+
+    def convert_ids_to_tokens(self, token):
+        return self.piece

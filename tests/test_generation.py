@@ -192,7 +192,7 @@ def test_result_protocol_and_round_trip(tiny, tmp_path):
     res = mp.generate(tiny, PROMPTS, max_new_tokens=3, progress=False)
     frame = res.to_frame()
     assert len(frame) == 6 and list(res.summary()["n_tokens"]) == [3, 3]
-    assert list(frame["token"]) == [tiny.tokenizer.decode([t]) for t in frame["token_id"]]
+    assert list(frame["token"]) == mp.core.token_texts(tiny.tokenizer, frame["token_id"])
     assert "prompt" in repr(res) and "<table" in res._repr_html_()
     assert len(res.plot().axes) == 1
     for suffix in (".json", ".npz"):

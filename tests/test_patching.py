@@ -183,7 +183,7 @@ def test_every_position_at_once_equals_transformerlens_all_pos_patching(tiny, tm
     np.testing.assert_allclose(res.values[:, 0], theirs.reshape(-1), atol=1e-4)
     frame = res.to_frame()
     assert frame["position"].isna().all() and (frame["token"] == "all positions").all()
-    assert res.plot().axes[0].get_title().endswith("(all positions)")
+    assert res.plot().axes[0].get_title().replace("\n", " ").endswith("(all positions)")
     # head_matrix lays the cells out as TransformerLens's [layers, heads] grid.
     np.testing.assert_allclose(res.head_matrix(normalised=False), theirs.numpy(), atol=1e-4)
     with pytest.raises(ValueError, match="one head kind; this result has none"):

@@ -332,7 +332,7 @@ def test_dollars_in_prompts_and_tokens_are_drawn_as_written(tiny) -> None:
         if name == "generation":
             assert {"pay $5 or $6 now", "a_b^c $x^{2$ end"} <= set(shown), shown
         if name == "patch":
-            assert "$" in shown  # the token itself, a literal dollar
+            assert "$ (1)" in shown  # the token itself, a literal dollar, at its position
 
 
 def test_a_renamed_file_is_refused_naming_what_it_holds(tmp_path) -> None:

@@ -63,7 +63,9 @@ def test_equals_the_hand_written_loop(tiny, kind, window):
     res = mp.causal_trace(tiny, PROMPT, SUBJECT, sites=kind, window=window, n_noise=3, n_random=1)
     with torch.no_grad():
         answer = int(tiny(tiny.to_tokens(PROMPT))[0, -1].argmax())  # ROME: the model's own top
-    assert res.answers == (tiny.tokenizer.decode([answer]),) and res.answer_ids == (answer,)
+    assert res.answers == tuple(
+        mp.core.token_texts(tiny.tokenizer, [answer])
+    ) and res.answer_ids == (answer,)
     loop, corrupted = _loop(tiny, PROMPT, SUBJECT, kind, window, 3, res.noise_level, 0, answer)
     np.testing.assert_allclose(res.corrupted[0], corrupted, atol=1e-6)
     np.testing.assert_allclose(res.scores[0][0], loop.mean(0), atol=1e-6)

@@ -5,7 +5,7 @@ The analyses (:mod:`mechprobe.lens`, :mod:`mechprobe.patching`, :mod:`mechprobe.
 ``core`` imports no analysis. Users find the same names in :mod:`mechprobe` itself.
 """
 
-from mechprobe.core._adapter import ModelAdapter, ModelKind, model_adapter
+from mechprobe.core._adapter import ModelAdapter, ModelKind, model_adapter, token_texts
 from mechprobe.core._batching import (
     Batch,
     PaddingSide,
@@ -177,6 +177,7 @@ __all__ = [
     "target_rank",
     "tiny_model",
     "token_label",
+    "token_texts",
     "tokenize",
     "tokenize_with_targets",
     "top1_hit",

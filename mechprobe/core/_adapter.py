@@ -26,6 +26,7 @@ They share most of their surface (``cfg``, the hook names of every site kind, ``
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
 
@@ -203,9 +204,13 @@ class ModelAdapter:
         return tokenizer
 
     def token_text(self, token: int) -> str:
-        """One token's text, or ``<id>`` for a model without a tokenizer (labels only)."""
+        """One token's text, or ``<id>`` for a model without a tokenizer (labels only).
+
+        A token holding part of a character's UTF-8 bytes decodes to "�" alone: its bytes are
+        written out instead (``"<0xE2><0x80>"``), so tokens stay apart in tables and figures.
+        """
         tokenizer = getattr(self.model, "tokenizer", None)
-        return f"<{int(token)}>" if tokenizer is None else str(tokenizer.decode([int(token)]))
+        return f"<{int(token)}>" if tokenizer is None else token_texts(tokenizer, [token])[0]
 
     @property
     def padding_side(self) -> str:
@@ -410,3 +415,71 @@ def model_adapter(model: Any) -> ModelAdapter:
             "(TransformerLens 3.x; mp.load_model(kind='hooked'))."
         )
     return ModelAdapter(model, kind)
+
+
+def token_texts(tokenizer: Any, ids: Any) -> list[str]:
+    """Each token's own text, as a label: ``tokenizer.decode([id])``, except that a token holding
+    part of a character's UTF-8 bytes (which decodes to "�" alone, whichever part) is written
+    as its bytes, ``"<0xE2><0x80>"`` (as SentencePiece writes byte tokens), so such tokens stay
+    apart in frames and figures.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> token_texts(mp.tiny_model().tokenizer, [5, 130])
+        ['#', '<0xC3>']
+    """
+    ids = [int(i) for i in ids]
+    texts = [str(tokenizer.decode([i])) for i in ids]
+    for k, (token, text) in enumerate(zip(ids, texts, strict=True)):
+        if "\ufffd" in text:
+            raw = _token_bytes(tokenizer, token)
+            if raw is not None:
+                texts[k] = raw.decode("utf-8", errors=_BYTES_SHOWN)
+    return texts
+
+
+def _show_bytes(error: UnicodeError) -> tuple[str, int]:
+    """Undecodable bytes as SentencePiece writes its byte tokens: ``<0xE2><0x80>``."""
+    if not isinstance(error, UnicodeDecodeError):
+        raise error
+    bad = error.object[error.start : error.end]
+    return "".join(f"<0x{b:02X}>" for b in bad), error.end
+
+
+_BYTES_SHOWN = "mechprobe.show_bytes"
+codecs.register_error(_BYTES_SHOWN, _show_bytes)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte-level BPE alphabet (each byte drawn as a printable
+    character: "Ġ" for a space), as its tokenizers build it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+def _token_bytes(tokenizer: Any, token: int) -> bytes | None:
+    """The bytes a token stands for: a SentencePiece byte token (``<0xE2>``) or a byte-level
+    BPE token (GPT-2, Llama 3, SmolLM2); None for other vocabularies."""
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    piece = convert(token) if convert is not None else None
+    if not isinstance(piece, str) or not piece:
+        return None
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            return None
+    if all(c in _BYTE_DECODER for c in piece):
+        return bytes(_BYTE_DECODER[c] for c in piece)
+    return None

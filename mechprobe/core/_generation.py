@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechprobe.core._adapter import model_adapter
+from mechprobe.core._adapter import model_adapter, token_texts
 from mechprobe.core._batching import (
     Batch,
     check_token_ids,
@@ -349,7 +349,7 @@ def generate(
         completions=tuple(text for _, _, text, _ in out),
         tokens=tuple(np.asarray(ids, dtype=np.int64) for ids, _, _, _ in out),
         logprobs=tuple(np.asarray(lps, dtype=np.float64) for _, lps, _, _ in out),
-        token_strings=tuple(tuple(tok.decode([t]) for t in ids) for ids, _, _, _ in out),
+        token_strings=tuple(tuple(token_texts(tok, ids)) for ids, _, _, _ in out),
         finished=tuple(why for _, _, _, why in out),
         interventions=tuple(
             f"{key}: {_edit(item, _positions(key, item))}"

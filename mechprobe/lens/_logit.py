@@ -48,6 +48,7 @@ from mechprobe.core import (
     model_adapter,
     progress_bar,
     run,
+    token_texts,
 )
 from mechprobe.lens._lens import LensSpec, as_lens
 from mechprobe.lens._plan import TargetSpec, lens_entries, make_plan, normalise_targets
@@ -261,12 +262,10 @@ def logit_lens(
     used = {int(i) for i in top_ids[:, :, shown].unique().tolist() if i >= 0}
     used |= {i for group in target_ids for ids in group for i in ids}
     order = sorted(used)
-    texts = model.tokenizer.batch_decode([[i] for i in order]) if order else []
+    texts = token_texts(model.tokenizer, order)
     return LensResult(
         prompts=tuple(prompt_list),
-        prompt_tokens=tuple(
-            tuple(model.tokenizer.batch_decode([[i] for i in ids])) for ids in prompt_ids
-        ),
+        prompt_tokens=tuple(tuple(token_texts(model.tokenizer, ids)) for ids in prompt_ids),
         sites=tuple(kind for kind, _ in entries),
         layers=tuple(layer for _, layer in entries),
         positions=plan.grid[:, shown].copy(),

@@ -56,6 +56,7 @@ from mechprobe.core import (
     resolve_site,
     run,
     site_columns,
+    token_texts,
     tokenize,
     warn,
     width,
@@ -491,7 +492,7 @@ def _refuse_equal_prefixes(model: Any, bases: Any, sources: Any, position: int) 
         return
     first = equal.index(True)
     ids = bases.tokens[first][bases.attention_mask[first].bool()].tolist()
-    token = model_adapter(model).tokenizer.decode([ids[position % len(ids)]])
+    token = token_texts(model_adapter(model).tokenizer, [ids[position % len(ids)]])[0]
     what = (
         f"base and source hold the same tokens up to position {position} ({token!r} in pair "
         f"{first})"

@@ -13,7 +13,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mechprobe.core import HEAD_KINDS, Result, check_int, head_column, literal, new_axes, warn
+from mechprobe.core import (
+    HEAD_KINDS,
+    Result,
+    check_int,
+    head_column,
+    literal,
+    new_axes,
+    token_texts,
+    warn,
+)
 from mechprobe.core import spread as spread_of  # its own property is called spread
 from mechprobe.patching._metrics import metric_title, metric_token_ids
 
@@ -130,7 +139,7 @@ def pair_records(
         return tuple(str(tokenizer.decode(row)) for row in ids)
 
     def tokens(ids: tuple[int, ...]) -> tuple[str, ...]:
-        return () if tokenizer is None else tuple(str(tokenizer.decode([i])) for i in ids)
+        return () if tokenizer is None else tuple(token_texts(tokenizer, ids))
 
     return {
         "clean_prompts": texts(clean_ids),

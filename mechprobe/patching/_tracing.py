@@ -52,6 +52,7 @@ from mechprobe.core import (
     model_adapter,
     readout,
     token_label,
+    token_texts,
     tokenize,
     warn,
 )
@@ -759,7 +760,8 @@ def causal_trace(
             )
         answer_ids = tuple(t[0] for t in tokens)
         answer_labels = [
-            model.tokenizer.decode([a]) if isinstance(a, (int, np.integer)) else a for a in given
+            token_texts(model.tokenizer, [a])[0] if isinstance(a, (int, np.integer)) else a
+            for a in given
         ]
         metric = answer_prob(list(answer_ids))
     else:
@@ -846,7 +848,7 @@ def causal_trace(
         kinds=tuple(kinds),
         layers=tuple(layer_list),
         subjects=tuple(spans),
-        tokens=tuple(tuple(model.tokenizer.decode([int(x)]) for x in t) for t in ids),
+        tokens=tuple(tuple(token_texts(model.tokenizer, t)) for t in ids),
         answers=tuple(answer_labels),
         answer_ids=answer_ids,
         noise_level=level,

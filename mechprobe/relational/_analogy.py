@@ -30,7 +30,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechprobe.core import Result, check_finite, check_seed, evaluates, literal, target_rank, warn
+from mechprobe.core import (
+    Result,
+    check_finite,
+    check_seed,
+    evaluates,
+    literal,
+    target_rank,
+    token_texts,
+    warn,
+)
 from mechprobe.relational._figure import axes_for
 from mechprobe.tasks import Task, as_task
 
@@ -91,7 +100,7 @@ def _token_ids(model: Any, words: Sequence[str | int]) -> list[int]:
 
 def _decode(model: Any, token: int) -> str:
     tokenizer = getattr(model, "tokenizer", None)
-    return str(tokenizer.decode([token])) if tokenizer is not None else f"<{token}>"
+    return token_texts(tokenizer, [token])[0] if tokenizer is not None else f"<{token}>"
 
 
 @evaluates

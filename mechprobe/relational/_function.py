@@ -47,6 +47,7 @@ from mechprobe.core import (
     run,
     site_columns,
     spread,
+    token_texts,
     top1_hit,
     warn,
 )
@@ -288,7 +289,7 @@ def _warn_shared_first_tokens(model: Any, answers: list[int]) -> None:
     token, count = Counter(answers).most_common(1)[0]
     share = count / len(answers)
     if count > 1 and share >= _SHARED_FIRST_TOKEN:
-        text = model_adapter(model).tokenizer.decode([token])
+        text = token_texts(model_adapter(model).tokenizer, [token])[0]
         warn(
             f"function_vector scores each held-out answer by its first token, and {count} of "
             f"{len(answers)} answers start with {text!r}: a model that always predicts it scores "
