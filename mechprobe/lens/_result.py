@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from mechprobe.core import Result, site_columns, token_label
+from mechprobe.core import Result, float64_columns, site_columns, token_label
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -174,7 +174,7 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
             frames.append(pd.DataFrame(frame))
         out = pd.concat(frames, ignore_index=True)
         out["rank"] = out["rank"].astype("Int64")
-        return out[list(FRAME_COLUMNS)]
+        return float64_columns(out[list(FRAME_COLUMNS)])
 
     def logit_diff(self, answer: int = 0, wrong: int = 1) -> np.ndarray:
         """``[B, E, K]`` the lens's logit of one target minus another's, at every decoded entry
@@ -299,7 +299,7 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
             ranks[ranks < 0] = np.nan
             label = repr(self.targets[0][t]) if shared else f"target {t}"
             frame[f"rank {label}"] = np.nanmean(ranks, axis=0)
-        return frame
+        return float64_columns(frame)
 
     def _describe(self) -> str:
         kinds = ", ".join(dict.fromkeys(self.sites))

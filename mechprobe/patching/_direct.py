@@ -46,6 +46,7 @@ from mechprobe.core import (
     check_positions,
     evaluates,
     first_token_ids,
+    float64_columns,
     literal,
     model_adapter,
     new_axes,
@@ -189,7 +190,7 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
                 "component": np.tile(np.asarray(self.components, dtype=object), n),
                 **{key: np.tile(np.asarray(col, dtype=object), n) for key, col in located.items()},
                 "positions": positions_text(self.position),
-                "attribution": self.attributions.reshape(-1),
+                "attribution": self.attributions.reshape(-1).astype(np.float64),
             }
         ).astype({"layer": "Int64", "head": "Int64"})
 
@@ -234,7 +235,7 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
         mean = self.mean
         order = np.argsort(-np.abs(mean), kind="stable")[:top]
         total = float(self.logit_diff.mean())
-        return pd.DataFrame(
+        frame = pd.DataFrame(
             {
                 "component": [self.components[i] for i in order],
                 "layer": self._located()["layer"][order],
@@ -243,6 +244,7 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
                 "share": mean[order] / total if total != 0 else np.full(len(order), np.nan),
             }
         )
+        return float64_columns(frame)
 
     def plot(self, ax: Axes | None = None) -> Figure:
         """Mean attribution per write: a layer x head map with ``heads=True``, else bars in the

@@ -117,7 +117,7 @@ class OVector(Result, format="mechprobe.OVector", version=2):
     def to_frame(self) -> pd.DataFrame:
         """One row per dimension: ``dim`` and the vector's ``coordinate`` there (``value`` in
         frames is a metric measured with an edit in force)."""
-        values = self.vector.detach().float().cpu().numpy()
+        values = self.vector.detach().double().cpu().numpy()
         return pd.DataFrame({"dim": np.arange(values.size), "coordinate": values})
 
     def summary(self) -> pd.DataFrame:
