@@ -699,3 +699,16 @@ def test_frames_keep_one_dtype_per_column_whatever_the_eraser() -> None:
     assert leace["majority_baseline"].dtype == np.float64
     assert np.isnan(leace["majority_baseline"].iloc[0])
     assert str(inlp["iteration"].dtype) == "Int64" and inlp["iteration"].tolist()[0] == 0
+
+
+def test_an_old_or_unknown_condition_name_is_refused_not_read_as_empty():
+    # Review 27a: after "original" became "intact", code asking for "original" got (None, None).
+    result = AmnesicResult(
+        "blocks.1.hook_resid_post", 1, -1, "inlp", 2, 8,
+        (AmnesicMeasure("lm_accuracy", "intact", 0.5), AmnesicMeasure("lm_accuracy", "erased", 0.3)),
+    )  # fmt: skip
+    assert result.mean_std("lm_accuracy", "intact")[0] == 0.5
+    with pytest.raises(ValueError, match=r"got 'original' \('original' is now 'intact'\)"):
+        result.mean_std("lm_accuracy", "original")
+    with pytest.raises(ValueError, match="condition must be one of"):
+        result.effect("lm_accuracy", "erase")

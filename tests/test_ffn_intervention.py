@@ -205,7 +205,7 @@ def test_non_finite_vectors_scales_and_logits_raise(tiny):
         mp.OVector(nan, layer=1, source="x", n_prompts=1)
     # A finite vector so large that the stream overflows is refused when its edit is built (the
     # ranks' own check, test_nan_model_logits_raise_in_every_ranking, caught it there before).
-    with pytest.raises(ValueError, match=r"Add scale \* vector reaches 3e\+38.*overflows float32"):
+    with pytest.raises(ValueError, match=r"Add scale \* vector reaches 3e\+38.*overflow float32"):
         mp.ovector_intervention(tiny, {"o": torch.ones(64)}, ctx, ANSWERS, layers=[1, 2],
                                 scale=3e38, mode="add")  # fmt: skip
 

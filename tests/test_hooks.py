@@ -743,6 +743,7 @@ def test_a_non_finite_vector_is_refused_when_built(make, bad):
     [
         lambda v: mp.Add(v, scale=1e20),
         lambda v: mp.Add(v * 1e20),
+        lambda v: mp.Add(torch.tensor(1e19)),  # a scalar broadcasts over the whole width
         lambda v: mp.Replace(v * 1e20),
         lambda v: mp.Ablate(mean=v * 1e20),
     ],
@@ -751,11 +752,31 @@ def test_a_value_whose_square_overflows_the_next_norm_is_refused(tiny, make):
     # Review 26b L7: Add(v, scale=1e20) is finite, but its square summed over d_model overflows
     # float32 in the next RMSNorm, which then zeroes every later state: uniform logits, no word.
     v = torch.ones(tiny.cfg.d_model)
-    site = mp.Site("resid_post", 0)
-    with pytest.raises(ValueError, match="overflows float32"):
+    site, hooks = mp.Site("resid_post", 0), hook_count(tiny)
+    with pytest.raises(ValueError, match="squares summed overflow float32 in the next norm"):
         mp.run(tiny, PROMPTS, {site: make(v)})
+    assert hook_count(tiny) == hooks  # refused before any hook was attached
     # the bound is float32's: 1e17 (squares summed 6.4e35) still runs, with finite logits
     assert torch.isfinite(mp.run(tiny, PROMPTS, {site: mp.Add(v, scale=1e17)}).logits).all()
+
+
+def test_the_magnitude_bound_follows_the_models_dtype_and_spares_attention_masks():
+    # Review 27a: a float16 model turned Add(v, scale=1e5) into inf (65504 is its largest
+    # number) and run() returned NaN logits; an additive -3.4e38 mask on attention scores (Hugging
+    # Face's convention) is no stream value and was refused.
+    half = mp.tiny_model().to(torch.float16)
+    site = mp.Site("resid_post", 1)
+    with pytest.raises(ValueError, match=r"above what a 64-wide torch.float16 site holds"):
+        mp.run(half, PROMPTS, {site: mp.Add(torch.ones(64), scale=1e5)})
+    assert torch.isfinite(
+        mp.run(half, PROMPTS, {site: mp.Add(torch.ones(64), scale=1e3)}).logits
+    ).all()
+    model = mp.tiny_model()
+    scores = "blocks.1.attn.hook_attn_scores"
+    mask = torch.zeros(1)
+    mask[0] = torch.finfo(torch.float32).min
+    out = mp.run(model, "Hi cat", {scores: mp.Add(mask, positions=-1)})
+    assert torch.isfinite(out.logits).all()
 
 
 class _InPlace(mp.Intervention):

@@ -233,9 +233,9 @@ def test_frame_is_tidy_and_consistent_with_the_arrays(tiny):
     top = result.top_frame()
     assert len(top) == 3 * sum(lengths) * 3
     assert (top.groupby(["prompt", "layer", "position"])["prob"].diff().dropna() <= 0).all()
-    first = top[(top.k == 0) & (top.prompt == 1) & (top.layer == 2)]
+    first = top[(top["rank"] == 0) & (top.prompt == 1) & (top.layer == 2)]
     assert (
-        first["token"].tolist()
+        first["decoded_token"].tolist()
         == frame[(frame.prompt == 1) & (frame.layer == 2)]["top1_token"].tolist()
     )
 

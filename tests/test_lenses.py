@@ -896,13 +896,13 @@ def test_a_checkpoint_written_before_digests_still_resumes(tiny, tmp_path):
 
 def test_a_training_whose_finite_loss_rose_warns(tiny):
     # Review 26b L11: a too-high lr gave a lens worse than the logit lens it started from, every
-    # loss finite, and no word. 10 steps of 32 tokens; lr=100 ends at 1.61 from 0.99.
+    # loss finite, and no word. 30 steps of 32 tokens at lr=1e4: 0.90 -> 1.21 (the last three).
     text = ["The cat sat on the mat. " * 40]
-    settings = {"sites": "resid_post", "n_tokens": 320, "seq_len": 32, "tokens_per_step": 32}
-    with pytest.warns(UserWarning, match=r"training loss rose from .* lr \(e\.g\. 10\)"):
-        high = mp.train_tuned_lens(tiny, text, lr=100.0, progress=False, **settings)
+    settings = {"sites": "resid_post", "n_tokens": 960, "seq_len": 32, "tokens_per_step": 32}
+    with pytest.warns(UserWarning, match=r"training loss rose from .* lr \(e\.g\. 1000\)"):
+        high = mp.train_tuned_lens(tiny, text, lr=1e4, progress=False, **settings)
     log = high.info["loss_per_step"]
-    assert np.mean(log[-1:]) > 1.1 * np.mean(log[:1])
+    assert np.mean(log[-3:]) > 1.1 * log[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         default = mp.train_tuned_lens(tiny, text, progress=False, **settings)

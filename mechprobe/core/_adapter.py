@@ -472,7 +472,10 @@ def _token_bytes(tokenizer: Any, token: int) -> bytes | None:
     """The bytes a token stands for: a SentencePiece byte token (``<0xE2>``) or a byte-level
     BPE token (GPT-2, Llama 3, SmolLM2); None for other vocabularies."""
     convert = getattr(tokenizer, "convert_ids_to_tokens", None)
-    piece = convert(token) if convert is not None else None
+    try:
+        piece = convert(token) if convert is not None else None
+    except Exception:  # a custom tokenizer's own failure: keep what decode said
+        return None
     if not isinstance(piece, str) or not piece:
         return None
     if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):

@@ -83,22 +83,28 @@ def _as_tensor(value: Any, name: str) -> Tensor:
     return tensor
 
 
-def _check_magnitude(tensor: Tensor, name: str, scale: float = 1.0) -> None:
-    """Refuse values written into the stream (a replacement, a mean, ``scale * vector``) whose
-    squares, summed over the width, overflow float32: the next norm
-    (RMSNorm, LayerNorm) then divides by inf and every later state is 0, so the logits come out
-    uniform with no NaN to warn of it (``Add(v, scale=1e20)``, review 26b L7)."""
-    if not tensor.numel():
-        return
-    width = tensor.shape[-1] if tensor.ndim else 1
-    bound = math.sqrt(torch.finfo(torch.float32).max / width)
-    peak = abs(scale) * float(tensor.abs().max())
+def _check_magnitude(peak: float, width: int, dtype: torch.dtype, name: str) -> None:
+    """Refuse a value written into the stream (a replacement, a mean, ``scale * vector``) whose
+    largest entry ``peak`` the model cannot hold: above its dtype's largest number (a float16
+    model's 65504 became inf), or, at a site of ``width`` values, above the point where their
+    squares summed overflow float32, where the next norm (RMSNorm, LayerNorm) divides by inf and
+    zeroes every later state: uniform logits and no NaN to warn of it (``Add(v, scale=1e20)``,
+    review 26b L7). Checked per site before the forward pass, where width and dtype are known
+    (a scalar broadcasts over the whole width; attention maps take -inf-like masks and are not
+    checked)."""
+    bound = min(math.sqrt(torch.finfo(torch.float32).max / width), torch.finfo(dtype).max)
     if peak > bound:
         raise ValueError(
-            f"{name} reaches {peak:.3g}: summed over a width of {width}, its square overflows "
-            f"float32 (above {bound:.3g}), so the model's next norm would zero every later "
-            "state. Use a smaller scale or vector."
+            f"{name} reaches {peak:.3g}, above what a {width}-wide {dtype} site holds "
+            f"({bound:.3g}: beyond it the value overflows, or its squares summed overflow "
+            "float32 in the next norm, which zeroes every later state). Use a smaller scale "
+            "or vector."
         )
+
+
+def _peak(tensor: Tensor, scale: float = 1.0) -> float:
+    """The largest magnitude ``scale * tensor`` writes (0 for an empty tensor)."""
+    return abs(scale) * float(tensor.detach().abs().max()) if tensor.numel() else 0.0
 
 
 class StopForward(Exception):
@@ -142,6 +148,10 @@ class Intervention:
 
     def check_width(self, width: int) -> None:
         """Fail before the forward pass if a vector cannot fit an activation of this width."""
+
+    def check_magnitude(self, width: int, dtype: torch.dtype) -> None:
+        """Fail before the forward pass if a value it writes cannot be held at a site of this
+        width and dtype (:func:`_check_magnitude`)."""
 
     def edit_masked(self, selected: Tensor, real: Tensor | None, hook: Any) -> Tensor | None:
         """:meth:`edit` with ``real [batch, k]``: which selected positions are real tokens (None:
@@ -333,8 +343,6 @@ class Replace(Intervention):
     def __init__(self, value: Tensor | np.ndarray | Capture, positions: Positions = None) -> None:
         super().__init__(positions)
         self.value = value if isinstance(value, Capture) else _as_tensor(value, "Replace value")
-        if isinstance(self.value, Tensor):
-            _check_magnitude(self.value.detach(), "Replace value")
 
     def _tensor(self) -> Tensor:
         if isinstance(self.value, Capture):
@@ -353,6 +361,10 @@ class Replace(Intervention):
                 f"Replace value has width {value.shape[-1]} but the site's activations have "
                 f"width {width}: pass a tensor whose last dimension is {width}."
             )
+
+    def check_magnitude(self, width: int, dtype: torch.dtype) -> None:
+        if isinstance(self.value, Tensor):
+            _check_magnitude(_peak(self.value), width, dtype, "Replace value")
 
     def edit(self, selected: Tensor, hook: Any) -> Tensor:
         value = self._tensor().to(selected.device, selected.dtype)
@@ -385,7 +397,6 @@ class Add(Intervention):
         super().__init__(positions)
         self.vector = _as_tensor(vector, "Add vector")
         self.scale = check_float(scale, "Add scale")
-        _check_magnitude(self.vector.detach(), "Add scale * vector", self.scale)
 
     def check_width(self, width: int) -> None:
         if self.vector.ndim and self.vector.shape[-1] != width:
@@ -393,6 +404,9 @@ class Add(Intervention):
                 f"Add vector has width {self.vector.shape[-1]} but the site's activations have "
                 f"width {width}: pass a vector of length {width}."
             )
+
+    def check_magnitude(self, width: int, dtype: torch.dtype) -> None:
+        _check_magnitude(_peak(self.vector, self.scale), width, dtype, "Add scale * vector")
 
     def edit(self, selected: Tensor, hook: Any) -> Tensor:
         vector = self.vector.to(selected.device, selected.dtype)
@@ -446,8 +460,6 @@ class Ablate(Intervention):
             )
         self.method = method
         self.mean = None if mean is None else _as_tensor(mean, "Ablate mean")
-        if self.mean is not None:
-            _check_magnitude(self.mean.detach(), "Ablate mean")
 
     def check_width(self, width: int) -> None:
         if self.mean is not None and self.mean.ndim and self.mean.shape[-1] != width:
@@ -455,6 +467,10 @@ class Ablate(Intervention):
                 f"Ablate mean has width {self.mean.shape[-1]}, the site has {width}: "
                 f"pass a mean of length {width}."
             )
+
+    def check_magnitude(self, width: int, dtype: torch.dtype) -> None:
+        if self.mean is not None:
+            _check_magnitude(_peak(self.mean), width, dtype, "Ablate mean")
 
     def edit(self, selected: Tensor, hook: Any) -> Tensor:
         return self.edit_masked(selected, None, hook)
@@ -725,6 +741,7 @@ def _hooks_for(
     """Validate every site and intervention, then build the callbacks (no forward pass yet)."""
     fwd: list[tuple[str, Callable[..., Tensor | None]]] = []
     hooks = model.hook_dict
+    model_dtype = next(model.parameters()).dtype
     resolved = [
         (resolve_in(model, key, hooks), value) for key, value in intervention_spec(spec).items()
     ]
@@ -747,8 +764,9 @@ def _hooks_for(
                 )
             refuse_map_mean(name if site is None else site, item)
             site_width = width(model, site)
-            if site_width is not None:
+            if site_width is not None:  # None: an attention map or a hook of no site kind
                 item.check_width(site_width)
+                item.check_magnitude(site_width, model_dtype)
             positions = item.positions
             if positions is None and site is not None:
                 positions = site.positions

@@ -1022,16 +1022,26 @@ def _decode_dataclass(value: Mapping[str, Any], cls: type, arrays: Any) -> Any:
     for f in dataclasses.fields(cls):
         if f.name in value:
             hint = hints.get(f.name, Any)
-            if value[f.name] is None and hint in _NEVER_NULL:
-                # A hand-edited null reached to_frame or plot before it failed, far from the
-                # file (review 26b): say which field of which file.
-                raise ValueError(
-                    f"{cls.__name__}.{f.name} is null in the file, where a "
-                    f"{getattr(hint, '__name__', hint)} goes"
-                )
+            _refuse_null(value[f.name], hint, f"{cls.__name__}.{f.name}")
             kwargs[f.name] = decode(value[f.name], hint, arrays)
     return cls(**kwargs)
 
 
 #: Field types a saved result never holds as null (a float's null is NaN, as written).
 _NEVER_NULL = (int, str, bool, np.ndarray, torch.Tensor)
+
+
+def _refuse_null(value: Any, hint: Any, name: str) -> None:
+    """A hand-edited null where the field's type has none (a text, an integer, an array, a
+    tuple, a mapping, a choice of words; or in a tuple of texts or integers) reached to_frame or
+    a plot before it failed, far from the file (review 26b, 27a): say which field."""
+    origin = typing.get_origin(hint)
+    never = hint in _NEVER_NULL or origin in (tuple, list, dict, Mapping, typing.Literal)
+    if value is None and never:
+        kind = getattr(origin or hint, "__name__", str(hint))
+        raise ValueError(f"{name} is null in the file, where its type ({kind}) has none")
+    if origin is tuple and isinstance(value, list):
+        args = typing.get_args(hint)
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        for i, (item, item_hint) in enumerate(zip(value, items, strict=False)):
+            _refuse_null(item, item_hint, f"{name}[{i}]")

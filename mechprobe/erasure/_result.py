@@ -135,7 +135,17 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
     def values(
         self, metric: str, condition: str, *, site: str | None = None, probe: str | None = None
     ) -> np.ndarray:
-        """All values of ``metric`` under ``condition`` (one per seed for the controls)."""
+        """All values of ``metric`` under ``condition`` (one per seed for the controls).
+
+        Raises:
+            ValueError: A condition that is none of ``intact``, ``erased``, ``random``,
+                ``dropout`` (code written for ``"original"`` read nothing, without a word).
+        """
+        if condition not in _CONDITIONS:
+            old = " ('original' is now 'intact')" if condition == "original" else ""
+            raise ValueError(
+                f"condition must be one of {list(_CONDITIONS)}, got {condition!r}{old}."
+            )
         return np.asarray(
             [
                 m.value

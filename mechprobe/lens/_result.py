@@ -232,21 +232,25 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         return {"site": located["site"], "kind": located["kind"], "layer": located["layer"]}
 
     def top_frame(self) -> pd.DataFrame:
-        """One row per (prompt, site, position, k): the top-k tokens and probabilities (``site``
-        the entry's label, ``"resid_post@3"``, beside its ``kind`` and ``layer``)."""
+        """One row per (prompt, site, position) and each of the top-k decoded tokens: its
+        ``rank`` (0 is the top-1), ``decoded_token`` and ``decoded_token_id`` and ``prob``
+        (``site`` the entry's label, ``"resid_post@3"``, beside its ``kind`` and ``layer``; as
+        in :meth:`to_frame`, ``token`` would be the input token, so the prediction is named
+        apart)."""
         b, e, k, j = np.nonzero(self.top_ids >= 0)
         ids = self.top_ids[b, e, k, j]
-        return pd.DataFrame(
+        frame = pd.DataFrame(
             {
                 "prompt": b,
                 **self._located(e),
                 "position": self.positions[b, k],
-                "k": j,
-                "token_id": ids,
-                "token": [self.text(i) for i in ids],
+                "rank": j,
+                "decoded_token": [self.text(i) for i in ids],
+                "decoded_token_id": ids,
                 "prob": self.top_probs[b, e, k, j],
             }
         )
+        return float64_columns(frame)
 
     def summary(self) -> pd.DataFrame:
         """One row per decoded entry (site, kind, layer), over every prompt's last decoded position (its

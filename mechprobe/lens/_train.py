@@ -265,18 +265,19 @@ def _check_diverged(
 
 
 def _warn_if_loss_rose(log: Sequence[float], lr: float) -> None:
-    """Warn where training ended above where it began: the first steps' loss is the logit
-    lens's (the translators start at the identity), so such a tuned lens decodes worse than no
-    training, yet every loss was finite (lr too high for the steps given; review 26b L11)."""
-    if len(log) < 10:  # over the first few steps SGD's momentum often overshoots, then falls
+    """Warn where training ended above where it began: the first step's loss is the logit
+    lens's (the translators start at the identity and are updated after it), so such a tuned
+    lens decodes worse than no training, yet every loss was finite (lr too high; review 26b L11).
+    The end is the mean of the last tenth of the steps (3 at least: batches differ)."""
+    if len(log) < 30:  # over the first steps SGD's momentum often overshoots, then falls back
         return
     window = len(log) // 10
-    first, last = sum(log[:window]) / window, sum(log[-window:]) / window
-    if last > 1.1 * first:  # a tenth above: batches of text differ, and so do their losses
+    first, last = log[0], sum(log[-window:]) / window
+    if last > 1.1 * first:  # a tenth above: one batch's loss is not the next one's
         warn(
-            f"The tuned lens's training loss rose from {first:.4g} (its first {window} step(s), "
-            f"near the logit lens's) to {last:.4g} (its last {window}): this lens may decode "
-            f"worse than the logit lens. Pass a smaller lr (e.g. {lr / 10:g}) or more steps.",
+            f"The tuned lens's training loss rose from {first:.4g} (its first step: the logit "
+            f"lens's) to {last:.4g} (the mean of its last {window}): this lens may decode worse "
+            f"than the logit lens. Pass a smaller lr (e.g. {lr / 10:g}) or more steps.",
             UserWarning,
         )
 
@@ -344,9 +345,9 @@ def train_tuned_lens(
             training that diverged (a loss or weights not finite: lr too high).
 
     Warns:
-        UserWarning: Over 10 steps or more, the loss of the last tenth of the steps is more
-            than a tenth above that of the first tenth (the logit lens's, near enough): lr too
-            high, or too few steps.
+        UserWarning: Over 30 steps or more, the mean loss of the last tenth of the steps is
+            more than a tenth above the first step's (the logit lens's): lr too high, or too few
+            steps.
 
     Example:
         >>> import mechprobe as mp

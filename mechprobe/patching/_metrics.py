@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mechprobe.core import as_int, model_adapter, warn
+from mechprobe.core import as_int, model_adapter, token_texts, warn
 
 __all__ = [
     "MetricFn",
@@ -121,7 +121,8 @@ def _pair_ids(
     if same:  # the difference would be 0 there whatever the model did
         token = int(ans[same[0]])
         raise ValueError(
-            f"logit_diff: answer and wrong are the same token ({model.tokenizer.decode([token])!r}, "
+            f"logit_diff: answer and wrong are the same token "
+            f"({token_texts(model.tokenizer, [token])[0]!r}, "
             f"id {token}) for pair(s) {same[:10]}: pass a different wrong answer."
         )
     return ans, other
@@ -162,7 +163,7 @@ def _answer_ids(
             raise ValueError(
                 f"{what} {v!r} is {len(toks)} tokens {toks}: patching metrics read one next-token "
                 f"logit, so pass a single-token answer (e.g. its first token "
-                f"{model.tokenizer.decode(toks[:1])!r}) or a token id."
+                f"{token_texts(model.tokenizer, toks[:1])[0]!r}, id {int(toks[0])}) or a token id."
             )
         ids.append(int(toks[0]))
     if check_space:

@@ -748,7 +748,7 @@ def causal_trace(
             )
         tokens = [_answer_tokens(model, a) for a in given]
         longer = [
-            f"{a!r} -> {model.tokenizer.decode(t[:1])!r}"
+            f"{a!r} -> {token_texts(model.tokenizer, t[:1])[0]!r}"
             for a, t in zip(given, tokens, strict=True)
             if len(t) > 1
         ]
