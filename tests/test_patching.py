@@ -182,7 +182,7 @@ def test_every_position_at_once_equals_transformerlens_all_pos_patching(tiny, tm
     assert res.values.shape == (tiny.cfg.n_layers * tiny.cfg.n_heads, 1)
     np.testing.assert_allclose(res.values[:, 0], theirs.reshape(-1), atol=1e-4)
     frame = res.to_frame()
-    assert frame["position"].isna().all() and (frame["token"] == "all positions").all()
+    assert frame["position"].isna().all() and (frame["position_label"] == "all positions").all()
     assert res.plot().axes[0].get_title().replace("\n", " ").endswith("(all positions)")
     # head_matrix lays the cells out as TransformerLens's [layers, heads] grid.
     np.testing.assert_allclose(res.head_matrix(normalised=False), theirs.numpy(), atol=1e-4)
@@ -467,7 +467,7 @@ def test_result_frame_plot_and_json(tiny, tmp_path):
         "layer",
         "head",
         "position",
-        "token",
+        "position_label",
         "value",
         "normalised",
         "effect",

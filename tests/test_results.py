@@ -640,6 +640,15 @@ def test_a_column_name_holds_one_kind_of_value_in_every_frame(tiny):
     assert not narrow, narrow
     mixed = {c: uses for c, uses in seen.items() if len(set(uses.values())) > 1}
     assert not mixed, "\n".join(f"{c}: {uses}" for c, uses in mixed.items())
+    # a token's own text: PatchResult's labels ("␣", "c/b") were a "token" column too
+    differing = mp.patch(tiny, "Hi cat", "Hi bat", "mlp_out", "all", mp.logit_diff(1, 2))
+    frames["PatchResult (tokens differ).to_frame"] = differing.to_frame()
+    labels = [
+        where
+        for where, frame in frames.items()
+        if "token" in frame.columns and frame["token"].astype(str).str.contains("␣|/").any()
+    ]
+    assert not labels, labels
 
 
 def test_conditions_name_the_unedited_run_and_random_controls_one_way(tiny):

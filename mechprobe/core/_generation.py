@@ -139,7 +139,9 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
 
     def to_frame(self) -> pd.DataFrame:
         """One row per generated token: prompt index, step, ``token_id``, ``token`` (its text, as
-        in every frame), log-probability.
+        in every frame), log-probability. A token holding part of a character reads as its bytes
+        (``<0xE2>``), so the ``token`` column joined equals ``completions`` only where every token
+        holds whole characters.
 
         Example:
             >>> import mechprobe as mp

@@ -428,7 +428,9 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
 
     def to_frame(self) -> pd.DataFrame:
         """One row per cell: site, kind, layer, head, position (as asked: ``-1`` is each pair's
-        last token), token, value, normalised, effect, spread (standard deviation over pairs),
+        last token), position_label (the position's token as drawn: whitespace shown as ``␣``,
+        ``clean/corrupt`` where a pair's tokens differ; ``token`` in other frames is a token's
+        own text), value, normalised, effect, spread (standard deviation over pairs),
         random_value and random_effect (the controls' mean metric and its change from the edited
         run, beside ``value`` and ``effect``), random_std (standard deviation of the per-seed
         means), random_normalised, metric, direction.
@@ -454,7 +456,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
                 "layer": np.repeat(self.layers, n_pos),
                 "head": head_column(np.repeat(np.array(self.heads, dtype=object), n_pos)),
                 "position": np.tile(positions, n_sites),
-                "token": np.tile(self.position_labels, n_sites),
+                "position_label": np.tile(self.position_labels, n_sites),
                 "value": self.values.ravel(),
                 "normalised": self.normalised.ravel(),
                 "effect": self.effect.ravel(),
@@ -475,8 +477,9 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         Example:
             >>> import mechprobe as mp
             >>> res = mp.patch(mp.tiny_model(), "ab", "ac", "mlp_out", -1, mp.logit_diff(1, 2))
-            >>> list(res.summary().columns)
-            ['what', 'site', 'position', 'token', 'value', 'normalised', 'spread', 'random_value']
+            >>> list(res.summary().columns)  # doctest: +NORMALIZE_WHITESPACE
+            ['what', 'site', 'position', 'position_label', 'value', 'normalised', 'spread',
+             'random_value']
         """
         frame = self.to_frame()
         check_int(top, "top", 0)
@@ -493,7 +496,9 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
                  "normalised": 0.0 if defined else np.nan},
             ]  # fmt: skip
         what = "ablated cell" if self.is_ablation else "patched cell"
-        keys = ("site", "position", "token", "value", "normalised", "spread", "random_value")
+        keys = (
+            "site", "position", "position_label", "value", "normalised", "spread", "random_value"
+        )  # fmt: skip
         picked = largest.head(top).to_dict("records")
         rows += [{"what": what, **{k: r[k] for k in keys}} for r in picked]
         columns = ["what", *keys]
