@@ -148,10 +148,7 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
             )
             pos = self.positions[b, k]
             top1 = self.top_ids[b, e, k, 0]
-            # NaN in the arrays' own dtype: a bare np.nan made the columns float64 without
-            # targets and float32 with them, and frames concatenated changed dtype.
-            no_prob = np.full(len(e), np.nan, dtype=self.position_prob.dtype)
-            no_logprob = np.full(len(e), np.nan, dtype=self.target_logprob.dtype)
+            missing = np.full(len(e), np.nan)  # no target (the frame's floats are float64)
             frame = {
                 "lens": self.lens,
                 "prompt": np.full(len(e), b),
@@ -160,11 +157,11 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
                 "token": np.asarray(self.prompt_tokens[b], dtype=object)[pos],
                 "target": np.asarray(self.targets[b], dtype=object)[t] if n_t else None,
                 "rank": pd.array(self.position_rank[b, e, k, t], dtype="Int64") if n_t else pd.NA,
-                "prob": self.position_prob[b, e, k, t] if n_t else no_prob,
+                "prob": self.position_prob[b, e, k, t] if n_t else missing,
                 "logprob": np.where(
                     pos == len(self.prompt_tokens[b]) - 1,
-                    self.target_logprob[b, e, t] if n_t else no_logprob,
-                    no_logprob,
+                    self.target_logprob[b, e, t] if n_t else missing,
+                    missing,
                 ),
                 "entropy": self.entropy[b, e, k],
                 "kl_to_final": self.kl_to_final[b, e, k],

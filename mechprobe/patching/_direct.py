@@ -184,15 +184,16 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
         """
         n, c = self.attributions.shape
         located = self._located()
-        return pd.DataFrame(
+        frame = pd.DataFrame(
             {
                 "prompt": np.repeat(np.arange(n), c),
                 "component": np.tile(np.asarray(self.components, dtype=object), n),
                 **{key: np.tile(np.asarray(col, dtype=object), n) for key, col in located.items()},
                 "positions": positions_text(self.position),
-                "attribution": self.attributions.reshape(-1).astype(np.float64),
+                "attribution": self.attributions.reshape(-1),
             }
         ).astype({"layer": "Int64", "head": "Int64"})
+        return float64_columns(frame)
 
     def _located(self) -> dict[str, Any]:
         """Per component: the frames' location columns ``site``, ``kind``, ``layer``, ``head``
