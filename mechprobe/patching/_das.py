@@ -152,10 +152,15 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
             ['site', 'kind', 'layer', 'head', 'hook', 'k', 'positions', 'condition', 'seed', 'split', 'iia']
         """
         # Each random subspace its own row, as every random control: condition "random" and the
-        # seed that drew it (the _random_basis seeds), so the rows group and the seeds show.
+        # seed that drew it, so the rows group and the seeds show.
         rows: list[dict[str, Any]] = [{"condition": "das", "split": "test", "iia": self.iia["das"]}]
         rows += [
-            {"condition": "random", "seed": self.seed + 1 + j, "split": "test", "iia": float(v)}
+            {
+                "condition": "random",
+                "seed": _random_seed(self.seed, j),
+                "split": "test",
+                "iia": float(v),
+            }
             for j, v in enumerate(self.iia_random)
         ]
         rows += [{"condition": c, "split": "test", "iia": self.iia[c]} for c in ("full", "intact")]
@@ -448,7 +453,10 @@ def das(
 
     hits = accuracy(test, rotation)
     random_iia = np.array(
-        [accuracy(test, _random_basis(wide, k, seed + 1 + j)).mean() for j in range(n_random)]
+        [
+            accuracy(test, _random_basis(wide, k, _random_seed(seed, j))).mean()
+            for j in range(n_random)
+        ]
     )
     iia = {
         "das": float(hits.mean()),
@@ -526,6 +534,12 @@ def _last_logits(model: Any, batch: Any, site: Site, edit: Intervention | None) 
         cause = adapter.nan_causes(batch.attention_mask, left=True)
         raise ValueError(f"das: the model's next-token logits hold NaN or infinity ({cause}).")
     return logits[:, -1]
+
+
+def _random_seed(seed: int, j: int) -> int:
+    """The seed of random subspace ``j`` of a run seeded ``seed`` (``seed`` itself draws the
+    split and the initial subspace)."""
+    return seed + 1 + j
 
 
 def _random_basis(wide: int, k: int, seed: int) -> Tensor:
