@@ -494,3 +494,16 @@ def test_a_collection_of_batch_size_none_is_found_again_by_its_passes(tiny, tmp_
     np.testing.assert_array_equal(whole.values, again.values)
     with pytest.raises(ValueError, match="different collection"):
         mp.collect(tiny, TEXTS, "resid_post", batch_size=1, **kwargs)
+
+
+def test_token_labels_without_offsets_are_the_tokens_texts(tiny: Any, monkeypatch: Any) -> None:
+    # A slow tokenizer has no offsets: each row's token is then its decoded text (and a token
+    # holding part of a UTF-8 character its bytes), never the BPE piece ("Ġ" for a space).
+    text = "a é"
+    fast = mp.collect(tiny, [text], "resid_post", positions="all", progress=False)
+    monkeypatch.setattr(type(tiny.tokenizer), "is_fast", property(lambda self: False))
+    slow = mp.collect(tiny, [text], "resid_post", positions="all", progress=False)
+    ids = tiny.to_tokens(text)[0].tolist()
+    assert slow.position.tolist() == fast.position.tolist() == list(range(1, len(ids)))
+    assert slow.token.tolist() == ["a", " ", "<0xC3>", "<0xA9>"]
+    assert fast.token.tolist()[:2] == slow.token.tolist()[:2]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mechprobe.core import Batch, PaddingSide, as_int, check_positions, tokenize
+from mechprobe.core import Batch, PaddingSide, as_int, check_positions, token_texts, tokenize
 
 _WORD = re.compile(r"\S+")
 _POSITIONS_HELP = (
@@ -314,7 +314,7 @@ def _bos(model: Any) -> int:
 
 
 def _token_text(model: Any, batch: Batch, text: str, i: int, p: int, bos: int, offsets: Any) -> str:
-    if p < bos or offsets is None:
-        return str(model.tokenizer.convert_ids_to_tokens(int(batch.tokens[i, p])))
+    if p < bos or offsets is None:  # the token's own text ("Ġthe" is its BPE piece)
+        return token_texts(model.tokenizer, [int(batch.tokens[i, p])])[0]
     start, end = offsets[i][p - bos]
     return text[start:end]
