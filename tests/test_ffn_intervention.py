@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -160,6 +162,9 @@ def test_sweep_cells_match_single_interventions(tiny):
     cell, scale = grid.best("ovector", "mean_rank")
     r, s_ = grid.layers.index(cell), grid.scales.index(scale)
     assert grid.mean_rank[0, r, s_] == grid.mean_rank[0].min()
+    # no_effect is lower-is-better too: its best cell is where the vector changed most tops.
+    planted = replace(grid, no_effect=np.array([[[1.0, 0.5], [0.0, 1.0]]] * 2))
+    assert planted.best("ovector", "no_effect") == (grid.layers[1], grid.scales[0])
     assert mp.OVectorSweep.from_dict(grid.to_dict()).to_frame().equals(grid.to_frame())
     assert grid.plot().axes
     # rates on 0-1 whatever the data (scaled to the data, a 0.08 rate was drawn as bright as 1)

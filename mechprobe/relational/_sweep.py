@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 __all__ = ["OVectorSweep", "ovector_sweep", "tuned_intervention"]
 
 _METRICS = ("top1", "mrr", "mean_rank", "no_effect")
+# Metrics where a lower value means the vector moved the answer more (a rank, a no-effect rate).
+_LOWER_IS_BETTER = ("mean_rank", "no_effect")
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -111,8 +113,8 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
     def best(
         self, condition: str = "ovector", metric: str = "mrr"
     ) -> tuple[tuple[int, ...], float]:
-        """The (layer set, scale) cell where ``condition`` scores highest on ``metric`` (lowest
-        for ``mean_rank``; the first such cell on ties).
+        """The (layer set, scale) cell where ``condition`` scores best on ``metric``: highest,
+        lowest for ``mean_rank`` and ``no_effect`` (the first such cell on ties).
 
         ``metric`` defaults to ``"mrr"``, the metric the repr, :func:`tuned_intervention` and
         :func:`mechprobe.relational_analysis` choose cells by (top-1 ties at 0 on most cells
@@ -120,7 +122,7 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
         """
         grid = self._grid(condition, metric)
         r, s = np.unravel_index(
-            int(np.argmax(-grid if metric == "mean_rank" else grid)), grid.shape
+            int(np.argmax(-grid if metric in _LOWER_IS_BETTER else grid)), grid.shape
         )
         return self.layers[int(r)], self.scales[int(s)]
 
@@ -207,7 +209,8 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
 
     def _heatmap(self, ax: Axes, name: str, metric: str, vmax: float) -> Any:
         grid = self._grid(name, metric)
-        cmap = "viridis_r" if metric == "mean_rank" else "viridis"
+        lower = metric in _LOWER_IS_BETTER  # drawn reversed: a bright cell is a better one
+        cmap = "viridis_r" if lower else "viridis"
         image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=0, vmax=vmax)
         ax.set_xticks(range(len(self.scales)), [f"{s:g}" for s in self.scales])
         ax.set_yticks(range(len(self.layers)), [_span(c) for c in self.layers], fontsize=7)
@@ -215,7 +218,7 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
         ax.set_title(literal(name), fontsize=9)
         for (r, s), v in np.ndenumerate(grid):
             text = f"{v:.0f}" if metric == "mean_rank" else f"{v:.2f}"
-            light = v < 0.6 * vmax if metric != "mean_rank" else v > 0.4 * vmax
+            light = v > 0.4 * vmax if lower else v < 0.6 * vmax
             ax.text(s, r, text, ha="center", va="center", fontsize=6,
                     color="white" if light else "black")  # fmt: skip
         return image
