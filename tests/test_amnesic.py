@@ -625,10 +625,19 @@ def test_probes_after_erasing_one_head_read_the_residual_stream(kind) -> None:
     texts = ["Hi you there", "A cat sat", "The dog ran", "Hey man now"] * 3
     site = mp.Site(kind, 1, head=0)
     eraser = mp.random_projection(64 if kind == "head_out" else 16, 2, seed=1)
-    res = amnesic(model, site, eraser, text=texts[:2], probe=(texts, [0, 1] * 6), n_random=0,
+    res = amnesic(model, site, eraser, text=texts[:2], probe=(texts, [0, 1] * 6), n_random=1,
                   dropout=False, progress=False)  # fmt: skip
-    read = res.to_frame()["probe_site"].dropna().unique().tolist()
+    frame = res.to_frame()
+    read = frame["probe_site"].dropna().unique().tolist()
     assert read == ["resid_post@1", "resid_post@2"]
+    # The erased head's own probe is its layer's: selectivity and headline report it (they
+    # looked it up under the head's label, found nothing and said "not run").
+    at = frame[(frame.probe_site == "resid_post@1") & (frame.probe == "linear")]
+    value = at.set_index("condition")["value"]
+    assert res.headline()["probe_accuracy_after"] == pytest.approx(value["erased"])
+    assert res.selectivity()["probe_accuracy"] == pytest.approx(
+        (value["intact"] - value["erased"]) - (value["intact"] - value["random"])
+    )
 
 
 def test_one_panel_plots_any_measured_metric() -> None:

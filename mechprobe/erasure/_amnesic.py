@@ -198,7 +198,7 @@ def amnesic(
             raise TypeError(f"task must be a Task or a task name, got {type(task).__name__}.")
         measures += task_measures(model, target, task_obj, conditions, **kw)
         counts["task_items"] = len(task_obj)
-    majority = None
+    majority, probe_hook = None, None
     if probe is not None:
         layer = parsed.layer if parsed is not None else None
         # A head's site has no whole-layer activation of its kind to probe (Site("head_out", l)
@@ -206,6 +206,11 @@ def amnesic(
         head_site = parsed is not None and parsed.kind in HEAD_KINDS
         kind = parsed.kind if parsed is not None and not head_site else "resid_post"
         sites = _probe_sites(model, hook, kind, layer, probe_layers)
+        # The probe that reports the erased site itself: a head's is its layer's residual stream.
+        if head_site and layer is not None:
+            probe_hook = resolve_site(model, Site(kind, layer))[0]
+        else:
+            probe_hook = hook
         info = information_measures(
             model,
             target,
@@ -232,6 +237,7 @@ def amnesic(
         counts=counts,
         seed=seed,
         model_name=model_adapter(model).name,
+        probe_hook=probe_hook,
     )
 
 

@@ -105,6 +105,9 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         seed: The seed the call took (None in files saved before results recorded it).
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        probe_hook: The hook whose probe reports the erased site itself (:meth:`selectivity`,
+            :meth:`headline`): ``site`` for a whole site; for a head, whose site has no
+            activation of its own to probe, the residual stream after its layer. None: ``site``.
 
     Saved as JSON, the record starts with the headline numbers of :meth:`headline` (what
     ``mechprobe erase`` prints), then every field.
@@ -129,6 +132,7 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
     counts: dict[str, int] = field(default_factory=dict)
     seed: int | None = None
     model_name: str = ""
+    probe_hook: str | None = None
 
     # --- reading numbers -----------------------------------------------------------------------
 
@@ -197,12 +201,16 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         for metric in sorted({m.metric for m in self.measures}):
             kw: dict[str, Any] = {}
             if metric == "probe_accuracy":
-                kw = {"site": self.site, "probe": "linear"}
+                kw = self._at_site()
             real, _ = self.effect(metric, "erased", **kw)
             rand, _ = self.effect(metric, "random", **kw)
             if real is not None and rand is not None:
                 out[metric] = real - rand
         return out
+
+    def _at_site(self, probe: str = "linear") -> dict[str, Any]:
+        """The keywords that select the probe reporting the erased site itself."""
+        return {"site": self.probe_hook or self.site, "probe": probe}
 
     @property
     def probe_sites(self) -> list[str]:
@@ -326,8 +334,7 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
             >>> r.headline()["lm_kl"], r.headline()["task_accuracy_before"]
             (0.1, None)
         """
-        at_site = {"site": self.site, "probe": "linear"}
-        mlp = {"site": self.site, "probe": "mlp"}
+        at_site, mlp = self._at_site(), self._at_site("mlp")
 
         def mean(metric: str, condition: str, **kw: Any) -> float | None:
             return _finite(self.mean_std(metric, condition, **kw)[0])

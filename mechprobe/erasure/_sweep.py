@@ -126,9 +126,7 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
             where = r._erased_site()
             for metric in sorted({m.metric for m in r.measures}):
                 # Probe accuracy at the erased site, linear probe (as AmnesicResult.selectivity).
-                kw: dict[str, Any] = (
-                    {"site": r.site, "probe": "linear"} if metric == "probe_accuracy" else {}
-                )
+                kw: dict[str, Any] = r._at_site() if metric == "probe_accuracy" else {}
                 real, _ = r.effect(metric, "erased", **kw)
                 if real is None:
                     continue
@@ -179,7 +177,7 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
         rank = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
         # Counted as the panels read them (probe accuracy: one value per probed site and seed)
         n_random = max(
-            len(r.values("probe_accuracy", "random", site=r.site, probe="linear"))
+            len(r.values("probe_accuracy", "random", **r._at_site()))
             if metrics[0] == "probe_accuracy"
             else len(r.values(metrics[0], "random"))
             for r in self.results
@@ -231,8 +229,7 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
             ("random", "#8c8c8c"),
         ):
             vals = [
-                r.mean_std("probe_accuracy", condition, site=r.site, probe="linear")[0]
-                for r in self.results
+                r.mean_std("probe_accuracy", condition, **r._at_site())[0] for r in self.results
             ]
             ax.plot(
                 x,
