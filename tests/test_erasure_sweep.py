@@ -154,6 +154,13 @@ def test_sites_pick_the_kind_and_kind_is_its_old_name(
     with pytest.warns(DeprecationWarning, match=r"^layer_sweep\(positions=None\)") as caught:
         layer_sweep(tiny, letters, [1], "leace", sites="mlp_out", positions=None, **kw)
     assert len([w for w in caught if "positions=None" in str(w.message)]) == 1
+    # Word-level data is read (and the eraser fitted) at every word: erasing each text's last
+    # token only measured an erasure of almost nothing. Refused before the collection.
+    words = mp.ProbingDataset("w", ("ab ba", "aa bb") * 5, (("x", "y"), ("y", "x")) * 5, "word")
+    with pytest.raises(ValueError, match=r"word-level.*positions='all'"):
+        layer_sweep(tiny, words, [1], "leace", **kw)
+    every_word = layer_sweep(tiny, words, [1], "leace", positions="all", **kw)
+    assert every_word.results[0].positions == "all"
 
 
 def test_cli_erase_writes_projection_result_and_figures(tmp_path: Any) -> None:

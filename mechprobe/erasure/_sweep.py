@@ -282,8 +282,9 @@ def layer_sweep(
             Sites / hook names (then ``layers`` does not apply to them).
         text, task, probe: Evaluation data, as for :func:`mechprobe.amnesic`; ``probe`` is only
             probed at the erased layer (pass ``data`` itself to check the erasure holds).
-        positions: Positions erased (default ``-1``: each prompt's last token, where ``data``
-            is read and the erasure was fitted; ``"all"`` erases everywhere).
+        positions: Positions erased (default ``-1``: each prompt's last token, where
+            text-level ``data`` is read and the erasure was fitted; ``"all"`` erases everywhere,
+            and is the only choice for word-level ``data``, read at every word).
         n_random: Random controls of equal rank per layer.
         mlp: Also fit MLP probes (as for :func:`mechprobe.amnesic`, where it is on by default;
             off here, as a sweep fits them again at every site).
@@ -314,6 +315,15 @@ def layer_sweep(
         raise ValueError("Nothing to measure: pass text=[...], task='capitals' and/or probe=data.")
     seed = check_seed(seed)
     positions = _check_positions(positions, "layer_sweep")  # warns under its own name
+    if getattr(data, "level", "text") == "word" and positions != "all":
+        # Its rows are every word's last token: fitted there, erased at one position a text,
+        # the KL and task numbers measured an erasure of almost nothing, without a word.
+        where = "each text's last token" if positions == -1 else "those positions"
+        raise ValueError(
+            f"data {getattr(data, 'name', '')!r} is word-level: the eraser is fitted on every "
+            f"word, but positions={positions!r} erases only {where}. Pass positions='all' (as "
+            "Elazar et al. erase word-level concepts), or text-level data."
+        )
     options = dict(fit_options or {})
     fit_seed = options.pop("seed", seed)  # a seed among the fit options is the fits' own
     found = expand_sites(model, sites, layers=layers, kinds=_KINDS, what="sites")
