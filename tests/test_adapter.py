@@ -350,6 +350,17 @@ def test_same_weights_give_the_same_numbers_under_both_kinds(arch: str) -> None:
 
 
 @needs_hooked
+def test_a_tuned_lens_is_not_trained_through_a_hooked_cap() -> None:
+    # The lens's logits are the plain unembedding's, the targets the model's capped ones: the
+    # refusal read only a bridge's adapter, so on a HookedTransformer (the cap in its cfg) the
+    # translators were fitted to the wrong distribution without a word.
+    capped = tiny_of("hooked")
+    capped.cfg.output_logits_soft_cap = 2.0
+    with pytest.raises(ValueError, match="soft cap"):
+        mp.train_tuned_lens(capped, "train", n_tokens=32, seq_len=16, tokens_per_step=16)
+
+
+@needs_hooked
 def test_a_hooked_soft_cap_is_part_of_every_readout() -> None:
     """HookedTransformer applies cfg.output_logits_soft_cap inside its forward (Gemma 2): every
     reader of hidden states must apply it too."""

@@ -5,8 +5,8 @@ identity (``W = 0, b = 0`` in ``h + h @ W.T + b``), the loss is the sum over tra
 mean ``KL(p_final || p_lens)`` over tokens (the current token's distribution, no shift), SGD with
 Nesterov momentum 0.9 at learning rate 1 (applied as ``lr * (1 - momentum)``, which undoes
 PyTorch's momentum scaling), weight decay 1e-3, gradients clipped to norm 1, the learning rate
-decaying linearly to 0 (Adam: AMSGrad, lr 1e-3, a linear warm-up over the first fifth). Every step
-reads fresh tokens: the model runs on the step's windows and the hidden states of every translated
+decaying linearly to 0 (Adam: AMSGrad, lr 1e-3, a linear warm-up over the first fifth, at most
+1,000 steps). Every step reads fresh tokens: the model runs on the step's windows and the hidden states of every translated
 site are kept for that step only, so memory is bounded by one step's
 ``[sites, tokens, d_model]`` whatever the number of tokens.
 
@@ -72,8 +72,8 @@ _CHECKPOINT_FORMAT = "mechprobe.TunedLensCheckpoint"
 
 def _identity_transform(model: Any) -> bool:
     """Whether the model's post-unembedding transform (e.g. a soft cap) is the identity."""
-    transform = getattr(getattr(model, "adapter", None), "apply_output_logits_transform", None)
-    if not callable(transform):
+    transform = model_adapter(model).output_transform  # a bridge's adapter or a hooked cfg's cap
+    if transform is None:
         return True
     probe = torch.linspace(-200.0, 200.0, 401, dtype=torch.float32)[None]
     return bool(torch.equal(transform(probe.clone()), probe))
@@ -323,7 +323,8 @@ def train_tuned_lens(
         lr: Learning rate (default 1.0 for SGD, applied as ``lr * (1 - momentum)``; 1e-3 for Adam).
         momentum: SGD momentum, or Adam's beta1.
         weight_decay: Decay towards the identity translator.
-        warmup_steps: Linear warm-up steps (default 0 for SGD, a fifth of the steps for Adam).
+        warmup_steps: Linear warm-up steps (default 0 for SGD, a fifth of the steps for Adam, at
+            most 1,000).
         precision: ``"bfloat16"`` (the unembedding products take bfloat16 inputs, accumulate in
             float32), ``"float32"``, or ``"auto"`` (the default): bfloat16 where the model's
             device multiplies it natively (:func:`mechprobe.core.native_bfloat16`), float32
