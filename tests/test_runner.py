@@ -469,3 +469,17 @@ def test_capture_takes_a_kind_a_site_or_a_hook_name_alone(tiny) -> None:
     assert [str(s) for s in mixed.captures] == [
         "mlp_out@0", "mlp_out@1", "mlp_out@2", "blocks.0.hook_resid_pre"
     ]  # fmt: skip
+
+
+def test_a_mean_ablation_after_the_blocks_is_measured_on_the_whole_pass(tiny) -> None:
+    # The measuring pass always ended at the last block, so a mean at ln_final never came:
+    # "never ran" warned, then "no token of the text was selected" blamed the prompts.
+    site = "ln_final.hook_normalized"
+    per_prompt = []
+    for prompt in PROMPTS:
+        _, cache = tiny.run_with_cache(tiny.to_tokens(prompt))
+        per_prompt.append(cache[site][0, 1:].double())  # the text's tokens: BOS left out
+    mean = torch.cat(per_prompt).mean(0)
+    out = mp.run(tiny, PROMPTS, {site: mp.Ablate("mean")}, logit_positions=-1, batch_size=1)
+    expected = (mean.float() @ tiny.W_U + tiny.b_U).expand(len(PROMPTS), -1)
+    torch.testing.assert_close(out.logits[:, 0], expected, atol=1e-4, rtol=0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -312,7 +312,7 @@ def run(
     check_positions(spec, batch)  # every prompt's positions, before the first chunk runs
     if _pooled_means(spec):
         spec = dict(batch_means(model, batch, spec, batch_size))
-    early = not any(name.startswith(_AFTER_BLOCKS) for name in names)
+    early = not _past_the_blocks(names)
     # Hooks the user left on the unembedding act in model(tokens): the readout from the last
     # block would skip them (a patch's clean baseline 2.57 where the model says 3.57, review 21a).
     early = early and not model_adapter(model).attached_hooks(*_AFTER_BLOCKS)
@@ -474,10 +474,13 @@ def batch_means(
             else:
                 probe.setdefault(key, []).append(item)
     final_name = f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post"
+    # The measuring pass may end at the last block unless a mean is taken after it.
+    whole = _past_the_blocks(resolve_site(model, key)[0] for key in probe)
     with torch.no_grad():
         for _, chunk in batch.chunks(batch_size):
             hooks: dict[SiteLike, list[Intervention]] = dict(probe)
-            hooks[final_name] = [*probe.get(final_name, []), _Final(None)]
+            if not whole:
+                hooks[final_name] = [*probe.get(final_name, []), _Final(None)]
             with contextlib.suppress(StopForward), intervene(model, hooks, batch=chunk):
                 forward(model, chunk)
     resolved: dict[SiteLike, list[Intervention]] = {}
@@ -499,6 +502,12 @@ def batch_means(
 
 # Hooks that run after the last block: with any of them, run() needs the model's whole forward.
 _AFTER_BLOCKS = ("ln_final", "unembed")
+
+
+def _past_the_blocks(names: Iterable[str]) -> bool:
+    """Whether any of the hooks ``names`` runs after the last block (a pass that ends there, as
+    the readout's and the means' do, would never reach it)."""
+    return any(name.startswith(_AFTER_BLOCKS) for name in names)
 
 
 class _Final(Intervention):

@@ -6,8 +6,8 @@ mean ``KL(p_final || p_lens)`` over tokens (the current token's distribution, no
 Nesterov momentum 0.9 at learning rate 1 (applied as ``lr * (1 - momentum)``, which undoes
 PyTorch's momentum scaling), weight decay 1e-3, gradients clipped to norm 1, the learning rate
 decaying linearly to 0 (Adam: AMSGrad, lr 1e-3, a linear warm-up over the first fifth, at most
-1,000 steps). Every step reads fresh tokens: the model runs on the step's windows and the hidden states of every translated
-site are kept for that step only, so memory is bounded by one step's
+1,000 steps). Every step reads fresh tokens: the model runs on the step's windows and the hidden
+states of every translated site are kept for that step only, so memory is bounded by one step's
 ``[sites, tokens, d_model]`` whatever the number of tokens.
 
 What costs is the vocabulary: each translated vector is decoded to 49k logits and the gradient
