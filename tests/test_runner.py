@@ -483,3 +483,19 @@ def test_a_mean_ablation_after_the_blocks_is_measured_on_the_whole_pass(tiny) ->
     out = mp.run(tiny, PROMPTS, {site: mp.Ablate("mean")}, logit_positions=-1, batch_size=1)
     expected = (mean.float() @ tiny.W_U + tiny.b_U).expand(len(PROMPTS), -1)
     torch.testing.assert_close(out.logits[:, 0], expected, atol=1e-4, rtol=0)
+
+
+def test_per_prompt_vectors_are_cut_to_each_chunk(tiny) -> None:
+    # Only Replace was cut to a chunk's rows: a per-prompt Add vector (or Ablate mean) worked
+    # with batch_size=None and failed at batch_size=1 with torch's bare "expanded size" error.
+    gen = torch.Generator().manual_seed(0)
+    vectors = torch.randn(len(PROMPTS), 1, 64, generator=gen)
+    site = mp.Site("resid_post", 0)
+    for make in (lambda v: mp.Add(v, positions=-1), lambda v: mp.Ablate(mean=v, positions=-1)):
+        kw = {"logit_positions": -1}
+        whole = mp.run(tiny, PROMPTS, {site: make(vectors)}, batch_size=None, **kw)
+        chunked = mp.run(tiny, PROMPTS, {site: make(vectors)}, batch_size=1, **kw)
+        torch.testing.assert_close(chunked.logits, whole.logits, atol=1e-5, rtol=0)
+        for i, prompt in enumerate(PROMPTS):  # each prompt ran with its own vector
+            alone = mp.run(tiny, [prompt], {site: make(vectors[i])}, **kw)
+            torch.testing.assert_close(whole.logits[i], alone.logits[0], atol=1e-5, rtol=0)

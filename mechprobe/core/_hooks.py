@@ -381,6 +381,8 @@ class Replace(Intervention):
 class Add(Intervention):
     """Add ``scale * vector`` to the activation (a steering vector, an FFN update o).
 
+    ``vector`` broadcasts to the selection ``[batch, k, d]``: ``[d]``, ``[k, d]`` or
+    ``[batch, k, d]`` (one per prompt; :func:`mechprobe.run` cuts it to each chunk's rows).
     A ``vector`` that requires a gradient keeps it (as the tensors of :class:`Replace`,
     ``Ablate(mean=)`` and ``Project(matrix)`` do), so a vector can be trained through
     :func:`intervene`, pyvene's ``AdditionIntervention``; the model's own parameters collect
@@ -419,7 +421,8 @@ class Ablate(Intervention):
     Args:
         method: ``"zero"`` or ``"mean"``; by default ``"mean"`` when ``mean`` is given, else
             ``"zero"`` (``Ablate(mean=v)`` is a mean-ablation to ``v``).
-        mean: The reference mean ``[d]`` for mean-ablation (e.g. over a dataset). When None, the
+        mean: The reference mean ``[d]`` for mean-ablation (e.g. over a dataset; ``[k, d]`` or
+            ``[batch, k, d]`` broadcast as :class:`Replace`'s value). When None, the
             mean over the real tokens at the selected positions is used: in :func:`mechprobe.run`
             over all its prompts (one extra pass computes it first, so the result does not depend
             on ``batch_size``), under :func:`intervene` over the batch forwarded (which
