@@ -32,6 +32,10 @@ def test_run_of_a_float64_model_agrees_with_its_own_forward(model64):
             hand = model64(model64.to_tokens(prompt))[0, -1]
             # run's readout is float32 (documented): agreement to float32 rounding.
             torch.testing.assert_close(got[i, 0].double(), hand, rtol=0, atol=2e-5)
+    # With an edit after the blocks the model's own forward makes the logits: float32 too (they
+    # came back float64 there, float32 without the edit).
+    late = mp.run(model64, batch, {"ln_final.hook_normalized": mp.Add(torch.zeros(64))})
+    assert got.dtype == late.logits.dtype == torch.float32
 
 
 def test_left_padding_on_a_float64_bridge_is_refused_by_name(model64):

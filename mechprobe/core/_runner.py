@@ -54,8 +54,8 @@ class RunResult:
     """Logits and captured activations of one :func:`run`.
 
     Attributes:
-        logits: ``[batch, k, vocab]`` at the requested positions (``k = seq`` for ``"all"``, in the
-            batch's padded layout, zeros at padding).
+        logits: ``[batch, k, vocab]`` float32 at the requested positions (``k = seq`` for
+            ``"all"``, in the batch's padded layout, zeros at padding), whatever the model's dtype.
         captures: ``{site: tensor}`` for each requested capture, ``[batch, k or seq, ...]`` (zeros
             at padding where every position is kept). An attention map is query-major and keeps
             every key: ``[batch, k or seq, seq]`` for a ``pattern`` Site, ``[batch, k or seq,
@@ -356,7 +356,7 @@ def run(
                 out = readout(model, final.value)
             else:
                 with intervene(model, merged, batch=chunk):
-                    out = forward(model, chunk)
+                    out = forward(model, chunk).float()  # float32, as the readout's
                 if local is not None:
                     out = out[torch.arange(len(chunk))[:, None], local]
             # The early pass's readout (or an index) made ``out``: run's own tensor, used in place.
