@@ -72,7 +72,7 @@ from mechprobe.core._results import Result, literal, new_axes, token_label
 from mechprobe.core._runner import (
     _items,
     _rows_of,
-    check_positions,
+    check_spec_positions,
     forward,
     refuse_gradient,
     run,
@@ -326,7 +326,7 @@ def generate(
         for item in _items(value):
             _check_item(key, site, item)
     batch = _left_padded(model, prompts)
-    check_positions(spec, batch)  # a position outside some prompt fails before any pass
+    check_spec_positions(spec, batch)  # a position outside some prompt fails before any pass
     adapter = model_adapter(model)
     functions = any(is_hook_function(item) for value in spec.values() for item in _items(value))
     cached = _use_cache(adapter.kind, use_cache, functions)

@@ -120,10 +120,7 @@ class StopForward(Exception):
 class Intervention:
     """Base class: selects positions (and a head), edits the selection, writes it back.
 
-    Subclasses implement :meth:`edit`, which receives the selected activations
-    ``[batch, k, ...]`` (or ``[batch, seq, ...]`` when ``positions`` is None) and returns the
-    new values, or None to keep the selection as it is: unchanged, or as the edit changed it in
-    place (TransformerLens's habit, which takes effect at chosen positions too).
+    Subclasses implement :meth:`edit` (its docstring says what it receives and returns).
 
     Args:
         positions: Positions to act on (None: all; negative: from each row's last real token).
@@ -144,6 +141,19 @@ class Intervention:
         self.positions = positions
 
     def edit(self, selected: Tensor, hook: Any) -> Tensor | None:
+        """The new values of the selection: what a subclass implements.
+
+        Args:
+            selected: The activations at the chosen positions, ``[batch, k, ...]`` (``[batch,
+                seq, ...]`` when ``positions`` is None; one head's ``[..., d_head]`` for a
+                head's site).
+            hook: TransformerLens's hook point (``hook.name`` is the hook's name).
+
+        Returns:
+            The new values, shaped as ``selected``; or None to keep the selection as it is:
+            unchanged, or as the edit changed it in place (TransformerLens's habit, which takes
+            effect at chosen positions too).
+        """
         raise NotImplementedError
 
     def check_width(self, width: int) -> None:
@@ -778,11 +788,13 @@ def _hooks_for(
             head = site.head if site is not None and kind != "head_out" else None
             index = _index(batch, positions)
             mask = None if batch is None else batch.attention_mask
-            fn = item._hook(index, head, text)
             if index is not None and batch is None:
-                fn = _relative_to_seq(fn, index, item, head)
-            elif batch is not None:
-                fn = _checked_shape(fn, batch)
+                # No batch: positions are resolved per call, against the activation's length.
+                fn = _relative_to_seq(index, item, head)
+            else:
+                fn = item._hook(index, head, text)
+                if batch is not None:
+                    fn = _checked_shape(fn, batch)
             if is_attention_map(name if site is None else site):
                 causal = getattr(model.cfg, "attention_dir", "causal") == "causal"
                 keys = key_mask if key_mask is not None else mask
@@ -1109,9 +1121,10 @@ _WRONG_BATCH = (
 
 
 def _relative_to_seq(
-    fn: Callable[..., Tensor | None], index: Tensor, item: Intervention, head: int | None
+    index: Tensor, item: Intervention, head: int | None
 ) -> Callable[..., Tensor | None]:
-    """Resolve negative positions against the activation's own length (no batch given)."""
+    """``item``'s hook with ``index`` resolved against each activation's own length (no batch
+    given, so no mask and no text mask either: one unpadded row)."""
 
     def wrapped(activation: Tensor, hook: Any) -> Tensor | None:
         if activation.shape[0] > 1:

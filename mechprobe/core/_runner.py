@@ -46,7 +46,7 @@ from mechprobe.core._sites import (
     resolve_site,
 )
 
-__all__ = ["RunResult", "batch_means", "check_positions", "forward", "refuse_gradient", "run"]
+__all__ = ["RunResult", "batch_means", "check_spec_positions", "forward", "refuse_gradient", "run"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -310,7 +310,7 @@ def run(
                 )
             refuse_gradient(key, item, "run()")
             refuse_map_mean(key, item)
-    check_positions(spec, batch)  # every prompt's positions, before the first chunk runs
+    check_spec_positions(spec, batch)  # every prompt's positions, before the first chunk runs
     if _pooled_means(spec):
         spec = dict(batch_means(model, batch, spec, batch_size))
     early = not _past_the_blocks(names)
@@ -552,7 +552,7 @@ def _zero_padding(values: Tensor, chunk: Batch, own: bool = False) -> Tensor:
     return values.masked_fill(~mask.reshape(shape), 0)
 
 
-def check_positions(spec: InterventionSpec, batch: Batch) -> None:
+def check_spec_positions(spec: InterventionSpec, batch: Batch) -> None:
     """Resolve every intervention's positions (its own, else its site's) on the whole batch, so
     that a position outside some prompt fails before any pass, naming that prompt.
 

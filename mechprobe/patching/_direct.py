@@ -24,7 +24,7 @@ that sum, or whose final norm or logits are not of that form, is refused with th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -597,11 +597,13 @@ def _frozen_final_norm(model: Any, x: Float[Tensor, "n d_model"]) -> tuple[Any, 
     centred = x - x.mean(-1, keepdim=True) if center else x
     scale = (centred.pow(2).mean(-1, keepdim=True) + float(model.cfg.eps)).sqrt()  # [n, 1]
     stored, bias = _norm_parameters(module, x.shape[-1])
-    weight = stored
 
-    def linear(c: Tensor) -> Tensor:  # c [n, ..., d_model]
-        c = c - c.mean(-1, keepdim=True) if center else c
-        return c / scale.reshape(-1, *([1] * (c.ndim - 1))) * weight
+    def linear_with(weight: Tensor) -> Callable[[Tensor], Tensor]:
+        def linear(c: Tensor) -> Tensor:  # c [n, ..., d_model]
+            c = c - c.mean(-1, keepdim=True) if center else c
+            return c / scale.reshape(-1, *([1] * (c.ndim - 1))) * weight
+
+        return linear
 
     with torch.no_grad():
         own = adapter.final_norm(x.to(adapter.device, adapter.dtype)).double().cpu()
@@ -613,8 +615,7 @@ def _frozen_final_norm(model: Any, x: Float[Tensor, "n d_model"]) -> tuple[Any, 
     # readings are tried and the nearer kept: in bfloat16 the tolerance let w pass for 1 + w.
     offs = {}
     for shift in (0.0, 1.0):
-        weight = stored + shift
-        offs[shift] = float((own - (linear(x) + bias)).abs().max())
+        offs[shift] = float((own - (linear_with(stored + shift)(x) + bias)).abs().max())
     best = min(offs, key=offs.__getitem__)
     if offs[best] > tolerance:
         raise ValueError(
@@ -622,8 +623,7 @@ def _frozen_final_norm(model: Any, x: Float[Tensor, "n d_model"]) -> tuple[Any, 
             "w * (x - mean) / std + b, w * x / rms(x) or (1 + w) * x / rms(x) (off by "
             f"{offs[best]:.3g}): no frozen-scale split of its logits is known."
         )
-    weight = stored + best
-    return linear, bias
+    return linear_with(stored + best), bias
 
 
 def _norm_parameters(module: Any, d_model: int) -> tuple[Tensor, Tensor]:
