@@ -79,7 +79,7 @@ def add_parser(sub: Any) -> None:
         "--layers",
         type=layers_type,
         help="FFN layers to write o into: ints, ranges like 20-29 or a mix (0-2,5) "
-        "(default: the function layer on)",
+        "(default: the function layer on; the paper's range starts one layer before it)",
     )
     parser.add_argument("--scale", type=_finite, default=1.0, help="scale of o (default 1)")
     parser.add_argument(

@@ -15,8 +15,9 @@ Each step is a public function, so a researcher can run, vary or replace any of 
 4. :func:`mechprobe.ovector_intervention`: on random-word contexts
    (:func:`mechprobe.random_word_contexts`) holding each correctly answered item's argument (fit
    items: ``in_domain``; the rest: ``held_out``), the FFN outputs of ``layers`` (default: the
-   function layer to the last) are replaced by ``scale * o``, beside every control and the intact
-   model on the same contexts;
+   function layer to the last; the paper's GPT-2 medium range, 18-23 for o read at 19, starts one
+   layer before: ``layers=range(f - 1, n_layers)``) are replaced by ``scale * o``, beside every
+   control and the intact model on the same contexts;
 5. :func:`mechprobe.ffn_ablation`: FFNs are removed top-down in sixths for the task and its
    extractive (or abstractive) counterpart;
 6. optionally :func:`mechprobe.tuned_intervention`: a layer-set x scale sweep on the in-domain
@@ -203,7 +204,9 @@ def relational_analysis(
         n_items: Use a seeded subset of this many items (None, or more than the task has:
             all; ``config["n_items"]`` records the count used).
         layers: FFN layers the o-vector is written into: an int, a range, a list or ``"all"``
-            (None: the function layer to the last).
+            (None: from the function layer, whose FFN wrote o, to the last; Merullo et al.'s
+            18-23 for o read at 19 starts one layer before, as
+            ``range(function_layer - 1, n_layers)`` does).
         scale: Scale of the written vector (finite).
         mode: ``"replace"`` (Merullo et al.) or ``"add"``.
         positions: Positions edited: ``"all"`` (as in the paper), an int (``-1``: each context's
