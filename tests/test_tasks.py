@@ -377,3 +377,19 @@ def test_a_misspelt_task_name_is_answered_with_the_closest_built_ins():
         mp.score_task(mp.tiny_model(), "pasttense")
     with pytest.raises(ValueError, match=r"named 'zzz'\. Built-in tasks: capitals"):
         mp.load_task("zzz")
+
+
+def test_a_prompt_with_other_shot_answers_differs_in_those_answers_only() -> None:
+    # Function vectors' shuffled prompts re-rendered the task's format by hand: one renderer now.
+    task = mp.load_task("capitals").with_shots(3)
+    own = [s.output for s in task.shots]
+    assert task.prompt("Poland", shot_outputs=own) == task.prompt("Poland")
+    swapped = task.prompt("Poland", shot_outputs=[own[1], own[2], own[0]])
+    expected = task.prompt("Poland")
+    for k, answer in enumerate(own):  # each "A: answer\n" line swapped, the rest as rendered
+        expected = expected.replace(f"A: {answer}\n", f"A: <{k}>\n")
+    for k, answer in enumerate([own[1], own[2], own[0]]):
+        expected = expected.replace(f"A: <{k}>\n", f"A: {answer}\n")
+    assert swapped == expected != task.prompt("Poland")
+    with pytest.raises(ValueError, match="one per shot"):
+        task.prompt("Poland", shot_outputs=own[:2])

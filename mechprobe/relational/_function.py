@@ -256,11 +256,7 @@ def shuffled_prompts(task: Task, *, seed: int = 0) -> list[str]:
             # positions (two shots sharing an answer swapped gave the clean prompt back).
             while [outputs[k] for k in order] == outputs:
                 rng.shuffle(order)
-        prefix = "".join(
-            task.template.format(input=s.input) + " " + outputs[k] + task.separator
-            for s, k in zip(task.shots, order, strict=True)
-        )
-        prompts.append(prefix + task.template.format(input=item.input))
+        prompts.append(task.prompt(item.input, shot_outputs=[outputs[k] for k in order]))
     return prompts
 
 

@@ -109,9 +109,7 @@ class Task:
             )
         object.__setattr__(self, "shots", shots)
         object.__setattr__(self, "items", items)
-        prefix = "".join(
-            self.template.format(input=s.input) + " " + s.output + self.separator for s in shots
-        )
+        prefix = _demonstrations(self, [s.output for s in shots])
         object.__setattr__(self, "_prefix", prefix)
 
     def __len__(self) -> int:
@@ -119,15 +117,29 @@ class Task:
 
     # --- prompts -------------------------------------------------------------------------------
 
-    def prompt(self, input: str) -> str:
+    def prompt(self, input: str, *, shot_outputs: Sequence[str] | None = None) -> str:
         """The few-shot prompt for one input (which need not be one of the items).
+
+        Args:
+            input: The input asked about.
+            shot_outputs: The answers the demonstrations show, in shot order, in place of
+                their own (a corrupted prompt: function vectors' shuffled labels); None: their
+                own.
 
         Example:
             >>> load_task("capitals").with_shots(1).prompt("Poland")
             'Q: What is the capital of France?\\nA: Paris\\nQ: What is the capital of Poland?\\nA:'
         """
         check_str("prompt input", input)
-        return self._prefix + self.template.format(input=input)
+        prefix = self._prefix
+        if shot_outputs is not None:
+            if len(shot_outputs) != len(self.shots):
+                raise ValueError(
+                    f"shot_outputs has {len(shot_outputs)} answers for {len(self.shots)} "
+                    f"demonstrations of task {self.name!r}: pass one per shot."
+                )
+            prefix = _demonstrations(self, shot_outputs)
+        return prefix + self.template.format(input=input)
 
     def prompts(self) -> list[str]:
         """One prompt per item, in item order.
@@ -364,6 +376,14 @@ class Task:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON ({err}). {FORMAT_HELP}") from err
         return cls.from_dict(data)
+
+
+def _demonstrations(task: Task, outputs: Sequence[str]) -> str:
+    """The prompt's prefix: each shot asked by the template and answered by ``outputs[k]``."""
+    return "".join(
+        task.template.format(input=shot.input) + " " + answer + task.separator
+        for shot, answer in zip(task.shots, outputs, strict=True)
+    )
 
 
 def list_tasks() -> list[str]:
