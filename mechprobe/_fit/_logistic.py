@@ -45,28 +45,9 @@ of ``X``. Heavy products run in the dtype of ``X`` (float32 is about twice as fa
 reaches ~1e-6 in the gradient); the optimiser state is float64. A class with no examples gets
 zero weights and a bias 50 below the others (its optimum is ``b = -inf``).
 
-Where the time goes (one thread, 30 real SmolLM2 layers x 576, 15 classes): at 1,600 training
-rows the products with ``X`` take 35%, the two preconditioner builds 26%, the triangular solves
-14% and the bias's softmax passes 10%; at 8,000 rows the products 55% and the preconditioner and
-the bias 15% each. A layer takes about 20 evaluations where scikit-learn's unpreconditioned
-lbfgs takes 31-101 iterations (1,600 rows) or 47-98 (3,200).
-
-Tried and not kept: an exact line search on logits kept between steps (logits are linear in the
-weights, so a line costs one product for the direction's logits and Newton on ``(t, bias)``
-needs no pass over ``X``). It cut the evaluations per layer from 18.1 to 14.3 at 2,000 rows, 19.9
-to 18.3 at 4,000, 24.6 to 20.8 at 10,097 and 25.7 to 24.3 at 100,970 (three layers), but its
-Newton took about three softmax passes and two Hessians per step against the bias solve's two
-and one, and wall-clock time stayed the same within the machine's noise (one and two threads,
-AVX2 EPYC, alternating runs). Also tried: a factor per class (``E[p_ik (1 - p_ik) x xᵀ] + l2 I``
-for each class ``k``, re-fitted at the same iterations), which ignores the coupling between
-classes instead of their differences: 22.4 evaluations per layer instead of 18.6 at 4,000 rows,
-and K factors to build and apply. A start from a fit on every fourth row (to tol 1e-3): 24.6
-full-data-equivalent evaluations per layer instead of 22.2 at 10,097 rows (26.2 from every
-eighth row to 1e-2, 25.9 from every second to 3e-4; one thread, no faster): the full fit restarts
-its history and first factor, and the factor, not the distance to the optimum, sets the count.
-Layers started from their neighbours' fits taking a neighbour's last factor instead of building
-their own first one (a Gram matrix saved per layer): 16.8-17.7 evaluations per layer instead of
-13.9 at 2,000 rows, 1.77-1.94 s instead of 1.67 s (one thread, AVX2 paths forced).
+Where the time goes, and the alternatives measured and not kept (an exact line search on the
+logits, a factor per class, a warm start from a subsample, a neighbour's factor reused), are in
+benchmarks/probes.md.
 """
 
 from __future__ import annotations
