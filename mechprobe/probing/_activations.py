@@ -54,6 +54,7 @@ from mechprobe.core import (
     check_batch_size,
     evaluates,
     expand_sites,
+    forward,
     intervene,
     model_adapter,
     progress_bar,
@@ -548,12 +549,10 @@ def _run_chunk(
         site: _Gather(slot, r, c, buffer, name)
         for slot, (name, site) in enumerate(zip(names, sites, strict=True))
     }
-    device = model.W_E.device
-    tokens, mask = chunk.tokens.to(device), chunk.attention_mask.to(device)
     try:
         with intervene(model, gathers, batch=chunk):
-            model(tokens, attention_mask=mask)
-    except StopForward:
+            forward(model, chunk)
+    except StopForward:  # the last gather ends the pass: nothing after its site is needed
         pass
     missing = [name for name, done in zip(names, buffer.filled, strict=True) if not done]
     if missing or buffer.values is None:
