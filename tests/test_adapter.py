@@ -20,6 +20,7 @@ import mechprobe as mp
 from mechprobe.cli import main as cli_main
 from mechprobe.core import _models as models
 from mechprobe.core import model_adapter, readout
+from mechprobe.lens._text import token_windows
 
 
 def _hooked_available() -> bool:
@@ -524,3 +525,20 @@ class _Pieces:
 
     def convert_ids_to_tokens(self, token):
         return self.piece
+
+
+def test_the_prepended_bos_is_one_answer_for_every_reader() -> None:
+    # The lens's text windows and head scores each had a copy of "which BOS does this model put
+    # first"; one adapter property now, None where the model prepends none.
+    model = mp.tiny_model()
+    adapter = model_adapter(model)
+    assert adapter.prepended_bos == model.tokenizer.bos_token_id is not None
+    model.cfg.default_prepend_bos = False
+    try:
+        assert model_adapter(model).prepended_bos is None
+        windows = token_windows(model, "train", seq_len=8, n_windows=2)
+        assert all(row[0] != model.tokenizer.bos_token_id for row in windows.tolist())
+    finally:
+        model.cfg.default_prepend_bos = True
+    first = token_windows(model, "train", seq_len=8, n_windows=2)
+    assert all(row[0] == model.tokenizer.bos_token_id for row in first.tolist())

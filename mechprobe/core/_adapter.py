@@ -223,6 +223,14 @@ class ModelAdapter:
         """Whether text gets a BOS token first by default (``cfg.default_prepend_bos``)."""
         return bool(getattr(self.model.cfg, "default_prepend_bos", True))
 
+    @property
+    def prepended_bos(self) -> int | None:
+        """The BOS id the model puts before a text by default; None where it puts none (or has
+        no tokenizer, or its tokenizer no BOS token)."""
+        tokenizer = getattr(self.model, "tokenizer", None)
+        bos = getattr(tokenizer, "bos_token_id", None)
+        return int(bos) if bos is not None and self.prepend_bos else None
+
     # --- hooks -------------------------------------------------------------------------------
 
     def hook_name(self, kind: str, layer: int) -> str:

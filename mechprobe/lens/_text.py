@@ -112,17 +112,10 @@ def read_texts(source: TextSource) -> list[str]:
     return docs
 
 
-def _bos(model: Any) -> int | None:
-    if not getattr(model.cfg, "default_prepend_bos", True):
-        return None
-    bos = getattr(model.tokenizer, "bos_token_id", None)
-    return int(bos) if bos is not None else None
-
-
 def _windows(model: Any, docs: list[str], seq_len: int, seed: int) -> Iterator[list[int]]:
     """Windows of ``seq_len`` tokens (BOS first where the model prepends one) from the documents
     in a seeded order; each document is cut into consecutive windows (a short tail is dropped)."""
-    bos = _bos(model)
+    bos = model_adapter(model).prepended_bos
     body = seq_len - (bos is not None)
     order = np.random.default_rng(seed).permutation(len(docs))
     for i in order:
@@ -167,7 +160,7 @@ def token_windows(
             break
     if len(got) < n_windows:
         # Every document was read: say how many were too short to give a window at all.
-        body = seq_len - (_bos(model) is not None)
+        body = seq_len - (model_adapter(model).prepended_bos is not None)
         lengths = [len(model.tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs]
         short = sum(n < body for n in lengths)
         raise ValueError(

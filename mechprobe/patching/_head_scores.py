@@ -347,7 +347,7 @@ def head_scores(
         batch = prompts if isinstance(prompts, Batch) else tokenize(model, prompts)
         source, half = "prompts", 0
     check_batch_size(batch_size)
-    bos = _bos(model)
+    bos = model_adapter(model).prepended_bos
     n_heads = model_adapter(model).n_heads
     names = list(rules)
     sums = np.zeros((len(names), len(batch), len(chosen), n_heads))
@@ -497,15 +497,6 @@ def _uniform(targets: Tensor, attention_mask: Tensor, window: int | None) -> Ten
     return share.double().sum((1, 2))
 
 
-def _bos(model: Any) -> int | None:
-    """The BOS id where the model prepends one (a model without a tokenizer: none)."""
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None or not model_adapter(model).prepend_bos:
-        return None
-    bos = tokenizer.bos_token_id
-    return None if bos is None else int(bos)
-
-
 def _text(model: Any, ids: list[int]) -> str:
     """A row of token ids as text (the ids themselves for a model without a tokenizer)."""
     tokenizer = getattr(model, "tokenizer", None)
@@ -524,7 +515,7 @@ def _repeated_random_tokens(model: Any, seq_len: int, n_prompts: int, seed: int)
             f"seq_len={seq_len} distinct tokens cannot be drawn from a vocabulary of "
             f"{len(pool)} ordinary tokens: lower seq_len."
         )
-    bos = _bos(model)
+    bos = model_adapter(model).prepended_bos
     length = 2 * seq_len + (bos is not None)
     n_ctx = adapter.n_ctx
     if n_ctx is not None and length > int(n_ctx):
