@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mechprobe.core._adapter import model_adapter
 from mechprobe.core._batching import Batch, bos_id, position_list
 from mechprobe.core._sites import Positions, SiteLike, is_attention_map, resolve_in, width
 from mechprobe.core._validation import check_finite, check_float
@@ -754,7 +755,7 @@ def _hooks_for(
     """Validate every site and intervention, then build the callbacks (no forward pass yet)."""
     fwd: list[tuple[str, Callable[..., Tensor | None]]] = []
     hooks = model.hook_dict
-    model_dtype = next(model.parameters()).dtype
+    model_dtype = model_adapter(model).dtype  # the embedding's: a first parameter need not be
     resolved = [
         (resolve_in(model, key, hooks), value) for key, value in intervention_spec(spec).items()
     ]
