@@ -51,6 +51,7 @@ __all__ = [
     "Ablate",
     "Add",
     "Capture",
+    "Gather",
     "Gradient",
     "Intervention",
     "Project",
@@ -232,6 +233,54 @@ class Capture(Intervention):
     def edit(self, selected: Tensor, hook: Any) -> None:
         self.value = selected.detach().clone()
         return None
+
+
+class Gather(Intervention):
+    """Keep the activation at chosen (row, position) places in ``.value``; with ``stop``, end the
+    forward pass there (nothing after the site is needed): the reader of the lenses, the patching
+    engine and :func:`mechprobe.run`'s readout.
+
+    Args:
+        rows: ``[n]`` row of each entry of ``cols`` (``value = activation[rows, cols]``, ``[n,
+            ...]``); None: every row.
+        cols: Padded positions: ``[n]`` with ``rows``; without, ``[rows, k]`` per row or ``[k]``
+            for every row (``value`` ``[rows, k, ...]``). None: every position.
+        stop: Raise :class:`StopForward` once the value is kept.
+
+    Example:
+        >>> import torch, mechprobe as mp
+        >>> model, keep = mp.tiny_model(), Gather(cols=torch.tensor([0, 2]), stop=True)
+        >>> with mp.intervene(model, {"blocks.0.hook_resid_post": keep}):
+        ...     try:
+        ...         _ = model(model.to_tokens("Hi there"))
+        ...     except StopForward:
+        ...         pass
+        >>> tuple(keep.value.shape)
+        (1, 2, 64)
+    """
+
+    def __init__(
+        self, *, rows: Tensor | None = None, cols: Tensor | None = None, stop: bool = False
+    ) -> None:
+        super().__init__(None)
+        self.rows, self.cols, self.stop = rows, cols, stop
+        self.value: Tensor | None = None
+
+    def edit(self, selected: Tensor, hook: Any) -> None:
+        if self.cols is None:
+            self.value = selected.detach()
+        else:
+            # Advanced indexing copies, so the forward pass's own buffers are not kept alive.
+            cols = self.cols.to(selected.device)
+            if self.rows is not None:
+                self.value = selected[self.rows.to(selected.device), cols]
+            elif cols.ndim == 2:
+                rows = torch.arange(selected.shape[0], device=selected.device)[:, None]
+                self.value = selected[rows, cols]
+            else:
+                self.value = selected[:, cols]
+        if self.stop:
+            raise StopForward
 
 
 class Gradient(Intervention):

@@ -25,6 +25,7 @@ from mechprobe.core._hooks import (
     Ablate,
     Add,
     Capture,
+    Gather,
     Gradient,
     Intervention,
     InterventionSpec,
@@ -343,7 +344,7 @@ def run(
                 merged.setdefault(site, []).append(cap)
             local = None if every else chunk.positions(logit_positions)
             if early:  # after any write at that same hook
-                final = _Final(local)
+                final = Gather(cols=local, stop=True)
                 merged.setdefault(final_name, []).append(final)
                 try:
                     with intervene(model, merged, batch=chunk):
@@ -492,7 +493,7 @@ def batch_means(
         for _, chunk in batch.chunks(batch_size):
             hooks: dict[SiteLike, list[Intervention]] = dict(probe)
             if not whole:
-                hooks[final_name] = [*probe.get(final_name, []), _Final(None)]
+                hooks[final_name] = [*probe.get(final_name, []), Gather(stop=True)]
             with contextlib.suppress(StopForward), intervene(model, hooks, batch=chunk):
                 forward(model, chunk)
     resolved: dict[SiteLike, list[Intervention]] = {}
@@ -520,24 +521,6 @@ def _past_the_blocks(names: Iterable[str]) -> bool:
     """Whether any of the hooks ``names`` runs after the last block (a pass that ends there, as
     the readout's and the means' do, would never reach it)."""
     return any(name.startswith(_AFTER_BLOCKS) for name in names)
-
-
-class _Final(Intervention):
-    """Keep the last block's output (at given padded indices, or all) and end the forward pass."""
-
-    def __init__(self, index: Tensor | None) -> None:
-        super().__init__(None)
-        self.index = index
-        self.value: Tensor | None = None
-
-    def edit(self, selected: Tensor, hook: Any) -> None:
-        if self.index is None:
-            self.value = selected.detach()
-        else:
-            index = self.index.to(selected.device)
-            rows = torch.arange(selected.shape[0], device=selected.device)[:, None]
-            self.value = selected[rows, index]
-        raise StopForward
 
 
 def _zero_padding(values: Tensor, chunk: Batch, own: bool = False) -> Tensor:

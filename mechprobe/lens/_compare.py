@@ -22,6 +22,7 @@ import torch
 
 from mechprobe.core import (
     Batch,
+    Gather,
     Layers,
     Readout,
     Result,
@@ -39,7 +40,7 @@ from mechprobe.core import (
     run,
     site_columns,
 )
-from mechprobe.lens._lens import KeepPositions, LensSpec, as_lens
+from mechprobe.lens._lens import LensSpec, as_lens
 from mechprobe.lens._plan import lens_entries
 from mechprobe.lens._text import TextSource, token_windows
 
@@ -282,7 +283,8 @@ def compare_lenses(
     with torch.no_grad():
         for rows in progress_bar(chunks, progress=progress, desc="compare lenses"):
             batch = Batch(rows, torch.ones_like(rows), "right", ("",) * len(rows))
-            keeps = [KeepPositions(cols, stop=site == final_site) for site in run_sites]
+            at = torch.as_tensor(cols, dtype=torch.long)
+            keeps = [Gather(cols=at, stop=site == final_site) for site in run_sites]
             spec: dict[Site | str, Any] = {
                 Site(kind, layer): k  # type: ignore[arg-type]
                 for (kind, layer), k in zip(run_sites, keeps, strict=True)

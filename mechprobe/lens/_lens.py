@@ -22,12 +22,9 @@ from typing import Any, Literal
 from jaxtyping import Float
 from torch import Tensor
 
-from mechprobe.core import Intervention, StopForward
-
 __all__ = [
     "LENS_KINDS",
     "RESIDUAL_KINDS",
-    "KeepPositions",
     "Lens",
     "LensSpec",
     "LogitLens",
@@ -130,19 +127,3 @@ def as_lens(lens: LensSpec) -> Lens:
         f"lens must be 'logit', a TunedLens (mp.train_tuned_lens or mp.TunedLens.load) or a "
         f"Patchscope, got {lens!r}."
     )
-
-
-class KeepPositions(Intervention):
-    """Keep a copy of the activation at positions ``cols`` (``[rows, k, d]``); with ``stop``,
-    end the forward pass there (nothing after this site is needed)."""
-
-    def __init__(self, cols: list[int], *, stop: bool = False) -> None:
-        super().__init__(None)
-        self.cols, self.stop = cols, stop
-        self.value: Tensor | None = None
-
-    def edit(self, selected: Tensor, hook: Any) -> None:
-        self.value = selected[:, self.cols].clone()
-        if self.stop:
-            raise StopForward
-        return None

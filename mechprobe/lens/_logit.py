@@ -30,10 +30,10 @@ from typing import Any, get_args
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from mechprobe.core import (
     Batch,
+    Gather,
     Intervention,
     Layers,
     PaddingSide,
@@ -55,22 +55,6 @@ from mechprobe.lens._plan import TargetSpec, lens_entries, make_plan, normalise_
 from mechprobe.lens._result import LensResult
 
 __all__ = ["LensResult", "logit_lens"]
-
-
-class _Gather(Intervention):
-    """Keep the activation at chosen (row, position) pairs only: ``[n, d_model]``, nothing else."""
-
-    def __init__(self, rows: Tensor, cols: Tensor, *, stop: bool = False) -> None:
-        super().__init__(None)
-        self.rows, self.cols, self.stop = rows, cols, stop
-        self.value: Tensor | None = None
-
-    def edit(self, selected: Tensor, hook: Any) -> None:
-        # Advanced indexing copies, so the forward pass's own buffers are not kept alive.
-        self.value = selected[self.rows.to(selected.device), self.cols.to(selected.device)]
-        if self.stop:
-            raise StopForward
-        return None
 
 
 def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
@@ -215,7 +199,9 @@ def logit_lens(
             pos = np.concatenate([plan.grid[gb, gk], cont[:, 1]])
             local_t = torch.as_tensor(local, dtype=torch.long)
             cols = chunk.offset[local_t] + torch.as_tensor(pos, dtype=torch.long)
-            gathers = [_Gather(local_t, cols, stop=site == final_site) for site in run_sites]
+            gathers = [
+                Gather(rows=local_t, cols=cols, stop=site == final_site) for site in run_sites
+            ]
             spec: dict[SiteLike, Intervention | Sequence[Intervention]] = {
                 Site(kind, layer): g  # type: ignore[arg-type]
                 for (kind, layer), g in zip(run_sites, gathers, strict=True)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from mechprobe.core import (
     Batch,
+    Gather,
     Replace,
     Site,
     StopForward,
@@ -35,7 +36,7 @@ from mechprobe.core import (
     tokenize,
     warn,
 )
-from mechprobe.lens._lens import RESIDUAL_KINDS, KeepPositions, Lens
+from mechprobe.lens._lens import RESIDUAL_KINDS, Lens
 
 __all__ = ["IDENTITY_PROMPT", "Patchscope"]
 
@@ -172,7 +173,7 @@ class Patchscope(Lens):
             chunk = x[s : s + size]
             tokens = row.expand(chunk.shape[0], -1).contiguous()
             batch = Batch(tokens, torch.ones_like(tokens), "right", ("",) * chunk.shape[0])
-            keep = KeepPositions([len(ids) - 1], stop=True)
+            keep = Gather(cols=torch.tensor([len(ids) - 1]), stop=True)
             patch = Replace(chunk[:, None, :], positions=place)
             spec: dict[Any, Any] = (
                 {target: [patch, keep]}

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from mechprobe.core import (
     HEAD_KINDS,
+    Gather,
     Intervention,
     Site,
     SiteLike,
@@ -725,7 +726,9 @@ def _forward_reads(
     inputs = rows.inputs(packed, adapter.device)
     last = adapter.final_hook
     r, i, _ = torch.as_tensor(rows.reads).unbind(1)
-    final = _FinalReads(r, i)
+    # The last block's output at the read positions, and the pass ends there: the model's own
+    # norm and unembedding of every position (``[rows, width, vocab]``) would be thrown away.
+    final = Gather(rows=r, cols=i, stop=True)
     spec: dict[SiteLike, list[Intervention]] = {k: list(v) for k, v in extra_hooks.items()}
     recorders: dict[int, _ZRecorder] = {}
     for (hook, layout), moves in rows.moves.items():
@@ -752,22 +755,6 @@ def _forward_reads(
     assert final.value is not None
     with torch.no_grad():
         return readout(model, final.value)
-
-
-class _FinalReads(Intervention):
-    """Keeps the last block's output at the read positions and ends the pass there: the model's
-    own final norm and unembedding of every position (a ``[rows, width, vocab]`` tensor) would
-    be thrown away; :func:`readout` decodes the reads as the model does."""
-
-    def __init__(self, rows: Tensor, index: Tensor) -> None:
-        super().__init__(positions=None)
-        self.rows, self.index = rows, index
-        self.value: Tensor | None = None
-
-    def edit(self, selected: Tensor, hook: Any) -> None:
-        # Advanced indexing copies: the pass's own buffers are not kept alive.
-        self.value = selected[self.rows.to(selected.device), self.index.to(selected.device)]
-        raise StopForward
 
 
 _PACKING: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
