@@ -252,6 +252,79 @@ def test_the_largest_seed_works_with_several_random_controls() -> None:
     assert torch.equal(conds[2].eraser.removed, again[1].eraser.removed)
 
 
+def test_control_seed_wraps_in_the_seed_range() -> None:
+    from mechprobe.core import control_seed
+
+    assert [control_seed(5, j) for j in range(3)] == [5, 6, 7]  # ordinary seeds keep their values
+    assert [control_seed(2**32 - 1, j) for j in range(3)] == [2**32 - 1, 0, 1]
+
+
+def _largest_seed_calls() -> dict[str, Callable[[int, int], Any]]:
+    """Calls with random controls, taking (seed, n_random) and giving the controls' values."""
+    model = mp.tiny_model()
+    pair = ("Hi cat", "Hi bat")
+    metric = mp.logit_diff(1, 2)
+    o = mp.OVector(torch.ones(64), layer=1, source="toy", n_prompts=1)
+    off = {"progress": False}
+    return {
+        "patch": lambda s, n: (
+            mp.patch(model, *pair, "mlp_out", -1, metric, seed=s, n_random=n, **off).random
+        ),
+        "attribution_patch": lambda s, n: (
+            mp.attribution_patch(
+                model, *pair, "mlp_out", -1, metric, seed=s, n_random=n, **off
+            ).random
+        ),
+        "ablate_cells": lambda s, n: (
+            mp.ablate_cells(model, "Hi cat", "mlp_out", -1, metric, seed=s, n_random=n).random
+        ),
+        "path_patch": lambda s, n: (
+            mp.path_patch(
+                model, *pair, "head", "final", metric, layers=[0], seed=s, n_random=n, **off
+            ).random
+        ),
+        "ovector_controls": lambda s, n: np.stack(
+            [v.vector.numpy() for v in mp.ovector_controls(model, o, n_random=n, seed=s).values()]
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_largest_seed_calls()))
+def test_the_largest_seed_wraps_in_every_random_control(name: str) -> None:
+    # ovector_controls(seed=2**32 - 1, n_random=2) asked control 1 for seed 2**32 and was refused
+    # (review 28b F2); the patching controls keyed it as 2**32. Control j is seed + j modulo 2**32
+    # everywhere: control 1 of the largest seed is control 0 of seed 0.
+    call = _largest_seed_calls()[name]
+    # (to float noise: two controls share a forward pass differently from one)
+    np.testing.assert_allclose(call(2**32 - 1, 2)[1], call(0, 1)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_largest_seed_wraps_in_causal_traces_and_das(monkeypatch: pytest.MonkeyPatch) -> None:
+    # causal_trace's random controls ride on its seeded noise, so their values differ from seed 0's:
+    # read the seeds the random directions are drawn from instead.
+    import mechprobe.patching._tracing as tracing
+
+    model, seeds = mp.tiny_model(), set()
+    real = tracing._units
+
+    def spy(seed: int, *args: Any) -> Any:
+        seeds.add(seed)
+        return real(seed, *args)
+
+    monkeypatch.setattr(tracing, "_units", spy)
+    mp.causal_trace(
+        model, "The cat sat", "cat", layers=[0], n_noise=1, n_random=2, seed=2**32 - 1,
+        progress=False,
+    )  # fmt: skip
+    assert seeds == {2**32 - 1, 0}
+    # das's random subspace j draws from seed + 1 + j (seed itself draws the split).
+    res = mp.das(
+        model, ["Hi cat", "Hi dog"], ["Hi dog", "Hi cat"], 5, "blocks.0.hook_resid_post",
+        epochs=1, n_random=2, seed=2**32 - 2, progress=False,
+    )  # fmt: skip
+    assert res.to_frame().query("condition == 'random'")["seed"].tolist() == [2**32 - 1, 0]
+
+
 def test_every_public_name_is_in_the_api_index() -> None:
     # docs/api.md had the vocabulary table only: 36 of the exported names appeared in no page.
     from pathlib import Path

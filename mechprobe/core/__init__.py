@@ -69,7 +69,7 @@ from mechprobe.core._results import (
     write_tensors,
 )
 from mechprobe.core._runner import RunResult, forward, run
-from mechprobe.core._seeding import keyed_seed
+from mechprobe.core._seeding import control_seed, keyed_seed
 from mechprobe.core._sites import (
     HEAD_KINDS,
     Layers,
@@ -139,6 +139,7 @@ __all__ = [
     "check_seed",
     "check_token_ids",
     "class_labels",
+    "control_seed",
     "decode",
     "differentiate",
     "encode",

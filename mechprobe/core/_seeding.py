@@ -3,7 +3,8 @@
 Random controls of patching and tracing, and sampled generation, draw from generators seeded by
 the user's ``seed`` together with the token ids of the prompt(s) a draw belongs to: a prompt keeps
 its draws whatever prompts run beside it, in whatever order or chunking, so runs split over jobs
-join into the numbers of one run.
+join into the numbers of one run. Random control ``j`` of a run seeded ``seed`` draws from
+:func:`control_seed` (``seed + j``, wrapped into the seed range).
 """
 
 from __future__ import annotations
@@ -15,7 +16,35 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["keyed_seed"]
+__all__ = ["control_seed", "keyed_seed"]
+
+#: Seeds run over ``0 .. 2**32 - 1`` (:func:`mechprobe.core.check_seed`); control seeds wrap in it.
+_SEED_RANGE = 2**32
+
+
+def control_seed(seed: int, j: int) -> int:
+    """The seed of random control ``j`` of a run seeded ``seed``: ``seed + j``, modulo ``2**32``.
+
+    Every random control of the API (random directions, projections, vectors, subspaces) draws
+    from this seed, so control ``j`` is the same draw wherever it is made. The wrap keeps it a seed
+    that every generator takes: without it, ``seed=2**32 - 1`` with two controls asked the second
+    for ``2**32``, which :func:`mechprobe.core.check_seed` (and numpy's legacy generators)
+    refuse, a seed the user never passed.
+
+    Args:
+        seed: The user's seed, in ``0 .. 2**32 - 1``.
+        j: The control's number (0 for the first).
+
+    Returns:
+        ``(seed + j) % 2**32``.
+
+    Example:
+        >>> control_seed(7, 2)
+        9
+        >>> control_seed(2**32 - 1, 1)  # wraps to the start of the range
+        0
+    """
+    return (int(seed) + int(j)) % _SEED_RANGE
 
 
 def keyed_seed(seed: int, prompts: Sequence[Sequence[int] | Tensor], suffix: bytes = b"") -> int:

@@ -35,6 +35,7 @@ from mechprobe.core import (
     check_int,
     check_positions,
     check_seed,
+    control_seed,
     evaluates,
     model_adapter,
     resolve_site,
@@ -61,7 +62,7 @@ def control_projections(
     """The erasure and its controls of equal rank: ``erased``, ``random`` x n_random, ``dropout``.
 
     Random control ``i`` is ``random_projection(dim, n_removed, seed=seed + i)`` (modulo
-    ``2**32``, so every seed :func:`mechprobe.random_projection` takes works here); the dropout
+    ``2**32``: :func:`mechprobe.core.control_seed`, so every seed works here); the dropout
     control zeroes ``n_removed`` coordinates drawn with ``seed``.
 
     Example:
@@ -73,8 +74,7 @@ def control_projections(
     n_random = check_int(n_random, "n_random", 0)
     seed = check_seed(seed)
     dim, k = eraser.dim, eraser.n_removed
-    # Wrapped: seed=2**32 - 1 with two controls asked the second for a seed past the range.
-    seeds = [(seed + i) % 2**32 for i in range(n_random)]
+    seeds = [control_seed(seed, i) for i in range(n_random)]
     out = [Condition("erased", eraser)]
     out += [Condition("random", random_projection(dim, k, seed=s), s) for s in seeds]
     if dropout:
@@ -116,7 +116,8 @@ def amnesic(
             default: the erased layer and up to four later ones, the last layer included.
         positions: Token positions to erase: ``"all"`` (default), or an int or ints (``-1``:
             each prompt's last real token). Word-level probing data needs ``"all"``.
-        n_random: Random-direction controls of the same rank (seeds ``seed .. seed+n_random-1``).
+        n_random: Random-direction controls of the same rank (seeds ``seed .. seed+n_random-1``,
+            modulo ``2**32``).
         dropout: Also run the dropout control.
         mlp: Also fit an MLP probe (intact and erased only): a nonlinear probe can often still
             read what a linear erasure removed.

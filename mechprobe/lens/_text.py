@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from mechprobe.core import model_adapter
+from mechprobe.core import control_seed, model_adapter
 
 __all__ = ["HELD_OUT_EVERY", "TextSource", "english_text", "read_texts", "token_windows"]
 
@@ -170,7 +170,7 @@ def token_windows(
             f"are shorter than one window: pass more text (join short documents into longer "
             "ones), fewer tokens or a shorter seq_len."
         )
-    perm = np.random.default_rng(seed + 1).permutation(n_windows)
+    perm = np.random.default_rng(control_seed(seed, 1)).permutation(n_windows)
     return torch.tensor([got[int(i)] for i in perm], dtype=torch.long)
 
 

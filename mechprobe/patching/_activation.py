@@ -42,6 +42,7 @@ from mechprobe.core import (
     check_int,
     check_seed,
     check_token_ids,
+    control_seed,
     evaluates,
     expand_sites,
     model_adapter,
@@ -353,7 +354,9 @@ def patch(
     pair_of_slot = [grid[n][0] for n, *_ in slots]
     for j in range(-1, n_random):
         units = (
-            pair_unit_vectors(seed + j, pair_tokens, pair_of_slot, widths, sum_zero=sum_zero)
+            pair_unit_vectors(
+                control_seed(seed, j), pair_tokens, pair_of_slot, widths, sum_zero=sum_zero
+            )
             if j >= 0
             else None
         )
@@ -551,7 +554,9 @@ def ablate_cells(
     pair_tokens, pair_of_slot = [[t] for t in ids], [grid[n][0] for n, _, _ in slots]
     for j in range(-1, n_random):
         units = (
-            pair_unit_vectors(seed + j, pair_tokens, pair_of_slot, widths, sum_zero=sum_zero)
+            pair_unit_vectors(
+                control_seed(seed, j), pair_tokens, pair_of_slot, widths, sum_zero=sum_zero
+            )
             if j >= 0
             else None
         )

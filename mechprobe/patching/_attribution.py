@@ -45,6 +45,7 @@ from mechprobe.core import (
     check_heads_sum,
     check_int,
     check_seed,
+    control_seed,
     differentiate,
     evaluates,
     gradients_enabled,
@@ -231,7 +232,7 @@ def attribution_patch(
         pair = torch.tensor([i])
         pair_tokens = [clean_ids[i], corrupt_ids[i]]
         generators = [
-            torch.Generator().manual_seed(keyed_seed(seed + j, pair_tokens))
+            torch.Generator().manual_seed(keyed_seed(control_seed(seed, j), pair_tokens))
             for j in range(n_random)
         ]
         caps = {name: Capture() for name in value_hooks}

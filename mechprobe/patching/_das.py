@@ -46,6 +46,7 @@ from mechprobe.core import (
     check_int,
     check_positions,
     check_seed,
+    control_seed,
     evaluates,
     gradients_enabled,
     intervene,
@@ -157,7 +158,7 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
         rows += [
             {
                 "condition": "random",
-                "seed": _random_seed(self.seed, j),
+                "seed": control_seed(self.seed, 1 + j),
                 "split": "test",
                 "iia": float(v),
             }
@@ -452,9 +453,10 @@ def das(
         return np.concatenate(hits)
 
     hits = accuracy(test, rotation)
+    # Random subspace j draws from seed + 1 + j: seed itself drew the split and the initial subspace.
     random_iia = np.array(
         [
-            accuracy(test, _random_basis(wide, k, _random_seed(seed, j))).mean()
+            accuracy(test, _random_basis(wide, k, control_seed(seed, 1 + j))).mean()
             for j in range(n_random)
         ]
     )
@@ -534,12 +536,6 @@ def _last_logits(model: Any, batch: Any, site: Site, edit: Intervention | None) 
         cause = adapter.nan_causes(batch.attention_mask, left=True)
         raise ValueError(f"das: the model's next-token logits hold NaN or infinity ({cause}).")
     return logits[:, -1]
-
-
-def _random_seed(seed: int, j: int) -> int:
-    """The seed of random subspace ``j`` of a run seeded ``seed`` (``seed`` itself draws the
-    split and the initial subspace)."""
-    return seed + 1 + j
 
 
 def _random_basis(wide: int, k: int, seed: int) -> Tensor:

@@ -48,6 +48,7 @@ from mechprobe.core import (
     SiteLike,
     check_heads_sum,
     check_int,
+    control_seed,
     differentiate,
     evaluates,
     expand_sites,
@@ -652,7 +653,8 @@ def path_patch(
     pair_tokens = list(zip(clean_ids, corrupt_ids, strict=True))
     pair_of_cell = [i for i in range(n_pairs) for _ in range(n_s * n_pos)]
     units = [
-        pair_unit_vectors(seed + j, pair_tokens, pair_of_cell, widths) for j in range(n_random)
+        pair_unit_vectors(control_seed(seed, j), pair_tokens, pair_of_cell, widths)
+        for j in range(n_random)
     ]
 
     def change(j: int, i: int, s: int) -> Tensor:

@@ -43,6 +43,7 @@ from mechprobe.core import (
     check_float,
     check_int,
     check_seed,
+    control_seed,
     evaluates,
     expand_sites,
     figure_of,
@@ -649,8 +650,8 @@ def causal_trace(
         noise: The noise's standard deviation (default: 3 x the standard deviation of the
             subjects' token embeddings, as ROME).
         n_random: Random controls per cell: the state moved by the restoration's distance in a
-            random direction (seeds ``seed, seed + 1, ...``; control ``j`` in noise sample ``j mod
-            n_noise``).
+            random direction (seeds ``seed, seed + 1, ...``, modulo ``2**32``; control ``j`` in noise
+            sample ``j mod n_noise``).
         seed: Seed of the noise (:func:`trace_noise`) and of the random directions.
         cells_per_batch: Restorations per forward pass, at most (256, as in every patching
             function).
@@ -802,7 +803,7 @@ def causal_trace(
                     plan.cells.append(Cell((j, i, k, li, p), i * n_noise + sample, edits, i))
                 continue
             where = (str(kinds[k]), int(layer_list[li]), p)
-            units = _units(seed + j, ids[i], where, len(sites_here), d_model)
+            units = _units(control_seed(seed, j), ids[i], where, len(sites_here), d_model)
             edits = tuple(
                 site_edit(s, p, RANDOM, source_position=p, payload=u)
                 for s, u in zip(sites_here, units, strict=True)

@@ -39,6 +39,7 @@ from mechprobe.core import (
     check_batch_size,
     check_int,
     check_seed,
+    control_seed,
     evaluates,
     figure_of,
     first_token_ids,
@@ -90,7 +91,7 @@ class FunctionVectorResult(
             mean over seeds).
         norms: ``[conditions]`` the norm of the vector added (NaN without one).
         n_prompts: Prompts the AIE and mean outputs were averaged over.
-        n_random: Random vectors (seeds ``seed, seed + 1, ...``).
+        n_random: Random vectors (seeds ``seed, seed + 1, ...``, modulo ``2**32``).
         seed: Seed of the split, the label shuffles and the random vectors.
         items: The held-out items' inputs, in the order of ``correct``'s columns (empty in
             files saved before it was recorded).
@@ -399,11 +400,13 @@ def function_vector(
     ovector = fit_ovector(fitted, layer, only_correct=bool(fitted.score.correct.any()))
     o = ovector.vector.float().cpu()
     o_scaled = o * (vector.norm() / o.norm().clamp_min(1e-30))
-    # Random vector j is seed + j's draw, as every random control of the API (one generator for
-    # all made vector j depend on the vectors before it).
+    # Random vector j is control_seed(seed, j)'s draw, as every random control of the API (one
+    # generator for all made vector j depend on the vectors before it).
     randoms = [
         torch.randn(
-            vector.shape, generator=torch.Generator().manual_seed(seed + j), dtype=torch.float32
+            vector.shape,
+            generator=torch.Generator().manual_seed(control_seed(seed, j)),
+            dtype=torch.float32,
         )
         for j in range(n_random)
     ]

@@ -34,6 +34,7 @@ from mechprobe.core import (
     check_finite,
     check_int,
     check_seed,
+    control_seed,
     evaluates,
     first_token_ids,
     literal,
@@ -444,7 +445,7 @@ def ovector_controls(
         model: The model ``ovector`` was read from.
         ovector: The o-vector.
         n_random: Random directions with its norm, ``random_0 .. random_{n-1}`` (seeds
-            ``seed, seed + 1, ...``).
+            ``seed, seed + 1, ...``, modulo ``2**32``).
         other_task: A task (a Task, a built-in name or a file) whose o-vector, read at the same layer and averaged over its correctly
             answered items (all of them when none is correct; its ``info["only_correct"]`` then
             says False), is the ``other_task`` control. None: no such control.
@@ -463,7 +464,9 @@ def ovector_controls(
     """
     n_random = check_int(n_random, "n_random", 0)
     seed = check_seed(seed)
-    vectors = {f"random_{k}": random_ovector(ovector, seed=seed + k) for k in range(n_random)}
+    vectors = {
+        f"random_{k}": random_ovector(ovector, seed=control_seed(seed, k)) for k in range(n_random)
+    }
     if other_task is not None:
         # A name is the task of that name (it was read as the text of one prompt).
         other = as_task(other_task)
