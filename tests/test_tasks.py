@@ -169,6 +169,19 @@ def test_split_is_a_disjoint_cover_of_the_items() -> None:
         task.split(1.5)
 
 
+def test_numpy_and_tensor_counts_are_counts() -> None:
+    # split(np.int64(3)) was refused as "must be a fraction in (0, 1) or an int" (review 28b F7).
+    import numpy as np
+    import torch
+
+    task = load_task("past_tense")
+    for count in (np.int64(3), np.int32(3), torch.tensor(3)):
+        assert task.split(count, seed=1) == task.split(3, seed=1)
+        assert task.subset(count, seed=1) == task.subset(3, seed=1)
+    with pytest.raises(TypeError, match="not a bool"):
+        task.split(np.bool_(True))
+
+
 # --- validation --------------------------------------------------------------------------------
 
 

@@ -34,11 +34,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
-from mechprobe.core import check_seed, warn
+from mechprobe.core import as_int, check_seed, warn
 from mechprobe.tasks._format import (
     FORMAT_HELP,
     KINDS,
@@ -207,21 +207,19 @@ class Task:
         """
 
         seed = check_seed(seed)
-        if isinstance(n, bool):
+        if isinstance(n, (bool, np.bool_)):
             raise TypeError("subset takes an int count or a sequence of int indices, not a bool.")
-        if isinstance(n, np.integer):
-            n = int(n)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}.")
-        if isinstance(n, int):
-            if not 1 <= n <= len(self.items):
+        count = as_int(n)  # numpy and 0-d tensor integers are counts too
+        if count is not None:
+            if not 1 <= count <= len(self.items):
                 raise ValueError(
                     f"Task {self.name!r} has {len(self.items)} items; ask for between 1 and "
-                    f"{len(self.items)}, got {n}."
+                    f"{len(self.items)}, got {count}."
                 )
-            chosen = np.sort(np.random.default_rng(seed).choice(len(self.items), n, replace=False))
+            rng = np.random.default_rng(seed)
+            chosen = np.sort(rng.choice(len(self.items), count, replace=False))
             return self._replace(items=tuple(self.items[int(i)] for i in chosen))
-        indices = list(n)
+        indices = list(cast(Sequence[int], n))  # not a count: as_int read every integer above
         bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
         if bad or not indices:
             raise TypeError(
@@ -257,10 +255,13 @@ class Task:
 
         seed = check_seed(seed)
         total = len(self.items)
-        if isinstance(test_size, bool):
+        if isinstance(test_size, (bool, np.bool_)):
             raise TypeError("test_size is a fraction in (0, 1) or an int count, not a bool.")
-        if isinstance(test_size, int):
-            n_test = test_size
+        # A count computed with numpy (len(a) // 2 of an array, a pandas column) or torch is a
+        # count as well: as_int reads them as the int they hold.
+        count = as_int(test_size)
+        if count is not None:
+            n_test = count
         elif isinstance(test_size, float) and 0.0 < test_size < 1.0:
             n_test = round(test_size * total)
         else:
