@@ -147,6 +147,11 @@ def test_fitter_refuses_bad_batches() -> None:
         fitter.update(np.zeros((4, 3)), np.array([0, 1, 2, 3]))
     with pytest.raises(TypeError, match="integer class indices"):
         fitter.update(np.zeros((2, 3)), np.array([0.0, 1.0]))
+    # Label strings, which leace(X, y) takes, met torch's list of numpy dtypes (review 28b F8).
+    fix = r"map labels to indices first \(e\.g\. np\.unique"
+    for labels in (["a", "b", "a"], np.array([True, False, True]), torch.tensor([0.0, 1.0, 0.0])):
+        with pytest.raises(TypeError, match=rf"integer class indices 0..2, got .*: {fix}"):
+            fitter.update(np.zeros((3, 3)), labels)
     with pytest.raises(ValueError, match="NaN"):
         fitter.update(np.full((2, 3), np.nan), np.array([0, 1]))
     with pytest.raises(ValueError, match="at least two rows"):

@@ -35,6 +35,9 @@ from mechprobe.erasure._eraser import Eraser, check_xy
 
 __all__ = ["LeaceFitter", "leace"]
 
+# What to do with labels that are not class indices 0..n_classes-1 (LeaceFitter.update).
+_TO_INDICES = "map labels to indices first (e.g. np.unique(labels, return_inverse=True))"
+
 
 class LeaceFitter:
     """Streaming LEACE: :meth:`update` with batches of ``(x, class index)``, then :meth:`eraser`.
@@ -96,6 +99,8 @@ class LeaceFitter:
         """Add a batch: ``x [n, d]`` (numpy or torch) and class indices ``z [n]``; returns self.
 
         Raises:
+            TypeError: ``z`` holds labels other than integers (strings, floats, bools): map
+                them to indices first, e.g. with ``np.unique(labels, return_inverse=True)``.
             ValueError: Wrong shapes, non-finite values, or class indices out of range.
         """
         x_t = torch.as_tensor(np.asarray(x)) if not isinstance(x, Tensor) else x.detach()
@@ -104,19 +109,31 @@ class LeaceFitter:
         x_t = x_t.to(device=self.mean_x.device, dtype=torch.float64)
         if not bool(torch.isfinite(x_t).all()):
             raise ValueError("x contains NaN or infinite values; drop or impute those rows.")
-        codes = torch.as_tensor(np.asarray(z)) if not isinstance(z, Tensor) else z.detach()
+        # The type is checked before torch reads z: label strings (what leace(X, y) takes) met
+        # torch's list of supported numpy dtypes instead of the fix.
+        values = z.detach() if isinstance(z, Tensor) else np.asarray(z)
+        integral = (
+            values.dtype.kind in "iu"
+            if isinstance(values, np.ndarray)
+            else not (
+                values.is_floating_point() or values.is_complex() or values.dtype == torch.bool
+            )
+        )
+        if not integral:
+            raise TypeError(
+                f"z must hold integer class indices 0..{self.n_classes - 1}, got {values.dtype}: "
+                f"{_TO_INDICES}."
+            )
+        codes = torch.as_tensor(values)
         if codes.ndim != 1 or len(codes) != len(x_t):
             raise ValueError(
                 f"z must hold one class index per row of x ({len(x_t)}), got shape "
                 f"{tuple(codes.shape)}."
             )
-        if codes.is_floating_point() or codes.dtype == torch.bool:
-            raise TypeError(f"z must hold integer class indices, got {codes.dtype}.")
         codes = codes.to(device=self.mean_x.device, dtype=torch.long)
         if len(codes) and (int(codes.min()) < 0 or int(codes.max()) >= self.n_classes):
             raise ValueError(
-                f"z holds class indices outside 0..{self.n_classes - 1}: map labels to indices "
-                "first (e.g. np.unique(labels, return_inverse=True))."
+                f"z holds class indices outside 0..{self.n_classes - 1}: {_TO_INDICES}."
             )
         n_batch = len(x_t)
         if n_batch == 0:
