@@ -64,6 +64,25 @@ def test_collect_takes_bool_labels(tiny) -> None:
     assert acts.labels.dtype == np.bool_ and acts.labels.tolist() == [True, False]
 
 
+def test_a_probing_dataset_takes_the_bool_labels_collect_takes(tiny) -> None:
+    # ProbingDataset refused True while collect(labels=[True, False]) took it: two private
+    # label checks with opposite rules (review 28b F11).
+    texts = ["ab", "cd", "ef"]
+    ds = mp.ProbingDataset("flags", texts, [True, False, np.True_])
+    assert ds.labels == (True, False, True) and ds.classes == (False, True)
+    site = mp.Site("resid_post", 1)
+    from_dataset = mp.collect(tiny, ds, site, progress=False)
+    direct = mp.collect(tiny, texts, site, labels=[True, False, True], progress=False)
+    assert from_dataset.labels.dtype == np.bool_
+    np.testing.assert_array_equal(from_dataset.labels, direct.labels)
+    words = mp.ProbingDataset("w", ["a b", "c d"], [(True, None), (False, True)], level="word")
+    assert words.n_examples == 3
+    with pytest.raises(TypeError, match="mixes int and bool labels"):
+        mp.ProbingDataset("t", texts, [True, 0, 1])
+    with pytest.raises(TypeError, match="one str, int or bool per text"):
+        mp.ProbingDataset("t", texts, [1.5, 0, 1])
+
+
 def test_word_types_are_checked_like_labels() -> None:
     # Two NaN word types were one type to np.unique: one control label for both.
     with pytest.raises(ValueError, match=r"groups has no label at rows \[1, 3\]"):

@@ -28,15 +28,11 @@ import numpy as np
 import pandas as pd
 
 from mechprobe.core import check_seed, warn
-from mechprobe.probing._selection import whitespace_words
+from mechprobe.probing._selection import _is_label, whitespace_words
 
 __all__ = ["ProbingDataset", "pos_dataset"]
 
 Level = Literal["text", "word"]
-
-
-def _is_label(value: Any) -> bool:
-    return isinstance(value, (str, int, np.integer)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, repr=False)
@@ -47,7 +43,7 @@ class ProbingDataset:
         name: Short name, used in results.
         texts: The texts.
         labels: Per text, one label (``level="text"``) or a tuple of per-word labels (``"word"``;
-            None skips a word). Labels are all str or all int.
+            None skips a word). Labels are all str, all int or all bool.
         level: ``"text"`` or ``"word"``.
         words: Word level only: per text, ``(start, end)`` character spans of its words; default:
             the maximal runs of non-whitespace characters.
@@ -101,8 +97,13 @@ class ProbingDataset:
         object.__setattr__(self, "words", words)
         object.__setattr__(self, "groups", groups)
         flat = self._flat(labels)
-        if len({type(v) is str for v in flat}) > 1:
-            raise TypeError(f"Dataset {self.name!r} mixes str and int labels: use one type.")
+        kinds = {
+            "str" if isinstance(v, str) else "bool" if isinstance(v, bool) else "int" for v in flat
+        }
+        if len(kinds) > 1:
+            # The probes (core.class_labels) refuse a mix too; here the message names the dataset.
+            mixed = " and ".join(k for k in ("str", "int", "bool") if k in kinds)
+            raise TypeError(f"Dataset {self.name!r} mixes {mixed} labels: use one type.")
         if len(set(flat)) < 2:
             raise ValueError(
                 f"Dataset {self.name!r} has {len(set(flat))} class ({sorted(set(flat))[:3]}); a "
@@ -124,9 +125,9 @@ class ProbingDataset:
                 if not _is_label(v):
                     raise TypeError(
                         f"Dataset {self.name!r}: {what}[{i}] is {v!r}; a text-level dataset "
-                        "takes one str or int per text."
+                        "takes one str, int or bool per text."
                     )
-                out.append(v.item() if isinstance(v, np.integer) else v)
+                out.append(v.item() if isinstance(v, np.generic) else v)
             else:
                 if isinstance(v, str) or not isinstance(v, (Sequence, np.ndarray)):
                     raise TypeError(
@@ -136,7 +137,7 @@ class ProbingDataset:
                 bad = [x for x in v if x is not None and not _is_label(x)]
                 if bad:
                     raise TypeError(f"Dataset {self.name!r}: {what}[{i}] holds {bad[0]!r}.")
-                out.append(tuple(x.item() if isinstance(x, np.integer) else x for x in v))
+                out.append(tuple(x.item() if isinstance(x, np.generic) else x for x in v))
         return tuple(out)
 
     def _spans(self, texts: tuple[str, ...], labels: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -58,9 +58,14 @@ def whitespace_words(text: str) -> list[tuple[int, int]]:
 
 
 def _is_label(value: Any) -> bool:
-    return isinstance(value, (str, int, np.integer, bool, np.bool_)) and not isinstance(
-        value, bytes
-    )
+    """Whether ``value`` is one class label (or word type): a str, an int or a bool, Python or
+    numpy. The one rule of a ProbingDataset and of ``collect``'s ``labels=``/``groups=``.
+
+    Bools are labels: every probe and eraser reads labels through
+    :func:`mechprobe.core.class_labels`, which takes them (a yes/no property is two classes), so
+    refusing them here refused data that the fits downstream take.
+    """
+    return isinstance(value, (str, int, np.integer, np.bool_))  # bool is an int
 
 
 def _inputs(data: Any, positions: Any, labels: Any, groups: Any) -> dict[str, Any]:
