@@ -364,9 +364,30 @@ def offset_accuracy(
         An :class:`AnalogyResult`.
 
     Example:
-        >>> import mechprobe as mp
-        >>> result = mp.offset_accuracy(mp.load_model(), mp.load_task("capitals"))  # doctest: +SKIP
-        >>> result.metrics()["top1"], result.metrics()["baseline_top1"]  # doctest: +SKIP
+        The offset needs whole-word tokens: on SmolLM2, ``mp.offset_accuracy(mp.load_model(),
+        "capitals")``. The tiny test model's byte-level tokenizer gives every word the same first
+        token (the space), so it has no offset to measure; any object with ``W_E``, ``W_U`` and a
+        tokenizer will do, here four planted pairs, each capital its country moved by one offset:
+
+        >>> import types, torch, mechprobe as mp
+        >>> class Words:  # a word-level tokenizer: each " word" is one token
+        ...     vocab = [" France", " Paris", " Italy", " Rome", " Spain", " Madrid", " Peru", " Lima"]
+        ...     def __call__(self, texts, add_special_tokens=False):
+        ...         return {"input_ids": [[self.vocab.index(t)] for t in texts]}
+        ...     def decode(self, ids):
+        ...         return "".join(self.vocab[i] for i in ids)
+        >>> country = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+        >>> W_E = torch.stack([country, country + 5.0], 1).flatten(0, 1)  # rows: country, capital
+        >>> model = types.SimpleNamespace(tokenizer=Words(), W_E=W_E, W_U=W_E.T)
+        >>> pairs = [["France", "Paris"], ["Italy", "Rome"], ["Spain", "Madrid"], ["Peru", "Lima"]]
+        >>> task = mp.Task.from_dict(
+        ...     {"name": "toy", "kind": "abstractive", "template": "{input}", "shots": [], "items": pairs}
+        ... )
+        >>> res = mp.offset_accuracy(model, task, held_out=False)
+        >>> res.offset_predictions, res.baseline_predictions
+        ((' Paris', ' Rome', ' Madrid', ' Lima'), (' Italy', ' Spain', ' Italy', ' Lima'))
+        >>> res
+        AnalogyResult(toy, embed space, in-sample: 4 items, top-1 1.00 (argument alone 0.25))
     """
 
     seed = check_seed(seed)
