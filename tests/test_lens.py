@@ -282,8 +282,13 @@ def test_bad_input_raises_clear_errors(tiny):
         mp.logit_lens(tiny, ["Hello", "Hi"], positions=[2, -1])
     with pytest.raises(ValueError, match="outside prompt 1"):
         mp.logit_lens(tiny, ["Hello", "Hi"], positions=[4])
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(ValueError, match="top_k must be between 1 and"):
         mp.logit_lens(tiny, "Hi", top_k=0)
+    with pytest.raises(TypeError, match=r"top_k must be an int, got float 2\.0"):
+        mp.logit_lens(tiny, "Hi", top_k=2.0)
+    # A 0-d tensor count was refused as "top_k must be an int, got Tensor" (review 28a X2).
+    three = mp.logit_lens(tiny, "Hi", top_k=torch.tensor(3), chunk_size=np.int64(2))
+    assert three.top_ids.shape[-1] == 3
     with pytest.raises(ValueError, match="pass positions= to logit_lens"):
         mp.logit_lens(tiny, "Hi", sites=[mp.Site("resid_post", 0, positions=-1)])
     with pytest.raises(ValueError, match="out of range"):

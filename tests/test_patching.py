@@ -424,7 +424,7 @@ def test_no_hooks_left_after_an_exception_in_the_metric(tiny):
         ({"sites": "blocks.1.attn.hook_k"}, r"every key/value head of layer 1"),
         ({"sites": [mp.Site("mlp_out", 0, positions=-1)]}, "pass positions= to patch"),
         ({"sites": "mlp_out", "positions": "last"}, "same token length|'all'"),
-        ({"cells_per_batch": 0}, "positive int"),
+        ({"cells_per_batch": 0}, "cells_per_batch must be at least 1, got 0"),
         ({"direction": "forward"}, "denoising"),
         ({"corrupt": [CORRUPT, CORRUPT]}, "one corrupt prompt per clean"),
         ({"metric": "logit_diff"}, "must be logit_diff"),
@@ -833,10 +833,31 @@ def test_a_cell_shares_its_base_row_only_where_its_suffix_is_short(tiny, n_tok):
     assert n_tok < costs.packed_width(n_tok) <= 2 * n_tok + costs.crossover
 
 
-@pytest.mark.parametrize("value", [0, -5, 1.5, True, "1GiB"])
-def test_a_bad_memory_budget_is_refused(tiny, value):
-    with pytest.raises(ValueError, match="memory_budget must be a positive int"):
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (0, ValueError, "memory_budget must be at least 1, got 0"),
+        (-5, ValueError, "memory_budget must be at least 1, got -5"),
+        (1.5, TypeError, r"memory_budget must be an int, got float 1\.5"),
+        (True, TypeError, "memory_budget must be an int, got bool True"),
+        ("1GiB", TypeError, "memory_budget must be an int, got str '1GiB'"),
+    ],
+)
+def test_a_bad_memory_budget_is_refused(tiny, value, error, message):
+    with pytest.raises(error, match=message):
         mp.patch(tiny, "Hi cat", "Hi bat", "mlp_out", -1, METRIC, memory_budget=value)
+
+
+def test_numpy_and_tensor_counts_are_counts(tiny):
+    # cells_per_batch=np.int64(8) was refused as "must be a positive int, got np.int64(8)"
+    # (review 28a E3): the counts are read as core.check_int reads every count.
+    want = mp.patch(tiny, "Hi cat", "Hi bat", "mlp_out", "all", METRIC, cells_per_batch=2)
+    for count in (np.int64(2), torch.tensor(2)):
+        got = mp.patch(
+            tiny, "Hi cat", "Hi bat", "mlp_out", "all", METRIC, cells_per_batch=count,
+            memory_budget=np.int64(1 << 30),
+        )  # fmt: skip
+        np.testing.assert_allclose(got.values, want.values, atol=1e-5)
 
 
 def test_a_bases_packed_cells_take_the_number_of_rows_that_costs_least():

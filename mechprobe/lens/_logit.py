@@ -44,6 +44,7 @@ from mechprobe.core import (
     SiteLike,
     StopForward,
     check_batch_size,
+    check_int,
     evaluates,
     model_adapter,
     progress_bar,
@@ -55,15 +56,6 @@ from mechprobe.lens._plan import TargetSpec, lens_entries, make_plan, normalise_
 from mechprobe.lens._result import LensResult
 
 __all__ = ["LensResult", "logit_lens"]
-
-
-def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise ValueError(f"{name} must be {bound}, got {value}.")
-    return int(value)
 
 
 @evaluates
@@ -150,9 +142,9 @@ def logit_lens(
         if not isinstance(p, str):
             raise TypeError(f"Prompt {i} is {type(p).__name__}, not str: pass strings.")
     d_vocab = model_adapter(model).d_vocab  # the logits' width (d_vocab_out where it differs)
-    top_k = _check_int(top_k, "top_k", 1, d_vocab)
+    top_k = check_int(top_k, "top_k", 1, d_vocab)
     batch_size = check_batch_size(batch_size)
-    chunk_size = _check_int(chunk_size, "chunk_size", 1)
+    chunk_size = check_int(chunk_size, "chunk_size", 1)
     if padding_side not in get_args(PaddingSide):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
     entries = lens_entries(model, sites, layers)

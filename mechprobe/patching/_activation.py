@@ -239,13 +239,17 @@ def _columns(
     return [None], [[tuple((p, p) for p in range(s))] for s in src]
 
 
-def _check_common(cells_per_batch: Any, memory_budget: Any, n_random: Any, seed: Any) -> int:
-    """Check the arguments every patching function shares; returns the seed as an int."""
-    for name, value in (("cells_per_batch", cells_per_batch), ("memory_budget", memory_budget)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+def _check_common(
+    cells_per_batch: Any, memory_budget: Any, n_random: Any, seed: Any
+) -> tuple[int, int, int]:
+    """Check the arguments every patching function shares; returns ``(cells_per_batch,
+    memory_budget, seed)`` as ints (numpy and 0-d tensor integers read as the ints they hold)."""
     check_int(n_random, "n_random", 0)
-    return check_seed(seed)
+    return (
+        check_int(cells_per_batch, "cells_per_batch", 1),
+        check_int(memory_budget, "memory_budget", 1),
+        check_seed(seed),
+    )
 
 
 @evaluates
@@ -320,7 +324,9 @@ def patch(
     """
     if direction not in get_args(Direction):
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
-    seed = _check_common(cells_per_batch, memory_budget, n_random, seed)
+    cells_per_batch, memory_budget, seed = _check_common(
+        cells_per_batch, memory_budget, n_random, seed
+    )
     clean_ids, corrupt_ids = token_pairs(model, clean, corrupt)
     n_pairs = len(clean_ids)
     src, base = (clean_ids, corrupt_ids) if direction == "denoising" else (corrupt_ids, clean_ids)
@@ -506,7 +512,9 @@ def ablate_cells(
     """
     if method not in get_args(Method):
         raise ValueError(f"method must be 'zero' or 'mean', got {method!r}.")
-    seed = _check_common(cells_per_batch, memory_budget, n_random, seed)
+    cells_per_batch, memory_budget, seed = _check_common(
+        cells_per_batch, memory_budget, n_random, seed
+    )
     ids = token_rows(model, prompts, "prompts")
     site_list = _sites(model, sites, layers, "ablate_cells()")
     if reference_positions != "all":

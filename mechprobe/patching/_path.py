@@ -605,7 +605,9 @@ def path_patch(
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
     if method not in get_args(Method):
         raise ValueError(f"method must be 'exact' or 'attribution', got {method!r}.")
-    seed = _check_common(cells_per_batch, memory_budget, n_random, seed)
+    cells_per_batch, memory_budget, seed = _check_common(
+        cells_per_batch, memory_budget, n_random, seed
+    )
     progress_enabled(progress)  # "yes" or 1 is refused here, as everywhere, not read as truthy
     clean_ids, corrupt_ids = token_pairs(model, clean, corrupt)
     n_pairs = len(clean_ids)

@@ -706,7 +706,9 @@ def causal_trace(
         raise ValueError(
             f"Got {len(prompt_list)} prompts and {len(subject_list)} subjects: pass one per prompt."
         )
-    seed = _check_common(cells_per_batch, memory_budget, n_random, seed)
+    cells_per_batch, memory_budget, seed = _check_common(
+        cells_per_batch, memory_budget, n_random, seed
+    )
     check_int(window, "window", 1)
     check_int(n_noise, "n_noise", 1)
     if noise is not None:
