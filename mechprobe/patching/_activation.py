@@ -198,10 +198,7 @@ def position_pairs(
                 "tokens, or patch positions counted from the end, e.g. positions=[-3, -2, -1]."
             )
         spec = list(range(lengths.pop()))
-    wanted = position_list(spec)
-    repeated = sorted({p for p in wanted if wanted.count(p) > 1})
-    if repeated:  # each would be a column of its own, patched alike
-        raise ValueError(f"positions repeat {repeated}: name each position once.")
+    wanted = position_list(spec)  # refuses repeated positions (each a column, patched alike)
     resolved = []
     for i, (s, b) in enumerate(zip(src, base, strict=True)):
         pairs = [(p + s if p < 0 else p, p + b if p < 0 else p) for p in wanted]
