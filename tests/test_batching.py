@@ -56,6 +56,15 @@ def test_chunks_trim_shared_padding(tiny):
     assert all(bool(p.attention_mask.all()) for p in parts)
 
 
+def test_a_moved_chunk_still_names_the_users_prompt(tiny):
+    # Batch.to() dropped origin: after .to(device) a chunk's error named its own row 0, not the
+    # prompt the user passed (review 28a, minor).
+    chunk = mp.tokenize(tiny, PROMPTS).select([1]).to("cpu")
+    assert chunk.origin == (1,)
+    with pytest.raises(ValueError, match="outside prompt 1, which has"):
+        chunk.positions([10])
+
+
 def test_prompts_longer_than_the_context_are_refused(tiny):
     too_long = "x" * tiny.cfg.n_ctx  # BOS + n_ctx bytes: one token over
     with pytest.raises(ValueError, match="longer than the model's context of 512"):

@@ -27,6 +27,15 @@ def _model_logits(model: Any, prompt: str) -> torch.Tensor:
         return model(model.to_tokens(prompt))[0].float()
 
 
+def test_an_empty_readout_is_on_the_models_device() -> None:
+    # It was a CPU tensor whatever the model's device, so a torch.cat with the logits of a
+    # non-empty input failed on an accelerator (review 28a, minor). "meta" stands in for one.
+    model = mp.tiny_model().to("meta")
+    empty = mp.core.readout(model, torch.empty(2, 0, 64, device="meta"))
+    assert empty.shape == (2, 0, 259) and empty.device.type == "meta"
+    assert empty.dtype == torch.float32
+
+
 def test_the_soft_cap_is_real(capped) -> None:
     logits = _model_logits(capped, PROMPTS[0])
     assert float(logits.abs().max()) < 2.0  # 2 tanh(z / 2): every logit is capped

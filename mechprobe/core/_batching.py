@@ -8,7 +8,7 @@ positions *per row* in the unpadded prompt: ``-1`` is always the last real token
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, overload
 
 import numpy as np
@@ -247,8 +247,10 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         """The same batch on another device."""
-        return Batch(
-            self.tokens.to(device), self.attention_mask.to(device), self.padding_side, self.prompts
+        # replace keeps every other field: origin was dropped, and a moved chunk's errors named
+        # its own row instead of the prompt the user passed.
+        return replace(
+            self, tokens=self.tokens.to(device), attention_mask=self.attention_mask.to(device)
         )
 
 

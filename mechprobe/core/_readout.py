@@ -461,7 +461,10 @@ def readout(model: Any, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... v
     shape = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] == 0:
-        return torch.empty(*shape, model_adapter(model).d_vocab)
+        # On the model's device, as the logits of a non-empty input, so that a torch.cat with
+        # them works.
+        adapter = model_adapter(model)
+        return torch.empty(*shape, adapter.d_vocab, dtype=torch.float32, device=adapter.device)
     with torch.no_grad():
         logits = Readout(model, flat.shape[0]).logits(flat)
     return logits.reshape(*shape, logits.shape[-1])
