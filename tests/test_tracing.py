@@ -391,3 +391,16 @@ def test_a_traces_titles_name_the_answer_traced(tiny):
     own = mp.causal_trace(tiny, ["ab cd"], subjects=["ab"], metric=lambda lg: lg[:, 5],
                           n_noise=2, progress=False)  # fmt: skip
     assert own.plot().get_suptitle().startswith("<lambda>: clean ")
+
+
+def test_every_field_has_its_own_attribute_entry():
+    # "metric: The metric's name. seed: seed of the noise ..." rendered as one attribute,
+    # leaving seed undocumented (review 28a D4); so did "kinds: ...; ``layers`` the layers".
+    import inspect
+    import re
+
+    doc = inspect.getdoc(mp.TraceResult) or ""
+    section = doc.split("Attributes:\n", 1)[1].split("\n\n", 1)[0]
+    entries = set(re.findall(r"^    (\w+):", section, flags=re.M))
+    fields = {f.name for f in dataclasses.fields(mp.TraceResult)}
+    assert fields <= entries, f"no entry of their own: {sorted(fields - entries)}"

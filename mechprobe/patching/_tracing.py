@@ -245,7 +245,8 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             (the state moved by the restoration's distance in random directions); NaN without.
         clean: ``[prompts]`` the clean run's metric.
         corrupted: ``[prompts, n_noise]`` the metric with the subject noised, per noise sample.
-        kinds: The state kinds traced; ``layers`` the layers (window centres).
+        kinds: The state kinds traced.
+        layers: The layers traced (window centres for ``mlp_out``/``attn_out``).
         subjects: Per prompt ``(start, stop)`` of the subject's tokens.
         tokens: Per prompt, its tokens as strings.
         answers: Per prompt, the answer given (the clean top token's text by default); empty
@@ -254,7 +255,8 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             token, as ROME); None with a ``metric`` (or a result saved before it was recorded).
         noise_level: The noise's standard deviation (3 x the subjects' embedding SD by default).
         window: Layers restored together for ``mlp_out``/``attn_out``.
-        metric: The metric's name. seed: seed of the noise and the random directions.
+        metric: The metric's name.
+        seed: Seed of the noise and of the random directions.
         n_random: Random controls per cell (None: a result saved before it was recorded).
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
