@@ -18,6 +18,7 @@ from mechprobe.core._batching import (
     position_list,
     tokenize,
     tokenize_with_targets,
+    writer_positions,
 )
 from mechprobe.core._eval_mode import eval_mode, evaluates
 from mechprobe.core._generation import GenerationResult, generate
@@ -192,6 +193,7 @@ __all__ = [
     "width",
     "write_atomic",
     "write_tensors",
+    "writer_positions",
 ]
 
 # In a notebook, every result's plot() shows as an image without %matplotlib inline first.

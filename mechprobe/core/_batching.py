@@ -18,6 +18,7 @@ from torch import Tensor
 
 from mechprobe.core._adapter import model_adapter
 from mechprobe.core._validation import as_int
+from mechprobe.core._warning import warn
 
 __all__ = [
     "Batch",
@@ -31,6 +32,7 @@ __all__ = [
     "position_list",
     "tokenize",
     "tokenize_with_targets",
+    "writer_positions",
 ]
 
 PaddingSide = Literal["left", "right"]
@@ -334,6 +336,25 @@ def check_positions(
             return "all"
         raise ValueError(f"{name} must be 'all', an int or a list of ints, not {value!r}.")
     return position_list(value)
+
+
+def writer_positions(value: Any, caller: str) -> int | list[int] | Literal["all"]:
+    """``positions=`` of a function that writes (an intervention, an erasure), read as
+    :func:`check_positions` reads it; its old ``None``, every position, is ``"all"`` with a
+    DeprecationWarning that names ``caller`` (for one release).
+
+    Example:
+        >>> writer_positions(-1, "f"), writer_positions(range(2), "f"), writer_positions("all", "f")
+        (-1, [0, 1], 'all')
+    """
+    if value is None:
+        warn(
+            f"{caller}(positions=None) is deprecated and will be removed in the next release; "
+            "every position is spelled positions='all' (the default).",
+            DeprecationWarning,
+        )
+        return "all"
+    return check_positions(value)
 
 
 def _check_prompts(prompts: Sequence[str] | str) -> list[str]:

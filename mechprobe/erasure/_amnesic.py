@@ -33,14 +33,13 @@ from mechprobe.core import (
     block_of,
     check_batch_size,
     check_int,
-    check_positions,
     check_seed,
     control_seed,
     evaluates,
     model_adapter,
     resolve_site,
-    warn,
     width,
+    writer_positions,
 )
 from mechprobe.erasure._eraser import Eraser, dropout_projection, random_projection
 from mechprobe.erasure._information import ProbeData, information_measures
@@ -176,7 +175,7 @@ def amnesic(
             f"{site} carries positions={site.positions!r}; amnesic() takes positions= itself: "
             f"pass Site({site.kind!r}, {site.layer}) and positions={site.positions!r}."
         )
-    positions = _check_positions(positions)
+    positions = writer_positions(positions, "amnesic")
     if isinstance(text, str):
         text = [text]
     adapter = model_adapter(model)
@@ -240,19 +239,6 @@ def amnesic(
         model_name=model_adapter(model).name,
         probe_hook=probe_hook,
     )
-
-
-def _check_positions(positions: Any, caller: str = "amnesic") -> ErasePositions:
-    """``"all"``, an int, or several ints, read by the core's one check (``check_positions``);
-    the old ``None`` is ``"all"`` with a warning, and ``caller`` names the public function in it."""
-    if positions is None:
-        warn(
-            f"{caller}(positions=None) is deprecated and will be removed in the next release; "
-            "every position is spelled positions='all' (the default).",
-            DeprecationWarning,
-        )
-        return "all"
-    return check_positions(positions)
 
 
 def _probe_sites(

@@ -26,8 +26,9 @@ from mechprobe.core import (
     positions_text,
     progress_bar,
     warn,
+    writer_positions,
 )
-from mechprobe.erasure._amnesic import _check_positions, amnesic
+from mechprobe.erasure._amnesic import amnesic
 from mechprobe.erasure._eraser import Eraser
 from mechprobe.erasure._information import ProbeData
 from mechprobe.erasure._inlp import inlp
@@ -314,7 +315,7 @@ def layer_sweep(
     if text is None and task is None and probe is None:
         raise ValueError("Nothing to measure: pass text=[...], task='capitals' and/or probe=data.")
     seed = check_seed(seed)
-    positions = _check_positions(positions, "layer_sweep")  # warns under its own name
+    positions = writer_positions(positions, "layer_sweep")  # warns under its own name
     if getattr(data, "level", "text") == "word" and positions != "all":
         # Its rows are every word's last token: fitted there, erased at one position a text,
         # the KL and task numbers measured an erasure of almost nothing, without a word.

@@ -4,7 +4,6 @@
   ``holdout=`` -> ``test_size=``):
   :func:`renamed_keywords` wraps a function so that the old keyword still works; the function's
   signature (what ``inspect.signature`` and the vocabulary test see) shows only the new names.
-- ``positions=None`` meaning every position: :func:`writer_positions` turns it into ``"all"``.
 
 CHANGELOG.md lists each of them; they go in the next release.
 """
@@ -17,7 +16,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from mechprobe.core import warn
 
-__all__ = ["half_open_pairs", "renamed_keywords", "writer_positions"]
+__all__ = ["half_open_pairs", "renamed_keywords"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -77,20 +76,3 @@ def half_open_pairs(value: Any) -> Any:
     if not isinstance(value, Sequence):
         return value
     return [range(int(a), int(b)) for a, b in value]
-
-
-def writer_positions(positions: Any, owner: str) -> Any:
-    """``positions`` of a function that writes, with the old ``None`` read as ``"all"``.
-
-    Example:
-        >>> writer_positions(-1, "f"), writer_positions("all", "f")
-        (-1, 'all')
-    """
-    if positions is None:
-        warn(
-            f"{owner}(positions=None) is deprecated and will be removed in the next release; "
-            "every position is spelled positions='all' (the default).",
-            DeprecationWarning,
-        )
-        return "all"
-    return positions

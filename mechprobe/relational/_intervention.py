@@ -37,7 +37,6 @@ from mechprobe.core import (
     check_choice,
     check_finite,
     check_float,
-    check_positions,
     evaluates,
     first_token_ids,
     literal,
@@ -49,8 +48,8 @@ from mechprobe.core import (
     target_rank,
     tokenize,
     warn,
+    writer_positions,
 )
-from mechprobe.relational._deprecated import writer_positions
 from mechprobe.relational._figure import axes_for
 from mechprobe.relational._ovector import OVector, _model_name
 
@@ -440,7 +439,7 @@ def _scale(scale: Any, name: str, sweep: str) -> float:
 def _positions(positions: Any, owner: str) -> str | int | tuple[int, ...]:
     """A writer's positions: ``"all"``, an int or several ints, read by the core's one check
     (the old None read as "all"); several as a tuple, which a frozen result can hold."""
-    where = check_positions(writer_positions(positions, owner))
+    where = writer_positions(positions, owner)
     return tuple(where) if isinstance(where, list) else where
 
 
