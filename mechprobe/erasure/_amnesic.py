@@ -27,6 +27,8 @@ import torch
 
 from mechprobe.core import (
     HEAD_KINDS,
+    Batch,
+    Capture,
     Site,
     SiteKind,
     SiteLike,
@@ -36,6 +38,8 @@ from mechprobe.core import (
     check_seed,
     control_seed,
     evaluates,
+    forward,
+    intervene,
     model_adapter,
     resolve_site,
     width,
@@ -272,14 +276,9 @@ def _hook_width(model: Any, hook: str) -> int | None:
     the config that fits every model; assuming d_model refused the right eraser and let a
     d_model-wide one fail mid-run. None where the hook does not fire.
     """
-    seen: list[int] = []
-
-    def grab(activation: torch.Tensor, hook: Any) -> None:
-        seen.append(int(activation.shape[-1]))
-
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        model.run_with_hooks(
-            torch.zeros((1, 1), dtype=torch.long, device=device), fwd_hooks=[(hook, grab)]
-        )
-    return seen[0] if seen else None
+    one = torch.zeros((1, 1), dtype=torch.long)
+    batch = Batch(one, torch.ones_like(one), "right", ("",))
+    capture = Capture()
+    with torch.no_grad(), intervene(model, {hook: capture}):
+        forward(model, batch)
+    return None if capture.value is None else int(capture.value.shape[-1])
