@@ -23,6 +23,7 @@ from mechprobe.core import (
     SiteLike,
     forward,
     intervene,
+    model_adapter,
     progress_bar,
     tokenize,
     warn,
@@ -77,11 +78,11 @@ def _last_token(
 ) -> np.ndarray:
     """``[n, sites, d]`` activations at each text's last token under ``condition``."""
     batch = tokenize(model, texts)
-    device = getattr(model.cfg, "device", None)
+    device = model_adapter(model).device  # where token ids go, as everywhere
     parts: list[np.ndarray] = []
     with torch.no_grad():
         for _, chunk in batch.chunks(batch_size):
-            chunk = chunk.to(device) if device is not None else chunk
+            chunk = chunk.to(device)
             caps = {s: Capture(positions=-1) for s in sites}
             spec: dict[SiteLike, list[Intervention]] = {}
             if condition.eraser is not None:

@@ -24,6 +24,7 @@ from mechprobe.core import (
     first_token_ids,
     forward,
     intervene,
+    model_adapter,
     progress_bar,
     tokenize,
     top1_hit,
@@ -102,13 +103,13 @@ def text_measures(
     text) accuracy and loss cannot change and are not reported; the KL still is.
     """
     batch = tokenize(model, list(texts))
-    device = getattr(model.cfg, "device", None)
+    device = model_adapter(model).device  # where token ids go, as everywhere
     sums = {c.name + str(c.seed): [0.0, 0.0, 0.0] for c in conditions}
     n_pred, n_real, n_next = 0, 0, 0
     chunks = list(batch.chunks(batch_size))
     with torch.no_grad():
         for _, chunk in progress_bar(chunks, progress=progress, desc="amnesic: text"):
-            chunk = chunk.to(device) if device is not None else chunk
+            chunk = chunk.to(device)
             real = chunk.attention_mask.bool()
             n_next += int((real[:, :-1] & real[:, 1:]).sum())
             mask = real & _from_first_erased(chunk, positions, real)
@@ -163,12 +164,12 @@ def task_measures(
     """
     batch = tokenize(model, task.prompts())
     answer = torch.as_tensor(first_token_ids(model, task.answers()))
-    device = getattr(model.cfg, "device", None)
+    device = model_adapter(model).device  # where token ids go, as everywhere
     sums = {c.name + str(c.seed): [0.0, 0.0, 0.0] for c in conditions}
     chunks = list(batch.chunks(batch_size))
     with torch.no_grad():
         for rows, chunk in progress_bar(chunks, progress=progress, desc="amnesic: task"):
-            chunk = chunk.to(device) if device is not None else chunk
+            chunk = chunk.to(device)
             index = torch.arange(len(chunk), device=chunk.tokens.device)
             last = chunk.last_index.to(chunk.tokens.device)
             target = answer[rows].to(chunk.tokens.device)
