@@ -499,3 +499,19 @@ def test_per_prompt_vectors_are_cut_to_each_chunk(tiny) -> None:
         for i, prompt in enumerate(PROMPTS):  # each prompt ran with its own vector
             alone = mp.run(tiny, [prompt], {site: make(vectors[i])}, **kw)
             torch.testing.assert_close(whole.logits[i], alone.logits[0], atol=1e-5, rtol=0)
+    # At a hook with a head axis the selection is [batch, k, n_heads, d_head]: a shared
+    # [k, n_heads, d_head] vector with k == the number of prompts is no per-prompt value (it
+    # was cut by its first axis, 1.58 off), and a per-prompt one has four axes.
+    heads, d_head = int(tiny.cfg.n_heads), int(tiny.cfg.d_head)
+    k = len(PROMPTS)
+    shared = torch.randn(k, heads, d_head, generator=gen)
+    per_prompt = torch.randn(len(PROMPTS), 1, heads, d_head, generator=gen)
+    z = "blocks.0.attn.hook_z"
+    for value, where in ((shared, list(range(k))), (per_prompt, -1)):
+        for make in (
+            lambda v, p: mp.Add(v, positions=p),
+            lambda v, p: mp.Ablate(mean=v, positions=p),
+        ):
+            whole = mp.run(tiny, PROMPTS, {z: make(value, where)}, batch_size=None, **kw)
+            chunked = mp.run(tiny, PROMPTS, {z: make(value, where)}, batch_size=1, **kw)
+            torch.testing.assert_close(chunked.logits, whole.logits, atol=1e-5, rtol=0)

@@ -139,8 +139,23 @@ class Intervention:
         True
     """
 
+    #: Set by :func:`mechprobe.run` on its copy for one chunk of prompts: ``(the chunk's rows,
+    #: the number of prompts)``, so that a value with one row per prompt is cut to the chunk's.
+    _chunk: tuple[slice, int] | None = None
+
     def __init__(self, positions: Positions = None) -> None:
         self.positions = positions
+
+    def _for_chunk(self, value: Tensor, selected: Tensor) -> Tensor:
+        """``value`` cut to this chunk's rows where it holds one row per prompt: as many axes as
+        the selection (so its first axis is the prompts'), one row for each prompt run. A value
+        with fewer axes broadcasts over the rows as it is (a ``[k, n_heads, d_head]`` vector at
+        ``hook_z`` is one for every prompt, also when ``k`` equals the number of prompts)."""
+        if self._chunk is not None:
+            rows, n_rows = self._chunk
+            if value.ndim == selected.ndim and value.shape[0] == n_rows:
+                return value[rows]
+        return value
 
     def edit(self, selected: Tensor, hook: Any) -> Tensor | None:
         """The new values of the selection: what a subclass implements.
@@ -427,7 +442,7 @@ class Replace(Intervention):
             _check_magnitude(_peak(self.value), width, dtype, "Replace value")
 
     def edit(self, selected: Tensor, hook: Any) -> Tensor:
-        value = self._tensor().to(selected.device, selected.dtype)
+        value = self._for_chunk(self._tensor(), selected).to(selected.device, selected.dtype)
         try:
             return torch.broadcast_to(value, selected.shape)
         except RuntimeError:
@@ -442,7 +457,9 @@ class Add(Intervention):
     """Add ``scale * vector`` to the activation (a steering vector, an FFN update o).
 
     ``vector`` broadcasts to the selection ``[batch, k, d]``: ``[d]``, ``[k, d]`` or
-    ``[batch, k, d]`` (one per prompt; :func:`mechprobe.run` cuts it to each chunk's rows).
+    ``[batch, k, d]`` (one per prompt: as many axes as the selection, which
+    :func:`mechprobe.run` cuts to each chunk's rows; at a hook with a head axis the selection
+    is ``[batch, k, n_heads, d_head]``).
     A ``vector`` that requires a gradient keeps it (as the tensors of :class:`Replace`,
     ``Ablate(mean=)`` and ``Project(matrix)`` do), so a vector can be trained through
     :func:`intervene`, pyvene's ``AdditionIntervention``; the model's own parameters collect
@@ -471,7 +488,7 @@ class Add(Intervention):
         _check_magnitude(_peak(self.vector, self.scale), width, dtype, "Add scale * vector")
 
     def edit(self, selected: Tensor, hook: Any) -> Tensor:
-        vector = self.vector.to(selected.device, selected.dtype)
+        vector = self._for_chunk(self.vector, selected).to(selected.device, selected.dtype)
         return selected + self.scale * vector
 
 
@@ -542,7 +559,8 @@ class Ablate(Intervention):
         if self.method == "zero":
             return torch.zeros_like(selected)
         if self.mean is not None:
-            return self.mean.to(selected.device, selected.dtype).expand(selected.shape)
+            mean = self._for_chunk(self.mean, selected)
+            return mean.to(selected.device, selected.dtype).expand(selected.shape)
         return masked_mean(selected, real).to(selected.dtype).expand(selected.shape)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -400,23 +401,13 @@ def _check_chunked(spec: InterventionSpec, n_rows: int) -> None:
 
 
 def _rows_of(item: Intervention, rows: slice, n_rows: int) -> Intervention:
-    """``item`` for one chunk: a Replace value, Add vector or Ablate mean with one row per
-    prompt ``[n_prompts, k, d]`` is cut to the chunk's rows (every other shape broadcasts over
-    the chunk as it is)."""
-
-    def per_prompt(value: Tensor | None) -> bool:
-        return value is not None and value.ndim == 3 and value.shape[0] == n_rows
-
-    if isinstance(item, Replace):
-        value = item.value.value if isinstance(item.value, Capture) else item.value
-        if per_prompt(value):
-            assert value is not None
-            return Replace(value[rows], positions=item.positions)
-    if isinstance(item, Add) and per_prompt(item.vector):
-        return Add(item.vector[rows], scale=item.scale, positions=item.positions)
-    if isinstance(item, Ablate) and per_prompt(item.mean):
-        assert item.mean is not None
-        return Ablate("mean", mean=item.mean[rows], positions=item.positions)
+    """``item`` for one chunk: a copy of a Replace, Add or Ablate that cuts a value with one row
+    per prompt to the chunk's rows when it runs (it knows the selection's shape there; every
+    other value broadcasts over the chunk as it is)."""
+    if isinstance(item, (Replace, Add, Ablate)):
+        chunked = copy.copy(item)
+        chunked._chunk = (rows, n_rows)
+        return chunked
     return item
 
 
