@@ -405,6 +405,9 @@ def _rows_of(item: Intervention, rows: slice, n_rows: int) -> Intervention:
     per prompt to the chunk's rows when it runs (it knows the selection's shape there; every
     other value broadcasts over the chunk as it is)."""
     if isinstance(item, (Replace, Add, Ablate)):
+        if item._chunk is not None:  # a chunk's copy already (generate's, then run's): rows in it
+            outer, n_rows = item._chunk
+            rows = slice(outer.start + rows.start, outer.start + rows.stop)
         chunked = copy.copy(item)
         chunked._chunk = (rows, n_rows)
         return chunked
