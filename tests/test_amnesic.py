@@ -638,6 +638,12 @@ def test_probes_after_erasing_one_head_read_the_residual_stream(kind) -> None:
     assert res.selectivity()["probe_accuracy"] == pytest.approx(
         (value["intact"] - value["erased"]) - (value["intact"] - value["random"])
     )
+    # A file saved before probe_hook existed reads the head's layer probe too.
+    record = res.to_dict()
+    record.pop("probe_hook")
+    old = AmnesicResult.from_dict(record)
+    assert old.probe_hook is None and old.headline() == res.headline()
+    assert old.selectivity() == res.selectivity()
 
 
 def test_one_panel_plots_any_measured_metric() -> None:

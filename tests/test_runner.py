@@ -515,3 +515,18 @@ def test_per_prompt_vectors_are_cut_to_each_chunk(tiny) -> None:
             whole = mp.run(tiny, PROMPTS, {z: make(value, where)}, batch_size=None, **kw)
             chunked = mp.run(tiny, PROMPTS, {z: make(value, where)}, batch_size=1, **kw)
             torch.testing.assert_close(chunked.logits, whole.logits, atol=1e-5, rtol=0)
+
+
+def test_gather_pairs_rows_with_positions(tiny) -> None:
+    # Gather(rows=...) without cols kept every row, rows ignored.
+    from mechprobe.core import Gather
+
+    with pytest.raises(ValueError, match="pass cols= too"):
+        Gather(rows=torch.tensor([0]))
+    keep = Gather(rows=torch.tensor([1, 0]), cols=torch.tensor([2, 1]))
+    batch = mp.tokenize(tiny, PROMPTS[:2])
+    with mp.intervene(tiny, {"blocks.0.hook_resid_post": keep}, batch=batch):
+        _, cache = tiny.run_with_cache(batch.tokens, attention_mask=batch.attention_mask)
+    state = cache["blocks.0.hook_resid_post"]
+    assert keep.value is not None
+    torch.testing.assert_close(keep.value, torch.stack([state[1, 2], state[0, 1]]))

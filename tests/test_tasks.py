@@ -406,3 +406,7 @@ def test_a_prompt_with_other_shot_answers_differs_in_those_answers_only() -> Non
     assert swapped == expected != task.prompt("Poland")
     with pytest.raises(ValueError, match="one per shot"):
         task.prompt("Poland", shot_outputs=own[:2])
+    with pytest.raises(TypeError, match="a character at a time"):
+        task.prompt("Poland", shot_outputs="abc")  # three letters, three shots: it rendered
+    with pytest.raises(TypeError, match=r"shot_outputs\[0\] must be a string"):
+        task.prompt("Poland", shot_outputs=[1, 2, 3])

@@ -259,7 +259,9 @@ class Gather(Intervention):
         rows: ``[n]`` row of each entry of ``cols`` (``value = activation[rows, cols]``, ``[n,
             ...]``); None: every row.
         cols: Padded positions: ``[n]`` with ``rows``; without, ``[rows, k]`` per row or ``[k]``
-            for every row (``value`` ``[rows, k, ...]``). None: every position.
+            for every row (``value`` ``[rows, k, ...]``, a copy). None: every position, and
+            ``value`` is the activation itself, detached (no copy: an edit after it at the same
+            hook shows in it).
         stop: Raise :class:`StopForward` once the value is kept.
 
     Example:
@@ -278,6 +280,8 @@ class Gather(Intervention):
         self, *, rows: Tensor | None = None, cols: Tensor | None = None, stop: bool = False
     ) -> None:
         super().__init__(None)
+        if rows is not None and cols is None:
+            raise ValueError("Gather(rows=...) pairs each row with a position: pass cols= too.")
         self.rows, self.cols, self.stop = rows, cols, stop
         self.value: Tensor | None = None
 

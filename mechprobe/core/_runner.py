@@ -358,9 +358,10 @@ def run(
                 out = readout(model, final.value)
             else:
                 with intervene(model, merged, batch=chunk):
-                    out = forward(model, chunk).float()  # float32, as the readout's
+                    out = forward(model, chunk)
                 if local is not None:
                     out = out[torch.arange(len(chunk))[:, None], local]
+                out = out.float()  # float32, as the readout's (after the index: a smaller copy)
             # The early pass's readout (or an index) made ``out``: run's own tensor, used in place.
             # The model's own forward's logits may be held by a user's hook on the unembedding.
             own = early or local is not None

@@ -107,7 +107,8 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
             saved before results recorded it).
         probe_hook: The hook whose probe reports the erased site itself (:meth:`selectivity`,
             :meth:`headline`): ``site`` for a whole site; for a head, whose site has no
-            activation of its own to probe, the residual stream after its layer. None: ``site``.
+            activation of its own to probe, the residual stream after its layer. None (files
+            saved before it existed): ``site``, or the first site probed where ``site`` is none.
 
     Saved as JSON, the record starts with the headline numbers of :meth:`headline` (what
     ``mechprobe erase`` prints), then every field.
@@ -210,7 +211,12 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
 
     def _at_site(self, probe: str = "linear") -> dict[str, Any]:
         """The keywords that select the probe reporting the erased site itself."""
-        return {"site": self.probe_hook or self.site, "probe": probe}
+        site = self.probe_hook or self.site
+        if self.probe_hook is None and site not in self.probe_sites and self.probe_sites:
+            # A file saved before probe_hook existed, of a head (whose own label names no probed
+            # site): amnesic() probed the head's layer first.
+            site = self.probe_sites[0]
+        return {"site": site, "probe": probe}
 
     @property
     def probe_sites(self) -> list[str]:

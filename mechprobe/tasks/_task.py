@@ -133,6 +133,13 @@ class Task:
         check_str("prompt input", input)
         prefix = self._prefix
         if shot_outputs is not None:
+            if isinstance(shot_outputs, str):
+                raise TypeError(
+                    "shot_outputs is one answer per demonstration, a list of strings, not one "
+                    f"string ({shot_outputs!r} would be read a character at a time)."
+                )
+            for k, answer in enumerate(shot_outputs):
+                check_str(f"shot_outputs[{k}]", answer)
             if len(shot_outputs) != len(self.shots):
                 raise ValueError(
                     f"shot_outputs has {len(shot_outputs)} answers for {len(self.shots)} "
