@@ -103,3 +103,22 @@ def test_class_labels_codes_index_sorted_classes() -> None:
     with pytest.raises(ValueError, match="only one class"):
         class_labels(["a", "a"])
     assert class_labels(["a"], min_classes=1)[0].tolist() == ["a"]
+
+
+def test_integral_float_labels_are_ints_in_datasets_and_collect(tiny) -> None:
+    # core.class_labels (every fit) reads 2.0 as class 2, but collect and ProbingDataset refused
+    # a float column of labels ("labels[0] is 1.0: use a str, int or bool label").
+    texts = ["ab", "cd", "ef"]
+    floats = np.array([1.0, 0.0, 1.0])
+    ds = mp.ProbingDataset("t", texts, floats)
+    assert ds.labels == (1, 0, 1) and all(type(v) is int for v in ds.labels)
+    words = mp.ProbingDataset("w", ["ab cd ef"], [(2.0, None, np.float32(0.0))], "word")
+    assert words.labels == ((2, None, 0),)
+    site = mp.Site("resid_post", 1)
+    acts = mp.collect(tiny, texts, site, labels=floats, progress=False)
+    assert acts.labels is not None and acts.labels.dtype == np.int64
+    assert acts.labels.tolist() == [1, 0, 1]
+    with pytest.raises(TypeError, match=r"1\.5"):
+        mp.collect(tiny, texts[:2], site, labels=[1.5, 0.0], progress=False)
+    with pytest.raises(TypeError, match="nan"):
+        mp.ProbingDataset("t", texts[:2], [float("nan"), 1.0])

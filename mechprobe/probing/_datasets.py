@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from mechprobe.core import check_seed, warn
-from mechprobe.probing._selection import _is_label, whitespace_words
+from mechprobe.probing._selection import _is_label, _label, whitespace_words
 
 __all__ = ["ProbingDataset", "pos_dataset"]
 
@@ -127,7 +127,7 @@ class ProbingDataset:
                         f"Dataset {self.name!r}: {what}[{i}] is {v!r}; a text-level dataset "
                         "takes one str, int or bool per text."
                     )
-                out.append(v.item() if isinstance(v, np.generic) else v)
+                out.append(_label(v))
             else:
                 if isinstance(v, str) or not isinstance(v, (Sequence, np.ndarray)):
                     raise TypeError(
@@ -137,7 +137,7 @@ class ProbingDataset:
                 bad = [x for x in v if x is not None and not _is_label(x)]
                 if bad:
                     raise TypeError(f"Dataset {self.name!r}: {what}[{i}] holds {bad[0]!r}.")
-                out.append(tuple(x.item() if isinstance(x, np.generic) else x for x in v))
+                out.append(tuple(None if x is None else _label(x) for x in v))
         return tuple(out)
 
     def _spans(self, texts: tuple[str, ...], labels: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -58,14 +58,22 @@ def whitespace_words(text: str) -> list[tuple[int, int]]:
 
 
 def _is_label(value: Any) -> bool:
-    """Whether ``value`` is one class label (or word type): a str, an int or a bool, Python or
-    numpy. The one rule of a ProbingDataset and of ``collect``'s ``labels=``/``groups=``.
-
-    Bools are labels: every probe and eraser reads labels through
-    :func:`mechprobe.core.class_labels`, which takes them (a yes/no property is two classes), so
-    refusing them here refused data that the fits downstream take.
+    """Whether ``value`` is one class label (or word type): a str, an int (an integral float
+    counts: ``2.0`` is class 2) or a bool, Python or numpy. The one rule of a ProbingDataset and
+    of ``collect``'s ``labels=``/``groups=``, as :func:`mechprobe.core.class_labels`, through
+    which every probe and eraser reads labels: refusing here what it takes (bools, a yes/no
+    property; labels read from a float column) refused data that the fits downstream take.
     """
+    if isinstance(value, (float, np.floating)):
+        return bool(np.isfinite(value)) and float(value).is_integer()
     return isinstance(value, (str, int, np.integer, np.bool_))  # bool is an int
+
+
+def _label(value: Any) -> Any:
+    """A label as kept: numpy scalars as Python ones, an integral float as its int."""
+    if isinstance(value, (float, np.floating)):
+        return int(value)
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _inputs(data: Any, positions: Any, labels: Any, groups: Any) -> dict[str, Any]:
@@ -206,7 +214,7 @@ def _expand(values: Any, i: int, n_units: int, name: str) -> list[Any]:
     """One text's label entry as a list with one value per unit (a scalar is repeated)."""
     entry = values[i]
     if entry is None or _is_label(entry):
-        return [entry] * n_units
+        return [None if entry is None else _label(entry)] * n_units
     if isinstance(entry, bytes) or not isinstance(entry, (Sequence, np.ndarray)):
         raise TypeError(
             f"{name}[{i}] is {entry!r}: use a str, int or bool label or a list of them."
@@ -217,7 +225,7 @@ def _expand(values: Any, i: int, n_units: int, name: str) -> list[Any]:
             "(words for 'word_last', tokens without BOS for 'all', listed positions): pass one "
             "per unit, or a single label for the whole text."
         )
-    return list(entry)
+    return [None if v is None else _label(v) if _is_label(v) else v for v in entry]
 
 
 def _array(values: list[Any], name: str) -> np.ndarray:
