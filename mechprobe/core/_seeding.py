@@ -25,8 +25,9 @@ _SEED_RANGE = 2**32
 def control_seed(seed: int, j: int) -> int:
     """The seed of random control ``j`` of a run seeded ``seed``: ``seed + j``, modulo ``2**32``.
 
-    Every random control of the API (random directions, projections, vectors, subspaces) draws
-    from this seed, so control ``j`` is the same draw wherever it is made. The wrap keeps it a seed
+    The random controls of the API (random directions, projections, vectors, subspaces) take
+    their seeds from it (patching keys it with each pair's tokens; DAS's subspace ``j`` is
+    control ``j + 1``, after the one the trained subspace starts from). The wrap keeps it a seed
     that every generator takes: without it, ``seed=2**32 - 1`` with two controls asked the second
     for ``2**32``, which :func:`mechprobe.core.check_seed` (and numpy's legacy generators)
     refuse, a seed the user never passed.

@@ -9,7 +9,7 @@ logits at the last token. ``direction="denoising"`` (the default, as in Transfor
 clean prompt and writes corrupt ones. Ablating a cell writes zeros or a mean instead.
 
 Every cell comes with controls: ``n_random`` runs of the same cell in which the activation is
-moved by the same distance in a random direction (control ``j`` of a pair drawn from ``seed + j``
+moved by the same distance in a random direction (control ``j`` of a pair drawn from ``(seed + j) % 2**32``
 and the pair's tokens: the same whatever other pairs run beside it), so an effect can be told
 apart from "anything of that size written there"; and every value is kept per prompt pair, for
 the spread over prompts.
@@ -296,7 +296,7 @@ def patch(
             ``get_act_patch_*`` convention); ``"noising"`` runs clean and writes corrupt ones.
         n_random: Random controls per cell: the activation moved by the patch's own distance
             ``||a_source - a_run||`` in a random direction (control ``j`` of a pair drawn from
-            ``seed + j`` and the pair's tokens, so the same whatever pairs run beside it; for a
+            ``(seed + j) % 2**32`` and the pair's tokens, so the same whatever pairs run beside it; for a
             pattern row, a direction that keeps the row's sum). 0 skips them (and runs
             ``1 + n_random`` times fewer cells).
         seed: Seed of the random directions.
@@ -488,7 +488,7 @@ def ablate_cells(
             pattern sites).
         layers: The layers a kind covers.
         n_random: Random controls per cell: the activation moved by the ablation's own distance
-            in a random direction (control ``j`` of a prompt drawn from ``seed + j`` and the
+            in a random direction (control ``j`` of a prompt drawn from ``(seed + j) % 2**32`` and the
             prompt's tokens, so the same whatever prompts run beside it).
         seed: Seed of the random directions.
         cells_per_batch: Cells per forward pass, at most.

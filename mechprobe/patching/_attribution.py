@@ -21,7 +21,7 @@ before trusting it on a model (``docs/causal.md`` has the comparison on SmolLM2)
 
 Controls: ``n_random`` estimates per cell of the patch moved by the same distance
 ``||a_clean - a_corrupt||`` in a random direction, ``||delta|| u . grad`` (control ``j`` of a
-pair drawn from ``seed + j`` and the pair's tokens, so the same whatever pairs run beside it; for
+pair drawn from ``(seed + j) % 2**32`` and the pair's tokens, so the same whatever pairs run beside it; for
 a pattern row a direction that keeps the row's sum), and every value per prompt pair.
 """
 

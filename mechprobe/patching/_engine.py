@@ -187,7 +187,7 @@ def pair_unit_vectors(
     the other pairs, their number or their order.
 
     Args:
-        seed: The control's seed (``seed + j`` for control ``j``).
+        seed: The control's seed (``(seed + j) % 2**32`` for control ``j``).
         prompts: Per pair, the token ids it is keyed by (clean and corrupt, or one prompt).
         pair_of_cell: The pair of each cell.
         widths: Each cell's width.

@@ -16,7 +16,7 @@ written out with hooks.
 Many (sender, receiver) cells share a forward pass through the batched engine; the receivers'
 split inputs are switched on around each pass and switched back (the model keeps no state). Every
 cell has random controls: the same receiver input moved by ``||delta||`` in random directions
-(control ``j`` of a pair drawn from ``seed + j`` and the pair's tokens, one direction per sender
+(control ``j`` of a pair drawn from ``(seed + j) % 2**32`` and the pair's tokens, one direction per sender
 and position, shared by its receivers).
 
 ``method="attribution"`` (edge attribution patching, Syed et al. 2023) estimates every path to
@@ -582,7 +582,7 @@ def path_patch(
             far from linear between the runs: compare it with exact paths on a few cells.
             ``cells_per_batch``, ``memory_budget`` and ``packed`` apply to ``"exact"`` only.
         n_random: Random controls per path: the receiver's input moved by the sender's change's
-            norm in random directions (control ``j`` of a pair drawn from ``seed + j`` and the
+            norm in random directions (control ``j`` of a pair drawn from ``(seed + j) % 2**32`` and the
             pair's tokens, so the same whatever pairs run beside it).
         seed: Seed of the random directions.
         cells_per_batch: Paths per forward pass, at most.

@@ -233,7 +233,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             ``"attribution"`` (first-order estimates of denoising from
             :func:`mechprobe.attribution_patch`), ``"attribution-noising"`` (of noising).
         random: ``[n_random, pairs, sites, positions]`` the metric when the same cell is moved by
-            the same distance in a random direction (row ``j``: seed ``seed + j`` keyed by the
+            the same distance in a random direction (row ``j``: seed ``(seed + j) % 2**32`` keyed by the
             pair's token ids).
         seed: The first seed of the random directions.
         model_name: The model's name (``cfg.model_name``), for the record (empty in files

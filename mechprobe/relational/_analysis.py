@@ -211,7 +211,7 @@ def relational_analysis(
         mode: ``"replace"`` (Merullo et al.) or ``"add"``.
         positions: Positions edited: ``"all"`` (as in the paper), an int (``-1``: each context's
             last token) or a list of ints.
-        n_random: Random-direction controls (seeds ``seed .. seed + n_random - 1``).
+        n_random: Random-direction controls (seeds ``seed .. seed + n_random - 1``, mod ``2**32``).
         other_task: The task whose o-vector is the other-task control (``"auto"``: a built-in
             pairing; None: skip); never the task analysed.
         contrast_task: The task ablated beside this one (``"auto"``: the extractive or abstractive
