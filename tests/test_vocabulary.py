@@ -289,7 +289,15 @@ def _largest_seed_calls() -> dict[str, Callable[[int, int], Any]]:
     }
 
 
-@pytest.mark.parametrize("name", sorted(_largest_seed_calls()))
+_SEED_CALLS = ["ablate_cells", "attribution_patch", "ovector_controls", "patch", "path_patch"]
+
+
+def test_the_seed_calls_are_the_listed_ones() -> None:
+    assert sorted(_largest_seed_calls()) == _SEED_CALLS
+
+
+# Named, not read from _largest_seed_calls() at collection, which built a model for any -k.
+@pytest.mark.parametrize("name", _SEED_CALLS)
 def test_the_largest_seed_wraps_in_every_random_control(name: str) -> None:
     # ovector_controls(seed=2**32 - 1, n_random=2) asked control 1 for seed 2**32 and was refused
     # (review 28b F2); the patching controls keyed it as 2**32. Control j is seed + j modulo 2**32
