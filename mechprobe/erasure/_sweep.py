@@ -87,6 +87,10 @@ def fit_erasure(
 class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figure=True):
     """One :class:`AmnesicResult` per erased site (a layer sweep).
 
+    Attributes:
+        method: The erasure's method (``"inlp"`` or ``"leace"``), fitted at every site.
+        results: One :class:`AmnesicResult` per erased site, in the order erased.
+
     Example:
         >>> ErasureSweep(method="inlp", results=()).to_frame().empty
         True

@@ -116,10 +116,12 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
         clean, corrupt: ``[pairs]`` the unpatched runs' metric.
         random: ``[n_random, pairs, senders, receivers]`` the receiver's input moved by the same
             distance in a random direction.
-        senders: Sender labels (``"head@3, head 1"``, ``"mlp_out@2"``); ``sender_layers`` and
-            ``sender_heads`` (None for MLPs and attention layers) per sender.
-        receivers: Receiver labels (``"q@5, head 2"`` or ``"final"``); ``receiver_layers``
-            (``n_layers`` for the final residual) and ``receiver_heads`` per receiver.
+        senders: Sender labels (``"head@3, head 1"``, ``"mlp_out@2"``).
+        sender_layers: Per sender, its layer.
+        sender_heads: Per sender, its head (None for MLPs and attention layers).
+        receivers: Receiver labels (``"q@5, head 2"``, ``"mlp_in@7"`` or ``"final"``).
+        receiver_layers: Per receiver, its layer (``n_layers`` for the final residual).
+        receiver_heads: Per receiver, its head (None for ``mlp_in`` and the final residual).
         positions: The positions whose sender change was passed on (negative from the end).
         metric, direction, seed: As for :class:`mechprobe.PatchResult`; ``direction`` is
             ``"attribution"`` for first-order estimates of denoising (``method="attribution"``),

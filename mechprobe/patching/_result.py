@@ -226,8 +226,9 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         kinds, layers, heads: Per row: site kind, layer, head (None except for head sites; a
             key/value head for ``k`` and ``v``).
         positions: The requested positions (negative ones count back from each prompt's last
-            token; None: every position at once, one column); ``position_labels`` their tokens (``clean/corrupt`` where they differ; where
-            pairs differ, the position and pair 0's token with an ellipsis, ``3: iffel…``).
+            token; None: every position at once, one column).
+        position_labels: Their tokens (``clean/corrupt`` where they differ; where pairs differ,
+            the position and pair 0's token with an ellipsis, ``3: iffel…``).
         metric: The metric's name.
         direction: ``"denoising"``, ``"noising"``, ``"zero-ablation"``, ``"mean-ablation"``, or
             ``"attribution"`` (first-order estimates of denoising from

@@ -225,7 +225,8 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
             the layers probed (negative deltas cancel the positive ones) it names no layer:
             :attr:`expected_layer_defined` is False, and the figure, repr and summary say so.
         mix_weights: ``[layers, layers]``, row ``l`` the softmax weights of the mix of ``0..l``.
-        n_train: training rows; n_test: held-out rows.
+        n_train: Training rows.
+        n_test: Held-out rows.
         layers: ``[layers]`` the model layer of each entry, read from the site names of
             :class:`Activations` (as :class:`ProbeResult`); positions for a plain array.
         seed: The seed the call took (None in files saved before results recorded it).
