@@ -498,3 +498,17 @@ def test_relation_control_tasks_are_checked_before_the_model_loads(
     argv = ["relation", "--task", "capitals", *extra, "--model", "tiny"]
     assert cli_main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_lens_refuses_a_rank_colour_without_a_target_and_saves_safetensors(tmp_path, capsys):
+    # --color rank without --target ran the whole lens, then died in the plot with a traceback
+    # and left --out holding result.json alone; checked before the model loads now.
+    nowhere = str(tmp_path / "no-model")
+    assert cli_main(["lens", "Hi", "--color", "rank", "--plot", "x.png", "--model", nowhere]) == 2
+    assert "--color rank colours by the first --target" in capsys.readouterr().err
+    # .safetensors, a format every result saves, was refused by --json.
+    path = tmp_path / "lens.safetensors"
+    assert cli_main(["lens", "Hi", "--model", "tiny", "--quiet", "--json", str(path)]) == 0
+    saved = mp.load_result(path)
+    direct = mp.logit_lens(mp.tiny_model(), ["Hi"], progress=False)
+    np.testing.assert_allclose(saved.kl_to_final, direct.kl_to_final, atol=1e-6)

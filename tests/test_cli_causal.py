@@ -220,7 +220,9 @@ def test_cli_dla_fails_before_loading(tmp_path, capsys, monkeypatch, args, messa
 def test_cli_patch_with_receivers_writes_the_path_patching_result(tmp_path, method):
     out = tmp_path / method
     args = [*PATCH, "--wrong", "2", "--sites", "head,mlp_out", "--receivers", "final,q"]
-    opts = ["--positions", "all", "--n-random", "1", "--method", method, "--model", "tiny"]
+    # No --positions: with --receivers the default is mp.path_patch's, every position (it was
+    # the last token, and the numbers differed from the API's they were documented as).
+    opts = ["--n-random", "1", "--method", method, "--model", "tiny"]
     assert cli_main([*args, *opts, "--quiet", "--out", str(out)]) == 0
     saved = mp.core.load_result(out / "result.json")
     direct = mp.path_patch(
@@ -301,7 +303,7 @@ def test_cli_receiver_layers_reach_path_patch(tmp_path, capsys):
     saved = mp.core.load_result(out / "result.json")
     direct = mp.path_patch(
         mp.tiny_model(), "A cat sat", "A bat sat", "head", "q", mp.logit_diff("1", "2"),
-        positions=-1, layers=[0, 1], receiver_layers=[2], n_random=0, progress=False,
+        layers=[0, 1], receiver_layers=[2], n_random=0, progress=False,
     )  # fmt: skip
     assert saved.receivers == direct.receivers and saved.senders == direct.senders
     np.testing.assert_allclose(saved.per_pair, direct.per_pair, atol=1e-6)

@@ -43,6 +43,8 @@ def write_run_folder(
         )
     except OSError as err:
         return f"cannot write {folder}: {err}"
+    except ValueError as err:  # a figure the result cannot draw: said, not a traceback
+        return f"{folder}: {err}"
     print(result.summary().to_string(index=False))
     print(f"\nwrote {folder / 'result.json'}, {folder / figure} and {folder / 'report.md'}")
     return None

@@ -110,7 +110,9 @@ def add_parser(sub: Any) -> None:
         "--color", choices=("prob", "rank"), default="prob", help="heatmap colour (default prob)"
     )
     parser.add_argument("--trajectory", metavar="PNG", help="write the targets' rank trajectory")
-    parser.add_argument("--json", metavar="PATH", help="write the full result (.json or .npz)")
+    parser.add_argument(
+        "--json", metavar="PATH", help="write the full result (.json, .npz or .safetensors)"
+    )
     parser.add_argument(
         "--out",
         metavar="DIR",
@@ -165,8 +167,11 @@ def main(args: argparse.Namespace) -> int:
     if args.trajectory and not targets:
         print("mechprobe lens: error: --trajectory needs at least one --target", file=sys.stderr)
         return 2
-    if args.json and not args.json.endswith((".json", ".npz")):
-        print("mechprobe lens: error: --json must name a .json or .npz file", file=sys.stderr)
+    if args.json and not args.json.endswith((".json", ".npz", ".safetensors")):
+        print(
+            "mechprobe lens: error: --json must name a .json, .npz or .safetensors file",
+            file=sys.stderr,
+        )
         return 2
     problem = args.out and output_problem(args.out, folder=True)
     if problem:
@@ -177,6 +182,14 @@ def main(args: argparse.Namespace) -> int:
         print(
             "mechprobe lens: error: --color colours the heatmap of --plot or --out: add one, "
             "or drop --color",
+            file=sys.stderr,
+        )
+        return 2
+    if args.color == "rank" and not targets:
+        # It colours by the first target's rank: refused after the whole run, with a traceback.
+        print(
+            "mechprobe lens: error: --color rank colours by the first --target's rank: add "
+            "--target",
             file=sys.stderr,
         )
         return 2
@@ -219,14 +232,16 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.json:
             print(f"\nwrote {result.save(args.json)}")
-        if args.plot:
-            result.plot_heatmap(0, color=args.color).savefig(args.plot, dpi=150)
+        if args.plot:  # the figure --out writes as lens.png: every prompt
+            result.plot(color=args.color).savefig(args.plot, dpi=150)
             print(f"wrote {args.plot}")
         if args.trajectory:
             result.plot_trajectory(list(range(len(prompts)))).savefig(args.trajectory, dpi=150)
             print(f"wrote {args.trajectory}")
     except OSError as err:
         return command_error("lens", f"cannot write the output: {err}")
+    except ValueError as err:  # a figure the result cannot draw: a message, not a traceback
+        return command_error("lens", err)
     if args.out:
         problem = write_run_folder("lens", args, result, "lens.png", {"color": args.color})
         if problem:

@@ -82,10 +82,11 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--positions",
         type=positions_type("all", whole=True),
-        default=-1,
-        help="'last' or -1 (each prompt's last token, the default), 'all' (each position a "
-        "cell), 'whole' (every position at once, one cell per site; not path patching), an "
-        "int or comma-separated ints; write lists that start with a minus as --positions=-3,-1",
+        default=None,
+        help="'last' or -1 (each prompt's last token, the default; with --receivers 'all', as "
+        "mp.path_patch: every path at every position), 'all' (each position a cell), 'whole' "
+        "(every position at once, one cell per site; not path patching), an int or "
+        "comma-separated ints; write lists that start with a minus as --positions=-3,-1",
     )
     parser.add_argument(
         "--receivers",
@@ -158,6 +159,8 @@ def main(args: argparse.Namespace) -> int:
                 "--method attribution runs one forward and backward pass per prompt pair, "
                 f"whatever the cells: drop --{flag.replace('_', '-')}"
             )
+    if args.positions is None:  # the API's defaults: the last token; every path at every position
+        args.positions = "all" if args.receivers is not None else -1
     if args.receiver_layers is not None and args.receivers is None:
         return fail("--receiver-layers applies to path patching: add --receivers, or drop it")
     if args.positions == "whole" and args.receivers is not None:
