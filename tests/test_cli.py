@@ -3,6 +3,7 @@ before any model loads."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -27,6 +28,19 @@ def test_layers_read_the_same_everywhere():
     assert layers_type("0-2,5") == [0, 1, 2, 5]
     assert layers_type("all") == "all"
     assert layers_type("-2--1") == [-2, -1]
+    # -1-2 ran the last layer then 0..2, and 0--1 advised "write -1-0", which parses to [-1, 0]:
+    # a range's ends are counted one way.
+    for mixed in ("-1-2", "0--1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="both ends from the start"):
+            layers_type(mixed)
+
+
+def test_dla_positions_take_last_and_say_why_one(capsys):
+    from mechprobe.cli._arguments import single_position
+
+    assert single_position("last") == -1 and single_position("-2") == -2
+    with pytest.raises(argparse.ArgumentTypeError, match="run once per position"):
+        single_position("all")
 
 
 def test_patch_takes_one_answer_per_pair(tmp_path):

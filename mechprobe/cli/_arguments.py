@@ -96,6 +96,25 @@ def positions_type(all_value: Any = None, *, whole: bool = False) -> Callable[[s
     return parse
 
 
+def single_position(text: str) -> int:
+    """An argparse ``type`` for a ``--positions`` that takes one position: ``last`` (-> -1) or an
+    int.
+
+    Example:
+        >>> single_position("last"), single_position("-2")
+        (-1, -2)
+    """
+    if text == "last":
+        return -1
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"one position is split per prompt ('last' or an int, negative from the end), not "
+            f"{text!r}: run once per position"
+        ) from None
+
+
 def site_kind_problem(option: str, text: str | None, *extra: str) -> str | None:
     """Why a comma-separated ``--sites`` value names no site kind, or None: the names that are
     neither a hook name nor a label must be kinds, which needs no model (a misspelt kind was
@@ -184,6 +203,12 @@ def layers_type(text: str) -> Any:
             start, dash, stop = part[1:].partition("-")  # a leading minus is a negative layer
             if dash:
                 first, last = int(part[0] + start), int(stop)
+                if (first < 0) != (last < 0):  # -1-2 ran -1, 0, 1, 2: the last layer, then 0..2
+                    raise argparse.ArgumentTypeError(
+                        f"the range {part} mixes a layer counted from the end with one counted "
+                        "from the start: write both ends from the start (0-29) or both from "
+                        "the end (--layers=-3--1)"
+                    )
                 if last < first:  # said only "layers is empty", after the model had loaded
                     raise argparse.ArgumentTypeError(
                         f"the range {part} runs backwards: write {last}-{first}"

@@ -21,6 +21,7 @@ from mechprobe.cli._arguments import (
     nonnegative_int,
     output_problem,
     positive_int,
+    single_position,
 )
 from mechprobe.cli._run_folder import write_run_folder
 from mechprobe.cli.lens import interpret_escapes
@@ -58,10 +59,10 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--heads", action="store_true", help="split attention into its heads")
     parser.add_argument(
         "--positions",
-        type=int,
+        type=single_position,
         default=-1,
-        help="the one position split: -1 (each prompt's last token, the default) or another "
-        "int, negative from each prompt's end (write --positions=-2)",
+        help="the one position split: 'last' or -1 (each prompt's last token, the default) or "
+        "another int, negative from each prompt's end (write --positions=-2)",
     )
     parser.add_argument(
         "--out", required=True, metavar="DIR", help="output folder (created with its parents)"
