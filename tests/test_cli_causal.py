@@ -279,7 +279,6 @@ def test_cli_heads_fails_before_loading(tmp_path, capsys, monkeypatch, args, mes
     ("args", "message"),
     [
         (["--prompt", "abc"], "pass --prompt texts that have them, or no --prompt for"),
-        (["--seq-len", "1"], "--seq-len must be at least 2"),
         (["--seq-len", "300"], "lower --seq-len"),
     ],
 )
@@ -287,6 +286,14 @@ def test_cli_heads_messages_name_the_flags(tmp_path, capsys, args, message):
     assert cli_main(["heads", *args, "--model", "tiny", "--quiet", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert message in err and "seq_len" not in err and "prompts=None" not in err
+
+
+def test_cli_heads_refuses_a_one_token_half_before_loading(tmp_path, capsys, monkeypatch):
+    # Refused by head_scores after the model had loaded.
+    monkeypatch.setattr("mechprobe.cli.heads.load", _no_model)
+    with pytest.raises(SystemExit):
+        cli_main(["heads", "--seq-len", "1", "--out", str(tmp_path / "d")])
+    assert "--seq-len: must be at least 2" in capsys.readouterr().err
 
 
 def test_cli_heads_refuses_an_unknown_kind(tmp_path, capsys):

@@ -39,6 +39,15 @@ keeps them).
 """
 
 
+def _at_least_two(text: str) -> int:
+    """``--seq-len``: a previous-token or induction pattern needs two tokens per half (checked
+    here, not after the model has loaded)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, not {text!r}")
+    return value
+
+
 def _kinds(text: str) -> list[str]:
     kinds = [k.strip() for k in text.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in _KINDS]
@@ -62,7 +71,9 @@ def add_parser(sub: Any) -> None:
         "--kinds", type=_kinds, default=list(_KINDS), help=f"comma-separated: {','.join(_KINDS)}"
     )
     add_layers_argument(parser, "layers whose heads are scored")
-    parser.add_argument("--seq-len", type=positive_int, help="random tokens per half (default 50)")
+    parser.add_argument(
+        "--seq-len", type=_at_least_two, help="random tokens per half, at least 2 (default 50)"
+    )
     parser.add_argument("--n-prompts", type=positive_int, help="random sequences (default 10)")
     parser.add_argument(
         "--out", required=True, metavar="DIR", help="output folder (created with its parents)"
