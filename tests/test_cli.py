@@ -95,7 +95,7 @@ def test_patch_takes_one_answer_per_pair(tmp_path):
             "patch",
             "3 --answer for 2 prompt pairs",
         ),
-        ([*_PATCH, "--wrong", "2", "--wrong", "3"], "patch", "2 --wrong for 1 --answer"),
+        ([*_PATCH, "--wrong", "2", "--wrong", "3"], "patch", "2 --wrong for 1 prompt pairs"),
         # said "Positions must be an int, ... or 'all', got None" after loading the model
         (
             [*_PATCH, "--receivers", "q", "--positions", "whole"],

@@ -367,3 +367,36 @@ def test_reports_record_the_text_analysed(tmp_path):
     result = mp.load_result(out / "result.json")
     direct = mp.patch(mp.tiny_model(), "Hi\ncat", "Hi\nbat", "mlp_out", -1, mp.logit_diff("c", "b"))
     np.testing.assert_allclose(result.values, direct.values, atol=1e-6)
+
+
+def test_cli_answers_are_one_shared_or_one_each_and_tasks_take_three_shots(tmp_path, capsys):
+    # patch wanted as many --wrong as --answer, trace one --answer per --prompt, dla either: the
+    # API takes one shared or one per prompt everywhere, and so does every subcommand now.
+    pairs = ["--clean", "A cat sat", "--corrupt", "A bat sat"]
+    pairs += ["--clean", "The dog ran", "--corrupt", "The fox ran"]
+    args = ["patch", *pairs, "--answer", "1", "--answer", "3", "--wrong", "2"]
+    out = tmp_path / "patch"
+    assert (
+        cli_main([*args, "--n-random", "0", "--model", "tiny", "--quiet", "--out", str(out)]) == 0
+    )
+    direct = mp.patch(
+        mp.tiny_model(), ["A cat sat", "The dog ran"], ["A bat sat", "The fox ran"], "resid_pre",
+        -1, mp.logit_diff(["1", "3"], "2"), n_random=0, progress=False,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        mp.core.load_result(out / "result.json").per_pair, direct.per_pair, atol=1e-6
+    )
+    trace = ["trace", "--prompt", "A cat sat", "--subject", "cat", "--prompt", "A dog ran"]
+    trace += ["--subject", "dog", "--answer", " x", "--layers", "0", "--n-noise", "1"]
+    assert cli_main([*trace, "--n-random", "0", "--model", "tiny", "--quiet", "--out",
+                     str(tmp_path / "trace")]) == 0  # fmt: skip
+    # --task: three demonstrations in trace and dla, as in relation (they took all five).
+    report = tmp_path / "trace-task"
+    task = ["trace", "--task", "capitals", "--n-items", "1", "--layers", "0", "--n-noise", "1"]
+    assert cli_main([*task, "--n-random", "0", "--model", "tiny", "--quiet", "--out",
+                     str(report)]) == 0  # fmt: skip
+    saved = mp.core.load_result(report / "result.json")
+    capitals = mp.load_task("capitals")
+    for shots, traced in ((3, True), (5, False)):
+        prompt = capitals.with_shots(shots).subset(1, seed=0).prompts()[0]
+        assert (len(saved.tokens[0]) == mp.tiny_model().to_tokens(prompt).shape[1]) == traced

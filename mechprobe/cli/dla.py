@@ -16,12 +16,13 @@ from typing import Any
 from mechprobe.cli._arguments import (
     add_model_argument,
     add_run_arguments,
+    add_shots_argument,
     command_error,
     load,
-    nonnegative_int,
     output_problem,
     positive_int,
     single_position,
+    task_shots,
 )
 from mechprobe.cli._run_folder import write_run_folder
 from mechprobe.cli.lens import interpret_escapes
@@ -49,9 +50,7 @@ def add_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--task", help="built-in task name or task JSON file")
-    parser.add_argument(
-        "--shots", type=nonnegative_int, help="keep the task's first N shots (default all)"
-    )
+    add_shots_argument(parser)
     parser.add_argument("--n-items", type=positive_int, help="seeded subset of the task's items")
     parser.add_argument("--prompt", action="append", default=[], help="prompt (repeat)")
     parser.add_argument("--answer", action="append", default=[], help="answer (one or per prompt)")
@@ -109,8 +108,7 @@ def main(args: argparse.Namespace) -> int:
         }
         if args.task is not None:
             task = mp.load_task(args.task)
-            if args.shots is not None:
-                task = task.with_shots(args.shots)
+            task = task.with_shots(task_shots(task, args.shots))
             if args.n_items is not None:
                 task = task.subset(args.n_items, seed=args.seed)
             model = load(args.model, args.device, args.dtype, args.kind)

@@ -151,8 +151,11 @@ def main(args: argparse.Namespace) -> int:
             f"got {len(args.answer)} --answer for {len(args.clean)} prompt pairs: pass one shared "
             "by every pair, or one per --clean"
         )
-    if args.wrong and len(args.wrong) != len(args.answer):
-        return fail(f"got {len(args.wrong)} --wrong for {len(args.answer)} --answer: pass as many")
+    if args.wrong and len(args.wrong) not in (1, len(args.clean)):
+        return fail(
+            f"got {len(args.wrong)} --wrong for {len(args.clean)} prompt pairs: pass one shared "
+            "by every pair, or one per --clean"
+        )
     for flag in ("cells_per_batch", "memory_budget"):
         if args.method == "attribution" and getattr(args, flag) is not None:
             return fail(
@@ -176,11 +179,10 @@ def main(args: argparse.Namespace) -> int:
     positions = None if args.positions == "whole" else args.positions
     interpret_escapes(args, "clean", "corrupt", "answer", "wrong")
     clean, corrupt = list(args.clean), list(args.corrupt)
-    # One answer for every pair is passed as a string, so the report shows it once.
-    answer: Any = list(args.answer)
-    wrong: Any = list(args.wrong)
-    if len(answer) == 1:
-        answer, wrong = answer[0], wrong[0] if wrong else wrong
+    # One answer for every pair is passed as a string, so the report shows it once; each of
+    # --answer and --wrong is one shared or one per pair, as in dla and the API.
+    answer: Any = args.answer[0] if len(args.answer) == 1 else list(args.answer)
+    wrong: Any = args.wrong[0] if len(args.wrong) == 1 else list(args.wrong)
     try:
         model = load(args.model, args.device, args.dtype, args.kind)
         metric = mp.logit_diff(answer, wrong) if args.wrong else mp.answer_prob(answer)

@@ -17,6 +17,7 @@ from mechprobe.cli._arguments import (
     add_layers_argument,
     add_model_argument,
     add_run_arguments,
+    add_shots_argument,
     byte_size,
     command_error,
     load,
@@ -24,6 +25,7 @@ from mechprobe.cli._arguments import (
     output_problem,
     positive_int,
     site_kind_problem,
+    task_shots,
 )
 from mechprobe.cli._run_folder import write_run_folder
 from mechprobe.cli.lens import interpret_escapes
@@ -51,6 +53,7 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument("--task", help="built-in task name or task JSON file")
     parser.add_argument("--n-items", type=positive_int, help="seeded subset of the task's items")
+    add_shots_argument(parser)
     parser.add_argument("--prompt", action="append", default=[], help="prompt (repeat)")
     parser.add_argument("--subject", action="append", default=[], help="its subject (repeat)")
     parser.add_argument("--answer", action="append", default=[], help="its answer (optional)")
@@ -104,8 +107,13 @@ def main(args: argparse.Namespace) -> int:
         return fail("--task gives each item's subject and answer: drop --subject and --answer")
     if args.task is None and args.n_items is not None:
         return fail("--n-items takes a subset of a --task's items: drop it with --prompt")
-    if args.answer and len(args.answer) != len(args.prompt):
-        return fail("pass one --answer per --prompt, or none (the model's own top token)")
+    if args.answer and len(args.answer) not in (1, len(args.prompt)):
+        return fail(
+            f"got {len(args.answer)} --answer for {len(args.prompt)} --prompt: pass one shared by "
+            "every prompt, one per prompt, or none (the model's own top token)"
+        )
+    if args.task is None and args.shots is not None:
+        return fail("--shots shapes a --task: drop it with --prompt")
     problem = site_kind_problem("--sites", args.sites)
     if problem:  # a misspelt kind needs no model to be told
         return fail(problem)
@@ -126,6 +134,7 @@ def main(args: argparse.Namespace) -> int:
             common["cells_per_batch"] = args.cells_per_batch
         if args.task is not None:
             task = mp.load_task(args.task)
+            task = task.with_shots(task_shots(task, args.shots))
             if args.n_items is not None:
                 task = task.subset(args.n_items, seed=args.seed)
             model = load(args.model, args.device, args.dtype, args.kind)
@@ -136,7 +145,7 @@ def main(args: argparse.Namespace) -> int:
                 model,
                 list(args.prompt),
                 list(args.subject),
-                answers=list(args.answer) or None,
+                answers=(args.answer[0] if len(args.answer) == 1 else list(args.answer)) or None,
                 **common,
             )
     except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:
