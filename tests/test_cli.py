@@ -526,3 +526,18 @@ def test_lens_refuses_a_rank_colour_without_a_target_and_saves_safetensors(tmp_p
     saved = mp.load_result(path)
     direct = mp.logit_lens(mp.tiny_model(), ["Hi"], progress=False)
     np.testing.assert_allclose(saved.kl_to_final, direct.kl_to_final, atol=1e-6)
+
+
+def test_cli_messages_name_the_flags_a_shell_user_types():
+    from mechprobe.cli._arguments import flag_names
+
+    said = flag_names(
+        "receiver_layers=[1] is given; receivers: 'x' is not accepted here; sites: 'head'; "
+        "layers repeats a layer; use device='cpu' (or kind='bridge', lens='logit')"
+    )
+    assert said == (
+        "--receiver-layers=[1] is given; --receivers: 'x' is not accepted here; --sites: 'head'; "
+        "--layers repeats a layer; use --device 'cpu' (or --kind 'bridge', --lens 'logit')"
+    )
+    answer = "pass a single-token answer (e.g. its first token 'P', id 50) or a token id."
+    assert flag_names(answer) == "pass a single-token answer (e.g. its first token 'P', id 50)."

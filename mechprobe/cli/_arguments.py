@@ -476,6 +476,7 @@ _FLAGS = {
     "n_random": "--n-random",
     "other_task": "--other-task",
     "ovector_prompts": "--ovector-prompts",
+    "receiver_layers": "--receiver-layers",
     "seq_len": "--seq-len",
     "target_layer": "--patchscope-layer",
     "test_size": "--test-size",
@@ -483,7 +484,9 @@ _FLAGS = {
     "with_shots": "--shots",
 }
 #: Single words that are flags only where the library names its argument.
-_WORD_FLAGS = ("l2", "window", "sites", "layers", "seed")
+_WORD_FLAGS = ("l2", "window", "sites", "layers", "seed", "receivers")
+#: Arguments the library's messages write as ``name='value'``: the shell's ``--name value``.
+_VALUE_FLAGS = ("device", "kind", "lens")
 
 
 def flag_names(message: str) -> str:
@@ -492,13 +495,20 @@ def flag_names(message: str) -> str:
     Example:
         >>> flag_names("n_noise must be at least 1, got 0; pick the layers with layers=.")
         '--n-noise must be at least 1, got 0; pick the layers with --layers.'
+        >>> flag_names("receivers: 'x' is not accepted here; use device='cpu'")
+        "--receivers: 'x' is not accepted here; use --device 'cpu'"
     """
     for name, flag in _FLAGS.items():
         message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w])", flag, message)
-    for word in _WORD_FLAGS:  # "window must ...", "layers=" and "sites takes ..." only
-        message = re.sub(rf"(?<![\w-]){word}( must | takes |=)", rf"--{word}\1", message)
+    for word in _WORD_FLAGS:  # "window must ...", "layers=", "sites: ..." and the like only
+        message = re.sub(
+            rf"(?<![\w-]){word}( must | takes | repeats |=|: )", rf"--{word}\1", message
+        )
         message = message.replace(f"--{word}=", f"--{word}")
-    return message
+    for word in _VALUE_FLAGS:
+        message = re.sub(rf"(?<![\w-]){word}=(?=['\"\w])", f"--{word} ", message)
+    # The shell passes answers as text only: the API's "or a token id" cannot be followed here.
+    return message.replace(") or a token id.", ").")
 
 
 def command_error(command: str, message: object) -> int:
