@@ -541,3 +541,13 @@ def test_cli_messages_name_the_flags_a_shell_user_types():
     )
     answer = "pass a single-token answer (e.g. its first token 'P', id 50) or a token id."
     assert flag_names(answer) == "pass a single-token answer (e.g. its first token 'P', id 50)."
+
+
+def test_version_flag_and_report_record_the_version(tmp_path, capsys):
+    # No --version, and report.md recorded no version (review 30a F11).
+    with pytest.raises(SystemExit):
+        cli_main(["--version"])
+    assert capsys.readouterr().out.strip() == f"mechprobe {mp.__version__}"
+    out = tmp_path / "lens"
+    assert cli_main(["lens", "Hi", "--model", "tiny", "--quiet", "--out", str(out)]) == 0
+    assert f"mechprobe {mp.__version__}" in (out / "report.md").read_text(encoding="utf-8")

@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="mechprobe",
         description="Mechanistic interpretability on TransformerLens models.",
     )
+    from mechprobe import __version__
+
+    parser.add_argument("--version", action="version", version=f"mechprobe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMANDS:
         importlib.import_module(f"mechprobe.cli.{name}").add_parser(sub)

@@ -10,16 +10,20 @@ from mechprobe.core import format_number
 
 
 def report(title: str, args: argparse.Namespace, result: Any, figure: str) -> str:
-    """report.md: the settings run, the result's one-line description, its summary table."""
+    """report.md: the settings run (None: the command's default), the mechprobe version, the
+    result's one-line description, its summary table."""
+    from mechprobe import __version__
+
     table = result.summary().to_string(index=False, float_format=format_number, na_rep="—")
     settings = "\n".join(
         f"{k}: {v!r}" for k, v in vars(args).items() if k not in ("func", "command")
     )
     return (
-        f"# {title}\n\n```\n{settings}\n```\n\n{result._describe()}\n\n"
+        f"# {title}\n\nmechprobe {__version__}; settings as given (None: the command's "
+        f"default; result.json holds what ran):\n\n```\n{settings}\n```\n\n"
+        f"{result._describe()}\n\n"
         f"## Summary\n\n```\n{table}\n```\n\n![{figure}]({figure})\n\n"
-        "Full values (every cell, per pair, random controls): `result.json` "
-        "(load with `mechprobe.load_result`: every result type).\n"
+        "Every value: `result.json` (load with `mechprobe.load_result`: every result type).\n"
     )
 
 

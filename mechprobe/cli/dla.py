@@ -36,7 +36,8 @@ numbers sum to the model's difference.
 Give a task (--task: each item's answer against its argument, e.g. the capital against the
 country; items whose two start with the same token are left out), or prompts with their answers
 and wrong answers (--prompt/--answer/--wrong, repeatable; one --answer and --wrong for every
-prompt, or one each per prompt). Backslash escapes \\n and \\t are interpreted (--raw keeps them).
+prompt, or one each per prompt). Backslash escapes \\n, \\t and \\\\ are interpreted (--raw keeps
+them).
 """
 
 

@@ -34,8 +34,8 @@ even attention would give.
 
 Without --prompt, the heads are read on Olsson et al.'s repeated random tokens (--n-prompts
 sequences of BOS, --seq-len random tokens and the same again); with --prompt (repeatable), on
-those prompts, wherever their tokens repeat. Backslash escapes \\n and \\t are interpreted (--raw
-keeps them).
+those prompts, wherever their tokens repeat. Backslash escapes \\n, \\t and \\\\ are interpreted
+(--raw keeps them).
 """
 
 
@@ -68,7 +68,10 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument("--prompt", action="append", default=[], help="prompt (repeat)")
     parser.add_argument(
-        "--kinds", type=_kinds, default=list(_KINDS), help=f"comma-separated: {','.join(_KINDS)}"
+        "--kinds",
+        type=_kinds,
+        default=list(_KINDS),
+        help=f"comma-separated: {','.join(_KINDS)} (default all three)",
     )
     add_layers_argument(parser, "layers whose heads are scored")
     parser.add_argument(

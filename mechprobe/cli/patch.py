@@ -40,12 +40,12 @@ metric beside random-direction controls of the same norm and its spread over pro
 Sites: resid_pre, resid_mid, mlp_in (what the MLP alone reads: a patch there reaches only the
 MLP), resid_post, attn_out, mlp_out (every layer) and the head kinds head
 (z), q, k, v, pattern, head_out (every layer x head; k and v name key/value heads). Backslash
-escapes \\n and \\t in prompts and answers are interpreted (--raw keeps them).
+escapes \\n, \\t and \\\\ in prompts and answers are interpreted (--raw keeps them).
 
 Path patching: with --receivers (final, q, k, v, mlp_in), --sites are the senders (head, the
-default there, mlp_out, attn_out) and each sender -> receiver path is patched through the direct path only (everything
-else frozen); --method attribution estimates every path from one forward and backward pass per
-pair (edge attribution patching).
+default there, mlp_out, attn_out) and each sender -> receiver path is patched through the direct
+path only (everything else frozen), at every position by default; --method attribution estimates
+every path from one forward and backward pass per pair (edge attribution patching).
 """
 
 

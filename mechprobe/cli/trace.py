@@ -60,10 +60,13 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--sites",
         default="resid_post,mlp_out,attn_out",
-        help="comma-separated state kinds (default resid_post,mlp_out,attn_out)",
+        help="comma-separated state kinds: resid_pre, resid_mid, mlp_in, resid_post, mlp_out, "
+        "attn_out (default resid_post,mlp_out,attn_out)",
     )
     add_layers_argument(parser, "layers traced (window centres for mlp_out/attn_out)")
-    parser.add_argument("--window", type=positive_int, default=10, help="window for mlp/attn (10)")
+    parser.add_argument(
+        "--window", type=positive_int, default=10, help="window for mlp/attn (default 10)"
+    )
     parser.add_argument(
         "--n-noise", type=positive_int, default=10, help="noise samples (default 10)"
     )
