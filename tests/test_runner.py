@@ -530,3 +530,18 @@ def test_gather_pairs_rows_with_positions(tiny) -> None:
     state = cache["blocks.0.hook_resid_post"]
     assert keep.value is not None
     torch.testing.assert_close(keep.value, torch.stack([state[1, 2], state[0, 1]]))
+
+
+def test_a_mean_is_measured_with_per_prompt_edits_cut_to_each_chunk(tiny) -> None:
+    # The measuring pass of a mean-ablation ran the other interventions uncut: a per-prompt Add
+    # vector failed there at batch_size=1 (torch's "expanded size"), where the run itself cut it.
+    gen = torch.Generator().manual_seed(1)
+    vectors = torch.randn(len(PROMPTS), 1, 64, generator=gen)
+    spec = {
+        mp.Site("resid_post", 0): mp.Add(vectors, positions=-1),
+        mp.Site("mlp_out", 1): mp.Ablate("mean"),
+    }
+    kw = {"logit_positions": -1}
+    whole = mp.run(tiny, PROMPTS, spec, batch_size=None, **kw)
+    chunked = mp.run(tiny, PROMPTS, spec, batch_size=1, **kw)
+    torch.testing.assert_close(chunked.logits, whole.logits, atol=1e-5, rtol=0)

@@ -485,8 +485,12 @@ def batch_means(
     # The measuring pass may end at the last block unless a mean is taken after it.
     whole = _past_the_blocks(resolve_site(model, key)[0] for key in probe)
     with torch.no_grad():
-        for _, chunk in batch.chunks(batch_size):
-            hooks: dict[SiteLike, list[Intervention]] = dict(probe)
+        for rows, chunk in batch.chunks(batch_size):
+            # Per-prompt values of the other interventions cut to the chunk, as run() cuts them.
+            hooks: dict[SiteLike, list[Intervention]] = {
+                key: [_rows_of(item, rows, len(batch)) for item in items]
+                for key, items in probe.items()
+            }
             if not whole:
                 hooks[final_name] = [*probe.get(final_name, []), Gather(stop=True)]
             with contextlib.suppress(StopForward), intervene(model, hooks, batch=chunk):
