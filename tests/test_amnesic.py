@@ -727,3 +727,16 @@ def test_an_old_or_unknown_condition_name_is_refused_not_read_as_empty():
         result.mean_std("lm_accuracy", "original")
     with pytest.raises(ValueError, match="condition must be one of"):
         result.effect("lm_accuracy", "erase")
+
+
+def test_an_old_file_of_a_whole_site_reads_no_other_layers_probe() -> None:
+    # The fallback for files saved before probe_hook is a head's: a whole site whose own layer
+    # was not probed (probe_layers chose later ones) reports no probe accuracy, as before.
+    measures = (
+        AmnesicMeasure("probe_accuracy", "intact", 0.9, site="blocks.2.hook_resid_post", probe="linear"),
+        AmnesicMeasure("probe_accuracy", "erased", 0.5, site="blocks.2.hook_resid_post", probe="linear"),
+    )  # fmt: skip
+    whole = AmnesicResult("blocks.1.hook_resid_post", 1, "all", "inlp", 1, 4, measures)
+    assert whole.headline()["probe_accuracy_after"] is None
+    head = dataclasses.replace(whole, site="head_out@1, head 0")
+    assert head.headline()["probe_accuracy_after"] == 0.5

@@ -108,7 +108,7 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         probe_hook: The hook whose probe reports the erased site itself (:meth:`selectivity`,
             :meth:`headline`): ``site`` for a whole site; for a head, whose site has no
             activation of its own to probe, the residual stream after its layer. None (files
-            saved before it existed): ``site``, or the first site probed where ``site`` is none.
+            saved before it existed): ``site``, or for a head the first site probed.
 
     Saved as JSON, the record starts with the headline numbers of :meth:`headline` (what
     ``mechprobe erase`` prints), then every field.
@@ -212,7 +212,8 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
     def _at_site(self, probe: str = "linear") -> dict[str, Any]:
         """The keywords that select the probe reporting the erased site itself."""
         site = self.probe_hook or self.site
-        if self.probe_hook is None and site not in self.probe_sites and self.probe_sites:
+        head = "@" in self.site  # a head's label; a whole site is stored as its hook name
+        if self.probe_hook is None and head and self.probe_sites:
             # A file saved before probe_hook existed, of a head (whose own label names no probed
             # site): amnesic() probed the head's layer first.
             site = self.probe_sites[0]
