@@ -71,6 +71,9 @@ from mechprobe.lens import (
     train_tuned_lens,
 )
 from mechprobe.patching import (
+    RECEIVER_KINDS,
+    SENDER_KINDS,
+    TRACE_KINDS,
     DASResult,
     HeadScoreResult,
     LogitAttributionResult,
@@ -145,6 +148,9 @@ __version__ = "0.1.0"
 
 __all__: list[str] = [
     "DEFAULT_MODEL",
+    "RECEIVER_KINDS",
+    "SENDER_KINDS",
+    "TRACE_KINDS",
     "Ablate",
     "AblationResult",
     "Activations",

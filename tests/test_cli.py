@@ -103,6 +103,21 @@ def test_patch_takes_one_answer_per_pair(tmp_path):
             "which path patching (--receivers) does not do",
         ),
         (["trace", "--task", "capitals", "--subject", "x"], "trace", "drop --subject"),
+        # kinds the analysis refuses were told only after the model had loaded (review 30a F2);
+        # tests/test_cli_causal.py checks that the API refuses each of them too
+        ([*_TRACE, "--sites", "head"], "trace", "(heads: mechprobe patch), not 'head'"),
+        ([*_TRACE, "--sites", "q@1"], "trace", "not 'q@1'"),
+        ([*_PATCH, "--receivers", "final", "--sites", "resid_pre"], "patch", "as senders, not"),
+        (
+            [*_PATCH, "--receivers", "resid_pre"],
+            "patch",
+            "--receivers takes q, k, v, mlp_in, final",
+        ),
+        ([*_PATCH, "--receivers", "mlp_out@1"], "patch", "not 'mlp_out@1'"),
+        ([*_PATCH, "--receivers", "blocks.1.hook_resid_mid"], "patch", "not 'blocks.1.hook_resid"),
+        ([*_PATCH, "--receivers", "final", "--receiver-layers", "1"], "patch", "final only"),
+        (["lens", "Hi", "--sites", "head"], "lens", "with --lens logit, not 'head'"),
+        (["lens", "Hi", "--sites", "mlp_out", "--lens", "patchscope"], "lens", "not 'mlp_out'"),
         ([*_TRACE, "--n-items", "3"], "trace", "--n-items"),
         (["relation", "--task", "capitals", "--shots", "9"], "relation", "--shots 9"),
         (

@@ -86,6 +86,41 @@ def test_cli_trace_fails_before_loading(tmp_path, capsys, monkeypatch, args):
     assert "mechprobe trace: error" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("call", "sites"),
+    [
+        ("trace", "head"),
+        ("trace", "q@1"),
+        ("senders", "resid_pre"),
+        ("receivers", "resid_pre"),
+        ("receivers", "mlp_out@1"),
+        ("receivers", "blocks.1.hook_resid_mid"),
+        ("lens", "head"),
+        ("patchscope", "mlp_out"),
+    ],
+)
+def test_the_kinds_the_cli_refuses_are_those_the_api_refuses(tiny, call, sites):
+    """The CLI refuses these before loading (tests/test_cli.py) from mp.TRACE_KINDS,
+    SENDER_KINDS, RECEIVER_KINDS and each lens's ``kinds``; the analyses refuse each of them too,
+    and take every kind those lists hold."""
+    metric = mp.answer_prob("1")
+    with pytest.raises(ValueError, match=r"sites|senders|receivers|decodes"):
+        if call == "trace":
+            mp.causal_trace(tiny, "A cat sat", "cat", sites=[sites], n_noise=1, progress=False)
+        elif call == "senders":
+            mp.path_patch(tiny, "A cat sat", "A bat sat", sites, "final", metric, progress=False)
+        elif call == "receivers":
+            mp.path_patch(tiny, "A cat sat", "A bat sat", "head", sites, metric, progress=False)
+        else:
+            lens = mp.Patchscope() if call == "patchscope" else "logit"
+            mp.logit_lens(tiny, "A cat sat", sites=sites, lens=lens, progress=False)
+    if call == "trace":
+        for kind in mp.TRACE_KINDS:
+            mp.causal_trace(tiny, "A cat", "cat", sites=kind, layers=[0], n_noise=1, progress=False)
+    if call == "lens":
+        mp.logit_lens(tiny, "A cat sat", sites=list(mp.LogitLens.kinds), progress=False)
+
+
 def test_cli_cells_per_batch_reaches_the_api(tmp_path, monkeypatch):
     """--cells-per-batch and --memory-budget are what patch()/causal_trace() get; the numbers do
     not depend on them."""

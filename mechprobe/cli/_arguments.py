@@ -10,7 +10,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,25 +115,50 @@ def single_position(text: str) -> int:
         ) from None
 
 
-def site_kind_problem(option: str, text: str | None, *extra: str) -> str | None:
-    """Why a comma-separated ``--sites`` value names no site kind, or None: the names that are
-    neither a hook name nor a label must be kinds, which needs no model (a misspelt kind was
-    refused only after the model had loaded). ``extra`` words are taken too (``final``).
+def site_kind_problem(
+    option: str,
+    text: str | None,
+    *extra: str,
+    allowed: Sequence[str] | None = None,
+    where: str = "here",
+) -> str | None:
+    """Why a comma-separated ``--sites`` value names a kind the command cannot take, or None.
+
+    Checked before the model loads (a misspelt kind, or one the analysis refuses, was told only
+    after the load): a kind must be one of the site kinds and, given ``allowed``, one of those;
+    a site label (``mlp_out@3``) or a hook name that names a site (``blocks.3.hook_mlp_out``) is
+    held to the same kinds. Any other hook name is resolved against the model. ``extra`` words are
+    taken too (``final``); ``where`` says whose list ``allowed`` is.
 
     Example:
         >>> print(site_kind_problem("--sites", "resid_post,mlp_otu"))
         --sites: Unknown site kind 'mlp_otu'; did you mean ['mlp_out', 'mlp_in', 'head_out']? Valid kinds: resid_pre, resid_mid, mlp_in, resid_post, attn_out, mlp_out, head, q, k, v, pattern, head_out.
+        >>> print(site_kind_problem("--sites", "head@2", allowed=("resid_pre", "mlp_out")))
+        --sites takes resid_pre, mlp_out here, not 'head@2'
     """
     from mechprobe.core import HEAD_KINDS
 
     for name in (part.strip() for part in (text or "").split(",")):
-        if not name or name in extra or "." in name or "@" in name or name.startswith("hook_"):
-            continue  # a hook name or a label: resolved against the model
-        try:
-            mp.Site(name, 0, head=0 if name in HEAD_KINDS else None)  # type: ignore[arg-type]
-        except ValueError as error:
-            also = f" {option} also takes {', '.join(map(repr, extra))}." if extra else ""
-            return f"{option}: {error}{also}"
+        if not name or name in extra:
+            continue
+        if "@" in name or "." in name or name.startswith("hook_"):
+            try:
+                kind: str = mp.Site.parse(name).kind
+            except ValueError as error:
+                if "@" not in name:
+                    continue  # a hook that is no site's: resolved against the model
+                kind = name.split("@")[0]  # a label needs no model: say what is wrong now
+                if allowed is None or kind in allowed:
+                    return f"{option}: {error}"
+        else:
+            try:
+                mp.Site(name, 0, head=0 if name in HEAD_KINDS else None)  # type: ignore[arg-type]
+            except ValueError as error:
+                also = f" {option} also takes {', '.join(map(repr, extra))}." if extra else ""
+                return f"{option}: {error}{also}"
+            kind = name
+        if allowed is not None and kind not in allowed:
+            return f"{option} takes {', '.join([*allowed, *extra])} {where}, not {name!r}"
     return None
 
 

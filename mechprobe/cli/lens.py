@@ -203,12 +203,18 @@ def main(args: argparse.Namespace) -> int:
         if problem:
             print(f"mechprobe lens: error: --{option}: {problem}", file=sys.stderr)
             return 2
-    problem = site_kind_problem("--sites", args.sites)
-    if problem:  # a misspelt kind needs no model to be told
+    try:
+        lens = lens_spec(args, lambda text: text)  # its texts were unescaped above
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        return command_error("lens", err)
+    decoder = lens if isinstance(lens, mp.Lens) else mp.LogitLens()
+    problem = site_kind_problem(
+        "--sites", args.sites, allowed=decoder.kinds, where=f"with --lens {args.lens}"
+    )
+    if problem:  # a kind the lens cannot decode needs no model to be told
         print(f"mechprobe lens: error: {problem}", file=sys.stderr)
         return 2
     try:
-        lens = lens_spec(args, lambda text: text)  # its texts were unescaped above
         model = load(args.model, args.device, args.dtype, args.kind)
         result = mp.logit_lens(
             model,

@@ -171,10 +171,19 @@ def main(args: argparse.Namespace) -> int:
             "--positions whole patches each site at every position at once, which path patching "
             "(--receivers) does not do: pass all, last or positions, or drop --receivers"
         )
-    problem = site_kind_problem("--sites", args.sites) or site_kind_problem(
-        "--receivers", args.receivers, "final"
-    )
-    if problem:  # a misspelt kind needs no model to be told
+    if args.receivers is None:
+        problem = site_kind_problem("--sites", args.sites)
+    else:  # path patching: writers send, readers (or the unembedding) receive
+        problem = site_kind_problem(
+            "--sites", args.sites, allowed=mp.SENDER_KINDS, where="as senders"
+        ) or site_kind_problem("--receivers", args.receivers, "final", allowed=mp.RECEIVER_KINDS)
+        named = {r.strip() for r in args.receivers.split(",") if r.strip()}
+        if not problem and args.receiver_layers is not None and named <= {"final"}:
+            problem = (
+                "--receiver-layers picks the layers of --receivers' q/k/v/mlp_in sites, but "
+                "--receivers is final only (the unembedding has no layer): drop it"
+            )
+    if problem:  # a kind the analysis refuses needs no model to be told
         return fail(problem)
     positions = None if args.positions == "whole" else args.positions
     interpret_escapes(args, "clean", "corrupt", "answer", "wrong")

@@ -117,8 +117,10 @@ def main(args: argparse.Namespace) -> int:
         )
     if args.task is None and args.shots is not None:
         return fail("--shots shapes a --task: drop it with --prompt")
-    problem = site_kind_problem("--sites", args.sites)
-    if problem:  # a misspelt kind needs no model to be told
+    problem = site_kind_problem(
+        "--sites", args.sites, allowed=mp.TRACE_KINDS, where="(heads: mechprobe patch)"
+    )
+    if problem:  # a kind the trace refuses needs no model to be told
         return fail(problem)
     interpret_escapes(args, "prompt", "subject", "answer")
     try:

@@ -9,11 +9,14 @@ from mechprobe.patching._das import DASResult, das
 from mechprobe.patching._direct import LogitAttributionResult, direct_logit_attribution
 from mechprobe.patching._head_scores import HeadScoreResult, head_scores
 from mechprobe.patching._metrics import PatchMetric, answer_prob, logit_diff
-from mechprobe.patching._path import PathPatchResult, path_patch
+from mechprobe.patching._path import RECEIVER_KINDS, SENDER_KINDS, PathPatchResult, path_patch
 from mechprobe.patching._result import PatchResult
-from mechprobe.patching._tracing import TraceResult, causal_trace, trace_noise
+from mechprobe.patching._tracing import TRACE_KINDS, TraceResult, causal_trace, trace_noise
 
 __all__ = [
+    "RECEIVER_KINDS",
+    "SENDER_KINDS",
+    "TRACE_KINDS",
     "DASResult",
     "HeadScoreResult",
     "LogitAttributionResult",

@@ -92,12 +92,16 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["PathPatchResult", "path_patch"]
+__all__ = ["RECEIVER_KINDS", "SENDER_KINDS", "PathPatchResult", "path_patch"]
 
-SENDER_KINDS = ("head", "head_out", "mlp_out", "attn_out")
+#: The site kinds ``path_patch`` takes as senders: writes into the residual stream (a head's
+#: ``z`` is sent through its ``W_O``, as ``head_out`` is).
+SENDER_KINDS: tuple[str, ...] = ("head", "head_out", "mlp_out", "attn_out")
 #: Sender kinds that send one head's write, ``z @ W_O[head]`` (read at ``hook_z``).
 _HEAD_WRITES = ("head", "head_out")
-RECEIVER_KINDS = ("q", "k", "v", "mlp_in")
+#: The site kinds ``path_patch`` takes as receivers (besides ``"final"``, the unembedding): the
+#: inputs that read the residual stream.
+RECEIVER_KINDS: tuple[str, ...] = ("q", "k", "v", "mlp_in")
 Direction: TypeAlias = Literal["denoising", "noising"]
 Method: TypeAlias = Literal["exact", "attribution"]
 

@@ -92,9 +92,25 @@ class TaskLike(Protocol):
     def answers(self) -> list[str]: ...
 
 
-__all__ = ["CATEGORIES", "TraceResult", "causal_trace", "subject_span", "trace_noise"]
+__all__ = [
+    "CATEGORIES",
+    "TRACE_KINDS",
+    "TraceResult",
+    "causal_trace",
+    "subject_span",
+    "trace_noise",
+]
 
-TRACE_KINDS = ("resid_pre", "resid_mid", "mlp_in", "resid_post", "mlp_out", "attn_out")
+#: The site kinds ``causal_trace`` restores: states of the residual stream and the writes into it
+#: (every kind that is not one head's; heads are patched with ``patch``).
+TRACE_KINDS: tuple[str, ...] = (
+    "resid_pre",
+    "resid_mid",
+    "mlp_in",
+    "resid_post",
+    "mlp_out",
+    "attn_out",
+)
 #: ROME's token categories (the averaged causal-trace figures of Meng et al.).
 CATEGORIES = (
     "first subject token",
