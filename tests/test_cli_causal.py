@@ -238,6 +238,9 @@ def test_cli_path_patching_sends_from_every_head_without_sites(tmp_path):
         ),
         (["--task", "capitals", "--answer", "a"], "drop --answer"),
         (["--prompt", "x", "--answer", "a", "--wrong", "b", "--shots", "2"], "shape a --task"),
+        # --seed only draws --n-items; it was taken and ignored (review 30a F14)
+        (["--prompt", "x", "--answer", "a", "--wrong", "b", "--seed", "5"], "--seed draws"),
+        (["--task", "capitals", "--seed", "5"], "--seed draws the --n-items subset"),
         (["--prompt", "x", "--answer", "a", "--wrong", "b", "--out-of-the-way"], "--out"),
     ],
 )
@@ -297,6 +300,7 @@ def test_cli_heads_writes_the_api_result(tiny, tmp_path, capsys):
     [
         (["--prompt", "x", "--seq-len", "5"], "drop them with --prompt"),
         (["--prompt", "x", "--n-prompts", "5"], "drop them with --prompt"),
+        (["--prompt", "x", "--seed", "7"], "--seed draws the random tokens"),
         (["--out-of-the-way"], "--out"),
     ],
 )

@@ -71,7 +71,7 @@ def add_parser(sub: Any) -> None:
     add_run_arguments(
         parser, batch_size="prompts per forward pass", seed="seed of --n-items", raw=True
     )
-    parser.set_defaults(func=main)
+    parser.set_defaults(func=main, seed=None)  # None: not given, so refused where it does nothing
 
 
 def main(args: argparse.Namespace) -> int:
@@ -90,6 +90,8 @@ def main(args: argparse.Namespace) -> int:
         return fail("--task sets each item's answer against its argument: drop --answer/--wrong")
     if args.task is None and (args.shots is not None or args.n_items is not None):
         return fail("--shots and --n-items shape a --task: drop them with --prompt")
+    if args.seed is not None and args.n_items is None:
+        return fail("--seed draws the --n-items subset of a --task, which is not asked: drop it")
     if args.prompt:
         for name, given in (("--answer", args.answer), ("--wrong", args.wrong)):
             if not given:
@@ -111,7 +113,7 @@ def main(args: argparse.Namespace) -> int:
             task = mp.load_task(args.task)
             task = task.with_shots(task_shots(task, args.shots))
             if args.n_items is not None:
-                task = task.subset(args.n_items, seed=args.seed)
+                task = task.subset(args.n_items, seed=0 if args.seed is None else args.seed)
             model = load(args.model, args.device, args.dtype, args.kind)
             result = mp.direct_logit_attribution(model, task, **common)
         else:

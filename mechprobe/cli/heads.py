@@ -85,7 +85,7 @@ def add_parser(sub: Any) -> None:
     add_run_arguments(
         parser, batch_size="prompts per forward pass", seed="seed of the random tokens", raw=True
     )
-    parser.set_defaults(func=main)
+    parser.set_defaults(func=main, seed=None)  # None: not given, so refused where it does nothing
 
 
 def main(args: argparse.Namespace) -> int:
@@ -100,6 +100,8 @@ def main(args: argparse.Namespace) -> int:
         return fail(f"--out: {problem}")
     if args.prompt and (args.seq_len is not None or args.n_prompts is not None):
         return fail("--seq-len and --n-prompts shape random tokens: drop them with --prompt")
+    if args.prompt and args.seed is not None:
+        return fail("--seed draws the random tokens, which --prompt replaces: drop it")
     interpret_escapes(args, "prompt")
     try:
         model = load(args.model, args.device, args.dtype, args.kind)
@@ -112,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
             n_prompts=10 if args.n_prompts is None else args.n_prompts,
             batch_size=args.batch_size,
             progress=not args.quiet,
-            seed=args.seed,
+            seed=0 if args.seed is None else args.seed,
         )
     except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:
         message = str(err).replace("prompts=None", "no --prompt").replace("seq_len", "--seq-len")
