@@ -566,3 +566,22 @@ def test_version_flag_and_report_record_the_version(tmp_path, capsys):
     out = tmp_path / "lens"
     assert cli_main(["lens", "Hi", "--model", "tiny", "--quiet", "--out", str(out)]) == 0
     assert f"mechprobe {mp.__version__}" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_lens_trajectory_draws_the_first_six_prompts(tmp_path, capsys, monkeypatch):
+    # It drew one panel per prompt without a limit (review 30a): 40 prompts, 40 panels.
+    panels = []
+    real = mp.LensResult.plot_trajectory
+
+    def spy(self, *args, **kwargs):
+        figure = real(self, *args, **kwargs)
+        panels.append(len(figure.axes))
+        return figure
+
+    monkeypatch.setattr(mp.LensResult, "plot_trajectory", spy)
+    out = tmp_path / "t.png"
+    prompts = [f"a{i} b" for i in range(8)]
+    args = [*prompts, "--target", " b", "--model", "tiny", "--quiet", "--trajectory", str(out)]
+    assert cli_main(["lens", *args]) == 0
+    assert panels == [6] and out.stat().st_size > 0
+    assert "the first 6 of 8 prompts" in capsys.readouterr().out

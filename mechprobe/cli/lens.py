@@ -109,7 +109,12 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--color", choices=("prob", "rank"), default="prob", help="heatmap colour (default prob)"
     )
-    parser.add_argument("--trajectory", metavar="PNG", help="write the targets' rank trajectory")
+    parser.add_argument(
+        "--trajectory",
+        metavar="PNG",
+        help="write the targets' rank across layers at the last token, a panel per prompt "
+        "(the first six)",
+    )
     parser.add_argument(
         "--json", metavar="PATH", help="write the full result (.json, .npz or .safetensors)"
     )
@@ -242,8 +247,12 @@ def main(args: argparse.Namespace) -> int:
             result.plot(color=args.color).savefig(args.plot, dpi=150)
             print(f"wrote {args.plot}")
         if args.trajectory:
-            result.plot_trajectory(list(range(len(prompts)))).savefig(args.trajectory, dpi=150)
-            print(f"wrote {args.trajectory}")
+            # The API's default: the first six prompts (forty panels side by side are unreadable)
+            figure = result.plot_trajectory()
+            figure.savefig(args.trajectory, dpi=150)
+            n = len(figure.axes)
+            shown = "" if n == len(prompts) else f" (the first {n} of {len(prompts)} prompts)"
+            print(f"wrote {args.trajectory}{shown}")
     except OSError as err:
         return command_error("lens", f"cannot write the output: {err}")
     except ValueError as err:  # a figure the result cannot draw: a message, not a traceback
