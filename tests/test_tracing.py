@@ -208,12 +208,12 @@ def test_prompts_of_another_type_are_named():
         mp.causal_trace(mp.tiny_model(), 123, "x")  # was "'int' object is not iterable"
 
 
-def test_categories_average_each_prompt_first_as_rome_does(tiny):
+def test_categories_average_each_prompt_first(tiny):
     prompts = ["The cat sat on the", "The enormous hairy dog sat on the"]
     res = mp.causal_trace(tiny, prompts, ["cat", "enormous hairy dog"], answers=["m", "m"],
                           sites="resid_post", n_noise=2, n_random=0, progress=False)  # fmt: skip
-    # ROME's averages, written plainly: per prompt, the mean over its middle-subject tokens and
-    # over its further tokens; then the mean over the prompts that have them.
+    # Per prompt, the mean over its middle-subject tokens and over its further tokens; then the
+    # mean over the prompts that have them (the docstring said this was ROME's: it is not, 31b S1).
     middle, further = [], []
     for i, (start, stop) in enumerate(res.subjects):
         effect = res.indirect_effect(i)
@@ -237,6 +237,31 @@ def test_categories_average_each_prompt_first_as_rome_does(tiny):
             per_prompt.append(res.indirect_effect(i)[0, layer, at].mean())
     assert len(per_prompt) == 2
     assert row["spread"] == pytest.approx(float(np.std(per_prompt)), rel=1e-12)
+
+
+def test_categories_pooled_over_tokens_are_romes_averages(tiny):
+    """ROME's notebooks/average_causal_effects.ipynb, read_knowlege, written plainly: every
+    token's row of a category appended over prompts, their mean, minus the mean low score."""
+    prompts = ["The cat sat on the", "The enormous hairy dog sat on the old red mat near the"]
+    res = mp.causal_trace(tiny, prompts, ["cat", "enormous hairy dog"], answers=["m", "m"],
+                          sites="resid_post", n_noise=2, n_random=1, progress=False)  # fmt: skip
+    for random in (False, True):
+        rows: dict[str, list[np.ndarray]] = {"middle": [], "further": [], "last": []}
+        low = []
+        for i, (first_e, last_e) in enumerate(res.subjects):  # ROME's e_range, end exclusive
+            scores = (res.random if random else res.scores)[i]
+            low.append(res.corrupted[i].mean())
+            rows["middle"] += [scores[..., t] for t in range(first_e + 1, last_e - 1)]
+            rows["further"] += [scores[..., t] for t in range(last_e + 1, scores.shape[-1] - 1)]
+            rows["last"].append(scores[..., -1])
+        pooled = res.by_category(random, pool="token")
+        for name, c in (("middle", 1), ("further", 4), ("last", 5)):
+            rome = np.mean(rows[name], axis=0) - np.mean(low)
+            np.testing.assert_allclose(pooled[..., c], rome, rtol=1e-12, atol=1e-15)
+    # the prompt-first average differs on the many-token categories (6 and 9 further tokens)
+    assert not np.allclose(pooled[..., 4], res.by_category(True)[..., 4], atol=1e-9)
+    with pytest.raises(ValueError, match="pool must be 'prompt' or 'token'"):
+        res.by_category(pool="rome")  # type: ignore[arg-type]
 
 
 @pytest.mark.filterwarnings("ignore:causal_trace traces")  # char-level answers

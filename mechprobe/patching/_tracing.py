@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import numpy as np
 import pandas as pd
@@ -126,6 +126,9 @@ def subject_span(model: Any, prompt: str, subject: str) -> tuple[int, int]:
     """``(start, stop)``: the token positions of the last occurrence of ``subject`` in ``prompt``,
     counted as :func:`mechprobe.tokenize` counts them (BOS included).
 
+    The last, because in a few-shot prompt that is the query's; ROME's code (``find_token_range``)
+    takes the first, which differs only where the subject occurs twice.
+
     Raises:
         ValueError: ``subject`` is not in ``prompt``.
 
@@ -151,8 +154,8 @@ def subject_span(model: Any, prompt: str, subject: str) -> tuple[int, int]:
         while stop < len(prompt) and prompt[stop].isalnum():
             stop += 1
         warn(
-            f"The subject {subject!r} is part of the word {prompt[start:stop]!r} of the prompt (its "
-            "last occurrence is traced, as ROME's code does): pass the whole word if you mean it."
+            f"The subject {subject!r} is part of the word {prompt[start:stop]!r} of the prompt (a "
+            "substring is matched, as in ROME's code): pass the whole word if you mean it."
         )
     encoded = model.tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
     bos = int(tokenize(model, [prompt]).lengths[0]) - len(encoded["input_ids"])
@@ -376,16 +379,46 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         """The random controls' indirect effect, same shape (NaN without controls)."""
         return self.random[prompt] - float(self.corrupted[prompt].mean())
 
-    def by_category(self, random: bool = False) -> np.ndarray:
+    def by_category(
+        self, random: bool = False, *, pool: Literal["prompt", "token"] = "prompt"
+    ) -> np.ndarray:
         """``[kinds, layers, 6]`` indirect effect averaged over prompts per ROME token category
-        (:data:`CATEGORIES`), or the random controls' with ``random=True``.
+        (:data:`CATEGORIES`), or the random controls' with ``random=True``; NaN where no prompt
+        has the category.
 
-        As in ROME's averages: each prompt's positions of a category are averaged first (its
-        middle-subject or further tokens count once per prompt, however many there are), then
-        the prompts that have the category are averaged; NaN where none has it."""
-        means, has = self._per_prompt(random)
-        count = has.sum(0)
-        total = np.where(has[:, None, None, :], means, 0.0).sum(0)
+        ``pool="prompt"`` (what :meth:`summary` and :meth:`plot` show): each prompt's positions
+        of a category are averaged first, so its middle-subject or further tokens count once
+        however many there are; then the prompts that have the category are averaged.
+        ``pool="token"`` is ROME's averaging (``read_knowlege`` in its
+        ``average_causal_effects`` notebook): the scores at every token of the category, pooled
+        over prompts, minus the corrupted metric averaged over all prompts, so a prompt with more
+        such tokens weighs more. The two agree on the four one-token categories wherever every
+        prompt has them, and differ on middle-subject and further tokens.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.causal_trace(mp.tiny_model(), ["The cat sat", "A big red dog ran"],
+            ...                       ["cat", "big red dog"], sites="mlp_out", n_noise=2, window=1)
+            >>> res.by_category(pool="token").shape
+            (1, 3, 6)
+        """
+        if pool == "prompt":
+            means, has = self._per_prompt(random)
+            count = has.sum(0)
+            total = np.where(has[:, None, None, :], means, 0.0).sum(0)
+        elif pool == "token":
+            shape = (len(self.kinds), len(self.layers), len(CATEGORIES))
+            total, count = np.zeros(shape), np.zeros(len(CATEGORIES))
+            for i, (start, stop) in enumerate(self.subjects):
+                values = self.random[i] if random else self.scores[i]
+                for p, names in enumerate(_categories(start, stop, values.shape[-1])):
+                    for name in names:
+                        total[..., CATEGORIES.index(name)] += values[..., p]
+                        count[CATEGORIES.index(name)] += 1
+            low = np.mean([corrupted.mean() for corrupted in self.corrupted])
+            total -= low * count  # ROME subtracts one mean corrupted score from pooled scores
+        else:
+            raise ValueError(f"pool must be 'prompt' or 'token' (ROME's averaging), got {pool!r}.")
         with np.errstate(invalid="ignore", divide="ignore"):
             return total / count
 
