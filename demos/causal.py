@@ -269,6 +269,11 @@ def function_vectors(model: Any, n_prompts: int) -> dict[str, Any]:
             "accuracy": dict(zip(res.conditions, res.accuracy.round(3).tolist(), strict=True)),
             "norms": dict(zip(res.conditions, np.round(res.norms, 2).tolist(), strict=True)),
             "held_out_items": int(res.correct.shape[1]),
+            # Todd et al. count only the items the model answers few-shot (their filter_set)
+            "accuracy_solved": dict(
+                zip(res.conditions, np.round(res.accuracy_solved, 3).tolist(), strict=True)
+            ),
+            "solved_items": int((res.correct[res.conditions.index("few-shot")] == 1).sum()),
             "top_aie": float(res.aie.max()),
             "top_aie_random": float(np.nanmax(res.aie_random)),
         }

@@ -231,3 +231,24 @@ def test_answers_sharing_a_first_token_are_warned_of(model, task):
         _warn_shared_first_tokens(model, [5, 5, *range(6, 15)])  # 2 of 11: under a fifth
     with pytest.warns(UserWarning, match=r"2 of 5 answers start with .*scores 0\.40"):
         _warn_shared_first_tokens(model, [5, 5, 7, 8, 9])
+
+
+def test_accuracy_solved_counts_the_items_answered_few_shot_as_todd_et_al(result):
+    # Todd et al. evaluate on the held-out items the model answers with shots (their
+    # filter_set, evaluate_function_vector.py); accuracy counts every item (review 31b S2).
+    import dataclasses
+
+    n = result.correct.shape[-1]
+    rng = np.random.default_rng(0)
+    correct = (rng.random((len(result.conditions), n)) > 0.5).astype(float)
+    correct[result.conditions.index("few-shot")] = np.arange(n) % 2 == 0  # items 0, 2, 4, ...
+    made = dataclasses.replace(result, correct=correct, accuracy=correct.mean(1))
+    few = correct[result.conditions.index("few-shot")]
+    keep = [j for j in range(n) if few[j] == 1.0]
+    assert 0 < len(keep) < n
+    expected = [np.mean([correct[c, j] for j in keep]) for c in range(len(result.conditions))]
+    np.testing.assert_allclose(made.accuracy_solved, expected, rtol=1e-12)
+    assert made.accuracy_solved[result.conditions.index("few-shot")] == 1.0
+    np.testing.assert_allclose(made.summary()["accuracy_solved"], expected, rtol=1e-12)
+    none = dataclasses.replace(result, correct=np.zeros_like(correct))
+    assert np.isnan(none.accuracy_solved).all()  # no item answered few-shot

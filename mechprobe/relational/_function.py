@@ -86,7 +86,9 @@ class FunctionVectorResult(
             are added at the last token.
         conditions: Names of the accuracy conditions (``"zero-shot"``, ``"few-shot"``,
             ``"function vector"``, ``"random vector"``, ``"o-vector"``, ``"o-vector (FV norm)"``).
-        accuracy: ``[conditions]`` top-1 accuracy on the held-out items' first answer token.
+        accuracy: ``[conditions]`` top-1 accuracy on the held-out items' first answer token,
+            over every held-out item (Todd et al. count only those the model answers few-shot:
+            :attr:`accuracy_solved`).
         correct: ``[conditions, items]`` per held-out item (1.0 / 0.0; the random condition: the
             mean over seeds).
         norms: ``[conditions]`` the norm of the vector added (NaN without one).
@@ -152,17 +154,41 @@ class FunctionVectorResult(
             }
         )
 
+    @property
+    def accuracy_solved(self) -> np.ndarray:
+        """``[conditions]`` top-1 accuracy on the held-out items the intact model answers
+        few-shot: Todd et al.'s evaluation set (their ``filter_set``), where :attr:`accuracy`
+        counts every held-out item. NaN where it answers none.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.function_vector(mp.tiny_model(), "capitals", n_prompts=2, progress=False)
+            >>> res.accuracy_solved.shape
+            (6,)
+        """
+        solved = self.correct[self.conditions.index("few-shot")] == 1.0
+        if not solved.any():
+            return np.full(len(self.conditions), np.nan)
+        return self.correct[:, solved].mean(axis=1)
+
     def summary(self) -> pd.DataFrame:
-        """Accuracy of each condition on the held-out zero-shot prompts, with the norm added.
+        """Accuracy of each condition on the held-out zero-shot prompts (all of them, and those
+        the model answers few-shot, as Todd et al. count: :attr:`accuracy_solved`), with the norm
+        added.
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.function_vector(mp.tiny_model(), "capitals", n_prompts=4, progress=False)
-            >>> res.summary()["condition"].tolist()[:3]
-            ['zero-shot', 'few-shot', 'function vector']
+            >>> res.summary().columns.tolist()
+            ['condition', 'accuracy', 'accuracy_solved', 'norm']
         """
         return pd.DataFrame(
-            {"condition": self.conditions, "accuracy": self.accuracy, "norm": self.norms}
+            {
+                "condition": self.conditions,
+                "accuracy": self.accuracy,
+                "accuracy_solved": self.accuracy_solved,
+                "norm": self.norms,
+            }
         )
 
     def _describe(self) -> str:
