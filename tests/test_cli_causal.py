@@ -34,6 +34,23 @@ def test_cli_patch_writes_the_api_result(tiny, tmp_path, capsys, method):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_cli_trace_takes_a_noise_level(tmp_path):
+    # The level was always measured on the run's own subjects: two runs could not share one,
+    # which TraceResult.concat requires (review 31b M6).
+    out = tmp_path / "trace"
+    args = ["trace", "--prompt", "The cat sat on the", "--subject", "cat", "--model", "tiny"]
+    opts = ["--sites", "resid_post", "--n-noise", "2", "--n-random", "0", "--noise", "0.5"]
+    assert cli_main([*args, *opts, "--quiet", "--out", str(out)]) == 0
+    saved = mp.core.load_result(out / "result.json")
+    direct = mp.causal_trace(mp.tiny_model(), "The cat sat on the", "cat", sites="resid_post",
+                             n_noise=2, n_random=0, noise=0.5, progress=False)  # fmt: skip
+    assert saved.noise_level == direct.noise_level == 0.5
+    np.testing.assert_allclose(saved.scores[0], direct.scores[0], atol=1e-6)
+    with pytest.raises(SystemExit) as stop:  # argparse refuses it before anything runs
+        cli_main([*args, "--noise=0", "--out", str(tmp_path / "bad")])
+    assert stop.value.code == 2
+
+
 def test_cli_trace_writes_the_api_result(tmp_path):
     out = tmp_path / "trace"
     args = ["trace", "--prompt", "The cat sat on the", "--subject", "cat", "--model", "tiny"]

@@ -23,6 +23,7 @@ from mechprobe.cli._arguments import (
     load,
     nonnegative_int,
     output_problem,
+    positive_float,
     positive_int,
     site_kind_problem,
     task_shots,
@@ -31,7 +32,7 @@ from mechprobe.cli._run_folder import write_run_folder
 from mechprobe.cli.lens import interpret_escapes
 
 _HELP = """\
-Noise the subject's token embeddings (3 x their standard deviation, as ROME), restore each
+Noise the subject's token embeddings (3 x their standard deviation, or --noise), restore each
 (layer, position) state of the residual stream, MLP output or attention output from the clean run,
 and report the indirect effect on the answer's probability, averaged over noise samples and
 prompts, beside random-direction controls of the same norm. MLP and attention outputs are restored
@@ -69,6 +70,12 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument(
         "--n-noise", type=positive_int, default=10, help="noise samples (default 10)"
+    )
+    parser.add_argument(
+        "--noise",
+        type=positive_float,
+        help="the noise's standard deviation (default: 3x that of the subjects' embeddings in "
+        "this run; pass one level, e.g. an earlier run's noise_level, to compare runs)",
     )
     parser.add_argument(
         "--n-random", type=nonnegative_int, default=3, help="random controls (default 3)"
@@ -129,6 +136,7 @@ def main(args: argparse.Namespace) -> int:
             "layers": args.layers,
             "window": args.window,
             "n_noise": args.n_noise,
+            "noise": args.noise,
             "n_random": args.n_random,
             "seed": args.seed,
             "progress": not args.quiet,

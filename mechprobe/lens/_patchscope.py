@@ -9,6 +9,13 @@ each vector into the last block's output at that token, which the one readout tu
 so every statistic of the logit lens (ranks, KL, teacher forcing of several-token targets: each
 position's vector is patched in turn) comes out of the same code.
 
+The paper prints the prompt with "; " between pairs; its released notebook
+(PAIR-code/interpretability, ``next_token_prediction.ipynb``) separates them with newlines
+(``Patchscope(prompt="cat -> cat\\n1135 -> 1135\\nhello -> hello\\n?")``) and tokenises with
+the tokenizer alone, so with no BOS where it adds none (GPT-2, Pythia), where mechprobe
+tokenises the target prompt as :func:`mechprobe.tokenize` does, BOS first. Each choice moves the
+decodings a little.
+
 Cost: one forward pass of the target prompt (22 tokens for SmolLM2) per decoded vector, batched.
 """
 

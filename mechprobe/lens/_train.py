@@ -316,7 +316,9 @@ def train_tuned_lens(
             GPT-NeoX).
         n_tokens: Training tokens in all (windows of ``seq_len``; each step reads new ones),
             rounded down to whole steps of ``tokens_per_step``, one step at least:
-            ``info["tokens"]`` records what was read.
+            ``info["tokens"]`` records what was read. The default is a quick lens; the
+            tuned-lens package trains on 250 steps of 2**18 tokens in windows of 2,048
+            (``n_tokens=250 * 2**18, tokens_per_step=2**18, seq_len=2048``).
         seq_len: Tokens per window (BOS included; the BOS position is not in the loss).
         tokens_per_step: Tokens per optimiser step (a multiple of ``seq_len``).
         optimizer: ``"sgd"`` (Nesterov, the paper's default) or ``"adam"``.
@@ -324,7 +326,9 @@ def train_tuned_lens(
         momentum: SGD momentum, or Adam's beta1.
         weight_decay: Decay towards the identity translator.
         warmup_steps: Linear warm-up steps (default 0 for SGD, a fifth of the steps for Adam, at
-            most 1,000).
+            most 1,000), the factor ``(step + 1) / (warmup + 1)``, then a linear decay to 0 at
+            the last step. (The tuned-lens package's Adam warm-up starts at 0 and its decay
+            reaches 0 ``warmup`` steps before the end; SGD's schedule is the same.)
         precision: ``"bfloat16"`` (the unembedding products take bfloat16 inputs, accumulate in
             float32), ``"float32"``, or ``"auto"`` (the default): bfloat16 where the model's
             device multiplies it natively (:func:`mechprobe.core.native_bfloat16`), float32

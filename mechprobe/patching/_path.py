@@ -11,7 +11,11 @@ stream (before its layer norm: TransformerLens's split q/k/v inputs, or ``hook_m
 everything after the receiver recompute; for the final residual the logits are read out directly
 from ``resid + delta``. This is the three-step procedure of Wang et al. (run, freeze and patch the
 sender, patch the receiver) computed in one step, exactly; tests check it against that procedure
-written out with hooks.
+written out with hooks. Two differences from Wang et al.'s released code (``path_patching`` in
+redwoodresearch/Easy-Transformer) change the numbers: it keeps the MLPs live by default
+(``freeze_mlps=False``), so sender -> MLP -> receiver paths count there and only heads are frozen,
+where here the MLPs are frozen too (Goldowsky-Dill et al.'s direct path); and it runs the clean
+prompt with the senders' corrupt values, ``direction="noising"`` here (the default is denoising).
 
 Many (sender, receiver) cells share a forward pass through the batched engine; the receivers'
 split inputs are switched on around each pass and switched back (the model keeps no state). Every
@@ -22,7 +26,9 @@ and position, shared by its receivers).
 ``method="attribution"`` (edge attribution patching, Syed et al. 2023) estimates every path to
 first order instead, ``corrupt + sum_pos delta . d metric / d receiver input``: one forward and
 backward pass of the run being edited per pair gives the gradient at every receiver's input, and
-the same changes (controls included) are dotted with it.
+the same changes (controls included) are dotted with it. Syed et al.'s EAP score takes the
+gradient on the clean run: it is ``clean - values`` of ``direction="noising"``, not the default's
+estimate.
 """
 
 from __future__ import annotations
@@ -578,7 +584,8 @@ def path_patch(
             ``senders="head", layers=[0, 1], receivers="q", receiver_layers=[2]`` sends from the
             first two layers' heads to the third's queries.
         direction: ``"denoising"`` (run corrupt, pass on the clean sender's change) or
-            ``"noising"``.
+            ``"noising"`` (run clean, pass on the corrupt sender's change: Wang et al.'s
+            direction, and the one whose attribution estimate gives Syed et al.'s EAP score).
         method: ``"exact"`` (patch each path), or ``"attribution"``: the first-order estimate
             of denoising, ``corrupt + sum_pos delta . d metric / d receiver input`` with the
             gradient at each receiver's own input on the corrupt run (the q/k/v inputs split per

@@ -699,7 +699,10 @@ def causal_trace(
             one layer). Residual-stream states are always restored one layer at a time.
         n_noise: Noise samples per prompt (ROME: 10).
         noise: The noise's standard deviation (default: 3 x the standard deviation of the
-            subjects' token embeddings, as ROME).
+            token embeddings of this call's subjects, in their prompts). ROME's level is one
+            constant per model, 3 x the standard deviation over the embeddings of every subject
+            of its dataset: pass such a level to compare with its figures, or to trace parts of
+            a task at one level (as :meth:`TraceResult.concat` requires).
         n_random: Random controls per cell: the state moved by the restoration's distance in a
             random direction (seeds ``seed, seed + 1, ...``, modulo ``2**32``; control ``j`` in noise
             sample ``j mod n_noise``).

@@ -9,7 +9,9 @@ from few-shot demonstrations to the query:
    few-shot prompts (at the last token) into the last token, and measure how much the answer's
    probability rises; average over prompts. All heads x prompts are cells of mechprobe's batched
    engine (:func:`mechprobe.ablate_cells` with the clean prompts' last-token means).
-2. The FV is the sum over the top heads of their mean output ``mean(z) @ W_O[head]``.
+2. The FV is the sum over the top heads of their mean output ``mean(z) @ W_O[head]``. (Todd
+   et al.'s code runs each head through the output projection, which adds its bias ``b_O`` once
+   per head on models that have one, GPT-2 and Pythia; Llama-style models have none.)
 3. Added to the residual stream at one layer (Todd et al.: about a third of the way in) at the
    last token of *zero-shot* prompts of held-out items, it should make the model do the task.
 
