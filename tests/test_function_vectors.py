@@ -252,3 +252,39 @@ def test_accuracy_solved_counts_the_items_answered_few_shot_as_todd_et_al(result
     np.testing.assert_allclose(made.summary()["accuracy_solved"], expected, rtol=1e-12)
     none = dataclasses.replace(result, correct=np.zeros_like(correct))
     assert np.isnan(none.accuracy_solved).all()  # no item answered few-shot
+
+
+def test_chosen_heads_make_the_vector(model, task, result):
+    """heads= builds the FV from the heads given (Todd et al.'s universal set is chosen over
+    several tasks): the task's own top heads given back reproduce its vector, and a set chosen
+    by hand is the sum of those heads' mean outputs."""
+    common = {"n_prompts": N_PROMPTS, "n_random": 0, "seed": SEED, "progress": False}
+    again = mp.function_vector(model, task, heads=result.heads, **common)
+    np.testing.assert_allclose(again.vector, result.vector, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(again.aie, result.aie, atol=1e-7)  # still measured
+    chosen = [(0, 1), (2, 3)]
+    hand = mp.function_vector(model, task, heads=chosen, **common)
+    assert hand.heads == ((0, 1), (2, 3))
+    fit, _ = _fit_items(task)
+    sites = [mp.Site("head", la, head=h, positions=-1) for la, h in chosen]
+    out = mp.run(model, fit.prompts(), capture=sites, progress=False)
+    expected = sum(
+        out[s][:, -1].double().mean(0) @ model.blocks[s.layer].attn.W_O[s.head].detach().double()
+        for s in sites
+    )
+    np.testing.assert_allclose(hand.vector, expected.float().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"heads": [(0, 1)], "n_heads": 1}, "not both"),
+        ({"heads": (0, 1)}, r"heads takes \(layer, head\) pairs"),
+        ({"heads": [(0, 99)]}, "a head's index must be between 0 and 3"),
+        ({"heads": [(0, 1), (0, 1)]}, "names a head twice"),
+        ({"heads": []}, "pairs"),
+    ],
+)
+def test_chosen_heads_are_checked(model, task, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        mp.function_vector(model, task, progress=False, **kwargs)

@@ -683,7 +683,8 @@ def causal_trace(
         model: A TransformerLens model.
         prompts: A prompt, a list of prompts, or a :class:`mechprobe.Task` (its prompts, with each
             item's argument as the subject, its last occurrence in the prompt, and its answer as
-            the answer).
+            the answer). Every item is traced, answered or not; ROME averages the facts the
+            model knows, ``task.subset(np.flatnonzero(mp.score_task(model, task).correct))``.
         subjects: The subject's words in each prompt (their last occurrence is noised); taken
             from the task when ``prompts`` is one.
         answers: The answer whose first token's probability is traced (default: the clean

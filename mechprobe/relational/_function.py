@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random as _random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -307,6 +308,25 @@ def _accuracy(
     return top1_hit(logits, torch.as_tensor(answers)).cpu().numpy().astype(float)
 
 
+def _check_heads(heads: Any, n_layers: int, n_heads: int) -> tuple[tuple[int, int], ...]:
+    """``heads`` as ``((layer, head), ...)``, each in the model and named once."""
+    pairs = list(heads) if isinstance(heads, (Sequence, np.ndarray)) else None
+    if not pairs or any(not isinstance(p, (Sequence, np.ndarray)) or len(p) != 2 for p in pairs):
+        raise ValueError(
+            f"heads takes (layer, head) pairs, such as [(9, 1), (11, 3)]; got {heads!r}."
+        )
+    out = tuple(
+        (
+            check_int(la, "a head's layer", 0, n_layers - 1),
+            check_int(h, "a head's index", 0, n_heads - 1),
+        )
+        for la, h in pairs
+    )
+    if len(set(out)) < len(out):
+        raise ValueError(f"heads names a head twice: {list(out)}.")
+    return out
+
+
 def _warn_shared_first_tokens(model: Any, answers: list[int]) -> None:
     """Warn when one first token starts many held-out answers: a top-1 hit on it is then no
     evidence of the answer (review 26b: every number on SmolLM2 starts with ``' '``; a model that
@@ -329,7 +349,8 @@ def function_vector(
     task: Task | str,
     *,
     layer: int | None = None,
-    n_heads: int = 10,
+    n_heads: int | None = None,
+    heads: Sequence[tuple[int, int]] | None = None,
     n_prompts: int = 20,
     test_size: float | int = 0.5,
     n_random: int = 3,
@@ -345,7 +366,11 @@ def function_vector(
         task: A :class:`mechprobe.Task` (its shots are the demonstrations) or a built-in name.
         layer: Block after which the vectors are added (default ``n_layers // 3``, as Todd et
             al.); the o-vector is fit at this layer's MLP.
-        n_heads: Heads whose mean outputs make the FV (Todd et al.: 10).
+        n_heads: The number of top heads (by the task's AIE) whose mean outputs make the FV
+            (default 10, as Todd et al.).
+        heads: Instead, the ``(layer, head)`` pairs whose mean outputs make the FV, such as
+            Todd et al.'s universal set: the top heads of the AIE averaged over several tasks,
+            ``np.mean([r.aie for r in results], 0)``. The task's AIE is still measured.
         n_prompts: Fit items (few-shot prompts) the AIE and the means are averaged over.
         test_size: Held-out share (or count) of the items the accuracies are measured on.
         n_random: Random controls: per head in the AIE, and random vectors of the FV's norm.
@@ -374,6 +399,10 @@ def function_vector(
     n_layers, heads_per_layer = int(model.cfg.n_layers), int(model.cfg.n_heads)
     layer = n_layers // 3 if layer is None else check_int(layer, "layer", -n_layers, n_layers - 1)
     layer %= n_layers
+    if heads is not None and n_heads is not None:
+        raise ValueError("Pass n_heads= (the task's top heads) or heads= (chosen heads), not both.")
+    given = None if heads is None else _check_heads(heads, n_layers, heads_per_layer)
+    n_heads = 10 if n_heads is None else n_heads
     check_int(n_heads, "n_heads", 1, n_layers * heads_per_layer)
     check_int(n_prompts, "n_prompts", 1)
     check_int(n_random, "n_random", 0)
@@ -409,7 +438,7 @@ def function_vector(
     aie_spread = spread(per_prompt).reshape(shape)  # over prompts (NaN for one)
     aie_random = aie_res.random_effect[:, 0].reshape(shape)
     order = np.argsort(-aie.ravel(), kind="stable")[:n_heads]
-    top = tuple((int(i) // heads_per_layer, int(i) % heads_per_layer) for i in order)
+    top = given or tuple((int(i) // heads_per_layer, int(i) % heads_per_layer) for i in order)
     sites = [Site("head", la, head=h, positions=-1) for la, h in top]
     with torch.no_grad():
         captured = run(
