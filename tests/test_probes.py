@@ -1111,3 +1111,29 @@ def test_x_given_layers_first_is_named_a_transposition():
         mp.probe_layers(X, y, progress=False)
     with pytest.raises(ValueError, match=r"one label per row of X\.$"):
         mp.probe_layers(X.transpose(1, 0, 2)[:30], y, progress=False)
+
+
+def _activations(sites, rng):
+    n = 80
+    values = rng.normal(size=(n, len(sites), 6)).astype(np.float32)
+    labels = (values[:, 0, 0] > 0).astype(int) + (values[:, 0, 1] > 0).astype(int)
+    return mp.Activations(
+        values=values, labels=labels, groups=None, text_index=np.arange(n),
+        position=np.zeros(n, dtype=int), token=np.array(["x"] * n), sites=tuple(sites),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("sites", "named", "unnamed"),
+    [
+        (["blocks.2.hook_resid_post"], "layer 2", "layer 0"),
+        (["head_out@2, head 0", "head_out@2, head 1"], "head_out@2, head 1", "layer 0"),
+    ],
+)
+def test_a_convergence_warning_names_the_probed_entries(sites, named, unnamed):
+    # Review 31a F1: probing layer 2 alone warned "layers [0]"; two heads of layer 2, "[0, 1]".
+    X = _activations(sites, np.random.default_rng(0))
+    with pytest.warns(ConvergenceWarning) as caught:
+        mp.probe_layers(X, max_iter=1, groups=False, progress=False)
+    message = next(str(w.message) for w in caught if w.category is ConvergenceWarning)
+    assert named in message and unnamed not in message, message

@@ -125,9 +125,7 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
             >>> probe_layers(X, y, progress=False).entry_names()
             ['layer 0', 'layer 1']
         """
-        if self.sites is None or len(set(self.layers.tolist())) == len(self.layers):
-            return [f"layer {int(layer)}" for layer in self.layers]
-        return list(self.sites)
+        return _entry_names(self.sites, self.layers)
 
     @property
     def best_layer(self) -> int:
@@ -453,16 +451,18 @@ def probe_layers(
             mix_g += float(fit.gamma[0])
             mix_acc += float((fit.logits(test_x)[0].argmax(-1) == y_te).double().mean())
     if late["probe"] or late["control"]:
+        # Named as the result names its entries: the indices along X's layer axis read as
+        # layers (only layer 2 probed: "layers [0]"; four heads of one layer: "[0, 1, 2, 3]").
+        names = _entry_names(sites, model_layers(sites, n_layers))
         what = "MLP probes" if mlp else "probes"
-        control_part = (
-            f" (and the control task's of layers {sorted(set(late['control']))})"
-            if late["control"]
-            else ""
-        )
+        failed = [
+            f"the {who}{what} of {', '.join(names[i] for i in sorted(set(late[key])))}"
+            for key, who in (("probe", ""), ("control", "control task's "))
+            if late[key]
+        ]
         warn(
-            f"probe_layers: the {what} of layers {sorted(set(late['probe']))}{control_part} did "
-            f"not converge within max_iter={max_iter} (tol={tol}) in some fold; increase max_iter"
-            + (" (or l2)." if not mlp else "."),
+            f"probe_layers: {' and '.join(failed)} did not converge within max_iter={max_iter} "
+            f"(tol={tol}) in some fold; increase max_iter" + (" (or l2)." if not mlp else "."),
             ConvergenceWarning,
         )
     for train, test in folds:
@@ -492,6 +492,14 @@ def probe_layers(
         max_iter=max_iter,
         tol=tol,
     )
+
+
+def _entry_names(sites: tuple[str, ...] | None, layers: np.ndarray) -> list[str]:
+    """What each entry of the layer axis is: ``"layer 10"``, or its site where entries share a
+    layer (heads: ``"head_out@3, head 2"``)."""
+    if sites is None or len(set(layers.tolist())) == len(layers):
+        return [f"layer {int(layer)}" for layer in layers]
+    return list(sites)
 
 
 def _phases(n_layers: int, mlp: bool, stride: int = 2) -> list[list[int]]:
