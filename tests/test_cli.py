@@ -117,6 +117,19 @@ def test_patch_takes_one_answer_per_pair(tmp_path):
         ([*_PATCH, "--receivers", "blocks.1.hook_resid_mid"], "patch", "not 'blocks.1.hook_resid"),
         ([*_PATCH, "--receivers", "final", "--receiver-layers", "1"], "patch", "final only"),
         (["lens", "Hi", "--sites", "head"], "lens", "with --lens logit, not 'head'"),
+        # review 31a F5, F7, F11: refused after the load (--folds after every activation)
+        (["probe", "--dataset", "number", "--site", "pattern"], "probe", "not 'pattern'"),
+        (["probe", "--dataset", "number", "--site", "resid_psot@1"], "probe", "not a site label"),
+        (["probe", "--dataset", "number", "--site", "head_out@1"], "probe", "name the head"),
+        (
+            ["probe", "--dataset", "number", "--site", "blocks.1.hook_resid_post", "--layers", "0"],
+            "probe",
+            "names one site: drop --layers",
+        ),
+        (["probe", "--dataset", "number", "--folds", "401"], "probe", "than the 400 examples"),
+        (["erase", "--site", "resid_psot@1"], "erase", "not a site label"),
+        ([*_ERASE, "--dataset", "number", "--shots", "2"], "erase", "scores none"),
+        (["erase", "--site", "head_out", "--layers", "1"], "erase", "'head_out@20, head 3'"),
         (["lens", "Hi", "--sites", "mlp_out", "--lens", "patchscope"], "lens", "not 'mlp_out'"),
         ([*_TRACE, "--n-items", "3"], "trace", "--n-items"),
         (["relation", "--task", "capitals", "--shots", "9"], "relation", "--shots 9"),
@@ -126,7 +139,7 @@ def test_patch_takes_one_answer_per_pair(tmp_path):
             "--layers applies to a site kind",
         ),
         (["erase", "--site", "resid_post"], "erase", "pass the layers with --layers"),
-        (["erase", "--site", "head", "--layers", "1"], "erase", "not per head"),
+        (["erase", "--site", "head", "--layers", "1"], "erase", "heads one at a time"),
         (["erase", "--site", "resid_post", "--layers", "1", "--shots", "9"], "erase", "--shots 9"),
         (["lens", "Hi", "--plot", "{tmp}/heatmap.xyz"], "lens", "use .png, .pdf or .svg"),
         (["probe", "--dataset", "pos", "--positions", "all"], "probe", "labels words"),
@@ -585,3 +598,75 @@ def test_lens_trajectory_draws_the_first_six_prompts(tmp_path, capsys, monkeypat
     assert cli_main(["lens", *args]) == 0
     assert panels == [6] and out.stat().st_size > 0
     assert "the first 6 of 8 prompts" in capsys.readouterr().out
+
+
+def test_layers_named_twice_are_refused_by_the_parser(tmp_path, capsys):
+    # Review 31a F5: "--layers repeats a layer" came after the model had loaded.
+    with pytest.raises(SystemExit):
+        cli_main(["probe", "--dataset", "number", "--layers", "0-2,1", "--out", str(tmp_path)])
+    assert "'0-2,1' names layer(s) 1 twice" in capsys.readouterr().err
+
+
+def test_probe_takes_one_labelled_site_and_says_rows_and_texts(tmp_path, capsys):
+    # Review 31a F11: a one-head label was refused by a comma check; F2/F3: --max-examples
+    # counts texts, and the sample's description named the whole dataset.
+    out = tmp_path / "p"
+    args = ["probe", "--dataset", "number", "--model", "tiny", "--quiet", "--positions", "all"]
+    assert cli_main([*args, "--site", "head_out@1, head 2", "--max-examples", "50", "--out",
+                     str(out)]) == 0  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sites"] == ["head_out@1, head 2"]
+    assert "(50 of its 400 texts)" in summary["description"]
+    assert f"{summary['n_examples']} rows from 50 texts" in capsys.readouterr().out
+
+
+def test_a_probe_write_that_fails_is_one_line_and_leaves_no_result(tmp_path, capsys, monkeypatch):
+    # Review 31a F4: a traceback (exit 1), and a result.json that looked complete beside it.
+    def fail(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(mp.ProbeResult, "plot", fail)
+    out = tmp_path / "p"
+    args = ["probe", "--dataset", "number", "--model", "tiny", "--quiet", "--layers", "1"]
+    assert cli_main([*args, "--out", str(out)]) == 2
+    assert "cannot write into" in capsys.readouterr().err
+    assert not (out / "result.json").exists()
+
+
+def test_erase_into_a_used_folder_keeps_this_runs_files_only(tmp_path):
+    # Review 31a F6: an INLP run's inlp.png stayed beside a LEACE result, and a sweep's
+    # sweep.json and site folders beside a one-site result.
+    out = tmp_path / "e"
+    common = ["erase", "--dataset", "number", "--model", "tiny", "--quiet", "--n-texts", "0"]
+    common += ["--n-random", "1", "--no-mlp", "--out", str(out)]
+    assert cli_main([*common, "--site", "resid_post", "--layers", "0-1"]) == 0
+    assert (out / "sweep.json").is_file() and (out / "blocks.0.hook_resid_post").is_dir()
+    assert cli_main([*common, "--site", "blocks.1.hook_resid_post", "--iterations", "2"]) == 0
+    assert {p.name for p in out.iterdir()} == {
+        "projection.safetensors", "result.json", "amnesic.png", "inlp.png"
+    }  # fmt: skip
+    assert cli_main([*common, "--site", "blocks.1.hook_resid_post", "--method", "leace"]) == 0
+    assert not (out / "inlp.png").exists()
+    assert mp.load_result(out / "result.json").method == "leace"
+    (out / "notes.txt").write_text("mine")  # what is not erase's stays
+    assert cli_main([*common, "--site", "resid_post", "--layers", "1-2"]) == 0
+    assert {p.name for p in out.iterdir()} == {
+        "sweep.json", "sweep.png", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post",
+        "notes.txt",
+    }  # fmt: skip
+
+
+def test_probe_warnings_name_what_the_shell_can_do(tmp_path, capsys):
+    # Review 31a F9: the advice named groups=False, tol= and l2, which no flag sets.
+    from mechprobe.cli._arguments import flag_names
+
+    said = flag_names(
+        "probe_layers: the probes of layer 2 did not converge within max_iter=1 (tol=0.0001) in "
+        "some fold; increase max_iter (or l2). The control task is skipped (NaN); pass groups "
+        "with several word types per class, or groups=False."
+    )
+    assert "groups=" not in said and "tol=" not in said and "(or --l2)" in said, said
+    args = ["probe", "--dataset", "country", "--model", "tiny", "--quiet", "--layers", "1"]
+    assert cli_main([*args, "--max-iter", "1", "--out", str(tmp_path / "c")]) == 0
+    err = capsys.readouterr().err
+    assert "groups=" not in err and "tol=" not in err and "no control task can be drawn" in err

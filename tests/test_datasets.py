@@ -293,3 +293,12 @@ def test_save_writes_the_format_its_name_says(tmp_path) -> None:
         data.save(tmp_path / "d.npz")
     with pytest.raises(FileNotFoundError, match="does not exist; create it first"):
         data.save(tmp_path / "missing" / "d.jsonl")
+
+
+def test_a_sample_says_what_it_kept_of_the_dataset():
+    # Review 31a F3: a 24-sentence sample still described itself as "817 sentences ...".
+    whole = mp.pos_dataset()
+    part = whole.sample(300, seed=0)
+    assert part.description.startswith(whole.description)
+    assert part.description.endswith(f"({len(part)} of its {len(whole)} texts)")
+    assert whole.subset(range(len(whole))).description == whole.description  # all kept

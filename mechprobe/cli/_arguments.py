@@ -246,6 +246,11 @@ def layers_type(text: str) -> Any:
             f"layers must be 'all', ints, ranges like 20-29, or a comma-separated mix (0-2,5), "
             f"not {text!r}"
         ) from None
+    repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if repeated:  # refused by the analyses only after the model had loaded
+        raise argparse.ArgumentTypeError(
+            f"{text!r} names layer(s) {', '.join(map(str, repeated))} twice: name each once"
+        )
     return layers
 
 
@@ -487,6 +492,12 @@ def lens_spec(args: argparse.Namespace, text: Callable[[str], str] = str) -> Any
 
 #: The library's argument names that a command's flag sets, as the shell user typed them.
 _FLAGS = {
+    # probe_layers' advice names its groups= argument, which a dataset sets here
+    "pass groups with several word types per class, or groups=False": "the dataset's classes "
+    "are its word types, so no control task can be drawn",
+    "pass groups with more word types, another seed, or groups=False": "pass another --seed or "
+    "a dataset with more word types",
+    "(or l2)": "(or --l2)",
     "set ablation=True": "drop --no-ablation",
     "ablation=False": "--no-ablation",
     "contrast_task": "--contrast-task",
@@ -525,6 +536,7 @@ def flag_names(message: str) -> str:
     """
     for name, flag in _FLAGS.items():
         message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w])", flag, message)
+    message = message.replace("(tol=", "(solver tolerance ")  # no flag sets it
     for word in _WORD_FLAGS:  # "window must ...", "layers=", "sites: ..." and the like only
         message = re.sub(
             rf"(?<![\w-]){word}( must | takes | repeats |=|: )", rf"--{word}\1", message

@@ -42,9 +42,11 @@ loss: an erasure at the last token alone changes no prediction that text can sco
 accuracy on the relational task, and probe accuracy after erasure, each beside random
 projections of the same rank.
 
-Datasets: country (which country a capitals prompt asks about; evaluated on the capitals task for
-the same countries), is_capital, number (templated subject number), or a label file (JSON, JSONL or
-CSV, see mechprobe.load_labels).
+Datasets: country (which country a capitals prompt asks about, 12 prompts per country for
+--n-countries countries; evaluated on the capitals task for the same countries), is_capital
+(capital or past-tense prompt, 6 per country), number (300 templated phrases, subject number), or
+a label file (JSON, JSONL or CSV, see mechprobe.load_labels). (probe's country and number are
+larger: 30 countries, 400 phrases.)
 """
 
 
@@ -80,9 +82,16 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
-        "--positions", type=positions_type("all"), default=-1, help="'all' or ints (default -1)"
+        "--positions",
+        type=positions_type("all"),
+        default=-1,
+        help="where the eraser is applied: 'all', last or ints (default -1)",
     )
-    parser.add_argument("--task", help="relational task to score (default: capitals for country)")
+    parser.add_argument(
+        "--task",
+        help="relational task to score (default: capitals for country, on the same countries, "
+        "and for is_capital, on 40 of its items; none for number or a file)",
+    )
     add_shots_argument(parser)
     parser.add_argument(
         "--n-countries", type=positive_int, help="countries of the country datasets (default 20)"
@@ -131,6 +140,11 @@ def _task(args: argparse.Namespace) -> Any:
 
     name = args.task or ("capitals" if args.dataset in ("country", "is_capital") else None)
     if name is None:
+        if args.shots is not None:  # it was dropped without a word
+            raise ValueError(
+                f"--shots sets the demonstrations of the task scored, and --dataset "
+                f"{args.dataset} scores none: add --task NAME, or drop --shots."
+            )
         return None
     task = mp.load_task(name)
     args.shots = task_shots(task, args.shots)
@@ -213,7 +227,10 @@ def _erase(
             progress=not args.quiet,
         )
         folder = out if len(sites) == 1 else out / site
+        if j == 0:  # this run's results replace an earlier run's in the same folder
+            _clear_earlier_run(out, {out} if len(sites) == 1 else {out / s for s in sites})
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / "inlp.png").unlink(missing_ok=True)  # an INLP run's, beside a LEACE result
         eraser.save(folder / "projection.safetensors")
         result.save(folder / "result.json")
         result.plot().savefig(folder / "amnesic.png", dpi=130)
@@ -227,6 +244,30 @@ def _erase(
         sweep.save(out / "sweep.json")
         sweep.plot().savefig(out / "sweep.png", dpi=130)
     return records
+
+
+#: The files ``mechprobe erase`` writes per erased site.
+_SITE_FILES = ("projection.safetensors", "result.json", "amnesic.png", "inlp.png")
+
+
+def _clear_earlier_run(out: Path, folders: set[Path]) -> None:
+    """Remove what an earlier ``erase`` into ``out`` wrote and this run will not overwrite (a
+    sweep's ``sweep.json``, ``sweep.png`` and per-site folders beside a one-site result, or a
+    one-site result beside a sweep), so the folder holds this run's results only. Only this
+    command's own file names are removed, and a site folder only once they leave it empty."""
+    earlier = [out] + [
+        p for p in out.iterdir() if p.is_dir() and (p / "projection.safetensors").is_file()
+    ]
+    for folder in earlier:
+        if folder in folders:
+            continue
+        for name in _SITE_FILES:
+            (folder / name).unlink(missing_ok=True)
+        if folder != out and not any(folder.iterdir()):
+            folder.rmdir()
+    if out in folders:  # one site: no sweep
+        for name in ("sweep.json", "sweep.png"):
+            (out / name).unlink(missing_ok=True)
 
 
 def _per_layer(site: str) -> bool:
@@ -243,10 +284,16 @@ def _check_sites(site: str, layers: Any) -> None:
 
     if site in HEAD_KINDS:
         raise ValueError(
-            f"--site {site}: mechprobe erase fits one eraser per layer's site, not per head; "
-            f"erase a head from Python: mp.amnesic(model, mp.Site({site!r}, layer, head=h), "
-            "eraser, ...)."
+            f"--site {site}: a kind is erased at every layer of --layers, and heads one at a "
+            f"time: name one head by its label, e.g. --site '{site}@20, head 3'."
         )
+    if "@" in site:  # a label is read without the model: a typo is told before it loads
+        import mechprobe as mp
+
+        try:
+            mp.Site.parse(site)
+        except ValueError as error:
+            raise ValueError(f"--site: {error}") from None
     if _per_layer(site) and layers is None:
         raise ValueError(f"--site {site}: pass the layers with --layers, e.g. 15,20,23.")
     if not _per_layer(site) and "." not in site and "@" not in site and "hook_" not in site:

@@ -14,7 +14,7 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from mechprobe.cli._arguments import (
     add_layers_argument,
@@ -30,14 +30,16 @@ from mechprobe.cli._arguments import (
 
 _BUILT_IN = ("pos", "templated_pos", "number", "country", "is_capital")
 _HELP = """\
-Collect activations of a probing dataset at every layer, fit one linear probe per layer, and report
-held-out accuracy, a Hewitt & Liang control task (one random label per word type) and the
-selectivity (accuracy - control accuracy).
+Collect activations of a probing dataset at every layer, fit one probe per layer (per head for the
+head kinds; linear, or an MLP with --mlp), and report held-out accuracy, a Hewitt & Liang control
+task (one random label per word type) and the selectivity (accuracy - control accuracy).
 
-Datasets: pos (English sentences tagged by spaCy en_core_web_sm, word level), templated_pos (exact
-tags), number (subject number of 'The keys near the cabinet'), country (capital-question prompts
-labelled by country), is_capital (capitals vs past-tense prompts), or a label FILE (JSON, JSONL or
-CSV, see mechprobe.load_labels). Writes OUT/result.json, OUT/probe.png and OUT/summary.json.
+Datasets: pos (817 English sentences tagged by spaCy en_core_web_sm, word level), templated_pos
+(400 sentences, exact tags), number (400 phrases, subject number of 'The keys near the cabinet'),
+country (capital-question prompts labelled by country, 30 countries x 12), is_capital (capitals vs
+past-tense prompts, 180), or a label FILE (JSON, JSONL or CSV, see mechprobe.load_labels). (erase's
+country and number are smaller: 20 countries, 300 phrases.) Writes OUT/result.json, OUT/probe.png
+and OUT/summary.json.
 """
 
 
@@ -59,15 +61,16 @@ def add_parser(sub: Any) -> None:
         default="resid_post",
         help="site kind probed at every layer: resid_pre, resid_mid, mlp_in (resid_mid's "
         "value), resid_post, attn_out, mlp_out (default resid_post); or at every head: head_out "
-        "(its write to the residual stream), head (its z), q, k, v",
+        "(its write to the residual stream), head (its z), q, k, v; or one site, by its label "
+        "('mlp_out@3', 'head_out@3, head 2') or hook name",
     )
     add_layers_argument(parser, "layers probed")
     parser.add_argument(
         "--max-examples",
         type=positive_int,
-        help="a random subset of texts with at most this many labelled examples (texts, or words "
-        "for word-level data; with --positions all each token of a text is a row, and with "
-        "--positions word_last on text-level data each word is one)",
+        help="a random subset of the texts with at most this many labelled examples: texts, or "
+        "words for word-level data (pos); with --positions all or word_last a text gives "
+        "several rows, so more rows than this are probed",
     )
     parser.add_argument(
         "--positions",
@@ -119,6 +122,49 @@ def _positions(text: str) -> int | str:
     raise argparse.ArgumentTypeError(
         f"positions must be last (or -1), all or word_last, not {text!r}"
     )
+
+
+def _site_problem(site: str, layers: Any) -> str | None:
+    """Why ``--site`` (with ``--layers``) cannot be collected, or None: known without a model.
+
+    A kind is probed at every layer of ``--layers`` (``pattern`` is no vector to probe); a label
+    (``"head_out@1, head 2"``) or a site's hook name is one site, which ``--layers`` cannot widen.
+
+    Example:
+        >>> print(_site_problem("head_out@1", "all"))
+        --site 'head_out@1' names a layer of head_out, a kind of one head: name the head ('head_out@1, head 2'), or pass head_out alone to probe every head of --layers
+    """
+    import mechprobe as mp
+    from mechprobe.core import HEAD_KINDS, SiteKind
+
+    kinds = [kind for kind in get_args(SiteKind) if kind != "pattern"]
+    try:  # a label or a hook name of a site: one site
+        parsed = mp.Site.parse(site) if ("@" in site or "." in site or "hook_" in site) else None
+    except ValueError as error:
+        kind = site.split("@")[0]
+        if "@" in site and kind in HEAD_KINDS and "head" not in site.split("@")[1]:
+            return (
+                f"--site {site!r} names a layer of {kind}, a kind of one head: name the head "
+                f"('{kind}@1, head 2'), or pass {kind} alone to probe every head of --layers"
+            )
+        if "@" in site:
+            return f"--site: {error}"
+        parsed = None  # a hook that is no site's: collect resolves it against the model
+    if parsed is not None:
+        if parsed.kind not in kinds:
+            return f"--site takes {', '.join(kinds)}, not {site!r} (attention patterns)"
+        if layers != "all":
+            return (
+                f"--layers applies to a site kind; --site {site!r} names one site: drop --layers, "
+                f"or pass --site {parsed.kind}"
+            )
+        return None
+    if "," in site:
+        return (
+            f"--site takes one site kind, probed at every layer of --layers, not {site!r}: run "
+            "once per kind."
+        )
+    return site_kind_problem("--site", site, allowed=kinds)
 
 
 def load_dataset(name: str, seed: int = 0) -> Any:
@@ -179,17 +225,9 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         print(f"mechprobe probe: error: --out: {problem}", file=sys.stderr)
         return 2
-    if "," in args.site:
-        print(
-            f"mechprobe probe: error: --site takes one site kind, probed at every layer of "
-            f"--layers, not {args.site!r}: run once per kind.",
-            file=sys.stderr,
-        )
-        return 2
-    problem = site_kind_problem("--site", args.site)
-    if problem:  # a misspelt kind needs no model to be told
-        print(f"mechprobe probe: error: {problem}", file=sys.stderr)
-        return 2
+    problem = _site_problem(args.site, args.layers)
+    if problem:  # a kind or label collect refuses needs no model to be told
+        return command_error("probe", problem)
     created = not args.out.exists()
     try:
         dataset = load_dataset(args.dataset, args.seed)
@@ -200,6 +238,13 @@ def main(args: argparse.Namespace) -> int:
             )
         if args.max_examples is not None:
             dataset = dataset.sample(args.max_examples, seed=args.seed)
+        # At -1 a row per text (per word for word-level data) is known before the model runs;
+        # the probes refused too many folds only after every activation had been collected.
+        if args.folds is not None and args.positions == -1 and args.folds > dataset.n_examples:
+            raise ValueError(
+                f"--folds {args.folds} is more than the {dataset.n_examples} examples probed: "
+                f"pass --folds between 2 and {dataset.n_examples}."
+            )
         args.out.mkdir(parents=True, exist_ok=True)  # checked above; a refusal surfaces here
         model = load(args.model, args.device, args.dtype, args.kind)
         acts = mp.collect(
@@ -229,10 +274,6 @@ def main(args: argparse.Namespace) -> int:
         # the library names its arguments; say the flags typed here
         message = str(err).replace("n_folds", "--folds").replace("sites:", "--site:")
         return command_error("probe", message)
-    result.save(args.out / "result.json")
-    fig = result.plot()
-    fig.suptitle(f"{dataset.name}: {args.site} of {args.model}")
-    fig.savefig(args.out / "probe.png", dpi=150)
     # Rows probed per class (with --positions all a text gives several rows); datasets have labels.
     probed: Counter[str] = Counter(str(label) for label in acts.labels)  # type: ignore[union-attr]
     summary = {
@@ -247,8 +288,18 @@ def main(args: argparse.Namespace) -> int:
         "dropped_words": acts.metadata["dropped_words"],
         "classes": dict(sorted(probed.items())),
     }
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"{dataset.name}: {len(acts)} examples, {result.n_classes} classes, {args.site}")
+    # The figure and summary first: a write that fails (a full disk) leaves no result.json
+    # that looks complete, and says so in one line.
+    try:
+        fig = result.plot()
+        fig.suptitle(f"{dataset.name}: {args.site} of {args.model}")
+        fig.savefig(args.out / "probe.png", dpi=150)
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        result.save(args.out / "result.json")
+    except (OSError, ValueError) as err:
+        return command_error("probe", f"cannot write into {args.out}: {err}")
+    texts = f" from {len(dataset)} texts" if len(acts) != len(dataset) else ""
+    print(f"{dataset.name}: {len(acts)} rows{texts}, {result.n_classes} classes, {args.site}")
     print(table(result))
     print(
         f"wrote {args.out / 'result.json'}, {args.out / 'probe.png'}, {args.out / 'summary.json'}"

@@ -274,6 +274,8 @@ class ProbingDataset:
         def pick(values: tuple[Any, ...]) -> tuple[Any, ...]:
             return tuple(values[i] for i in idx)
 
+        # The description names the whole dataset ("817 sentences ..."): say what was kept.
+        kept = f" ({len(idx)} of its {len(self.texts)} texts)" if len(idx) != len(self) else ""
         return ProbingDataset(
             self.name,
             pick(self.texts),
@@ -281,7 +283,7 @@ class ProbingDataset:
             self.level,
             None if self.words is None else pick(self.words),
             None if self.groups is None else pick(self.groups),
-            self.description,
+            (self.description + kept).strip(),
         )
 
     def sample(self, max_examples: int, *, seed: int = 0) -> ProbingDataset:
