@@ -128,6 +128,8 @@ def test_patch_takes_one_answer_per_pair(tmp_path):
         ),
         (["probe", "--dataset", "number", "--folds", "401"], "probe", "than the 400 examples"),
         (["erase", "--site", "resid_psot@1"], "erase", "not a site label"),
+        ([*_RELATION, "--other-task", "capitals"], "relation", "is the task analysed"),
+        ([*_RELATION, "--contrast-task", "capitals"], "relation", "is the task analysed"),
         ([*_ERASE, "--dataset", "number", "--shots", "2"], "erase", "scores none"),
         (["erase", "--site", "head_out", "--layers", "1"], "erase", "'head_out@20, head 3'"),
         (["lens", "Hi", "--sites", "mlp_out", "--lens", "patchscope"], "lens", "not 'mlp_out'"),
@@ -670,3 +672,19 @@ def test_probe_warnings_name_what_the_shell_can_do(tmp_path, capsys):
     assert cli_main([*args, "--max-iter", "1", "--out", str(tmp_path / "c")]) == 0
     err = capsys.readouterr().err
     assert "groups=" not in err and "tol=" not in err and "no control task can be drawn" in err
+
+
+def test_relation_reads_the_patchscope_prompt_as_lens_does(tmp_path, monkeypatch):
+    # Review 31a F12: lens interpreted \\n in --patchscope-prompt, relation took it literally.
+    seen = []
+
+    def stop(model, task, **kwargs):
+        seen.append(kwargs["lens"])
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(mp, "relational_analysis", stop)
+    args = [*_RELATION, "--model", "tiny", "--lens", "patchscope", "--out", str(tmp_path / "r")]
+    prompt = ["--patchscope-prompt", "cat -> cat\\n?"]
+    assert cli_main([*args, *prompt]) == 2
+    assert cli_main([*args, *prompt, "--raw"]) == 2
+    assert [lens.prompt for lens in seen] == ["cat -> cat\n?", "cat -> cat\\n?"]

@@ -30,6 +30,7 @@ from mechprobe.cli._arguments import (
     positive_int,
     task_shots,
 )
+from mechprobe.cli.lens import interpret_escapes
 
 _HELP = """\
 Score a relational task, decode the argument and answer at every layer (the X), read the FFN
@@ -78,8 +79,9 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--layers",
         type=layers_type,
-        help="FFN layers to write o into: ints, ranges like 20-29 or a mix (0-2,5) "
-        "(default: the function layer on; the paper's range starts one layer before it)",
+        help="FFN layers to write o into: 'all', ints, ranges like 20-29 or a mix (0-2,5); "
+        "negative counts from the last layer (write --layers=-1) (default: the function layer "
+        "on; the paper's range starts one layer before it)",
     )
     parser.add_argument("--scale", type=_finite, default=1.0, help="scale of o (default 1)")
     parser.add_argument(
@@ -93,7 +95,8 @@ def add_parser(sub: Any) -> None:
         "--positions",
         type=positions_type("all"),
         default="all",
-        help="'all' (default), 'last' or ints",
+        help="where the o-vector is written: 'all' (default), 'last' or ints (the FFN "
+        "ablation is at every position)",
     )
     parser.add_argument(
         "--n-random", type=nonnegative_int, default=3, help="random controls (default 3)"
@@ -121,7 +124,8 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--ovector-prompts",
         type=positive_int,
-        help="average o over at most this many prompts (1: paper)",
+        help="average o over at most this many prompts (default: every correctly answered "
+        "fit prompt; 1: the paper's single prompt)",
     )
     parser.add_argument("--no-ablation", action="store_true", help="skip the FFN ablation")
     parser.add_argument(
@@ -134,7 +138,10 @@ def add_parser(sub: Any) -> None:
         "the one before) x scales 1,2,4, on up to 64 contexts",
     )
     add_run_arguments(
-        parser, batch_size="rows per forward pass", seed="seed of the split and the controls"
+        parser,
+        batch_size="rows per forward pass",
+        seed="seed of --n-items, the split and the controls",
+        raw=True,
     )
     parser.set_defaults(func=main)
 
@@ -167,16 +174,24 @@ def main(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        args.shots = task_shots(mp.load_task(args.task), args.shots)  # before the model loads
+        task = mp.load_task(args.task)
+        args.shots = task_shots(task, args.shots)  # before the model loads
         for flag, named in (
             ("--other-task", args.other_task),
             ("--contrast-task", args.contrast_task),
         ):
             try:
-                if named not in ("auto", None):
-                    mp.load_task(named)  # a misspelt control task, before the model loads
+                # a misspelt control task, or the task itself, before the model loads
+                if named not in ("auto", None) and mp.load_task(named).name == task.name:
+                    return command_error(
+                        "relation",
+                        f"{flag} {named} is the task analysed ({task.name}): a control needs "
+                        "another task; pass another, or none",
+                    )
             except (ValueError, OSError) as err:
                 return command_error("relation", f"{flag}: {err}")
+        # The Patchscope's prompt reads \n as lens does (it was taken literally here).
+        interpret_escapes(args, "patchscope_prompt", "patchscope_placeholder")
         lens = lens_spec(args)
         model = load(args.model, args.device, args.dtype, args.kind)
         result = mp.relational_analysis(
