@@ -618,6 +618,7 @@ def test_probe_takes_one_labelled_site_and_says_rows_and_texts(tmp_path, capsys)
                      str(out)]) == 0  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sites"] == ["head_out@1, head 2"]
+    assert "site: 'head_out@1, head 2'" in (out / "report.md").read_text()  # review 31a F8
     assert "(50 of its 400 texts)" in summary["description"]
     assert f"{summary['n_examples']} rows from 50 texts" in capsys.readouterr().out
 
@@ -645,16 +646,18 @@ def test_erase_into_a_used_folder_keeps_this_runs_files_only(tmp_path):
     assert (out / "sweep.json").is_file() and (out / "blocks.0.hook_resid_post").is_dir()
     assert cli_main([*common, "--site", "blocks.1.hook_resid_post", "--iterations", "2"]) == 0
     assert {p.name for p in out.iterdir()} == {
-        "projection.safetensors", "result.json", "amnesic.png", "inlp.png"
+        "projection.safetensors", "result.json", "amnesic.png", "inlp.png", "report.md"
     }  # fmt: skip
+    report = (out / "report.md").read_text()
+    assert f"mechprobe {mp.__version__}" in report and "dataset: 'number'" in report
     assert cli_main([*common, "--site", "blocks.1.hook_resid_post", "--method", "leace"]) == 0
     assert not (out / "inlp.png").exists()
     assert mp.load_result(out / "result.json").method == "leace"
     (out / "notes.txt").write_text("mine")  # what is not erase's stays
     assert cli_main([*common, "--site", "resid_post", "--layers", "1-2"]) == 0
     assert {p.name for p in out.iterdir()} == {
-        "sweep.json", "sweep.png", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post",
-        "notes.txt",
+        "sweep.json", "sweep.png", "report.md", "blocks.1.hook_resid_post",
+        "blocks.2.hook_resid_post", "notes.txt",
     }  # fmt: skip
 
 

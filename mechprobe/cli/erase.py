@@ -9,8 +9,8 @@ Example::
 The dataset is split once (stratified by label): the projection is fitted on one part, and the
 probes that measure what information is left are trained and scored on the other. Writes, per
 erased site, ``projection.safetensors`` (the fitted :class:`~mechprobe.Eraser`, with SHA-256
-digests), ``result.json`` and ``amnesic.png``; a sweep over ``--layers`` also writes ``sweep.json``
-and ``sweep.png``. The output folder is checked before any work.
+digests), ``result.json``, ``amnesic.png`` and ``report.md`` (the settings: which dataset, task
+and split); a sweep over ``--layers`` also writes ``sweep.json``, ``sweep.png`` and its ``report.md``. The output folder is checked before any work.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from mechprobe.cli._arguments import (
     positive_int,
     task_shots,
 )
+from mechprobe.cli._run_folder import report
 
 _HELP = """\
 Fit INLP or LEACE on the dataset's activations at --site, apply the eraser as a hook (at the
@@ -236,6 +237,10 @@ def _erase(
         result.plot().savefig(folder / "amnesic.png", dpi=130)
         if eraser.accuracies:
             eraser.plot().savefig(folder / "inlp.png", dpi=130)
+        # The settings say which dataset, task and split the numbers are on (result.json not).
+        (folder / "report.md").write_text(
+            report("mechprobe erase", args, result, "amnesic.png"), encoding="utf-8"
+        )
         records.append(result.to_dict())
         results.append(result)
         _report(result)
@@ -243,11 +248,14 @@ def _erase(
         sweep = ErasureSweep(args.method, tuple(results))
         sweep.save(out / "sweep.json")
         sweep.plot().savefig(out / "sweep.png", dpi=130)
+        (out / "report.md").write_text(
+            report("mechprobe erase (sweep)", args, sweep, "sweep.png"), encoding="utf-8"
+        )
     return records
 
 
 #: The files ``mechprobe erase`` writes per erased site.
-_SITE_FILES = ("projection.safetensors", "result.json", "amnesic.png", "inlp.png")
+_SITE_FILES = ("projection.safetensors", "result.json", "amnesic.png", "inlp.png", "report.md")
 
 
 def _clear_earlier_run(out: Path, folders: set[Path]) -> None:

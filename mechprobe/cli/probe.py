@@ -27,6 +27,7 @@ from mechprobe.cli._arguments import (
     positive_int,
     site_kind_problem,
 )
+from mechprobe.cli._run_folder import report
 
 _BUILT_IN = ("pos", "templated_pos", "number", "country", "is_capital")
 _HELP = """\
@@ -38,8 +39,8 @@ Datasets: pos (817 English sentences tagged by spaCy en_core_web_sm, word level)
 (400 sentences, exact tags), number (400 phrases, subject number of 'The keys near the cabinet'),
 country (capital-question prompts labelled by country, 30 countries x 12), is_capital (capitals vs
 past-tense prompts, 180), or a label FILE (JSON, JSONL or CSV, see mechprobe.load_labels). (erase's
-country and number are smaller: 20 countries, 300 phrases.) Writes OUT/result.json, OUT/probe.png
-and OUT/summary.json.
+country and number are smaller: 20 countries, 300 phrases.) Writes OUT/result.json, OUT/probe.png,
+OUT/summary.json and OUT/report.md (the settings and the mechprobe version).
 """
 
 
@@ -295,13 +296,17 @@ def main(args: argparse.Namespace) -> int:
         fig.suptitle(f"{dataset.name}: {args.site} of {args.model}")
         fig.savefig(args.out / "probe.png", dpi=150)
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (args.out / "report.md").write_text(  # as every command's folder: settings, version
+            report("mechprobe probe", args, result, "probe.png"), encoding="utf-8"
+        )
         result.save(args.out / "result.json")
     except (OSError, ValueError) as err:
         return command_error("probe", f"cannot write into {args.out}: {err}")
     texts = f" from {len(dataset)} texts" if len(acts) != len(dataset) else ""
     print(f"{dataset.name}: {len(acts)} rows{texts}, {result.n_classes} classes, {args.site}")
     print(table(result))
-    print(
-        f"wrote {args.out / 'result.json'}, {args.out / 'probe.png'}, {args.out / 'summary.json'}"
-    )
+    written = ["result.json", "probe.png", "summary.json", "report.md"]
+    if args.save_activations:
+        written.append("activations/")
+    print(f"wrote {', '.join(str(args.out / name) for name in written)}")
     return 0
