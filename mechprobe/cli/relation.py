@@ -224,10 +224,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"mechprobe relation: error: cannot write {args.out}: {err}", file=sys.stderr)
         return 2
     st = result.stages
+
+    def layer(value: int | None) -> str:  # as report.md says it
+        return "n/a" if value is None else str(value)
+
     print(
         f"\n{result.task} ({result.kind}): {result.n_items} items, accuracy {result.accuracy:.3f}; "
-        f"argument layer {st.argument_layer}, function layer {st.function_layer}, saturation "
-        f"layer {st.saturation_layer}\n"
+        f"argument layer {layer(st.argument_layer)}, function layer {layer(st.function_layer)}, "
+        f"saturation layer {layer(st.saturation_layer)}\n"
     )
     print(result.headline())
     print(f"\nwrote {folder / 'result.json'}, {folder / 'report.md'} and figures")

@@ -24,6 +24,11 @@ def _f(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _count(n: int, noun: str) -> str:
+    """``"1 seed"``, ``"3 seeds"``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _layers(layers: Sequence[int]) -> str:
     if not layers:
         return "none"
@@ -52,7 +57,7 @@ def headline_table(result: RelationalResult, group: str | None = None, tuned: bo
     other = result.config.get("other_task")
     labels = {
         "ovector": f"o-vector ({result.task}, {result.ovector.n_prompts} prompts)",
-        "random": f"random, same norm ({len(fams.get('random', []))} seeds)",
+        "random": f"random, same norm ({_count(len(fams.get('random', [])), 'seed')})",
         "other_task": f"other task's o-vector ({other})",
         "intact": "intact model",
     }
