@@ -380,7 +380,7 @@ def test_layers_between_start_from_their_neighbours_and_reach_the_same_probes(
         layerwise.probe_layers(X, y, max_iter=1, tol=1e-12, progress=False)
     found = [w for w in caught if w.category is ConvergenceWarning]
     assert [str(w.message).split(" did not")[0] for w in found] == [
-        "probe_layers: the probes of layers [0, 1, 2, 3, 4, 5]"
+        "probe_layers: the probes of layers 0, 1, 2, 3, 4, 5"
     ]
     assert found[0].filename == __file__
     monkeypatch.setattr(

@@ -456,7 +456,7 @@ def probe_layers(
         names = _entry_names(sites, model_layers(sites, n_layers))
         what = "MLP probes" if mlp else "probes"
         failed = [
-            f"the {who}{what} of {', '.join(names[i] for i in sorted(set(late[key])))}"
+            f"the {who}{what} of {_listed([names[i] for i in sorted(set(late[key]))])}"
             for key, who in (("probe", ""), ("control", "control task's "))
             if late[key]
         ]
@@ -492,6 +492,13 @@ def probe_layers(
         max_iter=max_iter,
         tol=tol,
     )
+
+
+def _listed(names: list[str]) -> str:
+    """``"layers 0, 2"`` for layers; sites (``"head_out@2, head 1"``) joined by ``"; "``."""
+    if len(names) > 1 and all(name.startswith("layer ") for name in names):
+        return "layers " + ", ".join(name.removeprefix("layer ") for name in names)
+    return "; ".join(names)
 
 
 def _entry_names(sites: tuple[str, ...] | None, layers: np.ndarray) -> list[str]:
