@@ -435,6 +435,26 @@ def test_patchscope_matches_a_hand_written_patch(tiny):
     torch.testing.assert_close(last, x)
 
 
+def test_a_patchscope_transform_maps_each_vector_before_it_is_written(tiny):
+    # Review 31b M5: the paper's affine mappings (layer l to the target layer) had no place.
+    x = torch.randn(3, tiny.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def affine(v, layer):
+        seen.append(layer)
+        return 2 * v + 0.5
+
+    mapped = mp.Patchscope(target_layer=1, transform=affine)
+    plain = mp.Patchscope(target_layer=1)
+    got = mapped.translate(tiny, "resid_post", 0, x)
+    torch.testing.assert_close(got, plain.translate(tiny, "resid_post", 0, 2 * x + 0.5))
+    assert seen == [0] and mapped.describe().endswith("layer 1, transformed)")
+    with pytest.raises(ValueError, match=r"must return a tensor of x's shape \(3, 64\)"):
+        mp.Patchscope(transform=lambda v, layer: v[:, :8]).translate(tiny, "resid_post", 0, x)
+    with pytest.raises(TypeError, match="transform must be a function"):
+        mp.Patchscope(transform="affine")  # type: ignore[arg-type]
+
+
 def test_patchscope_in_logit_lens_and_its_errors(tiny):
     scope = mp.Patchscope(batch_size=2)
     res = mp.logit_lens(tiny, "The sea is", targets=" blue sky", lens=scope, positions="all")

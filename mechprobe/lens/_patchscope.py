@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -60,6 +60,10 @@ class Patchscope(Lens):
             in ``prompt`` is used.
         target_layer: The layer patched in the target prompt (None: the source vector's own
             layer, no shift; negative counts from the end).
+        transform: A map applied to each vector before it is written, called as
+            ``transform(x, layer)`` with ``x`` ``[n, d_model]`` read at ``layer`` (None: the
+            vector as read). The paper's affine mappings from layer ``l`` to the target layer
+            are such maps (fitted, e.g., by least squares on hidden states of other prompts).
         batch_size: Vectors (target-prompt rows) per forward pass (None: all at once).
 
     The decoding is read at the target prompt's last token: with the default prompt that is the
@@ -86,8 +90,13 @@ class Patchscope(Lens):
         placeholder: str = "?",
         *,
         target_layer: int | None = None,
+        transform: Callable[[Tensor, int], Tensor] | None = None,
         batch_size: int | None = 32,
     ) -> None:
+        if transform is not None and not callable(transform):
+            raise TypeError(
+                f"transform must be a function of (x [n, d_model], layer), got {transform!r}."
+            )
         if not isinstance(prompt, str) or not isinstance(placeholder, str) or not placeholder:
             raise TypeError("prompt and placeholder must be strings (the placeholder non-empty).")
         if placeholder not in prompt:
@@ -99,6 +108,7 @@ class Patchscope(Lens):
         self.target_layer = (
             None if target_layer is None else check_int(target_layer, "target_layer")
         )
+        self.transform = transform
         self.batch_size = check_batch_size(batch_size)
         # Per model (weakly: a model's id can be reused by another once it is gone).
         self._tokens: weakref.WeakKeyDictionary[Any, tuple[list[int], int]] = (
@@ -107,7 +117,8 @@ class Patchscope(Lens):
 
     def describe(self) -> str:
         where = "same layer" if self.target_layer is None else f"layer {self.target_layer}"
-        return f"patchscope ({self.prompt!r} at {self.placeholder!r}, {where})"
+        mapped = "" if self.transform is None else ", transformed"
+        return f"patchscope ({self.prompt!r} at {self.placeholder!r}, {where}{mapped})"
 
     def tokens(self, model: Any) -> tuple[list[int], int]:
         """The target prompt's token ids and the placeholder's position (its last token)."""
@@ -171,6 +182,14 @@ class Patchscope(Lens):
         self, model: Any, kind: str, layer: int, x: Float[Tensor, "n d_model"]
     ) -> Float[Tensor, "n d_model"]:
         ids, place = self.tokens(model)
+        if self.transform is not None:
+            mapped = self.transform(x, layer)
+            if not isinstance(mapped, Tensor) or mapped.shape != x.shape:
+                raise ValueError(
+                    f"transform(x, {layer}) must return a tensor of x's shape {tuple(x.shape)}, "
+                    f"got {getattr(mapped, 'shape', type(mapped).__name__)}."
+                )
+            x = mapped
         target = Site(kind, self._target(model, layer))  # type: ignore[arg-type]
         final = Site("resid_post", int(model.cfg.n_layers) - 1)
         out = torch.empty_like(x)
