@@ -10,7 +10,8 @@ The dataset is split once (stratified by label): the projection is fitted on one
 probes that measure what information is left are trained and scored on the other. Writes, per
 erased site, ``projection.safetensors`` (the fitted :class:`~mechprobe.Eraser`, with SHA-256
 digests), ``result.json``, ``amnesic.png`` and ``report.md`` (the settings: which dataset, task
-and split); a sweep over ``--layers`` also writes ``sweep.json``, ``sweep.png`` and its ``report.md``. The output folder is checked before any work.
+and split seed); a sweep over ``--layers`` also writes ``sweep.json``, ``sweep.png`` and its
+``report.md``. The output folder is checked before any work.
 """
 
 from __future__ import annotations
