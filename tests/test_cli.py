@@ -659,6 +659,23 @@ def test_erase_into_a_used_folder_keeps_this_runs_files_only(tmp_path):
         "sweep.json", "sweep.png", "report.md", "blocks.1.hook_resid_post",
         "blocks.2.hook_resid_post", "notes.txt",
     }  # fmt: skip
+    # Another command's files in the folder are not erase's to remove (relation writes a
+    # sweep.png, patch a result.json): only what holds erase's own marks goes.
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("result.json", "report.md", "sweep.png"):
+        (other / name).write_text("another command's")
+    (other / "sweep.json").write_text('{"format": "mechprobe.OVectorSweep"}')
+    (other / "data").mkdir()
+    (other / "data" / "result.json").write_text("mine")
+    assert cli_main([*common[:-1], str(other), "--site", "blocks.1.hook_resid_post"]) == 0
+    assert (other / "sweep.png").read_text() == "another command's"  # not erase's sweep
+    assert (other / "sweep.json").is_file()
+    (other / "result.json").write_text("another command's")
+    (other / "projection.safetensors").unlink()  # as if erase had never written here
+    assert cli_main([*common[:-1], str(other), "--site", "resid_post", "--layers", "1-2"]) == 0
+    assert (other / "result.json").read_text() == "another command's"
+    assert (other / "data" / "result.json").read_text() == "mine"
 
 
 def test_probe_warnings_name_what_the_shell_can_do(tmp_path, capsys):

@@ -262,21 +262,33 @@ _SITE_FILES = ("projection.safetensors", "result.json", "amnesic.png", "inlp.png
 def _clear_earlier_run(out: Path, folders: set[Path]) -> None:
     """Remove what an earlier ``erase`` into ``out`` wrote and this run will not overwrite (a
     sweep's ``sweep.json``, ``sweep.png`` and per-site folders beside a one-site result, or a
-    one-site result beside a sweep), so the folder holds this run's results only. Only this
-    command's own file names are removed, and a site folder only once they leave it empty."""
-    earlier = [out] + [
-        p for p in out.iterdir() if p.is_dir() and (p / "projection.safetensors").is_file()
-    ]
+    one-site result beside a sweep), so the folder holds this run's results only. Only folders
+    an erase wrote (they hold its ``projection.safetensors``) and a sweep file it wrote (tagged
+    ``mechprobe.ErasureSweep``) are touched, and a site folder is removed only once empty: another
+    command's files in the same folder stay."""
+    earlier = [out, *(p for p in out.iterdir() if p.is_dir())]
     for folder in earlier:
-        if folder in folders:
+        if folder in folders or not (folder / "projection.safetensors").is_file():
             continue
         for name in _SITE_FILES:
             (folder / name).unlink(missing_ok=True)
         if folder != out and not any(folder.iterdir()):
             folder.rmdir()
-    if out in folders:  # one site: no sweep
+    if out in folders and _is_erasure_sweep(out / "sweep.json"):  # one site: no sweep
         for name in ("sweep.json", "sweep.png"):
             (out / name).unlink(missing_ok=True)
+
+
+def _is_erasure_sweep(path: Path) -> bool:
+    """Whether ``path`` is a sweep ``erase`` saved (relation writes a ``sweep.png`` too)."""
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == (
+            "mechprobe.ErasureSweep"
+        )
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _per_layer(site: str) -> bool:
