@@ -672,10 +672,20 @@ def test_erase_into_a_used_folder_keeps_this_runs_files_only(tmp_path):
     assert (other / "sweep.png").read_text() == "another command's"  # not erase's sweep
     assert (other / "sweep.json").is_file()
     (other / "result.json").write_text("another command's")
-    (other / "projection.safetensors").unlink()  # as if erase had never written here
     assert cli_main([*common[:-1], str(other), "--site", "resid_post", "--layers", "1-2"]) == 0
     assert (other / "result.json").read_text() == "another command's"
     assert (other / "data" / "result.json").read_text() == "mine"
+    # Earlier erase runs of their own in sub-folders are other runs, not this folder's sweep
+    # (review 32a F1: runs/L1 and runs/L2 were deleted by a one-site run into runs/).
+    runs = tmp_path / "runs"
+    for layer in (1, 2):
+        site = ["--site", f"blocks.{layer}.hook_resid_post"]
+        assert cli_main([*common[:-1], str(runs / f"L{layer}"), *site]) == 0
+    assert cli_main([*common[:-1], str(runs), "--site", "blocks.0.hook_resid_post"]) == 0
+    assert cli_main([*common[:-1], str(runs), "--site", "resid_post", "--layers", "0-1"]) == 0
+    for layer in (1, 2):
+        assert (runs / f"L{layer}" / "projection.safetensors").is_file()
+        assert (runs / f"L{layer}" / "result.json").is_file()
 
 
 def test_probe_warnings_name_what_the_shell_can_do(tmp_path, capsys):

@@ -261,34 +261,44 @@ _SITE_FILES = ("projection.safetensors", "result.json", "amnesic.png", "inlp.png
 
 def _clear_earlier_run(out: Path, folders: set[Path]) -> None:
     """Remove what an earlier ``erase`` into ``out`` wrote and this run will not overwrite (a
-    sweep's ``sweep.json``, ``sweep.png`` and per-site folders beside a one-site result, or a
-    one-site result beside a sweep), so the folder holds this run's results only. Only folders
-    an erase wrote (they hold its ``projection.safetensors``) and a sweep file it wrote (tagged
-    ``mechprobe.ErasureSweep``) are touched, and a site folder is removed only once empty: another
-    command's files in the same folder stay."""
-    earlier = [out, *(p for p in out.iterdir() if p.is_dir())]
+    sweep's ``sweep.json``, ``sweep.png`` and site folders beside a one-site result, or a one-site
+    result beside a sweep), so the folder holds this run's results only.
+
+    Only what that run recorded as its own goes: the site folders its ``sweep.json`` (tagged
+    ``mechprobe.ErasureSweep``) names, and a one-site result whose ``result.json`` is tagged
+    ``mechprobe.AmnesicResult`` beside its ``projection.safetensors``. Other runs in sub-folders,
+    another command's files and anything else in ``out`` stay."""
+    earlier: list[Path] = []
+    sweep = _tagged(out / "sweep.json", "mechprobe.ErasureSweep")
+    if sweep is not None:  # an earlier sweep: its site folders, named by its results
+        names = [r.get("site") for r in sweep.get("results", []) if isinstance(r, dict)]
+        earlier += [out / n for n in names if isinstance(n, str) and "/" not in n and n != ".."]
+    if (out / "projection.safetensors").is_file() and _tagged(
+        out / "result.json", "mechprobe.AmnesicResult"
+    ):
+        earlier.append(out)  # an earlier one-site result at the top
     for folder in earlier:
-        if folder in folders or not (folder / "projection.safetensors").is_file():
+        if folder in folders or not folder.is_dir():
             continue
         for name in _SITE_FILES:
             (folder / name).unlink(missing_ok=True)
         if folder != out and not any(folder.iterdir()):
             folder.rmdir()
-    if out in folders and _is_erasure_sweep(out / "sweep.json"):  # one site: no sweep
+    if out in folders and sweep is not None:  # one site now: the earlier sweep's files go
         for name in ("sweep.json", "sweep.png"):
             (out / name).unlink(missing_ok=True)
 
 
-def _is_erasure_sweep(path: Path) -> bool:
-    """Whether ``path`` is a sweep ``erase`` saved (relation writes a ``sweep.png`` too)."""
+def _tagged(path: Path, tag: str) -> dict[str, Any] | None:
+    """The JSON in ``path`` if a result saved it with the format tag ``tag``, else None
+    (relation writes a ``sweep.png`` too; any command a ``result.json``)."""
     import json
 
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("format") == (
-            "mechprobe.ErasureSweep"
-        )
-    except (OSError, ValueError, AttributeError):
-        return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == tag else None
 
 
 def _per_layer(site: str) -> bool:
