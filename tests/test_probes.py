@@ -696,9 +696,7 @@ def test_mlp_probes_warn_when_max_iter_ends_their_training() -> None:
     X, y = _planted(n=120, layers=2, signal=(1,))
     with pytest.warns(ConvergenceWarning, match="MLP probe: 1 of 1 fits did not stop"):
         mp.MLPProbe(max_iter=3).fit(X[:, 1], y)
-    with pytest.warns(
-        ConvergenceWarning, match=r"the MLP probes of layers 0, 1 did not"
-    ) as got:
+    with pytest.warns(ConvergenceWarning, match=r"the MLP probes of layers 0, 1 did not") as got:
         mp.probe_layers(X, y, mlp=True, max_iter=3, progress=False)
     assert [w.filename for w in got if w.category is ConvergenceWarning] == [__file__]
     with warnings.catch_warnings():
