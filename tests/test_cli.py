@@ -107,6 +107,10 @@ def test_patch_takes_one_answer_per_pair(tmp_path):
         # tests/test_cli_causal.py checks that the API refuses each of them too
         ([*_TRACE, "--sites", "head"], "trace", "(heads: mechprobe patch), not 'head'"),
         ([*_TRACE, "--sites", "q@1"], "trace", "not 'q@1'"),
+        # review 32a F4: trace takes kinds only; a head label is cut at its comma
+        ([*_TRACE, "--sites", "mlp_out@1"], "trace", "pick the layers with --layers"),
+        ([*_TRACE, "--sites", "blocks.1.hook_mlp_out"], "trace", "takes site kinds"),
+        ([*_PATCH, "--sites", "head_out@1, head 2"], "patch", "cannot be given in it"),
         ([*_PATCH, "--receivers", "final", "--sites", "resid_pre"], "patch", "as senders, not"),
         (
             [*_PATCH, "--receivers", "resid_pre"],
@@ -630,6 +634,8 @@ def test_a_probe_write_that_fails_is_one_line_and_leaves_no_result(tmp_path, cap
 
     monkeypatch.setattr(mp.ProbeResult, "plot", fail)
     out = tmp_path / "p"
+    out.mkdir()
+    (out / "result.json").write_text("an earlier run's")  # a used folder (review 32a F6)
     args = ["probe", "--dataset", "number", "--model", "tiny", "--quiet", "--layers", "1"]
     assert cli_main([*args, "--out", str(out)]) == 2
     assert "cannot write into" in capsys.readouterr().err
@@ -644,6 +650,7 @@ def test_erase_into_a_used_folder_keeps_this_runs_files_only(tmp_path):
     common += ["--n-random", "1", "--no-mlp", "--out", str(out)]
     assert cli_main([*common, "--site", "resid_post", "--layers", "0-1"]) == 0
     assert (out / "sweep.json").is_file() and (out / "blocks.0.hook_resid_post").is_dir()
+    assert "`sweep.json` (load with" in (out / "report.md").read_text()  # review 32a F6
     assert cli_main([*common, "--site", "blocks.1.hook_resid_post", "--iterations", "2"]) == 0
     assert {p.name for p in out.iterdir()} == {
         "projection.safetensors", "result.json", "amnesic.png", "inlp.png", "report.md"

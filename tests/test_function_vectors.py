@@ -275,6 +275,13 @@ def test_chosen_heads_make_the_vector(model, task, result):
     np.testing.assert_allclose(hand.vector, expected.float().numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_chosen_heads_on_a_model_with_fewer_than_ten_heads(task):
+    # Review 32a F3: the unused n_heads default (10) refused heads= on a small model.
+    small = mp.tiny_model(n_layers=2)
+    res = mp.function_vector(small, task, heads=[(0, 1)], n_prompts=2, n_random=0, progress=False)
+    assert res.heads == ((0, 1),)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -121,6 +121,7 @@ def site_kind_problem(
     *extra: str,
     allowed: Sequence[str] | None = None,
     where: str = "here",
+    kinds_only: bool = False,
 ) -> str | None:
     """Why a comma-separated ``--sites`` value names a kind the command cannot take, or None.
 
@@ -128,7 +129,8 @@ def site_kind_problem(
     after the load): a kind must be one of the site kinds and, given ``allowed``, one of those;
     a site label (``mlp_out@3``) or a hook name that names a site (``blocks.3.hook_mlp_out``) is
     held to the same kinds. Any other hook name is resolved against the model. ``extra`` words are
-    taken too (``final``); ``where`` says whose list ``allowed`` is.
+    taken too (``final``); ``where`` says whose list ``allowed`` is; ``kinds_only`` refuses labels
+    and hook names (an analysis that takes kinds and ``--layers`` only, as trace).
 
     Example:
         >>> print(site_kind_problem("--sites", "resid_post,mlp_otu"))
@@ -138,9 +140,17 @@ def site_kind_problem(
     """
     from mechprobe.core import HEAD_KINDS
 
-    for name in (part.strip() for part in (text or "").split(",")):
+    parts = [part.strip() for part in (text or "").split(",")]
+    if any(re.fullmatch(r"head [0-9]+", name) for name in parts):  # "head_out@1, head 2", split
+        return (
+            f"{option} is split at commas, so a head's label ('head_out@1, head 2') cannot be "
+            "given in it: pass the kind (head_out) and pick the layers with --layers"
+        )
+    for name in parts:
         if not name or name in extra:
             continue
+        if kinds_only and ("@" in name or "." in name or name.startswith("hook_")):
+            return f"{option} takes site kinds {where}, not {name!r}: pick the layers with --layers"
         if "@" in name or "." in name or name.startswith("hook_"):
             try:
                 kind: str = mp.Site.parse(name).kind

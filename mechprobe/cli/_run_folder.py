@@ -9,9 +9,11 @@ from typing import Any
 from mechprobe.core import format_number
 
 
-def report(title: str, args: argparse.Namespace, result: Any, figure: str) -> str:
+def report(
+    title: str, args: argparse.Namespace, result: Any, figure: str, saved: str = "result.json"
+) -> str:
     """report.md: the settings run (None: the command's default), the mechprobe version, the
-    result's one-line description, its summary table."""
+    result's one-line description, its summary table; ``saved`` names the result's file."""
     from mechprobe import __version__
 
     table = result.summary().to_string(index=False, float_format=format_number, na_rep="—")
@@ -20,10 +22,10 @@ def report(title: str, args: argparse.Namespace, result: Any, figure: str) -> st
     )
     return (
         f"# {title}\n\nmechprobe {__version__}; settings as given (None: the command's "
-        f"default; result.json holds what ran):\n\n```\n{settings}\n```\n\n"
+        f"default; {saved} holds what ran):\n\n```\n{settings}\n```\n\n"
         f"{result._describe()}\n\n"
         f"## Summary\n\n```\n{table}\n```\n\n![{figure}]({figure})\n\n"
-        "Every value: `result.json` (load with `mechprobe.load_result`: every result type).\n"
+        f"Every value: `{saved}` (load with `mechprobe.load_result`: every result type).\n"
     )
 
 

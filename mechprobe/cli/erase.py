@@ -250,7 +250,8 @@ def _erase(
         sweep.save(out / "sweep.json")
         sweep.plot().savefig(out / "sweep.png", dpi=130)
         (out / "report.md").write_text(
-            report("mechprobe erase (sweep)", args, sweep, "sweep.png"), encoding="utf-8"
+            report("mechprobe erase (sweep)", args, sweep, "sweep.png", "sweep.json"),
+            encoding="utf-8",
         )
     return records
 

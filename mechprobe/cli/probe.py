@@ -292,6 +292,7 @@ def main(args: argparse.Namespace) -> int:
     # The figure and summary first: a write that fails (a full disk) leaves no result.json
     # that looks complete, and says so in one line.
     try:
+        (args.out / "result.json").unlink(missing_ok=True)  # an earlier run's, in a used folder
         fig = result.plot()
         fig.suptitle(f"{dataset.name}: {args.site} of {args.model}")
         fig.savefig(args.out / "probe.png", dpi=150)

@@ -125,7 +125,11 @@ def main(args: argparse.Namespace) -> int:
     if args.task is None and args.shots is not None:
         return fail("--shots shapes a --task: drop it with --prompt")
     problem = site_kind_problem(
-        "--sites", args.sites, allowed=mp.TRACE_KINDS, where="(heads: mechprobe patch)"
+        "--sites",
+        args.sites,
+        allowed=mp.TRACE_KINDS,
+        where="(heads: mechprobe patch)",
+        kinds_only=True,
     )
     if problem:  # a kind the trace refuses needs no model to be told
         return fail(problem)

@@ -78,12 +78,10 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
         standardize: scale each layer's features with training statistics first.
 
     The mixing weights carry no penalty, and on real activations of many layers the fitted
-    optimum puts nearly all the weight on one layer: on SmolLM2's POS words (30 layers, 1,600
-    training words) the fit reaches ``tol`` after about 1,260 iterations at the default ``l2``
-    (236 at ``l2=0.1``) with one layer's weight above 0.99 and held-out accuracy 0.945-0.95;
-    the default ``max_iter`` stops before, warning, with the weights still spread (largest 0.31)
-    and accuracy 0.96 (measured 2026-12-07, not kept in a record file). Read a converged
-    ``layer_weights_`` as which layer, not as a spread over layers.
+    optimum can put nearly all the weight on one layer, reached only after many more iterations
+    than the default ``max_iter`` (on SmolLM2's POS words over 30 layers, some thousand; a larger
+    ``l2`` converges sooner), with held-out accuracy no better than where the default stops and
+    warns. Read a converged ``layer_weights_`` as which layer, not as a spread over layers.
 
     Attributes:
         layer_weights_: ``[layers]`` softmax mixing weights (sum to 1).

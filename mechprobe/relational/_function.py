@@ -27,7 +27,7 @@ import random as _random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -402,8 +402,9 @@ def function_vector(
     if heads is not None and n_heads is not None:
         raise ValueError("Pass n_heads= (the task's top heads) or heads= (chosen heads), not both.")
     given = None if heads is None else _check_heads(heads, n_layers, heads_per_layer)
-    n_heads = 10 if n_heads is None else n_heads
-    check_int(n_heads, "n_heads", 1, n_layers * heads_per_layer)
+    if given is None:  # chosen heads need no count (a small model has fewer than 10)
+        n_heads = 10 if n_heads is None else n_heads
+        check_int(n_heads, "n_heads", 1, n_layers * heads_per_layer)
     check_int(n_prompts, "n_prompts", 1)
     check_int(n_random, "n_random", 0)
     check_batch_size(batch_size)
@@ -437,8 +438,10 @@ def function_vector(
     per_prompt = aie_res.per_pair[:, :, 0] - aie_res.clean[:, None]  # each prompt's effect
     aie_spread = spread(per_prompt).reshape(shape)  # over prompts (NaN for one)
     aie_random = aie_res.random_effect[:, 0].reshape(shape)
-    order = np.argsort(-aie.ravel(), kind="stable")[:n_heads]
-    top = given or tuple((int(i) // heads_per_layer, int(i) % heads_per_layer) for i in order)
+    top = given
+    if top is None:  # the task's own top heads by AIE
+        order = np.argsort(-aie.ravel(), kind="stable")[: cast(int, n_heads)]
+        top = tuple((int(i) // heads_per_layer, int(i) % heads_per_layer) for i in order)
     sites = [Site("head", la, head=h, positions=-1) for la, h in top]
     with torch.no_grad():
         captured = run(
