@@ -393,7 +393,8 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         ``average_causal_effects`` notebook): the scores at every token of the category, pooled
         over prompts, minus the corrupted metric averaged over all prompts, so a prompt with more
         such tokens weighs more. The two agree on the four one-token categories wherever every
-        prompt has them, and differ on middle-subject and further tokens.
+        prompt has them, and differ on middle-subject and further tokens. (ROME's averaged
+        heat maps also clip the result at 0; these values keep their sign.)
 
         Example:
             >>> import mechprobe as mp
