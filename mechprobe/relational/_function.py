@@ -370,7 +370,10 @@ def function_vector(
             (default 10, as Todd et al.).
         heads: Instead, the ``(layer, head)`` pairs whose mean outputs make the FV, such as
             Todd et al.'s universal set: the top heads of the AIE averaged over several tasks,
-            ``np.mean([r.aie for r in results], 0)``. The task's AIE is still measured.
+            ``np.mean([r.aie for r in results], 0)``. The AIE is then not measured (NaN in the
+            result): only the heads' mean outputs are, so a layer sweep,
+            ``[function_vector(model, task, layer=l, heads=res.heads) for l in ...]``, costs the
+            accuracies alone.
         n_prompts: Fit items (few-shot prompts) the AIE and the means are averaged over.
         test_size: Held-out share (or count) of the items the accuracies are measured on.
         n_random: Random controls: per head in the AIE, and random vectors of the FV's norm.
@@ -420,24 +423,27 @@ def function_vector(
     answers = first_token_ids(model, fit.answers())
     held_answers = first_token_ids(model, test.answers())
     _warn_shared_first_tokens(model, held_answers)  # before the expensive part
-    aie_res = ablate_cells(
-        model,
-        shuffled,
-        "head",
-        -1,
-        answer_prob(answers),
-        method="mean",
-        reference=clean,
-        reference_positions=-1,
-        n_random=n_random,
-        seed=seed,
-        progress=progress,
-    )
     shape = (n_layers, heads_per_layer)
-    aie = aie_res.effect[:, 0].reshape(shape)
-    per_prompt = aie_res.per_pair[:, :, 0] - aie_res.clean[:, None]  # each prompt's effect
-    aie_spread = spread(per_prompt).reshape(shape)  # over prompts (NaN for one)
-    aie_random = aie_res.random_effect[:, 0].reshape(shape)
+    if given is None:
+        aie_res = ablate_cells(
+            model,
+            shuffled,
+            "head",
+            -1,
+            answer_prob(answers),
+            method="mean",
+            reference=clean,
+            reference_positions=-1,
+            n_random=n_random,
+            seed=seed,
+            progress=progress,
+        )
+        aie = aie_res.effect[:, 0].reshape(shape)
+        per_prompt = aie_res.per_pair[:, :, 0] - aie_res.clean[:, None]  # each prompt's effect
+        aie_spread = spread(per_prompt).reshape(shape)  # over prompts (NaN for one)
+        aie_random = aie_res.random_effect[:, 0].reshape(shape)
+    else:  # chosen heads need only their mean outputs: the costly AIE is not measured
+        aie = aie_spread = aie_random = np.full(shape, np.nan)
     top = given
     if top is None:  # the task's own top heads by AIE
         order = np.argsort(-aie.ravel(), kind="stable")[: cast(int, n_heads)]
