@@ -100,6 +100,13 @@ def test_save_load_roundtrip(result, tmp_path):
     assert torch.equal(back.ovector.vector, result.ovector.vector)
     report = (folder / "report.md").read_text()
     assert "random, same norm (2 seeds)" in report and "intact model" in report
+    # One column per number of layers removed, as AblationResult.summary() (review 31a: the
+    # tiny model's steps round to the same layers and the header repeated them).
+    header = next(line for line in report.splitlines() if line.startswith("| task | kind |"))
+    counts = header.strip("| ").split(" | ")[2:]
+    assert counts == sorted(set(counts), key=int)
+    removed = [c for c in result.ablation.summary().columns if c.startswith("removed ")]
+    assert counts == [c.removeprefix("removed ") for c in removed]
     # The random model answers nothing: the report must not claim correct items or prompts.
     assert not result.trajectory.correct.any()
     assert "No item of the fitting split was answered correctly" in report

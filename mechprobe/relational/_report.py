@@ -145,7 +145,13 @@ def report(result: RelationalResult, figures: Sequence[str] = ()) -> str:
             ]
     if result.ablation is not None:
         abl = result.ablation
-        head = " | ".join(f"{len(r)}" for r in abl.removed)
+        # Steps that round to the same layers (more parts than layers) share one column, as in
+        # AblationResult.summary(); the table repeated them.
+        steps: list[int] = []
+        for k, removed in enumerate(abl.removed):
+            if all(len(abl.removed[j]) != len(removed) for j in steps):
+                steps.append(k)
+        head = " | ".join(f"{len(abl.removed[k])}" for k in steps)
         out += [
             "## FFN ablation, top-down",
             "",
@@ -153,10 +159,10 @@ def report(result: RelationalResult, figures: Sequence[str] = ()) -> str:
             "layers removed.",
             "",
             f"| task | kind | {head} |",
-            "|---|---|" + "---|" * len(abl.removed),
+            "|---|---|" + "---|" * len(steps),
         ]
         for t, name in enumerate(abl.tasks):
-            vals = " | ".join(f"{v:.2f}" for v in abl.accuracy[t])
+            vals = " | ".join(f"{abl.accuracy[t, k]:.2f}" for k in steps)
             out.append(f"| {name} | {abl.kinds[t]} | {vals} |")
         out.append("")
     if result.sweep is not None:
