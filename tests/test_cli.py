@@ -707,8 +707,10 @@ def test_probe_warnings_name_what_the_shell_can_do(tmp_path, capsys):
     assert "groups=" not in said and "tol=" not in said and "(or --l2)" in said, said
     args = ["probe", "--dataset", "country", "--model", "tiny", "--quiet", "--layers", "1"]
     assert cli_main([*args, "--max-iter", "1", "--out", str(tmp_path / "c")]) == 0
-    err = capsys.readouterr().err
+    said = capsys.readouterr()
+    err = said.err
     assert "groups=" not in err and "tol=" not in err and "no control task can be drawn" in err
+    assert "no control task (see the warning above)" in said.out and "nan" not in said.out
 
 
 def test_relation_reads_the_patchscope_prompt_as_lens_does(tmp_path, monkeypatch):

@@ -200,12 +200,18 @@ def table(result: Any) -> str:
     width = max(5, *(len(name) for name in names))
     head = "layer" if names == [str(int(x)) for x in result.layers] else "site"
     lines = [f"{head:>{width}}  {'acc':>6}  {'control':>7}  {'select.':>7}"]
+
+    def cell(value: float, size: int) -> str:  # a control task that was skipped: a dash
+        return f"{value:{size}.3f}" if value == value else f"{'—':>{size}}"
+
     for name, row in zip(names, frame.itertuples(), strict=True):
         lines.append(
-            f"{name:>{width}}  {row.accuracy:6.3f}  {row.control_accuracy:7.3f}  "
-            f"{row.selectivity:7.3f}"
+            f"{name:>{width}}  {row.accuracy:6.3f}  {cell(row.control_accuracy, 7)}  "
+            f"{cell(row.selectivity, 7)}"
         )
     lines.append(f"majority baseline {result.majority_baseline:.3f}")
+    if not frame["control_accuracy"].notna().any():
+        lines.append("no control task (see the warning above): selectivity not measured")
     if result.mix_weights is not None:  # --scalar-mix
         top = sorted(range(len(result.mix_weights)), key=lambda i: -result.mix_weights[i])[:3]
         labels = result.entry_names()
