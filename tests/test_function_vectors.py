@@ -297,3 +297,38 @@ def test_chosen_heads_on_a_model_with_fewer_than_ten_heads(task):
 def test_chosen_heads_are_checked(model, task, kwargs, message):
     with pytest.raises(ValueError, match=message):
         mp.function_vector(model, task, progress=False, **kwargs)
+
+
+def test_sampled_shots_give_each_fit_prompt_its_own_demonstrations(model, task):
+    """shots=k: each fit prompt shows k demonstrations drawn from the other fit items, as Todd
+    et al.'s contexts (review 31b D3: every fit prompt shared the task's shots). Written plainly
+    from the documented rule, the chosen heads' mean outputs over those prompts are the FV."""
+    import dataclasses
+    import random
+
+    big = mp.load_task("capitals").subset(24, seed=0)
+    chosen = [(0, 1), (2, 3)]
+    common = {"n_prompts": 5, "n_random": 0, "seed": SEED, "progress": False, "heads": chosen}
+    res = mp.function_vector(model, big, shots=4, **common)
+    pool, _ = big.split(0.5, seed=SEED)
+    fit = pool.subset(5, seed=SEED)
+    rng = random.Random(SEED)
+    prompts = []
+    for item in fit.items:
+        others = [o for o in pool.items if o.input != item.input]
+        shown = dataclasses.replace(fit, shots=tuple(rng.sample(others, 4)), items=(item,))
+        prompts.append(shown.prompt(item.input))
+    assert len({p.split("\nQ:")[0] for p in prompts}) == len(prompts)  # each its own context
+    sites = [mp.Site("head", la, head=h, positions=-1) for la, h in chosen]
+    out = mp.run(model, prompts, capture=sites, progress=False)
+    expected = sum(
+        out[s][:, -1].double().mean(0) @ model.blocks[s.layer].attn.W_O[s.head].detach().double()
+        for s in sites
+    )
+    np.testing.assert_allclose(res.vector, expected.float().numpy(), rtol=1e-5, atol=1e-6)
+    fixed = mp.function_vector(model, big, **common)  # the task's own shots: another vector
+    assert not np.allclose(fixed.vector, res.vector)
+    with pytest.raises(ValueError, match="shots must be at least 2"):
+        mp.function_vector(model, big, shots=1, **common)
+    with pytest.raises(ValueError, match="11 other items"):
+        mp.function_vector(model, big, shots=12, **common)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import random as _random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -308,6 +308,25 @@ def _accuracy(
     return top1_hit(logits, torch.as_tensor(answers)).cpu().numpy().astype(float)
 
 
+def _sampled_prompts(pool: Task, fit: Task, shots: int, seed: int) -> tuple[list[str], list[str]]:
+    """``(clean, shuffled)`` prompts of ``fit``'s items, each showing ``shots`` demonstrations
+    drawn from the other items of ``pool`` (a new draw per prompt, ``random.Random(seed)`` in item
+    order), and the same demonstrations with their answers shuffled (Todd et al.'s contexts)."""
+    rng = _random.Random(seed)
+    clean, shuffled = [], []
+    for i, item in enumerate(fit.items):
+        others = [other for other in pool.items if other.input != item.input]
+        if len(others) < shots:
+            raise ValueError(
+                f"shots={shots} demonstrations per prompt, but the fit split of {pool.name!r} "
+                f"has {len(others)} other items: pass fewer shots or a smaller test_size."
+            )
+        one = replace(fit, shots=tuple(rng.sample(others, shots)), items=(item,))
+        clean.append(one.prompt(item.input))
+        shuffled += shuffled_prompts(one, seed=control_seed(seed, i))
+    return clean, shuffled
+
+
 def _check_heads(heads: Any, n_layers: int, n_heads: int) -> tuple[tuple[int, int], ...]:
     """``heads`` as ``((layer, head), ...)``, each in the model and named once."""
     pairs = list(heads) if isinstance(heads, (Sequence, np.ndarray)) else None
@@ -351,6 +370,7 @@ def function_vector(
     layer: int | None = None,
     n_heads: int | None = None,
     heads: Sequence[tuple[int, int]] | None = None,
+    shots: int | None = None,
     n_prompts: int = 20,
     test_size: float | int = 0.5,
     n_random: int = 3,
@@ -374,6 +394,10 @@ def function_vector(
             result): only the heads' mean outputs are, so a layer sweep,
             ``[function_vector(model, task, layer=l, heads=res.heads) for l in ...]``, costs the
             accuracies alone.
+        shots: Demonstrations per fit prompt drawn at random from the other fit items, a new
+            draw per prompt (``random.Random(seed)``, in item order), as Todd et al. do (10);
+            None: every fit prompt shows the task's own shots, so the prompts differ only in
+            their query. The held-out few-shot prompts keep the task's shots either way.
         n_prompts: Fit items (few-shot prompts) the AIE and the means are averaged over.
         test_size: Held-out share (or count) of the items the accuracies are measured on.
         n_random: Random controls: per head in the AIE, and random vectors of the FV's norm.
@@ -412,14 +436,19 @@ def function_vector(
     check_int(n_random, "n_random", 0)
     check_batch_size(batch_size)
     seed = check_seed(seed)
-    if len(task.shots) < 2:
+    if shots is not None:
+        check_int(shots, "shots", 2)
+    if shots is None and len(task.shots) < 2:
         raise ValueError(
             f"Task {task.name!r} has {len(task.shots)} shot(s): shuffled labels need at least two "
             "demonstrations; use a task with more shots."
         )
-    fit, test = task.split(test_size, seed=seed)
-    fit = fit.subset(min(n_prompts, len(fit)), seed=seed)
-    clean, shuffled = fit.prompts(), shuffled_prompts(fit, seed=seed)
+    pool, test = task.split(test_size, seed=seed)
+    fit = pool.subset(min(n_prompts, len(pool)), seed=seed)
+    if shots is None:
+        clean, shuffled = fit.prompts(), shuffled_prompts(fit, seed=seed)
+    else:
+        clean, shuffled = _sampled_prompts(pool, fit, shots, seed)
     answers = first_token_ids(model, fit.answers())
     held_answers = first_token_ids(model, test.answers())
     _warn_shared_first_tokens(model, held_answers)  # before the expensive part
