@@ -100,6 +100,7 @@ def test_save_load_roundtrip(result, tmp_path):
     assert torch.equal(back.ovector.vector, result.ovector.vector)
     report = (folder / "report.md").read_text()
     assert "random, same norm (2 seeds)" in report and "intact model" in report
+    assert f"mechprobe {mp.__version__}, settings:" in report and "seed: 0" in report
     # One column per number of layers removed, as AblationResult.summary() (review 31a: the
     # tiny model's steps round to the same layers and the header repeated them).
     header = next(line for line in report.splitlines() if line.startswith("| task | kind |"))

@@ -246,16 +246,21 @@ def test_categories_pooled_over_tokens_are_romes_averages(tiny):
     res = mp.causal_trace(tiny, prompts, ["cat", "enormous hairy dog"], answers=["m", "m"],
                           sites="resid_post", n_noise=2, n_random=1, progress=False)  # fmt: skip
     for random in (False, True):
-        rows: dict[str, list[np.ndarray]] = {"middle": [], "further": [], "last": []}
+        rows: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("first", "middle", "last subject", "subsequent", "further", "last")
+        }
         low = []
         for i, (first_e, last_e) in enumerate(res.subjects):  # ROME's e_range, end exclusive
             scores = (res.random if random else res.scores)[i]
             low.append(res.corrupted[i].mean())
+            rows["first"].append(scores[..., first_e])
             rows["middle"] += [scores[..., t] for t in range(first_e + 1, last_e - 1)]
+            rows["last subject"].append(scores[..., last_e - 1])
+            rows["subsequent"].append(scores[..., last_e])
             rows["further"] += [scores[..., t] for t in range(last_e + 1, scores.shape[-1] - 1)]
             rows["last"].append(scores[..., -1])
         pooled = res.by_category(random, pool="token")
-        for name, c in (("middle", 1), ("further", 4), ("last", 5)):
+        for c, name in enumerate(rows):  # CATEGORIES' order
             rome = np.mean(rows[name], axis=0) - np.mean(low)
             np.testing.assert_allclose(pooled[..., c], rome, rtol=1e-12, atol=1e-15)
     # the prompt-first average differs on the many-token categories (6 and 9 further tokens)

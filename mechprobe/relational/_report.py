@@ -76,12 +76,19 @@ def headline_table(result: RelationalResult, group: str | None = None, tuned: bo
 
 def report(result: RelationalResult, figures: Sequence[str] = ()) -> str:
     """The full markdown report of one task's analysis."""
+    from mechprobe import __version__
+
     st, traj = result.stages, result.fitted_trajectory()
     cfg = result.config
+    # The settings that ran, as every command's report.md records them (review 31a F8).
+    settings = "\n".join(f"{key}: {value!r}" for key, value in cfg.items() if key != "model")
     out = [
         f"# Relational analysis: {result.task} ({result.kind})",
         "",
-        f"Model `{cfg.get('model', '')}`, {cfg.get('shots')} shots, {result.n_items} items.",
+        f"Model `{cfg.get('model', '')}`, {cfg.get('shots')} shots, {result.n_items} items; "
+        f"mechprobe {__version__}, settings:",
+        "",
+        f"```\n{settings}\n```",
         "",
         "## Scores",
         "",
