@@ -24,11 +24,6 @@ def _f(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def _count(n: int, noun: str) -> str:
-    """``"1 seed"``, ``"3 seeds"``."""
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
 def _layers(layers: Sequence[int]) -> str:
     if not layers:
         return "none"
@@ -55,9 +50,10 @@ def headline_table(result: RelationalResult, group: str | None = None, tuned: bo
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     other = result.config.get("other_task")
+    n_seeds = len(fams.get("random", []))
     labels = {
         "ovector": f"o-vector ({result.task}, {result.ovector.n_prompts} prompts)",
-        "random": f"random, same norm ({_count(len(fams.get('random', [])), 'seed')})",
+        "random": f"random, same norm ({n_seeds} seed{'' if n_seeds == 1 else 's'})",
         "other_task": f"other task's o-vector ({other})",
         "intact": "intact model",
     }
@@ -152,13 +148,11 @@ def report(result: RelationalResult, figures: Sequence[str] = ()) -> str:
             ]
     if result.ablation is not None:
         abl = result.ablation
-        # Steps that round to the same layers (more parts than layers) share one column, as in
-        # AblationResult.summary(); the table repeated them.
-        steps: list[int] = []
-        for k, removed in enumerate(abl.removed):
-            if all(len(abl.removed[j]) != len(removed) for j in steps):
-                steps.append(k)
-        head = " | ".join(f"{len(abl.removed[k])}" for k in steps)
+        # AblationResult.summary()'s columns: steps that round to the same layers (more parts
+        # than layers) share one, which this table repeated.
+        table = abl.summary()
+        steps = [c for c in table.columns if c.startswith("removed ")]
+        head = " | ".join(c.removeprefix("removed ") for c in steps)
         out += [
             "## FFN ablation, top-down",
             "",
@@ -169,7 +163,7 @@ def report(result: RelationalResult, figures: Sequence[str] = ()) -> str:
             "|---|---|" + "---|" * len(steps),
         ]
         for t, name in enumerate(abl.tasks):
-            vals = " | ".join(f"{abl.accuracy[t, k]:.2f}" for k in steps)
+            vals = " | ".join(f"{v:.2f}" for v in table.loc[t, steps])
             out.append(f"| {name} | {abl.kinds[t]} | {vals} |")
         out.append("")
     if result.sweep is not None:
