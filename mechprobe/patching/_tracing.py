@@ -252,6 +252,15 @@ def _categories(start: int, stop: int, length: int) -> list[list[str]]:
     return out
 
 
+def _members(start: int, stop: int, length: int) -> dict[int, list[int]]:
+    """The positions of each category (its index in :data:`CATEGORIES`) that a prompt has."""
+    members: dict[int, list[int]] = {}
+    for p, names in enumerate(_categories(start, stop, length)):
+        for name in names:
+            members.setdefault(CATEGORIES.index(name), []).append(p)
+    return members
+
+
 @dataclass(frozen=True, eq=False, repr=False)
 class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure=True):
     """Causal tracing with noise: the answer's metric with each state restored.
@@ -412,10 +421,9 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             total, count = np.zeros(shape), np.zeros(len(CATEGORIES))
             for i, (start, stop) in enumerate(self.subjects):
                 values = self.random[i] if random else self.scores[i]
-                for p, names in enumerate(_categories(start, stop, values.shape[-1])):
-                    for name in names:
-                        total[..., CATEGORIES.index(name)] += values[..., p]
-                        count[CATEGORIES.index(name)] += 1
+                for c, positions in _members(start, stop, values.shape[-1]).items():
+                    total[..., c] += values[..., positions].sum(-1)
+                    count[c] += len(positions)
             low = np.mean([corrupted.mean() for corrupted in self.corrupted])
             total -= low * count  # ROME subtracts one mean corrupted score from pooled scores
         else:
@@ -430,11 +438,7 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         means, has = np.full(shape, np.nan), np.zeros((shape[0], shape[-1]), dtype=bool)
         for i, (start, stop) in enumerate(self.subjects):
             effect = self.random_effect(i) if random else self.indirect_effect(i)
-            members: dict[int, list[int]] = {}
-            for p, names in enumerate(_categories(start, stop, effect.shape[-1])):
-                for name in names:
-                    members.setdefault(CATEGORIES.index(name), []).append(p)
-            for c, positions in members.items():
+            for c, positions in _members(start, stop, effect.shape[-1]).items():
                 means[i, ..., c] = effect[..., positions].mean(-1)
                 has[i, c] = True
         return means, has
