@@ -20,9 +20,11 @@ and writes ``docs/causal_results.json`` and ``docs/figures/causal_*.png``:
 - ``heads``: head scores (previous-token, duplicate-token, induction) on repeated random tokens,
   and the repeated half's accuracy with the best induction heads ablated beside random heads;
 - ``path``: edge attribution (``path_patch(method="attribution")``) against exact path patching,
-  every head to the final residual and to the q/k/v inputs of layer 23's heads 1, 4 and 5.
+  every head to the final residual and to the q/k/v inputs of layer 23's heads 1, 4 and 5;
+- ``path-mlps``: the same exact paths with the MLPs frozen (the direct path) and live (Wang et
+  al.'s default, ``freeze_mlps=False``): what the MLPs between make of each head's change.
 
-``--part attribution|trace|fv|generate|dla|das|das-capitals|path|heads`` runs one part (the JSON keeps the other parts' last numbers);
+``--part attribution|trace|fv|generate|dla|das|das-capitals|path|path-mlps|heads`` runs one part (the JSON keeps the other parts' last numbers);
 ``--pairs``, ``--items``, ``--prompts`` make them larger.
 """
 
@@ -43,7 +45,10 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "causal_results.json"
 FIGURES = ROOT / "docs" / "figures"
 LAYER_KINDS = ("resid_pre", "attn_out", "mlp_out")
-PARTS = ("fv", "generate", "trace", "attribution", "dla", "das", "das-capitals", "path", "heads")
+PARTS = (
+    "fv", "generate", "trace", "attribution", "dla", "das", "das-capitals", "path", "path-mlps",
+    "heads",
+)  # fmt: skip
 HEAD_KINDS = ("head", "q", "k", "v", "pattern", "head_out")
 # ROME's token categories, in TraceResult.by_category's order.
 CATEGORIES = (
@@ -193,6 +198,60 @@ def path_attribution(model: Any, n_pairs: int) -> dict[str, Any]:
         "attribution_s": timed["attribution_s"],
     }
     print({k: out[k] for k in ("exact_s", "attribution_s")}, flush=True)
+    return out
+
+
+def path_mlps(model: Any, n_pairs: int) -> dict[str, Any]:
+    """Exact path patching with the MLPs frozen (the direct path) and live (Wang et al.'s
+    default): every head to the final residual and to the q/k/v inputs of layer 23's heads 1, 4
+    and 5, on the pairs and positions of :func:`path_attribution`."""
+    clean, corrupt, answers, wrongs, subject = _pairs(model, n_pairs)
+    metric = mp.logit_diff(answers, wrongs)
+    heads = [
+        mp.Site(kind, 23, head=h if kind == "q" else h // 3)
+        for h in (1, 4, 5)
+        for kind in ("q", "k", "v")
+    ]
+    receivers: list[Any] = ["final", *dict.fromkeys(heads)]
+    args = (model, clean, corrupt, "head", receivers, metric)
+    common: dict[str, Any] = {"positions": list(range(subject, 0)), "n_random": 0}
+    runs, seconds = {}, {}
+    for freeze in (True, False):
+        start = time.perf_counter()
+        runs[freeze] = mp.path_patch(*args, freeze_mlps=freeze, progress=False, **common)
+        seconds[freeze] = round(time.perf_counter() - start, 1)
+    frozen, live = runs[True], runs[False]
+    rows = {}
+    for r, name in enumerate(frozen.receivers):
+        f, v = frozen.effect[:, r], live.effect[:, r]
+        ok = np.isfinite(f)
+        rank_f = np.argsort(-np.abs(np.where(ok, f, 0)))
+        rank_v = np.argsort(-np.abs(np.where(ok, v, 0)))
+        gap = np.abs(np.where(ok, v - f, 0))
+        rows[name] = {
+            "paths": int(ok.sum()),
+            "pearson": round(float(np.corrcoef(f[ok], v[ok])[0, 1]), 3),
+            "frozen_abs_max": round(float(np.abs(f[ok]).max()), 3),
+            "live_abs_max": round(float(np.abs(v[ok]).max()), 3),
+            "top3_frozen": [frozen.senders[k] for k in rank_f[:3]],
+            "top3_live": [frozen.senders[k] for k in rank_v[:3]],
+            "top10_shared": len(set(rank_f[:10]) & set(rank_v[:10])),
+            "largest_gap": {
+                "sender": frozen.senders[int(gap.argmax())],
+                "frozen": round(float(f[gap.argmax()]), 3),
+                "live": round(float(v[gap.argmax()]), 3),
+            },
+        }
+        print(name, rows[name], flush=True)
+    out = {
+        "pairs": list(zip(clean, corrupt, strict=True)),
+        "positions": common["positions"],
+        "senders": len(frozen.senders),
+        "receivers": rows,
+        "frozen_s": seconds[True],
+        "live_s": seconds[False],
+    }
+    print({k: out[k] for k in ("frozen_s", "live_s")}, flush=True)
     return out
 
 
@@ -638,6 +697,9 @@ def main() -> None:
         OUT.write_text(json.dumps(results, indent=1) + "\n")
     if "path" in parts:
         results["path_attribution"] = path_attribution(model, args.pairs)
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
+    if "path-mlps" in parts:
+        results["path_mlps"] = path_mlps(model, args.pairs)
         OUT.write_text(json.dumps(results, indent=1) + "\n")
     if "heads" in parts:
         results["head_scores"] = head_kinds(model)

@@ -374,6 +374,27 @@ def test_cli_receiver_layers_reach_path_patch(tmp_path, capsys):
     assert "add --receivers" in capsys.readouterr().err
 
 
+def test_cli_live_mlps_reach_path_patch(tmp_path, capsys):
+    out = tmp_path / "live"
+    args = [*PATCH, "--wrong", "2", "--receivers", "final,mlp_in", "--sites", "head,mlp_out"]
+    opts = ["--live-mlps", "--n-random", "1", "--model", "tiny", "--quiet"]
+    assert cli_main([*args, *opts, "--out", str(out)]) == 0
+    saved = mp.core.load_result(out / "result.json")
+    direct = mp.path_patch(
+        mp.tiny_model(), "A cat sat", "A bat sat", ["head", "mlp_out"], ["final", "mlp_in"],
+        mp.logit_diff("1", "2"), freeze_mlps=False, n_random=1, progress=False,
+    )  # fmt: skip
+    assert saved.freeze_mlps is False
+    np.testing.assert_allclose(saved.per_pair, direct.per_pair, atol=1e-6)
+    assert "live_mlps: True" in (out / "report.md").read_text()
+    for extra, message in (
+        ([], "--live-mlps applies to path patching: add --receivers"),
+        (["--receivers", "final", "--method", "attribution"], "--live-mlps applies to --method"),
+    ):
+        assert cli_main([*PATCH, "--live-mlps", *extra, "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_cli_dla_positions_reach_the_api(tmp_path):
     out = tmp_path / "dla"
     args = ["dla", "--prompt", "A cat sat", "--answer", "1", "--wrong", "2", "--positions=-2"]

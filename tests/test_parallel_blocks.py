@@ -152,3 +152,40 @@ def test_an_mlp_in_site_inside_another_intervention_runs_no_extra_pass(kind):
 def test_resid_mid_advice_names_only_sites_the_model_fires(gptj):
     with pytest.raises(ValueError, match=r"Read resid_pre \(what both read\) or resid_post"):
         mp.run(gptj, CLEAN, capture=mp.Site("resid_mid", 0), progress=False)
+
+
+def test_live_mlps_pass_the_change_through_the_next_blocks_mlp(neox):
+    # attn_out@0 -> mlp_in@2 with freeze_mlps=False: MLP 1 reads layer 1's input, which carries
+    # attention 0's change, and passes on what it makes of it (by hand: the corrupt run with every
+    # attention output frozen, attention 0's clean; MLP 2's input read there, then put into the
+    # corrupt run).
+    res = mp.path_patch(
+        neox, CLEAN, CORRUPT, "attn_out", "mlp_in", METRIC, freeze_mlps=False, progress=False
+    )
+    frozen = mp.path_patch(neox, CLEAN, CORRUPT, "attn_out", "mlp_in", METRIC, progress=False)
+    clean, corrupt = neox.to_tokens(CLEAN), neox.to_tokens(CORRUPT)
+    with torch.no_grad():
+        _, clean_cache = neox.run_with_cache(clean)
+        _, corrupt_cache = neox.run_with_cache(corrupt)
+        kept = {}
+
+        def frozen_attn(act, hook):
+            layer = int(hook.name.split(".")[1])
+            return (clean_cache if layer == 0 else corrupt_cache)[hook.name]
+
+        def keep(act, hook):
+            kept["mlp_in"] = act.clone()
+
+        neox.set_use_hook_mlp_in(True)  # TransformerLens hooks mlp_in only when asked to
+        try:
+            attn = [(f"blocks.{layer}.hook_attn_out", frozen_attn) for layer in range(3)]
+            neox.run_with_hooks(corrupt, fwd_hooks=[*attn, ("blocks.2.hook_mlp_in", keep)])
+            logits = neox.run_with_hooks(
+                corrupt, fwd_hooks=[("blocks.2.hook_mlp_in", lambda act, hook: kept["mlp_in"])]
+            )
+        finally:
+            neox.set_use_hook_mlp_in(False)
+    want = float(logits[0, -1, 70] - logits[0, -1, 71])
+    assert res.values[0, 2] == pytest.approx(want, abs=1e-4)
+    assert abs(res.values[0, 2] - frozen.values[0, 2]) > 1e-4  # MLP 1 passed something on
+    np.testing.assert_allclose(res.values[1, 2], frozen.values[1, 2], atol=1e-5)  # none between

@@ -20,14 +20,24 @@ def _metric(logits: torch.Tensor) -> float:
     return float(logits[0, -1, ANS] - logits[0, -1, WRONG])
 
 
-def _explicit(model, sender: mp.Site, receiver: mp.Site | None) -> float:
+def _explicit(
+    model,
+    sender: mp.Site,
+    receiver: mp.Site | None,
+    *,
+    live_mlps: bool = False,
+    noising: bool = False,
+) -> float:
     """Wang et al. (2022), step by step. (1) Cache the clean and corrupt runs. (2) Run corrupt with
     the sender patched to its clean value and every other head's z and every MLP's output frozen
     at their corrupt values; keep the receiver's input there (its q, k or v, which a frozen stream
     makes exactly "corrupt plus the sender's change"). (3) Run corrupt with only the receiver's
     q/k/v replaced by what step 2 kept; read the metric. For the final residual, step 2's logits
-    are the answer."""
+    are the answer. ``live_mlps``: step 2 freezes the heads only and the MLPs recompute (Wang et
+    al.'s ``freeze_mlps=False``); ``noising``: the clean run is edited with corrupt values."""
     clean, corrupt = model.to_tokens(CLEAN), model.to_tokens(CORRUPT)
+    if noising:
+        clean, corrupt = corrupt, clean
     n_layers = model.cfg.n_layers
     with torch.no_grad():
         _, c_cache = model.run_with_cache(clean)
@@ -50,7 +60,7 @@ def _explicit(model, sender: mp.Site, receiver: mp.Site | None) -> float:
             hooks.append((z, freeze(z, sender.head if is_head else None)))
             if sender.kind == "mlp_out" and sender.layer == layer:
                 hooks.append((mlp, lambda act, hook, name=mlp: c_cache[name].clone()))
-            else:
+            elif not live_mlps:
                 hooks.append((mlp, freeze(mlp)))
         kept = {}
         if receiver is not None:
@@ -114,6 +124,56 @@ def test_mlp_input_receivers_equal_the_explicit_three_steps(tiny):
     finally:
         tiny.set_use_hook_mlp_in(flag)
     assert np.isfinite(res.values[1, 1])  # head 1.3 -> MLP 1's input
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_live_mlps_equal_the_explicit_three_steps(tiny, direction, cell_packing):
+    """freeze_mlps=False: Wang et al.'s default, only the heads frozen in step 2, so what the MLPs
+    between sender and receiver make of the sender's change reaches the receiver too."""
+    senders = [*SENDERS, mp.Site("mlp_out", 1), mp.Site("head", 2, head=0)]
+    receivers = [
+        None, mp.Site("q", 2, head=1), mp.Site("k", 2, head=0), mp.Site("v", 1, head=1),
+        mp.Site("mlp_in", 1), mp.Site("mlp_in", 2),
+    ]  # fmt: skip
+    targets = ["final" if r is None else r for r in receivers]
+    kwargs = {"n_random": 1, "direction": direction, "progress": False}
+    live = mp.path_patch(
+        tiny, CLEAN, CORRUPT, senders, targets, METRIC, freeze_mlps=False, **kwargs
+    )
+    frozen = mp.path_patch(tiny, CLEAN, CORRUPT, senders, targets, METRIC, **kwargs)
+    assert live.freeze_mlps is False and frozen.freeze_mlps is True
+    flag = bool(getattr(tiny.cfg, "use_hook_mlp_in", False))
+    tiny.set_use_hook_mlp_in(True)  # the three steps read and write hook_mlp_in themselves
+    try:
+        for s, sender in enumerate(senders):
+            for r, receiver in enumerate(receivers):
+                if np.isnan(frozen.values[s, r]):  # no path either way
+                    assert np.isnan(live.values[s, r])
+                    continue
+                expected = _explicit(
+                    tiny, sender, receiver, live_mlps=True, noising=direction == "noising"
+                )
+                np.testing.assert_allclose(
+                    live.values[s, r], expected, atol=1e-5, err_msg=f"{sender} -> {receiver}"
+                )
+    finally:
+        tiny.set_use_hook_mlp_in(flag)
+    # Head 0.1 -> final runs through MLPs 0, 1 and 2: live and frozen differ. Where no MLP lies
+    # between (MLP 1 -> MLP 2's input, head 2.0 -> MLP 2's input) they agree.
+    assert abs(live.values[0, 0] - frozen.values[0, 0]) > 1e-3
+    for s, r in [(3, 5), (4, 5)]:
+        assert np.isfinite(live.values[s, r])
+        np.testing.assert_allclose(live.values[s, r], frozen.values[s, r], atol=1e-5)
+    assert np.isfinite(live.random).all() == np.isfinite(frozen.random).all()
+
+
+def test_live_mlps_do_not_depend_on_how_senders_are_batched(tiny):
+    args = (tiny, CLEAN, CORRUPT, "head", ["final", "q"], METRIC)
+    kwargs = {"freeze_mlps": False, "n_random": 2, "progress": False}
+    one = mp.path_patch(*args, cells_per_batch=1, **kwargs)
+    many = mp.path_patch(*args, **kwargs)
+    np.testing.assert_allclose(one.per_pair, many.per_pair, atol=1e-6)
+    np.testing.assert_allclose(one.random, many.random, atol=1e-6)
 
 
 def test_final_receiver_is_the_direct_effect_on_the_logits(tiny):
@@ -219,6 +279,7 @@ def test_result_protocol(tiny, tmp_path):
         ({"receivers": []}, "empty"),
         ({"direction": "sideways"}, "denoising"),
         ({"method": "guess"}, "'exact' or 'attribution'"),
+        ({"method": "attribution", "freeze_mlps": False}, "freeze_mlps=False applies to"),
         ({"senders": []}, "senders is empty: pass a site kind such as 'head'"),
         # a Site's own positions were dropped: every position was patched, without a word
         ({"senders": mp.Site("mlp_out", 0, positions=[-1])}, "senders: .* carries positions"),

@@ -44,8 +44,9 @@ escapes \\n, \\t and \\\\ in prompts and answers are interpreted (--raw keeps th
 
 Path patching: with --receivers (final, q, k, v, mlp_in), --sites are the senders (head, the
 default there, mlp_out, attn_out) and each sender -> receiver path is patched through the direct
-path only (everything else frozen), at every position by default; --method attribution estimates
-every path from one forward and backward pass per pair (edge attribution patching).
+path only (everything else frozen), at every position by default, or with the MLPs live
+(--live-mlps, Wang et al.'s default); --method attribution estimates every path from one forward
+and backward pass per pair (edge attribution patching).
 """
 
 
@@ -97,6 +98,12 @@ def add_parser(sub: Any) -> None:
         type=layers_type,
         help="path patching: the layers --receivers cover (default: --layers, which then "
         "cover the senders alone)",
+    )
+    parser.add_argument(
+        "--live-mlps",
+        action="store_true",
+        help="path patching: keep the MLPs live, freezing the attention layers only (Wang et "
+        "al.'s default: sender -> MLP -> receiver paths count); default: the direct path only",
     )
     parser.add_argument(
         "--method",
@@ -164,8 +171,15 @@ def main(args: argparse.Namespace) -> int:
             )
     if args.positions is None:  # the API's defaults: the last token; every path at every position
         args.positions = "all" if args.receivers is not None else -1
-    if args.receiver_layers is not None and args.receivers is None:
-        return fail("--receiver-layers applies to path patching: add --receivers, or drop it")
+    for flag, given in (("receiver-layers", args.receiver_layers is not None),
+                        ("live-mlps", args.live_mlps)):  # fmt: skip
+        if given and args.receivers is None:
+            return fail(f"--{flag} applies to path patching: add --receivers, or drop it")
+    if args.live_mlps and args.method == "attribution":
+        return fail(
+            "--live-mlps applies to --method exact: edge attribution estimates direct paths "
+            "(an MLP is a node of its graph): drop --live-mlps, or use --method exact"
+        )
     if args.positions == "whole" and args.receivers is not None:
         return fail(
             "--positions whole patches each site at every position at once, which path patching "
@@ -221,6 +235,7 @@ def main(args: argparse.Namespace) -> int:
                 receiver_layers=args.receiver_layers,
                 direction=args.direction,
                 method=args.method,
+                freeze_mlps=not args.live_mlps,
                 **common,
             )
         elif args.method == "attribution":

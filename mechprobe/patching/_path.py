@@ -13,9 +13,12 @@ from ``resid + delta``. This is the three-step procedure of Wang et al. (run, fr
 sender, patch the receiver) computed in one step, exactly; tests check it against that procedure
 written out with hooks. Two differences from Wang et al.'s released code (``path_patching`` in
 redwoodresearch/Easy-Transformer) change the numbers: it keeps the MLPs live by default
-(``freeze_mlps=False``), so sender -> MLP -> receiver paths count there and only heads are frozen,
-where here the MLPs are frozen too (Goldowsky-Dill et al.'s direct path); and it runs the clean
-prompt with the senders' corrupt values, ``direction="noising"`` here (the default is denoising).
+(its ``freeze_mlps=False``), so sender -> MLP -> receiver paths count there and only heads are
+frozen, where here the MLPs are frozen too (Goldowsky-Dill et al.'s direct path) unless
+``freeze_mlps=False`` is passed (then one more batched pass per pair and sender computes the change
+each receiver's stream sees, the MLPs recomputing it with every attention layer frozen); and it
+runs the clean prompt with the senders' corrupt values, ``direction="noising"`` here (the default
+is denoising).
 
 Many (sender, receiver) cells share a forward pass through the batched engine; the receivers'
 split inputs are switched on around each pass and switched back (the model keeps no state). Every
@@ -34,6 +37,7 @@ estimate.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
@@ -136,6 +140,8 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
         metric, direction, seed: As for :class:`mechprobe.PatchResult`; ``direction`` is
             ``"attribution"`` for first-order estimates of denoising (``method="attribution"``),
             ``"attribution-noising"`` of noising.
+        freeze_mlps: Whether the MLPs were frozen with the heads (the direct path only), or
+            live, passing on what they made of the sender's change (Wang et al.'s default).
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
         clean_prompts, corrupt_prompts, answer_ids, wrong_ids, answer_tokens, wrong_tokens:
@@ -166,6 +172,7 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
     metric: str
     direction: str
     seed: int = 0
+    freeze_mlps: bool = True
     model_name: str = ""
     clean_prompts: tuple[str, ...] = ()
     corrupt_prompts: tuple[str, ...] = ()
@@ -281,9 +288,10 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
 
     def _describe(self) -> str:
         n_pairs, n_s, n_r = self.per_pair.shape
+        mlps = "" if self.freeze_mlps else ", MLPs live"
         return (
-            f"{self.direction}, {self.metric}: {n_s} sender(s) x {n_r} receiver(s), {n_pairs} "
-            f"pair(s); clean {self.clean_metric:.3g}, corrupt {self.corrupt_metric:.3g}"
+            f"{self.direction}{mlps}, {self.metric}: {n_s} sender(s) x {n_r} receiver(s), "
+            f"{n_pairs} pair(s); clean {self.clean_metric:.3g}, corrupt {self.corrupt_metric:.3g}"
         )
 
     def plot(self, ax: Axes | None = None) -> Figure:
@@ -359,7 +367,8 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
             if len(self.receivers) == 1
             else " + ".join(dict.fromkeys(r.split("@")[0] for r in self.receivers))
         )
-        ax.set_title(literal(f"path patching, {kinds} to {target} ({self.direction})\n{measured}"))
+        how = self.direction if self.freeze_mlps else f"{self.direction}, MLPs live"
+        ax.set_title(literal(f"path patching, {kinds} to {target} ({how})\n{measured}"))
         return fig
 
 
@@ -550,6 +559,7 @@ def path_patch(
     receiver_layers: Layers | None = None,
     direction: Direction = "denoising",
     method: Method = "exact",
+    freeze_mlps: bool = True,
     n_random: int = 3,
     seed: int = 0,
     cells_per_batch: int = 256,
@@ -557,9 +567,9 @@ def path_patch(
     packed: bool | None = None,
     progress: bool = True,
 ) -> PathPatchResult:
-    """Patch every sender -> receiver path through the direct path only, many per forward pass,
-    or estimate every path at once from gradients (``method="attribution"``: edge attribution
-    patching, Syed et al. 2023).
+    """Patch every sender -> receiver path through the direct path only (or through the MLPs
+    too, ``freeze_mlps=False``), many per forward pass, or estimate every path at once from
+    gradients (``method="attribution"``: edge attribution patching, Syed et al. 2023).
 
     Args:
         model: A TransformerLens model (q/k/v receivers need TransformerLens's split q/k/v inputs,
@@ -594,8 +604,14 @@ def path_patch(
             delta . gradient``). Like :func:`attribution_patch`, it is poor where the metric is
             far from linear between the runs: compare it with exact paths on a few cells.
             ``cells_per_batch``, ``memory_budget`` and ``packed`` apply to ``"exact"`` only.
+        freeze_mlps: Freeze the MLPs with the heads (the default: the direct path only,
+            Goldowsky-Dill et al.), or, with False, keep them live as Wang et al.'s released
+            code does by default: only the attention layers are frozen, so the receiver's input
+            also carries what the MLPs between sender and receiver make of the sender's change
+            (sender -> MLP -> receiver paths count). This costs one more forward pass per
+            (pair, sender), batched, to compute that change; ``method="exact"`` only.
         n_random: Random controls per path: the receiver's input moved by the sender's change's
-            norm in random directions (control ``j`` of a pair drawn from ``(seed + j) % 2**32`` and the
+            norm (with live MLPs, the norm of the change reaching it) in random directions (control ``j`` of a pair drawn from ``(seed + j) % 2**32`` and the
             pair's tokens, so the same whatever pairs run beside it).
         seed: Seed of the random directions.
         cells_per_batch: Paths per forward pass, at most.
@@ -618,6 +634,14 @@ def path_patch(
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
     if method not in get_args(Method):
         raise ValueError(f"method must be 'exact' or 'attribution', got {method!r}.")
+    if not isinstance(freeze_mlps, bool):
+        raise TypeError(f"freeze_mlps must be True or False, got {freeze_mlps!r}.")
+    if method == "attribution" and not freeze_mlps:
+        raise ValueError(
+            "freeze_mlps=False applies to method='exact': edge attribution patching estimates "
+            "direct paths, an MLP being a node of its graph (sender -> MLP and MLP -> receiver "
+            "are edges of their own). Drop freeze_mlps=False, or use method='exact'."
+        )
     cells_per_batch, memory_budget, seed = _check_common(
         cells_per_batch, memory_budget, n_random, seed
     )
@@ -672,69 +696,56 @@ def path_patch(
         for j in range(n_random)
     ]
 
-    def change(j: int, i: int, s: int) -> Tensor:
-        """``[positions, d_model]``: the sender's change, or its random control ``j``."""
-        delta = deltas[i][sender_list[s]]
+    live: dict[tuple[int, str], Tensor] = {}  # with live MLPs: (sender, stream) -> change
+
+    def change(j: int, i: int, s: int, r: int | None = None) -> Tensor:
+        """``[positions, d_model]``: the sender's change (with live MLPs, the change reaching
+        receiver ``r``'s stream), or its random control ``j``."""
+        if freeze_mlps:
+            delta = deltas[i][sender_list[s]]
+        else:  # the change reaching the receiver's stream, MLPs included
+            assert r is not None
+            delta = live[s, streams[r]]
         if j < 0:
             return delta
         first = (i * n_s + s) * n_pos
         return torch.stack(units[j][first : first + n_pos]) * delta.norm(dim=-1, keepdim=True)
 
+    streams = [_stream(r, final) for r in receiver_list]
+    parallel = model_adapter(model).parallel_blocks
     if method == "attribution":
         _estimate_paths(
             model, base, resolved, sender_list, receiver_list, metric_fn, metric_name, final,
             change, base_m, per_pair, random, progress,
         )  # fmt: skip
-    elif None in receiver_list:  # the final residual: no pass, the readout of resid + delta
-        r = receiver_list.index(None)
-        rows, keys = [], []
-        for j in range(-1, n_random):
-            for i in range(n_pairs):
-                last = [k for k, (_, pb) in enumerate(resolved[i]) if pb == len(base[i]) - 1]
-                for s in range(n_s):
-                    add = change(j, i, s)[last].sum(0) if last else 0.0
-                    rows.append(finals[i].float().cpu() + add)
-                    keys.append((j, i, s))
-        values = metric_fn(
-            readout(model, torch.stack(rows)), torch.as_tensor([i for _, i, _ in keys])
-        )
-        for (j, i, s), value in zip(keys, values.double().cpu().tolist(), strict=True):
-            (per_pair if j < 0 else random[j])[i, s, r] = value
-
-    heads = [(r, site) for r, site in enumerate(receiver_list) if site is not None]
-    parallel = model_adapter(model).parallel_blocks
-    if heads and method == "exact":
-        plan = Plan(bases=[Base(t, i) for i, t in enumerate(base)])
-        for j in range(-1, n_random):
-            for i in range(n_pairs):
-                for s, sender in enumerate(sender_list):
-                    delta = change(j, i, s)
-                    for r, site in heads:
-                        if not _has_path(sender, site, parallel):
-                            continue  # the receiver reads the stream before the sender writes
-                        hook = _receiver_hook(site, final)
-                        layout: Layout = "vector" if site.head is None else "head"
-                        head = -1 if site.head is None else site.head
-                        edits = tuple(
-                            Edit(hook, layout, pb, ADD, head=head, payload=delta[k])
-                            for k, (_, pb) in enumerate(resolved[i])
-                            if firsts[i][k]
-                        )
-                        plan.cells.append(Cell((j, i, s, r), base=i, edits=edits))
-        got = run_plan(
-            model,
-            plan,
-            metric_fn,
-            packed=packed,
-            cells_per_batch=cells_per_batch,
-            memory_budget=memory_budget,
-            progress=progress,
-            desc="path patch",
-            hooks=lambda: _split_for(model, receiver_list),
-        )
-        for cell, value in zip(plan.cells, got.cells.tolist(), strict=True):
-            j, i, s, r = cell.key
-            (per_pair if j < 0 else random[j])[i, s, r] = value
+    elif freeze_mlps:
+        _exact_paths(
+            model, list(range(n_pairs)), base, resolved, firsts, sender_list, receiver_list,
+            finals, change, metric_fn, per_pair, random, final, parallel, packed=packed,
+            cells_per_batch=cells_per_batch, memory_budget=memory_budget, progress=progress,
+        )  # fmt: skip
+    else:
+        for i in progress_bar(range(n_pairs), progress=progress, desc="path patch, MLPs live"):
+            live.clear()
+            live.update(
+                _live_changes(
+                    model,
+                    base[i],
+                    sender_list,
+                    deltas[i],
+                    resolved[i],
+                    firsts[i],
+                    sorted(set(streams)),
+                    cells_per_batch,
+                    memory_budget,
+                )
+            )
+            _exact_paths(
+                model, [i], base, resolved, firsts, sender_list, receiver_list, finals, change,
+                metric_fn, per_pair, random, final, parallel, packed=packed,
+                cells_per_batch=cells_per_batch, memory_budget=memory_budget, progress=False,
+            )  # fmt: skip
+        live.clear()
 
     values_mean = per_pair.mean(axis=0)
     normalised = normalised_recovery(
@@ -758,10 +769,169 @@ def path_patch(
         positions=tuple(wanted),
         metric=metric_name,
         direction=_label(method, direction),
+        freeze_mlps=freeze_mlps,
         seed=seed,
         model_name=model_adapter(model).name,
         **pair_records(model, clean_ids, corrupt_ids, metric),
     )
+
+
+def _exact_paths(
+    model: Any,
+    pairs: list[int],
+    base: list[Tensor],
+    resolved: list[list[tuple[int, int]]],
+    firsts: list[list[bool]],
+    senders: list[Site],
+    receivers: list[Site | None],
+    finals: list[Tensor],
+    change: Callable[[int, int, int, int], Tensor],
+    metric_fn: MetricFn,
+    per_pair: np.ndarray,
+    random: np.ndarray,
+    final: str,
+    parallel: bool,
+    *,
+    packed: bool | None,
+    cells_per_batch: int,
+    memory_budget: int,
+    progress: bool,
+) -> None:
+    """Patch every path of ``pairs`` (and its random controls), filling ``per_pair`` and
+    ``random``: to the final residual by reading out ``resid + change`` at the last position (no
+    pass), to q/k/v and MLP inputs by adding the change there in the batched engine."""
+    n_random = random.shape[0]
+    if None in receivers:  # the final residual: no pass, the readout of resid + delta
+        r = receivers.index(None)
+        rows, keys = [], []
+        for j in range(-1, n_random):
+            for i in pairs:
+                last = [k for k, (_, pb) in enumerate(resolved[i]) if pb == len(base[i]) - 1]
+                for s in range(len(senders)):
+                    add = change(j, i, s, r)[last].sum(0) if last else 0.0
+                    rows.append(finals[i].float().cpu() + add)
+                    keys.append((j, i, s))
+        values = metric_fn(
+            readout(model, torch.stack(rows)), torch.as_tensor([i for _, i, _ in keys])
+        )
+        for (j, i, s), value in zip(keys, values.double().cpu().tolist(), strict=True):
+            (per_pair if j < 0 else random[j])[i, s, r] = value
+
+    inputs = [(r, site) for r, site in enumerate(receivers) if site is not None]
+    if not inputs:
+        return
+    plan = Plan(bases=[Base(base[i], i) for i in pairs])
+    for j in range(-1, n_random):
+        for b, i in enumerate(pairs):
+            for s, sender in enumerate(senders):
+                for r, site in inputs:
+                    if not _has_path(sender, site, parallel):
+                        continue  # the receiver reads the stream before the sender writes
+                    delta = change(j, i, s, r)
+                    hook = _receiver_hook(site, final)
+                    layout: Layout = "vector" if site.head is None else "head"
+                    head = -1 if site.head is None else site.head
+                    edits = tuple(
+                        Edit(hook, layout, pb, ADD, head=head, payload=delta[k])
+                        for k, (_, pb) in enumerate(resolved[i])
+                        if firsts[i][k]
+                    )
+                    plan.cells.append(Cell((j, i, s, r), base=b, edits=edits))
+    got = run_plan(
+        model,
+        plan,
+        metric_fn,
+        packed=packed,
+        cells_per_batch=cells_per_batch,
+        memory_budget=memory_budget,
+        progress=progress,
+        desc="path patch",
+        hooks=lambda: _split_for(model, receivers),
+    )
+    for cell, value in zip(plan.cells, got.cells.tolist(), strict=True):
+        j, i, s, r = cell.key
+        (per_pair if j < 0 else random[j])[i, s, r] = value
+
+
+def _stream(receiver: Site | None, final: str) -> str:
+    """The residual stream a receiver reads, as a hook name shared by the receivers that read
+    it: a layer's q/k/v inputs read ``resid_pre``, an MLP its own input, the unembedding the
+    final residual."""
+    if receiver is None:
+        return final
+    if receiver.kind == "mlp_in":
+        return str(Site("mlp_in", receiver.layer))
+    return f"blocks.{receiver.layer}.hook_resid_pre"
+
+
+def _live_changes(
+    model: Any,
+    ids: Tensor,
+    senders: list[Site],
+    deltas: dict[Site, Tensor],
+    resolved: list[tuple[int, int]],
+    firsts: list[bool],
+    streams: list[str],
+    cells_per_batch: int,
+    memory_budget: int,
+) -> dict[tuple[int, str], Tensor]:
+    """Wang et al.'s step 2 with live MLPs, for one run: per (sender, stream) ``[positions,
+    d_model]``, how the stream differs from the run's when the sender writes its change and
+    every attention layer is frozen at the run's output (the MLPs recompute).
+
+    Each pass runs the prompt once unedited (row 0) and once per sender; the other rows'
+    attention outputs are set to row 0's, so the frozen values and the differences come from
+    one batch (no rounding between separate runs). Attention and MLPs act position by position
+    once the attention is frozen, so the difference is non-zero only where the change was
+    added; later copies of a requested position (zero change) read zero, as the frozen path
+    passes each token's change on once.
+    """
+    n_layers, d_model = int(model.cfg.n_layers), int(model.cfg.d_model)
+    where = torch.as_tensor([pb for _, pb in resolved])
+    once = torch.as_tensor(firsts, dtype=torch.float32)
+    # Memory of one row: the captured streams and the forward's own activations (a generous
+    # 8 vectors per layer and position).
+    per_row = 4 * len(ids) * d_model * (len(streams) + 8 * n_layers)
+    rows = max(1, min(cells_per_batch, memory_budget // per_row))
+    out: dict[tuple[int, str], Tensor] = {}
+    for start in range(0, len(senders), rows):
+        chunk = list(range(start, min(start + rows, len(senders))))
+
+        def writes(layer: int, kinds: tuple[str, ...], chunk: list[int] = chunk) -> list[Any]:
+            return [
+                (1 + k, deltas[senders[s]])
+                for k, s in enumerate(chunk)
+                if senders[s].layer == layer and senders[s].kind in kinds
+            ]
+
+        def edit(act: Tensor, hook: Any, rows: list[Any], freeze: bool) -> Tensor:
+            if freeze:
+                act[1:] = act[:1]
+            for row, delta in rows:
+                act[row].index_add_(0, where.to(act.device), delta.to(act.device, act.dtype))
+            return act
+
+        spec: dict[SiteLike, Any] = {}
+        for layer in range(n_layers):
+            attn = writes(layer, (*_HEAD_WRITES, "attn_out"))
+            spec[f"blocks.{layer}.hook_attn_out"] = functools.partial(edit, rows=attn, freeze=True)
+            mlp = writes(layer, ("mlp_out",))
+            if mlp:
+                spec[f"blocks.{layer}.hook_mlp_out"] = functools.partial(
+                    edit, rows=mlp, freeze=False
+                )
+        caps = {stream: Capture() for stream in streams}
+        spec.update(caps)
+        batch = ids[None].expand(len(chunk) + 1, -1).to(model.W_E.device)
+        with torch.no_grad(), intervene(model, spec):
+            model(batch)
+        for stream, cap in caps.items():
+            value = cap.value
+            assert value is not None
+            got = value[:, where].float().cpu()
+            for k, s in enumerate(chunk):
+                out[s, stream] = (got[1 + k] - got[0]) * once[:, None]
+    return out
 
 
 def _label(method: str, direction: str) -> str:
