@@ -739,6 +739,37 @@ def test_probe_layers_errors(X: np.ndarray, y: np.ndarray, message: str) -> None
         mp.probe_layers(X, y, progress=False)
 
 
+def test_expected_layers_put_the_embeddings_before_block_0(tmp_path) -> None:
+    """Collected as Tenney et al. did (the embeddings, then every block's output), the embeddings
+    (resid_pre@0) and block 0's output were both layer 0 in the expected layers: E_s weighed the
+    embeddings as block 0, and the prefixes could not tell them apart (review 33a S1). Both are
+    on the scale of block outputs now, the embeddings -1: Tenney's numbering (embeddings 0,
+    block l's output l + 1), written out here, minus one."""
+    tiny = mp.tiny_model()
+    data = mp.pos_dataset(max_sentences=60)
+    # Collected out of order: the prefixes still start at the embeddings.
+    acts = mp.collect(tiny, data, ["resid_post", mp.Site("resid_pre", 0)], progress=False)
+    assert acts.sites[-1] == "blocks.0.hook_resid_pre"
+    tenney = np.arange(4)  # embeddings 0, block l's output l + 1
+    as_collected = tenney[[1, 2, 3, 0]]
+    cumulative = mp.cumulative_scores(acts, progress=False)
+    assert cumulative.depths.tolist() == [-1, 0, 1, 2]
+    assert cumulative.layers.tolist() == [0, 0, 1, 2]  # layer labels, as frames write them
+    frame = cumulative.to_frame()
+    assert frame["site"].tolist()[:2] == ["resid_pre@0", "resid_post@0"]
+    assert frame["depth"].tolist() == [-1, 0, 1, 2]
+    gains = np.diff(cumulative.scores)
+    assert abs(gains.sum()) > 0  # E_Δ defined
+    assert cumulative.expected_layer == pytest.approx(tenney[1:] @ gains / gains.sum() - 1)
+    back = mp.CumulativeScores.load(cumulative.save(tmp_path / "c.json"))
+    assert back.depths.tolist() == [-1, 0, 1, 2]
+    mix = mp.ScalarMixProbe().fit(acts, acts.labels)
+    assert mix.expected_layer_ == pytest.approx(float(as_collected @ mix.layer_weights_) - 1)
+    assert mix.layer_weights_[-1] > 1e-3  # the embeddings weigh in: -1 is not 0
+    result = mp.probe_layers(acts, scalar_mix=True, progress=False)
+    assert result.expected_layer == pytest.approx(float(as_collected @ result.mix_weights) - 1)
+
+
 def test_layers_are_the_models_layers_of_the_collected_sites(tmp_path) -> None:
     """collect(..., layers=[1, 2]) gives probes of layers 1 and 2 (they were numbered 0 and 1,
     and the scalar mix's expected layer was off by the first layer collected); head sites give

@@ -86,7 +86,11 @@ def inlp(
             dropped, so a ``C``-class probe removes ``C - 1`` directions. Or any
             scikit-learn linear classifier *instance* (``LinearSVC(...)``, ``SGDClassifier(...)``,
             ``LogisticRegression(...)``): it is cloned every iteration, trained on the raw
-            projected data, and all rows of its ``coef_`` are removed, as in the reference.
+            projected data, and the span of its ``coef_`` rows is removed, as in the reference,
+            up to numerical rank (singular values below ``1e-5`` of the largest are dropped):
+            where the rows are nearly dependent, as a multinomial ``LogisticRegression``'s, whose
+            rows sum to about zero, this removes one direction fewer per iteration than the
+            reference's ``scipy.linalg.orth``, which keeps the near-null one.
         min_accuracy: With ``stop="fixed"``, stop as soon as an iteration's classifier scores
             below this on held-out data; its directions are *not* removed (the reference skips
             such classifiers, and with a deterministic classifier retraining gives the same one).

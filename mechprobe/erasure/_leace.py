@@ -196,6 +196,10 @@ def leace(X: Any, y: Any, *, shrinkage: bool = True, svd_tol: float = 0.01) -> E
     Labels are one-hot encoded (a single 0/1 column for two classes), so at most
     ``classes - 1`` directions are erased. Statistics are computed in float64 on ``X``'s device
     (a :class:`LeaceFitter` with one batch; stream larger data through one yourself).
+    ``concept_erasure.LeaceEraser`` defaults to ``constrain_cov_trace=True``, a blend towards an
+    orthogonal projection where erasure would raise the covariance's trace; it is not applied
+    here (erasure stays exact), so the two agree where it does not trigger, or against theirs
+    with ``constrain_cov_trace=False``.
 
     Args:
         X: Representations ``[n, d]``, numpy or torch (any device; the result is on CPU).

@@ -13,7 +13,7 @@ from jaxtyping import Float
 from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 from torch import Tensor
 
-from mechprobe.core import block_of, class_labels, warn
+from mechprobe.core import HEAD_KINDS, Site, block_of, class_labels, warn
 
 _GATHER_ROWS = 2048  # rows gathered (and added to the moments) at a time
 
@@ -295,6 +295,44 @@ def collected_model(X: Any) -> str:
     array, which does not say)."""
     metadata = getattr(X, "metadata", None)
     return str(metadata.get("model", "")) if isinstance(metadata, dict) else ""
+
+
+# Where a kind's value lies in the residual stream, from its block's output: a block reads its
+# predecessor's output (resid_pre@l is resid_post@(l-1), the embeddings at l = 0); attention
+# reads that and writes half-way; the MLP writes the block's output.
+_DEPTH_OFFSET = {"resid_pre": -1.0, "resid_mid": -0.5, "mlp_in": -0.5, "attn_out": -0.5}
+_DEPTH_OFFSET |= {kind: -1.0 for kind in ("q", "k", "v", "pattern")}
+_DEPTH_OFFSET |= {kind: -0.5 for kind in HEAD_KINDS if kind not in _DEPTH_OFFSET}
+
+
+def stream_depths(sites: tuple[str, ...] | None, n_layers: int) -> np.ndarray:
+    """The depth of each site in the residual stream, on the scale of block outputs: block
+    ``l``'s output (``resid_post@l``, ``mlp_out@l``) is ``l``, what it reads (``resid_pre@l``) is
+    ``l - 1`` (the embeddings, ``resid_pre@0``, are -1), attention's half of a block ``l - 0.5``;
+    positions along the layer axis where the names give no site. Expected layers are taken on
+    this scale, so that the embeddings and block 0's output are not both 0; Tenney et al. number
+    the embeddings 0 and block ``l``'s output ``l + 1``, which is this plus one. Integers where
+    every entry is a block's input or output.
+
+    Example:
+        >>> stream_depths(("blocks.0.hook_resid_pre", "blocks.0.hook_resid_post"), 2).tolist()
+        [-1, 0]
+    """
+    if sites is None or len(sites) != n_layers:
+        return np.arange(n_layers)
+    found = []
+    for name in sites:
+        try:
+            site = Site.parse(name)
+        except ValueError:  # a hook name of no site kind: its block, if it names one
+            layer = block_of(name)
+            if layer is None:
+                return np.arange(n_layers)
+            found.append(float(layer))
+            continue
+        found.append(site.layer + _DEPTH_OFFSET.get(site.kind, 0.0))
+    depths = np.asarray(found)
+    return depths.astype(int) if np.all(depths == np.round(depths)) else depths
 
 
 def model_layers(sites: tuple[str, ...] | None, n_layers: int) -> np.ndarray:

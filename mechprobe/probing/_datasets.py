@@ -411,7 +411,10 @@ def pos_dataset(*, min_count: int = 10, max_sentences: int | None = None) -> Pro
     The sentences were written for mechprobe in several registers (news, narrative, technical,
     dialogue, ...) and tagged offline by ``scripts/tag_pos.py`` (needs the ``pos`` extra); the tags
     ship in ``mechprobe/probing/data/pos_sentences.jsonl``, so no tagger is needed here. Groups are the
-    lower-cased words (for control tasks). Tags are the tagger's, not hand-checked gold labels.
+    lower-cased words (for control tasks); Hewitt & Liang key their control task by the word as
+    written, so "The" and "the" are two types there and one here: pass ``groups=`` to a
+    :class:`ProbingDataset` of these texts to key by case. Tags are the tagger's, not hand-checked
+    gold labels.
 
     Args:
         min_count: Tags with fewer examples are not probed (their words get no label).

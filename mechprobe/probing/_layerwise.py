@@ -43,6 +43,7 @@ from mechprobe.probing._data import (
     model_layers,
     splits,
     standardised,
+    stream_depths,
 )
 from mechprobe.probing._probes import _fit_mlp, control_labels
 from mechprobe.probing._scalar_mix import _fit_mix
@@ -78,7 +79,10 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
         n_examples: rows used; n_classes: task classes.
         mix_weights: ``[L]`` scalar-mix softmax weights, or None when not computed.
         mix_gamma: the scalar mix's γ, or None.
-        expected_layer: ``Σ_l layers[l] · mix_weights[l]``, or None.
+        expected_layer: ``Σ_l depth[l] · mix_weights[l]``, each entry's depth in the residual
+            stream on the scale of block outputs (block ``l``'s output is ``l``; the
+            embeddings, ``resid_pre@0``, -1; Tenney et al.'s numbering is this plus one), or
+            None.
         mix_accuracy: held-out accuracy of the scalar-mix probe, or None.
         sites: ``[L]`` the site names of :class:`Activations` (hook names, or
             ``"head_out@3, head 2"``), or None for a plain array.
@@ -483,7 +487,7 @@ def probe_layers(
         n_classes=k,
         mix_weights=mix_w / n if scalar_mix else None,
         mix_gamma=mix_g / n if scalar_mix else None,
-        expected_layer=float(layers @ mix_w / n) if scalar_mix else None,
+        expected_layer=float(stream_depths(sites, n_layers) @ mix_w / n) if scalar_mix else None,
         mix_accuracy=mix_acc / n if scalar_mix else None,
         sites=sites,
         seed=seed,

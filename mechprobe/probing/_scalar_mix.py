@@ -40,7 +40,15 @@ from mechprobe._fit import (
     preconditioner,
     softmax_penalty,
 )
-from mechprobe.core import Result, check_seed, gradients_enabled, new_axes, progress_bar, warn
+from mechprobe.core import (
+    Result,
+    check_seed,
+    gradients_enabled,
+    new_axes,
+    progress_bar,
+    site_columns,
+    warn,
+)
 from mechprobe.probing._activations import Activations
 from mechprobe.probing._data import (
     as_layers,
@@ -51,6 +59,7 @@ from mechprobe.probing._data import (
     model_layers,
     splits,
     standardised,
+    stream_depths,
 )
 from mechprobe.probing._probes import _check_known_labels, _encode_targets, _softmax
 
@@ -86,9 +95,10 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
     Attributes:
         layer_weights_: ``[layers]`` softmax mixing weights (sum to 1).
         gamma_: the scale γ, reported as ``||γ W||_F`` (only the product is identifiable).
-        expected_layer_: centre of gravity ``Σ_l layer_l · layer_weights_[l]``, ``layer_l`` the
-            model layer of each entry for :class:`Activations` (as :class:`ProbeResult`), its
-            position along the layer axis for arrays.
+        expected_layer_: centre of gravity ``Σ_l depth_l · layer_weights_[l]``, ``depth_l`` each
+            entry's depth in the residual stream for :class:`Activations`, on the scale of block
+            outputs (block ``l``'s output is ``l``, the embeddings, ``resid_pre@0``, -1; Tenney
+            et al. number them one higher), its position along the layer axis for arrays.
         coef_: ``[K, d]`` unit-norm classifier on the mixed (standardised) features; ``intercept_``:
             ``[K]``. Class scores are ``gamma_ · mix @ coef_.T + intercept_``;
             :meth:`decision_function` returns them (two classes: the log-odds of ``classes_[1]``,
@@ -152,8 +162,8 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
         self.layer_weights_ = fit.weights[0].cpu().numpy()
         self.gamma_ = float(fit.gamma[0])
         self.coef_, self.intercept_ = fit.W[0].T.cpu().numpy(), fit.b[0].cpu().numpy()
-        layers = model_layers(collected_sites(X), n_layers)
-        self.expected_layer_ = float(layers @ self.layer_weights_)
+        depths = stream_depths(collected_sites(X), n_layers)
+        self.expected_layer_ = float(depths @ self.layer_weights_)
         self.n_layers_in_, self.n_iter_ = n_layers, fit.n_iter
         return self
 
@@ -226,15 +236,20 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
     Attributes:
         scores: ``[layers]`` held-out accuracy of the scalar mix of layers ``0..l``.
         deltas: ``[layers]`` ``scores[l] - scores[l-1]``, NaN at ``l = 0``; negative values kept.
-        expected_layer: ``E_Δ = Σ_{l≥1} layers[l] Δ(l) / Σ_{l≥1} Δ(l)`` (NaN when the deltas sum
-            to 0). Layers are taken in the model's order, however they were collected. Outside
-            the layers probed (negative deltas cancel the positive ones) it names no layer:
-            :attr:`expected_layer_defined` is False, and the figure, repr and summary say so.
+        expected_layer: ``E_Δ = Σ_{l≥1} depths[l] Δ(l) / Σ_{l≥1} Δ(l)`` (NaN when the deltas
+            sum to 0), on the scale of :attr:`depths`: block ``l``'s output is ``l`` and the
+            embeddings -1, where Tenney et al. number them 0 and block ``l``'s output ``l + 1``
+            (their E_Δ is this plus one). Layers are taken in the model's order, however they
+            were collected. Outside the layers probed (negative deltas cancel the positive
+            ones) it names no layer: :attr:`expected_layer_defined` is False, and the figure,
+            repr and summary say so.
         mix_weights: ``[layers, layers]``, row ``l`` the softmax weights of the mix of ``0..l``.
         n_train: Training rows.
         n_test: Held-out rows.
         layers: ``[layers]`` the model layer of each entry, read from the site names of
             :class:`Activations` (as :class:`ProbeResult`); positions for a plain array.
+        sites: ``[layers]`` the site names of :class:`Activations`, in the model's order (None
+            for a plain array, and in files saved before results recorded them).
         seed: The seed the call took (None in files saved before results recorded it).
         model_name: The model :class:`Activations` were collected from (``cfg.model_name``), for
             the record; empty for a plain array and in files saved before results recorded it.
@@ -261,9 +276,29 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
     l2: float | None = None
     max_iter: int | None = None
     tol: float | None = None
+    sites: tuple[str, ...] | None = None
 
     def _layers(self) -> np.ndarray:
         return np.arange(len(self.scores)) if self.layers is None else np.asarray(self.layers)
+
+    @property
+    def depths(self) -> np.ndarray:
+        """``[layers]`` each entry's depth in the residual stream, the scale of
+        :attr:`expected_layer`: block ``l``'s output is ``l``, what block ``l`` reads
+        (``resid_pre@l``) ``l - 1``, so the embeddings are -1 (the layers themselves where the
+        sites are not recorded).
+
+        Example:
+            >>> import mechprobe as mp
+            >>> model, data = mp.tiny_model(), mp.pos_dataset(max_sentences=30)
+            >>> acts = mp.collect(model, data, [mp.Site("resid_pre", 0), "resid_post"],
+            ...                   progress=False)
+            >>> mp.cumulative_scores(acts, progress=False).depths.tolist()
+            [-1, 0, 1, 2]
+        """
+        if self.sites is None:
+            return self._layers()
+        return stream_depths(self.sites, len(self.scores))
 
     @property
     def expected_layer_defined(self) -> bool:
@@ -279,9 +314,9 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
             >>> mp.cumulative_scores(X, y, progress=False).expected_layer_defined
             True
         """
-        layers = self._layers()
+        depths = self.depths
         expected = self.expected_layer
-        return bool(np.isfinite(expected) and layers.min() <= expected <= layers.max())
+        return bool(np.isfinite(expected) and depths.min() <= expected <= depths.max())
 
     def _expected_text(self) -> str:
         """``E_Δ = 12.34``, or why there is none (the value kept where there is one)."""
@@ -289,16 +324,18 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
             return f"E_Δ = {self.expected_layer:.2f}"
         if not np.isfinite(self.expected_layer):
             return "E_Δ undefined (deltas cancel)"
-        layers = self._layers()
+        depths = self.depths
         return (
             f"E_Δ undefined (deltas cancel: {self.expected_layer:.2f} lies outside layers "
-            f"{int(layers.min())}..{int(layers.max())})"
+            f"{depths.min():g}..{depths.max():g})"
         )
 
     def to_frame(self) -> pd.DataFrame:
         """One row per layer: ``layer`` (``Int64``, as in every result's frame), ``accuracy``
         (the held-out accuracy of the mix of the layers up to it, :attr:`scores`; the word
-        :class:`ProbeResult`'s frame uses) and ``delta``.
+        :class:`ProbeResult`'s frame uses) and ``delta``; for :class:`Activations`, first the
+        site columns of :class:`ProbeResult`'s frame (``site``, ``kind``, ``layer``, ``head``,
+        ``hook``) and ``depth`` (:attr:`depths`).
 
         Example:
             >>> import numpy as np, mechprobe as mp
@@ -306,8 +343,11 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
             >>> mp.cumulative_scores(X, y, progress=False).to_frame().columns.tolist()
             ['layer', 'accuracy', 'delta']
         """
-        layers = pd.array(self._layers().tolist(), dtype="Int64")
-        return pd.DataFrame({"layer": layers, "accuracy": self.scores, "delta": self.deltas})
+        scores = {"accuracy": self.scores, "delta": self.deltas}
+        if self.sites is not None and len(self.sites) == len(self.scores):
+            # The sites say what each entry is: resid_pre@0 and resid_post@0 are both layer 0.
+            return pd.DataFrame({**site_columns(self.sites), "depth": self.depths, **scores})
+        return pd.DataFrame({"layer": pd.array(self._layers().tolist(), dtype="Int64"), **scores})
 
     def summary(self) -> pd.DataFrame:
         """One row: the expected layer ``E_Δ`` and ``expected_layer_defined`` (False where it
@@ -349,7 +389,7 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
         """Δ(l) as bars (negative ones red), the prefix scores as a line, E_Δ as a dashed line
         (none where it names no layer, as the title then says)."""
         figure, ax = new_axes(ax, (7, 3.5))
-        layers = self._layers()
+        layers = self.depths  # the embeddings at -1, before block 0's output
         colors = ["tab:red" if d < 0 else "tab:blue" for d in np.nan_to_num(self.deltas)]
         ax.bar(layers, np.nan_to_num(self.deltas), color=colors, label="Δ(l)")
         # n_test in the title: with a few held-out rows each step of Δ is one row, not signal.
@@ -357,7 +397,8 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
         # The reason on a line of its own: on one line it ran past both edges of 7 inches.
         join = "; " if self.expected_layer_defined else "\n"
         title = f"Cumulative scoring, {self.n_test} held-out rows{join}{expected}"
-        ax.set(xlabel="layer", ylabel="Δ accuracy", title=title)
+        xlabel = "layer" if (layers >= 0).all() else "layer (-1: the embeddings)"
+        ax.set(xlabel=xlabel, ylabel="Δ accuracy", title=title)
         twin = ax.twinx()
         twin.plot(layers, self.scores, color="black", marker=".", label="accuracy of the mix 0..l")
         twin.set_ylabel("accuracy")
@@ -415,12 +456,16 @@ def cumulative_scores(
 
     seed = check_seed(seed)
     values, labels, _ = as_layers(X, y)
-    layers = model_layers(collected_sites(X), values.shape[1])
+    sites = collected_sites(X)
+    layers = model_layers(sites, values.shape[1])
+    depths = stream_depths(sites, values.shape[1])
     # Prefixes follow the model's depth, whatever order the layers were collected in
-    # (collect(layers=[2, 0]) mixed "layers 0..l" in collection order).
-    depth = np.argsort(layers, kind="stable")
+    # (collect(layers=[2, 0]) mixed "layers 0..l" in collection order); the embeddings
+    # (resid_pre@0) come before block 0's output, which shares their layer label.
+    depth = np.argsort(depths, kind="stable")
     if (depth != np.arange(len(layers))).any():
-        values, layers = values[:, torch.from_numpy(depth)], layers[depth]
+        values, layers, depths = values[:, torch.from_numpy(depth)], layers[depth], depths[depth]
+        sites = None if sites is None else tuple(sites[i] for i in depth)
     classes, y_idx = encode_labels(labels)
     if (X_test is None) != (y_test is None) and not hasattr(X_test, "labels"):
         # X_test alone was answered "no labels: pass y" (y was passed); y_test alone was ignored.
@@ -471,7 +516,7 @@ def cumulative_scores(
         scores[start:stop] = hits.double().mean(1).numpy()
         weights[start:stop, :stop] = fit.weights.cpu().numpy()
     deltas = np.concatenate([[np.nan], np.diff(scores)])
-    expected = _expected_layer(scores, layers, len(y_test_idx))
+    expected = _expected_layer(scores, depths, len(y_test_idx))
     return CumulativeScores(
         scores,
         deltas,
@@ -482,6 +527,7 @@ def cumulative_scores(
         layers,
         seed=seed,
         model_name=collected_model(X),
+        sites=sites,
         l2=float(l2),
         max_iter=int(max_iter),
         tol=float(tol),
@@ -650,7 +696,7 @@ def _expected_layer(scores: np.ndarray, layers: np.ndarray, n_test: int) -> floa
         # they cancel, and E_Δ = -9 for layers 0..27 was printed as if it meant a layer.
         warn(
             f"cumulative_scores: the expected layer {expected:.2f} lies outside the layers "
-            f"probed ({int(layers[0])}..{int(layers[-1])}): the deltas cancel (their sum "
+            f"probed ({layers[0]:g}..{layers[-1]:g}): the deltas cancel (their sum "
             f"{total:+.4f}, their sizes {np.abs(deltas).sum():.4f}; one held-out row is "
             f"{1 / n_test:.4f}), so it names no layer. Score more held-out rows, or fewer layers."
         )

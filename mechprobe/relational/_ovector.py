@@ -245,7 +245,8 @@ def extract_ovector(
         only_correct: Average only the items the model answers correctly (greedy first token);
             needs a task. Off by default because plain prompts carry no answer to check;
             :func:`fit_ovector`, which always has a task's answers, keeps correct items by
-            default (Merullo et al. average correctly answered prompts).
+            default. Merullo et al.'s released code reads o from one prompt (their demo's
+            Poland prompt); averaging is mechprobe's default, less tied to one prompt.
         batch_size: Rows per forward pass.
         progress: Show a progress bar (``MECHPROBE_PROGRESS=0`` silences every bar).
 
@@ -335,7 +336,8 @@ def fit_ovector(
             half of a split); None: every item.
         only_correct: Keep only the items the model answers correctly (greedy first token).
         max_prompts: Average at most this many of them (the first ones in item order; 1 is
-            Merullo et al.'s one-prompt o-vector); None: all.
+            Merullo et al.'s one-prompt o-vector, what their released code reads); None: all
+            (mechprobe's default: an average over every kept item, less tied to one prompt).
 
     Raises:
         ValueError: No item left to average (none given, or none of them correct), or a layer out
