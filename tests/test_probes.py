@@ -266,12 +266,17 @@ def test_vectorised_fit_matches_a_sklearn_loop_layer_by_layer(every_solver_path)
         assert abs(result.accuracy[layer] - sk_accuracy) <= 0.01
 
 
+@pytest.mark.parametrize("standardize", [True, False])
 @pytest.mark.parametrize("k", [2, 4])
-def test_probe_layers_fits_scikit_learns_optimum_for_its_l2(k: int, monkeypatch) -> None:
+def test_probe_layers_fits_scikit_learns_optimum_for_its_l2(
+    k: int, standardize: bool, monkeypatch
+) -> None:
     """Each layer's probe is scikit-learn's LogisticRegression(C = 1 / (l2 n_train)) on the
-    standardised training rows, two classes included (where the softmax penalty is doubled)."""
+    standardised training rows (on the raw rows with standardize=False), two classes included
+    (where the softmax penalty is doubled)."""
     X, y = _planted(n=300, layers=3, d=6, k=k, signal=(1,))
     X = X.astype(np.float64)  # fitted in float64: tol is reachable
+    X *= np.array([0.1, 1, 3, 1, 10, 0.5])  # scales that standardising changes
     l2, tol = 0.3, 1e-9  # a strong penalty: a factor of two in it moves the optimum far
     calls: list[tuple[torch.Tensor, dict]] = []
     fit_logistic = layerwise.fit_logistic
@@ -282,15 +287,21 @@ def test_probe_layers_fits_scikit_learns_optimum_for_its_l2(k: int, monkeypatch)
         return fit
 
     monkeypatch.setattr(layerwise, "fit_logistic", recorded)
-    mp.probe_layers(X, y, l2=l2, tol=tol, max_iter=2000, progress=False)
+    result = mp.probe_layers(
+        X, y, l2=l2, tol=tol, max_iter=2000, standardize=standardize, progress=False
+    )
+    assert result.standardize is standardize
     train, _ = train_test_split(np.arange(len(y)), test_size=0.2, random_state=0, stratify=y)
     train = np.sort(train)
     C = 1 / (l2 * len(train))
     checked = 0
     for fit, kwargs in calls:
         for row, layer in enumerate(kwargs["layer_names"]):
-            center, scale = kwargs["center"][row].double(), kwargs["scale"][row].double()
-            Z = ((torch.from_numpy(X[train, layer]).double() - center) / scale).numpy()
+            if standardize:
+                center, scale = kwargs["center"][row].double(), kwargs["scale"][row].double()
+                Z = ((torch.from_numpy(X[train, layer]).double() - center) / scale).numpy()
+            else:  # the fit's parameters are on the raw rows
+                Z = X[train, layer]
             W, b = fit.weight[row].double().numpy(), fit.bias[row].double().numpy()
             binary = np.append(W[:, 1] - W[:, 0], b[1] - b[0])  # scikit-learn's one vector
             mine = binary if k == 2 else multinomial_theta(W, b)
@@ -302,6 +313,34 @@ def test_probe_layers_fits_scikit_learns_optimum_for_its_l2(k: int, monkeypatch)
             assert distance(mine, theirs, gauge) <= certified_distance(f, [mine, theirs], gauge)
             checked += 1
     assert checked == 3
+
+
+def test_raw_scalar_mixes_are_the_raw_layers_linear_probes() -> None:
+    """standardize=False (AllenNLP's and Tenney et al.'s mix of raw layers): the mix of the first
+    layer alone is scikit-learn's logistic regression on that layer's raw features, so
+    cumulative_scores' first score is its held-out accuracy; standardised, with one informative
+    feature at a small scale and a strong penalty, it is another."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 600)
+    X = rng.normal(size=(600, 2, 4))
+    X[:, :, 0] = 0.01 * (2 * y[:, None] + rng.normal(size=(600, 2)))  # the signal, at 1/100
+    # Under a strong penalty a weight follows its feature's covariance with the label, so the
+    # unit-scale noise features outvote the small informative one unless features are scaled.
+    l2 = 1.0
+    train, test = train_test_split(np.arange(len(y)), test_size=0.2, random_state=0, stratify=y)
+    sk = LogisticRegression(C=1 / (l2 * len(train)), tol=1e-10, max_iter=10_000)
+    raw_accuracy = sk.fit(X[train, 0], y[train]).score(X[test, 0], y[test])
+    raw = mp.cumulative_scores(X, y, l2=l2, tol=1e-9, max_iter=5000, standardize=False,
+                               progress=False)  # fmt: skip
+    assert raw.standardize is False
+    assert abs(raw.scores[0] - raw_accuracy) <= 1 / len(test) + 1e-12
+    scaled = mp.cumulative_scores(X, y, l2=l2, tol=1e-9, max_iter=5000, progress=False)
+    assert abs(scaled.scores[0] - raw_accuracy) > 0.05
+    mixed = mp.probe_layers(X, y, l2=l2, tol=1e-9, max_iter=5000, scalar_mix=True,
+                            standardize=False, progress=False)  # fmt: skip
+    assert abs(mixed.accuracy[0] - raw_accuracy) <= 1 / len(test) + 1e-12
+    with pytest.raises(TypeError, match="standardize must be True or False"):
+        mp.probe_layers(X, y, standardize="no", progress=False)
 
 
 @pytest.mark.parametrize("k", [2, 4])

@@ -89,8 +89,9 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
         seed: The seed the call took (None in files saved before results recorded it).
         model_name: The model :class:`Activations` were collected from (``cfg.model_name``), for
             the record; empty for a plain array and in files saved before results recorded it.
-        l2, max_iter, tol: The fit's settings (None in files saved before results recorded
-            them): probes of one dataset under other regularisation are other results.
+        l2, max_iter, tol, standardize: The fit's settings (None, and True for
+            ``standardize``, in files saved before results recorded them): probes of one
+            dataset under other regularisation are other results.
 
     Example:
         >>> import numpy as np
@@ -118,6 +119,7 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
     l2: float | None = None
     max_iter: int | None = None
     tol: float | None = None
+    standardize: bool = True
 
     def entry_names(self) -> list[str]:
         """What each entry of the layer axis is: ``"layer 10"``, or its site where entries share
@@ -299,6 +301,7 @@ def probe_layers(
     tol: float = 1e-4,
     mlp: bool = False,
     scalar_mix: bool = False,
+    standardize: bool = True,
     progress: bool = True,
 ) -> ProbeResult:
     """Probe every layer of ``X`` for ``y``: vectorised logistic-regression fits over the layers.
@@ -328,6 +331,10 @@ def probe_layers(
         tol: largest absolute gradient entry at convergence (scikit-learn's ``tol``).
         mlp: one-hidden-layer MLP probes instead of linear ones (less selective, per H&L).
         scalar_mix: also fit a :class:`ScalarMixProbe` over all layers.
+        standardize: centre and scale each layer's features with the training rows' mean and
+            standard deviation before every probe (as :class:`LinearProbe` and
+            :class:`ScalarMixProbe` do by default); False fits the raw features (the scalar mix
+            then mixes raw layers, as AllenNLP's ``ScalarMix`` and Tenney et al. do).
         progress: show a progress bar (``MECHPROBE_PROGRESS=0`` silences it).
 
     Returns:
@@ -347,6 +354,9 @@ def probe_layers(
     tol = check_float(tol, "tol", 0.0, low_open=True)
     max_iter = check_int(max_iter, "max_iter", 1)
     seed = check_seed(seed)
+    for name, flag in (("mlp", mlp), ("scalar_mix", scalar_mix), ("standardize", standardize)):
+        if not isinstance(flag, (bool, np.bool_)):  # "no" would have read as True
+            raise TypeError(f"{name} must be True or False, got {flag!r}.")
     skip_control = groups is False
     sites = collected_sites(X)
     values, labels, groups = as_layers(X, y, None if skip_control else groups)
@@ -406,7 +416,7 @@ def probe_layers(
         # A thread's buffer holds its largest group so far (the first, as the parts fall).
         rows = buffers.rows if buffers.rows and len(buffers.rows[0]) >= len(part) else None
         train_x, test_x, mean, scale = standardised(
-            values, train, test, scale_train=mlp, out=rows, layers=part
+            values, train, test, standardize=standardize, scale_train=mlp, out=rows, layers=part
         )
         assert test_x is not None
         if rows is None:
@@ -447,7 +457,7 @@ def probe_layers(
             # The scalar mix mixes all layers, so it needs them all at once.
             train, test = folds[step]
             y_tr, y_te = _on(y_idx[train], values), _on(y_idx[test], values)
-            train_x, test_x, _, _ = standardised(values, train, test)
+            train_x, test_x, _, _ = standardised(values, train, test, standardize=standardize)
             assert test_x is not None
             masks = torch.ones(1, n_layers, dtype=torch.bool, device=values.device)
             fit = _fit_mix(train_x, y_tr, k, masks, l2, max_iter, tol)
@@ -495,6 +505,7 @@ def probe_layers(
         l2=l2,
         max_iter=max_iter,
         tol=tol,
+        standardize=standardize,
     )
 
 

@@ -253,8 +253,8 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
         seed: The seed the call took (None in files saved before results recorded it).
         model_name: The model :class:`Activations` were collected from (``cfg.model_name``), for
             the record; empty for a plain array and in files saved before results recorded it.
-        l2, max_iter, tol: The fits' settings (None in files saved before results recorded
-            them).
+        l2, max_iter, tol, standardize: The fits' settings (None, and True for
+            ``standardize``, in files saved before results recorded them).
 
     Example:
         >>> import numpy as np, mechprobe as mp
@@ -276,6 +276,7 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
     l2: float | None = None
     max_iter: int | None = None
     tol: float | None = None
+    standardize: bool = True
     sites: tuple[str, ...] | None = None
 
     def _layers(self) -> np.ndarray:
@@ -427,6 +428,7 @@ def cumulative_scores(
     l2: float = 1e-3,
     max_iter: int = 300,
     tol: float = 1e-5,
+    standardize: bool = True,
     progress: bool = True,
 ) -> CumulativeScores:
     """Score scalar mixes of layers ``0..l`` for every ``l`` on held-out data (Tenney et al. 2019).
@@ -441,6 +443,9 @@ def cumulative_scores(
         l2: classifier penalty, as in :class:`ScalarMixProbe`.
         max_iter: L-BFGS iterations at most.
         tol: gradient tolerance.
+        standardize: standardise each layer with the training rows' statistics first (as
+            :class:`ScalarMixProbe`); False mixes the raw layers, as AllenNLP's ``ScalarMix``
+            and Tenney et al. do.
         progress: show a progress bar (``MECHPROBE_PROGRESS=0`` silences it).
 
     Returns:
@@ -454,6 +459,8 @@ def cumulative_scores(
         (True, 1)
     """
 
+    if not isinstance(standardize, (bool, np.bool_)):
+        raise TypeError(f"standardize must be True or False, got {standardize!r}.")
     seed = check_seed(seed)
     values, labels, _ = as_layers(X, y)
     sites = collected_sites(X)
@@ -477,7 +484,7 @@ def cumulative_scores(
     if X_test is None:
         folds = splits(y_idx, test_size=test_size, n_folds=None, seed=seed, classes=classes)
         train, test = folds[0]
-        train_x, test_x, _, _ = standardised(values, train, test)
+        train_x, test_x, _, _ = standardised(values, train, test, standardize=standardize)
         y_train, y_test_idx = y_idx[train], y_idx[test]
     else:
         test_values, test_labels, _ = as_layers(X_test, y_test)
@@ -495,7 +502,9 @@ def cumulative_scores(
             )
         both = torch.cat([values, test_values.to(values.dtype)])
         n = values.shape[0]
-        train_x, test_x, _, _ = standardised(both, np.arange(n), np.arange(n, len(both)))
+        train_x, test_x, _, _ = standardised(
+            both, np.arange(n), np.arange(n, len(both)), standardize=standardize
+        )
         y_train, y_test_idx = y_idx, np.searchsorted(classes, test_labels)
     assert test_x is not None
     n_layers, n_train, d = train_x.shape
@@ -531,6 +540,7 @@ def cumulative_scores(
         l2=float(l2),
         max_iter=int(max_iter),
         tol=float(tol),
+        standardize=standardize,
     )
 
 
