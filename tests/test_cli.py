@@ -341,6 +341,17 @@ def test_probe_prints_the_scalar_mix_it_fitted(tmp_path, capsys):
     assert f"scalar mix: accuracy {saved.mix_accuracy:.3f}" in capsys.readouterr().out
 
 
+def test_probe_splits_by_text_when_asked(tmp_path):
+    args = ["probe", "--dataset", "pos", "--model", "tiny", "--max-examples", "60", "--quiet"]
+    assert cli_main([*args, "--split-by-text", "--out", str(tmp_path / "t")]) == 0
+    saved = mp.load_result(tmp_path / "t" / "result.json")
+    assert saved.split == "holdout(test_size=0.2, by text)"
+    acts = mp.collect(mp.tiny_model(), mp.pos_dataset().sample(60, seed=0), "resid_post",
+                      progress=False)  # fmt: skip
+    direct = mp.probe_layers(acts, split_groups="text", progress=False)
+    np.testing.assert_allclose(saved.accuracy, direct.accuracy)
+
+
 def test_probe_numbers_the_layers_it_probed(tmp_path, capsys):
     args = ["probe", "--dataset", "templated_pos", "--model", "tiny", "--layers", "1-2"]
     assert cli_main([*args, "--max-examples", "200", "--quiet", "--out", str(tmp_path)]) == 0

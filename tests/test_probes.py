@@ -24,7 +24,7 @@ from scipy.stats import chisquare
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import cross_val_score, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, cross_val_score, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import (
@@ -807,6 +807,48 @@ def test_expected_layers_put_the_embeddings_before_block_0(tmp_path) -> None:
     assert mix.layer_weights_[-1] > 1e-3  # the embeddings weigh in: -1 is not 0
     result = mp.probe_layers(acts, scalar_mix=True, progress=False)
     assert result.expected_layer == pytest.approx(float(as_collected @ result.mix_weights) - 1)
+
+
+def test_split_groups_keep_each_text_on_one_side() -> None:
+    """split_groups="text" (Hewitt & Liang split by sentence): the held-out split is
+    scikit-learn's StratifiedGroupKFold's first fold of round(1 / test_size), written out here
+    with a per-layer LogisticRegression on it; no text is on both sides."""
+    tiny = mp.tiny_model()
+    data = mp.pos_dataset(max_sentences=80).drop_rare(5)  # every class in every fold
+    acts = mp.collect(tiny, data, "resid_post", progress=False)
+    labels, texts = np.asarray(acts.labels), np.asarray(acts.text_index)
+    folds = StratifiedGroupKFold(5, shuffle=True, random_state=3)
+    train, test = next(folds.split(np.zeros(len(labels)), labels, texts))
+    assert not set(texts[train]) & set(texts[test])
+    l2 = 1e-2
+    result = mp.probe_layers(acts, split_groups="text", seed=3, l2=l2, tol=1e-8, groups=False,
+                             progress=False)  # fmt: skip
+    assert result.split == "holdout(test_size=0.2, by text)"
+    values = np.asarray(acts.values, dtype=np.float64)
+    for layer in range(values.shape[1]):
+        scaler = StandardScaler().fit(values[train, layer])
+        sk = LogisticRegression(C=1 / (l2 * len(train)), tol=1e-10, max_iter=10_000)
+        sk.fit(scaler.transform(values[train, layer]), labels[train])
+        expected = sk.score(scaler.transform(values[test, layer]), labels[test])
+        assert abs(result.accuracy[layer] - expected) <= 2 / len(test)
+    free = mp.probe_layers(acts, seed=3, l2=l2, tol=1e-8, groups=False, progress=False)
+    assert free.split == "holdout(test_size=0.2)"
+    folded = mp.probe_layers(acts, split_groups=texts, n_folds=3, groups=False, progress=False)
+    assert folded.split == "3-fold, by group"
+    for bad, message in (
+        ("sentence", "split_groups must be 'text'"),
+        (texts[:-1], "one group per row"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            mp.probe_layers(acts, split_groups=bad, progress=False)
+    with pytest.raises(ValueError, match="reads the texts of collected Activations"):
+        mp.probe_layers(np.asarray(acts.values), labels, split_groups="text", progress=False)
+    with pytest.raises(ValueError, match="cannot make 5 folds"):
+        mp.probe_layers(acts, split_groups=np.arange(len(labels)) % 3, progress=False)
+    scores = mp.cumulative_scores(acts, split_groups="text", seed=3, progress=False)
+    assert np.isfinite(scores.scores).all()
+    with pytest.raises(ValueError, match="X_test is given"):
+        mp.cumulative_scores(acts, X_test=acts, split_groups="text", progress=False)
 
 
 def test_layers_are_the_models_layers_of_the_collected_sites(tmp_path) -> None:

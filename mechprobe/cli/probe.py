@@ -95,6 +95,12 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument("--scalar-mix", action="store_true", help="also fit a scalar-mix probe")
     parser.add_argument(
+        "--split-by-text",
+        action="store_true",
+        help="keep each text's rows on one side of every split (Hewitt & Liang split by "
+        "sentence; default: rows split freely)",
+    )
+    parser.add_argument(
         "--save-activations", action="store_true", help="also write OUT/activations/"
     )
     add_run_arguments(
@@ -272,6 +278,7 @@ def main(args: argparse.Namespace) -> int:
             max_iter=args.max_iter,
             mlp=args.mlp,
             scalar_mix=args.scalar_mix,
+            split_groups="text" if args.split_by_text else None,
             progress=not args.quiet,
         )
     except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:

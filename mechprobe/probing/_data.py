@@ -10,7 +10,13 @@ from typing import Any
 import numpy as np
 import torch
 from jaxtyping import Float
-from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
+from sklearn.model_selection import (
+    GroupKFold,
+    KFold,
+    StratifiedGroupKFold,
+    StratifiedKFold,
+    train_test_split,
+)
 from torch import Tensor
 
 from mechprobe.core import HEAD_KINDS, Site, block_of, class_labels, warn
@@ -110,6 +116,32 @@ def encode_labels(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return class_labels(y, "y")
 
 
+def split_groups_of(X: Any, split_groups: Any, n: int) -> np.ndarray | None:
+    """``[n]`` the group of each row that a split keeps on one side (None: rows split freely):
+    ``"text"`` reads :class:`Activations`' ``text_index``, an array gives them itself."""
+    if split_groups is None:
+        return None
+    if isinstance(split_groups, str):
+        if split_groups != "text":
+            raise ValueError(
+                f"split_groups must be 'text', an array of one group per row, or None; got "
+                f"{split_groups!r}."
+            )
+        index = getattr(X, "text_index", None)
+        if index is None:
+            raise ValueError(
+                "split_groups='text' reads the texts of collected Activations (their "
+                "text_index); X has none: pass one group per row (e.g. the sentence id)."
+            )
+        return np.asarray(index)
+    found = np.asarray(host(split_groups))
+    if found.ndim != 1 or len(found) != n:
+        raise ValueError(
+            f"split_groups must hold one group per row ({n}), got shape {found.shape}."
+        )
+    return found
+
+
 def splits(
     y_idx: np.ndarray,
     *,
@@ -117,11 +149,16 @@ def splits(
     n_folds: int | None,
     seed: int,
     classes: np.ndarray | None = None,
+    split_groups: np.ndarray | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified held-out split, or stratified k folds; plain shuffling if a class is too rare
-    (the warning names it by ``classes[index]`` where given)."""
+    (the warning names it by ``classes[index]`` where given). With ``split_groups``, rows of one
+    group stay on one side (scikit-learn's ``StratifiedGroupKFold``; the held-out split is its
+    first fold of ``round(1 / test_size)``)."""
     counts = np.bincount(y_idx)
     n = len(y_idx)
+    if split_groups is not None:
+        return _group_splits(y_idx, split_groups, test_size, n_folds, seed, classes)
     if n_folds is not None:
         if n_folds < 2 or n_folds > n:
             raise ValueError(f"n_folds must be in [2, {n}], got {n_folds}.")
@@ -147,6 +184,42 @@ def splits(
         np.arange(n), test_size=test_size, random_state=seed, stratify=y_idx if stratify else None
     )
     return [(np.sort(train), np.sort(test))]
+
+
+def _group_splits(
+    y_idx: np.ndarray,
+    groups: np.ndarray,
+    test_size: float,
+    n_folds: int | None,
+    seed: int,
+    classes: np.ndarray | None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Folds (or one held-out split) that keep each group on one side, stratified as far as the
+    groups allow."""
+    n_groups = len(np.unique(groups))
+    if n_folds is None:
+        if not 0 < test_size < 1:
+            raise ValueError(f"test_size must be a fraction in (0, 1), got {test_size}.")
+        k = max(2, round(1 / test_size))
+    else:
+        k = n_folds
+    if not 2 <= k <= n_groups:
+        raise ValueError(
+            f"{n_groups} split group(s) cannot make {k} folds (each group stays on one side): "
+            "pass more texts, fewer n_folds or a larger test_size."
+        )
+    counts = np.bincount(y_idx)
+    # StratifiedGroupKFold warns and degrades where a class has fewer rows than folds.
+    kind = StratifiedGroupKFold(k, shuffle=True, random_state=seed) if counts.min() >= k else None
+    if kind is None:
+        _warn_rare(counts, k, classes)
+    folds = (
+        kind.split(np.zeros(len(y_idx)), y_idx, groups)
+        if kind is not None
+        else GroupKFold(k).split(np.zeros(len(y_idx)), y_idx, groups)
+    )
+    pairs = [(np.sort(tr), np.sort(te)) for tr, te in folds]
+    return pairs if n_folds is not None else pairs[:1]
 
 
 def standardised(

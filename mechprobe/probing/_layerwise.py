@@ -41,6 +41,7 @@ from mechprobe.probing._data import (
     encode_labels,
     gathered_dtype,
     model_layers,
+    split_groups_of,
     splits,
     standardised,
     stream_depths,
@@ -295,6 +296,7 @@ def probe_layers(
     groups: Any = None,
     test_size: float = 0.2,
     n_folds: int | None = None,
+    split_groups: Any = None,
     seed: int = 0,
     l2: float = 1e-3,
     max_iter: int = 200,
@@ -325,6 +327,11 @@ def probe_layers(
             the classes: the control task is skipped with a warning.
         test_size: held-out fraction (stratified) when ``n_folds`` is None.
         n_folds: stratified k-fold cross-validation instead; scores are averaged over folds.
+        split_groups: keep each group's rows on one side of every split: ``"text"`` (the texts
+            of :class:`Activations`, as Hewitt & Liang split by sentence: the words of one
+            sentence are not in both training and test) or ``[n]`` group ids. Stratified as far
+            as the groups allow (scikit-learn's ``StratifiedGroupKFold``); the held-out split is
+            its first fold of ``round(1 / test_size)``. None (default): rows split freely.
         seed: split and control-label seed.
         l2: penalty on the mean loss (scikit-learn ``C = 1 / (l2 · n_train)``).
         max_iter: L-BFGS iterations at most (Adam epochs for ``mlp=True``).
@@ -387,7 +394,11 @@ def probe_layers(
                 UserWarning,
             )
             control = None
-    folds = splits(y_idx, test_size=test_size, n_folds=n_folds, seed=seed, classes=classes)
+    split_by = split_groups_of(X, split_groups, len(y_idx))
+    folds = splits(
+        y_idx, test_size=test_size, n_folds=n_folds, seed=seed, classes=classes,
+        split_groups=split_by,
+    )  # fmt: skip
     n_layers = values.shape[1]
     acc, ctrl, base = np.zeros(n_layers), np.full(n_layers, np.nan), 0.0
     if control is not None:
@@ -492,7 +503,7 @@ def probe_layers(
         selectivity=accuracy - control_accuracy,
         majority_baseline=base / n,
         probe="mlp" if mlp else "linear",
-        split=f"{n_folds}-fold" if n_folds is not None else f"holdout(test_size={test_size})",
+        split=_split_name(n_folds, test_size, split_groups),
         n_examples=len(y_idx),
         n_classes=k,
         mix_weights=mix_w / n if scalar_mix else None,
@@ -514,6 +525,17 @@ def _listed(names: list[str]) -> str:
     if len(names) > 1 and all(name.startswith("layer ") for name in names):
         return "layers " + ", ".join(name.removeprefix("layer ") for name in names)
     return "; ".join(names)
+
+
+def _split_name(n_folds: int | None, test_size: float, split_groups: Any) -> str:
+    """``"5-fold"``, ``"holdout(test_size=0.2)"``, with ``", by text"`` (or ``", by group"``)
+    where groups stayed on one side."""
+    by = ""
+    if split_groups is not None:
+        by = ", by text" if isinstance(split_groups, str) else ", by group"
+    if n_folds is not None:
+        return f"{n_folds}-fold{by}"
+    return f"holdout(test_size={test_size}{by})"
 
 
 def _entry_names(sites: tuple[str, ...] | None, layers: np.ndarray) -> list[str]:

@@ -57,6 +57,7 @@ from mechprobe.probing._data import (
     encode_labels,
     host,
     model_layers,
+    split_groups_of,
     splits,
     standardised,
     stream_depths,
@@ -424,6 +425,7 @@ def cumulative_scores(
     X_test: Any = None,
     y_test: Any = None,
     test_size: float = 0.2,
+    split_groups: Any = None,
     seed: int = 0,
     l2: float = 1e-3,
     max_iter: int = 300,
@@ -439,6 +441,8 @@ def cumulative_scores(
         X_test: held-out activations; without them a stratified ``test_size`` split of ``X`` is used.
         y_test: held-out labels.
         test_size: held-out fraction when ``X_test`` is None.
+        split_groups: keep each group's rows on one side of that split: ``"text"`` (the texts
+            of :class:`Activations`) or ``[n]`` group ids, as in :func:`probe_layers`.
         seed: split seed.
         l2: classifier penalty, as in :class:`ScalarMixProbe`.
         max_iter: L-BFGS iterations at most.
@@ -481,8 +485,16 @@ def cumulative_scores(
             f"{given} was given without {missing}: pass both (or X_test as collected "
             "Activations, whose labels it holds), or neither to split X."
         )
+    if X_test is not None and split_groups is not None:
+        raise ValueError(
+            "split_groups keeps groups on one side of the split of X, but X_test is given (no "
+            "split is made): drop split_groups, or X_test."
+        )
     if X_test is None:
-        folds = splits(y_idx, test_size=test_size, n_folds=None, seed=seed, classes=classes)
+        folds = splits(
+            y_idx, test_size=test_size, n_folds=None, seed=seed, classes=classes,
+            split_groups=split_groups_of(X, split_groups, len(y_idx)),
+        )  # fmt: skip
         train, test = folds[0]
         train_x, test_x, _, _ = standardised(values, train, test, standardize=standardize)
         y_train, y_test_idx = y_idx[train], y_idx[test]
