@@ -545,3 +545,28 @@ def test_a_mean_is_measured_with_per_prompt_edits_cut_to_each_chunk(tiny) -> Non
     whole = mp.run(tiny, PROMPTS, spec, batch_size=None, **kw)
     chunked = mp.run(tiny, PROMPTS, spec, batch_size=1, **kw)
     torch.testing.assert_close(chunked.logits, whole.logits, atol=1e-5, rtol=0)
+
+
+def test_a_model_set_to_prepend_no_bos_runs_every_analysis_without_it(tiny) -> None:
+    """``model.cfg.default_prepend_bos = False`` (Merullo et al.'s GPT-2 code and a plain Hugging
+    Face loop add no BOS; README): the lens, a run and an o-vector read the prompt's own tokens,
+    each checked against the model run by hand on ``to_tokens(prepend_bos=False)``."""
+    prompt = "Hi cat"
+    ids = tiny.to_tokens(prompt, prepend_bos=False)
+    assert ids[0, 0] != tiny.tokenizer.bos_token_id
+    flag = tiny.cfg.default_prepend_bos
+    tiny.cfg.default_prepend_bos = False
+    try:
+        lens = mp.logit_lens(tiny, prompt, progress=False)
+        run = mp.run(tiny, [prompt], capture=["blocks.1.hook_mlp_out"], progress=False)
+        ovector = mp.extract_ovector(tiny, prompt, layer=1, progress=False)
+    finally:
+        tiny.cfg.default_prepend_bos = flag
+    with torch.no_grad():
+        logits, cache = tiny.run_with_cache(ids)
+    assert len(lens.prompt_tokens[0]) == ids.shape[1]
+    torch.testing.assert_close(torch.as_tensor(run.logits[0]), logits[0], rtol=1e-5, atol=1e-5)
+    mlp_out = cache["blocks.1.hook_mlp_out"][0, -1]
+    torch.testing.assert_close(
+        torch.as_tensor(ovector.vector).float(), mlp_out, rtol=1e-5, atol=1e-6
+    )
