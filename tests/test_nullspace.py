@@ -7,7 +7,7 @@ import json
 import pickle
 import re
 import warnings
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -16,7 +16,7 @@ import scipy.linalg
 import torch
 from matplotlib.figure import Figure
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.model_selection import train_test_split
 
 import mechprobe as mp
@@ -207,21 +207,35 @@ def _reference_inlp(X, y, make_clf, num_classifiers: int, seed: int = 0):
 
 
 @pytest.mark.parametrize("seed", [5, 6])
-@pytest.mark.parametrize("ours", ["sklearn", "logistic"])
+@pytest.mark.parametrize("ours", ["sklearn", "logistic", "elazar"])
 def test_matches_reference_loop(ours: str, seed: int, every_solver_path) -> None:
     X, y, _ = _planted(3000, seed=seed, classes=2, noise=0.5)
 
-    def make_clf() -> LogisticRegression:
+    def make_clf() -> Any:
+        if ours == "elazar":  # their released classifier, as inlp's docstring gives it
+            return SGDClassifier(
+                loss="log_loss", early_stopping=True, warm_start=True, max_iter=10000,
+                random_state=0,
+            )  # fmt: skip
         return LogisticRegression(max_iter=2000)
 
     ref_acc, ref_iters = _reference_inlp(X, y, make_clf, 10, seed=0)
-    classifier = make_clf() if ours == "sklearn" else "logistic"
+    classifier = "logistic" if ours == "logistic" else make_clf()
     p = inlp(X, y, 10, classifier=classifier, stop="majority", progress=False)
     assert len(p.accuracies) - 1 == ref_iters
     # Same classifier: the same held-out predictions up to one example; torch's own logistic
     # regression (same objective, other solver): within one point.
-    atol = 1.001 / 600 if ours == "sklearn" else 0.01
-    np.testing.assert_allclose(p.accuracies, ref_acc, rtol=0, atol=atol)
+    atol = 0.01 if ours == "logistic" else 1.001 / 600
+    if ours == "elazar":
+        # After a projection the rows sit near chance, where SGD's early stopping turns on the
+        # last bits of P (0.557 against 0.535, 0.507 against 0.500): the same number of
+        # iterations and the same first probe, the later ones at chance in both.
+        for later in (*p.accuracies[1:], *ref_acc[1:]):
+            assert abs(later - p.majority_baseline) < 0.1
+        p_acc, ref_acc = p.accuracies[:1], ref_acc[:1]
+    else:
+        p_acc = p.accuracies
+    np.testing.assert_allclose(p_acc, ref_acc, rtol=0, atol=atol)
     assert 1 < ref_iters < 10  # the comparison exercises the stopping rule
 
 

@@ -106,7 +106,11 @@ def inlp(
             stops, where a scikit-learn classifier would still return small weights. ``"majority"``
             (Elazar et al. 2021, amnesic probing) stops at the first iteration whose probe
             scores within 0.01 of the majority baseline (or ``min_accuracy``); as in their code, that iteration's
-            directions are removed too.
+            directions are removed too. Their released loop (yanaiela/amnesic_probing) trains
+            ``SGDClassifier(loss="log_loss", early_stopping=True, warm_start=True,
+            max_iter=10000, random_state=0)`` on the raw features (one-vs-rest: one direction
+            per class and iteration, where the default probe removes one fewer): pass that as
+            ``classifier=`` with ``stop="majority"`` to follow it.
         test_size: Held-out fraction.
         seed: Seed for the split and for ``by_class`` draws.
         progress: Show a progress bar (``MECHPROBE_PROGRESS=0`` silences it).
