@@ -92,6 +92,7 @@ from mechprobe.patching import (
     patch,
     path_patch,
     trace_noise,
+    trace_noise_level,
 )
 from mechprobe.probing import (
     Activations,
@@ -266,6 +267,7 @@ __all__: list[str] = [
     "tokenize",
     "tokenize_with_targets",
     "trace_noise",
+    "trace_noise_level",
     "train_tuned_lens",
     "trajectory",
     "tuned_intervention",

@@ -98,6 +98,29 @@ def test_invariants_and_the_noise_scale(tiny):
     assert np.isfinite(res.by_category(random=True)).all()
 
 
+def test_romes_noise_level_is_three_sds_of_the_subjects_embeddings_alone(tiny):
+    """ROME's collect_embedding_std, written out: each subject tokenized alone (no BOS), the
+    token embeddings pooled, 3 x their standard deviation; past 256 tokens the subjects run in
+    several rows, which changes nothing."""
+    subjects = ["cat", "Paris", "the quick brown fox"]
+    with torch.no_grad():
+        ids = [tiny.to_tokens(s, prepend_bos=False)[0] for s in subjects]
+        pooled = torch.cat([tiny.embed(t[None])[0] for t in ids])
+    expected = 3 * float(pooled.double().std())
+    assert mp.trace_noise_level(tiny, subjects) == pytest.approx(expected, rel=1e-6)
+    assert mp.trace_noise_level(tiny, subjects, factor=1.0) == pytest.approx(expected / 3)
+    many = subjects * 40  # 1,080 tokens: five rows
+    assert mp.trace_noise_level(tiny, many) == pytest.approx(
+        3 * float(pooled.repeat(40, 1).double().std()), rel=1e-6
+    )
+    level = mp.trace_noise_level(tiny, subjects)
+    res = mp.causal_trace(tiny, PROMPT, "cat", noise=level, n_noise=2, n_random=0)
+    assert res.noise_level == level
+    for bad in ([], [3], ""):
+        with pytest.raises(ValueError):
+            mp.trace_noise_level(tiny, bad)
+
+
 def test_chunking_does_not_change_anything(tiny, cell_packing):
     from mechprobe.patching._engine import packing_works
 

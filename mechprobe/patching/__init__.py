@@ -11,7 +11,13 @@ from mechprobe.patching._head_scores import HeadScoreResult, head_scores
 from mechprobe.patching._metrics import PatchMetric, answer_prob, logit_diff
 from mechprobe.patching._path import RECEIVER_KINDS, SENDER_KINDS, PathPatchResult, path_patch
 from mechprobe.patching._result import PatchResult
-from mechprobe.patching._tracing import TRACE_KINDS, TraceResult, causal_trace, trace_noise
+from mechprobe.patching._tracing import (
+    TRACE_KINDS,
+    TraceResult,
+    causal_trace,
+    trace_noise,
+    trace_noise_level,
+)
 
 __all__ = [
     "RECEIVER_KINDS",
@@ -35,4 +41,5 @@ __all__ = [
     "patch",
     "path_patch",
     "trace_noise",
+    "trace_noise_level",
 ]

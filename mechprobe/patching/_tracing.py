@@ -26,6 +26,7 @@ subject token, the first token after the subject, further tokens, and the last t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
@@ -40,6 +41,7 @@ from mechprobe.core import (
     Layers,
     Result,
     Site,
+    StopForward,
     check_float,
     check_int,
     check_seed,
@@ -99,6 +101,7 @@ __all__ = [
     "causal_trace",
     "subject_span",
     "trace_noise",
+    "trace_noise_level",
 ]
 
 #: The site kinds ``causal_trace`` restores: states of the residual stream and the writes into it
@@ -214,6 +217,59 @@ def trace_noise(
     gen = torch.Generator().manual_seed(keyed_seed(check_seed(seed), [prompt]))
     # float32 draws whatever torch's default dtype, so the noise (and every trace) is the same.
     return torch.randn(shape, generator=gen, dtype=torch.float32) * level
+
+
+def trace_noise_level(model: Any, subjects: str | Sequence[str], *, factor: float = 3.0) -> float:
+    """ROME's noise level for a model: ``factor`` (3) times the standard deviation of the token
+    embeddings (``hook_embed``, where :func:`causal_trace` adds its noise) of ``subjects``, each
+    tokenized alone without BOS, as ROME's ``collect_embedding_std`` over every subject of its
+    known-facts dataset. Pass it as ``causal_trace(..., noise=level)`` to trace with one level
+    per model, as ROME's figures do, rather than the default level of each call's own subjects
+    in their prompts.
+
+    Args:
+        model: A TransformerLens model.
+        subjects: The subjects (e.g. every item's argument of a task: ``[i.argument.strip()
+            for i in task.items]``).
+        factor: The multiple of the standard deviation (ROME: 3).
+
+    Raises:
+        ValueError: No subject, or a subject with no token.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> level = mp.trace_noise_level(mp.tiny_model(), ["France", "Japan"])
+        >>> level > 0
+        True
+    """
+    items = [subjects] if isinstance(subjects, str) else list(subjects)
+    if not items or not all(isinstance(s, str) for s in items):
+        raise ValueError(
+            "trace_noise_level takes subjects as a non-empty list of strings, e.g. "
+            "['France', 'Japan']."
+        )
+    factor = check_float(factor, "factor", 0.0, low_open=True)
+    ids = [model.to_tokens(s, prepend_bos=False)[0] for s in items]
+    empty = [s for s, t in zip(items, ids, strict=True) if len(t) == 0]
+    if empty:
+        raise ValueError(f"The subject(s) {empty[:3]} have no token: drop them.")
+    # A token's embedding does not depend on its neighbours: the subjects run as rows of up to
+    # 256 tokens, the forward ended once the embeddings are read.
+    flat = torch.cat(ids)
+    rows = []
+    for start in range(0, len(flat), 256):
+        read: list[Tensor] = []
+
+        def stop(act: Tensor, hook: Any, read: list[Tensor] = read) -> None:
+            read.append(act.detach().clone())
+            raise StopForward
+
+        chunk = flat[start : start + 256]
+        spec: dict[Any, Any] = {"hook_embed": stop}  # a TransformerLens hook function
+        with torch.no_grad(), contextlib.suppress(StopForward), intervene(model, spec):
+            model(chunk[None].to(model.W_E.device))
+        rows.append(read[0][0].reshape(-1))
+    return factor * float(torch.cat(rows).double().std())
 
 
 def _answer_tokens(model: Any, answer: Any) -> list[int]:
@@ -707,8 +763,9 @@ def causal_trace(
         noise: The noise's standard deviation (default: 3 x the standard deviation of the
             token embeddings of this call's subjects, in their prompts). ROME's level is one
             constant per model, 3 x the standard deviation over the embeddings of every subject
-            of its dataset: pass such a level to compare with its figures, or to trace parts of
-            a task at one level (as :meth:`TraceResult.concat` requires).
+            of its dataset (:func:`trace_noise_level`): pass such a level to compare with its
+            figures, or to trace parts of a task at one level (as :meth:`TraceResult.concat`
+            requires).
         n_random: Random controls per cell: the state moved by the restoration's distance in a
             random direction (seeds ``seed, seed + 1, ...``, modulo ``2**32``; control ``j`` in noise
             sample ``j mod n_noise``).
