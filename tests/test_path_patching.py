@@ -172,8 +172,10 @@ def test_live_mlps_do_not_depend_on_how_senders_are_batched(tiny):
     kwargs = {"freeze_mlps": False, "n_random": 2, "progress": False}
     one = mp.path_patch(*args, cells_per_batch=1, **kwargs)
     many = mp.path_patch(*args, **kwargs)
-    np.testing.assert_allclose(one.per_pair, many.per_pair, atol=1e-6)
-    np.testing.assert_allclose(one.random, many.random, atol=1e-6)
+    # float32 passes of other batch shapes round differently (1.6e-6 seen on a HookedTransformer):
+    # the tolerance of every path comparison here.
+    np.testing.assert_allclose(one.per_pair, many.per_pair, atol=1e-5)
+    np.testing.assert_allclose(one.random, many.random, atol=1e-5)
 
 
 def test_final_receiver_is_the_direct_effect_on_the_logits(tiny):
