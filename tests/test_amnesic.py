@@ -136,6 +136,28 @@ def test_random_controls_have_the_rank_of_the_erasure(leace_projection: mp.Erase
     assert int((dropout.P.diagonal() == 0).sum()) == k  # k coordinates zeroed
 
 
+def test_an_affine_erasures_controls_keep_its_mean(leace_projection: mp.Eraser) -> None:
+    """LEACE keeps the mean in place (x' = mean + P (x - mean)); its controls moved their random
+    directions to zero instead, shifting the stream's mean as well (review 33a D11/G6). Each
+    control is now mean + (I - Q^T Q)(x - mean), Q its random directions, written out here;
+    a linear erasure's controls stay linear."""
+    mean = leace_projection.mean
+    assert mean is not None and float(mean.abs().max()) > 0
+    conditions = control_projections(leace_projection, n_random=2, seed=5)
+    x = torch.randn(7, 64, dtype=torch.float64) + 3.0
+    for c in conditions[1:]:
+        assert c.eraser is not None and c.eraser.mean is not None
+        q = c.eraser.removed.double()
+        expected = mean + (x - mean) - ((x - mean) @ q.T) @ q
+        torch.testing.assert_close(c.eraser(x), expected)
+        # The erased directions of x are moved to the mean's, not to zero.
+        torch.testing.assert_close(c.eraser(x) @ q.T, mean.expand(7, -1) @ q.T)
+    same = control_projections(leace_projection, n_random=2, seed=5)
+    assert torch.equal(same[1].eraser.removed, conditions[1].eraser.removed)  # type: ignore[union-attr]
+    linear = control_projections(mp.random_projection(64, 3, seed=1), n_random=1)
+    assert all(c.eraser is not None and c.eraser.mean is None for c in linear)
+
+
 def test_text_measures_match_an_independent_computation(tiny: Any) -> None:
     projection = mp.random_projection(64, 10, seed=4)
     hook = "blocks.1.hook_resid_post"

@@ -66,7 +66,11 @@ def control_projections(
 
     Random control ``i`` is ``random_projection(dim, n_removed, seed=seed + i)`` (modulo
     ``2**32``: :func:`mechprobe.core.control_seed`, so every seed works here); the dropout
-    control zeroes ``n_removed`` coordinates drawn with ``seed``.
+    control zeroes ``n_removed`` coordinates drawn with ``seed``. An affine erasure's controls
+    share its centre: where the eraser keeps a mean in place (LEACE, ``x' = mean + P (x -
+    mean)``), its controls move the random directions (coordinates) to that mean's value rather
+    than to zero, so they differ from it only in which directions they remove. (Zeroing them
+    also moved the residual stream's large mean, a harsher control than the erasure.)
 
     Example:
         >>> import mechprobe as mp
@@ -78,10 +82,15 @@ def control_projections(
     seed = check_seed(seed)
     dim, k = eraser.dim, eraser.n_removed
     seeds = [control_seed(seed, i) for i in range(n_random)]
+
+    def centred(control: Eraser) -> Eraser:
+        mean = eraser.mean
+        return control if mean is None else replace(control, mean=mean.to(control.removed))
+
     out = [Condition("erased", eraser)]
-    out += [Condition("random", random_projection(dim, k, seed=s), s) for s in seeds]
+    out += [Condition("random", centred(random_projection(dim, k, seed=s)), s) for s in seeds]
     if dropout:
-        out.append(Condition("dropout", dropout_projection(dim, k, seed=seed), seed))
+        out.append(Condition("dropout", centred(dropout_projection(dim, k, seed=seed)), seed))
     return out
 
 

@@ -219,6 +219,7 @@ def trace_noise(
     return torch.randn(shape, generator=gen, dtype=torch.float32) * level
 
 
+@evaluates
 def trace_noise_level(model: Any, subjects: str | Sequence[str], *, factor: float = 3.0) -> float:
     """ROME's noise level for a model: ``factor`` (3) times the standard deviation of the token
     embeddings (``hook_embed``, where :func:`causal_trace` adds its noise) of ``subjects``, each
