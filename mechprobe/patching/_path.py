@@ -879,19 +879,32 @@ def _live_changes(
     d_model]``, how the stream differs from the run's when the sender writes its change and
     every attention layer is frozen at the run's output (the MLPs recompute).
 
-    Each pass runs the prompt once unedited (row 0) and once per sender; the other rows'
-    attention outputs are set to row 0's, so the frozen values and the differences come from
-    one batch (no rounding between separate runs). Attention and MLPs act position by position
-    once the attention is frozen, so the difference is non-zero only where the change was
-    added; later copies of a requested position (zero change) read zero, as the frozen path
-    passes each token's change on once.
+    Once the attention is frozen nothing mixes positions: each position's stream is its input
+    (``resid_pre`` of block 0) plus the frozen attention outputs plus what the MLPs make of it.
+    So only the positions whose change is passed on are run, as rows of that many tokens: their
+    block-0 input and every attention output are set to the run's values there (what attention
+    computes on the short rows is discarded), the sender's change added, the MLPs left live.
+    Row 0 carries no change, so the differences come from one batch (no rounding between
+    separate runs). Later copies of a requested position carry no change and read zero, as the
+    frozen path passes each token's change on once.
     """
     n_layers, d_model = int(model.cfg.n_layers), int(model.cfg.d_model)
     where = torch.as_tensor([pb for _, pb in resolved])
     once = torch.as_tensor(firsts, dtype=torch.float32)
+    device = model.W_E.device
+    # The run's own values at those positions: the block-0 input and every attention output.
+    start_site, attn_sites = Site("resid_pre", 0), [Site("attn_out", n) for n in range(n_layers)]
+    base = {site: Capture() for site in [start_site, *attn_sites]}
+    reads: dict[SiteLike, Any] = {site: cap for site, cap in base.items()}
+    with torch.no_grad(), intervene(model, reads):
+        model(ids[None].to(device))
+    held = {}
+    for site, cap in base.items():
+        assert cap.value is not None
+        held[site] = cap.value[0, where.to(cap.value.device)]
     # Memory of one row: the captured streams and the forward's own activations (a generous
     # 8 vectors per layer and position).
-    per_row = 4 * len(ids) * d_model * (len(streams) + 8 * n_layers)
+    per_row = 4 * len(where) * d_model * (len(streams) + 8 * n_layers)
     rows = max(1, min(cells_per_batch, memory_budget // per_row))
     out: dict[tuple[int, str], Tensor] = {}
     for start in range(0, len(senders), rows):
@@ -904,31 +917,31 @@ def _live_changes(
                 if senders[s].layer == layer and senders[s].kind in kinds
             ]
 
-        def edit(act: Tensor, hook: Any, rows: list[Any], freeze: bool) -> Tensor:
-            if freeze:
-                act[1:] = act[:1]
+        def edit(act: Tensor, hook: Any, rows: list[Any], value: Tensor | None) -> Tensor:
+            if value is not None:  # frozen at the run's value (every row)
+                act[:] = value.to(act.device, act.dtype)
             for row, delta in rows:
-                act[row].index_add_(0, where.to(act.device), delta.to(act.device, act.dtype))
+                act[row] += delta.to(act.device, act.dtype)
             return act
 
-        spec: dict[SiteLike, Any] = {}
-        for layer in range(n_layers):
+        spec: dict[SiteLike, Any] = {
+            start_site: functools.partial(edit, rows=[], value=held[start_site])
+        }
+        for layer, site in enumerate(attn_sites):
             attn = writes(layer, (*_HEAD_WRITES, "attn_out"))
-            spec[f"blocks.{layer}.hook_attn_out"] = functools.partial(edit, rows=attn, freeze=True)
+            spec[site] = functools.partial(edit, rows=attn, value=held[site])
             mlp = writes(layer, ("mlp_out",))
             if mlp:
-                spec[f"blocks.{layer}.hook_mlp_out"] = functools.partial(
-                    edit, rows=mlp, freeze=False
-                )
+                spec[Site("mlp_out", layer)] = functools.partial(edit, rows=mlp, value=None)
         caps = {stream: Capture() for stream in streams}
         spec.update(caps)
-        batch = ids[None].expand(len(chunk) + 1, -1).to(model.W_E.device)
+        batch = ids[where][None].expand(len(chunk) + 1, -1).to(device)
         with torch.no_grad(), intervene(model, spec):
             model(batch)
         for stream, cap in caps.items():
             value = cap.value
             assert value is not None
-            got = value[:, where].float().cpu()
+            got = value.float().cpu()
             for k, s in enumerate(chunk):
                 out[s, stream] = (got[1 + k] - got[0]) * once[:, None]
     return out
