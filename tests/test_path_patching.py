@@ -448,6 +448,13 @@ def test_a_large_path_figure_stays_readable():
     assert [t.get_text() for t in ax.get_xticklabels()] == [f"q L{i}H0" for i in range(12)]
     # the metric's tokens on a second line (review 26a F10)
     assert ax.get_title().split("\n")[0] == "path patching, head to q (attribution)"
+    # A key or value head is not the query head of that number (review 33b).
+    kv = mp.path_patch(
+        model, "A cat", "A bat", mp.Site("head", 0, head=0), ["k", "q"], mp.logit_diff(5, 6),
+        layers=[0, 1], positions=-1, method="attribution", n_random=0, progress=False,
+    )  # fmt: skip
+    labels = [t.get_text() for t in kv.plot().axes[0].get_xticklabels()]
+    assert "k L1 kv0" in labels and "q L1H0" in labels and "k L1H0" not in labels
 
 
 def test_head_senders_where_heads_do_not_sum_to_the_attention_output_are_refused():

@@ -1051,8 +1051,15 @@ def _split_for(model: Any, receivers: Sequence[Site | None]) -> Any:
 def _compact(
     labels: Sequence[str], layers: Sequence[int], heads: Sequence[int | None]
 ) -> list[str]:
-    """Short labels: ``"q L22H5"`` for ``"q@22, head 5"``, the label itself otherwise."""
-    return [
-        label if head is None else f"{label.split('@')[0]} L{layer}H{head}"
-        for label, layer, head in zip(labels, layers, heads, strict=True)
-    ]
+    """Short labels: ``"q L22H5"`` for ``"q@22, head 5"``, ``"k L22 kv1"`` for a key or value
+    head (read as query head 1, "k L22H1" misled), the label itself otherwise."""
+    out = []
+    for label, layer, head in zip(labels, layers, heads, strict=True):
+        kind = label.split("@")[0]
+        if head is None:
+            out.append(label)
+        elif kind in ("k", "v"):
+            out.append(f"{kind} L{layer} kv{head}")
+        else:
+            out.append(f"{kind} L{layer}H{head}")
+    return out
