@@ -519,3 +519,17 @@ def test_the_head_map_has_each_layers_mlp_and_bars_have_their_spread(tiny):
     drawn = [c for c in bars.containers if isinstance(c, BarContainer)]
     assert drawn and all(c.errorbar is not None for c in drawn)
     assert "mean ± sd over 3 prompts" in bars.get_title()
+
+
+def test_head_results_join_on_layer_and_head(tiny) -> None:
+    """README: a head's z (patching) and its write (DLA) are two sites, so head results join on
+    layer and head: every head of the model, once (review 33b F3: on "site" nothing joined)."""
+    metric = mp.logit_diff(5, 6)
+    dla = mp.direct_logit_attribution(tiny, "A cat sat", metric, heads=True, progress=False)
+    heads = dla.to_frame().query("kind == 'head_out'")
+    patched = mp.patch(tiny, "A cat sat", "A bat sat", "head", -1, metric, n_random=0,
+                       progress=False).to_frame()  # fmt: skip
+    joined = patched.merge(heads, on=["layer", "head"])
+    n = tiny.cfg.n_layers * tiny.cfg.n_heads
+    assert len(joined) == n and len(joined[["layer", "head"]].drop_duplicates()) == n
+    assert patched.merge(heads, on="site").empty  # two sites: the README says which to join on

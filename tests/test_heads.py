@@ -273,6 +273,15 @@ def test_head_sites_validate_against_the_model(tiny):
     n_kv = model_adapter(tiny).n_kv_heads
     with pytest.raises(ValueError, match=f"{n_kv} key/value heads"):
         mp.patch(tiny, CLEAN, CORRUPT, mp.Site("k", 0, head=n_kv), -1, METRIC)
+    # A query head's number for its keys: the message names the key/value head it reads
+    # (query heads 2 and 3 read key/value head 1 of 2; review 33b F5).
+    n_q = model_adapter(tiny).n_heads
+    if n_kv < n_q:
+        kv = (n_q - 1) // (n_q // n_kv)
+        with pytest.raises(
+            ValueError, match=rf"reads key/value head {kv}: Site\('v', 0, head={kv}\)"
+        ):
+            mp.patch(tiny, CLEAN, CORRUPT, mp.Site("v", 0, head=n_q - 1), -1, METRIC)
     with pytest.raises(ValueError, match="needs head="):
         mp.Site("pattern", 0)
     with pytest.raises(ValueError, match="same index"):

@@ -345,9 +345,18 @@ def resolve_in(model: Any, site: SiteLike, hooks: Mapping[str, Any]) -> tuple[st
         n_heads = head_count(model, site.kind)
         if site.head is None or not 0 <= site.head < n_heads:
             which = "key/value heads" if site.kind in ("k", "v") else "heads"
+            reads = ""
+            n_query = head_count(model, "q")
+            if site.kind in ("k", "v") and site.head is not None and 0 <= site.head < n_query:
+                # A query head's number given for its keys: say which key/value head it reads.
+                kv = site.head // (n_query // n_heads)
+                reads = (
+                    f" Query head {site.head} reads key/value head {kv}: "
+                    f"Site({site.kind!r}, {site.layer}, head={kv})."
+                )
             raise ValueError(
                 f"Head {site.head} is out of range for {site.kind!r}: this model has {n_heads} "
-                f"{which} (valid: 0..{n_heads - 1})."
+                f"{which} (valid: 0..{n_heads - 1}).{reads}"
             )
     resolved = Site(site.kind, layer, head=site.head, positions=site.positions)
     if resolved.hook_name not in hooks:

@@ -608,8 +608,11 @@ def path_patch(
             Goldowsky-Dill et al.), or, with False, keep them live as Wang et al.'s released
             code does by default: only the attention layers are frozen, so the receiver's input
             also carries what the MLPs between sender and receiver make of the sender's change
-            (sender -> MLP -> receiver paths count). This costs one more forward pass per
-            (pair, sender), batched, to compute that change; ``method="exact"`` only.
+            (sender -> MLP -> receiver paths count). This costs, per pair, one more forward
+            pass of ``1 + senders`` rows, each as long as the positions passed on (nothing
+            mixes positions once attention is frozen, so only those run): little at the last
+            position, about a forward of the prompt per sender with every position passed on.
+            ``method="exact"`` only.
         n_random: Random controls per path: the receiver's input moved by the sender's change's
             norm (with live MLPs, the norm of the change reaching it) in random directions (control ``j`` of a pair drawn from ``(seed + j) % 2**32`` and the
             pair's tokens, so the same whatever pairs run beside it).
