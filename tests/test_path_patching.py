@@ -271,6 +271,16 @@ def test_result_protocol(tiny, tmp_path):
     assert back.receivers == res.receivers and back.sender_heads == res.sender_heads
     assert len(res.plot().axes) == 2
     assert "sender" in res.summary().columns and len(repr(res)) < 200
+    # One receiver's paths (review 33b F7): by label or by kind, the largest of those alone.
+    to_final = res.summary(top=3, receiver="final")
+    frame = res.to_frame().query("receiver == 'final'").dropna(subset=["value"])
+    largest = frame.loc[frame["effect"].abs().sort_values(ascending=False).index[:3], "sender"]
+    assert to_final["sender"].tolist() == largest.tolist()
+    assert set(res.summary(top=50, receiver="q")["receiver"]) <= {
+        r for r in res.receivers if r.startswith("q@")
+    }
+    with pytest.raises(ValueError, match="names no receiver"):
+        res.summary(receiver="k")
 
 
 @pytest.mark.parametrize(

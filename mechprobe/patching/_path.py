@@ -269,18 +269,35 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
             }
         )
 
-    def summary(self, top: int = 5) -> pd.DataFrame:
+    def summary(self, top: int = 5, *, receiver: str | None = None) -> pd.DataFrame:
         """The ``top`` paths with the largest effects, beside their random controls.
+
+        Args:
+            top: How many paths.
+            receiver: Only paths to this receiver: its label (``"q@5, head 2"``, ``"final"``) or
+                a kind (``"q"``, ``"mlp_in"``); None: every receiver.
+
+        Raises:
+            ValueError: ``receiver`` names no receiver of this result.
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.path_patch(mp.tiny_model(), "ab", "ac", "head", ["final", "q"],
             ...                     mp.logit_diff(1, 2), method="attribution", progress=False)
-            >>> len(res.summary(top=20))
-            20
+            >>> len(res.summary(top=20)), set(res.summary(receiver="final")["receiver"])
+            (20, {'final'})
         """
         check_int(top, "top", 0)
         frame = self.to_frame().dropna(subset=["value"])
+        if receiver is not None:
+            kinds = frame["receiver"].str.split("@").str[0]
+            mine = (frame["receiver"] == receiver) | (kinds == receiver)
+            if not mine.any():
+                raise ValueError(
+                    f"receiver {receiver!r} names no receiver with a path here: pass one of "
+                    f"{sorted(set(self.receivers))[:8]} or a kind of them."
+                )
+            frame = frame[mine]
         largest = frame.reindex(frame["effect"].abs().sort_values(ascending=False).index)
         return largest.head(top)[
             ["sender", "receiver", "value", "effect", "spread", "random_effect"]
