@@ -153,10 +153,10 @@ def attribution(model: Any, n_pairs: int) -> dict[str, Any]:
     return out
 
 
-def path_attribution(model: Any, n_pairs: int) -> dict[str, Any]:
-    """Edge attribution (``path_patch(method="attribution")``) against exact path patching:
-    every head as a sender, to the final residual and to the q/k/v inputs of the three heads that
-    DLA finds moving the answer most (layer 23), on capitals pairs from the country on."""
+def _path_setup(model: Any, n_pairs: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The path-patching parts' call: capitals pairs, every head as a sender, to the final
+    residual and to the q/k/v inputs of the three heads that DLA finds moving the answer most
+    (layer 23), from the country on: ``(args, keyword arguments)`` of ``mp.path_patch``."""
     clean, corrupt, answers, wrongs, subject = _pairs(model, n_pairs)
     metric = mp.logit_diff(answers, wrongs)
     heads = [  # 3 query heads share a k/v head: heads 4 and 5 read the same k and v
@@ -166,7 +166,15 @@ def path_attribution(model: Any, n_pairs: int) -> dict[str, Any]:
     ]
     receivers: list[Any] = ["final", *dict.fromkeys(heads)]
     args = (model, clean, corrupt, "head", receivers, metric)
-    common: dict[str, Any] = {"positions": list(range(subject, 0)), "n_random": 0}
+    return args, {"positions": list(range(subject, 0)), "n_random": 0}
+
+
+def path_attribution(model: Any, n_pairs: int) -> dict[str, Any]:
+    """Edge attribution (``path_patch(method="attribution")``) against exact path patching:
+    every head as a sender, to the final residual and to the q/k/v inputs of the three heads that
+    DLA finds moving the answer most (layer 23), on capitals pairs from the country on."""
+    args, common = _path_setup(model, n_pairs)
+    clean, corrupt = args[1], args[2]
     timed = {}
     for method in ("exact", "attribution"):
         start = time.perf_counter()
@@ -205,16 +213,8 @@ def path_mlps(model: Any, n_pairs: int) -> dict[str, Any]:
     """Exact path patching with the MLPs frozen (the direct path) and live (Wang et al.'s
     default): every head to the final residual and to the q/k/v inputs of layer 23's heads 1, 4
     and 5, on the pairs and positions of :func:`path_attribution`."""
-    clean, corrupt, answers, wrongs, subject = _pairs(model, n_pairs)
-    metric = mp.logit_diff(answers, wrongs)
-    heads = [
-        mp.Site(kind, 23, head=h if kind == "q" else h // 3)
-        for h in (1, 4, 5)
-        for kind in ("q", "k", "v")
-    ]
-    receivers: list[Any] = ["final", *dict.fromkeys(heads)]
-    args = (model, clean, corrupt, "head", receivers, metric)
-    common: dict[str, Any] = {"positions": list(range(subject, 0)), "n_random": 0}
+    args, common = _path_setup(model, n_pairs)
+    clean, corrupt = args[1], args[2]
     runs, seconds = {}, {}
     for freeze in (True, False):
         start = time.perf_counter()
