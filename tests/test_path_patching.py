@@ -281,6 +281,14 @@ def test_result_protocol(tiny, tmp_path):
     }
     with pytest.raises(ValueError, match="names no receiver"):
         res.summary(receiver="k")
+    # The normalised recovery beside each value, as PatchResult.summary has it (33b F7).
+    top = res.summary(top=4)
+    rows = (
+        res.to_frame()
+        .set_index(["sender", "receiver"])
+        .loc[list(zip(top["sender"], top["receiver"], strict=True)), "normalised"]
+    )
+    np.testing.assert_array_equal(top["normalised"].to_numpy(), rows.to_numpy())
 
 
 @pytest.mark.parametrize(

@@ -300,7 +300,7 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
             frame = frame[mine]
         largest = frame.reindex(frame["effect"].abs().sort_values(ascending=False).index)
         return largest.head(top)[
-            ["sender", "receiver", "value", "effect", "spread", "random_effect"]
+            ["sender", "receiver", "value", "normalised", "effect", "spread", "random_effect"]
         ].reset_index(drop=True)
 
     def _describe(self) -> str:
