@@ -3,6 +3,8 @@ direct path patcher."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +29,7 @@ def _explicit(
     *,
     live_mlps: bool = False,
     noising: bool = False,
+    positions: list[int] | None = None,
 ) -> float:
     """Wang et al. (2022), step by step. (1) Cache the clean and corrupt runs. (2) Run corrupt with
     the sender patched to its clean value and every other head's z and every MLP's output frozen
@@ -34,10 +37,12 @@ def _explicit(
     makes exactly "corrupt plus the sender's change"). (3) Run corrupt with only the receiver's
     q/k/v replaced by what step 2 kept; read the metric. For the final residual, step 2's logits
     are the answer. ``live_mlps``: step 2 freezes the heads only and the MLPs recompute (Wang et
-    al.'s ``freeze_mlps=False``); ``noising``: the clean run is edited with corrupt values."""
+    al.'s ``freeze_mlps=False``); ``noising``: the clean run is edited with corrupt values;
+    ``positions``: the sender takes its clean value at these positions only."""
     clean, corrupt = model.to_tokens(CLEAN), model.to_tokens(CORRUPT)
     if noising:
         clean, corrupt = corrupt, clean
+    at = slice(None) if positions is None else sorted({p % clean.shape[1] for p in positions})
     n_layers = model.cfg.n_layers
     with torch.no_grad():
         _, c_cache = model.run_with_cache(clean)
@@ -47,7 +52,7 @@ def _explicit(
             def hook(act, hook):
                 act = x_cache[name].clone()
                 if patch_head is not None:
-                    act[:, :, patch_head] = c_cache[name][:, :, patch_head]
+                    act[:, at, patch_head] = c_cache[name][:, at, patch_head]
                 return act
 
             return hook
@@ -59,7 +64,13 @@ def _explicit(
             is_head = sender.kind == "head" and sender.layer == layer
             hooks.append((z, freeze(z, sender.head if is_head else None)))
             if sender.kind == "mlp_out" and sender.layer == layer:
-                hooks.append((mlp, lambda act, hook, name=mlp: c_cache[name].clone()))
+
+                def clean_mlp(act, hook, name=mlp):
+                    act = x_cache[name].clone()
+                    act[:, at] = c_cache[name][:, at]
+                    return act
+
+                hooks.append((mlp, clean_mlp))
             elif not live_mlps:
                 hooks.append((mlp, freeze(mlp)))
         kept = {}
@@ -164,7 +175,35 @@ def test_live_mlps_equal_the_explicit_three_steps(tiny, direction, cell_packing)
     for s, r in [(3, 5), (4, 5)]:
         assert np.isfinite(live.values[s, r])
         np.testing.assert_allclose(live.values[s, r], frozen.values[s, r], atol=1e-5)
-    assert np.isfinite(live.random).all() == np.isfinite(frozen.random).all()
+    np.testing.assert_array_equal(np.isnan(live.random), np.isnan(frozen.random))
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_live_mlps_at_some_positions_equal_the_explicit_three_steps(architecture):
+    """The live pass runs only the positions passed on, as short rows whose block-0 input is set
+    to the run's: on GPT-2 that input carries the absolute positions. Positions 3, 9 and -1 of
+    a 10-token pair (9 and -1 one token, passed on once), the change reaching the final
+    residual, a query and an MLP's input; a random control moves the stream by the change's
+    norm at each position."""
+    model = mp.tiny_model(architecture=architecture)
+    senders = [mp.Site("head", 0, head=1), mp.Site("mlp_out", 0), mp.Site("head", 1, head=2)]
+    receivers = [None, mp.Site("q", 2, head=1), mp.Site("mlp_in", 2)]
+    targets = ["final" if r is None else r for r in receivers]
+    positions = [3, 9, -1]
+    res = mp.path_patch(
+        model, CLEAN, CORRUPT, senders, targets, METRIC, positions=positions, freeze_mlps=False,
+        n_random=1, progress=False,
+    )  # fmt: skip
+    flag = bool(getattr(model.cfg, "use_hook_mlp_in", False))
+    model.set_use_hook_mlp_in(True)
+    try:
+        for s, sender in enumerate(senders):
+            for r, receiver in enumerate(receivers):
+                expected = _explicit(model, sender, receiver, live_mlps=True, positions=positions)
+                np.testing.assert_allclose(res.values[s, r], expected, atol=1e-5)
+    finally:
+        model.set_use_hook_mlp_in(flag)
+    assert np.isfinite(res.random).all()
 
 
 def test_live_mlps_do_not_depend_on_how_senders_are_batched(tiny):
@@ -279,8 +318,13 @@ def test_result_protocol(tiny, tmp_path):
     assert set(res.summary(top=50, receiver="q")["receiver"]) <= {
         r for r in res.receivers if r.startswith("q@")
     }
-    with pytest.raises(ValueError, match="names no receiver"):
+    q2 = res.summary(top=50, receiver="q@2")  # every head of layer 2's queries (review 34a F8)
+    assert len(q2) and set(q2["receiver"]) <= {r for r in res.receivers if r.startswith("q@2,")}
+    with pytest.raises(ValueError, match="names no receiver") as refused:
         res.summary(receiver="k")
+    for offered in re.findall(r"'([^']+)'", str(refused.value).split("here:")[1])[:4]:
+        if "@" in offered and "," in offered:
+            assert len(res.summary(receiver=offered))  # every label it offers is accepted
     # The normalised recovery beside each value, as PatchResult.summary has it (33b F7).
     top = res.summary(top=4)
     rows = (

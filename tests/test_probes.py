@@ -34,6 +34,7 @@ from sklearn.utils.estimator_checks import (
 
 import mechprobe as mp
 from mechprobe._fit._paths import current_solver_path
+from mechprobe.cli import main as cli_main
 from mechprobe.core import load_result
 from mechprobe.probing import _layerwise as layerwise
 from mechprobe.probing._data import as_layers, standardised
@@ -849,6 +850,48 @@ def test_split_groups_keep_each_text_on_one_side() -> None:
     assert np.isfinite(scores.scores).all()
     with pytest.raises(ValueError, match="X_test is given"):
         mp.cumulative_scores(acts, X_test=acts, split_groups="text", progress=False)
+
+
+def test_grouped_splits_follow_the_seed_and_say_what_they_hold_out() -> None:
+    """A class rarer than the folds dropped grouped splits to an unshuffled GroupKFold: every seed
+    gave one split, holding out the largest groups (review 34a F2); test_size=0.9 held out half
+    while the result recorded 0.9 (F3)."""
+    from mechprobe.probing._data import splits
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(20), 3)  # 20 texts of 3 rows
+    y = rng.integers(0, 2, 60)
+    y[:3] = 2  # a class of 3 rows, rarer than the 5 folds
+    with pytest.warns(UserWarning, match="fewer than 5 examples"):
+        held = {tuple(splits(y, test_size=0.2, n_folds=None, seed=s, split_groups=groups)[0][1])
+                for s in range(5)}  # fmt: skip
+    assert len(held) > 1
+    X = rng.normal(size=(60, 2, 3))
+    with pytest.warns(UserWarning, match="holds out one fold of 3"):
+        res = mp.probe_layers(X, y, split_groups=groups, test_size=0.3, progress=False)
+    assert res.split == "holdout(test_size=0.333, by group)"
+    with pytest.raises(ValueError, match="at most half"):
+        mp.probe_layers(X, y, split_groups=groups, test_size=0.9, progress=False)
+
+
+def test_an_expected_layer_off_the_layer_labels_says_its_scale(tmp_path, capsys) -> None:
+    """resid_pre probes: the mix's expected layer counts resid_pre@l as l - 1, one below the
+    labels its bars, repr and CLI line sit beside; each says so (review 34a F1). Block outputs
+    (the default) print as before."""
+    tiny = mp.tiny_model()
+    data = mp.pos_dataset(max_sentences=40).drop_rare(5)
+    pre = mp.probe_layers(mp.collect(tiny, data, "resid_pre", progress=False), scalar_mix=True,
+                          groups=False, progress=False)  # fmt: skip
+    assert pre.depths.tolist() == [-1, 0, 1] and pre.layers.tolist() == [0, 1, 2]
+    assert pre.expected_layer == pytest.approx(float(pre.depths @ pre.mix_weights))
+    note = "on block outputs: resid_pre@l counts l - 1"
+    assert note in repr(pre) and note in pre.plot().axes[-1].get_title()
+    post = mp.probe_layers(mp.collect(tiny, data, "resid_post", progress=False),
+                           scalar_mix=True, groups=False, progress=False)  # fmt: skip
+    assert "on block outputs" not in repr(post) and "expected layer" in repr(post)
+    args = ["probe", "--dataset", "pos", "--model", "tiny", "--max-examples", "40", "--quiet"]
+    assert cli_main([*args, "--site", "resid_pre", "--scalar-mix", "--out", str(tmp_path)]) == 0
+    assert note in capsys.readouterr().out
 
 
 def test_layers_are_the_models_layers_of_the_collected_sites(tmp_path) -> None:

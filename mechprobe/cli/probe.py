@@ -223,8 +223,8 @@ def table(result: Any) -> str:
         labels = result.entry_names()
         weights = ", ".join(f"{labels[i]}: {result.mix_weights[i]:.2f}" for i in top)
         lines.append(
-            f"scalar mix: accuracy {result.mix_accuracy:.3f}, expected layer "
-            f"{result.expected_layer:.1f}, largest weights {weights}"
+            f"scalar mix: accuracy {result.mix_accuracy:.3f}, {result.expected_text(1)}, "
+            f"largest weights {weights}"
         )
     return "\n".join(lines)
 

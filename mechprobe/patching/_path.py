@@ -15,10 +15,11 @@ written out with hooks. Two differences from Wang et al.'s released code (``path
 redwoodresearch/Easy-Transformer) change the numbers: it keeps the MLPs live by default
 (its ``freeze_mlps=False``), so sender -> MLP -> receiver paths count there and only heads are
 frozen, where here the MLPs are frozen too (Goldowsky-Dill et al.'s direct path) unless
-``freeze_mlps=False`` is passed (then one more batched pass per pair and sender computes the change
-each receiver's stream sees, the MLPs recomputing it with every attention layer frozen); and it
-runs the clean prompt with the senders' corrupt values, ``direction="noising"`` here (the default
-is denoising).
+``freeze_mlps=False`` is passed (then, per pair, a capture pass of the prompt and one pass of
+``1 + senders`` rows as long as the positions passed on, split where memory requires, compute the
+change each receiver's stream sees, the MLPs recomputing it with every attention layer frozen);
+and it runs the clean prompt with the senders' corrupt values, ``direction="noising"`` here (the
+default is denoising).
 
 Many (sender, receiver) cells share a forward pass through the batched engine; the receivers'
 split inputs are switched on around each pass and switched back (the model keeps no state). Every
@@ -274,8 +275,9 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
 
         Args:
             top: How many paths.
-            receiver: Only paths to this receiver: its label (``"q@5, head 2"``, ``"final"``) or
-                a kind (``"q"``, ``"mlp_in"``); None: every receiver.
+            receiver: Only paths to this receiver: its label (``"q@5, head 2"``, ``"final"``), a
+                kind (``"q"``, ``"mlp_in"``) or a kind and layer (``"q@5"``: every head's);
+                None: every receiver.
 
         Raises:
             ValueError: ``receiver`` names no receiver of this result.
@@ -290,12 +292,16 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
         check_int(top, "top", 0)
         frame = self.to_frame().dropna(subset=["value"])
         if receiver is not None:
-            kinds = frame["receiver"].str.split("@").str[0]
-            mine = (frame["receiver"] == receiver) | (kinds == receiver)
+            labels = frame["receiver"]
+            kind_layer = labels.str.split(",").str[0]  # "q@2" of "q@2, head 1"
+            mine = (labels == receiver) | (labels.str.split("@").str[0] == receiver)
+            mine |= kind_layer == receiver
             if not mine.any():
+                having = list(dict.fromkeys(labels))
                 raise ValueError(
-                    f"receiver {receiver!r} names no receiver with a path here: pass one of "
-                    f"{sorted(set(self.receivers))[:8]} or a kind of them."
+                    f"receiver {receiver!r} names no receiver with a path here: pass a label "
+                    f"({', '.join(repr(r) for r in having[:4])}{', ...' if len(having) > 4 else ''}), "
+                    "a kind ('q') or a kind and layer ('q@2')."
                 )
             frame = frame[mine]
         largest = frame.reindex(frame["effect"].abs().sort_values(ascending=False).index)
@@ -625,11 +631,13 @@ def path_patch(
             Goldowsky-Dill et al.), or, with False, keep them live as Wang et al.'s released
             code does by default: only the attention layers are frozen, so the receiver's input
             also carries what the MLPs between sender and receiver make of the sender's change
-            (sender -> MLP -> receiver paths count). This costs, per pair, one more forward
-            pass of ``1 + senders`` rows, each as long as the positions passed on (nothing
-            mixes positions once attention is frozen, so only those run): little at the last
-            position, about a forward of the prompt per sender with every position passed on.
-            ``method="exact"`` only.
+            (sender -> MLP -> receiver paths count). This costs, per pair, a capture pass of
+            the prompt and one pass of ``1 + senders`` rows as long as the positions passed on
+            (nothing mixes positions once attention is frozen, so only those run; split where
+            memory requires): little at the last position, about a forward of the prompt per
+            sender with every position passed on. The change is a difference of two residual
+            streams, so in half precision it is rounded at the stream's scale (as in Wang et
+            al.'s own second step). ``method="exact"`` only.
         n_random: Random controls per path: the receiver's input moved by the sender's change's
             norm (with live MLPs, the norm of the change reaching it) in random directions (control ``j`` of a pair drawn from ``(seed + j) % 2**32`` and the
             pair's tokens, so the same whatever pairs run beside it).

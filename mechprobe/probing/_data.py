@@ -3,6 +3,7 @@ the model layers of collected sites."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -11,7 +12,6 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from sklearn.model_selection import (
-    GroupKFold,
     KFold,
     StratifiedGroupKFold,
     StratifiedKFold,
@@ -186,6 +186,17 @@ def splits(
     return [(np.sort(train), np.sort(test))]
 
 
+def group_folds(test_size: float) -> int:
+    """The folds whose first is the held-out part of a grouped split: ``round(1 / test_size)``
+    (the held-out share is ``1 / folds``; it can hold at most half)."""
+    if not 0 < test_size <= 0.5:
+        raise ValueError(
+            f"test_size={test_size} with split_groups: a grouped split holds out one fold of "
+            "round(1 / test_size), at most half of the rows; pass a test_size in (0, 0.5]."
+        )
+    return max(2, round(1 / test_size))
+
+
 def _group_splits(
     y_idx: np.ndarray,
     groups: np.ndarray,
@@ -195,30 +206,33 @@ def _group_splits(
     classes: np.ndarray | None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Folds (or one held-out split) that keep each group on one side, stratified as far as the
-    groups allow."""
+    groups allow, shuffled by ``seed``."""
     n_groups = len(np.unique(groups))
-    if n_folds is None:
-        if not 0 < test_size < 1:
-            raise ValueError(f"test_size must be a fraction in (0, 1), got {test_size}.")
-        k = max(2, round(1 / test_size))
-    else:
-        k = n_folds
+    k = group_folds(test_size) if n_folds is None else n_folds
+    if n_folds is None and abs(1 / k - test_size) > 1e-9:
+        warn(
+            f"split_groups: test_size={test_size} holds out one fold of {k}, {1 / k:.3g} of the "
+            "rows as groups allow (the result's split records it); pass 1/k (0.5, 0.333, 0.25, "
+            "0.2, ...) to hold out what you ask.",
+            UserWarning,
+        )
     if not 2 <= k <= n_groups:
         raise ValueError(
             f"{n_groups} split group(s) cannot make {k} folds (each group stays on one side): "
             "pass more texts, fewer n_folds or a larger test_size."
         )
     counts = np.bincount(y_idx)
-    # StratifiedGroupKFold warns and degrades where a class has fewer rows than folds.
-    kind = StratifiedGroupKFold(k, shuffle=True, random_state=seed) if counts.min() >= k else None
-    if kind is None:
+    if counts.min() < k:
         _warn_rare(counts, k, classes)
-    folds = (
-        kind.split(np.zeros(len(y_idx)), y_idx, groups)
-        if kind is not None
-        else GroupKFold(k).split(np.zeros(len(y_idx)), y_idx, groups)
-    )
-    pairs = [(np.sort(tr), np.sort(te)) for tr, te in folds]
+    # Stratified as far as a rare class allows, still shuffled by the seed (an unshuffled
+    # GroupKFold here ignored it and held out the largest groups); its own warning is ours.
+    folds = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class")
+        pairs = [
+            (np.sort(tr), np.sort(te))
+            for tr, te in folds.split(np.zeros(len(y_idx)), y_idx, groups)
+        ]
     return pairs if n_folds is not None else pairs[:1]
 
 
@@ -381,8 +395,11 @@ _DEPTH_OFFSET |= {kind: -0.5 for kind in HEAD_KINDS if kind not in _DEPTH_OFFSET
 def stream_depths(sites: tuple[str, ...] | None, n_layers: int) -> np.ndarray:
     """The depth of each site in the residual stream, on the scale of block outputs: block
     ``l``'s output (``resid_post@l``, ``mlp_out@l``) is ``l``, what it reads (``resid_pre@l``) is
-    ``l - 1`` (the embeddings, ``resid_pre@0``, are -1), attention's half of a block ``l - 0.5``;
-    positions along the layer axis where the names give no site. Expected layers are taken on
+    ``l - 1`` (the embeddings, ``resid_pre@0`` or ``hook_embed``, are -1), attention's half of a
+    block ``l - 0.5`` (hooks that read a block's input, its first norm, queries, keys and values,
+    ``l - 1``); positions along the layer axis where the names give no place. A parallel block
+    (GPT-NeoX) reads its input with the MLP too, which the names do not say: its ``mlp_in@l``
+    counts ``l - 0.5`` here, though it holds ``resid_pre@l``. Expected layers are taken on
     this scale, so that the embeddings and block 0's output are not both 0; Tenney et al. number
     the embeddings 0 and block ``l``'s output ``l + 1``, which is this plus one. Integers where
     every entry is a block's input or output.
@@ -390,6 +407,8 @@ def stream_depths(sites: tuple[str, ...] | None, n_layers: int) -> np.ndarray:
     Example:
         >>> stream_depths(("blocks.0.hook_resid_pre", "blocks.0.hook_resid_post"), 2).tolist()
         [-1, 0]
+        >>> stream_depths(("hook_embed", "blocks.1.attn.hook_z", "blocks.1.ln1.hook_normalized"), 3)
+        array([-1. ,  0.5,  0. ])
     """
     if sites is None or len(sites) != n_layers:
         return np.arange(n_layers)
@@ -397,15 +416,37 @@ def stream_depths(sites: tuple[str, ...] | None, n_layers: int) -> np.ndarray:
     for name in sites:
         try:
             site = Site.parse(name)
-        except ValueError:  # a hook name of no site kind: its block, if it names one
-            layer = block_of(name)
-            if layer is None:
+        except ValueError:  # a hook name of no site kind: where in its block it reads
+            depth = _hook_depth(name)
+            if depth is None:
                 return np.arange(n_layers)
-            found.append(float(layer))
+            found.append(depth)
             continue
         found.append(site.layer + _DEPTH_OFFSET.get(site.kind, 0.0))
     depths = np.asarray(found)
     return depths.astype(int) if np.all(depths == np.round(depths)) else depths
+
+
+# Hooks of no site kind, by where they read: the embeddings (-1 from block 0's output), what
+# reads a block's input (its first norm, queries, keys, values, attention maps), what reads or
+# writes half-way (the heads' outputs, the second norm, the MLP's neurons).
+_BEFORE_BLOCKS = re.compile(r"hook_(embed|pos_embed)$")
+_READS_INPUT = re.compile(
+    r"blocks\.(\d+)\.(ln1\.|attn\.hook_(q|k|v|rot_q|rot_k|attn_scores|pattern)$)"
+)
+_HALF_WAY = re.compile(r"blocks\.(\d+)\.(ln2\.|attn\.hook_(z|result)$|mlp\.)")
+
+
+def _hook_depth(name: str) -> float | None:
+    """The depth of a hook name that is no site (None where it names no place in the stream)."""
+    if _BEFORE_BLOCKS.fullmatch(name):
+        return -1.0
+    for pattern, offset in ((_READS_INPUT, -1.0), (_HALF_WAY, -0.5)):
+        found = pattern.match(name)
+        if found:
+            return int(found.group(1)) + offset
+    layer = block_of(name)
+    return None if layer is None else float(layer)
 
 
 def model_layers(sites: tuple[str, ...] | None, n_layers: int) -> np.ndarray:

@@ -40,6 +40,7 @@ from mechprobe.probing._data import (
     collected_sites,
     encode_labels,
     gathered_dtype,
+    group_folds,
     model_layers,
     split_groups_of,
     splits,
@@ -215,6 +216,41 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
             "hook": [None] * n,
         }
 
+    @property
+    def depths(self) -> np.ndarray:
+        """``[L]`` each entry's depth in the residual stream, the scale of
+        :attr:`expected_layer`: block ``l``'s output is ``l``, what block ``l`` reads
+        (``resid_pre@l``) ``l - 1``, attention's half ``l - 0.5`` (the layers themselves for a
+        plain array).
+
+        Example:
+            >>> import numpy as np
+            >>> X = np.random.default_rng(0).normal(size=(100, 2, 4)); y = X[:, 1, 0] > 0
+            >>> probe_layers(X, y, progress=False).depths.tolist()
+            [0, 1]
+        """
+        if self.sites is None or len(self.sites) != len(self.layers):
+            return np.asarray(self.layers)
+        return stream_depths(self.sites, len(self.layers))
+
+    def expected_text(self, digits: int = 2) -> str:
+        """``"expected layer 3.60"``, saying its scale where it is not the layers' labels
+        (``resid_pre@l`` probes: the expected layer counts it ``l - 1``), or ``""`` without a
+        scalar mix.
+
+        Example:
+            >>> import numpy as np
+            >>> X = np.random.default_rng(0).normal(size=(100, 2, 4)); y = X[:, 1, 0] > 0
+            >>> probe_layers(X, y, scalar_mix=True, progress=False).expected_text()[:15]
+            'expected layer '
+        """
+        if self.expected_layer is None:
+            return ""
+        text = f"expected layer {self.expected_layer:.{digits}f}"
+        if not np.array_equal(self.depths, self.layers):
+            text += " (on block outputs: resid_pre@l counts l - 1, attention's half l - 0.5)"
+        return text
+
     def _describe(self) -> str:
         best = int(np.argmax(self.accuracy))
         heads = self.entry_names()[0] != f"layer {int(self.layers[0])}"
@@ -225,7 +261,7 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
             f"{self.majority_baseline:.3f})"
         )
         if self.expected_layer is not None:
-            words += f", expected layer {self.expected_layer:.2f}"
+            words += f", {self.expected_text()}"
         return words
 
     def plot(self, ax: Axes | None = None) -> Figure:
@@ -254,10 +290,10 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
             ax.axhline(self.mix_accuracy, ls=":", color="tab:purple", label="scalar-mix probe")
         import re
 
-        held = re.fullmatch(r"holdout\(test_size=([0-9.eE+-]+)\)", self.split)
+        held = re.fullmatch(r"holdout\(test_size=([0-9.eE+-]+)(, by \w+)?\)", self.split)
         fold = re.fullmatch(r"\d+-fold", self.split)
         split = (
-            f"{float(held.group(1)):.0%} held out"
+            f"{float(held.group(1)):.0%} held out{(held.group(2) or '').replace(',', '')}"
             if held
             else (f"{self.split} CV" if fold else self.split)
         )
@@ -278,9 +314,7 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
         )  # fmt: skip
         if has_mix:
             mix_ax.bar(x_axis, np.asarray(self.mix_weights), color="tab:purple")
-            mix_ax.set(
-                ylabel="scalar-mix weight", title=f"expected layer {self.expected_layer:.2f}"
-            )
+            mix_ax.set(ylabel="scalar-mix weight", title=self.expected_text())
         from matplotlib.ticker import MaxNLocator
 
         bottom = mix_ax if has_mix else ax
@@ -330,8 +364,11 @@ def probe_layers(
         split_groups: keep each group's rows on one side of every split: ``"text"`` (the texts
             of :class:`Activations`, as Hewitt & Liang split by sentence: the words of one
             sentence are not in both training and test) or ``[n]`` group ids. Stratified as far
-            as the groups allow (scikit-learn's ``StratifiedGroupKFold``); the held-out split is
-            its first fold of ``round(1 / test_size)``. None (default): rows split freely.
+            as the groups allow (scikit-learn's ``StratifiedGroupKFold``, shuffled by
+            ``seed``); the held-out split is its first fold of ``round(1 / test_size)`` (so
+            ``test_size`` at most 0.5, and a warning where ``1 / folds`` is not ``test_size``;
+            :attr:`ProbeResult.split` records the share held out). None (default): rows split
+            freely.
         seed: split and control-label seed.
         l2: penalty on the mean loss (scikit-learn ``C = 1 / (l2 · n_train)``).
         max_iter: L-BFGS iterations at most (Adam epochs for ``mlp=True``).
@@ -535,7 +572,9 @@ def _split_name(n_folds: int | None, test_size: float, split_groups: Any) -> str
         by = ", by text" if isinstance(split_groups, str) else ", by group"
     if n_folds is not None:
         return f"{n_folds}-fold{by}"
-    return f"holdout(test_size={test_size}{by})"
+    if by:  # what was held out: one fold of round(1 / test_size)
+        return f"holdout(test_size={1 / group_folds(test_size):.3g}{by})"
+    return f"holdout(test_size={test_size})"
 
 
 def _entry_names(sites: tuple[str, ...] | None, layers: np.ndarray) -> list[str]:
