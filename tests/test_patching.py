@@ -1006,3 +1006,21 @@ def test_a_head_grid_says_the_position_its_heads_were_patched_at(tiny):
     res = mp.patch(tiny, "ab", "ac", "head", -1, mp.logit_diff(1, 2), n_random=0)
     title = res.plot().axes[0].get_title().replace("\n", " ")
     assert f"at position -1 ('{res.position_labels[0]}')" in title
+
+
+def test_a_metric_evaluates_on_prompts_as_the_model_reads_them(tiny):
+    """PatchMetric.evaluate (review 33b F2: checking that the model solves the clean prompts took
+    logits indexed by hand): each prompt alone through the model, its last token's logits, for
+    prompts of several lengths in one padded batch, per-pair answers matched in order."""
+    prompts = ["Hi cat", "A much longer prompt here", "Yo"]
+    answers, wrongs = [5, 7, 9], [6, 8, 10]
+    got = mp.logit_diff(answers, wrongs).evaluate(tiny, prompts, batch_size=2)
+    prob = mp.answer_prob(answers).evaluate(tiny, prompts)
+    for i, prompt in enumerate(prompts):
+        with torch.no_grad():
+            last = tiny(tiny.to_tokens(prompt))[0, -1]
+        assert got[i] == pytest.approx(float(last[answers[i]] - last[wrongs[i]]), abs=1e-5)
+        assert prob[i] == pytest.approx(float(last.softmax(-1)[answers[i]]), abs=1e-6)
+    assert mp.logit_diff(5, 6).evaluate(tiny, "Hi cat").shape == (1,)
+    with pytest.raises(ValueError, match="3 entries for 2 prompt pairs"):
+        mp.logit_diff(answers, wrongs).evaluate(tiny, prompts[:2])

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mechprobe.core import as_int, model_adapter, token_texts, warn
+from mechprobe.core import as_int, evaluates, model_adapter, run, token_texts, warn
 
 __all__ = [
     "MetricFn",
@@ -65,6 +65,39 @@ class PatchMetric:
             return logits[rows, right] - logits[rows, wrong.to(logits.device)[pair]]
 
         return fn
+
+    @evaluates
+    def evaluate(
+        self,
+        model: Any,
+        prompts: str | Sequence[str],
+        *,
+        batch_size: int | None = 32,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """``[prompts]`` the metric on the model's own next-token logits after each prompt's
+        last real token, one pair per prompt (a check, before patching, that the model solves the
+        clean prompts and not the corrupt ones).
+
+        Args:
+            model: A TransformerLens model.
+            prompts: One prompt or a list; per-pair answers are matched to them in order.
+            batch_size: Prompts per forward pass (None: all at once).
+            progress: Show a progress bar.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> model = mp.tiny_model()
+            >>> mp.logit_diff(1, 2).evaluate(model, ["Hi cat", "A dog"]).shape
+            (2,)
+        """
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError("evaluate takes a prompt or a non-empty list of prompts (strings).")
+        fn = self.bind(model, len(texts))  # answers checked before the model runs
+        out = run(model, texts, logit_positions=-1, batch_size=batch_size, progress=progress)
+        logits = torch.as_tensor(out.logits)[:, -1]
+        return fn(logits, torch.arange(len(texts))).double().cpu().numpy()
 
 
 def logit_diff(answer: Any, wrong: Any) -> PatchMetric:
