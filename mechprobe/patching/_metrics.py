@@ -73,7 +73,7 @@ class PatchMetric:
         prompts: str | Sequence[str],
         *,
         batch_size: int | None = 32,
-        progress: bool = False,
+        progress: bool = True,
     ) -> np.ndarray:
         """``[prompts]`` the metric on the model's own next-token logits after each prompt's
         last real token, one pair per prompt (a check, before patching, that the model solves the
