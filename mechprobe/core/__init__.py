@@ -90,6 +90,7 @@ from mechprobe.core._sites import (
 from mechprobe.core._validation import (
     as_int,
     check_batch_size,
+    check_bool,
     check_choice,
     check_finite,
     check_float,
@@ -131,6 +132,7 @@ __all__ = [
     "block_of",
     "cache_dir",
     "check_batch_size",
+    "check_bool",
     "check_choice",
     "check_finite",
     "check_float",

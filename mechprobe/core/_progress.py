@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import numpy as np
 from tqdm.auto import tqdm
 
+from mechprobe.core._validation import check_bool
+
 __all__ = ["progress_bar", "progress_enabled", "weighted_progress_bar"]
 
 T = TypeVar("T")
@@ -29,9 +31,9 @@ def progress_enabled(progress: bool) -> bool:
         False
     """
     # "no" or 0 would read as on/off by truthiness: a bar is a yes-or-no setting.
-    if not isinstance(progress, (bool, np.bool_)):
-        raise TypeError(f"progress must be True or False, got {progress!r}.")
-    return bool(progress) and os.environ.get(_ENV, "1").strip().lower() not in _OFF
+    return (
+        check_bool(progress, "progress") and os.environ.get(_ENV, "1").strip().lower() not in _OFF
+    )
 
 
 def progress_bar(

@@ -46,6 +46,19 @@ def as_int(value: Any) -> int | None:
     return None
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` as a bool: True or False (numpy's too), not a truthy ``"no"`` or ``0``, which a
+    yes-or-no setting would read by truthiness.
+
+    Example:
+        >>> check_bool(True, "heads")
+        True
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)
+
+
 def check_int(value: Any, name: str, low: int | None = None, high: int | None = None) -> int:
     """``value`` as an int within ``[low, high]``.
 

@@ -41,6 +41,7 @@ from mechprobe.core import (
     Result,
     Site,
     SiteKind,
+    check_bool,
     check_heads_sum,
     check_int,
     check_positions,
@@ -375,8 +376,7 @@ def direct_logit_attribution(
         >>> bool(abs(res.attributions.sum(1) - res.logit_diff).max() < 1e-3)
         True
     """
-    if not isinstance(heads, bool):
-        raise TypeError(f"heads must be True or False, got {heads!r}.")
+    heads = check_bool(heads, "heads")
     position = check_positions(
         positions,
         single=True,

@@ -57,6 +57,7 @@ from mechprobe.core import (
     Result,
     Site,
     SiteLike,
+    check_bool,
     check_heads_sum,
     check_int,
     control_seed,
@@ -662,8 +663,7 @@ def path_patch(
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
     if method not in get_args(Method):
         raise ValueError(f"method must be 'exact' or 'attribution', got {method!r}.")
-    if not isinstance(freeze_mlps, bool):
-        raise TypeError(f"freeze_mlps must be True or False, got {freeze_mlps!r}.")
+    freeze_mlps = check_bool(freeze_mlps, "freeze_mlps")
     if method == "attribution" and not freeze_mlps:
         raise ValueError(
             "freeze_mlps=False applies to method='exact': edge attribution patching estimates "

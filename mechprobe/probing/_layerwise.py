@@ -26,6 +26,7 @@ from sklearn.exceptions import ConvergenceWarning
 from mechprobe._fit import LogisticFit, fit_logistic, softmax_penalty
 from mechprobe.core import (
     Result,
+    check_bool,
     check_float,
     check_int,
     check_seed,
@@ -398,9 +399,8 @@ def probe_layers(
     tol = check_float(tol, "tol", 0.0, low_open=True)
     max_iter = check_int(max_iter, "max_iter", 1)
     seed = check_seed(seed)
-    for name, flag in (("mlp", mlp), ("scalar_mix", scalar_mix), ("standardize", standardize)):
-        if not isinstance(flag, (bool, np.bool_)):  # "no" would have read as True
-            raise TypeError(f"{name} must be True or False, got {flag!r}.")
+    mlp, scalar_mix = check_bool(mlp, "mlp"), check_bool(scalar_mix, "scalar_mix")
+    standardize = check_bool(standardize, "standardize")
     skip_control = groups is False
     sites = collected_sites(X)
     values, labels, groups = as_layers(X, y, None if skip_control else groups)

@@ -42,6 +42,7 @@ from mechprobe._fit import (
 )
 from mechprobe.core import (
     Result,
+    check_bool,
     check_seed,
     gradients_enabled,
     new_axes,
@@ -463,8 +464,7 @@ def cumulative_scores(
         (True, 1)
     """
 
-    if not isinstance(standardize, (bool, np.bool_)):
-        raise TypeError(f"standardize must be True or False, got {standardize!r}.")
+    standardize = check_bool(standardize, "standardize")
     seed = check_seed(seed)
     values, labels, _ = as_layers(X, y)
     sites = collected_sites(X)
