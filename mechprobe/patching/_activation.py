@@ -25,7 +25,7 @@ layer, each read by 3 of the 9 query heads; :func:`mechprobe.core.query_heads` s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeAlias, get_args
 
 import numpy as np
@@ -39,6 +39,7 @@ from mechprobe.core import (
     Site,
     SiteKind,
     SiteLike,
+    as_int,
     check_int,
     check_seed,
     check_token_ids,
@@ -68,10 +69,20 @@ from mechprobe.patching._engine import (
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric
 from mechprobe.patching._result import PatchResult, normalised_recovery, pair_records
 
-__all__ = ["Prompts", "ablate_cells", "patch", "position_pairs", "token_rows"]
+__all__ = [
+    "NamedPositions",
+    "Prompts",
+    "ablate_cells",
+    "patch",
+    "position_pairs",
+    "token_rows",
+]
 
 Direction: TypeAlias = Literal["denoising", "noising"]
 Prompts: TypeAlias = str | Sequence[str] | Batch | Tensor | Sequence[Tensor]
+#: Positions by name, each one column: ``{"S2": [10, 10, 12], "END": -1}`` (an int for every
+#: pair, or one int per pair; negative from each prompt's last token).
+NamedPositions: TypeAlias = Mapping[str, int | Sequence[int]]
 
 
 def _sites(model: Any, sites: Any, layers: Layers, what: str = "patch()") -> list[Site]:
@@ -180,13 +191,18 @@ def _refuse_padding(model: Any, rows: list[Tensor], what: str) -> None:
 
 def position_pairs(
     spec: Any, src: list[int], base: list[int]
-) -> tuple[list[int], list[list[tuple[int, int]]]]:
-    """Requested positions and, per pair, ``[(p_src, p_base)]`` in each unpadded sequence.
+) -> tuple[list[int | str], list[list[tuple[int, int]]]]:
+    """Requested positions (ints, or names for :data:`NamedPositions`) and, per pair,
+    ``[(p_src, p_base)]`` in each unpadded sequence.
 
     Example:
         >>> position_pairs(-1, [4], [6])
         ([-1], [[(3, 5)]])
+        >>> position_pairs({"S2": [1, 2], "END": -1}, [4, 5], [4, 5])
+        (['S2', 'END'], [[(1, 1), (3, 3)], [(2, 2), (4, 4)]])
     """
+    if isinstance(spec, Mapping):
+        return _named_pairs(spec, src, base)
     if isinstance(spec, str):
         lengths = set(src) | set(base)
         if spec != "all":
@@ -209,12 +225,56 @@ def position_pairs(
                     f"use positions within -{min(s, b)}..{min(s, b) - 1}."
                 )
         resolved.append(pairs)
-    return wanted, resolved
+    return list(wanted), resolved
+
+
+def _named_pairs(
+    spec: Mapping[Any, Any], src: list[int], base: list[int]
+) -> tuple[list[int | str], list[list[tuple[int, int]]]]:
+    """:func:`position_pairs` for positions by name: each name one column, at an int for every
+    pair or at one int per pair (IOI's S2 sits at different offsets in different templates)."""
+    n_pairs = len(src)
+    example = "e.g. positions={'S2': [10, 10, 12], 'END': -1}"
+    if not spec:
+        raise ValueError(f"positions={{}} names no position: name at least one, {example}.")
+    per_name: dict[str, list[int]] = {}
+    for name, value in spec.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(
+                f"positions by name take non-empty strings as names, got {name!r}: {example}."
+            )
+        single = as_int(value)
+        if single is not None:
+            per_name[name] = [single] * n_pairs
+            continue
+        if isinstance(value, (Tensor, np.ndarray)) and value.ndim == 1:
+            value = value.tolist()
+        items = [as_int(p) for p in value] if isinstance(value, (list, tuple, range)) else []
+        if len(items) != n_pairs or any(p is None for p in items):
+            raise ValueError(
+                f"positions[{name!r}] must be an int (for every pair) or one int per pair "
+                f"({n_pairs} here), got {value!r}: {example}."
+            )
+        per_name[name] = [int(p) for p in items if p is not None]
+    resolved = []
+    for i, (s, b) in enumerate(zip(src, base, strict=True)):
+        pairs = []
+        for name, at in per_name.items():
+            p = at[i]
+            ps, pb = (p + s, p + b) if p < 0 else (p, p)
+            if not (0 <= ps < s and 0 <= pb < b):
+                raise ValueError(
+                    f"positions[{name!r}] is {p} for pair {i}, whose prompts have {s} and {b} "
+                    f"tokens: use positions within -{min(s, b)}..{min(s, b) - 1}."
+                )
+            pairs.append((ps, pb))
+        resolved.append(pairs)
+    return list(per_name), resolved
 
 
 def _columns(
     spec: Any, src: list[int], base: list[int]
-) -> tuple[list[int | None], list[list[tuple[tuple[int, int], ...]]]]:
+) -> tuple[list[int | str | None], list[list[tuple[tuple[int, int], ...]]]]:
     """Like :func:`position_pairs`, but each column is a tuple of ``(p_src, p_base)`` written
     together: one position each, or with ``spec=None`` every position of the pair at once (its
     two prompts then need the same length).
@@ -255,7 +315,7 @@ def patch(
     clean: Prompts,
     corrupt: Prompts,
     sites: SiteKind | SiteLike | Sequence[SiteLike],
-    positions: PositionSpec | None,
+    positions: PositionSpec | NamedPositions | None,
     metric: PatchMetric | MetricFn,
     *,
     layers: Layers = "all",
@@ -284,7 +344,10 @@ def patch(
             same token length) or None (one cell per site that writes every position at once, as
             TransformerLens's ``get_act_patch_*_all_pos``; each pair's prompts must then have
             the same length, and a random control moves every position by its own patch's
-            distance). Pattern cells write a query position's whole row of attention weights, so the clean
+            distance). Or positions by name, one column each, at an int for every pair or one
+            int per pair: ``{"S2": [10, 10, 12], "END": -1}`` (templates that put a word at
+            different offsets; the frame's ``position`` and ``position_label`` are the names).
+            Pattern cells write a query position's whole row of attention weights, so the clean
             and corrupt prompts must see equally many keys there (the same position from the
             start).
         metric: :func:`logit_diff`, :func:`answer_prob`, or a callable ``fn(logits [rows, vocab])
@@ -404,7 +467,7 @@ def patch(
 def _result(
     model: Any,
     site_list: list[Site],
-    wanted: Sequence[int | None],
+    wanted: Sequence[int | str | None],
     per_pair: np.ndarray,
     random: np.ndarray,
     clean_m: np.ndarray,
@@ -450,7 +513,7 @@ def ablate_cells(
     model: Any,
     prompts: Prompts,
     sites: SiteKind | SiteLike | Sequence[SiteLike],
-    positions: PositionSpec | None,
+    positions: PositionSpec | NamedPositions | None,
     metric: PatchMetric | MetricFn,
     *,
     method: Method = "mean",
@@ -473,8 +536,9 @@ def ablate_cells(
         sites: As for :func:`patch`: kinds, head kinds (``"head"``, ``"q"``, ``"k"``, ``"v"``,
             ``"pattern"``, ``"head_out"``), Sites or hook names.
         positions: ``-1``, a list of ints (negative from each prompt's end), ``"all"`` (every
-            prompt must then have the same length) or None (one cell per site ablating every
-            position of the prompt at once: a head or an MLP knocked out).
+            prompt must then have the same length), None (one cell per site ablating every
+            position of the prompt at once: a head or an MLP knocked out), or positions by name
+            as for :func:`patch` (one int per prompt).
         metric: As for :func:`patch` (one pair per prompt).
         method: ``"zero"``, or ``"mean"``: the site's mean activation over every token of the
             ``reference`` texts (a leading BOS left out, see :class:`mechprobe.Ablate`; for a
@@ -668,9 +732,13 @@ def _means(
 
 
 def _labels(
-    model: Any, clean: Sequence[Tensor], corrupt: Sequence[Tensor], wanted: Sequence[int | None]
+    model: Any,
+    clean: Sequence[Tensor],
+    corrupt: Sequence[Tensor],
+    wanted: Sequence[int | str | None],
 ) -> tuple[str, ...]:
-    """Each position's token (``clean/corrupt`` where they differ); ids without a tokenizer.
+    """Each position's token (``clean/corrupt`` where they differ); ids without a tokenizer; a
+    named position's name.
 
     Where pairs hold different tokens at a position, the label is the position and pair 0's
     token with an ellipsis (``3: iffel…``): a column averages every pair, and pair 0's token
@@ -681,6 +749,9 @@ def _labels(
     for p in wanted:
         if p is None:  # every position at once
             out.append("all positions")
+            continue
+        if isinstance(p, str):  # a name says what the column is better than pair 0's token
+            out.append(p)
             continue
         seen = []
         for a, b in zip(clean, corrupt, strict=True):

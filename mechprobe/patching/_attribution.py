@@ -55,6 +55,7 @@ from mechprobe.core import (
 )
 from mechprobe.patching._activation import (
     Direction,
+    NamedPositions,
     Prompts,
     _columns,
     _labels,
@@ -149,7 +150,7 @@ def attribution_patch(
     clean: Prompts,
     corrupt: Prompts,
     sites: SiteKind | SiteLike | Sequence[SiteLike],
-    positions: PositionSpec | None,
+    positions: PositionSpec | NamedPositions | None,
     metric: PatchMetric | MetricFn,
     *,
     layers: Layers = "all",
@@ -170,7 +171,8 @@ def attribution_patch(
             heads for ``k``/``v``), Sites or site hook names.
         positions: ``-1``, a list of ints (negative from each prompt's end), ``"all"``, or
             None: every position at once (the sum of the positions' estimates, first order's
-            estimate of :func:`patch`'s ``positions=None``; each pair's prompts of one length).
+            estimate of :func:`patch`'s ``positions=None``; each pair's prompts of one length),
+            or positions by name as for :func:`patch` (``{"S2": [10, 12], "END": -1}``).
         metric: :func:`logit_diff`, :func:`answer_prob` or a callable of the last position's
             logits, as for :func:`patch`; it must be differentiable.
         layers: The layers a kind covers.

@@ -76,6 +76,7 @@ from mechprobe.core import (
     spread,
 )
 from mechprobe.patching._activation import (
+    NamedPositions,
     Prompts,
     _check_common,
     position_pairs,
@@ -138,7 +139,8 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
         receivers: Receiver labels (``"q@5, head 2"``, ``"mlp_in@7"`` or ``"final"``).
         receiver_layers: Per receiver, its layer (``n_layers`` for the final residual).
         receiver_heads: Per receiver, its head (None for ``mlp_in`` and the final residual).
-        positions: The positions whose sender change was passed on (negative from the end).
+        positions: The positions whose sender change was passed on (negative from the end;
+            names where they were given by name).
         metric, direction, seed: As for :class:`mechprobe.PatchResult`; ``direction`` is
             ``"attribution"`` for first-order estimates of denoising (``method="attribution"``),
             ``"attribution-noising"`` of noising.
@@ -170,7 +172,7 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
     receivers: tuple[str, ...]
     receiver_layers: tuple[int, ...]
     receiver_heads: tuple[int | None, ...]
-    positions: tuple[int, ...]
+    positions: tuple[int | str, ...]
     metric: str
     direction: str
     seed: int = 0
@@ -396,7 +398,7 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
         return fig
 
 
-def _first_of_each(pairs: list[tuple[int, int]], wanted: list[int], pair: int) -> Tensor:
+def _first_of_each(pairs: list[tuple[int, int]], wanted: list[int | str], pair: int) -> Tensor:
     """``[positions]`` 1 for the first entry naming each token of the base prompt, 0 for later
     ones; one base token read from two source tokens (prompts of other lengths) is an error."""
     first: dict[int, int] = {}
@@ -578,7 +580,7 @@ def path_patch(
     receivers: str | SiteLike | Sequence[SiteLike],
     metric: PatchMetric | MetricFn,
     *,
-    positions: PositionSpec = "all",
+    positions: PositionSpec | NamedPositions = "all",
     layers: Layers = "all",
     receiver_layers: Layers | None = None,
     direction: Direction = "denoising",
@@ -610,7 +612,9 @@ def path_patch(
             GPT-NeoX, neither does), Sites of those kinds, or a list.
         metric: As for :func:`mechprobe.patch`.
         positions: Positions whose sender change reaches the receiver: ``"all"`` (the default;
-            clean and corrupt prompts of one length), or ints (negative from each prompt's end).
+            clean and corrupt prompts of one length), ints (negative from each prompt's end),
+            or positions by name as for :func:`mechprobe.patch` (``{"S2": [10, 12], "END":
+            -1}``: one int per pair where templates differ).
             The final residual is read at the last position only.
         layers: The layers a kind in ``senders`` covers, and in ``receivers`` unless
             ``receiver_layers`` is given.

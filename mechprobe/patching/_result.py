@@ -226,9 +226,11 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         kinds, layers, heads: Per row: site kind, layer, head (None except for head sites; a
             key/value head for ``k`` and ``v``).
         positions: The requested positions (negative ones count back from each prompt's last
-            token; None: every position at once, one column).
+            token; None: every position at once, one column; names for positions given by
+            name, whose index may differ from pair to pair).
         position_labels: Their tokens (``clean/corrupt`` where they differ; where pairs differ,
-            the position and pair 0's token with an ellipsis, ``3: iffel…``).
+            the position and pair 0's token with an ellipsis, ``3: iffel…``; a named
+            position's name).
         metric: The metric's name.
         direction: ``"denoising"``, ``"noising"``, ``"zero-ablation"``, ``"mean-ablation"``, or
             ``"attribution"`` (first-order estimates of denoising from
@@ -265,7 +267,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
     kinds: tuple[str, ...]
     layers: tuple[int, ...]
     heads: tuple[int | None, ...]
-    positions: tuple[int | None, ...]
+    positions: tuple[int | str | None, ...]
     position_labels: tuple[str, ...]
     metric: str
     direction: str
@@ -445,7 +447,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         """
         n_sites, n_pos = self.values.shape
         # None (every position at once) stays None in an object column; ints stay ints.
-        positions = np.array(self.positions, dtype=object if None in self.positions else np.int64)
+        ints = all(isinstance(p, int) for p in self.positions)
+        positions = np.array(self.positions, dtype=np.int64 if ints else object)
         if self.n_random > 1:
             random_sd = self.random.mean(axis=1).std(axis=0, ddof=1)
         else:
@@ -508,7 +511,9 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         frame = pd.DataFrame(rows).reindex(columns=columns)
         # The runs' rows have no position: Int64 with <NA> (a dash in the notebook table), as
         # every frame's missing layer or position; not floats ("3.0") nor an object column.
-        frame["position"] = frame["position"].astype("Int64")
+        # Named positions stay names.
+        if not any(isinstance(p, str) for p in self.positions):
+            frame["position"] = frame["position"].astype("Int64")
         return frame
 
     def _describe(self) -> str:
@@ -591,11 +596,12 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         if head_grid:
             # The grid has no position axis: say where the heads were patched (review 26a).
             at = self.positions[0]
-            title += (
-                f" ({self.position_labels[0]})"
-                if at is None
-                else f" at position {at} ('{self.position_labels[0]}')"
-            )
+            if at is None:
+                title += f" ({self.position_labels[0]})"
+            elif isinstance(at, str):
+                title += f" at {at}"
+            else:
+                title += f" at position {at} ('{self.position_labels[0]}')"
             layers = sorted(set(self.layers))
             n_heads = max(h or 0 for h in self.heads) + 1
             grid = np.full((len(layers), n_heads), np.nan)
@@ -628,11 +634,11 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         the only column, ``"':' (position -1)"``: a lone ":" rotated 90 degrees read as a dot
         pair)."""
         labels = list(self.position_labels)
-        if len(labels) == 1 and self.positions[0] is not None:
+        if len(labels) == 1 and isinstance(self.positions[0], int):
             return [f"'{labels[0]}' (position {self.positions[0]})"]
         # Each token with its position, as to_frame() says it: a few-shot prompt repeats tokens.
         return [
-            label if at is None else f"{label} ({at})"
+            label if not isinstance(at, int) else f"{label} ({at})"
             for label, at in zip(labels, self.positions, strict=True)
         ]
 
