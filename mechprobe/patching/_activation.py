@@ -26,6 +26,7 @@ layer, each read by 3 of the 9 query heads; :func:`mechprobe.core.query_heads` s
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, get_args
 
 import numpy as np
@@ -72,9 +73,12 @@ from mechprobe.patching._result import PatchResult, normalised_recovery, pair_re
 __all__ = [
     "NamedPositions",
     "Prompts",
+    "Rows",
+    "SiteGroups",
     "ablate_cells",
     "patch",
     "position_pairs",
+    "site_rows",
     "token_rows",
 ]
 
@@ -83,6 +87,9 @@ Prompts: TypeAlias = str | Sequence[str] | Batch | Tensor | Sequence[Tensor]
 #: Positions by name, each one column: ``{"S2": [10, 10, 12], "END": -1}`` (an int for every
 #: pair, or one int per pair; negative from each prompt's last token).
 NamedPositions: TypeAlias = Mapping[str, int | Sequence[int]]
+#: Sites by group, each group written as one cell:
+#: ``{"name movers": [Site("head", 9, head=9), "head@10, head 0"]}``.
+SiteGroups: TypeAlias = Mapping[str, SiteKind | SiteLike | Sequence[SiteLike]]
 
 
 def _sites(model: Any, sites: Any, layers: Layers, what: str = "patch()") -> list[Site]:
@@ -91,6 +98,53 @@ def _sites(model: Any, sites: Any, layers: Layers, what: str = "patch()") -> lis
         if site.positions is not None:
             raise ValueError(f"{site} carries positions: pass positions= to {what} instead.")
     return found
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The rows of a patching result: single sites, or named groups of sites written as one cell.
+
+    Attributes:
+        names: Per row, the group's name (None for a single site).
+        groups: Per row, the sites written together (one for a single site).
+    """
+
+    names: list[str | None]
+    groups: list[list[Site]]
+
+    @property
+    def sites(self) -> list[Site]:
+        """Every site a row writes, each once, in order."""
+        return list(dict.fromkeys(site for group in self.groups for site in group))
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+
+def site_rows(model: Any, sites: Any, layers: Layers, what: str = "patch()") -> Rows:
+    """The rows ``sites`` asks for: each site alone, or with a mapping ``{name: sites}`` each
+    named group as one row whose cells write all its sites at once.
+
+    Example:
+        >>> from mechprobe.core import tiny_model
+        >>> rows = site_rows(tiny_model(), {"early": ["mlp_out@0", "head@1, head 2"]}, "all")
+        >>> rows.names, [str(s) for s in rows.groups[0]]
+        (['early'], ['mlp_out@0', 'head@1, head 2'])
+    """
+    if not isinstance(sites, Mapping):
+        found = _sites(model, sites, layers, what)
+        return Rows([None] * len(found), [[site] for site in found])
+    example = "e.g. {'name movers': ['head@9, head 9', 'head@10, head 0']}"
+    if not sites:
+        raise ValueError(f"sites={{}} names no group: name at least one, {example}.")
+    names: list[str | None] = []
+    groups = []
+    for name, members in sites.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Groups of sites take non-empty strings as names, got {name!r}.")
+        names.append(name)
+        groups.append(_sites(model, members, layers, what))  # a site named twice counts once
+    return Rows(names, groups)
 
 
 def token_pairs(model: Any, clean: Prompts, corrupt: Prompts) -> tuple[list[Tensor], list[Tensor]]:
@@ -314,7 +368,7 @@ def patch(
     model: Any,
     clean: Prompts,
     corrupt: Prompts,
-    sites: SiteKind | SiteLike | Sequence[SiteLike],
+    sites: SiteKind | SiteLike | Sequence[SiteLike] | SiteGroups,
     positions: PositionSpec | NamedPositions | None,
     metric: PatchMetric | MetricFn,
     *,
@@ -338,7 +392,8 @@ def patch(
         sites: A kind (``"resid_pre"``, ``"resid_mid"``, ``"resid_post"``, ``"attn_out"``,
             ``"mlp_out"``: every layer; a head kind ``"head"`` (z), ``"q"``, ``"k"``, ``"v"``,
             ``"pattern"``, ``"head_out"``: every layer x head, key/value heads for k and v), or
-            Site(s) / hook names.
+            Site(s) / hook names. Or groups by name, ``{"circuit": [Site("head", 1, head=0),
+            "mlp_out@2"]}``: each group one row whose cells patch all its sites at once.
         positions: ``-1`` (last token of each prompt), a list of ints (negative from the end),
             ``"all"`` (each position a cell; every clean and corrupt prompt must then have the
             same token length) or None (one cell per site that writes every position at once, as
@@ -390,11 +445,11 @@ def patch(
     clean_ids, corrupt_ids = token_pairs(model, clean, corrupt)
     n_pairs = len(clean_ids)
     src, base = (clean_ids, corrupt_ids) if direction == "denoising" else (corrupt_ids, clean_ids)
-    site_list = _sites(model, sites, layers)
+    rows = site_rows(model, sites, layers)
     wanted, columns = _columns(positions, [len(t) for t in src], [len(t) for t in base])
     for i, pair_columns in enumerate(columns):
         for ps, pb in (pos for column in pair_columns for pos in column):
-            if ps != pb and any(s.kind == "pattern" for s in site_list):
+            if ps != pb and any(s.kind == "pattern" for s in rows.sites):
                 raise ValueError(
                     f"Pattern cells at position {ps} of pair {i}'s source and {pb} of its run: a "
                     "pattern row is as long as its position, so both prompts must have the "
@@ -407,13 +462,19 @@ def patch(
         bases=[Base(t, i) for i, t in enumerate(base)],
     )
     grid = [
-        (i, r, c, site, column)
+        (i, r, c, group, column)
         for i, pair_columns in enumerate(columns)
-        for r, site in enumerate(site_list)
+        for r, group in enumerate(rows.groups)
         for c, column in enumerate(pair_columns)
     ]
-    # One slot per (cell, position) a cell writes: one each, or every position with None.
-    slots = [(n, site, ps, pb) for n, (*_, site, column) in enumerate(grid) for ps, pb in column]
+    # One slot per (cell, site, position) a cell writes: one each, every position with None,
+    # every site of a group.
+    slots = [
+        (n, site, ps, pb)
+        for n, (*_, group, column) in enumerate(grid)
+        for site in group
+        for ps, pb in column
+    ]
     widths = [edit_width(model, site, pb) for _, site, _, pb in slots]
     sum_zero = [site.kind == "pattern" for _, site, _, _ in slots]
     pair_tokens = list(zip(clean_ids, corrupt_ids, strict=True))
@@ -441,7 +502,7 @@ def patch(
         memory_budget=memory_budget,
         progress=progress,
     )
-    shape = (n_pairs, len(site_list), len(wanted))
+    shape = (n_pairs, len(rows), len(wanted))
     per_pair, random = np.full(shape, np.nan), np.full((n_random, *shape), np.nan)
     for cell, value in zip(plan.cells, got.cells.tolist(), strict=True):
         j, i, r, c = cell.key
@@ -450,7 +511,7 @@ def patch(
     clean_m, corrupt_m = (src_m, base_m) if direction == "denoising" else (base_m, src_m)
     return _result(
         model,
-        site_list,
+        rows,
         wanted,
         per_pair,
         random,
@@ -466,7 +527,7 @@ def patch(
 
 def _result(
     model: Any,
-    site_list: list[Site],
+    rows: Rows,
     wanted: Sequence[int | str | None],
     per_pair: np.ndarray,
     random: np.ndarray,
@@ -479,6 +540,7 @@ def _result(
     records: dict[str, tuple[Any, ...]],
 ) -> PatchResult:
     values_mean = per_pair.mean(axis=0)
+    named = list(zip(rows.names, rows.groups, strict=True))
     normalised = np.full_like(values_mean, np.nan)
     if not direction.endswith("ablation"):
         normalised = normalised_recovery(
@@ -490,10 +552,12 @@ def _result(
         normalised=normalised,
         clean=clean_m,
         corrupt=corrupt_m,
-        sites=tuple(str(s) for s in site_list),
-        kinds=tuple(s.kind for s in site_list),
-        layers=tuple(s.layer for s in site_list),
-        heads=tuple(s.head for s in site_list),
+        # a group's row is its name, of kind "group", at no one layer or head
+        sites=tuple(str(g[0]) if n is None else n for n, g in named),
+        kinds=tuple(g[0].kind if n is None else "group" for n, g in named),
+        layers=tuple(g[0].layer if n is None else None for n, g in named),
+        heads=tuple(g[0].head if n is None else None for n, g in named),
+        members=tuple(tuple(str(s) for s in g) for g in rows.groups),
         positions=tuple(wanted),
         position_labels=labels,
         metric=metric_name,
@@ -512,7 +576,7 @@ Method: TypeAlias = Literal["zero", "mean"]
 def ablate_cells(
     model: Any,
     prompts: Prompts,
-    sites: SiteKind | SiteLike | Sequence[SiteLike],
+    sites: SiteKind | SiteLike | Sequence[SiteLike] | SiteGroups,
     positions: PositionSpec | NamedPositions | None,
     metric: PatchMetric | MetricFn,
     *,
@@ -534,7 +598,8 @@ def ablate_cells(
         model: A TransformerLens model.
         prompts: The prompt(s) run (a string, a list, a :class:`Batch` or unpadded token ids).
         sites: As for :func:`patch`: kinds, head kinds (``"head"``, ``"q"``, ``"k"``, ``"v"``,
-            ``"pattern"``, ``"head_out"``), Sites or hook names.
+            ``"pattern"``, ``"head_out"``), Sites or hook names, or groups by name (each group
+            one row ablating all its sites at once: a circuit's heads knocked out together).
         positions: ``-1``, a list of ints (negative from each prompt's end), ``"all"`` (every
             prompt must then have the same length), None (one cell per site ablating every
             position of the prompt at once: a head or an MLP knocked out), or positions by name
@@ -577,7 +642,8 @@ def ablate_cells(
         cells_per_batch, memory_budget, n_random, seed
     )
     ids = token_rows(model, prompts, "prompts")
-    site_list = _sites(model, sites, layers, "ablate_cells()")
+    rows = site_rows(model, sites, layers, "ablate_cells()")
+    site_list = rows.sites
     if reference_positions != "all":
         position_list(reference_positions)  # a clear error for a bad spec, before any forward
         if any(s.kind == "pattern" for s in site_list):
@@ -597,13 +663,19 @@ def ablate_cells(
             _warn_if_self_mean(site_list, ablated, lengths[0], reference_positions)
     plan = Plan(bases=[Base(t, i) for i, t in enumerate(ids)])
     grid = [
-        (i, r, c, site, column)
+        (i, r, c, group, column)
         for i, prompt_columns in enumerate(columns)
-        for r, site in enumerate(site_list)
+        for r, group in enumerate(rows.groups)
         for c, column in enumerate(prompt_columns)
     ]
-    # One slot per (cell, position) a cell writes: one each, or every position with None.
-    slots = [(n, site, p) for n, (*_, site, column) in enumerate(grid) for _, p in column]
+    # One slot per (cell, site, position) a cell writes: one each, every position with None,
+    # every site of a group.
+    slots = [
+        (n, site, p)
+        for n, (*_, group, column) in enumerate(grid)
+        for site in group
+        for _, p in column
+    ]
     values: list[Tensor] = []
     for _, site, p in slots:
         if method == "zero":
@@ -647,7 +719,7 @@ def ablate_cells(
         progress=progress,
         desc="ablate",
     )
-    shape = (len(ids), len(site_list), len(wanted))
+    shape = (len(ids), len(rows), len(wanted))
     per_pair, random = np.full(shape, np.nan), np.full((n_random, *shape), np.nan)
     for cell, value in zip(plan.cells, got.cells.tolist(), strict=True):
         j, i, r, c = cell.key
@@ -655,7 +727,7 @@ def ablate_cells(
     intact = got.bases.cpu().numpy()
     return _result(
         model,
-        site_list,
+        rows,
         wanted,
         per_pair,
         random,

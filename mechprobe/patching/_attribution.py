@@ -57,10 +57,11 @@ from mechprobe.patching._activation import (
     Direction,
     NamedPositions,
     Prompts,
+    SiteGroups,
     _columns,
     _labels,
     _result,
-    _sites,
+    site_rows,
     token_pairs,
 )
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric, check_unpatched
@@ -149,7 +150,7 @@ def attribution_patch(
     model: Any,
     clean: Prompts,
     corrupt: Prompts,
-    sites: SiteKind | SiteLike | Sequence[SiteLike],
+    sites: SiteKind | SiteLike | Sequence[SiteLike] | SiteGroups,
     positions: PositionSpec | NamedPositions | None,
     metric: PatchMetric | MetricFn,
     *,
@@ -168,7 +169,8 @@ def attribution_patch(
         clean: Clean prompt(s), as for :func:`patch`.
         corrupt: Corrupt prompt(s), as many as ``clean``.
         sites: As for :func:`patch`: kinds (every layer; head kinds every layer x head, key/value
-            heads for ``k``/``v``), Sites or site hook names.
+            heads for ``k``/``v``), Sites or site hook names, or groups by name (a group's
+            estimate is the sum of its sites', first order's estimate of patching them at once).
         positions: ``-1``, a list of ints (negative from each prompt's end), ``"all"``, or
             None: every position at once (the sum of the positions' estimates, first order's
             estimate of :func:`patch`'s ``positions=None``; each pair's prompts of one length),
@@ -208,7 +210,8 @@ def attribution_patch(
     # the run whose activations are read, and the run that is differentiated (edited)
     src_ids, base_ids = (corrupt_ids, clean_ids) if noising else (clean_ids, corrupt_ids)
     n_pairs = len(clean_ids)
-    site_list = _sites(model, sites, layers, "attribution_patch()")
+    rows = site_rows(model, sites, layers, "attribution_patch()")
+    site_list = rows.sites
     # Columns of positions written together: one each, or every position with None, where the
     # estimates of a column's positions add up (first order).
     wanted, columns = _columns(
@@ -227,7 +230,7 @@ def attribution_patch(
     metric_fn, metric_name = bind_metric(model, metric, n_pairs)
     value_hooks = list(dict.fromkeys(_value_hook(s) for s in site_list))
     grad_hooks = list(dict.fromkeys(_grad_hook(s) for s in site_list))
-    shape = (n_pairs, len(site_list), len(wanted))
+    shape = (n_pairs, len(rows), len(wanted))
     per_pair, random = np.full(shape, np.nan), np.full((n_random, *shape), np.nan)
     clean_m, corrupt_m = np.full(n_pairs, np.nan), np.full(n_pairs, np.nan)
     for i in progress_bar(range(n_pairs), progress=progress, desc="attribution"):
@@ -266,22 +269,26 @@ def attribution_patch(
         dst = torch.as_tensor([ps if noising else pb for ps, pb in resolved[i]])
         # One estimate per hook for all its heads and positions; sites pick their head.
         estimates: dict[tuple[str, str], np.ndarray] = {}
-        for r, site in enumerate(site_list):
-            key = (site.kind, _grad_hook(site))
-            if key not in estimates:
-                est, randoms = _estimate(model, site, caps, grads, src, dst, generators)
-                # [1 + n_random, positions(, heads)] in one transfer
-                estimates[key] = torch.stack([est, *randoms]).cpu().numpy()
-            values = estimates[key]
-            head = () if site.head is None else (slice(None), site.head)
-            picked = values[(slice(None), *head)]  # [1 + n_random, positions]
-            if together:  # first order: the effects of the positions add up
-                picked = picked.sum(axis=1, keepdims=True)
-            per_pair[i, r] = base_m + picked[0]
-            random[:, i, r] = base_m + picked[1:]
+        for r, group in enumerate(rows.groups):
+            # first order: the effects of a group's sites (and of positions together) add up
+            change = np.zeros((1 + n_random, len(wanted)))
+            for site in group:
+                key = (site.kind, _grad_hook(site))
+                if key not in estimates:
+                    est, randoms = _estimate(model, site, caps, grads, src, dst, generators)
+                    # [1 + n_random, positions(, heads)] in one transfer
+                    estimates[key] = torch.stack([est, *randoms]).cpu().numpy()
+                values = estimates[key]
+                head = () if site.head is None else (slice(None), site.head)
+                picked = values[(slice(None), *head)]  # [1 + n_random, positions]
+                if together:
+                    picked = picked.sum(axis=1, keepdims=True)
+                change += picked
+            per_pair[i, r] = base_m + change[0]
+            random[:, i, r] = base_m + change[1:]
     return _result(
         model,
-        site_list,
+        rows,
         wanted,
         per_pair,
         random,

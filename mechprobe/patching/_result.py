@@ -222,9 +222,11 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             corrupt metrics coincide, where recovery is undefined, and for ablations.
         clean: ``[pairs]`` the metric on the unpatched clean run (an ablation's intact run).
         corrupt: ``[pairs]`` the metric on the unpatched corrupt run (NaN for ablations).
-        sites: Row labels, e.g. ``"mlp_out@3"`` or ``"head@3, head 2"``.
+        sites: Row labels, e.g. ``"mlp_out@3"`` or ``"head@3, head 2"``, or a group's name
+            (``sites={"name movers": [...]}``: its sites written as one cell).
         kinds, layers, heads: Per row: site kind, layer, head (None except for head sites; a
-            key/value head for ``k`` and ``v``).
+            key/value head for ``k`` and ``v``); a group's row is of kind ``"group"``, at layer
+            and head None.
         positions: The requested positions (negative ones count back from each prompt's last
             token; None: every position at once, one column; names for positions given by
             name, whose index may differ from pair to pair).
@@ -249,6 +251,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             recorded them; :meth:`concat` joins them and warns of a pair found in two parts.
         answer_tokens, wrong_tokens: ``[pairs]`` those tokens' text, which the figures' titles
             name (empty for a model without a tokenizer and in files saved before).
+        members: Per row, the sites its cells write (one for a single site; a group's sites),
+            as labels (empty in files saved before results recorded them).
 
     Example:
         >>> import mechprobe as mp
@@ -265,7 +269,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
     corrupt: np.ndarray
     sites: tuple[str, ...]
     kinds: tuple[str, ...]
-    layers: tuple[int, ...]
+    layers: tuple[int | None, ...]
     heads: tuple[int | None, ...]
     positions: tuple[int | str | None, ...]
     position_labels: tuple[str, ...]
@@ -280,6 +284,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
     wrong_ids: tuple[int, ...] = ()
     answer_tokens: tuple[str, ...] = ()
     wrong_tokens: tuple[str, ...] = ()
+    members: tuple[tuple[str, ...], ...] = ()
 
     @classmethod
     def concat(cls, results: Sequence[PatchResult]) -> PatchResult:
@@ -457,7 +462,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             {
                 "site": np.repeat(self.sites, n_pos),
                 "kind": np.repeat(self.kinds, n_pos),
-                "layer": np.repeat(self.layers, n_pos),
+                "layer": self._layer_column(n_pos),
                 "head": head_column(np.repeat(np.array(self.heads, dtype=object), n_pos)),
                 "position": np.tile(positions, n_sites),
                 "position_label": np.tile(self.position_labels, n_sites),
@@ -580,14 +585,22 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             axes = list(fig.subplots(1, len(kinds), squeeze=False)[0])
             for axis, kind, index in zip(axes, kinds, rows, strict=True):
                 names = [
-                    str(self.layers[i])
+                    self.sites[i]  # a group's name
+                    if self.layers[i] is None
+                    else str(self.layers[i])
                     if self.heads[i] is None
                     else f"L{self.layers[i]}H{self.heads[i]}"
                     for i in index
                 ]
                 image = self._heatmap(axis, data[index], names, self._position_ticks(), lim)
                 axis.set_title(literal(kind))
-                axis.set_ylabel("layer" if kind not in HEAD_KINDS else "layer, head")
+                axis.set_ylabel(
+                    "group"
+                    if kind == "group"
+                    else "layer"
+                    if kind not in HEAD_KINDS
+                    else "layer, head"
+                )
             fig.colorbar(image, ax=axes, label=literal(label))
             fig.suptitle(title, fontsize=9)
             return fig
@@ -602,17 +615,18 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
                 title += f" at {at}"
             else:
                 title += f" at position {at} ('{self.position_labels[0]}')"
-            layers = sorted(set(self.layers))
+            layers = sorted({int(layer) for layer in self.layers if layer is not None})
             n_heads = max(h or 0 for h in self.heads) + 1
             grid = np.full((len(layers), n_heads), np.nan)
             for value, layer, head in zip(data[:, 0], self.layers, self.heads, strict=True):
-                grid[layers.index(layer), head or 0] = value
+                if layer is not None:  # always, rows of one head kind
+                    grid[layers.index(layer), head or 0] = value
             data, ylabels, xlabels = (
                 grid,
                 [str(layer) for layer in layers],
                 list(map(str, range(n_heads))),
             )
-        elif len(kinds) == 1 and len(set(self.layers)) == len(self.layers):
+        elif len(kinds) == 1 and kinds[0] != "group" and len(set(self.layers)) == len(self.layers):
             ylabels = [str(layer) for layer in self.layers]
         # Capped (83 positions drew 31 inches); past 40 columns or 56 rows the labels thin out.
         size = (
@@ -628,6 +642,12 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         # Wrapped to the figure: on a narrow heatmap (6 positions) one line ran past both edges.
         ax.set_title(textwrap.fill(title, max(30, int(10 * fig.get_figwidth()))), fontsize="small")
         return fig
+
+    def _layer_column(self, n_pos: int) -> Any:
+        """The frame's ``layer``: ints, or nullable ``Int64`` with ``<NA>`` for groups' rows."""
+        if None not in self.layers:
+            return np.repeat(np.asarray(self.layers, dtype=np.int64), n_pos)
+        return pd.array([layer for layer in self.layers for _ in range(n_pos)], dtype="Int64")
 
     def _position_ticks(self) -> list[str]:
         """The x tick of each position: its token and position (``"What (12)"``; where it is
