@@ -221,6 +221,7 @@ ROUND_TRIPS = {
     "DASResult": "test_das.py",
     "Eraser": "test_nullspace.py",
     "ErasureSweep": "test_erasure_sweep.py",
+    "FaithfulnessResult": "test_faithfulness.py",
     "FunctionVectorResult": "test_function_vectors.py",
     "GenerationResult": "test_generation.py",
     "LensComparison": "test_lenses.py",
@@ -464,6 +465,10 @@ def _model_runs() -> dict[str, Any]:
             m, mp.Site("resid_post", 1), mp.random_projection(64, 2, seed=1), text=["Hi you"],
             n_random=1,
         ),
+        "FaithfulnessResult": lambda m: mp.faithfulness(
+            m, ["Hi cat", "Hi dog"], [mp.Site("head", 2, head=1)], mp.logit_diff(5, 6),
+            progress=False,
+        ),
         "GenerationResult": lambda m: mp.generate(m, "Hi", max_new_tokens=2),
         "FunctionVectorResult": lambda m: mp.function_vector(m, "capitals", n_prompts=4),
         "TaskScore": lambda m: mp.score_task(m, capitals.subset(2)),
@@ -568,6 +573,7 @@ IDENTIFIED_BY = {
     "DASResult": {"positions"},
     "LogitAttributionResult": {"positions"},
     "ErasureSweep": {"positions"},
+    "FaithfulnessResult": {"metric"},
 }
 
 

@@ -566,6 +566,14 @@ def _batched_calls() -> dict[str, Callable[[Any], Any]]:
             **off,
         ),
         "head_scores": lambda b: mp.head_scores(model, seq_len=6, n_prompts=3, batch_size=b, **off),
+        "faithfulness": lambda b: mp.faithfulness(
+            model,
+            ["Hi cat", "Hello there", "Hi dog", "Hello you"],
+            [mp.Site("head", 1, head=0, positions=-1)],
+            metric,
+            batch_size=b,
+            **off,
+        ),
         "function_vector": lambda b: mp.function_vector(
             model, "capitals", n_prompts=3, n_random=0, batch_size=b, **off
         ),

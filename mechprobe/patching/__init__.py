@@ -1,12 +1,14 @@
 """Causal analyses on mechprobe's batched cell engine, each effect beside random controls:
 activation patching and ablation of sites and heads, attribution patching, path patching, causal
 tracing with noise; direct logit attribution of the residual stream's writes; distributed alignment
-search; head scores (previous-token, duplicate-token, induction heads) from attention patterns."""
+search; circuit faithfulness by mean ablation; head scores (previous-token, duplicate-token,
+induction heads) from attention patterns."""
 
 from mechprobe.patching._activation import ablate_cells, patch
 from mechprobe.patching._attribution import attribution_patch
 from mechprobe.patching._das import DASResult, das
 from mechprobe.patching._direct import LogitAttributionResult, direct_logit_attribution
+from mechprobe.patching._faithfulness import FaithfulnessResult, faithfulness
 from mechprobe.patching._head_scores import HeadScoreResult, head_scores
 from mechprobe.patching._metrics import PatchMetric, answer_prob, logit_diff
 from mechprobe.patching._path import RECEIVER_KINDS, SENDER_KINDS, PathPatchResult, path_patch
@@ -24,6 +26,7 @@ __all__ = [
     "SENDER_KINDS",
     "TRACE_KINDS",
     "DASResult",
+    "FaithfulnessResult",
     "HeadScoreResult",
     "LogitAttributionResult",
     "PatchMetric",
@@ -36,6 +39,7 @@ __all__ = [
     "causal_trace",
     "das",
     "direct_logit_attribution",
+    "faithfulness",
     "head_scores",
     "logit_diff",
     "patch",
