@@ -257,7 +257,7 @@ def test_a_site_named_twice_or_a_component_with_positions_is_refused(tiny: Any) 
     with pytest.raises(ValueError, match=r"components .* carry positions"):
         components = [mp.Site("head", 2, head=1, positions=-1)]
         mp.faithfulness(tiny, PROMPTS, [CIRCUIT[0]], METRIC, components=components, **OFF)
-    with pytest.raises(ValueError, match=r"kept at positions \[9\], outside the 7-token"):
+    with pytest.raises(ValueError, match=r"kept at positions \[9\], outside prompt 0 \(7 tokens"):
         mp.faithfulness(tiny, PROMPTS, [mp.Site("head", 2, head=1, positions=9)], METRIC, **OFF)
 
 
@@ -380,3 +380,44 @@ def test_frames_repr_and_plot(tiny: Any) -> None:
     assert result.plot(ax=ax) is ax.get_figure()
     with pytest.raises(ValueError, match="read-only"):  # frozen
         result.full[0] = 0.0
+
+
+def test_circuit_kept_at_named_positions_per_prompt(tiny: Any) -> None:
+    """IOI's S2 sits at different offsets: a site kept at a named position is kept at each
+    prompt's own index (prompts of one group with different indices run apart)."""
+    at = [3, 4, 5]
+    circuit = {mp.Site("head", 2, head=1): "X", "head@1, head 3": ["X", "END"]}
+    result = mp.faithfulness(
+        tiny, PROMPTS, circuit, METRIC, positions={"X": at, "END": -1}, reference=REFERENCE, **OFF
+    )
+    assert result.circuit_positions == ("X", "X,END")
+    for i, prompt in enumerate(PROMPTS):
+        kept = {(2, 1): [at[i]], (1, 3): [at[i], 6]}
+        expected = _conditions(tiny, [prompt], REFERENCE, kept)
+        for condition, values in expected.items():
+            np.testing.assert_allclose(
+                getattr(result, condition)[i], values[0], rtol=1e-4, atol=1e-4, err_msg=condition
+            )
+    # where the circuit is kept matters: else the comparison above could not tell positions apart
+    everywhere = mp.faithfulness(tiny, PROMPTS, list(circuit), METRIC, reference=REFERENCE, **OFF)
+    assert not np.allclose(everywhere.circuit, result.circuit, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("circuit", "positions", "message"),
+    [
+        ({"head@2, head 1": "S2"}, None, "no positions= names them"),
+        ({"head@2, head 1": "S2"}, {"X": 1}, r"does not name \(it names \['X'\]\)"),
+        ({"head@2, head 1": 2.5}, None, "give a name of positions="),
+        ({"head@2, head 1": ["X", "X"]}, {"X": 1}, "each once"),
+        ({"head@2, head 1": "X"}, {"X": [1, 2]}, r"one int per prompt \(3 here\)"),
+        ({"head@2, head 1": "X"}, {"X": 9}, "is 9 for prompt 0, whose prompt has 7 tokens"),
+        ({mp.Site("head", 2, head=1, positions=-1): "X"}, {"X": 1}, "carries positions"),
+        ({"head@2, head 1": "X"}, [1, 2, 3], "must map names"),
+    ],
+)
+def test_bad_named_circuit_positions_are_refused(
+    tiny: Any, circuit: Any, positions: Any, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        mp.faithfulness(tiny, PROMPTS, circuit, METRIC, positions=positions, **OFF)

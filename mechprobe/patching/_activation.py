@@ -244,7 +244,7 @@ def _refuse_padding(model: Any, rows: list[Tensor], what: str) -> None:
 
 
 def position_pairs(
-    spec: Any, src: list[int], base: list[int]
+    spec: Any, src: list[int], base: list[int], unit: str = "pair"
 ) -> tuple[list[int | str], list[list[tuple[int, int]]]]:
     """Requested positions (ints, or names for :data:`NamedPositions`) and, per pair,
     ``[(p_src, p_base)]`` in each unpadded sequence.
@@ -256,7 +256,7 @@ def position_pairs(
         (['S2', 'END'], [[(1, 1), (3, 3)], [(2, 2), (4, 4)]])
     """
     if isinstance(spec, Mapping):
-        return _named_pairs(spec, src, base)
+        return _named_pairs(spec, src, base, unit)
     if isinstance(spec, str):
         lengths = set(src) | set(base)
         if spec != "all":
@@ -283,10 +283,11 @@ def position_pairs(
 
 
 def _named_pairs(
-    spec: Mapping[Any, Any], src: list[int], base: list[int]
+    spec: Mapping[Any, Any], src: list[int], base: list[int], unit: str
 ) -> tuple[list[int | str], list[list[tuple[int, int]]]]:
     """:func:`position_pairs` for positions by name: each name one column, at an int for every
-    pair or at one int per pair (IOI's S2 sits at different offsets in different templates)."""
+    pair or at one int per pair (IOI's S2 sits at different offsets in different templates);
+    ``unit`` is what errors call a pair (``"prompt"`` where there is one prompt each)."""
     n_pairs = len(src)
     example = "e.g. positions={'S2': [10, 10, 12], 'END': -1}"
     if not spec:
@@ -306,7 +307,7 @@ def _named_pairs(
         items = [as_int(p) for p in value] if isinstance(value, (list, tuple, range)) else []
         if len(items) != n_pairs or any(p is None for p in items):
             raise ValueError(
-                f"positions[{name!r}] must be an int (for every pair) or one int per pair "
+                f"positions[{name!r}] must be an int (for every {unit}) or one int per {unit} "
                 f"({n_pairs} here), got {value!r}: {example}."
             )
         per_name[name] = [int(p) for p in items if p is not None]
@@ -317,9 +318,10 @@ def _named_pairs(
             p = at[i]
             ps, pb = (p + s, p + b) if p < 0 else (p, p)
             if not (0 <= ps < s and 0 <= pb < b):
+                tokens = f"prompts have {s} and {b}" if unit == "pair" else f"{unit} has {s}"
                 raise ValueError(
-                    f"positions[{name!r}] is {p} for pair {i}, whose prompts have {s} and {b} "
-                    f"tokens: use positions within -{min(s, b)}..{min(s, b) - 1}."
+                    f"positions[{name!r}] is {p} for {unit} {i}, whose {tokens} tokens: use "
+                    f"positions within -{min(s, b)}..{min(s, b) - 1}."
                 )
             pairs.append((ps, pb))
         resolved.append(pairs)
@@ -327,7 +329,7 @@ def _named_pairs(
 
 
 def _columns(
-    spec: Any, src: list[int], base: list[int]
+    spec: Any, src: list[int], base: list[int], unit: str = "pair"
 ) -> tuple[list[int | str | None], list[list[tuple[tuple[int, int], ...]]]]:
     """Like :func:`position_pairs`, but each column is a tuple of ``(p_src, p_base)`` written
     together: one position each, or with ``spec=None`` every position of the pair at once (its
@@ -338,7 +340,7 @@ def _columns(
         ([None], [[((0, 0), (1, 1), (2, 2))]])
     """
     if spec is not None:
-        wanted, resolved = position_pairs(spec, src, base)
+        wanted, resolved = position_pairs(spec, src, base, unit)
         return list(wanted), [[(pair,) for pair in pairs] for pairs in resolved]
     for i, (s, b) in enumerate(zip(src, base, strict=True)):
         if s != b:
@@ -652,7 +654,7 @@ def ablate_cells(
                 "per query position: leave reference_positions='all' for pattern sites."
             )
     lengths = [len(t) for t in ids]
-    wanted, columns = _columns(positions, lengths, lengths)
+    wanted, columns = _columns(positions, lengths, lengths, "prompt")
     metric_fn, metric_name = bind_metric(model, metric, len(ids))
     means: dict[Site, Any] = {}
     if method == "mean":

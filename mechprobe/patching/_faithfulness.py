@@ -26,9 +26,9 @@ reference prompt (BOS left out, as ``Ablate("mean")`` does).
 from __future__ import annotations
 
 import typing
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -43,6 +43,7 @@ from mechprobe.core import (
     Site,
     SiteKind,
     SiteLike,
+    as_int,
     check_batch_size,
     check_bool,
     check_choice,
@@ -60,6 +61,7 @@ from mechprobe.core import (
     tokenize,
     warn,
 )
+from mechprobe.patching._activation import NamedPositions, position_pairs
 from mechprobe.patching._metrics import bind_metric, check_unpatched
 
 if TYPE_CHECKING:
@@ -67,6 +69,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = ["CONDITIONS", "FaithfulnessResult", "faithfulness"]
+
+#: Where a circuit site is kept: a name of ``positions=``, an int, a list of them, or ``"all"``.
+Kept: TypeAlias = str | int | Sequence[str | int]
 
 #: The four runs, in the order of frames and plots.
 CONDITIONS = ("full", "circuit", "empty", "knockout")
@@ -249,9 +254,10 @@ def _degenerate(full: float, empty: float) -> bool:
 def faithfulness(
     model: Any,
     prompts: str | Sequence[str],
-    circuit: SiteLike | Sequence[SiteLike],
+    circuit: SiteLike | Sequence[SiteLike] | Mapping[SiteLike, Kept],
     metric: Any,
     *,
+    positions: NamedPositions | None = None,
     reference: str | Sequence[str] | None = None,
     components: Literal["heads"] | SiteLike | Sequence[SiteLike] = "heads",
     method: Literal["mean", "zero"] = "mean",
@@ -270,7 +276,12 @@ def faithfulness(
         circuit: The sites kept: Sites or their labels (``Site("head", 9, head=6)`` is that
             head's ``z``; ``"head@9, head 6"``), or hook names. A Site with ``positions`` (ints,
             negative from each prompt's last real token) is kept there only and ablated at the
-            prompt's other positions (Wang et al. keep the name movers at the last token).
+            prompt's other positions (Wang et al. keep the name movers at the last token). Or a
+            mapping from sites to where each is kept: a name of ``positions``, an int, or a
+            list of them (``{"head@9, head 9": "END", "head@7, head 3": ["S2", "END"]}``).
+        positions: Positions by name that ``circuit`` refers to, as :func:`mechprobe.patch`
+            takes them: an int for every prompt or one int per prompt (``{"S2": [10, 10, 12],
+            "END": -1}``), for templates that put a word at different offsets.
         metric: ``mp.logit_diff(...)`` or ``mp.answer_prob(...)`` (per-prompt answers matched
             to ``prompts`` in order), or a function ``fn(logits [rows, vocab]) -> [rows]``
             (optionally ``fn(logits, prompt_index)``).
@@ -320,6 +331,7 @@ def faithfulness(
     texts, lengths = _texts(model, prompts, "prompts")
     universe = _components(model, components)
     kept = _circuit(model, circuit, universe)
+    named = _named(positions, kept, lengths)
     fn, metric_name = bind_metric(model, metric, len(texts))  # answers checked before any pass
     means_needed = method == "mean"
     if not means_needed and (reference is not None or groups is not None):
@@ -343,7 +355,13 @@ def faithfulness(
         labels, ref_labels = list(lengths), list(ref_lengths)
     order = list(dict.fromkeys(labels))
     members = {g: [i for i, label in enumerate(labels) if label == g] for g in order}
-    kept_at = {g: _kept_positions(kept, lengths[members[g][0]], g) for g in order}
+    # Prompts run together where they share a group (its means) and the indices their circuit
+    # is kept at (named positions may differ from prompt to prompt within a template).
+    kept_of = [_kept_positions(kept, lengths[i], named[i], i) for i in range(len(texts))]
+    units: dict[tuple[Hashable, str], list[int]] = {}
+    for g in order:
+        for i in members[g]:
+            units.setdefault((g, repr(sorted(kept_of[i].items(), key=str))), []).append(i)
 
     sites = list(universe)
     means: dict[Hashable, dict[Site, Tensor]] = {}
@@ -369,11 +387,11 @@ def faithfulness(
         means = {g: pooled for g in order}
 
     values = {c: np.zeros(len(texts)) for c in CONDITIONS}
-    steps = [(g, c) for g in order for c in CONDITIONS]
-    for g, condition in progress_bar(steps, progress=progress, desc="faithfulness"):
-        rows = members[g]
+    steps = [(unit, c) for unit in units for c in CONDITIONS]
+    for unit, condition in progress_bar(steps, progress=progress, desc="faithfulness"):
+        rows = units[unit]
         n_tokens = lengths[rows[0]]
-        spec = _spec(condition, sites, kept_at[g], n_tokens, means.get(g))
+        spec = _spec(condition, sites, kept_of[rows[0]], n_tokens, means.get(unit[0]))
         out = run(
             model,
             [texts[i] for i in rows],
@@ -397,9 +415,7 @@ def faithfulness(
         method=method,
         per_position=per_position,
         circuit_sites=tuple(str(site) for site in kept),
-        circuit_positions=tuple(
-            "all" if where is None else str(positions_text(where)) for where in kept.values()
-        ),
+        circuit_positions=tuple(_where_text(where) for where in kept.values()),
         n_components=len(sites),
         prompts=tuple(texts),
         model_name=model_adapter(model).name,
@@ -445,24 +461,37 @@ def _components(model: Any, components: Any) -> list[Site]:
     return sites
 
 
-def _circuit(model: Any, circuit: Any, universe: list[Site]) -> dict[Site, list[int] | None]:
-    """``{site without positions: the positions it is kept at (None: every one)}``, in order."""
-    sites = expand_sites(model, circuit, kinds=_KINDS, what="circuit")
-    kept: dict[Site, list[int] | None] = {}
-    for site in sites:
+def _circuit(model: Any, circuit: Any, universe: list[Site]) -> dict[Site, list[int | str] | None]:
+    """``{site without positions: where it is kept (ints, names of positions; None: every
+    position)}``, in order."""
+    given: list[tuple[Site, list[int | str] | None]] = []
+    if isinstance(circuit, Mapping):
+        for key, spec in circuit.items():
+            for site in expand_sites(model, key, kinds=_KINDS, what="circuit"):
+                if site.positions is not None:
+                    raise ValueError(
+                        f"circuit site {site} carries positions and is mapped to {spec!r}: "
+                        "say where it is kept once, in the mapping."
+                    )
+                given.append((site, _kept_spec(spec, site)))
+    else:
+        for site in expand_sites(model, circuit, kinds=_KINDS, what="circuit"):
+            at: list[int | str] | None = None
+            if site.positions is not None:
+                bare = Site(site.kind, site.layer, head=site.head)
+                checked = check_positions(site.positions, name=f"positions of circuit site {bare}")
+                if checked != "all":
+                    at = [checked] if isinstance(checked, int) else list(checked)
+            given.append((site, at))
+    kept: dict[Site, list[int | str] | None] = {}
+    for site, where in given:
         bare = Site(site.kind, site.layer, head=site.head)
         if bare in kept:
             raise ValueError(
                 f"circuit names {bare} twice: name each site once, with all the positions it "
                 f"is kept at (Site({bare.kind!r}, {bare.layer}"
                 + (f", head={bare.head}" if bare.head is not None else "")
-                + ", positions=[-3, -1]))."
-            )
-        where: list[int] | None = None
-        if site.positions is not None:
-            checked = check_positions(site.positions, name=f"positions of circuit site {bare}")
-            where = (
-                None if checked == "all" else ([checked] if isinstance(checked, int) else checked)
+                + ", positions=[-3, -1]), or {site: ['S2', 'END']} with positions=)."
             )
         kept[bare] = where
     known = set(universe)
@@ -475,6 +504,70 @@ def _circuit(model: Any, circuit: Any, universe: list[Site]) -> dict[Site, list[
             "*extra_sites]), or drop them from the circuit."
         )
     return kept
+
+
+def _kept_spec(where: Any, site: Site) -> list[int | str] | None:
+    """Where a mapped circuit site is kept: ``"all"`` (None), a name or an int, or a list."""
+    if isinstance(where, str) and where == "all":
+        return None
+    items = list(where) if isinstance(where, (list, tuple)) else [where]
+    out: list[int | str] = []
+    for item in items:
+        number = as_int(item)
+        if isinstance(item, str) and item:
+            out.append(item)
+        elif number is not None:
+            out.append(number)
+        else:
+            raise ValueError(
+                f"circuit site {site} is kept at {where!r}: give a name of positions=, an int "
+                "(negative from each prompt's last token), a list of them, or 'all'."
+            )
+    if not out or len(set(out)) < len(out):
+        raise ValueError(
+            f"circuit site {site} is kept at {where!r}: name at least one position, each once."
+        )
+    return out
+
+
+def _named(
+    positions: Any, kept: dict[Site, list[int | str] | None], lengths: list[int]
+) -> list[dict[str, int]]:
+    """Per prompt, each named position's index (checked inside every prompt); the names the
+    circuit uses must be among them."""
+    used = sorted({w for where in kept.values() for w in (where or ()) if isinstance(w, str)})
+    if positions is None:
+        if used:
+            raise ValueError(
+                f"circuit keeps sites at {used}, but no positions= names them: pass "
+                "positions={name: an int, or one int per prompt}, e.g. positions={'S2': "
+                "[10, 10, 12], 'END': -1}."
+            )
+        return [{} for _ in lengths]
+    if not isinstance(positions, Mapping):
+        raise ValueError(
+            f"positions must map names to an int or one int per prompt, got {positions!r}: e.g. "
+            "positions={'S2': [10, 10, 12], 'END': -1}."
+        )
+    names, resolved = position_pairs(positions, lengths, lengths, "prompt")
+    unknown = [name for name in used if name not in names]
+    if unknown:
+        raise ValueError(
+            f"circuit keeps sites at {unknown}, which positions= does not name (it names "
+            f"{[str(n) for n in names]}): add them, or fix the circuit's names."
+        )
+    return [
+        {str(name): at for name, (at, _) in zip(names, pairs, strict=True)} for pairs in resolved
+    ]
+
+
+def _where_text(where: list[int | str] | None) -> str:
+    """Where a circuit site is kept, as text: ``"all"``, ``"-1"``, ``"S2,END"``."""
+    if where is None:
+        return "all"
+    if all(isinstance(w, int) for w in where):
+        return str(positions_text([int(w) for w in where]))
+    return ",".join(str(w) for w in where)
 
 
 def _group_labels(
@@ -548,21 +641,22 @@ def _check_groups(
 
 
 def _kept_positions(
-    kept: dict[Site, list[int] | None], n_tokens: int, group: Hashable
+    kept: dict[Site, list[int | str] | None], n_tokens: int, named: dict[str, int], row: int
 ) -> dict[Site, list[int] | None]:
-    """Each circuit site's kept positions as indices ``0..n_tokens-1`` of a prompt that long."""
+    """Each circuit site's kept positions as indices ``0..n_tokens-1`` of prompt ``row``."""
     out: dict[Site, list[int] | None] = {}
     for site, where in kept.items():
         if where is None:
             out[site] = None
             continue
-        indices = [p + n_tokens if p < 0 else p for p in where]
-        outside = [p for p, i in zip(where, indices, strict=True) if not 0 <= i < n_tokens]
+        asked = [named[w] if isinstance(w, str) else w for w in where]
+        indices = [p + n_tokens if p < 0 else p for p in asked]
+        outside = [w for w, i in zip(where, indices, strict=True) if not 0 <= i < n_tokens]
         if outside:
             raise ValueError(
-                f"circuit site {site} is kept at positions {outside}, outside the "
-                f"{n_tokens}-token prompts of group {group!r} (valid: 0..{n_tokens - 1}, or "
-                f"-1..-{n_tokens} from the last token): pass positions every prompt has."
+                f"circuit site {site} is kept at positions {outside}, outside prompt {row} "
+                f"({n_tokens} tokens; valid: 0..{n_tokens - 1}, or -1..-{n_tokens} from the "
+                "last token): pass positions every prompt has."
             )
         out[site] = sorted(set(indices))
     return out
