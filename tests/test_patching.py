@@ -1008,6 +1008,25 @@ def test_a_head_grid_says_the_position_its_heads_were_patched_at(tiny):
     assert f"at position -1 ('{res.position_labels[0]}')" in title
 
 
+def test_heads_at_several_positions_draw_a_grid_per_position(tiny):
+    """Review 33b F7: 12 heads x 2 positions drew one 12-row strip per position; now a layer x
+    head grid per position, each panel that column's head_matrix, on one colour scale."""
+    res = mp.patch(tiny, "ab cd", "ab ce", "head", {"S": 2, "END": -1}, mp.logit_diff(1, 2),
+                   n_random=0, progress=False)  # fmt: skip
+    fig = res.plot()
+    panels = [axis for axis in fig.axes if axis.images]
+    assert [axis.get_title() for axis in panels] == ["S", "END"]
+    for column, axis in enumerate(panels):
+        drawn = np.asarray(axis.images[0].get_array())
+        np.testing.assert_allclose(drawn, res.head_matrix(position=column), equal_nan=True)
+    limits = {axis.images[0].get_clim() for axis in panels}
+    assert len(limits) == 1  # one colour scale
+    # more positions than panels: one heatmap of every head row, as before
+    many = mp.patch(tiny, "ab cd efgh", "ab ce efgh", "head", list(range(9)),
+                    mp.logit_diff(1, 2), n_random=0, progress=False)  # fmt: skip
+    assert len([axis for axis in many.plot().axes if axis.images]) == 1
+
+
 def test_a_metric_evaluates_on_prompts_as_the_model_reads_them(tiny):
     """PatchMetric.evaluate (review 33b F2: checking that the model solves the clean prompts took
     logits indexed by hand): each prompt alone through the model, its last token's logits, for

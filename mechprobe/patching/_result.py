@@ -46,6 +46,8 @@ _PAIR_RECORDS = (
     "wrong_tokens",
 )
 _DERIVED = ("values", "normalised")
+# Head kinds at up to this many positions are drawn as a layer x head grid per position.
+_GRID_PANELS = 8
 # Fields that describe pair 0 only: the joined result keeps the first part's.
 _FIRST_PAIR = ("position_labels",)
 
@@ -536,9 +538,9 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
     def plot(self, ax: Axes | None = None, *, normalised: bool = True) -> Figure:
         """Heatmap of the normalised recovery (or the raw metric) over sites x positions.
 
-        Head sites at a single position are drawn as a layer x head grid; several site kinds as
-        one panel each, side by side on one colour scale (into ``ax``: one heatmap of every
-        row). Noising is drawn as normalised damage, ``1 - normalised``, so that cells a patch
+        Head sites at a single position are drawn as a layer x head grid, at up to eight
+        positions as one such grid per position; several site kinds as one panel each, side by
+        side on one colour scale (into ``ax``: one heatmap of every row). Noising is drawn as normalised damage, ``1 - normalised``, so that cells a patch
         left alone are white in both directions. Falls back to the metric's change from the
         edited run (:attr:`effect`) when normalised recovery is undefined (ablations, or equal
         clean and corrupt metrics).
@@ -572,6 +574,32 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             what = f"attribution patching (estimated {estimated})"
         kinds = list(dict.fromkeys(self.kinds))
         title = literal(f"{what} of {', '.join(kinds)}: {measured}")
+        if ax is None and self.kind in HEAD_KINDS and 1 < len(self.positions) <= _GRID_PANELS:
+            # A layer x head grid per position (IOI's S2 and END side by side): one column of
+            # 270 head rows per position read as a barcode.
+            from matplotlib.figure import Figure
+
+            layers, n_heads = self._head_axes()
+            width = min(16.0 / len(self.positions), max(3.0, 0.3 * n_heads + 1.0))
+            height = min(14.0, max(3.0, 0.25 * len(layers) + 1.5))
+            fig = Figure(figsize=(width * len(self.positions) + 1.0, height), layout="constrained")
+            axes = list(fig.subplots(1, len(self.positions), squeeze=False, sharey=True)[0])
+            ticks = self._position_ticks()
+            for column, axis in enumerate(axes):
+                grid = self._head_grid(data[:, column], layers, n_heads)
+                image = self._heatmap(
+                    axis,
+                    grid,
+                    [str(layer) for layer in layers],
+                    list(map(str, range(n_heads))),
+                    lim,
+                )
+                axis.set_title(literal(ticks[column]), fontsize="small")
+                axis.set_xlabel("head")
+            axes[0].set_ylabel("layer")
+            fig.colorbar(image, ax=axes, label=literal(label))
+            fig.suptitle(title, fontsize=9)
+            return fig
         if ax is None and len(kinds) > 1 and len(self.positions) > 1:
             # One tall stack of every kind's layers (90 rows, no separator) compared nothing
             # layer by layer: a panel per kind, on one scale.
@@ -615,14 +643,9 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
                 title += f" at {at}"
             else:
                 title += f" at position {at} ('{self.position_labels[0]}')"
-            layers = sorted({int(layer) for layer in self.layers if layer is not None})
-            n_heads = max(h or 0 for h in self.heads) + 1
-            grid = np.full((len(layers), n_heads), np.nan)
-            for value, layer, head in zip(data[:, 0], self.layers, self.heads, strict=True):
-                if layer is not None:  # always, rows of one head kind
-                    grid[layers.index(layer), head or 0] = value
+            layers, n_heads = self._head_axes()
             data, ylabels, xlabels = (
-                grid,
+                self._head_grid(data[:, 0], layers, n_heads),
                 [str(layer) for layer in layers],
                 list(map(str, range(n_heads))),
             )
@@ -642,6 +665,19 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         # Wrapped to the figure: on a narrow heatmap (6 positions) one line ran past both edges.
         ax.set_title(textwrap.fill(title, max(30, int(10 * fig.get_figwidth()))), fontsize="small")
         return fig
+
+    def _head_axes(self) -> tuple[list[int], int]:
+        """The layers patched, in order, and the number of head columns of a head grid."""
+        layers = sorted({int(layer) for layer in self.layers if layer is not None})
+        return layers, max(h or 0 for h in self.heads) + 1
+
+    def _head_grid(self, column: np.ndarray, layers: list[int], n_heads: int) -> np.ndarray:
+        """``[layers, heads]`` one position's values of a head kind's rows (NaN: not patched)."""
+        grid = np.full((len(layers), n_heads), np.nan)
+        for value, layer, head in zip(column, self.layers, self.heads, strict=True):
+            if layer is not None:  # always, rows of one head kind
+                grid[layers.index(layer), head or 0] = value
+        return grid
 
     def _layer_column(self, n_pos: int) -> Any:
         """The frame's ``layer``: ints, or nullable ``Int64`` with ``<NA>`` for groups' rows."""
