@@ -60,6 +60,10 @@ def _callables() -> Iterator[tuple[str, Callable[..., Any], str]]:
                     yield f"{name}.{attr}", member, "method"
 
 
+# Functions whose positions= only names positions (None: no names), not where to act.
+NAMES_ONLY = {"faithfulness"}
+
+
 def _violations() -> set[str]:
     found = set()
     for name, fn, role in _callables():
@@ -86,7 +90,12 @@ def _violations() -> set[str]:
                 found.add(f"{where}: must be keyword-only")
             if p.name in DEFAULTS and p.default not in DEFAULTS[p.name]:
                 found.add(f"{where}: default {p.default!r}, vocabulary {DEFAULTS[p.name]}")
-            if p.name == "positions" and role == "function" and p.default is None:
+            if (
+                p.name == "positions"
+                and role == "function"
+                and p.default is None
+                and name not in NAMES_ONLY
+            ):
                 found.add(f"{where}: None is not a spelling of positions (use -1 or 'all')")
             if p.name == "site" and name not in SINGLE_SITE:
                 found.add(f"{where}: say sites")

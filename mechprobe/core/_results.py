@@ -433,6 +433,19 @@ def head_column(heads: Any) -> pd.arrays.IntegerArray:
     return pd.array(values, dtype="Int64")
 
 
+def layer_column(layers: typing.Sequence[int | None]) -> Any:
+    """A frame's ``layer`` column: int64, or pandas' nullable ``Int64`` with ``<NA>`` where a row
+    is at no one layer (a group of sites).
+
+    Example:
+        >>> layer_column([2, 3]).dtype, layer_column([2, None]).tolist()
+        (dtype('int64'), [2, <NA>])
+    """
+    if None not in layers:
+        return np.asarray(layers, dtype=np.int64)
+    return pd.array(list(layers), dtype="Int64")
+
+
 def site_columns(places: typing.Sequence[Any]) -> dict[str, Any]:
     """A frame's location columns, the keys every result's frame is joined on: ``site`` (the
     label ``str(Site)``: ``"resid_post@3"``, ``"head_out@3, head 2"``), ``kind`` (the site kind

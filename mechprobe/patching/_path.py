@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
 
@@ -67,6 +67,7 @@ from mechprobe.core import (
     gradients_enabled,
     head_column,
     intervene,
+    layer_column,
     literal,
     model_adapter,
     new_axes,
@@ -78,12 +79,14 @@ from mechprobe.core import (
 from mechprobe.patching._activation import (
     NamedPositions,
     Prompts,
+    SiteGroups,
     _check_common,
     position_pairs,
     token_pairs,
 )
 from mechprobe.patching._engine import (
     ADD,
+    SET,
     Base,
     Cell,
     Edit,
@@ -133,12 +136,16 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
         clean, corrupt: ``[pairs]`` the unpatched runs' metric.
         random: ``[n_random, pairs, senders, receivers]`` the receiver's input moved by the same
             distance in a random direction.
-        senders: Sender labels (``"head@3, head 1"``, ``"mlp_out@2"``).
-        sender_layers: Per sender, its layer.
-        sender_heads: Per sender, its head (None for MLPs and attention layers).
-        receivers: Receiver labels (``"q@5, head 2"``, ``"mlp_in@7"`` or ``"final"``).
-        receiver_layers: Per receiver, its layer (``n_layers`` for the final residual).
-        receiver_heads: Per receiver, its head (None for ``mlp_in`` and the final residual).
+        senders: Sender labels (``"head@3, head 1"``, ``"mlp_out@2"``), or a group's name
+            (``senders={"S-inhibition": [...]}``: its senders' changes passed on together).
+        sender_layers: Per sender, its layer (None for a group).
+        sender_heads: Per sender, its head (None for MLPs, attention layers and groups).
+        receivers: Receiver labels (``"q@5, head 2"``, ``"mlp_in@7"`` or ``"final"``), or a
+            group's name (its receivers patched in one run).
+        receiver_layers: Per receiver, its layer (``n_layers`` for the final residual, None for
+            a group).
+        receiver_heads: Per receiver, its head (None for ``mlp_in``, the final residual and
+            groups).
         positions: The positions whose sender change was passed on (negative from the end;
             names where they were given by name).
         metric, direction, seed: As for :class:`mechprobe.PatchResult`; ``direction`` is
@@ -151,6 +158,8 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
         clean_prompts, corrupt_prompts, answer_ids, wrong_ids, answer_tokens, wrong_tokens:
             ``[pairs]`` the pairs and the metric's token ids and texts, as
             :class:`mechprobe.PatchResult` records them.
+        sender_members, receiver_members: Per row, the senders (receivers) it holds, as labels:
+            one for a single sender, a group's for a group (empty in files saved before).
 
     Example:
         >>> import mechprobe as mp
@@ -167,10 +176,10 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
     corrupt: np.ndarray
     random: np.ndarray
     senders: tuple[str, ...]
-    sender_layers: tuple[int, ...]
+    sender_layers: tuple[int | None, ...]
     sender_heads: tuple[int | None, ...]
     receivers: tuple[str, ...]
-    receiver_layers: tuple[int, ...]
+    receiver_layers: tuple[int | None, ...]
     receiver_heads: tuple[int | None, ...]
     positions: tuple[int | str, ...]
     metric: str
@@ -184,6 +193,8 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
     wrong_ids: tuple[int, ...] = ()
     answer_tokens: tuple[str, ...] = ()
     wrong_tokens: tuple[str, ...] = ()
+    sender_members: tuple[tuple[str, ...], ...] = ()
+    receiver_members: tuple[tuple[str, ...], ...] = ()
 
     @classmethod
     def concat(cls, results: Sequence[PathPatchResult]) -> PathPatchResult:
@@ -254,12 +265,12 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
         return pd.DataFrame(
             {
                 "sender": np.repeat(self.senders, n_r),
-                "sender_layer": np.repeat(self.sender_layers, n_r),
+                "sender_layer": layer_column([x for x in self.sender_layers for _ in range(n_r)]),
                 "sender_head": head_column(
                     np.repeat(np.array(self.sender_heads, dtype=object), n_r)
                 ),
                 "receiver": np.tile(self.receivers, n_s),
-                "receiver_layer": np.tile(self.receiver_layers, n_s),
+                "receiver_layer": layer_column(list(self.receiver_layers) * n_s),
                 "receiver_head": head_column(
                     np.tile(np.array(self.receiver_heads, dtype=object), n_s)
                 ),
@@ -332,8 +343,8 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
             2
         """
         data = self.effect
-        if len(self.receivers) == 1:
-            layers = sorted(set(self.sender_layers))
+        if len(self.receivers) == 1 and None not in self.sender_layers:
+            layers = sorted({int(layer) for layer in self.sender_layers if layer is not None})
             columns = sorted({h for h in self.sender_heads if h is not None})
             extra = sorted(
                 {
@@ -352,7 +363,8 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
                     if head is not None
                     else len(columns) + extra.index(label.split("@")[0])
                 )
-                grid[layers.index(layer), col] = value
+                if layer is not None:  # always: groups are drawn as a plain heatmap
+                    grid[layers.index(layer), col] = value
             data, ylabels = grid, [str(layer) for layer in layers]
             xname, yname = "sender head", "sender layer"
         else:
@@ -576,8 +588,8 @@ def path_patch(
     model: Any,
     clean: Prompts,
     corrupt: Prompts,
-    senders: str | SiteLike | Sequence[SiteLike],
-    receivers: str | SiteLike | Sequence[SiteLike],
+    senders: str | SiteLike | Sequence[SiteLike] | SiteGroups,
+    receivers: str | SiteLike | Sequence[SiteLike] | SiteGroups,
     metric: PatchMetric | MetricFn,
     *,
     positions: PositionSpec | NamedPositions = "all",
@@ -681,8 +693,19 @@ def path_patch(
     clean_ids, corrupt_ids = token_pairs(model, clean, corrupt)
     n_pairs = len(clean_ids)
     src, base = (clean_ids, corrupt_ids) if direction == "denoising" else (corrupt_ids, clean_ids)
-    sender_list = _senders(model, senders, layers)
-    receiver_list = _receivers(model, receivers, layers, receiver_layers)
+    sender_names, sender_list, sender_rows = _grouped(
+        senders, lambda items: _senders(model, items, layers), "senders"
+    )
+    receiver_names, receiver_list, receiver_rows = _grouped(
+        receivers, lambda items: _receivers(model, items, layers, receiver_layers), "receivers"
+    )
+    _refuse_final_in_group(receiver_list, receiver_rows)
+    if not freeze_mlps and any(len(row) > 1 for row in sender_rows):
+        raise ValueError(
+            "freeze_mlps=False takes single senders: the MLPs' response to a group's changes is "
+            "not the sum of their responses to each, and the live pass runs one sender at a "
+            "time. Pass the senders one by one, or keep the MLPs frozen."
+        )
     _refuse_no_path(sender_list, receiver_list, model_adapter(model).parallel_blocks)
     wanted, resolved = position_pairs(positions, [len(t) for t in src], [len(t) for t in base])
     metric_fn, metric_name = bind_metric(model, metric, n_pairs)
@@ -717,8 +740,10 @@ def path_patch(
     clean_m, corrupt_m = (src_m, base_m) if direction == "denoising" else (base_m, src_m)
 
     n_s, n_r = len(sender_list), len(receiver_list)
-    per_pair = np.full((n_pairs, n_s, n_r), np.nan)
-    random = np.full((n_random, n_pairs, n_s, n_r), np.nan)
+    # Filled per (sender, receiver) row: a group's row adds its senders' changes, and patches
+    # all its receivers at once.
+    per_pair = np.full((n_pairs, len(sender_rows), len(receiver_rows)), np.nan)
+    random = np.full((n_random, *per_pair.shape), np.nan)
     n_pos = len(wanted)
     widths = [int(model.cfg.d_model)] * (n_pairs * n_s * n_pos)
     pair_tokens = list(zip(clean_ids, corrupt_ids, strict=True))
@@ -745,15 +770,21 @@ def path_patch(
 
     streams = [_stream(r, final) for r in receiver_list]
     parallel = model_adapter(model).parallel_blocks
+    rows = (sender_rows, receiver_rows)
     if method == "attribution":
+        flat = np.full((n_pairs, n_s, n_r), np.nan)
+        flat_random = np.full((n_random, *flat.shape), np.nan)
         _estimate_paths(
             model, base, resolved, sender_list, receiver_list, metric_fn, metric_name, final,
-            change, base_m, per_pair, random, progress,
+            change, base_m, flat, flat_random, progress,
         )  # fmt: skip
+        # first order: a group's estimate adds its paths' changes of the metric
+        per_pair[:] = _group_sums(flat, base_m[:, None, None], rows)
+        random[:] = _group_sums(flat_random, base_m[None, :, None, None], rows)
     elif freeze_mlps:
         _exact_paths(
             model, list(range(n_pairs)), base, resolved, firsts, sender_list, receiver_list,
-            finals, change, metric_fn, per_pair, random, final, parallel, packed=packed,
+            finals, change, metric_fn, per_pair, random, final, parallel, rows, packed=packed,
             cells_per_batch=cells_per_batch, memory_budget=memory_budget, progress=progress,
         )  # fmt: skip
     else:
@@ -774,7 +805,7 @@ def path_patch(
             )
             _exact_paths(
                 model, [i], base, resolved, firsts, sender_list, receiver_list, finals, change,
-                metric_fn, per_pair, random, final, parallel, packed=packed,
+                metric_fn, per_pair, random, final, parallel, rows, packed=packed,
                 cells_per_batch=cells_per_batch, memory_budget=memory_budget, progress=False,
             )  # fmt: skip
         live.clear()
@@ -790,14 +821,35 @@ def path_patch(
         clean=clean_m,
         corrupt=corrupt_m,
         random=random,
-        senders=tuple(str(s) for s in sender_list),
-        sender_layers=tuple(s.layer for s in sender_list),
-        sender_heads=tuple(s.head for s in sender_list),
-        receivers=tuple("final" if s is None else str(s) for s in receiver_list),
-        receiver_layers=tuple(
-            int(model.cfg.n_layers) if s is None else s.layer for s in receiver_list
+        # a group's row is its name, at no one layer or head
+        senders=tuple(
+            str(sender_list[row[0]]) if name is None else name
+            for name, row in zip(sender_names, sender_rows, strict=True)
         ),
-        receiver_heads=tuple(None if s is None else s.head for s in receiver_list),
+        sender_layers=tuple(
+            sender_list[row[0]].layer if name is None else None
+            for name, row in zip(sender_names, sender_rows, strict=True)
+        ),
+        sender_heads=tuple(
+            sender_list[row[0]].head if name is None else None
+            for name, row in zip(sender_names, sender_rows, strict=True)
+        ),
+        receivers=tuple(
+            _receiver_label(receiver_list[row[0]]) if name is None else name
+            for name, row in zip(receiver_names, receiver_rows, strict=True)
+        ),
+        receiver_layers=tuple(
+            _receiver_layer(model, receiver_list[row[0]]) if name is None else None
+            for name, row in zip(receiver_names, receiver_rows, strict=True)
+        ),
+        receiver_heads=tuple(
+            _receiver_head(receiver_list[row[0]]) if name is None else None
+            for name, row in zip(receiver_names, receiver_rows, strict=True)
+        ),
+        sender_members=tuple(tuple(str(sender_list[k]) for k in row) for row in sender_rows),
+        receiver_members=tuple(
+            tuple(_receiver_label(receiver_list[k]) for k in row) for row in receiver_rows
+        ),
         positions=tuple(wanted),
         metric=metric_name,
         direction=_label(method, direction),
@@ -823,6 +875,7 @@ def _exact_paths(
     random: np.ndarray,
     final: str,
     parallel: bool,
+    rows: tuple[list[list[int]], list[list[int]]],
     *,
     packed: bool | None,
     cells_per_batch: int,
@@ -830,45 +883,76 @@ def _exact_paths(
     progress: bool,
 ) -> None:
     """Patch every path of ``pairs`` (and its random controls), filling ``per_pair`` and
-    ``random``: to the final residual by reading out ``resid + change`` at the last position (no
-    pass), to q/k/v and MLP inputs by adding the change there in the batched engine."""
+    ``random`` per (sender row, receiver row) of ``rows``: to the final residual by reading out
+    ``resid + change`` at the last position (no pass), to q/k/v and MLP inputs by adding the
+    change there in the batched engine. A sender row adds its senders' changes (each where it
+    has a path); a receiver row patches all its receivers in one run."""
     n_random = random.shape[0]
-    if None in receivers:  # the final residual: no pass, the readout of resid + delta
-        r = receivers.index(None)
-        rows, keys = [], []
+    sender_rows, receiver_rows = rows
+    finals_at = [b for b, row in enumerate(receiver_rows) if receivers[row[0]] is None]
+    if finals_at:  # the final residual: no pass, the readout of resid + delta
+        b_row, r = finals_at[0], receiver_rows[finals_at[0]][0]
+        stacked, keys = [], []
         for j in range(-1, n_random):
             for i in pairs:
                 last = [k for k, (_, pb) in enumerate(resolved[i]) if pb == len(base[i]) - 1]
-                for s in range(len(senders)):
-                    add = change(j, i, s, r)[last].sum(0) if last else 0.0
-                    rows.append(finals[i].float().cpu() + add)
-                    keys.append((j, i, s))
+                for a, row in enumerate(sender_rows):
+                    add = (
+                        torch.stack([change(j, i, s, r)[last].sum(0) for s in row]).sum(0)
+                        if last
+                        else 0.0
+                    )
+                    stacked.append(finals[i].float().cpu() + add)
+                    keys.append((j, i, a))
         values = metric_fn(
-            readout(model, torch.stack(rows)), torch.as_tensor([i for _, i, _ in keys])
+            readout(model, torch.stack(stacked)), torch.as_tensor([i for _, i, _ in keys])
         )
-        for (j, i, s), value in zip(keys, values.double().cpu().tolist(), strict=True):
-            (per_pair if j < 0 else random[j])[i, s, r] = value
+        for (j, i, a), value in zip(keys, values.double().cpu().tolist(), strict=True):
+            (per_pair if j < 0 else random[j])[i, a, b_row] = value
 
-    inputs = [(r, site) for r, site in enumerate(receivers) if site is not None]
+    inputs = [b for b, row in enumerate(receiver_rows) if receivers[row[0]] is not None]
     if not inputs:
         return
+    # A row of several receivers sets each input to the run's own plus the change (Wang et al.'s
+    # step 3 puts back step 2's inputs): added, an earlier receiver's patch would also move a
+    # later one's input through the layers between them.
+    joint = sorted({r for b in inputs if len(receiver_rows[b]) > 1 for r in receiver_rows[b]})
+    own = {i: _receiver_inputs(model, base[i], [receivers[r] for r in joint], final) for i in pairs}
     plan = Plan(bases=[Base(base[i], i) for i in pairs])
     for j in range(-1, n_random):
-        for b, i in enumerate(pairs):
-            for s, sender in enumerate(senders):
-                for r, site in inputs:
-                    if not _has_path(sender, site, parallel):
-                        continue  # the receiver reads the stream before the sender writes
-                    delta = change(j, i, s, r)
-                    hook = _receiver_hook(site, final)
-                    layout: Layout = "vector" if site.head is None else "head"
-                    head = -1 if site.head is None else site.head
-                    edits = tuple(
-                        Edit(hook, layout, pb, ADD, head=head, payload=delta[k])
-                        for k, (_, pb) in enumerate(resolved[i])
-                        if firsts[i][k]
-                    )
-                    plan.cells.append(Cell((j, i, s, r), base=b, edits=edits))
+        for slot, i in enumerate(pairs):
+            for a, sender_row in enumerate(sender_rows):
+                for b in inputs:
+                    edits = []
+                    for r in receiver_rows[b]:
+                        site = receivers[r]
+                        assert site is not None  # "final" is refused in a group
+                        # the receiver reads the stream before a later sender writes
+                        reaching = [s for s in sender_row if _has_path(senders[s], site, parallel)]
+                        if not reaching:
+                            continue
+                        delta = torch.stack([change(j, i, s, r) for s in reaching]).sum(0)
+                        hook = _receiver_hook(site, final)
+                        layout: Layout = "vector" if site.head is None else "head"
+                        head = -1 if site.head is None else site.head
+                        if len(receiver_rows[b]) == 1:
+                            edits += [
+                                Edit(hook, layout, pb, ADD, head=head, payload=delta[k])
+                                for k, (_, pb) in enumerate(resolved[i])
+                                if firsts[i][k]
+                            ]
+                            continue
+                        value = own[i][joint.index(r)]  # [seq, d_model]
+                        at = [pb for k, (_, pb) in enumerate(resolved[i]) if firsts[i][k]]
+                        total = value.clone()
+                        for k, (_, pb) in enumerate(resolved[i]):
+                            if firsts[i][k]:
+                                total[pb] += delta[k].to(total.dtype)
+                        edits += [
+                            Edit(hook, layout, pb, SET, head=head, payload=total[pb]) for pb in at
+                        ]
+                    if edits:
+                        plan.cells.append(Cell((j, i, a, b), base=slot, edits=tuple(edits)))
     got = run_plan(
         model,
         plan,
@@ -881,8 +965,94 @@ def _exact_paths(
         hooks=lambda: _split_for(model, receivers),
     )
     for cell, value in zip(plan.cells, got.cells.tolist(), strict=True):
-        j, i, s, r = cell.key
-        (per_pair if j < 0 else random[j])[i, s, r] = value
+        j, i, a, b = cell.key
+        (per_pair if j < 0 else random[j])[i, a, b] = value
+
+
+def _receiver_inputs(
+    model: Any, ids: Tensor, receivers: list[Site | None], final: str
+) -> list[Tensor]:
+    """Each receiver's own input ``[seq, d_model]`` (float32, CPU) in the run of ``ids``."""
+    if not receivers:
+        return []
+    caps = {_receiver_hook(r, final): Capture() for r in receivers}
+    with torch.no_grad(), _split_for(model, receivers), intervene(model, caps):  # type: ignore[arg-type]
+        model(ids[None].to(model.W_E.device))
+    out = []
+    for r in receivers:
+        value = caps[_receiver_hook(r, final)].value
+        assert value is not None
+        out.append((value[0] if r is None or r.head is None else value[0, :, r.head]).float().cpu())
+    return out
+
+
+def _grouped(
+    items: Any, parse: Callable[[Any], list[Any]], what: str
+) -> tuple[list[str | None], list[Any], list[list[int]]]:
+    """``(names, flat, rows)``: each item alone (name None), or with a mapping ``{name:
+    items}`` each group one row; ``flat`` holds every place once, ``rows`` index it."""
+    if not isinstance(items, Mapping):
+        flat = parse(items)
+        return [None] * len(flat), flat, [[k] for k in range(len(flat))]
+    if not items:
+        raise ValueError(f"{what}={{}} names no group: name at least one, e.g. {_EXAMPLE}.")
+    names: list[str | None] = []
+    flat, rows = [], []
+    for name, members in items.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"Groups of {what} take non-empty strings as names, got {name!r}.")
+        row = []
+        for place in parse(members):
+            if place not in flat:
+                flat.append(place)
+            row.append(flat.index(place))
+        names.append(name)
+        rows.append(list(dict.fromkeys(row)))
+    return names, flat, rows
+
+
+_EXAMPLE = "{'S-inhibition': ['head@7, head 3', 'head@8, head 6']}"
+
+
+def _refuse_final_in_group(receivers: list[Site | None], rows: list[list[int]]) -> None:
+    """The final residual is read out without a pass: it cannot be patched in one run with
+    inputs that a pass reads, nor be two rows."""
+    at = [b for b, row in enumerate(rows) if any(receivers[r] is None for r in row)]
+    if any(len(rows[b]) > 1 for b in at):
+        raise ValueError(
+            "A receiver group holds 'final' beside other receivers: the final residual is read "
+            "out from each sender's change alone, not in a run with q/k/v or MLP inputs "
+            "patched. Give 'final' a row of its own."
+        )
+
+
+def _group_sums(
+    flat: np.ndarray, base: np.ndarray, rows: tuple[list[list[int]], list[list[int]]]
+) -> np.ndarray:
+    """``[..., sender rows, receiver rows]``: each row pair's first-order estimate, ``base`` plus
+    the sum of its paths' changes (NaN where none of them has a path)."""
+    sender_rows, receiver_rows = rows
+    change = flat - base
+    out = np.full((*flat.shape[:-2], len(sender_rows), len(receiver_rows)), np.nan)
+    for a, sender_row in enumerate(sender_rows):
+        for b, receiver_row in enumerate(receiver_rows):
+            block = change[..., sender_row, :][..., receiver_row]
+            found = np.isfinite(block).any(axis=(-2, -1))
+            total = np.nansum(block, axis=(-2, -1)) + base[..., 0, 0]
+            out[..., a, b] = np.where(found, total, np.nan)
+    return out
+
+
+def _receiver_label(receiver: Site | None) -> str:
+    return "final" if receiver is None else str(receiver)
+
+
+def _receiver_head(receiver: Site | None) -> int | None:
+    return None if receiver is None else receiver.head
+
+
+def _receiver_layer(model: Any, receiver: Site | None) -> int:
+    return int(model.cfg.n_layers) if receiver is None else receiver.layer
 
 
 def _stream(receiver: Site | None, final: str) -> str:
@@ -1081,7 +1251,7 @@ def _split_for(model: Any, receivers: Sequence[Site | None]) -> Any:
 
 
 def _compact(
-    labels: Sequence[str], layers: Sequence[int], heads: Sequence[int | None]
+    labels: Sequence[str], layers: Sequence[int | None], heads: Sequence[int | None]
 ) -> list[str]:
     """Short labels: ``"q L22H5"`` for ``"q@22, head 5"``, ``"k L22 kv1"`` for a key or value
     head (read as query head 1, "k L22H1" misled), the label itself otherwise."""

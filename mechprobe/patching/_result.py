@@ -18,6 +18,7 @@ from mechprobe.core import (
     Result,
     check_int,
     head_column,
+    layer_column,
     literal,
     new_axes,
     token_texts,
@@ -464,7 +465,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             {
                 "site": np.repeat(self.sites, n_pos),
                 "kind": np.repeat(self.kinds, n_pos),
-                "layer": self._layer_column(n_pos),
+                "layer": layer_column([layer for layer in self.layers for _ in range(n_pos)]),
                 "head": head_column(np.repeat(np.array(self.heads, dtype=object), n_pos)),
                 "position": np.tile(positions, n_sites),
                 "position_label": np.tile(self.position_labels, n_sites),
@@ -678,12 +679,6 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             if layer is not None:  # always, rows of one head kind
                 grid[layers.index(layer), head or 0] = value
         return grid
-
-    def _layer_column(self, n_pos: int) -> Any:
-        """The frame's ``layer``: ints, or nullable ``Int64`` with ``<NA>`` for groups' rows."""
-        if None not in self.layers:
-            return np.repeat(np.asarray(self.layers, dtype=np.int64), n_pos)
-        return pd.array([layer for layer in self.layers for _ in range(n_pos)], dtype="Int64")
 
     def _position_ticks(self) -> list[str]:
         """The x tick of each position: its token and position (``"What (12)"``; where it is
