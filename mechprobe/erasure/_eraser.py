@@ -10,9 +10,11 @@ stores only its factors, for row vectors ``x [..., d]``::
 and ``readout [k, d]`` reads the coordinates to subtract. For an orthogonal projection (INLP and
 the random, dropout and identity controls) ``readout`` is None (it equals ``removed``) and ``mean``
 is None, so ``x' = x (I - removedᵀ removed)``. LEACE is oblique and affine: ``readout`` differs
-from ``removed`` and ``mean`` is the training mean, which the erasure leaves in place. The dense
-matrix :attr:`Eraser.P` (acting on column vectors, ``x' = mean + P (x - mean)``) is derived on
-demand; applying the eraser costs two thin products, ``O(k d)`` per vector, never ``O(d²)``.
+from ``removed`` and ``mean`` is the training mean, which the erasure leaves in place (with
+``affine=False`` ``mean`` is None: a linear map; with ``method="orth"`` ``readout`` is None: an
+orthogonal projection, affine or not). The dense matrix :attr:`Eraser.P` (acting on column
+vectors, ``x' = mean + P (x - mean)``) is derived on demand; applying the eraser costs two thin
+products, ``O(k d)`` per vector, never ``O(d²)``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ __all__ = [
 ]
 
 ArrayT = TypeVar("ArrayT", np.ndarray, Tensor)
-_METHODS = ("inlp", "leace", "random", "dropout", "identity")
+# "leace-orth" and "leace-blend" are leace(method="orth") and leace(constrain_cov_trace=True)
+# where the constraint triggered: other maps than LEACE's, so named apart (files of older
+# releases, which know neither, refuse them by name).
+_METHODS = ("inlp", "leace", "leace-orth", "leace-blend", "random", "dropout", "identity")
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -55,10 +60,14 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
 
     Attributes:
         removed: ``[k, d]`` orthonormal basis of the erased directions (the range of ``I - P``).
-        method: ``"inlp"``, ``"leace"``, ``"random"``, ``"dropout"`` or ``"identity"``.
+        method: ``"inlp"``, ``"leace"``, ``"random"``, ``"dropout"`` or ``"identity"``; also
+            ``"leace-orth"`` (:func:`~mechprobe.leace` with ``method="orth"``, an orthogonal
+            projection) and ``"leace-blend"`` (``constrain_cov_trace=True`` where it triggered:
+            LEACE blended towards ``"leace-orth"``, not idempotent, erasure no longer exact).
         readout: ``[k, d]`` coordinates read for subtraction, ``I - P = removedᵀ readout``; None
             means ``readout == removed`` (an orthogonal projection).
-        mean: ``[d]`` centre of an affine erasure (LEACE keeps the mean in place); None if linear.
+        mean: ``[d]`` centre of an affine erasure (LEACE keeps the mean in place); None if linear
+            (also LEACE fitted with ``affine=False``).
         accuracies: Held-out probe accuracy before the first INLP iteration and after each kept
             one (INLP only; empty otherwise).
         ranks: Directions removed after each entry of ``accuracies`` (same length).
@@ -148,7 +157,8 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
         """The dense ``[d, d]`` matrix on column vectors, ``I - removedᵀ readout`` (computed).
 
         Symmetric and idempotent for the orthogonal methods; idempotent but not symmetric for
-        LEACE, where ``x' = mean + P (x - mean)``.
+        LEACE, where ``x' = mean + P (x - mean)`` (``x' = P x`` when ``mean`` is None); neither
+        for ``"leace-blend"``.
 
         Example:
             >>> identity_projection(2).P
@@ -297,8 +307,9 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
 
     def _describe(self) -> str:
         words = f"{self.method}, {self.n_removed} of {self.dim} directions removed"
-        if not self.is_orthogonal:
-            words += ", oblique affine"
+        if not self.is_orthogonal:  # say both what P is and whether a centre is kept
+            shape = "orthogonal" if self.readout is None else "oblique"
+            words += f", {shape} {'linear' if self.mean is None else 'affine'}"
         if self.accuracies:
             words += f", probe {self.accuracies[0]:.3f} -> {self.accuracies[-1]:.3f}"
             if self.majority_baseline is not None:

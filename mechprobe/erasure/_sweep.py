@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ErasureSweep", "fit_erasure", "layer_sweep"]
 
-Method = Literal["inlp", "leace"]
+Method = Literal["inlp", "leace", "leace-orth"]
 _KINDS = ("resid_pre", "resid_mid", "mlp_in", "resid_post", "attn_out", "mlp_out")
 #: The location columns of every result's frame, in order (AmnesicResult._erased_site's keys).
 _WHERE = ("site", "kind", "layer", "head", "hook")
@@ -61,7 +61,8 @@ _TITLES = {
 def fit_erasure(
     X: Any, y: Any, method: Method = "inlp", *, seed: int = 0, **options: Any
 ) -> Eraser:
-    """Fit ``inlp`` (Elazar et al.'s stopping rule by default) or ``leace`` on ``X [n, d]``, ``y [n]``.
+    """Fit ``inlp`` (Elazar et al.'s stopping rule by default), ``leace`` or ``leace-orth``
+    (:func:`mechprobe.leace` with ``method="orth"``) on ``X [n, d]``, ``y [n]``.
 
     Options go to :func:`mechprobe.inlp` / :func:`mechprobe.leace`; INLP defaults to
     ``n_iterations=20, stop="majority"``, without a progress bar.
@@ -77,10 +78,11 @@ def fit_erasure(
         opts: dict[str, Any] = {"n_iterations": 20, "stop": "majority", "progress": False}
         opts |= {"seed": seed} | options
         return inlp(X, y, **opts)
-    if method == "leace":
+    if method in ("leace", "leace-orth"):
         # LEACE is closed-form: no draws, no iterations; the API-wide words are accepted.
-        return leace(X, y, **{k: v for k, v in options.items() if k not in ("progress", "seed")})
-    raise ValueError(f"method must be 'inlp' or 'leace', got {method!r}.")
+        opts = {k: v for k, v in options.items() if k not in ("progress", "seed")}
+        return leace(X, y, method="orth" if method == "leace-orth" else "leace", **opts)
+    raise ValueError(f"method must be 'inlp', 'leace' or 'leace-orth', got {method!r}.")
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # as every result (hashable, by identity)
@@ -282,7 +284,7 @@ def layer_sweep(
         data: Labelled data for fitting the erasure (e.g. ``country_dataset()``).
         layers: Layers to erase at, one at a time (an int, a range, a list or ``"all"``, the
             default, as everywhere in the API).
-        method: ``"inlp"`` or ``"leace"``.
+        method: ``"inlp"``, ``"leace"`` or ``"leace-orth"`` (as :func:`fit_erasure`).
         sites: The site kind erased at each of ``layers`` (``resid_post``, ``mlp_out``, ...), or
             Sites / hook names (then ``layers`` does not apply to them).
         text, task, probe: Evaluation data, as for :func:`mechprobe.amnesic`; ``probe`` is only
@@ -314,8 +316,8 @@ def layer_sweep(
         )
         sites = kind
     # Everything checkable before the collection and the first fit, which cost the most.
-    if method not in ("inlp", "leace"):
-        raise ValueError(f"method must be 'inlp' or 'leace', got {method!r}.")
+    if method not in ("inlp", "leace", "leace-orth"):
+        raise ValueError(f"method must be 'inlp', 'leace' or 'leace-orth', got {method!r}.")
     if text is None and task is None and probe is None:
         raise ValueError("Nothing to measure: pass text=[...], task='capitals' and/or probe=data.")
     seed = check_seed(seed)
