@@ -56,6 +56,10 @@ def _expected_failures(estimator: object) -> dict[str, str]:
     [
         mp.LinearProbe(),
         mp.MLPProbe(hidden_size=16, max_iter=30, learning_rate=3e-2),
+        # Hewitt & Liang's family: two hidden layers, a rank-constrained linear probe, dropout.
+        mp.MLPProbe(hidden_size=16, max_iter=30, learning_rate=3e-2, hidden_layers=2),
+        mp.MLPProbe(max_iter=30, learning_rate=3e-2, hidden_layers=0, rank=2),
+        mp.MLPProbe(hidden_size=16, max_iter=30, learning_rate=3e-2, dropout=0.2),
         mp.ScalarMixProbe(),  # 2-D input with n_layers=None: one layer (its 2-D convention)
     ],
     expected_failed_checks=_expected_failures,

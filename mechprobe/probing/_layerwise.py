@@ -48,7 +48,7 @@ from mechprobe.probing._data import (
     standardised,
     stream_depths,
 )
-from mechprobe.probing._probes import _fit_mlp, control_labels
+from mechprobe.probing._probes import MLPProbe, _mlp_logits, _MLPSettings, control_labels
 from mechprobe.probing._scalar_mix import _fit_mix
 
 if TYPE_CHECKING:
@@ -77,7 +77,9 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
         selectivity: ``[L]`` ``accuracy - control_accuracy`` (NaN without groups).
         majority_baseline: accuracy of always predicting the most frequent training label (one
             number: it does not depend on the layer).
-        probe: ``"linear"`` or ``"mlp"``.
+        probe: ``"linear"``, ``"mlp"`` (``mlp=True``), or for a configured
+            :class:`MLPProbe` what differs from ``mlp=True``'s: ``"mlp(hidden_layers=2)"``,
+            ``"mlp(hidden_layers=0, rank=10)"``.
         split: how the data was split, e.g. ``"holdout(test_size=0.2)"`` or ``"5-fold"``.
         n_examples: rows used; n_classes: task classes.
         mix_weights: ``[L]`` scalar-mix softmax weights, or None when not computed.
@@ -336,7 +338,7 @@ def probe_layers(
     l2: float = 1e-3,
     max_iter: int = 200,
     tol: float = 1e-4,
-    mlp: bool = False,
+    mlp: bool | MLPProbe = False,
     scalar_mix: bool = False,
     standardize: bool = True,
     progress: bool = True,
@@ -374,7 +376,15 @@ def probe_layers(
         l2: penalty on the mean loss (scikit-learn ``C = 1 / (l2 · n_train)``).
         max_iter: L-BFGS iterations at most (Adam epochs for ``mlp=True``).
         tol: largest absolute gradient entry at convergence (scikit-learn's ``tol``).
-        mlp: one-hidden-layer MLP probes instead of linear ones (less selective, per H&L).
+        mlp: ``True`` for one-hidden-layer MLP probes instead of linear ones (less selective,
+            per H&L): ``MLPProbe(hidden_size=100, l2=l2, max_iter=max_iter, tol=tol,
+            random_state=seed)`` at every layer. Or a configured :class:`MLPProbe` (two hidden
+            layers, a rank-constrained linear probe, dropout), fitted at every layer with all
+            its parameters: its ``l2``, ``max_iter`` and ``tol`` replace this call's (passing
+            other values here too is an error; the result records the probe's), its
+            ``random_state`` seeds its initialisation, minibatches and dropout (``seed`` still
+            seeds the split and the control task), and its ``standardize`` must agree with
+            this call's. The instance itself is not fitted.
         scalar_mix: also fit a :class:`ScalarMixProbe` over all layers.
         standardize: centre and scale each layer's features with the training rows' mean and
             standard deviation before every probe (as :class:`LinearProbe` and
@@ -399,8 +409,12 @@ def probe_layers(
     tol = check_float(tol, "tol", 0.0, low_open=True)
     max_iter = check_int(max_iter, "max_iter", 1)
     seed = check_seed(seed)
-    mlp, scalar_mix = check_bool(mlp, "mlp"), check_bool(scalar_mix, "scalar_mix")
+    scalar_mix = check_bool(scalar_mix, "scalar_mix")
     standardize = check_bool(standardize, "standardize")
+    spec = _mlp_settings(mlp, l2=l2, max_iter=max_iter, tol=tol, seed=seed, standardize=standardize)
+    mlp = spec is not None
+    if spec is not None:  # the settings the MLP probes are fitted with, as the result records
+        l2, max_iter, tol = spec.l2, spec.max_iter, spec.tol
     skip_control = groups is False
     sites = collected_sites(X)
     values, labels, groups = as_layers(X, y, None if skip_control else groups)
@@ -471,14 +485,14 @@ def probe_layers(
             buffers.rows = (train_x, test_x)
         moments = None if mlp else (mean, scale)
         accuracy = _fit_and_score(
-            train_x, test_x, y_tr, y_te, k, l2, max_iter, tol, mlp, seed, moments, part, fits,
+            train_x, test_x, y_tr, y_te, k, l2, max_iter, tol, spec, moments, part, fits,
             sources, late["probe"],
         )  # fmt: skip
         control_accuracy = None
         if control is not None:
             c_tr, c_te = _on(control[train], values), _on(control[test], values)
             control_accuracy = _fit_and_score(
-                train_x, test_x, c_tr, c_te, k, l2, max_iter, tol, mlp, seed, moments, part,
+                train_x, test_x, c_tr, c_te, k, l2, max_iter, tol, spec, moments, part,
                 control_fits, sources, late["control"],
             )  # fmt: skip
         return part, accuracy, control_accuracy
@@ -539,7 +553,7 @@ def probe_layers(
         control_accuracy=control_accuracy,
         selectivity=accuracy - control_accuracy,
         majority_baseline=base / n,
-        probe="mlp" if mlp else "linear",
+        probe="linear" if spec is None else spec.label,
         split=_split_name(n_folds, test_size, split_groups),
         n_examples=len(y_idx),
         n_classes=k,
@@ -575,6 +589,38 @@ def _split_name(n_folds: int | None, test_size: float, split_groups: Any) -> str
     if by:  # what was held out: one fold of round(1 / test_size)
         return f"holdout(test_size={1 / group_folds(test_size):.3g}{by})"
     return f"holdout(test_size={test_size})"
+
+
+def _mlp_settings(
+    mlp: Any, *, l2: float, max_iter: int, tol: float, seed: int, standardize: bool
+) -> _MLPSettings | None:
+    """The MLP probes' settings from ``probe_layers(mlp=...)``: None for linear probes, the
+    default MLP for True, an :class:`MLPProbe`'s own parameters for one (checked as its ``fit``
+    checks them)."""
+    if not isinstance(mlp, MLPProbe):
+        if not check_bool(mlp, "mlp"):
+            return None
+        return MLPProbe(l2=l2, max_iter=max_iter, tol=tol, random_state=seed)._settings()
+    spec = mlp._settings()
+    # This call's own values, where they are not its defaults, must not be silently dropped.
+    for name, given, default, probe in (
+        ("l2", l2, 1e-3, spec.l2),
+        ("max_iter", max_iter, 200, spec.max_iter),
+        ("tol", tol, 1e-4, spec.tol),
+    ):
+        if given != default and given != probe:
+            raise ValueError(
+                f"probe_layers got {name}={given} and mlp=MLPProbe({name}={probe}): an MLPProbe's "
+                f"own {name} is used; set it there (MLPProbe(..., {name}={given})) and leave "
+                f"probe_layers' {name} out."
+            )
+    if spec.standardize != standardize:
+        raise ValueError(
+            f"probe_layers got standardize={standardize} and mlp=MLPProbe(standardize="
+            f"{spec.standardize}): the MLP probes see the features probe_layers standardises; "
+            "pass the same standardize to both."
+        )
+    return spec
 
 
 def _entry_names(sites: tuple[str, ...] | None, layers: np.ndarray) -> list[str]:
@@ -778,8 +824,7 @@ def _fit_and_score(
     l2: float,
     max_iter: int,
     tol: float,
-    mlp: bool,
-    seed: int,
+    mlp: _MLPSettings | None,
     moments: tuple[torch.Tensor, torch.Tensor] | None,
     layers: list[int],
     fits: dict[int, tuple[torch.Tensor, torch.Tensor]],
@@ -788,20 +833,18 @@ def _fit_and_score(
 ) -> np.ndarray:
     """``[layers]`` held-out accuracy of per-layer probes fitted together.
 
-    ``moments``: ``(mean, scale)`` when the training rows are raw, for the linear fit to
-    standardise inside its products (``test_x`` is standardised either way). Linear fits start
+    ``mlp``: the MLP probes' settings, or None for linear probes (fitted with ``l2``,
+    ``max_iter`` and ``tol``). ``moments``: ``(mean, scale)`` when the training rows are raw,
+    for the linear fit to standardise inside its products (``test_x`` is standardised either
+    way). Linear fits start
     from their ``sources``' entries in ``fits`` where there are both, and add their own. Layers
     whose fit did not converge are appended to ``late`` (the caller warns, on its own thread).
     """
-    if mlp:
+    if mlp is not None:
         unfinished: list[int] = []
-        (w1, b1, w2, b2), _ = _fit_mlp(
-            train_x.float(), y_train, n_classes, hidden_size=100, l2=l2, max_iter=max_iter,
-            batch_size=200, learning_rate=1e-3, tol=tol, seed=seed, unfinished=unfinished,
-        )  # fmt: skip
+        params, _ = mlp.train(train_x.float(), y_train, n_classes, unfinished=unfinished)
         late += [layers[i] for i in unfinished]
-        hidden = torch.relu(torch.baddbmm(b1[:, None], test_x.float(), w1))
-        predicted = torch.baddbmm(b2[:, None], hidden, w2).argmax(-1)
+        predicted = _mlp_logits(test_x.float(), params, relu=mlp.rank is None).argmax(-1)
     else:
         fit = fit_logistic(
             train_x, y_train, n_classes, l2=softmax_penalty(l2, n_classes), max_iter=max_iter,

@@ -1,16 +1,21 @@
 """Probe classifiers with the scikit-learn estimator API, and Hewitt & Liang control labels.
 
 ``LinearProbe`` is scikit-learn's multinomial L2 ``LogisticRegression`` (the same optimum, with
-``C = 1 / (l2 n)``) fitted by the batched torch solver of ``mechprobe._fit``; ``MLPProbe`` is a
-one-hidden-layer network for the comparison of Hewitt & Liang (2019): MLP probes reach high
-accuracy on control tasks too, so they are less *selective*. ``control_labels`` builds that
-control task. Regularisation is ``l2`` everywhere: the penalty ``l2/2 ||W||²`` on the mean loss.
+``C = 1 / (l2 n)``) fitted by the batched torch solver of ``mechprobe._fit``; ``MLPProbe`` is
+Hewitt & Liang's (2019) family of probes trained by Adam: ReLU networks of one or more hidden
+layers, and rank-constrained linear maps (``hidden_layers=0, rank=k``), with optional dropout.
+MLP probes reach high accuracy on control tasks too, so they are less *selective*.
+``control_labels`` builds that control task. Regularisation is ``l2`` everywhere: the penalty
+``l2/2 ||W||²`` on the mean loss.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -159,34 +164,68 @@ class LinearProbe(_Probe):
 
 
 class MLPProbe(_Probe):
-    """One-hidden-layer ReLU probe (torch, Adam), for Hewitt & Liang's selectivity comparison.
+    """ReLU MLP or rank-constrained linear probe (torch, Adam): Hewitt & Liang's probe family.
+
+    The architecture, from ``d`` features to ``K`` classes:
+
+    - ``hidden_layers=1`` (default): ``logits = relu(x W₁ + b₁) W₂ + b₂``, ``hidden_size`` units
+      (Hewitt & Liang's "1hid"); ``hidden_layers=2``: two ReLU layers of ``hidden_size`` each
+      ("2hid"); any depth ``>= 1`` works the same way.
+    - ``hidden_layers=0, rank=k``: the rank-constrained linear probe ``logits = (x A + a) B + b``
+      with ``A [d, k]`` and ``B [k, K]``, so ``W = A B`` has rank at most ``k`` (their "rank k,
+      0hid"; ``k >= min(d, K)`` constrains nothing). ``hidden_layers=0`` alone is a plain linear
+      softmax probe ``x W + b`` trained by Adam (:class:`LinearProbe` solves the convex problem
+      exactly; use this one to compare dropout or minibatch training like for like).
+
+    ``rank`` constrains linear probes only: Hewitt & Liang's "rank k" MLP probes are MLPs of width
+    ``k`` (their code sets the hidden width to the rank), i.e. ``MLPProbe(hidden_size=k)``.
 
     Args:
-        hidden_size: hidden units.
-        l2: penalty ``l2/2 · (||W₁||² + ||W₂||²)`` added to the mean cross-entropy.
+        hidden_size: units of each hidden layer (unused with ``hidden_layers=0``).
+        l2: penalty ``l2/2 · Σ ||Wᵢ||²`` over every weight matrix (biases unpenalised), added to
+            the mean cross-entropy. For the rank probe that is ``||A||² + ||B||²``, which at its
+            optimum is ``2 ||A B||_*`` (the nuclear norm), not ``||A B||²``.
         max_iter: epochs at most.
         batch_size: examples per Adam step (all of them if fewer).
         learning_rate: Adam step size.
         tol: stop after 10 epochs whose loss improved by less than ``tol``.
         standardize: centre and scale features with training statistics first.
-        random_state: seed of the initialisation and the shuffling (fits are deterministic).
-            Minibatches are drawn over row indices, so the same rows in another order give
-            another (equally valid) fit, as in any SGD-trained probe: compare MLP probes on the
-            same rows in the same order, or average over seeds.
+        random_state: seed of the initialisation, the shuffling and the dropout masks (fits are
+            deterministic). Minibatches are drawn over row indices, so the same rows in another
+            order give another (equally valid) fit, as in any SGD-trained probe: compare MLP
+            probes on the same rows in the same order, or average over seeds.
         alpha: deprecated (one release): this probe's old name of ``l2``, the same number (unlike
             scikit-learn's ``MLPClassifier(alpha=a)``, whose penalty ``a/2 ||W||²`` is on the
             summed loss of a minibatch, i.e. ``a = l2 · batch_size``); when given, it wins over
             ``l2`` and ``fit`` warns.
+        hidden_layers: ReLU hidden layers, an int ``>= 0`` (0: a linear probe, see above).
+        dropout: probability in ``[0, 1)`` of zeroing each input of every layer (the features,
+            and each hidden layer's output) during training, scaled by ``1 / (1 - dropout)`` as
+            ``torch.nn.Dropout`` does; prediction uses no dropout. 0 (default): none. (Hewitt
+            & Liang's POS MLP leaves the first hidden layer's output undropped.)
+        rank: None, or an int ``k >= 1`` with ``hidden_layers=0``: the rank-constrained linear
+            probe.
+
+    The loss that decides early stopping is the training loss of each epoch, with dropout where
+    ``dropout > 0`` (so it is noisier there; raise ``tol`` or lower ``max_iter`` to stop sooner).
 
     Attributes:
-        classes_, n_features_in_, n_iter_ (epochs run), coefs_ (``[W₁ [d, h], W₂ [h, K]]``),
-        intercepts_, mean_, scale_.
+        classes_, n_features_in_, n_iter_ (epochs run), mean_, scale_.
+        coefs_: one weight matrix per layer, input first: ``[W₁ [d, h], W₂ [h, K]]`` for one
+            hidden layer, ``[W₁ [d, h], W₂ [h, h], W₃ [h, K]]`` for two, ``[A [d, k], B [k, K]]``
+            for the rank probe, ``[W [d, K]]`` for a plain linear one; on the standardised
+            features ``(x - mean_) / scale_``.
+        intercepts_: the matching biases, ``[b₁ [h], b₂ [K]]`` and so on (``[a [k], b [K]]``).
+            ReLU follows every layer but the last, except in the rank probe (linear throughout).
 
     Example:
         >>> import numpy as np
         >>> X = np.random.default_rng(0).normal(size=(300, 2)); y = (X[:, 0] * X[:, 1] > 0)
         >>> MLPProbe(max_iter=300).fit(X, y).score(X, y) > 0.9
         True
+        >>> rank_1 = MLPProbe(hidden_layers=0, rank=1, learning_rate=1e-2, tol=1e-3)
+        >>> [w.shape for w in rank_1.fit(X, X[:, 0] > 0).coefs_], rank_1.score(X, X[:, 0] > 0)
+        ([(2, 1), (1, 2)], 1.0)
     """
 
     def __init__(
@@ -201,6 +240,9 @@ class MLPProbe(_Probe):
         standardize: bool = True,
         random_state: int = 0,
         alpha: float | None = None,
+        hidden_layers: int = 1,
+        dropout: float = 0.0,
+        rank: int | None = None,
     ) -> None:
         self.hidden_size = hidden_size
         self.l2 = l2
@@ -211,11 +253,28 @@ class MLPProbe(_Probe):
         self.tol = tol
         self.standardize = standardize
         self.random_state = random_state
+        self.hidden_layers = hidden_layers
+        self.dropout = dropout
+        self.rank = rank
 
     def fit(self, X: Any, y: Any) -> MLPProbe:
         """Fit on ``X [n, d]`` and labels ``y [n]``."""
         X, y = validate_data(self, host(X), host(y), dtype=np.float64)
         y_idx = _encode_targets(self, y)
+        settings = self._settings()
+        weights = np.ones(X.shape[0])
+        self.mean_, self.scale_ = _standardizer(X, weights, settings.standardize)
+        Xs = torch.from_numpy((X - self.mean_) / self.scale_).float()[None]
+        params, self.n_iter_ = settings.train(Xs, torch.from_numpy(y_idx), len(self.classes_))
+        arrays = [p[0].double().cpu().numpy() for p in params]
+        self.coefs_, self.intercepts_ = arrays[0::2], arrays[1::2]
+        # As fitted, so that set_params(rank=...) after fit cannot change what predict computes.
+        self._relu = settings.rank is None
+        return self
+
+    def _settings(self) -> _MLPSettings:
+        """The parameters, checked (at fit, as scikit-learn does: ``__init__`` only stores them;
+        hidden_size=0 once divided by zero in the initialisation)."""
         if self.alpha is not None:
             warn(
                 "MLPProbe(alpha=...) is deprecated: say l2=... (the same number; alpha goes in "
@@ -223,39 +282,113 @@ class MLPProbe(_Probe):
                 DeprecationWarning,
             )
         l2 = _check_l2(self.l2 if self.alpha is None else self.alpha, allow_zero=True)
-        # Checked at fit, as scikit-learn does (hidden_size=0 divided by zero in the init).
-        check_int(self.hidden_size, "hidden_size", 1)
-        check_int(self.max_iter, "max_iter", 1)
-        check_int(self.batch_size, "batch_size", 1)
-        check_float(self.learning_rate, "learning_rate", 0.0, low_open=True)
-        check_float(self.tol, "tol", 0.0)
-        weights = np.ones(X.shape[0])
-        self.mean_, self.scale_ = _standardizer(X, weights, self.standardize)
-        Xs = torch.from_numpy((X - self.mean_) / self.scale_).float()[None]
-        params, self.n_iter_ = _fit_mlp(
-            Xs,
-            torch.from_numpy(y_idx),
-            len(self.classes_),
-            hidden_size=self.hidden_size,
+        hidden_layers = check_int(self.hidden_layers, "hidden_layers")
+        if hidden_layers < 0:
+            raise ValueError(
+                f"hidden_layers must be >= 0, got {hidden_layers}; say 1 or 2 for Hewitt & "
+                "Liang's MLP probes, 0 for a linear one."
+            )
+        rank = None if self.rank is None else check_int(self.rank, "rank")
+        if rank is not None and rank < 1:
+            raise ValueError(
+                f"rank must be None or >= 1, got {rank}; say rank=None for an unconstrained probe."
+            )
+        if rank is not None and hidden_layers > 0:
+            raise ValueError(
+                f"rank={rank} constrains linear probes only (hidden_layers=0), got "
+                f"hidden_layers={hidden_layers}; Hewitt & Liang's rank-{rank} MLP probes are MLPs "
+                f"of width {rank}: say MLPProbe(hidden_size={rank}, hidden_layers="
+                f"{hidden_layers}), or hidden_layers=0 for the rank-{rank} linear probe."
+            )
+        dropout = check_float(self.dropout, "dropout")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(
+                f"dropout must be in [0, 1), got {dropout}: it is the probability of zeroing each "
+                "input during training (0: no dropout)."
+            )
+        return _MLPSettings(
+            hidden_size=check_int(self.hidden_size, "hidden_size", 1),
+            hidden_layers=hidden_layers,
+            rank=rank,
+            dropout=dropout,
             l2=l2,
-            max_iter=self.max_iter,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            tol=self.tol,
+            max_iter=check_int(self.max_iter, "max_iter", 1),
+            batch_size=check_int(self.batch_size, "batch_size", 1),
+            learning_rate=check_float(self.learning_rate, "learning_rate", 0.0, low_open=True),
+            tol=check_float(self.tol, "tol", 0.0),
             seed=_random_state(self.random_state),
+            standardize=bool(self.standardize),
         )
-        w1, b1, w2, b2 = (p[0].double().cpu().numpy() for p in params)
-        self.coefs_, self.intercepts_ = [w1, w2], [b1, b2]
-        return self
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Scores ``[n]`` (two classes: the log-odds of ``classes_[1]``) or logits ``[n, K]``."""
+        scores = self._logits(X)
+        return scores[:, 1] - scores[:, 0] if scores.shape[1] == 2 else scores
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities ``[n, K]`` in the order of ``classes_``."""
+        return _softmax(self._logits(X))
+
+    def _logits(self, X: Any) -> np.ndarray:
+        """``[n, K]`` logits: the layers of ``coefs_``/``intercepts_`` in float64, ReLU between
+        them (none in the rank probe), on the standardised features."""
         check_is_fitted(self)
         X = validate_data(self, host(X), reset=False, dtype=np.float64)
-        hidden = np.maximum(
-            (X - self.mean_) / self.scale_ @ self.coefs_[0] + self.intercepts_[0], 0
-        )
-        return _softmax(hidden @ self.coefs_[1] + self.intercepts_[1])
+        hidden = (X - self.mean_) / self.scale_
+        for i, (w, b) in enumerate(zip(self.coefs_, self.intercepts_, strict=True)):
+            hidden = hidden @ w + b
+            if self._relu and i < len(self.coefs_) - 1:
+                hidden = np.maximum(hidden, 0)
+        return hidden
+
+
+@dataclass(frozen=True)
+class _MLPSettings:
+    """An :class:`MLPProbe`'s checked parameters: what :func:`_fit_mlp` trains, for the estimator
+    and for :func:`mechprobe.probe_layers` alike."""
+
+    hidden_size: int
+    hidden_layers: int
+    rank: int | None
+    dropout: float
+    l2: float
+    max_iter: int
+    batch_size: int
+    learning_rate: float
+    tol: float
+    seed: int
+    standardize: bool
+
+    def train(
+        self,
+        X: Float[Tensor, "layers n d"],
+        y: Tensor,
+        n_classes: int,
+        unfinished: list[int] | None = None,
+    ) -> tuple[tuple[Tensor, ...], int]:
+        """:func:`_fit_mlp` with these settings."""
+        return _fit_mlp(
+            X, y, n_classes, hidden_size=self.hidden_size, l2=self.l2, max_iter=self.max_iter,
+            batch_size=self.batch_size, learning_rate=self.learning_rate, tol=self.tol,
+            seed=self.seed, hidden_layers=self.hidden_layers, rank=self.rank,
+            dropout=self.dropout, unfinished=unfinished,
+        )  # fmt: skip
+
+    @property
+    def label(self) -> str:
+        """``"mlp"`` for ``probe_layers(mlp=True)``'s architecture, else what differs from it:
+        ``"mlp(hidden_layers=0, rank=10)"``."""
+        changed = [
+            f"{name}={value}"
+            for name, value, default in (
+                ("hidden_size", self.hidden_size, 100),
+                ("hidden_layers", self.hidden_layers, 1),
+                ("rank", self.rank, None),
+                ("dropout", self.dropout, 0.0),
+            )
+            if value != default and not (name == "hidden_size" and self.hidden_layers == 0)
+        ]
+        return f"mlp({', '.join(changed)})" if changed else "mlp"
 
 
 def control_labels(groups: Any, y: Any, *, seed: int = 0) -> np.ndarray:
@@ -324,23 +457,27 @@ def _fit_mlp(
     learning_rate: float,
     tol: float,
     seed: int,
+    hidden_layers: int = 1,
+    rank: int | None = None,
+    dropout: float = 0.0,
     unfinished: list[int] | None = None,
-) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor], int]:
+) -> tuple[tuple[Tensor, ...], int]:
     """Train one MLP per layer, all layers in the same Adam steps (their losses are summed).
 
-    Each layer's MLP is trained as if alone: every layer starts from the same draw of ``seed``
-    and sees the same minibatches, Adam's update is elementwise, and each layer stops on its own
-    early-stopping rule (its parameters are those of the epoch it stopped at), so a layer's
-    probe does not depend on which other layers are fitted beside it.
+    Each layer's MLP is trained as if alone: every layer starts from the same draw of ``seed``,
+    sees the same minibatches and dropout masks, Adam's update is elementwise, and each layer
+    stops on its own early-stopping rule (its parameters are those of the epoch it stopped at),
+    so a layer's probe does not depend on which other layers are fitted beside it.
 
-    Returns ``((W₁ [L, d, h], b₁ [L, h], W₂ [L, h, K], b₂ [L, K]), epochs)``, ``epochs``
-    those of the layer that trained longest. Layers that did not stop are warned of, or, given
-    an ``unfinished`` list, appended to it (by position) for the caller to warn of: a fit on a
-    worker thread has no user's line to point a warning at.
+    Returns ``((W₁ [L, d, h], b₁ [L, h], ..., W_last [L, h, K], b_last [L, K]), epochs)``,
+    weights and biases alternating, input layer first (see :class:`MLPProbe` for the shapes of
+    each architecture), ``epochs`` those of the layer that trained longest. Layers that did not
+    stop are warned of, or, given an ``unfinished`` list, appended to it (by position) for the
+    caller to warn of: a fit on a worker thread has no user's line to point a warning at.
     """
     n_layers, n, d = X.shape
     # Draws come from a CPU generator and go to the activations' device, so a seed gives the
-    # same initialisation and minibatches on every device.
+    # same initialisation, minibatches and dropout masks on every device.
     gen = torch.Generator().manual_seed(seed)
     device = X.device
     # Tensors made under inference_mode cannot be saved for backward.
@@ -351,31 +488,44 @@ def _fit_mlp(
         one = (torch.rand(1, *shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
         return one.expand(n_layers, *shape).to(device, X.dtype).clone().requires_grad_()
 
-    params = (
-        uniform(d, hidden_size, fan_in=d),
-        uniform(hidden_size, fan_in=d),
-        uniform(hidden_size, n_classes, fan_in=hidden_size),
-        uniform(n_classes, fan_in=hidden_size),
-    )
-    w1, b1, w2, b2 = params
+    widths = _widths(d, n_classes, hidden_size, hidden_layers, rank)
+    params: list[Tensor] = []
+    # Drawn weight then bias, layer by layer: the one-hidden-layer draws are those of before
+    # hidden_layers existed, so its fits did not change.
+    for fan_in, fan_out in itertools.pairwise(widths):
+        params += [uniform(fan_in, fan_out, fan_in=fan_in), uniform(fan_out, fan_in=fan_in)]
+    weights = params[0::2]
     kept = [p.detach().clone() for p in params]  # each layer's parameters where it stopped
     optimiser = torch.optim.Adam(params, lr=learning_rate)
     batch = max(1, min(batch_size, n))
     best = torch.full((n_layers,), math.inf, dtype=torch.float64, device=device)
     stale = torch.zeros(n_layers, dtype=torch.long, device=device)
     stopped = torch.zeros(n_layers, dtype=torch.bool, device=device)
+
+    def drop(rows: int) -> Callable[[Tensor], Tensor] | None:
+        """Inverted dropout with masks from ``gen``, one draw shared by every layer of ``X``
+        (each is trained as if alone); None where there is no dropout (no draw, so the
+        minibatches are those of a fit without it)."""
+        if dropout == 0.0:
+            return None
+
+        def apply(h: Tensor) -> Tensor:
+            keep = torch.rand(1, rows, h.shape[-1], generator=gen) >= dropout
+            return h * (keep.to(device, h.dtype) / (1.0 - dropout))
+
+        return apply
+
     epoch = 0
     for epoch in range(1, max_iter + 1):  # noqa: B007 - the epoch count is returned
         order = torch.randperm(n, generator=gen).to(device)
         total = torch.zeros(n_layers, dtype=torch.float64, device=device)
         for start in range(0, n, batch):
             idx = order[start : start + batch]
-            hidden = torch.relu(torch.baddbmm(b1[:, None], X[:, idx], w1))
-            logits = torch.baddbmm(b2[:, None], hidden, w2)
+            logits = _mlp_logits(X[:, idx], params, relu=rank is None, drop=drop(len(idx)))
             ce = torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1), y[idx].repeat(n_layers), reduction="none"
             ).view(n_layers, len(idx)).sum(1)  # fmt: skip
-            penalty = w1.square().sum() + w2.square().sum()
+            penalty = sum(w.square().sum() for w in weights)
             loss = ce.sum() / len(idx) + 0.5 * l2 * penalty
             optimiser.zero_grad()
             loss.backward()
@@ -404,8 +554,38 @@ def _fit_mlp(
         final = [
             torch.where(_layer_mask(stopped, p), k, p) for k, p in zip(kept, params, strict=True)
         ]
-    w1, b1, w2, b2 = final
-    return (w1.detach(), b1.detach(), w2.detach(), b2.detach()), epoch
+    return tuple(p.detach() for p in final), epoch
+
+
+def _widths(
+    d: int, n_classes: int, hidden_size: int, hidden_layers: int, rank: int | None
+) -> list[int]:
+    """Each layer's input width, then the classes: ``[d, h, ..., h, K]``, or ``[d, k, K]`` for
+    the rank-``k`` linear probe."""
+    if rank is not None:
+        return [d, rank, n_classes]
+    return [d, *[hidden_size] * hidden_layers, n_classes]
+
+
+def _mlp_logits(
+    x: Float[Tensor, "layers n d"],
+    params: Sequence[Tensor],
+    *,
+    relu: bool = True,
+    drop: Callable[[Tensor], Tensor] | None = None,
+) -> Float[Tensor, "layers n K"]:
+    """The batched forward pass of :func:`_fit_mlp`'s parameters (weights and biases
+    alternating): ReLU between layers (none with ``relu=False``, the rank probe), ``drop``
+    applied to every layer's input while training."""
+    hidden = x
+    n_linear = len(params) // 2
+    for i in range(n_linear):
+        if drop is not None:
+            hidden = drop(hidden)
+        hidden = torch.baddbmm(params[2 * i + 1][:, None], hidden, params[2 * i])
+        if relu and i < n_linear - 1:
+            hidden = torch.relu(hidden)
+    return hidden
 
 
 def _layer_mask(layers: Tensor, like: Tensor) -> Tensor:
