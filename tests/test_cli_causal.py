@@ -477,3 +477,39 @@ def test_cli_answers_are_one_shared_or_one_each_and_tasks_take_three_shots(tmp_p
     for shots, traced in ((3, True), (5, False)):
         prompt = capitals.with_shots(shots).subset(1, seed=0).prompts()[0]
         assert (len(saved.tokens[0]) == mp.tiny_model().to_tokens(prompt).shape[1]) == traced
+
+
+def test_cli_patch_takes_positions_by_name(tiny, tmp_path):
+    """--position NAME=INTS: one column per name, one int per pair where templates differ."""
+    folder = mp.save_model(tiny, tmp_path / "model")
+    args = ["patch", "--clean", "A cat", "--clean", "Say dog", "--corrupt", "A xat",
+            "--corrupt", "Say dyg", "--answer", "1", "--wrong", "2", "--sites", "mlp_out",
+            "--position", "X=3,6", "--position", "END=-1", "--model", str(folder), "--quiet"]  # fmt: skip
+    assert cli_main([*args, "--out", str(tmp_path / "run")]) == 0
+    saved = mp.core.load_result(tmp_path / "run" / "result.json")
+    direct = mp.patch(tiny, ["A cat", "Say dog"], ["A xat", "Say dyg"], "mlp_out",
+                      {"X": [3, 6], "END": -1}, mp.logit_diff("1", "2"))  # fmt: skip
+    assert saved.positions == ("X", "END")
+    np.testing.assert_allclose(saved.per_pair, direct.per_pair, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--position", "X"], "not NAME=INTS"),
+        (["--position", "X=a"], "not NAME=INTS"),
+        (["--position", "X=1,2,3"], "gives 3 ints for 1 prompt pairs"),
+        (["--position", "X=1", "--position", "X=2"], "give each name once"),
+        (["--position", "X=1", "--positions", "all"], "instead of --positions"),
+    ],
+)
+def test_cli_named_positions_fail_before_loading(tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr("mechprobe.cli.patch.load", _no_model)
+    command = [*PATCH, *extra, "--model", "tiny", "--out", str(tmp_path / "x")]
+    if "NAME=INTS" in message:  # argparse's own refusal of the value
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(command)
+        assert exit_.value.code == 2
+    else:
+        assert cli_main(command) == 2
+    assert message in capsys.readouterr().err

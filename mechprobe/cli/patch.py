@@ -50,6 +50,20 @@ and backward pass per pair (edge attribution patching).
 """
 
 
+def _named_position(text: str) -> tuple[str, int | list[int]]:
+    """``"S2=10,10,12"`` -> ``("S2", [10, 10, 12])``; ``"END=-1"`` -> ``("END", -1)``."""
+    name, sep, value = text.partition("=")
+    try:
+        numbers = [int(v) for v in value.split(",")]
+    except ValueError:
+        numbers = []
+    if not sep or not name.strip() or not numbers:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not NAME=INTS: write e.g. S2=10,10,12 (one int per pair) or END=-1"
+        )
+    return name.strip(), numbers[0] if len(numbers) == 1 else numbers
+
+
 def add_parser(sub: Any) -> None:
     """Register ``mechprobe patch`` on the subparsers ``sub``."""
     parser = sub.add_parser(
@@ -88,6 +102,16 @@ def add_parser(sub: Any) -> None:
         "mp.path_patch: every path at every position), 'all' (each position a cell), 'whole' "
         "(every position at once, one cell per site; not path patching), an int or "
         "comma-separated ints; write lists that start with a minus as --positions=-3,-1",
+    )
+    parser.add_argument(
+        "--position",
+        action="append",
+        type=_named_position,
+        default=[],
+        metavar="NAME=INTS",
+        help="a position by name, one column each (repeat): NAME=INT for every pair, or one int "
+        "per pair, e.g. --position S2=10,10,12 --position END=-1 (templates that put a word at "
+        "different offsets); instead of --positions",
     )
     parser.add_argument(
         "--receivers",
@@ -169,6 +193,21 @@ def main(args: argparse.Namespace) -> int:
                 "--method attribution runs one forward and backward pass per prompt pair, "
                 f"whatever the cells: drop --{flag.replace('_', '-')}"
             )
+    if args.position:
+        names = [name for name, _ in args.position]
+        if args.positions is not None:
+            return fail("--position names positions instead of --positions: pass one of them")
+        if len(set(names)) < len(names):
+            return fail(f"--position names {names}: give each name once")
+        too_many = [
+            n for n, at in args.position if isinstance(at, list) and len(at) != len(args.clean)
+        ]
+        if too_many:
+            return fail(
+                f"--position {too_many[0]} gives {len(dict(args.position)[too_many[0]])} ints for "
+                f"{len(args.clean)} prompt pairs: pass one int for every pair, or one per --clean"
+            )
+        args.positions = dict(args.position)
     if args.positions is None:  # the API's defaults: the last token; every path at every position
         args.positions = "all" if args.receivers is not None else -1
     for flag, given in (("receiver-layers", args.receiver_layers is not None),
