@@ -1,7 +1,7 @@
 """Indirect object identification on SmolLM2-135M-Instruct: a circuit workflow of Wang et al.
 (2022) with mechprobe alone, over templates that put the names at different offsets.
 
-``python demos/ioi.py`` (a few minutes on two cores) writes ``docs/ioi_results.json`` and
+``python demos/ioi.py`` (about 7 minutes on two cores) writes ``docs/ioi_results.json`` and
 ``docs/figures/ioi_*.png``, the numbers of docs/causal.md's "An IOI circuit, end to end":
 
 1. prompts: IOI templates ("When Mary and John went to the store, John gave a drink to"), each
