@@ -1,7 +1,7 @@
 """Indirect object identification on SmolLM2-135M-Instruct: a circuit workflow of Wang et al.
 (2022) with mechprobe alone, over templates that put the names at different offsets.
 
-``python demos/ioi.py`` (about 7 minutes on two cores) writes ``docs/ioi_results.json`` and
+``python demos/ioi.py`` (about 8 minutes on two cores) writes ``docs/ioi_results.json`` and
 ``docs/figures/ioi_*.png``, the numbers of docs/causal.md's "An IOI circuit, end to end":
 
 1. prompts: IOI templates ("When Mary and John went to the store, John gave a drink to"), each
@@ -12,16 +12,18 @@
 2. heads: every head's ``z`` patched (clean into corrupt) at S2 and at END, by name;
    attribution patching's estimate of the same cells beside it;
 3. circuits: the heads whose patch at END (or at S2) recovers most, kept at that position, every
-   other head mean-ablated to the per-template ABC means (``mp.faithfulness``), beside random
-   circuits of the same size kept at the same positions;
-4. knockouts: each part of the circuit ablated as one group (``mp.ablate_cells`` with groups),
-   beside random groups of its size.
+   other head mean-ablated to its mean over ABC prompts of the same template (three fresh names),
+   position by position (``mp.faithfulness``), beside random circuits of the same size kept at the
+   same positions, and beside the same means pooled over templates of one token length;
+4. knockouts: each part of the circuit alone mean-ablated where it is kept (the ``knockout``
+   condition), beside random heads as many.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ NAMES = [" Mary", " John", " Tom", " James", " Anna", " Sarah", " David", " Paul
          " Mark", " Kate", " Peter"]  # fmt: skip
 SIZES = (4, 8, 12)  # heads kept at END; half as many at S2
 N_RANDOM = 5
+N_ABC = 8  # reference prompts per template
 
 
 def prompts(model: Any) -> dict[str, Any]:
@@ -73,6 +76,13 @@ def prompts(model: Any) -> dict[str, Any]:
             out["s"].append(s)
             out["template"].append(t)
     out["positions"] = where
+    # Wang et al.'s ABC dataset: the same templates with three fresh names, the means' source.
+    out["abc"], out["abc_template"] = [], []
+    for t, template in enumerate(TEMPLATES):
+        for _ in range(N_ABC):
+            a, b, c = (str(n) for n in rng.choice(single, 3, replace=False))
+            out["abc"].append(template.format(A=a, B=b, S=c))
+            out["abc_template"].append(t)
     return out
 
 
@@ -120,37 +130,38 @@ def main() -> None:
 
     # 3. Faithfulness: the top heads kept at END (and half as many at S2), every other head set
     # to its per-template ABC mean; random circuits of the same size beside them.
-    groups = (template, template)
-    all_heads = [mp.Site("head", layer, head=h) for layer in range(30) for h in range(9)]
+    abc = data["abc"]
+    groups = (template, data["abc_template"])
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    all_heads = [
+        mp.Site("head", layer, head=h) for layer in range(n_layers) for h in range(n_heads)
+    ]
     rng = np.random.default_rng(1)
+
+    def faithful(circuit: dict[mp.Site, Any], **how: Any) -> mp.FaithfulnessResult:
+        how = {"reference": abc, "groups": groups} | how
+        return mp.faithfulness(
+            model, clean, circuit, metric, positions=named, progress=False, **how
+        )
+
+    def random_like(circuit: dict[mp.Site, Any]) -> dict[mp.Site, Any]:
+        picked = rng.choice(len(all_heads), len(circuit), replace=False)
+        spots = list(circuit.values())
+        return {all_heads[i]: spots[k] for k, i in enumerate(picked)}
+
+    record["abc_prompts_per_template"] = N_ABC
     record["faithfulness"] = []
     for size in SIZES:
-        circuit = dict.fromkeys(top["END"][:size], "END")
+        circuit: dict[mp.Site, Any] = dict.fromkeys(top["END"][:size], "END")
         for site in top["S2"][: size // 2]:
             circuit[site] = ["S2", "END"] if site in circuit else "S2"
         start = time.perf_counter()
-        res = mp.faithfulness(
-            model, clean, circuit, metric, positions=named, reference=corrupt, groups=groups,
-            progress=False,
-        )  # fmt: skip
+        res = faithful(circuit)
         seconds = time.perf_counter() - start
-        randoms = []
-        for _ in range(N_RANDOM):
-            picked = rng.choice(len(all_heads), len(circuit), replace=False)
-            spots = list(circuit.values())
-            control = {all_heads[i]: spots[k] for k, i in enumerate(picked)}
-            randoms.append(
-                mp.faithfulness(
-                    model,
-                    clean,
-                    control,
-                    metric,
-                    positions=named,
-                    reference=corrupt,
-                    groups=groups,
-                    progress=False,
-                ).faithfulness
-            )
+        randoms = [faithful(random_like(circuit)).faithfulness for _ in range(N_RANDOM)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pooled = faithful(circuit, groups=None)  # templates of one length share means
         row = {
             "heads_kept": len(circuit),
             "full": round(res.means["full"], 3),
@@ -158,7 +169,10 @@ def main() -> None:
             "empty": round(res.means["empty"], 3),
             "knockout": round(res.means["knockout"], 3),
             "faithfulness": round(res.faithfulness, 3),
+            "ratio": round(res.ratio, 3),
             "random_faithfulness": [round(float(r), 3) for r in randoms],
+            "pooled_by_length_faithfulness": round(pooled.faithfulness, 3),
+            "pooled_warned": any("several templates" in str(w.message) for w in caught),
             "seconds": round(seconds, 1),
         }
         record["faithfulness"].append(row)
@@ -166,26 +180,24 @@ def main() -> None:
         if size == SIZES[-1]:
             res.plot().savefig(FIGURES / "ioi_faithfulness.png", dpi=110, bbox_inches="tight")
 
-    # 4. Each part of the largest circuit knocked out as one group, beside random groups.
+    # 4. Each part of the largest circuit alone ablated where it is kept, beside random heads.
     n_end, n_s2 = SIZES[-1], SIZES[-1] // 2
-    picked = [all_heads[i] for i in rng.choice(len(all_heads), n_end, replace=False)]
-    knock = mp.ablate_cells(
-        model, clean,
-        {f"top {n_end} at END": top["END"][:n_end], f"top {n_s2} at S2": top["S2"][:n_s2],
-         f"random {n_end}": picked},
-        named, metric, reference=corrupt, n_random=0, progress=False,
-    )  # fmt: skip
-    record["knockouts"] = [
-        {
-            "group": row.site,
-            "position": row.position,
-            "value": round(float(row.value), 3),
-            "effect": round(float(row.effect), 3),
+    parts = {
+        f"top {n_end} at END": dict.fromkeys(top["END"][:n_end], "END"),
+        f"top {n_s2} at S2": dict.fromkeys(top["S2"][:n_s2], "S2"),
+    }
+    parts[f"random {n_end} at END"] = random_like(parts[f"top {n_end} at END"])
+    parts[f"random {n_s2} at S2"] = random_like(parts[f"top {n_s2} at S2"])
+    record["knockouts"] = []
+    for name, part in parts.items():
+        res = faithful(part)
+        row = {
+            "part": name,
+            "knockout": round(res.means["knockout"], 3),
+            "change": round(res.means["knockout"] - res.means["full"], 3),
         }
-        for row in knock.to_frame().itertuples()
-    ]
-    record["intact"] = round(knock.clean_metric, 3)
-    print(record["knockouts"], flush=True)
+        record["knockouts"].append(row)
+        print(row, flush=True)
     OUT.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {OUT}")
 

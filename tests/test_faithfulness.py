@@ -198,8 +198,12 @@ def test_explicit_groups_take_the_means_of_their_own_reference_prompts(tiny: Any
         want = np.empty(4)
         want[0::2], want[1::2] = hi[condition], yo[condition]
         np.testing.assert_allclose(getattr(result, condition), want, rtol=1e-4, atol=1e-4)
-    by_length = mp.faithfulness(tiny, prompts, CIRCUIT, METRIC, reference=refs, **OFF)
+    # Grouped by length, the two templates share their means, with a warning (review 35a F2).
+    with pytest.warns(UserWarning, match="look like several templates.*groups="):
+        by_length = mp.faithfulness(tiny, prompts, CIRCUIT, METRIC, reference=refs, **OFF)
     assert not np.allclose(result.empty, by_length.empty, atol=1e-4)
+    assert result.groups == ("hi", "yo", "hi", "yo") and by_length.groups[0] == "7 tokens"
+    assert result.reference_prompts == tuple(refs)
 
 
 def test_per_prompt_answers_and_a_metric_function(tiny: Any) -> None:
@@ -280,7 +284,9 @@ def test_a_group_mixing_token_lengths_is_refused_by_name(tiny: Any) -> None:
 
 
 def test_groups_of_the_wrong_shape_are_refused(tiny: Any) -> None:
-    with pytest.raises(ValueError, match="groups gives 2 prompt labels for 3 prompt prompts"):
+    with pytest.raises(
+        ValueError, match="groups gives 2 prompt labels for 3 prompts: pass one label per prompt"
+    ):
         mp.faithfulness(tiny, PROMPTS, CIRCUIT, METRIC, groups=([1, 1], [1, 1, 1]), **OFF)
     with pytest.raises(TypeError, match=r"groups must be a pair \(prompt_groups"):
         mp.faithfulness(tiny, PROMPTS, CIRCUIT, METRIC, groups=["abc", "abc"], **OFF)
@@ -421,3 +427,25 @@ def test_bad_named_circuit_positions_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         mp.faithfulness(tiny, PROMPTS, circuit, METRIC, positions=positions, **OFF)
+
+
+def test_the_result_records_how_it_was_made_and_wangs_ratio(tiny: Any, tmp_path: Any) -> None:
+    """Review 35a F3/F4: components, reference prompts, groups and named positions are kept
+    (they change the answer), and Wang et al.'s own number, circuit / full, beside the
+    normalised faithfulness."""
+    circuit = {mp.Site("head", 2, head=1): "X"}
+    result = mp.faithfulness(
+        tiny, PROMPTS, circuit, METRIC, positions={"X": [3, 4, 5], "END": -1},
+        reference=REFERENCE, **OFF,
+    )  # fmt: skip
+    assert result.ratio == pytest.approx(result.means["circuit"] / result.means["full"])
+    assert result.summary()["ratio"][0] == pytest.approx(result.ratio)
+    assert result.named_positions == {"X": (3, 4, 5), "END": (6, 6, 6)}
+    assert len(result.components) == result.n_components == 12
+    assert result.reference_prompts == tuple(REFERENCE)
+    path = tmp_path / "faith.json"
+    result.save(path)
+    back = mp.FaithfulnessResult.load(path)
+    assert back.named_positions == result.named_positions and back.groups == result.groups
+    zero = mp.faithfulness(tiny, PROMPTS, CIRCUIT, METRIC, method="zero", **OFF)
+    assert zero.reference_prompts == () and zero.groups == ()

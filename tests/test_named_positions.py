@@ -138,3 +138,31 @@ def test_bad_named_positions_are_refused_before_any_pass(tiny, positions, messag
     with pytest.raises(ValueError, match=message):
         mp.patch(tiny, CLEAN, CORRUPT, "mlp_out", positions, METRIC, progress=False)
     assert hook_count(tiny) == before
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_results_record_each_pairs_indices(tiny, tmp_path, direction):
+    """Review 35a F3: a saved result said 'S2' and no longer which token each pair patched."""
+    clean, corrupt = ["A cat", "Say dog"], ["A xat", "Say dogs"]  # pair 1: corrupt one longer
+    named = {"X": X, "END": -1}
+    want = ((3, 3), (5, 5)), ((6, 6), (7, 8))  # 6 and 8 tokens; 9 in the longer corrupt
+    res = mp.patch(tiny, clean, corrupt, "mlp_out", named, METRIC, n_random=0,
+                   direction=direction, progress=False)  # fmt: skip
+    assert res.position_indices == want
+    res.save(tmp_path / "r.json")
+    assert mp.PatchResult.load(tmp_path / "r.json").position_indices == want
+    estimate = mp.attribution_patch(tiny, clean, corrupt, "mlp_out", named, METRIC,
+                                    direction=direction, progress=False)  # fmt: skip
+    assert estimate.position_indices == want
+    paths = mp.path_patch(tiny, clean, corrupt, "mlp_out", "final", METRIC, positions=named,
+                          direction=direction, n_random=0, progress=False)  # fmt: skip
+    assert paths.position_indices == want
+    ablated = mp.ablate_cells(tiny, clean, "mlp_out", named, METRIC, n_random=0, progress=False)
+    assert ablated.position_indices == (((3, 3), (5, 5)), ((6, 6), (7, 7)))
+    joined = mp.PatchResult.concat(
+        [mp.patch(tiny, c, k, "mlp_out", {"X": x, "END": -1}, METRIC, n_random=0,
+                  direction=direction, progress=False)
+         for c, k, x in zip(clean, corrupt, X, strict=True)]
+    )  # fmt: skip
+    assert joined.position_indices == want
+    assert mp.patch(tiny, clean[0], corrupt[0], "mlp_out", -1, METRIC).position_indices == ()

@@ -1021,6 +1021,9 @@ def test_heads_at_several_positions_draw_a_grid_per_position(tiny):
         np.testing.assert_allclose(drawn, res.head_matrix(position=column), equal_nan=True)
     limits = {axis.images[0].get_clim() for axis in panels}
     assert len(limits) == 1  # one colour scale
+    np.testing.assert_array_equal(res.head_matrix(position="END"), res.head_matrix(position=1))
+    with pytest.raises(ValueError, match=r"its named positions: \['S', 'END'\]"):
+        res.head_matrix(position="S2")
     # more positions than panels: one heatmap of every head row, as before
     many = mp.patch(tiny, "ab cd efgh", "ab ce efgh", "head", list(range(9)),
                     mp.logit_diff(1, 2), n_random=0, progress=False)  # fmt: skip

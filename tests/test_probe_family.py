@@ -250,11 +250,46 @@ def test_probe_layers_fits_a_configured_probe_at_every_layer_with_a_control_task
     assert result.accuracy.shape == result.control_accuracy.shape == (3,)
     assert np.isfinite(result.selectivity).all()
     assert result.best_layer == 1 and result.accuracy[1] > 0.85 > linear.accuracy.max() + 0.2
-    assert result.probe == "mlp(hidden_size=32, hidden_layers=2)"
+    # the probe's own l2 (1e-4, not mlp=True's 1e-3) is named: depth is not all that differs
+    assert result.probe == "mlp(hidden_size=32, hidden_layers=2, l2=0.0001)"
     assert (result.l2, result.max_iter, result.tol) == (1e-4, 80, 1e-4)  # the probe's, recorded
     assert not hasattr(probe, "coefs_")  # the instance is a specification, never fitted
     rank = mp.MLPProbe(hidden_layers=0, rank=1, max_iter=20)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         low = mp.probe_layers(X, y, groups=groups, mlp=rank, progress=False)
-    assert low.probe == "mlp(hidden_layers=0, rank=1)" and low.accuracy.shape == (3,)
+    assert low.probe == "mlp(hidden_layers=0, rank=1, l2=0.0001)" and low.accuracy.shape == (3,)
+    same = mp.MLPProbe(l2=1e-3, random_state=0, max_iter=5)  # mlp=True's penalty and seed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        assert mp.probe_layers(X, y, mlp=same, progress=False).probe == "mlp"
+        seeded = mp.probe_layers(X, y, mlp=same, seed=3, progress=False)
+    assert seeded.probe == "mlp(random_state=0)"
+
+
+@pytest.mark.parametrize(
+    ("settings", "widths"),
+    [
+        ({"hidden_layers": 0, "rank": 3}, {10}),  # H&L's linear probe: the input only
+        ({"hidden_layers": 2, "hidden_size": 7}, {10, 7}),  # an MLP: every layer's input
+    ],
+)
+def test_dropout_falls_where_hewitt_and_liang_put_it(monkeypatch, settings, widths) -> None:
+    """Review 35a F1: the rank probe dropped its rank-k code too, a far stronger regulariser
+    than their OneWordLinearLabelProbe's dropout of the input."""
+    from mechprobe.probing import _probes
+
+    seen: set[int] = set()
+    forward = _probes._mlp_logits
+
+    def spy(x, params, *, relu=True, drop=None):
+        def watched(t):
+            seen.add(int(t.shape[-1]))
+            return drop(t)
+
+        return forward(x, params, relu=relu, drop=None if drop is None else watched)
+
+    monkeypatch.setattr(_probes, "_mlp_logits", spy)
+    X_tr, _, y_tr, _ = _classes(n=200, k=3)
+    _quiet(mp.MLPProbe(dropout=0.5, max_iter=1, **settings), X_tr, y_tr)
+    assert seen == widths

@@ -65,7 +65,9 @@ def fit_erasure(
     (:func:`mechprobe.leace` with ``method="orth"``) on ``X [n, d]``, ``y [n]``.
 
     Options go to :func:`mechprobe.inlp` / :func:`mechprobe.leace`; INLP defaults to
-    ``n_iterations=20, stop="majority"``, without a progress bar.
+    ``n_iterations=20, stop="majority"``, without a progress bar. ``method`` here names the
+    eraser, so leace's own ``method="orth"`` is asked for as ``"leace-orth"`` (passed beside
+    ``"leace"`` it is Python's "multiple values for argument 'method'").
 
     Example:
         >>> import torch

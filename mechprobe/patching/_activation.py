@@ -76,6 +76,7 @@ __all__ = [
     "Rows",
     "SiteGroups",
     "ablate_cells",
+    "named_indices",
     "patch",
     "position_pairs",
     "site_rows",
@@ -328,6 +329,21 @@ def _named_pairs(
     return list(per_name), resolved
 
 
+def named_indices(
+    wanted: Sequence[int | str | None], pairs: Sequence[Sequence[tuple[int, int]]], swap: bool
+) -> dict[str, Any]:
+    """A result's ``position_indices`` where positions were named: per pair, each column's
+    ``(clean, corrupt)`` token index (``pairs`` hold ``(source, run)``; ``swap`` where the source
+    is the corrupt prompt). Empty otherwise: ints say their indices themselves."""
+    if not any(isinstance(w, str) for w in wanted):
+        return {}
+    return {
+        "position_indices": tuple(
+            tuple((b, a) if swap else (a, b) for a, b in pair) for pair in pairs
+        )
+    }
+
+
 def _columns(
     spec: Any, src: list[int], base: list[int], unit: str = "pair"
 ) -> tuple[list[int | str | None], list[list[tuple[tuple[int, int], ...]]]]:
@@ -523,7 +539,8 @@ def patch(
         direction,
         seed,
         labels=_labels(model, clean_ids, corrupt_ids, wanted),
-        records=pair_records(model, clean_ids, corrupt_ids, metric),
+        records=pair_records(model, clean_ids, corrupt_ids, metric)
+        | named_indices(wanted, [[c[0] for c in cs] for cs in columns], direction == "noising"),
     )
 
 
@@ -739,7 +756,8 @@ def ablate_cells(
         f"{method}-ablation",
         seed,
         labels=_labels(model, ids, ids, wanted),
-        records=pair_records(model, ids, None, metric),
+        records=pair_records(model, ids, None, metric)
+        | named_indices(wanted, [[c[0] for c in cs] for cs in columns], False),
     )
 
 

@@ -61,6 +61,7 @@ from mechprobe.patching._activation import (
     _columns,
     _labels,
     _result,
+    named_indices,
     site_rows,
     token_pairs,
 )
@@ -298,5 +299,7 @@ def attribution_patch(
         "attribution-noising" if noising else "attribution",
         seed,
         labels=_labels(model, clean_ids, corrupt_ids, wanted),
-        records=pair_records(model, clean_ids, corrupt_ids, metric),
+        # columns were resolved on (clean, corrupt) whatever the direction
+        records=pair_records(model, clean_ids, corrupt_ids, metric)
+        | named_indices(wanted, [[c[0] for c in cs] for cs in columns], False),
     )

@@ -3,12 +3,16 @@
 Wang, Variengien, Conmy, Shlegeris & Steinhardt (2022), "Interpretability in the Wild: a Circuit
 for Indirect Object Identification in GPT-2 small", section 4: every component outside the circuit
 is mean-ablated (set to its mean over a reference dataset, the "ABC" prompts of the same templates,
-position by position), and the metric of the model that remains is compared with the full model's::
+position by position), and the metric of the model that remains is compared with the full model's.
+Wang et al. report the ratio ``mean circuit / mean full`` (:attr:`FaithfulnessResult.ratio`, their
+87%); later circuit work (e.g. Marks et al. 2024) measures it from the model with every component
+ablated, which this module's ``faithfulness`` does::
 
     faithfulness = (mean circuit - mean empty) / (mean full - mean empty)
 
-where ``empty`` ablates every component: 1 is the whole behaviour kept, 0 none of it. Four runs per
-prompt, each one forward pass per batch however many components are ablated:
+where ``empty`` ablates every component: 1 is the whole behaviour kept, 0 none of it (the two agree
+where ``empty`` is near 0, as with ABC means). Four runs per prompt, each one forward pass per
+batch however many components are ablated:
 
 - ``full``: nothing ablated;
 - ``circuit``: every component outside the circuit ablated (a circuit site with ``positions`` is
@@ -19,12 +23,15 @@ prompt, each one forward pass per batch however many components are ablated:
 
 Means per position need prompts of one length: prompts and reference prompts are grouped (by token
 length unless ``groups=`` labels them), and each prompt's ablations take the means of its group's
-reference prompts. ``per_position=False`` takes one mean per site over every real token of every
+reference prompts. Grouped by length, different templates of one length share their means (a
+warning says so where a length group's prompts look like several templates): pass each prompt's
+template as ``groups=`` for Wang et al.'s means per template. ``per_position=False`` takes one mean per site over every real token of every
 reference prompt (BOS left out, as ``Ablate("mean")`` does).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -106,6 +113,12 @@ class FaithfulnessResult(Result, format="mechprobe.FaithfulnessResult", version=
         n_components: How many components were ablated in ``empty`` (the circuit's included).
         prompts: The prompts, as read.
         model_name: The model's name (``cfg.model_name``), for the record.
+        components: The components' labels (what ``empty`` ablates).
+        reference_prompts: The prompts the means were taken over (empty for zero-ablation).
+        groups: Per prompt, the group whose means it took (``groups=``'s label as text, or
+            ``"15 tokens"`` where prompts were grouped by length; empty where means were pooled
+            or zero).
+        named_positions: Per name of ``positions=``, its index in each prompt.
 
     Example:
         >>> import mechprobe as mp
@@ -127,6 +140,10 @@ class FaithfulnessResult(Result, format="mechprobe.FaithfulnessResult", version=
     n_components: int
     prompts: tuple[str, ...]
     model_name: str = ""
+    components: tuple[str, ...] = ()
+    reference_prompts: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    named_positions: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
     @property
     def means(self) -> dict[str, float]:
@@ -143,6 +160,13 @@ class FaithfulnessResult(Result, format="mechprobe.FaithfulnessResult", version=
             return {c: float("nan") for c in CONDITIONS}
         # + 0.0: empty's own (e - e) / negative scale is -0.0, which frames show as "-0".
         return {c: (means[c] - means["empty"]) / scale + 0.0 for c in CONDITIONS}
+
+    @property
+    def ratio(self) -> float:
+        """``mean circuit / mean full``: the share Wang et al. report (their 87%), without the
+        empty model's baseline that :attr:`faithfulness` subtracts."""
+        full = float(np.mean(self.full))
+        return float(np.mean(self.circuit)) / full if full != 0 else float("nan")
 
     @property
     def faithfulness(self) -> float:
@@ -185,7 +209,7 @@ class FaithfulnessResult(Result, format="mechprobe.FaithfulnessResult", version=
             ...                       mp.logit_diff(5, 6), progress=False)
             >>> list(res.summary().columns)  # doctest: +NORMALIZE_WHITESPACE
             ['metric', 'method', 'per_position', 'n_prompts', 'circuit_size', 'n_components',
-             'full', 'circuit', 'empty', 'knockout', 'faithfulness']
+             'full', 'circuit', 'empty', 'knockout', 'faithfulness', 'ratio']
         """
         row: dict[str, Any] = {
             "metric": self.metric,
@@ -196,6 +220,7 @@ class FaithfulnessResult(Result, format="mechprobe.FaithfulnessResult", version=
             "n_components": self.n_components,
             **self.means,
             "faithfulness": self.faithfulness,
+            "ratio": self.ratio,
         }
         return pd.DataFrame([row])
 
@@ -237,7 +262,8 @@ class FaithfulnessResult(Result, format="mechprobe.FaithfulnessResult", version=
     def _describe(self) -> str:
         means = self.means
         return (
-            f"faithfulness {format_number(self.faithfulness)}: {self.metric} full "
+            f"faithfulness {format_number(self.faithfulness)} (circuit / full "
+            f"{format_number(self.ratio)}): {self.metric} full "
             f"{format_number(means['full'])}, circuit {format_number(means['circuit'])}, empty "
             f"{format_number(means['empty'])}, knockout {format_number(means['knockout'])}; "
             f"{len(self.circuit_sites)} of {self.n_components} components kept, "
@@ -351,6 +377,8 @@ def faithfulness(
     if per_group:
         labels, ref_labels = _group_labels(groups, lengths, ref_lengths, len(texts), len(refs))
         _check_groups(texts, refs, labels, ref_labels, lengths, ref_lengths, groups is not None)
+        if groups is None:
+            _warn_pooled_templates(model, texts, refs, labels, ref_labels)
     else:  # runs still go length by length: no padding, and a position is one index per run
         labels, ref_labels = list(lengths), list(ref_lengths)
     order = list(dict.fromkeys(labels))
@@ -418,6 +446,14 @@ def faithfulness(
         circuit_positions=tuple(_where_text(where) for where in kept.values()),
         n_components=len(sites),
         prompts=tuple(texts),
+        components=tuple(str(site) for site in sites),
+        reference_prompts=tuple(refs) if means_needed else (),
+        groups=tuple(f"{label} tokens" if groups is None else str(label) for label in labels)
+        if per_group
+        else (),
+        named_positions={
+            name: tuple(at[name] for at in named) for name in (named[0] if named else {})
+        },
         model_name=model_adapter(model).name,
     )
     means_of = result.means
@@ -586,12 +622,15 @@ def _group_labels(
             f"one per reference prompt, got {groups!r}."
         )
     out = []
-    for labels, n, what in ((groups[0], n_prompts, "prompt"), (groups[1], n_refs, "reference")):
+    for labels, n, what in (
+        (groups[0], n_prompts, "prompt"),
+        (groups[1], n_refs, "reference prompt"),
+    ):
         listed = list(labels)
         if len(listed) != n:
             raise ValueError(
-                f"groups gives {len(listed)} {what} labels for {n} {what} prompts: pass one "
-                f"label per {what} prompt, in order."
+                f"groups gives {len(listed)} {what} labels for {n} {what}s: pass one "
+                f"label per {what}, in order."
             )
         for label in listed:
             try:
@@ -638,6 +677,31 @@ def _check_groups(
                 "prompts. Pass groups= that put only prompts of one template together, or "
                 "reference prompts of the same templates."
             )
+
+
+def _warn_pooled_templates(
+    model: Any,
+    texts: list[str],
+    refs: list[str],
+    labels: list[Hashable],
+    ref_labels: list[Hashable],
+) -> None:
+    """Warn where a group of one token length looks like several templates, whose positions hold
+    different words: fewer than half its positions hold one token across the group's prompts and
+    reference prompts (one template's prompts differ at a few words only)."""
+    for group in dict.fromkeys(labels):
+        rows = [texts[i] for i, label in enumerate(labels) if label == group]
+        rows += [refs[j] for j, label in enumerate(ref_labels) if label == group]
+        ids = tokenize(model, rows).tokens  # one length: no padding
+        shared = float((ids == ids[:1]).all(0).float().mean())
+        if shared < 0.5:
+            warn(
+                f"The {group}-token prompts are one group of per-position means, but only "
+                f"{shared:.0%} of their positions hold one token: they look like several "
+                "templates, whose positions hold different words. Pass groups=(prompt_templates, "
+                "reference_templates) to take means per template."
+            )
+            return
 
 
 def _kept_positions(

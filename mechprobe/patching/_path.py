@@ -81,6 +81,7 @@ from mechprobe.patching._activation import (
     Prompts,
     SiteGroups,
     _check_common,
+    named_indices,
     position_pairs,
     token_pairs,
 )
@@ -160,6 +161,8 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
             :class:`mechprobe.PatchResult` records them.
         sender_members, receiver_members: Per row, the senders (receivers) it holds, as labels:
             one for a single sender, a group's for a group (empty in files saved before).
+        position_indices: Where positions were named: per pair, each position's ``(clean,
+            corrupt)`` token index (empty otherwise).
 
     Example:
         >>> import mechprobe as mp
@@ -195,6 +198,7 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
     wrong_tokens: tuple[str, ...] = ()
     sender_members: tuple[tuple[str, ...], ...] = ()
     receiver_members: tuple[tuple[str, ...], ...] = ()
+    position_indices: tuple[tuple[tuple[int, int], ...], ...] = ()
 
     @classmethod
     def concat(cls, results: Sequence[PathPatchResult]) -> PathPatchResult:
@@ -857,6 +861,7 @@ def path_patch(
         seed=seed,
         model_name=model_adapter(model).name,
         **pair_records(model, clean_ids, corrupt_ids, metric),
+        **named_indices(wanted, resolved, direction == "noising"),
     )
 
 

@@ -45,6 +45,7 @@ _PAIR_RECORDS = (
     "wrong_ids",
     "answer_tokens",
     "wrong_tokens",
+    "position_indices",
 )
 _DERIVED = ("values", "normalised")
 # Head kinds at up to this many positions are drawn as a layer x head grid per position.
@@ -256,6 +257,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             name (empty for a model without a tokenizer and in files saved before).
         members: Per row, the sites its cells write (one for a single site; a group's sites),
             as labels (empty in files saved before results recorded them).
+        position_indices: Where positions were named: per pair, each position's ``(clean,
+            corrupt)`` token index (an ablation's prompt twice); empty otherwise.
 
     Example:
         >>> import mechprobe as mp
@@ -288,6 +291,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
     answer_tokens: tuple[str, ...] = ()
     wrong_tokens: tuple[str, ...] = ()
     members: tuple[tuple[str, ...], ...] = ()
+    position_indices: tuple[tuple[tuple[int, int], ...], ...] = ()
 
     @classmethod
     def concat(cls, results: Sequence[PatchResult]) -> PatchResult:
@@ -324,14 +328,15 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         return int(self.random.shape[0])
 
     def head_matrix(
-        self, kind: str | None = None, position: int = 0, *, normalised: bool = True
+        self, kind: str | None = None, position: int | str = 0, *, normalised: bool = True
     ) -> np.ndarray:
         """``[layers, heads]`` one head kind's cells at one position column: row ``l`` is layer
         ``l`` (up to the last layer patched), NaN where a head was not patched.
 
         Args:
             kind: The head kind (``"head"``, ``"q"``, ...); None: the only one patched.
-            position: The column (an index into ``positions``).
+            position: The column (an index into ``positions``), or a named position's name
+                (``"S2"``).
             normalised: The normalised recovery, or, where it is undefined (ablations, equal
                 clean and corrupt metrics), the metric's change from the edited run
                 (:attr:`effect`), as :meth:`plot` draws; with False, the metric itself.
@@ -356,6 +361,14 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             kind = kinds[0]
         elif kind not in kinds:
             raise ValueError(f"kind {kind!r} was not patched here; head kinds patched: {kinds}.")
+        if isinstance(position, str):
+            if position not in self.positions:
+                named = [p for p in self.positions if isinstance(p, str)]
+                raise ValueError(
+                    f"position {position!r} is no column of this result"
+                    + (f"; its named positions: {named}." if named else ": pass a column index.")
+                )
+            position = self.positions.index(position)
         column = check_int(position, "position", 0, len(self.positions) - 1)
         data = self.values
         if normalised:  # an ablation's grid was all NaN

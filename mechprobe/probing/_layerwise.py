@@ -78,7 +78,8 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
         majority_baseline: accuracy of always predicting the most frequent training label (one
             number: it does not depend on the layer).
         probe: ``"linear"``, ``"mlp"`` (``mlp=True``), or for a configured
-            :class:`MLPProbe` what differs from ``mlp=True``'s: ``"mlp(hidden_layers=2)"``,
+            :class:`MLPProbe` what differs from ``mlp=True``'s (its penalty and seed
+            included): ``"mlp(hidden_layers=2)"``, ``"mlp(l2=0.0001)"``,
             ``"mlp(hidden_layers=0, rank=10)"``.
         split: how the data was split, e.g. ``"holdout(test_size=0.2)"`` or ``"5-fold"``.
         n_examples: rows used; n_classes: task classes.
@@ -413,6 +414,7 @@ def probe_layers(
     standardize = check_bool(standardize, "standardize")
     spec = _mlp_settings(mlp, l2=l2, max_iter=max_iter, tol=tol, seed=seed, standardize=standardize)
     mlp = spec is not None
+    label = "linear" if spec is None else spec.label(l2, seed)  # against mlp=True's l2 and seed
     if spec is not None:  # the settings the MLP probes are fitted with, as the result records
         l2, max_iter, tol = spec.l2, spec.max_iter, spec.tol
     skip_control = groups is False
@@ -553,7 +555,7 @@ def probe_layers(
         control_accuracy=control_accuracy,
         selectivity=accuracy - control_accuracy,
         majority_baseline=base / n,
-        probe="linear" if spec is None else spec.label,
+        probe=label,
         split=_split_name(n_folds, test_size, split_groups),
         n_examples=len(y_idx),
         n_classes=k,

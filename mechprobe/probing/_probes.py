@@ -200,9 +200,11 @@ class MLPProbe(_Probe):
             ``l2`` and ``fit`` warns.
         hidden_layers: ReLU hidden layers, an int ``>= 0`` (0: a linear probe, see above).
         dropout: probability in ``[0, 1)`` of zeroing each input of every layer (the features,
-            and each hidden layer's output) during training, scaled by ``1 / (1 - dropout)`` as
-            ``torch.nn.Dropout`` does; prediction uses no dropout. 0 (default): none. (Hewitt
-            & Liang's POS MLP leaves the first hidden layer's output undropped.)
+            and each hidden layer's output; for the rank probe the features only, as Hewitt &
+            Liang's linear probe, never its rank-k code) during training, scaled by
+            ``1 / (1 - dropout)`` as ``torch.nn.Dropout`` does; prediction uses no dropout. 0
+            (default): none. (Hewitt & Liang's POS MLP leaves the first hidden layer's output
+            undropped.)
         rank: None, or an int ``k >= 1`` with ``hidden_layers=0``: the rank-constrained linear
             probe.
 
@@ -374,10 +376,10 @@ class _MLPSettings:
             dropout=self.dropout, unfinished=unfinished,
         )  # fmt: skip
 
-    @property
-    def label(self) -> str:
-        """``"mlp"`` for ``probe_layers(mlp=True)``'s architecture, else what differs from it:
-        ``"mlp(hidden_layers=0, rank=10)"``."""
+    def label(self, l2: float, seed: int) -> str:
+        """``"mlp"`` for what ``probe_layers(mlp=True, l2=l2, seed=seed)`` fits, else what
+        differs from it: ``"mlp(hidden_layers=0, rank=10)"``, ``"mlp(l2=0.0001)"`` (a penalty
+        or seed changed beside the depth would otherwise pass for the depth's effect)."""
         changed = [
             f"{name}={value}"
             for name, value, default in (
@@ -385,6 +387,8 @@ class _MLPSettings:
                 ("hidden_layers", self.hidden_layers, 1),
                 ("rank", self.rank, None),
                 ("dropout", self.dropout, 0.0),
+                ("l2", self.l2, l2),
+                ("random_state", self.seed, seed),
             )
             if value != default and not (name == "hidden_size" and self.hidden_layers == 0)
         ]
@@ -576,11 +580,12 @@ def _mlp_logits(
 ) -> Float[Tensor, "layers n K"]:
     """The batched forward pass of :func:`_fit_mlp`'s parameters (weights and biases
     alternating): ReLU between layers (none with ``relu=False``, the rank probe), ``drop``
-    applied to every layer's input while training."""
+    applied while training to every layer's input, or, for the rank probe, to its input only
+    (Hewitt & Liang's ``OneWordLinearLabelProbe`` drops the input, never its rank-k code)."""
     hidden = x
     n_linear = len(params) // 2
     for i in range(n_linear):
-        if drop is not None:
+        if drop is not None and (relu or i == 0):
             hidden = drop(hidden)
         hidden = torch.baddbmm(params[2 * i + 1][:, None], hidden, params[2 * i])
         if relu and i < n_linear - 1:
