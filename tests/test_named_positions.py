@@ -166,3 +166,26 @@ def test_results_record_each_pairs_indices(tiny, tmp_path, direction):
     )  # fmt: skip
     assert joined.position_indices == want
     assert mp.patch(tiny, clean[0], corrupt[0], "mlp_out", -1, METRIC).position_indices == ()
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_a_pair_of_ints_names_the_clean_and_the_corrupt_index(tiny, direction):
+    """Review 35a F8: a name whose token sits at different indices in the clean and the corrupt
+    prompt (a longer name before it): (clean, corrupt) per pair, written by hand with mp.run."""
+    clean, corrupt = "A cat sat", "A bbat sat"  # "sat" at 6 in clean, 7 in corrupt
+    res = mp.patch(tiny, clean, corrupt, "mlp_out", {"sat": [(6, 7)]}, METRIC, n_random=0,
+                   direction=direction, progress=False)  # fmt: skip
+    assert res.position_indices == (((6, 7),),)
+    source, run, at_source, at_run = (
+        (clean, corrupt, 6, 7) if direction == "denoising" else (corrupt, clean, 7, 6)
+    )
+    for layer in range(tiny.cfg.n_layers):
+        site = mp.Site("mlp_out", layer)
+        value = mp.run(tiny, source, capture=[site])[site][0, at_source]
+        out = mp.run(tiny, run, {site: mp.Replace(value, positions=at_run)}, logit_positions=-1)
+        logits = torch.as_tensor(out.logits)[0, -1]
+        expected = float(logits[100] - logits[101])
+        assert res.per_pair[0, layer, 0] == pytest.approx(expected, abs=1e-4)
+    # ablations have one prompt each: a pair of ints is refused there
+    with pytest.raises(ValueError, match="one int per prompt"):
+        mp.ablate_cells(tiny, clean, "mlp_out", {"sat": [(6, 7)]}, METRIC, progress=False)

@@ -245,7 +245,7 @@ def _refuse_padding(model: Any, rows: list[Tensor], what: str) -> None:
 
 
 def position_pairs(
-    spec: Any, src: list[int], base: list[int], unit: str = "pair"
+    spec: Any, src: list[int], base: list[int], unit: str = "pair", swap: bool = False
 ) -> tuple[list[int | str], list[list[tuple[int, int]]]]:
     """Requested positions (ints, or names for :data:`NamedPositions`) and, per pair,
     ``[(p_src, p_base)]`` in each unpadded sequence.
@@ -257,7 +257,7 @@ def position_pairs(
         (['S2', 'END'], [[(1, 1), (3, 3)], [(2, 2), (4, 4)]])
     """
     if isinstance(spec, Mapping):
-        return _named_pairs(spec, src, base, unit)
+        return _named_pairs(spec, src, base, unit, swap)
     if isinstance(spec, str):
         lengths = set(src) | set(base)
         if spec != "all":
@@ -284,16 +284,18 @@ def position_pairs(
 
 
 def _named_pairs(
-    spec: Mapping[Any, Any], src: list[int], base: list[int], unit: str
+    spec: Mapping[Any, Any], src: list[int], base: list[int], unit: str, swap: bool = False
 ) -> tuple[list[int | str], list[list[tuple[int, int]]]]:
     """:func:`position_pairs` for positions by name: each name one column, at an int for every
-    pair or at one int per pair (IOI's S2 sits at different offsets in different templates);
-    ``unit`` is what errors call a pair (``"prompt"`` where there is one prompt each)."""
+    pair or at one entry per pair (IOI's S2 sits at different offsets in different templates):
+    an int for both prompts, or a ``(clean, corrupt)`` pair of ints where they differ (names of
+    other lengths). ``src`` is the clean prompts' lengths unless ``swap``; ``unit`` is what errors
+    call a pair (``"prompt"`` where there is one prompt each, and a pair of ints is refused)."""
     n_pairs = len(src)
     example = "e.g. positions={'S2': [10, 10, 12], 'END': -1}"
     if not spec:
         raise ValueError(f"positions={{}} names no position: name at least one, {example}.")
-    per_name: dict[str, list[int]] = {}
+    per_name: dict[str, list[tuple[int, int]]] = {}
     for name, value in spec.items():
         if not isinstance(name, str) or not name:
             raise ValueError(
@@ -301,24 +303,27 @@ def _named_pairs(
             )
         single = as_int(value)
         if single is not None:
-            per_name[name] = [single] * n_pairs
+            per_name[name] = [(single, single)] * n_pairs
             continue
         if isinstance(value, (Tensor, np.ndarray)) and value.ndim == 1:
             value = value.tolist()
-        items = [as_int(p) for p in value] if isinstance(value, (list, tuple, range)) else []
+        items = [_entry(p, unit) for p in value] if isinstance(value, (list, tuple, range)) else []
         if len(items) != n_pairs or any(p is None for p in items):
+            also = " (or a (clean, corrupt) pair of ints)" if unit == "pair" else ""
             raise ValueError(
                 f"positions[{name!r}] must be an int (for every {unit}) or one int per {unit} "
-                f"({n_pairs} here), got {value!r}: {example}."
+                f"({n_pairs} here){also}, got {value!r}: {example}."
             )
-        per_name[name] = [int(p) for p in items if p is not None]
+        per_name[name] = [p for p in items if p is not None]
     resolved = []
     for i, (s, b) in enumerate(zip(src, base, strict=True)):
         pairs = []
         for name, at in per_name.items():
-            p = at[i]
-            ps, pb = (p + s, p + b) if p < 0 else (p, p)
+            clean_at, corrupt_at = at[i]
+            p_src, p_base = (corrupt_at, clean_at) if swap else (clean_at, corrupt_at)
+            ps, pb = p_src + s if p_src < 0 else p_src, p_base + b if p_base < 0 else p_base
             if not (0 <= ps < s and 0 <= pb < b):
+                p = clean_at if clean_at == corrupt_at else (clean_at, corrupt_at)
                 tokens = f"prompts have {s} and {b}" if unit == "pair" else f"{unit} has {s}"
                 raise ValueError(
                     f"positions[{name!r}] is {p} for {unit} {i}, whose {tokens} tokens: use "
@@ -327,6 +332,19 @@ def _named_pairs(
             pairs.append((ps, pb))
         resolved.append(pairs)
     return list(per_name), resolved
+
+
+def _entry(value: Any, unit: str) -> tuple[int, int] | None:
+    """One pair's entry of a named position: an int for both prompts, or (pairs only) a
+    ``(clean, corrupt)`` pair of ints; None for anything else."""
+    single = as_int(value)
+    if single is not None:
+        return single, single
+    if unit == "pair" and isinstance(value, (tuple, list)) and len(value) == 2:
+        clean, corrupt = as_int(value[0]), as_int(value[1])
+        if clean is not None and corrupt is not None:
+            return clean, corrupt
+    return None
 
 
 def named_indices(
@@ -345,7 +363,7 @@ def named_indices(
 
 
 def _columns(
-    spec: Any, src: list[int], base: list[int], unit: str = "pair"
+    spec: Any, src: list[int], base: list[int], unit: str = "pair", swap: bool = False
 ) -> tuple[list[int | str | None], list[list[tuple[tuple[int, int], ...]]]]:
     """Like :func:`position_pairs`, but each column is a tuple of ``(p_src, p_base)`` written
     together: one position each, or with ``spec=None`` every position of the pair at once (its
@@ -356,7 +374,7 @@ def _columns(
         ([None], [[((0, 0), (1, 1), (2, 2))]])
     """
     if spec is not None:
-        wanted, resolved = position_pairs(spec, src, base, unit)
+        wanted, resolved = position_pairs(spec, src, base, unit, swap)
         return list(wanted), [[(pair,) for pair in pairs] for pairs in resolved]
     for i, (s, b) in enumerate(zip(src, base, strict=True)):
         if s != b:
@@ -419,7 +437,10 @@ def patch(
             the same length, and a random control moves every position by its own patch's
             distance). Or positions by name, one column each, at an int for every pair or one
             int per pair: ``{"S2": [10, 10, 12], "END": -1}`` (templates that put a word at
-            different offsets; the frame's ``position`` and ``position_label`` are the names).
+            different offsets; the frame's ``position`` and ``position_label`` are the names;
+            ``position_indices`` records each pair's indices); a pair's entry may be a
+            ``(clean, corrupt)`` pair of ints where the prompts hold the word at different
+            indices.
             Pattern cells write a query position's whole row of attention weights, so the clean
             and corrupt prompts must see equally many keys there (the same position from the
             start).
@@ -464,7 +485,9 @@ def patch(
     n_pairs = len(clean_ids)
     src, base = (clean_ids, corrupt_ids) if direction == "denoising" else (corrupt_ids, clean_ids)
     rows = site_rows(model, sites, layers)
-    wanted, columns = _columns(positions, [len(t) for t in src], [len(t) for t in base])
+    wanted, columns = _columns(
+        positions, [len(t) for t in src], [len(t) for t in base], swap=direction == "noising"
+    )
     for i, pair_columns in enumerate(columns):
         for ps, pb in (pos for column in pair_columns for pos in column):
             if ps != pb and any(s.kind == "pattern" for s in rows.sites):

@@ -711,7 +711,9 @@ def path_patch(
             "time. Pass the senders one by one, or keep the MLPs frozen."
         )
     _refuse_no_path(sender_list, receiver_list, model_adapter(model).parallel_blocks)
-    wanted, resolved = position_pairs(positions, [len(t) for t in src], [len(t) for t in base])
+    wanted, resolved = position_pairs(
+        positions, [len(t) for t in src], [len(t) for t in base], swap=direction == "noising"
+    )
     metric_fn, metric_name = bind_metric(model, metric, n_pairs)
     with _split_for(model, receiver_list):  # a model that cannot split q/k/v says so first
         pass
