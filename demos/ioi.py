@@ -1,7 +1,7 @@
 """Indirect object identification on SmolLM2-135M-Instruct: a circuit workflow of Wang et al.
 (2022) with mechprobe alone, over templates that put the names at different offsets.
 
-``python demos/ioi.py`` (about 8 minutes on two cores) writes ``docs/ioi_results.json`` and
+``python demos/ioi.py`` (about 10 minutes on two cores) writes ``docs/ioi_results.json`` and
 ``docs/figures/ioi_*.png``, the numbers of docs/causal.md's "An IOI circuit, end to end":
 
 1. prompts: IOI templates ("When Mary and John went to the store, John gave a drink to"), each
@@ -15,6 +15,7 @@
    other head mean-ablated to its mean over ABC prompts of the same template (three fresh names),
    position by position (``mp.faithfulness``), beside random circuits of the same size kept at the
    same positions, and beside the same means pooled over templates of one token length;
+   The same circuits chosen on half the pairs are measured on the other half (held out);
 4. knockouts: each part of the circuit alone mean-ablated where it is kept (the ``knockout``
    condition), beside random heads as many.
 """
@@ -83,6 +84,20 @@ def prompts(model: Any) -> dict[str, Any]:
             a, b, c = (str(n) for n in rng.choice(single, 3, replace=False))
             out["abc"].append(template.format(A=a, B=b, S=c))
             out["abc_template"].append(t)
+    return out
+
+
+def _top_heads(heads: mp.PatchResult, pairs: list[int], n: int = 12) -> dict[str, list[mp.Site]]:
+    """Per named position, the ``n`` heads whose patch recovers most on ``pairs`` alone."""
+    values = heads.per_pair[pairs].mean(axis=0)
+    clean, corrupt = heads.clean[pairs].mean(), heads.corrupt[pairs].mean()
+    recovery = (values - corrupt) / (clean - corrupt)
+    out = {}
+    for column, name in enumerate(heads.positions):
+        order = np.argsort(-recovery[:, column])[:n]
+        out[str(name)] = [
+            mp.Site("head", int(heads.layers[i] or 0), head=int(heads.heads[i] or 0)) for i in order
+        ]
     return out
 
 
@@ -179,6 +194,38 @@ def main() -> None:
         print(row, flush=True)
         if size == SIZES[-1]:
             res.plot().savefig(FIGURES / "ioi_faithfulness.png", dpi=110, bbox_inches="tight")
+
+    # 3b. Held out: heads chosen on half the pairs (one ABBA and one BABA per template), the
+    # circuit's faithfulness measured on the other half, beside random circuits there.
+    chosen_on = [i for i in range(len(clean)) if i % 4 < 2]
+    held = [i for i in range(len(clean)) if i % 4 >= 2]
+    picked_top = _top_heads(heads, chosen_on)
+    held_named = {"S2": [named["S2"][i] for i in held], "END": -1}
+    held_metric = mp.logit_diff([data["io"][i] for i in held], [data["s"][i] for i in held])
+
+    def held_out(circuit: dict[mp.Site, Any]) -> float:
+        return mp.faithfulness(
+            model, [clean[i] for i in held], circuit, held_metric, positions=held_named,
+            reference=abc, groups=([template[i] for i in held], data["abc_template"]),
+            progress=False,
+        ).faithfulness  # fmt: skip
+
+    record["held_out"] = []
+    for size in SIZES:
+        circuit = dict.fromkeys(picked_top["END"][:size], "END")
+        for site in picked_top["S2"][: size // 2]:
+            circuit[site] = ["S2", "END"] if site in circuit else "S2"
+        row = {
+            "heads_kept": len(circuit),
+            "chosen_on_pairs": len(chosen_on),
+            "measured_on_pairs": len(held),
+            "faithfulness": round(held_out(circuit), 3),
+            "random_faithfulness": [
+                round(held_out(random_like(circuit)), 3) for _ in range(N_RANDOM)
+            ],
+        }
+        record["held_out"].append(row)
+        print(row, flush=True)
 
     # 4. Each part of the largest circuit alone ablated where it is kept, beside random heads.
     n_end, n_s2 = SIZES[-1], SIZES[-1] // 2
