@@ -25,7 +25,7 @@ layer, each read by 3 of the 9 query heads; :func:`mechprobe.core.query_heads` s
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, get_args
 
@@ -76,6 +76,7 @@ __all__ = [
     "Rows",
     "SiteGroups",
     "ablate_cells",
+    "named_groups",
     "named_indices",
     "patch",
     "position_pairs",
@@ -132,20 +133,34 @@ def site_rows(model: Any, sites: Any, layers: Layers, what: str = "patch()") -> 
         >>> rows.names, [str(s) for s in rows.groups[0]]
         (['early'], ['mlp_out@0', 'head@1, head 2'])
     """
-    if not isinstance(sites, Mapping):
-        found = _sites(model, sites, layers, what)
-        return Rows([None] * len(found), [[site] for site in found])
-    example = "e.g. {'name movers': ['head@9, head 9', 'head@10, head 0']}"
-    if not sites:
-        raise ValueError(f"sites={{}} names no group: name at least one, {example}.")
+    example = "{'name movers': ['head@9, head 9', 'head@10, head 0']}"
+    # a site named twice in a group counts once (expand_sites keeps each once)
+    return Rows(*named_groups(sites, lambda items: _sites(model, items, layers, what), example))
+
+
+def named_groups(
+    items: Any, parse: Callable[[Any], list[Any]], example: str, what: str = "sites"
+) -> tuple[list[str | None], list[list[Any]]]:
+    """``(names, groups)``: each parsed item alone (name None, a group of one), or with a
+    mapping ``{name: items}`` each named group's parsed items; ``example`` goes into errors.
+
+    Example:
+        >>> named_groups({"a": [1, 2]}, list, "{'a': [1, 2]}")
+        (['a'], [[1, 2]])
+    """
+    if not isinstance(items, Mapping):
+        found = parse(items)
+        return [None] * len(found), [[item] for item in found]
+    if not items:
+        raise ValueError(f"{what}={{}} names no group: name at least one, e.g. {example}.")
     names: list[str | None] = []
     groups = []
-    for name, members in sites.items():
+    for name, members in items.items():
         if not isinstance(name, str) or not name:
-            raise ValueError(f"Groups of sites take non-empty strings as names, got {name!r}.")
+            raise ValueError(f"Groups of {what} take non-empty strings as names, got {name!r}.")
         names.append(name)
-        groups.append(_sites(model, members, layers, what))  # a site named twice counts once
-    return Rows(names, groups)
+        groups.append(parse(members))
+    return names, groups
 
 
 def token_pairs(model: Any, clean: Prompts, corrupt: Prompts) -> tuple[list[Tensor], list[Tensor]]:

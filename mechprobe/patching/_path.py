@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, get_args
 
@@ -81,6 +81,7 @@ from mechprobe.patching._activation import (
     Prompts,
     SiteGroups,
     _check_common,
+    named_groups,
     named_indices,
     position_pairs,
     token_pairs,
@@ -996,25 +997,11 @@ def _receiver_inputs(
 def _grouped(
     items: Any, parse: Callable[[Any], list[Any]], what: str
 ) -> tuple[list[str | None], list[Any], list[list[int]]]:
-    """``(names, flat, rows)``: each item alone (name None), or with a mapping ``{name:
-    items}`` each group one row; ``flat`` holds every place once, ``rows`` index it."""
-    if not isinstance(items, Mapping):
-        flat = parse(items)
-        return [None] * len(flat), flat, [[k] for k in range(len(flat))]
-    if not items:
-        raise ValueError(f"{what}={{}} names no group: name at least one, e.g. {_EXAMPLE}.")
-    names: list[str | None] = []
-    flat, rows = [], []
-    for name, members in items.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"Groups of {what} take non-empty strings as names, got {name!r}.")
-        row = []
-        for place in parse(members):
-            if place not in flat:
-                flat.append(place)
-            row.append(flat.index(place))
-        names.append(name)
-        rows.append(list(dict.fromkeys(row)))
+    """``(names, flat, rows)``: :func:`named_groups`' rows as indices into ``flat``, which
+    holds every place once."""
+    names, groups = named_groups(items, parse, _EXAMPLE, what)
+    flat = list(dict.fromkeys(place for group in groups for place in group))
+    rows = [list(dict.fromkeys(flat.index(place) for place in group)) for group in groups]
     return names, flat, rows
 
 
