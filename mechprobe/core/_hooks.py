@@ -43,7 +43,7 @@ from torch import Tensor
 
 from mechprobe.core._adapter import model_adapter
 from mechprobe.core._batching import Batch, bos_id, position_list
-from mechprobe.core._sites import Positions, SiteLike, is_attention_map, resolve_in, width
+from mechprobe.core._sites import Positions, Site, SiteLike, is_attention_map, resolve_in, width
 from mechprobe.core._validation import check_finite, check_float
 from mechprobe.core._warning import warn
 
@@ -648,7 +648,12 @@ class Project(Intervention):
         return selected @ self.matrix.to(selected.device, selected.dtype).T
 
 
-InterventionSpec: TypeAlias = Mapping[SiteLike, Intervention | Sequence[Intervention]]
+_Edits: TypeAlias = Intervention | Sequence[Intervention]
+# Three mappings, not one keyed by ``Site | str``: a mapping's key type is invariant, so a
+# ``dict[Site, Ablate]`` a user built would not type-check against ``Mapping[Site | str, ...]``.
+InterventionSpec: TypeAlias = (
+    Mapping[Site, _Edits] | Mapping[str, _Edits] | Mapping[SiteLike, _Edits]
+)
 
 
 def intervention_spec(

@@ -242,7 +242,7 @@ def attribution_patch(
             for j in range(n_random)
         ]
         caps = {name: Capture() for name in value_hooks}
-        with torch.no_grad(), intervene(model, caps):  # type: ignore[arg-type]
+        with torch.no_grad(), intervene(model, caps):
             logits = model(src_ids[i][None].to(model.W_E.device))
             src_m = float(metric_fn(logits[:, -1], pair).sum())
         check_unpatched(src_m, "source")
@@ -250,7 +250,7 @@ def attribution_patch(
         # Gradients are needed even where the caller turned them off (set_grad_enabled(False),
         # inference_mode: tensors made there cannot be saved for backward, hence the clone).
         with gradients_enabled():
-            with intervene(model, grads):  # type: ignore[arg-type]
+            with intervene(model, grads):
                 logits = model(base_ids[i][None].to(model.W_E.device).clone())
                 out = metric_fn(logits[:, -1], pair).sum()
             base_m = float(out.detach())

@@ -280,7 +280,7 @@ def _degenerate(full: float, empty: float) -> bool:
 def faithfulness(
     model: Any,
     prompts: str | Sequence[str],
-    circuit: SiteLike | Sequence[SiteLike] | Mapping[SiteLike, Kept],
+    circuit: SiteLike | Sequence[SiteLike] | Mapping[Site, Kept] | Mapping[str, Kept],
     metric: Any,
     *,
     positions: NamedPositions | None = None,

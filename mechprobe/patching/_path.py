@@ -984,7 +984,7 @@ def _receiver_inputs(
     if not receivers:
         return []
     caps = {_receiver_hook(r, final): Capture() for r in receivers}
-    with torch.no_grad(), _split_for(model, receivers), intervene(model, caps):  # type: ignore[arg-type]
+    with torch.no_grad(), _split_for(model, receivers), intervene(model, caps):
         model(ids[None].to(model.W_E.device))
     out = []
     for r in receivers:
@@ -1198,7 +1198,7 @@ def _receiver_gradients(
     hooks = {_receiver_hook(r, final): Gradient() for r in receivers}
     with _split_for(model, receivers), gradients_enabled():
         # inference_mode tensors cannot be saved for backward: the ids are cloned inside.
-        with intervene(model, hooks):  # type: ignore[arg-type]
+        with intervene(model, hooks):
             logits = model(ids[None].to(model.W_E.device).clone())
             out = metric_fn(logits[:, -1], torch.tensor([pair])).sum()
         if not out.requires_grad:
