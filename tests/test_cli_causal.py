@@ -274,18 +274,19 @@ def test_cli_dla_fails_before_loading(tmp_path, capsys, monkeypatch, args, messa
 @pytest.mark.parametrize("method", ["exact", "attribution"])
 def test_cli_patch_with_receivers_writes_the_path_patching_result(tmp_path, method):
     out = tmp_path / method
-    args = [*PATCH, "--wrong", "2", "--sites", "head,mlp_out", "--receivers", "final,q"]
+    args = [*PATCH, "--wrong", "2", "--sites", "embed,head,mlp_out", "--receivers", "final,q"]
     # No --positions: with --receivers the default is mp.path_patch's, every position (it was
     # the last token, and the numbers differed from the API's they were documented as).
     opts = ["--n-random", "1", "--method", method, "--model", "tiny"]
     assert cli_main([*args, *opts, "--quiet", "--out", str(out)]) == 0
     saved = mp.core.load_result(out / "result.json")
     direct = mp.path_patch(
-        mp.tiny_model(), "A cat sat", "A bat sat", ["head", "mlp_out"], ["final", "q"],
+        mp.tiny_model(), "A cat sat", "A bat sat", ["embed", "head", "mlp_out"], ["final", "q"],
         mp.logit_diff("1", "2"), method=method, n_random=1, progress=False,
     )  # fmt: skip
     assert isinstance(saved, mp.PathPatchResult) and saved.direction == direct.direction
     assert saved.receivers == direct.receivers
+    assert saved.senders == direct.senders and saved.senders[0] == "resid_pre@0"
     np.testing.assert_allclose(saved.per_pair, direct.per_pair, atol=1e-6)
     np.testing.assert_allclose(saved.random, direct.random, atol=1e-6)
 

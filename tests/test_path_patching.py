@@ -62,6 +62,14 @@ def _explicit(
             z = f"blocks.{layer}.attn.hook_z"
             mlp = f"blocks.{layer}.hook_mlp_out"
             is_head = sender.kind == "head" and sender.layer == layer
+            if sender.kind == "resid_pre" and layer == 0:  # the embeddings' write, block 0's input
+
+                def clean_input(act, hook, name=f"blocks.{layer}.hook_resid_pre"):
+                    act = x_cache[name].clone()
+                    act[:, at] = c_cache[name][:, at]
+                    return act
+
+                hooks.append((f"blocks.{layer}.hook_resid_pre", clean_input))
             hooks.append((z, freeze(z, sender.head if is_head else None)))
             if sender.kind == "mlp_out" and sender.layer == layer:
 
@@ -204,6 +212,66 @@ def test_live_mlps_at_some_positions_equal_the_explicit_three_steps(architecture
     finally:
         model.set_use_hook_mlp_in(flag)
     assert np.isfinite(res.random).all()
+
+
+@pytest.mark.parametrize("freeze_mlps", [True, False])
+def test_the_embeddings_as_a_sender_equal_the_explicit_three_steps(tiny, freeze_mlps):
+    """``"embed"`` sends block 0's input, the embeddings' write (review 33b F6: the changed
+    token's direct path to a head's value was visible only through MLP 0); every layer reads it,
+    layer 0's q/k/v and MLP included."""
+    receivers = [
+        None, mp.Site("q", 0, head=1), mp.Site("k", 0, head=0), mp.Site("v", 2, head=1),
+        mp.Site("mlp_in", 0), mp.Site("mlp_in", 2),
+    ]  # fmt: skip
+    targets = ["final" if r is None else r for r in receivers]
+    res = mp.path_patch(
+        tiny, CLEAN, CORRUPT, "embed", targets, METRIC, freeze_mlps=freeze_mlps, n_random=1,
+        progress=False,
+    )  # fmt: skip
+    assert res.senders == ("resid_pre@0",) and res.sender_layers == (0,)
+    flag = bool(getattr(tiny.cfg, "use_hook_mlp_in", False))
+    tiny.set_use_hook_mlp_in(True)  # the three steps read and write hook_mlp_in themselves
+    try:
+        for r, receiver in enumerate(receivers):
+            expected = _explicit(tiny, mp.Site("resid_pre", 0), receiver, live_mlps=not freeze_mlps)
+            np.testing.assert_allclose(res.values[0, r], expected, atol=1e-5, err_msg=str(receiver))
+    finally:
+        tiny.set_use_hook_mlp_in(flag)
+    assert np.isfinite(res.values).all()
+    assert np.abs(res.values[0, 1:] - res.corrupt_metric).max() > 1e-3  # the token matters
+    # The final residual at the last token: its own embedding is the same in both prompts, and
+    # nothing else reaches it with the attention frozen.
+    assert res.values[0, 0] == pytest.approx(res.corrupt_metric, abs=1e-5)
+
+
+def test_the_embeddings_as_a_sender_by_any_name(tiny):
+    names = ["embed", "resid_pre@0", "blocks.0.hook_resid_pre", mp.Site("resid_pre", 0)]
+    runs = [
+        mp.path_patch(tiny, CLEAN, CORRUPT, [name, "mlp_out"], "q", METRIC, n_random=0,
+                      layers=[0], receiver_layers=[1], progress=False)
+        for name in names
+    ]  # fmt: skip
+    for other in runs[1:]:
+        assert other.senders == runs[0].senders == ("resid_pre@0", "mlp_out@0")
+        np.testing.assert_array_equal(other.values, runs[0].values)
+    # in a group, the embeddings' change passes on with the others'
+    group = mp.path_patch(
+        tiny, CLEAN, CORRUPT, {"input": ["embed", "mlp_out@0"]}, "q", METRIC, n_random=0,
+        layers=[0], receiver_layers=[1], method="attribution", progress=False,
+    )  # fmt: skip
+    alone = mp.path_patch(
+        tiny, CLEAN, CORRUPT, ["embed", "mlp_out@0"], "q", METRIC, n_random=0,
+        layers=[0], receiver_layers=[1], method="attribution", progress=False,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        group.values[0] - group.corrupt_metric,
+        (alone.values - alone.corrupt_metric).sum(0),
+        atol=1e-5,
+    )
+    with pytest.raises(ValueError, match="carries positions"):
+        mp.path_patch(tiny, CLEAN, CORRUPT, mp.Site("resid_pre", 0, positions=-1), "final", METRIC)
+    with pytest.raises(ValueError, match="embed"):  # the kinds accepted say so
+        mp.path_patch(tiny, CLEAN, CORRUPT, "resid_post", "final", METRIC)
 
 
 def test_live_mlps_do_not_depend_on_how_senders_are_batched(tiny):

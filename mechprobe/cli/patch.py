@@ -43,7 +43,7 @@ MLP), resid_post, attn_out, mlp_out (every layer) and the head kinds head
 escapes \\n, \\t and \\\\ in prompts and answers are interpreted (--raw keeps them).
 
 Path patching: with --receivers (final, q, k, v, mlp_in), --sites are the senders (head, the
-default there, mlp_out, attn_out) and each sender -> receiver path is patched through the direct
+default there, mlp_out, attn_out, embed: the embeddings' write) and each sender -> receiver path is patched through the direct
 path only (everything else frozen), at every position by default, or with the MLPs live
 (--live-mlps, Wang et al.'s default); --method attribution estimates every path from one forward
 and backward pass per pair (edge attribution patching).
@@ -227,8 +227,9 @@ def main(args: argparse.Namespace) -> int:
     if args.receivers is None:
         problem = site_kind_problem("--sites", args.sites)
     else:  # path patching: writers send, readers (or the unembedding) receive
+        kinds = [kind for kind in mp.SENDER_KINDS if kind != "embed"]  # "embed" is no site kind
         problem = site_kind_problem(
-            "--sites", args.sites, allowed=mp.SENDER_KINDS, where="as senders"
+            "--sites", args.sites, "embed", allowed=kinds, where="as senders"
         ) or site_kind_problem("--receivers", args.receivers, "final", allowed=mp.RECEIVER_KINDS)
         named = {r.strip() for r in args.receivers.split(",") if r.strip()}
         if not problem and args.receiver_layers is not None and named <= {"final"}:

@@ -112,9 +112,12 @@ if TYPE_CHECKING:
 
 __all__ = ["RECEIVER_KINDS", "SENDER_KINDS", "PathPatchResult", "path_patch"]
 
-#: The site kinds ``path_patch`` takes as senders: writes into the residual stream (a head's
-#: ``z`` is sent through its ``W_O``, as ``head_out`` is).
-SENDER_KINDS: tuple[str, ...] = ("head", "head_out", "mlp_out", "attn_out")
+#: What ``path_patch`` takes as senders: writes into the residual stream (a head's ``z`` is
+#: sent through its ``W_O``, as ``head_out`` is), and ``"embed"``, the embeddings' write (the
+#: token's, and the position's where the model adds one): block 0's input, ``resid_pre@0``.
+SENDER_KINDS: tuple[str, ...] = ("head", "head_out", "mlp_out", "attn_out", "embed")
+#: The embeddings' write as a sender: block 0's input, read by every layer.
+_EMBED = Site("resid_pre", 0)
 #: Sender kinds that send one head's write, ``z @ W_O[head]`` (read at ``hook_z``).
 _HEAD_WRITES = ("head", "head_out")
 #: The site kinds ``path_patch`` takes as receivers (besides ``"final"``, the unembedding): the
@@ -433,11 +436,26 @@ def _first_of_each(pairs: list[tuple[int, int]], wanted: list[int | str], pair: 
 
 
 def _senders(model: Any, senders: Any, layers: Layers) -> list[Site]:
-    found = expand_sites(model, senders, layers=layers, kinds=SENDER_KINDS, what="senders")
+    listed = isinstance(senders, Sequence) and not isinstance(senders, (str, bytes))
+    items = [senders] if isinstance(senders, (str, Site)) else list(senders) if listed else []
+    # "embed" (or its site, resid_pre@0) is one sender whatever the layers, the first write;
+    # a Site keeps its positions, for _refuse_positions to name.
+    embed = [item if isinstance(item, Site) else _EMBED for item in items if _is_embed(item)]
+    rest = [item for item in items if not _is_embed(item)] if embed else senders
+    found = list(dict.fromkeys(embed))
+    if rest or not embed:  # expand_sites names an empty or malformed argument
+        found += expand_sites(model, rest, layers=layers, kinds=SENDER_KINDS, what="senders")
     _refuse_positions(found, "senders")
     # A head_out sender keeps its kind (it was relabelled "head", so the frame's label did not
     # merge with patch(..., "head_out@L, head H")'s); both send the head's z @ W_O.
     return found
+
+
+def _is_embed(item: Any) -> bool:
+    """Whether a sender is the embeddings' write: ``"embed"``, ``resid_pre@0`` or its hook."""
+    if isinstance(item, str):
+        return item in ("embed", str(_EMBED), _EMBED.hook_name)
+    return isinstance(item, Site) and item.kind == "resid_pre" and item.layer == 0
 
 
 def _refuse_positions(sites: Sequence[Site | None], what: str) -> None:
@@ -620,7 +638,9 @@ def path_patch(
         clean: Clean prompt(s), as for :func:`mechprobe.patch`.
         corrupt: Corrupt prompt(s), one per clean prompt.
         senders: ``"head"`` (every head), ``"mlp_out"`` (every MLP), ``"attn_out"`` (every
-            attention layer), Sites of those kinds (``head_out`` means the same as ``head``), or a
+            attention layer), Sites of those kinds (``head_out`` means the same as ``head``),
+            ``"embed"`` (the embeddings' write, block 0's input ``resid_pre@0``, labelled so:
+            a changed token's direct path to the receivers, which every layer reads), or a
             list.
         receivers: ``"final"`` (the final residual stream: the sender's direct effect on the
             logits), ``"q"``, ``"k"``, ``"v"`` (every head's input of that kind; key/value heads
@@ -1120,8 +1140,9 @@ def _live_changes(
                 act[row] += delta.to(act.device, act.dtype)
             return act
 
+        embeds = [(1 + k, deltas[senders[s]]) for k, s in enumerate(chunk) if senders[s] == _EMBED]
         spec: dict[SiteLike, Any] = {
-            start_site: functools.partial(edit, rows=[], value=held[start_site])
+            start_site: functools.partial(edit, rows=embeds, value=held[start_site])
         }
         for layer, site in enumerate(attn_sites):
             attn = writes(layer, (*_HEAD_WRITES, "attn_out"))
@@ -1230,7 +1251,7 @@ def _has_path(sender: Site, receiver: Site | None, parallel: bool) -> bool:
     """Whether the receiver reads the stream after the sender writes it: a head's q/k/v input
     reads it before its layer's attention, an MLP's input after it (not its own output), unless
     the block is ``parallel`` (GPT-NeoX, GPT-J): there the MLP reads the block's input too."""
-    if receiver is None:
+    if receiver is None or sender == _EMBED:  # every layer reads the embeddings
         return True
     if receiver.kind == "mlp_in" and receiver.layer == sender.layer:
         return sender.kind != "mlp_out" and not parallel
