@@ -365,8 +365,10 @@ def test_save_and_load_round_trip(tiny: Any, tmp_path: Any, suffix: str) -> None
 def test_frames_repr_and_plot(tiny: Any) -> None:
     result = mp.faithfulness(tiny, PROMPTS, CIRCUIT, METRIC, **OFF)
     frame = result.to_frame()
-    assert list(frame.columns) == ["condition", "value", "spread", "normalised", "metric"]
+    columns = ["condition", "site", "value", "spread", "normalised", "metric"]
+    assert list(frame.columns) == columns and frame["site"].isna().all()
     assert frame["condition"].tolist() == ["full", "circuit", "empty", "knockout"]
+    assert result.without is None and result.without_each == {}
     np.testing.assert_allclose(frame["value"], [np.mean(result.full), np.mean(result.circuit),
                                                 np.mean(result.empty), np.mean(result.knockout)])  # fmt: skip
     np.testing.assert_allclose(frame["spread"][0], np.std(result.full))
@@ -386,6 +388,50 @@ def test_frames_repr_and_plot(tiny: Any) -> None:
     assert result.plot(ax=ax) is ax.get_figure()
     with pytest.raises(ValueError, match="read-only"):  # frozen
         result.full[0] = 0.0
+
+
+def test_leave_one_out_equals_the_circuit_less_each_site_written_by_hand(tiny: Any) -> None:
+    """Each run ablates one circuit site everywhere and keeps the others where they are kept."""
+    circuit = [mp.Site("head", 2, head=1, positions=-1), mp.Site("head", 1, head=3)]
+    result = mp.faithfulness(
+        tiny, PROMPTS, circuit, METRIC, reference=REFERENCE, leave_one_out=True, **OFF
+    )
+    plain = mp.faithfulness(tiny, PROMPTS, circuit, METRIC, reference=REFERENCE, **OFF)
+    for condition in ("full", "circuit", "empty", "knockout"):  # the four runs are unchanged
+        np.testing.assert_array_equal(getattr(result, condition), getattr(plain, condition))
+    n_tokens = int(mp.tokenize(tiny, PROMPTS[:1]).lengths[0])
+    kept: Ablated = {(2, 1): [n_tokens - 1], (1, 3): None}
+    assert result.without is not None and result.without.shape == (2, len(PROMPTS))
+    for k, left in enumerate(kept):
+        rest = {key: where for key, where in kept.items() if key != left}
+        expected = _conditions(tiny, PROMPTS, REFERENCE, rest)["circuit"]
+        np.testing.assert_allclose(result.without[k], expected, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(result.without[1], result.circuit, atol=1e-3)  # a site that matters
+    means = result.means
+    share = (np.mean(result.without[1]) - means["empty"]) / (means["full"] - means["empty"])
+    assert result.without_each["head@1, head 3"] == pytest.approx(share)
+    frame = result.to_frame()
+    rows = frame[frame["condition"] == "without"]
+    assert rows["site"].tolist() == list(result.circuit_sites)
+    np.testing.assert_allclose(rows["value"], result.without.mean(axis=1))
+    np.testing.assert_allclose(rows["normalised"], list(result.without_each.values()))
+    figure = result.plot()
+    assert len(figure.axes) == 2 and len(figure.axes[1].patches) == 2
+    from matplotlib.figure import Figure as NewFigure
+
+    ax = NewFigure().add_subplot()  # into given axes: the conditions alone
+    assert result.plot(ax=ax) is ax.get_figure() and len(ax.patches) == 4
+
+
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_leave_one_out_survives_save_and_load(tiny: Any, tmp_path: Any, suffix: str) -> None:
+    result = mp.faithfulness(tiny, PROMPTS, CIRCUIT, METRIC, leave_one_out=True, **OFF)
+    back = mp.FaithfulnessResult.load(result.save(tmp_path / f"f{suffix}"))
+    assert back.without is not None and result.without is not None
+    np.testing.assert_array_equal(back.without, result.without)
+    pd.testing.assert_frame_equal(back.to_frame(), result.to_frame())
+    with pytest.raises(TypeError, match="leave_one_out"):
+        mp.faithfulness(tiny, PROMPTS, CIRCUIT, METRIC, leave_one_out="yes", **OFF)  # type: ignore[arg-type]
 
 
 def test_circuit_kept_at_named_positions_per_prompt(tiny: Any) -> None:

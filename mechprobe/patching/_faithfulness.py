@@ -119,6 +119,10 @@ class FaithfulnessResult(Result, format="mechprobe.FaithfulnessResult", version=
             ``"15 tokens"`` where prompts were grouped by length; empty where means were pooled
             or zero).
         named_positions: Per name of ``positions=``, its index in each prompt.
+        without: ``[circuit sites, prompts]`` with ``leave_one_out=True``: the metric of the
+            circuit less each of its sites (that site ablated everywhere, the rest as in
+            ``circuit``); None without. A site whose absence raises the metric made the circuit
+            worse (a head kept without its inputs can do worse than its mean).
 
     Example:
         >>> import mechprobe as mp
@@ -144,6 +148,22 @@ class FaithfulnessResult(Result, format="mechprobe.FaithfulnessResult", version=
     reference_prompts: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
     named_positions: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    without: np.ndarray | None = None
+
+    @property
+    def without_each(self) -> dict[str, float]:
+        """Per circuit site (its label), the faithfulness of the circuit without it (on
+        :attr:`faithfulness`'s scale: 0 at ``empty``, 1 at ``full``); {} without
+        ``leave_one_out=True``."""
+        if self.without is None:
+            return {}
+        means = self.means
+        scale = means["full"] - means["empty"]
+        degenerate = _degenerate(means["full"], means["empty"])
+        return {
+            site: float("nan") if degenerate else (float(np.mean(row)) - means["empty"]) / scale
+            for site, row in zip(self.circuit_sites, self.without, strict=True)
+        }
 
     @property
     def means(self) -> dict[str, float]:
@@ -175,29 +195,42 @@ class FaithfulnessResult(Result, format="mechprobe.FaithfulnessResult", version=
         return self.normalised["circuit"]
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per condition: ``condition``, ``value`` (the mean over prompts), ``spread``
-        (their standard deviation; NaN for one prompt), ``normalised`` (0 at ``empty``, 1 at
-        ``full``) and ``metric``.
+        """One row per condition: ``condition``, ``site`` (None), ``value`` (the mean over
+        prompts), ``spread`` (their standard deviation; NaN for one prompt), ``normalised`` (0
+        at ``empty``, 1 at ``full``) and ``metric``; with ``leave_one_out=True`` one more row
+        per circuit site, condition ``"without"``, ``site`` the site left out.
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.faithfulness(mp.tiny_model(), ["Hi cat", "Hi dog"], ["head@2, head 1"],
-            ...                       mp.logit_diff(5, 6), progress=False)
+            ...                       mp.logit_diff(5, 6), leave_one_out=True, progress=False)
             >>> list(res.to_frame().columns)
-            ['condition', 'value', 'spread', 'normalised', 'metric']
+            ['condition', 'site', 'value', 'spread', 'normalised', 'metric']
+            >>> list(res.to_frame()["condition"])
+            ['full', 'circuit', 'empty', 'knockout', 'without']
         """
-        normalised = self.normalised
+        normalised, without = self.normalised, self.without_each
+        runs: list[tuple[str, str | None, np.ndarray, float]] = [
+            (c, None, np.asarray(getattr(self, c)), normalised[c]) for c in CONDITIONS
+        ]
+        if self.without is not None:
+            runs += [
+                ("without", site, np.asarray(row), without[site])
+                for site, row in zip(self.circuit_sites, self.without, strict=True)
+            ]
         rows = [
             {
-                "condition": c,
-                "value": float(np.mean(getattr(self, c))),
-                "spread": float(spread(np.asarray(getattr(self, c), dtype=np.float64))),
-                "normalised": normalised[c],
+                "condition": condition,
+                "site": site,
+                "value": float(np.mean(values)),
+                "spread": float(spread(values.astype(np.float64))),
+                "normalised": share,
                 "metric": self.metric,
             }
-            for c in CONDITIONS
+            for condition, site, values, share in runs
         ]
-        return pd.DataFrame(rows, columns=["condition", "value", "spread", "normalised", "metric"])
+        columns = ["condition", "site", "value", "spread", "normalised", "metric"]
+        return pd.DataFrame(rows, columns=columns)
 
     def summary(self) -> pd.DataFrame:
         """One row: the metric, the ablation, the sizes, each condition's mean and the
@@ -225,7 +258,9 @@ class FaithfulnessResult(Result, format="mechprobe.FaithfulnessResult", version=
         return pd.DataFrame([row])
 
     def plot(self, ax: Axes | None = None) -> Figure:
-        """Each condition's mean as a bar, every prompt's value as a point on it.
+        """Each condition's mean as a bar, every prompt's value as a point on it; with
+        ``leave_one_out=True`` (and no ``ax``) a second panel: the faithfulness without each
+        circuit site beside the whole circuit's.
 
         Example:
             >>> import mechprobe as mp
@@ -234,7 +269,15 @@ class FaithfulnessResult(Result, format="mechprobe.FaithfulnessResult", version=
             >>> len(res.plot().axes[0].patches)
             4
         """
-        fig, ax = new_axes(ax, (5.5, 3.5))
+        if ax is None and self.without is not None:
+            from matplotlib.figure import Figure
+
+            fig = Figure(figsize=(10, max(3.5, 0.3 * len(self.circuit_sites) + 1.5)))
+            fig.set_layout_engine("constrained")
+            ax, side = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
+            self._plot_without(side)
+        else:
+            fig, ax = new_axes(ax, (5.5, 3.5))
         means = self.means
         colours = ["tab:green", "tab:blue", "lightgrey", "tab:red"]
         bars = ax.bar(range(4), [means[c] for c in CONDITIONS], color=colours, alpha=0.8)
@@ -253,6 +296,16 @@ class FaithfulnessResult(Result, format="mechprobe.FaithfulnessResult", version=
             fontsize="small",
         )
         return fig
+
+    def _plot_without(self, ax: Axes) -> None:
+        without = self.without_each
+        labels = list(without)
+        ax.barh(range(len(labels)), list(without.values()), color="tab:blue", alpha=0.7)
+        ax.axvline(self.faithfulness, color="black", linestyle="--", linewidth=1)
+        ax.set_yticks(range(len(labels)), [literal(x) for x in labels], fontsize="small")
+        ax.invert_yaxis()  # the circuit's first site on top
+        ax.set_xlabel("faithfulness without it (dashed: the whole circuit)")
+        ax.set_title("each site left out", fontsize="small")
 
     def _how(self) -> str:
         if self.method == "zero":
@@ -289,6 +342,7 @@ def faithfulness(
     method: Literal["mean", "zero"] = "mean",
     per_position: bool = True,
     groups: tuple[Sequence[Hashable], Sequence[Hashable]] | None = None,
+    leave_one_out: bool = False,
     batch_size: int | None = 32,
     progress: bool = True,
 ) -> FaithfulnessResult:
@@ -326,6 +380,11 @@ def faithfulness(
             reference prompts labelled alike; None groups every prompt by its token length
             (prompts of one template tokenise equally long). Prompts in a group must have its
             reference prompts' token length.
+        leave_one_out: Also run the circuit less each of its sites (that site ablated
+            everywhere): one more run per site and group, in
+            :attr:`FaithfulnessResult.without`. A circuit can keep more without a site than
+            with it: a head kept while the heads it reads are ablated computes on their means
+            (Wang et al.'s minimality check asks the converse, how much each site adds).
         batch_size: Prompts per forward pass (None: each group in one pass).
         progress: Show a progress bar.
 
@@ -352,6 +411,7 @@ def faithfulness(
     """
     method = check_choice(method, "method", ("mean", "zero"))
     per_position = check_bool(per_position, "per_position")
+    leave_one_out = check_bool(leave_one_out, "leave_one_out")
     batch_size = check_batch_size(batch_size)
     check_bool(progress, "progress")  # progress="no" refused before any work
     texts, lengths = _texts(model, prompts, "prompts")
@@ -415,11 +475,20 @@ def faithfulness(
         means = {g: pooled for g in order}
 
     values = {c: np.zeros(len(texts)) for c in CONDITIONS}
-    steps = [(unit, c) for unit in units for c in CONDITIONS]
+    kept_sites = list(kept)
+    without = np.zeros((len(kept_sites), len(texts))) if leave_one_out else None
+    # A condition, or the index of the circuit site a leave-one-out run ablates everywhere.
+    runs: list[str | int] = [*CONDITIONS, *(range(len(kept_sites)) if leave_one_out else ())]
+    steps = [(unit, c) for unit in units for c in runs]
     for unit, condition in progress_bar(steps, progress=progress, desc="faithfulness"):
         rows = units[unit]
         n_tokens = lengths[rows[0]]
-        spec = _spec(condition, sites, kept_of[rows[0]], n_tokens, means.get(unit[0]))
+        if isinstance(condition, int):  # the circuit less one site
+            left = kept_sites[condition]
+            kept_here = {s: at for s, at in kept_of[rows[0]].items() if s != left}
+            spec = _spec("circuit", sites, kept_here, n_tokens, means.get(unit[0]))
+        else:
+            spec = _spec(condition, sites, kept_of[rows[0]], n_tokens, means.get(unit[0]))
         out = run(
             model,
             [texts[i] for i in rows],
@@ -432,7 +501,11 @@ def faithfulness(
         scored = fn(out.logits[:, -1], index).detach().double().cpu().numpy()
         if condition == "full":
             check_unpatched(scored, "full")
-        values[condition][rows] = scored
+        if isinstance(condition, int):
+            assert without is not None
+            without[condition, rows] = scored
+        else:
+            values[condition][rows] = scored
 
     result = FaithfulnessResult(
         full=values["full"],
@@ -455,6 +528,7 @@ def faithfulness(
             name: tuple(at[name] for at in named) for name in (named[0] if named else {})
         },
         model_name=model_adapter(model).name,
+        without=without,
     )
     means_of = result.means
     if _degenerate(means_of["full"], means_of["empty"]):
