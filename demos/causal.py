@@ -9,6 +9,8 @@ and writes ``docs/causal_results.json`` and ``docs/figures/causal_*.png``:
 - ``trace``: causal tracing with noise (ROME) of the capitals task, the country as the subject;
 - ``fv``: function vectors of every built-in task beside random vectors, the o-vector and the
   intact model;
+- ``fv-layers``: four tasks' function vectors added after every other layer to zero-shot and
+  shuffled-label prompts (Todd et al.'s layer sweep, ``mp.function_vector_sweep``);
 - ``generate``: what the model says on held-out zero-shot capitals_extractive prompts, intact and
   with that task's function vector added (``mp.generate``, greedy, one line);
 - ``dla``: direct logit attribution of the capital's logit over the country's (3-shot capitals
@@ -24,7 +26,7 @@ and writes ``docs/causal_results.json`` and ``docs/figures/causal_*.png``:
 - ``path-mlps``: the same exact paths with the MLPs frozen (the direct path) and live (Wang et
   al.'s default, ``freeze_mlps=False``): what the MLPs between make of each head's change.
 
-``--part attribution|trace|fv|generate|dla|das|das-capitals|path|path-mlps|heads`` runs one part (the JSON keeps the other parts' last numbers);
+``--part attribution|trace|fv|fv-layers|generate|dla|das|das-capitals|path|path-mlps|heads`` runs one part (the JSON keeps the other parts' last numbers);
 ``--pairs``, ``--items``, ``--prompts`` make them larger.
 """
 
@@ -46,7 +48,7 @@ OUT = ROOT / "docs" / "causal_results.json"
 FIGURES = ROOT / "docs" / "figures"
 LAYER_KINDS = ("resid_pre", "attn_out", "mlp_out")
 PARTS = (
-    "fv", "generate", "trace", "attribution", "dla", "das", "das-capitals", "path", "path-mlps",
+    "fv", "fv-layers", "generate", "trace", "attribution", "dla", "das", "das-capitals", "path", "path-mlps",
     "heads",
 )  # fmt: skip
 HEAD_KINDS = ("head", "q", "k", "v", "pattern", "head_out")
@@ -339,6 +341,35 @@ def function_vectors(model: Any, n_prompts: int) -> dict[str, Any]:
         print(name, out[name]["accuracy"], flush=True)
         if name == "capitals":
             res.plot().savefig(FIGURES / "causal_fv_capitals.png", dpi=110, bbox_inches="tight")
+    return out
+
+
+def function_vector_layers(model: Any, n_prompts: int) -> dict[str, Any]:
+    """Todd et al.'s layer sweep: each task's FV (fitted as in ``fv``) added after every other
+    layer to zero-shot and shuffled-label few-shot prompts of its held-out items, beside one
+    random vector of its norm (``mp.function_vector_sweep``)."""
+    out = {}
+    for name in ("capitals", "capitals_extractive", "past_tense", "uppercase"):
+        res = mp.function_vector(model, name, n_prompts=n_prompts, n_random=1, progress=False)
+        start = time.perf_counter()
+        sweep = mp.function_vector_sweep(
+            model, name, res, layers=range(0, 30, 2), n_random=1, progress=False
+        )
+        seconds = time.perf_counter() - start
+        out[name] = {
+            "layers": list(sweep.layers),
+            "held_out_items": len(sweep.items),
+            "baseline": {k: round(v, 3) for k, v in sweep.baseline.items()},
+            "accuracy": {
+                c: sweep.accuracy[i].round(3).tolist() for i, c in enumerate(sweep.conditions)
+            },
+            "best_layer": {c: sweep.best_layer(c) for c in sweep.conditions if "random" not in c},
+            "fv_layer": sweep.fv_layer,
+            "seconds": round(seconds, 1),
+        }
+        print(name, out[name]["best_layer"], out[name]["baseline"], flush=True)
+        if name == "capitals_extractive":
+            sweep.plot().savefig(FIGURES / "causal_fv_layers.png", dpi=110, bbox_inches="tight")
     return out
 
 
@@ -676,6 +707,9 @@ def main() -> None:
     model = mp.load_model()
     if "fv" in parts:
         results["function_vectors"] = function_vectors(model, args.prompts)
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
+    if "fv-layers" in parts:
+        results["function_vector_layers"] = function_vector_layers(model, args.prompts)
         OUT.write_text(json.dumps(results, indent=1) + "\n")
     if "generate" in parts:
         results["generate"] = generations(model, args.prompts)

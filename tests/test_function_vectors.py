@@ -332,3 +332,127 @@ def test_sampled_shots_give_each_fit_prompt_its_own_demonstrations(model, task):
         mp.function_vector(model, big, shots=1, **common)
     with pytest.raises(ValueError, match="11 other items"):
         mp.function_vector(model, big, shots=12, **common)
+
+
+def _hits_by_hand(model, prompts, answers, vector, layer):
+    """Top-1 hits with ``vector`` added to ``resid_post`` of ``layer`` at the last token, one
+    unpadded prompt at a time through plain TransformerLens hooks (None: no vector)."""
+    hits = []
+    with torch.no_grad():
+        for prompt, answer in zip(prompts, answers, strict=True):
+
+            def add(resid, hook):
+                resid = resid.clone()
+                resid[0, -1] += torch.as_tensor(vector, dtype=resid.dtype)
+                return resid
+
+            hooks = [] if vector is None else [(f"blocks.{layer}.hook_resid_post", add)]
+            logits = model.run_with_hooks(model.to_tokens(prompt), fwd_hooks=hooks)[0, -1]
+            hits.append(float(int(logits.argmax()) == answer))
+    return np.array(hits)
+
+
+@pytest.fixture(scope="module")
+def sweep(model, task, result):
+    return mp.function_vector_sweep(
+        model, task, result, layers=[0, 2], n_random=2, seed=SEED, progress=False
+    )
+
+
+def test_the_layer_sweep_equals_the_vector_added_by_hand(model, task, result, sweep):
+    """Todd et al.'s evaluation: the FV added after each layer to zero-shot and shuffled-label
+    prompts of the held-out items, against random vectors of its norm drawn as the FV's own."""
+    _, test = _fit_items(task)
+    answers = _first(model, test.answers())
+    zero, shuffled = test.with_shots(0).prompts(), mp.shuffled_prompts(test, seed=SEED)
+    assert sweep.items == tuple(test.inputs()) and sweep.layers == (0, 2)
+    assert sweep.conditions == (
+        "zero-shot + FV", "zero-shot + random vector", "shuffled + FV", "shuffled + random vector"
+    )  # fmt: skip
+    randoms = []
+    for j in range(2):
+        generator = torch.Generator().manual_seed(SEED + j)
+        r = torch.randn(result.vector.shape, generator=generator)
+        randoms.append(r * (float(np.linalg.norm(result.vector)) / r.norm()))
+    for k, layer in enumerate(sweep.layers):
+        for c, prompts in ((0, zero), (2, shuffled)):
+            want = _hits_by_hand(model, prompts, answers, result.vector, layer)
+            np.testing.assert_array_equal(sweep.correct[c, k], want)
+            rand = np.mean([_hits_by_hand(model, prompts, answers, r, layer) for r in randoms], 0)
+            np.testing.assert_array_equal(sweep.correct[c + 1, k], rand)
+    np.testing.assert_allclose(sweep.accuracy, sweep.correct.mean(axis=2))
+    for name, prompts in (
+        ("zero-shot", zero),
+        ("shuffled", shuffled),
+        ("few-shot", test.prompts()),
+    ):
+        assert sweep.baseline[name] == _hits_by_hand(model, prompts, answers, None, 0).mean()
+    # the FV's own layer reproduces function_vector's accuracy there
+    at = mp.function_vector_sweep(model, task, result, layers=[result.layer], seed=SEED,
+                                  n_random=0, progress=False)  # fmt: skip
+    own = result.correct[result.conditions.index("function vector")]
+    np.testing.assert_array_equal(at.correct[0, 0], own)
+    assert np.isnan(at.accuracy[1]).all() and np.isnan(at.accuracy[3]).all()  # no random vector
+    assert sweep.norm == pytest.approx(float(np.linalg.norm(result.vector)), rel=1e-6)
+
+
+def test_the_layer_sweep_protocol_and_errors(model, task, result, sweep, tmp_path):
+    frame = sweep.to_frame()
+    assert list(frame.columns) == ["condition", "layer", "accuracy", "baseline"]
+    assert len(frame) == 4 * 2 and frame["layer"].tolist() == [0, 2] * 4
+    summary = sweep.summary()
+    best = sweep.best_layer("shuffled + FV")
+    row = summary[summary["condition"] == "shuffled + FV"].iloc[0]
+    assert row["best_layer"] == best
+    assert row["best_accuracy"] == sweep.accuracy[2, sweep.layers.index(best)]
+    assert repr(sweep).startswith("FunctionVectorSweep(") and "<table" in sweep._repr_html_()
+    assert len(sweep.plot().axes[0].lines) == 7  # 4 conditions, 2 baselines, the FV's layer
+    back = mp.FunctionVectorSweep.load(sweep.save(tmp_path / "sweep.json"))
+    np.testing.assert_array_equal(back.correct, sweep.correct)
+    assert back.baseline == sweep.baseline and back.layers == sweep.layers
+    with pytest.raises(ValueError, match="condition must be one of"):
+        sweep.best_layer("few-shot")
+    with pytest.raises(TypeError, match="FunctionVectorResult"):
+        mp.function_vector_sweep(model, task, result.vector, progress=False)
+    with pytest.raises(ValueError, match="shot"):
+        mp.function_vector_sweep(model, task.with_shots(1), result, progress=False)
+    # held-out items the FV was fit on: another seed splits the task otherwise
+    with pytest.warns(UserWarning, match="items the FV was fit on"):
+        mp.function_vector_sweep(model, task, result, layers=[0], n_random=0, seed=SEED + 5,
+                                 progress=False)  # fmt: skip
+
+
+def test_the_vector_as_an_intervention(model, task, result, tmp_path):
+    """``intervention()`` is the edit the accuracies were measured with; a loaded result's
+    read-only vector gives it without a warning."""
+    import warnings
+
+    _, test = _fit_items(task)
+    held = test.with_shots(0).prompts()
+    answers = torch.as_tensor(_first(model, test.answers()))
+    out = mp.run(model, held, result.intervention(), logit_positions=-1, progress=False)
+    hits = (out.logits[:, -1].argmax(-1) == answers).float().numpy()
+    np.testing.assert_array_equal(hits, result.correct[result.conditions.index("function vector")])
+    back = mp.FunctionVectorResult.load(result.save(tmp_path / "fv.json"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec = back.intervention(layer=0, scale=2.0)
+    ((site, edit),) = spec.items()
+    assert site == mp.Site("mlp_out", 0)
+    np.testing.assert_allclose(edit.vector.numpy(), 2.0 * result.vector, rtol=1e-6)
+    with pytest.raises(ValueError, match="finite"):
+        result.intervention(scale=float("nan"))
+
+
+def test_heads_no_better_than_their_random_controls_are_warned_of():
+    import warnings
+
+    from mechprobe.relational._function import _warn_heads_like_noise
+
+    aie = np.array([[0.034, 0.01], [0.0, 0.02]])
+    with pytest.warns(UserWarning, match=r"largest head effect \(AIE 0\.034\) is no larger"):
+        _warn_heads_like_noise("capitals", aie, np.array([[0.038, 0.0], [0.001, 0.0]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_heads_like_noise("antonym", aie, np.array([[0.002, 0.0], [0.001, 0.0]]))
+        _warn_heads_like_noise("no controls", aie, np.full((2, 2), np.nan))

@@ -223,6 +223,7 @@ ROUND_TRIPS = {
     "ErasureSweep": "test_erasure_sweep.py",
     "FaithfulnessResult": "test_faithfulness.py",
     "FunctionVectorResult": "test_function_vectors.py",
+    "FunctionVectorSweep": "test_function_vectors.py",
     "GenerationResult": "test_generation.py",
     "LensComparison": "test_lenses.py",
     "LensResult": "test_lens.py",
@@ -471,6 +472,10 @@ def _model_runs() -> dict[str, Any]:
         ),
         "GenerationResult": lambda m: mp.generate(m, "Hi", max_new_tokens=2),
         "FunctionVectorResult": lambda m: mp.function_vector(m, "capitals", n_prompts=4),
+        "FunctionVectorSweep": lambda m: mp.function_vector_sweep(
+            m, "capitals", mp.function_vector(m, "capitals", n_prompts=2, n_random=0),
+            layers=[1], n_random=1,
+        ),
         "TaskScore": lambda m: mp.score_task(m, capitals.subset(2)),
         "Trajectory": lambda m: mp.trajectory(m, capitals.subset(2)),
         "AblationResult": lambda m: mp.ffn_ablation(m, capitals.subset(2), parts=3),

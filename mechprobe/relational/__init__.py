@@ -17,6 +17,7 @@ from mechprobe.relational._function import (
     function_vector,
     shuffled_prompts,
 )
+from mechprobe.relational._function_sweep import FunctionVectorSweep, function_vector_sweep
 from mechprobe.relational._intervention import OVectorEffect, ovector_intervention
 from mechprobe.relational._ovector import (
     OVector,
@@ -35,6 +36,7 @@ __all__ = [
     "AblationResult",
     "AnalogyResult",
     "FunctionVectorResult",
+    "FunctionVectorSweep",
     "OVector",
     "OVectorEffect",
     "OVectorSweep",
@@ -50,6 +52,7 @@ __all__ = [
     "ffn_attribution",
     "fit_ovector",
     "function_vector",
+    "function_vector_sweep",
     "offset_accuracy",
     "ovector_controls",
     "ovector_intervention",

@@ -40,6 +40,7 @@ from mechprobe.core import (
     Site,
     SiteLike,
     check_batch_size,
+    check_float,
     check_int,
     check_seed,
     control_seed,
@@ -156,6 +157,29 @@ class FunctionVectorResult(
                 "top": [(la, h) in top for la in range(n_layers) for h in range(n_heads)],
             }
         )
+
+    def intervention(
+        self, layer: int | None = None, *, scale: float = 1.0
+    ) -> dict[SiteLike, Intervention]:
+        """The FV as an edit for :func:`mechprobe.run`, :func:`mechprobe.generate` or
+        :func:`mechprobe.intervene`: ``scale`` times :attr:`vector` added to the residual stream
+        after block ``layer`` (default :attr:`layer`) at each prompt's last token, as the
+        accuracies were measured.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> model = mp.tiny_model()
+            >>> fv = mp.function_vector(model, "capitals", n_prompts=2, progress=False)
+            >>> out = mp.run(model, ["Q: Chile A:"], fv.intervention(layer=1), progress=False)
+            >>> list(fv.intervention())
+            [Site(kind='mlp_out', layer=1, head=None, positions=None)]
+        """
+        n_layers = self.aie.shape[0]
+        at = self.layer if layer is None else check_int(layer, "layer", -n_layers, n_layers - 1)
+        scale = check_float(scale, "scale")
+        # A copy: a loaded result's vector is read-only, which torch warns about when wrapped.
+        vector = torch.tensor(np.array(self.vector), dtype=torch.float32) * scale
+        return {Site("mlp_out", at % n_layers): Add(vector, positions=-1)}
 
     @property
     def accuracy_solved(self) -> np.ndarray:
@@ -346,7 +370,9 @@ def _check_heads(heads: Any, n_layers: int, n_heads: int) -> tuple[tuple[int, in
     return out
 
 
-def _warn_shared_first_tokens(model: Any, answers: list[int]) -> None:
+def _warn_shared_first_tokens(
+    model: Any, answers: list[int], caller: str = "function_vector"
+) -> None:
     """Warn when one first token starts many held-out answers: a top-1 hit on it is then no
     evidence of the answer (review 26b: every number on SmolLM2 starts with ``' '``; a model that
     always predicted it scored 0.99 zero-shot and 1.00 with the FV)."""
@@ -355,10 +381,26 @@ def _warn_shared_first_tokens(model: Any, answers: list[int]) -> None:
     if count > 1 and share >= _SHARED_FIRST_TOKEN:
         text = token_texts(model_adapter(model).tokenizer, [token])[0]
         warn(
-            f"function_vector scores each held-out answer by its first token, and {count} of "
+            f"{caller} scores each held-out answer by its first token, and {count} of "
             f"{len(answers)} answers start with {text!r}: a model that always predicts it scores "
             f"{share:.2f}. Read the accuracies against that, or use a task whose answers start "
             "with distinct tokens (score_task's exact column checks whole answers)."
+        )
+
+
+def _warn_heads_like_noise(task: str, aie: np.ndarray, aie_random: np.ndarray) -> None:
+    """Warn when no head's AIE exceeds the largest random control's: the top heads are then
+    picked from noise (review 36a: capitals on SmolLM2, 0.034 against 0.038), and so is the FV."""
+    controls = aie_random[np.isfinite(aie_random)]
+    if not controls.size or not np.isfinite(aie).any():
+        return
+    best, noise = float(np.nanmax(aie)), float(controls.max())
+    if best <= noise:
+        warn(
+            f"{task}: the largest head effect (AIE {best:.3g}) is no larger than the largest "
+            f"random control's ({noise:.3g}): the top heads, and the FV made of them, cannot be "
+            "told from noise. Use more prompts (n_prompts), prompts the model answers, or a task "
+            "the model does in context."
         )
 
 
@@ -477,6 +519,7 @@ def function_vector(
     if top is None:  # the task's own top heads by AIE
         order = np.argsort(-aie.ravel(), kind="stable")[: cast(int, n_heads)]
         top = tuple((int(i) // heads_per_layer, int(i) % heads_per_layer) for i in order)
+        _warn_heads_like_noise(task.name, aie, aie_random)
     sites = [Site("head", la, head=h, positions=-1) for la, h in top]
     with torch.no_grad():
         captured = run(
