@@ -456,3 +456,32 @@ def test_heads_no_better_than_their_random_controls_are_warned_of():
         warnings.simplefilter("error")
         _warn_heads_like_noise("antonym", aie, np.array([[0.002, 0.0], [0.001, 0.0]]))
         _warn_heads_like_noise("no controls", aie, np.full((2, 2), np.nan))
+
+
+def test_only_correct_fits_on_the_items_the_model_answers_few_shot(model, task, monkeypatch):
+    """Todd et al.'s filter_set: the heads' means and effects over queries the model answers
+    few-shot. The random tiny model answers none (refused by name); which items are kept is
+    checked with the few-shot hits replaced by a pattern (the hits themselves are the accuracy
+    the other tests check against hooks)."""
+    common = {"n_heads": 2, "n_prompts": 3, "n_random": 0, "seed": SEED, "progress": False}
+    with pytest.raises(ValueError, match="answers none of the 5 fit items"):
+        mp.function_vector(model, task, only_correct=True, **common)
+    import mechprobe.relational._function as module
+
+    pool, _ = task.split(0.5, seed=SEED)
+    real, seen = module._accuracy, []
+
+    def pattern(model, prompts, answers, vector, layer, batch_size=32):
+        if vector is None and prompts == pool.prompts():  # the filter's call
+            seen.append(prompts)
+            return np.array([1.0, 0.0, 1.0, 0.0, 1.0])
+        return real(model, prompts, answers, vector, layer, batch_size)
+
+    monkeypatch.setattr(module, "_accuracy", pattern)
+    res = mp.function_vector(model, task, only_correct=True, **common)
+    assert seen and res.only_correct
+    assert res.fit_items == tuple(pool.inputs()[i] for i in (0, 2, 4))
+    plain = mp.function_vector(model, task, **common)
+    assert not plain.only_correct and plain.fit_items != res.fit_items
+    with pytest.raises(TypeError, match="only_correct"):
+        mp.function_vector(model, task, only_correct="yes", progress=False)

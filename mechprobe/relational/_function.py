@@ -40,6 +40,7 @@ from mechprobe.core import (
     Site,
     SiteLike,
     check_batch_size,
+    check_bool,
     check_float,
     check_int,
     check_seed,
@@ -102,6 +103,7 @@ class FunctionVectorResult(
         items: The held-out items' inputs, in the order of ``correct``'s columns (empty in
             files saved before it was recorded).
         fit_items: The items whose prompts the AIE and the heads' mean outputs were taken over.
+        only_correct: Whether those were only items the model answers few-shot.
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
 
@@ -129,6 +131,7 @@ class FunctionVectorResult(
     items: tuple[str, ...] = ()
     fit_items: tuple[str, ...] = ()
     model_name: str = ""
+    only_correct: bool = False
 
     def to_frame(self) -> pd.DataFrame:
         """One row per head: its site (``"head@3, head 2"``: the z its mean output was written at),
@@ -415,6 +418,7 @@ def function_vector(
     shots: int | None = None,
     n_prompts: int = 20,
     test_size: float | int = 0.5,
+    only_correct: bool = False,
     n_random: int = 3,
     batch_size: int | None = 32,
     seed: int = 0,
@@ -442,6 +446,10 @@ def function_vector(
             their query. The held-out few-shot prompts keep the task's shots either way.
         n_prompts: Fit items (few-shot prompts) the AIE and the means are averaged over.
         test_size: Held-out share (or count) of the items the accuracies are measured on.
+        only_correct: Fit on the items the model answers few-shot only (with the task's own
+            shots; top-1 on the answer's first token), as Todd et al.'s code does
+            (``filter_set``): the heads' means and effects are then taken where the model does
+            the task. False (default): every fit item.
         n_random: Random controls: per head in the AIE, and random vectors of the FV's norm.
         batch_size: Prompts per forward pass where whole prompts run (the head means, the
             accuracies; None: all at once); the AIE's cells are packed by :func:`ablate_cells`.
@@ -478,6 +486,7 @@ def function_vector(
     check_int(n_random, "n_random", 0)
     check_batch_size(batch_size)
     seed = check_seed(seed)
+    only_correct = check_bool(only_correct, "only_correct")
     if shots is not None:
         check_int(shots, "shots", 2)
     if shots is None and len(task.shots) < 2:
@@ -486,6 +495,15 @@ def function_vector(
             "demonstrations; use a task with more shots."
         )
     pool, test = task.split(test_size, seed=seed)
+    if only_correct:  # Todd et al.'s filter_set: queries the model answers few-shot
+        hits = _accuracy(model, pool.prompts(), first_token_ids(model, pool.answers()), None, 0,
+                         batch_size)  # fmt: skip
+        if not hits.any():
+            raise ValueError(
+                f"only_correct=True, but the model answers none of the {len(pool)} fit items of "
+                f"{task.name!r} few-shot: pass only_correct=False, or a task the model does."
+            )
+        pool = pool.subset([i for i, hit in enumerate(hits) if hit])
     fit = pool.subset(min(n_prompts, len(pool)), seed=seed)
     if shots is None:
         clean, shuffled = fit.prompts(), shuffled_prompts(fit, seed=seed)
@@ -584,5 +602,6 @@ def function_vector(
         seed=seed,
         items=tuple(test.inputs()),
         fit_items=tuple(fit.inputs()),
+        only_correct=only_correct,
         model_name=model_adapter(model).name,
     )
