@@ -17,7 +17,11 @@
    same positions, and beside the same means pooled over templates of one token length;
    The same circuits chosen on half the pairs are measured on the other half (held out);
 4. knockouts: each part of the circuit alone mean-ablated where it is kept (the ``knockout``
-   condition), beside random heads as many.
+   condition), beside random heads as many;
+5. why larger circuits keep less: each head the largest circuit adds to the smallest, added
+   alone; for the costliest, where its last-token query attends (IO, S1, S2) in the full model
+   and in the circuit run, that run's ablations written by hand with ``mp.run`` and checked
+   against ``mp.faithfulness``.
 """
 
 from __future__ import annotations
@@ -101,6 +105,103 @@ def _top_heads(heads: mp.PatchResult, pairs: list[int], n: int = 12) -> dict[str
     return out
 
 
+def _circuit(top: dict[str, list[mp.Site]], size: int) -> dict[mp.Site, Any]:
+    """The top ``size`` heads kept at END and the top ``size // 2`` at S2 (both where both)."""
+    circuit: dict[mp.Site, Any] = dict.fromkeys(top["END"][:size], "END")
+    for site in top["S2"][: size // 2]:
+        circuit[site] = ["S2", "END"] if site in circuit else "S2"
+    return circuit
+
+
+def why_larger_keep_less(
+    model: Any, data: dict[str, Any], top: dict[str, list[mp.Site]], faithful: Any
+) -> dict[str, Any]:
+    """Each head the largest circuit adds to the smallest, added alone; then, for the addition
+    that costs most, where its last-token query attends in the full model and in the circuit run,
+    that run's ablations written by hand with ``mp.run`` (its metric checked against
+    ``faithfulness``'s per-prompt ``circuit`` values)."""
+    base = _circuit(top, SIZES[0])
+    largest = _circuit(top, SIZES[-1])
+    rows = []
+    for site, where in largest.items():
+        if site in base:
+            continue
+        res = faithful(base | {site: where})
+        rows.append({"head": _label(site), "kept_at": where, "faithfulness": res.faithfulness})
+    worst = min(rows, key=lambda row: row["faithfulness"])
+    site = next(s for s in largest if _label(s) == worst["head"])
+    circuit = base | {site: largest[site]}
+    res = faithful(circuit)
+
+    # The circuit run by hand: every head outside the circuit set to its template's ABC mean at
+    # every position, a circuit head to that mean at the positions where it is not kept.
+    clean, layers = data["clean"], range(int(model.cfg.n_layers))
+    z_sites = [f"blocks.{layer}.attn.hook_z" for layer in layers]
+    means = {}
+    for t in sorted(set(data["template"])):
+        abc = [p for p, g in zip(data["abc"], data["abc_template"], strict=True) if g == t]
+        out = mp.run(model, abc, capture=z_sites, progress=False)
+        means[t] = [out[hook].mean(0) for hook in z_sites]  # [pos, heads, d_head] per layer
+    pattern = mp.Site("pattern", site.layer, head=site.head)
+    write = mp.Site("head_out", site.layer, head=site.head)  # z @ W_O, what the head adds
+    tokens = mp.tokenize(model, clean)
+    attention: dict[str, list[list[float]]] = {"full": [], "circuit": []}
+    writes: dict[str, list[float]] = {"full": [], "circuit": [], "its ABC mean": []}
+    w_o = model.blocks[site.layer].attn.W_O[site.head].detach()
+    by_hand = []
+    for i, prompt in enumerate(clean):
+        n = int(tokens.lengths[i])
+        kept_at = {"S2": [data["positions"]["S2"][i]], "END": [n - 1]}
+        spec: dict[Any, Any] = {}
+        for layer in layers:
+            for h in range(int(model.cfg.n_heads)):
+                head = mp.Site("head", layer, head=h)
+                where = circuit.get(head)
+                keep = set() if where is None else {
+                    p for name in ([where] if isinstance(where, str) else where)
+                    for p in kept_at[name]
+                }  # fmt: skip
+                ablated = [p for p in range(n) if p not in keep]
+                if not ablated:
+                    continue
+                mean = means[data["template"][i]][layer][:, h]
+                spec[head] = mp.Ablate(mean=mean[ablated], positions=ablated)
+        io, s = (model.tokenizer(x, add_special_tokens=False).input_ids[0]
+                 for x in (data["io"][i], data["s"][i]))  # fmt: skip
+        # Its write read by the unembedding's IO - S direction (before the final norm's scale,
+        # which is the run's): positive moves the logit difference up.
+        direction = (model.W_U[:, io] - model.W_U[:, s]).detach()
+        ablated_to = means[data["template"][i]][site.layer][n - 1, site.head] @ w_o
+        writes["its ABC mean"].append(float(ablated_to @ direction))
+        for condition, edits in (("full", None), ("circuit", spec)):
+            out = mp.run(model, [prompt], edits, capture=[pattern, write], progress=False)
+            writes[condition].append(float(out[write][0, n - 1] @ direction))
+            row = out[pattern][0, n - 1]
+            attention[condition].append(
+                [float(row[data["positions"][k][i]]) for k in ("IO", "S1", "S2")]
+            )
+            if condition == "circuit":
+                logits = out.logits[0, n - 1]
+                by_hand.append(float(logits[io] - logits[s]))
+    return {
+        "base_heads": len(base),
+        "added_alone": [{**row, "faithfulness": round(row["faithfulness"], 3)} for row in rows],
+        "costliest": worst["head"],
+        "costliest_attention_IO_S1_S2": {
+            k: [round(float(v), 3) for v in np.mean(rows_, axis=0)]
+            for k, rows_ in attention.items()
+        },
+        "costliest_write_on_IO_minus_S": {
+            k: round(float(np.mean(v)), 2) for k, v in writes.items()
+        },
+        "by_hand_vs_faithfulness_max_abs": float(np.max(np.abs(np.asarray(by_hand) - res.circuit))),
+    }
+
+
+def _label(site: mp.Site) -> str:
+    return f"L{site.layer}H{site.head}"
+
+
 def main() -> None:
     FIGURES.mkdir(parents=True, exist_ok=True)
     model = mp.load_model()
@@ -167,9 +268,7 @@ def main() -> None:
     record["abc_prompts_per_template"] = N_ABC
     record["faithfulness"] = []
     for size in SIZES:
-        circuit: dict[mp.Site, Any] = dict.fromkeys(top["END"][:size], "END")
-        for site in top["S2"][: size // 2]:
-            circuit[site] = ["S2", "END"] if site in circuit else "S2"
+        circuit = _circuit(top, size)
         start = time.perf_counter()
         res = faithful(circuit)
         seconds = time.perf_counter() - start
@@ -212,9 +311,7 @@ def main() -> None:
 
     record["held_out"] = []
     for size in SIZES:
-        circuit = dict.fromkeys(picked_top["END"][:size], "END")
-        for site in picked_top["S2"][: size // 2]:
-            circuit[site] = ["S2", "END"] if site in circuit else "S2"
+        circuit = _circuit(picked_top, size)
         row = {
             "heads_kept": len(circuit),
             "chosen_on_pairs": len(chosen_on),
@@ -245,6 +342,11 @@ def main() -> None:
         }
         record["knockouts"].append(row)
         print(row, flush=True)
+    # 5. Why larger circuits keep less.
+    start = time.perf_counter()
+    record["why_larger_keep_less"] = why_larger_keep_less(model, data, top, faithful)
+    record["why_larger_keep_less"]["seconds"] = round(time.perf_counter() - start, 1)
+    print(record["why_larger_keep_less"], flush=True)
     OUT.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {OUT}")
 
