@@ -335,6 +335,21 @@ def _accuracy(
     return top1_hit(logits, torch.as_tensor(answers)).cpu().numpy().astype(float)
 
 
+def _random_vectors(vector: torch.Tensor, n: int, seed: int) -> list[torch.Tensor]:
+    """``n`` random directions scaled to ``vector``'s norm: vector j is ``control_seed(seed,
+    j)``'s draw, as every random control of the API (one generator for all made vector j depend
+    on the vectors before it)."""
+    draws = [
+        torch.randn(
+            vector.shape,
+            generator=torch.Generator().manual_seed(control_seed(seed, j)),
+            dtype=torch.float32,
+        )
+        for j in range(n)
+    ]
+    return [r * (vector.norm() / r.norm()) for r in draws]
+
+
 def _sampled_prompts(pool: Task, fit: Task, shots: int, seed: int) -> tuple[list[str], list[str]]:
     """``(clean, shuffled)`` prompts of ``fit``'s items, each showing ``shots`` demonstrations
     drawn from the other items of ``pool`` (a new draw per prompt, ``random.Random(seed)`` in item
@@ -556,17 +571,7 @@ def function_vector(
     ovector = fit_ovector(fitted, layer, only_correct=bool(fitted.score.correct.any()))
     o = ovector.vector.float().cpu()
     o_scaled = o * (vector.norm() / o.norm().clamp_min(1e-30))
-    # Random vector j is control_seed(seed, j)'s draw, as every random control of the API (one
-    # generator for all made vector j depend on the vectors before it).
-    randoms = [
-        torch.randn(
-            vector.shape,
-            generator=torch.Generator().manual_seed(control_seed(seed, j)),
-            dtype=torch.float32,
-        )
-        for j in range(n_random)
-    ]
-    randoms = [r * (vector.norm() / r.norm()) for r in randoms]
+    randoms = _random_vectors(vector, n_random, seed)
     rows = {
         "zero-shot": _accuracy(model, held, held_answers, None, layer, batch_size),
         "few-shot": _accuracy(model, test.prompts(), held_answers, None, layer, batch_size),

@@ -25,7 +25,6 @@ from mechprobe.core import (
     check_batch_size,
     check_int,
     check_seed,
-    control_seed,
     evaluates,
     first_token_ids,
     literal,
@@ -38,6 +37,7 @@ from mechprobe.core import (
 from mechprobe.relational._function import (
     FunctionVectorResult,
     _accuracy,
+    _random_vectors,
     _warn_shared_first_tokens,
     shuffled_prompts,
 )
@@ -321,16 +321,7 @@ def function_vector_sweep(
     }
     vector = torch.as_tensor(np.array(fv.vector), dtype=torch.float32)
     norm = vector.norm()
-    # Random vector j is control_seed(seed, j)'s draw, as function_vector's own.
-    randoms = [
-        torch.randn(
-            vector.shape,
-            generator=torch.Generator().manual_seed(control_seed(seed, j)),
-            dtype=torch.float32,
-        )
-        for j in range(n_random)
-    ]
-    randoms = [r * (norm / r.norm()) for r in randoms]
+    randoms = _random_vectors(vector, n_random, seed)  # the draws of function_vector's own
     baseline_correct = np.stack(
         [_accuracy(model, prompts[name], answers, None, 0, batch_size) for name in BASELINES]
     )
