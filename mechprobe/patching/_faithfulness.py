@@ -157,13 +157,19 @@ class FaithfulnessResult(Result, format="mechprobe.FaithfulnessResult", version=
         ``leave_one_out=True``."""
         if self.without is None:
             return {}
-        means = self.means
-        scale = means["full"] - means["empty"]
-        degenerate = _degenerate(means["full"], means["empty"])
         return {
-            site: float("nan") if degenerate else (float(np.mean(row)) - means["empty"]) / scale
+            site: self._on_scale(float(np.mean(row)))
             for site, row in zip(self.circuit_sites, self.without, strict=True)
         }
+
+    def _on_scale(self, mean: float) -> float:
+        """A mean metric on the scale where ``empty`` is 0 and ``full`` is 1 (NaN where the two
+        are equal)."""
+        means = self.means
+        if _degenerate(means["full"], means["empty"]):
+            return float("nan")
+        # + 0.0: empty's own (e - e) / negative scale is -0.0, which frames show as "-0".
+        return (mean - means["empty"]) / (means["full"] - means["empty"]) + 0.0
 
     @property
     def means(self) -> dict[str, float]:
@@ -174,12 +180,7 @@ class FaithfulnessResult(Result, format="mechprobe.FaithfulnessResult", version=
     def normalised(self) -> dict[str, float]:
         """Each condition's mean on the scale where ``empty`` is 0 and ``full`` is 1 (so
         ``circuit``'s is :attr:`faithfulness`); NaN everywhere where full and empty are equal."""
-        means = self.means
-        scale = means["full"] - means["empty"]
-        if _degenerate(means["full"], means["empty"]):
-            return {c: float("nan") for c in CONDITIONS}
-        # + 0.0: empty's own (e - e) / negative scale is -0.0, which frames show as "-0".
-        return {c: (means[c] - means["empty"]) / scale + 0.0 for c in CONDITIONS}
+        return {c: self._on_scale(mean) for c, mean in self.means.items()}
 
     @property
     def ratio(self) -> float:
