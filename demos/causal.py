@@ -337,6 +337,11 @@ def function_vectors(model: Any, n_prompts: int) -> dict[str, Any]:
             "solved_items": int((res.correct[res.conditions.index("few-shot")] == 1).sum()),
             "top_aie": float(res.aie.max()),
             "top_aie_random": float(np.nanmax(res.aie_random)),
+            # the commonest top next token per condition and its share of the held-out items
+            "top_prediction": {
+                row.condition: [row.top_prediction, round(float(row.top_share), 3)]
+                for row in res.summary().itertuples()
+            },
         }
         print(name, out[name]["accuracy"], flush=True)
         if name == "capitals":

@@ -371,7 +371,7 @@ def test_frames_repr_and_plot(tiny: Any) -> None:
     assert result.without is None and result.without_each == {}
     np.testing.assert_allclose(frame["value"], [np.mean(result.full), np.mean(result.circuit),
                                                 np.mean(result.empty), np.mean(result.knockout)])  # fmt: skip
-    np.testing.assert_allclose(frame["spread"][0], np.std(result.full))
+    np.testing.assert_allclose(frame["spread"][0], np.std(result.full, ddof=1))
     assert frame["normalised"][1] == pytest.approx(result.faithfulness)
     summary = result.summary()
     assert summary["faithfulness"][0] == pytest.approx(result.faithfulness)

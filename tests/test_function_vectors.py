@@ -91,7 +91,7 @@ def test_aie_matches_hand_written_hooks(model, task, result, layer, head):
             patched = model.run_with_hooks(tokens, fwd_hooks=hooks)[0, -1].softmax(-1)[answer]
             effects.append(float(patched - base))
     np.testing.assert_allclose(result.aie[layer, head], np.mean(effects), atol=1e-6)
-    np.testing.assert_allclose(result.aie_spread[layer, head], np.std(effects), atol=1e-6)
+    np.testing.assert_allclose(result.aie_spread[layer, head], np.std(effects, ddof=1), atol=1e-6)
 
 
 def test_vector_is_the_sum_of_the_top_heads_mean_outputs(model, task, result):
@@ -128,6 +128,55 @@ def test_accuracy_conditions(model, task, result):
     assert norms["random vector"] == pytest.approx(fv, rel=1e-5)
     assert norms["o-vector (FV norm)"] == pytest.approx(fv, rel=1e-5)
     assert result.layer == model.cfg.n_layers // 3
+
+
+def test_predictions_are_the_top_next_tokens_and_a_one_token_vector_is_warned_of(
+    model, task, result, tmp_path
+):
+    """Review 36a F12: capitals' FV on SmolLM2 made the model say a bare ' ' for 7 of 8 held-out
+    prompts, which accuracy 0 did not tell. The predictions are each condition's top next
+    token, checked against the model run by hand with the vector added by a hook."""
+    import warnings
+
+    from mechprobe.core import token_texts
+    from mechprobe.relational._function import _warn_one_token
+
+    _, test = _fit_items(task)
+    held = test.with_shots(0).prompts()
+    vector = torch.tensor(result.vector)
+
+    def add(resid, hook):
+        resid[:, -1] += vector
+        return resid
+
+    hook = f"blocks.{result.layer}.hook_resid_post"
+    with torch.no_grad():
+        intact = [int(model(model.to_tokens(p))[0, -1].argmax()) for p in held]
+        steered = [
+            int(model.run_with_hooks(model.to_tokens(p), fwd_hooks=[(hook, add)])[0, -1].argmax())
+            for p in held
+        ]
+    by_name = dict(zip(result.conditions, result.predictions, strict=True))
+    # Rendered as every token is (a byte that is no character as '<0xA5>')
+    assert by_name["zero-shot"] == tuple(token_texts(model.tokenizer, intact))
+    assert by_name["function vector"] == tuple(token_texts(model.tokenizer, steered))
+    assert all(len(p) == len(held) for p in result.predictions)
+    summary = result.summary().set_index("condition")
+    count = max(by_name["function vector"].count(t) for t in by_name["function vector"])
+    assert summary.loc["function vector", "top_share"] == pytest.approx(count / len(held))
+    assert (
+        by_name["function vector"].count(summary.loc["function vector", "top_prediction"]) == count
+    )
+    back = mp.FunctionVectorResult.load(result.save(tmp_path / "fv.json"))
+    assert back.predictions == result.predictions
+    # The warning: most prompts predict one token, mostly not their answer.
+    with pytest.warns(UserWarning, match=r"capitals: with the function vector, 75% .* ' '"):
+        _warn_one_token("capitals", [" ", " ", " ", " Paris"], np.array([0.0, 0.0, 0.0, 1.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_one_token("split", [" ", " ", " Rome", " Paris"], np.zeros(4))  # half: no
+        _warn_one_token("answered", [" ", " ", " ", " x"], np.array([1.0, 1.0, 0.0, 0.0]))
+        _warn_one_token("one", [" "], np.zeros(1))
 
 
 def test_result_protocol_and_errors(model, task, result, tmp_path):
@@ -194,15 +243,15 @@ def test_random_vectors_are_the_seeds_draws_and_absent_without_n_random(model, t
     vector is added, and its norm is NaN, not the FV's."""
     import mechprobe.relational._function as fv_module
 
-    real = fv_module._accuracy
+    real = fv_module._next_logits
     added: list[torch.Tensor] = []
 
-    def spy(model, prompts, answers, vector, layer, batch_size=32):
+    def spy(model, prompts, vector, layer, batch_size):
         if vector is not None:
             added.append(vector.clone())
-        return real(model, prompts, answers, vector, layer, batch_size)
+        return real(model, prompts, vector, layer, batch_size)
 
-    monkeypatch.setattr(fv_module, "_accuracy", spy)
+    monkeypatch.setattr(fv_module, "_next_logits", spy)
     res = mp.function_vector(model, task, n_heads=3, n_prompts=4, n_random=2, seed=7,
                              progress=False)  # fmt: skip
     fv = torch.as_tensor(res.vector)
@@ -485,3 +534,71 @@ def test_only_correct_fits_on_the_items_the_model_answers_few_shot(model, task, 
     assert not plain.only_correct and plain.fit_items != res.fit_items
     with pytest.raises(TypeError, match="only_correct"):
         mp.function_vector(model, task, only_correct="yes", progress=False)
+
+
+def test_random_heads_controls_equal_their_heads_mean_outputs_added_by_hand(
+    model, task, result, tmp_path
+):
+    """Review 36a F8: k random heads' mean outputs, summed as the FV's are, as a control for the
+    FV's heads (the reviewer drew them by hand, one function_vector call per draw). Each draw is
+    Random(seed + j)'s sample of heads outside the FV; its hits are those of the vector built
+    from hand-captured z and added by a hook; the FV-norm copy is rescaled."""
+    import random
+
+    res = mp.function_vector(
+        model, task, n_heads=3, n_prompts=N_PROMPTS, n_random=2, n_random_heads=2, seed=SEED,
+        progress=False,
+    )  # fmt: skip
+    assert res.heads == result.heads
+    np.testing.assert_array_equal(res.correct[:6], result.correct)  # the other rows unchanged
+    assert res.conditions[6:] == ("random heads", "random heads (FV norm)")
+    outside = [(la, h) for la in range(3) for h in range(4) if (la, h) not in res.heads]
+    for j, draw in enumerate(res.random_heads):
+        assert draw == tuple(sorted(random.Random(SEED + j).sample(outside, 3)))
+    fit, test = _fit_items(task)
+    held = test.with_shots(0).prompts()
+    answers = _first(model, test.answers())
+    fv_norm = float(np.linalg.norm(res.vector))
+
+    def hits(vector):
+        def add(resid, hook):
+            resid[:, -1] += vector
+            return resid
+
+        name = f"blocks.{res.layer}.hook_resid_post"
+        with torch.no_grad():
+            tops = [
+                int(
+                    model.run_with_hooks(model.to_tokens(p), fwd_hooks=[(name, add)])[
+                        0, -1
+                    ].argmax()
+                )
+                for p in held
+            ]
+        return np.equal(tops, answers).astype(float)
+
+    vectors = []
+    for draw in res.random_heads:
+        v = torch.zeros(model.cfg.d_model, dtype=torch.float64)
+        for layer, head in draw:
+            z = _mean_z_last(model, fit.prompts(), layer)[head].double()
+            v += z @ model.blocks[layer].attn.W_O[head].detach().double()
+        vectors.append(v.float())
+    rows = dict(zip(res.conditions, res.correct, strict=True))
+    np.testing.assert_array_equal(rows["random heads"], np.mean([hits(v) for v in vectors], 0))
+    scaled = [v * (fv_norm / float(v.norm())) for v in vectors]
+    np.testing.assert_array_equal(
+        rows["random heads (FV norm)"], np.mean([hits(v) for v in scaled], 0)
+    )
+    norms = dict(zip(res.conditions, res.norms, strict=True))
+    assert norms["random heads"] == pytest.approx(
+        np.mean([float(v.norm()) for v in vectors]), rel=1e-5
+    )
+    assert norms["random heads (FV norm)"] == pytest.approx(fv_norm, rel=1e-6)
+    assert len(res.predictions) == 8 and len(res.summary()) == 8
+    back = mp.FunctionVectorResult.load(res.save(tmp_path / "fv.json"))
+    assert back.random_heads == res.random_heads and back.conditions == res.conditions
+    with pytest.raises(ValueError, match="only 2 others"):
+        mp.function_vector(model, task, n_heads=10, n_random_heads=1, n_random=0, progress=False)
+    with pytest.raises(ValueError, match="n_random_heads"):
+        mp.function_vector(model, task, n_random_heads=-1, progress=False)

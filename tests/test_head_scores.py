@@ -177,6 +177,10 @@ def test_the_result_protocol(tiny, tmp_path) -> None:
     res = mp.head_scores(tiny, seq_len=5, n_prompts=2, progress=False)
     frame = res.to_frame()
     assert len(frame) == 3 * 3 * tiny.cfg.n_heads
+    # The spread is the sample SD over the two prompts, |a - b| / sqrt(2), as every spread.
+    pair = res.per_prompt  # [kinds, prompts, layers, heads]
+    expected = np.abs(pair[:, 0] - pair[:, 1]) / np.sqrt(2)
+    np.testing.assert_allclose(frame["spread"].to_numpy(), expected.reshape(-1), rtol=1e-12)
     best = frame[frame.head_kind == "induction"].sort_values("score").iloc[-1]
     assert (int(best["layer"]), int(best["head"])) == res.top("induction", 1)[0][:2]
     assert len(res.summary(top=2)) == 6

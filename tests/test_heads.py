@@ -221,7 +221,7 @@ def test_controls_and_spread_do_not_depend_on_chunking(tiny, cell_packing):
         np.testing.assert_allclose(other.random, runs[0].random, atol=1e-5)
         np.testing.assert_allclose(other.per_pair, runs[0].per_pair, atol=1e-5)
     first = runs[0]
-    np.testing.assert_allclose(first.spread, first.per_pair.std(axis=0))
+    np.testing.assert_allclose(first.spread, first.per_pair.std(axis=0, ddof=1))
     frame = first.to_frame()
     np.testing.assert_allclose(frame["random_value"], first.random.mean(axis=(0, 1)).ravel())
     assert {"spread", "random_value"} <= set(first.summary().columns)

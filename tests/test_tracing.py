@@ -259,7 +259,7 @@ def test_categories_average_each_prompt_first(tiny):
         if at:
             per_prompt.append(res.indirect_effect(i)[0, layer, at].mean())
     assert len(per_prompt) == 2
-    assert row["spread"] == pytest.approx(float(np.std(per_prompt)), rel=1e-12)
+    assert row["spread"] == pytest.approx(float(np.std(per_prompt, ddof=1)), rel=1e-12)
 
 
 def test_categories_pooled_over_tokens_are_romes_averages(tiny):

@@ -303,16 +303,18 @@ def _missing(value: Any) -> bool:
 
 
 def spread(values: np.ndarray) -> np.ndarray:
-    """Standard deviation over the first axis (prompts, pairs), NaN where there is one row: a
-    spread over one value is undefined, and 0 read as perfectly consistent.
+    """Sample standard deviation over the first axis (prompts, pairs; ``ddof=1``, as pandas'
+    ``std``), NaN where there is one row: a spread over one value is undefined, and 0 read as
+    perfectly consistent. (It was the population SD, ``ddof=0``, before the thirty-first
+    session: smaller by ``sqrt((n - 1) / n)``.)
 
     Example:
         >>> spread(np.array([[1.0, 2.0], [3.0, 2.0]])).tolist(), spread(np.ones((1, 2))).tolist()
-        ([1.0, 0.0], [nan, nan])
+        ([1.4142135623730951, 0.0], [nan, nan])
     """
     if len(values) < 2:
         return np.full(values.shape[1:], np.nan)
-    return np.asarray(values.std(axis=0))
+    return np.asarray(values.std(axis=0, ddof=1))
 
 
 def float64_columns(frame: pd.DataFrame) -> pd.DataFrame:

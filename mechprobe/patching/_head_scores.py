@@ -34,6 +34,7 @@ its hook, never kept (a layer of 32 prompts of 512 tokens would be 300 MB for Sm
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -184,9 +185,15 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
         k, li, h = np.meshgrid(
             np.arange(n_kinds), np.arange(n_layers), np.arange(n_heads), indexing="ij"
         )
-        with np.errstate(invalid="ignore"):  # a prompt without targets is NaN, not a warning
-            std = np.nanstd(self.per_prompt, axis=1) if self.per_prompt.shape[1] else self.scores
-        # over fewer than two prompts with targets a spread is undefined (it read 0)
+        # The sample SD (ddof=1) over the prompts with targets, as every spread; over fewer than
+        # two it is undefined (it read 0), NaN below without numpy's warning.
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            std = (
+                np.nanstd(self.per_prompt, axis=1, ddof=1)
+                if self.per_prompt.shape[1]
+                else self.scores
+            )
         std = np.where(np.isfinite(self.per_prompt).sum(1) < 2, np.nan, std)
         return pd.DataFrame(
             {

@@ -578,7 +578,7 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
                     "category": CATEGORIES[c],
                     "effect": float(effect[k, layer, c]),
                     # undefined over one prompt: NaN, not 0 ("perfectly consistent")
-                    "spread": float(np.std(spread)) if len(spread) > 1 else float("nan"),
+                    "spread": float(np.std(spread, ddof=1)) if len(spread) > 1 else float("nan"),
                     "random_effect": float(control[k, layer, c]),
                     "clean": float(np.mean(self.clean)),
                     "corrupt": float(np.mean(self.corrupted)),

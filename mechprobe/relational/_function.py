@@ -50,6 +50,7 @@ from mechprobe.core import (
     first_token_ids,
     literal,
     model_adapter,
+    progress_bar,
     run,
     site_columns,
     spread,
@@ -68,6 +69,17 @@ if TYPE_CHECKING:
 
 __all__ = ["FunctionVectorResult", "function_vector", "shuffled_prompts"]
 
+# The accuracy conditions, in the result's order.
+_CONDITIONS = (
+    "zero-shot",
+    "few-shot",
+    "function vector",
+    "random vector",
+    "o-vector",
+    "o-vector (FV norm)",
+)
+# With n_random_heads, after those.
+_HEADS_CONDITIONS = ("random heads", "random heads (FV norm)")
 # A constant guess of the commonest first token would score this share: above it, say so.
 _SHARED_FIRST_TOKEN = 0.2
 
@@ -82,7 +94,8 @@ class FunctionVectorResult(
         task: The task's name.
         aie: ``[layers, heads]`` average indirect effect of each head on the answer's probability
             (shuffled-label prompts, head set to its clean mean at the last token).
-        aie_spread: ``[layers, heads]`` its standard deviation over prompts.
+        aie_spread: ``[layers, heads]`` its sample standard deviation over prompts (``ddof=1``;
+            the mean's standard error is this over ``sqrt(n_prompts)``).
         aie_random: ``[layers, heads]`` the same head moved by the same distance in random
             directions (mean over ``n_random`` seeds; NaN without).
         heads: The top heads ``(layer, head)`` whose mean outputs sum to the FV, best first.
@@ -90,7 +103,8 @@ class FunctionVectorResult(
         layer: The layer at whose output (the residual stream after block ``layer``) the vectors
             are added at the last token.
         conditions: Names of the accuracy conditions (``"zero-shot"``, ``"few-shot"``,
-            ``"function vector"``, ``"random vector"``, ``"o-vector"``, ``"o-vector (FV norm)"``).
+            ``"function vector"``, ``"random vector"``, ``"o-vector"``, ``"o-vector (FV norm)"``;
+            with ``n_random_heads``, ``"random heads"`` and ``"random heads (FV norm)"``).
         accuracy: ``[conditions]`` top-1 accuracy on the held-out items' first answer token,
             over every held-out item (Todd et al. count only those the model answers few-shot:
             :attr:`accuracy_solved`).
@@ -104,8 +118,14 @@ class FunctionVectorResult(
             files saved before it was recorded).
         fit_items: The items whose prompts the AIE and the heads' mean outputs were taken over.
         only_correct: Whether those were only items the model answers few-shot.
+        predictions: Per condition, the top next token of each held-out item, in the order of
+            ``correct``'s columns (the random condition: its first seed's; empty in files saved
+            before it was recorded). A vector that makes the model say one token everywhere
+            (a bare ``" "``, ``" The"``) scores 0 without saying why; these do.
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        random_heads: The random-heads controls' draws (``n_random_heads``), each as many
+            ``(layer, head)`` pairs as :attr:`heads`, none of them in it.
 
     Example:
         >>> import mechprobe as mp
@@ -132,6 +152,8 @@ class FunctionVectorResult(
     fit_items: tuple[str, ...] = ()
     model_name: str = ""
     only_correct: bool = False
+    predictions: tuple[tuple[str, ...], ...] = ()
+    random_heads: tuple[tuple[tuple[int, int], ...], ...] = ()
 
     def to_frame(self) -> pd.DataFrame:
         """One row per head: its site (``"head@3, head 2"``: the z its mean output was written at),
@@ -204,20 +226,26 @@ class FunctionVectorResult(
     def summary(self) -> pd.DataFrame:
         """Accuracy of each condition on the held-out zero-shot prompts (all of them, and those
         the model answers few-shot, as Todd et al. count: :attr:`accuracy_solved`), with the norm
-        added.
+        added, and the commonest top next token with its share of the items (an FV that only
+        makes the model say ``" "`` shows here; empty in files saved before it was recorded).
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.function_vector(mp.tiny_model(), "capitals", n_prompts=4, progress=False)
             >>> res.summary().columns.tolist()
-            ['condition', 'accuracy', 'accuracy_solved', 'norm']
+            ['condition', 'accuracy', 'accuracy_solved', 'norm', 'top_prediction', 'top_share']
         """
+        commonest = [_commonest(tokens) for tokens in self.predictions] or [
+            ("", np.nan) for _ in self.conditions
+        ]
         return pd.DataFrame(
             {
                 "condition": self.conditions,
                 "accuracy": self.accuracy,
                 "accuracy_solved": self.accuracy_solved,
                 "norm": self.norms,
+                "top_prediction": [token for token, _ in commonest],
+                "top_share": [share for _, share in commonest],
             }
         )
 
@@ -327,12 +355,24 @@ def _accuracy(
 ) -> np.ndarray:
     """Per prompt: whether the top next token is the answer's first token, with ``vector``
     added to the residual stream after block ``layer`` at the last token."""
+    logits = _next_logits(model, prompts, vector, layer, batch_size)
+    return top1_hit(logits, torch.as_tensor(answers)).cpu().numpy().astype(float)
+
+
+def _next_logits(
+    model: Any,
+    prompts: list[str],
+    vector: torch.Tensor | None,
+    layer: int,
+    batch_size: int | None,
+) -> torch.Tensor:
+    """``[prompts, vocab]`` next-token logits at each prompt's last token, with ``vector`` added
+    to the residual stream after block ``layer`` there."""
     spec: dict[SiteLike, Intervention] | None = None
     if vector is not None:
         spec = {Site("mlp_out", layer): Add(vector, positions=-1)}
     out = run(model, prompts, spec, logit_positions=-1, batch_size=batch_size, progress=False)
-    logits = out.logits[:, 0]
-    return top1_hit(logits, torch.as_tensor(answers)).cpu().numpy().astype(float)
+    return out.logits[:, 0]
 
 
 def _random_vectors(vector: torch.Tensor, n: int, seed: int) -> list[torch.Tensor]:
@@ -406,6 +446,72 @@ def _warn_shared_first_tokens(
         )
 
 
+def _random_heads(
+    top: tuple[tuple[int, int], ...], shape: tuple[int, int], n: int, seed: int
+) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """``n`` draws of ``len(top)`` heads from those outside ``top``, draw ``j`` by
+    ``random.Random(control_seed(seed, j))`` (in layer, head order)."""
+    outside = [(la, h) for la in range(shape[0]) for h in range(shape[1]) if (la, h) not in top]
+    if n and len(outside) < len(top):
+        raise ValueError(
+            f"n_random_heads draws {len(top)} heads outside the FV's, but the model has only "
+            f"{len(outside)} others: pass fewer heads (n_heads) or n_random_heads=0."
+        )
+    return tuple(
+        tuple(sorted(_random.Random(control_seed(seed, j)).sample(outside, len(top))))
+        for j in range(n)
+    )
+
+
+def _mean_head_outputs(
+    model: Any, prompts: list[str], heads: set[tuple[int, int]], batch_size: int | None
+) -> dict[tuple[int, int], torch.Tensor]:
+    """``{(layer, head): [d_model]}`` each head's mean output at the prompts' last token,
+    ``mean(z) @ W_O[head]`` in float64 (one pass capturing them all)."""
+    sites = {head: Site("head", head[0], head=head[1], positions=-1) for head in sorted(heads)}
+    with torch.no_grad():
+        captured = run(model, prompts, capture=list(sites.values()), logit_positions=-1,
+                       batch_size=batch_size, progress=False)  # fmt: skip
+        out = {}
+        for (layer, head), site in sites.items():
+            z = captured[site][:, -1].double().mean(0).cpu()
+            out[(layer, head)] = z @ model.blocks[layer].attn.W_O[head].detach().double().cpu()
+    return out
+
+
+def _summed(
+    outputs: dict[tuple[int, int], torch.Tensor], heads: Sequence[tuple[int, int]], d_model: int
+) -> torch.Tensor:
+    """``[d_model]`` float32 sum of ``heads``' mean outputs, added in ``heads``' order."""
+    total = torch.zeros(d_model, dtype=torch.float64)
+    for head in heads:
+        total += outputs[head]
+    return total.float()
+
+
+def _commonest(tokens: Sequence[str]) -> tuple[str, float]:
+    """The commonest of ``tokens`` and its share (``("", nan)`` for none)."""
+    if not tokens:
+        return "", float("nan")
+    token, count = Counter(tokens).most_common(1)[0]
+    return token, count / len(tokens)
+
+
+def _warn_one_token(task: str, predictions: Sequence[str], hits: np.ndarray) -> None:
+    """Warn when the FV makes more than half of the held-out prompts predict one token that is
+    not their answer (review 36a: capitals on SmolLM2, a bare ``' '`` for 7 of 8): its accuracy
+    then says nothing of the task, only that the vector pushes that token."""
+    token, share = _commonest(predictions)
+    wrong = [not hit for p, hit in zip(predictions, hits, strict=True) if p == token]
+    if len(predictions) > 1 and share > 0.5 and np.mean(wrong) > 0.5:
+        warn(
+            f"{task}: with the function vector, {share:.0%} of the held-out prompts predict "
+            f"{token!r}, mostly not their answer: the vector pushes that token rather than the "
+            "task. See summary()'s top_prediction; try another layer (function_vector_sweep) "
+            "or a task the model does in context."
+        )
+
+
 def _warn_heads_like_noise(task: str, aie: np.ndarray, aie_random: np.ndarray) -> None:
     """Warn when no head's AIE exceeds the largest random control's: the top heads are then
     picked from noise (review 36a: capitals on SmolLM2, 0.034 against 0.038), and so is the FV."""
@@ -435,6 +541,7 @@ def function_vector(
     test_size: float | int = 0.5,
     only_correct: bool = False,
     n_random: int = 3,
+    n_random_heads: int = 0,
     batch_size: int | None = 32,
     seed: int = 0,
     progress: bool = True,
@@ -466,6 +573,13 @@ def function_vector(
             (``filter_set``): the heads' means and effects are then taken where the model does
             the task. False (default): every fit item.
         n_random: Random controls: per head in the AIE, and random vectors of the FV's norm.
+        n_random_heads: Random-heads controls: draws of as many heads as the FV has, from the
+            heads outside it (``random.Random(seed + j)`` for draw ``j``), their mean outputs
+            summed as the FV's are and added the same way, as they are and rescaled to the FV's
+            norm (conditions ``"random heads"`` and ``"random heads (FV norm)"``, the mean over
+            draws). A random vector tests the FV's direction against any direction; this tests
+            the FV's heads against any heads' mean outputs, which carry the prompts' format
+            too. 0 (default): none.
         batch_size: Prompts per forward pass where whole prompts run (the head means, the
             accuracies; None: all at once); the AIE's cells are packed by :func:`ablate_cells`.
         seed: Seed of the split, the label shuffles and the random directions.
@@ -499,6 +613,7 @@ def function_vector(
         check_int(n_heads, "n_heads", 1, n_layers * heads_per_layer)
     check_int(n_prompts, "n_prompts", 1)
     check_int(n_random, "n_random", 0)
+    check_int(n_random_heads, "n_random_heads", 0)
     check_batch_size(batch_size)
     seed = check_seed(seed)
     only_correct = check_bool(only_correct, "only_correct")
@@ -511,14 +626,14 @@ def function_vector(
         )
     pool, test = task.split(test_size, seed=seed)
     if only_correct:  # Todd et al.'s filter_set: queries the model answers few-shot
-        hits = _accuracy(model, pool.prompts(), first_token_ids(model, pool.answers()), None, 0,
-                         batch_size)  # fmt: skip
-        if not hits.any():
+        solved = _accuracy(model, pool.prompts(), first_token_ids(model, pool.answers()), None, 0,
+                           batch_size)  # fmt: skip
+        if not solved.any():
             raise ValueError(
                 f"only_correct=True, but the model answers none of the {len(pool)} fit items of "
                 f"{task.name!r} few-shot: pass only_correct=False, or a task the model does."
             )
-        pool = pool.subset([i for i, hit in enumerate(hits) if hit])
+        pool = pool.subset([i for i, hit in enumerate(solved) if hit])
     fit = pool.subset(min(n_prompts, len(pool)), seed=seed)
     if shots is None:
         clean, shuffled = fit.prompts(), shuffled_prompts(fit, seed=seed)
@@ -553,17 +668,11 @@ def function_vector(
         order = np.argsort(-aie.ravel(), kind="stable")[: cast(int, n_heads)]
         top = tuple((int(i) // heads_per_layer, int(i) % heads_per_layer) for i in order)
         _warn_heads_like_noise(task.name, aie, aie_random)
-    sites = [Site("head", la, head=h, positions=-1) for la, h in top]
-    with torch.no_grad():
-        captured = run(
-            model, clean, capture=sites, logit_positions=-1, batch_size=batch_size, progress=False
-        )
-        fv = torch.zeros(int(model.cfg.d_model), dtype=torch.float64)
-        for site in sites:
-            z = captured[site][:, -1].double().mean(0).cpu()
-            w_o = model.blocks[site.layer].attn.W_O[site.head].detach().double().cpu()
-            fv += z @ w_o
-    vector = fv.float()
+    random_heads = _random_heads(top, shape, n_random_heads, seed)
+    outputs = _mean_head_outputs(model, clean, {*top, *(h for draw in random_heads for h in draw)},
+                                 batch_size)  # fmt: skip
+    vector = _summed(outputs, top, int(model.cfg.d_model))
+    head_vectors = [_summed(outputs, draw, int(model.cfg.d_model)) for draw in random_heads]
     held = test.with_shots(0).prompts()
     fitted = task_pass(model, fit, batch_size=batch_size, progress=False)
     # Merullo et al. average correctly answered prompts; a model that answers none (a random
@@ -572,24 +681,40 @@ def function_vector(
     o = ovector.vector.float().cpu()
     o_scaled = o * (vector.norm() / o.norm().clamp_min(1e-30))
     randoms = _random_vectors(vector, n_random, seed)
+    # One pass per condition, one per seed for the random vectors (their hits averaged); the
+    # bar covers what follows the AIE's own.
+    passes = [
+        ("zero-shot", held, None),
+        ("few-shot", test.prompts(), None),
+        ("function vector", held, vector),
+        *[("random vector", held, r) for r in randoms],
+        ("o-vector", held, o),
+        ("o-vector (FV norm)", held, o_scaled),
+        *[("random heads", held, h) for h in head_vectors],
+        *[("random heads (FV norm)", held, h * (vector.norm() / h.norm().clamp_min(1e-30)))
+          for h in head_vectors],
+    ]  # fmt: skip
+    tokenizer = model_adapter(model).tokenizer
+    hits: dict[str, list[np.ndarray]] = {}
+    tops: dict[str, list[str]] = {}
+    for name, prompts, added in progress_bar(
+        passes, progress=progress, desc="function vector: accuracies"
+    ):
+        logits = _next_logits(model, prompts, added, layer, batch_size)
+        hit = top1_hit(logits, torch.as_tensor(held_answers)).cpu().numpy().astype(float)
+        hits.setdefault(name, []).append(hit)
+        tops.setdefault(name, token_texts(tokenizer, logits.argmax(-1).tolist()))  # first seed's
+    conditions = _CONDITIONS + (_HEADS_CONDITIONS if n_random_heads else ())
     rows = {
-        "zero-shot": _accuracy(model, held, held_answers, None, layer, batch_size),
-        "few-shot": _accuracy(model, test.prompts(), held_answers, None, layer, batch_size),
-        "function vector": _accuracy(model, held, held_answers, vector, layer, batch_size),
-        "random vector": (
-            np.mean(
-                [_accuracy(model, held, held_answers, r, layer, batch_size) for r in randoms],
-                axis=0,
-            )
-            if randoms
-            else np.full(len(held), np.nan)
-        ),
-        "o-vector": _accuracy(model, held, held_answers, o, layer, batch_size),
-        "o-vector (FV norm)": _accuracy(model, held, held_answers, o_scaled, layer, batch_size),
+        name: np.mean(hits[name], axis=0) if name in hits else np.full(len(held), np.nan)
+        for name in conditions
     }
+    _warn_one_token(task.name, tops["function vector"], rows["function vector"])
     fv_norm = float(vector.norm())
     random_norm = fv_norm if randoms else np.nan  # no random vector was added
     norms = [np.nan, np.nan, fv_norm, random_norm, float(o.norm()), fv_norm]
+    if n_random_heads:  # the draws' mean norm as they are; the FV's once rescaled
+        norms += [float(np.mean([float(h.norm()) for h in head_vectors])), fv_norm]
     return FunctionVectorResult(
         task=task.name,
         aie=aie,
@@ -609,4 +734,6 @@ def function_vector(
         fit_items=tuple(fit.inputs()),
         only_correct=only_correct,
         model_name=model_adapter(model).name,
+        predictions=tuple(tuple(tops.get(name, [""] * len(held))) for name in conditions),
+        random_heads=random_heads,
     )
