@@ -7,8 +7,8 @@ and writes ``docs/causal_results.json`` and ``docs/figures/causal_*.png``:
   (one shot, equal token lengths), the correlation per site kind, layer 0's MLP and the largest
   misses;
 - ``trace``: causal tracing with noise (ROME) of the capitals task, the country as the subject;
-- ``fv``: function vectors of every built-in task beside random vectors, the o-vector and the
-  intact model;
+- ``fv``: function vectors of every built-in task beside random vectors, three draws of random
+  heads, the o-vector and the intact model;
 - ``fv-layers``: four tasks' function vectors added after every other layer to zero-shot and
   shuffled-label prompts (Todd et al.'s layer sweep, ``mp.function_vector_sweep``);
 - ``generate``: what the model says on held-out zero-shot capitals_extractive prompts, intact and
@@ -323,7 +323,9 @@ def trace(model: Any, n_items: int) -> dict[str, Any]:
 def function_vectors(model: Any, n_prompts: int) -> dict[str, Any]:
     out = {}
     for name in mp.list_tasks():
-        res = mp.function_vector(model, name, n_prompts=n_prompts, n_random=1, progress=False)
+        res = mp.function_vector(
+            model, name, n_prompts=n_prompts, n_random=1, n_random_heads=3, progress=False
+        )
         out[name] = {
             "layer": res.layer,
             "heads": [list(h) for h in res.heads],
@@ -335,6 +337,7 @@ def function_vectors(model: Any, n_prompts: int) -> dict[str, Any]:
                 zip(res.conditions, np.round(res.accuracy_solved, 3).tolist(), strict=True)
             ),
             "solved_items": int((res.correct[res.conditions.index("few-shot")] == 1).sum()),
+            "random_heads": [[list(h) for h in draw] for draw in res.random_heads],
             "top_aie": float(res.aie.max()),
             "top_aie_random": float(np.nanmax(res.aie_random)),
             # the commonest top next token per condition and its share of the held-out items
