@@ -84,6 +84,13 @@ def test_round_trip_keeps_types_shapes_and_non_finite_values(tmp_path, suffix: s
     assert isinstance(load_result(path), _Toy)
 
 
+def test_a_path_without_a_suffix_is_refused_with_the_file_to_name(tmp_path) -> None:
+    # Review 36a F9: relational.md saves a RelationalResult to a folder; the others refused one
+    # without saying what to pass.
+    with pytest.raises(ValueError, match=r"not 'toy': add the suffix, such as toy\.json"):
+        _toy().save(tmp_path / "toy")
+
+
 @pytest.mark.parametrize("suffix", [".json", ".npz"])
 def test_bfloat16_tensors_round_trip_through_json_and_npz(tmp_path, suffix: str) -> None:
     # numpy has no bfloat16 (saving raised TypeError): written as float32, every value exact.

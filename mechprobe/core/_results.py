@@ -181,7 +181,8 @@ class Result:
         if path.suffix not in _SUFFIXES:
             raise ValueError(
                 f"Save a {type(self).__name__} to a .json, .npz or .safetensors file, not "
-                f"{path.name!r}."
+                f"{path.name!r}: add the suffix, such as {path.stem or 'result'}.json (a folder "
+                "with figures is RelationalResult's format only)."
             )
         _check_folder(path)
         if path.is_dir():
