@@ -13,6 +13,11 @@ through the logit and tuned lenses (and capitals through the Patchscope), and wr
 (``--part train --save FILE``, then ``--lens FILE --part heldout`` and ``--part tasks``: each a
 separate, shorter job); the JSON keeps the other parts' numbers. ``--tasks`` picks the tasks
 and ``--patchscope-tasks`` those also read through the Patchscope (default: capitals).
+``--part identity`` (no lens needed) decodes " Poland" at the end of "I grew up in Poland"
+through the default Patchscope (read at the placeholder: the next-token readout) and through
+the token-identity prompt that ends one token later (``"... ? ->"``), and lets the model write
+its answer from the identity prompt with the state patched in (docs/lenses.md, "Next token or
+token identity").
 """
 
 from __future__ import annotations
@@ -69,6 +74,46 @@ def _table(cmp: mp.LensComparison) -> dict[str, Any]:
     }
 
 
+def _identity(model: Any) -> dict[str, Any]:
+    """The last token of "I grew up in Poland" through two Patchscopes: the default (read at
+    the placeholder, the paper's next-token readout) and the token-identity prompt read one
+    token later; then the identity prompt's own continuation with layer 8's state patched in."""
+    source, target = "I grew up in Poland", " Poland"
+    identity = "cat -> cat; 1135 -> 1135; hello -> hello; ? ->"
+    scopes = {"next token (default)": mp.Patchscope(), "token identity": mp.Patchscope(identity)}
+    layers = list(range(0, 30, 4))
+    out: dict[str, Any] = {"source": source, "target": target, "layers": layers}
+    began = time.perf_counter()
+    for name, scope in scopes.items():
+        res = mp.logit_lens(
+            model, source, targets=[target], lens=scope, layers=layers, progress=False
+        )
+        out[name] = {
+            "prompt": scope.prompt,
+            "target_rank": res.target_rank[0, :, 0].tolist(),
+            "top1": [res.token_text[int(i)] for i in res.top_ids[0, :, -1, 0]],
+        }
+        print(name, out[name], flush=True)
+    out["wall_s"] = round(time.perf_counter() - began, 1)
+    # Patchscopes read the target's generation too: the state patched at the placeholder, the
+    # model writes on (the same edit as the lens's, at generation's first pass).
+    layer = 8
+    state = mp.run(model, [source], capture=[mp.Site("resid_post", layer)], progress=False)
+    vector = state[mp.Site("resid_post", layer)][0, -1]
+    _, placeholder = scopes["token identity"].tokens(model)  # (ids, its position)
+    edit = {mp.Site("resid_post", layer): mp.Replace(vector, positions=placeholder)}
+    plain = mp.generate(model, [identity], max_new_tokens=6, progress=False)
+    patched = mp.generate(model, [identity], edit, max_new_tokens=6, progress=False)
+    out["generation"] = {
+        "layer": layer,
+        "placeholder_position": placeholder,
+        "intact": plain.completions[0],
+        "patched": patched.completions[0],
+    }
+    print(out["generation"], flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lens", help="a saved tuned lens (.safetensors) to reuse")
@@ -77,7 +122,7 @@ def main() -> None:
     parser.add_argument("--heldout-tokens", type=int, default=256, help="held-out tokens scored")
     parser.add_argument("--items", type=int, default=40, help="items per relational task")
     parser.add_argument(
-        "--part", choices=("train", "heldout", "tasks"), action="append",
+        "--part", choices=("train", "heldout", "tasks", "identity"), action="append",
         help="run one part (repeatable; default all); the JSON keeps the other parts' numbers",
     )  # fmt: skip
     parser.add_argument(
@@ -89,10 +134,10 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "docs" / "figures"), help="output folder")
     args = parser.parse_args()
-    parts = args.part or ["train", "heldout", "tasks"]
+    parts = args.part or ["train", "heldout", "tasks", "identity"]
     if args.lens and "train" in parts and args.part:
         parser.error("--part train trains a lens: drop --lens, or drop --part train")
-    if not args.lens and "train" not in parts:
+    if not args.lens and "train" not in parts and {"heldout", "tasks"} & set(parts):
         parser.error("--part heldout/tasks without train needs --lens FILE (a saved lens)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,6 +149,11 @@ def main() -> None:
     def write() -> None:
         path.write_text(json.dumps(record, indent=1) + "\n")
 
+    if "identity" in parts:
+        record["patchscope_identity"] = _identity(model)
+        write()
+    if not {"train", "heldout", "tasks"} & set(parts):
+        return
     if args.lens:
         tuned = mp.TunedLens.load(args.lens)
     else:

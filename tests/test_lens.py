@@ -522,6 +522,11 @@ def test_summary_reads_the_last_decoded_position_and_names_shared_targets_only(t
     frame = mixed.summary()
     assert "rank target 0" in frame.columns and "rank ' a'" not in frame.columns
     np.testing.assert_allclose(frame["rank target 0"], mixed.target_rank[:, :, 0].mean(0))
+    # One prompt: its ranks are counts (review 37a: "248.0"), a missing one <NA>, not NaN.
+    one = mp.logit_lens(tiny, "Hello there", targets=" a", progress=False)
+    column = one.summary()["rank ' a'"]
+    assert str(column.dtype) == "Int64"
+    assert column.tolist() == one.target_rank[0, :, 0].tolist()
 
 
 @pytest.mark.parametrize("bad", [True, [0, False], 1.0, []])

@@ -104,8 +104,13 @@ def test_tuned_lens_matches_a_hand_computation_from_the_cache(tiny):
 
 def test_bad_lenses_raise_before_any_forward_pass(tiny):
     before = hook_count(tiny)
-    with pytest.raises(ValueError, match="lens must be 'logit', a TunedLens"):
+    with pytest.raises(ValueError, match="lens must be 'logit', 'patchscope', a TunedLens"):
         mp.logit_lens(tiny, "Hi", lens="tuned")  # type: ignore[arg-type]
+    # "patchscope" is the default Patchscope, as the CLI's --lens patchscope (review 37a)
+    named = mp.logit_lens(tiny, "Hi", lens="patchscope", progress=False)
+    built = mp.logit_lens(tiny, "Hi", lens=mp.Patchscope(), progress=False)
+    np.testing.assert_array_equal(named.kl_to_final, built.kl_to_final)
+    assert named.lens == built.lens
     with pytest.raises(ValueError, match="not attn_out"):
         mp.logit_lens(tiny, "Hi", sites="attn_out", lens=mp.TunedLens.identity(tiny))
     only_post = mp.TunedLens.identity(tiny, ["resid_post"])
@@ -291,6 +296,7 @@ def test_training_is_deterministic_for_a_seed_and_lowers_the_loss(tiny):
         assert torch.equal(a.biases[kind], b.biases[kind])
     assert not torch.equal(a.weights["resid_mid"], c.weights["resid_mid"])
     assert a.info["steps"] == 4 and a.info["tokens"] == 256 and a.info["seed"] == 5
+    assert a.info["documents"] == 3  # TEXT's three: one window from each before any second
     # Trained on the same text, the lens reads it closer to the model's output than the logit lens.
     cmp = mp.compare_lenses(
         tiny, {"logit": "logit", "tuned": a}, TEXT, sites="resid_mid", n_tokens=128, seq_len=32
@@ -520,6 +526,11 @@ def test_compare_lenses_against_a_hand_computation(tiny, tmp_path):
             assert cmp.kl[i, e] == pytest.approx(float(kl.mean()), rel=1e-4, abs=1e-6)
             hits = (q.argmax(-1) == p.argmax(-1)).double().mean()
             assert cmp.precision[i, e] == pytest.approx(float(hits))
+            # Standard errors over the two windows (their positions are not independent):
+            # the SD of the windows' means over sqrt(2), |a - b| / 2.
+            kl_w = kl.double().reshape(2, 15).mean(1)
+            want = float(abs(kl_w[0] - kl_w[1]) / 2)
+            assert cmp.kl_sem[i, e] == pytest.approx(want, rel=1e-3, abs=1e-6)
     assert cmp.precision[:, -1] == pytest.approx(1.0)  # the last layer is the model's output
     frame = cmp.to_frame()
     assert len(frame) == 3 * len(cmp.sites) and set(frame["lens"]) == set(cmp.lenses)
@@ -529,19 +540,49 @@ def test_compare_lenses_against_a_hand_computation(tiny, tmp_path):
         np.testing.assert_array_equal(back.kl, cmp.kl)
         assert back.lenses == cmp.lenses and back.descriptions == cmp.descriptions
     fig = cmp.plot()
-    # a band of one standard error per lens: KL's over positions, precision@1's binomial
+    # a band of one standard error over windows per lens
     kl_band, p_band = fig.axes[0].collections[0], fig.axes[1].collections[0]
     cols = [i for i, s in enumerate(cmp.sites) if s == cmp.sites[0]]
     top = kl_band.get_paths()[0].vertices[:, 1].max()
     assert top == pytest.approx(float((cmp.kl[0, cols] + cmp.kl_sem[0, cols]).max()))
     p = cmp.precision[0, cols]
-    se = np.sqrt(p * (1 - p) / cmp.n_positions)
+    se = cmp.precision_sem[0, cols]
     assert p_band.get_paths()[0].vertices[:, 1].min() == pytest.approx(float((p - se).min()))
     one = mp.compare_lenses(
         tiny, ["logit"], ["Hello there friend"], positions=[-1], n_tokens=4, seq_len=4
     )
     lone = one.plot()  # a standard error over one position is undefined: no band (it drew 0)
     assert not lone.axes[0].collections and "bands" not in lone.get_suptitle()
+
+
+def test_windows_come_from_as_many_documents_as_they_can(tiny) -> None:
+    """Review 37a: each document was cut to its end before the next was read, so 1,024 held-out
+    tokens were one speech and 2,048 training tokens two. One window per document in turn now,
+    each document's windows in a seeded order of its own; the count is recorded."""
+    from mechprobe.lens._text import sample_windows
+
+    docs = [f"document {k}: " + " ".join(f"w{k}x{i}" for i in range(60)) for k in range(5)]
+
+    def sources(windows):
+        # which document each window's text comes from (its words name it)
+        texts = [tiny.tokenizer.decode(row[1:]) for row in windows.tolist()]
+        return [next(k for k in range(5) if f"w{k}x" in t) for t in texts]
+
+    five, n = sample_windows(tiny, docs, 32, 5, seed=3)
+    assert n == 5 and sorted(sources(five)) == [0, 1, 2, 3, 4]
+    seven, n = sample_windows(tiny, docs, 32, 7, seed=3)
+    assert n == 5 and sorted(np.bincount(sources(seven), minlength=5).tolist()) == [1, 1, 1, 2, 2]
+    again, _ = sample_windows(tiny, docs, 32, 7, seed=3)
+    assert torch.equal(again, seven) and not torch.equal(
+        sample_windows(tiny, docs, 32, 7, 4)[0], seven
+    )
+    # A document's window is not always its opening one.
+    firsts = {tuple(sample_windows(tiny, docs[:1], 32, 1, seed=s)[0][0].tolist()) for s in range(6)}
+    assert len(firsts) > 1
+    held, n_held = sample_windows(tiny, "heldout", 64, 8, seed=0)
+    assert n_held == 8 and held.shape == (8, 64)
+    cmp = mp.compare_lenses(tiny, ["logit"], docs, n_tokens=7 * 32, seq_len=32, progress=False)
+    assert (cmp.n_windows, cmp.n_documents) == (7, 5) and "5 documents" in repr(cmp)
 
 
 class _Constant(mp.Lens):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
+from einops import reduce
 
 from mechprobe.core import (
     Batch,
@@ -39,10 +40,11 @@ from mechprobe.core import (
     progress_bar,
     run,
     site_columns,
+    spread,
 )
 from mechprobe.lens._lens import LensSpec, as_lens
 from mechprobe.lens._plan import lens_entries
-from mechprobe.lens._text import TextSource, token_windows
+from mechprobe.lens._text import TextSource, sample_windows
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -61,12 +63,22 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
         sites: ``[E]`` site kind of each entry.
         layers: ``[E]`` layer of each entry.
         kl: ``[lens, E]`` mean KL(final || lens) in nats.
-        kl_sem: ``[lens, E]`` its standard error over positions.
+        kl_sem: ``[lens, E]`` its standard error over windows: the sample SD of the windows'
+            own means over the square root of their number (positions of one window, one
+            document, are not independent; NaN over one window). Files saved before the
+            thirty-first session hold the standard error over positions.
         precision: ``[lens, E]`` precision@1 against the model's own top-1 token.
         n_positions: Positions scored (the same for every lens and entry).
         text: What was read (``"heldout"``, a file, or the number of strings given).
         model_name: The model's name.
         seed: The seed the call took (None in files saved before results recorded it).
+        precision_sem: ``[lens, E]`` precision@1's standard error over windows, as
+            ``kl_sem`` (None in files saved before it was recorded: the plot then draws the
+            binomial one over positions).
+        n_windows: Windows read (0 in files saved before it was recorded).
+        n_documents: Documents the windows came from: one window per document in turn
+            (0 in files saved before it was recorded; before the thirty-first session a
+            1,024-token sample of the held-out addresses came from one of them).
 
     Example:
         >>> import mechprobe as mp
@@ -88,6 +100,9 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
     text: str
     model_name: str = ""
     seed: int | None = None
+    precision_sem: np.ndarray | None = None
+    n_windows: int = 0
+    n_documents: int = 0
 
     def to_frame(self) -> pd.DataFrame:
         """One row per (lens, site): kl_to_final (mean ``KL(final || lens)`` in nats, as
@@ -137,8 +152,8 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
 
             fig = Figure(figsize=(10, 3.6), layout="constrained")
             axes = list(fig.subplots(1, 2))
-        # Bands of one standard error (over positions; binomial for precision@1): with a few
-        # positions the curves cross by noise alone.
+        # Bands of one standard error over windows: with a few windows the curves cross by
+        # noise alone.
         n = self.n_positions
         bands = n > 1  # over one position a standard error is undefined (it drew as 0)
         for i, name in enumerate(self.lenses):
@@ -152,7 +167,11 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
                     layers, p, "o-", markersize=3, label=literal(name), color=line.get_color()
                 )
                 if bands:
-                    se = np.sqrt(p * (1 - p) / n)
+                    se = (
+                        np.sqrt(p * (1 - p) / n)  # a file saved before it was recorded
+                        if self.precision_sem is None
+                        else self.precision_sem[i, cols]
+                    )
                     axes[1].fill_between(layers, p - se, p + se, color=line.get_color(), alpha=0.2)
         axes[0].set_yscale("symlog", linthresh=0.1)
         axes[0].set_ylabel("KL(final || lens), nats")
@@ -165,6 +184,8 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
             axes[1].set_xlabel(f"layer ({kind})")
             axes[1].grid(alpha=0.3)
         title = f"{self.model_name or 'model'}: {self.n_positions} positions of {self.text}"
+        if self.n_documents:
+            title += f" ({self.n_windows} windows from {self.n_documents} documents)"
         title = literal(title + (" (bands: one standard error)" if bands else ""))
         if len(axes) > 1:
             fig.suptitle(title, fontsize=9)
@@ -173,9 +194,10 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
         return fig
 
     def _describe(self) -> str:
+        where = f" ({self.n_documents} documents)" if self.n_documents else ""
         return (
             f"{', '.join(self.lenses)} x {len(self.sites)} entries, {self.n_positions} positions "
-            f"of {self.text}"
+            f"of {self.text}{where}"
         )
 
 
@@ -269,15 +291,15 @@ def compare_lenses(
         obj.check(model, entries)
     cols = _positions(positions, seq_len)
     n_windows = max(1, n_tokens // seq_len)
-    windows = token_windows(model, text, seq_len=seq_len, n_windows=n_windows, seed=seed)
+    windows, n_documents = sample_windows(model, text, seq_len, n_windows, seed)
     n_layers = int(model.cfg.n_layers)
     final_site = ("resid_post", n_layers - 1)
     run_sites = [*entries, *([final_site] if final_site not in entries else [])]
     readout = Readout(model, 256)
-    kl_sum = np.zeros((len(objs), len(entries)))
-    kl_sq = np.zeros((len(objs), len(entries)))
-    hits = np.zeros((len(objs), len(entries)))
-    count = 0
+    # Per window, each lens's mean KL and hit rate per entry: [windows, lens, E]
+    kl_win = np.zeros((n_windows, len(objs), len(entries)))
+    hit_win = np.zeros((n_windows, len(objs), len(entries)))
+    done = 0
     size = max(1, n_windows) if batch_size is None else batch_size  # None: all in one pass
     chunks = [windows[s : s + size] for s in range(0, n_windows, size)]
     with torch.no_grad():
@@ -303,28 +325,32 @@ def compare_lenses(
                     f"{kind} layer {layer} through {obj.describe()}" for kind, layer in entries
                 ]
                 stats = readout.grid(translated, final, top[:, None], 1, where)
-                kl = stats["kl"].double().cpu().numpy()  # [n, E]
-                kl_sum[i] += kl.sum(0)
-                kl_sq[i] += (kl**2).sum(0)
+                kl = stats["kl"].double().cpu().numpy()  # [rows * cols, E], window-major
                 # The lens's top-1 is the model's: rank 0 would also count a tie (a lens
                 # whose logits are all equal scored precision 1).
                 same = stats["top_ids"][:, :, 0] == top.to(stats["top_ids"].device)[:, None]
-                hits[i] += same.double().sum(0).cpu().numpy()
-            count += final.shape[0]
-    mean = kl_sum / count
-    var = np.maximum(kl_sq / count - mean**2, 0.0)
+                per = "(w c) e -> w e"
+                kl_win[done : done + len(rows), i] = reduce(kl, per, "mean", w=len(rows))
+                hit_win[done : done + len(rows), i] = reduce(
+                    same.double().cpu().numpy(), per, "mean", w=len(rows)
+                )
+            done += len(rows)
+    count = n_windows * len(cols)
     return LensComparison(
         lenses=tuple(names),
         descriptions=tuple(o.describe() for o in objs),
         sites=tuple(kind for kind, _ in entries),
         layers=tuple(layer for _, layer in entries),
-        kl=mean,
-        kl_sem=np.sqrt(var / max(count - 1, 1)),
-        precision=hits / count,
+        kl=kl_win.mean(0),  # every window has the same positions: the mean over positions
+        kl_sem=spread(kl_win) / np.sqrt(n_windows),
+        precision=hit_win.mean(0),
         n_positions=count,
         text=str(text) if isinstance(text, (str, os.PathLike)) else f"{len(text)} text(s)",
         model_name=str(getattr(model.cfg, "model_name", "")),
         seed=seed,
+        precision_sem=spread(hit_win) / np.sqrt(n_windows),
+        n_windows=n_windows,
+        n_documents=n_documents,
     )
 
 

@@ -106,24 +106,31 @@ class LogitLens(Lens):
 
 
 #: What every ``lens=`` argument accepts.
-LensSpec = Literal["logit"] | Lens
+LensSpec = Literal["logit", "patchscope"] | Lens
 
 
 def as_lens(lens: LensSpec) -> Lens:
-    """The :class:`Lens` object for a ``lens=`` argument (``"logit"``, a TunedLens or a Patchscope).
+    """The :class:`Lens` object for a ``lens=`` argument (``"logit"``, ``"patchscope"``: the
+    default :class:`~mechprobe.lens.Patchscope`, as the CLI's ``--lens patchscope``; a
+    TunedLens or a Patchscope).
 
     Raises:
-        ValueError: ``lens`` is neither ``"logit"`` nor a :class:`Lens`.
+        ValueError: ``lens`` is none of these.
 
     Example:
-        >>> as_lens("logit").describe()
-        'logit'
+        >>> as_lens("logit").describe(), as_lens("patchscope").describe().split(" ")[0]
+        ('logit', 'patchscope')
     """
     if isinstance(lens, Lens):
         return lens
     if isinstance(lens, str) and lens == "logit":
         return LogitLens()
+    if isinstance(lens, str) and lens == "patchscope":
+        # The Patchscope module builds on this one: imported here, not at the top.
+        from mechprobe.lens._patchscope import Patchscope
+
+        return Patchscope()
     raise ValueError(
-        f"lens must be 'logit', a TunedLens (mp.train_tuned_lens or mp.TunedLens.load) or a "
-        f"Patchscope, got {lens!r}."
+        f"lens must be 'logit', 'patchscope', a TunedLens (mp.train_tuned_lens or "
+        f"mp.TunedLens.load) or a Patchscope, got {lens!r}."
     )

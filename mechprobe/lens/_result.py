@@ -299,7 +299,12 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
             ranks = self.position_rank[rows, :, last, t].astype(float)
             ranks[ranks < 0] = np.nan
             label = repr(self.targets[0][t]) if shared else f"target {t}"
-            frame[f"rank {label}"] = np.nanmean(ranks, axis=0)
+            if len(rows) == 1:  # one prompt's rank is a count, not a mean (it printed "248.0")
+                frame[f"rank {label}"] = pd.array(
+                    [None if np.isnan(r) else int(r) for r in ranks[0]], dtype="Int64"
+                )
+            else:
+                frame[f"rank {label}"] = np.nanmean(ranks, axis=0)
         return float64_columns(frame)
 
     def _describe(self) -> str:

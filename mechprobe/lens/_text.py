@@ -13,6 +13,7 @@ Any other text works: a list of strings, one ``.txt`` file, or a folder of ``.tx
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,7 +26,14 @@ from torch import Tensor
 
 from mechprobe.core import control_seed, model_adapter
 
-__all__ = ["HELD_OUT_EVERY", "TextSource", "english_text", "read_texts", "token_windows"]
+__all__ = [
+    "HELD_OUT_EVERY",
+    "TextSource",
+    "english_text",
+    "read_texts",
+    "sample_windows",
+    "token_windows",
+]
 
 #: Every n-th document of the default corpus (chronological order) is held out.
 HELD_OUT_EVERY = 10
@@ -112,37 +120,46 @@ def read_texts(source: TextSource) -> list[str]:
     return docs
 
 
-def _windows(model: Any, docs: list[str], seq_len: int, seed: int) -> Iterator[list[int]]:
-    """Windows of ``seq_len`` tokens (BOS first where the model prepends one) from the documents
-    in a seeded order; each document is cut into consecutive windows (a short tail is dropped)."""
+def _windows(
+    model: Any, docs: list[str], seq_len: int, seed: int
+) -> Iterator[tuple[int, list[int]]]:
+    """``(document, window)``: windows of ``seq_len`` tokens (BOS first where the model prepends
+    one), one per document per round. Each document is cut into consecutive windows (a short tail
+    is dropped) taken in a seeded order of its own; round ``r`` takes the ``r``-th of each
+    document's, the documents in a seeded order. So ``n`` windows come from ``n`` documents where
+    the text has that many (cutting each document to its end first gave a 1,024-token sample of
+    the held-out addresses from one speech: review 37a), and a document is tokenised only when
+    a round first reaches it."""
     bos = model_adapter(model).prepended_bos
     body = seq_len - (bos is not None)
-    order = np.random.default_rng(seed).permutation(len(docs))
-    for i in order:
-        ids = model.tokenizer(docs[int(i)], add_special_tokens=False)["input_ids"]
-        for s in range(0, len(ids) - body + 1, body):
-            chunk = ids[s : s + body]
-            yield ([bos] if bos is not None else []) + chunk
+    order = [int(i) for i in np.random.default_rng(seed).permutation(len(docs))]
+    cut: dict[int, list[list[int]]] = {}
+    for r in itertools.count():
+        taken = False
+        for i in order:
+            if i not in cut:
+                ids = model.tokenizer(docs[i], add_special_tokens=False)["input_ids"]
+                chunks = [ids[s : s + body] for s in range(0, len(ids) - body + 1, body)]
+                # The document's own order, keyed by seed and document (not by visiting order).
+                perm = np.random.default_rng([seed, i]).permutation(len(chunks))
+                cut[i] = [chunks[int(k)] for k in perm]
+            if r < len(cut[i]):
+                taken = True
+                yield i, ([bos] if bos is not None else []) + cut[i][r]
+        if not taken:
+            return
 
 
-def token_windows(
-    model: Any, text: TextSource, *, seq_len: int, n_windows: int, seed: int = 0
-) -> Int[Tensor, "window seq"]:
-    """``n_windows`` token windows of ``seq_len`` tokens from ``text``, in a seeded order.
-
-    Documents are shuffled with ``seed`` and tokenised one at a time until enough windows are cut,
-    so a small request reads only a few documents; the windows are then shuffled with the same
-    seed, so neighbouring windows rarely come from one document.
-
-    Raises:
-        ValueError: ``seq_len`` longer than the model's context, or the text holds fewer than
-            ``n_windows`` windows of ``seq_len`` tokens.
+def sample_windows(
+    model: Any, text: TextSource, seq_len: int, n_windows: int, seed: int
+) -> tuple[Int[Tensor, "window seq"], int]:
+    """:func:`token_windows` and the number of documents its windows come from.
 
     Example:
         >>> import mechprobe as mp
-        >>> w = token_windows(mp.tiny_model(), ["a b c d e f g h i j"] * 3, seq_len=8, n_windows=4)
-        >>> tuple(w.shape)
-        (4, 8)
+        >>> w, docs = sample_windows(mp.tiny_model(), ["a b c d e f g"] * 3, 8, 2, seed=0)
+        >>> tuple(w.shape), docs
+        ((2, 8), 2)
     """
     n_ctx = model_adapter(model).n_ctx
     if n_ctx is not None and seq_len > int(n_ctx):
@@ -154,8 +171,10 @@ def token_windows(
         )
     docs = read_texts(text)
     got: list[list[int]] = []
-    for window in _windows(model, docs, seq_len, seed):
+    sources: set[int] = set()
+    for doc, window in _windows(model, docs, seq_len, seed):
         got.append(window)
+        sources.add(doc)
         if len(got) == n_windows:
             break
     if len(got) < n_windows:
@@ -171,7 +190,30 @@ def token_windows(
             "ones), fewer tokens or a shorter seq_len."
         )
     perm = np.random.default_rng(control_seed(seed, 1)).permutation(n_windows)
-    return torch.tensor([got[int(i)] for i in perm], dtype=torch.long)
+    return torch.tensor([got[int(i)] for i in perm], dtype=torch.long), len(sources)
+
+
+def token_windows(
+    model: Any, text: TextSource, *, seq_len: int, n_windows: int, seed: int = 0
+) -> Int[Tensor, "window seq"]:
+    """``n_windows`` token windows of ``seq_len`` tokens from ``text``, in a seeded order.
+
+    One window per document in turn: each document's windows (consecutive cuts, a short tail
+    dropped) in a seeded order of its own, the documents in a seeded order, the ``r``-th window
+    of each before any ``r + 1``-th; so a request of ``n`` windows reads ``n`` documents where
+    the text has that many. The windows are then shuffled with the same seed.
+
+    Raises:
+        ValueError: ``seq_len`` longer than the model's context, or the text holds fewer than
+            ``n_windows`` windows of ``seq_len`` tokens.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> w = token_windows(mp.tiny_model(), ["a b c d e f g h i j"] * 3, seq_len=8, n_windows=4)
+        >>> tuple(w.shape)
+        (4, 8)
+    """
+    return sample_windows(model, text, seq_len, n_windows, seed)[0]
 
 
 def _is_path(source: str | os.PathLike[str]) -> bool:

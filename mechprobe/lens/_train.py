@@ -61,7 +61,7 @@ from mechprobe.core import (
     write_tensors,
 )
 from mechprobe.lens._lens import RESIDUAL_KINDS
-from mechprobe.lens._text import TextSource, token_windows
+from mechprobe.lens._text import TextSource, sample_windows
 from mechprobe.lens._tuned import TunedLens, translator_sites, unembedding_digest
 
 __all__ = ["train_tuned_lens"]
@@ -407,7 +407,7 @@ def train_tuned_lens(
         )
     per_step = tokens_per_step // seq_len
     steps = max(1, n_tokens // tokens_per_step)
-    windows = token_windows(model, text, seq_len=seq_len, n_windows=steps * per_step, seed=seed)
+    windows, n_documents = sample_windows(model, text, seq_len, steps * per_step, seed)
     if warmup_steps is not None and warmup_steps >= steps:
         warn(
             f"warmup_steps={warmup_steps} is not below the {steps} steps: the whole run trains "
@@ -555,6 +555,7 @@ def train_tuned_lens(
         steps=steps,
         tokens=steps * tokens_per_step,
         trained_tokens=steps * per_step * (seq_len - 1),
+        documents=n_documents,  # the windows', one window per document in turn
         wall_s=round(time.perf_counter() - began, 2),
         resumed_at=start,
         loss_per_step=log,
