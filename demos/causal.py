@@ -27,7 +27,9 @@ and writes ``docs/causal_results.json`` and ``docs/figures/causal_*.png``:
   al.'s default, ``freeze_mlps=False``): what the MLPs between make of each head's change.
 
 ``--part attribution|trace|fv|fv-layers|generate|dla|das|das-capitals|path|path-mlps|heads`` runs one part (the JSON keeps the other parts' last numbers);
-``--pairs``, ``--items``, ``--prompts`` make them larger.
+``--pairs``, ``--items``, ``--prompts`` make them larger; ``--fv-tasks`` and ``--fv-layer-step``
+size fv-layers (written after each task). Parts may run in separate processes side by side: each
+write re-reads the JSON and replaces its own key only.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import argparse
 import json
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -352,16 +355,19 @@ def function_vectors(model: Any, n_prompts: int) -> dict[str, Any]:
     return out
 
 
-def function_vector_layers(model: Any, n_prompts: int) -> dict[str, Any]:
-    """Todd et al.'s layer sweep: each task's FV (fitted as in ``fv``) added after every other
-    layer to zero-shot and shuffled-label few-shot prompts of its held-out items, beside one
-    random vector of its norm (``mp.function_vector_sweep``)."""
-    out = {}
-    for name in ("capitals", "capitals_extractive", "past_tense", "uppercase"):
+def function_vector_layers(
+    model: Any, n_prompts: int, tasks: list[str], step: int, done: Callable[[dict], None]
+) -> dict[str, Any]:
+    """Todd et al.'s layer sweep: each task's FV (fitted as in ``fv``) added after every
+    ``step``-th layer to zero-shot and shuffled-label few-shot prompts of its held-out items,
+    beside one random vector of its norm (``mp.function_vector_sweep``); ``done`` gets the
+    record after each task (a task takes 15-30 minutes on two cores)."""
+    out: dict[str, Any] = {}
+    for name in tasks:
         res = mp.function_vector(model, name, n_prompts=n_prompts, n_random=1, progress=False)
         start = time.perf_counter()
         sweep = mp.function_vector_sweep(
-            model, name, res, layers=range(0, 30, 2), n_random=1, progress=False
+            model, name, res, layers=range(0, 30, step), n_random=1, progress=False
         )
         seconds = time.perf_counter() - start
         out[name] = {
@@ -378,6 +384,7 @@ def function_vector_layers(model: Any, n_prompts: int) -> dict[str, Any]:
         print(name, out[name]["best_layer"], out[name]["baseline"], flush=True)
         if name == "capitals_extractive":
             sweep.plot().savefig(FIGURES / "causal_fv_layers.png", dpi=110, bbox_inches="tight")
+        done(out)
     return out
 
 
@@ -708,44 +715,48 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3, help="prompt pairs (attribution)")
     parser.add_argument("--items", type=int, default=3, help="capitals items (trace)")
     parser.add_argument("--prompts", type=int, default=8, help="fit prompts per task (fv)")
+    parser.add_argument(
+        "--fv-tasks", default="capitals,capitals_extractive,past_tense,uppercase",
+        help="tasks of fv-layers (comma-separated)",
+    )  # fmt: skip
+    parser.add_argument("--fv-layer-step", type=int, default=2, help="every n-th layer (fv-layers)")
     args = parser.parse_args()
     parts = args.part or list(PARTS)
     FIGURES.mkdir(parents=True, exist_ok=True)
-    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+
+    def record(key: str, value: Any) -> None:
+        # Re-read before each write: parts run in another process beside this one keep theirs.
+        now = json.loads(OUT.read_text()) if OUT.exists() else {}
+        now[key] = value
+        OUT.write_text(json.dumps(now, indent=1) + "\n")
+
     model = mp.load_model()
     if "fv" in parts:
-        results["function_vectors"] = function_vectors(model, args.prompts)
-        OUT.write_text(json.dumps(results, indent=1) + "\n")
+        record("function_vectors", function_vectors(model, args.prompts))
     if "fv-layers" in parts:
-        results["function_vector_layers"] = function_vector_layers(model, args.prompts)
-        OUT.write_text(json.dumps(results, indent=1) + "\n")
+        tasks = [t for t in args.fv_tasks.split(",") if t]
+        function_vector_layers(
+            model, args.prompts, tasks, args.fv_layer_step,
+            lambda partial: record("function_vector_layers", partial),  # after each task
+        )  # fmt: skip
     if "generate" in parts:
-        results["generate"] = generations(model, args.prompts)
-        OUT.write_text(json.dumps(results, indent=1) + "\n")
+        record("generate", generations(model, args.prompts))
     if "trace" in parts:
-        results["trace"] = trace(model, args.items)
-        OUT.write_text(json.dumps(results, indent=1) + "\n")
+        record("trace", trace(model, args.items))
     if "attribution" in parts:
-        results["attribution"] = attribution(model, args.pairs)
-        OUT.write_text(json.dumps(results, indent=1) + "\n")
+        record("attribution", attribution(model, args.pairs))
     if "dla" in parts:
-        results["direct_attribution"] = direct_attribution(model)
-        OUT.write_text(json.dumps(results, indent=1) + "\n")
+        record("direct_attribution", direct_attribution(model))
     if "das" in parts:
-        results["das"] = alignment_search(model, 200, (2, 6, 10, 14, 18, 22, 26))
-        OUT.write_text(json.dumps(results, indent=1) + "\n")
+        record("das", alignment_search(model, 200, (2, 6, 10, 14, 18, 22, 26)))
     if "das-capitals" in parts:
-        results["das_capitals"] = alignment_search_capitals(model, 160)
-        OUT.write_text(json.dumps(results, indent=1) + "\n")
+        record("das_capitals", alignment_search_capitals(model, 160))
     if "path" in parts:
-        results["path_attribution"] = path_attribution(model, args.pairs)
-        OUT.write_text(json.dumps(results, indent=1) + "\n")
+        record("path_attribution", path_attribution(model, args.pairs))
     if "path-mlps" in parts:
-        results["path_mlps"] = path_mlps(model, args.pairs)
-        OUT.write_text(json.dumps(results, indent=1) + "\n")
+        record("path_mlps", path_mlps(model, args.pairs))
     if "heads" in parts:
-        results["head_scores"] = head_kinds(model)
-        OUT.write_text(json.dumps(results, indent=1) + "\n")
+        record("head_scores", head_kinds(model))
     print(f"wrote {OUT}")
 
 
