@@ -817,6 +817,13 @@ def test_a_patchscope_that_cannot_see_its_patch_warns(tiny) -> None:
         warnings.simplefilter("error")
         mp.logit_lens(tiny, ["Hello there"], lens=mp.Patchscope(), progress=False)
         mp.logit_lens(tiny, ["Hi"], lens=mp.Patchscope("x -> x; ? ->", "?"), layers=[0, 1])
+    # Written at the last layer where it is read (review 37a): the logit lens, exactly.
+    at_last = mp.Patchscope(target_layer=-1)
+    with pytest.warns(UserWarning, match=r"decodes them exactly as the logit lens does"):
+        same = mp.logit_lens(tiny, ["Hello there"], lens=at_last, progress=False)
+    plain = mp.logit_lens(tiny, ["Hello there"], progress=False)
+    np.testing.assert_allclose(same.kl_to_final, plain.kl_to_final, atol=1e-5)
+    np.testing.assert_array_equal(same.top_ids, plain.top_ids)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

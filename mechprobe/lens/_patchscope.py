@@ -176,6 +176,20 @@ class Patchscope(Lens):
                 "earlier target_layer, or a prompt that ends with the placeholder.",
                 UserWarning,
             )
+        if (
+            self.target_layer is not None
+            and self.target_layer % (last + 1) == last
+            and place == len(ids) - 1
+            and any(kind == "resid_post" for kind, _ in entries)
+        ):
+            # Written where it is read, after every block: nothing of the target prompt acts on
+            # it (review 37a), so the "Patchscope" is the logit lens under another name.
+            warn(
+                f"This Patchscope writes resid_post vectors at the last layer ({last}) at the "
+                "token it reads: no block runs after them, so it decodes them exactly as the "
+                "logit lens does. Pass an earlier target_layer.",
+                UserWarning,
+            )
 
     @evaluates
     def translate(
