@@ -262,6 +262,10 @@ def test_random_vectors_are_the_seeds_draws_and_absent_without_n_random(model, t
     none = mp.function_vector(model, task, n_heads=3, n_prompts=4, n_random=0, progress=False)
     norms = dict(zip(none.conditions, none.norms, strict=True))
     assert np.isnan(norms["random vector"]) and not np.isnan(norms["function vector"])
+    shown = none.summary().set_index("condition")  # no random vector: no prediction either
+    assert np.isnan(shown.loc["random vector", "top_share"])
+    assert shown.loc["random vector", "top_prediction"] == ""
+    assert 0 < shown.loc["function vector", "top_share"] <= 1
 
 
 def test_answers_sharing_a_first_token_are_warned_of(model, task):

@@ -490,8 +490,9 @@ def _summed(
 
 
 def _commonest(tokens: Sequence[str]) -> tuple[str, float]:
-    """The commonest of ``tokens`` and its share (``("", nan)`` for none)."""
-    if not tokens:
+    """The commonest of ``tokens`` and its share (``("", nan)`` for none, or for a condition
+    that was not run, whose tokens are all ``""``)."""
+    if not any(tokens):
         return "", float("nan")
     token, count = Counter(tokens).most_common(1)[0]
     return token, count / len(tokens)
