@@ -162,7 +162,7 @@ def main() -> None:
         record["train_wall_s"] = round(time.perf_counter() - began, 1)
         if args.save:
             tuned.save(args.save)
-        record["tuned_lens"] = {k: v for k, v in tuned.info.items() if k != "last_step_kl"}
+        record["tuned_lens"] = dict(tuned.info)  # last_step_kl too: the per-layer training KL
         write()
     scope = mp.Patchscope()
     lenses: dict[str, Any] = {"logit": "logit", "tuned": tuned, "patchscope": scope}
