@@ -698,6 +698,7 @@ def function_vector(
     tokenizer = model_adapter(model).tokenizer
     hits: dict[str, list[np.ndarray]] = {}
     tops: dict[str, list[str]] = {}
+    sizes: dict[str, list[float]] = {}
     for name, prompts, added in progress_bar(
         passes, progress=progress, desc="function vector: accuracies"
     ):
@@ -705,17 +706,16 @@ def function_vector(
         hit = top1_hit(logits, torch.as_tensor(held_answers)).cpu().numpy().astype(float)
         hits.setdefault(name, []).append(hit)
         tops.setdefault(name, token_texts(tokenizer, logits.argmax(-1).tolist()))  # first seed's
+        if added is not None:
+            sizes.setdefault(name, []).append(float(added.norm()))
     conditions = _CONDITIONS + (_HEADS_CONDITIONS if n_random_heads else ())
     rows = {
         name: np.mean(hits[name], axis=0) if name in hits else np.full(len(held), np.nan)
         for name in conditions
     }
     _warn_one_token(task.name, tops["function vector"], rows["function vector"])
-    fv_norm = float(vector.norm())
-    random_norm = fv_norm if randoms else np.nan  # no random vector was added
-    norms = [np.nan, np.nan, fv_norm, random_norm, float(o.norm()), fv_norm]
-    if n_random_heads:  # the draws' mean norm as they are; the FV's once rescaled
-        norms += [float(np.mean([float(h.norm()) for h in head_vectors])), fv_norm]
+    # Each condition's norm is that of the vectors it added (their mean; NaN for none).
+    norms = [np.mean(sizes[name]) if name in sizes else np.nan for name in conditions]
     return FunctionVectorResult(
         task=task.name,
         aie=aie,
