@@ -60,15 +60,17 @@ def _stage_row(traj: mp.Trajectory) -> dict[str, Any]:
 
 
 def _table(cmp: mp.LensComparison) -> dict[str, Any]:
+    # the standard errors are over windows (one per document in turn), as LensComparison's
+    sem = cmp.precision_sem if cmp.precision_sem is not None else np.full_like(cmp.kl, np.nan)
+    columns = {"kl": cmp.kl, "kl_sem": cmp.kl_sem, "precision": cmp.precision, "precision_sem": sem}
     return {
         "n_positions": cmp.n_positions,
+        "n_windows": cmp.n_windows,
+        "n_documents": cmp.n_documents,
         "layers": list(cmp.layers),
         **{
-            f"kl_{name}": [round(float(v), 4) for v in cmp.kl[i]]
-            for i, name in enumerate(cmp.lenses)
-        },
-        **{
-            f"precision_{name}": [round(float(v), 4) for v in cmp.precision[i]]
+            f"{column}_{name}": [round(float(v), 4) for v in values[i]]
+            for column, values in columns.items()
             for i, name in enumerate(cmp.lenses)
         },
     }

@@ -189,7 +189,9 @@ def test_erase_counts_are_checked_by_the_parser(tmp_path, capsys, flag, value, m
     assert f"{flag}: {message}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module", ["lens", "patch", "trace", "relation", "probe", "erase"])
+@pytest.mark.parametrize(
+    "module", ["lens", "patch", "trace", "relation", "probe", "erase", "train_lens"]
+)
 def test_every_command_loads_the_model_on_device_in_dtype(tmp_path, capsys, monkeypatch, module):
     seen = []
 
@@ -206,8 +208,9 @@ def test_every_command_loads_the_model_on_device_in_dtype(tmp_path, capsys, monk
         "relation": ["relation", "--task", "capitals"],
         "probe": ["probe", "--dataset", "pos"],
         "erase": ["erase", "--site", "resid_post", "--layers", "1"],
+        "train_lens": ["train-lens", "--save", str(tmp_path / "lens.safetensors")],
     }[module]  # fmt: skip
-    out = [] if module == "lens" else ["--out", str(tmp_path / "out")]
+    out = [] if module in ("lens", "train_lens") else ["--out", str(tmp_path / "out")]
     code = cli_main([*args, "--model", "tiny", "--device", "cuda:1", "--dtype", "bfloat16",
                      "--kind", "hooked", *out])  # fmt: skip
     assert seen == [("tiny", "cuda:1", "bfloat16", "hooked")], capsys.readouterr().err
@@ -738,3 +741,96 @@ def test_relation_reads_the_patchscope_prompt_as_lens_does(tmp_path, monkeypatch
     assert cli_main([*args, *prompt]) == 2
     assert cli_main([*args, *prompt, "--raw"]) == 2
     assert [lens.prompt for lens in seen] == ["cat -> cat\n?", "cat -> cat\\n?"]
+
+
+_TEXT = "The cat sat on the mat, and the dog lay by the door. " * 30
+_TRAIN = ["--seq-len", "32", "--tokens-per-step", "64", "--tokens", "128", "--seed", "3"]
+
+
+def test_train_lens_saves_the_lens_the_api_trains(tmp_path, capsys):
+    # A lens could be trained only from Python; `mechprobe lens --lens FILE` read one.
+    text = tmp_path / "cat.txt"
+    text.write_text(_TEXT)
+    saved = tmp_path / "lens.safetensors"
+    argv = ["train-lens", "--model", "tiny", "--text", str(text), *_TRAIN, "--sites",
+            "resid_mid,resid_post", "--save", str(saved), "--compare", "64", "--quiet"]  # fmt: skip
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    model = mp.tiny_model()
+    direct = mp.train_tuned_lens(model, str(text), sites=["resid_mid", "resid_post"],
+                                 n_tokens=128, seq_len=32, tokens_per_step=64, seed=3,
+                                 progress=False)  # fmt: skip
+    lens = mp.TunedLens.load(saved)
+    assert lens.layers == direct.layers == {"resid_mid": (0, 1, 2), "resid_post": (0, 1)}
+    for kind in direct.layers:
+        torch.testing.assert_close(lens.weights[kind], direct.weights[kind], rtol=0, atol=0)
+        torch.testing.assert_close(lens.biases[kind], direct.biases[kind], rtol=0, atol=0)
+    info = direct.info
+    assert f"trained 128 tokens in 2 steps from {info['documents']} document" in out
+    assert f"{info['loss_per_step'][0]:.1f} -> {info['loss_per_step'][-1]:.1f} nats" in out
+    # the last step's KL table: layer 2 has a resid_mid translator and no resid_post one
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line[:5].strip()
+            .isdigit() and "resid" not in line}  # fmt: skip
+    kl = info["last_step_kl"]
+    assert rows["1"] == [f"{kl['resid_mid 1']:.2f}", f"{kl['resid_post 1']:.2f}"]
+    assert rows["2"] == [f"{kl['resid_mid 2']:.2f}"]
+    # --compare: the logit and the new lens on held-out text, as compare_lenses reads them
+    cmp = mp.compare_lenses(model, {"logit": "logit", "tuned": direct}, "heldout", n_tokens=64,
+                            seq_len=32, seed=3, progress=False)  # fmt: skip
+    assert f"held-out text, {cmp.n_positions} positions of {cmp.n_windows} windows" in out
+    table = cmp.summary().to_string(float_format=lambda v: f"{v:.3f}")
+    assert table in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--save", "lens.pt"], "a tuned lens is saved as a .safetensors file"),
+        (["--save", "no/such/lens.safetensors"], "does not exist (create it first)"),
+        (
+            ["--save", "l.safetensors", "--seq-len", "32", "--tokens-per-step", "48"],
+            "--tokens-per-step (48) must be a multiple of --seq-len (32)",
+        ),
+        (["--save", "l.safetensors", "--text", "nowhere.txt"], "nor an existing file"),
+    ],
+)
+def test_train_lens_refuses_bad_settings_before_training(tmp_path, capsys, monkeypatch, extra,
+                                                         message):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    if "--text" not in extra:
+        monkeypatch.setattr("mechprobe.cli.train_lens.load", _no_model)
+    assert cli_main(["train-lens", "--model", "tiny", "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert "mechprobe train-lens: error" in err and message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--sites", "resid_psot", "site kinds are a comma-separated list of resid_pre"),
+        ("--weight-decay", "-1", "must be a finite number at or above 0"),
+        ("--tokens", "0", "must be a positive integer"),
+        ("--lr", "0", "must be a finite number above 0"),
+    ],
+)
+def test_train_lens_numbers_and_kinds_are_checked_by_the_parser(capsys, flag, value, message):
+    with pytest.raises(SystemExit):
+        cli_main(["train-lens", "--save", "l.safetensors", flag, value])
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_train_lens_resumes_from_its_checkpoint(tmp_path, capsys):
+    text = tmp_path / "cat.txt"
+    text.write_text(_TEXT)
+    argv = ["train-lens", "--model", "tiny", "--text", str(text), *_TRAIN, "--sites",
+            "resid_post", "--checkpoint", str(tmp_path / "ckpt"), "--checkpoint-every", "1",
+            "--quiet"]  # fmt: skip
+    assert cli_main([*argv, "--save", str(tmp_path / "a.safetensors")]) == 0
+    assert any((tmp_path / "ckpt").iterdir())
+    # run again: the finished checkpoint is read, not retrained, and gives the same lens
+    assert cli_main([*argv, "--save", str(tmp_path / "b.safetensors")]) == 0
+    a, b = (mp.TunedLens.load(tmp_path / f"{n}.safetensors") for n in "ab")
+    torch.testing.assert_close(a.weights["resid_post"], b.weights["resid_post"], rtol=0, atol=0)
+    assert b.info["resumed_at"] == 2
+    capsys.readouterr()

@@ -302,6 +302,19 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    """An argparse ``type`` for a finite number at or above 0 (``--weight-decay``).
+
+    Example:
+        >>> nonnegative_float("0")
+        0.0
+    """
+    value = _number(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number at or above 0, not {text!r}")
+    return value
+
+
 _UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
 

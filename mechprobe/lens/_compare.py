@@ -139,7 +139,7 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
 
     def plot(self, ax: Axes | None = None, *, site: str | None = None) -> Figure:
         """KL (log scale) and precision@1 per layer, one line per lens with a band of one
-        standard error over positions (into ``ax``: KL only)."""
+        standard error over windows (into ``ax``: KL only)."""
         kind = self.sites[0] if site is None else site
         cols = [i for i, s in enumerate(self.sites) if s == kind]
         if not cols:
