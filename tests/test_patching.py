@@ -1046,3 +1046,57 @@ def test_a_metric_evaluates_on_prompts_as_the_model_reads_them(tiny):
     assert mp.logit_diff(5, 6).evaluate(tiny, "Hi cat").shape == (1,)
     with pytest.raises(ValueError, match="3 entries for 2 prompt pairs"):
         mp.logit_diff(answers, wrongs).evaluate(tiny, prompts[:2])
+
+
+def test_a_position_wise_mean_ablation_equals_hand_hooks(tiny):
+    # Wang et al.'s mean ablation: each position set to the mean over prompts of one template of
+    # the activation at that position (the reference's per-position mean, not one mean over
+    # every token). Prompts and references of one length; a longer reference has positions
+    # that only it reaches, and its mean there is its own.
+    prompts = ["A cat sat on", "A dog ran by"]
+    reference = ["The fox ate it", "My hen saw us", "One bee flew up now"]
+    site = "blocks.1.hook_mlp_out"
+    caches = [tiny.run_with_cache(tiny.to_tokens(r))[1][site][0] for r in reference]
+    width = max(len(c) for c in caches)
+    means = [torch.stack([c[p] for c in caches if len(c) > p]).double().mean(0).float()
+             for p in range(width)]  # fmt: skip
+    res = mp.ablate_cells(tiny, prompts, "mlp_out", "all", METRIC, reference=reference,
+                          reference_positions="same", layers=[1], n_random=0,
+                          progress=False)  # fmt: skip
+    whole = mp.ablate_cells(tiny, prompts, "mlp_out", None, METRIC, reference=reference,
+                            reference_positions="same", layers=[1], n_random=0,
+                            progress=False)  # fmt: skip
+    for i, prompt in enumerate(prompts):
+        tokens = tiny.to_tokens(prompt)
+        for p in range(tokens.shape[1]):
+
+            def one(a, hook, p=p):
+                a = a.clone()
+                a[0, p] = means[p]
+                return a
+
+            with torch.no_grad():
+                logits = tiny.run_with_hooks(tokens, fwd_hooks=[(site, one)])
+            assert res.per_pair[i, 0, p] == pytest.approx(float(_metric(logits)[0]), abs=1e-4)
+
+        def every(a, hook, n=tokens.shape[1]):
+            return torch.stack(means[:n])[None].to(a.dtype)
+
+        with torch.no_grad():
+            logits = tiny.run_with_hooks(tokens, fwd_hooks=[(site, every)])
+        assert whole.per_pair[i, 0, 0] == pytest.approx(float(_metric(logits)[0]), abs=1e-4)
+    # the position-wise mean is not the mean over every token: the ablations differ
+    pooled = mp.ablate_cells(tiny, prompts, "mlp_out", "all", METRIC, reference=reference,
+                             layers=[1], n_random=0, progress=False)  # fmt: skip
+    assert np.abs(pooled.per_pair - res.per_pair).max() > 1e-3
+    # one prompt as its own reference: every position's mean is its own activation
+    with pytest.warns(UserWarning, match="changes nothing"):
+        alone = mp.ablate_cells(tiny, prompts[0], "mlp_out", "all", METRIC, layers=[1],
+                                reference_positions="same", n_random=0,
+                                progress=False)  # fmt: skip
+    np.testing.assert_allclose(alone.values[0], alone.clean_metric, atol=1e-4)
+    # a prompt longer than every reference: no mean at its last positions
+    with pytest.raises(ValueError, match="position 20: no reference prompt has 21 tokens"):
+        mp.ablate_cells(tiny, "A cat sat on the mat", "mlp_out", -1, METRIC,
+                        reference=reference[:2], reference_positions="same", n_random=0,
+                        progress=False)  # fmt: skip

@@ -639,7 +639,7 @@ def ablate_cells(
     *,
     method: Method = "mean",
     reference: Prompts | None = None,
-    reference_positions: PositionSpec = "all",
+    reference_positions: PositionSpec | Literal["same"] = "all",
     layers: Layers = "all",
     n_random: int = 3,
     seed: int = 0,
@@ -669,9 +669,12 @@ def ablate_cells(
             edits instead: ``reference_positions=-1`` matches it at ``-1``.
         reference: Prompts the mean is taken over (default: ``prompts``).
         reference_positions: The reference prompts' positions the mean is taken over: ``"all"``
-            (every real token), or ints counted from each prompt's start, negative from its end
+            (every real token), ints counted from each prompt's start, negative from its end
             (``-1``: the mean of the last tokens, as function vectors' mean head outputs; not for
-            pattern sites).
+            pattern sites), or ``"same"``: a position-wise mean, each position ablated to the
+            mean over the reference prompts of their activation at that position (counted from
+            the start; Wang et al.'s mean ablation over prompts of one template, where position
+            p holds the same role in every prompt; a pattern's mean is always position-wise).
         layers: The layers a kind covers.
         n_random: Random controls per cell: the activation moved by the ablation's own distance
             in a random direction (control ``j`` of a prompt drawn from ``(seed + j) % 2**32`` and the
@@ -701,7 +704,8 @@ def ablate_cells(
     ids = token_rows(model, prompts, "prompts")
     rows = site_rows(model, sites, layers, "ablate_cells()")
     site_list = rows.sites
-    if reference_positions != "all":
+    per_position = reference_positions == "same"
+    if reference_positions not in ("all", "same"):
         position_list(reference_positions)  # a clear error for a bad spec, before any forward
         if any(s.kind == "pattern" for s in site_list):
             raise ValueError(
@@ -737,7 +741,7 @@ def ablate_cells(
     for _, site, p in slots:
         if method == "zero":
             values.append(torch.zeros(edit_width(model, site, p), dtype=torch.float32))
-        elif site.kind == "pattern":
+        elif site.kind == "pattern" or per_position:
             by_position = means[site]
             if p not in by_position:
                 raise ValueError(
@@ -800,11 +804,21 @@ def ablate_cells(
 
 
 def _warn_if_self_mean(
-    site_list: list[Site], ablated: list[int], length: int, reference_positions: PositionSpec
+    site_list: list[Site],
+    ablated: list[int],
+    length: int,
+    reference_positions: PositionSpec | Literal["same"],
 ) -> None:
     """Warn where one prompt is its own reference and a mean is that very activation: ablating
     to it changes nothing, and the random controls, moved the same zero distance, agree, so
     those cells would read "no effect"."""
+    if reference_positions == "same":
+        warn(
+            "A position-wise mean (reference_positions='same') over the one prompt ablated is "
+            "its own activation at every position: ablating to it changes nothing. Pass "
+            "reference prompts (reference=...) of the same template, or use method='zero'.",
+        )
+        return
     if any(site.kind == "pattern" for site in site_list):
         warn(
             f"The mean pattern row at the ablated query position(s) {ablated} comes from the one "
@@ -823,11 +837,14 @@ def _warn_if_self_mean(
 
 
 def _means(
-    model: Any, site_list: list[Site], ids: list[Tensor], positions: PositionSpec = "all"
+    model: Any,
+    site_list: list[Site],
+    ids: list[Tensor],
+    positions: PositionSpec | Literal["same"] = "all",
 ) -> dict[Site, Any]:
     """Each site's mean activation over the real tokens of ``ids`` (or those at ``positions`` of
-    each prompt; pattern sites: the mean row per query position, over the prompts long enough to
-    have it)."""
+    each prompt; pattern sites and ``positions="same"``: ``{position: mean}``, each position's
+    mean over the prompts long enough to have it)."""
     lengths = torch.as_tensor([len(t) for t in ids])
     width = int(lengths.max())
     tokens = torch.zeros(len(ids), width, dtype=torch.long)
@@ -840,7 +857,7 @@ def _means(
         model, batch, capture=site_list, logit_positions=-1, batch_size=32, progress=False
     )
     real = batch.text_mask(captured.bos_id).bool()  # a BOS would set the mean: left out
-    if positions != "all":
+    if positions not in ("all", "same"):
         real = torch.zeros_like(real)
         for i, n in enumerate(lengths.tolist()):
             for p in position_list(positions):
@@ -855,6 +872,11 @@ def _means(
         if site.kind == "pattern":  # [rows, query, key]
             out[site] = {
                 p: value[lengths > p, p, : p + 1].double().mean(0).float() for p in range(width)
+            }
+        elif positions == "same":  # [rows, pos, ...]: the mean at each position
+            out[site] = {
+                p: value[lengths.to(value.device) > p, p].double().mean(0).float().cpu()
+                for p in range(width)
             }
         else:
             out[site] = value[real.to(value.device)].double().mean(0).float().cpu()
