@@ -27,8 +27,9 @@ and writes ``docs/causal_results.json`` and ``docs/figures/causal_*.png``:
   al.'s default, ``freeze_mlps=False``): what the MLPs between make of each head's change.
 
 ``--part attribution|trace|fv|fv-layers|generate|dla|das|das-capitals|path|path-mlps|heads`` runs one part (the JSON keeps the other parts' last numbers);
-``--pairs``, ``--items``, ``--prompts`` make them larger; ``--fv-tasks`` and ``--fv-layer-step``
-size fv-layers (written after each task). Parts may run in separate processes side by side: each
+``--pairs``, ``--items``, ``--prompts`` make them larger; ``--fv-tasks`` picks the tasks of fv
+(default all) and fv-layers (default four), ``--fv-layer-step`` the layers of fv-layers; both
+write after each task (fv keeps the recorded tasks it does not run). Parts may run in separate processes side by side: each
 write re-reads the JSON and replaces its own key only.
 """
 
@@ -323,9 +324,14 @@ def trace(model: Any, n_items: int) -> dict[str, Any]:
     return out
 
 
-def function_vectors(model: Any, n_prompts: int) -> dict[str, Any]:
-    out = {}
-    for name in mp.list_tasks():
+def function_vectors(
+    model: Any, n_prompts: int, tasks: list[str], done: Callable[[dict], None], kept: dict
+) -> dict[str, Any]:
+    """Each task's FV beside its controls; ``done`` gets the record after each task, the tasks
+    of ``kept`` (the last record) that are not run staying as they were."""
+    out = dict(kept)
+    for name in tasks:
+        start = time.perf_counter()
         res = mp.function_vector(
             model, name, n_prompts=n_prompts, n_random=1, n_random_heads=3, progress=False
         )
@@ -348,8 +354,10 @@ def function_vectors(model: Any, n_prompts: int) -> dict[str, Any]:
                 row.condition: [row.top_prediction, round(float(row.top_share), 3)]
                 for row in res.summary().itertuples()
             },
+            "wall_s": round(time.perf_counter() - start, 1),
         }
         print(name, out[name]["accuracy"], flush=True)
+        done(out)
         if name == "capitals":
             res.plot().savefig(FIGURES / "causal_fv_capitals.png", dpi=110, bbox_inches="tight")
     return out
@@ -716,8 +724,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=3, help="capitals items (trace)")
     parser.add_argument("--prompts", type=int, default=8, help="fit prompts per task (fv)")
     parser.add_argument(
-        "--fv-tasks", default="capitals,capitals_extractive,past_tense,uppercase",
-        help="tasks of fv-layers (comma-separated)",
+        "--fv-tasks",
+        help="tasks of fv (default all) and fv-layers (default capitals,capitals_extractive,"
+        "past_tense,uppercase), comma-separated",
     )  # fmt: skip
     parser.add_argument("--fv-layer-step", type=int, default=2, help="every n-th layer (fv-layers)")
     args = parser.parse_args()
@@ -731,10 +740,15 @@ def main() -> None:
         OUT.write_text(json.dumps(now, indent=1) + "\n")
 
     model = mp.load_model()
+    chosen = [t for t in (args.fv_tasks or "").split(",") if t]
     if "fv" in parts:
-        record("function_vectors", function_vectors(model, args.prompts))
+        kept = json.loads(OUT.read_text()).get("function_vectors", {}) if OUT.exists() else {}
+        function_vectors(
+            model, args.prompts, chosen or mp.list_tasks(),
+            lambda partial: record("function_vectors", partial), kept,
+        )  # fmt: skip
     if "fv-layers" in parts:
-        tasks = [t for t in args.fv_tasks.split(",") if t]
+        tasks = chosen or ["capitals", "capitals_extractive", "past_tense", "uppercase"]
         function_vector_layers(
             model, args.prompts, tasks, args.fv_layer_step,
             lambda partial: record("function_vector_layers", partial),  # after each task
