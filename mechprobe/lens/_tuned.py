@@ -13,7 +13,8 @@ Files: :meth:`TunedLens.save` writes one safetensors file (tensors ``{kind}.weig
 ``{kind}.bias [k, d]``, ``{kind}.layers [k]``; metadata ``format = mechprobe.TunedLens``,
 ``version``, the model's name and shape, a digest of its unembedding and how the lens was
 trained). :meth:`TunedLens.from_tuned_lens` reads the tuned-lens package's folders
-(``config.json`` + ``params.pt``, loaded with ``weights_only=True``: tensors only, no code).
+(``config.json`` + ``params.pt``, loaded with ``weights_only=True``: tensors only, no code), and
+:meth:`TunedLens.save_tuned_lens` writes them.
 """
 
 from __future__ import annotations
@@ -391,6 +392,97 @@ class TunedLens(Lens):
             unembed_digest=meta.get("unembed_sha256", ""),
             unembed_fingerprint=json.loads(meta.get("unembed_fingerprint", "[]")),
         )
+
+    def save_tuned_lens(
+        self,
+        folder: str | os.PathLike[str],
+        model: Any = None,
+        *,
+        identity_where_missing: bool = False,
+    ) -> Path:
+        """Write the lens as the tuned-lens package's folder (``config.json`` + ``params.pt``),
+        which its ``TunedLens.from_model_and_pretrained(hf_model, folder)`` and
+        :meth:`from_tuned_lens` read.
+
+        The package keeps one translator per block input, Hugging Face's ``hidden_states[i]``:
+        translator 0 is this lens's ``resid_pre`` at layer 0, translator ``i`` its ``resid_post``
+        at layer ``i - 1``. ``resid_mid`` translators have no place there and are not written
+        (a warning says so). ``params.pt`` is written with ``torch.save``, the package's format:
+        a zip of tensors that ``torch.load(weights_only=True)`` reads without running code.
+
+        Args:
+            folder: The folder to write (created with its parents; its ``config.json`` and
+                ``params.pt`` are replaced).
+            model: The model the lens is for: its unembedding's hash, as the package computes
+                it, goes in ``unembed_hash`` so that the package warns when the lens is loaded
+                for another model (None: the hash the lens was read with, if any).
+            identity_where_missing: Write the identity (the logit lens) for a block input this
+                lens has no translator for, instead of refusing (a lens trained on
+                ``resid_post`` only has none for the embeddings).
+
+        Returns:
+            The folder.
+
+        Raises:
+            ValueError: A block input without a translator (unless ``identity_where_missing``),
+                or a model of another shape.
+
+        Example:
+            >>> import tempfile, mechprobe as mp
+            >>> lens = mp.TunedLens.identity(mp.tiny_model(), sites=["resid_pre", "resid_post"])
+            >>> folder = lens.save_tuned_lens(tempfile.mkdtemp() + "/lens")
+            >>> sorted(p.name for p in folder.iterdir())
+            ['config.json', 'params.pt']
+        """
+        root = Path(folder).expanduser()
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"{root} is a file: pass a folder for the tuned-lens format.")
+        n, d = self.n_layers, self.d_model
+        if model is not None and (int(model.cfg.n_layers), int(model.cfg.d_model)) != (n, d):
+            raise ValueError(
+                f"This tuned lens was made for {n} layers x d_model {d}; the model has "
+                f"{model.cfg.n_layers} x {model.cfg.d_model}: pass the model it was trained for."
+            )
+        inputs = [("resid_pre", 0)] + [("resid_post", layer) for layer in range(n - 1)]
+        missing = [
+            f"{kind} {layer}" for kind, layer in inputs if layer not in self.layers.get(kind, ())
+        ]
+        if missing and not identity_where_missing:
+            raise ValueError(
+                f"The tuned-lens format has a translator for every block input; this lens has "
+                f"none at {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}. Train "
+                "with sites including 'resid_pre' and 'resid_post' (the default), or pass "
+                "identity_where_missing=True to write the logit lens there."
+            )
+        if self.layers.get("resid_mid"):
+            warn(
+                f"The tuned-lens format reads between blocks only: this lens's "
+                f"{len(self.layers['resid_mid'])} resid_mid translators are not written.",
+                UserWarning,
+            )
+        state: dict[str, Tensor] = {}
+        for i, (kind, layer) in enumerate(inputs):
+            if layer in self.layers.get(kind, ()):
+                j = list(self.layers[kind]).index(layer)
+                weight, bias = self.weights[kind][j], self.biases[kind][j]
+            else:
+                weight, bias = torch.zeros(d, d), torch.zeros(d)
+            # clones: a slice saved alone would carry its whole [k, d, d] storage into the file
+            state[f"{i}.weight"], state[f"{i}.bias"] = weight.clone(), bias.clone()
+        package_hash = package_unembedding_hash(model) if model is not None else None
+        config = {
+            "base_model_name_or_path": self.model_name,
+            "d_model": d,
+            "num_hidden_layers": n,
+            "bias": True,
+            "base_model_revision": None,
+            "unembed_hash": package_hash or self.info.get("unembed_hash"),
+            "lens_type": "linear_tuned_lens",
+        }
+        root.mkdir(parents=True, exist_ok=True)
+        torch.save(state, root / "params.pt")
+        (root / "config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+        return root
 
     @classmethod
     def from_tuned_lens(cls, folder: str | os.PathLike[str]) -> TunedLens:
