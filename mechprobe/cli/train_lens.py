@@ -2,9 +2,9 @@
 
 Example::
 
-    mechprobe train-lens --save smollm2.safetensors                       # the default quick lens
+    mechprobe train-lens --save smollm2.safetensors                  # 16,384 tokens, 64 steps
     mechprobe train-lens --tokens 65536 --checkpoint runs/lens --compare 1024 \\
-        --save smollm2-64k.safetensors                                   # resumable; then checked
+        --save smollm2-64k.safetensors                              # resumable; then checked
 """
 
 from __future__ import annotations
@@ -76,7 +76,10 @@ def add_parser(sub: Any) -> None:
         "(default: every kind the model has)",
     )
     parser.add_argument(
-        "--tokens", type=positive_int, default=2048, help="training tokens in all (default 2048)"
+        "--tokens",
+        type=positive_int,
+        default=16384,
+        help="training tokens in all (default 16384: 64 steps; 2048 for a quick look)",
     )
     parser.add_argument(
         "--seq-len", type=positive_int, default=128, help="tokens per window (default 128)"

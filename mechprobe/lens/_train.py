@@ -288,7 +288,7 @@ def train_tuned_lens(
     text: TextSource = "train",
     *,
     sites: str | Sequence[str] | None = None,
-    n_tokens: int = 2048,
+    n_tokens: int = 16384,
     seq_len: int = 128,
     tokens_per_step: int = 256,
     optimizer: Literal["sgd", "adam"] = "sgd",
@@ -316,9 +316,12 @@ def train_tuned_lens(
             GPT-NeoX).
         n_tokens: Training tokens in all (windows of ``seq_len``; each step reads new ones),
             rounded down to whole steps of ``tokens_per_step``, one step at least:
-            ``info["tokens"]`` records what was read. The default is a quick lens; the
-            tuned-lens package trains on 250 steps of 2**18 tokens in windows of 2,048
-            (``n_tokens=250 * 2**18, tokens_per_step=2**18, seq_len=2048``).
+            ``info["tokens"]`` records what was read. The default, 64 steps (about 5-10
+            minutes on two CPU cores), halves the logit lens's KL on SmolLM2's held-out text
+            and lifts its precision@1 at every layer; 2,048 tokens (8 steps) moved KL only part
+            of the way and precision@1 hardly at all (docs/lenses.md). The tuned-lens package
+            trains on 250 steps of 2**18 tokens in windows of 2,048 (``n_tokens=250 * 2**18,
+            tokens_per_step=2**18, seq_len=2048``).
         seq_len: Tokens per window (BOS included; the BOS position is not in the loss).
         tokens_per_step: Tokens per optimiser step (a multiple of ``seq_len``).
         optimizer: ``"sgd"`` (Nesterov, the paper's default) or ``"adam"``.
