@@ -28,8 +28,10 @@ and writes ``docs/causal_results.json`` and ``docs/figures/causal_*.png``:
 
 ``--part attribution|trace|fv|fv-layers|generate|dla|das|das-capitals|path|path-mlps|heads`` runs one part (the JSON keeps the other parts' last numbers);
 ``--pairs``, ``--items``, ``--prompts`` make them larger; ``--fv-tasks`` picks the tasks of fv
-(default all) and fv-layers (default four), ``--fv-layer-step`` the layers of fv-layers; both
-write after each task (fv keeps the recorded tasks it does not run). Parts may run in separate processes side by side: each
+(default all built-in ones; a task file too, such as one of Todd et al.'s datasets,
+``function_vectors/dataset_files/abstractive/antonym.json``, with ``--fv-items`` for a seeded
+subset of its items) and fv-layers (default four), ``--fv-layer-step`` the layers of fv-layers;
+both write after each task (fv keeps the recorded tasks it does not run). Parts may run in separate processes side by side: each
 write re-reads the JSON and replaces its own key only.
 """
 
@@ -325,17 +327,33 @@ def trace(model: Any, n_items: int) -> dict[str, Any]:
 
 
 def function_vectors(
-    model: Any, n_prompts: int, tasks: list[str], done: Callable[[dict], None], kept: dict
+    model: Any,
+    n_prompts: int,
+    tasks: list[str],
+    done: Callable[[dict], None],
+    kept: dict,
+    n_items: int | None = None,
 ) -> dict[str, Any]:
     """Each task's FV beside its controls; ``done`` gets the record after each task, the tasks
-    of ``kept`` (the last record) that are not run staying as they were."""
+    of ``kept`` (the last record) that are not run staying as they were. A task is a built-in
+    name or a file (a Todd et al. dataset reads as their prompts); ``n_items`` keeps a seeded
+    subset of a larger task's items."""
     out = dict(kept)
-    for name in tasks:
+    for source in tasks:
         start = time.perf_counter()
+        task = mp.load_task(source)
+        total = len(task)
+        if n_items is not None and total > n_items:
+            task = task.subset(n_items, seed=0)
+        name = task.name
         res = mp.function_vector(
-            model, name, n_prompts=n_prompts, n_random=1, n_random_heads=3, progress=False
+            model, task, n_prompts=n_prompts, n_random=1, n_random_heads=3, progress=False
         )
         out[name] = {
+            "source": source if source in mp.list_tasks() else "/".join(Path(source).parts[-2:]),
+            "items": len(task),
+            "items_in_source": total,
+            "shots": len(task.shots),
             "layer": res.layer,
             "heads": [list(h) for h in res.heads],
             "accuracy": dict(zip(res.conditions, res.accuracy.round(3).tolist(), strict=True)),
@@ -729,6 +747,9 @@ def main() -> None:
         "past_tense,uppercase), comma-separated",
     )  # fmt: skip
     parser.add_argument("--fv-layer-step", type=int, default=2, help="every n-th layer (fv-layers)")
+    parser.add_argument(
+        "--fv-items", type=int, help="fv: a seeded subset of this many items of a larger task"
+    )
     args = parser.parse_args()
     parts = args.part or list(PARTS)
     FIGURES.mkdir(parents=True, exist_ok=True)
@@ -745,7 +766,7 @@ def main() -> None:
         kept = json.loads(OUT.read_text()).get("function_vectors", {}) if OUT.exists() else {}
         function_vectors(
             model, args.prompts, chosen or mp.list_tasks(),
-            lambda partial: record("function_vectors", partial), kept,
+            lambda partial: record("function_vectors", partial), kept, args.fv_items,
         )  # fmt: skip
     if "fv-layers" in parts:
         tasks = chosen or ["capitals", "capitals_extractive", "past_tense", "uppercase"]

@@ -410,3 +410,66 @@ def test_a_prompt_with_other_shot_answers_differs_in_those_answers_only() -> Non
         task.prompt("Poland", shot_outputs="abc")  # three letters, three shots: it rendered
     with pytest.raises(TypeError, match=r"shot_outputs\[0\] must be a string"):
         task.prompt("Poland", shot_outputs=[1, 2, 3])
+
+
+def _todd_prompt(demonstrations, query):
+    """Todd et al.'s prompt written as their code writes it (word_pairs_to_prompt_data with its
+    default prefixes and separators, prepend_space=True, then create_prompt)."""
+    prefixes, separators = {"input": "Q:", "output": "A:"}, {"input": "\n", "output": "\n\n"}
+    text = ""
+    for given, answer in demonstrations:
+        text += prefixes["input"] + " " + given + separators["input"]
+        text += prefixes["output"] + " " + answer + separators["output"]
+    return text + prefixes["input"] + " " + query + separators["input"] + prefixes["output"]
+
+
+def _write_todd(folder, name, pairs):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps([{"input": a, "output": b} for a, b in pairs]))
+    return path
+
+
+def test_todd_datasets_read_as_tasks_whose_prompts_are_theirs(tmp_path) -> None:
+    # Review 36a F6: Todd et al.'s own tasks could not be run; their files are lists of
+    # {"input", "output"} pairs and their prompts "Q: x\nA: y\n\n".
+    pairs = [(f"word{i}", f"drow{i}") for i in range(30)]
+    path = _write_todd(tmp_path / "abstractive", "antonym", pairs)
+    task = mp.Task.from_todd(path, seed=3)
+    assert (task.name, task.kind, len(task.shots), len(task)) == ("antonym", "abstractive", 10, 20)
+    assert {s.input for s in task.shots} | set(task.inputs()) == {a for a, _ in pairs}
+    demos = [(s.input, s.output) for s in task.shots]
+    for item, prompt in zip(task.items, task.prompts(), strict=True):
+        assert prompt == _todd_prompt(demos, item.input)
+    assert task.answers()[0] == " " + task.items[0].output  # scored with its leading space
+    # the same file through load_task and from_json; another seed draws other demonstrations
+    assert mp.load_task(path) == mp.Task.from_todd(path)
+    assert mp.Task.from_json(path).shots == mp.Task.from_todd(path).shots
+    assert mp.Task.from_todd(path, seed=4).shots != task.shots
+    # an extractive folder gives the kind; elsewhere it must be given
+    firsts = [(f"x{i}, y, z", f"x{i}") for i in range(12)]
+    extractive = _write_todd(tmp_path / "extractive", "choose_first_of_3", firsts)
+    assert mp.Task.from_todd(extractive, n_shots=2).kind == "extractive"
+    elsewhere = _write_todd(tmp_path / "mine", "antonym", pairs)
+    with pytest.raises(ValueError, match=r"pass kind='abstractive' or kind='extractive'"):
+        mp.Task.from_todd(elsewhere)
+    assert mp.Task.from_todd(elsewhere, kind="abstractive", name="ant").name == "ant"
+
+
+def test_todd_datasets_drop_repeats_and_refuse_what_is_not_theirs(tmp_path) -> None:
+    pairs = [("Paris is big", "Paris"), ("Paris is big", "big"), ("  ", "x"), ("Rome", " Rome ")]
+    pairs += [(f"s{i}", f"t{i}") for i in range(4)]
+    path = _write_todd(tmp_path / "extractive", "conll", pairs)
+    with pytest.warns(UserWarning, match=r"1 pairs with an empty .* and 1 whose input repeats"):
+        task = mp.Task.from_todd(path, n_shots=2)
+    rows = [(s.input, s.output) for s in task.shots + task.items]
+    assert sorted(rows) == sorted([("Paris is big", "Paris"), ("Rome", "Rome")]
+                                  + [(f"s{i}", f"t{i}") for i in range(4)])  # fmt: skip
+    with (
+        pytest.raises(ValueError, match="not more than n_shots=6: no items would remain"),
+        pytest.warns(UserWarning, match="6 pairs remain"),
+    ):
+        mp.Task.from_todd(path, n_shots=6)
+    task_file = mp.load_task("capitals").to_json(tmp_path / "capitals.json")
+    with pytest.raises(ValueError, match=r"not one of Todd et al\.'s datasets"):
+        mp.Task.from_todd(task_file)

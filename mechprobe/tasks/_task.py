@@ -50,6 +50,7 @@ from mechprobe.tasks._format import (
     item_to_list,
     normalise_rows,
 )
+from mechprobe.tasks._todd import is_todd_dataset, todd_task_fields
 
 Kind = Literal["abstractive", "extractive"]
 
@@ -374,16 +375,79 @@ class Task:
             'past_tense'
         """
         path = Path(path).expanduser()
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as err:
-            raise ValueError(
-                f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save the task file "
-                f"as UTF-8. {FORMAT_HELP}"
-            ) from err
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}). {FORMAT_HELP}") from err
+        data = _parsed(path)
+        if is_todd_dataset(data):  # a list of {"input", "output"} pairs: Todd et al.'s format
+            return cls.from_todd(path)
         return cls.from_dict(data)
+
+    @classmethod
+    def from_todd(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        kind: Kind | None = None,
+        n_shots: int = 10,
+        seed: int = 0,
+    ) -> Task:
+        """Read one of Todd et al.'s function-vector datasets (``dataset_files/abstractive/
+        antonym.json`` of ``ericwtodd/function_vectors``: a JSON list of ``{"input", "output"}``
+        pairs) as a task whose prompts are the ones their code writes (``"Q: x\\nA: y"``
+        separated by blank lines). :func:`load_task` and :meth:`from_json` read such a file
+        this way too, with the defaults.
+
+        Args:
+            path: The dataset file.
+            name: The task's name (default: the file's stem, ``"antonym"``).
+            kind: ``"abstractive"`` or ``"extractive"`` (default: the file's folder, as their
+                repository sorts them; another folder needs it).
+            n_shots: Pairs kept as the task's fixed demonstrations (Todd et al. show 10); the
+                rest are its items.
+            seed: Seed of the draw of those demonstrations.
+
+        Raises:
+            ValueError: Not UTF-8 JSON, not a list of input/output pairs, a kind that cannot be
+                told, or no items left after ``n_shots``.
+
+        Warns:
+            UserWarning: Pairs with an empty side or a repeated input were left out.
+
+        Example:
+            >>> import json, os, tempfile
+            >>> folder = os.path.join(tempfile.mkdtemp(), "abstractive")
+            >>> os.mkdir(folder)
+            >>> path = os.path.join(folder, "antonym.json")
+            >>> pairs = [("hot", "cold"), ("up", "down"), ("big", "small"), ("wet", "dry")]
+            >>> _ = open(path, "w").write(json.dumps([{"input": a, "output": b} for a, b in pairs]))
+            >>> task = Task.from_todd(path, n_shots=2)
+            >>> task.name, task.kind, len(task)
+            ('antonym', 'abstractive', 2)
+            >>> task.prompts()[0]
+            'Q: hot\\nA: cold\\n\\nQ: big\\nA: small\\n\\nQ: up\\nA:'
+        """
+        source = Path(path).expanduser()
+        data = _parsed(source)
+        if not is_todd_dataset(data):
+            raise ValueError(
+                f"{source} is not one of Todd et al.'s datasets: a JSON list of "
+                '{"input": ..., "output": ...} objects. A mechprobe task file is read by '
+                "Task.from_json."
+            )
+        fields = todd_task_fields(source, data, name=name, kind=kind, n_shots=n_shots, seed=seed)
+        return cls.from_dict(fields)
+
+
+def _parsed(path: Path) -> Any:
+    """The JSON in ``path``; a file that is not UTF-8 JSON is named in the error."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save the task file "
+            f"as UTF-8. {FORMAT_HELP}"
+        ) from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}). {FORMAT_HELP}") from err
 
 
 def _demonstrations(task: Task, outputs: Sequence[str]) -> str:
