@@ -449,7 +449,7 @@ def test_todd_datasets_read_as_tasks_whose_prompts_are_theirs(tmp_path) -> None:
     # an extractive folder gives the kind; elsewhere it must be given
     firsts = [(f"x{i}, y, z", f"x{i}") for i in range(12)]
     extractive = _write_todd(tmp_path / "extractive", "choose_first_of_3", firsts)
-    assert mp.Task.from_todd(extractive, n_shots=2).kind == "extractive"
+    assert mp.Task.from_todd(extractive, shots=2).kind == "extractive"
     elsewhere = _write_todd(tmp_path / "mine", "antonym", pairs)
     with pytest.raises(ValueError, match=r"pass kind='abstractive' or kind='extractive'"):
         mp.Task.from_todd(elsewhere)
@@ -461,15 +461,15 @@ def test_todd_datasets_drop_repeats_and_refuse_what_is_not_theirs(tmp_path) -> N
     pairs += [(f"s{i}", f"t{i}") for i in range(4)]
     path = _write_todd(tmp_path / "extractive", "conll", pairs)
     with pytest.warns(UserWarning, match=r"1 pairs with an empty .* and 1 whose input repeats"):
-        task = mp.Task.from_todd(path, n_shots=2)
+        task = mp.Task.from_todd(path, shots=2)
     rows = [(s.input, s.output) for s in task.shots + task.items]
     assert sorted(rows) == sorted([("Paris is big", "Paris"), ("Rome", "Rome")]
                                   + [(f"s{i}", f"t{i}") for i in range(4)])  # fmt: skip
     with (
-        pytest.raises(ValueError, match="not more than n_shots=6: no items would remain"),
+        pytest.raises(ValueError, match="not more than shots=6: no items would remain"),
         pytest.warns(UserWarning, match="6 pairs remain"),
     ):
-        mp.Task.from_todd(path, n_shots=6)
+        mp.Task.from_todd(path, shots=6)
     task_file = mp.load_task("capitals").to_json(tmp_path / "capitals.json")
     with pytest.raises(ValueError, match=r"not one of Todd et al\.'s datasets"):
         mp.Task.from_todd(task_file)

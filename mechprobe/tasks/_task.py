@@ -387,7 +387,7 @@ class Task:
         *,
         name: str | None = None,
         kind: Kind | None = None,
-        n_shots: int = 10,
+        shots: int = 10,
         seed: int = 0,
     ) -> Task:
         """Read one of Todd et al.'s function-vector datasets (``dataset_files/abstractive/
@@ -401,13 +401,13 @@ class Task:
             name: The task's name (default: the file's stem, ``"antonym"``).
             kind: ``"abstractive"`` or ``"extractive"`` (default: the file's folder, as their
                 repository sorts them; another folder needs it).
-            n_shots: Pairs kept as the task's fixed demonstrations (Todd et al. show 10); the
+            shots: Pairs kept as the task's fixed demonstrations (Todd et al. show 10); the
                 rest are its items.
             seed: Seed of the draw of those demonstrations.
 
         Raises:
             ValueError: Not UTF-8 JSON, not a list of input/output pairs, a kind that cannot be
-                told, or no items left after ``n_shots``.
+                told, or no items left after ``shots``.
 
         Warns:
             UserWarning: Pairs with an empty side or a repeated input were left out.
@@ -419,7 +419,7 @@ class Task:
             >>> path = os.path.join(folder, "antonym.json")
             >>> pairs = [("hot", "cold"), ("up", "down"), ("big", "small"), ("wet", "dry")]
             >>> _ = open(path, "w").write(json.dumps([{"input": a, "output": b} for a, b in pairs]))
-            >>> task = Task.from_todd(path, n_shots=2)
+            >>> task = Task.from_todd(path, shots=2)
             >>> task.name, task.kind, len(task)
             ('antonym', 'abstractive', 2)
             >>> task.prompts()[0]
@@ -433,7 +433,7 @@ class Task:
                 '{"input": ..., "output": ...} objects. A mechprobe task file is read by '
                 "Task.from_json."
             )
-        fields = todd_task_fields(source, data, name=name, kind=kind, n_shots=n_shots, seed=seed)
+        fields = todd_task_fields(source, data, name=name, kind=kind, shots=shots, seed=seed)
         return cls.from_dict(fields)
 
 

@@ -39,18 +39,18 @@ def todd_task_fields(
     *,
     name: str | None,
     kind: str | None,
-    n_shots: int,
+    shots: int,
     seed: int,
 ) -> dict[str, Any]:
     """The fields of a :class:`~mechprobe.Task` for a Todd et al. dataset read from ``path``.
 
     Pairs whose input or output is empty, or whose input repeats an earlier one, are dropped with
-    a warning (their conll2003 sets repeat hundreds of sentences with another entity). ``n_shots``
+    a warning (their conll2003 sets repeat hundreds of sentences with another entity). ``shots``
     pairs drawn with ``random.Random(seed)`` become the task's fixed demonstrations, the rest its
     items (function vectors draw their own demonstrations per prompt from the items).
     """
     source = Path(path)
-    n_shots = check_int(n_shots, "n_shots", 0)
+    shots = check_int(shots, "shots", 0)
     seed = check_seed(seed)
     name = name or source.stem
     if kind is None:
@@ -80,25 +80,25 @@ def todd_task_fields(
             f"input repeats an earlier pair's were left out; {len(pairs)} pairs remain (a task "
             "asks each input once)."
         )
-    if len(pairs) <= n_shots:
+    if len(pairs) <= shots:
         raise ValueError(
-            f"{source}: {len(pairs)} usable pairs, not more than n_shots={n_shots}: no items "
-            "would remain; pass a smaller n_shots."
+            f"{source}: {len(pairs)} usable pairs, not more than shots={shots}: no items "
+            "would remain; pass fewer shots."
         )
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
-    shots = sorted(order[:n_shots])
-    chosen = set(shots)
+    picked = sorted(order[:shots])
+    chosen = set(picked)
     return {
         "name": name,
         "kind": kind,
         "template": TEMPLATE,
         "separator": SEPARATOR,
-        "shots": [pairs[i] for i in shots],
+        "shots": [pairs[i] for i in picked],
         "items": [p for i, p in enumerate(pairs) if i not in chosen],
         "description": (
             f"Todd et al. (ICLR 2024) function-vector dataset {name!r} ({kind}), read from "
-            f"{source.name}: {len(pairs)} pairs, {n_shots} of them (random.Random({seed})) the "
+            f"{source.name}: {len(pairs)} pairs, {shots} of them (random.Random({seed})) the "
             "demonstrations; prompts as their code writes them, 'Q: x\\nA: y' separated by a "
             "blank line."
         ),
