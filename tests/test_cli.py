@@ -491,7 +491,7 @@ def test_every_number_option_has_a_type_that_checks_its_range():
     from mechprobe.cli import _parser
 
     signed = {("dla", "--positions"), ("lens", "--patchscope-layer"),
-              ("relation", "--patchscope-layer")}  # fmt: skip
+              ("relation", "--patchscope-layer"), ("fv", "--layer")}  # fmt: skip
     sub = next(a for a in _parser()._actions if a.dest == "command")
     bare = [
         (name, action.option_strings[0])

@@ -514,3 +514,51 @@ def test_cli_named_positions_fail_before_loading(tmp_path, capsys, monkeypatch, 
     else:
         assert cli_main(command) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_fv_writes_the_api_result(tiny, tmp_path, capsys):
+    # Function vectors had no command; every other analysis had one.
+    folder = mp.save_model(tiny, tmp_path / "model")
+    out = tmp_path / "fv"
+    settings = {"n_heads": 4, "n_prompts": 2, "n_random": 1, "n_random_heads": 1, "seed": 3}
+    args = ["fv", "--task", "capitals", "--n-items", "12", "--n-heads", "4", "--n-prompts", "2",
+            "--n-random", "1", "--n-random-heads", "1", "--seed", "3", "--sweep", "0-1",
+            "--model", str(folder), "--quiet", "--out", str(out)]  # fmt: skip
+    assert cli_main(args) == 0
+    captured = capsys.readouterr()
+    # byte-level answers share a first token: said in one line, and the run goes on
+    assert "mechprobe fv: warning: function_vector scores each held-out answer" in captured.err
+    assert {p.name for p in out.iterdir()} == {
+        "result.json", "fv.png", "report.md", "sweep.json", "sweep.png"
+    }  # fmt: skip
+    task = mp.load_task("capitals").subset(12, seed=3)
+    with pytest.warns(UserWarning):
+        direct = mp.function_vector(tiny, task, progress=False, **settings)
+        sweep = mp.function_vector_sweep(tiny, task, direct, layers=[0, 1], n_random=1, seed=3,
+                                         progress=False)  # fmt: skip
+    saved = mp.core.load_result(out / "result.json")
+    assert saved.heads == direct.heads and saved.conditions == direct.conditions
+    np.testing.assert_allclose(saved.vector, direct.vector, atol=1e-6)
+    np.testing.assert_array_equal(saved.correct, direct.correct)
+    swept = mp.core.load_result(out / "sweep.json")
+    assert swept.layers == (0, 1)
+    np.testing.assert_array_equal(swept.correct, sweep.correct)
+    printed = captured.out
+    assert "random heads (FV norm)" in printed and "wrote" in printed and "sweep.json" in printed
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "capitols"], "Did you mean 'capitals'"),
+        (["--task", "capitals", "--out-file"], "names a file; --out is the folder"),
+    ],
+)
+def test_cli_fv_fails_before_loading(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setattr("mechprobe.cli.fv.load", _no_model)
+    out = tmp_path / ("result.json" if "--out-file" in args else "d")
+    args = [a for a in args if a != "--out-file"]
+    assert cli_main(["fv", *args, "--model", "tiny", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "mechprobe fv: error" in err and message in err, err
+    assert not out.exists()
