@@ -265,6 +265,11 @@ def test_a_lens_saved_in_the_tuned_lens_layout_reads_back(tiny, tmp_path):
     torch.testing.assert_close(filled.weights["resid_post"], post.weights["resid_post"])
     with pytest.raises(ValueError, match="is a file"):
         lens.save_tuned_lens(folder / "config.json")
+    # another model of the same shape: its hash would tell the package the lens is its own
+    other = mp.tiny_model(seed=1)
+    with pytest.raises(ValueError, match="trained with another unembedding than"):
+        lens.save_tuned_lens(tmp_path / "other", other)
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])

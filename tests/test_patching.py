@@ -1048,6 +1048,7 @@ def test_a_metric_evaluates_on_prompts_as_the_model_reads_them(tiny):
         mp.logit_diff(answers, wrongs).evaluate(tiny, prompts[:2])
 
 
+@pytest.mark.filterwarnings("ignore:reference_positions='same' takes each position's mean")
 def test_a_position_wise_mean_ablation_equals_hand_hooks(tiny):
     # Wang et al.'s mean ablation: each position set to the mean over prompts of one template of
     # the activation at that position (the reference's per-position mean, not one mean over
@@ -1100,3 +1101,26 @@ def test_a_position_wise_mean_ablation_equals_hand_hooks(tiny):
         mp.ablate_cells(tiny, "A cat sat on the mat", "mlp_out", -1, METRIC,
                         reference=reference[:2], reference_positions="same", n_random=0,
                         progress=False)  # fmt: skip
+
+
+def test_a_position_wise_mean_warns_where_positions_do_not_line_up(tiny):
+    # Review 38a: prompts of several lengths mix token roles position by position, and a position
+    # only the ablated prompt reaches is its own mean there (the cell reads "no effect").
+    short, long = "A dog ran", "A cat sat on"
+    with pytest.warns(UserWarning) as caught:
+        res = mp.ablate_cells(tiny, [long, short], "mlp_out", None, METRIC, layers=[1],
+                              reference_positions="same", n_random=0, progress=False)  # fmt: skip
+    said = " ".join(str(w.message) for w in caught)
+    n_short, n_long = (tiny.to_tokens(p).shape[1] for p in (short, long))
+    assert f"2 lengths ({n_short}, {n_long} tokens)" in said
+    assert f"Position(s) {list(range(n_short, n_long))} are reached by one prompt only" in said
+    assert np.isfinite(res.values).all()
+    with warnings.catch_warnings():  # one template, one length: nothing to say
+        warnings.simplefilter("error")
+        mp.ablate_cells(tiny, [long, "A dog ran by"], "mlp_out", None, METRIC, layers=[1],
+                        reference_positions="same", n_random=0, progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"takes 'all', 'same' \(a position-wise mean\)"):
+        mp.ablate_cells(tiny, long, "mlp_out", -1, METRIC, reference_positions="sam")
+    with pytest.warns(UserWarning, match="method='zero' reads no reference prompts"):
+        mp.ablate_cells(tiny, long, "mlp_out", -1, METRIC, method="zero", layers=[1],
+                        reference_positions="same", n_random=0, progress=False)  # fmt: skip

@@ -270,13 +270,7 @@ class TunedLens(Lens):
             )
         for kind, layer in entries:
             self.translator(kind, layer)
-        package_hash = self.info.get("unembed_hash")
-        other = bool(self.unembed_digest) and self.unembed_digest != unembedding_digest(model)
-        if other and self.unembed_fingerprint:
-            # Another digest is also the same unembedding in another dtype (a lens trained in
-            # float32 read on the model in bfloat16), which the fingerprint matches.
-            other = not _same_unembedding(self.unembed_fingerprint, unembedding_fingerprint(model))
-        if other or (package_hash and package_hash != package_unembedding_hash(model)):
+        if self._other_unembedding(model):
             name = str(getattr(model.cfg, "model_name", "") or "this model")
             warn(
                 f"This tuned lens (trained on {self.model_name or 'an unnamed model'}) was trained "
@@ -284,6 +278,17 @@ class TunedLens(Lens):
                 "train a lens for this model.",
                 UserWarning,
             )
+
+    def _other_unembedding(self, model: Any) -> bool:
+        """Whether the lens was trained with another unembedding than ``model``'s (by this
+        library's digest, or the tuned-lens package's hash for a lens read from its folder)."""
+        package_hash = self.info.get("unembed_hash")
+        other = bool(self.unembed_digest) and self.unembed_digest != unembedding_digest(model)
+        if other and self.unembed_fingerprint:
+            # Another digest is also the same unembedding in another dtype (a lens trained in
+            # float32 read on the model in bfloat16), which the fingerprint matches.
+            other = not _same_unembedding(self.unembed_fingerprint, unembedding_fingerprint(model))
+        return bool(other or (package_hash and package_hash != package_unembedding_hash(model)))
 
     def _spans(self) -> list[str]:
         out = []
@@ -413,9 +418,11 @@ class TunedLens(Lens):
         Args:
             folder: The folder to write (created with its parents; its ``config.json`` and
                 ``params.pt`` are replaced).
-            model: The model the lens is for: its unembedding's hash, as the package computes
-                it, goes in ``unembed_hash`` so that the package warns when the lens is loaded
-                for another model (None: the hash the lens was read with, if any).
+            model: The model the lens was trained for (checked: a model with another
+                unembedding is refused): its unembedding's hash, as the package computes it,
+                goes in ``unembed_hash`` so that the package warns when the lens is loaded for
+                another model (None: the hash the lens was read with, if any; none if it has
+                none, and the package then checks nothing).
             identity_where_missing: Write the identity (the logit lens) for a block input this
                 lens has no translator for, instead of refusing (a lens trained on
                 ``resid_post`` only has none for the embeddings).
@@ -425,7 +432,7 @@ class TunedLens(Lens):
 
         Raises:
             ValueError: A block input without a translator (unless ``identity_where_missing``),
-                or a model of another shape.
+                or a model of another shape or unembedding.
 
         Example:
             >>> import tempfile, mechprobe as mp
@@ -442,6 +449,13 @@ class TunedLens(Lens):
             raise ValueError(
                 f"This tuned lens was made for {n} layers x d_model {d}; the model has "
                 f"{model.cfg.n_layers} x {model.cfg.d_model}: pass the model it was trained for."
+            )
+        if model is not None and self._other_unembedding(model):
+            # its hash would tell the package that the lens is this model's
+            raise ValueError(
+                f"This tuned lens ({self.model_name or 'unnamed model'}) was trained with "
+                f"another unembedding than {getattr(model.cfg, 'model_name', '') or 'this model'}'s: "
+                "pass the model it was trained for (its hash goes into config.json)."
             )
         inputs = [("resid_pre", 0)] + [("resid_post", layer) for layer in range(n - 1)]
         missing = [

@@ -675,6 +675,10 @@ def ablate_cells(
             mean over the reference prompts of their activation at that position (counted from
             the start; Wang et al.'s mean ablation over prompts of one template, where position
             p holds the same role in every prompt; a pattern's mean is always position-wise).
+            With ``"same"`` pass prompts of one length, and references as text or unpadded
+            ids (a padded tensor's rows are read from their first token); prompts or references
+            of several lengths warn, and named positions are ablated to the mean at their own
+            index in each prompt, not at the role's.
         layers: The layers a kind covers.
         n_random: Random controls per cell: the activation moved by the ablation's own distance
             in a random direction (control ``j`` of a prompt drawn from ``(seed + j) % 2**32`` and the
@@ -705,6 +709,16 @@ def ablate_cells(
     rows = site_rows(model, sites, layers, "ablate_cells()")
     site_list = rows.sites
     per_position = reference_positions == "same"
+    if isinstance(reference_positions, str) and reference_positions not in ("all", "same"):
+        raise ValueError(
+            f"reference_positions takes 'all', 'same' (a position-wise mean), an int or a list "
+            f"of ints; got {reference_positions!r}."
+        )
+    if method == "zero" and (reference is not None or reference_positions != "all"):
+        warn(
+            "method='zero' reads no reference prompts: reference= and reference_positions= "
+            "are unused (they set the mean of method='mean')."
+        )
     if reference_positions not in ("all", "same"):
         position_list(reference_positions)  # a clear error for a bad spec, before any forward
         if any(s.kind == "pattern" for s in site_list):
@@ -722,6 +736,8 @@ def ablate_cells(
         if reference is None and len(ids) == 1:
             ablated = sorted({p for column in columns[0] for _, p in column})
             _warn_if_self_mean(site_list, ablated, lengths[0], reference_positions)
+        elif per_position:
+            _warn_if_positions_disagree(lengths, [len(t) for t in ref_ids], columns, reference)
     plan = Plan(bases=[Base(t, i) for i, t in enumerate(ids)])
     grid = [
         (i, r, c, group, column)
@@ -834,6 +850,46 @@ def _warn_if_self_mean(
                 "Pass reference prompts (reference=...), reference_positions='all', or use "
                 "method='zero'.",
             )
+
+
+def _warn_if_positions_disagree(
+    lengths: list[int],
+    ref_lengths: list[int],
+    columns: list[list[tuple[tuple[int, int], ...]]],
+    reference: Prompts | None,
+) -> None:
+    """A position-wise mean counts positions from each prompt's start, so it means "the same
+    token role" only for prompts of one template and length: warn where lengths differ, and
+    where a prompt is its own reference at a position no other prompt reaches (its mean there
+    is its own activation: that cell reads "no effect")."""
+    sizes = sorted(set(ref_lengths) | set(lengths))
+    if len(sizes) > 1:
+        warn(
+            f"reference_positions='same' takes each position's mean over the reference prompts "
+            f"that reach it, counted from their start, and these prompts have {len(sizes)} "
+            f"lengths ({', '.join(map(str, sizes[:6]))}{' ...' if len(sizes) > 6 else ''} "
+            "tokens): a position then holds different tokens in different prompts. Use prompts "
+            "of one template and length (group them and run each group), or "
+            "reference_positions='all'."
+        )
+    if reference is not None:
+        return
+    alone = sorted(
+        {
+            p
+            for i, prompt_columns in enumerate(columns)
+            for column in prompt_columns
+            for _, p in column
+            if sum(n > p for n in ref_lengths) == 1 and lengths[i] > p
+        }
+    )
+    if alone:
+        warn(
+            f"Position(s) {alone[:8]}{' ...' if len(alone) > 8 else ''} are reached by one "
+            "prompt only, which is its own reference there: its mean is its own activation and "
+            "ablating to it changes nothing. Pass reference prompts (reference=...) at least as "
+            "long, or use method='zero'."
+        )
 
 
 def _means(
