@@ -31,7 +31,7 @@ and writes ``docs/causal_results.json`` and ``docs/figures/causal_*.png``:
 (default all built-in ones; a task file too, such as one of Todd et al.'s datasets,
 ``function_vectors/dataset_files/abstractive/antonym.json``, with ``--fv-items`` for a seeded
 subset of its items) and fv-layers (default four), ``--fv-layer-step`` the layers of fv-layers;
-both write after each task (fv keeps the recorded tasks it does not run). Parts may run in separate processes side by side: each
+both write each task's row as it ends, keeping the rows of tasks not run. Parts may run in separate processes side by side: each
 write re-reads the JSON and replaces its own key only.
 """
 
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -330,15 +331,14 @@ def function_vectors(
     model: Any,
     n_prompts: int,
     tasks: list[str],
-    done: Callable[[dict], None],
-    kept: dict,
+    done: Callable[[str, dict], None],
     n_items: int | None = None,
 ) -> dict[str, Any]:
-    """Each task's FV beside its controls; ``done`` gets the record after each task, the tasks
-    of ``kept`` (the last record) that are not run staying as they were. A task is a built-in
-    name or a file (a Todd et al. dataset reads as their prompts); ``n_items`` keeps a seeded
-    subset of a larger task's items."""
-    out = dict(kept)
+    """Each task's FV beside its controls; ``done(name, row)`` gets each task's row as it ends
+    (written into the record's ``function_vectors`` beside the tasks not run). A task is a
+    built-in name or a file (a Todd et al. dataset reads as their prompts); ``n_items`` keeps a
+    seeded subset of a larger task's items."""
+    out: dict[str, Any] = {}
     for source in tasks:
         start = time.perf_counter()
         task = mp.load_task(source)
@@ -375,19 +375,19 @@ def function_vectors(
             "wall_s": round(time.perf_counter() - start, 1),
         }
         print(name, out[name]["accuracy"], flush=True)
-        done(out)
+        done(name, out[name])
         if name == "capitals":
             res.plot().savefig(FIGURES / "causal_fv_capitals.png", dpi=110, bbox_inches="tight")
     return out
 
 
 def function_vector_layers(
-    model: Any, n_prompts: int, tasks: list[str], step: int, done: Callable[[dict], None]
+    model: Any, n_prompts: int, tasks: list[str], step: int, done: Callable[[str, dict], None]
 ) -> dict[str, Any]:
     """Todd et al.'s layer sweep: each task's FV (fitted as in ``fv``) added after every
     ``step``-th layer to zero-shot and shuffled-label few-shot prompts of its held-out items,
-    beside one random vector of its norm (``mp.function_vector_sweep``); ``done`` gets the
-    record after each task (a task takes 15-30 minutes on two cores)."""
+    beside one random vector of its norm (``mp.function_vector_sweep``); ``done(name, row)``
+    gets each task's row as it ends (a task takes 10-30 minutes on two cores)."""
     out: dict[str, Any] = {}
     for name in tasks:
         res = mp.function_vector(model, name, n_prompts=n_prompts, n_random=1, progress=False)
@@ -410,7 +410,7 @@ def function_vector_layers(
         print(name, out[name]["best_layer"], out[name]["baseline"], flush=True)
         if name == "capitals_extractive":
             sweep.plot().savefig(FIGURES / "causal_fv_layers.png", dpi=110, bbox_inches="tight")
-        done(out)
+        done(name, out[name])
     return out
 
 
@@ -754,25 +754,31 @@ def main() -> None:
     parts = args.part or list(PARTS)
     FIGURES.mkdir(parents=True, exist_ok=True)
 
-    def record(key: str, value: Any) -> None:
-        # Re-read before each write: parts run in another process beside this one keep theirs.
+    def record(key: str, value: Any, entry: str | None = None) -> None:
+        # Re-read before each write: parts run in another process beside this one keep theirs
+        # (``entry``: one task's row of ``key``, the other rows as the file has them now), and
+        # write atomically, so that a reader never sees half a file.
         now = json.loads(OUT.read_text()) if OUT.exists() else {}
-        now[key] = value
-        OUT.write_text(json.dumps(now, indent=1) + "\n")
+        if entry is None:
+            now[key] = value
+        else:
+            now.setdefault(key, {})[entry] = value
+        partial = OUT.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(now, indent=1) + "\n")
+        os.replace(partial, OUT)
 
     model = mp.load_model()
     chosen = [t for t in (args.fv_tasks or "").split(",") if t]
     if "fv" in parts:
-        kept = json.loads(OUT.read_text()).get("function_vectors", {}) if OUT.exists() else {}
         function_vectors(
             model, args.prompts, chosen or mp.list_tasks(),
-            lambda partial: record("function_vectors", partial), kept, args.fv_items,
+            lambda name, row: record("function_vectors", row, entry=name), args.fv_items,
         )  # fmt: skip
     if "fv-layers" in parts:
         tasks = chosen or ["capitals", "capitals_extractive", "past_tense", "uppercase"]
         function_vector_layers(
             model, args.prompts, tasks, args.fv_layer_step,
-            lambda partial: record("function_vector_layers", partial),  # after each task
+            lambda name, row: record("function_vector_layers", row, entry=name),
         )  # fmt: skip
     if "generate" in parts:
         record("generate", generations(model, args.prompts))
