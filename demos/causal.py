@@ -31,8 +31,9 @@ and writes ``docs/causal_results.json`` and ``docs/figures/causal_*.png``:
 (default all built-in ones; a task file too, such as one of Todd et al.'s datasets,
 ``function_vectors/dataset_files/abstractive/antonym.json``, with ``--fv-items`` for a seeded
 subset of its items) and fv-layers (default four), ``--fv-layer-step`` the layers of fv-layers;
-both write each task's row as it ends, keeping the rows of tasks not run. Parts may run in separate processes side by side: each
-write re-reads the JSON and replaces its own key only.
+both write each task's row as it ends, keeping the rows of tasks not run. Parts may run in
+separate processes side by side: each write re-reads the JSON and replaces its own key (fv and
+fv-layers: their task's row) only, atomically.
 """
 
 from __future__ import annotations
