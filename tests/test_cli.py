@@ -766,7 +766,8 @@ def test_train_lens_saves_the_lens_the_api_trains(tmp_path, capsys):
         torch.testing.assert_close(lens.weights[kind], direct.weights[kind], rtol=0, atol=0)
         torch.testing.assert_close(lens.biases[kind], direct.biases[kind], rtol=0, atol=0)
     info = direct.info
-    assert f"trained 128 tokens in 2 steps from {info['documents']} document" in out
+    assert "trained 128 tokens in 2 steps (" in out
+    assert f"windows from {info['documents']} document" in out
     assert f"{info['loss_per_step'][0]:.1f} -> {info['loss_per_step'][-1]:.1f} nats" in out
     # the last step's KL table: layer 2 has a resid_mid translator and no resid_post one
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line[:5].strip()
@@ -777,9 +778,14 @@ def test_train_lens_saves_the_lens_the_api_trains(tmp_path, capsys):
     # --compare: the logit and the new lens on held-out text, as compare_lenses reads them
     cmp = mp.compare_lenses(model, {"logit": "logit", "tuned": direct}, "heldout", n_tokens=64,
                             seq_len=32, seed=3, progress=False)  # fmt: skip
-    assert f"held-out text, {cmp.n_positions} positions of {cmp.n_windows} windows" in out
-    table = cmp.summary().to_string(float_format=lambda v: f"{v:.3f}")
-    assert table in out
+    assert f"heldout text, {cmp.n_positions} positions of {cmp.n_windows} windows" in out
+    for e, layer in enumerate(cmp.layers):  # each lens's KL and precision@1 with its SE
+        row = next(
+            line.split() for line in out.splitlines() if line.startswith(f"resid_post@{layer} ")
+        )
+        assert row[1:4] == [f"{cmp.kl[0, e]:.3f}", "±", f"{cmp.kl_sem[0, e]:.3f}"]
+        assert row[4:7] == [f"{cmp.kl[1, e]:.3f}", "±", f"{cmp.kl_sem[1, e]:.3f}"]
+        assert row[10:13] == [f"{cmp.precision[1, e]:.3f}", "±", f"{cmp.precision_sem[1, e]:.3f}"]
 
 
 @pytest.mark.parametrize(
@@ -791,14 +797,19 @@ def test_train_lens_saves_the_lens_the_api_trains(tmp_path, capsys):
             ["--save", "l.safetensors", "--seq-len", "32", "--tokens-per-step", "48"],
             "--tokens-per-step (48) must be a multiple of --seq-len (32)",
         ),
-        (["--save", "l.safetensors", "--text", "nowhere.txt"], "nor an existing file"),
+        (["--save", "l.safetensors", "--text", "nowhere.txt"], "no such file or folder"),
+        (["--save", "l.safetensors", "--text", "all", "--compare", "64"], "on training text"),
+        (["--save", "l.safetensors", "--export", "d", "--sites", "resid_post"], "add resid_pre"),
+        (
+            ["--save", "l.safetensors", "--compare", "8", "--compare-text", "no.txt"],
+            "--compare-text no.txt: no such file",
+        ),
     ],
 )
 def test_train_lens_refuses_bad_settings_before_training(tmp_path, capsys, monkeypatch, extra,
                                                          message):  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    if "--text" not in extra:
-        monkeypatch.setattr("mechprobe.cli.train_lens.load", _no_model)
+    monkeypatch.setattr("mechprobe.cli.train_lens.load", _no_model)
     assert cli_main(["train-lens", "--model", "tiny", "--quiet", *extra]) == 2
     err = capsys.readouterr().err
     assert "mechprobe train-lens: error" in err and message in err, err
@@ -812,6 +823,8 @@ def test_train_lens_refuses_bad_settings_before_training(tmp_path, capsys, monke
         ("--weight-decay", "-1", "must be a finite number at or above 0"),
         ("--tokens", "0", "must be a positive integer"),
         ("--lr", "0", "must be a finite number above 0"),
+        ("--compare", "1", "must be 0 (no comparison) or at least 2 tokens"),
+        ("--momentum", "1", "must be in [0, 1)"),
     ],
 )
 def test_train_lens_numbers_and_kinds_are_checked_by_the_parser(capsys, flag, value, message):
@@ -833,4 +846,29 @@ def test_train_lens_resumes_from_its_checkpoint(tmp_path, capsys):
     a, b = (mp.TunedLens.load(tmp_path / f"{n}.safetensors") for n in "ab")
     torch.testing.assert_close(a.weights["resid_post"], b.weights["resid_post"], rtol=0, atol=0)
     assert b.info["resumed_at"] == 2
-    capsys.readouterr()
+    # the second run trained nothing, and says so (it printed a fresh training's line)
+    out = capsys.readouterr().out
+    assert f"already trained: read from the checkpoint in {tmp_path / 'ckpt'} (2 steps)" in out
+    assert out.count("trained 128 tokens in 2 steps") == 1
+    # other settings with the same folder: refused, naming the flags
+    assert cli_main([*argv, "--lr", "0.5", "--save", str(tmp_path / "c.safetensors")]) == 2
+    assert "other settings (--lr differ)" in capsys.readouterr().err
+
+
+def test_train_lens_exports_and_compares_on_text_of_ones_own(tmp_path, capsys):
+    text, held = tmp_path / "cat.txt", tmp_path / "held.txt"
+    text.write_text(_TEXT)
+    held.write_text("A bird flew over the river and the boat went under the bridge. " * 20)
+    argv = ["train-lens", "--model", "tiny", "--text", str(text), *_TRAIN, "--sites",
+            "resid_pre,resid_post", "--save", str(tmp_path / "l.safetensors"), "--export",
+            str(tmp_path / "folder"), "--compare", "64", "--compare-text", str(held),
+            "--compare-json", str(tmp_path / "cmp.json"), "--quiet"]  # fmt: skip
+    assert cli_main(argv) == 0
+    lens = mp.TunedLens.load(tmp_path / "l.safetensors")
+    exported = mp.TunedLens.load(tmp_path / "folder")  # the tuned-lens package's layout
+    torch.testing.assert_close(exported.weights["resid_post"], lens.weights["resid_post"])
+    saved = mp.load_result(tmp_path / "cmp.json")
+    direct = mp.compare_lenses(mp.tiny_model(), {"logit": "logit", "tuned": lens}, str(held),
+                               n_tokens=64, seq_len=32, seed=3, progress=False)  # fmt: skip
+    np.testing.assert_allclose(saved.kl, direct.kl, rtol=1e-6)
+    assert f"{held} text, {direct.n_positions} positions" in capsys.readouterr().out
