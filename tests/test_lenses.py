@@ -260,7 +260,9 @@ def test_a_lens_saved_in_the_tuned_lens_layout_reads_back(tiny, tmp_path):
     post = _exported(tiny, sites=["resid_post"])
     with pytest.raises(ValueError, match=r"none at resid_pre 0\. Train with sites including"):
         post.save_tuned_lens(tmp_path / "post")
-    filled = mp.TunedLens.load(post.save_tuned_lens(tmp_path / "post", identity_where_missing=True))
+    filled = mp.TunedLens.load(
+        post.save_tuned_lens(tmp_path / "post", tiny, identity_where_missing=True)
+    )
     assert float(filled.weights["resid_pre"].abs().max()) == 0.0
     torch.testing.assert_close(filled.weights["resid_post"], post.weights["resid_post"])
     with pytest.raises(ValueError, match="is a file"):
@@ -270,6 +272,17 @@ def test_a_lens_saved_in_the_tuned_lens_layout_reads_back(tiny, tmp_path):
     with pytest.raises(ValueError, match="trained with another unembedding than"):
         lens.save_tuned_lens(tmp_path / "other", other)
     assert not (tmp_path / "other").exists()
+    # review 38a: a lens with no block-input translator would be the logit lens under a tuned
+    # lens's name; without the model no hash is written, which turns the package's check off
+    mid = mp.TunedLens.identity(tiny, sites=["resid_mid"])
+    with pytest.raises(ValueError, match="no translator for any block input"):
+        mid.save_tuned_lens(tmp_path / "mid", tiny, identity_where_missing=True)
+    with pytest.warns(UserWarning) as caught:
+        lens.save_tuned_lens(tmp_path / "unhashed")
+    assert any("writes no unembed_hash" in str(w.message) for w in caught)
+    assert json.loads((tmp_path / "unhashed" / "config.json").read_text())["unembed_hash"] is None
+    with pytest.raises(ValueError, match="cannot be a folder under it"):
+        lens.save_tuned_lens(folder / "config.json" / "sub", tiny)
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gpt2"])

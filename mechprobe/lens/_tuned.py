@@ -436,14 +436,18 @@ class TunedLens(Lens):
 
         Example:
             >>> import tempfile, mechprobe as mp
-            >>> lens = mp.TunedLens.identity(mp.tiny_model(), sites=["resid_pre", "resid_post"])
-            >>> folder = lens.save_tuned_lens(tempfile.mkdtemp() + "/lens")
+            >>> model = mp.tiny_model()
+            >>> lens = mp.TunedLens.identity(model, sites=["resid_pre", "resid_post"])
+            >>> folder = lens.save_tuned_lens(tempfile.mkdtemp() + "/lens", model)
             >>> sorted(p.name for p in folder.iterdir())
             ['config.json', 'params.pt']
         """
         root = Path(folder).expanduser()
         if root.exists() and not root.is_dir():
             raise ValueError(f"{root} is a file: pass a folder for the tuned-lens format.")
+        above = next((p for p in root.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise ValueError(f"{above} is a file: {root} cannot be a folder under it.")
         n, d = self.n_layers, self.d_model
         if model is not None and (int(model.cfg.n_layers), int(model.cfg.d_model)) != (n, d):
             raise ValueError(
@@ -461,6 +465,12 @@ class TunedLens(Lens):
         missing = [
             f"{kind} {layer}" for kind, layer in inputs if layer not in self.layers.get(kind, ())
         ]
+        if len(missing) == len(inputs):
+            raise ValueError(
+                "This lens has no translator for any block input (resid_pre 0, resid_post "
+                f"0..{n - 2}): the folder would hold the logit lens under a tuned lens's name. "
+                "Train with sites including 'resid_pre' and 'resid_post' (the default)."
+            )
         if missing and not identity_where_missing:
             raise ValueError(
                 f"The tuned-lens format has a translator for every block input; this lens has "
@@ -484,6 +494,13 @@ class TunedLens(Lens):
             # clones: a slice saved alone would carry its whole [k, d, d] storage into the file
             state[f"{i}.weight"], state[f"{i}.bias"] = weight.clone(), bias.clone()
         package_hash = package_unembedding_hash(model) if model is not None else None
+        if package_hash is None and not self.info.get("unembed_hash"):
+            warn(
+                "save_tuned_lens without the model writes no unembed_hash: the tuned-lens "
+                "package will then load this lens for any model without a word. Pass the model "
+                "the lens was trained for.",
+                UserWarning,
+            )
         config = {
             "base_model_name_or_path": self.model_name,
             "d_model": d,
