@@ -355,6 +355,7 @@ def function_vectors(
             "items": len(task),
             "items_in_source": total,
             "shots": len(task.shots),
+            "n_prompts": n_prompts,
             "layer": res.layer,
             "heads": [list(h) for h in res.heads],
             "accuracy": dict(zip(res.conditions, res.accuracy.round(3).tolist(), strict=True)),
@@ -768,8 +769,10 @@ def main() -> None:
         partial.write_text(json.dumps(now, indent=1) + "\n")
         os.replace(partial, OUT)
 
-    model = mp.load_model()
     chosen = [t for t in (args.fv_tasks or "").split(",") if t]
+    for name in chosen:  # a misspelt task before the model loads and earlier tasks run
+        mp.load_task(name)
+    model = mp.load_model()
     if "fv" in parts:
         function_vectors(
             model, args.prompts, chosen or mp.list_tasks(),
