@@ -872,3 +872,22 @@ def test_train_lens_exports_and_compares_on_text_of_ones_own(tmp_path, capsys):
                                n_tokens=64, seq_len=32, seed=3, progress=False)  # fmt: skip
     np.testing.assert_allclose(saved.kl, direct.kl, rtol=1e-6)
     assert f"{held} text, {direct.n_positions} positions" in capsys.readouterr().out
+
+
+def test_probe_reads_the_positions_given_as_ints(tmp_path):
+    # collect takes ints and lists of ints; the command took only last, all and word_last.
+    out = tmp_path / "p"
+    args = ["probe", "--dataset", "number", "--model", "tiny", "--quiet", "--max-examples", "40",
+            "--site", "resid_post", "--layers", "1", "--positions=-2,-1", "--out", str(out)]  # fmt: skip
+    assert cli_main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_examples"] == 80  # two rows per text
+    data = mp.templated_dataset("number", seed=0).sample(40, seed=0)
+    acts = mp.collect(mp.tiny_model(), data, "resid_post", positions=[-2, -1], layers=[1],
+                      progress=False)  # fmt: skip
+    direct = mp.probe_layers(acts, seed=0, progress=False)
+    saved = mp.load_result(out / "result.json")
+    np.testing.assert_allclose(saved.accuracy, direct.accuracy)
+    assert len(acts) == 80
+    with pytest.raises(SystemExit):
+        cli_main(["probe", "--dataset", "number", "--positions", "first", "--out", str(out)])

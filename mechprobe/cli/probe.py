@@ -78,7 +78,8 @@ def add_parser(sub: Any) -> None:
         type=_positions,
         default=-1,
         help="tokens read: last or -1 (default: each text's last token; each word's last token "
-        "for word-level data), all, or word_last",
+        "for word-level data), all, word_last, or ints of every text (0,-2: BOS and the "
+        "token before the last; write --positions=-2,-1)",
     )
     parser.add_argument(  # the old name (one release): last, all or word_last
         "--select", type=_positions, dest="positions", help=argparse.SUPPRESS
@@ -120,15 +121,21 @@ def _folds(text: str) -> int:
     return value
 
 
-def _positions(text: str) -> int | str:
-    """``-1`` (or ``last``), ``all`` or ``word_last``."""
+def _positions(text: str) -> int | str | list[int]:
+    """``-1`` (or ``last``), ``all``, ``word_last``, an int or comma-separated ints (the same
+    positions of every text, as :func:`mechprobe.collect` takes them)."""
     if text in ("-1", "last"):
         return -1
     if text in ("all", "word_last"):
         return text
-    raise argparse.ArgumentTypeError(
-        f"positions must be last (or -1), all or word_last, not {text!r}"
-    )
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "positions must be last (or -1), all, word_last, an int or comma-separated ints "
+            f"(e.g. 0,-1; write --positions=-2,-1), not {text!r}"
+        ) from None
+    return values[0] if len(values) == 1 else values
 
 
 def _site_problem(site: str, layers: Any) -> str | None:
