@@ -380,6 +380,26 @@ def fraction(text: str) -> float:
     return value
 
 
+def comma_choices(choices: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """An argparse ``type`` for a comma-separated list drawn from ``choices`` (``--kinds``,
+    ``train-lens --sites``): each unknown entry refused by the parser, naming the choices.
+
+    Example:
+        >>> comma_choices(("a", "b"), "kinds")("b, a")
+        ['b', 'a']
+    """
+
+    def parse(text: str) -> list[str]:
+        picked = [part.strip() for part in text.split(",") if part.strip()]
+        if not picked or any(part not in choices for part in picked):
+            raise argparse.ArgumentTypeError(
+                f"{what} are a comma-separated list of {', '.join(choices)}; got {text!r}"
+            )
+        return picked
+
+    return parse
+
+
 def add_run_arguments(
     parser: argparse.ArgumentParser,
     *,

@@ -16,6 +16,7 @@ from mechprobe.cli._arguments import (
     add_layers_argument,
     add_model_argument,
     add_run_arguments,
+    comma_choices,
     command_error,
     load,
     output_problem,
@@ -48,16 +49,6 @@ def _at_least_two(text: str) -> int:
     return value
 
 
-def _kinds(text: str) -> list[str]:
-    kinds = [k.strip() for k in text.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in _KINDS]
-    if unknown or not kinds:
-        raise argparse.ArgumentTypeError(
-            f"kinds are a comma-separated list of {', '.join(_KINDS)}; got {text!r}"
-        )
-    return kinds
-
-
 def add_parser(sub: Any) -> None:
     """Register ``mechprobe heads`` on the subparsers ``sub``."""
     parser = sub.add_parser(
@@ -69,7 +60,7 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--prompt", action="append", default=[], help="prompt (repeat)")
     parser.add_argument(
         "--kinds",
-        type=_kinds,
+        type=comma_choices(_KINDS, "kinds"),
         default=list(_KINDS),
         help=f"comma-separated: {','.join(_KINDS)} (default all three)",
     )

@@ -18,6 +18,7 @@ from typing import Any
 from mechprobe.cli._arguments import (
     add_model_argument,
     add_run_arguments,
+    comma_choices,
     load,
     nonnegative_float,
     nonnegative_int,
@@ -62,16 +63,6 @@ _SETTINGS = {
 }
 
 
-def _kinds(text: str) -> list[str]:
-    kinds = [k.strip() for k in text.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in _KINDS]
-    if unknown or not kinds:
-        raise argparse.ArgumentTypeError(
-            f"site kinds are a comma-separated list of {', '.join(_KINDS)}; got {text!r}"
-        )
-    return kinds
-
-
 def _compare_tokens(text: str) -> int:
     """``--compare``: 0 (no comparison) or at least 2 tokens (a window needs two)."""
     value = 0 if text.strip() == "0" else positive_int(text)
@@ -111,7 +102,7 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument(
         "--sites",
-        type=_kinds,
+        type=comma_choices(_KINDS, "site kinds"),
         default=None,
         help="comma-separated residual kinds to translate: resid_pre, resid_mid, resid_post "
         "(default: every kind the model has; resid_pre beyond layer 0 is read with the "
