@@ -762,3 +762,28 @@ def test_an_old_file_of_a_whole_site_reads_no_other_layers_probe() -> None:
     assert whole.headline()["probe_accuracy_after"] is None
     head = dataclasses.replace(whole, site="head_out@1, head 0")
     assert head.headline()["probe_accuracy_after"] == 0.5
+
+
+def test_cube_random_controls_reach_amnesic() -> None:
+    # Elazar et al.'s own draw of the random-direction control (entries uniform in [-0.5, 0.5]):
+    # the erased condition is the same, the random controls are those directions' projections.
+    model = mp.tiny_model()
+    eraser = mp.random_projection(model.cfg.d_model, 4, seed=0)
+    texts = ["Hello there, friend.", "The cat sat on the mat."]
+    runs = {}
+    for how in ("sphere", "cube"):
+        runs[how] = mp.amnesic(model, "blocks.1.hook_resid_post", eraser, text=texts, n_random=1,
+                               dropout=False, random_directions=how, progress=False)  # fmt: skip
+
+    def kl(result: Any, condition: str) -> float:
+        return next(m.value for m in result.measures if m.metric == "lm_kl"
+                    and m.condition == condition)  # fmt: skip
+
+    assert kl(runs["sphere"], "erased") == kl(runs["cube"], "erased")
+    assert kl(runs["sphere"], "random") != kl(runs["cube"], "random")
+    # the cube control is the projection random_projection(..., "cube") makes, applied by hand
+    cube = mp.random_projection(model.cfg.d_model, 4, random_directions="cube",
+                                seed=mp.core.control_seed(0, 0))  # fmt: skip
+    by_hand = mp.amnesic(model, "blocks.1.hook_resid_post", cube, text=texts, n_random=0,
+                         dropout=False, progress=False)  # fmt: skip
+    assert kl(runs["cube"], "random") == pytest.approx(kl(by_hand, "erased"), rel=1e-6)

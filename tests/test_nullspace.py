@@ -441,6 +441,24 @@ def test_frame_and_plot(erased: Eraser) -> None:
     assert np.array_equal(ticks, np.round(ticks))  # whole iterations (read 0.0, 2.5, 5.0)
 
 
+def test_cube_directions_are_elazar_et_al_s_draw() -> None:
+    # Their rand_direction_control: vectors with entries uniform in [-0.5, 0.5] (np.random.rand
+    # - 0.5), their span projected out (debias_by_specific_directions: I - the projection onto
+    # the span). Drawn here with torch's generator for the seed, then projected plainly.
+    cube = random_projection(D, 4, random_directions="cube", seed=5)
+    vectors = (torch.rand(D, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+               - 0.5).numpy()  # fmt: skip
+    span = vectors @ np.linalg.pinv(vectors)  # the orthogonal projection onto their span
+    np.testing.assert_allclose(cube.P.numpy(), np.eye(D) - span, atol=1e-12)
+    assert cube.n_removed == 4 and cube.method == "random"
+    assert not torch.allclose(cube.P, random_projection(D, 4, seed=5).P)
+    with pytest.raises(ValueError, match="random_directions must be 'sphere'"):
+        random_projection(D, 4, random_directions="gauss")  # type: ignore[arg-type]
+    conds = mp.control_projections(random_projection(D, 4, seed=1), 2, random_directions="cube")
+    assert torch.equal(conds[1].eraser.P, random_projection(D, 4, random_directions="cube",
+                                                            seed=conds[1].seed).P)  # fmt: skip
+
+
 def test_controls() -> None:
     r = random_projection(D, 5, seed=2)
     B = r.removed.numpy()

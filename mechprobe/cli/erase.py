@@ -108,6 +108,13 @@ def add_parser(sub: Any) -> None:
         "--n-random", type=nonnegative_int, default=3, help="random controls (default 3)"
     )
     parser.add_argument(
+        "--random-directions",
+        choices=("sphere", "cube"),
+        default="sphere",
+        help="how the random controls are drawn: sphere (uniform subspaces, the default) or "
+        "cube (Elazar et al.'s code: entries uniform in [-0.5, 0.5])",
+    )
+    parser.add_argument(
         "--iterations", type=positive_int, help="INLP iterations at most (default 20)"
     )
     parser.add_argument("--no-mlp", action="store_true", help="skip the MLP probe")
@@ -223,6 +230,7 @@ def _erase(
             probe=probe_data,
             positions=args.positions,
             n_random=args.n_random,
+            random_directions=args.random_directions,
             mlp=not args.no_mlp,
             seed=args.seed,
             batch_size=args.batch_size,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -60,11 +60,17 @@ __all__ = ["amnesic", "control_projections"]
 
 
 def control_projections(
-    eraser: Eraser, n_random: int = 3, *, dropout: bool = True, seed: int = 0
+    eraser: Eraser,
+    n_random: int = 3,
+    *,
+    dropout: bool = True,
+    random_directions: Literal["sphere", "cube"] = "sphere",
+    seed: int = 0,
 ) -> list[Condition]:
     """The erasure and its controls of equal rank: ``erased``, ``random`` x n_random, ``dropout``.
 
-    Random control ``i`` is ``random_projection(dim, n_removed, seed=seed + i)`` (modulo
+    Random control ``i`` is ``random_projection(dim, n_removed, random_directions=...,
+    seed=seed + i)`` (``"sphere"``: uniform subspaces; ``"cube"``: Elazar et al.'s draw; modulo
     ``2**32``: :func:`mechprobe.core.control_seed`, so every seed works here); the dropout
     control zeroes ``n_removed`` coordinates drawn with ``seed``. An affine erasure's controls
     share its centre: where the eraser keeps a mean in place (LEACE, ``x' = mean + P (x -
@@ -88,7 +94,14 @@ def control_projections(
         return control if mean is None else replace(control, mean=mean.to(control.removed))
 
     out = [Condition("erased", eraser)]
-    out += [Condition("random", centred(random_projection(dim, k, seed=s)), s) for s in seeds]
+    out += [
+        Condition(
+            "random",
+            centred(random_projection(dim, k, random_directions=random_directions, seed=s)),
+            s,
+        )
+        for s in seeds
+    ]
     if dropout:
         out.append(Condition("dropout", centred(dropout_projection(dim, k, seed=seed)), seed))
     return out
@@ -107,6 +120,7 @@ def amnesic(
     positions: ErasePositions = "all",
     n_random: int = 3,
     dropout: bool = True,
+    random_directions: Literal["sphere", "cube"] = "sphere",
     mlp: bool = True,
     probe_folds: int | None = None,
     seed: int = 0,
@@ -131,6 +145,9 @@ def amnesic(
         n_random: Random-direction controls of the same rank (seeds ``seed .. seed+n_random-1``,
             modulo ``2**32``).
         dropout: Also run the dropout control.
+        random_directions: How the random controls' directions are drawn: ``"sphere"``
+            (default: uniform subspaces) or ``"cube"`` (Elazar et al.'s code: entries uniform in
+            ``[-0.5, 0.5]``), see :func:`mechprobe.random_projection`.
         mlp: Also fit an MLP probe (intact and erased only): a nonlinear probe can often still
             read what a linear erasure removed.
         probe_folds: Score probes by stratified k-fold cross-validation instead of one 75/25
@@ -195,7 +212,9 @@ def amnesic(
     device, dtype = adapter.device, adapter.dtype
     controls = [  # cast once for the model, so no forward pass casts a factor again
         Condition(c.name, c.eraser.to(device, dtype) if c.eraser else None, c.seed)
-        for c in control_projections(eraser, n_random, dropout=dropout, seed=seed)
+        for c in control_projections(
+            eraser, n_random, dropout=dropout, random_directions=random_directions, seed=seed
+        )
     ]
     conditions = [Condition("intact", None), *controls]
     measures: list[AmnesicMeasure] = []

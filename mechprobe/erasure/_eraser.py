@@ -20,7 +20,7 @@ products, ``O(k d)`` per vector, never ``O(d²)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -427,19 +427,39 @@ def _check_rank(dim: int, n_removed: int) -> tuple[int, int]:
     return dim, number
 
 
-def random_projection(dim: int, n_removed: int, *, seed: int = 0) -> Eraser:
-    """Control: remove ``n_removed`` uniformly random orthonormal directions.
+def random_projection(
+    dim: int,
+    n_removed: int,
+    *,
+    random_directions: Literal["sphere", "cube"] = "sphere",
+    seed: int = 0,
+) -> Eraser:
+    """Control: remove ``n_removed`` random orthonormal directions.
 
-    The directions are the sign-fixed Q factor of a Gaussian ``[dim, n_removed]`` matrix, which is
-    Haar-distributed, so the subspace is uniform. Match an erasure's rank with
+    With ``random_directions="sphere"`` (the default) the directions are the sign-fixed Q factor
+    of a Gaussian ``[dim, n_removed]`` matrix, which is Haar-distributed, so the subspace is
+    uniform. ``"cube"`` is Elazar et al.'s control as their code draws it
+    (``amnesic_probing/tasks/utils.py``, ``rand_direction_control``): vectors with entries
+    uniform in ``[-0.5, 0.5]``, whose span is removed; such vectors lean towards the cube's
+    diagonals, so their subspace is not uniform. Match an erasure's rank with
     ``random_projection(eraser.dim, eraser.n_removed)``.
 
     Example:
         >>> random_projection(10, 4, seed=1).n_removed
         4
+        >>> random_projection(10, 4, random_directions="cube", seed=1).n_removed
+        4
     """
     dim, n_removed = _check_rank(dim, n_removed)
+    if random_directions not in ("sphere", "cube"):
+        raise ValueError(
+            f"random_directions must be 'sphere' (uniform subspaces) or 'cube' (Elazar et al.'s "
+            f"entries uniform in [-0.5, 0.5]), got {random_directions!r}."
+        )
     gen = torch.Generator().manual_seed(check_seed(seed))
+    if random_directions == "cube":
+        cube = torch.rand(dim, n_removed, generator=gen, dtype=torch.float64) - 0.5
+        return _orthogonal(torch.linalg.qr(cube)[0].T, "random")
     gauss = torch.randn(dim, n_removed, generator=gen, dtype=torch.float64)
     q, r = torch.linalg.qr(gauss)
     # QR is unique only up to column signs; fixing diag(R) > 0 makes Q Haar-uniform.

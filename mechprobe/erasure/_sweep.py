@@ -268,6 +268,7 @@ def layer_sweep(
     probe: ProbeData | None = None,
     positions: ErasePositions = -1,
     n_random: int = 3,
+    random_directions: Literal["sphere", "cube"] = "sphere",
     mlp: bool = False,
     fit_options: dict[str, Any] | None = None,
     seed: int = 0,
@@ -295,6 +296,8 @@ def layer_sweep(
             text-level ``data`` is read and the erasure was fitted; ``"all"`` erases everywhere,
             and is the only choice for word-level ``data``, read at every word).
         n_random: Random controls of equal rank per layer.
+        random_directions: ``"sphere"`` (uniform subspaces, the default) or ``"cube"`` (Elazar
+            et al.'s draw), as for :func:`mechprobe.amnesic`.
         mlp: Also fit MLP probes (as for :func:`mechprobe.amnesic`, where it is on by default;
             off here, as a sweep fits them again at every site).
         fit_options: Options for :func:`fit_erasure`.
@@ -359,6 +362,7 @@ def layer_sweep(
                 probe_layers=[site.layer],
                 positions=positions,
                 n_random=n_random,
+                random_directions=random_directions,
                 mlp=mlp,
                 seed=seed,
                 batch_size=batch_size,
