@@ -545,6 +545,15 @@ def test_cli_fv_writes_the_api_result(tiny, tmp_path, capsys):
     np.testing.assert_array_equal(swept.correct, sweep.correct)
     printed = captured.out
     assert "random heads (FV norm)" in printed and "wrote" in printed and "sweep.json" in printed
+    report = (out / "report.md").read_text()  # the heads, the quoted predictions, the sweep
+    assert ", ".join(f"{la}.{h}" for la, h in direct.heads) in report
+    assert f"- zero-shot: {direct.summary().top_prediction[0]!r}" in report
+    assert "## Layer sweep" in report and "![sweep.png](sweep.png)" in report
+    # review 38b: layers the model lacks were refused after the vector was fit, writing nothing
+    bad = tmp_path / "bad"
+    assert cli_main([*args[:-1], str(bad), "--sweep", "0-5"]) == 2  # the last --sweep counts
+    assert "--sweep: layers run from 0 to 2" in capsys.readouterr().err
+    assert not bad.exists()
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,8 @@ conditions and the result protocol."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -606,3 +608,27 @@ def test_random_heads_controls_equal_their_heads_mean_outputs_added_by_hand(
         mp.function_vector(model, task, n_heads=10, n_random_heads=1, n_random=0, progress=False)
     with pytest.raises(ValueError, match="n_random_heads"):
         mp.function_vector(model, task, n_random_heads=-1, progress=False)
+
+
+def test_answers_that_start_as_their_input_are_warned_of(model, monkeypatch):
+    # Review 38b: on Todd et al.'s singular-plural 27% of the answers start with the input's own
+    # first token (" dog" -> " dogs" where " dogs" splits), so repeating the query scores there.
+    # The tiny byte-level model starts every answer with ' ': words stand in for first tokens.
+    import mechprobe.relational._function as fv_module
+
+    monkeypatch.setattr(
+        fv_module, "first_token_ids", lambda _, texts: [hash(t.split()[0][:3]) for t in texts]
+    )
+    pairs = [(f"{w}", f"{w}s") for w in ("dog", "cat", "cow", "pig")]
+    pairs += [("man", "men"), ("ox", "oxen"), ("mouse", "mice"), ("goose", "geese")]
+    task = mp.Task("plural", "abstractive", "Q: {input}\nA:", shots=[["hen", "hens"]], items=pairs)
+    answers = fv_module.first_token_ids(model, task.answers())
+    with pytest.warns(UserWarning, match=r"4 of 8 answers start with their own input's first"):
+        fv_module._warn_copying_scores(model, task, answers)
+    unlike = mp.Task("antonym", "abstractive", "Q: {input}\nA:", shots=[["hot", "cold"]],
+                     items=[("up", "down"), ("big", "small"), ("wet", "dry")])  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fv_module._warn_copying_scores(
+            model, unlike, fv_module.first_token_ids(model, unlike.answers())
+        )

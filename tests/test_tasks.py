@@ -451,25 +451,31 @@ def test_todd_datasets_read_as_tasks_whose_prompts_are_theirs(tmp_path) -> None:
     extractive = _write_todd(tmp_path / "extractive", "choose_first_of_3", firsts)
     assert mp.Task.from_todd(extractive, shots=2).kind == "extractive"
     elsewhere = _write_todd(tmp_path / "mine", "antonym", pairs)
-    with pytest.raises(ValueError, match=r"pass kind='abstractive' or kind='extractive'"):
+    with pytest.raises(ValueError, match=r"put it in a folder of either name"):
         mp.Task.from_todd(elsewhere)
     assert mp.Task.from_todd(elsewhere, kind="abstractive", name="ant").name == "ant"
 
 
 def test_todd_datasets_drop_repeats_and_refuse_what_is_not_theirs(tmp_path) -> None:
     pairs = [("Paris is big", "Paris"), ("Paris is big", "big"), ("  ", "x"), ("Rome", " Rome ")]
+    pairs += [("Rome", "Rome"), ("News text. ", "World")]  # an exact repeat; a trailing space
     pairs += [(f"s{i}", f"t{i}") for i in range(4)]
     path = _write_todd(tmp_path / "extractive", "conll", pairs)
-    with pytest.warns(UserWarning, match=r"1 pairs with an empty .* and 1 whose input repeats"):
+    with pytest.warns(
+        UserWarning, match=r"1 pairs with an empty .*, 1 exact repeats and 1 inputs given another"
+    ):
         task = mp.Task.from_todd(path, shots=2)
     rows = [(s.input, s.output) for s in task.shots + task.items]
-    assert sorted(rows) == sorted([("Paris is big", "Paris"), ("Rome", "Rome")]
+    # inputs as written (their prompts keep the space), answers without surrounding whitespace
+    assert sorted(rows) == sorted([("Paris is big", "Paris"), ("Rome", "Rome"),
+                                   ("News text. ", "World")]
                                   + [(f"s{i}", f"t{i}") for i in range(4)])  # fmt: skip
+    assert any("Q: News text. \nA:" in prompt for prompt in task.prompts())
     with (
-        pytest.raises(ValueError, match="not more than shots=6: no items would remain"),
-        pytest.warns(UserWarning, match="6 pairs remain"),
+        pytest.raises(ValueError, match="not more than its 7 demonstrations: no items would"),
+        pytest.warns(UserWarning, match="7 pairs remain"),
     ):
-        mp.Task.from_todd(path, shots=6)
+        mp.Task.from_todd(path, shots=7)
     task_file = mp.load_task("capitals").to_json(tmp_path / "capitals.json")
     with pytest.raises(ValueError, match=r"not one of Todd et al\.'s datasets"):
         mp.Task.from_todd(task_file)

@@ -555,6 +555,8 @@ _FLAGS = {
     "n_prompts": "--n-prompts",
     "n_random": "--n-random",
     "n_random_heads": "--n-random-heads",
+    "pass only_correct=False": "drop --only-correct",
+    "only_correct=False": "no --only-correct",
     "only_correct": "--only-correct",
     "other_task": "--other-task",
     "ovector_prompts": "--ovector-prompts",

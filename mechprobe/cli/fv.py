@@ -41,6 +41,25 @@ prompts (Todd et al.'s layer sweep).
 """
 
 
+def _shots(text: str) -> int:
+    """``--shots``: demonstrations per fit prompt, at least two (their labels are shuffled)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"must be at least 2 (the shuffled prompts permute the demonstrations' answers), "
+            f"not {text!r}"
+        )
+    return value
+
+
+def _share(text: str) -> float:
+    """``--test-size``: a share of the items in (0, 1): some held out, some to fit on."""
+    value = fraction(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be above 0: the accuracies need held-out items")
+    return value
+
+
 def add_parser(sub: Any) -> None:
     """Register ``mechprobe fv`` on the subparsers ``sub``."""
     parser = sub.add_parser(
@@ -69,7 +88,7 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument(
         "--shots",
-        type=positive_int,
+        type=_shots,
         help="demonstrations per fit prompt, drawn from the other fit items (Todd et al.: 10; "
         "default: the task's own demonstrations)",
     )
@@ -78,7 +97,7 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument(
         "--test-size",
-        type=fraction,
+        type=_share,
         default=0.5,
         help="share of the items held out for the accuracies (default 0.5)",
     )
@@ -133,6 +152,15 @@ def main(args: argparse.Namespace) -> int:
         if args.n_items is not None and args.n_items < len(task):
             task = task.subset(args.n_items, seed=args.seed)
         model = load(args.model, args.device, args.dtype, args.kind)
+        n_layers = int(model.cfg.n_layers)
+        if isinstance(args.sweep, list) and any(
+            not -n_layers <= la < n_layers for la in args.sweep
+        ):
+            # before the vector is fit (minutes on a real model), as the layer of --layer is
+            return fail(
+                f"--sweep: layers run from 0 to {n_layers - 1} (negative from the last); got "
+                f"{args.sweep}"
+            )
         result = mp.function_vector(
             model,
             task,
@@ -148,32 +176,54 @@ def main(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=not args.quiet,
         )
-        sweep = None
-        if args.sweep is not None:
-            sweep = mp.function_vector_sweep(
-                model,
-                task,
-                result,
-                layers=args.sweep,
-                test_size=args.test_size,
-                n_random=args.n_random,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                progress=not args.quiet,
-            )
     except (ValueError, TypeError, OSError, mp.ModelLoadError) as err:
         return fail(str(err))
-    problem = write_run_folder("fv", args, result, "fv.png")
+    problem = write_run_folder("fv", args, result, "fv.png")  # kept if the sweep fails
     if problem:
         return fail(problem)
-    if sweep is not None:
-        folder = Path(args.out)
-        try:
-            sweep.save(folder / "sweep.json")
-            sweep.plot().savefig(folder / "sweep.png", dpi=150, bbox_inches="tight")
-        except (OSError, ValueError) as err:
-            return fail(f"cannot write {folder}: {err}")
-        print()
-        print(sweep.summary().to_string(index=False))
-        print(f"\nwrote {folder / 'sweep.json'} and {folder / 'sweep.png'}")
+    _add_heads_to_report(Path(args.out) / "report.md", result)
+    if args.sweep is None:
+        return 0
+    try:
+        sweep = mp.function_vector_sweep(
+            model,
+            task,
+            result,
+            layers=args.sweep,
+            test_size=args.test_size,
+            n_random=args.n_random,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
+    except (ValueError, TypeError, OSError) as err:
+        return fail(f"--sweep (the function vector is written in {args.out}): {err}")
+    folder = Path(args.out)
+    table = sweep.summary().to_string(index=False)
+    try:
+        sweep.save(folder / "sweep.json")
+        sweep.plot().savefig(folder / "sweep.png", dpi=150, bbox_inches="tight")
+        with open(folder / "report.md", "a", encoding="utf-8") as report:
+            report.write(
+                f"\n## Layer sweep (`sweep.json`)\n\n{sweep._describe()}\n\n```\n{table}\n```\n\n"
+                "![sweep.png](sweep.png)\n"
+            )
+    except (OSError, ValueError) as err:
+        return fail(f"cannot write {folder}: {err}")
+    print()
+    print(table)
+    print(f"\nwrote {folder / 'sweep.json'} and {folder / 'sweep.png'}")
     return 0
+
+
+def _add_heads_to_report(path: Path, result: Any) -> None:
+    """report.md: the heads whose mean outputs make the vector, and each condition's commonest
+    prediction quoted (a bare space or newline reads as nothing in the summary table)."""
+    heads = ", ".join(f"{layer}.{head}" for layer, head in result.heads)
+    said = "\n".join(
+        f"- {row.condition}: {row.top_prediction!r} ({row.top_share:.2f} of the held-out items)"
+        for row in result.summary().itertuples()
+        if row.top_prediction
+    )
+    with open(path, "a", encoding="utf-8") as report:
+        report.write(f"\n## Heads (layer.head)\n\n{heads}\n\n## Commonest next token\n\n{said}\n")

@@ -82,6 +82,9 @@ _CONDITIONS = (
 _HEADS_CONDITIONS = ("random heads", "random heads (FV norm)")
 # A constant guess of the commonest first token would score this share: above it, say so.
 _SHARED_FIRST_TOKEN = 0.2
+#: The share of held-out answers starting with their own input's first token from which
+#: copying the query is worth a warning.
+_COPIED_SHARE = 0.1
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -446,6 +449,26 @@ def _warn_shared_first_tokens(
         )
 
 
+def _warn_copying_scores(
+    model: Any, task: Task, answers: list[int], caller: str = "function_vector"
+) -> None:
+    """Warn when many held-out answers start with their own input's first token: a model that
+    copies the query then scores on them (review 38b: 27% of Todd et al.'s singular-plural items,
+    " dog" -> " dogs"; SmolLM2 copies the query word on their antonyms)."""
+    inputs = first_token_ids(model, task.arguments())
+    token, count = Counter(answers).most_common(1)[0]
+    # a first token most answers share is warned of already (a byte-level model's ' ')
+    shared = token if count > 1 and count / len(answers) >= _SHARED_FIRST_TOKEN else None
+    same = sum(a == b != shared for a, b in zip(inputs, answers, strict=True))
+    if same >= max(2, _COPIED_SHARE * len(answers)):
+        warn(
+            f"{caller} scores each held-out answer by its first token, and {same} of "
+            f"{len(answers)} answers start with their own input's first token: a model that "
+            "repeats the query scores on those. Read the accuracies against that, or check "
+            "whole answers (score_task's exact column)."
+        )
+
+
 def _random_heads(
     top: tuple[tuple[int, int], ...], shape: tuple[int, int], n: int, seed: int
 ) -> tuple[tuple[tuple[int, int], ...], ...]:
@@ -615,6 +638,13 @@ def function_vector(
     check_int(n_prompts, "n_prompts", 1)
     check_int(n_random, "n_random", 0)
     check_int(n_random_heads, "n_random_heads", 0)
+    size = len(given) if given is not None else int(n_heads or 0)
+    if n_random_heads and n_layers * heads_per_layer - size < size:  # before the AIE's cost
+        raise ValueError(
+            f"n_random_heads draws {size} heads outside the FV's, but the model has only "
+            f"{n_layers * heads_per_layer - size} others: pass fewer heads (n_heads) or "
+            "n_random_heads=0."
+        )
     check_batch_size(batch_size)
     seed = check_seed(seed)
     only_correct = check_bool(only_correct, "only_correct")
@@ -643,6 +673,7 @@ def function_vector(
     answers = first_token_ids(model, fit.answers())
     held_answers = first_token_ids(model, test.answers())
     _warn_shared_first_tokens(model, held_answers)  # before the expensive part
+    _warn_copying_scores(model, test, held_answers)
     shape = (n_layers, heads_per_layer)
     if given is None:
         aie_res = ablate_cells(

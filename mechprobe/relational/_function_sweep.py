@@ -38,6 +38,7 @@ from mechprobe.relational._function import (
     FunctionVectorResult,
     _accuracy,
     _random_vectors,
+    _warn_copying_scores,
     _warn_shared_first_tokens,
     shuffled_prompts,
 )
@@ -314,6 +315,7 @@ def function_vector_sweep(
         )
     answers = first_token_ids(model, test.answers())
     _warn_shared_first_tokens(model, answers, "function_vector_sweep")
+    _warn_copying_scores(model, test, answers, "function_vector_sweep")
     prompts = {
         "zero-shot": test.with_shots(0).prompts(),
         "shuffled": shuffled_prompts(test, seed=seed),

@@ -44,10 +44,14 @@ def todd_task_fields(
 ) -> dict[str, Any]:
     """The fields of a :class:`~mechprobe.Task` for a Todd et al. dataset read from ``path``.
 
-    Pairs whose input or output is empty, or whose input repeats an earlier one, are dropped with
-    a warning (their conll2003 sets repeat hundreds of sentences with another entity). ``shots``
-    pairs drawn with ``random.Random(seed)`` become the task's fixed demonstrations, the rest its
-    items (function vectors draw their own demonstrations per prompt from the items).
+    Inputs are kept as written (ag_news's end in a space, as their prompts show them); outputs
+    lose surrounding whitespace (a task scores its answer with one leading space: three of
+    english-german's end in a space). Pairs whose input or output is empty, or whose input
+    repeats an earlier one, are dropped with a warning that tells exact repeats (their conll2003
+    sets repeat hundreds of rows) from inputs given another answer (the first is kept).
+    ``shots`` pairs drawn with ``random.Random(seed)`` become the task's fixed demonstrations,
+    the rest its items (function vectors draw their own demonstrations per prompt from the items
+    with ``shots=``).
     """
     source = Path(path)
     shots = check_int(shots, "shots", 0)
@@ -58,32 +62,36 @@ def todd_task_fields(
         if folder not in ("abstractive", "extractive"):
             raise ValueError(
                 f"{source}: the kind of a Todd et al. dataset is its folder's name "
-                f"('abstractive' or 'extractive'), and this one is in {folder!r}: pass "
-                "kind='abstractive' or kind='extractive'."
+                f"('abstractive' or 'extractive'), and this one is in {folder!r}: put it in a "
+                "folder of either name, as their repository does, or give the kind to "
+                "mp.Task.from_todd."
             )
         kind = folder
     pairs: list[list[str]] = []
-    seen: set[str] = set()
-    empty = repeated = 0
+    seen: dict[str, str] = {}
+    empty = repeated = conflicting = 0
     for row in data:
-        given, answer = str(row["input"]).strip(), str(row["output"]).strip()
-        if not given or not answer:
+        given, answer = str(row["input"]), str(row["output"]).strip()
+        if not given.strip() or not answer:
             empty += 1
         elif given in seen:
-            repeated += 1
+            if seen[given] == answer:
+                repeated += 1
+            else:
+                conflicting += 1
         else:
-            seen.add(given)
+            seen[given] = answer
             pairs.append([given, answer])
-    if empty or repeated:
+    if empty or repeated or conflicting:
         warn(
-            f"{source.name}: {empty} pairs with an empty input or output and {repeated} whose "
-            f"input repeats an earlier pair's were left out; {len(pairs)} pairs remain (a task "
-            "asks each input once)."
+            f"{source.name}: left out {empty} pairs with an empty input or output, {repeated} "
+            f"exact repeats and {conflicting} inputs given another answer than their first "
+            f"(kept); {len(pairs)} pairs remain (a task asks each input once)."
         )
     if len(pairs) <= shots:
         raise ValueError(
-            f"{source}: {len(pairs)} usable pairs, not more than shots={shots}: no items "
-            "would remain; pass fewer shots."
+            f"{source}: {len(pairs)} usable pairs, not more than its {shots} demonstrations: no "
+            "items would remain; give mp.Task.from_todd fewer shots."
         )
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
