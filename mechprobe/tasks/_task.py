@@ -345,8 +345,14 @@ class Task:
             ['a ->']
         """
         if not isinstance(data, Mapping):
+            todd = (
+                " (a list is read as one of Todd et al.'s datasets when every entry is an object "
+                'with "input" and "output")'
+                if isinstance(data, list)
+                else ""
+            )
             raise TypeError(
-                f"A task must be a JSON object, got {type(data).__name__}. {FORMAT_HELP}"
+                f"A task must be a JSON object, got {type(data).__name__}{todd}. {FORMAT_HELP}"
             )
         label = data.get("name", "<unnamed>")
         unknown = sorted(set(data) - set(REQUIRED) - set(OPTIONAL))
@@ -470,7 +476,9 @@ def list_tasks() -> list[str]:
 
 
 def load_task(name_or_path: str | os.PathLike[str]) -> Task:
-    """A built-in task by name (see :func:`list_tasks`) or a task JSON file by path.
+    """A built-in task by name (see :func:`list_tasks`) or a task JSON file by path: a mechprobe
+    task file, or one of Todd et al.'s function-vector datasets (a list of ``{"input",
+    "output"}`` pairs, read by :meth:`Task.from_todd` with its defaults).
 
     Example:
         >>> load_task("capitals").kind
