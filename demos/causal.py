@@ -334,11 +334,13 @@ def function_vectors(
     tasks: list[str],
     done: Callable[[str, dict], None],
     n_items: int | None = None,
+    shots: int | None = None,
 ) -> dict[str, Any]:
     """Each task's FV beside its controls; ``done(name, row)`` gets each task's row as it ends
     (written into the record's ``function_vectors`` beside the tasks not run). A task is a
     built-in name or a file (a Todd et al. dataset reads as their prompts); ``n_items`` keeps a
-    seeded subset of a larger task's items."""
+    seeded subset of a larger task's items; ``shots``: demonstrations drawn afresh per fit
+    prompt (Todd et al.'s 10; None: the task's own)."""
     out: dict[str, Any] = {}
     for source in tasks:
         start = time.perf_counter()
@@ -348,13 +350,20 @@ def function_vectors(
             task = task.subset(n_items, seed=0)
         name = task.name
         res = mp.function_vector(
-            model, task, n_prompts=n_prompts, n_random=1, n_random_heads=3, progress=False
+            model,
+            task,
+            shots=shots,
+            n_prompts=n_prompts,
+            n_random=1,
+            n_random_heads=3,
+            progress=False,
         )
         out[name] = {
             "source": source if source in mp.list_tasks() else "/".join(Path(source).parts[-2:]),
             "items": len(task),
             "items_in_source": total,
             "shots": len(task.shots),
+            "fit_shots": "the task's own" if shots is None else f"{shots} drawn per prompt",
             "n_prompts": n_prompts,
             "layer": res.layer,
             "heads": [list(h) for h in res.heads],
@@ -752,6 +761,9 @@ def main() -> None:
     parser.add_argument(
         "--fv-items", type=int, help="fv: a seeded subset of this many items of a larger task"
     )
+    parser.add_argument(
+        "--fv-shots", type=int, help="fv: demonstrations drawn afresh per fit prompt (Todd: 10)"
+    )
     args = parser.parse_args()
     parts = args.part or list(PARTS)
     FIGURES.mkdir(parents=True, exist_ok=True)
@@ -777,6 +789,7 @@ def main() -> None:
         function_vectors(
             model, args.prompts, chosen or mp.list_tasks(),
             lambda name, row: record("function_vectors", row, entry=name), args.fv_items,
+            args.fv_shots,
         )  # fmt: skip
     if "fv-layers" in parts:
         tasks = chosen or ["capitals", "capitals_extractive", "past_tense", "uppercase"]
