@@ -431,15 +431,22 @@ def _check_heads(heads: Any, n_layers: int, n_heads: int) -> tuple[tuple[int, in
     return out
 
 
+def _shared_first_token(answers: list[int]) -> int | None:
+    """The first token that starts a fifth or more of the answers (more than one), if any."""
+    token, count = Counter(answers).most_common(1)[0]
+    return token if count > 1 and count / len(answers) >= _SHARED_FIRST_TOKEN else None
+
+
 def _warn_shared_first_tokens(
     model: Any, answers: list[int], caller: str = "function_vector"
 ) -> None:
     """Warn when one first token starts many held-out answers: a top-1 hit on it is then no
     evidence of the answer (review 26b: every number on SmolLM2 starts with ``' '``; a model that
     always predicted it scored 0.99 zero-shot and 1.00 with the FV)."""
-    token, count = Counter(answers).most_common(1)[0]
-    share = count / len(answers)
-    if count > 1 and share >= _SHARED_FIRST_TOKEN:
+    token = _shared_first_token(answers)
+    if token is not None:
+        count = answers.count(token)
+        share = count / len(answers)
         text = token_texts(model_adapter(model).tokenizer, [token])[0]
         warn(
             f"{caller} scores each held-out answer by its first token, and {count} of "
@@ -459,9 +466,8 @@ def _warn_copying_scores(
     if task.kind == "extractive":  # the answer is in the query by design: copying is the task
         return
     inputs = first_token_ids(model, task.arguments())
-    token, count = Counter(answers).most_common(1)[0]
-    # a first token most answers share is warned of already (a byte-level model's ' ')
-    shared = token if count > 1 and count / len(answers) >= _SHARED_FIRST_TOKEN else None
+    # a first token many answers share is warned of already (a byte-level model's ' ')
+    shared = _shared_first_token(answers)
     same = sum(a == b != shared for a, b in zip(inputs, answers, strict=True))
     if same >= max(2, _COPIED_SHARE * len(answers)):
         warn(
