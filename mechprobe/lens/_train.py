@@ -318,9 +318,10 @@ def train_tuned_lens(
             rounded down to whole steps of ``tokens_per_step``, one step at least:
             ``info["tokens"]`` records what was read. The default, 64 steps (about 10
             minutes on two CPU cores with native bfloat16, AVX512-BF16 or AMX; several times
-            longer in float32: 2,048 tokens took 364 s on an AVX2-only core), halves the logit lens's KL on SmolLM2's held-out text
-            and lifts its precision@1 at every layer; 2,048 tokens (8 steps) moved KL only part
-            of the way and precision@1 hardly at all (docs/lenses.md). The tuned-lens package
+            longer in float32: 2,048 tokens took 364 s on an AVX2-only core), halves the logit
+            lens's KL on SmolLM2's held-out text and lifts its precision@1 at every layer;
+            2,048 tokens (8 steps) moved KL only part of the way and precision@1 hardly at all
+            (docs/lenses.md). The tuned-lens package
             trains on 250 steps of 2**18 tokens in windows of 2,048 (``n_tokens=250 * 2**18,
             tokens_per_step=2**18, seq_len=2048``).
         seq_len: Tokens per window (BOS included; the BOS position is not in the loss).
