@@ -21,6 +21,7 @@ and writes ``docs/causal_results.json`` and ``docs/figures/causal_*.png``:
 - ``das-capitals``: DAS of a many-valued variable (the country, so the capital), k = 4;
 - ``heads``: head scores (previous-token, duplicate-token, induction) on repeated random tokens,
   and the repeated half's accuracy with the best induction heads ablated beside random heads;
+  the best head of each kind looked at on a sentence said twice (``mp.attention_patterns``);
 - ``path``: edge attribution (``path_patch(method="attribution")``) against exact path patching,
   every head to the final residual and to the q/k/v inputs of layer 23's heads 1, 4 and 5;
 - ``path-mlps``: the same exact paths with the MLPs frozen (the direct path) and live (Wang et
@@ -533,8 +534,40 @@ def head_kinds(model: Any, n_prompts: int = 20, k: int = 5) -> dict[str, Any]:
         "accuracy_top_induction_ablated": accuracy(best),
         "accuracy_random_heads_ablated": random_runs,
         "random_heads": [[f"L{layer}H{h}" for layer, h in draw] for draw in draws],
+        "patterns": head_patterns(model, scores),
     }
     print(out, flush=True)
+    return out
+
+
+REPEATED = (
+    " The old man walked his dog to the park by the river." * 2
+)  # both copies tokenised alike
+
+
+def head_patterns(model: Any, scores: Any) -> dict[str, Any]:
+    """The best head of each kind, looked at (``mp.attention_patterns``) on a sentence said twice:
+    where its attention goes, read off its pattern by hand (the weight each query of the second
+    sentence puts on the token one back, on its own token's first copy, and on the token after
+    that copy), and its map drawn with the tokens."""
+    best = {kind: scores.top(kind, 1)[0][:2] for kind in scores.kinds}
+    sites = [mp.Site("pattern", layer, head=head) for layer, head in best.values()]
+    res = mp.attention_patterns(model, REPEATED, sites=sites, progress=False)
+    n = res.lengths[0]
+    half = (n - 1) // 2  # BOS, then the sentence twice: the copy of query q is q - half
+    assert res.tokens[0][1 : half + 1] == res.tokens[0][half + 1 :], res.tokens[0]
+    queries = np.arange(half + 1, n)
+    out: dict[str, Any] = {"text": REPEATED, "tokens": n}
+    for kind, site in zip(best, sites, strict=True):
+        w = res.pattern(site)
+        out[kind] = {
+            "head": f"L{site.layer}H{site.head}",
+            "previous_token": round(float(w[queries, queries - 1].mean()), 3),
+            "duplicate_token": round(float(w[queries, queries - half].mean()), 3),
+            "induction": round(float(w[queries, queries - half + 1].mean()), 3),
+            "first_token": round(float(w[queries, 0].mean()), 3),
+        }
+    res.plot().savefig(FIGURES / "causal_attention_patterns.png", dpi=110, bbox_inches="tight")
     return out
 
 

@@ -313,6 +313,30 @@ def test_cli_heads_writes_the_api_result(tiny, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_cli_heads_patterns_are_the_best_heads_on_the_first_prompt(tiny, tmp_path, capsys):
+    folder = mp.save_model(tiny, tmp_path / "model")
+    out = tmp_path / "looks"
+    args = ["heads", "--prompt", "the cat, the cat", "--prompt", "abab", "--patterns", "2"]
+    args += ["--kinds", "induction,previous_token", "--model", str(folder), "--quiet"]
+    assert cli_main([*args, "--out", str(out)]) == 0
+    assert {"patterns.json", "patterns.png"} <= {p.name for p in out.iterdir()}
+    scores = mp.core.load_result(out / "result.json")
+    best = [(la, h) for kind in scores.kinds for la, h, _ in scores.top(kind, 2)]
+    sites = [mp.Site("pattern", la, head=h) for la, h in dict.fromkeys(best)]
+    looks = mp.core.load_result(out / "patterns.json")
+    direct = mp.attention_patterns(tiny, "the cat, the cat", sites=sites, progress=False)
+    assert looks.sites == direct.sites and len(looks.prompts) == 1
+    np.testing.assert_allclose(looks.patterns, direct.patterns, atol=1e-6)
+    assert "## Attention patterns" in (out / "report.md").read_text()
+    random = tmp_path / "random"  # random tokens: the first sequence
+    args = ["heads", "--seq-len", "5", "--n-prompts", "2", "--patterns", "1", "--model", "tiny"]
+    assert cli_main([*args, "--quiet", "--out", str(random)]) == 0
+    looks = mp.core.load_result(random / "patterns.json")
+    first = mp.core.load_result(random / "result.json").tokens[0]
+    assert looks.lengths == (len(first),) and len(looks.sites) <= 3
+    assert "wrote" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -224,6 +224,7 @@ ROUND_TRIPS = {
     "AblationResult": "test_relational_protocol.py",
     "AmnesicResult": "test_amnesic.py",
     "AnalogyResult": "test_relational_protocol.py",
+    "AttentionPatterns": "test_attention_patterns.py",
     "CumulativeScores": "test_probes.py",
     "DASResult": "test_das.py",
     "Eraser": "test_nullspace.py",
@@ -465,6 +466,7 @@ def _model_runs() -> dict[str, Any]:
             m, ["Hi cat"], mp.logit_diff(5, 6)
         ),
         "HeadScoreResult": lambda m: mp.head_scores(m, seq_len=8, n_prompts=2),
+        "AttentionPatterns": lambda m: mp.attention_patterns(m, ["Hi cat", "A dog sat"]),
         "DASResult": lambda m: mp.das(
             m, ["Hi cat", "Hi dog"], ["Hi dog", "Hi cat"], [5, 6], mp.Site("resid_post", 1),
             k=1, epochs=1,

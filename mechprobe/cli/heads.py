@@ -1,15 +1,17 @@
 """``mechprobe heads``: score every head as a previous-token, duplicate-token and induction head;
-writes result.json, heads.png and report.md into ``--out``.
+writes result.json, heads.png and report.md into ``--out`` (and patterns.json, patterns.png with
+``--patterns N``: the best N heads of each kind looked at on the first prompt).
 
 Example::
 
     mechprobe heads --out runs/heads                        # repeated random tokens
-    mechprobe heads --prompt "The cat sat. The cat sat." --kinds induction --out runs/cat
+    mechprobe heads --prompt "The cat sat. The cat sat." --kinds induction --patterns 2 --out runs/cat
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from mechprobe.cli._arguments import (
@@ -70,6 +72,13 @@ def add_parser(sub: Any) -> None:
     )
     parser.add_argument("--n-prompts", type=positive_int, help="random sequences (default 10)")
     parser.add_argument(
+        "--patterns",
+        type=positive_int,
+        metavar="N",
+        help="also draw the attention patterns of the best N heads of each kind on the first "
+        "prompt (or random sequence): patterns.json, patterns.png",
+    )
+    parser.add_argument(
         "--out", required=True, metavar="DIR", help="output folder (created with its parents)"
     )
     add_model_argument(parser)
@@ -115,4 +124,44 @@ def main(args: argparse.Namespace) -> int:
             )
         )
     problem = write_run_folder("heads", args, result, "heads.png")
-    return fail(problem) if problem else 0
+    if problem:
+        return fail(problem)
+    return _write_patterns(model, result, args, fail) if args.patterns else 0
+
+
+def _write_patterns(model: Any, result: Any, args: argparse.Namespace, fail: Any) -> int:
+    """``--patterns N``: the best N heads of each kind (each once) on the first prompt, as
+    patterns.json and patterns.png, and a section of report.md."""
+    import torch
+
+    import mechprobe as mp
+
+    best = [
+        (layer, head) for kind in result.kinds for layer, head, _ in result.top(kind, args.patterns)
+    ]
+    sites = [mp.Site("pattern", layer, head=head) for layer, head in dict.fromkeys(best)]
+    prompt = (
+        args.prompt[0]
+        if args.prompt
+        else mp.Batch.from_tokens(torch.as_tensor(result.tokens[0])[None])
+    )
+    looks = mp.attention_patterns(model, prompt, sites=sites, progress=False)
+    folder = Path(args.out)
+    table = looks.summary().to_string(index=False)
+    try:
+        looks.save(folder / "patterns.json")
+        looks.plot(max_panels=len(sites)).savefig(
+            folder / "patterns.png", dpi=150, bbox_inches="tight"
+        )
+        with open(folder / "report.md", "a", encoding="utf-8") as report:
+            report.write(
+                f"\n## Attention patterns (`patterns.json`)\n\nThe best {args.patterns} head(s) "
+                f"of each kind on the first prompt: {looks._describe()}.\n\n```\n{table}\n```"
+                "\n\n![patterns.png](patterns.png)\n"
+            )
+    except (OSError, ValueError) as err:
+        return fail(f"cannot write {folder}: {err}")
+    print()
+    print(table)
+    print(f"\nwrote {folder / 'patterns.json'} and {folder / 'patterns.png'}")
+    return 0

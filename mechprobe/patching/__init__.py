@@ -2,9 +2,10 @@
 activation patching and ablation of sites and heads, attribution patching, path patching, causal
 tracing with noise; direct logit attribution of the residual stream's writes; distributed alignment
 search; circuit faithfulness by mean ablation; head scores (previous-token, duplicate-token,
-induction heads) from attention patterns."""
+induction heads) from attention patterns, and the patterns themselves with their tokens."""
 
 from mechprobe.patching._activation import ablate_cells, patch
+from mechprobe.patching._attention import AttentionPatterns, attention_patterns
 from mechprobe.patching._attribution import attribution_patch
 from mechprobe.patching._das import DASResult, das
 from mechprobe.patching._direct import LogitAttributionResult, direct_logit_attribution
@@ -25,6 +26,7 @@ __all__ = [
     "RECEIVER_KINDS",
     "SENDER_KINDS",
     "TRACE_KINDS",
+    "AttentionPatterns",
     "DASResult",
     "FaithfulnessResult",
     "HeadScoreResult",
@@ -35,6 +37,7 @@ __all__ = [
     "TraceResult",
     "ablate_cells",
     "answer_prob",
+    "attention_patterns",
     "attribution_patch",
     "causal_trace",
     "das",

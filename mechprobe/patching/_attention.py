@@ -1,0 +1,450 @@
+"""Attention patterns of chosen heads, with their tokens: :func:`attention_patterns` ->
+:class:`AttentionPatterns`.
+
+Once a score, a patch or a function vector has named a head, the next look is at where it attends:
+an induction head's stripe, a name mover's look from the last token at a name, a head parked on the
+first token. TransformerLens users cache every layer's pattern (``run_with_cache``) and draw it
+with CircuitsVis; here only the chosen heads are kept, each prompt cut to its own tokens (padding
+taken out, whichever side it stood on), and the result draws the maps with the tokens on their
+axes, tabulates every weight, and sums up where each head looks.
+
+A pattern is what the model computed: each query's softmax over the keys it may see (the causal
+keys, the last ``window`` of them on a sliding-window layer), so each row sums to 1 and weights on
+later keys are 0. :meth:`AttentionPatterns.summary` averages, per head, the weight on the first
+token (BOS where the model prepends one: the "attention sink" many heads park on), on the previous
+token and on the query's own token, and the entropy of the row, over every query but the first
+(whose only key is itself) of every prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from mechprobe.core import (
+    Batch,
+    Intervention,
+    Layers,
+    Result,
+    Site,
+    SiteLike,
+    StopForward,
+    check_batch_size,
+    check_int,
+    evaluates,
+    expand_sites,
+    figure_of,
+    forward,
+    head_column,
+    intervene,
+    literal,
+    model_adapter,
+    progress_bar,
+    token_label,
+    token_texts,
+    tokenize,
+    warn,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = ["AttentionPatterns", "attention_patterns"]
+
+#: Patterns kept in memory at most (float32, ``prompts x heads x longest prompt ** 2``): beyond
+#: it the call refuses before running, naming what to cut (every head of SmolLM2 on 32 prompts
+#: of 512 tokens would be 9 GiB).
+MAX_BYTES = 4 * 2**30
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1, html_figure=True):
+    """The attention patterns of chosen heads on prompts (module docstring).
+
+    Attributes:
+        sites: The heads, as ``pattern`` sites' labels (``"pattern@9, head 3"``), in the order
+            of ``patterns``' second axis.
+        layers: Each head's layer.
+        heads: Each head's index in its layer (a query head on grouped-query models).
+        patterns: ``[prompts, heads, query, key]`` float32 weights over each prompt's own tokens
+            (position 0 its first token, BOS included where prepended); NaN past a prompt's
+            length.
+        lengths: Each prompt's number of tokens.
+        prompts: The prompts (token ids as text where a :class:`Batch` carried none).
+        tokens: Per prompt, each token's text.
+        model_name: The model's name, for the record.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> res = mp.attention_patterns(mp.tiny_model(), ["One two", "Three"], layers=[1],
+        ...                             progress=False)
+        >>> res.patterns.shape[:2], res.sites[0]
+        ((2, 4), 'pattern@1, head 0')
+    """
+
+    sites: tuple[str, ...]
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    patterns: np.ndarray
+    lengths: tuple[int, ...]
+    prompts: tuple[str, ...]
+    tokens: tuple[tuple[str, ...], ...]
+    model_name: str = ""
+
+    def _index(self, site: SiteLike) -> int:
+        label = str(site if isinstance(site, Site) else Site.parse(site)) if site else ""
+        if label not in self.sites:
+            shown = ", ".join(self.sites[:4]) + (", ..." if len(self.sites) > 4 else "")
+            raise ValueError(
+                f"{label or site!r} is not among this result's heads ({shown}): pass one of its "
+                "sites, or run attention_patterns with that head."
+            )
+        return self.sites.index(label)
+
+    def _prompt(self, prompt: int) -> int:
+        index = check_int(prompt, "prompt")
+        if not -len(self.prompts) <= index < len(self.prompts):
+            raise ValueError(
+                f"prompt must index one of the {len(self.prompts)} prompts, got {prompt}."
+            )
+        return index % len(self.prompts)
+
+    def pattern(self, site: SiteLike, prompt: int = 0) -> np.ndarray:
+        """``[query, key]`` one head's weights on one prompt's tokens (a copy).
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.attention_patterns(mp.tiny_model(), "One two", progress=False)
+            >>> w = res.pattern("pattern@2, head 1")
+            >>> w.shape == (res.lengths[0], res.lengths[0]), bool(abs(w.sum(1) - 1).max() < 1e-5)
+            (True, True)
+        """
+        p = self._prompt(prompt)
+        n = self.lengths[p]
+        return np.array(self.patterns[p, self._index(site), :n, :n])
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per prompt, head, query and key the query may see (``key_position <=
+        query_position``): the weight, with both tokens.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.attention_patterns(mp.tiny_model(), "Hi", layers=[0], progress=False)
+            >>> list(res.to_frame().columns)[:6]
+            ['prompt', 'site', 'kind', 'layer', 'head', 'query_position']
+        """
+        parts = []
+        for p, n in enumerate(self.lengths):
+            q, k = np.tril_indices(n)
+            tokens = np.asarray(self.tokens[p], dtype=object)
+            for e in range(len(self.sites)):
+                parts.append(
+                    pd.DataFrame(
+                        {
+                            "prompt": p,
+                            "site": self.sites[e],
+                            "kind": "pattern",
+                            "layer": self.layers[e],
+                            "head": self.heads[e],
+                            "query_position": q,
+                            "key_position": k,
+                            "query_token": tokens[q],
+                            "key_token": tokens[k],
+                            "weight": self.patterns[p, e, q, k].astype(np.float64),
+                        }
+                    )
+                )
+        columns = ["prompt", "site", "kind", "layer", "head", "query_position", "key_position"]
+        columns += ["query_token", "key_token", "weight"]
+        frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+        frame["layer"] = frame["layer"].astype("Int64")
+        frame["head"] = head_column(frame["head"].to_numpy())
+        return frame[columns]
+
+    def summary(self) -> pd.DataFrame:
+        """Per head, the mean weight on the first token (``first_token``), the previous token
+        and the query's own token, and the mean entropy of a query's weights in nats, over every
+        query but each prompt's first (module docstring).
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.attention_patterns(mp.tiny_model(), "One two three", progress=False)
+            >>> res.summary().columns.tolist()
+            ['site', 'layer', 'head', 'first_token', 'previous_token', 'own_token', 'entropy']
+        """
+        sums = np.zeros((len(self.sites), 4))
+        count = 0
+        for p, n in enumerate(self.lengths):
+            if n < 2:
+                continue
+            w = self.patterns[p, :, 1:n, :n].astype(np.float64)  # [heads, queries 1.., keys]
+            q = np.arange(1, n)
+            sums[:, 0] += w[:, :, 0].sum(1)
+            sums[:, 1] += w[:, q - 1, q - 1].sum(1)
+            sums[:, 2] += w[:, q - 1, q].sum(1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                sums[:, 3] += -np.where(w > 0, w * np.log(w), 0.0).sum((1, 2))
+            count += n - 1
+        means = sums / count if count else np.full_like(sums, np.nan)
+        frame = pd.DataFrame(
+            {
+                "site": list(self.sites),
+                "layer": pd.array(self.layers, dtype="Int64"),
+                "head": head_column(np.asarray(self.heads)),
+                "first_token": means[:, 0],
+                "previous_token": means[:, 1],
+                "own_token": means[:, 2],
+                "entropy": means[:, 3],
+            }
+        )
+        return frame
+
+    def top_keys(self, query: int = -1, k: int = 3) -> pd.DataFrame:
+        """The ``k`` keys each head weighs most from one query position of each prompt (``-1``:
+        its last token, the one that predicts), heaviest first.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.attention_patterns(mp.tiny_model(), "One two three", layers=[2],
+            ...                             progress=False)
+            >>> top = res.top_keys(k=2)
+            >>> len(top), list(top.columns)[-4:]
+            (8, ['rank', 'key_position', 'key_token', 'weight'])
+        """
+        query = check_int(query, "query")
+        k = check_int(k, "k", 1)
+        rows = []
+        for p, n in enumerate(self.lengths):
+            if not -n <= query < n:
+                raise ValueError(
+                    f"query {query} is outside prompt {p}'s {n} tokens: pass -1 (each prompt's "
+                    "last token) or a position every prompt has."
+                )
+            q = query % n
+            for e, site in enumerate(self.sites):
+                w = self.patterns[p, e, q, : q + 1].astype(np.float64)
+                for rank, key in enumerate(np.argsort(-w, kind="stable")[:k]):
+                    rows.append(
+                        {
+                            "prompt": p,
+                            "site": site,
+                            "layer": self.layers[e],
+                            "head": self.heads[e],
+                            "query_position": q,
+                            "query_token": self.tokens[p][q],
+                            "rank": rank,
+                            "key_position": int(key),
+                            "key_token": self.tokens[p][int(key)],
+                            "weight": float(w[key]),
+                        }
+                    )
+        frame = pd.DataFrame(rows)
+        frame["layer"] = frame["layer"].astype("Int64")
+        frame["head"] = head_column(frame["head"].to_numpy())
+        return frame
+
+    def plot(
+        self,
+        ax: Axes | None = None,
+        *,
+        prompt: int = 0,
+        sites: SiteLike | Sequence[SiteLike] | None = None,
+        max_panels: int = 12,
+    ) -> Figure:
+        """Query x key maps of one prompt, its tokens on the axes, from 0 to 1: one panel per
+        head (the first ``max_panels`` of ``sites``, every head by default), or the first alone
+        into ``ax``.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.attention_patterns(mp.tiny_model(), "One two", layers=[1], progress=False)
+            >>> len(res.plot().axes), len(res.plot(sites="pattern@1, head 2").axes)
+            (5, 2)
+        """
+        p = self._prompt(prompt)
+        check_int(max_panels, "max_panels", 1)
+        if sites is None:
+            chosen = list(range(len(self.sites)))
+        else:
+            listed = [sites] if isinstance(sites, (str, Site)) else list(sites)
+            chosen = [self._index(s) for s in listed]
+        if ax is not None:
+            chosen = chosen[:1]
+        elif len(chosen) > max_panels:
+            warn(
+                f"Drawing the first {max_panels} of {len(chosen)} heads: pass sites=[...] to "
+                "choose, or a larger max_panels."
+            )
+            chosen = chosen[:max_panels]
+        n = self.lengths[p]
+        labels = [token_label(t, 10) for t in self.tokens[p]]
+        if ax is not None:
+            fig, axes = figure_of(ax), [ax]
+        else:
+            from matplotlib.figure import Figure
+
+            cols = min(len(chosen), 4)
+            rows = -(-len(chosen) // cols)
+            side = min(max(2.6, 0.22 * n + 1.0), 6.0)
+            fig = Figure(figsize=(side * cols + 1.0, side * rows), layout="constrained")
+            axes = list(fig.subplots(rows, cols, squeeze=False).reshape(-1))
+            for spare in axes[len(chosen) :]:
+                spare.set_axis_off()
+            axes = axes[: len(chosen)]
+        step = max(1, -(-n // 30))  # at most about 30 token labels per axis
+        ticks = list(range(0, n, step))
+        image = None
+        for axis, e in zip(axes, chosen, strict=True):
+            image = axis.imshow(
+                self.patterns[p, e, :n, :n], cmap="Blues", vmin=0, vmax=1, aspect="equal"
+            )
+            axis.set_xticks(ticks, labels=[literal(labels[t]) for t in ticks], rotation=90)
+            axis.set_yticks(ticks, labels=[literal(labels[t]) for t in ticks])
+            axis.tick_params(labelsize=7)
+            axis.set_xlabel("key")
+            axis.set_ylabel("query")
+            axis.set_title(literal(self.sites[e]), fontsize=9)
+        if image is not None:
+            fig.colorbar(image, ax=axes, label="attention weight", shrink=0.8)
+        return fig
+
+    def _describe(self) -> str:
+        shortest, longest = min(self.lengths, default=0), max(self.lengths, default=0)
+        span = f"{shortest}" if shortest == longest else f"{shortest}-{longest}"
+        return (
+            f"{len(self.sites)} heads in {len(set(self.layers))} layers on "
+            f"{len(self.prompts)} prompts of {span} tokens"
+        )
+
+
+class _Keep(Intervention):
+    """Keeps the chosen heads of one layer's pattern (query-major ``[rows, q, head, k]``) as
+    float32 on the CPU; the last layer's ends the forward pass."""
+
+    def __init__(self, heads: list[int], stop: bool) -> None:
+        super().__init__(positions=None)
+        self.heads, self.stop = heads, stop
+        self.value: Tensor | None = None
+
+    def edit(self, selected: Tensor, hook: Any) -> None:
+        kept = selected[:, :, self.heads, :].detach().to("cpu", torch.float32)
+        self.value = rearrange(kept, "b q h k -> b h q k")
+        if self.stop:
+            raise StopForward
+        return None
+
+
+@evaluates
+def attention_patterns(
+    model: Any,
+    prompts: str | Sequence[str] | Batch,
+    *,
+    sites: SiteLike | Sequence[SiteLike] = "pattern",
+    layers: Layers = "all",
+    batch_size: int | None = 32,
+    progress: bool = True,
+) -> AttentionPatterns:
+    """The attention patterns of chosen heads on prompts, each prompt cut to its own tokens
+    (module docstring).
+
+    One forward pass per ``batch_size`` prompts, stopped after the last layer read; only the
+    chosen heads are kept (float32, ``prompts x heads x longest prompt ** 2`` weights).
+
+    Args:
+        model: A TransformerLens model.
+        prompts: One prompt, a list of prompts or a :class:`Batch`.
+        sites: ``"pattern"`` (every head of each of ``layers``), ``pattern`` Sites or their
+            labels (``"pattern@9, head 3"``; a head :func:`mechprobe.head_scores` or
+            :func:`mechprobe.function_vector` named: ``[mp.Site("pattern", l, head=h) for l, h
+            in fv.heads]``), or a list of them.
+        layers: The layers whose heads ``"pattern"`` stands for (default every layer).
+        batch_size: Prompts per forward pass (None: all at once).
+        progress: Show a progress bar over batches.
+
+    Returns:
+        An :class:`AttentionPatterns`.
+
+    Raises:
+        ValueError: A site of another kind; patterns that would take more than 4 GiB (pass
+            fewer heads, fewer prompts or shorter ones).
+
+    Example:
+        >>> import mechprobe as mp
+        >>> model = mp.tiny_model()
+        >>> res = mp.attention_patterns(model, "The cat sat", sites="pattern@1, head 2",
+        ...                             progress=False)
+        >>> res.sites, res.pattern("pattern@1, head 2").shape == (res.lengths[0],) * 2
+        (('pattern@1, head 2',), True)
+    """
+    chosen = expand_sites(model, sites, layers=layers, kinds=("pattern",), layers_name="layers")
+    check_batch_size(batch_size)
+    batch = prompts if isinstance(prompts, Batch) else tokenize(model, prompts)
+    lengths = [int(n) for n in batch.attention_mask.sum(1).tolist()]
+    longest = max(lengths, default=0)
+    size = len(batch) * len(chosen) * longest**2 * 4
+    if size > MAX_BYTES:
+        raise ValueError(
+            f"{len(chosen)} heads on {len(batch)} prompts of up to {longest} tokens would hold "
+            f"{size / 2**30:.1f} GiB of patterns (at most {MAX_BYTES / 2**30:.0f}): pass fewer "
+            "heads (sites=[...] or layers=[...]), fewer prompts, or shorter ones."
+        )
+    by_layer: dict[int, list[int]] = {}
+    for site in chosen:
+        assert site.head is not None  # a pattern site always names its head
+        by_layer.setdefault(site.layer, []).append(site.head)
+    last = max(by_layer)
+    out = np.full((len(batch), len(chosen), longest, longest), np.nan, dtype=np.float32)
+    entry = {(s.layer, s.head): e for e, s in enumerate(chosen)}
+    for rows, chunk in progress_bar(
+        list(batch.chunks(batch_size)), progress=progress, desc="attention patterns"
+    ):
+        keeps = {layer: _Keep(heads, layer == last) for layer, heads in by_layer.items()}
+        try:
+            with (
+                torch.no_grad(),
+                intervene(
+                    model,
+                    {f"blocks.{layer}.attn.hook_pattern": keep for layer, keep in keeps.items()},
+                    batch=chunk,
+                ),
+            ):
+                forward(model, chunk)
+        except StopForward:  # the last layer read ends the pass
+            pass
+        for layer, keep in keeps.items():
+            if keep.value is None:
+                raise RuntimeError(f"Layer {layer}'s attention pattern hook never fired.")
+            for r in range(keep.value.shape[0]):
+                where = torch.nonzero(chunk.attention_mask[r]).flatten()
+                n = len(where)
+                mine = keep.value[r][:, where][:, :, where].numpy()  # [heads, n, n]
+                for j, head in enumerate(by_layer[layer]):
+                    out[rows.start + r, entry[(layer, head)], :n, :n] = mine[j]
+    ids = [batch.tokens[i][batch.attention_mask[i].bool()].tolist() for i in range(len(batch))]
+    tokenizer = getattr(model, "tokenizer", None)
+    texts = tuple(
+        tuple(str(t) for t in row) if tokenizer is None else tuple(token_texts(tokenizer, row))
+        for row in ids
+    )
+    shown = tuple(
+        batch.prompts[i] if batch.prompts and batch.prompts[i] else "".join(texts[i])
+        for i in range(len(batch))
+    )
+    return AttentionPatterns(
+        sites=tuple(str(s) for s in chosen),
+        layers=tuple(s.layer for s in chosen),
+        heads=tuple(int(s.head) for s in chosen if s.head is not None),
+        patterns=out,
+        lengths=tuple(lengths),
+        prompts=shown,
+        tokens=texts,
+        model_name=model_adapter(model).name,
+    )

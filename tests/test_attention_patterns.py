@@ -1,0 +1,207 @@
+"""attention_patterns against the Hugging Face model's own attention weights (a twin of the tiny
+model's weights, built apart from it); padding and batch independence; the chosen heads; the
+summary's averages written plainly; bad input; the result protocol."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import hf_of, hook_count
+
+import mechprobe as mp
+from mechprobe.patching import _attention
+
+PROMPTS = ["The cat sat on the mat, the cat", "Hi", "A dog ran far away"]
+
+
+def _hf_patterns(model, prompt: str) -> np.ndarray:
+    """``[layers, heads, q, k]`` the Hugging Face twin's attention weights on one prompt alone
+    (no padding), from its eager attention."""
+    hf = hf_of(model)
+    implementation = hf.config._attn_implementation
+    hf.config._attn_implementation = "eager"  # sdpa returns no weights
+    try:
+        with torch.no_grad():
+            out = hf(model.to_tokens(prompt), output_attentions=True)
+    finally:
+        hf.config._attn_implementation = implementation
+    return torch.stack(out.attentions)[:, 0].double().numpy()
+
+
+@pytest.fixture(scope="module")
+def theirs(tiny) -> list[np.ndarray]:
+    return [_hf_patterns(tiny, p) for p in PROMPTS]
+
+
+def test_every_head_equals_the_hugging_face_weights(tiny, theirs) -> None:
+    res = mp.attention_patterns(tiny, PROMPTS, progress=False)
+    n_layers, n_heads = tiny.cfg.n_layers, tiny.cfg.n_heads
+    assert res.sites[:2] == ("pattern@0, head 0", "pattern@0, head 1")
+    assert res.layers == tuple(np.repeat(range(n_layers), n_heads).tolist())
+    assert res.heads == tuple(np.tile(range(n_heads), n_layers).tolist())
+    for p, hf in enumerate(theirs):
+        n = hf.shape[-1]
+        assert res.lengths[p] == n and len(res.tokens[p]) == n
+        mine = res.patterns[p, :, :n, :n].reshape(n_layers, n_heads, n, n)
+        np.testing.assert_allclose(mine, hf, atol=1e-5)
+        assert np.isnan(res.patterns[p, :, n:]).all() and np.isnan(res.patterns[p, :, :, n:]).all()
+    assert res.tokens[1] == tuple(tiny.to_str_tokens("Hi"))
+    assert res.prompts == tuple(PROMPTS)
+
+
+def test_padding_side_and_batch_size_change_nothing(tiny) -> None:
+    one = mp.attention_patterns(tiny, PROMPTS, batch_size=1, progress=False)
+    for side in ("right", "left"):
+        batch = mp.tokenize(tiny, PROMPTS, padding_side=side)
+        many = mp.attention_patterns(tiny, batch, batch_size=None, progress=False)
+        np.testing.assert_allclose(many.patterns, one.patterns, atol=1e-6)
+        assert many.tokens == one.tokens and many.lengths == one.lengths
+
+
+def test_chosen_heads_in_their_order_and_no_hook_left(tiny, theirs) -> None:
+    before = hook_count(tiny)
+    sites = ["pattern@2, head 1", mp.Site("pattern", 0, head=3)]
+    res = mp.attention_patterns(tiny, PROMPTS, sites=sites, progress=False)
+    assert res.sites == ("pattern@2, head 1", "pattern@0, head 3")
+    assert (res.layers, res.heads) == ((2, 0), (1, 3))
+    n = res.lengths[0]
+    np.testing.assert_allclose(res.pattern("pattern@2, head 1"), theirs[0][2, 1], atol=1e-5)
+    np.testing.assert_allclose(res.pattern(sites[1], prompt=2), theirs[2][0, 3], atol=1e-5)
+    assert res.pattern(sites[0]).shape == (n, n)
+    layer = mp.attention_patterns(tiny, PROMPTS, layers=[1], progress=False)
+    assert layer.layers == (1,) * tiny.cfg.n_heads
+    np.testing.assert_allclose(layer.patterns[0, :, :n, :n], theirs[0][1], atol=1e-5)
+    assert hook_count(tiny) == before
+
+
+def test_summary_frame_and_top_keys_written_plainly(tiny, theirs) -> None:
+    res = mp.attention_patterns(tiny, PROMPTS, sites="pattern", layers=[0, 2], progress=False)
+    hf = [t[[0, 2]].reshape(-1, *t.shape[-2:]) for t in theirs]  # [heads, q, k]
+    first, previous, own, entropy, count = 0.0, 0.0, 0.0, 0.0, 0
+    for w in hf:
+        for q in range(1, w.shape[-1]):  # every query but the first
+            row = w[:, q, : q + 1]
+            first, previous, own = first + row[:, 0], previous + row[:, q - 1], own + row[:, q]
+            entropy = entropy - np.sum(np.where(row > 0, row * np.log(row), 0.0), axis=1)
+            count += 1
+    summary = res.summary()
+    assert summary["site"].tolist() == list(res.sites)
+    for column, plain in [("first_token", first), ("previous_token", previous),
+                          ("own_token", own), ("entropy", entropy)]:  # fmt: skip
+        np.testing.assert_allclose(summary[column], plain / count, atol=1e-5)
+
+    frame = res.to_frame()
+    lengths = np.asarray(res.lengths)
+    assert len(frame) == len(res.sites) * int((lengths * (lengths + 1) // 2).sum())
+    row = frame[(frame.prompt == 2) & (frame.site == "pattern@2, head 3")]
+    row = row[(row.query_position == 4) & (row.key_position == 1)]
+    assert row.weight.item() == pytest.approx(theirs[2][2, 3, 4, 1], abs=1e-5)
+    assert row.key_token.item() == res.tokens[2][1]
+    assert frame["layer"].dtype == "Int64" and frame["head"].dtype == "Int64"
+    assert (
+        frame.groupby(["prompt", "site", "query_position"])
+        .weight.sum()
+        .between(1 - 1e-5, 1 + 1e-5)
+        .all()
+    )
+
+    top = res.top_keys(query=-1, k=2)
+    assert len(top) == len(PROMPTS) * len(res.sites) * 2
+    for p, w in enumerate(hf):
+        for e, site in enumerate(res.sites):
+            mine = top[(top.prompt == p) & (top.site == site)]
+            last = w[e, -1]
+            assert mine.key_position.tolist() == np.argsort(-last, kind="stable")[:2].tolist()
+            np.testing.assert_allclose(mine.weight, np.sort(last)[::-1][:2], atol=1e-5)
+    with pytest.raises(ValueError, match="outside prompt 1"):
+        res.top_keys(query=5)
+
+
+def test_bad_input_is_refused_before_the_model_runs(tiny, monkeypatch) -> None:
+    before = hook_count(tiny)
+    with pytest.raises(ValueError, match="pattern"):
+        mp.attention_patterns(tiny, "Hi", sites="resid_post", progress=False)
+    with pytest.raises(ValueError, match="head"):
+        mp.attention_patterns(tiny, "Hi", sites="pattern@1, head 99", progress=False)
+    monkeypatch.setattr(_attention, "MAX_BYTES", 1000)
+    with pytest.raises(ValueError, match=r"GiB of patterns .*pass fewer heads"):
+        mp.attention_patterns(tiny, PROMPTS, progress=False)
+    monkeypatch.undo()
+    res = mp.attention_patterns(tiny, "Hi there", layers=[1], progress=False)
+    with pytest.raises(ValueError, match="not among this result's heads"):
+        res.pattern("pattern@0, head 0")
+    with pytest.raises(ValueError, match="one of the 1 prompts"):
+        res.pattern("pattern@1, head 0", prompt=1)
+    assert hook_count(tiny) == before
+
+
+def test_an_exception_mid_forward_leaves_no_hook_and_the_outputs_unchanged(
+    tiny, monkeypatch
+) -> None:
+    tokens = tiny.to_tokens("The cat sat")
+    with torch.no_grad():
+        before_logits = tiny(tokens)
+    before = hook_count(tiny)
+
+    def fail(self, selected, hook):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_attention._Keep, "edit", fail)
+    with pytest.raises(KeyboardInterrupt):
+        mp.attention_patterns(tiny, "The cat sat", progress=False)
+    monkeypatch.undo()
+    assert hook_count(tiny) == before
+    with torch.no_grad():
+        assert torch.equal(tiny(tokens), before_logits)
+
+
+def test_the_figure_and_the_round_trip(tiny, tmp_path) -> None:
+    res = mp.attention_patterns(tiny, PROMPTS, progress=False)
+    assert len(res.sites) == 12
+    with pytest.warns(UserWarning, match="first 12 of 12|first 4 of 12"):
+        fig = res.plot(max_panels=4)
+    assert len(fig.axes) == 4 + 1  # four maps and the colour bar
+    one = res.plot(prompt=1, sites=["pattern@1, head 2"])
+    image = one.axes[0].get_images()[0].get_array()
+    np.testing.assert_allclose(np.asarray(image), res.pattern("pattern@1, head 2", prompt=1))
+    labels = [t.get_text() for t in one.axes[0].get_xticklabels()]
+    assert labels == [mp.core.token_label(t, 10) for t in res.tokens[1]]
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    assert res.plot(ax).axes[0] is ax
+    assert "12 heads in 3 layers on 3 prompts" in repr(res)
+    assert "<img" in res._repr_html_()
+    back = mp.AttentionPatterns.load(res.save(tmp_path / "patterns.json"))
+    np.testing.assert_array_equal(back.patterns, res.patterns)
+    assert back.tokens == res.tokens and back.sites == res.sites
+    pd.testing.assert_frame_equal(back.to_frame(), res.to_frame())
+    pd.testing.assert_frame_equal(back.summary(), res.summary())
+
+
+@pytest.mark.integration
+def test_smollm2_patterns_equal_its_hugging_face_weights(smollm2) -> None:
+    text = " The old man walked his dog to the park by the river." * 2
+    sites = [mp.Site("pattern", 18, head=6), mp.Site("pattern", 16, head=0)]
+    res = mp.attention_patterns(smollm2, [text, "Paris is the capital of"], sites=sites,
+                                progress=False)  # fmt: skip
+    # A Hugging Face model of its own, from the cache load_model read (the bridge's wraps its
+    # attention modules and returns no weights), with eager attention (sdpa returns none).
+    from transformers import AutoModelForCausalLM
+
+    from mechprobe.core import _models
+
+    folder = _models.cache_dir() / "smollm2-135m-f32"
+    hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = hf(smollm2.to_tokens(text), output_attentions=True)
+    for site in sites:
+        theirs = out.attentions[site.layer][0, site.head].double().numpy()
+        np.testing.assert_allclose(res.pattern(site), theirs, atol=1e-4)
+    # the induction head at its stripe: the second sentence's queries look at the token after
+    # their own token's first copy
+    w, half = res.pattern(sites[0]), (res.lengths[0] - 1) // 2
+    q = np.arange(half + 1, res.lengths[0])
+    assert w[q, q - half + 1].mean() > 0.4
