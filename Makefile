@@ -17,7 +17,7 @@ TL3_TESTS := tests/test_adapter.py tests/test_direct_attribution.py tests/test_d
 	tests/test_ovector.py tests/test_relational.py tests/test_relational_protocol.py \
 	tests/test_scoring.py tests/test_trajectory.py tests/test_datasets.py tests/test_nullspace.py \
 	tests/test_tracing.py tests/test_lenses.py tests/test_model_kinds.py tests/test_heads.py \
-	tests/test_path_patching.py tests/test_attribution.py tests/test_function_vectors.py tests/test_head_scores.py tests/test_attention_patterns.py \
+	tests/test_path_patching.py tests/test_attribution.py tests/test_function_vectors.py tests/test_head_scores.py tests/test_attention_patterns.py tests/test_prediction.py \
 	tests/test_cli_causal.py tests/test_parallel_blocks.py tests/test_default_dtype.py tests/test_warnings.py tests/test_float64.py \
 	tests/test_faithfulness.py tests/test_site_groups.py tests/test_named_positions.py tests/test_path_groups.py
 export HF_HUB_OFFLINE := 1

@@ -4,6 +4,8 @@ summary's averages written plainly; bad input; the result protocol."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -79,18 +81,21 @@ def test_chosen_heads_in_their_order_and_no_hook_left(tiny, theirs) -> None:
 def test_summary_frame_and_top_keys_written_plainly(tiny, theirs) -> None:
     res = mp.attention_patterns(tiny, PROMPTS, sites="pattern", layers=[0, 2], progress=False)
     hf = [t[[0, 2]].reshape(-1, *t.shape[-2:]) for t in theirs]  # [heads, q, k]
-    first, previous, own, entropy, count = 0.0, 0.0, 0.0, 0.0, 0
+    first, previous, own, entropy, count, count_previous = 0.0, 0.0, 0.0, 0.0, 0, 0
+    assert res.bos == (True,) * len(PROMPTS)  # the tiny models prepend BOS
     for w in hf:
         for q in range(1, w.shape[-1]):  # every query but the first
             row = w[:, q, : q + 1]
-            first, previous, own = first + row[:, 0], previous + row[:, q - 1], own + row[:, q]
+            first, own = first + row[:, 0], own + row[:, q]
             entropy = entropy - np.sum(np.where(row > 0, row * np.log(row), 0.0), axis=1)
             count += 1
+            if q >= 2:  # query 1's previous token is BOS: a sink, not a previous-token head
+                previous, count_previous = previous + row[:, q - 1], count_previous + 1
     summary = res.summary()
     assert summary["site"].tolist() == list(res.sites)
-    for column, plain in [("first_token", first), ("previous_token", previous),
-                          ("own_token", own), ("entropy", entropy)]:  # fmt: skip
-        np.testing.assert_allclose(summary[column], plain / count, atol=1e-5)
+    for column, plain in [("first_token", first / count), ("previous_token", previous / count_previous),
+                          ("own_token", own / count), ("entropy", entropy / count)]:  # fmt: skip
+        np.testing.assert_allclose(summary[column], plain, atol=1e-5)
 
     frame = res.to_frame()
     lengths = np.asarray(res.lengths)
@@ -157,6 +162,53 @@ def test_an_exception_mid_forward_leaves_no_hook_and_the_outputs_unchanged(
         assert torch.equal(tiny(tokens), before_logits)
 
 
+def test_review_39a_inputs(tiny) -> None:
+    # F8: a head parked on BOS is no previous-token head (query 1's previous token is BOS).
+    sink = np.zeros((1, 1, 3, 3), np.float32)
+    sink[0, 0, :, 0] = 1.0
+    fake = mp.AttentionPatterns(sites=("pattern@0, head 0",), layers=(0,), heads=(0,),
+                                patterns=sink, lengths=(3,), prompts=("ab",),
+                                tokens=(("<s>", "a", "b"),), bos=(True,))  # fmt: skip
+    row = fake.summary().iloc[0]
+    assert (row.first_token, row.previous_token, row.own_token) == (1.0, 0.0, 0.0)
+    # (layer, head) pairs and head_scores' (layer, head, score) triples name heads
+    pairs = mp.attention_patterns(tiny, "Hi there", sites=[(2, 1), (0, 3, 0.5)], progress=False)
+    assert pairs.sites == ("pattern@2, head 1", "pattern@0, head 3")
+    assert mp.attention_patterns(tiny, "Hi", sites=(1, 2), progress=False).sites == (
+        "pattern@1, head 2",
+    )
+    np.testing.assert_array_equal(pairs.pattern((2, 1)), pairs.pattern("pattern@2, head 1"))
+    with pytest.raises(TypeError, match="not a head"):
+        pairs.pattern(3)
+    # F14: positions on a Site are refused, not ignored
+    with pytest.raises(ValueError, match="carry positions"):
+        mp.attention_patterns(tiny, "Hi", sites=mp.Site("pattern", 1, head=0, positions=[-1]),
+                              progress=False)  # fmt: skip
+    # F10, F11: ids outside the vocabulary, a row without tokens
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        mp.attention_patterns(tiny, mp.Batch.from_tokens(torch.tensor([[1, 5, 10**6]])),
+                              progress=False)  # fmt: skip
+    empty = mp.Batch.from_tokens(
+        torch.tensor([[1, 5, 6], [1, 2, 3]]), attention_mask=torch.tensor([[1, 1, 1], [0, 0, 0]])
+    )
+    with pytest.raises(ValueError, match=r"Prompts \[1\] have no tokens"):
+        mp.attention_patterns(tiny, empty, progress=False)
+    # F12, F13: an empty list of heads, several heads into one ax
+    with pytest.raises(ValueError, match="sites is empty"):
+        pairs.plot(sites=[])
+    from matplotlib.figure import Figure
+
+    with pytest.raises(ValueError, match="ax takes one head"):
+        pairs.plot(Figure().subplots(), sites=[(2, 1), (0, 3)])
+    # S9: one of each is said in the singular; one-token prompts warn before a NaN summary
+    one = mp.attention_patterns(
+        tiny, mp.Batch.from_tokens(torch.tensor([[1]])), sites=[(1, 2)], progress=False
+    )
+    assert "1 head in 1 layer on 1 prompt of 1 token)" in repr(one)
+    with pytest.warns(UserWarning, match="one token long"):
+        assert one.summary().first_token.isna().all()
+
+
 def test_the_figure_and_the_round_trip(tiny, tmp_path) -> None:
     res = mp.attention_patterns(tiny, PROMPTS, progress=False)
     assert len(res.sites) == 12
@@ -165,7 +217,12 @@ def test_the_figure_and_the_round_trip(tiny, tmp_path) -> None:
     assert len(fig.axes) == 4 + 1  # four maps and the colour bar
     one = res.plot(prompt=1, sites=["pattern@1, head 2"])
     image = one.axes[0].get_images()[0].get_array()
-    np.testing.assert_allclose(np.asarray(image), res.pattern("pattern@1, head 2", prompt=1))
+    drawn = res.pattern("pattern@1, head 2", prompt=1)
+    later = np.triu(np.ones_like(drawn, dtype=bool), 1)
+    assert np.array_equal(image.mask, later)  # keys after the query: grey, not weight 0
+    np.testing.assert_allclose(image.data[~later], drawn[~later])
+    own = res.plot(prompt=1, sites=["pattern@1, head 2"], vmax=None)
+    assert own.axes[0].get_images()[0].get_clim() == (0.0, pytest.approx(drawn.max()))
     labels = [t.get_text() for t in one.axes[0].get_xticklabels()]
     assert labels == [mp.core.token_label(t, 10) for t in res.tokens[1]]
     from matplotlib.figure import Figure
@@ -173,7 +230,9 @@ def test_the_figure_and_the_round_trip(tiny, tmp_path) -> None:
     ax = Figure().subplots()
     assert res.plot(ax).axes[0] is ax
     assert "12 heads in 3 layers on 3 prompts" in repr(res)
-    assert "<img" in res._repr_html_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the notebook view draws its first heads without a word
+        assert "<img" in res._repr_html_()
     back = mp.AttentionPatterns.load(res.save(tmp_path / "patterns.json"))
     np.testing.assert_array_equal(back.patterns, res.patterns)
     assert back.tokens == res.tokens and back.sites == res.sites

@@ -572,15 +572,15 @@ def test_smollm2_capitals_batched_equals_one_cell_at_a_time(smollm2):
 def test_an_unspaced_answer_warns_only_where_the_spaced_word_is_one_token() -> None:
     from types import SimpleNamespace
 
-    from mechprobe.patching._metrics import _warn_unspaced
+    from mechprobe.core import warn_unspaced
 
     vocab = {"Paris": [1], " Paris": [2], "Nairobi": [3, 4], " Nairobi": [5, 6], "\n": [7]}
     model = SimpleNamespace(tokenizer=lambda text, **_: {"input_ids": vocab.get(text, [9, 9])})
     with pytest.warns(UserWarning, match=r"wrong 'Paris' has no leading space.*\(id 2\)"):
-        _warn_unspaced(model, ["Paris", " Rome"], "wrong")
+        warn_unspaced(model, ["Paris", " Rome"], "wrong")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _warn_unspaced(model, [" Paris", "Nairobi", "\n"], "answer")  # nothing to say
+        warn_unspaced(model, [" Paris", "Nairobi", "\n"], "answer")  # nothing to say
 
 
 def test_reference_means_over_more_prompts_than_one_pass_takes() -> None:

@@ -242,6 +242,7 @@ ROUND_TRIPS = {
     "OVectorSweep": "test_relational_protocol.py",
     "PatchResult": "test_patching.py",
     "PathPatchResult": "test_path_patching.py",
+    "Predictions": "test_prediction.py",
     "ProbeResult": "test_probes.py",
     "RelationalResult": "test_relational_protocol.py",
     "TaskScore": "test_relational_protocol.py",
@@ -467,6 +468,7 @@ def _model_runs() -> dict[str, Any]:
         ),
         "HeadScoreResult": lambda m: mp.head_scores(m, seq_len=8, n_prompts=2),
         "AttentionPatterns": lambda m: mp.attention_patterns(m, ["Hi cat", "A dog sat"]),
+        "Predictions": lambda m: mp.predict(m, ["Hi cat", "A dog"], [[" a", " b"], " sat"]),
         "DASResult": lambda m: mp.das(
             m, ["Hi cat", "Hi dog"], ["Hi dog", "Hi cat"], [5, 6], mp.Site("resid_post", 1),
             k=1, epochs=1,

@@ -575,6 +575,13 @@ def _batched_calls() -> dict[str, Callable[[Any], Any]]:
             **off,
         ),
         "head_scores": lambda b: mp.head_scores(model, seq_len=6, n_prompts=3, batch_size=b, **off),
+        "predict": lambda b: mp.predict(
+            model,
+            ["Hi cat", "Hello there you", "A"],
+            [" a", [" b", " cd"], " e"],
+            batch_size=b,
+            **off,
+        ),
         "attention_patterns": lambda b: mp.attention_patterns(
             model, ["Hi cat", "Hello there you", "A"], batch_size=b, **off
         ),

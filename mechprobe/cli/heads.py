@@ -129,39 +129,50 @@ def main(args: argparse.Namespace) -> int:
     return _write_patterns(model, result, args, fail) if args.patterns else 0
 
 
+#: Panels of patterns.png at most (``--patterns 1000`` on SmolLM2 drew 150 panels).
+_MAX_PANELS = 12
+
+
 def _write_patterns(model: Any, result: Any, args: argparse.Namespace, fail: Any) -> int:
     """``--patterns N``: the best N heads of each kind (each once) on the first prompt, as
-    patterns.json and patterns.png, and a section of report.md."""
+    patterns.json and patterns.png (the first 12), and a section of report.md whose table says
+    which kind each head was picked for, with its score."""
+    import numpy as np
     import torch
 
     import mechprobe as mp
 
-    best = [
-        (layer, head) for kind in result.kinds for layer, head, _ in result.top(kind, args.patterns)
-    ]
-    sites = [mp.Site("pattern", layer, head=head) for layer, head in dict.fromkeys(best)]
-    prompt = (
-        args.prompt[0]
-        if args.prompt
-        else mp.Batch.from_tokens(torch.as_tensor(result.tokens[0])[None])
-    )
+    picked: dict[tuple[int, int], list[str]] = {}
+    for kind in result.kinds:
+        for layer, head, score in result.top(kind, args.patterns):
+            picked.setdefault((layer, head), []).append(f"{kind} {score:.2f}")
+    sites = [mp.Site("pattern", layer, head=head) for layer, head in picked]
+    # a copy: the result's token ids are read-only, which torch warns about
+    first = torch.as_tensor(np.array(result.tokens[0]))[None]
+    prompt = args.prompt[0] if args.prompt else mp.Batch.from_tokens(first)
     looks = mp.attention_patterns(model, prompt, sites=sites, progress=False)
+    summary = looks.summary()
+    summary.insert(3, "picked_as", ["; ".join(kinds) for kinds in picked.values()])
+    table = summary.to_string(index=False)
+    drawn = min(len(sites), _MAX_PANELS)
+    note = f" (patterns.png draws the first {drawn})" if drawn < len(sites) else ""
     folder = Path(args.out)
-    table = looks.summary().to_string(index=False)
     try:
         looks.save(folder / "patterns.json")
-        looks.plot(max_panels=len(sites)).savefig(
+        looks.plot(sites=list(looks.sites[:drawn]), max_panels=drawn).savefig(
             folder / "patterns.png", dpi=150, bbox_inches="tight"
         )
         with open(folder / "report.md", "a", encoding="utf-8") as report:
             report.write(
                 f"\n## Attention patterns (`patterns.json`)\n\nThe best {args.patterns} head(s) "
-                f"of each kind on the first prompt: {looks._describe()}.\n\n```\n{table}\n```"
-                "\n\n![patterns.png](patterns.png)\n"
+                f"of each kind on the first prompt: {looks._describe()}{note}.\n\n```\n{table}\n"
+                "```\n\n![patterns.png](patterns.png)\n"
             )
-    except (OSError, ValueError) as err:
+    except OSError as err:
         return fail(f"cannot write {folder}: {err}")
+    except ValueError as err:  # the result's own message names the file
+        return fail(str(err))
     print()
     print(table)
-    print(f"\nwrote {folder / 'patterns.json'} and {folder / 'patterns.png'}")
+    print(f"\nwrote {folder / 'patterns.json'} and {folder / 'patterns.png'}{note}")
     return 0

@@ -18,6 +18,7 @@ from mechprobe.core._batching import (
     position_list,
     tokenize,
     tokenize_with_targets,
+    warn_unspaced,
     writer_positions,
 )
 from mechprobe.core._eval_mode import eval_mode, evaluates
@@ -48,6 +49,7 @@ from mechprobe.core._models import (
 )
 from mechprobe.core._notebook import show_figures_in_notebooks
 from mechprobe.core._precision import native_bfloat16
+from mechprobe.core._prediction import Predictions, predict
 from mechprobe.core._progress import progress_bar, progress_enabled, weighted_progress_bar
 from mechprobe.core._readout import Readout, readout, target_rank, top1_hit
 from mechprobe.core._results import (
@@ -120,6 +122,7 @@ __all__ = [
     "PaddingSide",
     "PositionSpec",
     "Positions",
+    "Predictions",
     "Project",
     "Readout",
     "Replace",
@@ -172,6 +175,7 @@ __all__ = [
     "pad_rows",
     "position_list",
     "positions_text",
+    "predict",
     "progress_bar",
     "progress_enabled",
     "query_heads",
@@ -193,6 +197,7 @@ __all__ = [
     "top1_hit",
     "user_stacklevel",
     "warn",
+    "warn_unspaced",
     "weighted_progress_bar",
     "width",
     "write_atomic",

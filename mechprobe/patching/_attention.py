@@ -11,9 +11,11 @@ axes, tabulates every weight, and sums up where each head looks.
 A pattern is what the model computed: each query's softmax over the keys it may see (the causal
 keys, the last ``window`` of them on a sliding-window layer), so each row sums to 1 and weights on
 later keys are 0. :meth:`AttentionPatterns.summary` averages, per head, the weight on the first
-token (BOS where the model prepends one: the "attention sink" many heads park on), on the previous
-token and on the query's own token, and the entropy of the row, over every query but the first
-(whose only key is itself) of every prompt.
+token (BOS where the model prepends one: the "attention sink" many heads park on), on the query's
+own token and the entropy of the row, over every query but the first (whose only key is itself)
+of every prompt; and the weight on the previous token over the queries whose previous token is not
+a prepended BOS (from query 2 where BOS leads the prompt), as :func:`mechprobe.head_scores` counts
+previous-token heads: a head parked on BOS is no previous-token head at query 1.
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ from mechprobe.core import (
     Site,
     SiteLike,
     StopForward,
+    as_int,
     check_batch_size,
+    check_float,
     check_int,
+    check_token_ids,
     evaluates,
     expand_sites,
     figure_of,
@@ -80,6 +85,8 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         lengths: Each prompt's number of tokens.
         prompts: The prompts (token ids as text where a :class:`Batch` carried none).
         tokens: Per prompt, each token's text.
+        bos: Per prompt, whether its first token is a BOS the model prepended (empty in a result
+            that did not record it: then no query's previous token counts as BOS).
         model_name: The model's name, for the record.
 
     Example:
@@ -97,14 +104,15 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
     lengths: tuple[int, ...]
     prompts: tuple[str, ...]
     tokens: tuple[tuple[str, ...], ...]
+    bos: tuple[bool, ...] = ()
     model_name: str = ""
 
-    def _index(self, site: SiteLike) -> int:
-        label = str(site if isinstance(site, Site) else Site.parse(site)) if site else ""
+    def _index(self, site: SiteLike | tuple[int, ...]) -> int:
+        label = str(_as_site(site, "site"))
         if label not in self.sites:
             shown = ", ".join(self.sites[:4]) + (", ..." if len(self.sites) > 4 else "")
             raise ValueError(
-                f"{label or site!r} is not among this result's heads ({shown}): pass one of its "
+                f"{label!r} is not among this result's heads ({shown}): pass one of its "
                 "sites, or run attention_patterns with that head."
             )
         return self.sites.index(label)
@@ -117,8 +125,9 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
             )
         return index % len(self.prompts)
 
-    def pattern(self, site: SiteLike, prompt: int = 0) -> np.ndarray:
-        """``[query, key]`` one head's weights on one prompt's tokens (a copy).
+    def pattern(self, site: SiteLike | tuple[int, ...], prompt: int = 0) -> np.ndarray:
+        """``[query, key]`` one head's weights on one prompt's tokens (a copy); ``site`` as
+        :func:`attention_patterns` takes one (a label, a Site, a ``(layer, head)`` pair).
 
         Example:
             >>> import mechprobe as mp
@@ -132,8 +141,10 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         return np.array(self.patterns[p, self._index(site), :n, :n])
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per prompt, head, query and key the query may see (``key_position <=
-        query_position``): the weight, with both tokens.
+        """One row per prompt, head, query and key up to the query (``key_position <=
+        query_position``; on a sliding-window layer the keys before the window too, at weight
+        0): the weight, with both tokens. Rows grow with heads x tokens squared: choose heads
+        first for long prompts (``sites=``).
 
         Example:
             >>> import mechprobe as mp
@@ -171,8 +182,10 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
 
     def summary(self) -> pd.DataFrame:
         """Per head, the mean weight on the first token (``first_token``), the previous token
-        and the query's own token, and the mean entropy of a query's weights in nats, over every
-        query but each prompt's first (module docstring).
+        and the query's own token, and the mean entropy of a query's weights in nats (it grows
+        with the keys a query sees: compare heads on the same prompts), over every query but each
+        prompt's first; ``previous_token`` also leaves out the query after a prepended BOS
+        (module docstring).
 
         Example:
             >>> import mechprobe as mp
@@ -181,19 +194,25 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
             ['site', 'layer', 'head', 'first_token', 'previous_token', 'own_token', 'entropy']
         """
         sums = np.zeros((len(self.sites), 4))
-        count = 0
+        count = previous = 0
         for p, n in enumerate(self.lengths):
             if n < 2:
                 continue
             w = self.patterns[p, :, 1:n, :n].astype(np.float64)  # [heads, queries 1.., keys]
             q = np.arange(1, n)
             sums[:, 0] += w[:, :, 0].sum(1)
-            sums[:, 1] += w[:, q - 1, q - 1].sum(1)
+            # query 1's previous token is the first: a prepended BOS there says nothing
+            after = q[q >= 2] if self.bos and self.bos[p] else q
+            sums[:, 1] += w[:, after - 1, after - 1].sum(1)
             sums[:, 2] += w[:, q - 1, q].sum(1)
             with np.errstate(divide="ignore", invalid="ignore"):
                 sums[:, 3] += -np.where(w > 0, w * np.log(w), 0.0).sum((1, 2))
             count += n - 1
-        means = sums / count if count else np.full_like(sums, np.nan)
+            previous += len(after)
+        if not count:
+            warn("Every prompt is one token long: no query but the first, so the summary is NaN.")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            means = sums / np.array([count, previous, count, count], dtype=np.float64)
         frame = pd.DataFrame(
             {
                 "site": list(self.sites),
@@ -258,10 +277,20 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         prompt: int = 0,
         sites: SiteLike | Sequence[SiteLike] | None = None,
         max_panels: int = 12,
+        vmax: float | None = 1.0,
     ) -> Figure:
-        """Query x key maps of one prompt, its tokens on the axes, from 0 to 1: one panel per
-        head (the first ``max_panels`` of ``sites``, every head by default), or the first alone
-        into ``ax``.
+        """Query x key maps of one prompt, its tokens on the axes (with their positions where
+        labels are thinned out), keys after the query in grey: one panel per head (the first
+        ``max_panels`` of ``sites``, every head by default), or one head into ``ax``.
+
+        Args:
+            ax: Axes to draw one head into (then ``sites`` names one head, or the first is drawn).
+            prompt: Which prompt.
+            sites: The heads to draw (as :func:`attention_patterns` takes them).
+            max_panels: At most this many panels (a warning says what was left out).
+            vmax: The colour scale's top: 1.0 (the default, one scale for every head), or None
+                for each panel's own largest weight (a head spread over a long prompt is
+                near-white on the 0-1 scale).
 
         Example:
             >>> import mechprobe as mp
@@ -269,23 +298,54 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
             >>> len(res.plot().axes), len(res.plot(sites="pattern@1, head 2").axes)
             (5, 2)
         """
+        return self._draw(ax, prompt, sites, max_panels, vmax, quiet=False)
+
+    def _html_plot(self) -> Figure:
+        # The notebook view draws the first heads without the warning (its text says how many).
+        return self._draw(None, 0, None, 12, 1.0, quiet=True)
+
+    def _draw(
+        self,
+        ax: Axes | None,
+        prompt: int,
+        sites: Any,
+        max_panels: int,
+        vmax: float | None,
+        *,
+        quiet: bool,
+    ) -> Figure:
         p = self._prompt(prompt)
         check_int(max_panels, "max_panels", 1)
+        if vmax is not None:
+            vmax = check_float(vmax, "vmax", low=0.0, low_open=True)
         if sites is None:
             chosen = list(range(len(self.sites)))
         else:
-            listed = [sites] if isinstance(sites, (str, Site)) else list(sites)
+            listed = [sites] if _is_one_site(sites) else list(sites)
+            if not listed:
+                raise ValueError("sites is empty: name a head to draw, or pass None for all.")
             chosen = [self._index(s) for s in listed]
         if ax is not None:
+            if sites is not None and len(chosen) > 1:
+                raise ValueError(
+                    f"ax takes one head, got {len(chosen)}: pass one site with ax, or no ax "
+                    "for one panel per head."
+                )
             chosen = chosen[:1]
         elif len(chosen) > max_panels:
-            warn(
-                f"Drawing the first {max_panels} of {len(chosen)} heads: pass sites=[...] to "
-                "choose, or a larger max_panels."
-            )
+            if not quiet:
+                warn(
+                    f"Drawing the first {max_panels} of {len(chosen)} heads: pass sites=[...] "
+                    "to choose, or a larger max_panels."
+                )
             chosen = chosen[:max_panels]
         n = self.lengths[p]
-        labels = [token_label(t, 10) for t in self.tokens[p]]
+        step = max(1, -(-n // 30))  # at most about 30 token labels per axis
+        # thinned out, a label says its position too: a repeated word is at several rows
+        labels = [
+            token_label(t, 10) if step == 1 else f"{i} {token_label(t, 10)}"
+            for i, t in enumerate(self.tokens[p])
+        ]
         if ax is not None:
             fig, axes = figure_of(ax), [ax]
         else:
@@ -299,20 +359,23 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
             for spare in axes[len(chosen) :]:
                 spare.set_axis_off()
             axes = axes[: len(chosen)]
-        step = max(1, -(-n // 30))  # at most about 30 token labels per axis
         ticks = list(range(0, n, step))
+        import matplotlib as mpl
+
+        colours = mpl.colormaps["Blues"].with_extremes(bad="0.85")
+        later = np.triu(np.ones((n, n), dtype=bool), 1)  # keys after the query: masked
         image = None
         for axis, e in zip(axes, chosen, strict=True):
-            image = axis.imshow(
-                self.patterns[p, e, :n, :n], cmap="Blues", vmin=0, vmax=1, aspect="equal"
-            )
+            weights = np.ma.masked_array(self.patterns[p, e, :n, :n], mask=later)
+            top = vmax if vmax is not None else max(float(weights.max()), 1e-12)
+            image = axis.imshow(weights, cmap=colours, vmin=0, vmax=top, aspect="equal")
             axis.set_xticks(ticks, labels=[literal(labels[t]) for t in ticks], rotation=90)
             axis.set_yticks(ticks, labels=[literal(labels[t]) for t in ticks])
             axis.tick_params(labelsize=7)
             axis.set_xlabel("key")
             axis.set_ylabel("query")
             axis.set_title(literal(self.sites[e]), fontsize=9)
-        if image is not None:
+        if image is not None and (vmax is not None or len(chosen) == 1):
             fig.colorbar(image, ax=axes, label="attention weight", shrink=0.8)
         return fig
 
@@ -320,9 +383,38 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         shortest, longest = min(self.lengths, default=0), max(self.lengths, default=0)
         span = f"{shortest}" if shortest == longest else f"{shortest}-{longest}"
         return (
-            f"{len(self.sites)} heads in {len(set(self.layers))} layers on "
-            f"{len(self.prompts)} prompts of {span} tokens"
+            f"{_count(len(self.sites), 'head')} in {_count(len(set(self.layers)), 'layer')} on "
+            f"{_count(len(self.prompts), 'prompt')} of {span} token{'' if longest == 1 else 's'}"
         )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _is_one_site(value: Any) -> bool:
+    """A site on its own, not a list of them: a label, a Site, or a ``(layer, head)`` pair (or a
+    ``(layer, head, score)`` triple, as ``HeadScoreResult.top`` gives)."""
+    return isinstance(value, (str, Site)) or (
+        isinstance(value, tuple)
+        and len(value) in (2, 3)
+        and all(as_int(v) is not None for v in value[:2])
+    )
+
+
+def _as_site(value: Any, what: str) -> Site:
+    """One head as a ``pattern`` Site: a label, a Site, or a ``(layer, head)`` pair / ``(layer,
+    head, score)`` triple."""
+    if isinstance(value, Site):
+        return value
+    if isinstance(value, str):
+        return Site.parse(value)
+    if _is_one_site(value):
+        return Site("pattern", as_int(value[0]), head=as_int(value[1]))  # type: ignore[arg-type]
+    raise TypeError(
+        f"{what} {value!r} is not a head: pass a label ('pattern@9, head 3'), a Site, or a "
+        "(layer, head) pair."
+    )
 
 
 class _Keep(Intervention):
@@ -362,9 +454,10 @@ def attention_patterns(
         model: A TransformerLens model.
         prompts: One prompt, a list of prompts or a :class:`Batch`.
         sites: ``"pattern"`` (every head of each of ``layers``), ``pattern`` Sites or their
-            labels (``"pattern@9, head 3"``; a head :func:`mechprobe.head_scores` or
-            :func:`mechprobe.function_vector` named: ``[mp.Site("pattern", l, head=h) for l, h
-            in fv.heads]``), or a list of them.
+            labels (``"pattern@9, head 3"``), ``(layer, head)`` pairs as
+            :func:`mechprobe.function_vector` names its heads (``fv.heads``; the ``(layer, head,
+            score)`` triples of ``HeadScoreResult.top`` too), or a list of them. Sites carry no
+            positions here (every query is kept; :meth:`AttentionPatterns.top_keys` reads one).
         layers: The layers whose heads ``"pattern"`` stands for (default every layer).
         batch_size: Prompts per forward pass (None: all at once).
         progress: Show a progress bar over batches.
@@ -373,8 +466,9 @@ def attention_patterns(
         An :class:`AttentionPatterns`.
 
     Raises:
-        ValueError: A site of another kind; patterns that would take more than 4 GiB (pass
-            fewer heads, fewer prompts or shorter ones).
+        ValueError: A site of another kind or with positions; a prompt without tokens; token
+            ids outside the vocabulary; patterns that would take more than 4 GiB (pass fewer
+            heads, fewer prompts or shorter ones).
 
     Example:
         >>> import mechprobe as mp
@@ -384,10 +478,29 @@ def attention_patterns(
         >>> res.sites, res.pattern("pattern@1, head 2").shape == (res.lengths[0],) * 2
         (('pattern@1, head 2',), True)
     """
+    if _is_one_site(sites) and isinstance(sites, tuple):
+        sites = _as_site(sites, "sites")
+    elif isinstance(sites, (list, tuple)):
+        sites = [_as_site(s, "sites") if isinstance(s, tuple) else s for s in sites]
     chosen = expand_sites(model, sites, layers=layers, kinds=("pattern",), layers_name="layers")
+    placed = [str(s) for s in chosen if s.positions is not None]
+    if placed:
+        raise ValueError(
+            f"attention_patterns keeps every query: the Sites {placed} carry positions. Pass them "
+            "without, and read a query with AttentionPatterns.top_keys(query) or pattern()."
+        )
     check_batch_size(batch_size)
-    batch = prompts if isinstance(prompts, Batch) else tokenize(model, prompts)
+    if isinstance(prompts, Batch):
+        check_token_ids(model, prompts.tokens)  # ids given by hand, before the embedding
+        batch = prompts
+    else:
+        batch = tokenize(model, prompts)
     lengths = [int(n) for n in batch.attention_mask.sum(1).tolist()]
+    empty = [i for i, n in enumerate(lengths) if n == 0]
+    if empty:
+        raise ValueError(
+            f"Prompts {empty} have no tokens (attention_mask all 0): leave them out of the Batch."
+        )
     longest = max(lengths, default=0)
     size = len(batch) * len(chosen) * longest**2 * 4
     if size > MAX_BYTES:
@@ -438,6 +551,9 @@ def attention_patterns(
         batch.prompts[i] if batch.prompts and batch.prompts[i] else "".join(texts[i])
         for i in range(len(batch))
     )
+    bos = model_adapter(model).prepended_bos
+    # a BOS the model prepends (a Batch of ids may start with it too)
+    leads = tuple(bos is not None and len(row) > 0 and int(row[0]) == bos for row in ids)
     return AttentionPatterns(
         sites=tuple(str(s) for s in chosen),
         layers=tuple(s.layer for s in chosen),
@@ -446,5 +562,6 @@ def attention_patterns(
         lengths=tuple(lengths),
         prompts=shown,
         tokens=texts,
+        bos=leads,
         model_name=model_adapter(model).name,
     )

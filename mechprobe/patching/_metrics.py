@@ -15,7 +15,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mechprobe.core import as_int, evaluates, model_adapter, run, token_texts, warn
+from mechprobe.core import (
+    as_int,
+    evaluates,
+    model_adapter,
+    run,
+    token_texts,
+    warn_unspaced,
+)
 
 __all__ = [
     "MetricFn",
@@ -200,24 +207,8 @@ def _answer_ids(
             )
         ids.append(int(toks[0]))
     if check_space:
-        _warn_unspaced(model, [v for v in values if isinstance(v, str)], what)
+        warn_unspaced(model, [v for v in values if isinstance(v, str)], what)
     return torch.as_tensor(ids, dtype=torch.long)
-
-
-def _warn_unspaced(model: Any, answers: list[str], what: str) -> None:
-    """Warn where an answer without a leading space is a token of its own and so is the word
-    after a space: ``logit_diff("Paris", "Rome")`` scored the bare tokens, not the " Paris" that
-    follows "The capital of France is" (a clean logit difference of 5.27 for 6.21 on SmolLM2)."""
-    tokenizer = model.tokenizer
-    for answer in dict.fromkeys(a for a in answers if a and not a[0].isspace()):
-        spaced = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-        if len(spaced) == 1:
-            warn(
-                f"{what} {answer!r} has no leading space: it is scored as the token {answer!r}, "
-                f"not {' ' + answer!r} (id {spaced[0]}), the word that follows a space. Pass "
-                f"{' ' + answer!r} unless the prompt ends in a space or a newline."
-            )
-            return
 
 
 def metric_token_ids(

@@ -1,0 +1,148 @@
+"""predict against the Hugging Face model's own logits (a twin of the tiny model's weights, built
+apart), each prompt and answer run alone; on SmolLM2, greedy against generate; bad input; the
+protocol."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import hf_of, hook_count
+
+import mechprobe as mp
+
+PROMPTS = ["The cat sat on the", "Hi", "A dog ran far"]
+ANSWERS = [[" mat", " a"], " there", [" away", "x", " away now"]]
+
+
+def _hf_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """``[seq, vocab]`` the Hugging Face twin's next-token log-probabilities on one row."""
+    with torch.no_grad():
+        logits = hf_of(model)(torch.tensor([ids])).logits[0].double()
+    return logits.log_softmax(-1)
+
+
+def _ids(model, text: str, bos: bool) -> list[int]:
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ([model.tokenizer.bos_token_id] if bos else []) + list(ids)
+
+
+def test_top_tokens_and_answers_equal_the_hugging_face_model(tiny) -> None:
+    before = hook_count(tiny)
+    res = mp.predict(tiny, PROMPTS, ANSWERS, top_k=5, batch_size=2, progress=False)
+    assert res.answers == (" mat", " a", " there", " away", "x", " away now")
+    assert res.answer_prompt.tolist() == [0, 0, 1, 2, 2, 2]
+    for p, prompt in enumerate(PROMPTS):
+        row = _ids(tiny, prompt, bos=True)
+        logp = _hf_logprobs(tiny, row)[-1]
+        theirs = logp.topk(5)
+        assert res.top_ids[p].tolist() == theirs.indices.tolist()
+        np.testing.assert_allclose(res.top_probs[p], theirs.values.exp(), atol=1e-5)
+        entropy = -(logp.exp() * logp).sum()
+        assert res.entropy[p] == pytest.approx(float(entropy), abs=1e-4)
+    for a, answer in enumerate(res.answers):
+        prompt_ids = _ids(tiny, PROMPTS[res.answer_prompt[a]], bos=True)
+        answer_ids = _ids(tiny, answer, bos=False)
+        assert res.answer_ids[a] == tuple(answer_ids)
+        logp = _hf_logprobs(tiny, prompt_ids + answer_ids)
+        at = [len(prompt_ids) - 1 + j for j in range(len(answer_ids))]
+        picked = torch.stack([logp[i, t] for i, t in zip(at, answer_ids, strict=True)])
+        assert res.logprob[a] == pytest.approx(float(picked.sum()), abs=1e-4)
+        assert res.first_prob[a] == pytest.approx(float(picked[0].exp()), abs=1e-6)
+        # rank: how many other tokens are at least as probable (ties count against it)
+        ranks = [
+            int((logp[i] >= logp[i, t]).sum()) - 1 for i, t in zip(at, answer_ids, strict=True)
+        ]
+        assert res.token_ranks[a] == tuple(ranks)
+        assert res.first_rank[a] == ranks[0] and res.greedy[a] == all(r == 0 for r in ranks)
+    assert hook_count(tiny) == before
+
+
+def test_padding_and_batch_size_change_nothing(tiny) -> None:
+    one = mp.predict(tiny, PROMPTS, ANSWERS, batch_size=1, progress=False)
+    all_at_once = mp.predict(tiny, PROMPTS, ANSWERS, batch_size=None, progress=False)
+    np.testing.assert_allclose(all_at_once.top_probs, one.top_probs, atol=1e-6)
+    np.testing.assert_allclose(all_at_once.logprob, one.logprob, atol=1e-5)
+    assert all_at_once.token_ranks == one.token_ranks
+    batch = mp.tokenize(tiny, PROMPTS, padding_side="left")
+    left = mp.predict(tiny, batch, progress=False)
+    assert np.array_equal(left.top_ids, one.top_ids) and left.prompts == tuple(PROMPTS)
+
+
+def test_bad_input_names_the_fix(tiny) -> None:
+    with pytest.raises(ValueError, match="3 prompts and 2 answers"):
+        mp.predict(tiny, PROMPTS, [" a", " b"], progress=False)
+    with pytest.raises(ValueError, match="One answer string for 3 prompts"):
+        mp.predict(tiny, PROMPTS, " a", progress=False)
+    with pytest.raises(ValueError, match="non-empty strings"):
+        mp.predict(tiny, ["Hi"], [[" a", ""]], progress=False)
+    with pytest.raises(ValueError, match="non-empty strings"):
+        mp.predict(tiny, ["Hi"], [[]], progress=False)
+    with pytest.raises(ValueError, match="top_k"):
+        mp.predict(tiny, "Hi", top_k=0, progress=False)
+    with pytest.raises(ValueError, match="Batch of token ids takes none"):
+        mp.predict(tiny, mp.tokenize(tiny, ["Hi"]), [" a"], progress=False)
+    with pytest.raises(TypeError, match="not str"):
+        mp.predict(tiny, ["Hi", 3], progress=False)
+
+
+def test_an_unspaced_answer_that_is_a_token_of_its_own_warns(monkeypatch) -> None:
+    # The tiny tokenizer is byte-level (no word is a token of its own): a stand-in that is.
+    model = mp.tiny_model()
+    called = []
+    monkeypatch.setattr(
+        "mechprobe.core._prediction.warn_unspaced",
+        lambda m, answers, what: called.append(list(answers)),
+    )
+    mp.predict(model, ["Hi", "Yo"], ["Paris", " Rome"], progress=False)
+    assert called == [["Paris", " Rome"]]
+
+
+def test_the_figure_and_the_round_trip(tiny, tmp_path) -> None:
+    res = mp.predict(tiny, PROMPTS, ANSWERS, top_k=4, progress=False)
+    fig = res.plot(prompt=2)
+    bars = fig.axes[0].patches
+    np.testing.assert_allclose([b.get_width() for b in bars], res.top_probs[2])
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == [mp.core.token_label(res.token_text[i], 16) for i in res.top_ids[2]]
+    with pytest.raises(ValueError, match="one of the 3 prompts"):
+        res.plot(prompt=3)
+    assert "3 prompts, top-4" in repr(res) and "<table" in res._repr_html_()
+    back = mp.Predictions.load(res.save(tmp_path / "p.json"))
+    pd.testing.assert_frame_equal(back.to_frame(), res.to_frame())
+    pd.testing.assert_frame_equal(back.answers_frame(), res.answers_frame())
+    pd.testing.assert_frame_equal(back.summary(), res.summary())
+    summary = res.summary()
+    assert summary.best_answer.tolist()[1] == " there"
+    assert summary.first_rank.dtype == "Int64"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = mp.predict(tiny, "Hi", progress=False).summary()
+    assert "best_answer" not in plain.columns
+
+
+@pytest.mark.integration
+def test_smollm2_knows_the_capital_of_france(smollm2) -> None:
+    res = mp.predict(smollm2, ["The capital of France is", "The capital of Poland is"],
+                     [[" Paris", " Berlin"], [" Warsaw", " Krakow"]], progress=False)  # fmt: skip
+    frame = res.answers_frame()
+    assert frame.first_rank.tolist()[0] == 0 and frame.first_rank.tolist()[2] == 0
+    assert frame.greedy.tolist()[0] and frame.logprob[0] > frame.logprob[1]
+    assert res.summary().best_answer.tolist() == [" Paris", " Warsaw"]
+    # The next-token distribution against the model's own logits at the last position.
+    with torch.no_grad():
+        logits = smollm2(smollm2.to_tokens("The capital of France is"))[0, -1].double()
+    probs = logits.softmax(-1)
+    np.testing.assert_allclose(res.top_probs[0], probs.topk(10).values, atol=1e-5)
+    # The model's own greedy continuation is greedy by definition; one changed word is not.
+    made = mp.generate(smollm2, "The capital of France is", max_new_tokens=2, progress=False)
+    said = made.completions[0]  # " Paris." (4 tokens end in "\n", "\n", which re-encode as one)
+    assert smollm2.tokenizer(said, add_special_tokens=False)["input_ids"] == list(made.tokens[0])
+    changed = said.replace(" Paris", " Lyon")
+    assert said != changed
+    again = mp.predict(smollm2, "The capital of France is", [[said, changed]], progress=False)
+    assert again.greedy.tolist() == [True, False]
+    assert again.logprob[0] == pytest.approx(float(made.logprobs[0].sum()), abs=1e-3)
