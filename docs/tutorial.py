@@ -40,11 +40,19 @@ model.cfg.n_layers, model.cfg.d_model
 # %% [markdown]
 # ## 1. Early decoding: when does " Paris" surface?
 #
+# First, what the model says: `predict` gives the most probable next tokens and scores answers
+# (their rank, probability and whether greedy decoding says them), as TransformerLens's
+# `test_prompt` prints them.
+
+# %%
+prompt = "Q: What is the capital of France?\nA:"
+mp.predict(model, prompt, [[" Paris", " Rome", " Lyon"]], top_k=5, progress=False).answers_frame()
+
+# %% [markdown]
 # The logit lens decodes the residual stream after every block through the model's own final
 # norm and unembedding. `targets` follows the answer's rank and probability layer by layer.
 
 # %%
-prompt = "Q: What is the capital of France?\nA:"
 lens = mp.logit_lens(model, prompt, targets=" Paris", progress=False)
 lens
 
@@ -117,6 +125,19 @@ paths = mp.path_patch(
 )  # fmt: skip
 edges = paths.to_frame().query("receiver != 'final'")  # the paths into the two writers
 edges.sort_values("effect", key=abs, ascending=False).head(8)
+
+# %% [markdown]
+# Where do the writers look? Their attention patterns on the clean prompt, with its tokens: from
+# the last position, a head that moves the capital reads the country's token.
+
+# %%
+looks = mp.attention_patterns(
+    model, clean, sites=[(s.layer, s.head) for s in writers], progress=False
+)
+looks.top_keys(-1, k=3)[["site", "rank", "key_position", "key_token", "weight"]]
+
+# %%
+looks.plot()
 
 # %% [markdown]
 # Some heads are known by where they look. `head_scores` reads every head's attention on

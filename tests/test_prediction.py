@@ -57,7 +57,18 @@ def test_top_tokens_and_answers_equal_the_hugging_face_model(tiny) -> None:
             int((logp[i] >= logp[i, t]).sum()) - 1 for i, t in zip(at, answer_ids, strict=True)
         ]
         assert res.token_ranks[a] == tuple(ranks)
+        np.testing.assert_allclose(res.token_logprobs[a], picked.numpy(), atol=1e-5)
         assert res.first_rank[a] == ranks[0] and res.greedy[a] == all(r == 0 for r in ranks)
+    assert res.candidate.tolist() == [0, 1, 0, 0, 1, 2]
+    diff = res.logit_diff(0, 2)  # prompt 2's " away" against " away now": one first token
+    assert np.isnan(diff[:2]).all() and diff[2] == 0.0
+    assert res.logit_diff(1, 0)[0] == pytest.approx(res.first_logit[1] - res.first_logit[0])
+    with pytest.raises(ValueError, match="same candidate"):
+        res.logit_diff(1, 1)
+    np.testing.assert_allclose(  # logits: the model's own at the last position
+        res.top_logits[1], hf_of(tiny)(torch.tensor([_ids(tiny, "Hi", True)])).logits[0, -1]
+        .detach().double().numpy()[res.top_ids[1]], atol=1e-4,
+    )  # fmt: skip
     assert hook_count(tiny) == before
 
 
@@ -70,6 +81,39 @@ def test_padding_and_batch_size_change_nothing(tiny) -> None:
     batch = mp.tokenize(tiny, PROMPTS, padding_side="left")
     left = mp.predict(tiny, batch, progress=False)
     assert np.array_equal(left.top_ids, one.top_ids) and left.prompts == tuple(PROMPTS)
+
+
+def test_greedy_breaks_ties_as_generate_and_ranks_count_them_against() -> None:
+    # Review 39b F5: bfloat16 logits tie; generate takes the lowest id among tied maxima.
+    from mechprobe.core._prediction import _scores
+
+    tied = torch.tensor([[[3.0, 3.0, 0.0]]])
+    ranks, _, _, greedy = _scores(tied, torch.tensor([[0]]))
+    assert (ranks, greedy) == ([1], True)  # a tie is no evidence for it, but generate says it
+    ranks, _, _, greedy = _scores(tied, torch.tensor([[1]]))
+    assert (ranks, greedy) == ([1], False)
+
+
+def test_passes_one_token_answers_and_chunks(tiny, monkeypatch) -> None:
+    # Review 39b F10: one-token answers come from the prompts' own pass; multi-token answers
+    # run batch_size rows at a time (F9: each chunk's logits reduced before the next).
+    from mechprobe.core import _prediction
+
+    calls = []
+    real = _prediction.run
+
+    def counted(model, batch, *args, **kwargs):
+        calls.append(len(batch))
+        return real(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(_prediction, "run", counted)
+    one = mp.predict(tiny, PROMPTS, [["a", "b"], "c", ["d"]], progress=False)
+    assert calls == [3]
+    calls.clear()
+    many = mp.predict(tiny, PROMPTS, [[" ab", " cd", "e"], " fg", ["h"]], batch_size=2,
+                      progress=False)  # fmt: skip
+    assert calls == [3, 2, 1]  # the prompts in one call, then 3 answers of 3 tokens (2 + 1)
+    assert one.greedy.dtype == bool and len(many.answers) == 5
 
 
 def test_bad_input_names_the_fix(tiny) -> None:
@@ -87,6 +131,41 @@ def test_bad_input_names_the_fix(tiny) -> None:
         mp.predict(tiny, mp.tokenize(tiny, ["Hi"]), [" a"], progress=False)
     with pytest.raises(TypeError, match="not str"):
         mp.predict(tiny, ["Hi", 3], progress=False)
+    # Review 39b F8: items that are not strings or lists, and unordered containers
+    for bad in ([None], [1]):
+        with pytest.raises(ValueError, match="non-empty strings"):
+            mp.predict(tiny, ["Hi"], bad, progress=False)
+    with pytest.raises(ValueError, match="non-empty strings"):
+        mp.predict(tiny, "Hi", "", progress=False)
+    for unordered in ({" a": 1}, {" a", " b"}):
+        with pytest.raises(TypeError, match="no order"):
+            mp.predict(tiny, "Hi", unordered, progress=False)
+    # F7: a prompt and answer past the context is named, before any forward pass
+    long = "a" * (tiny.cfg.n_ctx - 4)  # with BOS and " x" (2 byte tokens) it fits; " xyz" not
+    before = hook_count(tiny)
+    with pytest.raises(ValueError, match=r"Prompt 1 with its answer ' xyz' is"):
+        mp.predict(tiny, ["Hi", long], [[" x", " y"], [" x", " xyz"]], progress=False)
+    assert hook_count(tiny) == before
+
+
+def test_one_prompt_takes_a_list_of_candidates_as_test_prompt_does(tiny) -> None:
+    alone = mp.predict(tiny, "Hi", [" a", " b"], progress=False)
+    listed = mp.predict(tiny, ["Hi"], [[" a", " b"]], progress=False)
+    assert alone.answers == listed.answers == (" a", " b")
+    np.testing.assert_array_equal(alone.logprob, listed.logprob)
+    with pytest.raises(ValueError, match="1 prompts and 2 answers"):
+        mp.predict(tiny, ["Hi"], [" a", " b"], progress=False)  # a list: one answer per prompt
+
+
+def test_a_prompt_ending_in_a_space_warns_about_the_prompt(tiny, monkeypatch) -> None:
+    # Review 39b F11: the unspaced-answer advice (add a space) was wrong after a trailing space.
+    said = []
+    monkeypatch.setattr(
+        "mechprobe.core._prediction.warn_unspaced", lambda m, a, what: said.append(list(a))
+    )
+    with pytest.warns(UserWarning, match=r"Prompts \[0\] end in whitespace"):
+        mp.predict(tiny, ["Hi ", "Yo"], ["a", "b"], progress=False)
+    assert said == [["b"]]
 
 
 def test_an_unspaced_answer_that_is_a_token_of_its_own_warns(monkeypatch) -> None:
@@ -107,6 +186,7 @@ def test_the_figure_and_the_round_trip(tiny, tmp_path) -> None:
     bars = fig.axes[0].patches
     np.testing.assert_allclose([b.get_width() for b in bars], res.top_probs[2])
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert "not shown" in fig.axes[0].get_title()  # the byte answers rank below the top 4
     assert labels == [mp.core.token_label(res.token_text[i], 16) for i in res.top_ids[2]]
     with pytest.raises(ValueError, match="one of the 3 prompts"):
         res.plot(prompt=3)
@@ -117,6 +197,17 @@ def test_the_figure_and_the_round_trip(tiny, tmp_path) -> None:
     pd.testing.assert_frame_equal(back.summary(), res.summary())
     summary = res.summary()
     assert summary.best_answer.tolist()[1] == " there"
+    assert list(res.to_frame().columns) == [
+        "prompt",
+        "prompt_text",
+        "rank",
+        "decoded_token",
+        "decoded_token_id",
+        "prob",
+        "logit",
+    ]
+    empty = mp.predict(tiny, "Hi", progress=False).answers_frame()
+    assert empty.empty and empty["answer"].dtype == object and empty["n_tokens"].dtype == np.int64
     assert summary.first_rank.dtype == "Int64"
     with warnings.catch_warnings():
         warnings.simplefilter("error")

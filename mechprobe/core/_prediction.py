@@ -4,13 +4,22 @@
 The first look at a model on a prompt (TransformerLens's ``utils.test_prompt``, made a batched,
 saved result): the ``top_k`` most probable next tokens with their probabilities and the
 distribution's entropy, and for each answer given (one per prompt, or several candidates per
-prompt) its rank and probability as the next token and, by teacher forcing, the log-probability of
-the whole answer and whether greedy decoding would produce it (every token ranked first, ties
-counting against it as in every rank mechprobe reports).
+prompt) its rank, logit and probability as the next token and, by teacher forcing, the
+log-probability of the whole answer and whether greedy decoding would produce it.
+
+Ranks count ties against the answer, as every rank mechprobe reports (a tie for first is no
+evidence for it); ``greedy`` is what :func:`mechprobe.generate` does, each token the argmax (the
+lowest id among tied maxima), so the two agree on a bfloat16 model, whose logits tie often.
 
 Answers follow their prompt as in every analysis here: tokenised on their own, leading space
 included, and appended to the prompt's tokens (" Paris", not "Paris", after "The capital of France
-is"; a warning says so when a bare answer is a token of its own).
+is"; a warning says so when a bare answer is a token of its own, and when a prompt ends in a space,
+the trap of ``test_prompt``). An answer's numbers are those of its own tokenisation: text the model
+generated as other tokens (two "\n" where the tokenizer writes one "\n\n") is scored as the
+tokenizer writes it.
+
+One forward pass over the prompts gives the top tokens and every one-token answer; each
+multi-token answer is one more row (prompt and answer), run ``batch_size`` rows at a time.
 """
 
 from __future__ import annotations
@@ -22,20 +31,25 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 
 from mechprobe.core._adapter import model_adapter, token_texts
 from mechprobe.core._batching import (
     Batch,
     _check_prompts,
+    check_token_ids,
+    pad_id,
+    pad_rows,
     tokenize,
-    tokenize_with_targets,
     warn_unspaced,
 )
 from mechprobe.core._eval_mode import evaluates
+from mechprobe.core._progress import progress_bar
 from mechprobe.core._readout import target_rank
 from mechprobe.core._results import Result, literal, new_axes, token_label
 from mechprobe.core._runner import run
 from mechprobe.core._validation import check_finite, check_int
+from mechprobe.core._warning import warn
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -52,16 +66,21 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
         prompts: The prompts.
         top_ids: ``[prompts, top_k]`` the most probable next tokens, most probable first.
         top_probs: ``[prompts, top_k]`` their probabilities.
+        top_logits: ``[prompts, top_k]`` their logits.
         entropy: ``[prompts]`` the next-token distribution's entropy, in nats.
         answer_prompt: ``[answers]`` the prompt each answer was scored after.
+        candidate: ``[answers]`` the answer's index among its prompt's candidates.
         answers: Each answer's text.
         answer_ids: Each answer's token ids (leading space included).
         first_rank: ``[answers]`` the rank of the answer's first token as the next token (0: the
             most probable; ties count against it).
         first_prob: ``[answers]`` that token's probability.
+        first_logit: ``[answers]`` that token's logit.
         logprob: ``[answers]`` the log-probability of the whole answer (teacher forcing).
         token_ranks: Per answer, the rank of each of its tokens where it is predicted.
-        greedy: ``[answers]`` whether greedy decoding produces the answer (every rank 0).
+        token_logprobs: Per answer, each of its tokens' log-probability.
+        greedy: ``[answers]`` whether greedy decoding produces the answer's tokens (each the
+            argmax, the lowest id among tied maxima, as :func:`mechprobe.generate` picks).
         token_text: The text of every token id in ``top_ids`` and ``answer_ids``.
         model_name: The model's name, for the record.
 
@@ -76,14 +95,18 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
     prompts: tuple[str, ...]
     top_ids: np.ndarray
     top_probs: np.ndarray
+    top_logits: np.ndarray
     entropy: np.ndarray
     answer_prompt: np.ndarray
+    candidate: np.ndarray
     answers: tuple[str, ...]
     answer_ids: tuple[tuple[int, ...], ...]
     first_rank: np.ndarray
     first_prob: np.ndarray
+    first_logit: np.ndarray
     logprob: np.ndarray
     token_ranks: tuple[tuple[int, ...], ...]
+    token_logprobs: tuple[tuple[float, ...], ...]
     greedy: np.ndarray
     token_text: dict[int, str]
     model_name: str = ""
@@ -93,7 +116,8 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
 
     def to_frame(self) -> pd.DataFrame:
         """One row per prompt and rank of its ``top_k`` next tokens: ``prompt``, ``prompt_text``,
-        ``rank``, ``token``, ``token_id``, ``prob``.
+        ``rank``, ``decoded_token``, ``decoded_token_id``, ``prob``, ``logit`` (named as the
+        lens's ``top_frame``: ``token`` is an input token).
 
         Example:
             >>> import mechprobe as mp
@@ -109,15 +133,17 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
                 "prompt": prompt,
                 "prompt_text": [self.prompts[p] for p in prompt],
                 "rank": np.tile(np.arange(k), n),
-                "token": [self._text(i) for i in ids],
-                "token_id": ids.astype(np.int64),
+                "decoded_token": [self._text(i) for i in ids],
+                "decoded_token_id": ids.astype(np.int64),
                 "prob": self.top_probs.reshape(-1).astype(np.float64),
+                "logit": self.top_logits.reshape(-1).astype(np.float64),
             }
         )
 
     def answers_frame(self) -> pd.DataFrame:
-        """One row per answer: ``prompt``, ``prompt_text``, ``answer``, ``n_tokens``,
-        ``first_rank``, ``first_prob``, ``logprob``, ``greedy``.
+        """One row per answer: ``prompt``, ``prompt_text``, ``candidate`` (its index among the
+        prompt's), ``answer``, ``n_tokens``, ``first_rank``, ``first_prob``, ``first_logit``,
+        ``logprob``, ``greedy``. A pivot on ``prompt`` and ``candidate`` compares candidates.
 
         Example:
             >>> import mechprobe as mp
@@ -127,30 +153,49 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
         """
         return pd.DataFrame(
             {
-                "prompt": self.answer_prompt.astype(np.int64),
-                "prompt_text": [self.prompts[p] for p in self.answer_prompt],
-                "answer": list(self.answers),
-                "n_tokens": [len(ids) for ids in self.answer_ids],
-                "first_rank": self.first_rank.astype(np.int64),
-                "first_prob": self.first_prob.astype(np.float64),
-                "logprob": self.logprob.astype(np.float64),
-                "greedy": self.greedy.astype(bool),
-            },
-            columns=[
-                "prompt",
-                "prompt_text",
-                "answer",
-                "n_tokens",
-                "first_rank",
-                "first_prob",
-                "logprob",
-                "greedy",
-            ],
+                "prompt": pd.Series(self.answer_prompt, dtype=np.int64),
+                "prompt_text": pd.Series(
+                    [self.prompts[p] for p in self.answer_prompt], dtype=object
+                ),
+                "candidate": pd.Series(self.candidate, dtype=np.int64),
+                "answer": pd.Series(list(self.answers), dtype=object),
+                "n_tokens": pd.Series([len(ids) for ids in self.answer_ids], dtype=np.int64),
+                "first_rank": pd.Series(self.first_rank, dtype=np.int64),
+                "first_prob": pd.Series(self.first_prob, dtype=np.float64),
+                "first_logit": pd.Series(self.first_logit, dtype=np.float64),
+                "logprob": pd.Series(self.logprob, dtype=np.float64),
+                "greedy": pd.Series(self.greedy, dtype=bool),
+            }
         )
 
+    def logit_diff(self, answer: int = 0, wrong: int = 1) -> np.ndarray:
+        """``[prompts]`` the first-token logit of candidate ``answer`` minus that of candidate
+        ``wrong`` after each prompt (the metric of :func:`mechprobe.logit_diff`; NaN where a
+        prompt has no such candidates), as :meth:`mechprobe.LensResult.logit_diff` takes slots.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.predict(mp.tiny_model(), "Hi", ["a", "b"], progress=False)
+            >>> bool(res.logit_diff()[0] == res.first_logit[0] - res.first_logit[1])
+            True
+        """
+        answer, wrong = check_int(answer, "answer", 0), check_int(wrong, "wrong", 0)
+        if answer == wrong:
+            raise ValueError(f"answer and wrong are the same candidate ({answer}).")
+        out = np.full(len(self.prompts), np.nan)
+        for p in range(len(self.prompts)):
+            mine = self.answer_prompt == p
+            a = np.flatnonzero(mine & (self.candidate == answer))
+            w = np.flatnonzero(mine & (self.candidate == wrong))
+            if len(a) and len(w):
+                out[p] = self.first_logit[a[0]] - self.first_logit[w[0]]
+        return out
+
     def summary(self) -> pd.DataFrame:
-        """Per prompt: the top token and its probability, the entropy, and with answers the
-        most probable one (by ``logprob``) with its first token's rank and ``greedy``.
+        """Per prompt: the top token (whitespace shown, as the lens's summary shows it) and its
+        probability, the entropy, and with answers the most probable one by total ``logprob``
+        (so a shorter candidate is favoured: compare per token with :meth:`answers_frame`),
+        with its first token's rank and ``greedy``.
 
         Example:
             >>> import mechprobe as mp
@@ -164,7 +209,7 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
             row: dict[str, Any] = {
                 "prompt": p,
                 "prompt_text": prompt,
-                "top1_token": self._text(self.top_ids[p, 0]),
+                "top1_token": token_label(self._text(self.top_ids[p, 0]), 40),
                 "top1_prob": float(self.top_probs[p, 0]),
                 "entropy": float(self.entropy[p]),
             }
@@ -182,8 +227,9 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
         return frame
 
     def plot(self, ax: Axes | None = None, *, prompt: int = 0) -> Figure:
-        """One prompt's ``top_k`` next tokens as bars of probability, its answers' first tokens
-        in orange where they are among them.
+        """One prompt's most probable next tokens (the first 30 of ``top_k``) as bars of
+        probability, its answers' first tokens in orange where they are among them (the title
+        names the others' ranks).
 
         Example:
             >>> import mechprobe as mp
@@ -197,17 +243,27 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
                 f"prompt must index one of the {len(self.prompts)} prompts, got {prompt}."
             )
         p %= len(self.prompts)
-        k = self.top_ids.shape[1]
+        k = min(self.top_ids.shape[1], 30)
         fig, ax = new_axes(ax, (5.0, 0.3 * k + 1.2))
-        firsts = {self.answer_ids[a][0] for a in np.flatnonzero(self.answer_prompt == p)}
+        mine = np.flatnonzero(self.answer_prompt == p)
+        firsts = {self.answer_ids[a][0] for a in mine}
         colours = ["tab:orange" if int(i) in firsts else "tab:blue" for i in self.top_ids[p]]
-        ax.barh(range(k), self.top_probs[p], color=colours)
+        ax.barh(range(k), self.top_probs[p, :k], color=colours[:k])
         ax.set_yticks(
-            range(k), labels=[literal(token_label(self._text(i), 16)) for i in self.top_ids[p]]
+            range(k), labels=[literal(token_label(self._text(i), 16)) for i in self.top_ids[p, :k]]
         )
         ax.invert_yaxis()
         ax.set_xlabel("next-token probability")
-        ax.set_title(literal(token_label(self.prompts[p], 60, tail=True)), fontsize=9)
+        shown = set(self.top_ids[p, :k].tolist())
+        away = [
+            f"{token_label(self.answers[a], 12)!r} rank {int(self.first_rank[a])}"
+            for a in mine
+            if self.answer_ids[a][0] not in shown
+        ]
+        title = token_label(self.prompts[p], 60, tail=True)
+        if away:
+            title += "\nnot shown: " + ", ".join(away[:4]) + (" ..." if len(away) > 4 else "")
+        ax.set_title(literal(title), fontsize=9)
         return fig
 
     def _describe(self) -> str:
@@ -220,8 +276,9 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
         return f"{len(self.prompts)} prompts, top-{self.top_ids.shape[1]}; first: {top!r}{hit}"
 
 
-def _answer_lists(answers: Any, n: int) -> list[list[str]]:
-    """``answers`` as one list of candidate strings per prompt."""
+def _answer_lists(answers: Any, n: int, one_prompt: bool) -> list[list[str]]:
+    """``answers`` as one list of candidate strings per prompt (a list of strings after one
+    prompt given as a string: its candidates, as ``test_prompt`` takes them)."""
     if answers is None:
         return [[] for _ in range(n)]
     if isinstance(answers, str):
@@ -230,8 +287,15 @@ def _answer_lists(answers: Any, n: int) -> list[list[str]]:
                 f"One answer string for {n} prompts: pass one answer per prompt (a list), or "
                 "a list of candidates per prompt."
             )
-        return [[answers]]
+        answers = [answers]
+    if not _is_list(answers):
+        raise TypeError(
+            f"answers must be a string, a list of strings or a list of lists, got "
+            f"{type(answers).__name__} (a set or dict has no order to keep)."
+        )
     listed = list(answers)
+    if one_prompt and len(listed) > 1 and all(isinstance(a, str) for a in listed):
+        listed = [listed]  # one prompt's candidates
     if len(listed) != n:
         raise ValueError(
             f"Got {n} prompts and {len(listed)} answers: pass one answer (or one list of "
@@ -239,15 +303,19 @@ def _answer_lists(answers: Any, n: int) -> list[list[str]]:
         )
     out = []
     for i, item in enumerate(listed):
-        candidates = [item] if isinstance(item, str) else list(item)
-        bad = [c for c in candidates if not isinstance(c, str) or not c]
-        if bad or not candidates:
+        candidates = [item] if isinstance(item, str) else list(item) if _is_list(item) else None
+        if not candidates or any(not isinstance(c, str) or not c for c in candidates):
             raise ValueError(
-                f"Answers of prompt {i} must be non-empty strings, got {item!r}: pass text that "
-                "follows the prompt (' Paris')."
+                f"Answers of prompt {i} must be non-empty strings (or a list of them), got "
+                f"{item!r}: pass text that follows the prompt (' Paris')."
             )
         out.append(candidates)
     return out
+
+
+def _is_list(value: Any) -> bool:
+    """An ordered sequence of answers: a list, tuple, numpy array or pandas Series."""
+    return isinstance(value, (list, tuple, np.ndarray, pd.Series))
 
 
 @evaluates
@@ -267,7 +335,9 @@ def predict(
         model: A TransformerLens model.
         prompts: One prompt, a list of prompts, or a :class:`Batch` (without answers).
         answers: None; one answer per prompt (a string for one prompt); or a list of candidate
-            answers per prompt. Each is scored by teacher forcing after its prompt.
+            answers per prompt (after one prompt given as a string, a list of strings is its
+            candidates, as ``test_prompt`` takes them). Each is scored by teacher forcing
+            after its prompt.
         top_k: How many of the most probable next tokens to keep.
         batch_size: Rows per forward pass (None: all at once).
         progress: Show a progress bar over batches.
@@ -277,11 +347,14 @@ def predict(
 
     Raises:
         ValueError: Answers not one (or one list) per prompt, an empty answer, ``top_k`` below 1,
-            answers with a :class:`Batch`, non-finite logits.
+            answers with a :class:`Batch`, a prompt with an answer longer than the context
+            (before any forward pass), non-finite logits.
+        TypeError: Answers that are not strings or ordered lists of them.
 
     Warns:
         UserWarning: An answer without a leading space that is a token of its own (the word
-            after a space is another token).
+            after a space is another token); a prompt with answers that ends in a space (the
+            answer's own space then follows it).
 
     Example:
         >>> import mechprobe as mp
@@ -297,35 +370,58 @@ def predict(
                 "answers are appended to prompt text: pass the prompts as strings with answers "
                 "(a Batch of token ids takes none)."
             )
-        batch, texts = prompts, list(prompts.prompts or [""] * len(prompts))
+        check_token_ids(model, prompts.tokens)
+        batch = prompts
+        texts = [
+            prompts.prompts[i] if prompts.prompts and prompts.prompts[i] else _decoded(model, row)
+            for i, row in enumerate(_real_rows(prompts))
+        ]
     else:
         texts = _check_prompts(prompts)
         batch = tokenize(model, texts)
-    per_prompt = _answer_lists(answers, len(batch))
-    flat = [(p, a) for p, candidates in enumerate(per_prompt) for a in candidates]
-    warn_unspaced(model, [a for _, a in flat], "Answer")
+    per_prompt = _answer_lists(answers, len(batch), isinstance(prompts, str))
+    flat = [(p, c, a) for p, candidates in enumerate(per_prompt) for c, a in enumerate(candidates)]
+    spaced = [
+        p for p, candidates in enumerate(per_prompt) if candidates and texts[p][-1:].isspace()
+    ]
+    if spaced:
+        warn(
+            f"Prompts {spaced[:5]} end in whitespace and have answers: an answer's own leading "
+            "space then follows it (two spaces), and a bare answer is scored after a space "
+            "token the model rarely sees there. End the prompt without it and give answers "
+            "their leading space (' Paris')."
+        )
+    warn_unspaced(model, [a for p, _, a in flat if p not in spaced], "Answer")
+    rows = _answer_rows(model, batch, per_prompt)  # checks the context before any pass
 
     out = run(model, batch, logit_positions=-1, batch_size=batch_size, progress=progress)
-    logits = out.logits[:, 0].double()
+    logits = out.logits[:, 0].float()
     check_finite(logits, "The model's next-token logits")
     logp = logits.log_softmax(-1)
     k = min(k, logp.shape[-1])
     top = logp.topk(k, dim=-1)
-    entropy = torch.special.entr(logp.exp()).sum(-1)
+    entropy = torch.special.entr(logp.double().exp()).sum(-1)
 
     m = len(flat)
-    first_rank, first_prob = np.zeros(m, np.int64), np.zeros(m)
+    scored: list[Any] = [None] * m
+    long = [i for i, (_, _, ids) in enumerate(rows) if len(ids) > 1]
+    for i, (p, _, ids) in enumerate(rows):
+        if len(ids) == 1:  # read off the prompts' own pass: it is this prediction
+            scored[i] = _scores(logits[p : p + 1, None], torch.tensor([[ids[0]]]))
+    if long:
+        scored_long = _score_answers(model, [rows[i] for i in long], batch_size, progress)
+        for i, result in zip(long, scored_long, strict=True):
+            scored[i] = result
+    first_rank, first_prob, first_logit = np.zeros(m, np.int64), np.zeros(m), np.zeros(m)
     logprob, greedy = np.zeros(m), np.zeros(m, bool)
-    answer_ids: list[tuple[int, ...]] = [()] * m
-    token_ranks: list[tuple[int, ...]] = [()] * m
-    if flat:
-        scored = _score_answers(
-            model, [texts[p] for p, _ in flat], [a for _, a in flat], batch_size
-        )
-        for i, (ids, ranks, lp) in enumerate(scored):
-            answer_ids[i], token_ranks[i] = ids, ranks
-            first_rank[i], first_prob[i] = ranks[0], float(np.exp(lp[0]))
-            logprob[i], greedy[i] = float(lp.sum()), all(r == 0 for r in ranks)
+    token_ranks: list[tuple[int, ...]] = []
+    token_logprobs: list[tuple[float, ...]] = []
+    for i, (ranks, lps, first, best) in enumerate(scored):
+        token_ranks.append(tuple(ranks))
+        token_logprobs.append(tuple(lps))
+        first_rank[i], first_prob[i], first_logit[i] = ranks[0], np.exp(lps[0]), first
+        logprob[i], greedy[i] = float(np.sum(lps)), best
+    answer_ids = [ids for _, _, ids in rows]
     seen = {int(i) for i in top.indices.reshape(-1).tolist()}
     seen |= {i for ids in answer_ids for i in ids}
     tokenizer = model_adapter(model).tokenizer
@@ -334,49 +430,108 @@ def predict(
     return Predictions(
         prompts=tuple(texts),
         top_ids=top.indices.cpu().numpy().astype(np.int64),
-        top_probs=top.values.exp().float().cpu().numpy(),
+        top_probs=top.values.exp().cpu().numpy(),
+        top_logits=logits.gather(-1, top.indices).cpu().numpy(),
         entropy=entropy.cpu().numpy(),
-        answer_prompt=np.asarray([p for p, _ in flat], dtype=np.int64),
-        answers=tuple(a for _, a in flat),
+        answer_prompt=np.asarray([p for p, _, _ in flat], dtype=np.int64),
+        candidate=np.asarray([c for _, c, _ in flat], dtype=np.int64),
+        answers=tuple(a for _, _, a in flat),
         answer_ids=tuple(answer_ids),
         first_rank=first_rank,
         first_prob=first_prob,
+        first_logit=first_logit,
         logprob=logprob,
         token_ranks=tuple(token_ranks),
+        token_logprobs=tuple(token_logprobs),
         greedy=greedy,
         token_text=dict(zip(ordered, names, strict=True)),
         model_name=model_adapter(model).name,
     )
 
 
+def _real_rows(batch: Batch) -> list[list[int]]:
+    """Each row's own token ids, padding taken out."""
+    return [batch.tokens[i][batch.attention_mask[i].bool()].tolist() for i in range(len(batch))]
+
+
+def _decoded(model: Any, ids: Any) -> str:
+    tokenizer = model_adapter(model).tokenizer
+    return "" if tokenizer is None else str(tokenizer.decode([int(i) for i in ids]))
+
+
+def _answer_rows(
+    model: Any, batch: Batch, per_prompt: list[list[str]]
+) -> list[tuple[int, list[int], tuple[int, ...]]]:
+    """Per answer, ``(prompt, the prompt's token ids, the answer's token ids)``; a prompt and
+    answer longer than the model's context is refused here, before any forward pass, by
+    prompt and answer."""
+    tokenizer = model_adapter(model).tokenizer
+    n_ctx = model_adapter(model).n_ctx
+    prompt_rows = _real_rows(batch)
+    out = []
+    for p, candidates in enumerate(per_prompt):
+        if not candidates:
+            continue
+        encoded = tokenizer(list(candidates), add_special_tokens=False)["input_ids"]
+        for answer, ids in zip(candidates, encoded, strict=True):
+            if not ids:
+                raise ValueError(f"Answer {answer!r} of prompt {p} tokenises to nothing.")
+            total = len(prompt_rows[p]) + len(ids)
+            if n_ctx is not None and total > int(n_ctx):
+                raise ValueError(
+                    f"Prompt {p} with its answer {token_label(answer, 30)!r} is {total} tokens, "
+                    f"longer than the model's context of {int(n_ctx)}: shorten the prompt or "
+                    "the answer."
+                )
+            out.append((p, [int(t) for t in prompt_rows[p]], tuple(int(t) for t in ids)))
+    return out
+
+
+def _scores(logits: Tensor, targets: Tensor) -> tuple[list[int], list[float], float, bool]:
+    """One answer's numbers from ``logits [1, size, vocab]`` at its predictions and ``targets
+    [1, size]``: each token's rank (ties against it) and log-probability, the first token's
+    logit, and whether each token is the argmax (the lowest id among tied maxima, as greedy
+    decoding picks)."""
+    logits = logits.float()
+    targets = targets.to(logits.device)
+    picked = logits.gather(-1, targets[..., None])
+    ranks = target_rank(logits, picked)[0, :, 0]
+    logp = (picked[..., 0] - logits.logsumexp(-1))[0]
+    best = bool((logits.argmax(-1) == targets).all())
+    return ranks.tolist(), logp.double().tolist(), float(picked[0, 0, 0]), best
+
+
 def _score_answers(
-    model: Any, prompts: list[str], answers: list[str], batch_size: int | None
-) -> list[tuple[tuple[int, ...], tuple[int, ...], np.ndarray]]:
-    """Per (prompt, answer) row: the answer's token ids, each token's rank where it is
-    predicted, and each token's log-probability (teacher forcing). Rows are grouped by the
-    answer's length, so that a group reads its predictions at the same positions from the end."""
-    batch, _, length = tokenize_with_targets(model, prompts, answers)
-    out: list[Any] = [None] * len(prompts)
-    for size in sorted({int(v) for v in length.tolist()}):
-        rows = (length == size).nonzero().flatten().tolist()
-        sub = batch.select(rows)
+    model: Any,
+    rows: list[tuple[int, list[int], tuple[int, ...]]],
+    batch_size: int | None,
+    progress: bool,
+) -> list[tuple[list[int], list[float], float, bool]]:
+    """Each multi-token answer scored by teacher forcing: its prompt and answer run as one row,
+    rows grouped by the answer's length (a group reads its predictions at the same positions from
+    the end) and run ``batch_size`` at a time, each chunk's logits reduced before the next."""
+    out: list[Any] = [None] * len(rows)
+    sizes = sorted({len(ids) for _, _, ids in rows})
+    step = batch_size or len(rows)
+    chunks = [
+        [i for i, (_, _, ids) in enumerate(rows) if len(ids) == size][start : start + step]
+        for size in sizes
+        for start in range(0, sum(len(ids) == size for _, _, ids in rows), step)
+    ]
+    pad = pad_id(model)
+    for chunk in progress_bar(chunks, progress=progress, desc="answers"):
+        size = len(rows[chunk[0]][2])
+        joined = [rows[i][1] + list(rows[i][2]) for i in chunk]
+        batch = pad_rows(joined, pad, "right", [""] * len(chunk))
         logits = run(
             model,
-            sub,
+            batch,
             logit_positions=list(range(-(size + 1), -1)),
-            batch_size=batch_size,
+            batch_size=None,
             progress=False,
-        ).logits.double()  # [rows, size, vocab]: the prediction of answer token j at j
+        ).logits  # [rows, size, vocab]: the prediction of answer token j at j
         check_finite(logits, "The model's logits over the answers")
-        targets = sub.tokens[torch.arange(len(sub))[:, None], sub.positions(list(range(-size, 0)))]
-        targets = targets.to(logits.device)
-        picked = logits.gather(-1, targets[..., None])
-        ranks = target_rank(logits, picked)[..., 0]
-        lp = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
-        for i, row in enumerate(rows):
-            out[row] = (
-                tuple(int(t) for t in targets[i].tolist()),
-                tuple(int(r) for r in ranks[i].tolist()),
-                lp[i].cpu().numpy(),
-            )
+        for r, i in enumerate(chunk):
+            targets = torch.tensor([rows[i][2]])
+            out[i] = _scores(logits[r : r + 1], targets)
     return out
