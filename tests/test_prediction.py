@@ -58,6 +58,10 @@ def test_top_tokens_and_answers_equal_the_hugging_face_model(tiny) -> None:
         ]
         assert res.token_ranks[a] == tuple(ranks)
         np.testing.assert_allclose(res.token_logprobs[a], picked.numpy(), atol=1e-5)
+        # what the model would have said at each step: the argmax there
+        assert res.token_top1[a] == tuple(int(logp[i].argmax()) for i in at)
+        np.testing.assert_allclose(res.token_top1_logprobs[a], [float(logp[i].max()) for i in at],
+                                   atol=1e-5)  # fmt: skip
         assert res.first_rank[a] == ranks[0] and res.greedy[a] == all(r == 0 for r in ranks)
     assert res.candidate.tolist() == [0, 1, 0, 0, 1, 2]
     diff = res.logit_diff(0, 2)  # prompt 2's " away" against " away now": one first token
@@ -88,10 +92,10 @@ def test_greedy_breaks_ties_as_generate_and_ranks_count_them_against() -> None:
     from mechprobe.core._prediction import _scores
 
     tied = torch.tensor([[[3.0, 3.0, 0.0]]])
-    ranks, _, _, greedy = _scores(tied, torch.tensor([[0]]))
-    assert (ranks, greedy) == ([1], True)  # a tie is no evidence for it, but generate says it
-    ranks, _, _, greedy = _scores(tied, torch.tensor([[1]]))
-    assert (ranks, greedy) == ([1], False)
+    said = _scores(tied, torch.tensor([[0]]))
+    assert (said.ranks, said.greedy) == ((1,), True)  # a tie is no evidence; generate says it
+    other = _scores(tied, torch.tensor([[1]]))
+    assert (other.ranks, other.greedy, other.top1) == ((1,), False, (0,))
 
 
 def test_passes_one_token_answers_and_chunks(tiny, monkeypatch) -> None:
@@ -206,6 +210,12 @@ def test_the_figure_and_the_round_trip(tiny, tmp_path) -> None:
         "prob",
         "logit",
     ]
+    steps = res.tokens_frame()
+    assert len(steps) == sum(len(ids) for ids in res.answer_ids)
+    last = steps[(steps.prompt == 2) & (steps.candidate == 2)]
+    assert last.step.tolist() == list(range(len(res.answer_ids[5])))
+    np.testing.assert_allclose(last.logprob.sum(), res.logprob[5])
+    assert last.token_id.tolist() == list(res.answer_ids[5])
     empty = mp.predict(tiny, "Hi", progress=False).answers_frame()
     assert empty.empty and empty["answer"].dtype == object and empty["n_tokens"].dtype == np.int64
     assert summary.first_rank.dtype == "Int64"

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -79,6 +79,9 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
         logprob: ``[answers]`` the log-probability of the whole answer (teacher forcing).
         token_ranks: Per answer, the rank of each of its tokens where it is predicted.
         token_logprobs: Per answer, each of its tokens' log-probability.
+        token_top1: Per answer, the most probable token where each of its tokens is predicted
+            (what the model would have said instead; the answer's own token where it is greedy).
+        token_top1_logprobs: Their log-probabilities.
         greedy: ``[answers]`` whether greedy decoding produces the answer's tokens (each the
             argmax, the lowest id among tied maxima, as :func:`mechprobe.generate` picks).
         token_text: The text of every token id in ``top_ids`` and ``answer_ids``.
@@ -107,6 +110,8 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
     logprob: np.ndarray
     token_ranks: tuple[tuple[int, ...], ...]
     token_logprobs: tuple[tuple[float, ...], ...]
+    token_top1: tuple[tuple[int, ...], ...]
+    token_top1_logprobs: tuple[tuple[float, ...], ...]
     greedy: np.ndarray
     token_text: dict[int, str]
     model_name: str = ""
@@ -167,6 +172,39 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
                 "greedy": pd.Series(self.greedy, dtype=bool),
             }
         )
+
+    def tokens_frame(self) -> pd.DataFrame:
+        """One row per answer token, as ``test_prompt`` prints them: ``prompt``, ``candidate``,
+        ``answer``, ``step`` (0: the first token), ``token``, ``token_id``, its ``rank``,
+        ``prob`` and ``logprob`` where it is predicted, and the most probable token there
+        (``top1_token``, ``top1_prob``).
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.predict(mp.tiny_model(), "Hi", " ab", progress=False)
+            >>> res.tokens_frame()[["step", "token"]].values.tolist()
+            [[0, ' '], [1, 'a'], [2, 'b']]
+        """
+        rows = [
+            {
+                "prompt": int(self.answer_prompt[a]),
+                "candidate": int(self.candidate[a]),
+                "answer": self.answers[a],
+                "step": j,
+                "token": self._text(t),
+                "token_id": int(t),
+                "rank": int(self.token_ranks[a][j]),
+                "prob": float(np.exp(self.token_logprobs[a][j])),
+                "logprob": float(self.token_logprobs[a][j]),
+                "top1_token": self._text(self.token_top1[a][j]),
+                "top1_prob": float(np.exp(self.token_top1_logprobs[a][j])),
+            }
+            for a in range(len(self.answers))
+            for j, t in enumerate(self.answer_ids[a])
+        ]
+        columns = ["prompt", "candidate", "answer", "step", "token", "token_id", "rank", "prob"]
+        columns += ["logprob", "top1_token", "top1_prob"]
+        return pd.DataFrame(rows, columns=columns)
 
     def logit_diff(self, answer: int = 0, wrong: int = 1) -> np.ndarray:
         """``[prompts]`` the first-token logit of candidate ``answer`` minus that of candidate
@@ -403,27 +441,23 @@ def predict(
     entropy = torch.special.entr(logp.double().exp()).sum(-1)
 
     m = len(flat)
-    scored: list[Any] = [None] * m
+    found: dict[int, _Scored] = {}
     long = [i for i, (_, _, ids) in enumerate(rows) if len(ids) > 1]
     for i, (p, _, ids) in enumerate(rows):
         if len(ids) == 1:  # read off the prompts' own pass: it is this prediction
-            scored[i] = _scores(logits[p : p + 1, None], torch.tensor([[ids[0]]]))
+            found[i] = _scores(logits[p : p + 1, None], torch.tensor([[ids[0]]]))
     if long:
         scored_long = _score_answers(model, [rows[i] for i in long], batch_size, progress)
-        for i, result in zip(long, scored_long, strict=True):
-            scored[i] = result
+        found.update(zip(long, scored_long, strict=True))
+    scored = [found[i] for i in range(m)]
     first_rank, first_prob, first_logit = np.zeros(m, np.int64), np.zeros(m), np.zeros(m)
     logprob, greedy = np.zeros(m), np.zeros(m, bool)
-    token_ranks: list[tuple[int, ...]] = []
-    token_logprobs: list[tuple[float, ...]] = []
-    for i, (ranks, lps, first, best) in enumerate(scored):
-        token_ranks.append(tuple(ranks))
-        token_logprobs.append(tuple(lps))
-        first_rank[i], first_prob[i], first_logit[i] = ranks[0], np.exp(lps[0]), first
-        logprob[i], greedy[i] = float(np.sum(lps)), best
+    for i, one in enumerate(scored):
+        first_rank[i], first_prob[i] = one.ranks[0], np.exp(one.logprobs[0])
+        first_logit[i], logprob[i], greedy[i] = one.first_logit, sum(one.logprobs), one.greedy
     answer_ids = [ids for _, _, ids in rows]
     seen = {int(i) for i in top.indices.reshape(-1).tolist()}
-    seen |= {i for ids in answer_ids for i in ids}
+    seen |= {i for ids in answer_ids for i in ids} | {i for one in scored for i in one.top1}
     tokenizer = model_adapter(model).tokenizer
     ordered = sorted(seen)
     names = token_texts(tokenizer, ordered) if tokenizer is not None else [str(i) for i in ordered]
@@ -441,8 +475,10 @@ def predict(
         first_prob=first_prob,
         first_logit=first_logit,
         logprob=logprob,
-        token_ranks=tuple(token_ranks),
-        token_logprobs=tuple(token_logprobs),
+        token_ranks=tuple(one.ranks for one in scored),
+        token_logprobs=tuple(one.logprobs for one in scored),
+        token_top1=tuple(one.top1 for one in scored),
+        token_top1_logprobs=tuple(one.top1_logprobs for one in scored),
         greedy=greedy,
         token_text=dict(zip(ordered, names, strict=True)),
         model_name=model_adapter(model).name,
@@ -487,18 +523,36 @@ def _answer_rows(
     return out
 
 
-def _scores(logits: Tensor, targets: Tensor) -> tuple[list[int], list[float], float, bool]:
+class _Scored(NamedTuple):
+    """One answer's numbers (:func:`_scores`)."""
+
+    ranks: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    first_logit: float
+    greedy: bool
+    top1: tuple[int, ...]
+    top1_logprobs: tuple[float, ...]
+
+
+def _scores(logits: Tensor, targets: Tensor) -> _Scored:
     """One answer's numbers from ``logits [1, size, vocab]`` at its predictions and ``targets
     [1, size]``: each token's rank (ties against it) and log-probability, the first token's
-    logit, and whether each token is the argmax (the lowest id among tied maxima, as greedy
-    decoding picks)."""
-    logits = logits.float()
-    targets = targets.to(logits.device)
-    picked = logits.gather(-1, targets[..., None])
-    ranks = target_rank(logits, picked)[0, :, 0]
-    logp = (picked[..., 0] - logits.logsumexp(-1))[0]
-    best = bool((logits.argmax(-1) == targets).all())
-    return ranks.tolist(), logp.double().tolist(), float(picked[0, 0, 0]), best
+    logit, whether each token is the argmax (the lowest id among tied maxima, as greedy decoding
+    picks), and that argmax with its log-probability at each step."""
+    logits = logits.float()[0]  # [size, vocab]
+    targets = targets.to(logits.device)[0]
+    picked = logits.gather(-1, targets[:, None])  # [size, 1]
+    ranks = target_rank(logits, picked)[:, 0]
+    norm = logits.logsumexp(-1)
+    top1 = logits.argmax(-1)
+    return _Scored(
+        ranks=tuple(int(r) for r in ranks.tolist()),
+        logprobs=tuple(float(v) for v in (picked[:, 0] - norm).double().tolist()),
+        first_logit=float(picked[0, 0]),
+        greedy=bool((top1 == targets).all()),
+        top1=tuple(int(t) for t in top1.tolist()),
+        top1_logprobs=tuple(float(v) for v in (logits.max(-1).values - norm).double().tolist()),
+    )
 
 
 def _score_answers(
@@ -506,7 +560,7 @@ def _score_answers(
     rows: list[tuple[int, list[int], tuple[int, ...]]],
     batch_size: int | None,
     progress: bool,
-) -> list[tuple[list[int], list[float], float, bool]]:
+) -> list[_Scored]:
     """Each multi-token answer scored by teacher forcing: its prompt and answer run as one row,
     rows grouped by the answer's length (a group reads its predictions at the same positions from
     the end) and run ``batch_size`` at a time, each chunk's logits reduced before the next."""

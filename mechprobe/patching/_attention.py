@@ -301,7 +301,8 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         return self._draw(ax, prompt, sites, max_panels, vmax, quiet=False)
 
     def _html_plot(self) -> Figure:
-        # The notebook view draws the first heads without the warning (its text says how many).
+        # The notebook view draws the first 12 heads without a warning (its line above the table
+        # says how many the result holds; plot(sites=...) draws others).
         return self._draw(None, 0, None, 12, 1.0, quiet=True)
 
     def _draw(
