@@ -120,6 +120,23 @@ def test_passes_one_token_answers_and_chunks(tiny, monkeypatch) -> None:
     assert one.greedy.dtype == bool and len(many.answers) == 5
 
 
+def test_a_generation_is_scored_as_the_tokens_it_was_generated_as(tiny) -> None:
+    # Review 39b F6: text re-encoded can be other tokens (the byte tokens of the tiny model's
+    # partial characters, SmolLM2's "\n", "\n" for "\n\n"): the generation's own ids are scored.
+    made = mp.generate(tiny, PROMPTS, max_new_tokens=4, progress=False)
+    res = mp.predict(tiny, list(made.prompts), made, progress=False)
+    assert res.answer_ids == tuple(tuple(int(t) for t in row) for row in made.tokens)
+    assert res.greedy.all()  # each generated token the argmax, as generate picked it
+    np.testing.assert_allclose(res.logprob, [float(lp.sum()) for lp in made.logprobs], atol=1e-4)
+    assert res.answers == tuple("".join(t) for t in made.token_strings)
+    with pytest.raises(ValueError, match="GenerationResult of other prompts"):
+        mp.predict(tiny, PROMPTS[:2], made, progress=False)
+    steered = mp.generate(tiny, "Hi", {mp.Site("resid_post", 1): mp.Ablate()}, max_new_tokens=2,
+                          progress=False)  # fmt: skip
+    with pytest.warns(UserWarning, match="ran with interventions"):
+        mp.predict(tiny, "Hi", steered, progress=False)
+
+
 def test_bad_input_names_the_fix(tiny) -> None:
     with pytest.raises(ValueError, match="3 prompts and 2 answers"):
         mp.predict(tiny, PROMPTS, [" a", " b"], progress=False)
@@ -242,6 +259,10 @@ def test_smollm2_knows_the_capital_of_france(smollm2) -> None:
     made = mp.generate(smollm2, "The capital of France is", max_new_tokens=2, progress=False)
     said = made.completions[0]  # " Paris." (4 tokens end in "\n", "\n", which re-encode as one)
     assert smollm2.tokenizer(said, add_special_tokens=False)["input_ids"] == list(made.tokens[0])
+    four = mp.generate(smollm2, "The capital of France is", max_new_tokens=4, progress=False)
+    scored = mp.predict(smollm2, "The capital of France is", four, progress=False)
+    assert scored.greedy.tolist() == [True]  # as generated: " Paris", ".", "\n", "\n"
+    assert scored.logprob[0] == pytest.approx(float(four.logprobs[0].sum()), abs=1e-3)
     changed = said.replace(" Paris", " Lyon")
     assert said != changed
     again = mp.predict(smollm2, "The capital of France is", [[said, changed]], progress=False)

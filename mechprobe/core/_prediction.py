@@ -15,8 +15,8 @@ Answers follow their prompt as in every analysis here: tokenised on their own, l
 included, and appended to the prompt's tokens (" Paris", not "Paris", after "The capital of France
 is"; a warning says so when a bare answer is a token of its own, and when a prompt ends in a space,
 the trap of ``test_prompt``). An answer's numbers are those of its own tokenisation: text the model
-generated as other tokens (two "\n" where the tokenizer writes one "\n\n") is scored as the
-tokenizer writes it.
+generated as other tokens (two "\\n" where the tokenizer writes one "\\n\\n") is scored as the
+tokenizer writes it; pass the :class:`GenerationResult` itself to score the tokens generated.
 
 One forward pass over the prompts gives the top tokens and every one-token answer; each
 multi-token answer is one more row (prompt and answer), run ``batch_size`` rows at a time.
@@ -44,6 +44,7 @@ from mechprobe.core._batching import (
     warn_unspaced,
 )
 from mechprobe.core._eval_mode import evaluates
+from mechprobe.core._generation import GenerationResult
 from mechprobe.core._progress import progress_bar
 from mechprobe.core._readout import target_rank
 from mechprobe.core._results import Result, literal, new_axes, token_label
@@ -375,7 +376,8 @@ def predict(
         answers: None; one answer per prompt (a string for one prompt); or a list of candidate
             answers per prompt (after one prompt given as a string, a list of strings is its
             candidates, as ``test_prompt`` takes them). Each is scored by teacher forcing
-            after its prompt.
+            after its prompt. Or a :class:`GenerationResult` of these prompts: each completion
+            scored as the tokens it was generated as.
         top_k: How many of the most probable next tokens to keep.
         batch_size: Rows per forward pass (None: all at once).
         progress: Show a progress bar over batches.
@@ -417,7 +419,11 @@ def predict(
     else:
         texts = _check_prompts(prompts)
         batch = tokenize(model, texts)
-    per_prompt = _answer_lists(answers, len(batch), isinstance(prompts, str))
+    given: list[list[tuple[int, ...]]] | None = None
+    if isinstance(answers, GenerationResult):
+        per_prompt, given = _generated(answers, texts)
+    else:
+        per_prompt = _answer_lists(answers, len(batch), isinstance(prompts, str))
     flat = [(p, c, a) for p, candidates in enumerate(per_prompt) for c, a in enumerate(candidates)]
     spaced = [
         p for p, candidates in enumerate(per_prompt) if candidates and texts[p][-1:].isspace()
@@ -429,8 +435,9 @@ def predict(
             "token the model rarely sees there. End the prompt without it and give answers "
             "their leading space (' Paris')."
         )
-    warn_unspaced(model, [a for p, _, a in flat if p not in spaced], "Answer")
-    rows = _answer_rows(model, batch, per_prompt)  # checks the context before any pass
+    if given is None:  # a generation's tokens are what they are
+        warn_unspaced(model, [a for p, _, a in flat if p not in spaced], "Answer")
+    rows = _answer_rows(model, batch, per_prompt, given)  # checks the context before any pass
 
     out = run(model, batch, logit_positions=-1, batch_size=batch_size, progress=progress)
     logits = out.logits[:, 0].float()
@@ -495,12 +502,39 @@ def _decoded(model: Any, ids: Any) -> str:
     return "" if tokenizer is None else str(tokenizer.decode([int(i) for i in ids]))
 
 
+def _generated(
+    generation: GenerationResult, texts: list[str]
+) -> tuple[list[list[str]], list[list[tuple[int, ...]]]]:
+    """A generation's completions as answers: per prompt its text (the tokens decoded alone,
+    joined) and its token ids as generated (text re-encoded can be other tokens: two "\\n"
+    generated are one "\\n\\n" token written)."""
+    if tuple(generation.prompts) != tuple(texts):
+        raise ValueError(
+            "answers is a GenerationResult of other prompts: pass its own, "
+            "predict(model, generation.prompts, generation)."
+        )
+    empty = [i for i, row in enumerate(generation.tokens) if len(row) == 0]
+    if empty:
+        raise ValueError(f"The generation has no tokens for prompts {empty}: nothing to score.")
+    if generation.interventions:
+        warn(
+            f"The generation ran with interventions ({'; '.join(generation.interventions)}); "
+            "predict scores its tokens on the model as it is, without them."
+        )
+    texts_of = [["".join(strings)] for strings in generation.token_strings]
+    ids_of = [[tuple(int(t) for t in row)] for row in generation.tokens]
+    return texts_of, ids_of
+
+
 def _answer_rows(
-    model: Any, batch: Batch, per_prompt: list[list[str]]
+    model: Any,
+    batch: Batch,
+    per_prompt: list[list[str]],
+    given: list[list[tuple[int, ...]]] | None = None,
 ) -> list[tuple[int, list[int], tuple[int, ...]]]:
-    """Per answer, ``(prompt, the prompt's token ids, the answer's token ids)``; a prompt and
-    answer longer than the model's context is refused here, before any forward pass, by
-    prompt and answer."""
+    """Per answer, ``(prompt, the prompt's token ids, the answer's token ids)`` (``given``: the
+    ids as they are, else the answer tokenised); a prompt and answer longer than the model's
+    context is refused here, before any forward pass, by prompt and answer."""
     tokenizer = model_adapter(model).tokenizer
     n_ctx = model_adapter(model).n_ctx
     prompt_rows = _real_rows(batch)
@@ -508,7 +542,11 @@ def _answer_rows(
     for p, candidates in enumerate(per_prompt):
         if not candidates:
             continue
-        encoded = tokenizer(list(candidates), add_special_tokens=False)["input_ids"]
+        encoded = (
+            given[p]
+            if given is not None
+            else tokenizer(list(candidates), add_special_tokens=False)["input_ids"]
+        )
         for answer, ids in zip(candidates, encoded, strict=True):
             if not ids:
                 raise ValueError(f"Answer {answer!r} of prompt {p} tokenises to nothing.")
