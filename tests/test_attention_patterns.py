@@ -221,6 +221,15 @@ def test_the_figure_and_the_round_trip(tiny, tmp_path) -> None:
     later = np.triu(np.ones_like(drawn, dtype=bool), 1)
     assert np.array_equal(image.mask, later)  # keys after the query: grey, not weight 0
     np.testing.assert_allclose(image.data[~later], drawn[~later])
+    from_last = res.plot(prompt=0, query=-1, sites=[(2, 1), (0, 3)])
+    shown = np.asarray(from_last.axes[0].get_images()[0].get_array())
+    n = res.lengths[0]
+    np.testing.assert_allclose(shown[0], res.pattern((2, 1))[n - 1])  # a row per head
+    np.testing.assert_allclose(shown[1], res.pattern((0, 3))[n - 1])
+    assert [t.get_text() for t in from_last.axes[0].get_yticklabels()] == ["L2H1", "L0H3"]
+    assert res.plot(query=3).axes[0].get_images()[0].get_array().shape == (12, 4)
+    with pytest.raises(ValueError, match="outside prompt 1"):
+        res.plot(prompt=1, query=5)
     own = res.plot(prompt=1, sites=["pattern@1, head 2"], vmax=None)
     assert own.axes[0].get_images()[0].get_clim() == (0.0, pytest.approx(drawn.max()))
     labels = [t.get_text() for t in one.axes[0].get_xticklabels()]

@@ -51,6 +51,7 @@ from mechprobe.core import (
     intervene,
     literal,
     model_adapter,
+    new_axes,
     progress_bar,
     token_label,
     token_texts,
@@ -278,10 +279,13 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         sites: SiteLike | Sequence[SiteLike] | None = None,
         max_panels: int = 12,
         vmax: float | None = 1.0,
+        query: int | None = None,
     ) -> Figure:
         """Query x key maps of one prompt, its tokens on the axes (with their positions where
         labels are thinned out), keys after the query in grey: one panel per head (the first
-        ``max_panels`` of ``sites``, every head by default), or one head into ``ax``.
+        ``max_panels`` of ``sites``, every head by default), or one head into ``ax``. With
+        ``query``, one map instead: that query's weights, a row per head (every head of
+        ``sites``), so that one sees which heads look where from, say, the last token.
 
         Args:
             ax: Axes to draw one head into (then ``sites`` names one head, or the first is drawn).
@@ -291,14 +295,71 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
             vmax: The colour scale's top: 1.0 (the default, one scale for every head), or None
                 for each panel's own largest weight (a head spread over a long prompt is
                 near-white on the 0-1 scale).
+            query: A query position (``-1``: the prompt's last token) for the heads x keys map.
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.attention_patterns(mp.tiny_model(), "One two", layers=[1], progress=False)
             >>> len(res.plot().axes), len(res.plot(sites="pattern@1, head 2").axes)
             (5, 2)
+            >>> res.plot(query=-1).axes[0].get_images()[0].get_array().shape  # 4 heads x 8 keys
+            (4, 8)
         """
+        if query is not None:
+            return self._draw_query(ax, prompt, sites, query, vmax)
         return self._draw(ax, prompt, sites, max_panels, vmax, quiet=False)
+
+    def _draw_query(
+        self, ax: Axes | None, prompt: int, sites: Any, query: int, vmax: float | None
+    ) -> Figure:
+        p = self._prompt(prompt)
+        n = self.lengths[p]
+        q = check_int(query, "query")
+        if not -n <= q < n:
+            raise ValueError(
+                f"query {query} is outside prompt {p}'s {n} tokens: pass -1 (its last token) or "
+                f"a position below {n}."
+            )
+        q %= n
+        if vmax is not None:
+            vmax = check_float(vmax, "vmax", low=0.0, low_open=True)
+        chosen = list(range(len(self.sites))) if sites is None else self._chosen(sites)
+        weights = self.patterns[p, chosen, q, : q + 1]  # [heads, keys up to the query]
+        fig, ax = new_axes(
+            ax, (max(4.0, 0.28 * (q + 1) + 2.5), min(max(2.5, 0.2 * len(chosen) + 1.5), 14.0))
+        )
+        top = vmax if vmax is not None else max(float(weights.max()), 1e-12)
+        image = ax.imshow(weights, cmap="Blues", vmin=0, vmax=top, aspect="auto")
+        step = max(1, -(-(q + 1) // 40))
+        keys = list(range(0, q + 1, step))
+        labels = [
+            token_label(self.tokens[p][k], 10)
+            if step == 1
+            else f"{k} {token_label(self.tokens[p][k], 10)}"
+            for k in keys
+        ]
+        ax.set_xticks(keys, labels=[literal(t) for t in labels], rotation=90)
+        rows = max(1, -(-len(chosen) // 40))
+        ax.set_yticks(
+            range(0, len(chosen), rows),
+            labels=[f"L{self.layers[e]}H{self.heads[e]}" for e in chosen][::rows],
+        )
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("key")
+        ax.set_ylabel("head")
+        ax.set_title(
+            literal(f"from query {q} ({token_label(self.tokens[p][q], 16)!r}), prompt {p}"),
+            fontsize=9,
+        )
+        fig.colorbar(image, ax=ax, label="attention weight", shrink=0.8)
+        return fig
+
+    def _chosen(self, sites: Any) -> list[int]:
+        """The indices of ``sites`` (one site or a list of them) among this result's heads."""
+        listed = [sites] if _is_one_site(sites) else list(sites)
+        if not listed:
+            raise ValueError("sites is empty: name a head to draw, or pass None for all.")
+        return [self._index(s) for s in listed]
 
     def _html_plot(self) -> Figure:
         # The notebook view draws the first 12 heads without a warning (its line above the table
@@ -319,13 +380,7 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         check_int(max_panels, "max_panels", 1)
         if vmax is not None:
             vmax = check_float(vmax, "vmax", low=0.0, low_open=True)
-        if sites is None:
-            chosen = list(range(len(self.sites)))
-        else:
-            listed = [sites] if _is_one_site(sites) else list(sites)
-            if not listed:
-                raise ValueError("sites is empty: name a head to draw, or pass None for all.")
-            chosen = [self._index(s) for s in listed]
+        chosen = list(range(len(self.sites))) if sites is None else self._chosen(sites)
         if ax is not None:
             if sites is not None and len(chosen) > 1:
                 raise ValueError(
