@@ -129,6 +129,10 @@ def test_a_generation_is_scored_as_the_tokens_it_was_generated_as(tiny) -> None:
     assert res.greedy.all()  # each generated token the argmax, as generate picked it
     np.testing.assert_allclose(res.logprob, [float(lp.sum()) for lp in made.logprobs], atol=1e-4)
     assert res.answers == tuple("".join(t) for t in made.token_strings)
+    spaced = mp.generate(tiny, "Hi ", max_new_tokens=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no advice to change a prompt the tokens followed
+        assert mp.predict(tiny, "Hi ", spaced, progress=False).greedy.all()
     with pytest.raises(ValueError, match="GenerationResult of other prompts"):
         mp.predict(tiny, PROMPTS[:2], made, progress=False)
     steered = mp.generate(tiny, "Hi", {mp.Site("resid_post", 1): mp.Ablate()}, max_new_tokens=2,

@@ -425,8 +425,10 @@ def predict(
     else:
         per_prompt = _answer_lists(answers, len(batch), isinstance(prompts, str))
     flat = [(p, c, a) for p, candidates in enumerate(per_prompt) for c, a in enumerate(candidates)]
-    spaced = [
-        p for p, candidates in enumerate(per_prompt) if candidates and texts[p][-1:].isspace()
+    spaced = [  # a generation's tokens followed its prompt as they are: nothing to say
+        p
+        for p, candidates in enumerate(per_prompt)
+        if candidates and given is None and texts[p][-1:].isspace()
     ]
     if spaced:
         warn(
