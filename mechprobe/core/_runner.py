@@ -45,7 +45,7 @@ from mechprobe.core._sites import (
     SiteLike,
     expand_sites,
     is_attention_map,
-    resolve_site,
+    resolve_in,
 )
 
 __all__ = ["RunResult", "batch_means", "check_spec_positions", "forward", "refuse_gradient", "run"]
@@ -302,7 +302,8 @@ def run(
     )
     spec = intervention_spec(interventions)
     capture = _capture_sites(model, capture)
-    names = [resolve_site(model, site)[0] for site in [*spec, *capture]]  # validate first
+    hooks = model.hook_dict  # read once: TransformerLens 3.9's bridge rebuilds it on every read
+    names = [resolve_in(model, site, hooks)[0] for site in [*spec, *capture]]  # validate first
     for key, value in spec.items():
         for item in _items(value):
             if not isinstance(item, Intervention):  # before anything reads its positions
@@ -483,7 +484,8 @@ def batch_means(
                 probe.setdefault(key, []).append(item)
     final_name = f"blocks.{int(model.cfg.n_layers) - 1}.hook_resid_post"
     # The measuring pass may end at the last block unless a mean is taken after it.
-    whole = _past_the_blocks(resolve_site(model, key)[0] for key in probe)
+    names = model.hook_dict  # read once (the 3.9 bridge rebuilds it on every read)
+    whole = _past_the_blocks(resolve_in(model, key, names)[0] for key in probe)
     with torch.no_grad():
         for rows, chunk in batch.chunks(batch_size):
             # Per-prompt values of the other interventions cut to the chunk, as run() cuts them.
