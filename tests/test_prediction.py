@@ -246,6 +246,39 @@ def test_the_figure_and_the_round_trip(tiny, tmp_path) -> None:
     assert "best_answer" not in plain.columns
 
 
+def test_the_report_prints_what_the_frames_hold(tiny) -> None:
+    """The printed view (test_prompt's) against the frames: each top token's probability and
+    logit, each answer token's rank and probability, the model's own token where it differs."""
+    res = mp.predict(tiny, PROMPTS, ANSWERS, top_k=5, progress=False)
+    text = res.report(k=3)
+    assert text.count("Prompt ") == len(PROMPTS)
+    top = res.to_frame()
+    for p in range(len(PROMPTS)):
+        own = res.report(p, k=3)
+        assert own in text and own.startswith(f"Prompt {p}: {PROMPTS[p]!r}")
+        lines = own.splitlines()
+        assert f"(entropy {res.entropy[p]:.2f} nats)" in lines[1]
+        for r in range(3):
+            row = top[(top.prompt == p) & (top["rank"] == r)].iloc[0]
+            assert lines[2 + r].split()[0] == str(r)
+            assert lines[2 + r].endswith(f"{row.prob:.2%} {row.logit:>8.2f}")
+        assert len([line for line in lines if line.startswith("  answer ")]) == int(
+            (res.answer_prompt == p).sum()
+        )
+    steps = [line.strip() for line in text.splitlines() if line.startswith("    step ")]
+    tokens = res.tokens_frame()
+    assert len(steps) == len(tokens)
+    for line, row in zip(steps, tokens.itertuples(), strict=True):
+        assert f"rank {row.rank}  prob {row.prob:.2%}" in line
+        assert ("(top: " in line) == (row.top1_token != row.token)
+    answer_lines = sum(1 + len(res.answer_ids[a]) for a in np.flatnonzero(res.answer_prompt == 0))
+    assert len(res.report(0, k=99).splitlines()) == 2 + 5 + answer_lines  # top_k=5 rows at most
+    with pytest.raises(ValueError, match="prompt must index"):
+        res.report(3)
+    with pytest.raises(ValueError, match="k"):
+        res.report(k=0)
+
+
 @pytest.mark.integration
 def test_smollm2_knows_the_capital_of_france(smollm2) -> None:
     res = mp.predict(smollm2, ["The capital of France is", "The capital of Poland is"],

@@ -305,6 +305,66 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
         ax.set_title(literal(title), fontsize=9)
         return fig
 
+    def report(self, prompt: int | None = None, *, k: int = 10) -> str:
+        """The printed view ``test_prompt`` gives, for one prompt or all: the ``k`` most probable
+        next tokens with probability and logit, then each answer's tokens with the rank and
+        probability each gets where it is predicted and the model's own choice there.
+
+        Args:
+            prompt: One prompt's index (negative from the end), or None for every prompt.
+            k: How many next tokens to list (at most the ``top_k`` predicted).
+
+        Returns:
+            Plain text, to ``print``.
+
+        Example:
+            >>> import mechprobe as mp
+            >>> res = mp.predict(mp.tiny_model(), "Hi", " ab", top_k=3, progress=False)
+            >>> lines = res.report(k=2).splitlines()  # print(res.report()) to read it
+            >>> lines[0], len(lines)  # the prompt, a header, 2 tokens, the answer, its 3 tokens
+            ("Prompt 0: 'Hi'", 8)
+        """
+        k = check_int(k, "k", 1)
+        n = len(self.prompts)
+        if prompt is not None:
+            p = check_int(prompt, "prompt")
+            if not -n <= p < n:
+                raise ValueError(f"prompt must index one of the {n} prompts, got {prompt}.")
+        chosen = range(n) if prompt is None else [p % n]
+        width = max([len(repr(token_label(self._text(i), 24))) for i in self.top_ids.flat] + [10])
+        lines: list[str] = []
+        for p in chosen:
+            lines.append(f"Prompt {p}: {token_label(self.prompts[p], 70, tail=True)!r}")
+            head = f"  {'next token':<{width + 3}} {'prob':>7} {'logit':>8}"
+            lines.append(f"{head}   (entropy {self.entropy[p]:.2f} nats)")
+            for r in range(min(k, self.top_ids.shape[1])):
+                token = repr(token_label(self._text(self.top_ids[p, r]), 24))
+                lines.append(
+                    f"  {r:<2} {token:<{width}} {self.top_probs[p, r]:>7.2%} "
+                    f"{self.top_logits[p, r]:>8.2f}"
+                )
+            for a in np.flatnonzero(self.answer_prompt == p):
+                n_tok = len(self.answer_ids[a])
+                lines.append(
+                    f"  answer {token_label(self.answers[a], 40)!r}: {n_tok} token"
+                    f"{'s' if n_tok != 1 else ''}, logprob {self.logprob[a]:.3f}, "
+                    f"greedy: {'yes' if self.greedy[a] else 'no'}"
+                )
+                for j, t in enumerate(self.answer_ids[a]):
+                    top = self.token_top1[a][j]
+                    instead = (
+                        ""
+                        if top == t
+                        else f"  (top: {token_label(self._text(top), 24)!r} "
+                        f"{np.exp(self.token_top1_logprobs[a][j]):.2%})"
+                    )
+                    lines.append(
+                        f"    step {j} {token_label(self._text(t), 24)!r}  rank "
+                        f"{self.token_ranks[a][j]}  prob {np.exp(self.token_logprobs[a][j]):.2%}"
+                        f"{instead}"
+                    )
+        return "\n".join(lines)
+
     def _describe(self) -> str:
         hit = (
             f"; {int(self.greedy.sum())} of {len(self.answers)} answers greedy"
