@@ -82,20 +82,24 @@ def test_summary_frame_and_top_keys_written_plainly(tiny, theirs) -> None:
     res = mp.attention_patterns(tiny, PROMPTS, sites="pattern", layers=[0, 2], progress=False)
     hf = [t[[0, 2]].reshape(-1, *t.shape[-2:]) for t in theirs]  # [heads, q, k]
     first, previous, own, entropy, count, count_previous = 0.0, 0.0, 0.0, 0.0, 0, 0
+    spread = 0.0  # entropy over that of a uniform spread on the q + 1 keys
     assert res.bos == (True,) * len(PROMPTS)  # the tiny models prepend BOS
     for w in hf:
         for q in range(1, w.shape[-1]):  # every query but the first
             row = w[:, q, : q + 1]
             first, own = first + row[:, 0], own + row[:, q]
-            entropy = entropy - np.sum(np.where(row > 0, row * np.log(row), 0.0), axis=1)
+            h = -np.sum(np.where(row > 0, row * np.log(row), 0.0), axis=1)
+            entropy, spread = entropy + h, spread + h / np.log(q + 1)
             count += 1
             if q >= 2:  # query 1's previous token is BOS: a sink, not a previous-token head
                 previous, count_previous = previous + row[:, q - 1], count_previous + 1
     summary = res.summary()
     assert summary["site"].tolist() == list(res.sites)
     for column, plain in [("first_token", first / count), ("previous_token", previous / count_previous),
-                          ("own_token", own / count), ("entropy", entropy / count)]:  # fmt: skip
+                          ("own_token", own / count), ("entropy", entropy / count),
+                          ("normalised_entropy", spread / count)]:  # fmt: skip
         np.testing.assert_allclose(summary[column], plain, atol=1e-5)
+    assert ((summary["normalised_entropy"] > 0) & (summary["normalised_entropy"] <= 1)).all()
 
     frame = res.to_frame()
     lengths = np.asarray(res.lengths)
@@ -273,3 +277,16 @@ def test_smollm2_patterns_equal_its_hugging_face_weights(smollm2) -> None:
     w, half = res.pattern(sites[0]), (res.lengths[0] - 1) // 2
     q = np.arange(half + 1, res.lengths[0])
     assert w[q, q - half + 1].mean() > 0.4
+
+
+def test_a_huge_frame_warns_with_the_fix(monkeypatch) -> None:
+    """Review 39a: 270 heads on four 152-token prompts made 12.5M rows without a word."""
+    res = mp.attention_patterns(mp.tiny_model(), PROMPTS, progress=False)
+    rows = len(res.sites) * sum(n * (n + 1) // 2 for n in res.lengths)
+    monkeypatch.setattr(_attention, "FRAME_ROWS", rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(res.to_frame()) == rows  # at the limit: no warning
+    monkeypatch.setattr(_attention, "FRAME_ROWS", rows - 1)
+    with pytest.warns(UserWarning, match=rf"to_frame: {rows:,} rows .*sites="):
+        assert len(res.to_frame()) == rows

@@ -69,6 +69,8 @@ __all__ = ["AttentionPatterns", "attention_patterns"]
 #: it the call refuses before running, naming what to cut (every head of SmolLM2 on 32 prompts
 #: of 512 tokens would be 9 GiB).
 MAX_BYTES = 4 * 2**30
+# to_frame warns above this many rows (a row per head, query and key).
+FRAME_ROWS = 2_000_000
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -153,6 +155,15 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
             >>> list(res.to_frame().columns)[:6]
             ['prompt', 'site', 'kind', 'layer', 'head', 'query_position']
         """
+        rows = len(self.sites) * sum(n * (n + 1) // 2 for n in self.lengths)
+        if rows > FRAME_ROWS:
+            # 270 heads on four 152-token prompts made 12.5M rows (gigabytes in pandas) without a
+            # word where the user wanted a few heads.
+            warn(
+                f"to_frame: {rows:,} rows ({len(self.sites)} heads x every query and key): "
+                "choose heads first (attention_patterns(..., sites=[...]), or res.summary() to "
+                "find them), or read res.pattern(site) and res.top_keys()."
+            )
         parts = []
         for p, n in enumerate(self.lengths):
             q, k = np.tril_indices(n)
@@ -184,17 +195,19 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
     def summary(self) -> pd.DataFrame:
         """Per head, the mean weight on the first token (``first_token``), the previous token
         and the query's own token, and the mean entropy of a query's weights in nats (it grows
-        with the keys a query sees: compare heads on the same prompts), over every query but each
+        with the keys a query sees: compare heads on the same prompts) and divided by that of
+        a uniform spread over the keys up to the query (``normalised_entropy``: 0 on one key, 1
+        spread evenly over all, comparable across prompt lengths), over every query but each
         prompt's first; ``previous_token`` also leaves out the query after a prepended BOS
         (module docstring).
 
         Example:
             >>> import mechprobe as mp
             >>> res = mp.attention_patterns(mp.tiny_model(), "One two three", progress=False)
-            >>> res.summary().columns.tolist()
-            ['site', 'layer', 'head', 'first_token', 'previous_token', 'own_token', 'entropy']
+            >>> res.summary().columns.tolist()[3:]
+            ['first_token', 'previous_token', 'own_token', 'entropy', 'normalised_entropy']
         """
-        sums = np.zeros((len(self.sites), 4))
+        sums = np.zeros((len(self.sites), 5))
         count = previous = 0
         for p, n in enumerate(self.lengths):
             if n < 2:
@@ -207,13 +220,15 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
             sums[:, 1] += w[:, after - 1, after - 1].sum(1)
             sums[:, 2] += w[:, q - 1, q].sum(1)
             with np.errstate(divide="ignore", invalid="ignore"):
-                sums[:, 3] += -np.where(w > 0, w * np.log(w), 0.0).sum((1, 2))
+                entropy = -np.where(w > 0, w * np.log(w), 0.0).sum(2)  # [heads, queries]
+            sums[:, 3] += entropy.sum(1)
+            sums[:, 4] += (entropy / np.log(q + 1)).sum(1)  # query q sees q + 1 keys
             count += n - 1
             previous += len(after)
         if not count:
             warn("Every prompt is one token long: no query but the first, so the summary is NaN.")
         with np.errstate(divide="ignore", invalid="ignore"):
-            means = sums / np.array([count, previous, count, count], dtype=np.float64)
+            means = sums / np.array([count, previous, count, count, count], dtype=np.float64)
         frame = pd.DataFrame(
             {
                 "site": list(self.sites),
@@ -223,6 +238,7 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
                 "previous_token": means[:, 1],
                 "own_token": means[:, 2],
                 "entropy": means[:, 3],
+                "normalised_entropy": means[:, 4],
             }
         )
         return frame
