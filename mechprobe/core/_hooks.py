@@ -1304,7 +1304,13 @@ def intervene(
     # model.hooks() adds the callbacks and removes exactly those it added in its own finally,
     # also when adding one of them fails halfway; hooks the user attached before stay untouched.
     names = [name for name, _ in fwd]
-    with _gated_hooks_fire(model, names), model.hooks(fwd_hooks=_one_hook_per_point(points, fwd)):
+    # The hook points' own names too: a gated point named by an alias must switch its flag on,
+    # as TransformerLens's filter path skips a gated-off point with a warning only.
+    own = [getattr(points[name], "name", None) or name for name in names]
+    with (
+        _gated_hooks_fire(model, [*names, *own]),
+        model.hooks(fwd_hooks=_one_hook_per_point(points, fwd)),
+    ):
         try:
             yield model
         except StopForward:  # mp.run's own reader ends its passes at the last block
@@ -1321,8 +1327,8 @@ def _one_hook_per_point(
     returned (as TransformerLens chains hooks on one point).
 
     Why not one ``(name, fn)`` pair each: TransformerLens 3.9's bridge rebuilds its
-    ``hook_dict`` (8 ms on SmolLM2) for every named hook it adds, so the 330 hooks of a per-head
-    logit attribution took 2.7 s to attach against a 0.1 s forward pass; a filter reads it once,
+    ``hook_dict`` (8 ms on SmolLM2, 2-core EPYC) for every named hook it adds, so a per-head
+    logit attribution spent 2.7 of its 3.0 s attaching 330 hooks; a filter reads it once,
     on every model class. Two names of one point (an alias and its hook) share its one hook.
     ``points`` is the model's ``hook_dict``.
     """
@@ -1330,6 +1336,15 @@ def _one_hook_per_point(
     for name, fn in fwd:
         by_point.setdefault(id(points[name]), []).append(fn)
     wanted = {name for name, _ in fwd}
+    taken: set[int] = set()
+
+    def wants(name: str) -> bool:
+        # One hook per point even where a model's hooks() does not skip a point's other names
+        # (HookedRootModule does not; the bridges do).
+        if name not in wanted or id(points[name]) in taken:
+            return False
+        taken.add(id(points[name]))
+        return True
 
     def run_all(activation: Tensor, hook: Any) -> Tensor | None:
         replaced = None
@@ -1339,7 +1354,7 @@ def _one_hook_per_point(
                 activation = replaced = out
         return replaced
 
-    return [(wanted.__contains__, run_all)] if fwd else []
+    return [(wants, run_all)] if fwd else []
 
 
 def _warn_unrun(names: Sequence[str], fired: set[str]) -> None:
@@ -1360,9 +1375,10 @@ def _warn_unrun(names: Sequence[str], fired: set[str]) -> None:
 # they cost a copy or a per-head product: (name pattern, cfg flag, the model's setter).
 _GATED = (
     (re.compile(r"blocks\.\d+\.hook_mlp_in$"), "use_hook_mlp_in", "set_use_hook_mlp_in"),
-    (re.compile(r"blocks\.\d+\.hook_attn_in$"), "use_attn_in", "set_use_attn_in"),
+    # A bridge also lists the last two under the attention ("blocks.L.attn.hook_q_input").
+    (re.compile(r"blocks\.\d+\.(?:attn\.)?hook_attn_in$"), "use_attn_in", "set_use_attn_in"),
     (
-        re.compile(r"blocks\.\d+\.hook_[qkv]_input$"),
+        re.compile(r"blocks\.\d+\.(?:attn\.)?hook_[qkv]_input$"),
         "use_split_qkv_input",
         "set_use_split_qkv_input",
     ),
