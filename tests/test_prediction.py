@@ -76,6 +76,30 @@ def test_top_tokens_and_answers_equal_the_hugging_face_model(tiny) -> None:
     assert hook_count(tiny) == before
 
 
+def test_prompts_without_bos_equal_the_hugging_face_model(tiny) -> None:
+    """prepend_bos=False (text that starts as written): the prompts' and answers' tokens with no
+    BOS before them, against the twin run on exactly those ids."""
+    res = mp.predict(tiny, PROMPTS, ANSWERS, top_k=3, prepend_bos=False, progress=False)
+    for p, prompt in enumerate(PROMPTS):
+        logp = _hf_logprobs(tiny, _ids(tiny, prompt, bos=False))[-1]
+        assert res.top_ids[p].tolist() == logp.topk(3).indices.tolist()
+    for a, answer in enumerate(res.answers):
+        prompt_ids = _ids(tiny, PROMPTS[res.answer_prompt[a]], bos=False)
+        answer_ids = _ids(tiny, answer, bos=False)
+        logp = _hf_logprobs(tiny, prompt_ids + answer_ids)
+        at = range(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(answer_ids))
+        want = sum(float(logp[i, t]) for i, t in zip(at, answer_ids, strict=True))
+        assert res.logprob[a] == pytest.approx(want, abs=1e-4)
+    with_bos = mp.predict(tiny, PROMPTS, ANSWERS, top_k=3, prepend_bos=True, progress=False)
+    default = mp.predict(tiny, PROMPTS, ANSWERS, top_k=3, progress=False)
+    np.testing.assert_array_equal(with_bos.logprob, default.logprob)
+    assert not np.allclose(with_bos.logprob, res.logprob, atol=1e-3)
+    with pytest.raises(TypeError, match="prepend_bos must be True or False"):
+        mp.predict(tiny, PROMPTS, prepend_bos="no", progress=False)
+    with pytest.raises(ValueError, match="prepend_bos applies to prompt text"):
+        mp.predict(tiny, mp.tokenize(tiny, PROMPTS), prepend_bos=False, progress=False)
+
+
 def test_padding_and_batch_size_change_nothing(tiny) -> None:
     one = mp.predict(tiny, PROMPTS, ANSWERS, batch_size=1, progress=False)
     all_at_once = mp.predict(tiny, PROMPTS, ANSWERS, batch_size=None, progress=False)

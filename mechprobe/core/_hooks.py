@@ -1328,7 +1328,7 @@ def _one_hook_per_point(
 
     Why not one ``(name, fn)`` pair each: TransformerLens 3.9's bridge rebuilds its
     ``hook_dict`` (8 ms on SmolLM2, 2-core EPYC) for every named hook it adds, so a per-head
-    logit attribution spent 2.7 of its 3.0 s attaching 330 hooks; a filter reads it once,
+    logit attribution (330 hooks) took 3.1 s, 0.25 s with a filter, which reads it once,
     on every model class. Two names of one point (an alias and its hook) share its one hook.
     ``points`` is the model's ``hook_dict``.
     """

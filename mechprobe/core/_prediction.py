@@ -49,7 +49,7 @@ from mechprobe.core._progress import progress_bar
 from mechprobe.core._readout import target_rank
 from mechprobe.core._results import Result, literal, new_axes, token_label
 from mechprobe.core._runner import run
-from mechprobe.core._validation import check_finite, check_int
+from mechprobe.core._validation import check_bool, check_finite, check_int
 from mechprobe.core._warning import warn
 
 if TYPE_CHECKING:
@@ -424,6 +424,7 @@ def predict(
     answers: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
     *,
     top_k: int = 10,
+    prepend_bos: bool | None = None,
     batch_size: int | None = 32,
     progress: bool = True,
 ) -> Predictions:
@@ -439,6 +440,10 @@ def predict(
             after its prompt. Or a :class:`GenerationResult` of these prompts: each completion
             scored as the tokens it was generated as.
         top_k: How many of the most probable next tokens to keep.
+        prepend_bos: Prepend BOS to each prompt (None: as the model does by default, as
+            :func:`mechprobe.tokenize`); ``False`` for text that must start as written (a
+            chat template with its own start token). Answers follow the prompt's tokens
+            either way.
         batch_size: Rows per forward pass (None: all at once).
         progress: Show a progress bar over batches.
 
@@ -470,6 +475,11 @@ def predict(
                 "answers are appended to prompt text: pass the prompts as strings with answers "
                 "(a Batch of token ids takes none)."
             )
+        if prepend_bos is not None:
+            raise ValueError(
+                "prepend_bos applies to prompt text: a Batch of token ids already has (or "
+                "lacks) its BOS; tokenize with mp.tokenize(model, prompts, prepend_bos=...)."
+            )
         check_token_ids(model, prompts.tokens)
         batch = prompts
         texts = [
@@ -478,7 +488,8 @@ def predict(
         ]
     else:
         texts = _check_prompts(prompts)
-        batch = tokenize(model, texts)
+        bos = None if prepend_bos is None else check_bool(prepend_bos, "prepend_bos")
+        batch = tokenize(model, texts, prepend_bos=bos)
     given: list[list[tuple[int, ...]]] | None = None
     if isinstance(answers, GenerationResult):
         per_prompt, given = _generated(answers, texts)
