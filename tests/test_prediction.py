@@ -13,6 +13,7 @@ import torch
 from conftest import hf_of, hook_count
 
 import mechprobe as mp
+from mechprobe.core import token_label
 
 PROMPTS = ["The cat sat on the", "Hi", "A dog ran far"]
 ANSWERS = [[" mat", " a"], " there", [" away", "x", " away now"]]
@@ -60,6 +61,12 @@ def test_top_tokens_and_answers_equal_the_hugging_face_model(tiny) -> None:
         np.testing.assert_allclose(res.token_logprobs[a], picked.numpy(), atol=1e-5)
         # what the model would have said at each step: the argmax there
         assert res.token_top1[a] == tuple(int(logp[i].argmax()) for i in at)
+        # the top-k at each step, ties in id order (a stable sort), the argmax first
+        order = [torch.sort(logp[i], descending=True, stable=True) for i in at]
+        assert res.token_top_ids[a] == tuple(tuple(o.indices[:5].tolist()) for o in order)
+        np.testing.assert_allclose(res.token_top_logprobs[a], [o.values[:5] for o in order],
+                                   atol=1e-5)  # fmt: skip
+        assert res.token_top_ids[a][0][0] == res.token_top1[a][0]
         np.testing.assert_allclose(res.token_top1_logprobs[a], [float(logp[i].max()) for i in at],
                                    atol=1e-5)  # fmt: skip
         assert res.first_rank[a] == ranks[0] and res.greedy[a] == all(r == 0 for r in ranks)
@@ -116,10 +123,11 @@ def test_greedy_breaks_ties_as_generate_and_ranks_count_them_against() -> None:
     from mechprobe.core._prediction import _scores
 
     tied = torch.tensor([[[3.0, 3.0, 0.0]]])
-    said = _scores(tied, torch.tensor([[0]]))
+    said = _scores(tied, torch.tensor([[0]]), 3)
     assert (said.ranks, said.greedy) == ((1,), True)  # a tie is no evidence; generate says it
-    other = _scores(tied, torch.tensor([[1]]))
+    other = _scores(tied, torch.tensor([[1]]), 3)
     assert (other.ranks, other.greedy, other.top1) == ((1,), False, (0,))
+    assert other.top_ids == ((0, 1, 2),)  # the top-k lists tied tokens in id order too
 
 
 def test_passes_one_token_answers_and_chunks(tiny, monkeypatch) -> None:
@@ -274,18 +282,22 @@ def test_the_report_prints_what_the_frames_hold(tiny) -> None:
     """The printed view (test_prompt's) against the frames: each top token's probability and
     logit, each answer token's rank and probability, the model's own token where it differs."""
     res = mp.predict(tiny, PROMPTS, ANSWERS, top_k=5, progress=False)
-    text = res.report(k=3)
+    text = res.report(k=3, alternatives=0)
     assert text.count("Prompt ") == len(PROMPTS)
     top = res.to_frame()
     for p in range(len(PROMPTS)):
-        own = res.report(p, k=3)
+        own = res.report(p, k=3, alternatives=0)
         assert own in text and own.startswith(f"Prompt {p}: {PROMPTS[p]!r}")
         lines = own.splitlines()
-        assert f"(entropy {res.entropy[p]:.2f} nats)" in lines[1]
+        ids = res.prompt_ids[p]
+        assert list(ids) == _ids(tiny, PROMPTS[p], bos=True)
+        assert lines[1].startswith(f"  tokens ({len(ids)}): ")
+        assert lines[1].count("'") == 2 * len(ids) or "\\" in lines[1]
+        assert f"(entropy {res.entropy[p]:.2f} nats)" in lines[2]
         for r in range(3):
             row = top[(top.prompt == p) & (top["rank"] == r)].iloc[0]
-            assert lines[2 + r].split()[0] == str(r)
-            assert lines[2 + r].endswith(f"{row.prob:.2%} {row.logit:>8.2f}")
+            assert lines[3 + r].split()[0] == str(r)
+            assert lines[3 + r].endswith(f"{row.prob:.2%} {row.logit:>8.2f}")
         assert len([line for line in lines if line.startswith("  answer ")]) == int(
             (res.answer_prompt == p).sum()
         )
@@ -296,11 +308,29 @@ def test_the_report_prints_what_the_frames_hold(tiny) -> None:
         assert f"rank {row.rank}  prob {row.prob:.2%}" in line
         assert ("(top: " in line) == (row.top1_token != row.token)
     answer_lines = sum(1 + len(res.answer_ids[a]) for a in np.flatnonzero(res.answer_prompt == 0))
-    assert len(res.report(0, k=99).splitlines()) == 2 + 5 + answer_lines  # top_k=5 rows at most
+    lines = res.report(0, k=99, alternatives=0).splitlines()
+    assert len(lines) == 3 + 5 + answer_lines  # top_k=5 rows at most
+    # with alternatives, a line after each step: its most probable tokens, as stored
+    listed = res.report(k=1, alternatives=99).splitlines()
+    tops = [line.strip() for line in listed if line.startswith("      top: ")]
+    assert len(tops) == len(tokens)
+    flat = [(a, j) for a in range(len(res.answers)) for j in range(len(res.answer_ids[a]))]
+    for line, (a, j) in zip(tops, flat, strict=True):
+        probs = np.exp(res.token_top_logprobs[a][j])
+        assert line.count("%") == 5 and line.endswith(f"{probs[-1]:.2%}")
+        first = token_label(res.token_text[res.token_top_ids[a][j][0]], 16)
+        assert line.startswith(f"top: {first!r} ")
     with pytest.raises(ValueError, match="prompt must index"):
         res.report(3)
     with pytest.raises(ValueError, match="k"):
         res.report(k=0)
+    # a file saved before the prompts' tokens and each step's top-k were kept
+    old = {key: v for key, v in res.to_dict().items() if key not in ("token_top_ids",
+           "token_top_logprobs", "prompt_ids")}  # fmt: skip
+    older = mp.Predictions.from_dict(old)
+    assert older.prompt_ids == () and "tokens (" not in older.report()
+    without = "\n".join(line for line in text.splitlines() if not line.startswith("  tokens ("))
+    assert older.report(k=3, alternatives=3) == without  # the top one where it differs, as before
 
 
 @pytest.mark.integration

@@ -83,6 +83,11 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
         token_top1: Per answer, the most probable token where each of its tokens is predicted
             (what the model would have said instead; the answer's own token where it is greedy).
         token_top1_logprobs: Their log-probabilities.
+        token_top_ids: Per answer, the ``top_k`` most probable tokens where each of its tokens
+            is predicted (``test_prompt``'s list after each answer token; ties in id order, so
+            the first is ``token_top1``'s).
+        token_top_logprobs: Their log-probabilities.
+        prompt_ids: Each prompt's tokens as the model read them (BOS included where prepended).
         greedy: ``[answers]`` whether greedy decoding produces the answer's tokens (each the
             argmax, the lowest id among tied maxima, as :func:`mechprobe.generate` picks).
         token_text: The text of every token id in ``top_ids`` and ``answer_ids``.
@@ -116,6 +121,10 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
     greedy: np.ndarray
     token_text: dict[int, str]
     model_name: str = ""
+    # Added after the format's first files: empty where a file predates them.
+    token_top_ids: tuple[tuple[tuple[int, ...], ...], ...] = ()
+    token_top_logprobs: tuple[tuple[tuple[float, ...], ...], ...] = ()
+    prompt_ids: tuple[tuple[int, ...], ...] = ()
 
     def _text(self, token_id: int) -> str:
         return self.token_text.get(int(token_id), f"<{int(token_id)}>")
@@ -305,14 +314,17 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
         ax.set_title(literal(title), fontsize=9)
         return fig
 
-    def report(self, prompt: int | None = None, *, k: int = 10) -> str:
-        """The printed view ``test_prompt`` gives, for one prompt or all: the ``k`` most probable
-        next tokens with probability and logit, then each answer's tokens with the rank and
-        probability each gets where it is predicted and the model's own choice there.
+    def report(self, prompt: int | None = None, *, k: int = 10, alternatives: int = 3) -> str:
+        """The printed view ``test_prompt`` gives, for one prompt or all: the prompt's tokens,
+        the ``k`` most probable next tokens with probability and logit, then each answer's
+        tokens with the rank and probability each gets where it is predicted and the most
+        probable tokens there.
 
         Args:
             prompt: One prompt's index (negative from the end), or None for every prompt.
             k: How many next tokens to list (at most the ``top_k`` predicted).
+            alternatives: How many of the most probable tokens to list at each answer token
+                (at most ``top_k``; 0: only the top one, where it is not the answer's).
 
         Returns:
             Plain text, to ``print``.
@@ -320,11 +332,12 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
         Example:
             >>> import mechprobe as mp
             >>> res = mp.predict(mp.tiny_model(), "Hi", " ab", top_k=3, progress=False)
-            >>> lines = res.report(k=2).splitlines()  # print(res.report()) to read it
-            >>> lines[0], len(lines)  # the prompt, a header, 2 tokens, the answer, its 3 tokens
-            ("Prompt 0: 'Hi'", 8)
+            >>> lines = res.report(k=2, alternatives=0).splitlines()  # print(...) to read it
+            >>> lines[0], len(lines)  # prompt, its tokens, header, 2 tokens, answer, 3 tokens
+            ("Prompt 0: 'Hi'", 9)
         """
         k = check_int(k, "k", 1)
+        alternatives = check_int(alternatives, "alternatives", 0)
         n = len(self.prompts)
         if prompt is not None:
             p = check_int(prompt, "prompt")
@@ -335,6 +348,10 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
         lines: list[str] = []
         for p in chosen:
             lines.append(f"Prompt {p}: {token_label(self.prompts[p], 70, tail=True)!r}")
+            if self.prompt_ids:  # a file saved before they were kept has none
+                ids = self.prompt_ids[p]
+                shown = " ".join(repr(token_label(self._text(i), 16)) for i in ids[-40:])
+                lines.append(f"  tokens ({len(ids)}): {'… ' if len(ids) > 40 else ''}{shown}")
             head = f"  {'next token':<{width + 3}} {'prob':>7} {'logit':>8}"
             lines.append(f"{head}   (entropy {self.entropy[p]:.2f} nats)")
             for r in range(min(k, self.top_ids.shape[1])):
@@ -352,9 +369,10 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
                 )
                 for j, t in enumerate(self.answer_ids[a]):
                     top = self.token_top1[a][j]
+                    listed = alternatives and self.token_top_ids
                     instead = (
                         ""
-                        if top == t
+                        if top == t or listed
                         else f"  (top: {token_label(self._text(top), 24)!r} "
                         f"{np.exp(self.token_top1_logprobs[a][j]):.2%})"
                     )
@@ -363,6 +381,16 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
                         f"{self.token_ranks[a][j]}  prob {np.exp(self.token_logprobs[a][j]):.2%}"
                         f"{instead}"
                     )
+                    if listed:
+                        pairs = zip(
+                            self.token_top_ids[a][j][:alternatives],
+                            self.token_top_logprobs[a][j][:alternatives],
+                            strict=True,
+                        )
+                        top_k = ", ".join(
+                            f"{token_label(self._text(i), 16)!r} {np.exp(v):.2%}" for i, v in pairs
+                        )
+                        lines.append(f"      top: {top_k}")
         return "\n".join(lines)
 
     def _describe(self) -> str:
@@ -525,9 +553,9 @@ def predict(
     long = [i for i, (_, _, ids) in enumerate(rows) if len(ids) > 1]
     for i, (p, _, ids) in enumerate(rows):
         if len(ids) == 1:  # read off the prompts' own pass: it is this prediction
-            found[i] = _scores(logits[p : p + 1, None], torch.tensor([[ids[0]]]))
+            found[i] = _scores(logits[p : p + 1, None], torch.tensor([[ids[0]]]), k)
     if long:
-        scored_long = _score_answers(model, [rows[i] for i in long], batch_size, progress)
+        scored_long = _score_answers(model, [rows[i] for i in long], k, batch_size, progress)
         found.update(zip(long, scored_long, strict=True))
     scored = [found[i] for i in range(m)]
     first_rank, first_prob, first_logit = np.zeros(m, np.int64), np.zeros(m), np.zeros(m)
@@ -538,6 +566,9 @@ def predict(
     answer_ids = [ids for _, _, ids in rows]
     seen = {int(i) for i in top.indices.reshape(-1).tolist()}
     seen |= {i for ids in answer_ids for i in ids} | {i for one in scored for i in one.top1}
+    seen |= {i for one in scored for row in one.top_ids for i in row}
+    prompt_ids = _real_rows(batch)
+    seen |= {i for row in prompt_ids for i in row}
     tokenizer = model_adapter(model).tokenizer
     ordered = sorted(seen)
     names = token_texts(tokenizer, ordered) if tokenizer is not None else [str(i) for i in ordered]
@@ -559,6 +590,9 @@ def predict(
         token_logprobs=tuple(one.logprobs for one in scored),
         token_top1=tuple(one.top1 for one in scored),
         token_top1_logprobs=tuple(one.top1_logprobs for one in scored),
+        token_top_ids=tuple(one.top_ids for one in scored),
+        token_top_logprobs=tuple(one.top_logprobs for one in scored),
+        prompt_ids=tuple(tuple(int(t) for t in row) for row in prompt_ids),
         greedy=greedy,
         token_text=dict(zip(ordered, names, strict=True)),
         model_name=model_adapter(model).name,
@@ -643,19 +677,24 @@ class _Scored(NamedTuple):
     greedy: bool
     top1: tuple[int, ...]
     top1_logprobs: tuple[float, ...]
+    top_ids: tuple[tuple[int, ...], ...]
+    top_logprobs: tuple[tuple[float, ...], ...]
 
 
-def _scores(logits: Tensor, targets: Tensor) -> _Scored:
+def _scores(logits: Tensor, targets: Tensor, k: int) -> _Scored:
     """One answer's numbers from ``logits [1, size, vocab]`` at its predictions and ``targets
     [1, size]``: each token's rank (ties against it) and log-probability, the first token's
     logit, whether each token is the argmax (the lowest id among tied maxima, as greedy decoding
-    picks), and that argmax with its log-probability at each step."""
+    picks), that argmax with its log-probability at each step, and the ``k`` most probable
+    tokens there (a stable sort: tied ones in id order, the argmax first)."""
     logits = logits.float()[0]  # [size, vocab]
     targets = targets.to(logits.device)[0]
     picked = logits.gather(-1, targets[:, None])  # [size, 1]
     ranks = target_rank(logits, picked)[:, 0]
     norm = logits.logsumexp(-1)
     top1 = logits.argmax(-1)
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]  # [size, k]
+    top_logp = logits.gather(-1, order) - norm[:, None]
     return _Scored(
         ranks=tuple(int(r) for r in ranks.tolist()),
         logprobs=tuple(float(v) for v in (picked[:, 0] - norm).double().tolist()),
@@ -663,12 +702,15 @@ def _scores(logits: Tensor, targets: Tensor) -> _Scored:
         greedy=bool((top1 == targets).all()),
         top1=tuple(int(t) for t in top1.tolist()),
         top1_logprobs=tuple(float(v) for v in (logits.max(-1).values - norm).double().tolist()),
+        top_ids=tuple(tuple(int(t) for t in row) for row in order.tolist()),
+        top_logprobs=tuple(tuple(float(v) for v in row) for row in top_logp.double().tolist()),
     )
 
 
 def _score_answers(
     model: Any,
     rows: list[tuple[int, list[int], tuple[int, ...]]],
+    k: int,
     batch_size: int | None,
     progress: bool,
 ) -> list[_Scored]:
@@ -698,5 +740,5 @@ def _score_answers(
         check_finite(logits, "The model's logits over the answers")
         for r, i in enumerate(chunk):
             targets = torch.tensor([rows[i][2]])
-            out[i] = _scores(logits[r : r + 1], targets)
+            out[i] = _scores(logits[r : r + 1], targets, k)
     return out
