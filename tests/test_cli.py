@@ -190,7 +190,7 @@ def test_erase_counts_are_checked_by_the_parser(tmp_path, capsys, flag, value, m
 
 
 @pytest.mark.parametrize(
-    "module", ["lens", "patch", "trace", "relation", "probe", "erase", "train_lens"]
+    "module", ["lens", "patch", "trace", "relation", "probe", "erase", "train_lens", "predict"]
 )
 def test_every_command_loads_the_model_on_device_in_dtype(tmp_path, capsys, monkeypatch, module):
     seen = []
@@ -209,6 +209,7 @@ def test_every_command_loads_the_model_on_device_in_dtype(tmp_path, capsys, monk
         "probe": ["probe", "--dataset", "pos"],
         "erase": ["erase", "--site", "resid_post", "--layers", "1"],
         "train_lens": ["train-lens", "--save", str(tmp_path / "lens.safetensors")],
+        "predict": ["predict", "--prompt", "Hi"],
     }[module]  # fmt: skip
     out = [] if module in ("lens", "train_lens") else ["--out", str(tmp_path / "out")]
     code = cli_main([*args, "--model", "tiny", "--device", "cuda:1", "--dtype", "bfloat16",
@@ -428,6 +429,7 @@ def test_lens_writes_a_run_folder_like_the_other_subcommands(tmp_path, capsys):
         [*_ERASE],
         ["heads"],
         ["dla", "--prompt", "Hi", "--answer", "a"],
+        ["predict", "--prompt", "Hi"],
     ],
 )
 def test_every_batch_size_flag_is_checked_by_the_parser(tmp_path, capsys, command):

@@ -1,5 +1,6 @@
-"""``mechprobe patch``, ``trace``, ``dla`` and ``heads`` on the tiny model: the files they write hold the
-API's numbers, and bad output paths or arguments fail before any model loads."""
+"""``mechprobe patch``, ``trace``, ``dla``, ``heads`` and ``predict`` on the tiny model: the files
+they write hold the API's numbers, and bad output paths or arguments fail before any model
+loads."""
 
 from __future__ import annotations
 
@@ -597,3 +598,37 @@ def test_cli_fv_fails_before_loading(tmp_path, capsys, monkeypatch, args, messag
     err = capsys.readouterr().err
     assert "mechprobe fv: error" in err and message in err, err
     assert not out.exists()
+
+
+def test_cli_predict_prints_and_writes_the_api_result(tiny, tmp_path, capsys):
+    folder = mp.save_model(tiny, tmp_path / "model")
+    # One prompt: every --answer is a candidate (test_prompt's call); \n is interpreted.
+    args = ["predict", "--prompt", "The cat\\nsat", "--answer", " on", "--answer", " mat"]
+    assert cli_main([*args, "--top-k", "4", "--model", str(folder), "--quiet"]) == 0
+    direct = mp.predict(tiny, "The cat\nsat", [" on", " mat"], top_k=4, progress=False)
+    assert capsys.readouterr().out.strip() == direct.report(k=4, alternatives=3)
+    # Several prompts, one answer for all; --no-bos; --out writes the folder.
+    out = tmp_path / "predict"
+    args = ["predict", "--prompt", "Hi", "--prompt", "A dog", "--answer", " x", "--no-bos"]
+    args += ["--alternatives", "0", "--model", str(folder), "--quiet", "--out", str(out)]
+    assert cli_main(args) == 0
+    assert {p.name for p in out.iterdir()} == {"result.json", "predict.png", "report.md"}
+    saved = mp.core.load_result(out / "result.json")
+    direct = mp.predict(tiny, ["Hi", "A dog"], [" x", " x"], prepend_bos=False, progress=False)
+    assert saved.prompt_ids == direct.prompt_ids and saved.answers == (" x", " x")
+    np.testing.assert_allclose(saved.logprob, direct.logprob, atol=1e-6)
+    np.testing.assert_allclose(saved.top_probs, direct.top_probs, atol=1e-6)
+    printed = capsys.readouterr().out
+    assert direct.report(alternatives=0) in printed and "wrote" in printed
+
+
+def test_cli_predict_refuses_bad_arguments_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("mechprobe.cli.predict.load", _no_model)
+    assert cli_main(["predict", "--answer", " a"]) == 2
+    assert "give at least one --prompt" in capsys.readouterr().err
+    args = ["predict", "--prompt", "a", "--prompt", "b", "--answer", "x", "--answer", "y"]
+    assert cli_main([*args, "--answer", "z"]) == 2
+    assert "got 3 --answer for 2 --prompt" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert cli_main(["predict", "--prompt", "a", "--out", str(tmp_path / "file")]) == 2
+    assert "--out:" in capsys.readouterr().err

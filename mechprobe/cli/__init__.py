@@ -1,4 +1,4 @@
-"""The ``mechprobe`` command line: ``mechprobe lens|relation|probe|erase|patch|trace|dla|heads|fv|train-lens``.
+"""The ``mechprobe`` command line: ``mechprobe predict|lens|relation|probe|erase|patch|trace|dla|heads|fv|train-lens``.
 
 The CLI only parses arguments and calls the public API. Each subcommand lives in its own module
 here (``lens.py``, ``relation.py``, ...) exposing ``add_parser(subparsers)``, which registers the
@@ -19,7 +19,8 @@ from mechprobe.cli._arguments import flag_names
 
 # One entry per subcommand module in this package.
 _COMMANDS: tuple[str, ...] = (
-    "dla", "erase", "fv", "heads", "lens", "patch", "probe", "relation", "trace", "train_lens",
+    "dla", "erase", "fv", "heads", "lens", "patch", "predict", "probe", "relation", "trace",
+    "train_lens",
 )  # fmt: skip
 
 

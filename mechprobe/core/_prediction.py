@@ -344,18 +344,18 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
             if not -n <= p < n:
                 raise ValueError(f"prompt must index one of the {n} prompts, got {prompt}.")
         chosen = range(n) if prompt is None else [p % n]
-        width = max([len(repr(token_label(self._text(i), 24))) for i in self.top_ids.flat] + [10])
+        width = max([len(_quoted(self._text(i), 24)) for i in self.top_ids.flat] + [10])
         lines: list[str] = []
         for p in chosen:
-            lines.append(f"Prompt {p}: {token_label(self.prompts[p], 70, tail=True)!r}")
+            lines.append(f"Prompt {p}: {_quoted(self.prompts[p], 70, tail=True)}")
             if self.prompt_ids:  # a file saved before they were kept has none
                 ids = self.prompt_ids[p]
-                shown = " ".join(repr(token_label(self._text(i), 16)) for i in ids[-40:])
+                shown = " ".join(_quoted(self._text(i), 16) for i in ids[-40:])
                 lines.append(f"  tokens ({len(ids)}): {'… ' if len(ids) > 40 else ''}{shown}")
             head = f"  {'next token':<{width + 3}} {'prob':>7} {'logit':>8}"
             lines.append(f"{head}   (entropy {self.entropy[p]:.2f} nats)")
             for r in range(min(k, self.top_ids.shape[1])):
-                token = repr(token_label(self._text(self.top_ids[p, r]), 24))
+                token = _quoted(self._text(self.top_ids[p, r]), 24)
                 lines.append(
                     f"  {r:<2} {token:<{width}} {self.top_probs[p, r]:>7.2%} "
                     f"{self.top_logits[p, r]:>8.2f}"
@@ -363,7 +363,7 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
             for a in np.flatnonzero(self.answer_prompt == p):
                 n_tok = len(self.answer_ids[a])
                 lines.append(
-                    f"  answer {token_label(self.answers[a], 40)!r}: {n_tok} token"
+                    f"  answer {_quoted(self.answers[a], 40)}: {n_tok} token"
                     f"{'s' if n_tok != 1 else ''}, logprob {self.logprob[a]:.3f}, "
                     f"greedy: {'yes' if self.greedy[a] else 'no'}"
                 )
@@ -373,11 +373,11 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
                     instead = (
                         ""
                         if top == t or listed
-                        else f"  (top: {token_label(self._text(top), 24)!r} "
+                        else f"  (top: {_quoted(self._text(top), 24)} "
                         f"{np.exp(self.token_top1_logprobs[a][j]):.2%})"
                     )
                     lines.append(
-                        f"    step {j} {token_label(self._text(t), 24)!r}  rank "
+                        f"    step {j} {_quoted(self._text(t), 24)}  rank "
                         f"{self.token_ranks[a][j]}  prob {np.exp(self.token_logprobs[a][j]):.2%}"
                         f"{instead}"
                     )
@@ -388,7 +388,7 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
                             strict=True,
                         )
                         top_k = ", ".join(
-                            f"{token_label(self._text(i), 16)!r} {np.exp(v):.2%}" for i, v in pairs
+                            f"{_quoted(self._text(i), 16)} {np.exp(v):.2%}" for i, v in pairs
                         )
                         lines.append(f"      top: {top_k}")
         return "\n".join(lines)
@@ -401,6 +401,12 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
         )
         top = token_label(self._text(self.top_ids[0, 0]), 16) if len(self.prompts) else ""
         return f"{len(self.prompts)} prompts, top-{self.top_ids.shape[1]}; first: {top!r}{hit}"
+
+
+def _quoted(text: str, width: int, *, tail: bool = False) -> str:
+    """Text in quotes as the report prints it: escapes shown once (``'\\n'``, not ``repr``'s
+    doubled backslash of an escape already made visible)."""
+    return f"'{token_label(text, width, tail=tail)}'"
 
 
 def _answer_lists(answers: Any, n: int, one_prompt: bool) -> list[list[str]]:
