@@ -632,3 +632,16 @@ def test_cli_predict_refuses_bad_arguments_before_the_model_loads(tmp_path, caps
     (tmp_path / "file").write_text("")
     assert cli_main(["predict", "--prompt", "a", "--out", str(tmp_path / "file")]) == 2
     assert "--out:" in capsys.readouterr().err
+    assert cli_main(["predict", "--prompt", "a", "--answer", " b", "--answer", ""]) == 2
+    assert "an --answer is empty" in capsys.readouterr().err  # review 40b: after the load
+
+
+def test_cli_errors_are_one_line_whatever_the_library_says(capsys, monkeypatch):
+    # Review 40b F4: transformers' offline error carries a line break of its own.
+    def offline(*args, **kwargs):
+        raise mp.ModelLoadError("Could not load 'x'.\nCheck your internet connection.")
+
+    monkeypatch.setattr("mechprobe.cli.predict.load", offline)
+    assert cli_main(["predict", "--prompt", "a", "--model", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'x'. Check your internet" in err

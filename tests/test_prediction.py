@@ -4,6 +4,7 @@ protocol."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -107,6 +108,18 @@ def test_prompts_without_bos_equal_the_hugging_face_model(tiny) -> None:
         mp.predict(tiny, mp.tokenize(tiny, PROMPTS), prepend_bos=False, progress=False)
 
 
+def test_a_prompt_starting_with_the_bos_text_warns(tiny) -> None:
+    """Review 40b: a chat template's text starts with the BOS token's own text; a BOS prepended
+    too made the model read it twice, visible only in the report's tokens."""
+    bos = tiny.tokenizer.bos_token
+    with pytest.warns(UserWarning, match=r"Prompts \[1\] start with .* reads it twice"):
+        res = mp.predict(tiny, ["Hi", f"{bos}Hi"], progress=False)
+    assert res.prompt_ids[1][:2] == (tiny.tokenizer.bos_token_id,) * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mp.predict(tiny, [f"{bos}Hi"], prepend_bos=False, progress=False)
+
+
 def test_padding_and_batch_size_change_nothing(tiny) -> None:
     one = mp.predict(tiny, PROMPTS, ANSWERS, batch_size=1, progress=False)
     all_at_once = mp.predict(tiny, PROMPTS, ANSWERS, batch_size=None, progress=False)
@@ -128,6 +141,12 @@ def test_greedy_breaks_ties_as_generate_and_ranks_count_them_against() -> None:
     other = _scores(tied, torch.tensor([[1]]), 3)
     assert (other.ranks, other.greedy, other.top1) == ((1,), False, (0,))
     assert other.top_ids == ((0, 1, 2),)  # the top-k lists tied tokens in id order too
+    # ties at the k-th value too: the lowest ids of the tied ones (review 40b F1: topk's order
+    # made a bfloat16 report list ' sailed' first where generate said 's)
+    from mechprobe.core._prediction import _top_in_id_order
+
+    scores = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0], [0.0, 0.0, 5.0, 0.0, 0.0]])
+    assert _top_in_id_order(scores, 2).tolist() == [[1, 2], [2, 0]]
 
 
 def test_passes_one_token_answers_and_chunks(tiny, monkeypatch) -> None:
@@ -313,13 +332,13 @@ def test_the_report_prints_what_the_frames_hold(tiny) -> None:
     # with alternatives, a line after each step: its most probable tokens, as stored
     listed = res.report(k=1, alternatives=99).splitlines()
     tops = [line.strip() for line in listed if line.startswith("      top: ")]
-    assert len(tops) == len(tokens)
-    flat = [(a, j) for a in range(len(res.answers)) for j in range(len(res.answer_ids[a]))]
+    assert len(tops) == int((tokens.step > 0).sum())  # step 0's: the next tokens listed above
+    flat = [(a, j) for a in range(len(res.answers)) for j in range(1, len(res.answer_ids[a]))]
     for line, (a, j) in zip(tops, flat, strict=True):
         probs = np.exp(res.token_top_logprobs[a][j])
         assert line.count("%") == 5 and line.endswith(f"{probs[-1]:.2%}")
-        first = token_label(res.token_text[res.token_top_ids[a][j][0]], 16)
-        assert line.startswith(f"top: '{first}' ")
+        first = res.token_text[res.token_top_ids[a][j][0]]
+        assert line.startswith(f"top: {first[:16]!r} ")
     with pytest.raises(ValueError, match="prompt must index"):
         res.report(3)
     with pytest.raises(ValueError, match="k"):
@@ -329,6 +348,14 @@ def test_the_report_prints_what_the_frames_hold(tiny) -> None:
            "token_top_logprobs", "prompt_ids")}  # fmt: skip
     older = mp.Predictions.from_dict(old)
     assert older.prompt_ids == () and "tokens (" not in older.report()
+    # a tie with the top token is said (ties count against the answer)
+    a = 0  # ' mat', its first step made a tie with the top token
+    steps = list(res.token_top1_logprobs[a])
+    steps[0] = res.token_logprobs[a][0]
+    ranks = (1, *res.token_ranks[a][1:])
+    tie = dataclasses.replace(res, token_top1_logprobs=(tuple(steps), *res.token_top1_logprobs[1:]),
+                              token_ranks=(ranks, *res.token_ranks[1:]))  # fmt: skip
+    assert "step 0 ' '  rank 1 (tied with the top)" in tie.report(0)
     without = "\n".join(line for line in text.splitlines() if not line.startswith("  tokens ("))
     assert older.report(k=3, alternatives=3) == without  # the top one where it differs, as before
 

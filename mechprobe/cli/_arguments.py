@@ -603,5 +603,7 @@ def command_error(command: str, message: object) -> int:
         >>> command_error("trace", "window must be at least 1, got 0.")
         2
     """
-    print(f"mechprobe {command}: error: {flag_names(str(message))}", file=sys.stderr)
+    # One line: a library's message may carry its own line breaks (transformers' offline error).
+    text = " ".join(str(message).split())
+    print(f"mechprobe {command}: error: {flag_names(text)}", file=sys.stderr)
     return 2

@@ -92,6 +92,8 @@ def main(args: argparse.Namespace) -> int:
             f"got {len(args.answer)} --answer for {n} --prompt: with several prompts pass one "
             "answer for all of them, or one each (several candidates: one --prompt)"
         )
+    if any(answer == "" for answer in args.answer):
+        return fail("an --answer is empty: give the text that follows the prompt (' Paris')")
     interpret_escapes(args, "prompt", "answer")
     answers: Any = None
     if args.answer and n == 1:

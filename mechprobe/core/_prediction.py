@@ -357,7 +357,7 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
             for r in range(min(k, self.top_ids.shape[1])):
                 token = _quoted(self._text(self.top_ids[p, r]), 24)
                 lines.append(
-                    f"  {r:<2} {token:<{width}} {self.top_probs[p, r]:>7.2%} "
+                    f"  {r:<2} {token:<{width}} {_percent(float(self.top_probs[p, r])):>7} "
                     f"{self.top_logits[p, r]:>8.2f}"
                 )
             for a in np.flatnonzero(self.answer_prompt == p):
@@ -372,23 +372,26 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
                     listed = alternatives and self.token_top_ids
                     instead = (
                         ""
-                        if top == t or listed
+                        if top == t or (listed and j > 0)
                         else f"  (top: {_quoted(self._text(top), 24)} "
-                        f"{np.exp(self.token_top1_logprobs[a][j]):.2%})"
+                        f"{_percent(np.exp(self.token_top1_logprobs[a][j]))})"
                     )
+                    rank = self.token_ranks[a][j]
+                    # ties count against the answer: say so where the top token ties with it
+                    tied = rank > 0 and self.token_top1_logprobs[a][j] == self.token_logprobs[a][j]
                     lines.append(
-                        f"    step {j} {_quoted(self._text(t), 24)}  rank "
-                        f"{self.token_ranks[a][j]}  prob {np.exp(self.token_logprobs[a][j]):.2%}"
-                        f"{instead}"
+                        f"    step {j} {_quoted(self._text(t), 24)}  rank {rank}"
+                        f"{' (tied with the top)' if tied else ''}  prob "
+                        f"{_percent(np.exp(self.token_logprobs[a][j]))}{instead}"
                     )
-                    if listed:
+                    if listed and j > 0:  # step 0's are the next tokens listed above
                         pairs = zip(
                             self.token_top_ids[a][j][:alternatives],
                             self.token_top_logprobs[a][j][:alternatives],
                             strict=True,
                         )
                         top_k = ", ".join(
-                            f"{_quoted(self._text(i), 16)} {np.exp(v):.2%}" for i, v in pairs
+                            f"{_quoted(self._text(i), 16)} {_percent(np.exp(v))}" for i, v in pairs
                         )
                         lines.append(f"      top: {top_k}")
         return "\n".join(lines)
@@ -404,9 +407,17 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
 
 
 def _quoted(text: str, width: int, *, tail: bool = False) -> str:
-    """Text in quotes as the report prints it: escapes shown once (``'\\n'``, not ``repr``'s
-    doubled backslash of an escape already made visible)."""
-    return f"'{token_label(text, width, tail=tail)}'"
+    """Text as the report prints it: Python's quoting (a quote or backslash in a token escaped,
+    ``'\\n'`` a newline), cut to ``width`` characters with an ellipsis (keeping the end when
+    ``tail``)."""
+    if len(text) > width:
+        text = "…" + text[1 - width :] if tail else text[: width - 1] + "…"
+    return repr(text)
+
+
+def _percent(p: float) -> str:
+    """A probability as the report prints it: a percentage, or ``1.2e-05`` below 0.01%."""
+    return f"{p:.2%}" if p >= 1e-4 else f"{p:.1e}"
 
 
 def _answer_lists(answers: Any, n: int, one_prompt: bool) -> list[list[str]]:
@@ -523,6 +534,7 @@ def predict(
     else:
         texts = _check_prompts(prompts)
         bos = None if prepend_bos is None else check_bool(prepend_bos, "prepend_bos")
+        _warn_doubled_bos(model, texts, bos)
         batch = tokenize(model, texts, prepend_bos=bos)
     given: list[list[tuple[int, ...]]] | None = None
     if isinstance(answers, GenerationResult):
@@ -551,7 +563,7 @@ def predict(
     check_finite(logits, "The model's next-token logits")
     logp = logits.log_softmax(-1)
     k = min(k, logp.shape[-1])
-    top = logp.topk(k, dim=-1)
+    top_idx = _top_in_id_order(logp, k)  # [prompts, k]
     entropy = torch.special.entr(logp.double().exp()).sum(-1)
 
     m = len(flat)
@@ -570,7 +582,7 @@ def predict(
         first_rank[i], first_prob[i] = one.ranks[0], np.exp(one.logprobs[0])
         first_logit[i], logprob[i], greedy[i] = one.first_logit, sum(one.logprobs), one.greedy
     answer_ids = [ids for _, _, ids in rows]
-    seen = {int(i) for i in top.indices.reshape(-1).tolist()}
+    seen = {int(i) for i in top_idx.reshape(-1).tolist()}
     seen |= {i for ids in answer_ids for i in ids} | {i for one in scored for i in one.top1}
     seen |= {i for one in scored for row in one.top_ids for i in row}
     prompt_ids = _real_rows(batch)
@@ -580,9 +592,9 @@ def predict(
     names = token_texts(tokenizer, ordered) if tokenizer is not None else [str(i) for i in ordered]
     return Predictions(
         prompts=tuple(texts),
-        top_ids=top.indices.cpu().numpy().astype(np.int64),
-        top_probs=top.values.exp().cpu().numpy(),
-        top_logits=logits.gather(-1, top.indices).cpu().numpy(),
+        top_ids=top_idx.cpu().numpy().astype(np.int64),
+        top_probs=logp.gather(-1, top_idx).exp().cpu().numpy(),
+        top_logits=logits.gather(-1, top_idx).cpu().numpy(),
         entropy=entropy.cpu().numpy(),
         answer_prompt=np.asarray([p for p, _, _ in flat], dtype=np.int64),
         candidate=np.asarray([c for _, c, _ in flat], dtype=np.int64),
@@ -603,6 +615,24 @@ def predict(
         token_text=dict(zip(ordered, names, strict=True)),
         model_name=model_adapter(model).name,
     )
+
+
+def _warn_doubled_bos(model: Any, texts: Sequence[str], prepend_bos: bool | None) -> None:
+    """A chat template's text starts with the BOS token's own text (SmolLM2's
+    ``<|im_start|>``): with a BOS prepended too, the model reads it twice."""
+    adapter = model_adapter(model)
+    tokenizer = adapter.tokenizer
+    bos_text = getattr(tokenizer, "bos_token", None)
+    prepends = adapter.prepend_bos if prepend_bos is None else prepend_bos
+    if not prepends or not isinstance(bos_text, str) or not bos_text:
+        return
+    doubled = [i for i, text in enumerate(texts) if text.startswith(bos_text)]
+    if doubled:
+        warn(
+            f"Prompts {doubled[:5]} start with {bos_text!r}, the BOS token, and a BOS is "
+            "prepended too, so the model reads it twice: pass prepend_bos=False (mechprobe predict: "
+            "--no-bos)."
+        )
 
 
 def _real_rows(batch: Batch) -> list[list[int]]:
@@ -692,14 +722,14 @@ def _scores(logits: Tensor, targets: Tensor, k: int) -> _Scored:
     [1, size]``: each token's rank (ties against it) and log-probability, the first token's
     logit, whether each token is the argmax (the lowest id among tied maxima, as greedy decoding
     picks), that argmax with its log-probability at each step, and the ``k`` most probable
-    tokens there (a stable sort: tied ones in id order, the argmax first)."""
+    tokens there (tied ones in id order, the argmax first)."""
     logits = logits.float()[0]  # [size, vocab]
     targets = targets.to(logits.device)[0]
     picked = logits.gather(-1, targets[:, None])  # [size, 1]
     ranks = target_rank(logits, picked)[:, 0]
     norm = logits.logsumexp(-1)
     top1 = logits.argmax(-1)
-    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]  # [size, k]
+    order = _top_in_id_order(logits, k)  # [size, k]
     top_logp = logits.gather(-1, order) - norm[:, None]
     return _Scored(
         ranks=tuple(int(r) for r in ranks.tolist()),
@@ -711,6 +741,24 @@ def _scores(logits: Tensor, targets: Tensor, k: int) -> _Scored:
         top_ids=tuple(tuple(int(t) for t in row) for row in order.tolist()),
         top_logprobs=tuple(tuple(float(v) for v in row) for row in top_logp.double().tolist()),
     )
+
+
+def _top_in_id_order(scores: Tensor, k: int) -> Tensor:
+    """``[rows, k]`` the ids of each row's ``k`` largest ``scores [rows, vocab]``, largest first
+    and tied ones in id order, as greedy decoding's argmax (the lowest id) breaks a tie.
+
+    ``topk`` orders ties as it likes (bfloat16 logits tie often: a report said ``' sailed'`` was
+    first where ``generate`` said ``'s``); a sort of the whole vocabulary at every answer token
+    was 17% of ``predict``'s time. So: ``topk``, then a stable sort of the tokens at or above
+    each row's k-th value (more than k where the k-th value ties).
+    """
+    kth = scores.topk(k, dim=-1).values[:, -1:]  # [rows, 1]
+    out = torch.empty((scores.shape[0], k), dtype=torch.long, device=scores.device)
+    for r in range(scores.shape[0]):
+        ids = torch.nonzero(scores[r] >= kth[r]).flatten()  # ascending ids
+        order = torch.sort(scores[r, ids], descending=True, stable=True).indices[:k]
+        out[r] = ids[order]
+    return out
 
 
 def _score_answers(

@@ -91,6 +91,9 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         bos: Per prompt, whether its first token is a BOS the model prepended (empty in a result
             that did not record it: then no query's previous token counts as BOS).
         model_name: The model's name, for the record.
+        windows: Per head, its layer's attention window (a query sees the last ``window``
+            keys), 0 where it sees every earlier key (empty in a result that did not record it:
+            then every head counts as seeing them all).
 
     Example:
         >>> import mechprobe as mp
@@ -109,6 +112,7 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
     tokens: tuple[tuple[str, ...], ...]
     bos: tuple[bool, ...] = ()
     model_name: str = ""
+    windows: tuple[int, ...] = ()
 
     def _index(self, site: SiteLike | tuple[int, ...]) -> int:
         label = str(_as_site(site, "site"))
@@ -196,8 +200,9 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         """Per head, the mean weight on the first token (``first_token``), the previous token
         and the query's own token, and the mean entropy of a query's weights in nats (it grows
         with the keys a query sees: compare heads on the same prompts) and divided by that of
-        a uniform spread over the keys up to the query (``normalised_entropy``: 0 on one key, 1
-        spread evenly over all, comparable across prompt lengths), over every query but each
+        a uniform spread over the keys the query sees (``normalised_entropy``: 0 on one key, 1
+        spread evenly over all, comparable across prompt lengths; on a sliding-window layer the
+        last ``window`` keys), over every query but each
         prompt's first; ``previous_token`` also leaves out the query after a prepended BOS
         (module docstring).
 
@@ -208,6 +213,9 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
             ['first_token', 'previous_token', 'own_token', 'entropy', 'normalised_entropy']
         """
         sums = np.zeros((len(self.sites), 5))
+        # each head's window, or no limit (query q sees its q + 1 keys)
+        limit = self.windows or (0,) * len(self.sites)
+        windows = np.array([w if w > 0 else np.iinfo(np.int64).max for w in limit])
         count = previous = 0
         for p, n in enumerate(self.lengths):
             if n < 2:
@@ -222,7 +230,8 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
             with np.errstate(divide="ignore", invalid="ignore"):
                 entropy = -np.where(w > 0, w * np.log(w), 0.0).sum(2)  # [heads, queries]
             sums[:, 3] += entropy.sum(1)
-            sums[:, 4] += (entropy / np.log(q + 1)).sum(1)  # query q sees q + 1 keys
+            seen = np.minimum(q[None, :] + 1, windows[:, None])  # [heads, queries] keys seen
+            sums[:, 4] += (entropy / np.log(seen)).sum(1)
             count += n - 1
             previous += len(after)
         if not count:
@@ -636,4 +645,5 @@ def attention_patterns(
         tokens=texts,
         bos=leads,
         model_name=model_adapter(model).name,
+        windows=tuple(model_adapter(model).attention_window(s.layer) or 0 for s in chosen),
     )
