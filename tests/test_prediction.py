@@ -14,7 +14,6 @@ import torch
 from conftest import hf_of, hook_count
 
 import mechprobe as mp
-from mechprobe.core import token_label
 
 PROMPTS = ["The cat sat on the", "Hi", "A dog ran far"]
 ANSWERS = [[" mat", " a"], " there", [" away", "x", " away now"]]
