@@ -41,12 +41,14 @@ model.cfg.n_layers, model.cfg.d_model
 # ## 1. Early decoding: when does " Paris" surface?
 #
 # First, what the model says: `predict` gives the most probable next tokens and scores answers
-# (their rank, probability and whether greedy decoding says them), as TransformerLens's
-# `test_prompt` prints them.
+# (their rank, probability and whether greedy decoding says them); `report()` prints them as
+# TransformerLens's `test_prompt` does, and `answers_frame()` gives them as a table.
 
 # %%
 prompt = "Q: What is the capital of France?\nA:"
-mp.predict(model, prompt, [[" Paris", " Rome", " Lyon"]], top_k=5, progress=False).answers_frame()
+pred = mp.predict(model, prompt, [[" Paris", " Rome", " Lyon"]], top_k=5, progress=False)
+print(pred.report())
+pred.answers_frame()
 
 # %% [markdown]
 # The logit lens decodes the residual stream after every block through the model's own final
