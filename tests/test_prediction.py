@@ -5,6 +5,7 @@ protocol."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from conftest import hf_of, hook_count
 
 import mechprobe as mp
+from mechprobe.core._prediction import _percent
 
 PROMPTS = ["The cat sat on the", "Hi", "A dog ran far"]
 ANSWERS = [[" mat", " a"], " there", [" away", "x", " away now"]]
@@ -67,6 +69,12 @@ def test_top_tokens_and_answers_equal_the_hugging_face_model(tiny) -> None:
         np.testing.assert_allclose(res.token_top_logprobs[a], [o.values[:5] for o in order],
                                    atol=1e-5)  # fmt: skip
         assert res.token_top_ids[a][0][0] == res.token_top1[a][0]
+        # each token's logit where it is predicted: the twin's own logits there
+        with torch.no_grad():
+            raw = hf_of(tiny)(torch.tensor([prompt_ids + answer_ids])).logits[0].double()
+        want = [float(raw[i, t]) for i, t in zip(at, answer_ids, strict=True)]
+        np.testing.assert_allclose(res.token_logits[a], want, atol=1e-4)
+        assert res.token_logits[a][0] == pytest.approx(res.first_logit[a])
         np.testing.assert_allclose(res.token_top1_logprobs[a], [float(logp[i].max()) for i in at],
                                    atol=1e-5)  # fmt: skip
         assert res.first_rank[a] == ranks[0] and res.greedy[a] == all(r == 0 for r in ranks)
@@ -323,7 +331,7 @@ def test_the_report_prints_what_the_frames_hold(tiny) -> None:
     tokens = res.tokens_frame()
     assert len(steps) == len(tokens)
     for line, row in zip(steps, tokens.itertuples(), strict=True):
-        assert f"rank {row.rank}  prob {row.prob:.2%}" in line
+        assert f"rank {row.rank}  logit {row.logit:.2f}  prob {_percent(row.prob)}" in line
         assert ("(top: " in line) == (row.top1_token != row.token)
     answer_lines = sum(1 + len(res.answer_ids[a]) for a in np.flatnonzero(res.answer_prompt == 0))
     lines = res.report(0, k=99, alternatives=0).splitlines()
@@ -344,7 +352,7 @@ def test_the_report_prints_what_the_frames_hold(tiny) -> None:
         res.report(k=0)
     # a file saved before the prompts' tokens and each step's top-k were kept
     old = {key: v for key, v in res.to_dict().items() if key not in ("token_top_ids",
-           "token_top_logprobs", "prompt_ids")}  # fmt: skip
+           "token_top_logprobs", "prompt_ids", "token_logits")}  # fmt: skip
     older = mp.Predictions.from_dict(old)
     assert older.prompt_ids == () and "tokens (" not in older.report()
     # a tie with the top token is said (ties count against the answer)
@@ -355,8 +363,13 @@ def test_the_report_prints_what_the_frames_hold(tiny) -> None:
     tie = dataclasses.replace(res, token_top1_logprobs=(tuple(steps), *res.token_top1_logprobs[1:]),
                               token_ranks=(ranks, *res.token_ranks[1:]))  # fmt: skip
     assert "step 0 ' '  rank 1 (tied with the top)" in tie.report(0)
-    without = "\n".join(line for line in text.splitlines() if not line.startswith("  tokens ("))
+    without = "\n".join(
+        re.sub(r"  logit -?[0-9.]+", "", line)
+        for line in text.splitlines()
+        if not line.startswith("  tokens (")
+    )
     assert older.report(k=3, alternatives=3) == without  # the top one where it differs, as before
+    assert older.tokens_frame()["logit"].isna().all()
 
 
 @pytest.mark.integration

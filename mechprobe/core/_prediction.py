@@ -88,6 +88,8 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
             the first is ``token_top1``'s).
         token_top_logprobs: Their log-probabilities.
         prompt_ids: Each prompt's tokens as the model read them (BOS included where prepended).
+        token_logits: Per answer, each of its tokens' logit where it is predicted (what
+            ``test_prompt`` prints beside the rank; ``first_logit`` is the first's).
         greedy: ``[answers]`` whether greedy decoding produces the answer's tokens (each the
             argmax, the lowest id among tied maxima, as :func:`mechprobe.generate` picks).
         token_text: The text of every token id in ``top_ids`` and ``answer_ids``.
@@ -125,6 +127,7 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
     token_top_ids: tuple[tuple[tuple[int, ...], ...], ...] = ()
     token_top_logprobs: tuple[tuple[tuple[float, ...], ...], ...] = ()
     prompt_ids: tuple[tuple[int, ...], ...] = ()
+    token_logits: tuple[tuple[float, ...], ...] = ()
 
     def _text(self, token_id: int) -> str:
         return self.token_text.get(int(token_id), f"<{int(token_id)}>")
@@ -186,7 +189,8 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
     def tokens_frame(self) -> pd.DataFrame:
         """One row per answer token, as ``test_prompt`` prints them: ``prompt``, ``candidate``,
         ``answer``, ``step`` (0: the first token), ``token``, ``token_id``, its ``rank``,
-        ``prob`` and ``logprob`` where it is predicted, and the most probable token there
+        ``prob``, ``logprob`` and ``logit`` where it is predicted (NaN in a file saved before
+        logits were kept), and the most probable token there
         (``top1_token``, ``top1_prob``).
 
         Example:
@@ -206,6 +210,7 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
                 "rank": int(self.token_ranks[a][j]),
                 "prob": float(np.exp(self.token_logprobs[a][j])),
                 "logprob": float(self.token_logprobs[a][j]),
+                "logit": float(self.token_logits[a][j]) if self.token_logits else np.nan,
                 "top1_token": self._text(self.token_top1[a][j]),
                 "top1_prob": float(np.exp(self.token_top1_logprobs[a][j])),
             }
@@ -213,7 +218,7 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
             for j, t in enumerate(self.answer_ids[a])
         ]
         columns = ["prompt", "candidate", "answer", "step", "token", "token_id", "rank", "prob"]
-        columns += ["logprob", "top1_token", "top1_prob"]
+        columns += ["logprob", "logit", "top1_token", "top1_prob"]
         return pd.DataFrame(rows, columns=columns)
 
     def logit_diff(self, answer: int = 0, wrong: int = 1) -> np.ndarray:
@@ -379,9 +384,10 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
                     rank = self.token_ranks[a][j]
                     # ties count against the answer: say so where the top token ties with it
                     tied = rank > 0 and self.token_top1_logprobs[a][j] == self.token_logprobs[a][j]
+                    logit = f"  logit {self.token_logits[a][j]:.2f}" if self.token_logits else ""
                     lines.append(
                         f"    step {j} {_quoted(self._text(t), 24)}  rank {rank}"
-                        f"{' (tied with the top)' if tied else ''}  prob "
+                        f"{' (tied with the top)' if tied else ''}{logit}  prob "
                         f"{_percent(np.exp(self.token_logprobs[a][j]))}{instead}"
                     )
                     if listed and j > 0:  # step 0's are the next tokens listed above
@@ -611,6 +617,7 @@ def predict(
         token_top_ids=tuple(one.top_ids for one in scored),
         token_top_logprobs=tuple(one.top_logprobs for one in scored),
         prompt_ids=tuple(tuple(int(t) for t in row) for row in prompt_ids),
+        token_logits=tuple(one.logits for one in scored),
         greedy=greedy,
         token_text=dict(zip(ordered, names, strict=True)),
         model_name=model_adapter(model).name,
@@ -715,6 +722,7 @@ class _Scored(NamedTuple):
     top1_logprobs: tuple[float, ...]
     top_ids: tuple[tuple[int, ...], ...]
     top_logprobs: tuple[tuple[float, ...], ...]
+    logits: tuple[float, ...]
 
 
 def _scores(logits: Tensor, targets: Tensor, k: int) -> _Scored:
@@ -740,6 +748,7 @@ def _scores(logits: Tensor, targets: Tensor, k: int) -> _Scored:
         top1_logprobs=tuple(float(v) for v in (logits.max(-1).values - norm).double().tolist()),
         top_ids=tuple(tuple(int(t) for t in row) for row in order.tolist()),
         top_logprobs=tuple(tuple(float(v) for v in row) for row in top_logp.double().tolist()),
+        logits=tuple(float(v) for v in picked[:, 0].tolist()),
     )
 
 
