@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_KINDS, bridge_of_config, hf_of, hf_of_config, tiny_of
+from conftest import TEST_KINDS, bridge_of_config, hf_of, hf_of_config, hook_count, tiny_of
 
 import mechprobe as mp
 from mechprobe.cli import main as cli_main
@@ -384,8 +384,45 @@ def test_a_hooked_soft_cap_is_part_of_every_readout() -> None:
 
 
 @needs_hooked
-def test_packed_rows_are_refused_on_a_hooked_transformer_with_the_fix() -> None:
+@pytest.mark.parametrize("name", ["hooked", "hooked-gpt2", "hooked-neox"])
+def test_a_hooked_transformer_takes_packed_rows_through_its_hooks(name) -> None:
+    """Packed rows (two segments of different prompts after a shared base prefix, positions
+    restarting) give each segment's own plain run: rotary positions turned at hook_rot_q/k
+    (Llama's adjacent pairs, NeoX's halves on part of d_head) and GPT-2's learned positions."""
+    architecture = {"hooked": "llama", "hooked-gpt2": "gpt2", "hooked-neox": "neox"}[name]
+    hooked = mp.tiny_model(kind="hooked", architecture=architecture)  # type: ignore[arg-type]
+    adapter = model_adapter(hooked)
+    assert adapter.packs_rows
+    a = _ids(hooked, "Hello there, my friend")[0]
+    b = _ids(hooked, "Hello where")[0]
+    shared = 2  # b's own tokens after the first two, read against a's prefix
+    assert torch.equal(a[:shared], b[:shared])
+    tokens = torch.cat([a, b[shared:]])[None]
+    positions = torch.cat([torch.arange(len(a)), torch.arange(shared, len(b))])[None]
+    seg = torch.cat([torch.zeros(len(a)), torch.ones(len(b) - shared)]).long()
+    pos = positions[0]
+    allowed = ((seg[None, :] == seg[:, None]) & (pos[None, :] <= pos[:, None])) | (
+        (seg[:, None] == 1) & (seg[None, :] == 0) & (pos[None, :] < shared)
+    )
+    before = hook_count(hooked)
+    with torch.no_grad():
+        packed = adapter.forward(tokens, allowed[None, None], position_ids=positions)[0]
+        plain_a, plain_b = hooked(a[None])[0], hooked(b[None])[0]
+    assert hook_count(hooked) == before
+    torch.testing.assert_close(packed[: len(a)], plain_a, atol=1e-4, rtol=0)
+    torch.testing.assert_close(packed[len(a) :], plain_b[shared:], atol=1e-4, rtol=0)
+    metric = mp.logit_diff(5, 7)
+    clean, corrupt = ["Hi cat sat down", "A dog"], ["Hi bat sat down", "A cow"]
+    one = mp.patch(hooked, clean, corrupt, "head", -1, metric, packed=True, progress=False)
+    rows = mp.patch(hooked, clean, corrupt, "head", -1, metric, packed=False, progress=False)
+    np.testing.assert_allclose(one.values, rows.values, atol=1e-5)
+    np.testing.assert_allclose(one.random, rows.random, atol=1e-5)
+
+
+@needs_hooked
+def test_a_hooked_transformer_whose_positions_cannot_move_runs_whole_rows(monkeypatch) -> None:
     hooked = tiny_of("hooked")
+    monkeypatch.setattr(hooked.cfg, "use_logn_attn", True)  # scales queries by their index
     adapter = model_adapter(hooked)
     assert not adapter.packs_rows
     with pytest.raises(ValueError, match="packed=False"):
@@ -393,11 +430,6 @@ def test_packed_rows_are_refused_on_a_hooked_transformer_with_the_fix() -> None:
     tokens = _ids(hooked, "Hi")
     with pytest.raises(ValueError, match="one sequence per row"):
         adapter.forward(tokens, position_ids=torch.arange(tokens.shape[1])[None])
-    default = mp.patch(hooked, "Hi cat", "Hi bat", "mlp_out", -1, mp.logit_diff(5, 7))
-    explicit = mp.patch(
-        hooked, "Hi cat", "Hi bat", "mlp_out", -1, mp.logit_diff(5, 7), packed=False
-    )
-    np.testing.assert_array_equal(default.values, explicit.values)
 
 
 # --- loading, saving, the command line -------------------------------------------------------

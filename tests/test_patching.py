@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import typing
 import warnings
@@ -112,7 +113,7 @@ def _reference(model, kind):
 )
 def test_batched_equals_one_cell_at_a_time(tiny, kind, packed, cell_packing):
     if packed and not model_adapter(tiny).packs_rows:
-        pytest.skip("a HookedTransformer's forward takes no packed rows (test_adapter covers it)")
+        pytest.skip("this model runs one sequence per row (test_adapter covers refusals)")
     positions, expected = _reference(tiny, kind)
     spec = "all" if kind != "head" else positions
     res = mp.patch(tiny, CLEAN, CORRUPT, kind, spec, METRIC, packed=packed, cells_per_batch=10)
@@ -759,7 +760,7 @@ def test_passes_stay_within_the_memory_budget_and_rows_stay_short(tiny, monkeypa
     )
     # Pass 1: the base with the last position's cell packed after it, and the source; pass 2:
     # position 5's cell whole and the source again (the base ran in pass 1). One row per
-    # sequence where the model takes no packed rows.
+    # sequence where the model cannot pack rows.
     packs = _packing_works(tiny)
     assert [rows for rows, _ in shapes] == ([2, 2] if packs else [3, 2])
     np.testing.assert_allclose(one.values, default.values[:1, [5, -1]], atol=1e-5)
@@ -875,6 +876,25 @@ def test_a_bases_packed_cells_take_the_number_of_rows_that_costs_least():
     # 270 heads at the last position of a 55-token prompt: one row (two rows of half the cells
     # each repeated the prompt, and the pass padded both).
     assert costs.rows_for(55, 270) == 1
+
+
+def test_packed_rows_stay_within_a_hooked_transformers_context(tiny):
+    """A HookedTransformer looks its positions up by index before they are moved (GPT-2's
+    learned positions, 1,024): a base whose packed rows could pass its context runs whole."""
+    free = _engine._Costs(n_heads=12, d_model=768, d_mlp=3072, itemsize=4, crossover=1311.0)
+    capped = dataclasses.replace(free, max_width=1024)
+    assert free.packs(300, 1) and not capped.packs(300, 1)
+    assert capped.packs(60, 1) and 2 * capped.packed_width(60) <= 1024
+    assert _engine._Costs.of(tiny).max_width == (
+        int(tiny.cfg.n_ctx) if model_adapter(tiny).kind == "hooked" else None
+    )
+    if model_adapter(tiny).kind == "hooked":  # a plan past the context runs whole rows
+        long_clean = "a b " * 60
+        long_corrupt = "a c " * 60
+        res = mp.patch(tiny, long_clean, long_corrupt, "resid_pre", -1, METRIC, n_random=0)
+        ref = mp.patch(tiny, long_clean, long_corrupt, "resid_pre", -1, METRIC, n_random=0,
+                       packed=False)  # fmt: skip
+        np.testing.assert_allclose(res.values, ref.values, atol=1e-5)
 
 
 def test_a_silent_bar_lays_out_no_pass_twice(tiny, monkeypatch):

@@ -315,10 +315,21 @@ class ModelAdapter:
 
     @property
     def packs_rows(self) -> bool:
-        """Whether the forward takes 4D attention masks and ``position_ids`` (several segments per
-        row, as batched patching packs them). A ``HookedTransformer`` derives positions from a
-        ``[batch, pos]`` mask itself and takes neither."""
-        return self.kind == "bridge"
+        """Whether :meth:`forward` takes 4D attention masks and ``position_ids`` (several segments
+        per row, as batched patching packs them). A bridge passes them to the Hugging Face model.
+        A ``HookedTransformer`` takes neither, so the forward applies them through its hooks
+        (:func:`_packed_hooks`): where its positions are rotary or learned, its attention causal
+        and unwindowed, and no position rescales it (dynamic NTK, log-n scaling)."""
+        if self.kind == "bridge":
+            return True
+        cfg = self.model.cfg
+        return (
+            cfg.positional_embedding_type in ("rotary", "standard")
+            and getattr(cfg, "attention_dir", "causal") == "causal"
+            and not getattr(cfg, "use_dynamic_ntk_rope", False)
+            and not getattr(cfg, "use_logn_attn", False)
+            and self.sliding_window is None
+        )
 
     @property
     def sliding_window(self) -> int | None:
@@ -378,6 +389,11 @@ class ModelAdapter:
                 "(4D masks, position_ids): run one sequence per row."
             )
         device = self.device
+        if packed and self.kind == "hooked":
+            hooks = _packed_hooks(self.model, tokens.shape, attention_mask, position_ids, device)
+            with self.model.hooks(fwd_hooks=hooks):
+                logits = self.model(tokens.to(device))
+            return logits if logits_to_keep is None else logits[:, -logits_to_keep:]
         extra: dict[str, Any] = {}
         if position_ids is not None:
             extra["position_ids"] = position_ids.to(device)
@@ -388,6 +404,67 @@ class ModelAdapter:
         if logits_to_keep is not None and self.kind != "bridge":
             logits = logits[:, -logits_to_keep:]
         return logits
+
+
+def _packed_hooks(
+    model: Any,
+    shape: torch.Size,
+    attention_mask: Tensor | None,
+    position_ids: Tensor | None,
+    device: Any,
+) -> list[tuple[str, Callable[..., Tensor]]]:
+    """A ``HookedTransformer``'s hooks that make a plain forward of ``shape [rows, width]``
+    tokens a packed one: each layer's attention scores masked by the 4D ``attention_mask``
+    ``[rows, 1, query, key]`` (segments see their own keys and their base's prefix, as a
+    bridge's Hugging Face model applies the mask), and each token at its ``position_ids``:
+    rotary queries and keys turned on by the difference to the index the model rotated them at
+    (rotations by angles linear in the position compose), or learned position embeddings
+    looked up at those positions. The engine checks once per model that a packed segment gives
+    the plain run's logits (``packing_works``) and runs whole rows where it does not.
+    """
+    rows, width = int(shape[0]), int(shape[1])
+    if width > int(model.cfg.n_ctx):
+        raise ValueError(f"A packed row of {width} tokens is longer than the model's context.")
+    index = torch.arange(width, device=device)
+    positions = index.expand(rows, -1) if position_ids is None else position_ids.to(device)
+    hooks: list[tuple[str, Callable[..., Tensor]]] = []
+    if attention_mask is not None:
+        allowed = attention_mask.to(device).bool()
+
+        def mask(scores: Tensor, hook: Any) -> Tensor:
+            return scores.masked_fill(~allowed, float("-inf"))
+
+        hooks += [(f"blocks.{i}.attn.hook_attn_scores", mask) for i in range(model.cfg.n_layers)]
+    if model.cfg.positional_embedding_type == "rotary":
+        shift = positions - index  # [rows, width]: where each token is, less where it sits
+        for i, block in enumerate(model.blocks):
+            turn = _rotation(block.attn, shift)
+            hooks += [(f"blocks.{i}.attn.hook_rot_q", turn), (f"blocks.{i}.attn.hook_rot_k", turn)]
+    else:
+        w_pos = model.W_pos
+
+        def learned(embedded: Tensor, hook: Any) -> Tensor:
+            return w_pos[positions].to(embedded.dtype)
+
+        hooks.append(("hook_pos_embed", learned))
+    return hooks
+
+
+def _rotation(attn: Any, shift: Tensor) -> Callable[..., Tensor]:
+    """A hook that turns rotary queries or keys ``[rows, width, heads, d_head]`` by ``shift``
+    positions more, with the attention's own tables and pairing (``rotate_every_two``); a
+    negative shift turns back (cosine even, sine odd)."""
+    steps, sign = shift.abs(), shift.sign()
+    dim = int(attn.cfg.rotary_dim)
+
+    def turn(x: Tensor, hook: Any) -> Tensor:
+        cos = attn.rotary_cos[steps][:, :, None, :].to(x.dtype)
+        sin = (attn.rotary_sin[steps] * sign[..., None])[:, :, None, :].to(x.dtype)
+        part = x[..., :dim]
+        turned = part * cos + attn.rotate_every_two(part) * sin
+        return torch.cat([turned, x[..., dim:]], dim=-1)
+
+    return turn
 
 
 class _SoftCap:

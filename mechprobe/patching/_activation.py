@@ -435,8 +435,9 @@ def patch(
     """Patch every (site, position) cell, many cells per forward pass, each beside random controls.
 
     Args:
-        model: A ``TransformerBridge`` or ``HookedTransformer`` (whose forward takes no packed
-            rows: it runs with ``packed=False``, the same numbers).
+        model: A ``TransformerBridge`` or ``HookedTransformer`` (whose forward takes packed rows
+            through hooks that mask its attention scores and move its positions; where its
+            positions cannot move, e.g. ALiBi, it runs with ``packed=False``, the same numbers).
         clean: Clean prompt(s): a string, a list (one per pair), a :class:`Batch`, or unpadded token
             ids ``[seq]`` / ``[pairs, seq]``.
         corrupt: Corrupt prompt(s), as many as ``clean``.

@@ -12,8 +12,10 @@ cell of a base shares one copy of the base's run and adds only its suffix ``star
 (``start`` = its first edited position) to the same row, as a segment that attends, through a 4D
 attention mask with the original position ids, to the base segment's positions ``< start`` and
 causally to itself. Sources ride in the same forward pass, so their activations are copied into
-the cells at that very hook call. A model whose attention ignores custom masks is detected once
-and run with one full row per cell instead (``packed=False``).
+the cells at that very hook call. A ``HookedTransformer`` takes neither a 4D mask nor position
+ids: its forward applies them through hooks (``ModelAdapter.forward``). A model whose attention
+ignores custom masks is detected once and run with one full row per cell instead
+(``packed=False``).
 
 Sharing pays where a cell's suffix is short: a packed row's attention is dense over all its
 segments, so a cell editing near the start (a suffix of nearly the whole prompt) runs as its own
@@ -435,6 +437,9 @@ class _Costs:
     d_mlp: int
     itemsize: int
     crossover: float
+    # The widest row the model takes (a HookedTransformer's context: its positions are looked up
+    # by index before they are moved), or None.
+    max_width: int | None = None
 
     @classmethod
     def of(cls, model: Any) -> _Costs:
@@ -443,7 +448,8 @@ class _Costs:
         d_mlp = int(getattr(model.cfg, "d_mlp", None) or 4 * d_model)
         dense = 4 * d_model * d_model + 3 * d_model * d_mlp
         itemsize = torch.empty((), dtype=adapter.dtype).element_size()
-        return cls(n_heads, d_model, d_mlp, itemsize, dense / (600 * n_heads))
+        max_width = int(model.cfg.n_ctx) if adapter.kind == "hooked" else None
+        return cls(n_heads, d_model, d_mlp, itemsize, dense / (600 * n_heads), max_width)
 
     def row_time(self, width: float) -> float:
         """The time of one row of ``width`` tokens, in units of one token's dense layers."""
@@ -478,6 +484,10 @@ class _Costs:
         early costs more packed: its suffix is nearly the whole prompt, and the row repeats the
         base)."""
         width = self.packed_width(n_tok)
+        if self.max_width is not None and 2 * width > self.max_width:
+            # a base's rows reach twice that at most (rows_for rounds their number down, and
+            # a row may pass its share by one suffix): run whole rows instead
+            return False
         shared = width - n_tok  # the cells' tokens in such a row
         return self.row_time(width) * suffix / shared <= self.row_time(n_tok)
 
@@ -850,9 +860,9 @@ def run_plan(
         packed = packing_works(model) and (window is None or longest <= window)
     elif packed and not packing_works(model):
         raise ValueError(
-            "packed=True, but this model cannot run packed rows (a HookedTransformer takes "
-            "[batch, pos] attention masks only; some bridges ignore custom masks or position "
-            "ids): pass packed=False (one row per cell; the same numbers)."
+            "packed=True, but this model cannot run packed rows (a HookedTransformer whose "
+            "positions cannot be moved by hooks, e.g. ALiBi; bridges that ignore custom masks "
+            "or position ids): pass packed=False (one row per cell; the same numbers)."
         )
     elif packed and window is not None and longest > window:
         raise ValueError(
