@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import typing
 import warnings
 
@@ -18,7 +20,7 @@ import mechprobe as mp
 from mechprobe.core import model_adapter
 from mechprobe.patching import _engine
 from mechprobe.patching._engine import packing_works as _packing_works
-from tests.conftest import hook_count
+from tests.conftest import TEST_KINDS, hook_count
 
 # Byte-level tiny tokenizer: these differ in exactly one token (c/b), at position 3 (BOS first).
 CLEAN, CORRUPT = "A cat", "A bat"
@@ -827,7 +829,8 @@ def test_the_progress_bar_counts_runs_and_advances_by_each_pass_time(tiny, monke
 
 @pytest.mark.parametrize("n_tok", [5, 40, 500, 5000])
 def test_a_cell_shares_its_base_row_only_where_its_suffix_is_short(tiny, n_tok):
-    costs = _engine._Costs.of(tiny)
+    # the cost model alone: a HookedTransformer's context cap has its own test
+    costs = dataclasses.replace(_engine._Costs.of(tiny), max_width=None)
     packs = [costs.packs(n_tok, suffix) for suffix in range(1, n_tok + 1)]
     assert packs[0] and not packs[-1]  # the last position shares; the first runs whole
     assert packs == sorted(packs, reverse=True)  # one threshold: shorter suffixes share
@@ -1144,3 +1147,36 @@ def test_a_position_wise_mean_warns_where_positions_do_not_line_up(tiny):
     with pytest.warns(UserWarning, match="method='zero' reads no reference prompts"):
         mp.ablate_cells(tiny, long, "mlp_out", -1, METRIC, method="zero", layers=[1],
                         reference_positions="same", n_random=0, progress=False)  # fmt: skip
+
+
+def test_a_users_hook_keeps_rows_whole(tiny):
+    """Review 40c F1: a user's hook that edits by index saw another token's index in a packed
+    row (a +0.5 at index 2 moved the values by 0.016 and the clean metric by 0.068)."""
+    clean = ["The cat sat on the mat today", "A dog ran far away"]
+    corrupt = ["The bat sat on the hat today", "A fog ran far away"]
+
+    def nudge(resid, hook):
+        resid = resid.clone()
+        resid[:, 2] += 0.5
+        return resid
+
+    tiny.add_hook("blocks.1.hook_resid_pre", nudge, is_permanent=True)
+    try:
+        default = mp.patch(tiny, clean, corrupt, "resid_pre", [-2, -1], METRIC, progress=False)
+        whole = mp.patch(tiny, clean, corrupt, "resid_pre", [-2, -1], METRIC, packed=False,
+                         progress=False)  # fmt: skip
+    finally:
+        tiny.reset_hooks(including_permanent=True)
+    np.testing.assert_allclose(default.values, whole.values, atol=1e-5)
+    np.testing.assert_allclose(default.clean, whole.clean, atol=1e-5)
+
+
+def test_packing_is_checked_again_in_another_dtype():
+    """Review 40c F3: the verdict was kept per model, so a model checked in float32 and moved to
+    bfloat16 stayed packed (cells 0.07 off a hooked Llama's unpacked run)."""
+    model = mp.tiny_model(seed=5, kind=TEST_KINDS[0])
+    _packing_works(model)
+    with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints the move
+        model.to(torch.bfloat16)
+    _packing_works(model)
+    assert {dtype for dtype, _ in _engine._PACKING[model]} == {torch.float32, torch.bfloat16}

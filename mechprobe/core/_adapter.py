@@ -458,10 +458,12 @@ def _rotation(attn: Any, shift: Tensor) -> Callable[..., Tensor]:
     dim = int(attn.cfg.rotary_dim)
 
     def turn(x: Tensor, hook: Any) -> Tensor:
-        cos = attn.rotary_cos[steps][:, :, None, :].to(x.dtype)
-        sin = (attn.rotary_sin[steps] * sign[..., None])[:, :, None, :].to(x.dtype)
-        part = x[..., :dim]
-        turned = part * cos + attn.rotate_every_two(part) * sin
+        # in float32 at least: a half-precision model's second rotation rounds once more
+        wide = torch.promote_types(x.dtype, torch.float32)
+        cos = attn.rotary_cos[steps][:, :, None, :].to(wide)
+        sin = (attn.rotary_sin[steps] * sign[..., None])[:, :, None, :].to(wide)
+        part = x[..., :dim].to(wide)
+        turned = (part * cos + attn.rotate_every_two(part) * sin).to(x.dtype)
         return torch.cat([turned, x[..., dim:]], dim=-1)
 
     return turn

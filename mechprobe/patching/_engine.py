@@ -767,7 +767,9 @@ def _forward_reads(
         return readout(model, final.value)
 
 
-_PACKING: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+# Per model, the verdict of each (dtype, device) it was checked in: a model checked in float32
+# and moved to bfloat16 kept its verdict, and packed cells then drifted by 0.07 (review 40c).
+_PACKING: weakref.WeakKeyDictionary[Any, dict[tuple[Any, Any], bool]] = weakref.WeakKeyDictionary()
 
 
 def packing_works(model: Any) -> bool:
@@ -778,9 +780,11 @@ def packing_works(model: Any) -> bool:
         >>> packing_works(tiny_model())
         True
     """
-    if not model_adapter(model).packs_rows:  # e.g. a HookedTransformer: [batch, pos] masks only
+    adapter = model_adapter(model)
+    if not adapter.packs_rows:  # e.g. a HookedTransformer with ALiBi positions
         return False
-    if model not in _PACKING:
+    state = (adapter.dtype, str(adapter.device))
+    if state not in _PACKING.get(model, {}):
         # A user's hook left on the model (on unembed.hook_out, say) acts on the plain forward
         # and may not on the packed reads: a verdict reached with one attached is not kept, or
         # packing stayed off for the model's life (a test order showed it).
@@ -802,8 +806,8 @@ def packing_works(model: Any) -> bool:
             works = False
         if not keep:
             return works
-        _PACKING[model] = works
-    return _PACKING[model]
+        _PACKING.setdefault(model, {})[state] = works
+    return _PACKING[model][state]
 
 
 @dataclass
@@ -857,12 +861,20 @@ def run_plan(
     lengths = [len(b.tokens) for b in plan.bases] + [len(s) for s in plan.sources]
     longest = max(lengths, default=0)
     if packed is None:
-        packed = packing_works(model) and (window is None or longest <= window)
+        # A hook already on the model (the user's, or an outer intervene's) edits by index: in
+        # a packed row its index is another token's (a +0.5 at index 2 moved the clean metric
+        # by 0.07 on a tiny model, review 40c), so rows stay whole while one is attached.
+        packed = (
+            packing_works(model)
+            and (window is None or longest <= window)
+            and not model_adapter(model).attached_hooks()
+        )
     elif packed and not packing_works(model):
         raise ValueError(
-            "packed=True, but this model cannot run packed rows (a HookedTransformer whose "
-            "positions cannot be moved by hooks, e.g. ALiBi; bridges that ignore custom masks "
-            "or position ids): pass packed=False (one row per cell; the same numbers)."
+            "packed=True, but this model's packed rows do not reproduce its plain run (a "
+            "HookedTransformer whose positions hooks cannot move, e.g. ALiBi, or whose rotary "
+            "positions drift in half precision; bridges that ignore custom masks or position "
+            "ids): pass packed=False (one row per cell; the same numbers)."
         )
     elif packed and window is not None and longest > window:
         raise ValueError(
