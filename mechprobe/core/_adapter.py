@@ -419,8 +419,9 @@ def _packed_hooks(
     bridge's Hugging Face model applies the mask), and each token at its ``position_ids``:
     rotary queries and keys turned on by the difference to the index the model rotated them at
     (rotations by angles linear in the position compose), or learned position embeddings
-    looked up at those positions. The engine checks once per model that a packed segment gives
-    the plain run's logits (``packing_works``) and runs whole rows where it does not.
+    looked up at those positions. The engine checks once per model, dtype and device that a
+    packed segment gives the plain run's logits (``packing_works``) and runs whole rows where
+    it does not.
     """
     rows, width = int(shape[0]), int(shape[1])
     if width > int(model.cfg.n_ctx):
