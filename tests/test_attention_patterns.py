@@ -209,7 +209,7 @@ def test_review_39a_inputs(tiny) -> None:
         tiny, mp.Batch.from_tokens(torch.tensor([[1]])), sites=[(1, 2)], progress=False
     )
     assert "1 head in 1 layer on 1 prompt of 1 token)" in repr(one)
-    with pytest.warns(UserWarning, match="one token long"):
+    with pytest.warns(UserWarning, match="one-token prompts"):
         assert one.summary().first_token.isna().all()
 
 
@@ -312,3 +312,114 @@ def test_normalised_entropy_counts_a_sliding_window(tmp_path) -> None:
         assert summary["normalised_entropy"][e] == pytest.approx(plain / (n - 1), abs=1e-6)
     res.save(tmp_path / "p.json")
     assert mp.AttentionPatterns.load(tmp_path / "p.json").windows == res.windows
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_chosen_queries_equal_those_rows_of_the_hugging_face_weights(tiny, theirs, side) -> None:
+    """positions= keeps only the named queries of each prompt (negative from its own end,
+    whatever the padding); every number equals the Hugging Face twin's at those rows."""
+    batch = mp.tokenize(tiny, PROMPTS, padding_side=side)
+    res = mp.attention_patterns(tiny, batch, positions=[0, -2, -1], batch_size=2, progress=False)
+    n_layers, n_heads = tiny.cfg.n_layers, tiny.cfg.n_heads
+    assert res.queries == tuple((0, n - 2, n - 1) for n in res.lengths)
+    assert res.patterns.shape == (len(PROMPTS), n_layers * n_heads, 3, max(res.lengths))
+    for p, hf in enumerate(theirs):
+        n, rows = hf.shape[-1], [0, hf.shape[-1] - 2, hf.shape[-1] - 1]
+        mine = res.patterns[p, :, :, :n].reshape(n_layers, n_heads, 3, n)
+        np.testing.assert_allclose(mine, hf[:, :, rows], atol=1e-5)
+        assert np.isnan(res.patterns[p, :, :, n:]).all()
+        np.testing.assert_allclose(res.pattern((1, 2), prompt=p), hf[1, 2][rows], atol=1e-5)
+    last = mp.attention_patterns(tiny, PROMPTS, sites=[(2, 1)], positions=-1, progress=False)
+    assert last.queries == tuple((n - 1,) for n in last.lengths)
+    for p, hf in enumerate(theirs):
+        np.testing.assert_allclose(last.pattern((2, 1), prompt=p), hf[2, 1][-1:], atol=1e-5)
+    assert "1 head in 1 layer on 3 prompts of 3-32 tokens, 1 query each" in repr(last)
+
+
+def test_chosen_queries_summary_frame_and_top_keys_written_plainly(tiny, theirs) -> None:
+    res = mp.attention_patterns(tiny, PROMPTS, layers=[0, 2], positions=[1, -1], progress=False)
+    full = mp.attention_patterns(tiny, PROMPTS, layers=[0, 2], progress=False)
+    hf = [t[[0, 2]].reshape(-1, *t.shape[-2:]) for t in theirs]  # [heads, q, k]
+    first, previous, own, entropy, count, count_previous = 0.0, 0.0, 0.0, 0.0, 0, 0
+    for w in hf:
+        for q in sorted({1, w.shape[-1] - 1}):  # the kept queries (query 0 would be left out)
+            row = w[:, q, : q + 1]
+            first, own = first + row[:, 0], own + row[:, q]
+            entropy = entropy - np.sum(np.where(row > 0, row * np.log(row), 0.0), axis=1)
+            count += 1
+            if q >= 2:  # query 1's previous token is BOS
+                previous, count_previous = previous + row[:, q - 1], count_previous + 1
+    summary = res.summary()
+    for column, plain in [("first_token", first / count), ("own_token", own / count),
+                          ("previous_token", previous / count_previous),
+                          ("entropy", entropy / count)]:  # fmt: skip
+        np.testing.assert_allclose(summary[column], plain, atol=1e-5)
+    # the frame: the full result's rows at the kept queries, in the same order
+    frame, whole = res.to_frame(), full.to_frame()
+    kept = whole[
+        [q in res.queries[p] for p, q in zip(whole.prompt, whole.query_position, strict=True)]
+    ].reset_index(drop=True)
+    pd.testing.assert_frame_equal(frame, kept)
+    pd.testing.assert_frame_equal(res.top_keys(-1, k=2), full.top_keys(-1, k=2))
+    pd.testing.assert_frame_equal(res.top_keys(1), full.top_keys(1))
+    with pytest.raises(ValueError, match=r"query 2 \(position 2 of prompt 0\) was not kept"):
+        res.top_keys(2)
+    with pytest.raises(ValueError, match="was not kept"):
+        res.plot(query=0)
+    np.testing.assert_allclose(
+        res.plot(query=-1, prompt=2).axes[0].get_images()[0].get_array(),
+        full.plot(query=-1, prompt=2).axes[0].get_images()[0].get_array(),
+    )
+    # a map per head: a row per kept query, keys after it grey
+    image = res.plot(prompt=0, sites=[(2, 1)]).axes[0].get_images()[0].get_array()
+    n = res.lengths[0]
+    later = np.arange(n)[None, :] > np.array([1, n - 1])[:, None]
+    assert image.shape == (2, n) and np.array_equal(image.mask, later)
+    np.testing.assert_allclose(image.data[~later], res.pattern((2, 1))[~later])
+
+
+def test_chosen_queries_keep_memory_bad_positions_and_the_round_trip(
+    tiny, monkeypatch, tmp_path
+) -> None:
+    shapes = []
+    edit = _attention._Keep.edit
+
+    def record(self, selected, hook):
+        try:
+            return edit(self, selected, hook)
+        finally:
+            shapes.append(tuple(self.value.shape))
+
+    monkeypatch.setattr(_attention._Keep, "edit", record)
+    mp.attention_patterns(tiny, PROMPTS, positions=-1, batch_size=None, progress=False)
+    monkeypatch.undo()
+    # one query per row held from each layer, never the whole [q, k] map
+    assert shapes and all(s[2] == 1 for s in shapes), shapes
+    # the memory check counts the kept queries: whole maps refused, the last query taken
+    longest = max(mp.tokenize(tiny, PROMPTS).attention_mask.sum(1).tolist())
+    heads = tiny.cfg.n_layers * tiny.cfg.n_heads
+    monkeypatch.setattr(_attention, "MAX_BYTES", len(PROMPTS) * heads * longest * 4)
+    with pytest.raises(ValueError, match=r"queries each, would hold .*positions=-1"):
+        mp.attention_patterns(tiny, PROMPTS, progress=False)
+    mp.attention_patterns(tiny, PROMPTS, positions=-1, progress=False)
+    monkeypatch.undo()
+    two = mp.Batch.from_tokens(torch.tensor([[1, 5, 6, 7], [1, 2, 0, 0]]),
+                               attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))  # fmt: skip
+    with pytest.raises(ValueError, match=r"positions \[3\] are outside prompt 1's 2 tokens"):
+        mp.attention_patterns(tiny, two, positions=[0, 3], progress=False)
+    with pytest.raises(ValueError, match=r"name one token of prompt 1 .* twice"):
+        mp.attention_patterns(tiny, two, positions=[0, -2], progress=False)
+    with pytest.raises(ValueError, match="carry positions"):
+        mp.attention_patterns(tiny, two, sites=mp.Site("pattern", 0, head=0, positions=-1),
+                              progress=False)  # fmt: skip
+    res = mp.attention_patterns(tiny, two, positions=[-1, 0], progress=False)
+    assert res.queries == ((0, 3), (0, 1))
+    back = mp.AttentionPatterns.load(res.save(tmp_path / "q.npz"))
+    assert back.queries == res.queries
+    np.testing.assert_array_equal(back.patterns, res.patterns)
+    pd.testing.assert_frame_equal(back.summary(), res.summary())
+    # a result saved before queries were recorded kept every query
+    import dataclasses
+
+    old = dataclasses.replace(mp.attention_patterns(tiny, two, progress=False), queries=())
+    assert old.pattern((0, 0), prompt=1).shape == (2, 2) and len(old.top_keys(-1)) > 0

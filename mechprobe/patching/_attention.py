@@ -42,6 +42,7 @@ from mechprobe.core import (
     check_batch_size,
     check_float,
     check_int,
+    check_positions,
     check_token_ids,
     evaluates,
     expand_sites,
@@ -83,8 +84,8 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         layers: Each head's layer.
         heads: Each head's index in its layer (a query head on grouped-query models).
         patterns: ``[prompts, heads, query, key]`` float32 weights over each prompt's own tokens
-            (position 0 its first token, BOS included where prepended); NaN past a prompt's
-            length.
+            (position 0 its first token, BOS included where prepended), a row per kept query
+            (``queries``); NaN past a prompt's length and its kept queries.
         lengths: Each prompt's number of tokens.
         prompts: The prompts (token ids as text where a :class:`Batch` carried none).
         tokens: Per prompt, each token's text.
@@ -94,6 +95,9 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         windows: Per head, its layer's attention window (a query sees the last ``window``
             keys), 0 where it sees every earlier key (empty in a result that did not record it:
             then every head counts as seeing them all).
+        queries: Per prompt, the query positions kept, in the order of ``patterns``' third
+            axis (every position with ``positions="all"``; empty in a result that did not
+            record it: then every query was kept).
 
     Example:
         >>> import mechprobe as mp
@@ -113,6 +117,35 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
     bos: tuple[bool, ...] = ()
     model_name: str = ""
     windows: tuple[int, ...] = ()
+    queries: tuple[tuple[int, ...], ...] = ()
+
+    def _queries(self, prompt: int) -> tuple[int, ...]:
+        """The query positions prompt ``prompt`` kept (every one in an older result)."""
+        return self.queries[prompt] if self.queries else tuple(range(self.lengths[prompt]))
+
+    def _every_query(self) -> bool:
+        """Whether every query of every prompt was kept (``positions="all"``)."""
+        return all(self._queries(p) == tuple(range(n)) for p, n in enumerate(self.lengths))
+
+    def _row(self, prompt: int, query: int, what: str = "query") -> tuple[int, int]:
+        """``(row, position)``: where query ``query`` (negative from the prompt's end) sits
+        among prompt ``prompt``'s kept rows, or an error naming those kept."""
+        n = self.lengths[prompt]
+        if not -n <= query < n:
+            raise ValueError(
+                f"{what} {query} is outside prompt {prompt}'s {n} tokens: pass -1 (its last "
+                f"token) or a position below {n}."
+            )
+        position = query % n
+        kept = self._queries(prompt)
+        if position not in kept:
+            shown = ", ".join(map(str, kept[:8])) + (", ..." if len(kept) > 8 else "")
+            raise ValueError(
+                f"{what} {query} (position {position} of prompt {prompt}) was not kept: the "
+                f"result holds queries {shown} of it. Pass one of them, or run "
+                "attention_patterns with positions= naming it (or 'all')."
+            )
+        return kept.index(position), position
 
     def _index(self, site: SiteLike | tuple[int, ...]) -> int:
         label = str(_as_site(site, "site"))
@@ -133,8 +166,10 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         return index % len(self.prompts)
 
     def pattern(self, site: SiteLike | tuple[int, ...], prompt: int = 0) -> np.ndarray:
-        """``[query, key]`` one head's weights on one prompt's tokens (a copy); ``site`` as
-        :func:`attention_patterns` takes one (a label, a Site, a ``(layer, head)`` pair).
+        """``[query, key]`` one head's weights on one prompt's tokens (a copy), a row per kept
+        query (every query by default; ``queries[prompt]`` where ``positions=`` chose some);
+        ``site`` as :func:`attention_patterns` takes one (a label, a Site, a ``(layer, head)``
+        pair).
 
         Example:
             >>> import mechprobe as mp
@@ -144,14 +179,14 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
             (True, True)
         """
         p = self._prompt(prompt)
-        n = self.lengths[p]
-        return np.array(self.patterns[p, self._index(site), :n, :n])
+        n, rows = self.lengths[p], len(self._queries(p))
+        return np.array(self.patterns[p, self._index(site), :rows, :n])
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per prompt, head, query and key up to the query (``key_position <=
+        """One row per prompt, head, kept query and key up to the query (``key_position <=
         query_position``; on a sliding-window layer the keys before the window too, at weight
         0): the weight, with both tokens. Rows grow with heads x tokens squared: choose heads
-        first for long prompts (``sites=``).
+        (``sites=``) or queries (``positions=``) first for long prompts.
 
         Example:
             >>> import mechprobe as mp
@@ -159,18 +194,23 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
             >>> list(res.to_frame().columns)[:6]
             ['prompt', 'site', 'kind', 'layer', 'head', 'query_position']
         """
-        rows = len(self.sites) * sum(n * (n + 1) // 2 for n in self.lengths)
+        kept = [np.asarray(self._queries(p), dtype=np.int64) for p in range(len(self.lengths))]
+        rows = len(self.sites) * sum(int((q + 1).sum()) for q in kept)
         if rows > FRAME_ROWS:
             # 270 heads on four 152-token prompts made 12.5M rows (gigabytes in pandas) without a
             # word where the user wanted a few heads.
             warn(
                 f"to_frame: {rows:,} rows ({len(self.sites)} heads x every query and key): "
                 "choose heads first (attention_patterns(..., sites=[...]), or res.summary() to "
-                "find them), or read res.pattern(site) and res.top_keys()."
+                "find them) or queries (positions=[...]), or read res.pattern(site) and "
+                "res.top_keys()."
             )
         parts = []
-        for p, n in enumerate(self.lengths):
-            q, k = np.tril_indices(n)
+        for p, queries in enumerate(kept):
+            # each kept query's row, repeated once per key up to the query
+            row = np.repeat(np.arange(len(queries)), queries + 1)
+            q = queries[row]
+            k = np.concatenate([np.arange(n + 1) for n in queries]) if len(q) else q
             tokens = np.asarray(self.tokens[p], dtype=object)
             for e in range(len(self.sites)):
                 parts.append(
@@ -185,7 +225,7 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
                             "key_position": k,
                             "query_token": tokens[q],
                             "key_token": tokens[k],
-                            "weight": self.patterns[p, e, q, k].astype(np.float64),
+                            "weight": self.patterns[p, e, row, k].astype(np.float64),
                         }
                     )
                 )
@@ -202,8 +242,7 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         with the keys a query sees: compare heads on the same prompts) and divided by that of
         a uniform spread over the keys the query sees (``normalised_entropy``: 0 on one key, 1
         spread evenly over all, comparable across prompt lengths; on a sliding-window layer the
-        last ``window`` keys), over every query but each
-        prompt's first; ``previous_token`` also leaves out the query after a prepended BOS
+        last ``window`` keys), over every kept query but each prompt's first; ``previous_token`` also leaves out the query after a prepended BOS
         (module docstring).
 
         Example:
@@ -218,24 +257,30 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         windows = np.array([w if w > 0 else np.iinfo(np.int64).max for w in limit])
         count = previous = 0
         for p, n in enumerate(self.lengths):
-            if n < 2:
+            kept = np.asarray(self._queries(p), dtype=np.int64)
+            rows = np.flatnonzero(kept >= 1)  # every kept query but the first token
+            if not len(rows):
                 continue
-            w = self.patterns[p, :, 1:n, :n].astype(np.float64)  # [heads, queries 1.., keys]
-            q = np.arange(1, n)
+            q = kept[rows]
+            w = self.patterns[p][:, rows, :n].astype(np.float64)  # [heads, queries, keys]
+            at = np.arange(len(q))
             sums[:, 0] += w[:, :, 0].sum(1)
             # query 1's previous token is the first: a prepended BOS there says nothing
-            after = q[q >= 2] if self.bos and self.bos[p] else q
-            sums[:, 1] += w[:, after - 1, after - 1].sum(1)
-            sums[:, 2] += w[:, q - 1, q].sum(1)
+            after = at[q >= 2] if self.bos and self.bos[p] else at
+            sums[:, 1] += w[:, after, q[after] - 1].sum(1)
+            sums[:, 2] += w[:, at, q].sum(1)
             with np.errstate(divide="ignore", invalid="ignore"):
                 entropy = -np.where(w > 0, w * np.log(w), 0.0).sum(2)  # [heads, queries]
             sums[:, 3] += entropy.sum(1)
             seen = np.minimum(q[None, :] + 1, windows[:, None])  # [heads, queries] keys seen
             sums[:, 4] += (entropy / np.log(seen)).sum(1)
-            count += n - 1
+            count += len(q)
             previous += len(after)
         if not count:
-            warn("Every prompt is one token long: no query but the first, so the summary is NaN.")
+            warn(
+                "No query but each prompt's first token (one-token prompts, or positions= kept "
+                "only position 0), which sees itself alone: the summary is NaN."
+            )
         with np.errstate(divide="ignore", invalid="ignore"):
             means = sums / np.array([count, previous, count, count, count], dtype=np.float64)
         frame = pd.DataFrame(
@@ -267,15 +312,10 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         query = check_int(query, "query")
         k = check_int(k, "k", 1)
         rows = []
-        for p, n in enumerate(self.lengths):
-            if not -n <= query < n:
-                raise ValueError(
-                    f"query {query} is outside prompt {p}'s {n} tokens: pass -1 (each prompt's "
-                    "last token) or a position every prompt has."
-                )
-            q = query % n
+        for p in range(len(self.lengths)):
+            row, q = self._row(p, query)
             for e, site in enumerate(self.sites):
-                w = self.patterns[p, e, q, : q + 1].astype(np.float64)
+                w = self.patterns[p, e, row, : q + 1].astype(np.float64)
                 for rank, key in enumerate(np.argsort(-w, kind="stable")[:k]):
                     rows.append(
                         {
@@ -338,18 +378,11 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         self, ax: Axes | None, prompt: int, sites: Any, query: int, vmax: float | None
     ) -> Figure:
         p = self._prompt(prompt)
-        n = self.lengths[p]
-        q = check_int(query, "query")
-        if not -n <= q < n:
-            raise ValueError(
-                f"query {query} is outside prompt {p}'s {n} tokens: pass -1 (its last token) or "
-                f"a position below {n}."
-            )
-        q %= n
+        row, q = self._row(p, check_int(query, "query"))
         if vmax is not None:
             vmax = check_float(vmax, "vmax", low=0.0, low_open=True)
         chosen = list(range(len(self.sites))) if sites is None else self._chosen(sites)
-        weights = self.patterns[p, chosen, q, : q + 1]  # [heads, keys up to the query]
+        weights = self.patterns[p, chosen, row, : q + 1]  # [heads, keys up to the query]
         fig, ax = new_axes(
             ax, (max(4.0, 0.28 * (q + 1) + 2.5), min(max(2.5, 0.2 * len(chosen) + 1.5), 14.0))
         )
@@ -421,6 +454,7 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
                 )
             chosen = chosen[:max_panels]
         n = self.lengths[p]
+        kept = self._queries(p)
         step = max(1, -(-n // 30))  # at most about 30 token labels per axis
         # thinned out, a label says its position too: a repeated word is at several rows
         labels = [
@@ -435,23 +469,32 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
             cols = min(len(chosen), 4)
             rows = -(-len(chosen) // cols)
             side = min(max(2.6, 0.22 * n + 1.0), 6.0)
-            fig = Figure(figsize=(side * cols + 1.0, side * rows), layout="constrained")
+            high = min(max(1.6, 0.22 * len(kept) + 1.0), 6.0)  # a few kept queries: a strip
+            fig = Figure(figsize=(side * cols + 1.0, high * rows), layout="constrained")
             axes = list(fig.subplots(rows, cols, squeeze=False).reshape(-1))
             for spare in axes[len(chosen) :]:
                 spare.set_axis_off()
             axes = axes[: len(chosen)]
         ticks = list(range(0, n, step))
+        # kept queries out of the prompt's run of them say their positions
+        every = kept == tuple(range(n))
+        row_labels = [
+            labels[q] if every else f"{q} {token_label(self.tokens[p][q], 10)}" for q in kept
+        ]
+        rows_step = max(1, -(-len(kept) // 30))
+        row_ticks = list(range(0, len(kept), rows_step))
         import matplotlib as mpl
 
         colours = mpl.colormaps["Blues"].with_extremes(bad="0.85")
-        later = np.triu(np.ones((n, n), dtype=bool), 1)  # keys after the query: masked
+        # keys after each kept query: masked
+        later = np.arange(n)[None, :] > np.asarray(kept)[:, None]
         image = None
         for axis, e in zip(axes, chosen, strict=True):
-            weights = np.ma.masked_array(self.patterns[p, e, :n, :n], mask=later)
+            weights = np.ma.masked_array(self.patterns[p, e, : len(kept), :n], mask=later)
             top = vmax if vmax is not None else max(float(weights.max()), 1e-12)
             image = axis.imshow(weights, cmap=colours, vmin=0, vmax=top, aspect="equal")
             axis.set_xticks(ticks, labels=[literal(labels[t]) for t in ticks], rotation=90)
-            axis.set_yticks(ticks, labels=[literal(labels[t]) for t in ticks])
+            axis.set_yticks(row_ticks, labels=[literal(row_labels[r]) for r in row_ticks])
             axis.tick_params(labelsize=7)
             axis.set_xlabel("key")
             axis.set_ylabel("query")
@@ -463,10 +506,16 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
     def _describe(self) -> str:
         shortest, longest = min(self.lengths, default=0), max(self.lengths, default=0)
         span = f"{shortest}" if shortest == longest else f"{shortest}-{longest}"
-        return (
+        text = (
             f"{_count(len(self.sites), 'head')} in {_count(len(set(self.layers)), 'layer')} on "
             f"{_count(len(self.prompts), 'prompt')} of {span} token{'' if longest == 1 else 's'}"
         )
+        if self._every_query():
+            return text
+        counts = {len(self._queries(p)) for p in range(len(self.lengths))}
+        few, many = min(counts, default=0), max(counts, default=0)
+        kept = f"{few}" if few == many else f"{few}-{many}"
+        return f"{text}, {kept} quer{'y' if many == 1 else 'ies'} each"
 
 
 def _count(n: int, noun: str) -> str:
@@ -499,16 +548,27 @@ def _as_site(value: Any, what: str) -> Site:
 
 
 class _Keep(Intervention):
-    """Keeps the chosen heads of one layer's pattern (query-major ``[rows, q, head, k]``) as
-    float32 on the CPU; the last layer's ends the forward pass."""
+    """Keeps the chosen heads and queries of one layer's pattern (query-major ``[rows, q,
+    head, k]``) as float32 on the CPU, ``[rows, heads, queries, k]``; the last layer's ends the
+    forward pass.
 
-    def __init__(self, heads: list[int], stop: bool) -> None:
+    Args:
+        heads: The heads kept.
+        queries: ``[rows, queries]`` each row's kept query indices in the padded batch (a
+            shorter row's list repeated to the width: its extra rows are not read).
+        stop: End the forward pass after this layer.
+    """
+
+    def __init__(self, heads: list[int], queries: Tensor, stop: bool) -> None:
         super().__init__(positions=None)
-        self.heads, self.stop = heads, stop
+        self.heads, self.queries, self.stop = heads, queries, stop
         self.value: Tensor | None = None
 
     def edit(self, selected: Tensor, hook: Any) -> None:
-        kept = selected[:, :, self.heads, :].detach().to("cpu", torch.float32)
+        # the kept queries first: a whole [q, k] map per head would hold what positions= saves
+        rows = torch.arange(selected.shape[0], device=selected.device)[:, None]
+        picked = selected[rows, self.queries.to(selected.device)]  # [rows, queries, head, k]
+        kept = picked[:, :, self.heads, :].detach().to("cpu", torch.float32)
         self.value = rearrange(kept, "b q h k -> b h q k")
         if self.stop:
             raise StopForward
@@ -522,6 +582,7 @@ def attention_patterns(
     *,
     sites: SiteLike | Sequence[SiteLike] = "pattern",
     layers: Layers = "all",
+    positions: int | Sequence[int] | str = "all",
     batch_size: int | None = 32,
     progress: bool = True,
 ) -> AttentionPatterns:
@@ -529,7 +590,8 @@ def attention_patterns(
     (module docstring).
 
     One forward pass per ``batch_size`` prompts, stopped after the last layer read; only the
-    chosen heads are kept (float32, ``prompts x heads x longest prompt ** 2`` weights).
+    chosen heads and queries are kept (float32, ``prompts x heads x queries x longest prompt``
+    weights: every query by default, one with ``positions=-1``, so long prompts fit).
 
     Args:
         model: A TransformerLens model.
@@ -538,8 +600,12 @@ def attention_patterns(
             labels (``"pattern@9, head 3"``), ``(layer, head)`` pairs as
             :func:`mechprobe.function_vector` names its heads (``fv.heads``; the ``(layer, head,
             score)`` triples of ``HeadScoreResult.top`` too), or a list of them. Sites carry no
-            positions here (every query is kept; :meth:`AttentionPatterns.top_keys` reads one).
+            positions here (say ``positions=``).
         layers: The layers whose heads ``"pattern"`` stands for (default every layer).
+        positions: The query positions kept in each prompt: ``"all"`` (the default: whole
+            maps), or one or several positions of its own tokens, negative from its end (``-1``:
+            the last token, the one that predicts; padding never counts). A pattern of
+            ``n`` tokens then holds ``len(positions) x n`` weights, not ``n ** 2``.
         batch_size: Prompts per forward pass (None: all at once).
         progress: Show a progress bar over batches.
 
@@ -548,8 +614,8 @@ def attention_patterns(
 
     Raises:
         ValueError: A site of another kind or with positions; a prompt without tokens; token
-            ids outside the vocabulary; patterns that would take more than 4 GiB (pass fewer
-            heads, fewer prompts or shorter ones).
+            ids outside the vocabulary; a position outside a prompt, or two naming one token;
+            patterns that would take more than 4 GiB (pass fewer heads, queries or prompts).
 
     Example:
         >>> import mechprobe as mp
@@ -558,6 +624,10 @@ def attention_patterns(
         ...                             progress=False)
         >>> res.sites, res.pattern("pattern@1, head 2").shape == (res.lengths[0],) * 2
         (('pattern@1, head 2',), True)
+        >>> last = mp.attention_patterns(model, ["The cat sat", "Hi"], layers=[1],
+        ...                              positions=-1, progress=False)
+        >>> last.queries, last.pattern("pattern@1, head 2", prompt=1).shape
+        (((11,), (2,)), (1, 3))
     """
     if _is_one_site(sites) and isinstance(sites, tuple):
         sites = _as_site(sites, "sites")
@@ -567,8 +637,8 @@ def attention_patterns(
     placed = [str(s) for s in chosen if s.positions is not None]
     if placed:
         raise ValueError(
-            f"attention_patterns keeps every query: the Sites {placed} carry positions. Pass them "
-            "without, and read a query with AttentionPatterns.top_keys(query) or pattern()."
+            f"attention_patterns takes its queries from positions=: the Sites {placed} carry "
+            "positions. Pass them without, and the queries as positions=[...] (or -1)."
         )
     check_batch_size(batch_size)
     if isinstance(prompts, Batch):
@@ -582,25 +652,33 @@ def attention_patterns(
         raise ValueError(
             f"Prompts {empty} have no tokens (attention_mask all 0): leave them out of the Batch."
         )
+    kept = _query_positions(check_positions(positions), lengths)
     longest = max(lengths, default=0)
-    size = len(batch) * len(chosen) * longest**2 * 4
+    most = max((len(q) for q in kept), default=0)
+    size = len(batch) * len(chosen) * most * longest * 4
     if size > MAX_BYTES:
         raise ValueError(
-            f"{len(chosen)} heads on {len(batch)} prompts of up to {longest} tokens would hold "
-            f"{size / 2**30:.1f} GiB of patterns (at most {MAX_BYTES / 2**30:.0f}): pass fewer "
-            "heads (sites=[...] or layers=[...]), fewer prompts, or shorter ones."
+            f"{len(chosen)} heads on {len(batch)} prompts of up to {longest} tokens, {most} "
+            f"queries each, would hold {size / 2**30:.1f} GiB of patterns (at most "
+            f"{MAX_BYTES / 2**30:.0f}): pass fewer heads (sites=[...] or layers=[...]), fewer "
+            "queries (positions=-1 or a list), fewer prompts, or shorter ones."
         )
     by_layer: dict[int, list[int]] = {}
     for site in chosen:
         assert site.head is not None  # a pattern site always names its head
         by_layer.setdefault(site.layer, []).append(site.head)
     last = max(by_layer)
-    out = np.full((len(batch), len(chosen), longest, longest), np.nan, dtype=np.float32)
+    out = np.full((len(batch), len(chosen), most, longest), np.nan, dtype=np.float32)
     entry = {(s.layer, s.head): e for e, s in enumerate(chosen)}
     for rows, chunk in progress_bar(
         list(batch.chunks(batch_size)), progress=progress, desc="attention patterns"
     ):
-        keeps = {layer: _Keep(heads, layer == last) for layer, heads in by_layer.items()}
+        # each row's kept queries at their padded indices (short lists repeat their last)
+        where = [torch.nonzero(chunk.attention_mask[r]).flatten() for r in range(len(chunk))]
+        mine = [where[r][list(kept[rows.start + r])] for r in range(len(chunk))]
+        width = max(len(q) for q in mine)
+        queries = torch.stack([torch.cat([q, q[-1:].expand(width - len(q))]) for q in mine])
+        keeps = {layer: _Keep(heads, queries, layer == last) for layer, heads in by_layer.items()}
         try:
             with (
                 torch.no_grad(),
@@ -617,11 +695,10 @@ def attention_patterns(
             if keep.value is None:
                 raise RuntimeError(f"Layer {layer}'s attention pattern hook never fired.")
             for r in range(keep.value.shape[0]):
-                where = torch.nonzero(chunk.attention_mask[r]).flatten()
-                n = len(where)
-                mine = keep.value[r][:, where][:, :, where].numpy()  # [heads, n, n]
+                m, n = len(mine[r]), len(where[r])
+                weights = keep.value[r][:, :m][:, :, where[r]].numpy()  # [heads, kept, n]
                 for j, head in enumerate(by_layer[layer]):
-                    out[rows.start + r, entry[(layer, head)], :n, :n] = mine[j]
+                    out[rows.start + r, entry[(layer, head)], :m, :n] = weights[j]
     ids = [batch.tokens[i][batch.attention_mask[i].bool()].tolist() for i in range(len(batch))]
     tokenizer = getattr(model, "tokenizer", None)
     texts = tuple(
@@ -646,4 +723,33 @@ def attention_patterns(
         bos=leads,
         model_name=model_adapter(model).name,
         windows=tuple(model_adapter(model).attention_window(s.layer) or 0 for s in chosen),
+        queries=tuple(kept),
     )
+
+
+def _query_positions(
+    positions: int | list[int] | str, lengths: Sequence[int]
+) -> list[tuple[int, ...]]:
+    """Per prompt, the query positions ``positions`` (read by ``check_positions``) names among
+    its own ``lengths[i]`` tokens, ascending: every one for ``"all"``, negative ones from its
+    end. A position outside a prompt, or two naming one token of it, is an error."""
+    out = []
+    for i, n in enumerate(lengths):
+        if isinstance(positions, str):  # "all", as check_positions read it
+            out.append(tuple(range(n)))
+            continue
+        asked = [positions] if isinstance(positions, int) else list(positions)
+        outside = [q for q in asked if not -n <= q < n]
+        if outside:
+            raise ValueError(
+                f"positions {outside} are outside prompt {i}'s {n} tokens: pass positions every "
+                "prompt has (negative ones count from each prompt's end; -1 is its last token)."
+            )
+        resolved = sorted(q % n for q in asked)
+        if len(set(resolved)) < len(resolved):
+            raise ValueError(
+                f"positions {asked} name one token of prompt {i} ({n} tokens) twice: pass each "
+                "query once (a negative and a positive position may meet on short prompts)."
+            )
+        out.append(tuple(resolved))
+    return out
