@@ -1180,3 +1180,68 @@ def test_packing_is_checked_again_in_another_dtype():
         model.to(torch.bfloat16)
     _packing_works(model)
     assert {dtype for dtype, _ in _engine._PACKING[model]} == {torch.float32, torch.bfloat16}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_packs_within_its_rounding(dtype, monkeypatch):
+    """Packing was checked at 1e-4 of the logits' scale in every dtype, so a half-precision
+    HookedTransformer (its rotary queries and keys turned twice) failed by 2-4 rounding steps
+    and ran whole rows. Packed cells agree with whole rows to the model's rounding, and a
+    forward that ignores the packed mask is still caught in half precision."""
+    model = mp.tiny_model(seed=5, kind=TEST_KINDS[0])
+    with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints the move
+        model.to(dtype)
+    assert _packing_works(model)
+    clean = ["The cat sat on the mat today", "A dog ran far away"]
+    corrupt = ["The bat sat on the hat today", "A fog ran far away"]
+    packed = mp.patch(model, clean, corrupt, "resid_pre", [-3, -2, -1], METRIC, packed=True,
+                      n_random=0, progress=False)  # fmt: skip
+    whole = mp.patch(model, clean, corrupt, "resid_pre", [-3, -2, -1], METRIC, packed=False,
+                     n_random=0, progress=False)  # fmt: skip
+    with torch.no_grad():
+        scale = float(model(model.to_tokens(clean[0]))[0].float().abs().max()) + 1
+    # a logit difference is two logits, each within the check's bound of the plain run
+    bound = 2 * _engine._packing_tolerance(dtype) * scale
+    np.testing.assert_allclose(packed.values, whole.values, atol=bound, rtol=0)
+    np.testing.assert_allclose(packed.clean, whole.clean, atol=bound, rtol=0)
+
+    forward = type(model_adapter(model)).forward
+
+    def blind(self, tokens, attention_mask=None, **kwargs):
+        if attention_mask is not None and attention_mask.ndim > 2:  # segments see each other
+            attention_mask = None
+        return forward(self, tokens, attention_mask, **kwargs)
+
+    monkeypatch.setattr(type(model_adapter(model)), "forward", blind)
+    _engine._PACKING.pop(model, None)
+    assert not _packing_works(model)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_both_rotary_paths_of_a_hooked_transformer_pack_exactly(exact, monkeypatch):
+    """A HookedTransformer's packed rows rotate each token's queries and keys at its position:
+    with TransformerLens's own rotation of what hook_q/hook_k passed on, or (where a query-key
+    norm or clamp comes between, as OLMo's) by turning the index's rotation on by the
+    difference. Each path gives whole rows' cells, in float32 and in bfloat16 (where the first
+    is the plain run's rotation bit for bit and the second rounds once more)."""
+    from mechprobe.core import _adapter
+
+    try:
+        model = mp.tiny_model(seed=3, architecture="neox", kind="hooked")  # partial rotary
+    except mp.ModelLoadError as err:  # TransformerLens 4.x builds no HookedTransformer here
+        pytest.skip(str(err))
+    monkeypatch.setattr(_adapter, "_rotates_what_it_hooks", lambda cfg: exact)
+    clean = ["The cat sat on the mat today", "A dog ran far away"]
+    corrupt = ["The bat sat on the hat today", "A fog ran far away"]
+    for dtype, atol in [(torch.float32, 1e-5), (torch.bfloat16, None)]:
+        with contextlib.redirect_stdout(io.StringIO()):
+            model.to(dtype)
+        assert _packing_works(model)
+        args = (model, clean, corrupt, "q", [-2, -1], METRIC)
+        packed = mp.patch(*args, layers=[0, 1], packed=True, n_random=0, progress=False)
+        whole = mp.patch(*args, layers=[0, 1], packed=False, n_random=0, progress=False)
+        if atol is None:  # the check's bound on each of a logit difference's two logits
+            with torch.no_grad():
+                scale = float(model(model.to_tokens(clean[0]))[0].float().abs().max()) + 1
+            atol = 2 * _engine._packing_tolerance(dtype) * scale
+        np.testing.assert_allclose(packed.values, whole.values, atol=atol, rtol=0)

@@ -772,6 +772,45 @@ def _forward_reads(
 _PACKING: weakref.WeakKeyDictionary[Any, dict[tuple[Any, Any], bool]] = weakref.WeakKeyDictionary()
 
 
+def _packing_tolerance(dtype: torch.dtype) -> float:
+    """How far, relative to the logits' scale, a packed segment may be from the plain run: 1e-4
+    in float32, 8 rounding steps (``8 * eps``) in half precision. A packed row rounds where a
+    plain one does not (a HookedTransformer's rotary queries and keys are turned a second time;
+    softmax sums run over longer rows): 2.8e-2 of the scale on SmolLM2 in bfloat16 (3.6 eps),
+    4.0e-3 in float16 (4.1 eps), 0.6-2.4 eps on the tiny models, each packed read no further
+    from the float32 model than the plain run is. A misread mask (a segment seeing another's
+    tokens, or none its BOS) moves the logits by 13-80% of the scale on the tiny models and
+    25% on SmolLM2, above either bound. With 1e-4 everywhere, every half-precision
+    HookedTransformer ran whole rows, as would a bridge whose kernels round a longer row
+    differently.
+
+    Example:
+        >>> _packing_tolerance(torch.float32), _packing_tolerance(torch.bfloat16)
+        (0.0001, 0.0625)
+    """
+    return max(1e-4, 8 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-4
+
+
+def _check_ids(model: Any) -> Tensor:
+    """Eight token ids of ordinary text for the packing check (ids 3-10 without a tokenizer).
+    The check once ran ids 3-10, which on SmolLM2 are special tokens: their activations are so
+    large that in bfloat16 the plain run itself was 57% of the logits' scale from float32 (1%
+    on text), and the packed one 20% from the plain run, so the check measured rounding, not
+    whether masks and positions are honoured."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        try:
+            ids = tokenizer(_CHECK_TEXT, add_special_tokens=False)["input_ids"]
+        except (TypeError, ValueError, KeyError):
+            ids = []
+        if len(ids) >= 8 and max(ids[:8]) < int(model.cfg.d_vocab):
+            return torch.tensor(ids[:8])
+    return torch.arange(3, 11)
+
+
+_CHECK_TEXT = " The cat sat on the mat and looked out of the window at the rain"
+
+
 def packing_works(model: Any) -> bool:
     """Once per model: does a packed segment reproduce the unpacked run (masks, position ids)?
 
@@ -789,7 +828,7 @@ def packing_works(model: Any) -> bool:
         # and may not on the packed reads: a verdict reached with one attached is not kept, or
         # packing stayed off for the model's life (a test order showed it).
         keep = not model_adapter(model).attached_hooks()
-        ids, rows = torch.arange(3, 11), _Rows()
+        ids, rows = _check_ids(model), _Rows()
         row = rows.new_row()
         _, sid = rows.add(row, ids, 0, -2)
         offset, _ = rows.add(row, ids, 3, sid)
@@ -801,7 +840,8 @@ def packing_works(model: Any) -> bool:
             with torch.no_grad():
                 plain = model(ids[None].to(model_adapter(model).device))[0, -1]
             scale = float(plain.abs().max()) + 1.0
-            works = bool((logits - plain).abs().max() <= 1e-4 * scale)
+            gap = float((logits - plain).abs().max())
+            works = gap <= _packing_tolerance(adapter.dtype) * scale
         except (TypeError, ValueError, RuntimeError):
             works = False
         if not keep:
@@ -872,9 +912,9 @@ def run_plan(
     elif packed and not packing_works(model):
         raise ValueError(
             "packed=True, but this model's packed rows do not reproduce its plain run (a "
-            "HookedTransformer whose positions hooks cannot move, e.g. ALiBi, or whose rotary "
-            "positions drift in half precision; bridges that ignore custom masks or position "
-            "ids): pass packed=False (one row per cell; the same numbers)."
+            "HookedTransformer whose positions hooks cannot move, e.g. ALiBi; bridges that "
+            "ignore custom masks or position ids): pass packed=False (one row per cell; the "
+            "same numbers)."
         )
     elif packed and window is not None and longest > window:
         raise ValueError(
