@@ -376,25 +376,30 @@ def test_chosen_queries_summary_frame_and_top_keys_written_plainly(tiny, theirs)
     later = np.arange(n)[None, :] > np.array([1, n - 1])[:, None]
     assert image.shape == (2, n) and np.array_equal(image.mask, later)
     np.testing.assert_allclose(image.data[~later], res.pattern((2, 1))[~later])
+    # review 41a F1: one kept query over many keys drew at equal aspect, a 1-pixel strip
+    long = mp.attention_patterns(tiny, "word " * 80, layers=[0], positions=-1, progress=False)
+    fig = long.plot()
+    assert fig.axes[0].get_aspect() == "auto" and fig.get_size_inches()[1] >= 1.4
+    assert full.plot(prompt=0, sites=[(2, 1)]).axes[0].get_aspect() == 1.0  # whole maps: square
 
 
 def test_chosen_queries_keep_memory_bad_positions_and_the_round_trip(
     tiny, monkeypatch, tmp_path
 ) -> None:
-    shapes = []
-    edit = _attention._Keep.edit
+    shapes, rearrange = [], _attention.rearrange
 
-    def record(self, selected, hook):
-        try:
-            return edit(self, selected, hook)
-        finally:
-            shapes.append(tuple(self.value.shape))
+    def record(tensor, pattern, **kwargs):
+        shapes.append(tuple(tensor.shape))  # a row's [queries, heads, keys] as it is written
+        return rearrange(tensor, pattern, **kwargs)
 
-    monkeypatch.setattr(_attention._Keep, "edit", record)
-    mp.attention_patterns(tiny, PROMPTS, positions=-1, batch_size=None, progress=False)
+    monkeypatch.setattr(_attention, "rearrange", record)
+    before = hook_count(tiny)
+    res = mp.attention_patterns(tiny, PROMPTS, positions=-1, batch_size=None, progress=False)
     monkeypatch.undo()
-    # one query per row held from each layer, never the whole [q, k] map
-    assert shapes and all(s[2] == 1 for s in shapes), shapes
+    # one query per row copied from each layer, never the whole [q, k] map
+    assert len(shapes) == len(PROMPTS) * tiny.cfg.n_layers and {s[0] for s in shapes} == {1}
+    assert not hasattr(_attention._Keep, "value") and hook_count(tiny) == before
+    assert res.patterns.shape[2] == 1
     # the memory check counts the kept queries: whole maps refused, the last query taken
     longest = max(mp.tokenize(tiny, PROMPTS).attention_mask.sum(1).tolist())
     heads = tiny.cfg.n_layers * tiny.cfg.n_heads
@@ -405,9 +410,12 @@ def test_chosen_queries_keep_memory_bad_positions_and_the_round_trip(
     monkeypatch.undo()
     two = mp.Batch.from_tokens(torch.tensor([[1, 5, 6, 7], [1, 2, 0, 0]]),
                                attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))  # fmt: skip
-    with pytest.raises(ValueError, match=r"positions \[3\] are outside prompt 1's 2 tokens"):
+    with pytest.raises(
+        ValueError,
+        match=r"positions=\[0, 3\] reach outside 1 prompt \(1; the shortest has 2 tokens\)",
+    ):
         mp.attention_patterns(tiny, two, positions=[0, 3], progress=False)
-    with pytest.raises(ValueError, match=r"name one token of prompt 1 .* twice"):
+    with pytest.raises(ValueError, match=r"name one token twice in 1 prompt \(1; "):
         mp.attention_patterns(tiny, two, positions=[0, -2], progress=False)
     with pytest.raises(ValueError, match="carry positions"):
         mp.attention_patterns(tiny, two, sites=mp.Site("pattern", 0, head=0, positions=-1),
@@ -418,8 +426,14 @@ def test_chosen_queries_keep_memory_bad_positions_and_the_round_trip(
     assert back.queries == res.queries
     np.testing.assert_array_equal(back.patterns, res.patterns)
     pd.testing.assert_frame_equal(back.summary(), res.summary())
-    # a result saved before queries were recorded kept every query
+    # queries that disagree with the patterns are refused when the result is built or loaded
     import dataclasses
 
+    for bad in [((0, 3),), ((3, 0), (0, 1)), ((0, 4), (0, 1)), ((0, 1, 2), (0, 1))]:
+        with pytest.raises(ValueError, match=r"queries"):
+            dataclasses.replace(res, queries=bad)
+    with pytest.raises(ValueError, match="2-d array of shape"):
+        mp.attention_patterns(tiny, two, positions=np.array([[0, 1]]), progress=False)
+    # a result saved before queries were recorded kept every query
     old = dataclasses.replace(mp.attention_patterns(tiny, two, progress=False), queries=())
     assert old.pattern((0, 0), prompt=1).shape == (2, 2) and len(old.top_keys(-1)) > 0

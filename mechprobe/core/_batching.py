@@ -271,12 +271,19 @@ def position_list(spec: Any) -> list[int]:
     single = as_int(spec)
     if single is not None:
         return [single]
+    given = spec
     if isinstance(spec, (torch.Tensor, np.ndarray)):
-        spec = spec.tolist() if spec.ndim == 1 else None
+        if spec.ndim != 1:  # a [rows, positions] array: one list for every row
+            raise ValueError(
+                f"Positions must be an int, a non-empty list of ints or 'all', got a "
+                f"{spec.ndim}-d array of shape {tuple(spec.shape)}: pass one 1-d list, which "
+                "every row reads (negative positions count from each row's end)."
+            )
+        spec = spec.tolist()
     items = [as_int(p) for p in spec] if isinstance(spec, (list, tuple, range)) else []
     if not items or any(p is None for p in items):
         raise ValueError(
-            f"Positions must be an int, a non-empty list of ints or 'all', got {spec!r}."
+            f"Positions must be an int, a non-empty list of ints or 'all', got {given!r}."
         )
     out = [int(p) for p in items if p is not None]
     repeated = sorted({p for p in out if out.count(p) > 1})

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,9 +67,10 @@ if TYPE_CHECKING:
 
 __all__ = ["AttentionPatterns", "attention_patterns"]
 
-#: Patterns kept in memory at most (float32, ``prompts x heads x longest prompt ** 2``): beyond
-#: it the call refuses before running, naming what to cut (every head of SmolLM2 on 32 prompts
-#: of 512 tokens would be 9 GiB).
+#: Patterns a result may hold at most (float32, ``prompts x heads x kept queries x longest
+#: prompt``): beyond it the call refuses before running, naming what to cut (every head of
+#: SmolLM2 on 32 prompts of 512 tokens would be 8.4 GiB). Each layer's rows are written into the
+#: result inside its hook, so the call holds the result and one pass's activations besides.
 MAX_BYTES = 4 * 2**30
 # to_frame warns above this many rows (a row per head, query and key).
 FRAME_ROWS = 2_000_000
@@ -118,6 +120,26 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
     model_name: str = ""
     windows: tuple[int, ...] = ()
     queries: tuple[tuple[int, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        # A file whose queries disagree with its patterns loaded, and summary() then failed
+        # with an IndexError (review 41a's S1): say what is wrong when it is built.
+        if self.queries:
+            if len(self.queries) != len(self.lengths):
+                raise ValueError(
+                    f"queries lists {len(self.queries)} prompts, lengths "
+                    f"{len(self.lengths)}: one tuple of query positions per prompt (or none)."
+                )
+            rows = self.patterns.shape[2] if self.patterns.ndim == 4 else 0
+            for p, (kept, n) in enumerate(zip(self.queries, self.lengths, strict=True)):
+                ordered = all(a < b for a, b in pairwise(kept))
+                if not ordered or any(not 0 <= q < n for q in kept) or len(kept) > rows:
+                    raise ValueError(
+                        f"queries[{p}] = {kept} is not a set of positions of prompt {p}: they "
+                        f"must ascend, each once, below its {n} tokens, at most {rows} (the "
+                        "patterns' query rows). Was the file edited?"
+                    )
+        super().__post_init__()
 
     def _queries(self, prompt: int) -> tuple[int, ...]:
         """The query positions prompt ``prompt`` kept (every one in an older result)."""
@@ -242,8 +264,8 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         with the keys a query sees: compare heads on the same prompts) and divided by that of
         a uniform spread over the keys the query sees (``normalised_entropy``: 0 on one key, 1
         spread evenly over all, comparable across prompt lengths; on a sliding-window layer the
-        last ``window`` keys), over every kept query but each prompt's first; ``previous_token`` also leaves out the query after a prepended BOS
-        (module docstring).
+        last ``window`` keys), over every kept query but position 0 (which sees itself alone);
+        ``previous_token`` also leaves out position 1 after a prepended BOS (module docstring).
 
         Example:
             >>> import mechprobe as mp
@@ -299,7 +321,9 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
 
     def top_keys(self, query: int = -1, k: int = 3) -> pd.DataFrame:
         """The ``k`` keys each head weighs most from one query position of each prompt (``-1``:
-        its last token, the one that predicts), heaviest first.
+        its last token, the one that predicts), heaviest first. The query must be kept in every
+        prompt (with ``positions=`` chosen, among ``queries``), or this raises saying which
+        were.
 
         Example:
             >>> import mechprobe as mp
@@ -347,7 +371,8 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         query: int | None = None,
     ) -> Figure:
         """Query x key maps of one prompt, its tokens on the axes (with their positions where
-        labels are thinned out), keys after the query in grey: one panel per head (the first
+        labels are thinned out; a row per kept query where ``positions=`` chose some, labelled
+        with its position), keys after the query in grey: one panel per head (the first
         ``max_panels`` of ``sites``, every head by default), or one head into ``ax``. With
         ``query``, one map instead: that query's weights, a row per head (every head of
         ``sites``), so that one sees which heads look where from, say, the last token.
@@ -455,6 +480,7 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
             chosen = chosen[:max_panels]
         n = self.lengths[p]
         kept = self._queries(p)
+        every = kept == tuple(range(n))
         step = max(1, -(-n // 30))  # at most about 30 token labels per axis
         # thinned out, a label says its position too: a repeated word is at several rows
         labels = [
@@ -469,7 +495,8 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
             cols = min(len(chosen), 4)
             rows = -(-len(chosen) // cols)
             side = min(max(2.6, 0.22 * n + 1.0), 6.0)
-            high = min(max(1.6, 0.22 * len(kept) + 1.0), 6.0)  # a few kept queries: a strip
+            # kept queries draw a band of rows at a readable height, not a square's sliver
+            high = side if every else min(max(1.4, 0.25 * len(kept) + 1.0), 6.0)
             fig = Figure(figsize=(side * cols + 1.0, high * rows), layout="constrained")
             axes = list(fig.subplots(rows, cols, squeeze=False).reshape(-1))
             for spare in axes[len(chosen) :]:
@@ -477,7 +504,6 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
             axes = axes[: len(chosen)]
         ticks = list(range(0, n, step))
         # kept queries out of the prompt's run of them say their positions
-        every = kept == tuple(range(n))
         row_labels = [
             labels[q] if every else f"{q} {token_label(self.tokens[p][q], 10)}" for q in kept
         ]
@@ -492,7 +518,9 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         for axis, e in zip(axes, chosen, strict=True):
             weights = np.ma.masked_array(self.patterns[p, e, : len(kept), :n], mask=later)
             top = vmax if vmax is not None else max(float(weights.max()), 1e-12)
-            image = axis.imshow(weights, cmap=colours, vmin=0, vmax=top, aspect="equal")
+            image = axis.imshow(
+                weights, cmap=colours, vmin=0, vmax=top, aspect="equal" if every else "auto"
+            )
             axis.set_xticks(ticks, labels=[literal(labels[t]) for t in ticks], rotation=90)
             axis.set_yticks(row_ticks, labels=[literal(row_labels[r]) for r in row_ticks])
             axis.tick_params(labelsize=7)
@@ -548,28 +576,52 @@ def _as_site(value: Any, what: str) -> Site:
 
 
 class _Keep(Intervention):
-    """Keeps the chosen heads and queries of one layer's pattern (query-major ``[rows, q,
-    head, k]``) as float32 on the CPU, ``[rows, heads, queries, k]``; the last layer's ends the
-    forward pass.
+    """Writes the chosen heads and queries of one layer's pattern (query-major ``[rows, q, head,
+    k]``) into the result's array as float32, inside the hook: a layer's maps are held only
+    while its hook runs (kept until the pass ended, every layer's were alive at once, and a call
+    under the 4 GiB guard peaked at 2.2x its patterns, review 41a). The last layer's hook ends
+    the forward pass.
 
     Args:
-        heads: The heads kept.
+        heads: The layer's heads kept.
+        entries: Each kept head's index on the result's head axis.
         queries: ``[rows, queries]`` each row's kept query indices in the padded batch (a
-            shorter row's list repeated to the width: its extra rows are not read).
+            shorter row's list repeated to the width), or None where every row keeps its every
+            query.
+        keys: Per row, the padded indices of its own tokens.
+        counts: Per row, how many queries it keeps.
+        out: The result's ``[prompts, heads, queries, keys]`` array.
+        start: The chunk's first prompt.
         stop: End the forward pass after this layer.
     """
 
-    def __init__(self, heads: list[int], queries: Tensor, stop: bool) -> None:
+    def __init__(
+        self,
+        heads: list[int],
+        entries: list[int],
+        queries: Tensor | None,
+        keys: list[Tensor],
+        counts: list[int],
+        out: np.ndarray,
+        start: int,
+        stop: bool,
+    ) -> None:
         super().__init__(positions=None)
-        self.heads, self.queries, self.stop = heads, queries, stop
-        self.value: Tensor | None = None
+        self.heads, self.entries, self.queries, self.keys = heads, entries, queries, keys
+        self.counts, self.out, self.start, self.stop = counts, out, start, stop
+        self.fired = False
 
     def edit(self, selected: Tensor, hook: Any) -> None:
-        # the kept queries first: a whole [q, k] map per head would hold what positions= saves
-        rows = torch.arange(selected.shape[0], device=selected.device)[:, None]
-        picked = selected[rows, self.queries.to(selected.device)]  # [rows, queries, head, k]
-        kept = picked[:, :, self.heads, :].detach().to("cpu", torch.float32)
-        self.value = rearrange(kept, "b q h k -> b h q k")
+        if self.queries is not None:  # the kept queries before the heads: the smaller copy
+            rows = torch.arange(selected.shape[0], device=selected.device)[:, None]
+            selected = selected[rows, self.queries.to(selected.device)]
+        kept = selected[:, :, self.heads, :].detach().to("cpu", torch.float32)
+        for r, (keys, m) in enumerate(zip(self.keys, self.counts, strict=True)):
+            n = len(keys)
+            mine = kept[r, keys] if self.queries is None else kept[r, :m]  # [m, heads, k]
+            weights = rearrange(mine[:, :, keys], "q h k -> h q k").numpy()
+            self.out[self.start + r][self.entries, :m, :n] = weights
+        self.fired = True
         if self.stop:
             raise StopForward
         return None
@@ -673,12 +725,31 @@ def attention_patterns(
     for rows, chunk in progress_bar(
         list(batch.chunks(batch_size)), progress=progress, desc="attention patterns"
     ):
-        # each row's kept queries at their padded indices (short lists repeat their last)
+        # each row's own tokens and kept queries at their padded indices (short lists repeat
+        # their last); None where every row keeps every query: nothing to gather
         where = [torch.nonzero(chunk.attention_mask[r]).flatten() for r in range(len(chunk))]
         mine = [where[r][list(kept[rows.start + r])] for r in range(len(chunk))]
+        every = all(len(mine[r]) == len(where[r]) for r in range(len(chunk)))
         width = max(len(q) for q in mine)
-        queries = torch.stack([torch.cat([q, q[-1:].expand(width - len(q))]) for q in mine])
-        keeps = {layer: _Keep(heads, queries, layer == last) for layer, heads in by_layer.items()}
+        queries = (
+            None
+            if every
+            else torch.stack([torch.cat([q, q[-1:].expand(width - len(q))]) for q in mine])
+        )
+        counts = [len(q) for q in mine]
+        keeps = {
+            layer: _Keep(
+                heads,
+                [entry[(layer, head)] for head in heads],
+                queries,
+                where,
+                counts,
+                out,
+                rows.start,
+                layer == last,
+            )
+            for layer, heads in by_layer.items()
+        }
         try:
             with (
                 torch.no_grad(),
@@ -692,13 +763,8 @@ def attention_patterns(
         except StopForward:  # the last layer read ends the pass
             pass
         for layer, keep in keeps.items():
-            if keep.value is None:
+            if not keep.fired:
                 raise RuntimeError(f"Layer {layer}'s attention pattern hook never fired.")
-            for r in range(keep.value.shape[0]):
-                m, n = len(mine[r]), len(where[r])
-                weights = keep.value[r][:, :m][:, :, where[r]].numpy()  # [heads, kept, n]
-                for j, head in enumerate(by_layer[layer]):
-                    out[rows.start + r, entry[(layer, head)], :m, :n] = weights[j]
     ids = [batch.tokens[i][batch.attention_mask[i].bool()].tolist() for i in range(len(batch))]
     tokenizer = getattr(model, "tokenizer", None)
     texts = tuple(
@@ -733,23 +799,38 @@ def _query_positions(
     """Per prompt, the query positions ``positions`` (read by ``check_positions``) names among
     its own ``lengths[i]`` tokens, ascending: every one for ``"all"``, negative ones from its
     end. A position outside a prompt, or two naming one token of it, is an error."""
-    out = []
+    out: list[tuple[int, ...]] = []
+    outside: list[int] = []
+    twice: list[int] = []
     for i, n in enumerate(lengths):
         if isinstance(positions, str):  # "all", as check_positions read it
             out.append(tuple(range(n)))
             continue
         asked = [positions] if isinstance(positions, int) else list(positions)
-        outside = [q for q in asked if not -n <= q < n]
-        if outside:
-            raise ValueError(
-                f"positions {outside} are outside prompt {i}'s {n} tokens: pass positions every "
-                "prompt has (negative ones count from each prompt's end; -1 is its last token)."
-            )
+        if any(not -n <= q < n for q in asked):
+            outside.append(i)
+            continue
         resolved = sorted(q % n for q in asked)
         if len(set(resolved)) < len(resolved):
-            raise ValueError(
-                f"positions {asked} name one token of prompt {i} ({n} tokens) twice: pass each "
-                "query once (a negative and a positive position may meet on short prompts)."
-            )
+            twice.append(i)
         out.append(tuple(resolved))
+    if outside:
+        shortest = min(lengths[i] for i in outside)
+        raise ValueError(
+            f"positions={positions} reach outside {_count(len(outside), 'prompt')} "
+            f"({_listed(outside)}; the shortest has {_count(shortest, 'token')}): pass positions "
+            "every prompt has (negative ones count from each prompt's end; -1 is its last token)."
+        )
+    if twice:
+        raise ValueError(
+            f"positions={positions} name one token twice in {_count(len(twice), 'prompt')} "
+            f"({_listed(twice)}; a negative and a positive position meet on short prompts): "
+            "pass each query once."
+        )
     return out
+
+
+def _listed(indices: Sequence[int]) -> str:
+    """Prompt indices as a message names them: the first five, then how many more."""
+    shown = ", ".join(map(str, indices[:5]))
+    return shown + (f" and {len(indices) - 5} more" if len(indices) > 5 else "")
