@@ -775,14 +775,14 @@ _PACKING: weakref.WeakKeyDictionary[Any, dict[tuple[Any, Any], bool]] = weakref.
 def _packing_tolerance(dtype: torch.dtype) -> float:
     """How far, relative to the logits' scale, a packed segment may be from the plain run: 1e-4
     in float32, 8 rounding steps (``8 * eps``) in half precision. A packed row rounds where a
-    plain one does not (a HookedTransformer's rotary queries and keys are turned a second time;
-    softmax sums run over longer rows): 2.8e-2 of the scale on SmolLM2 in bfloat16 (3.6 eps),
-    4.0e-3 in float16 (4.1 eps), 0.6-2.4 eps on the tiny models, each packed read no further
-    from the float32 model than the plain run is. A misread mask (a segment seeing another's
-    tokens, or none its BOS) moves the logits by 13-80% of the scale on the tiny models and
-    25% on SmolLM2, above either bound. With 1e-4 everywhere, every half-precision
-    HookedTransformer ran whole rows, as would a bridge whose kernels round a longer row
-    differently.
+    plain one does not (softmax and matrix products over longer rows; a second rotary turn on
+    a HookedTransformer with a query-key norm): SmolLM2's bridge in float16 is 2.6 eps off
+    (2.5e-3 of the scale), its HookedTransformer 0.4 eps, both 0 in bfloat16, a float16 GPT-2
+    0.12 eps; the packed read is within 1.6x of the plain run's own distance from float32. A
+    misread mask (a segment seeing another's tokens, or none its BOS) moves the logits by 13-80%
+    of the scale on the tiny models and 25% on SmolLM2, above either bound. With 1e-4
+    everywhere, SmolLM2's float16 bridge and every half-precision HookedTransformer (turning
+    rotary positions then) ran whole rows.
 
     Example:
         >>> _packing_tolerance(torch.float32), _packing_tolerance(torch.bfloat16)
@@ -793,10 +793,9 @@ def _packing_tolerance(dtype: torch.dtype) -> float:
 
 def _check_ids(model: Any) -> Tensor:
     """Eight token ids of ordinary text for the packing check (ids 3-10 without a tokenizer).
-    The check once ran ids 3-10, which on SmolLM2 are special tokens: their activations are so
-    large that in bfloat16 the plain run itself was 57% of the logits' scale from float32 (1%
-    on text), and the packed one 20% from the plain run, so the check measured rounding, not
-    whether masks and positions are honoured."""
+    The check ran ids 3-10, which on SmolLM2 are special tokens: their activations put its
+    bfloat16 plain run 44% of the logits' scale from float32 (2.3% on text), so the rounding
+    the check tolerates was measured where no analysis reads."""
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         try:
