@@ -332,6 +332,18 @@ class ModelAdapter:
         )
 
     @property
+    def packing_rounds(self) -> bool:
+        """Whether packed rows round where the plain run does not, beyond longer rows' sums: a
+        ``HookedTransformer`` with rotary positions whose query-key norm or clamp comes between
+        ``hook_q`` and the rotation (OLMo's), where packed rows turn the rotation once more
+        (:func:`_rotation`). Elsewhere each token is rotated at its position exactly."""
+        return (
+            self.kind == "hooked"
+            and self.model.cfg.positional_embedding_type == "rotary"
+            and not _rotates_what_it_hooks(self.model.cfg)
+        )
+
+    @property
     def sliding_window(self) -> int | None:
         """The attention window of the model's sliding-window layers (Gemma 2's local layers,
         Mistral), or None where every layer attends to the whole prefix. A 4D attention mask, as

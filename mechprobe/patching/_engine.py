@@ -772,23 +772,28 @@ def _forward_reads(
 _PACKING: weakref.WeakKeyDictionary[Any, dict[tuple[Any, Any], bool]] = weakref.WeakKeyDictionary()
 
 
-def _packing_tolerance(dtype: torch.dtype) -> float:
-    """How far, relative to the logits' scale, a packed segment may be from the plain run: 1e-4
-    in float32, 8 rounding steps (``8 * eps``) in half precision. A packed row rounds where a
-    plain one does not (softmax and matrix products over longer rows; a second rotary turn on
-    a HookedTransformer with a query-key norm): SmolLM2's bridge in float16 is 2.6 eps off
-    (2.5e-3 of the scale), its HookedTransformer 0.4 eps, both 0 in bfloat16, a float16 GPT-2
-    0.12 eps; the packed read is within 1.6x of the plain run's own distance from float32. A
-    misread mask (a segment seeing another's tokens, or none its BOS) moves the logits by 13-80%
-    of the scale on the tiny models and 25% on SmolLM2, above either bound. With 1e-4
-    everywhere, SmolLM2's float16 bridge and every half-precision HookedTransformer (turning
-    rotary positions then) ran whole rows.
+def _packing_tolerance(dtype: torch.dtype, rounds: bool = False) -> float:
+    """How far, relative to the logits' scale, a packed read may be from the plain run: 1e-4 in
+    float32, and in half precision 4 rounding steps (``4 * eps``) where packing adds no
+    rounding of its own. Longer rows round softmax sums and products differently (the check's
+    13 reads on SmolLM2 in float16: 3.0 eps on the HookedTransformer, 1.8 on the bridge; 0 in
+    bfloat16 on both), while a structural error moves the check's reads by 6.5 eps
+    or more on the tiny models in bfloat16 (a position off by one on a NeoX with partial
+    rotary; a segment seeing its base's tokens, a blind mask: 13-115 eps; review 41b). Where
+    packing rounds more (``rounds``: a HookedTransformer whose query-key norm or clamp comes
+    between ``hook_q`` and the rotation, so packed rows turn the rotation once more), 1e-4 in
+    every dtype: there half-precision packed cells were up to 1.8x further from float32 than
+    whole rows, which such models run.
 
     Example:
         >>> _packing_tolerance(torch.float32), _packing_tolerance(torch.bfloat16)
-        (0.0001, 0.0625)
+        (0.0001, 0.03125)
+        >>> _packing_tolerance(torch.bfloat16, rounds=True)
+        0.0001
     """
-    return max(1e-4, 8 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-4
+    if rounds or not dtype.is_floating_point:
+        return 1e-4
+    return max(1e-4, 4 * torch.finfo(dtype).eps)
 
 
 def _check_ids(model: Any) -> Tensor:
@@ -796,14 +801,15 @@ def _check_ids(model: Any) -> Tensor:
     The check ran ids 3-10, which on SmolLM2 are special tokens: their activations put its
     bfloat16 plain run 44% of the logits' scale from float32 (2.3% on text), so the rounding
     the check tolerates was measured where no analysis reads."""
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is not None:
-        try:
-            ids = tokenizer(_CHECK_TEXT, add_special_tokens=False)["input_ids"]
-        except (TypeError, ValueError, KeyError):
-            ids = []
-        if len(ids) >= 8 and max(ids[:8]) < int(model.cfg.d_vocab):
-            return torch.tensor(ids[:8])
+    tokenizer: Any = getattr(model, "tokenizer", None)
+    try:
+        # None (a model without one), any tokenizer, any failure: the check falls back to fixed ids rather than stop an
+        # analysis over a tokenizer it only borrows (review 41b F5)
+        ids = [int(i) for i in tokenizer(_CHECK_TEXT, add_special_tokens=False)["input_ids"]]
+    except Exception:
+        ids = []
+    if len(ids) >= 8 and min(ids[:8]) >= 0 and max(ids[:8]) < int(model.cfg.d_vocab):
+        return torch.tensor(ids[:8])
     return torch.arange(3, 11)
 
 
@@ -827,22 +833,32 @@ def packing_works(model: Any) -> bool:
         # and may not on the packed reads: a verdict reached with one attached is not kept, or
         # packing stayed off for the model's life (a test order showed it).
         keep = not model_adapter(model).attached_hooks()
-        ids, rows = _check_ids(model), _Rows()
+        # A base and a segment after its first three tokens, with tokens of its own from there
+        # (with the base's, a segment reading the base's copies instead of its own went
+        # unseen, review 41b), every position read against each one's plain run.
+        ids = _check_ids(model)
+        own = torch.cat([ids[:3], ids.flip(0)[:5]])
+        rows = _Rows()
         row = rows.new_row()
         _, sid = rows.add(row, ids, 0, -2)
-        offset, _ = rows.add(row, ids, 3, sid)
-        rows.reads = [(row, 7, 0), (row, offset + 4, 0)]
+        offset, _ = rows.add(row, own, 3, sid)
+        rows.reads = [(row, i, 0) for i in range(8)] + [(row, offset + i, 0) for i in range(5)]
         try:
             logits = _forward_reads(model, rows, True, {})
             # Against the plain forward too: GPT-J's and OPT's bridges misread the packed mask
             # (or derive positions from it) the same way for both segments, which agreed.
             with torch.no_grad():
-                plain = model(ids[None].to(model_adapter(model).device))[0, -1]
+                device = model_adapter(model).device
+                plain = torch.cat(
+                    [model(ids[None].to(device))[0], model(own[None].to(device))[0, 3:]]
+                ).float()
             scale = float(plain.abs().max()) + 1.0
-            gap = float((logits - plain).abs().max())
-            works = gap <= _packing_tolerance(adapter.dtype) * scale
+            gap = float((logits.float() - plain).abs().max())
+            works = gap <= _packing_tolerance(adapter.dtype, adapter.packing_rounds) * scale
         except (TypeError, ValueError, RuntimeError):
-            works = False
+            # not kept: a transient failure (a GPU out of memory) turned packing off for the
+            # model's life (review 41b); a model that always fails pays three 8-token passes
+            return False
         if not keep:
             return works
         _PACKING.setdefault(model, {})[state] = works
@@ -908,12 +924,24 @@ def run_plan(
             and (window is None or longest <= window)
             and not model_adapter(model).attached_hooks()
         )
+    elif packed and model_adapter(model).attached_hooks():
+        # A hook of one's own edits by index (another token's, in a packed row), and on a
+        # HookedTransformer one at hook_rot_q/k was overwritten by the packed rotation (review
+        # 41b F1): packed=None runs whole rows then; packed=True cannot be honoured.
+        attached = model_adapter(model).attached_hooks()
+        shown = ", ".join(attached[:3]) + (", ..." if len(attached) > 3 else "")
+        raise ValueError(
+            f"packed=True with hooks attached to the model ({shown}): a hook edits by index, "
+            "which in a packed row is another token's. Pass packed=None (whole rows while "
+            "hooks are attached) or packed=False, or remove the hooks (model.reset_hooks())."
+        )
     elif packed and not packing_works(model):
         raise ValueError(
             "packed=True, but this model's packed rows do not reproduce its plain run (a "
-            "HookedTransformer whose positions hooks cannot move, e.g. ALiBi; bridges that "
-            "ignore custom masks or position ids): pass packed=False (one row per cell; the "
-            "same numbers)."
+            "HookedTransformer whose positions hooks cannot move, e.g. ALiBi, or in half "
+            "precision one whose query-key norm comes before its rotation; bridges that ignore "
+            "custom masks or position ids): pass packed=False (one row per cell; the same "
+            "numbers)."
         )
     elif packed and window is not None and longest > window:
         raise ValueError(
