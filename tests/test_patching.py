@@ -1187,7 +1187,7 @@ def _half(model: typing.Any, dtype: torch.dtype) -> typing.Any:
         return model.to(dtype)
 
 
-PAIRS = (
+PROMPT_PAIRS = (
     ["The cat sat on the mat today", "A dog ran far away"],
     ["The bat sat on the hat today", "A fog ran far away"],
 )
@@ -1202,7 +1202,7 @@ def test_a_half_precision_model_packs_as_close_to_float32_as_whole_rows(dtype, m
     reference = mp.tiny_model(seed=5, kind=TEST_KINDS[0])
     model = _half(mp.tiny_model(seed=5, kind=TEST_KINDS[0]), dtype)
     assert _packing_works(model)
-    args = (*PAIRS, "resid_pre", [-3, -2, -1], METRIC)
+    args = (*PROMPT_PAIRS, "resid_pre", [-3, -2, -1], METRIC)
     f32 = mp.patch(reference, *args, n_random=0, progress=False).values
     packed = mp.patch(model, *args, packed=True, n_random=0, progress=False).values
     whole = mp.patch(model, *args, packed=False, n_random=0, progress=False).values
@@ -1263,9 +1263,11 @@ def test_packed_true_with_a_users_hook_is_refused():
     model.add_hook(name, lambda k, hook: k * 3)
     try:
         with pytest.raises(ValueError, match=r"packed=True with hooks attached to the model \("):
-            mp.patch(model, *PAIRS, "resid_pre", [-1], METRIC, packed=True, progress=False)
-        whole = mp.patch(model, *PAIRS, "resid_pre", [-1], METRIC, packed=False, progress=False)
-        default = mp.patch(model, *PAIRS, "resid_pre", [-1], METRIC, progress=False)
+            mp.patch(model, *PROMPT_PAIRS, "resid_pre", [-1], METRIC, packed=True, progress=False)
+        whole = mp.patch(
+            model, *PROMPT_PAIRS, "resid_pre", [-1], METRIC, packed=False, progress=False
+        )
+        default = mp.patch(model, *PROMPT_PAIRS, "resid_pre", [-1], METRIC, progress=False)
     finally:
         model.reset_hooks()
     np.testing.assert_array_equal(default.values, whole.values)
@@ -1287,7 +1289,7 @@ def test_both_rotary_paths_of_a_hooked_transformer_pack_exactly(exact, monkeypat
         pytest.skip(str(err))
     monkeypatch.setattr(_adapter, "_rotates_what_it_hooks", lambda cfg: exact)
     assert model_adapter(model).packing_rounds is not exact
-    args = (model, *PAIRS, "q", [-2, -1], METRIC)
+    args = (model, *PROMPT_PAIRS, "q", [-2, -1], METRIC)
     assert _packing_works(model)
     packed = mp.patch(*args, layers=[0, 1], packed=True, n_random=0, progress=False)
     whole = mp.patch(*args, layers=[0, 1], packed=False, n_random=0, progress=False)

@@ -433,9 +433,9 @@ def _packed_hooks(
     ``hook_q``/``hook_k`` passed on (:func:`_rotary_at`; where a query-key norm or clamp comes
     between, turned on from the index the model rotated them at by the difference,
     :func:`_rotation`: rotations by angles linear in the position compose), or learned position
-    embeddings looked up at those positions. The engine checks once per model, dtype and device that a
-    packed segment gives the plain run's logits (``packing_works``) and runs whole rows where
-    it does not.
+    embeddings looked up at those positions. The engine checks once per model, dtype and
+    device that a packed segment gives the plain run's logits (``packing_works``) and runs
+    whole rows where it does not.
     """
     rows, width = int(shape[0]), int(shape[1])
     if width > int(model.cfg.n_ctx):

@@ -803,8 +803,8 @@ def _check_ids(model: Any) -> Tensor:
     the check tolerates was measured where no analysis reads."""
     tokenizer: Any = getattr(model, "tokenizer", None)
     try:
-        # None (a model without one), any tokenizer, any failure: the check falls back to fixed ids rather than stop an
-        # analysis over a tokenizer it only borrows (review 41b F5)
+        # no tokenizer (None), or any failure of one: the check falls back to fixed ids
+        # rather than stop an analysis over a tokenizer it only borrows (review 41b F5)
         ids = [int(i) for i in tokenizer(_CHECK_TEXT, add_special_tokens=False)["input_ids"]]
     except Exception:
         ids = []
