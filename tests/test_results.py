@@ -542,6 +542,35 @@ def test_a_result_made_from_a_model_records_it_through_save_and_load(tiny, tmp_p
     assert type(result).__name__ == name and result.model_name == tiny.cfg.model_name
     back = type(result).load(result.save(tmp_path / f"{name}.json"))
     assert back.model_name == tiny.cfg.model_name
+    # ... and its dtype: a bfloat16 run's numbers are not a float32 run's.
+    assert result.model_dtype == back.model_dtype == "float32"
+    assert f"made by {tiny.cfg.model_name} (float32)" in result._repr_html_()
+
+
+@pytest.mark.parametrize(
+    "name", ["PatchResult", "LensResult", "LensComparison", "ProbeResult", "TraceResult"]
+)
+def test_a_result_records_a_half_precision_model_as_such(tiny, tmp_path, name):
+    half = copy.deepcopy(tiny).to(torch.bfloat16)
+    runs = _model_runs() | {
+        "LensResult": lambda m: mp.logit_lens(m, ["Hi cat"], progress=False),
+        "LensComparison": lambda m: mp.compare_lenses(
+            m, ["logit"], ["Hi cat sat on the mat"], n_tokens=4, seq_len=4, progress=False
+        ),
+    }
+    result = runs[name](half)
+    back = type(result).load(result.save(tmp_path / f"{name}.safetensors"))
+    assert result.model_dtype == back.model_dtype == "bfloat16"
+    assert result.model_name == tiny.cfg.model_name
+
+
+def test_a_result_saved_before_it_recorded_the_dtype_loads_without_one(tiny, tmp_path):
+    result = _model_runs()["PatchResult"](tiny)
+    record = result.to_dict()
+    del record["model_dtype"]
+    old = mp.PatchResult.from_dict(record)
+    assert old.model_dtype == "" and "(float32)" not in old._repr_html_()
+    assert f"made by {tiny.cfg.model_name}</small>" in old._repr_html_()
 
 
 def test_probe_results_record_their_fit_settings(tmp_path):

@@ -397,11 +397,22 @@ def test_joined_traces_keep_their_model_and_refuse_another(tiny):
     old = dataclasses.replace(two, model_name="")
     assert mp.TraceResult.concat([old, one]).model_name == tiny.cfg.model_name
     other = dataclasses.replace(two, model_name="another model")
-    with pytest.raises(ValueError, match="Cannot join: part 1 was made on 'another model'"):
+    with pytest.raises(ValueError, match="part 1 has model_name='another model'"):
         mp.TraceResult.concat([one, other])
-    with pytest.raises(ValueError, match="Cannot join: part 1 was made on 'another model'"):
-        patched = mp.patch(tiny, "A cat", "A bat", "mlp_out", -1, mp.logit_diff(1, 2))
+    patched = mp.patch(tiny, "A cat", "A bat", "mlp_out", -1, mp.logit_diff(1, 2))
+    with pytest.raises(ValueError, match="part 1 has model_name='another model'"):
         mp.PatchResult.concat([patched, dataclasses.replace(patched, model_name="another model")])
+    # The same for the model's dtype: a bfloat16 run's scores are not a float32 run's.
+    assert joined.model_dtype == "float32"
+    assert mp.TraceResult.concat([dataclasses.replace(one, model_dtype=""), two]).model_dtype == (
+        "float32"
+    )
+    half = dataclasses.replace(two, model_dtype="bfloat16")
+    differ = r"model_dtype='bfloat16', part 0 'float32'; .* one dtype"
+    with pytest.raises(ValueError, match=differ):
+        mp.TraceResult.concat([one, half])
+    with pytest.raises(ValueError, match=differ):
+        mp.PatchResult.concat([patched, dataclasses.replace(patched, model_dtype="bfloat16")])
 
 
 def test_a_subject_inside_another_word_is_warned_of(tiny):

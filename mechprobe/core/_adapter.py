@@ -126,6 +126,11 @@ class ModelAdapter:
         Hugging Face model was loaded in bfloat16."""
         return self.model.W_E.dtype
 
+    @property
+    def dtype_name(self) -> str:
+        """:attr:`dtype` without its ``torch.`` prefix (``"bfloat16"``), as results record it."""
+        return str(self.dtype).removeprefix("torch.")
+
     def attached_hooks(self, *prefixes: str) -> list[str]:
         """The hook points whose names start with one of ``prefixes`` (any name, with none) that
         hold a forward hook now (the user's, or an intervention's in force).

@@ -115,6 +115,8 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
         top_p: The draw's nucleus: the probability its tokens reach (None: all tokens).
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -136,6 +138,7 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
     top_k: int | None = None
     top_p: float | None = None
     model_name: str = ""
+    model_dtype: str = ""
 
     def to_frame(self) -> pd.DataFrame:
         """One row per generated token: prompt index, step, ``token_id``, ``token`` (its text, as
@@ -364,6 +367,7 @@ def generate(
         top_k=top_k,
         top_p=top_p,
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
     )
 
 

@@ -94,6 +94,8 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
             argmax, the lowest id among tied maxima, as :func:`mechprobe.generate` picks).
         token_text: The text of every token id in ``top_ids`` and ``answer_ids``.
         model_name: The model's name, for the record.
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -123,6 +125,7 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
     greedy: np.ndarray
     token_text: dict[int, str]
     model_name: str = ""
+    model_dtype: str = ""
     # Added after the format's first files: empty where a file predates them.
     token_top_ids: tuple[tuple[tuple[int, ...], ...], ...] = ()
     token_top_logprobs: tuple[tuple[tuple[float, ...], ...], ...] = ()
@@ -621,6 +624,7 @@ def predict(
         greedy=greedy,
         token_text=dict(zip(ordered, names, strict=True)),
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
     )
 
 

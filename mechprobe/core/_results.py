@@ -235,6 +235,9 @@ class Result:
         except Exception:  # a notebook view must never raise, as a repr must not
             words = "…"
         parts = [f"<div><p><b>{html.escape(type(self).__name__)}</b> {html.escape(words)}</p>"]
+        made_by = _made_by(self)
+        if made_by:  # which model (and precision) made it, once a notebook holds several
+            parts.append(f"<p><small>{html.escape(made_by)}</small></p>")
         try:
             table = self.summary()
         except Exception as err:  # a notebook view must never raise either
@@ -255,6 +258,15 @@ class Result:
                 pass
         parts.append("</div>")
         return "".join(parts)
+
+
+def _made_by(result: Result) -> str:
+    """``"made by NAME (DTYPE)"`` from the result's ``model_name`` and ``model_dtype`` fields
+    (empty for a result that records neither)."""
+    name, dtype = getattr(result, "model_name", ""), getattr(result, "model_dtype", "")
+    if not isinstance(name, str) or not isinstance(dtype, str) or not (name or dtype):
+        return ""
+    return f"made by {name or 'an unnamed model'}" + (f" ({dtype})" if dtype else "")
 
 
 def _html_table(table: pd.DataFrame) -> str:

@@ -269,6 +269,7 @@ def amnesic(
         counts=counts,
         seed=seed,
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
         probe_hook=probe_hook,
     )
 

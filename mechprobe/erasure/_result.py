@@ -105,6 +105,8 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         seed: The seed the call took (None in files saved before results recorded it).
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
         probe_hook: The hook whose probe reports the erased site itself (:meth:`selectivity`,
             :meth:`headline`): ``site`` for a whole site; for a head, whose site has no
             activation of its own to probe, the residual stream after its layer. None (files
@@ -133,6 +135,7 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
     counts: dict[str, int] = field(default_factory=dict)
     seed: int | None = None
     model_name: str = ""
+    model_dtype: str = ""
     probe_hook: str | None = None
 
     # --- reading numbers -----------------------------------------------------------------------

@@ -35,6 +35,7 @@ from mechprobe.core import (
     check_seed,
     evaluates,
     literal,
+    model_adapter,
     new_axes,
     position_list,
     progress_bar,
@@ -71,6 +72,8 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
         n_positions: Positions scored (the same for every lens and entry).
         text: What was read (``"heldout"``, a file, or the number of strings given).
         model_name: The model's name.
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
         seed: The seed the call took (None in files saved before results recorded it).
         precision_sem: ``[lens, E]`` precision@1's standard error over windows, as
             ``kl_sem`` (None in files saved before it was recorded: the plot then draws the
@@ -99,6 +102,7 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
     n_positions: int
     text: str
     model_name: str = ""
+    model_dtype: str = ""
     seed: int | None = None
     precision_sem: np.ndarray | None = None
     n_windows: int = 0
@@ -347,6 +351,7 @@ def compare_lenses(
         n_positions=count,
         text=str(text) if isinstance(text, (str, os.PathLike)) else f"{len(text)} text(s)",
         model_name=str(getattr(model.cfg, "model_name", "")),
+        model_dtype=model_adapter(model).dtype_name,
         seed=seed,
         precision_sem=spread(hit_win) / np.sqrt(n_windows),
         n_windows=n_windows,

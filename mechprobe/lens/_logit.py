@@ -260,5 +260,6 @@ def logit_lens(
         target_logprob=(end_lp + cont_lp).cpu().numpy(),
         token_text=dict(zip(order, texts, strict=True)),
         model_name=str(getattr(model.cfg, "model_name", "")),
+        model_dtype=model_adapter(model).dtype_name,
         lens=decoder.describe(),
     )

@@ -71,6 +71,8 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         target_logprob: ``[B, E, T]`` teacher-forced log-probability of the whole target.
         token_text: Decoded text of every token id in ``top_ids`` and ``target_tokens``.
         model_name: The model's name, for the record.
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
         lens: The lens that decoded it (``"logit"``, ``"tuned (...)"``, ``"patchscope (...)"``).
 
     Example:
@@ -98,6 +100,7 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
     target_logprob: np.ndarray
     token_text: dict[int, str]
     model_name: str = ""
+    model_dtype: str = ""
     lens: str = "logit"
 
     def entries(self, site: str | None = None) -> list[int]:

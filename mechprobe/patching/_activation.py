@@ -623,6 +623,7 @@ def _result(
         random=random,
         seed=seed,
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
         **records,
     )
 

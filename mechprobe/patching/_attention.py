@@ -94,6 +94,8 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         bos: Per prompt, whether its first token is a BOS the model prepended (empty in a result
             that did not record it: then no query's previous token counts as BOS).
         model_name: The model's name, for the record.
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
         windows: Per head, its layer's attention window (a query sees the last ``window``
             keys), 0 where it sees every earlier key (empty in a result that did not record it:
             then every head counts as seeing them all).
@@ -118,6 +120,7 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
     tokens: tuple[tuple[str, ...], ...]
     bos: tuple[bool, ...] = ()
     model_name: str = ""
+    model_dtype: str = ""
     windows: tuple[int, ...] = ()
     queries: tuple[tuple[int, ...], ...] = ()
 
@@ -788,6 +791,7 @@ def attention_patterns(
         tokens=texts,
         bos=leads,
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
         windows=tuple(model_adapter(model).attention_window(s.layer) or 0 for s in chosen),
         queries=tuple(kept),
     )

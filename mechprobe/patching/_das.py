@@ -104,6 +104,8 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
         minibatch: Training pairs per Adam step.
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -130,6 +132,7 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
     two_way: bool = False
     minibatch: int = 32
     model_name: str = ""
+    model_dtype: str = ""
 
     def __post_init__(self) -> None:
         # Files saved before the unedited run was "intact" in every frame called it "none".
@@ -485,6 +488,7 @@ def das(
         minibatch=int(minibatch),
         two_way=own is not None,
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
     )
 
 

@@ -107,6 +107,8 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
         position: The position split (-1: each prompt's last token).
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -129,6 +131,7 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
     heads: bool = False
     position: int = -1
     model_name: str = ""
+    model_dtype: str = ""
 
     @property
     def mean(self) -> np.ndarray:
@@ -446,6 +449,7 @@ def direct_logit_attribution(
         heads=heads,
         position=position,
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
     )
 
 

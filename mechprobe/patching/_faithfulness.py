@@ -113,6 +113,8 @@ class FaithfulnessResult(Result, format="mechprobe.FaithfulnessResult", version=
         n_components: How many components were ablated in ``empty`` (the circuit's included).
         prompts: The prompts, as read.
         model_name: The model's name (``cfg.model_name``), for the record.
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
         components: The components' labels (what ``empty`` ablates).
         reference_prompts: The prompts the means were taken over (empty for zero-ablation).
         groups: Per prompt, the group whose means it took (``groups=``'s label as text, or
@@ -144,6 +146,7 @@ class FaithfulnessResult(Result, format="mechprobe.FaithfulnessResult", version=
     n_components: int
     prompts: tuple[str, ...]
     model_name: str = ""
+    model_dtype: str = ""
     components: tuple[str, ...] = ()
     reference_prompts: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
@@ -529,6 +532,7 @@ def faithfulness(
             name: tuple(at[name] for at in named) for name in (named[0] if named else {})
         },
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
         without=without,
     )
     means_of = result.means

@@ -123,6 +123,8 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
         seed: The seed of the random tokens.
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -143,6 +145,7 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
     seq_len: int = 0
     seed: int = 0
     model_name: str = ""
+    model_dtype: str = ""
 
     def _kind_index(self, kind: str | None) -> int:
         if kind is None:
@@ -400,6 +403,7 @@ def head_scores(
         seq_len=half,
         seed=seed,
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
     )
 
 

@@ -160,6 +160,8 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
             live, passing on what they made of the sender's change (Wang et al.'s default).
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
         clean_prompts, corrupt_prompts, answer_ids, wrong_ids, answer_tokens, wrong_tokens:
             ``[pairs]`` the pairs and the metric's token ids and texts, as
             :class:`mechprobe.PatchResult` records them.
@@ -194,6 +196,7 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
     seed: int = 0
     freeze_mlps: bool = True
     model_name: str = ""
+    model_dtype: str = ""
     clean_prompts: tuple[str, ...] = ()
     corrupt_prompts: tuple[str, ...] = ()
     answer_ids: tuple[int, ...] = ()
@@ -883,6 +886,7 @@ def path_patch(
         freeze_mlps=freeze_mlps,
         seed=seed,
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
         **pair_records(model, clean_ids, corrupt_ids, metric),
         **named_indices(wanted, resolved, direction == "noising"),
     )

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["PatchResult", "concat_pairs", "joined_model_name", "pair_records"]
+__all__ = ["PatchResult", "concat_pairs", "joined_model_record", "pair_records"]
 
 _R = TypeVar("_R")
 # Fields indexed by prompt pair (the pair axis first; ``random`` has it second), and the fields
@@ -54,20 +54,25 @@ _GRID_PANELS = 8
 _FIRST_PAIR = ("position_labels",)
 
 
-def joined_model_name(parts: Sequence[Any]) -> str:
-    """The model the parts of a join were made on: their one ``model_name`` (a part saved before
-    results recorded it, ``""``, joins any).
+# What a result records of the model that made it; a part saved before results recorded one
+# (``""``) joins any.
+_MODEL_RECORDS = {"model_name": "one model", "model_dtype": "one model in one dtype"}
+
+
+def joined_model_record(parts: Sequence[Any], name: str) -> str:
+    """The model the parts of a join were made on: their one ``model_name`` or ``model_dtype``
+    (``name``), ``""`` where no part recorded it.
 
     Raises:
-        ValueError: Parts made on different models.
+        ValueError: Parts made on different models, or in different dtypes.
     """
-    names = [str(getattr(part, "model_name", "")) for part in parts]
-    known = [(i, name) for i, name in enumerate(names) if name]
-    for i, name in known[1:]:
-        if name != known[0][1]:
+    values = [str(getattr(part, name, "")) for part in parts]
+    known = [(i, value) for i, value in enumerate(values) if value]
+    for i, value in known[1:]:
+        if value != known[0][1]:
             raise ValueError(
-                f"Cannot join: part {i} was made on {name!r}, part {known[0][0]} on "
-                f"{known[0][1]!r}; join results of one model."
+                f"Cannot join: part {i} has {name}={value!r}, part {known[0][0]} "
+                f"{known[0][1]!r}; join results of {_MODEL_RECORDS[name]}."
             )
     return known[0][1] if known else ""
 
@@ -104,8 +109,8 @@ def concat_pairs(cls: type[_R], results: Sequence[_R]) -> _R:
             records = [tuple(getattr(r, name)) for r in parts]
             # A part without the record (an older file) leaves the joined result without it.
             joined[name] = () if any(not r for r in records) else sum(records, ())
-        elif name == "model_name":
-            joined[name] = joined_model_name(parts)
+        elif name in _MODEL_RECORDS:
+            joined[name] = joined_model_record(parts, name)
         elif name not in _DERIVED:
             for i, r in enumerate(parts[1:], 1):
                 if getattr(r, name) != mine:
@@ -247,6 +252,8 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         seed: The first seed of the random directions.
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
         clean_prompts, corrupt_prompts: ``[pairs]`` each pair's prompts as the model read them
             (their token ids decoded; an ablation's ``corrupt_prompts`` is empty).
         answer_ids, wrong_ids: ``[pairs]`` the token ids a :func:`mechprobe.logit_diff` or
@@ -284,6 +291,7 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
     random: np.ndarray
     seed: int = 0
     model_name: str = ""
+    model_dtype: str = ""
     clean_prompts: tuple[str, ...] = ()
     corrupt_prompts: tuple[str, ...] = ()
     answer_ids: tuple[int, ...] = ()

@@ -79,7 +79,7 @@ from mechprobe.patching._metrics import (
     bind_metric,
     metric_title,
 )
-from mechprobe.patching._result import joined_model_name
+from mechprobe.patching._result import joined_model_record
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -345,6 +345,8 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         n_random: Random controls per cell (None: a result saved before it was recorded).
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -371,6 +373,7 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
     n_random: int | None = None
     answer_ids: tuple[int, ...] | None = None
     model_name: str = ""
+    model_dtype: str = ""
 
     @property
     def n_noise(self) -> int:
@@ -434,7 +437,8 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             None if any(i is None for i in scored) else tuple(a for i in scored for a in i or ())
         )
         same = ("kinds", "layers", "noise_level", "window", "metric", "seed", "n_random")
-        joined["model_name"] = joined_model_name(parts)
+        joined["model_name"] = joined_model_record(parts, "model_name")
+        joined["model_dtype"] = joined_model_record(parts, "model_dtype")
         return cls(**joined, **{name: getattr(first, name) for name in same})
 
     def indirect_effect(self, prompt: int) -> np.ndarray:
@@ -978,6 +982,7 @@ def causal_trace(
         seed=seed,
         n_random=int(n_random),
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
     )
 
 

@@ -510,6 +510,7 @@ def collect(
         sink = Sink(existing.shape, existing.dtype, folder, fresh=False)
     metadata = {
         "model": str(getattr(model.cfg, "model_name", "")),
+        "model_dtype": model_adapter(model).dtype_name,
         "positions": plan.positions_name,
         "dtype": dtype,
         "n_texts": len(plan.batch),

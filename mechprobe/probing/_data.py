@@ -384,6 +384,13 @@ def collected_model(X: Any) -> str:
     return str(metadata.get("model", "")) if isinstance(metadata, dict) else ""
 
 
+def collected_model_dtype(X: Any) -> str:
+    """The dtype of the model :class:`Activations` were collected from (``""`` for a plain
+    array, and for activations collected before they recorded it)."""
+    metadata = getattr(X, "metadata", None)
+    return str(metadata.get("model_dtype", "")) if isinstance(metadata, dict) else ""
+
+
 # Where a kind's value lies in the residual stream, from its block's output: a block reads its
 # predecessor's output (resid_pre@l is resid_post@(l-1), the embeddings at l = 0); attention
 # reads that and writes half-way; the MLP writes the block's output.

@@ -38,6 +38,7 @@ from mechprobe.core import (
 from mechprobe.probing._data import (
     as_layers,
     collected_model,
+    collected_model_dtype,
     collected_sites,
     encode_labels,
     gathered_dtype,
@@ -95,6 +96,8 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
         seed: The seed the call took (None in files saved before results recorded it).
         model_name: The model :class:`Activations` were collected from (``cfg.model_name``), for
             the record; empty for a plain array and in files saved before results recorded it.
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
         l2, max_iter, tol, standardize: The fit's settings (None, and True for
             ``standardize``, in files saved before results recorded them): probes of one
             dataset under other regularisation are other results.
@@ -122,6 +125,7 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
     sites: tuple[str, ...] | None = None
     seed: int | None = None
     model_name: str = ""
+    model_dtype: str = ""
     l2: float | None = None
     max_iter: int | None = None
     tol: float | None = None
@@ -566,6 +570,7 @@ def probe_layers(
         sites=sites,
         seed=seed,
         model_name=collected_model(X),
+        model_dtype=collected_model_dtype(X),
         l2=l2,
         max_iter=max_iter,
         tol=tol,

@@ -54,6 +54,7 @@ from mechprobe.probing._activations import Activations
 from mechprobe.probing._data import (
     as_layers,
     collected_model,
+    collected_model_dtype,
     collected_sites,
     encode_labels,
     host,
@@ -255,6 +256,8 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
         seed: The seed the call took (None in files saved before results recorded it).
         model_name: The model :class:`Activations` were collected from (``cfg.model_name``), for
             the record; empty for a plain array and in files saved before results recorded it.
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
         l2, max_iter, tol, standardize: The fits' settings (None, and True for
             ``standardize``, in files saved before results recorded them).
 
@@ -275,6 +278,7 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
     layers: np.ndarray | None = None
     seed: int | None = None
     model_name: str = ""
+    model_dtype: str = ""
     l2: float | None = None
     max_iter: int | None = None
     tol: float | None = None
@@ -548,6 +552,7 @@ def cumulative_scores(
         layers,
         seed=seed,
         model_name=collected_model(X),
+        model_dtype=collected_model_dtype(X),
         sites=sites,
         l2=float(l2),
         max_iter=int(max_iter),

@@ -78,6 +78,8 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
         parts: Number of steps after the intact one (6: sixths).
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
         positions: The positions ablated (``"all"``, an int or several); None in files saved
             before results recorded them.
 
@@ -99,6 +101,7 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
     method: str
     parts: int
     model_name: str = ""
+    model_dtype: str = ""
     positions: str | int | tuple[int, ...] | None = None
 
     @property
@@ -347,5 +350,6 @@ def ffn_ablation(
         method=method,
         parts=parts,
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
         positions=where,
     )

@@ -173,6 +173,8 @@ class AnalogyResult(Result, format="mechprobe.AnalogyResult", version=2):
         seed: The seed the call took (None in files saved before results recorded it).
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -196,6 +198,7 @@ class AnalogyResult(Result, format="mechprobe.AnalogyResult", version=2):
     baseline_predictions: tuple[str, ...]
     seed: int | None = None
     model_name: str = ""
+    model_dtype: str = ""
 
     def _rate(self, ranks: tuple[int, ...], k: int) -> float:
         return float(np.mean(np.asarray(ranks) < k))
@@ -461,4 +464,5 @@ def offset_accuracy(
         seed=seed,
         # Read from cfg where there is one: the offset needs only the embedding and tokenizer.
         model_name=str(getattr(getattr(model, "cfg", None), "model_name", "")),
+        model_dtype=str(model.W_E.dtype).removeprefix("torch."),
     )

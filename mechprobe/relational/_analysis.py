@@ -390,4 +390,5 @@ def relational_analysis(
         config=config,
         notes=tuple(notes),
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
     )

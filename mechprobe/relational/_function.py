@@ -127,6 +127,8 @@ class FunctionVectorResult(
             (a bare ``" "``, ``" The"``) scores 0 without saying why; these do.
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
         random_heads: The random-heads controls' draws (``n_random_heads``), each as many
             ``(layer, head)`` pairs as :attr:`heads`, none of them in it.
 
@@ -154,6 +156,7 @@ class FunctionVectorResult(
     items: tuple[str, ...] = ()
     fit_items: tuple[str, ...] = ()
     model_name: str = ""
+    model_dtype: str = ""
     only_correct: bool = False
     predictions: tuple[tuple[str, ...], ...] = ()
     random_heads: tuple[tuple[tuple[int, int], ...], ...] = ()
@@ -782,6 +785,7 @@ def function_vector(
         fit_items=tuple(fit.inputs()),
         only_correct=only_correct,
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
         predictions=tuple(tuple(tops.get(name, [""] * len(held))) for name in conditions),
         random_heads=random_heads,
     )

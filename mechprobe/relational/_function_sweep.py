@@ -86,6 +86,8 @@ class FunctionVectorSweep(
         n_random: Random vectors per layer (seeds ``seed, seed + 1, ...``).
         seed: Seed of the split, the label shuffles and the random vectors.
         model_name: The model's name, for the record.
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -111,6 +113,7 @@ class FunctionVectorSweep(
     n_random: int
     seed: int = 0
     model_name: str = ""
+    model_dtype: str = ""
 
     def best_layer(self, condition: str = "zero-shot + FV") -> int:
         """The layer where ``condition`` is most accurate (the first of ties). Chosen on the
@@ -354,4 +357,5 @@ def function_vector_sweep(
         n_random=n_random,
         seed=seed,
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
     )

@@ -101,6 +101,8 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
         positions: Positions edited (``"all"``, an int or several).
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
 
     Example:
         >>> import numpy as np
@@ -129,6 +131,7 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
     mode: str
     positions: str | int | tuple[int, ...] = "all"
     model_name: str = ""
+    model_dtype: str = ""
 
     def _index(self, name: str) -> int:
         if name not in self.conditions:
@@ -585,6 +588,7 @@ def ovector_intervention(
         mode=mode,
         positions=where,
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
     )
 
 

@@ -77,6 +77,8 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
         notes: Fallbacks taken, in words.
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
 
     Its repr gives the stages as argument/function/saturation layers (``-``: none found).
 
@@ -102,6 +104,7 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
     config: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     model_name: str = ""
+    model_dtype: str = ""
 
     @property
     def sweep_chosen_on(self) -> str:

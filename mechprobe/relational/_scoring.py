@@ -63,6 +63,8 @@ class TaskScore(Result, format="mechprobe.TaskScore", version=2, html_figure=Tru
             a tie for first is a miss, as for ``correct``).
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
         at_top: ``[item]`` the answer's first token has the largest logit, alone or tied (None
             in files saved before it was kept).
 
@@ -84,6 +86,7 @@ class TaskScore(Result, format="mechprobe.TaskScore", version=2, html_figure=Tru
     logprob: Float[np.ndarray, " item"]
     exact: Bool[np.ndarray, " item"]
     model_name: str = ""
+    model_dtype: str = ""
     at_top: Bool[np.ndarray, " item"] | None = None
 
     def __len__(self) -> int:
@@ -256,6 +259,7 @@ def _forced_pass(
         logprob=logprob,
         exact=exact,
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
         at_top=at_top,
     )
     return _Pass(score=score, captures=captures)

@@ -85,6 +85,8 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
         n_contexts: Number of contexts.
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
         positions: The positions edited (``"all"``, an int or several); None in files saved
             before results recorded them.
 
@@ -108,6 +110,7 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
     mode: str
     n_contexts: int
     model_name: str = ""
+    model_dtype: str = ""
     positions: str | int | tuple[int, ...] | None = None
 
     def best(
@@ -328,6 +331,7 @@ def ovector_sweep(
         mode=mode,
         n_contexts=len(contexts),
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
         positions=where,
     )
 

@@ -113,6 +113,8 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
             description).
         model_name: The model's name (``cfg.model_name``), for the record (empty in files
             saved before results recorded it).
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before results recorded it).
 
     Example:
         >>> import mechprobe as mp
@@ -134,6 +136,7 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
     distinct: Bool[np.ndarray, " item"]
     lens: str = "logit"
     model_name: str = ""
+    model_dtype: str = ""
 
     @property
     def n_layers(self) -> int:
@@ -412,6 +415,7 @@ def _from_pass(
         distinct=np.asarray(arg_ids) != np.asarray(ans_ids),
         lens=lens.describe(),
         model_name=model_adapter(model).name,
+        model_dtype=model_adapter(model).dtype_name,
     )
 
 
