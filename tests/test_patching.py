@@ -1273,29 +1273,55 @@ def test_packed_true_with_a_users_hook_is_refused():
     np.testing.assert_array_equal(default.values, whole.values)
 
 
-@pytest.mark.parametrize("exact", [True, False])
-def test_both_rotary_paths_of_a_hooked_transformer_pack_exactly(exact, monkeypatch):
-    """A HookedTransformer's packed rows rotate each token's queries and keys at its position:
-    with TransformerLens's own rotation of what hook_q/hook_k passed on, or (where a query-key
-    norm or clamp comes between, as OLMo's) by turning the index's rotation on by the
-    difference. Each gives whole rows' cells in float32. In bfloat16 the first packs (the plain
-    run's rotation bit for bit); the second rounds once more, 1.8x further from float32 than
-    whole rows (review 41b F4), so such a model runs whole rows there."""
-    from mechprobe.core import _adapter
-
+def _hooked_with(seed: int, **changes: typing.Any) -> typing.Any:
+    """The tiny Llama-like HookedTransformer with ``changes`` to its config (a query-key norm, a
+    clamp) and its weights, query-key norm gains drawn around one."""
     try:
-        model = mp.tiny_model(seed=3, architecture="neox", kind="hooked")  # partial rotary
+        base = mp.tiny_model(seed=seed, kind="hooked")
     except mp.ModelLoadError as err:  # TransformerLens 4.x builds no HookedTransformer here
         pytest.skip(str(err))
-    monkeypatch.setattr(_adapter, "_rotates_what_it_hooks", lambda cfg: exact)
-    assert model_adapter(model).packing_rounds is not exact
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    config = HookedTransformerConfig.from_dict({**base.cfg.to_dict(), **changes})
+    model = HookedTransformer(config, tokenizer=base.tokenizer, move_to_device=False)
+    model.load_state_dict(base.state_dict(), strict=False)  # all but the norms' gains
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith(("q_norm.w", "k_norm.w")):
+                weight.copy_(1 + 0.5 * torch.randn_like(weight))
+    model.cfg.model_name = base.cfg.model_name
+    return model
+
+
+ROTARY_VARIANTS = {
+    "partial rotary": {"rotary_dim": 8},
+    "per-head query-key norm": {"use_qk_norm": True},  # Qwen 3's, Gemma 3's
+    "OLMo's query-key norm": {"original_architecture": "Olmo2ForCausalLM"},
+    "clamp": {"clip_qkv": 0.5},
+    "OLMo's norm and a clamp": {"original_architecture": "Olmo2ForCausalLM", "clip_qkv": 0.5},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(ROTARY_VARIANTS))
+def test_a_hooked_transformer_packs_bit_for_bit_whatever_comes_before_its_rotation(variant):
+    """A HookedTransformer's packed rows rotate each token's queries and keys at its position
+    with TransformerLens's own rotation of what the model rotates: hook_q/hook_k's value or,
+    where a query-key norm comes between (Qwen 3, Gemma 3, OLMo), the norm's output with its
+    last steps replayed, and any clamp. Packed rows used to turn the index's rotation on by the
+    difference there, rounding once more (1.8x further from float32 than whole rows in
+    bfloat16, review 41b F4), so such models ran whole rows in half precision."""
+    model = _hooked_with(3, **ROTARY_VARIANTS[variant])
+    has_norm = model.blocks[0].attn.q_norm is not None
+    assert has_norm is (variant not in ("partial rotary", "clamp"))
     args = (model, *PROMPT_PAIRS, "q", [-2, -1], METRIC)
     assert _packing_works(model)
     packed = mp.patch(*args, layers=[0, 1], packed=True, n_random=0, progress=False)
     whole = mp.patch(*args, layers=[0, 1], packed=False, n_random=0, progress=False)
     np.testing.assert_allclose(packed.values, whole.values, atol=1e-5, rtol=0)
     _half(model, torch.bfloat16)
-    assert _packing_works(model) is exact
-    if not exact:
-        with pytest.raises(ValueError, match="query-key norm comes before its rotation"):
-            mp.patch(*args, layers=[0, 1], packed=True, n_random=0, progress=False)
+    assert _packing_works(model)
+    packed = mp.patch(*args, layers=[0, 1], packed=True, n_random=0, progress=False)
+    whole = mp.patch(*args, layers=[0, 1], packed=False, n_random=0, progress=False)
+    # The plain run's rotation of the plain run's values: whole rows' cells bit for bit.
+    np.testing.assert_array_equal(packed.values, whole.values)

@@ -337,18 +337,6 @@ class ModelAdapter:
         )
 
     @property
-    def packing_rounds(self) -> bool:
-        """Whether packed rows round where the plain run does not, beyond longer rows' sums: a
-        ``HookedTransformer`` with rotary positions whose query-key norm or clamp comes between
-        ``hook_q`` and the rotation (OLMo's), where packed rows turn the rotation once more
-        (:func:`_rotation`). Elsewhere each token is rotated at its position exactly."""
-        return (
-            self.kind == "hooked"
-            and self.model.cfg.positional_embedding_type == "rotary"
-            and not _rotates_what_it_hooks(self.model.cfg)
-        )
-
-    @property
     def sliding_window(self) -> int | None:
         """The attention window of the model's sliding-window layers (Gemma 2's local layers,
         Mistral), or None where every layer attends to the whole prefix. A 4D attention mask, as
@@ -434,11 +422,8 @@ def _packed_hooks(
     tokens a packed one: each layer's attention scores masked by the 4D ``attention_mask``
     ``[rows, 1, query, key]`` (segments see their own keys and their base's prefix, as a
     bridge's Hugging Face model applies the mask), and each token at its ``position_ids``:
-    rotary queries and keys rotated there by TransformerLens's own rotation of what
-    ``hook_q``/``hook_k`` passed on (:func:`_rotary_at`; where a query-key norm or clamp comes
-    between, turned on from the index the model rotated them at by the difference,
-    :func:`_rotation`: rotations by angles linear in the position compose), or learned position
-    embeddings looked up at those positions. The engine checks once per model, dtype and
+    rotary queries and keys rotated there by TransformerLens's own rotation of what the model
+    rotates (:func:`_rotary_at`), or learned position embeddings looked up at those positions. The engine checks once per model, dtype and
     device that a packed segment gives the plain run's logits (``packing_works``) and runs
     whole rows where it does not.
     """
@@ -455,17 +440,12 @@ def _packed_hooks(
             return scores.masked_fill(~allowed, float("-inf"))
 
         hooks += [(f"blocks.{i}.attn.hook_attn_scores", mask) for i in range(model.cfg.n_layers)]
-    if model.cfg.positional_embedding_type == "rotary" and _rotates_what_it_hooks(model.cfg):
+    if model.cfg.positional_embedding_type == "rotary":
         for i, block in enumerate(model.blocks):
             for name in ("q", "k"):
-                keep, rotate = _rotary_at(block.attn, positions)
-                hooks += [(f"blocks.{i}.attn.hook_{name}", keep)]
+                kept_at, keep, rotate = _rotary_at(block.attn, name, positions)
+                hooks += [(f"blocks.{i}.attn.{kept_at}", keep)]
                 hooks += [(f"blocks.{i}.attn.hook_rot_{name}", rotate)]
-    elif model.cfg.positional_embedding_type == "rotary":
-        shift = positions - index  # [rows, width]: where each token is, less where it sits
-        for i, block in enumerate(model.blocks):
-            turn = _rotation(block.attn, shift)
-            hooks += [(f"blocks.{i}.attn.hook_rot_q", turn), (f"blocks.{i}.attn.hook_rot_k", turn)]
     else:
         w_pos = model.W_pos
 
@@ -476,56 +456,57 @@ def _packed_hooks(
     return hooks
 
 
-def _rotates_what_it_hooks(cfg: Any) -> bool:
-    """Whether a ``HookedTransformer``'s attention rotates ``hook_q``/``hook_k``'s values as they
-    are: not where a query-key norm (``use_qk_norm``, OLMo's) or a clamp (``clip_qkv``) comes
-    between."""
-    olmo = str(getattr(cfg, "original_architecture", "")).startswith(("Olmo2", "Olmo3", "Olmoe"))
-    return not (getattr(cfg, "use_qk_norm", False) or getattr(cfg, "clip_qkv", None) or olmo)
+def _query_key_norm(attn: Any, name: str) -> Any:
+    """The RMSNorm a ``HookedTransformer``'s attention applies to its queries (``name="q"``) or
+    keys (``"k"``) between ``hook_q``/``hook_k`` and the rotation (``use_qk_norm``, per head;
+    OLMo 2's and 3's and OLMoE's, over all heads at once), or None."""
+    olmo = str(getattr(attn.cfg, "original_architecture", "")).startswith(
+        ("Olmo2", "Olmo3", "Olmoe")
+    )
+    if not (getattr(attn.cfg, "use_qk_norm", False) or olmo):
+        return None
+    return getattr(attn, f"{name}_norm", None)
 
 
-def _rotary_at(attn: Any, positions: Tensor) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
-    """Two hooks that rotate queries (or keys) ``[rows, width, heads, d_head]`` at
-    ``positions`` ``[rows, width]`` instead of at their index: the first keeps what
-    ``hook_q``/``hook_k`` passes on, the second replaces the rotation at ``hook_rot_q``/
-    ``hook_rot_k`` with TransformerLens's own (``apply_rotary``: its tables, pairing and
-    operations, in the model's dtype), so each token's rotation is the plain run's bit for bit.
-    Turning the index's rotation on by the difference (:func:`_rotation`) rounds once more: in
-    bfloat16 that put SmolLM2's packed head patches 1.7x further from float32 than whole rows."""
+def _rotary_at(
+    attn: Any, name: str, positions: Tensor
+) -> tuple[str, Callable[..., Tensor], Callable[..., Tensor]]:
+    """Two hooks that rotate queries (``name="q"``) or keys (``"k"``) ``[rows, width, heads,
+    d_head]`` at ``positions`` ``[rows, width]`` instead of at their index, and the hook point
+    (under the attention) the first goes on. The first keeps what the model rotates, as the
+    last hook before the rotation passes it on: ``hook_q``/``hook_k``'s value, or where a
+    query-key norm comes between (Qwen 3's, Gemma 3's, OLMo's), its ``hook_normalized``'s, the
+    rest of TransformerLens's RMSNorm (the cast to the model's dtype, the weight) and any
+    ``clip_qkv`` clamp replayed as TransformerLens computes them. The second replaces the
+    rotation at ``hook_rot_q``/``hook_rot_k`` with TransformerLens's own (``apply_rotary``: its
+    tables, pairing and operations, in the model's dtype). So each token's rotation is the plain
+    run's bit for bit; turning the index's rotation on by the difference instead rounded once
+    more (in bfloat16 SmolLM2's packed head patches were 1.7x further from float32 than whole
+    rows), and calling the norm again would fire its hooks twice.
+    """
     kept: list[Tensor] = []
     dim = int(attn.cfg.rotary_dim)
+    norm = _query_key_norm(attn, name)
+    clip = getattr(attn.cfg, "clip_qkv", None)
 
     def keep(x: Tensor, hook: Any) -> Tensor:
         kept[:] = [x]
         return x
 
     def rotate(rotated: Tensor, hook: Any) -> Tensor:
-        x = kept.pop().to(rotated.device)
+        x = kept.pop()
+        if norm is not None:  # RMSNorm.forward after hook_normalized, then back to the heads
+            x = x.to(norm.cfg.dtype).to(norm.w.device) * norm.w
+        x = x.reshape(rotated.shape)
+        if clip is not None:
+            x = x.clamp(min=-clip, max=clip)
+        x = x.to(rotated.device)
         part, rest = x[..., :dim], x[..., dim:]
         cos = attn.rotary_cos[positions.to(attn.rotary_cos.device), None, :]
         sin = attn.rotary_sin[positions.to(attn.rotary_sin.device), None, :]
         return torch.cat([part * cos + attn.rotate_every_two(part) * sin, rest], dim=-1)
 
-    return keep, rotate
-
-
-def _rotation(attn: Any, shift: Tensor) -> Callable[..., Tensor]:
-    """A hook that turns rotary queries or keys ``[rows, width, heads, d_head]`` by ``shift``
-    positions more, with the attention's own tables and pairing (``rotate_every_two``); a
-    negative shift turns back (cosine even, sine odd)."""
-    steps, sign = shift.abs(), shift.sign()
-    dim = int(attn.cfg.rotary_dim)
-
-    def turn(x: Tensor, hook: Any) -> Tensor:
-        # in float32 at least: a half-precision model's second rotation rounds once more
-        wide = torch.promote_types(x.dtype, torch.float32)
-        cos = attn.rotary_cos[steps][:, :, None, :].to(wide)
-        sin = (attn.rotary_sin[steps] * sign[..., None])[:, :, None, :].to(wide)
-        part = x[..., :dim].to(wide)
-        turned = (part * cos + attn.rotate_every_two(part) * sin).to(x.dtype)
-        return torch.cat([turned, x[..., dim:]], dim=-1)
-
-    return turn
+    return (f"hook_{name}" if norm is None else f"{name}_norm.hook_normalized"), keep, rotate
 
 
 class _SoftCap:

@@ -772,26 +772,20 @@ def _forward_reads(
 _PACKING: weakref.WeakKeyDictionary[Any, dict[tuple[Any, Any], bool]] = weakref.WeakKeyDictionary()
 
 
-def _packing_tolerance(dtype: torch.dtype, rounds: bool = False) -> float:
+def _packing_tolerance(dtype: torch.dtype) -> float:
     """How far, relative to the logits' scale, a packed read may be from the plain run: 1e-4 in
     float32, and in half precision 4 rounding steps (``4 * eps``) where packing adds no
     rounding of its own. Longer rows round softmax sums and products differently (the check's
     13 reads on SmolLM2 in float16: 3.0 eps on the HookedTransformer, 1.8 on the bridge; 0 in
     bfloat16 on both), while a structural error moves the check's reads by 6.5 eps
     or more on the tiny models in bfloat16 (a position off by one on a NeoX with partial
-    rotary; a segment seeing its base's tokens, a blind mask: 13-115 eps; review 41b). Where
-    packing rounds more (``rounds``: a HookedTransformer whose query-key norm or clamp comes
-    between ``hook_q`` and the rotation, so packed rows turn the rotation once more), 1e-4 in
-    every dtype: there half-precision packed cells were up to 1.8x further from float32 than
-    whole rows, which such models run.
+    rotary; a segment seeing its base's tokens, a blind mask: 13-115 eps; review 41b).
 
     Example:
         >>> _packing_tolerance(torch.float32), _packing_tolerance(torch.bfloat16)
         (0.0001, 0.03125)
-        >>> _packing_tolerance(torch.bfloat16, rounds=True)
-        0.0001
     """
-    if rounds or not dtype.is_floating_point:
+    if not dtype.is_floating_point:
         return 1e-4
     return max(1e-4, 4 * torch.finfo(dtype).eps)
 
@@ -854,7 +848,7 @@ def packing_works(model: Any) -> bool:
                 ).float()
             scale = float(plain.abs().max()) + 1.0
             gap = float((logits.float() - plain).abs().max())
-            works = gap <= _packing_tolerance(adapter.dtype, adapter.packing_rounds) * scale
+            works = gap <= _packing_tolerance(adapter.dtype) * scale
         except (TypeError, ValueError, RuntimeError):
             # not kept: a transient failure (a GPU out of memory) turned packing off for the
             # model's life (review 41b); a model that always fails pays three 8-token passes
@@ -938,10 +932,9 @@ def run_plan(
     elif packed and not packing_works(model):
         raise ValueError(
             "packed=True, but this model's packed rows do not reproduce its plain run (a "
-            "HookedTransformer whose positions hooks cannot move, e.g. ALiBi, or in half "
-            "precision one whose query-key norm comes before its rotation; bridges that ignore "
-            "custom masks or position ids): pass packed=False (one row per cell; the same "
-            "numbers)."
+            "HookedTransformer whose positions hooks cannot move, e.g. ALiBi; bridges that "
+            "ignore custom masks or position ids): pass packed=False (one row per cell; the "
+            "same numbers)."
         )
     elif packed and window is not None and longest > window:
         raise ValueError(
