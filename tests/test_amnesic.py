@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -498,6 +499,43 @@ def test_mlp_probe_and_word_level_data(tiny: Any) -> None:
         amnesic(tiny, "blocks.0.hook_resid_post", projection, probe=data, positions=-1, mlp=False)
     with pytest.raises(ValueError, match="below the erased layer"):
         amnesic(tiny, mp.Site("resid_post", 1), projection, probe=data, probe_layers=[0])
+
+
+def test_probe_layers_are_read_as_layers_everywhere_and_checked_before_any_forward_pass(
+    tiny: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review 42a F2: probe_layers was read after the text and task passes (minutes lost on a
+    # real corpus), [] ended in torch's "stack expects a non-empty TensorList" and an int in
+    # "'int' object is not iterable".
+    from mechprobe.erasure import _amnesic
+
+    data = mp.ProbingDataset("toy", ["ab", "ba", "aa", "bb"] * 5, ["x", "y", "x", "y"] * 5)
+    projection = mp.random_projection(64, 4, seed=1)
+    site = mp.Site("resid_post", 1)
+    kw: dict[str, Any] = {"text": ["Hello there"], "probe": data, "mlp": False, "n_random": 1}
+
+    def no_pass(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a forward pass before probe_layers was checked")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(_amnesic, "text_measures", no_pass)
+        for bad, error, message in [
+            ([], ValueError, "probe_layers: layers is empty"),
+            ([0], ValueError, "below the erased layer"),
+            ([9], ValueError, "probe_layers: Layer 9 is out of range"),
+            ([1.5], TypeError, "probe_layers: layers holds 1.5"),
+        ]:
+            with pytest.raises(error, match=re.escape(message)):
+                amnesic(tiny, site, projection, probe_layers=bad, **kw)
+    probed = {
+        str(given): amnesic(tiny, site, projection, probe_layers=given, seed=2, **kw).to_frame()
+        for given in (2, [2], -1, np.array([1, 2]), "all", [1, 2])
+    }
+    for same in (["2", "[2]", "-1"], ["[1 2]", "all", "[1, 2]"]):
+        for name in same[1:]:
+            pd.testing.assert_frame_equal(probed[name], probed[same[0]])
+    assert set(probed["all"]["probe_layer"].dropna()) == {1, 2}
+    assert set(probed["-1"]["probe_layer"].dropna()) == {2}
 
 
 def test_unconverged_probes_are_reported_in_amnesics_terms(tiny: Any) -> None:

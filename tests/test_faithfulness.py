@@ -314,9 +314,12 @@ def test_unused_arguments_and_a_degenerate_ratio_warn(tiny: Any) -> None:
         mp.faithfulness(tiny, PROMPTS, CIRCUIT, METRIC, per_position=False,
                         groups=([1] * 3, [1] * 3), **OFF)  # fmt: skip
     # One prompt, its own reference: each per-position mean is the prompt's own activation, so
-    # ablating changes nothing and full equals empty.
-    with pytest.warns(UserWarning, match="faithfulness, a share of that difference, is NaN"):
+    # ablating changes nothing and full equals empty; the first warning says why (review 42a).
+    with pytest.warns(UserWarning) as caught:
         result = mp.faithfulness(tiny, ["Hi cat"], CIRCUIT, METRIC, **OFF)
+    said = [str(w.message) for w in caught]
+    assert "the only prompt of its group, it is its own reference" in said[0]
+    assert any("faithfulness, a share of that difference, is NaN" in s for s in said[1:])
     assert np.isnan(result.faithfulness) and np.isnan(result.to_frame()["normalised"]).all()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -495,3 +498,23 @@ def test_the_result_records_how_it_was_made_and_wangs_ratio(tiny: Any, tmp_path:
     assert back.named_positions == result.named_positions and back.groups == result.groups
     zero = mp.faithfulness(tiny, PROMPTS, CIRCUIT, METRIC, method="zero", **OFF)
     assert zero.reference_prompts == () and zero.groups == ()
+
+
+def test_a_prompt_alone_in_its_length_group_is_warned_of(tiny):
+    # Review 42a F3: a prompt that is the only one of its token length was "mean-ablated" to its
+    # own activations: its circuit, empty and knockout runs equalled the full model's, silently
+    # (ratio -1.06 where the three other prompts gave -1.26).
+    prompts = ["Hi cat", "Hi dog", "Hi cow", "Hello ant"]  # 7, 7, 7 and 10 tokens
+    lengths = [len(tiny.to_tokens(p)[0]) for p in prompts]
+    assert lengths[3] not in lengths[:3] and len(set(lengths[:3])) == 1
+    circuit = [mp.Site("head", 2, head=1)]
+    with pytest.warns(UserWarning, match=r"prompt 3 \('Hello ant', the group of 10-token"):
+        result = mp.faithfulness(tiny, prompts, circuit, METRIC, progress=False)
+    for condition in (result.circuit, result.empty, result.knockout):
+        assert condition[3] == result.full[3]  # what the warning says
+        assert not np.allclose(condition[:3], result.full[:3])
+    with warnings.catch_warnings():  # a reference of its length: nothing to warn of
+        warnings.simplefilter("error")
+        mp.faithfulness(tiny, prompts, circuit, METRIC, reference=prompts + ["Hello bat"],
+                        progress=False)  # fmt: skip
+        mp.faithfulness(tiny, prompts[:3], circuit, METRIC, progress=False)

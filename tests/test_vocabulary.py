@@ -402,6 +402,11 @@ def _positions_calls() -> dict[str, Callable[[Any], Any]]:
         "ablate_cells": lambda p: mp.ablate_cells(
             model, pair[0], "mlp_out", p, metric, layers=[0], **off
         ),
+        # the reference prompts' positions a mean is taken over: a numpy array crashed in a
+        # comparison with "same" (review 42a F1)
+        "ablate_cells(reference_positions=)": lambda p: mp.ablate_cells(
+            model, list(pair), "mlp_out", -1, metric, layers=[0], reference_positions=p, **off
+        ),
         "path_patch": lambda p: mp.path_patch(
             model, *pair, "head", "final", metric, layers=[0], positions=p, **off
         ),

@@ -29,6 +29,7 @@ from mechprobe.core import (
     HEAD_KINDS,
     Batch,
     Capture,
+    Layers,
     Site,
     SiteKind,
     SiteLike,
@@ -41,6 +42,7 @@ from mechprobe.core import (
     forward,
     intervene,
     model_adapter,
+    resolve_layers,
     resolve_site,
     width,
     writer_positions,
@@ -116,7 +118,7 @@ def amnesic(
     text: Sequence[str] | None = None,
     task: Task | str | None = None,
     probe: ProbeData | None = None,
-    probe_layers: Sequence[int] | None = None,
+    probe_layers: Layers | None = None,
     positions: ErasePositions = "all",
     n_random: int = 3,
     dropout: bool = True,
@@ -138,8 +140,9 @@ def amnesic(
         probe: Labelled data for the *information* measures: a :class:`~mechprobe.ProbingDataset`,
             a :class:`Task` (labelled by input) or ``(texts, labels)`` (last token). Probes
             (:func:`mechprobe.probe_layers`) train on a stratified 75% and are scored on the rest.
-        probe_layers: Layers whose activations (the erased site's kind) are probed after erasure;
-            default: the erased layer and up to four later ones, the last layer included.
+        probe_layers: Layers whose activations (the erased site's kind) are probed after erasure
+            (an int, ints, or ``"all"``: the erased layer and every later one); default: the
+            erased layer and up to four later ones, the last layer included.
         positions: Token positions to erase: ``"all"`` (default), or an int or ints (``-1``:
             each prompt's last real token). Word-level probing data needs ``"all"``.
         n_random: Random-direction controls of the same rank (seeds ``seed .. seed+n_random-1``,
@@ -161,7 +164,8 @@ def amnesic(
 
     Raises:
         ValueError: Before any forward pass: an eraser of another width, nothing to measure, a
-            Site that carries its own positions (pass ``positions=`` here), bad positions.
+            Site that carries its own positions (pass ``positions=`` here), bad positions, or
+            ``probe_layers`` empty, out of range or below the erased layer.
 
     Example:
         >>> import mechprobe as mp
@@ -217,6 +221,19 @@ def amnesic(
         )
     ]
     conditions = [Condition("intact", None), *controls]
+    sites, probe_hook = [], None
+    if probe is not None:  # checked here, before any forward pass (review 42a F2)
+        layer = parsed.layer if parsed is not None else None
+        # A head's site has no whole-layer activation of its kind to probe (Site("head_out", l)
+        # without a head is refused): probe the residual stream it writes to, as for "head".
+        head_site = parsed is not None and parsed.kind in HEAD_KINDS
+        kind = parsed.kind if parsed is not None and not head_site else "resid_post"
+        sites = _probe_sites(model, hook, kind, layer, probe_layers)
+        # The probe that reports the erased site itself: a head's is its layer's residual stream.
+        if head_site and layer is not None:
+            probe_hook = resolve_site(model, Site(kind, layer))[0]
+        else:
+            probe_hook = hook
     measures: list[AmnesicMeasure] = []
     counts: dict[str, int] = {}
     kw: dict[str, Any] = {"positions": positions, "batch_size": batch_size, "progress": progress}
@@ -230,19 +247,8 @@ def amnesic(
             raise TypeError(f"task must be a Task or a task name, got {type(task).__name__}.")
         measures += task_measures(model, target, task_obj, conditions, **kw)
         counts["task_items"] = len(task_obj)
-    majority, probe_hook = None, None
+    majority = None
     if probe is not None:
-        layer = parsed.layer if parsed is not None else None
-        # A head's site has no whole-layer activation of its kind to probe (Site("head_out", l)
-        # without a head is refused): probe the residual stream it writes to, as for "head".
-        head_site = parsed is not None and parsed.kind in HEAD_KINDS
-        kind = parsed.kind if parsed is not None and not head_site else "resid_post"
-        sites = _probe_sites(model, hook, kind, layer, probe_layers)
-        # The probe that reports the erased site itself: a head's is its layer's residual stream.
-        if head_site and layer is not None:
-            probe_hook = resolve_site(model, Site(kind, layer))[0]
-        else:
-            probe_hook = hook
         info = information_measures(
             model,
             target,
@@ -275,9 +281,14 @@ def amnesic(
 
 
 def _probe_sites(
-    model: Any, hook: str, kind: str, layer: int | None, probe_layers: Sequence[int] | None
+    model: Any, hook: str, kind: str, layer: int | None, probe_layers: Layers | None
 ) -> list[str]:
-    """Hook names to probe: the erased site first, then the chosen later layers of its kind."""
+    """Hook names to probe: the erased site first, then the chosen later layers of its kind.
+
+    Raises:
+        TypeError, ValueError: ``probe_layers`` is not a layer, layers or ``"all"`` (the erased
+            layer and every later one), or holds a layer below the erased one.
+    """
     n_layers = int(model.cfg.n_layers)
     if probe_layers is None:
         if layer is None:
@@ -286,15 +297,20 @@ def _probe_sites(
         step = max(1, -(-len(later) // 4))
         chosen = later[::-1][::step][::-1]  # evenly spaced, always ending at the last layer
         probe_layers = [layer, *chosen]
+    elif isinstance(probe_layers, str) and probe_layers == "all" and layer is not None:
+        probe_layers = range(layer, n_layers)
+    try:
+        resolved = resolve_layers(model, probe_layers)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"probe_layers: {err}") from None
     names = [hook] if layer is None else []
-    for lay in probe_layers:
-        name, _ = resolve_site(model, Site(kind, int(lay)))  # type: ignore[arg-type]
-        if layer is not None and int(lay) % n_layers < layer:
+    for lay in resolved:
+        if layer is not None and lay < layer:
             raise ValueError(
                 f"probe_layers holds layer {lay}, below the erased layer {layer}: an erasure "
                 "cannot change earlier layers; pass layers >= the erased one."
             )
-        names.append(name)
+        names.append(resolve_site(model, Site(kind, lay))[0])  # type: ignore[arg-type]
     return list(dict.fromkeys(names))
 
 

@@ -710,24 +710,25 @@ def ablate_cells(
     ids = token_rows(model, prompts, "prompts")
     rows = site_rows(model, sites, layers, "ablate_cells()")
     site_list = rows.sites
-    per_position = reference_positions == "same"
     if isinstance(reference_positions, str) and reference_positions not in ("all", "same"):
         raise ValueError(
             f"reference_positions takes 'all', 'same' (a position-wise mean), an int or a list "
             f"of ints; got {reference_positions!r}."
         )
+    if not isinstance(reference_positions, str):
+        # a list of ints from here: a numpy array compared with "all" is an array (review 42a)
+        reference_positions = position_list(reference_positions)
+    per_position = reference_positions == "same"
     if method == "zero" and (reference is not None or reference_positions != "all"):
         warn(
             "method='zero' reads no reference prompts: reference= and reference_positions= "
             "are unused (they set the mean of method='mean')."
         )
-    if reference_positions not in ("all", "same"):
-        position_list(reference_positions)  # a clear error for a bad spec, before any forward
-        if any(s.kind == "pattern" for s in site_list):
-            raise ValueError(
-                "reference_positions applies to vector and head sites; a pattern's mean is taken "
-                "per query position: leave reference_positions='all' for pattern sites."
-            )
+    if reference_positions not in ("all", "same") and any(s.kind == "pattern" for s in site_list):
+        raise ValueError(
+            "reference_positions applies to vector and head sites; a pattern's mean is taken "
+            "per query position: leave reference_positions='all' for pattern sites."
+        )
     lengths = [len(t) for t in ids]
     wanted, columns = _columns(positions, lengths, lengths, "prompt")
     metric_fn, metric_name = bind_metric(model, metric, len(ids))
