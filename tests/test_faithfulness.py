@@ -515,6 +515,6 @@ def test_a_prompt_alone_in_its_length_group_is_warned_of(tiny):
         assert not np.allclose(condition[:3], result.full[:3])
     with warnings.catch_warnings():  # a reference of its length: nothing to warn of
         warnings.simplefilter("error")
-        mp.faithfulness(tiny, prompts, circuit, METRIC, reference=prompts + ["Hello bat"],
+        mp.faithfulness(tiny, prompts, circuit, METRIC, reference=[*prompts, "Hello bat"],
                         progress=False)  # fmt: skip
         mp.faithfulness(tiny, prompts[:3], circuit, METRIC, progress=False)
