@@ -251,6 +251,11 @@ def test_an_exception_mid_training_leaves_no_hook(tiny, monkeypatch):
             {"test_size": 1.0},
             r"test_size must be a fraction in \(0, 1\), got 1\.0",
         ),
+        (  # a count, as function_vector takes: the message said "(0.0, 1.0]" (review 42a S5)
+            (["a b", "c d"], ["e f", "g h"], 5, "blocks.0.hook_resid_post"),
+            {"test_size": 3},
+            r"test_size must be a fraction in \(0, 1\), got 3\.0",
+        ),
         (
             (["a b", "c d"], ["e f", "g h"], 5, "blocks.0.hook_resid_post"),
             {"answer": 5},

@@ -42,6 +42,16 @@ def test_a_mean_over_one_reference_token_warns_that_ablating_to_it_is_a_no_op(ti
                         reference=["The dog ran far away"], progress=False)  # fmt: skip
 
 
+def test_a_mean_over_no_reference_token_is_refused(tiny):
+    # Review 42a S6: a BOS-only prompt as its own reference gave NaN in every cell, and only
+    # "the metric is not finite" was said.
+    with pytest.raises(ValueError, match=r"reference prompts \(1\) have no token after their BOS"):
+        mp.ablate_cells(tiny, [""], "mlp_out", -1, METRIC, n_random=0, progress=False)
+    res = mp.ablate_cells(tiny, [""], "mlp_out", -1, METRIC, reference=["Hi cat"], n_random=0,
+                          progress=False)  # fmt: skip
+    assert np.isfinite(res.values).all()
+
+
 def test_a_pattern_mean_from_one_prompt_warns(tiny):
     with pytest.warns(UserWarning, match="comes from the one prompt ablated"):
         mp.ablate_cells(tiny, "Hi cat sat", "pattern", -1, METRIC, layers=[0], n_random=0,

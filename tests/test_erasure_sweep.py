@@ -120,6 +120,8 @@ def test_layer_sweep_checks_what_it_can_before_collecting(
         layer_sweep(tiny, letters, [0], "leace")
     with pytest.raises(ValueError, match="seed"):
         layer_sweep(tiny, letters, [0], "inlp", text=TEXTS, seed=-1)
+    with pytest.raises(ValueError, match=r"fit_options holds method='orth'.*'leace-orth'"):
+        layer_sweep(tiny, letters, [0], "leace", text=TEXTS, fit_options={"method": "orth"})
 
 
 def test_a_seed_among_the_fit_options_is_the_fits_own(

@@ -4,6 +4,7 @@ conditions and the result protocol."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -337,6 +338,15 @@ def test_chosen_heads_on_a_model_with_fewer_than_ten_heads(task):
     small = mp.tiny_model(n_layers=2)
     res = mp.function_vector(small, task, heads=[(0, 1)], n_prompts=2, n_random=0, progress=False)
     assert res.heads == ((0, 1),)
+    # Review 42a S2: a layer from the end, and head_scores' (layer, head, score) triples, as
+    # layers= and attention_patterns(sites=) take them.
+    top = mp.head_scores(small, seq_len=8, n_prompts=2, progress=False).top("induction", k=2)
+    for heads, expected in (([(-1, 1)], ((1, 1),)), (top, tuple((la, h) for la, h, _ in top))):
+        res = mp.function_vector(small, task, heads=heads, n_prompts=2, n_random=0,
+                                 progress=False)  # fmt: skip
+        assert res.heads == expected
+    with pytest.raises(ValueError, match="a head's layer must be between -2 and 1"):
+        mp.function_vector(small, task, heads=[(-3, 1)], n_prompts=2, progress=False)
 
 
 @pytest.mark.parametrize(
@@ -475,6 +485,10 @@ def test_the_layer_sweep_protocol_and_errors(model, task, result, sweep, tmp_pat
     with pytest.warns(UserWarning, match="items the FV was fit on"):
         mp.function_vector_sweep(model, task, result, layers=[0], n_random=0, seed=SEED + 5,
                                  progress=False)  # fmt: skip
+    # a FV of another model of this width: said, as the o-vector functions refuse it (42a S3)
+    other = dataclasses.replace(result, model_name="another model")
+    with pytest.warns(UserWarning, match="The FV was made on 'another model', and this model"):
+        mp.function_vector_sweep(model, task, other, layers=[0], n_random=0, progress=False)
 
 
 def test_the_vector_as_an_intervention(model, task, result, tmp_path):

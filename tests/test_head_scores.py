@@ -183,6 +183,8 @@ def test_the_result_protocol(tiny, tmp_path) -> None:
     np.testing.assert_allclose(frame["spread"].to_numpy(), expected.reshape(-1), rtol=1e-12)
     best = frame[frame.head_kind == "induction"].sort_values("score").iloc[-1]
     assert (int(best["layer"]), int(best["head"])) == res.top("induction", 1)[0][:2]
+    with pytest.raises(ValueError, match="k must be"):  # not [] (review 42a S7)
+        res.top("induction", k=0)
     assert len(res.summary(top=2)) == 6
     assert len(res.plot().axes) == 4  # three maps and their one colour bar (one scale, 0 to 1)
     for suffix in (".json", ".npz"):

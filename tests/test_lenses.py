@@ -778,6 +778,8 @@ def test_compare_lenses_names_three_of_a_kind_apart(tiny):
     )  # fmt: skip
     assert cmp.lenses == ("patchscope_0", "patchscope_1", "patchscope_2")  # was _0, _0, plain
     assert len([c for c in cmp.summary().columns if "patchscope" in c]) >= 3
+    with pytest.raises(ValueError, match=r"Two lenses have one name as text: \['1', '1'\]"):
+        mp.compare_lenses(tiny, {1: "logit", "1": "logit"}, ["one two"], progress=False)
 
 
 def test_training_and_comparison_refuse_settings_that_do_nothing_or_misread() -> None:
@@ -830,6 +832,10 @@ def test_windows_longer_than_the_context_are_refused(architecture):
         mp.compare_lenses(model, ["logit"], "heldout", n_tokens=600, seq_len=600, progress=False)
     with pytest.raises(ValueError, match="seq_len=513 is longer than the model's context of 512"):
         mp.train_tuned_lens(model, "train", n_tokens=513, seq_len=513, tokens_per_step=513)
+    # with the default tokens_per_step, the context is named first (review 42a S10: it said
+    # "tokens_per_step must be at least 1000")
+    with pytest.raises(ValueError, match="seq_len=1000 is longer than the model's context"):
+        mp.train_tuned_lens(model, "train", n_tokens=1000, seq_len=1000)
     windows = mp.lens._text.token_windows(model, "heldout", seq_len=512, n_windows=1)
     assert tuple(windows.shape) == (1, 512)  # the context itself is allowed
 

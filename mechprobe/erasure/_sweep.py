@@ -337,6 +337,12 @@ def layer_sweep(
             "Elazar et al. erase word-level concepts), or text-level data."
         )
     options = dict(fit_options or {})
+    if "method" in options:  # else Python's "got multiple values for argument 'method'"
+        raise ValueError(
+            f"fit_options holds method={options['method']!r}: the erasure method is "
+            "layer_sweep's method= argument ('inlp', 'leace', or 'leace-orth' for LEACE's "
+            "method='orth')."
+        )
     fit_seed = options.pop("seed", seed)  # a seed among the fit options is the fits' own
     found = expand_sites(model, sites, layers=layers, kinds=_KINDS, what="sites")
     for site in found:

@@ -273,6 +273,8 @@ def compare_lenses(
     """
     if isinstance(lenses, Mapping):
         names = [str(k) for k in lenses]
+        if len(set(names)) < len(names):  # {1: ..., "1": ...}: two lenses named '1'
+            raise ValueError(f"Two lenses have one name as text: {names}; name each once.")
         objs = [as_lens(v) for v in lenses.values()]
     else:
         if isinstance(lenses, str) or not isinstance(lenses, Sequence):

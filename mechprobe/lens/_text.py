@@ -29,6 +29,7 @@ from mechprobe.core import control_seed, model_adapter
 __all__ = [
     "HELD_OUT_EVERY",
     "TextSource",
+    "check_context",
     "english_text",
     "read_texts",
     "sample_windows",
@@ -150,6 +151,26 @@ def _windows(
             return
 
 
+def check_context(model: Any, seq_len: int) -> None:
+    """Refuse windows of ``seq_len`` tokens longer than the model's context.
+
+    Raises:
+        ValueError: ``seq_len`` above ``cfg.n_ctx``, naming both.
+
+    Example:
+        >>> import mechprobe as mp
+        >>> check_context(mp.tiny_model(), 8)
+    """
+    n_ctx = model_adapter(model).n_ctx
+    if n_ctx is not None and seq_len > int(n_ctx):
+        # Past the context a learned-position model fails with a bare IndexError, and a rotary
+        # one reads (and trains on) positions it never saw.
+        raise ValueError(
+            f"seq_len={seq_len} is longer than the model's context of {int(n_ctx)} tokens: pass "
+            f"seq_len <= {int(n_ctx)}."
+        )
+
+
 def sample_windows(
     model: Any, text: TextSource, seq_len: int, n_windows: int, seed: int
 ) -> tuple[Int[Tensor, "window seq"], int]:
@@ -161,14 +182,7 @@ def sample_windows(
         >>> tuple(w.shape), docs
         ((2, 8), 2)
     """
-    n_ctx = model_adapter(model).n_ctx
-    if n_ctx is not None and seq_len > int(n_ctx):
-        # Past the context a learned-position model fails with a bare IndexError, and a rotary
-        # one reads (and trains on) positions it never saw.
-        raise ValueError(
-            f"seq_len={seq_len} is longer than the model's context of {int(n_ctx)} tokens: pass "
-            f"seq_len <= {int(n_ctx)}."
-        )
+    check_context(model, seq_len)
     docs = read_texts(text)
     got: list[list[int]] = []
     sources: set[int] = set()

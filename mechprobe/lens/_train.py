@@ -61,7 +61,7 @@ from mechprobe.core import (
     write_tensors,
 )
 from mechprobe.lens._lens import RESIDUAL_KINDS
-from mechprobe.lens._text import TextSource, sample_windows
+from mechprobe.lens._text import TextSource, check_context, sample_windows
 from mechprobe.lens._tuned import TunedLens, translator_sites, unembedding_digest
 
 __all__ = ["train_tuned_lens"]
@@ -376,6 +376,7 @@ def train_tuned_lens(
             UserWarning,
         )
     seq_len = check_int(seq_len, "seq_len", 2)
+    check_context(model, seq_len)  # first: tokens_per_step's bound follows from seq_len
     tokens_per_step = check_int(tokens_per_step, "tokens_per_step", seq_len)
     if tokens_per_step % seq_len:
         raise ValueError(

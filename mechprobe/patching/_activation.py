@@ -925,6 +925,12 @@ def _means(
                         f"reference_positions {p} is outside reference prompt {i} ({n} tokens)."
                     )
                 real[i, p % n] = True
+    elif positions == "all" and not real.any():
+        # a mean of nothing: every cell was NaN, with only "the metric is not finite" said
+        raise ValueError(
+            f"The reference prompts ({len(ids)}) have no token after their BOS to take the mean "
+            "over: pass reference prompts with text (reference=...), or method='zero'."
+        )
     out: dict[Site, Any] = {}
     for site in site_list:
         value = captured[site]

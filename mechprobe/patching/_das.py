@@ -347,11 +347,13 @@ def das(
         "call once per position",
     )
     lr = check_float(lr, "lr", 0.0, low_open=True)
-    test_size = check_float(test_size, "test_size", 0.0, 1.0, low_open=True)
-    if test_size == 1.0:  # fitted on one pair, as if asked for; function_vector refuses it
+    test_size = check_float(test_size, "test_size")
+    # 1.0 fitted on one pair, as if asked for (function_vector refuses it); a count such as 3
+    # was told "(0.0, 1.0]", which 1.0 is not (review 42a S5)
+    if not 0.0 < test_size < 1.0:
         raise ValueError(
-            "test_size must be a fraction in (0, 1), got 1.0: it is the share of pairs held out, "
-            "and the rest is what the rotation is fitted on (e.g. 0.5)."
+            f"test_size must be a fraction in (0, 1), got {test_size!r}: it is the share of "
+            "pairs held out, and the rest is what the rotation is fitted on (e.g. 0.5)."
         )
     name, parsed = resolve_site(model, site)
     wide = width(model, parsed)

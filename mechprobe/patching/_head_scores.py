@@ -164,7 +164,7 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
             >>> len(res.top("induction", k=3))
             3
         """
-        check_int(k, "k", 0)
+        check_int(k, "k", 1)
         grid = self.scores[self._kind_index(kind)]
         flat = np.where(np.isnan(grid), -np.inf, grid).reshape(-1)
         order = np.argsort(-flat, kind="stable")[:k]
@@ -220,7 +220,7 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
             >>> len(res.summary(top=2))
             6
         """
-        check_int(top, "top", 0)
+        check_int(top, "top", 1)
         rows = [
             {
                 "head_kind": kind,

@@ -416,18 +416,23 @@ def _sampled_prompts(pool: Task, fit: Task, shots: int, seed: int) -> tuple[list
 
 
 def _check_heads(heads: Any, n_layers: int, n_heads: int) -> tuple[tuple[int, int], ...]:
-    """``heads`` as ``((layer, head), ...)``, each in the model and named once."""
+    """``heads`` as ``((layer, head), ...)``, each in the model and named once: pairs, or the
+    ``(layer, head, score)`` triples of ``HeadScoreResult.top``; a negative layer counts from
+    the end, as ``layers=`` does everywhere."""
     pairs = list(heads) if isinstance(heads, (Sequence, np.ndarray)) else None
-    if not pairs or any(not isinstance(p, (Sequence, np.ndarray)) or len(p) != 2 for p in pairs):
+    if not pairs or any(
+        not isinstance(p, (Sequence, np.ndarray)) or len(p) not in (2, 3) for p in pairs
+    ):
         raise ValueError(
-            f"heads takes (layer, head) pairs, such as [(9, 1), (11, 3)]; got {heads!r}."
+            f"heads takes (layer, head) pairs, such as [(9, 1), (11, 3)] (or HeadScoreResult.top's "
+            f"(layer, head, score) triples); got {heads!r}."
         )
     out = tuple(
         (
-            check_int(la, "a head's layer", 0, n_layers - 1),
-            check_int(h, "a head's index", 0, n_heads - 1),
+            check_int(p[0], "a head's layer", -n_layers, n_layers - 1) % n_layers,
+            check_int(p[1], "a head's index", 0, n_heads - 1),
         )
-        for la, h in pairs
+        for p in pairs
     )
     if len(set(out)) < len(out):
         raise ValueError(f"heads names a head twice: {list(out)}.")
@@ -599,7 +604,8 @@ def function_vector(
             al.); the o-vector is fit at this layer's MLP.
         n_heads: The number of top heads (by the task's AIE) whose mean outputs make the FV
             (default 10, as Todd et al.).
-        heads: Instead, the ``(layer, head)`` pairs whose mean outputs make the FV, such as
+        heads: Instead, the ``(layer, head)`` pairs (negative layers from the end; or
+            ``HeadScoreResult.top``'s triples) whose mean outputs make the FV, such as
             Todd et al.'s universal set: the top heads of the AIE averaged over several tasks,
             ``np.mean([r.aie for r in results], 0)``. The AIE is then not measured (NaN in the
             result): only the heads' mean outputs are, so a layer sweep,

@@ -316,6 +316,15 @@ def function_vector_sweep(
             f"of {task.name!r} are items the FV was fit on: pass the test_size and seed "
             "function_vector was given, so that the FV is measured on items it has not seen."
         )
+    here = model_adapter(model).name
+    if fv.model_name and here and fv.model_name != here:
+        # the o-vector functions refuse this; a FV moved between models of one width may be on
+        # purpose (a base model's FV in its fine-tuned copy), so it is said, not refused
+        warn(
+            f"The FV was made on {fv.model_name!r}, and this model is {here!r}: its heads' "
+            "mean outputs are that model's. Make it on this model (mp.function_vector) unless "
+            "the transfer is what you measure."
+        )
     answers = first_token_ids(model, test.answers())
     _warn_shared_first_tokens(model, answers, "function_vector_sweep")
     _warn_copying_scores(model, test, answers, "function_vector_sweep")
