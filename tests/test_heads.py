@@ -11,7 +11,7 @@ from transformer_lens import patching as tl_patching
 
 import mechprobe as mp
 from mechprobe.core import keyed_seed, model_adapter, query_heads
-from mechprobe.patching._engine import unit_vectors
+from mechprobe.patching._engine import control_key, unit_vectors
 from tests.conftest import hook_count
 
 CLEAN, CORRUPT = "A cat sat", "A bat sat"  # differ at position 3 (BOS first)
@@ -191,8 +191,10 @@ def test_random_control_moves_the_same_distance_in_a_seeded_direction(tiny):
     with torch.no_grad():
         _, cache = tiny.run_with_cache(clean)
         for j in range(2):
-            # Control j of the pair: seed 7 + j keyed by the pair's token ids.
-            key = keyed_seed(7 + j, [clean[0], corrupt[0]])
+            # Control j of the pair: seed 7 + j keyed by the pair's token ids and the cell
+            # (the site at the corrupt run's last position).
+            cell = control_key(site, corrupt.shape[1] - 1)
+            key = keyed_seed(7 + j, [clean[0], corrupt[0]], cell)
             unit = unit_vectors(key, [tiny.cfg.d_model])[0]
 
             def write(act, hook, unit=unit):
@@ -208,6 +210,39 @@ def test_random_control_moves_the_same_distance_in_a_seeded_direction(tiny):
     # does its control.
     early = mp.patch(tiny, CLEAN, CORRUPT, mp.Site("resid_pre", 0), [1], METRIC, n_random=3)
     np.testing.assert_allclose(early.random[:, 0, 0, 0], early.corrupt_metric, atol=1e-5)
+
+
+def test_a_cells_controls_do_not_depend_on_the_other_cells_run(tiny):
+    """Review 42a S1: a cell's random controls were drawn in cell order from one generator per
+    pair, so patching mlp_out@1 alone gave other controls than patching it beside mlp_out@0, or
+    at -1 beside -2; re-running a subset of cells to check a number gave other controls.
+    Each cell now draws from the pair's tokens and its own key, as causal tracing's do."""
+    pairs = (["A cat sat on", "The dog ran to"], ["A bat sat on", "The fog ran to"])
+    kw = {"n_random": 2, "seed": 5, "progress": False}
+
+    one = mp.Site("mlp_out", 1)
+    runs = {
+        "patch": lambda sites, pos: mp.patch(tiny, *pairs, sites, pos, METRIC, **kw),
+        "ablate_cells": lambda sites, pos: mp.ablate_cells(tiny, pairs[0], sites, pos, METRIC,
+                                                           **kw),
+        "attribution_patch": lambda sites, pos: mp.attribution_patch(tiny, *pairs, sites, pos,
+                                                                     METRIC, **kw),
+    }  # fmt: skip
+    for name, run in runs.items():
+        alone = run([one], [-1])
+        wide = run([mp.Site("mlp_out", 0), one, mp.Site("head", 1, head=2)], [-2, -1])
+        # the same directions: equal up to the rounding of other rows in the forward pass
+        np.testing.assert_allclose(
+            alone.random[..., 0, 0], wide.random[..., 1, 1], atol=1e-5, rtol=0, err_msg=name
+        )
+        assert not np.allclose(wide.random[..., 1, 1], wide.random[..., 1, 0]), name
+    heads = mp.attribution_patch(tiny, *pairs, "head", [-1], METRIC, layers=[1], **kw)
+    head = mp.attribution_patch(tiny, *pairs, mp.Site("head", 1, head=2), [-1], METRIC, **kw)
+    np.testing.assert_allclose(heads.random[..., 2, 0], head.random[..., 0, 0], atol=1e-5)
+    senders = [mp.Site("head", 0, head=1), mp.Site("head", 1, head=0)]
+    path = lambda s: mp.path_patch(tiny, *pairs, s, "final", METRIC, positions=[-1], **kw)  # noqa: E731
+    np.testing.assert_allclose(path(senders[1:]).random[..., 0, 0],
+                               path(senders).random[..., 1, 0], atol=1e-5)  # fmt: skip
 
 
 def test_controls_and_spread_do_not_depend_on_chunking(tiny, cell_packing):

@@ -73,7 +73,7 @@ from mechprobe.core._results import (
     write_tensors,
 )
 from mechprobe.core._runner import RunResult, forward, run
-from mechprobe.core._seeding import control_seed, keyed_seed
+from mechprobe.core._seeding import control_seed, keyed_seed, keyed_seeds
 from mechprobe.core._sites import (
     HEAD_KINDS,
     Layers,
@@ -164,6 +164,7 @@ __all__ = [
     "head_count",
     "intervene",
     "keyed_seed",
+    "keyed_seeds",
     "layer_column",
     "literal",
     "load_model",

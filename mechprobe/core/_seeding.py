@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["control_seed", "keyed_seed"]
+__all__ = ["control_seed", "keyed_seed", "keyed_seeds"]
 
 #: Seeds run over ``0 .. 2**32 - 1`` (:func:`mechprobe.core.check_seed`); control seeds wrap in it.
 _SEED_RANGE = 2**32
@@ -59,13 +59,30 @@ def keyed_seed(seed: int, prompts: Sequence[Sequence[int] | Tensor], suffix: byt
         >>> keyed_seed(0, [[1, 5], [9]]) == keyed_seed(0, [[1], [5, 9]])  # where the pair splits
         False
     """
+    return keyed_seeds(seed, prompts, [suffix])[0]
+
+
+def keyed_seeds(
+    seed: int, prompts: Sequence[Sequence[int] | Tensor], suffixes: Sequence[bytes]
+) -> list[int]:
+    """:func:`keyed_seed` for each of ``suffixes``, hashing the prompts once (a patching run
+    draws a control for every cell of a pair).
+
+    Example:
+        >>> keys = [b"a", b"b"]
+        >>> keyed_seeds(3, [[1, 2]], keys) == [keyed_seed(3, [[1, 2]], k) for k in keys]
+        True
+    """
     ids = b"".join(
         np.asarray(torch.as_tensor(p).cpu().reshape(-1), dtype=np.int64).tobytes() for p in prompts
     )
     # One prompt hashes its ids alone (the key causal tracing's noise has always had); a pair
     # adds its lengths, so that where one prompt ends is part of the key.
     lengths = b"" if len(prompts) == 1 else repr([len(p) for p in prompts]).encode()
-    digest = hashlib.blake2b(
-        ids + lengths + suffix, digest_size=8, key=str(int(seed)).encode()
-    ).digest()
-    return int.from_bytes(digest, "little") % 2**63
+    start = hashlib.blake2b(ids + lengths, digest_size=8, key=str(int(seed)).encode())
+    out = []
+    for suffix in suffixes:
+        digest = start.copy()  # the same digest as hashing ids + lengths + suffix at once
+        digest.update(suffix)
+        out.append(int.from_bytes(digest.digest(), "little") % 2**63)
+    return out

@@ -9,8 +9,9 @@ logits at the last token. ``direction="denoising"`` (the default, as in Transfor
 clean prompt and writes corrupt ones. Ablating a cell writes zeros or a mean instead.
 
 Every cell comes with controls: ``n_random`` runs of the same cell in which the activation is
-moved by the same distance in a random direction (control ``j`` of a pair drawn from ``(seed + j) % 2**32``
-and the pair's tokens: the same whatever other pairs run beside it), so an effect can be told
+moved by the same distance in a random direction (control ``j`` of a pair drawn from ``(seed + j) % 2**32``,
+the pair's tokens and the cell's site and position: the same whatever other pairs and cells run
+beside it), so an effect can be told
 apart from "anything of that size written there"; and every value is kept per prompt pair, for
 the spread over prompts.
 
@@ -62,6 +63,7 @@ from mechprobe.patching._engine import (
     Cell,
     Edit,
     Plan,
+    control_key,
     edit_width,
     pair_unit_vectors,
     run_plan,
@@ -469,8 +471,9 @@ def patch(
             ``get_act_patch_*`` convention); ``"noising"`` runs clean and writes corrupt ones.
         n_random: Random controls per cell: the activation moved by the patch's own distance
             ``||a_source - a_run||`` in a random direction (control ``j`` of a pair drawn from
-            ``(seed + j) % 2**32`` and the pair's tokens, so the same whatever pairs run beside it; for a
-            pattern row, a direction that keeps the row's sum). 0 skips them (and runs
+            ``(seed + j) % 2**32``, the pair's tokens and the cell's site and position, so the same
+            whatever other pairs and cells run beside it; for a pattern row, a direction that
+            keeps the row's sum). 0 skips them (and runs
             ``1 + n_random`` times fewer cells).
         seed: Seed of the random directions.
         cells_per_batch: Cells per forward pass, at most (fewer where ``memory_budget`` binds).
@@ -536,10 +539,11 @@ def patch(
     sum_zero = [site.kind == "pattern" for _, site, _, _ in slots]
     pair_tokens = list(zip(clean_ids, corrupt_ids, strict=True))
     pair_of_slot = [grid[n][0] for n, *_ in slots]
+    keys = [control_key(site, pb) for _, site, _, pb in slots]
     for j in range(-1, n_random):
         units = (
             pair_unit_vectors(
-                control_seed(seed, j), pair_tokens, pair_of_slot, widths, sum_zero=sum_zero
+                control_seed(seed, j), pair_tokens, pair_of_slot, widths, keys, sum_zero=sum_zero
             )
             if j >= 0
             else None
@@ -683,8 +687,9 @@ def ablate_cells(
             index in each prompt, not at the role's.
         layers: The layers a kind covers.
         n_random: Random controls per cell: the activation moved by the ablation's own distance
-            in a random direction (control ``j`` of a prompt drawn from ``(seed + j) % 2**32`` and the
-            prompt's tokens, so the same whatever prompts run beside it).
+            in a random direction (control ``j`` of a prompt drawn from ``(seed + j) % 2**32``,
+            the prompt's tokens and the cell's site and position, so the same whatever other
+            prompts and cells run beside it).
         seed: Seed of the random directions.
         cells_per_batch: Cells per forward pass, at most.
         memory_budget: As for :func:`patch`.
@@ -773,10 +778,11 @@ def ablate_cells(
     widths = [len(v) for v in values]
     sum_zero = [site.kind == "pattern" for _, site, _ in slots]
     pair_tokens, pair_of_slot = [[t] for t in ids], [grid[n][0] for n, _, _ in slots]
+    keys = [control_key(site, p) for _, site, p in slots]
     for j in range(-1, n_random):
         units = (
             pair_unit_vectors(
-                control_seed(seed, j), pair_tokens, pair_of_slot, widths, sum_zero=sum_zero
+                control_seed(seed, j), pair_tokens, pair_of_slot, widths, keys, sum_zero=sum_zero
             )
             if j >= 0
             else None

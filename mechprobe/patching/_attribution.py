@@ -21,8 +21,9 @@ before trusting it on a model (``docs/causal.md`` has the comparison on SmolLM2)
 
 Controls: ``n_random`` estimates per cell of the patch moved by the same distance
 ``||a_clean - a_corrupt||`` in a random direction, ``||delta|| u . grad`` (control ``j`` of a
-pair drawn from ``(seed + j) % 2**32`` and the pair's tokens, so the same whatever pairs run beside it; for
-a pattern row a direction that keeps the row's sum), and every value per prompt pair.
+pair drawn from ``(seed + j) % 2**32``, the pair's tokens and the cell, so the same whatever other pairs
+and cells run beside it, and for a vector or head cell the direction :func:`mechprobe.patch`'s
+control moves it by; for a pattern row a direction that keeps the row's sum), and every value per prompt pair.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from mechprobe.core import (
     evaluates,
     gradients_enabled,
     intervene,
-    keyed_seed,
+    keyed_seeds,
     progress_bar,
 )
 from mechprobe.patching._activation import (
@@ -65,6 +66,7 @@ from mechprobe.patching._activation import (
     site_rows,
     token_pairs,
 )
+from mechprobe.patching._engine import control_key
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric, check_unpatched
 from mechprobe.patching._result import PatchResult, pair_records
 
@@ -105,10 +107,12 @@ def _estimate(
     grads: dict[str, Gradient],
     src: Tensor,
     dst: Tensor,
-    generators: list[torch.Generator],
+    seeds: list[int],
+    pair_tokens: list[Tensor],
 ) -> tuple[Tensor, list[Tensor]]:
     """``(delta . grad, [||delta|| u_j . grad])`` at every position (and head) of the site's
-    hook: ``[positions]`` or ``[positions, heads]``, float64."""
+    hook: ``[positions]`` or ``[positions, heads]``, float64. Control ``j``'s direction ``u_j``
+    at each (head and) position is drawn for that cell alone (:func:`_directions`)."""
     a_clean = caps[_value_hook(site)].value
     a_run = grads[_value_hook(site)].value
     grad = grads[_grad_hook(site)].grad
@@ -126,14 +130,35 @@ def _estimate(
     estimate = (delta * g).sum(-1)
     norm = delta.norm(dim=-1, keepdim=True)
     randoms = []
-    for gen in generators:
-        unit = torch.randn(delta.shape, generator=gen, dtype=torch.float64).to(g.device)
+    for seed in seeds:
+        unit = _directions(site, delta.shape, dst, seed, pair_tokens).to(g.device)
         if valid is not None:  # a change of attention weights that keeps the row's sum
             unit = unit * valid
             unit = (unit - unit.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True)) * valid
         unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-30)
         randoms.append((norm * unit * g).sum(-1))
     return estimate, randoms
+
+
+def _directions(
+    site: Site, shape: torch.Size, dst: Tensor, seed: int, pair_tokens: list[Tensor]
+) -> Tensor:
+    """Gaussian directions of ``shape`` ``[positions, (heads,) width]``: each (head, position)
+    row drawn from the pair's tokens and the cell's own key (:func:`control_key` of the site,
+    with its head, at the run's position), as patching's controls are: a cell's control does not
+    depend on the other cells estimated beside it (review 42a S1). Where the width is the
+    cell's whole edit, the row is the direction :func:`mechprobe.patch` moves that cell by."""
+    heads = range(shape[1]) if len(shape) == 3 else [None]
+    cells = [
+        Site(site.kind, site.layer, head=h) if h is not None else Site(site.kind, site.layer)
+        for h in heads
+    ]
+    keys = [control_key(cell, int(p)) for p in dst.tolist() for cell in cells]
+    rows = [
+        torch.randn(int(shape[-1]), generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+        for s in keyed_seeds(seed, pair_tokens, keys)
+    ]
+    return torch.stack(rows).reshape(shape)
 
 
 def _check_head_out(model: Any, site_list: list[Site], grads: dict[str, Gradient]) -> None:
@@ -237,10 +262,7 @@ def attribution_patch(
     for i in progress_bar(range(n_pairs), progress=progress, desc="attribution"):
         pair = torch.tensor([i])
         pair_tokens = [clean_ids[i], corrupt_ids[i]]
-        generators = [
-            torch.Generator().manual_seed(keyed_seed(control_seed(seed, j), pair_tokens))
-            for j in range(n_random)
-        ]
+        seeds = [control_seed(seed, j) for j in range(n_random)]
         caps = {name: Capture() for name in value_hooks}
         with torch.no_grad(), intervene(model, caps):
             logits = model(src_ids[i][None].to(model.W_E.device))
@@ -276,7 +298,7 @@ def attribution_patch(
             for site in group:
                 key = (site.kind, _grad_hook(site))
                 if key not in estimates:
-                    est, randoms = _estimate(model, site, caps, grads, src, dst, generators)
+                    est, randoms = _estimate(model, site, caps, grads, src, dst, seeds, pair_tokens)
                     # [1 + n_random, positions(, heads)] in one transfer
                     estimates[key] = torch.stack([est, *randoms]).cpu().numpy()
                 values = estimates[key]

@@ -56,7 +56,7 @@ from mechprobe.core import (
     StopForward,
     check_heads_sum,
     intervene,
-    keyed_seed,
+    keyed_seeds,
     model_adapter,
     progress_enabled,
     readout,
@@ -77,8 +77,10 @@ __all__ = [
     "Layout",
     "Plan",
     "PlanValues",
+    "control_key",
     "edit_width",
     "packing_works",
+    "pair_unit_vectors",
     "run_plan",
     "site_edit",
     "unit_vectors",
@@ -176,42 +178,58 @@ def unit_vectors(
     return out
 
 
+def control_key(site: Site, position: int) -> bytes:
+    """What a random control's direction is drawn for, beside its prompts: a site (its kind,
+    layer and head) at a position of the run it is written into.
+
+    Example:
+        >>> control_key(Site("head", 2, head=1), 5)
+        b"('head', 2, 1, 5)"
+    """
+    return repr((site.kind, site.layer, site.head, int(position))).encode()
+
+
 def pair_unit_vectors(
     seed: int,
     prompts: Sequence[Sequence[Tensor]],
     pair_of_cell: Sequence[int],
     widths: Sequence[int],
+    keys: Sequence[bytes],
     *,
     sum_zero: Sequence[bool] | None = None,
 ) -> list[Tensor]:
-    """:func:`unit_vectors` for cells of several pairs: the cells of pair ``i`` (in their order)
-    are drawn from ``keyed_seed(seed, prompts[i])``, so a pair's random controls do not depend on
-    the other pairs, their number or their order.
+    """Random unit vectors for cells of several pairs: cell ``n`` of pair ``i`` is drawn from
+    ``keyed_seed(seed, prompts[i], keys[n])`` (see :func:`control_key`), so a cell's random
+    control depends on its pair and itself only, not on the other pairs or cells run beside it,
+    their number or their order: re-running a subset of cells gives their controls again.
 
     Args:
         seed: The control's seed (``(seed + j) % 2**32`` for control ``j``).
         prompts: Per pair, the token ids it is keyed by (clean and corrupt, or one prompt).
         pair_of_cell: The pair of each cell.
         widths: Each cell's width.
+        keys: Each cell's key (:func:`control_key`).
         sum_zero: As for :func:`unit_vectors`.
 
     Example:
-        >>> both = pair_unit_vectors(0, [[[1, 2]], [[3, 4]]], [0, 1, 1], [3, 3, 3])
-        >>> alone = pair_unit_vectors(0, [[[3, 4]]], [0, 0], [3, 3])
-        >>> all(torch.equal(a, b) for a, b in zip(both[1:], alone))
+        >>> k = [control_key(Site("mlp_out", layer), -1) for layer in range(3)]
+        >>> both = pair_unit_vectors(0, [[[1, 2]], [[3, 4]]], [0, 1, 1], [3, 3, 3], k)
+        >>> alone = pair_unit_vectors(0, [[[3, 4]]], [0], [3], k[2:])
+        >>> torch.equal(both[2], alone[0])
         True
     """
-    out: list[Tensor | None] = [None] * len(widths)
     cells_of: list[list[int]] = [[] for _ in prompts]
     for n, pair in enumerate(pair_of_cell):
         cells_of[pair].append(n)
-    for key, cells in zip(prompts, cells_of, strict=True):
-        zero = None if sum_zero is None else [sum_zero[n] for n in cells]
-        drawn = unit_vectors(keyed_seed(seed, key), [widths[n] for n in cells], sum_zero=zero)
-        for n, vec in zip(cells, drawn, strict=True):
-            out[n] = vec
-    assert all(v is not None for v in out), "every cell belongs to a pair"
-    return out  # type: ignore[return-value]
+    seeds = [0] * len(widths)
+    for pair, cells in enumerate(cells_of):
+        drawn = keyed_seeds(seed, prompts[pair], [keys[n] for n in cells])
+        for n, cell_seed in zip(cells, drawn, strict=True):
+            seeds[n] = cell_seed
+    return [
+        unit_vectors(cell_seed, [size], sum_zero=None if sum_zero is None else [sum_zero[n]])[0]
+        for n, (cell_seed, size) in enumerate(zip(seeds, widths, strict=True))
+    ]
 
 
 @dataclass(frozen=True, eq=False)

@@ -24,8 +24,8 @@ default is denoising).
 Many (sender, receiver) cells share a forward pass through the batched engine; the receivers'
 split inputs are switched on around each pass and switched back (the model keeps no state). Every
 cell has random controls: the same receiver input moved by ``||delta||`` in random directions
-(control ``j`` of a pair drawn from ``(seed + j) % 2**32`` and the pair's tokens, one direction per sender
-and position, shared by its receivers).
+(control ``j`` of a pair drawn from ``(seed + j) % 2**32``, the pair's tokens and the sender at its
+position, shared by its receivers: the same whatever other pairs and senders run beside it).
 
 ``method="attribution"`` (edge attribution patching, Syed et al. 2023) estimates every path to
 first order instead, ``corrupt + sum_pos delta . d metric / d receiver input``: one forward and
@@ -94,6 +94,7 @@ from mechprobe.patching._engine import (
     Edit,
     Layout,
     Plan,
+    control_key,
     pair_unit_vectors,
     run_plan,
 )
@@ -684,8 +685,9 @@ def path_patch(
             streams, so in half precision it is rounded at the stream's scale (as in Wang et
             al.'s own second step). ``method="exact"`` only.
         n_random: Random controls per path: the receiver's input moved by the sender's change's
-            norm (with live MLPs, the norm of the change reaching it) in random directions (control ``j`` of a pair drawn from ``(seed + j) % 2**32`` and the
-            pair's tokens, so the same whatever pairs run beside it).
+            norm (with live MLPs, the norm of the change reaching it) in random directions (control ``j`` of a pair drawn from ``(seed + j) % 2**32``, the
+            pair's tokens and the sender at its position, so the same whatever other pairs and
+            senders run beside it).
         seed: Seed of the random directions.
         cells_per_batch: Paths per forward pass, at most.
         memory_budget: As for :func:`mechprobe.patch`.
@@ -778,8 +780,14 @@ def path_patch(
     widths = [int(model.cfg.d_model)] * (n_pairs * n_s * n_pos)
     pair_tokens = list(zip(clean_ids, corrupt_ids, strict=True))
     pair_of_cell = [i for i in range(n_pairs) for _ in range(n_s * n_pos)]
+    keys = [  # a sender at a base position: its control whatever else runs (review 42a S1)
+        control_key(sender, resolved[i][k][1])
+        for i in range(n_pairs)
+        for sender in sender_list
+        for k in range(n_pos)
+    ]
     units = [
-        pair_unit_vectors(control_seed(seed, j), pair_tokens, pair_of_cell, widths)
+        pair_unit_vectors(control_seed(seed, j), pair_tokens, pair_of_cell, widths, keys)
         for j in range(n_random)
     ]
 
