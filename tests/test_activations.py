@@ -314,6 +314,17 @@ def test_a_finished_folder_is_not_reused_for_other_weights_groups_or_under_hooks
         mp.collect(model, TEXTS, "resid_post", groups=["a", "b", "c", "d"], **kwargs)
     again = mp.collect(mp.tiny_model(), TEXTS, "resid_post", groups=["a", "b", "c", "d"], **kwargs)
     assert np.array_equal(np.asarray(again.values), first.values)  # the same model: reused
+    # One model in two dtypes (review 42b F1): weights that are bfloat16 values read the same
+    # in float32, so the folder of the float32 run was taken for the bfloat16 copy's.
+    rounded = mp.tiny_model()
+    with torch.no_grad():
+        for param in rounded.parameters():
+            param.copy_(param.to(torch.bfloat16).float())
+    folder = {**kwargs, "out_dir": tmp_path / "rounded"}
+    assert mp.collect(rounded, TEXTS, "resid_post", **folder).metadata["model_dtype"] == "float32"
+    half = rounded.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="different collection"):
+        mp.collect(half, TEXTS, "resid_post", **folder)
 
 
 def test_values_are_read_only_as_every_result_array(tiny: Any) -> None:

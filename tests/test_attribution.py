@@ -172,6 +172,35 @@ def test_random_controls_have_the_patch_norm(gqa):
     assert not np.allclose(res.random[0], res.per_pair)
 
 
+@pytest.mark.parametrize("dims", [1, 2, 5, 64])
+def test_a_controls_projection_is_a_random_directions(dims):
+    """A control's estimate is ||delta|| ||g|| times u . g/||g|| for u uniform on the unit sphere
+    of the cell's edits; it is drawn as z / sqrt(z^2 + chi2(dims - 1)) (three numbers a cell, not
+    a direction as wide as the activation). Checked against explicit random directions: the
+    squared cosine of a uniform direction with a fixed axis is Beta(1/2, (dims - 1)/2), and its
+    sign is a fair coin."""
+    from scipy import stats
+
+    from mechprobe.patching._attribution import _random_projections
+
+    n = 4000
+    positions = torch.arange(n)
+    cos = _random_projections(
+        mp.Site("resid_pre", 1), torch.full((n,), float(dims)), positions, positions, 3,
+        [torch.tensor([1, 2, 3])],
+    ).numpy()  # fmt: skip
+    assert cos.shape == (n,) and np.abs(cos).max() <= 1.0
+    if dims == 1:
+        assert set(np.unique(cos)) == {-1.0, 1.0}
+    else:
+        assert stats.kstest(cos**2, stats.beta(0.5, (dims - 1) / 2).cdf).pvalue > 0.01
+    # with explicit directions, the same law (a two-sample test; both draws seeded)
+    z = np.random.default_rng(0).standard_normal((n, dims))
+    explicit = z[:, 0] / np.linalg.norm(z, axis=1)
+    assert stats.ks_2samp(cos, explicit).pvalue > 0.01
+    assert abs(np.mean(cos > 0) - 0.5) < 0.03
+
+
 def test_backward_failure_leaves_no_state(gqa):
     """An exception inside the backward pass leaves no hooks, no parameter gradients and the
     model's outputs unchanged."""

@@ -548,8 +548,10 @@ def test_a_result_made_from_a_model_records_it_through_save_and_load(tiny, tmp_p
 
 
 @pytest.mark.parametrize(
-    "name", ["PatchResult", "LensResult", "LensComparison", "ProbeResult", "TraceResult"]
-)
+    "name",
+    ["PatchResult", "LensResult", "LensComparison", "ProbeResult", "TraceResult", "OVector",
+     "fitted OVector"],
+)  # fmt: skip
 def test_a_result_records_a_half_precision_model_as_such(tiny, tmp_path, name):
     half = copy.deepcopy(tiny).to(torch.bfloat16)
     runs = _model_runs() | {
@@ -557,9 +559,13 @@ def test_a_result_records_a_half_precision_model_as_such(tiny, tmp_path, name):
         "LensComparison": lambda m: mp.compare_lenses(
             m, ["logit"], ["Hi cat sat on the mat"], n_tokens=4, seq_len=4, progress=False
         ),
+        "OVector": lambda m: mp.extract_ovector(m, ["Hi cat", "A dog"], layer=1),
+        "fitted OVector": lambda m: mp.fit_ovector(
+            mp.task_pass(m, mp.load_task("capitals").subset(3)), layer=1, only_correct=False
+        ),
     }
     result = runs[name](half)
-    back = type(result).load(result.save(tmp_path / f"{name}.safetensors"))
+    back = type(result).load(result.save(tmp_path / f"{name.replace(' ', '_')}.safetensors"))
     assert result.model_dtype == back.model_dtype == "bfloat16"
     assert result.model_name == tiny.cfg.model_name
 

@@ -73,7 +73,7 @@ from mechprobe.core._results import (
     write_tensors,
 )
 from mechprobe.core._runner import RunResult, forward, run
-from mechprobe.core._seeding import control_seed, keyed_seed, keyed_seeds
+from mechprobe.core._seeding import control_seed, keyed_seed, keyed_seeds, keyed_uniforms
 from mechprobe.core._sites import (
     HEAD_KINDS,
     Layers,
@@ -165,6 +165,7 @@ __all__ = [
     "intervene",
     "keyed_seed",
     "keyed_seeds",
+    "keyed_uniforms",
     "layer_column",
     "literal",
     "load_model",

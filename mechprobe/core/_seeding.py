@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["control_seed", "keyed_seed", "keyed_seeds"]
+__all__ = ["control_seed", "keyed_seed", "keyed_seeds", "keyed_uniforms"]
 
 #: Seeds run over ``0 .. 2**32 - 1`` (:func:`mechprobe.core.check_seed`); control seeds wrap in it.
 _SEED_RANGE = 2**32
@@ -86,3 +86,30 @@ def keyed_seeds(
         digest.update(suffix)
         out.append(int.from_bytes(digest.digest(), "little") % 2**63)
     return out
+
+
+# splitmix64's constants (Steele, Lea & Flood 2014): a counter hashed into 64 random bits.
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def keyed_uniforms(seeds: Sequence[int], width: int) -> np.ndarray:
+    """``[len(seeds), width]`` uniform draws in ``[0, 1)``, row ``r`` a function of ``seeds[r]``
+    and the width alone: splitmix64 of the seed and each draw's index, its top 53 bits. Vectorised
+    over rows: attribution patching draws a few numbers for every cell, thousands at a time, where
+    a generator per row (about 6 us each) cost more than the gradients it controls.
+
+    Example:
+        >>> draws = keyed_uniforms([1, 2, 1], 3)
+        >>> draws.shape, bool((draws[0] == draws[2]).all()), bool((draws[0] == draws[1]).any())
+        ((3, 3), True, False)
+        >>> bool((keyed_uniforms([2], 3) == draws[1]).all())  # whatever rows come beside it
+        True
+    """
+    start = np.asarray([int(s) % 2**64 for s in seeds], dtype=np.uint64).reshape(-1, 1)
+    counter = np.arange(1, int(width) + 1, dtype=np.uint64)[None, :]
+    with np.errstate(over="ignore"):  # the mixing works modulo 2**64
+        z = start + counter * np.uint64(_GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53

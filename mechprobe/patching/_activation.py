@@ -539,7 +539,7 @@ def patch(
     sum_zero = [site.kind == "pattern" for _, site, _, _ in slots]
     pair_tokens = list(zip(clean_ids, corrupt_ids, strict=True))
     pair_of_slot = [grid[n][0] for n, *_ in slots]
-    keys = [control_key(site, pb) for _, site, _, pb in slots]
+    keys = [control_key(site, pb, ps) for _, site, ps, pb in slots]
     for j in range(-1, n_random):
         units = (
             pair_unit_vectors(

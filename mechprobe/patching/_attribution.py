@@ -33,6 +33,7 @@ from typing import Any, get_args
 
 import numpy as np
 import torch
+from scipy import special
 from torch import Tensor
 
 from mechprobe.core import (
@@ -52,6 +53,7 @@ from mechprobe.core import (
     gradients_enabled,
     intervene,
     keyed_seeds,
+    keyed_uniforms,
     progress_bar,
 )
 from mechprobe.patching._activation import (
@@ -112,7 +114,8 @@ def _estimate(
 ) -> tuple[Tensor, list[Tensor]]:
     """``(delta . grad, [||delta|| u_j . grad])`` at every position (and head) of the site's
     hook: ``[positions]`` or ``[positions, heads]``, float64. Control ``j``'s direction ``u_j``
-    at each (head and) position is drawn for that cell alone (:func:`_directions`)."""
+    is uniform on the unit sphere of the cell's edits (for a pattern row, those that keep the
+    row's sum), drawn for that cell alone (:func:`_random_projections`)."""
     a_clean = caps[_value_hook(site)].value
     a_run = grads[_value_hook(site)].value
     grad = grads[_grad_hook(site)].grad
@@ -120,45 +123,53 @@ def _estimate(
     x_clean = _at(site, a_clean[0], src, model).double()
     x_run = _at(site, a_run[0], dst, model).double()
     g = _at(site, grad[0], dst, model).double()
-    valid = None
-    if site.kind == "pattern":  # prompts of different lengths: keys up to the position
-        keys = min(x_clean.shape[-1], x_run.shape[-1])
-        x_clean, x_run, g = x_clean[..., :keys], x_run[..., :keys], g[..., :keys]
-        valid = (torch.arange(keys)[None, None] <= dst[:, None, None]).to(g.device)
     delta = x_clean - x_run
     g = g.expand_as(delta)
+    dims = torch.full(delta.shape[:-1], float(delta.shape[-1]), dtype=torch.float64)
+    if site.kind == "pattern":  # prompts of different lengths: keys up to the position
+        keys = min(x_clean.shape[-1], x_run.shape[-1])
+        delta, g = delta[..., :keys], g[..., :keys]
+        valid = (torch.arange(keys)[None, None] <= dst[:, None, None]).to(g.device)
+        # edits that keep the row's sum: the gradient projected there, one dimension fewer
+        g = g * valid
+        g = (g - g.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True)) * valid
+        dims = (valid.sum(-1).double() - 1).expand(delta.shape[:-1]).cpu()
     estimate = (delta * g).sum(-1)
-    norm = delta.norm(dim=-1, keepdim=True)
-    randoms = []
-    for seed in seeds:
-        unit = _directions(site, delta.shape, dst, seed, pair_tokens).to(g.device)
-        if valid is not None:  # a change of attention weights that keeps the row's sum
-            unit = unit * valid
-            unit = (unit - unit.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True)) * valid
-        unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-        randoms.append((norm * unit * g).sum(-1))
+    scale = delta.norm(dim=-1) * g.norm(dim=-1)
+    randoms = [
+        scale * _random_projections(site, dims, src, dst, seed, pair_tokens).to(g.device)
+        for seed in seeds
+    ]
     return estimate, randoms
 
 
-def _directions(
-    site: Site, shape: torch.Size, dst: Tensor, seed: int, pair_tokens: list[Tensor]
+def _random_projections(
+    site: Site, dims: Tensor, src: Tensor, dst: Tensor, seed: int, pair_tokens: list[Tensor]
 ) -> Tensor:
-    """Gaussian directions of ``shape`` ``[positions, (heads,) width]``: each (head, position)
-    row drawn from the pair's tokens and the cell's own key (:func:`control_key` of the site,
-    with its head, at the run's position), as patching's controls are: a cell's control does not
-    depend on the other cells estimated beside it (review 42a S1). Where the width is the
-    cell's whole edit, the row is the direction :func:`mechprobe.patch` moves that cell by."""
-    heads = range(shape[1]) if len(shape) == 3 else [None]
-    cells = [
-        Site(site.kind, site.layer, head=h) if h is not None else Site(site.kind, site.layer)
-        for h in heads
+    """``u . g / ||g||`` for ``u`` uniform on the unit sphere of ``dims`` dimensions, for every
+    (position, head) cell of ``dims`` ``[positions(, heads)]``: ``z / sqrt(z^2 + c)`` with ``z``
+    standard normal and ``c`` chi-squared with ``dims - 1`` degrees of freedom (a Gaussian
+    vector's coordinate along ``g`` and the rest of its squared norm), so a cell costs three
+    uniform draws, not a direction as wide as its activation. Each cell draws from the pair's
+    tokens and its own key (:func:`control_key` of the site, with its head, at the run's position
+    and the source's), as patching's controls do: a cell's control does not depend on the other
+    cells estimated beside it (review 42a S1)."""
+    heads = range(dims.shape[1]) if dims.ndim == 2 else [None]
+    cells = [Site(site.kind, site.layer, head=h) for h in heads]
+    keys = [
+        control_key(cell, int(d), int(s))
+        for d, s in zip(dst.tolist(), src.tolist(), strict=True)
+        for cell in cells
     ]
-    keys = [control_key(cell, int(p)) for p in dst.tolist() for cell in cells]
-    rows = [
-        torch.randn(int(shape[-1]), generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-        for s in keyed_seeds(seed, pair_tokens, keys)
-    ]
-    return torch.stack(rows).reshape(shape)
+    u = keyed_uniforms(keyed_seeds(seed, pair_tokens, keys), 3)
+    z = np.sqrt(-2.0 * np.log1p(-u[:, 0])) * np.cos(2.0 * np.pi * u[:, 1])  # Box-Muller
+    rest = dims.reshape(-1).numpy() - 1.0
+    chi2 = np.zeros_like(z)
+    more = rest > 0  # a one-dimensional sphere is {-1, 1}: z / |z|
+    chi2[more] = 2.0 * special.gammaincinv(rest[more] / 2.0, u[more, 2])
+    # dims 0 (a pattern row of one key: no edit keeps its sum) gives 0 through g = 0
+    cos = z / np.sqrt(np.maximum(z * z + chi2, 1e-300))
+    return torch.from_numpy(cos).reshape(dims.shape)
 
 
 def _check_head_out(model: Any, site_list: list[Site], grads: dict[str, Gradient]) -> None:

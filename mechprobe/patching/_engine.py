@@ -178,15 +178,21 @@ def unit_vectors(
     return out
 
 
-def control_key(site: Site, position: int) -> bytes:
+def control_key(site: Site, position: int, source: int | None = None) -> bytes:
     """What a random control's direction is drawn for, beside its prompts: a site (its kind,
-    layer and head) at a position of the run it is written into.
+    layer and head) at a position of the run it is written into, and the source's position
+    where it differs (two named positions read at one token are two cells; review 42b).
 
     Example:
-        >>> control_key(Site("head", 2, head=1), 5)
-        b"('head', 2, 1, 5)"
+        >>> control_key(Site("head", 2, head=1), 5), control_key(Site("head", 2, head=1), 5, 5)
+        (b"('head', 2, 1, 5)", b"('head', 2, 1, 5)")
+        >>> control_key(Site("mlp_out", 1), 5, 9)
+        b"('mlp_out', 1, None, 5, 9)"
     """
-    return repr((site.kind, site.layer, site.head, int(position))).encode()
+    cell: tuple[Any, ...] = (site.kind, site.layer, site.head, int(position))
+    if source is not None and int(source) != int(position):
+        cell += (int(source),)
+    return repr(cell).encode()
 
 
 def pair_unit_vectors(

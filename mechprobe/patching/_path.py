@@ -781,7 +781,7 @@ def path_patch(
     pair_tokens = list(zip(clean_ids, corrupt_ids, strict=True))
     pair_of_cell = [i for i in range(n_pairs) for _ in range(n_s * n_pos)]
     keys = [  # a sender at a base position: its control whatever else runs (review 42a S1)
-        control_key(sender, resolved[i][k][1])
+        control_key(sender, resolved[i][k][1], resolved[i][k][0])
         for i in range(n_pairs)
         for sender in sender_list
         for k in range(n_pos)

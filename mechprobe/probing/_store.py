@@ -139,6 +139,9 @@ def fingerprint(model: Any, names: list[str], plan: Plan, dtype: str, batch_size
         "shape": [model.cfg.n_layers, model.cfg.d_model, model.cfg.d_vocab],
         # Two models of one architecture (other seeds, edited or fine-tuned weights) differ here.
         "weights": _weights_digest(model),
+        # ... and one model in two dtypes (the digest reads float32 values: a bfloat16 copy of
+        # weights that are bfloat16 values matched its float32 model; review 42b F1).
+        "model_dtype": model_adapter(model).dtype_name,
         # What hooks compute cannot be fingerprinted: a collection under hooks never matches one
         # without, and collect refuses to resume any folder while hooks are attached.
         "hooked": bool(model_adapter(model).attached_hooks()),

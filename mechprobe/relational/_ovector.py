@@ -76,6 +76,8 @@ class OVector(Result, format="mechprobe.OVector", version=2):
         n_prompts: How many prompts were averaged.
         model: The model's name (``model.cfg.model_name``), to catch mixing models.
         info: Extra JSON-able metadata (e.g. the seed of a random control).
+        model_dtype: The model's weights' dtype (``"float32"``, ``"bfloat16"``...), for the
+            record (empty in files saved before o-vectors recorded it).
 
     Raises:
         ValueError: ``vector`` is not a 1-D tensor, or holds NaN or infinity.
@@ -96,6 +98,7 @@ class OVector(Result, format="mechprobe.OVector", version=2):
     n_prompts: int
     model: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    model_dtype: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -315,6 +318,7 @@ def extract_ovector(
         n_prompts=int(keep.sum()),
         model=_model_name(model),
         info={"only_correct": only_correct},
+        model_dtype=model_adapter(model).dtype_name,
     )
 
 
@@ -394,6 +398,7 @@ def fit_ovector(
         source=task_pass.task.name,
         n_prompts=int(fit.size),
         model=task_pass.model,
+        model_dtype=task_pass.model_dtype,
         info={
             "items": [task_pass.task.items[int(i)].input for i in fit],
             "only_correct": only_correct,

@@ -17,7 +17,7 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
-from mechprobe.core import evaluates
+from mechprobe.core import evaluates, model_adapter
 from mechprobe.lens import LensSpec
 from mechprobe.relational._scoring import TaskScore, _forced_pass
 from mechprobe.relational._trajectory import Stages, Trajectory, _from_pass, check_lens
@@ -36,6 +36,7 @@ class TaskPass:
         trajectory: Per-item, per-layer lens ranks of argument and answer.
         mlp_out: ``[item, layer, d_model]`` each layer's FFN output at the prompt's last token.
         model: The model's name (``model.cfg.model_name``), for the o-vectors fitted from it.
+        model_dtype: The model's weights' dtype (``"bfloat16"``...), for them too.
 
     Example:
         >>> import mechprobe as mp
@@ -49,6 +50,7 @@ class TaskPass:
     trajectory: Trajectory
     mlp_out: Float[Tensor, "item layer d_model"]
     model: str = ""
+    model_dtype: str = ""
 
     @property
     def stages(self) -> Stages:
@@ -108,4 +110,5 @@ def task_pass(
         trajectory=_from_pass(model, task, forced.score, forced.captures, decoder),
         mlp_out=forced.captures["mlp_out"],
         model=str(getattr(model.cfg, "model_name", "")),
+        model_dtype=model_adapter(model).dtype_name,
     )
