@@ -318,7 +318,7 @@ def test_unused_arguments_and_a_degenerate_ratio_warn(tiny: Any) -> None:
     with pytest.warns(UserWarning) as caught:
         result = mp.faithfulness(tiny, ["Hi cat"], CIRCUIT, METRIC, **OFF)
     said = [str(w.message) for w in caught]
-    assert "the only prompt of its group, it is its own reference" in said[0]
+    assert "its group's reference prompts are this prompt itself" in said[0]
     assert any("faithfulness, a share of that difference, is NaN" in s for s in said[1:])
     assert np.isnan(result.faithfulness) and np.isnan(result.to_frame()["normalised"]).all()
     with warnings.catch_warnings():
@@ -513,6 +513,11 @@ def test_a_prompt_alone_in_its_length_group_is_warned_of(tiny):
     for condition in (result.circuit, result.empty, result.knockout):
         assert condition[3] == result.full[3]  # what the warning says
         assert not np.allclose(condition[:3], result.full[:3])
+    # the prompts passed as their own reference, or two copies of one prompt (review 42b S3)
+    with pytest.warns(UserWarning, match=r"prompt 3 \('Hello ant'.* reference prompts are this"):
+        mp.faithfulness(tiny, prompts, circuit, METRIC, reference=prompts, progress=False)
+    with pytest.warns(UserWarning, match=r"prompt 3 \('Hello ant'"):
+        mp.faithfulness(tiny, [*prompts, "Hello ant"], circuit, METRIC, progress=False)
     with warnings.catch_warnings():  # a reference of its length: nothing to warn of
         warnings.simplefilter("error")
         mp.faithfulness(tiny, prompts, circuit, METRIC, reference=[*prompts, "Hello bat"],

@@ -341,7 +341,8 @@ def test_chosen_heads_on_a_model_with_fewer_than_ten_heads(task):
     # Review 42a S2: a layer from the end, and head_scores' (layer, head, score) triples, as
     # layers= and attention_patterns(sites=) take them.
     top = mp.head_scores(small, seq_len=8, n_prompts=2, progress=False).top("induction", k=2)
-    for heads, expected in (([(-1, 1)], ((1, 1),)), (top, tuple((la, h) for la, h, _ in top))):
+    chosen = tuple((la, h) for la, h, _ in top)
+    for heads, expected in (([(-1, 1)], ((1, 1),)), (top, chosen), (np.array(top), chosen)):
         res = mp.function_vector(small, task, heads=heads, n_prompts=2, n_random=0,
                                  progress=False)  # fmt: skip
         assert res.heads == expected

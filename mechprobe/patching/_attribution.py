@@ -20,10 +20,10 @@ output, whose change moves everything downstream. Compare it with :func:`patch` 
 before trusting it on a model (``docs/causal.md`` has the comparison on SmolLM2).
 
 Controls: ``n_random`` estimates per cell of the patch moved by the same distance
-``||a_clean - a_corrupt||`` in a random direction, ``||delta|| u . grad`` (control ``j`` of a
-pair drawn from ``(seed + j) % 2**32``, the pair's tokens and the cell, so the same whatever other pairs
-and cells run beside it, and for a vector or head cell the direction :func:`mechprobe.patch`'s
-control moves it by; for a pattern row a direction that keeps the row's sum), and every value per prompt pair.
+``||a_clean - a_corrupt||`` in a random direction, ``||delta|| u . grad`` (``u`` uniform on the
+cell's unit sphere, for a pattern row among the edits that keep the row's sum; control ``j`` of a
+pair drawn from ``(seed + j) % 2**32``, the pair's tokens and the cell, so the same whatever
+other pairs and cells run beside it), and every value per prompt pair.
 """
 
 from __future__ import annotations

@@ -955,10 +955,10 @@ def run_plan(
         )
     elif packed and not packing_works(model):
         raise ValueError(
-            "packed=True, but this model's packed rows do not reproduce its plain run (a "
-            "HookedTransformer whose positions hooks cannot move, e.g. ALiBi; bridges that "
-            "ignore custom masks or position ids): pass packed=False (one row per cell; the "
-            "same numbers)."
+            "packed=True, but this model's packed rows do not reproduce its plain run (the "
+            "check mechprobe runs once per model and dtype failed: e.g. a HookedTransformer "
+            "whose positions hooks cannot move, as ALiBi's, or a bridge that ignores custom "
+            "masks or position ids): pass packed=False (one row per cell; the same numbers)."
         )
     elif packed and window is not None and longest > window:
         raise ValueError(

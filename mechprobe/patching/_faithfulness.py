@@ -440,10 +440,7 @@ def faithfulness(
     per_group = means_needed and per_position
     if per_group:
         labels, ref_labels = _group_labels(groups, lengths, ref_lengths, len(texts), len(refs))
-        _check_groups(
-            texts, refs, labels, ref_labels, lengths, ref_lengths, groups is not None,
-            own=reference is None,
-        )  # fmt: skip
+        _check_groups(texts, refs, labels, ref_labels, lengths, ref_lengths, groups is not None)
         if groups is None:
             _warn_pooled_templates(model, texts, refs, labels, ref_labels)
     else:  # runs still go length by length: no padding, and a position is one index per run
@@ -734,11 +731,10 @@ def _check_groups(
     lengths: list[int],
     ref_lengths: list[int],
     labelled: bool,
-    own: bool,
 ) -> None:
     """Refuse a prompt group without reference prompts, or one mixing token lengths; warn of a
-    prompt that is the only reference prompt of its group (``own``: the prompts are their own
-    references), whose means are its own activations, so that nothing is ablated in it."""
+    group whose prompts and reference prompts are one text (a prompt alone in its group and its
+    own reference, say), whose means are its own activations, so that nothing is ablated in it."""
     alone = []
     for group in dict.fromkeys(labels):
         rows = [i for i, label in enumerate(labels) if label == group]
@@ -763,14 +759,15 @@ def _check_groups(
                 "prompts. Pass groups= that put only prompts of one template together, or "
                 "reference prompts of the same templates."
             )
-        if own and len(rows) == 1:
+        if len({texts[i] for i in rows} | {refs[j] for j in ref_rows}) == 1:
+            # reference=prompts, or two copies of one prompt, is the same case (review 42b S3)
             alone.append(f"prompt {rows[0]} ({texts[rows[0]]!r}, {name})")
     if alone:
         # its circuit, empty and knockout runs equal the full model's: the faithfulness score
         # is unmoved, but ratio, spread and its per-prompt values are wrong (review 42a F3)
         shown = "; ".join(alone[:3]) + (f"; and {len(alone) - 3} more" if len(alone) > 3 else "")
         warn(
-            f"{shown}: the only prompt of its group, it is its own reference, so its means are "
+            f"{shown}: its group's reference prompts are this prompt itself, so its means are "
             "its own activations and ablating to them changes nothing (its ablated runs equal "
             "the full model's). Pass reference prompts (reference=...) of the same templates, "
             "more prompts of its length, groups= that pool it with others, or per_position=False "

@@ -419,6 +419,14 @@ def _check_heads(heads: Any, n_layers: int, n_heads: int) -> tuple[tuple[int, in
     """``heads`` as ``((layer, head), ...)``, each in the model and named once: pairs, or the
     ``(layer, head, score)`` triples of ``HeadScoreResult.top``; a negative layer counts from
     the end, as ``layers=`` does everywhere."""
+    if (
+        isinstance(heads, np.ndarray)
+        and heads.dtype.kind == "f"
+        and heads.ndim == 2
+        and heads.shape[1] in (2, 3)
+        and np.all(heads[:, :2] == np.floor(heads[:, :2]))
+    ):  # np.array(HeadScoreResult.top(k)): the triples' scores made every entry a float
+        heads = heads[:, :2].astype(np.int64)
     pairs = list(heads) if isinstance(heads, (Sequence, np.ndarray)) else None
     if not pairs or any(
         not isinstance(p, (Sequence, np.ndarray)) or len(p) not in (2, 3) for p in pairs
