@@ -423,9 +423,9 @@ def _packed_hooks(
     ``[rows, 1, query, key]`` (segments see their own keys and their base's prefix, as a
     bridge's Hugging Face model applies the mask), and each token at its ``position_ids``:
     rotary queries and keys rotated there by TransformerLens's own rotation of what the model
-    rotates (:func:`_rotary_at`), or learned position embeddings looked up at those positions. The engine checks once per model, dtype and
-    device that a packed segment gives the plain run's logits (``packing_works``) and runs
-    whole rows where it does not.
+    rotates (:func:`_rotary_at`), or learned position embeddings looked up at those positions.
+    The engine checks once per model, dtype and device that a packed segment gives the plain
+    run's logits (``packing_works``) and runs whole rows where it does not.
     """
     rows, width = int(shape[0]), int(shape[1])
     if width > int(model.cfg.n_ctx):

@@ -9,11 +9,10 @@ logits at the last token. ``direction="denoising"`` (the default, as in Transfor
 clean prompt and writes corrupt ones. Ablating a cell writes zeros or a mean instead.
 
 Every cell comes with controls: ``n_random`` runs of the same cell in which the activation is
-moved by the same distance in a random direction (control ``j`` of a pair drawn from ``(seed + j) % 2**32``,
-the pair's tokens and the cell's site and position: the same whatever other pairs and cells run
-beside it), so an effect can be told
-apart from "anything of that size written there"; and every value is kept per prompt pair, for
-the spread over prompts.
+moved by the same distance in a random direction (control ``j`` of a pair drawn from
+``(seed + j) % 2**32``, the pair's tokens and the cell's site and position: the same whatever
+other pairs and cells run beside it), so an effect can be told apart from "anything of that
+size written there"; and every value is kept per prompt pair, for the spread over prompts.
 
 All cells of a pair share forward passes (:mod:`mechprobe.patching._engine`): ``mlp_out`` at every
 layer at the last position is one forward pass over ``2 * seq + n_layers`` tokens instead of

@@ -685,9 +685,9 @@ def path_patch(
             streams, so in half precision it is rounded at the stream's scale (as in Wang et
             al.'s own second step). ``method="exact"`` only.
         n_random: Random controls per path: the receiver's input moved by the sender's change's
-            norm (with live MLPs, the norm of the change reaching it) in random directions (control ``j`` of a pair drawn from ``(seed + j) % 2**32``, the
-            pair's tokens and the sender at its position, so the same whatever other pairs and
-            senders run beside it).
+            norm (with live MLPs, the norm of the change reaching it) in random directions
+            (control ``j`` of a pair drawn from ``(seed + j) % 2**32``, the pair's tokens and the
+            sender at its position, so the same whatever other pairs and senders run beside it).
         seed: Seed of the random directions.
         cells_per_batch: Paths per forward pass, at most.
         memory_budget: As for :func:`mechprobe.patch`.
