@@ -123,19 +123,22 @@ def _estimate(
     x_clean = _at(site, a_clean[0], src, model).double()
     x_run = _at(site, a_run[0], dst, model).double()
     g = _at(site, grad[0], dst, model).double()
-    delta = x_clean - x_run
-    g = g.expand_as(delta)
-    dims = torch.full(delta.shape[:-1], float(delta.shape[-1]), dtype=torch.float64)
     if site.kind == "pattern":  # prompts of different lengths: keys up to the position
         keys = min(x_clean.shape[-1], x_run.shape[-1])
-        delta, g = delta[..., :keys], g[..., :keys]
-        valid = (torch.arange(keys)[None, None] <= dst[:, None, None]).to(g.device)
-        # edits that keep the row's sum: the gradient projected there, one dimension fewer
-        g = g * valid
-        g = (g - g.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True)) * valid
-        dims = (valid.sum(-1).double() - 1).expand(delta.shape[:-1]).cpu()
+        x_clean, x_run, g = x_clean[..., :keys], x_run[..., :keys], g[..., :keys]
+    delta = x_clean - x_run
+    g = g.expand_as(delta)
     estimate = (delta * g).sum(-1)
-    scale = delta.norm(dim=-1) * g.norm(dim=-1)
+    # the controls' directions: every edit of the cell, or for a pattern row those that keep its
+    # sum (the gradient projected there, one dimension fewer)
+    g_edits = g
+    dims = torch.full(delta.shape[:-1], float(delta.shape[-1]), dtype=torch.float64)
+    if site.kind == "pattern":
+        valid = (torch.arange(delta.shape[-1])[None, None] <= dst[:, None, None]).to(g.device)
+        g_edits = g * valid
+        g_edits = (g_edits - g_edits.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True)) * valid
+        dims = (valid.sum(-1).double() - 1).expand(delta.shape[:-1]).cpu()
+    scale = delta.norm(dim=-1) * g_edits.norm(dim=-1)
     randoms = [
         scale * _random_projections(site, dims, src, dst, seed, pair_tokens).to(g.device)
         for seed in seeds
