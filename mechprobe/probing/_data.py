@@ -377,18 +377,16 @@ def collected_sites(X: Any) -> tuple[str, ...] | None:
     return None if names is None else tuple(str(name) for name in names)
 
 
-def collected_model(X: Any) -> str:
-    """The name of the model :class:`Activations` were collected from (``""`` for a plain
-    array, which does not say)."""
+def collected_model(X: Any) -> dict[str, str]:
+    """The model :class:`Activations` were collected from, as results record it:
+    ``{"model_name", "model_dtype"}`` (``""`` for a plain array, which does not say, and a
+    dtype ``""`` for activations collected before they recorded it)."""
     metadata = getattr(X, "metadata", None)
-    return str(metadata.get("model", "")) if isinstance(metadata, dict) else ""
-
-
-def collected_model_dtype(X: Any) -> str:
-    """The dtype of the model :class:`Activations` were collected from (``""`` for a plain
-    array, and for activations collected before they recorded it)."""
-    metadata = getattr(X, "metadata", None)
-    return str(metadata.get("model_dtype", "")) if isinstance(metadata, dict) else ""
+    known = metadata if isinstance(metadata, dict) else {}
+    return {
+        "model_name": str(known.get("model", "")),
+        "model_dtype": str(known.get("model_dtype", "")),
+    }
 
 
 # Where a kind's value lies in the residual stream, from its block's output: a block reads its

@@ -38,7 +38,6 @@ from mechprobe.core import (
 from mechprobe.probing._data import (
     as_layers,
     collected_model,
-    collected_model_dtype,
     collected_sites,
     encode_labels,
     gathered_dtype,
@@ -569,8 +568,7 @@ def probe_layers(
         mix_accuracy=mix_acc / n if scalar_mix else None,
         sites=sites,
         seed=seed,
-        model_name=collected_model(X),
-        model_dtype=collected_model_dtype(X),
+        **collected_model(X),
         l2=l2,
         max_iter=max_iter,
         tol=tol,

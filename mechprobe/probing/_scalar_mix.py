@@ -54,7 +54,6 @@ from mechprobe.probing._activations import Activations
 from mechprobe.probing._data import (
     as_layers,
     collected_model,
-    collected_model_dtype,
     collected_sites,
     encode_labels,
     host,
@@ -551,8 +550,7 @@ def cumulative_scores(
         len(y_test_idx),
         layers,
         seed=seed,
-        model_name=collected_model(X),
-        model_dtype=collected_model_dtype(X),
+        **collected_model(X),
         sites=sites,
         l2=float(l2),
         max_iter=int(max_iter),
