@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,12 @@ def test_layer_sweep_fits_and_measures_each_layer(
     assert back.to_dict() == sweep.to_dict()
     assert back != sweep and len({sweep, back, sweep}) == 2  # hashable, by identity
     assert repr(sweep) == "ErasureSweep(leace, 2 erasure(s), layers 0-2)"
+    # The model it was made on, as each erasure's record says (the notebook view's first line).
+    assert (sweep.model_name, sweep.model_dtype) == (tiny.cfg.model_name, "float32")
+    assert (back.model_name, back.model_dtype) == (sweep.model_name, "float32")
+    assert f"made by {tiny.cfg.model_name} (float32)" in sweep._repr_html_()
+    mixed = ErasureSweep("leace", (sweep.results[0], replace(sweep.results[1], model_dtype="x")))
+    assert mixed.model_dtype == "float32, x" and ErasureSweep("leace", ()).model_name == ""
     assert sweep.summary().equals(sweep.effects())
     # Each row says its erasure (site, layer, n_removed) and, apart, where its probe read.
     frame = sweep.to_frame()

@@ -393,6 +393,7 @@ def test_training_is_deterministic_for_a_seed_and_lowers_the_loss(tiny):
     assert not torch.equal(a.weights["resid_mid"], c.weights["resid_mid"])
     assert a.info["steps"] == 4 and a.info["tokens"] == 256 and a.info["seed"] == 5
     assert a.info["documents"] == 3  # TEXT's three: one window from each before any second
+    assert a.info["model_dtype"] == "float32"  # the weights it read (translators are float32)
     # Trained on the same text, the lens reads it closer to the model's output than the logit lens.
     cmp = mp.compare_lenses(
         tiny, {"logit": "logit", "tuned": a}, TEXT, sites="resid_mid", n_tokens=128, seq_len=32

@@ -8,7 +8,7 @@ effect of the real erasure and of the controls against the layer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -87,6 +87,11 @@ def fit_erasure(
     raise ValueError(f"method must be 'inlp', 'leace' or 'leace-orth', got {method!r}.")
 
 
+def _joined(values: Iterable[str]) -> str:
+    """The distinct non-empty values, in order of first appearance, joined by ", "."""
+    return ", ".join(dict.fromkeys(v for v in values if v))
+
+
 @dataclass(frozen=True, eq=False, repr=False)  # as every result (hashable, by identity)
 class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figure=True):
     """One :class:`AmnesicResult` per erased site (a layer sweep).
@@ -107,6 +112,18 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
     def layers(self) -> list[int | None]:
         """The erased layer of each result, in order."""
         return [r.layer for r in self.results]
+
+    @property
+    def model_name(self) -> str:
+        """The model the erasures were made on (its results' ``model_name``; several, if the
+        results were made on several, joined by ", ")."""
+        return _joined(r.model_name for r in self.results)
+
+    @property
+    def model_dtype(self) -> str:
+        """The model's dtype in the erasures (its results' ``model_dtype``, joined as
+        :attr:`model_name`)."""
+        return _joined(r.model_dtype for r in self.results)
 
     def to_frame(self) -> pd.DataFrame:
         """Every measure of every erasure: the results' :meth:`AmnesicResult.to_frame` one

@@ -565,6 +565,8 @@ def train_tuned_lens(
         wall_s=round(time.perf_counter() - began, 2),
         resumed_at=start,
         loss_per_step=log,
+        # The weights' dtype it was trained on (the translators are float32 whatever it was).
+        model_dtype=model_adapter(model).dtype_name,
     )
     if last_kl is not None:  # None only when resuming an older checkpoint that had finished
         info["last_step_kl"] = last_kl
