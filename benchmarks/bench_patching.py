@@ -108,11 +108,57 @@ def run(ctx: Any) -> list[dict[str, Any]]:
             f"{t_grid:.1f} s; max |TL - ours| = {grid_diff:.1e} over all cells",
         }
     )
-    rows += [_heads_row(ctx, model), _attribution_row(ctx, model), _long_prompt_row(ctx, model)]
+    rows += [
+        _heads_row(ctx, model),
+        _attribution_row(ctx, model),
+        _attribution_pairs_row(ctx, model),
+    ]
+    rows.append(_long_prompt_row(ctx, model))
     return rows
 
 
 LONG_TOKENS = 256
+
+
+def _attribution_pairs_row(ctx: Any, model: Any, n_pairs: int = 32) -> dict[str, Any]:
+    """Attribution patching of ``n_pairs`` capital pairs (each country's prompt against the next
+    country's), pairs run together where their lengths agree (the default ``batch_size``),
+    against one pair a pass and against a plain forward of all the prompts."""
+    items = mp.load_task("capitals").items[: n_pairs + 1]
+    prompts = [f"Q: What is the capital of {item.input}?\nA:" for item in items]
+    clean, corrupt = prompts[:-1], prompts[1:]
+    # each answer's first token (several capitals are two tokens)
+    first = [model.tokenizer(f" {item.output}", add_special_tokens=False)["input_ids"][0]
+             for item in items]  # fmt: skip
+    metric = mp.logit_diff(first[:-1], first[1:])
+    sites = ["resid_pre", "head_out", "mlp_out"]
+    forward = ctx.forward_seconds(clean + corrupt)
+
+    def ours(batch_size: int | None) -> mp.PatchResult:
+        return mp.attribution_patch(
+            model, clean, corrupt, sites, [-3, -2, -1], metric, batch_size=batch_size,
+            progress=False,
+        )  # fmt: skip
+
+    t_batched = ctx.time(lambda: ours(32), repeat=3)
+    t_single = ctx.time(lambda: ours(1), repeat=1)
+    batched, single = ours(32), ours(1)
+    diff = float(abs(batched.values - single.values).max())
+    lengths = {
+        (len(model.to_tokens(a)[0]), len(model.to_tokens(b)[0]))
+        for a, b in zip(clean, corrupt, strict=True)
+    }
+    return {
+        "benchmark": f"attribution patching of {n_pairs} capital pairs (resid_pre, head_out, "
+        f"mlp_out at the last 3 positions: {batched.values.size} cells, 3 random controls a "
+        f"cell), pairs of one length a pass ({len(lengths)} lengths)",
+        "ratio": t_batched / forward,
+        "baseline": f"plain forward of the {2 * n_pairs} prompts",
+        "target": "<= 5",
+        "detail": f"ours {t_batched:.2f} s; one pair a pass (batch_size=1) {t_single:.2f} s, "
+        f"{t_single / t_batched:.1f}x longer (max |difference| {diff:.1e}); forward "
+        f"{forward * 1000:.0f} ms",
+    }
 
 
 def _long_prompt_row(ctx: Any, model: Any) -> dict[str, Any]:

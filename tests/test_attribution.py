@@ -270,6 +270,37 @@ def test_errors_before_any_forward(gqa):
         mp.attribution_patch(gqa, "A cat sat", "A big bat sat", "pattern", [-1], METRIC)
 
 
+def test_pairs_batched_by_length_give_each_pairs_own_numbers(gqa):
+    """Pairs run together where their prompts' lengths agree (no padding): every batch size gives
+    one pair at a time's numbers, each pair's metric bound to its own answers."""
+    clean = ["A cat sat on", "The dog ran far away", "A bat sat on", "A cow sat on", "Hi"]
+    corrupt = ["A bat sat on", "The cat ran far away", "A cat sat on", "A cat sat on", "Yo"]
+    metric = mp.logit_diff([100, 7, 101, 55, 3], [101, 8, 100, 56, 4])
+    sites = ["resid_pre", "head_out", mp.Site("pattern", 1, head=2), "mlp_out"]
+    for direction in ("denoising", "noising"):
+        one = mp.attribution_patch(gqa, clean, corrupt, sites, [-2, -1], metric, n_random=2,
+                                   direction=direction, batch_size=1, progress=False)  # fmt: skip
+        for size in (2, None):
+            got = mp.attribution_patch(gqa, clean, corrupt, sites, [-2, -1], metric, n_random=2,
+                                       direction=direction, batch_size=size, progress=False)  # fmt: skip
+            for field in ("per_pair", "random", "clean_metric", "corrupt_metric"):
+                a, b = getattr(got, field), getattr(one, field)
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=field)
+    # The passes a metric sees: pairs of one length together, at most batch_size a pass.
+    seen = []
+
+    def metric_fn(logits, pair):
+        seen.append(pair.tolist())
+        return logits[:, 100] - logits[:, 101]
+
+    mp.attribution_patch(gqa, clean, corrupt, "resid_pre", -1, metric_fn, n_random=0,
+                         batch_size=2, progress=False)  # fmt: skip
+    # each pass twice: the read run, then the differentiated one
+    assert seen == [[0, 2], [0, 2], [3], [3], [1], [1], [4], [4]]
+    with pytest.raises(ValueError, match="batch_size"):
+        mp.attribution_patch(gqa, CLEAN, CORRUPT, "resid_pre", -1, METRIC, batch_size=0)
+
+
 def test_result_protocol(gqa, tmp_path):
     res = mp.attribution_patch(gqa, CLEAN, CORRUPT, "head", -1, METRIC, progress=False)
     back = mp.PatchResult.load(res.save(tmp_path / "attr.json"))

@@ -580,6 +580,17 @@ def _batched_calls() -> dict[str, Callable[[Any], Any]]:
             **off,
         ),
         "head_scores": lambda b: mp.head_scores(model, seq_len=6, n_prompts=3, batch_size=b, **off),
+        "attribution_patch": lambda b: mp.attribution_patch(
+            model,
+            ["Hi cat", "Hi dog", "Hi cow"],
+            ["Hi dog", "Hi cat", "Hi cat"],
+            "resid_pre",
+            -1,
+            metric,
+            n_random=1,
+            batch_size=b,
+            **off,
+        ),
         "predict": lambda b: mp.predict(
             model,
             ["Hi cat", "Hello there you", "A"],

@@ -7,7 +7,7 @@ there. Attribution patching estimates it to first order, for every cell at once:
     metric(corrupt, cell patched) ~= metric(corrupt) + (a_clean - a_corrupt) . d metric / d a
 
 with the gradient taken on the corrupt run. One clean forward pass (to read ``a_clean``) and one
-corrupt forward and backward pass per prompt pair give every site, position and head. Noising is
+corrupt forward and backward pass per batch of prompt pairs give every site, position and head. Noising is
 estimated the same way with the runs' roles swapped (``direction="noising"``: the clean run's
 gradient, ``metric(clean) + (a_corrupt - a_clean) . d metric / d a``). Gradients
 come from mechprobe's own hooks (:class:`mechprobe.core.Gradient`), so nothing is left on the
@@ -44,6 +44,7 @@ from mechprobe.core import (
     Site,
     SiteKind,
     SiteLike,
+    check_batch_size,
     check_heads_sum,
     check_int,
     check_seed,
@@ -54,7 +55,7 @@ from mechprobe.core import (
     intervene,
     keyed_seeds,
     keyed_uniforms,
-    progress_bar,
+    weighted_progress_bar,
 )
 from mechprobe.patching._activation import (
     Direction,
@@ -107,22 +108,24 @@ def _estimate(
     site: Site,
     caps: dict[str, Capture],
     grads: dict[str, Gradient],
+    row: int,
     src: Tensor,
     dst: Tensor,
     seeds: list[int],
     pair_tokens: list[Tensor],
 ) -> tuple[Tensor, list[Tensor]]:
     """``(delta . grad, [||delta|| u_j . grad])`` at every position (and head) of the site's
-    hook: ``[positions]`` or ``[positions, heads]``, float64. Control ``j``'s direction ``u_j``
+    hook in the pass's row ``row`` (one prompt pair): ``[positions]`` or ``[positions, heads]``,
+    float64. Control ``j``'s direction ``u_j``
     is uniform on the unit sphere of the cell's edits (for a pattern row, those that keep the
     row's sum), drawn for that cell alone (:func:`_random_projections`)."""
     a_clean = caps[_value_hook(site)].value
     a_run = grads[_value_hook(site)].value
     grad = grads[_grad_hook(site)].grad
     assert a_clean is not None and a_run is not None and grad is not None
-    x_clean = _at(site, a_clean[0], src, model).double()
-    x_run = _at(site, a_run[0], dst, model).double()
-    g = _at(site, grad[0], dst, model).double()
+    x_clean = _at(site, a_clean[row], src, model).double()
+    x_run = _at(site, a_run[row], dst, model).double()
+    g = _at(site, grad[row], dst, model).double()
     if site.kind == "pattern":  # prompts of different lengths: keys up to the position
         keys = min(x_clean.shape[-1], x_run.shape[-1])
         x_clean, x_run, g = x_clean[..., :keys], x_run[..., :keys], g[..., :keys]
@@ -175,6 +178,22 @@ def _random_projections(
     return torch.from_numpy(cos).reshape(dims.shape)
 
 
+def _passes(src_lengths: list[int], base_lengths: list[int], size: int | None) -> list[list[int]]:
+    """The prompt pairs of each forward and backward pass: pairs whose read prompts have one
+    length and whose differentiated prompts have one length (no padding, so a pair's numbers do
+    not depend on its neighbours), at most ``size`` a pass, in order of their first pair.
+
+    Example:
+        >>> _passes([3, 4, 3, 3], [5, 5, 5, 5], 2)
+        [[0, 2], [3], [1]]
+    """
+    by_length: dict[tuple[int, int], list[int]] = {}
+    for i, lengths in enumerate(zip(src_lengths, base_lengths, strict=True)):
+        by_length.setdefault(lengths, []).append(i)
+    step = size or len(src_lengths)
+    return [same[k : k + step] for same in by_length.values() for k in range(0, len(same), step)]
+
+
 def _check_head_out(model: Any, site_list: list[Site], grads: dict[str, Gradient]) -> None:
     """Refuse ``head_out`` sites where the attention output is not the sum of the heads' writes
     (a norm between them), as the patching engine does."""
@@ -197,12 +216,13 @@ def attribution_patch(
     layers: Layers = "all",
     direction: Direction = "denoising",
     n_random: int = 3,
+    batch_size: int | None = 32,
     seed: int = 0,
     progress: bool = True,
 ) -> PatchResult:
     """Estimate denoising (or noising) patching of every (site, position) cell from gradients:
-    one clean forward pass and one corrupt forward and backward pass per prompt pair, whatever
-    the number of cells.
+    one clean forward pass and one corrupt forward and backward pass per batch of prompt pairs,
+    whatever the number of cells.
 
     Args:
         model: A TransformerLens model.
@@ -222,6 +242,11 @@ def attribution_patch(
             activations' change) or ``"noising"`` (gradients on the clean run, the corrupt
             activations' change), as :func:`patch`'s.
         n_random: Random controls per cell (the same distance in a random direction).
+        batch_size: Prompt pairs per forward and backward pass (None: as many as can go
+            together). Pairs run together where their clean prompts have one length and their
+            corrupt prompts one length, so no pass is padded and every batch size gives the
+            same numbers up to float rounding. The backward pass keeps the activations of
+            every layer for its rows: lower it for long prompts.
         seed: Seed of the random directions.
         progress: Show a progress bar over prompt pairs.
 
@@ -244,6 +269,7 @@ def attribution_patch(
     if direction not in get_args(Direction):
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
     check_int(n_random, "n_random", 0)
+    batch_size = check_batch_size(batch_size)
     seed = check_seed(seed)
     clean_ids, corrupt_ids = token_pairs(model, clean, corrupt)
     noising = direction == "noising"
@@ -273,56 +299,72 @@ def attribution_patch(
     shape = (n_pairs, len(rows), len(wanted))
     per_pair, random = np.full(shape, np.nan), np.full((n_random, *shape), np.nan)
     clean_m, corrupt_m = np.full(n_pairs, np.nan), np.full(n_pairs, np.nan)
-    for i in progress_bar(range(n_pairs), progress=progress, desc="attribution"):
-        pair = torch.tensor([i])
-        pair_tokens = [clean_ids[i], corrupt_ids[i]]
-        seeds = [control_seed(seed, j) for j in range(n_random)]
+    seeds = [control_seed(seed, j) for j in range(n_random)]
+    chunks = _passes([len(t) for t in src_ids], [len(t) for t in base_ids], batch_size)
+    head_out_checked = False
+    for chunk in weighted_progress_bar(
+        chunks,
+        weights=[len(c) * (len(src_ids[c[0]]) + 2 * len(base_ids[c[0]])) for c in chunks],
+        counts=[len(c) for c in chunks],
+        unit="pairs",
+        progress=progress,
+        desc="attribution",
+    ):
+        pair_index = torch.tensor(chunk)
+        device = model.W_E.device
         caps = {name: Capture() for name in value_hooks}
         with torch.no_grad(), intervene(model, caps):
-            logits = model(src_ids[i][None].to(model.W_E.device))
-            src_m = float(metric_fn(logits[:, -1], pair).sum())
-        check_unpatched(src_m, "source")
+            logits = model(torch.stack([src_ids[i] for i in chunk]).to(device))
+            src_ms = metric_fn(logits[:, -1], pair_index).double().cpu().numpy()
+        check_unpatched(src_ms, "source")
         grads = {name: Gradient() for name in dict.fromkeys(value_hooks + grad_hooks)}
         # Gradients are needed even where the caller turned them off (set_grad_enabled(False),
         # inference_mode: tensors made there cannot be saved for backward, hence the clone).
+        # Each row's metric depends on its own row only, so the sum's gradient is each pair's.
         with gradients_enabled():
             with intervene(model, grads):
-                logits = model(base_ids[i][None].to(model.W_E.device).clone())
-                out = metric_fn(logits[:, -1], pair).sum()
-            base_m = float(out.detach())
-            check_unpatched(base_m, "base")
+                logits = model(torch.stack([base_ids[i] for i in chunk]).to(device).clone())
+                out = metric_fn(logits[:, -1], pair_index)
+            base_ms = out.detach().double().cpu().numpy()
+            check_unpatched(base_ms, "base")
             if not out.requires_grad:
                 raise ValueError(
                     f"The metric {metric_name!r} gave a value without a gradient: attribution "
                     "patching differentiates it, so compute it from the logits with torch "
                     "operations (no .item(), numpy or argmax)."
                 )
-            differentiate(out, list(grads.values()))
-        clean_m[i], corrupt_m[i] = (base_m, src_m) if noising else (src_m, base_m)
-        if i == 0:
+            differentiate(out.sum(), list(grads.values()))
+        if not head_out_checked:
             _check_head_out(model, site_list, grads)
-        # resolved pairs are (clean position, corrupt position): read at the source's
-        src = torch.as_tensor([pb if noising else ps for ps, pb in resolved[i]])
-        dst = torch.as_tensor([ps if noising else pb for ps, pb in resolved[i]])
-        # One estimate per hook for all its heads and positions; sites pick their head.
-        estimates: dict[tuple[str, str], np.ndarray] = {}
-        for r, group in enumerate(rows.groups):
-            # first order: the effects of a group's sites (and of positions together) add up
-            change = np.zeros((1 + n_random, len(wanted)))
-            for site in group:
-                key = (site.kind, _grad_hook(site))
-                if key not in estimates:
-                    est, randoms = _estimate(model, site, caps, grads, src, dst, seeds, pair_tokens)
-                    # [1 + n_random, positions(, heads)] in one transfer
-                    estimates[key] = torch.stack([est, *randoms]).cpu().numpy()
-                values = estimates[key]
-                head = () if site.head is None else (slice(None), site.head)
-                picked = values[(slice(None), *head)]  # [1 + n_random, positions]
-                if together:
-                    picked = picked.sum(axis=1, keepdims=True)
-                change += picked
-            per_pair[i, r] = base_m + change[0]
-            random[:, i, r] = base_m + change[1:]
+            head_out_checked = True
+        for row, i in enumerate(chunk):
+            src_m, base_m = float(src_ms[row]), float(base_ms[row])
+            clean_m[i], corrupt_m[i] = (base_m, src_m) if noising else (src_m, base_m)
+            pair_tokens = [clean_ids[i], corrupt_ids[i]]
+            # resolved pairs are (clean position, corrupt position): read at the source's
+            src = torch.as_tensor([pb if noising else ps for ps, pb in resolved[i]])
+            dst = torch.as_tensor([ps if noising else pb for ps, pb in resolved[i]])
+            # One estimate per hook for all its heads and positions; sites pick their head.
+            estimates: dict[tuple[str, str], np.ndarray] = {}
+            for r, group in enumerate(rows.groups):
+                # first order: the effects of a group's sites (and of positions together) add up
+                change = np.zeros((1 + n_random, len(wanted)))
+                for site in group:
+                    key = (site.kind, _grad_hook(site))
+                    if key not in estimates:
+                        est, randoms = _estimate(
+                            model, site, caps, grads, row, src, dst, seeds, pair_tokens
+                        )
+                        # [1 + n_random, positions(, heads)] in one transfer
+                        estimates[key] = torch.stack([est, *randoms]).cpu().numpy()
+                    values = estimates[key]
+                    head = () if site.head is None else (slice(None), site.head)
+                    picked = values[(slice(None), *head)]  # [1 + n_random, positions]
+                    if together:
+                        picked = picked.sum(axis=1, keepdims=True)
+                    change += picked
+                per_pair[i, r] = base_m + change[0]
+                random[:, i, r] = base_m + change[1:]
     return _result(
         model,
         rows,
