@@ -48,6 +48,12 @@ _PRESETS = {"auto": ("auto", "auto"), "portable": ("matmul", "float32")}
 class SolverPath:
     """The solver's kernel choices: ``products`` and ``gram`` (see the module docstring).
 
+    Attributes:
+        products: ``"auto"``, ``"onednn"`` or ``"matmul"``: the kernel of the weights' products
+            with the activations.
+        gram: ``"auto"``, ``"bfloat16"`` or ``"float32"``: the dtype of the preconditioner's
+            Gram matrix.
+
     Example:
         >>> SolverPath.parse("portable")
         SolverPath(products='matmul', gram='float32')
@@ -72,6 +78,13 @@ class SolverPath:
     def parse(cls, text: str) -> SolverPath:
         """Read ``"auto"``, ``"portable"`` or ``"products=...,gram=..."`` (either part optional).
 
+        Args:
+            text: The setting, as ``MECHPROBE_SOLVER_PATH`` holds it (case and surrounding spaces
+                do not matter).
+
+        Returns:
+            The :class:`SolverPath` (a part left out is ``"auto"``).
+
         Raises:
             ValueError: an unknown preset, key or value; the message lists the valid ones.
         """
@@ -94,6 +107,10 @@ class SolverPath:
     def uses_onednn(self) -> bool:
         """Whether float32 CPU products go through oneDNN on this machine under this path.
 
+        Returns:
+            False for ``"matmul"``; otherwise whether oneDNN's kernel exists and agrees with
+            ``torch.matmul`` (checked once per process).
+
         Raises:
             RuntimeError: ``products="onednn"`` was forced where oneDNN's kernel is missing or
                 disagrees with ``torch.matmul``.
@@ -110,7 +127,16 @@ class SolverPath:
         return works
 
     def uses_bfloat16_gram(self, X: torch.Tensor) -> bool:
-        """Whether the preconditioner's Gram matrix of ``X`` is computed in bfloat16."""
+        """Whether the preconditioner's Gram matrix of ``X`` is computed in bfloat16.
+
+        Args:
+            X: The features whose Gram matrix is wanted.
+
+        Returns:
+            False for non-float or bfloat16 features; with ``gram`` forced, whether it is
+            ``"bfloat16"``; under ``"auto"``, True for float32 features on CUDA, or on a CPU that
+            multiplies bfloat16 natively.
+        """
         if not X.is_floating_point() or X.dtype == torch.bfloat16:
             return False
         if self.gram != "auto":

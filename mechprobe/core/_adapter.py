@@ -136,8 +136,8 @@ class ModelAdapter:
         hold a forward hook now (the user's, or an intervention's in force).
 
         Example:
-            >>> from mechprobe.core._models import tiny_model
-            >>> model = tiny_model()
+            >>> import mechprobe as mp
+            >>> model = mp.tiny_model()
             >>> model.add_hook("unembed.hook_out", lambda logits, hook: logits)
             >>> model_adapter(model).attached_hooks("unembed", "ln_final")
             ['unembed.hook_out']
@@ -158,8 +158,8 @@ class ModelAdapter:
         on the ``left``, or not), for an error message; None where none is known.
 
         Example:
-            >>> from mechprobe.core._models import tiny_model
-            >>> model_adapter(tiny_model()).known_nan_cause() is None
+            >>> import mechprobe as mp
+            >>> model_adapter(mp.tiny_model()).known_nan_cause() is None
             True
         """
         padded = attention_mask is not None and not bool(attention_mask.bool().all())
@@ -177,8 +177,8 @@ class ModelAdapter:
         """:meth:`known_nan_cause`, or the usual causes where none is known (for a message).
 
         Example:
-            >>> from mechprobe.core._models import tiny_model
-            >>> model_adapter(tiny_model()).nan_causes()
+            >>> import mechprobe as mp
+            >>> model_adapter(mp.tiny_model()).nan_causes()
             'a float16 overflow, or an edit that wrote NaN'
         """
         known = self.known_nan_cause(attention_mask, left)
@@ -527,8 +527,8 @@ def model_adapter(model: Any) -> ModelAdapter:
         TypeError: Any other object, naming what to pass instead.
 
     Example:
-        >>> from mechprobe.core._models import tiny_model
-        >>> adapter = model_adapter(tiny_model())
+        >>> import mechprobe as mp
+        >>> adapter = model_adapter(mp.tiny_model())
         >>> adapter.kind, adapter.n_heads, adapter.n_kv_heads, adapter.hook_name("mlp_out", 1)
         ('bridge', 4, 2, 'blocks.1.hook_mlp_out')
     """

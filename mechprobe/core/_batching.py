@@ -53,8 +53,8 @@ class Batch:
             so that a chunk's errors name the prompt the user passed, not the chunk's row.
 
     Example:
-        >>> from mechprobe.core._models import tiny_model
-        >>> batch = tokenize(tiny_model(), ["Hi", "Hello"])
+        >>> import mechprobe as mp
+        >>> batch = tokenize(mp.tiny_model(), ["Hi", "Hello"])
         >>> batch.lengths.tolist(), batch.last_index.tolist()
         ([3, 6], [2, 5])
     """
@@ -85,6 +85,13 @@ class Batch:
         which pooled means average (a BOS that a model's attention sinks into is far longer than
         the text's states, and would set the mean).
 
+        Args:
+            bos_id: The BOS token id (:func:`bos_id`), or None: nothing is left out.
+
+        Returns:
+            ``[batch, seq]`` integer mask: ``attention_mask`` with 0 at each row's first real
+            token where that token is ``bos_id``.
+
         Example:
             >>> batch = pad_rows([[7, 3, 4], [3, 5]], fill=0, padding_side="left", prompts=["", ""])
             >>> batch.text_mask(7).tolist(), batch.text_mask(None).tolist()
@@ -108,8 +115,16 @@ class Batch:
         ``"all"`` is only defined when every row has the same length; use it on a batch of equal
         lengths, or ask for explicit positions.
 
+        Args:
+            spec: ``"all"``, one position or a list of them; negative positions count back from
+                each row's last real token.
+
+        Returns:
+            ``[batch, k]`` long tensor of padded column indices, one column per position asked.
+
         Raises:
-            ValueError: A position falls outside some row's real tokens.
+            ValueError: A position falls outside some row's real tokens, or ``"all"`` on rows
+                of different lengths.
         """
         lengths = self.lengths
         if isinstance(spec, str):
@@ -161,6 +176,13 @@ class Batch:
             attention_mask: ``[batch, seq]`` 1 for real tokens (default: every token is real).
             padding_side: Where the padding is, if ``attention_mask`` has any.
 
+        Returns:
+            The :class:`Batch` (long ids, empty prompt strings).
+
+        Raises:
+            ValueError: Rows of different lengths, ids that are not ``[batch, seq]`` integers, a
+                mask of another shape, or a mask that is not padded at ``padding_side``.
+
         Example:
             >>> import torch
             >>> Batch.from_tokens(torch.tensor([[1, 5, 9]])).last_index.tolist()
@@ -203,7 +225,15 @@ class Batch:
         return cls(ids.long(), mask, padding_side, ("",) * len(ids))
 
     def select(self, rows: slice | Sequence[int]) -> Batch:
-        """A sub-batch of the given rows, with padding columns no row uses trimmed off."""
+        """A sub-batch of the given rows, with padding columns no row uses trimmed off.
+
+        Args:
+            rows: A slice of rows, or row indices.
+
+        Returns:
+            The sub-:class:`Batch`; its ``origin`` keeps each row's index in the batch it came
+            from (so that errors name the prompt the user passed).
+        """
         index = torch.arange(len(self))[rows] if isinstance(rows, slice) else torch.as_tensor(rows)
         mask = self.attention_mask[index]
         used = mask.any(dim=0).nonzero().flatten()
@@ -217,7 +247,18 @@ class Batch:
         )
 
     def chunks(self, batch_size: int | None) -> Iterator[tuple[slice, Batch]]:
-        """Consecutive sub-batches of at most ``batch_size`` rows with their row slices."""
+        """Consecutive sub-batches of at most ``batch_size`` rows with their row slices.
+
+        Args:
+            batch_size: Rows per sub-batch, a positive int (None: the whole batch at once).
+
+        Yields:
+            ``(rows, sub_batch)``: the slice of this batch's rows and their :class:`Batch`.
+
+        Raises:
+            TypeError: ``batch_size`` is not an int or None.
+            ValueError: ``batch_size`` is not positive.
+        """
         # 1.5 or True were truncated to 1 rows per pass: an int (numpy ints too) or None only.
         size = len(self) if batch_size is None else as_int(batch_size)
         if size is None:  # a TypeError, as check_int gives where None is not allowed
@@ -236,8 +277,8 @@ class Batch:
             TypeError: A batch built from token ids, with no strings to give.
 
         Example:
-            >>> from mechprobe.core._models import tiny_model
-            >>> tokenize(tiny_model(), ["Hi", "Hello"]).texts()
+            >>> import mechprobe as mp
+            >>> tokenize(mp.tiny_model(), ["Hi", "Hello"]).texts()
             ['Hi', 'Hello']
         """
         if not self.prompts or not all(self.prompts):
@@ -248,7 +289,14 @@ class Batch:
         return list(self.prompts)
 
     def to(self, device: torch.device | str) -> Batch:
-        """The same batch on another device."""
+        """The same batch on another device.
+
+        Args:
+            device: The device (``"cpu"``, ``"cuda"``, a ``torch.device``).
+
+        Returns:
+            A :class:`Batch` with its tokens and mask moved, its other fields kept.
+        """
         # replace keeps every other field: origin was dropped, and a moved chunk's errors named
         # its own row instead of the prompt the user passed.
         return replace(
@@ -388,8 +436,8 @@ def bos_id(model: Any) -> int | None:
     """The tokenizer's BOS token id; None without one (or without a tokenizer: ids are run).
 
     Example:
-        >>> from mechprobe.core._models import tiny_model
-        >>> bos_id(tiny_model()) == tiny_model().tokenizer.bos_token_id
+        >>> import mechprobe as mp
+        >>> bos_id(mp.tiny_model()) == mp.tiny_model().tokenizer.bos_token_id
         True
     """
     bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
@@ -457,9 +505,19 @@ def tokenize(
         padding_side: Where padding goes; results never depend on it.
         prepend_bos: Prepend BOS; ``None`` follows ``model.cfg.default_prepend_bos``.
 
+    Returns:
+        A :class:`Batch`: ``tokens`` and ``attention_mask`` of shape ``[n_prompts, seq]`` (``seq``
+        the longest prompt's length), one row per prompt.
+
+    Raises:
+        ValueError: The prompt list is empty, a prompt is empty and the model adds no BOS, a
+            prompt is longer than the model's context, or BOS is asked of a tokenizer without
+            one.
+        TypeError: A prompt is not a string.
+
     Example:
-        >>> from mechprobe.core._models import tiny_model
-        >>> model = tiny_model()
+        >>> import mechprobe as mp
+        >>> model = mp.tiny_model()
         >>> bool((tokenize(model, "Hi").tokens == model.to_tokens("Hi")).all())
         True
     """
@@ -486,14 +544,30 @@ def tokenize_with_targets(
     Prompt and target are tokenised separately and concatenated, so the prompt's tokens are exactly
     those of :func:`tokenize` and the target's tokens are what a scorer would feed one by one.
 
+    Args:
+        model: A TransformerLens model with a tokenizer.
+        prompts: One prompt or a non-empty list of prompts.
+        targets: The text that follows each prompt: one string per prompt (a single string
+            goes with a single prompt), ``[n_prompts]``, each non-empty and tokenised on its own
+            without BOS (so a leading space is kept as the target's own).
+        padding_side: Where padding goes; results never depend on it.
+        prepend_bos: Prepend BOS to each prompt; ``None`` follows
+            ``model.cfg.default_prepend_bos``.
+
     Returns:
-        ``(batch, target_start, target_length)``: ``target_start[i]`` is the position in the
-        unpadded row of the first target token; the prediction of target token ``j`` is read at
-        prompt position ``target_start + j - 1``.
+        ``(batch, target_start, target_length)``: the :class:`Batch` of ``prompt + target`` rows
+        (``[n_prompts, seq]``, its ``prompts`` the prompts alone), and two ``[n_prompts]``
+        integer tensors. ``target_start[i]`` is the position in the unpadded row of the first
+        target token; the prediction of target token ``j`` is read at prompt position
+        ``target_start + j - 1``. ``target_length[i]`` is the number of target tokens.
+
+    Raises:
+        ValueError: The numbers of prompts and targets differ, a target is empty, or a row is
+            longer than the model's context.
 
     Example:
-        >>> from mechprobe.core._models import tiny_model
-        >>> batch, start, n = tokenize_with_targets(tiny_model(), ["Hi"], [" there"])
+        >>> import mechprobe as mp
+        >>> batch, start, n = tokenize_with_targets(mp.tiny_model(), ["Hi"], [" there"])
         >>> start.tolist(), n.tolist()
         ([3], [6])
     """
@@ -549,8 +623,8 @@ def check_token_ids(
         ValueError: An id below 0 or at least the model's ``d_vocab``.
 
     Example:
-        >>> from mechprobe.core._models import tiny_model
-        >>> check_token_ids(tiny_model(), torch.tensor([[1, 600, 61]]))
+        >>> import mechprobe as mp
+        >>> check_token_ids(mp.tiny_model(), torch.tensor([[1, 600, 61]]))
         Traceback (most recent call last):
         ...
         ValueError: Prompt 0 holds token id 600 at position 1, outside the model's vocabulary (0..258): pass token ids of this model, or strings.
@@ -576,8 +650,8 @@ def warn_unspaced(model: Any, answers: Sequence[str], what: str) -> None:
     follows "The capital of France is" (a clean logit difference of 5.27 for 6.21 on SmolLM2).
 
     Example:
-        >>> from mechprobe.core._models import tiny_model
-        >>> warn_unspaced(tiny_model(), [" a"], "Answer") is None  # spaced: nothing to say
+        >>> import mechprobe as mp
+        >>> warn_unspaced(mp.tiny_model(), [" a"], "Answer") is None  # spaced: nothing to say
         True
     """
     tokenizer = model.tokenizer

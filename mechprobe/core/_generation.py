@@ -188,6 +188,12 @@ class GenerationResult(Result, format="mechprobe.GenerationResult", version=1):
         """Each generated token's log-probability along its completion (one line per prompt, at
         most 20).
 
+        Args:
+            ax: Draw into these axes (default: a new figure).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+
         Example:
             >>> import mechprobe as mp
             >>> res = mp.generate(mp.tiny_model(), ["Hi", "Yo"], max_new_tokens=3, progress=False)

@@ -797,6 +797,12 @@ def tiny_model(
             ``None`` keeps the CPU. The weights are drawn on the CPU first, so a seed gives the
             same model on every device.
 
+    Returns:
+        The model (float32 weights; a ``TransformerBridge`` or a ``HookedTransformer`` as
+        ``kind`` says), its ``cfg.model_name`` naming its architecture, seed and size (``"tiny-llama
+        (random, seed 0, 3 layers, d 64, 2 kv heads)"``), so that results made on it claim no
+        real model.
+
     Raises:
         ValueError: An unknown architecture or kind, or a key/value head count that does not
             divide the query heads.

@@ -229,6 +229,17 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
         ``wrong`` after each prompt (the metric of :func:`mechprobe.logit_diff`; NaN where a
         prompt has no such candidates), as :meth:`mechprobe.LensResult.logit_diff` takes slots.
 
+        Args:
+            answer: The candidate answer's slot among each prompt's answers (0: the first).
+            wrong: The wrong candidate's slot (1: the second); not ``answer``.
+
+        Returns:
+            ``[n_prompts]`` float array of logit differences (NaN where a prompt lacks either
+            candidate).
+
+        Raises:
+            ValueError: ``answer`` and ``wrong`` are the same slot.
+
         Example:
             >>> import mechprobe as mp
             >>> res = mp.predict(mp.tiny_model(), "Hi", ["a", "b"], progress=False)
@@ -286,6 +297,16 @@ class Predictions(Result, format="mechprobe.Predictions", version=1):
         """One prompt's most probable next tokens (the first 30 of ``top_k``) as bars of
         probability, its answers' first tokens in orange where they are among them (the title
         names the others' ranks).
+
+        Args:
+            ax: Draw into these axes (default: a new figure).
+            prompt: The prompt drawn (its index; negative counts from the end).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+
+        Raises:
+            ValueError: ``prompt`` indexes no prompt.
 
         Example:
             >>> import mechprobe as mp

@@ -137,7 +137,14 @@ class Result:
         raise NotImplementedError
 
     def plot(self, ax: Axes | None = None) -> Figure:
-        """The result's main figure (into ``ax`` when given); returns the Figure."""
+        """The result's main figure (into ``ax`` when given).
+
+        Args:
+            ax: Draw into these axes (default: a new figure).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+        """
         raise NotImplementedError
 
     def _describe(self) -> str:
@@ -158,6 +165,12 @@ class Result:
     def from_dict(cls: type[R], data: Mapping[str, Any]) -> R:
         """Rebuild a result from :meth:`to_dict`'s output.
 
+        Args:
+            data: What :meth:`to_dict` returned (or its JSON, parsed).
+
+        Returns:
+            The result, of this class.
+
         Raises:
             ValueError: ``data`` holds another result, or a format version this release cannot
                 read.
@@ -169,6 +182,10 @@ class Result:
         """Write the result to ``path``: ``.json`` (one readable file), ``.npz`` (arrays in numpy
         format, the rest as JSON inside) or ``.safetensors`` (tensors exact, SHA-256 digests
         checked on load). Never pickle.
+
+        Args:
+            path: The file to write, ending in ``.json``, ``.npz`` or ``.safetensors`` (its folder
+                must exist; ``~`` is expanded).
 
         Returns:
             The path written.
@@ -207,6 +224,12 @@ class Result:
     def load(cls: type[R], path: str | os.PathLike[str]) -> R:
         """Read a result written by :meth:`save` (``.json``, ``.npz`` or ``.safetensors``; no
         pickle involved).
+
+        Args:
+            path: A file :meth:`save` wrote.
+
+        Returns:
+            The result, of this class.
 
         Raises:
             FileNotFoundError: No such file.
@@ -366,6 +389,18 @@ def _read_only(value: Any) -> Any:
 def load_result(path: str | os.PathLike[str]) -> Result:
     """Read any saved result by its format tag (``.json``, ``.npz`` or ``.safetensors``, or a
     result saved as a folder, such as a ``RelationalResult``: its ``result.json`` names it).
+
+    Args:
+        path: A file a result's ``save`` wrote, or the folder one saved itself into (``~`` is
+            expanded).
+
+    Returns:
+        The result, of the class its file names (a :class:`~mechprobe.LensResult`, a
+        :class:`~mechprobe.PatchResult`...), read by that class's own ``load``.
+
+    Raises:
+        FileNotFoundError: ``path`` is a folder without ``result.json``.
+        ValueError: The file holds no mechprobe result (saved activations, another format).
 
     Example:
         >>> import mechprobe as mp, tempfile, pathlib

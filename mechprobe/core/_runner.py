@@ -96,6 +96,9 @@ class RunResult:
             per_token: Return ``[batch, seq - 1]`` losses (NaN where no real token is predicted)
                 instead of each prompt's mean ``[batch]`` (NaN for a prompt of one token).
 
+        Returns:
+            ``[batch]`` float32 mean losses, or with ``per_token`` the ``[batch, seq - 1]`` losses.
+
         Raises:
             ValueError: The run kept logits at some positions only: run with
                 ``logit_positions="all"`` (the default).
@@ -142,6 +145,10 @@ class RunResult:
                 real token of every prompt (each token weighs the same). A prompt of BOS alone
                 has no mean (NaN).
             bos: Count a row's leading BOS token too.
+
+        Returns:
+            The mean in the capture's dtype: its trailing shape (``[d_model]`` for a residual site),
+            or ``[batch, ...]`` with ``per_prompt``.
 
         Raises:
             KeyError: The site was not captured.

@@ -181,6 +181,16 @@ class Site:
         """Turn a hook name such as ``"blocks.4.hook_resid_post"``, or a site's label such as
         ``"head_out@3, head 2"`` (its ``str``, as result frames write it), into a Site.
 
+        Args:
+            name: A hook name (``"blocks.4.hook_resid_post"``) or a site label (``"mlp_out@3"``,
+                ``"head_out@3, head 2"``).
+            head: The head of a per-head site named by its hook name; with a label that names
+                a head, it must be that head.
+            positions: The Site's default token positions (None: none chosen).
+
+        Returns:
+            The :class:`Site`.
+
         Example:
             >>> Site.parse("blocks.4.hook_resid_post"), Site.parse("head_out@3, head 2").head
             (Site(kind='resid_post', layer=4, head=None, positions=None), 2)
@@ -292,8 +302,8 @@ def resolve_site(model: Any, site: SiteLike) -> tuple[str, Site | None]:
         ValueError: Unknown hook name or out-of-range layer, listing the closest valid names.
 
     Example:
-        >>> from mechprobe.core._models import tiny_model
-        >>> resolve_site(tiny_model(), Site("resid_post", -1))[0]
+        >>> import mechprobe as mp
+        >>> resolve_site(mp.tiny_model(), Site("resid_post", -1))[0]
         'blocks.2.hook_resid_post'
     """
     return resolve_in(model, site, model.hook_dict)
@@ -452,8 +462,8 @@ def resolve_sites(
     """Validate several sites at once (all errors before any forward pass).
 
     Example:
-        >>> from mechprobe.core._models import tiny_model
-        >>> [name for name, _ in resolve_sites(tiny_model(), ["hook_embed", Site("mlp_out", 0)])]
+        >>> import mechprobe as mp
+        >>> [name for name, _ in resolve_sites(mp.tiny_model(), ["hook_embed", Site("mlp_out", 0)])]
         ['hook_embed', 'blocks.0.hook_mlp_out']
     """
     if isinstance(sites, (str, Site)):
@@ -475,8 +485,8 @@ def head_count(model: Any, kind: str = "head") -> int:
     grouped-query attention), query heads for the others.
 
     Example:
-        >>> from mechprobe.core._models import tiny_model
-        >>> head_count(tiny_model(), "q"), head_count(tiny_model(), "k")
+        >>> import mechprobe as mp
+        >>> head_count(mp.tiny_model(), "q"), head_count(mp.tiny_model(), "k")
         (4, 2)
     """
     n_heads = int(model.cfg.n_heads)
@@ -493,8 +503,8 @@ def query_heads(model: Any, site: Site) -> tuple[int, ...]:
     ``g = n_heads / n_key_value_heads``, as in Hugging Face's ``repeat_kv``).
 
     Example:
-        >>> from mechprobe.core._models import tiny_model
-        >>> query_heads(tiny_model(), Site("v", 0, head=1))
+        >>> import mechprobe as mp
+        >>> query_heads(mp.tiny_model(), Site("v", 0, head=1))
         (2, 3)
     """
     if site.kind not in HEAD_KINDS or site.head is None:
@@ -517,8 +527,8 @@ def resolve_layers(model: Any, layers: Layers) -> list[int]:
         ValueError: Empty, repeated or out of range.
 
     Example:
-        >>> from mechprobe.core._models import tiny_model
-        >>> resolve_layers(tiny_model(), "all"), resolve_layers(tiny_model(), [-1, 0])
+        >>> import mechprobe as mp
+        >>> resolve_layers(mp.tiny_model(), "all"), resolve_layers(mp.tiny_model(), [-1, 0])
         ([0, 1, 2], [2, 0])
     """
     n_layers = int(model.cfg.n_layers)
@@ -595,8 +605,8 @@ def expand_sites(
             ``layers`` given where no entry is a kind.
 
     Example:
-        >>> from mechprobe.core._models import tiny_model
-        >>> [str(s) for s in expand_sites(tiny_model(), ["mlp_out", "blocks.0.hook_resid_pre"])]
+        >>> import mechprobe as mp
+        >>> [str(s) for s in expand_sites(mp.tiny_model(), ["mlp_out", "blocks.0.hook_resid_pre"])]
         ['mlp_out@0', 'mlp_out@1', 'mlp_out@2', 'resid_pre@0']
     """
     example = "resid_post" if "resid_post" in kinds else kinds[0]

@@ -182,6 +182,16 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
         Costs ``O(k d)`` per vector. Safe inside a forward hook: any leading shape (batch,
         position, ...) and autograd pass through. ``eraser(x)`` is the same call.
 
+        Args:
+            x: ``[..., d]`` floating-point vectors, a numpy array or a torch tensor.
+
+        Returns:
+            ``x`` with the removed directions erased: the same type, shape, dtype and device.
+
+        Raises:
+            TypeError: ``x`` is not a floating-point array or tensor.
+            ValueError: ``x``'s last axis is not the eraser's ``dim``.
+
         Example:
             >>> import numpy as np
             >>> identity_projection(4).apply(np.ones((2, 4), dtype=np.float32)).dtype
@@ -212,6 +222,13 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
     ) -> Eraser:
         """A copy whose factors live on ``device`` in ``dtype``, so that a hook applying it on
         every forward pass casts nothing (the fit's record is kept).
+
+        Args:
+            device: Where the factors go (None: where they are).
+            dtype: Their dtype (None: as they are).
+
+        Returns:
+            A new :class:`Eraser` with the same method and record.
 
         Example:
             >>> random_projection(4, 1).to(dtype=torch.float32).removed.dtype
@@ -321,7 +338,13 @@ class Eraser(Result, format="mechprobe.Eraser", version=1):
         :func:`~mechprobe.inlp`), or, for erasers that record no accuracies (LEACE, random,
         dropout, identity), the singular values of ``I - P``: how strongly each direction is
         removed (1 for each removed direction of an orthogonal projection; LEACE's oblique one
-        differs). Returns the Figure.
+        differs).
+
+        Args:
+            ax: Draw into these axes (default: a new figure).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
 
         Example:
             >>> fig = random_projection(8, 3, seed=0).plot()
@@ -444,6 +467,21 @@ def random_projection(
     diagonals, so their subspace is not uniform. Match an erasure's rank with
     ``random_projection(eraser.dim, eraser.n_removed)``.
 
+    Args:
+        dim: The width of the vectors erased (e.g. ``eraser.dim``), at least 1.
+        n_removed: The number of directions removed, from 0 to ``dim`` (e.g.
+            ``eraser.n_removed``).
+        random_directions: ``"sphere"`` (uniform subspaces) or ``"cube"`` (Elazar et al.'s).
+        seed: Seed of the draw; equal seeds give the same directions.
+
+    Returns:
+        An orthogonal :class:`Eraser` of ``method="random"`` removing ``n_removed`` orthonormal
+        directions of ``dim``-wide vectors.
+
+    Raises:
+        ValueError: ``n_removed`` is outside ``[0, dim]``, or ``random_directions`` is neither
+            form.
+
     Example:
         >>> random_projection(10, 4, seed=1).n_removed
         4
@@ -471,6 +509,18 @@ def random_projection(
 def dropout_projection(dim: int, n_removed: int, *, seed: int = 0) -> Eraser:
     """Control (Elazar et al.'s dropout): zero ``n_removed`` randomly chosen coordinates.
 
+    Args:
+        dim: The width of the vectors erased (e.g. ``eraser.dim``), at least 1.
+        n_removed: The number of coordinates zeroed, from 0 to ``dim``.
+        seed: Seed of the choice of coordinates.
+
+    Returns:
+        An orthogonal :class:`Eraser` of ``method="dropout"`` whose removed directions are the
+        chosen coordinates' unit vectors.
+
+    Raises:
+        ValueError: ``n_removed`` is outside ``[0, dim]``.
+
     Example:
         >>> import torch
         >>> eraser = dropout_projection(5, 2, seed=0)
@@ -485,6 +535,12 @@ def dropout_projection(dim: int, n_removed: int, *, seed: int = 0) -> Eraser:
 
 def identity_projection(dim: int) -> Eraser:
     """The no-op erasure (rank 0), for a vanilla condition in the same code path.
+
+    Args:
+        dim: The width of the vectors it takes, at least 1.
+
+    Returns:
+        An :class:`Eraser` of ``method="identity"`` that removes nothing (``n_removed == 0``).
 
     Example:
         >>> identity_projection(4).n_removed

@@ -129,6 +129,13 @@ class LeaceFitter:
     def update(self, x: Any, z: Any) -> LeaceFitter:
         """Add a batch: ``x [n, d]`` (numpy or torch) and class indices ``z [n]``; returns self.
 
+        Args:
+            x: ``[n, d]`` rows (numpy or torch, finite; ``d`` the fitter's ``dim``).
+            z: ``[n]`` integer class indices, ``0..n_classes - 1``, one per row.
+
+        Returns:
+            The fitter itself, its statistics updated (so that calls chain).
+
         Raises:
             TypeError: ``z`` holds labels other than integers (strings, floats, bools): map
                 them to indices first, e.g. with ``np.unique(labels, return_inverse=True)``.

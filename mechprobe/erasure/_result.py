@@ -145,6 +145,16 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
     ) -> np.ndarray:
         """All values of ``metric`` under ``condition`` (one per seed for the controls).
 
+        Args:
+            metric: A measured metric (``lm_accuracy``, ``lm_kl``, ``task_accuracy``,
+                ``probe_accuracy``...; see :class:`AmnesicMeasure`).
+            condition: ``intact``, ``erased``, ``random`` or ``dropout``.
+            site: Only the probe readings of this hook name (None: every site).
+            probe: Only those of this probe, ``"linear"`` or ``"mlp"`` (None: every probe).
+
+        Returns:
+            ``[n]`` float64 array, in the order measured (empty where nothing matches).
+
         Raises:
             ValueError: A condition that is none of ``intact``, ``erased``, ``random``,
                 ``dropout`` (code written for ``"original"`` read nothing, without a word).
@@ -170,7 +180,17 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         self, metric: str, condition: str, *, site: str | None = None, probe: str | None = None
     ) -> tuple[float | None, float | None]:
         """``(mean, std)`` over seeds (std NaN for a single value, where a spread is undefined;
-        ``(None, None)`` if unmeasured)."""
+        ``(None, None)`` if unmeasured).
+
+        Args:
+            metric: A measured metric, as for :meth:`values`.
+            condition: ``intact``, ``erased``, ``random`` or ``dropout``.
+            site: Only the probe readings of this hook name (None: every site).
+            probe: Only those of this probe (None: every probe).
+
+        Returns:
+            ``(mean, std)`` of the matching values (sample standard deviation, ``ddof=1``).
+        """
         vals = self.values(metric, condition, site=site, probe=probe)
         if len(vals) == 0:
             return None, None
@@ -183,6 +203,18 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
 
         Accuracies and log-probabilities: ``intact - condition``; losses: ``condition -
         intact``; KL divergences: the value itself.
+
+        Args:
+            metric: A measured metric, as for :meth:`values`.
+            condition: The condition compared with the intact run (``erased``, ``random`` or
+                ``dropout``).
+            site: Only the probe readings of this hook name (None: every site).
+            probe: Only those of this probe (None: every probe).
+
+        Returns:
+            ``(mean, std)`` of the effect over the condition's values (std NaN for one value);
+            ``(None, None)`` where the condition, or for a non-KL metric the intact run, is
+            unmeasured.
         """
         vals = self.values(metric, condition, site=site, probe=probe)
         if len(vals) == 0:
@@ -413,6 +445,16 @@ class AmnesicResult(Result, format="mechprobe.AmnesicResult", version=2, html_fi
         ``task_accuracy``, ``task_kl`` or ``probe_accuracy``), by default the first measured of
         task accuracy, task KL, LM KL, LM accuracy and probe accuracy (as
         :meth:`ErasureSweep.plot`'s), titled with the method and site.
+
+        Args:
+            ax: Draw one panel into these axes (default: a new figure of every panel).
+            metric: The panel drawn alone (None: the overview, or with ``ax`` the default panel).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+
+        Raises:
+            ValueError: Nothing measured to plot, or a ``metric`` not measured here.
 
         Example:
             >>> r = AmnesicResult("hook_embed", None, "all", "inlp", 1, 4,

@@ -69,6 +69,20 @@ def fit_erasure(
     eraser, so leace's own ``method="orth"`` is asked for as ``"leace-orth"`` (passed beside
     ``"leace"`` it is Python's "multiple values for argument 'method'").
 
+    Args:
+        X: ``[n, d]`` features (a numpy array or torch tensor).
+        y: ``[n]`` class labels.
+        method: ``"inlp"``, ``"leace"`` or ``"leace-orth"``.
+        seed: INLP's seed (LEACE is closed-form and draws nothing).
+        **options: Keyword arguments of :func:`mechprobe.inlp` or :func:`mechprobe.leace`
+            (INLP's replace its defaults above; LEACE ignores ``progress``).
+
+    Returns:
+        The fitted :class:`Eraser` for ``d``-wide vectors.
+
+    Raises:
+        ValueError: ``method`` is none of the three.
+
     Example:
         >>> import torch
         >>> X = torch.randn(400, 8); y = (X[:, 0] > 0).long()
@@ -181,6 +195,17 @@ class ErasureSweep(Result, format="mechprobe.ErasureSweep", version=2, html_figu
         """Effect against layer per metric: erasure, random control (mean ± std band), dropout.
 
         With ``ax`` (or ``metric``), one panel: ``metric``, by default the first measured.
+
+        Args:
+            ax: Draw one panel into these axes (default: a new figure, one panel per measured
+                metric).
+            metric: The metric of the one panel (None: the first measured).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+
+        Raises:
+            ValueError: Nothing measured to plot, or a ``metric`` not measured here.
         """
         metrics = [m for m in _METRICS if any(len(r.values(m, "erased")) for r in self.results)]
         if not metrics:
@@ -322,6 +347,15 @@ def layer_sweep(
         batch_size: Prompts per forward pass (None: all at once).
         progress: Progress bar over the erased sites.
         kind: Deprecated name of ``sites`` (one release).
+
+    Returns:
+        An :class:`ErasureSweep` (``method``), with one :class:`AmnesicResult` per erased site,
+        in the order of ``sites`` and ``layers``.
+
+    Raises:
+        ValueError: An unknown ``method``; none of ``text``, ``task`` and ``probe``; word-level
+            ``data`` with positions other than ``"all"``; ``fit_options`` naming ``method``; or
+            ``data`` without labels.
 
     Example:
         >>> import mechprobe as mp

@@ -66,8 +66,8 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
         kl: ``[lens, E]`` mean KL(final || lens) in nats.
         kl_sem: ``[lens, E]`` its standard error over windows: the sample SD of the windows'
             own means over the square root of their number (positions of one window, one
-            document, are not independent; NaN over one window). Files saved before the
-            thirty-first session hold the standard error over positions.
+            document, are not independent; NaN over one window). Files saved before
+            ``n_windows`` was recorded (``n_windows`` 0) hold the standard error over positions.
         precision: ``[lens, E]`` precision@1 against the model's own top-1 token.
         n_positions: Positions scored (the same for every lens and entry).
         text: What was read (``"heldout"``, a file, or the number of strings given).
@@ -80,8 +80,9 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
             binomial one over positions).
         n_windows: Windows read (0 in files saved before it was recorded).
         n_documents: Documents the windows came from: one window per document in turn
-            (0 in files saved before it was recorded; before the thirty-first session a
-            1,024-token sample of the held-out addresses came from one of them).
+            (0 in files saved before it was recorded, whose windows were cut from each
+            document to its end in turn: a 1,024-token sample of the held-out addresses came
+            from one of them).
 
     Example:
         >>> import mechprobe as mp
@@ -143,7 +144,18 @@ class LensComparison(Result, format="mechprobe.LensComparison", version=1, html_
 
     def plot(self, ax: Axes | None = None, *, site: str | None = None) -> Figure:
         """KL (log scale) and precision@1 per layer, one line per lens with a band of one
-        standard error over windows (into ``ax``: KL only)."""
+        standard error over windows (into ``ax``: KL only).
+
+        Args:
+            ax: Draw the KL panel alone into these axes (default: a new figure of both panels).
+            site: The site kind drawn (None: the first compared).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+
+        Raises:
+            ValueError: ``site`` was not compared.
+        """
         kind = self.sites[0] if site is None else site
         cols = [i for i, s in enumerate(self.sites) if s == kind]
         if not cols:

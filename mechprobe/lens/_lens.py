@@ -65,7 +65,18 @@ class Lens:
     def translate(
         self, model: Any, kind: str, layer: int, x: Float[Tensor, "n d_model"]
     ) -> Float[Tensor, "n d_model"]:
-        """Map vectors read at ``(kind, layer)`` to vectors the model's readout decodes."""
+        """Map vectors read at ``(kind, layer)`` to vectors the model's readout decodes.
+
+        Args:
+            model: The TransformerLens model the vectors were read from.
+            kind: Their site kind (one of :attr:`kinds`).
+            layer: Their layer.
+            x: ``[n, d_model]`` vectors read at ``(kind, layer)``.
+
+        Returns:
+            ``[n, d_model]`` vectors in the basis of the last block's output, which the model's
+            final norm and unembedding decode.
+        """
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -73,7 +84,15 @@ class Lens:
         raise NotImplementedError
 
     def check(self, model: Any, entries: Sequence[tuple[str, int]]) -> None:
-        """Raise a ValueError naming the problem if this lens cannot decode ``entries``."""
+        """Raise a ValueError naming the problem if this lens cannot decode ``entries``.
+
+        Args:
+            model: The model to be decoded.
+            entries: The ``(site kind, layer)`` pairs to be decoded.
+
+        Raises:
+            ValueError: A site kind this lens does not decode.
+        """
         wrong = sorted({kind for kind, _ in entries if kind not in self.kinds})
         if wrong:
             raise ValueError(
@@ -113,6 +132,14 @@ def as_lens(lens: LensSpec) -> Lens:
     """The :class:`Lens` object for a ``lens=`` argument (``"logit"``, ``"patchscope"``: the
     default :class:`~mechprobe.lens.Patchscope`, as the CLI's ``--lens patchscope``; a
     TunedLens or a Patchscope).
+
+    Args:
+        lens: ``"logit"``, ``"patchscope"``, or a :class:`Lens` object (a
+            :class:`~mechprobe.TunedLens`, a :class:`~mechprobe.Patchscope`...).
+
+    Returns:
+        A :class:`LogitLens` for ``"logit"``, a default :class:`~mechprobe.Patchscope` for
+        ``"patchscope"``, or ``lens`` itself when it is already a :class:`Lens`.
 
     Raises:
         ValueError: ``lens`` is none of these.

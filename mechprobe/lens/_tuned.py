@@ -200,6 +200,14 @@ class TunedLens(Lens):
         """Identity translators (the logit lens, exactly) for every layer of ``sites``: the start
         of training.
 
+        Args:
+            model: The model the lens is for (its layers, width, name and unembedding are recorded).
+            sites: The residual site kinds given translators (default: all three).
+            info: What to record in the lens's ``info``.
+
+        Returns:
+            A :class:`TunedLens` whose translators are all zero (``h + h @ 0 + 0 = h``).
+
         Example:
             >>> import mechprobe as mp
             >>> sorted(mp.TunedLens.identity(mp.tiny_model(), ["resid_post"]).layers["resid_post"])
@@ -227,6 +235,15 @@ class TunedLens(Lens):
 
     def translator(self, kind: str, layer: int) -> tuple[Tensor, Tensor] | None:
         """``(W, b)`` used at a residual ``(kind, layer)``; None where the identity is exact.
+
+        Args:
+            kind: A residual site kind (``resid_pre``, ``resid_mid`` or ``resid_post``).
+            layer: The layer.
+
+        Returns:
+            ``(W, b)``, ``[d_model, d_model]`` and ``[d_model]`` (the place's translator, or the
+            one it shares: ``resid_pre`` at layer ``l`` reads ``resid_post`` at ``l - 1``), or
+            None at the last block's output, where the identity is exact.
 
         Raises:
             ValueError: No translator was trained for that place.
@@ -334,6 +351,15 @@ class TunedLens(Lens):
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the lens to one ``.safetensors`` file (format tag and version in its metadata).
 
+        Args:
+            path: A file path ending in ``.safetensors`` (its folder is created).
+
+        Returns:
+            The path written.
+
+        Raises:
+            ValueError: ``path`` does not end in ``.safetensors``, or is a folder.
+
         Example:
             >>> import tempfile, mechprobe as mp
             >>> lens = mp.TunedLens.identity(mp.tiny_model())
@@ -368,7 +394,15 @@ class TunedLens(Lens):
         """Read a lens written by :meth:`save` (or a tuned-lens package folder, see
         :meth:`from_tuned_lens`).
 
+        Args:
+            path: A ``.safetensors`` file written by :meth:`save`, or a tuned-lens package folder.
+
+        Returns:
+            The :class:`TunedLens`.
+
         Raises:
+            TypeError: ``path`` is not a path.
+            FileNotFoundError: Nothing at ``path``.
             ValueError: The file is not a mechprobe tuned lens, or a newer version.
         """
         if not isinstance(path, (str, os.PathLike)):
@@ -526,6 +560,13 @@ class TunedLens(Lens):
         checked against the model as the package checks it: a lens for another model warns, as
         does a model loaded with ``process_weights=True`` (its centred unembedding and residual
         stream are not the Hugging Face values the lens was trained on).
+
+        Args:
+            folder: The folder holding ``config.json`` and ``params.pt``.
+
+        Returns:
+            A :class:`TunedLens` with ``resid_pre`` (layer 0) and ``resid_post`` translators; the
+            package's ``unembed_hash`` is kept in ``info``.
 
         Raises:
             ValueError: A missing or unreadable file (naming it), a lens type other than

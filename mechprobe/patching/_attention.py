@@ -196,6 +196,18 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         ``site`` as :func:`attention_patterns` takes one (a label, a Site, a ``(layer, head)``
         pair).
 
+        Args:
+            site: One of this result's heads: a label (``"pattern@2, head 1"``), a Site, or a
+                ``(layer, head)`` pair.
+            prompt: The prompt's index (negative counts from the end).
+
+        Returns:
+            ``[n_kept_queries, n_tokens]`` float32 array: the head's weight of each key from each
+            kept query (0 at keys after the query).
+
+        Raises:
+            ValueError: ``prompt`` indexes no prompt, or ``site`` is not one of the result's heads.
+
         Example:
             >>> import mechprobe as mp
             >>> res = mp.attention_patterns(mp.tiny_model(), "One two", progress=False)
@@ -328,6 +340,15 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
         prompt (with ``positions=`` chosen, among ``queries``), or this raises saying which
         were.
 
+        Args:
+            query: The query position (negative counts back from each prompt's last token).
+            k: Keys kept per head and prompt (at least 1).
+
+        Returns:
+            A frame of ``n_prompts x n_heads x k`` rows: ``prompt``, ``site``, ``layer``, ``head``,
+            ``query_position``, ``query_token``, ``rank``, ``key_position``, ``key_token`` and
+            ``weight``.
+
         Example:
             >>> import mechprobe as mp
             >>> res = mp.attention_patterns(mp.tiny_model(), "One two three", layers=[2],
@@ -389,6 +410,9 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
                 for each panel's own largest weight (a head spread over a long prompt is
                 near-white on the 0-1 scale).
             query: A query position (``-1``: the prompt's last token) for the heads x keys map.
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
 
         Example:
             >>> import mechprobe as mp

@@ -208,6 +208,12 @@ class DASResult(Result, format="mechprobe.DASResult", version=1):
         """Held-out interchange accuracy of the learned subspace beside its controls (the
         random subspaces as points).
 
+        Args:
+            ax: Draw into these axes (default: a new figure).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+
         Example:
             >>> import mechprobe as mp
             >>> res = mp.das(mp.tiny_model(), ["Hi cat", "Hi dog"], ["Hi dog", "Hi cat"],

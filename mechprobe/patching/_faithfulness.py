@@ -266,6 +266,13 @@ class FaithfulnessResult(Result, format="mechprobe.FaithfulnessResult", version=
         ``leave_one_out=True`` (and no ``ax``) a second panel: the faithfulness without each
         circuit site beside the whole circuit's.
 
+        Args:
+            ax: Draw the bars into these axes (default: a new figure, with the leave-one-out panel
+                where there is one).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+
         Example:
             >>> import mechprobe as mp
             >>> res = mp.faithfulness(mp.tiny_model(), ["Hi cat", "Hi dog"], ["head@2, head 1"],
@@ -363,12 +370,12 @@ def faithfulness(
             prompt's other positions (Wang et al. keep the name movers at the last token). Or a
             mapping from sites to where each is kept: a name of ``positions``, an int, or a
             list of them (``{"head@9, head 9": "END", "head@7, head 3": ["S2", "END"]}``).
-        positions: Positions by name that ``circuit`` refers to, as :func:`mechprobe.patch`
-            takes them: an int for every prompt or one int per prompt (``{"S2": [10, 10, 12],
-            "END": -1}``), for templates that put a word at different offsets.
         metric: ``mp.logit_diff(...)`` or ``mp.answer_prob(...)`` (per-prompt answers matched
             to ``prompts`` in order), or a function ``fn(logits [rows, vocab]) -> [rows]``
             (optionally ``fn(logits, prompt_index)``).
+        positions: Positions by name that ``circuit`` refers to, as :func:`mechprobe.patch`
+            takes them: an int for every prompt or one int per prompt (``{"S2": [10, 10, 12],
+            "END": -1}``), for templates that put a word at different offsets.
         reference: The prompts means are taken over (Wang et al.'s "ABC" prompts of the same
             templates); None: ``prompts`` themselves. Read by ``method="mean"`` only.
         components: What is ablated outside the circuit: ``"heads"`` (every attention head of

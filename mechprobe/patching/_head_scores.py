@@ -158,6 +158,16 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
         """The ``k`` heads with the highest score of ``kind`` (the first kind by default), as
         ``(layer, head, score)``, best first.
 
+        Args:
+            kind: A kind scored (None: the first).
+            k: Heads returned (at least 1).
+
+        Returns:
+            Up to ``k`` tuples ``(layer, head, score)``, best first (heads of NaN score last).
+
+        Raises:
+            ValueError: ``kind`` was not scored.
+
         Example:
             >>> import mechprobe as mp
             >>> res = mp.head_scores(mp.tiny_model(), seq_len=8, n_prompts=2, progress=False)
@@ -214,6 +224,13 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
         """The ``top`` heads of each kind (``head_kind``) by score, with the chance level at their
         layer.
 
+        Args:
+            top: Heads per kind (at least 1).
+
+        Returns:
+            A frame of ``top`` rows per kind: ``head_kind``, ``layer``, ``head``, ``score`` and
+            ``chance``.
+
         Example:
             >>> import mechprobe as mp
             >>> res = mp.head_scores(mp.tiny_model(), seq_len=8, n_prompts=2, progress=False)
@@ -238,6 +255,16 @@ class HeadScoreResult(Result, format="mechprobe.HeadScoreResult", version=2, htm
     def plot(self, ax: Axes | None = None, *, kind: str | None = None) -> Figure:
         """Layer x head maps of the scores, from 0 to 1: one panel per kind, or ``kind``'s alone
         (the first kind when ``ax`` is given and ``kind`` is not).
+
+        Args:
+            ax: Draw one kind's map into these axes (default: a new figure).
+            kind: The kind drawn alone (None: every kind, or with ``ax`` the first).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given), with one colour bar.
+
+        Raises:
+            ValueError: ``kind`` was not scored.
 
         Example:
             >>> import mechprobe as mp

@@ -44,6 +44,13 @@ class PatchMetric:
     :func:`answer_prob`. Answers are one string or token id for every pair, or one per pair, and
     must be single tokens (the metric reads one next-token logit; no teacher forcing).
 
+    Attributes:
+        name: ``"logit_diff"`` or ``"answer_prob"``: what is read.
+        answer: The answer(s) as given: a string or token id for every pair, or a list (or
+            1-d array or tensor) of them, one per pair.
+        wrong: The wrong answer(s) of a logit difference, in the same forms (None for
+            ``answer_prob``).
+
     Example:
         >>> import torch, mechprobe as mp
         >>> metric = mp.logit_diff(1, 2)  # token ids, or single-token strings
@@ -58,7 +65,24 @@ class PatchMetric:
     wrong: Any = None
 
     def bind(self, model: Any, n_pairs: int) -> Callable[[Tensor, Tensor], Tensor]:
-        """``fn(logits [rows, vocab], pair [rows]) -> [rows]`` with the answers tokenised."""
+        """``fn(logits [rows, vocab], pair [rows]) -> [rows]`` with the answers tokenised.
+
+        Args:
+            model: The model whose tokenizer reads string answers (and whose vocabulary bounds
+                token ids).
+            n_pairs: The number of prompt pairs: per-pair answers must have as many entries.
+
+        Returns:
+            ``fn(logits, pair)``: for ``[rows, vocab]`` next-token logits and each row's pair
+            index ``[rows]``, the metric per row, ``[rows]`` (a logit difference, or a
+            probability from a float32 softmax).
+
+        Raises:
+            ValueError: An answer is several tokens, a token id is outside the vocabulary, the
+                number of per-pair answers is not ``n_pairs``, or a logit difference's answer
+                and wrong answer are the same token.
+            TypeError: An answer is neither a string nor a token id.
+        """
         if self.name == "logit_diff":
             ans, wrong = _pair_ids(model, self.answer, self.wrong, n_pairs)
         else:
@@ -92,6 +116,9 @@ class PatchMetric:
             batch_size: Prompts per forward pass (None: all at once).
             progress: Show a progress bar.
 
+        Returns:
+            ``[n_prompts]`` float64 array: the metric after each prompt.
+
         Example:
             >>> import mechprobe as mp
             >>> model = mp.tiny_model()
@@ -110,6 +137,17 @@ class PatchMetric:
 def logit_diff(answer: Any, wrong: Any) -> PatchMetric:
     """Logit of ``answer`` minus logit of ``wrong`` at the last position.
 
+    Args:
+        answer: The right answer: one single-token string (``" Paris"``, with its leading space)
+            or token id for every prompt pair, or a list (or 1-d array or tensor) of them, one
+            per pair.
+        wrong: The wrong answer, in the same forms; never the same token as ``answer``.
+
+    Returns:
+        A :class:`PatchMetric` for ``metric=`` of the patching functions; its answers are
+        tokenised and checked when it is bound to a model (an answer of several tokens, or a
+        pair whose two answers are one token, is refused there).
+
     Example:
         >>> logit_diff(" Paris", " Warsaw").name
         'logit_diff'
@@ -119,6 +157,15 @@ def logit_diff(answer: Any, wrong: Any) -> PatchMetric:
 
 def answer_prob(answer: Any) -> PatchMetric:
     """Probability of ``answer`` as the next token after the last position.
+
+    Args:
+        answer: One single-token string (``" Paris"``, with its leading space) or token id for
+            every prompt pair, or a list (or 1-d array or tensor) of them, one per pair.
+
+    Returns:
+        A :class:`PatchMetric` for ``metric=`` of the patching functions (the softmax over the
+        vocabulary, in float32, read at the answer's token); its answers are tokenised and
+        checked when it is bound to a model.
 
     Example:
         >>> answer_prob([" Paris", " Warsaw"]).name
@@ -219,8 +266,8 @@ def metric_token_ids(
     a result to record what it measured.
 
     Example:
-        >>> from mechprobe.core._models import tiny_model
-        >>> metric_token_ids(tiny_model(), logit_diff(5, 6), 2)
+        >>> import mechprobe as mp
+        >>> metric_token_ids(mp.tiny_model(), logit_diff(5, 6), 2)
         ((5, 5), (6, 6))
     """
     if not isinstance(metric, PatchMetric):
@@ -267,8 +314,8 @@ def bind_metric(model: Any, metric: Any, n_pairs: int) -> tuple[Callable[..., Te
     A callable taking two positional arguments receives each row's pair index as the second.
 
     Example:
-        >>> from mechprobe.core._models import tiny_model
-        >>> fn, name = bind_metric(tiny_model(), logit_diff(1, 2), n_pairs=1)
+        >>> import mechprobe as mp
+        >>> fn, name = bind_metric(mp.tiny_model(), logit_diff(1, 2), n_pairs=1)
         >>> name, tuple(fn(torch.zeros(4, 259), torch.zeros(4, dtype=torch.long)).shape)
         ('logit_diff', (4,))
     """

@@ -213,6 +213,14 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
         """Join results of one path-patching run on different prompt pairs into the result of
         one run over all of them, pairs in order (as :meth:`mechprobe.PatchResult.concat`).
 
+        Args:
+            results: Results of one path-patching run on different prompt pairs, in the order
+                joined.
+
+        Returns:
+            One :class:`PathPatchResult` over every pair: ``per_pair`` is ``[total pairs, n_senders,
+            n_receivers]``.
+
         Raises:
             TypeError: ``results`` is empty or holds other types.
             ValueError: The parts differ in senders, receivers, positions, metric, direction,
@@ -305,6 +313,10 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
                 kind (``"q"``, ``"mlp_in"``) or a kind and layer (``"q@5"``: every head's);
                 None: every receiver.
 
+        Returns:
+            A frame of up to ``top`` paths by absolute effect: ``sender``, ``receiver``, ``value``,
+            ``normalised``, ``effect``, ``spread`` and ``random_effect``.
+
         Raises:
             ValueError: ``receiver`` names no receiver of this result.
 
@@ -346,6 +358,12 @@ class PathPatchResult(Result, format="mechprobe.PathPatchResult", version=1, htm
     def plot(self, ax: Axes | None = None) -> Figure:
         """Heatmap of the effects: senders x receivers, or, with one receiver, the senders as a
         layer x head grid (MLPs and attention layers in extra columns).
+
+        Args:
+            ax: Draw into these axes (default: a new figure).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given), with its colour bar.
 
         Example:
             >>> import mechprobe as mp

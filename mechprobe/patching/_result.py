@@ -311,6 +311,13 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         to float rounding of the batching. Mean-ablation is the exception where each part
         averaged over its own prompts: pass the same ``reference`` to every part.
 
+        Args:
+            results: Results of one analysis on different prompt pairs, in the order joined.
+
+        Returns:
+            One :class:`PatchResult` over every pair: ``per_pair`` is ``[total pairs, n_sites,
+            n_positions]``.
+
         Raises:
             TypeError: ``results`` is empty or holds other types.
             ValueError: The parts differ in sites, positions, metric, direction, seed or number
@@ -348,6 +355,9 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
             normalised: The normalised recovery, or, where it is undefined (ablations, equal
                 clean and corrupt metrics), the metric's change from the edited run
                 (:attr:`effect`), as :meth:`plot` draws; with False, the metric itself.
+
+        Returns:
+            ``[n_layers, n_heads]`` float array.
 
         Raises:
             ValueError: No head kind patched, several without ``kind``, or a bad column.
@@ -507,6 +517,14 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         """The baselines and the cells that matter most (the ``top`` largest effects), each
         beside its spread over pairs and its random control.
 
+        Args:
+            top: The number of cells listed (0: the runs' rows alone).
+
+        Returns:
+            A frame: the clean and corrupt runs (the intact run, for an ablation), then the ``top``
+            cells of largest absolute effect, with ``site``, ``position``, ``position_label``,
+            ``value``, ``normalised``, ``spread`` and ``random_value``.
+
         Example:
             >>> import mechprobe as mp
             >>> res = mp.patch(mp.tiny_model(), "ab", "ac", "mlp_out", -1, mp.logit_diff(1, 2))
@@ -566,6 +584,14 @@ class PatchResult(Result, format="mechprobe.PatchResult", version=3, html_figure
         left alone are white in both directions. Falls back to the metric's change from the
         edited run (:attr:`effect`) when normalised recovery is undefined (ablations, or equal
         clean and corrupt metrics).
+
+        Args:
+            ax: Draw one heatmap of every row into these axes (default: a new figure).
+            normalised: Draw the normalised recovery (damage, for noising) where it is defined; with
+                False, the metric's change from the edited run.
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
 
         Example:
             >>> import mechprobe as mp

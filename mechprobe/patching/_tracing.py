@@ -184,6 +184,23 @@ def trace_noise(
     list: a prompt's trace is the same whichever prompts it is traced beside and in what order
     (the noise *level*, by default, is still measured over all the prompts' subjects, as ROME).
 
+    Args:
+        prompt: One prompt's token ids, a 1-d list, array or tensor of integers (BOS included,
+            e.g. ``model.to_tokens(prompt)[0]``): the noise's key, not its index in a list.
+        n_noise: Noise samples (``causal_trace``'s ``n_noise``).
+        n_tokens: The number of subject tokens the noise covers: the length ``stop - start`` of
+            the subject's token span in the prompt (one row of noise per subject token).
+        d_model: The model's residual width (``model.cfg.d_model``).
+        level: The noise's standard deviation (e.g. :func:`trace_noise_level`'s), at least 0.
+        seed: The seed ``causal_trace`` was given.
+
+    Returns:
+        ``[n_noise, n_tokens, d_model]`` float32 tensor: sample ``k``'s noise for the subject's
+        ``q``-th token is ``[k, q]``.
+
+    Raises:
+        TypeError: ``prompt`` is an index, a batch, or ids that are not integers.
+
     Example:
         >>> tuple(trace_noise([1, 45, 67], 10, 2, 64, 1.0, seed=0).shape)
         (10, 2, 64)
@@ -234,8 +251,12 @@ def trace_noise_level(model: Any, subjects: str | Sequence[str], *, factor: floa
             for i in task.items]``).
         factor: The multiple of the standard deviation (ROME: 3).
 
+    Returns:
+        The noise level: ``factor`` times the standard deviation over every entry of the
+        subjects' token embeddings.
+
     Raises:
-        ValueError: No subject, or a subject with no token.
+        ValueError: No subject (or one that is not a string), or a subject with no token.
 
     Example:
         >>> import mechprobe as mp
@@ -391,6 +412,13 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         *call's own* subjects' embeddings, so it differs between parts: pass the same ``noise=``
         to every part (e.g. the level of a first run, ``first.noise_level``).
 
+        Args:
+            results: Traces of one analysis on different prompts, in the order joined.
+
+        Returns:
+            One :class:`TraceResult` over every prompt (``clean`` and ``corrupted`` concatenated,
+            per-prompt fields joined in order).
+
         Raises:
             TypeError: ``results`` is empty or holds other types.
             ValueError: The parts differ in kinds, layers, noise level, window, metric, seed,
@@ -442,11 +470,25 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         return cls(**joined, **{name: getattr(first, name) for name in same})
 
     def indirect_effect(self, prompt: int) -> np.ndarray:
-        """``[kinds, layers, positions]`` of one prompt: score minus the corrupted metric."""
+        """``[kinds, layers, positions]`` of one prompt: score minus the corrupted metric.
+
+        Args:
+            prompt: The prompt's index.
+
+        Returns:
+            ``[n_kinds, n_layers, n_positions]`` float array.
+        """
         return self.scores[prompt] - float(self.corrupted[prompt].mean())
 
     def random_effect(self, prompt: int) -> np.ndarray:
-        """The random controls' indirect effect, same shape (NaN without controls)."""
+        """The random controls' indirect effect, same shape (NaN without controls).
+
+        Args:
+            prompt: The prompt's index.
+
+        Returns:
+            ``[n_kinds, n_layers, n_positions]`` float array.
+        """
         return self.random[prompt] - float(self.corrupted[prompt].mean())
 
     def by_category(
@@ -465,6 +507,17 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
         such tokens weighs more. The two agree on the four one-token categories wherever every
         prompt has them, and differ on middle-subject and further tokens. (ROME's averaged
         heat maps also clip the result at 0; these values keep their sign.)
+
+        Args:
+            random: Average the random controls' effects instead of the restorations'.
+            pool: ``"prompt"`` (each prompt's category mean first) or ``"token"`` (ROME's).
+
+        Returns:
+            ``[n_kinds, n_layers, 6]`` float array, its last axis in the order of
+            :data:`CATEGORIES`.
+
+        Raises:
+            ValueError: An unknown ``pool``.
 
         Example:
             >>> import mechprobe as mp
@@ -610,6 +663,12 @@ class TraceResult(Result, format="mechprobe.TraceResult", version=1, html_figure
             shared: One colour scale for every panel, so that kinds compare by colour (ROME's
                 figure gives each its own: ``shared=False``). Negative effects (restoring hurt)
                 are drawn in a second colour, not clipped to white.
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+
+        Raises:
+            ValueError: ``kind`` was not traced.
 
         Example:
             >>> import mechprobe as mp

@@ -265,6 +265,12 @@ class ProbingDataset:
     def subset(self, indices: Sequence[int]) -> ProbingDataset:
         """The dataset restricted to the texts ``indices`` (in the order given).
 
+        Args:
+            indices: Indices of the texts kept (each an int; the order given is kept).
+
+        Returns:
+            A new :class:`ProbingDataset` of those texts with their labels, words and groups.
+
         Example:
             >>> ProbingDataset("t", ["a", "b", "c"], ["x", "y", "x"]).subset([2, 1]).texts
             ('c', 'b')
@@ -289,6 +295,16 @@ class ProbingDataset:
     def sample(self, max_examples: int, *, seed: int = 0) -> ProbingDataset:
         """Random texts (kept in file order) with at most ``max_examples`` labelled examples.
 
+        Args:
+            max_examples: The most labelled examples kept (at least 2): texts, or labelled words.
+            seed: Seed of the draw.
+
+        Returns:
+            A new :class:`ProbingDataset` of the texts drawn, in their order here.
+
+        Raises:
+            ValueError: ``max_examples`` is under 2.
+
         Example:
             >>> pos_dataset().sample(200, seed=0).n_examples <= 200
             True
@@ -309,6 +325,13 @@ class ProbingDataset:
     def drop_rare(self, min_count: int) -> ProbingDataset:
         """Leave out labels with fewer than ``min_count`` examples (words: unlabelled; texts: removed).
 
+        Args:
+            min_count: The fewest examples a label keeps.
+
+        Returns:
+            A new :class:`ProbingDataset`: text level without the texts of rarer labels, word level
+            with those words' labels None.
+
         Example:
             >>> ProbingDataset("t", ["a", "b", "c", "d"], ["x", "x", "y", "z"]).drop_rare(2).counts()
             Traceback (most recent call last):
@@ -324,7 +347,14 @@ class ProbingDataset:
         )
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
-        """Deprecated (one release): say :meth:`save`."""
+        """Deprecated (one release): say :meth:`save`.
+
+        Args:
+            path: As for :meth:`save`.
+
+        Returns:
+            The path written.
+        """
         warn(
             "ProbingDataset.to_json(path) is deprecated: say .save(path).",
             DeprecationWarning,
@@ -333,7 +363,15 @@ class ProbingDataset:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, name: str | None = None) -> ProbingDataset:
-        """Read a label file (JSON, JSONL or CSV): :func:`mechprobe.load_labels`."""
+        """Read a label file (JSON, JSONL or CSV): :func:`mechprobe.load_labels`.
+
+        Args:
+            path: The label file.
+            name: The dataset's name (default: the one the file records, else its stem).
+
+        Returns:
+            The :class:`ProbingDataset`.
+        """
         from mechprobe.probing._labels import load_labels
 
         return load_labels(path, name=name)
@@ -342,7 +380,13 @@ class ProbingDataset:
         """Write the dataset as a label file that :meth:`load` reads back: JSONL (``*.jsonl``,
         one record per line) or JSON (``*.json``, a list of records); word level keeps its
         words, and the first record the dataset's name and description (``"dataset"``,
-        ``"description"``). Returns the path.
+        ``"description"``).
+
+        Args:
+            path: The file to write, ending in ``.jsonl`` or ``.json`` (its folder must exist).
+
+        Returns:
+            The path written.
 
         Example:
             >>> import tempfile, os
@@ -419,6 +463,10 @@ def pos_dataset(*, min_count: int = 10, max_sentences: int | None = None) -> Pro
     Args:
         min_count: Tags with fewer examples are not probed (their words get no label).
         max_sentences: Keep only the first sentences.
+
+    Returns:
+        A word-level :class:`ProbingDataset` named ``"pos"``: one text per sentence, each with its
+        words' character spans and one UPOS tag per word (None for a tag under ``min_count``).
 
     Example:
         >>> ds = pos_dataset()

@@ -130,9 +130,19 @@ def load_labels(path: str | os.PathLike[str], *, name: str | None = None) -> Pro
     """Your own labels from a JSON, JSONL or CSV file, validated, as a :class:`ProbingDataset`.
 
     Args:
-        path: The label file.
+        path: The label file (its suffix decides the format; see the module docstring).
         name: The dataset's name; default: the name its first record gives (``"dataset"``, as
             :meth:`ProbingDataset.save` writes, with ``"description"``), else the file's stem.
+
+    Returns:
+        A :class:`ProbingDataset` of the file's records, in order: text level where the
+        records have ``"label"`` (one label per text), word level where they have ``"labels"``
+        (one per word, with the words' character spans); with groups where every record has one.
+
+    Raises:
+        FileNotFoundError: No file at ``path``.
+        ValueError: No records, or a record that does not follow the formats (mixed ``label`` /
+            ``labels``, no text, groups in some records only...).
 
     Example:
         >>> import tempfile, os

@@ -82,7 +82,8 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
             included): ``"mlp(hidden_layers=2)"``, ``"mlp(l2=0.0001)"``,
             ``"mlp(hidden_layers=0, rank=10)"``.
         split: how the data was split, e.g. ``"holdout(test_size=0.2)"`` or ``"5-fold"``.
-        n_examples: rows used; n_classes: task classes.
+        n_examples: rows used.
+        n_classes: task classes.
         mix_weights: ``[L]`` scalar-mix softmax weights, or None when not computed.
         mix_gamma: the scalar mix's γ, or None.
         expected_layer: ``Σ_l depth[l] · mix_weights[l]``, each entry's depth in the residual
@@ -245,6 +246,12 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
         (``resid_pre@l`` probes: the expected layer counts it ``l - 1``), or ``""`` without a
         scalar mix.
 
+        Args:
+            digits: Decimals of the expected layer.
+
+        Returns:
+            The text, or ``""``.
+
         Example:
             >>> import numpy as np
             >>> X = np.random.default_rng(0).normal(size=(100, 2, 4)); y = X[:, 1, 0] > 0
@@ -274,6 +281,13 @@ class ProbeResult(Result, format="mechprobe.ProbeResult", version=3, html_figure
     def plot(self, ax: Axes | None = None) -> Figure:
         """Accuracy and selectivity by layer, the majority baseline as a line, and (with a scalar
         mix, in a new figure) the mix weights as bars below. With ``ax``, the accuracy panel only.
+
+        Args:
+            ax: Draw the accuracy panel into these axes (default: a new figure, with the mix
+                weights' panel where there is a scalar mix).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
         """
         has_mix = self.mix_weights is not None and ax is None
         if ax is None and has_mix:

@@ -42,16 +42,39 @@ class _Probe(ClassifierMixin, BaseEstimator):
         raise NotImplementedError
 
     def predict_log_proba(self, X: Any) -> np.ndarray:
-        """Log class probabilities ``[n, K]``."""
+        """Log class probabilities ``[n, K]``.
+
+        Args:
+            X: ``[n, d]`` features (numpy, or a torch tensor on any device).
+
+        Returns:
+            ``[n, K]`` float64 log-probabilities, in the order of ``classes_``.
+        """
         return np.log(self.predict_proba(X))
 
     def predict(self, X: Any) -> np.ndarray:
-        """Most likely label per row."""
+        """Most likely label per row.
+
+        Args:
+            X: ``[n, d]`` features (numpy, or a torch tensor on any device).
+
+        Returns:
+            ``[n]`` labels, from ``classes_``.
+        """
         check_is_fitted(self)
         return self.classes_[self.predict_proba(X).argmax(1)]
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
-        """Accuracy; labels that ``fit`` never saw raise instead of silently counting as errors."""
+        """Accuracy; labels that ``fit`` never saw raise instead of silently counting as errors.
+
+        Args:
+            X: ``[n, d]`` features (numpy, or a torch tensor on any device).
+            y: ``[n]`` true labels, each among ``classes_``.
+            sample_weight: ``[n]`` weights of the rows (None: equal).
+
+        Returns:
+            The (weighted) fraction of rows predicted right.
+        """
         X, y = host(X), host(y)  # tensors on any device
         _check_known_labels(self, y)
         return float(super().score(X, y, sample_weight=sample_weight))
@@ -111,7 +134,16 @@ class LinearProbe(_Probe):
         self.C = C
 
     def fit(self, X: Any, y: Any, sample_weight: Any = None) -> LinearProbe:
-        """Fit on ``X [n, d]`` and labels ``y [n]``; ``sample_weight`` weights the mean loss."""
+        """Fit on ``X [n, d]`` and labels ``y [n]``; ``sample_weight`` weights the mean loss.
+
+        Args:
+            X: ``[n, d]`` features (numpy, or a torch tensor on any device).
+            y: ``[n]`` labels (at least two classes).
+            sample_weight: ``[n]`` non-negative row weights (None: equal).
+
+        Returns:
+            The probe itself, fitted (``coef_``, ``intercept_``, ``classes_``, ``n_iter_``).
+        """
         X, y = validate_data(self, host(X), host(y), dtype=np.float64)
         y_idx = _encode_targets(self, y)
         weights = _sample_weight(sample_weight, X.shape[0])
@@ -149,14 +181,28 @@ class LinearProbe(_Probe):
         return self
 
     def decision_function(self, X: Any) -> np.ndarray:
-        """Scores ``[n]`` (two classes: log-odds of ``classes_[1]``) or ``[n, K]``."""
+        """Scores ``[n]`` (two classes: log-odds of ``classes_[1]``) or ``[n, K]``.
+
+        Args:
+            X: ``[n, d]`` features.
+
+        Returns:
+            ``[n]`` or ``[n, K]`` float64 scores.
+        """
         check_is_fitted(self)
         X = validate_data(self, host(X), reset=False, dtype=np.float64)
         scores = X @ self.coef_.T + self.intercept_
         return scores.ravel() if scores.shape[1] == 1 else scores
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities ``[n, K]`` in the order of ``classes_``."""
+        """Class probabilities ``[n, K]`` in the order of ``classes_``.
+
+        Args:
+            X: ``[n, d]`` features.
+
+        Returns:
+            ``[n, K]`` float64 probabilities.
+        """
         scores = self.decision_function(X)
         if scores.ndim == 1:
             scores = np.stack([np.zeros_like(scores), scores], 1)
@@ -260,7 +306,15 @@ class MLPProbe(_Probe):
         self.rank = rank
 
     def fit(self, X: Any, y: Any) -> MLPProbe:
-        """Fit on ``X [n, d]`` and labels ``y [n]``."""
+        """Fit on ``X [n, d]`` and labels ``y [n]``.
+
+        Args:
+            X: ``[n, d]`` features (numpy, or a torch tensor on any device).
+            y: ``[n]`` labels (at least two classes).
+
+        Returns:
+            The probe itself, fitted (``coefs_``, ``intercepts_``, ``classes_``, ``n_iter_``).
+        """
         X, y = validate_data(self, host(X), host(y), dtype=np.float64)
         y_idx = _encode_targets(self, y)
         settings = self._settings()
@@ -323,12 +377,26 @@ class MLPProbe(_Probe):
         )
 
     def decision_function(self, X: Any) -> np.ndarray:
-        """Scores ``[n]`` (two classes: the log-odds of ``classes_[1]``) or logits ``[n, K]``."""
+        """Scores ``[n]`` (two classes: the log-odds of ``classes_[1]``) or logits ``[n, K]``.
+
+        Args:
+            X: ``[n, d]`` features.
+
+        Returns:
+            ``[n]`` or ``[n, K]`` float64 scores.
+        """
         scores = self._logits(X)
         return scores[:, 1] - scores[:, 0] if scores.shape[1] == 2 else scores
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities ``[n, K]`` in the order of ``classes_``."""
+        """Class probabilities ``[n, K]`` in the order of ``classes_``.
+
+        Args:
+            X: ``[n, d]`` features.
+
+        Returns:
+            ``[n, K]`` float64 probabilities.
+        """
         return _softmax(self._logits(X))
 
     def _logits(self, X: Any) -> np.ndarray:

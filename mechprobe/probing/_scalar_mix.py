@@ -136,7 +136,17 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
 
     def fit(self, X: Any, y: Any) -> ScalarMixProbe:
         """Fit on ``X`` (``[n, layers, d]``, or ``[n, layers * d]`` with ``n_layers``) and
-        labels ``y [n]``."""
+        labels ``y [n]``.
+
+        Args:
+            X: ``[n, layers, d]`` features (numpy, a torch tensor, or :class:`Activations`), or
+                ``[n, layers * d]`` with ``n_layers`` set.
+            y: ``[n]`` labels (at least two classes).
+
+        Returns:
+            The probe itself, fitted (``layer_weights_``, ``gamma_``, ``coef_``, ``intercept_``,
+            ``expected_layer_``...).
+        """
         flat, n_layers = self._flatten(X, fitting=True)
         flat, y = validate_data(self, flat, host(y), dtype=[np.float64, np.float32])
         if flat.shape[1] % n_layers:
@@ -200,7 +210,14 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
         return X, 1 if layers is None else int(layers)
 
     def decision_function(self, X: Any) -> np.ndarray:
-        """Class scores ``[n, K]``; for two classes the log-odds of ``classes_[1]``, ``[n]``."""
+        """Class scores ``[n, K]``; for two classes the log-odds of ``classes_[1]``, ``[n]``.
+
+        Args:
+            X: Features shaped as in :meth:`fit`.
+
+        Returns:
+            ``[n]`` or ``[n, K]`` scores.
+        """
         flat, n_layers = self._flatten(X, fitting=False)
         flat = validate_data(self, flat, reset=False, dtype=[np.float64, np.float32])
         values = flat.reshape(len(flat), n_layers, -1).astype(np.float64, copy=False)
@@ -209,23 +226,53 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
         return scores[:, 1] - scores[:, 0] if scores.shape[1] == 2 else scores
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities ``[n, K]`` in the order of ``classes_``."""
+        """Class probabilities ``[n, K]`` in the order of ``classes_``.
+
+        Args:
+            X: Features shaped as in :meth:`fit`.
+
+        Returns:
+            ``[n, K]`` probabilities.
+        """
         scores = self.decision_function(X)
         if scores.ndim == 1:
             scores = np.stack([np.zeros_like(scores), scores], 1)
         return _softmax(scores)
 
     def predict_log_proba(self, X: Any) -> np.ndarray:
-        """Log class probabilities ``[n, K]``."""
+        """Log class probabilities ``[n, K]``.
+
+        Args:
+            X: Features shaped as in :meth:`fit`.
+
+        Returns:
+            ``[n, K]`` log-probabilities, in the order of ``classes_``.
+        """
         return np.log(self.predict_proba(X))
 
     def predict(self, X: Any) -> np.ndarray:
-        """Most likely label per row."""
+        """Most likely label per row.
+
+        Args:
+            X: Features shaped as in :meth:`fit`.
+
+        Returns:
+            ``[n]`` labels, from ``classes_``.
+        """
         best = self.predict_proba(X).argmax(1)  # first: it raises NotFittedError before fit
         return self.classes_[best]
 
     def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
-        """Accuracy; labels that ``fit`` never saw raise an error."""
+        """Accuracy; labels that ``fit`` never saw raise an error.
+
+        Args:
+            X: Features shaped as in :meth:`fit`.
+            y: ``[n]`` true labels, each among ``classes_``.
+            sample_weight: ``[n]`` weights of the rows (None: equal).
+
+        Returns:
+            The (weighted) fraction of rows predicted right.
+        """
         X, y = host(X), host(y)  # tensors on any device
         _check_known_labels(self, y)
         return float(super().score(X, y, sample_weight=sample_weight))
@@ -393,7 +440,14 @@ class CumulativeScores(Result, format="mechprobe.CumulativeScores", version=3):
 
     def plot(self, ax: Axes | None = None) -> Figure:
         """Δ(l) as bars (negative ones red), the prefix scores as a line, E_Δ as a dashed line
-        (none where it names no layer, as the title then says)."""
+        (none where it names no layer, as the title then says).
+
+        Args:
+            ax: Draw into these axes (default: a new figure).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+        """
         figure, ax = new_axes(ax, (7, 3.5))
         layers = self.depths  # the embeddings at -1, before block 0's output
         colors = ["tab:red" if d < 0 else "tab:blue" for d in np.nan_to_num(self.deltas)]

@@ -237,8 +237,17 @@ def templated_dataset(
     Args:
         task: ``"pos"`` (word level, UPOS tags) or ``"number"`` (text level, read at the last
             token, which is an attractor noun of random number).
-        n: Number of sentences.
+        n: Number of sentences (at least 2).
         seed: Seed of the draw.
+
+    Returns:
+        A :class:`ProbingDataset` of ``n`` texts: for ``"pos"``, ``"templated_pos"``, word level,
+        each text's labels a tuple of UPOS tags with its words' character spans; for
+        ``"number"``, ``"templated_number"``, text level, labels ``"singular"`` / ``"plural"``,
+        grouped by the subject noun.
+
+    Raises:
+        ValueError: ``n`` is not an int of at least 2, or an unknown ``task``.
 
     Example:
         >>> ds = templated_dataset("number", n=4, seed=0)
@@ -292,6 +301,15 @@ def country_dataset(
             the capitals task, the task's own template otherwise).
         contrast: The task whose answers are not capitals (``is_capital`` only).
         seed: Seed of the item draw.
+
+    Returns:
+        A text-level :class:`ProbingDataset`: for ``"country"``, ``n_countries`` items x
+        templates x ``shots`` prompts labelled and grouped by the country; for
+        ``"is_capital"``, the prompts of both tasks (``min(n_countries, len(contrast))`` items
+        each, x ``shots``) labelled 1 / 0 and grouped by the items' inputs.
+
+    Raises:
+        ValueError: ``n_countries`` outside ``[2, len(task)]``, or an unknown ``target``.
 
     Example:
         >>> ds = country_dataset(n_countries=3, shots=(0,))

@@ -161,7 +161,15 @@ class AblationResult(Result, format="mechprobe.AblationResult", version=1, html_
 
     def plot(self, ax: Axes | None = None, *, relative: bool = False) -> Figure:
         """Accuracy (or accuracy relative to intact) against the fraction of FFNs removed (into
-        ``ax`` when given)."""
+        ``ax`` when given).
+
+        Args:
+            ax: Draw into these axes (default: a new figure).
+            relative: Draw the accuracy relative to the intact model's (:meth:`relative`).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+        """
         fig, ax = axes_for(ax, (5.5, 3.6), "AblationResult.plot")
         values = self.relative() if relative else self.accuracy
         x = self.fraction_removed
@@ -287,6 +295,13 @@ def ffn_ablation(
         batch_size: Rows per forward pass.
         progress: Show a progress bar over tasks and steps (``MECHPROBE_PROGRESS=0`` silences
             it).
+
+    Returns:
+        An :class:`AblationResult`: ``accuracy`` is ``[n_tasks, parts + 1]`` (step 0 intact,
+        the last with every FFN ablated), ``removed`` the layers ablated at each step.
+
+    Raises:
+        ValueError: No task, or an unknown ``method``.
 
     Example:
         >>> import mechprobe as mp

@@ -275,7 +275,14 @@ class AnalogyResult(Result, format="mechprobe.AnalogyResult", version=2):
         return pd.DataFrame(rows)
 
     def plot(self, ax: Axes | None = None) -> Figure:
-        """Bars of top-1 and top-5 accuracy, offset against baseline (into ``ax`` when given)."""
+        """Bars of top-1 and top-5 accuracy, offset against baseline (into ``ax`` when given).
+
+        Args:
+            ax: Draw into these axes (default: a new figure).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+        """
         fig, ax = axes_for(ax, (4.5, 3.2), "AnalogyResult.plot")
         x = np.arange(2)
         ax.bar(x - 0.2, [self.top1, self.top5], 0.4, label="argument + mean offset")
@@ -296,7 +303,14 @@ class AnalogyResult(Result, format="mechprobe.AnalogyResult", version=2):
         )
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
-        """Deprecated: call :meth:`save` (``.json`` or ``.npz``)."""
+        """Deprecated: call :meth:`save` (``.json`` or ``.npz``).
+
+        Args:
+            path: As for :meth:`save`.
+
+        Returns:
+            The path written.
+        """
         warn(
             "AnalogyResult.to_json(path) is deprecated and will be removed in the next release; "
             "call .save(path) (and AnalogyResult.load(path)).",
@@ -306,7 +320,14 @@ class AnalogyResult(Result, format="mechprobe.AnalogyResult", version=2):
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> AnalogyResult:
-        """Deprecated: call :meth:`load`; also reads the untagged files of earlier releases."""
+        """Deprecated: call :meth:`load`; also reads the untagged files of earlier releases.
+
+        Args:
+            path: A file :meth:`save` or the old ``to_json`` wrote.
+
+        Returns:
+            The :class:`AnalogyResult`.
+        """
         warn(
             "AnalogyResult.from_json(path) is deprecated and will be removed in the next "
             "release; call AnalogyResult.load(path).",

@@ -42,6 +42,21 @@ def random_word_contexts(
     ``repeats`` times and the context ends with ``F``, so an induction-following model predicts the
     argument next.
 
+    Args:
+        arguments: The arguments (``" China"``), non-empty strings; each is stripped and joined to
+            the filler words with single spaces.
+        seed: Seed of the filler draws (one generator for all arguments, in order).
+        n_filler: Words in ``F``, distinct, from 1 to ``len(words)``.
+        repeats: Times the block ``F arg`` repeats (at least 1).
+        words: The words ``F`` is drawn from (default: the module's ``FILLER_WORDS``).
+
+    Returns:
+        One context per argument, in order: ``repeats`` blocks ``F arg`` then ``F`` again, the
+        same ``F`` throughout a context.
+
+    Raises:
+        ValueError: ``n_filler`` or ``repeats`` out of range, or an empty argument.
+
     Example:
         >>> random_word_contexts([" China"], words=["table", "mug", "free"], seed=0)[0]
         'free table mug China free table mug China free table mug'

@@ -197,6 +197,15 @@ class FunctionVectorResult(
         after block ``layer`` (default :attr:`layer`) at each prompt's last token, as the
         accuracies were measured.
 
+        Args:
+            layer: The block after which the FV is added (negative counts from the end; None:
+                :attr:`layer`, where it was measured).
+            scale: The FV's multiplier.
+
+        Returns:
+            ``{Site("mlp_out", layer): Add(scale * vector, positions=-1)}``: added to the block's
+            MLP output, which is what it adds to the residual stream.
+
         Example:
             >>> import mechprobe as mp
             >>> model = mp.tiny_model()
@@ -268,6 +277,13 @@ class FunctionVectorResult(
         """Heatmap of the heads' AIE (layers x heads), the FV's heads outlined and the layer it
         is added at marked, beside the accuracy of each condition (into ``ax``: the heatmap).
 
+        Args:
+            ax: Draw the heatmap alone into these axes (default: a new figure, with the accuracy
+                bars).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+
         Example:
             >>> import mechprobe as mp
             >>> res = mp.function_vector(mp.tiny_model(), "capitals", n_prompts=4, progress=False)
@@ -325,6 +341,18 @@ class FunctionVectorResult(
 def shuffled_prompts(task: Task, *, seed: int = 0) -> list[str]:
     """Few-shot prompts of the task's items whose demonstrations' answers are shuffled among
     them (a new permutation per item), so the prompt no longer shows the task.
+
+    Args:
+        task: The task: its shots are the demonstrations, its items the queries.
+        seed: Seed of the permutations.
+
+    Returns:
+        One prompt per item of ``task``, in order: :meth:`Task.prompt` of the item's input with
+        the shots' answers permuted (never left in their own order, where there are two shots
+        or more).
+
+    Raises:
+        ValueError: Every demonstration has the same answer (nothing to shuffle).
 
     Example:
         >>> import mechprobe as mp

@@ -119,6 +119,15 @@ class FunctionVectorSweep(
         """The layer where ``condition`` is most accurate (the first of ties). Chosen on the
         items it is measured on: report its accuracy from another split.
 
+        Args:
+            condition: One of :attr:`conditions` (``"zero-shot + FV"``, ``"shuffled + FV"``...).
+
+        Returns:
+            The layer, one of :attr:`layers`.
+
+        Raises:
+            ValueError: ``condition`` is not one of the conditions.
+
         Example:
             >>> import mechprobe as mp
             >>> model = mp.tiny_model()
@@ -192,6 +201,12 @@ class FunctionVectorSweep(
     def plot(self, ax: Axes | None = None) -> Figure:
         """Accuracy against the layer the vector is added after, one line per condition
         (random vectors dashed), the prompts' accuracy without a vector as horizontal lines.
+
+        Args:
+            ax: Draw into these axes (default: a new figure).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
 
         Example:
             >>> import mechprobe as mp

@@ -216,6 +216,14 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
 
         ``summary(conditions, group)`` (the dict of one condition) is deprecated: call
         :meth:`metrics`.
+
+        Args:
+            conditions: Deprecated: with it (or ``group``), the dict of :meth:`metrics`.
+            group: Deprecated, as ``conditions``.
+
+        Returns:
+            The frame of one row per condition family and group (or, deprecated, the dict of
+            :meth:`metrics`).
         """
         if conditions is not None or group is not None:
             warn(
@@ -290,6 +298,14 @@ class OVectorEffect(Result, format="mechprobe.OVectorEffect", version=1, html_fi
         Two panels side by side in a new figure; given ``ax``, only the ``metric`` panel
         (``"top1"``, the default, or ``"mrr"``) is drawn into it. With no ``ax``, ``metric`` draws
         that panel alone.
+
+        Args:
+            ax: Draw one panel into these axes (default: a new figure of both panels).
+            metric: The panel drawn alone, ``"top1"`` or ``"mrr"`` (None: both, or with ``ax``
+                ``"top1"``).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
         """
         if metric is not None:
             check_choice(metric, "metric", ("top1", "mrr"))
@@ -530,6 +546,10 @@ def ovector_intervention(
         groups: Optional label per context (e.g. ``"in_domain"`` / ``"held_out"``).
         batch_size: Rows per forward pass.
         progress: Show a progress bar over conditions (``MECHPROBE_PROGRESS=0`` silences it).
+
+    Returns:
+        An :class:`OVectorEffect` with conditions ``"intact"`` then each of ``vectors`` in
+        order: ``rank``, ``argument_rank`` and ``top`` are ``[n_conditions, n_contexts]``.
 
     Raises:
         ValueError: A vector of the wrong width or with NaN / infinite entries, a non-finite

@@ -130,7 +130,16 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
 
     def controls(self, inter: OVectorEffect | None = None) -> dict[str, dict[str, Any]]:
         """``{"random": ..., "other_task": ..., "intact": ...}``, each shaped like the intervention
-        (of ``inter``, default :attr:`intervention`)."""
+        (of ``inter``, default :attr:`intervention`).
+
+        Args:
+            inter: The run read (default: :attr:`intervention`; :attr:`tuned` for the sweep's cell).
+
+        Returns:
+            ``{family: metrics}``: each as :meth:`OVectorEffect.metrics` gives it over all contexts,
+            with one such dict per context group (``"in_domain"``, ``"held_out"``) under its name;
+            ``random`` adds ``per_seed_top1_after``, ``other_task`` its ``task``.
+        """
         inter = inter if inter is not None else self.intervention
         fams = inter.families()
         out: dict[str, dict[str, Any]] = {}
@@ -147,7 +156,15 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
 
     def headline(self, group: str | None = None, tuned: bool = False) -> str:
         """The headline table as markdown (o-vector beside its controls), over all contexts or
-        one ``group`` (``"in_domain"`` / ``"held_out"``), of the default or ``tuned`` run."""
+        one ``group`` (``"in_domain"`` / ``"held_out"``), of the default or ``tuned`` run.
+
+        Args:
+            group: ``"in_domain"`` or ``"held_out"`` (None: every context).
+            tuned: Read the run at the sweep's best cell (:attr:`tuned`) instead of the default.
+
+        Returns:
+            The markdown table.
+        """
         return headline_table(self, group, tuned=tuned)
 
     def _headline(self) -> dict[str, Any]:
@@ -212,6 +229,12 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RelationalResult:
         """Rebuild a result from :meth:`to_dict`'s output (its ``details``).
+
+        Args:
+            data: The ``result.json`` object (its ``format``, ``version`` and ``details``).
+
+        Returns:
+            The :class:`RelationalResult`.
 
         Raises:
             ValueError: Not a saved RelationalResult of this version.
@@ -308,7 +331,14 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
         """The X plot of the fitting items, whose curves gave the stages marked on it (early
         decoding of argument and answer; into ``ax`` when given). ``trajectory.plot()`` draws
         every item's. :meth:`plot_intervention`, :meth:`plot_ablation` and :meth:`plot_sweep`
-        draw the other figures."""
+        draw the other figures.
+
+        Args:
+            ax: Draw into these axes (default: a new figure).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+        """
         # Review 26a: every correct item's curves were drawn under the fitting items' stages,
         # so a stage could sit where the curves drawn show none.
         traj = self.fitted_trajectory()
@@ -335,14 +365,36 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
         return fig
 
     def plot_ablation(self, ax: Axes | None = None, *, relative: bool = False) -> Figure:
-        """Accuracy as FFNs are removed top-down (raises if the ablation was not run)."""
+        """Accuracy as FFNs are removed top-down (raises if the ablation was not run).
+
+        Args:
+            ax: Draw into these axes (default: a new figure).
+            relative: Accuracy relative to the intact model's, as :meth:`AblationResult.plot`.
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+
+        Raises:
+            ValueError: The ablation was not run.
+        """
         if self.ablation is None:
             raise ValueError("The ablation was not run: call relational_analysis(ablation=True).")
         return self.ablation.plot(ax, relative=relative)
 
     def plot_sweep(self, ax: Axes | None = None, *, metric: str = "top1") -> Figure:
         """The layer-set x scale heatmaps (raises if no sweep was run; see
-        :meth:`OVectorSweep.plot` for ``ax``)."""
+        :meth:`OVectorSweep.plot` for ``ax``).
+
+        Args:
+            ax: Draw the o-vector's heatmap alone into these axes (default: a new figure).
+            metric: ``"top1"``, ``"mrr"``, ``"mean_rank"`` or ``"no_effect"``.
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+
+        Raises:
+            ValueError: No sweep was run.
+        """
         if self.sweep is None:
             raise ValueError("No sweep was run: pass sweep_layers= to relational_analysis.")
         return self.sweep.plot(ax, metric=metric)
@@ -356,6 +408,10 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
         earlier result saved there that this one does not draw are removed. A ``path`` ending in
         ``.json`` is one file instead (its missing parents created too): that ``result.json``
         alone, everything :meth:`load` needs, the o-vector included.
+
+        Args:
+            path: A folder, or a file ending in ``.json``.
+            figures: Draw and write the figures (folder only).
 
         Returns:
             The folder, or the ``.json`` file.
@@ -402,6 +458,12 @@ class RelationalResult(Result, format="mechprobe.RelationalResult", version=2, h
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RelationalResult:
         """Read a folder written by :meth:`save` (the folder, or its ``result.json``).
+
+        Args:
+            path: The folder :meth:`save` wrote, its ``result.json``, or a ``.json`` file it wrote.
+
+        Returns:
+            The :class:`RelationalResult`.
 
         Raises:
             FileNotFoundError: No result.json there.

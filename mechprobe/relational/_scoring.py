@@ -157,7 +157,14 @@ class TaskScore(Result, format="mechprobe.TaskScore", version=2, html_figure=Tru
 
     def plot(self, ax: Axes | None = None) -> Figure:
         """Histogram of the answers' log-probabilities, correct and wrong items apart (into
-        ``ax`` when given)."""
+        ``ax`` when given).
+
+        Args:
+            ax: Draw into these axes (default: a new figure).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+        """
         fig, ax = axes_for(ax, (6, 3.5), "TaskScore.plot")
         bins = np.linspace(min(self.logprob.min(), -1e-3), 0, 31).tolist()
         for mask, label in [(self.correct, "first token correct"), (~self.correct, "wrong")]:
@@ -281,6 +288,11 @@ def score_task(
             ``task.with_shots(k)`` for fewer).
         batch_size: Rows per forward pass.
         progress: Show a progress bar.
+
+    Returns:
+        A :class:`TaskScore` with one entry per item: ``predicted``, ``first_rank``,
+        ``logprob`` and ``exact`` are ``[n_items]`` arrays (``accuracy`` their first-token
+        accuracy).
 
     Example:
         >>> import mechprobe as mp

@@ -122,6 +122,17 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
         ``metric`` defaults to ``"mrr"``, the metric the repr, :func:`tuned_intervention` and
         :func:`mechprobe.relational_analysis` choose cells by (top-1 ties at 0 on most cells
         of a weak vector, where the first cell would win by order alone).
+
+        Args:
+            condition: The vector's name, one of :attr:`conditions`.
+            metric: ``"mrr"``, ``"top1"``, ``"mean_rank"`` or ``"no_effect"``.
+
+        Returns:
+            ``(layers, scale)``: the cell's layer set and scale.
+
+        Raises:
+            KeyError: No such condition.
+            ValueError: An unknown ``metric``.
         """
         grid = self._grid(condition, metric)
         r, s = np.unravel_index(
@@ -178,6 +189,14 @@ class OVectorSweep(Result, format="mechprobe.OVectorSweep", version=1, html_figu
 
         Given ``ax`` (or ``condition``), only that condition's heatmap (default: the first
         condition) is drawn, into ``ax`` or a new figure.
+
+        Args:
+            ax: Draw one condition's heatmap into these axes (default: a new figure).
+            metric: ``"top1"``, ``"mrr"``, ``"mean_rank"`` or ``"no_effect"``.
+            condition: The condition drawn alone (None: every condition, or with ``ax`` the first).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given), with its colour bar.
         """
         check_choice(metric, "metric", _METRICS)
         # Rates on their whole range: scaled to the data, a top-1 rate of 0.08 was as bright as
@@ -277,6 +296,16 @@ def ovector_sweep(
         positions: Positions to edit: ``"all"``, an int or a list of ints.
         batch_size: Rows per forward pass.
         progress: Show a progress bar over cells (``MECHPROBE_PROGRESS=0`` silences it).
+
+    Returns:
+        An :class:`OVectorSweep`: ``top1``, ``mrr``, ``mean_rank`` and ``no_effect`` are
+        ``[n_vectors, n_layer_sets, n_scales]`` grids (vectors in the order of ``vectors``), and
+        ``before`` holds the intact model's numbers.
+
+    Raises:
+        ValueError: ``layers`` is not a non-empty list of layer sets, or a layer set is
+            ambiguous; as :func:`mechprobe.ovector_intervention` for the vectors, scales,
+            contexts and targets.
 
     Example:
         >>> import torch, mechprobe as mp
@@ -384,7 +413,10 @@ def tuned_intervention(
         progress: Show progress bars (``MECHPROBE_PROGRESS=0`` silences them).
 
     Returns:
-        ``(sweep, effect)``: the grid on ``choose_on``, and every vector at its best cell.
+        ``(sweep, effect)``: the :class:`OVectorSweep` of the ``swept`` vectors on the
+        ``choose_on`` contexts (grids ``[n_swept, n_layer_sets, n_scales]``), and the
+        :class:`OVectorEffect` of every vector on every context at the cell where
+        ``condition`` scored best (its ``layers`` and ``scale``).
 
     Example:
         >>> import torch, mechprobe as mp

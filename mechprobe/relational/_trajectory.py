@@ -72,6 +72,14 @@ class Stages:
 
     A small value, not a result: its repr is the three layers, ``-`` where a rule found none.
 
+    Attributes:
+        argument_layer: The argument-formation layer: where the argument's curve peaks before
+            the function-application layer (None: the argument is visible at no such layer).
+        function_layer: The function-application layer: the first from which the answer stays
+            ahead of the argument, where the answer is visible (the X's last crossing).
+        saturation_layer: The first layer from the function layer on where the answer's curve
+            reaches ``saturation`` of its last value.
+
     Example:
         >>> Stages(argument_layer=15, function_layer=19, saturation_layer=21).function_layer
         19
@@ -146,6 +154,16 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
         """The trajectory of some items only (a mask or indices), e.g. a fitting split, so that
         stages read off it have not seen the other items.
 
+        Args:
+            items: A boolean mask over the items, or item indices (negative count from the end).
+
+        Returns:
+            A new :class:`Trajectory` of those items, in the order given.
+
+        Raises:
+            ValueError: A mask of the wrong length, no item, or an index out of range.
+            TypeError: Indices that are not integers.
+
         Example:
             >>> import mechprobe as mp, numpy as np
             >>> traj = mp.trajectory(mp.tiny_model(), mp.load_task("capitals").subset(4))
@@ -201,6 +219,17 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
         end ahead of the argument, or is visible at no layer of its final lead (it need not
         be visible at the last layer: through the logit lens a correct answer ends at 1.0, through
         other lenses it may end lower).
+
+        Args:
+            saturation: The fraction of the answer's last value that marks saturation, in
+                ``(0, 1]``.
+            visible: The mean reciprocal rank from which a token counts as visible, in ``[0, 1]``.
+
+        Returns:
+            The :class:`Stages`.
+
+        Raises:
+            ValueError: ``saturation`` or ``visible`` out of range.
         """
         if not 0.0 < saturation <= 1.0:
             raise ValueError(f"saturation is a fraction in (0, 1], got {saturation!r}.")
@@ -231,6 +260,12 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
         NaN and ``n`` is 0): ``argument_top1_after_removal`` (the argument is the top token of
         ``resid_post - mlp_out``), ``argument_above_answer_after_removal``, the same two for
         ``resid_post`` itself (``..._before_removal``), and ``n``.
+
+        Args:
+            layer: The layer whose FFN update is removed (negative counts from the end).
+
+        Returns:
+            ``{name: rate}`` of the four rates above (floats), and ``"n"`` (an int).
 
         Example:
             >>> import mechprobe as mp
@@ -298,7 +333,15 @@ class Trajectory(Result, format="mechprobe.Trajectory", version=2, html_figure=T
 
     def plot(self, ax: Axes | None = None, *, stages: Stages | None = None) -> Figure:
         """The X plot: mean reciprocal rank of argument and answer per layer, stages marked (into
-        ``ax`` when given; ``stages`` default to :meth:`stages`)."""
+        ``ax`` when given; ``stages`` default to :meth:`stages`).
+
+        Args:
+            ax: Draw into these axes (default: a new figure).
+            stages: The stages marked (None: :meth:`stages`).
+
+        Returns:
+            The figure drawn into (``ax``'s, when given).
+        """
         fig, ax = axes_for(ax, (7, 3.8), "Trajectory.plot")
         stages = stages if stages is not None else self.stages()
         x = np.arange(self.n_layers)
@@ -439,6 +482,11 @@ def trajectory(
         batch_size: Rows per forward pass.
         progress: Show a progress bar.
 
+    Returns:
+        A :class:`Trajectory`: ``argument_rank`` and ``answer_rank`` (and their ``_no_ffn``
+        twins, FFN update removed) are ``[n_items, n_layers]`` 0-based ranks; ``correct`` and
+        ``distinct`` are ``[n_items]``.
+
     Example:
         >>> import mechprobe as mp
         >>> traj = mp.trajectory(mp.tiny_model(), mp.load_task("capitals").subset(4))
@@ -468,6 +516,21 @@ def ffn_attribution(
     Runs :func:`trajectory` (through ``lens``) and returns :meth:`Trajectory.ffn_attribution` at ``layer`` (default:
     the function-application layer of :meth:`Trajectory.stages`), plus the ``layer`` used and
     the ``lens`` that decoded it (as :attr:`Trajectory.lens` records it).
+
+    Args:
+        model: A TransformerLens model.
+        task: A :class:`Task`, a built-in task name or a task file (its shots are all used).
+        layer: The layer whose FFN update is removed (None: the function-application layer of
+            :meth:`Trajectory.stages`).
+        lens: ``"logit"``, a :class:`~mechprobe.lens.TunedLens` or a
+            :class:`~mechprobe.lens.Patchscope`, as for :func:`trajectory`.
+        batch_size: Rows per forward pass.
+        progress: Show a progress bar.
+
+    Returns:
+        ``{"layer": ..., <the four rates and "n" of Trajectory.ffn_attribution>, "lens": ...}``:
+        the layer used, the rates over the correctly answered items with distinct argument and
+        answer tokens (NaN where there are none, ``n`` 0), and the lens's description.
 
     Raises:
         ValueError: No layer given and no function-application layer found.

@@ -25,6 +25,12 @@ class TaskItem(NamedTuple):
     """One example of a task: the input, the expected output and the argument (all without the
     leading space; the argument defaults to the input).
 
+    Attributes:
+        input: What the template asks about (``"Poland"``).
+        output: The expected answer (``"Warsaw"``).
+        argument: The token early decoding should show before the answer (``"Poland"``; a task
+            file may leave it out when it is the input).
+
     Example:
         >>> TaskItem("Poland", "Warsaw", "Poland").output
         'Warsaw'

@@ -63,6 +63,18 @@ class Task:
     directly (shots and items may be lists of 2- or 3-element lists; they are validated and
     stored as tuples of :class:`TaskItem`).
 
+    Attributes:
+        name: A short name (``"capitals"``), non-empty.
+        kind: ``"abstractive"`` (the answer must be recalled) or ``"extractive"`` (the answer is
+            in the prompt).
+        template: The question, with an ``{input}`` field (``"Q: What is the capital of
+            {input}?\\nA:"``).
+        shots: The demonstrations rendered before every item, as :class:`TaskItem` (given as
+            ``[input, output]`` or ``[input, output, argument]`` lists), possibly none.
+        items: The items asked and scored, in the same forms; at least one.
+        separator: The text after each demonstration's answer (default ``"\\n"``).
+        description: Free text about the task.
+
     Example:
         >>> task = Task("toy", "abstractive", "Q: capital of {input}?\\nA:",
         ...             shots=[["France", "Paris"]], items=[["Poland", "Warsaw"]])
@@ -127,6 +139,14 @@ class Task:
                 their own (a corrupted prompt: function vectors' shuffled labels); None: their
                 own.
 
+        Returns:
+            The demonstrations, each ``template.format(input=...) + " " + answer + separator``,
+            followed by ``template.format(input=input)``.
+
+        Raises:
+            ValueError: ``shot_outputs`` does not have one answer per shot.
+            TypeError: ``shot_outputs`` is one string.
+
         Example:
             >>> load_task("capitals").with_shots(1).prompt("Poland")
             'Q: What is the capital of France?\\nA: Paris\\nQ: What is the capital of Poland?\\nA:'
@@ -190,6 +210,15 @@ class Task:
     def with_shots(self, n: int) -> Task:
         """The same task with only its first ``n`` shots (``0`` gives zero-shot prompts).
 
+        Args:
+            n: The number of shots kept, from 0 to ``len(self.shots)``.
+
+        Returns:
+            A new :class:`Task` with the same items.
+
+        Raises:
+            ValueError: ``n`` is not an int in that range.
+
         Example:
             >>> len(load_task("capitals").with_shots(3).shots)
             3
@@ -208,6 +237,9 @@ class Task:
             n: how many items to draw without replacement, or a sequence of item indices (kept
                 in the order given).
             seed: seed of the draw (ignored for indices).
+
+        Returns:
+            A new :class:`Task` with the same shots and the chosen items.
 
         Example:
             >>> load_task("capitals").subset(10, seed=0) == load_task("capitals").subset(10, seed=0)
@@ -254,6 +286,10 @@ class Task:
         Args:
             test_size: a fraction in (0, 1) or a count of test items; both parts keep >= 1 item.
             seed: seed of the shuffle.
+
+        Returns:
+            ``(train, test)``: two tasks with this task's shots, the items divided between them
+            (each in file order), ``test`` with ``test_size`` of them.
 
         Example:
             >>> train, test = load_task("capitals").split(0.25, seed=0)
@@ -319,6 +355,12 @@ class Task:
     def to_json(self, path: str | os.PathLike[str]) -> Path:
         """Write the task as a JSON file (UTF-8, one item per line) and return its path.
 
+        Args:
+            path: The file to write (``~`` is expanded; an existing file is replaced).
+
+        Returns:
+            The path written.
+
         Example:
             >>> import tempfile, os
             >>> path = load_task("capitals").to_json(os.path.join(tempfile.mkdtemp(), "c.json"))
@@ -338,6 +380,18 @@ class Task:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Task:
         """Build a task from a parsed task file, validating every field.
+
+        Args:
+            data: The task file's object: ``name``, ``kind``, ``template``, ``shots`` and
+                ``items``, optionally ``separator`` and ``description`` (see the module
+                docstring).
+
+        Returns:
+            The validated :class:`Task`.
+
+        Raises:
+            TypeError: ``data`` is not a mapping.
+            ValueError: A field is unknown, missing or invalid.
 
         Example:
             >>> Task.from_dict({"name": "t", "kind": "abstractive", "template": "{input} ->",
@@ -369,6 +423,13 @@ class Task:
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Task:
         """Read and validate a task file.
+
+        Args:
+            path: A mechprobe task file, or one of Todd et al.'s datasets (read by
+                :meth:`from_todd` with its defaults).
+
+        Returns:
+            The validated :class:`Task`.
 
         Raises:
             ValueError: The file is not UTF-8 text, not JSON, or not a valid task; the message
@@ -410,6 +471,10 @@ class Task:
             shots: Pairs kept as the task's fixed demonstrations (Todd et al. show 10); the
                 rest are its items.
             seed: Seed of the draw of those demonstrations.
+
+        Returns:
+            The :class:`Task`, with template ``"Q: {input}\\nA:"`` and blank lines between
+            demonstrations.
 
         Raises:
             ValueError: Not UTF-8 JSON, not a list of input/output pairs, a kind that cannot be
@@ -467,6 +532,9 @@ def _demonstrations(task: Task, outputs: Sequence[str]) -> str:
 def list_tasks() -> list[str]:
     """The names of the built-in tasks (the JSON files in ``mechprobe/tasks/data``), sorted.
 
+    Returns:
+        The names, each accepted by :func:`load_task` (``"capitals"``...).
+
     Example:
         >>> "capitals" in list_tasks()
         True
@@ -479,6 +547,18 @@ def load_task(name_or_path: str | os.PathLike[str]) -> Task:
     """A built-in task by name (see :func:`list_tasks`) or a task JSON file by path: a mechprobe
     task file, or one of Todd et al.'s function-vector datasets (a list of ``{"input",
     "output"}`` pairs, read by :meth:`Task.from_todd` with its defaults).
+
+    Args:
+        name_or_path: A name of :func:`list_tasks`, or the path of a task file (a string or
+            path-like; ``~`` is expanded). A built-in name wins over a file of the same name.
+
+    Returns:
+        The validated :class:`Task`.
+
+    Raises:
+        TypeError: ``name_or_path`` is neither a string nor a path.
+        ValueError: No built-in task and no file of that name (the message suggests close
+            names), or a file that is not a valid task.
 
     Example:
         >>> load_task("capitals").kind
