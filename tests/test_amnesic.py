@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -536,6 +537,42 @@ def test_probe_layers_are_read_as_layers_everywhere_and_checked_before_any_forwa
             pd.testing.assert_frame_equal(probed[name], probed[same[0]])
     assert set(probed["all"]["probe_layer"].dropna()) == {1, 2}
     assert set(probed["-1"]["probe_layer"].dropna()) == {2}
+
+
+def test_probe_labels_and_layers_that_leave_out_the_erased_site_are_caught_before_any_pass(
+    tiny: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Review 43a F2: probe=(texts, labels) merged 1 and "1" (and True and 1) into one class and
+    # met a None label with "'<' not supported"; S2: probe_layers without the erased layer left
+    # the headline's probe accuracies None without a word.
+    from mechprobe.erasure import _amnesic
+
+    texts = ["ab", "ba", "aa", "bb"] * 5
+    projection = mp.random_projection(64, 4, seed=1)
+    site = mp.Site("resid_post", 1)
+
+    def no_pass(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a forward pass before the probe's labels were checked")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(_amnesic, "text_measures", no_pass)
+        for labels, error, message in [
+            ([1, "1", 2, "2"] * 5, TypeError, "probe labels mixes int and str labels"),
+            ([True, 0, 1, False] * 5, TypeError, "probe labels mixes"),
+            ([1, 2, None, 1] * 5, ValueError, "probe labels has no label at rows [2, 6"),
+        ]:
+            with pytest.raises(error, match=re.escape(message)):
+                amnesic(tiny, site, projection, text=["Hi"], probe=(texts, labels), mlp=False)
+    data = (texts, ["x", "y", "x", "y"] * 5)
+    with pytest.warns(UserWarning, match=r"leaves out the erased site \(blocks.1.hook_resid_post"):
+        result = amnesic(tiny, site, projection, probe=data, probe_layers=[2], mlp=False,
+                         n_random=1, progress=False)  # fmt: skip
+    assert result.headline()["probe_accuracy_before"] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = amnesic(tiny, site, projection, probe=data, probe_layers=[1, 2], mlp=False,
+                       n_random=1, progress=False)  # fmt: skip
+    assert kept.headline()["probe_accuracy_before"] is not None
 
 
 def test_unconverged_probes_are_reported_in_amnesics_terms(tiny: Any) -> None:

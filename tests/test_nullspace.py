@@ -329,6 +329,23 @@ def test_apply_numpy_and_torch_keep_dtype(erased: Eraser) -> None:
     assert xt.grad is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_input_is_erased_in_float32_and_rounded_once(dtype: torch.dtype) -> None:
+    # Review 43a S1: computed in bfloat16, LEACE left about five times more of the concept in
+    # SmolLM2's activations than the same erasure computed in float32 and rounded once.
+    X, y, _ = _planted(3000, seed=0)
+    eraser = mp.leace(X, y)
+    x = torch.from_numpy(X[:500]).to(dtype)
+    once = eraser.apply(x.float()).to(dtype)
+    for factors in (eraser, eraser.to(dtype=torch.float32)):
+        assert torch.equal(factors.apply(x), once)
+    assert eraser.to(dtype=dtype).apply(x).dtype == dtype  # factors rounded: close, not equal
+    x16 = X[:5].astype(np.float16)
+    np.testing.assert_array_equal(
+        eraser.apply(x16), eraser.apply(x16.astype(np.float32)).astype(np.float16)
+    )
+
+
 def test_save_load_round_trip(tmp_path, erased: Eraser) -> None:
     path = tmp_path / "inlp.safetensors"
     erased.save(path)

@@ -814,6 +814,32 @@ def test_expected_layers_put_the_embeddings_before_block_0(tmp_path) -> None:
     assert result.expected_layer == pytest.approx(float(as_collected @ result.mix_weights) - 1)
 
 
+def test_held_out_activations_are_read_by_their_sites_not_their_order() -> None:
+    """Review 43a F1: held-out Activations collected in another layer order (or at other layers)
+    were read by position: cumulative_scores and ScalarMixProbe scored 0.156 for 0.486."""
+    tiny = mp.tiny_model()
+    data = mp.pos_dataset(max_sentences=60)
+    train, test = data.subset(list(range(40))), data.subset(list(range(40, 60)))
+    fitted = mp.collect(tiny, train, "resid_post", layers=[2, 0], progress=False)
+    same = mp.collect(tiny, test, "resid_post", layers=[2, 0], progress=False)
+    swapped = mp.collect(tiny, test, "resid_post", layers=[0, 2], progress=False)
+    other = mp.collect(tiny, test, "resid_post", layers=[1, 2], progress=False)
+    want = mp.cumulative_scores(fitted, X_test=same, progress=False).scores
+    got = mp.cumulative_scores(fitted, X_test=swapped, progress=False).scores
+    np.testing.assert_array_equal(got, want)
+    mix = mp.ScalarMixProbe().fit(fitted, fitted.labels)
+    assert mix.sites_ == fitted.sites
+    assert mix.score(swapped, swapped.labels) == mix.score(same, same.labels)
+    np.testing.assert_array_equal(mix.decision_function(swapped), mix.decision_function(same))
+    # The same values as an array: matched by position, as scikit-learn matches columns.
+    assert mix.score(np.asarray(same.values), same.labels) == mix.score(same, same.labels)
+    message = r"holds the sites \['blocks.1.hook_resid_post', 'blocks.2.hook_resid_post'\]"
+    with pytest.raises(ValueError, match="X_test " + message):
+        mp.cumulative_scores(fitted, X_test=other, progress=False)
+    with pytest.raises(ValueError, match="X " + message):
+        mix.predict(other)
+
+
 def test_split_groups_keep_each_text_on_one_side() -> None:
     """split_groups="text" (Hewitt & Liang split by sentence): the held-out split is
     scikit-learn's StratifiedGroupKFold's first fold of round(1 / test_size), written out here

@@ -715,3 +715,60 @@ def test_string_arrays_are_prompts_and_a_batch_where_strings_go_is_named() -> No
         pd.testing.assert_frame_equal(got.to_frame(), want.to_frame())
     with pytest.raises(TypeError, match="takes prompt strings or a Task, not a Batch"):
         mp.extract_ovector(model, mp.tokenize(model, ["Hi cat"]), 1)
+
+
+# ---- layers= beside explicit sites ------------------------------------------------------------
+
+
+def _sites_and_layers_calls() -> dict[str, Callable[..., Any]]:
+    """One call per function taking both ``sites`` and ``layers``, given only explicit Sites."""
+    model = mp.tiny_model()
+    data = mp.ProbingDataset("toy", ["ab cd", "ba dc", "aa x", "bb y"] * 3, ["x", "y"] * 6)
+    metric = mp.logit_diff(1, 2)
+    site = mp.Site("resid_post", 1)
+    off = {"progress": False}
+    return {
+        "patch": lambda **kw: mp.patch(model, "Hi cat", "Hi bat", site, -1, metric, **kw, **off),
+        "attribution_patch": lambda **kw: mp.attribution_patch(
+            model, "Hi cat", "Hi bat", site, -1, metric, **kw, **off
+        ),
+        "ablate_cells": lambda **kw: mp.ablate_cells(
+            model, "Hi cat", site, -1, metric, method="zero", **kw, **off
+        ),
+        "attention_patterns": lambda **kw: mp.attention_patterns(
+            model, ["Hi cat"], sites=mp.Site("pattern", 1, head=0), **kw, **off
+        ),
+        "collect": lambda **kw: mp.collect(model, data, site, **kw, **off),
+        "layer_sweep": lambda **kw: mp.layer_sweep(
+            model, data, sites=site, method="leace", text=["Hi cat"], n_random=0, **kw, **off
+        ),
+        "logit_lens": lambda **kw: mp.logit_lens(model, ["Hi cat"], sites=site, **kw, **off),
+        "compare_lenses": lambda **kw: mp.compare_lenses(
+            model,
+            ["logit"],
+            ["one two three four " * 8],
+            sites=site,
+            n_tokens=24,
+            seq_len=8,
+            **kw,
+            **off,
+        ),
+    }
+
+
+def test_layers_beside_only_explicit_sites_is_refused_everywhere() -> None:
+    # Review 43a F4: collect and layer_sweep (and the lenses) read layers=[0] beside
+    # Site("resid_post", 2) as nothing and ran at layer 2, where patch refused it.
+    calls = _sites_and_layers_calls()
+    takes_both = {
+        name
+        for name in mp.__all__
+        if inspect.isfunction(getattr(mp, name))
+        and {"sites", "layers"} <= set(inspect.signature(getattr(mp, name)).parameters)
+    }
+    # causal_trace takes kinds only (a Site is refused by its own message)
+    assert takes_both - {"causal_trace"} == set(calls)
+    for call in calls.values():
+        with pytest.raises(ValueError, match=r"layers=\[2\] is given, but every entry of sites"):
+            call(layers=[2])
+        call()  # the same sites without layers= run

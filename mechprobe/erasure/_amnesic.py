@@ -44,11 +44,12 @@ from mechprobe.core import (
     model_adapter,
     resolve_layers,
     resolve_site,
+    warn,
     width,
     writer_positions,
 )
 from mechprobe.erasure._eraser import Eraser, dropout_projection, random_projection
-from mechprobe.erasure._information import ProbeData, information_measures
+from mechprobe.erasure._information import ProbeData, check_probe_data, information_measures
 from mechprobe.erasure._metrics import (
     Condition,
     ErasePositions,
@@ -214,7 +215,10 @@ def amnesic(
         text = [text]
     adapter = model_adapter(model)
     device, dtype = adapter.device, adapter.dtype
-    controls = [  # cast once for the model, so no forward pass casts a factor again
+    # Cast once for the model, so no forward pass casts a factor again; a 16-bit model's erasers
+    # stay float32 (Eraser.apply computes there and rounds once).
+    dtype = torch.promote_types(dtype, torch.float32)
+    controls = [
         Condition(c.name, c.eraser.to(device, dtype) if c.eraser else None, c.seed)
         for c in control_projections(
             eraser, n_random, dropout=dropout, random_directions=random_directions, seed=seed
@@ -234,6 +238,15 @@ def amnesic(
             probe_hook = resolve_site(model, Site(kind, layer))[0]
         else:
             probe_hook = hook
+        check_probe_data(probe)
+        if probe_hook not in sites:
+            # Review 43a S2: the headline's probe accuracies were None without a word.
+            warn(
+                f"probe_layers leaves out the erased site ({probe_hook}): the probe accuracy "
+                "there before and after erasure (headline(), selectivity(), the sweep's probe "
+                f"panel) is not measured; add layer {layer} to probe_layers to measure it.",
+                UserWarning,
+            )
     measures: list[AmnesicMeasure] = []
     counts: dict[str, int] = {}
     kw: dict[str, Any] = {"positions": positions, "batch_size": batch_size, "progress": progress}

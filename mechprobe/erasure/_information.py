@@ -21,6 +21,7 @@ from mechprobe.core import (
     Capture,
     Intervention,
     SiteLike,
+    class_labels,
     forward,
     intervene,
     model_adapter,
@@ -54,7 +55,10 @@ def _texts_labels(data: ProbeData) -> tuple[list[str], np.ndarray, bool]:
     if isinstance(data, Task):
         return data.prompts(), np.asarray(data.inputs()), False
     if isinstance(data, tuple) and len(data) == 2:
-        texts, labels = list(data[0]), np.asarray(list(data[1]))
+        # Read as every probe reads labels: a mix of kinds (1 and "1", True and 1) was merged
+        # by numpy, and a missing one failed in sorting (review 43a F2).
+        classes, codes = class_labels(list(data[1]), "probe labels")
+        texts, labels = list(data[0]), classes[codes]
         if len(texts) != len(labels) or not texts:
             raise ValueError(
                 f"probe=(texts, labels) needs one label per text, got {len(texts)} texts and "
@@ -65,6 +69,21 @@ def _texts_labels(data: ProbeData) -> tuple[list[str], np.ndarray, bool]:
         "probe must be a ProbingDataset, a Task or a (texts, labels) pair, got "
         f"{type(data).__name__}."
     )
+
+
+def check_probe_data(data: ProbeData) -> None:
+    """Refuse probing data that :func:`information_measures` would refuse, before any forward
+    pass: texts without one label each, labels of mixed kinds or missing, another type.
+
+    Example:
+        >>> check_probe_data((["a b", "b a"], ["x", "y"]))
+        >>> try:
+        ...     check_probe_data((["a b", "b a"], [1, "1"]))
+        ... except TypeError as error:
+        ...     print(str(error)[:34])
+        probe labels mixes int and str lab
+    """
+    _texts_labels(data)
 
 
 def _last_token(

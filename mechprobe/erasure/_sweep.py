@@ -331,7 +331,8 @@ def layer_sweep(
             default, as everywhere in the API).
         method: ``"inlp"``, ``"leace"`` or ``"leace-orth"`` (as :func:`fit_erasure`).
         sites: The site kind erased at each of ``layers`` (``resid_post``, ``mlp_out``, ...), or
-            Sites / hook names (then ``layers`` does not apply to them).
+            Sites / hook names, each at its own layer (``layers`` chooses the layers of kinds
+            only, and is refused where no entry is a kind).
         text, task, probe: Evaluation data, as for :func:`mechprobe.amnesic`; ``probe`` is only
             probed at the erased layer (pass ``data`` itself to check the erasure holds).
         positions: Positions erased (default ``-1``: each prompt's last token, where
@@ -395,7 +396,7 @@ def layer_sweep(
             "method='orth')."
         )
     fit_seed = options.pop("seed", seed)  # a seed among the fit options is the fits' own
-    found = expand_sites(model, sites, layers=layers, kinds=_KINDS, what="sites")
+    found = expand_sites(model, sites, layers=layers, kinds=_KINDS, layers_name="layers")
     for site in found:
         if site.positions is not None:
             raise ValueError(

@@ -52,7 +52,7 @@ def lens_entries(
     model: Any, sites: SiteLike | Sequence[SiteLike], layers: Layers = "all"
 ) -> list[tuple[str, int]]:
     """Resolve ``sites`` into (kind, layer) pairs, in the order given, without duplicates."""
-    found = expand_sites(model, sites, layers=layers, kinds=LENS_KINDS)
+    found = expand_sites(model, sites, layers=layers, kinds=LENS_KINDS, layers_name="layers")
     for site in found:
         if site.positions is not None:
             raise ValueError(

@@ -370,9 +370,11 @@ def _site_names(
     with what was asked for.
     """
     items = [sites] if isinstance(sites, str) or not isinstance(sites, Sequence) else list(sites)
+    # Refuses layers= where no entry is a kind, as patch does (review 43a F4: collect(m, data,
+    # Site("resid_post", 2), layers=[0]) collected layer 2, and layer_sweep reported it); the
+    # empty list gets its one message here too.
+    expand_sites(model, items, layers=layers, kinds=_KINDS, layers_name="layers")
     per_item = [expand_sites(model, item, layers=layers, kinds=_KINDS) for item in items]
-    if not per_item:
-        expand_sites(model, [], kinds=_KINDS)  # raises the one message for an empty list
     found = [site for expanded in per_item for site in expanded]
     for site in found:
         if site.positions is not None:  # the gather indexes whole rows: refuse, never misread
@@ -424,7 +426,8 @@ def collect(
             to the residual stream) have the model's width; ``head`` (a head's z), ``q``, ``k``
             and ``v`` have ``d_head``. A head kind means every head of each layer
             (``Site("head", 3, head=2)`` for one).
-        layers: The layers a site kind covers (default all).
+        layers: The layers a site kind covers (default all; refused where no entry of
+            ``sites`` is a kind, whose layers it would choose).
         positions: ``-1`` (default: each text's last token, each word's last token for a
             word-level dataset), ``"all"``, ``"word_last"``, an int or a list of ints for every
             text, or one list of positions per text (module docstring).

@@ -377,6 +377,35 @@ def collected_sites(X: Any) -> tuple[str, ...] | None:
     return None if names is None else tuple(str(name) for name in names)
 
 
+def matched_layers(values: Any, X: Any, sites: tuple[str, ...] | None, what: str) -> Any:
+    """``values`` (``X``'s rows, layer axis second) with their layers in the order of ``sites``,
+    the layers a probe was fitted on. :class:`Activations` name their layers, so held-out ones
+    collected in another order are put in the fitted order, and other layers are refused (they
+    were read positionally, silently: review 43a F1); an array, which does not say, is taken in
+    the order given.
+
+    Raises:
+        ValueError: ``X`` names other sites than ``sites``.
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.arange(6).reshape(1, 2, 3)
+        >>> class Collected:
+        ...     sites = ("blocks.2.hook_resid_post", "blocks.0.hook_resid_post")
+        >>> matched_layers(x, Collected(), tuple(reversed(Collected.sites)), "X_test")[0, 0]
+        array([3, 4, 5])
+    """
+    theirs = collected_sites(X)
+    if sites is None or theirs is None or theirs == sites:
+        return values
+    if sorted(theirs) != sorted(sites):
+        raise ValueError(
+            f"{what} holds the sites {list(theirs)}, but the probe was fitted on {list(sites)}: "
+            f"collect {what} at the same sites (any order), or pass arrays to match by position."
+        )
+    return values[:, [theirs.index(site) for site in sites]]
+
+
 def collected_model(X: Any) -> dict[str, str]:
     """The model :class:`Activations` were collected from, as results record it:
     ``{"model_name", "model_dtype"}`` (``""`` for a plain array, which does not say, and a

@@ -473,7 +473,9 @@ def control_labels(groups: Any, y: Any, *, seed: int = 0) -> np.ndarray:
 
     Args:
         groups: ``[n]`` word types (str or int).
-        y: ``[n]`` task labels; their frequencies set the control label distribution.
+        y: ``[n]`` task labels; their frequencies set the control label distribution (those
+            of every row passed, test rows included: only a type's label is drawn from them,
+            so the split leaks nothing the probe could use).
         seed: changes every type's label.
 
     Returns:

@@ -57,6 +57,7 @@ from mechprobe.probing._data import (
     collected_sites,
     encode_labels,
     host,
+    matched_layers,
     model_layers,
     split_groups_of,
     splits,
@@ -107,6 +108,8 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
             ``[n]``).
         classes_, n_layers_in_, n_features_in_ (columns of the 2-D form, ``layers * d``),
         n_iter_, mean_, scale_ (``[layers, d]``).
+        sites_: the sites of :class:`Activations` it was fitted on (None for arrays): later
+            Activations are read in that order, and other sites refused.
 
     Example:
         >>> import numpy as np
@@ -177,6 +180,8 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
         depths = stream_depths(collected_sites(X), n_layers)
         self.expected_layer_ = float(depths @ self.layer_weights_)
         self.n_layers_in_, self.n_iter_ = n_layers, fit.n_iter
+        # Activations name their layers: later ones are put in this order (None: positional).
+        self.sites_ = collected_sites(X)
         return self
 
     def _flatten(self, X: Any, *, fitting: bool) -> tuple[Any, int]:
@@ -185,7 +190,7 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
         if not fitting:
             check_is_fitted(self)
         if isinstance(X, Activations):
-            X = X.values
+            X = X.values if fitting else matched_layers(X.values, X, self.sites_, "X")
         X = host(X)  # tensors on any device
         if getattr(X, "ndim", None) == 3:
             values = np.asarray(X)
@@ -524,7 +529,7 @@ def cumulative_scores(
     standardize = check_bool(standardize, "standardize")
     seed = check_seed(seed)
     values, labels, _ = as_layers(X, y)
-    sites = collected_sites(X)
+    sites = fitted_sites = collected_sites(X)
     layers = model_layers(sites, values.shape[1])
     depths = stream_depths(sites, values.shape[1])
     # Prefixes follow the model's depth, whatever order the layers were collected in
@@ -557,6 +562,7 @@ def cumulative_scores(
         y_train, y_test_idx = y_idx[train], y_idx[test]
     else:
         test_values, test_labels, _ = as_layers(X_test, y_test)
+        test_values = matched_layers(test_values, X_test, fitted_sites, "X_test")
         if test_values.shape[1] == len(depth):
             test_values = test_values[:, torch.from_numpy(depth)]
         if test_values.shape[1:] != values.shape[1:]:
