@@ -75,6 +75,34 @@ def test_padding_and_batch_size_do_not_change_values(tiny: Any) -> None:
             assert got.position.tolist() == ref.position.tolist()
 
 
+def test_a_site_is_read_by_its_name_whatever_the_collected_order(tiny: Any) -> None:
+    # Review 43b F7: layer(10) after collect(layers=[10, 20]) was an IndexError (a slot, not a
+    # layer); a Site, its label or hook name now finds its slot.
+    acts = mp.collect(tiny, ["Hi there", "A cat"], "resid_post", layers=[2, 0], progress=False)
+    for site in ("resid_post@0", "blocks.0.hook_resid_post", mp.Site("resid_post", 0)):
+        np.testing.assert_array_equal(acts.layer(site), acts.layer(1))
+    heads = mp.collect(tiny, ["Hi there"], "head", layers=[1], progress=False)
+    np.testing.assert_array_equal(heads.layer(mp.Site("head", 1, head=2)), heads.layer(2))
+    with pytest.raises(KeyError, match=r"resid_post@1 was not collected; these were: \["):
+        acts.layer("resid_post@1")
+    with pytest.raises(IndexError, match="Layer slot 2 out of range for 2 sites"):
+        acts.layer(2)
+
+
+def test_dtype_is_spelled_as_load_model_spells_it(tiny: Any) -> None:
+    # Review 43b F12: collect took "float16" and refused torch.float16, load_model the reverse.
+    by_name = mp.collect(tiny, TEXTS, "resid_post", dtype="float16", progress=False)
+    for spelling in (torch.float16, np.float16, "torch.float16"):
+        got = mp.collect(tiny, TEXTS, "resid_post", dtype=spelling, progress=False)
+        assert got.values.dtype == np.float16
+        np.testing.assert_array_equal(got.values, by_name.values)
+    for bad in ("bfloat16", torch.int8, "half-ish", 3):
+        with pytest.raises(ValueError, match=r"dtype must be one of \['float32', 'float16'\]"):
+            mp.collect(tiny, TEXTS, "resid_post", dtype=bad, progress=False)
+    with pytest.raises(ValueError, match=r"dtype must be one of \['float32', 'bfloat16'"):
+        mp.load_model("no-such-model", dtype="int8")
+
+
 def test_deterministic(tiny: Any) -> None:
     a = mp.collect(tiny, TEXTS, "resid_post", positions="all", progress=False)
     b = mp.collect(tiny, TEXTS, "resid_post", positions="all", progress=False)

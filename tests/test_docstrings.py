@@ -23,20 +23,7 @@ import mechprobe as mp
 
 #: Public names that do not follow yet, with the reason (each is an expected failure: once its
 #: docstring is complete the test says so, and the name comes out of this set).
-EXEMPT: dict[str, str] = {
-    # pending: their files were being edited elsewhere when this test was written; each
-    # reason says what to add.
-    "Add": "pending (mechprobe/core/_hooks.py): Args for vector, scale, positions",
-    "Capture": "pending (mechprobe/core/_hooks.py): Args for positions",
-    "Gradient": "pending (mechprobe/core/_hooks.py): Args for positions",
-    "Replace": "pending (mechprobe/core/_hooks.py): Args for value, positions",
-    "control_projections": "pending (mechprobe/erasure/_amnesic.py): Args and Returns",
-    "default_sweep_layers": "pending (mechprobe/relational/_analysis.py): Args and Returns",
-    "relational_analysis": "pending (mechprobe/relational/_analysis.py): Returns",
-    "extract_ovector": "pending (mechprobe/relational/_ovector.py): Returns",
-    "fit_ovector": "pending (mechprobe/relational/_ovector.py): Returns",
-    "random_ovector": "pending (mechprobe/relational/_ovector.py): Args and Returns",
-}
+EXEMPT: dict[str, str] = {}
 
 _SECTION = re.compile(r"^([A-Z][A-Za-z ]*):\s*$")
 # "name: text", "name (type): text", "*args: text", or several names at once: "a, b: text".

@@ -232,6 +232,11 @@ class Intervention:
 class Capture(Intervention):
     """Keep a detached copy of the activation (at the chosen positions) in ``.value``.
 
+    Args:
+        positions: Positions to keep (None: all, or the Site's own ``positions``; negative:
+            from each row's last real token), as for every intervention. ``.value`` is then
+            ``[batch, k, ...]`` for ``k`` positions.
+
     Example:
         >>> import mechprobe as mp
         >>> model, cap = mp.tiny_model(), mp.Capture(positions=-1)
@@ -313,13 +318,17 @@ class Gradient(Intervention):
     accumulates in the model's parameters' ``.grad``, and everything lives in the autograd graph
     of that one forward pass: after an exception nothing is left to clean up.
 
+    Args:
+        positions: Positions whose activation and gradient are kept, as for every
+            intervention (``.value`` and ``.grad`` ``[batch, k, ...]``).
+
     Example:
         >>> import mechprobe as mp
         >>> model = mp.tiny_model()
         >>> g = mp.Gradient(positions=-1)
         >>> with mp.intervene(model, {mp.Site("resid_post", 1): g}):
         ...     logits = model(model.to_tokens("Hi"))
-        >>> mp.core.differentiate(logits[0, -1, 100], [g])
+        >>> mp.differentiate(logits[0, -1, 100], [g])
         >>> tuple(g.grad.shape)
         (1, 1, 64)
     """
@@ -349,6 +358,11 @@ def differentiate(output: Tensor, gradients: Sequence[Gradient]) -> None:
 
     Nothing is written to any parameter's ``.grad``, and the graph is freed afterwards.
 
+    Args:
+        output: A scalar tensor computed in the forward pass the Gradients were hooked into
+            (e.g. a logit difference summed over prompts).
+        gradients: The :class:`Gradient` interventions to fill.
+
     Raises:
         ValueError: ``output`` is not a scalar, or a Gradient saw no forward pass.
 
@@ -357,7 +371,7 @@ def differentiate(output: Tensor, gradients: Sequence[Gradient]) -> None:
         >>> model, g = mp.tiny_model(), mp.Gradient()
         >>> with mp.intervene(model, {mp.Site("mlp_out", 0): g}):
         ...     out = model(model.to_tokens("Hi"))[0, -1].logsumexp(-1)
-        >>> differentiate(out, [g]); bool(g.grad.abs().sum() > 0)
+        >>> mp.differentiate(out, [g]); bool(g.grad.abs().sum() > 0)
         True
     """
     if output.numel() != 1:
@@ -409,6 +423,11 @@ class Replace(Intervention):
     """Write ``value`` (a tensor, or what a :class:`Capture` holds) in place of the activation.
 
     ``value`` broadcasts to the selection ``[batch, k, d]``: ``[d]``, ``[k, d]`` or ``[batch, k, d]``.
+
+    Args:
+        value: What to write: a tensor or array broadcasting to the selection, or a
+            :class:`Capture` (its ``.value`` when the hook runs, e.g. from a clean run).
+        positions: Positions to write at, as for every intervention.
 
     Example:
         >>> import torch, mechprobe as mp
@@ -468,6 +487,11 @@ class Add(Intervention):
     ``Ablate(mean=)`` and ``Project(matrix)`` do), so a vector can be trained through
     :func:`intervene`, pyvene's ``AdditionIntervention``; the model's own parameters collect
     ``.grad`` too unless their ``requires_grad`` is turned off.
+
+    Args:
+        vector: ``[d]``, ``[k, d]`` or ``[batch, k, d]`` tensor or array to add.
+        scale: Its multiplier (a finite float).
+        positions: Positions to add at, as for every intervention.
 
     Example:
         >>> import torch, mechprobe as mp

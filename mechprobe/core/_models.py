@@ -35,7 +35,7 @@ from mechprobe.core._hooked import (
     load_hooked,
     save_hooked,
 )
-from mechprobe.core._validation import check_seed
+from mechprobe.core._validation import check_dtype, check_seed
 from mechprobe.core._warning import warn
 
 __all__ = ["DEFAULT_MODEL", "ModelLoadError", "cache_dir", "load_model", "save_model", "tiny_model"]
@@ -267,6 +267,10 @@ def _build_cache(gguf: Path, folder: Path, source: dict[str, Any]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+#: The weight dtypes load_model takes (as a torch dtype or its name).
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def _load_embedded(name: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -417,7 +421,9 @@ def load_model(
             (needs TransformerLens 3.x). None: what the name holds (a folder saved from a
             HookedTransformer loads as one; anything else as a bridge).
         device: Where to put the weights (``"cpu"``, ``"cuda"``); ``None`` keeps the CPU.
-        dtype: Weight dtype; float32 by default so results match the reference computations.
+        dtype: Weight dtype: ``torch.float32`` (the default, so results match the reference
+            computations), ``bfloat16``, ``float16`` or ``float64``, or its name
+            (``"bfloat16"``).
         process_weights: Apply TransformerLens's weight processing: fold layer norm into the next
             weights, centre the weights that write to the residual stream (LayerNorm models only)
             and the unembedding, fold value biases (``HookedTransformer.from_pretrained``'s
@@ -447,6 +453,7 @@ def load_model(
         _check_kind(kind)
     key = _ALIASES.get(name.lower(), name.lower())
     _check_device(device)
+    dtype = check_dtype(dtype, "dtype", _WEIGHT_DTYPES)
     with _offline():
         saved = _saved_hooked(name, kind, device, dtype)
         if saved is not None:

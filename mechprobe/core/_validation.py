@@ -169,6 +169,48 @@ def check_choice(value: Any, name: str, choices: Sequence[Any]) -> Any:
     return value
 
 
+def check_dtype(value: Any, name: str, allowed: Sequence[torch.dtype]) -> torch.dtype:
+    """A floating dtype as every function takes it: a torch dtype, a numpy one, or its name
+    (``"bfloat16"``, ``"torch.float16"``), one of ``allowed`` (one spelling for ``load_model``'s
+    weights and ``collect``'s storage alike: review 43b F12).
+
+    Args:
+        value: The dtype given.
+        name: The argument's name, for the message.
+        allowed: The dtypes the caller takes.
+
+    Returns:
+        The torch dtype.
+
+    Raises:
+        ValueError: Not a dtype, or not one of ``allowed``.
+
+    Example:
+        >>> check_dtype("bfloat16", "dtype", [torch.float32, torch.bfloat16])
+        torch.bfloat16
+        >>> check_dtype(np.float16, "dtype", [torch.float16])
+        torch.float16
+    """
+    found: torch.dtype | None = None
+    if isinstance(value, torch.dtype):
+        found = value
+    elif isinstance(value, str):
+        found = getattr(torch, value.removeprefix("torch."), None)
+    else:
+        try:
+            kind = np.dtype(value)
+        except TypeError:
+            kind = None
+        if kind is not None and kind.kind == "f":
+            found = getattr(torch, kind.name, None)
+    names = [str(d).removeprefix("torch.") for d in allowed]
+    if not isinstance(found, torch.dtype) or found not in allowed:
+        raise ValueError(
+            f"{name} must be one of {names} (a torch dtype or its name), got {value!r}."
+        )
+    return found
+
+
 def check_finite(value: torch.Tensor | np.ndarray, name: str) -> None:
     """Raise if ``value`` holds NaN or infinity (a silent wrong answer otherwise).
 

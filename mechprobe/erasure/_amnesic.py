@@ -81,6 +81,17 @@ def control_projections(
     than to zero, so they differ from it only in which directions they remove. (Zeroing them
     also moved the residual stream's large mean, a harsher control than the erasure.)
 
+    Args:
+        eraser: The fitted erasure (its ``dim``, ``n_removed`` and centre set the controls').
+        n_random: Random controls of equal rank.
+        dropout: Add the dropout control (``n_removed`` coordinates).
+        random_directions: ``"sphere"`` (uniform subspaces) or ``"cube"`` (Elazar et al.'s).
+        seed: Seed of the controls.
+
+    Returns:
+        ``Condition``s (``name``, ``eraser``, ``seed``): ``erased``, then ``random`` x
+        ``n_random`` (seeds ``control_seed(seed, i)``), then ``dropout`` if asked.
+
     Example:
         >>> import mechprobe as mp
         >>> conds = control_projections(mp.random_projection(8, 3, seed=9), n_random=2)

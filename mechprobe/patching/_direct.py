@@ -229,6 +229,13 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
         """The ``top`` components by mean absolute effect: mean and spread over prompts, and the
         mean's share of the mean logit difference.
 
+        Args:
+            top: How many components (the largest by mean absolute effect).
+
+        Returns:
+            One row per component: ``component``, ``layer``, ``mean``, ``spread`` (over
+            prompts) and ``share``.
+
         Example:
             >>> import mechprobe as mp
             >>> res = mp.direct_logit_attribution(mp.tiny_model(), "Hi", mp.logit_diff(5, 6),
@@ -254,6 +261,12 @@ class LogitAttributionResult(Result, format="mechprobe.LogitAttributionResult", 
     def plot(self, ax: Axes | None = None) -> Figure:
         """Mean attribution per write: a layer x head map with ``heads=True``, else bars in the
         residual stream's order (attention and MLP coloured apart) with their running sum.
+
+        Args:
+            ax: Axes to draw into (None: a new figure).
+
+        Returns:
+            The Figure.
 
         Example:
             >>> import mechprobe as mp

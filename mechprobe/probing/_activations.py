@@ -52,6 +52,7 @@ from mechprobe.core import (
     SiteLike,
     StopForward,
     check_batch_size,
+    check_dtype,
     evaluates,
     expand_sites,
     forward,
@@ -223,22 +224,60 @@ class Activations:
         table.insert(2, "share", table["rows"] / len(self))
         return table
 
-    def layer(self, index: int) -> Float[np.ndarray, "n d"]:
-        """``[n, d]`` activations of one layer slot (negative counts from the end), as float32.
+    def layer(self, index: int | str | Site) -> Float[np.ndarray, "n d"]:
+        """``[n, d]`` activations of one entry of the layer axis, as float32.
+
+        Args:
+            index: Which entry: an int is a *slot* of the layer axis, the ``index``-th entry of
+                ``sites`` (negative from the end), not a block number; a :class:`Site`, its
+                label (``"resid_post@10"``) or its hook name is looked up in ``sites``, which
+                reads the same whatever order or layers were collected (review 43b F7).
+
+        Returns:
+            ``[n, d]`` float32 array.
+
+        Raises:
+            IndexError: A slot out of range.
+            KeyError: A site that was not collected (the message lists those that were).
 
         Example:
             >>> import numpy as np, mechprobe as mp
-            >>> acts = mp.collect(mp.tiny_model(), ["Hi"], "resid_post", progress=False)
-            >>> acts.layer(-1).shape
-            (1, 64)
+            >>> acts = mp.collect(mp.tiny_model(), ["Hi"], "resid_post", layers=[2, 0],
+            ...                   progress=False)
+            >>> acts.layer(-1).shape, bool((acts.layer("resid_post@0") == acts.layer(1)).all())
+            ((1, 64), True)
         """
+        if isinstance(index, (str, Site)):
+            return np.asarray(self.values[:, self._slot(index), :], dtype=np.float32)
         if not -len(self.sites) <= index < len(self.sites):
             raise IndexError(f"Layer slot {index} out of range for {len(self.sites)} sites.")
         return np.asarray(self.values[:, index, :], dtype=np.float32)
 
+    def _slot(self, site: str | Site) -> int:
+        """The slot of ``site`` (a Site, label or hook name) in ``sites``."""
+
+        def key(entry: str | Site) -> tuple[str, int, int | None] | str:
+            try:
+                parsed = entry if isinstance(entry, Site) else Site.parse(entry)
+            except ValueError:
+                return str(entry)  # a name that is no site label: matched as written
+            return (parsed.kind, parsed.layer, parsed.head)
+
+        wanted = key(site)
+        for slot, entry in enumerate(self.sites):
+            if key(entry) == wanted:
+                return slot
+        raise KeyError(f"{site} was not collected; these were: {list(self.sites)}.")
+
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write ``values.npy``, ``index.npz`` and ``activations.json`` (no pickle) to ``folder``
         (created); returns the folder, which :meth:`load` reads.
+
+        Args:
+            folder: The folder to write (created; files already there are replaced).
+
+        Returns:
+            The folder.
 
         Example:
             >>> import tempfile, mechprobe as mp
@@ -280,6 +319,13 @@ class Activations:
     def load(cls, folder: str | os.PathLike[str], *, mmap: bool = True) -> Activations:
         """Read the folder :meth:`save` wrote (or ``collect(out_dir=...)`` filled);
         ``mmap=True`` maps ``values.npy`` instead of reading it.
+
+        Args:
+            folder: A folder :meth:`save` (or ``collect(out_dir=...)``) wrote.
+            mmap: Map ``values.npy`` (read lazily) rather than reading it into memory.
+
+        Returns:
+            The :class:`Activations`.
 
         Raises:
             FileNotFoundError: ``folder`` holds no ``activations.json``.
@@ -409,7 +455,7 @@ def collect(
     padding_side: PaddingSide = "right",
     memory_budget: int = 1 << 30,
     out_dir: str | os.PathLike[str] | None = None,
-    dtype: Literal["float32", "float16"] = "float32",
+    dtype: Literal["float32", "float16"] | torch.dtype = "float32",
     progress: bool = True,
     select: Any = None,
 ) -> Activations:
@@ -445,7 +491,8 @@ def collect(
             sites, positions, labels, groups, dtype and batch size; another collection there is
             an error. While hooks are attached to the model, a folder that
             holds a collection is refused: what the hooks compute cannot be checked.
-        dtype: Storage dtype, ``"float32"`` or ``"float16"`` (half the size; range ±65504).
+        dtype: Storage dtype, ``"float32"`` or ``"float16"`` (half the size; range ±65504),
+            or the torch dtype.
         progress: Show a progress bar (``MECHPROBE_PROGRESS=0`` silences it).
         select: Deprecated name of ``positions`` (``"last"`` is ``-1``), for one release.
 
@@ -466,8 +513,10 @@ def collect(
             DeprecationWarning,
         )
         positions = _OLD_SELECT.get(select, select) if isinstance(select, str) else select
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}.")
+    # The storage dtype, given as load_model's is (a torch dtype) or by name.
+    storage = str(check_dtype(dtype, "dtype", [torch.float32, torch.float16])).removeprefix(
+        "torch."
+    )
     batch_size = check_batch_size(batch_size)
     names, found = _site_names(model, sites, layers)
     plan = make_plan(
@@ -476,7 +525,7 @@ def collect(
     # None is every text in one pass: the fingerprint holds that count, so that resuming with
     # the same passes spelled either way finds the collection.
     size = max(1, len(plan.order)) if batch_size is None else batch_size
-    key = fingerprint(model, names, plan, dtype, size)
+    key = fingerprint(model, names, plan, storage, size)
     folder = Path(out_dir).expanduser() if out_dir is not None else None
     done = 0
     if folder is not None and folder.exists() and not folder.is_dir():
@@ -497,13 +546,13 @@ def collect(
         for k, rows in enumerate(progress_bar(chunks, progress=progress, desc="collect")):
             if k < done:
                 continue
-            stacked = _run_chunk(model, plan, rows.tolist(), names, found, _DTYPES[dtype])
+            stacked = _run_chunk(model, plan, rows.tolist(), names, found, _DTYPES[storage])
             if sink is None:
                 shape = (plan.n_rows, len(names), stacked.shape[-1])
-                nbytes = int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize
+                nbytes = int(np.prod(shape)) * np.dtype(_DTYPES[storage]).itemsize
                 if folder is None and nbytes > memory_budget:
                     folder = Path(tempfile.mkdtemp(prefix="mechprobe-activations-"))
-                sink = Sink(shape, _DTYPES[dtype], folder, fresh=done == 0)
+                sink = Sink(shape, _DTYPES[storage], folder, fresh=done == 0)
             sink.write_chunk(plan, rows.tolist(), stacked)
             if folder is not None:
                 write_json(folder / "progress.json", {"fingerprint": key, "chunks": k + 1})
@@ -515,7 +564,7 @@ def collect(
         "model": str(getattr(model.cfg, "model_name", "")),
         "model_dtype": model_adapter(model).dtype_name,
         "positions": plan.positions_name,
-        "dtype": dtype,
+        "dtype": storage,
         "n_texts": len(plan.batch),
         "dropped_words": plan.dropped_words,
         "fingerprint": key,

@@ -121,6 +121,15 @@ def default_sweep_layers(n_layers: int, function_layer: int | None) -> list[rang
     last layer, and the same without the last layer (``range(start, n_layers - 1)``), which a model
     whose last FFN does the final readout may need.
 
+    Args:
+        n_layers: The model's number of blocks.
+        function_layer: The function-application layer the sets start near (None: two thirds
+            of the depth).
+
+    Returns:
+        The layer sets, as ``range``s: every start to the end, then every start to the
+        second-to-last layer.
+
     Example:
         >>> default_sweep_layers(30, 27)[:3], len(default_sweep_layers(30, 27))
         ([range(23, 30), range(24, 30), range(25, 30)], 13)
@@ -240,6 +249,11 @@ def relational_analysis(
         batch_size: Rows per forward pass.
         progress: Show progress bars and the stages found (``MECHPROBE_PROGRESS=0`` silences
             them).
+
+    Returns:
+        A :class:`~mechprobe.RelationalResult`: the task's scores, trajectory and stages, the
+        o-vector and its intervention beside the controls, and (where run) the FFN ablation,
+        the layer x scale sweep and the tuned rerun.
 
     Example:
         >>> import mechprobe as mp

@@ -142,6 +142,15 @@ class OVector(Result, format="mechprobe.OVector", version=2):
         final norm and unembedding (what o means: Merullo et al.'s check); without, its
         components by dimension (into ``ax`` when given).
 
+        Args:
+            ax: Axes to draw into (None: a new figure).
+            model: The model whose final norm and unembedding read the vector (None: plot its
+                components instead).
+            k: How many promoted tokens to show.
+
+        Returns:
+            The Figure.
+
         Example:
             >>> import mechprobe as mp
             >>> model = mp.tiny_model()
@@ -189,6 +198,12 @@ class OVector(Result, format="mechprobe.OVector", version=2):
     def load(cls, path: str | os.PathLike[str]) -> OVector:
         """Read a file written by :meth:`save` (``.safetensors``, ``.json`` or ``.npz``), or an
         ``.safetensors`` o-vector file of the previous release.
+
+        Args:
+            path: The file.
+
+        Returns:
+            The :class:`OVector`, as saved.
 
         Raises:
             FileNotFoundError: No such file.
@@ -252,6 +267,10 @@ def extract_ovector(
             Poland prompt); averaging is mechprobe's default, less tied to one prompt.
         batch_size: Rows per forward pass.
         progress: Show a progress bar (``MECHPROBE_PROGRESS=0`` silences every bar).
+
+    Returns:
+        An :class:`OVector`: ``vector`` ``[d_model]`` (the mean FFN output), ``layer``,
+        ``n_prompts`` averaged and where it came from.
 
     Raises:
         ValueError: ``only_correct`` without a task, or no item answered correctly.
@@ -343,6 +362,10 @@ def fit_ovector(
             Merullo et al.'s one-prompt o-vector, what their released code reads); None: all
             (mechprobe's default: an average over every kept item, less tied to one prompt).
 
+    Returns:
+        An :class:`OVector`: ``vector`` ``[d_model]`` (the mean ``mlp_out`` of the kept items),
+        ``layer`` and ``n_prompts``.
+
     Raises:
         ValueError: No item left to average (none given, or none of them correct), or a layer out
             of range.
@@ -408,6 +431,13 @@ def fit_ovector(
 
 def random_ovector(like: OVector, *, seed: int = 0) -> OVector:
     """A random direction (isotropic Gaussian) with the same norm and layer as ``like``.
+
+    Args:
+        like: The o-vector whose norm, layer, width, dtype and device the control keeps.
+        seed: Seed of the direction (drawn on the CPU: the same on every device).
+
+    Returns:
+        An :class:`OVector` with ``source="random"`` and ``info`` ``{"seed", "like"}``.
 
     Example:
         >>> import torch
