@@ -297,6 +297,11 @@ def test_pairs_batched_by_length_give_each_pairs_own_numbers(gqa):
                          batch_size=2, progress=False)  # fmt: skip
     # each pass twice: the read run, then the differentiated one
     assert seen == [[0, 2], [0, 2], [3], [3], [1], [1], [4], [4]]
+    # A memory budget below one row's backward pass runs one pair a pass (one always runs).
+    seen.clear()
+    mp.attribution_patch(gqa, clean, corrupt, "resid_pre", -1, metric_fn, n_random=0,
+                         memory_budget=1, progress=False)  # fmt: skip
+    assert seen[::2] == [[0], [2], [3], [1], [4]]
     with pytest.raises(ValueError, match="batch_size"):
         mp.attribution_patch(gqa, CLEAN, CORRUPT, "resid_pre", -1, METRIC, batch_size=0)
 

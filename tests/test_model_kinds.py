@@ -237,7 +237,14 @@ def test_both_kinds_give_the_same_numbers(smollm2: Any, smollm2_hooked: Any) -> 
         np.testing.assert_allclose(getattr(lens[1], field), getattr(lens[0], field), atol=1e-4)
     for field in ("entropy", "kl_to_final"):
         np.testing.assert_allclose(getattr(lens[1], field), getattr(lens[0], field), atol=STAT_ATOL)
-    np.testing.assert_array_equal(lens[1].target_rank, lens[0].target_rank)
+    # A rank counts the logits above the target's: where the target sits in the vocabulary's
+    # dense bulk (rank ~32,000 at an early layer), logits lie closer together than the kinds'
+    # 1e-4 agreement and neighbours swap (32525 against 32526 on an AVX2 CPU). The top ranks,
+    # which the lens is read for, are exact.
+    ranks = [np.asarray(r.target_rank) for r in lens]
+    top = ranks[0] < 100
+    np.testing.assert_array_equal(ranks[1][top], ranks[0][top])
+    np.testing.assert_allclose(ranks[1], ranks[0], rtol=1e-3)
     paris, warsaw = _answer_ids(smollm2)
     patched = [
         mp.patch(m, PAIR[0], PAIR[1], "resid_pre", "all", mp.logit_diff(paris, warsaw),

@@ -28,7 +28,7 @@ other pairs and cells run beside it), and every value per prompt pair.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, get_args
 
 import numpy as np
@@ -69,7 +69,7 @@ from mechprobe.patching._activation import (
     site_rows,
     token_pairs,
 )
-from mechprobe.patching._engine import control_key
+from mechprobe.patching._engine import backward_rows, control_key
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric, check_unpatched
 from mechprobe.patching._result import PatchResult, pair_records
 
@@ -178,20 +178,26 @@ def _random_projections(
     return torch.from_numpy(cos).reshape(dims.shape)
 
 
-def _passes(src_lengths: list[int], base_lengths: list[int], size: int | None) -> list[list[int]]:
+def _passes(
+    src_lengths: list[int], base_lengths: list[int], rows: Callable[[int], int]
+) -> list[list[int]]:
     """The prompt pairs of each forward and backward pass: pairs whose read prompts have one
     length and whose differentiated prompts have one length (no padding, so a pair's numbers do
-    not depend on its neighbours), at most ``size`` a pass, in order of their first pair.
+    not depend on its neighbours), at most ``rows(width)`` a pass (``width`` the longer of the
+    two), in order of their first pair.
 
     Example:
-        >>> _passes([3, 4, 3, 3], [5, 5, 5, 5], 2)
+        >>> _passes([3, 4, 3, 3], [5, 5, 5, 5], lambda width: 2)
         [[0, 2], [3], [1]]
     """
     by_length: dict[tuple[int, int], list[int]] = {}
     for i, lengths in enumerate(zip(src_lengths, base_lengths, strict=True)):
         by_length.setdefault(lengths, []).append(i)
-    step = size or len(src_lengths)
-    return [same[k : k + step] for same in by_length.values() for k in range(0, len(same), step)]
+    out = []
+    for lengths, same in by_length.items():
+        step = max(1, rows(max(lengths)))
+        out += [same[k : k + step] for k in range(0, len(same), step)]
+    return out
 
 
 def _check_head_out(model: Any, site_list: list[Site], grads: dict[str, Gradient]) -> None:
@@ -217,6 +223,7 @@ def attribution_patch(
     direction: Direction = "denoising",
     n_random: int = 3,
     batch_size: int | None = 32,
+    memory_budget: int = 1 << 30,
     seed: int = 0,
     progress: bool = True,
 ) -> PatchResult:
@@ -245,8 +252,10 @@ def attribution_patch(
         batch_size: Prompt pairs per forward and backward pass (None: as many as can go
             together). Pairs run together where their clean prompts have one length and their
             corrupt prompts one length, so no pass is padded and every batch size gives the
-            same numbers up to float rounding. The backward pass keeps the activations of
-            every layer for its rows: lower it for long prompts.
+            same numbers up to float rounding.
+        memory_budget: Bytes one forward and backward pass may hold: the backward pass keeps
+            every layer's activations of its rows, so long prompts run fewer pairs a pass
+            (estimated per row from the model's widths; one pair always runs).
         seed: Seed of the random directions.
         progress: Show a progress bar over prompt pairs.
 
@@ -270,6 +279,7 @@ def attribution_patch(
         raise ValueError(f"direction must be 'denoising' or 'noising', got {direction!r}.")
     check_int(n_random, "n_random", 0)
     batch_size = check_batch_size(batch_size)
+    check_int(memory_budget, "memory_budget", 1)
     seed = check_seed(seed)
     clean_ids, corrupt_ids = token_pairs(model, clean, corrupt)
     noising = direction == "noising"
@@ -300,7 +310,11 @@ def attribution_patch(
     per_pair, random = np.full(shape, np.nan), np.full((n_random, *shape), np.nan)
     clean_m, corrupt_m = np.full(n_pairs, np.nan), np.full(n_pairs, np.nan)
     seeds = [control_seed(seed, j) for j in range(n_random)]
-    chunks = _passes([len(t) for t in src_ids], [len(t) for t in base_ids], batch_size)
+    chunks = _passes(
+        [len(t) for t in src_ids],
+        [len(t) for t in base_ids],
+        lambda width: min(batch_size or n_pairs, backward_rows(model, width, memory_budget)),
+    )
     head_out_checked = False
     for chunk in weighted_progress_bar(
         chunks,

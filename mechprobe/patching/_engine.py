@@ -178,6 +178,21 @@ def unit_vectors(
     return out
 
 
+def backward_rows(model: Any, width: int, memory_budget: int) -> int:
+    """How many rows of ``width`` tokens one forward and backward pass may take within
+    ``memory_budget`` bytes (at least one): autograd keeps every layer's activations of each row
+    for the backward pass, estimated as the number of layers times a forward pass's peak per row
+    (:class:`_Costs`; about 40 MB a row of 20 tokens on SmolLM2, 0.8 GB a row of 257).
+
+    Example:
+        >>> import mechprobe as mp
+        >>> backward_rows(mp.tiny_model(), 8, 1 << 30) > backward_rows(mp.tiny_model(), 64, 1 << 30)
+        True
+    """
+    per_row = int(model.cfg.n_layers) * _Costs.of(model).row_bytes(width)
+    return max(1, memory_budget // max(1, per_row))
+
+
 def control_key(site: Site, position: int, source: int | None = None) -> bytes:
     """What a random control's direction is drawn for, beside its prompts: a site (its kind,
     layer and head) at a position of the run it is written into, and the source's position

@@ -419,7 +419,7 @@ def _site_names(
     # Refuses layers= where no entry is a kind, as patch does (review 43a F4: collect(m, data,
     # Site("resid_post", 2), layers=[0]) collected layer 2, and layer_sweep reported it); the
     # empty list gets its one message here too.
-    expand_sites(model, items, layers=layers, kinds=_KINDS, layers_name="layers")
+    expand_sites(model, sites, layers=layers, kinds=_KINDS, layers_name="layers")
     per_item = [expand_sites(model, item, layers=layers, kinds=_KINDS) for item in items]
     found = [site for expanded in per_item for site in expanded]
     for site in found:
