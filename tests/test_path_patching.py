@@ -427,6 +427,33 @@ def test_bad_input_fails_before_running(tiny, kwargs, message):
         mp.path_patch(tiny, CLEAN, CORRUPT, metric=METRIC, **args)
 
 
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_attribution_runs_pairs_of_one_length_together_with_each_pairs_own_numbers(tiny, direction):
+    """Pairs whose edited prompts share a length run in one forward and backward pass (at most
+    cells_per_batch of them, fewer where memory_budget asks): every pair's estimates, controls
+    and metrics equal one pair a pass, for q/k/v, MLP and final receivers."""
+    clean = ["A cat sat", "The dog ran far", "A cow sat", "A hen sat", "Hi"]
+    corrupt = ["A bat sat", "The cat ran far", "A cat sat", "A dog sat", "Yo"]
+    metric = mp.logit_diff([100, 7, 101, 55, 3], [101, 8, 100, 56, 4])
+    receivers = [mp.Site("q", 2, head=1), mp.Site("v", 2, head=0), mp.Site("mlp_in", 1), "final"]
+    kw = {"method": "attribution", "n_random": 2, "direction": direction, "progress": False,
+          "positions": [-2, -1]}  # fmt: skip
+    one = mp.path_patch(tiny, clean, corrupt, "head", receivers, metric, cells_per_batch=1, **kw)
+    for extra in ({}, {"memory_budget": 1}):
+        got = mp.path_patch(tiny, clean, corrupt, "head", receivers, metric, **extra, **kw)
+        for field in ("values", "random", "clean", "corrupt"):
+            a, b = getattr(got, field), getattr(one, field)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=field)
+    seen = []
+
+    def metric_fn(logits, pair):
+        seen.append(pair.tolist())
+        return logits[:, 100] - logits[:, 101]
+
+    mp.path_patch(tiny, clean, corrupt, "head", "final", metric_fn, **{**kw, "n_random": 0})
+    assert seen[-3:] == [[0, 2, 3], [1], [4]]  # the gradient passes come last
+
+
 @pytest.mark.parametrize(
     "receiver",
     [

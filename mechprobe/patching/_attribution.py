@@ -28,7 +28,7 @@ other pairs and cells run beside it), and every value per prompt pair.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, get_args
 
 import numpy as np
@@ -69,7 +69,7 @@ from mechprobe.patching._activation import (
     site_rows,
     token_pairs,
 )
-from mechprobe.patching._engine import backward_rows, control_key
+from mechprobe.patching._engine import backward_rows, control_key, length_passes
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric, check_unpatched
 from mechprobe.patching._result import PatchResult, pair_records
 
@@ -176,28 +176,6 @@ def _random_projections(
     # dims 0 (a pattern row of one key: no edit keeps its sum) gives 0 through g = 0
     cos = z / np.sqrt(np.maximum(z * z + chi2, 1e-300))
     return torch.from_numpy(cos).reshape(dims.shape)
-
-
-def _passes(
-    src_lengths: list[int], base_lengths: list[int], rows: Callable[[int], int]
-) -> list[list[int]]:
-    """The prompt pairs of each forward and backward pass: pairs whose read prompts have one
-    length and whose differentiated prompts have one length (no padding, so a pair's numbers do
-    not depend on its neighbours), at most ``rows(width)`` a pass (``width`` the longer of the
-    two), in order of their first pair.
-
-    Example:
-        >>> _passes([3, 4, 3, 3], [5, 5, 5, 5], lambda width: 2)
-        [[0, 2], [3], [1]]
-    """
-    by_length: dict[tuple[int, int], list[int]] = {}
-    for i, lengths in enumerate(zip(src_lengths, base_lengths, strict=True)):
-        by_length.setdefault(lengths, []).append(i)
-    out = []
-    for lengths, same in by_length.items():
-        step = max(1, rows(max(lengths)))
-        out += [same[k : k + step] for k in range(0, len(same), step)]
-    return out
 
 
 def _check_head_out(model: Any, site_list: list[Site], grads: dict[str, Gradient]) -> None:
@@ -310,9 +288,8 @@ def attribution_patch(
     per_pair, random = np.full(shape, np.nan), np.full((n_random, *shape), np.nan)
     clean_m, corrupt_m = np.full(n_pairs, np.nan), np.full(n_pairs, np.nan)
     seeds = [control_seed(seed, j) for j in range(n_random)]
-    chunks = _passes(
-        [len(t) for t in src_ids],
-        [len(t) for t in base_ids],
+    chunks = length_passes(
+        [(len(a), len(b)) for a, b in zip(src_ids, base_ids, strict=True)],
         lambda width: min(batch_size or n_pairs, backward_rows(model, width, memory_budget)),
     )
     head_out_checked = False

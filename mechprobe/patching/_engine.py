@@ -193,6 +193,28 @@ def backward_rows(model: Any, width: int, memory_budget: int) -> int:
     return max(1, memory_budget // max(1, per_row))
 
 
+def length_passes(
+    lengths: Sequence[tuple[int, ...]], rows: Callable[[int], int]
+) -> list[list[int]]:
+    """The prompts (or pairs) of each gradient pass: those whose prompts have the same lengths
+    run together (no padding, so an entry's numbers do not depend on its neighbours), at most
+    ``rows(width)`` a pass (``width`` the longest of the entry's lengths), in order of their
+    first entry.
+
+    Example:
+        >>> length_passes([(3, 5), (4, 5), (3, 5), (3, 5)], lambda width: 2)
+        [[0, 2], [3], [1]]
+    """
+    by_length: dict[tuple[int, ...], list[int]] = {}
+    for i, key in enumerate(lengths):
+        by_length.setdefault(tuple(key), []).append(i)
+    out = []
+    for key, same in by_length.items():
+        step = max(1, rows(max(key)))
+        out += [same[k : k + step] for k in range(0, len(same), step)]
+    return out
+
+
 def control_key(site: Site, position: int, source: int | None = None) -> bytes:
     """What a random control's direction is drawn for, beside its prompts: a site (its kind,
     layer and head) at a position of the run it is written into, and the source's position

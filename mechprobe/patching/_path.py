@@ -29,7 +29,8 @@ position, shared by its receivers: the same whatever other pairs and senders run
 
 ``method="attribution"`` (edge attribution patching, Syed et al. 2023) estimates every path to
 first order instead, ``corrupt + sum_pos delta . d metric / d receiver input``: one forward and
-backward pass of the run being edited per pair gives the gradient at every receiver's input, and
+backward pass of the runs being edited, per batch of pairs of one length, gives the gradient at
+every receiver's input, and
 the same changes (controls included) are dotted with it. Syed et al.'s EAP score takes the
 gradient on the clean run: it is ``clean - values`` of ``direction="noising"``, not the default's
 estimate.
@@ -75,6 +76,7 @@ from mechprobe.core import (
     progress_enabled,
     readout,
     spread,
+    weighted_progress_bar,
 )
 from mechprobe.patching._activation import (
     NamedPositions,
@@ -94,7 +96,9 @@ from mechprobe.patching._engine import (
     Edit,
     Layout,
     Plan,
+    backward_rows,
     control_key,
+    length_passes,
     pair_unit_vectors,
     run_plan,
 )
@@ -707,8 +711,10 @@ def path_patch(
             (control ``j`` of a pair drawn from ``(seed + j) % 2**32``, the pair's tokens and the
             sender at its position, so the same whatever other pairs and senders run beside it).
         seed: Seed of the random directions.
-        cells_per_batch: Paths per forward pass, at most.
-        memory_budget: As for :func:`mechprobe.patch`.
+        cells_per_batch: Paths per forward pass, at most (``method="attribution"``: prompt pairs
+            per forward and backward pass, pairs whose edited prompts have one length).
+        memory_budget: As for :func:`mechprobe.patch` (``method="attribution"``: one forward
+            and backward pass, which keeps every layer's activations of its pairs).
         packed: As for :func:`mechprobe.patch`.
         progress: Show a progress bar.
 
@@ -833,6 +839,8 @@ def path_patch(
         _estimate_paths(
             model, base, resolved, sender_list, receiver_list, metric_fn, metric_name, final,
             change, base_m, flat, flat_random, progress,
+            rows=lambda width: min(cells_per_batch, _backward_rows(model, width, memory_budget,
+                                                                   receiver_list)),
         )  # fmt: skip
         # first order: a group's estimate adds its paths' changes of the metric
         per_pair[:] = _group_sums(flat, base_m[:, None, None], rows)
@@ -1216,23 +1224,36 @@ def _estimate_paths(
     per_pair: np.ndarray,
     random: np.ndarray,
     progress: bool,
+    *,
+    rows: Callable[[int], int],
 ) -> None:
-    """Fill ``per_pair`` and ``random`` with first-order estimates: per pair, one forward and
-    backward pass of the run being edited gives the metric's gradient at every receiver's input;
+    """Fill ``per_pair`` and ``random`` with first-order estimates: per pass of pairs whose
+    edited prompts have one length (at most ``rows(width)`` of them), one forward and backward
+    pass of the run being edited gives the metric's gradient at every receiver's input;
     a path's estimate is ``base + sum_pos change . gradient`` at the positions its change
     reaches (the same changes, random ones included, that exact path patching adds)."""
     n_random = random.shape[0]
     # A receiver reads the stream before its own layer: senders at or after it have no path.
     parallel = model_adapter(model).parallel_blocks
     no_path = torch.tensor([[not _has_path(s, r, parallel) for r in receivers] for s in senders])
-    for i in progress_bar(range(len(base)), progress=progress, desc="path attribution"):
-        grads = _receiver_gradients(model, base[i], receivers, metric_fn, metric_name, final, i)
-        dst = torch.as_tensor([pb for _, pb in resolved[i]])
-        g = grads[:, dst]  # [receivers, positions, d_model]
-        for j in range(-1, n_random):
-            changes = torch.stack([change(j, i, s) for s in range(len(senders))]).double()
-            est = torch.einsum("spd,rpd->sr", changes, g).masked_fill(no_path, float("nan"))
-            (per_pair[i] if j < 0 else random[j, i])[:] = base_m[i] + est.numpy()
+    passes = length_passes([(len(ids),) for ids in base], rows)
+    for chunk in weighted_progress_bar(
+        passes,
+        weights=[len(c) * len(base[c[0]]) for c in passes],
+        counts=[len(c) for c in passes],
+        unit="pairs",
+        progress=progress,
+        desc="path attribution",
+    ):
+        ids = torch.stack([base[i] for i in chunk])
+        grads = _receiver_gradients(model, ids, receivers, metric_fn, metric_name, final, chunk)
+        for row, i in enumerate(chunk):
+            dst = torch.as_tensor([pb for _, pb in resolved[i]])
+            g = grads[row][:, dst]  # [receivers, positions, d_model]
+            for j in range(-1, n_random):
+                changes = torch.stack([change(j, i, s) for s in range(len(senders))]).double()
+                est = torch.einsum("spd,rpd->sr", changes, g).masked_fill(no_path, float("nan"))
+                (per_pair[i] if j < 0 else random[j, i])[:] = base_m[i] + est.numpy()
 
 
 def _receiver_gradients(
@@ -1242,16 +1263,18 @@ def _receiver_gradients(
     metric_fn: MetricFn,
     metric_name: str,
     final: str,
-    pair: int,
+    pairs: list[int],
 ) -> Tensor:
-    """``[receivers, seq, d_model]`` float64 on the CPU: the gradient of the metric of one run
-    with respect to each receiver's input (a head's split q/k/v input, or the final residual)."""
+    """``[rows, receivers, seq, d_model]`` float64 on the CPU: for each row of ``ids``
+    ``[rows, seq]`` (the runs of ``pairs``, of one length), the gradient of its metric with
+    respect to each receiver's input (a head's split q/k/v input, an MLP's input, or the final
+    residual). Each row's metric depends on its row only, so the sum's gradient is each's."""
     hooks = {_receiver_hook(r, final): Gradient() for r in receivers}
     with _split_for(model, receivers), gradients_enabled():
         # inference_mode tensors cannot be saved for backward: the ids are cloned inside.
         with intervene(model, hooks):
-            logits = model(ids[None].to(model.W_E.device).clone())
-            out = metric_fn(logits[:, -1], torch.tensor([pair])).sum()
+            logits = model(ids.to(model.W_E.device).clone())
+            out = metric_fn(logits[:, -1], torch.tensor(pairs)).sum()
         if not out.requires_grad:
             raise ValueError(
                 f"The metric {metric_name!r} gave a value without a gradient: method="
@@ -1263,8 +1286,20 @@ def _receiver_gradients(
     for r in receivers:
         grad = hooks[_receiver_hook(r, final)].grad
         assert grad is not None
-        rows.append(grad[0] if r is None or r.head is None else grad[0, :, r.head])
-    return torch.stack(rows).double().cpu()
+        rows.append(grad if r is None or r.head is None else grad[:, :, r.head])
+    return torch.stack(rows, dim=1).double().cpu()
+
+
+def _backward_rows(
+    model: Any, width: int, memory_budget: int, receivers: Sequence[Site | None]
+) -> int:
+    """Pairs of ``width`` tokens a gradient pass may take within ``memory_budget``: as
+    :func:`backward_rows`, with the budget shared by the split inputs where receivers are heads'
+    q/k/v inputs (``[rows, seq, heads, d_model]`` at every layer, with their gradients, each
+    kind about one more row's worth: measured on SmolLM2, 60 MiB a pair of 17 tokens with v
+    receivers, 125 MiB with q, k and v, against 31 MiB with the final residual)."""
+    split = {r.kind for r in receivers if r is not None and r.kind in ("q", "k", "v")}
+    return backward_rows(model, width, memory_budget // (1 + len(split)))
 
 
 def _receiver_hook(receiver: Site | None, final: str) -> str:
