@@ -573,6 +573,11 @@ def test_probe_labels_and_layers_that_leave_out_the_erased_site_are_caught_befor
         kept = amnesic(tiny, site, projection, probe=data, probe_layers=[1, 2], mlp=False,
                        n_random=1, progress=False)  # fmt: skip
     assert kept.headline()["probe_accuracy_before"] is not None
+    # Review 43d F2: labels as a tensor (or an array) are read as they are, as probes read them.
+    for labels in (torch.tensor([0, 1, 1, 0] * 5), np.array(["x", "y", "y", "x"] * 5)):
+        as_tensor = amnesic(tiny, site, projection, probe=(texts, labels), probe_layers=[1],
+                            mlp=False, n_random=1, progress=False)  # fmt: skip
+        assert as_tensor.headline()["probe_accuracy_before"] is not None
 
 
 def test_unconverged_probes_are_reported_in_amnesics_terms(tiny: Any) -> None:

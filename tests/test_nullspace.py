@@ -82,6 +82,19 @@ def test_majority_rule_unmet_at_the_cap_warns(planted) -> None:
         warnings.simplefilter("error")
         inlp(X, y, 1, stop="fixed", progress=False)  # a fixed count is what was asked
         inlp(X, y, 10, stop="majority", progress=False)  # the rule met before the cap
+    # Review 43d F3: the cap reached on the iteration whose probe meets the rule, which would
+    # remove that probe's directions too (rank 3 with room to run): rank 2, silently, before.
+    one = np.random.default_rng(0).normal(size=(400, 3))
+    two = np.arange(400) % 2
+    one[:, 0] += 3 * two
+    with pytest.warns(UserWarning, match="reached n_iterations=2"):
+        assert inlp(one, two, 2, stop="majority", progress=False).ranks == (0, 1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert inlp(one, two, 10, stop="majority", progress=False).ranks == (0, 1, 2, 3)
+        # S1: every direction removed before the cap (min_accuracy below the majority share):
+        # nothing was cut short, so nothing is said.
+        assert inlp(one, two, 10, stop="majority", min_accuracy=0.3, progress=False).n_removed == 3
     with pytest.raises(ValueError, match="tol"):
         inlp(X, y, 1, tol=0.0)
 

@@ -838,6 +838,9 @@ def test_held_out_activations_are_read_by_their_sites_not_their_order() -> None:
         mp.cumulative_scores(fitted, X_test=other, progress=False)
     with pytest.raises(ValueError, match="X " + message):
         mix.predict(other)
+    # A probe fitted before it kept its sites (unpickled from an older release) reads by position.
+    del mix.sites_
+    assert mix.score(same, same.labels) == mix.score(np.asarray(same.values), same.labels)
 
 
 def test_split_groups_keep_each_text_on_one_side() -> None:

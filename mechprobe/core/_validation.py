@@ -194,19 +194,21 @@ def check_dtype(value: Any, name: str, allowed: Sequence[torch.dtype]) -> torch.
     found: torch.dtype | None = None
     if isinstance(value, torch.dtype):
         found = value
-    elif isinstance(value, str):
-        found = getattr(torch, value.removeprefix("torch."), None)
-    else:
+    elif isinstance(value, str) and isinstance(
+        getattr(torch, value.removeprefix("torch."), None), torch.dtype
+    ):
+        found = getattr(torch, value.removeprefix("torch."))
+    else:  # numpy dtypes, their types and codes ("f4", "<f2")
         try:
             kind = np.dtype(value)
-        except TypeError:
+        except (TypeError, ValueError):
             kind = None
         if kind is not None and kind.kind == "f":
             found = getattr(torch, kind.name, None)
     names = [str(d).removeprefix("torch.") for d in allowed]
     if not isinstance(found, torch.dtype) or found not in allowed:
         raise ValueError(
-            f"{name} must be one of {names} (a torch dtype or its name), got {value!r}."
+            f"{name} must be one of {names} (a torch or numpy dtype, or its name), got {value!r}."
         )
     return found
 

@@ -57,7 +57,10 @@ def _texts_labels(data: ProbeData) -> tuple[list[str], np.ndarray, bool]:
     if isinstance(data, tuple) and len(data) == 2:
         # Read as every probe reads labels: a mix of kinds (1 and "1", True and 1) was merged
         # by numpy, and a missing one failed in sorting (review 43a F2).
-        classes, codes = class_labels(list(data[1]), "probe labels")
+        given = data[1]
+        if not isinstance(given, (np.ndarray, torch.Tensor)):
+            given = list(given)  # a generator or a pandas object: read once, as a list
+        classes, codes = class_labels(given, "probe labels")
         texts, labels = list(data[0]), classes[codes]
         if len(texts) != len(labels) or not texts:
             raise ValueError(

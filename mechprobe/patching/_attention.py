@@ -345,9 +345,9 @@ class AttentionPatterns(Result, format="mechprobe.AttentionPatterns", version=1,
             k: Keys kept per head and prompt (at least 1).
 
         Returns:
-            A frame of ``n_prompts x n_heads x k`` rows: ``prompt``, ``site``, ``layer``, ``head``,
-            ``query_position``, ``query_token``, ``rank``, ``key_position``, ``key_token`` and
-            ``weight``.
+            A frame of up to ``k`` rows per prompt and head (fewer where a query has fewer
+            keys): ``prompt``, ``site``, ``layer``, ``head``, ``query_position``,
+            ``query_token``, ``rank``, ``key_position``, ``key_token`` and ``weight``.
 
         Example:
             >>> import mechprobe as mp

@@ -69,7 +69,7 @@ from mechprobe.patching._activation import (
     site_rows,
     token_pairs,
 )
-from mechprobe.patching._engine import backward_rows, control_key, length_passes
+from mechprobe.patching._engine import backward_rows, control_key, hook_bytes, length_passes
 from mechprobe.patching._metrics import MetricFn, PatchMetric, bind_metric, check_unpatched
 from mechprobe.patching._result import PatchResult, pair_records
 
@@ -290,7 +290,13 @@ def attribution_patch(
     seeds = [control_seed(seed, j) for j in range(n_random)]
     chunks = length_passes(
         [(len(a), len(b)) for a, b in zip(src_ids, base_ids, strict=True)],
-        lambda width: min(batch_size or n_pairs, backward_rows(model, width, memory_budget)),
+        # the clean run's captures, and the Gradients' values, sums and gradients, a row each
+        lambda width: min(
+            batch_size or n_pairs,
+            backward_rows(
+                model, width, memory_budget, hook_bytes(model, value_hooks + grad_hooks, width, 4)
+            ),
+        ),
     )
     head_out_checked = False
     for chunk in weighted_progress_bar(

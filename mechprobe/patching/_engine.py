@@ -178,19 +178,40 @@ def unit_vectors(
     return out
 
 
-def backward_rows(model: Any, width: int, memory_budget: int) -> int:
+def backward_rows(model: Any, width: int, memory_budget: int, extra: int = 0) -> int:
     """How many rows of ``width`` tokens one forward and backward pass may take within
     ``memory_budget`` bytes (at least one): autograd keeps every layer's activations of each row
     for the backward pass, estimated as the number of layers times a forward pass's peak per row
-    (:class:`_Costs`; about 40 MB a row of 20 tokens on SmolLM2, 0.8 GB a row of 257).
+    (:class:`_Costs`), plus the vocabulary's logits three times over (the logits, their softmax
+    and gradient, in float32) and ``extra`` bytes a row that the caller keeps (captures and
+    gradients of its hooks).
 
     Example:
         >>> import mechprobe as mp
         >>> backward_rows(mp.tiny_model(), 8, 1 << 30) > backward_rows(mp.tiny_model(), 64, 1 << 30)
         True
     """
-    per_row = int(model.cfg.n_layers) * _Costs.of(model).row_bytes(width)
+    logits = 3 * width * int(model.cfg.d_vocab) * 4
+    per_row = int(model.cfg.n_layers) * _Costs.of(model).row_bytes(width) + logits + extra
     return max(1, memory_budget // max(1, per_row))
+
+
+def hook_bytes(model: Any, hooks: Sequence[str], width: int, copies: int) -> int:
+    """Bytes ``copies`` copies of ``hooks``' activations take for one row of ``width`` tokens in
+    the model's dtype: a pattern ``n_heads x width`` a token, every other hook at most
+    ``d_model`` wide (a head's z, q or k/v heads, the residual stream, a write).
+
+    Example:
+        >>> import mechprobe as mp
+        >>> hook_bytes(mp.tiny_model(), ["blocks.0.hook_resid_pre"], 10, 3)
+        7680
+    """
+    adapter = model_adapter(model)
+    itemsize = torch.empty((), dtype=adapter.dtype).element_size()
+    widths = [
+        adapter.n_heads * width if h.endswith("hook_pattern") else adapter.d_model for h in hooks
+    ]
+    return copies * width * sum(widths) * itemsize
 
 
 def length_passes(

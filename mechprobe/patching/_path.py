@@ -1299,7 +1299,8 @@ def _backward_rows(
     kind about one more row's worth: measured on SmolLM2, 60 MiB a pair of 17 tokens with v
     receivers, 125 MiB with q, k and v, against 31 MiB with the final residual)."""
     split = {r.kind for r in receivers if r is not None and r.kind in ("q", "k", "v")}
-    return backward_rows(model, width, memory_budget // (1 + len(split)))
+    stacked = len(receivers) * width * model_adapter(model).d_model * 8  # the float64 gradients
+    return backward_rows(model, width, memory_budget // (1 + len(split)), stacked)
 
 
 def _receiver_hook(receiver: Site | None, final: str) -> str:

@@ -267,7 +267,10 @@ class Activations:
         for slot, entry in enumerate(self.sites):
             if key(entry) == wanted:
                 return slot
-        raise KeyError(f"{site} was not collected; these were: {list(self.sites)}.")
+        raise KeyError(
+            f"{site} was not collected; these were: {list(self.sites)} (a layer counts from 0 "
+            "here: Activations do not know the model's depth to read a negative one)."
+        )
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Write ``values.npy``, ``index.npz`` and ``activations.json`` (no pickle) to ``folder``

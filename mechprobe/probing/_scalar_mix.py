@@ -190,7 +190,9 @@ class ScalarMixProbe(ClassifierMixin, BaseEstimator):
         if not fitting:
             check_is_fitted(self)
         if isinstance(X, Activations):
-            X = X.values if fitting else matched_layers(X.values, X, self.sites_, "X")
+            # A probe fitted before it kept its sites reads them by position, as before.
+            fitted = getattr(self, "sites_", None)
+            X = X.values if fitting else matched_layers(X.values, X, fitted, "X")
         X = host(X)  # tensors on any device
         if getattr(X, "ndim", None) == 3:
             values = np.asarray(X)
