@@ -36,6 +36,18 @@ ERASE_RESULT_KEYS = (
 )
 
 
+def pass_recorder(answer: int = 100, wrong: int = 101) -> tuple[list[list[int]], Any]:
+    """``(seen, metric)``: a metric of ``(logits, pair)`` (``logit[answer] - logit[wrong]``)
+    that records the pair indices of every pass it is called in, in ``seen``."""
+    seen: list[list[int]] = []
+
+    def metric(logits: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
+        seen.append(pair.tolist())
+        return logits[:, answer] - logits[:, wrong]
+
+    return seen, metric
+
+
 def hook_count(model: Any) -> int:
     """All hooks on the model: TransformerLens hook-point handles and raw torch module hooks,
     but for the bridge's own capture hooks, which TransformerLens 4.3 wires into each block's

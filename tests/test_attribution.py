@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mechprobe as mp
-from tests.conftest import hook_count
+from tests.conftest import hook_count, pass_recorder
 
 CLEAN, CORRUPT = "A cat sat on", "A bat sat on"  # equal lengths, differ at position 2
 ANS, WRONG = 100, 101
@@ -287,11 +287,7 @@ def test_pairs_batched_by_length_give_each_pairs_own_numbers(gqa):
                 a, b = getattr(got, field), getattr(one, field)
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=field)
     # The passes a metric sees: pairs of one length together, at most batch_size a pass.
-    seen = []
-
-    def metric_fn(logits, pair):
-        seen.append(pair.tolist())
-        return logits[:, 100] - logits[:, 101]
+    seen, metric_fn = pass_recorder()
 
     mp.attribution_patch(gqa, clean, corrupt, "resid_pre", -1, metric_fn, n_random=0,
                          batch_size=2, progress=False)  # fmt: skip

@@ -11,7 +11,7 @@ import torch
 from transformer_lens import patching as tl_patching
 
 import mechprobe as mp
-from tests.conftest import hook_count
+from tests.conftest import hook_count, pass_recorder
 
 CLEAN, CORRUPT = "A cat sat", "A bat sat"
 ANS, WRONG = 100, 101
@@ -444,11 +444,7 @@ def test_attribution_runs_pairs_of_one_length_together_with_each_pairs_own_numbe
         for field in ("values", "random", "clean", "corrupt"):
             a, b = getattr(got, field), getattr(one, field)
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=field)
-    seen = []
-
-    def metric_fn(logits, pair):
-        seen.append(pair.tolist())
-        return logits[:, 100] - logits[:, 101]
+    seen, metric_fn = pass_recorder()
 
     mp.path_patch(tiny, clean, corrupt, "head", "final", metric_fn, **{**kw, "n_random": 0})
     assert seen[-3:] == [[0, 2, 3], [1], [4]]  # the gradient passes come last
