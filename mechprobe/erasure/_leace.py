@@ -3,8 +3,8 @@
 
 LEACE finds the affine map ``x' = x - (I - P)(x - mean)`` that changes ``x`` least (in the norm
 of the covariance it whitens with: the shrunk estimate by default, the sample covariance with
-``shrinkage=False``) while making the class means of ``x'`` equal, so that no linear classifier can do
-better than a constant. With the covariance ``S`` of ``X`` and its inverse square root ``W``:
+``shrinkage=False``) while making the class means of ``x'`` equal, so that no linear classifier
+can do better than a constant. With the covariance ``S`` of ``X`` and its inverse square root ``W``:
 
 1. whiten: the cross-covariance of whitened ``X`` with the one-hot labels is ``W S_xz``;
 2. ``U`` = left singular vectors of ``W S_xz`` (rank <= classes - 1; values under ``svd_tol`` are
@@ -292,8 +292,9 @@ def leace(
         X: Representations ``[n, d]``, numpy or torch (any device; the result is on CPU).
         y: Class labels ``[n]`` (any values; at least two distinct).
         method: ``"leace"`` (default): the oblique projection that moves ``x`` least in the norm
-            of the covariance it whitens with (see ``shrinkage``). ``"orth"``: the orthogonal projection onto the null space of the
-            cross-covariance ``S_xz`` (no whitening, so ``shrinkage`` plays no part); it also
+            of the covariance it whitens with (see ``shrinkage``). ``"orth"``: the orthogonal
+            projection onto the null space of the cross-covariance ``S_xz`` (no whitening, so
+            ``shrinkage`` plays no part); it also
             equalises the class means, but moves ``x`` further, along correlated directions.
         affine: True (default) keeps the mean in place, ``x' = mean + P (x - mean)``. False
             gives the linear ``x' = P x``: the same ``P`` (fitted on centred data, as

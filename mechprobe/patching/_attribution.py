@@ -7,10 +7,10 @@ there. Attribution patching estimates it to first order, for every cell at once:
     metric(corrupt, cell patched) ~= metric(corrupt) + (a_clean - a_corrupt) . d metric / d a
 
 with the gradient taken on the corrupt run. One clean forward pass (to read ``a_clean``) and one
-corrupt forward and backward pass per batch of prompt pairs give every site, position and head. Noising is
-estimated the same way with the runs' roles swapped (``direction="noising"``: the clean run's
-gradient, ``metric(clean) + (a_corrupt - a_clean) . d metric / d a``). Gradients
-come from mechprobe's own hooks (:class:`mechprobe.core.Gradient`), so nothing is left on the
+corrupt forward and backward pass per batch of prompt pairs give every site, position and head.
+Noising is estimated the same way with the runs' roles swapped (``direction="noising"``: the
+clean run's gradient, ``metric(clean) + (a_corrupt - a_clean) . d metric / d a``). Gradients come
+from mechprobe's own hooks (:class:`mechprobe.core.Gradient`), so nothing is left on the
 model or its parameters, even when the backward pass raises.
 
 The estimate is a linear approximation: it is poor where the metric is far from linear in the
@@ -116,9 +116,9 @@ def _estimate(
 ) -> tuple[Tensor, list[Tensor]]:
     """``(delta . grad, [||delta|| u_j . grad])`` at every position (and head) of the site's
     hook in the pass's row ``row`` (one prompt pair): ``[positions]`` or ``[positions, heads]``,
-    float64. Control ``j``'s direction ``u_j``
-    is uniform on the unit sphere of the cell's edits (for a pattern row, those that keep the
-    row's sum), drawn for that cell alone (:func:`_random_projections`)."""
+    float64. Control ``j``'s direction ``u_j`` is uniform on the unit sphere of the cell's edits
+    (for a pattern row, those that keep the row's sum), drawn for that cell alone
+    (:func:`_random_projections`)."""
     a_clean = caps[_value_hook(site)].value
     a_run = grads[_value_hook(site)].value
     grad = grads[_grad_hook(site)].grad
@@ -232,7 +232,8 @@ def attribution_patch(
             corrupt prompts one length, so no pass is padded and every batch size gives the
             same numbers up to float rounding.
         memory_budget: Bytes one forward and backward pass may hold: the backward pass keeps
-            every layer's activations of its rows, so long prompts run fewer pairs a pass
+            every layer's activations of its rows, beside the captures and gradients of the
+            sites and the vocabulary's logits, so long prompts run fewer pairs a pass
             (estimated per row from the model's widths; one pair always runs).
         seed: Seed of the random directions.
         progress: Show a progress bar over prompt pairs.
