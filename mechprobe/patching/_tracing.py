@@ -819,7 +819,8 @@ def causal_trace(
         metric: Instead of the answer's probability: a :func:`mechprobe.logit_diff` or a callable
             of the last position's logits, as for :func:`mechprobe.patch`.
         sites: State kinds to restore: ``"resid_post"`` (ROME's hidden states), ``"mlp_out"``,
-            ``"attn_out"`` (also ``"resid_pre"``, ``"resid_mid"``).
+            ``"attn_out"`` (also ``"resid_pre"``, ``"resid_mid"`` and ``"mlp_in"``, what an MLP
+            alone reads; states, like the residual stream, are restored one layer at a time).
         layers: Layers traced (window centres for ``mlp_out``/``attn_out``).
         window: Layers restored together for ``mlp_out`` and ``attn_out`` (ROME: 10; 1 restores
             one layer). Residual-stream states are always restored one layer at a time.

@@ -396,7 +396,8 @@ def probe_layers(
         tol: largest absolute gradient entry at convergence (scikit-learn's ``tol``).
         mlp: ``True`` for one-hidden-layer MLP probes instead of linear ones (less selective,
             per H&L): ``MLPProbe(hidden_size=100, l2=l2, max_iter=max_iter, tol=tol,
-            random_state=seed)`` at every layer. Or a configured :class:`MLPProbe` (two hidden
+            random_state=seed)`` at every layer (this call's ``l2``, ``1e-3`` by default, where
+            ``MLPProbe()`` alone defaults to ``1e-4``). Or a configured :class:`MLPProbe` (two hidden
             layers, a rank-constrained linear probe, dropout), fitted at every layer with all
             its parameters: its ``l2``, ``max_iter`` and ``tol`` replace this call's (passing
             other values here too is an error; the result records the probe's), its

@@ -529,8 +529,9 @@ def ovector_intervention(
 
     Args:
         model: A TransformerLens model.
-        vectors: ``{name: vector}``, e.g. ``{"ovector": o, "random_0": r0, "other_task": o2}``;
-            every vector runs on the same contexts, beside the intact model.
+        vectors: ``{name: vector}``, e.g. ``{"ovector": o, "random_0": r0, "other_task": o2}``,
+            each an :class:`OVector` or a ``[d_model]`` tensor or array; every vector runs on
+            the same contexts, beside the intact model.
         contexts: Prompts whose next token is scored (see :func:`random_word_contexts`).
         targets: The answer each context should turn into (``" Beijing"``); its first token is
             scored.

@@ -283,8 +283,8 @@ def ovector_sweep(
 
     Args:
         model: A TransformerLens model.
-        vectors: ``{name: vector}``, e.g. the o-vector and a random control, or o-vectors read
-            at several layers.
+        vectors: ``{name: vector}`` (each an :class:`OVector` or a ``[d_model]`` tensor or
+            array), e.g. the o-vector and a random control, or o-vectors read at several layers.
         contexts: Contexts to score (see :func:`mechprobe.random_word_contexts`).
         targets: The answer for each context.
         layers: One layer set per row of the grid; each is an int, a range, a list of ints or
@@ -394,7 +394,8 @@ def tuned_intervention(
 
     Args:
         model: A TransformerLens model.
-        vectors: ``{name: vector}``: the o-vector and its controls.
+        vectors: ``{name: vector}`` (each an :class:`OVector` or a ``[d_model]`` tensor or
+            array): the o-vector and its controls.
         contexts: Contexts to score (see :func:`mechprobe.random_word_contexts`).
         targets: The answer for each context.
         layers: The layer sets of the sweep (see :func:`ovector_sweep`).
