@@ -384,7 +384,11 @@ def test_smollm2_knows_the_capital_of_france(smollm2) -> None:
     with torch.no_grad():
         logits = smollm2(smollm2.to_tokens("The capital of France is"))[0, -1].double()
     probs = logits.softmax(-1)
-    np.testing.assert_allclose(res.top_probs[0], probs.topk(10).values, atol=1e-5)
+    # predict ran both prompts in one padded float32 batch, this the prompt alone: the logits
+    # agree to float32 rounding of other matrix shapes (about 1e-4, the tolerance the model-kind
+    # comparisons use for top_probs), which moves a probability by at most a quarter of it. On
+    # an AVX2 CPU the top probability differed by 1.8e-5 (atol 1e-5 held on an AVX-512 one).
+    np.testing.assert_allclose(res.top_probs[0], probs.topk(10).values, atol=1e-4)
     # The model's own greedy continuation is greedy by definition; one changed word is not.
     made = mp.generate(smollm2, "The capital of France is", max_new_tokens=2, progress=False)
     said = made.completions[0]  # " Paris." (4 tokens end in "\n", "\n", which re-encode as one)
